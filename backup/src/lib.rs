@@ -1,0 +1,1 @@
+//! The sanvol backup job (reads snapshots through the backup pseudo-device).

@@ -1,0 +1,23 @@
+//! Async block I/O shared by every sanvol process.
+//!
+//! `blockio` knows nothing about pools or volumes: it moves blocks. The
+//! metadata server, the agent and the backup job compose it with
+//! `volume-format` to build the product.
+//!
+//! # Layout
+//! - [`device`]: the [`BlockDevice`] trait every data path is written against.
+//! - [`error`]: [`IoError`], an NBD-errno-shaped error every device returns.
+//! - [`memory`], [`file`]: in-process backends (tests, demos, the server's
+//!   own stores).
+//! - [`proto`]: NBD wire constants and fixed-size header codecs shared by the
+//!   client and the server (the single place the spec's numbers live).
+//! - [`uri`]: NBD URI parsing (`nbd://`, `nbd+unix://`).
+//! - [`client`]: the pipelined, multi-connection NBD client.
+//! - [`server`]: the NBD server that serves any [`BlockDevice`].
+
+pub mod device;
+pub mod error;
+pub mod proto;
+
+pub use device::{BlockDevice, BlockSizes, MetaContext, StatusExtent, ZeroFlags};
+pub use error::{IoError, IoErrorKind};

@@ -1,0 +1,1 @@
+//! The sanvol client agent: attaches volumes and serves them locally.

@@ -1,0 +1,3 @@
+//! Helpers for the integration tests: start real peers (nbdkit, qemu-nbd,
+//! nbd-server, the project's binaries) on temporary sockets and stop them
+//! when the test ends, even on failure.
