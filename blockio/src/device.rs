@@ -148,12 +148,7 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// least one byte starting at `offset` and never goes past `offset+len`;
     /// it may be shorter than `len`. The default says "all data" for
     /// `base:allocation` and refuses custom contexts.
-    async fn block_status(
-        &self,
-        context: &MetaContext,
-        offset: u64,
-        len: u32,
-    ) -> Result<Vec<StatusExtent>, IoError> {
+    async fn block_status(&self, context: &MetaContext, offset: u64, len: u32) -> Result<Vec<StatusExtent>, IoError> {
         crate::error::check_range(offset, len as u64, self.size())?;
         match context {
             MetaContext::BaseAllocation => Ok(vec![StatusExtent { length: len as u64, flags: 0 }]),

@@ -273,13 +273,19 @@ mod tests {
     /// Golden bytes: the request header layout is fixed by the spec forever.
     #[test]
     fn request_header_golden_bytes() {
-        let h = RequestHeader { flags: CMD_FLAG_FUA, command: CMD_WRITE, cookie: 0x0102030405060708, offset: 0x1000, length: 512 };
+        let h = RequestHeader {
+            flags: CMD_FLAG_FUA,
+            command: CMD_WRITE,
+            cookie: 0x0102030405060708,
+            offset: 0x1000,
+            length: 512,
+        };
         let b = h.encode();
         assert_eq!(
             b,
             [
-                0x25, 0x60, 0x95, 0x13, 0x00, 0x01, 0x00, 0x01, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0x10, 0x00, 0, 0,
-                0x02, 0x00
+                0x25, 0x60, 0x95, 0x13, 0x00, 0x01, 0x00, 0x01, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0x10, 0x00,
+                0, 0, 0x02, 0x00
             ]
         );
         assert_eq!(RequestHeader::decode(&b), Ok(h));
@@ -296,7 +302,12 @@ mod tests {
     fn reply_headers_round_trip() {
         let s = SimpleReplyHeader { error: errno::EIO, cookie: 42 };
         assert_eq!(ReplyHeader::decode_simple(&s.encode()), s);
-        let t = StructuredReplyHeader { flags: REPLY_FLAG_DONE, reply_type: REPLY_TYPE_OFFSET_DATA, cookie: 7, length: 4104 };
+        let t = StructuredReplyHeader {
+            flags: REPLY_FLAG_DONE,
+            reply_type: REPLY_TYPE_OFFSET_DATA,
+            cookie: 7,
+            length: 4104,
+        };
         assert_eq!(ReplyHeader::decode_structured(&t.encode()), t);
     }
 }
