@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the system packages sanvol's build, tests and benchmarks use.
+# Idempotent; needs root (or sudo) and Debian/Ubuntu's apt.
+#   nbdkit, qemu-utils (qemu-nbd, qemu-img, qemu-io), nbd-server, libnbd-bin
+#   (nbdinfo, nbdcopy): real NBD peers for the interop tests and benchmarks
+#   fio: workload generator with an NBD engine and crc32c verification
+#   libblkid-dev, libclang-dev, pkg-config: the blkid crate's bindings
+set -euo pipefail
+packages=(nbdkit qemu-utils nbd-server libnbd-bin fio libblkid-dev libclang-dev pkg-config)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "installing: ${missing[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+fi
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }
