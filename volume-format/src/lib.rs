@@ -1,3 +1,33 @@
 //! Everything in sanvol that is a *format*: bytes on a device or on the wire.
 //!
-//! Pure code over byte buffers and `Read`/`Write`: no sockets, no tokio.
+//! Pure code over byte buffers and `Read`/`Write`: no sockets, no tokio. The
+//! servers compose this crate with `blockio`; keeping the formats free of I/O
+//! lets every decode path be tested exhaustively (property tests over bit
+//! flips and torn writes) without a device in sight.
+//!
+//! Decoding never panics on input from a device or a peer: every decode path
+//! returns a typed error that says what was wrong and what to do about it.
+//!
+//! # Layout
+//!
+//! - [`codec`]: the one bincode configuration (fixed-width, big-endian, size
+//!   limited) and crc32c helpers shared by every bincode-encoded record.
+//! - `control`: the control protocol between agents/admins and the metadata
+//!   server (framing, authentication, messages).
+//! - [`ids`]: newtypes for identifiers (`VolumeId`, `DeviceIndex`, `HandleId`,
+//!   `SnapshotId`) and ed25519 public keys.
+//! - [`label`]: the 4 KiB device label at offset 0 of every device (a fixed,
+//!   hand-written layout so any tool can recognise a sanvol device), and
+//!   [`label::DeviceLayout`], which plans where the metadata and data areas go.
+//! - [`metadata`]: the pool metadata ([`metadata::PoolMetadata`]) and its
+//!   atomic commit slots ([`metadata::MetadataArea`]); the extent allocator
+//!   and volume create/grow/delete.
+//! - [`description`]: the volume description the metadata server hands to
+//!   agents, and the mapping of a byte range onto extents and device legs.
+
+pub mod codec;
+pub mod ids;
+pub mod label;
+
+pub use ids::{DeviceIndex, HandleId, PublicKey, SnapshotId, VolumeId};
+pub use label::{ByteRange, DeviceLabel, DeviceLayout, LabelError};
