@@ -26,8 +26,12 @@
 //!   agents, and the mapping of a byte range onto extents and device legs.
 
 pub mod codec;
+pub mod description;
 pub mod ids;
 pub mod label;
+pub mod metadata;
 
+pub use description::{DescriptionError, DeviceEndpoint, Segment, VolumeDescription};
 pub use ids::{DeviceIndex, HandleId, PublicKey, SnapshotId, VolumeId};
 pub use label::{ByteRange, DeviceLabel, DeviceLayout, LabelError};
+pub use metadata::{MetadataArea, MetadataError, PoolMetadata, SlotError};

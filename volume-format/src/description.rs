@@ -1,0 +1,370 @@
+//! The volume description: everything an agent needs to do I/O to a volume
+//! directly against the devices, and nothing more (no other volumes, no
+//! clients, no handles).
+//!
+//! Why a separate type rather than a slice of the pool metadata: it crosses
+//! the wire to agents, it is fenced by `layout_generation`, and the agent's
+//! hot path ([`VolumeDescription::map`]) wants it self-contained. Device URIs
+//! are kept once per device in `devices` rather than repeated in every leg;
+//! [`VolumeDescription::leg_endpoint`] resolves a leg to its
+//! (device index, URI, byte offset).
+
+use crate::ids::{DeviceIndex, VolumeId};
+use crate::label::extent_bytes_valid;
+use crate::metadata::{check_block_bytes, LogicalExtent, PhysicalExtent, PoolMetadata, MIRROR_LEGS_MAX};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DescriptionError {
+    #[error("volume {0} does not exist")]
+    NoSuchVolume(VolumeId),
+    #[error("I/O of {len_bytes} bytes at offset {offset} is beyond the end of the volume ({size_bytes} bytes)")]
+    OutOfRange { offset: u64, len_bytes: u64, size_bytes: u64 },
+    #[error("volume description is inconsistent: {0}; ask the metadata server for a fresh one")]
+    Inconsistent(String),
+}
+
+/// A device a volume has legs on, as agents need to reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DeviceEndpoint {
+    pub index: DeviceIndex,
+    /// Agents compare this with the label they read, to refuse a wrong device
+    /// behind a right-looking URI.
+    pub device_uuid: Uuid,
+    pub uri: String,
+    /// False if the pool marked the device failed: skip its legs.
+    pub online: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeDescription {
+    pub pool_uuid: Uuid,
+    pub volume: VolumeId,
+    pub name: String,
+    pub size_bytes: u64,
+    pub block_bytes: u32,
+    pub extent_bytes: u64,
+    pub mirror_legs: u32,
+    pub layout_generation: u64,
+    /// Every device some leg is on, sorted by index.
+    pub devices: Vec<DeviceEndpoint>,
+    /// One entry per logical extent, in logical order.
+    pub extents: Vec<LogicalExtent>,
+}
+
+/// The part of an I/O request that falls in one logical extent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment<'a> {
+    /// Offset in the volume.
+    pub logical_offset: u64,
+    pub len_bytes: u64,
+    pub extent_index: u64,
+    /// Offset of `logical_offset` within its extent.
+    pub extent_offset: u64,
+    /// One per mirror leg; write to all, read from any online one.
+    pub legs: &'a [PhysicalExtent],
+}
+
+impl Segment<'_> {
+    /// Byte offset on `leg`'s device where this segment starts.
+    pub fn device_offset(&self, leg: &PhysicalExtent) -> u64 {
+        leg.offset + self.extent_offset
+    }
+}
+
+impl VolumeDescription {
+    /// Describes volume `id` of `meta`.
+    pub fn from_metadata(meta: &PoolMetadata, id: VolumeId) -> Result<VolumeDescription, DescriptionError> {
+        let volume = meta.volume(id).ok_or(DescriptionError::NoSuchVolume(id))?;
+        let mut indexes: Vec<DeviceIndex> =
+            volume.extents.iter().flat_map(|e| e.legs.iter().map(|leg| leg.device)).collect();
+        indexes.sort_unstable();
+        indexes.dedup();
+        let devices = indexes
+            .into_iter()
+            .map(|index| {
+                let device = meta.device(index).ok_or_else(|| {
+                    DescriptionError::Inconsistent(format!("volume {id} has a leg on unknown device {index}"))
+                })?;
+                Ok(DeviceEndpoint {
+                    index,
+                    device_uuid: device.device_uuid,
+                    uri: device.uri.clone(),
+                    online: device.state.is_online(),
+                })
+            })
+            .collect::<Result<Vec<_>, DescriptionError>>()?;
+        let description = VolumeDescription {
+            pool_uuid: meta.pool_uuid,
+            volume: id,
+            name: volume.name.clone(),
+            size_bytes: volume.size_bytes,
+            block_bytes: volume.block_bytes,
+            extent_bytes: meta.extent_bytes,
+            mirror_legs: volume.mirror_legs,
+            layout_generation: volume.layout_generation,
+            devices,
+            extents: volume.extents.clone(),
+        };
+        description.check()?;
+        Ok(description)
+    }
+
+    /// Checks what [`map`](Self::map) and the agent rely on. Run by agents on
+    /// every description received from the wire.
+    pub fn check(&self) -> Result<(), DescriptionError> {
+        let bad = |why: String| Err(DescriptionError::Inconsistent(why));
+        if !extent_bytes_valid(self.extent_bytes) {
+            return bad(format!("extent size {} is not a valid power of two", self.extent_bytes));
+        }
+        if let Err(why) = check_block_bytes(self.block_bytes, self.extent_bytes) {
+            return bad(why);
+        }
+        if self.size_bytes % u64::from(self.block_bytes) != 0 {
+            return bad(format!("size {} is not a multiple of block size {}", self.size_bytes, self.block_bytes));
+        }
+        if self.extents.len() as u64 != self.size_bytes.div_ceil(self.extent_bytes) {
+            return bad(format!("{} extents cannot hold {} bytes", self.extents.len(), self.size_bytes));
+        }
+        if !(1..=MIRROR_LEGS_MAX).contains(&self.mirror_legs) {
+            return bad(format!("{} mirror legs", self.mirror_legs));
+        }
+        if self.devices.windows(2).any(|w| w[0].index >= w[1].index) {
+            return bad("device table is not sorted by unique index".to_string());
+        }
+        for (i, extent) in self.extents.iter().enumerate() {
+            if extent.legs.len() != self.mirror_legs as usize {
+                return bad(format!("extent {i} has {} legs, expected {}", extent.legs.len(), self.mirror_legs));
+            }
+            for (j, leg) in extent.legs.iter().enumerate() {
+                if self.device(leg.device).is_none() {
+                    return bad(format!("extent {i} is on device {} missing from the device table", leg.device));
+                }
+                if extent.legs[..j].iter().any(|other| other.device == leg.device) {
+                    return bad(format!("extent {i} has two legs on device {}", leg.device));
+                }
+                if leg.offset % self.extent_bytes != 0 || leg.offset.checked_add(self.extent_bytes).is_none() {
+                    return bad(format!("extent {i} leg {leg} is not extent-aligned"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn device(&self, index: DeviceIndex) -> Option<&DeviceEndpoint> {
+        self.devices.binary_search_by_key(&index, |d| d.index).ok().map(|i| &self.devices[i])
+    }
+
+    /// The device a leg is on, with its URI.
+    pub fn leg_endpoint(&self, leg: &PhysicalExtent) -> Option<&DeviceEndpoint> {
+        self.device(leg.device)
+    }
+
+    /// Splits the byte range `[offset, offset + len_bytes)` of the volume at
+    /// extent boundaries. A zero-length range yields no segments.
+    pub fn map(&self, offset: u64, len_bytes: u64) -> Result<MapIter<'_>, DescriptionError> {
+        let out_of_range = DescriptionError::OutOfRange { offset, len_bytes, size_bytes: self.size_bytes };
+        let end = offset.checked_add(len_bytes).ok_or(out_of_range.clone())?;
+        if end > self.size_bytes {
+            return Err(out_of_range);
+        }
+        if !extent_bytes_valid(self.extent_bytes) {
+            return Err(DescriptionError::Inconsistent(format!("extent size {}", self.extent_bytes)));
+        }
+        // The iterator indexes `extents` directly; check the last index once
+        // so an inconsistent description is an error, never a panic.
+        if len_bytes > 0 && (end - 1) / self.extent_bytes >= self.extents.len() as u64 {
+            return Err(DescriptionError::Inconsistent(format!(
+                "{} extents cannot hold {} bytes",
+                self.extents.len(),
+                self.size_bytes
+            )));
+        }
+        Ok(MapIter { description: self, offset, end })
+    }
+}
+
+/// Iterator returned by [`VolumeDescription::map`].
+#[derive(Debug, Clone)]
+pub struct MapIter<'a> {
+    description: &'a VolumeDescription,
+    offset: u64,
+    end: u64,
+}
+
+impl<'a> Iterator for MapIter<'a> {
+    type Item = Segment<'a>;
+
+    fn next(&mut self) -> Option<Segment<'a>> {
+        if self.offset >= self.end {
+            return None;
+        }
+        let extent_bytes = self.description.extent_bytes;
+        let extent_index = self.offset / extent_bytes;
+        let extent_offset = self.offset % extent_bytes;
+        let len_bytes = (extent_bytes - extent_offset).min(self.end - self.offset);
+        let segment = Segment {
+            logical_offset: self.offset,
+            len_bytes,
+            extent_index,
+            extent_offset,
+            legs: &self.description.extents[extent_index as usize].legs,
+        };
+        self.offset += len_bytes;
+        Some(segment)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        if self.offset >= self.end {
+            return (0, Some(0));
+        }
+        let extent_bytes = self.description.extent_bytes;
+        let n = ((self.end - 1) / extent_bytes - self.offset / extent_bytes + 1) as usize;
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for MapIter<'_> {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXTENT: u64 = 1 << 20;
+
+    fn description(extents: u64, legs: u32) -> VolumeDescription {
+        let devices: Vec<DeviceEndpoint> = (0..legs.max(2))
+            .map(|i| DeviceEndpoint {
+                index: DeviceIndex(i),
+                device_uuid: Uuid::from_u128(i.into()),
+                uri: format!("nbd://host{i}:10809/export"),
+                online: true,
+            })
+            .collect();
+        VolumeDescription {
+            pool_uuid: Uuid::from_u128(1),
+            volume: VolumeId(1),
+            name: "v".into(),
+            size_bytes: extents * EXTENT,
+            block_bytes: 4096,
+            extent_bytes: EXTENT,
+            mirror_legs: legs,
+            layout_generation: 1,
+            devices,
+            extents: (0..extents)
+                .map(|e| LogicalExtent {
+                    legs: (0..legs)
+                        .map(|l| PhysicalExtent {
+                            device: DeviceIndex((e as u32 + l) % legs.max(2)),
+                            offset: (10 + e) * EXTENT,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    fn segments(d: &VolumeDescription, offset: u64, len: u64) -> Vec<(u64, u64, u64, u64)> {
+        d.map(offset, len).unwrap().map(|s| (s.logical_offset, s.len_bytes, s.extent_index, s.extent_offset)).collect()
+    }
+
+    #[test]
+    fn check_accepts_sample() {
+        description(4, 2).check().unwrap();
+        description(4, 1).check().unwrap();
+    }
+
+    #[test]
+    fn map_within_one_extent() {
+        let d = description(4, 1);
+        assert_eq!(segments(&d, 4096, 8192), vec![(4096, 8192, 0, 4096)]);
+        assert_eq!(segments(&d, 0, EXTENT), vec![(0, EXTENT, 0, 0)]);
+        assert_eq!(segments(&d, EXTENT, EXTENT), vec![(EXTENT, EXTENT, 1, 0)]);
+    }
+
+    #[test]
+    fn map_ending_exactly_on_boundary() {
+        let d = description(4, 1);
+        assert_eq!(segments(&d, EXTENT - 512, 512), vec![(EXTENT - 512, 512, 0, EXTENT - 512)]);
+    }
+
+    #[test]
+    fn map_crossing_one_boundary() {
+        let d = description(4, 1);
+        assert_eq!(segments(&d, EXTENT - 512, 1024), vec![(EXTENT - 512, 512, 0, EXTENT - 512), (EXTENT, 512, 1, 0)]);
+    }
+
+    #[test]
+    fn map_spanning_many_extents() {
+        let d = description(4, 2);
+        let all = segments(&d, 100, 4 * EXTENT - 200);
+        assert_eq!(
+            all,
+            vec![
+                (100, EXTENT - 100, 0, 100),
+                (EXTENT, EXTENT, 1, 0),
+                (2 * EXTENT, EXTENT, 2, 0),
+                (3 * EXTENT, EXTENT - 100, 3, 0)
+            ]
+        );
+        assert_eq!(d.map(100, 4 * EXTENT - 200).unwrap().len(), 4);
+    }
+
+    #[test]
+    fn map_whole_volume_and_last_byte() {
+        let d = description(3, 1);
+        assert_eq!(d.map(0, 3 * EXTENT).unwrap().count(), 3);
+        assert_eq!(segments(&d, 3 * EXTENT - 1, 1), vec![(3 * EXTENT - 1, 1, 2, EXTENT - 1)]);
+    }
+
+    #[test]
+    fn map_empty_and_out_of_range() {
+        let d = description(2, 1);
+        assert_eq!(d.map(2 * EXTENT, 0).unwrap().count(), 0);
+        assert!(matches!(d.map(2 * EXTENT, 1), Err(DescriptionError::OutOfRange { .. })));
+        assert!(matches!(d.map(2 * EXTENT - 1, 2), Err(DescriptionError::OutOfRange { .. })));
+        assert!(matches!(d.map(u64::MAX, 2), Err(DescriptionError::OutOfRange { .. })));
+    }
+
+    #[test]
+    fn map_legs_and_device_offsets() {
+        let d = description(2, 2);
+        let s: Vec<_> = d.map(EXTENT + 4096, 4096).unwrap().collect();
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].legs.len(), 2);
+        assert_eq!(s[0].device_offset(&s[0].legs[0]), 11 * EXTENT + 4096);
+        let endpoint = d.leg_endpoint(&s[0].legs[0]).unwrap();
+        assert_eq!(endpoint.uri, "nbd://host1:10809/export");
+    }
+
+    #[test]
+    fn inconsistent_description_is_an_error_not_a_panic() {
+        let mut d = description(2, 1);
+        d.extents.pop();
+        assert!(matches!(d.map(EXTENT, 1), Err(DescriptionError::Inconsistent(_))));
+        assert!(d.check().is_err());
+        let mut d = description(2, 1);
+        d.extent_bytes = 0;
+        assert!(d.map(0, 1).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn map_covers_range_exactly(extents in 1u64..6, a in 0u64..6 * EXTENT, b in 0u64..6 * EXTENT) {
+            let d = description(extents, 1);
+            let size = d.size_bytes;
+            let (start, end) = (a.min(b) % (size + 1), a.max(b) % (size + 1));
+            let (start, end) = (start.min(end), start.max(end));
+            let mut next = start;
+            for s in d.map(start, end - start).unwrap() {
+                proptest::prop_assert_eq!(s.logical_offset, next);
+                proptest::prop_assert!(s.len_bytes > 0);
+                proptest::prop_assert!(s.extent_offset + s.len_bytes <= EXTENT);
+                proptest::prop_assert_eq!(s.extent_index * EXTENT + s.extent_offset, s.logical_offset);
+                next += s.len_bytes;
+            }
+            proptest::prop_assert_eq!(next, end);
+        }
+    }
+}

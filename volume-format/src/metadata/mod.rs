@@ -1,0 +1,415 @@
+//! Pool metadata: the one record that says what the pool is made of, and how
+//! it is committed atomically to the metadata area of each device.
+//!
+//! Why it lives on the shared devices rather than on a server's local disk:
+//! any metadata server with access to the pool can take over (failover, a
+//! planned handoff, a rebuilt host) by reading it back; nothing about the
+//! pool is stranded on one machine.
+//!
+//! Why bincode: the record is large (one entry per extent leg) and only ever
+//! read by sanvol. Bincode is positional, not self-describing, so the schema
+//! is fixed per [`METADATA_FORMAT_VERSION`]: every change to these types
+//! bumps it, and the slot header carries the version so a reader refuses a
+//! newer format clearly before trying to decode it. (`#[serde(default)]` on
+//! the later additions only helps human-readable encodings such as a `--json`
+//! dump fed back to a tool; it does not make bincode tolerant.)
+//!
+//! - [`slots`]: the commit slots (header, checksum, newest-valid-wins).
+//! - [`alloc`]: free-extent computation, the extent allocator, and volume
+//!   create/grow/delete.
+
+pub mod alloc;
+pub mod slots;
+#[cfg(test)]
+pub(crate) mod testing;
+
+pub use alloc::{allocate, AllocError, FreeExtents};
+pub use slots::{MetadataArea, MetadataError, NewestSlot, SlotError, SlotHeader, SLOT_HEADER_BYTES, SLOT_MAGIC};
+
+use crate::ids::{DeviceIndex, HandleId, PublicKey, SnapshotId, VolumeId};
+use crate::label::{extent_bytes_valid, ByteRange};
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::fmt;
+use uuid::Uuid;
+
+/// The pool metadata format (slot header and payload schema) this build
+/// writes and the newest it reads.
+///
+/// One line per bump:
+/// - 1: initial — devices, volumes, clients, handles, snapshots.
+pub const METADATA_FORMAT_VERSION: u32 = 1;
+
+/// Most legs (copies) a mirrored volume may have.
+pub const MIRROR_LEGS_MAX: u32 = 4;
+/// Longest pool, volume, snapshot, device-URI or client name, in bytes.
+pub const NAME_BYTES_MAX: usize = 255;
+/// Smallest and largest volume block size (the block size agents expose).
+pub const BLOCK_BYTES_MIN: u32 = 512;
+pub const BLOCK_BYTES_MAX: u32 = 64 << 10;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolMetadata {
+    /// First field, so its position is the same in every format version.
+    pub format_version: u32,
+    pub pool_uuid: Uuid,
+    pub pool_name: String,
+    /// Equals the generation of the slot it was committed in.
+    pub generation: u64,
+    pub extent_bytes: u64,
+    pub created_at_unix_secs: u64,
+    /// Clients pin this key, like an SSH known host.
+    pub server_public_key: PublicKey,
+    pub devices: Vec<DeviceRecord>,
+    pub volumes: Vec<VolumeRecord>,
+    pub clients: Vec<ClientRecord>,
+    #[serde(default)]
+    pub handles: Vec<HandleRecord>,
+    #[serde(default)]
+    pub snapshots: Vec<SnapshotRecord>,
+    pub next_ids: NextIds,
+}
+
+/// The next id of each kind to hand out. Ids are never reused, so a stale
+/// reference (an old handle, a deleted volume) can never name a new object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NextIds {
+    pub volume: VolumeId,
+    pub handle: HandleId,
+    pub snapshot: SnapshotId,
+    pub device: DeviceIndex,
+}
+
+impl Default for NextIds {
+    /// Volume, handle and snapshot ids start at 1 so that 0 never names one.
+    fn default() -> Self {
+        NextIds { volume: VolumeId(1), handle: HandleId(1), snapshot: SnapshotId(1), device: DeviceIndex(0) }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub index: DeviceIndex,
+    pub device_uuid: Uuid,
+    /// NBD URI: `nbd://host:port/export` or `nbd+unix:///export?socket=PATH`.
+    pub uri: String,
+    pub device_bytes: u64,
+    /// The data area from the device's label.
+    pub data: ByteRange,
+    pub state: DeviceState,
+    /// Whether this device's metadata area holds a copy of the metadata.
+    #[serde(default)]
+    pub holds_metadata: bool,
+}
+
+impl DeviceRecord {
+    pub fn extent_count(&self, extent_bytes: u64) -> u64 {
+        self.data.len_bytes() / extent_bytes.max(1)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceState {
+    Online,
+    /// Reported failed (by a client or the server); nothing new is allocated
+    /// on it and its extents are due for recovery.
+    Failed {
+        reason: String,
+        since_unix_secs: u64,
+    },
+}
+
+impl DeviceState {
+    pub fn is_online(&self) -> bool {
+        matches!(self, DeviceState::Online)
+    }
+}
+
+impl fmt::Display for DeviceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceState::Online => f.write_str("online"),
+            DeviceState::Failed { reason, .. } => write!(f, "failed: {reason}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub id: VolumeId,
+    pub name: String,
+    pub size_bytes: u64,
+    pub block_bytes: u32,
+    /// Copies of every logical extent, each on a distinct device (1 = not
+    /// mirrored).
+    pub mirror_legs: u32,
+    /// Bumped by every change of `extents` (grow, move, add/remove leg);
+    /// agents holding an older layout are fenced by it.
+    pub layout_generation: u64,
+    pub created_at_unix_secs: u64,
+    /// `size_bytes.div_ceil(extent_bytes)` entries, in logical order.
+    pub extents: Vec<LogicalExtent>,
+}
+
+/// One extent of a volume's address space and the physical extents that
+/// hold it: one per mirror leg, on distinct devices.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LogicalExtent {
+    pub legs: Vec<PhysicalExtent>,
+}
+
+/// An extent on a device: `offset` is the byte offset from the start of the
+/// device (not of the data area), a multiple of the extent size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PhysicalExtent {
+    pub device: DeviceIndex,
+    pub offset: u64,
+}
+
+impl fmt::Display for PhysicalExtent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.device, self.offset)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientRecord {
+    pub public_key: PublicKey,
+    pub name: String,
+    pub role: ClientRole,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ClientRole {
+    Agent,
+    Admin,
+    Backup,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum OpenMode {
+    ReadOnly,
+    SharedWrite,
+    Exclusive,
+}
+
+/// An open handle. Part of the metadata so handles survive a server restart
+/// or failover: the new server rebuilds its handle table from these.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandleRecord {
+    pub id: HandleId,
+    pub volume: VolumeId,
+    pub agent_key: PublicKey,
+    pub agent_name: String,
+    /// Which process instance of the agent opened it (changes on restart).
+    pub agent_instance: Uuid,
+    pub mode: OpenMode,
+    pub opened_at_unix_secs: u64,
+    pub lease_expires_at_unix_ms: u64,
+    /// How long past lease expiry the handle stays reserved for a resume.
+    pub durable_timeout_ms: u64,
+    pub state: HandleState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HandleState {
+    Active,
+    /// Broken by a conflicting open after the lease and durable timeout ran
+    /// out; kept so a late resume can be told what happened.
+    Broken {
+        reason: String,
+        since_unix_secs: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub id: SnapshotId,
+    pub volume: VolumeId,
+    pub name: String,
+    /// The pool generation that committed the snapshot (its recall point).
+    pub created_generation: u64,
+    pub created_at_unix_secs: u64,
+    /// The copy-on-write area: extents holding pre-snapshot blocks.
+    #[serde(default)]
+    pub cow_extents: Vec<LogicalExtent>,
+}
+
+impl PoolMetadata {
+    /// A new, empty pool at generation 0 (the first commit writes 1).
+    pub fn new(
+        pool_uuid: Uuid,
+        pool_name: impl Into<String>,
+        extent_bytes: u64,
+        server_public_key: PublicKey,
+        created_at_unix_secs: u64,
+    ) -> PoolMetadata {
+        PoolMetadata {
+            format_version: METADATA_FORMAT_VERSION,
+            pool_uuid,
+            pool_name: pool_name.into(),
+            generation: 0,
+            extent_bytes,
+            created_at_unix_secs,
+            server_public_key,
+            devices: Vec::new(),
+            volumes: Vec::new(),
+            clients: Vec::new(),
+            handles: Vec::new(),
+            snapshots: Vec::new(),
+            next_ids: NextIds::default(),
+        }
+    }
+
+    pub fn device(&self, index: DeviceIndex) -> Option<&DeviceRecord> {
+        self.devices.iter().find(|d| d.index == index)
+    }
+
+    pub fn volume(&self, id: VolumeId) -> Option<&VolumeRecord> {
+        self.volumes.iter().find(|v| v.id == id)
+    }
+
+    pub fn volume_by_name(&self, name: &str) -> Option<&VolumeRecord> {
+        self.volumes.iter().find(|v| v.name == name)
+    }
+
+    /// Checks every invariant the rest of sanvol relies on. Run before a
+    /// commit (never write what a reader would refuse) and after a read
+    /// (never act on damaged metadata); the message names the first broken.
+    pub fn check(&self) -> Result<(), String> {
+        if self.format_version != METADATA_FORMAT_VERSION {
+            return Err(format!("format version {} is not {METADATA_FORMAT_VERSION}", self.format_version));
+        }
+        if !extent_bytes_valid(self.extent_bytes) {
+            return Err(format!("extent size {} is not a valid power of two", self.extent_bytes));
+        }
+        check_name("pool name", &self.pool_name)?;
+        let extent_bytes = self.extent_bytes;
+
+        let mut device_indexes = HashSet::new();
+        let mut device_uuids = HashSet::new();
+        for d in &self.devices {
+            if !device_indexes.insert(d.index) {
+                return Err(format!("device index {} appears twice", d.index));
+            }
+            if !device_uuids.insert(d.device_uuid) {
+                return Err(format!("device UUID {} appears twice", d.device_uuid));
+            }
+            if d.index >= self.next_ids.device {
+                return Err(format!("device {} is not below the next device index {}", d.index, self.next_ids.device));
+            }
+            if d.uri.is_empty() || d.uri.len() > 4096 {
+                return Err(format!("device {} has an empty or oversized URI", d.index));
+            }
+            if d.data.start % extent_bytes != 0 || d.data.len_bytes() % extent_bytes != 0 || d.data.end > d.device_bytes
+            {
+                return Err(format!(
+                    "device {} data area {} is not whole extents within its {} bytes",
+                    d.index, d.data, d.device_bytes
+                ));
+            }
+        }
+
+        let mut used = HashSet::new();
+        let mut check_extents = |what: &str, extents: &[LogicalExtent], legs: u32| -> Result<(), String> {
+            for (i, extent) in extents.iter().enumerate() {
+                if extent.legs.len() != legs as usize {
+                    return Err(format!("{what} extent {i} has {} legs, expected {legs}", extent.legs.len()));
+                }
+                for (j, leg) in extent.legs.iter().enumerate() {
+                    if extent.legs[..j].iter().any(|other| other.device == leg.device) {
+                        return Err(format!("{what} extent {i} has two legs on device {}", leg.device));
+                    }
+                    let Some(device) = self.device(leg.device) else {
+                        return Err(format!("{what} extent {i} is on unknown device {}", leg.device));
+                    };
+                    if !device.data.contains(leg.offset) || leg.offset % extent_bytes != 0 {
+                        return Err(format!(
+                            "{what} extent {i} leg {leg} is not an extent of the data area {}",
+                            device.data
+                        ));
+                    }
+                    if !used.insert(*leg) {
+                        return Err(format!("{what} extent {i} leg {leg} is allocated twice"));
+                    }
+                }
+            }
+            Ok(())
+        };
+
+        let mut volume_ids = HashSet::new();
+        let mut volume_names = HashSet::new();
+        for v in &self.volumes {
+            let what = format!("volume {} ({})", v.name, v.id);
+            if !volume_ids.insert(v.id) || !volume_names.insert(v.name.as_str()) {
+                return Err(format!("{what}: id or name appears twice"));
+            }
+            if v.id >= self.next_ids.volume {
+                return Err(format!("{what}: id not below the next volume id {}", self.next_ids.volume));
+            }
+            check_name("volume name", &v.name)?;
+            if !(1..=MIRROR_LEGS_MAX).contains(&v.mirror_legs) {
+                return Err(format!("{what}: {} mirror legs outside 1..={MIRROR_LEGS_MAX}", v.mirror_legs));
+            }
+            check_block_bytes(v.block_bytes, extent_bytes).map_err(|e| format!("{what}: {e}"))?;
+            if v.size_bytes % u64::from(v.block_bytes) != 0 {
+                return Err(format!("{what}: size {} is not a multiple of block size {}", v.size_bytes, v.block_bytes));
+            }
+            if v.extents.len() as u64 != v.size_bytes.div_ceil(extent_bytes) {
+                return Err(format!("{what}: {} extents for {} bytes", v.extents.len(), v.size_bytes));
+            }
+            check_extents(&what, &v.extents, v.mirror_legs)?;
+        }
+
+        let mut snapshot_ids = HashSet::new();
+        for s in &self.snapshots {
+            let what = format!("snapshot {} ({})", s.name, s.id);
+            if !snapshot_ids.insert(s.id) || s.id >= self.next_ids.snapshot {
+                return Err(format!("{what}: id appears twice or is not below the next snapshot id"));
+            }
+            check_name("snapshot name", &s.name)?;
+            let Some(volume) = self.volume(s.volume) else {
+                return Err(format!("{what}: unknown volume {}", s.volume));
+            };
+            check_extents(&what, &s.cow_extents, volume.mirror_legs)?;
+        }
+
+        let mut handle_ids = HashSet::new();
+        for h in &self.handles {
+            if !handle_ids.insert(h.id) || h.id >= self.next_ids.handle {
+                return Err(format!("handle {}: id appears twice or is not below the next handle id", h.id));
+            }
+            if self.volume(h.volume).is_none() {
+                return Err(format!("handle {}: unknown volume {}", h.id, h.volume));
+            }
+        }
+
+        let mut client_keys = HashSet::new();
+        for c in &self.clients {
+            if !client_keys.insert(c.public_key) {
+                return Err(format!("client key {} appears twice", c.public_key));
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn check_name(what: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > NAME_BYTES_MAX || name.chars().any(char::is_control) {
+        return Err(format!("{what} {name:?} must be 1..={NAME_BYTES_MAX} bytes without control characters"));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_block_bytes(block_bytes: u32, extent_bytes: u64) -> Result<(), String> {
+    if !block_bytes.is_power_of_two()
+        || !(BLOCK_BYTES_MIN..=BLOCK_BYTES_MAX).contains(&block_bytes)
+        || u64::from(block_bytes) > extent_bytes
+    {
+        return Err(format!(
+            "block size {block_bytes} is not a power of two in {BLOCK_BYTES_MIN}..={BLOCK_BYTES_MAX} \
+             and at most the extent size {extent_bytes}"
+        ));
+    }
+    Ok(())
+}
