@@ -597,6 +597,37 @@ mod tests {
         ));
     }
 
+    /// Pins the header layout: changing it needs a format version bump.
+    #[test]
+    fn golden_header() {
+        let meta = rich_pool();
+        let record = AREA.encode_slot(POOL, meta.generation, &meta).unwrap();
+        assert_eq!(&record[..8], b"SANVOLMD");
+        assert_eq!(&record[12..16], &[0, 0, 0, 1], "format version");
+        assert_eq!(&record[16..32], POOL.as_bytes());
+        assert_eq!(&record[32..40], &4u64.to_be_bytes(), "generation");
+        let payload_bytes = u64::from_be_bytes(record[40..48].try_into().unwrap());
+        assert_eq!(payload_bytes, crate::codec::encode(&meta).unwrap().len() as u64);
+        assert!(record[48..64].iter().all(|&b| b == 0));
+        // The payload starts with PoolMetadata::format_version.
+        assert_eq!(&record[64..68], &[0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn area_from_label() {
+        let layout = crate::label::DeviceLayout::plan(1 << 30, 1 << 20, 1 << 20).unwrap();
+        let label = DeviceLabel {
+            pool_uuid: POOL,
+            device_uuid: Uuid::from_u128(1),
+            device_index: crate::ids::DeviceIndex(0),
+            layout,
+            created_at_unix_secs: 0,
+        };
+        let area = MetadataArea::from_label(&label);
+        assert_eq!(area, MetadataArea { offset: 4096, slot_bytes: 256 << 10, slot_count: 4 });
+        assert_eq!(area.slot_offset(3) + area.slot_bytes, layout.metadata.end);
+    }
+
     #[test]
     fn next_slot_to_write_cases() {
         let area = MetadataArea { offset: 0, slot_bytes: 1 << 16, slot_count: 4 };
