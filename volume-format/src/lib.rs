@@ -26,6 +26,7 @@
 //!   agents, and the mapping of a byte range onto extents and device legs.
 
 pub mod codec;
+pub mod control;
 pub mod description;
 pub mod ids;
 pub mod label;

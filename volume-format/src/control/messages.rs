@@ -1,0 +1,240 @@
+//! Requests, replies and events on an authenticated control connection.
+//!
+//! The client numbers its requests; the server answers each with a
+//! [`ServerMessage::Reply`] carrying the same id, in any order, and may send
+//! [`ServerMessage::Event`]s at any time (recalls, new layouts). The
+//! listing types are also what the admin CLI prints with `--json`, so their
+//! field names are part of the user interface: keep them stable.
+
+use serde::{Deserialize, Serialize};
+
+use super::auth::Role;
+use crate::VolumeDescription;
+
+/// How a volume is opened (the same type the pool metadata stores in its
+/// handle records).
+pub use crate::metadata::OpenMode;
+
+impl std::fmt::Display for OpenMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OpenMode::ReadOnly => "read-only",
+            OpenMode::SharedWrite => "shared-write",
+            OpenMode::Exclusive => "exclusive",
+        })
+    }
+}
+
+impl std::str::FromStr for OpenMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<OpenMode, String> {
+        match s {
+            "ro" | "read-only" | "readonly" => Ok(OpenMode::ReadOnly),
+            "shared" | "shared-write" | "rw-shared" => Ok(OpenMode::SharedWrite),
+            "exclusive" | "rw" | "excl" => Ok(OpenMode::Exclusive),
+            other => Err(format!("unknown open mode {other:?}: expected read-only, shared-write or exclusive")),
+        }
+    }
+}
+
+/// A request from a client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientMessage {
+    pub id: u64,
+    pub request: Request,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    // ---- any role ----
+    /// Pool summary; also renews the session's lease like every request.
+    PoolStatus,
+    /// Renews the session's lease (and every handle it holds).
+    Renew,
+
+    // ---- admin ----
+    DeviceList,
+    ClientList,
+    ClientAuthorize {
+        key: [u8; 32],
+        name: String,
+        role: Role,
+    },
+    ClientRevoke {
+        key: [u8; 32],
+    },
+    VolumeCreate {
+        name: String,
+        size_bytes: u64,
+        legs: u8,
+    },
+    VolumeList,
+    VolumeShow {
+        name: String,
+    },
+    VolumeDelete {
+        name: String,
+    },
+    VolumeGrow {
+        name: String,
+        size_bytes: u64,
+    },
+
+    // ---- agent ----
+    Open {
+        volume: String,
+        mode: OpenMode,
+    },
+    Close {
+        handle: u64,
+    },
+    /// The agent has drained and holds I/O for `handle` as the server asked
+    /// in a [`ServerEvent::Recall`] for `generation`.
+    RecallDone {
+        handle: u64,
+        generation: u64,
+    },
+}
+
+impl Request {
+    /// The role a request needs. Agents and admins share the read-only
+    /// status requests.
+    pub fn required_role(&self) -> Option<Role> {
+        match self {
+            Request::PoolStatus | Request::Renew => None,
+            Request::Open { .. } | Request::Close { .. } | Request::RecallDone { .. } => Some(Role::Agent),
+            _ => Some(Role::Admin),
+        }
+    }
+}
+
+/// A message from the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerMessage {
+    Reply { id: u64, result: Result<Response, ControlError> },
+    Event(ServerEvent),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Done,
+    Pool(PoolInfo),
+    Devices(Vec<DeviceInfo>),
+    Clients(Vec<ClientInfo>),
+    Volumes(Vec<VolumeInfo>),
+    Volume(VolumeDetail),
+    Lease { lease_ms: u64 },
+    Opened(OpenedHandle),
+}
+
+/// What an agent gets when it opens a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenedHandle {
+    pub handle: u64,
+    pub mode: OpenMode,
+    pub description: VolumeDescription,
+    /// The lease the handle lives under; renewed with the session.
+    pub lease_ms: u64,
+}
+
+/// Unsolicited news from the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerEvent {
+    /// Drain and hold I/O on `handle`, then confirm with `RecallDone`; a new
+    /// layout with `generation` will follow.
+    Recall { handle: u64, generation: u64 },
+    /// Resume I/O on `handle` with this layout.
+    Publish { handle: u64, description: VolumeDescription },
+    /// The handle is no longer valid; stop I/O on it.
+    Revoked { handle: u64, reason: String },
+}
+
+/// A failed request: a stable code for programs and a sentence for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ControlError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ControlError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ControlError {
+        ControlError { code, message: message.into() }
+    }
+}
+
+/// Stable error codes that cross the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    NotFound,
+    AlreadyExists,
+    InvalidArgument,
+    PermissionDenied,
+    NoSpace,
+    /// The volume is open in a conflicting mode by someone else.
+    Conflict,
+    /// The volume is open and the operation needs it closed.
+    Busy,
+    /// Writing the pool metadata to the devices failed; nothing changed.
+    CommitFailed,
+    /// The server is not serving this now (e.g. in its grace period).
+    Unavailable,
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolInfo {
+    pub pool_uuid: String,
+    pub name: String,
+    pub generation: u64,
+    pub extent_bytes: u64,
+    pub devices: u32,
+    pub devices_failed: u32,
+    pub volumes: u32,
+    pub capacity_bytes: u64,
+    pub free_bytes: u64,
+    pub server_key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub index: u32,
+    pub uuid: String,
+    pub uri: String,
+    pub size_bytes: u64,
+    pub extents_total: u64,
+    pub extents_free: u64,
+    /// "online", or "failed: REASON".
+    pub state: String,
+    /// Whether the server reaches it right now.
+    pub reachable: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientInfo {
+    pub name: String,
+    pub key: String,
+    pub role: Role,
+    /// Sessions currently connected with this key.
+    pub connected: u32,
+    /// Handles open by this key: "VOLUME (MODE, handle N)".
+    pub handles: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub id: u64,
+    pub size_bytes: u64,
+    pub legs: u8,
+    pub extents: u64,
+    pub layout_generation: u64,
+    /// Who holds it open: "CLIENT (MODE)".
+    pub open_by: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeDetail {
+    pub info: VolumeInfo,
+    pub description: VolumeDescription,
+}
