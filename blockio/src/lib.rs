@@ -21,3 +21,5 @@ pub mod proto;
 
 pub use device::{BlockDevice, BlockSizes, MetaContext, StatusExtent, ZeroFlags};
 pub use error::{IoError, IoErrorKind};
+pub mod client;
+pub mod uri;

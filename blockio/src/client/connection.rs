@@ -1,0 +1,455 @@
+//! One transmission-phase connection: a writer task, a reader task and the
+//! table of requests in flight between them.
+//!
+//! Why this shape: NBD lets a client keep many requests in flight and the
+//! server answer them in any order, matched by cookie. Callers register a
+//! [`Pending`] entry (with a `oneshot` sender) under a short lock, then hand
+//! the encoded request to the writer task, which drains everything queued
+//! and sends it with one vectored write: header and payload `Bytes` go to
+//! the kernel without being copied, and a deep queue costs one syscall per
+//! batch rather than per request. The reader task owns the receive half,
+//! parses replies (`reader.rs`) and completes entries.
+//!
+//! Failure is total and prompt: whichever task first sees the peer go away
+//! (or a protocol violation) calls [`ConnShared::fail`], which marks the
+//! connection dead under the same lock callers register under, completes
+//! every registered entry with the error and aborts the other task. An entry
+//! the reader is working on is dropped with the task, which its caller sees
+//! as a closed channel. So no request can hang on a dead connection, and
+//! every later request is refused at registration.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tokio::task::{AbortHandle, JoinHandle};
+
+use super::reader;
+use crate::device::StatusExtent;
+use crate::error::{IoError, IoErrorKind};
+use crate::proto::{self, RequestHeader};
+
+/// Most requests in flight on one connection; more wait for a slot.
+pub(crate) const INFLIGHT_REQUESTS_MAX: usize = 512;
+/// Most requests the writer puts into one vectored write (two iovecs each,
+/// well under the kernel's IOV_MAX of 1024).
+const BATCH_REQUESTS_MAX: usize = 256;
+/// Most payload bytes the writer gathers into one batch before writing.
+const BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// A request as the writer sends it.
+pub(crate) struct Outgoing {
+    header: [u8; proto::REQUEST_HEADER_BYTES],
+    payload: Bytes,
+    /// `NBD_CMD_DISC`: the writer shuts the socket's send side after it.
+    disconnect: bool,
+}
+
+/// What a successful request returns.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    Done,
+    Data(Bytes),
+    Status(Vec<StatusExtent>),
+}
+
+/// A read being assembled from (possibly several, possibly out-of-order)
+/// reply chunks.
+pub(crate) struct ReadAssembly {
+    /// Capacity is the request length. `buf.len()` is the prefix that is
+    /// materialized: every byte below it was written by a chunk or
+    /// zero-filled as a gap, so holes and late chunks never need zeroing.
+    pub buf: BytesMut,
+    /// Bytes described by content chunks so far (they never overlap).
+    pub covered_bytes: u64,
+    /// Relative ranges `start -> end` of content chunks, kept only once a
+    /// reply has more than one chunk (the common single-chunk reply
+    /// allocates nothing here).
+    pub ranges: std::collections::BTreeMap<u64, u64>,
+}
+
+/// Per-command reply state.
+pub(crate) enum PendingState {
+    Plain,
+    Read(ReadAssembly),
+    Status { context_id: u32, extents: Option<Vec<StatusExtent>> },
+}
+
+/// A request in flight, waiting for its reply.
+pub(crate) struct Pending {
+    pub command: u16,
+    pub offset: u64,
+    pub length: u32,
+    pub flags: u16,
+    pub state: PendingState,
+    /// First error chunk seen (a structured reply completes on DONE).
+    pub error: Option<IoError>,
+    /// Whether a structured chunk has been seen for it.
+    pub chunks_seen: bool,
+    pub tx: oneshot::Sender<Result<Reply, IoError>>,
+}
+
+/// Cookies are our own sequence numbers: hashing them with SipHash would be
+/// wasted work, a multiplicative mix spreads them well enough.
+#[derive(Default)]
+pub(crate) struct CookieHasher(u64);
+
+impl Hasher for CookieHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ *b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+pub(crate) type PendingMap = HashMap<u64, Pending, BuildHasherDefault<CookieHasher>>;
+
+pub(crate) struct Inflight {
+    pub map: PendingMap,
+    next_cookie: u64,
+    /// Why the connection is dead; set once, never cleared.
+    pub dead: Option<IoError>,
+    /// A disconnect is under way (ours, or the server said ESHUTDOWN): no
+    /// new requests.
+    pub closing: bool,
+}
+
+/// State shared by callers, the writer and the reader of one connection.
+pub(crate) struct ConnShared {
+    pub inflight: Mutex<Inflight>,
+    /// Woken when the in-flight table empties while `closing`.
+    pub idle: Notify,
+    /// Requests submitted and not yet returned to their callers (for
+    /// least-outstanding connection choice).
+    pub outstanding: AtomicUsize,
+    tasks: Mutex<Vec<AbortHandle>>,
+    /// Who we talk to, for messages.
+    pub target: String,
+    pub structured_replies: bool,
+    /// Selected metadata contexts of this connection: (name, id).
+    pub contexts: Vec<(String, u32)>,
+    /// For the reader to send `NBD_CMD_DISC` after an ESHUTDOWN without
+    /// keeping the writer alive on its own.
+    writer_tx: Mutex<Option<mpsc::WeakUnboundedSender<Outgoing>>>,
+}
+
+impl ConnShared {
+    /// Marks the connection dead with `err`, fails everything registered
+    /// and stops both tasks. Idempotent; the first error is kept.
+    pub fn fail(&self, err: IoError) {
+        let (drained, err) = {
+            let mut g = self.inflight.lock().unwrap();
+            let err = g.dead.get_or_insert(err).clone();
+            (std::mem::take(&mut g.map), err)
+        };
+        if !drained.is_empty() {
+            tracing::warn!(target: "blockio::client", server = %self.target, requests = drained.len(), error = %err, "NBD connection failed with requests in flight");
+        }
+        for (_, p) in drained {
+            let _ = p.tx.send(Err(err.clone()));
+        }
+        self.idle.notify_waiters();
+        for h in self.tasks.lock().unwrap().drain(..) {
+            h.abort();
+        }
+    }
+
+    /// Puts back an entry the reader took out to process a non-final chunk;
+    /// fails it at once if the connection died meanwhile.
+    pub fn reinsert(&self, cookie: u64, p: Pending) {
+        let mut g = self.inflight.lock().unwrap();
+        if let Some(err) = &g.dead {
+            let err = err.clone();
+            drop(g);
+            let _ = p.tx.send(Err(err));
+        } else {
+            g.map.insert(cookie, p);
+        }
+    }
+
+    /// Called by the reader after completing a request.
+    pub fn after_completion(&self) {
+        let g = self.inflight.lock().unwrap();
+        if g.closing && g.map.is_empty() {
+            drop(g);
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// The server asked us to go (`NBD_ESHUTDOWN`): refuse new requests and
+    /// send `NBD_CMD_DISC` once the others are answered.
+    pub fn server_shutting_down(self: &Arc<Self>) {
+        let first = {
+            let mut g = self.inflight.lock().unwrap();
+            !std::mem::replace(&mut g.closing, true)
+        };
+        if first {
+            tracing::info!(target: "blockio::client", server = %self.target, "server is shutting down (ESHUTDOWN); disconnecting");
+            let shared = self.clone();
+            tokio::spawn(async move {
+                shared.wait_idle(Duration::from_secs(30)).await;
+                let tx = shared.writer_tx.lock().unwrap().as_ref().and_then(|w| w.upgrade());
+                if let Some(tx) = tx {
+                    let _ = tx.send(disc_request());
+                }
+            });
+        }
+    }
+
+    /// Waits until nothing is in flight, at most `max`.
+    pub async fn wait_idle(&self, max: Duration) {
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.inflight.lock().unwrap().map.is_empty() {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    pub fn context_id(&self, name: &str) -> Option<u32> {
+        self.contexts.iter().find(|(n, _)| n == name).map(|(_, id)| *id)
+    }
+}
+
+fn disc_request() -> Outgoing {
+    let header = RequestHeader { flags: 0, command: proto::CMD_DISC, cookie: 0, offset: 0, length: 0 }.encode();
+    Outgoing { header, payload: Bytes::new(), disconnect: true }
+}
+
+/// Decrements the outstanding count however the caller's future ends
+/// (completion, timeout, or being dropped).
+struct OutstandingGuard<'a>(&'a AtomicUsize);
+
+impl Drop for OutstandingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One connection of a client.
+pub(crate) struct Connection {
+    pub shared: Arc<ConnShared>,
+    tx: mpsc::UnboundedSender<Outgoing>,
+    slots: Semaphore,
+    reader: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Connection {
+    /// Starts the writer and reader tasks over the two halves of a
+    /// handshaken stream.
+    pub fn start<R, W>(
+        rd: R,
+        wr: W,
+        target: String,
+        structured_replies: bool,
+        contexts: Vec<(String, u32)>,
+    ) -> Connection
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(ConnShared {
+            inflight: Mutex::new(Inflight { map: PendingMap::default(), next_cookie: 1, dead: None, closing: false }),
+            idle: Notify::new(),
+            outstanding: AtomicUsize::new(0),
+            tasks: Mutex::new(Vec::new()),
+            target,
+            structured_replies,
+            contexts,
+            writer_tx: Mutex::new(Some(tx.downgrade())),
+        });
+        let writer = tokio::spawn(writer_loop(wr, rx, shared.clone()));
+        let reader = tokio::spawn(reader::reader_loop(rd, shared.clone()));
+        shared.tasks.lock().unwrap().extend([writer.abort_handle(), reader.abort_handle()]);
+        Connection { shared, tx, slots: Semaphore::new(INFLIGHT_REQUESTS_MAX), reader: Mutex::new(Some(reader)) }
+    }
+
+    /// Whether new requests may be sent here.
+    pub fn is_usable(&self) -> bool {
+        let g = self.shared.inflight.lock().unwrap();
+        g.dead.is_none() && !g.closing
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.shared.outstanding.load(Ordering::Relaxed)
+    }
+
+    /// Why this connection cannot take requests, if it cannot.
+    pub fn unusable_reason(&self) -> Option<IoError> {
+        let g = self.shared.inflight.lock().unwrap();
+        match (&g.dead, g.closing) {
+            (Some(e), _) => Some(e.clone()),
+            (None, true) => Some(IoError::shutdown(format!("connection to {} is disconnecting", self.shared.target))),
+            (None, false) => None,
+        }
+    }
+
+    /// Sends one request and waits for its reply (or `timeout`).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn submit(
+        &self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: Bytes,
+        state: PendingState,
+        timeout: Option<Duration>,
+    ) -> Result<Reply, IoError> {
+        self.shared.outstanding.fetch_add(1, Ordering::Relaxed);
+        let _guard = OutstandingGuard(&self.shared.outstanding);
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| IoError::shutdown(format!("connection to {} is closed", self.shared.target)))?;
+        let (tx, rx) = oneshot::channel();
+        let cookie = {
+            let mut g = self.shared.inflight.lock().unwrap();
+            if let Some(e) = &g.dead {
+                return Err(e.clone());
+            }
+            if g.closing {
+                return Err(IoError::shutdown(format!("connection to {} is disconnecting", self.shared.target)));
+            }
+            let cookie = g.next_cookie;
+            g.next_cookie = g.next_cookie.wrapping_add(1).max(1);
+            g.map
+                .insert(cookie, Pending { command, offset, length, flags, state, error: None, chunks_seen: false, tx });
+            cookie
+        };
+        let header = RequestHeader { flags, command, cookie, offset, length }.encode();
+        if self.tx.send(Outgoing { header, payload, disconnect: false }).is_err() {
+            // The writer is gone: the connection is dead or dying.
+            let reason = self.shared.inflight.lock().unwrap().dead.clone();
+            let err =
+                reason.unwrap_or_else(|| IoError::shutdown(format!("connection to {} is closed", self.shared.target)));
+            self.shared.fail(err.clone());
+            return Err(err);
+        }
+        let closed = || {
+            self.shared.inflight.lock().unwrap().dead.clone().unwrap_or_else(|| {
+                IoError::shutdown(format!("connection to {} closed before the reply arrived", self.shared.target))
+            })
+        };
+        match timeout {
+            None => rx.await.unwrap_or_else(|_| Err(closed())),
+            Some(t) => match tokio::time::timeout(t, rx).await {
+                Ok(r) => r.unwrap_or_else(|_| Err(closed())),
+                // The entry stays registered: a late reply is then read and
+                // discarded instead of looking like an unknown cookie.
+                Err(_) => Err(IoError::new(
+                    IoErrorKind::Io,
+                    format!(
+                        "{}: {} at offset {offset} length {length} timed out after {} ms",
+                        self.shared.target,
+                        proto::command_name(command),
+                        t.as_millis()
+                    ),
+                )),
+            },
+        }
+    }
+
+    /// Soft disconnect: refuse new requests, let in-flight ones finish (at
+    /// most `drain_max`), send `NBD_CMD_DISC`, wait for the server to close.
+    pub async fn disconnect(&self, drain_max: Duration) {
+        {
+            let mut g = self.shared.inflight.lock().unwrap();
+            if g.dead.is_some() {
+                return;
+            }
+            g.closing = true;
+        }
+        self.shared.wait_idle(drain_max).await;
+        let _ = self.tx.send(disc_request());
+        let reader = self.reader.lock().unwrap().take();
+        if let Some(reader) = reader {
+            // The server closes after DISC; don't wait on one that doesn't.
+            let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+        }
+        self.shared.fail(IoError::shutdown(format!("disconnected from {}", self.shared.target)));
+    }
+}
+
+async fn writer_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    shared: Arc<ConnShared>,
+) {
+    let mut batch: Vec<Outgoing> = Vec::with_capacity(BATCH_REQUESTS_MAX);
+    loop {
+        let first = match rx.recv().await {
+            Some(o) => o,
+            None => {
+                // Every handle to the client is gone: leave politely.
+                let disc = disc_request();
+                let _ = wr.write_all(&disc.header).await;
+                let _ = wr.shutdown().await;
+                return;
+            }
+        };
+        let mut bytes = first.payload.len();
+        let mut stop = first.disconnect;
+        batch.push(first);
+        while !stop && batch.len() < BATCH_REQUESTS_MAX && bytes < BATCH_BYTES_MAX {
+            match rx.try_recv() {
+                Ok(o) => {
+                    bytes += o.payload.len();
+                    stop = o.disconnect;
+                    batch.push(o);
+                }
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = write_batch(&mut wr, &batch).await {
+            shared.fail(IoError::shutdown(format!("sending to {} failed: {e}", shared.target)));
+            return;
+        }
+        batch.clear();
+        if stop {
+            let _ = wr.shutdown().await;
+            return;
+        }
+    }
+}
+
+/// Writes every header and payload of `batch` with as few syscalls as the
+/// kernel allows.
+async fn write_batch<W: AsyncWrite + Unpin>(wr: &mut W, batch: &[Outgoing]) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
+    for o in batch {
+        slices.push(IoSlice::new(&o.header));
+        if !o.payload.is_empty() {
+            slices.push(IoSlice::new(&o.payload));
+        }
+    }
+    let mut rest: &mut [IoSlice<'_>] = &mut slices;
+    while !rest.is_empty() {
+        let n = wr.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    wr.flush().await
+}
