@@ -1,0 +1,198 @@
+//! A control-protocol client: one authenticated connection, many requests in
+//! flight (replies matched by id), events delivered on a channel.
+//!
+//! Shape: the caller's tasks write requests under a short lock on the write
+//! half; one reader task owns the read half and completes waiters. When the
+//! connection breaks, every waiter and every later request fails with
+//! [`ControlClientError::Closed`] at once, and the event channel ends — which
+//! is how the agent learns it must reconnect.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio::sync::{mpsc, oneshot, watch};
+use volume_format::control::auth::Role;
+use volume_format::control::frame;
+use volume_format::control::messages::{ClientMessage, ControlError, Request, Response, ServerEvent, ServerMessage};
+
+use super::addr::{ControlAddr, ControlStream};
+use super::framed::{self, FramedError};
+use super::handshake::{self, ClientSession, HandshakeError};
+
+/// How long a request may wait for its reply before the caller gives up.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Events buffered for a slow consumer before the connection is dropped.
+const EVENTS_QUEUED_MAX: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlClientError {
+    #[error("cannot connect to metadata server at {addr}: {source}")]
+    Connect { addr: String, source: std::io::Error },
+    #[error("metadata server at {addr}: {source}")]
+    Handshake { addr: String, source: HandshakeError },
+    #[error("the connection to the metadata server is closed")]
+    Closed,
+    #[error("the metadata server did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Server(#[from] ControlError),
+    #[error("control connection: {0}")]
+    Transport(#[from] FramedError),
+}
+
+type Waiter = oneshot::Sender<Result<Response, ControlError>>;
+
+struct Shared {
+    next_id: AtomicU64,
+    /// `None` once the connection is closed: no new waiter may register.
+    pending: Mutex<Option<HashMap<u64, Waiter>>>,
+    writer: tokio::sync::Mutex<WriteHalf<Box<dyn ControlStream>>>,
+    closed: watch::Sender<bool>,
+    session: ClientSession,
+}
+
+/// An authenticated control connection. Cheap to clone.
+#[derive(Clone)]
+pub struct ControlClient {
+    shared: Arc<Shared>,
+}
+
+impl ControlClient {
+    /// Connects, authenticates and starts the reader. Returns the client and
+    /// the stream of server events.
+    pub async fn connect(
+        addr: &ControlAddr,
+        key: &SigningKey,
+        pinned: Option<&VerifyingKey>,
+        role: Role,
+        name: &str,
+        instance: [u8; 16],
+    ) -> Result<(ControlClient, mpsc::Receiver<ServerEvent>), ControlClientError> {
+        let mut stream =
+            addr.connect().await.map_err(|source| ControlClientError::Connect { addr: addr.to_string(), source })?;
+        let session = handshake::client(&mut stream, key, pinned, role, name, instance)
+            .await
+            .map_err(|source| ControlClientError::Handshake { addr: addr.to_string(), source })?;
+        let (reader, writer) = tokio::io::split(stream);
+        let (closed, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            next_id: AtomicU64::new(1),
+            pending: Mutex::new(Some(HashMap::new())),
+            writer: tokio::sync::Mutex::new(writer),
+            closed,
+            session,
+        });
+        let (events_tx, events_rx) = mpsc::channel(EVENTS_QUEUED_MAX);
+        tokio::spawn(read_loop(reader, shared.clone(), events_tx));
+        Ok((ControlClient { shared }, events_rx))
+    }
+
+    pub fn session(&self) -> &ClientSession {
+        &self.shared.session
+    }
+
+    pub fn is_closed(&self) -> bool {
+        *self.shared.closed.borrow()
+    }
+
+    /// Resolves once the connection is closed.
+    pub async fn closed(&self) {
+        let mut rx = self.shared.closed.subscribe();
+        let _ = rx.wait_for(|closed| *closed).await;
+    }
+
+    /// Sends a request and waits for its reply.
+    pub async fn request(&self, request: Request) -> Result<Response, ControlClientError> {
+        self.request_with_timeout(request, REQUEST_TIMEOUT).await
+    }
+
+    pub async fn request_with_timeout(
+        &self,
+        request: Request,
+        timeout: Duration,
+    ) -> Result<Response, ControlClientError> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let payload = frame::encode_payload(&ClientMessage { id, request }).map_err(FramedError::from)?;
+        let (tx, rx) = oneshot::channel();
+        match self.shared.pending.lock().unwrap().as_mut() {
+            Some(pending) => pending.insert(id, tx),
+            None => return Err(ControlClientError::Closed),
+        };
+        let sent = {
+            let mut w = self.shared.writer.lock().await;
+            framed::write_payload(&mut *w, &payload).await
+        };
+        if let Err(e) = sent {
+            self.forget(id);
+            shutdown(&self.shared);
+            return Err(e.into());
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Ok(response))) => Ok(response),
+            Ok(Ok(Err(e))) => Err(ControlClientError::Server(e)),
+            Ok(Err(_)) => Err(ControlClientError::Closed),
+            Err(_) => {
+                self.forget(id);
+                Err(ControlClientError::Timeout(timeout))
+            }
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        if let Some(p) = self.shared.pending.lock().unwrap().as_mut() {
+            p.remove(&id);
+        }
+    }
+
+    /// Closes the connection; pending requests fail with `Closed`.
+    pub async fn close(&self) {
+        use tokio::io::AsyncWriteExt;
+        let _ = self.shared.writer.lock().await.shutdown().await;
+        shutdown(&self.shared);
+    }
+}
+
+/// Marks the connection closed and fails every waiter (by dropping them).
+fn shutdown(shared: &Shared) {
+    shared.pending.lock().unwrap().take();
+    shared.closed.send_replace(true);
+}
+
+async fn read_loop(
+    mut reader: ReadHalf<Box<dyn ControlStream>>,
+    shared: Arc<Shared>,
+    events: mpsc::Sender<ServerEvent>,
+) {
+    loop {
+        let msg = match framed::read_message::<ServerMessage, _>(&mut reader).await {
+            Ok(m) => m,
+            Err(FramedError::Closed) => break,
+            Err(e) => {
+                tracing::warn!("control connection to the metadata server failed: {e}");
+                break;
+            }
+        };
+        match msg {
+            ServerMessage::Reply { id, result } => {
+                let waiter = shared.pending.lock().unwrap().as_mut().and_then(|p| p.remove(&id));
+                match waiter {
+                    Some(w) => {
+                        let _ = w.send(result);
+                    }
+                    None => tracing::debug!("reply to request {id}, which no longer waits (timed out)"),
+                }
+            }
+            ServerMessage::Event(event) => {
+                if events.try_send(event).is_err() {
+                    tracing::warn!("control events are not being consumed; dropping the connection");
+                    break;
+                }
+            }
+        }
+    }
+    shutdown(&shared);
+}

@@ -1,0 +1,336 @@
+//! Handles and leases, as a plain state machine with injected time.
+//!
+//! No sockets, no clocks: every method takes `now_ms` (milliseconds on a
+//! monotonic clock the caller owns), so every rule below is unit-tested with
+//! made-up times, including the races.
+//!
+//! Rules:
+//! - A handle lives under its session's lease. Any request on the session
+//!   renews the lease to `now + lease_ms`.
+//! - Modes conflict as: `Exclusive` with anything; `SharedWrite` and
+//!   `ReadOnly` with `Exclusive` only.
+//! - An agent stops I/O by itself when it cannot renew in time, so a handle
+//!   whose lease has run out, plus its durable grace, can no longer do I/O:
+//!   such a handle no longer conflicts, and a conflicting open *breaks* it.
+//! - Reconfiguration recalls every handle of a volume; the new layout is
+//!   committed once each has confirmed, or its lease ran out (it is then
+//!   excluded: it cannot be doing I/O any more).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use volume_format::control::messages::OpenMode;
+
+/// Identifies an authenticated control session.
+pub type SessionId = u64;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handle {
+    pub id: u64,
+    pub volume: u64,
+    pub mode: OpenMode,
+    pub session: SessionId,
+    /// Who holds it, for messages ("host-a").
+    pub holder: String,
+    pub opened_at_ms: u64,
+    /// The handle may do I/O until this time unless renewed.
+    pub lease_until_ms: u64,
+    /// Extra time after the lease before a conflicting open may break it
+    /// (the durable timeout); 0 for plain handles.
+    pub durable_ms: u64,
+}
+
+impl Handle {
+    /// The instant after which the handle can be broken by a conflicting open.
+    pub fn breakable_at_ms(&self) -> u64 {
+        self.lease_until_ms.saturating_add(self.durable_ms)
+    }
+}
+
+/// Why an open was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenRefused {
+    /// Another live handle conflicts with the requested mode.
+    Conflict { holder: String, mode: OpenMode, handle: u64, expires_at_ms: u64 },
+}
+
+/// What an open did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opened {
+    pub handle: Handle,
+    /// Handles that were expired and broken to make room.
+    pub broken: Vec<Handle>,
+}
+
+/// A reconfiguration in progress on one volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recall {
+    pub volume: u64,
+    pub generation: u64,
+    /// Handles that have not confirmed yet.
+    pub waiting: BTreeSet<u64>,
+}
+
+/// State of a recall after a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecallState {
+    /// Still waiting for these handles; the earliest lease among them runs
+    /// out at `deadline_ms` (re-check then).
+    Waiting { handles: Vec<u64>, deadline_ms: u64 },
+    /// Every holder confirmed or was excluded; commit now.
+    Ready { excluded: Vec<u64> },
+}
+
+#[derive(Debug, Default)]
+pub struct HandleTable {
+    handles: BTreeMap<u64, Handle>,
+    recalls: BTreeMap<u64, Recall>,
+    next_id: u64,
+}
+
+pub fn modes_conflict(a: OpenMode, b: OpenMode) -> bool {
+    matches!((a, b), (OpenMode::Exclusive, _) | (_, OpenMode::Exclusive))
+}
+
+impl HandleTable {
+    pub fn new() -> HandleTable {
+        HandleTable { next_id: 1, ..Default::default() }
+    }
+
+    pub fn get(&self, id: u64) -> Option<&Handle> {
+        self.handles.get(&id)
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Handle> {
+        self.handles.values()
+    }
+
+    pub fn on_volume(&self, volume: u64) -> impl Iterator<Item = &Handle> {
+        self.handles.values().filter(move |h| h.volume == volume)
+    }
+
+    pub fn of_session(&self, session: SessionId) -> impl Iterator<Item = &Handle> {
+        self.handles.values().filter(move |h| h.session == session)
+    }
+
+    /// Opens `volume` in `mode`. Live conflicting handles refuse the open;
+    /// expired ones (past lease + durable time) are broken.
+    #[allow(clippy::too_many_arguments)]
+    pub fn open(
+        &mut self,
+        volume: u64,
+        mode: OpenMode,
+        session: SessionId,
+        holder: &str,
+        now_ms: u64,
+        lease_ms: u64,
+        durable_ms: u64,
+    ) -> Result<Opened, OpenRefused> {
+        let conflicting: Vec<&Handle> =
+            self.handles.values().filter(|h| h.volume == volume && modes_conflict(h.mode, mode)).collect();
+        if let Some(live) = conflicting.iter().find(|h| now_ms < h.breakable_at_ms()) {
+            return Err(OpenRefused::Conflict {
+                holder: live.holder.clone(),
+                mode: live.mode,
+                handle: live.id,
+                expires_at_ms: live.breakable_at_ms(),
+            });
+        }
+        let broken_ids: Vec<u64> = conflicting.iter().map(|h| h.id).collect();
+        let broken: Vec<Handle> = broken_ids.iter().filter_map(|id| self.remove(*id)).collect();
+        let id = self.next_id;
+        self.next_id += 1;
+        let handle = Handle {
+            id,
+            volume,
+            mode,
+            session,
+            holder: holder.to_string(),
+            opened_at_ms: now_ms,
+            lease_until_ms: now_ms.saturating_add(lease_ms),
+            durable_ms,
+        };
+        self.handles.insert(id, handle.clone());
+        Ok(Opened { handle, broken })
+    }
+
+    /// Renews every handle of `session` until `now + lease_ms`.
+    pub fn renew(&mut self, session: SessionId, now_ms: u64, lease_ms: u64) {
+        for h in self.handles.values_mut().filter(|h| h.session == session) {
+            h.lease_until_ms = h.lease_until_ms.max(now_ms.saturating_add(lease_ms));
+        }
+    }
+
+    /// Removes a handle (close, or broken), withdrawing it from any recall.
+    pub fn remove(&mut self, id: u64) -> Option<Handle> {
+        let h = self.handles.remove(&id)?;
+        for r in self.recalls.values_mut() {
+            r.waiting.remove(&id);
+        }
+        Some(h)
+    }
+
+    /// Closes `id` if `session` owns it.
+    pub fn close(&mut self, id: u64, session: SessionId) -> Option<Handle> {
+        match self.handles.get(&id) {
+            Some(h) if h.session == session => self.remove(id),
+            _ => None,
+        }
+    }
+
+    /// Handles whose lease plus durable time ran out by `now_ms`.
+    pub fn expired(&self, now_ms: u64) -> Vec<u64> {
+        self.handles.values().filter(|h| now_ms >= h.breakable_at_ms()).map(|h| h.id).collect()
+    }
+
+    /// Starts a recall of `volume` for a new layout `generation`: every
+    /// current handle must confirm (or be excluded by its lease).
+    pub fn start_recall(&mut self, volume: u64, generation: u64) -> Result<Recall, String> {
+        if let Some(r) = self.recalls.get(&volume) {
+            return Err(format!("volume is already being reconfigured (generation {})", r.generation));
+        }
+        let waiting = self.on_volume(volume).map(|h| h.id).collect();
+        let recall = Recall { volume, generation, waiting };
+        self.recalls.insert(volume, recall.clone());
+        Ok(recall)
+    }
+
+    pub fn recall_of(&self, volume: u64) -> Option<&Recall> {
+        self.recalls.get(&volume)
+    }
+
+    /// Records that `handle` (owned by `session`) drained for `generation`.
+    pub fn recall_done(&mut self, handle: u64, session: SessionId, generation: u64) -> Result<(), String> {
+        let h = self.handles.get(&handle).ok_or_else(|| format!("no handle {handle}"))?;
+        if h.session != session {
+            return Err(format!("handle {handle} is not held by this session"));
+        }
+        let r =
+            self.recalls.get_mut(&h.volume).ok_or_else(|| format!("no reconfiguration pending for handle {handle}"))?;
+        if r.generation != generation {
+            return Err(format!("recall generation {generation} is stale (current {})", r.generation));
+        }
+        r.waiting.remove(&handle);
+        Ok(())
+    }
+
+    /// Where the recall of `volume` stands at `now_ms`. Handles whose lease
+    /// ran out are excluded (their agent stopped I/O by itself).
+    pub fn recall_state(&self, volume: u64, now_ms: u64) -> Option<RecallState> {
+        let r = self.recalls.get(&volume)?;
+        let mut excluded = Vec::new();
+        let mut live = Vec::new();
+        let mut deadline_ms = u64::MAX;
+        for id in &r.waiting {
+            match self.handles.get(id) {
+                Some(h) if now_ms < h.lease_until_ms => {
+                    live.push(*id);
+                    deadline_ms = deadline_ms.min(h.lease_until_ms);
+                }
+                _ => excluded.push(*id),
+            }
+        }
+        Some(if live.is_empty() {
+            RecallState::Ready { excluded }
+        } else {
+            RecallState::Waiting { handles: live, deadline_ms }
+        })
+    }
+
+    /// Ends the recall of `volume` (committed or abandoned).
+    pub fn finish_recall(&mut self, volume: u64) -> Option<Recall> {
+        self.recalls.remove(&volume)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use OpenMode::*;
+
+    const LEASE: u64 = 10_000;
+
+    #[test]
+    fn exclusive_conflicts_with_everything_shared_with_exclusive_only() {
+        let mut t = HandleTable::new();
+        t.open(1, SharedWrite, 1, "a", 0, LEASE, 0).unwrap();
+        t.open(1, ReadOnly, 2, "b", 0, LEASE, 0).unwrap();
+        t.open(1, SharedWrite, 3, "c", 0, LEASE, 0).unwrap();
+        let err = t.open(1, Exclusive, 4, "d", 0, LEASE, 0).unwrap_err();
+        assert!(matches!(err, OpenRefused::Conflict { ref holder, .. } if holder == "a"));
+        // Another volume is independent.
+        t.open(2, Exclusive, 4, "d", 0, LEASE, 0).unwrap();
+        let err = t.open(2, ReadOnly, 1, "a", 0, LEASE, 0).unwrap_err();
+        assert_eq!(err, OpenRefused::Conflict { holder: "d".into(), mode: Exclusive, handle: 4, expires_at_ms: LEASE });
+    }
+
+    #[test]
+    fn expired_handle_is_broken_by_a_conflicting_open_only_after_lease_plus_durable_time() {
+        let mut t = HandleTable::new();
+        let h = t.open(1, Exclusive, 1, "a", 0, LEASE, 5_000).unwrap().handle;
+        assert!(t.open(1, Exclusive, 2, "b", LEASE, LEASE, 0).is_err(), "inside the durable window");
+        assert!(t.open(1, Exclusive, 2, "b", LEASE + 4_999, LEASE, 0).is_err());
+        let opened = t.open(1, Exclusive, 2, "b", LEASE + 5_000, LEASE, 0).unwrap();
+        assert_eq!(opened.broken, vec![h]);
+        assert!(t.get(1).is_none());
+    }
+
+    #[test]
+    fn renewal_keeps_a_handle_alive() {
+        let mut t = HandleTable::new();
+        t.open(1, Exclusive, 7, "a", 0, LEASE, 0).unwrap();
+        t.renew(7, 9_000, LEASE);
+        assert!(t.open(1, Exclusive, 8, "b", 15_000, LEASE, 0).is_err());
+        assert_eq!(t.expired(18_999), Vec::<u64>::new());
+        assert_eq!(t.expired(19_000), vec![1]);
+        // Renewing another session does nothing for this one.
+        t.renew(8, 19_000, LEASE);
+        assert!(t.open(1, Exclusive, 8, "b", 19_000, LEASE, 0).is_ok());
+    }
+
+    #[test]
+    fn close_needs_the_owning_session() {
+        let mut t = HandleTable::new();
+        let h = t.open(1, Exclusive, 7, "a", 0, LEASE, 0).unwrap().handle;
+        assert!(t.close(h.id, 8).is_none());
+        assert!(t.close(h.id, 7).is_some());
+        assert!(t.open(1, Exclusive, 8, "b", 1, LEASE, 0).is_ok());
+    }
+
+    #[test]
+    fn recall_completes_when_all_confirm() {
+        let mut t = HandleTable::new();
+        let a = t.open(1, SharedWrite, 1, "a", 0, LEASE, 0).unwrap().handle.id;
+        let b = t.open(1, SharedWrite, 2, "b", 0, LEASE, 0).unwrap().handle.id;
+        t.start_recall(1, 5).unwrap();
+        assert!(t.start_recall(1, 6).is_err(), "one reconfiguration at a time");
+        assert_eq!(t.recall_state(1, 10), Some(RecallState::Waiting { handles: vec![a, b], deadline_ms: LEASE }));
+        assert!(t.recall_done(a, 2, 5).is_err(), "wrong session");
+        assert!(t.recall_done(a, 1, 4).is_err(), "stale generation");
+        t.recall_done(a, 1, 5).unwrap();
+        t.recall_done(b, 2, 5).unwrap();
+        assert_eq!(t.recall_state(1, 10), Some(RecallState::Ready { excluded: vec![] }));
+        t.finish_recall(1);
+        assert_eq!(t.recall_state(1, 10), None);
+    }
+
+    #[test]
+    fn recall_excludes_a_silent_holder_once_its_lease_runs_out() {
+        let mut t = HandleTable::new();
+        let a = t.open(1, SharedWrite, 1, "a", 0, LEASE, 0).unwrap().handle.id;
+        let b = t.open(1, SharedWrite, 2, "b", 0, LEASE, 0).unwrap().handle.id;
+        t.start_recall(1, 2).unwrap();
+        t.recall_done(a, 1, 2).unwrap();
+        t.renew(1, 5_000, LEASE); // a keeps renewing; b is silent
+        assert!(matches!(t.recall_state(1, LEASE - 1), Some(RecallState::Waiting { .. })));
+        assert_eq!(t.recall_state(1, LEASE), Some(RecallState::Ready { excluded: vec![b] }));
+    }
+
+    #[test]
+    fn closing_a_handle_withdraws_it_from_the_recall() {
+        let mut t = HandleTable::new();
+        let a = t.open(1, Exclusive, 1, "a", 0, LEASE, 0).unwrap().handle.id;
+        t.start_recall(1, 2).unwrap();
+        t.close(a, 1);
+        assert_eq!(t.recall_state(1, 1), Some(RecallState::Ready { excluded: vec![] }));
+    }
+}
