@@ -1,0 +1,66 @@
+# Shared helpers for the benchmark scripts (sourced, not run).
+#
+# Every peer is started here, with its PID recorded, and stopped by the EXIT
+# trap — only processes this script started, by PID.
+
+BENCH_PIDS=()
+BENCH_DIR=$(mktemp -d /tmp/sanvol-bench.XXXXXX)
+
+bench_cleanup() {
+    for pid in "${BENCH_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${BENCH_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$BENCH_DIR"
+}
+trap bench_cleanup EXIT
+
+# start_ready NAME CMD... : starts CMD in the background and waits until it
+# prints a line starting with "ready" (the program's own readiness signal).
+start_ready() {
+    local name=$1; shift
+    local fifo="$BENCH_DIR/$name.ready"
+    mkfifo "$fifo"
+    "$@" >"$fifo" 2>"$BENCH_DIR/$name.err" &
+    BENCH_PIDS+=($!)
+    local line
+    if ! read -r -t 30 line <"$fifo" || [[ $line != ready* ]]; then
+        echo "$name did not become ready: $(cat "$BENCH_DIR/$name.err")" >&2
+        exit 1
+    fi
+    # Keep draining its stdout so it never blocks on a full pipe.
+    cat "$fifo" >/dev/null 2>&1 &
+}
+
+# start_nbdkit NAME ARGS... : nbdkit in the foreground on a unix socket; it
+# writes its PID file only once it accepts connections, so wait for that.
+start_nbdkit() {
+    local name=$1; shift
+    local pidfile="$BENCH_DIR/$name.pid"
+    nbdkit -f -U "$BENCH_DIR/$name.sock" -P "$pidfile" "$@" 2>"$BENCH_DIR/$name.err" &
+    BENCH_PIDS+=($!)
+    local deadline=$((SECONDS + 30))
+    until [ -s "$pidfile" ]; do
+        [ $SECONDS -lt $deadline ] || { echo "nbdkit $name did not start: $(cat "$BENCH_DIR/$name.err")" >&2; exit 1; }
+        kill -0 "${BENCH_PIDS[-1]}" 2>/dev/null || { echo "nbdkit $name exited: $(cat "$BENCH_DIR/$name.err")" >&2; exit 1; }
+        sleep 0.05
+    done
+}
+
+sock_uri() { echo "nbd+unix:///?socket=$BENCH_DIR/$1.sock"; }
+
+# fio_nbd URI RW BS DEPTH SIZE_MIB SECONDS : prints "iops mib_per_s"
+fio_nbd() {
+    local uri=$1 rw=$2 bs=$3 depth=$4 size=$5 secs=$6
+    fio --name=bench --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$depth" \
+        --size="${size}M" --time_based --runtime="$secs" --ramp_time=1 --randrepeat=0 \
+        --output-format=json 2>/dev/null |
+        python3 -c "$FIO_JSON_TO_IOPS_MIB"
+}
+
+# fio JSON on stdin -> "iops mib_per_s" of whichever side did I/O.
+read -r -d '' FIO_JSON_TO_IOPS_MIB <<'PY' || true
+import json, sys
+text = sys.stdin.read()  # fio prints "fio: connected to NBD server" before the JSON
+job = json.loads(text[text.index("{"):])["jobs"][0]
+side = job["read"] if job["read"]["io_bytes"] else job["write"]
+print("%.0f %.1f" % (side["iops"], side["bw"] / 1024))
+PY
