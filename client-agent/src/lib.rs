@@ -4,4 +4,10 @@
 //! # Layout
 //! - [`gate`]: the recall gate — admits, holds or fails each I/O of a volume
 //!   (reconfiguration and leases), as a plain state machine.
+//! - [`volume`]: [`volume::VolumeDevice`], the direct data path of one
+//!   attached volume (extent map, mirrors, concurrency) as a `BlockDevice`.
 pub mod gate;
+pub mod volume;
+
+#[cfg(test)]
+mod testing;

@@ -1,0 +1,154 @@
+//! Test helpers: instrumented in-memory devices and volume descriptions over
+//! them. Compiled only for tests.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use blockio::memory::MemoryDevice;
+use blockio::{BlockDevice, IoError, MetaContext, StatusExtent, ZeroFlags};
+use bytes::Bytes;
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+use volume_format::description::DeviceEndpoint;
+use volume_format::metadata::{LogicalExtent, PhysicalExtent};
+use volume_format::{DeviceIndex, VolumeDescription, VolumeId};
+
+use crate::gate::Gate;
+use crate::volume::{Layout, VolumeDevice};
+
+pub const EXTENT: u64 = 64 * 1024;
+pub const DEVICE_BYTES: u64 = 64 * EXTENT;
+
+/// A memory device that counts operations, can fail reads, and can hold
+/// writes until released (to keep I/O in flight on purpose).
+pub struct TestDevice {
+    pub mem: MemoryDevice,
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub fail_reads: AtomicBool,
+    /// When set, each write takes a permit first (tests add permits to release).
+    pub write_gate: Option<Arc<Semaphore>>,
+    /// Writes that reached the device (before waiting on `write_gate`).
+    pub writes_started: AtomicU64,
+}
+
+impl TestDevice {
+    pub fn new() -> Arc<TestDevice> {
+        Arc::new(TestDevice::build(None))
+    }
+
+    pub fn holding_writes(gate: Arc<Semaphore>) -> Arc<TestDevice> {
+        Arc::new(TestDevice::build(Some(gate)))
+    }
+
+    fn build(write_gate: Option<Arc<Semaphore>>) -> TestDevice {
+        TestDevice {
+            mem: MemoryDevice::new(DEVICE_BYTES),
+            reads: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            fail_reads: AtomicBool::new(false),
+            write_gate,
+            writes_started: AtomicU64::new(0),
+        }
+    }
+
+    pub async fn contents(&self, offset: u64, len: u32) -> Bytes {
+        self.mem.read(offset, len).await.unwrap()
+    }
+}
+
+#[async_trait]
+impl BlockDevice for TestDevice {
+    fn size(&self) -> u64 {
+        self.mem.size()
+    }
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        if self.fail_reads.load(Ordering::SeqCst) {
+            return Err(IoError::io("injected read failure"));
+        }
+        self.mem.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
+        self.writes_started.fetch_add(1, Ordering::SeqCst);
+        if let Some(gate) = &self.write_gate {
+            gate.acquire().await.unwrap().forget();
+        }
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.mem.write(offset, data, fua).await
+    }
+    async fn flush(&self) -> Result<(), IoError> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        self.mem.flush().await
+    }
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
+        self.mem.trim(offset, len, fua).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
+        self.mem.write_zeroes(offset, len, flags).await
+    }
+    async fn block_status(&self, context: &MetaContext, offset: u64, len: u32) -> Result<Vec<StatusExtent>, IoError> {
+        self.mem.block_status(context, offset, len).await
+    }
+}
+
+/// A description of a volume of `extents` extents with `legs` legs each over
+/// `devices` devices: extent `e` leg `l` sits on device `(e + l) % devices`
+/// at device offset `(8 + e) * EXTENT` — deliberately not the logical offset.
+pub fn description(extents: u64, legs: u32, devices: u32, generation: u64) -> VolumeDescription {
+    VolumeDescription {
+        pool_uuid: Uuid::from_u128(7),
+        volume: VolumeId(1),
+        name: "vol".into(),
+        size_bytes: extents * EXTENT,
+        block_bytes: 4096,
+        extent_bytes: EXTENT,
+        mirror_legs: legs,
+        layout_generation: generation,
+        devices: (0..devices)
+            .map(|i| DeviceEndpoint {
+                index: DeviceIndex(i),
+                device_uuid: Uuid::from_u128(100 + u128::from(i)),
+                uri: format!("nbd+unix:///dev{i}?socket=/nonexistent/dev{i}.sock"),
+                online: true,
+            })
+            .collect(),
+        extents: (0..extents)
+            .map(|e| LogicalExtent {
+                legs: (0..legs)
+                    .map(|l| PhysicalExtent {
+                        device: DeviceIndex(((e as u32) + l) % devices),
+                        offset: (8 + e) * EXTENT,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// Where logical `offset` of `description`'s extent leg `leg` lives: (device, device offset).
+pub fn placement(d: &VolumeDescription, offset: u64, leg: usize) -> (usize, u64) {
+    let extent = &d.extents[(offset / d.extent_bytes) as usize];
+    let p = extent.legs[leg];
+    (p.device.0 as usize, p.offset + offset % d.extent_bytes)
+}
+
+pub fn layout(d: VolumeDescription, devices: &[Arc<TestDevice>]) -> Arc<Layout> {
+    Arc::new(Layout::new(d, |e| Ok::<_, String>(devices[e.index.0 as usize].clone() as Arc<dyn BlockDevice>)).unwrap())
+}
+
+/// A volume over fresh test devices: (volume, its devices).
+pub fn volume(extents: u64, legs: u32, devices: u32, read_only: bool) -> (Arc<VolumeDevice>, Vec<Arc<TestDevice>>) {
+    let devs: Vec<_> = (0..devices).map(|_| TestDevice::new()).collect();
+    let d = description(extents, legs, devices, 1);
+    let gate = Arc::new(Gate::new(layout(d, &devs), 1));
+    (Arc::new(VolumeDevice::new("vol", 1, read_only, gate)), devs)
+}
+
+/// `len` bytes of a position-dependent pattern (so misplaced data shows).
+pub fn pattern(seed: u8, len: usize) -> Bytes {
+    (0..len).map(|i| (i as u32).wrapping_mul(2654435761).to_be_bytes()[0] ^ seed).collect::<Vec<u8>>().into()
+}

@@ -1,0 +1,641 @@
+//! [`VolumeDevice`]: the direct data path of one attached volume, as a
+//! [`BlockDevice`] the agent's NBD export (and anyone embedding the agent)
+//! serves.
+//!
+//! Every request enters the volume's [`Gate`] first, which hands it the
+//! [`Layout`] to use; the request is then split at extent boundaries
+//! ([`VolumeDescription::map`]) and its pieces go to the devices
+//! concurrently:
+//! - reads go to one leg per extent, alternating between legs by request and
+//!   extent so a mirror's legs share the load; a failed leg is retried on the
+//!   next one. Pieces are reassembled in order (the only copy on the path,
+//!   and only for requests that cross an extent boundary);
+//! - writes, TRIM and WRITE_ZEROES go to every online leg and are acknowledged
+//!   when all legs have acknowledged; payloads are sliced, never copied;
+//! - FLUSH goes to every device of the volume in parallel;
+//! - BLOCK_STATUS asks the first online leg of each extent and maps the
+//!   answer back to volume offsets.
+//!
+//! A request leaves the gate only after every device request it issued has
+//! completed (`join_all`, never `try_join_all`), so a drained gate really has
+//! nothing outstanding at the devices — that is what a recall promises the
+//! metadata server.
+//!
+//! Devices are injected as `Arc<dyn BlockDevice>` (see [`Layout::new`]), so
+//! tests run the whole data path over in-process memory devices and the agent
+//! over its pool of NBD clients.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use blockio::{BlockDevice, BlockSizes, IoError, IoErrorKind, MetaContext, StatusExtent, ZeroFlags};
+use bytes::{Bytes, BytesMut};
+use futures::future::join_all;
+use volume_format::description::DeviceEndpoint;
+use volume_format::metadata::PhysicalExtent;
+use volume_format::{DescriptionError, Segment, VolumeDescription};
+
+use crate::gate::Gate;
+
+/// Largest request the volume accepts, as advertised to NBD clients.
+pub const REQUEST_BYTES_MAX: u32 = 32 * 1024 * 1024;
+
+/// A volume description with a device handle for each of its devices.
+pub struct Layout {
+    description: VolumeDescription,
+    /// Parallel to `description.devices` (sorted by index).
+    devices: Vec<Arc<dyn BlockDevice>>,
+}
+
+impl std::fmt::Debug for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Layout")
+            .field("volume", &self.description.name)
+            .field("generation", &self.description.layout_generation)
+            .field("devices", &self.description.devices.len())
+            .finish()
+    }
+}
+
+impl Layout {
+    /// Checks `description` and resolves each of its devices with `resolve`.
+    pub fn new<E>(
+        description: VolumeDescription,
+        mut resolve: impl FnMut(&DeviceEndpoint) -> Result<Arc<dyn BlockDevice>, E>,
+    ) -> Result<Layout, LayoutError<E>> {
+        description.check().map_err(LayoutError::Description)?;
+        let devices = description.devices.iter().map(&mut resolve).collect::<Result<Vec<_>, E>>();
+        Ok(Layout { devices: devices.map_err(LayoutError::Device)?, description })
+    }
+
+    pub fn description(&self) -> &VolumeDescription {
+        &self.description
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.description.layout_generation
+    }
+
+    /// The device of `leg`, if the description lists it and it is online.
+    fn leg(&self, leg: &PhysicalExtent) -> Result<(&DeviceEndpoint, &Arc<dyn BlockDevice>), IoError> {
+        let i = self
+            .description
+            .devices
+            .binary_search_by_key(&leg.device, |d| d.index)
+            .map_err(|_| IoError::io(format!("extent leg {leg} names a device missing from the layout")))?;
+        Ok((&self.description.devices[i], &self.devices[i]))
+    }
+
+    /// The online legs of `segment`, with their devices.
+    fn online_legs<'a>(
+        &'a self,
+        segment: &Segment<'a>,
+    ) -> Result<Vec<(&'a DeviceEndpoint, &'a Arc<dyn BlockDevice>, u64)>, IoError> {
+        let mut legs = Vec::with_capacity(segment.legs.len());
+        for leg in segment.legs {
+            let (endpoint, device) = self.leg(leg)?;
+            if endpoint.online {
+                legs.push((endpoint, device, segment.device_offset(leg)));
+            }
+        }
+        if legs.is_empty() {
+            return Err(IoError::io(format!(
+                "volume {}: extent {} has no online leg (all its devices are marked failed)",
+                self.description.name, segment.extent_index
+            )));
+        }
+        Ok(legs)
+    }
+}
+
+/// Why a [`Layout`] could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError<E> {
+    #[error("{0}")]
+    Description(DescriptionError),
+    #[error("{0}")]
+    Device(E),
+}
+
+/// One attached volume as a block device.
+pub struct VolumeDevice {
+    name: String,
+    handle: u64,
+    read_only: bool,
+    gate: Arc<Gate<Layout>>,
+    /// Rotates the leg reads start from.
+    next_read: AtomicUsize,
+}
+
+impl std::fmt::Debug for VolumeDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeDevice")
+            .field("name", &self.name)
+            .field("handle", &self.handle)
+            .field("read_only", &self.read_only)
+            .finish()
+    }
+}
+
+/// Adds which volume, extent and device an error came from, keeping its kind.
+fn at_device(e: IoError, volume: &str, what: &str, endpoint: &DeviceEndpoint) -> IoError {
+    IoError::new(
+        e.kind,
+        format!("volume {volume}: {what} on device {} ({}): {}", endpoint.index, endpoint.uri, e.message),
+    )
+}
+
+/// The first error of a set of results, if any.
+fn first_error(results: impl IntoIterator<Item = Result<(), IoError>>) -> Result<(), IoError> {
+    results.into_iter().find(|r| r.is_err()).unwrap_or(Ok(()))
+}
+
+fn map_error(e: DescriptionError) -> IoError {
+    match e {
+        DescriptionError::OutOfRange { .. } => IoError::new(IoErrorKind::Overflow, e.to_string()),
+        _ => IoError::io(e.to_string()),
+    }
+}
+
+impl VolumeDevice {
+    /// The data path of handle `handle` of volume `name`, behind `gate`.
+    pub fn new(name: impl Into<String>, handle: u64, read_only: bool, gate: Arc<Gate<Layout>>) -> VolumeDevice {
+        VolumeDevice { name: name.into(), handle, read_only, gate, next_read: AtomicUsize::new(0) }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn handle(&self) -> u64 {
+        self.handle
+    }
+
+    pub fn gate(&self) -> &Arc<Gate<Layout>> {
+        &self.gate
+    }
+
+    fn check_writable(&self) -> Result<(), IoError> {
+        if self.read_only {
+            return Err(IoError::new(
+                IoErrorKind::PermissionDenied,
+                format!("volume {} is attached read-only; attach it shared or exclusive to write", self.name),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads one segment from one leg, trying the other online legs if it fails.
+    async fn read_segment(&self, layout: &Layout, segment: Segment<'_>, start_leg: usize) -> Result<Bytes, IoError> {
+        let legs = layout.online_legs(&segment)?;
+        let len = segment.len_bytes as u32;
+        let mut last_error = None;
+        for attempt in 0..legs.len() {
+            let (endpoint, device, offset) = legs[(start_leg + attempt) % legs.len()];
+            match device.read(offset, len).await {
+                Ok(data) if data.len() == len as usize => return Ok(data),
+                Ok(data) => {
+                    last_error = Some(at_device(
+                        IoError::io(format!("returned {} bytes for a {len}-byte read", data.len())),
+                        &self.name,
+                        "read",
+                        endpoint,
+                    ))
+                }
+                Err(e) => last_error = Some(at_device(e, &self.name, "read", endpoint)),
+            }
+            if attempt + 1 < legs.len() {
+                tracing::warn!(volume = %self.name, handle = self.handle, device = %endpoint.index,
+                    error = %last_error.as_ref().unwrap(), "read failed; trying the next mirror leg");
+            }
+        }
+        Err(last_error.expect("at least one leg was tried"))
+    }
+
+    /// Runs `op` on every online leg of every segment of `[offset, offset+len)`,
+    /// concurrently; succeeds when all succeed.
+    async fn on_all_legs<'a, F>(
+        &self,
+        layout: &'a Layout,
+        offset: u64,
+        len: u64,
+        what: &str,
+        op: F,
+    ) -> Result<(), IoError>
+    where
+        F: Fn(&'a Arc<dyn BlockDevice>, u64, &Segment<'a>) -> futures::future::BoxFuture<'a, Result<(), IoError>>,
+    {
+        let segments = layout.description.map(offset, len).map_err(map_error)?;
+        let mut ops = Vec::with_capacity(segments.len() * layout.description.mirror_legs as usize);
+        let mut endpoints = Vec::with_capacity(ops.capacity());
+        for segment in segments {
+            for (endpoint, device, device_offset) in layout.online_legs(&segment)? {
+                ops.push(op(device, device_offset, &segment));
+                endpoints.push(endpoint);
+            }
+        }
+        if ops.len() == 1 {
+            return ops.pop().unwrap().await.map_err(|e| at_device(e, &self.name, what, endpoints[0]));
+        }
+        let results = join_all(ops).await;
+        first_error(
+            results
+                .into_iter()
+                .zip(endpoints)
+                .map(|(r, endpoint)| r.map_err(|e| at_device(e, &self.name, what, endpoint))),
+        )
+    }
+}
+
+#[async_trait]
+impl BlockDevice for VolumeDevice {
+    fn size(&self) -> u64 {
+        self.gate.layout().description.size_bytes
+    }
+
+    fn block_sizes(&self) -> BlockSizes {
+        let block = self.gate.layout().description.block_bytes;
+        // Any byte granularity works on this path (extent boundaries are
+        // block-aligned, and each device enforces its own minimum), so the
+        // volume's block size is advertised as the preferred size only.
+        BlockSizes { minimum: 1, preferred: block.max(4096), maximum: REQUEST_BYTES_MAX }
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+        let layout = self.gate.enter().await?;
+        let mut segments = layout.description.map(offset, u64::from(len)).map_err(map_error)?;
+        let start_leg = self.next_read.fetch_add(1, Ordering::Relaxed);
+        match segments.len() {
+            0 => Ok(Bytes::new()),
+            1 => self.read_segment(&layout, segments.next().unwrap(), start_leg).await,
+            _ => {
+                let reads = segments.map(|s| self.read_segment(&layout, s, start_leg + s.extent_index as usize));
+                let pieces = join_all(reads).await;
+                let mut out = BytesMut::with_capacity(len as usize);
+                for piece in pieces {
+                    out.extend_from_slice(&piece?);
+                }
+                Ok(out.freeze())
+            }
+        }
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
+        self.check_writable()?;
+        let layout = self.gate.enter().await?;
+        let len = data.len() as u64;
+        self.on_all_legs(&layout, offset, len, "write", |device, device_offset, segment| {
+            let start = (segment.logical_offset - offset) as usize;
+            device.write(device_offset, data.slice(start..start + segment.len_bytes as usize), fua)
+        })
+        .await
+    }
+
+    async fn flush(&self) -> Result<(), IoError> {
+        let layout = self.gate.enter().await?;
+        let d = &layout.description;
+        let flushes = d.devices.iter().zip(&layout.devices).filter(|(e, _)| e.online).map(|(endpoint, device)| {
+            let name = &self.name;
+            async move { device.flush().await.map_err(|e| at_device(e, name, "flush", endpoint)) }
+        });
+        first_error(join_all(flushes).await)
+    }
+
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
+        self.check_writable()?;
+        let layout = self.gate.enter().await?;
+        self.on_all_legs(&layout, offset, u64::from(len), "trim", |device, device_offset, segment| {
+            device.trim(device_offset, segment.len_bytes as u32, fua)
+        })
+        .await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
+        self.check_writable()?;
+        let layout = self.gate.enter().await?;
+        self.on_all_legs(&layout, offset, u64::from(len), "write zeroes", |device, device_offset, segment| {
+            device.write_zeroes(device_offset, segment.len_bytes as u32, flags)
+        })
+        .await
+    }
+
+    async fn block_status(&self, context: &MetaContext, offset: u64, len: u32) -> Result<Vec<StatusExtent>, IoError> {
+        if let MetaContext::Custom(name) = context {
+            return Err(IoError::not_supported(format!("metadata context {name} is not offered by sanvol volumes")));
+        }
+        let layout = self.gate.enter().await?;
+        let segments = layout.description.map(offset, u64::from(len)).map_err(map_error)?;
+        let queries = segments.map(|segment| {
+            let layout = &layout;
+            let name = &self.name;
+            async move {
+                let (endpoint, device, device_offset) = layout.online_legs(&segment)?[0];
+                let seg_len = segment.len_bytes as u32;
+                let extents = device
+                    .block_status(context, device_offset, seg_len)
+                    .await
+                    .map_err(|e| at_device(e, name, "block status", endpoint))?;
+                Ok::<_, IoError>((seg_len, extents))
+            }
+        });
+        let mut out: Vec<StatusExtent> = Vec::new();
+        for result in join_all(queries).await {
+            let (seg_len, extents) = result?;
+            // Clamp to the segment (a device must not answer beyond what was
+            // asked, but we do not trust it to) and merge runs with equal flags.
+            let mut covered = 0u64;
+            for extent in extents {
+                let length = extent.length.min(u64::from(seg_len) - covered);
+                if length == 0 {
+                    break;
+                }
+                covered += length;
+                match out.last_mut() {
+                    Some(last) if last.flags == extent.flags => last.length += length,
+                    _ => out.push(StatusExtent { length, flags: extent.flags }),
+                }
+            }
+            // A short answer ends the reply: what follows is not described.
+            if covered < u64::from(seg_len) {
+                break;
+            }
+        }
+        if out.is_empty() && len > 0 {
+            return Err(IoError::io(format!("volume {}: a device answered block status with no extents", self.name)));
+        }
+        Ok(out)
+    }
+
+    async fn cache(&self, offset: u64, len: u32) -> Result<(), IoError> {
+        let layout = self.gate.enter().await?;
+        let segments = layout.description.map(offset, u64::from(len)).map_err(map_error)?;
+        let hints = segments.map(|segment| {
+            let layout = &layout;
+            async move {
+                let (_, device, device_offset) = layout.online_legs(&segment)?[0];
+                device.cache(device_offset, segment.len_bytes as u32).await
+            }
+        });
+        first_error(join_all(hints).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use blockio::proto::{STATE_HOLE, STATE_ZERO};
+    use tokio::sync::Semaphore;
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::testing::{self, description, pattern, placement, TestDevice, EXTENT};
+
+    /// Checks that `data` written at logical `offset` sits on every leg where
+    /// the description says.
+    async fn assert_placed(d: &VolumeDescription, devs: &[Arc<TestDevice>], offset: u64, data: &[u8]) {
+        for leg in 0..d.mirror_legs as usize {
+            let mut pos = 0usize;
+            while pos < data.len() {
+                let logical = offset + pos as u64;
+                let in_extent = (EXTENT - logical % EXTENT).min((data.len() - pos) as u64) as usize;
+                let (dev, dev_offset) = placement(d, logical, leg);
+                let got = devs[dev].contents(dev_offset, in_extent as u32).await;
+                assert_eq!(
+                    &got[..],
+                    &data[pos..pos + in_extent],
+                    "leg {leg}, logical offset {logical} on device {dev}"
+                );
+                pos += in_extent;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn boundary_crossing_write_and_read_land_on_the_right_device_offsets() {
+        let (vol, devs) = testing::volume(4, 1, 3, false);
+        let d = description(4, 1, 3, 1);
+        // Spans the end of extent 0, all of extent 1 and the start of extent 2.
+        let offset = EXTENT - 4096;
+        let data = pattern(1, (EXTENT + 8192) as usize);
+        vol.write(offset, data.clone(), false).await.unwrap();
+        assert_placed(&d, &devs, offset, &data).await;
+        // Three extents on three devices: every device got its piece.
+        assert!(devs.iter().all(|dev| dev.writes.load(Ordering::SeqCst) == 1));
+        assert_eq!(vol.read(offset, data.len() as u32).await.unwrap(), data);
+        assert_eq!(vol.read(offset + 100, 5000).await.unwrap(), data.slice(100..5100));
+    }
+
+    #[tokio::test]
+    async fn mirrored_write_lands_on_both_legs() {
+        let (vol, devs) = testing::volume(4, 2, 3, false);
+        let d = description(4, 2, 3, 1);
+        let offset = 2 * EXTENT - 512;
+        let data = pattern(2, 4096);
+        vol.write(offset, data.clone(), true).await.unwrap();
+        assert_placed(&d, &devs, offset, &data).await;
+        let writes: u64 = devs.iter().map(|dev| dev.writes.load(Ordering::SeqCst)).sum();
+        assert_eq!(writes, 4, "two segments times two legs");
+    }
+
+    #[tokio::test]
+    async fn reads_spread_across_mirror_legs() {
+        let (vol, devs) = testing::volume(1, 2, 2, false);
+        for _ in 0..10 {
+            vol.read(0, 4096).await.unwrap();
+        }
+        let reads: Vec<u64> = devs.iter().map(|dev| dev.reads.load(Ordering::SeqCst)).collect();
+        assert_eq!(reads, vec![5, 5]);
+    }
+
+    #[tokio::test]
+    async fn read_falls_back_to_the_other_leg() {
+        let (vol, devs) = testing::volume(1, 2, 2, false);
+        let data = pattern(3, 8192);
+        vol.write(0, data.clone(), false).await.unwrap();
+        devs[0].fail_reads.store(true, Ordering::SeqCst);
+        for _ in 0..4 {
+            assert_eq!(vol.read(0, 8192).await.unwrap(), data);
+        }
+        devs[1].fail_reads.store(true, Ordering::SeqCst);
+        let err = vol.read(0, 8192).await.unwrap_err();
+        assert!(err.message.contains("injected read failure") && err.message.contains("dev"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn offline_legs_are_skipped() {
+        let devs: Vec<_> = (0..2).map(|_| TestDevice::new()).collect();
+        let mut d = description(1, 2, 2, 1);
+        d.devices[1].online = false;
+        let vol = VolumeDevice::new("vol", 1, false, Arc::new(Gate::new(testing::layout(d, &devs), 1)));
+        vol.write(0, pattern(4, 4096), false).await.unwrap();
+        vol.read(0, 4096).await.unwrap();
+        vol.read(0, 4096).await.unwrap();
+        assert_eq!(devs[1].writes.load(Ordering::SeqCst) + devs[1].reads.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn flush_reaches_every_device() {
+        let (vol, devs) = testing::volume(4, 2, 3, false);
+        vol.flush().await.unwrap();
+        assert!(devs.iter().all(|dev| dev.flushes.load(Ordering::SeqCst) == 1));
+    }
+
+    #[tokio::test]
+    async fn read_only_refuses_writes_with_eperm() {
+        let (vol, devs) = testing::volume(2, 1, 2, true);
+        assert!(vol.is_read_only());
+        let e = vol.write(0, pattern(5, 512), false).await.unwrap_err();
+        assert_eq!(e.kind, IoErrorKind::PermissionDenied);
+        assert_eq!(e.kind.nbd_code(), blockio::proto::errno::EPERM);
+        assert_eq!(vol.trim(0, 512, false).await.unwrap_err().kind, IoErrorKind::PermissionDenied);
+        let zero = vol.write_zeroes(0, 512, ZeroFlags::default()).await.unwrap_err();
+        assert_eq!(zero.kind, IoErrorKind::PermissionDenied);
+        assert_eq!(devs.iter().map(|d| d.writes_started.load(Ordering::SeqCst)).sum::<u64>(), 0);
+        vol.read(0, 512).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn out_of_range_is_overflow() {
+        let (vol, _devs) = testing::volume(2, 1, 2, false);
+        assert_eq!(vol.read(2 * EXTENT - 1, 2).await.unwrap_err().kind, IoErrorKind::Overflow);
+        assert_eq!(vol.write(2 * EXTENT, pattern(0, 1), false).await.unwrap_err().kind, IoErrorKind::Overflow);
+    }
+
+    #[tokio::test]
+    async fn write_zeroes_and_trim_pass_through_per_segment() {
+        let (vol, devs) = testing::volume(3, 2, 3, false);
+        let d = description(3, 2, 3, 1);
+        let data = pattern(6, (3 * EXTENT) as usize);
+        vol.write(0, data.clone(), false).await.unwrap();
+        let (zero_at, zero_len) = (EXTENT - 4096, 8192u32);
+        vol.write_zeroes(zero_at, zero_len, ZeroFlags::default()).await.unwrap();
+        assert_placed(&d, &devs, zero_at, &vec![0u8; zero_len as usize]).await;
+        assert_placed(&d, &devs, zero_at - 4096, &data[(zero_at - 4096) as usize..zero_at as usize]).await;
+        vol.trim(2 * EXTENT - 4096, 8192, false).await.unwrap();
+        // Memory devices read trimmed ranges back as zeroes.
+        assert_placed(&d, &devs, 2 * EXTENT - 4096, &[0u8; 8192]).await;
+    }
+
+    #[tokio::test]
+    async fn block_status_maps_device_answers_back() {
+        let (vol, _devs) = testing::volume(3, 1, 3, false);
+        // Data in extent 1 only (memory devices allocate in 64 KiB chunks, one extent); 0 and 2 are holes.
+        vol.write(EXTENT, pattern(7, EXTENT as usize), false).await.unwrap();
+        let st = vol.block_status(&MetaContext::BaseAllocation, 0, (3 * EXTENT) as u32).await.unwrap();
+        let hole = STATE_HOLE | STATE_ZERO;
+        assert_eq!(
+            st,
+            vec![
+                StatusExtent { length: EXTENT, flags: hole },
+                StatusExtent { length: EXTENT, flags: 0 },
+                StatusExtent { length: EXTENT, flags: hole }
+            ]
+        );
+        // Clamped to the request; adjacent equal runs across extents merge.
+        let st = vol.block_status(&MetaContext::BaseAllocation, EXTENT + 10, 100).await.unwrap();
+        assert_eq!(st, vec![StatusExtent { length: 100, flags: 0 }]);
+        vol.write_zeroes(EXTENT, EXTENT as u32, ZeroFlags { may_trim: true, ..Default::default() }).await.unwrap();
+        let st = vol.block_status(&MetaContext::BaseAllocation, 0, (3 * EXTENT) as u32).await.unwrap();
+        assert_eq!(st.iter().map(|e| e.length).sum::<u64>(), 3 * EXTENT);
+        assert!(st.len() < 3 || st.iter().all(|e| e.flags & STATE_ZERO != 0), "{st:?}");
+        let custom = MetaContext::Custom("qemu:dirty-bitmap:x".into());
+        assert_eq!(vol.block_status(&custom, 0, 10).await.unwrap_err().kind, IoErrorKind::NotSupported);
+    }
+
+    async fn until(mut cond: impl FnMut() -> bool) {
+        for _ in 0..10_000 {
+            if cond() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("condition never became true");
+    }
+
+    #[tokio::test]
+    async fn recall_drains_in_flight_io_and_holds_new_io_until_a_grown_layout_is_published() {
+        let release = Arc::new(Semaphore::new(0));
+        let devs: Vec<_> = (0..2).map(|_| TestDevice::holding_writes(release.clone())).collect();
+        let gate = Arc::new(Gate::new(testing::layout(description(2, 1, 2, 1), &devs), 1));
+        let vol = Arc::new(VolumeDevice::new("vol", 1, false, gate.clone()));
+        assert_eq!(vol.size(), 2 * EXTENT);
+
+        // A write that crosses into both devices and stays in flight.
+        let data = pattern(8, 8192);
+        let write = tokio::spawn({
+            let (vol, data) = (vol.clone(), data.clone());
+            async move { vol.write(EXTENT - 4096, data, false).await }
+        });
+        until(|| devs.iter().all(|d| d.writes_started.load(Ordering::SeqCst) == 1)).await;
+
+        gate.begin_recall(2).unwrap();
+        let drained = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.drained().await }
+        });
+        // A new read arrives during the recall: it must wait, not fail.
+        let read = tokio::spawn({
+            let vol = vol.clone();
+            async move { vol.read(2 * EXTENT, 4096).await }
+        });
+        until(|| gate.status().waiting == 1).await;
+        assert!(!drained.is_finished(), "the write is still in flight");
+
+        // Only one leg completes: still not drained.
+        release.add_permits(1);
+        until(|| devs.iter().map(|d| d.writes.load(Ordering::SeqCst)).sum::<u64>() == 1).await;
+        assert!(!drained.is_finished());
+        release.add_permits(1);
+        drained.await.unwrap().unwrap();
+        write.await.unwrap().unwrap();
+        assert!(!read.is_finished(), "held until the publish");
+
+        // Publish a grown layout: the held read (beyond the old end) now succeeds.
+        gate.publish(testing::layout(description(3, 1, 2, 2), &devs), 2).unwrap();
+        assert_eq!(read.await.unwrap().unwrap().len(), 4096);
+        assert_eq!(vol.size(), 3 * EXTENT);
+        assert_eq!(vol.read(EXTENT - 4096, 8192).await.unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn revoke_fails_held_and_new_io() {
+        let (vol, _devs) = testing::volume(2, 1, 2, false);
+        vol.gate().begin_recall(2).unwrap();
+        let read = tokio::spawn({
+            let vol = vol.clone();
+            async move { vol.read(0, 512).await }
+        });
+        until(|| vol.gate().status().waiting == 1).await;
+        vol.gate().revoke("another client opened the volume exclusively");
+        let e = read.await.unwrap().unwrap_err();
+        assert!(e.message.contains("another client"), "{e}");
+        assert!(vol.write(0, pattern(9, 512), false).await.is_err());
+        assert!(vol.flush().await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lease_expiry_holds_io_until_renewed() {
+        let (vol, devs) = testing::volume(2, 1, 2, false);
+        vol.gate().renew_lease(Instant::now() + Duration::from_secs(3));
+        vol.write(0, pattern(10, 512), false).await.unwrap();
+        tokio::time::advance(Duration::from_secs(3)).await;
+        let write = tokio::spawn({
+            let vol = vol.clone();
+            async move { vol.write(0, pattern(11, 512), false).await }
+        });
+        until(|| vol.gate().status().waiting == 1).await;
+        tokio::time::advance(Duration::from_secs(30)).await;
+        until(|| vol.gate().status().waiting == 1).await;
+        assert_eq!(devs[0].writes.load(Ordering::SeqCst), 1, "no I/O reaches a device without a lease");
+        vol.gate().renew_lease(Instant::now() + Duration::from_secs(3));
+        write.await.unwrap().unwrap();
+        assert_eq!(devs[0].writes.load(Ordering::SeqCst), 2);
+    }
+}
