@@ -17,7 +17,10 @@
 
 pub mod device;
 pub mod error;
+pub mod file;
+pub mod memory;
 pub mod proto;
+pub mod server;
 
 pub use device::{BlockDevice, BlockSizes, MetaContext, StatusExtent, ZeroFlags};
 pub use error::{IoError, IoErrorKind};

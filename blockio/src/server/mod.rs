@@ -1,0 +1,280 @@
+//! The NBD server: serves any [`BlockDevice`](crate::BlockDevice) over a
+//! unix socket, TCP, or any already-accepted byte stream.
+//!
+//! Why it is built this way:
+//! - One connection = one handshake ([`handshake`]), then the transmission
+//!   phase ([`transmission`]), where a reader decodes requests and drives
+//!   their handlers concurrently, and a writer future owns the socket's
+//!   write half and sends replies in batches with vectored writes. Replies go
+//!   out in completion order, not request order, as the spec allows.
+//! - Everything is bounded: option sizes, option counts, payload sizes, and
+//!   the requests and bytes in flight per connection. While a connection is
+//!   over its bound the server stops reading from it (backpressure), so a
+//!   client can never make it allocate without limit.
+//! - The export list is an [`ExportSource`] consulted at handshake time, so
+//!   callers (the metadata server's volumes and snapshot pseudo-devices) can
+//!   add and remove exports while serving.
+//!
+//! # Layout
+//! - [`exports`]: [`Export`], [`ExportSource`], [`ExportTable`].
+//! - [`handshake`]: fixed-newstyle option haggling.
+//! - [`transmission`]: request decoding, validation and dispatch.
+//! - [`reply`]: reply framing and the batching writer.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn, Instrument};
+
+pub mod exports;
+mod handshake;
+mod reply;
+mod transmission;
+
+pub use exports::{Export, ExportSource, ExportTable};
+
+/// Read buffer per connection: big enough that small requests cost one
+/// `read` syscall per batch, small enough for thousands of connections.
+const READ_BUFFER_BYTES: usize = 128 * 1024;
+
+/// Tunables of the server. Every limit is named and has a bound.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Most payload bytes (write data received plus read data not yet sent)
+    /// held per connection; above it the server stops reading requests.
+    pub in_flight_bytes_max: usize,
+    /// Most requests being handled per connection at once.
+    pub requests_in_flight_max: usize,
+    /// Time a client has to finish the handshake.
+    pub handshake_timeout: Duration,
+    /// Most simultaneous connections per listener (`serve_unix`/`serve_tcp`);
+    /// connections beyond it are closed at once.
+    pub connections_max: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig {
+            in_flight_bytes_max: 64 * 1024 * 1024,
+            requests_in_flight_max: 256,
+            handshake_timeout: Duration::from_secs(30),
+            connections_max: 1024,
+        }
+    }
+}
+
+/// Why a connection ended abnormally. Each variant says what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("NBD connection I/O failed while {context}: {source}")]
+    Io {
+        context: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the client did not finish the NBD handshake within {timeout_ms} ms")]
+    HandshakeTimeout { timeout_ms: u64 },
+    #[error("the client sent unknown handshake flags {flags:#x}; the NBD spec requires closing the connection")]
+    UnknownClientFlags { flags: u32 },
+    #[error("bad option magic {magic:#x} during the handshake (expected IHAVEOPT): the client does not speak fixed-newstyle NBD")]
+    BadOptionMagic { magic: u64 },
+    #[error("option {option} announces {length} bytes of data, more than the {max} this server accepts")]
+    OptionTooLong { option: u32, length: u32, max: u32 },
+    #[error("the client sent more than {max} options without entering transmission")]
+    TooManyOptions { max: usize },
+    #[error("NBD_OPT_EXPORT_NAME asked for {name:?}, which is not exported (the option cannot carry an error, so the connection is closed)")]
+    UnknownExport { name: String },
+    #[error("NBD_OPT_EXPORT_NAME carried an export name that is not valid UTF-8 or is longer than 4096 bytes")]
+    BadExportName,
+    #[error("bad request magic {magic:#x}: the request stream is out of sync, closing the connection")]
+    BadRequestMagic { magic: u32 },
+    #[error("{command} request announces a {length}-byte payload, more than the {max}-byte maximum; closing the connection because its data cannot be skipped safely")]
+    PayloadTooLarge { command: &'static str, length: u32, max: u32 },
+    #[error("the reply writer ended unexpectedly: {0}")]
+    WriterFailed(String),
+}
+
+impl ServerError {
+    pub(crate) fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> ServerError {
+        move |source| ServerError::Io { context, source }
+    }
+}
+
+struct Inner {
+    exports: Arc<dyn ExportSource>,
+    config: ServerConfig,
+    next_connection_id: AtomicU64,
+}
+
+/// An NBD server over an [`ExportSource`]. Cheap to clone.
+#[derive(Clone)]
+pub struct NbdServer {
+    inner: Arc<Inner>,
+}
+
+impl NbdServer {
+    pub fn new(exports: Arc<dyn ExportSource>, config: ServerConfig) -> NbdServer {
+        NbdServer { inner: Arc::new(Inner { exports, config, next_connection_id: AtomicU64::new(1) }) }
+    }
+
+    pub fn config(&self) -> &ServerConfig {
+        &self.inner.config
+    }
+
+    /// Serves one already-accepted (possibly already-authenticated) byte
+    /// stream: handshake then transmission, until the client disconnects.
+    pub async fn serve_connection<S>(&self, stream: S) -> Result<(), ServerError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (r, w) = tokio::io::split(stream);
+        self.serve_halves(r, w, None, "stream".to_string()).await
+    }
+
+    /// Accepts connections on a unix socket until `shutdown` completes, then
+    /// lets every connection finish its in-flight requests and returns.
+    pub async fn serve_unix(
+        &self,
+        listener: tokio::net::UnixListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        self.serve_listener(listener, shutdown).await
+    }
+
+    /// Like [`NbdServer::serve_unix`] on TCP (with `TCP_NODELAY`: NBD is
+    /// request/response and small replies must not wait for Nagle).
+    pub async fn serve_tcp(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        self.serve_listener(listener, shutdown).await
+    }
+
+    async fn serve_listener<L: Listener>(
+        &self,
+        listener: L,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let slots = Arc::new(Semaphore::new(self.inner.config.connections_max));
+        let mut tasks = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                accepted = listener.accept_split() => {
+                    let (r, w, peer) = match accepted {
+                        Ok(x) => x,
+                        Err(e) => {
+                            // Per-connection failures (the peer reset before we
+                            // accepted, fd exhaustion) must not stop the server.
+                            warn!(error = %e, "accepting an NBD connection failed");
+                            tokio::task::yield_now().await;
+                            continue;
+                        }
+                    };
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        warn!(%peer, max = self.inner.config.connections_max, "too many NBD connections; closing the new one");
+                        continue;
+                    };
+                    let server = self.clone();
+                    let stop = stop_rx.clone();
+                    tasks.spawn(async move {
+                        let _slot = slot;
+                        if let Err(e) = server.serve_halves(r, w, Some(stop), peer).await {
+                            debug!(error = %e, "NBD connection ended with an error");
+                        }
+                    });
+                }
+            }
+        }
+        let _ = stop_tx.send(true);
+        while tasks.join_next().await.is_some() {}
+        Ok(())
+    }
+
+    async fn serve_halves<R, W>(
+        &self,
+        r: R,
+        mut w: W,
+        stop: Option<watch::Receiver<bool>>,
+        peer: String,
+    ) -> Result<(), ServerError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let id = self.inner.next_connection_id.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!("nbd_conn", id, %peer);
+        async move {
+            let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, r);
+            let timeout = self.inner.config.handshake_timeout;
+            let outcome =
+                tokio::time::timeout(timeout, handshake::negotiate(&mut reader, &mut w, &*self.inner.exports))
+                    .await
+                    .map_err(|_| ServerError::HandshakeTimeout { timeout_ms: timeout.as_millis() as u64 });
+            let negotiated = match outcome.and_then(|r| r) {
+                Ok(handshake::Outcome::Transmission(n)) => n,
+                Ok(handshake::Outcome::Aborted) => {
+                    debug!("client aborted the handshake");
+                    let _ = w.shutdown().await;
+                    return Ok(());
+                }
+                Err(e) => {
+                    info!(error = %e, "NBD handshake failed");
+                    let _ = w.shutdown().await;
+                    return Err(e);
+                }
+            };
+            info!(
+                export = %negotiated.export.name,
+                structured = negotiated.structured,
+                contexts = negotiated.contexts.len(),
+                "NBD transmission started"
+            );
+            let result = transmission::run(reader, w, negotiated, &self.inner.config, stop).await;
+            match &result {
+                Ok(()) => debug!("NBD connection closed"),
+                Err(e) => info!(error = %e, "NBD connection closed with an error"),
+            }
+            result
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// A listener whose connections split into owned halves without locks.
+trait Listener {
+    type Read: AsyncRead + Unpin + Send + 'static;
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    fn accept_split(&self) -> impl Future<Output = std::io::Result<(Self::Read, Self::Write, String)>> + Send;
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    async fn accept_split(&self) -> std::io::Result<(Self::Read, Self::Write, String)> {
+        let (stream, _) = self.accept().await?;
+        let (r, w) = stream.into_split();
+        Ok((r, w, "unix".to_string()))
+    }
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    async fn accept_split(&self) -> std::io::Result<(Self::Read, Self::Write, String)> {
+        let (stream, peer) = self.accept().await?;
+        stream.set_nodelay(true)?;
+        let (r, w) = stream.into_split();
+        Ok((r, w, peer.to_string()))
+    }
+}
