@@ -1,3 +1,6 @@
 //! Helpers for the integration tests: start real peers (nbdkit, qemu-nbd,
 //! nbd-server, the project's binaries) on temporary sockets and stop them
 //! when the test ends, even on failure.
+
+pub mod peers;
+pub mod system;

@@ -1,0 +1,330 @@
+//! The whole sanvol stack as real processes, for cross-process tests:
+//! nbdkit devices → `sanvol pool init` → `sanvol-mds` → `sanvol-agent`s.
+//!
+//! Every process is started by the fixture, recorded by PID and killed on
+//! drop, even when the test panics. Readiness is observed (the process's
+//! unix socket enters the listening state), never assumed.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use blockio::uri::NbdUri;
+
+use crate::peers::{self, Peer};
+
+/// How long one of our processes may take to start listening.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Path of a workspace binary (built by `cargo build --workspace`, which
+/// `scripts/test.sh` runs before the tests).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("test binary lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(path.is_file(), "{} is not built: run `cargo build --workspace` (scripts/test.sh does)", path.display());
+    path
+}
+
+/// One of our processes. Killed (SIGKILL, by PID) and reaped on drop.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `cmd` with stdout+stderr in `log` and waits until `socket`
+    /// listens.
+    pub fn spawn_until_listening(name: &str, mut cmd: Command, log: PathBuf, socket: &Path) -> Proc {
+        let out = File::create(&log).expect("create log");
+        let err = out.try_clone().expect("clone log handle");
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let mut p = Proc { name: name.to_string(), child: Some(child), log };
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            if let Some(status) = p.child.as_mut().unwrap().try_wait().expect("try_wait") {
+                panic!("{name} exited with {status} before it was ready; log:\n{}", p.log());
+            }
+            if peers::unix_socket_listening(socket) {
+                return p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} did not listen on {} within {STARTUP_TIMEOUT:?}; log:\n{}",
+                socket.display(),
+                p.log()
+            );
+            // Polling another process's socket state: there is nothing to await.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `kill -9` and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit (bounded); SIGKILL if it hangs.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("{} did not exit within 20 s of SIGTERM; log:\n{}", self.name, self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs a command to completion, panicking with its output if it fails.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A pool on nbdkit memory devices with its metadata server.
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub devices: Vec<Peer>,
+    pub mds: Option<Proc>,
+    pub mds_socket: PathBuf,
+    pub mds_key: PathBuf,
+    pub admin_key: PathBuf,
+    pub lease_ms: u64,
+}
+
+impl Stack {
+    /// `count` nbdkit memory devices of `size` (e.g. "1G"), a fresh pool
+    /// initialised on them, and keys for the server and an admin. The server
+    /// is not started yet (see [`Stack::start_mds`]).
+    pub fn new(count: usize, size: &str) -> Stack {
+        let dir = tempfile::Builder::new().prefix("sanvol-stack-").tempdir().expect("temp dir");
+        let devices: Vec<Peer> = (0..count).map(|_| peers::nbdkit(&["memory", size])).collect();
+        let mds_key = dir.path().join("mds.key");
+        let admin_key = dir.path().join("admin.key");
+        run_ok(Command::new(bin("sanvol")).arg("keygen").arg(&mds_key));
+        run_ok(Command::new(bin("sanvol")).arg("keygen").arg(&admin_key));
+        let stack = Stack {
+            mds_socket: dir.path().join("mds.sock"),
+            dir,
+            devices,
+            mds: None,
+            mds_key,
+            admin_key,
+            lease_ms: 3000,
+        };
+        let mut init = Command::new(bin("sanvol"));
+        init.args(["pool", "init", "--name", "test"]);
+        for d in &stack.devices {
+            init.arg("--device").arg(d.uri().to_string());
+        }
+        init.arg("--server-key").arg(pub_path(&stack.mds_key)).arg("--admin-key").arg(pub_path(&stack.admin_key));
+        run_ok(&mut init);
+        stack
+    }
+
+    pub fn device_uris(&self) -> Vec<NbdUri> {
+        self.devices.iter().map(|d| d.uri()).collect()
+    }
+
+    pub fn mds_addr(&self) -> String {
+        format!("unix:{}", self.mds_socket.display())
+    }
+
+    /// Writes the server config and starts `sanvol-mds`.
+    pub fn start_mds(&mut self) {
+        let config = self.dir.path().join("mds.toml");
+        let devices: Vec<String> = self.devices.iter().map(|d| format!("{:?}", d.uri().to_string())).collect();
+        std::fs::write(
+            &config,
+            format!(
+                "listen = [{:?}]\nkey = {:?}\ndevices = [{}]\nlease_ms = {}\n",
+                self.mds_addr(),
+                self.mds_key.display().to_string(),
+                devices.join(", "),
+                self.lease_ms
+            ),
+        )
+        .expect("write mds.toml");
+        let _ = std::fs::remove_file(&self.mds_socket);
+        let mut cmd = Command::new(bin("sanvol-mds"));
+        cmd.arg("--config").arg(&config);
+        let log = self.dir.path().join(format!("mds-{}.log", next_log_number()));
+        self.mds = Some(Proc::spawn_until_listening("sanvol-mds", cmd, log, &self.mds_socket));
+    }
+
+    pub fn kill_mds(&mut self) {
+        if let Some(mut p) = self.mds.take() {
+            p.kill();
+        }
+    }
+
+    pub fn mds_log(&self) -> String {
+        self.mds.as_ref().map(|p| p.log()).unwrap_or_default()
+    }
+
+    /// `sanvol ARGS` as the admin; returns the whole output.
+    pub fn sanvol(&self, args: &[&str]) -> Output {
+        Command::new(bin("sanvol"))
+            .env("SANVOL_MDS", self.mds_addr())
+            .env("SANVOL_KEY", &self.admin_key)
+            .env("SANVOL_SERVER_KEY", pub_path(&self.mds_key))
+            .args(args)
+            .output()
+            .expect("run sanvol")
+    }
+
+    /// `sanvol ARGS` that must succeed; returns stdout.
+    pub fn sanvol_ok(&self, args: &[&str]) -> String {
+        let out = self.sanvol(args);
+        assert!(
+            out.status.success(),
+            "sanvol {args:?} failed:\nstdout: {}\nstderr: {}\nmds log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.mds_log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `sanvol ARGS --json` parsed.
+    pub fn sanvol_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.sanvol_ok(&a)).expect("sanvol --json prints JSON")
+    }
+
+    /// Creates an agent key, authorizes it and starts `sanvol-agent run`.
+    pub fn start_agent(&self, name: &str) -> Agent {
+        let key = self.dir.path().join(format!("{name}.key"));
+        if !key.exists() {
+            run_ok(Command::new(bin("sanvol")).arg("keygen").arg(&key));
+            self.sanvol_ok(&[
+                "client",
+                "add",
+                "--key",
+                pub_path(&key).to_str().unwrap(),
+                "--role",
+                "agent",
+                "--name",
+                name,
+            ]);
+        }
+        self.restart_agent(name)
+    }
+
+    /// Starts `sanvol-agent run` for an already authorized agent `name`.
+    pub fn restart_agent(&self, name: &str) -> Agent {
+        let key = self.dir.path().join(format!("{name}.key"));
+        let socket = self.dir.path().join(format!("{name}-agent.sock"));
+        let export_dir = self.dir.path().join(format!("{name}-exports"));
+        std::fs::create_dir_all(&export_dir).expect("export dir");
+        let _ = std::fs::remove_file(&socket);
+        let mut cmd = Command::new(bin("sanvol-agent"));
+        cmd.arg("run")
+            .arg("--mds")
+            .arg(self.mds_addr())
+            .arg("--key")
+            .arg(&key)
+            .arg("--server-key")
+            .arg(pub_path(&self.mds_key))
+            .arg("--name")
+            .arg(name)
+            .arg("--control-socket")
+            .arg(&socket)
+            .arg("--export-dir")
+            .arg(&export_dir);
+        let log = self.dir.path().join(format!("{name}-{}.log", next_log_number()));
+        let proc = Proc::spawn_until_listening("sanvol-agent", cmd, log, &socket);
+        Agent { name: name.to_string(), proc, socket, export_dir }
+    }
+}
+
+/// Each start of a process gets its own log file, so a restart keeps the
+/// previous run's log for the failure message.
+fn next_log_number() -> u32 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `PATH.pub` beside a private key.
+pub fn pub_path(key: &Path) -> PathBuf {
+    let mut s = key.as_os_str().to_owned();
+    s.push(".pub");
+    s.into()
+}
+
+/// A running `sanvol-agent`.
+pub struct Agent {
+    pub name: String,
+    pub proc: Proc,
+    pub socket: PathBuf,
+    pub export_dir: PathBuf,
+}
+
+impl Agent {
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("sanvol-agent"))
+            .args(args)
+            .arg("--control-socket")
+            .arg(&self.socket)
+            .output()
+            .expect("run sanvol-agent")
+    }
+
+    /// `sanvol-agent attach VOLUME --mode MODE`; returns the export URI.
+    pub fn attach(&self, volume: &str, mode: &str) -> NbdUri {
+        let out = self.cli(&["attach", volume, "--mode", mode]);
+        assert!(
+            out.status.success(),
+            "attach {volume} failed: {}\nagent log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.proc.log()
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line =
+            stdout.lines().find(|l| l.starts_with("nbd")).unwrap_or_else(|| panic!("attach printed no URI: {stdout}"));
+        line.trim().parse().expect("attach prints an NBD URI")
+    }
+
+    pub fn detach(&self, volume: &str) {
+        let out = self.cli(&["detach", volume]);
+        assert!(out.status.success(), "detach {volume} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
