@@ -4,3 +4,4 @@
 
 pub mod peers;
 pub mod system;
+pub mod tools;
