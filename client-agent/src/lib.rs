@@ -4,8 +4,10 @@
 //! # Layout
 //! - [`gate`]: the recall gate — admits, holds or fails each I/O of a volume
 //!   (reconfiguration and leases), as a plain state machine.
+//! - [`devices`]: the pool of NBD connections to devices, shared by volumes.
 //! - [`volume`]: [`volume::VolumeDevice`], the direct data path of one
 //!   attached volume (extent map, mirrors, concurrency) as a `BlockDevice`.
+pub mod devices;
 pub mod gate;
 pub mod volume;
 

@@ -152,3 +152,48 @@ pub fn volume(extents: u64, legs: u32, devices: u32, read_only: bool) -> (Arc<Vo
 pub fn pattern(seed: u8, len: usize) -> Bytes {
     (0..len).map(|i| (i as u32).wrapping_mul(2654435761).to_be_bytes()[0] ^ seed).collect::<Vec<u8>>().into()
 }
+
+/// An in-process NBD server on a unix socket; stops when dropped.
+pub struct Served {
+    pub uri: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.stop.take().map(|s| s.send(()));
+        self.task.abort();
+    }
+}
+
+/// Serves `device` as export `name` on a unix socket in `dir`.
+pub fn serve(device: Arc<dyn BlockDevice>, dir: &std::path::Path, name: &str) -> Served {
+    use blockio::server::{ExportTable, NbdServer, ServerConfig};
+    let socket = dir.join(format!("{name}.sock"));
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let server = NbdServer::new(Arc::new(ExportTable::single(name, device)), ServerConfig::default());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let _ = server
+            .serve_unix(listener, async move {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    Served { uri: format!("nbd+unix:///{name}?socket={}", socket.display()), stop: Some(stop), task }
+}
+
+/// A memory device carrying a sanvol label for (`pool`, `device`).
+pub fn labelled_device(pool: Uuid, device: Uuid, index: u32) -> Arc<MemoryDevice> {
+    use volume_format::label::DeviceLayout;
+    let layout = DeviceLayout::plan(DEVICE_BYTES, EXTENT, 4 * EXTENT).unwrap();
+    let label = volume_format::DeviceLabel {
+        pool_uuid: pool,
+        device_uuid: device,
+        device_index: DeviceIndex(index),
+        layout,
+        created_at_unix_secs: 0,
+    };
+    Arc::new(MemoryDevice::with_contents(DEVICE_BYTES, &label.encode()))
+}

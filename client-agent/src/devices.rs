@@ -1,0 +1,346 @@
+//! The agent's connections to the pool's devices, shared by every attached
+//! volume.
+//!
+//! Why a pool: volumes of one pool live on the same few devices, and each
+//! device wants a few pipelined connections, not one per volume. A
+//! [`PooledDevice`] is keyed by URI; volumes hold it through their
+//! [`Layout`](crate::volume::Layout), the pool only weakly, so a device's
+//! connections close when the last volume using it is detached.
+//!
+//! Why lazy: a layout must be installable without awaiting (a publish swaps
+//! it in one step), so a [`PooledDevice`] connects on first use — or when the
+//! agent calls [`PooledDevice::connect`] at attach time to fail early — and
+//! reconnects on the next request after its connection died. Every error
+//! names the device (index and URI), since "I/O error" on a pool of devices is
+//! useless to an operator.
+//!
+//! On connect the device's label is read and checked against the pool and
+//! device UUIDs of the description: a right-looking URI that now leads to
+//! another device must never receive this volume's writes.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use blockio::client::{ClientOptions, NbdClient};
+use blockio::uri::NbdUri;
+use blockio::{BlockDevice, BlockSizes, IoError, IoErrorKind, MetaContext, StatusExtent, ZeroFlags};
+use bytes::Bytes;
+use uuid::Uuid;
+use volume_format::description::DeviceEndpoint;
+use volume_format::label::{DeviceLabel, LABEL_BYTES};
+
+/// How the pool connects to devices.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    /// Connections per device (used only if the device's server advertises
+    /// multi-conn). More connections buy parallelism in the device's server.
+    pub connections_per_device: usize,
+    /// A device request without a reply after this long fails.
+    pub request_timeout: Option<Duration>,
+    pub connect_timeout: Duration,
+    /// Check each device's label against the description on connect.
+    pub verify_labels: bool,
+}
+
+impl Default for PoolOptions {
+    fn default() -> PoolOptions {
+        PoolOptions {
+            connections_per_device: 2,
+            request_timeout: Some(Duration::from_secs(60)),
+            connect_timeout: Duration::from_secs(10),
+            verify_labels: true,
+        }
+    }
+}
+
+/// Most connections per device the pool opens, whatever it is asked.
+pub const CONNECTIONS_PER_DEVICE_MAX: usize = 8;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    #[error("device {index} has URI {uri:?}, which is not a valid NBD URI: {reason}")]
+    BadUri { index: u32, uri: String, reason: String },
+}
+
+/// Every device connection of the agent, by URI.
+pub struct DevicePool {
+    opts: PoolOptions,
+    devices: Mutex<HashMap<String, Weak<PooledDevice>>>,
+}
+
+/// A device as listed by `sanvol-agent list --json`'s device section.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceStatus {
+    pub uri: String,
+    pub connected: bool,
+    pub connections: usize,
+    pub size_bytes: u64,
+}
+
+impl DevicePool {
+    pub fn new(mut opts: PoolOptions) -> Arc<DevicePool> {
+        opts.connections_per_device = opts.connections_per_device.clamp(1, CONNECTIONS_PER_DEVICE_MAX);
+        Arc::new(DevicePool { opts, devices: Mutex::new(HashMap::new()) })
+    }
+
+    /// The pooled device for `endpoint` of a volume in pool `pool_uuid`;
+    /// does not connect.
+    pub fn device(&self, endpoint: &DeviceEndpoint, pool_uuid: Uuid) -> Result<Arc<PooledDevice>, DeviceError> {
+        let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(device) = devices.get(&endpoint.uri).and_then(Weak::upgrade) {
+            return Ok(device);
+        }
+        let uri = NbdUri::from_str(&endpoint.uri).map_err(|e| DeviceError::BadUri {
+            index: endpoint.index.0,
+            uri: endpoint.uri.clone(),
+            reason: e.to_string(),
+        })?;
+        let device = Arc::new(PooledDevice {
+            uri,
+            name: format!("{} ({})", endpoint.index, endpoint.uri),
+            expected: self.opts.verify_labels.then_some((pool_uuid, endpoint.device_uuid)),
+            opts: self.opts.clone(),
+            client: RwLock::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            size_bytes: AtomicU64::new(0),
+        });
+        devices.retain(|_, d| d.strong_count() > 0);
+        devices.insert(endpoint.uri.clone(), Arc::downgrade(&device));
+        Ok(device)
+    }
+
+    /// Devices some attached volume uses.
+    pub fn status(&self) -> Vec<DeviceStatus> {
+        let devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        let mut list: Vec<DeviceStatus> = devices.values().filter_map(Weak::upgrade).map(|d| d.status()).collect();
+        list.sort_by(|a, b| a.uri.cmp(&b.uri));
+        list
+    }
+}
+
+/// One device, connected on demand. Implements [`BlockDevice`].
+pub struct PooledDevice {
+    uri: NbdUri,
+    /// `devN (URI)`, for messages.
+    name: String,
+    /// (pool UUID, device UUID) the label must carry.
+    expected: Option<(Uuid, Uuid)>,
+    opts: PoolOptions,
+    client: RwLock<Option<NbdClient>>,
+    /// Serialises connection attempts, so a burst of requests to a dead
+    /// device makes one attempt, not one each.
+    connecting: tokio::sync::Mutex<()>,
+    size_bytes: AtomicU64,
+}
+
+impl std::fmt::Debug for PooledDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledDevice").field("name", &self.name).finish()
+    }
+}
+
+impl PooledDevice {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn status(&self) -> DeviceStatus {
+        let client = self.cached();
+        DeviceStatus {
+            uri: self.uri.to_string(),
+            connected: client.is_some(),
+            connections: client.map_or(0, |c| c.connection_count()),
+            size_bytes: self.size_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    fn cached(&self) -> Option<NbdClient> {
+        self.client.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Connects now if not connected (attach uses this to fail early).
+    pub async fn connect(&self) -> Result<(), IoError> {
+        self.client().await.map(|_| ())
+    }
+
+    async fn client(&self) -> Result<NbdClient, IoError> {
+        if let Some(c) = self.cached() {
+            return Ok(c);
+        }
+        let _one_at_a_time = self.connecting.lock().await;
+        if let Some(c) = self.cached() {
+            return Ok(c);
+        }
+        let opts = ClientOptions {
+            connections: self.opts.connections_per_device,
+            request_timeout: self.opts.request_timeout,
+            connect_timeout: self.opts.connect_timeout,
+            ..ClientOptions::default()
+        };
+        let client = NbdClient::connect(&self.uri, opts).await.map_err(|e| {
+            IoError::io(format!(
+                "device {}: cannot connect: {e}; check that its NBD server runs and is reachable from this host",
+                self.name
+            ))
+        })?;
+        if let Some((pool, device)) = self.expected {
+            if let Err(why) = check_label(&client, pool, device).await {
+                client.disconnect().await;
+                return Err(IoError::io(format!("device {}: {why}; refusing to do I/O to it", self.name)));
+            }
+        }
+        tracing::info!(device = %self.name, connections = client.connection_count(), "connected to device");
+        self.size_bytes.store(client.size(), Ordering::Relaxed);
+        *self.client.write().unwrap_or_else(|e| e.into_inner()) = Some(client.clone());
+        Ok(client)
+    }
+
+    /// After a failed request: a connection-level failure (the client is
+    /// shut down) drops the client so the next request reconnects.
+    fn failed(&self, e: IoError) -> IoError {
+        if e.kind == IoErrorKind::Shutdown {
+            tracing::warn!(device = %self.name, error = %e, "device connection lost; will reconnect on the next request");
+            self.client.write().unwrap_or_else(|e| e.into_inner()).take();
+        }
+        e
+    }
+}
+
+async fn check_label(client: &NbdClient, pool: Uuid, device: Uuid) -> Result<(), String> {
+    let block = client.read(0, LABEL_BYTES as u32).await.map_err(|e| format!("reading its label failed: {e}"))?;
+    let label = DeviceLabel::decode(&block).map_err(|e| e.to_string())?;
+    if label.pool_uuid != pool {
+        return Err(format!("its label says pool {}, but the volume is in pool {pool}", label.pool_uuid));
+    }
+    if label.device_uuid != device {
+        return Err(format!("its label says device {}, but the pool expects device {device} there", label.device_uuid));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl BlockDevice for PooledDevice {
+    /// The device's size once connected, 0 before (volumes do not use it).
+    fn size(&self) -> u64 {
+        self.size_bytes.load(Ordering::Relaxed)
+    }
+
+    fn block_sizes(&self) -> BlockSizes {
+        self.cached().map(|c| c.block_sizes()).unwrap_or_default()
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+        self.client().await?.read(offset, len).await.map_err(|e| self.failed(e))
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
+        self.client().await?.write(offset, data, fua).await.map_err(|e| self.failed(e))
+    }
+
+    async fn flush(&self) -> Result<(), IoError> {
+        self.client().await?.flush().await.map_err(|e| self.failed(e))
+    }
+
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
+        self.client().await?.trim(offset, len, fua).await.map_err(|e| self.failed(e))
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
+        self.client().await?.write_zeroes(offset, len, flags).await.map_err(|e| self.failed(e))
+    }
+
+    async fn block_status(&self, context: &MetaContext, offset: u64, len: u32) -> Result<Vec<StatusExtent>, IoError> {
+        self.client().await?.block_status(context, offset, len).await.map_err(|e| self.failed(e))
+    }
+
+    async fn cache(&self, offset: u64, len: u32) -> Result<(), IoError> {
+        self.client().await?.cache(offset, len).await.map_err(|e| self.failed(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gate::Gate;
+    use crate::testing::{self, description, labelled_device, pattern, serve, EXTENT};
+    use crate::volume::{Layout, VolumeDevice};
+
+    fn endpoint(d: &volume_format::VolumeDescription, i: usize, uri: &str) -> DeviceEndpoint {
+        DeviceEndpoint { uri: uri.to_string(), ..d.devices[i].clone() }
+    }
+
+    #[tokio::test]
+    async fn volume_over_pooled_nbd_devices_places_data_on_the_legs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = description(4, 2, 3, 1);
+        let mems: Vec<_> = (0..3).map(|i| labelled_device(d.pool_uuid, d.devices[i].device_uuid, i as u32)).collect();
+        let served: Vec<_> =
+            mems.iter().enumerate().map(|(i, m)| serve(m.clone(), dir.path(), &format!("dev{i}"))).collect();
+        for (i, s) in served.iter().enumerate() {
+            d.devices[i] = endpoint(&d, i, &s.uri);
+        }
+        let pool = DevicePool::new(PoolOptions::default());
+        let layout =
+            Layout::new(d.clone(), |e| pool.device(e, d.pool_uuid).map(|p| p as Arc<dyn BlockDevice>)).unwrap();
+        let vol = VolumeDevice::new("vol", 1, false, Arc::new(Gate::new(Arc::new(layout), 1)));
+        let data = pattern(1, (2 * EXTENT) as usize);
+        vol.write(EXTENT / 2, data.clone(), false).await.unwrap();
+        vol.flush().await.unwrap();
+        for leg in 0..2 {
+            for piece in [EXTENT / 2, EXTENT, 2 * EXTENT] {
+                let (dev, off) = testing::placement(&d, piece, leg);
+                let got = mems[dev].read(off, 4096).await.unwrap();
+                let at = (piece - EXTENT / 2) as usize;
+                assert_eq!(&got[..], &data[at..at + 4096], "leg {leg} piece {piece}");
+            }
+        }
+        assert_eq!(vol.read(EXTENT / 2, data.len() as u32).await.unwrap(), data);
+        let status = pool.status();
+        assert_eq!(status.len(), 3);
+        assert!(status.iter().all(|s| s.connected && s.connections >= 1));
+
+        // The pool shares one device per URI and lets go when volumes do.
+        let again = pool.device(&d.devices[0], d.pool_uuid).unwrap();
+        assert!(again.cached().is_some(), "the same pooled device is reused");
+        drop((vol, again));
+        assert!(pool.status().is_empty());
+    }
+
+    #[tokio::test]
+    async fn unreachable_device_is_named_in_the_error() {
+        let d = description(1, 1, 1, 1);
+        let pool = DevicePool::new(PoolOptions::default());
+        let dev = pool.device(&d.devices[0], d.pool_uuid).unwrap();
+        let e = dev.connect().await.unwrap_err();
+        assert!(e.message.contains("dev0") && e.message.contains("/nonexistent/dev0.sock"), "{e}");
+        let e = dev.read(0, 512).await.unwrap_err();
+        assert!(e.message.contains("cannot connect"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_device_with_the_wrong_label_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = description(1, 1, 1, 1);
+        let wrong = labelled_device(d.pool_uuid, Uuid::from_u128(999), 0);
+        let served = serve(wrong, dir.path(), "dev0");
+        let pool = DevicePool::new(PoolOptions::default());
+        let dev = pool.device(&endpoint(&d, 0, &served.uri), d.pool_uuid).unwrap();
+        let e = dev.connect().await.unwrap_err();
+        assert!(e.message.contains("expects device"), "{e}");
+        let unlabelled = serve(Arc::new(blockio::memory::MemoryDevice::new(1 << 20)), dir.path(), "blank");
+        let dev = pool.device(&endpoint(&d, 0, &unlabelled.uri), d.pool_uuid).unwrap();
+        assert!(dev.connect().await.unwrap_err().message.contains("not a sanvol device"));
+    }
+
+    #[test]
+    fn bad_uri_is_a_clear_error() {
+        let d = description(1, 1, 1, 1);
+        let pool = DevicePool::new(PoolOptions::default());
+        let e = pool.device(&endpoint(&d, 0, "http://x"), d.pool_uuid).unwrap_err();
+        assert!(e.to_string().contains("device 0"), "{e}");
+    }
+}
