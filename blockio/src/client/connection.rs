@@ -131,8 +131,8 @@ pub(crate) struct ConnShared {
     pub inflight: Mutex<Inflight>,
     /// Woken when the in-flight table empties while `closing`.
     pub idle: Notify,
-    /// Requests submitted and not yet returned to their callers (for
-    /// least-outstanding connection choice).
+    /// Requests queued for sending and not yet returned to their callers
+    /// (for least-outstanding connection choice).
     pub outstanding: AtomicUsize,
     tasks: Mutex<Vec<AbortHandle>>,
     /// Who we talk to, for messages.
@@ -315,8 +315,6 @@ impl Connection {
         state: PendingState,
         timeout: Option<Duration>,
     ) -> Result<Reply, IoError> {
-        self.shared.outstanding.fetch_add(1, Ordering::Relaxed);
-        let _guard = OutstandingGuard(&self.shared.outstanding);
         let _slot = self
             .slots
             .acquire()
@@ -346,6 +344,10 @@ impl Connection {
             self.shared.fail(err.clone());
             return Err(err);
         }
+        // Counted once queued, so `outstanding` never includes requests the
+        // server cannot have been sent yet.
+        self.shared.outstanding.fetch_add(1, Ordering::Relaxed);
+        let _guard = OutstandingGuard(&self.shared.outstanding);
         let closed = || {
             self.shared.inflight.lock().unwrap().dead.clone().unwrap_or_else(|| {
                 IoError::shutdown(format!("connection to {} closed before the reply arrived", self.shared.target))

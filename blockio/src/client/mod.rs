@@ -325,6 +325,12 @@ impl NbdClient {
         self.inner.conns.len()
     }
 
+    /// Requests submitted and not yet returned to their callers, over all
+    /// connections (for metrics and tests).
+    pub fn in_flight(&self) -> usize {
+        self.inner.conns.iter().map(|c| c.outstanding()).sum()
+    }
+
     /// Whether replies may be structured (sparse reads, block status).
     pub fn structured_replies(&self) -> bool {
         self.inner.conns[0].shared.structured_replies
