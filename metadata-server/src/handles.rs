@@ -96,6 +96,21 @@ impl HandleTable {
         HandleTable { next_id: 1, ..Default::default() }
     }
 
+    /// Makes the next opened handle get `next_id` (or later). Why: handle
+    /// ids are pool-wide and never reused, so the server keeps them in step
+    /// with the pool metadata's `next_ids.handle`.
+    pub fn set_next_id(&mut self, next_id: u64) {
+        self.next_id = self.next_id.max(next_id);
+    }
+
+    /// Puts back a handle known from elsewhere: one rebuilt from the pool
+    /// metadata after a restart, or one removed by an open whose commit
+    /// failed.
+    pub fn restore(&mut self, handle: Handle) {
+        self.next_id = self.next_id.max(handle.id + 1);
+        self.handles.insert(handle.id, handle);
+    }
+
     pub fn get(&self, id: u64) -> Option<&Handle> {
         self.handles.get(&id)
     }

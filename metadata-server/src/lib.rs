@@ -7,7 +7,17 @@
 //! - [`handles`]: handles and leases as a plain state machine.
 //! - [`control`]: control connections — framing, the mutual handshake, the
 //!   request/reply client.
+//! - [`config`]: `sanvol-mds --config FILE`.
+//! - [`pool`]: the pool on its devices — open, read the newest metadata,
+//!   commit, and `pool init`.
+//! - [`server`]: the control server (`sanvol-mds`): one owner task for the
+//!   pool state, thin session tasks.
+//! - [`cli`]: the admin CLI (`sanvol`).
 
+pub mod cli;
+pub mod config;
 pub mod control;
 pub mod handles;
 pub mod keys;
+pub mod pool;
+pub mod server;

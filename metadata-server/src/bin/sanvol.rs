@@ -1,0 +1,21 @@
+//! `sanvol`: the admin CLI. See `metadata_server::cli`.
+
+use clap::Parser;
+use metadata_server::cli::{self, Cli};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    // Logs go to stderr and stay quiet unless asked for (RUST_LOG).
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match cli::run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sanvol: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

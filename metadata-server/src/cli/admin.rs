@@ -1,0 +1,295 @@
+//! The admin subcommands: one request each over an authenticated control
+//! connection, printed as an aligned table or, with `--json`, as JSON.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Serialize;
+use volume_format::control::auth::Role;
+use volume_format::control::messages::{Request, Response};
+
+use super::size::format_size;
+use super::{table, ClientCommand, Command, ConnArgs, DeviceCommand, PoolCommand, VolumeCommand};
+use crate::control::{ControlAddr, ControlClient};
+use crate::pool::init::{init, InitOptions};
+use volume_format::PublicKey;
+
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown-host".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Connects and authenticates as an admin.
+pub async fn connect(conn: &ConnArgs) -> Result<ControlClient> {
+    let addr: ControlAddr = conn
+        .mds
+        .as_deref()
+        .ok_or_else(|| anyhow!("no metadata server given: use --mds HOST:PORT or unix:PATH (or SANVOL_MDS)"))?
+        .parse()
+        .map_err(|e: String| anyhow!(e))?;
+    let key_path = conn.key.as_ref().ok_or_else(|| anyhow!("no admin key given: use --key FILE (or SANVOL_KEY)"))?;
+    let key = crate::keys::load_private(key_path)?;
+    let server_key = conn.server_key.as_deref().ok_or_else(|| {
+        anyhow!("no server key to pin: use --server-key PUB (or SANVOL_SERVER_KEY), the key sanvol-mds runs with")
+    })?;
+    let (pinned, _) = crate::keys::parse_public(server_key).context("reading --server-key")?;
+    let mut instance = [0u8; 16];
+    getrandom::getrandom(&mut instance).map_err(|e| anyhow!("random bytes: {e}"))?;
+    let name = format!("sanvol@{}", host_name());
+    let (client, _events) = ControlClient::connect(&addr, &key, Some(&pinned), Role::Admin, &name, instance).await?;
+    Ok(client)
+}
+
+async fn request(client: &ControlClient, request: Request) -> Result<Response> {
+    Ok(client.request(request).await?)
+}
+
+fn unexpected(r: Response) -> anyhow::Error {
+    anyhow!("the server sent an unexpected reply: {r:?}")
+}
+
+fn print_json<T: Serialize>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+pub async fn pool_init(
+    conn: &ConnArgs,
+    devices: Vec<String>,
+    admin_key: String,
+    admin_name: String,
+    name: String,
+    extent_bytes: u64,
+    force: bool,
+) -> Result<()> {
+    let server_key = conn
+        .server_key
+        .as_deref()
+        .ok_or_else(|| anyhow!("pool init needs --server-key PUB: the public key sanvol-mds will run with"))?;
+    let (server_key, _) = super::public_key_arg(server_key)?;
+    let (admin_key, _) = super::public_key_arg(&admin_key)?;
+    let uris = devices
+        .iter()
+        .map(|d| d.parse().map_err(|e: blockio::uri::UriError| anyhow!(e)))
+        .collect::<Result<Vec<_>>>()?;
+    let report = init(InitOptions {
+        devices: uris,
+        name,
+        extent_bytes,
+        server_key: PublicKey(server_key),
+        admin_key: PublicKey(admin_key),
+        admin_name,
+        force,
+    })
+    .await
+    .context("pool init")?;
+    for (uri, found) in &report.overwritten {
+        println!("overwrote {found} on {uri} (--force)");
+    }
+    let m = &report.metadata;
+    println!("pool {} ({}) created, generation {}", m.pool_name, m.pool_uuid, m.generation);
+    let rows: Vec<Vec<String>> = m
+        .devices
+        .iter()
+        .map(|d| {
+            vec![
+                d.index.to_string(),
+                d.uri.clone(),
+                format_size(d.device_bytes),
+                d.extent_count(m.extent_bytes).to_string(),
+                if d.holds_metadata { "yes" } else { "no" }.into(),
+            ]
+        })
+        .collect();
+    table::print(&["DEVICE", "URI", "SIZE", "EXTENTS", "METADATA"], &rows);
+    println!("next: list these devices in sanvol-mds's config (`devices = [...]`) and start it");
+    Ok(())
+}
+
+pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
+    match command {
+        Command::Pool(PoolCommand::Status { json }) => {
+            let Response::Pool(p) = request(client, Request::PoolStatus).await? else { bail!("unexpected reply") };
+            if json {
+                return print_json(&p);
+            }
+            let rows = vec![
+                vec!["name".into(), p.name.clone()],
+                vec!["uuid".into(), p.pool_uuid.clone()],
+                vec!["generation".into(), p.generation.to_string()],
+                vec!["extent size".into(), format_size(p.extent_bytes)],
+                vec!["devices".into(), format!("{} ({} failed)", p.devices, p.devices_failed)],
+                vec!["volumes".into(), p.volumes.to_string()],
+                vec!["capacity".into(), format_size(p.capacity_bytes)],
+                vec!["free".into(), format_size(p.free_bytes)],
+                vec!["server key".into(), p.server_key.clone()],
+            ];
+            table::print(&["POOL", ""], &rows);
+        }
+        Command::Device(DeviceCommand::List { json }) => {
+            let Response::Devices(devices) = request(client, Request::DeviceList).await? else {
+                bail!("unexpected reply")
+            };
+            if json {
+                return print_json(&devices);
+            }
+            let rows: Vec<Vec<String>> = devices
+                .iter()
+                .map(|d| {
+                    vec![
+                        format!("dev{}", d.index),
+                        d.uri.clone(),
+                        format_size(d.size_bytes),
+                        format!("{}/{}", d.extents_free, d.extents_total),
+                        d.state.clone(),
+                        if d.reachable { "yes" } else { "NO" }.into(),
+                    ]
+                })
+                .collect();
+            table::print(&["DEVICE", "URI", "SIZE", "FREE/EXTENTS", "STATE", "REACHABLE"], &rows);
+        }
+        Command::Volume(VolumeCommand::Create { name, size, mirror }) => {
+            request(client, Request::VolumeCreate { name: name.clone(), size_bytes: size, legs: mirror })
+                .await
+                .with_context(|| format!("creating volume {name}"))?;
+            println!("volume {name} created: {} with {mirror} leg(s)", format_size(size));
+        }
+        Command::Volume(VolumeCommand::List { json }) => {
+            let Response::Volumes(volumes) = request(client, Request::VolumeList).await? else {
+                bail!("unexpected reply")
+            };
+            if json {
+                return print_json(&volumes);
+            }
+            let rows: Vec<Vec<String>> = volumes
+                .iter()
+                .map(|v| {
+                    vec![
+                        v.name.clone(),
+                        v.id.to_string(),
+                        format_size(v.size_bytes),
+                        v.legs.to_string(),
+                        v.extents.to_string(),
+                        v.layout_generation.to_string(),
+                        if v.open_by.is_empty() { "-".into() } else { v.open_by.join(", ") },
+                    ]
+                })
+                .collect();
+            table::print(&["NAME", "ID", "SIZE", "LEGS", "EXTENTS", "LAYOUT GEN", "OPEN BY"], &rows);
+        }
+        Command::Volume(VolumeCommand::Show { name, json }) => {
+            let r = request(client, Request::VolumeShow { name: name.clone() })
+                .await
+                .with_context(|| format!("showing volume {name}"))?;
+            let Response::Volume(detail) = r else { return Err(unexpected(r)) };
+            if json {
+                return print_json(&detail);
+            }
+            let v = &detail.info;
+            let d = &detail.description;
+            println!(
+                "volume {} (id {}): {}, {} leg(s), {} extents of {}, layout generation {}",
+                v.name,
+                v.id,
+                format_size(v.size_bytes),
+                v.legs,
+                v.extents,
+                format_size(d.extent_bytes),
+                v.layout_generation
+            );
+            if !v.open_by.is_empty() {
+                println!("open by: {}", v.open_by.join(", "));
+            }
+            let mut headers = vec!["EXTENT".to_string(), "LOGICAL RANGE".to_string()];
+            for i in 0..d.mirror_legs {
+                headers.push(format!("LEG {} (device @ byte offset)", i + 1));
+            }
+            let rows: Vec<Vec<String>> = d
+                .extents
+                .iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    let start = i as u64 * d.extent_bytes;
+                    let end = (start + d.extent_bytes).min(d.size_bytes);
+                    let mut row = vec![i.to_string(), format!("[{start}, {end})")];
+                    row.extend(e.legs.iter().map(|leg| format!("{} @ {}", leg.device, leg.offset)));
+                    row
+                })
+                .collect();
+            let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+            table::print(&headers, &rows);
+            println!();
+            let rows: Vec<Vec<String>> = d
+                .devices
+                .iter()
+                .map(|dev| {
+                    vec![
+                        dev.index.to_string(),
+                        dev.uri.clone(),
+                        dev.device_uuid.to_string(),
+                        if dev.online { "online" } else { "failed" }.into(),
+                    ]
+                })
+                .collect();
+            table::print(&["DEVICE", "URI", "UUID", "STATE"], &rows);
+        }
+        Command::Volume(VolumeCommand::Delete { name }) => {
+            request(client, Request::VolumeDelete { name: name.clone() })
+                .await
+                .with_context(|| format!("deleting volume {name}"))?;
+            println!("volume {name} deleted");
+        }
+        Command::Volume(VolumeCommand::Grow { name, size }) => {
+            request(client, Request::VolumeGrow { name: name.clone(), size_bytes: size })
+                .await
+                .with_context(|| format!("growing volume {name}"))?;
+            println!("volume {name} is now {}", format_size(size));
+        }
+        Command::Client(ClientCommand::List { json }) => {
+            let Response::Clients(clients) = request(client, Request::ClientList).await? else {
+                bail!("unexpected reply")
+            };
+            if json {
+                return print_json(&clients);
+            }
+            let rows: Vec<Vec<String>> = clients
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.name.clone(),
+                        c.role.to_string(),
+                        c.key.clone(),
+                        c.connected.to_string(),
+                        if c.handles.is_empty() { "-".into() } else { c.handles.join(", ") },
+                    ]
+                })
+                .collect();
+            table::print(&["NAME", "ROLE", "KEY", "SESSIONS", "HANDLES"], &rows);
+        }
+        Command::Client(ClientCommand::Add { key, role, name }) => {
+            let (key, comment) = super::public_key_arg(&key)?;
+            let name = name.unwrap_or(comment);
+            request(client, Request::ClientAuthorize { key, name: name.clone(), role })
+                .await
+                .context("authorizing the key")?;
+            println!(
+                "key {} authorized as {role}{}",
+                hex::encode(key),
+                if name.is_empty() { String::new() } else { format!(" ({name})") }
+            );
+        }
+        Command::Client(ClientCommand::Remove { key }) => {
+            let (key, _) = super::public_key_arg(&key)?;
+            request(client, Request::ClientRevoke { key }).await.context("revoking the key")?;
+            println!("key {} revoked", hex::encode(key));
+        }
+        Command::Keygen { .. } | Command::Pool(PoolCommand::Init { .. }) | Command::Demo(_) => {
+            unreachable!("handled without a server connection")
+        }
+    }
+    Ok(())
+}

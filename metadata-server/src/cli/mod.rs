@@ -1,0 +1,228 @@
+//! `sanvol`, the admin CLI.
+//!
+//! Every subcommand but `keygen`, `pool init` and `demo` talks to a running
+//! `sanvol-mds` over an authenticated control connection as an admin, so the
+//! connection flags (`--mds`, `--key`, `--server-key`, or `SANVOL_MDS`,
+//! `SANVOL_KEY`, `SANVOL_SERVER_KEY`) are global. Every listing takes
+//! `--json` and then prints the protocol's info types
+//! (`volume_format::control::messages`) as JSON, whose field names are
+//! stable.
+//!
+//! - [`admin`]: the subcommands that talk to the server.
+//! - [`demo`]: `sanvol demo` (a local pool end to end).
+//! - [`size`], [`table`]: sizes and aligned tables.
+
+pub mod admin;
+pub mod demo;
+pub mod size;
+pub mod table;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+/// Declared by `cli/demo.rs`, which owns the demo's options.
+pub use demo::DemoArgs;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sanvol",
+    version,
+    about = "Admin CLI for a sanvol pool: keys, pool setup, volumes and clients",
+    long_about = "Admin CLI for a sanvol pool.\n\n\
+        `sanvol keygen` makes key pairs; `sanvol pool init` labels NBD devices as a new pool; \
+        everything else talks to a running sanvol-mds as an admin (set --mds, --key and --server-key, \
+        or SANVOL_MDS, SANVOL_KEY and SANVOL_SERVER_KEY).\n\n\
+        Sizes take binary units: 10G = 10 GiB, 512M, 4096 (bytes), 1GiB."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How to reach and trust the metadata server.
+#[derive(Debug, Args, Clone)]
+pub struct ConnArgs {
+    /// Metadata server address: HOST:PORT or unix:PATH.
+    #[arg(long, global = true, env = "SANVOL_MDS", value_name = "ADDR")]
+    pub mds: Option<String>,
+    /// Your admin private key (made by `sanvol keygen`).
+    #[arg(long, global = true, env = "SANVOL_KEY", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// The server's public key (file, `sanvol-ed25519 HEX` line or hex). The
+    /// CLI refuses a server that cannot prove it holds this key. `pool init`
+    /// writes it into the pool.
+    #[arg(long, global = true, env = "SANVOL_SERVER_KEY", value_name = "PUB")]
+    pub server_key: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate an ed25519 key pair: PATH (private, mode 0600) and PATH.pub.
+    ///
+    /// Refuses to overwrite existing files. Give PATH.pub to whoever
+    /// authorizes the key (`sanvol client add --key PATH.pub`).
+    Keygen {
+        /// Where to write the private key; the public key goes to PATH.pub.
+        path: PathBuf,
+        /// Free text stored in the public key file (e.g. user@host).
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// Pool setup and status.
+    #[command(subcommand)]
+    Pool(PoolCommand),
+    /// The pool's devices.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Create, list, show, grow and delete volumes.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Keys authorized to use the pool (agents, admins, backup jobs).
+    #[command(subcommand)]
+    Client(ClientCommand),
+    /// Run a local demo pool end to end: three file-backed NBD devices, the
+    /// metadata server, an agent and two volumes; prints where everything is.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// Label NBD devices as a new pool and write its first metadata.
+    ///
+    /// Each device's first MiB is probed first: a device that carries a
+    /// sanvol label, a filesystem, a partition table or anything else
+    /// libblkid recognizes is refused (nothing is written to any device)
+    /// unless --force. Needs --server-key (the key sanvol-mds will run with).
+    Init {
+        /// NBD URI of a device (repeat for each): nbd://HOST:PORT/EXPORT or
+        /// nbd+unix:///EXPORT?socket=PATH. The first three hold the metadata.
+        #[arg(long = "device", value_name = "URI", required = true)]
+        devices: Vec<String>,
+        /// Public key of the first admin (it can authorize everyone else).
+        #[arg(long, value_name = "PUB")]
+        admin_key: String,
+        /// Name of that admin in listings.
+        #[arg(long, default_value = "admin")]
+        admin_name: String,
+        /// Pool name.
+        #[arg(long, default_value = "pool")]
+        name: String,
+        /// Extent size: the unit of allocation (power of two, 4K..1G).
+        #[arg(long, value_name = "SIZE", value_parser = size::parse_size, default_value = "64M")]
+        extent_size: u64,
+        /// Overwrite devices that carry something.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Pool summary: name, generation, capacity, free space.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Every device with its size, free extents, state and whether the
+    /// server reaches it.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume; with --mirror 2 every extent has two legs on
+    /// distinct devices.
+    Create {
+        name: String,
+        /// Size, e.g. 10G (a multiple of 4 KiB).
+        #[arg(value_parser = size::parse_size)]
+        size: u64,
+        /// Copies of every extent, each on a different device.
+        #[arg(long, default_value_t = 1)]
+        mirror: u8,
+    },
+    /// Every volume with size, legs and who has it open.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One volume's extent map: which device and offset holds each extent.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a volume (refused while it is open anywhere).
+    Delete { name: String },
+    /// Grow a volume to SIZE. Agents holding it pause I/O briefly while the
+    /// new layout is committed (recall–commit–publish).
+    Grow {
+        name: String,
+        /// New size, e.g. 20G (larger than the current size).
+        #[arg(value_parser = size::parse_size)]
+        size: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Every authorized key, its role, sessions and open handles.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Authorize a key (or change its role or name).
+    Add {
+        /// The public key: a .pub file, a `sanvol-ed25519 HEX` line or hex.
+        #[arg(long, value_name = "PUB")]
+        key: String,
+        /// agent, admin or backup.
+        #[arg(long)]
+        role: volume_format::control::auth::Role,
+        /// Name in listings and messages (default: the key file's comment).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Revoke a key; its open sessions are closed.
+    Remove {
+        /// The public key: a .pub file, a `sanvol-ed25519 HEX` line or hex.
+        #[arg(long, value_name = "PUB")]
+        key: String,
+    },
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Keygen { path, comment } => {
+            let public = crate::keys::generate(&path, &comment)?;
+            println!("private key: {} (mode 0600)", path.display());
+            println!("public key:  {}", crate::keys::public_path_for(&path).display());
+            println!("{}", crate::keys::format_public(&public, &comment));
+            Ok(())
+        }
+        Command::Pool(PoolCommand::Init { devices, admin_key, admin_name, name, extent_size, force }) => {
+            admin::pool_init(&cli.conn, devices, admin_key, admin_name, name, extent_size, force).await
+        }
+        Command::Demo(args) => demo::run(args).await,
+        other => {
+            let client = admin::connect(&cli.conn).await?;
+            let result = admin::run(&client, other).await;
+            client.close().await;
+            result
+        }
+    }
+}
+
+/// Parses a public key argument into the raw bytes the protocol carries.
+pub fn public_key_arg(spec: &str) -> Result<([u8; 32], String)> {
+    let (key, comment) = crate::keys::parse_public(spec).with_context(|| format!("reading public key {spec:?}"))?;
+    Ok((key.to_bytes(), comment))
+}

@@ -1,0 +1,157 @@
+//! `sanvol-mds --config FILE`: the server's TOML configuration.
+//!
+//! Why so little is configured here: everything about the pool (devices,
+//! volumes, authorized clients) lives in the pool metadata on the devices, so
+//! that any server with access to the devices can take over. The config only
+//! says where to listen, which key proves this server's identity, and where
+//! to start looking for the pool.
+//!
+//! ```toml
+//! listen = ["127.0.0.1:7700", "unix:/run/sanvol/mds.sock"]
+//! key = "mds.key"
+//! devices = ["nbd://10.0.0.5:10809/disk0", "nbd+unix:///disk1?socket=/run/disk1.sock"]
+//! lease_ms = 10000
+//! log = "info"
+//! ```
+//!
+//! Relative paths (the key, `unix:` listen sockets, `socket=` of unix device
+//! URIs) are resolved against the directory holding the config file, so a
+//! config and its key can move together.
+
+use std::path::{Path, PathBuf};
+
+use blockio::uri::{NbdUri, Transport};
+use serde::Deserialize;
+
+use crate::control::ControlAddr;
+
+/// Default lease: long enough that a busy agent renews comfortably, short
+/// enough that a dead agent is excluded from a reconfiguration quickly.
+pub const LEASE_MS_DEFAULT: u64 = 10_000;
+/// Shortest lease accepted: below it, renewals would flood the server.
+pub const LEASE_MS_MIN: u64 = 100;
+/// Longest lease accepted: a dead agent would hold volumes for too long.
+pub const LEASE_MS_MAX: u64 = 600_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// The file as written (all paths still relative).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Vec<String>,
+    key: PathBuf,
+    devices: Vec<String>,
+    #[serde(default)]
+    lease_ms: Option<u64>,
+    #[serde(default)]
+    log: Option<String>,
+}
+
+/// A loaded, validated configuration with absolute paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Control listeners (`HOST:PORT` or `unix:PATH`).
+    pub listen: Vec<ControlAddr>,
+    /// The server's private key file (`sanvol keygen`).
+    pub key: PathBuf,
+    /// NBD URIs where the pool's devices are found. Devices the metadata
+    /// records under other URIs are tried as well.
+    pub devices: Vec<NbdUri>,
+    /// How long a session's lease (and its handles) lasts after a renewal.
+    pub lease_ms: u64,
+    /// Log filter (`error`, `warn`, `info`, `debug`, `trace` or a
+    /// `tracing_subscriber` directive); `RUST_LOG` and `--log` override it.
+    pub log: Option<String>,
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Config::parse(&text, &base).map_err(|message| ConfigError::Invalid { path: path.into(), message })
+    }
+
+    /// Parses config text; relative paths are resolved against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, String> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        let resolve =
+            |p: &Path| if p.is_absolute() || base.as_os_str().is_empty() { p.to_path_buf() } else { base.join(p) };
+        if raw.listen.is_empty() {
+            return Err("`listen` is empty: give at least one address, e.g. listen = [\"127.0.0.1:7700\"]".into());
+        }
+        let listen = raw
+            .listen
+            .iter()
+            .map(|a| match a.parse::<ControlAddr>()? {
+                ControlAddr::Unix(p) => Ok(ControlAddr::Unix(resolve(&p))),
+                tcp => Ok(tcp),
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        if raw.devices.is_empty() {
+            return Err("`devices` is empty: list the NBD URIs of the pool's devices".into());
+        }
+        let devices = raw
+            .devices
+            .iter()
+            .map(|d| {
+                let mut uri: NbdUri = d.parse().map_err(|e: blockio::uri::UriError| format!("devices: {e}"))?;
+                if let Transport::Unix { socket } = &mut uri.transport {
+                    *socket = resolve(socket);
+                }
+                Ok(uri)
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let lease_ms = raw.lease_ms.unwrap_or(LEASE_MS_DEFAULT);
+        if !(LEASE_MS_MIN..=LEASE_MS_MAX).contains(&lease_ms) {
+            return Err(format!("lease_ms = {lease_ms} is outside {LEASE_MS_MIN}..={LEASE_MS_MAX}"));
+        }
+        Ok(Config { listen, key: resolve(&raw.key), devices, lease_ms, log: raw.log })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_dir() {
+        let c = Config::parse(
+            r#"
+            listen = ["127.0.0.1:7700", "unix:mds.sock"]
+            key = "mds.key"
+            devices = ["nbd+unix:///d0?socket=d0.sock", "nbd://10.0.0.1:10809/x"]
+            "#,
+            Path::new("/etc/sanvol"),
+        )
+        .unwrap();
+        assert_eq!(c.key, PathBuf::from("/etc/sanvol/mds.key"));
+        assert_eq!(c.listen[1], ControlAddr::Unix("/etc/sanvol/mds.sock".into()));
+        assert_eq!(c.devices[0].to_string(), "nbd+unix:///d0?socket=/etc/sanvol/d0.sock");
+        assert_eq!(c.lease_ms, LEASE_MS_DEFAULT);
+    }
+
+    #[test]
+    fn bad_configs_say_what_is_wrong() {
+        let base = Path::new("/");
+        let err = Config::parse("listen = []\nkey = \"k\"\ndevices = [\"nbd://h:1/x\"]", base).unwrap_err();
+        assert!(err.contains("listen"), "{err}");
+        let err = Config::parse("listen = [\"x\"]\nkey = \"k\"\ndevices = [\"nbd://h:1/x\"]", base).unwrap_err();
+        assert!(err.contains("HOST:PORT"), "{err}");
+        let err = Config::parse("listen = [\"h:1\"]\nkey = \"k\"\ndevices = [\"http://x\"]", base).unwrap_err();
+        assert!(err.contains("nbd://"), "{err}");
+        let err =
+            Config::parse("listen = [\"h:1\"]\nkey = \"k\"\ndevices = [\"nbd://h:1/x\"]\nlease = 5", base).unwrap_err();
+        assert!(err.contains("lease"), "{err}");
+        let err = Config::parse("listen = [\"h:1\"]\nkey = \"k\"\ndevices = [\"nbd://h:1/x\"]\nlease_ms = 1", base)
+            .unwrap_err();
+        assert!(err.contains("lease_ms"), "{err}");
+    }
+}

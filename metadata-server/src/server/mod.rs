@@ -1,0 +1,214 @@
+//! The control server: listeners, sessions and the one task that owns the
+//! pool state.
+//!
+//! Shape (after Crucible's upstairs and mini-redis): one **owner** task
+//! ([`core::Core`]) holds the pool metadata, the handle table and the session
+//! list, and applies [`core::Command`]s it receives over a bounded channel.
+//! Session tasks ([`session`]) are thin: they authenticate the peer, forward
+//! each request with a oneshot for its reply, and write replies and events
+//! back. Why: handles, leases, recalls and commits interact in many edge
+//! cases, and with a single owner every one of them is a plain sequential
+//! step instead of a lock-ordering puzzle. The owner never waits for an agent:
+//! a grow that needs agents to drain keeps the admin's reply in its state and
+//! finishes when the last confirmation (or lease expiry) arrives.
+//!
+//! - [`core`]: the owner task and its commands.
+//! - [`requests`]: what each request does to the state.
+//! - [`session`]: one control connection.
+//! - [`clock`]: monotonic milliseconds (pausable in tests) and wall-clock
+//!   rendering for messages.
+
+pub mod clock;
+pub mod core;
+pub mod requests;
+pub mod session;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use ed25519_dalek::SigningKey;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::control::ControlAddr;
+use crate::pool::{Pool, PoolError};
+
+pub use self::core::ClientTable;
+
+/// Most control sessions at once; more are closed on accept.
+pub const SESSIONS_MAX: usize = 1024;
+/// Commands queued for the owner task before senders wait.
+pub const COMMANDS_QUEUED_MAX: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("server key: {0}")]
+    Key(String),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(
+        "the pool was initialized for server key {pool}, but this server's key ({path}) is {config}; \
+         use the key the pool was created with"
+    )]
+    WrongServerKey { pool: String, config: String, path: PathBuf },
+    #[error("cannot listen on {addr}: {reason}")]
+    Bind { addr: String, reason: String },
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+/// A bound, loaded server, not yet serving. Split from [`Server::serve`] so
+/// tests (and the binary's logs) learn the bound addresses first.
+pub struct Server {
+    listeners: Vec<Listener>,
+    local_addrs: Vec<ControlAddr>,
+    core: core::Core,
+    key: Arc<SigningKey>,
+    lease_ms: u64,
+}
+
+/// Loads the pool, binds every listener and serves until `shutdown`
+/// completes, then closes every session and returns.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    Server::bind(&config).await?.serve(shutdown).await
+}
+
+impl Server {
+    /// Reads the server key, opens the pool (newest valid metadata) and
+    /// binds the listeners.
+    pub async fn bind(config: &Config) -> Result<Server, ServerError> {
+        let key = crate::keys::load_private(&config.key).map_err(|e| ServerError::Key(format!("{e:#}")))?;
+        let (pool, meta) = Pool::open(&config.devices).await?;
+        if meta.server_public_key.0 != key.verifying_key().to_bytes() {
+            return Err(ServerError::WrongServerKey {
+                pool: meta.server_public_key.to_string(),
+                config: hex::encode(key.verifying_key().to_bytes()),
+                path: config.key.clone(),
+            });
+        }
+        let mut listeners = Vec::new();
+        let mut local_addrs = Vec::new();
+        for addr in &config.listen {
+            let bind_err = |reason: String| ServerError::Bind { addr: addr.to_string(), reason };
+            match addr {
+                ControlAddr::Tcp(a) => {
+                    let l = TcpListener::bind(a).await.map_err(|e| bind_err(e.to_string()))?;
+                    let local = l.local_addr().map_err(|e| bind_err(e.to_string()))?;
+                    local_addrs.push(ControlAddr::Tcp(local.to_string()));
+                    listeners.push(Listener::Tcp(l));
+                }
+                ControlAddr::Unix(path) => {
+                    if path.exists() {
+                        if tokio::net::UnixStream::connect(path).await.is_ok() {
+                            return Err(bind_err("another server is listening there".into()));
+                        }
+                        // A stale socket from a server that did not clean up.
+                        let _ = std::fs::remove_file(path);
+                    }
+                    let l = UnixListener::bind(path).map_err(|e| bind_err(e.to_string()))?;
+                    local_addrs.push(addr.clone());
+                    listeners.push(Listener::Unix(l, path.clone()));
+                }
+            }
+        }
+        let core = core::Core::new(pool, meta, config.lease_ms);
+        Ok(Server { listeners, local_addrs, core, key: Arc::new(key), lease_ms: config.lease_ms })
+    }
+
+    /// The addresses actually bound (TCP port 0 resolved).
+    pub fn local_addrs(&self) -> &[ControlAddr] {
+        &self.local_addrs
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let Server { listeners, local_addrs, core, key, lease_ms } = self;
+        let (cmd_tx, cmd_rx) = mpsc::channel(COMMANDS_QUEUED_MAX);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let ctx = Arc::new(session::SessionContext {
+            key,
+            lease_ms,
+            clients: core.clients_watch(),
+            commands: cmd_tx,
+            next_session: AtomicU64::new(1),
+            slots: Arc::new(Semaphore::new(SESSIONS_MAX)),
+        });
+        info!(listen = ?local_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(), "sanvol-mds serving");
+        let mut accept_loops = JoinSet::new();
+        let mut sockets = Vec::new();
+        for l in listeners {
+            if let Listener::Unix(_, path) = &l {
+                sockets.push(path.clone());
+            }
+            accept_loops.spawn(accept_loop(l, ctx.clone(), stop_rx.clone()));
+        }
+        drop(ctx);
+        core.run(cmd_rx, shutdown).await;
+        info!("shutting down: closing sessions");
+        let _ = stop_tx.send(true);
+        while accept_loops.join_next().await.is_some() {}
+        for path in sockets {
+            let _ = std::fs::remove_file(path);
+        }
+        info!("sanvol-mds stopped");
+        Ok(())
+    }
+}
+
+async fn accept_loop(listener: Listener, ctx: Arc<session::SessionContext>, mut stop: watch::Receiver<bool>) {
+    let mut sessions = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = stopped(&mut stop) => break,
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
+            a = accept(&listener) => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                warn!("accepting a control connection failed: {e}");
+                tokio::task::yield_now().await;
+                continue;
+            }
+        };
+        let Ok(slot) = ctx.slots.clone().try_acquire_owned() else {
+            warn!(%peer, max = SESSIONS_MAX, "too many control sessions; closing the new connection");
+            continue;
+        };
+        let id = ctx.next_session.fetch_add(1, Ordering::Relaxed);
+        let ctx = ctx.clone();
+        let stop = stop.clone();
+        sessions.spawn(async move {
+            let _slot = slot;
+            session::run(stream, peer, id, ctx, stop).await;
+        });
+    }
+    while sessions.join_next().await.is_some() {}
+}
+
+async fn accept(listener: &Listener) -> std::io::Result<(Box<dyn crate::control::addr::ControlStream>, String)> {
+    match listener {
+        Listener::Tcp(l) => {
+            let (s, peer) = l.accept().await?;
+            s.set_nodelay(true)?;
+            Ok((Box::new(s), peer.to_string()))
+        }
+        Listener::Unix(l, path) => {
+            let (s, _) = l.accept().await?;
+            Ok((Box::new(s), format!("unix:{}", path.display())))
+        }
+    }
+}
+
+/// Resolves once `stop` says true (or its sender is gone).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

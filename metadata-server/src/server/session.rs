@@ -1,0 +1,168 @@
+//! One control connection: handshake, then forwarding requests to the owner
+//! task and writing replies and events back.
+//!
+//! Three small pieces, so that no read is ever cancelled half-way: a reader
+//! task turns frames into messages on a bounded channel; this task forwards
+//! them (at most [`REQUESTS_IN_FLIGHT_MAX`] waiting for the owner) and
+//! collects replies; a writer task owns the write half and sends everything
+//! queued for the peer (replies here, events from the owner).
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use ed25519_dalek::SigningKey;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tracing::{debug, info, warn, Instrument};
+use volume_format::control::messages::{ClientMessage, ControlError, ErrorCode, ServerMessage};
+
+use super::core::{ClientTable, Command};
+use super::stopped;
+use crate::control::addr::ControlStream;
+use crate::control::framed::{self, FramedError};
+use crate::control::handshake;
+
+/// Requests of one session waiting for the owner at once; beyond it the
+/// session stops reading (backpressure on a flooding client).
+pub const REQUESTS_IN_FLIGHT_MAX: usize = 64;
+/// Messages queued for the peer (replies and events). The owner drops a
+/// session whose queue is full rather than wait for a slow peer.
+pub const OUTGOING_QUEUED_MAX: usize = 256;
+
+pub struct SessionContext {
+    pub key: Arc<SigningKey>,
+    pub lease_ms: u64,
+    pub clients: watch::Receiver<Arc<ClientTable>>,
+    pub commands: mpsc::Sender<Command>,
+    pub next_session: AtomicU64,
+    pub slots: Arc<Semaphore>,
+}
+
+pub async fn run(
+    stream: Box<dyn ControlStream>,
+    peer: String,
+    session: u64,
+    ctx: Arc<SessionContext>,
+    stop: watch::Receiver<bool>,
+) {
+    let span = tracing::info_span!("session", id = session, %peer);
+    run_inner(stream, peer, session, ctx, stop).instrument(span).await
+}
+
+async fn run_inner(
+    mut stream: Box<dyn ControlStream>,
+    peer: String,
+    session: u64,
+    ctx: Arc<SessionContext>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let clients = ctx.clients.borrow().clone();
+    let authorize = |key: &[u8; 32]| clients.get(key).map(|(role, name)| (vec![*role], name.clone()));
+    let accepted = tokio::select! {
+        r = handshake::accept(&mut stream, &ctx.key, session, ctx.lease_ms, authorize) => r,
+        _ = stopped(&mut stop) => return,
+    };
+    let who = match accepted {
+        Ok(who) => who,
+        Err(e) => {
+            // Every refusal is logged with the peer; the connection closes
+            // when `stream` drops.
+            warn!(%peer, "control handshake failed: {e}");
+            let _ = stream.shutdown().await;
+            return;
+        }
+    };
+    info!(client = %who.name, role = %who.role, host = %who.claimed_name, "control session authenticated");
+
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let (out_tx, mut out_rx) = mpsc::channel::<ServerMessage>(OUTGOING_QUEUED_MAX);
+    let writer_task = tokio::spawn(
+        async move {
+            while let Some(msg) = out_rx.recv().await {
+                if let Err(e) = framed::write_message(&mut writer, &msg).await {
+                    debug!("writing to the control peer failed: {e}");
+                    break;
+                }
+            }
+            let _ = writer.shutdown().await;
+        }
+        .in_current_span(),
+    );
+    let (in_tx, mut in_rx) = mpsc::channel::<Result<ClientMessage, FramedError>>(REQUESTS_IN_FLIGHT_MAX);
+    let reader_task = tokio::spawn(async move {
+        loop {
+            let msg = framed::read_message::<ClientMessage, _>(&mut reader).await;
+            let end = msg.is_err();
+            if in_tx.send(msg).await.is_err() || end {
+                break;
+            }
+        }
+    });
+
+    let (kick_tx, mut kick_rx) = oneshot::channel();
+    let connected =
+        Command::Connected { session, peer: who.clone(), addr: peer.clone(), out: out_tx.clone(), kick: kick_tx };
+    if ctx.commands.send(connected).await.is_err() {
+        reader_task.abort();
+        return;
+    }
+
+    let mut in_flight = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            _ = stopped(&mut stop) => break,
+            _ = &mut kick_rx => {
+                info!("session closed by the server");
+                break;
+            }
+            Some((id, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                if out_tx.send(ServerMessage::Reply { id, result }).await.is_err() {
+                    break;
+                }
+            }
+            msg = in_rx.recv(), if in_flight.len() < REQUESTS_IN_FLIGHT_MAX => {
+                let msg = match msg {
+                    Some(Ok(msg)) => msg,
+                    Some(Err(FramedError::Closed)) | None => {
+                        debug!("peer closed the control connection");
+                        break;
+                    }
+                    Some(Err(e)) => {
+                        warn!(%peer, client = %who.name, "bad control message, closing the connection: {e}");
+                        break;
+                    }
+                };
+                let ClientMessage { id, request } = msg;
+                if let Some(needed) = request.required_role() {
+                    if needed != who.role {
+                        let err = ControlError::new(
+                            ErrorCode::PermissionDenied,
+                            format!("this request needs the {needed} role; this session is authenticated as {}", who.role),
+                        );
+                        if out_tx.send(ServerMessage::Reply { id, result: Err(err) }).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+                let (reply_tx, reply_rx) = oneshot::channel();
+                if ctx.commands.send(Command::Request { session, request, reply: reply_tx }).await.is_err() {
+                    break;
+                }
+                in_flight.push(async move {
+                    let result = reply_rx.await.unwrap_or_else(|_| {
+                        Err(ControlError::new(ErrorCode::Unavailable, "the server is shutting down"))
+                    });
+                    (id, result)
+                });
+            }
+        }
+    }
+    reader_task.abort();
+    let _ = ctx.commands.send(Command::Disconnected { session }).await;
+    drop(out_tx);
+    let _ = writer_task.await;
+    info!("control session ended");
+}
