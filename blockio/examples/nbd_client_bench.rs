@@ -7,6 +7,10 @@
 //!   PATTERN: randread | randwrite | read | write
 //! ```
 //! Example: `nbd_client_bench 'nbd+unix:///?socket=/tmp/x.sock' randread 4096 32 10`
+//!
+//! QUEUE_DEPTH tasks each keep one request in flight. By default everything
+//! runs on one thread (a current-thread runtime), like fio's single job, so
+//! the comparison is per-core; `--threads N` uses a multi-thread runtime.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

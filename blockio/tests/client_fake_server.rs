@@ -514,3 +514,23 @@ async fn timeout_then_late_reply_is_discarded_quietly() {
     bounded(client.flush()).await.expect("the late reply must not break the connection");
     server.await.unwrap();
 }
+
+#[tokio::test]
+async fn disconnect_is_not_stalled_by_an_abandoned_request() {
+    let opts = ClientOptions { request_timeout: Some(Duration::from_millis(100)), ..ClientOptions::default() };
+    let (client, server) = with_fake(opts, "", |mut f| async move {
+        f.handshake(MODERN).await;
+        let (never_answered, _) = f.request().await;
+        assert_eq!(never_answered.command, proto::CMD_READ);
+        let (disc, _) = f.request().await;
+        assert_eq!(disc.command, proto::CMD_DISC);
+    })
+    .await;
+    let client = client.unwrap();
+    assert!(bounded(client.read(0, 512)).await.unwrap_err().message.contains("timed out"));
+    tokio::time::timeout(Duration::from_secs(2), client.disconnect())
+        .await
+        .expect("disconnect waited on a request nobody awaits");
+    assert_eq!(bounded(client.read(0, 512)).await.unwrap_err().kind, IoErrorKind::Shutdown);
+    server.await.unwrap();
+}

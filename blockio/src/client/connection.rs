@@ -129,7 +129,7 @@ pub(crate) struct Inflight {
 /// State shared by callers, the writer and the reader of one connection.
 pub(crate) struct ConnShared {
     pub inflight: Mutex<Inflight>,
-    /// Woken when the in-flight table empties while `closing`.
+    /// Woken on every completion while `closing`.
     pub idle: Notify,
     /// Requests queued for sending and not yet returned to their callers
     /// (for least-outstanding connection choice).
@@ -179,11 +179,11 @@ impl ConnShared {
         }
     }
 
-    /// Called by the reader after completing a request.
+    /// Called by the reader after completing a request: wakes a pending
+    /// disconnect, which re-checks whether anything is still awaited.
     pub fn after_completion(&self) {
-        let g = self.inflight.lock().unwrap();
-        if g.closing && g.map.is_empty() {
-            drop(g);
+        let closing = self.inflight.lock().unwrap().closing;
+        if closing {
             self.idle.notify_waiters();
         }
     }
@@ -208,14 +208,16 @@ impl ConnShared {
         }
     }
 
-    /// Waits until nothing is in flight, at most `max`.
+    /// Waits until no request still has a caller waiting for it, at most
+    /// `max`. Requests whose callers gave up (timed out) do not count: a
+    /// server that never answers them must not stall a disconnect.
     pub async fn wait_idle(&self, max: Duration) {
         let deadline = tokio::time::Instant::now() + max;
         loop {
             let notified = self.idle.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.inflight.lock().unwrap().map.is_empty() {
+            if self.inflight.lock().unwrap().map.values().all(|p| p.tx.is_closed()) {
                 return;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
