@@ -1,0 +1,195 @@
+//! Every way a control handshake can fail: each gives a clear error to the
+//! client, a log line on the server naming the peer and the reason, and the
+//! server keeps serving. Scripted peers speak the handshake frame by frame.
+
+mod common;
+
+use common::{wait_for_log, Pool};
+use ed25519_dalek::{Signer, SigningKey};
+use metadata_server::control::framed;
+use metadata_server::control::handshake::HandshakeError;
+use metadata_server::control::{ControlClient, ControlClientError};
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+use volume_format::control::auth::{
+    self, AuthFailure, AuthOutcome, ClientHello, ClientProof, Role, ServerHello, HELLO_MAGIC,
+};
+use volume_format::control::frame;
+use volume_format::control::messages::{Request, Response};
+
+fn hello(key: &SigningKey, role: Role, version: u32, nonce: u8) -> ClientHello {
+    ClientHello {
+        magic: HELLO_MAGIC,
+        version,
+        version_min: version,
+        role,
+        client_key: key.verifying_key().to_bytes(),
+        nonce: [nonce; 32],
+        name: "scripted".into(),
+        instance: [1; 16],
+    }
+}
+
+async fn connect_raw(pool: &Pool) -> UnixStream {
+    UnixStream::connect(pool.dir.path().join("mds.sock")).await.unwrap()
+}
+
+/// Sends `hello_bytes`, reads the server hello, sends a proof made by
+/// `prove` from (hello bytes, server hello bytes); returns the outcome and
+/// the proof bytes sent.
+async fn scripted(
+    stream: &mut UnixStream,
+    hello_bytes: &[u8],
+    prove: impl FnOnce(&[u8], &[u8]) -> Vec<u8>,
+) -> (AuthOutcome, Vec<u8>) {
+    framed::write_payload(stream, hello_bytes).await.unwrap();
+    let server_hello_bytes = framed::read_payload(stream).await.unwrap();
+    let server_hello: ServerHello = frame::decode_payload(&server_hello_bytes).unwrap();
+    assert!(matches!(server_hello, ServerHello::Accept { .. }), "{server_hello:?}");
+    let proof = prove(hello_bytes, &server_hello_bytes);
+    framed::write_payload(stream, &proof).await.unwrap();
+    (framed::read_message::<AuthOutcome, _>(stream).await.unwrap(), proof)
+}
+
+fn refused(outcome: AuthOutcome) -> (AuthFailure, String) {
+    match outcome {
+        AuthOutcome::Refused { failure, reason } => (failure, reason),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn handshake_error(e: ControlClientError) -> HandshakeError {
+    match e {
+        ControlClientError::Handshake { source, .. } => source,
+        other => panic!("expected a handshake error, got {other}"),
+    }
+}
+
+async fn still_serving(pool: &Pool) {
+    let admin = pool.admin().await;
+    assert!(matches!(admin.request(Request::PoolStatus).await.unwrap(), Response::Pool(_)));
+    admin.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_authentication_failure_is_clear_logged_and_harmless() {
+    let pool = Pool::start(10_000).await;
+    let peer = format!("peer=unix:{}", pool.dir.path().join("mds.sock").display());
+
+    // Unknown key.
+    let stranger = SigningKey::from_bytes(&[42; 32]);
+    let e = ControlClient::connect(&pool.addr(), &stranger, Some(&pool.server_key.public), Role::Agent, "x", [0; 16])
+        .await
+        .err()
+        .expect("refused");
+    let HandshakeError::Refused { failure, reason } = handshake_error(e) else { panic!() };
+    assert_eq!(failure, AuthFailure::UnknownKey);
+    assert!(reason.contains("not authorized in this pool") && reason.contains("sanvol client add"), "{reason}");
+    wait_for_log(&[
+        "control handshake failed",
+        &peer,
+        &hex::encode(stranger.verifying_key().to_bytes()),
+        "not authorized",
+    ])
+    .await;
+    still_serving(&pool).await;
+
+    // Wrong role: an agent key asking to be an admin.
+    let e = ControlClient::connect(
+        &pool.addr(),
+        &pool.agent_a.signing,
+        Some(&pool.server_key.public),
+        Role::Admin,
+        "x",
+        [0; 16],
+    )
+    .await
+    .err()
+    .expect("refused");
+    let HandshakeError::Refused { failure, reason } = handshake_error(e) else { panic!() };
+    assert_eq!(failure, AuthFailure::WrongRole);
+    assert!(reason.contains("authorized as agent, not as admin"), "{reason}");
+    wait_for_log(&["control handshake failed", &peer, "authorized as agent, not as admin"]).await;
+
+    // Bad signature: claims agent_a's key, signs with another.
+    let mut s = connect_raw(&pool).await;
+    let h = frame::encode_payload(&hello(&pool.agent_a.signing, Role::Agent, 1, 1)).unwrap();
+    let (outcome, _) = scripted(&mut s, &h, |hb, shb| {
+        frame::encode_payload(&ClientProof {
+            signature: stranger.sign(&auth::client_transcript(hb, shb)).to_bytes().to_vec(),
+        })
+        .unwrap()
+    })
+    .await;
+    let (failure, reason) = refused(outcome);
+    assert_eq!(failure, AuthFailure::BadSignature);
+    assert!(reason.contains("does not verify"), "{reason}");
+    wait_for_log(&["control handshake failed", &peer, "bad signature", "does not verify"]).await;
+
+    // Replayed transcript: a genuine handshake recorded, then replayed on a
+    // new connection (the server's fresh nonce makes the old proof useless).
+    let mut s = connect_raw(&pool).await;
+    let h = frame::encode_payload(&hello(&pool.agent_a.signing, Role::Agent, 1, 2)).unwrap();
+    let agent = pool.agent_a.signing.clone();
+    let (outcome, recorded_proof) = scripted(&mut s, &h, |hb, shb| {
+        frame::encode_payload(&ClientProof {
+            signature: agent.sign(&auth::client_transcript(hb, shb)).to_bytes().to_vec(),
+        })
+        .unwrap()
+    })
+    .await;
+    assert!(matches!(outcome, AuthOutcome::Welcome { .. }), "the genuine handshake works: {outcome:?}");
+    drop(s);
+    let mut s = connect_raw(&pool).await;
+    let (outcome, _) = scripted(&mut s, &h, |_, _| recorded_proof).await;
+    let (failure, reason) = refused(outcome);
+    assert_eq!(failure, AuthFailure::BadSignature);
+    assert!(reason.contains("replayed"), "{reason}");
+
+    // Wrong pinned server key: the client refuses the server.
+    let e = ControlClient::connect(
+        &pool.addr(),
+        &pool.admin.signing,
+        Some(&stranger.verifying_key()),
+        Role::Admin,
+        "x",
+        [0; 16],
+    )
+    .await
+    .err()
+    .expect("refused");
+    let err = handshake_error(e);
+    assert!(matches!(err, HandshakeError::WrongServerKey { .. }), "{err}");
+    assert!(err.to_string().contains("is not the pinned key"), "{err}");
+    wait_for_log(&["control handshake failed", &peer, "closed"]).await;
+
+    // Version mismatch.
+    let mut s = connect_raw(&pool).await;
+    framed::write_message(&mut s, &hello(&pool.admin.signing, Role::Admin, 99, 3)).await.unwrap();
+    match framed::read_message::<ServerHello, _>(&mut s).await.unwrap() {
+        ServerHello::Refuse { failure, reason } => {
+            assert_eq!(failure, AuthFailure::VersionMismatch);
+            assert!(reason.contains("99..=99") && reason.contains("upgrade"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    wait_for_log(&["control handshake failed", &peer, "protocol version mismatch"]).await;
+
+    // Garbage: a frame that is not a hello, and bytes that are not frames.
+    let mut s = connect_raw(&pool).await;
+    framed::write_payload(&mut s, &[0xee; 40]).await.unwrap();
+    match framed::read_message::<ServerHello, _>(&mut s).await.unwrap() {
+        ServerHello::Refuse { failure, .. } => assert_eq!(failure, AuthFailure::Malformed),
+        other => panic!("{other:?}"),
+    }
+    wait_for_log(&["control handshake failed", &peer, "malformed handshake"]).await;
+    let mut s = connect_raw(&pool).await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    assert!(framed::read_payload(&mut s).await.is_err(), "the server closes the connection");
+    wait_for_log(&["control handshake failed", &peer, "exceeds"]).await;
+
+    // After all that, the server still serves, and agents still get in.
+    still_serving(&pool).await;
+    let (agent, _) = pool.connect(&pool.agent_a, Role::Agent, "host-a").await;
+    assert!(matches!(agent.request(Request::Renew).await.unwrap(), Response::Lease { .. }));
+}
