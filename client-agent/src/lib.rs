@@ -1,16 +1,30 @@
 //! The sanvol client agent: attaches volumes and does their I/O directly
 //! against the pool's devices.
 //!
+//! A volume's data never passes through the metadata server: the agent
+//! opens the volume there (getting its description, extent map and a lease),
+//! connects to the devices itself and serves the volume locally as an NBD
+//! export. The metadata server stays in control through the lease and the
+//! recall–publish cycle, both enforced by each volume's [`gate::Gate`].
+//!
+//! Embedding: [`volume::VolumeDevice`] is a plain `BlockDevice` over injected
+//! device handles; [`agent::Agent`] is the whole agent without its CLI.
+//!
 //! # Layout
 //! - [`gate`]: the recall gate — admits, holds or fails each I/O of a volume
 //!   (reconfiguration and leases), as a plain state machine.
+//! - [`volume`]: [`volume::VolumeDevice`], the direct data path of one
+//!   attached volume (extent map, mirrors, concurrency) as a `BlockDevice`.
 //! - [`devices`]: the pool of NBD connections to devices, shared by volumes.
 //! - [`session`]: the control session with the metadata server (lease
 //!   renewal, recall/publish/revoke dispatch, reconnection).
 //! - [`export`]: serving a volume as an NBD export (unix socket, loopback
 //!   TCP) and the kernel-attach seam.
-//! - [`volume`]: [`volume::VolumeDevice`], the direct data path of one
-//!   attached volume (extent map, mirrors, concurrency) as a `BlockDevice`.
+//! - [`agent`]: attach/detach/list and graceful shutdown.
+//! - [`control`]: the local control socket (JSON lines) and its client.
+
+pub mod agent;
+pub mod control;
 pub mod devices;
 pub mod export;
 pub mod gate;

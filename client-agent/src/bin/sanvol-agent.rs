@@ -1,1 +1,252 @@
-fn main() {}
+//! `sanvol-agent`: the per-host agent (`run`) and the commands that drive a
+//! running agent over its control socket (`attach`, `detach`, `list`,
+//! `wait-ready`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use client_agent::agent::{Agent, AgentConfig, AttachRequest, AttachmentInfo};
+use client_agent::control::{self, ControlReply, ControlRequest};
+use client_agent::devices::PoolOptions;
+use client_agent::session::SessionConfig;
+use metadata_server::control::ControlAddr;
+use volume_format::control::messages::OpenMode;
+
+const DEFAULT_CONTROL_SOCKET: &str = "/run/sanvol/agent.sock";
+const DEFAULT_EXPORT_DIR: &str = "/run/sanvol/exports";
+
+#[derive(Parser)]
+#[command(
+    name = "sanvol-agent",
+    version,
+    about = "sanvol client agent: attaches pool volumes and serves them as local NBD exports",
+    long_about = "sanvol client agent.\n\n\
+        `sanvol-agent run` connects to the metadata server (sanvol-mds), keeps this host's lease \
+        renewed and does volume I/O directly against the pool's NBD devices. While it runs, \
+        `attach`, `detach` and `list` talk to it over its local control socket.\n\n\
+        Example:\n  \
+        sanvol-agent run --mds 127.0.0.1:7700 --key host.key --server-key mds.key.pub &\n  \
+        sanvol-agent wait-ready\n  \
+        URI=$(sanvol-agent attach db --mode exclusive)   # prints nbd+unix:///db?socket=...\n  \
+        qemu-img info \"$URI\"\n  \
+        sanvol-agent detach db"
+)]
+struct Cli {
+    /// The running agent's control socket.
+    #[arg(long, global = true, env = "SANVOL_AGENT_SOCKET", default_value = DEFAULT_CONTROL_SOCKET)]
+    control_socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (in the foreground; stop with Ctrl-C or SIGTERM, which flushes and closes every volume).
+    Run(RunArgs),
+    /// Attach a volume and print its NBD URI.
+    Attach {
+        /// Volume name (as in `sanvol volume list`).
+        volume: String,
+        /// How to open it. A second exclusive open anywhere is refused by the server.
+        #[arg(long, value_enum, default_value = "exclusive")]
+        mode: Mode,
+        /// Serve on this unix socket (default: EXPORT_DIR/VOLUME.sock).
+        #[arg(long, conflicts_with = "tcp")]
+        socket: Option<PathBuf>,
+        /// Serve on TCP instead, loopback only (e.g. 127.0.0.1:10809; port 0 picks one).
+        #[arg(long)]
+        tcp: Option<SocketAddr>,
+        /// Print the whole attachment as JSON instead of just the URI.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Flush, stop the export and close the volume's handle.
+    Detach { volume: String },
+    /// List attached volumes.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until the agent answers on its control socket (it does once connected to the metadata server).
+    WaitReady {
+        #[arg(long, default_value_t = 30)]
+        timeout_secs: u64,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    /// Exclusive read-write.
+    Exclusive,
+    /// Shared read-write (the users coordinate, e.g. a cluster filesystem).
+    Shared,
+    /// Read-only.
+    Ro,
+}
+
+impl From<Mode> for OpenMode {
+    fn from(m: Mode) -> OpenMode {
+        match m {
+            Mode::Exclusive => OpenMode::Exclusive,
+            Mode::Shared => OpenMode::SharedWrite,
+            Mode::Ro => OpenMode::ReadOnly,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Metadata server address: HOST:PORT or unix:PATH.
+    #[arg(long, env = "SANVOL_MDS")]
+    mds: String,
+    /// This agent's private key (from `sanvol keygen`); its public half must be authorized as an agent.
+    #[arg(long, env = "SANVOL_KEY")]
+    key: PathBuf,
+    /// The metadata server's public key (file, `sanvol-ed25519 HEX` line or hex); the agent refuses any other server.
+    #[arg(long, env = "SANVOL_SERVER_KEY")]
+    server_key: String,
+    /// Name shown by the server in listings and conflict messages (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Directory for volume export sockets.
+    #[arg(long, env = "SANVOL_EXPORT_DIR", default_value = DEFAULT_EXPORT_DIR)]
+    export_dir: PathBuf,
+    /// NBD connections per device (used when the device's server allows several).
+    #[arg(long, default_value_t = 2)]
+    device_connections: usize,
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "agent".to_string();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+async fn run(args: RunArgs, control_socket: PathBuf) -> Result<()> {
+    let addr: ControlAddr = args.mds.parse().map_err(|e: String| anyhow::anyhow!(e)).context("--mds")?;
+    let key = metadata_server::keys::load_private(&args.key)?;
+    let (server_key, _) = metadata_server::keys::parse_public(&args.server_key).context("--server-key")?;
+    let mut instance = [0u8; 16];
+    getrandom::getrandom(&mut instance).map_err(|e| anyhow::anyhow!("reading random bytes: {e}"))?;
+    let config = AgentConfig {
+        session: SessionConfig { addr, key, server_key, name: args.name.unwrap_or_else(hostname), instance },
+        export_dir: args.export_dir,
+        pool: PoolOptions { connections_per_device: args.device_connections, ..PoolOptions::default() },
+    };
+    let agent = Agent::start(config);
+
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tracing::info!(mds = %args.mds, "connecting to the metadata server");
+    tokio::select! {
+        r = agent.wait_ready() => if let Err(e) = r {
+            bail!("{e}");
+        },
+        _ = sigint.recv() => { agent.shutdown().await; return Ok(()) }
+        _ = sigterm.recv() => { agent.shutdown().await; return Ok(()) }
+    }
+
+    // The control socket appears only now, so its existence means "ready".
+    let listener = control::bind(&control_socket).await?;
+    println!("ready control-socket={}", control_socket.display());
+    tracing::info!(socket = %control_socket.display(), "agent ready");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(control::serve(agent.clone(), listener, control_socket, async move {
+        let _ = stop_rx.await;
+    }));
+    tokio::select! {
+        _ = sigint.recv() => {}
+        _ = sigterm.recv() => {}
+    }
+    tracing::info!("shutting down: flushing and closing every volume");
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    agent.shutdown().await;
+    Ok(())
+}
+
+async fn call(socket: &PathBuf, request: ControlRequest) -> Result<ControlReply> {
+    let reply = control::call(socket, &request).await.map_err(anyhow::Error::msg)?;
+    if !reply.ok {
+        // The agent's (and the server's) message, verbatim.
+        bail!("{}", reply.error.unwrap_or_else(|| "the agent reported an unspecified failure".into()));
+    }
+    Ok(reply)
+}
+
+fn print_table(volumes: &[AttachmentInfo]) {
+    if volumes.is_empty() {
+        println!("no volumes attached");
+        return;
+    }
+    println!("{:<20} {:<13} {:>7} {:>5} {:<14} EXPORT", "VOLUME", "MODE", "HANDLE", "GEN", "STATE");
+    for v in volumes {
+        println!(
+            "{:<20} {:<13} {:>7} {:>5} {:<14} {}",
+            v.volume, v.mode, v.handle, v.layout_generation, v.state, v.export_uri
+        );
+        if !v.state_detail.is_empty() {
+            println!("  {}", v.state_detail);
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SANVOL_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let socket = cli.control_socket;
+    match cli.command {
+        Command::Run(args) => run(args, socket).await,
+        Command::Attach { volume, mode, socket: export_socket, tcp, json } => {
+            let request = AttachRequest { volume, mode: mode.into(), socket: export_socket, tcp };
+            let reply = call(&socket, ControlRequest::Attach(request)).await?;
+            let info = reply.attached.context("the agent's reply lacks the attachment")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                println!("{}", info.export_uri);
+            }
+            Ok(())
+        }
+        Command::Detach { volume } => {
+            call(&socket, ControlRequest::Detach { volume }).await?;
+            Ok(())
+        }
+        Command::List { json } => {
+            let reply = call(&socket, ControlRequest::List).await?;
+            let volumes = reply.volumes.unwrap_or_default();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&volumes)?);
+            } else {
+                print_table(&volumes);
+            }
+            Ok(())
+        }
+        Command::WaitReady { timeout_secs } => {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout_secs);
+            loop {
+                match control::call(&socket, &ControlRequest::Status).await {
+                    Ok(reply) if reply.ok => return Ok(()),
+                    Ok(reply) => bail!("{}", reply.error.unwrap_or_default()),
+                    Err(e) if tokio::time::Instant::now() >= deadline => {
+                        bail!("the agent did not become ready within {timeout_secs} s: {e}")
+                    }
+                    // A CLI polling a socket that does not exist yet; not test synchronisation.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }
+    }
+}
