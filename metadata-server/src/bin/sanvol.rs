@@ -5,6 +5,10 @@ use metadata_server::cli::{self, Cli};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    // Like other Unix tools, end quietly when the reader of our output goes
+    // away (`sanvol volume show db | head`) instead of panicking on EPIPE.
+    // SAFETY: setting a signal disposition before any thread is started.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     // Logs go to stderr and stay quiet unless asked for (RUST_LOG).
     tracing_subscriber::fmt()
