@@ -7,7 +7,7 @@ use metadata_server::cli::{self, Cli};
 async fn main() -> std::process::ExitCode {
     // Like other Unix tools, end quietly when the reader of our output goes
     // away (`sanvol volume show db | head`) instead of panicking on EPIPE.
-    // SAFETY: setting a signal disposition before any thread is started.
+    // SAFETY: restoring the default disposition of one signal; no handler runs.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     // Logs go to stderr and stay quiet unless asked for (RUST_LOG).
