@@ -3,7 +3,7 @@
 //! A private key file holds one line, `sanvol-ed25519-private HEX-SEED`, and
 //! is created with mode 0600; its public half sits beside it as `PATH.pub`,
 //! one line `sanvol-ed25519 HEX-KEY COMMENT`. Text, so an operator can read,
-//! copy and paste public keys (`sanvol client add --key "$(cat host.pub)"`).
+//! copy and paste public keys (`sanvol client add "$(cat host.pub)" --role agent`).
 //! Anywhere a public key is asked for, the file path, the whole line or just
 //! the 64 hex digits are accepted.
 

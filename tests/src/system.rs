@@ -235,16 +235,7 @@ impl Stack {
         let key = self.dir.path().join(format!("{name}.key"));
         if !key.exists() {
             run_ok(Command::new(bin("sanvol")).arg("keygen").arg(&key));
-            self.sanvol_ok(&[
-                "client",
-                "add",
-                "--key",
-                pub_path(&key).to_str().unwrap(),
-                "--role",
-                "agent",
-                "--name",
-                name,
-            ]);
+            self.sanvol_ok(&["client", "add", pub_path(&key).to_str().unwrap(), "--role", "agent", "--name", name]);
         }
         self.restart_agent(name)
     }

@@ -270,8 +270,8 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
                 .collect();
             table::print(&["NAME", "ROLE", "KEY", "SESSIONS", "HANDLES"], &rows);
         }
-        Command::Client(ClientCommand::Add { key, role, name }) => {
-            let (key, comment) = super::public_key_arg(&key)?;
+        Command::Client(ClientCommand::Add { public_key, role, name }) => {
+            let (key, comment) = super::public_key_arg(&public_key)?;
             let name = name.unwrap_or(comment);
             request(client, Request::ClientAuthorize { key, name: name.clone(), role })
                 .await
@@ -282,8 +282,8 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
                 if name.is_empty() { String::new() } else { format!(" ({name})") }
             );
         }
-        Command::Client(ClientCommand::Remove { key }) => {
-            let (key, _) = super::public_key_arg(&key)?;
+        Command::Client(ClientCommand::Remove { public_key }) => {
+            let (key, _) = super::public_key_arg(&public_key)?;
             request(client, Request::ClientRevoke { key }).await.context("revoking the key")?;
             println!("key {} revoked", hex::encode(key));
         }

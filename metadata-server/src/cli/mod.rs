@@ -64,7 +64,7 @@ pub enum Command {
     /// Generate an ed25519 key pair: PATH (private, mode 0600) and PATH.pub.
     ///
     /// Refuses to overwrite existing files. Give PATH.pub to whoever
-    /// authorizes the key (`sanvol client add --key PATH.pub`).
+    /// authorizes the key (`sanvol client add PATH.pub --role ROLE`).
     Keygen {
         /// Where to write the private key; the public key goes to PATH.pub.
         path: PathBuf,
@@ -181,8 +181,8 @@ pub enum ClientCommand {
     /// Authorize a key (or change its role or name).
     Add {
         /// The public key: a .pub file, a `sanvol-ed25519 HEX` line or hex.
-        #[arg(long, value_name = "PUB")]
-        key: String,
+        #[arg(value_name = "PUB")]
+        public_key: String,
         /// agent, admin or backup.
         #[arg(long)]
         role: volume_format::control::auth::Role,
@@ -193,8 +193,8 @@ pub enum ClientCommand {
     /// Revoke a key; its open sessions are closed.
     Remove {
         /// The public key: a .pub file, a `sanvol-ed25519 HEX` line or hex.
-        #[arg(long, value_name = "PUB")]
-        key: String,
+        #[arg(value_name = "PUB")]
+        public_key: String,
     },
 }
 

@@ -236,7 +236,7 @@ where
     }
     let Some((roles, name)) = authorize(&hello.client_key) else {
         let reason = format!(
-            "key {} is not authorized in this pool; an admin can add it with `sanvol client add --key KEY.pub --role {}`",
+            "key {} is not authorized in this pool; an admin can add it with `sanvol client add KEY.pub --role {}`",
             hex::encode(hello.client_key),
             hello.role
         );
