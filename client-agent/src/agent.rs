@@ -258,3 +258,217 @@ impl Agent {
         self.session.shutdown().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use blockio::client::{ClientOptions, NbdClient};
+    use blockio::uri::NbdUri;
+    use volume_format::control::messages::{Request, ServerEvent};
+    use volume_format::description::DeviceEndpoint;
+
+    use super::*;
+    use crate::testing::fake_mds::FakeMds;
+    use crate::testing::{self, description, labelled_device, pattern, serve, Served, EXTENT};
+
+    /// Waits (bounded) until `cond` holds on the agent's listing of `volume`.
+    async fn until_listed(agent: &Agent, volume: &str, cond: impl Fn(&AttachmentInfo) -> bool) -> AttachmentInfo {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(info) = agent.list().await.into_iter().find(|i| i.volume == volume) {
+                if cond(&info) {
+                    return info;
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "condition on {volume} never held");
+            tokio::task::yield_now().await;
+        }
+    }
+
+    struct Pool {
+        dir: tempfile::TempDir,
+        mems: Vec<Arc<blockio::memory::MemoryDevice>>,
+        _served: Vec<Served>,
+        endpoints: Vec<DeviceEndpoint>,
+    }
+
+    /// Three labelled memory devices served over NBD.
+    fn pool() -> Pool {
+        let dir = tempfile::tempdir().unwrap();
+        let d = description(1, 1, 3, 1);
+        let mems: Vec<_> = (0..3).map(|i| labelled_device(d.pool_uuid, d.devices[i].device_uuid, i as u32)).collect();
+        let served: Vec<_> =
+            mems.iter().enumerate().map(|(i, m)| serve(m.clone(), dir.path(), &format!("dev{i}"))).collect();
+        let endpoints =
+            d.devices.iter().zip(&served).map(|(e, s)| DeviceEndpoint { uri: s.uri.clone(), ..e.clone() }).collect();
+        Pool { dir, mems, _served: served, endpoints }
+    }
+
+    fn volume_on(
+        pool: &Pool,
+        name: &str,
+        extents: u64,
+        legs: u32,
+        generation: u64,
+    ) -> volume_format::VolumeDescription {
+        let mut d = description(extents, legs, 3, generation);
+        d.name = name.into();
+        d.devices = pool.endpoints.clone();
+        d
+    }
+
+    fn agent_for(mds: &FakeMds, pool: &Pool) -> Arc<Agent> {
+        Agent::start(AgentConfig {
+            session: mds.session_config(),
+            export_dir: pool.dir.path().join("exports"),
+            pool: PoolOptions::default(),
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn attach_io_recall_publish_revoke_detach() {
+        let pool = pool();
+        let mut mds = FakeMds::start(
+            pool.dir.path(),
+            vec![volume_on(&pool, "vol", 2, 2, 1), volume_on(&pool, "ro", 1, 1, 1)],
+            10_000,
+        );
+        let agent = agent_for(&mds, &pool);
+        agent.wait_ready().await.unwrap();
+
+        // Attach and do I/O through the export.
+        let info = agent
+            .attach(AttachRequest { volume: "vol".into(), mode: OpenMode::Exclusive, socket: None, tcp: None })
+            .await
+            .unwrap();
+        assert!(info.export_uri.starts_with("nbd+unix:///vol?socket="), "{}", info.export_uri);
+        assert_eq!((info.handle, info.state.as_str(), info.layout_generation), (11, "open", 1));
+        let uri: NbdUri = info.export_uri.parse().unwrap();
+        let client = NbdClient::connect(&uri, ClientOptions::default()).await.unwrap();
+        assert_eq!(client.size(), 2 * EXTENT);
+        let data = pattern(1, 8192);
+        client.write(EXTENT - 4096, data.clone(), false).await.unwrap();
+        let d = volume_on(&pool, "vol", 2, 2, 1);
+        for leg in 0..2 {
+            for (logical, at) in [(EXTENT - 4096, 0usize), (EXTENT, 4096)] {
+                let (dev, off) = testing::placement(&d, logical, leg);
+                assert_eq!(&pool.mems[dev].read(off, 4096).await.unwrap()[..], &data[at..at + 4096]);
+            }
+        }
+
+        // A second attach of the same volume, and a conflicting open elsewhere.
+        let again = AttachRequest { volume: "vol".into(), mode: OpenMode::Exclusive, socket: None, tcp: None };
+        assert!(matches!(agent.attach(again).await, Err(AgentError::AlreadyAttached(_))));
+        let busy = AttachRequest { volume: "busy".into(), mode: OpenMode::Exclusive, socket: None, tcp: None };
+        let e = agent.attach(busy).await.unwrap_err().to_string();
+        assert_eq!(e, "volume busy is open exclusive by host-b (handle 9); it can be opened once host-b closes it");
+
+        // Recall: the agent drains and confirms; I/O through the export is held.
+        mds.events.send(ServerEvent::Recall { handle: 11, generation: 2 }).await.unwrap();
+        let done = mds.expect(|r| matches!(r, Request::RecallDone { .. })).await;
+        assert_eq!(done, Request::RecallDone { handle: 11, generation: 2 });
+        assert_eq!(until_listed(&agent, "vol", |i| i.state == "recalled").await.layout_generation, 1);
+        let held = tokio::spawn({
+            let client = client.clone();
+            async move { client.read(EXTENT - 4096, 8192).await }
+        });
+        until_listed(&agent, "vol", |i| i.io_waiting == 1).await;
+        assert!(!held.is_finished());
+
+        // Publish a grown layout: held I/O completes; new connections see the new size
+        // (an NBD export's size is fixed per connection at its handshake).
+        let grown = volume_on(&pool, "vol", 3, 2, 2);
+        mds.events.send(ServerEvent::Publish { handle: 11, description: grown }).await.unwrap();
+        assert_eq!(held.await.unwrap().unwrap(), data);
+        let info = until_listed(&agent, "vol", |i| i.state == "open").await;
+        assert_eq!((info.layout_generation, info.size_bytes), (2, 3 * EXTENT));
+        let grown_client = NbdClient::connect(&uri, ClientOptions::default()).await.unwrap();
+        assert_eq!(grown_client.size(), 3 * EXTENT);
+        grown_client.write(2 * EXTENT, pattern(4, 4096), false).await.unwrap();
+        assert_eq!(grown_client.read(2 * EXTENT, 4096).await.unwrap(), pattern(4, 4096));
+
+        // Read-only attach on TCP refuses writes.
+        let ro = AttachRequest {
+            volume: "ro".into(),
+            mode: OpenMode::ReadOnly,
+            socket: None,
+            tcp: Some("127.0.0.1:0".parse().unwrap()),
+        };
+        let ro_info = agent.attach(ro).await.unwrap();
+        let ro_client =
+            NbdClient::connect(&ro_info.export_uri.parse().unwrap(), ClientOptions::default()).await.unwrap();
+        assert_eq!(
+            ro_client.write(0, pattern(2, 512), false).await.unwrap_err().kind,
+            blockio::IoErrorKind::PermissionDenied
+        );
+
+        // Revoke: I/O fails with the server's reason.
+        mds.events.send(ServerEvent::Revoked { handle: 11, reason: "broken by host-c".into() }).await.unwrap();
+        let info = until_listed(&agent, "vol", |i| i.state == "revoked").await;
+        assert!(info.state_detail.contains("broken by host-c"), "{info:?}");
+        assert!(client.read(0, 512).await.is_err());
+
+        // Detach closes the handle and removes the export socket.
+        let socket = agent.default_socket("vol");
+        assert!(socket.exists());
+        agent.detach("vol").await.unwrap();
+        assert_eq!(mds.expect(|r| matches!(r, Request::Close { .. })).await, Request::Close { handle: 11 });
+        assert!(!socket.exists());
+        assert!(matches!(agent.detach("vol").await, Err(AgentError::NotAttached(_))));
+        agent.shutdown().await;
+        assert_eq!(mds.expect(|r| matches!(r, Request::Close { .. })).await, Request::Close { handle: 12 });
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lease_is_renewed_and_survives_a_reconnect() {
+        let pool = pool();
+        let mut mds = FakeMds::start(pool.dir.path(), vec![volume_on(&pool, "vol", 1, 1, 1)], 300);
+        let agent = agent_for(&mds, &pool);
+        agent.wait_ready().await.unwrap();
+        let req = AttachRequest { volume: "vol".into(), mode: OpenMode::SharedWrite, socket: None, tcp: None };
+        let info = agent.attach(req).await.unwrap();
+        for _ in 0..3 {
+            mds.expect(|r| matches!(r, Request::Renew)).await;
+        }
+        // The connection drops: the agent reconnects and brings the handle over.
+        mds.hang_up.send(()).await.unwrap();
+        assert_eq!(mds.expect(|r| matches!(r, Request::Close { .. })).await, Request::Close { handle: info.handle });
+        mds.expect(|r| matches!(r, Request::Open { .. })).await;
+        let info = until_listed(&agent, "vol", |i| i.handle == 12 && i.state == "open").await;
+        let client = NbdClient::connect(&info.export_uri.parse().unwrap(), ClientOptions::default()).await.unwrap();
+        client.write(0, pattern(3, 4096), false).await.unwrap();
+        mds.expect(|r| matches!(r, Request::Renew)).await;
+        agent.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_device_fails_the_attach_and_closes_the_handle() {
+        let pool = pool();
+        let mut d = volume_on(&pool, "vol", 1, 1, 1);
+        d.devices[0].uri = format!("nbd+unix:///gone?socket={}", pool.dir.path().join("gone.sock").display());
+        let mut mds = FakeMds::start(pool.dir.path(), vec![d], 10_000);
+        let agent = agent_for(&mds, &pool);
+        agent.wait_ready().await.unwrap();
+        let req = AttachRequest { volume: "vol".into(), mode: OpenMode::Exclusive, socket: None, tcp: None };
+        let e = agent.attach(req).await.unwrap_err().to_string();
+        assert!(e.contains("dev0") && e.contains("gone.sock"), "{e}");
+        assert_eq!(mds.expect(|r| matches!(r, Request::Close { .. })).await, Request::Close { handle: 11 });
+        assert!(agent.list().await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_wrong_server_key_is_fatal() {
+        let pool = pool();
+        let mds = FakeMds::start(pool.dir.path(), vec![], 10_000);
+        let mut config = mds.session_config();
+        config.server_key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]).verifying_key();
+        let agent = Agent::start(AgentConfig {
+            session: config,
+            export_dir: pool.dir.path().into(),
+            pool: PoolOptions::default(),
+        });
+        let e = agent.wait_ready().await.unwrap_err();
+        assert!(e.contains("pinned"), "{e}");
+    }
+}

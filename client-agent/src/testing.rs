@@ -197,3 +197,152 @@ pub fn labelled_device(pool: Uuid, device: Uuid, index: u32) -> Arc<MemoryDevice
     };
     Arc::new(MemoryDevice::with_contents(DEVICE_BYTES, &label.encode()))
 }
+
+/// A scripted metadata server on a unix socket: real handshake, canned
+/// answers, events injected by the test, every request reported.
+pub mod fake_mds {
+    use std::collections::HashMap;
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+
+    use ed25519_dalek::SigningKey;
+    use metadata_server::control::framed;
+    use metadata_server::control::handshake;
+    use metadata_server::control::ControlAddr;
+    use tokio::sync::mpsc;
+    use volume_format::control::auth::Role;
+    use volume_format::control::messages::{
+        ClientMessage, ControlError, ErrorCode, OpenedHandle, Request, Response, ServerEvent, ServerMessage,
+    };
+    use volume_format::VolumeDescription;
+
+    use crate::session::SessionConfig;
+
+    pub struct FakeMds {
+        pub addr: ControlAddr,
+        pub server_key: SigningKey,
+        pub agent_key: SigningKey,
+        /// Every request the agent sent, in order.
+        pub requests: mpsc::Receiver<Request>,
+        /// Events to push to the connected agent.
+        pub events: mpsc::Sender<ServerEvent>,
+        /// Drops the current connection when sent to.
+        pub hang_up: mpsc::Sender<()>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for FakeMds {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    #[derive(Default)]
+    struct Script {
+        volumes: HashMap<String, VolumeDescription>,
+        next_handle: u64,
+    }
+
+    impl FakeMds {
+        /// Serves `volumes`; a volume named `busy` is refused as held by host-b.
+        pub fn start(dir: &Path, volumes: Vec<VolumeDescription>, lease_ms: u64) -> FakeMds {
+            let path = dir.join("mds.sock");
+            let listener = tokio::net::UnixListener::bind(&path).unwrap();
+            let server_key = SigningKey::from_bytes(&[1; 32]);
+            let agent_key = SigningKey::from_bytes(&[2; 32]);
+            let script = Arc::new(Mutex::new(Script {
+                volumes: volumes.into_iter().map(|v| (v.name.clone(), v)).collect(),
+                next_handle: 10,
+            }));
+            let (req_tx, requests) = mpsc::channel(1024);
+            let (events, mut ev_rx) = mpsc::channel::<ServerEvent>(64);
+            let (hang_up, mut hang_rx) = mpsc::channel::<()>(4);
+            let key = server_key.clone();
+            let task = tokio::spawn(async move {
+                let mut session = 0;
+                loop {
+                    let (mut stream, _) = listener.accept().await.unwrap();
+                    session += 1;
+                    let peer = handshake::accept(&mut stream, &key, session, lease_ms, |_| {
+                        Some((vec![Role::Agent], "test-agent".into()))
+                    })
+                    .await;
+                    if peer.is_err() {
+                        continue;
+                    }
+                    let (mut r, mut w) = tokio::io::split(stream);
+                    loop {
+                        tokio::select! {
+                            msg = framed::read_message::<ClientMessage, _>(&mut r) => {
+                                let Ok(msg) = msg else { break };
+                                let _ = req_tx.try_send(msg.request.clone());
+                                let result = answer(&script, msg.request, lease_ms);
+                                if framed::write_message(&mut w, &ServerMessage::Reply { id: msg.id, result }).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Some(event) = ev_rx.recv() => {
+                                if framed::write_message(&mut w, &ServerMessage::Event(event)).await.is_err() {
+                                    break;
+                                }
+                            }
+                            _ = hang_up_recv(&mut hang_rx) => break,
+                        }
+                    }
+                }
+            });
+            FakeMds { addr: ControlAddr::Unix(path), server_key, agent_key, requests, events, hang_up, task }
+        }
+
+        pub fn session_config(&self) -> SessionConfig {
+            SessionConfig {
+                addr: self.addr.clone(),
+                key: self.agent_key.clone(),
+                server_key: self.server_key.verifying_key(),
+                name: "test-agent".into(),
+                instance: [3; 16],
+            }
+        }
+
+        /// Waits (at most 10 s) for the next request matching `pred`, skipping others.
+        pub async fn expect(&mut self, mut pred: impl FnMut(&Request) -> bool) -> Request {
+            let wait = async {
+                loop {
+                    let r = self.requests.recv().await.expect("fake MDS stopped");
+                    if pred(&r) {
+                        return r;
+                    }
+                }
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(10), wait)
+                .await
+                .expect("the agent never sent the expected request")
+        }
+    }
+
+    async fn hang_up_recv(rx: &mut mpsc::Receiver<()>) {
+        if rx.recv().await.is_none() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    fn answer(script: &Mutex<Script>, request: Request, lease_ms: u64) -> Result<Response, ControlError> {
+        let mut s = script.lock().unwrap();
+        match request {
+            Request::Renew | Request::PoolStatus => Ok(Response::Lease { lease_ms }),
+            Request::Open { volume, .. } if volume == "busy" => Err(ControlError::new(
+                ErrorCode::Conflict,
+                "volume busy is open exclusive by host-b (handle 9); it can be opened once host-b closes it",
+            )),
+            Request::Open { volume, mode } => match s.volumes.get(&volume).cloned() {
+                Some(description) => {
+                    s.next_handle += 1;
+                    Ok(Response::Opened(OpenedHandle { handle: s.next_handle, mode, description, lease_ms }))
+                }
+                None => Err(ControlError::new(ErrorCode::NotFound, format!("volume {volume} does not exist"))),
+            },
+            Request::Close { .. } | Request::RecallDone { .. } => Ok(Response::Done),
+            other => Err(ControlError::new(ErrorCode::PermissionDenied, format!("{other:?} is for admins"))),
+        }
+    }
+}

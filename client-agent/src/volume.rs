@@ -88,10 +88,7 @@ impl Layout {
     }
 
     /// The online legs of `segment`, with their devices.
-    fn online_legs<'a>(
-        &'a self,
-        segment: &Segment<'a>,
-    ) -> Result<Vec<(&'a DeviceEndpoint, &'a Arc<dyn BlockDevice>, u64)>, IoError> {
+    fn online_legs<'a>(&'a self, segment: &Segment<'a>) -> Result<Vec<Leg<'a>>, IoError> {
         let mut legs = Vec::with_capacity(segment.legs.len());
         for leg in segment.legs {
             let (endpoint, device) = self.leg(leg)?;
@@ -108,6 +105,9 @@ impl Layout {
         Ok(legs)
     }
 }
+
+/// One online leg of a segment: its device and the byte offset on it.
+type Leg<'a> = (&'a DeviceEndpoint, &'a Arc<dyn BlockDevice>, u64);
 
 /// Why a [`Layout`] could not be built.
 #[derive(Debug, thiserror::Error)]

@@ -173,7 +173,7 @@ async fn run(args: RunArgs, control_socket: PathBuf) -> Result<()> {
     Ok(())
 }
 
-async fn call(socket: &PathBuf, request: ControlRequest) -> Result<ControlReply> {
+async fn call(socket: &std::path::Path, request: ControlRequest) -> Result<ControlReply> {
     let reply = control::call(socket, &request).await.map_err(anyhow::Error::msg)?;
     if !reply.ok {
         // The agent's (and the server's) message, verbatim.
