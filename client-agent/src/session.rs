@@ -479,7 +479,7 @@ impl Shared {
                     async move {
                         match gate.drained().await {
                             Ok(()) => match client.request(Request::RecallDone { handle, generation }).await {
-                                Ok(_) => info!(handle, generation, "recall confirmed; I/O held until the new layout"),
+                                Ok(_) => info!(handle, generation, "recall confirmed to the metadata server"),
                                 Err(e) => warn!(handle, generation, error = %e, "confirming the recall failed"),
                             },
                             Err(e) => warn!(handle, generation, error = %e, "recall abandoned"),
