@@ -276,7 +276,7 @@ impl Conn {
         if h.command == proto::CMD_TRIM && self.flags & proto::TFLAG_SEND_TRIM == 0 {
             return Err(err(errno::EINVAL, "TRIM was not advertised for this export"));
         }
-        if h.offset % self.minimum != 0 || h.length as u64 % self.minimum != 0 {
+        if !h.offset.is_multiple_of(self.minimum) || !(h.length as u64).is_multiple_of(self.minimum) {
             let msg = format!("{name} at {} length {} is not aligned to {} bytes", h.offset, h.length, self.minimum);
             return Err(err(errno::EINVAL, msg));
         }
