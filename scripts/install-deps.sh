@@ -6,7 +6,7 @@
 #   fio: workload generator with an NBD engine and crc32c verification
 #   libblkid-dev, libclang-dev, pkg-config: the blkid crate's bindings
 set -euo pipefail
-packages=(nbdkit qemu-utils nbd-server libnbd-bin fio libblkid-dev libclang-dev pkg-config)
+packages=(nbdkit qemu-utils nbd-server libnbd-bin fio libblkid-dev libclang-dev pkg-config busybox-static nbd-client e2fsprogs xz-utils)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
