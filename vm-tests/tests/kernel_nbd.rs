@@ -5,11 +5,11 @@
 //! Plus two runs that must fail (a scenario that fails, a scenario that hangs), so a broken runner
 //! cannot pass by never noticing failure.
 
-use std::io::{Read, Seek, SeekFrom};
 use std::time::Duration;
 
+use blockio::memory::MemoryDevice;
 use sha2::{Digest, Sha256};
-use vm_tests::host::NbdkitExport;
+use vm_tests::host::BlockioExport;
 use vm_tests::{Scenario, Verdict};
 
 const EXPORT_BYTES: u64 = 256 << 20;
@@ -25,10 +25,8 @@ fn pattern_sha256() -> String {
 
 #[test]
 fn guest_ext4_on_kernel_nbd_round_trips_through_the_host_export() {
-    let dir = tempfile::tempdir().unwrap();
-    let backing = dir.path().join("export.img");
-    std::fs::File::create(&backing).unwrap().set_len(EXPORT_BYTES).unwrap();
-    let export = NbdkitExport::file(&backing).unwrap();
+    // sanvol's own NBD server, in-process, over a 256 MiB memory device.
+    let export = BlockioExport::serve(MemoryDevice::new(EXPORT_BYTES)).unwrap();
 
     let report = Scenario::new("kernel_nbd", include_str!("scenarios/kernel_nbd.sh"))
         .env("NBD_PORT", export.port())
@@ -44,14 +42,10 @@ fn guest_ext4_on_kernel_nbd_round_trips_through_the_host_export() {
         report.console_log.display()
     );
     report.assert_pass();
-    drop(export);
 
-    // The guest's writes crossed the NBD path: the host-side export holds an ext4 superblock
+    // The guest's writes crossed the NBD path: the host-side device holds an ext4 superblock
     // (at byte 1024; s_magic 0xEF53 at offset 56 in it) with the label the guest gave it.
-    let mut sb = [0u8; 1024];
-    let mut f = std::fs::File::open(&backing).unwrap();
-    f.seek(SeekFrom::Start(1024)).unwrap();
-    f.read_exact(&mut sb).unwrap();
+    let sb = export.read(1024, 1024).unwrap();
     assert_eq!(u16::from_le_bytes([sb[56], sb[57]]), 0xEF53, "no ext4 superblock magic at byte 1080 of the export");
     assert_eq!(&sb[120..129], b"sanvol-vm", "ext4 volume label in the export");
     let blocks = u32::from_le_bytes(sb[4..8].try_into().unwrap()) as u64;
