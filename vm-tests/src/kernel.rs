@@ -60,8 +60,11 @@ pub fn prepare(modules: &[String]) -> Result<Kernel, VmError> {
     if !image.exists() {
         unpack_image(&deb, &dir, &image)?;
     }
-    let order = resolve_modules(&deb, &dir, modules)?;
-    Ok(Kernel { key, image, modules: order })
+    let order = resolve_modules(&deb, &dir, modules);
+    // The unpacked tree (~400 MB) is only a scratch copy shared by the two steps above.
+    let _ = std::fs::remove_file(dir.join("unpacked.done"));
+    let _ = std::fs::remove_dir_all(dir.join("unpacked"));
+    Ok(Kernel { key, image, modules: order? })
 }
 
 fn run(cmd: &mut Command) -> Result<Vec<u8>, VmError> {
@@ -136,12 +139,18 @@ fn download(package: &str, version: &str, dir: &Path, deb: &Path) -> Result<(), 
     Ok(())
 }
 
-/// Unpacks `lib/modules` and `boot` of the package into a scratch directory under `dir`.
+/// Unpacks the package into a scratch directory under `dir` (reused within one [`prepare`]).
 fn unpack(deb: &Path, dir: &Path) -> Result<PathBuf, VmError> {
     let root = dir.join("unpacked");
+    let done = dir.join("unpacked.done");
+    if done.exists() && root.is_dir() {
+        return Ok(root);
+    }
+    let _ = std::fs::remove_file(&done);
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root).map_err(VmError::io(format!("creating {}", root.display())))?;
     run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&root))?;
+    std::fs::write(&done, b"").map_err(VmError::io(format!("writing {}", done.display())))?;
     Ok(root)
 }
 
@@ -172,7 +181,6 @@ fn unpack_image(deb: &Path, dir: &Path, image: &Path) -> Result<(), VmError> {
     // While the tree is unpacked anyway, keep modules.builtin for later lookups.
     let mroot = module_root(&root)?;
     let _ = std::fs::copy(mroot.join("modules.builtin"), dir.join("modules.builtin"));
-    let _ = std::fs::remove_dir_all(&root);
     Ok(())
 }
 
@@ -296,7 +304,6 @@ fn resolve_modules(deb: &Path, dir: &Path, wanted: &[String]) -> Result<Vec<(Str
             std::fs::copy(src, &dst).map_err(VmError::io(format!("copying {}", src.display())))?;
             missing.extend(read_modinfo(&dst)?.depends);
         }
-        let _ = std::fs::remove_dir_all(&root);
         infos.clear();
         let still = closure(&cached, dir, wanted, &mut infos)?;
         if let Some(name) = still.first() {
