@@ -60,16 +60,23 @@ impl VmReport {
         }
     }
 
-    /// Panics with the reason and the console log's path unless the scenario passed.
+    /// The message [`VmReport::assert_pass`] panics with: the reason, the console log's path and its
+    /// last lines. `None` if the scenario passed.
+    pub fn failure_message(&self) -> Option<String> {
+        let reason = self.failure()?;
+        Some(format!(
+            "vm scenario `{}` FAILED: {reason}\n  console log: {}\n  last console lines:\n{}",
+            self.scenario,
+            self.console_log.display(),
+            tail(&self.console_log, 25)
+        ))
+    }
+
+    /// Panics with [`VmReport::failure_message`] unless the scenario passed.
     #[track_caller]
     pub fn assert_pass(&self) {
-        if let Verdict::Fail(reason) = &self.verdict {
-            panic!(
-                "vm scenario `{}` FAILED: {reason}\n  console log: {}\n  last console lines:\n{}",
-                self.scenario,
-                self.console_log.display(),
-                tail(&self.console_log, 25)
-            );
+        if let Some(message) = self.failure_message() {
+            panic!("{message}");
         }
     }
 }

@@ -70,8 +70,7 @@ fn a_failing_scenario_reports_fail_with_reason_and_log() {
     assert!(log.contains("SANVOL-VM-RESULT: FAIL deliberate failure"), "console log kept with the marker");
 
     // The panic message a test sees names the reason and where the log is.
-    let msg = std::panic::catch_unwind(|| report.assert_pass()).unwrap_err();
-    let msg = msg.downcast_ref::<String>().unwrap();
+    let msg = report.failure_message().unwrap();
     assert!(msg.contains("deliberate failure") && msg.contains(&report.console_log.display().to_string()), "{msg}");
 
     // A command failing under `set -e` names the step it failed in.
