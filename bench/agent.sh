@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Agent data-path benchmark (issue: metadata server, admin CLI and the
+# agent's direct data path).
+#
+# One nbdkit memory device holds the pool. The same fio matrix runs:
+#   agent   fio -> sanvol-agent export -> (direct) nbdkit device
+#   proxy   fio -> nbdkit nbd plugin   -> nbdkit device   (one extra hop, a real peer)
+#   direct  fio -> nbdkit device                           (no hop)
+# and the agent's figures are reported as ratios to both.
+#
+# Usage: bench/agent.sh   (env: BENCH_SECONDS=10 per row, BENCH_SIZE_MIB=2048)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${BENCH_SECONDS:-10}
+SIZE_MIB=${BENCH_SIZE_MIB:-2048}
+VOLUME_MIB=$((SIZE_MIB / 2))
+WORK_MIB=$((VOLUME_MIB / 2))
+
+scripts/install-deps.sh >/dev/null
+cargo build --release -q --bins
+source bench/lib.sh
+BIN=target/release
+D=$BENCH_DIR
+
+start_nbdkit dev0 memory "${SIZE_MIB}M"
+start_nbdkit proxy nbd socket="$D/dev0.sock"
+for k in mds admin agent; do $BIN/sanvol keygen "$D/$k.key" >/dev/null; done
+$BIN/sanvol pool init --name bench --device "$(sock_uri dev0)" --server-key "$D/mds.key.pub" --admin-key "$D/admin.key.pub" >/dev/null
+cat >"$D/mds.toml" <<TOML
+listen = ["unix:$D/mds.sock"]
+key = "$D/mds.key"
+devices = ["$(sock_uri dev0)"]
+TOML
+start_ready mds $BIN/sanvol-mds --config "$D/mds.toml"
+export SANVOL_MDS="unix:$D/mds.sock" SANVOL_KEY="$D/admin.key" SANVOL_SERVER_KEY="$D/mds.key.pub"
+$BIN/sanvol client add "$D/agent.key.pub" --role agent --name bench-host >/dev/null
+$BIN/sanvol-agent run --mds "$SANVOL_MDS" --key "$D/agent.key" --server-key "$D/mds.key.pub" \
+    --control-socket "$D/agent.sock" --export-dir "$D" 2>"$D/agent.err" &
+BENCH_PIDS+=($!)
+$BIN/sanvol-agent wait-ready --control-socket "$D/agent.sock"
+$BIN/sanvol volume create vol "${VOLUME_MIB}M" >/dev/null
+AGENT_URI=$($BIN/sanvol-agent attach vol --control-socket "$D/agent.sock")
+
+declare -A URI=([agent]="$AGENT_URI" [proxy]="$(sock_uri proxy)" [direct]="$(sock_uri dev0)")
+ROWS=(
+    "4k-randread-qd1 randread 4k 1"
+    "4k-randread-qd32 randread 4k 32"
+    "4k-randwrite-qd1 randwrite 4k 1"
+    "4k-randwrite-qd32 randwrite 4k 32"
+    "1m-read-qd8 read 1m 8"
+    "1m-write-qd8 write 1m 8"
+)
+fio_nbd "${URI[agent]}" write 1m 8 "$WORK_MIB" 1 >/dev/null   # fill the volume's working set
+fio_nbd "${URI[direct]}" write 1m 8 "$WORK_MIB" 1 >/dev/null  # and the device's start
+
+results="$D/results.txt"
+for row in "${ROWS[@]}"; do
+    read -r name rw bs depth <<<"$row"
+    for path in agent proxy direct; do
+        echo "$name $path $(fio_nbd "${URI[$path]}" "$rw" "$bs" "$depth" "$WORK_MIB" "$SECS")" >>"$results"
+    done
+    echo "done: $name" >&2
+done
+$BIN/sanvol-agent detach vol --control-socket "$D/agent.sock"
+
+mkdir -p bench/results
+out="bench/results/agent-$(date +%Y%m%d-%H%M%S).md"
+python3 - "$results" "$SECS" >"$out" <<'PY'
+import sys, collections
+rows = collections.OrderedDict()
+for line in open(sys.argv[1]):
+    name, who, iops, mib = line.split()
+    rows.setdefault(name, {})[who] = (float(iops), float(mib))
+print(f"fio nbd engine, unix sockets, one nbdkit memory device, {sys.argv[2]} s per row\n")
+print("| row | agent IOPS | nbdkit proxy IOPS | direct IOPS | agent MiB/s | agent / proxy | agent / direct |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+for name, r in rows.items():
+    a, p, d = r["agent"], r["proxy"], r["direct"]
+    print(f"| {name} | {a[0]:.0f} | {p[0]:.0f} | {d[0]:.0f} | {a[1]:.1f} | {a[0]/p[0]:.2f} | {a[0]/d[0]:.2f} |")
+PY
+cat "$out"
+echo "(saved to $out)"
