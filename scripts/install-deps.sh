@@ -5,6 +5,9 @@
 #   (nbdinfo, nbdcopy): real NBD peers for the interop tests and benchmarks
 #   fio: workload generator with an NBD engine and crc32c verification
 #   libblkid-dev, libclang-dev, pkg-config: the blkid crate's bindings
+#   busybox-static, nbd-client, e2fsprogs, xz-utils: the VM tests' guest userland
+#   qemu-system-x86 (with a matching qemu-utils): the VM tests, via
+#   vm-tests/install-deps.sh, which explains why it needs its own command
 set -euo pipefail
 packages=(nbdkit qemu-utils nbd-server libnbd-bin fio libblkid-dev libclang-dev pkg-config busybox-static nbd-client e2fsprogs xz-utils)
 missing=()
@@ -17,4 +20,6 @@ if [ ${#missing[@]} -gt 0 ]; then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
 fi
+# Before any test runs: it may replace qemu-utils with the matching version.
+"$(dirname "$0")/../vm-tests/install-deps.sh"
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }
