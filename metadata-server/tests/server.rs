@@ -242,3 +242,27 @@ async fn grow_excludes_a_silent_holder_once_its_lease_runs_out() {
     assert_eq!(v[0].size_bytes, 8 * MIB);
     assert!(v[0].open_by.is_empty(), "{v:?}");
 }
+
+/// A commit that reaches some metadata copies but not all is refused, and
+/// the copies that took it are superseded at once: a restart shows only what
+/// was acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_commit_does_not_resurface_after_a_restart() {
+    let mut pool = Pool::start(LEASE_MS).await;
+    let admin = pool.admin().await;
+    admin.request(Request::VolumeCreate { name: "kept".into(), size_bytes: 4 * MIB, legs: 1 }).await.unwrap();
+    // The first copy takes the next generation; the last one refuses it.
+    pool.devices.devices.last().unwrap().fail_writes.store(true, std::sync::atomic::Ordering::SeqCst);
+    let e = admin
+        .request(Request::VolumeCreate { name: "refused".into(), size_bytes: 4 * MIB, legs: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(code(e).0, ErrorCode::CommitFailed);
+    pool.devices.fail_writes(false);
+    admin.close().await;
+    pool.stop_server().await;
+    pool.start_server().await;
+    let admin = pool.admin().await;
+    let names: Vec<String> = volumes(&admin).await.into_iter().map(|v| v.name).collect();
+    assert_eq!(names, ["kept"], "only acknowledged changes survive the restart");
+}

@@ -140,7 +140,7 @@ pub async fn init(opts: InitOptions) -> Result<InitReport, PoolError> {
         devices.push(d);
     }
     let mut pool = Pool { pool_uuid, devices, generation_attempted: 0 };
-    let metadata = pool.commit(meta).await?;
+    let metadata = pool.commit(None, meta).await?;
     for d in &pool.devices {
         if let Some(c) = &d.client {
             c.disconnect().await;

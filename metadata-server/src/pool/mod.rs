@@ -180,7 +180,17 @@ impl Pool {
     /// flushes each. Returns the committed metadata (with its generation);
     /// on error nothing the caller holds has changed, and the caller must not
     /// acknowledge the change.
-    pub async fn commit(&mut self, mut next: PoolMetadata) -> Result<PoolMetadata, PoolError> {
+    ///
+    /// `current` is the last acknowledged metadata (`None` at pool init). If
+    /// the new generation reached some copies but not all, those copies are
+    /// at once overwritten with `current` at a newer generation: otherwise a
+    /// restart would read the refused change back and show something that
+    /// was never acknowledged.
+    pub async fn commit(
+        &mut self,
+        current: Option<&PoolMetadata>,
+        mut next: PoolMetadata,
+    ) -> Result<PoolMetadata, PoolError> {
         let generation = self.generation_attempted.max(next.generation) + 1;
         self.generation_attempted = generation;
         next.generation = generation;
@@ -193,25 +203,60 @@ impl Pool {
                 holders
             }
         };
-        let mut written = 0;
+        let (written, failures) = self.write_copies(&copies, generation, &next).await;
+        // Every copy must be current: a copy left behind would let an older
+        // generation win if the others are lost later.
+        if !failures.is_empty() {
+            warn!(generation, written = written.len(), "commit failed: {}", failures.join("; "));
+            if let (false, Some(current)) = (written.is_empty(), current) {
+                self.supersede(&written, current).await;
+            }
+            return Err(PoolError::Commit(failures.join("; ")));
+        }
+        let written = written.len();
+        info!(generation, copies = written, "pool metadata committed");
+        Ok(next)
+    }
+
+    /// Writes `meta` as `generation` to each copy; returns the copies written
+    /// and the failures.
+    async fn write_copies(
+        &mut self,
+        copies: &[Uuid],
+        generation: u64,
+        meta: &PoolMetadata,
+    ) -> (Vec<Uuid>, Vec<String>) {
+        let mut written = Vec::new();
         let mut failures = Vec::new();
-        for uuid in &copies {
+        for uuid in copies {
             let Some(device) = self.devices.iter_mut().find(|d| d.expected_uuid == Some(*uuid)) else {
                 failures.push(format!("device {uuid} holding a metadata copy is not reachable"));
                 continue;
             };
-            match device.write_generation(self.pool_uuid, generation, &next).await {
-                Ok(()) => written += 1,
+            match device.write_generation(self.pool_uuid, generation, meta).await {
+                Ok(()) => written.push(*uuid),
                 Err(e) => failures.push(e.to_string()),
             }
         }
-        // Every copy must be current: a copy left behind would let an older
-        // generation win if the others are lost later.
-        if !failures.is_empty() {
-            warn!(generation, written, "commit failed: {}", failures.join("; "));
-            return Err(PoolError::Commit(failures.join("; ")));
+        (written, failures)
+    }
+
+    /// After a partial commit, rewrites the copies that took it with the
+    /// acknowledged metadata at a newer generation.
+    async fn supersede(&mut self, copies: &[Uuid], current: &PoolMetadata) {
+        let generation = self.generation_attempted + 1;
+        self.generation_attempted = generation;
+        let mut meta = current.clone();
+        meta.generation = generation;
+        let (written, failures) = self.write_copies(copies, generation, &meta).await;
+        if failures.is_empty() {
+            info!(generation, copies = written.len(), "superseded the partial commit with the acknowledged metadata");
+        } else {
+            tracing::error!(
+                generation,
+                "could not supersede a partial commit on every copy ({}): until the next successful commit, a restart may show the refused change",
+                failures.join("; ")
+            );
         }
-        info!(generation, copies = written, "pool metadata committed");
-        Ok(next)
     }
 }

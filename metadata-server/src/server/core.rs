@@ -134,7 +134,7 @@ impl Core {
     /// Commits `next`; on success adopts it. On failure nothing changes and
     /// the error is the one to send to the client.
     pub async fn commit(&mut self, next: PoolMetadata) -> Result<(), ControlError> {
-        match self.pool.commit(next).await {
+        match self.pool.commit(Some(&self.meta), next).await {
             Ok(committed) => {
                 self.adopt(committed);
                 Ok(())
