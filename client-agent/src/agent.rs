@@ -52,6 +52,8 @@ pub enum AgentError {
     FlushFailed { volume: String, message: String },
     #[error("{0:?} is not a valid volume name for an export socket (no '/', not empty, at most 200 bytes)")]
     BadName(String),
+    #[error("volume {volume}: {source}")]
+    Kernel { volume: String, source: crate::kernel::KernelError },
 }
 
 /// What `attach` asks for.
@@ -84,12 +86,20 @@ pub struct AttachmentInfo {
     pub state_detail: String,
     pub io_in_flight: u64,
     pub io_waiting: u64,
+    /// The kernel device (`/dev/nbdX`) backing this volume, if it is attached to the kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_device: Option<String>,
+    /// Why a requested kernel attach did not happen (the socket export still serves the volume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_note: Option<String>,
 }
 
 struct Attachment {
     device: Arc<VolumeDevice>,
     mode: OpenMode,
     export: ExportHandle,
+    /// `/dev/nbdX`, when attached to the kernel (see [`crate::kernel`]).
+    kernel: Option<crate::kernel::attach::KernelAttachment>,
 }
 
 /// The running agent.
@@ -99,22 +109,36 @@ pub struct Agent {
     pool: Arc<DevicePool>,
     /// Held across attach/detach so they are serialised; never on the data path.
     attached: Mutex<BTreeMap<String, Attachment>>,
+    /// Kernel attach settings (see [`crate::kernel::KernelSettings`]).
+    kernel_settings: std::sync::Mutex<crate::kernel::KernelSettings>,
+    /// Device URI host rewrites (`--device-host-alias`), shared with the layout builder.
+    host_aliases: crate::kernel::reattach::HostAliases,
 }
 
 impl Agent {
     /// Starts the session (connecting in the background).
     pub fn start(config: AgentConfig) -> Arc<Agent> {
         let pool = DevicePool::new(config.pool.clone());
+        let host_aliases = crate::kernel::reattach::HostAliases::default();
         let builder: LayoutBuilder = {
             let pool = pool.clone();
+            let aliases = host_aliases.clone();
             Arc::new(move |description| {
                 let pool_uuid = description.pool_uuid;
+                let description = aliases.apply(description);
                 Layout::new(description, |endpoint| pool.device(endpoint, pool_uuid).map(|d| d as Arc<dyn BlockDevice>))
                     .map_err(|e| e.to_string())
             })
         };
         let (session, _task) = Session::start(config.session.clone(), builder);
-        Arc::new(Agent { config, session, pool, attached: Mutex::new(BTreeMap::new()) })
+        Arc::new(Agent {
+            config,
+            session,
+            pool,
+            attached: Mutex::new(BTreeMap::new()),
+            kernel_settings: Default::default(),
+            host_aliases,
+        })
     }
 
     pub fn session(&self) -> &Session {
@@ -189,15 +213,21 @@ impl Agent {
             Err(source) => return undo(AgentError::Export { volume: volume.clone(), source }).await,
         };
         info!(volume, handle = opened.handle, uri = export.uri(), "volume attached");
-        attached.insert(volume.clone(), Attachment { device, mode: opened.mode, export });
+        attached.insert(volume.clone(), Attachment { device, mode: opened.mode, export, kernel: None });
         Ok(self.info(&volume, &attached[&volume]))
     }
 
     pub async fn detach(&self, volume: &str) -> Result<(), AgentError> {
         let mut attached = self.attached.lock().await;
-        let Some(a) = attached.get(volume) else {
+        let Some(a) = attached.get_mut(volume) else {
             return Err(AgentError::NotAttached(volume.to_string()));
         };
+        if let Some(kernel) = a.kernel.as_mut() {
+            // Flush and disconnect /dev/nbdX first; if the flush fails it stays attached.
+            kernel.detach().await.map_err(|source| AgentError::Kernel { volume: volume.to_string(), source })?;
+            a.kernel = None;
+        }
+        let a = &attached[volume];
         let revoked = matches!(a.device.gate().status().phase, crate::gate::Phase::Revoked { .. });
         if !revoked && a.mode != OpenMode::ReadOnly {
             a.device
@@ -239,6 +269,8 @@ impl Agent {
             },
             io_in_flight: status.in_flight,
             io_waiting: status.waiting,
+            kernel_device: a.kernel.as_ref().map(|k| k.device_path()),
+            kernel_note: None,
         }
     }
 
@@ -247,8 +279,14 @@ impl Agent {
         attached.iter().map(|(volume, a)| self.info(volume, a)).collect()
     }
 
-    /// Detaches everything (flush + close) and stops the session.
+    /// Detaches everything (flush + close) and stops the session. Kernel devices stay connected
+    /// (their I/O waits up to the dead-connection timeout), so that the next agent can reattach them.
     pub async fn shutdown(&self) {
+        for (volume, a) in self.attached.lock().await.iter_mut() {
+            if let Some(kernel) = a.kernel.take() {
+                info!(volume, device = kernel.device_path(), "leaving the kernel device connected for the next agent");
+            }
+        }
         let volumes: Vec<String> = self.attached.lock().await.keys().cloned().collect();
         for volume in volumes {
             if let Err(e) = self.detach(&volume).await {
@@ -256,6 +294,104 @@ impl Agent {
             }
         }
         self.session.shutdown().await;
+    }
+}
+
+/// Kernel attach (see [`crate::kernel`]).
+impl Agent {
+    pub fn set_kernel_settings(&self, settings: crate::kernel::KernelSettings) {
+        *self.kernel_settings.lock().unwrap_or_else(|e| e.into_inner()) = settings;
+    }
+
+    pub fn kernel_settings(&self) -> crate::kernel::KernelSettings {
+        *self.kernel_settings.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Rewrites device URIs' hosts (`FROM=TO`), for agents that reach the devices under another
+    /// address than the one recorded in the pool. Set before attaching anything.
+    pub fn set_device_host_aliases(&self, aliases: Vec<(String, String)>) {
+        self.host_aliases.set(aliases);
+    }
+
+    /// Attaches `volume` (socket export as usual) and connects it to a kernel NBD device.
+    /// Without the driver, the volume stays attached on its socket export and the reply says why.
+    pub async fn attach_kernel(
+        &self,
+        request: crate::kernel::KernelAttachRequest,
+    ) -> Result<AttachmentInfo, AgentError> {
+        let volume = request.volume.clone();
+        let index = match &request.nbd_device {
+            Some(name) => Some(
+                crate::kernel::parse_device(name)
+                    .map_err(|source| AgentError::Kernel { volume: volume.clone(), source })?,
+            ),
+            None => None,
+        };
+        let mut info =
+            self.attach(AttachRequest { volume: volume.clone(), mode: request.mode, socket: None, tcp: None }).await?;
+        let settings = self.kernel_settings();
+        let mut attached = self.attached.lock().await;
+        let Some(a) = attached.get_mut(&volume) else {
+            return Err(AgentError::NotAttached(volume));
+        };
+        let backend = crate::kernel::BackendId {
+            pool: a.device.gate().layout().description().pool_uuid,
+            mode: a.mode,
+            handle: a.device.handle(),
+            volume: volume.clone(),
+        };
+        let device: Arc<dyn BlockDevice> = a.device.clone();
+        match crate::kernel::attach::KernelAttachment::connect(&volume, device, index, backend.to_string(), settings)
+            .await
+        {
+            Ok(kernel) => {
+                info.kernel_device = Some(kernel.device_path());
+                a.kernel = Some(kernel);
+                Ok(info)
+            }
+            Err(crate::kernel::KernelError::NotLoaded) => {
+                warn!(volume, "{}; serving {} only", crate::kernel::NOT_LOADED, info.export_uri);
+                info.kernel_note = Some(format!("{} ({})", crate::kernel::NOT_LOADED, info.export_uri));
+                Ok(info)
+            }
+            Err(source) => {
+                drop(attached);
+                if let Err(e) = self.detach(&volume).await {
+                    warn!(volume, error = %e, "detaching after a failed kernel attach failed");
+                }
+                Err(AgentError::Kernel { volume, source })
+            }
+        }
+    }
+
+    /// After a restart: finds the kernel devices a previous agent left connected (sanvol backend
+    /// identifiers, no live process behind them), re-opens their volumes and gives the same
+    /// devices fresh sockets. Returns one line per device for the log.
+    pub async fn reattach_kernel_devices(&self) -> Vec<String> {
+        crate::kernel::reattach::reattach_all(self).await
+    }
+
+    /// Binds a kernel attachment the reattach code made to an attached volume.
+    pub(crate) async fn set_kernel(
+        &self,
+        volume: &str,
+        make: impl std::future::Future<Output = Result<crate::kernel::attach::KernelAttachment, crate::kernel::KernelError>>,
+    ) -> Result<String, AgentError> {
+        let mut attached = self.attached.lock().await;
+        let Some(a) = attached.get_mut(volume) else {
+            return Err(AgentError::NotAttached(volume.to_string()));
+        };
+        let kernel = make.await.map_err(|source| AgentError::Kernel { volume: volume.to_string(), source })?;
+        let path = kernel.device_path();
+        a.kernel = Some(kernel);
+        Ok(path)
+    }
+
+    /// The attached volume's device, pool and handle (for the reattach code).
+    pub(crate) async fn attached_device(&self, volume: &str) -> Option<(Arc<VolumeDevice>, uuid::Uuid)> {
+        let attached = self.attached.lock().await;
+        let a = attached.get(volume)?;
+        Some((a.device.clone(), a.device.gate().layout().description().pool_uuid))
     }
 }
 

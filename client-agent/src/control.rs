@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! {"op":"attach","volume":"db","mode":"Exclusive"}                 (optional "socket":"/path" or "tcp":"127.0.0.1:10809")
+//! {"op":"attach-kernel","volume":"db","mode":"Exclusive"}          (optional "nbd_device":"/dev/nbd0")
 //! {"op":"detach","volume":"db"}
 //! {"op":"list"}
 //! {"op":"status"}
@@ -40,7 +41,11 @@ pub const CONNECTIONS_MAX: usize = 16;
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum ControlRequest {
     Attach(AttachRequest),
-    Detach { volume: String },
+    /// Attach and connect to a kernel NBD device (`/dev/nbdX`).
+    AttachKernel(crate::kernel::KernelAttachRequest),
+    Detach {
+        volume: String,
+    },
     List,
     Status,
 }
@@ -77,6 +82,10 @@ async fn handle(agent: &Agent, request: ControlRequest) -> ControlReply {
     let ok = ControlReply { ok: true, ..Default::default() };
     match request {
         ControlRequest::Attach(request) => match agent.attach(request).await {
+            Ok(info) => ControlReply { attached: Some(info), ..ok },
+            Err(e) => ControlReply::error(e),
+        },
+        ControlRequest::AttachKernel(request) => match agent.attach_kernel(request).await {
             Ok(info) => ControlReply { attached: Some(info), ..ok },
             Err(e) => ControlReply::error(e),
         },

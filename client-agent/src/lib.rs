@@ -22,12 +22,15 @@
 //!   TCP) and the kernel-attach seam.
 //! - [`agent`]: attach/detach/list and graceful shutdown.
 //! - [`control`]: the local control socket (JSON lines) and its client.
+//! - [`kernel`]: kernel attach — a volume as `/dev/nbdX` through the NBD driver's netlink
+//!   interface, and reattach after an agent restart.
 
 pub mod agent;
 pub mod control;
 pub mod devices;
 pub mod export;
 pub mod gate;
+pub mod kernel;
 pub mod session;
 pub mod volume;
 

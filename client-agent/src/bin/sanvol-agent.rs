@@ -62,6 +62,12 @@ enum Command {
         /// Print the whole attachment as JSON instead of just the URI.
         #[arg(long)]
         json: bool,
+        /// Also connect it to the kernel NBD driver and print the device (`/dev/nbdX`) instead of the URI.
+        #[arg(long, conflicts_with_all = ["socket", "tcp"])]
+        kernel: bool,
+        /// With --kernel: use this device (default: the first free one).
+        #[arg(long, requires = "kernel")]
+        nbd_device: Option<String>,
     },
     /// Flush, stop the export and close the volume's handle.
     Detach { volume: String },
@@ -124,6 +130,21 @@ struct RunArgs {
     /// Raise it on hosts with cores to spare and many busy volumes.
     #[arg(long, env = "SANVOL_AGENT_IO_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     io_threads: u16,
+    /// Kernel devices (`attach --kernel`): a request unanswered this long moves to a new socket
+    /// (NBD_ATTR_TIMEOUT). Keep it above the longest stall a live agent may have.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    nbd_timeout_secs: u64,
+    /// Kernel devices: how long I/O waits for an agent (restart, upgrade) before failing
+    /// (NBD_ATTR_DEAD_CONN_TIMEOUT). The reattach window; keep it above the handles' lease.
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    nbd_dead_conn_timeout_secs: u64,
+    /// Kernel devices: sockets per device (used only where the volume allows multi-connection).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+    nbd_connections: u64,
+    /// Reach devices recorded in the pool under host FROM at host TO instead (FROM=TO, repeatable),
+    /// e.g. 127.0.0.1=10.0.2.2 for an agent in a VM whose host serves the devices on loopback.
+    #[arg(long, value_parser = client_agent::kernel::reattach::parse_alias)]
+    device_host_alias: Vec<(String, String)>,
 }
 
 fn hostname() -> String {
@@ -149,6 +170,13 @@ async fn run(args: RunArgs, control_socket: PathBuf) -> Result<()> {
         pool: PoolOptions { connections_per_device: args.device_connections, ..PoolOptions::default() },
     };
     let agent = Agent::start(config);
+    agent.set_device_host_aliases(args.device_host_alias.clone());
+    agent.set_kernel_settings(client_agent::kernel::KernelSettings {
+        timeout_secs: args.nbd_timeout_secs,
+        dead_conn_timeout_secs: args.nbd_dead_conn_timeout_secs,
+        connections: args.nbd_connections as usize,
+        ..Default::default()
+    });
 
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -163,6 +191,17 @@ async fn run(args: RunArgs, control_socket: PathBuf) -> Result<()> {
 
     // The control socket appears only now, so its existence means "ready".
     let listener = control::bind(&control_socket).await?;
+    if !client_agent::kernel::driver::loaded() {
+        tracing::info!("{}; kernel attach is unavailable, socket exports work", client_agent::kernel::NOT_LOADED);
+    }
+    // Devices a previous agent left connected get their volumes back (in the background: the
+    // control socket answers meanwhile; `list` shows them once bound).
+    tokio::spawn({
+        let agent = agent.clone();
+        async move {
+            agent.reattach_kernel_devices().await;
+        }
+    });
     println!("ready control-socket={}", control_socket.display());
     tracing::info!(socket = %control_socket.display(), "agent ready");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -203,6 +242,9 @@ fn print_table(volumes: &[AttachmentInfo]) {
         if !v.state_detail.is_empty() {
             println!("  {}", v.state_detail);
         }
+        if let Some(device) = &v.kernel_device {
+            println!("  kernel device {device}");
+        }
     }
 }
 
@@ -230,7 +272,29 @@ async fn main_async(cli: Cli) -> Result<()> {
     let socket = cli.control_socket;
     match cli.command {
         Command::Run(args) => run(args, socket).await,
-        Command::Attach { volume, mode, socket: export_socket, tcp, json } => {
+        Command::Attach { volume, mode, kernel: true, nbd_device, json, .. } => {
+            let request = client_agent::kernel::KernelAttachRequest { volume, mode: mode.into(), nbd_device };
+            let reply = call(&socket, ControlRequest::AttachKernel(request)).await?;
+            let info = reply.attached.context("the agent's reply lacks the attachment")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            }
+            match (&info.kernel_device, &info.kernel_note) {
+                (Some(device), _) if !json => println!("{device}"),
+                (Some(_), _) => {}
+                (None, note) => {
+                    eprintln!(
+                        "sanvol-agent: {}; volume {} stays attached at {}",
+                        note.as_deref().unwrap_or(client_agent::kernel::NOT_LOADED),
+                        info.volume,
+                        info.export_uri
+                    );
+                    std::process::exit(2);
+                }
+            }
+            Ok(())
+        }
+        Command::Attach { volume, mode, socket: export_socket, tcp, json, .. } => {
             let request = AttachRequest { volume, mode: mode.into(), socket: export_socket, tcp };
             let reply = call(&socket, ControlRequest::Attach(request)).await?;
             let info = reply.attached.context("the agent's reply lacks the attachment")?;

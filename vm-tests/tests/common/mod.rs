@@ -1,0 +1,161 @@
+//! A sanvol pool on the host for guest agents: nbdkit memory devices and `sanvol-mds` on
+//! 127.0.0.1 (10.0.2.2 from the guest), the pool initialised and one agent key authorized.
+//!
+//! The devices are recorded in the pool as `nbd://127.0.0.1:PORT` (the MDS reaches them there); the
+//! guest agent runs with `--device-host-alias 127.0.0.1=10.0.2.2`. Every process is killed by PID on
+//! drop.
+
+#![allow(dead_code)]
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vm_tests::host::NbdkitExport;
+use vm_tests::Scenario;
+
+/// A workspace binary (`cargo build --workspace` builds them; `scripts/test.sh` does that first).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("test binary lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(path.is_file(), "{} is not built: run `cargo build --workspace` first", path.display());
+    path
+}
+
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `sanvol-agent` without debug info, in the runner's artifact directory.
+fn stripped_agent() -> PathBuf {
+    let dir = vm_tests::artifact_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join(format!("sanvol-agent-stripped-{}", std::process::id()));
+    run_ok(Command::new("strip").arg("-o").arg(&out).arg(bin("sanvol-agent")));
+    out
+}
+
+pub struct Pool {
+    pub dir: PathBuf,
+    _devices: Vec<NbdkitExport>,
+    mds: Child,
+    pub mds_port: u16,
+    mds_key: PathBuf,
+    admin_key: PathBuf,
+    pub agent_key: PathBuf,
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let _ = self.mds.kill();
+        let _ = self.mds.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn pub_path(key: &Path) -> PathBuf {
+    let mut s = key.as_os_str().to_owned();
+    s.push(".pub");
+    s.into()
+}
+
+impl Pool {
+    /// `devices` nbdkit memory devices of `device_size` (e.g. "512M"), the MDS with `lease_ms`.
+    pub fn start(name: &str, devices: usize, device_size: &str, lease_ms: u64) -> Pool {
+        let dir = std::env::temp_dir().join(format!("sanvol-vm-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let devs: Vec<NbdkitExport> =
+            (0..devices).map(|_| NbdkitExport::spawn(&["memory", device_size]).expect("nbdkit")).collect();
+        let key = |n: &str| {
+            let k = dir.join(n);
+            run_ok(Command::new(bin("sanvol")).arg("keygen").arg(&k));
+            k
+        };
+        let (mds_key, admin_key, agent_key) = (key("mds.key"), key("admin.key"), key("agent.key"));
+        let uris: Vec<String> = devs.iter().map(|d| format!("nbd://127.0.0.1:{}", d.port())).collect();
+        let mut init = Command::new(bin("sanvol"));
+        init.args(["pool", "init", "--name", name]);
+        for u in &uris {
+            init.arg("--device").arg(u);
+        }
+        init.arg("--server-key").arg(pub_path(&mds_key)).arg("--admin-key").arg(pub_path(&admin_key));
+        run_ok(&mut init);
+        // A free port for the MDS (bound and released: the MDS binds it again at once).
+        let mds_port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let config = dir.join("mds.toml");
+        let quoted: Vec<String> = uris.iter().map(|u| format!("{u:?}")).collect();
+        std::fs::write(
+            &config,
+            format!(
+                "listen = [\"127.0.0.1:{mds_port}\"]\nkey = {:?}\ndevices = [{}]\nlease_ms = {lease_ms}\n",
+                mds_key.display().to_string(),
+                quoted.join(", ")
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("mds.log")).unwrap();
+        let mds = Command::new(bin("sanvol-mds"))
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start sanvol-mds");
+        let mut pool = Pool { dir, _devices: devs, mds, mds_port, mds_key, admin_key, agent_key };
+        // Readiness of another process's listener: nothing to await but its port.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", mds_port)).is_err() {
+            if let Ok(Some(status)) = pool.mds.try_wait() {
+                panic!("sanvol-mds exited ({status}): {}", pool.mds_log());
+            }
+            assert!(Instant::now() < deadline, "sanvol-mds did not listen: {}", pool.mds_log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let agent_pub = pub_path(&pool.agent_key);
+        pool.sanvol(&["client", "add", agent_pub.to_str().unwrap(), "--role", "agent", "--name", "guest"]);
+        pool
+    }
+
+    pub fn mds_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("mds.log")).unwrap_or_default()
+    }
+
+    /// `sanvol ARGS` as the admin; must succeed.
+    pub fn sanvol(&self, args: &[&str]) -> String {
+        run_ok(
+            Command::new(bin("sanvol"))
+                .env("SANVOL_MDS", format!("127.0.0.1:{}", self.mds_port))
+                .env("SANVOL_KEY", &self.admin_key)
+                .env("SANVOL_SERVER_KEY", pub_path(&self.mds_key))
+                .args(args),
+        )
+    }
+
+    /// A scenario with the agent binary, its key, the server's public key and the environment the
+    /// guest helper `start_agent` (in `scenarios/agent-lib.sh`) uses.
+    pub fn scenario(&self, name: &str, script: &str) -> Scenario {
+        let lib = include_str!("../scenarios/agent-lib.sh");
+        let agent = stripped_agent();
+        Scenario::new(name, &format!("{lib}\n{script}"))
+            // Stripped (a debug build is ~100 MB, too much for a 512 MiB guest's initramfs); `.binary`
+            // brings its libraries, and the binary itself also goes on PATH (the host path may be
+            // under /tmp, which the guest mounts a tmpfs over).
+            .binary(agent.display().to_string())
+            .file("/usr/bin/sanvol-agent", 0o755, std::fs::read(&agent).unwrap())
+            .file("/etc/sanvol/agent.key", 0o600, std::fs::read(&self.agent_key).unwrap())
+            .file("/etc/sanvol/mds.key.pub", 0o644, std::fs::read(pub_path(&self.mds_key)).unwrap())
+            .env("MDS_PORT", self.mds_port)
+    }
+}

@@ -1,0 +1,46 @@
+//! The agent's kernel attach, in a guest whose kernel has the NBD driver: the MDS and nbdkit devices
+//! run on the host, `sanvol-agent` runs in the guest and attaches a pool volume as `/dev/nbd0`.
+//!
+//! - scenario 1 (`agent_ext4`): mkfs, mount, write, remount after dropping caches, verify, fsck, detach;
+//! - scenario 4 (`agent_grow`): `sanvol volume grow` on the host while the filesystem is mounted in
+//!   the guest; the agent pushes the new size to the kernel and `resize2fs` grows the filesystem.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Pool;
+use vm_tests::Vm;
+
+const VOL_BYTES: u64 = 256 << 20;
+
+#[test]
+fn scenario_1_agent_attaches_a_volume_as_dev_nbd0_with_a_real_ext4() {
+    let pool = Pool::start("ext4", 2, "512M", 3000);
+    pool.sanvol(&["volume", "create", "vol", "256M"]);
+    let report = pool
+        .scenario("agent_ext4", include_str!("scenarios/agent_ext4.sh"))
+        .env("VOL_BYTES", VOL_BYTES)
+        .timeout(Duration::from_secs(180))
+        .run()
+        .unwrap();
+    eprintln!("agent_ext4: whole run {:.1?}, console log {}", report.elapsed, report.console_log.display());
+    report.assert_pass();
+}
+
+#[test]
+fn scenario_4_grow_while_mounted_and_resize2fs_sees_the_new_size() {
+    let pool = Pool::start("grow", 2, "512M", 3000);
+    pool.sanvol(&["volume", "create", "vol", "128M"]);
+    let scenario = pool
+        .scenario("agent_grow", include_str!("scenarios/agent_grow.sh"))
+        .env("VOL_BYTES", 128u64 << 20)
+        .env("GROWN_BYTES", 256u64 << 20)
+        .timeout(Duration::from_secs(180));
+    let mut vm = Vm::start(&scenario).unwrap();
+    vm.wait_for_line("READY-TO-GROW").unwrap();
+    pool.sanvol(&["volume", "grow", "vol", "256M"]);
+    let report = vm.wait().unwrap();
+    eprintln!("agent_grow: whole run {:.1?}, console log {}", report.elapsed, report.console_log.display());
+    report.assert_pass();
+}

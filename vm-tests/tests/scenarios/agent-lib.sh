@@ -1,0 +1,18 @@
+# Guest helpers for scenarios with sanvol-agent (prepended by tests/common/mod.rs).
+export SANVOL_AGENT_SOCKET=/run/sanvol/agent.sock
+AGENT_LOG=/tmp/agent.log
+
+# start_agent [EXTRA ARGS...]: runs the agent in the background (PID in $AGENT_PID) and waits for it.
+start_agent() {
+    mkdir -p /run/sanvol
+    sanvol-agent run --mds "$SANVOL_HOST:$MDS_PORT" --key /etc/sanvol/agent.key \
+        --server-key /etc/sanvol/mds.key.pub --name guest --export-dir /run/sanvol/exports \
+        --device-host-alias 127.0.0.1="$SANVOL_HOST" "$@" >>"$AGENT_LOG" 2>&1 &
+    AGENT_PID=$!
+    sanvol-agent wait-ready --timeout-secs 60 || { tail -n 30 "$AGENT_LOG"; fail "the agent did not become ready"; }
+}
+
+agent_log() {
+    echo "---- agent log (last 40 lines) ----"
+    tail -n 40 "$AGENT_LOG" || true
+}
