@@ -2,6 +2,8 @@
 //! run on the host, `sanvol-agent` runs in the guest and attaches a pool volume as `/dev/nbd0`.
 //!
 //! - scenario 1 (`agent_ext4`): mkfs, mount, write, remount after dropping caches, verify, fsck, detach;
+//! - scenario 2 (`agent_reattach`): `kill -9` of the agent while a writer runs in the mounted
+//!   filesystem, then a new agent reattaches the same `/dev/nbd0`; no I/O error, files verify;
 //! - scenario 4 (`agent_grow`): `sanvol volume grow` on the host while the filesystem is mounted in
 //!   the guest; the agent pushes the new size to the kernel and `resize2fs` grows the filesystem.
 
@@ -42,5 +44,19 @@ fn scenario_4_grow_while_mounted_and_resize2fs_sees_the_new_size() {
     pool.sanvol(&["volume", "grow", "vol", "256M"]);
     let report = vm.wait().unwrap();
     eprintln!("agent_grow: whole run {:.1?}, console log {}", report.elapsed, report.console_log.display());
+    report.assert_pass();
+}
+
+#[test]
+fn scenario_2_kill_9_of_the_agent_under_a_writer_is_a_pause_not_an_error() {
+    // A 2 s lease: the dead agent's handle stops blocking the re-open soon after.
+    let pool = Pool::start("reattach", 2, "512M", 2000);
+    pool.sanvol(&["volume", "create", "vol", "128M"]);
+    let report = pool
+        .scenario("agent_reattach", include_str!("scenarios/agent_reattach.sh"))
+        .timeout(Duration::from_secs(240))
+        .run()
+        .unwrap();
+    eprintln!("agent_reattach: whole run {:.1?}, console log {}", report.elapsed, report.console_log.display());
     report.assert_pass();
 }
