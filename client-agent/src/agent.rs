@@ -119,6 +119,8 @@ impl Agent {
     /// Starts the session (connecting in the background).
     pub fn start(config: AgentConfig) -> Arc<Agent> {
         let pool = DevicePool::new(config.pool.clone());
+        // Fallback I/O through the metadata server when a direct path fails.
+        pool.set_server_link(crate::fallback::ServerLink::new(config.session.clone()));
         let host_aliases = crate::kernel::reattach::HostAliases::default();
         let builder: LayoutBuilder = {
             let pool = pool.clone();
@@ -126,7 +128,8 @@ impl Agent {
             Arc::new(move |description| {
                 let pool_uuid = description.pool_uuid;
                 let description = aliases.apply(description);
-                Layout::new(description, |endpoint| pool.device(endpoint, pool_uuid).map(|d| d as Arc<dyn BlockDevice>))
+                let volume = description.volume.0;
+                Layout::with_health(description, |endpoint| pool.layout_device(endpoint, pool_uuid, volume))
                     .map_err(|e| e.to_string())
             })
         };

@@ -17,12 +17,21 @@
 //! On connect the device's label is read and checked against the pool and
 //! device UUIDs of the description: a right-looking URI that now leads to
 //! another device must never receive this volume's writes.
+//!
+//! Each device also carries the state of its direct path ([`DevicePath`]):
+//! when a request on it fails, [`PooledDevice::direct_failed`] switches the
+//! device to fallback (see [`crate::fallback`]), reports it to the metadata
+//! server and starts one probe task, which reconnects with a bounded backoff
+//! and switches back when the direct path works again.
+//!
+//! Hosts may reach a device by another address than the one the pool records
+//! ([`PoolOptions::uri_map`], `sanvol-agent run --device-uri OLD=NEW`).
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use blockio::client::{ClientOptions, NbdClient};
@@ -32,6 +41,8 @@ use bytes::Bytes;
 use uuid::Uuid;
 use volume_format::description::DeviceEndpoint;
 use volume_format::label::{DeviceLabel, LABEL_BYTES};
+
+use crate::fallback::{FallbackDevice, PathAction, PathState, ServerLink};
 
 /// How the pool connects to devices.
 #[derive(Debug, Clone)]
@@ -44,6 +55,9 @@ pub struct PoolOptions {
     pub connect_timeout: Duration,
     /// Check each device's label against the description on connect.
     pub verify_labels: bool,
+    /// Device URIs this host reaches by another URI (`OLD` → `NEW`): the
+    /// direct path uses `NEW`, everything else (names, the server) `OLD`.
+    pub uri_map: HashMap<String, String>,
 }
 
 impl Default for PoolOptions {
@@ -53,6 +67,7 @@ impl Default for PoolOptions {
             request_timeout: Some(Duration::from_secs(60)),
             connect_timeout: Duration::from_secs(10),
             verify_labels: true,
+            uri_map: HashMap::new(),
         }
     }
 }
@@ -70,6 +85,9 @@ pub enum DeviceError {
 pub struct DevicePool {
     opts: PoolOptions,
     devices: Mutex<HashMap<String, Weak<PooledDevice>>>,
+    /// Where fallback I/O and path reports go; without it (tests, tools) a
+    /// failed direct path just fails the I/O.
+    link: OnceLock<Arc<ServerLink>>,
 }
 
 /// A device as listed by `sanvol-agent list --json`'s device section.
@@ -79,12 +97,45 @@ pub struct DeviceStatus {
     pub connected: bool,
     pub connections: usize,
     pub size_bytes: u64,
+    /// `direct`, or `fallback: REASON` while I/O goes through the server.
+    #[serde(default)]
+    pub path: String,
+    /// The metadata server marked the device failed.
+    #[serde(default)]
+    pub marked_failed: bool,
 }
 
 impl DevicePool {
     pub fn new(mut opts: PoolOptions) -> Arc<DevicePool> {
         opts.connections_per_device = opts.connections_per_device.clamp(1, CONNECTIONS_PER_DEVICE_MAX);
-        Arc::new(DevicePool { opts, devices: Mutex::new(HashMap::new()) })
+        Arc::new(DevicePool { opts, devices: Mutex::new(HashMap::new()), link: OnceLock::new() })
+    }
+
+    /// Enables fallback through the metadata server (once; later calls are ignored).
+    pub fn set_server_link(&self, link: Arc<ServerLink>) {
+        let _ = self.link.set(link);
+    }
+
+    /// The device for `endpoint` as a leg of volume `volume`'s layout: with a
+    /// server link, wrapped for fallback, together with its "marked failed" flag.
+    pub fn layout_device(
+        &self,
+        endpoint: &DeviceEndpoint,
+        pool_uuid: Uuid,
+        volume: u64,
+    ) -> Result<(Arc<dyn BlockDevice>, Option<Arc<AtomicBool>>), DeviceError> {
+        let device = self.device(endpoint, pool_uuid)?;
+        let flag = device.path.marked_failed.clone();
+        if !endpoint.online {
+            flag.store(true, Ordering::Release);
+        }
+        match self.link.get() {
+            Some(link) => {
+                let wrapped = FallbackDevice::new(device, link.clone(), volume, endpoint.index.0);
+                Ok((Arc::new(wrapped), Some(flag)))
+            }
+            None => Ok((device, Some(flag))),
+        }
     }
 
     /// The pooled device for `endpoint` of a volume in pool `pool_uuid`;
@@ -94,14 +145,24 @@ impl DevicePool {
         if let Some(device) = devices.get(&endpoint.uri).and_then(Weak::upgrade) {
             return Ok(device);
         }
-        let uri = NbdUri::from_str(&endpoint.uri).map_err(|e| DeviceError::BadUri {
+        let direct_uri = self.opts.uri_map.get(&endpoint.uri).unwrap_or(&endpoint.uri);
+        let uri = NbdUri::from_str(direct_uri).map_err(|e| DeviceError::BadUri {
             index: endpoint.index.0,
-            uri: endpoint.uri.clone(),
+            uri: direct_uri.clone(),
             reason: e.to_string(),
         })?;
-        let device = Arc::new(PooledDevice {
+        let name = if *direct_uri == endpoint.uri {
+            format!("{} ({})", endpoint.index, endpoint.uri)
+        } else {
+            format!("{} ({} via {direct_uri})", endpoint.index, endpoint.uri)
+        };
+        let device = Arc::new_cyclic(|me| PooledDevice {
             uri,
-            name: format!("{} ({})", endpoint.index, endpoint.uri),
+            index: endpoint.index.0,
+            me: me.clone(),
+            link: self.link.get().cloned(),
+            path: DevicePath::default(),
+            name,
             expected: self.opts.verify_labels.then_some((pool_uuid, endpoint.device_uuid)),
             opts: self.opts.clone(),
             client: RwLock::new(None),
@@ -122,9 +183,58 @@ impl DevicePool {
     }
 }
 
+/// The direct path's state of one device.
+pub struct DevicePath {
+    /// Mirrors `state.is_direct()`: the only thing the hot path reads.
+    direct: AtomicBool,
+    state: Mutex<PathState>,
+    /// The metadata server marked the device failed: I/O on it fails at once.
+    pub marked_failed: Arc<AtomicBool>,
+    /// Origin of the milliseconds [`PathState`] counts in.
+    epoch: Instant,
+}
+
+impl Default for DevicePath {
+    fn default() -> DevicePath {
+        DevicePath {
+            direct: AtomicBool::new(true),
+            state: Mutex::new(PathState::default()),
+            marked_failed: Arc::new(AtomicBool::new(false)),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl DevicePath {
+    pub fn is_direct(&self) -> bool {
+        self.direct.load(Ordering::Acquire)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, PathState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `direct`, or `fallback: REASON`.
+    pub fn describe(&self) -> String {
+        match self.state().reason() {
+            None => "direct".to_string(),
+            Some(reason) => format!("fallback: {reason}"),
+        }
+    }
+}
+
 /// One device, connected on demand. Implements [`BlockDevice`].
 pub struct PooledDevice {
     uri: NbdUri,
+    /// The device's index in the pool, for reports.
+    index: u32,
+    me: Weak<PooledDevice>,
+    link: Option<Arc<ServerLink>>,
+    path: DevicePath,
     /// `devN (URI)`, for messages.
     name: String,
     /// (pool UUID, device UUID) the label must carry.
@@ -148,6 +258,10 @@ impl PooledDevice {
         &self.name
     }
 
+    pub fn path(&self) -> &DevicePath {
+        &self.path
+    }
+
     fn status(&self) -> DeviceStatus {
         let client = self.cached();
         DeviceStatus {
@@ -155,7 +269,40 @@ impl PooledDevice {
             connected: client.is_some(),
             connections: client.map_or(0, |c| c.connection_count()),
             size_bytes: self.size_bytes.load(Ordering::Relaxed),
+            path: self.path.describe(),
+            marked_failed: self.path.marked_failed.load(Ordering::Acquire),
         }
+    }
+
+    /// A request on the direct path failed on the path itself. The first such
+    /// failure switches the device to fallback, drops its connection, reports
+    /// to the server and starts the probe task; later ones change nothing.
+    pub fn direct_failed(&self, reason: &str) {
+        let action = self.path.state().direct_failed(self.path.now_ms(), reason);
+        let PathAction::ReportFailure(reason) = action else { return };
+        self.path.direct.store(false, Ordering::Release);
+        tracing::warn!(device = %self.name, %reason, "direct path failed; sending this device's I/O through the metadata server");
+        if let Some(old) = self.client.write().unwrap_or_else(|e| e.into_inner()).take() {
+            tokio::spawn(async move { old.disconnect().await });
+        }
+        let Some(link) = self.link.clone() else { return };
+        let (index, name, flag) = (self.index, self.name.clone(), self.path.marked_failed.clone());
+        tokio::spawn(async move {
+            match link.report_failure(index, &reason).await {
+                Ok(true) => {
+                    tracing::error!(device = %name, "the metadata server cannot reach the device either: it is marked failed");
+                    flag.store(true, Ordering::Release);
+                }
+                Ok(false) => tracing::info!(device = %name, "reported the failed direct path to the metadata server"),
+                Err(e) => tracing::warn!(device = %name, error = %e, "could not report the failed direct path"),
+            }
+        });
+        tokio::spawn(probe_loop(self.me.clone()));
+    }
+
+    /// One probe of the direct path: a fresh connection with the label check.
+    async fn probe(&self) -> bool {
+        self.client().await.is_ok()
     }
 
     fn cached(&self) -> Option<NbdClient> {
@@ -207,6 +354,40 @@ impl PooledDevice {
             self.client.write().unwrap_or_else(|e| e.into_inner()).take();
         }
         e
+    }
+}
+
+/// Probes the direct path of a device on fallback until it works again (or
+/// the device is dropped), then switches back and reports it.
+async fn probe_loop(device: Weak<PooledDevice>) {
+    loop {
+        let wait_ms = {
+            let Some(d) = device.upgrade() else { return };
+            let Some(at) = d.path.state().next_probe_ms() else { return };
+            at.saturating_sub(d.path.now_ms())
+        };
+        tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+        let Some(d) = device.upgrade() else { return };
+        let ok = d.probe().await;
+        let action = {
+            let mut state = d.path.state();
+            if ok {
+                state.probe_succeeded()
+            } else {
+                state.probe_failed(d.path.now_ms());
+                PathAction::None
+            }
+        };
+        if action == PathAction::ReportRecovered {
+            d.path.direct.store(true, Ordering::Release);
+            tracing::info!(device = %d.name, "direct path works again; back to direct I/O");
+            if let Some(link) = d.link.clone() {
+                if let Err(e) = link.report_recovered(d.index).await {
+                    tracing::warn!(device = %d.name, error = %e, "could not report the recovered direct path");
+                }
+            }
+            return;
+        }
     }
 }
 

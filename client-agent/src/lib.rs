@@ -28,6 +28,7 @@
 pub mod agent;
 pub mod control;
 pub mod devices;
+pub mod fallback;
 pub mod export;
 pub mod gate;
 pub mod kernel;

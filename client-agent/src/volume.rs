@@ -23,9 +23,18 @@
 //!
 //! Devices are injected as `Arc<dyn BlockDevice>` (see [`Layout::new`]), so
 //! tests run the whole data path over in-process memory devices and the agent
-//! over its pool of NBD clients.
+//! over its pool of NBD clients (each wrapped for fallback through the
+//! metadata server, [`crate::fallback`]).
+//!
+//! A device can also come with a "marked failed" flag
+//! ([`Layout::with_health`]), set once the metadata server has *committed* the
+//! device as failed. Its legs are then skipped like offline legs, and a write
+//! leg that failed on such a device does not fail the write as long as another
+//! leg of the same extent took it: the pool no longer counts that copy, so
+//! acknowledging the write is what the published layout (device offline)
+//! would have done anyway.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -46,6 +55,8 @@ pub struct Layout {
     description: VolumeDescription,
     /// Parallel to `description.devices` (sorted by index).
     devices: Vec<Arc<dyn BlockDevice>>,
+    /// Parallel too: set when the server has marked the device failed.
+    failed: Vec<Option<Arc<AtomicBool>>>,
 }
 
 impl std::fmt::Debug for Layout {
@@ -64,9 +75,23 @@ impl Layout {
         description: VolumeDescription,
         mut resolve: impl FnMut(&DeviceEndpoint) -> Result<Arc<dyn BlockDevice>, E>,
     ) -> Result<Layout, LayoutError<E>> {
+        Layout::with_health(description, |endpoint| resolve(endpoint).map(|d| (d, None)))
+    }
+
+    /// Like [`Layout::new`], with each device's "marked failed" flag.
+    pub fn with_health<E>(
+        description: VolumeDescription,
+        resolve: impl FnMut(&DeviceEndpoint) -> Result<(Arc<dyn BlockDevice>, Option<Arc<AtomicBool>>), E>,
+    ) -> Result<Layout, LayoutError<E>> {
         description.check().map_err(LayoutError::Description)?;
-        let devices = description.devices.iter().map(&mut resolve).collect::<Result<Vec<_>, E>>();
-        Ok(Layout { devices: devices.map_err(LayoutError::Device)?, description })
+        let resolved = description.devices.iter().map(resolve).collect::<Result<Vec<_>, E>>();
+        let (devices, failed) = resolved.map_err(LayoutError::Device)?.into_iter().unzip();
+        Ok(Layout { devices, failed, description })
+    }
+
+    /// Whether the server marked the device at position `i` failed.
+    fn marked_failed(&self, i: usize) -> bool {
+        self.failed.get(i).and_then(|f| f.as_ref()).is_some_and(|f| f.load(Ordering::Acquire))
     }
 
     pub fn description(&self) -> &VolumeDescription {
@@ -77,32 +102,43 @@ impl Layout {
         self.description.layout_generation
     }
 
-    /// The device of `leg`, if the description lists it and it is online.
-    fn leg(&self, leg: &PhysicalExtent) -> Result<(&DeviceEndpoint, &Arc<dyn BlockDevice>), IoError> {
+    /// The device of `leg`, if the description lists it, and its position.
+    fn leg(&self, leg: &PhysicalExtent) -> Result<(usize, &DeviceEndpoint, &Arc<dyn BlockDevice>), IoError> {
         let i = self
             .description
             .devices
             .binary_search_by_key(&leg.device, |d| d.index)
             .map_err(|_| IoError::io(format!("extent leg {leg} names a device missing from the layout")))?;
-        Ok((&self.description.devices[i], &self.devices[i]))
+        Ok((i, &self.description.devices[i], &self.devices[i]))
     }
 
     /// The online legs of `segment`, with their devices.
     fn online_legs<'a>(&'a self, segment: &Segment<'a>) -> Result<Vec<Leg<'a>>, IoError> {
         let mut legs = Vec::with_capacity(segment.legs.len());
+        let mut failed = Vec::new();
         for leg in segment.legs {
-            let (endpoint, device) = self.leg(leg)?;
-            if endpoint.online {
+            let (i, endpoint, device) = self.leg(leg)?;
+            if endpoint.online && !self.marked_failed(i) {
                 legs.push((endpoint, device, segment.device_offset(leg)));
+            } else {
+                failed.push(format!("device {} ({})", endpoint.index, endpoint.uri));
             }
         }
         if legs.is_empty() {
             return Err(IoError::io(format!(
-                "volume {}: extent {} has no online leg (all its devices are marked failed)",
-                self.description.name, segment.extent_index
+                "volume {}: extent {} is only on {}, which the pool marked failed; its data is unavailable until \
+                 the device is back",
+                self.description.name,
+                segment.extent_index,
+                failed.join(" and ")
             )));
         }
         Ok(legs)
+    }
+
+    /// Whether the device of `endpoint` is marked failed now.
+    fn endpoint_failed(&self, endpoint: &DeviceEndpoint) -> bool {
+        self.description.devices.iter().position(|d| d.index == endpoint.index).is_some_and(|i| self.marked_failed(i))
     }
 }
 
@@ -228,23 +264,30 @@ impl VolumeDevice {
     {
         let segments = layout.description.map(offset, len).map_err(map_error)?;
         let mut ops = Vec::with_capacity(segments.len() * layout.description.mirror_legs as usize);
-        let mut endpoints = Vec::with_capacity(ops.capacity());
-        for segment in segments {
+        // (endpoint, segment number) of each op.
+        let mut targets = Vec::with_capacity(ops.capacity());
+        for (n, segment) in segments.enumerate() {
             for (endpoint, device, device_offset) in layout.online_legs(&segment)? {
                 ops.push(op(device, device_offset, &segment));
-                endpoints.push(endpoint);
+                targets.push((endpoint, n));
             }
         }
         if ops.len() == 1 {
-            return ops.pop().unwrap().await.map_err(|e| at_device(e, &self.name, what, endpoints[0]));
+            return ops.pop().unwrap().await.map_err(|e| at_device(e, &self.name, what, targets[0].0));
         }
         let results = join_all(ops).await;
-        first_error(
-            results
-                .into_iter()
-                .zip(endpoints)
-                .map(|(r, endpoint)| r.map_err(|e| at_device(e, &self.name, what, endpoint))),
-        )
+        // A leg that failed because its device was marked failed meanwhile
+        // counts as absent if another leg of the same segment succeeded.
+        let ok_segments: Vec<usize> =
+            results.iter().zip(&targets).filter(|(r, _)| r.is_ok()).map(|(_, (_, n))| *n).collect();
+        first_error(results.into_iter().zip(targets).map(|(r, (endpoint, n))| match r {
+            Err(e) if layout.endpoint_failed(endpoint) && ok_segments.contains(&n) => {
+                tracing::warn!(volume = %self.name, handle = self.handle, device = %endpoint.index, error = %e,
+                    "leg on a device marked failed skipped; the other legs have the data");
+                Ok(())
+            }
+            r => r.map_err(|e| at_device(e, &self.name, what, endpoint)),
+        }))
     }
 }
 
@@ -299,10 +342,16 @@ impl BlockDevice for VolumeDevice {
     async fn flush(&self) -> Result<(), IoError> {
         let layout = self.gate.enter().await?;
         let d = &layout.description;
-        let flushes = d.devices.iter().zip(&layout.devices).filter(|(e, _)| e.online).map(|(endpoint, device)| {
-            let name = &self.name;
-            async move { device.flush().await.map_err(|e| at_device(e, name, "flush", endpoint)) }
-        });
+        let flushes = d
+            .devices
+            .iter()
+            .zip(&layout.devices)
+            .enumerate()
+            .filter(|(i, (e, _))| e.online && !layout.marked_failed(*i))
+            .map(|(_, (endpoint, device))| {
+                let name = &self.name;
+                async move { device.flush().await.map_err(|e| at_device(e, name, "flush", endpoint)) }
+            });
         first_error(join_all(flushes).await)
     }
 

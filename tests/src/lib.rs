@@ -3,5 +3,6 @@
 //! when the test ends, even on failure.
 
 pub mod peers;
+pub mod proxy;
 pub mod system;
 pub mod tools;

@@ -127,6 +127,9 @@ pub struct Stack {
     pub mds_key: PathBuf,
     pub admin_key: PathBuf,
     pub lease_ms: u64,
+    /// `durable_ms` / `grace_ms` in the server config (server defaults if None).
+    pub durable_ms: Option<u64>,
+    pub grace_ms: Option<u64>,
 }
 
 impl Stack {
@@ -148,6 +151,8 @@ impl Stack {
             mds_key,
             admin_key,
             lease_ms: 3000,
+            durable_ms: None,
+            grace_ms: None,
         };
         let mut init = Command::new(bin("sanvol"));
         init.args(["pool", "init", "--name", "test"]);
@@ -179,7 +184,8 @@ impl Stack {
                 self.mds_key.display().to_string(),
                 devices.join(", "),
                 self.lease_ms
-            ),
+            ) + &self.durable_ms.map(|ms| format!("durable_ms = {ms}\n")).unwrap_or_default()
+                + &self.grace_ms.map(|ms| format!("grace_ms = {ms}\n")).unwrap_or_default(),
         )
         .expect("write mds.toml");
         let _ = std::fs::remove_file(&self.mds_socket);
@@ -242,6 +248,21 @@ impl Stack {
 
     /// Starts `sanvol-agent run` for an already authorized agent `name`.
     pub fn restart_agent(&self, name: &str) -> Agent {
+        self.restart_agent_with(name, &[])
+    }
+
+    /// Like [`Stack::start_agent`], with extra `sanvol-agent run` arguments.
+    pub fn start_agent_with(&self, name: &str, extra: &[String]) -> Agent {
+        let key = self.dir.path().join(format!("{name}.key"));
+        if !key.exists() {
+            run_ok(Command::new(bin("sanvol")).arg("keygen").arg(&key));
+            self.sanvol_ok(&["client", "add", pub_path(&key).to_str().unwrap(), "--role", "agent", "--name", name]);
+        }
+        self.restart_agent_with(name, extra)
+    }
+
+    /// Like [`Stack::restart_agent`], with extra `sanvol-agent run` arguments.
+    pub fn restart_agent_with(&self, name: &str, extra: &[String]) -> Agent {
         let key = self.dir.path().join(format!("{name}.key"));
         let socket = self.dir.path().join(format!("{name}-agent.sock"));
         let export_dir = self.dir.path().join(format!("{name}-exports"));
@@ -260,7 +281,8 @@ impl Stack {
             .arg("--control-socket")
             .arg(&socket)
             .arg("--export-dir")
-            .arg(&export_dir);
+            .arg(&export_dir)
+            .args(extra);
         let log = self.dir.path().join(format!("{name}-{}.log", next_log_number()));
         let proc = Proc::spawn_until_listening("sanvol-agent", cmd, log, &socket);
         Agent { name: name.to_string(), proc, socket, export_dir }

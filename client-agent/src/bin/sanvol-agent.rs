@@ -145,6 +145,25 @@ struct RunArgs {
     /// e.g. 127.0.0.1=10.0.2.2 for an agent in a VM whose host serves the devices on loopback.
     #[arg(long, value_parser = client_agent::kernel::reattach::parse_alias)]
     device_host_alias: Vec<(String, String)>,
+    /// Reach the device the pool records as OLD (its whole NBD URI) at NEW instead
+    /// (OLD=NEW, repeatable): hosts may reach devices by different addresses. Only this
+    /// agent's direct path uses NEW; fallback through the metadata server uses the server's own.
+    #[arg(long, value_parser = parse_device_uri)]
+    device_uri: Vec<(String, String)>,
+}
+
+fn parse_device_uri(s: &str) -> Result<(String, String), String> {
+    // The first '=' that starts a new URI: OLD itself may contain '=' (query strings).
+    let at = s
+        .match_indices('=')
+        .map(|(i, _)| i)
+        .find(|i| s[i + 1..].starts_with("nbd"))
+        .ok_or_else(|| format!("{s:?}: expected OLD=NEW, two NBD URIs"))?;
+    let (old, new) = (&s[..at], &s[at + 1..]);
+    for uri in [old, new] {
+        uri.parse::<blockio::uri::NbdUri>().map_err(|e| format!("{uri:?} is not an NBD URI: {e}"))?;
+    }
+    Ok((old.to_string(), new.to_string()))
 }
 
 fn hostname() -> String {
@@ -167,7 +186,11 @@ async fn run(args: RunArgs, control_socket: PathBuf) -> Result<()> {
     let config = AgentConfig {
         session: SessionConfig { addr, key, server_key, name: args.name.unwrap_or_else(hostname), instance },
         export_dir: args.export_dir,
-        pool: PoolOptions { connections_per_device: args.device_connections, ..PoolOptions::default() },
+        pool: PoolOptions {
+            connections_per_device: args.device_connections,
+            uri_map: args.device_uri.into_iter().collect(),
+            ..PoolOptions::default()
+        },
     };
     let agent = Agent::start(config);
     agent.set_device_host_aliases(args.device_host_alias.clone());

@@ -196,9 +196,13 @@ impl Pool {
         next.generation = generation;
         next.check().map_err(|e| PoolError::Commit(format!("refusing to write inconsistent metadata: {e}")))?;
         let copies: Vec<Uuid> = {
-            let holders: Vec<Uuid> = next.devices.iter().filter(|d| d.holds_metadata).map(|d| d.device_uuid).collect();
+            // A device marked failed holds no current copy: writing to it would
+            // fail every commit, including the one that marks it failed.
+            let online = |d: &&volume_format::metadata::DeviceRecord| d.state.is_online();
+            let holders: Vec<Uuid> =
+                next.devices.iter().filter(|d| d.holds_metadata).filter(online).map(|d| d.device_uuid).collect();
             if holders.is_empty() {
-                next.devices.iter().map(|d| d.device_uuid).collect()
+                next.devices.iter().filter(online).map(|d| d.device_uuid).collect()
             } else {
                 holders
             }

@@ -75,6 +75,8 @@ pub struct Core {
     pub lease_ms: u64,
     pub clock: Clock,
     pub pending_grows: HashMap<VolumeId, PendingGrow>,
+    /// Agents doing a device's I/O through the server (`data_channel`).
+    pub fallback: super::data_channel::FallbackTable,
     clients_tx: watch::Sender<Arc<ClientTable>>,
 }
 
@@ -114,6 +116,7 @@ impl Core {
             lease_ms,
             clock,
             pending_grows: HashMap::new(),
+            fallback: Default::default(),
             clients_tx,
         }
     }

@@ -15,11 +15,15 @@
 //! - [`core`]: the owner task and its commands.
 //! - [`requests`]: what each request does to the state.
 //! - [`session`]: one control connection.
+//! - [`data_channel`]: the agents' fallback data path through the server
+//!   (connections that start with the data-channel preamble), device-failure
+//!   reports and fallback listings.
 //! - [`clock`]: monotonic milliseconds (pausable in tests) and wall-clock
 //!   rendering for messages.
 
 pub mod clock;
 pub mod core;
+pub mod data_channel;
 pub mod requests;
 pub mod session;
 
@@ -188,7 +192,7 @@ async fn accept_loop(listener: Listener, ctx: Arc<session::SessionContext>, mut 
         let stop = stop.clone();
         sessions.spawn(async move {
             let _slot = slot;
-            session::run(stream, peer, id, ctx, stop).await;
+            data_channel::route(stream, peer, id, ctx, stop).await;
         });
     }
     while sessions.join_next().await.is_some() {}

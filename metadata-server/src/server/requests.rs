@@ -62,6 +62,11 @@ impl Core {
             Request::Open { volume, mode } => self.open(session, &volume, mode).await,
             Request::Close { handle } => self.close(session, handle).await,
             Request::RecallDone { handle, generation } => self.recall_done(session, handle, generation).await,
+            Request::DataChannel { volume, device } => self.data_channel_grant(session, volume, device),
+            Request::ReportDeviceFailure { device, reason } => {
+                self.report_device_failure(session, device, reason).await
+            }
+            Request::ReportDeviceRecovered { device } => self.report_device_recovered(session, device),
         };
         let _ = reply.send(result);
     }
@@ -127,6 +132,7 @@ impl Core {
                         format!("{volume} ({}, handle {})", h.mode, h.id.0)
                     })
                     .collect(),
+                fallback: self.fallback_of_client(c.public_key.0),
             })
             .collect()
     }
@@ -140,6 +146,7 @@ impl Core {
             extents: v.extents.len() as u64,
             layout_generation: v.layout_generation,
             open_by: self.handles.on_volume(v.id.0).map(|h| format!("{} ({})", h.holder, h.mode)).collect(),
+            fallback: self.fallback_of_volume(v.id),
         }
     }
 

@@ -94,6 +94,27 @@ pub enum Request {
         handle: u64,
         generation: u64,
     },
+
+    // ---- agent: fallback data path ----
+    /// Asks for a grant to do `volume`'s I/O on `device` through the server.
+    /// As an ordinary request it only answers what would be granted; as the
+    /// first request of a data channel (see [`DATA_CHANNEL_PREAMBLE`]) an OK
+    /// answer switches that connection to NBD.
+    DataChannel {
+        volume: u64,
+        device: u32,
+    },
+    /// The agent's direct path to `device` failed (`reason`); it now sends
+    /// that device's I/O through the server. The server checks whether it
+    /// still reaches the device itself, and marks it failed if not.
+    ReportDeviceFailure {
+        device: u32,
+        reason: String,
+    },
+    /// The agent's direct path to `device` works again.
+    ReportDeviceRecovered {
+        device: u32,
+    },
 }
 
 impl Request {
@@ -102,6 +123,9 @@ impl Request {
     pub fn required_role(&self) -> Option<Role> {
         match self {
             Request::PoolStatus | Request::Renew => None,
+            Request::DataChannel { .. } | Request::ReportDeviceFailure { .. } | Request::ReportDeviceRecovered { .. } => {
+                Some(Role::Agent)
+            }
             Request::Open { .. } | Request::Close { .. } | Request::RecallDone { .. } => Some(Role::Agent),
             _ => Some(Role::Admin),
         }
@@ -125,6 +149,8 @@ pub enum Response {
     Volume(VolumeDetail),
     Lease { lease_ms: u64 },
     Opened(OpenedHandle),
+    /// What a data channel for one volume and device may touch.
+    DataChannel(DataChannelGrant),
 }
 
 /// What an agent gets when it opens a volume.
@@ -135,6 +161,34 @@ pub struct OpenedHandle {
     pub description: VolumeDescription,
     /// The lease the handle lives under; renewed with the session.
     pub lease_ms: u64,
+}
+
+/// First bytes a client sends on a **data channel**: a connection that
+/// carries one device's I/O of one volume through the server (the agent's
+/// fallback path). After the preamble come the usual handshake (role agent),
+/// one [`ClientMessage`] with [`Request::DataChannel`], and the server's
+/// [`ServerMessage::Reply`]. If that reply is OK, the same stream carries
+/// NBD from then on (fixed newstyle, default export): the server serves,
+/// over its own connection to the device, an export of the device's size
+/// that only admits requests inside the granted ranges (anything else fails
+/// with EPERM), read-only if the agent holds the volume only read-only.
+///
+/// Why a preamble rather than a field of the hello: the hello and its
+/// signatures stay exactly as pinned, and a control frame starts with a
+/// big-endian length whose first byte is 0, so the two never look alike.
+pub const DATA_CHANNEL_PREAMBLE: [u8; 8] = *b"SANVOLD1";
+
+/// What a data channel may touch: byte ranges on one device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataChannelGrant {
+    pub volume: u64,
+    pub device: u32,
+    /// The layout generation the ranges were computed from.
+    pub layout_generation: u64,
+    pub read_only: bool,
+    /// `(offset, length)` in bytes on the device, sorted, not overlapping:
+    /// the extents the volume has there.
+    pub ranges: Vec<(u64, u64)>,
 }
 
 /// Unsolicited news from the server.
@@ -219,6 +273,10 @@ pub struct ClientInfo {
     pub connected: u32,
     /// Handles open by this key: "VOLUME (MODE, handle N)".
     pub handles: Vec<String>,
+    /// Devices this client's agent reaches only through the server right
+    /// now: "device N (URI): REASON".
+    #[serde(default)]
+    pub fallback: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,6 +289,10 @@ pub struct VolumeInfo {
     pub layout_generation: u64,
     /// Who holds it open: "CLIENT (MODE)".
     pub open_by: Vec<String>,
+    /// Holders doing this volume's I/O to a device through the server:
+    /// "CLIENT: device N on fallback (REASON)".
+    #[serde(default)]
+    pub fallback: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,483 @@
+//! Fallback I/O through the metadata server, for when the agent's direct
+//! path to a device fails.
+//!
+//! Three pieces:
+//! - [`PathState`]: direct or fallback, and when to probe the direct path
+//!   again — a plain state machine over injected milliseconds, so every
+//!   transition is unit-tested without sockets or sleeps.
+//! - [`ServerLink`]: what the agent says to the server about paths
+//!   (`ReportDeviceFailure`/`ReportDeviceRecovered`, on a small control
+//!   connection of its own, so this module needs nothing from the session)
+//!   and how it opens **data channels** (preamble, handshake,
+//!   `Request::DataChannel`, then NBD over the same stream).
+//! - [`FallbackDevice`]: one device of one volume's layout as a
+//!   [`BlockDevice`]. While the device's direct path is up, a request costs one
+//!   atomic load more than before; when a request fails on the path (connect
+//!   refused, reset, NBD I/O error, timeout) the device switches to fallback,
+//!   the request is re-sent through the server, and so is every later
+//!   request until a probe finds the direct path working again.
+//!
+//! Why re-sending a failed write is safe: NBD writes are idempotent (same
+//! bytes, same offset), and a write is acknowledged to the volume only after
+//! one path acknowledged it — so an acknowledged write is on the device
+//! whichever path carried it.
+//!
+//! When the server cannot reach the device either, it marks the device failed
+//! in the pool metadata (committed before it answers) and publishes the
+//! layout with the device offline. The device's [`FallbackDevice::marked_failed`]
+//! flag lets the volume treat a leg that failed *because* the device was
+//! marked failed as absent rather than as a failed write: a mirror continues on
+//! its other legs, a plain volume fails only the I/O touching the device.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use blockio::client::{ClientOptions, NbdClient};
+use blockio::{BlockDevice, BlockSizes, IoError, IoErrorKind, MetaContext, StatusExtent, ZeroFlags};
+use bytes::Bytes;
+use metadata_server::control::{framed, handshake, ControlClient};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+use volume_format::control::auth::Role;
+use volume_format::control::messages::{
+    ClientMessage, DataChannelGrant, ErrorCode, Request, Response, ServerEvent, ServerMessage, DATA_CHANNEL_PREAMBLE,
+};
+
+use crate::devices::PooledDevice;
+use crate::session::SessionConfig;
+
+/// First and longest wait between probes of a failed direct path.
+pub const PROBE_BACKOFF_MIN_MS: u64 = 200;
+pub const PROBE_BACKOFF_MAX_MS: u64 = 5_000;
+/// Time to open a data channel (connect, handshake, grant, NBD handshake).
+pub const CHANNEL_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request on a data channel without a reply after this fails.
+pub const CHANNEL_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time for a report to the server.
+pub const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which path a device's I/O takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMode {
+    Direct,
+    Fallback {
+        since_ms: u64,
+        reason: String,
+        /// When to probe the direct path next.
+        next_probe_ms: u64,
+        backoff_ms: u64,
+        probes_failed: u64,
+    },
+}
+
+/// What a transition asks the caller to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathAction {
+    None,
+    /// Tell the server the direct path failed, and start probing.
+    ReportFailure(String),
+    /// Tell the server the direct path works again.
+    ReportRecovered,
+}
+
+/// The failover state of one device's direct path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathState {
+    pub mode: PathMode,
+}
+
+impl Default for PathState {
+    fn default() -> PathState {
+        PathState { mode: PathMode::Direct }
+    }
+}
+
+impl PathState {
+    pub fn is_direct(&self) -> bool {
+        self.mode == PathMode::Direct
+    }
+
+    /// A request on the direct path failed with `reason` at `now_ms`. Only the
+    /// first failure switches (and asks for a report); later ones while on
+    /// fallback change nothing.
+    pub fn direct_failed(&mut self, now_ms: u64, reason: impl Into<String>) -> PathAction {
+        match self.mode {
+            PathMode::Direct => {
+                let reason = reason.into();
+                self.mode = PathMode::Fallback {
+                    since_ms: now_ms,
+                    reason: reason.clone(),
+                    next_probe_ms: now_ms + PROBE_BACKOFF_MIN_MS,
+                    backoff_ms: PROBE_BACKOFF_MIN_MS,
+                    probes_failed: 0,
+                };
+                PathAction::ReportFailure(reason)
+            }
+            PathMode::Fallback { .. } => PathAction::None,
+        }
+    }
+
+    /// When the next probe is due (None on the direct path).
+    pub fn next_probe_ms(&self) -> Option<u64> {
+        match self.mode {
+            PathMode::Direct => None,
+            PathMode::Fallback { next_probe_ms, .. } => Some(next_probe_ms),
+        }
+    }
+
+    pub fn probe_due(&self, now_ms: u64) -> bool {
+        self.next_probe_ms().is_some_and(|at| now_ms >= at)
+    }
+
+    /// A probe at `now_ms` failed: wait twice as long (capped) for the next.
+    pub fn probe_failed(&mut self, now_ms: u64) {
+        if let PathMode::Fallback { next_probe_ms, backoff_ms, probes_failed, .. } = &mut self.mode {
+            *backoff_ms = (*backoff_ms * 2).min(PROBE_BACKOFF_MAX_MS);
+            *next_probe_ms = now_ms + *backoff_ms;
+            *probes_failed += 1;
+        }
+    }
+
+    /// A probe succeeded: back to the direct path.
+    pub fn probe_succeeded(&mut self) -> PathAction {
+        match self.mode {
+            PathMode::Direct => PathAction::None,
+            PathMode::Fallback { .. } => {
+                self.mode = PathMode::Direct;
+                PathAction::ReportRecovered
+            }
+        }
+    }
+
+    /// Why the device is on fallback, for listings.
+    pub fn reason(&self) -> Option<&str> {
+        match &self.mode {
+            PathMode::Direct => None,
+            PathMode::Fallback { reason, .. } => Some(reason),
+        }
+    }
+}
+
+/// Whether an error says the *path* failed (and another path may work), as
+/// opposed to a refusal the device would repeat on any path.
+pub fn is_path_error(e: &IoError) -> bool {
+    matches!(e.kind, IoErrorKind::Io | IoErrorKind::Shutdown | IoErrorKind::OutOfMemory)
+}
+
+/// The agent's line to the server for fallback: reports and data channels.
+pub struct ServerLink {
+    config: SessionConfig,
+    /// A control connection for reports (opened on first use, reopened when
+    /// it breaks), with its event channel kept open.
+    control: tokio::sync::Mutex<Option<(ControlClient, mpsc::Receiver<ServerEvent>)>>,
+}
+
+impl ServerLink {
+    pub fn new(config: SessionConfig) -> Arc<ServerLink> {
+        Arc::new(ServerLink { config, control: tokio::sync::Mutex::new(None) })
+    }
+
+    async fn request(&self, request: Request) -> Result<Response, String> {
+        let mut control = self.control.lock().await;
+        if control.as_ref().is_none_or(|(c, _)| c.is_closed()) {
+            let c = &self.config;
+            let connected =
+                ControlClient::connect(&c.addr, &c.key, Some(&c.server_key), Role::Agent, &c.name, c.instance)
+                    .await
+                    .map_err(|e| format!("cannot reach the metadata server at {}: {e}", c.addr))?;
+            *control = Some(connected);
+        }
+        let (client, _) = control.as_ref().expect("connected above");
+        client.request_with_timeout(request, REPORT_TIMEOUT).await.map_err(|e| e.to_string())
+    }
+
+    /// Reports that the direct path to `device` failed. Ok(true) if the
+    /// server answered that the device is now marked failed in the pool.
+    pub async fn report_failure(&self, device: u32, reason: &str) -> Result<bool, String> {
+        match self.request(Request::ReportDeviceFailure { device, reason: reason.to_string() }).await? {
+            Response::Devices(list) => Ok(list.iter().any(|d| d.index == device && d.state.starts_with("failed"))),
+            _ => Ok(false),
+        }
+    }
+
+    pub async fn report_recovered(&self, device: u32) -> Result<(), String> {
+        self.request(Request::ReportDeviceRecovered { device }).await.map(|_| ())
+    }
+
+    /// Opens a data channel for `volume` on `device`.
+    pub async fn open_channel(&self, volume: u64, device: u32) -> Result<(NbdClient, DataChannelGrant), ChannelError> {
+        tokio::time::timeout(CHANNEL_OPEN_TIMEOUT, self.open_channel_inner(volume, device))
+            .await
+            .map_err(|_| ChannelError::Other(format!("no data channel within {} s", CHANNEL_OPEN_TIMEOUT.as_secs())))?
+    }
+
+    async fn open_channel_inner(
+        &self,
+        volume: u64,
+        device: u32,
+    ) -> Result<(NbdClient, DataChannelGrant), ChannelError> {
+        let c = &self.config;
+        let other = |what: &str, e: &dyn std::fmt::Display| ChannelError::Other(format!("{what}: {e}"));
+        let mut stream = c.addr.connect().await.map_err(|e| other("connecting to the metadata server", &e))?;
+        stream.write_all(&DATA_CHANNEL_PREAMBLE).await.map_err(|e| other("sending the preamble", &e))?;
+        handshake::client(&mut stream, &c.key, Some(&c.server_key), Role::Agent, &c.name, c.instance)
+            .await
+            .map_err(|e| other("data channel handshake", &e))?;
+        let ask = ClientMessage { id: 1, request: Request::DataChannel { volume, device } };
+        framed::write_message(&mut stream, &ask).await.map_err(|e| other("asking for a data channel", &e))?;
+        let grant = match framed::read_message::<ServerMessage, _>(&mut stream).await {
+            Ok(ServerMessage::Reply { result: Ok(Response::DataChannel(grant)), .. }) => grant,
+            Ok(ServerMessage::Reply { result: Err(e), .. }) if e.code == ErrorCode::Unavailable => {
+                return Err(ChannelError::Unavailable(e.message))
+            }
+            Ok(ServerMessage::Reply { result: Err(e), .. }) => return Err(ChannelError::Refused(e.message)),
+            Ok(other_msg) => return Err(ChannelError::Other(format!("unexpected answer {other_msg:?}"))),
+            Err(e) => return Err(other("reading the data channel grant", &e)),
+        };
+        let opts = ClientOptions {
+            request_timeout: Some(CHANNEL_REQUEST_TIMEOUT),
+            connect_timeout: CHANNEL_OPEN_TIMEOUT,
+            ..ClientOptions::default()
+        };
+        let client =
+            NbdClient::connect_stream(stream, "", opts).await.map_err(|e| other("NBD on the data channel", &e))?;
+        Ok((client, grant))
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ChannelError {
+    /// The server cannot serve it (e.g. it cannot reach the device either).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// One device of one volume's layout: direct while that works, else through
+/// the server.
+pub struct FallbackDevice {
+    direct: Arc<PooledDevice>,
+    link: Arc<ServerLink>,
+    volume: u64,
+    device: u32,
+    /// The data channel (numbered, so a failed one is dropped only once),
+    /// opened on first use on fallback.
+    channel: tokio::sync::Mutex<Option<(u64, NbdClient)>>,
+    channels_opened: AtomicU64,
+}
+
+impl std::fmt::Debug for FallbackDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FallbackDevice").field("device", &self.direct.name()).field("volume", &self.volume).finish()
+    }
+}
+
+impl Drop for FallbackDevice {
+    fn drop(&mut self) {
+        if let Some((_, c)) = self.channel.get_mut().take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move { c.disconnect().await });
+            }
+        }
+    }
+}
+
+impl FallbackDevice {
+    pub fn new(direct: Arc<PooledDevice>, link: Arc<ServerLink>, volume: u64, device: u32) -> FallbackDevice {
+        FallbackDevice {
+            direct,
+            link,
+            volume,
+            device,
+            channel: tokio::sync::Mutex::new(None),
+            channels_opened: AtomicU64::new(0),
+        }
+    }
+
+    /// Set once the server said the device is marked failed in the pool.
+    pub fn marked_failed_flag(&self) -> Arc<AtomicBool> {
+        self.direct.path().marked_failed.clone()
+    }
+
+    pub fn marked_failed(&self) -> bool {
+        self.direct.path().marked_failed.load(Ordering::Acquire)
+    }
+
+    fn failed_error(&self) -> IoError {
+        IoError::io(format!(
+            "device {} is marked failed in the pool (neither this host nor the metadata server reaches it)",
+            self.direct.name()
+        ))
+    }
+
+    async fn channel(&self) -> Result<(u64, NbdClient), IoError> {
+        let mut slot = self.channel.lock().await;
+        if let Some((n, c)) = slot.as_ref() {
+            return Ok((*n, c.clone()));
+        }
+        if self.marked_failed() {
+            return Err(self.failed_error());
+        }
+        match self.link.open_channel(self.volume, self.device).await {
+            Ok((client, grant)) => {
+                info!(device = %self.direct.name(), volume = self.volume, ranges = grant.ranges.len(),
+                    "data channel through the metadata server open");
+                let n = self.channels_opened.fetch_add(1, Ordering::Relaxed) + 1;
+                *slot = Some((n, client.clone()));
+                Ok((n, client))
+            }
+            Err(ChannelError::Unavailable(why)) if why.contains("marked failed") || why.contains("cannot reach") => {
+                self.direct.path().marked_failed.store(true, Ordering::Release);
+                Err(IoError::io(format!("device {}: {why}", self.direct.name())))
+            }
+            Err(e) => Err(IoError::io(format!(
+                "device {}: the direct path failed and the fallback through the metadata server too: {e}",
+                self.direct.name()
+            ))),
+        }
+    }
+
+    /// Forgets channel number `failed` if it is still the current one (the
+    /// next request opens a new one).
+    async fn drop_channel(&self, failed: u64) {
+        let mut slot = self.channel.lock().await;
+        if slot.as_ref().is_some_and(|(n, _)| *n == failed) {
+            if let Some((_, c)) = slot.take() {
+                tokio::spawn(async move { c.disconnect().await });
+            }
+        }
+    }
+}
+
+macro_rules! with_fallback {
+    ($self:ident, |$dev:ident| $op:expr) => {{
+        if $self.direct.path().is_direct() {
+            let $dev: &PooledDevice = &$self.direct;
+            match $op.await {
+                Ok(v) => return Ok(v),
+                Err(e) if !is_path_error(&e) => return Err(e),
+                Err(e) => $self.direct.direct_failed(&e.message),
+            }
+        }
+        let mut last = None;
+        for _attempt in 0..2 {
+            let (number, client) = $self.channel().await?;
+            let $dev: &NbdClient = &client;
+            match $op.await {
+                Ok(v) => return Ok(v),
+                Err(e) if !is_path_error(&e) => return Err(e),
+                Err(e) => {
+                    warn!(device = %$self.direct.name(), volume = $self.volume, error = %e, "request on the data channel failed; reopening it");
+                    $self.drop_channel(number).await;
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("two attempts were made"))
+    }};
+}
+
+#[async_trait]
+impl BlockDevice for FallbackDevice {
+    fn size(&self) -> u64 {
+        self.direct.size()
+    }
+
+    fn block_sizes(&self) -> BlockSizes {
+        self.direct.block_sizes()
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+        with_fallback!(self, |d| d.read(offset, len))
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
+        with_fallback!(self, |d| d.write(offset, data.clone(), fua))
+    }
+
+    async fn flush(&self) -> Result<(), IoError> {
+        with_fallback!(self, |d| d.flush())
+    }
+
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
+        with_fallback!(self, |d| d.trim(offset, len, fua))
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
+        with_fallback!(self, |d| d.write_zeroes(offset, len, flags))
+    }
+
+    async fn block_status(&self, context: &MetaContext, offset: u64, len: u32) -> Result<Vec<StatusExtent>, IoError> {
+        with_fallback!(self, |d| d.block_status(context, offset, len))
+    }
+
+    async fn cache(&self, offset: u64, len: u32) -> Result<(), IoError> {
+        with_fallback!(self, |d| d.cache(offset, len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_failure_switches_and_asks_for_one_report() {
+        let mut p = PathState::default();
+        assert!(p.is_direct());
+        assert_eq!(p.direct_failed(1000, "connection reset"), PathAction::ReportFailure("connection reset".into()));
+        assert!(!p.is_direct());
+        assert_eq!(p.reason(), Some("connection reset"));
+        // Further failures of requests already in flight change nothing.
+        assert_eq!(p.direct_failed(1001, "again"), PathAction::None);
+        assert_eq!(p.reason(), Some("connection reset"));
+        assert_eq!(p.next_probe_ms(), Some(1000 + PROBE_BACKOFF_MIN_MS));
+    }
+
+    #[test]
+    fn probes_back_off_exponentially_up_to_the_cap() {
+        let mut p = PathState::default();
+        p.direct_failed(0, "refused");
+        assert!(!p.probe_due(PROBE_BACKOFF_MIN_MS - 1));
+        assert!(p.probe_due(PROBE_BACKOFF_MIN_MS));
+        let mut now = PROBE_BACKOFF_MIN_MS;
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            p.probe_failed(now);
+            let next = p.next_probe_ms().unwrap();
+            waits.push(next - now);
+            now = next;
+        }
+        assert_eq!(waits, vec![400, 800, 1600, 3200, 5000, 5000, 5000, 5000]);
+        assert!(matches!(p.mode, PathMode::Fallback { probes_failed: 8, .. }));
+    }
+
+    #[test]
+    fn a_successful_probe_returns_to_direct_and_asks_for_a_recovery_report() {
+        let mut p = PathState::default();
+        assert_eq!(p.probe_succeeded(), PathAction::None, "nothing to recover from");
+        p.direct_failed(5, "timeout");
+        p.probe_failed(205);
+        assert_eq!(p.probe_succeeded(), PathAction::ReportRecovered);
+        assert!(p.is_direct());
+        assert_eq!(p.next_probe_ms(), None);
+        assert!(!p.probe_due(u64::MAX));
+        // A new failure starts over with the shortest backoff.
+        p.direct_failed(10_000, "reset");
+        assert_eq!(p.next_probe_ms(), Some(10_000 + PROBE_BACKOFF_MIN_MS));
+    }
+
+    #[test]
+    fn path_errors_are_told_apart_from_refusals() {
+        assert!(is_path_error(&IoError::io("reset")));
+        assert!(is_path_error(&IoError::shutdown("gone")));
+        assert!(!is_path_error(&IoError::new(IoErrorKind::PermissionDenied, "ro")));
+        assert!(!is_path_error(&IoError::new(IoErrorKind::Overflow, "range")));
+        assert!(!is_path_error(&IoError::invalid("bad")));
+    }
+}

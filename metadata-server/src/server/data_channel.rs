@@ -1,0 +1,684 @@
+//! The fallback data path: data channels, device-failure reports and what the
+//! listings say about agents on fallback.
+//!
+//! When an agent's direct path to a device fails, it reports it
+//! ([`Request::ReportDeviceFailure`]) and sends that device's I/O through the
+//! server over a **data channel**: a connection that starts with
+//! [`DATA_CHANNEL_PREAMBLE`], authenticates like any control connection, asks
+//! for one volume and one device ([`Request::DataChannel`]) and, once granted,
+//! carries NBD. The server serves it with its own NBD connection to the
+//! device, restricted to the extents that volume has there — an agent can
+//! never use the server to reach data it does not hold open.
+//!
+//! Why the grant goes through the owner task like every request: whether an
+//! agent holds a volume, and where that volume's extents are, is the owner's
+//! state. The channel asks again every lease period and closes when the answer
+//! changes to a refusal (the handle was closed, revoked or broken), so a
+//! channel outlives its handle by at most one lease.
+//!
+//! A report makes the server check the device itself. If it reaches it, the
+//! agent's fallback is recorded for the listings (`volume show`, `client
+//! list`). If not, the device is marked failed in the pool metadata
+//! (committed before anyone is told), and every holder of a volume on it gets
+//! the layout with that device offline: a mirrored volume continues on its
+//! other legs, a plain one fails only the I/O that touches the device.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{Arc, LazyLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use blockio::client::NbdClient;
+use blockio::server::{Export, ExportTable, NbdServer, ServerConfig};
+use blockio::uri::NbdUri;
+use blockio::{BlockDevice, BlockSizes, IoError, IoErrorKind, MetaContext, StatusExtent, ZeroFlags};
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tracing::{debug, info, warn, Instrument};
+use volume_format::control::auth::Role;
+use volume_format::control::messages::{
+    ClientMessage, ControlError, DataChannelGrant, DeviceInfo, ErrorCode, OpenMode, Request, Response, ServerEvent,
+    ServerMessage, DATA_CHANNEL_PREAMBLE,
+};
+use volume_format::metadata::{DeviceState, HandleState};
+use volume_format::{DeviceIndex, VolumeDescription, VolumeId};
+
+use super::clock::unix_secs;
+use super::core::{Command, Core};
+use super::session::SessionContext;
+use super::stopped;
+use crate::control::addr::ControlStream;
+use crate::control::framed;
+use crate::control::handshake;
+use crate::handles::SessionId;
+
+/// Most data channels served at once (on top of the control-session bound);
+/// beyond it a channel is refused with `Unavailable`.
+pub const DATA_CHANNELS_MAX: usize = 256;
+/// Requests in flight per data channel, and payload bytes held for it.
+pub const CHANNEL_REQUESTS_IN_FLIGHT_MAX: usize = 64;
+pub const CHANNEL_IN_FLIGHT_BYTES_MAX: usize = 32 << 20;
+/// How long the server tries to reach a device an agent reported, before
+/// deciding it cannot either. The owner task waits this long at most.
+pub const DEVICE_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+/// A device request of a data channel without an answer after this fails.
+pub const CHANNEL_DEVICE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Fallback records kept (agent, device pairs).
+pub const FALLBACK_RECORDS_MAX: usize = 4096;
+
+static CHANNEL_SLOTS: LazyLock<Arc<Semaphore>> = LazyLock::new(|| Arc::new(Semaphore::new(DATA_CHANNELS_MAX)));
+
+/// Which agents do which device's I/O through the server, and why.
+#[derive(Debug, Default)]
+pub struct FallbackTable {
+    entries: BTreeMap<([u8; 32], u32), FallbackRecord>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FallbackRecord {
+    pub client: String,
+    pub reason: String,
+    pub since_unix_secs: u64,
+}
+
+impl FallbackTable {
+    pub fn record(&mut self, key: [u8; 32], device: u32, record: FallbackRecord) {
+        if self.entries.len() >= FALLBACK_RECORDS_MAX && !self.entries.contains_key(&(key, device)) {
+            warn!(device, "too many fallback records; not recording this one");
+            return;
+        }
+        self.entries.entry((key, device)).or_insert(record);
+    }
+
+    pub fn clear(&mut self, key: [u8; 32], device: u32) -> bool {
+        self.entries.remove(&(key, device)).is_some()
+    }
+
+    fn of_key(&self, key: [u8; 32]) -> impl Iterator<Item = (u32, &FallbackRecord)> {
+        self.entries.range((key, 0)..=(key, u32::MAX)).map(|((_, d), r)| (*d, r))
+    }
+}
+
+impl Core {
+    fn device_uri(&self, device: u32) -> String {
+        self.meta.device(DeviceIndex(device)).map_or_else(|| "?".to_string(), |d| d.uri.clone())
+    }
+
+    fn connected(&self, key: [u8; 32]) -> bool {
+        self.sessions.values().any(|s| s.peer.key == key)
+    }
+
+    /// `client list`: "device N (URI): REASON" for a connected agent key.
+    pub fn fallback_of_client(&self, key: [u8; 32]) -> Vec<String> {
+        if !self.connected(key) {
+            return Vec::new();
+        }
+        self.fallback
+            .of_key(key)
+            .map(|(d, r)| format!("device {d} ({}): {} (since {})", self.device_uri(d), r.reason, r.since_unix_secs))
+            .collect()
+    }
+
+    /// `volume show`: "CLIENT: device N on fallback (REASON)" for holders of `volume`.
+    pub fn fallback_of_volume(&self, volume: VolumeId) -> Vec<String> {
+        let Some(v) = self.meta.volume(volume) else { return Vec::new() };
+        let mut devices: Vec<u32> = v.extents.iter().flat_map(|e| e.legs.iter().map(|l| l.device.0)).collect();
+        devices.sort_unstable();
+        devices.dedup();
+        let mut keys: Vec<[u8; 32]> = self
+            .meta
+            .handles
+            .iter()
+            .filter(|h| h.volume == volume && matches!(h.state, HandleState::Active))
+            .map(|h| h.agent_key.0)
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut out = Vec::new();
+        for key in keys.into_iter().filter(|k| self.connected(*k)) {
+            for (d, r) in self.fallback.of_key(key).filter(|(d, _)| devices.contains(d)) {
+                out.push(format!("{}: device {d} on fallback ({})", r.client, r.reason));
+            }
+        }
+        out
+    }
+
+    fn peer_of(&self, session: SessionId) -> Result<crate::control::handshake::Peer, ControlError> {
+        self.sessions
+            .get(&session)
+            .map(|s| s.peer.clone())
+            .ok_or_else(|| ControlError::new(ErrorCode::Unavailable, "session is closing"))
+    }
+
+    /// What a data channel of this session's key for `volume` on `device` may do.
+    pub fn data_channel_grant(&self, session: SessionId, volume: u64, device: u32) -> Result<Response, ControlError> {
+        let peer = self.peer_of(session)?;
+        let v = self.meta.volume(VolumeId(volume)).ok_or_else(|| {
+            ControlError::new(ErrorCode::NotFound, format!("no volume with id {volume}; it was deleted"))
+        })?;
+        let modes: Vec<OpenMode> = self
+            .meta
+            .handles
+            .iter()
+            .filter(|h| h.volume.0 == volume && h.agent_key.0 == peer.key && matches!(h.state, HandleState::Active))
+            .map(|h| h.mode)
+            .collect();
+        if modes.is_empty() {
+            return Err(ControlError::new(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "{} holds no open handle on volume {}; open it before asking for a data channel",
+                    peer.name, v.name
+                ),
+            ));
+        }
+        let record = self
+            .meta
+            .device(DeviceIndex(device))
+            .ok_or_else(|| ControlError::new(ErrorCode::NotFound, format!("the pool has no device {device}")))?;
+        if let DeviceState::Failed { reason, .. } = &record.state {
+            return Err(ControlError::new(
+                ErrorCode::Unavailable,
+                format!("device {device} ({}) is marked failed in the pool: {reason}", record.uri),
+            ));
+        }
+        let mut ranges: Vec<(u64, u64)> = v
+            .extents
+            .iter()
+            .flat_map(|e| e.legs.iter())
+            .filter(|l| l.device.0 == device)
+            .map(|l| (l.offset, self.meta.extent_bytes))
+            .collect();
+        if ranges.is_empty() {
+            return Err(ControlError::new(
+                ErrorCode::InvalidArgument,
+                format!("volume {} has no extent on device {device}", v.name),
+            ));
+        }
+        ranges.sort_unstable();
+        let ranges = merge_ranges(ranges);
+        Ok(Response::DataChannel(DataChannelGrant {
+            volume,
+            device,
+            layout_generation: v.layout_generation,
+            read_only: modes.iter().all(|m| *m == OpenMode::ReadOnly),
+            ranges,
+        }))
+    }
+
+    /// Whether the server reaches `device` now: reads its label over the
+    /// existing connection, else over a new one (bounded by
+    /// [`DEVICE_CHECK_TIMEOUT`]).
+    async fn check_device(&mut self, device: u32) -> Result<(), String> {
+        let Some(record) = self.meta.device(DeviceIndex(device)).cloned() else {
+            return Err(format!("the pool has no device {device}"));
+        };
+        let Some(d) = self.pool.devices.iter_mut().find(|d| d.expected_uuid == Some(record.device_uuid)) else {
+            return Err("the server has no connection to it".into());
+        };
+        if let Some(client) = d.client.clone() {
+            if let Ok(Ok(_)) = tokio::time::timeout(DEVICE_CHECK_TIMEOUT, client.read(0, 4096)).await {
+                return Ok(());
+            }
+        }
+        let uri: NbdUri = d.uri.parse().map_err(|e| format!("bad URI {}: {e}", d.uri))?;
+        let mut opts = crate::pool::device::client_options();
+        opts.connect_timeout = DEVICE_CHECK_TIMEOUT;
+        let fresh = async {
+            let c = NbdClient::connect(&uri, opts).await.map_err(|e| e.to_string())?;
+            c.read(0, 4096).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(c)
+        };
+        match tokio::time::timeout(DEVICE_CHECK_TIMEOUT * 2, fresh).await {
+            Ok(Ok(c)) => {
+                if let Some(old) = d.client.replace(c) {
+                    old.disconnect().await;
+                }
+                d.error = None;
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                d.error = Some(e.clone());
+                Err(e)
+            }
+            Err(_) => {
+                let e = format!("no answer within {} ms", (DEVICE_CHECK_TIMEOUT * 2).as_millis());
+                d.error = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// An agent cannot reach `device` directly. Answers with the device as
+    /// the server sees it afterwards (`state` says whether it was marked failed).
+    pub async fn report_device_failure(
+        &mut self,
+        session: SessionId,
+        device: u32,
+        reason: String,
+    ) -> Result<Response, ControlError> {
+        let peer = self.peer_of(session)?;
+        let Some(record) = self.meta.device(DeviceIndex(device)).cloned() else {
+            return Err(ControlError::new(ErrorCode::NotFound, format!("the pool has no device {device}")));
+        };
+        let reason: String = reason.chars().take(512).collect();
+        warn!(client = %peer.name, device, uri = %record.uri, %reason, "agent reports its direct path to a device failed");
+        if record.state.is_online() {
+            match self.check_device(device).await {
+                Ok(()) => {
+                    info!(client = %peer.name, device, "the server reaches the device: the agent uses the fallback path");
+                    self.fallback.record(
+                        peer.key,
+                        device,
+                        FallbackRecord { client: peer.name.clone(), reason, since_unix_secs: unix_secs() },
+                    );
+                }
+                Err(server_reason) => {
+                    let why = format!(
+                        "unreachable from {} ({reason}) and from the metadata server ({server_reason})",
+                        peer.name
+                    );
+                    self.mark_device_failed(device, why).await?;
+                }
+            }
+        }
+        Ok(Response::Devices(self.device_infos_of(&[device])))
+    }
+
+    pub fn report_device_recovered(&mut self, session: SessionId, device: u32) -> Result<Response, ControlError> {
+        let peer = self.peer_of(session)?;
+        if self.fallback.clear(peer.key, device) {
+            info!(client = %peer.name, device, "agent is back on its direct path to the device");
+        }
+        Ok(Response::Done)
+    }
+
+    fn device_infos_of(&self, devices: &[u32]) -> Vec<DeviceInfo> {
+        self.meta
+            .devices
+            .iter()
+            .filter(|d| devices.contains(&d.index.0))
+            .map(|d| DeviceInfo {
+                index: d.index.0,
+                uuid: d.device_uuid.to_string(),
+                uri: d.uri.clone(),
+                size_bytes: d.device_bytes,
+                extents_total: d.extent_count(self.meta.extent_bytes),
+                extents_free: 0,
+                state: d.state.to_string(),
+                reachable: self.pool.reachable(d.device_uuid),
+            })
+            .collect()
+    }
+
+    /// Commits `device` as failed, then publishes the changed layouts.
+    async fn mark_device_failed(&mut self, device: u32, reason: String) -> Result<(), ControlError> {
+        let mut next = self.meta.clone();
+        let Some(d) = next.devices.iter_mut().find(|d| d.index.0 == device) else { return Ok(()) };
+        d.state = DeviceState::Failed { reason: reason.clone(), since_unix_secs: unix_secs() };
+        self.commit(next).await?;
+        tracing::error!(device, %reason, "device marked failed in the pool metadata");
+        let affected: Vec<VolumeId> = self
+            .meta
+            .volumes
+            .iter()
+            .filter(|v| v.extents.iter().any(|e| e.legs.iter().any(|l| l.device.0 == device)))
+            .map(|v| v.id)
+            .collect();
+        for volume in affected {
+            // A pending reconfiguration publishes the new state itself when
+            // it finishes; publishing now would reopen a recalled gate.
+            if self.pending_grows.contains_key(&volume) {
+                continue;
+            }
+            let description = match VolumeDescription::from_metadata(&self.meta, volume) {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(%volume, "cannot describe the volume after a device failure: {e}");
+                    continue;
+                }
+            };
+            let holders: Vec<(u64, SessionId)> = self.handles.on_volume(volume.0).map(|h| (h.id, h.session)).collect();
+            for (handle, session) in holders {
+                self.send_event(session, ServerEvent::Publish { handle, description: description.clone() });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Merges sorted `(offset, len)` ranges that touch.
+fn merge_ranges(sorted: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(sorted.len());
+    for (offset, len) in sorted {
+        match out.last_mut() {
+            Some((o, l)) if *o + *l >= offset => *l = (*l).max(offset + len - *o),
+            _ => out.push((offset, len)),
+        }
+    }
+    out
+}
+
+/// A device that admits only requests inside `ranges` (sorted, merged).
+pub struct RestrictedDevice {
+    inner: NbdClient,
+    ranges: Vec<(u64, u64)>,
+    read_only: bool,
+    name: String,
+}
+
+impl RestrictedDevice {
+    pub fn new(inner: NbdClient, grant: &DataChannelGrant) -> RestrictedDevice {
+        RestrictedDevice {
+            inner,
+            ranges: grant.ranges.clone(),
+            read_only: grant.read_only,
+            name: format!("volume {} on device {}", grant.volume, grant.device),
+        }
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        let end = offset.checked_add(len).ok_or_else(|| IoError::invalid("offset + length overflows"))?;
+        let i = self.ranges.partition_point(|(o, _)| *o <= offset);
+        let inside = i > 0 && {
+            let (o, l) = self.ranges[i - 1];
+            end <= o + l
+        };
+        if !inside {
+            return Err(IoError::new(
+                IoErrorKind::PermissionDenied,
+                format!("{}: bytes {offset}..{end} are outside the extents this data channel grants", self.name),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_write(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        if self.read_only {
+            return Err(IoError::new(IoErrorKind::PermissionDenied, format!("{}: read-only data channel", self.name)));
+        }
+        self.check(offset, len)
+    }
+}
+
+#[async_trait::async_trait]
+impl BlockDevice for RestrictedDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn block_sizes(&self) -> BlockSizes {
+        self.inner.block_sizes()
+    }
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+        self.check(offset, u64::from(len))?;
+        self.inner.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
+        self.check_write(offset, data.len() as u64)?;
+        self.inner.write(offset, data, fua).await
+    }
+    async fn flush(&self) -> Result<(), IoError> {
+        self.inner.flush().await
+    }
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
+        self.check_write(offset, u64::from(len))?;
+        self.inner.trim(offset, len, fua).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
+        self.check_write(offset, u64::from(len))?;
+        self.inner.write_zeroes(offset, len, flags).await
+    }
+    async fn block_status(&self, context: &MetaContext, offset: u64, len: u32) -> Result<Vec<StatusExtent>, IoError> {
+        self.check(offset, u64::from(len))?;
+        self.inner.block_status(context, offset, len).await
+    }
+    async fn cache(&self, offset: u64, len: u32) -> Result<(), IoError> {
+        self.check(offset, u64::from(len))?;
+        self.inner.cache(offset, len).await
+    }
+}
+
+/// A stream with bytes already read from it put back in front.
+pub struct Rewound<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewound<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if self.pos < self.prefix.len() {
+            let n = (self.prefix.len() - self.pos).min(buf.remaining());
+            let pos = self.pos;
+            buf.put_slice(&self.prefix[pos..pos + n]);
+            self.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewound<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Accept-path hook: a connection that starts with the data-channel
+/// preamble is served here, any other goes to the control session with the
+/// bytes read put back.
+pub async fn route(
+    mut stream: Box<dyn ControlStream>,
+    peer: String,
+    session: u64,
+    ctx: Arc<SessionContext>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut first = [0u8; DATA_CHANNEL_PREAMBLE.len()];
+    let read = tokio::select! {
+        r = tokio::time::timeout(handshake::HANDSHAKE_TIMEOUT, stream.read_exact(&mut first)) => r,
+        _ = stopped(&mut stop) => return,
+    };
+    match read {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return debug!(%peer, "connection closed before its first bytes: {e}"),
+        Err(_) => return debug!(%peer, "no bytes within the handshake timeout; closing"),
+    }
+    if first == DATA_CHANNEL_PREAMBLE {
+        let span = tracing::info_span!("data_channel", id = session, %peer);
+        return serve_channel(stream, peer, session, ctx, stop).instrument(span).await;
+    }
+    let stream: Box<dyn ControlStream> = Box::new(Rewound { prefix: first.to_vec(), pos: 0, inner: stream });
+    super::session::run(stream, peer, session, ctx, stop).await
+}
+
+async fn ask(ctx: &SessionContext, session: SessionId, request: Request) -> Result<Response, ControlError> {
+    let (reply, rx) = oneshot::channel();
+    let unavailable = || ControlError::new(ErrorCode::Unavailable, "the server is shutting down");
+    ctx.commands.send(Command::Request { session, request, reply }).await.map_err(|_| unavailable())?;
+    rx.await.map_err(|_| unavailable())?
+}
+
+async fn serve_channel(
+    mut stream: Box<dyn ControlStream>,
+    peer: String,
+    session: u64,
+    ctx: Arc<SessionContext>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let clients = ctx.clients.borrow().clone();
+    let authorize = |key: &[u8; 32]| clients.get(key).map(|(role, name)| (vec![*role], name.clone()));
+    let who = tokio::select! {
+        r = handshake::accept(&mut stream, &ctx.key, session, ctx.lease_ms, authorize) => match r {
+            Ok(who) => who,
+            Err(e) => return warn!(%peer, "data channel handshake failed: {e}"),
+        },
+        _ = stopped(&mut stop) => return,
+    };
+    let first =
+        tokio::time::timeout(handshake::HANDSHAKE_TIMEOUT, framed::read_message::<ClientMessage, _>(&mut stream));
+    let ClientMessage { id, request } = match first.await {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => return warn!(client = %who.name, "data channel: bad first message: {e}"),
+        Err(_) => return warn!(client = %who.name, "data channel: no request within the handshake timeout"),
+    };
+    let refuse = |code, message: String| ServerMessage::Reply { id, result: Err(ControlError::new(code, message)) };
+    let Request::DataChannel { volume, device } = request else {
+        let msg = refuse(ErrorCode::InvalidArgument, "a data channel must start with a DataChannel request".into());
+        let _ = framed::write_message(&mut stream, &msg).await;
+        return;
+    };
+    if who.role != Role::Agent {
+        let msg = refuse(ErrorCode::PermissionDenied, format!("data channels are for agents, not {}", who.role));
+        let _ = framed::write_message(&mut stream, &msg).await;
+        return;
+    }
+    let Ok(_slot) = CHANNEL_SLOTS.clone().try_acquire_owned() else {
+        let msg =
+            refuse(ErrorCode::Unavailable, format!("the server serves {DATA_CHANNELS_MAX} data channels already"));
+        let _ = framed::write_message(&mut stream, &msg).await;
+        return;
+    };
+
+    // Registered as a session (no handles of its own) so the owner knows
+    // whose key asks and can close it like any session.
+    let (out, mut out_rx) = mpsc::channel::<ServerMessage>(1);
+    let (kick, mut kicked) = oneshot::channel();
+    let connected = Command::Connected { session, peer: who.clone(), addr: peer.clone(), out, kick };
+    if ctx.commands.send(connected).await.is_err() {
+        return;
+    }
+    serve_granted(stream, &ctx, session, id, volume, device, &who.name, &mut kicked, &mut out_rx, &mut stop).await;
+    let _ = ctx.commands.send(Command::Disconnected { session }).await;
+    debug!("data channel ended");
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_granted(
+    mut stream: Box<dyn ControlStream>,
+    ctx: &SessionContext,
+    session: SessionId,
+    id: u64,
+    volume: u64,
+    device: u32,
+    client: &str,
+    kicked: &mut oneshot::Receiver<()>,
+    events: &mut mpsc::Receiver<ServerMessage>,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let result = ask(ctx, session, Request::DataChannel { volume, device }).await;
+    let grant = match result {
+        Ok(Response::DataChannel(grant)) => grant,
+        Ok(other) => {
+            let e = ControlError::new(ErrorCode::Internal, format!("unexpected grant answer {other:?}"));
+            let _ = framed::write_message(&mut stream, &ServerMessage::Reply { id, result: Err(e) }).await;
+            return;
+        }
+        Err(e) => {
+            info!(client, volume, device, "data channel refused: {e}");
+            let _ = framed::write_message(&mut stream, &ServerMessage::Reply { id, result: Err(e) }).await;
+            return;
+        }
+    };
+    // The server's own connection to the device.
+    let uri = match ask_uri(ctx, session, device).await {
+        Some(uri) => uri,
+        None => {
+            let e = ControlError::new(ErrorCode::NotFound, format!("the server has no URI for device {device}"));
+            let _ = framed::write_message(&mut stream, &ServerMessage::Reply { id, result: Err(e) }).await;
+            return;
+        }
+    };
+    let mut opts = crate::pool::device::client_options();
+    opts.request_timeout = Some(CHANNEL_DEVICE_TIMEOUT);
+    opts.connect_timeout = DEVICE_CHECK_TIMEOUT;
+    let connected = match uri.parse::<NbdUri>() {
+        Ok(u) => NbdClient::connect(&u, opts).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let client_dev = match connected {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(client, device, %uri, "data channel: the server cannot reach the device either: {e}");
+            let reason = format!("data channel for {client}: {e}");
+            let _ = ask(ctx, session, Request::ReportDeviceFailure { device, reason }).await;
+            let e = ControlError::new(
+                ErrorCode::Unavailable,
+                format!("the metadata server cannot reach device {device} ({uri}) either: {e}"),
+            );
+            let _ = framed::write_message(&mut stream, &ServerMessage::Reply { id, result: Err(e) }).await;
+            return;
+        }
+    };
+    let ok = ServerMessage::Reply { id, result: Ok(Response::DataChannel(grant.clone())) };
+    if let Err(e) = framed::write_message(&mut stream, &ok).await {
+        client_dev.disconnect().await;
+        return debug!("data channel closed before its grant was sent: {e}");
+    }
+    info!(client, volume, device, ranges = grant.ranges.len(), read_only = grant.read_only, "data channel open");
+    let table = ExportTable::new();
+    table.insert(Export {
+        name: String::new(),
+        description: format!("sanvol fallback: volume {volume} on device {device}"),
+        device: Arc::new(RestrictedDevice::new(client_dev.clone(), &grant)),
+        read_only: grant.read_only,
+    });
+    table.set_default(Some(String::new()));
+    let config = ServerConfig {
+        in_flight_bytes_max: CHANNEL_IN_FLIGHT_BYTES_MAX,
+        requests_in_flight_max: CHANNEL_REQUESTS_IN_FLIGHT_MAX,
+        ..ServerConfig::default()
+    };
+    let server = NbdServer::new(Arc::new(table), config);
+    let recheck = Duration::from_millis(ctx.lease_ms.max(100));
+    let still_granted = async {
+        loop {
+            tokio::time::sleep(recheck).await;
+            match ask(ctx, session, Request::DataChannel { volume, device }).await {
+                Ok(Response::DataChannel(g)) if g.ranges == grant.ranges && g.read_only == grant.read_only => {}
+                Ok(_) => return "the volume's layout on the device changed".to_string(),
+                Err(e) => return e.message,
+            }
+        }
+    };
+    let drain_events = async { while events.recv().await.is_some() {} };
+    tokio::select! {
+        r = server.serve_connection(stream) => if let Err(e) = r { debug!("data channel NBD connection ended: {e}") },
+        why = still_granted => info!(client, volume, device, "closing the data channel: {why}"),
+        _ = kicked => info!(client, "data channel closed by the server"),
+        _ = stopped(stop) => {}
+        _ = drain_events => {}
+    }
+    client_dev.disconnect().await;
+}
+
+async fn ask_uri(ctx: &SessionContext, session: SessionId, device: u32) -> Option<String> {
+    // The URI is part of the owner's state too; PoolStatus-like requests do
+    // not carry it, so the device listing is asked for it.
+    match ask(ctx, session, Request::DeviceList).await {
+        Ok(Response::Devices(list)) => list.into_iter().find(|d| d.index == device).map(|d| d.uri),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_merge_when_they_touch() {
+        assert_eq!(merge_ranges(vec![(0, 10), (10, 5), (20, 5), (22, 10)]), vec![(0, 15), (20, 12)]);
+        assert_eq!(merge_ranges(vec![]), vec![]);
+    }
+}

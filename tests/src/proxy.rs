@@ -1,0 +1,119 @@
+//! A unix-socket proxy the test can cut and restore: breaks one host's path
+//! to a device while every other process still reaches it.
+//!
+//! Cutting drops every live connection at once (the client sees a reset or
+//! EOF mid-request) and closes new connections as soon as they are accepted
+//! (the client's handshake fails), until [`CuttableProxy::restore`].
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+/// Bytes copied per read, each direction.
+const COPY_BUFFER_BYTES: usize = 256 * 1024;
+
+struct State {
+    cut: AtomicBool,
+    /// Bumped on every cut: connection tasks watch it and drop their streams.
+    cuts: watch::Sender<u64>,
+    forwarded_bytes: AtomicU64,
+    accepted: AtomicU64,
+}
+
+pub struct CuttableProxy {
+    pub socket: PathBuf,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CuttableProxy {
+    /// Listens on `socket` and forwards each connection to `target`.
+    pub fn start(socket: &Path, target: &Path) -> CuttableProxy {
+        let _ = std::fs::remove_file(socket);
+        let listener = UnixListener::bind(socket).expect("bind the proxy socket");
+        let (cuts, _) = watch::channel(0);
+        let state = Arc::new(State {
+            cut: AtomicBool::new(false),
+            cuts,
+            forwarded_bytes: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+        });
+        let target = target.to_path_buf();
+        let task = tokio::spawn({
+            let state = state.clone();
+            async move {
+                loop {
+                    let Ok((client, _)) = listener.accept().await else { continue };
+                    state.accepted.fetch_add(1, Ordering::Relaxed);
+                    if state.cut.load(Ordering::SeqCst) {
+                        drop(client);
+                        continue;
+                    }
+                    tokio::spawn(forward(client, target.clone(), state.clone()));
+                }
+            }
+        });
+        CuttableProxy { socket: socket.to_path_buf(), state, task }
+    }
+
+    /// Drops every live connection and refuses new ones.
+    pub fn cut(&self) {
+        self.state.cut.store(true, Ordering::SeqCst);
+        self.state.cuts.send_modify(|n| *n += 1);
+    }
+
+    pub fn restore(&self) {
+        self.state.cut.store(false, Ordering::SeqCst);
+    }
+
+    /// Bytes forwarded so far in both directions.
+    pub fn forwarded_bytes(&self) -> u64 {
+        self.state.forwarded_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Connections accepted so far (including refused ones).
+    pub fn accepted(&self) -> u64 {
+        self.state.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for CuttableProxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+async fn forward(client: UnixStream, target: PathBuf, state: Arc<State>) {
+    let mut cuts = state.cuts.subscribe();
+    let Ok(server) = UnixStream::connect(&target).await else { return };
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let up = copy(&mut cr, &mut sw, &state);
+    let down = copy(&mut sr, &mut cw, &state);
+    tokio::select! {
+        _ = async { tokio::join!(up, down) } => {}
+        _ = cuts.changed() => {}
+    }
+    // Dropping the halves closes both sockets.
+}
+
+async fn copy<R: AsyncReadExt + Unpin, W: AsyncWriteExt + Unpin>(r: &mut R, w: &mut W, state: &State) {
+    let mut buf = vec![0u8; COPY_BUFFER_BYTES];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if state.cut.load(Ordering::SeqCst) || w.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        state.forwarded_bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    let _ = w.shutdown().await;
+}

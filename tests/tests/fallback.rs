@@ -1,0 +1,224 @@
+//! Issue 4, fallback through the server, with real processes: nbdkit devices,
+//! `sanvol-mds`, `sanvol-agent` whose direct path to one device runs through
+//! a proxy the test cuts, fio verify through the agent, and the devices read
+//! directly afterwards.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use blockio::client::{ClientOptions, NbdClient};
+use blockio::uri::NbdUri;
+use blockio::BlockDevice;
+use bytes::Bytes;
+use sanvol_tests::peers::require_tool;
+use sanvol_tests::proxy::CuttableProxy;
+use sanvol_tests::system::Stack;
+
+const BLOCK: u64 = 4096;
+const WAIT: Duration = Duration::from_secs(30);
+
+fn block_pattern(tag: u64, b: u64) -> Vec<u8> {
+    let word = (tag << 48 | b).to_le_bytes();
+    word.iter().copied().cycle().take(BLOCK as usize).collect()
+}
+
+async fn connect(uri: &NbdUri) -> NbdClient {
+    NbdClient::connect(uri, ClientOptions::default()).await.unwrap_or_else(|e| panic!("connect {uri}: {e}"))
+}
+
+/// Writes `block_pattern(tag, ..)` over the whole volume behind `uri`.
+async fn fill(uri: &NbdUri, tag: u64) {
+    let c = connect(uri).await;
+    let size = c.info().size;
+    let chunk = 1u64 << 20;
+    let mut offset = 0;
+    while offset < size {
+        let buf: Vec<u8> = (offset / BLOCK..(offset + chunk) / BLOCK).flat_map(|b| block_pattern(tag, b)).collect();
+        c.write(offset, Bytes::from(buf), false).await.expect("write through the agent");
+        offset += chunk;
+    }
+    c.flush().await.expect("flush through the agent");
+    c.disconnect().await;
+}
+
+/// Reads every leg of every extent from the devices themselves (skipping
+/// `skip_device`) and checks `block_pattern(tag, ..)` is there.
+async fn check_placement(stack: &Stack, volume: &str, tag: u64, skip_device: Option<u64>) {
+    let detail = stack.sanvol_json(&["volume", "show", volume]);
+    let desc = &detail["description"];
+    let extent_bytes = desc["extent_bytes"].as_u64().unwrap();
+    let size_bytes = desc["size_bytes"].as_u64().unwrap();
+    let mut devices = HashMap::new();
+    for d in desc["devices"].as_array().unwrap() {
+        let index = d["index"].as_u64().unwrap();
+        if Some(index) != skip_device {
+            devices.insert(index, connect(&d["uri"].as_str().unwrap().parse().unwrap()).await);
+        }
+    }
+    for (e, extent) in desc["extents"].as_array().unwrap().iter().enumerate() {
+        for leg in extent["legs"].as_array().unwrap() {
+            let dev = leg["device"].as_u64().unwrap();
+            let Some(client) = devices.get(&dev) else { continue };
+            let offset = leg["offset"].as_u64().unwrap();
+            let data = client.read(offset, extent_bytes as u32).await.expect("read the device directly");
+            for i in 0..extent_bytes / BLOCK {
+                let b = e as u64 * extent_bytes / BLOCK + i;
+                if b * BLOCK >= size_bytes {
+                    break;
+                }
+                assert!(
+                    data[(i * BLOCK) as usize..((i + 1) * BLOCK) as usize] == block_pattern(tag, b)[..],
+                    "volume {volume} block {b}: device {dev} offset {} does not hold the acknowledged write",
+                    offset + i * BLOCK
+                );
+            }
+        }
+    }
+    for c in devices.values() {
+        c.disconnect().await;
+    }
+}
+
+fn fio_verify(uri: &NbdUri, size: &str) -> Command {
+    let mut cmd = Command::new(require_tool("fio"));
+    cmd.args([
+        "--name=verify",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=16",
+        &format!("--size={size}"),
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--verify_state_save=0",
+        "--randrepeat=0",
+    ]);
+    cmd
+}
+
+fn assert_fio_ok(out: std::process::Output) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("err= 0"),
+        "fio failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Polls `cond` (a listing) until it holds; panics with `what` after [`WAIT`].
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn fallback_of(stack: &Stack, client: &str) -> Vec<String> {
+    let clients = stack.sanvol_json(&["client", "list"]);
+    clients
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == client)
+        .map(|c| c["fallback"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_path_falls_back_through_the_server_and_returns_then_a_dead_device_is_marked_failed() {
+    let mut stack = Stack::new(3, "1G");
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "m", "128M", "--mirror", "2"]);
+    stack.sanvol_ok(&["volume", "create", "p", "128M"]);
+
+    // The device to cut: one the plain volume uses.
+    let p_desc = stack.sanvol_json(&["volume", "show", "p"]);
+    let cut_index = p_desc["description"]["devices"][0]["index"].as_u64().unwrap();
+    let cut_uri = p_desc["description"]["devices"][0]["uri"].as_str().unwrap().to_string();
+    let peer = stack.devices.iter().position(|d| d.uri().to_string() == cut_uri).expect("the device's nbdkit");
+    let proxy = CuttableProxy::start(&stack.dir.path().join("proxy.sock"), &stack.devices[peer].dir().join("nbd.sock"));
+    let via_proxy = NbdUri::unix(&proxy.socket, "").to_string();
+    let agent = stack.start_agent_with("host-a", &["--device-uri".into(), format!("{cut_uri}={via_proxy}")]);
+    let m = agent.attach("m", "exclusive");
+    let p = agent.attach("p", "exclusive");
+    assert!(proxy.forwarded_bytes() > 0, "the agent's direct path to device {cut_index} runs through the proxy");
+
+    // Cut the agent's path while fio runs on both volumes.
+    let fio_p = tokio::task::spawn_blocking({
+        let p = p.clone();
+        move || fio_verify(&p, "48M").output().expect("run fio")
+    });
+    let fio_m = tokio::task::spawn_blocking({
+        let m = m.clone();
+        move || fio_verify(&m, "48M").output().expect("run fio")
+    });
+    let before = proxy.forwarded_bytes();
+    until("fio writes through the proxy", || proxy.forwarded_bytes() > before + (4 << 20)).await;
+    proxy.cut();
+    assert_fio_ok(fio_p.await.unwrap());
+    assert_fio_ok(fio_m.await.unwrap());
+
+    // Still cut: more acknowledged writes, all through the server.
+    fill(&m, 1).await;
+    fill(&p, 2).await;
+    let fallback = fallback_of(&stack, "host-a");
+    assert_eq!(fallback.len(), 1, "{fallback:?}");
+    assert!(fallback[0].starts_with(&format!("device {cut_index} ")), "{fallback:?}");
+    let shown = stack.sanvol_json(&["volume", "show", "p"]);
+    let on_fallback = shown["info"]["fallback"].as_array().unwrap();
+    assert!(
+        on_fallback.len() == 1 && on_fallback[0].as_str().unwrap().starts_with("host-a: device"),
+        "volume show: {shown}"
+    );
+    let text = stack.sanvol_ok(&["client", "list"]);
+    assert!(text.contains("host-a"), "{text}");
+
+    // Restore: the agent probes and returns to its direct path.
+    proxy.restore();
+    until("host-a is back on its direct path", || fallback_of(&stack, "host-a").is_empty()).await;
+    assert!(agent.proc.log().contains("back to direct I/O"), "agent log:\n{}", agent.proc.log());
+    let before = proxy.forwarded_bytes();
+    fill(&m, 3).await;
+    fill(&p, 4).await;
+    assert!(proxy.forwarded_bytes() > before, "direct I/O runs through the proxy again");
+    check_placement(&stack, "m", 3, None).await;
+    check_placement(&stack, "p", 4, None).await;
+
+    // Now the writes made during the cut: overwrite with a new tag during
+    // another cut, restore, and check them on the devices.
+    proxy.cut();
+    fill(&m, 5).await;
+    fill(&p, 6).await;
+    proxy.restore();
+    check_placement(&stack, "m", 5, None).await;
+    check_placement(&stack, "p", 6, None).await;
+
+    // The server cannot reach the device either.
+    stack.devices[peer].kill();
+    proxy.cut();
+    assert_fio_ok(tokio::task::spawn_blocking(move || fio_verify(&m, "32M").output().unwrap()).await.unwrap());
+    let devices = stack.sanvol_json(&["device", "list"]);
+    let dead = devices.as_array().unwrap().iter().find(|d| d["index"] == cut_index).unwrap();
+    assert!(dead["state"].as_str().unwrap().starts_with("failed"), "{devices}");
+    let log = stack.mds_log();
+    assert!(log.contains("device marked failed"), "mds log:\n{log}");
+
+    // The plain volume: only I/O touching the dead device fails.
+    let p_client = connect(&p).await;
+    let desc = &p_desc["description"];
+    let extent_bytes = desc["extent_bytes"].as_u64().unwrap();
+    let mut failed = 0;
+    for (e, extent) in desc["extents"].as_array().unwrap().iter().enumerate() {
+        let on_dead = extent["legs"][0]["device"].as_u64().unwrap() == cut_index;
+        let r = p_client.read(e as u64 * extent_bytes, 4096).await;
+        assert_eq!(r.is_err(), on_dead, "extent {e}: {r:?}");
+        failed += usize::from(on_dead);
+    }
+    assert!(failed > 0);
+    let agent_log = agent.proc.log();
+    assert!(agent_log.contains("marked failed"), "agent log:\n{agent_log}");
+    p_client.disconnect().await;
+}
