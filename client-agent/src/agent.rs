@@ -164,6 +164,24 @@ impl Agent {
     }
 
     pub async fn attach(&self, request: AttachRequest) -> Result<AttachmentInfo, AgentError> {
+        self.attach_with(request, None).await
+    }
+
+    /// Issues a handover token for `volume` to the agent whose public key is
+    /// `to_key` (a `.pub` file's content, `sanvol-ed25519 HEX`, or hex).
+    pub async fn handover(&self, volume: &str, to_key: &str) -> Result<Vec<u8>, AgentError> {
+        let (key, _) = metadata_server::keys::parse_public(to_key)
+            .map_err(|e| AgentError::Session(SessionError::Server(format!("the target agent's key: {e:#}"))))?;
+        Ok(self.session.handover(volume, key.to_bytes()).await?)
+    }
+
+    /// Attaches `request.volume`; with `handover_token`, with the token its
+    /// holder issued for this agent (the mode is the holder's).
+    pub async fn attach_with(
+        &self,
+        request: AttachRequest,
+        handover_token: Option<Vec<u8>>,
+    ) -> Result<AttachmentInfo, AgentError> {
         let volume = request.volume.clone();
         if volume.is_empty() || volume.contains('/') || volume.contains('\0') || volume.len() > 200 {
             return Err(AgentError::BadName(volume));
@@ -172,7 +190,10 @@ impl Agent {
         if attached.contains_key(&volume) {
             return Err(AgentError::AlreadyAttached(volume));
         }
-        let opened = self.session.open(&volume, request.mode).await?;
+        let opened = match handover_token {
+            Some(token) => self.session.open_handover(&volume, token).await?,
+            None => self.session.open(&volume, request.mode).await?,
+        };
         let undo = |e: AgentError| async {
             opened.gate.close();
             if let Err(close) = self.session.close(&volume).await {

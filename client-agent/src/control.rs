@@ -41,6 +41,19 @@ pub const CONNECTIONS_MAX: usize = 16;
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum ControlRequest {
     Attach(AttachRequest),
+    /// Attach with a handover token (hex) the holder's agent printed: live
+    /// migration, the volume stays held by the holder until it detaches.
+    AttachHandover {
+        #[serde(flatten)]
+        request: AttachRequest,
+        token: String,
+    },
+    /// Issue a handover token for `volume` to the agent with public key
+    /// `to_key` (hex); the reply's `token` carries it (hex).
+    Handover {
+        volume: String,
+        to_key: String,
+    },
     /// Attach and connect to a kernel NBD device (`/dev/nbdX`).
     AttachKernel(crate::kernel::KernelAttachRequest),
     Detach {
@@ -70,6 +83,9 @@ pub struct ControlReply {
     pub volumes: Option<Vec<AttachmentInfo>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentStatus>,
+    /// A handover token (hex), from `handover`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 impl ControlReply {
@@ -87,6 +103,17 @@ async fn handle(agent: &Agent, request: ControlRequest) -> ControlReply {
         },
         ControlRequest::AttachKernel(request) => match agent.attach_kernel(request).await {
             Ok(info) => ControlReply { attached: Some(info), ..ok },
+            Err(e) => ControlReply::error(e),
+        },
+        ControlRequest::AttachHandover { request, token } => match hex::decode(token.trim()) {
+            Ok(token) => match agent.attach_with(request, Some(token)).await {
+                Ok(info) => ControlReply { attached: Some(info), ..ok },
+                Err(e) => ControlReply::error(e),
+            },
+            Err(e) => ControlReply::error(format!("the handover token is not hex: {e}")),
+        },
+        ControlRequest::Handover { volume, to_key } => match agent.handover(&volume, &to_key).await {
+            Ok(token) => ControlReply { token: Some(hex::encode(token)), ..ok },
             Err(e) => ControlReply::error(e),
         },
         ControlRequest::Detach { volume } => match agent.detach(&volume).await {

@@ -17,9 +17,18 @@
 //! a new connection does not extend the lease of handles opened on an old
 //! one, since the server renews per session. After a reconnect,
 //! [`recover`](Shared::recover) brings old handles over to the new
-//! connection. Today it re-opens the volume in the same mode and publishes
-//! the new description into the same gate; the resume-key protocol (next
-//! issue) replaces that one function, and nothing else needs to change.
+//! connection by *resuming* them with the resume key the open returned:
+//! told "unchanged" (the server answers with the same handle), the gate gets
+//! the new lease and I/O continues as if the connection had never broken —
+//! I/O that was held because the lease ran out is released, none failed.
+//! Told the handle was broken (another client opened the volume after the
+//! lease and durable timeout ran out), the gate is revoked: from then on the
+//! volume's I/O fails with the server's message instead of writing. Servers
+//! that return no resume key get the older behaviour (re-open).
+//!
+//! Reconnection rotates through every configured server address (a standby
+//! may be the one answering after a failover), with capped exponential
+//! backoff per full round.
 //!
 //! Events for a handle the agent has not registered yet (a recall racing the
 //! reply to its open) are kept, up to [`ORPHAN_EVENTS_MAX`], and replayed at
@@ -57,6 +66,9 @@ pub type LayoutBuilder = Arc<dyn Fn(VolumeDescription) -> Result<Layout, String>
 #[derive(Clone)]
 pub struct SessionConfig {
     pub addr: ControlAddr,
+    /// Further server addresses tried in turn when `addr` does not answer
+    /// (`--mds` given several times).
+    pub more_addrs: Vec<ControlAddr>,
     pub key: SigningKey,
     pub server_key: VerifyingKey,
     /// Shown by the server in client listings and conflict messages.
@@ -115,6 +127,9 @@ struct Entry {
     gate: Arc<Gate<Layout>>,
     /// The connection the handle lives on.
     epoch: u64,
+    /// From the open; sent back in `Resume` after a reconnect. Empty if the
+    /// server gave none.
+    resume_key: Vec<u8>,
 }
 
 #[derive(Default)]
@@ -206,12 +221,50 @@ impl Session {
 
     /// Opens `volume` in `mode` at the server and registers its gate.
     pub async fn open(&self, volume: &str, mode: OpenMode) -> Result<OpenedVolume, SessionError> {
+        self.open_with(volume, Request::Open { volume: volume.to_string(), mode }).await
+    }
+
+    /// Opens `volume` with a handover token its holder issued for this
+    /// agent's key (live migration): both hold it until the holder detaches.
+    pub async fn open_handover(&self, volume: &str, token: Vec<u8>) -> Result<OpenedVolume, SessionError> {
+        self.open_with(volume, Request::OpenHandover { token }).await
+    }
+
+    /// Asks the server for a handover token for `volume`'s handle, for the
+    /// agent with public key `to_key`.
+    pub async fn handover(&self, volume: &str, to_key: [u8; 32]) -> Result<Vec<u8>, SessionError> {
+        let handle = self
+            .handle_status(volume)
+            .map(|h| h.handle)
+            .ok_or_else(|| SessionError::Server(format!("volume {volume} is not attached here")))?;
+        let (client, _) = self.shared.client()?;
+        match client.request(Request::Handover { handle, to_key }).await? {
+            Response::HandoverToken { token, .. } => Ok(token),
+            other => Err(SessionError::Unexpected { request: "Handover", response: format!("{other:?}") }),
+        }
+    }
+
+    /// The resume key of `volume`'s handle (for a duplicate handle on another
+    /// channel, or tests).
+    pub fn resume_key(&self, volume: &str) -> Option<Vec<u8>> {
+        lock(&self.shared.registry).entries.iter().find(|e| e.volume == volume).map(|e| e.resume_key.clone())
+    }
+
+    async fn open_with(&self, volume: &str, request: Request) -> Result<OpenedVolume, SessionError> {
         let (client, epoch) = self.shared.client()?;
         let sent = Instant::now();
-        let response = client.request(Request::Open { volume: volume.to_string(), mode }).await?;
+        let what = if matches!(request, Request::OpenHandover { .. }) { "OpenHandover" } else { "Open" };
+        let response = client.request(request).await?;
         let Response::Opened(opened) = response else {
-            return Err(SessionError::Unexpected { request: "Open", response: format!("{response:?}") });
+            return Err(SessionError::Unexpected { request: what, response: format!("{response:?}") });
         };
+        if opened.description.name != volume {
+            let _ = client.request(Request::Close { handle: opened.handle }).await;
+            return Err(SessionError::Server(format!(
+                "the handover token is for volume {}, not {volume}",
+                opened.description.name
+            )));
+        }
         let handle = opened.handle;
         let generation = opened.description.layout_generation;
         let layout = match (self.shared.builder)(opened.description) {
@@ -231,6 +284,7 @@ impl Session {
             mode: opened.mode,
             gate: gate.clone(),
             epoch,
+            resume_key: opened.resume_key,
         });
         info!(volume, handle, mode = %opened.mode, generation, "volume opened");
         Ok(OpenedVolume { handle, mode: opened.mode, gate })
@@ -303,11 +357,15 @@ impl Shared {
         let mut backoff = RECONNECT_BACKOFF_MIN;
         let mut epoch = 0u64;
         let mut ever_connected = false;
+        let addrs: Vec<ControlAddr> =
+            std::iter::once(self.config.addr.clone()).chain(self.config.more_addrs.iter().cloned()).collect();
+        let mut next_addr = 0usize;
         while !self.stopped() {
             let started = Instant::now();
             let c = &self.config;
+            let addr = &addrs[next_addr % addrs.len()];
             let connected = tokio::select! {
-                r = ControlClient::connect(&c.addr, &c.key, Some(&c.server_key), Role::Agent, &c.name, c.instance) => r,
+                r = ControlClient::connect(addr, &c.key, Some(&c.server_key), Role::Agent, &c.name, c.instance) => r,
                 _ = until_stopped(&mut stop) => break,
             };
             match connected {
@@ -316,7 +374,7 @@ impl Shared {
                     ever_connected = true;
                     backoff = RECONNECT_BACKOFF_MIN;
                     let lease_ms = client.session().lease_ms;
-                    info!(epoch, lease_ms, session = client.session().session, "connected to the metadata server");
+                    info!(epoch, lease_ms, %addr, session = client.session().session, "connected to the metadata server");
                     *lock(&self.connection) = Some(Connection {
                         client: client.clone(),
                         epoch,
@@ -342,8 +400,13 @@ impl Shared {
                         self.status.send_replace(ConnectState::Fatal(e.to_string()));
                         return;
                     }
-                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot reach the metadata server");
-                    self.status.send_replace(ConnectState::Connecting { last_error: Some(e.to_string()) });
+                    warn!(error = %e, %addr, retry_in_ms = backoff.as_millis() as u64, "cannot reach the metadata server");
+                    self.status.send_replace(ConnectState::Connecting { last_error: Some(format!("{addr}: {e}")) });
+                    next_addr += 1;
+                    // Try every address once before backing off.
+                    if next_addr % addrs.len() != 0 {
+                        continue;
+                    }
                 }
             }
             tokio::select! {
@@ -517,13 +580,17 @@ impl Shared {
     /// still counts our old handle) is retried on every renewal tick; any
     /// other refusal revokes the volume with the server's message.
     async fn recover(&self, client: &ControlClient, epoch: u64) {
-        let stale: Vec<(String, u64, OpenMode, Arc<Gate<Layout>>)> = lock(&self.registry)
+        let stale: Vec<(String, u64, OpenMode, Arc<Gate<Layout>>, Vec<u8>)> = lock(&self.registry)
             .entries
             .iter()
             .filter(|e| e.epoch != epoch && !matches!(e.gate.status().phase, crate::gate::Phase::Revoked { .. }))
-            .map(|e| (e.volume.clone(), e.handle, e.mode, e.gate.clone()))
+            .map(|e| (e.volume.clone(), e.handle, e.mode, e.gate.clone(), e.resume_key.clone()))
             .collect();
-        for (volume, old_handle, mode, gate) in stale {
+        for (volume, old_handle, mode, gate, key) in stale {
+            if !key.is_empty() {
+                self.resume(client, epoch, &volume, old_handle, &gate, key).await;
+                continue;
+            }
             let _ = client.request(Request::Close { handle: old_handle }).await;
             let sent = Instant::now();
             match client.request(Request::Open { volume: volume.clone(), mode }).await {
@@ -553,6 +620,49 @@ impl Shared {
                 Ok(other) => warn!(volume, "unexpected answer to Open: {other:?}"),
                 Err(e) => warn!(volume, error = %e, "re-opening after reconnecting failed; retrying"),
             }
+        }
+    }
+
+    /// Resumes `handle` on connection `epoch` with its resume key.
+    async fn resume(
+        &self,
+        client: &ControlClient,
+        epoch: u64,
+        volume: &str,
+        handle: u64,
+        gate: &Arc<Gate<Layout>>,
+        key: Vec<u8>,
+    ) {
+        let sent = Instant::now();
+        match client.request(Request::Resume { key }).await {
+            Ok(Response::Opened(opened)) if opened.handle == handle => {
+                let generation = opened.description.layout_generation;
+                if generation != gate.status().generation {
+                    let published = (self.builder)(opened.description)
+                        .map_err(|reason| GateError::Revoked { reason })
+                        .and_then(|layout| gate.publish(Arc::new(layout), generation));
+                    if let Err(e) = published {
+                        gate.revoke(format!("the layout after resuming is unusable: {e}"));
+                        return;
+                    }
+                }
+                gate.renew_lease(sent + Duration::from_millis(opened.lease_ms));
+                if let Some(e) = lock(&self.registry).entries.iter_mut().find(|e| e.handle == handle) {
+                    e.epoch = epoch;
+                }
+                info!(volume, handle, "handle resumed after reconnecting: unchanged");
+            }
+            Ok(other) => warn!(volume, handle, "unexpected answer to Resume: {other:?}; retrying"),
+            Err(ControlClientError::Server(e)) if e.code == ErrorCode::Unavailable => {
+                info!(volume, handle, reason = %e.message, "cannot resume yet; I/O stays held, retrying");
+            }
+            Err(ControlClientError::Server(e)) => {
+                // Broken (another client has the volume), closed, or a key
+                // the server does not accept: writing on would be unsafe.
+                error!(volume, handle, reason = %e.message, "the metadata server refused the resume; failing the volume's I/O");
+                gate.revoke(e.message);
+            }
+            Err(e) => warn!(volume, handle, error = %e, "resuming failed; retrying"),
         }
     }
 

@@ -297,6 +297,7 @@ pub mod fake_mds {
         pub fn session_config(&self) -> SessionConfig {
             SessionConfig {
                 addr: self.addr.clone(),
+                more_addrs: Vec::new(),
                 key: self.agent_key.clone(),
                 server_key: self.server_key.verifying_key(),
                 name: "test-agent".into(),
@@ -337,7 +338,13 @@ pub mod fake_mds {
             Request::Open { volume, mode } => match s.volumes.get(&volume).cloned() {
                 Some(description) => {
                     s.next_handle += 1;
-                    Ok(Response::Opened(OpenedHandle { handle: s.next_handle, mode, description, lease_ms }))
+                    Ok(Response::Opened(OpenedHandle {
+                        handle: s.next_handle,
+                        mode,
+                        description,
+                        lease_ms,
+                        resume_key: Vec::new(),
+                    }))
                 }
                 None => Err(ControlError::new(ErrorCode::NotFound, format!("volume {volume} does not exist"))),
             },

@@ -11,6 +11,8 @@
 //! key = "mds.key"
 //! devices = ["nbd://10.0.0.5:10809/disk0", "nbd+unix:///disk1?socket=/run/disk1.sock"]
 //! lease_ms = 10000
+//! durable_ms = 30000
+//! grace_ms = 40000
 //! log = "info"
 //! ```
 //!
@@ -32,6 +34,13 @@ pub const LEASE_MS_DEFAULT: u64 = 10_000;
 pub const LEASE_MS_MIN: u64 = 100;
 /// Longest lease accepted: a dead agent would hold volumes for too long.
 pub const LEASE_MS_MAX: u64 = 600_000;
+/// Default durable timeout: how long past its lease a handle stays reserved
+/// for its agent to resume (a server restart, a network blip) before a
+/// conflicting open may break it.
+pub const DURABLE_MS_DEFAULT: u64 = 30_000;
+/// Longest durable timeout (and grace period) accepted: a vanished agent
+/// would keep volumes from everyone else for too long.
+pub const DURABLE_MS_MAX: u64 = 3_600_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -51,6 +60,10 @@ struct RawConfig {
     #[serde(default)]
     lease_ms: Option<u64>,
     #[serde(default)]
+    durable_ms: Option<u64>,
+    #[serde(default)]
+    grace_ms: Option<u64>,
+    #[serde(default)]
     log: Option<String>,
 }
 
@@ -66,6 +79,12 @@ pub struct Config {
     pub devices: Vec<NbdUri>,
     /// How long a session's lease (and its handles) lasts after a renewal.
     pub lease_ms: u64,
+    /// How long past its lease a handle stays reserved for a resume.
+    pub durable_ms: u64,
+    /// After a restart, how long only resumes are served (default: lease +
+    /// durable time, the longest a handle from before could still be resumed
+    /// without conflict). Ends early once every handle was resumed or closed.
+    pub grace_ms: u64,
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace` or a
     /// `tracing_subscriber` directive); `RUST_LOG` and `--log` override it.
     pub log: Option<String>,
@@ -113,7 +132,15 @@ impl Config {
         if !(LEASE_MS_MIN..=LEASE_MS_MAX).contains(&lease_ms) {
             return Err(format!("lease_ms = {lease_ms} is outside {LEASE_MS_MIN}..={LEASE_MS_MAX}"));
         }
-        Ok(Config { listen, key: resolve(&raw.key), devices, lease_ms, log: raw.log })
+        let durable_ms = raw.durable_ms.unwrap_or(DURABLE_MS_DEFAULT);
+        if durable_ms > DURABLE_MS_MAX {
+            return Err(format!("durable_ms = {durable_ms} is above the maximum {DURABLE_MS_MAX}"));
+        }
+        let grace_ms = raw.grace_ms.unwrap_or(lease_ms + durable_ms);
+        if grace_ms > DURABLE_MS_MAX {
+            return Err(format!("grace_ms = {grace_ms} is above the maximum {DURABLE_MS_MAX}"));
+        }
+        Ok(Config { listen, key: resolve(&raw.key), devices, lease_ms, durable_ms, grace_ms, log: raw.log })
     }
 }
 
@@ -136,6 +163,8 @@ mod tests {
         assert_eq!(c.listen[1], ControlAddr::Unix("/etc/sanvol/mds.sock".into()));
         assert_eq!(c.devices[0].to_string(), "nbd+unix:///d0?socket=/etc/sanvol/d0.sock");
         assert_eq!(c.lease_ms, LEASE_MS_DEFAULT);
+        assert_eq!(c.durable_ms, DURABLE_MS_DEFAULT);
+        assert_eq!(c.grace_ms, LEASE_MS_DEFAULT + DURABLE_MS_DEFAULT);
     }
 
     #[test]

@@ -15,6 +15,20 @@
 //! - Reconfiguration recalls every handle of a volume; the new layout is
 //!   committed once each has confirmed, or its lease ran out (it is then
 //!   excluded: it cannot be doing I/O any more).
+//! - Durable handles (`durable_ms > 0`) outlive their session: losing the
+//!   connection only detaches it. Nothing but a conflicting open after
+//!   lease + durable time removes them, so a late [`HandleTable::resume`]
+//!   still finds the handle "unchanged" if nobody else wanted the volume.
+//!   Whichever of a resume and a conflicting open the owner applies first
+//!   wins; at `breakable_at_ms` exactly the open wins (it is the first
+//!   instant the handle may be broken).
+//! - A handle may be held by several sessions at once (a *duplicate handle*
+//!   on a second control channel): any of them renews it, any may close it.
+//! - A handover adds a second handle with the same rights next to the
+//!   holder's ([`HandleTable::open_alongside`]), so the volume is never
+//!   unheld and a third open conflicts with both.
+//! - After a server restart, a [`Grace`] period serves only resumes until
+//!   every restored handle was resumed or closed, or the period ran out.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -28,7 +42,11 @@ pub struct Handle {
     pub id: u64,
     pub volume: u64,
     pub mode: OpenMode,
+    /// The session events go to; 0 when no session holds it (its agent lost
+    /// the connection, or it was restored after a server restart).
     pub session: SessionId,
+    /// Further sessions holding the same handle (duplicate handles).
+    pub duplicates: BTreeSet<SessionId>,
     /// Who holds it, for messages ("host-a").
     pub holder: String,
     pub opened_at_ms: u64,
@@ -40,6 +58,16 @@ pub struct Handle {
 }
 
 impl Handle {
+    /// Whether `session` holds this handle (as its main or a duplicate session).
+    pub fn held_by(&self, session: SessionId) -> bool {
+        session != 0 && (self.session == session || self.duplicates.contains(&session))
+    }
+
+    /// Every session holding it.
+    pub fn sessions(&self) -> impl Iterator<Item = SessionId> + '_ {
+        std::iter::once(self.session).filter(|s| *s != 0).chain(self.duplicates.iter().copied())
+    }
+
     /// The instant after which the handle can be broken by a conflicting open.
     pub fn breakable_at_ms(&self) -> u64 {
         self.lease_until_ms.saturating_add(self.durable_ms)
@@ -124,7 +152,62 @@ impl HandleTable {
     }
 
     pub fn of_session(&self, session: SessionId) -> impl Iterator<Item = &Handle> {
-        self.handles.values().filter(move |h| h.session == session)
+        self.handles.values().filter(move |h| h.held_by(session))
+    }
+
+    /// A session ended: its handles stay (durable ones until broken, plain
+    /// ones until their lease runs out) but no longer belong to it.
+    pub fn detach_session(&mut self, session: SessionId) {
+        for h in self.handles.values_mut() {
+            h.duplicates.remove(&session);
+            if h.session == session {
+                h.session = h.duplicates.pop_first().unwrap_or(0);
+            }
+        }
+    }
+
+    /// Re-attaches `session` to handle `id` and renews its lease. The caller
+    /// has checked the resume key. A handle already held by a live session
+    /// gets `session` as a duplicate.
+    pub fn resume(&mut self, id: u64, session: SessionId, now_ms: u64, lease_ms: u64) -> Option<&Handle> {
+        let h = self.handles.get_mut(&id)?;
+        if h.session == 0 {
+            h.session = session;
+        } else if h.session != session {
+            h.duplicates.insert(session);
+        }
+        h.lease_until_ms = h.lease_until_ms.max(now_ms.saturating_add(lease_ms));
+        Some(h)
+    }
+
+    /// Opens a second handle on `source`'s volume with its mode, for
+    /// `session` (a handover). No conflict check against `source` — that is
+    /// the point — but none is needed against others either: they already
+    /// coexist with `source`, whose mode this one copies.
+    pub fn open_alongside(
+        &mut self,
+        source: u64,
+        session: SessionId,
+        holder: &str,
+        now_ms: u64,
+        lease_ms: u64,
+    ) -> Option<Handle> {
+        let src = self.handles.get(&source)?.clone();
+        let id = self.next_id;
+        self.next_id += 1;
+        let handle = Handle {
+            id,
+            volume: src.volume,
+            mode: src.mode,
+            session,
+            duplicates: BTreeSet::new(),
+            holder: holder.to_string(),
+            opened_at_ms: now_ms,
+            lease_until_ms: now_ms.saturating_add(lease_ms),
+            durable_ms: src.durable_ms,
+        };
+        self.handles.insert(id, handle.clone());
+        Some(handle)
     }
 
     /// Opens `volume` in `mode`. Live conflicting handles refuse the open;
@@ -159,6 +242,7 @@ impl HandleTable {
             volume,
             mode,
             session,
+            duplicates: BTreeSet::new(),
             holder: holder.to_string(),
             opened_at_ms: now_ms,
             lease_until_ms: now_ms.saturating_add(lease_ms),
@@ -170,7 +254,7 @@ impl HandleTable {
 
     /// Renews every handle of `session` until `now + lease_ms`.
     pub fn renew(&mut self, session: SessionId, now_ms: u64, lease_ms: u64) {
-        for h in self.handles.values_mut().filter(|h| h.session == session) {
+        for h in self.handles.values_mut().filter(|h| h.held_by(session)) {
             h.lease_until_ms = h.lease_until_ms.max(now_ms.saturating_add(lease_ms));
         }
     }
@@ -187,14 +271,15 @@ impl HandleTable {
     /// Closes `id` if `session` owns it.
     pub fn close(&mut self, id: u64, session: SessionId) -> Option<Handle> {
         match self.handles.get(&id) {
-            Some(h) if h.session == session => self.remove(id),
+            Some(h) if h.held_by(session) => self.remove(id),
             _ => None,
         }
     }
 
-    /// Handles whose lease plus durable time ran out by `now_ms`.
+    /// Plain (non-durable) handles whose lease ran out by `now_ms`: they are
+    /// released. Durable handles stay until a conflicting open breaks them.
     pub fn expired(&self, now_ms: u64) -> Vec<u64> {
-        self.handles.values().filter(|h| now_ms >= h.breakable_at_ms()).map(|h| h.id).collect()
+        self.handles.values().filter(|h| h.durable_ms == 0 && now_ms >= h.breakable_at_ms()).map(|h| h.id).collect()
     }
 
     /// Starts a recall of `volume` for a new layout `generation`: every
@@ -216,7 +301,7 @@ impl HandleTable {
     /// Records that `handle` (owned by `session`) drained for `generation`.
     pub fn recall_done(&mut self, handle: u64, session: SessionId, generation: u64) -> Result<(), String> {
         let h = self.handles.get(&handle).ok_or_else(|| format!("no handle {handle}"))?;
-        if h.session != session {
+        if !h.held_by(session) {
             return Err(format!("handle {handle} is not held by this session"));
         }
         let r =
@@ -254,6 +339,37 @@ impl HandleTable {
     /// Ends the recall of `volume` (committed or abandoned).
     pub fn finish_recall(&mut self, volume: u64) -> Option<Recall> {
         self.recalls.remove(&volume)
+    }
+}
+
+/// The period after a server restart in which only resumes are served.
+///
+/// Why: agents that held handles before the restart are still doing I/O
+/// under their leases; until they had the chance to resume, a new open could
+/// be handed a volume one of them still writes to, and an admin change could
+/// move extents under them. The period ends at `until_ms`, or earlier once
+/// every restored handle has been resumed or closed (nothing left to
+/// protect) — so a restart without open handles has no grace at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grace {
+    pub until_ms: u64,
+    /// Restored handles not resumed or closed yet.
+    pub waiting: BTreeSet<u64>,
+}
+
+impl Grace {
+    pub fn new(restored: impl IntoIterator<Item = u64>, now_ms: u64, grace_ms: u64) -> Grace {
+        Grace { until_ms: now_ms.saturating_add(grace_ms), waiting: restored.into_iter().collect() }
+    }
+
+    /// Milliseconds of grace left at `now_ms`, or `None` when it is over.
+    pub fn left_ms(&self, now_ms: u64) -> Option<u64> {
+        (!self.waiting.is_empty() && now_ms < self.until_ms).then(|| self.until_ms - now_ms)
+    }
+
+    /// Handle `id` was resumed or closed.
+    pub fn settled(&mut self, id: u64) {
+        self.waiting.remove(&id);
     }
 }
 
@@ -347,5 +463,106 @@ mod tests {
         t.start_recall(1, 2).unwrap();
         t.close(a, 1);
         assert_eq!(t.recall_state(1, 1), Some(RecallState::Ready { excluded: vec![] }));
+    }
+
+    const DURABLE: u64 = 5_000;
+
+    #[test]
+    fn a_durable_handle_outlives_its_session_and_a_late_resume_finds_it_unchanged() {
+        let mut t = HandleTable::new();
+        let h = t.open(1, Exclusive, 7, "a", 0, LEASE, DURABLE).unwrap().handle;
+        t.detach_session(7);
+        assert_eq!(t.get(h.id).unwrap().session, 0, "no session holds it");
+        // Nobody else wanted the volume: long past lease + durable time, the
+        // handle is still there and not released by expiry.
+        assert!(t.expired(10 * LEASE).is_empty());
+        let resumed = t.resume(h.id, 9, 10 * LEASE, LEASE).unwrap();
+        assert_eq!((resumed.session, resumed.lease_until_ms), (9, 11 * LEASE));
+        assert!(t.open(1, Exclusive, 8, "b", 10 * LEASE + 1, LEASE, 0).is_err(), "resumed: it conflicts again");
+    }
+
+    #[test]
+    fn conflicting_open_is_refused_until_lease_plus_durable_then_breaks_the_handle() {
+        let mut t = HandleTable::new();
+        let h = t.open(1, Exclusive, 7, "a", 0, LEASE, DURABLE).unwrap().handle;
+        t.detach_session(7);
+        let err = t.open(1, Exclusive, 8, "b", LEASE + DURABLE - 1, LEASE, DURABLE).unwrap_err();
+        assert_eq!(
+            err,
+            OpenRefused::Conflict { holder: "a".into(), mode: Exclusive, handle: h.id, expires_at_ms: LEASE + DURABLE }
+        );
+        let opened = t.open(1, Exclusive, 8, "b", LEASE + DURABLE, LEASE, DURABLE).unwrap();
+        assert_eq!(opened.broken.iter().map(|b| b.id).collect::<Vec<_>>(), vec![h.id]);
+        assert!(t.resume(h.id, 9, LEASE + DURABLE, LEASE).is_none(), "a broken handle cannot be resumed");
+    }
+
+    #[test]
+    fn resume_and_conflicting_open_at_the_expiry_boundary_first_applied_wins() {
+        // Resume one millisecond before the boundary, then the open at the
+        // boundary: the resume renewed the lease, so the open is refused.
+        let mut t = HandleTable::new();
+        let h = t.open(1, Exclusive, 7, "a", 0, LEASE, DURABLE).unwrap().handle;
+        t.detach_session(7);
+        t.resume(h.id, 9, LEASE + DURABLE - 1, LEASE).unwrap();
+        assert!(t.open(1, Exclusive, 8, "b", LEASE + DURABLE, LEASE, 0).is_err());
+        // Resume exactly at the boundary with no open before it: still fine.
+        let mut t = HandleTable::new();
+        let h = t.open(1, Exclusive, 7, "a", 0, LEASE, DURABLE).unwrap().handle;
+        t.detach_session(7);
+        assert!(t.resume(h.id, 9, LEASE + DURABLE, LEASE).is_some());
+        // The open applied first at the boundary: it breaks the handle and the
+        // resume that follows in the same millisecond finds nothing.
+        let mut t = HandleTable::new();
+        let h = t.open(1, Exclusive, 7, "a", 0, LEASE, DURABLE).unwrap().handle;
+        t.detach_session(7);
+        assert_eq!(t.open(1, Exclusive, 8, "b", LEASE + DURABLE, LEASE, 0).unwrap().broken.len(), 1);
+        assert!(t.resume(h.id, 9, LEASE + DURABLE, LEASE).is_none());
+    }
+
+    #[test]
+    fn a_duplicate_handle_on_a_second_session_has_the_same_rights() {
+        let mut t = HandleTable::new();
+        let h = t.open(1, Exclusive, 7, "a", 0, LEASE, DURABLE).unwrap().handle;
+        let dup = t.resume(h.id, 8, 100, LEASE).unwrap().clone();
+        assert_eq!((dup.id, dup.session), (h.id, 7), "same handle, first session stays the main one");
+        assert!(dup.held_by(7) && dup.held_by(8));
+        // Either session renews it and may confirm recalls.
+        t.detach_session(7);
+        assert_eq!(t.get(h.id).unwrap().session, 8, "the duplicate takes over when the first goes");
+        t.renew(8, 9_000, LEASE);
+        assert!(t.open(1, Exclusive, 9, "c", 18_000, LEASE, 0).is_err());
+        t.start_recall(1, 2).unwrap();
+        t.recall_done(h.id, 8, 2).unwrap();
+        t.finish_recall(1);
+        assert!(t.close(h.id, 8).is_some());
+    }
+
+    #[test]
+    fn handover_leaves_no_gap_and_no_room_for_a_third() {
+        let mut t = HandleTable::new();
+        let a = t.open(1, Exclusive, 7, "a", 0, LEASE, DURABLE).unwrap().handle;
+        let b = t.open_alongside(a.id, 8, "b", 100, LEASE).unwrap();
+        assert_eq!((b.volume, b.mode, b.durable_ms), (1, Exclusive, DURABLE));
+        assert_ne!(b.id, a.id);
+        // Both hold it: a third open conflicts, naming one of them.
+        assert!(t.open(1, Exclusive, 9, "c", 200, LEASE, 0).is_err());
+        assert!(t.open(1, ReadOnly, 9, "c", 200, LEASE, 0).is_err());
+        // The first detaches; the second still holds it, so still no room.
+        t.close(a.id, 7).unwrap();
+        let err = t.open(1, Exclusive, 9, "c", 300, LEASE, 0).unwrap_err();
+        assert!(matches!(err, OpenRefused::Conflict { ref holder, .. } if holder == "b"));
+        assert!(t.open_alongside(a.id, 9, "c", 300, LEASE).is_none(), "a closed handle cannot be handed over");
+    }
+
+    #[test]
+    fn grace_lasts_until_every_restored_handle_settled_or_it_runs_out() {
+        let mut g = Grace::new([1, 2], 0, 1_000);
+        assert_eq!(g.left_ms(0), Some(1_000));
+        g.settled(1);
+        assert_eq!(g.left_ms(400), Some(600));
+        assert_eq!(g.left_ms(1_000), None, "ran out");
+        g.settled(2);
+        assert_eq!(g.left_ms(500), None, "everyone resumed: over early");
+        assert_eq!(Grace::new([], 0, 1_000).left_ms(0), None, "nothing restored: no grace");
     }
 }

@@ -5,6 +5,7 @@
 //! # Layout
 //! - [`keys`]: ed25519 key files (`sanvol keygen`).
 //! - [`handles`]: handles and leases as a plain state machine.
+//! - [`resume`]: signed resume keys and handover tokens.
 //! - [`control`]: control connections — framing, the mutual handshake, the
 //!   request/reply client.
 //! - [`config`]: `sanvol-mds --config FILE`.
@@ -20,4 +21,5 @@ pub mod control;
 pub mod handles;
 pub mod keys;
 pub mod pool;
+pub mod resume;
 pub mod server;

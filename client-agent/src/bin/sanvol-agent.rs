@@ -68,6 +68,18 @@ enum Command {
         /// With --kernel: use this device (default: the first free one).
         #[arg(long, requires = "kernel")]
         nbd_device: Option<String>,
+        /// Attach with a handover token (a file, or hex) that the holder's `sanvol-agent handover` printed:
+        /// live migration — both hosts hold the volume until the holder detaches. The mode is the holder's.
+        #[arg(long)]
+        handover_token: Option<String>,
+    },
+    /// Print a single-use handover token that lets the agent with key KEY.pub attach VOLUME while this
+    /// agent still holds it (live migration); valid for two minutes.
+    Handover {
+        volume: String,
+        /// The target agent's public key (file, `sanvol-ed25519 HEX` line or hex).
+        #[arg(long)]
+        to: String,
     },
     /// Flush, stop the export and close the volume's handle.
     Detach { volume: String },
@@ -105,9 +117,10 @@ impl From<Mode> for OpenMode {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Metadata server address: HOST:PORT or unix:PATH.
-    #[arg(long, env = "SANVOL_MDS")]
-    mds: String,
+    /// Metadata server address: HOST:PORT or unix:PATH. Give it several times (or a comma list) for a
+    /// server and its standbys: after losing the connection the agent tries each in turn.
+    #[arg(long, env = "SANVOL_MDS", required = true, value_delimiter = ',')]
+    mds: Vec<String>,
     /// This agent's private key (from `sanvol keygen`); its public half must be authorized as an agent.
     #[arg(long, env = "SANVOL_KEY")]
     key: PathBuf,
@@ -178,13 +191,25 @@ fn hostname() -> String {
 }
 
 async fn run(args: RunArgs, control_socket: PathBuf) -> Result<()> {
-    let addr: ControlAddr = args.mds.parse().map_err(|e: String| anyhow::anyhow!(e)).context("--mds")?;
+    let mut addrs = args
+        .mds
+        .iter()
+        .map(|a| a.trim().parse::<ControlAddr>().map_err(|e: String| anyhow::anyhow!(e)).context("--mds"))
+        .collect::<Result<Vec<_>>>()?;
+    let addr = addrs.remove(0);
     let key = metadata_server::keys::load_private(&args.key)?;
     let (server_key, _) = metadata_server::keys::parse_public(&args.server_key).context("--server-key")?;
     let mut instance = [0u8; 16];
     getrandom::getrandom(&mut instance).map_err(|e| anyhow::anyhow!("reading random bytes: {e}"))?;
     let config = AgentConfig {
-        session: SessionConfig { addr, key, server_key, name: args.name.unwrap_or_else(hostname), instance },
+        session: SessionConfig {
+            addr,
+            more_addrs: addrs,
+            key,
+            server_key,
+            name: args.name.unwrap_or_else(hostname),
+            instance,
+        },
         export_dir: args.export_dir,
         pool: PoolOptions {
             connections_per_device: args.device_connections,
@@ -203,7 +228,7 @@ async fn run(args: RunArgs, control_socket: PathBuf) -> Result<()> {
 
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tracing::info!(mds = %args.mds, "connecting to the metadata server");
+    tracing::info!(mds = %args.mds.join(","), "connecting to the metadata server");
     tokio::select! {
         r = agent.wait_ready() => if let Err(e) = r {
             bail!("{e}");
@@ -317,15 +342,37 @@ async fn main_async(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Attach { volume, mode, socket: export_socket, tcp, json, .. } => {
+        Command::Attach { volume, mode, socket: export_socket, tcp, json, handover_token, .. } => {
             let request = AttachRequest { volume, mode: mode.into(), socket: export_socket, tcp };
-            let reply = call(&socket, ControlRequest::Attach(request)).await?;
+            let request = match handover_token {
+                Some(t) => {
+                    let token = if std::path::Path::new(&t).is_file() {
+                        std::fs::read_to_string(&t).with_context(|| format!("reading the handover token {t}"))?
+                    } else {
+                        t
+                    };
+                    ControlRequest::AttachHandover { request, token: token.trim().to_string() }
+                }
+                None => ControlRequest::Attach(request),
+            };
+            let reply = call(&socket, request).await?;
             let info = reply.attached.context("the agent's reply lacks the attachment")?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {
                 println!("{}", info.export_uri);
             }
+            Ok(())
+        }
+        Command::Handover { volume, to } => {
+            // Read a key file here, where the path makes sense, not in the agent.
+            let to_key = if std::path::Path::new(&to).is_file() {
+                std::fs::read_to_string(&to).with_context(|| format!("reading {to}"))?
+            } else {
+                to
+            };
+            let reply = call(&socket, ControlRequest::Handover { volume, to_key }).await?;
+            println!("{}", reply.token.context("the agent's reply lacks the token")?);
             Ok(())
         }
         Command::Detach { volume } => {

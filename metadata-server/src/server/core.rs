@@ -8,14 +8,21 @@
 //! picked up again by `RecallDone` or the recall deadline.
 //!
 //! The invariant kept between steps: `meta` is exactly what was last
-//! committed, and `meta.handles` lists exactly the handles in `handles`, so
-//! a restarted server (or a standby, later) rebuilds the same table.
+//! committed, and the `Active` records of `meta.handles` list exactly the
+//! handles in `handles`, so a restarted server (or a standby, later) rebuilds
+//! the same table. `Broken` records have no entry in `handles`: they are kept
+//! only to tell a late resume what happened.
+//!
+//! After a restart with handles in the metadata, a grace period
+//! ([`Grace`]) serves only resumes (and read-only requests) until every
+//! restored handle was resumed or closed, or `grace_ms` ran out.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ed25519_dalek::SigningKey;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 use volume_format::control::auth::Role;
@@ -25,8 +32,9 @@ use volume_format::{PublicKey, VolumeDescription, VolumeId};
 
 use super::clock::Clock;
 use crate::control::handshake::Peer;
-use crate::handles::{Handle, HandleTable, RecallState, SessionId};
+use crate::handles::{Grace, Handle, HandleTable, RecallState, SessionId};
 use crate::pool::Pool;
+use crate::resume::HandoverLedger;
 
 /// Authorized keys as the handshake sees them: key → (role, name).
 pub type ClientTable = HashMap<[u8; 32], (Role, String)>;
@@ -73,6 +81,13 @@ pub struct Core {
     pub handles: HandleTable,
     pub sessions: HashMap<SessionId, SessionState>,
     pub lease_ms: u64,
+    /// Durable timeout given to new handles.
+    pub durable_ms: u64,
+    /// Signs resume keys and handover tokens.
+    pub key: Arc<SigningKey>,
+    /// The grace period after a restart, while it lasts.
+    pub grace: Option<Grace>,
+    pub handovers: HandoverLedger,
     pub clock: Clock,
     pub pending_grows: HashMap<VolumeId, PendingGrow>,
     /// Agents doing a device's I/O through the server (`data_channel`).
@@ -85,27 +100,38 @@ pub fn client_table(meta: &PoolMetadata) -> ClientTable {
 }
 
 impl Core {
-    pub fn new(pool: Pool, meta: PoolMetadata, lease_ms: u64) -> Core {
+    pub fn new(
+        pool: Pool,
+        meta: PoolMetadata,
+        lease_ms: u64,
+        durable_ms: u64,
+        grace_ms: u64,
+        key: Arc<SigningKey>,
+    ) -> Core {
         let clock = Clock::default();
         let mut handles = HandleTable::new();
         handles.set_next_id(meta.next_ids.handle.0);
         // Handles committed by a previous server run: the agents holding them
-        // may still be doing I/O, so they keep the volume for one more lease
-        // (issue 4 adds resumes; until then they expire and are released).
+        // may still be doing I/O and will resume them, so each keeps its
+        // volume for a fresh lease plus its durable time, counted from now
+        // (this server cannot know how much of the old lease was left).
         for h in meta.handles.iter().filter(|h| matches!(h.state, HandleState::Active)) {
             handles.restore(Handle {
                 id: h.id.0,
                 volume: h.volume.0,
                 mode: h.mode,
                 session: 0,
+                duplicates: Default::default(),
                 holder: h.agent_name.clone(),
                 opened_at_ms: 0,
                 lease_until_ms: lease_ms,
                 durable_ms: h.durable_timeout_ms,
             });
         }
-        if !meta.handles.is_empty() {
-            info!(handles = meta.handles.len(), "handles from the previous run restored until their lease runs out");
+        let restored: Vec<u64> = handles.all().map(|h| h.id).collect();
+        let grace = (!restored.is_empty() && grace_ms > 0).then(|| Grace::new(restored.clone(), 0, grace_ms));
+        if !restored.is_empty() {
+            info!(handles = restored.len(), grace_ms, "handles from the previous run restored; grace period: only resumes are served until they resumed or it ends");
         }
         let (clients_tx, _) = watch::channel(Arc::new(client_table(&meta)));
         Core {
@@ -114,6 +140,10 @@ impl Core {
             handles,
             sessions: HashMap::new(),
             lease_ms,
+            durable_ms,
+            key,
+            grace,
+            handovers: HandoverLedger::new(super::clock::unix_ms()),
             clock,
             pending_grows: HashMap::new(),
             fallback: Default::default(),
@@ -144,6 +174,24 @@ impl Core {
             }
             Err(e) => Err(ControlError::new(ErrorCode::CommitFailed, format!("{e}; nothing was changed"))),
         }
+    }
+
+    /// Sends an event to every session holding `handle`.
+    pub fn send_handle_event(&mut self, handle: &Handle, event: ServerEvent) {
+        let sessions: Vec<SessionId> = handle.sessions().collect();
+        for s in sessions {
+            self.send_event(s, event.clone());
+        }
+    }
+
+    /// Milliseconds of grace left, or `None` once it is over (and forgotten).
+    pub fn grace_left_ms(&mut self) -> Option<u64> {
+        let now_ms = self.clock.now_ms();
+        let left = self.grace.as_ref().and_then(|g| g.left_ms(now_ms));
+        if left.is_none() && self.grace.take().is_some() {
+            info!("grace period over: serving opens and changes again");
+        }
+        left
     }
 
     /// Sends an event to a session; a session that cannot take it (gone, or
@@ -202,13 +250,24 @@ impl Core {
                 if let Some(s) = self.sessions.remove(&session) {
                     let held = self.handles.of_session(session).count();
                     if held > 0 {
-                        info!(session, client = %s.peer.name, held, "session gone; its handles live until their lease runs out");
+                        info!(session, client = %s.peer.name, held, "session gone; its handles stay reserved for a resume");
                     }
                 }
+                self.handles.detach_session(session);
             }
             Command::Request { session, request, reply } => {
                 let now_ms = self.clock.now_ms();
                 self.handles.renew(session, now_ms, self.lease_ms);
+                if !super::durable::allowed_in_grace(&request) {
+                    if let Some(left_ms) = self.grace_left_ms() {
+                        let msg = format!(
+                            "the metadata server restarted and is in its grace period, {left_ms} ms left: only resumes \
+                             are served until the agents that held volumes have resumed; retry then"
+                        );
+                        let _ = reply.send(Err(ControlError::new(ErrorCode::Unavailable, msg)));
+                        return;
+                    }
+                }
                 self.handle_request(session, request, reply).await;
             }
         }
@@ -233,7 +292,7 @@ impl Core {
             if let Some(h) = self.handles.remove(id) {
                 warn!(handle = id, volume = h.volume, holder = %h.holder, "lease ran out; handle released");
                 let reason = format!("the lease ran out at {}", self.clock.describe(h.lease_until_ms));
-                self.send_event(h.session, ServerEvent::Revoked { handle: id, reason });
+                self.send_handle_event(&h, ServerEvent::Revoked { handle: id, reason });
             }
         }
         self.check_recalls().await;

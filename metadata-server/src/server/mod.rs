@@ -14,6 +14,7 @@
 //!
 //! - [`core`]: the owner task and its commands.
 //! - [`requests`]: what each request does to the state.
+//! - [`durable`]: resumes, duplicate handles, handovers and the grace period.
 //! - [`session`]: one control connection.
 //! - [`data_channel`]: the agents' fallback data path through the server
 //!   (connections that start with the data-channel preamble), device-failure
@@ -23,6 +24,7 @@
 
 pub mod clock;
 pub mod core;
+pub mod durable;
 pub mod data_channel;
 pub mod requests;
 pub mod session;
@@ -123,8 +125,9 @@ impl Server {
                 }
             }
         }
-        let core = core::Core::new(pool, meta, config.lease_ms);
-        Ok(Server { listeners, local_addrs, core, key: Arc::new(key), lease_ms: config.lease_ms })
+        let key = Arc::new(key);
+        let core = core::Core::new(pool, meta, config.lease_ms, config.durable_ms, config.grace_ms, key.clone());
+        Ok(Server { listeners, local_addrs, core, key, lease_ms: config.lease_ms })
     }
 
     /// The addresses actually bound (TCP port 0 resolved).

@@ -62,6 +62,9 @@ impl Core {
             Request::Open { volume, mode } => self.open(session, &volume, mode).await,
             Request::Close { handle } => self.close(session, handle).await,
             Request::RecallDone { handle, generation } => self.recall_done(session, handle, generation).await,
+            Request::Resume { key } => self.resume(session, &key).await,
+            Request::Handover { handle, to_key } => self.handover(session, handle, to_key),
+            Request::OpenHandover { token } => self.open_handover(session, &token).await,
             Request::DataChannel { volume, device } => self.data_channel_grant(session, volume, device),
             Request::ReportDeviceFailure { device, reason } => {
                 self.report_device_failure(session, device, reason).await
@@ -129,7 +132,8 @@ impl Core {
                     .map(|h| {
                         let volume =
                             self.meta.volume(h.volume).map_or_else(|| h.volume.to_string(), |v| v.name.clone());
-                        format!("{volume} ({}, handle {})", h.mode, h.id.0)
+                        let state = super::durable::record_state_text(self, h);
+                        format!("{volume} ({}, handle {}, {state})", h.mode, h.id.0)
                     })
                     .collect(),
                 fallback: self.fallback_of_client(c.public_key.0),
@@ -145,7 +149,16 @@ impl Core {
             legs: v.mirror_legs as u8,
             extents: v.extents.len() as u64,
             layout_generation: v.layout_generation,
-            open_by: self.handles.on_volume(v.id.0).map(|h| format!("{} ({})", h.holder, h.mode)).collect(),
+            open_by: self
+                .meta
+                .handles
+                .iter()
+                .filter(|r| r.volume == v.id)
+                .map(|r| {
+                    let state = super::durable::record_state_text(self, r);
+                    format!("{} ({}, handle {}, {state})", r.agent_name, r.mode, r.id.0)
+                })
+                .collect(),
             fallback: self.fallback_of_volume(v.id),
         }
     }
@@ -321,14 +334,14 @@ impl Core {
         };
         let now_ms = self.clock.now_ms();
         self.handles.set_next_id(self.meta.next_ids.handle.0);
-        let opened = match self.handles.open(id.0, mode, session, &peer.name, now_ms, self.lease_ms, 0) {
+        let opened = match self.handles.open(id.0, mode, session, &peer.name, now_ms, self.lease_ms, self.durable_ms) {
             Ok(o) => o,
             Err(OpenRefused::Conflict { holder, mode: held, handle, expires_at_ms }) => {
                 return Err(err(
                     ErrorCode::Conflict,
                     format!(
-                        "volume {volume} is open {held} by {holder} (handle {handle}, lease until {}); \
-                         a {mode} open has to wait until it is closed or its lease runs out",
+                        "volume {volume} is open {held} by {holder} (handle {handle}, reserved for it until {}); \
+                         a {mode} open has to wait until it is closed or its lease and durable timeout ran out",
                         self.clock.describe(expires_at_ms)
                     ),
                 ))
@@ -337,7 +350,9 @@ impl Core {
         let handle = opened.handle.clone();
         let mut next = self.meta.clone();
         let broken: Vec<u64> = opened.broken.iter().map(|h| h.id).collect();
-        next.handles.retain(|h| !broken.contains(&h.id.0));
+        let broken_reason =
+            format!("{} opened volume {volume} {mode} at {}", peer.name, super::durable::hms(unix_secs()));
+        super::durable::mark_broken(&mut next, &broken, &broken_reason);
         next.handles.push(HandleRecord {
             id: HandleId(handle.id),
             volume: id,
@@ -361,22 +376,26 @@ impl Core {
         for h in opened.broken {
             info!(handle = h.id, holder = %h.holder, "handle broken by a conflicting open after its lease ran out");
             let reason = format!("{} opened the volume {mode} after this handle's lease ran out", peer.name);
-            self.send_event(h.session, ServerEvent::Revoked { handle: h.id, reason });
+            self.send_handle_event(&h, ServerEvent::Revoked { handle: h.id, reason });
         }
         let description = VolumeDescription::from_metadata(&self.meta, id)
             .map_err(|e| err(ErrorCode::Internal, format!("describing volume {volume}: {e}")))?;
         info!(volume, handle = handle.id, %mode, holder = %peer.name, "volume opened");
-        Ok(Response::Opened(OpenedHandle { handle: handle.id, mode, description, lease_ms: self.lease_ms }))
+        let resume_key = self.resume_key_for(handle.id);
+        Ok(Response::Opened(OpenedHandle { handle: handle.id, mode, description, lease_ms: self.lease_ms, resume_key }))
     }
 
     async fn close(&mut self, session: SessionId, handle: u64) -> Result<Response, ControlError> {
         match self.handles.get(handle) {
-            Some(h) if h.session == session => {}
+            Some(h) if h.held_by(session) => {}
             _ => return Err(err(ErrorCode::NotFound, format!("handle {handle} is not open on this session"))),
         }
         let mut next = self.meta.clone();
         next.handles.retain(|h| h.id.0 != handle);
         self.commit(next).await?;
+        if let Some(g) = self.grace.as_mut() {
+            g.settled(handle);
+        }
         if let Some(h) = self.handles.close(handle, session) {
             info!(handle, volume = h.volume, "handle closed");
             if self.pending_grows.contains_key(&VolumeId(h.volume)) {

@@ -177,6 +177,8 @@ impl Pool {
             key: server_key.path.clone(),
             devices: devices.uris.iter().map(|u| u.parse().unwrap()).collect(),
             lease_ms,
+            durable_ms: metadata_server::config::DURABLE_MS_DEFAULT,
+            grace_ms: lease_ms + metadata_server::config::DURABLE_MS_DEFAULT,
             log: None,
         };
         let mut pool = Pool { dir, devices, server_key, admin, agent_a, agent_b, config, server: None };

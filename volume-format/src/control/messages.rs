@@ -94,6 +94,24 @@ pub enum Request {
         handle: u64,
         generation: u64,
     },
+    /// Re-attaches this session to the handle a resume key names (after a
+    /// reconnect, or as a *duplicate handle* on a second channel). Answered
+    /// with [`Response::Opened`] when nothing changed, or
+    /// [`ErrorCode::HandleBroken`] when another client opened the volume.
+    Resume {
+        key: Vec<u8>,
+    },
+    /// Issues a single-use, short-lived token with which the agent holding
+    /// `to_key` may attach `handle`'s volume alongside this holder (live
+    /// migration). Answered with [`Response::HandoverToken`].
+    Handover {
+        handle: u64,
+        to_key: [u8; 32],
+    },
+    /// Opens a volume with a handover token issued to this agent's key.
+    OpenHandover {
+        token: Vec<u8>,
+    },
 
     // ---- agent: fallback data path ----
     /// Asks for a grant to do `volume`'s I/O on `device` through the server.
@@ -126,7 +144,12 @@ impl Request {
             Request::DataChannel { .. } | Request::ReportDeviceFailure { .. } | Request::ReportDeviceRecovered { .. } => {
                 Some(Role::Agent)
             }
-            Request::Open { .. } | Request::Close { .. } | Request::RecallDone { .. } => Some(Role::Agent),
+            Request::Open { .. }
+            | Request::Close { .. }
+            | Request::RecallDone { .. }
+            | Request::Resume { .. }
+            | Request::Handover { .. }
+            | Request::OpenHandover { .. } => Some(Role::Agent),
             _ => Some(Role::Admin),
         }
     }
@@ -149,6 +172,10 @@ pub enum Response {
     Volume(VolumeDetail),
     Lease { lease_ms: u64 },
     Opened(OpenedHandle),
+    // A handover token (opaque, signed by the server) and how long it is
+    // valid. (A plain comment: a doc comment would make rustfmt spread every
+    // struct variant of this enum over several lines.)
+    HandoverToken { token: Vec<u8>, expires_in_ms: u64 },
     /// What a data channel for one volume and device may touch.
     DataChannel(DataChannelGrant),
 }
@@ -161,6 +188,11 @@ pub struct OpenedHandle {
     pub description: VolumeDescription,
     /// The lease the handle lives under; renewed with the session.
     pub lease_ms: u64,
+    /// Opaque to the agent, signed by the server: `Request::Resume` with it
+    /// re-attaches the handle on a new connection. Empty from servers that
+    /// do not support resumes (the agent then re-opens instead).
+    #[serde(default)]
+    pub resume_key: Vec<u8>,
 }
 
 /// First bytes a client sends on a **data channel**: a connection that
@@ -234,6 +266,9 @@ pub enum ErrorCode {
     /// The server is not serving this now (e.g. in its grace period).
     Unavailable,
     Internal,
+    /// A resumed handle was broken: another client opened the volume after
+    /// its lease and durable timeout ran out. Stop I/O on it.
+    HandleBroken,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
