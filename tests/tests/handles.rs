@@ -1,0 +1,401 @@
+//! Issue 4 (durable handles) with real processes: `sanvol-mds` killed with
+//! SIGKILL and restarted under a running fio verify job, a vanished agent, an
+//! agent partitioned (SIGSTOP) past its lease and durable timeout while
+//! another opens the volume, duplicate handles, handover, and forged or
+//! replayed keys and tokens. Device contents are checked by reading the
+//! devices directly.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blockio::client::{ClientOptions, NbdClient};
+use blockio::uri::NbdUri;
+use blockio::BlockDevice;
+use bytes::Bytes;
+use metadata_server::control::{ControlAddr, ControlClient, ControlClientError};
+use sanvol_tests::peers::require_tool;
+use sanvol_tests::system::{pub_path, run_ok, Agent, Stack};
+use volume_format::control::auth::Role;
+use volume_format::control::messages::{ErrorCode, OpenMode, OpenedHandle, Request, Response};
+
+const BLOCK: u64 = 4096;
+
+/// Polls `f` every 50 ms until it returns `Some`, at most `limit`.
+fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        // Polling another process's observable state: there is nothing to await.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn list(agent: &Agent) -> serde_json::Value {
+    let out = agent.cli(&["list", "--json"]);
+    assert!(out.status.success(), "list: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("list --json")
+}
+
+fn volume_state(agent: &Agent, volume: &str) -> (u64, String, String) {
+    let l = list(agent);
+    let v = l.as_array().unwrap().iter().find(|v| v["volume"] == volume).expect("attached");
+    (v["handle"].as_u64().unwrap(), v["state"].as_str().unwrap().into(), v["state_detail"].as_str().unwrap().into())
+}
+
+fn attach_err(agent: &Agent, volume: &str) -> Option<String> {
+    let out = agent.cli(&["attach", volume, "--mode", "exclusive"]);
+    (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+async fn connect(uri: &NbdUri) -> NbdClient {
+    NbdClient::connect(uri, ClientOptions::default()).await.unwrap_or_else(|e| panic!("connect {uri}: {e}"))
+}
+
+fn pattern(tag: u8) -> Bytes {
+    Bytes::from(vec![tag; BLOCK as usize])
+}
+
+/// The first block of `volume`, read from its first leg's device directly.
+async fn read_first_block_on_device(stack: &Stack, volume: &str) -> Vec<u8> {
+    let detail = stack.sanvol_json(&["volume", "show", volume]);
+    let desc = &detail["description"];
+    let leg = &desc["extents"][0]["legs"][0];
+    let dev = leg["device"].as_u64().unwrap();
+    let d = desc["devices"].as_array().unwrap().iter().find(|d| d["index"].as_u64() == Some(dev)).unwrap();
+    let uri: NbdUri = d["uri"].as_str().unwrap().parse().unwrap();
+    let c = connect(&uri).await;
+    let data = c.read(leg["offset"].as_u64().unwrap(), BLOCK as u32).await.expect("read the device directly");
+    c.disconnect().await;
+    data.to_vec()
+}
+
+fn sigstop(agent: &Agent) {
+    unsafe { libc::kill(agent.proc.pid() as i32, libc::SIGSTOP) };
+}
+
+fn sigcont(agent: &Agent) {
+    unsafe { libc::kill(agent.proc.pid() as i32, libc::SIGCONT) };
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fio_verify_survives_kill_9_and_restart_of_the_metadata_server() {
+    let mut stack = Stack::new(2, "1G");
+    stack.lease_ms = 1500;
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "data", "64M"]);
+    let agent = stack.start_agent("host-a");
+    let uri = agent.attach("data", "exclusive");
+    let (handle, _, _) = volume_state(&agent, "data");
+
+    let mut fio = Command::new(require_tool("fio"))
+        .args([
+            "--name=verify",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=8",
+            "--size=32M",
+            "--loops=3",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            "--randrepeat=0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(fio.stdout.take().unwrap()).lines();
+    // fio prints this once its NBD connection is up: the workload has started.
+    assert!(lines.any(|l| l.map(|l| l.contains("connected to NBD server")).unwrap_or(false)), "fio did not start");
+
+    stack.kill_mds();
+    // The agent holds I/O once its lease runs out (observable in `list`).
+    poll("the agent to hold I/O with its lease run out", Duration::from_secs(20), || {
+        (volume_state(&agent, "data").1 == "lease-expired").then_some(())
+    });
+    assert!(fio.try_wait().unwrap().is_none(), "fio ended while the server was down; make the job bigger");
+    stack.start_mds();
+    poll("the agent to resume", Duration::from_secs(20), || {
+        agent.proc.log().contains("handle resumed after reconnecting: unchanged").then_some(())
+    });
+
+    let status = fio.wait().unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let out = rest.join("\n");
+    assert!(
+        status.success() && out.contains("err= 0"),
+        "fio across the restart failed ({status}):\n{out}\nagent log:\n{}",
+        agent.proc.log()
+    );
+    let (after, state, _) = volume_state(&agent, "data");
+    assert_eq!((after, state.as_str()), (handle, "open"), "same handle, no re-open");
+    assert!(!agent.proc.log().contains("re-opened after reconnecting"));
+    assert!(stack.mds_log().contains("handle resumed: unchanged"), "{}", stack.mds_log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_agents_handle_is_reserved_until_lease_plus_durable_then_broken() {
+    let mut stack = Stack::new(1, "256M");
+    stack.lease_ms = 1000;
+    stack.durable_ms = Some(2000);
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "v", "16M"]);
+    let mut a = stack.start_agent("host-a");
+    a.attach("v", "exclusive");
+    let b = stack.start_agent("host-b");
+    a.proc.kill();
+    let opened_at = Instant::now();
+
+    let err = attach_err(&b, "v").expect("a conflicting open before lease + durable time is refused");
+    assert!(err.contains("host-a") && err.contains("reserved for it until"), "{err}");
+    let shown = stack.sanvol_json(&["volume", "show", "v"]);
+    let by = shown["info"]["open_by"][0].as_str().unwrap().to_string();
+    assert!(by.starts_with("host-a (exclusive") && by.contains("reserved for a resume"), "{by}");
+
+    poll("the conflicting open to succeed", Duration::from_secs(20), || attach_err(&b, "v").is_none().then_some(()));
+    assert!(opened_at.elapsed() >= Duration::from_millis(2000), "broken before lease + durable time had passed");
+    let shown = stack.sanvol_json(&["volume", "show", "v"]);
+    let open_by: Vec<String> =
+        shown["info"]["open_by"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    assert!(
+        open_by.iter().any(|s| s.starts_with("host-a") && s.contains("broken") && s.contains("host-b")),
+        "{open_by:?}"
+    );
+    assert!(open_by.iter().any(|s| s.starts_with("host-b") && s.contains("active")), "{open_by:?}");
+}
+
+/// The agent is partitioned from the server (SIGSTOP) past its lease and
+/// durable time while the server restarts and another agent opens the volume;
+/// when it comes back it resumes, is told the handle was broken, and fails
+/// the volume's I/O — the device keeps the other agent's data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_resume_after_another_open_is_told_and_writes_nothing() {
+    let mut stack = Stack::new(1, "256M");
+    stack.lease_ms = 1000;
+    stack.durable_ms = Some(1000);
+    stack.grace_ms = Some(2000);
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "v", "16M"]);
+    let a = stack.start_agent("host-a");
+    let uri_a = a.attach("v", "exclusive");
+    let b = stack.start_agent("host-b");
+    let ca = connect(&uri_a).await;
+    ca.write(0, pattern(0xAA), true).await.expect("host-a writes while it holds the volume");
+
+    sigstop(&a);
+    stack.kill_mds();
+    stack.start_mds();
+    poll("host-b's open to break host-a's handle", Duration::from_secs(30), || {
+        attach_err(&b, "v").is_none().then_some(())
+    });
+    let uri_b = poll("host-b's export", Duration::from_secs(5), || {
+        list(&b)
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["volume"] == "v")
+            .map(|v| v["export_uri"].as_str().unwrap().to_string())
+    });
+    let cb = connect(&uri_b.parse().unwrap()).await;
+    cb.write(0, pattern(0xBB), true).await.expect("host-b writes");
+    cb.disconnect().await;
+
+    // host-a comes back; its export already has a write queued in the socket.
+    let late = {
+        let ca = ca.clone();
+        tokio::spawn(async move { ca.write(0, pattern(0xAA), true).await })
+    };
+    sigcont(&a);
+    let result =
+        tokio::time::timeout(Duration::from_secs(30), late).await.expect("the held write is answered").unwrap();
+    let e = result.expect_err("host-a's write after its handle was broken must fail");
+    let (_, state, detail) = volume_state(&a, "v");
+    assert_eq!(state, "revoked", "{detail}");
+    assert!(detail.contains("broken") && detail.contains("host-b opened volume v"), "{detail}");
+    assert!(a.proc.log().contains("refused the resume"), "{e}");
+    assert_eq!(
+        read_first_block_on_device(&stack, "v").await,
+        vec![0xBB; BLOCK as usize],
+        "host-a wrote after the break"
+    );
+    ca.write(BLOCK, pattern(0xAA), true).await.expect_err("later writes fail too");
+    assert_eq!(read_first_block_on_device(&stack, "v").await, vec![0xBB; BLOCK as usize]);
+}
+
+/// A protocol-level agent (the test itself) with its own key, for the key and
+/// token checks that the agent binary never lets go wrong.
+struct RawAgent {
+    key: ed25519_dalek::SigningKey,
+    name: String,
+}
+
+impl RawAgent {
+    fn new(stack: &Stack, name: &str) -> RawAgent {
+        let path = stack.dir.path().join(format!("{name}.key"));
+        run_ok(Command::new(sanvol_tests::system::bin("sanvol")).arg("keygen").arg(&path));
+        stack.sanvol_ok(&["client", "add", pub_path(&path).to_str().unwrap(), "--role", "agent", "--name", name]);
+        RawAgent { key: metadata_server::keys::load_private(&path).unwrap(), name: name.into() }
+    }
+
+    async fn connect(&self, stack: &Stack, instance: [u8; 16]) -> ControlClient {
+        let addr: ControlAddr = stack.mds_addr().parse().unwrap();
+        let (server_key, _) = metadata_server::keys::parse_public(pub_path(&stack.mds_key).to_str().unwrap()).unwrap();
+        let (c, _events) =
+            ControlClient::connect(&addr, &self.key, Some(&server_key), Role::Agent, &self.name, instance)
+                .await
+                .unwrap();
+        // Events are not needed here; dropping the receiver is fine.
+        c
+    }
+
+    fn public(&self) -> [u8; 32] {
+        self.key.verifying_key().to_bytes()
+    }
+}
+
+fn opened(r: Result<Response, ControlClientError>) -> OpenedHandle {
+    match r {
+        Ok(Response::Opened(h)) => h,
+        other => panic!("expected Opened, got {other:?}"),
+    }
+}
+
+fn refused(r: Result<Response, ControlClientError>) -> (ErrorCode, String) {
+    match r {
+        Err(ControlClientError::Server(e)) => (e.code, e.message),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_handles_handover_and_forged_or_replayed_keys_and_tokens() {
+    let mut stack = Stack::new(1, "256M");
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "v", "16M"]);
+    let a = RawAgent::new(&stack, "raw-a");
+    let b = RawAgent::new(&stack, "raw-b");
+    let c = RawAgent::new(&stack, "raw-c");
+    let a1 = a.connect(&stack, [1; 16]).await;
+    let h = opened(a1.request(Request::Open { volume: "v".into(), mode: OpenMode::Exclusive }).await);
+    assert!(!h.resume_key.is_empty());
+
+    // Duplicate handle: a second channel of the same agent, same handle.
+    let a2 = a.connect(&stack, [1; 16]).await;
+    let dup = opened(a2.request(Request::Resume { key: h.resume_key.clone() }).await);
+    assert_eq!((dup.handle, dup.mode), (h.handle, OpenMode::Exclusive));
+    a1.close().await;
+    a2.request(Request::Renew).await.unwrap();
+    let cc = c.connect(&stack, [3; 16]).await;
+    let (code, msg) = refused(cc.request(Request::Open { volume: "v".into(), mode: OpenMode::ReadOnly }).await);
+    assert_eq!(code, ErrorCode::Conflict, "{msg}");
+    assert!(msg.contains("raw-a"), "{msg}");
+
+    // Forged, altered, foreign-instance and foreign-agent resume keys.
+    let mut altered = h.resume_key.clone();
+    altered[20] ^= 1;
+    let (code, msg) = refused(a2.request(Request::Resume { key: altered }).await);
+    assert!(code == ErrorCode::PermissionDenied && msg.contains("forged or altered"), "{code:?} {msg}");
+    let (code, msg) = refused(a2.request(Request::Resume { key: vec![0; 10] }).await);
+    assert!(code == ErrorCode::PermissionDenied && msg.contains("bytes"), "{code:?} {msg}");
+    let other_run = a.connect(&stack, [9; 16]).await;
+    let (_, msg) = refused(other_run.request(Request::Resume { key: h.resume_key.clone() }).await);
+    assert!(msg.contains("another run of this agent"), "{msg}");
+    let (_, msg) = refused(cc.request(Request::Resume { key: h.resume_key.clone() }).await);
+    assert!(msg.contains("issued to agent key"), "{msg}");
+
+    // Handover to b: both hold it, a third cannot take it, token single-use.
+    let Response::HandoverToken { token, .. } =
+        a2.request(Request::Handover { handle: h.handle, to_key: b.public() }).await.unwrap()
+    else {
+        panic!("no token")
+    };
+    let (_, msg) = refused(cc.request(Request::OpenHandover { token: token.clone() }).await);
+    assert!(msg.contains("issued to agent key"), "{msg}");
+    let mut forged = token.clone();
+    let last = forged.len() - 1;
+    forged[last] ^= 0x80;
+    let b1 = b.connect(&stack, [2; 16]).await;
+    let (_, msg) = refused(b1.request(Request::OpenHandover { token: forged }).await);
+    assert!(msg.contains("forged or altered"), "{msg}");
+    let hb = opened(b1.request(Request::OpenHandover { token: token.clone() }).await);
+    assert_ne!(hb.handle, h.handle);
+    assert_eq!(hb.mode, OpenMode::Exclusive);
+    let (_, msg) = refused(b1.request(Request::OpenHandover { token: token.clone() }).await);
+    assert!(msg.contains("already used"), "{msg}");
+    let (code, _) = refused(cc.request(Request::Open { volume: "v".into(), mode: OpenMode::Exclusive }).await);
+    assert_eq!(code, ErrorCode::Conflict);
+    // The first detaches; the second still holds it.
+    a2.request(Request::Close { handle: h.handle }).await.unwrap();
+    let (code, msg) = refused(cc.request(Request::Open { volume: "v".into(), mode: OpenMode::Exclusive }).await);
+    assert!(code == ErrorCode::Conflict && msg.contains("raw-b"), "{msg}");
+    // A resume key of a closed handle is refused with the reason.
+    let (code, msg) = refused(a2.request(Request::Resume { key: h.resume_key.clone() }).await);
+    assert!(code == ErrorCode::NotFound && msg.contains("closed"), "{msg}");
+    // b's own key resumes fine on a new channel.
+    let b2 = b.connect(&stack, [2; 16]).await;
+    assert_eq!(opened(b2.request(Request::Resume { key: hb.resume_key.clone() }).await).handle, hb.handle);
+
+    // After a restart: grace refuses opens; tokens from before are refused.
+    let Response::HandoverToken { token, .. } =
+        b2.request(Request::Handover { handle: hb.handle, to_key: a.public() }).await.unwrap()
+    else {
+        panic!("no token")
+    };
+    stack.kill_mds();
+    stack.start_mds();
+    let cc = c.connect(&stack, [3; 16]).await;
+    let (code, msg) = refused(cc.request(Request::Open { volume: "v".into(), mode: OpenMode::ReadOnly }).await);
+    assert!(code == ErrorCode::Unavailable && msg.contains("grace period") && msg.contains("ms left"), "{msg}");
+    let b3 = b.connect(&stack, [2; 16]).await;
+    assert_eq!(opened(b3.request(Request::Resume { key: hb.resume_key.clone() }).await).handle, hb.handle);
+    // Every restored handle resumed: the grace period is over early.
+    let (code, msg) = refused(cc.request(Request::Open { volume: "v".into(), mode: OpenMode::ReadOnly }).await);
+    assert_eq!(code, ErrorCode::Conflict, "{msg}");
+    let a3 = a.connect(&stack, [1; 16]).await;
+    let (_, msg) = refused(a3.request(Request::OpenHandover { token }).await);
+    assert!(msg.contains("restarted"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handover_between_real_agents_keeps_the_volume_held_throughout() {
+    let mut stack = Stack::new(1, "256M");
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "v", "16M"]);
+    let a = stack.start_agent("host-a");
+    let b = stack.start_agent("host-b");
+    let c = stack.start_agent("host-c");
+    let uri_a = a.attach("v", "exclusive");
+    let b_pub = pub_path(&stack.dir.path().join("host-b.key"));
+    let out = a.cli(&["handover", "v", "--to", b_pub.to_str().unwrap()]);
+    assert!(out.status.success(), "handover: {}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let token_file = stack.dir.path().join("token");
+    std::fs::write(&token_file, &token).unwrap();
+
+    let out = b.cli(&["attach", "v", "--handover-token", token_file.to_str().unwrap()]);
+    assert!(out.status.success(), "attach with token: {}\n{}", String::from_utf8_lossy(&out.stderr), b.proc.log());
+    let uri_b: NbdUri = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    // Both do I/O.
+    let ca = connect(&uri_a).await;
+    ca.write(0, pattern(1), true).await.unwrap();
+    ca.disconnect().await;
+    let cb = connect(&uri_b).await;
+    assert_eq!(cb.read(0, BLOCK as u32).await.unwrap().to_vec(), vec![1; BLOCK as usize]);
+    cb.write(BLOCK, pattern(2), true).await.unwrap();
+    // Nobody else can take it, before or after the first detaches.
+    assert!(attach_err(&c, "v").unwrap().contains("host-"));
+    a.detach("v");
+    assert!(attach_err(&c, "v").unwrap().contains("host-b"));
+    cb.write(2 * BLOCK, pattern(3), true).await.unwrap();
+    cb.disconnect().await;
+    // The token was single-use.
+    let out = c.cli(&["attach", "v", "--handover-token", &token]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("handover token refused"), "{err}");
+}
