@@ -168,6 +168,22 @@ mod tests {
     }
 
     #[test]
+    fn the_commented_example_parses() {
+        let c = Config::parse(include_str!("../examples/mds.toml"), Path::new("/etc/sanvol")).unwrap();
+        assert_eq!((c.lease_ms, c.durable_ms, c.grace_ms), (10_000, 30_000, 40_000));
+        assert!(Config::parse(
+            "listen = [\"h:1\"]\nkey = \"k\"\ndevices = [\"nbd://h:1/x\"]\ndurable_ms = 99999999",
+            base()
+        )
+        .unwrap_err()
+        .contains("durable_ms"));
+    }
+
+    fn base() -> &'static Path {
+        Path::new("/")
+    }
+
+    #[test]
     fn bad_configs_say_what_is_wrong() {
         let base = Path::new("/");
         let err = Config::parse("listen = []\nkey = \"k\"\ndevices = [\"nbd://h:1/x\"]", base).unwrap_err();
