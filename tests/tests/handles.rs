@@ -399,3 +399,27 @@ async fn handover_between_real_agents_keeps_the_volume_held_throughout() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("handover token refused"), "{err}");
 }
+
+/// `--mds` given twice: when the server comes back at the *other* address (a
+/// standby taking over), the agent finds it there and resumes its handle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_resumes_at_another_configured_server_address() {
+    let mut stack = Stack::new(1, "256M");
+    stack.lease_ms = 1000;
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "v", "16M"]);
+    let standby = stack.dir.path().join("standby.sock");
+    let a = stack.start_agent_with("host-a", &["--mds".into(), format!("unix:{}", standby.display())]);
+    let uri = a.attach("v", "exclusive");
+    let (handle, _, _) = volume_state(&a, "v");
+    stack.kill_mds();
+    stack.mds_socket = standby;
+    stack.start_mds();
+    poll("the agent to resume at the standby address", Duration::from_secs(30), || {
+        a.proc.log().contains("handle resumed after reconnecting: unchanged").then_some(())
+    });
+    assert_eq!(volume_state(&a, "v"), (handle, "open".to_string(), String::new()));
+    let c = connect(&uri).await;
+    c.write(0, pattern(7), true).await.expect("I/O goes on after the resume");
+    c.disconnect().await;
+}
