@@ -573,12 +573,17 @@ impl Shared {
 
     /// Brings handles opened on an older connection over to `client`.
     ///
-    /// Interim, until resume keys: close the old handle (best effort) and
-    /// re-open the volume in the same mode, then publish the new description
-    /// into the same gate. Until that succeeds the handle keeps its old lease,
-    /// so its I/O is held once that lease has run out. A conflict (the server
-    /// still counts our old handle) is retried on every renewal tick; any
-    /// other refusal revokes the volume with the server's message.
+    /// With a resume key: [`resume`](Shared::resume) — same handle, new
+    /// lease, nothing else changes. Until the resume succeeds the handle keeps
+    /// its old lease, so its I/O is held (not failed) once that lease has run
+    /// out; "not now" (the server's grace period, a transport error) is
+    /// retried on every renewal tick.
+    ///
+    /// Without one (a server that issues none): close the old handle (best
+    /// effort) and re-open the volume in the same mode, then publish the new
+    /// description into the same gate. A conflict (the server still counts
+    /// our old handle) is retried on every renewal tick; any other refusal
+    /// revokes the volume with the server's message.
     async fn recover(&self, client: &ControlClient, epoch: u64) {
         let stale: Vec<(String, u64, OpenMode, Arc<Gate<Layout>>, Vec<u8>)> = lock(&self.registry)
             .entries
