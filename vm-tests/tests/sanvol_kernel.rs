@@ -4,6 +4,8 @@
 //! - scenario 1 (`agent_ext4`): mkfs, mount, write, remount after dropping caches, verify, fsck, detach;
 //! - scenario 2 (`agent_reattach`): `kill -9` of the agent while a writer runs in the mounted
 //!   filesystem, then a new agent reattaches the same `/dev/nbd0`; no I/O error, files verify;
+//! - scenario 3 (`agent_fallback`): the guest's direct path to one device (through a proxy on the
+//!   host) is cut while mounted; I/O goes through the metadata server, files verify, fsck clean;
 //! - scenario 4 (`agent_grow`): `sanvol volume grow` on the host while the filesystem is mounted in
 //!   the guest; the agent pushes the new size to the kernel and `resize2fs` grows the filesystem.
 
@@ -11,7 +13,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::Pool;
+use common::{CuttableProxy, GoSignal, Pool};
 use vm_tests::Vm;
 
 const VOL_BYTES: u64 = 256 << 20;
@@ -59,4 +61,45 @@ fn scenario_2_kill_9_of_the_agent_under_a_writer_is_a_pause_not_an_error() {
         .unwrap();
     eprintln!("agent_reattach: whole run {:.1?}, console log {}", report.elapsed, report.console_log.display());
     report.assert_pass();
+}
+
+#[test]
+fn scenario_3_cut_direct_path_falls_back_through_the_server() {
+    let pool = Pool::start("fallback", 2, "512M", 3000);
+    pool.sanvol(&["volume", "create", "vol", "128M"]);
+    // The guest reaches the volume's first device through a proxy the test cuts; the others
+    // directly (10.0.2.2). The MDS always reaches every device directly on 127.0.0.1.
+    let shown = pool.sanvol_json(&["volume", "show", "vol"]);
+    let devices = shown["description"]["devices"].as_array().expect("the volume's devices").clone();
+    let port_of = |uri: &str| -> u16 {
+        uri.trim_end_matches('/').rsplit(':').next().and_then(|p| p.split('/').next()).unwrap().parse().unwrap()
+    };
+    let cut_uri = devices[0]["uri"].as_str().unwrap().to_string();
+    let proxy = CuttableProxy::start(port_of(&cut_uri));
+    let mut uris = vec![format!("--device-uri {cut_uri}=nbd://10.0.2.2:{}/", proxy.port())];
+    for d in &devices[1..] {
+        let uri = d["uri"].as_str().unwrap();
+        uris.push(format!("--device-uri {uri}=nbd://10.0.2.2:{}/", port_of(uri)));
+    }
+    let go = GoSignal::new();
+    let scenario = pool
+        .scenario("agent_fallback", include_str!("scenarios/agent_fallback.sh"))
+        .env("GO_PORT", go.port())
+        .env("DEVICE_URIS", uris.join(" "))
+        .timeout(Duration::from_secs(240));
+    let mut vm = Vm::start(&scenario).unwrap();
+    vm.wait_for_line("READY-TO-CUT").unwrap();
+    assert!(proxy.forwarded_bytes() > 0, "the guest's direct path to {cut_uri} runs through the proxy");
+    proxy.cut();
+    go.go();
+    vm.wait_for_line("CUT-WRITES-DONE").unwrap();
+    // The server knows this agent is using the fallback path for that device.
+    let clients = pool.sanvol_json(&["client", "list"]);
+    let guest = clients.as_array().unwrap().iter().find(|c| c["name"] == "guest").cloned().unwrap_or_default();
+    let fallback = guest["fallback"].as_array().cloned().unwrap_or_default();
+    go.go();
+    let report = vm.wait().unwrap();
+    eprintln!("agent_fallback: whole run {:.1?}, console log {}", report.elapsed, report.console_log.display());
+    report.assert_pass();
+    assert!(!fallback.is_empty(), "the MDS lists no fallback for the guest: {guest}");
 }

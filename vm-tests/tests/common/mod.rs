@@ -36,14 +36,19 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// `sanvol-agent` without debug info, in the runner's artifact directory.
-fn stripped_agent() -> PathBuf {
+/// `sanvol-agent` without debug info, in the runner's artifact directory, one copy per scenario
+/// (tests run in parallel threads: a shared file could be read while another test rewrites it).
+fn stripped_agent(scenario: &str) -> PathBuf {
     let dir = vm_tests::artifact_dir();
     std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join(format!("sanvol-agent-stripped-{}", std::process::id()));
+    let out = dir.join(format!("{scenario}-sanvol-agent"));
     run_ok(Command::new("strip").arg("-o").arg(&out).arg(bin("sanvol-agent")));
     out
 }
+
+/// How long past its lease a dead agent's handle keeps the volume (the server's `durable_ms`).
+/// Short, so that scenario 2's re-open after `kill -9` does not wait out the 30 s default.
+pub const DURABLE_MS: u64 = 1000;
 
 pub struct Pool {
     pub dir: PathBuf,
@@ -98,7 +103,7 @@ impl Pool {
         std::fs::write(
             &config,
             format!(
-                "listen = [\"127.0.0.1:{mds_port}\"]\nkey = {:?}\ndevices = [{}]\nlease_ms = {lease_ms}\n",
+                "listen = [\"127.0.0.1:{mds_port}\"]\nkey = {:?}\ndevices = [{}]\nlease_ms = {lease_ms}\ndurable_ms = {DURABLE_MS}\n",
                 mds_key.display().to_string(),
                 quoted.join(", ")
             ),
@@ -147,7 +152,7 @@ impl Pool {
     /// guest helper `start_agent` (in `scenarios/agent-lib.sh`) uses.
     pub fn scenario(&self, name: &str, script: &str) -> Scenario {
         let lib = include_str!("../scenarios/agent-lib.sh");
-        let agent = stripped_agent();
+        let agent = stripped_agent(name);
         Scenario::new(name, &format!("{lib}\n{script}"))
             // Stripped (a debug build is ~100 MB, too much for a 512 MiB guest's initramfs); `.binary`
             // brings its libraries, and the binary itself also goes on PATH (the host path may be
@@ -157,5 +162,117 @@ impl Pool {
             .file("/etc/sanvol/agent.key", 0o600, std::fs::read(&self.agent_key).unwrap())
             .file("/etc/sanvol/mds.key.pub", 0o644, std::fs::read(pub_path(&self.mds_key)).unwrap())
             .env("MDS_PORT", self.mds_port)
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 the test can cut: breaks the guest's path to one device while the MDS
+/// (which connects to the device directly) still reaches it. Cutting shuts down every live
+/// connection and closes new ones as soon as they are accepted.
+pub struct CuttableProxy {
+    port: u16,
+    state: std::sync::Arc<ProxyState>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    cut: std::sync::atomic::AtomicBool,
+    stop: std::sync::atomic::AtomicBool,
+    forwarded_bytes: std::sync::atomic::AtomicU64,
+    live: std::sync::Mutex<Vec<TcpStream>>,
+}
+
+impl CuttableProxy {
+    pub fn start(target_port: u16) -> CuttableProxy {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = std::sync::Arc::new(ProxyState::default());
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if st.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                if st.cut.load(Ordering::SeqCst) {
+                    continue; // dropped: the guest's connect fails at once
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target_port)) else { continue };
+                {
+                    let mut live = st.live.lock().unwrap();
+                    live.push(client.try_clone().unwrap());
+                    live.push(server.try_clone().unwrap());
+                }
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                {
+                    let st = st.clone();
+                    std::thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        let mut buf = vec![0u8; 256 * 1024];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                            st.forwarded_bytes.fetch_add(n as u64, Ordering::SeqCst);
+                        }
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        CuttableProxy { port, state }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn forwarded_bytes(&self) -> u64 {
+        self.state.forwarded_bytes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn cut(&self) {
+        self.state.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self.state.live.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for CuttableProxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.state.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port)); // wakes the accept loop
+    }
+}
+
+/// A host port the guest blocks on (`nc $SANVOL_HOST $GO_PORT`) until the test says go.
+pub struct GoSignal(TcpListener);
+
+impl GoSignal {
+    pub fn new() -> GoSignal {
+        GoSignal(TcpListener::bind("127.0.0.1:0").unwrap())
+    }
+
+    pub fn port(&self) -> u16 {
+        self.0.local_addr().unwrap().port()
+    }
+
+    /// Lets one waiting (or the next) `nc` in the guest return.
+    pub fn go(&self) {
+        use std::io::Write;
+        let (mut s, _) = self.0.accept().unwrap();
+        let _ = s.write_all(b"go\n");
+    }
+}
+
+impl Pool {
+    /// The JSON `sanvol ARGS --json` prints.
+    pub fn sanvol_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.sanvol(&a)).expect("sanvol --json prints JSON")
     }
 }
