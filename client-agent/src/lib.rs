@@ -15,7 +15,10 @@
 //!   (reconfiguration and leases), as a plain state machine.
 //! - [`volume`]: [`volume::VolumeDevice`], the direct data path of one
 //!   attached volume (extent map, mirrors, concurrency) as a `BlockDevice`.
-//! - [`devices`]: the pool of NBD connections to devices, shared by volumes.
+//! - [`devices`]: the pool of NBD connections to devices, shared by volumes,
+//!   with each device's direct-path state.
+//! - [`fallback`]: I/O through the metadata server when a direct path fails
+//!   (data channels, reports, probing back).
 //! - [`session`]: the control session with the metadata server (lease
 //!   renewal, recall/publish/revoke dispatch, reconnection).
 //! - [`export`]: serving a volume as an NBD export (unix socket, loopback

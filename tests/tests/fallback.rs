@@ -174,7 +174,9 @@ async fn cut_path_falls_back_through_the_server_and_returns_then_a_dead_device_i
         "volume show: {shown}"
     );
     let text = stack.sanvol_ok(&["client", "list"]);
-    assert!(text.contains("host-a"), "{text}");
+    assert!(text.contains(&format!("host-a reaches through the server: device {cut_index} (")), "{text}");
+    let text = stack.sanvol_ok(&["volume", "show", "p"]);
+    assert!(text.contains("fallback through the server: host-a: device"), "{text}");
 
     // Restore: the agent probes and returns to its direct path.
     proxy.restore();
@@ -221,4 +223,72 @@ async fn cut_path_falls_back_through_the_server_and_returns_then_a_dead_device_i
     let agent_log = agent.proc.log();
     assert!(agent_log.contains("marked failed"), "agent log:\n{agent_log}");
     p_client.disconnect().await;
+}
+
+/// Opens a data channel by hand: preamble, handshake with `key`, one
+/// `DataChannel` request. Returns the stream (ready for NBD) or the refusal.
+async fn raw_channel(
+    stack: &Stack,
+    key: &str,
+    role: volume_format::control::auth::Role,
+    volume: u64,
+    device: u32,
+) -> Result<Box<dyn metadata_server::control::addr::ControlStream>, volume_format::control::messages::ControlError> {
+    use metadata_server::control::{framed, handshake, ControlAddr};
+    use tokio::io::AsyncWriteExt;
+    use volume_format::control::messages::{ClientMessage, Request, ServerMessage, DATA_CHANNEL_PREAMBLE};
+    let addr: ControlAddr = stack.mds_addr().parse().unwrap();
+    let mut stream = addr.connect().await.unwrap();
+    stream.write_all(&DATA_CHANNEL_PREAMBLE).await.unwrap();
+    let key = metadata_server::keys::load_private(&stack.dir.path().join(key)).unwrap();
+    handshake::client(&mut stream, &key, None, role, "test", [0; 16]).await.unwrap();
+    let ask = ClientMessage { id: 7, request: Request::DataChannel { volume, device } };
+    framed::write_message(&mut stream, &ask).await.unwrap();
+    match framed::read_message::<ServerMessage, _>(&mut stream).await.unwrap() {
+        ServerMessage::Reply { id: 7, result: Ok(_) } => Ok(stream),
+        ServerMessage::Reply { id: 7, result: Err(e) } => Err(e),
+        other => panic!("unexpected answer {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_channels_reach_only_what_the_agent_holds() {
+    use volume_format::control::auth::Role;
+    use volume_format::control::messages::ErrorCode;
+    let mut stack = Stack::new(2, "512M");
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "p", "64M"]);
+    let shown = stack.sanvol_json(&["volume", "show", "p"]);
+    let desc = &shown["description"];
+    let volume = desc["volume"].as_u64().unwrap();
+    let on = desc["devices"][0]["index"].as_u64().unwrap() as u32;
+    let leg_offset = desc["extents"][0]["legs"][0]["offset"].as_u64().unwrap();
+    let agent = stack.start_agent("host-a");
+    let _other = stack.start_agent("host-b");
+    let _p = agent.attach("p", "exclusive");
+
+    // Nobody gets a channel to a volume it does not hold, or as an admin.
+    let e = raw_channel(&stack, "host-b.key", Role::Agent, volume, on).await.err().expect("host-b holds nothing");
+    assert_eq!(e.code, ErrorCode::PermissionDenied, "{e}");
+    assert!(e.message.contains("holds no open handle"), "{e}");
+    let e = raw_channel(&stack, "admin.key", Role::Admin, volume, on).await.err().expect("admins get no channel");
+    assert_eq!(e.code, ErrorCode::PermissionDenied, "{e}");
+    let elsewhere = 1 - on;
+    let e = raw_channel(&stack, "host-a.key", Role::Agent, volume, elsewhere).await.err().expect("no extent there");
+    assert_eq!(e.code, ErrorCode::InvalidArgument, "{e}");
+
+    // The holder gets NBD over the channel, restricted to the volume's extents.
+    let stream = raw_channel(&stack, "host-a.key", Role::Agent, volume, on).await.unwrap();
+    let c = NbdClient::connect_stream(stream, "", ClientOptions::default()).await.unwrap();
+    c.write(leg_offset, Bytes::from(vec![9u8; 4096]), false).await.unwrap();
+    assert_eq!(c.read(leg_offset, 4096).await.unwrap(), Bytes::from(vec![9u8; 4096]));
+    assert_eq!(
+        c.read(0, 4096).await.unwrap_err().kind,
+        blockio::IoErrorKind::PermissionDenied,
+        "the label is no extent of the volume"
+    );
+    assert!(c.write(0, Bytes::from(vec![0u8; 4096]), false).await.is_err());
+    c.disconnect().await;
+    // The label survived: the pool still opens.
+    stack.sanvol_ok(&["device", "list"]);
 }

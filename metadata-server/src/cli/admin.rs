@@ -204,6 +204,9 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
             if !v.open_by.is_empty() {
                 println!("open by: {}", v.open_by.join(", "));
             }
+            for f in &v.fallback {
+                println!("fallback through the server: {f}");
+            }
             let mut headers = vec!["EXTENT".to_string(), "LOGICAL RANGE".to_string()];
             for i in 0..d.mirror_legs {
                 headers.push(format!("LEG {} (device @ byte offset)", i + 1));
@@ -269,6 +272,9 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
                 })
                 .collect();
             table::print(&["NAME", "ROLE", "KEY", "SESSIONS", "HANDLES"], &rows);
+            for c in clients.iter().filter(|c| !c.fallback.is_empty()) {
+                println!("{} reaches through the server: {}", c.name, c.fallback.join("; "));
+            }
         }
         Command::Client(ClientCommand::Add { public_key, role, name }) => {
             let (key, comment) = super::public_key_arg(&public_key)?;

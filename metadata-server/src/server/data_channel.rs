@@ -363,14 +363,14 @@ fn merge_ranges(sorted: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
 
 /// A device that admits only requests inside `ranges` (sorted, merged).
 pub struct RestrictedDevice {
-    inner: NbdClient,
+    inner: Arc<dyn BlockDevice>,
     ranges: Vec<(u64, u64)>,
     read_only: bool,
     name: String,
 }
 
 impl RestrictedDevice {
-    pub fn new(inner: NbdClient, grant: &DataChannelGrant) -> RestrictedDevice {
+    pub fn new(inner: Arc<dyn BlockDevice>, grant: &DataChannelGrant) -> RestrictedDevice {
         RestrictedDevice {
             inner,
             ranges: grant.ranges.clone(),
@@ -631,7 +631,7 @@ async fn serve_granted(
     table.insert(Export {
         name: String::new(),
         description: format!("sanvol fallback: volume {volume} on device {device}"),
-        device: Arc::new(RestrictedDevice::new(client_dev.clone(), &grant)),
+        device: Arc::new(RestrictedDevice::new(Arc::new(client_dev.clone()), &grant)),
         read_only: grant.read_only,
     });
     table.set_default(Some(String::new()));
@@ -675,6 +675,60 @@ async fn ask_uri(ctx: &SessionContext, session: SessionId, device: u32) -> Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use blockio::memory::MemoryDevice;
+
+    fn grant(read_only: bool) -> DataChannelGrant {
+        DataChannelGrant {
+            volume: 1,
+            device: 0,
+            layout_generation: 1,
+            read_only,
+            ranges: vec![(8192, 8192), (32768, 4096)],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_channel_reaches_only_the_granted_ranges() {
+        let dev = RestrictedDevice::new(Arc::new(MemoryDevice::new(1 << 20)), &grant(false));
+        dev.write(8192, Bytes::from(vec![7u8; 8192]), false).await.unwrap();
+        assert_eq!(dev.read(12288, 4096).await.unwrap(), Bytes::from(vec![7u8; 4096]));
+        dev.read(32768, 4096).await.unwrap();
+        for (offset, len) in [(0u64, 512u32), (4096, 8192), (12288, 8192), (16384, 1), (32768 + 4095, 2), (u64::MAX, 1)]
+        {
+            let e = dev.read(offset, len).await.unwrap_err();
+            assert!(
+                matches!(e.kind, IoErrorKind::PermissionDenied | IoErrorKind::InvalidArgument),
+                "{offset}+{len}: {e}"
+            );
+        }
+        let e = dev.write(0, Bytes::from(vec![1u8; 4096]), false).await.unwrap_err();
+        assert_eq!(e.kind, IoErrorKind::PermissionDenied, "the label is outside every grant: {e}");
+        assert!(e.message.contains("outside the extents"), "{e}");
+        assert_eq!(dev.trim(16384, 4096, false).await.unwrap_err().kind, IoErrorKind::PermissionDenied);
+    }
+
+    #[tokio::test]
+    async fn a_read_only_grant_refuses_every_write() {
+        let dev = RestrictedDevice::new(Arc::new(MemoryDevice::new(1 << 20)), &grant(true));
+        assert!(dev.is_read_only());
+        dev.read(8192, 4096).await.unwrap();
+        let e = dev.write(8192, Bytes::from(vec![1u8; 4096]), false).await.unwrap_err();
+        assert_eq!(e.kind, IoErrorKind::PermissionDenied);
+        let zero = dev.write_zeroes(8192, 4096, ZeroFlags::default()).await.unwrap_err();
+        assert_eq!(zero.kind, IoErrorKind::PermissionDenied);
+    }
+
+    #[tokio::test]
+    async fn a_rewound_stream_gives_back_the_sniffed_bytes_first() {
+        let (mut a, b) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut a, b"world").await.unwrap();
+        drop(a);
+        let mut r = Rewound { prefix: b"hello ".to_vec(), pos: 0, inner: b };
+        let mut out = String::new();
+        r.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "hello world");
+    }
 
     #[test]
     fn ranges_merge_when_they_touch() {
