@@ -411,7 +411,7 @@ impl Shared {
                     self.status.send_replace(ConnectState::Connecting { last_error: Some(format!("{addr}: {e}")) });
                     next_addr += 1;
                     // Try every address once before backing off.
-                    if next_addr % addrs.len() != 0 {
+                    if !next_addr.is_multiple_of(addrs.len()) {
                         continue;
                     }
                 }
@@ -592,7 +592,8 @@ impl Shared {
     /// our old handle) is retried on every renewal tick; any other refusal
     /// revokes the volume with the server's message.
     async fn recover(&self, client: &ControlClient, epoch: u64) {
-        let stale: Vec<(String, u64, OpenMode, Arc<Gate<Layout>>, Vec<u8>)> = lock(&self.registry)
+        type Stale = (String, u64, OpenMode, Arc<Gate<Layout>>, Vec<u8>);
+        let stale: Vec<Stale> = lock(&self.registry)
             .entries
             .iter()
             .filter(|e| e.epoch != epoch && !matches!(e.gate.status().phase, crate::gate::Phase::Revoked { .. }))
