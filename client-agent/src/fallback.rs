@@ -37,7 +37,7 @@ use async_trait::async_trait;
 use blockio::client::{ClientOptions, NbdClient};
 use blockio::{BlockDevice, BlockSizes, IoError, IoErrorKind, MetaContext, StatusExtent, ZeroFlags};
 use bytes::Bytes;
-use metadata_server::control::{framed, handshake, ControlClient};
+use metadata_server::control::{framed, handshake, ControlAddr, ControlClient};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -180,15 +180,29 @@ impl ServerLink {
         Arc::new(ServerLink { config, control: tokio::sync::Mutex::new(None) })
     }
 
+    /// The server addresses, in the order the session tries them.
+    fn addrs(&self) -> impl Iterator<Item = &ControlAddr> {
+        std::iter::once(&self.config.addr).chain(self.config.more_addrs.iter())
+    }
+
     async fn request(&self, request: Request) -> Result<Response, String> {
         let mut control = self.control.lock().await;
         if control.as_ref().is_none_or(|(c, _)| c.is_closed()) {
             let c = &self.config;
-            let connected =
-                ControlClient::connect(&c.addr, &c.key, Some(&c.server_key), Role::Agent, &c.name, c.instance)
-                    .await
-                    .map_err(|e| format!("cannot reach the metadata server at {}: {e}", c.addr))?;
-            *control = Some(connected);
+            let mut errors = Vec::new();
+            for addr in self.addrs() {
+                match ControlClient::connect(addr, &c.key, Some(&c.server_key), Role::Agent, &c.name, c.instance).await
+                {
+                    Ok(connected) => {
+                        *control = Some(connected);
+                        break;
+                    }
+                    Err(e) => errors.push(format!("{addr}: {e}")),
+                }
+            }
+            if control.is_none() {
+                return Err(format!("cannot reach the metadata server ({})", errors.join("; ")));
+            }
         }
         let (client, _) = control.as_ref().expect("connected above");
         client.request_with_timeout(request, REPORT_TIMEOUT).await.map_err(|e| e.to_string())
@@ -221,7 +235,20 @@ impl ServerLink {
     ) -> Result<(NbdClient, DataChannelGrant), ChannelError> {
         let c = &self.config;
         let other = |what: &str, e: &dyn std::fmt::Display| ChannelError::Other(format!("{what}: {e}"));
-        let mut stream = c.addr.connect().await.map_err(|e| other("connecting to the metadata server", &e))?;
+        let mut stream = None;
+        let mut errors = Vec::new();
+        for addr in self.addrs() {
+            match addr.connect().await {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) => errors.push(format!("{addr}: {e}")),
+            }
+        }
+        let Some(mut stream) = stream else {
+            return Err(other("connecting to the metadata server", &errors.join("; ")));
+        };
         stream.write_all(&DATA_CHANNEL_PREAMBLE).await.map_err(|e| other("sending the preamble", &e))?;
         handshake::client(&mut stream, &c.key, Some(&c.server_key), Role::Agent, &c.name, c.instance)
             .await
