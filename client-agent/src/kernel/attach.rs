@@ -316,7 +316,7 @@ fn spawn_monitor(
                     Some(()) = ended.recv() => {
                         // The driver dropped one of our sockets (or is disconnecting): replace it
                         // while the device is still connected.
-                        let connected = blocking(move || driver::status())
+                        let connected = blocking(driver::status)
                             .await
                             .map(|all| all.iter().any(|d| d.index == index && d.connected))
                             .unwrap_or(false);

@@ -8,7 +8,8 @@
 //! refuses a reconfigure whose identifier differs from the device's.
 //!
 //! Re-opening may be refused for a while: the dead agent's handle still holds the volume until its
-//! lease (plus durable time) runs out at the metadata server. The agent retries (every
+//! lease plus the server's `durable_ms` runs out. (A resume would skip that wait, but the resume key
+//! died with the old agent's memory; the new agent is a new instance and re-opens.) The agent retries (every
 //! [`REOPEN_RETRY`]) within the device's dead-connection window: the server offers no notification
 //! for "that handle expired", so this is a bounded poll of a remote state.
 
@@ -120,8 +121,10 @@ async fn reattach_one(agent: &Agent, index: u32, text: String, id: &BackendId) -
         let request = AttachRequest { volume: id.volume.clone(), mode: id.mode, socket: None, tcp: None };
         match agent.attach(request).await {
             Ok(_) => break,
+            // The old handle still holds the volume (its lease and durable time have not run out),
+            // or a reconfiguration is in progress: both pass.
             Err(AgentError::Session(SessionError::Server(m)))
-                if m.contains(" is open ") && Instant::now() < deadline =>
+                if (m.contains(" is open ") || m.contains("retry in a moment")) && Instant::now() < deadline =>
             {
                 info!(volume = id.volume, "the previous handle still holds the volume; retrying: {m}");
                 tokio::time::sleep(REOPEN_RETRY).await;
