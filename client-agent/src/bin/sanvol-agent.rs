@@ -70,7 +70,8 @@ enum Command {
         nbd_device: Option<String>,
         /// Attach with a handover token (a file, or hex) that the holder's `sanvol-agent handover` printed:
         /// live migration — both hosts hold the volume until the holder detaches. The mode is the holder's.
-        #[arg(long)]
+        /// (Socket exports only for now: not with --kernel.)
+        #[arg(long, conflicts_with = "kernel")]
         handover_token: Option<String>,
     },
     /// Print a single-use handover token that lets the agent with key KEY.pub attach VOLUME while this
