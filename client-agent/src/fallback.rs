@@ -22,6 +22,14 @@
 //! one path acknowledged it — so an acknowledged write is on the device
 //! whichever path carried it.
 //!
+//! Known limit: a write that timed out on the direct path may still be
+//! queued inside the device's NBD server and land later. If the application
+//! overwrote the same block meanwhile (after the re-sent write was
+//! acknowledged), the late copy could win. A cut or reset connection does not
+//! do this (nothing more is read from it); a device server that stalls with
+//! requests already received can. Fencing the old connection at the device
+//! (or ordering through the server's connection) is future work.
+//!
 //! When the server cannot reach the device either, it marks the device failed
 //! in the pool metadata (committed before it answers) and publishes the
 //! layout with the device offline. The device's [`FallbackDevice::marked_failed`]

@@ -60,9 +60,14 @@ pub const DATA_CHANNELS_MAX: usize = 256;
 /// Requests in flight per data channel, and payload bytes held for it.
 pub const CHANNEL_REQUESTS_IN_FLIGHT_MAX: usize = 64;
 pub const CHANNEL_IN_FLIGHT_BYTES_MAX: usize = 32 << 20;
-/// How long the server tries to reach a device an agent reported, before
-/// deciding it cannot either. The owner task waits this long at most.
-pub const DEVICE_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long each step of checking a device an agent reported may take (a
+/// read on the existing connection, then a new connection and a read),
+/// before the server decides it cannot reach it either. The owner task waits
+/// for the check, so twice this must stay well under a lease renewal period:
+/// a device that hangs must not stall every agent's renewal.
+pub const DEVICE_CHECK_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Time a data channel has to connect to its device.
+pub const CHANNEL_DEVICE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A device request of a data channel without an answer after this fails.
 pub const CHANNEL_DEVICE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Fallback records kept (agent, device pairs).
@@ -231,7 +236,7 @@ impl Core {
             c.read(0, 4096).await.map_err(|e| e.to_string())?;
             Ok::<_, String>(c)
         };
-        match tokio::time::timeout(DEVICE_CHECK_TIMEOUT * 2, fresh).await {
+        match tokio::time::timeout(DEVICE_CHECK_TIMEOUT, fresh).await {
             Ok(Ok(c)) => {
                 if let Some(old) = d.client.replace(c) {
                     old.disconnect().await;
@@ -244,7 +249,7 @@ impl Core {
                 Err(e)
             }
             Err(_) => {
-                let e = format!("no answer within {} ms", (DEVICE_CHECK_TIMEOUT * 2).as_millis());
+                let e = format!("no answer within {} ms", DEVICE_CHECK_TIMEOUT.as_millis());
                 d.error = Some(e.clone());
                 Err(e)
             }
@@ -602,7 +607,7 @@ async fn serve_granted(
     };
     let mut opts = crate::pool::device::client_options();
     opts.request_timeout = Some(CHANNEL_DEVICE_TIMEOUT);
-    opts.connect_timeout = DEVICE_CHECK_TIMEOUT;
+    opts.connect_timeout = CHANNEL_DEVICE_CONNECT_TIMEOUT;
     let connected = match uri.parse::<NbdUri>() {
         Ok(u) => NbdClient::connect(&u, opts).await.map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
