@@ -123,7 +123,7 @@ impl DevicePool {
         endpoint: &DeviceEndpoint,
         pool_uuid: Uuid,
         volume: u64,
-    ) -> Result<(Arc<dyn BlockDevice>, Option<Arc<AtomicBool>>), DeviceError> {
+    ) -> Result<crate::volume::LayoutDevice, DeviceError> {
         let device = self.device(endpoint, pool_uuid)?;
         let flag = device.path.marked_failed.clone();
         if !endpoint.online {

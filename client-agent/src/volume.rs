@@ -50,6 +50,9 @@ use crate::gate::Gate;
 /// Largest request the volume accepts, as advertised to NBD clients.
 pub const REQUEST_BYTES_MAX: u32 = 32 * 1024 * 1024;
 
+/// One device of a layout, with its "marked failed" flag if it has one.
+pub type LayoutDevice = (Arc<dyn BlockDevice>, Option<Arc<AtomicBool>>);
+
 /// A volume description with a device handle for each of its devices.
 pub struct Layout {
     description: VolumeDescription,
@@ -81,7 +84,7 @@ impl Layout {
     /// Like [`Layout::new`], with each device's "marked failed" flag.
     pub fn with_health<E>(
         description: VolumeDescription,
-        resolve: impl FnMut(&DeviceEndpoint) -> Result<(Arc<dyn BlockDevice>, Option<Arc<AtomicBool>>), E>,
+        resolve: impl FnMut(&DeviceEndpoint) -> Result<LayoutDevice, E>,
     ) -> Result<Layout, LayoutError<E>> {
         description.check().map_err(LayoutError::Description)?;
         let resolved = description.devices.iter().map(resolve).collect::<Result<Vec<_>, E>>();
