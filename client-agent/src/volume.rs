@@ -532,6 +532,91 @@ mod tests {
         assert_eq!(devs[1].writes.load(Ordering::SeqCst) + devs[1].reads.load(Ordering::SeqCst), 0);
     }
 
+    /// A device whose every request fails; with `marks`, the failure also
+    /// sets the flag, as the fallback path does once the server says the
+    /// device is marked failed.
+    struct Dead {
+        flag: Arc<AtomicBool>,
+        marks: bool,
+    }
+
+    impl Dead {
+        fn fail(&self) -> IoError {
+            if self.marks {
+                self.flag.store(true, Ordering::Release);
+            }
+            IoError::io("device gone")
+        }
+    }
+
+    #[async_trait]
+    impl BlockDevice for Dead {
+        fn size(&self) -> u64 {
+            1 << 40
+        }
+        async fn read(&self, _: u64, _: u32) -> Result<Bytes, IoError> {
+            Err(self.fail())
+        }
+        async fn write(&self, _: u64, _: Bytes, _: bool) -> Result<(), IoError> {
+            Err(self.fail())
+        }
+        async fn flush(&self) -> Result<(), IoError> {
+            Err(self.fail())
+        }
+        async fn trim(&self, _: u64, _: u32, _: bool) -> Result<(), IoError> {
+            Err(self.fail())
+        }
+        async fn write_zeroes(&self, _: u64, _: u32, _: ZeroFlags) -> Result<(), IoError> {
+            Err(self.fail())
+        }
+    }
+
+    /// A mirrored (or plain) volume whose device 0 is dead.
+    fn with_dead_device(legs: u32, marks: bool) -> (VolumeDevice, Arc<AtomicBool>, Vec<Arc<TestDevice>>) {
+        let devs: Vec<_> = (0..2).map(|_| TestDevice::new()).collect();
+        let flag = Arc::new(AtomicBool::new(false));
+        let d = description(2, legs, 2, 1);
+        let layout = Layout::with_health(d, |e| {
+            Ok::<_, String>(if e.index.0 == 0 {
+                (Arc::new(Dead { flag: flag.clone(), marks }) as Arc<dyn BlockDevice>, Some(flag.clone()))
+            } else {
+                (devs[e.index.0 as usize].clone() as Arc<dyn BlockDevice>, None)
+            })
+        })
+        .unwrap();
+        (VolumeDevice::new("vol", 1, false, Arc::new(Gate::new(Arc::new(layout), 1))), flag, devs)
+    }
+
+    #[tokio::test]
+    async fn a_mirror_continues_on_its_other_leg_once_the_dead_device_is_marked_failed() {
+        // Not marked: the write fails (one copy is not a mirrored write).
+        let (vol, _, _) = with_dead_device(2, false);
+        assert!(vol.write(0, pattern(12, 4096), false).await.is_err());
+        // Marked while the write is in flight: the other leg has it, the write succeeds.
+        let (vol, flag, devs) = with_dead_device(2, true);
+        vol.write(0, pattern(13, 4096), false).await.unwrap();
+        assert!(flag.load(Ordering::Acquire));
+        assert_eq!(devs[1].writes.load(Ordering::SeqCst), 1);
+        // From then on the dead leg is skipped entirely.
+        vol.write(EXTENT, pattern(14, 4096), false).await.unwrap();
+        assert_eq!(vol.read(0, 4096).await.unwrap(), pattern(13, 4096));
+        vol.flush().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_plain_volume_fails_only_the_io_on_the_failed_device_and_names_it() {
+        let (vol, flag, _) = with_dead_device(1, true);
+        flag.store(true, Ordering::Release);
+        let d = description(2, 1, 2, 1);
+        let (dead_extent, live_extent) = if d.extents[0].legs[0].device.0 == 0 { (0, 1) } else { (1, 0) };
+        let e = vol.read(dead_extent * EXTENT, 4096).await.unwrap_err();
+        assert!(e.message.contains("marked failed") && e.message.contains("device dev0"), "{e}");
+        let e = vol.write(dead_extent * EXTENT, pattern(15, 4096), false).await.unwrap_err();
+        assert!(e.message.contains("marked failed"), "{e}");
+        vol.write(live_extent * EXTENT, pattern(16, 4096), false).await.unwrap();
+        assert_eq!(vol.read(live_extent * EXTENT, 4096).await.unwrap(), pattern(16, 4096));
+    }
+
     #[tokio::test]
     async fn flush_reaches_every_device() {
         let (vol, devs) = testing::volume(4, 2, 3, false);
