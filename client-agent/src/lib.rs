@@ -31,8 +31,8 @@
 pub mod agent;
 pub mod control;
 pub mod devices;
-pub mod fallback;
 pub mod export;
+pub mod fallback;
 pub mod gate;
 pub mod kernel;
 pub mod session;

@@ -24,8 +24,8 @@
 
 pub mod clock;
 pub mod core;
-pub mod durable;
 pub mod data_channel;
+pub mod durable;
 pub mod requests;
 pub mod session;
 

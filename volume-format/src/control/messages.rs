@@ -141,9 +141,9 @@ impl Request {
     pub fn required_role(&self) -> Option<Role> {
         match self {
             Request::PoolStatus | Request::Renew => None,
-            Request::DataChannel { .. } | Request::ReportDeviceFailure { .. } | Request::ReportDeviceRecovered { .. } => {
-                Some(Role::Agent)
-            }
+            Request::DataChannel { .. }
+            | Request::ReportDeviceFailure { .. }
+            | Request::ReportDeviceRecovered { .. } => Some(Role::Agent),
             Request::Open { .. }
             | Request::Close { .. }
             | Request::RecallDone { .. }
@@ -170,12 +170,17 @@ pub enum Response {
     Clients(Vec<ClientInfo>),
     Volumes(Vec<VolumeInfo>),
     Volume(VolumeDetail),
-    Lease { lease_ms: u64 },
+    Lease {
+        lease_ms: u64,
+    },
     Opened(OpenedHandle),
     // A handover token (opaque, signed by the server) and how long it is
     // valid. (A plain comment: a doc comment would make rustfmt spread every
     // struct variant of this enum over several lines.)
-    HandoverToken { token: Vec<u8>, expires_in_ms: u64 },
+    HandoverToken {
+        token: Vec<u8>,
+        expires_in_ms: u64,
+    },
     /// What a data channel for one volume and device may touch.
     DataChannel(DataChannelGrant),
 }
