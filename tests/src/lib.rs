@@ -6,3 +6,4 @@ pub mod peers;
 pub mod proxy;
 pub mod system;
 pub mod tools;
+pub mod volumes;

@@ -3,109 +3,17 @@
 //! a proxy the test cuts, fio verify through the agent, and the devices read
 //! directly afterwards.
 
-use std::collections::HashMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use blockio::client::{ClientOptions, NbdClient};
 use blockio::uri::NbdUri;
 use blockio::BlockDevice;
 use bytes::Bytes;
-use sanvol_tests::peers::require_tool;
 use sanvol_tests::proxy::CuttableProxy;
 use sanvol_tests::system::Stack;
+use sanvol_tests::volumes::{assert_fio_ok, check_placement, connect, fill, fio_verify};
 
-const BLOCK: u64 = 4096;
 const WAIT: Duration = Duration::from_secs(30);
-
-fn block_pattern(tag: u64, b: u64) -> Vec<u8> {
-    let word = (tag << 48 | b).to_le_bytes();
-    word.iter().copied().cycle().take(BLOCK as usize).collect()
-}
-
-async fn connect(uri: &NbdUri) -> NbdClient {
-    NbdClient::connect(uri, ClientOptions::default()).await.unwrap_or_else(|e| panic!("connect {uri}: {e}"))
-}
-
-/// Writes `block_pattern(tag, ..)` over the whole volume behind `uri`.
-async fn fill(uri: &NbdUri, tag: u64) {
-    let c = connect(uri).await;
-    let size = c.info().size;
-    let chunk = 1u64 << 20;
-    let mut offset = 0;
-    while offset < size {
-        let buf: Vec<u8> = (offset / BLOCK..(offset + chunk) / BLOCK).flat_map(|b| block_pattern(tag, b)).collect();
-        c.write(offset, Bytes::from(buf), false).await.expect("write through the agent");
-        offset += chunk;
-    }
-    c.flush().await.expect("flush through the agent");
-    c.disconnect().await;
-}
-
-/// Reads every leg of every extent from the devices themselves (skipping
-/// `skip_device`) and checks `block_pattern(tag, ..)` is there.
-async fn check_placement(stack: &Stack, volume: &str, tag: u64, skip_device: Option<u64>) {
-    let detail = stack.sanvol_json(&["volume", "show", volume]);
-    let desc = &detail["description"];
-    let extent_bytes = desc["extent_bytes"].as_u64().unwrap();
-    let size_bytes = desc["size_bytes"].as_u64().unwrap();
-    let mut devices = HashMap::new();
-    for d in desc["devices"].as_array().unwrap() {
-        let index = d["index"].as_u64().unwrap();
-        if Some(index) != skip_device {
-            devices.insert(index, connect(&d["uri"].as_str().unwrap().parse().unwrap()).await);
-        }
-    }
-    for (e, extent) in desc["extents"].as_array().unwrap().iter().enumerate() {
-        for leg in extent["legs"].as_array().unwrap() {
-            let dev = leg["device"].as_u64().unwrap();
-            let Some(client) = devices.get(&dev) else { continue };
-            let offset = leg["offset"].as_u64().unwrap();
-            let data = client.read(offset, extent_bytes as u32).await.expect("read the device directly");
-            for i in 0..extent_bytes / BLOCK {
-                let b = e as u64 * extent_bytes / BLOCK + i;
-                if b * BLOCK >= size_bytes {
-                    break;
-                }
-                assert!(
-                    data[(i * BLOCK) as usize..((i + 1) * BLOCK) as usize] == block_pattern(tag, b)[..],
-                    "volume {volume} block {b}: device {dev} offset {} does not hold the acknowledged write",
-                    offset + i * BLOCK
-                );
-            }
-        }
-    }
-    for c in devices.values() {
-        c.disconnect().await;
-    }
-}
-
-fn fio_verify(uri: &NbdUri, size: &str) -> Command {
-    let mut cmd = Command::new(require_tool("fio"));
-    cmd.args([
-        "--name=verify",
-        "--ioengine=nbd",
-        &format!("--uri={uri}"),
-        "--rw=randwrite",
-        "--bs=4k",
-        "--iodepth=16",
-        &format!("--size={size}"),
-        "--verify=crc32c",
-        "--verify_fatal=1",
-        "--verify_state_save=0",
-        "--randrepeat=0",
-    ]);
-    cmd
-}
-
-fn assert_fio_ok(out: std::process::Output) {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("err= 0"),
-        "fio failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Polls `cond` (a listing) until it holds; panics with `what` after [`WAIT`].
 async fn until(what: &str, mut cond: impl FnMut() -> bool) {
@@ -149,11 +57,11 @@ async fn cut_path_falls_back_through_the_server_and_returns_then_a_dead_device_i
     // Cut the agent's path while fio runs on both volumes.
     let fio_p = tokio::task::spawn_blocking({
         let p = p.clone();
-        move || fio_verify(&p, "48M").output().expect("run fio")
+        move || fio_verify(&p, "48M", &[]).output().expect("run fio")
     });
     let fio_m = tokio::task::spawn_blocking({
         let m = m.clone();
-        move || fio_verify(&m, "48M").output().expect("run fio")
+        move || fio_verify(&m, "48M", &[]).output().expect("run fio")
     });
     let before = proxy.forwarded_bytes();
     until("fio writes through the proxy", || proxy.forwarded_bytes() > before + (4 << 20)).await;
@@ -201,7 +109,7 @@ async fn cut_path_falls_back_through_the_server_and_returns_then_a_dead_device_i
     // The server cannot reach the device either.
     stack.devices[peer].kill();
     proxy.cut();
-    assert_fio_ok(tokio::task::spawn_blocking(move || fio_verify(&m, "32M").output().unwrap()).await.unwrap());
+    assert_fio_ok(tokio::task::spawn_blocking(move || fio_verify(&m, "32M", &[]).output().unwrap()).await.unwrap());
     let devices = stack.sanvol_json(&["device", "list"]);
     let dead = devices.as_array().unwrap().iter().find(|d| d["index"] == cut_index).unwrap();
     assert!(dead["state"].as_str().unwrap().starts_with("failed"), "{devices}");

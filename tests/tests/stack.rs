@@ -6,111 +6,11 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use blockio::client::{ClientOptions, NbdClient};
-use blockio::uri::NbdUri;
 use blockio::BlockDevice;
 use bytes::Bytes;
 use sanvol_tests::peers::require_tool;
 use sanvol_tests::system::{Stack, STARTUP_TIMEOUT};
-
-const BLOCK: u64 = 4096;
-
-/// Block `b` of a volume tagged `tag`: the u64 `tag << 48 | b`, repeated.
-fn block_pattern(tag: u64, b: u64) -> Vec<u8> {
-    let word = (tag << 48 | b).to_le_bytes();
-    word.iter().copied().cycle().take(BLOCK as usize).collect()
-}
-
-async fn connect(uri: &NbdUri) -> NbdClient {
-    NbdClient::connect(uri, ClientOptions::default()).await.unwrap_or_else(|e| panic!("connect {uri}: {e}"))
-}
-
-/// Fills the whole volume behind `uri` with `block_pattern(tag, ..)`.
-async fn fill(uri: &NbdUri, tag: u64) -> u64 {
-    let c = connect(uri).await;
-    let size = c.info().size;
-    let chunk = 1 << 20;
-    let mut offset = 0;
-    while offset < size {
-        let mut buf = Vec::with_capacity(chunk as usize);
-        for b in offset / BLOCK..(offset + chunk) / BLOCK {
-            buf.extend_from_slice(&block_pattern(tag, b));
-        }
-        c.write(offset, Bytes::from(buf), false).await.expect("write through the agent");
-        offset += chunk;
-    }
-    c.flush().await.expect("flush through the agent");
-    c.disconnect().await;
-    size
-}
-
-/// Checks every block of the volume by reading the devices directly, at
-/// the offsets `sanvol volume show --json` gives, on every leg.
-async fn check_placement(stack: &Stack, volume: &str, tag: u64) {
-    let detail = stack.sanvol_json(&["volume", "show", volume]);
-    let desc = &detail["description"];
-    let extent_bytes = desc["extent_bytes"].as_u64().unwrap();
-    let legs_expected = desc["mirror_legs"].as_u64().unwrap() as usize;
-    let mut devices = std::collections::HashMap::new();
-    for d in desc["devices"].as_array().unwrap() {
-        let uri: NbdUri = d["uri"].as_str().unwrap().parse().unwrap();
-        devices.insert(d["index"].as_u64().unwrap(), connect(&uri).await);
-    }
-    let extents = desc["extents"].as_array().unwrap();
-    assert_eq!(extents.len() as u64 * extent_bytes, desc["size_bytes"].as_u64().unwrap());
-    for (e, extent) in extents.iter().enumerate() {
-        let legs = extent["legs"].as_array().unwrap();
-        assert_eq!(legs.len(), legs_expected, "extent {e} of {volume}");
-        let mut seen_devices = std::collections::HashSet::new();
-        for leg in legs {
-            let dev = leg["device"].as_u64().unwrap();
-            assert!(seen_devices.insert(dev), "extent {e} of {volume} has two legs on device {dev}");
-            let offset = leg["offset"].as_u64().unwrap();
-            let data = devices[&dev].read(offset, extent_bytes as u32).await.expect("read the device directly");
-            for i in 0..extent_bytes / BLOCK {
-                let b = e as u64 * extent_bytes / BLOCK + i;
-                let got = &data[(i * BLOCK) as usize..((i + 1) * BLOCK) as usize];
-                assert!(
-                    got == block_pattern(tag, b).as_slice(),
-                    "volume {volume} block {b} is not at device {dev} offset {} as the extent map says",
-                    offset + i * BLOCK
-                );
-            }
-        }
-    }
-    for c in devices.values() {
-        c.disconnect().await;
-    }
-}
-
-fn fio_verify(uri: &NbdUri, size: &str, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(require_tool("fio"));
-    cmd.args([
-        "--name=verify",
-        "--ioengine=nbd",
-        &format!("--uri={uri}"),
-        "--rw=randwrite",
-        "--bs=4k",
-        "--iodepth=16",
-        &format!("--size={size}"),
-        "--verify=crc32c",
-        "--verify_fatal=1",
-        "--verify_state_save=0",
-        "--randrepeat=0",
-    ])
-    .args(extra);
-    cmd
-}
-
-fn run_fio(cmd: &mut Command) {
-    let out = cmd.output().expect("run fio");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("err= 0"),
-        "fio failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use sanvol_tests::volumes::{assert_fio_ok, block_pattern, check_placement, connect, fill, fio_verify, BLOCK};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_io_lands_where_the_extent_map_says_and_survives_reattach_and_restart() {
@@ -123,8 +23,8 @@ async fn direct_io_lands_where_the_extent_map_says_and_survives_reattach_and_res
     let p = agent.attach("p", "exclusive");
 
     // Standard tools through the agent's export.
-    run_fio(&mut fio_verify(&m, "32M", &[]));
-    run_fio(&mut fio_verify(&p, "32M", &["--bs=64k", "--iodepth=8"]));
+    assert_fio_ok(fio_verify(&m, "32M", &[]).output().expect("run fio"));
+    assert_fio_ok(fio_verify(&p, "32M", &["--bs=64k", "--iodepth=8"]).output().expect("run fio"));
     // A full-size image: an 8 MiB pattern, then zeroes (converted as
     // WRITE_ZEROES over what fio left there).
     let image = stack.dir.path().join("pattern.raw");
@@ -158,8 +58,8 @@ async fn direct_io_lands_where_the_extent_map_says_and_survives_reattach_and_res
     // Every block where the extent map says, on both legs of the mirror.
     fill(&m, 1).await;
     fill(&p, 2).await;
-    check_placement(&stack, "m", 1).await;
-    check_placement(&stack, "p", 2).await;
+    check_placement(&stack, "m", 1, None).await;
+    check_placement(&stack, "p", 2, None).await;
 
     // Detach and reattach keeps the data.
     agent.detach("m");
@@ -255,7 +155,7 @@ async fn grow_while_fio_runs() {
     c.disconnect().await;
     // The grown layout, new extents included, is where the map says on both legs.
     fill(&uri, 3).await;
-    check_placement(&stack, "g", 3).await;
+    check_placement(&stack, "g", 3, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
