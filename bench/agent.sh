@@ -24,22 +24,10 @@ D=$BENCH_DIR
 
 start_nbdkit dev0 memory "${SIZE_MIB}M"
 start_nbdkit proxy nbd socket="$D/dev0.sock"
-for k in mds admin agent; do $BIN/sanvol keygen "$D/$k.key" >/dev/null; done
-$BIN/sanvol pool init --name bench --device "$(sock_uri dev0)" --server-key "$D/mds.key.pub" --admin-key "$D/admin.key.pub" >/dev/null
-cat >"$D/mds.toml" <<TOML
-listen = ["unix:$D/mds.sock"]
-key = "$D/mds.key"
-devices = ["$(sock_uri dev0)"]
-TOML
-start_ready mds $BIN/sanvol-mds --config "$D/mds.toml"
-export SANVOL_MDS="unix:$D/mds.sock" SANVOL_KEY="$D/admin.key" SANVOL_SERVER_KEY="$D/mds.key.pub"
-$BIN/sanvol client add "$D/agent.key.pub" --role agent --name bench-host >/dev/null
-$BIN/sanvol-agent run --mds "$SANVOL_MDS" --key "$D/agent.key" --server-key "$D/mds.key.pub" \
-    --control-socket "$D/agent.sock" --export-dir "$D" 2>"$D/agent.err" &
-BENCH_PIDS+=($!)
-$BIN/sanvol-agent wait-ready --control-socket "$D/agent.sock"
+start_pool dev0
+start_agent agent
 $BIN/sanvol volume create vol "${VOLUME_MIB}M" >/dev/null
-AGENT_URI=$($BIN/sanvol-agent attach vol --control-socket "$D/agent.sock")
+AGENT_URI=$($BIN/sanvol-agent attach vol --control-socket "$D/agent-agent.sock")
 
 declare -A URI=([agent]="$AGENT_URI" [proxy]="$(sock_uri proxy)" [direct]="$(sock_uri dev0)")
 ROWS=(
@@ -61,7 +49,7 @@ for row in "${ROWS[@]}"; do
     done
     echo "done: $name" >&2
 done
-$BIN/sanvol-agent detach vol --control-socket "$D/agent.sock"
+$BIN/sanvol-agent detach vol --control-socket "$D/agent-agent.sock"
 
 mkdir -p bench/results
 out="bench/results/agent-$(date +%Y%m%d-%H%M%S).md"

@@ -27,26 +27,10 @@ D=$BENCH_DIR
 start_nbdkit dev0 memory "${SIZE_MIB}M"
 start_nbdkit hop nbd socket="$D/dev0.sock"
 HOP_PID=${BENCH_PIDS[-1]}
-for k in mds admin a b; do $BIN/sanvol keygen "$D/$k.key" >/dev/null; done
-$BIN/sanvol pool init --name bench --device "$(sock_uri dev0)" --server-key "$D/mds.key.pub" --admin-key "$D/admin.key.pub" >/dev/null
-cat >"$D/mds.toml" <<TOML
-listen = ["unix:$D/mds.sock"]
-key = "$D/mds.key"
-devices = ["$(sock_uri dev0)"]
-TOML
-start_ready mds $BIN/sanvol-mds --config "$D/mds.toml"
-export SANVOL_MDS="unix:$D/mds.sock" SANVOL_KEY="$D/admin.key" SANVOL_SERVER_KEY="$D/mds.key.pub"
+start_pool dev0
 $BIN/sanvol volume create vol "${VOLUME_MIB}M" >/dev/null
-for a in a b; do
-    $BIN/sanvol client add "$D/$a.key.pub" --role agent --name "bench-$a" >/dev/null
-    extra=()
-    [ "$a" = b ] && extra=(--device-uri "$(sock_uri dev0)=$(sock_uri hop)")
-    $BIN/sanvol-agent run --mds "$SANVOL_MDS" --key "$D/$a.key" --server-key "$D/mds.key.pub" --name "bench-$a" \
-        --control-socket "$D/agent-$a.sock" --export-dir "$D/exports-$a" "${extra[@]}" 2>"$D/agent-$a.err" &
-    BENCH_PIDS+=($!)
-    mkdir -p "$D/exports-$a"
-    $BIN/sanvol-agent wait-ready --control-socket "$D/agent-$a.sock"
-done
+start_agent a
+start_agent b --device-uri "$(sock_uri dev0)=$(sock_uri hop)"
 URI_A=$($BIN/sanvol-agent attach vol --mode shared --control-socket "$D/agent-a.sock")
 URI_B=$($BIN/sanvol-agent attach vol --mode shared --control-socket "$D/agent-b.sock")
 

@@ -65,3 +65,34 @@ job = json.loads(text[text.index("{"):])["jobs"][0]
 side = job["read"] if job["read"]["io_bytes"] else job["write"]
 print("%.0f %.1f" % (side["iops"], side["bw"] / 1024))
 PY
+
+# start_pool DEVICE... : a pool on the named nbdkit devices (started with
+# start_nbdkit), with keys, sanvol-mds on a unix socket, and the admin
+# environment (SANVOL_MDS, SANVOL_KEY, SANVOL_SERVER_KEY) exported.
+# Needs BIN (the directory holding the release binaries).
+start_pool() {
+    local d=$BENCH_DIR dev uris=() init=()
+    for dev in "$@"; do uris+=("\"$(sock_uri "$dev")\""); init+=(--device "$(sock_uri "$dev")"); done
+    for k in mds admin; do "$BIN/sanvol" keygen "$d/$k.key" >/dev/null; done
+    "$BIN/sanvol" pool init --name bench "${init[@]}" --server-key "$d/mds.key.pub" --admin-key "$d/admin.key.pub" >/dev/null
+    local IFS=,
+    printf 'listen = ["unix:%s/mds.sock"]\nkey = "%s/mds.key"\ndevices = [%s]\n' "$d" "$d" "${uris[*]}" >"$d/mds.toml"
+    unset IFS
+    start_ready mds "$BIN/sanvol-mds" --config "$d/mds.toml"
+    export SANVOL_MDS="unix:$d/mds.sock" SANVOL_KEY="$d/admin.key" SANVOL_SERVER_KEY="$d/mds.key.pub"
+}
+
+# start_agent NAME [RUN-ARGS...] : a key for agent NAME, authorized, and
+# `sanvol-agent run` with its control socket at $BENCH_DIR/agent-NAME.sock and
+# exports in $BENCH_DIR/exports-NAME; returns once it is ready.
+start_agent() {
+    local name=$1 d=$BENCH_DIR; shift
+    "$BIN/sanvol" keygen "$d/$name.key" >/dev/null
+    "$BIN/sanvol" client add "$d/$name.key.pub" --role agent --name "bench-$name" >/dev/null
+    mkdir -p "$d/exports-$name"
+    "$BIN/sanvol-agent" run --mds "$SANVOL_MDS" --key "$d/$name.key" --server-key "$d/mds.key.pub" \
+        --name "bench-$name" --control-socket "$d/agent-$name.sock" --export-dir "$d/exports-$name" "$@" \
+        2>"$d/agent-$name.err" &
+    BENCH_PIDS+=($!)
+    "$BIN/sanvol-agent" wait-ready --control-socket "$d/agent-$name.sock"
+}
