@@ -522,10 +522,8 @@ async fn serve_channel(
     ctx: Arc<SessionContext>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let clients = ctx.clients.borrow().clone();
-    let authorize = |key: &[u8; 32]| clients.get(key).map(|(role, name)| (vec![*role], name.clone()));
     let who = tokio::select! {
-        r = handshake::accept(&mut stream, &ctx.key, session, ctx.lease_ms, authorize) => match r {
+        r = ctx.accept(&mut stream, session) => match r {
             Ok(who) => who,
             Err(e) => return warn!(%peer, "data channel handshake failed: {e}"),
         },

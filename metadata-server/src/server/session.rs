@@ -40,6 +40,21 @@ pub struct SessionContext {
     pub slots: Arc<Semaphore>,
 }
 
+impl SessionContext {
+    /// The server side of the handshake, authorizing against the pool's
+    /// client table as it is right now. Every kind of connection (control
+    /// session, data channel) authenticates through here.
+    pub async fn accept(
+        &self,
+        stream: &mut Box<dyn ControlStream>,
+        session: u64,
+    ) -> Result<handshake::Peer, handshake::HandshakeError> {
+        let clients = self.clients.borrow().clone();
+        let authorize = |key: &[u8; 32]| clients.get(key).map(|(role, name)| (vec![*role], name.clone()));
+        handshake::accept(stream, &self.key, session, self.lease_ms, authorize).await
+    }
+}
+
 pub async fn run(
     stream: Box<dyn ControlStream>,
     peer: String,
@@ -58,10 +73,8 @@ async fn run_inner(
     ctx: Arc<SessionContext>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let clients = ctx.clients.borrow().clone();
-    let authorize = |key: &[u8; 32]| clients.get(key).map(|(role, name)| (vec![*role], name.clone()));
     let accepted = tokio::select! {
-        r = handshake::accept(&mut stream, &ctx.key, session, ctx.lease_ms, authorize) => r,
+        r = ctx.accept(&mut stream, session) => r,
         _ = stopped(&mut stop) => return,
     };
     let who = match accepted {
