@@ -126,6 +126,7 @@ pub fn description(extents: u64, legs: u32, devices: u32, generation: u64) -> Vo
                     .collect(),
             })
             .collect(),
+        snapshot: None,
     }
 }
 

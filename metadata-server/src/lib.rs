@@ -14,10 +14,12 @@
 //! - [`server`]: the control server (`sanvol-mds`): one owner task for the
 //!   pool state, thin session tasks.
 //! - [`cli`]: the admin CLI (`sanvol`).
+//! - [`fault`]: fault injection for crash tests (`SANVOL_FAULT`).
 
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod fault;
 pub mod handles;
 pub mod keys;
 pub mod pool;

@@ -9,9 +9,9 @@
 //! [`VolumeDescription::leg_endpoint`] resolves a leg to its
 //! (device index, URI, byte offset).
 
-use crate::ids::{DeviceIndex, VolumeId};
+use crate::ids::{DeviceIndex, SnapshotId, VolumeId};
 use crate::label::extent_bytes_valid;
-use crate::metadata::{check_block_bytes, LogicalExtent, PhysicalExtent, PoolMetadata, MIRROR_LEGS_MAX};
+use crate::metadata::{check_block_bytes, CowMap, LogicalExtent, PhysicalExtent, PoolMetadata, MIRROR_LEGS_MAX};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -51,6 +51,39 @@ pub struct VolumeDescription {
     pub devices: Vec<DeviceEndpoint>,
     /// One entry per logical extent, in logical order.
     pub extents: Vec<LogicalExtent>,
+    /// The volume's newest snapshot, if it has one: before first modifying
+    /// a chunk of it, the agent copies the chunk here and registers it.
+    #[serde(default)]
+    pub snapshot: Option<SnapshotEpoch>,
+}
+
+/// What an agent needs to copy pre-images into the newest snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotEpoch {
+    pub id: SnapshotId,
+    pub name: String,
+    /// The volume's size when the snapshot was taken: chunks beyond it are
+    /// not part of the snapshot and are written without a copy.
+    pub size_bytes: u64,
+    pub chunk_bytes: u64,
+    /// The COW area (same legs per extent as the volume); its devices are in
+    /// the description's device table.
+    pub cow_extents: Vec<LogicalExtent>,
+    /// Chunks already registered when the description was made.
+    pub cow: CowMap,
+}
+
+impl SnapshotEpoch {
+    pub fn chunk_count(&self) -> u64 {
+        self.size_bytes.div_ceil(self.chunk_bytes.max(1))
+    }
+
+    /// The COW-area legs of `chunk`, and the chunk's offset within them.
+    pub fn cow_location(&self, chunk: u64, extent_bytes: u64) -> Option<(&[PhysicalExtent], u64)> {
+        let byte = chunk.checked_mul(self.chunk_bytes)?;
+        let extent = self.cow_extents.get((byte / extent_bytes.max(1)) as usize)?;
+        Some((&extent.legs, byte % extent_bytes))
+    }
 }
 
 /// The part of an I/O request that falls in one logical extent.
@@ -77,8 +110,13 @@ impl VolumeDescription {
     /// Describes volume `id` of `meta`.
     pub fn from_metadata(meta: &PoolMetadata, id: VolumeId) -> Result<VolumeDescription, DescriptionError> {
         let volume = meta.volume(id).ok_or(DescriptionError::NoSuchVolume(id))?;
-        let mut indexes: Vec<DeviceIndex> =
-            volume.extents.iter().flat_map(|e| e.legs.iter().map(|leg| leg.device)).collect();
+        let snapshot = meta.newest_snapshot(id);
+        let mut indexes: Vec<DeviceIndex> = volume
+            .extents
+            .iter()
+            .chain(snapshot.iter().flat_map(|s| s.cow_extents.iter()))
+            .flat_map(|e| e.legs.iter().map(|leg| leg.device))
+            .collect();
         indexes.sort_unstable();
         indexes.dedup();
         let devices = indexes
@@ -106,6 +144,14 @@ impl VolumeDescription {
             layout_generation: volume.layout_generation,
             devices,
             extents: volume.extents.clone(),
+            snapshot: snapshot.map(|s| SnapshotEpoch {
+                id: s.id,
+                name: s.name.clone(),
+                size_bytes: s.size_bytes,
+                chunk_bytes: s.chunk_bytes,
+                cow_extents: s.cow_extents.clone(),
+                cow: s.cow.clone(),
+            }),
         };
         description.check()?;
         Ok(description)
@@ -133,7 +179,25 @@ impl VolumeDescription {
         if self.devices.windows(2).any(|w| w[0].index >= w[1].index) {
             return bad("device table is not sorted by unique index".to_string());
         }
-        for (i, extent) in self.extents.iter().enumerate() {
+        if let Some(s) = &self.snapshot {
+            if !s.chunk_bytes.is_power_of_two() || s.chunk_bytes > self.extent_bytes || s.chunk_bytes < 512 {
+                return bad(format!("snapshot chunk size {}", s.chunk_bytes));
+            }
+            if s.size_bytes > self.size_bytes || s.cow_extents.len() as u64 != s.size_bytes.div_ceil(self.extent_bytes)
+            {
+                return bad(format!(
+                    "snapshot {} of {} bytes with {} COW extents",
+                    s.name,
+                    s.size_bytes,
+                    s.cow_extents.len()
+                ));
+            }
+            if s.cow.chunks() != s.chunk_count() || !s.cow.is_consistent() {
+                return bad(format!("snapshot {} has a copy-on-write map of the wrong size", s.name));
+            }
+        }
+        let cow_extents = self.snapshot.iter().flat_map(|s| s.cow_extents.iter());
+        for (i, extent) in self.extents.iter().chain(cow_extents).enumerate() {
             if extent.legs.len() != self.mirror_legs as usize {
                 return bad(format!("extent {i} has {} legs, expected {}", extent.legs.len(), self.mirror_legs));
             }
@@ -262,6 +326,7 @@ mod tests {
                         .collect(),
                 })
                 .collect(),
+            snapshot: None,
         }
     }
 

@@ -4,10 +4,10 @@
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 use volume_format::control::auth::Role;
-use volume_format::control::messages::{Request, Response};
+use volume_format::control::messages::{snapshot_export_name, Request, Response};
 
 use super::size::format_size;
-use super::{table, ClientCommand, Command, ConnArgs, DeviceCommand, PoolCommand, VolumeCommand};
+use super::{table, ClientCommand, Command, ConnArgs, DeviceCommand, PoolCommand, SnapshotCommand, VolumeCommand};
 use crate::control::{ControlAddr, ControlClient};
 use crate::pool::init::{init, InitOptions};
 use volume_format::PublicKey;
@@ -157,6 +157,41 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
                 .await
                 .with_context(|| format!("creating volume {name}"))?;
             println!("volume {name} created: {} with {mirror} leg(s)", format_size(size));
+        }
+        Command::Snapshot(SnapshotCommand::Create { volume, name }) => {
+            request(client, Request::SnapshotCreate { volume: volume.clone(), name: name.clone() })
+                .await
+                .with_context(|| format!("taking snapshot {name} of volume {volume}"))?;
+            println!("snapshot {name} of volume {volume} created; export {}", snapshot_export_name(&volume, &name));
+        }
+        Command::Snapshot(SnapshotCommand::Delete { volume, name }) => {
+            request(client, Request::SnapshotDelete { volume: volume.clone(), name: name.clone() })
+                .await
+                .with_context(|| format!("deleting snapshot {name} of volume {volume}"))?;
+            println!("snapshot {name} of volume {volume} deleted");
+        }
+        Command::Snapshot(SnapshotCommand::List { volume, json }) => {
+            let r = request(client, Request::SnapshotList { volume }).await.context("listing snapshots")?;
+            let Response::Snapshots(list) = r else { return Err(unexpected(r)) };
+            if json {
+                return print_json(&list);
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.volume.clone(),
+                        s.name.clone(),
+                        s.id.to_string(),
+                        format_size(s.size_bytes),
+                        format!("{} ({})", s.cow_chunks, format_size(s.cow_chunks * s.chunk_bytes)),
+                        format_size(s.reserved_bytes),
+                        if s.newest { "yes" } else { "" }.into(),
+                        s.export.clone(),
+                    ]
+                })
+                .collect();
+            table::print(&["VOLUME", "SNAPSHOT", "ID", "SIZE", "COPIED CHUNKS", "RESERVED", "NEWEST", "EXPORT"], &rows);
         }
         Command::Volume(VolumeCommand::List { json }) => {
             let Response::Volumes(volumes) = request(client, Request::VolumeList).await? else {

@@ -81,6 +81,9 @@ pub enum Command {
     /// Create, list, show, grow and delete volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Snapshots of volumes (read them with `sanvol-backup`).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Keys authorized to use the pool (agents, admins, backup jobs).
     #[command(subcommand)]
     Client(ClientCommand),
@@ -169,6 +172,33 @@ pub enum VolumeCommand {
         #[arg(value_parser = size::parse_size)]
         size: u64,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a snapshot of VOLUME named NAME.
+    ///
+    /// Agents holding the volume pause I/O briefly while the snapshot is
+    /// committed (recall–commit–publish); from then on they copy each chunk
+    /// (64 KiB) into the snapshot's copy-on-write area before first
+    /// overwriting it. The snapshot reserves as much pool space as the
+    /// volume, so it can never run out of room. Read it as the NBD export
+    /// VOLUME@NAME with `sanvol-backup`.
+    Create {
+        volume: String,
+        /// 1-255 bytes, no '@' or '/'.
+        name: String,
+    },
+    /// Snapshots of VOLUME (or of every volume): size, chunks copied so far,
+    /// space reserved, export name.
+    List {
+        volume: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot. Other snapshots stay readable: pre-images an older
+    /// snapshot still needs are moved into it first.
+    Delete { volume: String, name: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -6,9 +6,11 @@
 //! use [`client::ControlClient`]; the server uses [`handshake::accept`].
 
 pub mod addr;
+pub mod backup;
 pub mod client;
 pub mod framed;
 pub mod handshake;
 
 pub use addr::ControlAddr;
+pub use backup::connect_backup_channel;
 pub use client::{ControlClient, ControlClientError};

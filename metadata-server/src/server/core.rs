@@ -67,10 +67,29 @@ pub struct SessionState {
     pub kick: Option<oneshot::Sender<()>>,
 }
 
-/// A grow waiting for the volume's holders to drain.
-pub struct PendingGrow {
+/// A reconfiguration of one volume's layout: committed at a recall point
+/// (while the volume's holders have drained) when it has holders.
+#[derive(Debug, Clone)]
+pub enum VolumeChange {
+    Grow { size_bytes: u64 },
+    SnapshotCreate { name: String },
+    SnapshotDelete { name: String },
+}
+
+impl std::fmt::Display for VolumeChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VolumeChange::Grow { size_bytes } => write!(f, "grow to {size_bytes} bytes"),
+            VolumeChange::SnapshotCreate { name } => write!(f, "snapshot {name}"),
+            VolumeChange::SnapshotDelete { name } => write!(f, "delete snapshot {name}"),
+        }
+    }
+}
+
+/// A reconfiguration waiting for the volume's holders to drain.
+pub struct PendingChange {
     pub volume: VolumeId,
-    pub size_bytes: u64,
+    pub change: VolumeChange,
     pub generation: u64,
     pub reply: Reply,
 }
@@ -89,7 +108,10 @@ pub struct Core {
     pub grace: Option<Grace>,
     pub handovers: HandoverLedger,
     pub clock: Clock,
-    pub pending_grows: HashMap<VolumeId, PendingGrow>,
+    pub pending_changes: HashMap<VolumeId, PendingChange>,
+    /// The committed metadata, for readers outside the owner task (the
+    /// backup pseudo-device). Updated before any reply to the commit.
+    meta_tx: watch::Sender<Arc<PoolMetadata>>,
     /// Agents doing a device's I/O through the server (`data_channel`).
     pub fallback: super::data_channel::FallbackTable,
     clients_tx: watch::Sender<Arc<ClientTable>>,
@@ -134,6 +156,7 @@ impl Core {
             info!(handles = restored.len(), grace_ms, "handles from the previous run restored; grace period: only resumes are served until they resumed or it ends");
         }
         let (clients_tx, _) = watch::channel(Arc::new(client_table(&meta)));
+        let (meta_tx, _) = watch::channel(Arc::new(meta.clone()));
         Core {
             pool,
             meta,
@@ -145,7 +168,8 @@ impl Core {
             grace,
             handovers: HandoverLedger::new(super::clock::unix_ms()),
             clock,
-            pending_grows: HashMap::new(),
+            pending_changes: HashMap::new(),
+            meta_tx,
             fallback: Default::default(),
             clients_tx,
         }
@@ -155,10 +179,16 @@ impl Core {
         self.clients_tx.subscribe()
     }
 
+    /// The committed metadata as it changes.
+    pub fn meta_watch(&self) -> watch::Receiver<Arc<PoolMetadata>> {
+        self.meta_tx.subscribe()
+    }
+
     /// Adopts newly committed metadata.
     pub fn adopt(&mut self, committed: PoolMetadata) {
         let clients_changed = committed.clients != self.meta.clients;
         self.meta = committed;
+        self.meta_tx.send_replace(Arc::new(self.meta.clone()));
         if clients_changed {
             self.clients_tx.send_replace(Arc::new(client_table(&self.meta)));
         }
@@ -226,8 +256,8 @@ impl Core {
                 }
             }
         }
-        for (_, grow) in self.pending_grows.drain() {
-            let _ = grow.reply.send(Err(ControlError::new(ErrorCode::Unavailable, "the server is shutting down")));
+        for (_, change) in self.pending_changes.drain() {
+            let _ = change.reply.send(Err(ControlError::new(ErrorCode::Unavailable, "the server is shutting down")));
         }
         for s in self.sessions.values_mut() {
             if let Some(kick) = s.kick.take() {
@@ -300,7 +330,7 @@ impl Core {
 
     fn next_recall_deadline_ms(&self) -> Option<u64> {
         let now_ms = self.clock.now_ms();
-        self.pending_grows
+        self.pending_changes
             .keys()
             .filter_map(|v| match self.handles.recall_state(v.0, now_ms) {
                 Some(RecallState::Waiting { deadline_ms, .. }) => Some(deadline_ms),
@@ -311,26 +341,26 @@ impl Core {
     }
 
     pub async fn check_recalls(&mut self) {
-        let volumes: Vec<VolumeId> = self.pending_grows.keys().copied().collect();
+        let volumes: Vec<VolumeId> = self.pending_changes.keys().copied().collect();
         for v in volumes {
             self.check_recall(v).await;
         }
     }
 
-    /// Finishes the grow of `volume` if every holder confirmed or was
-    /// excluded by its lease: commit, publish, reply.
+    /// Finishes the pending change of `volume` if every holder confirmed or
+    /// was excluded by its lease: apply, commit, publish, reply.
     pub async fn check_recall(&mut self, volume: VolumeId) {
         let now_ms = self.clock.now_ms();
         let Some(RecallState::Ready { excluded }) = self.handles.recall_state(volume.0, now_ms) else { return };
-        let Some(grow) = self.pending_grows.remove(&volume) else {
+        let Some(pending) = self.pending_changes.remove(&volume) else {
             self.handles.finish_recall(volume.0);
             return;
         };
         let mut next = self.meta.clone();
         next.handles.retain(|h| !excluded.contains(&h.id.0));
-        let result = match next.grow_volume(volume, grow.size_bytes) {
+        let result = match self.apply_change(&mut next, volume, &pending.change).await {
             Ok(()) => self.commit(next).await,
-            Err(e) => Err(super::requests::alloc_error(e)),
+            Err(e) => Err(e),
         };
         if result.is_ok() {
             for id in &excluded {
@@ -338,21 +368,33 @@ impl Core {
                     warn!(handle = id, holder = %h.holder, "excluded from the reconfiguration: it did not confirm the recall within its lease");
                     let reason = format!(
                         "excluded from the reconfiguration of layout generation {}: no confirmation within the lease",
-                        grow.generation
+                        pending.generation
                     );
                     self.send_event(h.session, ServerEvent::Revoked { handle: *id, reason });
                 }
             }
         }
         // Holders resume either way: with the new layout, or the old one if
-        // the commit failed.
+        // the change failed.
         self.handles.finish_recall(volume.0);
+        self.publish_volume(volume, &excluded);
+        match &result {
+            Ok(()) => {
+                info!(%volume, change = %pending.change, generation = self.meta.generation, "volume reconfigured")
+            }
+            Err(e) => warn!(%volume, change = %pending.change, "reconfiguration failed: {e}"),
+        }
+        let _ = pending.reply.send(result.map(|()| Response::Done));
+    }
+
+    /// Sends `volume`'s current description to every holder (but `skip`).
+    pub fn publish_volume(&mut self, volume: VolumeId, skip: &[u64]) {
         match VolumeDescription::from_metadata(&self.meta, volume) {
             Ok(description) => {
                 let holders: Vec<(u64, SessionId)> = self
                     .handles
                     .on_volume(volume.0)
-                    .filter(|h| !excluded.contains(&h.id))
+                    .filter(|h| !skip.contains(&h.id))
                     .map(|h| (h.id, h.session))
                     .collect();
                 for (handle, session) in holders {
@@ -361,11 +403,6 @@ impl Core {
             }
             Err(e) => warn!(%volume, "cannot describe the volume after reconfiguration: {e}"),
         }
-        match &result {
-            Ok(()) => info!(%volume, size_bytes = grow.size_bytes, generation = self.meta.generation, "volume grown"),
-            Err(e) => warn!(%volume, "grow failed: {e}"),
-        }
-        let _ = grow.reply.send(result.map(|()| Response::Done));
     }
 
     /// The pool's name for a key, for messages.

@@ -335,7 +335,7 @@ impl Core {
         for volume in affected {
             // A pending reconfiguration publishes the new state itself when
             // it finishes; publishing now would reopen a recalled gate.
-            if self.pending_grows.contains_key(&volume) {
+            if self.pending_changes.contains_key(&volume) {
                 continue;
             }
             let description = match VolumeDescription::from_metadata(&self.meta, volume) {
@@ -537,8 +537,36 @@ async fn serve_channel(
         Err(_) => return warn!(client = %who.name, "data channel: no request within the handshake timeout"),
     };
     let refuse = |code, message: String| ServerMessage::Reply { id, result: Err(ControlError::new(code, message)) };
+    if request == Request::BackupChannel {
+        if !matches!(who.role, Role::Admin | Role::Backup) {
+            let msg = refuse(
+                ErrorCode::PermissionDenied,
+                format!("backup channels are for admin and backup keys, not {}", who.role),
+            );
+            let _ = framed::write_message(&mut stream, &msg).await;
+            return;
+        }
+        let Ok(_slot) = CHANNEL_SLOTS.clone().try_acquire_owned() else {
+            let msg =
+                refuse(ErrorCode::Unavailable, format!("the server serves {DATA_CHANNELS_MAX} data channels already"));
+            let _ = framed::write_message(&mut stream, &msg).await;
+            return;
+        };
+        let ok = ServerMessage::Reply { id, result: Ok(Response::Done) };
+        if framed::write_message(&mut stream, &ok).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            _ = super::backup_export::serve(stream, ctx.meta.clone(), &who.name) => {}
+            _ = stopped(&mut stop) => {}
+        }
+        return;
+    }
     let Request::DataChannel { volume, device } = request else {
-        let msg = refuse(ErrorCode::InvalidArgument, "a data channel must start with a DataChannel request".into());
+        let msg = refuse(
+            ErrorCode::InvalidArgument,
+            "a data channel must start with a DataChannel or BackupChannel request".into(),
+        );
         let _ = framed::write_message(&mut stream, &msg).await;
         return;
     };

@@ -43,6 +43,10 @@ pub fn allowed_in_grace(request: &Request) -> bool {
             | Request::ClientList
             | Request::VolumeList
             | Request::VolumeShow { .. }
+            | Request::SnapshotList { .. }
+            // Only a resumed handle can register: its writes are waiting.
+            | Request::CowRegister { .. }
+            | Request::CowCopy { .. }
     )
 }
 

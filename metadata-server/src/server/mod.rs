@@ -19,15 +19,22 @@
 //! - [`data_channel`]: the agents' fallback data path through the server
 //!   (connections that start with the data-channel preamble), device-failure
 //!   reports and fallback listings.
+//! - [`snapshots`]: snapshot create/delete/list and copy-on-write
+//!   registrations; [`snapshot_io`]: the chunk I/O the server does for them.
+//! - [`backup_export`]: the backup pseudo-device (snapshots as read-only NBD
+//!   exports with a changed-block metadata context).
 //! - [`clock`]: monotonic milliseconds (pausable in tests) and wall-clock
 //!   rendering for messages.
 
+pub mod backup_export;
 pub mod clock;
 pub mod core;
 pub mod data_channel;
 pub mod durable;
 pub mod requests;
 pub mod session;
+pub mod snapshot_io;
+pub mod snapshots;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -144,6 +151,7 @@ impl Server {
             key,
             lease_ms,
             clients: core.clients_watch(),
+            meta: core.meta_watch(),
             commands: cmd_tx,
             next_session: AtomicU64::new(1),
             slots: Arc::new(Semaphore::new(SESSIONS_MAX)),

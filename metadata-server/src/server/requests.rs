@@ -13,13 +13,13 @@ use volume_format::metadata::{AllocError, ClientRecord, HandleRecord, HandleStat
 use volume_format::{HandleId, PublicKey, VolumeDescription, VolumeId};
 
 use super::clock::{unix_ms, unix_secs};
-use super::core::{Core, PendingGrow, Reply};
+use super::core::{Core, PendingChange, Reply, VolumeChange};
 use crate::handles::{OpenRefused, SessionId};
 
 /// Block size of new volumes (what agents expose).
 pub const VOLUME_BLOCK_BYTES: u32 = 4096;
 
-fn err(code: ErrorCode, message: impl Into<String>) -> ControlError {
+pub(super) fn err(code: ErrorCode, message: impl Into<String>) -> ControlError {
     ControlError::new(code, message)
 }
 
@@ -50,7 +50,8 @@ impl Core {
             Request::VolumeShow { name } => self.volume_show(&name),
             Request::VolumeDelete { name } => self.volume_delete(&name).await,
             Request::VolumeGrow { name, size_bytes } => {
-                match self.volume_grow(&name, size_bytes, reply).await {
+                let change = VolumeChange::Grow { size_bytes };
+                match self.reconfigure(&name, change, reply).await {
                     // Kept until the holders have drained.
                     None => return,
                     Some((reply, result)) => {
@@ -70,11 +71,40 @@ impl Core {
                 self.report_device_failure(session, device, reason).await
             }
             Request::ReportDeviceRecovered { device } => self.report_device_recovered(session, device),
+            Request::SnapshotCreate { volume, name } => {
+                let change = VolumeChange::SnapshotCreate { name };
+                match self.reconfigure(&volume, change, reply).await {
+                    None => return,
+                    Some((reply, result)) => {
+                        let _ = reply.send(result);
+                        return;
+                    }
+                }
+            }
+            Request::SnapshotDelete { volume, name } => {
+                let change = VolumeChange::SnapshotDelete { name };
+                match self.reconfigure(&volume, change, reply).await {
+                    None => return,
+                    Some((reply, result)) => {
+                        let _ = reply.send(result);
+                        return;
+                    }
+                }
+            }
+            Request::SnapshotList { volume } => self.snapshot_list(volume.as_deref()),
+            Request::CowRegister { handle, snapshot, chunks } => {
+                self.cow_register(session, handle, snapshot, &chunks, false).await
+            }
+            Request::CowCopy { handle, snapshot, chunks } => self.cow_register(session, handle, snapshot, &chunks, true).await,
+            Request::BackupChannel => Err(err(
+                ErrorCode::InvalidArgument,
+                "a backup channel is asked for as the first request of a data channel (after the data-channel preamble)",
+            )),
         };
         let _ = reply.send(result);
     }
 
-    fn volume_by_name(&self, name: &str) -> Result<&VolumeRecord, ControlError> {
+    pub(super) fn volume_by_name(&self, name: &str) -> Result<&VolumeRecord, ControlError> {
         self.meta.volume_by_name(name).ok_or_else(|| {
             err(ErrorCode::NotFound, format!("no volume named {name:?} (`sanvol volume list` shows the volumes)"))
         })
@@ -272,35 +302,45 @@ impl Core {
         Ok(Response::Done)
     }
 
-    /// Grows a volume. Without holders it is one commit; with holders it
-    /// starts a recall and keeps `reply` (returns `None`) until
+    /// Applies `change` to `name`. Without holders it is one commit; with
+    /// holders it starts a recall and keeps `reply` (returns `None`) until
     /// [`Core::check_recall`] finishes it.
-    async fn volume_grow(
+    pub async fn reconfigure(
         &mut self,
         name: &str,
-        size_bytes: u64,
+        change: VolumeChange,
         reply: Reply,
     ) -> Option<(Reply, Result<Response, ControlError>)> {
-        let v = match self.volume_by_name(name) {
-            Ok(v) => v,
+        let id = match self.volume_by_name(name) {
+            Ok(v) => v.id,
             Err(e) => return Some((reply, Err(e))),
         };
-        let id = v.id;
-        if size_bytes == v.size_bytes {
+        // Plan it now so "no space", "shrink" or "no such snapshot" is refused
+        // before any agent is disturbed.
+        let mut trial = self.meta.clone();
+        if let Err(e) = self.plan_change(&mut trial, id, &change) {
+            return Some((reply, Err(e)));
+        }
+        if trial == self.meta {
             return Some((reply, Ok(Response::Done)));
         }
-        // Plan it now so "no space" or "shrink" is refused before any agent
-        // is disturbed.
-        let mut trial = self.meta.clone();
-        if let Err(e) = trial.grow_volume(id, size_bytes) {
-            return Some((reply, Err(alloc_error(e))));
-        }
-        if self.handles.on_volume(id.0).next().is_none() {
-            let result = self.commit(trial).await.map(|()| Response::Done);
+        // Holders only need a recall when what they do I/O with changes.
+        let layout_changes =
+            trial.volume(id).map(|v| v.layout_generation) != self.meta.volume(id).map(|v| v.layout_generation);
+        if self.handles.on_volume(id.0).next().is_none() || !layout_changes {
+            let mut next = self.meta.clone();
+            let result = match self.apply_change(&mut next, id, &change).await {
+                Ok(()) => self.commit(next).await.map(|()| Response::Done),
+                Err(e) => Err(e),
+            };
             if result.is_ok() {
-                info!(volume = %name, size_bytes, "volume grown");
+                info!(volume = %name, %change, "volume reconfigured");
             }
             return Some((reply, result));
+        }
+        if self.pending_changes.contains_key(&id) {
+            let msg = format!("volume {name} is being reconfigured; retry when it is done");
+            return Some((reply, Err(err(ErrorCode::Busy, msg))));
         }
         let generation = trial.volume(id).map(|v| v.layout_generation).unwrap_or_default();
         let recall = match self.handles.start_recall(id.0, generation) {
@@ -309,13 +349,13 @@ impl Core {
                 return Some((reply, Err(err(ErrorCode::Busy, format!("volume {name}: {e}; retry when it is done")))))
             }
         };
-        info!(volume = %name, generation, holders = recall.waiting.len(), "grow: recalling the layout from its holders");
+        info!(volume = %name, %change, generation, holders = recall.waiting.len(), "recalling the layout from its holders");
         for handle in recall.waiting {
             if let Some(session) = self.handles.get(handle).map(|h| h.session) {
                 self.send_event(session, ServerEvent::Recall { handle, generation });
             }
         }
-        self.pending_grows.insert(id, PendingGrow { volume: id, size_bytes, generation, reply });
+        self.pending_changes.insert(id, PendingChange { volume: id, change, generation, reply });
         self.check_recall(id).await;
         None
     }
@@ -398,7 +438,7 @@ impl Core {
         }
         if let Some(h) = self.handles.close(handle, session) {
             info!(handle, volume = h.volume, "handle closed");
-            if self.pending_grows.contains_key(&VolumeId(h.volume)) {
+            if self.pending_changes.contains_key(&VolumeId(h.volume)) {
                 self.check_recall(VolumeId(h.volume)).await;
             }
         }

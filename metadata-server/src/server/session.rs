@@ -36,6 +36,8 @@ pub struct SessionContext {
     pub lease_ms: u64,
     pub clients: watch::Receiver<Arc<ClientTable>>,
     pub commands: mpsc::Sender<Command>,
+    /// The committed pool metadata (backup channels read snapshots with it).
+    pub meta: watch::Receiver<Arc<volume_format::PoolMetadata>>,
     pub next_session: AtomicU64,
     pub slots: Arc<Semaphore>,
 }
@@ -148,11 +150,12 @@ async fn run_inner(
                     }
                 };
                 let ClientMessage { id, request } = msg;
-                if let Some(needed) = request.required_role() {
-                    if needed != who.role {
+                if let Some(allowed) = request.allowed_roles() {
+                    if !allowed.contains(&who.role) {
+                        let needed: Vec<String> = allowed.iter().map(|r| r.to_string()).collect();
                         let err = ControlError::new(
                             ErrorCode::PermissionDenied,
-                            format!("this request needs the {needed} role; this session is authenticated as {}", who.role),
+                            format!("this request needs the {} role; this session is authenticated as {}", needed.join(" or "), who.role),
                         );
                         if out_tx.send(ServerMessage::Reply { id, result: Err(err) }).await.is_err() {
                             break;

@@ -79,6 +79,22 @@ pub enum Request {
         name: String,
         size_bytes: u64,
     },
+    /// Takes a snapshot of `volume` at a recall point (holders drain, the
+    /// server commits, holders resume copying pre-images into it).
+    SnapshotCreate {
+        volume: String,
+        name: String,
+    },
+    /// Snapshots of one volume, or of every volume (admin or backup role).
+    SnapshotList {
+        volume: Option<String>,
+    },
+    /// Deletes a snapshot; pre-images an older snapshot still needs are
+    /// moved into it first.
+    SnapshotDelete {
+        volume: String,
+        name: String,
+    },
 
     // ---- agent ----
     Open {
@@ -112,6 +128,24 @@ pub enum Request {
     OpenHandover {
         token: Vec<u8>,
     },
+    /// The agent holding `handle` has copied these chunks' pre-images into
+    /// the COW area of `snapshot` (the volume's newest); the server commits
+    /// them to the snapshot's COW map before answering
+    /// [`Response::CowRegistered`], and only then may the agent overwrite.
+    CowRegister {
+        handle: u64,
+        snapshot: u64,
+        chunks: Vec<u64>,
+    },
+    /// Like `CowRegister`, but the server copies the pre-images itself
+    /// (serialized with every other registration): what agents holding a
+    /// volume shared-write use, since another writer may already have
+    /// registered and overwritten a chunk they are about to copy.
+    CowCopy {
+        handle: u64,
+        snapshot: u64,
+        chunks: Vec<u64>,
+    },
 
     // ---- agent: fallback data path ----
     /// Asks for a grant to do `volume`'s I/O on `device` through the server.
@@ -133,24 +167,53 @@ pub enum Request {
     ReportDeviceRecovered {
         device: u32,
     },
+
+    // ---- admin or backup: the backup pseudo-device ----
+    /// As the first request of a data channel (see
+    /// [`DATA_CHANNEL_PREAMBLE`]): an OK answer switches the connection to
+    /// NBD (fixed newstyle) serving every snapshot of the pool as a
+    /// read-only export named [`snapshot_export_name`] (`VOLUME@SNAPSHOT`).
+    BackupChannel,
 }
 
+/// The NBD export name of a snapshot on the backup pseudo-device.
+pub fn snapshot_export_name(volume: &str, snapshot: &str) -> String {
+    format!("{volume}@{snapshot}")
+}
+
+/// The NBD metadata context that lists, on export `VOLUME@NEW`, the blocks
+/// written between snapshot `old` and `NEW` (in the manner of QEMU's
+/// `qemu:dirty-bitmap:NAME`): flag bit 0 ([`CHANGED_FLAG`]) set means the
+/// range was written. Granularity: the snapshot chunk (64 KiB); a write of
+/// one byte marks its whole chunk, and no write is ever missed.
+pub fn changed_context_name(old: &str) -> String {
+    format!("{CHANGED_CONTEXT_PREFIX}{old}")
+}
+
+pub const CHANGED_CONTEXT_PREFIX: &str = "sanvol:changed-since:";
+/// Bit of a `sanvol:changed-since:` status flag meaning "written".
+pub const CHANGED_FLAG: u32 = 1;
+
 impl Request {
-    /// The role a request needs. Agents and admins share the read-only
-    /// status requests.
-    pub fn required_role(&self) -> Option<Role> {
+    /// The roles a request may come from (`None`: any). Agents and admins
+    /// share the read-only status requests; backup jobs may list snapshots
+    /// and read them.
+    pub fn allowed_roles(&self) -> Option<&'static [Role]> {
         match self {
             Request::PoolStatus | Request::Renew => None,
             Request::DataChannel { .. }
             | Request::ReportDeviceFailure { .. }
-            | Request::ReportDeviceRecovered { .. } => Some(Role::Agent),
+            | Request::ReportDeviceRecovered { .. } => Some(&[Role::Agent]),
             Request::Open { .. }
             | Request::Close { .. }
             | Request::RecallDone { .. }
             | Request::Resume { .. }
             | Request::Handover { .. }
-            | Request::OpenHandover { .. } => Some(Role::Agent),
-            _ => Some(Role::Admin),
+            | Request::OpenHandover { .. }
+            | Request::CowRegister { .. }
+            | Request::CowCopy { .. } => Some(&[Role::Agent]),
+            Request::SnapshotList { .. } | Request::BackupChannel => Some(&[Role::Admin, Role::Backup]),
+            _ => Some(&[Role::Admin]),
         }
     }
 }
@@ -183,6 +246,11 @@ pub enum Response {
     },
     /// What a data channel for one volume and device may touch.
     DataChannel(DataChannelGrant),
+    Snapshots(Vec<SnapshotInfo>),
+    /// Chunks committed to the COW map; `new` were not registered before.
+    CowRegistered {
+        new: u64,
+    },
 }
 
 /// What an agent gets when it opens a volume.
@@ -333,6 +401,26 @@ pub struct VolumeInfo {
     /// "CLIENT: device N on fallback (REASON)".
     #[serde(default)]
     pub fallback: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub volume: String,
+    pub name: String,
+    pub id: u64,
+    /// The backup pseudo-device's export name: `VOLUME@SNAPSHOT`.
+    pub export: String,
+    pub created_at_unix_secs: u64,
+    pub created_generation: u64,
+    /// The volume's size when it was taken.
+    pub size_bytes: u64,
+    pub chunk_bytes: u64,
+    /// Chunks whose pre-image is in this snapshot's COW area.
+    pub cow_chunks: u64,
+    /// Space the COW area reserves in the pool (as large as the volume).
+    pub reserved_bytes: u64,
+    /// The volume's newest snapshot (the one writes copy pre-images into).
+    pub newest: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

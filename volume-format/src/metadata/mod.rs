@@ -20,11 +20,13 @@
 
 pub mod alloc;
 pub mod slots;
+pub mod snapshot;
 #[cfg(test)]
 pub(crate) mod testing;
 
 pub use alloc::{allocate, AllocError, FreeExtents};
 pub use slots::{MetadataArea, MetadataError, NewestSlot, SlotError, SlotHeader, SLOT_HEADER_BYTES, SLOT_MAGIC};
+pub use snapshot::{ChunkSource, CowMap, DeletePlan, COW_CHUNK_BYTES};
 
 use crate::ids::{DeviceIndex, HandleId, PublicKey, SnapshotId, VolumeId};
 use crate::label::{extent_bytes_valid, ByteRange};
@@ -38,7 +40,12 @@ use uuid::Uuid;
 ///
 /// One line per bump:
 /// - 1: initial — devices, volumes, clients, handles, snapshots.
-pub const METADATA_FORMAT_VERSION: u32 = 1;
+/// - 2: snapshots carry their size, chunk size and copy-on-write map. A
+///   format-1 pool never stored a snapshot, so its payload decodes as
+///   format 2 unchanged; it is read and upgraded at its next commit.
+pub const METADATA_FORMAT_VERSION: u32 = 2;
+/// The oldest format this build reads.
+pub const METADATA_FORMAT_VERSION_MIN: u32 = 1;
 
 /// Most legs (copies) a mirrored volume may have.
 pub const MIRROR_LEGS_MAX: u32 = 4;
@@ -230,9 +237,16 @@ pub struct SnapshotRecord {
     /// The pool generation that committed the snapshot (its recall point).
     pub created_generation: u64,
     pub created_at_unix_secs: u64,
-    /// The copy-on-write area: extents holding pre-snapshot blocks.
+    /// The copy-on-write area: as many extents as the volume had (each with
+    /// the volume's mirror legs); chunk `c` lives at byte `c * chunk_bytes`.
     #[serde(default)]
     pub cow_extents: Vec<LogicalExtent>,
+    /// The volume's size when the snapshot was taken.
+    pub size_bytes: u64,
+    /// Copy-on-write granularity ([`snapshot::COW_CHUNK_BYTES`]).
+    pub chunk_bytes: u64,
+    /// Chunks whose pre-image is in the COW area (registered by agents).
+    pub cow: CowMap,
 }
 
 impl PoolMetadata {
@@ -372,6 +386,21 @@ impl PoolMetadata {
                 return Err(format!("{what}: unknown volume {}", s.volume));
             };
             check_extents(&what, &s.cow_extents, volume.mirror_legs)?;
+            if !s.chunk_bytes.is_power_of_two() || s.chunk_bytes > extent_bytes || s.chunk_bytes < 4096 {
+                return Err(format!(
+                    "{what}: chunk size {} is not a power of two in 4096..=extent size",
+                    s.chunk_bytes
+                ));
+            }
+            if s.size_bytes == 0 || s.size_bytes > volume.size_bytes {
+                return Err(format!("{what}: size {} is not within the volume's {}", s.size_bytes, volume.size_bytes));
+            }
+            if s.cow_extents.len() as u64 != s.size_bytes.div_ceil(extent_bytes) {
+                return Err(format!("{what}: {} COW extents for {} bytes", s.cow_extents.len(), s.size_bytes));
+            }
+            if s.cow.chunks() != s.chunk_count() || !s.cow.is_consistent() {
+                return Err(format!("{what}: the copy-on-write map does not match {} chunks", s.chunk_count()));
+            }
         }
 
         let mut handle_ids = HashSet::new();

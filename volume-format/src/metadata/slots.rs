@@ -25,7 +25,7 @@
 //!     64     …  payload: bincode PoolMetadata (codec::config)
 //! ```
 
-use super::{PoolMetadata, METADATA_FORMAT_VERSION};
+use super::{PoolMetadata, METADATA_FORMAT_VERSION, METADATA_FORMAT_VERSION_MIN};
 use crate::codec::{self, describe_bytes, CodecError};
 use crate::label::{DeviceLabel, BLOCK_BYTES};
 use uuid::Uuid;
@@ -292,7 +292,7 @@ impl MetadataArea {
                 generation: header.generation,
             });
         }
-        if header.format_version != METADATA_FORMAT_VERSION {
+        if header.format_version < METADATA_FORMAT_VERSION_MIN {
             return Err(SlotError::UnsupportedFormat {
                 found: header.format_version,
                 supported: METADATA_FORMAT_VERSION,
@@ -306,7 +306,7 @@ impl MetadataArea {
                 return Err(SlotError::WrongPool { expected, found: header.pool_uuid });
             }
         }
-        let meta: PoolMetadata = codec::decode(payload).map_err(SlotError::Payload)?;
+        let mut meta: PoolMetadata = codec::decode(payload).map_err(SlotError::Payload)?;
         if meta.format_version != header.format_version
             || meta.generation != header.generation
             || meta.pool_uuid != header.pool_uuid
@@ -320,6 +320,14 @@ impl MetadataArea {
                 meta.pool_uuid,
                 meta.generation
             )));
+        }
+        if meta.format_version < METADATA_FORMAT_VERSION {
+            // See METADATA_FORMAT_VERSION: older formats decode as the
+            // current one; the next commit writes the current format.
+            if meta.format_version == 1 && !meta.snapshots.is_empty() {
+                return Err(SlotError::Inconsistent("a format-1 record cannot hold snapshots".to_string()));
+            }
+            meta.format_version = METADATA_FORMAT_VERSION;
         }
         meta.check().map_err(SlotError::Inconsistent)?;
         Ok((header.generation, meta))
@@ -534,10 +542,10 @@ mod tests {
     #[test]
     fn newer_format_refused_clearly() {
         let meta = rich_pool();
-        let record = with_version(&AREA.encode_slot(POOL, meta.generation, &meta).unwrap(), 2);
+        let record = with_version(&AREA.encode_slot(POOL, meta.generation, &meta).unwrap(), 3);
         let err = AREA.decode_slot(Some(POOL), &record).unwrap_err();
-        assert_eq!(err, SlotError::NewerFormat { found: 2, supported: 1, generation: meta.generation });
-        assert!(err.to_string().contains("written by a newer sanvol (format 2); this build supports up to 1"), "{err}");
+        assert_eq!(err, SlotError::NewerFormat { found: 3, supported: 2, generation: meta.generation });
+        assert!(err.to_string().contains("written by a newer sanvol (format 3); this build supports up to 2"), "{err}");
 
         // Even with an older valid slot around, reading refuses rather than
         // rolling the pool back.
@@ -545,8 +553,8 @@ mod tests {
         older.generation -= 1;
         let older = AREA.decode_slot(Some(POOL), &AREA.encode_slot(POOL, older.generation, &older).unwrap());
         let err = MetadataArea::choose_newest([older, Err(err)]).unwrap_err();
-        assert_eq!(err, MetadataError::NewerFormat { found: 2, supported: 1 });
-        assert!(err.to_string().contains("written by a newer sanvol (format 2); this build supports up to 1"));
+        assert_eq!(err, MetadataError::NewerFormat { found: 3, supported: 2 });
+        assert!(err.to_string().contains("written by a newer sanvol (format 3); this build supports up to 2"));
 
         let record = with_version(&record, 0);
         assert!(matches!(AREA.decode_slot(Some(POOL), &record), Err(SlotError::UnsupportedFormat { .. })));
@@ -603,14 +611,46 @@ mod tests {
         let meta = rich_pool();
         let record = AREA.encode_slot(POOL, meta.generation, &meta).unwrap();
         assert_eq!(&record[..8], b"SANVOLMD");
-        assert_eq!(&record[12..16], &[0, 0, 0, 1], "format version");
+        assert_eq!(&record[12..16], &[0, 0, 0, 2], "format version");
         assert_eq!(&record[16..32], POOL.as_bytes());
         assert_eq!(&record[32..40], &4u64.to_be_bytes(), "generation");
         let payload_bytes = u64::from_be_bytes(record[40..48].try_into().unwrap());
         assert_eq!(payload_bytes, crate::codec::encode(&meta).unwrap().len() as u64);
         assert!(record[48..64].iter().all(|&b| b == 0));
         // The payload starts with PoolMetadata::format_version.
-        assert_eq!(&record[64..68], &[0, 0, 0, 1]);
+        assert_eq!(&record[64..68], &[0, 0, 0, 2]);
+    }
+
+    /// A format-1 pool (never any snapshot) is read and upgraded in memory;
+    /// one claiming snapshots is refused.
+    #[test]
+    fn format_1_records_are_read_and_upgraded() {
+        let mut meta = rich_pool();
+        meta.snapshots.clear();
+        meta.format_version = 1;
+        // encode_slot checks the record first, which wants the current version.
+        let payload = crate::codec::encode(&meta).unwrap();
+        meta.format_version = METADATA_FORMAT_VERSION;
+        let mut record = with_version(&AREA.encode_slot(POOL, meta.generation, &meta).unwrap(), 1);
+        let mut header = SlotHeader::decode(&record).unwrap();
+        assert_eq!(header.payload_bytes, payload.len() as u64, "only the version field differs");
+        record.truncate(SLOT_HEADER_BYTES);
+        record.extend_from_slice(&payload);
+        header.crc = record_crc(&header, &payload);
+        record[..SLOT_HEADER_BYTES].copy_from_slice(&header.encode());
+        let (_, read) = AREA.decode_slot(Some(POOL), &record).unwrap();
+        assert_eq!(read, meta);
+
+        let with_snapshots = rich_pool();
+        let mut bad = crate::codec::encode(&with_snapshots).unwrap();
+        bad[..4].copy_from_slice(&1u32.to_be_bytes());
+        let mut header =
+            SlotHeader::decode(&AREA.encode_slot(POOL, with_snapshots.generation, &with_snapshots).unwrap()).unwrap();
+        header.format_version = 1;
+        header.crc = record_crc(&header, &bad);
+        let mut record = header.encode().to_vec();
+        record.extend_from_slice(&bad);
+        assert!(matches!(AREA.decode_slot(Some(POOL), &record), Err(SlotError::Inconsistent(_))));
     }
 
     #[test]

@@ -43,16 +43,8 @@ pub(crate) fn rich_pool() -> PoolMetadata {
         state: HandleState::Active,
     });
     meta.next_ids.handle = HandleId(2);
-    let cow = allocate(&meta.free_extents(), 1, 2).unwrap();
-    meta.snapshots.push(SnapshotRecord {
-        id: SnapshotId(1),
-        volume: a,
-        name: "before-upgrade".into(),
-        created_generation: 3,
-        created_at_unix_secs: 15,
-        cow_extents: cow,
-    });
-    meta.next_ids.snapshot = SnapshotId(2);
+    let s = meta.create_snapshot(a, "before-upgrade", 15).unwrap();
+    meta.register_cow(s, &[0, 3, 17]).unwrap();
     meta.generation = 4;
     meta.check().unwrap();
     meta

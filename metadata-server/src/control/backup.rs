@@ -1,0 +1,48 @@
+//! The client side of a **backup channel**: how `sanvol-backup` (or any
+//! admin/backup key holder) reaches the backup pseudo-device.
+//!
+//! A backup channel is a data channel ([`DATA_CHANNEL_PREAMBLE`], the usual
+//! mutual handshake, one request) whose request is [`Request::BackupChannel`].
+//! Once the server answers OK, the same stream carries plain NBD (fixed
+//! newstyle) serving every snapshot of the pool as a read-only export named
+//! `VOLUME@SNAPSHOT`, with `base:allocation` and the
+//! `sanvol:changed-since:OLDER` metadata contexts. The stream this returns
+//! is positioned right there: hand it to any NBD client
+//! (`blockio::client::NbdClient::connect_stream`), or pipe it to a local
+//! socket so standard tools (nbdinfo, nbdcopy, qemu-img) can read snapshots
+//! (`sanvol-backup serve`).
+
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use tokio::io::AsyncWriteExt;
+use volume_format::control::auth::Role;
+use volume_format::control::messages::{ClientMessage, Request, Response, ServerMessage, DATA_CHANNEL_PREAMBLE};
+
+use super::addr::{ControlAddr, ControlStream};
+use super::{framed, handshake};
+
+/// Opens a backup channel to the server at `addr` with `key` (role `role`:
+/// admin or backup), refusing a server that does not prove `pinned`.
+/// Returns the stream, ready for the NBD handshake.
+pub async fn connect_backup_channel(
+    addr: &ControlAddr,
+    key: &SigningKey,
+    pinned: Option<&VerifyingKey>,
+    role: Role,
+    name: &str,
+) -> Result<Box<dyn ControlStream>, String> {
+    let mut stream = addr.connect().await.map_err(|e| format!("connecting to the metadata server at {addr}: {e}"))?;
+    stream.write_all(&DATA_CHANNEL_PREAMBLE).await.map_err(|e| format!("{addr}: sending the preamble: {e}"))?;
+    let mut instance = [0u8; 16];
+    getrandom::getrandom(&mut instance).map_err(|e| format!("no randomness for the session instance: {e}"))?;
+    handshake::client(&mut stream, key, pinned, role, name, instance).await.map_err(|e| format!("{addr}: {e}"))?;
+    let ask = ClientMessage { id: 1, request: Request::BackupChannel };
+    framed::write_message(&mut stream, &ask).await.map_err(|e| format!("{addr}: asking for a backup channel: {e}"))?;
+    match framed::read_message::<ServerMessage, _>(&mut stream).await {
+        Ok(ServerMessage::Reply { result: Ok(Response::Done), .. }) => Ok(stream),
+        Ok(ServerMessage::Reply { result: Err(e), .. }) => {
+            Err(format!("the metadata server refused a backup channel: {e}"))
+        }
+        Ok(other) => Err(format!("the metadata server answered a backup channel with {other:?}")),
+        Err(e) => Err(format!("{addr}: reading the answer to a backup channel: {e}")),
+    }
+}
