@@ -22,6 +22,7 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 use volume_format::control::messages::OpenMode;
 
+use crate::cow::{CowRegistrar, Registrations};
 use crate::devices::{DevicePool, PoolOptions};
 use crate::export::{serve_volume, ExportHandle, ExportTarget};
 use crate::session::{LayoutBuilder, Session, SessionConfig, SessionError};
@@ -220,12 +221,12 @@ impl Agent {
             return undo(AgentError::Device { volume: volume.clone(), message }).await;
         }
 
-        let device = Arc::new(VolumeDevice::new(
-            volume.clone(),
-            opened.handle,
-            opened.mode == OpenMode::ReadOnly,
-            opened.gate.clone(),
-        ));
+        let registrar = Arc::new(SessionRegistrar { session: self.session.clone(), volume: volume.clone() });
+        let registrations = Registrations::new(registrar, opened.mode == OpenMode::SharedWrite);
+        let device = Arc::new(
+            VolumeDevice::new(volume.clone(), opened.handle, opened.mode == OpenMode::ReadOnly, opened.gate.clone())
+                .with_cow(registrations),
+        );
         let target = match (request.tcp, request.socket) {
             (Some(addr), _) => ExportTarget::Tcp(addr),
             (None, Some(path)) => ExportTarget::Unix(path),
@@ -630,5 +631,18 @@ mod tests {
         });
         let e = agent.wait_ready().await.unwrap_err();
         assert!(e.contains("pinned"), "{e}");
+    }
+}
+
+/// Registers copy-on-write chunks of one volume through the agent's session.
+struct SessionRegistrar {
+    session: Session,
+    volume: String,
+}
+
+#[async_trait::async_trait]
+impl CowRegistrar for SessionRegistrar {
+    async fn register(&self, snapshot: u64, chunks: Vec<u64>, server_copies: bool) -> Result<(), String> {
+        self.session.cow_register(&self.volume, snapshot, chunks, server_copies).await
     }
 }

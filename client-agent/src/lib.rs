@@ -15,6 +15,8 @@
 //!   (reconfiguration and leases), as a plain state machine.
 //! - [`volume`]: [`volume::VolumeDevice`], the direct data path of one
 //!   attached volume (extent map, mirrors, concurrency) as a `BlockDevice`.
+//! - [`cow`]: client-side copy-on-write for snapshots (preserve a chunk
+//!   before its first overwrite; batched registrations).
 //! - [`devices`]: the pool of NBD connections to devices, shared by volumes,
 //!   with each device's direct-path state.
 //! - [`fallback`]: I/O through the metadata server when a direct path fails
@@ -30,6 +32,7 @@
 
 pub mod agent;
 pub mod control;
+pub mod cow;
 pub mod devices;
 pub mod export;
 pub mod fallback;

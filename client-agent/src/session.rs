@@ -324,6 +324,58 @@ impl Session {
         })
     }
 
+    /// Registers preserved copy-on-write chunks of `volume`'s newest
+    /// snapshot (see [`crate::cow`]). Survives connection loss and server
+    /// restarts: it waits for the session to reconnect and resume the
+    /// handle, then sends again (registrations are idempotent). Fails only
+    /// when the server refuses or the volume's handle is gone.
+    pub async fn cow_register(
+        &self,
+        volume: &str,
+        snapshot: u64,
+        chunks: Vec<u64>,
+        server_copies: bool,
+    ) -> Result<(), String> {
+        let mut status = self.shared.status.subscribe();
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let Some(h) = self.handle_status(volume) else {
+                return Err(format!("volume {volume} is no longer attached"));
+            };
+            if matches!(h.gate.phase, crate::gate::Phase::Revoked { .. } | crate::gate::Phase::Closed) {
+                return Err(format!("volume {volume}'s handle was {}", h.gate.state_word()));
+            }
+            let (handle, chunks) = (h.handle, chunks.clone());
+            let request = if server_copies {
+                Request::CowCopy { handle, snapshot, chunks }
+            } else {
+                Request::CowRegister { handle, snapshot, chunks }
+            };
+            let why = match self.shared.client() {
+                Ok((client, _)) => match client.request(request).await {
+                    Ok(Response::CowRegistered { .. }) => return Ok(()),
+                    Ok(other) => return Err(format!("the metadata server answered a registration with {other:?}")),
+                    // In its grace period, or the handle not resumed on this
+                    // connection yet: both pass by themselves.
+                    Err(ControlClientError::Server(e))
+                        if matches!(e.code, ErrorCode::Unavailable | ErrorCode::NotFound) =>
+                    {
+                        e.message
+                    }
+                    Err(ControlClientError::Server(e)) => return Err(e.message),
+                    Err(e) => e.to_string(),
+                },
+                Err(SessionError::ShutDown) => return Err("the agent is shutting down".to_string()),
+                Err(e) => e.to_string(),
+            };
+            debug!(volume, snapshot, %why, retry_in_ms = pause.as_millis() as u64, "copy-on-write registration not done yet");
+            // Retry on the next connection change, or after a pause (a
+            // resume after reconnecting does not change the state).
+            let _ = tokio::time::timeout(pause, status.changed()).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
     /// Stops the session task and closes the connection.
     pub async fn shutdown(&self) {
         self.shared.stop.send_replace(true);

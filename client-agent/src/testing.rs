@@ -130,6 +130,33 @@ pub fn description(extents: u64, legs: u32, devices: u32, generation: u64) -> Vo
     }
 }
 
+/// Adds a snapshot of the whole volume with `chunk_bytes` chunks whose COW
+/// area extent `e` sits on device `(e + 1 + l) % devices` at offset
+/// `(40 + e) * EXTENT` (clear of the volume's extents).
+pub fn with_snapshot(mut d: VolumeDescription, chunk_bytes: u64) -> VolumeDescription {
+    let devices = d.devices.len() as u32;
+    let cow_extents = (0..d.extents.len() as u64)
+        .map(|e| LogicalExtent {
+            legs: (0..d.mirror_legs)
+                .map(|l| PhysicalExtent {
+                    device: DeviceIndex(((e as u32) + 1 + l) % devices),
+                    offset: (40 + e) * EXTENT,
+                })
+                .collect(),
+        })
+        .collect();
+    d.snapshot = Some(volume_format::description::SnapshotEpoch {
+        id: volume_format::SnapshotId(7),
+        name: "snap".into(),
+        size_bytes: d.size_bytes,
+        chunk_bytes,
+        cow_extents,
+        cow: volume_format::metadata::CowMap::new(d.size_bytes.div_ceil(chunk_bytes)),
+    });
+    d.check().unwrap();
+    d
+}
+
 /// Where logical `offset` of `description`'s extent leg `leg` lives: (device, device offset).
 pub fn placement(d: &VolumeDescription, offset: u64, leg: usize) -> (usize, u64) {
     let extent = &d.extents[(offset / d.extent_bytes) as usize];

@@ -45,7 +45,9 @@ use volume_format::description::DeviceEndpoint;
 use volume_format::metadata::PhysicalExtent;
 use volume_format::{DescriptionError, Segment, VolumeDescription};
 
+use crate::cow::{copy_all, wait_for, CowState, Registrations};
 use crate::gate::Gate;
+use volume_format::description::SnapshotEpoch;
 
 /// Largest request the volume accepts, as advertised to NBD clients.
 pub const REQUEST_BYTES_MAX: u32 = 32 * 1024 * 1024;
@@ -165,6 +167,11 @@ pub struct VolumeDevice {
     gate: Arc<Gate<Layout>>,
     /// Rotates the leg reads start from.
     next_read: AtomicUsize,
+    /// Where preserved chunks are registered (`None`: no server, so a layout
+    /// with a snapshot refuses writes).
+    registrations: Option<Arc<Registrations>>,
+    /// Copy-on-write state of the newest snapshot (see [`crate::cow`]).
+    cow: std::sync::Mutex<Option<Arc<CowState>>>,
 }
 
 impl std::fmt::Debug for VolumeDevice {
@@ -200,7 +207,116 @@ fn map_error(e: DescriptionError) -> IoError {
 impl VolumeDevice {
     /// The data path of handle `handle` of volume `name`, behind `gate`.
     pub fn new(name: impl Into<String>, handle: u64, read_only: bool, gate: Arc<Gate<Layout>>) -> VolumeDevice {
-        VolumeDevice { name: name.into(), handle, read_only, gate, next_read: AtomicUsize::new(0) }
+        VolumeDevice {
+            name: name.into(),
+            handle,
+            read_only,
+            gate,
+            next_read: AtomicUsize::new(0),
+            registrations: None,
+            cow: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Registers copy-on-write chunks through `registrations` when the
+    /// volume has a snapshot.
+    pub fn with_cow(mut self, registrations: Arc<Registrations>) -> VolumeDevice {
+        self.registrations = Some(registrations);
+        self
+    }
+
+    /// Chunks of the newest snapshot preserved so far, as this agent knows.
+    pub fn cow_preserved(&self) -> Option<(u64, u64)> {
+        let cow = self.cow.lock().unwrap_or_else(|e| e.into_inner());
+        cow.as_ref().map(|c| (c.snapshot, c.preserved()))
+    }
+
+    fn cow_state(&self, epoch: &SnapshotEpoch) -> Arc<CowState> {
+        let mut cow = self.cow.lock().unwrap_or_else(|e| e.into_inner());
+        match &*cow {
+            Some(state) if state.snapshot == epoch.id.0 => state.clone(),
+            _ => {
+                let state = Arc::new(CowState::new(epoch));
+                *cow = Some(state.clone());
+                state
+            }
+        }
+    }
+
+    /// Preserves every chunk of `[offset, offset + len)` the newest
+    /// snapshot still needs, before the range is modified.
+    async fn preserve(&self, layout: &Layout, offset: u64, len: u64) -> Result<(), IoError> {
+        let Some(epoch) = &layout.description.snapshot else { return Ok(()) };
+        // Out-of-range requests fail in the write itself, before any copy.
+        layout.description.map(offset, len).map_err(map_error)?;
+        if len == 0 || offset >= epoch.size_bytes {
+            return Ok(());
+        }
+        let Some(registrations) = &self.registrations else {
+            return Err(IoError::io(format!(
+                "volume {} has snapshot {} but this device has no metadata server to register copies with",
+                self.name, epoch.name
+            )));
+        };
+        let state = self.cow_state(epoch);
+        let first = offset / epoch.chunk_bytes;
+        let last = ((offset + len).min(epoch.size_bytes) - 1) / epoch.chunk_bytes;
+        let claim = state.claim(first..=last);
+        if !claim.mine.is_empty() {
+            let chunks: Vec<u64> = claim.mine.iter().map(|m| m.0).collect();
+            let result = async {
+                if !registrations.server_copies() {
+                    copy_all(&chunks, |c| self.copy_chunk(layout, epoch, c)).await.map_err(|e| e.message)?;
+                    metadata_server::fault::hit("agent-after-cow-copy");
+                }
+                registrations.register(epoch.id.0, chunks.clone()).await?;
+                metadata_server::fault::hit("agent-after-cow-register");
+                Ok(())
+            }
+            .await;
+            state.finish(claim.mine, &result);
+            result.map_err(|e| {
+                IoError::io(format!("volume {}: preserving chunks for snapshot {}: {e}", self.name, epoch.name))
+            })?;
+        }
+        wait_for(claim.others).await
+    }
+
+    /// Copies chunk `chunk` of the live volume into the snapshot's COW area
+    /// (every online leg, FUA).
+    async fn copy_chunk(&self, layout: &Layout, epoch: &SnapshotEpoch, chunk: u64) -> Result<(), IoError> {
+        let d = &layout.description;
+        let start = chunk * epoch.chunk_bytes;
+        let len = epoch.chunk_bytes.min(epoch.size_bytes - start);
+        let segment = d.map(start, len).map_err(map_error)?.next().ok_or_else(|| IoError::io("empty chunk"))?;
+        let data = self.read_segment(layout, segment, chunk as usize).await?;
+        let (legs, within) = epoch
+            .cow_location(chunk, d.extent_bytes)
+            .ok_or_else(|| IoError::io(format!("chunk {chunk} is beyond snapshot {}", epoch.name)))?;
+        let mut writes = Vec::with_capacity(legs.len());
+        for leg in legs {
+            let (i, endpoint, device) = layout.leg(leg)?;
+            if endpoint.online && !layout.marked_failed(i) {
+                let data = data.clone();
+                writes.push(async move {
+                    device.write(leg.offset + within, data, true).await.map_err(|e| {
+                        at_device(
+                            e,
+                            &self.name,
+                            &format!("copy of chunk {chunk} for snapshot {}", epoch.name),
+                            endpoint,
+                        )
+                    })
+                });
+            }
+        }
+        if writes.is_empty() {
+            return Err(IoError::io(format!(
+                "volume {}: no leg of snapshot {}'s copy-on-write area for chunk {chunk} is online",
+                self.name, epoch.name
+            )));
+        }
+        first_error(join_all(writes).await)
     }
 
     pub fn name(&self) -> &str {
@@ -335,6 +451,7 @@ impl BlockDevice for VolumeDevice {
         self.check_writable()?;
         let layout = self.gate.enter().await?;
         let len = data.len() as u64;
+        self.preserve(&layout, offset, len).await?;
         self.on_all_legs(&layout, offset, len, "write", |device, device_offset, segment| {
             let start = (segment.logical_offset - offset) as usize;
             device.write(device_offset, data.slice(start..start + segment.len_bytes as usize), fua)
@@ -361,6 +478,7 @@ impl BlockDevice for VolumeDevice {
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
         self.check_writable()?;
         let layout = self.gate.enter().await?;
+        self.preserve(&layout, offset, u64::from(len)).await?;
         self.on_all_legs(&layout, offset, u64::from(len), "trim", |device, device_offset, segment| {
             device.trim(device_offset, segment.len_bytes as u32, fua)
         })
@@ -370,6 +488,7 @@ impl BlockDevice for VolumeDevice {
     async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
         self.check_writable()?;
         let layout = self.gate.enter().await?;
+        self.preserve(&layout, offset, u64::from(len)).await?;
         self.on_all_legs(&layout, offset, u64::from(len), "write zeroes", |device, device_offset, segment| {
             device.write_zeroes(device_offset, segment.len_bytes as u32, flags)
         })
@@ -774,5 +893,129 @@ mod tests {
         vol.gate().renew_lease(Instant::now() + Duration::from_secs(3));
         write.await.unwrap().unwrap();
         assert_eq!(devs[0].writes.load(Ordering::SeqCst), 2);
+    }
+
+    mod cow {
+        use super::*;
+        use crate::cow::{CowRegistrar, Registrations};
+        use crate::testing::with_snapshot;
+        use std::sync::Mutex;
+
+        const CHUNK: u64 = 16 * 1024;
+
+        /// Checks, at each registration, that every chunk's pre-image is in
+        /// the COW area and the live volume is not yet modified.
+        struct Checking {
+            d: VolumeDescription,
+            devs: Vec<Arc<TestDevice>>,
+            before: Bytes,
+            fail: bool,
+            seen: Mutex<Vec<(Vec<u64>, bool)>>,
+        }
+
+        #[async_trait]
+        impl CowRegistrar for Checking {
+            async fn register(&self, snapshot: u64, chunks: Vec<u64>, copy: bool) -> Result<(), String> {
+                assert_eq!(snapshot, 7);
+                let epoch = self.d.snapshot.as_ref().unwrap();
+                for &c in &chunks {
+                    let range = (c * CHUNK) as usize..((c + 1) * CHUNK) as usize;
+                    let (live_dev, live_at) = placement(&self.d, c * CHUNK, 0);
+                    let live = self.devs[live_dev].contents(live_at, CHUNK as u32).await;
+                    assert_eq!(&live[..], &self.before[range.clone()], "chunk {c} overwritten before registration");
+                    if !copy {
+                        let (legs, within) = epoch.cow_location(c, EXTENT).unwrap();
+                        for leg in legs {
+                            let got =
+                                self.devs[leg.device.0 as usize].contents(leg.offset + within, CHUNK as u32).await;
+                            assert_eq!(
+                                &got[..],
+                                &self.before[range.clone()],
+                                "chunk {c}: COW area lacks the pre-image"
+                            );
+                        }
+                    }
+                }
+                self.seen.lock().unwrap().push((chunks, copy));
+                if self.fail {
+                    return Err("refused by the test".into());
+                }
+                Ok(())
+            }
+        }
+
+        /// A 4-extent mirrored volume filled with a pattern, then a snapshot.
+        async fn snapshotted(
+            fail: bool,
+            server_copies: bool,
+        ) -> (Arc<VolumeDevice>, Arc<Checking>, Vec<Arc<TestDevice>>) {
+            let (plain, devs) = testing::volume(4, 2, 3, false);
+            let before = pattern(21, (4 * EXTENT) as usize);
+            plain.write(0, before.clone(), false).await.unwrap();
+            let d = with_snapshot(description(4, 2, 3, 2), CHUNK);
+            let checking =
+                Arc::new(Checking { d: d.clone(), devs: devs.clone(), before, fail, seen: Mutex::new(Vec::new()) });
+            let gate = Arc::new(Gate::new(testing::layout(d, &devs), 2));
+            let vol =
+                VolumeDevice::new("vol", 1, false, gate).with_cow(Registrations::new(checking.clone(), server_copies));
+            (Arc::new(vol), checking, devs)
+        }
+
+        #[tokio::test]
+        async fn a_write_preserves_each_touched_chunk_once_before_overwriting() {
+            let (vol, checking, _devs) = snapshotted(false, false).await;
+            // Chunks 1..=4 (crossing an extent boundary at chunk 4).
+            let data = pattern(22, (3 * CHUNK) as usize);
+            vol.write(CHUNK + 100, data.clone(), false).await.unwrap();
+            assert_eq!(checking.seen.lock().unwrap().clone(), vec![(vec![1, 2, 3, 4], false)]);
+            assert_eq!(vol.read(CHUNK + 100, data.len() as u32).await.unwrap(), data);
+            // Rewrites of preserved chunks register nothing more.
+            vol.write(2 * CHUNK, pattern(23, 4096), false).await.unwrap();
+            vol.write_zeroes(3 * CHUNK, 4096, ZeroFlags::default()).await.unwrap();
+            assert_eq!(checking.seen.lock().unwrap().len(), 1);
+            // TRIM and WRITE_ZEROES preserve too.
+            vol.trim(8 * CHUNK, 512, false).await.unwrap();
+            vol.write_zeroes(12 * CHUNK, 512, ZeroFlags::default()).await.unwrap();
+            assert_eq!(checking.seen.lock().unwrap()[1..], [(vec![8], false), (vec![12], false)]);
+            assert_eq!(vol.cow_preserved(), Some((7, 6)));
+        }
+
+        #[tokio::test]
+        async fn a_sequential_writer_registers_once_per_lookahead_window() {
+            let (vol, checking, _devs) = snapshotted(false, false).await;
+            for i in 0..(16 * CHUNK / 4096) {
+                vol.write(i * 4096, pattern(24, 4096), false).await.unwrap();
+            }
+            let seen = checking.seen.lock().unwrap().clone();
+            // Chunk 0, then chunk 1 with the next 15 ahead.
+            assert_eq!(seen.len(), 2, "{seen:?}");
+            assert_eq!(seen[1].0, (1..=15).collect::<Vec<_>>());
+        }
+
+        #[tokio::test]
+        async fn a_refused_registration_fails_the_write_and_leaves_the_volume_alone() {
+            let (vol, checking, _devs) = snapshotted(true, false).await;
+            let e = vol.write(0, pattern(25, 4096), false).await.unwrap_err();
+            assert!(e.message.contains("refused by the test"), "{e}");
+            assert_eq!(vol.read(0, 4096).await.unwrap(), checking.before.slice(0..4096));
+        }
+
+        #[tokio::test]
+        async fn shared_holders_let_the_server_copy() {
+            let (vol, checking, devs) = snapshotted(false, true).await;
+            let cow_writes_before: u64 = devs.iter().map(|d| d.writes.load(Ordering::SeqCst)).sum();
+            vol.write(5 * CHUNK, pattern(26, 4096), false).await.unwrap();
+            assert_eq!(checking.seen.lock().unwrap().clone(), vec![(vec![5], true)]);
+            let writes: u64 = devs.iter().map(|d| d.writes.load(Ordering::SeqCst)).sum();
+            assert_eq!(writes - cow_writes_before, 2, "only the two legs of the write itself");
+        }
+
+        #[tokio::test]
+        async fn out_of_range_writes_copy_nothing() {
+            let (vol, checking, _devs) = snapshotted(false, false).await;
+            let e = vol.write(4 * EXTENT - 512, pattern(27, 1024), false).await.unwrap_err();
+            assert_eq!(e.kind, IoErrorKind::Overflow);
+            assert!(checking.seen.lock().unwrap().is_empty());
+        }
     }
 }
