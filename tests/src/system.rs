@@ -72,6 +72,11 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits for the process to exit by itself (e.g. at a fault point).
+    pub fn wait_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().map(|c| c.wait().expect("wait"))
+    }
+
     /// `kill -9` and reap.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -130,6 +135,8 @@ pub struct Stack {
     /// `durable_ms` / `grace_ms` in the server config (server defaults if None).
     pub durable_ms: Option<u64>,
     pub grace_ms: Option<u64>,
+    /// Extra environment for the next `start_mds` (e.g. `SANVOL_FAULT`).
+    pub mds_env: Vec<(String, String)>,
 }
 
 impl Stack {
@@ -153,6 +160,7 @@ impl Stack {
             lease_ms: 3000,
             durable_ms: None,
             grace_ms: None,
+            mds_env: Vec::new(),
         };
         let mut init = Command::new(bin("sanvol"));
         init.args(["pool", "init", "--name", "test"]);
@@ -190,7 +198,7 @@ impl Stack {
         .expect("write mds.toml");
         let _ = std::fs::remove_file(&self.mds_socket);
         let mut cmd = Command::new(bin("sanvol-mds"));
-        cmd.arg("--config").arg(&config);
+        cmd.arg("--config").arg(&config).envs(self.mds_env.iter().map(|(k, v)| (k, v)));
         let log = self.dir.path().join(format!("mds-{}.log", next_log_number()));
         self.mds = Some(Proc::spawn_until_listening("sanvol-mds", cmd, log, &self.mds_socket));
     }
@@ -263,6 +271,11 @@ impl Stack {
 
     /// Like [`Stack::restart_agent`], with extra `sanvol-agent run` arguments.
     pub fn restart_agent_with(&self, name: &str, extra: &[String]) -> Agent {
+        self.restart_agent_env(name, extra, &[])
+    }
+
+    /// Like [`Stack::restart_agent_with`], with extra environment variables.
+    pub fn restart_agent_env(&self, name: &str, extra: &[String], env: &[(&str, &str)]) -> Agent {
         let key = self.dir.path().join(format!("{name}.key"));
         let socket = self.dir.path().join(format!("{name}-agent.sock"));
         let export_dir = self.dir.path().join(format!("{name}-exports"));
@@ -282,7 +295,8 @@ impl Stack {
             .arg(&socket)
             .arg("--export-dir")
             .arg(&export_dir)
-            .args(extra);
+            .args(extra)
+            .envs(env.iter().copied());
         let log = self.dir.path().join(format!("{name}-{}.log", next_log_number()));
         let proc = Proc::spawn_until_listening("sanvol-agent", cmd, log, &socket);
         Agent { name: name.to_string(), proc, socket, export_dir }

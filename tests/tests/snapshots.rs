@@ -1,0 +1,422 @@
+//! Snapshots end to end with real processes: nbdkit devices, sanvol-mds,
+//! sanvol-agent, the backup pseudo-device, sanvol-backup and standard NBD
+//! tools.
+//!
+//! The contents a snapshot must show are taken while the volume is quiet
+//! (nothing writes between the read and `snapshot create`); then writers
+//! run (fio, or our own writes at known blocks) and every check reads the
+//! snapshot back and compares bytes.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use blockio::client::{ClientOptions, NbdClient};
+use blockio::uri::NbdUri;
+use blockio::{BlockDevice, MetaContext};
+use bytes::Bytes;
+use metadata_server::control::{connect_backup_channel, ControlAddr};
+use sanvol_tests::peers::{self, require_tool};
+use sanvol_tests::system::{bin, pub_path, run_ok, Agent, Stack};
+use sanvol_tests::volumes::{block_pattern, connect, fill, BLOCK};
+use volume_format::control::auth::Role;
+use volume_format::control::messages::{changed_context_name, CHANGED_FLAG};
+
+const VOLUME_BYTES: u64 = 32 << 20;
+const CHUNK: u64 = 64 << 10;
+
+fn stack() -> Stack {
+    let mut stack = Stack::new(3, "1G");
+    stack.lease_ms = 1000;
+    stack.durable_ms = Some(1000);
+    stack.start_mds();
+    stack
+}
+
+async fn read_all(c: &NbdClient) -> Vec<u8> {
+    let size = c.info().size;
+    let mut out = Vec::with_capacity(size as usize);
+    let mut offset = 0;
+    while offset < size {
+        let n = (size - offset).min(1 << 20);
+        out.extend_from_slice(&c.read(offset, n as u32).await.expect("read"));
+        offset += n;
+    }
+    out
+}
+
+async fn read_uri(uri: &NbdUri) -> Vec<u8> {
+    let c = connect(uri).await;
+    let data = read_all(&c).await;
+    c.disconnect().await;
+    data
+}
+
+/// Opens the backup pseudo-device export `export` as the admin.
+async fn pseudo_device(stack: &Stack, export: &str, contexts: &[String]) -> NbdClient {
+    let key = metadata_server::keys::load_private(&stack.admin_key).unwrap();
+    let (pinned, _) = metadata_server::keys::parse_public(pub_path(&stack.mds_key).to_str().unwrap()).unwrap();
+    let addr: ControlAddr = stack.mds_addr().parse().unwrap();
+    let stream = connect_backup_channel(&addr, &key, Some(&pinned), Role::Admin, "test").await.unwrap();
+    let mut opts = ClientOptions::default();
+    opts.meta_contexts.extend(contexts.iter().cloned());
+    NbdClient::connect_stream(stream, export, opts).await.unwrap_or_else(|e| panic!("open {export}: {e}"))
+}
+
+async fn read_snapshot(stack: &Stack, export: &str) -> Vec<u8> {
+    let c = pseudo_device(stack, export, &[]).await;
+    let data = read_all(&c).await;
+    c.disconnect().await;
+    data
+}
+
+/// Chunks flagged by `sanvol:changed-since:OLD` on `export`.
+async fn changed_chunks(stack: &Stack, export: &str, old: &str) -> Vec<u64> {
+    let context = changed_context_name(old);
+    let c = pseudo_device(stack, export, std::slice::from_ref(&context)).await;
+    let size = c.info().size;
+    let mut changed = Vec::new();
+    let mut offset = 0;
+    while offset < size {
+        let len = (size - offset).min(16 << 20) as u32;
+        let extents = c.block_status(&MetaContext::Custom(context.clone()), offset, len).await.expect("block status");
+        assert!(!extents.is_empty());
+        for e in extents {
+            assert_eq!(offset % CHUNK, 0, "extents start at chunk boundaries");
+            if e.flags & CHANGED_FLAG != 0 {
+                changed.extend(offset / CHUNK..(offset + e.length).div_ceil(CHUNK));
+            }
+            offset += e.length;
+        }
+    }
+    c.disconnect().await;
+    changed
+}
+
+/// Writes `block_pattern(tag, b)` at each block `b` through `uri`.
+async fn write_blocks(uri: &NbdUri, tag: u64, blocks: &[u64]) {
+    let c = connect(uri).await;
+    for &b in blocks {
+        c.write(b * BLOCK, Bytes::from(block_pattern(tag, b)), false).await.expect("write");
+    }
+    c.flush().await.unwrap();
+    c.disconnect().await;
+}
+
+fn chunks_of(blocks: &[u64]) -> Vec<u64> {
+    let mut c: Vec<u64> = blocks.iter().map(|b| b * BLOCK / CHUNK).collect();
+    c.sort_unstable();
+    c.dedup();
+    c
+}
+
+fn backup(stack: &Stack, args: &[&str]) -> String {
+    run_ok(
+        Command::new(bin("sanvol-backup"))
+            .env("SANVOL_MDS", stack.mds_addr())
+            .env("SANVOL_KEY", &stack.admin_key)
+            .env("SANVOL_SERVER_KEY", pub_path(&stack.mds_key))
+            .args(args),
+    )
+}
+
+fn first_mismatch(a: &[u8], b: &[u8]) -> Option<u64> {
+    if a.len() != b.len() {
+        return Some(a.len().min(b.len()) as u64);
+    }
+    a.chunks(BLOCK as usize).zip(b.chunks(BLOCK as usize)).position(|(x, y)| x != y).map(|p| p as u64 * BLOCK)
+}
+
+#[track_caller]
+fn assert_same(what: &str, got: &[u8], expected: &[u8]) {
+    if let Some(at) = first_mismatch(got, expected) {
+        panic!("{what}: differs at byte {at} (lengths {} and {})", got.len(), expected.len());
+    }
+}
+
+fn attach(agent: &Agent, volume: &str) -> NbdUri {
+    agent.attach(volume, "exclusive")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_keeps_its_image_while_fio_writes_and_backups_restore_it() {
+    let stack = stack();
+    stack.sanvol_ok(&["volume", "create", "v", "32M", "--mirror", "2"]);
+    let agent = stack.start_agent("host-a");
+    let uri = attach(&agent, "v");
+    fill(&uri, 1).await;
+    let image1 = read_uri(&uri).await;
+
+    let out = stack.sanvol_ok(&["snapshot", "create", "v", "s1"]);
+    assert!(out.contains("v@s1"), "{out}");
+
+    // fio overwrites the volume at random while the snapshot is read.
+    let fio = require_tool("fio");
+    let mut writer = Command::new(&fio)
+        .args(["--name=w", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=8", "--time_based", "--runtime=4"])
+        .arg(format!("--uri={uri}"))
+        .arg(format!("--size={VOLUME_BYTES}"))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start fio");
+    let mut reads = 0;
+    loop {
+        let seen = read_snapshot(&stack, "v@s1").await;
+        assert_same("v@s1 read while fio writes", &seen, &image1);
+        reads += 1;
+        if writer.try_wait().unwrap().is_some() {
+            break;
+        }
+    }
+    assert!(writer.wait().unwrap().success(), "fio failed");
+    assert!(reads >= 2, "the snapshot was read while fio was writing");
+    let image2 = read_uri(&uri).await;
+    assert_ne!(image1, image2, "fio changed the volume");
+    assert_same("v@s1 after fio", &read_snapshot(&stack, "v@s1").await, &image1);
+
+    let list = stack.sanvol_json(&["snapshot", "list", "v"]);
+    let copied = list[0]["cow_chunks"].as_u64().unwrap();
+    assert!(copied > 0 && copied <= VOLUME_BYTES / CHUNK, "{list}");
+
+    // Second snapshot, then writes at known blocks, then a third.
+    stack.sanvol_ok(&["snapshot", "create", "v", "s2"]);
+    let blocks = [0u64, 1, 17, 400, 401, 4095, 8191];
+    write_blocks(&uri, 3, &blocks).await;
+    let image3 = read_uri(&uri).await;
+    stack.sanvol_ok(&["snapshot", "create", "v", "s3"]);
+    write_blocks(&uri, 4, &[5, 6000]).await;
+
+    assert_same("v@s2", &read_snapshot(&stack, "v@s2").await, &image2);
+    assert_same("v@s3", &read_snapshot(&stack, "v@s3").await, &image3);
+    assert_eq!(changed_chunks(&stack, "v@s3", "s2").await, chunks_of(&blocks), "changed between s2 and s3");
+    // Between s1 and s2: every chunk whose content differs is listed.
+    let changed = changed_chunks(&stack, "v@s2", "s1").await;
+    for (i, (a, b)) in image1.chunks(CHUNK as usize).zip(image2.chunks(CHUNK as usize)).enumerate() {
+        if a != b {
+            assert!(changed.contains(&(i as u64)), "chunk {i} changed between s1 and s2 but is not listed");
+        }
+    }
+
+    // Backups: full of s1, then incrementals s2 and s3; restores to nbdkit.
+    let repo = stack.dir.path().join("backups");
+    let repo_s = repo.to_str().unwrap();
+    backup(&stack, &["full", "v@s1", "--to", repo_s]);
+    let target = peers::nbdkit(&["memory", "32M"]);
+    backup(&stack, &["restore", repo_s, "--to", &target.uri().to_string()]);
+    assert_same("restore of the full backup of s1", &read_uri(&target.uri()).await, &image1);
+    backup(&stack, &["incremental", "v@s2", "--since", "s1", "--to", repo_s]);
+    backup(&stack, &["incremental", "v@s3", "--since", "s2", "--to", repo_s]);
+    let target = peers::nbdkit(&["memory", "32M"]);
+    backup(&stack, &["restore", repo_s, "--to", &target.uri().to_string()]);
+    assert_same("restore of full s1 + incrementals s2, s3", &read_uri(&target.uri()).await, &image3);
+    let target = peers::nbdkit(&["memory", "32M"]);
+    backup(&stack, &["restore", repo_s, "--to", &target.uri().to_string(), "--upto", "s2"]);
+    assert_same("restore of full s1 + incremental s2", &read_uri(&target.uri()).await, &image2);
+    backup(&stack, &["verify", repo_s]);
+
+    // Standard tools through the local bridge read the same bytes.
+    standard_tools_read_the_snapshot(&stack, &image1, &blocks).await;
+
+    agent.detach("v");
+}
+
+/// `sanvol-backup serve` + nbdinfo / nbdcopy.
+async fn standard_tools_read_the_snapshot(stack: &Stack, image1: &[u8], blocks: &[u64]) {
+    let socket = stack.dir.path().join("snapshots.sock");
+    let mut bridge = Command::new(bin("sanvol-backup"))
+        .env("SANVOL_MDS", stack.mds_addr())
+        .env("SANVOL_KEY", &stack.admin_key)
+        .env("SANVOL_SERVER_KEY", pub_path(&stack.mds_key))
+        .arg("serve")
+        .arg("--socket")
+        .arg(&socket)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start sanvol-backup serve");
+    let stdout = bridge.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let first = lines.next().expect("a line").expect("read");
+    assert!(first.contains("serving snapshots"), "{first}");
+    let guard = KillOnDrop(bridge);
+
+    let list = run_ok(
+        Command::new(require_tool("nbdinfo")).arg("--list").arg(format!("nbd+unix:///?socket={}", socket.display())),
+    );
+    for name in ["v@s1", "v@s2", "v@s3"] {
+        assert!(list.contains(name), "nbdinfo --list shows {name}: {list}");
+    }
+    let map = run_ok(
+        Command::new(require_tool("nbdinfo"))
+            .arg(format!("--map={}", changed_context_name("s2")))
+            .arg(format!("nbd+unix:///v@s3?socket={}", socket.display())),
+    );
+    // Lines: "OFFSET LENGTH FLAGS [DESCRIPTION]"; flag 1 = changed.
+    let mut listed = Vec::new();
+    for line in map.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (offset, length, flags): (u64, u64, u32) =
+            (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap());
+        if flags & CHANGED_FLAG != 0 {
+            listed.extend(offset / CHUNK..(offset + length).div_ceil(CHUNK));
+        }
+    }
+    assert_eq!(listed, chunks_of(blocks), "nbdinfo --map:\n{map}");
+
+    let copy = stack.dir.path().join("s1.img");
+    run_ok(
+        Command::new(require_tool("nbdcopy")).arg(format!("nbd+unix:///v@s1?socket={}", socket.display())).arg(&copy),
+    );
+    assert_same("nbdcopy of v@s1", &std::fs::read(&copy).unwrap(), image1);
+    drop(guard);
+    let _ = std::fs::remove_file(Path::new(&socket));
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn older_snapshots_fall_through_and_survive_deletes() {
+    let stack = stack();
+    stack.sanvol_ok(&["volume", "create", "v", "32M"]);
+    let agent = stack.start_agent("host-a");
+    let uri = attach(&agent, "v");
+    fill(&uri, 1).await;
+    let image1 = read_uri(&uri).await;
+    stack.sanvol_ok(&["snapshot", "create", "v", "s1"]);
+    write_blocks(&uri, 2, &[0, 100, 200]).await;
+    let image2 = read_uri(&uri).await;
+    stack.sanvol_ok(&["snapshot", "create", "v", "s2"]);
+    // Chunk 0 was preserved in s1; 3000 only in s2 (s1 reads it through s2).
+    write_blocks(&uri, 3, &[0, 3000, 5000]).await;
+    let image3 = read_uri(&uri).await;
+    stack.sanvol_ok(&["snapshot", "create", "v", "s3"]);
+    write_blocks(&uri, 4, &[3000, 7000]).await;
+
+    assert_same("s1", &read_snapshot(&stack, "v@s1").await, &image1);
+    assert_same("s2", &read_snapshot(&stack, "v@s2").await, &image2);
+    assert_same("s3", &read_snapshot(&stack, "v@s3").await, &image3);
+
+    // Deleting the middle one moves its pre-images into s1.
+    stack.sanvol_ok(&["snapshot", "delete", "v", "s2"]);
+    assert_same("s1 after deleting s2", &read_snapshot(&stack, "v@s1").await, &image1);
+    assert_same("s3 after deleting s2", &read_snapshot(&stack, "v@s3").await, &image3);
+    // Deleting the newest while attached: writes copy into s1 from then on.
+    stack.sanvol_ok(&["snapshot", "delete", "v", "s3"]);
+    write_blocks(&uri, 5, &[3000, 6500, 8000]).await;
+    assert_same("s1 after deleting s3 and writing", &read_snapshot(&stack, "v@s1").await, &image1);
+    let list = stack.sanvol_json(&["snapshot", "list"]);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert!(stack.sanvol(&["volume", "delete", "v"]).status.code() != Some(0));
+    agent.detach("v");
+    stack.sanvol_ok(&["snapshot", "delete", "v", "s1"]);
+    stack.sanvol_ok(&["volume", "delete", "v"]);
+}
+
+/// `kill -9` of the agent at a point of the copy-on-write protocol: the
+/// snapshot still reads its image; a new agent finishes the write.
+async fn agent_crash_at(point: &str) {
+    let stack = stack();
+    stack.sanvol_ok(&["volume", "create", "v", "32M", "--mirror", "2"]);
+    let agent = stack.start_agent("host-a");
+    let uri = attach(&agent, "v");
+    fill(&uri, 1).await;
+    let image1 = read_uri(&uri).await;
+    agent.detach("v");
+    drop(agent);
+    let agent = stack.restart_agent_env("host-a", &[], &[("SANVOL_FAULT", point)]);
+    let uri = attach(&agent, "v");
+    stack.sanvol_ok(&["snapshot", "create", "v", "s1"]);
+    let c = connect(&uri).await;
+    let write = c.write(3 * CHUNK, Bytes::from(block_pattern(9, 3 * CHUNK / BLOCK)), false).await;
+    assert!(write.is_err(), "the agent died during the write");
+    let mut agent = agent;
+    agent.proc.wait_exit();
+    assert!(agent.proc.log().contains(&format!("reached {point}")), "{}", agent.proc.log());
+    assert_same(&format!("v@s1 after the agent died at {point}"), &read_snapshot(&stack, "v@s1").await, &image1);
+
+    // A new agent process opens the volume once the old handle's lease and
+    // durable time ran out, and finishes the write.
+    let agent = stack.restart_agent("host-a");
+    let uri = attach_when_released(&agent, "v").await;
+    write_blocks(&uri, 9, &[3 * CHUNK / BLOCK, 10]).await;
+    assert_same(&format!("v@s1 after the write ({point})"), &read_snapshot(&stack, "v@s1").await, &image1);
+    let live = read_uri(&uri).await;
+    assert_eq!(&live[(3 * CHUNK) as usize..(3 * CHUNK + BLOCK) as usize], &block_pattern(9, 3 * CHUNK / BLOCK)[..]);
+    agent.detach("v");
+}
+
+/// Attaches `volume`, retrying while a dead holder's handle still reserves it.
+async fn attach_when_released(agent: &Agent, volume: &str) -> NbdUri {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let out = agent.cli(&["attach", volume, "--mode", "exclusive"]);
+        if out.status.success() {
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            return stdout.lines().find(|l| l.starts_with("nbd")).unwrap().trim().parse().unwrap();
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("reserved for it until"), "attach failed otherwise: {err}");
+        assert!(std::time::Instant::now() < deadline, "the old handle was never released: {err}");
+        // The reservation ends at a time the message names; poll until then.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_after_copying_a_pre_image_before_registering_it() {
+    agent_crash_at("agent-after-cow-copy").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_after_registering_before_overwriting() {
+    agent_crash_at("agent-after-cow-register").await;
+}
+
+/// `kill -9` of the server at a point of a registration: the agent's write
+/// waits, the restarted server takes the registration again, the write
+/// completes and the snapshot still reads its image.
+async fn server_crash_at(point: &str) {
+    let mut stack = stack();
+    stack.sanvol_ok(&["volume", "create", "v", "32M"]);
+    let agent = stack.start_agent("host-a");
+    let uri = attach(&agent, "v");
+    fill(&uri, 1).await;
+    let image1 = read_uri(&uri).await;
+    stack.sanvol_ok(&["snapshot", "create", "v", "s1"]);
+    // Restart the server armed with the fault; the agent resumes its handle.
+    stack.kill_mds();
+    stack.mds_env = vec![("SANVOL_FAULT".into(), point.into())];
+    stack.start_mds();
+    let c = connect(&uri).await;
+    let blocks = [7 * CHUNK / BLOCK];
+    let write = tokio::spawn({
+        let c = c.clone();
+        async move { c.write(blocks[0] * BLOCK, Bytes::from(block_pattern(9, blocks[0])), false).await }
+    });
+    stack.mds.as_mut().unwrap().wait_exit();
+    assert!(stack.mds_log().contains(&format!("reached {point}")), "{}", stack.mds_log());
+    assert!(!write.is_finished(), "the write waits for its registration");
+    stack.mds_env.clear();
+    stack.start_mds();
+    write.await.unwrap().expect("the write completes after the server restarted");
+    c.disconnect().await;
+    assert_same(&format!("v@s1 after the server died at {point}"), &read_snapshot(&stack, "v@s1").await, &image1);
+    let live = read_uri(&uri).await;
+    assert_eq!(&live[(7 * CHUNK) as usize..(7 * CHUNK + BLOCK) as usize], &block_pattern(9, blocks[0])[..]);
+    agent.detach("v");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_before_committing_a_registration() {
+    server_crash_at("mds-before-cow-commit").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_after_committing_before_answering() {
+    server_crash_at("mds-after-cow-commit").await;
+}
