@@ -15,7 +15,7 @@ trap bench_cleanup EXIT
 
 # start_ready NAME CMD... : starts CMD in the background and waits until it
 # prints its readiness line ("ready ..." from the examples, "listening on ..."
-# from sanvol-mds).
+# from sanvol-mds, "serving snapshots on ..." from sanvol-backup serve).
 start_ready() {
     local name=$1; shift
     local fifo="$BENCH_DIR/$name.ready"
@@ -23,7 +23,7 @@ start_ready() {
     "$@" >"$fifo" 2>"$BENCH_DIR/$name.err" &
     BENCH_PIDS+=($!)
     local line
-    if ! read -r -t 30 line <"$fifo" || [[ $line != ready* && $line != listening* ]]; then
+    if ! read -r -t 30 line <"$fifo" || [[ $line != ready* && $line != listening* && $line != serving* ]]; then
         echo "$name did not become ready: $(cat "$BENCH_DIR/$name.err")" >&2
         exit 1
     fi
