@@ -1,0 +1,359 @@
+//! Client-side copy-on-write for snapshots.
+//!
+//! While a volume has a snapshot (the newest one is in its description,
+//! [`SnapshotEpoch`]), every write, TRIM or WRITE_ZEROES first makes sure
+//! each chunk it touches is **preserved**: the chunk's current bytes are
+//! copied into the snapshot's COW area (every leg, FUA) and the chunk is
+//! registered at the metadata server, which commits it to the snapshot's COW
+//! map before answering. Only then does the write go to the volume. So at
+//! every instant each chunk of the snapshot is either unregistered and
+//! unmodified in the live volume, or registered with its pre-image in the
+//! COW area — whatever crashes when (the agent between copy and register,
+//! or between register and overwrite; the server before or after its
+//! commit), every snapshot stays readable and correct:
+//! - crash after the copy, before the registration: the chunk is
+//!   unregistered and the live volume unmodified; the copy is just ignored;
+//! - crash after the registration, before the overwrite: registered, and
+//!   the COW area holds the pre-image;
+//! - registration lost with a server crash: the agent retries it after it
+//!   has resumed its handle (registrations are idempotent), and the write
+//!   waits.
+//!
+//! **Concurrency.** A chunk is preserved once: the first write to reach it
+//! copies it; later writes to the same chunk wait for that copy's outcome
+//! ([`CowState`] tracks chunks in progress). The state is per snapshot and
+//! lives in the volume device, not in a layout, so a layout republished in
+//! the middle (a device failure) cannot make two writers copy one chunk.
+//!
+//! **Batching.** Registrations from concurrent writers are merged into one
+//! request while one is in flight (group commit, [`Registrations`]), and a
+//! write to the chunk right after a preserved one also preserves the next
+//! [`SEQUENTIAL_LOOKAHEAD_CHUNKS`] chunks, so a sequential writer pays one
+//! round trip per megabyte rather than per chunk.
+//!
+//! **Shared-write holders** cannot copy pre-images themselves: another
+//! writer may have registered and overwritten a chunk between this agent's
+//! check and its copy, and the copy would then put new data into the
+//! snapshot. They ask the server to copy (`CowCopy`), which it does
+//! serialized with every registration.
+//!
+//! Fault points (`SANVOL_FAULT`): `agent-after-cow-copy`,
+//! `agent-after-cow-register`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use blockio::IoError;
+use futures::future::join_all;
+use tokio::sync::{oneshot, watch};
+use volume_format::description::SnapshotEpoch;
+use volume_format::metadata::CowMap;
+
+/// Chunks preserved ahead of a sequential writer.
+pub const SEQUENTIAL_LOOKAHEAD_CHUNKS: u64 = 15;
+/// Most chunks in one registration request.
+pub const REGISTRATION_CHUNKS_MAX: usize = 4096;
+
+/// Registers preserved chunks at the metadata server.
+#[async_trait]
+pub trait CowRegistrar: Send + Sync + 'static {
+    /// Commits `chunks` of `snapshot` to its COW map; with `server_copies`
+    /// the server copies the pre-images first. Retries transient failures
+    /// itself; an error means the chunks cannot be registered.
+    async fn register(&self, snapshot: u64, chunks: Vec<u64>, server_copies: bool) -> Result<(), String>;
+}
+
+/// Outcome of preserving a chunk, as waiters see it.
+type Outcome = Option<Result<(), String>>;
+
+/// Which chunks of one snapshot are preserved or being preserved.
+pub struct CowState {
+    pub snapshot: u64,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    done: CowMap,
+    in_progress: HashMap<u64, watch::Receiver<Outcome>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What [`CowState::claim`] decided for a set of chunks.
+pub struct Claim {
+    /// Chunks this caller must preserve, with the sender to report on.
+    pub mine: Vec<(u64, watch::Sender<Outcome>)>,
+    /// Chunks someone else is preserving.
+    pub others: Vec<watch::Receiver<Outcome>>,
+}
+
+impl CowState {
+    pub fn new(epoch: &SnapshotEpoch) -> CowState {
+        CowState {
+            snapshot: epoch.id.0,
+            inner: Mutex::new(Inner { done: epoch.cow.clone(), in_progress: HashMap::new() }),
+        }
+    }
+
+    /// Registered chunks, as this agent knows them.
+    pub fn preserved(&self) -> u64 {
+        lock(&self.inner).done.count()
+    }
+
+    /// Claims the chunks of `wanted` nobody has preserved or is preserving,
+    /// plus read-ahead for a sequential writer.
+    pub fn claim(&self, wanted: impl Iterator<Item = u64>) -> Claim {
+        let mut inner = lock(&self.inner);
+        let mut claim = Claim { mine: Vec::new(), others: Vec::new() };
+        let mut last_mine = None;
+        for chunk in wanted {
+            if inner.done.contains(chunk) {
+                continue;
+            }
+            if let Some(rx) = inner.in_progress.get(&chunk) {
+                // A claim whose writer went away (its future was dropped)
+                // is free again.
+                if rx.has_changed().is_ok() {
+                    claim.others.push(rx.clone());
+                    continue;
+                }
+            }
+            let (tx, rx) = watch::channel(None);
+            inner.in_progress.insert(chunk, rx);
+            claim.mine.push((chunk, tx));
+            last_mine = Some(chunk);
+        }
+        // A sequential writer: the chunk before its first one is preserved.
+        if let (Some(last), Some(&(first, _))) = (last_mine, claim.mine.first()) {
+            let sequential =
+                first > 0 && (inner.done.contains(first - 1) || inner.in_progress.contains_key(&(first - 1)));
+            if sequential {
+                let end = (last + 1 + SEQUENTIAL_LOOKAHEAD_CHUNKS).min(inner.done.chunks());
+                for chunk in last + 1..end {
+                    if inner.done.contains(chunk) || inner.in_progress.contains_key(&chunk) {
+                        break;
+                    }
+                    let (tx, rx) = watch::channel(None);
+                    inner.in_progress.insert(chunk, rx);
+                    claim.mine.push((chunk, tx));
+                }
+            }
+        }
+        claim
+    }
+
+    /// Records the outcome of preserving `mine` and wakes their waiters.
+    pub fn finish(&self, mine: Vec<(u64, watch::Sender<Outcome>)>, result: &Result<(), String>) {
+        let mut inner = lock(&self.inner);
+        for (chunk, tx) in mine {
+            inner.in_progress.remove(&chunk);
+            if result.is_ok() {
+                inner.done.insert(chunk);
+            }
+            tx.send_replace(Some(result.clone()));
+        }
+    }
+}
+
+/// Waits for chunks another writer is preserving.
+pub async fn wait_for(others: Vec<watch::Receiver<Outcome>>) -> Result<(), IoError> {
+    for mut rx in others {
+        let outcome = rx.wait_for(Option::is_some).await.map(|o| o.clone());
+        match outcome {
+            Ok(Some(Ok(()))) => {}
+            Ok(Some(Err(e))) => return Err(IoError::io(format!("preserving a chunk for the snapshot failed: {e}"))),
+            // The preserving writer vanished without a word: its sender was
+            // dropped only by a panic; refuse rather than overwrite.
+            _ => return Err(IoError::io("preserving a chunk for the snapshot was abandoned")),
+        }
+    }
+    Ok(())
+}
+
+/// Group commit of registrations: while one request is in flight, the
+/// chunks of every other caller queue up and go together in the next.
+pub struct Registrations {
+    registrar: Arc<dyn CowRegistrar>,
+    server_copies: bool,
+    queue: Mutex<Queue>,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// (snapshot, chunks, who waits).
+    waiting: Vec<(u64, Vec<u64>, oneshot::Sender<Result<(), String>>)>,
+    running: bool,
+}
+
+impl Registrations {
+    pub fn new(registrar: Arc<dyn CowRegistrar>, server_copies: bool) -> Arc<Registrations> {
+        Arc::new(Registrations { registrar, server_copies, queue: Mutex::new(Queue::default()) })
+    }
+
+    pub fn server_copies(&self) -> bool {
+        self.server_copies
+    }
+
+    /// Registers `chunks` of `snapshot`, batched with concurrent callers.
+    pub async fn register(self: &Arc<Self>, snapshot: u64, chunks: Vec<u64>) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut q = lock(&self.queue);
+            q.waiting.push((snapshot, chunks, tx));
+            !std::mem::replace(&mut q.running, true)
+        };
+        if start {
+            // Its own task: a caller that goes away must not strand the batch.
+            tokio::spawn(self.clone().drain());
+        }
+        rx.await.unwrap_or_else(|_| Err("the registration task ended".to_string()))
+    }
+
+    async fn drain(self: Arc<Self>) {
+        loop {
+            let batch = {
+                let mut q = lock(&self.queue);
+                if q.waiting.is_empty() {
+                    q.running = false;
+                    return;
+                }
+                // One snapshot per request; the rest waits for the next round.
+                let snapshot = q.waiting[0].0;
+                let mut batch = Vec::new();
+                let mut count = 0;
+                let mut i = 0;
+                while i < q.waiting.len() {
+                    if q.waiting[i].0 == snapshot
+                        && (batch.is_empty() || count + q.waiting[i].1.len() <= REGISTRATION_CHUNKS_MAX)
+                    {
+                        count += q.waiting[i].1.len();
+                        batch.push(q.waiting.remove(i));
+                    } else {
+                        i += 1;
+                    }
+                }
+                batch
+            };
+            let snapshot = batch[0].0;
+            let mut chunks: Vec<u64> = batch.iter().flat_map(|(_, c, _)| c.iter().copied()).collect();
+            chunks.sort_unstable();
+            chunks.dedup();
+            let result = self.registrar.register(snapshot, chunks, self.server_copies).await;
+            for (_, _, tx) in batch {
+                let _ = tx.send(result.clone());
+            }
+        }
+    }
+}
+
+/// Runs `copy` for every chunk concurrently; the first error wins.
+pub async fn copy_all<F, Fut>(chunks: &[u64], copy: F) -> Result<(), IoError>
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<(), IoError>>,
+{
+    join_all(chunks.iter().map(|&c| copy(c))).await.into_iter().find(|r| r.is_err()).unwrap_or(Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use volume_format::SnapshotId;
+
+    fn epoch(chunks: u64) -> SnapshotEpoch {
+        SnapshotEpoch {
+            id: SnapshotId(3),
+            name: "s".into(),
+            size_bytes: chunks * 65536,
+            chunk_bytes: 65536,
+            cow_extents: Vec::new(),
+            cow: CowMap::new(chunks),
+        }
+    }
+
+    #[test]
+    fn a_chunk_is_claimed_once_and_waiters_see_the_outcome() {
+        let state = CowState::new(&epoch(100));
+        let a = state.claim([5, 6].into_iter());
+        assert_eq!(a.mine.iter().map(|m| m.0).collect::<Vec<_>>(), vec![5, 6]);
+        let b = state.claim([6, 7].into_iter());
+        // 7, and (6 being in progress: a sequential writer) the chunks after it.
+        assert_eq!(b.mine.iter().map(|m| m.0).collect::<Vec<_>>(), (7..=22).collect::<Vec<_>>());
+        assert_eq!(b.others.len(), 1);
+        state.finish(a.mine, &Ok(()));
+        assert!(b.others[0].borrow().as_ref().is_some_and(|r| r.is_ok()));
+        assert!(state.claim([5, 6].into_iter()).mine.is_empty());
+        state.finish(b.mine, &Err("no".into()));
+        assert_eq!(state.claim([7].into_iter()).mine[0].0, 7, "a failed chunk can be claimed again");
+    }
+
+    #[test]
+    fn a_sequential_writer_claims_ahead_until_a_preserved_chunk() {
+        let state = CowState::new(&epoch(40));
+        let first = state.claim([0].into_iter());
+        assert_eq!(first.mine.len(), 1, "no read-ahead without a preserved predecessor");
+        state.finish(first.mine, &Ok(()));
+        let next = state.claim([1].into_iter());
+        assert_eq!(next.mine.iter().map(|m| m.0).collect::<Vec<_>>(), (1..=16).collect::<Vec<_>>());
+        state.finish(next.mine, &Ok(()));
+        let near_end = state.claim([17, 18].into_iter());
+        assert_eq!(near_end.mine.last().map(|m| m.0), Some(33));
+        let end = CowState::new(&epoch(20));
+        end.finish(end.claim([9].into_iter()).mine, &Ok(()));
+        assert_eq!(end.claim([10].into_iter()).mine.last().map(|m| m.0), Some(19), "stops at the snapshot's end");
+    }
+
+    struct Counting {
+        calls: AtomicUsize,
+        gate: tokio::sync::Semaphore,
+        seen: Mutex<Vec<Vec<u64>>>,
+    }
+
+    #[async_trait]
+    impl CowRegistrar for Counting {
+        async fn register(&self, _snapshot: u64, chunks: Vec<u64>, _copy: bool) -> Result<(), String> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.gate.acquire().await.unwrap().forget();
+            lock(&self.seen).push(chunks);
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_registrations_share_a_request() {
+        let registrar = Arc::new(Counting {
+            calls: AtomicUsize::new(0),
+            gate: tokio::sync::Semaphore::new(0),
+            seen: Mutex::new(Vec::new()),
+        });
+        let regs = Registrations::new(registrar.clone(), false);
+        let first = tokio::spawn({
+            let regs = regs.clone();
+            async move { regs.register(1, vec![1]).await }
+        });
+        while registrar.calls.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // While the first is in flight, three more arrive.
+        let more: Vec<_> = (2..5)
+            .map(|c| {
+                let regs = regs.clone();
+                tokio::spawn(async move { regs.register(1, vec![c, c + 10]).await })
+            })
+            .collect();
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        registrar.gate.add_permits(2);
+        first.await.unwrap().unwrap();
+        for m in more {
+            m.await.unwrap().unwrap();
+        }
+        assert_eq!(registrar.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(lock(&registrar.seen)[1], vec![2, 3, 4, 12, 13, 14]);
+    }
+}
