@@ -23,10 +23,12 @@ fn demo_sets_up_verifies_and_tears_down() {
         "nbd+unix:///mirrored?socket=",
         "nbd+unix:///plain?socket=",
         "demo stopped cleanly",
+        "mirrored@before through the backup pseudo-device: the data from before the snapshot",
     ] {
         assert!(stdout.contains(expected), "demo output lacks {expected:?}:\n{stdout}");
     }
-    assert_eq!(stdout.matches("read it back: identical").count(), 2, "{stdout}");
+    // Both volumes, then the mirrored one again after the snapshot.
+    assert_eq!(stdout.matches("read it back: identical").count(), 3, "{stdout}");
     // Everything it started is gone: its sockets no longer accept connections.
     for sock in ["mds.sock", "agent.sock", "device0.sock"] {
         let path = dir.path().join(sock);

@@ -2,7 +2,9 @@
 //!
 //! Three file-backed devices served by blockio's own NBD server (no system
 //! package needed), `sanvol-mds`, `sanvol-agent`, a mirrored and a plain
-//! volume, attached, written and read back — then it prints where every
+//! volume, attached, written and read back, a snapshot taken, the volume
+//! overwritten and the snapshot read back through the backup pseudo-device
+//! — then it prints where every
 //! piece is, so a user can keep going by hand, and waits for Ctrl-C.
 //!
 //! Why it drives the real binaries (`sanvol`, `sanvol-mds`, `sanvol-agent`
@@ -164,8 +166,7 @@ async fn write_and_verify(uri: &NbdUri, seed: u8) -> Result<()> {
     let client =
         NbdClient::connect(uri, ClientOptions::default()).await.with_context(|| format!("connecting to {uri}"))?;
     let len = 4 << 20;
-    let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
-    let data = Bytes::from(data);
+    let data = demo_pattern(seed);
     // Half-way minus 2 MiB: with the default 64 MiB extents this crosses an
     // extent boundary, so the write is split across two extents (and devices).
     let offset = client.info().size / 2 - (2 << 20);
@@ -176,6 +177,36 @@ async fn write_and_verify(uri: &NbdUri, seed: u8) -> Result<()> {
         bail!("read-back through {uri} differs from what was written");
     }
     println!("wrote 4 MiB at offset {offset} through {uri} and read it back: identical");
+    Ok(())
+}
+
+/// The 4 MiB `write_and_verify` wrote with `seed`, and where.
+fn demo_pattern(seed: u8) -> Bytes {
+    (0..4usize << 20).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<u8>>().into()
+}
+
+/// Reads the range `write_and_verify` wrote from snapshot export `export`
+/// through the backup pseudo-device and compares it with `expected`.
+async fn verify_snapshot(dir: &Path, mds: &str, export: &str, size: u64, expected: &Bytes) -> Result<()> {
+    let key = crate::keys::load_private(&dir.join("admin.key"))?;
+    let (pinned, _) = crate::keys::parse_public(&dir.join("mds.key.pub").display().to_string())?;
+    let addr: crate::control::ControlAddr = mds.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let role = volume_format::control::auth::Role::Admin;
+    let stream = crate::control::connect_backup_channel(&addr, &key, Some(&pinned), role, "sanvol-demo")
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let client = NbdClient::connect_stream(stream, export, ClientOptions::default())
+        .await
+        .with_context(|| format!("opening snapshot export {export}"))?;
+    let offset = size / 2 - (2 << 20);
+    let back = client.read(offset, expected.len() as u32).await.with_context(|| format!("reading {export}"))?;
+    client.disconnect().await;
+    if back != *expected {
+        bail!("snapshot {export} does not read what the volume held when it was taken");
+    }
+    println!(
+        "read 4 MiB at offset {offset} of {export} through the backup pseudo-device: the data from before the snapshot"
+    );
     Ok(())
 }
 
@@ -311,6 +342,16 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             step("The mirrored volume's extent map");
             run_cli(&sanvol, &[arg("volume"), arg("show"), arg("mirrored")], &admin_env).await?;
 
+            step("Snapshot of the mirrored volume, overwritten afterwards, read back through the backup pseudo-device");
+            run_cli(&sanvol, &[arg("snapshot"), arg("create"), arg("mirrored"), arg("before")], &admin_env).await?;
+            write_and_verify(&uris[0].1, 77).await?;
+            let size = NbdClient::connect(&uris[0].1, ClientOptions::default()).await?;
+            let volume_bytes = size.info().size;
+            size.disconnect().await;
+            let mds_addr = format!("unix:{}", mds_socket.display());
+            verify_snapshot(&dir, &mds_addr, "mirrored@before", volume_bytes, &demo_pattern(0)).await?;
+            run_cli(&sanvol, &[arg("snapshot"), arg("list")], &admin_env).await?;
+
             if args.exit_after_setup {
                 println!(
                     "\n==> The demo pool works (--exit-after-setup: tearing it down now). By hand you would use:\n"
@@ -332,6 +373,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 println!("  nbdinfo '{uri}'        # volume {name}");
             }
             println!("  qemu-io -f raw '{}' -c 'write -P 0x5a 0 1M' -c 'read -P 0x5a 0 1M'", uris[0].1);
+            println!("  sanvol snapshot list; sanvol-backup full mirrored@before --to {}/backups", dir.display());
+            println!("  sanvol-backup serve --socket {}/snapshots.sock &", dir.display());
+            println!("  nbdinfo --list 'nbd+unix:///?socket={}/snapshots.sock'", dir.display());
             println!("\n  devices: {}   logs: {}/mds.log {}/agent.log", dir.display(), dir.display(), dir.display());
             Ok::<_, anyhow::Error>(uris)
         }
