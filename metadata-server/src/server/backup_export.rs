@@ -297,3 +297,110 @@ where
     }
     devices.disconnect_all().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blockio::client::{ClientOptions, NbdClient};
+    use blockio::memory::MemoryDevice;
+    use futures::future::BoxFuture;
+    use std::sync::Mutex;
+    use volume_format::{DeviceIndex, DeviceLayout, PublicKey};
+
+    const EXTENT: u64 = 1 << 20;
+
+    type Hook = Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send>;
+
+    /// A memory device that runs a hook before serving its first read: the
+    /// hook plays an agent registering and overwriting a chunk while the
+    /// pseudo-device's read of it is on its way.
+    struct Racing {
+        mem: Arc<MemoryDevice>,
+        hook: Mutex<Option<Hook>>,
+    }
+
+    #[async_trait]
+    impl BlockDevice for Racing {
+        fn size(&self) -> u64 {
+            self.mem.size()
+        }
+        async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+            let hook = self.hook.lock().unwrap().take();
+            if let Some(hook) = hook {
+                hook().await;
+            }
+            self.mem.read(offset, len).await
+        }
+        async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
+            self.mem.write(offset, data, fua).await
+        }
+        async fn flush(&self) -> Result<(), IoError> {
+            Ok(())
+        }
+        async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
+            self.mem.trim(offset, len, fua).await
+        }
+        async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
+            self.mem.write_zeroes(offset, len, flags).await
+        }
+    }
+
+    async fn client_for(device: Arc<Racing>) -> NbdClient {
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let server = NbdServer::new(Arc::new(ExportTable::single("", device)), ServerConfig::default());
+        tokio::spawn(async move { server.serve_connection(theirs).await });
+        NbdClient::connect_stream(ours, "", ClientOptions::default()).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_read_racing_a_registration_and_overwrite_returns_the_pre_image() {
+        let mut meta = PoolMetadata::new(uuid::Uuid::from_u128(1), "p", EXTENT, PublicKey([1; 32]), 0);
+        for i in 0..2u32 {
+            let layout = DeviceLayout::plan_with_slots(9 * EXTENT, EXTENT, 64 << 10, 2).unwrap();
+            meta.add_device(uuid::Uuid::from_u128(10 + u128::from(i)), format!("nbd://h{i}/e"), &layout).unwrap();
+        }
+        let v = meta.create_volume("v", 2 * EXTENT, 4096, 1, 0).unwrap();
+        let s = meta.create_snapshot(v, "s", 0).unwrap();
+        let chunk_bytes = meta.snapshot(s).unwrap().chunk_bytes;
+        let live = meta.volume(v).unwrap().extents[0].legs[0];
+        let (cow_extent, cow_within) = meta.snapshot(s).unwrap().cow_location(0, EXTENT).unwrap();
+        let cow = cow_extent.legs[0];
+
+        let mems: Vec<Arc<MemoryDevice>> = (0..2).map(|_| Arc::new(MemoryDevice::new(9 * EXTENT))).collect();
+        let pre = Bytes::from(vec![0xAA; chunk_bytes as usize]);
+        let new = Bytes::from(vec![0x55; chunk_bytes as usize]);
+        mems[live.device.0 as usize].write(live.offset, pre.clone(), false).await.unwrap();
+
+        let (tx, rx) = watch::channel(Arc::new(meta.clone()));
+        let hook: Hook = {
+            let (mems, pre, new, meta) = (mems.clone(), pre.clone(), new.clone(), meta.clone());
+            Box::new(move || {
+                Box::pin(async move {
+                    // The agent: copy, register (committed and published), overwrite.
+                    mems[cow.device.0 as usize].write(cow.offset + cow_within, pre, true).await.unwrap();
+                    let mut next = meta;
+                    next.register_cow(s, &[0]).unwrap();
+                    tx.send_replace(Arc::new(next));
+                    mems[live.device.0 as usize].write(live.offset, new, false).await.unwrap();
+                })
+            })
+        };
+        let mut hooks = vec![None, None];
+        hooks[live.device.0 as usize] = Some(hook);
+        let mut clients = Vec::new();
+        for (i, hook) in hooks.into_iter().enumerate() {
+            let device = Arc::new(Racing { mem: mems[i].clone(), hook: Mutex::new(hook) });
+            clients.push((DeviceIndex(i as u32), client_for(device).await));
+        }
+        let snapshot = SnapshotDevice::new(rx, s, DeviceClients::with(clients)).unwrap();
+        assert_eq!(snapshot.export_name(), "v@s");
+        // The live read returns the new bytes; the re-check finds the chunk
+        // registered and reads the COW area instead.
+        let got = snapshot.read(0, chunk_bytes as u32 * 2).await.unwrap();
+        assert_eq!(&got[..chunk_bytes as usize], &pre[..], "the read raced the overwrite and must show the pre-image");
+        let live_now = mems[live.device.0 as usize].read(live.offset, 16).await.unwrap();
+        assert_eq!(&live_now[..], &new[..16], "the live volume was overwritten meanwhile");
+        assert_eq!(snapshot.read(100, 10).await.unwrap(), pre.slice(100..110));
+        assert!(snapshot.write(0, pre.clone(), false).await.is_err(), "snapshots are read-only");
+    }
+}
