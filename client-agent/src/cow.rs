@@ -25,11 +25,14 @@
 //! lives in the volume device, not in a layout, so a layout republished in
 //! the middle (a device failure) cannot make two writers copy one chunk.
 //!
-//! **Batching.** Registrations from concurrent writers are merged into one
-//! request while one is in flight (group commit, [`Registrations`]), and a
-//! write to the chunk right after a preserved one also preserves the next
-//! [`SEQUENTIAL_LOOKAHEAD_CHUNKS`] chunks, so a sequential writer pays one
-//! round trip per megabyte rather than per chunk.
+//! **Batching.** A request registers every chunk it touches at once (a
+//! 1 MiB write: 16 chunks, one round trip), and registrations from
+//! concurrent writers are merged into one request while one is in flight
+//! (group commit, [`Registrations`]); a sequential 4 KiB writer pays one
+//! round trip per 64 KiB chunk, not per block. Why no read-ahead (preserving
+//! chunks a sequential writer has not reached yet): the COW map is also the
+//! changed-block list of incremental backups, and chunks registered ahead
+//! but never written would show as changed.
 //!
 //! **Shared-write holders** cannot copy pre-images themselves: another
 //! writer may have registered and overwritten a chunk between this agent's
@@ -50,8 +53,6 @@ use tokio::sync::{oneshot, watch};
 use volume_format::description::SnapshotEpoch;
 use volume_format::metadata::CowMap;
 
-/// Chunks preserved ahead of a sequential writer.
-pub const SEQUENTIAL_LOOKAHEAD_CHUNKS: u64 = 15;
 /// Most chunks in one registration request.
 pub const REGISTRATION_CHUNKS_MAX: usize = 4096;
 
@@ -103,12 +104,10 @@ impl CowState {
         lock(&self.inner).done.count()
     }
 
-    /// Claims the chunks of `wanted` nobody has preserved or is preserving,
-    /// plus read-ahead for a sequential writer.
+    /// Claims the chunks of `wanted` nobody has preserved or is preserving.
     pub fn claim(&self, wanted: impl Iterator<Item = u64>) -> Claim {
         let mut inner = lock(&self.inner);
         let mut claim = Claim { mine: Vec::new(), others: Vec::new() };
-        let mut last_mine = None;
         for chunk in wanted {
             if inner.done.contains(chunk) {
                 continue;
@@ -124,23 +123,6 @@ impl CowState {
             let (tx, rx) = watch::channel(None);
             inner.in_progress.insert(chunk, rx);
             claim.mine.push((chunk, tx));
-            last_mine = Some(chunk);
-        }
-        // A sequential writer: the chunk before its first one is preserved.
-        if let (Some(last), Some(&(first, _))) = (last_mine, claim.mine.first()) {
-            let sequential =
-                first > 0 && (inner.done.contains(first - 1) || inner.in_progress.contains_key(&(first - 1)));
-            if sequential {
-                let end = (last + 1 + SEQUENTIAL_LOOKAHEAD_CHUNKS).min(inner.done.chunks());
-                for chunk in last + 1..end {
-                    if inner.done.contains(chunk) || inner.in_progress.contains_key(&chunk) {
-                        break;
-                    }
-                    let (tx, rx) = watch::channel(None);
-                    inner.in_progress.insert(chunk, rx);
-                    claim.mine.push((chunk, tx));
-                }
-            }
         }
         claim
     }
@@ -281,30 +263,13 @@ mod tests {
         let a = state.claim([5, 6].into_iter());
         assert_eq!(a.mine.iter().map(|m| m.0).collect::<Vec<_>>(), vec![5, 6]);
         let b = state.claim([6, 7].into_iter());
-        // 7, and (6 being in progress: a sequential writer) the chunks after it.
-        assert_eq!(b.mine.iter().map(|m| m.0).collect::<Vec<_>>(), (7..=22).collect::<Vec<_>>());
+        assert_eq!(b.mine.iter().map(|m| m.0).collect::<Vec<_>>(), vec![7]);
         assert_eq!(b.others.len(), 1);
         state.finish(a.mine, &Ok(()));
         assert!(b.others[0].borrow().as_ref().is_some_and(|r| r.is_ok()));
         assert!(state.claim([5, 6].into_iter()).mine.is_empty());
         state.finish(b.mine, &Err("no".into()));
         assert_eq!(state.claim([7].into_iter()).mine[0].0, 7, "a failed chunk can be claimed again");
-    }
-
-    #[test]
-    fn a_sequential_writer_claims_ahead_until_a_preserved_chunk() {
-        let state = CowState::new(&epoch(40));
-        let first = state.claim([0].into_iter());
-        assert_eq!(first.mine.len(), 1, "no read-ahead without a preserved predecessor");
-        state.finish(first.mine, &Ok(()));
-        let next = state.claim([1].into_iter());
-        assert_eq!(next.mine.iter().map(|m| m.0).collect::<Vec<_>>(), (1..=16).collect::<Vec<_>>());
-        state.finish(next.mine, &Ok(()));
-        let near_end = state.claim([17, 18].into_iter());
-        assert_eq!(near_end.mine.last().map(|m| m.0), Some(33));
-        let end = CowState::new(&epoch(20));
-        end.finish(end.claim([9].into_iter()).mine, &Ok(()));
-        assert_eq!(end.claim([10].into_iter()).mine.last().map(|m| m.0), Some(19), "stops at the snapshot's end");
     }
 
     struct Counting {
