@@ -17,7 +17,7 @@ use bytes::Bytes;
 use metadata_server::control::{connect_backup_channel, ControlAddr};
 use sanvol_tests::peers::{self, require_tool};
 use sanvol_tests::system::{bin, pub_path, run_ok, Agent, Stack};
-use sanvol_tests::volumes::{block_pattern, connect, fill, BLOCK};
+use sanvol_tests::volumes::{assert_fio_ok, block_pattern, connect, fill, fio_verify, BLOCK};
 use volume_format::control::auth::Role;
 use volume_format::control::messages::{changed_context_name, CHANGED_FLAG};
 
@@ -149,26 +149,35 @@ async fn a_snapshot_keeps_its_image_while_fio_writes_and_backups_restore_it() {
     let out = stack.sanvol_ok(&["snapshot", "create", "v", "s1"]);
     assert!(out.contains("v@s1"), "{out}");
 
-    // fio overwrites the volume at random while the snapshot is read.
-    let fio = require_tool("fio");
-    let mut writer = Command::new(&fio)
-        .args(["--name=w", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=8", "--time_based", "--runtime=4"])
-        .arg(format!("--uri={uri}"))
-        .arg(format!("--size={VOLUME_BYTES}"))
-        .stdout(Stdio::null())
+    // fio overwrites the volume at random (and verifies what it wrote) while
+    // the snapshot is read, and another snapshot is taken under it.
+    let writer = fio_verify(&uri, "32M", &["--time_based", "--runtime=4", "--verify_backlog=64"])
+        .stdout(Stdio::piped())
         .spawn()
         .expect("start fio");
     let mut reads = 0;
+    let mut during: Option<Vec<u8>> = None;
+    let writer = tokio::task::spawn_blocking(move || writer.wait_with_output());
     loop {
         let seen = read_snapshot(&stack, "v@s1").await;
         assert_same("v@s1 read while fio writes", &seen, &image1);
         reads += 1;
-        if writer.try_wait().unwrap().is_some() {
+        match &during {
+            None => {
+                stack.sanvol_ok(&["snapshot", "create", "v", "during"]);
+                during = Some(read_snapshot(&stack, "v@during").await);
+            }
+            Some(first) => {
+                assert_same("v@during read again while fio writes", &read_snapshot(&stack, "v@during").await, first)
+            }
+        }
+        if writer.is_finished() {
             break;
         }
     }
-    assert!(writer.wait().unwrap().success(), "fio failed");
+    assert_fio_ok(writer.await.unwrap().expect("fio"));
     assert!(reads >= 2, "the snapshot was read while fio was writing");
+    stack.sanvol_ok(&["snapshot", "delete", "v", "during"]);
     let image2 = read_uri(&uri).await;
     assert_ne!(image1, image2, "fio changed the volume");
     assert_same("v@s1 after fio", &read_snapshot(&stack, "v@s1").await, &image1);
