@@ -16,6 +16,7 @@ use blockio::{BlockDevice, MetaContext};
 use bytes::Bytes;
 use metadata_server::control::{connect_backup_channel, ControlAddr};
 use sanvol_tests::peers::{self, require_tool};
+use sanvol_tests::proxy::CuttableProxy;
 use sanvol_tests::system::{bin, pub_path, run_ok, Agent, Stack};
 use sanvol_tests::volumes::{assert_fio_ok, block_pattern, connect, fill, fio_verify, BLOCK};
 use volume_format::control::auth::Role;
@@ -452,4 +453,38 @@ async fn shared_writers_keep_the_snapshot_intact() {
     assert!(stack.mds_log().contains("volume reconfigured"), "{}", stack.mds_log());
     a.detach("v");
     b.detach("v");
+}
+
+/// With every direct path cut, the agent's copies into the COW area go
+/// through the server's data channels like its writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_on_write_works_on_the_fallback_path() {
+    let stack = stack();
+    stack.sanvol_ok(&["volume", "create", "v", "32M", "--mirror", "2"]);
+    let mut proxies = Vec::new();
+    let mut maps = Vec::new();
+    for (i, d) in stack.devices.iter().enumerate() {
+        let proxy = CuttableProxy::start(&stack.dir.path().join(format!("proxy{i}.sock")), &d.dir().join("nbd.sock"));
+        maps.push("--device-uri".to_string());
+        maps.push(format!("{}={}", d.uri(), NbdUri::unix(&proxy.socket, "")));
+        proxies.push(proxy);
+    }
+    let agent = stack.start_agent_with("host-a", &maps);
+    let uri = attach(&agent, "v");
+    fill(&uri, 1).await;
+    let image1 = read_uri(&uri).await;
+    stack.sanvol_ok(&["snapshot", "create", "v", "s1"]);
+    for p in &proxies {
+        p.cut();
+    }
+    let blocks = [0u64, 100, 5000, 8000];
+    write_blocks(&uri, 2, &blocks).await;
+    let live = read_uri(&uri).await;
+    for &b in &blocks {
+        assert_eq!(&live[(b * BLOCK) as usize..((b + 1) * BLOCK) as usize], &block_pattern(2, b)[..]);
+    }
+    assert_same("v@s1 after writes on the fallback path", &read_snapshot(&stack, "v@s1").await, &image1);
+    let clients = stack.sanvol_json(&["client", "list"]);
+    assert!(clients.to_string().contains("fallback"), "{clients}");
+    agent.detach("v");
 }
