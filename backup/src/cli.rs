@@ -245,18 +245,24 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Full { snapshot, to, force, tuning } => {
             let src = source(&cli.conn)?;
-            let summary = job::full(&src, &snapshot, &to, force, &tuning.options()).await?;
+            let opts = tuning.options();
+            let job = job::full(&src, &snapshot, &to, force, &opts);
+            let summary = interruptible(job, "the unfinished backup was removed; the repository is as it was").await?;
             println!("{summary}");
         }
         Command::Incremental { snapshot, since, to, tuning } => {
             let src = source(&cli.conn)?;
-            let summary = job::incremental(&src, &snapshot, &since, &to, &tuning.options()).await?;
+            let opts = tuning.options();
+            let job = job::incremental(&src, &snapshot, &since, &to, &opts);
+            let summary = interruptible(job, "the unfinished backup was removed; the repository is as it was").await?;
             println!("{summary}");
         }
         Command::Restore { dir, to, upto, tuning } => {
             let target: NbdUri =
                 to.parse().map_err(|e: blockio::uri::UriError| anyhow!(e)).context("parsing the --to target")?;
-            let summary = restore::restore(&dir, &target, upto.as_deref(), &tuning.options()).await?;
+            let opts = tuning.options();
+            let job = restore::restore(&dir, &target, upto.as_deref(), &opts);
+            let summary = interruptible(job, "the target may be partly written: restore again").await?;
             println!("{summary}");
         }
         Command::Verify { dir, json, progress } => {
@@ -272,9 +278,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             print_verify(&dir, &report, json)?;
             if !report.is_ok() {
                 bail!(
-                    "the backup chain in {} is damaged ({} problems): do not rely on it; start a new chain with a full backup",
+                    "the backup chain in {} is damaged ({}): do not rely on it; start a new chain with a full backup",
                     dir.display(),
-                    report.problems.len()
+                    crate::verify::count(report.problems.len(), "problem")
                 );
             }
         }
@@ -290,6 +296,14 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs `job` until SIGINT or SIGTERM, which fail it with `what_then`.
+async fn interruptible<T>(job: impl std::future::Future<Output = Result<T>>, what_then: &str) -> Result<T> {
+    tokio::select! {
+        r = job => r,
+        _ = shutdown_signal() => bail!("interrupted: {what_then}"),
+    }
 }
 
 async fn shutdown_signal() {

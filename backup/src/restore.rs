@@ -181,9 +181,9 @@ pub async fn restore(dir: &Path, target: &NbdUri, upto: Option<&str>, opts: &Job
             .map_err(|e| anyhow!("verifying the chain failed: {e}"))??;
     if !report.is_ok() {
         let mut msg = format!(
-            "refusing to restore: the backup chain in {} is damaged ({} problems); nothing was written to {target}:",
+            "refusing to restore: the backup chain in {} is damaged ({}); nothing was written to {target}:",
             dir.display(),
-            report.problems.len()
+            verify::count(report.problems.len(), "problem")
         );
         for p in report.problems.iter().take(10) {
             msg.push_str(&format!("\n  {p}"));

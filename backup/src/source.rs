@@ -96,8 +96,7 @@ impl MdsConn {
                     self.chose(*role);
                     return Ok(s);
                 }
-                // The handshake reports the refusal as "refused (wrong role): ...".
-                Err(e) if i + 1 < roles.len() && e.contains(&format!("refused ({})", AuthFailure::WrongRole)) => {
+                Err(e) if i + 1 < roles.len() && is_wrong_role(&e) => {
                     tracing::info!(role = %role, "key not registered for this role; retrying as the next one: {e}");
                     last = e;
                 }
@@ -130,6 +129,13 @@ impl MdsConn {
         }
         bail!("the metadata server refused the key for every role ({last:?})")
     }
+}
+
+/// Whether a backup-channel error (a string) is the handshake's refusal of
+/// the role: [`HandshakeError::Refused`] with [`AuthFailure::WrongRole`]
+/// displays as `refused (wrong role): ...`.
+fn is_wrong_role(error: &str) -> bool {
+    error.contains(&format!("refused ({})", AuthFailure::WrongRole))
 }
 
 fn access_hint(role: &Role) -> String {
@@ -323,4 +329,28 @@ pub fn mds_conn(mds: &str, key: &Path, server_key: &str, role: Option<Role>) -> 
     let key = metadata_server::keys::load_private(key).context("loading --key")?;
     let (pinned, _) = metadata_server::keys::parse_public(server_key).context("reading --server-key")?;
     Ok(MdsConn::new(addr, key, pinned, role))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wrong_role_refusal_is_recognized_in_the_channel_error() {
+        // connect_backup_channel reports handshake errors as "{addr}: {error}".
+        let refused =
+            |failure| HandshakeError::Refused { failure, reason: "key of \"ops\" is authorized as admin".into() };
+        assert!(is_wrong_role(&format!("unix:/run/mds.sock: {}", refused(AuthFailure::WrongRole))));
+        assert!(!is_wrong_role(&format!("unix:/run/mds.sock: {}", refused(AuthFailure::UnknownKey))));
+        assert!(!is_wrong_role("the metadata server refused a backup channel: no such thing"));
+    }
+
+    #[test]
+    fn snapshot_refs_parse() {
+        let r: SnapshotRef = "db@nightly-1".parse().unwrap();
+        assert_eq!((r.volume.as_str(), r.snapshot.as_str(), r.export()), ("db", "nightly-1", "db@nightly-1".into()));
+        for bad in ["db", "@s", "db@", "a@b@c", ""] {
+            assert!(bad.parse::<SnapshotRef>().is_err(), "{bad}");
+        }
+    }
 }

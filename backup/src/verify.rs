@@ -23,6 +23,15 @@ use crate::repo::{
 /// Most chunk problems reported one by one per backup (the rest are counted).
 const CHUNK_PROBLEMS_SHOWN: usize = 20;
 
+/// `1 problem`, `3 problems`.
+pub fn count(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
 /// One thing wrong with the repository.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Problem {

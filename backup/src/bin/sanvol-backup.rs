@@ -19,7 +19,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(backup::cli::run(cli)) {
+    let result = runtime.block_on(backup::cli::run(cli));
+    // Do not wait long for blocking work (a verification) an interrupt cut short.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(10));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sanvol-backup: error: {e:#}");

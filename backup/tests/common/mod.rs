@@ -36,6 +36,8 @@ pub struct TestDevice {
     changed: Option<(String, u64, Vec<bool>)>,
     pub reads: Mutex<Vec<(u64, u32)>>,
     pub writes: AtomicU64,
+    /// Added to every read.
+    pub read_delay: Duration,
 }
 
 impl TestDevice {
@@ -46,6 +48,7 @@ impl TestDevice {
             changed: None,
             reads: Mutex::new(Vec::new()),
             writes: AtomicU64::new(0),
+            read_delay: Duration::ZERO,
         }
     }
 
@@ -104,6 +107,9 @@ impl BlockDevice for TestDevice {
     }
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
         self.reads.lock().unwrap().push((offset, len));
+        if !self.read_delay.is_zero() {
+            tokio::time::sleep(self.read_delay).await;
+        }
         self.mem.read(offset, len).await
     }
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
