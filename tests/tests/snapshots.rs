@@ -222,6 +222,12 @@ async fn a_snapshot_keeps_its_image_while_fio_writes_and_backups_restore_it() {
     backup(&stack, &["restore", repo_s, "--to", &target.uri().to_string(), "--upto", "s2"]);
     assert_same("restore of full s1 + incremental s2", &read_uri(&target.uri()).await, &image2);
     backup(&stack, &["verify", repo_s]);
+    // Into a new sanvol volume, through the agent's export.
+    stack.sanvol_ok(&["volume", "create", "restored", "32M"]);
+    let restored = attach(&agent, "restored");
+    backup(&stack, &["restore", repo_s, "--to", &restored.to_string()]);
+    assert_same("restore into a new volume", &read_uri(&restored).await, &image3);
+    agent.detach("restored");
 
     // Standard tools through the local bridge read the same bytes.
     standard_tools_read_the_snapshot(&stack, &image1, &blocks).await;
@@ -487,4 +493,44 @@ async fn copy_on_write_works_on_the_fallback_path() {
     let clients = stack.sanvol_json(&["client", "list"]);
     assert!(clients.to_string().contains("fallback"), "{clients}");
     agent.detach("v");
+}
+
+/// Backup keys read snapshots; agent keys may not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_admin_and_backup_keys_reach_the_pseudo_device() {
+    let stack = stack();
+    stack.sanvol_ok(&["volume", "create", "v", "32M"]);
+    stack.sanvol_ok(&["snapshot", "create", "v", "s1"]);
+    let backup_key = stack.dir.path().join("backup.key");
+    run_ok(Command::new(bin("sanvol")).arg("keygen").arg(&backup_key));
+    stack.sanvol_ok(&[
+        "client",
+        "add",
+        pub_path(&backup_key).to_str().unwrap(),
+        "--role",
+        "backup",
+        "--name",
+        "nightly",
+    ]);
+    let listed = run_ok(
+        Command::new(bin("sanvol-backup"))
+            .env("SANVOL_MDS", stack.mds_addr())
+            .env("SANVOL_KEY", &backup_key)
+            .env("SANVOL_SERVER_KEY", pub_path(&stack.mds_key))
+            .args(["snapshots", "--json"]),
+    );
+    assert!(listed.contains("v@s1"), "{listed}");
+
+    let agent_key = stack.dir.path().join("agent.key");
+    run_ok(Command::new(bin("sanvol")).arg("keygen").arg(&agent_key));
+    stack.sanvol_ok(&["client", "add", pub_path(&agent_key).to_str().unwrap(), "--role", "agent"]);
+    let key = metadata_server::keys::load_private(&agent_key).unwrap();
+    let (pinned, _) = metadata_server::keys::parse_public(pub_path(&stack.mds_key).to_str().unwrap()).unwrap();
+    let addr: ControlAddr = stack.mds_addr().parse().unwrap();
+    let refused = connect_backup_channel(&addr, &key, Some(&pinned), Role::Agent, "sneaky").await.err().unwrap();
+    assert!(refused.contains("backup channels are for admin and backup keys"), "{refused}");
+    // Nor can a backup key write to a snapshot.
+    let c = pseudo_device(&stack, "v@s1", &[]).await;
+    assert!(c.write(0, Bytes::from(vec![1u8; 4096]), false).await.is_err());
+    c.disconnect().await;
 }
