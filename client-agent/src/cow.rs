@@ -231,13 +231,13 @@ impl Registrations {
     }
 }
 
-/// Runs `copy` for every chunk concurrently; the first error wins.
-pub async fn copy_all<F, Fut>(chunks: &[u64], copy: F) -> Result<(), IoError>
+/// Runs `copy` for every item concurrently; the first error wins.
+pub async fn copy_all<T: Copy, F, Fut>(items: &[T], copy: F) -> Result<(), IoError>
 where
-    F: Fn(u64) -> Fut,
+    F: Fn(T) -> Fut,
     Fut: std::future::Future<Output = Result<(), IoError>>,
 {
-    join_all(chunks.iter().map(|&c| copy(c))).await.into_iter().find(|r| r.is_err()).unwrap_or(Ok(()))
+    join_all(items.iter().map(|&c| copy(c))).await.into_iter().find(|r| r.is_err()).unwrap_or(Ok(()))
 }
 
 #[cfg(test)]

@@ -147,6 +147,20 @@ impl Layout {
     }
 }
 
+/// Sorted chunks grouped into runs `(first, count)` of consecutive chunks
+/// within one extent.
+fn chunk_runs(chunks: &[u64], chunk_bytes: u64, extent_bytes: u64) -> Vec<(u64, u64)> {
+    let per_extent = (extent_bytes / chunk_bytes.max(1)).max(1);
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &c in chunks {
+        match runs.last_mut() {
+            Some((first, count)) if *first + *count == c && *first / per_extent == c / per_extent => *count += 1,
+            _ => runs.push((c, 1)),
+        }
+    }
+    runs
+}
+
 /// One online leg of a segment: its device and the byte offset on it.
 type Leg<'a> = (&'a DeviceEndpoint, &'a Arc<dyn BlockDevice>, u64);
 
@@ -266,7 +280,10 @@ impl VolumeDevice {
             let chunks: Vec<u64> = claim.mine.iter().map(|m| m.0).collect();
             let result = async {
                 if !registrations.server_copies() {
-                    copy_all(&chunks, |c| self.copy_chunk(layout, epoch, c)).await.map_err(|e| e.message)?;
+                    let runs = chunk_runs(&chunks, epoch.chunk_bytes, layout.description.extent_bytes);
+                    copy_all(&runs, |(first, count)| self.copy_chunks(layout, epoch, first, count))
+                        .await
+                        .map_err(|e| e.message)?;
                     metadata_server::fault::hit("agent-after-cow-copy");
                 }
                 registrations.register(epoch.id.0, chunks.clone()).await?;
@@ -282,12 +299,14 @@ impl VolumeDevice {
         wait_for(claim.others).await
     }
 
-    /// Copies chunk `chunk` of the live volume into the snapshot's COW area
-    /// (every online leg, FUA).
-    async fn copy_chunk(&self, layout: &Layout, epoch: &SnapshotEpoch, chunk: u64) -> Result<(), IoError> {
+    /// Copies chunks `first..first + count` (within one extent) of the live
+    /// volume into the snapshot's COW area (every online leg, FUA): one read
+    /// and one write per leg, since both places are laid out alike.
+    async fn copy_chunks(&self, layout: &Layout, epoch: &SnapshotEpoch, first: u64, count: u64) -> Result<(), IoError> {
         let d = &layout.description;
-        let start = chunk * epoch.chunk_bytes;
-        let len = epoch.chunk_bytes.min(epoch.size_bytes - start);
+        let chunk = first;
+        let start = first * epoch.chunk_bytes;
+        let len = (count * epoch.chunk_bytes).min(epoch.size_bytes - start);
         let segment = d.map(start, len).map_err(map_error)?.next().ok_or_else(|| IoError::io("empty chunk"))?;
         let data = self.read_segment(layout, segment, chunk as usize).await?;
         let (legs, within) = epoch
@@ -1006,6 +1025,12 @@ mod tests {
             assert_eq!(checking.seen.lock().unwrap().clone(), vec![(vec![5], true)]);
             let writes: u64 = devs.iter().map(|d| d.writes.load(Ordering::SeqCst)).sum();
             assert_eq!(writes - cow_writes_before, 2, "only the two legs of the write itself");
+        }
+
+        #[test]
+        fn runs_of_chunks_stop_at_gaps_and_extent_boundaries() {
+            assert_eq!(chunk_runs(&[0, 1, 2, 3, 4, 6, 7], CHUNK, EXTENT), vec![(0, 4), (4, 1), (6, 2)]);
+            assert!(chunk_runs(&[], CHUNK, EXTENT).is_empty());
         }
 
         #[tokio::test]
