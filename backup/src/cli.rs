@@ -426,9 +426,9 @@ fn print_verify(dir: &Path, r: &verify::Report, json: bool) -> Result<()> {
     }
     if r.is_ok() {
         println!(
-            "chain in {} verified: {} backups, {} data chunks ({}) checked",
+            "chain in {} verified: {}, {} data chunks ({}) checked",
             dir.display(),
-            r.statuses.len(),
+            verify::count(r.statuses.len(), "backup"),
             r.data_chunks_checked,
             fmt_bytes(r.data_bytes_checked)
         );

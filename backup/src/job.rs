@@ -216,15 +216,7 @@ async fn run(
             match item {
                 Item::Zero { chunk, count } => staging.add_zero(chunk, count)?,
                 Item::Data { chunk, bytes } => {
-                    let mut at = 0usize;
-                    let mut c = chunk;
-                    while at < bytes.len() {
-                        let len = chunk_len(c, size) as usize;
-                        let piece = bytes.get(at..at + len).ok_or_else(|| anyhow!("internal: short read buffer"))?;
-                        staging.add_chunk(c, piece)?;
-                        at += len;
-                        c += 1;
-                    }
+                    staging.add_chunks(chunk, &bytes)?;
                 }
             }
         }
@@ -313,11 +305,11 @@ pub async fn full(
     let existing = repo.scan()?.backups;
     if !existing.is_empty() && !force {
         bail!(
-            "{} already holds a backup chain ({} backups, the newest {}); a full backup starts a new chain: \
+            "{} already holds a backup chain ({}, the newest {}); a full backup starts a new chain: \
              use an empty or new directory, add an incremental with `sanvol-backup incremental`, or pass --force \
              to replace the chain once the new full backup is complete",
             dir.display(),
-            existing.len(),
+            crate::verify::count(existing.len(), "backup"),
             existing.last().map(|b| b.name.as_str()).unwrap_or("?")
         );
     }

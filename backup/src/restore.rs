@@ -51,10 +51,10 @@ impl std::fmt::Display for RestoreSummary {
         let secs = self.elapsed.as_secs_f64();
         write!(
             f,
-            "restore of {} ({} backups) to {} done: {} written ({} data chunks), {} zeroed, in {secs:.2} s \
+            "restore of {} ({}) to {} done: {} written ({} data chunks), {} zeroed, in {secs:.2} s \
              ({:.1} MiB/s) after {:.2} s of verification",
             self.restored.export(),
-            self.backups_applied,
+            verify::count(self.backups_applied, "backup"),
             self.target,
             fmt_bytes(self.data_bytes),
             self.data_chunks,
