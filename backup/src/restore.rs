@@ -256,7 +256,7 @@ async fn restore_to(
             })
             .collect::<Result<_>>()?,
     );
-    let progress = Progress::new(opts.progress, format!("restore {} to {target}", last.export()), size);
+    let progress = Progress::new(opts.progress, format!("restore {}", last.export()), size);
     let (mut data_chunks, mut data_bytes, mut zero_bytes) = (0u64, 0u64, 0u64);
     let writes = futures::stream::iter(ops)
         .map(|op| {

@@ -349,22 +349,38 @@ async fn an_interrupted_backup_is_invisible_and_cleaned_up() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restore_to_a_real_nbdkit_export() {
-    let fx = Fixture::start().await;
-    let repo = chain(&fx).await;
-    let kit = Nbdkit::memory(8 << 20);
+async fn restore_to_nbdkit(fx: &Fixture, repo: &std::path::Path, kit: &Nbdkit) {
     // Start from other bytes, so zero chunks must really be written.
     let client = NbdClient::connect(&kit.uri(), ClientOptions::default()).await.unwrap();
     client.write(0, bytes::Bytes::from(vec![0xEE; 8 << 20]), false).await.unwrap();
     client.flush().await.unwrap();
-    client.disconnect().await;
-    let r = backup::restore(&repo, &kit.uri(), None, &quiet()).await.unwrap();
+    let r = backup::restore(repo, &kit.uri(), None, &quiet()).await.unwrap();
     assert_eq!(r.backups_applied, 2);
-    let client = NbdClient::connect(&kit.uri(), ClientOptions::default()).await.unwrap();
     let got = client.read(0, SIZE as u32).await.unwrap();
     assert!(got[..] == fx.s2_model[..], "nbdkit holds other bytes than vol@s2");
     let rest = client.read(SIZE, (8 << 20) - SIZE as u32).await.unwrap();
     assert!(rest.iter().all(|&b| b == 0xEE), "bytes past the snapshot's size were touched");
     client.disconnect().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_to_a_real_nbdkit_export() {
+    let fx = Fixture::start().await;
+    let repo = chain(&fx).await;
+    restore_to_nbdkit(&fx, &repo, &Nbdkit::memory(8 << 20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_to_an_export_without_write_zeroes_writes_zeroes() {
+    let fx = Fixture::start().await;
+    let repo = chain(&fx).await;
+    let kit = Nbdkit::start(&["--filter=nozero", "memory", "8M", "zeromode=none"]);
+    let probe = NbdClient::connect(&kit.uri(), ClientOptions::default()).await.unwrap();
+    assert_eq!(
+        probe.info().transmission_flags & blockio::proto::TFLAG_SEND_WRITE_ZEROES,
+        0,
+        "nozero still offers WRITE_ZEROES"
+    );
+    probe.disconnect().await;
+    restore_to_nbdkit(&fx, &repo, &kit).await;
 }

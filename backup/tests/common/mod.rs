@@ -338,6 +338,11 @@ pub struct Nbdkit {
 
 impl Nbdkit {
     pub fn memory(size: u64) -> Nbdkit {
+        Nbdkit::start(&["memory", &size.to_string()])
+    }
+
+    /// nbdkit with these filters, plugin and plugin arguments.
+    pub fn start(args: &[&str]) -> Nbdkit {
         let dir = tempfile::Builder::new().prefix("sanvol-backup-nbdkit-").tempdir().unwrap();
         let socket = dir.path().join("nbdkit.sock");
         let pid = dir.path().join("nbdkit.pid");
@@ -348,8 +353,7 @@ impl Nbdkit {
             .arg(&socket)
             .arg("-P")
             .arg(&pid)
-            .arg("memory")
-            .arg(size.to_string())
+            .args(args)
             .stdin(Stdio::null())
             .spawn()
             .expect("nbdkit is not installed: run scripts/install-deps.sh (it is a real NBD peer for this test)");
