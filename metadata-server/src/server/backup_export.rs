@@ -175,6 +175,7 @@ impl BlockDevice for SnapshotDevice {
         let sources = pieces.iter().map(|p| self.source(&meta, p.chunk)).collect::<Result<Vec<_>, _>>()?;
         // Read runs of pieces with the same source.
         let mut data: Vec<Bytes> = Vec::with_capacity(pieces.len());
+        let mut runs: Vec<Bytes> = Vec::new();
         let mut i = 0;
         while i < pieces.len() {
             let mut j = i + 1;
@@ -187,10 +188,12 @@ impl BlockDevice for SnapshotDevice {
                 data.push(run.slice(at..at + p.len as usize));
                 at += p.len as usize;
             }
+            runs.push(run);
             i = j;
         }
         // The re-check (module docs): sources as committed now, after the reads.
         let mut used = sources;
+        let mut reread = false;
         for _ in 0..REREADS_MAX {
             let now = self.meta.borrow().clone();
             let mut changed = false;
@@ -203,9 +206,10 @@ impl BlockDevice for SnapshotDevice {
                     changed = true;
                 }
             }
+            reread |= changed;
             if !changed {
-                if data.len() == 1 {
-                    return Ok(data.pop().expect("one piece"));
+                if runs.len() == 1 && !reread {
+                    return Ok(runs.pop().expect("one run"));
                 }
                 let mut out = BytesMut::with_capacity(len as usize);
                 for d in data {
