@@ -17,8 +17,8 @@
 //! the registration was even sent. The same re-check covers a snapshot
 //! deleted (its pre-images merged into an older one) while it was read.
 //!
-//! **Metadata contexts.** `base:allocation` (everything reported as data)
-//! and, on `VOLUME@NEW`, `sanvol:changed-since:OLD` for every older
+//! **Metadata contexts.** `base:allocation` (the devices' own answer for
+//! chunks still in the live volume, "data" for pre-images) and, on `VOLUME@NEW`, `sanvol:changed-since:OLD` for every older
 //! snapshot `OLD` of the volume: flag 1 for each range written between
 //! `OLD` and `NEW` ([`PoolMetadata::changed_between`]), at chunk (64 KiB)
 //! granularity.
@@ -134,6 +134,54 @@ impl SnapshotDevice {
     }
 }
 
+impl SnapshotDevice {
+    /// `base:allocation` of the first run of `[offset, offset + len)` (a
+    /// reply may describe less than asked): the device's answer for a run
+    /// still in the live volume — so full backups skip never-written space —
+    /// and "data" for anything else. Like a read, it looks the sources up
+    /// again afterwards; if a chunk of the run was registered meanwhile, the
+    /// device may have described new bytes, so the run is reported as data.
+    async fn allocation(&self, offset: u64, len: u32) -> Result<Vec<StatusExtent>, IoError> {
+        let pieces = self.pieces(offset, u64::from(len));
+        let meta = self.meta.borrow().clone();
+        let first = self.source(&meta, pieces[0].chunk)?;
+        let mut end = 1;
+        while end < pieces.len()
+            && self.source(&meta, pieces[end].chunk)? == first
+            && self.continues(&meta, &pieces[end - 1], &pieces[end])
+        {
+            end += 1;
+        }
+        let run_len: u64 = pieces[..end].iter().map(|p| p.len).sum();
+        let data = vec![StatusExtent { length: run_len, flags: 0 }];
+        if first != ChunkSource::Live {
+            return Ok(data);
+        }
+        let Ok(status) = self.devices.live_allocation(&meta, self.volume, offset, run_len as u32).await else {
+            return Ok(data);
+        };
+        let now = self.meta.borrow().clone();
+        for p in &pieces[..end] {
+            if self.source(&now, p.chunk)? != ChunkSource::Live {
+                return Ok(data);
+            }
+        }
+        // Clamp to the run and keep only the allocation bits.
+        let keep = blockio::proto::STATE_HOLE | blockio::proto::STATE_ZERO;
+        let mut out = Vec::new();
+        let mut covered = 0u64;
+        for e in status {
+            let length = e.length.min(run_len - covered);
+            if length == 0 {
+                break;
+            }
+            covered += length;
+            out.push(StatusExtent { length, flags: e.flags & keep });
+        }
+        Ok(if out.is_empty() { data } else { out })
+    }
+}
+
 impl std::fmt::Debug for SnapshotDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SnapshotDevice").field("export", &self.name).finish()
@@ -240,7 +288,7 @@ impl BlockDevice for SnapshotDevice {
     async fn block_status(&self, context: &MetaContext, offset: u64, len: u32) -> Result<Vec<StatusExtent>, IoError> {
         blockio::error::check_range(offset, u64::from(len), self.size_bytes)?;
         let name = match context {
-            MetaContext::BaseAllocation => return Ok(vec![StatusExtent { length: u64::from(len), flags: 0 }]),
+            MetaContext::BaseAllocation => return self.allocation(offset, len).await,
             MetaContext::Custom(name) => name,
         };
         let old = name
@@ -347,6 +395,9 @@ mod tests {
         async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
             self.mem.write_zeroes(offset, len, flags).await
         }
+        async fn block_status(&self, c: &MetaContext, offset: u64, len: u32) -> Result<Vec<StatusExtent>, IoError> {
+            self.mem.block_status(c, offset, len).await
+        }
     }
 
     async fn client_for(device: Arc<Racing>) -> NbdClient {
@@ -406,5 +457,34 @@ mod tests {
         assert_eq!(&live_now[..], &new[..16], "the live volume was overwritten meanwhile");
         assert_eq!(snapshot.read(100, 10).await.unwrap(), pre.slice(100..110));
         assert!(snapshot.write(0, pre.clone(), false).await.is_err(), "snapshots are read-only");
+    }
+
+    #[tokio::test]
+    async fn allocation_passes_the_live_answer_through_and_pre_images_are_data() {
+        let mut meta = PoolMetadata::new(uuid::Uuid::from_u128(1), "p", EXTENT, PublicKey([1; 32]), 0);
+        let layout = DeviceLayout::plan_with_slots(9 * EXTENT, EXTENT, 64 << 10, 2).unwrap();
+        meta.add_device(uuid::Uuid::from_u128(10), "nbd://h/e", &layout).unwrap();
+        let v = meta.create_volume("v", 2 * EXTENT, 4096, 1, 0).unwrap();
+        let s = meta.create_snapshot(v, "s", 0).unwrap();
+        let chunk = meta.snapshot(s).unwrap().chunk_bytes;
+        let live = meta.volume(v).unwrap().extents[0].legs[0];
+        let mem = Arc::new(MemoryDevice::new(9 * EXTENT));
+        // Chunk 0 written in the live volume; chunk 2 registered (pre-image).
+        mem.write(live.offset, Bytes::from(vec![7; chunk as usize]), false).await.unwrap();
+        meta.register_cow(s, &[2]).unwrap();
+        let device = Arc::new(Racing { mem, hook: Mutex::new(None) });
+        let clients = DeviceClients::with([(DeviceIndex(0), client_for(device).await)]);
+        let (_tx, rx) = watch::channel(Arc::new(meta));
+        let snapshot = SnapshotDevice::new(rx, s, clients).unwrap();
+        let hole = blockio::proto::STATE_HOLE | blockio::proto::STATE_ZERO;
+        let status = |offset: u64| {
+            let snapshot = &snapshot;
+            async move { snapshot.block_status(&MetaContext::BaseAllocation, offset, (4 * chunk) as u32).await.unwrap() }
+        };
+        let at0 = status(0).await;
+        assert_eq!(at0[0], StatusExtent { length: chunk, flags: 0 }, "{at0:?}");
+        assert_eq!(at0[1].flags & hole, hole, "never-written space is a hole: {at0:?}");
+        assert_eq!(at0.iter().map(|e| e.length).sum::<u64>(), 2 * chunk, "one run: chunks 0 and 1");
+        assert_eq!(status(2 * chunk).await, vec![StatusExtent { length: chunk, flags: 0 }], "a pre-image is data");
     }
 }

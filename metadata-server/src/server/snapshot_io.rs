@@ -113,6 +113,41 @@ impl DeviceClients {
         self.read_legs(meta, &extent.legs, offset % meta.extent_bytes, len, &what).await
     }
 
+    /// `base:allocation` of `len` bytes at volume offset `offset` (within one
+    /// extent), from the first online leg that answers.
+    pub async fn live_allocation(
+        &self,
+        meta: &PoolMetadata,
+        volume: VolumeId,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<blockio::StatusExtent>, IoError> {
+        let v = meta.volume(volume).ok_or_else(|| IoError::io(format!("volume {volume} no longer exists")))?;
+        let extent = v
+            .extents
+            .get((offset / meta.extent_bytes) as usize)
+            .ok_or_else(|| IoError::io(format!("offset {offset} is beyond volume {}", v.name)))?;
+        let mut last = IoError::io("no leg is on an online device");
+        for leg in &extent.legs {
+            if !meta.device(leg.device).is_some_and(|d| d.state.is_online()) {
+                continue;
+            }
+            let client = match self.get(meta, leg.device).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            let at = leg.offset + offset % meta.extent_bytes;
+            match client.block_status(&blockio::MetaContext::BaseAllocation, at, len).await {
+                Ok(status) => return Ok(status),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
     /// Reads `len` bytes at `within` of chunk `chunk` of snapshot `id`'s COW area.
     pub async fn read_cow(
         &self,
