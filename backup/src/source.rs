@@ -96,9 +96,9 @@ impl MdsConn {
                     self.chose(*role);
                     return Ok(s);
                 }
-                Err(e) if i + 1 < roles.len() && is_wrong_role(&e) => {
+                Err(e) if i + 1 < roles.len() && e.is_wrong_role() => {
                     tracing::info!(role = %role, "key not registered for this role; retrying as the next one: {e}");
-                    last = e;
+                    last = e.to_string();
                 }
                 Err(e) => return Err(anyhow!(e)).context(access_hint(role)),
             }
@@ -129,13 +129,6 @@ impl MdsConn {
         }
         bail!("the metadata server refused the key for every role ({last:?})")
     }
-}
-
-/// Whether a backup-channel error (a string) is the handshake's refusal of
-/// the role: [`HandshakeError::Refused`] with [`AuthFailure::WrongRole`]
-/// displays as `refused (wrong role): ...`.
-fn is_wrong_role(error: &str) -> bool {
-    error.contains(&format!("refused ({})", AuthFailure::WrongRole))
 }
 
 fn access_hint(role: &Role) -> String {
@@ -337,12 +330,14 @@ mod tests {
 
     #[test]
     fn a_wrong_role_refusal_is_recognized_in_the_channel_error() {
-        // connect_backup_channel reports handshake errors as "{addr}: {error}".
-        let refused =
-            |failure| HandshakeError::Refused { failure, reason: "key of \"ops\" is authorized as admin".into() };
-        assert!(is_wrong_role(&format!("unix:/run/mds.sock: {}", refused(AuthFailure::WrongRole))));
-        assert!(!is_wrong_role(&format!("unix:/run/mds.sock: {}", refused(AuthFailure::UnknownKey))));
-        assert!(!is_wrong_role("the metadata server refused a backup channel: no such thing"));
+        use metadata_server::control::BackupChannelError;
+        let refused = |failure| BackupChannelError::Handshake {
+            addr: "unix:/run/mds.sock".into(),
+            source: HandshakeError::Refused { failure, reason: "key of \"ops\" is authorized as admin".into() },
+        };
+        assert!(refused(AuthFailure::WrongRole).is_wrong_role());
+        assert!(!refused(AuthFailure::UnknownKey).is_wrong_role());
+        assert!(!BackupChannelError::Other("the metadata server refused a backup channel".into()).is_wrong_role());
     }
 
     #[test]

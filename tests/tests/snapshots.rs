@@ -527,7 +527,8 @@ async fn only_admin_and_backup_keys_reach_the_pseudo_device() {
     let key = metadata_server::keys::load_private(&agent_key).unwrap();
     let (pinned, _) = metadata_server::keys::parse_public(pub_path(&stack.mds_key).to_str().unwrap()).unwrap();
     let addr: ControlAddr = stack.mds_addr().parse().unwrap();
-    let refused = connect_backup_channel(&addr, &key, Some(&pinned), Role::Agent, "sneaky").await.err().unwrap();
+    let refused =
+        connect_backup_channel(&addr, &key, Some(&pinned), Role::Agent, "sneaky").await.err().unwrap().to_string();
     assert!(refused.contains("backup channels are for admin and backup keys"), "{refused}");
     // Nor can a backup key write to a snapshot.
     let c = pseudo_device(&stack, "v@s1", &[]).await;

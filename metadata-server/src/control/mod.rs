@@ -12,5 +12,5 @@ pub mod framed;
 pub mod handshake;
 
 pub use addr::ControlAddr;
-pub use backup::connect_backup_channel;
+pub use backup::{connect_backup_channel, BackupChannelError};
 pub use client::{ControlClient, ControlClientError};
