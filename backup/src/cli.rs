@@ -15,6 +15,8 @@ use crate::repo::{rfc3339, scan_dir, Manifest};
 use crate::source::{mds_conn, SnapshotRef, Source};
 use crate::verify::{self, Depth};
 use crate::{restore, serve};
+use client_agent::agent::AttachRequest;
+use client_agent::control::ControlRequest;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -162,10 +164,17 @@ pub enum Command {
     Restore {
         /// The backup repository.
         dir: PathBuf,
-        /// Target NBD URI: nbd://HOST[:PORT]/EXPORT or
-        /// nbd+unix:///EXPORT?socket=PATH. Its contents are overwritten.
-        #[arg(long, value_name = "NBD-URI")]
+        /// Target: an NBD URI (nbd://HOST[:PORT]/EXPORT or
+        /// nbd+unix:///EXPORT?socket=PATH), or `volume:NAME` for a sanvol
+        /// volume, which the local sanvol-agent attaches exclusively for the
+        /// restore and detaches afterwards (create it first with `sanvol
+        /// volume create NAME SIZE`). Its contents are overwritten.
+        #[arg(long, value_name = "NBD-URI|volume:NAME")]
         to: String,
+        /// The local sanvol-agent's control socket, for `--to volume:NAME`.
+        #[arg(long, env = "SANVOL_AGENT_SOCKET", value_name = "PATH",
+              default_value = client_agent::control::DEFAULT_CONTROL_SOCKET)]
+        agent_socket: PathBuf,
         /// Restore the state of this snapshot (a snapshot name in the
         /// chain; default: the newest backup).
         #[arg(long, value_name = "SNAP")]
@@ -240,6 +249,22 @@ fn source(conn: &ConnArgs) -> Result<Source> {
     Ok(Source::Mds(Box::new(mds_conn(mds, key, server_key, conn.role)?)))
 }
 
+/// Asks the local agent to attach `volume` exclusively; returns its export.
+async fn attach_volume(agent_socket: &Path, volume: &str) -> Result<NbdUri> {
+    let request = ControlRequest::Attach(AttachRequest {
+        volume: volume.to_string(),
+        mode: volume_format::control::messages::OpenMode::Exclusive,
+        socket: None,
+        tcp: None,
+    });
+    let reply = client_agent::control::call(agent_socket, &request).await.map_err(|e| anyhow!(e))?;
+    let attached = match reply {
+        r if r.ok => r.attached.ok_or_else(|| anyhow!("the agent attached volume {volume} but named no export"))?,
+        r => bail!("the agent could not attach volume {volume}: {}", r.error.unwrap_or_default()),
+    };
+    attached.export_uri.parse().map_err(|e: blockio::uri::UriError| anyhow!("the agent's export URI: {e}"))
+}
+
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
@@ -257,12 +282,28 @@ pub async fn run(cli: Cli) -> Result<()> {
             let summary = interruptible(job, "the unfinished backup was removed; the repository is as it was").await?;
             println!("{summary}");
         }
-        Command::Restore { dir, to, upto, tuning } => {
-            let target: NbdUri =
-                to.parse().map_err(|e: blockio::uri::UriError| anyhow!(e)).context("parsing the --to target")?;
+        Command::Restore { dir, to, upto, agent_socket, tuning } => {
             let opts = tuning.options();
+            let Some(volume) = to.strip_prefix("volume:") else {
+                let target: NbdUri =
+                    to.parse().map_err(|e: blockio::uri::UriError| anyhow!(e)).context("parsing the --to target")?;
+                let job = restore::restore(&dir, &target, upto.as_deref(), &opts);
+                let summary = interruptible(job, "the target may be partly written: restore again").await?;
+                println!("{summary}");
+                return Ok(());
+            };
+            let target = attach_volume(&agent_socket, volume).await?;
             let job = restore::restore(&dir, &target, upto.as_deref(), &opts);
-            let summary = interruptible(job, "the target may be partly written: restore again").await?;
+            let restored = interruptible(job, "the volume may be partly written: restore again").await;
+            // Detach in any case (it flushes first).
+            let detach = ControlRequest::Detach { volume: volume.to_string() };
+            let detached = client_agent::control::call(&agent_socket, &detach).await;
+            let summary = restored?;
+            match detached {
+                Ok(r) if r.ok => {}
+                Ok(r) => bail!("restored, but detaching volume {volume} failed: {}", r.error.unwrap_or_default()),
+                Err(e) => bail!("restored, but detaching volume {volume} failed: {e}"),
+            }
             println!("{summary}");
         }
         Command::Verify { dir, json, progress } => {

@@ -32,6 +32,9 @@ use tokio::sync::Semaphore;
 use crate::agent::{Agent, AttachRequest, AttachmentInfo};
 use crate::session::ConnectState;
 
+/// Where `sanvol-agent run` listens by default (and its clients look).
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/sanvol/agent.sock";
+
 /// Longest request line accepted.
 pub const REQUEST_BYTES_MAX: usize = 64 * 1024;
 /// Most simultaneous control connections.

@@ -222,10 +222,14 @@ async fn a_snapshot_keeps_its_image_while_fio_writes_and_backups_restore_it() {
     backup(&stack, &["restore", repo_s, "--to", &target.uri().to_string(), "--upto", "s2"]);
     assert_same("restore of full s1 + incremental s2", &read_uri(&target.uri()).await, &image2);
     backup(&stack, &["verify", repo_s]);
-    // Into a new sanvol volume, through the agent's export.
+    // Into a new sanvol volume (the local agent attaches it for the restore).
     stack.sanvol_ok(&["volume", "create", "restored", "32M"]);
+    let agent_socket = agent.socket.to_str().unwrap();
+    let out = backup(&stack, &["restore", repo_s, "--to", "volume:restored", "--agent-socket", agent_socket]);
+    assert!(out.contains("done"), "{out}");
+    let listed = String::from_utf8_lossy(&agent.cli(&["list"]).stdout).into_owned();
+    assert!(!listed.contains("restored"), "detached after the restore: {listed}");
     let restored = attach(&agent, "restored");
-    backup(&stack, &["restore", repo_s, "--to", &restored.to_string()]);
     assert_same("restore into a new volume", &read_uri(&restored).await, &image3);
     agent.detach("restored");
 

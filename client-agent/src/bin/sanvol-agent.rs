@@ -15,7 +15,7 @@ use client_agent::session::SessionConfig;
 use metadata_server::control::ControlAddr;
 use volume_format::control::messages::OpenMode;
 
-const DEFAULT_CONTROL_SOCKET: &str = "/run/sanvol/agent.sock";
+use client_agent::control::DEFAULT_CONTROL_SOCKET;
 const DEFAULT_EXPORT_DIR: &str = "/run/sanvol/exports";
 
 #[derive(Parser)]
