@@ -218,7 +218,8 @@ impl Pool {
             return Err(PoolError::Commit(failures.join("; ")));
         }
         let written = written.len();
-        info!(generation, copies = written, "pool metadata committed");
+        // Debug: copy-on-write registrations commit often; the requests log what changed.
+        tracing::debug!(generation, copies = written, "pool metadata committed");
         Ok(next)
     }
 
