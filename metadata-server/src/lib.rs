@@ -1,6 +1,7 @@
 //! The sanvol metadata server: pool metadata, authentication, handles and
-//! leases, reconfiguration and the fallback data path — plus the pieces the
-//! agent and the admin CLI share with it.
+//! leases, reconfiguration, the fallback data path, snapshots and the backup
+//! pseudo-device — plus the pieces the agent, the admin CLI and the backup
+//! job share with it.
 //!
 //! # Layout
 //! - [`keys`]: ed25519 key files (`sanvol keygen`).

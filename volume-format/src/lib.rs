@@ -21,7 +21,9 @@
 //!   [`label::DeviceLayout`], which plans where the metadata and data areas go.
 //! - [`metadata`]: the pool metadata ([`metadata::PoolMetadata`]) and its
 //!   atomic commit slots ([`metadata::MetadataArea`]); the extent allocator
-//!   and volume create/grow/delete.
+//!   and volume create/grow/delete; snapshots and their copy-on-write maps
+//!   ([`metadata::snapshot`]: where a snapshot's chunk reads from, the
+//!   changed-block list between two snapshots, delete with merge).
 //! - [`description`]: the volume description the metadata server hands to
 //!   agents, and the mapping of a byte range onto extents and device legs.
 

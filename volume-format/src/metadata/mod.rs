@@ -17,6 +17,7 @@
 //! - [`slots`]: the commit slots (header, checksum, newest-valid-wins).
 //! - [`alloc`]: free-extent computation, the extent allocator, and volume
 //!   create/grow/delete.
+//! - [`snapshot`]: snapshots, copy-on-write maps, changed-block lists.
 
 pub mod alloc;
 pub mod slots;
