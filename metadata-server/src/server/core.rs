@@ -4,7 +4,7 @@
 //! Its loop waits for the next thing to happen (a command, the expiry tick,
 //! a recall deadline, shutdown) and applies it. Applying may await a commit
 //! to the devices — admin changes are serialized by design — but never an
-//! agent: a reconfiguration waiting for agents is state ([`PendingGrow`]),
+//! agent: a reconfiguration waiting for agents is state ([`PendingChange`]: a grow, a snapshot create or delete),
 //! picked up again by `RecallDone` or the recall deadline.
 //!
 //! The invariant kept between steps: `meta` is exactly what was last
