@@ -153,7 +153,7 @@ pub enum Command {
         #[command(flatten)]
         tuning: Tuning,
     },
-    /// Write the snapshot a chain recorded to an NBD export.
+    /// Write the snapshot a chain recorded to an NBD export or a sanvol volume.
     ///
     /// Verifies the chain up to --upto first, every chunk's checksum
     /// included, and writes nothing if any of it is damaged. The target must

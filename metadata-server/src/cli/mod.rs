@@ -185,20 +185,27 @@ pub enum SnapshotCommand {
     /// volume, so it can never run out of room. Read it as the NBD export
     /// VOLUME@NAME with `sanvol-backup`.
     Create {
+        /// The volume to snapshot.
         volume: String,
-        /// 1-255 bytes, no '@' or '/'.
+        /// The snapshot's name: 1-255 bytes, no '@' or '/'.
         name: String,
     },
     /// Snapshots of VOLUME (or of every volume): size, chunks copied so far,
     /// space reserved, export name.
     List {
+        /// Only this volume's snapshots.
         volume: Option<String>,
         #[arg(long)]
         json: bool,
     },
     /// Delete a snapshot. Other snapshots stay readable: pre-images an older
     /// snapshot still needs are moved into it first.
-    Delete { volume: String, name: String },
+    Delete {
+        /// The snapshot's volume.
+        volume: String,
+        /// The snapshot's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
