@@ -76,6 +76,19 @@ pub enum VolumeChange {
     SnapshotDelete { name: String },
 }
 
+impl VolumeChange {
+    /// The volume and change a request asks for, or the request back if it
+    /// is not a volume change.
+    pub fn of(request: Request) -> Result<(String, VolumeChange), Request> {
+        match request {
+            Request::VolumeGrow { name, size_bytes } => Ok((name, VolumeChange::Grow { size_bytes })),
+            Request::SnapshotCreate { volume, name } => Ok((volume, VolumeChange::SnapshotCreate { name })),
+            Request::SnapshotDelete { volume, name } => Ok((volume, VolumeChange::SnapshotDelete { name })),
+            other => Err(other),
+        }
+    }
+}
+
 impl std::fmt::Display for VolumeChange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

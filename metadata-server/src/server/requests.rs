@@ -36,6 +36,16 @@ pub fn alloc_error(e: AllocError) -> ControlError {
 
 impl Core {
     pub async fn handle_request(&mut self, session: SessionId, request: Request, reply: Reply) {
+        let request = match VolumeChange::of(request) {
+            Ok((volume, change)) => {
+                // `None`: the reply is kept until the holders have drained.
+                if let Some((reply, result)) = self.reconfigure(&volume, change, reply).await {
+                    let _ = reply.send(result);
+                }
+                return;
+            }
+            Err(request) => request,
+        };
         let result = match request {
             Request::PoolStatus => Ok(Response::Pool(self.pool_info())),
             Request::Renew => Ok(Response::Lease { lease_ms: self.lease_ms }),
@@ -49,16 +59,8 @@ impl Core {
             }
             Request::VolumeShow { name } => self.volume_show(&name),
             Request::VolumeDelete { name } => self.volume_delete(&name).await,
-            Request::VolumeGrow { name, size_bytes } => {
-                let change = VolumeChange::Grow { size_bytes };
-                match self.reconfigure(&name, change, reply).await {
-                    // Kept until the holders have drained.
-                    None => return,
-                    Some((reply, result)) => {
-                        let _ = reply.send(result);
-                        return;
-                    }
-                }
+            Request::VolumeGrow { .. } | Request::SnapshotCreate { .. } | Request::SnapshotDelete { .. } => {
+                Err(err(ErrorCode::Internal, "volume changes are handled before this point"))
             }
             Request::Open { volume, mode } => self.open(session, &volume, mode).await,
             Request::Close { handle } => self.close(session, handle).await,
@@ -71,26 +73,6 @@ impl Core {
                 self.report_device_failure(session, device, reason).await
             }
             Request::ReportDeviceRecovered { device } => self.report_device_recovered(session, device),
-            Request::SnapshotCreate { volume, name } => {
-                let change = VolumeChange::SnapshotCreate { name };
-                match self.reconfigure(&volume, change, reply).await {
-                    None => return,
-                    Some((reply, result)) => {
-                        let _ = reply.send(result);
-                        return;
-                    }
-                }
-            }
-            Request::SnapshotDelete { volume, name } => {
-                let change = VolumeChange::SnapshotDelete { name };
-                match self.reconfigure(&volume, change, reply).await {
-                    None => return,
-                    Some((reply, result)) => {
-                        let _ = reply.send(result);
-                        return;
-                    }
-                }
-            }
             Request::SnapshotList { volume } => self.snapshot_list(volume.as_deref()),
             Request::CowRegister { handle, snapshot, chunks } => {
                 self.cow_register(session, handle, snapshot, &chunks, false).await
