@@ -138,14 +138,23 @@ fn attach(agent: &Agent, volume: &str) -> NbdUri {
     agent.attach(volume, "exclusive")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_snapshot_keeps_its_image_while_fio_writes_and_backups_restore_it() {
-    let stack = stack();
-    stack.sanvol_ok(&["volume", "create", "v", "32M", "--mirror", "2"]);
+/// Volume `v` (32 MiB, `create_args` added) attached exclusively by agent
+/// host-a and filled; returns the agent, the export and the volume's bytes.
+async fn filled_volume(stack: &Stack, create_args: &[&str]) -> (Agent, NbdUri, Vec<u8>) {
+    let mut args = vec!["volume", "create", "v", "32M"];
+    args.extend_from_slice(create_args);
+    stack.sanvol_ok(&args);
     let agent = stack.start_agent("host-a");
     let uri = attach(&agent, "v");
     fill(&uri, 1).await;
-    let image1 = read_uri(&uri).await;
+    let image = read_uri(&uri).await;
+    (agent, uri, image)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_keeps_its_image_while_fio_writes_and_backups_restore_it() {
+    let stack = stack();
+    let (agent, uri, image1) = filled_volume(&stack, &["--mirror", "2"]).await;
 
     let out = stack.sanvol_ok(&["snapshot", "create", "v", "s1"]);
     assert!(out.contains("v@s1"), "{out}");
@@ -302,11 +311,7 @@ impl Drop for KillOnDrop {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn older_snapshots_fall_through_and_survive_deletes() {
     let stack = stack();
-    stack.sanvol_ok(&["volume", "create", "v", "32M"]);
-    let agent = stack.start_agent("host-a");
-    let uri = attach(&agent, "v");
-    fill(&uri, 1).await;
-    let image1 = read_uri(&uri).await;
+    let (agent, uri, image1) = filled_volume(&stack, &[]).await;
     stack.sanvol_ok(&["snapshot", "create", "v", "s1"]);
     write_blocks(&uri, 2, &[0, 100, 200]).await;
     let image2 = read_uri(&uri).await;
@@ -341,11 +346,7 @@ async fn older_snapshots_fall_through_and_survive_deletes() {
 /// snapshot still reads its image; a new agent finishes the write.
 async fn agent_crash_at(point: &str) {
     let stack = stack();
-    stack.sanvol_ok(&["volume", "create", "v", "32M", "--mirror", "2"]);
-    let agent = stack.start_agent("host-a");
-    let uri = attach(&agent, "v");
-    fill(&uri, 1).await;
-    let image1 = read_uri(&uri).await;
+    let (agent, _, image1) = filled_volume(&stack, &["--mirror", "2"]).await;
     agent.detach("v");
     drop(agent);
     let agent = stack.restart_agent_env("host-a", &[], &[("SANVOL_FAULT", point)]);
@@ -402,11 +403,7 @@ async fn agent_killed_after_registering_before_overwriting() {
 /// completes and the snapshot still reads its image.
 async fn server_crash_at(point: &str) {
     let mut stack = stack();
-    stack.sanvol_ok(&["volume", "create", "v", "32M"]);
-    let agent = stack.start_agent("host-a");
-    let uri = attach(&agent, "v");
-    fill(&uri, 1).await;
-    let image1 = read_uri(&uri).await;
+    let (agent, uri, image1) = filled_volume(&stack, &[]).await;
     stack.sanvol_ok(&["snapshot", "create", "v", "s1"]);
     // Restart the server armed with the fault; the agent resumes its handle.
     stack.kill_mds();

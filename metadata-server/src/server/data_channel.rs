@@ -541,21 +541,33 @@ async fn serve_channel(
         Err(_) => return warn!(client = %who.name, "data channel: no request within the handshake timeout"),
     };
     let refuse = |code, message: String| ServerMessage::Reply { id, result: Err(ControlError::new(code, message)) };
-    if request == Request::BackupChannel {
-        if !matches!(who.role, Role::Admin | Role::Backup) {
+    let (allowed, who_may) = match &request {
+        Request::BackupChannel => {
+            (matches!(who.role, Role::Admin | Role::Backup), "backup channels are for admin and backup keys")
+        }
+        Request::DataChannel { .. } => (who.role == Role::Agent, "data channels are for agents"),
+        _ => {
             let msg = refuse(
-                ErrorCode::PermissionDenied,
-                format!("backup channels are for admin and backup keys, not {}", who.role),
+                ErrorCode::InvalidArgument,
+                "a data channel must start with a DataChannel or BackupChannel request".into(),
             );
             let _ = framed::write_message(&mut stream, &msg).await;
             return;
         }
-        let Ok(_slot) = CHANNEL_SLOTS.clone().try_acquire_owned() else {
-            let msg =
-                refuse(ErrorCode::Unavailable, format!("the server serves {DATA_CHANNELS_MAX} data channels already"));
-            let _ = framed::write_message(&mut stream, &msg).await;
-            return;
-        };
+    };
+    if !allowed {
+        let msg = refuse(ErrorCode::PermissionDenied, format!("{who_may}, not {}", who.role));
+        let _ = framed::write_message(&mut stream, &msg).await;
+        return;
+    }
+    let Ok(_slot) = CHANNEL_SLOTS.clone().try_acquire_owned() else {
+        let msg =
+            refuse(ErrorCode::Unavailable, format!("the server serves {DATA_CHANNELS_MAX} data channels already"));
+        let _ = framed::write_message(&mut stream, &msg).await;
+        return;
+    };
+    let Request::DataChannel { volume, device } = request else {
+        // A backup channel: NBD over every snapshot, until the peer leaves.
         let ok = ServerMessage::Reply { id, result: Ok(Response::Done) };
         if framed::write_message(&mut stream, &ok).await.is_err() {
             return;
@@ -564,25 +576,6 @@ async fn serve_channel(
             _ = super::backup_export::serve(stream, ctx.meta.clone(), &who.name) => {}
             _ = stopped(&mut stop) => {}
         }
-        return;
-    }
-    let Request::DataChannel { volume, device } = request else {
-        let msg = refuse(
-            ErrorCode::InvalidArgument,
-            "a data channel must start with a DataChannel or BackupChannel request".into(),
-        );
-        let _ = framed::write_message(&mut stream, &msg).await;
-        return;
-    };
-    if who.role != Role::Agent {
-        let msg = refuse(ErrorCode::PermissionDenied, format!("data channels are for agents, not {}", who.role));
-        let _ = framed::write_message(&mut stream, &msg).await;
-        return;
-    }
-    let Ok(_slot) = CHANNEL_SLOTS.clone().try_acquire_owned() else {
-        let msg =
-            refuse(ErrorCode::Unavailable, format!("the server serves {DATA_CHANNELS_MAX} data channels already"));
-        let _ = framed::write_message(&mut stream, &msg).await;
         return;
     };
 
