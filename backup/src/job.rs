@@ -338,15 +338,29 @@ async fn full_inner(
     let staging = repo.stage(size)?;
     let (staging, bytes_read) = run(reader, staging, ops, size, opts, &progress).await?;
     progress.finish();
-    let mut m = draft(Kind::Full, 1, snap, None, None);
+    let m = draft(Kind::Full, 1, snap, None, None);
+    seal(repo, staging, m, bytes_read, &progress, existing, chunks).await
+}
+
+/// Finishes the staged backup with manifest `m` and moves it into the
+/// repository (replacing `replace`, for a full backup with --force).
+async fn seal(
+    repo: &Repo,
+    staging: Staging,
+    mut m: Manifest,
+    bytes_read: u64,
+    progress: &Progress,
+    replace: &[crate::repo::BackupDir],
+    chunks_considered: u64,
+) -> Result<BackupSummary> {
     m.bytes_read = bytes_read;
     m.duration_ms = progress.elapsed().as_millis() as u64;
     let staged = tokio::task::spawn_blocking(move || staging.finish(m))
         .await
         .map_err(|e| anyhow!("finishing the backup failed: {e}"))??;
     let manifest = staged.manifest.clone();
-    let path = repo.commit(staged, existing)?;
-    Ok(BackupSummary { path, manifest, chunks_considered: chunks, elapsed: progress.elapsed() })
+    let path = repo.commit(staged, replace)?;
+    Ok(BackupSummary { path, manifest, chunks_considered, elapsed: progress.elapsed() })
 }
 
 /// An incremental backup of `snap` with the chunks written since snapshot
@@ -454,15 +468,8 @@ async fn incremental_inner(
     let staging = repo.stage(size)?;
     let (staging, bytes_read) = run(reader, staging, ops, size, opts, &progress).await?;
     progress.finish();
-    let mut m = draft(Kind::Incremental, last.sequence + 1, snap, Some(&last.snapshot), Some(&last.id));
-    m.bytes_read = bytes_read;
-    m.duration_ms = progress.elapsed().as_millis() as u64;
-    let staged = tokio::task::spawn_blocking(move || staging.finish(m))
-        .await
-        .map_err(|e| anyhow!("finishing the backup failed: {e}"))??;
-    let manifest = staged.manifest.clone();
-    let path = repo.commit(staged, &[])?;
-    Ok(BackupSummary { path, manifest, chunks_considered: considered, elapsed: progress.elapsed() })
+    let m = draft(Kind::Incremental, last.sequence + 1, snap, Some(&last.snapshot), Some(&last.id));
+    seal(repo, staging, m, bytes_read, &progress, &[], considered).await
 }
 
 #[cfg(test)]

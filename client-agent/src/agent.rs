@@ -420,6 +420,19 @@ impl Agent {
     }
 }
 
+/// Registers copy-on-write chunks of one volume through the agent's session.
+struct SessionRegistrar {
+    session: Session,
+    volume: String,
+}
+
+#[async_trait::async_trait]
+impl CowRegistrar for SessionRegistrar {
+    async fn register(&self, snapshot: u64, chunks: Vec<u64>, server_copies: bool) -> Result<(), String> {
+        self.session.cow_register(&self.volume, snapshot, chunks, server_copies).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -631,18 +644,5 @@ mod tests {
         });
         let e = agent.wait_ready().await.unwrap_err();
         assert!(e.contains("pinned"), "{e}");
-    }
-}
-
-/// Registers copy-on-write chunks of one volume through the agent's session.
-struct SessionRegistrar {
-    session: Session,
-    volume: String,
-}
-
-#[async_trait::async_trait]
-impl CowRegistrar for SessionRegistrar {
-    async fn register(&self, snapshot: u64, chunks: Vec<u64>, server_copies: bool) -> Result<(), String> {
-        self.session.cow_register(&self.volume, snapshot, chunks, server_copies).await
     }
 }

@@ -163,10 +163,12 @@ pub struct Registrations {
     queue: Mutex<Queue>,
 }
 
+/// A caller's registration: (snapshot, chunks, where to answer).
+type Waiting = (u64, Vec<u64>, oneshot::Sender<Result<(), String>>);
+
 #[derive(Default)]
 struct Queue {
-    /// (snapshot, chunks, who waits).
-    waiting: Vec<(u64, Vec<u64>, oneshot::Sender<Result<(), String>>)>,
+    waiting: Vec<Waiting>,
     running: bool,
 }
 
