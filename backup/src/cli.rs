@@ -15,8 +15,8 @@ use crate::repo::{rfc3339, scan_dir, Manifest};
 use crate::source::{mds_conn, SnapshotRef, Source};
 use crate::verify::{self, Depth};
 use crate::{restore, serve};
-use client_agent::agent::AttachRequest;
-use client_agent::control::ControlRequest;
+use control_client::agent_api::AttachRequest;
+use control_client::agent_api::ControlRequest;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -173,7 +173,7 @@ pub enum Command {
         to: String,
         /// The local sanvol-agent's control socket, for `--to volume:NAME`.
         #[arg(long, env = "SANVOL_AGENT_SOCKET", value_name = "PATH",
-              default_value = client_agent::control::DEFAULT_CONTROL_SOCKET)]
+              default_value = control_client::agent_api::DEFAULT_CONTROL_SOCKET)]
         agent_socket: PathBuf,
         /// Restore the state of this snapshot (a snapshot name in the
         /// chain; default: the newest backup).
@@ -257,7 +257,7 @@ async fn attach_volume(agent_socket: &Path, volume: &str) -> Result<NbdUri> {
         socket: None,
         tcp: None,
     });
-    let reply = client_agent::control::call(agent_socket, &request).await.map_err(|e| anyhow!(e))?;
+    let reply = control_client::agent_api::call(agent_socket, &request).await.map_err(|e| anyhow!(e))?;
     let attached = match reply {
         r if r.ok => r.attached.ok_or_else(|| anyhow!("the agent attached volume {volume} but named no export"))?,
         r => bail!("the agent could not attach volume {volume}: {}", r.error.unwrap_or_default()),
@@ -297,7 +297,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let restored = interruptible(job, "the volume may be partly written: restore again").await;
             // Detach in any case (it flushes first).
             let detach = ControlRequest::Detach { volume: volume.to_string() };
-            let detached = client_agent::control::call(&agent_socket, &detach).await;
+            let detached = control_client::agent_api::call(&agent_socket, &detach).await;
             let summary = restored?;
             match detached {
                 Ok(r) if r.ok => {}

@@ -14,9 +14,9 @@ use blockio::client::{ClientOptions, NbdClient};
 use blockio::uri::{NbdUri, Transport};
 use blockio::{BlockDevice, MetaContext, StatusExtent};
 use bytes::Bytes;
+use control_client::handshake::HandshakeError;
+use control_client::{channel, ControlAddr, ControlClient, ControlClientError};
 use ed25519_dalek::{SigningKey, VerifyingKey};
-use metadata_server::control::handshake::HandshakeError;
-use metadata_server::control::{connect_backup_channel, ControlAddr, ControlClient, ControlClientError};
 use tokio::io::{AsyncRead, AsyncWrite};
 use volume_format::control::auth::{AuthFailure, Role};
 use volume_format::control::messages::{snapshot_export_name, Request, Response, SnapshotInfo};
@@ -87,11 +87,11 @@ impl MdsConn {
     }
 
     /// A backup channel, positioned for the NBD handshake.
-    pub async fn backup_channel(&self) -> Result<Box<dyn metadata_server::control::addr::ControlStream>> {
+    pub async fn backup_channel(&self) -> Result<Box<dyn control_client::ControlStream>> {
         let roles = self.roles();
         let mut last = String::new();
         for (i, role) in roles.iter().enumerate() {
-            match connect_backup_channel(&self.addr, &self.key, Some(&self.pinned), *role, &self.name).await {
+            match channel::open_backup(&self.addr, &self.key, Some(&self.pinned), *role, &self.name).await {
                 Ok(s) => {
                     self.chose(*role);
                     return Ok(s);
@@ -319,26 +319,14 @@ impl SnapshotReader {
 /// Parses `--mds/--key/--server-key/--role` into a connection.
 pub fn mds_conn(mds: &str, key: &Path, server_key: &str, role: Option<Role>) -> Result<MdsConn> {
     let addr: ControlAddr = mds.parse().map_err(|e: String| anyhow!(e)).context("parsing --mds")?;
-    let key = metadata_server::keys::load_private(key).context("loading --key")?;
-    let (pinned, _) = metadata_server::keys::parse_public(server_key).context("reading --server-key")?;
+    let key = control_client::keys::load_private(key).context("loading --key")?;
+    let (pinned, _) = control_client::keys::parse_public(server_key).context("reading --server-key")?;
     Ok(MdsConn::new(addr, key, pinned, role))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_wrong_role_refusal_is_recognized_in_the_channel_error() {
-        use metadata_server::control::BackupChannelError;
-        let refused = |failure| BackupChannelError::Handshake {
-            addr: "unix:/run/mds.sock".into(),
-            source: HandshakeError::Refused { failure, reason: "key of \"ops\" is authorized as admin".into() },
-        };
-        assert!(refused(AuthFailure::WrongRole).is_wrong_role());
-        assert!(!refused(AuthFailure::UnknownKey).is_wrong_role());
-        assert!(!BackupChannelError::Other("the metadata server refused a backup channel".into()).is_wrong_role());
-    }
 
     #[test]
     fn snapshot_refs_parse() {

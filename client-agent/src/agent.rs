@@ -17,10 +17,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use blockio::BlockDevice;
-use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 use volume_format::control::messages::OpenMode;
+
+pub use control_client::agent_api::{AttachRequest, AttachmentInfo};
 
 use crate::cow::{CowRegistrar, Registrations};
 use crate::devices::{DevicePool, PoolOptions};
@@ -55,44 +56,6 @@ pub enum AgentError {
     BadName(String),
     #[error("volume {volume}: {source}")]
     Kernel { volume: String, source: crate::kernel::KernelError },
-}
-
-/// What `attach` asks for.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AttachRequest {
-    pub volume: String,
-    pub mode: OpenMode,
-    /// Serve on this unix socket (default `EXPORT_DIR/VOLUME.sock`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub socket: Option<PathBuf>,
-    /// Serve on TCP (loopback only) instead.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tcp: Option<std::net::SocketAddr>,
-}
-
-/// One attached volume, as `list` shows it. Field names are part of the CLI's
-/// `--json` output: keep them stable.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AttachmentInfo {
-    pub volume: String,
-    /// `read-only`, `shared-write` or `exclusive`.
-    pub mode: String,
-    pub handle: u64,
-    pub export_uri: String,
-    pub size_bytes: u64,
-    pub layout_generation: u64,
-    /// `open`, `recalled`, `lease-expired`, `revoked` or `detached`.
-    pub state: String,
-    /// Why, when the state is not `open` (e.g. the server's revoke reason).
-    pub state_detail: String,
-    pub io_in_flight: u64,
-    pub io_waiting: u64,
-    /// The kernel device (`/dev/nbdX`) backing this volume, if it is attached to the kernel.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kernel_device: Option<String>,
-    /// Why a requested kernel attach did not happen (the socket export still serves the volume).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kernel_note: Option<String>,
 }
 
 struct Attachment {
@@ -171,7 +134,7 @@ impl Agent {
     /// Issues a handover token for `volume` to the agent whose public key is
     /// `to_key` (a `.pub` file's content, `sanvol-ed25519 HEX`, or hex).
     pub async fn handover(&self, volume: &str, to_key: &str) -> Result<Vec<u8>, AgentError> {
-        let (key, _) = metadata_server::keys::parse_public(to_key)
+        let (key, _) = control_client::keys::parse_public(to_key)
             .map_err(|e| AgentError::Session(SessionError::Server(format!("the target agent's key: {e:#}"))))?;
         Ok(self.session.handover(volume, key.to_bytes()).await?)
     }

@@ -45,14 +45,12 @@ use async_trait::async_trait;
 use blockio::client::{ClientOptions, NbdClient};
 use blockio::{BlockDevice, BlockSizes, IoError, IoErrorKind, MetaContext, StatusExtent, ZeroFlags};
 use bytes::Bytes;
-use metadata_server::control::{framed, handshake, ControlAddr, ControlClient};
-use tokio::io::AsyncWriteExt;
+use control_client::channel::{self, ChannelIdentity};
+use control_client::{ControlAddr, ControlClient};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 use volume_format::control::auth::Role;
-use volume_format::control::messages::{
-    ClientMessage, DataChannelGrant, ErrorCode, Request, Response, ServerEvent, ServerMessage, DATA_CHANNEL_PREAMBLE,
-};
+use volume_format::control::messages::{DataChannelGrant, Request, Response, ServerEvent};
 
 use crate::devices::PooledDevice;
 use crate::session::SessionConfig;
@@ -242,43 +240,42 @@ impl ServerLink {
         device: u32,
     ) -> Result<(NbdClient, DataChannelGrant), ChannelError> {
         let c = &self.config;
-        let other = |what: &str, e: &dyn std::fmt::Display| ChannelError::Other(format!("{what}: {e}"));
-        let mut stream = None;
+        let who = ChannelIdentity {
+            key: &c.key,
+            pinned: Some(&c.server_key),
+            role: Role::Agent,
+            name: &c.name,
+            instance: c.instance,
+        };
         let mut errors = Vec::new();
+        let mut opened = None;
         for addr in self.addrs() {
-            match addr.connect().await {
-                Ok(s) => {
-                    stream = Some(s);
+            match channel::open(addr, &who, Request::DataChannel { volume, device }).await {
+                Ok(ok) => {
+                    opened = Some(ok);
                     break;
                 }
-                Err(e) => errors.push(format!("{addr}: {e}")),
+                // Not served now (grace period, device unreachable from the
+                // server too): the caller retries later.
+                Err(e) if e.is_unavailable() => return Err(ChannelError::Unavailable(e.to_string())),
+                Err(control_client::ChannelError::Refused(e)) => return Err(ChannelError::Refused(e.message)),
+                Err(e) => errors.push(e.to_string()),
             }
         }
-        let Some(mut stream) = stream else {
-            return Err(other("connecting to the metadata server", &errors.join("; ")));
+        let Some((stream, response)) = opened else {
+            return Err(ChannelError::Other(format!("opening a data channel: {}", errors.join("; "))));
         };
-        stream.write_all(&DATA_CHANNEL_PREAMBLE).await.map_err(|e| other("sending the preamble", &e))?;
-        handshake::client(&mut stream, &c.key, Some(&c.server_key), Role::Agent, &c.name, c.instance)
-            .await
-            .map_err(|e| other("data channel handshake", &e))?;
-        let ask = ClientMessage { id: 1, request: Request::DataChannel { volume, device } };
-        framed::write_message(&mut stream, &ask).await.map_err(|e| other("asking for a data channel", &e))?;
-        let grant = match framed::read_message::<ServerMessage, _>(&mut stream).await {
-            Ok(ServerMessage::Reply { result: Ok(Response::DataChannel(grant)), .. }) => grant,
-            Ok(ServerMessage::Reply { result: Err(e), .. }) if e.code == ErrorCode::Unavailable => {
-                return Err(ChannelError::Unavailable(e.message))
-            }
-            Ok(ServerMessage::Reply { result: Err(e), .. }) => return Err(ChannelError::Refused(e.message)),
-            Ok(other_msg) => return Err(ChannelError::Other(format!("unexpected answer {other_msg:?}"))),
-            Err(e) => return Err(other("reading the data channel grant", &e)),
+        let Response::DataChannel(grant) = response else {
+            return Err(ChannelError::Other(format!("unexpected answer to a data channel request: {response:?}")));
         };
         let opts = ClientOptions {
             request_timeout: Some(CHANNEL_REQUEST_TIMEOUT),
             connect_timeout: CHANNEL_OPEN_TIMEOUT,
             ..ClientOptions::default()
         };
-        let client =
-            NbdClient::connect_stream(stream, "", opts).await.map_err(|e| other("NBD on the data channel", &e))?;
+        let client = NbdClient::connect_stream(stream, "", opts)
+            .await
+            .map_err(|e| ChannelError::Other(format!("NBD on the data channel: {e}")))?;
         Ok((client, grant))
     }
 }

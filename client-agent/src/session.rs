@@ -41,8 +41,8 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use control_client::{ControlAddr, ControlClient, ControlClientError};
 use ed25519_dalek::{SigningKey, VerifyingKey};
-use metadata_server::control::{ControlAddr, ControlClient, ControlClientError};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn, Instrument};

@@ -233,10 +233,10 @@ pub mod fake_mds {
     use std::path::Path;
     use std::sync::{Arc, Mutex};
 
+    use control_client::framed;
+    use control_client::handshake;
+    use control_client::ControlAddr;
     use ed25519_dalek::SigningKey;
-    use metadata_server::control::framed;
-    use metadata_server::control::handshake;
-    use metadata_server::control::ControlAddr;
     use tokio::sync::mpsc;
     use volume_format::control::auth::Role;
     use volume_format::control::messages::{

@@ -284,10 +284,10 @@ impl VolumeDevice {
                     copy_all(&runs, |(first, count)| self.copy_chunks(layout, epoch, first, count))
                         .await
                         .map_err(|e| e.message)?;
-                    metadata_server::fault::hit("agent-after-cow-copy");
+                    control_client::fault::hit("agent-after-cow-copy");
                 }
                 registrations.register(epoch.id.0, chunks.clone()).await?;
-                metadata_server::fault::hit("agent-after-cow-register");
+                control_client::fault::hit("agent-after-cow-register");
                 Ok(())
             }
             .await;

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use blockio::uri::{NbdUri, Transport};
 use serde::Deserialize;
 
-use crate::control::ControlAddr;
+use control_client::ControlAddr;
 
 /// Default lease: long enough that a busy agent renews comfortably, short
 /// enough that a dead agent is excluded from a reconfiguration quickly.

@@ -1,110 +1,15 @@
-//! Resume keys and handover tokens: what the server signs so that an agent
-//! can prove, on a later connection, which handle it holds.
+//! Signing and checking resume keys and handover tokens (their byte layout
+//! is `volume_format::control::resume`).
 //!
 //! Why signed rather than random: the server may restart or fail over between
 //! issuing a key and seeing it again. The handle itself lives in the pool
 //! metadata; the key only has to prove that *this server's key* issued it for
 //! *this* handle, pool and agent, which any server holding the pool's key can
 //! check without having kept the key.
-//!
-//! Why a fixed byte layout rather than a serde encoding: the bytes are signed,
-//! so they must never change with a library upgrade. Layout (big-endian):
-//!
-//! ```text
-//! resume key:     "SVRK" ver(1)=1 | pool uuid(16) | handle(8) | volume(8) | opened_at_unix_secs(8)
-//!                 | agent key(32) | agent instance(16) | mode(1)                           | sig(64)
-//! handover token: "SVHT" ver(1)=1 | pool uuid(16) | handle(8) | volume(8) | from key(32) | to key(32)
-//!                 | mode(1) | issued_at_unix_ms(8) | expires_at_unix_ms(8) | nonce(16)   | sig(64)
-//! ```
-//!
-//! The signature covers everything before it, magic included, so a resume
-//! key can never be passed off as a handover token or the other way round.
-//! Decoding never panics on any input: every length is checked first.
 
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
-use volume_format::control::messages::OpenMode;
-
-const RESUME_MAGIC: &[u8; 4] = b"SVRK";
-const HANDOVER_MAGIC: &[u8; 4] = b"SVHT";
-const VERSION: u8 = 1;
-const SIG_BYTES: usize = 64;
-/// Body sizes (magic and version included, signature excluded).
-const RESUME_BODY_BYTES: usize = 4 + 1 + 16 + 8 + 8 + 8 + 32 + 16 + 1;
-const HANDOVER_BODY_BYTES: usize = 4 + 1 + 16 + 8 + 8 + 32 + 32 + 1 + 8 + 8 + 16;
-
-/// What a resume key says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResumeKey {
-    pub pool: [u8; 16],
-    pub handle: u64,
-    pub volume: u64,
-    pub opened_at_unix_secs: u64,
-    pub agent_key: [u8; 32],
-    pub agent_instance: [u8; 16],
-    pub mode: OpenMode,
-}
-
-/// What a handover token says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HandoverToken {
-    pub pool: [u8; 16],
-    /// The holder's handle the token was issued from.
-    pub handle: u64,
-    pub volume: u64,
-    pub from_key: [u8; 32],
-    pub to_key: [u8; 32],
-    pub mode: OpenMode,
-    pub issued_at_unix_ms: u64,
-    pub expires_at_unix_ms: u64,
-    /// Makes every token distinct, so "used" can be remembered per token.
-    pub nonce: [u8; 16],
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TokenError {
-    #[error("it is {0} bytes long, not the {1} bytes of a sanvol {2}; pass the bytes exactly as issued")]
-    Length(usize, usize, &'static str),
-    #[error("it is not a sanvol {0} (wrong magic or version)")]
-    Magic(&'static str),
-    #[error("its signature does not verify against this pool's server key: it was forged or altered")]
-    Signature,
-    #[error("it names an unknown open mode {0}")]
-    Mode(u8),
-}
-
-fn mode_byte(m: OpenMode) -> u8 {
-    match m {
-        OpenMode::ReadOnly => 0,
-        OpenMode::SharedWrite => 1,
-        OpenMode::Exclusive => 2,
-    }
-}
-
-fn byte_mode(b: u8) -> Result<OpenMode, TokenError> {
-    Ok(match b {
-        0 => OpenMode::ReadOnly,
-        1 => OpenMode::SharedWrite,
-        2 => OpenMode::Exclusive,
-        other => return Err(TokenError::Mode(other)),
-    })
-}
-
-/// A bounds-checked reader over a body whose length was checked up front.
-struct Reader<'a>(&'a [u8]);
-
-impl Reader<'_> {
-    fn take<const N: usize>(&mut self) -> [u8; N] {
-        let (head, rest) = self.0.split_at(N);
-        self.0 = rest;
-        head.try_into().unwrap_or([0; N])
-    }
-    fn u64(&mut self) -> u64 {
-        u64::from_be_bytes(self.take::<8>())
-    }
-    fn u8(&mut self) -> u8 {
-        self.take::<1>()[0]
-    }
-}
+use volume_format::control::resume::Signed;
+pub use volume_format::control::resume::{HandoverToken, ResumeKey, TokenError};
 
 fn sign(key: &SigningKey, mut body: Vec<u8>) -> Vec<u8> {
     let sig = key.sign(&body);
@@ -112,88 +17,35 @@ fn sign(key: &SigningKey, mut body: Vec<u8>) -> Vec<u8> {
     body
 }
 
-/// Checks length, magic and signature; returns the body after the magic and
-/// version.
-fn open<'a>(
-    bytes: &'a [u8],
-    magic: &[u8; 4],
-    body_bytes: usize,
-    what: &'static str,
-    server: &VerifyingKey,
-) -> Result<&'a [u8], TokenError> {
-    if bytes.len() != body_bytes + SIG_BYTES {
-        return Err(TokenError::Length(bytes.len(), body_bytes + SIG_BYTES, what));
-    }
-    let (body, sig) = bytes.split_at(body_bytes);
-    if &body[..4] != magic || body[4] != VERSION {
-        return Err(TokenError::Magic(what));
-    }
-    let sig = Signature::from_slice(sig).map_err(|_| TokenError::Signature)?;
-    server.verify(body, &sig).map_err(|_| TokenError::Signature)?;
-    Ok(&body[5..])
+fn check<T>(signed: Signed<'_, T>, server: &VerifyingKey) -> Result<T, TokenError> {
+    let sig = Signature::from_bytes(signed.signature);
+    server.verify(signed.body, &sig).map_err(|_| TokenError::Signature)?;
+    Ok(signed.content)
 }
 
-impl ResumeKey {
-    pub fn sign(&self, key: &SigningKey) -> Vec<u8> {
-        let mut b = Vec::with_capacity(RESUME_BODY_BYTES + SIG_BYTES);
-        b.extend_from_slice(RESUME_MAGIC);
-        b.push(VERSION);
-        b.extend_from_slice(&self.pool);
-        b.extend_from_slice(&self.handle.to_be_bytes());
-        b.extend_from_slice(&self.volume.to_be_bytes());
-        b.extend_from_slice(&self.opened_at_unix_secs.to_be_bytes());
-        b.extend_from_slice(&self.agent_key);
-        b.extend_from_slice(&self.agent_instance);
-        b.push(mode_byte(self.mode));
-        debug_assert_eq!(b.len(), RESUME_BODY_BYTES);
-        sign(key, b)
+/// Signs resume keys and checks them.
+pub trait SignedResumeKey: Sized {
+    fn sign(&self, key: &SigningKey) -> Vec<u8>;
+    fn verify(bytes: &[u8], server: &VerifyingKey) -> Result<Self, TokenError>;
+}
+
+impl SignedResumeKey for ResumeKey {
+    fn sign(&self, key: &SigningKey) -> Vec<u8> {
+        sign(key, self.body())
     }
 
-    pub fn verify(bytes: &[u8], server: &VerifyingKey) -> Result<ResumeKey, TokenError> {
-        let mut r = Reader(open(bytes, RESUME_MAGIC, RESUME_BODY_BYTES, "resume key", server)?);
-        Ok(ResumeKey {
-            pool: r.take(),
-            handle: r.u64(),
-            volume: r.u64(),
-            opened_at_unix_secs: r.u64(),
-            agent_key: r.take(),
-            agent_instance: r.take(),
-            mode: byte_mode(r.u8())?,
-        })
+    fn verify(bytes: &[u8], server: &VerifyingKey) -> Result<ResumeKey, TokenError> {
+        check(ResumeKey::parse(bytes)?, server)
     }
 }
 
-impl HandoverToken {
-    pub fn sign(&self, key: &SigningKey) -> Vec<u8> {
-        let mut b = Vec::with_capacity(HANDOVER_BODY_BYTES + SIG_BYTES);
-        b.extend_from_slice(HANDOVER_MAGIC);
-        b.push(VERSION);
-        b.extend_from_slice(&self.pool);
-        b.extend_from_slice(&self.handle.to_be_bytes());
-        b.extend_from_slice(&self.volume.to_be_bytes());
-        b.extend_from_slice(&self.from_key);
-        b.extend_from_slice(&self.to_key);
-        b.push(mode_byte(self.mode));
-        b.extend_from_slice(&self.issued_at_unix_ms.to_be_bytes());
-        b.extend_from_slice(&self.expires_at_unix_ms.to_be_bytes());
-        b.extend_from_slice(&self.nonce);
-        debug_assert_eq!(b.len(), HANDOVER_BODY_BYTES);
-        sign(key, b)
+impl SignedResumeKey for HandoverToken {
+    fn sign(&self, key: &SigningKey) -> Vec<u8> {
+        sign(key, self.body())
     }
 
-    pub fn verify(bytes: &[u8], server: &VerifyingKey) -> Result<HandoverToken, TokenError> {
-        let mut r = Reader(open(bytes, HANDOVER_MAGIC, HANDOVER_BODY_BYTES, "handover token", server)?);
-        Ok(HandoverToken {
-            pool: r.take(),
-            handle: r.u64(),
-            volume: r.u64(),
-            from_key: r.take(),
-            to_key: r.take(),
-            mode: byte_mode(r.u8())?,
-            issued_at_unix_ms: r.u64(),
-            expires_at_unix_ms: r.u64(),
-            nonce: r.take(),
-        })
+    fn verify(bytes: &[u8], server: &VerifyingKey) -> Result<HandoverToken, TokenError> {
+        check(HandoverToken::parse(bytes)?, server)
     }
 }
 
@@ -262,6 +114,7 @@ impl HandoverLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use volume_format::control::messages::OpenMode;
 
     fn keys() -> (SigningKey, SigningKey) {
         (SigningKey::from_bytes(&[7; 32]), SigningKey::from_bytes(&[9; 32]))

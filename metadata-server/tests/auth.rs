@@ -5,10 +5,10 @@
 mod common;
 
 use common::{wait_for_log, Pool};
+use control_client::framed;
+use control_client::handshake::HandshakeError;
+use control_client::{ControlClient, ControlClientError};
 use ed25519_dalek::{Signer, SigningKey};
-use metadata_server::control::framed;
-use metadata_server::control::handshake::HandshakeError;
-use metadata_server::control::{ControlClient, ControlClientError};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use volume_format::control::auth::{

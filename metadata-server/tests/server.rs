@@ -5,7 +5,7 @@
 mod common;
 
 use common::{run, Pool, MIB};
-use metadata_server::control::ControlClientError;
+use control_client::ControlClientError;
 use volume_format::control::auth::Role;
 use volume_format::control::messages::{ErrorCode, OpenMode, Request, Response, ServerEvent, VolumeDetail, VolumeInfo};
 
@@ -18,7 +18,7 @@ fn code(e: ControlClientError) -> (ErrorCode, String) {
     }
 }
 
-async fn volumes(admin: &metadata_server::control::ControlClient) -> Vec<VolumeInfo> {
+async fn volumes(admin: &control_client::ControlClient) -> Vec<VolumeInfo> {
     match admin.request(Request::VolumeList).await.unwrap() {
         Response::Volumes(v) => v,
         other => panic!("{other:?}"),
@@ -26,7 +26,7 @@ async fn volumes(admin: &metadata_server::control::ControlClient) -> Vec<VolumeI
 }
 
 async fn open(
-    client: &metadata_server::control::ControlClient,
+    client: &control_client::ControlClient,
     volume: &str,
     mode: OpenMode,
 ) -> Result<volume_format::control::messages::OpenedHandle, ControlClientError> {

@@ -5,7 +5,7 @@
 mod common;
 
 use common::Pool;
-use metadata_server::control::ControlClientError;
+use control_client::ControlClientError;
 use volume_format::control::auth::Role;
 use volume_format::control::messages::{ErrorCode, OpenMode, Request, Response, SnapshotInfo};
 
@@ -18,7 +18,7 @@ fn code(e: ControlClientError) -> (ErrorCode, String) {
     }
 }
 
-async fn snapshots(admin: &metadata_server::control::ControlClient) -> Vec<SnapshotInfo> {
+async fn snapshots(admin: &control_client::ControlClient) -> Vec<SnapshotInfo> {
     match admin.request(Request::SnapshotList { volume: None }).await.unwrap() {
         Response::Snapshots(s) => s,
         other => panic!("{other:?}"),

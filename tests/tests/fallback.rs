@@ -133,29 +133,25 @@ async fn cut_path_falls_back_through_the_server_and_returns_then_a_dead_device_i
     p_client.disconnect().await;
 }
 
-/// Opens a data channel by hand: preamble, handshake with `key`, one
-/// `DataChannel` request. Returns the stream (ready for NBD) or the refusal.
+/// Opens a data channel with `key` (any role): one `DataChannel` request.
+/// Returns the stream (ready for NBD) or the refusal.
 async fn raw_channel(
     stack: &Stack,
     key: &str,
     role: volume_format::control::auth::Role,
     volume: u64,
     device: u32,
-) -> Result<Box<dyn metadata_server::control::addr::ControlStream>, volume_format::control::messages::ControlError> {
-    use metadata_server::control::{framed, handshake, ControlAddr};
-    use tokio::io::AsyncWriteExt;
-    use volume_format::control::messages::{ClientMessage, Request, ServerMessage, DATA_CHANNEL_PREAMBLE};
+) -> Result<Box<dyn control_client::ControlStream>, volume_format::control::messages::ControlError> {
+    use control_client::channel::{self, ChannelError, ChannelIdentity};
+    use control_client::ControlAddr;
+    use volume_format::control::messages::Request;
     let addr: ControlAddr = stack.mds_addr().parse().unwrap();
-    let mut stream = addr.connect().await.unwrap();
-    stream.write_all(&DATA_CHANNEL_PREAMBLE).await.unwrap();
-    let key = metadata_server::keys::load_private(&stack.dir.path().join(key)).unwrap();
-    handshake::client(&mut stream, &key, None, role, "test", [0; 16]).await.unwrap();
-    let ask = ClientMessage { id: 7, request: Request::DataChannel { volume, device } };
-    framed::write_message(&mut stream, &ask).await.unwrap();
-    match framed::read_message::<ServerMessage, _>(&mut stream).await.unwrap() {
-        ServerMessage::Reply { id: 7, result: Ok(_) } => Ok(stream),
-        ServerMessage::Reply { id: 7, result: Err(e) } => Err(e),
-        other => panic!("unexpected answer {other:?}"),
+    let key = control_client::keys::load_private(&stack.dir.path().join(key)).unwrap();
+    let who = ChannelIdentity { key: &key, pinned: None, role, name: "test", instance: [0; 16] };
+    match channel::open(&addr, &who, Request::DataChannel { volume, device }).await {
+        Ok((stream, _grant)) => Ok(stream),
+        Err(ChannelError::Refused(e)) => Err(e),
+        Err(other) => panic!("unexpected failure {other}"),
     }
 }
 

@@ -13,7 +13,7 @@ use blockio::client::{ClientOptions, NbdClient};
 use blockio::uri::NbdUri;
 use blockio::BlockDevice;
 use bytes::Bytes;
-use metadata_server::control::{ControlAddr, ControlClient, ControlClientError};
+use control_client::{ControlAddr, ControlClient, ControlClientError};
 use sanvol_tests::peers::require_tool;
 use sanvol_tests::system::{pub_path, run_ok, Agent, Stack};
 use volume_format::control::auth::Role;
@@ -240,12 +240,12 @@ impl RawAgent {
         let path = stack.dir.path().join(format!("{name}.key"));
         run_ok(Command::new(sanvol_tests::system::bin("sanvol")).arg("keygen").arg(&path));
         stack.sanvol_ok(&["client", "add", pub_path(&path).to_str().unwrap(), "--role", "agent", "--name", name]);
-        RawAgent { key: metadata_server::keys::load_private(&path).unwrap(), name: name.into() }
+        RawAgent { key: control_client::keys::load_private(&path).unwrap(), name: name.into() }
     }
 
     async fn connect(&self, stack: &Stack, instance: [u8; 16]) -> ControlClient {
         let addr: ControlAddr = stack.mds_addr().parse().unwrap();
-        let (server_key, _) = metadata_server::keys::parse_public(pub_path(&stack.mds_key).to_str().unwrap()).unwrap();
+        let (server_key, _) = control_client::keys::parse_public(pub_path(&stack.mds_key).to_str().unwrap()).unwrap();
         let (c, _events) =
             ControlClient::connect(&addr, &self.key, Some(&server_key), Role::Agent, &self.name, instance)
                 .await

@@ -14,7 +14,7 @@ use blockio::client::{ClientOptions, NbdClient};
 use blockio::uri::NbdUri;
 use blockio::{BlockDevice, MetaContext};
 use bytes::Bytes;
-use metadata_server::control::{connect_backup_channel, ControlAddr};
+use control_client::{channel, ControlAddr};
 use sanvol_tests::peers::{self, require_tool};
 use sanvol_tests::proxy::CuttableProxy;
 use sanvol_tests::system::{bin, pub_path, run_ok, Agent, Stack};
@@ -54,10 +54,10 @@ async fn read_uri(uri: &NbdUri) -> Vec<u8> {
 
 /// Opens the backup pseudo-device export `export` as the admin.
 async fn pseudo_device(stack: &Stack, export: &str, contexts: &[String]) -> NbdClient {
-    let key = metadata_server::keys::load_private(&stack.admin_key).unwrap();
-    let (pinned, _) = metadata_server::keys::parse_public(pub_path(&stack.mds_key).to_str().unwrap()).unwrap();
+    let key = control_client::keys::load_private(&stack.admin_key).unwrap();
+    let (pinned, _) = control_client::keys::parse_public(pub_path(&stack.mds_key).to_str().unwrap()).unwrap();
     let addr: ControlAddr = stack.mds_addr().parse().unwrap();
-    let stream = connect_backup_channel(&addr, &key, Some(&pinned), Role::Admin, "test").await.unwrap();
+    let stream = channel::open_backup(&addr, &key, Some(&pinned), Role::Admin, "test").await.unwrap();
     let mut opts = ClientOptions::default();
     opts.meta_contexts.extend(contexts.iter().cloned());
     NbdClient::connect_stream(stream, export, opts).await.unwrap_or_else(|e| panic!("open {export}: {e}"))
@@ -525,11 +525,11 @@ async fn only_admin_and_backup_keys_reach_the_pseudo_device() {
     let agent_key = stack.dir.path().join("agent.key");
     run_ok(Command::new(bin("sanvol")).arg("keygen").arg(&agent_key));
     stack.sanvol_ok(&["client", "add", pub_path(&agent_key).to_str().unwrap(), "--role", "agent"]);
-    let key = metadata_server::keys::load_private(&agent_key).unwrap();
-    let (pinned, _) = metadata_server::keys::parse_public(pub_path(&stack.mds_key).to_str().unwrap()).unwrap();
+    let key = control_client::keys::load_private(&agent_key).unwrap();
+    let (pinned, _) = control_client::keys::parse_public(pub_path(&stack.mds_key).to_str().unwrap()).unwrap();
     let addr: ControlAddr = stack.mds_addr().parse().unwrap();
     let refused =
-        connect_backup_channel(&addr, &key, Some(&pinned), Role::Agent, "sneaky").await.err().unwrap().to_string();
+        channel::open_backup(&addr, &key, Some(&pinned), Role::Agent, "sneaky").await.err().unwrap().to_string();
     assert!(refused.contains("backup channels are for admin and backup keys"), "{refused}");
     // Nor can a backup key write to a snapshot.
     let c = pseudo_device(&stack, "v@s1", &[]).await;

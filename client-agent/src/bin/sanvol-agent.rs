@@ -12,10 +12,10 @@ use client_agent::agent::{Agent, AgentConfig, AttachRequest, AttachmentInfo};
 use client_agent::control::{self, ControlReply, ControlRequest};
 use client_agent::devices::PoolOptions;
 use client_agent::session::SessionConfig;
-use metadata_server::control::ControlAddr;
+use control_client::ControlAddr;
 use volume_format::control::messages::OpenMode;
 
-use client_agent::control::DEFAULT_CONTROL_SOCKET;
+use control_client::agent_api::DEFAULT_CONTROL_SOCKET;
 const DEFAULT_EXPORT_DIR: &str = "/run/sanvol/exports";
 
 #[derive(Parser)]
@@ -198,8 +198,8 @@ async fn run(args: RunArgs, control_socket: PathBuf) -> Result<()> {
         .map(|a| a.trim().parse::<ControlAddr>().map_err(|e: String| anyhow::anyhow!(e)).context("--mds"))
         .collect::<Result<Vec<_>>>()?;
     let addr = addrs.remove(0);
-    let key = metadata_server::keys::load_private(&args.key)?;
-    let (server_key, _) = metadata_server::keys::parse_public(&args.server_key).context("--server-key")?;
+    let key = control_client::keys::load_private(&args.key)?;
+    let (server_key, _) = control_client::keys::parse_public(&args.server_key).context("--server-key")?;
     let mut instance = [0u8; 16];
     getrandom::getrandom(&mut instance).map_err(|e| anyhow::anyhow!("reading random bytes: {e}"))?;
     let config = AgentConfig {

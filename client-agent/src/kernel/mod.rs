@@ -67,15 +67,7 @@ impl Default for KernelSettings {
     }
 }
 
-/// What `sanvol-agent attach --kernel` asks the agent for (control op `attach-kernel`).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct KernelAttachRequest {
-    pub volume: String,
-    pub mode: OpenMode,
-    /// `/dev/nbdN` to use; default the first free one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nbd_device: Option<String>,
-}
+pub use control_client::agent_api::KernelAttachRequest;
 
 /// Most sockets per device we hand the driver.
 pub const CONNECTIONS_MAX: usize = 16;

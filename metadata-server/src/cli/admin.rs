@@ -8,8 +8,8 @@ use volume_format::control::messages::{snapshot_export_name, Request, Response};
 
 use super::size::format_size;
 use super::{table, ClientCommand, Command, ConnArgs, DeviceCommand, PoolCommand, SnapshotCommand, VolumeCommand};
-use crate::control::{ControlAddr, ControlClient};
 use crate::pool::init::{init, InitOptions};
+use control_client::{ControlAddr, ControlClient};
 use volume_format::PublicKey;
 
 fn host_name() -> String {
@@ -32,11 +32,11 @@ pub async fn connect(conn: &ConnArgs) -> Result<ControlClient> {
         .parse()
         .map_err(|e: String| anyhow!(e))?;
     let key_path = conn.key.as_ref().ok_or_else(|| anyhow!("no admin key given: use --key FILE (or SANVOL_KEY)"))?;
-    let key = crate::keys::load_private(key_path)?;
+    let key = control_client::keys::load_private(key_path)?;
     let server_key = conn.server_key.as_deref().ok_or_else(|| {
         anyhow!("no server key to pin: use --server-key PUB (or SANVOL_SERVER_KEY), the key sanvol-mds runs with")
     })?;
-    let (pinned, _) = crate::keys::parse_public(server_key).context("reading --server-key")?;
+    let (pinned, _) = control_client::keys::parse_public(server_key).context("reading --server-key")?;
     let mut instance = [0u8; 16];
     getrandom::getrandom(&mut instance).map_err(|e| anyhow!("random bytes: {e}"))?;
     let name = format!("sanvol@{}", host_name());

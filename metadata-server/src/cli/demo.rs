@@ -188,11 +188,11 @@ fn demo_pattern(seed: u8) -> Bytes {
 /// Reads the range `write_and_verify` wrote from snapshot export `export`
 /// through the backup pseudo-device and compares it with `expected`.
 async fn verify_snapshot(dir: &Path, mds: &str, export: &str, size: u64, expected: &Bytes) -> Result<()> {
-    let key = crate::keys::load_private(&dir.join("admin.key"))?;
-    let (pinned, _) = crate::keys::parse_public(&dir.join("mds.key.pub").display().to_string())?;
-    let addr: crate::control::ControlAddr = mds.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let key = control_client::keys::load_private(&dir.join("admin.key"))?;
+    let (pinned, _) = control_client::keys::parse_public(&dir.join("mds.key.pub").display().to_string())?;
+    let addr: control_client::ControlAddr = mds.parse().map_err(|e: String| anyhow::anyhow!(e))?;
     let role = volume_format::control::auth::Role::Admin;
-    let stream = crate::control::connect_backup_channel(&addr, &key, Some(&pinned), role, "sanvol-demo")
+    let stream = control_client::channel::open_backup(&addr, &key, Some(&pinned), role, "sanvol-demo")
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
     let client = NbdClient::connect_stream(stream, export, ClientOptions::default())

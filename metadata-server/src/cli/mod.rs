@@ -239,10 +239,10 @@ pub enum ClientCommand {
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Keygen { path, comment } => {
-            let public = crate::keys::generate(&path, &comment)?;
+            let public = control_client::keys::generate(&path, &comment)?;
             println!("private key: {} (mode 0600)", path.display());
-            println!("public key:  {}", crate::keys::public_path_for(&path).display());
-            println!("{}", crate::keys::format_public(&public, &comment));
+            println!("public key:  {}", control_client::keys::public_path_for(&path).display());
+            println!("{}", control_client::keys::format_public(&public, &comment));
             Ok(())
         }
         Command::Pool(PoolCommand::Init { devices, admin_key, admin_name, name, extent_size, force }) => {
@@ -260,6 +260,7 @@ pub async fn run(cli: Cli) -> Result<()> {
 
 /// Parses a public key argument into the raw bytes the protocol carries.
 pub fn public_key_arg(spec: &str) -> Result<([u8; 32], String)> {
-    let (key, comment) = crate::keys::parse_public(spec).with_context(|| format!("reading public key {spec:?}"))?;
+    let (key, comment) =
+        control_client::keys::parse_public(spec).with_context(|| format!("reading public key {spec:?}"))?;
     Ok((key.to_bytes(), comment))
 }

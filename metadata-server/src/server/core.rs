@@ -31,10 +31,10 @@ use volume_format::metadata::{HandleState, PoolMetadata};
 use volume_format::{PublicKey, VolumeDescription, VolumeId};
 
 use super::clock::Clock;
-use crate::control::handshake::Peer;
 use crate::handles::{Grace, Handle, HandleTable, RecallState, SessionId};
 use crate::pool::Pool;
 use crate::resume::HandoverLedger;
+use control_client::handshake::Peer;
 
 /// Authorized keys as the handshake sees them: key → (role, name).
 pub type ClientTable = HashMap<[u8; 32], (Role, String)>;

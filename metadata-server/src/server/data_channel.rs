@@ -49,10 +49,10 @@ use super::clock::unix_secs;
 use super::core::{Command, Core};
 use super::session::SessionContext;
 use super::stopped;
-use crate::control::addr::ControlStream;
-use crate::control::framed;
-use crate::control::handshake;
 use crate::handles::SessionId;
+use control_client::framed;
+use control_client::handshake;
+use control_client::ControlStream;
 
 /// Most data channels served at once (on top of the control-session bound);
 /// beyond it a channel is refused with `Unavailable`.
@@ -150,7 +150,7 @@ impl Core {
         out
     }
 
-    fn peer_of(&self, session: SessionId) -> Result<crate::control::handshake::Peer, ControlError> {
+    fn peer_of(&self, session: SessionId) -> Result<control_client::handshake::Peer, ControlError> {
         self.sessions
             .get(&session)
             .map(|s| s.peer.clone())

@@ -18,7 +18,7 @@ use volume_format::{HandleId, PublicKey, VolumeDescription, VolumeId};
 use super::clock::{unix_ms, unix_secs};
 use super::core::Core;
 use crate::handles::{Handle, SessionId};
-use crate::resume::{HandoverToken, ResumeKey, HANDOVER_TOKEN_MS};
+use crate::resume::{HandoverToken, ResumeKey, SignedResumeKey, HANDOVER_TOKEN_MS};
 
 /// Broken-handle records kept to answer late resumes; beyond it the oldest
 /// are forgotten (their agents are then told the handle is unknown).

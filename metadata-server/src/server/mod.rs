@@ -48,8 +48,8 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::control::ControlAddr;
 use crate::pool::{Pool, PoolError};
+use control_client::ControlAddr;
 
 pub use self::core::ClientTable;
 
@@ -98,7 +98,7 @@ impl Server {
     /// Reads the server key, opens the pool (newest valid metadata) and
     /// binds the listeners.
     pub async fn bind(config: &Config) -> Result<Server, ServerError> {
-        let key = crate::keys::load_private(&config.key).map_err(|e| ServerError::Key(format!("{e:#}")))?;
+        let key = control_client::keys::load_private(&config.key).map_err(|e| ServerError::Key(format!("{e:#}")))?;
         let (pool, meta) = Pool::open(&config.devices).await?;
         if meta.server_public_key.0 != key.verifying_key().to_bytes() {
             return Err(ServerError::WrongServerKey {
@@ -209,7 +209,7 @@ async fn accept_loop(listener: Listener, ctx: Arc<session::SessionContext>, mut 
     while sessions.join_next().await.is_some() {}
 }
 
-async fn accept(listener: &Listener) -> std::io::Result<(Box<dyn crate::control::addr::ControlStream>, String)> {
+async fn accept(listener: &Listener) -> std::io::Result<(Box<dyn control_client::ControlStream>, String)> {
     match listener {
         Listener::Tcp(l) => {
             let (s, peer) = l.accept().await?;

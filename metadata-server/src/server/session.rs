@@ -20,9 +20,9 @@ use volume_format::control::messages::{ClientMessage, ControlError, ErrorCode, S
 
 use super::core::{ClientTable, Command};
 use super::stopped;
-use crate::control::addr::ControlStream;
-use crate::control::framed::{self, FramedError};
-use crate::control::handshake;
+use control_client::framed::{self, FramedError};
+use control_client::handshake;
+use control_client::ControlStream;
 
 /// Requests of one session waiting for the owner at once; beyond it the
 /// session stops reading (backpressure on a flooding client).

@@ -193,14 +193,14 @@ impl Core {
                 }
             }
         }
-        crate::fault::hit("mds-before-cow-commit");
+        control_client::fault::hit("mds-before-cow-commit");
         let mut next = self.meta.clone();
         let new = next.register_cow(id, &fresh).map_err(|e| err(ErrorCode::InvalidArgument, e))?;
         if let Err(e) = self.commit(next).await {
             warn!(%volume, snapshot = %id, "registering copy-on-write chunks: {e}");
             return Err(e);
         }
-        crate::fault::hit("mds-after-cow-commit");
+        control_client::fault::hit("mds-after-cow-commit");
         Ok(Response::CowRegistered { new: new as u64 })
     }
 }

@@ -16,6 +16,7 @@
 pub mod auth;
 pub mod frame;
 pub mod messages;
+pub mod resume;
 
 /// The protocol version this build speaks.
 ///

@@ -19,9 +19,9 @@ use volume_format::control::auth::Role;
 use volume_format::control::frame;
 use volume_format::control::messages::{ClientMessage, ControlError, Request, Response, ServerEvent, ServerMessage};
 
-use super::addr::{ControlAddr, ControlStream};
-use super::framed::{self, FramedError};
-use super::handshake::{self, ClientSession, HandshakeError};
+use crate::addr::{ControlAddr, ControlStream};
+use crate::framed::{self, FramedError};
+use crate::handshake::{self, ClientSession, HandshakeError};
 
 /// How long a request may wait for its reply before the caller gives up.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);

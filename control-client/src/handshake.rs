@@ -14,7 +14,7 @@ use volume_format::control::auth::{
 use volume_format::control::frame;
 use volume_format::control::{PROTOCOL_VERSION, PROTOCOL_VERSION_MIN};
 
-use super::framed::{self, FramedError};
+use crate::framed::{self, FramedError};
 
 /// How long a peer may take to complete the handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
