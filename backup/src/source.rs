@@ -256,7 +256,7 @@ impl Source {
                             export: name,
                             volume: r.volume,
                             name: r.snapshot,
-                            id: 0,
+                            id: volume_format::SnapshotId(0),
                             created_at_unix_secs: 0,
                             created_generation: 0,
                             size_bytes: 0,

@@ -404,6 +404,7 @@ mod tests {
     use blockio::uri::NbdUri;
     use volume_format::control::messages::{Request, ServerEvent};
     use volume_format::description::DeviceEndpoint;
+    use volume_format::HandleId;
 
     use super::*;
     use crate::testing::fake_mds::FakeMds;
@@ -502,9 +503,9 @@ mod tests {
         assert_eq!(e, "volume busy is open exclusive by host-b (handle 9); it can be opened once host-b closes it");
 
         // Recall: the agent drains and confirms; I/O through the export is held.
-        mds.events.send(ServerEvent::Recall { handle: 11, generation: 2 }).await.unwrap();
+        mds.events.send(ServerEvent::Recall { handle: HandleId(11), generation: 2 }).await.unwrap();
         let done = mds.expect(|r| matches!(r, Request::RecallDone { .. })).await;
-        assert_eq!(done, Request::RecallDone { handle: 11, generation: 2 });
+        assert_eq!(done, Request::RecallDone { handle: HandleId(11), generation: 2 });
         assert_eq!(until_listed(&agent, "vol", |i| i.state == "recalled").await.layout_generation, 1);
         let held = tokio::spawn({
             let client = client.clone();
@@ -516,7 +517,7 @@ mod tests {
         // Publish a grown layout: held I/O completes; new connections see the new size
         // (an NBD export's size is fixed per connection at its handshake).
         let grown = volume_on(&pool, "vol", 3, 2, 2);
-        mds.events.send(ServerEvent::Publish { handle: 11, description: grown }).await.unwrap();
+        mds.events.send(ServerEvent::Publish { handle: HandleId(11), description: Box::new(grown) }).await.unwrap();
         assert_eq!(held.await.unwrap().unwrap(), data);
         let info = until_listed(&agent, "vol", |i| i.state == "open").await;
         assert_eq!((info.layout_generation, info.size_bytes), (2, 3 * EXTENT));
@@ -541,7 +542,10 @@ mod tests {
         );
 
         // Revoke: I/O fails with the server's reason.
-        mds.events.send(ServerEvent::Revoked { handle: 11, reason: "broken by host-c".into() }).await.unwrap();
+        mds.events
+            .send(ServerEvent::Revoked { handle: HandleId(11), reason: "broken by host-c".into() })
+            .await
+            .unwrap();
         let info = until_listed(&agent, "vol", |i| i.state == "revoked").await;
         assert!(info.state_detail.contains("broken by host-c"), "{info:?}");
         assert!(client.read(0, 512).await.is_err());
@@ -550,11 +554,11 @@ mod tests {
         let socket = agent.default_socket("vol");
         assert!(socket.exists());
         agent.detach("vol").await.unwrap();
-        assert_eq!(mds.expect(|r| matches!(r, Request::Close { .. })).await, Request::Close { handle: 11 });
+        assert_eq!(mds.expect(|r| matches!(r, Request::Close { .. })).await, Request::Close { handle: HandleId(11) });
         assert!(!socket.exists());
         assert!(matches!(agent.detach("vol").await, Err(AgentError::NotAttached(_))));
         agent.shutdown().await;
-        assert_eq!(mds.expect(|r| matches!(r, Request::Close { .. })).await, Request::Close { handle: 12 });
+        assert_eq!(mds.expect(|r| matches!(r, Request::Close { .. })).await, Request::Close { handle: HandleId(12) });
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -570,7 +574,10 @@ mod tests {
         }
         // The connection drops: the agent reconnects and brings the handle over.
         mds.hang_up.send(()).await.unwrap();
-        assert_eq!(mds.expect(|r| matches!(r, Request::Close { .. })).await, Request::Close { handle: info.handle });
+        assert_eq!(
+            mds.expect(|r| matches!(r, Request::Close { .. })).await,
+            Request::Close { handle: HandleId(info.handle) }
+        );
         mds.expect(|r| matches!(r, Request::Open { .. })).await;
         let info = until_listed(&agent, "vol", |i| i.handle == 12 && i.state == "open").await;
         let client = NbdClient::connect(&info.export_uri.parse().unwrap(), ClientOptions::default()).await.unwrap();
@@ -590,7 +597,7 @@ mod tests {
         let req = AttachRequest { volume: "vol".into(), mode: OpenMode::Exclusive, socket: None, tcp: None };
         let e = agent.attach(req).await.unwrap_err().to_string();
         assert!(e.contains("dev0") && e.contains("gone.sock"), "{e}");
-        assert_eq!(mds.expect(|r| matches!(r, Request::Close { .. })).await, Request::Close { handle: 11 });
+        assert_eq!(mds.expect(|r| matches!(r, Request::Close { .. })).await, Request::Close { handle: HandleId(11) });
         assert!(agent.list().await.is_empty());
     }
 

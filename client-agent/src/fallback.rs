@@ -52,6 +52,8 @@ use tracing::{info, warn};
 use volume_format::control::auth::Role;
 use volume_format::control::messages::{DataChannelGrant, Request, Response, ServerEvent};
 
+use volume_format::{DeviceIndex, VolumeId};
+
 use crate::devices::PooledDevice;
 use crate::session::SessionConfig;
 
@@ -217,14 +219,15 @@ impl ServerLink {
     /// Reports that the direct path to `device` failed. Ok(true) if the
     /// server answered that the device is now marked failed in the pool.
     pub async fn report_failure(&self, device: u32, reason: &str) -> Result<bool, String> {
+        let device = DeviceIndex(device);
         match self.request(Request::ReportDeviceFailure { device, reason: reason.to_string() }).await? {
-            Response::Devices(list) => Ok(list.iter().any(|d| d.index == device && d.state.starts_with("failed"))),
+            Response::Devices(list) => Ok(list.iter().any(|d| d.index == device && !d.state.is_online())),
             _ => Ok(false),
         }
     }
 
     pub async fn report_recovered(&self, device: u32) -> Result<(), String> {
-        self.request(Request::ReportDeviceRecovered { device }).await.map(|_| ())
+        self.request(Request::ReportDeviceRecovered { device: DeviceIndex(device) }).await.map(|_| ())
     }
 
     /// Opens a data channel for `volume` on `device`.
@@ -250,7 +253,8 @@ impl ServerLink {
         let mut errors = Vec::new();
         let mut opened = None;
         for addr in self.addrs() {
-            match channel::open(addr, &who, Request::DataChannel { volume, device }).await {
+            let request = Request::DataChannel { volume: VolumeId(volume), device: DeviceIndex(device) };
+            match channel::open(addr, &who, request).await {
                 Ok(ok) => {
                     opened = Some(ok);
                     break;

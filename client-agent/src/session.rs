@@ -48,7 +48,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn, Instrument};
 use volume_format::control::auth::Role;
 use volume_format::control::messages::{ErrorCode, OpenMode, Request, Response, ServerEvent};
-use volume_format::VolumeDescription;
+use volume_format::{HandleId, SnapshotId, VolumeDescription};
 
 use crate::gate::{Gate, GateError, GateStatus};
 use crate::volume::Layout;
@@ -241,7 +241,7 @@ impl Session {
             .map(|h| h.handle)
             .ok_or_else(|| SessionError::Server(format!("volume {volume} is not attached here")))?;
         let (client, _) = self.shared.client()?;
-        match client.request(Request::Handover { handle, to_key }).await? {
+        match client.request(Request::Handover { handle: HandleId(handle), to_key }).await? {
             Response::HandoverToken { token, .. } => Ok(token),
             other => Err(SessionError::Unexpected { request: "Handover", response: format!("{other:?}") }),
         }
@@ -268,12 +268,12 @@ impl Session {
                 opened.description.name
             )));
         }
-        let handle = opened.handle;
+        let handle = opened.handle.0;
         let generation = opened.description.layout_generation;
         let layout = match (self.shared.builder)(opened.description) {
             Ok(layout) => layout,
             Err(reason) => {
-                let _ = client.request(Request::Close { handle }).await;
+                let _ = client.request(Request::Close { handle: HandleId(handle) }).await;
                 return Err(SessionError::Layout { volume: volume.to_string(), reason });
             }
         };
@@ -304,7 +304,7 @@ impl Session {
         let Some(entry) = entry else { return Ok(()) };
         entry.gate.close();
         let (client, _) = self.shared.client()?;
-        match client.request(Request::Close { handle: entry.handle }).await {
+        match client.request(Request::Close { handle: HandleId(entry.handle) }).await {
             Ok(_) => Ok(()),
             // Already gone at the server (revoked, broken): closed is closed.
             Err(ControlClientError::Server(e)) if e.code == ErrorCode::NotFound => Ok(()),
@@ -345,7 +345,7 @@ impl Session {
             if matches!(h.gate.phase, crate::gate::Phase::Revoked { .. } | crate::gate::Phase::Closed) {
                 return Err(format!("volume {volume}'s handle was {}", h.gate.state_word()));
             }
-            let (handle, chunks) = (h.handle, chunks.clone());
+            let (handle, snapshot, chunks) = (HandleId(h.handle), SnapshotId(snapshot), chunks.clone());
             let request = if server_copies {
                 Request::CowCopy { handle, snapshot, chunks }
             } else {
@@ -368,7 +368,7 @@ impl Session {
                 Err(SessionError::ShutDown) => return Err("the agent is shutting down".to_string()),
                 Err(e) => e.to_string(),
             };
-            debug!(volume, snapshot, %why, retry_in_ms = pause.as_millis() as u64, "copy-on-write registration not done yet");
+            debug!(volume, %snapshot, %why, retry_in_ms = pause.as_millis() as u64, "copy-on-write registration not done yet");
             // Retry on the next connection change, or after a pause (a
             // resume after reconnecting does not change the state).
             let _ = tokio::time::timeout(pause, status.changed()).await;
@@ -584,6 +584,7 @@ impl Shared {
     fn apply(&self, event: ServerEvent, gate: &Arc<Gate<Layout>>, client: Option<&ControlClient>) {
         match event {
             ServerEvent::Recall { handle, generation } => {
+                let handle = handle.0;
                 info!(handle, generation, "recall: draining I/O");
                 if let Err(e) = gate.begin_recall(generation) {
                     warn!(handle, generation, error = %e, "cannot recall");
@@ -600,10 +601,13 @@ impl Shared {
                 tokio::spawn(
                     async move {
                         match gate.drained().await {
-                            Ok(()) => match client.request(Request::RecallDone { handle, generation }).await {
-                                Ok(_) => info!(handle, generation, "recall confirmed to the metadata server"),
-                                Err(e) => warn!(handle, generation, error = %e, "confirming the recall failed"),
-                            },
+                            Ok(()) => {
+                                match client.request(Request::RecallDone { handle: HandleId(handle), generation }).await
+                                {
+                                    Ok(_) => info!(handle, generation, "recall confirmed to the metadata server"),
+                                    Err(e) => warn!(handle, generation, error = %e, "confirming the recall failed"),
+                                }
+                            }
                             Err(e) => warn!(handle, generation, error = %e, "recall abandoned"),
                         }
                     }
@@ -611,6 +615,7 @@ impl Shared {
                 );
             }
             ServerEvent::Publish { handle, description } => {
+                let (handle, description) = (handle.0, *description);
                 let generation = description.layout_generation;
                 match (self.builder)(description) {
                     Ok(layout) => match gate.publish(Arc::new(layout), generation) {
@@ -624,6 +629,7 @@ impl Shared {
                 }
             }
             ServerEvent::Revoked { handle, reason } => {
+                let handle = handle.0;
                 warn!(handle, %reason, "handle revoked by the metadata server");
                 gate.revoke(reason);
             }
@@ -656,7 +662,7 @@ impl Shared {
                 self.resume(client, epoch, &volume, old_handle, &gate, key).await;
                 continue;
             }
-            let _ = client.request(Request::Close { handle: old_handle }).await;
+            let _ = client.request(Request::Close { handle: HandleId(old_handle) }).await;
             let sent = Instant::now();
             match client.request(Request::Open { volume: volume.clone(), mode }).await {
                 Ok(Response::Opened(opened)) => {
@@ -671,10 +677,10 @@ impl Shared {
                     gate.renew_lease(sent + Duration::from_millis(opened.lease_ms));
                     let mut r = lock(&self.registry);
                     if let Some(e) = r.entries.iter_mut().find(|e| e.volume == volume) {
-                        e.handle = opened.handle;
+                        e.handle = opened.handle.0;
                         e.epoch = epoch;
                     }
-                    info!(volume, old_handle, handle = opened.handle, "re-opened after reconnecting");
+                    info!(volume, old_handle, handle = opened.handle.0, "re-opened after reconnecting");
                 }
                 Err(ControlClientError::Server(e)) if e.code == ErrorCode::Conflict => {
                     info!(volume, reason = %e.message, "cannot re-open yet; I/O stays held, retrying");
@@ -700,7 +706,7 @@ impl Shared {
     ) {
         let sent = Instant::now();
         match client.request(Request::Resume { key }).await {
-            Ok(Response::Opened(opened)) if opened.handle == handle => {
+            Ok(Response::Opened(opened)) if opened.handle.0 == handle => {
                 let generation = opened.description.layout_generation;
                 if generation != gate.status().generation {
                     let published = (self.builder)(opened.description)
@@ -743,7 +749,7 @@ fn event_handle(event: &ServerEvent) -> u64 {
     match event {
         ServerEvent::Recall { handle, .. }
         | ServerEvent::Publish { handle, .. }
-        | ServerEvent::Revoked { handle, .. } => *handle,
+        | ServerEvent::Revoked { handle, .. } => handle.0,
     }
 }
 

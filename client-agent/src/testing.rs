@@ -367,7 +367,7 @@ pub mod fake_mds {
                 Some(description) => {
                     s.next_handle += 1;
                     Ok(Response::Opened(OpenedHandle {
-                        handle: s.next_handle,
+                        handle: volume_format::HandleId(s.next_handle),
                         mode,
                         description,
                         lease_ms,

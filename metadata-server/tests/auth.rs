@@ -16,6 +16,7 @@ use volume_format::control::auth::{
 };
 use volume_format::control::frame;
 use volume_format::control::messages::{Request, Response};
+use volume_format::control::{PROTOCOL_VERSION, PROTOCOL_VERSION_MIN};
 
 fn hello(key: &SigningKey, role: Role, version: u32, nonce: u8) -> ClientHello {
     ClientHello {
@@ -113,7 +114,7 @@ async fn every_authentication_failure_is_clear_logged_and_harmless() {
 
     // Bad signature: claims agent_a's key, signs with another.
     let mut s = connect_raw(&pool).await;
-    let h = frame::encode_payload(&hello(&pool.agent_a.signing, Role::Agent, 1, 1)).unwrap();
+    let h = frame::encode_payload(&hello(&pool.agent_a.signing, Role::Agent, PROTOCOL_VERSION, 1)).unwrap();
     let (outcome, _) = scripted(&mut s, &h, |hb, shb| {
         frame::encode_payload(&ClientProof {
             signature: stranger.sign(&auth::client_transcript(hb, shb)).to_bytes().to_vec(),
@@ -129,7 +130,7 @@ async fn every_authentication_failure_is_clear_logged_and_harmless() {
     // Replayed transcript: a genuine handshake recorded, then replayed on a
     // new connection (the server's fresh nonce makes the old proof useless).
     let mut s = connect_raw(&pool).await;
-    let h = frame::encode_payload(&hello(&pool.agent_a.signing, Role::Agent, 1, 2)).unwrap();
+    let h = frame::encode_payload(&hello(&pool.agent_a.signing, Role::Agent, PROTOCOL_VERSION, 2)).unwrap();
     let agent = pool.agent_a.signing.clone();
     let (outcome, recorded_proof) = scripted(&mut s, &h, |hb, shb| {
         frame::encode_payload(&ClientProof {
@@ -174,6 +175,19 @@ async fn every_authentication_failure_is_clear_logged_and_harmless() {
         other => panic!("{other:?}"),
     }
     wait_for_log(&["control handshake failed", &peer, "protocol version mismatch"]).await;
+
+    // A peer of the previous protocol (version 1, whose message tags differ)
+    // is refused with both ranges named, not misread.
+    let mut s = connect_raw(&pool).await;
+    framed::write_message(&mut s, &hello(&pool.agent_a.signing, Role::Agent, 1, 4)).await.unwrap();
+    match framed::read_message::<ServerHello, _>(&mut s).await.unwrap() {
+        ServerHello::Refuse { failure, reason } => {
+            assert_eq!(failure, AuthFailure::VersionMismatch);
+            let server_range = format!("this server {PROTOCOL_VERSION_MIN}..={PROTOCOL_VERSION}");
+            assert!(reason.contains("1..=1") && reason.contains(&server_range), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
 
     // Garbage: a frame that is not a hello, and bytes that are not frames.
     let mut s = connect_raw(&pool).await;

@@ -88,7 +88,10 @@ async fn volumes_lifecycle_through_the_cli() {
     let (ok, out, _) = run(pool.cli().args(["device", "list", "--json"])).await;
     assert!(ok);
     let devices: Vec<volume_format::control::messages::DeviceInfo> = serde_json::from_str(&out).unwrap();
-    assert!(devices.iter().all(|d| d.reachable && d.state == "online"), "{devices:?}");
+    assert!(
+        devices.iter().all(|d| d.reachable && d.state == volume_format::metadata::DeviceState::Online),
+        "{devices:?}"
+    );
     let (ok, out, _) = run(pool.cli().args(["client", "list"])).await;
     assert!(ok && out.contains("host-a") && out.contains("agent"), "{out}");
 
@@ -120,16 +123,20 @@ async fn acknowledged_changes_and_handles_survive_a_restart() {
     let strip = |v: &[VolumeInfo]| v.iter().map(|v| VolumeInfo { open_by: vec![], ..v.clone() }).collect::<Vec<_>>();
     assert_eq!(strip(&after), strip(&before));
     assert_eq!(after[0].size_bytes, 6 * MIB);
-    assert_eq!(before[0].open_by, vec![format!("host-a (exclusive, handle {}, active)", handle.handle)]);
+    assert_eq!(before[0].open_by, vec![format!("host-a (exclusive, handle {}, active)", handle.handle.0)]);
     assert!(
         after[0].open_by[0]
-            .starts_with(&format!("host-a (exclusive, handle {}, in grace, awaiting resume", handle.handle)),
+            .starts_with(&format!("host-a (exclusive, handle {}, in grace, awaiting resume", handle.handle.0)),
         "the handle is known after the restart, awaiting its resume: {:?}",
         after[0].open_by
     );
     let Response::Clients(clients) = admin.request(Request::ClientList).await.unwrap() else { panic!() };
     let a = clients.iter().find(|c| c.name == "host-a").unwrap();
-    assert!(a.handles[0].starts_with(&format!("db (exclusive, handle {}, in grace", handle.handle)), "{:?}", a.handles);
+    assert!(
+        a.handles[0].starts_with(&format!("db (exclusive, handle {}, in grace", handle.handle.0)),
+        "{:?}",
+        a.handles
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,7 +176,7 @@ async fn open_conflicts_name_the_holder_and_delete_waits_for_close() {
     assert_eq!(c, ErrorCode::Conflict);
     assert!(
         message.contains("volume db is open exclusive by host-a")
-            && message.contains(&format!("handle {}", h.handle))
+            && message.contains(&format!("handle {}", h.handle.0))
             && message.contains("reserved for it until"),
         "{message}"
     );

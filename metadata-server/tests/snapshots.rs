@@ -8,6 +8,7 @@ use common::Pool;
 use control_client::ControlClientError;
 use volume_format::control::auth::Role;
 use volume_format::control::messages::{ErrorCode, OpenMode, Request, Response, SnapshotInfo};
+use volume_format::{HandleId, SnapshotId};
 
 const LEASE_MS: u64 = 10_000;
 
@@ -39,7 +40,9 @@ async fn registrations_are_checked_committed_and_idempotent() {
     let handle = opened.handle;
 
     // No snapshot yet: nothing to register into.
-    let e = code(agent.request(Request::CowRegister { handle, snapshot: 1, chunks: vec![0] }).await.unwrap_err());
+    let e = code(
+        agent.request(Request::CowRegister { handle, snapshot: SnapshotId(1), chunks: vec![0] }).await.unwrap_err(),
+    );
     assert_eq!(e.0, ErrorCode::InvalidArgument, "{e:?}");
 
     // A snapshot while the agent holds the volume: the server recalls it
@@ -61,13 +64,16 @@ async fn registrations_are_checked_committed_and_idempotent() {
     };
     let epoch = description.snapshot.expect("the published layout names the snapshot");
     assert_eq!((epoch.name.as_str(), epoch.cow.count()), ("s1", 0));
-    let snapshot = epoch.id.0;
+    let snapshot = epoch.id;
 
     let chunks = epoch.chunk_count();
     let refused = [
         (Request::CowRegister { handle, snapshot, chunks: vec![chunks] }, ErrorCode::InvalidArgument),
-        (Request::CowRegister { handle, snapshot: snapshot + 1, chunks: vec![0] }, ErrorCode::InvalidArgument),
-        (Request::CowRegister { handle: handle + 100, snapshot, chunks: vec![0] }, ErrorCode::NotFound),
+        (
+            Request::CowRegister { handle, snapshot: SnapshotId(snapshot.0 + 1), chunks: vec![0] },
+            ErrorCode::InvalidArgument,
+        ),
+        (Request::CowRegister { handle: HandleId(handle.0 + 100), snapshot, chunks: vec![0] }, ErrorCode::NotFound),
     ];
     for (request, expected) in refused {
         let e = code(agent.request(request.clone()).await.unwrap_err());

@@ -148,7 +148,13 @@ async fn raw_channel(
     let addr: ControlAddr = stack.mds_addr().parse().unwrap();
     let key = control_client::keys::load_private(&stack.dir.path().join(key)).unwrap();
     let who = ChannelIdentity { key: &key, pinned: None, role, name: "test", instance: [0; 16] };
-    match channel::open(&addr, &who, Request::DataChannel { volume, device }).await {
+    match channel::open(
+        &addr,
+        &who,
+        Request::DataChannel { volume: volume_format::VolumeId(volume), device: volume_format::DeviceIndex(device) },
+    )
+    .await
+    {
         Ok((stream, _grant)) => Ok(stream),
         Err(ChannelError::Refused(e)) => Err(e),
         Err(other) => panic!("unexpected failure {other}"),

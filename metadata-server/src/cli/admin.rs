@@ -145,7 +145,7 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
                         d.uri.clone(),
                         format_size(d.size_bytes),
                         format!("{}/{}", d.extents_free, d.extents_total),
-                        d.state.clone(),
+                        d.state.to_string(),
                         if d.reachable { "yes" } else { "NO" }.into(),
                     ]
                 })

@@ -28,7 +28,7 @@ use tracing::{info, warn};
 use volume_format::control::auth::Role;
 use volume_format::control::messages::{ControlError, ErrorCode, Request, Response, ServerEvent, ServerMessage};
 use volume_format::metadata::{HandleState, PoolMetadata};
-use volume_format::{PublicKey, VolumeDescription, VolumeId};
+use volume_format::{HandleId, PublicKey, VolumeDescription, VolumeId};
 
 use super::clock::Clock;
 use crate::handles::{Grace, Handle, HandleTable, RecallState, SessionId};
@@ -335,7 +335,7 @@ impl Core {
             if let Some(h) = self.handles.remove(id) {
                 warn!(handle = id, volume = h.volume, holder = %h.holder, "lease ran out; handle released");
                 let reason = format!("the lease ran out at {}", self.clock.describe(h.lease_until_ms));
-                self.send_handle_event(&h, ServerEvent::Revoked { handle: id, reason });
+                self.send_handle_event(&h, ServerEvent::Revoked { handle: HandleId(id), reason });
             }
         }
         self.check_recalls().await;
@@ -383,7 +383,7 @@ impl Core {
                         "excluded from the reconfiguration of layout generation {}: no confirmation within the lease",
                         pending.generation
                     );
-                    self.send_event(h.session, ServerEvent::Revoked { handle: *id, reason });
+                    self.send_event(h.session, ServerEvent::Revoked { handle: HandleId(*id), reason });
                 }
             }
         }
@@ -411,7 +411,8 @@ impl Core {
                     .map(|h| (h.id, h.session))
                     .collect();
                 for (handle, session) in holders {
-                    self.send_event(session, ServerEvent::Publish { handle, description: description.clone() });
+                    let description = Box::new(description.clone());
+                    self.send_event(session, ServerEvent::Publish { handle: HandleId(handle), description });
                 }
             }
             Err(e) => warn!(%volume, "cannot describe the volume after reconfiguration: {e}"),

@@ -43,7 +43,7 @@ use volume_format::control::messages::{
     ServerMessage, DATA_CHANNEL_PREAMBLE,
 };
 use volume_format::metadata::{DeviceState, HandleState};
-use volume_format::{DeviceIndex, VolumeDescription, VolumeId};
+use volume_format::{DeviceIndex, HandleId, VolumeDescription, VolumeId};
 
 use super::clock::unix_secs;
 use super::core::{Command, Core};
@@ -209,8 +209,8 @@ impl Core {
         ranges.sort_unstable();
         let ranges = merge_ranges(ranges);
         Ok(Response::DataChannel(DataChannelGrant {
-            volume,
-            device,
+            volume: VolumeId(volume),
+            device: DeviceIndex(device),
             layout_generation: v.layout_generation,
             read_only: modes.iter().all(|m| *m == OpenMode::ReadOnly),
             ranges,
@@ -310,13 +310,13 @@ impl Core {
             .iter()
             .filter(|d| devices.contains(&d.index.0))
             .map(|d| DeviceInfo {
-                index: d.index.0,
+                index: d.index,
                 uuid: d.device_uuid.to_string(),
                 uri: d.uri.clone(),
                 size_bytes: d.device_bytes,
                 extents_total: d.extent_count(self.meta.extent_bytes),
                 extents_free: 0,
-                state: d.state.to_string(),
+                state: d.state.clone(),
                 reachable: self.pool.reachable(d.device_uuid),
             })
             .collect()
@@ -351,7 +351,8 @@ impl Core {
             };
             let holders: Vec<(u64, SessionId)> = self.handles.on_volume(volume.0).map(|h| (h.id, h.session)).collect();
             for (handle, session) in holders {
-                self.send_event(session, ServerEvent::Publish { handle, description: description.clone() });
+                let description = Box::new(description.clone());
+                self.send_event(session, ServerEvent::Publish { handle: HandleId(handle), description });
             }
         }
         Ok(())
@@ -598,8 +599,8 @@ async fn serve_granted(
     ctx: &SessionContext,
     session: SessionId,
     id: u64,
-    volume: u64,
-    device: u32,
+    volume: VolumeId,
+    device: DeviceIndex,
     client: &str,
     kicked: &mut oneshot::Receiver<()>,
     events: &mut mpsc::Receiver<ServerMessage>,
@@ -614,7 +615,7 @@ async fn serve_granted(
             return;
         }
         Err(e) => {
-            info!(client, volume, device, "data channel refused: {e}");
+            info!(client, %volume, %device, "data channel refused: {e}");
             let _ = framed::write_message(&mut stream, &ServerMessage::Reply { id, result: Err(e) }).await;
             return;
         }
@@ -638,7 +639,7 @@ async fn serve_granted(
     let client_dev = match connected {
         Ok(c) => c,
         Err(e) => {
-            warn!(client, device, %uri, "data channel: the server cannot reach the device either: {e}");
+            warn!(client, %device, %uri, "data channel: the server cannot reach the device either: {e}");
             let reason = format!("data channel for {client}: {e}");
             let _ = ask(ctx, session, Request::ReportDeviceFailure { device, reason }).await;
             let e = ControlError::new(
@@ -654,7 +655,7 @@ async fn serve_granted(
         client_dev.disconnect().await;
         return debug!("data channel closed before its grant was sent: {e}");
     }
-    info!(client, volume, device, ranges = grant.ranges.len(), read_only = grant.read_only, "data channel open");
+    info!(client, %volume, %device, ranges = grant.ranges.len(), read_only = grant.read_only, "data channel open");
     let table = ExportTable::new();
     table.insert(Export {
         name: String::new(),
@@ -683,7 +684,7 @@ async fn serve_granted(
     let drain_events = async { while events.recv().await.is_some() {} };
     tokio::select! {
         r = server.serve_connection(stream) => if let Err(e) = r { debug!("data channel NBD connection ended: {e}") },
-        why = still_granted => info!(client, volume, device, "closing the data channel: {why}"),
+        why = still_granted => info!(client, %volume, %device, "closing the data channel: {why}"),
         _ = kicked => info!(client, "data channel closed by the server"),
         _ = stopped(stop) => {}
         _ = drain_events => {}
@@ -691,7 +692,7 @@ async fn serve_granted(
     client_dev.disconnect().await;
 }
 
-async fn ask_uri(ctx: &SessionContext, session: SessionId, device: u32) -> Option<String> {
+async fn ask_uri(ctx: &SessionContext, session: SessionId, device: DeviceIndex) -> Option<String> {
     // The URI is part of the owner's state too; PoolStatus-like requests do
     // not carry it, so the device listing is asked for it.
     match ask(ctx, session, Request::DeviceList).await {
@@ -708,8 +709,8 @@ mod tests {
 
     fn grant(read_only: bool) -> DataChannelGrant {
         DataChannelGrant {
-            volume: 1,
-            device: 0,
+            volume: VolumeId(1),
+            device: DeviceIndex(0),
             layout_generation: 1,
             read_only,
             ranges: vec![(8192, 8192), (32768, 4096)],

@@ -123,7 +123,7 @@ impl Core {
             err(ErrorCode::Internal, format!("describing volume {}: {e}", self.volume_name(handle.volume)))
         })?;
         Ok(Response::Opened(OpenedHandle {
-            handle: handle.id,
+            handle: volume_format::HandleId(handle.id),
             mode: handle.mode,
             description,
             lease_ms: self.lease_ms,

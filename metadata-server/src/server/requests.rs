@@ -63,21 +63,21 @@ impl Core {
                 Err(err(ErrorCode::Internal, "volume changes are handled before this point"))
             }
             Request::Open { volume, mode } => self.open(session, &volume, mode).await,
-            Request::Close { handle } => self.close(session, handle).await,
-            Request::RecallDone { handle, generation } => self.recall_done(session, handle, generation).await,
+            Request::Close { handle } => self.close(session, handle.0).await,
+            Request::RecallDone { handle, generation } => self.recall_done(session, handle.0, generation).await,
             Request::Resume { key } => self.resume(session, &key).await,
-            Request::Handover { handle, to_key } => self.handover(session, handle, to_key),
+            Request::Handover { handle, to_key } => self.handover(session, handle.0, to_key),
             Request::OpenHandover { token } => self.open_handover(session, &token).await,
-            Request::DataChannel { volume, device } => self.data_channel_grant(session, volume, device),
+            Request::DataChannel { volume, device } => self.data_channel_grant(session, volume.0, device.0),
             Request::ReportDeviceFailure { device, reason } => {
-                self.report_device_failure(session, device, reason).await
+                self.report_device_failure(session, device.0, reason).await
             }
-            Request::ReportDeviceRecovered { device } => self.report_device_recovered(session, device),
+            Request::ReportDeviceRecovered { device } => self.report_device_recovered(session, device.0),
             Request::SnapshotList { volume } => self.snapshot_list(volume.as_deref()),
             Request::CowRegister { handle, snapshot, chunks } => {
-                self.cow_register(session, handle, snapshot, &chunks, false).await
+                self.cow_register(session, handle.0, snapshot.0, &chunks, false).await
             }
-            Request::CowCopy { handle, snapshot, chunks } => self.cow_register(session, handle, snapshot, &chunks, true).await,
+            Request::CowCopy { handle, snapshot, chunks } => self.cow_register(session, handle.0, snapshot.0, &chunks, true).await,
             Request::BackupChannel => Err(err(
                 ErrorCode::InvalidArgument,
                 "a backup channel is asked for as the first request of a data channel (after the data-channel preamble)",
@@ -115,13 +115,13 @@ impl Core {
             .devices
             .iter()
             .map(|d| DeviceInfo {
-                index: d.index.0,
+                index: d.index,
                 uuid: d.device_uuid.to_string(),
                 uri: d.uri.clone(),
                 size_bytes: d.device_bytes,
                 extents_total: d.extent_count(self.meta.extent_bytes),
                 extents_free: free.device_count(d.index),
-                state: d.state.to_string(),
+                state: d.state.clone(),
                 reachable: self.pool.reachable(d.device_uuid),
             })
             .collect()
@@ -156,7 +156,7 @@ impl Core {
     fn volume_info(&self, v: &VolumeRecord) -> VolumeInfo {
         VolumeInfo {
             name: v.name.clone(),
-            id: v.id.0,
+            id: v.id,
             size_bytes: v.size_bytes,
             legs: v.mirror_legs as u8,
             extents: v.extents.len() as u64,
@@ -240,7 +240,7 @@ impl Core {
         if !(1..=MIRROR_LEGS_MAX).contains(&u32::from(legs)) {
             return Err(err(ErrorCode::InvalidArgument, format!("legs must be 1..={MIRROR_LEGS_MAX}, not {legs}")));
         }
-        if size_bytes == 0 || size_bytes % u64::from(VOLUME_BLOCK_BYTES) != 0 {
+        if size_bytes == 0 || !size_bytes.is_multiple_of(u64::from(VOLUME_BLOCK_BYTES)) {
             return Err(err(
                 ErrorCode::InvalidArgument,
                 format!("volume size {size_bytes} must be a positive multiple of {VOLUME_BLOCK_BYTES} bytes"),
@@ -334,7 +334,7 @@ impl Core {
         info!(volume = %name, %change, generation, holders = recall.waiting.len(), "recalling the layout from its holders");
         for handle in recall.waiting {
             if let Some(session) = self.handles.get(handle).map(|h| h.session) {
-                self.send_event(session, ServerEvent::Recall { handle, generation });
+                self.send_event(session, ServerEvent::Recall { handle: HandleId(handle), generation });
             }
         }
         self.pending_changes.insert(id, PendingChange { volume: id, change, generation, reply });
@@ -398,13 +398,19 @@ impl Core {
         for h in opened.broken {
             info!(handle = h.id, holder = %h.holder, "handle broken by a conflicting open after its lease ran out");
             let reason = format!("{} opened the volume {mode} after this handle's lease ran out", peer.name);
-            self.send_handle_event(&h, ServerEvent::Revoked { handle: h.id, reason });
+            self.send_handle_event(&h, ServerEvent::Revoked { handle: HandleId(h.id), reason });
         }
         let description = VolumeDescription::from_metadata(&self.meta, id)
             .map_err(|e| err(ErrorCode::Internal, format!("describing volume {volume}: {e}")))?;
         info!(volume, handle = handle.id, %mode, holder = %peer.name, "volume opened");
         let resume_key = self.resume_key_for(handle.id);
-        Ok(Response::Opened(OpenedHandle { handle: handle.id, mode, description, lease_ms: self.lease_ms, resume_key }))
+        Ok(Response::Opened(OpenedHandle {
+            handle: HandleId(handle.id),
+            mode,
+            description,
+            lease_ms: self.lease_ms,
+            resume_key,
+        }))
     }
 
     async fn close(&mut self, session: SessionId, handle: u64) -> Result<Response, ControlError> {

@@ -116,7 +116,7 @@ impl Core {
                 Some(SnapshotInfo {
                     volume: v.name.clone(),
                     name: s.name.clone(),
-                    id: s.id.0,
+                    id: s.id,
                     export: snapshot_export_name(&v.name, &s.name),
                     created_at_unix_secs: s.created_at_unix_secs,
                     created_generation: s.created_generation,

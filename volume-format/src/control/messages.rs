@@ -9,7 +9,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::auth::Role;
-use crate::VolumeDescription;
+use crate::metadata::DeviceState;
+use crate::{DeviceIndex, HandleId, SnapshotId, VolumeDescription, VolumeId};
 
 /// How a volume is opened (the same type the pool metadata stores in its
 /// handle records).
@@ -102,12 +103,12 @@ pub enum Request {
         mode: OpenMode,
     },
     Close {
-        handle: u64,
+        handle: HandleId,
     },
     /// The agent has drained and holds I/O for `handle` as the server asked
     /// in a [`ServerEvent::Recall`] for `generation`.
     RecallDone {
-        handle: u64,
+        handle: HandleId,
         generation: u64,
     },
     /// Re-attaches this session to the handle a resume key names (after a
@@ -121,7 +122,7 @@ pub enum Request {
     /// `to_key` may attach `handle`'s volume alongside this holder (live
     /// migration). Answered with [`Response::HandoverToken`].
     Handover {
-        handle: u64,
+        handle: HandleId,
         to_key: [u8; 32],
     },
     /// Opens a volume with a handover token issued to this agent's key.
@@ -133,8 +134,8 @@ pub enum Request {
     /// them to the snapshot's COW map before answering
     /// [`Response::CowRegistered`], and only then may the agent overwrite.
     CowRegister {
-        handle: u64,
-        snapshot: u64,
+        handle: HandleId,
+        snapshot: SnapshotId,
         chunks: Vec<u64>,
     },
     /// Like `CowRegister`, but the server copies the pre-images itself
@@ -142,8 +143,8 @@ pub enum Request {
     /// volume shared-write use, since another writer may already have
     /// registered and overwritten a chunk they are about to copy.
     CowCopy {
-        handle: u64,
-        snapshot: u64,
+        handle: HandleId,
+        snapshot: SnapshotId,
         chunks: Vec<u64>,
     },
 
@@ -153,19 +154,19 @@ pub enum Request {
     /// first request of a data channel (see [`DATA_CHANNEL_PREAMBLE`]) an OK
     /// answer switches that connection to NBD.
     DataChannel {
-        volume: u64,
-        device: u32,
+        volume: VolumeId,
+        device: DeviceIndex,
     },
     /// The agent's direct path to `device` failed (`reason`); it now sends
     /// that device's I/O through the server. The server checks whether it
     /// still reaches the device itself, and marks it failed if not.
     ReportDeviceFailure {
-        device: u32,
+        device: DeviceIndex,
         reason: String,
     },
     /// The agent's direct path to `device` works again.
     ReportDeviceRecovered {
-        device: u32,
+        device: DeviceIndex,
     },
 
     // ---- admin or backup: the backup pseudo-device ----
@@ -219,6 +220,9 @@ impl Request {
 }
 
 /// A message from the server.
+// Replies are built once and sent once: their size on the stack does not
+// matter, and boxing every `Response` would touch every request handler.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ServerMessage {
     Reply { id: u64, result: Result<Response, ControlError> },
@@ -256,7 +260,7 @@ pub enum Response {
 /// What an agent gets when it opens a volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpenedHandle {
-    pub handle: u64,
+    pub handle: HandleId,
     pub mode: OpenMode,
     pub description: VolumeDescription,
     /// The lease the handle lives under; renewed with the session.
@@ -286,8 +290,8 @@ pub const DATA_CHANNEL_PREAMBLE: [u8; 8] = *b"SANVOLD1";
 /// What a data channel may touch: byte ranges on one device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataChannelGrant {
-    pub volume: u64,
-    pub device: u32,
+    pub volume: VolumeId,
+    pub device: DeviceIndex,
     /// The layout generation the ranges were computed from.
     pub layout_generation: u64,
     pub read_only: bool,
@@ -301,11 +305,11 @@ pub struct DataChannelGrant {
 pub enum ServerEvent {
     /// Drain and hold I/O on `handle`, then confirm with `RecallDone`; a new
     /// layout with `generation` will follow.
-    Recall { handle: u64, generation: u64 },
+    Recall { handle: HandleId, generation: u64 },
     /// Resume I/O on `handle` with this layout.
-    Publish { handle: u64, description: VolumeDescription },
+    Publish { handle: HandleId, description: Box<VolumeDescription> },
     /// The handle is no longer valid; stop I/O on it.
-    Revoked { handle: u64, reason: String },
+    Revoked { handle: HandleId, reason: String },
 }
 
 /// A failed request: a stable code for programs and a sentence for people.
@@ -360,14 +364,16 @@ pub struct PoolInfo {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceInfo {
-    pub index: u32,
+    pub index: DeviceIndex,
     pub uuid: String,
     pub uri: String,
     pub size_bytes: u64,
     pub extents_total: u64,
     pub extents_free: u64,
-    /// "online", or "failed: REASON".
-    pub state: String,
+    /// On the wire the typed state; in JSON listings the text `online` or
+    /// `failed: REASON` (what operators and scripts have always read).
+    #[serde(with = "state_text")]
+    pub state: DeviceState,
     /// Whether the server reaches it right now.
     pub reachable: bool,
 }
@@ -390,7 +396,7 @@ pub struct ClientInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeInfo {
     pub name: String,
-    pub id: u64,
+    pub id: VolumeId,
     pub size_bytes: u64,
     pub legs: u8,
     pub extents: u64,
@@ -407,7 +413,7 @@ pub struct VolumeInfo {
 pub struct SnapshotInfo {
     pub volume: String,
     pub name: String,
-    pub id: u64,
+    pub id: SnapshotId,
     /// The backup pseudo-device's export name: `VOLUME@SNAPSHOT`.
     pub export: String,
     pub created_at_unix_secs: u64,
@@ -427,4 +433,33 @@ pub struct SnapshotInfo {
 pub struct VolumeDetail {
     pub info: VolumeInfo,
     pub description: VolumeDescription,
+}
+
+/// `DeviceInfo::state`: the typed [`DeviceState`] in binary encodings (the
+/// control protocol), the text `online` / `failed: REASON` in human-readable
+/// ones (the CLI's `--json`), so listings keep the shape scripts read.
+mod state_text {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::metadata::DeviceState;
+
+    pub fn serialize<S: Serializer>(state: &DeviceState, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.collect_str(state)
+        } else {
+            state.serialize(s)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DeviceState, D::Error> {
+        if !d.is_human_readable() {
+            return DeviceState::deserialize(d);
+        }
+        let text = String::deserialize(d)?;
+        match text.strip_prefix("failed: ") {
+            Some(reason) => Ok(DeviceState::Failed { reason: reason.to_string(), since_unix_secs: 0 }),
+            None if text == "online" => Ok(DeviceState::Online),
+            None => Err(serde::de::Error::custom(format!("unknown device state {text:?}"))),
+        }
+    }
 }

@@ -20,9 +20,19 @@ pub mod resume;
 
 /// The protocol version this build speaks.
 ///
-/// One line per bump:
-/// - 1: initial — hello/auth, admin operations, open/lease/recall/publish.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Bump it on **every** change to what crosses the wire (a variant added,
+/// removed or reordered, a field changed): `tests/wire_golden.rs` pins the
+/// encoding of every message variant and fails until the bump and its
+/// regenerated golden file are in. One line per bump:
+/// - 1: initial — hello/auth, admin operations, open/lease/recall/publish;
+///   later (without a bump, which renumbered tags) resumes, handovers,
+///   data and backup channels, snapshots.
+/// - 2: ids as newtypes and device state typed on the wire (same bytes for
+///   ids); `Publish` boxes its description; the version-1 renumbering made
+///   explicit: version-1 peers are refused at the handshake.
+pub const PROTOCOL_VERSION: u32 = 2;
 
-/// The oldest protocol version this build still accepts.
-pub const PROTOCOL_VERSION_MIN: u32 = 1;
+/// The oldest protocol version this build still accepts: a peer outside
+/// `PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION` is refused at the handshake
+/// with both ranges named ("upgrade the older side").
+pub const PROTOCOL_VERSION_MIN: u32 = 2;
