@@ -11,7 +11,7 @@
 //! after the live read has *completed*, the source is looked up again in the
 //! committed metadata: if the chunk is still unregistered, no agent had been
 //! told it may overwrite (the server publishes a registration to
-//! [`Core::meta_watch`](super::core::Core::meta_watch) before answering it),
+//! [`Effect::Published`](super::core::Effect::Published) before answering it),
 //! so the bytes read are the snapshot's; if it has become registered, the
 //! chunk is read again from the COW area, which held the pre-image before
 //! the registration was even sent. The same re-check covers a snapshot

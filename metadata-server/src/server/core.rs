@@ -1,70 +1,185 @@
-//! The owner task: the only holder of the pool metadata, the handle table
-//! and the session list.
+//! The owner of the pool state, as a plain state machine.
 //!
-//! Its loop waits for the next thing to happen (a command, the expiry tick,
-//! a recall deadline, shutdown) and applies it. Applying may await a commit
-//! to the devices — admin changes are serialized by design — but never an
-//! agent: a reconfiguration waiting for agents is state ([`PendingChange`]: a grow, a snapshot create or delete),
-//! picked up again by `RecallDone` or the recall deadline.
+//! [`Core`] holds the committed pool metadata, the handle table, the
+//! sessions (who they are, not their sockets), recalls in progress and the
+//! grace period. It is driven by [`Input`]s and answers with [`Effect`]s:
+//! `apply` never awaits, never reads a clock (every input comes with
+//! [`Now`]) and never touches a socket or a device. The async shell
+//! (`owner`) turns effects into I/O — replies and events to sessions,
+//! metadata commits, long jobs — and feeds their results back as inputs.
 //!
-//! The invariant kept between steps: `meta` is exactly what was last
+//! Why: the owner must never wait on bulk data I/O or a device. When it did
+//! (copying pre-images for shared writers, merging them on snapshot delete,
+//! checking a reported device), every lease renewal in the pool queued
+//! behind one slow request and whole pools' I/O could stall. Now renewals
+//! are applied the moment they arrive, whatever is in flight. And a core
+//! without I/O runs unchanged under a deterministic simulator.
+//!
+//! **Changes are serialized.** A request that may change the metadata (or
+//! the handle table) is queued and *prepared* only when it reaches the head:
+//! validated against the state as it is then, it becomes a [`Step`] —
+//! answered at once, a commit of the next metadata, a job, or parked until
+//! a recall completes. At most one commit is in flight; the next change is
+//! prepared from the metadata that commit produced. A job (server-side
+//! copy, merge, device check) makes its volume *busy*: later changes to
+//! that volume wait, others go on. Reads and renewals never queue.
+//!
+//! The invariant kept between inputs: `meta` is exactly what was last
 //! committed, and the `Active` records of `meta.handles` list exactly the
-//! handles in `handles`, so a restarted server (or a standby, later) rebuilds
-//! the same table. `Broken` records have no entry in `handles`: they are kept
-//! only to tell a late resume what happened.
+//! handles in `handles` — except for the one change whose commit is in
+//! flight, which has reserved its handle in the table (and undoes that if
+//! the commit fails). `Broken` records have no entry in `handles`: they are
+//! kept only to tell a late resume what happened.
 //!
-//! After a restart with handles in the metadata, a grace period
-//! ([`Grace`]) serves only resumes (and read-only requests) until every
-//! restored handle was resumed or closed, or `grace_ms` ran out.
+//! After a restart with handles in the metadata, a grace period ([`Grace`])
+//! serves only resumes (and read-only requests) until every restored handle
+//! was resumed or closed, or `grace_ms` ran out.
 
-use std::collections::HashMap;
-use std::future::Future;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
+use uuid::Uuid;
 use volume_format::control::auth::Role;
-use volume_format::control::messages::{ControlError, ErrorCode, Request, Response, ServerEvent, ServerMessage};
+use volume_format::control::messages::{ControlError, ErrorCode, Request, Response, ServerEvent};
 use volume_format::metadata::{HandleState, PoolMetadata};
 use volume_format::{HandleId, PublicKey, VolumeDescription, VolumeId};
 
-use super::clock::Clock;
+use super::jobs::{Job, JobOutcome};
 use crate::handles::{Grace, Handle, HandleTable, RecallState, SessionId};
-use crate::pool::Pool;
 use crate::resume::HandoverLedger;
 use control_client::handshake::Peer;
 
 /// Authorized keys as the handshake sees them: key → (role, name).
 pub type ClientTable = HashMap<[u8; 32], (Role, String)>;
 
-pub type Reply = oneshot::Sender<Result<Response, ControlError>>;
+/// Names a waiting caller; the shell maps it to the caller's reply channel.
+pub type ReplyId = u64;
 
-/// What sessions ask of the owner.
-pub enum Command {
+/// Names a commit or a job in flight.
+pub type TaskId = u64;
+
+/// Changes queued behind the one in flight before requests are refused
+/// with "busy": a bound, so a flood of changes cannot grow memory.
+pub const CHANGES_QUEUED_MAX: usize = 4096;
+
+/// The time an input happens at: monotonic milliseconds (leases, deadlines;
+/// since the server started) and wall-clock milliseconds (records and
+/// messages people read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Now {
+    pub mono_ms: u64,
+    pub unix_ms: u64,
+}
+
+impl Now {
+    pub fn unix_secs(&self) -> u64 {
+        self.unix_ms / 1000
+    }
+
+    /// Renders monotonic time `at_ms` as a wall-clock time plus how far away
+    /// it is: "14:03:07Z, in 8.2 s".
+    pub fn describe(&self, at_ms: u64) -> String {
+        let wall_ms = (self.unix_ms as i128 + at_ms as i128 - self.mono_ms as i128).max(0) as u64;
+        let delta = at_ms as i64 - self.mono_ms as i64;
+        let when = if delta >= 0 {
+            format!("in {:.1} s", delta as f64 / 1000.0)
+        } else {
+            format!("{:.1} s ago", -delta as f64 / 1000.0)
+        };
+        format!("{}, {when}", super::durable::hms(wall_ms / 1000))
+    }
+}
+
+/// Random bytes for the core (handover-token nonces). Injected so a
+/// simulator can seed it.
+pub trait Entropy: Send {
+    fn fill(&mut self, buf: &mut [u8]);
+}
+
+/// The operating system's random source.
+pub struct OsEntropy;
+
+impl Entropy for OsEntropy {
+    fn fill(&mut self, buf: &mut [u8]) {
+        getrandom::getrandom(buf).expect("the OS random source failed");
+    }
+}
+
+/// Something that happened, for the core to apply.
+#[derive(Debug)]
+pub enum Input {
+    /// A session authenticated.
     Connected {
         session: SessionId,
         peer: Peer,
         addr: String,
-        out: mpsc::Sender<ServerMessage>,
-        kick: oneshot::Sender<()>,
-    },
-    Request {
-        session: SessionId,
-        request: Request,
-        reply: Reply,
     },
     Disconnected {
         session: SessionId,
     },
+    Request {
+        session: SessionId,
+        request: Request,
+        reply: ReplyId,
+    },
+    /// Time passed: expire handles, check recall deadlines.
+    Tick,
+    /// A commit the core asked for finished: the committed metadata (its
+    /// generation set), or why it failed (nothing was changed).
+    Committed {
+        task: TaskId,
+        result: Result<PoolMetadata, String>,
+    },
+    /// A job the core started finished.
+    JobDone {
+        task: TaskId,
+        outcome: JobOutcome,
+    },
+    /// Whether the server currently reaches each device (after a commit or
+    /// a check); shown in listings.
+    Reachability {
+        device: Uuid,
+        reachable: bool,
+    },
 }
 
-pub struct SessionState {
-    pub peer: Peer,
-    pub addr: String,
-    pub out: mpsc::Sender<ServerMessage>,
-    pub kick: Option<oneshot::Sender<()>>,
+/// Something the shell must do for the core, in order.
+#[derive(Debug)]
+pub enum Effect {
+    Reply {
+        reply: ReplyId,
+        result: Result<Response, ControlError>,
+    },
+    Event {
+        session: SessionId,
+        event: ServerEvent,
+    },
+    /// Close this session (revoked key, or it cannot keep up with events).
+    Kick {
+        session: SessionId,
+    },
+    /// Write `next` as the next metadata generation to every copy; answer
+    /// with [`Input::Committed`]. `current` is the acknowledged metadata
+    /// (written back over copies a failed commit reached).
+    Commit {
+        task: TaskId,
+        current: Arc<PoolMetadata>,
+        next: PoolMetadata,
+    },
+    /// Run `job` off the owner loop; answer with [`Input::JobDone`].
+    Job {
+        task: TaskId,
+        job: Job,
+    },
+    /// New committed metadata, for readers outside the core (backup
+    /// channels, the handshake's client table). Comes before any reply to
+    /// the commit that produced it.
+    Published {
+        meta: Arc<PoolMetadata>,
+        clients: Option<Arc<ClientTable>>,
+    },
 }
 
 /// A reconfiguration of one volume's layout: committed at a recall point
@@ -100,122 +215,476 @@ impl std::fmt::Display for VolumeChange {
 }
 
 /// A reconfiguration waiting for the volume's holders to drain.
+#[derive(Debug)]
 pub struct PendingChange {
     pub volume: VolumeId,
     pub change: VolumeChange,
     pub generation: u64,
-    pub reply: Reply,
+    pub reply: ReplyId,
+}
+
+/// A change waiting in the queue to be prepared.
+#[derive(Debug)]
+pub enum Change {
+    /// A request that may change state.
+    Request { session: SessionId, request: Request, reply: ReplyId },
+    /// Release handles whose lease (plus durable time) ran out.
+    Expire,
+    /// Every holder of `volume` confirmed its recall or was excluded:
+    /// finish its pending change.
+    RecallReady { volume: VolumeId },
+    /// A job finished; continue its change.
+    JobDone { outcome: JobOutcome, then: AfterJob },
+}
+
+/// What preparing a change decided.
+#[derive(Debug)]
+pub enum Step {
+    /// Done without writing metadata; the answer, if someone waits.
+    Done(Option<(ReplyId, Result<Response, ControlError>)>),
+    /// Write `next`; `then` finishes the change with the commit's result.
+    Commit { next: PoolMetadata, then: AfterCommit },
+    /// Run `job` off the loop, with `volume` busy (as `busy` says) until
+    /// the change ends; `then` continues when it reports back.
+    Job { job: Job, busy: Option<(VolumeId, Busy)>, then: AfterJob },
+    /// Answered later (a recall started).
+    Parked,
+}
+
+/// How a change ends once its commit succeeded or failed.
+#[derive(Debug)]
+pub enum AfterCommit {
+    /// Reply `Done` (or the error) and log `what`.
+    Reply {
+        reply: ReplyId,
+        what: String,
+    },
+    /// Reply with `response` on success.
+    Respond {
+        reply: ReplyId,
+        response: Box<Response>,
+    },
+    /// An open: adopt the handle on success, undo the reservation on failure.
+    Open(Box<super::requests::OpenCommit>),
+    Close {
+        session: SessionId,
+        handle: u64,
+        reply: ReplyId,
+    },
+    Revoke {
+        session: SessionId,
+        key: [u8; 32],
+        reply: ReplyId,
+        name: String,
+    },
+    Expire {
+        expired: Vec<u64>,
+    },
+    Recall {
+        volume: VolumeId,
+        pending: PendingChange,
+        excluded: Vec<u64>,
+    },
+    Handover {
+        claims: Box<crate::resume::HandoverToken>,
+        handle: Handle,
+        reply: ReplyId,
+    },
+    DeviceFailed {
+        device: u32,
+        reason: String,
+        reply: Option<ReplyId>,
+    },
+    CowRegistered {
+        reply: ReplyId,
+        new: u64,
+        volume: VolumeId,
+    },
+    /// The change of a job: `volume` stops being busy, then `then`.
+    Released {
+        volume: VolumeId,
+        then: Box<AfterCommit>,
+    },
+}
+
+/// How a change continues once its job reported back.
+#[derive(Debug)]
+pub enum AfterJob {
+    /// Pre-images copied by the server: register them.
+    CowCopied(CowCopied),
+    /// Pre-images moved for a snapshot delete: commit the delete.
+    Merged { volume: VolumeId, change: VolumeChange, finish: MergeFinish },
+    /// A reported device was checked.
+    DeviceChecked { session: SessionId, device: u32, reason: String, reply: ReplyId },
+}
+
+/// A server-side copy in flight: who asked, for which chunks.
+#[derive(Debug)]
+pub struct CowCopied {
+    pub session: SessionId,
+    pub handle: u64,
+    pub volume: VolumeId,
+    pub snapshot: u64,
+    pub chunks: Vec<u64>,
+    pub reply: ReplyId,
+}
+
+/// Where a snapshot-delete merge goes once done.
+#[derive(Debug)]
+pub enum MergeFinish {
+    /// No holders: reply directly.
+    Direct { reply: ReplyId },
+    /// At a recall point: finish the pending change.
+    Recall { pending: PendingChange, excluded: Vec<u64> },
+}
+
+/// What a job in flight on a volume blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Busy {
+    /// Server-side pre-image copies: registrations on the volume wait (a
+    /// chunk registered and overwritten meanwhile would be copied wrong),
+    /// and so do layout changes.
+    Cow,
+    /// Pre-images moving between snapshots: layout and snapshot changes of
+    /// the volume wait; I/O and registrations into the newest snapshot go on.
+    Layout,
+}
+
+/// The commit in flight.
+struct InFlight {
+    task: TaskId,
+    then: AfterCommit,
 }
 
 pub struct Core {
-    pub pool: Pool,
-    pub meta: PoolMetadata,
+    /// The committed metadata.
+    pub meta: Arc<PoolMetadata>,
     pub handles: HandleTable,
-    pub sessions: HashMap<SessionId, SessionState>,
+    pub sessions: HashMap<SessionId, Peer>,
+    /// Session address, for logs.
+    pub session_addrs: HashMap<SessionId, String>,
     pub lease_ms: u64,
     /// Durable timeout given to new handles.
     pub durable_ms: u64,
     /// Signs resume keys and handover tokens.
     pub key: Arc<SigningKey>,
-    /// The grace period after a restart, while it lasts.
+    /// The grace period after a restart, while it lasts (and its length).
     pub grace: Option<Grace>,
+    grace_ms: u64,
     pub handovers: HandoverLedger,
-    pub clock: Clock,
     pub pending_changes: HashMap<VolumeId, PendingChange>,
-    /// The committed metadata, for readers outside the owner task (the
-    /// backup pseudo-device). Updated before any reply to the commit.
-    meta_tx: watch::Sender<Arc<PoolMetadata>>,
     /// Agents doing a device's I/O through the server (`data_channel`).
     pub fallback: super::data_channel::FallbackTable,
-    clients_tx: watch::Sender<Arc<ClientTable>>,
+    /// Devices the server reaches right now (listings).
+    pub reachable: HashMap<Uuid, bool>,
+    /// The time of the input being applied.
+    pub now: Now,
+    pub entropy: Box<dyn Entropy>,
+    queue: VecDeque<Change>,
+    in_flight: Option<InFlight>,
+    /// Volumes with a job in flight, and what waits for it.
+    busy: HashMap<VolumeId, Busy>,
+    /// Jobs in flight and how their changes continue.
+    jobs: HashMap<TaskId, AfterJob>,
+    next_task: TaskId,
+    effects: Vec<Effect>,
+    started: bool,
 }
 
 pub fn client_table(meta: &PoolMetadata) -> ClientTable {
     meta.clients.iter().map(|c| (c.public_key.0, (c.role, c.name.clone()))).collect()
 }
 
+/// Settings of a core.
+pub struct CoreConfig {
+    pub lease_ms: u64,
+    pub durable_ms: u64,
+    pub grace_ms: u64,
+    pub key: Arc<SigningKey>,
+    pub entropy: Box<dyn Entropy>,
+}
+
 impl Core {
-    pub fn new(
-        pool: Pool,
-        meta: PoolMetadata,
-        lease_ms: u64,
-        durable_ms: u64,
-        grace_ms: u64,
-        key: Arc<SigningKey>,
-    ) -> Core {
-        let clock = Clock::default();
+    /// A core over the loaded `meta`. Handles committed by a previous run
+    /// are restored; [`Core::start`] (at the first input's time) opens the
+    /// grace period for them.
+    pub fn new(meta: PoolMetadata, config: CoreConfig) -> Core {
         let mut handles = HandleTable::new();
         handles.set_next_id(meta.next_ids.handle.0);
-        // Handles committed by a previous server run: the agents holding them
-        // may still be doing I/O and will resume them, so each keeps its
-        // volume for a fresh lease plus its durable time, counted from now
-        // (this server cannot know how much of the old lease was left).
-        for h in meta.handles.iter().filter(|h| matches!(h.state, HandleState::Active)) {
-            handles.restore(Handle {
+        Core {
+            meta: Arc::new(meta),
+            handles,
+            sessions: HashMap::new(),
+            session_addrs: HashMap::new(),
+            lease_ms: config.lease_ms,
+            durable_ms: config.durable_ms,
+            key: config.key,
+            grace: None,
+            grace_ms: config.grace_ms,
+            handovers: HandoverLedger::new(0),
+            pending_changes: HashMap::new(),
+            fallback: Default::default(),
+            reachable: HashMap::new(),
+            now: Now::default(),
+            entropy: config.entropy,
+            queue: VecDeque::new(),
+            in_flight: None,
+            busy: HashMap::new(),
+            jobs: HashMap::new(),
+            next_task: 1,
+            effects: Vec::new(),
+            started: false,
+        }
+    }
+
+    /// Restores the handles of the previous run at `now`: the agents holding
+    /// them may still be doing I/O and will resume them, so each keeps its
+    /// volume for a fresh lease plus its durable time, counted from now
+    /// (this server cannot know how much of the old lease was left).
+    fn start(&mut self, now: Now) {
+        self.started = true;
+        self.handovers = HandoverLedger::new(now.unix_ms);
+        for h in self.meta.handles.iter().filter(|h| matches!(h.state, HandleState::Active)) {
+            self.handles.restore(Handle {
                 id: h.id.0,
                 volume: h.volume.0,
                 mode: h.mode,
                 session: 0,
                 duplicates: Default::default(),
                 holder: h.agent_name.clone(),
-                opened_at_ms: 0,
-                lease_until_ms: lease_ms,
+                opened_at_ms: now.mono_ms,
+                lease_until_ms: now.mono_ms + self.lease_ms,
                 durable_ms: h.durable_timeout_ms,
             });
         }
-        let restored: Vec<u64> = handles.all().map(|h| h.id).collect();
-        let grace = (!restored.is_empty() && grace_ms > 0).then(|| Grace::new(restored.clone(), 0, grace_ms));
-        if !restored.is_empty() {
-            info!(handles = restored.len(), grace_ms, "handles from the previous run restored; grace period: only resumes are served until they resumed or it ends");
-        }
-        let (clients_tx, _) = watch::channel(Arc::new(client_table(&meta)));
-        let (meta_tx, _) = watch::channel(Arc::new(meta.clone()));
-        Core {
-            pool,
-            meta,
-            handles,
-            sessions: HashMap::new(),
-            lease_ms,
-            durable_ms,
-            key,
-            grace,
-            handovers: HandoverLedger::new(super::clock::unix_ms()),
-            clock,
-            pending_changes: HashMap::new(),
-            meta_tx,
-            fallback: Default::default(),
-            clients_tx,
+        let restored: Vec<u64> = self.handles.all().map(|h| h.id).collect();
+        if !restored.is_empty() && self.grace_ms > 0 {
+            self.grace = Some(Grace::new(restored.clone(), now.mono_ms, self.grace_ms));
+            info!(
+                handles = restored.len(),
+                grace_ms = self.grace_ms,
+                "handles from the previous run restored; grace period: only resumes are served until they resumed or \
+                 it ends"
+            );
         }
     }
 
-    pub fn clients_watch(&self) -> watch::Receiver<Arc<ClientTable>> {
-        self.clients_tx.subscribe()
-    }
-
-    /// The committed metadata as it changes.
-    pub fn meta_watch(&self) -> watch::Receiver<Arc<PoolMetadata>> {
-        self.meta_tx.subscribe()
-    }
-
-    /// Adopts newly committed metadata.
-    pub fn adopt(&mut self, committed: PoolMetadata) {
-        let clients_changed = committed.clients != self.meta.clients;
-        self.meta = committed;
-        self.meta_tx.send_replace(Arc::new(self.meta.clone()));
-        if clients_changed {
-            self.clients_tx.send_replace(Arc::new(client_table(&self.meta)));
+    /// Applies one input at `now`; returns what the shell must do, in order.
+    pub fn apply(&mut self, now: Now, input: Input) -> Vec<Effect> {
+        self.now = Now { mono_ms: now.mono_ms.max(self.now.mono_ms), unix_ms: now.unix_ms };
+        if !self.started {
+            self.start(self.now);
         }
+        match input {
+            Input::Connected { session, peer, addr } => {
+                self.sessions.insert(session, peer);
+                self.session_addrs.insert(session, addr);
+            }
+            Input::Disconnected { session } => {
+                if let Some(peer) = self.sessions.remove(&session) {
+                    let held = self.handles.of_session(session).count();
+                    if held > 0 {
+                        info!(session, client = %peer.name, held, "session gone; its handles stay reserved for a resume");
+                    }
+                }
+                self.session_addrs.remove(&session);
+                self.handles.detach_session(session);
+            }
+            Input::Request { session, request, reply } => self.request(session, request, reply),
+            Input::Tick => self.tick(),
+            Input::Committed { task, result } => self.committed(task, result),
+            Input::JobDone { task, outcome } => self.job_done(task, outcome),
+            Input::Reachability { device, reachable } => {
+                self.reachable.insert(device, reachable);
+            }
+        }
+        self.pump();
+        std::mem::take(&mut self.effects)
     }
 
-    /// Commits `next`; on success adopts it. On failure nothing changes and
-    /// the error is the one to send to the client.
-    pub async fn commit(&mut self, next: PoolMetadata) -> Result<(), ControlError> {
-        match self.pool.commit(Some(&self.meta), next).await {
+    /// When the core next needs a [`Input::Tick`] (a recall deadline), if
+    /// sooner than the periodic tick.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        let now_ms = self.now.mono_ms;
+        self.pending_changes
+            .keys()
+            .filter_map(|v| match self.handles.recall_state(v.0, now_ms) {
+                Some(RecallState::Waiting { deadline_ms, .. }) => Some(deadline_ms),
+                Some(RecallState::Ready { .. }) => Some(now_ms),
+                None => None,
+            })
+            .min()
+    }
+
+    /// Fails every waiting caller (the server is shutting down).
+    pub fn shut_down(&mut self) -> Vec<Effect> {
+        let unavailable = || Err(ControlError::new(ErrorCode::Unavailable, "the server is shutting down"));
+        for (_, change) in self.pending_changes.drain() {
+            self.effects.push(Effect::Reply { reply: change.reply, result: unavailable() });
+        }
+        for change in std::mem::take(&mut self.queue) {
+            if let Change::Request { reply, .. } = change {
+                self.effects.push(Effect::Reply { reply, result: unavailable() });
+            }
+        }
+        let sessions: Vec<SessionId> = self.sessions.keys().copied().collect();
+        for session in sessions {
+            self.effects.push(Effect::Kick { session });
+        }
+        std::mem::take(&mut self.effects)
+    }
+
+    // ---- inputs ----
+
+    fn request(&mut self, session: SessionId, request: Request, reply: ReplyId) {
+        self.handles.renew(session, self.now.mono_ms, self.lease_ms);
+        if !super::durable::allowed_in_grace(&request) {
+            if let Some(left_ms) = self.grace_left_ms() {
+                let msg = format!(
+                    "the metadata server restarted and is in its grace period, {left_ms} ms left: only resumes are \
+                     served until the agents that held volumes have resumed; retry then"
+                );
+                return self.reply(reply, Err(ControlError::new(ErrorCode::Unavailable, msg)));
+            }
+        }
+        if let Some(result) = self.read(session, &request) {
+            return self.reply(reply, result);
+        }
+        if self.queue.len() >= CHANGES_QUEUED_MAX {
+            let msg = format!("the metadata server has {CHANGES_QUEUED_MAX} changes queued; retry in a moment");
+            return self.reply(reply, Err(ControlError::new(ErrorCode::Unavailable, msg)));
+        }
+        self.queue.push_back(Change::Request { session, request, reply });
+    }
+
+    fn tick(&mut self) {
+        self.grace_left_ms();
+        let expired = self.handles.expired(self.now.mono_ms);
+        let queued = self.queue.iter().any(|c| matches!(c, Change::Expire));
+        let in_flight = matches!(self.in_flight, Some(InFlight { then: AfterCommit::Expire { .. }, .. }));
+        if !expired.is_empty() && !queued && !in_flight {
+            self.queue.push_back(Change::Expire);
+        }
+        self.check_recalls();
+    }
+
+    fn committed(&mut self, task: TaskId, result: Result<PoolMetadata, String>) {
+        let Some(in_flight) = self.in_flight.take_if(|f| f.task == task) else {
+            return warn!(task, "a commit result nobody waits for");
+        };
+        let result = match result {
             Ok(committed) => {
                 self.adopt(committed);
                 Ok(())
             }
             Err(e) => Err(ControlError::new(ErrorCode::CommitFailed, format!("{e}; nothing was changed"))),
+        };
+        self.finish_commit(in_flight.then, result);
+    }
+
+    fn job_done(&mut self, task: TaskId, outcome: JobOutcome) {
+        let Some(then) = self.jobs.remove(&task) else {
+            return warn!(task, "a job result nobody waits for");
+        };
+        // First in line: its volume is busy until it is done.
+        self.queue.push_front(Change::JobDone { outcome, then });
+    }
+
+    /// Prepares queued changes while nothing blocks them: at most one
+    /// commit in flight; changes to a busy volume wait.
+    fn pump(&mut self) {
+        loop {
+            if self.in_flight.is_some() {
+                return;
+            }
+            let Some(i) = self.queue.iter().position(|c| self.runnable(c)) else { return };
+            let change = self.queue.remove(i).expect("position is in range");
+            let step = self.prepare(change);
+            self.run_step(step);
+        }
+    }
+
+    fn runnable(&self, change: &Change) -> bool {
+        match change {
+            Change::JobDone { .. } | Change::Expire => true,
+            Change::Request { request, session, .. } => match self.volume_of(*session, request) {
+                Some((volume, waits_for)) => self.busy.get(&volume).is_none_or(|busy| !waits_for.contains(busy)),
+                None => true,
+            },
+            Change::RecallReady { volume } => !self.busy.contains_key(volume),
+        }
+    }
+
+    fn run_step(&mut self, step: Step) {
+        match step {
+            Step::Done(Some((reply, result))) => self.reply(reply, result),
+            Step::Done(None) | Step::Parked => {}
+            Step::Commit { next, then } => {
+                let task = self.next_task();
+                let current = self.meta.clone();
+                self.in_flight = Some(InFlight { task, then });
+                self.effects.push(Effect::Commit { task, current, next });
+            }
+            Step::Job { job, busy, then } => {
+                if let Some((volume, kind)) = busy {
+                    self.busy.insert(volume, kind);
+                }
+                let task = self.next_task();
+                self.jobs.insert(task, then);
+                self.effects.push(Effect::Job { task, job });
+            }
+        }
+    }
+
+    fn next_task(&mut self) -> TaskId {
+        let t = self.next_task;
+        self.next_task += 1;
+        t
+    }
+
+    fn prepare(&mut self, change: Change) -> Step {
+        match change {
+            Change::Request { session, request, reply } => self.prepare_request(session, request, reply),
+            Change::Expire => self.prepare_expire(),
+            Change::RecallReady { volume } => self.prepare_recall(volume),
+            Change::JobDone { outcome, then } => self.continue_job(then, outcome),
+        }
+    }
+
+    /// Ends a volume's busy time (its job's change is complete).
+    pub fn release(&mut self, volume: VolumeId) {
+        self.busy.remove(&volume);
+    }
+
+    /// Jobs in flight (for tests and listings).
+    pub fn jobs_in_flight(&self) -> usize {
+        self.jobs.len()
+    }
+
+    // ---- helpers for the request modules ----
+
+    /// Adopts newly committed metadata and publishes it before anything
+    /// that depends on it goes out.
+    fn adopt(&mut self, committed: PoolMetadata) {
+        let clients_changed = committed.clients != self.meta.clients;
+        self.meta = Arc::new(committed);
+        let clients = clients_changed.then(|| Arc::new(client_table(&self.meta)));
+        self.effects.push(Effect::Published { meta: self.meta.clone(), clients });
+    }
+
+    pub fn reply(&mut self, reply: ReplyId, result: Result<Response, ControlError>) {
+        self.effects.push(Effect::Reply { reply, result });
+    }
+
+    pub fn kick(&mut self, session: SessionId) {
+        self.effects.push(Effect::Kick { session });
+    }
+
+    /// Sends an event to a session (the shell drops a session that cannot
+    /// take it; its lease then does the rest).
+    pub fn send_event(&mut self, session: SessionId, event: ServerEvent) {
+        if self.sessions.contains_key(&session) {
+            self.effects.push(Effect::Event { session, event });
         }
     }
 
@@ -229,175 +698,33 @@ impl Core {
 
     /// Milliseconds of grace left, or `None` once it is over (and forgotten).
     pub fn grace_left_ms(&mut self) -> Option<u64> {
-        let now_ms = self.clock.now_ms();
-        let left = self.grace.as_ref().and_then(|g| g.left_ms(now_ms));
+        let left = self.grace.as_ref().and_then(|g| g.left_ms(self.now.mono_ms));
         if left.is_none() && self.grace.take().is_some() {
             info!("grace period over: serving opens and changes again");
         }
         left
     }
 
-    /// Sends an event to a session; a session that cannot take it (gone, or
-    /// its queue full) is dropped — its lease then does the rest.
-    pub fn send_event(&mut self, session: SessionId, event: ServerEvent) {
-        let Some(s) = self.sessions.get_mut(&session) else { return };
-        if let Err(e) = s.out.try_send(ServerMessage::Event(event)) {
-            warn!(session, client = %s.peer.name, "cannot queue an event for the session ({e}); closing it");
-            if let Some(kick) = s.kick.take() {
-                let _ = kick.send(());
-            }
-        }
+    /// The next metadata to commit: a copy of the committed one.
+    pub fn next_meta(&self) -> PoolMetadata {
+        (*self.meta).clone()
     }
 
-    /// The owner loop. Returns when `shutdown` completes or every sender is gone.
-    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, shutdown: impl Future<Output = ()>) {
-        tokio::pin!(shutdown);
-        let tick_ms = (self.lease_ms / 4).max(25);
-        let mut tick = tokio::time::interval(Duration::from_millis(tick_ms));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let deadline = self.next_recall_deadline_ms().map(|ms| self.clock.instant_at(ms));
-            tokio::select! {
-                _ = &mut shutdown => break,
-                cmd = commands.recv() => match cmd {
-                    Some(cmd) => self.apply(cmd).await,
-                    None => break,
-                },
-                _ = tick.tick() => self.expire_handles().await,
-                _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
-                    self.check_recalls().await;
-                }
-            }
-        }
-        for (_, change) in self.pending_changes.drain() {
-            let _ = change.reply.send(Err(ControlError::new(ErrorCode::Unavailable, "the server is shutting down")));
-        }
-        for s in self.sessions.values_mut() {
-            if let Some(kick) = s.kick.take() {
-                let _ = kick.send(());
-            }
-        }
-        for d in &self.pool.devices {
-            if let Some(c) = &d.client {
-                c.disconnect().await;
-            }
-        }
-    }
-
-    async fn apply(&mut self, cmd: Command) {
-        match cmd {
-            Command::Connected { session, peer, addr, out, kick } => {
-                self.sessions.insert(session, SessionState { peer, addr, out, kick: Some(kick) });
-            }
-            Command::Disconnected { session } => {
-                if let Some(s) = self.sessions.remove(&session) {
-                    let held = self.handles.of_session(session).count();
-                    if held > 0 {
-                        info!(session, client = %s.peer.name, held, "session gone; its handles stay reserved for a resume");
-                    }
-                }
-                self.handles.detach_session(session);
-            }
-            Command::Request { session, request, reply } => {
-                let now_ms = self.clock.now_ms();
-                self.handles.renew(session, now_ms, self.lease_ms);
-                if !super::durable::allowed_in_grace(&request) {
-                    if let Some(left_ms) = self.grace_left_ms() {
-                        let msg = format!(
-                            "the metadata server restarted and is in its grace period, {left_ms} ms left: only resumes \
-                             are served until the agents that held volumes have resumed; retry then"
-                        );
-                        let _ = reply.send(Err(ControlError::new(ErrorCode::Unavailable, msg)));
-                        return;
-                    }
-                }
-                self.handle_request(session, request, reply).await;
-            }
-        }
-    }
-
-    /// Releases handles whose lease (plus durable time) ran out.
-    async fn expire_handles(&mut self) {
-        let now_ms = self.clock.now_ms();
-        let expired = self.handles.expired(now_ms);
-        if expired.is_empty() {
-            return;
-        }
-        let mut next = self.meta.clone();
-        next.handles.retain(|h| !expired.contains(&h.id.0));
-        if next.handles != self.meta.handles {
-            if let Err(e) = self.commit(next).await {
-                warn!("releasing expired handles: {e}; retrying at the next tick");
-                return;
-            }
-        }
-        for id in expired {
-            if let Some(h) = self.handles.remove(id) {
-                warn!(handle = id, volume = h.volume, holder = %h.holder, "lease ran out; handle released");
-                let reason = format!("the lease ran out at {}", self.clock.describe(h.lease_until_ms));
-                self.send_handle_event(&h, ServerEvent::Revoked { handle: HandleId(id), reason });
-            }
-        }
-        self.check_recalls().await;
-    }
-
-    fn next_recall_deadline_ms(&self) -> Option<u64> {
-        let now_ms = self.clock.now_ms();
-        self.pending_changes
+    /// Queues the pending change of every volume whose recall is ready.
+    pub fn check_recalls(&mut self) {
+        let now_ms = self.now.mono_ms;
+        let ready: Vec<VolumeId> = self
+            .pending_changes
             .keys()
-            .filter_map(|v| match self.handles.recall_state(v.0, now_ms) {
-                Some(RecallState::Waiting { deadline_ms, .. }) => Some(deadline_ms),
-                Some(RecallState::Ready { .. }) => Some(now_ms),
-                None => None,
-            })
-            .min()
-    }
-
-    pub async fn check_recalls(&mut self) {
-        let volumes: Vec<VolumeId> = self.pending_changes.keys().copied().collect();
-        for v in volumes {
-            self.check_recall(v).await;
-        }
-    }
-
-    /// Finishes the pending change of `volume` if every holder confirmed or
-    /// was excluded by its lease: apply, commit, publish, reply.
-    pub async fn check_recall(&mut self, volume: VolumeId) {
-        let now_ms = self.clock.now_ms();
-        let Some(RecallState::Ready { excluded }) = self.handles.recall_state(volume.0, now_ms) else { return };
-        let Some(pending) = self.pending_changes.remove(&volume) else {
-            self.handles.finish_recall(volume.0);
-            return;
-        };
-        let mut next = self.meta.clone();
-        next.handles.retain(|h| !excluded.contains(&h.id.0));
-        let result = match self.apply_change(&mut next, volume, &pending.change).await {
-            Ok(()) => self.commit(next).await,
-            Err(e) => Err(e),
-        };
-        if result.is_ok() {
-            for id in &excluded {
-                if let Some(h) = self.handles.remove(*id) {
-                    warn!(handle = id, holder = %h.holder, "excluded from the reconfiguration: it did not confirm the recall within its lease");
-                    let reason = format!(
-                        "excluded from the reconfiguration of layout generation {}: no confirmation within the lease",
-                        pending.generation
-                    );
-                    self.send_event(h.session, ServerEvent::Revoked { handle: HandleId(*id), reason });
-                }
+            .copied()
+            .filter(|v| matches!(self.handles.recall_state(v.0, now_ms), Some(RecallState::Ready { .. })))
+            .collect();
+        for volume in ready {
+            let queued = self.queue.iter().any(|c| matches!(c, Change::RecallReady { volume: v } if *v == volume));
+            if !queued {
+                self.queue.push_back(Change::RecallReady { volume });
             }
         }
-        // Holders resume either way: with the new layout, or the old one if
-        // the change failed.
-        self.handles.finish_recall(volume.0);
-        self.publish_volume(volume, &excluded);
-        match &result {
-            Ok(()) => {
-                info!(%volume, change = %pending.change, generation = self.meta.generation, "volume reconfigured")
-            }
-            Err(e) => warn!(%volume, change = %pending.change, "reconfiguration failed: {e}"),
-        }
-        let _ = pending.reply.send(result.map(|()| Response::Done));
     }
 
     /// Sends `volume`'s current description to every holder (but `skip`).
@@ -415,7 +742,7 @@ impl Core {
                     self.send_event(session, ServerEvent::Publish { handle: HandleId(handle), description });
                 }
             }
-            Err(e) => warn!(%volume, "cannot describe the volume after reconfiguration: {e}"),
+            Err(e) => warn!(%volume, "cannot describe the volume: {e}"),
         }
     }
 
@@ -427,5 +754,10 @@ impl Core {
             .find(|c| c.public_key == *key)
             .map(|c| c.name.clone())
             .unwrap_or_else(|| key.to_string())
+    }
+
+    /// Changes queued or in flight (for tests and listings).
+    pub fn changes_waiting(&self) -> usize {
+        self.queue.len() + usize::from(self.in_flight.is_some())
     }
 }

@@ -39,14 +39,15 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 use volume_format::control::auth::Role;
 use volume_format::control::messages::{
-    ClientMessage, ControlError, DataChannelGrant, DeviceInfo, ErrorCode, OpenMode, Request, Response, ServerEvent,
-    ServerMessage, DATA_CHANNEL_PREAMBLE,
+    ClientMessage, ControlError, DataChannelGrant, ErrorCode, OpenMode, Request, Response, ServerMessage,
+    DATA_CHANNEL_PREAMBLE,
 };
 use volume_format::metadata::{DeviceState, HandleState};
-use volume_format::{DeviceIndex, HandleId, VolumeDescription, VolumeId};
+use volume_format::{DeviceIndex, VolumeId};
 
-use super::clock::unix_secs;
-use super::core::{Command, Core};
+use super::core::{AfterCommit, AfterJob, Core, ReplyId, Step};
+use super::jobs::{Job, JobOutcome};
+use super::owner::Command;
 use super::session::SessionContext;
 use super::stopped;
 use crate::handles::SessionId;
@@ -62,9 +63,9 @@ pub const CHANNEL_REQUESTS_IN_FLIGHT_MAX: usize = 64;
 pub const CHANNEL_IN_FLIGHT_BYTES_MAX: usize = 32 << 20;
 /// How long each step of checking a device an agent reported may take (a
 /// read on the existing connection, then a new connection and a read),
-/// before the server decides it cannot reach it either. The owner task waits
-/// for the check, so twice this must stay well under a lease renewal period:
-/// a device that hangs must not stall every agent's renewal.
+/// before the server decides it cannot reach it either. The check is a job
+/// (the owner never waits for it), but it runs where metadata commits run,
+/// so it is kept short.
 pub const DEVICE_CHECK_TIMEOUT: Duration = Duration::from_millis(1000);
 /// Time a data channel has to connect to its device.
 pub const CHANNEL_DEVICE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -112,7 +113,7 @@ impl Core {
     }
 
     fn connected(&self, key: [u8; 32]) -> bool {
-        self.sessions.values().any(|s| s.peer.key == key)
+        self.sessions.values().any(|p| p.key == key)
     }
 
     /// `client list`: "device N (URI): REASON" for a connected agent key.
@@ -153,7 +154,7 @@ impl Core {
     fn peer_of(&self, session: SessionId) -> Result<control_client::handshake::Peer, ControlError> {
         self.sessions
             .get(&session)
-            .map(|s| s.peer.clone())
+            .cloned()
             .ok_or_else(|| ControlError::new(ErrorCode::Unavailable, "session is closing"))
     }
 
@@ -217,117 +218,90 @@ impl Core {
         }))
     }
 
-    /// Whether the server reaches `device` now: reads its label over the
-    /// existing connection, else over a new one (bounded by
-    /// [`DEVICE_CHECK_TIMEOUT`]).
-    async fn check_device(&mut self, device: u32) -> Result<(), String> {
-        let Some(record) = self.meta.device(DeviceIndex(device)).cloned() else {
-            return Err(format!("the pool has no device {device}"));
-        };
-        let Some(d) = self.pool.devices.iter_mut().find(|d| d.expected_uuid == Some(record.device_uuid)) else {
-            return Err("the server has no connection to it".into());
-        };
-        if let Some(client) = d.client.clone() {
-            if let Ok(Ok(_)) = tokio::time::timeout(DEVICE_CHECK_TIMEOUT, client.read(0, 4096)).await {
-                return Ok(());
-            }
-        }
-        let uri: NbdUri = d.uri.parse().map_err(|e| format!("bad URI {}: {e}", d.uri))?;
-        let mut opts = crate::pool::device::client_options();
-        opts.connect_timeout = DEVICE_CHECK_TIMEOUT;
-        let fresh = async {
-            let c = NbdClient::connect(&uri, opts).await.map_err(|e| e.to_string())?;
-            c.read(0, 4096).await.map_err(|e| e.to_string())?;
-            Ok::<_, String>(c)
-        };
-        match tokio::time::timeout(DEVICE_CHECK_TIMEOUT, fresh).await {
-            Ok(Ok(c)) => {
-                if let Some(old) = d.client.replace(c) {
-                    old.disconnect().await;
-                }
-                d.error = None;
-                Ok(())
-            }
-            Ok(Err(e)) => {
-                d.error = Some(e.clone());
-                Err(e)
-            }
-            Err(_) => {
-                let e = format!("no answer within {} ms", DEVICE_CHECK_TIMEOUT.as_millis());
-                d.error = Some(e.clone());
-                Err(e)
-            }
-        }
-    }
-
-    /// An agent cannot reach `device` directly. Answers with the device as
-    /// the server sees it afterwards (`state` says whether it was marked failed).
-    pub async fn report_device_failure(
+    /// An agent cannot reach `device` directly. The server checks whether it
+    /// reaches the device itself (a job: never in the owner loop); the
+    /// answer is the device as the server sees it afterwards (`state` says
+    /// whether it was marked failed).
+    pub(super) fn prepare_report_device_failure(
         &mut self,
         session: SessionId,
         device: u32,
         reason: String,
-    ) -> Result<Response, ControlError> {
-        let peer = self.peer_of(session)?;
+        reply: ReplyId,
+    ) -> Step {
+        let peer = match self.peer_of(session) {
+            Ok(p) => p,
+            Err(e) => return Step::Done(Some((reply, Err(e)))),
+        };
         let Some(record) = self.meta.device(DeviceIndex(device)).cloned() else {
-            return Err(ControlError::new(ErrorCode::NotFound, format!("the pool has no device {device}")));
+            let e = ControlError::new(ErrorCode::NotFound, format!("the pool has no device {device}"));
+            return Step::Done(Some((reply, Err(e))));
         };
         let reason: String = reason.chars().take(512).collect();
         warn!(client = %peer.name, device, uri = %record.uri, %reason, "agent reports its direct path to a device failed");
-        if record.state.is_online() {
-            match self.check_device(device).await {
-                Ok(()) => {
-                    info!(client = %peer.name, device, "the server reaches the device: the agent uses the fallback path");
-                    self.fallback.record(
-                        peer.key,
-                        device,
-                        FallbackRecord { client: peer.name.clone(), reason, since_unix_secs: unix_secs() },
-                    );
+        if !record.state.is_online() {
+            return Step::Done(Some((reply, Ok(Response::Devices(self.device_infos(|d| d.index.0 == device))))));
+        }
+        let job = Job::CheckDevice { index: device, uuid: record.device_uuid };
+        Step::Job { job, busy: None, then: AfterJob::DeviceChecked { session, device, reason, reply } }
+    }
+
+    /// The server's own check of a reported device came back.
+    pub(super) fn device_checked(
+        &mut self,
+        session: SessionId,
+        device: u32,
+        reason: String,
+        reply: ReplyId,
+        outcome: JobOutcome,
+    ) -> Step {
+        let peer_name = self.sessions.get(&session).map_or_else(|| "an agent".to_string(), |p| p.name.clone());
+        match outcome.result {
+            Ok(()) => {
+                info!(client = %peer_name, device, "the server reaches the device: the agent uses the fallback path");
+                if let Some(peer) = self.sessions.get(&session) {
+                    let record = FallbackRecord { client: peer_name, reason, since_unix_secs: self.now.unix_secs() };
+                    self.fallback.record(peer.key, device, record);
                 }
-                Err(server_reason) => {
-                    let why = format!(
-                        "unreachable from {} ({reason}) and from the metadata server ({server_reason})",
-                        peer.name
-                    );
-                    self.mark_device_failed(device, why).await?;
-                }
+                let devices = self.device_infos(|d| d.index.0 == device);
+                Step::Done(Some((reply, Ok(Response::Devices(devices)))))
+            }
+            Err(server_reason) => {
+                let why =
+                    format!("unreachable from {peer_name} ({reason}) and from the metadata server ({server_reason})");
+                self.prepare_device_failed(device, why, Some(reply))
             }
         }
-        Ok(Response::Devices(self.device_infos_of(&[device])))
     }
 
-    pub fn report_device_recovered(&mut self, session: SessionId, device: u32) -> Result<Response, ControlError> {
-        let peer = self.peer_of(session)?;
-        if self.fallback.clear(peer.key, device) {
-            info!(client = %peer.name, device, "agent is back on its direct path to the device");
+    /// Commits `device` as failed (then publishes the changed layouts).
+    fn prepare_device_failed(&mut self, device: u32, reason: String, reply: Option<ReplyId>) -> Step {
+        let mut next = self.next_meta();
+        let Some(d) = next.devices.iter_mut().find(|d| d.index.0 == device) else {
+            let devices = self.device_infos(|d| d.index.0 == device);
+            return Step::Done(reply.map(|r| (r, Ok(Response::Devices(devices)))));
+        };
+        if !d.state.is_online() {
+            let devices = self.device_infos(|d| d.index.0 == device);
+            return Step::Done(reply.map(|r| (r, Ok(Response::Devices(devices)))));
         }
-        Ok(Response::Done)
+        d.state = DeviceState::Failed { reason: reason.clone(), since_unix_secs: self.now.unix_secs() };
+        Step::Commit { next, then: AfterCommit::DeviceFailed { device, reason, reply } }
     }
 
-    fn device_infos_of(&self, devices: &[u32]) -> Vec<DeviceInfo> {
-        self.meta
-            .devices
-            .iter()
-            .filter(|d| devices.contains(&d.index.0))
-            .map(|d| DeviceInfo {
-                index: d.index,
-                uuid: d.device_uuid.to_string(),
-                uri: d.uri.clone(),
-                size_bytes: d.device_bytes,
-                extents_total: d.extent_count(self.meta.extent_bytes),
-                extents_free: 0,
-                state: d.state.clone(),
-                reachable: self.pool.reachable(d.device_uuid),
-            })
-            .collect()
-    }
-
-    /// Commits `device` as failed, then publishes the changed layouts.
-    async fn mark_device_failed(&mut self, device: u32, reason: String) -> Result<(), ControlError> {
-        let mut next = self.meta.clone();
-        let Some(d) = next.devices.iter_mut().find(|d| d.index.0 == device) else { return Ok(()) };
-        d.state = DeviceState::Failed { reason: reason.clone(), since_unix_secs: unix_secs() };
-        self.commit(next).await?;
+    pub(super) fn finish_device_failed(
+        &mut self,
+        device: u32,
+        reason: String,
+        reply: Option<ReplyId>,
+        result: Result<(), ControlError>,
+    ) {
+        if let Err(e) = result {
+            if let Some(reply) = reply {
+                self.reply(reply, Err(e));
+            }
+            return;
+        }
         tracing::error!(device, %reason, "device marked failed in the pool metadata");
         let affected: Vec<VolumeId> = self
             .meta
@@ -339,23 +313,22 @@ impl Core {
         for volume in affected {
             // A pending reconfiguration publishes the new state itself when
             // it finishes; publishing now would reopen a recalled gate.
-            if self.pending_changes.contains_key(&volume) {
-                continue;
-            }
-            let description = match VolumeDescription::from_metadata(&self.meta, volume) {
-                Ok(d) => d,
-                Err(e) => {
-                    warn!(%volume, "cannot describe the volume after a device failure: {e}");
-                    continue;
-                }
-            };
-            let holders: Vec<(u64, SessionId)> = self.handles.on_volume(volume.0).map(|h| (h.id, h.session)).collect();
-            for (handle, session) in holders {
-                let description = Box::new(description.clone());
-                self.send_event(session, ServerEvent::Publish { handle: HandleId(handle), description });
+            if !self.pending_changes.contains_key(&volume) {
+                self.publish_volume(volume, &[]);
             }
         }
-        Ok(())
+        if let Some(reply) = reply {
+            let devices = self.device_infos(|d| d.index.0 == device);
+            self.reply(reply, Ok(Response::Devices(devices)));
+        }
+    }
+
+    pub fn report_device_recovered(&mut self, session: SessionId, device: u32) -> Result<Response, ControlError> {
+        let peer = self.peer_of(session)?;
+        if self.fallback.clear(peer.key, device) {
+            info!(client = %peer.name, device, "agent is back on its direct path to the device");
+        }
+        Ok(Response::Done)
     }
 }
 

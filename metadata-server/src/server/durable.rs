@@ -15,8 +15,7 @@ use volume_format::control::messages::{ControlError, ErrorCode, OpenedHandle, Re
 use volume_format::metadata::{HandleRecord, HandleState, PoolMetadata};
 use volume_format::{HandleId, PublicKey, VolumeDescription, VolumeId};
 
-use super::clock::{unix_ms, unix_secs};
-use super::core::Core;
+use super::core::{AfterCommit, Core, ReplyId, Step};
 use crate::handles::{Handle, SessionId};
 use crate::resume::{HandoverToken, ResumeKey, SignedResumeKey, HANDOVER_TOKEN_MS};
 
@@ -58,8 +57,7 @@ pub fn hms(unix_secs: u64) -> String {
 
 /// Marks the records of `broken` handles as broken by `by`, keeping at most
 /// [`BROKEN_RECORDS_MAX`] broken records.
-pub fn mark_broken(next: &mut PoolMetadata, broken: &[u64], reason: &str) {
-    let since_unix_secs = unix_secs();
+pub fn mark_broken(next: &mut PoolMetadata, broken: &[u64], reason: &str, since_unix_secs: u64) {
     for r in next.handles.iter_mut().filter(|r| broken.contains(&r.id.0)) {
         r.state = HandleState::Broken { reason: reason.to_string(), since_unix_secs };
     }
@@ -87,10 +85,10 @@ pub fn record_state_text(core: &Core, record: &HandleRecord) -> String {
         HandleState::Active => match core.handles.get(record.id.0) {
             Some(h) if h.session != 0 => "active".into(),
             Some(h) if core.grace.as_ref().is_some_and(|g| g.waiting.contains(&h.id)) => {
-                format!("in grace, awaiting resume until {}", core.clock.describe(h.breakable_at_ms()))
+                format!("in grace, awaiting resume until {}", core.now.describe(h.breakable_at_ms()))
             }
             Some(h) => {
-                format!("disconnected, reserved for a resume until {}", core.clock.describe(h.breakable_at_ms()))
+                format!("disconnected, reserved for a resume until {}", core.now.describe(h.breakable_at_ms()))
             }
             None => "active".into(),
         },
@@ -132,8 +130,8 @@ impl Core {
     }
 
     /// `Request::Resume`: re-attaches `session` to the handle the key names.
-    pub async fn resume(&mut self, session: SessionId, key: &[u8]) -> Result<Response, ControlError> {
-        let Some(peer) = self.sessions.get(&session).map(|s| s.peer.clone()) else {
+    pub fn resume(&mut self, session: SessionId, key: &[u8]) -> Result<Response, ControlError> {
+        let Some(peer) = self.sessions.get(&session).cloned() else {
             return Err(err(ErrorCode::Unavailable, "session is closing"));
         };
         let claims = ResumeKey::verify(key, &self.key.verifying_key())
@@ -189,7 +187,7 @@ impl Core {
                 ),
             ));
         }
-        let now_ms = self.clock.now_ms();
+        let now_ms = self.now.mono_ms;
         let Some(handle) = self.handles.resume(claims.handle, session, now_ms, self.lease_ms).cloned() else {
             return Err(err(ErrorCode::Internal, format!("handle {} is recorded but not in the table", claims.handle)));
         };
@@ -203,7 +201,7 @@ impl Core {
 
     /// `Request::Handover`: a token for `to_key` to attach `handle`'s volume.
     pub fn handover(&mut self, session: SessionId, handle: u64, to_key: [u8; 32]) -> Result<Response, ControlError> {
-        let Some(peer) = self.sessions.get(&session).map(|s| s.peer.clone()) else {
+        let Some(peer) = self.sessions.get(&session).cloned() else {
             return Err(err(ErrorCode::Unavailable, "session is closing"));
         };
         let Some(h) = self.handles.get(handle).filter(|h| h.held_by(session)).cloned() else {
@@ -224,9 +222,8 @@ impl Core {
             ));
         }
         let mut nonce = [0u8; 16];
-        getrandom::getrandom(&mut nonce)
-            .map_err(|e| err(ErrorCode::Internal, format!("random bytes for a handover token: {e}")))?;
-        let issued_at_unix_ms = unix_ms();
+        self.entropy.fill(&mut nonce);
+        let issued_at_unix_ms = self.now.unix_ms;
         let token = HandoverToken {
             pool: *self.meta.pool_uuid.as_bytes(),
             handle,
@@ -243,8 +240,15 @@ impl Core {
     }
 
     /// `Request::OpenHandover`: opens the token's volume next to its holder.
-    pub async fn open_handover(&mut self, session: SessionId, token: &[u8]) -> Result<Response, ControlError> {
-        let Some(peer) = self.sessions.get(&session).map(|s| s.peer.clone()) else {
+    pub(super) fn prepare_open_handover(&mut self, session: SessionId, token: &[u8], reply: ReplyId) -> Step {
+        match self.open_handover_step(session, token, reply) {
+            Ok(step) => step,
+            Err(e) => Step::Done(Some((reply, Err(e)))),
+        }
+    }
+
+    fn open_handover_step(&mut self, session: SessionId, token: &[u8], reply: ReplyId) -> Result<Step, ControlError> {
+        let Some(peer) = self.sessions.get(&session).cloned() else {
             return Err(err(ErrorCode::Unavailable, "session is closing"));
         };
         let claims = HandoverToken::verify(token, &self.key.verifying_key())
@@ -262,7 +266,7 @@ impl Core {
             ));
         }
         self.handovers
-            .check(&claims, unix_ms())
+            .check(&claims, self.now.unix_ms)
             .map_err(|e| err(ErrorCode::PermissionDenied, format!("handover token refused: {e}")))?;
         let volume = self.volume_name(claims.volume);
         match self.handles.get(claims.handle) {
@@ -284,13 +288,13 @@ impl Core {
                 format!("volume {volume} is being reconfigured; retry in a moment"),
             ));
         }
-        let now_ms = self.clock.now_ms();
+        let now_ms = self.now.mono_ms;
         self.handles.set_next_id(self.meta.next_ids.handle.0);
         let Some(handle) = self.handles.open_alongside(claims.handle, session, &peer.name, now_ms, self.lease_ms)
         else {
             return Err(err(ErrorCode::Internal, "the source handle vanished"));
         };
-        let mut next = self.meta.clone();
+        let mut next = self.next_meta();
         next.handles.push(HandleRecord {
             id: HandleId(handle.id),
             volume: VolumeId(handle.volume),
@@ -298,19 +302,30 @@ impl Core {
             agent_name: peer.name.clone(),
             agent_instance: uuid::Uuid::from_bytes(peer.instance),
             mode: handle.mode,
-            opened_at_unix_secs: unix_secs(),
-            lease_expires_at_unix_ms: unix_ms() + self.lease_ms,
+            opened_at_unix_secs: self.now.unix_secs(),
+            lease_expires_at_unix_ms: self.now.unix_ms + self.lease_ms,
             durable_timeout_ms: handle.durable_ms,
             state: HandleState::Active,
         });
         next.next_ids.handle = HandleId(handle.id + 1);
-        if let Err(e) = self.commit(next).await {
+        Ok(Step::Commit { next, then: AfterCommit::Handover { claims: Box::new(claims), handle, reply } })
+    }
+
+    pub(super) fn finish_open_handover(
+        &mut self,
+        claims: HandoverToken,
+        handle: Handle,
+        reply: ReplyId,
+        result: Result<(), ControlError>,
+    ) {
+        if let Err(e) = result {
             self.handles.remove(handle.id);
-            return Err(e);
+            return self.reply(reply, Err(e));
         }
-        self.handovers.mark_used(&claims, unix_ms());
-        info!(handle = handle.id, holder = %peer.name, "volume attached with a handover token");
+        self.handovers.mark_used(&claims, self.now.unix_ms);
+        info!(handle = handle.id, holder = %handle.holder, "volume attached with a handover token");
         let key = self.resume_key_for(handle.id);
-        self.opened_reply(&handle, key)
+        let result = self.opened_reply(&handle, key);
+        self.reply(reply, result);
     }
 }

@@ -1,19 +1,26 @@
 //! The control server: listeners, sessions and the one task that owns the
 //! pool state.
 //!
-//! Shape (after Crucible's upstairs and mini-redis): one **owner** task
-//! ([`core::Core`]) holds the pool metadata, the handle table and the session
-//! list, and applies [`core::Command`]s it receives over a bounded channel.
-//! Session tasks ([`session`]) are thin: they authenticate the peer, forward
-//! each request with a oneshot for its reply, and write replies and events
-//! back. Why: handles, leases, recalls and commits interact in many edge
-//! cases, and with a single owner every one of them is a plain sequential
-//! step instead of a lock-ordering puzzle. The owner never waits for an agent:
-//! a grow that needs agents to drain keeps the admin's reply in its state and
-//! finishes when the last confirmation (or lease expiry) arrives.
+//! Shape (after Crucible's upstairs and mini-redis): one **owner** holds the
+//! pool metadata, the handle table and the session list. Its state and rules
+//! are [`core::Core`], a plain state machine (inputs in, effects out, no
+//! I/O, no clock reads); its loop ([`owner`]) selects the next input and
+//! applies it, and performs the effects. Session tasks ([`session`]) are
+//! thin: they authenticate the peer, forward each request with a oneshot
+//! for its reply, and write replies and events back. Why: handles, leases,
+//! recalls and commits interact in many edge cases, and with a single owner
+//! every one of them is a plain sequential step instead of a lock-ordering
+//! puzzle. The owner never waits for an agent, a device or a copy: a grow
+//! that needs agents to drain keeps the admin's reply in its state; commits
+//! and device checks run on the device task ([`device_task`]); copies and
+//! merges are jobs ([`jobs`]) — each posts its result back as an input.
 //!
-//! - [`core`]: the owner task and its commands.
-//! - [`requests`]: what each request does to the state.
+//! - [`core`]: the owner's state, inputs and effects; the change queue.
+//! - [`owner`]: the owner loop (the shell around the core).
+//! - [`device_task`]: the pool's own device connections: commits, checks.
+//! - [`jobs`]: long jobs (pre-image copies, merges, device checks).
+//! - [`requests`]: what each request does to the state (prepare, finish).
+//! - [`listings`]: read-only answers (pool, devices, clients, volumes).
 //! - [`durable`]: resumes, duplicate handles, handovers and the grace period.
 //! - [`session`]: one control connection.
 //! - [`data_channel`]: the agents' fallback data path through the server
@@ -23,18 +30,22 @@
 //!   registrations; [`snapshot_io`]: the chunk I/O the server does for them.
 //! - [`backup_export`]: the backup pseudo-device (snapshots as read-only NBD
 //!   exports with a changed-block metadata context).
-//! - [`clock`]: monotonic milliseconds (pausable in tests) and wall-clock
-//!   rendering for messages.
 
 pub mod backup_export;
-pub mod clock;
 pub mod core;
 pub mod data_channel;
+pub mod device_task;
 pub mod durable;
+pub mod jobs;
+pub mod listings;
+pub mod owner;
 pub mod requests;
 pub mod session;
 pub mod snapshot_io;
 pub mod snapshots;
+
+#[cfg(test)]
+mod core_tests;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -84,6 +95,7 @@ pub struct Server {
     listeners: Vec<Listener>,
     local_addrs: Vec<ControlAddr>,
     core: core::Core,
+    pool: Pool,
     key: Arc<SigningKey>,
     lease_ms: u64,
 }
@@ -133,8 +145,17 @@ impl Server {
             }
         }
         let key = Arc::new(key);
-        let core = core::Core::new(pool, meta, config.lease_ms, config.durable_ms, config.grace_ms, key.clone());
-        Ok(Server { listeners, local_addrs, core, key, lease_ms: config.lease_ms })
+        let core = core::Core::new(
+            meta,
+            core::CoreConfig {
+                lease_ms: config.lease_ms,
+                durable_ms: config.durable_ms,
+                grace_ms: config.grace_ms,
+                key: key.clone(),
+                entropy: Box::new(core::OsEntropy),
+            },
+        );
+        Ok(Server { listeners, local_addrs, core, pool, key, lease_ms: config.lease_ms })
     }
 
     /// The addresses actually bound (TCP port 0 resolved).
@@ -144,14 +165,17 @@ impl Server {
 
     /// Serves until `shutdown` completes.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-        let Server { listeners, local_addrs, core, key, lease_ms } = self;
+        let Server { listeners, local_addrs, core, pool, key, lease_ms } = self;
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMANDS_QUEUED_MAX);
         let (stop_tx, stop_rx) = watch::channel(false);
+        let (meta_tx, meta_rx) = watch::channel(core.meta.clone());
+        let (clients_tx, clients_rx) = watch::channel(Arc::new(core::client_table(&core.meta)));
+        let published = owner::Published { meta: meta_tx, clients: clients_tx };
         let ctx = Arc::new(session::SessionContext {
             key,
             lease_ms,
-            clients: core.clients_watch(),
-            meta: core.meta_watch(),
+            clients: clients_rx,
+            meta: meta_rx,
             commands: cmd_tx,
             next_session: AtomicU64::new(1),
             slots: Arc::new(Semaphore::new(SESSIONS_MAX)),
@@ -166,7 +190,7 @@ impl Server {
             accept_loops.spawn(accept_loop(l, ctx.clone(), stop_rx.clone()));
         }
         drop(ctx);
-        core.run(cmd_rx, shutdown).await;
+        owner::run(core, pool, published, cmd_rx, shutdown).await;
         info!("shutting down: closing sessions");
         let _ = stop_tx.send(true);
         while accept_loops.join_next().await.is_some() {}

@@ -1,20 +1,24 @@
-//! What each control request does to the owner's state.
+//! What each request does to the owner's state, in two halves.
 //!
-//! Every change follows one pattern: build the next metadata from a clone,
-//! commit it, and only then change in-memory state and answer. A refused or
-//! failed request leaves everything exactly as it was.
+//! `read` answers what needs no change (listings, renewals, grants) at once.
+//! Everything else is queued and *prepared* when its turn comes: validated
+//! against the state as it is then, it becomes a [`Step`]; a change that
+//! writes metadata builds the next metadata from a copy of the committed
+//! one and is *finished* ([`Core::finish_commit`]) when the commit's result
+//! is known. Only then does in-memory state change for good and the caller
+//! get its answer: a refused or failed change leaves everything exactly as
+//! it was (an open's reservation in the handle table is undone).
 
-use tracing::info;
+use tracing::{info, warn};
 use volume_format::control::messages::{
-    ClientInfo, ControlError, DeviceInfo, ErrorCode, OpenMode, OpenedHandle, PoolInfo, Request, Response, ServerEvent,
-    VolumeDetail, VolumeInfo,
+    ControlError, ErrorCode, OpenMode, OpenedHandle, Request, Response, ServerEvent,
 };
-use volume_format::metadata::{AllocError, ClientRecord, HandleRecord, HandleState, VolumeRecord, MIRROR_LEGS_MAX};
+use volume_format::metadata::{AllocError, ClientRecord, HandleRecord, HandleState, MIRROR_LEGS_MAX};
 use volume_format::{HandleId, PublicKey, VolumeDescription, VolumeId};
 
-use super::clock::{unix_ms, unix_secs};
-use super::core::{Core, PendingChange, Reply, VolumeChange};
-use crate::handles::{OpenRefused, SessionId};
+use super::core::{AfterCommit, AfterJob, Busy, Core, PendingChange, ReplyId, Step, VolumeChange};
+use super::jobs::JobOutcome;
+use crate::handles::{Handle, OpenRefused, RecallState, SessionId};
 
 /// Block size of new volumes (what agents expose).
 pub const VOLUME_BLOCK_BYTES: u32 = 4096;
@@ -34,168 +38,176 @@ pub fn alloc_error(e: AllocError) -> ControlError {
     err(code, format!("{e}; nothing was changed"))
 }
 
+/// An open whose commit is in flight: its handle is reserved in the table.
+#[derive(Debug)]
+pub struct OpenCommit {
+    pub session: SessionId,
+    pub reply: ReplyId,
+    pub handle: Handle,
+    /// Handles the open broke (removed from the table; put back on failure).
+    pub broken: Vec<Handle>,
+    pub volume: VolumeId,
+    pub volume_name: String,
+    pub holder: String,
+}
+
+fn done(reply: ReplyId, result: Result<Response, ControlError>) -> Step {
+    Step::Done(Some((reply, result)))
+}
+
 impl Core {
-    pub async fn handle_request(&mut self, session: SessionId, request: Request, reply: Reply) {
-        let request = match VolumeChange::of(request) {
-            Ok((volume, change)) => {
-                // `None`: the reply is kept until the holders have drained.
-                if let Some((reply, result)) = self.reconfigure(&volume, change, reply).await {
-                    let _ = reply.send(result);
-                }
-                return;
-            }
-            Err(request) => request,
-        };
-        let result = match request {
+    /// Answers a request that changes nothing, or `None` if it must queue.
+    pub(super) fn read(&mut self, session: SessionId, request: &Request) -> Option<Result<Response, ControlError>> {
+        Some(match request {
             Request::PoolStatus => Ok(Response::Pool(self.pool_info())),
             Request::Renew => Ok(Response::Lease { lease_ms: self.lease_ms }),
-            Request::DeviceList => Ok(Response::Devices(self.device_infos())),
+            Request::DeviceList => Ok(Response::Devices(self.device_infos(|_| true))),
             Request::ClientList => Ok(Response::Clients(self.client_infos())),
-            Request::ClientAuthorize { key, name, role } => self.client_authorize(key, name, role).await,
-            Request::ClientRevoke { key } => self.client_revoke(session, key).await,
-            Request::VolumeCreate { name, size_bytes, legs } => self.volume_create(name, size_bytes, legs).await,
             Request::VolumeList => {
                 Ok(Response::Volumes(self.meta.volumes.iter().map(|v| self.volume_info(v)).collect()))
             }
-            Request::VolumeShow { name } => self.volume_show(&name),
-            Request::VolumeDelete { name } => self.volume_delete(&name).await,
-            Request::VolumeGrow { .. } | Request::SnapshotCreate { .. } | Request::SnapshotDelete { .. } => {
-                Err(err(ErrorCode::Internal, "volume changes are handled before this point"))
-            }
-            Request::Open { volume, mode } => self.open(session, &volume, mode).await,
-            Request::Close { handle } => self.close(session, handle.0).await,
-            Request::RecallDone { handle, generation } => self.recall_done(session, handle.0, generation).await,
-            Request::Resume { key } => self.resume(session, &key).await,
-            Request::Handover { handle, to_key } => self.handover(session, handle.0, to_key),
-            Request::OpenHandover { token } => self.open_handover(session, &token).await,
-            Request::DataChannel { volume, device } => self.data_channel_grant(session, volume.0, device.0),
-            Request::ReportDeviceFailure { device, reason } => {
-                self.report_device_failure(session, device.0, reason).await
-            }
-            Request::ReportDeviceRecovered { device } => self.report_device_recovered(session, device.0),
+            Request::VolumeShow { name } => self.volume_show(name),
             Request::SnapshotList { volume } => self.snapshot_list(volume.as_deref()),
-            Request::CowRegister { handle, snapshot, chunks } => {
-                self.cow_register(session, handle.0, snapshot.0, &chunks, false).await
-            }
-            Request::CowCopy { handle, snapshot, chunks } => self.cow_register(session, handle.0, snapshot.0, &chunks, true).await,
+            Request::DataChannel { volume, device } => self.data_channel_grant(session, volume.0, device.0),
+            Request::ReportDeviceRecovered { device } => self.report_device_recovered(session, device.0),
             Request::BackupChannel => Err(err(
                 ErrorCode::InvalidArgument,
                 "a backup channel is asked for as the first request of a data channel (after the data-channel preamble)",
             )),
-        };
-        let _ = reply.send(result);
-    }
-
-    pub(super) fn volume_by_name(&self, name: &str) -> Result<&VolumeRecord, ControlError> {
-        self.meta.volume_by_name(name).ok_or_else(|| {
-            err(ErrorCode::NotFound, format!("no volume named {name:?} (`sanvol volume list` shows the volumes)"))
+            _ => return None,
         })
     }
 
-    fn pool_info(&self) -> PoolInfo {
-        let free = self.meta.free_extents();
-        let m = &self.meta;
-        PoolInfo {
-            pool_uuid: m.pool_uuid.to_string(),
-            name: m.pool_name.clone(),
-            generation: m.generation,
-            extent_bytes: m.extent_bytes,
-            devices: m.devices.len() as u32,
-            devices_failed: m.devices.iter().filter(|d| !d.state.is_online()).count() as u32,
-            volumes: m.volumes.len() as u32,
-            capacity_bytes: m.devices.iter().map(|d| d.data.len_bytes()).sum(),
-            free_bytes: free.count() * m.extent_bytes,
-            server_key: m.server_public_key.to_string(),
+    /// The volume a queued request changes, and which jobs on that volume it
+    /// must wait for; `None` for requests no job blocks.
+    pub(super) fn volume_of(&self, _session: SessionId, request: &Request) -> Option<(VolumeId, &'static [Busy])> {
+        const ANY: &[Busy] = &[Busy::Cow, Busy::Layout];
+        const COW: &[Busy] = &[Busy::Cow];
+        match request {
+            Request::VolumeGrow { name, .. }
+            | Request::VolumeDelete { name }
+            | Request::SnapshotCreate { volume: name, .. }
+            | Request::SnapshotDelete { volume: name, .. } => Some((self.meta.volume_by_name(name)?.id, ANY)),
+            Request::CowRegister { handle, .. } | Request::CowCopy { handle, .. } => {
+                Some((VolumeId(self.handles.get(handle.0)?.volume), COW))
+            }
+            _ => None,
         }
     }
 
-    fn device_infos(&self) -> Vec<DeviceInfo> {
-        let free = self.meta.free_extents();
-        self.meta
-            .devices
-            .iter()
-            .map(|d| DeviceInfo {
-                index: d.index,
-                uuid: d.device_uuid.to_string(),
-                uri: d.uri.clone(),
-                size_bytes: d.device_bytes,
-                extents_total: d.extent_count(self.meta.extent_bytes),
-                extents_free: free.device_count(d.index),
-                state: d.state.clone(),
-                reachable: self.pool.reachable(d.device_uuid),
-            })
-            .collect()
+    pub(super) fn prepare_request(&mut self, session: SessionId, request: Request, reply: ReplyId) -> Step {
+        let request = match VolumeChange::of(request) {
+            Ok((volume, change)) => return self.prepare_reconfigure(&volume, change, reply),
+            Err(request) => request,
+        };
+        let result = match request {
+            Request::ClientAuthorize { key, name, role } => return self.prepare_authorize(key, name, role, reply),
+            Request::ClientRevoke { key } => return self.prepare_revoke(session, key, reply),
+            Request::VolumeCreate { name, size_bytes, legs } => {
+                return self.prepare_volume_create(name, size_bytes, legs, reply)
+            }
+            Request::VolumeDelete { name } => return self.prepare_volume_delete(&name, reply),
+            Request::Open { volume, mode } => return self.prepare_open(session, &volume, mode, reply),
+            Request::Close { handle } => return self.prepare_close(session, handle.0, reply),
+            Request::OpenHandover { token } => return self.prepare_open_handover(session, &token, reply),
+            Request::ReportDeviceFailure { device, reason } => {
+                return self.prepare_report_device_failure(session, device.0, reason, reply)
+            }
+            Request::CowRegister { handle, snapshot, chunks } => {
+                return self.prepare_cow(session, handle.0, snapshot.0, chunks, false, reply)
+            }
+            Request::CowCopy { handle, snapshot, chunks } => {
+                return self.prepare_cow(session, handle.0, snapshot.0, chunks, true, reply)
+            }
+            Request::RecallDone { handle, generation } => self.recall_done(session, handle.0, generation),
+            Request::Resume { key } => self.resume(session, &key),
+            Request::Handover { handle, to_key } => self.handover(session, handle.0, to_key),
+            other => match self.read(session, &other) {
+                Some(result) => result,
+                None => Err(err(ErrorCode::Internal, format!("no handler for {other:?}"))),
+            },
+        };
+        done(reply, result)
     }
 
-    fn client_infos(&self) -> Vec<ClientInfo> {
-        self.meta
-            .clients
-            .iter()
-            .map(|c| ClientInfo {
-                name: c.name.clone(),
-                key: c.public_key.to_string(),
-                role: c.role,
-                connected: self.sessions.values().filter(|s| s.peer.key == c.public_key.0).count() as u32,
-                handles: self
-                    .meta
-                    .handles
-                    .iter()
-                    .filter(|h| h.agent_key == c.public_key)
-                    .map(|h| {
-                        let volume =
-                            self.meta.volume(h.volume).map_or_else(|| h.volume.to_string(), |v| v.name.clone());
-                        let state = super::durable::record_state_text(self, h);
-                        format!("{volume} ({}, handle {}, {state})", h.mode, h.id.0)
-                    })
-                    .collect(),
-                fallback: self.fallback_of_client(c.public_key.0),
-            })
-            .collect()
-    }
-
-    fn volume_info(&self, v: &VolumeRecord) -> VolumeInfo {
-        VolumeInfo {
-            name: v.name.clone(),
-            id: v.id,
-            size_bytes: v.size_bytes,
-            legs: v.mirror_legs as u8,
-            extents: v.extents.len() as u64,
-            layout_generation: v.layout_generation,
-            open_by: self
-                .meta
-                .handles
-                .iter()
-                .filter(|r| r.volume == v.id)
-                .map(|r| {
-                    let state = super::durable::record_state_text(self, r);
-                    format!("{} ({}, handle {}, {state})", r.agent_name, r.mode, r.id.0)
-                })
-                .collect(),
-            fallback: self.fallback_of_volume(v.id),
+    /// Finishes a change once its commit's result is known (the committed
+    /// metadata is already adopted on success).
+    pub(super) fn finish_commit(&mut self, then: AfterCommit, result: Result<(), ControlError>) {
+        match then {
+            AfterCommit::Reply { reply, what } => {
+                if result.is_ok() {
+                    info!("{what}");
+                }
+                self.reply(reply, result.map(|()| Response::Done));
+            }
+            AfterCommit::Respond { reply, response } => self.reply(reply, result.map(|()| *response)),
+            AfterCommit::Open(open) => self.finish_open(*open, result),
+            AfterCommit::Close { session, handle, reply } => self.finish_close(session, handle, reply, result),
+            AfterCommit::Revoke { session, key, reply, name } => {
+                if result.is_ok() {
+                    info!(client = %name, "client revoked; closing its sessions and channels");
+                    let sessions: Vec<SessionId> = self
+                        .sessions
+                        .iter()
+                        .filter(|(id, peer)| peer.key == key && **id != session)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for s in sessions {
+                        self.kick(s);
+                    }
+                }
+                self.reply(reply, result.map(|()| Response::Done));
+            }
+            AfterCommit::Expire { expired } => self.finish_expire(expired, result),
+            AfterCommit::Recall { volume, pending, excluded } => self.finish_recall(volume, pending, excluded, result),
+            AfterCommit::Handover { claims, handle, reply } => {
+                self.finish_open_handover(*claims, handle, reply, result)
+            }
+            AfterCommit::DeviceFailed { device, reason, reply } => {
+                self.finish_device_failed(device, reason, reply, result)
+            }
+            AfterCommit::CowRegistered { reply, new, volume } => {
+                if let Err(e) = &result {
+                    warn!(%volume, "registering copy-on-write chunks: {e}");
+                } else {
+                    control_client::fault::hit("mds-after-cow-commit");
+                }
+                self.reply(reply, result.map(|()| Response::CowRegistered { new }));
+            }
+            AfterCommit::Released { volume, then } => {
+                self.release(volume);
+                self.finish_commit(*then, result);
+            }
         }
     }
 
-    fn volume_show(&self, name: &str) -> Result<Response, ControlError> {
-        let v = self.volume_by_name(name)?;
-        let description = VolumeDescription::from_metadata(&self.meta, v.id)
-            .map_err(|e| err(ErrorCode::Internal, format!("describing volume {name:?}: {e}")))?;
-        Ok(Response::Volume(VolumeDetail { info: self.volume_info(v), description }))
+    /// Continues a change whose job reported back.
+    pub(super) fn continue_job(&mut self, then: AfterJob, outcome: JobOutcome) -> Step {
+        match then {
+            AfterJob::CowCopied(copied) => self.cow_copied(copied, outcome),
+            AfterJob::Merged { volume, change, finish } => self.merged(volume, change, finish, outcome),
+            AfterJob::DeviceChecked { session, device, reason, reply } => {
+                self.device_checked(session, device, reason, reply, outcome)
+            }
+        }
     }
 
-    async fn client_authorize(
+    fn prepare_authorize(
         &mut self,
         key: [u8; 32],
         name: String,
         role: volume_format::control::auth::Role,
-    ) -> Result<Response, ControlError> {
+        reply: ReplyId,
+    ) -> Step {
         if ed25519_dalek::VerifyingKey::from_bytes(&key).is_err() {
-            return Err(err(ErrorCode::InvalidArgument, "that is not a valid ed25519 public key"));
+            return done(reply, Err(err(ErrorCode::InvalidArgument, "that is not a valid ed25519 public key")));
         }
         let name = if name.is_empty() { hex::encode(&key[..8]) } else { name };
-        let mut next = self.meta.clone();
+        let mut next = self.next_meta();
         match next.clients.iter_mut().find(|c| c.public_key.0 == key) {
             Some(c) if c.role == role && c.name == name => {
-                return Err(err(ErrorCode::AlreadyExists, format!("key is already authorized as {role} {name:?}")))
+                let msg = format!("key is already authorized as {role} {name:?}");
+                return done(reply, Err(err(ErrorCode::AlreadyExists, msg)));
             }
             Some(c) => {
                 c.role = role;
@@ -203,132 +215,105 @@ impl Core {
             }
             None => next.clients.push(ClientRecord { public_key: PublicKey(key), name: name.clone(), role }),
         }
-        self.commit(next).await?;
-        info!(client = %name, %role, "client authorized");
-        Ok(Response::Done)
+        Step::Commit { next, then: AfterCommit::Reply { reply, what: format!("client {name} authorized as {role}") } }
     }
 
-    async fn client_revoke(&mut self, session: SessionId, key: [u8; 32]) -> Result<Response, ControlError> {
+    fn prepare_revoke(&mut self, session: SessionId, key: [u8; 32], reply: ReplyId) -> Step {
         let Some(record) = self.meta.clients.iter().find(|c| c.public_key.0 == key).cloned() else {
-            return Err(err(ErrorCode::NotFound, format!("key {} is not authorized in this pool", hex::encode(key))));
+            let msg = format!("key {} is not authorized in this pool", hex::encode(key));
+            return done(reply, Err(err(ErrorCode::NotFound, msg)));
         };
         let admins = self.meta.clients.iter().filter(|c| c.role == volume_format::control::auth::Role::Admin).count();
         if record.role == volume_format::control::auth::Role::Admin && admins == 1 {
-            return Err(err(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "{:?} is the last admin key; authorize another admin first, or nobody could manage the pool",
-                    record.name
-                ),
-            ));
+            let msg = format!(
+                "{:?} is the last admin key; authorize another admin first, or nobody could manage the pool",
+                record.name
+            );
+            return done(reply, Err(err(ErrorCode::InvalidArgument, msg)));
         }
-        let mut next = self.meta.clone();
+        let mut next = self.next_meta();
         next.clients.retain(|c| c.public_key.0 != key);
-        self.commit(next).await?;
-        info!(client = %record.name, "client revoked; closing its sessions");
-        for (id, s) in self.sessions.iter_mut() {
-            if s.peer.key == key && *id != session {
-                if let Some(kick) = s.kick.take() {
-                    let _ = kick.send(());
-                }
-            }
-        }
-        Ok(Response::Done)
+        Step::Commit { next, then: AfterCommit::Revoke { session, key, reply, name: record.name } }
     }
 
-    async fn volume_create(&mut self, name: String, size_bytes: u64, legs: u8) -> Result<Response, ControlError> {
+    fn prepare_volume_create(&mut self, name: String, size_bytes: u64, legs: u8, reply: ReplyId) -> Step {
         if !(1..=MIRROR_LEGS_MAX).contains(&u32::from(legs)) {
-            return Err(err(ErrorCode::InvalidArgument, format!("legs must be 1..={MIRROR_LEGS_MAX}, not {legs}")));
+            let msg = format!("legs must be 1..={MIRROR_LEGS_MAX}, not {legs}");
+            return done(reply, Err(err(ErrorCode::InvalidArgument, msg)));
         }
         if size_bytes == 0 || !size_bytes.is_multiple_of(u64::from(VOLUME_BLOCK_BYTES)) {
-            return Err(err(
-                ErrorCode::InvalidArgument,
-                format!("volume size {size_bytes} must be a positive multiple of {VOLUME_BLOCK_BYTES} bytes"),
-            ));
+            let msg = format!("volume size {size_bytes} must be a positive multiple of {VOLUME_BLOCK_BYTES} bytes");
+            return done(reply, Err(err(ErrorCode::InvalidArgument, msg)));
         }
-        let mut next = self.meta.clone();
-        next.create_volume(&name, size_bytes, VOLUME_BLOCK_BYTES, u32::from(legs), unix_secs()).map_err(alloc_error)?;
-        self.commit(next).await?;
-        info!(volume = %name, size_bytes, legs, "volume created");
-        Ok(Response::Done)
-    }
-
-    fn holders_text(&self, volume: VolumeId) -> Vec<String> {
-        self.handles
-            .on_volume(volume.0)
-            .map(|h| {
-                format!(
-                    "{} ({}, handle {}, lease until {})",
-                    h.holder,
-                    h.mode,
-                    h.id,
-                    self.clock.describe(h.lease_until_ms)
-                )
-            })
-            .collect()
-    }
-
-    async fn volume_delete(&mut self, name: &str) -> Result<Response, ControlError> {
-        let id = self.volume_by_name(name)?.id;
-        let holders = self.holders_text(id);
-        if !holders.is_empty() {
-            return Err(err(
-                ErrorCode::Busy,
-                format!("volume {name} is open by {}; detach it there first", holders.join(", ")),
-            ));
+        let mut next = self.next_meta();
+        let now = self.now.unix_secs();
+        if let Err(e) = next.create_volume(&name, size_bytes, VOLUME_BLOCK_BYTES, u32::from(legs), now) {
+            return done(reply, Err(alloc_error(e)));
         }
-        let mut next = self.meta.clone();
-        next.delete_volume(id).map_err(alloc_error)?;
-        self.commit(next).await?;
-        info!(volume = %name, "volume deleted");
-        Ok(Response::Done)
+        let what = format!("volume {name} created ({size_bytes} bytes, {legs} legs)");
+        Step::Commit { next, then: AfterCommit::Reply { reply, what } }
     }
 
-    /// Applies `change` to `name`. Without holders it is one commit; with
-    /// holders it starts a recall and keeps `reply` (returns `None`) until
-    /// [`Core::check_recall`] finishes it.
-    pub async fn reconfigure(
-        &mut self,
-        name: &str,
-        change: VolumeChange,
-        reply: Reply,
-    ) -> Option<(Reply, Result<Response, ControlError>)> {
+    fn prepare_volume_delete(&mut self, name: &str, reply: ReplyId) -> Step {
         let id = match self.volume_by_name(name) {
             Ok(v) => v.id,
-            Err(e) => return Some((reply, Err(e))),
+            Err(e) => return done(reply, Err(e)),
+        };
+        let holders = self.holders_text(id);
+        if !holders.is_empty() {
+            let msg = format!("volume {name} is open by {}; detach it there first", holders.join(", "));
+            return done(reply, Err(err(ErrorCode::Busy, msg)));
+        }
+        if self.pending_changes.contains_key(&id) {
+            let msg = format!("volume {name} is being reconfigured; retry when it is done");
+            return done(reply, Err(err(ErrorCode::Busy, msg)));
+        }
+        let mut next = self.next_meta();
+        if let Err(e) = next.delete_volume(id) {
+            return done(reply, Err(alloc_error(e)));
+        }
+        Step::Commit { next, then: AfterCommit::Reply { reply, what: format!("volume {name} deleted") } }
+    }
+
+    /// Applies `change` to `name`. Without holders (or when the layout the
+    /// holders use does not change) it is one commit, after a merge job for
+    /// a snapshot delete that needs one; with holders it starts a recall and
+    /// parks the reply until [`Core::prepare_recall`] finishes it.
+    fn prepare_reconfigure(&mut self, name: &str, change: VolumeChange, reply: ReplyId) -> Step {
+        let id = match self.volume_by_name(name) {
+            Ok(v) => v.id,
+            Err(e) => return done(reply, Err(e)),
         };
         // Plan it now so "no space", "shrink" or "no such snapshot" is refused
         // before any agent is disturbed.
-        let mut trial = self.meta.clone();
+        let mut trial = self.next_meta();
         if let Err(e) = self.plan_change(&mut trial, id, &change) {
-            return Some((reply, Err(e)));
+            return done(reply, Err(e));
         }
-        if trial == self.meta {
-            return Some((reply, Ok(Response::Done)));
+        if trial == *self.meta {
+            return done(reply, Ok(Response::Done));
+        }
+        if self.pending_changes.contains_key(&id) {
+            let msg = format!("volume {name} is being reconfigured; retry when it is done");
+            return done(reply, Err(err(ErrorCode::Busy, msg)));
         }
         // Holders only need a recall when what they do I/O with changes.
         let layout_changes =
             trial.volume(id).map(|v| v.layout_generation) != self.meta.volume(id).map(|v| v.layout_generation);
         if self.handles.on_volume(id.0).next().is_none() || !layout_changes {
-            let mut next = self.meta.clone();
-            let result = match self.apply_change(&mut next, id, &change).await {
-                Ok(()) => self.commit(next).await.map(|()| Response::Done),
-                Err(e) => Err(e),
-            };
-            if result.is_ok() {
-                info!(volume = %name, %change, "volume reconfigured");
+            if let Some(job) = self.merge_job(id, &change) {
+                let then = AfterJob::Merged { volume: id, change, finish: super::core::MergeFinish::Direct { reply } };
+                return Step::Job { job, busy: Some((id, Busy::Layout)), then };
             }
-            return Some((reply, result));
-        }
-        if self.pending_changes.contains_key(&id) {
-            let msg = format!("volume {name} is being reconfigured; retry when it is done");
-            return Some((reply, Err(err(ErrorCode::Busy, msg))));
+            let what = format!("volume {name} reconfigured: {change}");
+            return Step::Commit { next: trial, then: AfterCommit::Reply { reply, what } };
         }
         let generation = trial.volume(id).map(|v| v.layout_generation).unwrap_or_default();
         let recall = match self.handles.start_recall(id.0, generation) {
             Ok(r) => r,
             Err(e) => {
-                return Some((reply, Err(err(ErrorCode::Busy, format!("volume {name}: {e}; retry when it is done")))))
+                let msg = format!("volume {name}: {e}; retry when it is done");
+                return done(reply, Err(err(ErrorCode::Busy, msg)));
             }
         };
         info!(volume = %name, %change, generation, holders = recall.waiting.len(), "recalling the layout from its holders");
@@ -338,43 +323,109 @@ impl Core {
             }
         }
         self.pending_changes.insert(id, PendingChange { volume: id, change, generation, reply });
-        self.check_recall(id).await;
-        None
+        self.check_recalls();
+        Step::Parked
     }
 
-    async fn open(&mut self, session: SessionId, volume: &str, mode: OpenMode) -> Result<Response, ControlError> {
-        let v = self.volume_by_name(volume)?;
-        let id = v.id;
-        if self.handles.recall_of(id.0).is_some() {
-            return Err(err(
-                ErrorCode::Unavailable,
-                format!("volume {volume} is being reconfigured; retry in a moment"),
-            ));
-        }
-        let Some(peer) = self.sessions.get(&session).map(|s| s.peer.clone()) else {
-            return Err(err(ErrorCode::Unavailable, "session is closing"));
+    /// Finishes the pending change of `volume` if every holder confirmed or
+    /// was excluded by its lease: (merge,) commit, then publish and reply.
+    pub(super) fn prepare_recall(&mut self, volume: VolumeId) -> Step {
+        let Some(RecallState::Ready { excluded }) = self.handles.recall_state(volume.0, self.now.mono_ms) else {
+            // A holder renewed in time after all: the deadline tick re-checks.
+            return Step::Done(None);
         };
-        let now_ms = self.clock.now_ms();
+        let Some(pending) = self.pending_changes.remove(&volume) else {
+            self.handles.finish_recall(volume.0);
+            return Step::Done(None);
+        };
+        if let Some(job) = self.merge_job(volume, &pending.change) {
+            let change = pending.change.clone();
+            let finish = super::core::MergeFinish::Recall { pending, excluded };
+            return Step::Job {
+                job,
+                busy: Some((volume, Busy::Layout)),
+                then: AfterJob::Merged { volume, change, finish },
+            };
+        }
+        self.recall_commit(volume, pending, excluded)
+    }
+
+    /// The commit of a recalled change (holders drained or excluded).
+    pub(super) fn recall_commit(&mut self, volume: VolumeId, pending: PendingChange, excluded: Vec<u64>) -> Step {
+        let mut next = self.next_meta();
+        next.handles.retain(|h| !excluded.contains(&h.id.0));
+        match self.plan_change(&mut next, volume, &pending.change) {
+            Ok(()) => Step::Commit { next, then: AfterCommit::Recall { volume, pending, excluded } },
+            Err(e) => {
+                self.finish_recall(volume, pending, excluded, Err(e));
+                Step::Done(None)
+            }
+        }
+    }
+
+    pub(super) fn finish_recall(
+        &mut self,
+        volume: VolumeId,
+        pending: PendingChange,
+        excluded: Vec<u64>,
+        result: Result<(), ControlError>,
+    ) {
+        if result.is_ok() {
+            for id in &excluded {
+                if let Some(h) = self.handles.remove(*id) {
+                    warn!(handle = id, holder = %h.holder, "excluded from the reconfiguration: it did not confirm the recall within its lease");
+                    let reason = format!(
+                        "excluded from the reconfiguration of layout generation {}: no confirmation within the lease",
+                        pending.generation
+                    );
+                    self.send_event(h.session, ServerEvent::Revoked { handle: HandleId(*id), reason });
+                }
+            }
+        }
+        // Holders resume either way: with the new layout, or the old one if
+        // the change failed.
+        self.handles.finish_recall(volume.0);
+        self.publish_volume(volume, &excluded);
+        match &result {
+            Ok(()) => {
+                info!(%volume, change = %pending.change, generation = self.meta.generation, "volume reconfigured")
+            }
+            Err(e) => warn!(%volume, change = %pending.change, "reconfiguration failed: {e}"),
+        }
+        self.reply(pending.reply, result.map(|()| Response::Done));
+    }
+
+    fn prepare_open(&mut self, session: SessionId, volume: &str, mode: OpenMode, reply: ReplyId) -> Step {
+        let id = match self.volume_by_name(volume) {
+            Ok(v) => v.id,
+            Err(e) => return done(reply, Err(e)),
+        };
+        if self.handles.recall_of(id.0).is_some() {
+            let msg = format!("volume {volume} is being reconfigured; retry in a moment");
+            return done(reply, Err(err(ErrorCode::Unavailable, msg)));
+        }
+        let Some(peer) = self.sessions.get(&session).cloned() else {
+            return done(reply, Err(err(ErrorCode::Unavailable, "session is closing")));
+        };
+        let now_ms = self.now.mono_ms;
         self.handles.set_next_id(self.meta.next_ids.handle.0);
         let opened = match self.handles.open(id.0, mode, session, &peer.name, now_ms, self.lease_ms, self.durable_ms) {
             Ok(o) => o,
             Err(OpenRefused::Conflict { holder, mode: held, handle, expires_at_ms }) => {
-                return Err(err(
-                    ErrorCode::Conflict,
-                    format!(
-                        "volume {volume} is open {held} by {holder} (handle {handle}, reserved for it until {}); \
-                         a {mode} open has to wait until it is closed or its lease and durable timeout ran out",
-                        self.clock.describe(expires_at_ms)
-                    ),
-                ))
+                let msg = format!(
+                    "volume {volume} is open {held} by {holder} (handle {handle}, reserved for it until {}); a {mode} \
+                     open has to wait until it is closed or its lease and durable timeout ran out",
+                    self.now.describe(expires_at_ms)
+                );
+                return done(reply, Err(err(ErrorCode::Conflict, msg)));
             }
         };
         let handle = opened.handle.clone();
-        let mut next = self.meta.clone();
+        let mut next = self.next_meta();
         let broken: Vec<u64> = opened.broken.iter().map(|h| h.id).collect();
         let broken_reason =
-            format!("{} opened volume {volume} {mode} at {}", peer.name, super::durable::hms(unix_secs()));
-        super::durable::mark_broken(&mut next, &broken, &broken_reason);
+            format!("{} opened volume {volume} {mode} at {}", peer.name, super::durable::hms(self.now.unix_secs()));
+        super::durable::mark_broken(&mut next, &broken, &broken_reason, self.now.unix_secs());
         next.handles.push(HandleRecord {
             id: HandleId(handle.id),
             volume: id,
@@ -382,67 +433,115 @@ impl Core {
             agent_name: peer.name.clone(),
             agent_instance: uuid::Uuid::from_bytes(peer.instance),
             mode,
-            opened_at_unix_secs: unix_secs(),
-            lease_expires_at_unix_ms: unix_ms() + self.lease_ms,
+            opened_at_unix_secs: self.now.unix_secs(),
+            lease_expires_at_unix_ms: self.now.unix_ms + self.lease_ms,
             durable_timeout_ms: handle.durable_ms,
             state: HandleState::Active,
         });
         next.next_ids.handle = HandleId(handle.id + 1);
-        if let Err(e) = self.commit(next).await {
-            self.handles.remove(handle.id);
-            for h in opened.broken {
-                self.handles.restore(h);
-            }
-            return Err(e);
-        }
-        for h in opened.broken {
-            info!(handle = h.id, holder = %h.holder, "handle broken by a conflicting open after its lease ran out");
-            let reason = format!("{} opened the volume {mode} after this handle's lease ran out", peer.name);
-            self.send_handle_event(&h, ServerEvent::Revoked { handle: HandleId(h.id), reason });
-        }
-        let description = VolumeDescription::from_metadata(&self.meta, id)
-            .map_err(|e| err(ErrorCode::Internal, format!("describing volume {volume}: {e}")))?;
-        info!(volume, handle = handle.id, %mode, holder = %peer.name, "volume opened");
-        let resume_key = self.resume_key_for(handle.id);
-        Ok(Response::Opened(OpenedHandle {
-            handle: HandleId(handle.id),
-            mode,
-            description,
-            lease_ms: self.lease_ms,
-            resume_key,
-        }))
+        let open = OpenCommit {
+            session,
+            reply,
+            handle,
+            broken: opened.broken,
+            volume: id,
+            volume_name: volume.to_string(),
+            holder: peer.name,
+        };
+        Step::Commit { next, then: AfterCommit::Open(Box::new(open)) }
     }
 
-    async fn close(&mut self, session: SessionId, handle: u64) -> Result<Response, ControlError> {
+    fn finish_open(&mut self, open: OpenCommit, result: Result<(), ControlError>) {
+        let OpenCommit { reply, handle, broken, volume, volume_name, holder, .. } = open;
+        if let Err(e) = result {
+            self.handles.remove(handle.id);
+            for h in broken {
+                self.handles.restore(h);
+            }
+            return self.reply(reply, Err(e));
+        }
+        let mode = handle.mode;
+        for h in broken {
+            info!(handle = h.id, holder = %h.holder, "handle broken by a conflicting open after its lease ran out");
+            let reason = format!("{holder} opened the volume {mode} after this handle's lease ran out");
+            self.send_handle_event(&h, ServerEvent::Revoked { handle: HandleId(h.id), reason });
+        }
+        let description = match VolumeDescription::from_metadata(&self.meta, volume) {
+            Ok(d) => d,
+            Err(e) => {
+                let msg = format!("describing volume {volume_name}: {e}");
+                return self.reply(reply, Err(err(ErrorCode::Internal, msg)));
+            }
+        };
+        info!(volume = %volume_name, handle = handle.id, %mode, holder = %holder, "volume opened");
+        let resume_key = self.resume_key_for(handle.id);
+        let opened =
+            OpenedHandle { handle: HandleId(handle.id), mode, description, lease_ms: self.lease_ms, resume_key };
+        self.reply(reply, Ok(Response::Opened(opened)));
+    }
+
+    fn prepare_close(&mut self, session: SessionId, handle: u64, reply: ReplyId) -> Step {
         match self.handles.get(handle) {
             Some(h) if h.held_by(session) => {}
-            _ => return Err(err(ErrorCode::NotFound, format!("handle {handle} is not open on this session"))),
+            _ => {
+                let msg = format!("handle {handle} is not open on this session");
+                return done(reply, Err(err(ErrorCode::NotFound, msg)));
+            }
         }
-        let mut next = self.meta.clone();
+        let mut next = self.next_meta();
         next.handles.retain(|h| h.id.0 != handle);
-        self.commit(next).await?;
+        Step::Commit { next, then: AfterCommit::Close { session, handle, reply } }
+    }
+
+    fn finish_close(&mut self, _session: SessionId, handle: u64, reply: ReplyId, result: Result<(), ControlError>) {
+        if let Err(e) = result {
+            return self.reply(reply, Err(e));
+        }
         if let Some(g) = self.grace.as_mut() {
             g.settled(handle);
         }
-        if let Some(h) = self.handles.close(handle, session) {
+        // Authorized when prepared; the session may have gone since.
+        if let Some(h) = self.handles.remove(handle) {
             info!(handle, volume = h.volume, "handle closed");
             if self.pending_changes.contains_key(&VolumeId(h.volume)) {
-                self.check_recall(VolumeId(h.volume)).await;
+                self.check_recalls();
             }
         }
+        self.reply(reply, Ok(Response::Done));
+    }
+
+    fn recall_done(&mut self, session: SessionId, handle: u64, generation: u64) -> Result<Response, ControlError> {
+        self.handles.recall_done(handle, session, generation).map_err(|e| err(ErrorCode::InvalidArgument, e))?;
+        self.check_recalls();
         Ok(Response::Done)
     }
 
-    async fn recall_done(
-        &mut self,
-        session: SessionId,
-        handle: u64,
-        generation: u64,
-    ) -> Result<Response, ControlError> {
-        self.handles.recall_done(handle, session, generation).map_err(|e| err(ErrorCode::InvalidArgument, e))?;
-        if let Some(volume) = self.handles.get(handle).map(|h| VolumeId(h.volume)) {
-            self.check_recall(volume).await;
+    /// Releases handles whose lease (plus durable time) ran out.
+    pub(super) fn prepare_expire(&mut self) -> Step {
+        let expired = self.handles.expired(self.now.mono_ms);
+        if expired.is_empty() {
+            return Step::Done(None);
         }
-        Ok(Response::Done)
+        let mut next = self.next_meta();
+        next.handles.retain(|h| !expired.contains(&h.id.0));
+        if next.handles == self.meta.handles {
+            self.finish_expire(expired, Ok(()));
+            return Step::Done(None);
+        }
+        Step::Commit { next, then: AfterCommit::Expire { expired } }
+    }
+
+    fn finish_expire(&mut self, expired: Vec<u64>, result: Result<(), ControlError>) {
+        if let Err(e) = result {
+            return warn!("releasing expired handles: {e}; retrying at the next tick");
+        }
+        for id in expired {
+            if let Some(h) = self.handles.remove(id) {
+                warn!(handle = id, volume = h.volume, holder = %h.holder, "lease ran out; handle released");
+                let reason = format!("the lease ran out at {}", self.now.describe(h.lease_until_ms));
+                self.send_handle_event(&h, ServerEvent::Revoked { handle: HandleId(id), reason });
+            }
+        }
+        self.check_recalls();
     }
 }

@@ -18,7 +18,8 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 use volume_format::control::messages::{ClientMessage, ControlError, ErrorCode, ServerMessage};
 
-use super::core::{ClientTable, Command};
+use super::core::ClientTable;
+use super::owner::Command;
 use super::stopped;
 use control_client::framed::{self, FramedError};
 use control_client::handshake;

@@ -1,45 +1,47 @@
-//! Snapshot requests in the owner task: create and delete (volume changes
-//! committed at a recall point, see [`Core::reconfigure`]), listing, and the
-//! registration of copy-on-write chunks.
+//! Snapshot requests in the owner: create and delete (volume changes
+//! committed at a recall point, see `prepare_reconfigure`), listing, and
+//! the registration of copy-on-write chunks.
 //!
 //! The copy-on-write protocol's durability point is here: a registration is
 //! answered only after the chunks are committed to the snapshot's COW map
 //! in the pool metadata (every copy, flushed), and the committed metadata is
-//! published to the backup pseudo-device ([`Core::meta_watch`]) before the
-//! answer leaves. So an agent never overwrites a chunk whose pre-image a
-//! restarted server would not find, and a pseudo-device read that finds a
-//! chunk unregistered *after* reading it from the live volume knows no
-//! overwrite had begun (see `backup_export`).
+//! published to the backup pseudo-device ([`super::core::Effect::Published`])
+//! before the answer leaves. So an agent never overwrites a chunk whose
+//! pre-image a restarted server would not find, and a pseudo-device read
+//! that finds a chunk unregistered *after* reading it from the live volume
+//! knows no overwrite had begun (see `backup_export`).
 //!
-//! Fault points (`SANVOL_FAULT`, see [`crate::fault`]):
+//! Data movement is a job, never done by the owner: the pre-image copies of
+//! shared writers (`CowCopy`) and the move of pre-images into the next older
+//! snapshot when one is deleted. While a copy runs, registrations on that
+//! volume wait (a chunk registered and overwritten meanwhile must not be
+//! copied); while a merge runs, the volume's layout and snapshot changes
+//! wait. Every other volume, and every lease, goes on.
+//!
+//! Fault points (`SANVOL_FAULT`, see [`control_client::fault`]):
 //! `mds-before-cow-commit` (pre-images copied, registration not committed)
 //! and `mds-after-cow-commit` (committed, agent not answered).
 
-use tracing::{info, warn};
+use tracing::warn;
 use volume_format::control::messages::{
     snapshot_export_name, ControlError, ErrorCode, OpenMode, Response, SnapshotInfo,
 };
 use volume_format::metadata::PoolMetadata;
 use volume_format::{SnapshotId, VolumeId};
 
-use super::clock::unix_secs;
-use super::core::{Core, VolumeChange};
+use super::core::{AfterCommit, AfterJob, Busy, Core, CowCopied, MergeFinish, ReplyId, Step, VolumeChange};
+use super::jobs::{Job, JobOutcome};
 use super::requests::{alloc_error, err};
-use super::snapshot_io::DeviceClients;
 use crate::handles::SessionId;
 
 /// Most chunks in one registration.
 pub const COW_CHUNKS_PER_REQUEST_MAX: usize = 1 << 16;
 
-impl Core {
-    /// The pool's own device connections, for chunk I/O in the owner task.
-    fn pool_clients(&self) -> DeviceClients {
-        DeviceClients::with(self.meta.devices.iter().filter_map(|d| {
-            let client = self.pool.device(d.device_uuid)?.client.clone()?;
-            Some((d.index, client))
-        }))
-    }
+fn done(reply: ReplyId, result: Result<Response, ControlError>) -> Step {
+    Step::Done(Some((reply, result)))
+}
 
+impl Core {
     fn snapshot_id(&self, meta: &PoolMetadata, volume: VolumeId, name: &str) -> Result<SnapshotId, ControlError> {
         meta.snapshot_by_name(volume, name).map(|s| s.id).ok_or_else(|| {
             let v = meta.volume(volume).map_or_else(|| volume.to_string(), |v| v.name.clone());
@@ -47,8 +49,9 @@ impl Core {
         })
     }
 
-    /// Applies `change` to `trial` without any device I/O: what
-    /// [`Core::reconfigure`] checks before disturbing agents.
+    /// Applies `change` to `trial` (no device I/O: a snapshot delete's
+    /// pre-images must already be where the plan wants them, see
+    /// [`Core::merge_job`]).
     pub fn plan_change(
         &self,
         trial: &mut PoolMetadata,
@@ -58,7 +61,7 @@ impl Core {
         match change {
             VolumeChange::Grow { size_bytes } => trial.grow_volume(volume, *size_bytes).map_err(alloc_error),
             VolumeChange::SnapshotCreate { name } => {
-                trial.create_snapshot(volume, name, unix_secs()).map(|_| ()).map_err(alloc_error)
+                trial.create_snapshot(volume, name, self.now.unix_secs()).map(|_| ()).map_err(alloc_error)
             }
             VolumeChange::SnapshotDelete { name } => {
                 let id = self.snapshot_id(trial, volume, name)?;
@@ -69,36 +72,59 @@ impl Core {
         }
     }
 
-    /// Applies `change` to `next` for real: a snapshot delete first copies
-    /// the pre-images the next older snapshot lacks into its COW area.
-    pub async fn apply_change(
-        &mut self,
-        next: &mut PoolMetadata,
-        volume: VolumeId,
-        change: &VolumeChange,
-    ) -> Result<(), ControlError> {
-        let VolumeChange::SnapshotDelete { name } = change else {
-            return self.plan_change(next, volume, change);
-        };
-        let id = self.snapshot_id(next, volume, name)?;
-        let plan = next.snapshot_delete_plan(id).ok_or_else(|| err(ErrorCode::NotFound, "no such snapshot"))?;
-        if let Some(older) = plan.merge_into {
-            let devices = self.pool_clients();
-            for &chunk in &plan.chunks {
-                let s = next.snapshot(id).expect("planned above");
-                let (_, len) = s.chunk_range(chunk);
-                let data = devices.read_cow(next, id, chunk, 0, len as u32).await.map_err(|e| {
-                    err(ErrorCode::Internal, format!("moving pre-images of snapshot {name}: {e}; nothing was changed"))
-                })?;
-                devices.write_cow(next, older, chunk, data).await.map_err(|e| {
-                    err(ErrorCode::Internal, format!("moving pre-images of snapshot {name}: {e}; nothing was changed"))
-                })?;
-            }
-            if !plan.chunks.is_empty() {
-                info!(snapshot = %name, chunks = plan.chunks.len(), "pre-images moved to the next older snapshot");
-            }
+    /// The job that moves a deleted snapshot's pre-images into the next
+    /// older one before the delete is committed, if any must move.
+    pub(super) fn merge_job(&self, volume: VolumeId, change: &VolumeChange) -> Option<Job> {
+        let VolumeChange::SnapshotDelete { name } = change else { return None };
+        let id = self.snapshot_id(&self.meta, volume, name).ok()?;
+        let plan = self.meta.snapshot_delete_plan(id)?;
+        let into = plan.merge_into?;
+        if plan.chunks.is_empty() {
+            return None;
         }
-        next.delete_snapshot(&plan).map(|_| ()).map_err(alloc_error)
+        Some(Job::Merge { meta: self.meta.clone(), from: id, into, chunks: plan.chunks })
+    }
+
+    /// A merge job reported back: commit the delete (or give up on it).
+    pub(super) fn merged(
+        &mut self,
+        volume: VolumeId,
+        change: VolumeChange,
+        finish: MergeFinish,
+        outcome: JobOutcome,
+    ) -> Step {
+        if let Err(why) = outcome.result {
+            self.release(volume);
+            let e = err(ErrorCode::Internal, format!("{why}; nothing was changed"));
+            return match finish {
+                MergeFinish::Direct { reply } => done(reply, Err(e)),
+                MergeFinish::Recall { pending, excluded } => {
+                    self.finish_recall(volume, pending, excluded, Err(e));
+                    Step::Done(None)
+                }
+            };
+        }
+        match finish {
+            MergeFinish::Direct { reply } => {
+                let mut next = self.next_meta();
+                if let Err(e) = self.plan_change(&mut next, volume, &change) {
+                    self.release(volume);
+                    return done(reply, Err(e));
+                }
+                let what = format!("volume {volume} reconfigured: {change}");
+                let then = AfterCommit::Released { volume, then: Box::new(AfterCommit::Reply { reply, what }) };
+                Step::Commit { next, then }
+            }
+            MergeFinish::Recall { pending, excluded } => match self.recall_commit(volume, pending, excluded) {
+                Step::Commit { next, then } => {
+                    Step::Commit { next, then: AfterCommit::Released { volume, then: Box::new(then) } }
+                }
+                other => {
+                    self.release(volume);
+                    other
+                }
+            },
+        }
     }
 
     pub fn snapshot_list(&self, volume: Option<&str>) -> Result<Response, ControlError> {
@@ -132,16 +158,15 @@ impl Core {
         Ok(Response::Snapshots(list))
     }
 
-    /// Registers copy-on-write chunks of the newest snapshot of the handle's
-    /// volume; with `copy`, the server first copies their pre-images itself.
-    pub async fn cow_register(
-        &mut self,
+    /// Checks a registration of `chunks` for the newest snapshot of the
+    /// handle's volume; returns the volume and the chunks not registered yet.
+    fn check_cow(
+        &self,
         session: SessionId,
         handle: u64,
         snapshot: u64,
         chunks: &[u64],
-        copy: bool,
-    ) -> Result<Response, ControlError> {
+    ) -> Result<(VolumeId, Vec<u64>), ControlError> {
         let h = match self.handles.get(handle) {
             Some(h) if h.held_by(session) => h,
             _ => return Err(err(ErrorCode::NotFound, format!("handle {handle} is not open on this session"))),
@@ -151,56 +176,94 @@ impl Core {
         }
         let volume = VolumeId(h.volume);
         let id = SnapshotId(snapshot);
-        match self.meta.newest_snapshot(volume) {
-            Some(s) if s.id == id => {}
+        let s = match self.meta.newest_snapshot(volume) {
+            Some(s) if s.id == id => s,
             _ => {
                 return Err(err(
                     ErrorCode::InvalidArgument,
                     format!(
-                        "snapshot {id} is not the newest snapshot of volume {volume}; the layout changed, \
-                         wait for the new one"
+                        "snapshot {id} is not the newest snapshot of volume {volume}; the layout changed, wait for \
+                         the new one"
                     ),
                 ))
             }
-        }
+        };
         if chunks.len() > COW_CHUNKS_PER_REQUEST_MAX {
             return Err(err(
                 ErrorCode::InvalidArgument,
                 format!("{} chunks in one registration; at most {COW_CHUNKS_PER_REQUEST_MAX}", chunks.len()),
             ));
         }
-        let s = self.meta.snapshot(id).expect("checked above");
         if let Some(bad) = chunks.iter().find(|&&c| c >= s.chunk_count()) {
             return Err(err(ErrorCode::InvalidArgument, format!("chunk {bad} is beyond snapshot {}", s.name)));
         }
-        let fresh: Vec<u64> = chunks.iter().copied().filter(|&c| !s.cow.contains(c)).collect();
+        Ok((volume, chunks.iter().copied().filter(|&c| !s.cow.contains(c)).collect()))
+    }
+
+    /// Registers copy-on-write chunks of the newest snapshot of the handle's
+    /// volume; with `copy`, the server first copies their pre-images itself
+    /// (a job: nobody overwrites an unregistered chunk, so the live volume
+    /// still holds every pre-image, and registrations on the volume wait
+    /// until it is done).
+    pub(super) fn prepare_cow(
+        &mut self,
+        session: SessionId,
+        handle: u64,
+        snapshot: u64,
+        chunks: Vec<u64>,
+        copy: bool,
+        reply: ReplyId,
+    ) -> Step {
+        let (volume, fresh) = match self.check_cow(session, handle, snapshot, &chunks) {
+            Ok(x) => x,
+            Err(e) => return done(reply, Err(e)),
+        };
         if fresh.is_empty() {
-            return Ok(Response::CowRegistered { new: 0 });
+            return done(reply, Ok(Response::CowRegistered { new: 0 }));
         }
         if copy {
-            // Nobody overwrites an unregistered chunk, so the live volume
-            // still holds every pre-image here.
-            let devices = self.pool_clients();
-            for &chunk in &fresh {
-                let (start, len) = s.chunk_range(chunk);
-                let data = devices.read_live(&self.meta, volume, start, len as u32).await;
-                let data = match data {
-                    Ok(d) => d,
-                    Err(e) => return Err(err(ErrorCode::Internal, format!("copying pre-image of chunk {chunk}: {e}"))),
-                };
-                if let Err(e) = devices.write_cow(&self.meta, id, chunk, data).await {
-                    return Err(err(ErrorCode::Internal, format!("copying pre-image of chunk {chunk}: {e}")));
-                }
+            let job =
+                Job::CowCopy { meta: self.meta.clone(), volume, snapshot: SnapshotId(snapshot), chunks: fresh.clone() };
+            let then = AfterJob::CowCopied(CowCopied { session, handle, volume, snapshot, chunks: fresh, reply });
+            return Step::Job { job, busy: Some((volume, Busy::Cow)), then };
+        }
+        self.register_step(volume, snapshot, &fresh, reply)
+    }
+
+    /// The commit that registers `fresh` chunks.
+    fn register_step(&mut self, volume: VolumeId, snapshot: u64, fresh: &[u64], reply: ReplyId) -> Step {
+        control_client::fault::hit("mds-before-cow-commit");
+        let mut next = self.next_meta();
+        match next.register_cow(SnapshotId(snapshot), fresh) {
+            Ok(new) => Step::Commit { next, then: AfterCommit::CowRegistered { reply, new: new as u64, volume } },
+            Err(e) => done(reply, Err(err(ErrorCode::InvalidArgument, e))),
+        }
+    }
+
+    /// The server copied pre-images: register them (the ones still
+    /// unregistered; the volume was busy, so none should have changed).
+    pub(super) fn cow_copied(&mut self, copied: CowCopied, outcome: JobOutcome) -> Step {
+        let CowCopied { session, handle, volume, snapshot, chunks, reply } = copied;
+        if let Err(why) = outcome.result {
+            warn!(handle, snapshot, "server-side copy-on-write failed: {why}");
+            self.release(volume);
+            return done(reply, Err(err(ErrorCode::Internal, why)));
+        }
+        let fresh = match self.check_cow(session, handle, snapshot, &chunks) {
+            Ok((_, fresh)) => fresh,
+            Err(e) => {
+                self.release(volume);
+                return done(reply, Err(e));
+            }
+        };
+        match self.register_step(volume, snapshot, &fresh, reply) {
+            Step::Commit { next, then } => {
+                Step::Commit { next, then: AfterCommit::Released { volume, then: Box::new(then) } }
+            }
+            other => {
+                self.release(volume);
+                other
             }
         }
-        control_client::fault::hit("mds-before-cow-commit");
-        let mut next = self.meta.clone();
-        let new = next.register_cow(id, &fresh).map_err(|e| err(ErrorCode::InvalidArgument, e))?;
-        if let Err(e) = self.commit(next).await {
-            warn!(%volume, snapshot = %id, "registering copy-on-write chunks: {e}");
-            return Err(e);
-        }
-        control_client::fault::hit("mds-after-cow-commit");
-        Ok(Response::CowRegistered { new: new as u64 })
     }
 }

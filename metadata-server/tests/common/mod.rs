@@ -29,16 +29,35 @@ use volume_format::PublicKey;
 
 pub const MIB: u64 = 1 << 20;
 
-/// A device whose writes can be made to fail, to test failed commits.
+/// A device whose writes can be made to fail (to test failed commits) and
+/// whose reads at or beyond an offset can be held (to keep a server-side job
+/// in flight for as long as a test needs).
 pub struct FaultyDevice {
     inner: Arc<dyn BlockDevice>,
     pub fail_writes: AtomicBool,
+    /// Reads at offsets >= this wait until it changes (`u64::MAX`: none held).
+    hold_reads_from: tokio::sync::watch::Sender<u64>,
+    /// Reads waiting right now, and a signal when one starts waiting.
+    pub reads_held: std::sync::atomic::AtomicU64,
+    pub read_held: Notify,
 }
 
 impl FaultyDevice {
     pub fn new(inner: Arc<dyn BlockDevice>) -> FaultyDevice {
-        FaultyDevice { inner, fail_writes: AtomicBool::new(false) }
+        FaultyDevice {
+            inner,
+            fail_writes: AtomicBool::new(false),
+            hold_reads_from: tokio::sync::watch::channel(u64::MAX).0,
+            reads_held: Default::default(),
+            read_held: Notify::new(),
+        }
     }
+
+    /// Holds every read at or beyond `offset` (`u64::MAX` releases them).
+    pub fn hold_reads_from(&self, offset: u64) {
+        self.hold_reads_from.send_replace(offset);
+    }
+
     fn check(&self) -> Result<(), IoError> {
         if self.fail_writes.load(Ordering::SeqCst) {
             return Err(IoError::io("injected write failure"));
@@ -56,6 +75,17 @@ impl BlockDevice for FaultyDevice {
         self.inner.block_sizes()
     }
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+        let mut hold = self.hold_reads_from.subscribe();
+        if offset >= *hold.borrow_and_update() {
+            self.reads_held.fetch_add(1, Ordering::SeqCst);
+            self.read_held.notify_waiters();
+            while offset >= *hold.borrow_and_update() {
+                if hold.changed().await.is_err() {
+                    break;
+                }
+            }
+            self.reads_held.fetch_sub(1, Ordering::SeqCst);
+        }
         self.inner.read(offset, len).await
     }
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {

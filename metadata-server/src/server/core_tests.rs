@@ -1,0 +1,200 @@
+//! The owner's core as a plain state machine: inputs in, effects out, time
+//! made up — no sockets, no devices, no clocks.
+
+use std::sync::Arc;
+
+use ed25519_dalek::SigningKey;
+use uuid::Uuid;
+use volume_format::control::auth::Role;
+use volume_format::control::messages::{ErrorCode, OpenMode, Request, Response};
+use volume_format::metadata::PoolMetadata;
+use volume_format::{DeviceLayout, HandleId, PublicKey};
+
+use super::core::{Core, CoreConfig, Effect, Entropy, Input, Now, ReplyId, TaskId};
+use super::jobs::{Job, JobOutcome};
+use control_client::handshake::Peer;
+
+const LEASE_MS: u64 = 1_000;
+
+struct Zeros;
+
+impl Entropy for Zeros {
+    fn fill(&mut self, buf: &mut [u8]) {
+        buf.fill(0);
+    }
+}
+
+fn meta() -> PoolMetadata {
+    let key = SigningKey::from_bytes(&[7; 32]);
+    let mut meta = PoolMetadata::new(Uuid::from_u128(1), "t", 1 << 20, PublicKey(key.verifying_key().to_bytes()), 0);
+    for i in 0..3u128 {
+        let layout = DeviceLayout::plan_with_slots(64 << 20, 1 << 20, 64 << 10, 2).unwrap();
+        meta.add_device(Uuid::from_u128(10 + i), format!("nbd://h{i}/e"), &layout).unwrap();
+    }
+    meta.create_volume("v", 4 << 20, 4096, 1, 0).unwrap();
+    meta.create_volume("w", 4 << 20, 4096, 1, 0).unwrap();
+    meta.generation = 1;
+    meta
+}
+
+struct World {
+    core: Core,
+    now: Now,
+    next_reply: ReplyId,
+}
+
+fn peer(n: u8, role: Role) -> Peer {
+    Peer { key: [n; 32], role, name: format!("host-{n}"), claimed_name: String::new(), instance: [n; 16], version: 2 }
+}
+
+impl World {
+    fn new() -> World {
+        let config = CoreConfig {
+            lease_ms: LEASE_MS,
+            durable_ms: 0,
+            grace_ms: 0,
+            key: Arc::new(SigningKey::from_bytes(&[7; 32])),
+            entropy: Box::new(Zeros),
+        };
+        let mut w = World {
+            core: Core::new(meta(), config),
+            now: Now { mono_ms: 0, unix_ms: 1_700_000_000_000 },
+            next_reply: 1,
+        };
+        for (session, n, role) in [(1, 1, Role::Agent), (2, 2, Role::Agent), (3, 3, Role::Admin)] {
+            w.apply(Input::Connected { session, peer: peer(n, role), addr: "test".into() });
+        }
+        w
+    }
+
+    fn apply(&mut self, input: Input) -> Vec<Effect> {
+        self.core.apply(self.now, input)
+    }
+
+    fn request(&mut self, session: u64, request: Request) -> (ReplyId, Vec<Effect>) {
+        let reply = self.next_reply;
+        self.next_reply += 1;
+        (reply, self.apply(Input::Request { session, request, reply }))
+    }
+
+    fn advance(&mut self, ms: u64) {
+        self.now.mono_ms += ms;
+        self.now.unix_ms += ms;
+    }
+}
+
+fn reply_of(
+    effects: &[Effect],
+    id: ReplyId,
+) -> Option<&Result<Response, volume_format::control::messages::ControlError>> {
+    effects.iter().find_map(|e| match e {
+        Effect::Reply { reply, result } if *reply == id => Some(result),
+        _ => None,
+    })
+}
+
+fn commit_of(effects: &[Effect]) -> Option<(TaskId, PoolMetadata)> {
+    effects.iter().find_map(|e| match e {
+        Effect::Commit { task, next, .. } => Some((*task, next.clone())),
+        _ => None,
+    })
+}
+
+/// Commits `next` as the device task would (next generation).
+fn committed(task: TaskId, mut next: PoolMetadata) -> Input {
+    next.generation += 1;
+    Input::Committed { task, result: Ok(next) }
+}
+
+#[test]
+fn renewals_are_answered_while_a_commit_is_in_flight() {
+    let mut w = World::new();
+    let (open, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).expect("an open commits");
+    assert!(reply_of(&effects, open).is_none(), "no answer before the commit");
+    // The commit hangs; time passes; renewals and reads are answered at once.
+    for _ in 0..10 {
+        w.advance(LEASE_MS / 3);
+        let (renew, effects) = w.request(2, Request::Renew);
+        assert!(matches!(reply_of(&effects, renew), Some(Ok(Response::Lease { .. }))));
+        let (list, effects) = w.request(3, Request::VolumeList);
+        assert!(matches!(reply_of(&effects, list), Some(Ok(Response::Volumes(_)))));
+        assert!(commit_of(&effects).is_none());
+    }
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(effects.first(), Some(Effect::Published { .. })), "published before the reply: {effects:?}");
+    assert!(matches!(reply_of(&effects, open), Some(Ok(Response::Opened(_)))));
+}
+
+#[test]
+fn changes_are_prepared_one_commit_at_a_time_from_the_committed_state() {
+    let mut w = World::new();
+    let create = |name: &str| Request::VolumeCreate { name: name.into(), size_bytes: 1 << 20, legs: 1 };
+    let (first, effects) = w.request(3, create("x"));
+    let (task, next) = commit_of(&effects).unwrap();
+    let (second, effects) = w.request(3, create("y"));
+    assert!(commit_of(&effects).is_none(), "the second change waits for the first commit");
+    // The same name again: refused once the first is committed, not before.
+    let (dup, effects) = w.request(3, create("x"));
+    assert!(reply_of(&effects, dup).is_none());
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(reply_of(&effects, first), Some(Ok(Response::Done))));
+    let (task, next) = commit_of(&effects).expect("the second change is prepared now");
+    assert!(next.volume_by_name("x").is_some() && next.volume_by_name("y").is_some());
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(reply_of(&effects, second), Some(Ok(Response::Done))));
+    match reply_of(&effects, dup) {
+        Some(Err(e)) => assert_eq!(e.code, ErrorCode::AlreadyExists, "{e}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_failed_commit_changes_nothing_and_undoes_the_reservation() {
+    let mut w = World::new();
+    let (open, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, _) = commit_of(&effects).unwrap();
+    let effects = w.apply(Input::Committed { task, result: Err("device gone".into()) });
+    match reply_of(&effects, open) {
+        Some(Err(e)) => assert_eq!(e.code, ErrorCode::CommitFailed, "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(w.core.handles.all().next().is_none(), "the reserved handle is gone");
+    assert_eq!(w.core.meta.generation, 1);
+    // Another agent may open it now.
+    let (_, effects) = w.request(2, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    assert!(commit_of(&effects).is_some());
+}
+
+#[test]
+fn a_device_check_is_a_job_and_the_owner_goes_on_meanwhile() {
+    let mut w = World::new();
+    let (open, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    let handle = match reply_of(&effects, open) {
+        Some(Ok(Response::Opened(o))) => o.handle,
+        other => panic!("{other:?}"),
+    };
+    let device = w.core.meta.volume_by_name("v").unwrap().extents[0].legs[0].device;
+    let (report, effects) = w.request(1, Request::ReportDeviceFailure { device, reason: "connection refused".into() });
+    let job = effects.iter().find_map(|e| match e {
+        Effect::Job { task, job: Job::CheckDevice { .. } } => Some(*task),
+        _ => None,
+    });
+    let job = job.expect("the check is a job, not done in the owner");
+    // The check hangs: everyone else goes on, changes included.
+    w.advance(5 * LEASE_MS);
+    let (renew, effects) = w.request(1, Request::Renew);
+    assert!(matches!(reply_of(&effects, renew), Some(Ok(_))));
+    let (close, effects) = w.request(1, Request::Close { handle: HandleId(handle.0) });
+    let (task, next) = commit_of(&effects).expect("a close commits while the check runs");
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(reply_of(&effects, close), Some(Ok(Response::Done))));
+    // The server cannot reach it either: the device is marked failed.
+    let effects = w.apply(Input::JobDone { task: job, outcome: JobOutcome::failed("no answer within 1000 ms") });
+    let (task, next) = commit_of(&effects).expect("marking the device failed commits");
+    assert!(!next.device(device).unwrap().state.is_online());
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(reply_of(&effects, report), Some(Ok(Response::Devices(_)))));
+}

@@ -1,0 +1,126 @@
+//! The task that owns the pool's own device connections: it writes metadata
+//! commits and checks devices agents reported, one at a time, and posts
+//! each result back to the owner as an input (with what it learnt about
+//! which devices the server reaches).
+//!
+//! Why one task: both use and repair the same connections (a check replaces
+//! a dead one), and commits must never interleave. Why not the owner: a
+//! device that hangs would hang the owner, and with it every lease renewal.
+
+use std::sync::Arc;
+
+use blockio::client::NbdClient;
+use blockio::uri::NbdUri;
+use blockio::BlockDevice;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+use volume_format::metadata::PoolMetadata;
+
+use super::core::{Input, TaskId};
+use super::data_channel::DEVICE_CHECK_TIMEOUT;
+use super::jobs::JobOutcome;
+use crate::pool::Pool;
+
+/// Work queued for the device task (commits are one at a time by the core's
+/// rule; checks are bounded by the agents reporting).
+pub const DEVICE_WORK_QUEUED_MAX: usize = 1024;
+
+#[derive(Debug)]
+pub enum DeviceWork {
+    Commit { task: TaskId, current: Arc<PoolMetadata>, next: Box<PoolMetadata> },
+    Check { task: TaskId, index: u32, uuid: Uuid },
+}
+
+pub struct DeviceTask {
+    pool: Pool,
+    results: mpsc::Sender<Input>,
+}
+
+impl DeviceTask {
+    /// Starts the task; it ends when every sender of the returned channel is
+    /// gone, disconnecting the devices.
+    pub fn start(pool: Pool, results: mpsc::Sender<Input>) -> (mpsc::Sender<DeviceWork>, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(DEVICE_WORK_QUEUED_MAX);
+        let task = DeviceTask { pool, results };
+        (tx, tokio::spawn(task.run(rx)))
+    }
+
+    async fn run(mut self, mut work: mpsc::Receiver<DeviceWork>) {
+        self.report_reachability().await;
+        while let Some(w) = work.recv().await {
+            let input = match w {
+                DeviceWork::Commit { task, current, next } => {
+                    let result = self.pool.commit(Some(&current), *next).await.map_err(|e| e.to_string());
+                    Input::Committed { task, result }
+                }
+                DeviceWork::Check { task, index, uuid } => {
+                    let result = self.check(uuid).await;
+                    if let Err(e) = &result {
+                        tracing::warn!(device = index, "the metadata server cannot reach the device: {e}");
+                    }
+                    Input::JobDone { task, outcome: JobOutcome { result } }
+                }
+            };
+            if self.results.send(input).await.is_err() {
+                break;
+            }
+            self.report_reachability().await;
+        }
+        for d in &self.pool.devices {
+            if let Some(c) = &d.client {
+                c.disconnect().await;
+            }
+        }
+    }
+
+    async fn report_reachability(&self) {
+        for d in &self.pool.devices {
+            let Some(uuid) = d.expected_uuid else { continue };
+            let input = Input::Reachability { device: uuid, reachable: self.pool.reachable(uuid) };
+            if self.results.send(input).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Whether the server reaches the device now: reads its label over the
+    /// existing connection, else over a new one (each bounded by
+    /// [`DEVICE_CHECK_TIMEOUT`]).
+    async fn check(&mut self, uuid: Uuid) -> Result<(), String> {
+        let Some(d) = self.pool.devices.iter_mut().find(|d| d.expected_uuid == Some(uuid)) else {
+            return Err("the server has no connection to it".into());
+        };
+        if let Some(client) = d.client.clone() {
+            if let Ok(Ok(_)) = tokio::time::timeout(DEVICE_CHECK_TIMEOUT, client.read(0, 4096)).await {
+                return Ok(());
+            }
+        }
+        let uri: NbdUri = d.uri.parse().map_err(|e| format!("bad URI {}: {e}", d.uri))?;
+        let mut opts = crate::pool::device::client_options();
+        opts.connect_timeout = DEVICE_CHECK_TIMEOUT;
+        let fresh = async {
+            let c = NbdClient::connect(&uri, opts).await.map_err(|e| e.to_string())?;
+            c.read(0, 4096).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(c)
+        };
+        match tokio::time::timeout(DEVICE_CHECK_TIMEOUT, fresh).await {
+            Ok(Ok(c)) => {
+                if let Some(old) = d.client.replace(c) {
+                    old.disconnect().await;
+                }
+                d.error = None;
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                d.error = Some(e.clone());
+                Err(e)
+            }
+            Err(_) => {
+                let e = format!("no answer within {} ms", DEVICE_CHECK_TIMEOUT.as_millis());
+                d.error = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+}

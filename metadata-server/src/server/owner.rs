@@ -1,0 +1,246 @@
+//! The owner loop: the async shell around [`Core`].
+//!
+//! It waits for the next thing to happen — a session's command, a commit
+//! or job finishing, the periodic tick, a recall deadline, shutdown — turns
+//! it into an [`Input`], applies it (synchronously) and performs the
+//! [`Effect`]s in order. It never awaits anything but its inputs: replies
+//! and events are queued to session tasks, commits and device checks go to
+//! the device task ([`super::device_task`]), data jobs run on tasks of
+//! their own. So a lease renewal is applied the moment it arrives, however
+//! long a commit, a copy or a device check takes.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tracing::warn;
+use volume_format::control::messages::{ControlError, Request, Response, ServerMessage};
+use volume_format::metadata::PoolMetadata;
+
+use super::core::{ClientTable, Core, Effect, Input, Now, ReplyId};
+use super::device_task::{DeviceTask, DeviceWork};
+use super::jobs::{run_data_job, Job};
+use super::snapshot_io::DeviceClients;
+use crate::handles::SessionId;
+use crate::pool::Pool;
+use control_client::handshake::Peer;
+
+/// Inputs from the device task and jobs queued for the owner.
+pub const RESULTS_QUEUED_MAX: usize = 1024;
+
+/// What sessions ask of the owner.
+pub enum Command {
+    Connected {
+        session: SessionId,
+        peer: Peer,
+        addr: String,
+        out: mpsc::Sender<ServerMessage>,
+        kick: oneshot::Sender<()>,
+    },
+    Request {
+        session: SessionId,
+        request: Request,
+        reply: oneshot::Sender<Result<Response, ControlError>>,
+    },
+    Disconnected {
+        session: SessionId,
+    },
+}
+
+/// A session's channels, as the shell holds them.
+struct SessionChannels {
+    out: mpsc::Sender<ServerMessage>,
+    kick: Option<oneshot::Sender<()>>,
+}
+
+/// The owner's clocks: monotonic milliseconds since start (tokio's clock,
+/// so tests can pause it) and the wall clock.
+#[derive(Clone, Copy)]
+pub struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        Clock { start: Instant::now() }
+    }
+
+    pub fn now(&self) -> Now {
+        let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        Now { mono_ms: self.start.elapsed().as_millis() as u64, unix_ms }
+    }
+
+    fn instant_at(&self, ms: u64) -> Instant {
+        self.start + Duration::from_millis(ms)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+/// Readers of the committed state outside the owner.
+pub struct Published {
+    pub meta: watch::Sender<Arc<PoolMetadata>>,
+    pub clients: watch::Sender<Arc<ClientTable>>,
+}
+
+struct Shell {
+    core: Core,
+    clock: Clock,
+    sessions: HashMap<SessionId, SessionChannels>,
+    replies: HashMap<ReplyId, oneshot::Sender<Result<Response, ControlError>>>,
+    next_reply: ReplyId,
+    devices: mpsc::Sender<DeviceWork>,
+    results: mpsc::Sender<Input>,
+    job_devices: DeviceClients,
+    published: Published,
+}
+
+/// Runs the owner until `shutdown` completes or every command sender is
+/// gone, then fails waiting callers, closes sessions and the devices.
+pub async fn run(
+    core: Core,
+    pool: Pool,
+    published: Published,
+    mut commands: mpsc::Receiver<Command>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let (results_tx, mut results) = mpsc::channel(RESULTS_QUEUED_MAX);
+    let (devices, device_task) = DeviceTask::start(pool, results_tx.clone());
+    let tick_ms = (core.lease_ms / 4).max(25);
+    let mut shell = Shell {
+        core,
+        clock: Clock::new(),
+        sessions: HashMap::new(),
+        replies: HashMap::new(),
+        next_reply: 1,
+        devices,
+        results: results_tx,
+        job_devices: DeviceClients::default(),
+        published,
+    };
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(Duration::from_millis(tick_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let deadline = shell.core.next_deadline_ms().map(|ms| shell.clock.instant_at(ms));
+        let input = tokio::select! {
+            _ = &mut shutdown => break,
+            cmd = commands.recv() => match cmd {
+                Some(cmd) => shell.command(cmd),
+                None => break,
+            },
+            Some(result) = results.recv() => Some(result),
+            _ = tick.tick() => Some(Input::Tick),
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                Some(Input::Tick)
+            }
+        };
+        if let Some(input) = input {
+            let now = shell.clock.now();
+            let effects = shell.core.apply(now, input);
+            shell.perform(effects);
+        }
+    }
+    let effects = shell.core.shut_down();
+    shell.perform(effects);
+    drop(shell);
+    let _ = device_task.await;
+}
+
+impl Shell {
+    /// Turns a session's command into an input (keeping its channels).
+    fn command(&mut self, cmd: Command) -> Option<Input> {
+        match cmd {
+            Command::Connected { session, peer, addr, out, kick } => {
+                self.sessions.insert(session, SessionChannels { out, kick: Some(kick) });
+                Some(Input::Connected { session, peer, addr })
+            }
+            Command::Disconnected { session } => {
+                self.sessions.remove(&session);
+                Some(Input::Disconnected { session })
+            }
+            Command::Request { session, request, reply } => {
+                let id = self.next_reply;
+                self.next_reply += 1;
+                self.replies.insert(id, reply);
+                Some(Input::Request { session, request, reply: id })
+            }
+        }
+    }
+
+    fn perform(&mut self, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Reply { reply, result } => {
+                    if let Some(tx) = self.replies.remove(&reply) {
+                        let _ = tx.send(result);
+                    }
+                }
+                Effect::Event { session, event } => {
+                    let Some(s) = self.sessions.get_mut(&session) else { continue };
+                    if let Err(e) = s.out.try_send(ServerMessage::Event(event)) {
+                        warn!(session, "cannot queue an event for the session ({e}); closing it");
+                        if let Some(kick) = s.kick.take() {
+                            let _ = kick.send(());
+                        }
+                    }
+                }
+                Effect::Kick { session } => {
+                    if let Some(kick) = self.sessions.get_mut(&session).and_then(|s| s.kick.take()) {
+                        let _ = kick.send(());
+                    }
+                }
+                Effect::Commit { task, current, next } => {
+                    if self.devices.try_send(DeviceWork::Commit { task, current, next: Box::new(next) }).is_err() {
+                        self.fail_task(task, true);
+                    }
+                }
+                Effect::Job { task, job } => self.start_job(task, job),
+                Effect::Published { meta, clients } => {
+                    self.published.meta.send_replace(meta);
+                    if let Some(clients) = clients {
+                        self.published.clients.send_replace(clients);
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_job(&mut self, task: u64, job: Job) {
+        match job {
+            Job::CheckDevice { index, uuid } => {
+                if self.devices.try_send(DeviceWork::Check { task, index, uuid }).is_err() {
+                    self.fail_task(task, false);
+                }
+            }
+            data_job => {
+                let devices = self.job_devices.clone();
+                let results = self.results.clone();
+                tokio::spawn(async move {
+                    let outcome = run_data_job(data_job, &devices).await;
+                    let _ = results.send(Input::JobDone { task, outcome }).await;
+                });
+            }
+        }
+    }
+
+    /// The device task is gone (shutting down): the task fails at once.
+    fn fail_task(&mut self, task: u64, commit: bool) {
+        let input = if commit {
+            Input::Committed { task, result: Err("the server is shutting down".into()) }
+        } else {
+            Input::JobDone { task, outcome: super::jobs::JobOutcome::failed("the server is shutting down") }
+        };
+        let results = self.results.clone();
+        tokio::spawn(async move {
+            let _ = results.send(input).await;
+        });
+    }
+}
