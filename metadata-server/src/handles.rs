@@ -98,6 +98,15 @@ pub struct Recall {
     pub waiting: BTreeSet<u64>,
 }
 
+/// What a recall confirmation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecallAck {
+    /// The handle confirmed the pending recall.
+    Counted,
+    /// Nothing pending for that generation (a retried or late confirmation).
+    Stale,
+}
+
 /// State of a recall after a step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecallState {
@@ -299,18 +308,34 @@ impl HandleTable {
     }
 
     /// Records that `handle` (owned by `session`) drained for `generation`.
-    pub fn recall_done(&mut self, handle: u64, session: SessionId, generation: u64) -> Result<(), String> {
+    ///
+    /// Idempotent, so an agent may retry a confirmation until it has an
+    /// answer (a connection can break between the confirmation and its
+    /// reply): a confirmation of a recall already finished, or of an older
+    /// generation than the one pending, is acknowledged as [`RecallAck::Stale`]
+    /// and counts for nothing.
+    pub fn recall_done(&mut self, handle: u64, session: SessionId, generation: u64) -> Result<RecallAck, String> {
         let h = self.handles.get(&handle).ok_or_else(|| format!("no handle {handle}"))?;
         if !h.held_by(session) {
             return Err(format!("handle {handle} is not held by this session"));
         }
-        let r =
-            self.recalls.get_mut(&h.volume).ok_or_else(|| format!("no reconfiguration pending for handle {handle}"))?;
-        if r.generation != generation {
-            return Err(format!("recall generation {generation} is stale (current {})", r.generation));
+        let Some(r) = self.recalls.get_mut(&h.volume) else { return Ok(RecallAck::Stale) };
+        if generation < r.generation {
+            return Ok(RecallAck::Stale);
+        }
+        if generation > r.generation {
+            return Err(format!("recall generation {generation} was never asked for (pending: {})", r.generation));
         }
         r.waiting.remove(&handle);
-        Ok(())
+        Ok(RecallAck::Counted)
+    }
+
+    /// The generation of the recall `handle` has not confirmed yet, if any:
+    /// what a session that resumes the handle must be told again.
+    pub fn pending_recall(&self, handle: u64) -> Option<u64> {
+        let h = self.handles.get(&handle)?;
+        let r = self.recalls.get(&h.volume)?;
+        r.waiting.contains(&handle).then_some(r.generation)
     }
 
     /// Where the recall of `volume` stands at `now_ms`. Handles whose lease
@@ -436,8 +461,12 @@ mod tests {
         assert!(t.start_recall(1, 6).is_err(), "one reconfiguration at a time");
         assert_eq!(t.recall_state(1, 10), Some(RecallState::Waiting { handles: vec![a, b], deadline_ms: LEASE }));
         assert!(t.recall_done(a, 2, 5).is_err(), "wrong session");
-        assert!(t.recall_done(a, 1, 4).is_err(), "stale generation");
-        t.recall_done(a, 1, 5).unwrap();
+        assert_eq!(t.recall_done(a, 1, 4), Ok(RecallAck::Stale), "an older generation counts for nothing");
+        assert!(t.recall_done(a, 1, 6).is_err(), "a generation never asked for");
+        assert_eq!(t.pending_recall(a), Some(5));
+        assert_eq!(t.recall_done(a, 1, 5), Ok(RecallAck::Counted));
+        assert_eq!(t.pending_recall(a), None);
+        assert_eq!(t.recall_done(a, 1, 5), Ok(RecallAck::Counted), "a retried confirmation is harmless");
         t.recall_done(b, 2, 5).unwrap();
         assert_eq!(t.recall_state(1, 10), Some(RecallState::Ready { excluded: vec![] }));
         t.finish_recall(1);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use ed25519_dalek::SigningKey;
 use uuid::Uuid;
 use volume_format::control::auth::Role;
-use volume_format::control::messages::{ErrorCode, OpenMode, Request, Response};
+use volume_format::control::messages::{ErrorCode, OpenMode, Request, Response, ServerEvent};
 use volume_format::metadata::PoolMetadata;
 use volume_format::{DeviceLayout, HandleId, PublicKey};
 
@@ -197,4 +197,49 @@ fn a_device_check_is_a_job_and_the_owner_goes_on_meanwhile() {
     assert!(!next.device(device).unwrap().state.is_online());
     let effects = w.apply(committed(task, next));
     assert!(matches!(reply_of(&effects, report), Some(Ok(Response::Devices(_)))));
+}
+
+#[test]
+fn a_resumed_handle_is_asked_again_for_the_recall_it_owes() {
+    let mut w = World::new();
+    let (open, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    let opened = match reply_of(&effects, open) {
+        Some(Ok(Response::Opened(o))) => o.clone(),
+        other => panic!("{other:?}"),
+    };
+    // A grow recalls the layout; the connection breaks before the agent
+    // confirms (the event may even have been lost with it).
+    let (grow, effects) = w.request(3, Request::VolumeGrow { name: "v".into(), size_bytes: 8 << 20 });
+    let generation = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Event { session: 1, event: ServerEvent::Recall { generation, .. } } => Some(*generation),
+            _ => None,
+        })
+        .expect("the holder is recalled");
+    w.apply(Input::Disconnected { session: 1 });
+    // The agent comes back on a new connection and resumes: the answer, then
+    // the recall again.
+    w.apply(Input::Connected { session: 4, peer: peer(1, Role::Agent), addr: "test".into() });
+    let (resume, effects) = w.request(4, Request::Resume { key: opened.resume_key.clone() });
+    let reply_at = effects.iter().position(|e| matches!(e, Effect::Reply { reply, .. } if *reply == resume));
+    let recall_at = effects.iter().position(|e| {
+        matches!(e, Effect::Event { session: 4, event: ServerEvent::Recall { generation: g, .. } } if *g == generation)
+    });
+    assert!(matches!(reply_of(&effects, resume), Some(Ok(Response::Opened(_)))));
+    assert!(reply_at.unwrap() < recall_at.expect("the recall is sent again"), "{effects:?}");
+    // A late confirmation of an older generation is harmless; the real one
+    // (retried) completes the grow.
+    let (_, effects) = w.request(4, Request::RecallDone { handle: opened.handle, generation: generation - 1 });
+    assert!(commit_of(&effects).is_none());
+    let (done, effects) = w.request(4, Request::RecallDone { handle: opened.handle, generation });
+    assert!(matches!(reply_of(&effects, done), Some(Ok(Response::Done))));
+    let (task, next) = commit_of(&effects).expect("the grow commits once the holder drained");
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(reply_of(&effects, grow), Some(Ok(Response::Done))));
+    assert!(effects.iter().any(|e| matches!(e, Effect::Event { session: 4, event: ServerEvent::Publish { .. } })));
+    let (again, effects) = w.request(4, Request::RecallDone { handle: opened.handle, generation });
+    assert!(matches!(reply_of(&effects, again), Some(Ok(Response::Done))), "a retried confirmation is acknowledged");
 }

@@ -28,8 +28,11 @@ fn err(code: ErrorCode, message: impl Into<String>) -> ControlError {
 }
 
 /// Requests served during the grace period after a restart: resumes, the
-/// lease and recall traffic of agents that resumed, closes, and read-only
-/// listings. Opens, handovers and admin changes wait.
+/// lease and recall traffic of agents that resumed, closes, read-only
+/// listings, and the fallback path of agents whose direct path is down (data
+/// channels of handles in the pool, device-failure reports): an agent on
+/// fallback must keep its I/O flowing through a server restart, not fail it.
+/// Opens, handovers and admin changes wait.
 pub fn allowed_in_grace(request: &Request) -> bool {
     matches!(
         request,
@@ -43,6 +46,9 @@ pub fn allowed_in_grace(request: &Request) -> bool {
             | Request::VolumeList
             | Request::VolumeShow { .. }
             | Request::SnapshotList { .. }
+            | Request::DataChannel { .. }
+            | Request::ReportDeviceFailure { .. }
+            | Request::ReportDeviceRecovered { .. }
             // Only a resumed handle can register: its writes are waiting.
             | Request::CowRegister { .. }
             | Request::CowCopy { .. }

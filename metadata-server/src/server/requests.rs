@@ -120,7 +120,23 @@ impl Core {
                 return self.prepare_cow(session, handle.0, snapshot.0, chunks, true, reply)
             }
             Request::RecallDone { handle, generation } => self.recall_done(session, handle.0, generation),
-            Request::Resume { key } => self.resume(session, &key),
+            Request::Resume { key } => {
+                // The answer first, then a recall the handle still owes: the
+                // agent must know the handle before it is told to drain it.
+                let result = self.resume(session, &key);
+                let handle = match &result {
+                    Ok(Response::Opened(o)) => Some(o.handle),
+                    _ => None,
+                };
+                self.reply(reply, result);
+                if let Some(handle) = handle {
+                    if let Some(generation) = self.handles.pending_recall(handle.0) {
+                        info!(handle = handle.0, generation, "the resumed handle owes a recall: asking again");
+                        self.send_event(session, ServerEvent::Recall { handle, generation });
+                    }
+                }
+                return Step::Done(None);
+            }
             Request::Handover { handle, to_key } => self.handover(session, handle.0, to_key),
             other => match self.read(session, &other) {
                 Some(result) => result,
@@ -511,8 +527,11 @@ impl Core {
     }
 
     fn recall_done(&mut self, session: SessionId, handle: u64, generation: u64) -> Result<Response, ControlError> {
-        self.handles.recall_done(handle, session, generation).map_err(|e| err(ErrorCode::InvalidArgument, e))?;
-        self.check_recalls();
+        let ack =
+            self.handles.recall_done(handle, session, generation).map_err(|e| err(ErrorCode::InvalidArgument, e))?;
+        if ack == crate::handles::RecallAck::Counted {
+            self.check_recalls();
+        }
         Ok(Response::Done)
     }
 
