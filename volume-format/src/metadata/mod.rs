@@ -20,12 +20,14 @@
 //! - [`snapshot`]: snapshots, copy-on-write maps, changed-block lists.
 
 pub mod alloc;
+pub mod change;
 pub mod slots;
 pub mod snapshot;
 #[cfg(test)]
 pub(crate) mod testing;
 
 pub use alloc::{allocate, AllocError, FreeExtents};
+pub use change::{ApplyError, ChunkRun, ChunkRuns, MetaChange, NewSnapshot, Undo};
 pub use slots::{MetadataArea, MetadataError, NewestSlot, SlotError, SlotHeader, SLOT_HEADER_BYTES, SLOT_MAGIC};
 pub use snapshot::{ChunkSource, CowMap, DeletePlan, COW_CHUNK_BYTES};
 
