@@ -288,6 +288,21 @@ impl JournalWriter {
         }
     }
 
+    /// Adds a metadata copy (one that could not be read when the pool was
+    /// loaded); it receives writes once [`JournalWriter::set_active`] says
+    /// so, and is brought in step by a commit checkpoint first. Returns its
+    /// index.
+    pub fn add_copy(&mut self, area: MetadataArea) -> usize {
+        self.copies.push(CopyState {
+            area,
+            active: false,
+            slots: [SlotState::Unusable; 2],
+            anchor: None,
+            clear_ring_slots: true,
+        });
+        self.copies.len() - 1
+    }
+
     fn active(&self) -> impl Iterator<Item = (usize, &CopyState)> {
         self.copies.iter().enumerate().filter(|(_, c)| c.active)
     }
