@@ -46,8 +46,9 @@ id_newtype!(
     "snap"
 );
 
-/// An ed25519 public key (agents, admins, the metadata server). Kept as raw
-/// bytes so this crate needs no crypto dependency.
+/// An ed25519 public key (agents, admins, the metadata server), as raw
+/// bytes: comparing and storing keys needs no crypto (the journal turns the
+/// server's into a verifying key where it checks signatures).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
 pub struct PublicKey(pub [u8; 32]);
 

@@ -156,6 +156,13 @@ pub enum LayoutError {
 
 /// Where the areas of one device go. Computed once when a device joins a
 /// pool, then recorded in its label.
+///
+/// The metadata area is cut into `metadata_slot_count` equal slots. How they
+/// are used is the metadata format's business, not the label's: up to
+/// format 2 every slot held a whole-pool commit; from format 3 slots 0 and 1
+/// hold checkpoints and the rest is the journal ring
+/// ([`crate::metadata::journal`]). So a pool upgrades in place, with the
+/// same labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct DeviceLayout {
     pub device_bytes: u64,

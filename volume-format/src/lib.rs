@@ -15,12 +15,15 @@
 //! - `control`: the control protocol between agents/admins and the metadata
 //!   server (framing, authentication, messages).
 //! - [`ids`]: newtypes for identifiers (`VolumeId`, `DeviceIndex`, `HandleId`,
-//!   `SnapshotId`) and ed25519 public keys.
+//!   `SnapshotId`) and ed25519 public keys (raw bytes; only the journal
+//!   verifies signatures in this crate, see [`metadata::journal`]).
 //! - [`label`]: the 4 KiB device label at offset 0 of every device (a fixed,
 //!   hand-written layout so any tool can recognise a sanvol device), and
 //!   [`label::DeviceLayout`], which plans where the metadata and data areas go.
 //! - [`metadata`]: the pool metadata ([`metadata::PoolMetadata`]) and its
-//!   atomic commit slots ([`metadata::MetadataArea`]); the extent allocator
+//!   atomic commit slots ([`metadata::MetadataArea`]); changes as deltas
+//!   ([`metadata::MetaChange`]) and the signed metadata journal that commits
+//!   them ([`metadata::journal`]); the extent allocator
 //!   and volume create/grow/delete; snapshots and their copy-on-write maps
 //!   ([`metadata::snapshot`]: where a snapshot's chunk reads from, the
 //!   changed-block list between two snapshots, delete with merge).

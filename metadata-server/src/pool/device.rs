@@ -20,7 +20,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// waiting on it), rather than hanging the server.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest single read or write the pool code issues.
-const IO_BYTES_MAX: u64 = 4 << 20;
+pub(super) const IO_BYTES_MAX: u64 = 4 << 20;
 
 pub struct PoolDevice {
     /// The URI as given (config or metadata), for messages.
@@ -67,7 +67,7 @@ impl PoolDevice {
         d
     }
 
-    async fn reconnect(&mut self) -> Result<(), PoolError> {
+    pub(super) async fn reconnect(&mut self) -> Result<(), PoolError> {
         let Some(nbd_uri) = &self.nbd_uri else {
             return Err(PoolError::Connect { uri: self.uri.clone(), reason: "no usable URI".into() });
         };
@@ -196,7 +196,13 @@ impl PoolDevice {
     }
 }
 
-async fn read_at(client: &NbdClient, uri: &str, offset: u64, len: u64, what: &str) -> Result<Vec<u8>, PoolError> {
+pub(super) async fn read_at(
+    client: &NbdClient,
+    uri: &str,
+    offset: u64,
+    len: u64,
+    what: &str,
+) -> Result<Vec<u8>, PoolError> {
     let mut out = Vec::with_capacity(len as usize);
     let mut done = 0;
     while done < len {

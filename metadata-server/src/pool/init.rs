@@ -139,7 +139,7 @@ pub async fn init(opts: InitOptions) -> Result<InitReport, PoolError> {
         d.expected_uuid = Some(label.device_uuid);
         devices.push(d);
     }
-    let mut pool = Pool { pool_uuid, devices, generation_attempted: 0 };
+    let mut pool = Pool { pool_uuid, devices, generation_attempted: 0, journal: None };
     let metadata = pool.commit(None, meta).await?;
     for d in &pool.devices {
         if let Some(c) = &d.client {

@@ -14,16 +14,21 @@
 //! failed commit can never be confused with a later successful one.
 //!
 //! - [`device`]: one device: connect, label, read and write slots.
+//! - [`journal`]: the metadata journal on the devices: open = newest
+//!   checkpoint + replay, a commit = one signed entry appended to every
+//!   copy (what replaces [`Pool::commit`] once the server moves to it).
 //! - [`init`]: `sanvol pool init`.
 //! - [`probe`]: what a device carries before `init` overwrites it.
 
 pub mod device;
 pub mod init;
+pub mod journal;
 pub mod probe;
 
 use blockio::uri::NbdUri;
 use tracing::{info, warn};
 use uuid::Uuid;
+use volume_format::metadata::journal::LoadError;
 use volume_format::metadata::{MetadataArea, MetadataError, PoolMetadata};
 use volume_format::LabelError;
 
@@ -51,6 +56,8 @@ pub enum PoolError {
     NoMetadata(String),
     #[error("pool metadata: {0}")]
     Metadata(#[from] MetadataError),
+    #[error("pool metadata: {0}")]
+    Journal(#[from] LoadError),
     #[error("commit failed: {0}")]
     Commit(String),
     #[error("device {uri} carries {found} (blkid); use --force to overwrite it")]
@@ -66,6 +73,9 @@ pub struct Pool {
     pub devices: Vec<PoolDevice>,
     /// The highest generation ever attempted (committed or not).
     generation_attempted: u64,
+    /// The metadata journal, when the pool was opened with it
+    /// ([`Pool::open_journaled`]); whole-pool commits are refused then.
+    journal: Option<journal::PoolJournal>,
 }
 
 impl Pool {
@@ -74,30 +84,7 @@ impl Pool {
     /// connected through their recorded URIs. Unreachable devices are logged
     /// and kept (marked unreachable); bad slots are logged.
     pub async fn open(uris: &[NbdUri]) -> Result<(Pool, PoolMetadata), PoolError> {
-        let mut devices = Vec::new();
-        for uri in uris {
-            devices.push(PoolDevice::connect(uri.to_string(), uri).await);
-        }
-        let mut pool_uuid = None;
-        for d in &devices {
-            match (&d.label, &d.error) {
-                (Some(label), _) => match pool_uuid {
-                    None => pool_uuid = Some((label.pool_uuid, d.uri.clone())),
-                    Some((expected, _)) if expected != label.pool_uuid => {
-                        return Err(PoolError::WrongPool { uri: d.uri.clone(), expected, found: label.pool_uuid })
-                    }
-                    Some(_) => {}
-                },
-                (None, Some(e)) => warn!(device = %d.uri, "pool device unusable: {e}"),
-                (None, None) => {}
-            }
-        }
-        let Some((pool_uuid, _)) = pool_uuid else {
-            let reasons: Vec<String> =
-                devices.iter().map(|d| format!("{}: {}", d.uri, d.error.as_deref().unwrap_or("no label"))).collect();
-            return Err(PoolError::NoPool(reasons.join("; ")));
-        };
-
+        let (mut devices, pool_uuid) = connect_labelled(uris).await?;
         let mut slots = Vec::new();
         let mut slot_names = Vec::new();
         for d in devices.iter_mut().filter(|d| d.label.is_some()) {
@@ -129,40 +116,14 @@ impl Pool {
         }
         let meta = newest.metadata;
         info!(pool = %meta.pool_uuid, name = %meta.pool_name, generation = meta.generation, "pool metadata loaded");
-
-        // Devices the metadata knows but the config did not name.
-        for record in &meta.devices {
-            let known = devices.iter().any(|d| d.label.is_some_and(|l| l.device_uuid == record.device_uuid));
-            if !known {
-                let mut d = match record.uri.parse::<NbdUri>() {
-                    Ok(uri) => PoolDevice::connect(record.uri.clone(), &uri).await,
-                    Err(e) => PoolDevice::unreachable(record.uri.clone(), format!("bad recorded URI: {e}")),
-                };
-                if let Some(label) = d.label {
-                    if label.device_uuid != record.device_uuid {
-                        d = PoolDevice::unreachable(
-                            record.uri.clone(),
-                            format!("the device there is {}, not {}", label.device_uuid, record.device_uuid),
-                        );
-                    }
-                }
-                if let Some(e) = &d.error {
-                    warn!(device = %record.uri, index = %record.index, "pool device unreachable: {e}");
-                }
-                d.expected_uuid = Some(record.device_uuid);
-                devices.push(d);
-            }
-        }
-        for d in &mut devices {
-            if let Some(label) = d.label {
-                d.expected_uuid = Some(label.device_uuid);
-                if meta.devices.iter().all(|r| r.device_uuid != label.device_uuid) {
-                    warn!(device = %d.uri, "device is labelled for this pool but the metadata does not list it (an interrupted init?); ignoring it");
-                }
-            }
-        }
+        connect_recorded(&mut devices, &meta).await;
         let generation_attempted = devices.iter().flat_map(|d| d.generations.iter().flatten()).copied().max();
-        let pool = Pool { pool_uuid, devices, generation_attempted: generation_attempted.unwrap_or(meta.generation) };
+        let pool = Pool {
+            pool_uuid,
+            devices,
+            generation_attempted: generation_attempted.unwrap_or(meta.generation),
+            journal: None,
+        };
         Ok((pool, meta))
     }
 
@@ -191,22 +152,16 @@ impl Pool {
         current: Option<&PoolMetadata>,
         mut next: PoolMetadata,
     ) -> Result<PoolMetadata, PoolError> {
+        if self.journal.is_some() {
+            return Err(PoolError::Commit(
+                "the pool was opened with the metadata journal; commit changes with Pool::commit_changes".into(),
+            ));
+        }
         let generation = self.generation_attempted.max(next.generation) + 1;
         self.generation_attempted = generation;
         next.generation = generation;
         next.check().map_err(|e| PoolError::Commit(format!("refusing to write inconsistent metadata: {e}")))?;
-        let copies: Vec<Uuid> = {
-            // A device marked failed holds no current copy: writing to it would
-            // fail every commit, including the one that marks it failed.
-            let online = |d: &&volume_format::metadata::DeviceRecord| d.state.is_online();
-            let holders: Vec<Uuid> =
-                next.devices.iter().filter(|d| d.holds_metadata).filter(online).map(|d| d.device_uuid).collect();
-            if holders.is_empty() {
-                next.devices.iter().filter(online).map(|d| d.device_uuid).collect()
-            } else {
-                holders
-            }
-        };
+        let copies = metadata_holders(&next);
         let (written, failures) = self.write_copies(&copies, generation, &next).await;
         // Every copy must be current: a copy left behind would let an older
         // generation win if the others are lost later.
@@ -262,6 +217,85 @@ impl Pool {
                 "could not supersede a partial commit on every copy ({}): until the next successful commit, a restart may show the refused change",
                 failures.join("; ")
             );
+        }
+    }
+}
+
+/// The devices that hold a metadata copy: the online devices flagged so, or
+/// every online device if none is. A device marked failed holds no current
+/// copy: writing to it would fail every commit, including the one that marks
+/// it failed.
+pub fn metadata_holders(meta: &PoolMetadata) -> Vec<Uuid> {
+    let online = |d: &&volume_format::metadata::DeviceRecord| d.state.is_online();
+    let holders: Vec<Uuid> =
+        meta.devices.iter().filter(|d| d.holds_metadata).filter(online).map(|d| d.device_uuid).collect();
+    if holders.is_empty() {
+        meta.devices.iter().filter(online).map(|d| d.device_uuid).collect()
+    } else {
+        holders
+    }
+}
+
+/// Connects to `uris` and checks they form one pool; returns the devices
+/// (unusable ones logged and kept) and the pool's UUID.
+async fn connect_labelled(uris: &[NbdUri]) -> Result<(Vec<PoolDevice>, Uuid), PoolError> {
+    let mut devices = Vec::new();
+    for uri in uris {
+        devices.push(PoolDevice::connect(uri.to_string(), uri).await);
+    }
+    let mut pool_uuid = None;
+    for d in &devices {
+        match (&d.label, &d.error) {
+            (Some(label), _) => match pool_uuid {
+                None => pool_uuid = Some((label.pool_uuid, d.uri.clone())),
+                Some((expected, _)) if expected != label.pool_uuid => {
+                    return Err(PoolError::WrongPool { uri: d.uri.clone(), expected, found: label.pool_uuid })
+                }
+                Some(_) => {}
+            },
+            (None, Some(e)) => warn!(device = %d.uri, "pool device unusable: {e}"),
+            (None, None) => {}
+        }
+    }
+    let Some((pool_uuid, _)) = pool_uuid else {
+        let reasons: Vec<String> =
+            devices.iter().map(|d| format!("{}: {}", d.uri, d.error.as_deref().unwrap_or("no label"))).collect();
+        return Err(PoolError::NoPool(reasons.join("; ")));
+    };
+    Ok((devices, pool_uuid))
+}
+
+/// Connects the devices `meta` records but `devices` misses (through their
+/// recorded URIs), and records which device each entry stands for.
+async fn connect_recorded(devices: &mut Vec<PoolDevice>, meta: &PoolMetadata) {
+    for record in &meta.devices {
+        let known = devices.iter().any(|d| d.label.is_some_and(|l| l.device_uuid == record.device_uuid));
+        if !known {
+            let mut d = match record.uri.parse::<NbdUri>() {
+                Ok(uri) => PoolDevice::connect(record.uri.clone(), &uri).await,
+                Err(e) => PoolDevice::unreachable(record.uri.clone(), format!("bad recorded URI: {e}")),
+            };
+            if let Some(label) = d.label {
+                if label.device_uuid != record.device_uuid {
+                    d = PoolDevice::unreachable(
+                        record.uri.clone(),
+                        format!("the device there is {}, not {}", label.device_uuid, record.device_uuid),
+                    );
+                }
+            }
+            if let Some(e) = &d.error {
+                warn!(device = %record.uri, index = %record.index, "pool device unreachable: {e}");
+            }
+            d.expected_uuid = Some(record.device_uuid);
+            devices.push(d);
+        }
+    }
+    for d in devices.iter_mut() {
+        if let Some(label) = d.label {
+            d.expected_uuid = Some(label.device_uuid);
+            if meta.devices.iter().all(|r| r.device_uuid != label.device_uuid) {
+                warn!(device = %d.uri, "device is labelled for this pool but the metadata does not list it (an interrupted init?); ignoring it");
+            }
         }
     }
 }

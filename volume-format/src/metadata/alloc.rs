@@ -11,6 +11,7 @@
 //! exactly as it was: allocation is planned against a snapshot of the free
 //! space and applied only once it is known to fit.
 
+use super::change::{ApplyError, MetaChange};
 use super::{
     check_block_bytes, check_name, DeviceRecord, DeviceState, HandleState, LogicalExtent, PhysicalExtent, PoolMetadata,
     VolumeRecord, MIRROR_LEGS_MAX,
@@ -216,6 +217,21 @@ impl PoolMetadata {
         mirror_legs: u32,
         now_unix_secs: u64,
     ) -> Result<VolumeId, AllocError> {
+        let change = self.plan_create_volume(name, size_bytes, block_bytes, mirror_legs, now_unix_secs)?;
+        self.apply(&change).map_err(planned_change_refused)?;
+        Ok(VolumeId(self.next_ids.volume.0 - 1))
+    }
+
+    /// The change that creates a volume (see [`PoolMetadata::create_volume`]):
+    /// its extents allocated now, its id the next volume id.
+    pub fn plan_create_volume(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        block_bytes: u32,
+        mirror_legs: u32,
+        now_unix_secs: u64,
+    ) -> Result<MetaChange, AllocError> {
         check_name("volume name", name).map_err(AllocError::BadRequest)?;
         if self.volume_by_name(name).is_some() {
             return Err(AllocError::VolumeExists(name.to_string()));
@@ -227,9 +243,8 @@ impl PoolMetadata {
             )));
         }
         let extents = allocate(&self.free_extents(), size_bytes.div_ceil(self.extent_bytes), mirror_legs)?;
-        let id = self.next_ids.volume;
-        self.volumes.push(VolumeRecord {
-            id,
+        Ok(MetaChange::VolumeCreate(VolumeRecord {
+            id: self.next_ids.volume,
             name: name.to_string(),
             size_bytes,
             block_bytes,
@@ -237,17 +252,22 @@ impl PoolMetadata {
             layout_generation: 1,
             created_at_unix_secs: now_unix_secs,
             extents,
-        });
-        self.next_ids.volume = VolumeId(id.0 + 1);
-        Ok(id)
+        }))
     }
 
     /// Grows volume `id` to `new_size_bytes`, allocating the extents it now
     /// needs and bumping its layout generation. Same size is a no-op.
     pub fn grow_volume(&mut self, id: VolumeId, new_size_bytes: u64) -> Result<(), AllocError> {
-        let free = self.free_extents();
-        let extent_bytes = self.extent_bytes;
-        let volume = self.volumes.iter_mut().find(|v| v.id == id).ok_or(AllocError::NoSuchVolume(id))?;
+        if let Some(change) = self.plan_grow_volume(id, new_size_bytes)? {
+            self.apply(&change).map_err(planned_change_refused)?;
+        }
+        Ok(())
+    }
+
+    /// The change that grows volume `id` (see [`PoolMetadata::grow_volume`]),
+    /// or `None` for the same size.
+    pub fn plan_grow_volume(&self, id: VolumeId, new_size_bytes: u64) -> Result<Option<MetaChange>, AllocError> {
+        let volume = self.volume(id).ok_or(AllocError::NoSuchVolume(id))?;
         if new_size_bytes < volume.size_bytes {
             return Err(AllocError::ShrinkRefused {
                 volume: id,
@@ -256,7 +276,7 @@ impl PoolMetadata {
             });
         }
         if new_size_bytes == volume.size_bytes {
-            return Ok(());
+            return Ok(None);
         }
         if new_size_bytes % u64::from(volume.block_bytes) != 0 {
             return Err(AllocError::BadRequest(format!(
@@ -264,18 +284,24 @@ impl PoolMetadata {
                 volume.block_bytes
             )));
         }
-        let more = new_size_bytes.div_ceil(extent_bytes) - volume.extents.len() as u64;
-        let extents = allocate(&free, more, volume.mirror_legs)?;
-        volume.extents.extend(extents);
-        volume.size_bytes = new_size_bytes;
-        volume.layout_generation += 1;
-        Ok(())
+        let more = new_size_bytes.div_ceil(self.extent_bytes) - volume.extents.len() as u64;
+        let added = allocate(&self.free_extents(), more, volume.mirror_legs)?;
+        Ok(Some(MetaChange::VolumeGrow { volume: id, size_bytes: new_size_bytes, added }))
     }
 
     /// Deletes volume `id`, returning its record; its extents become free.
     /// Refused while it has active handles or snapshots.
     pub fn delete_volume(&mut self, id: VolumeId) -> Result<VolumeRecord, AllocError> {
-        let position = self.volumes.iter().position(|v| v.id == id).ok_or(AllocError::NoSuchVolume(id))?;
+        let change = self.plan_delete_volume(id)?;
+        let undo = self.apply(&change).map_err(planned_change_refused)?;
+        undo.into_deleted_volume().ok_or_else(|| planned_change_refused_msg("volume delete returned no record"))
+    }
+
+    /// The change that deletes volume `id` (see [`PoolMetadata::delete_volume`]).
+    /// Broken handles only exist to answer late resumes; they name a volume
+    /// that is gone, so they go with it.
+    pub fn plan_delete_volume(&self, id: VolumeId) -> Result<MetaChange, AllocError> {
+        self.volume(id).ok_or(AllocError::NoSuchVolume(id))?;
         let handles = self.handles.iter().filter(|h| h.volume == id && matches!(h.state, HandleState::Active)).count();
         if handles > 0 {
             return Err(AllocError::VolumeBusy { volume: id, handles });
@@ -284,11 +310,18 @@ impl PoolMetadata {
         if snapshots > 0 {
             return Err(AllocError::HasSnapshots { volume: id, snapshots });
         }
-        // Broken handles only exist to answer late resumes; they name a
-        // volume that is gone, so they go with it.
-        self.handles.retain(|h| h.volume != id);
-        Ok(self.volumes.remove(position))
+        Ok(MetaChange::VolumeDelete { volume: id })
     }
+}
+
+/// A change a planner produced did not apply: a bug, reported rather than
+/// panicking.
+pub(crate) fn planned_change_refused(e: ApplyError) -> AllocError {
+    planned_change_refused_msg(&e.to_string())
+}
+
+fn planned_change_refused_msg(why: &str) -> AllocError {
+    AllocError::BadRequest(format!("internal error, please report: a planned change was refused: {why}"))
 }
 
 #[cfg(test)]

@@ -15,17 +15,24 @@
 //! dump fed back to a tool; it does not make bincode tolerant.)
 //!
 //! - [`slots`]: the commit slots (header, checksum, newest-valid-wins).
+//! - [`change`]: changes as deltas ([`MetaChange`]), applied and undone
+//!   without copying the pool.
+//! - [`journal`]: the signed metadata journal and its checkpoints: a commit
+//!   costs what changed.
 //! - [`alloc`]: free-extent computation, the extent allocator, and volume
 //!   create/grow/delete.
 //! - [`snapshot`]: snapshots, copy-on-write maps, changed-block lists.
 
 pub mod alloc;
+pub mod change;
+pub mod journal;
 pub mod slots;
 pub mod snapshot;
 #[cfg(test)]
 pub(crate) mod testing;
 
 pub use alloc::{allocate, AllocError, FreeExtents};
+pub use change::{ApplyError, ChunkRun, ChunkRuns, MetaChange, NewSnapshot, Undo};
 pub use slots::{MetadataArea, MetadataError, NewestSlot, SlotError, SlotHeader, SLOT_HEADER_BYTES, SLOT_MAGIC};
 pub use snapshot::{ChunkSource, CowMap, DeletePlan, COW_CHUNK_BYTES};
 
@@ -36,17 +43,25 @@ use std::collections::HashSet;
 use std::fmt;
 use uuid::Uuid;
 
-/// The pool metadata format (slot header and payload schema) this build
-/// writes and the newest it reads.
+/// The pool metadata format (slot header, payload schema and the layout of
+/// the metadata area) this build writes and the newest it reads.
 ///
 /// One line per bump:
 /// - 1: initial — devices, volumes, clients, handles, snapshots.
 /// - 2: snapshots carry their size, chunk size and copy-on-write map. A
 ///   format-1 pool never stored a snapshot, so its payload decodes as
 ///   format 2 unchanged; it is read and upgraded at its next commit.
-pub const METADATA_FORMAT_VERSION: u32 = 2;
+/// - 3: the metadata journal ([`journal`]): slots 0 and 1 hold signed
+///   checkpoints (the format-2 record plus a trailer with the journal anchor
+///   and an ed25519 signature), the rest of the area is a ring of signed
+///   journal entries. The payload schema is format 2's. A format-2 pool is
+///   read (all its slots) and upgraded by its next journaled commit.
+pub const METADATA_FORMAT_VERSION: u32 = 3;
 /// The oldest format this build reads.
 pub const METADATA_FORMAT_VERSION_MIN: u32 = 1;
+/// What [`MetadataArea::encode_slot`] writes: the whole-pool slot commits of
+/// format 2, kept while the server's commit path still uses them.
+pub const LEGACY_SLOT_FORMAT_VERSION: u32 = 2;
 
 /// Most legs (copies) a mirrored volume may have.
 pub const MIRROR_LEGS_MAX: u32 = 4;

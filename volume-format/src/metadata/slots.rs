@@ -24,8 +24,16 @@
 //!     48    16  reserved, zero
 //!     64     …  payload: bincode PoolMetadata (codec::config)
 //! ```
+//!
+//! Format 3 (the journal's checkpoints, `super::journal`) keeps this header,
+//! with the generation field holding the checkpoint number, and appends a
+//! fixed trailer (journal anchor and signature) after the payload. This
+//! module writes format 2 ([`LEGACY_SLOT_FORMAT_VERSION`]) for the
+//! whole-pool commits that still use it, and reads formats 1 and 2; a
+//! format-3 slot is read by the journal loader.
 
-use super::{PoolMetadata, METADATA_FORMAT_VERSION, METADATA_FORMAT_VERSION_MIN};
+use super::journal::CHECKPOINT_TRAILER_BYTES;
+use super::{PoolMetadata, LEGACY_SLOT_FORMAT_VERSION, METADATA_FORMAT_VERSION, METADATA_FORMAT_VERSION_MIN};
 use crate::codec::{self, describe_bytes, CodecError};
 use crate::label::{DeviceLabel, BLOCK_BYTES};
 use uuid::Uuid;
@@ -67,6 +75,8 @@ pub enum SlotError {
     NewerFormat { found: u32, supported: u32, generation: u64 },
     #[error("metadata format {found} is not supported (this build reads format {supported})")]
     UnsupportedFormat { found: u32, supported: u32 },
+    #[error("slot holds a journal checkpoint (format {found}); it is read with the journal loader, not as a whole-pool slot")]
+    Journaled { found: u32 },
     #[error("slot has non-zero reserved header bytes at offset {offset}")]
     ReservedNotZero { offset: usize },
     #[error("slot belongs to pool {found}, not pool {expected}")]
@@ -110,6 +120,11 @@ pub enum MetadataError {
          two metadata servers committed at once; stop all but one and inspect the pool"
     )]
     ConflictingSlots { generation: u64, first_slot: u32, second_slot: u32 },
+    #[error(
+        "the pool metadata is journaled (format {found}) and this path reads only whole-pool slots; \
+         open the pool with the journal (Pool::open_journaled)"
+    )]
+    Journaled { found: u32 },
 }
 
 fn describe_slot_errors(errors: &[(u32, SlotError)]) -> String {
@@ -130,12 +145,14 @@ pub struct SlotHeader {
 }
 
 impl SlotHeader {
-    /// Total bytes of the record (header + payload) this header announces.
+    /// Total bytes of the record (header + payload, and the checkpoint
+    /// trailer from format 3 on) this header announces.
     pub fn record_bytes(&self) -> u64 {
-        SLOT_HEADER_BYTES as u64 + self.payload_bytes
+        let trailer = if self.format_version >= 3 { CHECKPOINT_TRAILER_BYTES as u64 } else { 0 };
+        (SLOT_HEADER_BYTES as u64).saturating_add(self.payload_bytes).saturating_add(trailer)
     }
 
-    fn encode(&self) -> [u8; SLOT_HEADER_BYTES] {
+    pub(crate) fn encode(&self) -> [u8; SLOT_HEADER_BYTES] {
         let mut h = [0u8; SLOT_HEADER_BYTES];
         h[offset::MAGIC..offset::MAGIC + 8].copy_from_slice(&SLOT_MAGIC);
         h[offset::CRC..offset::CRC + 4].copy_from_slice(&self.crc.to_be_bytes());
@@ -224,19 +241,24 @@ impl MetadataArea {
         Ok(header.record_bytes())
     }
 
-    fn check_length(&self, header: &SlotHeader) -> Result<(), SlotError> {
-        if header.payload_bytes > self.payload_bytes_max() {
+    pub(crate) fn check_length(&self, header: &SlotHeader) -> Result<(), SlotError> {
+        if header.record_bytes() > self.slot_bytes {
+            let trailer = header.record_bytes() - SLOT_HEADER_BYTES as u64 - header.payload_bytes.min(self.slot_bytes);
             return Err(SlotError::BadLength {
                 payload_bytes: header.payload_bytes,
-                payload_bytes_max: self.payload_bytes_max(),
+                payload_bytes_max: self.payload_bytes_max().saturating_sub(trailer),
             });
         }
         Ok(())
     }
 
-    /// Encodes `meta` as the record of generation `generation`, padded with
-    /// zeroes to whole blocks (the write unit). Checks the metadata first:
-    /// never write what a reader would refuse.
+    /// Encodes `meta` as the format-2 record of generation `generation`,
+    /// padded with zeroes to whole blocks (the write unit). Checks the
+    /// metadata first: never write what a reader would refuse.
+    ///
+    /// Format 2, not the current format: this is the whole-pool commit that
+    /// releases before the journal wrote, kept so a pool written this way
+    /// stays readable by them until it is opened with the journal.
     pub fn encode_slot(&self, pool: Uuid, generation: u64, meta: &PoolMetadata) -> Result<Vec<u8>, MetadataError> {
         if meta.pool_uuid != pool {
             return Err(MetadataError::Invalid(format!(
@@ -251,14 +273,17 @@ impl MetadataArea {
             });
         }
         meta.check().map_err(MetadataError::Invalid)?;
-        let payload = codec::encode(meta).map_err(MetadataError::Encode)?;
+        let mut payload = codec::encode(meta).map_err(MetadataError::Encode)?;
+        // `format_version` is the payload's first field (a fixed-width u32):
+        // the schema is format 2's, only the version number differs.
+        payload[..4].copy_from_slice(&LEGACY_SLOT_FORMAT_VERSION.to_be_bytes());
         let record_bytes = SLOT_HEADER_BYTES as u64 + payload.len() as u64;
         if record_bytes > self.slot_bytes {
             return Err(MetadataError::PayloadTooLarge { record_bytes, slot_bytes: self.slot_bytes });
         }
         let mut header = SlotHeader {
             crc: 0,
-            format_version: METADATA_FORMAT_VERSION,
+            format_version: LEGACY_SLOT_FORMAT_VERSION,
             pool_uuid: pool,
             generation,
             payload_bytes: payload.len() as u64,
@@ -272,8 +297,9 @@ impl MetadataArea {
         Ok(record)
     }
 
-    /// Decodes one slot's bytes (at least its whole record; more is
-    /// ignored). With `pool`, a slot of another pool is refused.
+    /// Decodes one format-1 or format-2 slot's bytes (at least its whole
+    /// record; more is ignored). With `pool`, a slot of another pool is
+    /// refused. A format-3 checkpoint is [`SlotError::Journaled`].
     pub fn decode_slot(&self, pool: Option<Uuid>, bytes: &[u8]) -> Result<(u64, PoolMetadata), SlotError> {
         let header = SlotHeader::decode(bytes)?;
         self.check_length(&header)?;
@@ -284,6 +310,9 @@ impl MetadataArea {
         let computed = record_crc(&header, payload);
         if computed != header.crc {
             return Err(SlotError::ChecksumMismatch { stored: header.crc, computed });
+        }
+        if header.format_version == METADATA_FORMAT_VERSION {
+            return Err(SlotError::Journaled { found: header.format_version });
         }
         if header.format_version > METADATA_FORMAT_VERSION {
             return Err(SlotError::NewerFormat {
@@ -323,7 +352,8 @@ impl MetadataArea {
         }
         if meta.format_version < METADATA_FORMAT_VERSION {
             // See METADATA_FORMAT_VERSION: older formats decode as the
-            // current one; the next commit writes the current format.
+            // current one (the payload schema did not change after 2); the
+            // next journaled commit writes the current format.
             if meta.format_version == 1 && !meta.snapshots.is_empty() {
                 return Err(SlotError::Inconsistent("a format-1 record cannot hold snapshots".to_string()));
             }
@@ -349,6 +379,7 @@ impl MetadataArea {
                 Err(SlotError::NewerFormat { found, supported, .. }) => {
                     return Err(MetadataError::NewerFormat { found, supported });
                 }
+                Err(SlotError::Journaled { found }) => return Err(MetadataError::Journaled { found }),
                 Err(e) => bad_slots.push((i, e)),
                 Ok((generation, meta)) => match &best {
                     Some((j, g, m)) if *g == generation && *m != meta => {
@@ -528,33 +559,44 @@ mod tests {
         assert!(matches!(AREA.encode_slot(other, meta.generation, &meta), Err(MetadataError::Invalid(_))));
     }
 
-    /// Writes a record whose header claims `version` and re-seals it.
+    /// Writes a record whose header claims `version` and re-seals it (from
+    /// format 3 on with a trailer, as the format promises).
     fn with_version(record: &[u8], version: u32) -> Vec<u8> {
         let mut header = SlotHeader::decode(record).unwrap();
         header.format_version = version;
-        let payload = &record[SLOT_HEADER_BYTES..header.record_bytes() as usize];
-        header.crc = record_crc(&header, payload);
+        let mut payload = record[SLOT_HEADER_BYTES..SLOT_HEADER_BYTES + header.payload_bytes as usize].to_vec();
+        if version >= 3 {
+            payload.extend_from_slice(&[0; crate::metadata::journal::CHECKPOINT_TRAILER_BYTES]);
+        }
+        header.crc = record_crc(&header, &payload);
         let mut out = header.encode().to_vec();
-        out.extend_from_slice(payload);
+        out.extend_from_slice(&payload);
         out
     }
 
     #[test]
     fn newer_format_refused_clearly() {
         let meta = rich_pool();
-        let record = with_version(&AREA.encode_slot(POOL, meta.generation, &meta).unwrap(), 3);
+        let record = with_version(&AREA.encode_slot(POOL, meta.generation, &meta).unwrap(), 4);
         let err = AREA.decode_slot(Some(POOL), &record).unwrap_err();
-        assert_eq!(err, SlotError::NewerFormat { found: 3, supported: 2, generation: meta.generation });
-        assert!(err.to_string().contains("written by a newer sanvol (format 3); this build supports up to 2"), "{err}");
+        assert_eq!(err, SlotError::NewerFormat { found: 4, supported: 3, generation: meta.generation });
+        assert!(err.to_string().contains("written by a newer sanvol (format 4); this build supports up to 3"), "{err}");
 
         // Even with an older valid slot around, reading refuses rather than
         // rolling the pool back.
         let mut older = meta.clone();
         older.generation -= 1;
         let older = AREA.decode_slot(Some(POOL), &AREA.encode_slot(POOL, older.generation, &older).unwrap());
+        let err = MetadataArea::choose_newest([older.clone(), Err(err)]).unwrap_err();
+        assert_eq!(err, MetadataError::NewerFormat { found: 4, supported: 3 });
+        assert!(err.to_string().contains("written by a newer sanvol (format 4); this build supports up to 3"));
+
+        // A journaled pool is refused by the whole-pool reader, never rolled back.
+        let journaled = with_version(&AREA.encode_slot(POOL, meta.generation, &meta).unwrap(), 3);
+        let err = AREA.decode_slot(Some(POOL), &journaled).unwrap_err();
+        assert_eq!(err, SlotError::Journaled { found: 3 });
         let err = MetadataArea::choose_newest([older, Err(err)]).unwrap_err();
-        assert_eq!(err, MetadataError::NewerFormat { found: 3, supported: 2 });
-        assert!(err.to_string().contains("written by a newer sanvol (format 3); this build supports up to 2"));
+        assert!(err.to_string().contains("journaled"), "{err}");
 
         let record = with_version(&record, 0);
         assert!(matches!(AREA.decode_slot(Some(POOL), &record), Err(SlotError::UnsupportedFormat { .. })));

@@ -31,7 +31,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::alloc::{allocate, AllocError};
+use super::alloc::{allocate, planned_change_refused, AllocError};
+use super::change::{ChunkRuns, MetaChange, NewSnapshot};
 use super::{check_name, LogicalExtent, PoolMetadata, SnapshotRecord};
 use crate::ids::{SnapshotId, VolumeId};
 
@@ -86,6 +87,13 @@ impl CowMap {
             .iter()
             .enumerate()
             .flat_map(move |(i, &w)| (0..64u64).filter(move |b| w & (1 << b) != 0).map(move |b| i as u64 * 64 + b))
+    }
+
+    /// Clears `chunk` (undoing a registration).
+    pub fn remove(&mut self, chunk: u64) {
+        if let Some(w) = self.words.get_mut((chunk / 64) as usize) {
+            *w &= !(1 << (chunk % 64));
+        }
     }
 
     /// Sets every chunk set in `other` (within this map's range).
@@ -174,37 +182,39 @@ impl PoolMetadata {
         name: &str,
         now_unix_secs: u64,
     ) -> Result<SnapshotId, AllocError> {
+        let change = self.plan_create_snapshot(volume, name, now_unix_secs)?;
+        self.apply(&change).map_err(planned_change_refused)?;
+        Ok(SnapshotId(self.next_ids.snapshot.0 - 1))
+    }
+
+    /// The change that creates a snapshot (see
+    /// [`PoolMetadata::create_snapshot`]): its COW area allocated now, its
+    /// id the next snapshot id, created at the next generation.
+    pub fn plan_create_snapshot(
+        &self,
+        volume: VolumeId,
+        name: &str,
+        now_unix_secs: u64,
+    ) -> Result<MetaChange, AllocError> {
         check_name("snapshot name", name).map_err(AllocError::BadRequest)?;
         if name.contains('@') || name.contains('/') {
             return Err(AllocError::BadRequest(format!("snapshot name {name:?} may not contain '@' or '/'")));
         }
-        let free = self.free_extents();
-        let extent_bytes = self.extent_bytes;
-        let generation = self.generation + 1;
         let v = self.volume(volume).ok_or(AllocError::NoSuchVolume(volume))?;
         if self.snapshot_by_name(volume, name).is_some() {
             return Err(AllocError::BadRequest(format!("volume {} already has a snapshot named {name:?}", v.name)));
         }
-        let cow_extents = allocate(&free, v.extents.len() as u64, v.mirror_legs)?;
-        let chunk_bytes = COW_CHUNK_BYTES.min(extent_bytes);
-        let id = self.next_ids.snapshot;
-        let record = SnapshotRecord {
-            id,
+        let cow_extents = allocate(&self.free_extents(), v.extents.len() as u64, v.mirror_legs)?;
+        Ok(MetaChange::SnapshotCreate(NewSnapshot {
+            id: self.next_ids.snapshot,
             volume,
             name: name.to_string(),
-            created_generation: generation,
+            created_generation: self.generation + 1,
             created_at_unix_secs: now_unix_secs,
             cow_extents,
             size_bytes: v.size_bytes,
-            chunk_bytes,
-            cow: CowMap::new(v.size_bytes.div_ceil(chunk_bytes)),
-        };
-        self.snapshots.push(record);
-        self.next_ids.snapshot = SnapshotId(id.0 + 1);
-        if let Some(v) = self.volumes.iter_mut().find(|v| v.id == volume) {
-            v.layout_generation += 1;
-        }
-        Ok(id)
+            chunk_bytes: COW_CHUNK_BYTES.min(self.extent_bytes),
+        }))
     }
 
     /// Where chunk `chunk` of snapshot `id` reads from, or `None` if there is
@@ -273,46 +283,49 @@ impl PoolMetadata {
     /// in the older snapshot, removes the snapshot (its COW area becomes
     /// free) and, if it was the newest, bumps the volume's layout generation.
     pub fn delete_snapshot(&mut self, plan: &DeletePlan) -> Result<SnapshotRecord, AllocError> {
-        let position = self
-            .snapshots
-            .iter()
-            .position(|s| s.id == plan.snapshot)
-            .ok_or_else(|| AllocError::BadRequest(format!("snapshot {} does not exist", plan.snapshot)))?;
-        if let Some(older) = plan.merge_into {
-            let o = self
-                .snapshots
-                .iter_mut()
-                .find(|s| s.id == older)
-                .ok_or_else(|| AllocError::BadRequest(format!("snapshot {older} does not exist")))?;
-            for &c in &plan.chunks {
-                o.cow.insert(c);
-            }
+        if self.snapshot(plan.snapshot).is_none() {
+            return Err(AllocError::BadRequest(format!("snapshot {} does not exist", plan.snapshot)));
         }
-        let removed = self.snapshots.remove(position);
-        if plan.was_newest {
-            if let Some(v) = self.volumes.iter_mut().find(|v| v.id == removed.volume) {
-                v.layout_generation += 1;
-            }
+        if let Some(older) = plan.merge_into.filter(|o| self.snapshot(*o).is_none()) {
+            return Err(AllocError::BadRequest(format!("snapshot {older} does not exist")));
         }
-        Ok(removed)
+        let undo = self.apply(&plan.change()).map_err(planned_change_refused)?;
+        undo.into_deleted_snapshot()
+            .ok_or_else(|| AllocError::BadRequest("internal error: snapshot delete returned no record".into()))
     }
 
     /// Registers `chunks` in snapshot `id`'s COW map. Returns how many were
     /// new; chunks beyond the snapshot are an error (nothing changes).
     pub fn register_cow(&mut self, id: SnapshotId, chunks: &[u64]) -> Result<usize, String> {
-        let s =
-            self.snapshots.iter_mut().find(|s| s.id == id).ok_or_else(|| format!("snapshot {id} does not exist"))?;
+        let Some(change) = self.plan_register_cow(id, chunks)? else { return Ok(0) };
+        let MetaChange::CowRegister { chunks: fresh, .. } = &change else { unreachable!("planned a registration") };
+        let new = fresh.len() as usize;
+        self.apply(&change).map_err(|e| e.to_string())?;
+        Ok(new)
+    }
+
+    /// The change that registers the chunks of `chunks` not yet in snapshot
+    /// `id`'s COW map, or `None` if all are. Chunks beyond the snapshot are
+    /// an error.
+    pub fn plan_register_cow(&self, id: SnapshotId, chunks: &[u64]) -> Result<Option<MetaChange>, String> {
+        let s = self.snapshot(id).ok_or_else(|| format!("snapshot {id} does not exist"))?;
         if let Some(bad) = chunks.iter().find(|&&c| c >= s.chunk_count()) {
             return Err(format!("chunk {bad} is beyond snapshot {} ({} chunks)", s.name, s.chunk_count()));
         }
-        let mut new = 0;
-        for &c in chunks {
-            if !s.cow.contains(c) {
-                s.cow.insert(c);
-                new += 1;
-            }
+        let fresh = ChunkRuns::from_chunks(chunks.iter().copied().filter(|&c| !s.cow.contains(c)));
+        Ok((!fresh.is_empty()).then_some(MetaChange::CowRegister { snapshot: id, chunks: fresh }))
+    }
+}
+
+impl DeletePlan {
+    /// The change that carries out this plan once its pre-images are copied.
+    pub fn change(&self) -> MetaChange {
+        MetaChange::SnapshotDelete {
+            snapshot: self.snapshot,
+            merge_into: self.merge_into,
+            merged: ChunkRuns::from_chunks(self.chunks.iter().copied()),
+            was_newest: self.was_newest,
         }
-        Ok(new)
     }
 }
 

@@ -4,6 +4,7 @@
 use super::*;
 use crate::label::DeviceLayout;
 use proptest::prelude::*;
+use uuid::Uuid;
 
 pub(crate) const EXTENT: u64 = 1 << 20;
 pub(crate) const POOL: Uuid = Uuid::from_u128(7);
@@ -77,4 +78,64 @@ pub(crate) fn arb_pool() -> impl Strategy<Value = PoolMetadata> {
             meta.check().unwrap();
             meta
         })
+}
+
+/// Plans one change of kind `k` against `meta` with the planners the
+/// server uses (or a plain record), or `None` if it does not apply.
+pub(crate) fn plan_step(meta: &PoolMetadata, k: u8, a: u64, b: u64) -> Option<MetaChange> {
+    let volume_ids: Vec<VolumeId> = meta.volumes.iter().map(|v| v.id).collect();
+    let pick_volume = || volume_ids.get((a % volume_ids.len().max(1) as u64) as usize).copied();
+    match k {
+        0 => meta.plan_create_volume(&format!("v{}", a % 50), (1 + b % 3) * EXTENT, 4096, 1 + (a % 2) as u32, a).ok(),
+        1 => meta.plan_grow_volume(pick_volume()?, (1 + b % 5) * EXTENT).ok().flatten(),
+        2 => meta.plan_delete_volume(pick_volume()?).ok(),
+        3 => meta.plan_create_snapshot(pick_volume()?, &format!("s{}", b % 10), b).ok(),
+        4 | 5 => {
+            let s = meta.snapshots.get((a % meta.snapshots.len().max(1) as u64) as usize)?;
+            let n = s.chunk_count();
+            meta.plan_register_cow(s.id, &[b % n, (b / 7) % n, (b / 13) % n]).ok().flatten()
+        }
+        6 => {
+            let s = meta.snapshots.get((a % meta.snapshots.len().max(1) as u64) as usize)?;
+            Some(meta.snapshot_delete_plan(s.id)?.change())
+        }
+        7 => Some(MetaChange::HandleOpen(HandleRecord {
+            id: meta.next_ids.handle,
+            volume: pick_volume()?,
+            agent_key: PublicKey([(a % 3) as u8; 32]),
+            agent_name: format!("agent{}", a % 3),
+            agent_instance: Uuid::from_u128(u128::from(b)),
+            mode: OpenMode::SharedWrite,
+            opened_at_unix_secs: b,
+            lease_expires_at_unix_ms: b,
+            durable_timeout_ms: 1000,
+            state: HandleState::Active,
+        })),
+        8 => {
+            let h = meta.handles.get((a % meta.handles.len().max(1) as u64) as usize)?;
+            if b % 2 == 0 {
+                Some(MetaChange::HandleRemove { handle: h.id })
+            } else {
+                meta.plan_break_handles(&[h.id], "broken", b, 2).into_iter().next()
+            }
+        }
+        9 => Some(MetaChange::ClientPut(ClientRecord {
+            public_key: PublicKey([(a % 4) as u8; 32]),
+            name: format!("c{b}"),
+            role: [ClientRole::Agent, ClientRole::Admin, ClientRole::Backup][(b % 3) as usize],
+        })),
+        10 => {
+            let c = meta.clients.get((a % meta.clients.len().max(1) as u64) as usize)?;
+            Some(MetaChange::ClientRemove { key: c.public_key })
+        }
+        _ => {
+            let d = meta.devices.get((a % meta.devices.len() as u64) as usize)?;
+            let state = if b % 2 == 0 {
+                DeviceState::Online
+            } else {
+                DeviceState::Failed { reason: "test".into(), since_unix_secs: b }
+            };
+            Some(MetaChange::DeviceState { device: d.index, state })
+        }
+    }
 }
