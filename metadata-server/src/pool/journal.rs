@@ -48,12 +48,28 @@ use volume_format::PublicKey;
 use super::device::{read_at, IO_BYTES_MAX};
 use super::{connect_labelled, connect_recorded, metadata_holders, Pool, PoolDevice, PoolError};
 
-/// The journal state the pool keeps.
-pub(super) struct PoolJournal {
-    writer: JournalWriter,
+/// The journal state the pool keeps (and hands to an owner that seals
+/// commits itself: [`Pool::take_journal`]).
+pub struct PoolJournal {
+    pub writer: JournalWriter,
     /// The device (UUID) of each writer copy.
-    copies: Vec<Uuid>,
-    key: Arc<SigningKey>,
+    pub copies: Vec<Uuid>,
+    pub key: Arc<SigningKey>,
+}
+
+/// Raw metadata writes an owner sealed itself: `bytes` at each target
+/// (device, byte offset), a flush of each device, optionally a read-back,
+/// then a block of zeroes at each `clear_after` target and another flush.
+#[derive(Debug, Clone)]
+pub struct RawWrite {
+    pub bytes: Bytes,
+    /// (copy index, device, byte offset).
+    pub targets: Vec<(usize, Uuid, u64)>,
+    pub clear_after: Vec<(usize, Uuid, u64)>,
+    /// Read the bytes back after the flush (checkpoints).
+    pub verify: bool,
+    /// Number of copies (the length of the `written` answer).
+    pub copies: usize,
 }
 
 /// Where one copy of a write goes, with the connection to write through.
@@ -195,6 +211,61 @@ impl Pool {
         let generation_attempted = meta.generation;
         let journal = PoolJournal { writer: loaded.writer, copies, key };
         Ok((Pool { pool_uuid, devices, generation_attempted, journal: Some(journal) }, meta))
+    }
+
+    /// Hands the journal state to an owner that seals commits itself (and
+    /// writes them with [`Pool::write_raw`]); the pool keeps its devices.
+    pub fn take_journal(&mut self) -> Option<PoolJournal> {
+        self.journal.take()
+    }
+
+    /// The metadata area of every labelled device, by device: what a new
+    /// metadata copy is written into.
+    pub fn metadata_areas(&self) -> Vec<(Uuid, MetadataArea)> {
+        self.devices
+            .iter()
+            .filter_map(|d| Some((d.expected_uuid?, MetadataArea::from_label(d.label.as_ref()?))))
+            .collect()
+    }
+
+    /// Performs sealed metadata writes on every target concurrently; returns
+    /// which copies took them (written, flushed, and read back if asked)
+    /// and why the others did not.
+    pub async fn write_raw(&self, write: &RawWrite) -> (Vec<bool>, Vec<String>) {
+        let target = |(copy, uuid, offset): &(usize, Uuid, u64)| {
+            let device = self.devices.iter().find(|d| d.expected_uuid == Some(*uuid));
+            CopyTarget {
+                copy: *copy,
+                uri: device.map_or_else(|| uuid.to_string(), |d| d.uri.clone()),
+                client: device.and_then(|d| d.client.clone()),
+                offset: *offset,
+            }
+        };
+        let targets: Vec<CopyTarget> = write.targets.iter().map(target).collect();
+        let verify = write.verify.then_some("metadata checkpoint");
+        let (mut written, mut failures) = write_everywhere(write.copies, &targets, &write.bytes, verify).await;
+        let clears: Vec<CopyTarget> =
+            write.clear_after.iter().map(target).filter(|t| written.get(t.copy) == Some(&true)).collect();
+        if !clears.is_empty() {
+            let zero = Bytes::from(vec![0u8; BLOCK_BYTES as usize]);
+            let (cleared, f) = write_everywhere(write.copies, &clears, &zero, None).await;
+            for t in &clears {
+                written[t.copy] &= cleared[t.copy];
+            }
+            failures.extend(f);
+        }
+        (written, failures)
+    }
+
+    /// Reconnects devices whose connection failed (after a failed write).
+    pub async fn reconnect_failed(&mut self) {
+        for d in self.devices.iter_mut().filter(|d| d.client.is_none() || d.error.is_some()) {
+            if d.label.is_some() {
+                if let Err(e) = d.reconnect().await {
+                    d.error = Some(e.to_string());
+                }
+            }
+        }
     }
 
     /// The journal's state, if the pool was opened with it.

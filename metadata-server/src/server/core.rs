@@ -39,15 +39,17 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use ed25519_dalek::SigningKey;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use uuid::Uuid;
 use volume_format::control::auth::Role;
 use volume_format::control::messages::{ControlError, ErrorCode, Request, Response, ServerEvent};
-use volume_format::metadata::{HandleState, PoolMetadata};
+use volume_format::metadata::{HandleState, MetaChange, PoolMetadata, Undo};
 use volume_format::{HandleId, PublicKey, VolumeDescription, VolumeId};
 
+use super::commit::{MetaJournal, SealRefused, COMMIT_BATCH_CHANGES_MAX};
 use super::jobs::{Job, JobOutcome};
 use crate::handles::{Grace, Handle, HandleTable, RecallState, SessionId};
+use crate::pool::journal::RawWrite;
 use crate::resume::HandoverLedger;
 use control_client::handshake::Peer;
 
@@ -126,11 +128,13 @@ pub enum Input {
     },
     /// Time passed: expire handles, check recall deadlines.
     Tick,
-    /// A commit the core asked for finished: the committed metadata (its
-    /// generation set), or why it failed (nothing was changed).
-    Committed {
+    /// Metadata writes the core asked for (a commit or a checkpoint) are
+    /// done: which copies took them (written and flushed), and why the
+    /// others did not.
+    MetaWritten {
         task: TaskId,
-        result: Result<PoolMetadata, String>,
+        written: Vec<bool>,
+        failures: Vec<String>,
     },
     /// A job the core started finished.
     JobDone {
@@ -160,24 +164,23 @@ pub enum Effect {
     Kick {
         session: SessionId,
     },
-    /// Write `next` as the next metadata generation to every copy; answer
-    /// with [`Input::Committed`]. `current` is the acknowledged metadata
-    /// (written back over copies a failed commit reached).
-    Commit {
+    /// Sealed metadata writes (a journal entry or a checkpoint) for every
+    /// metadata copy; answer with [`Input::MetaWritten`].
+    MetaWrite {
         task: TaskId,
-        current: Arc<PoolMetadata>,
-        next: PoolMetadata,
+        write: RawWrite,
     },
     /// Run `job` off the owner loop; answer with [`Input::JobDone`].
     Job {
         task: TaskId,
         job: Job,
     },
-    /// New committed metadata, for readers outside the core (backup
-    /// channels, the handshake's client table). Comes before any reply to
-    /// the commit that produced it.
+    /// The committed metadata changed: readers outside the core (backup
+    /// channels, and the handshake's client table when `clients` is set)
+    /// must see it before any reply to the commit that produced it. The
+    /// shell shares [`Core::meta`] only while someone reads it: sharing
+    /// makes the next change copy the whole metadata.
     Published {
-        meta: Arc<PoolMetadata>,
         clients: Option<Arc<ClientTable>>,
     },
 }
@@ -242,8 +245,8 @@ pub enum Change {
 pub enum Step {
     /// Done without writing metadata; the answer, if someone waits.
     Done(Option<(ReplyId, Result<Response, ControlError>)>),
-    /// Write `next`; `then` finishes the change with the commit's result.
-    Commit { next: PoolMetadata, then: AfterCommit },
+    /// Commit `changes`; `then` finishes the change with the commit's result.
+    Commit { changes: Vec<MetaChange>, then: AfterCommit },
     /// Run `job` off the loop, with `volume` busy (as `busy` says) until
     /// the change ends; `then` continues when it reports back.
     Job { job: Job, busy: Option<(VolumeId, Busy)>, then: AfterJob },
@@ -350,10 +353,22 @@ pub enum Busy {
     Layout,
 }
 
+/// Changes applied to the metadata and committed together.
+#[derive(Default)]
+struct Batch {
+    changes: Vec<MetaChange>,
+    /// Per change of the batch: how to take it back and how it ends.
+    parts: Vec<(Vec<Undo>, AfterCommit)>,
+    /// Answers computed from the batch's state, sent once it is durable.
+    deferred: Vec<(ReplyId, Result<Response, ControlError>)>,
+}
+
 /// The commit in flight.
 struct InFlight {
     task: TaskId,
-    then: AfterCommit,
+    seq: u64,
+    batch: Batch,
+    checkpoint_after: Option<(u64, RawWrite)>,
 }
 
 pub struct Core {
@@ -381,7 +396,14 @@ pub struct Core {
     pub now: Now,
     pub entropy: Box<dyn Entropy>,
     queue: VecDeque<Change>,
+    journal: MetaJournal,
     in_flight: Option<InFlight>,
+    /// A covering checkpoint being written: (task, checkpoint number).
+    checkpoint: Option<(TaskId, u64)>,
+    /// A batch that must become a checkpoint while one is being written.
+    waiting: Option<Batch>,
+    /// A commit failed: the next one (empty if need be) supersedes it.
+    supersede_due: bool,
     /// Volumes with a job in flight, and what waits for it.
     busy: HashMap<VolumeId, Busy>,
     /// Jobs in flight and how their changes continue.
@@ -408,7 +430,7 @@ impl Core {
     /// A core over the loaded `meta`. Handles committed by a previous run
     /// are restored; [`Core::start`] (at the first input's time) opens the
     /// grace period for them.
-    pub fn new(meta: PoolMetadata, config: CoreConfig) -> Core {
+    pub fn new(meta: PoolMetadata, journal: MetaJournal, config: CoreConfig) -> Core {
         let mut handles = HandleTable::new();
         handles.set_next_id(meta.next_ids.handle.0);
         Core {
@@ -428,7 +450,11 @@ impl Core {
             now: Now::default(),
             entropy: config.entropy,
             queue: VecDeque::new(),
+            journal,
             in_flight: None,
+            checkpoint: None,
+            waiting: None,
+            supersede_due: false,
             busy: HashMap::new(),
             jobs: HashMap::new(),
             next_task: 1,
@@ -492,7 +518,7 @@ impl Core {
             }
             Input::Request { session, request, reply } => self.request(session, request, reply),
             Input::Tick => self.tick(),
-            Input::Committed { task, result } => self.committed(task, result),
+            Input::MetaWritten { task, written, failures } => self.meta_written(task, written, failures),
             Input::JobDone { task, outcome } => self.job_done(task, outcome),
             Input::Reachability { device, reachable } => {
                 self.reachable.insert(device, reachable);
@@ -561,25 +587,104 @@ impl Core {
         self.grace_left_ms();
         let expired = self.handles.expired(self.now.mono_ms);
         let queued = self.queue.iter().any(|c| matches!(c, Change::Expire));
-        let in_flight = matches!(self.in_flight, Some(InFlight { then: AfterCommit::Expire { .. }, .. }));
+        let in_flight = self
+            .in_flight
+            .as_ref()
+            .is_some_and(|f| f.batch.parts.iter().any(|(_, then)| matches!(then, AfterCommit::Expire { .. })));
         if !expired.is_empty() && !queued && !in_flight {
             self.queue.push_back(Change::Expire);
         }
         self.check_recalls();
     }
 
-    fn committed(&mut self, task: TaskId, result: Result<PoolMetadata, String>) {
-        let Some(in_flight) = self.in_flight.take_if(|f| f.task == task) else {
-            return warn!(task, "a commit result nobody waits for");
-        };
-        let result = match result {
-            Ok(committed) => {
-                self.adopt(committed);
-                Ok(())
+    fn meta_written(&mut self, task: TaskId, written: Vec<bool>, failures: Vec<String>) {
+        if let Some((t, number)) = self.checkpoint {
+            if t == task {
+                self.checkpoint = None;
+                self.journal.checkpoint_written(number, &written);
+                if failures.is_empty() {
+                    info!(number, "metadata checkpoint written to every copy");
+                } else {
+                    warn!(number, "metadata checkpoint failed on some copies: {}", failures.join("; "));
+                }
+                if let Some(batch) = self.waiting.take() {
+                    self.seal(batch);
+                }
+                return;
             }
-            Err(e) => Err(ControlError::new(ErrorCode::CommitFailed, format!("{e}; nothing was changed"))),
+        }
+        let Some(in_flight) = self.in_flight.take_if(|f| f.task == task) else {
+            return warn!(task, "metadata writes nobody waits for");
         };
-        self.finish_commit(in_flight.then, result);
+        let InFlight { seq, batch, checkpoint_after, .. } = in_flight;
+        match self.journal.commit_written(seq, &written) {
+            Ok(()) => {
+                debug!(seq, changes = batch.changes.len(), "metadata committed");
+                let clients_changed = batch
+                    .changes
+                    .iter()
+                    .any(|c| matches!(c, MetaChange::ClientPut(_) | MetaChange::ClientRemove { .. }));
+                let clients = clients_changed.then(|| Arc::new(client_table(&self.meta)));
+                self.effects.push(Effect::Published { clients });
+                for (_, then) in batch.parts {
+                    self.finish_commit(then, Ok(()));
+                }
+                for (reply, result) in batch.deferred {
+                    self.reply(reply, result);
+                }
+                if let Some((number, write)) = checkpoint_after {
+                    let task = self.next_task();
+                    self.checkpoint = Some((task, number));
+                    self.effects.push(Effect::MetaWrite { task, write });
+                }
+            }
+            Err(e) => {
+                let why = if failures.is_empty() { e } else { failures.join("; ") };
+                warn!(seq, "metadata commit failed: {why}");
+                self.fail_batch(batch, &why);
+                self.supersede_due = true;
+            }
+        }
+    }
+
+    /// Takes a batch's changes back (they were applied when prepared) and
+    /// fails its requests: nothing of it happened.
+    fn fail_batch(&mut self, batch: Batch, why: &str) {
+        let Batch { parts, deferred, .. } = batch;
+        let meta = Arc::make_mut(&mut self.meta);
+        let mut thens = Vec::with_capacity(parts.len());
+        for (undos, then) in parts.into_iter().rev() {
+            meta.revert_all(undos);
+            thens.push(then);
+        }
+        meta.generation = self.journal.acked_seq();
+        let e = ControlError::new(ErrorCode::CommitFailed, format!("{why}; nothing was changed"));
+        for then in thens.into_iter().rev() {
+            self.finish_commit(then, Err(e.clone()));
+        }
+        for (reply, _) in deferred {
+            let retry = "the metadata commit this answer depended on failed; retry";
+            self.reply(reply, Err(ControlError::new(ErrorCode::Unavailable, retry)));
+        }
+    }
+
+    /// Seals a batch (applied to the metadata already) into a commit.
+    fn seal(&mut self, batch: Batch) {
+        let meta = Arc::make_mut(&mut self.meta);
+        match self.journal.seal(meta, &batch.changes) {
+            Ok(sealed) => {
+                self.supersede_due = false;
+                let task = self.next_task();
+                self.effects.push(Effect::MetaWrite { task, write: sealed.write });
+                self.in_flight =
+                    Some(InFlight { task, seq: sealed.seq, batch, checkpoint_after: sealed.checkpoint_after });
+            }
+            Err(SealRefused::WaitForCheckpoint) => self.waiting = Some(batch),
+            Err(SealRefused::Failed(why)) => {
+                warn!("sealing a metadata commit failed: {why}");
+                self.fail_batch(batch, &why);
+            }
+        }
     }
 
     fn job_done(&mut self, task: TaskId, outcome: JobOutcome) {
@@ -590,17 +695,50 @@ impl Core {
         self.queue.push_front(Change::JobDone { outcome, then });
     }
 
-    /// Prepares queued changes while nothing blocks them: at most one
-    /// commit in flight; changes to a busy volume wait.
+    /// Prepares queued changes while nothing blocks them, into batches: at
+    /// most one commit in flight, the next batch prepared from the state it
+    /// left; changes to a busy volume wait. A batch starts with any change
+    /// and is joined by copy-on-write registrations queued behind it (many
+    /// agents' registrations, one write and one flush per copy); answers
+    /// computed from a batch's state leave only once it is durable.
     fn pump(&mut self) {
         loop {
-            if self.in_flight.is_some() {
+            if self.in_flight.is_some() || self.waiting.is_some() {
                 return;
             }
-            let Some(i) = self.queue.iter().position(|c| self.runnable(c)) else { return };
-            let change = self.queue.remove(i).expect("position is in range");
-            let step = self.prepare(change);
-            self.run_step(step);
+            let mut batch = Batch::default();
+            while batch.parts.len() < COMMIT_BATCH_CHANGES_MAX {
+                let Some(i) = self.queue.iter().position(|c| self.runnable(c)) else { break };
+                if !batch.parts.is_empty() && !joins_batch(&self.queue[i]) {
+                    break;
+                }
+                let change = self.queue.remove(i).expect("position is in range");
+                match self.prepare(change) {
+                    Step::Commit { changes, then } => match Arc::make_mut(&mut self.meta).apply_all(&changes) {
+                        Ok(undos) => {
+                            batch.changes.extend(changes);
+                            batch.parts.push((undos, then));
+                        }
+                        Err(e) => {
+                            let e = ControlError::new(ErrorCode::Internal, format!("{e}; nothing was changed"));
+                            self.finish_commit(then, Err(e));
+                        }
+                    },
+                    Step::Done(Some(answer)) if !batch.parts.is_empty() => batch.deferred.push(answer),
+                    step => self.run_step(step),
+                }
+            }
+            if batch.parts.is_empty() {
+                if self.supersede_due {
+                    // An empty commit in place of the refused one; if it
+                    // fails too, its result sets this again (no spinning).
+                    self.supersede_due = false;
+                    self.seal(batch);
+                    continue;
+                }
+                return;
+            }
+            self.seal(batch);
         }
     }
 
@@ -619,11 +757,12 @@ impl Core {
         match step {
             Step::Done(Some((reply, result))) => self.reply(reply, result),
             Step::Done(None) | Step::Parked => {}
-            Step::Commit { next, then } => {
-                let task = self.next_task();
-                let current = self.meta.clone();
-                self.in_flight = Some(InFlight { task, then });
-                self.effects.push(Effect::Commit { task, current, next });
+            Step::Commit { changes, then } => {
+                // Only `pump` commits (in batches); a commit step anywhere
+                // else is a bug, answered as such rather than lost.
+                warn!(changes = changes.len(), "a commit step outside a batch");
+                let e = ControlError::new(ErrorCode::Internal, "a change was prepared outside a batch");
+                self.finish_commit(then, Err(e));
             }
             Step::Job { job, busy, then } => {
                 if let Some((volume, kind)) = busy {
@@ -663,15 +802,6 @@ impl Core {
 
     // ---- helpers for the request modules ----
 
-    /// Adopts newly committed metadata and publishes it before anything
-    /// that depends on it goes out.
-    fn adopt(&mut self, committed: PoolMetadata) {
-        let clients_changed = committed.clients != self.meta.clients;
-        self.meta = Arc::new(committed);
-        let clients = clients_changed.then(|| Arc::new(client_table(&self.meta)));
-        self.effects.push(Effect::Published { meta: self.meta.clone(), clients });
-    }
-
     pub fn reply(&mut self, reply: ReplyId, result: Result<Response, ControlError>) {
         self.effects.push(Effect::Reply { reply, result });
     }
@@ -703,11 +833,6 @@ impl Core {
             info!("grace period over: serving opens and changes again");
         }
         left
-    }
-
-    /// The next metadata to commit: a copy of the committed one.
-    pub fn next_meta(&self) -> PoolMetadata {
-        (*self.meta).clone()
     }
 
     /// Queues the pending change of every volume whose recall is ready.
@@ -760,4 +885,10 @@ impl Core {
     pub fn changes_waiting(&self) -> usize {
         self.queue.len() + usize::from(self.in_flight.is_some())
     }
+}
+
+/// Whether a queued change may join a batch another change started: only
+/// copy-on-write registrations, the changes that come many at a time.
+fn joins_batch(change: &Change) -> bool {
+    matches!(change, Change::Request { request: Request::CowRegister { .. }, .. })
 }

@@ -10,9 +10,13 @@ use volume_format::control::messages::{ErrorCode, OpenMode, Request, Response, S
 use volume_format::metadata::PoolMetadata;
 use volume_format::{DeviceLayout, HandleId, PublicKey};
 
+use super::commit::MetaJournal;
 use super::core::{Core, CoreConfig, Effect, Entropy, Input, Now, ReplyId, TaskId};
 use super::jobs::{Job, JobOutcome};
+use crate::pool::journal::{PoolJournal, RawWrite};
 use control_client::handshake::Peer;
+use volume_format::metadata::journal::JournalWriter;
+use volume_format::metadata::MetadataArea;
 
 const LEASE_MS: u64 = 1_000;
 
@@ -37,6 +41,21 @@ fn meta() -> PoolMetadata {
     meta
 }
 
+/// Four slots of 64 KiB per copy: two checkpoint slots and a ring.
+fn area() -> MetadataArea {
+    MetadataArea { offset: 4096, slot_bytes: 64 << 10, slot_count: 4 }
+}
+
+/// A journal over the three devices of `meta()` (the first commit is a
+/// checkpoint, the next ones entries).
+fn journal() -> MetaJournal {
+    let meta = meta();
+    let uuids: Vec<Uuid> = meta.devices.iter().map(|d| d.device_uuid).collect();
+    let writer = JournalWriter::for_new_pool(meta.pool_uuid, &[area(), area(), area()], meta.generation + 1);
+    let key = Arc::new(SigningKey::from_bytes(&[7; 32]));
+    MetaJournal::new(PoolJournal { writer, copies: uuids.clone(), key }, uuids.into_iter().map(|u| (u, area())))
+}
+
 struct World {
     core: Core,
     now: Now,
@@ -57,7 +76,7 @@ impl World {
             entropy: Box::new(Zeros),
         };
         let mut w = World {
-            core: Core::new(meta(), config),
+            core: Core::new(meta(), journal(), config),
             now: Now { mono_ms: 0, unix_ms: 1_700_000_000_000 },
             next_reply: 1,
         };
@@ -93,17 +112,17 @@ fn reply_of(
     })
 }
 
-fn commit_of(effects: &[Effect]) -> Option<(TaskId, PoolMetadata)> {
+/// The metadata writes a step asked for, if any.
+fn commit_of(effects: &[Effect]) -> Option<(TaskId, RawWrite)> {
     effects.iter().find_map(|e| match e {
-        Effect::Commit { task, next, .. } => Some((*task, next.clone())),
+        Effect::MetaWrite { task, write } => Some((*task, write.clone())),
         _ => None,
     })
 }
 
-/// Commits `next` as the device task would (next generation).
-fn committed(task: TaskId, mut next: PoolMetadata) -> Input {
-    next.generation += 1;
-    Input::Committed { task, result: Ok(next) }
+/// Every copy took the writes.
+fn committed(task: TaskId, write: RawWrite) -> Input {
+    Input::MetaWritten { task, written: vec![true; write.copies], failures: Vec::new() }
 }
 
 #[test]
@@ -140,7 +159,7 @@ fn changes_are_prepared_one_commit_at_a_time_from_the_committed_state() {
     let effects = w.apply(committed(task, next));
     assert!(matches!(reply_of(&effects, first), Some(Ok(Response::Done))));
     let (task, next) = commit_of(&effects).expect("the second change is prepared now");
-    assert!(next.volume_by_name("x").is_some() && next.volume_by_name("y").is_some());
+    assert!(w.core.meta.volume_by_name("x").is_some() && w.core.meta.volume_by_name("y").is_some());
     let effects = w.apply(committed(task, next));
     assert!(matches!(reply_of(&effects, second), Some(Ok(Response::Done))));
     match reply_of(&effects, dup) {
@@ -154,16 +173,22 @@ fn a_failed_commit_changes_nothing_and_undoes_the_reservation() {
     let mut w = World::new();
     let (open, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
     let (task, _) = commit_of(&effects).unwrap();
-    let effects = w.apply(Input::Committed { task, result: Err("device gone".into()) });
+    let effects = w.apply(Input::MetaWritten { task, written: vec![false; 3], failures: vec!["device gone".into()] });
     match reply_of(&effects, open) {
         Some(Err(e)) => assert_eq!(e.code, ErrorCode::CommitFailed, "{e}"),
         other => panic!("{other:?}"),
     }
     assert!(w.core.handles.all().next().is_none(), "the reserved handle is gone");
-    assert_eq!(w.core.meta.generation, 1);
-    // Another agent may open it now.
-    let (_, effects) = w.request(2, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
-    assert!(commit_of(&effects).is_some());
+    assert!(w.core.meta.handles.is_empty(), "its record is taken back");
+    // The refused commit is superseded at once by an empty one; while that
+    // is written, another agent's open waits, then goes through.
+    let (supersede, write) = commit_of(&effects).expect("an empty commit supersedes the refused one");
+    let (open, effects) = w.request(2, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    assert!(commit_of(&effects).is_none());
+    let effects = w.apply(committed(supersede, write));
+    let (task, write) = commit_of(&effects).expect("the open commits after the supersede");
+    let effects = w.apply(committed(task, write));
+    assert!(matches!(reply_of(&effects, open), Some(Ok(Response::Opened(_)))));
 }
 
 #[test]
@@ -194,7 +219,7 @@ fn a_device_check_is_a_job_and_the_owner_goes_on_meanwhile() {
     // The server cannot reach it either: the device is marked failed.
     let effects = w.apply(Input::JobDone { task: job, outcome: JobOutcome::failed("no answer within 1000 ms") });
     let (task, next) = commit_of(&effects).expect("marking the device failed commits");
-    assert!(!next.device(device).unwrap().state.is_online());
+    assert!(!w.core.meta.device(device).unwrap().state.is_online());
     let effects = w.apply(committed(task, next));
     assert!(matches!(reply_of(&effects, report), Some(Ok(Response::Devices(_)))));
 }

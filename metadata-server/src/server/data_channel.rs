@@ -42,7 +42,7 @@ use volume_format::control::messages::{
     ClientMessage, ControlError, DataChannelGrant, ErrorCode, OpenMode, Request, Response, ServerMessage,
     DATA_CHANNEL_PREAMBLE,
 };
-use volume_format::metadata::{DeviceState, HandleState};
+use volume_format::metadata::{DeviceState, HandleState, MetaChange};
 use volume_format::{DeviceIndex, VolumeId};
 
 use super::core::{AfterCommit, AfterJob, Core, ReplyId, Step};
@@ -276,17 +276,13 @@ impl Core {
 
     /// Commits `device` as failed (then publishes the changed layouts).
     fn prepare_device_failed(&mut self, device: u32, reason: String, reply: Option<ReplyId>) -> Step {
-        let mut next = self.next_meta();
-        let Some(d) = next.devices.iter_mut().find(|d| d.index.0 == device) else {
-            let devices = self.device_infos(|d| d.index.0 == device);
-            return Step::Done(reply.map(|r| (r, Ok(Response::Devices(devices)))));
-        };
-        if !d.state.is_online() {
+        if !self.meta.device(DeviceIndex(device)).is_some_and(|d| d.state.is_online()) {
             let devices = self.device_infos(|d| d.index.0 == device);
             return Step::Done(reply.map(|r| (r, Ok(Response::Devices(devices)))));
         }
-        d.state = DeviceState::Failed { reason: reason.clone(), since_unix_secs: self.now.unix_secs() };
-        Step::Commit { next, then: AfterCommit::DeviceFailed { device, reason, reply } }
+        let state = DeviceState::Failed { reason: reason.clone(), since_unix_secs: self.now.unix_secs() };
+        let changes = vec![MetaChange::DeviceState { device: DeviceIndex(device), state }];
+        Step::Commit { changes, then: AfterCommit::DeviceFailed { device, reason, reply } }
     }
 
     pub(super) fn finish_device_failed(
@@ -542,6 +538,8 @@ async fn serve_channel(
     };
     let Request::DataChannel { volume, device } = request else {
         // A backup channel: NBD over every snapshot, until the peer leaves.
+        // The committed metadata is published while this channel reads it.
+        let _reader = ctx.read_meta().await;
         let ok = ServerMessage::Reply { id, result: Ok(Response::Done) };
         if framed::write_message(&mut stream, &ok).await.is_err() {
             return;

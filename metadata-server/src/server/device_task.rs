@@ -1,13 +1,12 @@
-//! The task that owns the pool's own device connections: it writes metadata
-//! commits and checks devices agents reported, one at a time, and posts
-//! each result back to the owner as an input (with what it learnt about
-//! which devices the server reaches).
+//! The task that owns the pool's own device connections: it writes the
+//! metadata the owner sealed (journal entries, checkpoints) and checks
+//! devices agents reported, one at a time, and posts each result back to
+//! the owner as an input (with what it learnt about which devices the
+//! server reaches).
 //!
 //! Why one task: both use and repair the same connections (a check replaces
 //! a dead one), and commits must never interleave. Why not the owner: a
 //! device that hangs would hang the owner, and with it every lease renewal.
-
-use std::sync::Arc;
 
 use blockio::client::NbdClient;
 use blockio::uri::NbdUri;
@@ -15,11 +14,11 @@ use blockio::BlockDevice;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
-use volume_format::metadata::PoolMetadata;
 
 use super::core::{Input, TaskId};
 use super::data_channel::DEVICE_CHECK_TIMEOUT;
 use super::jobs::JobOutcome;
+use crate::pool::journal::RawWrite;
 use crate::pool::Pool;
 
 /// Work queued for the device task (commits are one at a time by the core's
@@ -28,8 +27,16 @@ pub const DEVICE_WORK_QUEUED_MAX: usize = 1024;
 
 #[derive(Debug)]
 pub enum DeviceWork {
-    Commit { task: TaskId, current: Arc<PoolMetadata>, next: Box<PoolMetadata> },
-    Check { task: TaskId, index: u32, uuid: Uuid },
+    /// Sealed metadata writes (a journal entry or a checkpoint).
+    Write {
+        task: TaskId,
+        write: RawWrite,
+    },
+    Check {
+        task: TaskId,
+        index: u32,
+        uuid: Uuid,
+    },
 }
 
 pub struct DeviceTask {
@@ -50,9 +57,14 @@ impl DeviceTask {
         self.report_reachability().await;
         while let Some(w) = work.recv().await {
             let input = match w {
-                DeviceWork::Commit { task, current, next } => {
-                    let result = self.pool.commit(Some(&current), *next).await.map_err(|e| e.to_string());
-                    Input::Committed { task, result }
+                DeviceWork::Write { task, write } => {
+                    let (written, failures) = self.pool.write_raw(&write).await;
+                    if !failures.is_empty() {
+                        // The next commit (which supersedes this one) goes
+                        // over fresh connections where these failed.
+                        self.pool.reconnect_failed().await;
+                    }
+                    Input::MetaWritten { task, written, failures }
                 }
                 DeviceWork::Check { task, index, uuid } => {
                     let result = self.check(uuid).await;

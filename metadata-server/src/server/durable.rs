@@ -12,7 +12,7 @@
 
 use tracing::{info, info_span};
 use volume_format::control::messages::{ControlError, ErrorCode, OpenedHandle, Request, Response};
-use volume_format::metadata::{HandleRecord, HandleState, PoolMetadata};
+use volume_format::metadata::{HandleRecord, HandleState, MetaChange};
 use volume_format::{HandleId, PublicKey, VolumeDescription, VolumeId};
 
 use super::core::{AfterCommit, Core, ReplyId, Step};
@@ -59,28 +59,6 @@ pub fn allowed_in_grace(request: &Request) -> bool {
 pub fn hms(unix_secs: u64) -> String {
     let s = unix_secs % 86_400;
     format!("{:02}:{:02}:{:02}Z", s / 3600, s / 60 % 60, s % 60)
-}
-
-/// Marks the records of `broken` handles as broken by `by`, keeping at most
-/// [`BROKEN_RECORDS_MAX`] broken records.
-pub fn mark_broken(next: &mut PoolMetadata, broken: &[u64], reason: &str, since_unix_secs: u64) {
-    for r in next.handles.iter_mut().filter(|r| broken.contains(&r.id.0)) {
-        r.state = HandleState::Broken { reason: reason.to_string(), since_unix_secs };
-    }
-    let count = next.handles.iter().filter(|r| matches!(r.state, HandleState::Broken { .. })).count();
-    if count > BROKEN_RECORDS_MAX {
-        let mut ids: Vec<(u64, u64)> = next
-            .handles
-            .iter()
-            .filter_map(|r| match &r.state {
-                HandleState::Broken { since_unix_secs, .. } => Some((*since_unix_secs, r.id.0)),
-                HandleState::Active => None,
-            })
-            .collect();
-        ids.sort();
-        let drop: Vec<u64> = ids.iter().take(count - BROKEN_RECORDS_MAX).map(|(_, id)| *id).collect();
-        next.handles.retain(|r| !drop.contains(&r.id.0));
-    }
 }
 
 /// How a handle record reads in listings: "active", "disconnected, reserved
@@ -300,8 +278,7 @@ impl Core {
         else {
             return Err(err(ErrorCode::Internal, "the source handle vanished"));
         };
-        let mut next = self.next_meta();
-        next.handles.push(HandleRecord {
+        let changes = vec![MetaChange::HandleOpen(HandleRecord {
             id: HandleId(handle.id),
             volume: VolumeId(handle.volume),
             agent_key: PublicKey(peer.key),
@@ -312,9 +289,8 @@ impl Core {
             lease_expires_at_unix_ms: self.now.unix_ms + self.lease_ms,
             durable_timeout_ms: handle.durable_ms,
             state: HandleState::Active,
-        });
-        next.next_ids.handle = HandleId(handle.id + 1);
-        Ok(Step::Commit { next, then: AfterCommit::Handover { claims: Box::new(claims), handle, reply } })
+        })];
+        Ok(Step::Commit { changes, then: AfterCommit::Handover { claims: Box::new(claims), handle, reply } })
     }
 
     pub(super) fn finish_open_handover(

@@ -32,6 +32,7 @@
 //!   exports with a changed-block metadata context).
 
 pub mod backup_export;
+pub mod commit;
 pub mod core;
 pub mod data_channel;
 pub mod device_task;
@@ -111,14 +112,22 @@ impl Server {
     /// binds the listeners.
     pub async fn bind(config: &Config) -> Result<Server, ServerError> {
         let key = control_client::keys::load_private(&config.key).map_err(|e| ServerError::Key(format!("{e:#}")))?;
-        let (pool, meta) = Pool::open(&config.devices).await?;
-        if meta.server_public_key.0 != key.verifying_key().to_bytes() {
-            return Err(ServerError::WrongServerKey {
-                pool: meta.server_public_key.to_string(),
-                config: hex::encode(key.verifying_key().to_bytes()),
-                path: config.key.clone(),
-            });
-        }
+        let key = Arc::new(key);
+        let (mut pool, meta) = match Pool::open_journaled(&config.devices, key.clone()).await {
+            Ok(opened) => opened,
+            Err(PoolError::Invalid(why)) if why.contains("initialized for server key") => {
+                return Err(ServerError::WrongServerKey {
+                    pool: why,
+                    config: hex::encode(key.verifying_key().to_bytes()),
+                    path: config.key.clone(),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let journal = pool.take_journal().ok_or_else(|| {
+            ServerError::Pool(PoolError::Invalid("the pool was opened without its metadata journal".into()))
+        })?;
+        let journal = commit::MetaJournal::new(journal, pool.metadata_areas());
         let mut listeners = Vec::new();
         let mut local_addrs = Vec::new();
         for addr in &config.listen {
@@ -144,9 +153,9 @@ impl Server {
                 }
             }
         }
-        let key = Arc::new(key);
         let core = core::Core::new(
             meta,
+            journal,
             core::CoreConfig {
                 lease_ms: config.lease_ms,
                 durable_ms: config.durable_ms,
@@ -168,14 +177,25 @@ impl Server {
         let Server { listeners, local_addrs, core, pool, key, lease_ms } = self;
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMANDS_QUEUED_MAX);
         let (stop_tx, stop_rx) = watch::channel(false);
-        let (meta_tx, meta_rx) = watch::channel(core.meta.clone());
+        // Backup channels read the committed metadata; until one does, the
+        // watch holds a placeholder (see `owner::Shell::publish_meta`).
+        let placeholder = Arc::new(volume_format::PoolMetadata::new(
+            core.meta.pool_uuid,
+            core.meta.pool_name.clone(),
+            core.meta.extent_bytes,
+            core.meta.server_public_key,
+            0,
+        ));
+        let readers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (meta_tx, meta_rx) = watch::channel(placeholder.clone());
         let (clients_tx, clients_rx) = watch::channel(Arc::new(core::client_table(&core.meta)));
-        let published = owner::Published { meta: meta_tx, clients: clients_tx };
+        let published = owner::Published { meta: meta_tx, readers: readers.clone(), placeholder, clients: clients_tx };
         let ctx = Arc::new(session::SessionContext {
             key,
             lease_ms,
             clients: clients_rx,
             meta: meta_rx,
+            meta_readers: readers,
             commands: cmd_tx,
             next_session: AtomicU64::new(1),
             slots: Arc::new(Semaphore::new(SESSIONS_MAX)),

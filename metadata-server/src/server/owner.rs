@@ -48,6 +48,11 @@ pub enum Command {
     Disconnected {
         session: SessionId,
     },
+    /// A reader of the committed metadata started (a backup channel, after
+    /// counting itself in `Published::readers`): publish it now.
+    PublishMeta {
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// A session's channels, as the shell holds them.
@@ -86,7 +91,11 @@ impl Default for Clock {
 
 /// Readers of the committed state outside the owner.
 pub struct Published {
+    /// The committed metadata while backup channels read it (`readers`);
+    /// `placeholder` otherwise.
     pub meta: watch::Sender<Arc<PoolMetadata>>,
+    pub readers: Arc<std::sync::atomic::AtomicUsize>,
+    pub placeholder: Arc<PoolMetadata>,
     pub clients: watch::Sender<Arc<ClientTable>>,
 }
 
@@ -166,6 +175,11 @@ impl Shell {
                 self.sessions.remove(&session);
                 Some(Input::Disconnected { session })
             }
+            Command::PublishMeta { done } => {
+                self.publish_meta();
+                let _ = done.send(());
+                None
+            }
             Command::Request { session, request, reply } => {
                 let id = self.next_reply;
                 self.next_reply += 1;
@@ -197,14 +211,14 @@ impl Shell {
                         let _ = kick.send(());
                     }
                 }
-                Effect::Commit { task, current, next } => {
-                    if self.devices.try_send(DeviceWork::Commit { task, current, next: Box::new(next) }).is_err() {
+                Effect::MetaWrite { task, write } => {
+                    if self.devices.try_send(DeviceWork::Write { task, write }).is_err() {
                         self.fail_task(task, true);
                     }
                 }
                 Effect::Job { task, job } => self.start_job(task, job),
-                Effect::Published { meta, clients } => {
-                    self.published.meta.send_replace(meta);
+                Effect::Published { clients } => {
+                    self.publish_meta();
                     if let Some(clients) = clients {
                         self.published.clients.send_replace(clients);
                     }
@@ -231,10 +245,22 @@ impl Shell {
         }
     }
 
+    /// Shares the committed metadata with backup channels while any is
+    /// open. Sharing it makes the next change copy the whole metadata (the
+    /// core changes it in place when nobody else holds it), so with no
+    /// reader the watch holds a placeholder instead.
+    fn publish_meta(&mut self) {
+        if self.published.readers.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            self.published.meta.send_replace(self.core.meta.clone());
+        } else if !Arc::ptr_eq(&self.published.meta.borrow(), &self.published.placeholder) {
+            self.published.meta.send_replace(self.published.placeholder.clone());
+        }
+    }
+
     /// The device task is gone (shutting down): the task fails at once.
     fn fail_task(&mut self, task: u64, commit: bool) {
         let input = if commit {
-            Input::Committed { task, result: Err("the server is shutting down".into()) }
+            Input::MetaWritten { task, written: Vec::new(), failures: vec!["the server is shutting down".into()] }
         } else {
             Input::JobDone { task, outcome: super::jobs::JobOutcome::failed("the server is shutting down") }
         };

@@ -13,10 +13,11 @@ use tracing::{info, warn};
 use volume_format::control::messages::{
     ControlError, ErrorCode, OpenMode, OpenedHandle, Request, Response, ServerEvent,
 };
-use volume_format::metadata::{AllocError, ClientRecord, HandleRecord, HandleState, MIRROR_LEGS_MAX};
+use volume_format::metadata::{AllocError, ClientRecord, HandleRecord, HandleState, MetaChange, MIRROR_LEGS_MAX};
 use volume_format::{HandleId, PublicKey, VolumeDescription, VolumeId};
 
 use super::core::{AfterCommit, AfterJob, Busy, Core, PendingChange, ReplyId, Step, VolumeChange};
+use super::durable::BROKEN_RECORDS_MAX;
 use super::jobs::JobOutcome;
 use crate::handles::{Handle, OpenRefused, RecallState, SessionId};
 
@@ -219,19 +220,16 @@ impl Core {
             return done(reply, Err(err(ErrorCode::InvalidArgument, "that is not a valid ed25519 public key")));
         }
         let name = if name.is_empty() { hex::encode(&key[..8]) } else { name };
-        let mut next = self.next_meta();
-        match next.clients.iter_mut().find(|c| c.public_key.0 == key) {
-            Some(c) if c.role == role && c.name == name => {
+        if let Some(c) = self.meta.clients.iter().find(|c| c.public_key.0 == key) {
+            if c.role == role && c.name == name {
                 let msg = format!("key is already authorized as {role} {name:?}");
                 return done(reply, Err(err(ErrorCode::AlreadyExists, msg)));
             }
-            Some(c) => {
-                c.role = role;
-                c.name = name.clone();
-            }
-            None => next.clients.push(ClientRecord { public_key: PublicKey(key), name: name.clone(), role }),
         }
-        Step::Commit { next, then: AfterCommit::Reply { reply, what: format!("client {name} authorized as {role}") } }
+        let changes =
+            vec![MetaChange::ClientPut(ClientRecord { public_key: PublicKey(key), name: name.clone(), role })];
+        let what = format!("client {name} authorized as {role}");
+        Step::Commit { changes, then: AfterCommit::Reply { reply, what } }
     }
 
     fn prepare_revoke(&mut self, session: SessionId, key: [u8; 32], reply: ReplyId) -> Step {
@@ -247,9 +245,8 @@ impl Core {
             );
             return done(reply, Err(err(ErrorCode::InvalidArgument, msg)));
         }
-        let mut next = self.next_meta();
-        next.clients.retain(|c| c.public_key.0 != key);
-        Step::Commit { next, then: AfterCommit::Revoke { session, key, reply, name: record.name } }
+        let changes = vec![MetaChange::ClientRemove { key: PublicKey(key) }];
+        Step::Commit { changes, then: AfterCommit::Revoke { session, key, reply, name: record.name } }
     }
 
     fn prepare_volume_create(&mut self, name: String, size_bytes: u64, legs: u8, reply: ReplyId) -> Step {
@@ -261,13 +258,13 @@ impl Core {
             let msg = format!("volume size {size_bytes} must be a positive multiple of {VOLUME_BLOCK_BYTES} bytes");
             return done(reply, Err(err(ErrorCode::InvalidArgument, msg)));
         }
-        let mut next = self.next_meta();
         let now = self.now.unix_secs();
-        if let Err(e) = next.create_volume(&name, size_bytes, VOLUME_BLOCK_BYTES, u32::from(legs), now) {
-            return done(reply, Err(alloc_error(e)));
-        }
+        let change = match self.meta.plan_create_volume(&name, size_bytes, VOLUME_BLOCK_BYTES, u32::from(legs), now) {
+            Ok(c) => c,
+            Err(e) => return done(reply, Err(alloc_error(e))),
+        };
         let what = format!("volume {name} created ({size_bytes} bytes, {legs} legs)");
-        Step::Commit { next, then: AfterCommit::Reply { reply, what } }
+        Step::Commit { changes: vec![change], then: AfterCommit::Reply { reply, what } }
     }
 
     fn prepare_volume_delete(&mut self, name: &str, reply: ReplyId) -> Step {
@@ -284,11 +281,14 @@ impl Core {
             let msg = format!("volume {name} is being reconfigured; retry when it is done");
             return done(reply, Err(err(ErrorCode::Busy, msg)));
         }
-        let mut next = self.next_meta();
-        if let Err(e) = next.delete_volume(id) {
-            return done(reply, Err(alloc_error(e)));
+        let change = match self.meta.plan_delete_volume(id) {
+            Ok(c) => c,
+            Err(e) => return done(reply, Err(alloc_error(e))),
+        };
+        Step::Commit {
+            changes: vec![change],
+            then: AfterCommit::Reply { reply, what: format!("volume {name} deleted") },
         }
-        Step::Commit { next, then: AfterCommit::Reply { reply, what: format!("volume {name} deleted") } }
     }
 
     /// Applies `change` to `name`. Without holders (or when the layout the
@@ -302,29 +302,25 @@ impl Core {
         };
         // Plan it now so "no space", "shrink" or "no such snapshot" is refused
         // before any agent is disturbed.
-        let mut trial = self.next_meta();
-        if let Err(e) = self.plan_change(&mut trial, id, &change) {
-            return done(reply, Err(e));
-        }
-        if trial == *self.meta {
-            return done(reply, Ok(Response::Done));
-        }
+        let planned = match self.plan_change(id, &change) {
+            Ok(Some(p)) => p,
+            Ok(None) => return done(reply, Ok(Response::Done)),
+            Err(e) => return done(reply, Err(e)),
+        };
         if self.pending_changes.contains_key(&id) {
             let msg = format!("volume {name} is being reconfigured; retry when it is done");
             return done(reply, Err(err(ErrorCode::Busy, msg)));
         }
         // Holders only need a recall when what they do I/O with changes.
-        let layout_changes =
-            trial.volume(id).map(|v| v.layout_generation) != self.meta.volume(id).map(|v| v.layout_generation);
-        if self.handles.on_volume(id.0).next().is_none() || !layout_changes {
+        if self.handles.on_volume(id.0).next().is_none() || !planned.layout_changes {
             if let Some(job) = self.merge_job(id, &change) {
                 let then = AfterJob::Merged { volume: id, change, finish: super::core::MergeFinish::Direct { reply } };
                 return Step::Job { job, busy: Some((id, Busy::Layout)), then };
             }
             let what = format!("volume {name} reconfigured: {change}");
-            return Step::Commit { next: trial, then: AfterCommit::Reply { reply, what } };
+            return Step::Commit { changes: vec![planned.change], then: AfterCommit::Reply { reply, what } };
         }
-        let generation = trial.volume(id).map(|v| v.layout_generation).unwrap_or_default();
+        let generation = self.meta.volume(id).map(|v| v.layout_generation + 1).unwrap_or_default();
         let recall = match self.handles.start_recall(id.0, generation) {
             Ok(r) => r,
             Err(e) => {
@@ -368,10 +364,18 @@ impl Core {
 
     /// The commit of a recalled change (holders drained or excluded).
     pub(super) fn recall_commit(&mut self, volume: VolumeId, pending: PendingChange, excluded: Vec<u64>) -> Step {
-        let mut next = self.next_meta();
-        next.handles.retain(|h| !excluded.contains(&h.id.0));
-        match self.plan_change(&mut next, volume, &pending.change) {
-            Ok(()) => Step::Commit { next, then: AfterCommit::Recall { volume, pending, excluded } },
+        let mut changes: Vec<MetaChange> = self
+            .meta
+            .handles
+            .iter()
+            .filter(|h| excluded.contains(&h.id.0))
+            .map(|h| MetaChange::HandleRemove { handle: h.id })
+            .collect();
+        match self.plan_change(volume, &pending.change) {
+            Ok(planned) => {
+                changes.extend(planned.map(|p| p.change));
+                Step::Commit { changes, then: AfterCommit::Recall { volume, pending, excluded } }
+            }
             Err(e) => {
                 self.finish_recall(volume, pending, excluded, Err(e));
                 Step::Done(None)
@@ -437,12 +441,12 @@ impl Core {
             }
         };
         let handle = opened.handle.clone();
-        let mut next = self.next_meta();
-        let broken: Vec<u64> = opened.broken.iter().map(|h| h.id).collect();
+        let broken: Vec<HandleId> = opened.broken.iter().map(|h| HandleId(h.id)).collect();
         let broken_reason =
             format!("{} opened volume {volume} {mode} at {}", peer.name, super::durable::hms(self.now.unix_secs()));
-        super::durable::mark_broken(&mut next, &broken, &broken_reason, self.now.unix_secs());
-        next.handles.push(HandleRecord {
+        let now_secs = self.now.unix_secs();
+        let mut changes = self.meta.plan_break_handles(&broken, &broken_reason, now_secs, BROKEN_RECORDS_MAX);
+        changes.push(MetaChange::HandleOpen(HandleRecord {
             id: HandleId(handle.id),
             volume: id,
             agent_key: PublicKey(peer.key),
@@ -453,8 +457,7 @@ impl Core {
             lease_expires_at_unix_ms: self.now.unix_ms + self.lease_ms,
             durable_timeout_ms: handle.durable_ms,
             state: HandleState::Active,
-        });
-        next.next_ids.handle = HandleId(handle.id + 1);
+        }));
         let open = OpenCommit {
             session,
             reply,
@@ -464,7 +467,7 @@ impl Core {
             volume_name: volume.to_string(),
             holder: peer.name,
         };
-        Step::Commit { next, then: AfterCommit::Open(Box::new(open)) }
+        Step::Commit { changes, then: AfterCommit::Open(Box::new(open)) }
     }
 
     fn finish_open(&mut self, open: OpenCommit, result: Result<(), ControlError>) {
@@ -504,9 +507,12 @@ impl Core {
                 return done(reply, Err(err(ErrorCode::NotFound, msg)));
             }
         }
-        let mut next = self.next_meta();
-        next.handles.retain(|h| h.id.0 != handle);
-        Step::Commit { next, then: AfterCommit::Close { session, handle, reply } }
+        let changes = if self.meta.handles.iter().any(|h| h.id.0 == handle) {
+            vec![MetaChange::HandleRemove { handle: HandleId(handle) }]
+        } else {
+            Vec::new()
+        };
+        Step::Commit { changes, then: AfterCommit::Close { session, handle, reply } }
     }
 
     fn finish_close(&mut self, _session: SessionId, handle: u64, reply: ReplyId, result: Result<(), ControlError>) {
@@ -541,13 +547,18 @@ impl Core {
         if expired.is_empty() {
             return Step::Done(None);
         }
-        let mut next = self.next_meta();
-        next.handles.retain(|h| !expired.contains(&h.id.0));
-        if next.handles == self.meta.handles {
+        let changes: Vec<MetaChange> = self
+            .meta
+            .handles
+            .iter()
+            .filter(|h| expired.contains(&h.id.0))
+            .map(|h| MetaChange::HandleRemove { handle: h.id })
+            .collect();
+        if changes.is_empty() {
             self.finish_expire(expired, Ok(()));
             return Step::Done(None);
         }
-        Step::Commit { next, then: AfterCommit::Expire { expired } }
+        Step::Commit { changes, then: AfterCommit::Expire { expired } }
     }
 
     fn finish_expire(&mut self, expired: Vec<u64>, result: Result<(), ControlError>) {

@@ -37,13 +37,39 @@ pub struct SessionContext {
     pub lease_ms: u64,
     pub clients: watch::Receiver<Arc<ClientTable>>,
     pub commands: mpsc::Sender<Command>,
-    /// The committed pool metadata (backup channels read snapshots with it).
+    /// The committed pool metadata (backup channels read snapshots with it),
+    /// shared while `meta_readers` counts a reader: see [`SessionContext::read_meta`].
     pub meta: watch::Receiver<Arc<volume_format::PoolMetadata>>,
+    pub meta_readers: Arc<std::sync::atomic::AtomicUsize>,
     pub next_session: AtomicU64,
     pub slots: Arc<Semaphore>,
 }
 
+/// Counts a reader of the committed metadata while it lives.
+pub struct MetaReader {
+    readers: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for MetaReader {
+    fn drop(&mut self) {
+        self.readers.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 impl SessionContext {
+    /// Starts reading the committed metadata: counts this reader (so the
+    /// owner keeps publishing) and waits until the current state is
+    /// published. Reading stops when the returned guard drops.
+    pub async fn read_meta(&self) -> MetaReader {
+        self.meta_readers.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let guard = MetaReader { readers: self.meta_readers.clone() };
+        let (done, published) = oneshot::channel();
+        if self.commands.send(Command::PublishMeta { done }).await.is_ok() {
+            let _ = published.await;
+        }
+        guard
+    }
+
     /// The server side of the handshake, authorizing against the pool's
     /// client table as it is right now. Every kind of connection (control
     /// session, data channel) authenticates through here.

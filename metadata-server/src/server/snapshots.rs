@@ -26,13 +26,21 @@ use tracing::warn;
 use volume_format::control::messages::{
     snapshot_export_name, ControlError, ErrorCode, OpenMode, Response, SnapshotInfo,
 };
-use volume_format::metadata::PoolMetadata;
+use volume_format::metadata::{MetaChange, PoolMetadata};
 use volume_format::{SnapshotId, VolumeId};
 
 use super::core::{AfterCommit, AfterJob, Busy, Core, CowCopied, MergeFinish, ReplyId, Step, VolumeChange};
 use super::jobs::{Job, JobOutcome};
 use super::requests::{alloc_error, err};
 use crate::handles::SessionId;
+
+/// A planned volume change: its metadata change, and whether the volume's
+/// holders must be recalled for it (the layout they do I/O with changes).
+#[derive(Debug)]
+pub struct PlannedChange {
+    pub change: MetaChange,
+    pub layout_changes: bool,
+}
 
 /// Most chunks in one registration.
 pub const COW_CHUNKS_PER_REQUEST_MAX: usize = 1 << 16;
@@ -49,27 +57,27 @@ impl Core {
         })
     }
 
-    /// Applies `change` to `trial` (no device I/O: a snapshot delete's
-    /// pre-images must already be where the plan wants them, see
-    /// [`Core::merge_job`]).
-    pub fn plan_change(
-        &self,
-        trial: &mut PoolMetadata,
-        volume: VolumeId,
-        change: &VolumeChange,
-    ) -> Result<(), ControlError> {
-        match change {
-            VolumeChange::Grow { size_bytes } => trial.grow_volume(volume, *size_bytes).map_err(alloc_error),
+    /// The metadata change for `change` of `volume`, planned against the
+    /// current metadata (no device I/O: a snapshot delete's pre-images must
+    /// already be where the plan wants them, see [`Core::merge_job`]);
+    /// `None` if it changes nothing.
+    pub fn plan_change(&self, volume: VolumeId, change: &VolumeChange) -> Result<Option<PlannedChange>, ControlError> {
+        let meta = &self.meta;
+        Ok(match change {
+            VolumeChange::Grow { size_bytes } => meta
+                .plan_grow_volume(volume, *size_bytes)
+                .map_err(alloc_error)?
+                .map(|change| PlannedChange { change, layout_changes: true }),
             VolumeChange::SnapshotCreate { name } => {
-                trial.create_snapshot(volume, name, self.now.unix_secs()).map(|_| ()).map_err(alloc_error)
+                let change = meta.plan_create_snapshot(volume, name, self.now.unix_secs()).map_err(alloc_error)?;
+                Some(PlannedChange { change, layout_changes: true })
             }
             VolumeChange::SnapshotDelete { name } => {
-                let id = self.snapshot_id(trial, volume, name)?;
-                let plan =
-                    trial.snapshot_delete_plan(id).ok_or_else(|| err(ErrorCode::NotFound, "no such snapshot"))?;
-                trial.delete_snapshot(&plan).map(|_| ()).map_err(alloc_error)
+                let id = self.snapshot_id(meta, volume, name)?;
+                let plan = meta.snapshot_delete_plan(id).ok_or_else(|| err(ErrorCode::NotFound, "no such snapshot"))?;
+                Some(PlannedChange { change: plan.change(), layout_changes: plan.was_newest })
             }
-        }
+        })
     }
 
     /// The job that moves a deleted snapshot's pre-images into the next
@@ -106,18 +114,20 @@ impl Core {
         }
         match finish {
             MergeFinish::Direct { reply } => {
-                let mut next = self.next_meta();
-                if let Err(e) = self.plan_change(&mut next, volume, &change) {
-                    self.release(volume);
-                    return done(reply, Err(e));
-                }
+                let planned = match self.plan_change(volume, &change) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        self.release(volume);
+                        return done(reply, Err(e));
+                    }
+                };
                 let what = format!("volume {volume} reconfigured: {change}");
                 let then = AfterCommit::Released { volume, then: Box::new(AfterCommit::Reply { reply, what }) };
-                Step::Commit { next, then }
+                Step::Commit { changes: planned.map(|p| p.change).into_iter().collect(), then }
             }
             MergeFinish::Recall { pending, excluded } => match self.recall_commit(volume, pending, excluded) {
-                Step::Commit { next, then } => {
-                    Step::Commit { next, then: AfterCommit::Released { volume, then: Box::new(then) } }
+                Step::Commit { changes, then } => {
+                    Step::Commit { changes, then: AfterCommit::Released { volume, then: Box::new(then) } }
                 }
                 other => {
                     self.release(volume);
@@ -233,9 +243,15 @@ impl Core {
     /// The commit that registers `fresh` chunks.
     fn register_step(&mut self, volume: VolumeId, snapshot: u64, fresh: &[u64], reply: ReplyId) -> Step {
         control_client::fault::hit("mds-before-cow-commit");
-        let mut next = self.next_meta();
-        match next.register_cow(SnapshotId(snapshot), fresh) {
-            Ok(new) => Step::Commit { next, then: AfterCommit::CowRegistered { reply, new: new as u64, volume } },
+        match self.meta.plan_register_cow(SnapshotId(snapshot), fresh) {
+            Ok(Some(change)) => {
+                let new = match &change {
+                    MetaChange::CowRegister { chunks, .. } => chunks.len(),
+                    _ => 0,
+                };
+                Step::Commit { changes: vec![change], then: AfterCommit::CowRegistered { reply, new, volume } }
+            }
+            Ok(None) => done(reply, Ok(Response::CowRegistered { new: 0 })),
             Err(e) => done(reply, Err(err(ErrorCode::InvalidArgument, e))),
         }
     }
@@ -257,8 +273,8 @@ impl Core {
             }
         };
         match self.register_step(volume, snapshot, &fresh, reply) {
-            Step::Commit { next, then } => {
-                Step::Commit { next, then: AfterCommit::Released { volume, then: Box::new(then) } }
+            Step::Commit { changes, then } => {
+                Step::Commit { changes, then: AfterCommit::Released { volume, then: Box::new(then) } }
             }
             other => {
                 self.release(volume);
