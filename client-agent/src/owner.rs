@@ -12,7 +12,7 @@
 //! What the core keeps as plain data, the shell keeps as objects: the
 //! control connections, each attachment's gate, volume device, export and
 //! kernel device, and the reply channels of callers. Messages that carry
-//! objects ([`ToOwner`]) are unpacked here into the core's plain
+//! objects (`ToOwner`) are unpacked here into the core's plain
 //! [`Input`]s.
 //!
 //! Why the channel into the owner is unbounded: every sender is bounded by

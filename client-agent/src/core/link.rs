@@ -118,7 +118,7 @@ impl Link {
         self.phase == LinkPhase::Stopped
     }
 
-    /// When the link next wants a [`Link::tick`].
+    /// When the link next wants to act (an attempt to start, a renewal to send).
     pub fn deadline(&self) -> Option<Millis> {
         match &self.phase {
             LinkPhase::Waiting { until_ms } => Some(*until_ms),
