@@ -89,7 +89,7 @@ pub enum AgentError {
 /// The running agent: a handle on its owner task. Cheap to share.
 pub struct Agent {
     config: AgentConfig,
-    owner: mpsc::UnboundedSender<ToOwner>,
+    owner: mpsc::Sender<ToOwner>,
     state: watch::Receiver<ConnectState>,
     pool: Arc<DevicePool>,
 }
@@ -97,16 +97,17 @@ pub struct Agent {
 impl Agent {
     /// Starts the owner task (connecting in the background).
     pub fn start(config: AgentConfig) -> Arc<Agent> {
-        let (owner, rx) = mpsc::unbounded_channel();
+        let (owner, inbox) = mpsc::channel(crate::owner::INBOX_MAX);
+        let (results, results_rx) = mpsc::unbounded_channel();
         let pool = DevicePool::new(config.pool.clone());
         // Fallback I/O through the metadata server when a direct path fails;
         // the owner reports it and probes.
         let link = crate::fallback::ServerLink::new(config.session.clone());
         let reporter: crate::devices::PathReporter = {
-            let owner = owner.clone();
+            let results = results.clone();
             Arc::new(move |device: &str, index: u32, reason: &str| {
                 let input = Input::DirectPathFailed { device: device.to_string(), index, reason: reason.to_string() };
-                let _ = owner.send(ToOwner::Input(input));
+                let _ = results.send(ToOwner::Input(input));
             })
         };
         pool.set_server_link(link.clone(), reporter);
@@ -127,7 +128,16 @@ impl Agent {
         });
         let (state_tx, state) = watch::channel(core.connect_state());
         let span = tracing::info_span!("agent", mds = %config.session.addr, agent = %config.session.name);
-        let shell = Shell::new(core, rx, owner.clone(), config.clone(), pool.clone(), link, builder, state_tx);
+        let shell = Shell::new(
+            core,
+            (owner.clone(), inbox),
+            (results, results_rx),
+            config.clone(),
+            pool.clone(),
+            link,
+            builder,
+            state_tx,
+        );
         tokio::spawn(shell.run().instrument(span));
         Arc::new(Agent { config, owner, state, pool })
     }
@@ -139,7 +149,7 @@ impl Agent {
     async fn call(&self, command: Command) -> Reply {
         let (reply, answer) = oneshot::channel();
         let shut_down = || Reply::Failed(AgentError::Session(SessionError::ShutDown));
-        if self.owner.send(ToOwner::Command { command, reply }).is_err() {
+        if self.owner.send(ToOwner::Command { command, reply }).await.is_err() {
             return shut_down();
         }
         answer.await.unwrap_or_else(|_| shut_down())

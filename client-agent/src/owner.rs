@@ -15,13 +15,15 @@
 //! objects (`ToOwner`) are unpacked here into the core's plain
 //! [`Input`]s.
 //!
-//! Why the channel into the owner is unbounded: every sender is bounded by
-//! construction — control-socket connections (at most
-//! [`crate::control::CONNECTIONS_MAX`], one request each in flight), the data
-//! path's registrations (one batch in flight per volume, [`crate::cow`]),
-//! first failures of direct paths (one per device until it is back), and
-//! tasks the owner started (one message each, plus a connection's events,
-//! which the control client bounds).
+//! Two channels lead into the owner. Input from outside — callers'
+//! commands, server events, the data path's registrations — goes through a
+//! bounded inbox ([`INBOX_MAX`]) whose senders wait for room (a flood of
+//! server events backs up into the control client, which drops a connection
+//! whose events are not consumed). Results of tasks the owner started, and
+//! the data path's reports of a failed direct path, go through an unbounded
+//! channel, because the owner must never wait to post to itself and the data
+//! path reports from synchronous code; both are bounded by construction: one
+//! message per task, one report per device until its path is back.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -53,6 +55,9 @@ use crate::volume::{Layout, VolumeDevice};
 /// Builds a layout from a description (the agent resolves devices through
 /// its pool). Must not block: the owner calls it in its loop.
 pub type LayoutBuilder = Arc<dyn Fn(VolumeDescription) -> Result<Layout, String> + Send + Sync>;
+
+/// Messages from outside the owner waiting to be applied, at most.
+pub const INBOX_MAX: usize = 1024;
 
 /// What is sent to the owner.
 pub(crate) enum ToOwner {
@@ -118,6 +123,11 @@ pub(crate) struct Shell {
     core: AgentCore,
     /// Where the core's milliseconds start.
     origin: Instant,
+    /// Commands, server events, registrations.
+    inbox: mpsc::Receiver<ToOwner>,
+    /// For event pumps and registrars.
+    inbox_tx: mpsc::Sender<ToOwner>,
+    /// Results of the owner's own tasks, path reports.
     rx: mpsc::UnboundedReceiver<ToOwner>,
     tx: mpsc::UnboundedSender<ToOwner>,
     waiters: HashMap<CallerId, Waiter>,
@@ -137,8 +147,8 @@ impl Shell {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         core: AgentCore,
-        rx: mpsc::UnboundedReceiver<ToOwner>,
-        tx: mpsc::UnboundedSender<ToOwner>,
+        (inbox_tx, inbox): (mpsc::Sender<ToOwner>, mpsc::Receiver<ToOwner>),
+        (tx, rx): (mpsc::UnboundedSender<ToOwner>, mpsc::UnboundedReceiver<ToOwner>),
         config: AgentConfig,
         pool: Arc<DevicePool>,
         link: Arc<ServerLink>,
@@ -148,6 +158,8 @@ impl Shell {
         Shell {
             core,
             origin: Instant::now(),
+            inbox,
+            inbox_tx,
             rx,
             tx,
             waiters: HashMap::new(),
@@ -178,10 +190,8 @@ impl Shell {
         while !self.core.is_stopped() {
             let deadline = self.core.next_deadline_ms().map(|ms| self.instant(ms));
             let message = tokio::select! {
-                message = self.rx.recv() => match message {
-                    Some(m) => m,
-                    None => break,
-                },
+                Some(message) = self.inbox.recv() => message,
+                Some(message) = self.rx.recv() => message,
                 _ = sleep_until(deadline) => ToOwner::Input(Input::Tick),
             };
             if let Some(input) = self.accept(message) {
@@ -226,15 +236,15 @@ impl Shell {
                 let session = client.session();
                 let input = Input::Connected { conn, lease_ms: session.lease_ms, session: session.session };
                 self.conns.insert(conn, client);
-                let tx = self.tx.clone();
+                let inbox = self.inbox_tx.clone();
                 tokio::spawn(
                     async move {
                         while let Some(event) = events.recv().await {
-                            if tx.send(ToOwner::Input(Input::Event { conn, event })).is_err() {
+                            if inbox.send(ToOwner::Input(Input::Event { conn, event })).await.is_err() {
                                 return;
                             }
                         }
-                        let _ = tx.send(ToOwner::Input(Input::ConnectionLost { conn }));
+                        let _ = inbox.send(ToOwner::Input(Input::ConnectionLost { conn })).await;
                     }
                     .in_current_span(),
                 );
@@ -491,7 +501,7 @@ impl Shell {
         };
         let gate = Arc::new(Gate::new(layout.clone(), generation));
         gate.renew_lease(self.instant(lease_until_ms));
-        let registrar = Arc::new(OwnerRegistrar { owner: self.tx.clone(), volume: volume.clone() });
+        let registrar = Arc::new(OwnerRegistrar { owner: self.inbox_tx.clone(), volume: volume.clone() });
         let registrations = Registrations::new(registrar, mode == OpenMode::SharedWrite);
         let device = Arc::new(
             VolumeDevice::new(volume.clone(), handle, mode == OpenMode::ReadOnly, gate.clone()).with_cow(registrations),
@@ -680,7 +690,7 @@ impl DetachTask {
 
 /// Registers copy-on-write chunks of one volume through the owner.
 struct OwnerRegistrar {
-    owner: mpsc::UnboundedSender<ToOwner>,
+    owner: mpsc::Sender<ToOwner>,
     volume: String,
 }
 
@@ -689,7 +699,7 @@ impl CowRegistrar for OwnerRegistrar {
     async fn register(&self, snapshot: u64, chunks: Vec<u64>, server_copies: bool) -> Result<(), String> {
         let (reply, answer) = oneshot::channel();
         let message = ToOwner::Cow { volume: self.volume.clone(), snapshot, chunks, server_copies, reply };
-        if self.owner.send(message).is_err() {
+        if self.owner.send(message).await.is_err() {
             return Err("the agent is shutting down".to_string());
         }
         answer.await.unwrap_or_else(|_| Err("the agent is shutting down".to_string()))
