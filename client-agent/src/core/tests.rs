@@ -680,3 +680,29 @@ fn attach_refusals_need_no_server() {
         ("unix:/run/mds.sock", Some("the connection to the metadata server was lost"))
     );
 }
+
+#[test]
+fn a_recall_asked_again_after_a_resume_is_drained_and_confirmed_again() {
+    let mut h = Harness::new();
+    let a = h.attach("vol", 11, b"k");
+    let recall = ServerEvent::Recall { handle: HandleId(11), generation: 2 };
+    h.apply(Input::Event { conn: h.conn, event: recall.clone() });
+    // Drained, but the connection breaks before `RecallDone` is answered.
+    let (done, _) = sent_one(&h.apply(Input::Drained { attachment: a, generation: 2, result: Ok(()) }));
+    h.lose_connection(100);
+    h.apply(Input::Reply { request: done, result: Err(RequestError::Closed) });
+    assert!(!h.core.held_handles()[0].pending_recall.unwrap().confirmed);
+    let Some(Effect::Connect { conn, .. }) = h.at(200).apply(Input::Tick).first().cloned() else { panic!() };
+    let (resume, _) = sent_one(&h.apply(Input::Connected { conn, lease_ms: LEASE_MS, session: 2 }));
+    h.apply(Input::Reply { request: resume, result: opened(11, description("vol", 1, 2), b"k") });
+    assert_eq!(h.state_of("vol").0, "recalled", "still recalled: the layout has not been published");
+    // The server asks again for the recall it is owed: drained and confirmed again.
+    assert_eq!(
+        h.apply(Input::Event { conn, event: recall }),
+        vec![Effect::BeginRecall { attachment: a, generation: 2 }]
+    );
+    let (done, message) = sent_one(&h.apply(Input::Drained { attachment: a, generation: 2, result: Ok(()) }));
+    assert_eq!(message, Request::RecallDone { handle: HandleId(11), generation: 2 });
+    h.apply(Input::Reply { request: done, result: Ok(Response::Done) });
+    assert!(h.core.held_handles()[0].pending_recall.unwrap().confirmed);
+}
