@@ -1,33 +1,37 @@
-//! The agent: the session, the device pool and the attached volumes, with
-//! the operations the control socket offers (attach, detach, list) and
-//! graceful shutdown.
+//! The agent: attach, detach, list, status, handover and graceful shutdown,
+//! as calls to its owner task.
+//!
+//! [`Agent`] is a handle: every operation is a command sent to the owner
+//! ([`crate::owner`], which runs [`crate::core::AgentCore`]) and an awaited
+//! reply, so no operation holds anything another one needs — `list` answers
+//! while an attach waits for a slow device or server.
 //!
 //! Attach = open at the metadata server → connect every device of the volume
-//! (fail early, naming the device) → serve the volume as an NBD export. Any
-//! step failing undoes the earlier ones, so a failed attach leaves no handle
-//! open at the server.
+//! (fail early, naming the device) → serve the volume as an NBD export (and,
+//! with `--kernel`, connect `/dev/nbdX`). Any step failing undoes the earlier
+//! ones, so a failed attach leaves no handle open at the server.
 //!
 //! Detach = flush (refused if it fails, nothing changed) → stop the export
 //! (connected clients finish their in-flight requests) → flush again (writes
 //! that raced the first flush) → close the gate and wait for in-flight I/O →
 //! close the handle at the server.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use blockio::BlockDevice;
-use tokio::sync::Mutex;
-use tracing::{info, warn};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Instrument;
 use volume_format::control::messages::OpenMode;
 
-pub use control_client::agent_api::{AttachRequest, AttachmentInfo};
+pub use control_client::agent_api::{AgentStatus, AttachRequest, AttachmentInfo};
 
-use crate::cow::{CowRegistrar, Registrations};
+use crate::core::{AgentCore, AttachSpec, Command, CoreConfig, Input, KernelPlan, OpenWith, Reply};
 use crate::devices::{DevicePool, PoolOptions};
-use crate::export::{serve_volume, ExportHandle, ExportTarget};
-use crate::session::{LayoutBuilder, Session, SessionConfig, SessionError};
-use crate::volume::{Layout, VolumeDevice};
+use crate::kernel::reattach::HostAliases;
+use crate::kernel::KernelSettings;
+use crate::owner::{LayoutBuilder, Shell, ToOwner};
+use crate::session::{ConnectState, SessionConfig, SessionError};
+use crate::volume::Layout;
 
 /// Everything `sanvol-agent run` is configured with.
 #[derive(Clone)]
@@ -36,59 +40,80 @@ pub struct AgentConfig {
     /// Where unix-socket exports go by default (`DIR/VOLUME.sock`).
     pub export_dir: PathBuf,
     pub pool: PoolOptions,
+    /// Kernel attach settings (see [`KernelSettings`]).
+    pub kernel: KernelSettings,
+    /// Device URI host rewrites (`--device-host-alias FROM=TO`), for agents
+    /// that reach the devices under another address than the pool records.
+    pub host_aliases: Vec<(String, String)>,
 }
 
-#[derive(Debug, thiserror::Error)]
+impl AgentConfig {
+    /// Defaults for everything but who the agent is and where exports go.
+    pub fn new(session: SessionConfig, export_dir: PathBuf) -> AgentConfig {
+        AgentConfig {
+            session,
+            export_dir,
+            pool: PoolOptions::default(),
+            kernel: KernelSettings::default(),
+            host_aliases: Vec::new(),
+        }
+    }
+}
+
+/// What an agent operation can fail with. Plain data: the owner's core
+/// decides it, the control socket shows it verbatim.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AgentError {
     #[error("volume {0} is already attached; detach it first")]
     AlreadyAttached(String),
+    #[error("volume {0} is being attached; wait for that attach to finish")]
+    Attaching(String),
+    #[error("volume {0} is being detached; wait for that detach to finish")]
+    Detaching(String),
     #[error("volume {0} is not attached")]
     NotAttached(String),
     #[error("{0}")]
     Session(#[from] SessionError),
     #[error("volume {volume}: {message}")]
     Device { volume: String, message: String },
-    #[error("volume {volume}: {source}")]
-    Export { volume: String, source: crate::export::ExportError },
+    #[error("volume {volume}: {message}")]
+    Export { volume: String, message: String },
     #[error("volume {volume}: flushing before detach failed, so it stays attached: {message}")]
     FlushFailed { volume: String, message: String },
     #[error("{0:?} is not a valid volume name for an export socket (no '/', not empty, at most 200 bytes)")]
     BadName(String),
-    #[error("volume {volume}: {source}")]
-    Kernel { volume: String, source: crate::kernel::KernelError },
+    #[error("volume {volume}: {message}")]
+    Kernel { volume: String, message: String },
 }
 
-struct Attachment {
-    device: Arc<VolumeDevice>,
-    mode: OpenMode,
-    export: ExportHandle,
-    /// `/dev/nbdX`, when attached to the kernel (see [`crate::kernel`]).
-    kernel: Option<crate::kernel::attach::KernelAttachment>,
-}
-
-/// The running agent.
+/// The running agent: a handle on its owner task. Cheap to share.
 pub struct Agent {
     config: AgentConfig,
-    session: Session,
+    owner: mpsc::Sender<ToOwner>,
+    state: watch::Receiver<ConnectState>,
     pool: Arc<DevicePool>,
-    /// Held across attach/detach so they are serialised; never on the data path.
-    attached: Mutex<BTreeMap<String, Attachment>>,
-    /// Kernel attach settings (see [`crate::kernel::KernelSettings`]).
-    kernel_settings: std::sync::Mutex<crate::kernel::KernelSettings>,
-    /// Device URI host rewrites (`--device-host-alias`), shared with the layout builder.
-    host_aliases: crate::kernel::reattach::HostAliases,
 }
 
 impl Agent {
-    /// Starts the session (connecting in the background).
+    /// Starts the owner task (connecting in the background).
     pub fn start(config: AgentConfig) -> Arc<Agent> {
+        let (owner, inbox) = mpsc::channel(crate::owner::INBOX_MAX);
+        let (results, results_rx) = mpsc::unbounded_channel();
         let pool = DevicePool::new(config.pool.clone());
-        // Fallback I/O through the metadata server when a direct path fails.
-        pool.set_server_link(crate::fallback::ServerLink::new(config.session.clone()));
-        let host_aliases = crate::kernel::reattach::HostAliases::default();
+        // Fallback I/O through the metadata server when a direct path fails;
+        // the owner reports it and probes.
+        let link = crate::fallback::ServerLink::new(config.session.clone());
+        let reporter: crate::devices::PathReporter = {
+            let results = results.clone();
+            Arc::new(move |device: &str, index: u32, reason: &str| {
+                let input = Input::DirectPathFailed { device: device.to_string(), index, reason: reason.to_string() };
+                let _ = results.send(ToOwner::Input(input));
+            })
+        };
+        pool.set_server_link(link.clone(), reporter);
         let builder: LayoutBuilder = {
             let pool = pool.clone();
-            let aliases = host_aliases.clone();
+            let aliases = HostAliases::new(config.host_aliases.clone());
             Arc::new(move |description| {
                 let pool_uuid = description.pool_uuid;
                 let description = aliases.apply(description);
@@ -97,29 +122,59 @@ impl Agent {
                     .map_err(|e| e.to_string())
             })
         };
-        let (session, _task) = Session::start(config.session.clone(), builder);
-        Arc::new(Agent {
-            config,
-            session,
-            pool,
-            attached: Mutex::new(BTreeMap::new()),
-            kernel_settings: Default::default(),
-            host_aliases,
-        })
-    }
-
-    pub fn session(&self) -> &Session {
-        &self.session
+        let core = AgentCore::new(CoreConfig {
+            addrs: config.session.addrs().iter().map(|a| a.to_string()).collect(),
+            export_dir: config.export_dir.clone(),
+        });
+        let (state_tx, state) = watch::channel(core.connect_state());
+        let span = tracing::info_span!("agent", mds = %config.session.addr, agent = %config.session.name);
+        let shell = Shell::new(
+            core,
+            (owner.clone(), inbox),
+            (results, results_rx),
+            config.clone(),
+            pool.clone(),
+            link,
+            builder,
+            state_tx,
+        );
+        tokio::spawn(shell.run().instrument(span));
+        Arc::new(Agent { config, owner, state, pool })
     }
 
     pub fn device_pool(&self) -> &Arc<DevicePool> {
         &self.pool
     }
 
+    async fn call(&self, command: Command) -> Reply {
+        let (reply, answer) = oneshot::channel();
+        let shut_down = || Reply::Failed(AgentError::Session(SessionError::ShutDown));
+        if self.owner.send(ToOwner::Command { command, reply }).await.is_err() {
+            return shut_down();
+        }
+        answer.await.unwrap_or_else(|_| shut_down())
+    }
+
     /// Waits for the first connection to the metadata server; Err if it
     /// refused this agent for good (wrong keys).
     pub async fn wait_ready(&self) -> Result<(), String> {
-        self.session.wait_connected().await
+        let mut rx = self.state.clone();
+        let state = rx
+            .wait_for(|s| !matches!(s, ConnectState::Connecting { .. }))
+            .await
+            .map_err(|_| "the agent stopped".to_string())?
+            .clone();
+        match state {
+            ConnectState::Connected { .. } => Ok(()),
+            ConnectState::Fatal(e) => Err(e),
+            ConnectState::Stopped => Err("the agent stopped".to_string()),
+            ConnectState::Connecting { .. } => unreachable!("waited for another state"),
+        }
+    }
+
+    /// The connection to the metadata server.
+    pub fn connect_state(&self) -> ConnectState {
+        self.state.borrow().clone()
     }
 
     /// The default export socket of `volume`.
@@ -127,16 +182,12 @@ impl Agent {
         self.config.export_dir.join(format!("{volume}.sock"))
     }
 
-    pub async fn attach(&self, request: AttachRequest) -> Result<AttachmentInfo, AgentError> {
-        self.attach_with(request, None).await
+    pub fn kernel_settings(&self) -> KernelSettings {
+        self.config.kernel
     }
 
-    /// Issues a handover token for `volume` to the agent whose public key is
-    /// `to_key` (a `.pub` file's content, `sanvol-ed25519 HEX`, or hex).
-    pub async fn handover(&self, volume: &str, to_key: &str) -> Result<Vec<u8>, AgentError> {
-        let (key, _) = control_client::keys::parse_public(to_key)
-            .map_err(|e| AgentError::Session(SessionError::Server(format!("the target agent's key: {e:#}"))))?;
-        Ok(self.session.handover(volume, key.to_bytes()).await?)
+    pub async fn attach(&self, request: AttachRequest) -> Result<AttachmentInfo, AgentError> {
+        self.attach_with(request, None).await
     }
 
     /// Attaches `request.volume`; with `handover_token`, with the token its
@@ -146,210 +197,104 @@ impl Agent {
         request: AttachRequest,
         handover_token: Option<Vec<u8>>,
     ) -> Result<AttachmentInfo, AgentError> {
-        let volume = request.volume.clone();
-        if volume.is_empty() || volume.contains('/') || volume.contains('\0') || volume.len() > 200 {
-            return Err(AgentError::BadName(volume));
-        }
-        let mut attached = self.attached.lock().await;
-        if attached.contains_key(&volume) {
-            return Err(AgentError::AlreadyAttached(volume));
-        }
-        let opened = match handover_token {
-            Some(token) => self.session.open_handover(&volume, token).await?,
-            None => self.session.open(&volume, request.mode).await?,
+        let open = match handover_token {
+            Some(token) => OpenWith::Handover(token),
+            None => OpenWith::Mode(request.mode),
         };
-        let undo = |e: AgentError| async {
-            opened.gate.close();
-            if let Err(close) = self.session.close(&volume).await {
-                warn!(volume, error = %close, "closing the handle after a failed attach failed");
-            }
-            Err(e)
-        };
+        let spec = AttachSpec { volume: request.volume, open, socket: request.socket, tcp: request.tcp, kernel: None };
+        self.attach_spec(spec).await
+    }
 
-        // Connect every device now, so an unreachable one fails the attach
-        // with its name instead of failing the first I/O.
-        let layout = opened.gate.layout();
-        let description = layout.description();
-        let connects = description.devices.iter().filter(|e| e.online).map(|endpoint| {
-            let pool = self.pool.clone();
-            let pool_uuid = description.pool_uuid;
-            async move {
-                match pool.device(endpoint, pool_uuid) {
-                    Ok(device) => device.connect().await.map_err(|e| e.message),
-                    Err(e) => Err(e.to_string()),
-                }
-            }
-        });
-        if let Some(Err(message)) = futures::future::join_all(connects).await.into_iter().find(|r| r.is_err()) {
-            return undo(AgentError::Device { volume: volume.clone(), message }).await;
+    async fn attach_spec(&self, spec: AttachSpec) -> Result<AttachmentInfo, AgentError> {
+        match self.call(Command::Attach(spec)).await {
+            Reply::Attached(info) => Ok(*info),
+            other => Err(failed(other)),
         }
+    }
 
-        let registrar = Arc::new(SessionRegistrar { session: self.session.clone(), volume: volume.clone() });
-        let registrations = Registrations::new(registrar, opened.mode == OpenMode::SharedWrite);
-        let device = Arc::new(
-            VolumeDevice::new(volume.clone(), opened.handle, opened.mode == OpenMode::ReadOnly, opened.gate.clone())
-                .with_cow(registrations),
-        );
-        let target = match (request.tcp, request.socket) {
-            (Some(addr), _) => ExportTarget::Tcp(addr),
-            (None, Some(path)) => ExportTarget::Unix(path),
-            (None, None) => ExportTarget::Unix(self.default_socket(&volume)),
-        };
-        let text = format!("sanvol volume {volume} ({}, handle {})", opened.mode, opened.handle);
-        let export = match serve_volume(&volume, text, device.clone(), &target).await {
-            Ok(export) => export,
-            Err(source) => return undo(AgentError::Export { volume: volume.clone(), source }).await,
-        };
-        info!(volume, handle = opened.handle, uri = export.uri(), "volume attached");
-        attached.insert(volume.clone(), Attachment { device, mode: opened.mode, export, kernel: None });
-        Ok(self.info(&volume, &attached[&volume]))
+    /// Issues a handover token for `volume` to the agent whose public key is
+    /// `to_key` (a `.pub` file's content, `sanvol-ed25519 HEX`, or hex).
+    pub async fn handover(&self, volume: &str, to_key: &str) -> Result<Vec<u8>, AgentError> {
+        let (key, _) = control_client::keys::parse_public(to_key)
+            .map_err(|e| AgentError::Session(SessionError::Server(format!("the target agent's key: {e:#}"))))?;
+        match self.call(Command::Handover { volume: volume.to_string(), to_key: key.to_bytes() }).await {
+            Reply::Token(token) => Ok(token),
+            other => Err(failed(other)),
+        }
     }
 
     pub async fn detach(&self, volume: &str) -> Result<(), AgentError> {
-        let mut attached = self.attached.lock().await;
-        let Some(a) = attached.get_mut(volume) else {
-            return Err(AgentError::NotAttached(volume.to_string()));
-        };
-        if let Some(kernel) = a.kernel.as_mut() {
-            // Flush and disconnect /dev/nbdX first; if the flush fails it stays attached.
-            kernel.detach().await.map_err(|source| AgentError::Kernel { volume: volume.to_string(), source })?;
-            a.kernel = None;
-        }
-        let a = &attached[volume];
-        let revoked = matches!(a.device.gate().status().phase, crate::gate::Phase::Revoked { .. });
-        if !revoked && a.mode != OpenMode::ReadOnly {
-            a.device
-                .flush()
-                .await
-                .map_err(|e| AgentError::FlushFailed { volume: volume.to_string(), message: e.to_string() })?;
-        }
-        let a = attached.remove(volume).expect("checked above");
-        a.export.stop().await;
-        if !revoked && a.mode != OpenMode::ReadOnly {
-            if let Err(e) = a.device.flush().await {
-                warn!(volume, error = %e, "flush after stopping the export failed");
-            }
-        }
-        a.device.gate().close();
-        let _ = a.device.gate().drained().await;
-        self.session.close(volume).await?;
-        info!(volume, "volume detached");
-        Ok(())
-    }
-
-    fn info(&self, volume: &str, a: &Attachment) -> AttachmentInfo {
-        let status = a.device.gate().status();
-        let handle = self.session.handle_status(volume).map_or(a.device.handle(), |h| h.handle);
-        AttachmentInfo {
-            volume: volume.to_string(),
-            mode: a.mode.to_string(),
-            handle,
-            export_uri: a.export.uri().to_string(),
-            size_bytes: a.device.size(),
-            layout_generation: status.generation,
-            state: status.state_word().to_string(),
-            state_detail: match &status.phase {
-                crate::gate::Phase::Open if status.lease_expired => {
-                    "the lease ran out; I/O is held until it is renewed".to_string()
-                }
-                crate::gate::Phase::Open => String::new(),
-                phase => phase.to_string(),
-            },
-            io_in_flight: status.in_flight,
-            io_waiting: status.waiting,
-            kernel_device: a.kernel.as_ref().map(|k| k.device_path()),
-            kernel_note: None,
+        match self.call(Command::Detach { volume: volume.to_string() }).await {
+            Reply::Done => Ok(()),
+            other => Err(failed(other)),
         }
     }
 
+    /// The attached volumes (not those still being attached).
     pub async fn list(&self) -> Vec<AttachmentInfo> {
-        let attached = self.attached.lock().await;
-        attached.iter().map(|(volume, a)| self.info(volume, a)).collect()
+        match self.call(Command::List).await {
+            Reply::List(list) => list,
+            _ => Vec::new(),
+        }
     }
 
-    /// Detaches everything (flush + close) and stops the session. Kernel devices stay connected
-    /// (their I/O waits up to the dead-connection timeout), so that the next agent can reattach them.
+    pub async fn status(&self) -> AgentStatus {
+        match self.call(Command::Status).await {
+            Reply::Status(status) => status,
+            _ => AgentStatus { mds: "stopped".into(), mds_detail: String::new(), volumes: 0 },
+        }
+    }
+
+    /// Detaches everything (flush + close) and stops. Kernel devices stay connected (their I/O
+    /// waits up to the dead-connection timeout), so that the next agent can reattach them.
     pub async fn shutdown(&self) {
-        for (volume, a) in self.attached.lock().await.iter_mut() {
-            if let Some(kernel) = a.kernel.take() {
-                info!(volume, device = kernel.device_path(), "leaving the kernel device connected for the next agent");
-            }
-        }
-        let volumes: Vec<String> = self.attached.lock().await.keys().cloned().collect();
-        for volume in volumes {
-            if let Err(e) = self.detach(&volume).await {
-                warn!(volume, error = %e, "detaching at shutdown failed");
-            }
-        }
-        self.session.shutdown().await;
+        self.call(Command::Shutdown).await;
     }
 }
 
 /// Kernel attach (see [`crate::kernel`]).
 impl Agent {
-    pub fn set_kernel_settings(&self, settings: crate::kernel::KernelSettings) {
-        *self.kernel_settings.lock().unwrap_or_else(|e| e.into_inner()) = settings;
-    }
-
-    pub fn kernel_settings(&self) -> crate::kernel::KernelSettings {
-        *self.kernel_settings.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Rewrites device URIs' hosts (`FROM=TO`), for agents that reach the devices under another
-    /// address than the one recorded in the pool. Set before attaching anything.
-    pub fn set_device_host_aliases(&self, aliases: Vec<(String, String)>) {
-        self.host_aliases.set(aliases);
-    }
-
     /// Attaches `volume` (socket export as usual) and connects it to a kernel NBD device.
     /// Without the driver, the volume stays attached on its socket export and the reply says why.
     pub async fn attach_kernel(
         &self,
         request: crate::kernel::KernelAttachRequest,
     ) -> Result<AttachmentInfo, AgentError> {
-        let volume = request.volume.clone();
         let index = match &request.nbd_device {
             Some(name) => Some(
                 crate::kernel::parse_device(name)
-                    .map_err(|source| AgentError::Kernel { volume: volume.clone(), source })?,
+                    .map_err(|e| AgentError::Kernel { volume: request.volume.clone(), message: e.to_string() })?,
             ),
             None => None,
         };
-        let mut info =
-            self.attach(AttachRequest { volume: volume.clone(), mode: request.mode, socket: None, tcp: None }).await?;
-        let settings = self.kernel_settings();
-        let mut attached = self.attached.lock().await;
-        let Some(a) = attached.get_mut(&volume) else {
-            return Err(AgentError::NotAttached(volume));
+        let spec = AttachSpec {
+            volume: request.volume,
+            open: OpenWith::Mode(request.mode),
+            socket: None,
+            tcp: None,
+            kernel: Some(KernelPlan::Connect { index }),
         };
-        let backend = crate::kernel::BackendId {
-            pool: a.device.gate().layout().description().pool_uuid,
-            mode: a.mode,
-            handle: a.device.handle(),
-            volume: volume.clone(),
+        self.attach_spec(spec).await
+    }
+
+    /// Re-opens `volume` and gives `/dev/nbd<index>`, which a previous agent left connected with
+    /// backend identifier `backend` of pool `pool`, fresh sockets (see [`crate::kernel::reattach`]).
+    pub(crate) async fn reattach_kernel(
+        &self,
+        volume: &str,
+        mode: OpenMode,
+        index: u32,
+        backend: String,
+        pool: uuid::Uuid,
+    ) -> Result<AttachmentInfo, AgentError> {
+        let spec = AttachSpec {
+            volume: volume.to_string(),
+            open: OpenWith::Mode(mode),
+            socket: None,
+            tcp: None,
+            kernel: Some(KernelPlan::Reconnect { index, backend, pool }),
         };
-        let device: Arc<dyn BlockDevice> = a.device.clone();
-        match crate::kernel::attach::KernelAttachment::connect(&volume, device, index, backend.to_string(), settings)
-            .await
-        {
-            Ok(kernel) => {
-                info.kernel_device = Some(kernel.device_path());
-                a.kernel = Some(kernel);
-                Ok(info)
-            }
-            Err(crate::kernel::KernelError::NotLoaded) => {
-                warn!(volume, "{}; serving {} only", crate::kernel::NOT_LOADED, info.export_uri);
-                info.kernel_note = Some(format!("{} ({})", crate::kernel::NOT_LOADED, info.export_uri));
-                Ok(info)
-            }
-            Err(source) => {
-                drop(attached);
-                if let Err(e) = self.detach(&volume).await {
-                    warn!(volume, error = %e, "detaching after a failed kernel attach failed");
-                }
-                Err(AgentError::Kernel { volume, source })
-            }
-        }
+        self.attach_spec(spec).await
     }
 
     /// After a restart: finds the kernel devices a previous agent left connected (sanvol backend
@@ -358,41 +303,13 @@ impl Agent {
     pub async fn reattach_kernel_devices(&self) -> Vec<String> {
         crate::kernel::reattach::reattach_all(self).await
     }
-
-    /// Binds a kernel attachment the reattach code made to an attached volume.
-    pub(crate) async fn set_kernel(
-        &self,
-        volume: &str,
-        make: impl std::future::Future<Output = Result<crate::kernel::attach::KernelAttachment, crate::kernel::KernelError>>,
-    ) -> Result<String, AgentError> {
-        let mut attached = self.attached.lock().await;
-        let Some(a) = attached.get_mut(volume) else {
-            return Err(AgentError::NotAttached(volume.to_string()));
-        };
-        let kernel = make.await.map_err(|source| AgentError::Kernel { volume: volume.to_string(), source })?;
-        let path = kernel.device_path();
-        a.kernel = Some(kernel);
-        Ok(path)
-    }
-
-    /// The attached volume's device, pool and handle (for the reattach code).
-    pub(crate) async fn attached_device(&self, volume: &str) -> Option<(Arc<VolumeDevice>, uuid::Uuid)> {
-        let attached = self.attached.lock().await;
-        let a = attached.get(volume)?;
-        Some((a.device.clone(), a.device.gate().layout().description().pool_uuid))
-    }
 }
 
-/// Registers copy-on-write chunks of one volume through the agent's session.
-struct SessionRegistrar {
-    session: Session,
-    volume: String,
-}
-
-#[async_trait::async_trait]
-impl CowRegistrar for SessionRegistrar {
-    async fn register(&self, snapshot: u64, chunks: Vec<u64>, server_copies: bool) -> Result<(), String> {
-        self.session.cow_register(&self.volume, snapshot, chunks, server_copies).await
+/// The error of a reply that is not the expected one.
+fn failed(reply: Reply) -> AgentError {
+    match reply {
+        Reply::Failed(e) => e,
+        other => AgentError::Session(SessionError::Unexpected { request: "agent", response: format!("{other:?}") }),
     }
 }
 
@@ -402,11 +319,13 @@ mod tests {
 
     use blockio::client::{ClientOptions, NbdClient};
     use blockio::uri::NbdUri;
+    use blockio::BlockDevice;
     use volume_format::control::messages::{Request, ServerEvent};
     use volume_format::description::DeviceEndpoint;
     use volume_format::HandleId;
 
     use super::*;
+    use crate::control::ControlRequest;
     use crate::testing::fake_mds::FakeMds;
     use crate::testing::{self, description, labelled_device, pattern, serve, Served, EXTENT};
 
@@ -457,11 +376,7 @@ mod tests {
     }
 
     fn agent_for(mds: &FakeMds, pool: &Pool) -> Arc<Agent> {
-        Agent::start(AgentConfig {
-            session: mds.session_config(),
-            export_dir: pool.dir.path().join("exports"),
-            pool: PoolOptions::default(),
-        })
+        Agent::start(AgentConfig::new(mds.session_config(), pool.dir.path().join("exports")))
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -601,17 +516,139 @@ mod tests {
         assert!(agent.list().await.is_empty());
     }
 
+    /// A unix socket that accepts NBD connections and never answers: a device
+    /// whose connect does not complete. Reports each accepted connection;
+    /// [`StuckDevice::hang_up`] closes them (the connect then fails).
+    struct StuckDevice {
+        uri: String,
+        accepted: tokio::sync::mpsc::Receiver<()>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl StuckDevice {
+        fn start(dir: &std::path::Path) -> StuckDevice {
+            let path = dir.join("stuck.sock");
+            let listener = tokio::net::UnixListener::bind(&path).unwrap();
+            let (tx, accepted) = tokio::sync::mpsc::channel(16);
+            let task = tokio::spawn(async move {
+                let mut open = Vec::new();
+                while let Ok((stream, _)) = listener.accept().await {
+                    open.push(stream);
+                    let _ = tx.send(()).await;
+                }
+            });
+            StuckDevice { uri: format!("nbd+unix:///stuck?socket={}", path.display()), accepted, task }
+        }
+
+        fn hang_up(&self) {
+            self.task.abort();
+        }
+    }
+
+    impl Drop for StuckDevice {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    fn attach_request(volume: &str) -> AttachRequest {
+        AttachRequest { volume: volume.into(), mode: OpenMode::Exclusive, socket: None, tcp: None }
+    }
+
+    /// Bounds a call that must answer at once; on failure it names what waited.
+    async fn promptly<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), f)
+            .await
+            .unwrap_or_else(|_| panic!("{what} waited behind the attach in progress"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn list_and_status_answer_while_an_attach_waits_for_a_device() {
+        let pool = pool();
+        let mut stuck = StuckDevice::start(pool.dir.path());
+        let mut slow = volume_on(&pool, "slow", 1, 1, 1);
+        slow.devices[0].uri = stuck.uri.clone();
+        let mut mds = FakeMds::start(pool.dir.path(), vec![volume_on(&pool, "vol", 1, 1, 1), slow], 10_000);
+        let agent = Agent::start(AgentConfig {
+            // The stuck device must stay stuck for the whole test.
+            pool: PoolOptions { connect_timeout: Duration::from_secs(3600), ..PoolOptions::default() },
+            ..AgentConfig::new(mds.session_config(), pool.dir.path().join("exports"))
+        });
+        agent.wait_ready().await.unwrap();
+        agent.attach(attach_request("vol")).await.unwrap();
+        let socket = pool.dir.path().join("agent.sock");
+        let listener = crate::control::bind(&socket).await.unwrap();
+        let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(crate::control::serve(agent.clone(), listener, socket.clone(), async move {
+            let _ = stopped.await;
+        }));
+
+        let attaching = tokio::spawn({
+            let agent = agent.clone();
+            async move { agent.attach(attach_request("slow")).await }
+        });
+        // The agent is connecting to the stuck device now: the attach cannot finish.
+        stuck.accepted.recv().await.unwrap();
+
+        let listed = promptly("list", agent.list()).await;
+        assert_eq!(listed.iter().map(|i| i.volume.as_str()).collect::<Vec<_>>(), ["vol"]);
+        let status = promptly("status", crate::control::call(&socket, &ControlRequest::Status)).await.unwrap();
+        assert_eq!(status.agent.unwrap().volumes, 1);
+        let listed = promptly("list", crate::control::call(&socket, &ControlRequest::List)).await.unwrap();
+        assert_eq!(listed.volumes.unwrap().len(), 1);
+        let again = promptly("a second attach", agent.attach(attach_request("slow"))).await;
+        assert!(again.is_err(), "{again:?}");
+        assert!(!attaching.is_finished());
+
+        // The device hangs up: the attach fails naming it and closes its handle.
+        stuck.hang_up();
+        let e = attaching.await.unwrap().unwrap_err().to_string();
+        assert!(e.contains("stuck.sock"), "{e}");
+        assert_eq!(mds.expect(|r| matches!(r, Request::Close { .. })).await, Request::Close { handle: HandleId(12) });
+        assert_eq!(agent.list().await.len(), 1);
+        agent.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn list_and_detach_go_on_while_the_server_has_not_answered_an_open() {
+        let pool = pool();
+        let mut mds = FakeMds::start(
+            pool.dir.path(),
+            vec![volume_on(&pool, "vol", 1, 1, 1), volume_on(&pool, "slow", 1, 1, 1)],
+            10_000,
+        );
+        let agent = agent_for(&mds, &pool);
+        agent.wait_ready().await.unwrap();
+        agent.attach(attach_request("vol")).await.unwrap();
+
+        mds.hold_opens.store(true, std::sync::atomic::Ordering::SeqCst);
+        let attaching = tokio::spawn({
+            let agent = agent.clone();
+            async move { agent.attach(attach_request("slow")).await }
+        });
+        mds.expect(|r| matches!(r, Request::Open { volume, .. } if volume == "slow")).await;
+
+        let listed = promptly("list", agent.list()).await;
+        assert_eq!(listed.iter().map(|i| i.volume.as_str()).collect::<Vec<_>>(), ["vol"]);
+        promptly("detaching another volume", agent.detach("vol")).await.unwrap();
+        assert_eq!(mds.expect(|r| matches!(r, Request::Close { .. })).await, Request::Close { handle: HandleId(11) });
+        assert!(promptly("list", agent.list()).await.is_empty());
+        assert!(!attaching.is_finished());
+
+        mds.release_opens().await;
+        let info = attaching.await.unwrap().unwrap();
+        assert_eq!((info.volume.as_str(), info.handle, info.state.as_str()), ("slow", 12, "open"));
+        assert_eq!(agent.list().await.len(), 1);
+        agent.shutdown().await;
+    }
+
     #[tokio::test]
     async fn a_wrong_server_key_is_fatal() {
         let pool = pool();
         let mds = FakeMds::start(pool.dir.path(), vec![], 10_000);
         let mut config = mds.session_config();
         config.server_key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]).verifying_key();
-        let agent = Agent::start(AgentConfig {
-            session: config,
-            export_dir: pool.dir.path().into(),
-            pool: PoolOptions::default(),
-        });
+        let agent = Agent::start(AgentConfig::new(config, pool.dir.path().into()));
         let e = agent.wait_ready().await.unwrap_err();
         assert!(e.contains("pinned"), "{e}");
     }

@@ -15,7 +15,6 @@ pub use control_client::agent_api::{
 };
 
 use crate::agent::Agent;
-use crate::session::ConnectState;
 
 /// Most simultaneous control connections.
 pub const CONNECTIONS_MAX: usize = 16;
@@ -47,16 +46,7 @@ async fn handle(agent: &Agent, request: ControlRequest) -> ControlReply {
             Err(e) => ControlReply::error(e),
         },
         ControlRequest::List => ControlReply { volumes: Some(agent.list().await), ..ok },
-        ControlRequest::Status => {
-            let (mds, mds_detail) = match agent.session().state() {
-                ConnectState::Connected { epoch } => ("connected", format!("connection {epoch}")),
-                ConnectState::Connecting { last_error } => ("connecting", last_error.unwrap_or_default()),
-                ConnectState::Fatal(e) => ("stopped", e),
-                ConnectState::Stopped => ("stopped", String::new()),
-            };
-            let agent_status = AgentStatus { mds: mds.to_string(), mds_detail, volumes: agent.list().await.len() };
-            ControlReply { agent: Some(agent_status), ..ok }
-        }
+        ControlRequest::Status => ControlReply { agent: Some(agent.status().await), ..ok },
     }
 }
 

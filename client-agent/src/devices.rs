@@ -20,9 +20,11 @@
 //!
 //! Each device also carries the state of its direct path ([`DevicePath`]):
 //! when a request on it fails, [`PooledDevice::direct_failed`] switches the
-//! device to fallback (see [`crate::fallback`]), reports it to the metadata
-//! server and starts one probe task, which reconnects with a bounded backoff
-//! and switches back when the direct path works again.
+//! device to fallback (see [`crate::fallback`]) at once — one atomic the hot
+//! path reads — and tells the agent's owner ([`PathReporter`]), which reports
+//! it to the metadata server, probes the direct path with a bounded backoff
+//! ([`PooledDevice::probe`]) and switches the device back
+//! ([`PooledDevice::set_direct`]) when it works again.
 //!
 //! Hosts may reach a device by another address than the one the pool records
 //! ([`PoolOptions::uri_map`], `sanvol-agent run --device-uri OLD=NEW`).
@@ -31,7 +33,7 @@ use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use blockio::client::{ClientOptions, NbdClient};
@@ -42,7 +44,7 @@ use uuid::Uuid;
 use volume_format::description::DeviceEndpoint;
 use volume_format::label::{DeviceLabel, LABEL_BYTES};
 
-use crate::fallback::{FallbackDevice, PathAction, PathState, ServerLink};
+use crate::fallback::{FallbackDevice, ServerLink};
 
 /// How the pool connects to devices.
 #[derive(Debug, Clone)]
@@ -81,13 +83,19 @@ pub enum DeviceError {
     BadUri { index: u32, uri: String, reason: String },
 }
 
+/// A device's direct path failed (first failure only): its pool URI, its
+/// index in the pool, and why.
+pub type PathReporter = Arc<dyn Fn(&str, u32, &str) + Send + Sync>;
+
 /// Every device connection of the agent, by URI.
 pub struct DevicePool {
     opts: PoolOptions,
     devices: Mutex<HashMap<String, Weak<PooledDevice>>>,
-    /// Where fallback I/O and path reports go; without it (tests, tools) a
-    /// failed direct path just fails the I/O.
+    /// Where fallback I/O goes; without it (tests, tools) a failed direct
+    /// path just fails the I/O.
     link: OnceLock<Arc<ServerLink>>,
+    /// Who hears of failed direct paths (the agent's owner).
+    reporter: OnceLock<PathReporter>,
 }
 
 /// A device as listed by `sanvol-agent list --json`'s device section.
@@ -108,12 +116,25 @@ pub struct DeviceStatus {
 impl DevicePool {
     pub fn new(mut opts: PoolOptions) -> Arc<DevicePool> {
         opts.connections_per_device = opts.connections_per_device.clamp(1, CONNECTIONS_PER_DEVICE_MAX);
-        Arc::new(DevicePool { opts, devices: Mutex::new(HashMap::new()), link: OnceLock::new() })
+        Arc::new(DevicePool {
+            opts,
+            devices: Mutex::new(HashMap::new()),
+            link: OnceLock::new(),
+            reporter: OnceLock::new(),
+        })
     }
 
-    /// Enables fallback through the metadata server (once; later calls are ignored).
-    pub fn set_server_link(&self, link: Arc<ServerLink>) {
+    /// Enables fallback through the metadata server (once; later calls are
+    /// ignored): failed direct paths go to `reporter`, which must report
+    /// them, probe and switch back.
+    pub fn set_server_link(&self, link: Arc<ServerLink>, reporter: PathReporter) {
         let _ = self.link.set(link);
+        let _ = self.reporter.set(reporter);
+    }
+
+    /// The pooled device the pool records as `uri`, if a volume uses it.
+    pub fn find(&self, uri: &str) -> Option<Arc<PooledDevice>> {
+        self.devices.lock().unwrap_or_else(|e| e.into_inner()).get(uri).and_then(Weak::upgrade)
     }
 
     /// The device for `endpoint` as a leg of volume `volume`'s layout: with a
@@ -156,11 +177,11 @@ impl DevicePool {
         } else {
             format!("{} ({} via {direct_uri})", endpoint.index, endpoint.uri)
         };
-        let device = Arc::new_cyclic(|me| PooledDevice {
+        let device = Arc::new(PooledDevice {
             uri,
+            key: endpoint.uri.clone(),
             index: endpoint.index.0,
-            me: me.clone(),
-            link: self.link.get().cloned(),
+            reporter: self.reporter.get().cloned(),
             path: DevicePath::default(),
             name,
             expected: self.opts.verify_labels.then_some((pool_uuid, endpoint.device_uuid)),
@@ -183,24 +204,23 @@ impl DevicePool {
     }
 }
 
-/// The direct path's state of one device.
+/// The direct path's state of one device, as the data path sees it (the
+/// owner keeps the rest: when to probe, [`crate::fallback::PathState`]).
 pub struct DevicePath {
-    /// Mirrors `state.is_direct()`: the only thing the hot path reads.
+    /// The only thing the hot path reads.
     direct: AtomicBool,
-    state: Mutex<PathState>,
+    /// Why the device is on fallback (set with `direct`, off the hot path).
+    reason: Mutex<Option<String>>,
     /// The metadata server marked the device failed: I/O on it fails at once.
     pub marked_failed: Arc<AtomicBool>,
-    /// Origin of the milliseconds [`PathState`] counts in.
-    epoch: Instant,
 }
 
 impl Default for DevicePath {
     fn default() -> DevicePath {
         DevicePath {
             direct: AtomicBool::new(true),
-            state: Mutex::new(PathState::default()),
+            reason: Mutex::new(None),
             marked_failed: Arc::new(AtomicBool::new(false)),
-            epoch: Instant::now(),
         }
     }
 }
@@ -210,19 +230,16 @@ impl DevicePath {
         self.direct.load(Ordering::Acquire)
     }
 
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, PathState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn reason(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.reason.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// `direct`, or `fallback: REASON`.
     pub fn describe(&self) -> String {
-        match self.state().reason() {
-            None => "direct".to_string(),
-            Some(reason) => format!("fallback: {reason}"),
+        match (self.is_direct(), self.reason().as_deref()) {
+            (false, Some(reason)) => format!("fallback: {reason}"),
+            (false, None) => "fallback".to_string(),
+            (true, _) => "direct".to_string(),
         }
     }
 }
@@ -230,10 +247,11 @@ impl DevicePath {
 /// One device, connected on demand. Implements [`BlockDevice`].
 pub struct PooledDevice {
     uri: NbdUri,
+    /// The URI the pool records (the pool's key; `uri` may be remapped).
+    key: String,
     /// The device's index in the pool, for reports.
     index: u32,
-    me: Weak<PooledDevice>,
-    link: Option<Arc<ServerLink>>,
+    reporter: Option<PathReporter>,
     path: DevicePath,
     /// `devN (URI)`, for messages.
     name: String,
@@ -275,34 +293,31 @@ impl PooledDevice {
     }
 
     /// A request on the direct path failed on the path itself. The first such
-    /// failure switches the device to fallback, drops its connection, reports
-    /// to the server and starts the probe task; later ones change nothing.
+    /// failure switches the device to fallback, drops its connection and
+    /// tells the owner (which reports and probes); later ones change nothing.
     pub fn direct_failed(&self, reason: &str) {
-        let action = self.path.state().direct_failed(self.path.now_ms(), reason);
-        let PathAction::ReportFailure(reason) = action else { return };
-        self.path.direct.store(false, Ordering::Release);
-        tracing::warn!(device = %self.name, %reason, "direct path failed; sending this device's I/O through the metadata server");
+        if !self.path.direct.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        *self.path.reason() = Some(reason.to_string());
+        tracing::warn!(device = %self.name, %reason, "direct path failed");
         if let Some(old) = self.client.write().unwrap_or_else(|e| e.into_inner()).take() {
             tokio::spawn(async move { old.disconnect().await });
         }
-        let Some(link) = self.link.clone() else { return };
-        let (index, name, flag) = (self.index, self.name.clone(), self.path.marked_failed.clone());
-        tokio::spawn(async move {
-            match link.report_failure(index, &reason).await {
-                Ok(true) => {
-                    tracing::error!(device = %name, "the metadata server cannot reach the device either: it is marked failed");
-                    flag.store(true, Ordering::Release);
-                }
-                Ok(false) => tracing::info!(device = %name, "reported the failed direct path to the metadata server"),
-                Err(e) => tracing::warn!(device = %name, error = %e, "could not report the failed direct path"),
-            }
-        });
-        tokio::spawn(probe_loop(self.me.clone()));
+        if let Some(report) = &self.reporter {
+            report(&self.key, self.index, reason);
+        }
     }
 
     /// One probe of the direct path: a fresh connection with the label check.
-    async fn probe(&self) -> bool {
+    pub async fn probe(&self) -> bool {
         self.client().await.is_ok()
+    }
+
+    /// A probe found the direct path working: I/O goes direct again.
+    pub fn set_direct(&self) {
+        *self.path.reason() = None;
+        self.path.direct.store(true, Ordering::Release);
     }
 
     fn cached(&self) -> Option<NbdClient> {
@@ -354,40 +369,6 @@ impl PooledDevice {
             self.client.write().unwrap_or_else(|e| e.into_inner()).take();
         }
         e
-    }
-}
-
-/// Probes the direct path of a device on fallback until it works again (or
-/// the device is dropped), then switches back and reports it.
-async fn probe_loop(device: Weak<PooledDevice>) {
-    loop {
-        let wait_ms = {
-            let Some(d) = device.upgrade() else { return };
-            let Some(at) = d.path.state().next_probe_ms() else { return };
-            at.saturating_sub(d.path.now_ms())
-        };
-        tokio::time::sleep(Duration::from_millis(wait_ms)).await;
-        let Some(d) = device.upgrade() else { return };
-        let ok = d.probe().await;
-        let action = {
-            let mut state = d.path.state();
-            if ok {
-                state.probe_succeeded()
-            } else {
-                state.probe_failed(d.path.now_ms());
-                PathAction::None
-            }
-        };
-        if action == PathAction::ReportRecovered {
-            d.path.direct.store(true, Ordering::Release);
-            tracing::info!(device = %d.name, "direct path works again; back to direct I/O");
-            if let Some(link) = d.link.clone() {
-                if let Err(e) = link.report_recovered(d.index).await {
-                    tracing::warn!(device = %d.name, error = %e, "could not report the recovered direct path");
-                }
-            }
-            return;
-        }
     }
 }
 

@@ -23,8 +23,9 @@ use blockio::BlockDevice;
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
-/// Where to serve a volume.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where to serve a volume. Serializable: it is part of what the agent must
+/// remember to re-export a volume ([`crate::core::HeldHandle`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ExportTarget {
     Unix(PathBuf),
     /// Loopback only: the export has no authentication.

@@ -78,6 +78,30 @@ impl fmt::Display for Phase {
     }
 }
 
+/// Whether a recall of `offered` may close a gate in `phase` whose layout is at `current`: not
+/// when revoked or detached, and only for a newer generation. The agent's owner applies the same
+/// rule to its own record of the gate ([`crate::core`]), so both always agree.
+pub fn recall_allowed(phase: &Phase, current: u64, offered: u64) -> Result<(), GateError> {
+    match phase {
+        Phase::Revoked { reason } => Err(GateError::Revoked { reason: reason.clone() }),
+        Phase::Closed => Err(GateError::Closed),
+        _ if offered <= current => Err(GateError::StaleGeneration { offered, current }),
+        _ => Ok(()),
+    }
+}
+
+/// Whether a layout at `offered` may be published into a gate in `phase` at `current`: not when
+/// revoked or detached, and never an older generation (a delayed message must not roll the
+/// volume back).
+pub fn publish_allowed(phase: &Phase, current: u64, offered: u64) -> Result<(), GateError> {
+    match phase {
+        Phase::Revoked { reason } => Err(GateError::Revoked { reason: reason.clone() }),
+        Phase::Closed => Err(GateError::Closed),
+        _ if offered < current => Err(GateError::StaleGeneration { offered, current }),
+        _ => Ok(()),
+    }
+}
+
 /// A snapshot of the gate for listings and tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GateStatus {
@@ -92,16 +116,23 @@ pub struct GateStatus {
     pub lease_expired: bool,
 }
 
-impl GateStatus {
+impl Phase {
     /// One word for listings: `open`, `recalled`, `lease-expired`, `revoked`, `detached`.
-    pub fn state_word(&self) -> &'static str {
-        match self.phase {
-            Phase::Open if self.lease_expired => "lease-expired",
+    pub fn word(&self, lease_expired: bool) -> &'static str {
+        match self {
+            Phase::Open if lease_expired => "lease-expired",
             Phase::Open => "open",
             Phase::Recalled { .. } => "recalled",
             Phase::Revoked { .. } => "revoked",
             Phase::Closed => "detached",
         }
+    }
+}
+
+impl GateStatus {
+    /// One word for listings: `open`, `recalled`, `lease-expired`, `revoked`, `detached`.
+    pub fn state_word(&self) -> &'static str {
+        self.phase.word(self.lease_expired)
     }
 }
 
@@ -254,14 +285,7 @@ impl<L> Gate<L> {
     /// continues; wait for it with [`Gate::drained`].
     pub fn begin_recall(&self, generation: u64) -> Result<(), GateError> {
         let mut s = self.lock();
-        match s.phase {
-            Phase::Revoked { ref reason } => return Err(GateError::Revoked { reason: reason.clone() }),
-            Phase::Closed => return Err(GateError::Closed),
-            _ => {}
-        }
-        if generation <= s.generation {
-            return Err(GateError::StaleGeneration { offered: generation, current: s.generation });
-        }
+        recall_allowed(&s.phase, s.generation, generation)?;
         s.phase = Phase::Recalled { generation };
         Ok(())
     }
@@ -298,14 +322,7 @@ impl<L> Gate<L> {
     pub fn publish(&self, layout: Arc<L>, generation: u64) -> Result<(), GateError> {
         {
             let mut s = self.lock();
-            match s.phase {
-                Phase::Revoked { ref reason } => return Err(GateError::Revoked { reason: reason.clone() }),
-                Phase::Closed => return Err(GateError::Closed),
-                _ => {}
-            }
-            if generation < s.generation {
-                return Err(GateError::StaleGeneration { offered: generation, current: s.generation });
-            }
+            publish_allowed(&s.phase, s.generation, generation)?;
             s.layout = layout;
             s.generation = generation;
             s.phase = Phase::Open;

@@ -8,7 +8,9 @@
 //! recall–publish cycle, both enforced by each volume's [`gate::Gate`].
 //!
 //! Embedding: [`volume::VolumeDevice`] is a plain `BlockDevice` over injected
-//! device handles; [`agent::Agent`] is the whole agent without its CLI.
+//! device handles; [`agent::Agent`] is the whole agent without its CLI;
+//! [`core::AgentCore`] is its control logic without any I/O (for tests and
+//! simulation).
 //!
 //! # Layout
 //! - [`gate`]: the recall gate — admits, holds or fails each I/O of a volume
@@ -21,23 +23,30 @@
 //!   with each device's direct-path state.
 //! - [`fallback`]: I/O through the metadata server when a direct path fails
 //!   (data channels, reports, probing back).
-//! - [`session`]: the control session with the metadata server (lease
-//!   renewal, recall/publish/revoke dispatch, reconnection).
+//! - [`core`]: the agent's control plane as one sans-IO state machine —
+//!   attachments, handles, leases, the connection, recalls, registrations,
+//!   device paths — applied input by input with an injected clock.
+//! - [`owner`]: the one task that owns the core (select → apply → perform
+//!   effects; long steps run as tasks that report back).
+//! - [`session`]: who the agent is, its server addresses, session errors.
 //! - [`export`]: serving a volume as an NBD export (unix socket, loopback
 //!   TCP) and the kernel-attach seam.
-//! - [`agent`]: attach/detach/list and graceful shutdown.
+//! - [`agent`]: the handle callers use (attach/detach/list/status, graceful
+//!   shutdown), each a command to the owner.
 //! - [`control`]: the local control socket (JSON lines) and its client.
 //! - [`kernel`]: kernel attach — a volume as `/dev/nbdX` through the NBD driver's netlink
 //!   interface, and reattach after an agent restart.
 
 pub mod agent;
 pub mod control;
+pub mod core;
 pub mod cow;
 pub mod devices;
 pub mod export;
 pub mod fallback;
 pub mod gate;
 pub mod kernel;
+pub mod owner;
 pub mod session;
 pub mod volume;
 

@@ -256,6 +256,10 @@ pub mod fake_mds {
         pub events: mpsc::Sender<ServerEvent>,
         /// Drops the current connection when sent to.
         pub hang_up: mpsc::Sender<()>,
+        /// While set, replies to `Open` are held back (other requests are
+        /// answered) until [`FakeMds::release_opens`]: an attach stuck at the server.
+        pub hold_opens: Arc<std::sync::atomic::AtomicBool>,
+        release: mpsc::Sender<()>,
         task: tokio::task::JoinHandle<()>,
     }
 
@@ -285,6 +289,9 @@ pub mod fake_mds {
             let (req_tx, requests) = mpsc::channel(1024);
             let (events, mut ev_rx) = mpsc::channel::<ServerEvent>(64);
             let (hang_up, mut hang_rx) = mpsc::channel::<()>(4);
+            let (release, mut release_rx) = mpsc::channel::<()>(4);
+            let hold_opens = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let holding = hold_opens.clone();
             let key = server_key.clone();
             let task = tokio::spawn(async move {
                 let mut session = 0;
@@ -299,14 +306,29 @@ pub mod fake_mds {
                         continue;
                     }
                     let (mut r, mut w) = tokio::io::split(stream);
+                    let mut held = Vec::new();
                     loop {
                         tokio::select! {
                             msg = framed::read_message::<ClientMessage, _>(&mut r) => {
                                 let Ok(msg) = msg else { break };
                                 let _ = req_tx.try_send(msg.request.clone());
+                                let is_open = matches!(msg.request, Request::Open { .. });
                                 let result = answer(&script, msg.request, lease_ms);
-                                if framed::write_message(&mut w, &ServerMessage::Reply { id: msg.id, result }).await.is_err() {
+                                let reply = ServerMessage::Reply { id: msg.id, result };
+                                if is_open && holding.load(std::sync::atomic::Ordering::SeqCst) {
+                                    held.push(reply);
+                                    continue;
+                                }
+                                if framed::write_message(&mut w, &reply).await.is_err() {
                                     break;
+                                }
+                            }
+                            Some(()) = release_rx.recv() => {
+                                holding.store(false, std::sync::atomic::Ordering::SeqCst);
+                                for reply in held.drain(..) {
+                                    if framed::write_message(&mut w, &reply).await.is_err() {
+                                        break;
+                                    }
                                 }
                             }
                             Some(event) = ev_rx.recv() => {
@@ -319,7 +341,17 @@ pub mod fake_mds {
                     }
                 }
             });
-            FakeMds { addr: ControlAddr::Unix(path), server_key, agent_key, requests, events, hang_up, task }
+            FakeMds {
+                addr: ControlAddr::Unix(path),
+                server_key,
+                agent_key,
+                requests,
+                events,
+                hang_up,
+                hold_opens,
+                release,
+                task,
+            }
         }
 
         pub fn session_config(&self) -> SessionConfig {
@@ -331,6 +363,11 @@ pub mod fake_mds {
                 name: "test-agent".into(),
                 instance: [3; 16],
             }
+        }
+
+        /// Sends the held replies to `Open` and stops holding them.
+        pub async fn release_opens(&self) {
+            self.release.send(()).await.unwrap();
         }
 
         /// Waits (at most 10 s) for the next request matching `pred`, skipping others.

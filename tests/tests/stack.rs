@@ -203,3 +203,57 @@ async fn clients_with_bad_credentials_are_refused_clearly() {
         "mds log:\n{log}"
     );
 }
+
+/// Issue 10: the agent's control plane never waits on an attach in progress.
+/// The agent reaches the volume's device through a socket that accepts and
+/// never answers (`--device-uri`), so its attach hangs connecting; `list` and
+/// `status` must answer meanwhile, while the attach is still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_and_status_answer_while_an_attach_hangs_on_a_device() {
+    let mut stack = Stack::new(1, "256M");
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "slow", "64M"]);
+    let stuck_path = stack.dir.path().join("stuck.sock");
+    let stuck = std::os::unix::net::UnixListener::bind(&stuck_path).expect("bind the stuck device");
+    let (accepted_tx, accepted) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Holds every connection open without a word; ends when the test drops the receiver.
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = stuck.accept() {
+            open.push(stream);
+            if accepted_tx.send(open.len()).is_err() {
+                return;
+            }
+        }
+    });
+    let device = stack.device_uris()[0].to_string();
+    let remap = format!("{device}=nbd+unix:///stuck?socket={}", stuck_path.display());
+    let agent = stack.start_agent_with("host-a", &["--device-uri".into(), remap]);
+
+    let mut attach = Command::new(sanvol_tests::system::bin("sanvol-agent"))
+        .args(["attach", "slow", "--control-socket"])
+        .arg(&agent.socket)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run sanvol-agent attach");
+    // The agent is now connecting to the device that never answers.
+    accepted.recv_timeout(STARTUP_TIMEOUT).expect("the agent never connected to the device");
+
+    let out = agent.cli(&["list", "--json"]);
+    assert!(out.status.success(), "list: {}", String::from_utf8_lossy(&out.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("list --json");
+    assert_eq!(listed, serde_json::json!([]), "the volume being attached is not listed yet");
+    let status = control_client::agent_api::call(&agent.socket, &control_client::agent_api::ControlRequest::Status)
+        .await
+        .expect("status");
+    assert_eq!(status.agent.expect("status reply").mds, "connected");
+    assert!(
+        attach.try_wait().expect("attach process").is_none(),
+        "list and status answered only after the attach had finished"
+    );
+    let _ = attach.kill();
+    let _ = attach.wait();
+    // Lets the stuck device's thread see the receiver gone and end.
+    drop(accepted);
+    let _ = std::os::unix::net::UnixStream::connect(&stuck_path);
+}

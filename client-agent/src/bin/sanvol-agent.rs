@@ -217,15 +217,15 @@ async fn run(args: RunArgs, control_socket: PathBuf) -> Result<()> {
             uri_map: args.device_uri.into_iter().collect(),
             ..PoolOptions::default()
         },
+        kernel: client_agent::kernel::KernelSettings {
+            timeout_secs: args.nbd_timeout_secs,
+            dead_conn_timeout_secs: args.nbd_dead_conn_timeout_secs,
+            connections: args.nbd_connections as usize,
+            ..Default::default()
+        },
+        host_aliases: args.device_host_alias.clone(),
     };
     let agent = Agent::start(config);
-    agent.set_device_host_aliases(args.device_host_alias.clone());
-    agent.set_kernel_settings(client_agent::kernel::KernelSettings {
-        timeout_secs: args.nbd_timeout_secs,
-        dead_conn_timeout_secs: args.nbd_dead_conn_timeout_secs,
-        connections: args.nbd_connections as usize,
-        ..Default::default()
-    });
 
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -11,17 +11,18 @@
 //! lease plus the server's `durable_ms` runs out. (A resume would skip that wait, but the resume key
 //! died with the old agent's memory; the new agent is a new instance and re-opens.) The agent retries (every
 //! [`REOPEN_RETRY`]) within the device's dead-connection window: the server offers no notification
-//! for "that handle expired", so this is a bounded poll of a remote state.
+//! for "that handle expired", so this is a bounded poll of a remote state. Each try is one attach
+//! through the agent's owner (open, devices, export, then the device's fresh sockets), which checks
+//! the volume's pool against the identifier's before it touches the device.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 use volume_format::description::VolumeDescription;
 
-use super::attach::KernelAttachment;
 use super::{device_path, driver, BackendId, KernelError};
-use crate::agent::{Agent, AgentError, AttachRequest};
+use crate::agent::{Agent, AgentError};
 use crate::session::SessionError;
 
 /// Pause between re-open attempts while the old handle still holds the volume.
@@ -29,16 +30,15 @@ pub const REOPEN_RETRY: Duration = Duration::from_millis(500);
 
 /// Host rewrites for device URIs (`FROM=TO`): `nbd://FROM:PORT/x` → `nbd://TO:PORT/x`.
 #[derive(Clone, Default)]
-pub struct HostAliases(Arc<RwLock<Vec<(String, String)>>>);
+pub struct HostAliases(Arc<Vec<(String, String)>>);
 
 impl HostAliases {
-    pub fn set(&self, aliases: Vec<(String, String)>) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = aliases;
+    pub fn new(aliases: Vec<(String, String)>) -> HostAliases {
+        HostAliases(Arc::new(aliases))
     }
 
     pub fn rewrite(&self, uri: &str) -> String {
-        let aliases = self.0.read().unwrap_or_else(|e| e.into_inner());
-        for (from, to) in aliases.iter() {
+        for (from, to) in self.0.iter() {
             for sep in [":", "/"] {
                 let old = format!("://{from}{sep}");
                 if let Some(at) = uri.find(&old) {
@@ -118,9 +118,8 @@ async fn reattach_one(agent: &Agent, index: u32, text: String, id: &BackendId) -
     let settings = agent.kernel_settings();
     let deadline = Instant::now() + Duration::from_secs(settings.dead_conn_timeout_secs.max(1));
     loop {
-        let request = AttachRequest { volume: id.volume.clone(), mode: id.mode, socket: None, tcp: None };
-        match agent.attach(request).await {
-            Ok(_) => break,
+        match agent.reattach_kernel(&id.volume, id.mode, index, text.clone(), id.pool).await {
+            Ok(info) => return Ok(info.kernel_device.unwrap_or_else(|| device_path(index))),
             // The old handle still holds the volume (its lease and durable time have not run out),
             // or a reconfiguration is in progress: both pass.
             Err(AgentError::Session(SessionError::Server(m)))
@@ -132,26 +131,6 @@ async fn reattach_one(agent: &Agent, index: u32, text: String, id: &BackendId) -
             Err(e) => return Err(e),
         }
     }
-    let Some((device, pool)) = agent.attached_device(&id.volume).await else {
-        return Err(AgentError::NotAttached(id.volume.clone()));
-    };
-    if pool != id.pool {
-        let _ = agent.detach(&id.volume).await;
-        return Err(AgentError::Kernel {
-            volume: id.volume.clone(),
-            source: KernelError::WrongBackend {
-                device: device_path(index),
-                expected: format!("pool {pool}"),
-                found: text,
-            },
-        });
-    }
-    let volume = id.volume.clone();
-    let r = agent.set_kernel(&volume, KernelAttachment::reconnect(&volume, device, index, text, settings)).await;
-    if r.is_err() {
-        let _ = agent.detach(&volume).await;
-    }
-    r
 }
 
 #[cfg(test)]
@@ -160,8 +139,7 @@ mod tests {
 
     #[test]
     fn host_aliases_rewrite_only_the_host() {
-        let a = HostAliases::default();
-        a.set(vec![parse_alias("127.0.0.1=10.0.2.2").unwrap()]);
+        let a = HostAliases::new(vec![parse_alias("127.0.0.1=10.0.2.2").unwrap()]);
         assert_eq!(a.rewrite("nbd://127.0.0.1:10809/x"), "nbd://10.0.2.2:10809/x");
         assert_eq!(a.rewrite("nbd://127.0.0.1/x"), "nbd://10.0.2.2/x");
         assert_eq!(a.rewrite("nbd://127.0.0.12:1/x"), "nbd://127.0.0.12:1/x");

@@ -1,0 +1,708 @@
+//! The owner's state machine driven input by input with an injected clock:
+//! no sockets, no tasks, no sleeps. Each test plays the shell's part — it
+//! reads the effects and answers with inputs — so the interleavings are
+//! exactly the ones written down.
+
+use volume_format::control::messages::{
+    ControlError, ErrorCode, OpenMode, OpenedHandle, Request, Response, ServerEvent,
+};
+use volume_format::{HandleId, VolumeDescription};
+
+use super::*;
+
+const LEASE_MS: u64 = 3000;
+
+/// A core connected at `t = 0` on connection 1 with a 3 s lease.
+struct Harness {
+    core: AgentCore,
+    now: Millis,
+    conn: ConnId,
+    next_caller: u64,
+    /// Every effect so far, in order.
+    log: Vec<Effect>,
+}
+
+fn description(name: &str, generation: u64, extents: u64) -> VolumeDescription {
+    let mut d = crate::testing::description(extents, 1, 1, generation);
+    d.name = name.into();
+    d
+}
+
+fn opened(handle: u64, d: VolumeDescription, key: &[u8]) -> Result<Response, RequestError> {
+    Ok(Response::Opened(OpenedHandle {
+        handle: HandleId(handle),
+        mode: OpenMode::Exclusive,
+        description: d,
+        lease_ms: LEASE_MS,
+        resume_key: key.to_vec(),
+    }))
+}
+
+fn refused(code: ErrorCode, message: &str) -> Result<Response, RequestError> {
+    Err(RequestError::Server(ControlError::new(code, message)))
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let core =
+            AgentCore::new(CoreConfig { addrs: vec!["unix:/run/mds.sock".into()], export_dir: "/run/exports".into() });
+        let mut h = Harness { core, now: 0, conn: ConnId(0), next_caller: 0, log: Vec::new() };
+        let effects = h.apply(Input::Tick);
+        let Some(Effect::Connect { conn, addr: 0 }) = effects.first().cloned() else {
+            panic!("the core connects at once: {effects:?}")
+        };
+        h.conn = conn;
+        let effects = h.apply(Input::Connected { conn, lease_ms: LEASE_MS, session: 1 });
+        assert!(effects.contains(&Effect::State(ConnectState::Connected { epoch: 1 })), "{effects:?}");
+        h
+    }
+
+    fn apply(&mut self, input: Input) -> Vec<Effect> {
+        let effects = self.core.apply(self.now, input);
+        self.log.extend(effects.iter().cloned());
+        effects
+    }
+
+    fn at(&mut self, now: Millis) -> &mut Harness {
+        assert!(now >= self.now, "time only moves forward");
+        self.now = now;
+        self
+    }
+
+    fn command(&mut self, command: Command) -> (CallerId, Vec<Effect>) {
+        self.next_caller += 1;
+        let caller = CallerId(self.next_caller);
+        (caller, self.apply(Input::Command { caller, command }))
+    }
+
+    fn attach_cmd(&mut self, volume: &str) -> (CallerId, RequestId) {
+        let spec = AttachSpec {
+            volume: volume.into(),
+            open: OpenWith::Mode(OpenMode::Exclusive),
+            socket: None,
+            tcp: None,
+            kernel: None,
+        };
+        let (caller, effects) = self.command(Command::Attach(spec));
+        let (request, message) = sent_one(&effects);
+        assert_eq!(message, Request::Open { volume: volume.into(), mode: OpenMode::Exclusive });
+        (caller, request)
+    }
+
+    /// Attaches `volume` as handle `handle` at generation 1; returns its attachment.
+    fn attach(&mut self, volume: &str, handle: u64, key: &[u8]) -> AttachmentId {
+        let (caller, open) = self.attach_cmd(volume);
+        let effects =
+            self.apply(Input::Reply { request: open, result: opened(handle, description(volume, 1, 2), key) });
+        let attachment = started_attach(&effects);
+        let effects = self.apply(Input::Prepared { attachment, result: Ok(prepared(volume)) });
+        match reply_to(&effects, caller) {
+            Reply::Attached(info) => assert_eq!((info.handle, info.state.as_str()), (handle, "open")),
+            other => panic!("{other:?}"),
+        }
+        attachment
+    }
+
+    /// The live connection ends at `now`.
+    fn lose_connection(&mut self, now: Millis) -> Vec<Effect> {
+        let conn = self.conn;
+        self.at(now).apply(Input::ConnectionLost { conn })
+    }
+
+    fn list(&mut self) -> Vec<AttachmentInfo> {
+        let (caller, effects) = self.command(Command::List);
+        match reply_to(&effects, caller) {
+            Reply::List(list) => list,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn state_of(&mut self, volume: &str) -> (String, String, u64) {
+        let info = self.list().into_iter().find(|i| i.volume == volume).expect("listed");
+        (info.state, info.state_detail, info.layout_generation)
+    }
+
+    /// Answers every renewal in `effects` with a lease.
+    fn renewals_answered(&mut self, effects: &[Effect]) -> Vec<Effect> {
+        let mut out = Vec::new();
+        for (request, message) in sent(effects) {
+            if message == Request::Renew {
+                out.extend(self.apply(Input::Reply { request, result: Ok(Response::Lease { lease_ms: LEASE_MS }) }));
+            }
+        }
+        out
+    }
+}
+
+fn prepared(volume: &str) -> Prepared {
+    Prepared {
+        export_uri: format!("nbd+unix:///{volume}?socket=/run/exports/{volume}.sock"),
+        kernel_device: None,
+        kernel_note: None,
+    }
+}
+
+fn sent(effects: &[Effect]) -> Vec<(RequestId, Request)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Send { request, message, .. } => Some((*request, message.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn sent_one(effects: &[Effect]) -> (RequestId, Request) {
+    let mut s = sent(effects);
+    assert_eq!(s.len(), 1, "exactly one request expected: {effects:?}");
+    s.remove(0)
+}
+
+fn started_attach(effects: &[Effect]) -> AttachmentId {
+    effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::StartAttach { attachment, .. } => Some(*attachment),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no attach task started: {effects:?}"))
+}
+
+fn reply_to(effects: &[Effect], caller: CallerId) -> Reply {
+    effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Reply { caller: c, reply } if *c == caller => Some(reply.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no reply to {caller:?}: {effects:?}"))
+}
+
+fn no_reply(effects: &[Effect]) -> bool {
+    !effects.iter().any(|e| matches!(e, Effect::Reply { .. }))
+}
+
+#[test]
+fn list_and_status_answer_while_an_attach_is_in_progress() {
+    let mut h = Harness::new();
+    h.attach("vol", 11, b"key");
+    h.at(10);
+    let (attaching, open) = h.attach_cmd("slow");
+
+    // The server has not answered the open: list and status answer at once.
+    assert_eq!(h.list().iter().map(|i| i.volume.as_str()).collect::<Vec<_>>(), ["vol"]);
+    let (caller, effects) = h.command(Command::Status);
+    let Reply::Status(status) = reply_to(&effects, caller) else { panic!("{effects:?}") };
+    assert_eq!((status.mds.as_str(), status.volumes), ("connected", 1));
+    let (caller, effects) = h.command(Command::Detach { volume: "slow".into() });
+    assert_eq!(reply_to(&effects, caller), Reply::Failed(AgentError::Attaching("slow".into())));
+
+    // Opened; the attach task (devices, export) is still running: the same.
+    let effects = h.apply(Input::Reply { request: open, result: opened(12, description("slow", 1, 1), b"k2") });
+    let attachment = started_attach(&effects);
+    assert!(no_reply(&effects), "{effects:?}");
+    assert_eq!(h.list().len(), 1);
+    // Other volumes detach meanwhile.
+    let (caller, effects) = h.command(Command::Detach { volume: "vol".into() });
+    assert!(matches!(effects[..], [Effect::StartDetach { flush: true, .. }]), "{effects:?}");
+    let effects = h.apply(Input::Detached { attachment: AttachmentId(1), result: Ok(()) });
+    let (close, message) = sent_one(&effects);
+    assert_eq!(message, Request::Close { handle: HandleId(11) });
+    let effects = h.apply(Input::Reply { request: close, result: Ok(Response::Done) });
+    assert_eq!(reply_to(&effects, caller), Reply::Done);
+
+    let effects = h.apply(Input::Prepared { attachment, result: Ok(prepared("slow")) });
+    assert!(matches!(reply_to(&effects, attaching), Reply::Attached(_)));
+    assert_eq!(h.list().iter().map(|i| i.volume.as_str()).collect::<Vec<_>>(), ["slow"]);
+}
+
+#[test]
+fn a_recall_during_an_attach_is_applied_and_confirmed_before_the_attach_finishes() {
+    let mut h = Harness::new();
+    let (caller, open) = h.attach_cmd("vol");
+    let effects = h.apply(Input::Reply { request: open, result: opened(11, description("vol", 1, 2), b"key") });
+    let attachment = started_attach(&effects);
+
+    // The devices are still being connected when the server recalls.
+    let effects =
+        h.apply(Input::Event { conn: h.conn, event: ServerEvent::Recall { handle: HandleId(11), generation: 2 } });
+    assert_eq!(effects, vec![Effect::BeginRecall { attachment, generation: 2 }]);
+    let effects = h.apply(Input::Drained { attachment, generation: 2, result: Ok(()) });
+    let (done, message) = sent_one(&effects);
+    assert_eq!(message, Request::RecallDone { handle: HandleId(11), generation: 2 });
+    let pending = h.core.held_handles()[0].pending_recall.unwrap();
+    assert!(pending.drained && !pending.confirmed);
+    h.apply(Input::Reply { request: done, result: Ok(Response::Done) });
+    assert!(h.core.held_handles()[0].pending_recall.unwrap().confirmed);
+
+    // The attach finishes recalled; the publish reopens it.
+    let effects = h.apply(Input::Prepared { attachment, result: Ok(prepared("vol")) });
+    let Reply::Attached(info) = reply_to(&effects, caller) else { panic!("{effects:?}") };
+    assert_eq!((info.state.as_str(), info.layout_generation), ("recalled", 1));
+    let grown = description("vol", 2, 3);
+    let effects = h.apply(Input::Event {
+        conn: h.conn,
+        event: ServerEvent::Publish { handle: HandleId(11), description: Box::new(grown.clone()) },
+    });
+    assert_eq!(
+        effects,
+        vec![Effect::Publish { attachment, description: Box::new(grown), context: PublishContext::Event }]
+    );
+    assert_eq!(h.state_of("vol"), ("open".into(), String::new(), 2));
+    assert_eq!(h.core.held_handles()[0].pending_recall, None);
+}
+
+#[test]
+fn events_before_the_open_reply_are_kept_and_replayed_in_order() {
+    let mut h = Harness::new();
+    let (_, open) = h.attach_cmd("vol");
+    // A recall and a publish overtake the reply to the open.
+    for event in [
+        ServerEvent::Recall { handle: HandleId(11), generation: 2 },
+        ServerEvent::Publish { handle: HandleId(11), description: Box::new(description("vol", 2, 3)) },
+    ] {
+        assert!(h.apply(Input::Event { conn: h.conn, event }).is_empty(), "nothing to apply it to yet");
+    }
+    let effects = h.apply(Input::Reply { request: open, result: opened(11, description("vol", 1, 2), b"key") });
+    let attachment = started_attach(&effects);
+    let kinds: Vec<&str> = effects
+        .iter()
+        .map(|e| match e {
+            Effect::StartAttach { .. } => "attach",
+            Effect::BeginRecall { generation: 2, .. } => "recall",
+            Effect::Publish { .. } => "publish",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(kinds, ["attach", "recall", "publish"], "the gate exists before the events reach it");
+    h.apply(Input::Prepared { attachment, result: Ok(prepared("vol")) });
+    assert_eq!(h.state_of("vol"), ("open".into(), String::new(), 2));
+    // A publish for a handle never registered stays an orphan and changes nothing.
+    let stray = ServerEvent::Publish { handle: HandleId(99), description: Box::new(description("x", 5, 1)) };
+    assert!(h.apply(Input::Event { conn: h.conn, event: stray }).is_empty());
+}
+
+#[test]
+fn stale_events_are_ignored_by_the_gates_own_rules() {
+    let mut h = Harness::new();
+    let a = h.attach("vol", 11, b"key");
+    let publish = |g| ServerEvent::Publish { handle: HandleId(11), description: Box::new(description("vol", g, 2)) };
+    assert_eq!(h.apply(Input::Event { conn: h.conn, event: publish(3) }).len(), 1);
+    assert!(h.apply(Input::Event { conn: h.conn, event: publish(2) }).is_empty(), "an older layout");
+    let recall = ServerEvent::Recall { handle: HandleId(11), generation: 3 };
+    assert!(h.apply(Input::Event { conn: h.conn, event: recall }).is_empty(), "not newer than the layout");
+    assert_eq!(h.state_of("vol").2, 3);
+    // A drain reported for a recall that is over sends nothing.
+    assert!(sent(&h.apply(Input::Drained { attachment: a, generation: 2, result: Ok(()) })).is_empty());
+}
+
+#[test]
+fn a_reconnect_resumes_the_handle_and_its_lease_runs_from_the_resume() {
+    let mut h = Harness::new();
+    let a = h.attach("vol", 11, b"resume-key");
+    assert_eq!(h.core.volume("vol").unwrap().handle.as_ref().unwrap().lease_until_ms, LEASE_MS);
+
+    // The connection drops at t=500: I/O goes on until the lease runs out.
+    let effects = h.lose_connection(500);
+    assert!(effects.contains(&Effect::State(ConnectState::Connecting {
+        last_error: Some("the connection to the metadata server was lost".into())
+    })));
+    assert_eq!(h.core.next_deadline_ms(), Some(600), "the first retry after the shortest backoff");
+    let effects = h.at(600).apply(Input::Tick);
+    let Some(Effect::Connect { conn: conn2, addr: 0 }) = effects.first().cloned() else { panic!("{effects:?}") };
+
+    // The old lease runs out before the new connection is up: held, not failed.
+    assert_eq!(h.at(LEASE_MS).state_of("vol").0, "lease-expired");
+    let effects = h.at(3100).apply(Input::Connected { conn: conn2, lease_ms: LEASE_MS, session: 2 });
+    let (resume, message) = sent_one(&effects);
+    assert_eq!(message, Request::Resume { key: b"resume-key".to_vec() });
+
+    // A renewal on the new connection does not extend a handle not yet brought over.
+    let effects = h.at(4100).apply(Input::Tick);
+    assert_eq!(sent_one(&effects).1, Request::Renew);
+    let effects = h.renewals_answered(&effects);
+    assert!(!effects.iter().any(|e| matches!(e, Effect::RenewLease { .. })), "{effects:?}");
+
+    // The resume is answered late: the lease counts from when it was sent (3100).
+    let effects =
+        h.at(4500).apply(Input::Reply { request: resume, result: opened(11, description("vol", 1, 2), b"resume-key") });
+    assert_eq!(effects, vec![Effect::RenewLease { attachment: a, until_ms: 3100 + LEASE_MS }]);
+    assert_eq!(h.state_of("vol").0, "open");
+    // From now on renewals on the new connection extend it.
+    let effects = h.at(5100).apply(Input::Tick);
+    let effects = h.renewals_answered(&effects);
+    assert_eq!(effects, vec![Effect::RenewLease { attachment: a, until_ms: 5100 + LEASE_MS }]);
+}
+
+#[test]
+fn a_resume_in_the_grace_period_is_retried_and_a_newer_layout_is_published() {
+    let mut h = Harness::new();
+    let a = h.attach("vol", 11, b"k");
+    h.lose_connection(100);
+    let effects = h.at(200).apply(Input::Tick);
+    let Some(Effect::Connect { conn, .. }) = effects.first().cloned() else { panic!("{effects:?}") };
+    let (resume, _) = sent_one(&h.at(210).apply(Input::Connected { conn, lease_ms: LEASE_MS, session: 2 }));
+    let effects =
+        h.apply(Input::Reply { request: resume, result: refused(ErrorCode::Unavailable, "grace period, 900 ms left") });
+    assert!(effects.is_empty(), "{effects:?}");
+    // Retried on the next renewal tick.
+    let effects = h.at(1210).apply(Input::Tick);
+    let requests: Vec<Request> = sent(&effects).into_iter().map(|(_, m)| m).collect();
+    assert_eq!(requests, vec![Request::Renew, Request::Resume { key: b"k".to_vec() }]);
+    let resume = sent(&effects)[1].0;
+    let effects = h.apply(Input::Reply { request: resume, result: opened(11, description("vol", 4, 5), b"k") });
+    assert!(
+        matches!(&effects[..], [Effect::Publish { context: PublishContext::Resume, .. }, Effect::RenewLease { .. }]),
+        "{effects:?}"
+    );
+    assert_eq!(h.state_of("vol").2, 4);
+    // A layout that cannot be built revokes the volume with the reason.
+    h.apply(Input::LayoutRejected {
+        attachment: a,
+        context: PublishContext::Resume,
+        reason: "device 7 is unknown".into(),
+    });
+    let (state, detail, _) = h.state_of("vol");
+    assert_eq!(state, "revoked");
+    assert!(detail.contains("the layout after resuming is unusable: device 7 is unknown"), "{detail}");
+}
+
+#[test]
+fn a_broken_handle_is_revoked_on_resume_and_a_revoked_volume_detaches_without_flushing() {
+    let mut h = Harness::new();
+    let a = h.attach("vol", 11, b"k");
+    h.lose_connection(100);
+    let Some(Effect::Connect { conn, .. }) = h.at(200).apply(Input::Tick).first().cloned() else { panic!() };
+    let (resume, _) = sent_one(&h.apply(Input::Connected { conn, lease_ms: LEASE_MS, session: 2 }));
+    let why = "handle 11 was broken at 12:00: host-b opened volume vol";
+    let effects = h.apply(Input::Reply { request: resume, result: refused(ErrorCode::HandleBroken, why) });
+    assert_eq!(effects, vec![Effect::Revoke { attachment: a, reason: why.into() }]);
+    let (state, detail, _) = h.state_of("vol");
+    assert_eq!((state.as_str(), detail.contains("host-b opened")), ("revoked", true));
+    // Revoked handles are not resumed again.
+    assert!(sent(&h.at(1200).apply(Input::Tick)).iter().all(|(_, m)| *m == Request::Renew));
+
+    let (caller, effects) = h.command(Command::Detach { volume: "vol".into() });
+    assert_eq!(effects, vec![Effect::StartDetach { attachment: a, flush: false }]);
+    let effects = h.apply(Input::Detached { attachment: a, result: Ok(()) });
+    assert_eq!(effects[0], Effect::Forget { attachment: a });
+    let (close, _) = sent_one(&effects);
+    let effects = h.apply(Input::Reply { request: close, result: refused(ErrorCode::NotFound, "no handle 11") });
+    assert_eq!(reply_to(&effects, caller), Reply::Done, "already gone at the server: closed is closed");
+}
+
+#[test]
+fn a_revoke_event_fails_the_volume_and_pending_registrations() {
+    let mut h = Harness::new();
+    let a = h.attach("vol", 11, b"k");
+    let effects = h.apply(Input::Event {
+        conn: h.conn,
+        event: ServerEvent::Revoked { handle: HandleId(11), reason: "broken by host-c".into() },
+    });
+    assert_eq!(effects, vec![Effect::Revoke { attachment: a, reason: "broken by host-c".into() }]);
+    assert_eq!(h.state_of("vol").0, "revoked");
+    // A later recall or publish does not reopen it.
+    let recall = ServerEvent::Recall { handle: HandleId(11), generation: 2 };
+    assert!(h.apply(Input::Event { conn: h.conn, event: recall }).is_empty());
+    let effects = h.apply(Input::CowRegister {
+        caller: CallerId(900),
+        volume: "vol".into(),
+        snapshot: 1,
+        chunks: vec![0],
+        server_copies: false,
+    });
+    assert_eq!(reply_to(&effects, CallerId(900)), Reply::Registered(Err("volume vol's handle was revoked".into())));
+}
+
+#[test]
+fn a_detach_during_a_recall_waits_for_its_task_and_the_recall_still_completes() {
+    let mut h = Harness::new();
+    let a = h.attach("vol", 11, b"k");
+    h.apply(Input::Event { conn: h.conn, event: ServerEvent::Recall { handle: HandleId(11), generation: 2 } });
+    // The detach's flush waits at the recalled gate (in its task); the owner goes on.
+    let (detacher, effects) = h.command(Command::Detach { volume: "vol".into() });
+    assert_eq!(effects, vec![Effect::StartDetach { attachment: a, flush: true }]);
+    assert_eq!(h.state_of("vol").0, "recalled", "listed while detaching");
+    let (caller, effects) = h.command(Command::Detach { volume: "vol".into() });
+    assert_eq!(reply_to(&effects, caller), Reply::Failed(AgentError::Detaching("vol".into())));
+    let spec = AttachSpec {
+        volume: "vol".into(),
+        open: OpenWith::Mode(OpenMode::Exclusive),
+        socket: None,
+        tcp: None,
+        kernel: None,
+    };
+    let (caller, effects) = h.command(Command::Attach(spec));
+    assert_eq!(reply_to(&effects, caller), Reply::Failed(AgentError::Detaching("vol".into())));
+
+    // The recall drains and is confirmed, then the publish lets the flush through.
+    let (_, message) = sent_one(&h.apply(Input::Drained { attachment: a, generation: 2, result: Ok(()) }));
+    assert_eq!(message, Request::RecallDone { handle: HandleId(11), generation: 2 });
+    let publish = ServerEvent::Publish { handle: HandleId(11), description: Box::new(description("vol", 2, 2)) };
+    assert_eq!(h.apply(Input::Event { conn: h.conn, event: publish }).len(), 1);
+    let effects = h.apply(Input::Detached { attachment: a, result: Ok(()) });
+    let (close, message) = sent_one(&effects);
+    assert_eq!(message, Request::Close { handle: HandleId(11) });
+    assert!(h.list().is_empty(), "forgotten before the close is answered");
+    let effects = h.apply(Input::Reply { request: close, result: Ok(Response::Done) });
+    assert_eq!(reply_to(&effects, detacher), Reply::Done);
+}
+
+#[test]
+fn a_failed_flush_leaves_the_volume_attached() {
+    let mut h = Harness::new();
+    let a = h.attach("vol", 11, b"k");
+    let (caller, _) = h.command(Command::Detach { volume: "vol".into() });
+    let effects = h.apply(Input::Detached { attachment: a, result: Err(DetachFailure::Flush("device 0: EIO".into())) });
+    assert_eq!(
+        reply_to(&effects, caller),
+        Reply::Failed(AgentError::FlushFailed { volume: "vol".into(), message: "device 0: EIO".into() })
+    );
+    assert!(sent(&effects).is_empty(), "the handle stays open");
+    assert_eq!(h.state_of("vol").0, "open");
+    let (_, effects) = h.command(Command::Detach { volume: "vol".into() });
+    assert!(matches!(effects[..], [Effect::StartDetach { .. }]), "and can be detached again");
+}
+
+#[test]
+fn a_failed_attach_closes_the_handle_before_the_caller_hears() {
+    let mut h = Harness::new();
+    let (caller, open) = h.attach_cmd("vol");
+    let effects = h.apply(Input::Reply { request: open, result: opened(11, description("vol", 1, 1), b"k") });
+    let attachment = started_attach(&effects);
+    let error = AgentError::Device { volume: "vol".into(), message: "device 0 (nbd://x): cannot connect".into() };
+    let effects = h.apply(Input::Prepared { attachment, result: Err(error.clone()) });
+    assert_eq!(effects[0], Effect::Forget { attachment });
+    let (close, message) = sent_one(&effects);
+    assert_eq!(message, Request::Close { handle: HandleId(11) });
+    assert!(no_reply(&effects), "not before the handle is closed");
+    let effects = h.apply(Input::Reply { request: close, result: Ok(Response::Done) });
+    assert_eq!(reply_to(&effects, caller), Reply::Failed(error));
+    assert!(h.core.held_handles().is_empty());
+    // An open refused by the server is the server's message.
+    let (caller, open) = h.attach_cmd("busy");
+    let effects = h.apply(Input::Reply {
+        request: open,
+        result: refused(ErrorCode::Conflict, "volume busy is open exclusive by host-b"),
+    });
+    assert_eq!(
+        reply_to(&effects, caller),
+        Reply::Failed(AgentError::Session(SessionError::Server("volume busy is open exclusive by host-b".into())))
+    );
+}
+
+#[test]
+fn a_lease_runs_from_when_its_renewal_was_sent() {
+    let mut h = Harness::new();
+    let a = h.attach("vol", 11, b"k");
+    let effects = h.at(1000).apply(Input::Tick);
+    let (renew, message) = sent_one(&effects);
+    assert_eq!(message, Request::Renew);
+    // Answered 1.5 s later: the lease runs until 1000 + 3000, not 2500 + 3000.
+    let effects = h.at(2500).apply(Input::Reply { request: renew, result: Ok(Response::Lease { lease_ms: LEASE_MS }) });
+    assert_eq!(effects[0], Effect::RenewLease { attachment: a, until_ms: 4000 });
+    // The renewal due at 2000 goes out once the previous one is answered (one at a time).
+    assert_eq!(sent_one(&effects).1, Request::Renew);
+    h.at(3999);
+    assert_eq!(h.state_of("vol").0, "open");
+    h.at(4000);
+    assert_eq!(h.state_of("vol").0, "lease-expired");
+}
+
+#[test]
+fn a_renewal_is_not_sent_while_the_previous_is_unanswered() {
+    let mut h = Harness::new();
+    h.attach("vol", 11, b"k");
+    assert_eq!(sent_one(&h.at(1000).apply(Input::Tick)).1, Request::Renew);
+    assert!(sent(&h.at(2000).apply(Input::Tick)).is_empty());
+}
+
+#[test]
+fn registrations_wait_for_the_connection_and_the_resume_then_retry_until_answered() {
+    let mut h = Harness::new();
+    h.attach("vol", 11, b"k");
+    h.lose_connection(100);
+    let register = |h: &mut Harness| {
+        h.apply(Input::CowRegister {
+            caller: CallerId(500),
+            volume: "vol".into(),
+            snapshot: 3,
+            chunks: vec![1, 2],
+            server_copies: false,
+        })
+    };
+    assert!(sent(&register(&mut h)).is_empty(), "not connected: waits");
+    let effects = h.at(200).apply(Input::Tick);
+    let Some(Effect::Connect { conn, .. }) = effects.iter().find(|e| matches!(e, Effect::Connect { .. })).cloned()
+    else {
+        panic!("{effects:?}")
+    };
+    let effects = h.at(210).apply(Input::Connected { conn, lease_ms: LEASE_MS, session: 2 });
+    // Resume and the registration go out together; the server has not resumed the handle yet.
+    let requests = sent(&effects);
+    assert_eq!(requests.len(), 2, "{effects:?}");
+    let (resume, register_request) = (requests[0].0, requests[1].0);
+    assert!(matches!(requests[1].1, Request::CowRegister { handle: HandleId(11), .. }));
+    let effects = h.apply(Input::Reply {
+        request: register_request,
+        result: refused(ErrorCode::NotFound, "handle 11 is not resumed"),
+    });
+    assert!(effects.is_empty());
+    // Tried at 100 and 200 while disconnected, and at 210 on connecting: the pause doubled each time.
+    assert_eq!(h.core.next_deadline_ms(), Some(210 + 80));
+    // The resume succeeds: retried at once.
+    let effects = h.apply(Input::Reply { request: resume, result: opened(11, description("vol", 1, 2), b"k") });
+    let (again, message) = sent_one(&effects);
+    assert!(matches!(message, Request::CowRegister { .. }));
+    let effects = h.apply(Input::Reply { request: again, result: Ok(Response::CowRegistered { new: 2 }) });
+    assert_eq!(reply_to(&effects, CallerId(500)), Reply::Registered(Ok(())));
+}
+
+#[test]
+fn shutdown_detaches_everything_leaves_kernel_devices_and_stops() {
+    let mut h = Harness::new();
+    let (caller, open) = h.attach_cmd("k");
+    let effects = h.apply(Input::Reply { request: open, result: opened(11, description("k", 1, 1), b"k") });
+    let kernel = started_attach(&effects);
+    let result = Ok(Prepared { kernel_device: Some(3), ..prepared("k") });
+    let effects = h.apply(Input::Prepared { attachment: kernel, result });
+    let Reply::Attached(info) = reply_to(&effects, caller) else { panic!() };
+    assert_eq!(info.kernel_device.as_deref(), Some("/dev/nbd3"));
+    let plain = h.attach("p", 12, b"p");
+
+    let (stopper, effects) = h.command(Command::Shutdown);
+    assert_eq!(
+        effects,
+        vec![
+            Effect::LeaveKernelConnected { attachment: kernel },
+            Effect::StartDetach { attachment: kernel, flush: true },
+            Effect::StartDetach { attachment: plain, flush: true },
+        ]
+    );
+    assert_eq!(h.list().len(), 2, "listed until detached");
+    let mut closes = Vec::new();
+    for a in [kernel, plain] {
+        closes.push(sent_one(&h.apply(Input::Detached { attachment: a, result: Ok(()) })).0);
+    }
+    assert!(no_reply(&h.apply(Input::Reply { request: closes[0], result: Ok(Response::Done) })));
+    let effects = h.apply(Input::Reply { request: closes[1], result: Ok(Response::Done) });
+    assert_eq!(
+        effects[effects.len() - 4..],
+        [
+            Effect::Disconnect { conn: h.conn },
+            Effect::Reply { caller: stopper, reply: Reply::Done },
+            Effect::Stopped,
+            Effect::State(ConnectState::Stopped),
+        ]
+    );
+    assert!(h.core.is_stopped());
+    assert_eq!(h.core.next_deadline_ms(), None);
+}
+
+#[test]
+fn a_direct_path_is_reported_probed_with_backoff_and_switched_back() {
+    let mut h = Harness::new();
+    let dev = "nbd://10.0.0.5:10809/d0".to_string();
+    let effects = h.at(1000).apply(Input::DirectPathFailed { device: dev.clone(), index: 0, reason: "reset".into() });
+    assert!(effects.contains(&Effect::ReportPathFailure { device: dev.clone(), index: 0, reason: "reset".into() }));
+    // Later failures of requests already in flight change nothing.
+    assert!(h.apply(Input::DirectPathFailed { device: dev.clone(), index: 0, reason: "again".into() }).is_empty());
+    let effects = h.apply(Input::FailureReported { device: dev.clone(), marked_failed: true });
+    assert_eq!(effects, vec![Effect::MarkDeviceFailed { device: dev.clone() }]);
+    // Probes at the core's deadlines, each failing: 200 ms, then twice as long each time.
+    let mut probes = Vec::new();
+    while probes.len() < 4 {
+        let at = h.core.next_deadline_ms().unwrap();
+        let effects = h.at(at).apply(Input::Tick);
+        if effects.contains(&Effect::Probe { device: dev.clone() }) {
+            probes.push(at);
+            if probes.len() < 4 {
+                h.apply(Input::ProbeDone { device: dev.clone(), outcome: ProbeOutcome::Fails });
+            }
+        }
+    }
+    assert_eq!(probes, [1200, 1600, 2400, 4000]);
+    let effects = h.apply(Input::ProbeDone { device: dev.clone(), outcome: ProbeOutcome::Works });
+    assert_eq!(
+        effects,
+        vec![Effect::DirectPathBack { device: dev.clone() }, Effect::ReportPathRecovered { device: dev, index: 0 }]
+    );
+}
+
+#[test]
+fn held_handles_are_one_serializable_record() {
+    let mut h = Harness::new();
+    h.attach("vol", 11, b"resume-key");
+    h.apply(Input::Event { conn: h.conn, event: ServerEvent::Recall { handle: HandleId(11), generation: 2 } });
+    let held = h.core.held_handles();
+    assert_eq!(held.len(), 1);
+    assert_eq!(
+        (held[0].handle, held[0].resume_key.as_slice(), &held[0].export),
+        (11, &b"resume-key"[..], &ExportTarget::Unix("/run/exports/vol.sock".into()))
+    );
+    let json = serde_json::to_string(&held).unwrap();
+    let back: Vec<HeldHandle> = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, held);
+}
+
+#[test]
+fn attach_refusals_need_no_server() {
+    let mut h = Harness::new();
+    for (name, e) in [("a/b", AgentError::BadName("a/b".into())), ("", AgentError::BadName(String::new()))] {
+        let spec = AttachSpec {
+            volume: name.into(),
+            open: OpenWith::Mode(OpenMode::ReadOnly),
+            socket: None,
+            tcp: None,
+            kernel: None,
+        };
+        let (caller, effects) = h.command(Command::Attach(spec));
+        assert_eq!(reply_to(&effects, caller), Reply::Failed(e));
+    }
+    h.attach("vol", 11, b"k");
+    let spec = AttachSpec {
+        volume: "vol".into(),
+        open: OpenWith::Mode(OpenMode::ReadOnly),
+        socket: None,
+        tcp: None,
+        kernel: None,
+    };
+    let (caller, effects) = h.command(Command::Attach(spec.clone()));
+    assert_eq!(reply_to(&effects, caller), Reply::Failed(AgentError::AlreadyAttached("vol".into())));
+    h.lose_connection(10);
+    let (caller, effects) = h.command(Command::Attach(AttachSpec { volume: "other".into(), ..spec }));
+    let Reply::Failed(AgentError::Session(SessionError::NotConnected { addr, last })) = reply_to(&effects, caller)
+    else {
+        panic!("{effects:?}")
+    };
+    assert_eq!(
+        (addr.as_str(), last.as_deref()),
+        ("unix:/run/mds.sock", Some("the connection to the metadata server was lost"))
+    );
+}
+
+#[test]
+fn a_recall_asked_again_after_a_resume_is_drained_and_confirmed_again() {
+    let mut h = Harness::new();
+    let a = h.attach("vol", 11, b"k");
+    let recall = ServerEvent::Recall { handle: HandleId(11), generation: 2 };
+    h.apply(Input::Event { conn: h.conn, event: recall.clone() });
+    // Drained, but the connection breaks before `RecallDone` is answered.
+    let (done, _) = sent_one(&h.apply(Input::Drained { attachment: a, generation: 2, result: Ok(()) }));
+    h.lose_connection(100);
+    h.apply(Input::Reply { request: done, result: Err(RequestError::Closed) });
+    assert!(!h.core.held_handles()[0].pending_recall.unwrap().confirmed);
+    let Some(Effect::Connect { conn, .. }) = h.at(200).apply(Input::Tick).first().cloned() else { panic!() };
+    let (resume, _) = sent_one(&h.apply(Input::Connected { conn, lease_ms: LEASE_MS, session: 2 }));
+    h.apply(Input::Reply { request: resume, result: opened(11, description("vol", 1, 2), b"k") });
+    assert_eq!(h.state_of("vol").0, "recalled", "still recalled: the layout has not been published");
+    // The server asks again for the recall it is owed: drained and confirmed again.
+    assert_eq!(
+        h.apply(Input::Event { conn, event: recall }),
+        vec![Effect::BeginRecall { attachment: a, generation: 2 }]
+    );
+    let (done, message) = sent_one(&h.apply(Input::Drained { attachment: a, generation: 2, result: Ok(()) }));
+    assert_eq!(message, Request::RecallDone { handle: HandleId(11), generation: 2 });
+    h.apply(Input::Reply { request: done, result: Ok(Response::Done) });
+    assert!(h.core.held_handles()[0].pending_recall.unwrap().confirmed);
+}

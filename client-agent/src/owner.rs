@@ -1,0 +1,707 @@
+//! The owner task: the thin async shell around [`AgentCore`].
+//!
+//! Its loop is `select` → `apply` → perform: it waits for the next message
+//! (a caller's command, a server event, a reply, a task's result) or the
+//! core's next deadline, hands it to [`AgentCore::apply`] with the time, and
+//! performs the effects that come back — at once when they are quick (a gate
+//! operation, a layout build, a reply), as a spawned task when they wait on
+//! the network or the devices (a request, a connection attempt, an attach or
+//! detach, a drain, a probe). Tasks post their outcome back as messages, so
+//! the loop itself never waits on anything but `select`.
+//!
+//! What the core keeps as plain data, the shell keeps as objects: the
+//! control connections, each attachment's gate, volume device, export and
+//! kernel device, and the reply channels of callers. Messages that carry
+//! objects (`ToOwner`) are unpacked here into the core's plain
+//! [`Input`]s.
+//!
+//! Two channels lead into the owner. Input from outside — callers'
+//! commands, server events, the data path's registrations — goes through a
+//! bounded inbox ([`INBOX_MAX`]) whose senders wait for room (a flood of
+//! server events backs up into the control client, which drops a connection
+//! whose events are not consumed). Results of tasks the owner started, and
+//! the data path's reports of a failed direct path, go through an unbounded
+//! channel, because the owner must never wait to post to itself and the data
+//! path reports from synchronous code; both are bounded by construction: one
+//! message per task, one report per device until its path is back.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockio::BlockDevice;
+use control_client::{ControlAddr, ControlClient, ControlClientError};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tracing::{info, warn, Instrument};
+use volume_format::control::auth::Role;
+use volume_format::control::messages::{OpenMode, ServerEvent};
+use volume_format::VolumeDescription;
+
+use crate::agent::{AgentConfig, AgentError};
+use crate::core::{
+    AgentCore, AttachmentId, CallerId, ConnId, DetachFailure, Effect, Input, KernelPlan, Millis, Prepared,
+    ProbeOutcome, Reply, RequestError,
+};
+use crate::cow::{CowRegistrar, Registrations};
+use crate::devices::DevicePool;
+use crate::export::{serve_volume, ExportHandle, ExportTarget};
+use crate::fallback::ServerLink;
+use crate::gate::Gate;
+use crate::kernel::attach::KernelAttachment;
+use crate::session::{ConnectState, SessionConfig};
+use crate::volume::{Layout, VolumeDevice};
+
+/// Builds a layout from a description (the agent resolves devices through
+/// its pool). Must not block: the owner calls it in its loop.
+pub type LayoutBuilder = Arc<dyn Fn(VolumeDescription) -> Result<Layout, String> + Send + Sync>;
+
+/// Messages from outside the owner waiting to be applied, at most.
+pub const INBOX_MAX: usize = 1024;
+
+/// What is sent to the owner.
+pub(crate) enum ToOwner {
+    Command {
+        command: crate::core::Command,
+        reply: oneshot::Sender<Reply>,
+    },
+    /// The data path registers copy-on-write chunks.
+    Cow {
+        volume: String,
+        snapshot: u64,
+        chunks: Vec<u64>,
+        server_copies: bool,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Connected {
+        conn: ConnId,
+        client: ControlClient,
+        events: mpsc::Receiver<ServerEvent>,
+    },
+    Prepared {
+        attachment: AttachmentId,
+        result: Result<Ready, AgentError>,
+    },
+    Detached {
+        attachment: AttachmentId,
+        result: Result<(), DetachFailure>,
+        leftovers: Leftovers,
+    },
+    Input(Input),
+}
+
+/// What a successful attach task made.
+pub(crate) struct Ready {
+    export: ExportHandle,
+    kernel: Option<KernelAttachment>,
+    kernel_note: Option<String>,
+}
+
+/// What a failed detach task hands back (the volume stays attached).
+#[derive(Default)]
+pub(crate) struct Leftovers {
+    export: Option<ExportHandle>,
+    kernel: Option<KernelAttachment>,
+}
+
+enum Waiter {
+    Command(oneshot::Sender<Reply>),
+    Cow(oneshot::Sender<Result<(), String>>),
+}
+
+/// One attachment's data-path objects.
+struct Runtime {
+    volume: String,
+    gate: Arc<Gate<Layout>>,
+    device: Arc<VolumeDevice>,
+    export: Option<ExportHandle>,
+    kernel: Option<KernelAttachment>,
+}
+
+/// The owner task's state.
+pub(crate) struct Shell {
+    core: AgentCore,
+    /// Where the core's milliseconds start.
+    origin: Instant,
+    /// Commands, server events, registrations.
+    inbox: mpsc::Receiver<ToOwner>,
+    /// For event pumps and registrars.
+    inbox_tx: mpsc::Sender<ToOwner>,
+    /// Results of the owner's own tasks, path reports.
+    rx: mpsc::UnboundedReceiver<ToOwner>,
+    tx: mpsc::UnboundedSender<ToOwner>,
+    waiters: HashMap<CallerId, Waiter>,
+    next_caller: u64,
+    conns: HashMap<ConnId, ControlClient>,
+    connecting: Option<tokio::task::JoinHandle<()>>,
+    attachments: HashMap<AttachmentId, Runtime>,
+    config: AgentConfig,
+    addrs: Vec<ControlAddr>,
+    pool: Arc<DevicePool>,
+    link: Arc<ServerLink>,
+    builder: LayoutBuilder,
+    state: watch::Sender<ConnectState>,
+}
+
+impl Shell {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        core: AgentCore,
+        (inbox_tx, inbox): (mpsc::Sender<ToOwner>, mpsc::Receiver<ToOwner>),
+        (tx, rx): (mpsc::UnboundedSender<ToOwner>, mpsc::UnboundedReceiver<ToOwner>),
+        config: AgentConfig,
+        pool: Arc<DevicePool>,
+        link: Arc<ServerLink>,
+        builder: LayoutBuilder,
+        state: watch::Sender<ConnectState>,
+    ) -> Shell {
+        Shell {
+            core,
+            origin: Instant::now(),
+            inbox,
+            inbox_tx,
+            rx,
+            tx,
+            waiters: HashMap::new(),
+            next_caller: 0,
+            conns: HashMap::new(),
+            connecting: None,
+            attachments: HashMap::new(),
+            addrs: config.session.addrs(),
+            config,
+            pool,
+            link,
+            builder,
+            state,
+        }
+    }
+
+    fn now_ms(&self) -> Millis {
+        self.origin.elapsed().as_millis() as Millis
+    }
+
+    fn instant(&self, ms: Millis) -> Instant {
+        self.origin + Duration::from_millis(ms)
+    }
+
+    /// Runs until the core has stopped.
+    pub(crate) async fn run(mut self) {
+        self.step(Input::Tick);
+        while !self.core.is_stopped() {
+            let deadline = self.core.next_deadline_ms().map(|ms| self.instant(ms));
+            let message = tokio::select! {
+                Some(message) = self.inbox.recv() => message,
+                Some(message) = self.rx.recv() => message,
+                _ = sleep_until(deadline) => ToOwner::Input(Input::Tick),
+            };
+            if let Some(input) = self.accept(message) {
+                self.step(input);
+            }
+        }
+        if let Some(task) = self.connecting.take() {
+            task.abort();
+        }
+    }
+
+    fn step(&mut self, input: Input) {
+        let effects = self.core.apply(self.now_ms(), input);
+        for effect in effects {
+            self.perform(effect);
+        }
+    }
+
+    fn post(&self, input: Input) {
+        let _ = self.tx.send(ToOwner::Input(input));
+    }
+
+    fn caller(&mut self, waiter: Waiter) -> CallerId {
+        self.next_caller += 1;
+        let caller = CallerId(self.next_caller);
+        self.waiters.insert(caller, waiter);
+        caller
+    }
+
+    /// Keeps a message's objects; returns the core's input.
+    fn accept(&mut self, message: ToOwner) -> Option<Input> {
+        Some(match message {
+            ToOwner::Command { command, reply } => {
+                let caller = self.caller(Waiter::Command(reply));
+                Input::Command { caller, command }
+            }
+            ToOwner::Cow { volume, snapshot, chunks, server_copies, reply } => {
+                let caller = self.caller(Waiter::Cow(reply));
+                Input::CowRegister { caller, volume, snapshot, chunks, server_copies }
+            }
+            ToOwner::Connected { conn, client, mut events } => {
+                let session = client.session();
+                let input = Input::Connected { conn, lease_ms: session.lease_ms, session: session.session };
+                self.conns.insert(conn, client);
+                let inbox = self.inbox_tx.clone();
+                tokio::spawn(
+                    async move {
+                        while let Some(event) = events.recv().await {
+                            if inbox.send(ToOwner::Input(Input::Event { conn, event })).await.is_err() {
+                                return;
+                            }
+                        }
+                        let _ = inbox.send(ToOwner::Input(Input::ConnectionLost { conn })).await;
+                    }
+                    .in_current_span(),
+                );
+                input
+            }
+            ToOwner::Prepared { attachment, result } => {
+                let result = match result {
+                    Ok(ready) => {
+                        let prepared = Prepared {
+                            export_uri: ready.export.uri().to_string(),
+                            kernel_device: ready.kernel.as_ref().map(|k| k.index()),
+                            kernel_note: ready.kernel_note,
+                        };
+                        match self.attachments.get_mut(&attachment) {
+                            Some(rt) => {
+                                rt.export = Some(ready.export);
+                                rt.kernel = ready.kernel;
+                            }
+                            // Cannot happen (the core forgets a preparing attachment only on this
+                            // result); dropping stops the export and leaves a kernel device.
+                            None => {
+                                warn!(attachment = attachment.0, "an attach task finished for a forgotten attachment")
+                            }
+                        }
+                        Ok(prepared)
+                    }
+                    Err(e) => Err(e),
+                };
+                Input::Prepared { attachment, result }
+            }
+            ToOwner::Detached { attachment, result, leftovers } => {
+                if let Some(rt) = self.attachments.get_mut(&attachment) {
+                    rt.export = leftovers.export.or(rt.export.take());
+                    rt.kernel = leftovers.kernel.or(rt.kernel.take());
+                }
+                Input::Detached { attachment, result }
+            }
+            ToOwner::Input(input) => {
+                if let Input::ConnectionLost { conn } = &input {
+                    self.conns.remove(conn);
+                }
+                input
+            }
+        })
+    }
+
+    fn perform(&mut self, effect: Effect) {
+        match effect {
+            Effect::Connect { conn, addr } => self.connect(conn, addr),
+            Effect::Disconnect { conn } => {
+                if let Some(client) = self.conns.remove(&conn) {
+                    tokio::spawn(async move { client.close().await });
+                }
+            }
+            Effect::Send { conn, request, message, timeout_ms } => match self.conns.get(&conn) {
+                Some(client) if !client.is_closed() => {
+                    let (client, tx) = (client.clone(), self.tx.clone());
+                    let timeout = timeout_ms.map_or(control_client::client::REQUEST_TIMEOUT, Duration::from_millis);
+                    tokio::spawn(
+                        async move {
+                            let result = client.request_with_timeout(message, timeout).await.map_err(|e| match e {
+                                ControlClientError::Server(e) => RequestError::Server(e),
+                                ControlClientError::Closed => RequestError::Closed,
+                                other => RequestError::Transport(other.to_string()),
+                            });
+                            let _ = tx.send(ToOwner::Input(Input::Reply { request, result }));
+                        }
+                        .in_current_span(),
+                    );
+                }
+                _ => self.post(Input::Reply { request, result: Err(RequestError::Closed) }),
+            },
+            Effect::Reply { caller, reply } => self.reply(caller, reply),
+            Effect::StartAttach { attachment, volume, handle, mode, description, lease_until_ms, export, kernel } => {
+                self.start_attach(attachment, volume, handle, mode, *description, lease_until_ms, export, kernel)
+            }
+            Effect::BeginRecall { attachment, generation } => {
+                let Some(rt) = self.attachments.get(&attachment) else { return };
+                if let Err(e) = rt.gate.begin_recall(generation) {
+                    return self.post(Input::Drained { attachment, generation, result: Err(e.to_string()) });
+                }
+                let (gate, tx) = (rt.gate.clone(), self.tx.clone());
+                tokio::spawn(async move {
+                    let result = gate.drained().await.map_err(|e| e.to_string());
+                    let _ = tx.send(ToOwner::Input(Input::Drained { attachment, generation, result }));
+                });
+            }
+            Effect::Publish { attachment, description, context } => {
+                let Some(rt) = self.attachments.get(&attachment) else { return };
+                let generation = description.layout_generation;
+                match (self.builder)(*description) {
+                    Ok(layout) => {
+                        if let Err(e) = rt.gate.publish(Arc::new(layout), generation) {
+                            warn!(volume = rt.volume, generation, error = %e, "the gate refused a layout the owner published");
+                        }
+                    }
+                    Err(reason) => self.post(Input::LayoutRejected { attachment, context, reason }),
+                }
+            }
+            Effect::Revoke { attachment, reason } => {
+                if let Some(rt) = self.attachments.get(&attachment) {
+                    rt.gate.revoke(reason);
+                }
+            }
+            Effect::RenewLease { attachment, until_ms } => {
+                let until = self.instant(until_ms);
+                if let Some(rt) = self.attachments.get(&attachment) {
+                    rt.gate.renew_lease(until);
+                }
+            }
+            Effect::StartDetach { attachment, flush } => self.start_detach(attachment, flush),
+            Effect::LeaveKernelConnected { attachment } => {
+                if let Some(rt) = self.attachments.get_mut(&attachment) {
+                    // Dropping stops its monitor and leaves the device connected.
+                    drop(rt.kernel.take());
+                }
+            }
+            Effect::Forget { attachment } => {
+                if let Some(rt) = self.attachments.remove(&attachment) {
+                    rt.gate.close();
+                }
+            }
+            Effect::ReportPathFailure { device, index, reason } => {
+                let (link, tx) = (self.link.clone(), self.tx.clone());
+                tokio::spawn(
+                    async move {
+                        match link.report_failure(index, &reason).await {
+                            Ok(marked_failed) => {
+                                let _ = tx.send(ToOwner::Input(Input::FailureReported { device, marked_failed }));
+                            }
+                            Err(e) => warn!(device, error = %e, "could not report the failed direct path"),
+                        }
+                    }
+                    .in_current_span(),
+                );
+            }
+            Effect::ReportPathRecovered { device, index } => {
+                let link = self.link.clone();
+                tokio::spawn(
+                    async move {
+                        if let Err(e) = link.report_recovered(index).await {
+                            warn!(device, error = %e, "could not report the recovered direct path");
+                        }
+                    }
+                    .in_current_span(),
+                );
+            }
+            Effect::Probe { device } => match self.pool.find(&device) {
+                Some(d) => {
+                    let tx = self.tx.clone();
+                    tokio::spawn(async move {
+                        let outcome = if d.probe().await { ProbeOutcome::Works } else { ProbeOutcome::Fails };
+                        let _ = tx.send(ToOwner::Input(Input::ProbeDone { device, outcome }));
+                    });
+                }
+                None => self.post(Input::ProbeDone { device, outcome: ProbeOutcome::Gone }),
+            },
+            Effect::DirectPathBack { device } => {
+                if let Some(d) = self.pool.find(&device) {
+                    d.set_direct();
+                }
+            }
+            Effect::MarkDeviceFailed { device } => {
+                if let Some(d) = self.pool.find(&device) {
+                    d.path().marked_failed.store(true, std::sync::atomic::Ordering::Release);
+                }
+            }
+            Effect::State(state) => {
+                self.state.send_replace(state);
+            }
+            Effect::Stopped => info!("the agent's control plane has stopped"),
+        }
+    }
+
+    fn connect(&mut self, conn: ConnId, addr: usize) {
+        let addr = self.addrs[addr % self.addrs.len()].clone();
+        let (c, tx): (SessionConfig, _) = (self.config.session.clone(), self.tx.clone());
+        self.connecting = Some(tokio::spawn(
+            async move {
+                let message =
+                    match ControlClient::connect(&addr, &c.key, Some(&c.server_key), Role::Agent, &c.name, c.instance)
+                        .await
+                    {
+                        Ok((client, events)) => ToOwner::Connected { conn, client, events },
+                        Err(e) => {
+                            let fatal = matches!(&e, ControlClientError::Handshake { .. });
+                            ToOwner::Input(Input::ConnectFailed { conn, error: e.to_string(), fatal })
+                        }
+                    };
+                let _ = tx.send(message);
+            }
+            .in_current_span(),
+        ));
+    }
+
+    fn reply(&mut self, caller: CallerId, reply: Reply) {
+        match self.waiters.remove(&caller) {
+            Some(Waiter::Command(tx)) => {
+                let reply = match reply {
+                    Reply::Attached(mut info) => {
+                        self.fill_counters(&mut info);
+                        Reply::Attached(info)
+                    }
+                    Reply::List(mut list) => {
+                        list.iter_mut().for_each(|info| self.fill_counters(info));
+                        Reply::List(list)
+                    }
+                    other => other,
+                };
+                let _ = tx.send(reply);
+            }
+            Some(Waiter::Cow(tx)) => {
+                let result = match reply {
+                    Reply::Registered(r) => r,
+                    other => Err(format!("unexpected answer to a registration: {other:?}")),
+                };
+                let _ = tx.send(result);
+            }
+            None => warn!(caller = caller.0, "a reply for a caller nobody knows"),
+        }
+    }
+
+    /// The I/O counters only the gate knows.
+    fn fill_counters(&self, info: &mut crate::core::AttachmentInfo) {
+        if let Some(rt) = self.attachments.values().find(|rt| rt.volume == info.volume) {
+            let status = rt.gate.status();
+            info.io_in_flight = status.in_flight;
+            info.io_waiting = status.waiting;
+        }
+    }
+
+    /// Installs the gate and the volume device of a newly opened handle,
+    /// then starts the attach task.
+    #[allow(clippy::too_many_arguments)]
+    fn start_attach(
+        &mut self,
+        attachment: AttachmentId,
+        volume: String,
+        handle: u64,
+        mode: OpenMode,
+        description: VolumeDescription,
+        lease_until_ms: Millis,
+        export: ExportTarget,
+        kernel: Option<KernelPlan>,
+    ) {
+        let generation = description.layout_generation;
+        let layout = match (self.builder)(description) {
+            Ok(layout) => Arc::new(layout),
+            Err(reason) => {
+                let e = AgentError::Session(crate::session::SessionError::Layout { volume, reason });
+                let _ = self.tx.send(ToOwner::Prepared { attachment, result: Err(e) });
+                return;
+            }
+        };
+        let gate = Arc::new(Gate::new(layout.clone(), generation));
+        gate.renew_lease(self.instant(lease_until_ms));
+        let registrar = Arc::new(OwnerRegistrar { owner: self.inbox_tx.clone(), volume: volume.clone() });
+        let registrations = Registrations::new(registrar, mode == OpenMode::SharedWrite);
+        let device = Arc::new(
+            VolumeDevice::new(volume.clone(), handle, mode == OpenMode::ReadOnly, gate.clone()).with_cow(registrations),
+        );
+        self.attachments.insert(
+            attachment,
+            Runtime { volume: volume.clone(), gate, device: device.clone(), export: None, kernel: None },
+        );
+        let backend =
+            crate::kernel::BackendId { pool: layout.description().pool_uuid, mode, handle, volume: volume.clone() };
+        let task = AttachTask {
+            pool: self.pool.clone(),
+            layout,
+            device,
+            volume,
+            handle,
+            mode,
+            export,
+            kernel,
+            backend: backend.to_string(),
+            settings: self.config.kernel,
+        };
+        let tx = self.tx.clone();
+        tokio::spawn(
+            async move {
+                let result = task.run().await;
+                let _ = tx.send(ToOwner::Prepared { attachment, result });
+            }
+            .in_current_span(),
+        );
+    }
+
+    fn start_detach(&mut self, attachment: AttachmentId, flush: bool) {
+        let Some(rt) = self.attachments.get_mut(&attachment) else {
+            let _ = self.tx.send(ToOwner::Detached { attachment, result: Ok(()), leftovers: Leftovers::default() });
+            return;
+        };
+        let task = DetachTask {
+            gate: rt.gate.clone(),
+            device: rt.device.clone(),
+            export: rt.export.take(),
+            kernel: rt.kernel.take(),
+            flush,
+            volume: rt.volume.clone(),
+        };
+        let tx = self.tx.clone();
+        tokio::spawn(
+            async move {
+                let (result, leftovers) = task.run().await;
+                let _ = tx.send(ToOwner::Detached { attachment, result, leftovers });
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// An attach's long steps: connect every online device (so an unreachable
+/// one fails the attach with its name instead of failing the first I/O),
+/// serve the export, attach the kernel device. Undoes its own steps on
+/// failure; the owner then closes the gate and the handle.
+struct AttachTask {
+    pool: Arc<DevicePool>,
+    layout: Arc<Layout>,
+    device: Arc<VolumeDevice>,
+    volume: String,
+    handle: u64,
+    mode: OpenMode,
+    export: ExportTarget,
+    kernel: Option<KernelPlan>,
+    backend: String,
+    settings: crate::kernel::KernelSettings,
+}
+
+impl AttachTask {
+    async fn run(self) -> Result<Ready, AgentError> {
+        let volume = self.volume.clone();
+        let description = self.layout.description();
+        if let Some(KernelPlan::Reconnect { index, backend, pool }) = &self.kernel {
+            if *pool != description.pool_uuid {
+                let e = crate::kernel::KernelError::WrongBackend {
+                    device: crate::kernel::device_path(*index),
+                    expected: format!("pool {}", description.pool_uuid),
+                    found: backend.clone(),
+                };
+                return Err(AgentError::Kernel { volume, message: e.to_string() });
+            }
+        }
+        let connects = description.devices.iter().filter(|e| e.online).map(|endpoint| {
+            let pool = self.pool.clone();
+            let pool_uuid = description.pool_uuid;
+            async move {
+                match pool.device(endpoint, pool_uuid) {
+                    Ok(device) => device.connect().await.map_err(|e| e.message),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        });
+        if let Some(Err(message)) = futures::future::join_all(connects).await.into_iter().find(|r| r.is_err()) {
+            return Err(AgentError::Device { volume, message });
+        }
+        let text = format!("sanvol volume {volume} ({}, handle {})", self.mode, self.handle);
+        let device: Arc<dyn BlockDevice> = self.device.clone();
+        let export = serve_volume(&volume, text, device.clone(), &self.export)
+            .await
+            .map_err(|e| AgentError::Export { volume: volume.clone(), message: e.to_string() })?;
+        let kernel = match &self.kernel {
+            None => return Ok(Ready { export, kernel: None, kernel_note: None }),
+            Some(KernelPlan::Connect { index }) => {
+                KernelAttachment::connect(&volume, device, *index, self.backend.clone(), self.settings).await
+            }
+            Some(KernelPlan::Reconnect { index, backend, .. }) => {
+                KernelAttachment::reconnect(&volume, device, *index, backend.clone(), self.settings).await
+            }
+        };
+        match kernel {
+            Ok(kernel) => Ok(Ready { export, kernel: Some(kernel), kernel_note: None }),
+            Err(crate::kernel::KernelError::NotLoaded) => {
+                warn!(volume, "{}; serving {} only", crate::kernel::NOT_LOADED, export.uri());
+                let note = format!("{} ({})", crate::kernel::NOT_LOADED, export.uri());
+                Ok(Ready { export, kernel: None, kernel_note: Some(note) })
+            }
+            Err(e) => {
+                // Clients may have found the export already: stop it, then flush what they wrote.
+                export.stop().await;
+                if self.mode != OpenMode::ReadOnly {
+                    if let Err(flush) = self.device.flush().await {
+                        warn!(volume, error = %flush, "flush after a failed kernel attach failed");
+                    }
+                }
+                Err(AgentError::Kernel { volume, message: e.to_string() })
+            }
+        }
+    }
+}
+
+/// A detach's long steps: flush and disconnect the kernel device (if its
+/// flush fails it stays connected), flush (if that fails the volume stays
+/// attached), stop the export (connected clients finish their in-flight
+/// requests), flush again (writes that raced the first flush), close the gate
+/// and wait for in-flight I/O.
+struct DetachTask {
+    gate: Arc<Gate<Layout>>,
+    device: Arc<VolumeDevice>,
+    export: Option<ExportHandle>,
+    kernel: Option<KernelAttachment>,
+    flush: bool,
+    volume: String,
+}
+
+impl DetachTask {
+    async fn run(mut self) -> (Result<(), DetachFailure>, Leftovers) {
+        if let Some(kernel) = self.kernel.as_mut() {
+            if let Err(e) = kernel.detach().await {
+                return (
+                    Err(DetachFailure::Kernel(e.to_string())),
+                    Leftovers { export: self.export, kernel: self.kernel },
+                );
+            }
+            self.kernel = None;
+        }
+        if self.flush {
+            if let Err(e) = self.device.flush().await {
+                return (Err(DetachFailure::Flush(e.to_string())), Leftovers { export: self.export, kernel: None });
+            }
+        }
+        if let Some(export) = self.export.take() {
+            export.stop().await;
+        }
+        if self.flush {
+            if let Err(e) = self.device.flush().await {
+                warn!(volume = self.volume, error = %e, "flush after stopping the export failed");
+            }
+        }
+        self.gate.close();
+        let _ = self.gate.drained().await;
+        (Ok(()), Leftovers::default())
+    }
+}
+
+/// Registers copy-on-write chunks of one volume through the owner.
+struct OwnerRegistrar {
+    owner: mpsc::Sender<ToOwner>,
+    volume: String,
+}
+
+#[async_trait::async_trait]
+impl CowRegistrar for OwnerRegistrar {
+    async fn register(&self, snapshot: u64, chunks: Vec<u64>, server_copies: bool) -> Result<(), String> {
+        let (reply, answer) = oneshot::channel();
+        let message = ToOwner::Cow { volume: self.volume.clone(), snapshot, chunks, server_copies, reply };
+        if self.owner.send(message).await.is_err() {
+            return Err("the agent is shutting down".to_string());
+        }
+        answer.await.unwrap_or_else(|_| Err("the agent is shutting down".to_string()))
+    }
+}
