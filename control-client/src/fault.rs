@@ -5,27 +5,62 @@
 //! but before registering it) instead of hoping a timed `kill` lands there.
 //!
 //! Points are named `PROCESS-when`, e.g. `agent-after-cow-copy`; each
-//! caller documents its own. Unset (the normal case) costs one load of a
-//! cached value.
+//! caller documents its own. `POINT@N` fires on the point's Nth hit (to
+//! crash in the middle of a load rather than at its first step). Unset (the
+//! normal case) costs one load of a cached value.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-fn armed() -> &'static [String] {
-    static ARMED: OnceLock<Vec<String>> = OnceLock::new();
+/// An armed point: its name, on which hit it fires, and the hits so far.
+struct Armed {
+    point: String,
+    on_hit: u64,
+    hits: AtomicU64,
+}
+
+fn armed() -> &'static [Armed] {
+    static ARMED: OnceLock<Vec<Armed>> = OnceLock::new();
     ARMED.get_or_init(|| {
         std::env::var("SANVOL_FAULT")
-            .map(|v| v.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect())
+            .map(|v| v.split(',').filter_map(|p| parse(p.trim())).collect())
             .unwrap_or_default()
     })
 }
 
-/// Kills this process with SIGKILL if `point` is armed.
+fn parse(spec: &str) -> Option<Armed> {
+    if spec.is_empty() {
+        return None;
+    }
+    let (point, on_hit) = match spec.split_once('@') {
+        Some((point, n)) => (point, n.parse().ok().filter(|n| *n > 0)?),
+        None => (spec, 1),
+    };
+    Some(Armed { point: point.to_string(), on_hit, hits: AtomicU64::new(0) })
+}
+
+/// Kills this process with SIGKILL if `point` is armed (and this is the
+/// hit it is armed for).
 pub fn hit(point: &str) {
-    if armed().iter().any(|p| p == point) {
+    let Some(a) = armed().iter().find(|a| a.point == point) else { return };
+    if a.hits.fetch_add(1, Ordering::SeqCst) + 1 == a.on_hit {
         eprintln!("SANVOL_FAULT: reached {point}; killing this process (SIGKILL)");
         // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
         unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn points_parse_with_an_optional_hit_count() {
+        let a = parse("mds-mid-journal-write@4").unwrap();
+        assert_eq!((a.point.as_str(), a.on_hit), ("mds-mid-journal-write", 4));
+        assert_eq!(parse("agent-after-cow-copy").unwrap().on_hit, 1);
+        assert!(parse("x@0").is_none() && parse("x@y").is_none() && parse("").is_none());
     }
 }

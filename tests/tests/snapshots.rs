@@ -438,6 +438,115 @@ async fn server_killed_after_committing_before_answering() {
     server_crash_at("mds-after-cow-commit").await;
 }
 
+/// Reads `len` bytes at `offset` of the device the pool records as `uri`,
+/// directly (not through sanvol).
+async fn read_device(uri: &str, offset: u64, len: u64) -> Vec<u8> {
+    let c = NbdClient::connect(&uri.parse().unwrap(), ClientOptions::default()).await.expect("device");
+    let data = c.read(offset, len as u32).await.expect("device read").to_vec();
+    c.disconnect().await;
+    data
+}
+
+/// Every leg of the `extents` entry holding byte `at` (of a volume or a COW
+/// area): (device URI, byte offset on it).
+fn legs_at(description: &serde_json::Value, extents: &serde_json::Value, at: u64) -> Vec<(String, u64)> {
+    let extent_bytes = description["extent_bytes"].as_u64().unwrap();
+    let extent = &extents[(at / extent_bytes) as usize];
+    extent["legs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|leg| {
+            let index = leg["device"].as_u64().unwrap();
+            let device = description["devices"].as_array().unwrap().iter().find(|d| d["index"] == index).unwrap();
+            (device["uri"].as_str().unwrap().to_string(), leg["offset"].as_u64().unwrap() + at % extent_bytes)
+        })
+        .collect()
+}
+
+/// Whether `chunk` is set in a snapshot's COW map as `volume show --json` prints it.
+fn cow_has(cow: &serde_json::Value, chunk: u64) -> bool {
+    let words = cow["words"].as_array().unwrap();
+    words[(chunk / 64) as usize].as_u64().unwrap() & (1 << (chunk % 64)) != 0
+}
+
+/// `kill -9` of the server in the middle of the metadata journal's group
+/// commits, under copy-on-write load: many writers at once, so their
+/// registrations share commits. After a restart every registration that
+/// was acknowledged before the crash is still in the snapshot's COW map,
+/// every write completes, and the devices, read directly, hold each
+/// pre-image in the snapshot's COW area and each new block in the volume,
+/// on every leg.
+async fn server_crash_under_cow_load(point: &str) {
+    let mut stack = stack();
+    let (agent, uri, image1) = filled_volume(&stack, &["--mirror", "2"]).await;
+    stack.sanvol_ok(&["snapshot", "create", "v", "s1"]);
+    stack.kill_mds();
+    stack.mds_env = vec![("SANVOL_FAULT".into(), point.into())];
+    stack.start_mds();
+    // The agent sends the first registration at once and merges the others
+    // while it is in flight: commit 1 holds one chunk, commit 2 the rest
+    // (the fault fires on the second journal write).
+    let chunks: Vec<u64> = (0..48).map(|i| i * 5 % (VOLUME_BYTES / CHUNK)).collect();
+    let c = connect(&uri).await;
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writes: Vec<_> = chunks
+        .iter()
+        .map(|&chunk| {
+            let (c, acked) = (c.clone(), acked.clone());
+            tokio::spawn(async move {
+                let block = chunk * CHUNK / BLOCK;
+                c.write(block * BLOCK, Bytes::from(block_pattern(11, block)), false).await?;
+                acked.lock().unwrap().push(chunk);
+                Ok::<_, blockio::IoError>(())
+            })
+        })
+        .collect();
+    stack.mds.as_mut().unwrap().wait_exit();
+    let acked_before: Vec<u64> = acked.lock().unwrap().clone();
+    let name = point.split('@').next().unwrap();
+    assert!(stack.mds_log().contains(&format!("reached {name}")), "{}", stack.mds_log());
+    assert!(acked_before.len() < chunks.len(), "the server died with writes waiting for registrations");
+    stack.mds_env.clear();
+    stack.start_mds();
+    for w in writes {
+        w.await.unwrap().expect("every write completes after the server restarted");
+    }
+    c.disconnect().await;
+
+    let shown = stack.sanvol_json(&["volume", "show", "v"]);
+    let description = &shown["description"];
+    let snapshot = &description["snapshot"];
+    for &chunk in &acked_before {
+        assert!(cow_has(&snapshot["cow"], chunk), "chunk {chunk} was acknowledged before the crash, then lost");
+    }
+    for &chunk in &chunks {
+        assert!(cow_has(&snapshot["cow"], chunk), "chunk {chunk} was written but is not registered");
+        let at = chunk * CHUNK;
+        let pre_image = &image1[at as usize..(at + CHUNK) as usize];
+        for (device, offset) in legs_at(description, &snapshot["cow_extents"], at) {
+            let got = read_device(&device, offset, CHUNK).await;
+            assert!(got == pre_image, "chunk {chunk}: the COW area on {device} at {offset} is not the pre-image");
+        }
+        for (device, offset) in legs_at(description, &description["extents"], at) {
+            let got = read_device(&device, offset, BLOCK).await;
+            assert!(got == block_pattern(11, at / BLOCK), "chunk {chunk}: the new block is not on {device}");
+        }
+    }
+    assert_same(&format!("v@s1 after the server died at {point}"), &read_snapshot(&stack, "v@s1").await, &image1);
+    agent.detach("v");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_in_the_middle_of_a_journal_write_under_cow_load() {
+    server_crash_under_cow_load("mds-mid-journal-write@2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_after_a_journal_write_before_acknowledging_it() {
+    server_crash_under_cow_load("mds-after-metadata-write@2").await;
+}
+
 /// Two agents holding the volume shared-write: the server copies the
 /// pre-images (an agent could otherwise copy a chunk the other had already
 /// registered and overwritten).

@@ -25,6 +25,11 @@
 //!   ([`Pool::finish_checkpoint`] takes that outcome back). One commit job at
 //!   a time: everything that arrives while it runs is the next batch.
 //!
+//! Fault points (`SANVOL_FAULT`, see [`control_client::fault`]):
+//! `mds-mid-journal-write` and `mds-mid-checkpoint` (the first copy took the
+//! bytes, the others may not have), `mds-after-metadata-write` (every copy
+//! written, the owner not told).
+//!
 //! The whole-pool path stays as it is for pools not opened with the journal;
 //! the first journaled commit of a format-2 pool upgrades it (a checkpoint in
 //! the older checkpoint slot), after which releases without the journal
@@ -243,17 +248,19 @@ impl Pool {
         };
         let targets: Vec<CopyTarget> = write.targets.iter().map(target).collect();
         let verify = write.verify.then_some("metadata checkpoint");
-        let (mut written, mut failures) = write_everywhere(write.copies, &targets, &write.bytes, verify).await;
+        let fault = if write.verify { "mds-mid-checkpoint" } else { "mds-mid-journal-write" };
+        let (mut written, mut failures) = write_everywhere(write.copies, &targets, &write.bytes, verify, fault).await;
         let clears: Vec<CopyTarget> =
             write.clear_after.iter().map(target).filter(|t| written.get(t.copy) == Some(&true)).collect();
         if !clears.is_empty() {
             let zero = Bytes::from(vec![0u8; BLOCK_BYTES as usize]);
-            let (cleared, f) = write_everywhere(write.copies, &clears, &zero, None).await;
+            let (cleared, f) = write_everywhere(write.copies, &clears, &zero, None, "").await;
             for t in &clears {
                 written[t.copy] &= cleared[t.copy];
             }
             failures.extend(f);
         }
+        control_client::fault::hit("mds-after-metadata-write");
         (written, failures)
     }
 
@@ -483,7 +490,7 @@ impl CommitJob {
     pub async fn run(self) -> CommitOutcome {
         let (written, failures, was_checkpoint) = match &self.write {
             JobWrite::Entry { bytes, targets } => {
-                let (w, f) = write_everywhere(self.copies, targets, bytes, None).await;
+                let (w, f) = write_everywhere(self.copies, targets, bytes, None, "").await;
                 (w, f, false)
             }
             JobWrite::Checkpoint(c) => {
@@ -512,11 +519,11 @@ impl CheckpointJob {
 
     async fn write(&self) -> (Vec<bool>, Vec<String>) {
         let (mut written, mut failures) =
-            write_everywhere(self.copies, &self.targets, &self.bytes, Some("metadata checkpoint")).await;
+            write_everywhere(self.copies, &self.targets, &self.bytes, Some("metadata checkpoint"), "").await;
         let clears: Vec<CopyTarget> = self.clear_after.iter().filter(|t| written[t.copy]).cloned().collect();
         if !clears.is_empty() {
             let zero = Bytes::from(vec![0u8; BLOCK_BYTES as usize]);
-            let (cleared, f) = write_everywhere(self.copies, &clears, &zero, None).await;
+            let (cleared, f) = write_everywhere(self.copies, &clears, &zero, None, "").await;
             for t in &clears {
                 written[t.copy] &= cleared[t.copy];
             }
@@ -530,13 +537,24 @@ impl CheckpointJob {
 /// copies) and flushes each copy written; with `verify`, reads the bytes
 /// back after the flush (a device that drops writes fails here, not at the
 /// next restart). Returns which copies took it, and why the others did not.
+/// `fault` (if not empty) is a `SANVOL_FAULT` point hit once the first copy
+/// took the bytes (the others may or may not have): a crash in the middle of
+/// a metadata write, for the crash tests.
 async fn write_everywhere(
     copies: usize,
     targets: &[CopyTarget],
     bytes: &Bytes,
     verify: Option<&str>,
+    fault: &str,
 ) -> (Vec<bool>, Vec<String>) {
-    let results = join_all(targets.iter().map(|t| write_copy(t, bytes, verify))).await;
+    let results = join_all(targets.iter().map(|t| async move {
+        let result = write_copy(t, bytes, verify).await;
+        if t.copy == 0 && !fault.is_empty() {
+            control_client::fault::hit(fault);
+        }
+        result
+    }))
+    .await;
     let mut written = vec![false; copies];
     let mut failures = Vec::new();
     for (t, r) in targets.iter().zip(results) {

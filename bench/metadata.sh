@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Metadata benchmark (issue: metadata that scales — a commit costs what
+# changed, not the size of the pool).
+#
+# Three sparse nbdkit memory devices hold the pool; one agent.
+#   cow      fio randwrite 4k QD1 over the first GiB of a 1 GiB and of a
+#            1 TiB volume, BENCH_SECONDS each: with no snapshot, right after
+#            a snapshot (first writes: every new 64 KiB chunk is copied and
+#            registered, one metadata commit each), and again. Ratios to no
+#            snapshot; the 1 TiB rows against the 1 GiB rows.
+#   create   `volume create` latency (requests over one admin connection,
+#            median and p99 of 100) with 10 and with 10,000 volumes in the
+#            pool, and the CLI's wall time for one create at each size.
+#   load     sanvol-mds start (load the metadata from the devices, replay
+#            the journal) to listening, with ~110 and ~10,100 volumes.
+#
+# Usage: bench/metadata.sh   (env: BENCH_SECONDS=4, BENCH_VOLUMES=10000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${BENCH_SECONDS:-4}
+VOLUMES=${BENCH_VOLUMES:-10000}
+
+scripts/install-deps.sh >/dev/null
+cargo build --release -q --bins
+cargo build --release -q -p metadata-server --example populate
+source bench/lib.sh
+BIN=target/release
+POPULATE=target/release/examples/populate
+D=$BENCH_DIR
+results="$D/results.txt"
+
+for i in 0 1 2; do start_nbdkit "dev$i" memory 2T; done
+start_pool dev0 dev1 dev2
+MDS_PID=${BENCH_PIDS[-1]}   # start_pool's last start is sanvol-mds
+start_agent agent
+
+# fio_run URI SECONDS : randwrite 4k QD1 over the first GiB; prints "iops".
+fio_run() {
+    fio --name=bench --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth=1 --size=1024M \
+        --time_based --runtime="$2" --randrepeat=0 --output-format=json 2>/dev/null |
+        python3 -c "$FIO_JSON_TO_IOPS_MIB" | cut -d' ' -f1
+}
+
+for size in 1G 1T; do
+    vol="v$size"
+    $BIN/sanvol volume create "$vol" "$size" >/dev/null
+    uri=$($BIN/sanvol-agent attach "$vol" --control-socket "$D/agent-agent.sock")
+    echo "cow $size none $(fio_run "$uri" "$SECS")" >>"$results"
+    $BIN/sanvol snapshot create "$vol" s1 >/dev/null
+    echo "cow $size first $(fio_run "$uri" "$SECS")" >>"$results"
+    echo "cow $size again $(fio_run "$uri" "$SECS")" >>"$results"
+    $BIN/sanvol-agent detach "$vol" --control-socket "$D/agent-agent.sock" >/dev/null
+    echo "done: cow $size" >&2
+done
+
+# restart_mds : stops sanvol-mds (SIGTERM) and starts it again; prints the
+# seconds from start to listening.
+restart_mds() {
+    kill "$MDS_PID" && wait "$MDS_PID" 2>/dev/null || true
+    rm -f "$D/mds.ready"
+    local t0 t1
+    t0=$(date +%s.%N)
+    start_ready mds "$BIN/sanvol-mds" --config "$D/mds.toml"
+    t1=$(date +%s.%N)
+    MDS_PID=${BENCH_PIDS[-1]}
+    python3 -c "print('%.3f' % ($t1 - $t0))"
+}
+
+populate() { $POPULATE --mds "$SANVOL_MDS" --key "$SANVOL_KEY" --server-key "$SANVOL_SERVER_KEY" "$@"; }
+cli_create_ms() {
+    local t0 t1
+    t0=$(date +%s.%N); $BIN/sanvol volume create "$1" 4096 >/dev/null; t1=$(date +%s.%N)
+    python3 -c "print('%.1f' % (($t1 - $t0) * 1000))"
+}
+
+populate --count 8 --prefix pre- --sample 8 >/dev/null    # 10 volumes with the two above
+echo "create 10 $(populate --count 100 --prefix at10- --sample 100) cli_ms=$(cli_create_ms cli10)" >>"$results"
+echo "load 110 $(restart_mds)" >>"$results"
+populate --count $((VOLUMES - 111)) --prefix fill- --sample 1 >/dev/null
+echo "create $VOLUMES $(populate --count 100 --prefix at10k- --sample 100) cli_ms=$(cli_create_ms cli10k)" >>"$results"
+echo "load $((VOLUMES + 100)) $(restart_mds)" >>"$results"
+
+python3 - "$results" "$SECS" <<'PY'
+import re, sys
+rows = [l.split() for l in open(sys.argv[1])]
+cow = {(r[1], r[2]): float(r[3]) for r in rows if r[0] == "cow"}
+print(f"fio randwrite 4k QD1 over the first GiB, {sys.argv[2]} s each (IOPS; ratio to no snapshot):")
+print(f"{'volume':>8} {'no snapshot':>12} {'first writes':>14} {'again':>14}")
+for size in ("1G", "1T"):
+    none, first, again = cow[(size, "none")], cow[(size, "first")], cow[(size, "again")]
+    print(f"{size:>8} {none:>12.0f} {first:>8.0f} ({first/none:.2f}) {again:>8.0f} ({again/none:.2f})")
+print(f"1 TiB / 1 GiB: no snapshot {cow[('1T','none')]/cow[('1G','none')]:.2f}, "
+      f"first writes {cow[('1T','first')]/cow[('1G','first')]:.2f}, again {cow[('1T','again')]/cow[('1G','again')]:.2f}")
+creates = [r for r in rows if r[0] == "create"]
+def field(r, name):
+    return float(next(x.split("=")[1] for x in r if x.startswith(name + "=")))
+print("volume create (one admin connection, 100 creates; CLI = one `sanvol volume create`):")
+for r in creates:
+    print(f"  at {r[1]:>6} volumes: median {field(r, 'create_ms_median'):.2f} ms, p99 {field(r, 'create_ms_p99'):.2f} ms, CLI {field(r, 'cli_ms'):.1f} ms")
+if len(creates) == 2:
+    print(f"  median at {creates[1][1]} / at {creates[0][1]}: {field(creates[1], 'create_ms_median') / field(creates[0], 'create_ms_median'):.2f}")
+for r in rows:
+    if r[0] == "load":
+        print(f"server start to listening with {r[1]} volumes: {float(r[2]):.3f} s")
+PY
