@@ -40,6 +40,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use self::connection::{Connection, PendingState, ReadAssembly, Reply};
 pub use self::error::ClientError;
 use self::handshake::{Handshake, Negotiated};
+use crate::buffer_pool::BufferPool;
 use crate::device::{BlockDevice, BlockSizes, MetaContext, StatusExtent, ZeroFlags};
 use crate::error::{check_range, IoError};
 use crate::proto::{self, limits};
@@ -400,8 +401,8 @@ impl NbdClient {
     }
 
     async fn read_one(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
-        let asm =
-            ReadAssembly { buf: BytesMut::with_capacity(len as usize), covered_bytes: 0, ranges: Default::default() };
+        let buf = BufferPool::global().take(len as usize);
+        let asm = ReadAssembly { buf, covered_bytes: 0, ranges: Default::default() };
         match self.request(proto::CMD_READ, 0, offset, len, Bytes::new(), PendingState::Read(asm)).await? {
             Reply::Data(b) => Ok(b),
             other => Err(IoError::io(format!("internal: READ completed with {other:?}"))),

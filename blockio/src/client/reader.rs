@@ -16,6 +16,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
 
+use crate::buffer_pool::BufferPool;
 use super::connection::{ConnShared, Pending, PendingState, ReadAssembly, Reply};
 use crate::device::StatusExtent;
 use crate::error::{IoError, IoErrorKind};
@@ -197,7 +198,7 @@ fn finish_read(asm: &mut ReadAssembly, length: u32) -> Bytes {
     let mut buf = std::mem::take(&mut asm.buf);
     // Anything not yet materialized is the tail of holes.
     buf.resize(length as usize, 0);
-    buf.freeze()
+    BufferPool::global().freeze(buf)
 }
 
 /// Reads `n` bytes into the assembly at relative offset `rel`.
