@@ -135,7 +135,11 @@ async fn open_socket(uri: &NbdUri, target: &str) -> Result<Socket, ClientError> 
             s.set_nodelay(true).map_err(connect_err)?;
             Ok(Socket::Tcp(s))
         }
-        Transport::Unix { socket } => Ok(Socket::Unix(connect_unix(socket).await.map_err(connect_err)?)),
+        Transport::Unix { socket } => {
+            let s = connect_unix(socket).await.map_err(connect_err)?;
+            crate::socket::tune_unix(&s);
+            Ok(Socket::Unix(s))
+        }
     }
 }
 
