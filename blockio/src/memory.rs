@@ -46,11 +46,7 @@ impl MemoryDevice {
     pub fn new(size: u64) -> MemoryDevice {
         let chunks = size.div_ceil(CHUNK_BYTES as u64);
         let groups = chunks.div_ceil(GROUP_CHUNKS as u64) as usize;
-        MemoryDevice {
-            size,
-            read_only: false,
-            groups: (0..groups).map(|_| OnceLock::new()).collect(),
-        }
+        MemoryDevice { size, read_only: false, groups: (0..groups).map(|_| OnceLock::new()).collect() }
     }
 
     /// The same device, refusing writes (builder style).

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
 
-use crate::buffer_pool::BufferPool;
 use super::connection::{ConnShared, Pending, PendingState, ReadAssembly, Reply};
+use crate::buffer_pool::BufferPool;
 use crate::device::StatusExtent;
 use crate::error::{IoError, IoErrorKind};
 use crate::proto::{self, limits, ReplyHeader};
