@@ -129,7 +129,7 @@ mod tests {
         assert_eq!(&part[..], &[7u8; 10]);
         drop(part);
         assert_eq!(pool.idle_bytes(), POOLED_BYTES_MIN);
-        let again = pool.take(POOLED_BYTES_MIN - 1);
+        let again = pool.take(POOLED_BYTES_MIN);
         assert_eq!(again.as_ptr(), ptr, "the same buffer is reused");
         assert!(again.is_empty());
         assert_eq!(pool.idle_bytes(), 0);
