@@ -395,7 +395,7 @@ impl NbdClient {
         }
         check_range(offset, len, info.size)?;
         let min = info.block_sizes.minimum as u64;
-        if offset % min != 0 || len % min != 0 {
+        if !offset.is_multiple_of(min) || !len.is_multiple_of(min) {
             return Err(IoError::invalid(format!(
                 "offset {offset} length {len} is not aligned to {}'s minimum block size of {min} bytes",
                 self.inner.target

@@ -348,7 +348,7 @@ async fn chunk<R: AsyncRead + Unpin>(
             // and all but the last end inside the request).
             let count_max = STATUS_EXTENTS_MAX.min(p.length as u64);
             let body = length as u64;
-            if body < 12 || (body - 4) % 8 != 0 || (body - 4) / 8 > count_max {
+            if body < 12 || !(body - 4).is_multiple_of(8) || (body - 4) / 8 > count_max {
                 return violation(format!("BLOCK_STATUS chunk of impossible length {length}"));
             }
             let id = read_u32(rd).await?;
