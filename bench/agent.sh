@@ -8,7 +8,7 @@
 #   direct  fio -> nbdkit device                           (no hop)
 # and the agent's figures are reported as ratios to both.
 #
-# Usage: bench/agent.sh   (env: BENCH_SECONDS=10 per row, BENCH_SIZE_MIB=2048)
+# Usage: bench/agent.sh   (env: BENCH_SECONDS=10 per row, BENCH_SIZE_MIB=2048, BENCH_ROWS=all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${BENCH_SECONDS:-10}
@@ -30,6 +30,8 @@ $BIN/sanvol volume create vol "${VOLUME_MIB}M" >/dev/null
 AGENT_URI=$($BIN/sanvol-agent attach vol --control-socket "$D/agent-agent.sock")
 
 declare -A URI=([agent]="$AGENT_URI" [proxy]="$(sock_uri proxy)" [direct]="$(sock_uri dev0)")
+# Whose CPU per request is counted: the hop's (the device's for direct).
+declare -A HOP=([agent]="${PID_OF[agent-agent]}" [proxy]="${PID_OF[proxy]}" [direct]="${PID_OF[dev0]}")
 ROWS=(
     "4k-randread-qd1 randread 4k 1"
     "4k-randread-qd32 randread 4k 32"
@@ -38,6 +40,10 @@ ROWS=(
     "1m-read-qd8 read 1m 8"
     "1m-write-qd8 write 1m 8"
 )
+# BENCH_ROWS="NAME ..." runs only those rows, with all their peers (to re-run a noisy row).
+if [ -n "${BENCH_ROWS:-}" ]; then
+    mapfile -t ROWS < <(for r in "${ROWS[@]}"; do [[ " $BENCH_ROWS " == *" ${r%% *} "* ]] && echo "$r"; done)
+fi
 fio_nbd "${URI[agent]}" write 1m 8 "$WORK_MIB" 1 >/dev/null   # fill the volume's working set
 fio_nbd "${URI[direct]}" write 1m 8 "$WORK_MIB" 1 >/dev/null  # and the device's start
 
@@ -45,7 +51,7 @@ results="$D/results.txt"
 for row in "${ROWS[@]}"; do
     read -r name rw bs depth <<<"$row"
     for path in agent proxy direct; do
-        echo "$name $path $(fio_nbd "${URI[$path]}" "$rw" "$bs" "$depth" "$WORK_MIB" "$SECS")" >>"$results"
+        echo "$name $path $(fio_nbd_cpu "${HOP[$path]}" "${URI[$path]}" "$rw" "$bs" "$depth" "$WORK_MIB" "$SECS")" >>"$results"
     done
     echo "done: $name" >&2
 done
@@ -57,14 +63,14 @@ python3 - "$results" "$SECS" >"$out" <<'PY'
 import sys, collections
 rows = collections.OrderedDict()
 for line in open(sys.argv[1]):
-    name, who, iops, mib = line.split()
-    rows.setdefault(name, {})[who] = (float(iops), float(mib))
+    name, who, iops, mib, cpu = line.split()
+    rows.setdefault(name, {})[who] = (float(iops), float(mib), cpu)
 print(f"fio nbd engine, unix sockets, one nbdkit memory device, {sys.argv[2]} s per row\n")
-print("| row | agent IOPS | nbdkit proxy IOPS | direct IOPS | agent MiB/s | agent / proxy | agent / direct |")
-print("|---|---:|---:|---:|---:|---:|---:|")
+print("| row | agent IOPS | nbdkit proxy IOPS | direct IOPS | agent MiB/s | agent / proxy | agent / direct | CPU µs/request: agent / proxy / device (direct) |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
 for name, r in rows.items():
     a, p, d = r["agent"], r["proxy"], r["direct"]
-    print(f"| {name} | {a[0]:.0f} | {p[0]:.0f} | {d[0]:.0f} | {a[1]:.1f} | {a[0]/p[0]:.2f} | {a[0]/d[0]:.2f} |")
+    print(f"| {name} | {a[0]:.0f} | {p[0]:.0f} | {d[0]:.0f} | {a[1]:.1f} | {a[0]/p[0]:.2f} | {a[0]/d[0]:.2f} | {a[2]} / {p[2]} / {d[2]} |")
 PY
 cat "$out"
 echo "(saved to $out)"

@@ -4,6 +4,7 @@
 # trap — only processes this script started, by PID.
 
 BENCH_PIDS=()
+declare -A PID_OF=()  # name -> PID of what start_ready/start_nbdkit/start_agent started
 BENCH_DIR=$(mktemp -d /tmp/sanvol-bench.XXXXXX)
 
 bench_cleanup() {
@@ -22,6 +23,7 @@ start_ready() {
     mkfifo "$fifo"
     "$@" >"$fifo" 2>"$BENCH_DIR/$name.err" &
     BENCH_PIDS+=($!)
+    PID_OF[$name]=$!
     local line
     if ! read -r -t 30 line <"$fifo" || [[ $line != ready* && $line != listening* && $line != serving* ]]; then
         echo "$name did not become ready: $(cat "$BENCH_DIR/$name.err")" >&2
@@ -38,6 +40,7 @@ start_nbdkit() {
     local pidfile="$BENCH_DIR/$name.pid"
     nbdkit -f -U "$BENCH_DIR/$name.sock" -P "$pidfile" "$@" 2>"$BENCH_DIR/$name.err" &
     BENCH_PIDS+=($!)
+    PID_OF[$name]=$!
     local deadline=$((SECONDS + 30))
     until [ -s "$pidfile" ]; do
         [ $SECONDS -lt $deadline ] || { echo "nbdkit $name did not start: $(cat "$BENCH_DIR/$name.err")" >&2; exit 1; }
@@ -55,6 +58,24 @@ fio_nbd() {
         --size="${size}M" --time_based --runtime="$secs" --ramp_time=1 --randrepeat=0 \
         --output-format=json 2>/dev/null |
         python3 -c "$FIO_JSON_TO_IOPS_MIB"
+}
+
+# cpu_ticks PID : user+system clock ticks of PID (all its threads) so far.
+cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+
+# fio_nbd_cpu PID URI RW BS DEPTH SIZE_MIB SECONDS : prints "iops mib_per_s cpu_us_per_io",
+# the last being PID's CPU time (user+system, all threads) per request during the
+# run. On a shared host CPU per request moves much less than IOPS, because it
+# does not count time spent waiting for a core. The ramp second is included
+# in the CPU, so the requests are estimated as iops * (SECONDS + 1).
+fio_nbd_cpu() {
+    local pid=$1; shift
+    local t0 t1 r
+    t0=$(cpu_ticks "$pid")
+    r=$(fio_nbd "$@")
+    t1=$(cpu_ticks "$pid")
+    python3 -c 'import sys; iops, mib = map(float, sys.argv[1:3]); t, hz, secs = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+print("%.0f %.1f %.1f" % (iops, mib, t * 1e6 / hz / max(iops * (secs + 1), 1)))' $r "$((t1 - t0))" "$(getconf CLK_TCK)" "$6"
 }
 
 # fio JSON on stdin -> "iops mib_per_s" of whichever side did I/O.
@@ -94,5 +115,6 @@ start_agent() {
         --name "bench-$name" --control-socket "$d/agent-$name.sock" --export-dir "$d/exports-$name" "$@" \
         2>"$d/agent-$name.err" &
     BENCH_PIDS+=($!)
+    PID_OF[agent-$name]=$!
     "$BIN/sanvol-agent" wait-ready --control-socket "$d/agent-$name.sock"
 }

@@ -7,7 +7,7 @@
 # Client: blockio's client against fio's libnbd engine, both driving the same
 # `nbdkit memory` export.
 #
-# Usage: bench/nbd-engine.sh   (env: BENCH_SECONDS=10 per row, BENCH_SIZE_MIB=1024)
+# Usage: bench/nbd-engine.sh   (env: BENCH_SECONDS=10 per row, BENCH_SIZE_MIB=1024, BENCH_ROWS=all)
 # Prints a markdown table with the ratios; also saved under bench/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +33,10 @@ ROWS=(
     "1m-read-qd8 read 1m 8"
     "1m-write-qd8 write 1m 8"
 )
+# BENCH_ROWS="NAME ..." runs only those rows, with all their peers (to re-run a noisy row).
+if [ -n "${BENCH_ROWS:-}" ]; then
+    mapfile -t ROWS < <(for r in "${ROWS[@]}"; do [[ " $BENCH_ROWS " == *" ${r%% *} "* ]] && echo "$r"; done)
+fi
 
 # Fill the working set once on every server so reads move real data.
 for s in ours nbdcrate nbdkit; do
@@ -43,13 +47,13 @@ results="$BENCH_DIR/results.txt"
 for row in "${ROWS[@]}"; do
     read -r name rw bs depth <<<"$row"
     for s in ours nbdkit nbdcrate; do
-        echo "server $name $s $(fio_nbd "$(sock_uri $s)" "$rw" "$bs" "$depth" "$WORK_MIB" "$SECS")" >>"$results"
+        echo "server $name $s $(fio_nbd_cpu "${PID_OF[$s]}" "$(sock_uri $s)" "$rw" "$bs" "$depth" "$WORK_MIB" "$SECS")" >>"$results"
     done
     # Client side: fio (libnbd) vs blockio's client, both on nbdkit.
-    echo "client $name fio $(fio_nbd "$(sock_uri nbdkit)" "$rw" "$bs" "$depth" "$WORK_MIB" "$SECS")" >>"$results"
+    echo "client $name fio $(fio_nbd "$(sock_uri nbdkit)" "$rw" "$bs" "$depth" "$WORK_MIB" "$SECS") -" >>"$results"
     case $bs in 4k) bytes=4096 ;; 1m) bytes=1048576 ;; esac
     ours=$(target/release/examples/nbd_client_bench "$(sock_uri nbdkit)" "$rw" "$bytes" "$depth" "$SECS" --json |
-        python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.0f %.1f" % (r["iops"], r["mib_per_s"]))')
+        python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.0f %.1f -" % (r["iops"], r["mib_per_s"]))')
     echo "client $name ours $ours" >>"$results"
     echo "done: $name" >&2
 done
@@ -60,16 +64,17 @@ python3 - "$results" "$SECS" >"$out" <<'PY'
 import sys, collections
 rows = collections.OrderedDict()
 for line in open(sys.argv[1]):
-    side, name, who, iops, mib = line.split()
-    rows.setdefault((side, name), {})[who] = (float(iops), float(mib))
+    side, name, who, iops, mib, cpu = line.split()
+    rows.setdefault((side, name), {})[who] = (float(iops), float(mib), cpu)
 print(f"fio nbd engine, unix socket, memory backends, {sys.argv[2]} s per row\n")
 print("### Server: fio -> server\n")
-print("| row | blockio IOPS | nbdkit IOPS | nbd crate IOPS | blockio MiB/s | ratio vs faster peer |")
-print("|---|---:|---:|---:|---:|---:|")
+print("| row | blockio IOPS | nbdkit IOPS | nbd crate IOPS | blockio MiB/s | ratio vs faster peer | CPU µs/request: blockio / nbdkit / nbd crate |")
+print("|---|---:|---:|---:|---:|---:|---:|")
 for (side, name), r in rows.items():
     if side != "server": continue
     best = max(r["nbdkit"][0], r["nbdcrate"][0])
-    print(f"| {name} | {r['ours'][0]:.0f} | {r['nbdkit'][0]:.0f} | {r['nbdcrate'][0]:.0f} | {r['ours'][1]:.1f} | {r['ours'][0]/best:.2f} |")
+    cpu = " / ".join(r[w][2] for w in ("ours", "nbdkit", "nbdcrate"))
+    print(f"| {name} | {r['ours'][0]:.0f} | {r['nbdkit'][0]:.0f} | {r['nbdcrate'][0]:.0f} | {r['ours'][1]:.1f} | {r['ours'][0]/best:.2f} | {cpu} |")
 print("\n### Client: client -> nbdkit memory\n")
 print("| row | blockio client IOPS | fio/libnbd IOPS | blockio MiB/s | fio MiB/s | ratio |")
 print("|---|---:|---:|---:|---:|---:|")

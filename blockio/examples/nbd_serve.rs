@@ -7,6 +7,10 @@
 //! cargo run --release -p blockio --example nbd_serve -- --tcp 127.0.0.1:10809 --file disk.img
 //! ```
 //! Prints `ready` on stdout once the socket accepts connections.
+//!
+//! `--threads N` (default 1) sets the runtime's worker threads. One thread
+//! is how the agent serves its exports (`sanvol-agent run --io-threads 1`):
+//! no request crosses a thread, so none pays a cross-thread wake-up.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -26,11 +30,25 @@ fn parse_size(s: &str) -> Option<u64> {
     num.parse::<u64>().ok()?.checked_mul(mult)
 }
 
-const USAGE: &str = "usage: nbd_serve (--unix PATH | --tcp ADDR) (--memory SIZE | --file PATH) [--name EXPORT]";
+const USAGE: &str =
+    "usage: nbd_serve (--unix PATH | --tcp ADDR) (--memory SIZE | --file PATH) [--name EXPORT] [--threads N]";
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let get = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let threads: usize = match get("--threads") {
+        Some(n) => n.parse().ok().filter(|n| *n >= 1).ok_or(USAGE)?,
+        None => 1,
+    };
+    let runtime = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?
+    };
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
     let get = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
     let name = get("--name").unwrap_or_default();
     let device: Arc<dyn BlockDevice> = match (get("--memory"), get("--file")) {

@@ -7,6 +7,8 @@
 //! # Layout
 //! - [`device`]: the [`BlockDevice`] trait every data path is written against.
 //! - [`error`]: [`IoError`], an NBD-errno-shaped error every device returns.
+//! - [`buffer_pool`]: reused buffers for large payloads (no page faults per
+//!   megabyte moved).
 //! - [`memory`], [`file`]: in-process backends (tests, demos, the server's
 //!   own stores).
 //! - [`proto`]: NBD wire constants and fixed-size header codecs shared by the
@@ -15,12 +17,14 @@
 //! - [`client`]: the pipelined, multi-connection NBD client.
 //! - [`server`]: the NBD server that serves any [`BlockDevice`].
 
+pub mod buffer_pool;
 pub mod device;
 pub mod error;
 pub mod file;
 pub mod memory;
 pub mod proto;
 pub mod server;
+mod socket;
 
 pub use device::{BlockDevice, BlockSizes, MetaContext, StatusExtent, ZeroFlags};
 pub use error::{IoError, IoErrorKind};

@@ -11,11 +11,12 @@
 //! Chunks are grouped, and a group's lock table is itself allocated lazily,
 //! so even the per-chunk lock table of a huge, mostly empty device stays small.
 
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{OnceLock, RwLock};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::buffer_pool::BufferPool;
 use crate::device::{BlockDevice, MetaContext, StatusExtent, ZeroFlags};
 use crate::error::{check_range, IoError};
 use crate::proto::{STATE_HOLE, STATE_ZERO};
@@ -27,60 +28,11 @@ const GROUP_CHUNKS: usize = 1024;
 
 type Chunk = RwLock<Option<Box<[u8]>>>;
 
-/// Reads at least this long use pooled buffers: allocating and faulting in
-/// fresh megabytes per read costs more than the copy itself.
-const POOLED_READ_BYTES_MIN: usize = 128 * 1024;
-/// Most idle buffers kept for reuse.
-const POOL_BUFFERS_MAX: usize = 32;
-
-/// Idle read buffers. A buffer comes back when the last `Bytes` pointing
-/// into it is dropped (typically after the server wrote it to the socket).
-#[derive(Default)]
-struct BufferPool {
-    idle: Mutex<Vec<Vec<u8>>>,
-}
-
-struct PooledBuffer {
-    data: Vec<u8>,
-    pool: Arc<BufferPool>,
-}
-
-impl AsRef<[u8]> for PooledBuffer {
-    fn as_ref(&self) -> &[u8] {
-        &self.data
-    }
-}
-
-impl Drop for PooledBuffer {
-    fn drop(&mut self) {
-        let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < POOL_BUFFERS_MAX {
-            idle.push(std::mem::take(&mut self.data));
-        }
-    }
-}
-
-impl BufferPool {
-    /// An empty buffer with room for `len` bytes (reused if one fits
-    /// without wasting more than half of it).
-    fn take(&self, len: usize) -> Vec<u8> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = idle.iter().position(|b| b.capacity() >= len && b.capacity() / 2 <= len) {
-            let mut buf = idle.swap_remove(i);
-            buf.clear();
-            return buf;
-        }
-        drop(idle);
-        Vec::with_capacity(len)
-    }
-}
-
 /// A sparse, thread-safe block device held in RAM.
 pub struct MemoryDevice {
     size: u64,
     read_only: bool,
     groups: Box<[OnceLock<Box<[Chunk]>>]>,
-    pool: Arc<BufferPool>,
 }
 
 impl std::fmt::Debug for MemoryDevice {
@@ -94,12 +46,7 @@ impl MemoryDevice {
     pub fn new(size: u64) -> MemoryDevice {
         let chunks = size.div_ceil(CHUNK_BYTES as u64);
         let groups = chunks.div_ceil(GROUP_CHUNKS as u64) as usize;
-        MemoryDevice {
-            size,
-            read_only: false,
-            groups: (0..groups).map(|_| OnceLock::new()).collect(),
-            pool: Arc::default(),
-        }
+        MemoryDevice { size, read_only: false, groups: (0..groups).map(|_| OnceLock::new()).collect() }
     }
 
     /// The same device, refusing writes (builder style).
@@ -225,14 +172,12 @@ impl BlockDevice for MemoryDevice {
                 }
             });
         };
-        if (len as usize) < POOLED_READ_BYTES_MIN {
-            let mut buf = Vec::with_capacity(len as usize);
-            fill(&mut buf);
-            return Ok(Bytes::from(buf));
-        }
-        let mut data = self.pool.take(len as usize);
+        // Large reads reuse pooled buffers: allocating and faulting in fresh
+        // megabytes per read costs more than the copy itself.
+        let pool = BufferPool::global();
+        let mut data = pool.take(len as usize);
         fill(&mut data);
-        Ok(Bytes::from_owner(PooledBuffer { data, pool: self.pool.clone() }))
+        Ok(pool.freeze(data))
     }
 
     async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> Result<(), IoError> {

@@ -11,7 +11,7 @@ pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
 /// Magic of every option reply.
 pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 /// Oldstyle handshake magic (`cliserv_magic`); we never speak oldstyle.
-pub const OLDSTYLE_MAGIC: u64 = 0x0042_0281_8612_53;
+pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 
 /// Handshake flags (server, 16 bits).
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio::task::{AbortHandle, JoinHandle};
@@ -62,10 +62,11 @@ pub(crate) enum Reply {
 /// A read being assembled from (possibly several, possibly out-of-order)
 /// reply chunks.
 pub(crate) struct ReadAssembly {
-    /// Capacity is the request length. `buf.len()` is the prefix that is
+    /// Capacity is at least the request length (large ones come from the
+    /// [`crate::buffer_pool`]). `buf.len()` is the prefix that is
     /// materialized: every byte below it was written by a chunk or
     /// zero-filled as a gap, so holes and late chunks never need zeroing.
-    pub buf: BytesMut,
+    pub buf: Vec<u8>,
     /// Bytes described by content chunks so far (they never overlap).
     pub covered_bytes: u64,
     /// Relative ranges `start -> end` of content chunks, kept only once a

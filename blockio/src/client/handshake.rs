@@ -385,7 +385,7 @@ pub(crate) fn validate_block_sizes(b: BlockSizes) -> Result<BlockSizes, String> 
         && b.preferred.is_power_of_two()
         && b.preferred >= b.minimum
         && b.maximum >= b.minimum
-        && (b.maximum == u32::MAX || b.maximum % b.minimum == 0);
+        && (b.maximum == u32::MAX || b.maximum.is_multiple_of(b.minimum));
     if ok {
         Ok(b)
     } else {

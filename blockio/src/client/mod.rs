@@ -40,6 +40,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use self::connection::{Connection, PendingState, ReadAssembly, Reply};
 pub use self::error::ClientError;
 use self::handshake::{Handshake, Negotiated};
+use crate::buffer_pool::BufferPool;
 use crate::device::{BlockDevice, BlockSizes, MetaContext, StatusExtent, ZeroFlags};
 use crate::error::{check_range, IoError};
 use crate::proto::{self, limits};
@@ -134,7 +135,11 @@ async fn open_socket(uri: &NbdUri, target: &str) -> Result<Socket, ClientError> 
             s.set_nodelay(true).map_err(connect_err)?;
             Ok(Socket::Tcp(s))
         }
-        Transport::Unix { socket } => Ok(Socket::Unix(connect_unix(socket).await.map_err(connect_err)?)),
+        Transport::Unix { socket } => {
+            let s = connect_unix(socket).await.map_err(connect_err)?;
+            crate::socket::tune_unix(&s);
+            Ok(Socket::Unix(s))
+        }
     }
 }
 
@@ -390,7 +395,7 @@ impl NbdClient {
         }
         check_range(offset, len, info.size)?;
         let min = info.block_sizes.minimum as u64;
-        if offset % min != 0 || len % min != 0 {
+        if !offset.is_multiple_of(min) || !len.is_multiple_of(min) {
             return Err(IoError::invalid(format!(
                 "offset {offset} length {len} is not aligned to {}'s minimum block size of {min} bytes",
                 self.inner.target
@@ -400,8 +405,8 @@ impl NbdClient {
     }
 
     async fn read_one(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
-        let asm =
-            ReadAssembly { buf: BytesMut::with_capacity(len as usize), covered_bytes: 0, ranges: Default::default() };
+        let buf = BufferPool::global().take(len as usize);
+        let asm = ReadAssembly { buf, covered_bytes: 0, ranges: Default::default() };
         match self.request(proto::CMD_READ, 0, offset, len, Bytes::new(), PendingState::Read(asm)).await? {
             Reply::Data(b) => Ok(b),
             other => Err(IoError::io(format!("internal: READ completed with {other:?}"))),

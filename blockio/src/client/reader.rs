@@ -17,6 +17,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
 
 use super::connection::{ConnShared, Pending, PendingState, ReadAssembly, Reply};
+use crate::buffer_pool::BufferPool;
 use crate::device::StatusExtent;
 use crate::error::{IoError, IoErrorKind};
 use crate::proto::{self, limits, ReplyHeader};
@@ -197,7 +198,7 @@ fn finish_read(asm: &mut ReadAssembly, length: u32) -> Bytes {
     let mut buf = std::mem::take(&mut asm.buf);
     // Anything not yet materialized is the tail of holes.
     buf.resize(length as usize, 0);
-    buf.freeze()
+    BufferPool::global().freeze(buf)
 }
 
 /// Reads `n` bytes into the assembly at relative offset `rel`.
@@ -347,7 +348,7 @@ async fn chunk<R: AsyncRead + Unpin>(
             // and all but the last end inside the request).
             let count_max = STATUS_EXTENTS_MAX.min(p.length as u64);
             let body = length as u64;
-            if body < 12 || (body - 4) % 8 != 0 || (body - 4) / 8 > count_max {
+            if body < 12 || !(body - 4).is_multiple_of(8) || (body - 4) / 8 > count_max {
                 return violation(format!("BLOCK_STATUS chunk of impossible length {length}"));
             }
             let id = read_u32(rd).await?;

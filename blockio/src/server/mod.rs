@@ -263,6 +263,7 @@ impl Listener for tokio::net::UnixListener {
     type Write = tokio::net::unix::OwnedWriteHalf;
     async fn accept_split(&self) -> std::io::Result<(Self::Read, Self::Write, String)> {
         let (stream, _) = self.accept().await?;
+        crate::socket::tune_unix(&stream);
         let (r, w) = stream.into_split();
         Ok((r, w, "unix".to_string()))
     }

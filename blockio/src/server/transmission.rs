@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::future::{Either, FutureExt};
 use futures::stream::{self, FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
@@ -25,6 +25,7 @@ use tracing::{debug, trace, warn};
 use super::handshake::{payload_bytes_max, Negotiated};
 use super::reply::{write_replies, Frame, InFlight};
 use super::{ServerConfig, ServerError};
+use crate::buffer_pool::BufferPool;
 use crate::device::{BlockDevice, MetaContext, ZeroFlags};
 use crate::error::IoError;
 use crate::proto::{self, errno, limits, RequestHeader, REQUEST_HEADER_BYTES};
@@ -215,7 +216,8 @@ async fn next_request<R: AsyncRead + Unpin>(st: &mut ReadState<R>) -> Result<Inc
         None
     };
     let payload = if payload_len > 0 {
-        let mut buf = BytesMut::with_capacity(payload_len as usize);
+        let pool = BufferPool::global();
+        let mut buf = pool.take(payload_len as usize);
         while buf.len() < payload_len as usize {
             let want = (payload_len as usize - buf.len()) as u64;
             let n = (&mut st.reader)
@@ -230,7 +232,7 @@ async fn next_request<R: AsyncRead + Unpin>(st: &mut ReadState<R>) -> Result<Inc
                 });
             }
         }
-        buf.freeze()
+        pool.freeze(buf)
     } else {
         Bytes::new()
     };

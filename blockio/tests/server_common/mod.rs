@@ -262,6 +262,83 @@ impl RawClient {
         }
     }
 
+    /// Reads replies until `n` requests are complete, in whatever order
+    /// (and chunk interleaving) the server chose; returns them by cookie.
+    pub async fn replies(&mut self, n: usize) -> std::io::Result<HashMap<u64, Reply>> {
+        let mut done = HashMap::new();
+        let mut partial: HashMap<u64, Reply> = HashMap::new();
+        while done.len() < n {
+            let magic = self.io.read_u32().await?;
+            let (cookie, last) = if magic == proto::SIMPLE_REPLY_MAGIC {
+                let error = self.io.read_u32().await?;
+                let cookie = self.io.read_u64().await?;
+                let reply = partial.entry(cookie).or_default();
+                reply.cookie = cookie;
+                reply.error = error;
+                reply.chunks += 1;
+                if let Some((_, len)) = self.reads.get(&cookie).copied() {
+                    if error == 0 {
+                        reply.data = vec![0u8; len as usize];
+                        self.io.read_exact(&mut reply.data).await?;
+                    }
+                }
+                (cookie, true)
+            } else {
+                assert_eq!(magic, proto::STRUCTURED_REPLY_MAGIC, "bad reply magic");
+                let flags = self.io.read_u16().await?;
+                let rtype = self.io.read_u16().await?;
+                let cookie = self.io.read_u64().await?;
+                let len = self.io.read_u32().await?;
+                assert!(len <= (32 << 20) + 8, "chunk too long");
+                let mut payload = vec![0u8; len as usize];
+                self.io.read_exact(&mut payload).await?;
+                let (req_off, req_len) = self.reads.get(&cookie).copied().unwrap_or((0, 0));
+                let reply = partial.entry(cookie).or_default();
+                reply.cookie = cookie;
+                reply.chunks += 1;
+                if reply.data.len() != req_len as usize {
+                    reply.data = vec![0u8; req_len as usize];
+                }
+                match rtype {
+                    proto::REPLY_TYPE_NONE => assert_eq!(len, 0),
+                    proto::REPLY_TYPE_OFFSET_DATA => {
+                        let off = u64::from_be_bytes(payload[0..8].try_into().unwrap());
+                        let at = (off - req_off) as usize;
+                        reply.data[at..at + payload.len() - 8].copy_from_slice(&payload[8..]);
+                    }
+                    proto::REPLY_TYPE_OFFSET_HOLE => assert_eq!(len, 12),
+                    proto::REPLY_TYPE_BLOCK_STATUS => {
+                        assert!(len >= 12 && (len - 4) % 8 == 0, "bad block status length {len}");
+                        let id = u32::from_be_bytes(payload[0..4].try_into().unwrap());
+                        let extents = payload[4..]
+                            .chunks(8)
+                            .map(|c| {
+                                (
+                                    u32::from_be_bytes(c[0..4].try_into().unwrap()),
+                                    u32::from_be_bytes(c[4..8].try_into().unwrap()),
+                                )
+                            })
+                            .collect();
+                        reply.status.push((id, extents));
+                    }
+                    t if t & 0x8000 != 0 => {
+                        reply.error = u32::from_be_bytes(payload[0..4].try_into().unwrap());
+                        assert_ne!(reply.error, 0);
+                    }
+                    t => panic!("unknown chunk type {t}"),
+                }
+                (cookie, flags & proto::REPLY_FLAG_DONE != 0)
+            };
+            if last {
+                self.reads.remove(&cookie);
+                let reply = partial.remove(&cookie).expect("reply being assembled");
+                assert!(done.insert(cookie, reply).is_none(), "two final replies for cookie {cookie}");
+            }
+        }
+        assert!(partial.is_empty(), "chunks for requests that never completed: {:?}", partial.keys());
+        Ok(done)
+    }
+
     /// Sends a request and waits for its reply.
     pub async fn request(&mut self, flags: u16, command: u16, offset: u64, length: u32, payload: &[u8]) -> Reply {
         let cookie = self.send(flags, command, offset, length, payload).await;
