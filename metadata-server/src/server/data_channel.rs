@@ -37,7 +37,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, info, warn, Instrument};
-use volume_format::control::auth::Role;
+use volume_format::control::auth::{ConnectionKind, Role};
 use volume_format::control::messages::{
     ClientMessage, ControlError, DataChannelGrant, ErrorCode, OpenMode, Request, Response, ServerMessage,
     DATA_CHANNEL_PREAMBLE,
@@ -490,19 +490,20 @@ async fn ask(ctx: &SessionContext, session: SessionId, request: Request) -> Resu
 }
 
 async fn serve_channel(
-    mut stream: Box<dyn ControlStream>,
+    stream: Box<dyn ControlStream>,
     peer: String,
     session: u64,
     ctx: Arc<SessionContext>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let who = tokio::select! {
-        r = ctx.accept(&mut stream, session) => match r {
-            Ok(who) => who,
+    let (mut stream, who) = tokio::select! {
+        r = ctx.accept(stream, session, ConnectionKind::Channel) => match r {
+            Ok(accepted) => accepted,
             Err(e) => return warn!(%peer, "data channel handshake failed: {e}"),
         },
         _ = stopped(&mut stop) => return,
     };
+    stream.set_label(format!("channel from {peer} ({} {})", who.role, who.name));
     let first =
         tokio::time::timeout(handshake::HANDSHAKE_TIMEOUT, framed::read_message::<ClientMessage, _>(&mut stream));
     let ClientMessage { id, request } = match first.await {
@@ -559,6 +560,7 @@ async fn serve_channel(
     if ctx.commands.send(connected).await.is_err() {
         return;
     }
+    let stream: Box<dyn ControlStream> = Box::new(stream);
     serve_granted(stream, &ctx, session, id, volume, device, &who.name, &mut kicked, &mut out_rx, &mut stop).await;
     let _ = ctx.commands.send(Command::Disconnected { session }).await;
     debug!("data channel ended");

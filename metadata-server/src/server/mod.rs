@@ -99,6 +99,7 @@ pub struct Server {
     pool: Pool,
     key: Arc<SigningKey>,
     lease_ms: u64,
+    channel_mode_min: control_client::ChannelMode,
 }
 
 /// Loads the pool, binds every listener and serves until `shutdown`
@@ -164,7 +165,15 @@ impl Server {
                 entropy: Box::new(core::OsEntropy),
             },
         );
-        Ok(Server { listeners, local_addrs, core, pool, key, lease_ms: config.lease_ms })
+        Ok(Server {
+            listeners,
+            local_addrs,
+            core,
+            pool,
+            key,
+            lease_ms: config.lease_ms,
+            channel_mode_min: config.channel_mode_min,
+        })
     }
 
     /// The addresses actually bound (TCP port 0 resolved).
@@ -174,7 +183,7 @@ impl Server {
 
     /// Serves until `shutdown` completes.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-        let Server { listeners, local_addrs, core, pool, key, lease_ms } = self;
+        let Server { listeners, local_addrs, core, pool, key, lease_ms, channel_mode_min } = self;
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMANDS_QUEUED_MAX);
         let (stop_tx, stop_rx) = watch::channel(false);
         // Backup channels read the committed metadata; until one does, the
@@ -199,6 +208,7 @@ impl Server {
             commands: cmd_tx,
             next_session: AtomicU64::new(1),
             slots: Arc::new(Semaphore::new(SESSIONS_MAX)),
+            channel_mode_min,
         });
         info!(listen = ?local_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(), "sanvol-mds serving");
         let mut accept_loops = JoinSet::new();

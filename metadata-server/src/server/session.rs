@@ -22,8 +22,9 @@ use super::core::ClientTable;
 use super::owner::Command;
 use super::stopped;
 use control_client::framed::{self, FramedError};
-use control_client::handshake;
-use control_client::ControlStream;
+use control_client::handshake::{self, Acceptor};
+use control_client::{ControlStream, SecureStream};
+use volume_format::control::auth::{ChannelMode, ConnectionKind};
 
 /// Requests of one session waiting for the owner at once; beyond it the
 /// session stops reading (backpressure on a flooding client).
@@ -43,6 +44,8 @@ pub struct SessionContext {
     pub meta_readers: Arc<std::sync::atomic::AtomicUsize>,
     pub next_session: AtomicU64,
     pub slots: Arc<Semaphore>,
+    /// The weakest channel mode accepted (`channel_mode_min`).
+    pub channel_mode_min: ChannelMode,
 }
 
 /// Counts a reader of the committed metadata while it lives.
@@ -72,15 +75,20 @@ impl SessionContext {
 
     /// The server side of the handshake, authorizing against the pool's
     /// client table as it is right now. Every kind of connection (control
-    /// session, data channel) authenticates through here.
+    /// session, data channel) authenticates through here; what comes back is
+    /// the protected stream the rest of the connection runs over.
     pub async fn accept(
         &self,
-        stream: &mut Box<dyn ControlStream>,
+        stream: Box<dyn ControlStream>,
         session: u64,
-    ) -> Result<handshake::Peer, handshake::HandshakeError> {
+        kind: ConnectionKind,
+    ) -> Result<(SecureStream<Box<dyn ControlStream>>, handshake::Peer), handshake::HandshakeError> {
         let clients = self.clients.borrow().clone();
         let authorize = |key: &[u8; 32]| clients.get(key).map(|(role, name)| (vec![*role], name.clone()));
-        handshake::accept(stream, &self.key, session, self.lease_ms, authorize).await
+        let acceptor =
+            Acceptor { server_key: &self.key, session, lease_ms: self.lease_ms, kind, mode_min: self.channel_mode_min };
+        let accepted = tokio::time::timeout(handshake::HANDSHAKE_TIMEOUT, acceptor.accept(stream, authorize)).await;
+        accepted.map_err(|_| handshake::HandshakeError::Timeout(handshake::HANDSHAKE_TIMEOUT))?
     }
 }
 
@@ -96,27 +104,27 @@ pub async fn run(
 }
 
 async fn run_inner(
-    mut stream: Box<dyn ControlStream>,
+    stream: Box<dyn ControlStream>,
     peer: String,
     session: u64,
     ctx: Arc<SessionContext>,
     mut stop: watch::Receiver<bool>,
 ) {
     let accepted = tokio::select! {
-        r = ctx.accept(&mut stream, session) => r,
+        r = ctx.accept(stream, session, ConnectionKind::Control) => r,
         _ = stopped(&mut stop) => return,
     };
-    let who = match accepted {
-        Ok(who) => who,
+    let (mut stream, who) = match accepted {
+        Ok(accepted) => accepted,
         Err(e) => {
             // Every refusal is logged with the peer; the connection closes
-            // when `stream` drops.
+            // when the stream drops.
             warn!(%peer, "control handshake failed: {e}");
-            let _ = stream.shutdown().await;
             return;
         }
     };
-    info!(client = %who.name, role = %who.role, host = %who.claimed_name, "control session authenticated");
+    stream.set_label(format!("control connection from {peer} ({} {})", who.role, who.name));
+    info!(client = %who.name, role = %who.role, host = %who.claimed_name, mode = %who.mode, "control session authenticated");
 
     let (mut reader, mut writer) = tokio::io::split(stream);
     let (out_tx, mut out_rx) = mpsc::channel::<ServerMessage>(OUTGOING_QUEUED_MAX);

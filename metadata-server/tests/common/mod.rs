@@ -209,6 +209,7 @@ impl Pool {
             lease_ms,
             durable_ms: metadata_server::config::DURABLE_MS_DEFAULT,
             grace_ms: lease_ms + metadata_server::config::DURABLE_MS_DEFAULT,
+            channel_mode_min: control_client::ChannelMode::Integrity,
             log: None,
         };
         let mut pool = Pool { dir, devices, server_key, admin, agent_a, agent_b, config, server: None };
