@@ -324,7 +324,7 @@ impl<S: AsyncRead + Unpin> SecureStream<S> {
     }
 
     fn tampered(&mut self, e: RecordFailure) -> io::Error {
-        tracing::warn!(channel = %self.label, "{}: {e}; closing the channel", self.label);
+        tracing::warn!("{}: {e}; closing the channel", self.label);
         self.fail(io::ErrorKind::InvalidData, format!("{}: {e}", self.label))
     }
 }

@@ -137,6 +137,8 @@ pub struct Stack {
     pub grace_ms: Option<u64>,
     /// Extra environment for the next `start_mds` (e.g. `SANVOL_FAULT`).
     pub mds_env: Vec<(String, String)>,
+    /// Extra lines for the server config of the next `start_mds`.
+    pub mds_config_extra: Vec<String>,
 }
 
 impl Stack {
@@ -161,6 +163,7 @@ impl Stack {
             durable_ms: None,
             grace_ms: None,
             mds_env: Vec::new(),
+            mds_config_extra: Vec::new(),
         };
         let mut init = Command::new(bin("sanvol"));
         init.args(["pool", "init", "--name", "test"]);
@@ -193,7 +196,8 @@ impl Stack {
                 devices.join(", "),
                 self.lease_ms
             ) + &self.durable_ms.map(|ms| format!("durable_ms = {ms}\n")).unwrap_or_default()
-                + &self.grace_ms.map(|ms| format!("grace_ms = {ms}\n")).unwrap_or_default(),
+                + &self.grace_ms.map(|ms| format!("grace_ms = {ms}\n")).unwrap_or_default()
+                + &self.mds_config_extra.iter().map(|l| format!("{l}\n")).collect::<String>(),
         )
         .expect("write mds.toml");
         let _ = std::fs::remove_file(&self.mds_socket);
