@@ -40,7 +40,9 @@ pub async fn connect(conn: &ConnArgs) -> Result<ControlClient> {
     let mut instance = [0u8; 16];
     getrandom::getrandom(&mut instance).map_err(|e| anyhow!("random bytes: {e}"))?;
     let name = format!("sanvol@{}", host_name());
-    let (client, _events) = ControlClient::connect(&addr, &key, Some(&pinned), Role::Admin, &name, instance).await?;
+    let (client, _events) =
+        ControlClient::connect_with_mode(&addr, &key, Some(&pinned), Role::Admin, &name, instance, conn.channel_mode)
+            .await?;
     Ok(client)
 }
 

@@ -57,6 +57,10 @@ pub struct ConnArgs {
     /// writes it into the pool.
     #[arg(long, global = true, env = "SANVOL_SERVER_KEY", value_name = "PUB")]
     pub server_key: Option<String>,
+    /// How the connection is protected: encrypted (default) or integrity
+    /// (authenticated, not encrypted; the server may refuse it).
+    #[arg(long, global = true, env = "SANVOL_CHANNEL_MODE", value_name = "MODE", default_value = "encrypted")]
+    pub channel_mode: control_client::ChannelMode,
 }
 
 #[derive(Debug, Subcommand)]
