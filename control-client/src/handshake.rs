@@ -58,6 +58,10 @@ pub enum HandshakeError {
     /// the peer does not speak it.
     #[error("the key exchange failed ({0}): the connection was altered on the way, or the peer is not a sanvol peer")]
     Noise(String),
+    /// This side gave up on the handshake (e.g. the server closed an
+    /// unauthenticated connection to make room for others).
+    #[error("handshake abandoned: {0}")]
+    Abandoned(String),
 }
 
 impl HandshakeError {
@@ -338,9 +342,27 @@ impl Acceptor<'_> {
     /// The whole server side. `authorize` maps a client key to the roles
     /// and name the pool grants it, or `None` if the key is unknown. The
     /// caller bounds it in time (the accept path's handshake deadline).
-    pub async fn accept<S, F>(&self, mut stream: S, authorize: F) -> Result<(SecureStream<S>, Peer), HandshakeError>
+    pub async fn accept<S, F>(&self, stream: S, authorize: F) -> Result<(SecureStream<S>, Peer), HandshakeError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
+        F: FnOnce(&[u8; 32]) -> Option<(Vec<Role>, String)>,
+    {
+        self.accept_with(stream, |_| {}, authorize).await
+    }
+
+    /// Like [`Acceptor::accept`]; `on_hello` sees the client's (not yet
+    /// proven) hello as soon as it is read, before the key exchange — the
+    /// server's admission control uses it to tell connections that name a
+    /// known key from anonymous ones.
+    pub async fn accept_with<S, H, F>(
+        &self,
+        mut stream: S,
+        on_hello: H,
+        authorize: F,
+    ) -> Result<(SecureStream<S>, Peer), HandshakeError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+        H: FnOnce(&ClientHello),
         F: FnOnce(&[u8; 32]) -> Option<(Vec<Role>, String)>,
     {
         let hello_bytes = framed::read_payload_max(&mut stream, HANDSHAKE_FRAME_BYTES_MAX).await?;
@@ -354,6 +376,7 @@ impl Acceptor<'_> {
         if let Err(reason) = hello.validate() {
             return Err(refuse_hello(&mut stream, AuthFailure::Malformed, reason).await);
         }
+        on_hello(&hello);
         let Some(version) =
             auth::negotiate_version(hello.version_min, hello.version, PROTOCOL_VERSION_MIN, PROTOCOL_VERSION)
         else {

@@ -45,6 +45,7 @@ use volume_format::control::messages::{
 use volume_format::metadata::{DeviceState, HandleState, MetaChange};
 use volume_format::{DeviceIndex, VolumeId};
 
+use super::admission::PreAuth;
 use super::core::{AfterCommit, AfterJob, Core, ReplyId, Step};
 use super::jobs::{Job, JobOutcome};
 use super::owner::Command;
@@ -463,23 +464,25 @@ pub async fn route(
     session: u64,
     ctx: Arc<SessionContext>,
     mut stop: watch::Receiver<bool>,
+    mut preauth: PreAuth,
 ) {
     let mut first = [0u8; DATA_CHANNEL_PREAMBLE.len()];
     let read = tokio::select! {
-        r = tokio::time::timeout(handshake::HANDSHAKE_TIMEOUT, stream.read_exact(&mut first)) => r,
+        r = tokio::time::timeout_at(preauth.deadline, stream.read_exact(&mut first)) => r,
+        why = preauth.evicted() => return debug!(%peer, "closed before its first bytes: {why}"),
         _ = stopped(&mut stop) => return,
     };
     match read {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => return debug!(%peer, "connection closed before its first bytes: {e}"),
-        Err(_) => return debug!(%peer, "no bytes within the handshake timeout; closing"),
+        Err(_) => return debug!(%peer, "no bytes within the handshake deadline; closing"),
     }
     if first == DATA_CHANNEL_PREAMBLE {
         let span = tracing::info_span!("data_channel", id = session, %peer);
-        return serve_channel(stream, peer, session, ctx, stop).instrument(span).await;
+        return serve_channel(stream, peer, session, ctx, stop, preauth).instrument(span).await;
     }
     let stream: Box<dyn ControlStream> = Box::new(Rewound { prefix: first.to_vec(), pos: 0, inner: stream });
-    super::session::run(stream, peer, session, ctx, stop).await
+    super::session::run(stream, peer, session, ctx, stop, preauth).await
 }
 
 async fn ask(ctx: &SessionContext, session: SessionId, request: Request) -> Result<Response, ControlError> {
@@ -495,9 +498,10 @@ async fn serve_channel(
     session: u64,
     ctx: Arc<SessionContext>,
     mut stop: watch::Receiver<bool>,
+    preauth: PreAuth,
 ) {
     let (mut stream, who) = tokio::select! {
-        r = ctx.accept(stream, session, ConnectionKind::Channel) => match r {
+        r = ctx.accept(stream, session, ConnectionKind::Channel, preauth) => match r {
             Ok(accepted) => accepted,
             Err(e) => return warn!(%peer, "data channel handshake failed: {e}"),
         },

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 use volume_format::control::messages::{ClientMessage, ControlError, ErrorCode, ServerMessage};
 
+use super::admission::{Gate, PreAuth, HANDSHAKE_DEADLINE};
 use super::core::ClientTable;
 use super::owner::Command;
 use super::stopped;
@@ -46,6 +47,8 @@ pub struct SessionContext {
     pub slots: Arc<Semaphore>,
     /// The weakest channel mode accepted (`channel_mode_min`).
     pub channel_mode_min: ChannelMode,
+    /// Admission of connections before they authenticate.
+    pub gate: Arc<Gate>,
 }
 
 /// Counts a reader of the committed metadata while it lives.
@@ -75,20 +78,32 @@ impl SessionContext {
 
     /// The server side of the handshake, authorizing against the pool's
     /// client table as it is right now. Every kind of connection (control
-    /// session, data channel) authenticates through here; what comes back is
-    /// the protected stream the rest of the connection runs over.
+    /// session, data channel) authenticates through here, within its
+    /// admission's deadline and until it is evicted to make room; what comes
+    /// back is the protected stream the rest of the connection runs over.
     pub async fn accept(
         &self,
         stream: Box<dyn ControlStream>,
         session: u64,
         kind: ConnectionKind,
+        mut preauth: PreAuth,
     ) -> Result<(SecureStream<Box<dyn ControlStream>>, handshake::Peer), handshake::HandshakeError> {
+        let evicted = preauth.take_eviction();
         let clients = self.clients.borrow().clone();
         let authorize = |key: &[u8; 32]| clients.get(key).map(|(role, name)| (vec![*role], name.clone()));
+        let on_hello = |hello: &volume_format::control::auth::ClientHello| {
+            if clients.contains_key(&hello.client_key) {
+                preauth.known_key(hello.client_key);
+            }
+        };
         let acceptor =
             Acceptor { server_key: &self.key, session, lease_ms: self.lease_ms, kind, mode_min: self.channel_mode_min };
-        let accepted = tokio::time::timeout(handshake::HANDSHAKE_TIMEOUT, acceptor.accept(stream, authorize)).await;
-        accepted.map_err(|_| handshake::HandshakeError::Timeout(handshake::HANDSHAKE_TIMEOUT))?
+        tokio::select! {
+            r = tokio::time::timeout_at(preauth.deadline, acceptor.accept_with(stream, on_hello, authorize)) => {
+                r.map_err(|_| handshake::HandshakeError::Timeout(HANDSHAKE_DEADLINE))?
+            }
+            why = evicted => Err(handshake::HandshakeError::Abandoned(why)),
+        }
     }
 }
 
@@ -98,9 +113,10 @@ pub async fn run(
     session: u64,
     ctx: Arc<SessionContext>,
     stop: watch::Receiver<bool>,
+    preauth: PreAuth,
 ) {
     let span = tracing::info_span!("session", id = session, %peer);
-    run_inner(stream, peer, session, ctx, stop).instrument(span).await
+    run_inner(stream, peer, session, ctx, stop, preauth).instrument(span).await
 }
 
 async fn run_inner(
@@ -109,9 +125,10 @@ async fn run_inner(
     session: u64,
     ctx: Arc<SessionContext>,
     mut stop: watch::Receiver<bool>,
+    preauth: PreAuth,
 ) {
     let accepted = tokio::select! {
-        r = ctx.accept(stream, session, ConnectionKind::Control) => r,
+        r = ctx.accept(stream, session, ConnectionKind::Control, preauth) => r,
         _ = stopped(&mut stop) => return,
     };
     let (mut stream, who) = match accepted {
