@@ -283,6 +283,8 @@ pub struct Peer {
     pub version: u32,
     /// How the connection's records are protected.
     pub mode: ChannelMode,
+    /// A control connection, or a data or backup channel.
+    pub kind: ConnectionKind,
 }
 
 /// The server side of the handshake for one connection.
@@ -458,6 +460,7 @@ impl Acceptor<'_> {
             instance: hello.instance,
             version,
             mode,
+            kind: self.kind,
         };
         Ok((secure, peer))
     }

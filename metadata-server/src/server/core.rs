@@ -390,6 +390,8 @@ pub struct Core {
     pub pending_changes: HashMap<VolumeId, PendingChange>,
     /// Agents doing a device's I/O through the server (`data_channel`).
     pub fallback: super::data_channel::FallbackTable,
+    /// What each connection's authorization rests on (`grants`).
+    pub grants: super::grants::Grants,
     /// Devices the server reaches right now (listings).
     pub reachable: HashMap<Uuid, bool>,
     /// The time of the input being applied.
@@ -446,6 +448,7 @@ impl Core {
             handovers: HandoverLedger::new(0),
             pending_changes: HashMap::new(),
             fallback: Default::default(),
+            grants: Default::default(),
             reachable: HashMap::new(),
             now: Now::default(),
             entropy: config.entropy,
@@ -525,6 +528,7 @@ impl Core {
             }
         }
         self.pump();
+        self.enforce_grants();
         std::mem::take(&mut self.effects)
     }
 

@@ -71,6 +71,7 @@ fn peer(n: u8, role: Role) -> Peer {
         instance: [n; 16],
         version: volume_format::control::PROTOCOL_VERSION,
         mode: volume_format::control::auth::ChannelMode::Encrypted,
+        kind: volume_format::control::auth::ConnectionKind::Control,
     }
 }
 

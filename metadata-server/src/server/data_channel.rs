@@ -12,9 +12,10 @@
 //!
 //! Why the grant goes through the owner task like every request: whether an
 //! agent holds a volume, and where that volume's extents are, is the owner's
-//! state. The channel asks again every lease period and closes when the answer
-//! changes to a refusal (the handle was closed, revoked or broken), so a
-//! channel outlives its handle by at most one lease.
+//! state. A channel is bound to the handles its key held on the volume when
+//! it was granted, and the owner closes it as soon as they end (closed,
+//! expired, broken or revoked: `grants`); the channel also asks again every
+//! lease period and closes when the volume's extents on the device changed.
 //!
 //! A report makes the server check the device itself. If it reaches it, the
 //! agent's fallback is recorded for the listings (`volume show`, `client
@@ -159,19 +160,22 @@ impl Core {
             .ok_or_else(|| ControlError::new(ErrorCode::Unavailable, "session is closing"))
     }
 
-    /// What a data channel of this session's key for `volume` on `device` may do.
-    pub fn data_channel_grant(&self, session: SessionId, volume: u64, device: u32) -> Result<Response, ControlError> {
+    /// What a data channel of this session's key for `volume` on `device` may
+    /// do. A data channel is bound to the handles the key holds on the
+    /// volume now, and closes when they end (`grants`).
+    pub fn data_channel_grant(
+        &mut self,
+        session: SessionId,
+        volume: u64,
+        device: u32,
+    ) -> Result<Response, ControlError> {
         let peer = self.peer_of(session)?;
         let v = self.meta.volume(VolumeId(volume)).ok_or_else(|| {
             ControlError::new(ErrorCode::NotFound, format!("no volume with id {volume}; it was deleted"))
         })?;
-        let modes: Vec<OpenMode> = self
-            .meta
-            .handles
-            .iter()
-            .filter(|h| h.volume.0 == volume && h.agent_key.0 == peer.key && matches!(h.state, HandleState::Active))
-            .map(|h| h.mode)
-            .collect();
+        let handles = self.handles_of(peer.key, volume);
+        let modes: Vec<OpenMode> =
+            self.meta.handles.iter().filter(|h| handles.contains(&h.id.0)).map(|h| h.mode).collect();
         if modes.is_empty() {
             return Err(ControlError::new(
                 ErrorCode::PermissionDenied,
@@ -210,10 +214,12 @@ impl Core {
         }
         ranges.sort_unstable();
         let ranges = merge_ranges(ranges);
+        let layout_generation = v.layout_generation;
+        self.bind_data_channel(session, handles);
         Ok(Response::DataChannel(DataChannelGrant {
             volume: VolumeId(volume),
             device: DeviceIndex(device),
-            layout_generation: v.layout_generation,
+            layout_generation,
             read_only: modes.iter().all(|m| *m == OpenMode::ReadOnly),
             ranges,
         }))
@@ -541,29 +547,30 @@ async fn serve_channel(
         let _ = framed::write_message(&mut stream, &msg).await;
         return;
     };
-    let Request::DataChannel { volume, device } = request else {
-        // A backup channel: NBD over every snapshot, until the peer leaves.
-        // The committed metadata is published while this channel reads it.
-        let _reader = ctx.read_meta().await;
-        let ok = ServerMessage::Reply { id, result: Ok(Response::Done) };
-        if framed::write_message(&mut stream, &ok).await.is_err() {
-            return;
-        }
-        tokio::select! {
-            _ = super::backup_export::serve(stream, ctx.meta.clone(), &who.name) => {}
-            _ = stopped(&mut stop) => {}
-        }
-        return;
-    };
-
     // Registered as a session (no handles of its own) so the owner knows
-    // whose key asks and can close it like any session.
+    // whose key asks and can close it like any session: when the key is
+    // revoked or its role changes, or (a data channel) its handle ends.
     let (out, mut out_rx) = mpsc::channel::<ServerMessage>(1);
     let (kick, mut kicked) = oneshot::channel();
     let connected = Command::Connected { session, peer: who.clone(), addr: peer.clone(), out, kick };
     if ctx.commands.send(connected).await.is_err() {
         return;
     }
+    let Request::DataChannel { volume, device } = request else {
+        // A backup channel: NBD over every snapshot, until the peer leaves.
+        // The committed metadata is published while this channel reads it.
+        let _reader = ctx.read_meta().await;
+        let ok = ServerMessage::Reply { id, result: Ok(Response::Done) };
+        if framed::write_message(&mut stream, &ok).await.is_ok() {
+            tokio::select! {
+                _ = super::backup_export::serve(stream, ctx.meta.clone(), &who.name) => {}
+                _ = &mut kicked => info!(client = %who.name, "backup channel closed by the server"),
+                _ = stopped(&mut stop) => {}
+            }
+        }
+        let _ = ctx.commands.send(Command::Disconnected { session }).await;
+        return;
+    };
     let stream: Box<dyn ControlStream> = Box::new(stream);
     serve_granted(stream, &ctx, session, id, volume, device, &who.name, &mut kicked, &mut out_rx, &mut stop).await;
     let _ = ctx.commands.send(Command::Disconnected { session }).await;

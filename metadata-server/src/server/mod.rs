@@ -25,6 +25,8 @@
 //! - [`listings`]: read-only answers (pool, devices, clients, volumes).
 //! - [`durable`]: resumes, duplicate handles, handovers and the grace period.
 //! - [`session`]: one control connection.
+//! - [`grants`]: closing connections whose key, role, scope or handle no
+//!   longer allows them (revocation that bites at once).
 //! - [`data_channel`]: the agents' fallback data path through the server
 //!   (connections that start with the data-channel preamble), device-failure
 //!   reports and fallback listings.
@@ -40,6 +42,7 @@ pub mod core;
 pub mod data_channel;
 pub mod device_task;
 pub mod durable;
+pub mod grants;
 pub mod jobs;
 pub mod listings;
 pub mod owner;
