@@ -52,8 +52,12 @@ async fn revocation_and_role_changes_close_every_connection_of_the_key_at_once()
     admin.request(Request::VolumeCreate { name: "v".into(), size_bytes: 4 * MIB, legs: 1 }).await.unwrap();
     admin.request(Request::SnapshotCreate { volume: "v".into(), name: "s".into() }).await.unwrap();
     let backup = key(pool.dir.path(), "backup");
-    let authorize =
-        |k: &common::Key, role| Request::ClientAuthorize { key: k.public.to_bytes(), name: "backup-job".into(), role };
+    let authorize = |k: &common::Key, role| Request::ClientAuthorize {
+        key: k.public.to_bytes(),
+        name: "backup-job".into(),
+        role,
+        volumes: Vec::new(),
+    };
     admin.request(authorize(&backup, Role::Backup)).await.unwrap();
 
     // A backup key with a control session and two backup channels.
@@ -87,6 +91,7 @@ async fn revocation_and_role_changes_close_every_connection_of_the_key_at_once()
             key: pool.agent_b.public.to_bytes(),
             name: "host-b".into(),
             role: Role::Admin,
+            volumes: Vec::new(),
         })
         .await
         .unwrap();
@@ -131,4 +136,86 @@ async fn a_data_channel_ends_with_its_handle() {
     let request = Request::DataChannel { volume: opened.description.volume, device: DeviceIndex(device.0) };
     let e = channel::open(&pool.addr(), &who, request).await.err().expect("refused");
     assert!(e.to_string().contains("holds no open handle"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scoped_backup_key_reads_only_its_volumes_snapshots() {
+    let pool = Pool::start(LEASE_MS).await;
+    let admin = pool.admin().await;
+    for v in ["db", "web", "logs"] {
+        admin.request(Request::VolumeCreate { name: v.into(), size_bytes: 4 * MIB, legs: 1 }).await.unwrap();
+        admin.request(Request::SnapshotCreate { volume: v.into(), name: "s".into() }).await.unwrap();
+    }
+    let backup = key(pool.dir.path(), "backup");
+    let (ok, out, err) = common::run(pool.cli().args([
+        "client",
+        "add",
+        backup.public_path.to_str().unwrap(),
+        "--role",
+        "backup",
+        "--volumes",
+        "db,web",
+    ]))
+    .await;
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("for volumes db, web"), "{out}");
+    let (ok, out, err) = common::run(pool.cli().args(["client", "list", "--json"])).await;
+    assert!(ok, "{err}");
+    let clients: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let listed = clients.as_array().unwrap().iter().find(|c| c["name"] == "backup").expect("listed");
+    assert_eq!(listed["volumes"], serde_json::json!(["db", "web"]), "{out}");
+
+    // Only db's and web's snapshots exist for it.
+    let (session, _) = pool.connect(&backup, Role::Backup, "job").await;
+    let Response::Snapshots(list) = session.request(Request::SnapshotList { volume: None }).await.unwrap() else {
+        panic!("list")
+    };
+    let mut seen: Vec<&str> = list.iter().map(|s| s.volume.as_str()).collect();
+    seen.sort_unstable();
+    assert_eq!(seen, ["db", "web"]);
+    let who = |k| ChannelIdentity {
+        key: k,
+        pinned: Some(&pool.server_key.public),
+        role: Role::Backup,
+        name: "b",
+        instance: [1; 16],
+    };
+    let open = |export: &'static str| {
+        let who = who(&backup.signing);
+        let addr = pool.addr();
+        async move {
+            let (stream, _) = channel::open(&addr, &who, Request::BackupChannel).await.unwrap();
+            NbdClient::connect_stream(stream, export, ClientOptions::default()).await
+        }
+    };
+    let db = open("db@s").await.expect("db@s is in scope");
+    assert!(open("logs@s").await.is_err(), "logs@s is not in scope");
+
+    // Narrowing the scope closes its channels; reopened, web is gone too.
+    admin
+        .request(Request::ClientAuthorize {
+            key: backup.public.to_bytes(),
+            name: "backup".into(),
+            role: Role::Backup,
+            volumes: vec!["db".into()],
+        })
+        .await
+        .unwrap();
+    fails(&db, "a backup channel whose key's scope narrowed").await;
+    closed(&session, "the re-scoped key's control session").await;
+    wait_for_log(&["closing the connection: its key's volume scope changed"]).await;
+    assert!(open("web@s").await.is_err(), "web@s left the scope");
+    open("db@s").await.expect("db@s is still in scope").disconnect().await;
+
+    // Only backup keys are scoped.
+    let e = admin
+        .request(Request::ClientAuthorize {
+            key: pool.agent_a.public.to_bytes(),
+            name: "host-a".into(),
+            role: Role::Agent,
+            volumes: vec!["db".into()],
+        })
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("scopes backup keys"), "{e}");
 }

@@ -230,8 +230,12 @@ pub enum ClientCommand {
         /// Name in listings and messages (default: the key file's comment).
         #[arg(long)]
         name: Option<String>,
+        /// For a backup key: the only volumes whose snapshots it may read
+        /// (comma-separated names; default every volume).
+        #[arg(long, value_delimiter = ',', value_name = "VOLUMES")]
+        volumes: Vec<String>,
     },
-    /// Revoke a key; its open sessions are closed.
+    /// Revoke a key; its open sessions and channels are closed at once.
     Remove {
         /// The public key: a .pub file, a `sanvol-ed25519 HEX` line or hex.
         #[arg(value_name = "PUB")]

@@ -560,10 +560,11 @@ async fn serve_channel(
         // A backup channel: NBD over every snapshot, until the peer leaves.
         // The committed metadata is published while this channel reads it.
         let _reader = ctx.read_meta().await;
+        let scope = ctx.meta.borrow().scope_of(&volume_format::PublicKey(who.key)).map(<[String]>::to_vec);
         let ok = ServerMessage::Reply { id, result: Ok(Response::Done) };
         if framed::write_message(&mut stream, &ok).await.is_ok() {
             tokio::select! {
-                _ = super::backup_export::serve(stream, ctx.meta.clone(), &who.name) => {}
+                _ = super::backup_export::serve(stream, ctx.meta.clone(), &who.name, scope) => {}
                 _ = &mut kicked => info!(client = %who.name, "backup channel closed by the server"),
                 _ = stopped(&mut stop) => {}
             }

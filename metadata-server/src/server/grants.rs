@@ -21,11 +21,13 @@
 //! or a connection is new) needs no hook in each of the many places a
 //! handle or a client record changes.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use tracing::info;
-use volume_format::control::auth::ConnectionKind;
-use volume_format::metadata::HandleState;
+use volume_format::control::auth::{ConnectionKind, Role};
+use volume_format::control::messages::{ControlError, ErrorCode, Response};
+use volume_format::metadata::{HandleState, NAME_BYTES_MAX};
+use volume_format::PublicKey;
 
 use super::core::Core;
 use crate::handles::SessionId;
@@ -39,6 +41,31 @@ pub struct Grants {
     generation: Option<u64>,
     /// Connections already checked at that generation.
     checked: HashSet<SessionId>,
+    /// The volume scope each connection's key had when it was first checked.
+    scopes: HashMap<SessionId, Option<Vec<String>>>,
+}
+
+/// Most volumes one backup key's scope may name.
+pub const SCOPE_VOLUMES_MAX: usize = 256;
+
+/// Checks a requested scope: only backup keys have one, of valid names.
+pub fn check_scope(role: Role, volumes: &[String]) -> Result<(), ControlError> {
+    let invalid = |m: String| Err(ControlError::new(ErrorCode::InvalidArgument, m));
+    if volumes.is_empty() {
+        return Ok(());
+    }
+    if role != Role::Backup {
+        return invalid(format!("--volumes scopes backup keys; a {role} key cannot be scoped"));
+    }
+    if volumes.len() > SCOPE_VOLUMES_MAX {
+        return invalid(format!("a scope names at most {SCOPE_VOLUMES_MAX} volumes, not {}", volumes.len()));
+    }
+    if let Some(bad) =
+        volumes.iter().find(|v| v.is_empty() || v.len() > NAME_BYTES_MAX || v.chars().any(char::is_control))
+    {
+        return invalid(format!("{bad:?} is not a volume name"));
+    }
+    Ok(())
 }
 
 impl Grants {
@@ -85,18 +112,21 @@ impl Core {
         let sessions = &self.sessions;
         self.grants.checked.retain(|s| sessions.contains_key(s));
         self.grants.bound.retain(|s, _| sessions.contains_key(s));
+        self.grants.scopes.retain(|s, _| sessions.contains_key(s));
         let unchecked: Vec<SessionId> =
             self.sessions.keys().filter(|s| !self.grants.checked.contains(s)).copied().collect();
         let mut close = Vec::new();
         for session in unchecked {
             self.grants.checked.insert(session);
             let peer = &self.sessions[&session];
+            let scope = self.meta.scope_of(&PublicKey(peer.key)).map(<[String]>::to_vec);
+            let scope_changed = self.grants.scopes.entry(session).or_insert_with(|| scope.clone()) != &scope;
             let why = match self.meta.clients.iter().find(|c| c.public_key.0 == peer.key) {
                 None => Some("its key was revoked".to_string()),
                 Some(c) if c.role != peer.role => {
                     Some(format!("its key's role changed from {} to {}", peer.role, c.role))
                 }
-                Some(c) if self.scope_changed(peer, c) => Some("its key's volume scope changed".to_string()),
+                Some(_) if scope_changed => Some("its key's volume scope changed".to_string()),
                 Some(_) => match self.grants.bound_to(session) {
                     Some(handles) if !handles.iter().any(|h| self.handle_active(*h)) => Some(format!(
                         "the handle{} its data channel was granted for ended",
@@ -121,14 +151,16 @@ impl Core {
         self.meta.handles.iter().any(|h| h.id.0 == id && matches!(h.state, HandleState::Active))
     }
 
-    /// Whether a backup key's scope differs from the one its connection was
-    /// authorized under.
-    fn scope_changed(
-        &self,
-        peer: &control_client::handshake::Peer,
-        record: &volume_format::metadata::ClientRecord,
-    ) -> bool {
-        let _ = (peer, record);
-        false
+    /// A snapshot listing as `session`'s key may see it: a scoped backup
+    /// key sees only its volumes' snapshots.
+    pub(super) fn scoped_listing(&self, session: SessionId, listing: Response) -> Response {
+        let Some(peer) = self.sessions.get(&session) else { return listing };
+        let Some(scope) = self.meta.scope_of(&PublicKey(peer.key)) else { return listing };
+        match listing {
+            Response::Snapshots(list) => {
+                Response::Snapshots(list.into_iter().filter(|s| scope.contains(&s.volume)).collect())
+            }
+            other => other,
+        }
     }
 }

@@ -221,6 +221,7 @@ impl Pool {
                     key: k.public.to_bytes(),
                     name: name.into(),
                     role: Role::Agent,
+                    volumes: Vec::new(),
                 })
                 .await
                 .unwrap();

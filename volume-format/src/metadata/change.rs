@@ -39,8 +39,8 @@ use serde::{Deserialize, Serialize};
 
 use super::snapshot::CowMap;
 use super::{
-    check_block_bytes, check_name, ClientRecord, ClientScope, DeviceState, HandleRecord, HandleState, LogicalExtent, PoolMetadata,
-    SnapshotRecord, VolumeRecord, MIRROR_LEGS_MAX,
+    check_block_bytes, check_name, ClientRecord, ClientScope, DeviceState, HandleRecord, HandleState, LogicalExtent,
+    PoolMetadata, SnapshotRecord, VolumeRecord, MIRROR_LEGS_MAX,
 };
 use crate::ids::{DeviceIndex, HandleId, PublicKey, SnapshotId, VolumeId};
 
@@ -857,7 +857,10 @@ mod tests {
         let mut meta = crate::metadata::testing::rich_pool();
         let key = PublicKey([5; 32]);
         let before = meta.clone();
-        let set = |volumes: &[&str]| MetaChange::ClientScope { key, volumes: volumes.iter().map(|v| v.to_string()).collect() };
+        let set = |volumes: &[&str]| MetaChange::ClientScope {
+            key,
+            volumes: volumes.iter().map(|v| v.to_string()).collect(),
+        };
         let u1 = meta.apply(&set(&["db", "web"])).unwrap();
         assert_eq!(meta.scope_of(&key), Some(&["db".to_string(), "web".to_string()][..]));
         let u2 = meta.apply(&set(&["db"])).unwrap();

@@ -27,8 +27,8 @@ use crate::codec;
 use crate::ids::PublicKey;
 use crate::label::BLOCK_BYTES;
 use crate::metadata::{
-    MetadataArea, MetadataError, PoolMetadata, SlotError, SlotHeader, JOURNAL_FORMAT_VERSION_MIN, METADATA_FORMAT_VERSION,
-    SLOT_HEADER_BYTES,
+    MetadataArea, MetadataError, PoolMetadata, SlotError, SlotHeader, JOURNAL_FORMAT_VERSION_MIN,
+    METADATA_FORMAT_VERSION, SLOT_HEADER_BYTES,
 };
 
 mod trailer {
@@ -93,13 +93,8 @@ fn seal_checkpoint(
     payload: &[u8],
     key: &SigningKey,
 ) -> Result<Vec<u8>, MetadataError> {
-    let mut header = SlotHeader {
-        crc: 0,
-        format_version,
-        pool_uuid: pool,
-        generation: number,
-        payload_bytes: payload.len() as u64,
-    };
+    let mut header =
+        SlotHeader { crc: 0, format_version, pool_uuid: pool, generation: number, payload_bytes: payload.len() as u64 };
     let record_bytes = header.record_bytes();
     if record_bytes > area.slot_bytes {
         return Err(MetadataError::PayloadTooLarge { record_bytes, slot_bytes: area.slot_bytes });
@@ -116,7 +111,7 @@ fn seal_checkpoint(
     let padded = record_bytes.div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
     let mut record = Vec::with_capacity(padded as usize);
     record.extend_from_slice(&header.encode());
-    record.extend_from_slice(&payload);
+    record.extend_from_slice(payload);
     record.extend_from_slice(&tail);
     record.resize(padded as usize, 0);
     Ok(record)
@@ -330,7 +325,9 @@ mod tests {
         scoped.client_scopes.push(crate::metadata::ClientScope { key: PublicKey([5; 32]), volumes: vec!["db".into()] });
         let record = encode_checkpoint(&AREA, POOL, 9, &anchor(&scoped), &scoped, &key()).unwrap();
         match read(&record, 0) {
-            SlotRead::Checkpoint { meta: m, .. } => assert_eq!(m.scope_of(&PublicKey([5; 32])), Some(&["db".to_string()][..])),
+            SlotRead::Checkpoint { meta: m, .. } => {
+                assert_eq!(m.scope_of(&PublicKey([5; 32])), Some(&["db".to_string()][..]))
+            }
             other => panic!("{other:?}"),
         }
     }

@@ -700,7 +700,8 @@ fn a_format2_record_newer_than_the_checkpoint_is_refused() {
     let c = &mut m.copies[1];
     let slot0 = (area.slot_offset(0) - area.offset) as usize;
     let slot1 = (area.slot_offset(1) - area.offset) as usize;
-    let target = if matches!(crate::metadata::SlotHeader::decode(&c.durable[slot0..]), Ok(h) if h.format_version >= crate::metadata::JOURNAL_FORMAT_VERSION_MIN) {
+    let target = if matches!(crate::metadata::SlotHeader::decode(&c.durable[slot0..]), Ok(h) if h.format_version >= crate::metadata::JOURNAL_FORMAT_VERSION_MIN)
+    {
         slot1
     } else {
         slot0
