@@ -139,6 +139,8 @@ pub struct Stack {
     pub mds_env: Vec<(String, String)>,
     /// Extra lines for the server config of the next `start_mds`.
     pub mds_config_extra: Vec<String>,
+    /// With [`Stack::new_tls`]: the certificates the devices use.
+    pub pki: Option<peers::TestPki>,
 }
 
 impl Stack {
@@ -146,8 +148,25 @@ impl Stack {
     /// initialised on them, and keys for the server and an admin. The server
     /// is not started yet (see [`Stack::start_mds`]).
     pub fn new(count: usize, size: &str) -> Stack {
+        Stack::build(count, size, None)
+    }
+
+    /// Like [`Stack::new`], with devices served by `nbdkit --tls=require`
+    /// (X.509) and recorded in the pool as `nbds+unix://` URIs that name the
+    /// CA: everything that talks to a device does it over TLS.
+    pub fn new_tls(count: usize, size: &str) -> Stack {
+        Stack::build(count, size, Some(peers::TestPki::new()))
+    }
+
+    fn build(count: usize, size: &str, pki: Option<peers::TestPki>) -> Stack {
         let dir = tempfile::Builder::new().prefix("sanvol-stack-").tempdir().expect("temp dir");
-        let devices: Vec<Peer> = (0..count).map(|_| peers::nbdkit(&["memory", size])).collect();
+        let devices: Vec<Peer> = match &pki {
+            None => (0..count).map(|_| peers::nbdkit(&["memory", size])).collect(),
+            Some(pki) => {
+                let certs = format!("--tls-certificates={}", pki.path().display());
+                (0..count).map(|_| peers::nbdkit(&["--tls=require", &certs, "memory", size])).collect()
+            }
+        };
         let mds_key = dir.path().join("mds.key");
         let admin_key = dir.path().join("admin.key");
         run_ok(Command::new(bin("sanvol")).arg("keygen").arg(&mds_key));
@@ -164,19 +183,27 @@ impl Stack {
             grace_ms: None,
             mds_env: Vec::new(),
             mds_config_extra: Vec::new(),
+            pki,
         };
         let mut init = Command::new(bin("sanvol"));
         init.args(["pool", "init", "--name", "test"]);
-        for d in &stack.devices {
-            init.arg("--device").arg(d.uri().to_string());
+        for uri in stack.device_uris() {
+            init.arg("--device").arg(uri.to_string());
         }
         init.arg("--server-key").arg(pub_path(&stack.mds_key)).arg("--admin-key").arg(pub_path(&stack.admin_key));
         run_ok(&mut init);
         stack
     }
 
+    /// The devices' URIs as the pool records them (`nbds+unix://` with TLS).
     pub fn device_uris(&self) -> Vec<NbdUri> {
-        self.devices.iter().map(|d| d.uri()).collect()
+        self.devices
+            .iter()
+            .map(|d| match &self.pki {
+                Some(pki) => pki.tls_uri(&d.uri()),
+                None => d.uri(),
+            })
+            .collect()
     }
 
     pub fn mds_addr(&self) -> String {
@@ -186,7 +213,7 @@ impl Stack {
     /// Writes the server config and starts `sanvol-mds`.
     pub fn start_mds(&mut self) {
         let config = self.dir.path().join("mds.toml");
-        let devices: Vec<String> = self.devices.iter().map(|d| format!("{:?}", d.uri().to_string())).collect();
+        let devices: Vec<String> = self.device_uris().iter().map(|u| format!("{:?}", u.to_string())).collect();
         std::fs::write(
             &config,
             format!(

@@ -261,16 +261,10 @@ async fn tls_clients_nbdinfo_and_qemu_img_against_our_server() {
     // QEMU over TLS: read the pattern back through qemu-img.
     let out = srv.path("copy.raw");
     let creds = format!("tls-creds-x509,id=tls0,dir={},endpoint=client", pki.path().display());
-    let source = format!(
-        "driver=nbd,path={},export=disk,tls-creds=tls0,tls-hostname=localhost",
-        srv.socket.display()
-    );
-    run_tool(
-        "qemu-img",
-        &["convert", "--object", &creds, "--image-opts", &source, "-O", "raw", out.to_str().unwrap()],
-    )
-    .await
-    .success();
+    let source = format!("driver=nbd,path={},export=disk,tls-creds=tls0,tls-hostname=localhost", srv.socket.display());
+    run_tool("qemu-img", &["convert", "--object", &creds, "--image-opts", &source, "-O", "raw", out.to_str().unwrap()])
+        .await
+        .success();
     let copied = std::fs::read(&out).unwrap();
     assert_eq!(copied.len() as u64, 4 * MIB);
     assert_eq!(&copied[..64 * 1024], &pattern(64 * 1024, 3)[..]);
