@@ -603,4 +603,80 @@ mod tests {
         let e = acc.accept(b, |_| None).await.unwrap_err();
         assert!(e.to_string().contains("exceeds the 4096-byte limit before authentication"), "{e}");
     }
+
+    /// Runs `f` to completion on a fresh current-thread runtime (for async
+    /// code inside property tests).
+    fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+    }
+
+    /// What a peer sends: a valid hello (or junk), then random frames.
+    fn script(valid_hello: bool, junk: &[u8]) -> Vec<u8> {
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let mut out = Vec::new();
+        if valid_hello {
+            let hello = client(&key, None, ChannelMode::Encrypted).hello();
+            let bytes = frame::encode_payload(&hello).unwrap();
+            out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+            out.extend_from_slice(&bytes);
+        }
+        out.extend_from_slice(junk);
+        out
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+
+        /// The server side fed a valid or junk hello followed by random
+        /// bytes (as Noise messages, proofs, frames) never panics and never
+        /// authenticates anyone.
+        #[test]
+        fn random_client_bytes_never_authenticate(
+            valid_hello in proptest::prelude::any::<bool>(),
+            junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+        ) {
+            let server_key = SigningKey::from_bytes(&[9; 32]);
+            let result = block_on(async {
+                let (mut a, b) = tokio::io::duplex(1 << 16);
+                a.write_all(&script(valid_hello, &junk)).await.unwrap();
+                drop(a);
+                let acc = acceptor(&server_key, ChannelMode::Integrity);
+                acc.accept(b, |_| Some((vec![Role::Agent], "x".into()))).await.map(|_| ())
+            });
+            proptest::prop_assert!(result.is_err());
+        }
+
+        /// The client side fed random bytes as the server's answers never
+        /// panics and never accepts a server.
+        #[test]
+        fn random_server_bytes_never_pass_as_a_server(
+            junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            framed_hello in proptest::prelude::any::<bool>(),
+        ) {
+            let key = SigningKey::from_bytes(&[1; 32]);
+            let result = block_on(async {
+                let (a, b) = tokio::io::duplex(1 << 16);
+                let mut answer = Vec::new();
+                if framed_hello {
+                    let hello = frame::encode_payload(&ServerHello::Noise { version: PROTOCOL_VERSION }).unwrap();
+                    answer.extend_from_slice(&(hello.len() as u32).to_be_bytes());
+                    answer.extend_from_slice(&hello);
+                }
+                answer.extend_from_slice(&junk);
+                // Everything the "server" says, then its end of the stream:
+                // the client must give up at once, not wait for a timeout.
+                let (mut from_client, mut to_client) = tokio::io::split(b);
+                to_client.write_all(&answer).await.unwrap();
+                to_client.shutdown().await.unwrap();
+                let peer = tokio::spawn(async move {
+                    let mut sink = Vec::new();
+                    let _ = from_client.read_to_end(&mut sink).await;
+                });
+                let r = client(&key, None, ChannelMode::Encrypted).run(a).await.map(|_| ());
+                peer.abort();
+                r
+            });
+            proptest::prop_assert!(result.is_err());
+        }
+    }
 }
