@@ -1,6 +1,6 @@
 //! Protected records over any byte stream: [`SecureStream`] wraps a socket
 //! after the handshake and carries every later byte in records that are
-//! encrypted (AEAD) or integrity-only (HMAC-SHA256), each checked against an
+//! encrypted (AES-256-GCM) or integrity-only (BLAKE3 keyed hash), each checked against an
 //! implicit per-direction sequence number (layout:
 //! `volume_format::control::record`).
 //!
@@ -24,16 +24,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use volume_format::control::auth::ChannelMode;
 use volume_format::control::record::{
-    self, check_record_header, mac_prefix, record_header, RecordError, AEAD_TAG_BYTES, INTEGRITY_KEY_LABEL,
+    self, check_record_header, mac_prefix, record_header, RecordError, AEAD_TAG_BYTES, INTEGRITY_KEY_CONTEXT,
     MAC_TAG_BYTES, RECORD_BODY_BYTES_MAX, RECORD_HEADER_BYTES, RECORD_PLAINTEXT_BYTES_MAX,
 };
-
-type HmacSha256 = Hmac<Sha256>;
 
 /// Bytes of sealed records a writer may have buffered before `poll_write`
 /// waits for the socket (a few records: small writes coalesce into one
@@ -64,7 +60,7 @@ pub enum RecordFailure {
 #[allow(clippy::large_enum_variant)]
 enum Cipher {
     Aead(Box<snow::StatelessTransportState>),
-    Mac { send: HmacSha256, recv: HmacSha256 },
+    Mac { send: [u8; 32], recv: [u8; 32] },
 }
 
 /// The record state of one channel: the keys of both directions and the
@@ -86,11 +82,21 @@ impl std::fmt::Debug for Protection {
     }
 }
 
-fn integrity_key(split_key: &[u8]) -> HmacSha256 {
-    let mut derive = HmacSha256::new_from_slice(split_key).expect("HMAC takes keys of any length");
-    derive.update(INTEGRITY_KEY_LABEL);
-    let key = derive.finalize().into_bytes();
-    HmacSha256::new_from_slice(&key).expect("HMAC takes keys of any length")
+/// The MAC key of one direction: BLAKE3's key derivation from the Noise
+/// split's key, under a context string of its own (so the key used for the
+/// MAC is never one Noise would use for a cipher).
+fn integrity_key(split_key: &[u8]) -> [u8; 32] {
+    blake3::derive_key(INTEGRITY_KEY_CONTEXT, split_key)
+}
+
+fn mac(key: &[u8; 32], seq: u64, parts: &[&[u8]]) -> blake3::Hash {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(&mac_prefix(seq, len));
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize()
 }
 
 impl Protection {
@@ -162,13 +168,11 @@ impl Protection {
                 debug_assert_eq!(written, len + AEAD_TAG_BYTES);
             }
             Cipher::Mac { send, .. } => {
-                let mut mac = send.clone();
-                mac.update(&mac_prefix(seq, len));
+                let tag = mac(send, seq, parts);
                 for p in parts {
-                    mac.update(p);
                     out.extend_from_slice(p);
                 }
-                out.extend_from_slice(&mac.finalize().into_bytes());
+                out.extend_from_slice(tag.as_bytes());
             }
         }
         self.send_seq = next;
@@ -202,10 +206,11 @@ impl Protection {
             }
             Cipher::Mac { recv, .. } => {
                 let (text, tag) = body.split_at(body.len() - MAC_TAG_BYTES);
-                let mut mac = recv.clone();
-                mac.update(&mac_prefix(seq, text.len()));
-                mac.update(text);
-                mac.verify_slice(tag).map_err(|_| tampered)?;
+                let tag: [u8; MAC_TAG_BYTES] = tag.try_into().expect("split at the tag length");
+                // blake3::Hash compares in constant time.
+                if mac(recv, seq, &[text]) != blake3::Hash::from_bytes(tag) {
+                    return Err(tampered);
+                }
                 plain.extend_from_slice(text);
             }
         }
@@ -473,13 +478,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SecureStream<S> {
 }
 
 /// A connected pair of [`Protection`]s (a Noise NN handshake in memory),
-/// for tests of the record layer.
+/// for tests and benchmarks of the record layer.
 #[doc(hidden)]
 pub fn protection_pair(mode: ChannelMode) -> (Protection, Protection) {
-    let params: snow::params::NoiseParams =
-        volume_format::control::auth::NOISE_PARAMS.parse().expect("the Noise parameters parse");
-    let mut i = snow::Builder::new(params.clone()).build_initiator().expect("initiator");
-    let mut r = snow::Builder::new(params).build_responder().expect("responder");
+    let mut i = crate::handshake::plain_noise_builder().build_initiator().expect("initiator");
+    let mut r = crate::handshake::plain_noise_builder().build_responder().expect("responder");
     let (mut msg, mut payload) = (vec![0u8; 256], vec![0u8; 256]);
     let n = i.write_message(&[], &mut msg).expect("msg 1");
     r.read_message(&msg[..n], &mut payload).expect("msg 1");
