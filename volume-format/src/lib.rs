@@ -35,6 +35,7 @@ pub mod control;
 pub mod description;
 pub mod ids;
 pub mod label;
+pub mod lease;
 pub mod metadata;
 
 pub use description::{DescriptionError, DeviceEndpoint, Segment, VolumeDescription};

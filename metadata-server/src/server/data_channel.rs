@@ -536,6 +536,11 @@ async fn serve_channel(
         let _ = framed::write_message(&mut stream, &msg).await;
         return;
     };
+    if let Some((owner, me)) = &ctx.standby {
+        let why = super::standby::not_active_message(owner.borrow().as_ref(), me);
+        let _ = framed::write_message(&mut stream, &refuse(ErrorCode::NotActive, why)).await;
+        return;
+    }
     let Request::DataChannel { volume, device } = request else {
         // A backup channel: NBD over every snapshot, until the peer leaves.
         // The committed metadata is published while this channel reads it.
