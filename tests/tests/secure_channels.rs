@@ -535,3 +535,4 @@ async fn both_modes_interoperate_and_a_server_can_require_encryption() {
     assert!(reason.contains("requires encrypted channels") && reason.contains("SANVOL_CHANNEL_MODE"), "{reason}");
     admin_via(&addr, &k, ChannelMode::Encrypted).await.close().await;
 }
+

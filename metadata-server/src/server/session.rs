@@ -49,6 +49,9 @@ pub struct SessionContext {
     pub channel_mode_min: ChannelMode,
     /// Admission of connections before they authenticate.
     pub gate: Arc<Gate>,
+    /// On a standby: the active server's lease record as last seen, and this
+    /// server's name (channels are refused naming the active server).
+    pub standby: Option<(watch::Receiver<Option<volume_format::lease::LeaseRecord>>, Arc<str>)>,
 }
 
 /// Counts a reader of the committed metadata while it lives.
@@ -234,3 +237,4 @@ async fn run_inner(
     let _ = writer_task.await;
     info!("control session ended");
 }
+

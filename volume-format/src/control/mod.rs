@@ -34,7 +34,9 @@ pub mod resume;
 /// - 2: ids as newtypes and device state typed on the wire (same bytes for
 ///   ids); `Publish` boxes its description; the version-1 renumbering made
 ///   explicit: version-1 peers are refused at the handshake.
-/// - 3: protected channels — a Noise handshake after the cleartext hellos,
+/// - 3: one active metadata server per pool (`Request::Handoff`,
+///   `ServerEvent::Redirect`, `ErrorCode::NotActive`, `PoolInfo::servers`)
+///   and protected channels — a Noise handshake after the cleartext hellos,
 ///   proofs over its hash, every byte after it in encrypted or
 ///   integrity-only records; `ServerHello::Noise`, channel modes.
 pub const PROTOCOL_VERSION: u32 = 3;
