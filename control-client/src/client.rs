@@ -202,12 +202,18 @@ async fn read_loop(mut reader: ReadHalf<Stream>, shared: Arc<Shared>, events: mp
                     None => tracing::debug!("reply to request {id}, which no longer waits (timed out)"),
                 }
             }
-            ServerMessage::Event(event) => {
-                if events.try_send(event).is_err() {
+            ServerMessage::Event(event) => match events.try_send(event) {
+                Ok(()) => {}
+                // The caller dropped the receiver: it wants replies only
+                // (the admin CLI); the event is not for anyone.
+                Err(mpsc::error::TrySendError::Closed(event)) => {
+                    tracing::debug!("server event with nobody listening: {event:?}")
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
                     tracing::warn!("control events are not being consumed; dropping the connection");
                     break;
                 }
-            }
+            },
         }
     }
     shutdown(&shared);
