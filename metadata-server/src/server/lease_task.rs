@@ -132,6 +132,11 @@ pub struct LeaseTask {
     pub owner_seen: watch::Sender<Option<LeaseRecord>>,
     pub servers: watch::Sender<Servers>,
     last_presence_ms: Option<u64>,
+    /// The role this server's sector said when last written: a new role is
+    /// written at once (not up to `T` later), so that the active server
+    /// never reads its own sector as standing by and hands the pool to
+    /// itself.
+    last_presence_role: Option<ServerRole>,
     last_servers_read_ms: Option<u64>,
 }
 
@@ -188,6 +193,7 @@ impl LeaseTask {
             owner_seen: watch::channel(None).0,
             servers: watch::channel(Vec::new()).0,
             last_presence_ms: None,
+            last_presence_role: None,
             last_servers_read_ms: None,
         })
     }
@@ -245,7 +251,11 @@ impl LeaseTask {
     /// Holds the lease until it is lost, handed over, or `stop` resolves
     /// (then it is released, so a standby takes over without waiting for
     /// it to expire).
-    pub async fn hold(&mut self, mut commands: mpsc::Receiver<LeaseCommand>, mut stop: watch::Receiver<bool>) -> LeaseEnd {
+    pub async fn hold(
+        &mut self,
+        mut commands: mpsc::Receiver<LeaseCommand>,
+        mut stop: watch::Receiver<bool>,
+    ) -> LeaseEnd {
         loop {
             match &self.machine.phase {
                 LeasePhase::Lost { why } => {
@@ -352,14 +362,16 @@ impl LeaseTask {
     /// reads every host sector every `2T` (who is standing by).
     async fn presence(&mut self, now: u64) {
         let t = self.machine.timing.io_timeout_ms;
-        if self.last_presence_ms.is_none_or(|p| now >= p + t) {
+        let role = match self.machine.phase {
+            LeasePhase::Owner { .. } => ServerRole::Active,
+            LeasePhase::HandedOff { .. } | LeasePhase::Lost { .. } => ServerRole::Stopped,
+            _ => ServerRole::Standby,
+        };
+        if self.last_presence_ms.is_none_or(|p| now >= p + t) || self.last_presence_role != Some(role) {
             self.last_presence_ms = Some(now);
+            self.last_presence_role = Some(role);
             let mut me = self.machine.me.clone();
-            me.role = match self.machine.phase {
-                LeasePhase::Owner { .. } => ServerRole::Active,
-                LeasePhase::HandedOff { .. } | LeasePhase::Lost { .. } => ServerRole::Stopped,
-                _ => ServerRole::Standby,
-            };
+            me.role = role;
             self.write_sector(self.machine.me.host_id as u64, &me).await;
         }
         let active = matches!(self.machine.phase, LeasePhase::Owner { .. });
