@@ -979,6 +979,11 @@ impl Core {
         Step::Parked
     }
 
+    /// Whether a handoff was asked for and its outcome is not in yet.
+    pub fn handoff_in_progress(&self) -> bool {
+        self.handoff.is_some()
+    }
+
     fn handed_off(&mut self, result: Result<(), String>) {
         let Some((target, reply, _)) = self.handoff.take() else { return };
         match result {

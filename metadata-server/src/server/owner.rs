@@ -24,11 +24,11 @@ use super::core::{ClientTable, Core, Effect, Input, Now, ReplyId};
 use super::device_task::{DeviceTask, DeviceWork};
 use super::jobs::{run_data_job, Job};
 use super::lease_task::{LeaseCommand, LeaseGuard, Servers};
-use volume_format::control::messages::ServerInfo;
 use super::snapshot_io::DeviceClients;
 use crate::handles::SessionId;
 use crate::pool::Pool;
 use control_client::handshake::Peer;
+use volume_format::control::messages::ServerInfo;
 
 /// Inputs from the device task and jobs queued for the owner.
 pub const RESULTS_QUEUED_MAX: usize = 1024;
@@ -144,6 +144,7 @@ pub async fn run(
         stopped: None,
     };
     let mut lease_gone = false;
+    let mut lost_after_handoff = false;
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(Duration::from_millis(tick_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -165,15 +166,30 @@ pub async fn run(
                 Some(Input::Servers { servers: list })
             }
             _ = &mut lease_ended, if !lease_gone => {
-                // The lease task ended while serving: lost (handoffs and
-                // shutdowns end the loop before this can happen).
+                // The lease task ended while serving: lost (shutdowns end
+                // the loop before this can happen). During a handoff it ends
+                // as soon as it has answered it, and that answer (which
+                // replies to the admin) may still be on its way: it is
+                // applied first, and the lease counts as lost only if the
+                // handoff did not end this server's term.
                 lease_gone = true;
-                Some(Input::LeaseLost { why: "the pool lease could not be kept".into() })
+                if shell.core.handoff_in_progress() {
+                    lost_after_handoff = true;
+                    None
+                } else {
+                    Some(Input::LeaseLost { why: "the pool lease could not be kept".into() })
+                }
             }
         };
         if let Some(input) = input {
             let now = shell.clock.now();
             let effects = shell.core.apply(now, input);
+            shell.perform(effects);
+        }
+        if lost_after_handoff && !shell.core.handoff_in_progress() && shell.stopped.is_none() {
+            lost_after_handoff = false;
+            let lost = Input::LeaseLost { why: "the pool lease could not be kept".into() };
+            let effects = shell.core.apply(shell.clock.now(), lost);
             shell.perform(effects);
         }
         if shell.stopped.is_some() {

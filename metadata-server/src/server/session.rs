@@ -16,7 +16,7 @@ use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, info, warn, Instrument};
-use volume_format::control::messages::{ClientMessage, ControlError, ErrorCode, ServerMessage};
+use volume_format::control::messages::{ClientMessage, ControlError, ErrorCode, Response, ServerMessage};
 
 use super::admission::{Gate, PreAuth, HANDSHAKE_DEADLINE};
 use super::core::ClientTable;
@@ -182,8 +182,17 @@ async fn run_inner(
     let mut in_flight = FuturesUnordered::new();
     loop {
         tokio::select! {
-            _ = stopped(&mut stop) => break,
-            _ = &mut kick_rx => {
+            _ = stopped(&mut stop) => {
+                deliver_answered(&mut in_flight, &out_tx).await;
+                break;
+            }
+            kicked = &mut kick_rx => {
+                if kicked.is_err() {
+                    // The owner is gone (its term ended, e.g. by a handoff):
+                    // what it answered before (the handoff's own reply) is
+                    // delivered before the connection closes.
+                    deliver_answered(&mut in_flight, &out_tx).await;
+                }
                 info!("session closed by the server");
                 break;
             }
@@ -238,3 +247,16 @@ async fn run_inner(
     info!("control session ended");
 }
 
+/// Sends the replies of requests still in flight once the owner is gone:
+/// each has its answer already or never gets one (its sender dropped, told
+/// as unavailable), so this does not wait on anything but the writer.
+async fn deliver_answered<F>(in_flight: &mut FuturesUnordered<F>, out: &mpsc::Sender<ServerMessage>)
+where
+    F: std::future::Future<Output = (u64, Result<Response, ControlError>)>,
+{
+    while let Some((id, result)) = in_flight.next().await {
+        if out.send(ServerMessage::Reply { id, result }).await.is_err() {
+            break;
+        }
+    }
+}
