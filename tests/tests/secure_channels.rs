@@ -536,3 +536,69 @@ async fn both_modes_interoperate_and_a_server_can_require_encryption() {
     admin_via(&addr, &k, ChannelMode::Encrypted).await.close().await;
 }
 
+// ---- a standby server ----
+
+/// A standby `sanvol-mds` (one active server per pool) is reached over the
+/// same protected channels and admission limits as the active one: in both
+/// modes a control session and a backup channel are refused with
+/// `NotActive` naming the active server (the refusal itself travels in
+/// records), and a peer's silent connections are closed to make room and
+/// by the handshake deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_refuses_with_not_active_over_protected_channels_and_limits_idle_peers() {
+    use metadata_server::server::admission::{HANDSHAKE_DEADLINE, PREAUTH_PER_PEER_MAX};
+    use volume_format::control::messages::ErrorCode;
+
+    let stack = stack();
+    let standby = stack.start_server(2);
+    let k = keys_of(&stack);
+    let addr: ControlAddr = standby.addr().parse().unwrap();
+
+    // Until the standby has seen the active server's lease it keeps
+    // connections in its listen queue; then it answers every request.
+    let not_active = |e: ControlClientError| match e {
+        ControlClientError::Server(e) if e.code == ErrorCode::NotActive => e.message,
+        other => panic!("expected NotActive from the standby, got {other}"),
+    };
+    for mode in MODES {
+        let admin = tokio::time::timeout(DETECT_TIMEOUT, admin_via(&addr, &k, mode)).await.expect("standby answers");
+        let why = not_active(admin.request(Request::PoolStatus).await.unwrap_err());
+        assert!(why.contains("standing by") && why.contains("mds-1"), "{mode}: {why}");
+        // The session stays open: the next request is refused the same way.
+        not_active(admin.request(Request::VolumeList).await.unwrap_err());
+        admin.close().await;
+
+        let who = identity(&k.admin, &k.server, Role::Admin);
+        match channel::open_with_mode(&addr, &who, Request::BackupChannel, mode).await {
+            Err(channel::ChannelError::Refused(e)) if e.code == ErrorCode::NotActive => {
+                assert!(e.message.contains("mds-1"), "{mode}: {}", e.message)
+            }
+            Err(e) => panic!("{mode}: a backup channel to the standby failed otherwise: {e}"),
+            Ok(_) => panic!("{mode}: the standby served a backup channel"),
+        }
+    }
+
+    // More silent connections from this peer than it may hold before
+    // authenticating: the admin still gets its answer, and the standby
+    // closes every silent one.
+    let mut idle = Vec::new();
+    for _ in 0..PREAUTH_PER_PEER_MAX + 8 {
+        idle.push(UnixStream::connect(&standby.socket).await.unwrap());
+    }
+    let admin = admin_via(&addr, &k, ChannelMode::Encrypted).await;
+    not_active(admin.request(Request::PoolStatus).await.unwrap_err());
+    admin.close().await;
+    let all_closed = async {
+        for mut s in idle {
+            let mut buf = [0u8; 64];
+            // Closed by the server: end of stream (or a reset), never bytes.
+            if let Ok(n) = s.read(&mut buf).await {
+                assert_eq!(n, 0, "a silent connection to the standby got bytes");
+            }
+        }
+    };
+    tokio::time::timeout(HANDSHAKE_DEADLINE + DETECT_TIMEOUT, all_closed)
+        .await
+        .expect("the standby closed every silent connection by its handshake deadline");
+    assert!(standby.proc.log().contains("standing by"), "{}", standby.proc.log());
+}
