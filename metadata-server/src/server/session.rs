@@ -98,6 +98,9 @@ pub async fn run(
     run_inner(stream, peer, session, ctx, stop).instrument(span).await
 }
 
+/// How long a stopping session waits to send the answers already given.
+const STOP_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn run_inner(
     mut stream: Box<dyn ControlStream>,
     peer: String,
@@ -155,11 +158,20 @@ async fn run_inner(
     }
 
     let mut in_flight = FuturesUnordered::new();
+    let mut stopping = false;
     loop {
         tokio::select! {
-            _ = stopped(&mut stop) => break,
-            _ = &mut kick_rx => {
-                info!("session closed by the server");
+            _ = stopped(&mut stop) => {
+                stopping = true;
+                break;
+            }
+            kicked = &mut kick_rx => {
+                // Kicked, or the owner is gone (its end of the kick dropped):
+                // either way the answers it already gave go out first.
+                if kicked.is_ok() {
+                    info!("session closed by the server");
+                }
+                stopping = true;
                 break;
             }
             Some((id, result)) = in_flight.next(), if !in_flight.is_empty() => {
@@ -207,6 +219,20 @@ async fn run_inner(
         }
     }
     reader_task.abort();
+    if stopping {
+        // The server closes this session or stops serving (shutdown,
+        // handoff, lost lease): the answers it gave before (a handoff's own
+        // "done", NotActive to what was queued) still go out, then the
+        // connection closes.
+        let drain = async {
+            while let Some((id, result)) = in_flight.next().await {
+                if out_tx.send(ServerMessage::Reply { id, result }).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(STOP_DRAIN, drain).await;
+    }
     let _ = ctx.commands.send(Command::Disconnected { session }).await;
     drop(out_tx);
     let _ = writer_task.await;
