@@ -31,11 +31,15 @@
 //! the commit fails). `Broken` records have no entry in `handles`: they are
 //! kept only to tell a late resume what happened.
 //!
+//! Every map the core iterates is ordered (`BTreeMap`), so the effects of an
+//! input depend only on the inputs before it: a simulator replays a seed
+//! exactly (a `HashMap`'s order changes from run to run).
+//!
 //! After a restart with handles in the metadata, a grace period ([`Grace`])
 //! serves only resumes (and read-only requests) until every restored handle
 //! was resumed or closed, or `grace_ms` ran out.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use ed25519_dalek::SigningKey;
@@ -375,9 +379,9 @@ pub struct Core {
     /// The committed metadata.
     pub meta: Arc<PoolMetadata>,
     pub handles: HandleTable,
-    pub sessions: HashMap<SessionId, Peer>,
+    pub sessions: BTreeMap<SessionId, Peer>,
     /// Session address, for logs.
-    pub session_addrs: HashMap<SessionId, String>,
+    pub session_addrs: BTreeMap<SessionId, String>,
     pub lease_ms: u64,
     /// Durable timeout given to new handles.
     pub durable_ms: u64,
@@ -387,11 +391,11 @@ pub struct Core {
     pub grace: Option<Grace>,
     grace_ms: u64,
     pub handovers: HandoverLedger,
-    pub pending_changes: HashMap<VolumeId, PendingChange>,
+    pub pending_changes: BTreeMap<VolumeId, PendingChange>,
     /// Agents doing a device's I/O through the server (`data_channel`).
     pub fallback: super::data_channel::FallbackTable,
     /// Devices the server reaches right now (listings).
-    pub reachable: HashMap<Uuid, bool>,
+    pub reachable: BTreeMap<Uuid, bool>,
     /// The time of the input being applied.
     pub now: Now,
     pub entropy: Box<dyn Entropy>,
@@ -405,9 +409,9 @@ pub struct Core {
     /// A commit failed: the next one (empty if need be) supersedes it.
     supersede_due: bool,
     /// Volumes with a job in flight, and what waits for it.
-    busy: HashMap<VolumeId, Busy>,
+    busy: BTreeMap<VolumeId, Busy>,
     /// Jobs in flight and how their changes continue.
-    jobs: HashMap<TaskId, AfterJob>,
+    jobs: BTreeMap<TaskId, AfterJob>,
     next_task: TaskId,
     effects: Vec<Effect>,
     started: bool,
@@ -436,17 +440,17 @@ impl Core {
         Core {
             meta: Arc::new(meta),
             handles,
-            sessions: HashMap::new(),
-            session_addrs: HashMap::new(),
+            sessions: BTreeMap::new(),
+            session_addrs: BTreeMap::new(),
             lease_ms: config.lease_ms,
             durable_ms: config.durable_ms,
             key: config.key,
             grace: None,
             grace_ms: config.grace_ms,
             handovers: HandoverLedger::new(0),
-            pending_changes: HashMap::new(),
+            pending_changes: BTreeMap::new(),
             fallback: Default::default(),
-            reachable: HashMap::new(),
+            reachable: BTreeMap::new(),
             now: Now::default(),
             entropy: config.entropy,
             queue: VecDeque::new(),
@@ -455,8 +459,8 @@ impl Core {
             checkpoint: None,
             waiting: None,
             supersede_due: false,
-            busy: HashMap::new(),
-            jobs: HashMap::new(),
+            busy: BTreeMap::new(),
+            jobs: BTreeMap::new(),
             next_task: 1,
             effects: Vec::new(),
             started: false,
@@ -545,7 +549,7 @@ impl Core {
     /// Fails every waiting caller (the server is shutting down).
     pub fn shut_down(&mut self) -> Vec<Effect> {
         let unavailable = || Err(ControlError::new(ErrorCode::Unavailable, "the server is shutting down"));
-        for (_, change) in self.pending_changes.drain() {
+        for (_, change) in std::mem::take(&mut self.pending_changes) {
             self.effects.push(Effect::Reply { reply: change.reply, result: unavailable() });
         }
         for change in std::mem::take(&mut self.queue) {
