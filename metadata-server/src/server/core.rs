@@ -534,16 +534,24 @@ impl Core {
 
     /// When the core next needs a [`Input::Tick`] (a recall deadline), if
     /// sooner than the periodic tick.
+    ///
+    /// A recall that is ready and already queued needs no tick: it runs as
+    /// soon as the commit or job ahead of it is done (asking for one "now"
+    /// made the owner loop spin on ticks for as long as a commit took).
     pub fn next_deadline_ms(&self) -> Option<u64> {
         let now_ms = self.now.mono_ms;
         self.pending_changes
             .keys()
             .filter_map(|v| match self.handles.recall_state(v.0, now_ms) {
                 Some(RecallState::Waiting { deadline_ms, .. }) => Some(deadline_ms),
-                Some(RecallState::Ready { .. }) => Some(now_ms),
-                None => None,
+                Some(RecallState::Ready { .. }) if !self.recall_queued(*v) => Some(now_ms),
+                Some(RecallState::Ready { .. }) | None => None,
             })
             .min()
+    }
+
+    fn recall_queued(&self, volume: VolumeId) -> bool {
+        self.queue.iter().any(|c| matches!(c, Change::RecallReady { volume: v } if *v == volume))
     }
 
     /// Fails every waiting caller (the server is shutting down).
@@ -849,8 +857,7 @@ impl Core {
             .filter(|v| matches!(self.handles.recall_state(v.0, now_ms), Some(RecallState::Ready { .. })))
             .collect();
         for volume in ready {
-            let queued = self.queue.iter().any(|c| matches!(c, Change::RecallReady { volume: v } if *v == volume));
-            if !queued {
+            if !self.recall_queued(volume) {
                 self.queue.push_back(Change::RecallReady { volume });
             }
         }

@@ -268,3 +268,33 @@ fn a_resumed_handle_is_asked_again_for_the_recall_it_owes() {
     let (again, effects) = w.request(4, Request::RecallDone { handle: opened.handle, generation });
     assert!(matches!(reply_of(&effects, again), Some(Ok(Response::Done))), "a retried confirmation is acknowledged");
 }
+
+#[test]
+fn a_ready_recall_behind_a_commit_in_flight_asks_for_no_tick() {
+    let mut w = World::new();
+    let (_, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).unwrap();
+    w.apply(committed(task, next));
+    let (snapshot, effects) = w.request(3, Request::SnapshotCreate { volume: "v".into(), name: "s".into() });
+    assert!(effects.iter().any(|e| matches!(e, Effect::Event { event: ServerEvent::Recall { .. }, .. })));
+    // Another agent's open commits meanwhile, and hangs there.
+    let (_, effects) = w.request(2, Request::Open { volume: "w".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).expect("the open commits");
+    // The silent holder's lease runs out: the recall is ready, queued behind
+    // the commit. Nothing to wake up for until the commit is done (asking
+    // for a tick "now" made the owner loop spin for as long as it took).
+    w.advance(2 * LEASE_MS);
+    let effects = w.apply(Input::Tick);
+    assert!(commit_of(&effects).is_none(), "the snapshot waits for the open's commit");
+    assert_eq!(w.core.next_deadline_ms(), None);
+    // Then the expiry of the holders' handles and the snapshot commit.
+    let mut effects = w.apply(committed(task, next));
+    for _ in 0..2 {
+        let (task, next) = commit_of(&effects).expect("queued changes commit in turn");
+        effects = w.apply(committed(task, next));
+        if reply_of(&effects, snapshot).is_some() {
+            break;
+        }
+    }
+    assert!(matches!(reply_of(&effects, snapshot), Some(Ok(Response::Done))));
+}
