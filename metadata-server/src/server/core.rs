@@ -39,7 +39,7 @@
 //! serves only resumes (and read-only requests) until every restored handle
 //! was resumed or closed, or `grace_ms` ran out.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use ed25519_dalek::SigningKey;
@@ -399,6 +399,9 @@ pub struct Core {
     /// The time of the input being applied.
     pub now: Now,
     pub entropy: Box<dyn Entropy>,
+    /// Handles whose holder was told they are revoked while a release was
+    /// in flight: never renewed again (see `tell_removing`).
+    revoked: BTreeSet<u64>,
     queue: VecDeque<Change>,
     journal: MetaJournal,
     in_flight: Option<InFlight>,
@@ -453,6 +456,7 @@ impl Core {
             reachable: BTreeMap::new(),
             now: Now::default(),
             entropy: config.entropy,
+            revoked: BTreeSet::new(),
             queue: VecDeque::new(),
             journal,
             in_flight: None,
@@ -575,7 +579,14 @@ impl Core {
     // ---- inputs ----
 
     fn request(&mut self, session: SessionId, request: Request, reply: ReplyId) {
-        self.handles.renew(session, self.now.mono_ms, self.lease_ms);
+        // Every request renews the session's handles — but not those a
+        // commit (or job) in flight is releasing, and their holder hears so
+        // before this request's answer: an answer renews, to the agent,
+        // every handle it holds on the session.
+        let mut skip = self.removing();
+        skip.extend(self.revoked.iter().copied());
+        self.handles.renew_except(session, self.now.mono_ms, self.lease_ms, &skip);
+        self.tell_removing(session);
         if !super::durable::allowed_in_grace(&request) {
             if let Some(left_ms) = self.grace_left_ms() {
                 let msg = format!(
@@ -597,6 +608,8 @@ impl Core {
 
     fn tick(&mut self) {
         self.grace_left_ms();
+        let handles = &self.handles;
+        self.revoked.retain(|id| handles.get(*id).is_some());
         let expired = self.handles.expired(self.now.mono_ms);
         let queued = self.queue.iter().any(|c| matches!(c, Change::Expire));
         let in_flight = self
@@ -810,6 +823,58 @@ impl Core {
     /// Jobs in flight (for tests and listings).
     pub fn jobs_in_flight(&self) -> usize {
         self.jobs.len()
+    }
+
+    /// Handles the commits or jobs in flight release: expired, excluded
+    /// from a recall, broken by a conflicting open. Until they are done
+    /// these are not renewed.
+    pub fn removing(&self) -> Vec<u64> {
+        fn of(then: &AfterCommit, ids: &mut Vec<u64>) {
+            match then {
+                AfterCommit::Expire { expired } => ids.extend(expired),
+                AfterCommit::Recall { excluded, .. } => ids.extend(excluded),
+                AfterCommit::Open(open) => ids.extend(open.broken.iter().map(|h| h.id)),
+                AfterCommit::Released { then, .. } => of(then, ids),
+                _ => {}
+            }
+        }
+        let mut ids = Vec::new();
+        let batches = self.in_flight.iter().map(|f| &f.batch).chain(self.waiting.iter());
+        for (_, then) in batches.flat_map(|b| b.parts.iter()) {
+            of(then, &mut ids);
+        }
+        for job in self.jobs.values() {
+            if let AfterJob::Merged { finish: MergeFinish::Recall { excluded, .. }, .. } = job {
+                ids.extend(excluded);
+            }
+        }
+        ids
+    }
+
+    /// Tells `session` about the handles it holds that are being released
+    /// (before anything else it is answered). Once told, a handle is never
+    /// renewed again, even if its release fails: it then expires, or a
+    /// conflicting open breaks it.
+    fn tell_removing(&mut self, session: SessionId) {
+        let mut told: Vec<(u64, &str)> = Vec::new();
+        let batches = self.in_flight.iter().map(|f| &f.batch).chain(self.waiting.iter());
+        for (_, then) in batches.flat_map(|b| b.parts.iter()) {
+            if let AfterCommit::Open(open) = then {
+                // Broken handles have left the table already; the open knows them.
+                let mine = open.broken.iter().filter(|h| h.held_by(session));
+                told.extend(mine.map(|h| (h.id, "broken by a conflicting open after its lease ran out")));
+            }
+        }
+        for id in self.removing() {
+            if self.handles.get(id).is_some_and(|h| h.held_by(session)) {
+                told.push((id, "its lease ran out; it is being released"));
+            }
+        }
+        let told: Vec<(u64, String)> = told.into_iter().map(|(id, why)| (id, format!("handle {id}: {why}"))).collect();
+        for (id, reason) in told {
+            self.revoked.insert(id);
+            self.send_event(session, ServerEvent::Revoked { handle: HandleId(id), reason });
+        }
     }
 
     // ---- helpers for the request modules ----

@@ -125,6 +125,11 @@ fn committed(task: TaskId, write: RawWrite) -> Input {
     Input::MetaWritten { task, written: vec![true; write.copies], failures: Vec::new() }
 }
 
+/// No copy took the writes.
+fn failed(task: TaskId, write: RawWrite) -> Input {
+    Input::MetaWritten { task, written: vec![false; write.copies], failures: vec!["device gone".into()] }
+}
+
 #[test]
 fn renewals_are_answered_while_a_commit_is_in_flight() {
     let mut w = World::new();
@@ -297,4 +302,61 @@ fn a_ready_recall_behind_a_commit_in_flight_asks_for_no_tick() {
         }
     }
     assert!(matches!(reply_of(&effects, snapshot), Some(Ok(Response::Done))));
+}
+
+#[test]
+fn a_renewal_while_the_handle_is_being_released_revokes_it_first() {
+    let mut w = World::new();
+    let (open, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    let Some(Ok(Response::Opened(opened))) = reply_of(&effects, open) else { panic!("{effects:?}") };
+    // The holder's renewals are late (a paused server, a slow link): its
+    // lease ran out and the release is being committed when one arrives.
+    w.advance(2 * LEASE_MS);
+    let effects = w.apply(Input::Tick);
+    let (task, next) = commit_of(&effects).expect("the expired handle is released");
+    let (renew, effects) = w.request(1, Request::Renew);
+    // The answer renews, to the agent, every handle it holds on the session:
+    // it must hear that this one is gone first.
+    let revoked = effects.iter().position(|e| {
+        matches!(e, Effect::Event { session: 1, event: ServerEvent::Revoked { handle, .. } } if *handle == opened.handle)
+    });
+    let answer = effects.iter().position(|e| matches!(e, Effect::Reply { reply, .. } if *reply == renew));
+    assert!(matches!((revoked, answer), (Some(r), Some(a)) if r < a), "{effects:?}");
+    // A resume waits for the release (it is a change), then finds nothing.
+    let (resume, effects) = w.request(1, Request::Resume { key: opened.resume_key.clone() });
+    assert!(reply_of(&effects, resume).is_none());
+    let effects = w.apply(committed(task, next));
+    assert!(w.core.handles.get(opened.handle.0).is_none());
+    match reply_of(&effects, resume) {
+        Some(Err(e)) => assert_eq!(e.code, ErrorCode::NotFound, "{e}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_handle_told_it_is_revoked_is_not_renewed_even_if_its_release_fails() {
+    let mut w = World::new();
+    let (_, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).unwrap();
+    w.apply(committed(task, next));
+    w.advance(2 * LEASE_MS);
+    let effects = w.apply(Input::Tick);
+    let (task, write) = commit_of(&effects).expect("the expired handle is released");
+    w.request(1, Request::Renew); // told: revoked
+    let effects = w.apply(failed(task, write));
+    // An empty commit supersedes the failed one.
+    let (task, write) = commit_of(&effects).expect("the failed commit is superseded");
+    w.apply(committed(task, write));
+    // The agent dropped the handle; its session's renewals must not keep it
+    // alive, or the volume is held by nobody forever.
+    let (_, effects) = w.request(1, Request::Renew);
+    assert!(commit_of(&effects).is_none());
+    w.advance(LEASE_MS / 4);
+    let effects = w.apply(Input::Tick);
+    let (task, next) = commit_of(&effects).expect("released again at the next tick");
+    w.apply(committed(task, next));
+    let (_, effects) = w.request(2, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    assert!(commit_of(&effects).is_some(), "someone else may open it: {effects:?}");
 }
