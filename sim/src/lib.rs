@@ -1,0 +1,161 @@
+//! Deterministic simulation of sanvol's control protocol.
+//!
+//! One thread, virtual time, one seed: a whole world — one or two metadata
+//! server hosts running the **real** server core ([`metadata_server`]'s
+//! `Core`), two to eight agents, three to five devices, an admin — runs
+//! through faults (dropped connections, partitions, crashes and restarts,
+//! process and VM pauses, device power loss) while a workload writes,
+//! flushes, reads, snapshots, grows, hands over and detaches, and the
+//! invariants ([`observer`]) are checked after every step. A failure names
+//! its seed; the same seed replays the same run, event for event, with a
+//! full trace (`SIM_SEED=N`). This is FoundationDB's and TigerBeetle's VOPR
+//! approach, applied to leases, durable handles, recalls, the grace period
+//! and copy-on-write registration.
+//!
+//! # Running it
+//! - `cargo test -p sanvol-sim`: a fixed set of seeds (seconds).
+//! - `SIM_SEED=N cargo test -p sanvol-sim --test seeds -- replay --nocapture`:
+//!   one seed with every event and the server core's logs, in simulated
+//!   time (`RUST_LOG=debug` for more).
+//! - `SIM_SECONDS=180 cargo test -p sanvol-sim --release --test seeds --
+//!   random --nocapture`: random seeds for three minutes; prints each
+//!   failing seed and how to replay it (`scripts/test.sh` runs this).
+//!
+//! # How the world is simulated
+//! - **Time** ([`world`]): a queue of timed events; events at the same
+//!   millisecond run in the order scheduled. Nothing reads a real clock.
+//!   Each process has its own clocks derived from true time: a server's
+//!   `Now` is its monotonic time since boot and the wall clock; an agent's
+//!   lease clock is boot time (counts VM pauses) — a VM pause adds to a
+//!   process's *monotonic lag*, so code that read `CLOCK_MONOTONIC` would
+//!   see time stand still.
+//! - **Processes**: an event is for one incarnation of a process; a crash
+//!   ends the incarnation (its events are dropped, its connections break,
+//!   its device requests in flight still land), a restart starts a new one
+//!   (a server reloads the metadata from the devices and builds a new
+//!   `Core`; an agent is a new instance that remembers nothing). A pause
+//!   holds a process's events until it continues.
+//! - **Network** ([`net`]): one ordered stream per connection and
+//!   direction, random delays, nothing ordered across connections; breaks,
+//!   and partitions that delay traffic or, when long, break connections.
+//!   Server replies take a hop through the session task that events do not
+//!   (as in `server::session`).
+//! - **Devices** ([`device`]): blocks hold workload tags or raw bytes;
+//!   per-request latency; unflushed writes may be lost and writes in flight
+//!   torn on a power loss.
+//! - **The server** ([`server`]): the real `Core`, and a shell that does
+//!   what the production shell does (sessions, role checks, the device
+//!   task's commits with the real slot format, jobs, ticks, boot through
+//!   `MetadataArea::choose_newest`).
+//! - **Agents** ([`agent`]): a control plane that follows the protocol
+//!   ([`agent::model`], in the real agent core's input/effect shape so the
+//!   real one can take its place) and a data path with the gate, lease and
+//!   copy-on-write rules.
+//! - **Workload** ([`app`]), **data model** ([`oracle`]), **invariants**
+//!   ([`observer`]).
+//!
+//! What runs unchanged: the server core (`Core::apply` and everything it
+//! calls: handles, leases, recalls, resumes, grace, snapshots, COW
+//! registration), the metadata format (slot encoder/decoder, newest-slot
+//! choice, metadata checks, allocation, snapshot maps), the volume
+//! description and its mapping, the control-protocol messages.
+//!
+//! # Adding a fault
+//! 1. Add its rate to [`config::FaultRates`] (drawn in
+//!    [`config::Config::from_seed`]; start small).
+//! 2. Add its arm to `World::inject_fault` in [`world`]: change the world
+//!    (break, cut, crash, pause, corrupt), trace it with
+//!    `env.trace("fault", …)`, and schedule whatever undoes it
+//!    ([`world::Ev::Restart`], [`world::Ev::DeviceRestart`], …).
+//! 3. Make `World::settle` undo it too, so the settled checks hold.
+//! 4. Run `SIM_SECONDS=60 … random`; a violation is either a bug the fault
+//!    exposes (report it with its seed) or a model the fault broke.
+//!
+//! # Adding an invariant
+//! 1. Pick the moment it can break: a device executing a write
+//!    (`observer::write_landed`), a commit or a boot (`observer::committed`,
+//!    `observer::loaded`, with the previous metadata at hand), a server
+//!    reply (`observer::replied`, with the request), a tick
+//!    (`observer::after_tick`, with the core), a data sweep
+//!    (`observer::sweep`), or the end (`observer::final_liveness`).
+//! 2. Keep what it needs in [`observer::Observer`] (filled from those
+//!    hooks; agents report their leases there).
+//! 3. Call `env.fail("name-of-the-rule", detail)` with a detail that says
+//!    what happened to whom and when; add the rule to the table in
+//!    [`observer`]'s docs.
+//! 4. A rule that only holds after a fix lands elsewhere: assert in a
+//!    test that a seed still reproduces it (see `tests/known_defects.rs`),
+//!    never disable it.
+
+pub mod agent;
+pub mod app;
+pub mod config;
+pub mod device;
+pub mod net;
+pub mod observer;
+pub mod oracle;
+pub mod rng;
+pub mod server;
+pub mod trace;
+pub mod world;
+
+use volume_format::control::messages::{ControlError, Request, Response, ServerEvent};
+
+pub use config::Config;
+pub use world::{Outcome, Violation, World};
+
+/// Runs the world of `config`; `verbose` prints every event and the code
+/// under test's logs as they happen.
+pub fn run(config: Config, verbose: bool) -> Outcome {
+    if verbose {
+        trace::with_logs(|| World::new(config, true).run())
+    } else {
+        World::new(config, false).run()
+    }
+}
+
+/// Runs seed `seed` with the configuration it draws.
+pub fn run_seed(seed: u64, verbose: bool) -> Outcome {
+    run(Config::from_seed(seed), verbose)
+}
+
+/// One line for a request, for traces.
+pub fn describe_request(r: &Request) -> String {
+    match r {
+        Request::Resume { .. } => "Resume".into(),
+        Request::OpenHandover { .. } => "OpenHandover".into(),
+        Request::ClientAuthorize { name, .. } => format!("ClientAuthorize {name}"),
+        other => format!("{other:?}"),
+    }
+}
+
+/// One line for a reply, for traces.
+pub fn describe_result(r: &Result<Response, ControlError>) -> String {
+    match r {
+        Ok(Response::Opened(o)) => format!(
+            "Opened handle {} {} layout generation {}{}",
+            o.handle.0,
+            o.mode,
+            o.description.layout_generation,
+            o.description.snapshot.as_ref().map_or(String::new(), |s| format!(" snapshot {}", s.id))
+        ),
+        Ok(Response::HandoverToken { .. }) => "HandoverToken".into(),
+        Ok(Response::Volumes(_)) | Ok(Response::Pool(_)) | Ok(Response::Devices(_)) => "a listing".into(),
+        Ok(other) => format!("{other:?}"),
+        Err(e) => format!("Err({:?}: {})", e.code, e.message),
+    }
+}
+
+/// One line for an event, for traces.
+pub fn describe_event(e: &ServerEvent) -> String {
+    match e {
+        ServerEvent::Recall { handle, generation } => format!("Recall handle {} generation {generation}", handle.0),
+        ServerEvent::Publish { handle, description } => format!(
+            "Publish handle {} generation {}{}",
+            handle.0,
+            description.layout_generation,
+            description.snapshot.as_ref().map_or(String::new(), |s| format!(" snapshot {}", s.id))
+        ),
+        ServerEvent::Revoked { handle, reason } => format!("Revoked handle {}: {reason}", handle.0),
+    }
+}

@@ -1,0 +1,88 @@
+//! The simulation's entry points for people and CI: fixed seeds in every
+//! `cargo test`, one seed replayed with a trace (`SIM_SEED`), random seeds
+//! for a bounded time (`SIM_SECONDS`).
+
+use std::time::{Duration, Instant};
+
+use sanvol_sim::{run_seed, Outcome};
+
+/// Seeds every `cargo test -p sanvol-sim` runs.
+const FIXED_SEEDS: std::ops::Range<u64> = 1..41;
+
+fn report(o: &Outcome) -> String {
+    match &o.violation {
+        None => format!("seed {}: ok ({} events, {:?})", o.seed, o.stats.events, o.stats),
+        Some(v) => format!(
+            "seed {} FAILED: {v}\n--- last lines of the trace ---\n{}\n--- replay: SIM_SEED={} cargo test -p sanvol-sim --test seeds -- replay --nocapture",
+            o.seed, o.trace_tail, o.seed
+        ),
+    }
+}
+
+#[test]
+fn fixed_seeds() {
+    let mut failed = Vec::new();
+    for seed in FIXED_SEEDS {
+        let o = run_seed(seed, false);
+        if o.violation.is_some() {
+            eprintln!("{}", report(&o));
+            failed.push(seed);
+        }
+    }
+    assert!(failed.is_empty(), "failing seeds: {failed:?}");
+}
+
+/// `SIM_SEED=N`: replays seed N with every event and the server's logs.
+#[test]
+fn replay() {
+    let Ok(seed) = std::env::var("SIM_SEED") else { return };
+    let seed: u64 = seed.parse().expect("SIM_SEED is a number");
+    eprintln!("{:#?}", sanvol_sim::Config::from_seed(seed));
+    let o = run_seed(seed, true);
+    eprintln!("{}", report(&o));
+    assert!(o.violation.is_none(), "seed {seed} failed");
+}
+
+/// `SIM_SECONDS=S`: random seeds for S seconds; fails with every failing seed.
+#[test]
+fn random() {
+    let Ok(secs) = std::env::var("SIM_SECONDS") else { return };
+    let budget = Duration::from_secs(secs.parse().expect("SIM_SECONDS is a number of seconds"));
+    let start = Instant::now();
+    let mut x = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id()) << 32;
+    let mut runs = 0u64;
+    let mut failed = Vec::new();
+    while start.elapsed() < budget {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let seed = x >> 16;
+        let t = Instant::now();
+        let o = run_seed(seed, false);
+        runs += 1;
+        if o.violation.is_some() {
+            eprintln!("{}\n(found after {:.1} s, {runs} seeds; this seed ran {:.2} s)", report(&o), start.elapsed().as_secs_f64(), t.elapsed().as_secs_f64());
+            failed.push(seed);
+        }
+    }
+    let rate = runs as f64 / start.elapsed().as_secs_f64();
+    eprintln!("{runs} random seeds in {:.0} s ({rate:.1} seeds/s); failing: {failed:?}", start.elapsed().as_secs_f64());
+    assert!(failed.is_empty(), "failing seeds: {failed:?}");
+}
+
+/// `SIM_TIME_SEEDS=a..b`: runs seeds and prints how long each took (tuning).
+#[test]
+fn timing() {
+    let Ok(range) = std::env::var("SIM_TIME_SEEDS") else { return };
+    let (a, b) = range.split_once("..").expect("a..b");
+    for seed in a.parse::<u64>().unwrap()..b.parse::<u64>().unwrap() {
+        let t = Instant::now();
+        let o = run_seed(seed, false);
+        eprintln!(
+            "seed {seed}: {:.3} s, {} events, sim {} ms, {}",
+            t.elapsed().as_secs_f64(),
+            o.stats.events,
+            o.end_ms,
+            o.violation.as_ref().map_or("ok".to_string(), |v| v.to_string())
+        );
+    }
+}
