@@ -68,9 +68,14 @@ fn peer(n: u8, role: Role) -> Peer {
 
 impl World {
     fn new() -> World {
+        World::with_durable(0)
+    }
+
+    /// Handles outlive their lease by `durable_ms` (and never expire by time).
+    fn with_durable(durable_ms: u64) -> World {
         let config = CoreConfig {
             lease_ms: LEASE_MS,
-            durable_ms: 0,
+            durable_ms,
             grace_ms: 0,
             key: Arc::new(SigningKey::from_bytes(&[7; 32])),
             entropy: Box::new(Zeros),
@@ -359,4 +364,26 @@ fn a_handle_told_it_is_revoked_is_not_renewed_even_if_its_release_fails() {
     w.apply(committed(task, next));
     let (_, effects) = w.request(2, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
     assert!(commit_of(&effects).is_some(), "someone else may open it: {effects:?}");
+}
+
+#[test]
+fn a_failed_recall_commit_publishes_to_the_holders_it_would_have_excluded() {
+    let mut w = World::with_durable(10 * LEASE_MS);
+    let (_, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).unwrap();
+    w.apply(committed(task, next));
+    let handle = w.core.handles.all().next().unwrap().id;
+    let (grow, _) = w.request(3, Request::VolumeGrow { name: "v".into(), size_bytes: 8 << 20 });
+    // The holder is paused: its lease runs out, the grow commits without it…
+    w.advance(2 * LEASE_MS);
+    let effects = w.apply(Input::Tick);
+    let (task, write) = commit_of(&effects).expect("the recall commits, excluding the silent holder");
+    // …and the commit fails: nothing changed, the holder keeps its handle,
+    // and it must be told to go on (its gate is recalled).
+    let effects = w.apply(failed(task, write));
+    assert!(matches!(reply_of(&effects, grow), Some(Err(_))));
+    let published = effects.iter().any(
+        |e| matches!(e, Effect::Event { session: 1, event: ServerEvent::Publish { handle: h, .. } } if h.0 == handle),
+    );
+    assert!(published, "{effects:?}");
 }

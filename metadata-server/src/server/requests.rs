@@ -403,9 +403,12 @@ impl Core {
             }
         }
         // Holders resume either way: with the new layout, or the old one if
-        // the change failed.
+        // the change failed — then those it would have excluded too: they
+        // were not removed, and a holder that was only slow (paused, cut
+        // off) would otherwise wait for a layout forever.
         self.handles.finish_recall(volume.0);
-        self.publish_volume(volume, &excluded);
+        let skip: &[u64] = if result.is_ok() { &excluded } else { &[] };
+        self.publish_volume(volume, skip);
         match &result {
             Ok(()) => {
                 info!(%volume, change = %pending.change, generation = self.meta.generation, "volume reconfigured")
