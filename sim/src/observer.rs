@@ -197,10 +197,14 @@ fn observe(env: &mut Env, meta: Arc<PoolMetadata>, how: &str) {
             }
         }
     }
-    // New handles.
+    // New handles. One that conflicts with another active handle of its
+    // volume was opened alongside it (a handover): the only way two
+    // conflicting handles coexist (a conflicting open breaks the other).
     for (id, (volume, mode)) in &is {
         if !was.contains_key(id) && !env.obs.opens.contains_key(id) {
-            env.obs.opens.insert(*id, OpenRec { volume: *volume, mode: *mode, at_ms: now, via_handover: false });
+            let via_handover =
+                is.iter().any(|(other, (v, m))| other != id && v == volume && modes_conflict(*m, *mode));
+            env.obs.opens.insert(*id, OpenRec { volume: *volume, mode: *mode, at_ms: now, via_handover });
         }
     }
     // Volumes.

@@ -21,6 +21,7 @@ use crate::device::Content;
 #[derive(Debug, Clone)]
 struct Entry {
     tag: u64,
+    /// When it was acknowledged, in the oracle's order.
     acked_at: Option<u64>,
     lost: bool,
     durable: bool,
@@ -50,6 +51,9 @@ pub struct Oracle {
     /// tag → (volume, block, index).
     tags: BTreeMap<u64, (u64, u64, usize)>,
     next_tag: u64,
+    /// Orders acknowledgements and flushes exactly (many happen in one
+    /// simulated millisecond).
+    seq: u64,
 }
 
 impl Oracle {
@@ -78,10 +82,19 @@ impl Oracle {
         self.tags.insert(tag, (volume, block, h.entries.len() - 1));
     }
 
-    pub fn acked(&mut self, tag: u64, now_ms: u64) {
+    /// Write `tag` was acknowledged (every leg answered).
+    pub fn acked(&mut self, tag: u64) {
+        self.seq += 1;
+        let seq = self.seq;
         if let Some(e) = self.entry_mut(tag) {
-            e.acked_at = Some(now_ms);
+            e.acked_at = Some(seq);
         }
+    }
+
+    /// A flush is sent now: what it covers is what was acknowledged before.
+    pub fn flush_sent(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
     }
 
     /// A device dropped `tag` from its cache — and with it every earlier
@@ -99,13 +112,14 @@ impl Oracle {
         }
     }
 
-    /// A flush of every device of `volume`, issued at `issued_ms`,
-    /// completed: writes acknowledged before it are durable.
-    pub fn flushed(&mut self, volume: u64, issued_ms: u64) {
+    /// A flush of every device of `volume`, sent at `issued` (from
+    /// [`Oracle::flush_sent`]), completed: writes acknowledged before it are
+    /// durable.
+    pub fn flushed(&mut self, volume: u64, issued: u64) {
         let Some(v) = self.volumes.get_mut(&volume) else { return };
         for h in v.values_mut() {
             for (i, e) in h.entries.iter_mut().enumerate() {
-                if !e.durable && !e.lost && e.acked_at.is_some_and(|a| a <= issued_ms) {
+                if !e.durable && !e.lost && e.acked_at.is_some_and(|a| a < issued) {
                     e.durable = true;
                     h.floor = h.floor.max(i + 1);
                 }
@@ -163,8 +177,8 @@ impl Oracle {
             .take(6)
             .map(|(i, e)| {
                 let mut s = format!("w{} by {}", e.tag, e.by);
-                if let Some(a) = e.acked_at {
-                    s += &format!(" acked@{a}");
+                if e.acked_at.is_some() {
+                    s += " acked";
                 }
                 if e.durable {
                     s += " durable";
@@ -203,28 +217,33 @@ mod tests {
         o.add_volume(1);
         o.sent(1, 7, 10, "a".into());
         assert!(o.check_read(1, 7, &Content::Zero).is_ok(), "nothing durable: anything goes");
-        o.acked(10, 5);
-        o.flushed(1, 4);
-        assert!(o.allowed(1, 7).is_none(), "acked after the flush was issued: not covered");
-        o.flushed(1, 6);
+        let early = o.flush_sent();
+        o.acked(10);
+        o.flushed(1, early);
+        assert!(o.allowed(1, 7).is_none(), "acked after the flush was sent: not covered");
+        let f = o.flush_sent();
+        o.flushed(1, f);
         assert_eq!(o.allowed(1, 7), Some(vec![10]));
         o.sent(1, 7, 11, "a".into());
-        o.acked(11, 8);
+        o.acked(11);
         assert!(o.check_read(1, 7, &Content::Tag(10)).is_ok(), "unflushed: the older may come back");
         o.lost(11, 0);
-        o.flushed(1, 9);
+        let f = o.flush_sent();
+        o.flushed(1, f);
         assert_eq!(o.allowed(1, 7), Some(vec![10, 11]), "a lost write never becomes durable");
         // Two cached writes, the later dropped: both are gone.
         o.sent(1, 8, 20, "a".into());
-        o.acked(20, 12);
+        o.acked(20);
         o.sent(1, 8, 21, "a".into());
-        o.acked(21, 13);
+        o.acked(21);
         o.lost(21, 0);
-        o.flushed(1, 14);
+        let f = o.flush_sent();
+        o.flushed(1, f);
         assert_eq!(o.allowed(1, 8), None, "the earlier cached write went with the later one");
         o.sent(1, 7, 12, "a".into());
-        o.acked(12, 10);
-        o.flushed(1, 11);
+        o.acked(12);
+        let f = o.flush_sent();
+        o.flushed(1, f);
         assert!(o.check_read(1, 7, &Content::Tag(10)).is_err(), "older than the floor");
         assert!(o.check_read(1, 7, &Content::Tag(12)).is_ok());
     }

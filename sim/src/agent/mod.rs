@@ -113,8 +113,8 @@ struct Io {
     desc: Option<Arc<VolumeDescription>>,
     remaining: usize,
     error: Option<String>,
-    /// True time the flush was sent (oracle).
-    flush_sent_ms: u64,
+    /// When the flush was sent, in the oracle's order.
+    flush_seq: u64,
 }
 
 enum DevPurpose {
@@ -373,7 +373,7 @@ impl AgentHost {
     pub fn submit(&mut self, att: AttachmentId, kind: IoKind, env: &mut Env) -> u64 {
         let id = self.next_io;
         self.next_io += 1;
-        self.ios.insert(id, Io { att, kind, desc: None, remaining: 0, error: None, flush_sent_ms: 0 });
+        self.ios.insert(id, Io { att, kind, desc: None, remaining: 0, error: None, flush_seq: 0 });
         self.admit(id, env);
         id
     }
@@ -479,7 +479,7 @@ impl AgentHost {
         env.trace(me, format_args!("io{id} {what} (h{handle}) -> devices {devs:?}"));
         let io = self.ios.get_mut(&id).expect("present");
         io.remaining = sends.len();
-        io.flush_sent_ms = env.now;
+        io.flush_seq = env.oracle.flush_sent();
         for (dev, op, check) in sends {
             self.dev_send(dev, op, DevPurpose::Io(id), Some(handle), check, env);
         }
@@ -548,12 +548,12 @@ impl AgentHost {
             Err(e) => env.trace(self.me(), format_args!("io{id} failed: {e}")),
         }
         if let (IoKind::Write { tag, .. }, Ok(_)) = (&io.kind, &result) {
-            env.oracle.acked(*tag, env.now);
+            env.oracle.acked(*tag);
             env.stats.writes_acked += 1;
         }
         if let (IoKind::Flush, Ok(_)) = (&io.kind, &result) {
             if let Some(a) = self.atts.get(&io.att) {
-                env.oracle.flushed(a.volume_id, io.flush_sent_ms);
+                env.oracle.flushed(a.volume_id, io.flush_seq);
             }
         }
         if admitted {
