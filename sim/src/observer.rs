@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use metadata_server::handles::modes_conflict;
+use metadata_server::handles::{modes_conflict, RecallState};
 use metadata_server::server::core::Core;
 use volume_format::control::messages::{ControlError, ErrorCode, OpenMode, Request, Response};
 use volume_format::metadata::{ChunkSource, HandleState, PoolMetadata};
@@ -63,8 +63,11 @@ pub struct Observer {
     opens: BTreeMap<u64, OpenRec>,
     /// Snapshot id → volume and each checked block's allowed values.
     snapshots: BTreeMap<u64, (u64, Vec<(u64, Vec<u64>)>)>,
-    /// Volume → server time its pending change was first seen.
-    recalls: BTreeMap<u64, u64>,
+    /// Volume → server time its pending change was first seen, and the
+    /// server's paused time then.
+    recalls: BTreeMap<u64, (u64, u64)>,
+    /// Time the server spent paused (a recall's bound counts running time).
+    pub server_paused_ms: u64,
 }
 
 impl Observer {
@@ -79,6 +82,7 @@ impl Observer {
             opens: BTreeMap::new(),
             snapshots: BTreeMap::new(),
             recalls: BTreeMap::new(),
+            server_paused_ms: 0,
         }
     }
 
@@ -286,29 +290,35 @@ pub fn replied(env: &mut Env, core: &Core, asked: &Asked, result: &Result<Respon
     }
 }
 
-/// After every server tick: `recall-completes-or-excludes`.
+/// After every server tick: `recall-completes-or-excludes`. Counted in the
+/// server's running time (a paused server decides nothing), and only while
+/// some holder has neither confirmed nor been excluded: once the recall is
+/// ready, the commit follows (the settled checks see that it does).
 pub fn after_tick(env: &mut Env, core: &Core) {
     let now_ms = core.now.mono_ms;
+    let paused = env.obs.server_paused_ms;
     let bound = 2 * env.cfg.lease_ms + RECALL_SLACK_MS;
     let pending: BTreeSet<u64> = core.pending_changes.keys().map(|v| v.0).collect();
     env.obs.recalls.retain(|v, _| pending.contains(v));
     for v in pending {
-        let started = *env.obs.recalls.entry(v).or_insert_with(|| {
-            now_ms
-        });
-        if started == now_ms {
+        let (started, paused_then) = *env.obs.recalls.entry(v).or_insert_with(|| {
             env.stats.recalls += 1;
-        }
-        if now_ms - started > bound {
-            let waiting = core.handles.recall_of(v).map(|r| r.waiting.clone()).unwrap_or_default();
+            (now_ms, paused)
+        });
+        let age = (now_ms - started).saturating_sub(paused - paused_then);
+        let waiting = match core.handles.recall_state(v, now_ms) {
+            Some(RecallState::Waiting { handles, .. }) => handles,
+            _ => continue,
+        };
+        if age > bound {
             let holders: Vec<String> = waiting
                 .iter()
                 .filter_map(|h| core.handles.get(*h))
                 .map(|h| format!("handle {} of {} (session {}, lease until {} ms)", h.id, h.holder, h.session, h.lease_until_ms))
                 .collect();
             let detail = format!(
-                "the recall of volume {v} has been pending for {} ms (bound {bound} ms); still waiting for [{}]",
-                now_ms - started,
+                "the recall of volume {v} has waited {age} ms of server time (bound {bound} ms); no confirmation or \
+                 exclusion yet from [{}]",
                 holders.join(", ")
             );
             env.fail("recall-completes-or-excludes", detail);

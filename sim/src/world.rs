@@ -861,6 +861,9 @@ impl World {
         if vm {
             s.mono_lag_ms += d;
         }
+        if matches!(proc, Proc::Server(_)) {
+            self.env.obs.server_paused_ms += d;
+        }
         let what = if vm { "VM paused (its monotonic clock stops)" } else { "paused" };
         self.env.trace("fault", format_args!("{proc} {what} for {d} ms"));
         self.env.schedule(now + d, Ev::PauseEnd { proc });
