@@ -8,19 +8,18 @@
 //!   session task's hop ([`crate::config::Config::reply_hop_ms`]) while
 //!   events go straight onto the connection — so an event may overtake a
 //!   reply produced before it, as in production;
-//! - the device task: commits one at a time, the way `Pool::commit` does
-//!   them (next generation past every one attempted; into the oldest slot
-//!   of every metadata copy; write, flush, read back and decode; one retry;
-//!   on a partial failure, the acknowledged metadata written over the copies
-//!   that took the new one) — with the real slot encoder and decoder;
+//! - the device task: the metadata writes the core sealed (journal entries,
+//!   checkpoints), one [`RawWrite`] at a time, as `Pool::write_raw` does
+//!   them (every copy at once: write, flush, read back if asked; then the
+//!   blocks to clear) — the bytes are the real journal format;
 //! - jobs: pre-image copies and merges read and write the simulated devices
 //!   as `snapshot_io` does (first online leg for reads, every online leg
 //!   with FUA for writes);
 //! - ticks: every `lease_ms / 4` (as the owner loop) and at the core's next
 //!   deadline;
-//! - boot: the newest valid slot over every reachable device
-//!   ([`MetadataArea::choose_newest`]), as `Pool::open` reads it, then a new
-//!   `Core` (handles restored, grace period).
+//! - boot: the real journal loader over every reachable device (the newest
+//!   checkpoint plus the entries after it), as `Pool::open_journaled` reads
+//!   the pool, then a new `Core` (handles restored, grace period).
 //!
 //! What a commit costs in time is the devices' latency; nothing else here
 //! takes simulated time.
@@ -29,12 +28,16 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use control_client::handshake::Peer;
+use metadata_server::pool::journal::{PoolJournal, RawWrite};
+use metadata_server::pool::metadata_holders;
+use metadata_server::server::commit::MetaJournal;
 use metadata_server::server::core::{Core, CoreConfig, Effect, Entropy, Input, Now, ReplyId, TaskId};
 use metadata_server::server::jobs::{Job, JobOutcome};
 use volume_format::control::auth::Role;
-use volume_format::control::messages::{ClientMessage, ControlError, ErrorCode, Request, ServerMessage};
+use volume_format::control::messages::{ClientMessage, ControlError, ErrorCode, Request, Response, ServerMessage};
+use volume_format::metadata::journal::{self, CopyImage, LoadOptions};
 use volume_format::metadata::{MetadataArea, PoolMetadata, SnapshotRecord};
-use volume_format::{SnapshotId, VolumeId};
+use volume_format::{PublicKey, SnapshotId, VolumeId};
 
 use crate::device::{Content, DevOp, DevResult, BLOCK_BYTES};
 use crate::net::{ConnId, Proc, Wire};
@@ -59,45 +62,35 @@ pub struct Asked {
 
 /// The device task's queue.
 enum DeviceWork {
-    Commit { task: TaskId, current: Arc<PoolMetadata>, next: Box<PoolMetadata> },
+    Write { task: TaskId, write: RawWrite },
     Check { task: TaskId, index: u32 },
 }
 
-/// A commit in progress: the copies are written one after the other.
-struct CommitRun {
+/// Sealed metadata writes in progress: every copy at once (write, flush,
+/// read back if asked), then the blocks to clear on the copies that took
+/// them.
+struct WriteRun {
     task: TaskId,
-    current: Arc<PoolMetadata>,
-    /// What is being written now (the new metadata, or `current` again when
-    /// superseding a partial commit).
-    meta: PoolMetadata,
-    generation: u64,
-    copies: Vec<usize>,
-    at: usize,
-    step: CopyStep,
-    retried: bool,
-    written: Vec<usize>,
+    write: RawWrite,
+    clearing: bool,
+    /// Per target in progress: (copy, sim device, offset, step).
+    steps: BTreeMap<u64, (usize, usize, u64, WriteStep)>,
+    written: Vec<bool>,
     failures: Vec<String>,
-    superseding: bool,
-    /// The outcome reported once superseding is done.
-    outcome: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum CopyStep {
-    Write { slot: u32 },
-    Flush { slot: u32 },
-    ReadBack { slot: u32 },
+enum WriteStep {
+    Write,
+    Flush,
+    Verify,
 }
 
 /// A pre-image copy or merge in progress: one chunk at a time, read then
 /// write every leg.
 struct JobRun {
-    task: TaskId,
-    meta: Arc<PoolMetadata>,
-    /// (chunk, where to read it, where to write it).
     chunks: VecDeque<(u64, Vec<(usize, u64)>, Vec<(usize, u64)>)>,
     chunk_blocks: u64,
-    /// Reading: the legs left to try; writing: the data and legs left.
     state: JobState,
 }
 
@@ -107,7 +100,8 @@ enum JobState {
 }
 
 enum Purpose {
-    Commit,
+    /// A step of the metadata write in progress (the token of the target).
+    Meta,
     Job(TaskId),
 }
 
@@ -122,11 +116,8 @@ pub struct ServerProc {
     replies: BTreeMap<ReplyId, Asked>,
     next_reply: ReplyId,
     work: VecDeque<DeviceWork>,
-    commit: Option<CommitRun>,
+    writing: Option<WriteRun>,
     checking: Option<TaskId>,
-    generation_attempted: u64,
-    /// Valid generation of each slot, per sim device (what the device task knows).
-    slot_generations: BTreeMap<usize, Vec<Option<u64>>>,
     jobs: BTreeMap<TaskId, JobRun>,
     tokens: BTreeMap<u64, Purpose>,
     next_token: u64,
@@ -140,35 +131,71 @@ fn area_of(env: &Env, dev: usize) -> MetadataArea {
     MetadataArea { offset: l.metadata.start, slot_bytes: l.slot_bytes(), slot_count: l.metadata_slot_count }
 }
 
+/// The metadata copies on the devices, as the journal loader reads them.
+struct RawCopy {
+    device: usize,
+    area: MetadataArea,
+    slots: [Result<Vec<u8>, String>; 2],
+    ring: Result<Vec<u8>, String>,
+}
+
+impl RawCopy {
+    fn read(env: &Env, dev: usize) -> RawCopy {
+        let area = area_of(env, dev);
+        if !env.devices[dev].up {
+            let down = || Err(format!("device {dev} is down"));
+            return RawCopy { device: dev, area, slots: [down(), down()], ring: down() };
+        }
+        let d = &env.devices[dev];
+        let slot = |i: u32| Ok(d.read_bytes(area.slot_offset(i), area.slot_bytes));
+        let ring = area.ring();
+        RawCopy { device: dev, area, slots: [slot(0), slot(1)], ring: Ok(d.read_bytes(ring.start, ring.len_bytes())) }
+    }
+
+    fn image(&self) -> CopyImage<'_> {
+        let slot = |i: usize| self.slots[i].as_ref().map(|b| b.as_slice()).map_err(Clone::clone);
+        CopyImage {
+            device: format!("sim://dev{}", self.device),
+            area: self.area,
+            checkpoint_slots: [slot(0), slot(1)],
+            ring: self.ring.as_ref().map(|b| b.as_slice()).map_err(Clone::clone),
+        }
+    }
+}
+
+/// What a restarted server would load from the devices now: the journal
+/// loader over the metadata holders (`Pool::open_journaled`).
+pub fn load_pool(env: &Env) -> Result<journal::Loaded, String> {
+    let server_key = PublicKey(env.server_key.verifying_key().to_bytes());
+    let read: Vec<RawCopy> = (0..env.devices.len()).map(|d| RawCopy::read(env, d)).collect();
+    let everything: Vec<CopyImage<'_>> = read.iter().map(RawCopy::image).collect();
+    let first = journal::load(env.pool_uuid, &server_key, &everything, LoadOptions::default()).map_err(|e| e.to_string())?;
+    let holders = metadata_holders(&first.metadata);
+    let held: Vec<&RawCopy> = read.iter().filter(|r| holders.contains(&env.devices[r.device].uuid)).collect();
+    let images: Vec<CopyImage<'_>> = held.iter().map(|r| r.image()).collect();
+    let loaded = journal::load(env.pool_uuid, &server_key, &images, LoadOptions::default()).map_err(|e| e.to_string())?;
+    Ok(loaded)
+}
+
 impl ServerProc {
-    /// Reads the pool from the devices and starts a core: `Pool::open` then
-    /// `Core::new`.
+    /// Reads the pool from the devices and starts a core:
+    /// `Pool::open_journaled`, `MetaJournal::new`, then `Core::new`.
     pub fn boot(host: usize, inc: u64, env: &mut Env) -> Result<ServerProc, String> {
         let me = Proc::Server(host);
-        let mut slots = Vec::new();
-        let mut slot_generations = BTreeMap::new();
-        for dev in 0..env.devices.len() {
-            if !env.devices[dev].up {
-                continue;
-            }
-            let area = area_of(env, dev);
-            let mut gens = Vec::new();
-            for i in 0..area.slot_count {
-                let bytes = env.devices[dev].read_bytes(area.slot_offset(i), area.slot_bytes);
-                let decoded = area.decode_slot(Some(env.pool_uuid), &bytes);
-                gens.push(decoded.as_ref().ok().map(|(g, _)| *g));
-                slots.push(decoded);
-            }
-            slot_generations.insert(dev, gens);
-        }
-        let newest = MetadataArea::choose_newest(slots).map_err(|e| e.to_string())?;
-        let meta = newest.metadata;
-        let generation_attempted =
-            slot_generations.values().flatten().flatten().copied().max().unwrap_or(meta.generation);
+        let loaded = load_pool(env)?;
+        let meta = loaded.metadata;
+        let holders = metadata_holders(&meta);
+        let copies: Vec<uuid::Uuid> =
+            env.devices.iter().filter(|d| holders.contains(&d.uuid)).map(|d| d.uuid).collect();
+        let areas: Vec<(uuid::Uuid, MetadataArea)> =
+            (0..env.devices.len()).map(|d| (env.devices[d].uuid, area_of(env, d))).collect();
+        let journal =
+            MetaJournal::new(PoolJournal { writer: loaded.writer, copies, key: env.server_key.clone() }, areas);
         env.trace(me, format_args!("loaded pool metadata generation {}", meta.generation));
         crate::observer::loaded(env, &meta);
         let core = Core::new(
             meta,
+            journal,
             CoreConfig {
                 lease_ms: env.cfg.lease_ms,
                 durable_ms: env.cfg.durable_ms,
@@ -189,10 +216,8 @@ impl ServerProc {
             replies: BTreeMap::new(),
             next_reply: 1,
             work: VecDeque::new(),
-            commit: None,
+            writing: None,
             checking: None,
-            generation_attempted,
-            slot_generations,
             jobs: BTreeMap::new(),
             tokens: BTreeMap::new(),
             next_token: 1,
@@ -203,11 +228,6 @@ impl ServerProc {
         s.apply(Input::Tick, env);
         env.schedule(env.now + tick_ms, Ev::ServerTick { host, inc, periodic: true });
         Ok(s)
-    }
-
-    /// Serving (booted).
-    pub fn ready(&self) -> bool {
-        true
     }
 
     fn me(&self) -> Proc {
@@ -277,8 +297,26 @@ impl ServerProc {
     /// Applies `input` and performs the effects, in order.
     fn apply(&mut self, input: Input, env: &mut Env) {
         let now = self.now(env);
+        // What a commit being acknowledged now makes the committed state:
+        // the metadata as it is before the input (it includes the batch in
+        // flight, and nothing after it unless a batch waits for a checkpoint).
+        let candidate = matches!(input, Input::MetaWritten { .. }).then(|| self.core.meta.clone());
+        let waiting = self.core.batch_waiting();
         let effects = self.core.apply(now, input);
         for effect in effects {
+            if let Effect::Published { .. } = effect {
+                env.stats.commits += 1;
+                let acked = match (&candidate, waiting) {
+                    (Some(meta), false) => Ok(meta.clone()),
+                    // Rare: read back what the devices say instead.
+                    _ => load_pool(env).map(|l| Arc::new(l.metadata)),
+                };
+                match acked {
+                    Ok(meta) => crate::observer::committed(env, &meta),
+                    Err(e) => env.fail("generations-only-grow", format!("the committed metadata does not load: {e}")),
+                }
+                continue;
+            }
             self.perform(effect, env);
         }
         if let Some(deadline) = self.core.next_deadline_ms() {
@@ -290,7 +328,7 @@ impl ServerProc {
         }
     }
 
-    fn send_reply(&mut self, conn: ConnId, id: u64, result: Result<volume_format::control::messages::Response, ControlError>, env: &mut Env) {
+    fn send_reply(&mut self, conn: ConnId, id: u64, result: Result<Response, ControlError>, env: &mut Env) {
         let (lo, hi) = env.cfg.reply_hop_ms;
         let at = env.now + env.rng.range(lo, hi);
         env.schedule(at, Ev::SessionOut { conn, msg: ServerMessage::Reply { id, result } });
@@ -300,10 +338,7 @@ impl ServerProc {
         match effect {
             Effect::Reply { reply, result } => {
                 let Some(asked) = self.replies.remove(&reply) else { return };
-                env.trace(
-                    self.me(),
-                    format_args!("-> #{} {}", asked.id, crate::describe_result(&result)),
-                );
+                env.trace(self.me(), format_args!("-> #{} {}", asked.id, crate::describe_result(&result)));
                 crate::observer::replied(env, &self.core, &asked, &result);
                 self.send_reply(asked.conn, asked.id, result, env);
             }
@@ -319,34 +354,45 @@ impl ServerProc {
                     env.break_conn(conn, false, false);
                 }
             }
-            Effect::Commit { task, current, next } => {
-                self.work.push_back(DeviceWork::Commit { task, current, next: Box::new(next) });
+            Effect::MetaWrite { task, write } => {
+                self.work.push_back(DeviceWork::Write { task, write });
                 self.next_work(env);
             }
             Effect::Job { task, job } => self.start_job(task, job, env),
-            Effect::Published { meta, .. } => {
-                env.stats.commits += 1;
-                crate::observer::committed(env, &meta);
-            }
+            Effect::Published { .. } => {}
         }
     }
 
     // ---- the device task ----
 
     fn next_work(&mut self, env: &mut Env) {
-        if self.commit.is_some() || self.checking.is_some() {
+        if self.writing.is_some() || self.checking.is_some() {
             return;
         }
         let Some(work) = self.work.pop_front() else { return };
         match work {
-            DeviceWork::Commit { task, current, next } => self.start_commit(task, current, *next, env),
+            DeviceWork::Write { task, write } => {
+                let what = if write.verify { "checkpoint" } else { "journal entry" };
+                env.trace(self.me(), format_args!("writes a metadata {what} ({} bytes per copy)", write.bytes.len()));
+                let copies = write.copies;
+                self.writing = Some(WriteRun {
+                    task,
+                    write,
+                    clearing: false,
+                    steps: BTreeMap::new(),
+                    written: vec![false; copies],
+                    failures: Vec::new(),
+                });
+                self.start_writes(env);
+            }
             DeviceWork::Check { task, index } => {
                 // A check reads the label over the device task's connection.
                 self.checking = Some(task);
                 let uuid = self.core.meta.device(volume_format::DeviceIndex(index)).map(|d| d.device_uuid);
-                let dev = uuid.and_then(|u| env.device_by_uuid(u));
-                match dev {
-                    Some(dev) => self.device_op(dev, DevOp::Read { block: 0, count: 1 }, Purpose::Job(task), env),
+                match uuid.and_then(|u| env.device_by_uuid(u)) {
+                    Some(dev) => {
+                        self.device_op(dev, DevOp::Read { block: 0, count: 1 }, Purpose::Job(task), env);
+                    }
                     None => {
                         self.checking = None;
                         self.apply(Input::JobDone { task, outcome: JobOutcome::failed("unknown device") }, env);
@@ -357,168 +403,109 @@ impl ServerProc {
         }
     }
 
-    fn device_op(&mut self, dev: usize, op: DevOp, purpose: Purpose, env: &mut Env) {
+    fn device_op(&mut self, dev: usize, op: DevOp, purpose: Purpose, env: &mut Env) -> u64 {
         let token = self.next_token;
         self.next_token += 1;
         self.tokens.insert(token, purpose);
         let is_write = matches!(op, DevOp::Write { .. });
         let origin = DevOrigin { proc: self.me(), inc: self.inc, token, handle: None, check: None, is_write };
         env.device_submit(dev, op, origin);
+        token
     }
 
-    fn start_commit(&mut self, task: TaskId, current: Arc<PoolMetadata>, mut next: PoolMetadata, env: &mut Env) {
-        let generation = self.generation_attempted.max(next.generation) + 1;
-        self.generation_attempted = generation;
-        next.generation = generation;
-        if let Err(e) = next.check() {
-            let result = Err(format!("commit failed: refusing to write inconsistent metadata: {e}"));
-            self.apply(Input::Committed { task, result }, env);
-            return self.next_work(env);
-        }
-        let online: Vec<&volume_format::metadata::DeviceRecord> =
-            next.devices.iter().filter(|d| d.state.is_online()).collect();
-        let holders: Vec<uuid::Uuid> = online.iter().filter(|d| d.holds_metadata).map(|d| d.device_uuid).collect();
-        let uuids = if holders.is_empty() { online.iter().map(|d| d.device_uuid).collect() } else { holders };
-        let copies: Vec<usize> = uuids.iter().filter_map(|u| env.device_by_uuid(*u)).collect();
-        self.commit = Some(CommitRun {
-            task,
-            current,
-            meta: next,
-            generation,
-            copies,
-            at: 0,
-            step: CopyStep::Write { slot: 0 },
-            retried: false,
-            written: Vec::new(),
-            failures: Vec::new(),
-            superseding: false,
-            outcome: None,
-        });
-        self.commit_copy(env);
-    }
-
-    /// Starts writing the current copy (or finishes the commit).
-    fn commit_copy(&mut self, env: &mut Env) {
-        let Some(run) = self.commit.as_mut() else { return };
-        if run.at >= run.copies.len() {
-            return self.commit_done(env);
-        }
-        let dev = run.copies[run.at];
-        let area = area_of(env, dev);
-        let record = match area.encode_slot(env.pool_uuid, run.generation, &run.meta) {
-            Ok(r) => r,
-            Err(e) => {
-                run.failures.push(format!("device {dev}: {e}"));
-                run.at += 1;
-                run.retried = false;
-                return self.commit_copy(env);
-            }
+    /// Starts every target of the current phase (the writes, or the clears).
+    fn start_writes(&mut self, env: &mut Env) {
+        let Some(run) = self.writing.as_mut() else { return };
+        let (targets, bytes) = if run.clearing {
+            let written = run.written.clone();
+            let clears: Vec<(usize, uuid::Uuid, u64)> =
+                run.write.clear_after.iter().filter(|(copy, _, _)| written.get(*copy) == Some(&true)).cloned().collect();
+            (clears, vec![0u8; BLOCK_BYTES as usize])
+        } else {
+            (run.write.targets.clone(), run.write.bytes.to_vec())
         };
-        let gens = self.slot_generations.entry(dev).or_insert_with(|| vec![None; area.slot_count as usize]);
-        if gens.len() != area.slot_count as usize {
-            *gens = vec![None; area.slot_count as usize];
+        let mut ops = Vec::new();
+        for (copy, uuid, offset) in targets {
+            match env.device_by_uuid(uuid) {
+                Some(dev) => ops.push((copy, dev, offset)),
+                None => run.failures.push(format!("device {uuid} holding a metadata copy is not known")),
+            }
         }
-        let slot = area.next_slot_to_write(gens);
-        gens[slot as usize] = None;
-        run.step = CopyStep::Write { slot };
-        let op = DevOp::write_bytes(area.slot_offset(slot), &record, false);
-        self.device_op(dev, op, Purpose::Commit, env);
+        if ops.is_empty() {
+            return self.write_phase_done(env);
+        }
+        for (copy, dev, offset) in ops {
+            let token = self.device_op(dev, DevOp::write_bytes(offset, &bytes, false), Purpose::Meta, env);
+            self.writing.as_mut().expect("running").steps.insert(token, (copy, dev, offset, WriteStep::Write));
+        }
     }
 
-    fn commit_step_done(&mut self, result: DevResult, env: &mut Env) {
-        let Some(run) = self.commit.as_mut() else { return };
-        let dev = run.copies[run.at];
-        let area = area_of(env, dev);
-        let failed = |why: String| Err(format!("device {dev}: {why}"));
-        let outcome: Result<Option<DevOp>, String> = match (run.step, result) {
-            (_, DevResult::Failed(e)) => failed(e),
-            (CopyStep::Write { slot }, _) => {
-                run.step = CopyStep::Flush { slot };
-                Ok(Some(DevOp::Flush))
+    fn meta_step_done(&mut self, token: u64, result: DevResult, env: &mut Env) {
+        let Some(run) = self.writing.as_mut() else { return };
+        let Some((copy, dev, offset, step)) = run.steps.remove(&token) else { return };
+        let fail = |what: &str, e: &str| format!("device {dev}: {what} at byte offset {offset}: {e}");
+        let len = if run.clearing { BLOCK_BYTES } else { run.write.bytes.len() as u64 };
+        let next = match (step, result) {
+            (WriteStep::Write, DevResult::Failed(e)) => Err(fail("writing metadata", &e)),
+            (WriteStep::Flush, DevResult::Failed(e)) => Err(fail("flushing metadata", &e)),
+            (WriteStep::Verify, DevResult::Failed(e)) => Err(fail("reading metadata back", &e)),
+            (WriteStep::Write, _) => Ok(Some((DevOp::Flush, WriteStep::Flush))),
+            (WriteStep::Flush, _) if run.write.verify && !run.clearing => {
+                let op = DevOp::Read { block: offset / BLOCK_BYTES, count: len.div_ceil(BLOCK_BYTES) };
+                Ok(Some((op, WriteStep::Verify)))
             }
-            (CopyStep::Flush { slot }, _) => {
-                run.step = CopyStep::ReadBack { slot };
-                let blocks = area.slot_bytes / BLOCK_BYTES;
-                Ok(Some(DevOp::Read { block: area.slot_offset(slot) / BLOCK_BYTES, count: blocks }))
-            }
-            (CopyStep::ReadBack { slot }, DevResult::Read(blocks)) => {
-                let bytes = blocks_to_bytes(&blocks);
-                match area.decode_slot(Some(env.pool_uuid), &bytes) {
-                    Ok((g, _)) if g == run.generation => {
-                        self.slot_generations.get_mut(&dev).expect("set at write")[slot as usize] = Some(g);
-                        Ok(None)
-                    }
-                    Ok((g, _)) => failed(format!("slot {slot} reads back generation {g}, not {}", run.generation)),
-                    Err(e) => failed(format!("slot {slot} does not read back: {e}")),
-                }
-            }
-            (CopyStep::ReadBack { .. }, _) => failed("unexpected answer to a read".into()),
-        };
-        let run = self.commit.as_mut().expect("still running");
-        match outcome {
-            Ok(Some(op)) => self.device_op(dev, op, Purpose::Commit, env),
-            Ok(None) => {
-                run.written.push(dev);
-                run.at += 1;
-                run.retried = false;
-                self.commit_copy(env);
-            }
-            Err(e) => {
-                // `write_generation`: one retry over a new connection.
-                if !run.retried && env.devices[dev].up {
-                    run.retried = true;
-                    self.commit_copy(env);
+            (WriteStep::Flush, _) => Ok(None),
+            (WriteStep::Verify, DevResult::Read(blocks)) => {
+                let mut back = blocks_to_bytes(&blocks);
+                back.truncate(len as usize);
+                if back == run.write.bytes.as_ref() {
+                    Ok(None)
                 } else {
-                    run.failures.push(e);
-                    run.at += 1;
-                    run.retried = false;
-                    self.commit_copy(env);
+                    Err(fail("the metadata checkpoint does not read back as written", "device dropped the write"))
                 }
             }
+            (WriteStep::Verify, DevResult::Done) => Err(fail("reading metadata back", "no data")),
+        };
+        match next {
+            Ok(Some((op, step))) => {
+                let token = self.device_op(dev, op, Purpose::Meta, env);
+                self.writing.as_mut().expect("running").steps.insert(token, (copy, dev, offset, step));
+                return;
+            }
+            Ok(None) => {
+                if !run.clearing {
+                    run.written[copy] = true;
+                }
+            }
+            Err(e) => {
+                if run.clearing {
+                    run.written[copy] = false;
+                }
+                run.failures.push(e);
+            }
+        }
+        if run.steps.is_empty() {
+            self.write_phase_done(env);
         }
     }
 
-    fn commit_done(&mut self, env: &mut Env) {
-        let mut run = self.commit.take().expect("a commit runs");
-        if !run.superseding && !run.failures.is_empty() {
-            let why = run.failures.join("; ");
-            env.trace(self.me(), format_args!("commit of generation {} failed: {why}", run.generation));
-            if !run.written.is_empty() {
-                // Supersede the copies that took it with the acknowledged metadata.
-                let generation = self.generation_attempted + 1;
-                self.generation_attempted = generation;
-                let mut meta = (*run.current).clone();
-                meta.generation = generation;
-                let copies = std::mem::take(&mut run.written);
-                self.commit = Some(CommitRun {
-                    meta,
-                    generation,
-                    copies,
-                    at: 0,
-                    step: CopyStep::Write { slot: 0 },
-                    retried: false,
-                    written: Vec::new(),
-                    failures: Vec::new(),
-                    superseding: true,
-                    outcome: Some(why),
-                    ..run
-                });
-                return self.commit_copy(env);
-            }
-            run.outcome = Some(why);
+    fn write_phase_done(&mut self, env: &mut Env) {
+        let run = self.writing.as_mut().expect("running");
+        if !run.clearing && !run.write.clear_after.is_empty() {
+            run.clearing = true;
+            return self.start_writes(env);
         }
-        let task = run.task;
-        let result = match run.outcome {
-            Some(why) => Err(format!("commit failed: {why}")),
-            None => Ok(run.meta),
-        };
-        self.apply(Input::Committed { task, result }, env);
+        let run = self.writing.take().expect("running");
+        if !run.failures.is_empty() {
+            env.trace(self.me(), format_args!("metadata write failed: {}", run.failures.join("; ")));
+        }
+        self.apply(Input::MetaWritten { task: run.task, written: run.written, failures: run.failures }, env);
         self.next_work(env);
     }
 
     pub fn on_device_done(&mut self, token: u64, result: DevResult, env: &mut Env) {
         match self.tokens.remove(&token) {
-            Some(Purpose::Commit) => self.commit_step_done(result, env),
+            Some(Purpose::Meta) => self.meta_step_done(token, result, env),
             Some(Purpose::Job(task)) if self.checking == Some(task) => {
                 self.checking = None;
                 let outcome = match result {
@@ -557,9 +544,8 @@ impl ServerProc {
             Ok(c) => c,
             Err(e) => return self.apply(Input::JobDone { task, outcome: JobOutcome::failed(e) }, env),
         };
+        let _ = meta;
         let run = JobRun {
-            task,
-            meta,
             chunks: chunks.into(),
             chunk_blocks,
             state: JobState::Reading { legs: Vec::new(), targets: Vec::new() },
@@ -621,7 +607,6 @@ impl ServerProc {
         }
         let (dev, offset) = targets[*written];
         let op = DevOp::Write { block: offset / BLOCK_BYTES, data: data.clone(), fua: true };
-        let _ = &run.meta;
         self.device_op(dev, op, Purpose::Job(task), env);
     }
 }

@@ -538,7 +538,7 @@ impl World {
                 else {
                     return;
                 };
-                match self.server.as_mut().filter(|s| s.host == c.server_host && s.ready()) {
+                match self.server.as_mut().filter(|s| s.host == c.server_host) {
                     Some(s) => {
                         s.on_accept(conn, &mut self.env);
                         let at = self.env.now + self.env.rng.range(self.env.cfg.net_delay_ms.0, self.env.cfg.net_delay_ms.1);

@@ -825,6 +825,13 @@ impl Core {
         self.jobs.len()
     }
 
+    /// Whether a batch, applied to [`Core::meta`] already, waits for a
+    /// checkpoint before it can be sealed (for a simulator telling the
+    /// acknowledged metadata from what is being committed).
+    pub fn batch_waiting(&self) -> bool {
+        self.waiting.is_some()
+    }
+
     /// Handles the commits or jobs in flight release: expired, excluded
     /// from a recall, broken by a conflicting open. Until they are done
     /// these are not renewed.
