@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use volume_format::control::messages::{ClientMessage, OpenMode, Request, Response, ServerMessage};
 
-use crate::agent::model::{Command, Input, OpenWith, Reply};
+use client_agent::core::{AttachSpec, Command, Input, OpenWith, Reply};
 use crate::agent::{AgentHost, IoKind, APP_IO_MAX};
 use crate::net::{ConnId, Proc, Wire};
 use crate::world::{Env, Ev};
@@ -39,7 +39,6 @@ pub struct VolPlan {
 #[derive(Debug, Default)]
 pub struct Plan {
     pub vols: BTreeMap<String, VolPlan>,
-    next_volume: u64,
 }
 
 impl Plan {
@@ -120,7 +119,7 @@ impl AgentHost {
         let plan: Vec<(String, VolPlan)> = env.plan.vols.iter().map(|(n, p)| (n.clone(), p.clone())).collect();
         for (name, p) in &plan {
             if p.holders.contains(&me) && !self.app.vols.contains_key(name) && !env.settling_late() {
-                if self.app.retry_at.get(name).is_some_and(|t| *t > env.now) || !self.model.connected() {
+                if self.app.retry_at.get(name).is_some_and(|t| *t > env.now) || !self.connected() {
                     continue;
                 }
                 if let Some(token) = self.app.tokens.remove(name) {
@@ -169,7 +168,7 @@ impl AgentHost {
     fn attach(&mut self, name: &str, open: OpenWith, env: &mut Env) {
         self.app.vols.insert(name.to_string(), AppVol { state: VolState::Attaching, stripe: None });
         let caller = self.new_caller(AppCall::Attach { volume: name.to_string() });
-        let command = Command::Attach { volume: name.to_string(), open };
+        let command = Command::Attach(AttachSpec { volume: name.to_string(), open, socket: None, tcp: None, kernel: None });
         self.input(Input::Command { caller, command }, env);
     }
 
@@ -263,7 +262,7 @@ impl AgentHost {
 
     pub fn app_reply(&mut self, call: AppCall, reply: Reply, env: &mut Env) {
         match (call, reply) {
-            (AppCall::Attach { volume }, Reply::Attached { .. }) => {
+            (AppCall::Attach { volume }, Reply::Attached(_)) => {
                 let stripe = env.plan.vols.get(&volume).filter(|p| p.mode == OpenMode::SharedWrite).and_then(|p| {
                     let slot = p.holders.iter().position(|h| *h == self.index)?;
                     Some((p.holders.len() as u64, slot as u64))
@@ -316,7 +315,7 @@ impl AgentHost {
 
     pub fn on_token(&mut self, volume: String, token: Vec<u8>, env: &mut Env) {
         let still = env.plan.vols.get(&volume).is_some_and(|p| p.handover.is_some_and(|(_, to)| to == self.index));
-        if !still || self.app.vols.contains_key(&volume) || !self.model.connected() {
+        if !still || self.app.vols.contains_key(&volume) || !self.connected() {
             if let Some(p) = env.plan.vols.get_mut(&volume) {
                 if p.handover.is_some_and(|(_, to)| to == self.index) {
                     p.handover = None;

@@ -72,6 +72,8 @@ pub enum Ev {
     ServerTick { host: usize, inc: u64, periodic: bool },
     ServerBoot { host: usize, inc: u64 },
     AgentWake { agent: usize, inc: u64 },
+    /// Something for an agent's core after its hop inside the agent.
+    AgentDeliver { agent: usize, inc: u64, delivery: crate::agent::Delivery },
     AppStep { agent: usize, inc: u64 },
     AdminWake { inc: u64 },
     /// A handover token reaches the target agent's application.
@@ -653,6 +655,13 @@ impl World {
                 }
                 if let Some(h) = self.agents[agent].as_mut() {
                     h.on_wake(&mut self.env);
+                }
+            }
+            Ev::AgentDeliver { agent, inc, delivery } => {
+                let ev = Ev::AgentDeliver { agent, inc, delivery };
+                let Some(Ev::AgentDeliver { delivery, .. }) = self.admit(Proc::Agent(agent), inc, ev) else { return };
+                if let Some(h) = self.agents[agent].as_mut() {
+                    h.on_delivery(delivery, &mut self.env);
                 }
             }
             Ev::AppStep { agent, inc } => {

@@ -1,6 +1,16 @@
-//! A simulated agent host: the control plane ([`model::AgentModel`], to be
-//! replaced by the real agent core), its shell, and the data path of each
+//! A simulated agent host: the **real** agent control plane
+//! ([`client_agent::core::AgentCore`]), a shell that does what
+//! `client-agent`'s owner does around it, and the data path of each
 //! attached volume.
+//!
+//! The shell, as `client_agent::owner` does it: connection attempts and
+//! requests go over the simulated network (each request with its timeout:
+//! renewals the renewal period, others 30 s); replies and server events
+//! reach the core through separate hops, so a reply and an event of one
+//! connection may swap (events stay in order, and a lost connection comes
+//! after its last event, as the owner's event pump delivers them); requests
+//! pending on a lost connection fail as closed. Attach and detach tasks
+//! finish at once (there is no export or kernel device to set up).
 //!
 //! The data path is what `client-agent`'s gate, volume device and
 //! copy-on-write do, reduced to the rules that matter for safety:
@@ -23,19 +33,35 @@
 //! The agent's clock is [`LEASE_CLOCK`]: the boot-time clock, which counts
 //! a VM pause, as issue 14 requires (a monotonic clock stops during one).
 
-pub mod model;
-
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use volume_format::control::messages::{ClientMessage, OpenMode, Request, ServerMessage};
+use client_agent::core::{
+    AgentCore, AttachmentId, CallerId, ConnId, CoreConfig, Effect, Input, Millis, Prepared, Reply, RequestError,
+    RequestId,
+};
+use client_agent::session::ConnectState;
+use volume_format::control::messages::{ClientMessage, OpenMode, Request, Response, ServerEvent, ServerMessage};
 use volume_format::VolumeDescription;
 
 use crate::app::AppState;
 use crate::device::{Content, DevOp, DevResult, BLOCK_BYTES};
 use crate::net::{ConnId as NetConn, Proc, Wire};
 use crate::world::{DevOrigin, Env, Ev};
-use model::{AgentModel, AttachmentId, CallerId, Effect, Input, Millis, Reply, RequestError};
+
+/// How long a request waits for its answer unless the core says otherwise
+/// (`control_client::client::REQUEST_TIMEOUT`).
+pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
+
+/// Something for the core that took a hop inside the agent.
+#[derive(Debug)]
+pub enum Delivery {
+    Reply { request: RequestId, result: Result<Response, RequestError> },
+    Event { conn: ConnId, event: ServerEvent },
+    Lost { conn: ConnId },
+    Timeout { request: RequestId },
+}
 
 /// Which clock the agent measures its leases on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,28 +157,38 @@ enum CallerPurpose {
 pub struct AgentHost {
     pub index: usize,
     pub inc: u64,
-    pub model: AgentModel,
-    conns: BTreeMap<model::ConnId, NetConn>,
-    net_conns: BTreeMap<NetConn, model::ConnId>,
+    pub core: AgentCore,
+    conns: BTreeMap<ConnId, NetConn>,
+    net_conns: BTreeMap<NetConn, ConnId>,
+    /// Requests sent and not answered: on which connection.
+    pending: BTreeMap<RequestId, ConnId>,
+    /// Events (and losses) reach the core in order: the last one's time.
+    events_at: u64,
     pub atts: BTreeMap<AttachmentId, Att>,
     ios: BTreeMap<u64, Io>,
     next_io: u64,
     tokens: BTreeMap<u64, DevPurpose>,
     next_token: u64,
     callers: BTreeMap<CallerId, CallerPurpose>,
-    next_caller: CallerId,
+    next_caller: u64,
     wake_at: Option<u64>,
     pub app: AppState,
 }
 
 impl AgentHost {
     pub fn start(index: usize, inc: u64, env: &mut Env) -> AgentHost {
+        let config = CoreConfig {
+            addrs: (0..env.cfg.server_hosts).map(|h| format!("sim://mds{h}")).collect(),
+            export_dir: PathBuf::from("/nonexistent"),
+        };
         let mut h = AgentHost {
             index,
             inc,
-            model: AgentModel::new(env.cfg.server_hosts, env.cfg.lease_ms),
+            core: AgentCore::new(config),
             conns: BTreeMap::new(),
             net_conns: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            events_at: 0,
             atts: BTreeMap::new(),
             ios: BTreeMap::new(),
             next_io: 1,
@@ -178,13 +214,17 @@ impl AgentHost {
         env.agent_clock_ms(self.index, LEASE_CLOCK == LeaseClock::Monotonic)
     }
 
-    // ---- the model and its effects ----
+    pub fn connected(&self) -> bool {
+        matches!(self.core.connect_state(), ConnectState::Connected { .. })
+    }
+
+    // ---- the core and its effects ----
 
     pub fn input(&mut self, input: Input, env: &mut Env) {
         let mut queue = VecDeque::from([input]);
         while let Some(input) = queue.pop_front() {
             let now = self.clock(env);
-            for effect in self.model.apply(now, input) {
+            for effect in self.core.apply(now, input) {
                 self.perform(effect, env, &mut queue);
             }
         }
@@ -192,7 +232,7 @@ impl AgentHost {
     }
 
     fn schedule_wake(&mut self, env: &mut Env) {
-        let Some(deadline) = self.model.next_deadline() else { return };
+        let Some(deadline) = self.core.next_deadline_ms() else { return };
         let at = env.now + deadline.saturating_sub(self.clock(env));
         if self.wake_at.is_some_and(|w| w <= at && w > env.now) {
             return;
@@ -209,31 +249,71 @@ impl AgentHost {
         self.release_lease_waiters(env);
     }
 
+    fn deliver(&mut self, delivery: Delivery, env: &mut Env) {
+        let (lo, hi) = env.cfg.reply_hop_ms;
+        let hop = env.rng.range(lo, hi);
+        let at = match delivery {
+            Delivery::Event { .. } | Delivery::Lost { .. } => {
+                self.events_at = self.events_at.max(env.now + hop);
+                self.events_at
+            }
+            _ => env.now + hop,
+        };
+        env.schedule(at, Ev::AgentDeliver { agent: self.index, inc: self.inc, delivery });
+    }
+
+    pub fn on_delivery(&mut self, delivery: Delivery, env: &mut Env) {
+        let input = match delivery {
+            Delivery::Reply { request, result } => Input::Reply { request, result },
+            Delivery::Event { conn, event } => Input::Event { conn, event },
+            Delivery::Lost { conn } => Input::ConnectionLost { conn },
+            Delivery::Timeout { request } => {
+                if self.pending.remove(&request).is_none() {
+                    return;
+                }
+                env.trace(self.me(), format_args!("#{} timed out", request.0));
+                Input::Reply { request, result: Err(RequestError::Transport("the request timed out".into())) }
+            }
+        };
+        self.input(input, env);
+    }
+
     fn perform(&mut self, effect: Effect, env: &mut Env, queue: &mut VecDeque<Input>) {
         let me = self.me();
         match effect {
             Effect::Connect { conn, addr } => {
                 let host = addr % env.cfg.server_hosts;
-                let net = env.connect(self.me(), self.inc, host);
+                let net = env.connect(me, self.inc, host);
                 self.conns.insert(conn, net);
                 self.net_conns.insert(net, conn);
             }
-            Effect::Send { conn, request, message } => {
+            Effect::Disconnect { conn } => {
                 if let Some(&net) = self.conns.get(&conn) {
-                    env.trace(self.me(), format_args!("-> #{request} {}", crate::describe_request(&message)));
-                    if let Request::Close { handle } = &message {
-                        env.obs.closing(handle.0);
-                    }
-                    env.send(net, Wire::ToServer(ClientMessage { id: request, request: message }));
+                    env.break_conn(net, false, false);
                 }
+            }
+            Effect::Send { conn, request, message, timeout_ms } => {
+                let open = self.conns.get(&conn).copied().filter(|n| env.net.get(*n).is_some_and(|c| c.open));
+                let Some(net) = open else {
+                    return queue.push_back(Input::Reply { request, result: Err(RequestError::Closed) });
+                };
+                env.trace(me, format_args!("-> #{} {}", request.0, crate::describe_request(&message)));
+                if let Request::Close { handle } = &message {
+                    env.obs.closing(handle.0);
+                }
+                self.pending.insert(request, conn);
+                let timeout = timeout_ms.unwrap_or(REQUEST_TIMEOUT_MS);
+                let at = env.now + timeout;
+                env.schedule(at, Ev::AgentDeliver { agent: self.index, inc: self.inc, delivery: Delivery::Timeout { request } });
+                env.send(net, Wire::ToServer(ClientMessage { id: request.0, request: message }));
             }
             Effect::Reply { caller, reply } => match self.callers.remove(&caller) {
                 Some(CallerPurpose::App(call)) => self.app_reply(call, reply, env),
                 Some(CallerPurpose::Cow { att, chunk }) => self.registered(att, chunk, reply, env),
                 None => {}
             },
-            Effect::StartAttach { attachment, volume, handle, mode, description, lease_until_ms } => {
-                env.trace(self.me(), format_args!("attached {volume} handle {handle} ({mode}), layout generation {}", description.layout_generation));
+            Effect::StartAttach { attachment, volume, handle, mode, description, lease_until_ms, .. } => {
+                env.trace(me, format_args!("attached {volume} handle {handle} ({mode}), layout generation {}", description.layout_generation));
                 let snapshot = description.snapshot.as_ref().map_or(0, |s| s.id.0);
                 let att = Att {
                     volume,
@@ -254,7 +334,8 @@ impl AgentHost {
                 };
                 self.atts.insert(attachment, att);
                 self.note_lease(attachment, env);
-                queue.push_back(Input::Prepared { attachment });
+                let prepared = Prepared { export_uri: format!("sim://agent{}/{attachment:?}", self.index), kernel_device: None, kernel_note: None };
+                queue.push_back(Input::Prepared { attachment, result: Ok(prepared) });
             }
             Effect::BeginRecall { attachment, generation } => {
                 let Some(a) = self.atts.get_mut(&attachment) else { return };
@@ -263,10 +344,10 @@ impl AgentHost {
                 a.drain_for = Some(generation);
                 if a.in_flight == 0 {
                     a.drain_for = None;
-                    queue.push_back(Input::Drained { attachment, generation });
+                    queue.push_back(Input::Drained { attachment, generation, result: Ok(()) });
                 }
             }
-            Effect::Publish { attachment, description } => {
+            Effect::Publish { attachment, description, .. } => {
                 let Some(a) = self.atts.get_mut(&attachment) else { return };
                 env.trace(me, format_args!("{}: layout generation {} installed, I/O resumes", a.volume, description.layout_generation));
                 let snapshot = description.snapshot.as_ref().map_or(0, |s| s.id.0);
@@ -296,12 +377,14 @@ impl AgentHost {
                     self.release_lease_waiters(env);
                 }
             }
-            Effect::StartDetach { attachment } => {
-                let Some(a) = self.atts.get_mut(&attachment) else { return };
+            Effect::StartDetach { attachment, flush } => {
+                let Some(a) = self.atts.get_mut(&attachment) else {
+                    return queue.push_back(Input::Detached { attachment, result: Ok(()) });
+                };
                 a.detaching = true;
                 // Flush every device of the layout, then drain.
                 let devices: Vec<usize> = layout_devices(&a.desc, env);
-                if devices.is_empty() || matches!(a.phase, Phase::Revoked(_)) {
+                if devices.is_empty() || !flush {
                     a.detach_flush = Some(0);
                     self.check_detached(attachment, queue);
                 } else {
@@ -313,7 +396,7 @@ impl AgentHost {
             }
             Effect::Forget { attachment } => {
                 if let Some(a) = self.atts.remove(&attachment) {
-                    env.trace(self.me(), format_args!("{}: handle {} forgotten", a.volume, a.handle));
+                    env.trace(me, format_args!("{}: handle {} forgotten", a.volume, a.handle));
                     env.obs.drop_lease(a.handle);
                     let ids: Vec<u64> = self.ios.iter().filter(|(_, io)| io.att == attachment).map(|(id, _)| *id).collect();
                     for id in ids {
@@ -321,6 +404,16 @@ impl AgentHost {
                     }
                 }
             }
+            // No direct path fails in this world (see the crate docs), so
+            // the fallback's effects never come; kernel devices do not exist.
+            Effect::LeaveKernelConnected { .. }
+            | Effect::ReportPathFailure { .. }
+            | Effect::ReportPathRecovered { .. }
+            | Effect::Probe { .. }
+            | Effect::DirectPathBack { .. }
+            | Effect::MarkDeviceFailed { .. }
+            | Effect::State(_)
+            | Effect::Stopped => {}
         }
     }
 
@@ -337,31 +430,42 @@ impl AgentHost {
 
     pub fn on_connected(&mut self, net: NetConn, env: &mut Env) {
         let Some(&conn) = self.net_conns.get(&net) else { return };
+        let session = env.net.get(net).and_then(|c| c.session).unwrap_or(0);
         env.trace(self.me(), format_args!("connected (connection {net})"));
-        self.input(Input::Connected { conn, lease_ms: env.cfg.lease_ms }, env);
+        self.input(Input::Connected { conn, lease_ms: env.cfg.lease_ms, session }, env);
     }
 
     pub fn on_connect_failed(&mut self, net: NetConn, env: &mut Env) {
         let Some(&conn) = self.net_conns.get(&net) else { return };
-        self.input(Input::ConnectFailed { conn }, env);
+        let error = "connection refused or timed out".to_string();
+        self.input(Input::ConnectFailed { conn, error, fatal: false }, env);
     }
 
     pub fn on_conn_lost(&mut self, net: NetConn, env: &mut Env) {
         let Some(&conn) = self.net_conns.get(&net) else { return };
         env.trace(self.me(), format_args!("lost connection {net}"));
-        self.input(Input::ConnectionLost { conn }, env);
+        let lost: Vec<RequestId> = self.pending.iter().filter(|(_, c)| **c == conn).map(|(r, _)| *r).collect();
+        for request in lost {
+            self.pending.remove(&request);
+            self.deliver(Delivery::Reply { request, result: Err(RequestError::Closed) }, env);
+        }
+        self.deliver(Delivery::Lost { conn }, env);
     }
 
-    pub fn on_message(&mut self, _net: NetConn, msg: ServerMessage, env: &mut Env) {
+    pub fn on_message(&mut self, net: NetConn, msg: ServerMessage, env: &mut Env) {
+        let Some(&conn) = self.net_conns.get(&net) else { return };
         match msg {
             ServerMessage::Reply { id, result } => {
+                let request = RequestId(id);
+                if self.pending.remove(&request).is_none() {
+                    return; // timed out already
+                }
                 env.trace(self.me(), format_args!("<- #{id} {}", crate::describe_result(&result)));
-                let result = result.map_err(RequestError::Server);
-                self.input(Input::Reply { request: id, result }, env);
+                self.deliver(Delivery::Reply { request, result: result.map_err(RequestError::Server) }, env);
             }
             ServerMessage::Event(event) => {
                 env.trace(self.me(), format_args!("<= {}", crate::describe_event(&event)));
-                self.input(Input::Event { event }, env);
+                self.deliver(Delivery::Event { conn, event }, env);
             }
         }
     }
@@ -573,7 +677,7 @@ impl AgentHost {
         let Some(a) = self.atts.get_mut(&att) else { return };
         if a.in_flight == 0 {
             if let Some(generation) = a.drain_for.take() {
-                queue.push_back(Input::Drained { attachment: att, generation });
+                queue.push_back(Input::Drained { attachment: att, generation, result: Ok(()) });
             }
         }
         self.check_detached(att, queue);
@@ -584,7 +688,7 @@ impl AgentHost {
         if a.detaching && a.detach_flush == Some(0) && a.in_flight == 0 {
             a.detach_flush = None;
             a.phase = Phase::Closed;
-            queue.push_back(Input::Detached { attachment: att });
+            queue.push_back(Input::Detached { attachment: att, result: Ok(()) });
         }
     }
 
@@ -710,7 +814,7 @@ impl AgentHost {
     }
 
     fn register(&mut self, att: AttachmentId, chunk: u64, volume: String, snapshot: u64, server_copies: bool, env: &mut Env) {
-        let caller = self.next_caller;
+        let caller = CallerId(self.next_caller);
         self.next_caller += 1;
         self.callers.insert(caller, CallerPurpose::Cow { att, chunk });
         let input = Input::CowRegister { caller, volume, snapshot, chunks: vec![chunk], server_copies };
@@ -770,7 +874,7 @@ impl AgentHost {
     }
 
     pub fn new_caller(&mut self, call: crate::app::AppCall) -> CallerId {
-        let caller = self.next_caller;
+        let caller = CallerId(self.next_caller);
         self.next_caller += 1;
         self.callers.insert(caller, CallerPurpose::App(call));
         caller
