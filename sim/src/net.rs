@@ -56,6 +56,9 @@ pub struct Conn {
     pub session: Option<u64>,
     /// Not broken.
     pub open: bool,
+    /// The client finished its handshake (a break before that is a failed
+    /// attempt, not a lost connection).
+    pub client_connected: bool,
     last_to_server_ms: u64,
     last_to_client_ms: u64,
 }
@@ -82,6 +85,7 @@ impl Net {
                 server_inc,
                 session: None,
                 open: true,
+                client_connected: false,
                 last_to_server_ms: 0,
                 last_to_client_ms: 0,
             },

@@ -239,7 +239,10 @@ impl Env {
         }
         if !client_gone {
             let at = self.now + self.rng.range(lo, hi * 2);
-            self.schedule(at, Ev::ConnLost { conn, to_server: false });
+            // Mid-handshake, the client's attempt fails instead.
+            let connected = self.net.get(conn).is_some_and(|c| c.client_connected);
+            let ev = if connected { Ev::ConnLost { conn, to_server: false } } else { Ev::ConnectFailed { conn } };
+            self.schedule(at, ev);
         }
     }
 
@@ -563,9 +566,16 @@ impl World {
                 // 0: connected, 1: the attempt failed, 2: the connection broke.
                 let kind = match ev {
                     Ev::Connected { .. } if c.open => 0,
-                    Ev::Connected { .. } | Ev::ConnectFailed { .. } => 1,
+                    // Broken meanwhile: its break reports the failure.
+                    Ev::Connected { .. } => return,
+                    Ev::ConnectFailed { .. } => 1,
                     _ => 2,
                 };
+                if kind == 0 {
+                    if let Some(c) = self.env.net.get_mut(conn) {
+                        c.client_connected = true;
+                    }
+                }
                 match c.client {
                     Proc::Agent(a) => {
                         if let Some(h) = self.agents[a].as_mut() {

@@ -284,6 +284,7 @@ impl AgentHost {
             Effect::Connect { conn, addr } => {
                 let host = addr % env.cfg.server_hosts;
                 let net = env.connect(me, self.inc, host);
+                env.trace(me, format_args!("connecting to mds@{host} (connection {net})"));
                 self.conns.insert(conn, net);
                 self.net_conns.insert(net, conn);
             }
@@ -437,6 +438,7 @@ impl AgentHost {
 
     pub fn on_connect_failed(&mut self, net: NetConn, env: &mut Env) {
         let Some(&conn) = self.net_conns.get(&net) else { return };
+        env.trace(self.me(), format_args!("connection {net} failed"));
         let error = "connection refused or timed out".to_string();
         self.input(Input::ConnectFailed { conn, error, fatal: false }, env);
     }
