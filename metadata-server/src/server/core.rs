@@ -935,6 +935,17 @@ impl Core {
         }
     }
 
+    /// Sends `volume`'s current description to `session` for `handle`.
+    pub fn publish_volume_to(&mut self, volume: VolumeId, handle: u64, session: SessionId) {
+        match VolumeDescription::from_metadata(&self.meta, volume) {
+            Ok(description) => {
+                let event = ServerEvent::Publish { handle: HandleId(handle), description: Box::new(description) };
+                self.send_event(session, event);
+            }
+            Err(e) => warn!(%volume, "cannot describe the volume: {e}"),
+        }
+    }
+
     /// Sends `volume`'s current description to every holder (but `skip`).
     pub fn publish_volume(&mut self, volume: VolumeId, skip: &[u64]) {
         match VolumeDescription::from_metadata(&self.meta, volume) {

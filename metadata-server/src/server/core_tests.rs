@@ -387,3 +387,33 @@ fn a_failed_recall_commit_publishes_to_the_holders_it_would_have_excluded() {
     );
     assert!(published, "{effects:?}");
 }
+
+#[test]
+fn a_resumed_handle_recalled_for_a_change_the_server_lost_is_sent_the_current_layout() {
+    let mut w = World::with_durable(10 * LEASE_MS);
+    let (open, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    let Some(Ok(Response::Opened(opened))) = reply_of(&effects, open) else { panic!("{effects:?}") };
+    // A grow recalls the holder, which drains and confirms; the server then
+    // restarts before committing it: the change is gone, the agent's gate is
+    // still recalled and waits for a layout.
+    let (_, effects) = w.request(3, Request::VolumeGrow { name: "v".into(), size_bytes: 8 << 20 });
+    assert!(effects.iter().any(|e| matches!(e, Effect::Event { event: ServerEvent::Recall { .. }, .. })));
+    let config = CoreConfig {
+        lease_ms: LEASE_MS,
+        durable_ms: 10 * LEASE_MS,
+        grace_ms: 0,
+        key: Arc::new(SigningKey::from_bytes(&[7; 32])),
+        entropy: Box::new(Zeros),
+    };
+    let meta = (*w.core.meta).clone();
+    w.core = Core::new(meta, journal(), config);
+    w.apply(Input::Connected { session: 5, peer: peer(1, Role::Agent), addr: "test".into() });
+    let (resume, effects) = w.request(5, Request::Resume { key: opened.resume_key.clone() });
+    assert!(matches!(reply_of(&effects, resume), Some(Ok(Response::Opened(_)))));
+    let published = effects.iter().any(|e| {
+        matches!(e, Effect::Event { session: 5, event: ServerEvent::Publish { handle, .. } } if *handle == opened.handle)
+    });
+    assert!(published, "the resumed holder is told the layout to go on with: {effects:?}");
+}

@@ -125,15 +125,21 @@ impl Core {
                 // The answer first, then a recall the handle still owes: the
                 // agent must know the handle before it is told to drain it.
                 let result = self.resume(session, &key);
-                let handle = match &result {
-                    Ok(Response::Opened(o)) => Some(o.handle),
+                let resumed = match &result {
+                    Ok(Response::Opened(o)) => Some((o.handle, o.description.volume)),
                     _ => None,
                 };
                 self.reply(reply, result);
-                if let Some(handle) = handle {
+                if let Some((handle, volume)) = resumed {
                     if let Some(generation) = self.handles.pending_recall(handle.0) {
                         info!(handle = handle.0, generation, "the resumed handle owes a recall: asking again");
                         self.send_event(session, ServerEvent::Recall { handle, generation });
+                    } else if self.handles.recall_of(volume.0).is_none() {
+                        // No change pending: a holder still recalled for one
+                        // this server never committed (it restarted, or the
+                        // change failed and the publish was lost with the
+                        // connection) goes on with the current layout.
+                        self.publish_volume_to(volume, handle.0, session);
                     }
                 }
                 return Step::Done(None);
