@@ -586,7 +586,14 @@ impl Core {
         let mut skip = self.removing();
         skip.extend(self.revoked.iter().copied());
         self.handles.renew_except(session, self.now.mono_ms, self.lease_ms, &skip);
-        self.tell_removing(session);
+        if self.tell_removing(session) && matches!(request, Request::Renew) {
+            // The agent extends every handle of the session by a renewal's
+            // answer, and may apply the answer before the Revoked event (its
+            // replies and events take different paths): no answer that
+            // renews while one of them is being released.
+            let msg = "a handle of this session is being released; the renewal is refused this time, renew again";
+            return self.reply(reply, Err(ControlError::new(ErrorCode::Unavailable, msg)));
+        }
         if !super::durable::allowed_in_grace(&request) {
             if let Some(left_ms) = self.grace_left_ms() {
                 let msg = format!(
@@ -859,10 +866,10 @@ impl Core {
     }
 
     /// Tells `session` about the handles it holds that are being released
-    /// (before anything else it is answered). Once told, a handle is never
-    /// renewed again, even if its release fails: it then expires, or a
-    /// conflicting open breaks it.
-    fn tell_removing(&mut self, session: SessionId) {
+    /// (before anything else it is answered); whether there were any. Once
+    /// told, a handle is never renewed again, even if its release fails: it
+    /// then expires, or a conflicting open breaks it.
+    fn tell_removing(&mut self, session: SessionId) -> bool {
         let mut told: Vec<(u64, &str)> = Vec::new();
         let batches = self.in_flight.iter().map(|f| &f.batch).chain(self.waiting.iter());
         for (_, then) in batches.flat_map(|b| b.parts.iter()) {
@@ -878,9 +885,26 @@ impl Core {
             }
         }
         let told: Vec<(u64, String)> = told.into_iter().map(|(id, why)| (id, format!("handle {id}: {why}"))).collect();
+        let any = !told.is_empty();
         for (id, reason) in told {
             self.revoked.insert(id);
             self.send_event(session, ServerEvent::Revoked { handle: HandleId(id), reason });
+        }
+        any
+    }
+
+    /// A commit released `handle` (expired, excluded, broken): its holder is
+    /// told, and every session still holding it is closed. Why close: the
+    /// agent extends all of a session's handles by a renewal's answer and
+    /// may apply one sent before the release after it (its replies and
+    /// events take different paths), so no answer on that session may reach
+    /// it again; its other handles resume on a new session.
+    pub fn released(&mut self, handle: &Handle, reason: String) {
+        self.send_handle_event(handle, ServerEvent::Revoked { handle: HandleId(handle.id), reason });
+        let sessions: Vec<SessionId> = handle.sessions().filter(|s| self.sessions.contains_key(s)).collect();
+        for session in sessions {
+            info!(handle = handle.id, session, "closing the session of a released handle");
+            self.kick(session);
         }
     }
 

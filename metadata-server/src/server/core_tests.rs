@@ -329,11 +329,20 @@ fn a_renewal_while_the_handle_is_being_released_revokes_it_first() {
     });
     let answer = effects.iter().position(|e| matches!(e, Effect::Reply { reply, .. } if *reply == renew));
     assert!(matches!((revoked, answer), (Some(r), Some(a)) if r < a), "{effects:?}");
+    // The agent may apply an answer before an event it got first, so the
+    // renewal is not granted at all this time.
+    match reply_of(&effects, renew) {
+        Some(Err(e)) => assert_eq!(e.code, ErrorCode::Unavailable, "{e}"),
+        other => panic!("{other:?}"),
+    }
     // A resume waits for the release (it is a change), then finds nothing.
     let (resume, effects) = w.request(1, Request::Resume { key: opened.resume_key.clone() });
     assert!(reply_of(&effects, resume).is_none());
     let effects = w.apply(committed(task, next));
     assert!(w.core.handles.get(opened.handle.0).is_none());
+    // Released with its session still live: the session is closed, so no
+    // answer on it can extend the handle at the agent any more.
+    assert!(effects.iter().any(|e| matches!(e, Effect::Kick { session: 1 })), "{effects:?}");
     match reply_of(&effects, resume) {
         Some(Err(e)) => assert_eq!(e.code, ErrorCode::NotFound, "{e}"),
         other => panic!("{other:?}"),

@@ -404,7 +404,7 @@ impl Core {
                         "excluded from the reconfiguration of layout generation {}: no confirmation within the lease",
                         pending.generation
                     );
-                    self.send_event(h.session, ServerEvent::Revoked { handle: HandleId(*id), reason });
+                    self.released(&h, reason);
                 }
             }
         }
@@ -492,7 +492,7 @@ impl Core {
         for h in broken {
             info!(handle = h.id, holder = %h.holder, "handle broken by a conflicting open after its lease ran out");
             let reason = format!("{holder} opened the volume {mode} after this handle's lease ran out");
-            self.send_handle_event(&h, ServerEvent::Revoked { handle: HandleId(h.id), reason });
+            self.released(&h, reason);
         }
         let description = match VolumeDescription::from_metadata(&self.meta, volume) {
             Ok(d) => d,
@@ -578,7 +578,7 @@ impl Core {
             if let Some(h) = self.handles.remove(id) {
                 warn!(handle = id, volume = h.volume, holder = %h.holder, "lease ran out; handle released");
                 let reason = format!("the lease ran out at {}", self.now.describe(h.lease_until_ms));
-                self.send_handle_event(&h, ServerEvent::Revoked { handle: HandleId(id), reason });
+                self.released(&h, reason);
             }
         }
         self.check_recalls();
