@@ -124,11 +124,18 @@ pub struct Violation {
     pub invariant: &'static str,
     pub at_ms: u64,
     pub detail: String,
+    /// A defect of today's code that another issue will fix, recognised by
+    /// its exact signature ([`crate::observer::KNOWN_DEFECTS`]).
+    pub known: Option<&'static str>,
 }
 
 impl std::fmt::Display for Violation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "invariant `{}` violated at {}.{:03}s: {}", self.invariant, self.at_ms / 1000, self.at_ms % 1000, self.detail)
+        write!(f, "invariant `{}` violated at {}.{:03}s: {}", self.invariant, self.at_ms / 1000, self.at_ms % 1000, self.detail)?;
+        if let Some(k) = self.known {
+            write!(f, " [known defect: {k}]")?;
+        }
+        Ok(())
     }
 }
 
@@ -194,10 +201,15 @@ impl Env {
 
     /// Records the first violation; the run stops after this event.
     pub fn fail(&mut self, invariant: &'static str, detail: String) {
+        self.fail_known(invariant, detail, None);
+    }
+
+    /// Records a violation that matches a known defect's signature.
+    pub fn fail_known(&mut self, invariant: &'static str, detail: String, known: Option<&'static str>) {
         if self.violation.is_none() {
             let now = self.now;
             self.trace.line(now, "VIOLATION", format_args!("{invariant}: {detail}"));
-            self.violation = Some(Violation { invariant, at_ms: now, detail });
+            self.violation = Some(Violation { invariant, at_ms: now, detail, known });
         }
     }
 
@@ -911,6 +923,7 @@ impl World {
             s.paused_until = 0;
         }
         self.agents[a] = None;
+        self.env.obs.known_handles.retain(|_, (agent, _)| *agent != a);
         let conns: Vec<ConnId> =
             self.env.net.conns.values().filter(|c| c.open && c.client == Proc::Agent(a)).map(|c| c.id).collect();
         for conn in conns {
