@@ -118,7 +118,7 @@ impl AgentHost {
         // Attach what the plan gives us.
         let plan: Vec<(String, VolPlan)> = env.plan.vols.iter().map(|(n, p)| (n.clone(), p.clone())).collect();
         for (name, p) in &plan {
-            if p.holders.contains(&me) && !self.app.vols.contains_key(name) && !env.settling_late() {
+            if p.holders.contains(&me) && !self.app.vols.contains_key(name) {
                 if self.app.retry_at.get(name).is_some_and(|t| *t > env.now) || !self.connected() {
                     continue;
                 }
@@ -136,6 +136,12 @@ impl AgentHost {
             let in_flight = self.app.ios.values().any(|(v, _)| *v == name) || self.app.flushing.contains(&name);
             let state = self.app.vols[&name].state.clone();
             match state {
+                VolState::Ready if self.is_revoked(&name) && !in_flight => {
+                    // The handle is gone (its I/O fails): detach, and attach
+                    // again if the volume is still ours.
+                    env.trace(self.me(), format_args!("app: {name}: the handle was revoked; detaching"));
+                    self.detach(&name, env);
+                }
                 VolState::Ready => {
                     let holder = p.as_ref().is_some_and(|p| p.holders.contains(&me));
                     let handover_to = p.as_ref().and_then(|p| p.handover).filter(|(from, _)| *from == me).map(|(_, to)| to);

@@ -771,7 +771,9 @@ impl AgentHost {
     }
 
     fn preserve_step(&mut self, att: AttachmentId, chunk: u64, result: DevResult, env: &mut Env) {
+        let now = self.clock(env);
         let Some(a) = self.atts.get_mut(&att) else { return };
+        let lease_ran_out = now >= a.lease_until;
         let handle = a.handle;
         let desc = a.desc.clone();
         let volume = a.volume.clone();
@@ -789,6 +791,11 @@ impl AgentHost {
                 let Some(epoch) = desc.snapshot.as_ref().filter(|e| e.id.0 == snapshot) else {
                     return self.preserve_failed(att, chunk, "the snapshot changed".into(), env);
                 };
+                // The lease again before the next device request (the copy
+                // may have waited: a paused process, a slow device).
+                if lease_ran_out {
+                    return self.preserve_failed(att, chunk, "the lease ran out during the copy".into(), env);
+                }
                 let legs = cow_legs(&desc, epoch, chunk, env);
                 if legs.is_empty() {
                     return self.preserve_failed(att, chunk, "no leg of the COW area".into(), env);
@@ -866,6 +873,11 @@ impl AgentHost {
             Phase::Recalled { generation } => Some(generation),
             _ => None,
         })
+    }
+
+    /// Whether the handle of `volume` was revoked (its I/O fails).
+    pub fn is_revoked(&self, volume: &str) -> bool {
+        self.atts.values().any(|a| a.volume == volume && matches!(a.phase, Phase::Revoked(_)))
     }
 
     pub fn is_open(&self, volume: &str) -> bool {
