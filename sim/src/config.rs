@@ -6,6 +6,18 @@
 
 use crate::rng::Rng;
 
+/// Which clock the agent's core and gate measure leases on (the shell feeds
+/// the core its milliseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseClock {
+    /// `CLOCK_BOOTTIME`: runs through a VM pause (issue 14's rule).
+    Boottime,
+    /// `CLOCK_MONOTONIC`: stops while the VM is paused — what today's agent
+    /// shell reads (tokio's `Instant`): after a long VM pause the agent
+    /// believes a lease the server let run out (issue 14).
+    Monotonic,
+}
+
 /// How often each fault strikes, as a mean number per simulated second
 /// across the whole world (0 disables it). See the crate docs for what each
 /// one does and how to add another.
@@ -60,6 +72,12 @@ pub struct Config {
     /// simulator finds that within seconds. Raise it once the server waits
     /// lease + the maximum device-request time.
     pub device_latency_ms: (u64, u64),
+    /// Now and then a device request stalls (stuck in the device server's
+    /// queue): (probability, longest stall). Off by default for the same
+    /// reason as slow devices (issue 14): a stalled write of a holder the
+    /// server has released lands after the release.
+    pub device_stall: (f64, u64),
+    pub agent_clock: LeaseClock,
     pub extent_bytes: u64,
     /// Extents per device data area.
     pub device_extents: u64,
@@ -95,6 +113,8 @@ impl Config {
             net_delay_ms: (net_min, net_max),
             reply_hop_ms: (0, r.range(0, 2)),
             device_latency_ms: (0, net_min),
+            device_stall: (0.0, 0),
+            agent_clock: LeaseClock::Boottime,
             extent_bytes: 128 << 10,
             device_extents: 48,
             volumes: r.range(2, 5) as usize,

@@ -302,7 +302,11 @@ pub fn replied(env: &mut Env, core: &Core, asked: &Asked, result: &Result<Respon
         (Request::Close { handle }, Err(_)) => {
             env.obs.close_failed.insert(handle.0);
         }
-        (Request::Resume { .. }, Err(e)) if in_grace && e.code == ErrorCode::Unavailable => {
+        // Refused for the grace period itself (other refusals, such as a
+        // session closing meanwhile, are not the grace rule's business).
+        (Request::Resume { .. }, Err(e))
+            if in_grace && e.code == ErrorCode::Unavailable && e.message.contains("grace period") =>
+        {
             env.fail("grace-only-resumes", format!("a resume was refused during the grace period: {}", e.message));
         }
         _ => {}

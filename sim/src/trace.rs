@@ -24,11 +24,13 @@ pub struct Trace {
     pub verbose: bool,
     ring: VecDeque<String>,
     pub lines: u64,
+    /// FNV-1a over every line: equal for two runs of one seed.
+    pub hash: u64,
 }
 
 impl Trace {
     pub fn new(verbose: bool) -> Trace {
-        Trace { verbose, ring: VecDeque::with_capacity(RING_LINES), lines: 0 }
+        Trace { verbose, ring: VecDeque::with_capacity(RING_LINES), lines: 0, hash: 0xcbf2_9ce4_8422_2325 }
     }
 
     pub fn line(&mut self, now_ms: u64, who: &str, what: std::fmt::Arguments<'_>) {
@@ -36,6 +38,9 @@ impl Trace {
         let _ = write!(s, "{:>8}.{:03}s {who:<9} {what}", now_ms / 1000, now_ms % 1000);
         if self.verbose {
             eprintln!("{s}");
+        }
+        for b in s.bytes().chain(std::iter::once(b'\n')) {
+            self.hash = (self.hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
         }
         if self.ring.len() == RING_LINES {
             self.ring.pop_front();

@@ -292,7 +292,9 @@ impl Env {
         }
         let id = self.devices[dev].submit(op);
         self.dev_ops.insert((dev, id), origin);
-        let at = self.now + self.rng.range(lo, hi);
+        let (p, stall_ms) = self.cfg.device_stall;
+        let stall = if p > 0.0 && self.rng.chance(p) { self.rng.range(1, stall_ms) } else { 0 };
+        let at = self.now + self.rng.range(lo, hi) + stall;
         self.schedule(at, Ev::DeviceDone { dev, op: id });
     }
 
@@ -317,6 +319,8 @@ pub struct Outcome {
     pub end_ms: u64,
     /// The last lines of the trace.
     pub trace_tail: String,
+    /// A hash of the whole trace (two runs of one seed give the same).
+    pub trace_hash: u64,
 }
 
 impl World {
@@ -477,6 +481,7 @@ impl World {
             stats: self.env.stats.clone(),
             end_ms: self.env.now,
             trace_tail: self.env.trace.tail(crate::trace::RING_LINES),
+            trace_hash: self.env.trace.hash,
         }
     }
 

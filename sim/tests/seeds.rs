@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use sanvol_sim::{run_seed, Outcome};
 
 /// Seeds every `cargo test -p sanvol-sim` runs.
-const FIXED_SEEDS: std::ops::Range<u64> = 1..31;
+const FIXED_SEEDS: std::ops::Range<u64> = 1..41;
 
 fn report(o: &Outcome) -> String {
     match &o.violation {
@@ -118,4 +118,14 @@ fn timing() {
             o.violation.as_ref().map_or("ok".to_string(), |v| v.to_string())
         );
     }
+}
+
+/// A seed is a run: two runs of one seed are the same event for event.
+#[test]
+fn a_seed_replays_exactly() {
+    for seed in [3, 7] {
+        let (a, b) = (run_seed(seed, false), run_seed(seed, false));
+        assert_eq!((a.trace_hash, a.stats.events, a.end_ms), (b.trace_hash, b.stats.events, b.end_ms), "seed {seed}");
+    }
+    assert_ne!(run_seed(3, false).trace_hash, run_seed(4, false).trace_hash);
 }

@@ -30,7 +30,7 @@
 //! - Mirrored volumes: writes go to every leg and are acknowledged when all
 //!   legs answered; reads go to the first leg.
 //!
-//! The agent's clock is [`LEASE_CLOCK`]: the boot-time clock, which counts
+//! The agent's clock is [`crate::Config::agent_clock`]: by default the boot-time clock, which counts
 //! a VM pause, as issue 14 requires (a monotonic clock stops during one).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -63,16 +63,7 @@ pub enum Delivery {
     Timeout { request: RequestId },
 }
 
-/// Which clock the agent measures its leases on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LeaseClock {
-    /// `CLOCK_BOOTTIME`: runs through a VM pause.
-    Boottime,
-    /// `CLOCK_MONOTONIC`: stops while the VM is paused.
-    Monotonic,
-}
-
-pub const LEASE_CLOCK: LeaseClock = LeaseClock::Boottime;
+pub use crate::config::LeaseClock;
 
 /// Most I/O the application keeps in flight per agent.
 pub const APP_IO_MAX: usize = 8;
@@ -211,7 +202,7 @@ impl AgentHost {
 
     /// The agent's clock now.
     pub fn clock(&self, env: &Env) -> Millis {
-        env.agent_clock_ms(self.index, LEASE_CLOCK == LeaseClock::Monotonic)
+        env.agent_clock_ms(self.index, env.cfg.agent_clock == LeaseClock::Monotonic)
     }
 
     pub fn connected(&self) -> bool {
@@ -424,7 +415,7 @@ impl AgentHost {
     /// the server never excludes a holder whose lease still runs).
     fn note_lease(&self, attachment: AttachmentId, env: &mut Env) {
         if let Some(a) = self.atts.get(&attachment).filter(|a| !matches!(a.phase, Phase::Revoked(_))) {
-            let monotonic = LEASE_CLOCK == LeaseClock::Monotonic;
+            let monotonic = env.cfg.agent_clock == LeaseClock::Monotonic;
             env.obs.set_lease(a.handle, self.index, self.inc, a.lease_until, monotonic);
         }
     }
