@@ -1,6 +1,7 @@
 //! The simulation's entry points for people and CI: fixed seeds in every
 //! `cargo test`, one seed replayed with a trace (`SIM_SEED`), random seeds
-//! for a bounded time (`SIM_SECONDS`).
+//! for a bounded time (`SIM_SECONDS`), the first failing seed in order
+//! (`SIM_FIRST`).
 //!
 //! A violation that matches a known defect's signature (see
 //! `sanvol_sim::observer::KNOWN_DEFECTS`) is printed and counted but does not
@@ -100,6 +101,27 @@ fn random() {
         eprintln!("known defect {k}: {} seeds (first {:?})", seeds.len(), &seeds[..seeds.len().min(3)]);
     }
     assert!(failed.is_empty(), "failing seeds: {failed:?}");
+}
+
+/// `SIM_FIRST=N`: seeds 1, 2, … N in order until the first one that fails
+/// in a way no known defect explains; prints it, the wall time it took to
+/// get there and how to replay it, and fails. Deterministic, unlike
+/// `random`: how the demonstration defects' seeds in sim/README.md were
+/// found.
+#[test]
+fn first_failure() {
+    let Ok(n) = std::env::var("SIM_FIRST") else { return };
+    let n: u64 = n.parse().expect("SIM_FIRST is a number of seeds");
+    let start = Instant::now();
+    for seed in 1..=n {
+        let o = run_seed(seed, false);
+        if unknown_failure(&o) {
+            eprintln!("{}", report(&o));
+            eprintln!("first failing seed: {seed}, after {:.2} s and {seed} seeds", start.elapsed().as_secs_f64());
+            panic!("seed {seed} failed");
+        }
+    }
+    eprintln!("seeds 1..={n} passed in {:.1} s", start.elapsed().as_secs_f64());
 }
 
 /// `SIM_TIME_SEEDS=a..b`: runs seeds and prints how long each took (tuning).
