@@ -21,10 +21,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use volume_format::control::messages::{ClientMessage, OpenMode, Request, Response, ServerMessage};
 
-use client_agent::core::{AttachSpec, Command, Input, OpenWith, Reply};
 use crate::agent::{AgentHost, IoKind, APP_IO_MAX};
 use crate::net::{ConnId, Proc, Wire};
 use crate::world::{Env, Ev};
+use client_agent::core::{AttachSpec, Command, Input, OpenWith, Reply};
 
 #[derive(Debug, Clone)]
 pub struct VolPlan {
@@ -88,7 +88,10 @@ enum VolState {
     Detaching,
     /// Quiescing for a handover; then asking for the token; then waiting
     /// for the target to attach.
-    HandingOver { to: usize, asked: bool },
+    HandingOver {
+        to: usize,
+        asked: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -144,9 +147,11 @@ impl AgentHost {
                 }
                 VolState::Ready => {
                     let holder = p.as_ref().is_some_and(|p| p.holders.contains(&me));
-                    let handover_to = p.as_ref().and_then(|p| p.handover).filter(|(from, _)| *from == me).map(|(_, to)| to);
+                    let handover_to =
+                        p.as_ref().and_then(|p| p.handover).filter(|(from, _)| *from == me).map(|(_, to)| to);
                     if let Some(to) = handover_to {
-                        self.app.vols.get_mut(&name).expect("present").state = VolState::HandingOver { to, asked: false };
+                        self.app.vols.get_mut(&name).expect("present").state =
+                            VolState::HandingOver { to, asked: false };
                     } else if !holder && !in_flight {
                         self.detach(&name, env);
                     } else if holder && !env.settling_late() {
@@ -174,7 +179,8 @@ impl AgentHost {
     fn attach(&mut self, name: &str, open: OpenWith, env: &mut Env) {
         self.app.vols.insert(name.to_string(), AppVol { state: VolState::Attaching, stripe: None });
         let caller = self.new_caller(AppCall::Attach { volume: name.to_string() });
-        let command = Command::Attach(AttachSpec { volume: name.to_string(), open, socket: None, tcp: None, kernel: None });
+        let command =
+            Command::Attach(AttachSpec { volume: name.to_string(), open, socket: None, tcp: None, kernel: None });
         self.input(Input::Command { caller, command }, env);
     }
 
@@ -219,11 +225,7 @@ impl AgentHost {
             }
         }
         let Some(block) = block else { return };
-        let kind = if roll < 70 {
-            IoKind::Write { block, tag: env.oracle.new_tag() }
-        } else {
-            IoKind::Read { block }
-        };
+        let kind = if roll < 70 { IoKind::Write { block, tag: env.oracle.new_tag() } } else { IoKind::Read { block } };
         self.app.busy.insert((name.to_string(), block));
         self.app.ios.insert(self.next_io_id(), (name.to_string(), Some(block)));
         self.submit(att, kind, env);
@@ -242,7 +244,9 @@ impl AgentHost {
                 if let Some(n) = &name {
                     self.app.flushing.remove(n);
                     if result.is_ok() {
-                        if let Some(VolState::HandingOver { to, asked: true }) = self.app.vols.get(n).map(|v| v.state.clone()) {
+                        if let Some(VolState::HandingOver { to, asked: true }) =
+                            self.app.vols.get(n).map(|v| v.state.clone())
+                        {
                             self.ask_token(n, to, env);
                         }
                     }
@@ -383,7 +387,8 @@ pub fn manager(env: &mut Env) {
         }
         let holder = p.holders.first().copied();
         let down = holder.is_some_and(|h| !env.proc(Proc::Agent(h)).up);
-        let cut = holder.is_some_and(|h| (0..env.cfg.server_hosts).any(|s| env.net.cut_until(Proc::Agent(h), s, now).is_some()));
+        let cut = holder
+            .is_some_and(|h| (0..env.cfg.server_hosts).any(|s| env.net.cut_until(Proc::Agent(h), s, now).is_some()));
         let others: Vec<usize> = live.iter().copied().filter(|a| Some(*a) != holder).collect();
         if (down || cut) && env.rng.chance(0.3) {
             if let Some(&to) = env.rng.pick(&others) {
@@ -472,7 +477,12 @@ impl Admin {
         self.next_name += 1;
         // Retired volumes nobody holds any more go first.
         for (name, p) in &env.plan.vols {
-            if p.retired && !meta.handles.iter().any(|h| h.volume.0 == p.id && matches!(h.state, volume_format::metadata::HandleState::Active)) {
+            if p.retired
+                && !meta
+                    .handles
+                    .iter()
+                    .any(|h| h.volume.0 == p.id && matches!(h.state, volume_format::metadata::HandleState::Active))
+            {
                 if meta.volume_by_name(name).is_some() && !meta.snapshots.iter().any(|s| s.volume.0 == p.id) {
                     return Some(Request::VolumeDelete { name: name.clone() });
                 }

@@ -15,11 +15,15 @@
 //! # Running it
 //! - `cargo test -p sanvol-sim`: a fixed set of seeds (seconds).
 //! - `SIM_SEED=N cargo test -p sanvol-sim --test seeds -- replay --nocapture`:
-//!   one seed with every event and the server core's logs, in simulated
-//!   time (`RUST_LOG=debug` for more).
-//! - `SIM_SECONDS=180 cargo test -p sanvol-sim --release --test seeds --
-//!   random --nocapture`: random seeds for three minutes; prints each
-//!   failing seed and how to replay it (`scripts/test.sh` runs this).
+//!   one seed with every event and the cores' logs, in simulated time
+//!   (`RUST_LOG=debug` for more).
+//! - `scripts/sim-seeds.sh`: random seeds in a release build for
+//!   `SIM_SECONDS` (default 180); prints each failing seed and how to replay
+//!   it (`scripts/test.sh` runs it).
+//!
+//! `sim/README.md` has the rest: the demonstration defects with their seeds
+//! and times, known defects, and step by step how to add a fault and an
+//! invariant.
 //!
 //! # How the world is simulated
 //! - **Time** ([`world`]): a queue of timed events; events at the same
@@ -47,9 +51,9 @@
 //!   what the production shell does (sessions, role checks, the device
 //!   task's commits with the real slot format, jobs, ticks, boot through
 //!   `MetadataArea::choose_newest`).
-//! - **Agents** ([`agent`]): a control plane that follows the protocol
-//!   ([`agent::model`], in the real agent core's input/effect shape so the
-//!   real one can take its place) and a data path with the gate, lease and
+//! - **Agents** ([`agent`]): the real agent core
+//!   (`client_agent::core::AgentCore`) in a shell that does what the
+//!   agent's owner does, and a data path with the gate, lease and
 //!   copy-on-write rules.
 //! - **Workload** ([`app`]), **data model** ([`oracle`]), **invariants**
 //!   ([`observer`]).
@@ -60,32 +64,11 @@
 //! choice, metadata checks, allocation, snapshot maps), the volume
 //! description and its mapping, the control-protocol messages.
 //!
-//! # Adding a fault
-//! 1. Add its rate to [`config::FaultRates`] (drawn in
-//!    [`config::Config::from_seed`]; start small).
-//! 2. Add its arm to `World::inject_fault` in [`world`]: change the world
-//!    (break, cut, crash, pause, corrupt), trace it with
-//!    `env.trace("fault", …)`, and schedule whatever undoes it
-//!    ([`world::Ev::Restart`], [`world::Ev::DeviceRestart`], …).
-//! 3. Make `World::settle` undo it too, so the settled checks hold.
-//! 4. Run `SIM_SECONDS=60 … random`; a violation is either a bug the fault
-//!    exposes (report it with its seed) or a model the fault broke.
-//!
-//! # Adding an invariant
-//! 1. Pick the moment it can break: a device executing a write
-//!    (`observer::write_landed`), a commit or a boot (`observer::committed`,
-//!    `observer::loaded`, with the previous metadata at hand), a server
-//!    reply (`observer::replied`, with the request), a tick
-//!    (`observer::after_tick`, with the core), a data sweep
-//!    (`observer::sweep`), or the end (`observer::final_liveness`).
-//! 2. Keep what it needs in [`observer::Observer`] (filled from those
-//!    hooks; agents report their leases there).
-//! 3. Call `env.fail("name-of-the-rule", detail)` with a detail that says
-//!    what happened to whom and when; add the rule to the table in
-//!    [`observer`]'s docs.
-//! 4. A rule that only holds after a fix lands elsewhere: assert in a
-//!    test that a seed still reproduces it (see `tests/known_defects.rs`),
-//!    never disable it.
+//! # Adding a fault or an invariant
+//! See `sim/README.md`: a fault is a rate in [`config::FaultRates`], an arm
+//! in `World::inject_fault` and its undoing in `World::settle`; an invariant
+//! is a check in one of [`observer`]'s hooks that calls `env.fail` with the
+//! rule's name, listed in the table of [`observer`]'s docs.
 
 pub mod agent;
 pub mod app;

@@ -117,7 +117,14 @@ impl Net {
 
     /// When a message sent now on `conn` arrives (keeping the stream's
     /// order, and waiting out a cut); `None` if the connection is broken.
-    pub fn arrival(&mut self, id: ConnId, to_server: bool, now_ms: u64, delay: (u64, u64), rng: &mut Rng) -> Option<u64> {
+    pub fn arrival(
+        &mut self,
+        id: ConnId,
+        to_server: bool,
+        now_ms: u64,
+        delay: (u64, u64),
+        rng: &mut Rng,
+    ) -> Option<u64> {
         let c = self.conns.get(&id)?;
         if !c.open {
             return None;

@@ -173,12 +173,16 @@ pub fn loaded(env: &mut Env, meta: &PoolMetadata) {
         return env.fail("generations-only-grow", detail);
     }
     if meta.generation == acked.generation && *meta != *acked {
-        return env.fail("generations-only-grow", format!("generation {} loaded differs from the one acknowledged", meta.generation));
+        return env.fail(
+            "generations-only-grow",
+            format!("generation {} loaded differs from the one acknowledged", meta.generation),
+        );
     }
     for s in &acked.snapshots {
         if let Some(l) = meta.snapshot(s.id) {
             if let Some(c) = s.cow.iter().find(|c| !l.cow.contains(*c)) {
-                let detail = format!("snapshot {} lost the acknowledged registration of chunk {c} across a restart", s.name);
+                let detail =
+                    format!("snapshot {} lost the acknowledged registration of chunk {c} across a restart", s.name);
                 return env.fail("generations-only-grow", detail);
             }
         }
@@ -202,7 +206,10 @@ fn observe(env: &mut Env, meta: Arc<PoolMetadata>, how: &str) {
             _ if env.obs.closing.contains(id) => "closed by its holder".to_string(),
             _ => "released (lease expired, or excluded from a recall)".to_string(),
         };
-        env.trace("observer", format_args!("handle {id} of volume {volume} excluded in generation {} ({why})", meta.generation));
+        env.trace(
+            "observer",
+            format_args!("handle {id} of volume {volume} excluded in generation {} ({why})", meta.generation),
+        );
         env.obs.excluded.insert(*id, (now, why.clone()));
         if env.obs.closing.contains(id) {
             continue;
@@ -226,8 +233,7 @@ fn observe(env: &mut Env, meta: Arc<PoolMetadata>, how: &str) {
     // conflicting handles coexist (a conflicting open breaks the other).
     for (id, (volume, mode)) in &is {
         if !was.contains_key(id) && !env.obs.opens.contains_key(id) {
-            let via_handover =
-                is.iter().any(|(other, (v, m))| other != id && v == volume && modes_conflict(*m, *mode));
+            let via_handover = is.iter().any(|(other, (v, m))| other != id && v == volume && modes_conflict(*m, *mode));
             env.obs.opens.insert(*id, OpenRec { volume: *volume, mode: *mode, at_ms: now, via_handover });
         }
     }
@@ -249,12 +255,8 @@ fn observe(env: &mut Env, meta: Arc<PoolMetadata>, how: &str) {
         if before.snapshot(s.id).is_none() && !env.obs.snapshots.contains_key(&s.id.0) {
             env.stats.snapshots += 1;
             let blocks = s.size_bytes / BLOCK_BYTES;
-            let expect: Vec<(u64, Vec<u64>)> = env
-                .oracle
-                .checked_blocks(s.volume.0)
-                .into_iter()
-                .filter(|(b, _)| *b < blocks)
-                .collect();
+            let expect: Vec<(u64, Vec<u64>)> =
+                env.oracle.checked_blocks(s.volume.0).into_iter().filter(|(b, _)| *b < blocks).collect();
             env.trace(
                 "observer",
                 format_args!("snapshot {} of volume {} {how} ({} blocks to check)", s.name, s.volume, expect.len()),
@@ -262,7 +264,13 @@ fn observe(env: &mut Env, meta: Arc<PoolMetadata>, how: &str) {
             env.obs.snapshots.insert(s.id.0, (s.volume.0, expect));
         }
     }
-    let gone: Vec<u64> = env.obs.snapshots.keys().copied().filter(|id| meta.snapshot(volume_format::SnapshotId(*id)).is_none()).collect();
+    let gone: Vec<u64> = env
+        .obs
+        .snapshots
+        .keys()
+        .copied()
+        .filter(|id| meta.snapshot(volume_format::SnapshotId(*id)).is_none())
+        .collect();
     for id in gone {
         env.obs.snapshots.remove(&id);
     }
@@ -341,7 +349,12 @@ pub fn after_tick(env: &mut Env, core: &Core) {
             let holders: Vec<String> = waiting
                 .iter()
                 .filter_map(|h| core.handles.get(*h))
-                .map(|h| format!("handle {} of {} (session {}, lease until {} ms)", h.id, h.holder, h.session, h.lease_until_ms))
+                .map(|h| {
+                    format!(
+                        "handle {} of {} (session {}, lease until {} ms)",
+                        h.id, h.holder, h.session, h.lease_until_ms
+                    )
+                })
                 .collect();
             let detail = format!(
                 "the recall of volume {v} has waited {age} ms of server time (bound {bound} ms); no confirmation or \
@@ -350,9 +363,8 @@ pub fn after_tick(env: &mut Env, core: &Core) {
             );
             // Every handle it waits for was closed in vain and then forgotten
             // by its (live) agent.
-            let forgotten = waiting.iter().all(|h| {
-                env.obs.close_failed.contains(h) && !env.obs.known_handles.contains_key(h)
-            });
+            let forgotten =
+                waiting.iter().all(|h| env.obs.close_failed.contains(h) && !env.obs.known_handles.contains_key(h));
             let known = forgotten.then_some(AGENT_FORGETS_ON_FAILED_CLOSE);
             env.fail_known("recall-completes-or-excludes", detail, known);
             return;

@@ -169,11 +169,13 @@ pub fn load_pool(env: &Env) -> Result<journal::Loaded, String> {
     let server_key = PublicKey(env.server_key.verifying_key().to_bytes());
     let read: Vec<RawCopy> = (0..env.devices.len()).map(|d| RawCopy::read(env, d)).collect();
     let everything: Vec<CopyImage<'_>> = read.iter().map(RawCopy::image).collect();
-    let first = journal::load(env.pool_uuid, &server_key, &everything, LoadOptions::default()).map_err(|e| e.to_string())?;
+    let first =
+        journal::load(env.pool_uuid, &server_key, &everything, LoadOptions::default()).map_err(|e| e.to_string())?;
     let holders = metadata_holders(&first.metadata);
     let held: Vec<&RawCopy> = read.iter().filter(|r| holders.contains(&env.devices[r.device].uuid)).collect();
     let images: Vec<CopyImage<'_>> = held.iter().map(|r| r.image()).collect();
-    let loaded = journal::load(env.pool_uuid, &server_key, &images, LoadOptions::default()).map_err(|e| e.to_string())?;
+    let loaded =
+        journal::load(env.pool_uuid, &server_key, &images, LoadOptions::default()).map_err(|e| e.to_string())?;
     Ok(loaded)
 }
 
@@ -418,8 +420,13 @@ impl ServerProc {
         let Some(run) = self.writing.as_mut() else { return };
         let (targets, bytes) = if run.clearing {
             let written = run.written.clone();
-            let clears: Vec<(usize, uuid::Uuid, u64)> =
-                run.write.clear_after.iter().filter(|(copy, _, _)| written.get(*copy) == Some(&true)).cloned().collect();
+            let clears: Vec<(usize, uuid::Uuid, u64)> = run
+                .write
+                .clear_after
+                .iter()
+                .filter(|(copy, _, _)| written.get(*copy) == Some(&true))
+                .cloned()
+                .collect();
             (clears, vec![0u8; BLOCK_BYTES as usize])
         } else {
             (run.write.targets.clone(), run.write.bytes.to_vec())
@@ -623,7 +630,12 @@ fn blocks_to_bytes(blocks: &[Content]) -> Vec<u8> {
 }
 
 /// (sim device, byte offset) of every online leg of `legs`.
-fn online_legs(env: &Env, meta: &PoolMetadata, legs: &[volume_format::metadata::PhysicalExtent], within: u64) -> Vec<(usize, u64)> {
+fn online_legs(
+    env: &Env,
+    meta: &PoolMetadata,
+    legs: &[volume_format::metadata::PhysicalExtent],
+    within: u64,
+) -> Vec<(usize, u64)> {
     legs.iter()
         .filter_map(|leg| {
             let d = meta.device(leg.device).filter(|d| d.state.is_online())?;
@@ -633,8 +645,9 @@ fn online_legs(env: &Env, meta: &PoolMetadata, legs: &[volume_format::metadata::
 }
 
 fn cow_targets(env: &Env, meta: &PoolMetadata, s: &SnapshotRecord, chunk: u64) -> Result<Vec<(usize, u64)>, String> {
-    let (extent, offset) =
-        s.cow_location(chunk, meta.extent_bytes).ok_or_else(|| format!("chunk {chunk} is beyond snapshot {}", s.name))?;
+    let (extent, offset) = s
+        .cow_location(chunk, meta.extent_bytes)
+        .ok_or_else(|| format!("chunk {chunk} is beyond snapshot {}", s.name))?;
     let legs = online_legs(env, meta, &extent.legs, offset);
     if legs.is_empty() {
         return Err(format!("snapshot {}: no leg of chunk {chunk}'s area is online", s.name));
@@ -644,29 +657,44 @@ fn cow_targets(env: &Env, meta: &PoolMetadata, s: &SnapshotRecord, chunk: u64) -
 
 type ChunkPlan = Vec<(u64, Vec<(usize, u64)>, Vec<(usize, u64)>)>;
 
-fn cow_copy_plan(env: &Env, meta: &PoolMetadata, volume: VolumeId, snapshot: SnapshotId, chunks: &[u64]) -> Result<ChunkPlan, String> {
+fn cow_copy_plan(
+    env: &Env,
+    meta: &PoolMetadata,
+    volume: VolumeId,
+    snapshot: SnapshotId,
+    chunks: &[u64],
+) -> Result<ChunkPlan, String> {
     let s = meta.snapshot(snapshot).ok_or_else(|| format!("snapshot {snapshot} no longer exists"))?;
     let v = meta.volume(volume).ok_or_else(|| format!("volume {volume} no longer exists"))?;
     chunks
         .iter()
         .map(|&chunk| {
             let (start, _) = s.chunk_range(chunk);
-            let extent =
-                v.extents.get((start / meta.extent_bytes) as usize).ok_or_else(|| format!("chunk {chunk} is beyond the volume"))?;
+            let extent = v
+                .extents
+                .get((start / meta.extent_bytes) as usize)
+                .ok_or_else(|| format!("chunk {chunk} is beyond the volume"))?;
             let sources = online_legs(env, meta, &extent.legs, start % meta.extent_bytes);
             Ok((chunk, sources, cow_targets(env, meta, s, chunk)?))
         })
         .collect()
 }
 
-fn merge_plan(env: &Env, meta: &PoolMetadata, from: SnapshotId, into: SnapshotId, chunks: &[u64]) -> Result<ChunkPlan, String> {
+fn merge_plan(
+    env: &Env,
+    meta: &PoolMetadata,
+    from: SnapshotId,
+    into: SnapshotId,
+    chunks: &[u64],
+) -> Result<ChunkPlan, String> {
     let s = meta.snapshot(from).ok_or_else(|| format!("snapshot {from} no longer exists"))?;
     let o = meta.snapshot(into).ok_or_else(|| format!("snapshot {into} no longer exists"))?;
     chunks
         .iter()
         .map(|&chunk| {
-            let (extent, offset) =
-                s.cow_location(chunk, meta.extent_bytes).ok_or_else(|| format!("chunk {chunk} is beyond snapshot {}", s.name))?;
+            let (extent, offset) = s
+                .cow_location(chunk, meta.extent_bytes)
+                .ok_or_else(|| format!("chunk {chunk} is beyond snapshot {}", s.name))?;
             Ok((chunk, online_legs(env, meta, &extent.legs, offset), cow_targets(env, meta, o, chunk)?))
         })
         .collect()
@@ -677,7 +705,9 @@ fn describe_job(job: &Job) -> String {
         Job::CowCopy { volume, snapshot, chunks, .. } => {
             format!("copy pre-images of volume {volume} chunks {chunks:?} into snapshot {snapshot}")
         }
-        Job::Merge { from, into, chunks, .. } => format!("move {} pre-images from snapshot {from} to {into}", chunks.len()),
+        Job::Merge { from, into, chunks, .. } => {
+            format!("move {} pre-images from snapshot {from} to {into}", chunks.len())
+        }
         Job::CheckDevice { index, .. } => format!("check device {index}"),
     }
 }

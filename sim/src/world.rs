@@ -53,38 +53,95 @@ pub const SWEEP_EVERY_MS: u64 = 250;
 #[derive(Debug)]
 pub enum Ev {
     /// A message reaches its end of `conn`.
-    NetDeliver { conn: ConnId, wire: Wire },
+    NetDeliver {
+        conn: ConnId,
+        wire: Wire,
+    },
     /// The server side of a handshake completes.
-    Accept { conn: ConnId },
+    Accept {
+        conn: ConnId,
+    },
     /// The client side of a handshake completes.
-    Connected { conn: ConnId },
-    ConnectFailed { conn: ConnId },
+    Connected {
+        conn: ConnId,
+    },
+    ConnectFailed {
+        conn: ConnId,
+    },
     /// One end of a broken connection learns of it.
-    ConnLost { conn: ConnId, to_server: bool },
+    ConnLost {
+        conn: ConnId,
+        to_server: bool,
+    },
     /// A server reply, after its hop through the session task, enters the
     /// connection.
-    SessionOut { conn: ConnId, msg: ServerMessage },
+    SessionOut {
+        conn: ConnId,
+        msg: ServerMessage,
+    },
     /// A device executes a request.
-    DeviceDone { dev: usize, op: u64 },
-    DeviceRestart { dev: usize },
+    DeviceDone {
+        dev: usize,
+        op: u64,
+    },
+    DeviceRestart {
+        dev: usize,
+    },
     /// A device request's outcome reaches the process that sent it.
-    Notify { proc: Proc, inc: u64, token: u64, result: DevResult },
-    ServerTick { host: usize, inc: u64, periodic: bool },
-    ServerBoot { host: usize, inc: u64 },
-    AgentWake { agent: usize, inc: u64 },
+    Notify {
+        proc: Proc,
+        inc: u64,
+        token: u64,
+        result: DevResult,
+    },
+    ServerTick {
+        host: usize,
+        inc: u64,
+        periodic: bool,
+    },
+    ServerBoot {
+        host: usize,
+        inc: u64,
+    },
+    AgentWake {
+        agent: usize,
+        inc: u64,
+    },
     /// Something for an agent's core after its hop inside the agent.
-    AgentDeliver { agent: usize, inc: u64, delivery: crate::agent::Delivery },
-    AppStep { agent: usize, inc: u64 },
-    AdminWake { inc: u64 },
+    AgentDeliver {
+        agent: usize,
+        inc: u64,
+        delivery: crate::agent::Delivery,
+    },
+    AppStep {
+        agent: usize,
+        inc: u64,
+    },
+    AdminWake {
+        inc: u64,
+    },
     /// A handover token reaches the target agent's application.
-    Token { agent: usize, volume: String, token: Vec<u8> },
+    Token {
+        agent: usize,
+        volume: String,
+        token: Vec<u8>,
+    },
     /// The handover target attached: the source may detach.
-    HandoverDone { agent: usize, volume: String },
+    HandoverDone {
+        agent: usize,
+        volume: String,
+    },
     /// A connection breaks (a cut outlasted the transport's patience).
-    Break { conn: ConnId },
+    Break {
+        conn: ConnId,
+    },
     Fault,
-    Restart { proc: Proc },
-    PauseEnd { proc: Proc },
+    Restart {
+        proc: Proc,
+    },
+    PauseEnd {
+        proc: Proc,
+    },
     Sweep,
     /// Faults stop; everything down comes back.
     Settle,
@@ -131,7 +188,14 @@ pub struct Violation {
 
 impl std::fmt::Display for Violation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "invariant `{}` violated at {}.{:03}s: {}", self.invariant, self.at_ms / 1000, self.at_ms % 1000, self.detail)?;
+        write!(
+            f,
+            "invariant `{}` violated at {}.{:03}s: {}",
+            self.invariant,
+            self.at_ms / 1000,
+            self.at_ms % 1000,
+            self.detail
+        )?;
         if let Some(k) = self.known {
             write!(f, " [known defect: {k}]")?;
         }
@@ -330,9 +394,8 @@ impl World {
         let mut seed = [0u8; 32];
         rng.fill(&mut seed);
         let server_key = Arc::new(SigningKey::from_bytes(&seed));
-        let agent_keys: Vec<[u8; 32]> = (0..cfg.agents)
-            .map(|i| SigningKey::from_bytes(&[i as u8 + 1; 32]).verifying_key().to_bytes())
-            .collect();
+        let agent_keys: Vec<[u8; 32]> =
+            (0..cfg.agents).map(|i| SigningKey::from_bytes(&[i as u8 + 1; 32]).verifying_key().to_bytes()).collect();
         let admin_key = SigningKey::from_bytes(&[0xAD; 32]).verifying_key().to_bytes();
 
         let mut meta =
@@ -556,14 +619,16 @@ impl World {
                 if !c.open {
                     return;
                 }
-                let Some(Ev::Accept { .. }) = self.admit(Proc::Server(c.server_host), c.server_inc, Ev::Accept { conn })
+                let Some(Ev::Accept { .. }) =
+                    self.admit(Proc::Server(c.server_host), c.server_inc, Ev::Accept { conn })
                 else {
                     return;
                 };
                 match self.server.as_mut().filter(|s| s.host == c.server_host) {
                     Some(s) => {
                         s.on_accept(conn, &mut self.env);
-                        let at = self.env.now + self.env.rng.range(self.env.cfg.net_delay_ms.0, self.env.cfg.net_delay_ms.1);
+                        let at =
+                            self.env.now + self.env.rng.range(self.env.cfg.net_delay_ms.0, self.env.cfg.net_delay_ms.1);
                         self.env.schedule(at, Ev::Connected { conn });
                     }
                     None => {

@@ -100,7 +100,11 @@ fn random() {
     for (k, seeds) in &known {
         eprintln!("known defect {k}: {} seeds (first {:?})", seeds.len(), &seeds[..seeds.len().min(3)]);
     }
-    assert!(failed.is_empty(), "failing seeds: {failed:?}");
+    assert!(
+        failed.is_empty(),
+        "failing seeds: {failed:?}; replay one with SIM_SEED={} cargo test -p sanvol-sim --test seeds -- replay --nocapture",
+        failed.first().copied().unwrap_or_default()
+    );
 }
 
 /// `SIM_FIRST=N`: seeds 1, 2, … N in order until the first one that fails

@@ -296,7 +296,10 @@ impl AgentHost {
                 self.pending.insert(request, conn);
                 let timeout = timeout_ms.unwrap_or(REQUEST_TIMEOUT_MS);
                 let at = env.now + timeout;
-                env.schedule(at, Ev::AgentDeliver { agent: self.index, inc: self.inc, delivery: Delivery::Timeout { request } });
+                env.schedule(
+                    at,
+                    Ev::AgentDeliver { agent: self.index, inc: self.inc, delivery: Delivery::Timeout { request } },
+                );
                 env.send(net, Wire::ToServer(ClientMessage { id: request.0, request: message }));
             }
             Effect::Reply { caller, reply } => match self.callers.remove(&caller) {
@@ -305,7 +308,13 @@ impl AgentHost {
                 None => {}
             },
             Effect::StartAttach { attachment, volume, handle, mode, description, lease_until_ms, .. } => {
-                env.trace(me, format_args!("attached {volume} handle {handle} ({mode}), layout generation {}", description.layout_generation));
+                env.trace(
+                    me,
+                    format_args!(
+                        "attached {volume} handle {handle} ({mode}), layout generation {}",
+                        description.layout_generation
+                    ),
+                );
                 let snapshot = description.snapshot.as_ref().map_or(0, |s| s.id.0);
                 let att = Att {
                     volume,
@@ -327,12 +336,19 @@ impl AgentHost {
                 self.atts.insert(attachment, att);
                 env.obs.known_handles.insert(handle, (self.index, self.inc));
                 self.note_lease(attachment, env);
-                let prepared = Prepared { export_uri: format!("sim://agent{}/{attachment:?}", self.index), kernel_device: None, kernel_note: None };
+                let prepared = Prepared {
+                    export_uri: format!("sim://agent{}/{attachment:?}", self.index),
+                    kernel_device: None,
+                    kernel_note: None,
+                };
                 queue.push_back(Input::Prepared { attachment, result: Ok(prepared) });
             }
             Effect::BeginRecall { attachment, generation } => {
                 let Some(a) = self.atts.get_mut(&attachment) else { return };
-                env.trace(me, format_args!("{}: recalled for generation {generation}, draining {} I/O", a.volume, a.in_flight));
+                env.trace(
+                    me,
+                    format_args!("{}: recalled for generation {generation}, draining {} I/O", a.volume, a.in_flight),
+                );
                 a.phase = Phase::Recalled { generation };
                 a.drain_for = Some(generation);
                 if a.in_flight == 0 {
@@ -342,7 +358,13 @@ impl AgentHost {
             }
             Effect::Publish { attachment, description, .. } => {
                 let Some(a) = self.atts.get_mut(&attachment) else { return };
-                env.trace(me, format_args!("{}: layout generation {} installed, I/O resumes", a.volume, description.layout_generation));
+                env.trace(
+                    me,
+                    format_args!(
+                        "{}: layout generation {} installed, I/O resumes",
+                        a.volume, description.layout_generation
+                    ),
+                );
                 let snapshot = description.snapshot.as_ref().map_or(0, |s| s.id.0);
                 if snapshot != a.preserved.0 {
                     a.preserved = (snapshot, BTreeSet::new());
@@ -392,7 +414,8 @@ impl AgentHost {
                     env.trace(me, format_args!("{}: handle {} forgotten", a.volume, a.handle));
                     env.obs.drop_lease(a.handle);
                     env.obs.known_handles.remove(&a.handle);
-                    let ids: Vec<u64> = self.ios.iter().filter(|(_, io)| io.att == attachment).map(|(id, _)| *id).collect();
+                    let ids: Vec<u64> =
+                        self.ios.iter().filter(|(_, io)| io.att == attachment).map(|(id, _)| *id).collect();
                     for id in ids {
                         self.finish_io(id, Err("the volume is detached".into()), env);
                     }
@@ -509,7 +532,8 @@ impl AgentHost {
             if let Some(epoch) = &desc.snapshot {
                 let chunk = block * BLOCK_BYTES / epoch.chunk_bytes;
                 let a = self.atts.get_mut(&io.att).expect("admitted I/O has its attachment");
-                let known = epoch.cow.contains(chunk) || (a.preserved.0 == epoch.id.0 && a.preserved.1.contains(&chunk));
+                let known =
+                    epoch.cow.contains(chunk) || (a.preserved.0 == epoch.id.0 && a.preserved.1.contains(&chunk));
                 if chunk < epoch.chunk_count() && !known {
                     let att = io.att;
                     match a.preserving.get_mut(&chunk) {
@@ -815,7 +839,15 @@ impl AgentHost {
         }
     }
 
-    fn register(&mut self, att: AttachmentId, chunk: u64, volume: String, snapshot: u64, server_copies: bool, env: &mut Env) {
+    fn register(
+        &mut self,
+        att: AttachmentId,
+        chunk: u64,
+        volume: String,
+        snapshot: u64,
+        server_copies: bool,
+        env: &mut Env,
+    ) {
         let caller = CallerId(self.next_caller);
         self.next_caller += 1;
         self.callers.insert(caller, CallerPurpose::Cow { att, chunk });
