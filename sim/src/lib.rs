@@ -140,5 +140,6 @@ pub fn describe_event(e: &ServerEvent) -> String {
             description.snapshot.as_ref().map_or(String::new(), |s| format!(" snapshot {}", s.id))
         ),
         ServerEvent::Revoked { handle, reason } => format!("Revoked handle {}: {reason}", handle.0),
+        ServerEvent::Redirect { addrs, reason } => format!("Redirect to {addrs:?}: {reason}"),
     }
 }

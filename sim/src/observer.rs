@@ -11,6 +11,7 @@
 //! | `recall-completes-or-excludes` | every server tick | a recall ends (every holder confirmed or was excluded, and the change committed or failed) within `2 × lease + 1 s` of server time |
 //! | `grace-only-resumes` | the server answers | while the grace period lasts, no open, handover or admin change succeeds and no resume is refused as unavailable |
 //! | `generations-only-grow` | a commit; a server boot | committed generations strictly grow; a restarted server loads at least the last acknowledged generation, with every acknowledged change |
+//! | `no-unasked-availability-change` | the server core emits `HandOff` or `Stop` | a server that nobody asked to hand off and that never lost the pool lease keeps serving (this world runs one server at a time and never takes its lease) |
 //! | `settled-*` | the end | once faults stop: no recall pending at the server, no agent gate stuck recalled, every planned holder attached |
 //!
 //! Data sweeps read the devices directly through the last committed
@@ -412,7 +413,11 @@ pub fn sweep(env: &mut Env) {
             let legs: Vec<(volume_format::DeviceIndex, u64)> = match meta.snapshot_source(s.id, chunk) {
                 Some(ChunkSource::Cow(from)) => {
                     let Some(f) = meta.snapshot(from) else { continue };
-                    let Some((extent, within)) = f.cow_location(chunk, eb) else { continue };
+                    // The observer's own arithmetic: the COW area is
+                    // direct-mapped (chunk c at c × chunk size).
+                    let at = chunk * f.chunk_bytes;
+                    let Some(extent) = f.cow_extents.get((at / eb) as usize) else { continue };
+                    let within = at % eb;
                     extent.legs.iter().map(|l| (l.device, l.offset + within + off % s.chunk_bytes)).collect()
                 }
                 Some(ChunkSource::Live) => {

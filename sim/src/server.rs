@@ -362,6 +362,17 @@ impl ServerProc {
             }
             Effect::Job { task, job } => self.start_job(task, job, env),
             Effect::Published { .. } => {}
+            // Nobody in this world asks for a handoff and the pool lease is
+            // never lost (one server runs at a time): a core that gives up
+            // serving on its own would leave the pool without a server.
+            Effect::HandOff { to } => env.fail(
+                "no-unasked-availability-change",
+                format!("the core asked to hand the pool lease to host id {to}, but nobody asked for a handoff"),
+            ),
+            Effect::Stop { why } => env.fail(
+                "no-unasked-availability-change",
+                format!("the core stopped serving ({why}) though nobody asked it to and it never lost its lease"),
+            ),
         }
     }
 
@@ -644,11 +655,21 @@ fn online_legs(
         .collect()
 }
 
+/// Where snapshot `s` keeps `chunk`'s pre-image (the pool's mapping, as
+/// the server's copy job uses it).
+fn cow_chunk<'a>(
+    meta: &'a PoolMetadata,
+    s: &SnapshotRecord,
+    chunk: u64,
+) -> Result<volume_format::mapping::Segment<'a>, String> {
+    meta.cow_area(s.id)
+        .and_then(|area| area.chunk(chunk, 0, s.chunk_bytes))
+        .map_err(|e| format!("chunk {chunk} of snapshot {}: {e}", s.name))
+}
+
 fn cow_targets(env: &Env, meta: &PoolMetadata, s: &SnapshotRecord, chunk: u64) -> Result<Vec<(usize, u64)>, String> {
-    let (extent, offset) = s
-        .cow_location(chunk, meta.extent_bytes)
-        .ok_or_else(|| format!("chunk {chunk} is beyond snapshot {}", s.name))?;
-    let legs = online_legs(env, meta, &extent.legs, offset);
+    let seg = cow_chunk(meta, s, chunk)?;
+    let legs = online_legs(env, meta, seg.physical_legs(), seg.extent_offset);
     if legs.is_empty() {
         return Err(format!("snapshot {}: no leg of chunk {chunk}'s area is online", s.name));
     }
@@ -692,10 +713,9 @@ fn merge_plan(
     chunks
         .iter()
         .map(|&chunk| {
-            let (extent, offset) = s
-                .cow_location(chunk, meta.extent_bytes)
-                .ok_or_else(|| format!("chunk {chunk} is beyond snapshot {}", s.name))?;
-            Ok((chunk, online_legs(env, meta, &extent.legs, offset), cow_targets(env, meta, o, chunk)?))
+            let seg = cow_chunk(meta, s, chunk)?;
+            let from = online_legs(env, meta, seg.physical_legs(), seg.extent_offset);
+            Ok((chunk, from, cow_targets(env, meta, o, chunk)?))
         })
         .collect()
 }

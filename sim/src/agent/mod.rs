@@ -279,6 +279,9 @@ impl AgentHost {
                 self.conns.insert(conn, net);
                 self.net_conns.insert(net, conn);
             }
+            // The simulated agent reaches server host `addr % server_hosts`
+            // whatever the list says (no server in this world redirects).
+            Effect::Addresses { addrs } => env.trace(me, format_args!("server addresses now {addrs:?}")),
             Effect::Disconnect { conn } => {
                 if let Some(&net) = self.conns.get(&conn) {
                     env.break_conn(net, false, false);
@@ -928,28 +931,31 @@ fn block_legs(desc: &VolumeDescription, block: u64, env: &Env) -> Vec<(usize, u6
 fn range_legs(desc: &VolumeDescription, offset: u64, env: &Env) -> Vec<(usize, u64)> {
     let Ok(mut segments) = desc.map(offset, BLOCK_BYTES) else { return Vec::new() };
     let Some(seg) = segments.next() else { return Vec::new() };
-    seg.legs
-        .iter()
-        .filter_map(|leg| {
-            let ep = desc.device(leg.device).filter(|d| d.online)?;
-            Some((env.device_by_uuid(ep.device_uuid)?, seg.device_offset(leg)))
-        })
+    sim_legs(desc, seg, env)
+}
+
+/// (sim device, byte offset) of every leg of `seg` that takes writes
+/// (the legs on online devices), in the extent's order.
+fn sim_legs(desc: &VolumeDescription, seg: volume_format::mapping::Segment<'_>, env: &Env) -> Vec<(usize, u64)> {
+    let Ok(legs) = seg.legs() else { return Vec::new() };
+    legs.iter()
+        .filter(|leg| leg.state.takes_writes())
+        .filter_map(|leg| Some((env.device_by_uuid(desc.device(leg.device)?.device_uuid)?, leg.device_offset)))
         .collect()
 }
 
+/// Where `chunk`'s pre-image goes: the description's newest snapshot's COW
+/// area, which must be `epoch`.
 fn cow_legs(
     desc: &VolumeDescription,
     epoch: &volume_format::description::SnapshotEpoch,
     chunk: u64,
     env: &Env,
 ) -> Vec<(usize, u64)> {
-    let Some((legs, within)) = epoch.cow_location(chunk, desc.extent_bytes) else { return Vec::new() };
-    legs.iter()
-        .filter_map(|leg| {
-            let ep = desc.device(leg.device).filter(|d| d.online)?;
-            Some((env.device_by_uuid(ep.device_uuid)?, leg.offset + within))
-        })
-        .collect()
+    let map = desc.mapping(&desc.devices);
+    let Some(area) = map.newest.filter(|a| a.snapshot == epoch.id) else { return Vec::new() };
+    let Ok(seg) = area.chunk(chunk, 0, epoch.chunk_bytes) else { return Vec::new() };
+    sim_legs(desc, seg, env)
 }
 
 /// Every sim device the volume's layout uses.

@@ -103,7 +103,7 @@ impl Pool {
         std::fs::write(
             &config,
             format!(
-                "listen = [\"127.0.0.1:{mds_port}\"]\nkey = {:?}\ndevices = [{}]\nlease_ms = {lease_ms}\ndurable_ms = {DURABLE_MS}\n",
+                "listen = [\"127.0.0.1:{mds_port}\"]\nkey = {:?}\ndevices = [{}]\nlease_ms = {lease_ms}\ndurable_ms = {DURABLE_MS}\nlease_io_timeout_ms = 200\n",
                 mds_key.display().to_string(),
                 quoted.join(", ")
             ),
