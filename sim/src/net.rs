@@ -38,8 +38,10 @@ impl std::fmt::Display for Proc {
     }
 }
 
-/// A message on a connection.
+/// A message on a connection (as the protocol's own types, not bytes:
+/// boxing the larger one would only add an allocation per message).
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
 pub enum Wire {
     ToServer(ClientMessage),
     ToClient(ServerMessage),

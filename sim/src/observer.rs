@@ -49,6 +49,9 @@ pub const KNOWN_DEFECTS: &[(&str, &str)] = &[(
 
 pub const AGENT_FORGETS_ON_FAILED_CLOSE: &str = "agent-forgets-handle-on-failed-close";
 
+/// A snapshot's volume, and each checked block with the values it may read.
+type SnapshotCheck = (u64, Vec<(u64, Vec<u64>)>);
+
 #[derive(Debug, Clone)]
 struct LeaseView {
     agent: usize,
@@ -77,7 +80,7 @@ pub struct Observer {
     closing: BTreeSet<u64>,
     opens: BTreeMap<u64, OpenRec>,
     /// Snapshot id → volume and each checked block's allowed values.
-    snapshots: BTreeMap<u64, (u64, Vec<(u64, Vec<u64>)>)>,
+    snapshots: BTreeMap<u64, SnapshotCheck>,
     /// Volume → server time its pending change was first seen, and the
     /// server's paused time then.
     recalls: BTreeMap<u64, (u64, u64)>,
@@ -402,8 +405,7 @@ pub fn sweep(env: &mut Env) {
             }
         }
     }
-    let snapshots: Vec<(u64, (u64, Vec<(u64, Vec<u64>)>))> =
-        env.obs.snapshots.iter().map(|(k, v)| (*k, v.clone())).collect();
+    let snapshots: Vec<(u64, SnapshotCheck)> = env.obs.snapshots.iter().map(|(k, v)| (*k, v.clone())).collect();
     for (sid, (_, blocks)) in snapshots {
         let Some(s) = meta.snapshot(volume_format::SnapshotId(sid)) else { continue };
         let Some(volume) = meta.volume(s.volume) else { continue };

@@ -89,7 +89,7 @@ enum WriteStep {
 /// A pre-image copy or merge in progress: one chunk at a time, read then
 /// write every leg.
 struct JobRun {
-    chunks: VecDeque<(u64, Vec<(usize, u64)>, Vec<(usize, u64)>)>,
+    chunks: VecDeque<ChunkStep>,
     chunk_blocks: u64,
     state: JobState,
 }
@@ -676,7 +676,9 @@ fn cow_targets(env: &Env, meta: &PoolMetadata, s: &SnapshotRecord, chunk: u64) -
     Ok(legs)
 }
 
-type ChunkPlan = Vec<(u64, Vec<(usize, u64)>, Vec<(usize, u64)>)>;
+/// A chunk to copy: (chunk, the legs to read it from, the legs to write it to).
+type ChunkStep = (u64, Vec<(usize, u64)>, Vec<(usize, u64)>);
+type ChunkPlan = Vec<ChunkStep>;
 
 fn cow_copy_plan(
     env: &Env,

@@ -551,7 +551,7 @@ impl World {
     /// Whether an event for `proc` (incarnation `inc`) runs now: dropped if
     /// that incarnation is gone, put off while the process is paused.
     fn admit(&mut self, proc: Proc, inc: u64, ev: Ev) -> Option<Ev> {
-        let Some(s) = self.env.procs.get(&proc) else { return None };
+        let s = self.env.procs.get(&proc)?;
         if !s.up || s.inc != inc {
             return None;
         }

@@ -54,8 +54,16 @@ use crate::world::{DevOrigin, Env, Ev};
 /// (`control_client::client::REQUEST_TIMEOUT`).
 pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
 
+/// A device request of an I/O: (sim device, request, the (block, tag) a
+/// write puts there).
+type DevSend = (usize, DevOp, Option<(u64, u64)>);
+
 /// Something for the core that took a hop inside the agent.
+///
+/// Replies are large next to the other variants; deliveries are events in
+/// the simulation's queue, a few at a time per agent, not worth a box each.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum Delivery {
     Reply { request: RequestId, result: Result<Response, RequestError> },
     Event { conn: ConnId, event: ServerEvent },
@@ -573,7 +581,8 @@ impl AgentHost {
         let me = Proc::Agent(self.index);
         let desc = io.desc.clone().expect("admitted");
         let kind = io.kind.clone();
-        let mut sends: Vec<(usize, DevOp, Option<(u64, u64)>)> = Vec::new();
+        // (device, request, the (block, tag) a write puts there)
+        let mut sends: Vec<DevSend> = Vec::new();
         match &kind {
             IoKind::Write { block, tag } => {
                 for (dev, offset) in block_legs(&desc, *block, env) {
