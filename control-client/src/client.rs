@@ -38,7 +38,7 @@ pub enum ControlClientError {
     Connect { addr: String, source: std::io::Error },
     #[error("metadata server at {addr}: {source}")]
     Handshake { addr: String, source: HandshakeError },
-    #[error("the connection to the metadata server is closed")]
+    #[error("the connection to the metadata server is closed before it answered (it stopped, or lost the pool lease to another server: a change it had not confirmed may or may not have been made; `sanvol pool status` shows the active server and the pool as it is)")]
     Closed,
     #[error("the metadata server did not answer within {0:?}")]
     Timeout(Duration),
@@ -204,10 +204,10 @@ async fn read_loop(mut reader: ReadHalf<Stream>, shared: Arc<Shared>, events: mp
             }
             ServerMessage::Event(event) => match events.try_send(event) {
                 Ok(()) => {}
-                // The caller dropped the receiver: it wants replies only
-                // (the admin CLI); the event is not for anyone.
+                // Nobody listens for events (an admin command): they are
+                // not for this client.
                 Err(mpsc::error::TrySendError::Closed(event)) => {
-                    tracing::debug!("server event with nobody listening: {event:?}")
+                    tracing::debug!(?event, "control event ignored: this client does not take events")
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     tracing::warn!("control events are not being consumed; dropping the connection");

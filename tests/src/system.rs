@@ -262,7 +262,7 @@ impl Stack {
         std::fs::write(
             &config,
             format!(
-                "listen = [{:?}]\nkey = {:?}\ndevices = [{}]\nlease_ms = {}\nlease_io_timeout_ms = 200\n\
+                "listen = [{:?}]\nkey = {:?}\ndevices = [{}]\nlease_ms = {}\nlease_io_timeout_ms = 500\n\
                  host_id = {host_id}\nname = \"mds-{host_id}\"\n",
                 format!("unix:{}", socket.display()),
                 self.mds_key.display().to_string(),
@@ -331,6 +331,26 @@ impl Stack {
 
     pub fn mds_log(&self) -> String {
         self.mds.as_ref().map(|p| p.log()).unwrap_or_default()
+    }
+
+    /// The last `lines` lines of every process log of this stack (servers,
+    /// agents), each under its file name: what a failing test prints.
+    pub fn all_logs(&self, lines: usize) -> String {
+        let mut logs: Vec<_> = std::fs::read_dir(self.dir.path())
+            .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "log")).collect())
+            .unwrap_or_default();
+        logs.sort();
+        let mut out = String::new();
+        for path in logs {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            out += &format!("==== {} ====\n", path.display());
+            for line in &all[all.len().saturating_sub(lines)..] {
+                out += line;
+                out.push('\n');
+            }
+        }
+        out
     }
 
     /// `sanvol ARGS` as the admin; returns the whole output.

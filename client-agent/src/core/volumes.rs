@@ -623,6 +623,11 @@ impl AgentCore {
             Err(RequestError::Server(e)) if e.code == ErrorCode::Unavailable => {
                 info!(volume = name, handle, reason = %e.message, "cannot resume yet; I/O stays held, retrying");
             }
+            // A standby (or a server that just lost the lease) answered: the
+            // link moves on to the next address; the handle is resumed there.
+            Err(RequestError::Server(e)) if e.code == ErrorCode::NotActive => {
+                info!(volume = name, handle, reason = %e.message, "that server is not active; I/O stays held, resuming at the active one");
+            }
             Err(RequestError::Server(e)) => {
                 // Broken (another client has the volume), closed, or a key
                 // the server does not accept: writing on would be unsafe.
@@ -681,7 +686,9 @@ impl AgentCore {
                 self.replay_orphans(opened.handle.0);
                 self.registrations.retry_volume_now(&name, now);
             }
-            Err(RequestError::Server(e)) if e.code == ErrorCode::Conflict => {
+            Err(RequestError::Server(e))
+                if matches!(e.code, ErrorCode::Conflict | ErrorCode::Unavailable | ErrorCode::NotActive) =>
+            {
                 info!(volume = name, reason = %e.message, "cannot re-open yet; I/O stays held, retrying");
             }
             Err(RequestError::Server(e)) => {

@@ -56,6 +56,13 @@ pub async fn connect(conn: &ConnArgs) -> Result<ControlClient> {
                     client.close().await;
                     errors.push(format!("{addr}: {}", e.message));
                 }
+                // Closed or timed out while asking: try the next server.
+                Err(
+                    e @ (control_client::ControlClientError::Closed | control_client::ControlClientError::Timeout(_)),
+                ) => {
+                    client.close().await;
+                    errors.push(format!("{addr}: {e}"));
+                }
                 _ => return Ok(client),
             },
             Err(e) => errors.push(format!("{addr}: {e:#}")),

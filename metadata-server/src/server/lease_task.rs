@@ -53,6 +53,17 @@ impl LeaseGuard {
         })
     }
 
+    /// The guard of the next term: a closed window on the same clock (the
+    /// lease machine's times carry over from one term to the next).
+    pub fn successor(&self) -> Arc<LeaseGuard> {
+        Arc::new(LeaseGuard {
+            epoch: self.epoch,
+            valid_until_ms: AtomicU64::new(0),
+            ended: AtomicBool::new(false),
+            changed: watch::channel(0).0,
+        })
+    }
+
     /// Whether this server may commit now, waiting up to `max` for a
     /// renewal in flight to extend the window (a renewal a little late
     /// must not fail a commit; an ended lease fails at once).
@@ -132,11 +143,6 @@ pub struct LeaseTask {
     pub owner_seen: watch::Sender<Option<LeaseRecord>>,
     pub servers: watch::Sender<Servers>,
     last_presence_ms: Option<u64>,
-    /// The role this server's sector said when last written: a new role is
-    /// written at once (not up to `T` later), so that the active server
-    /// never reads its own sector as standing by and hands the pool to
-    /// itself.
-    last_presence_role: Option<ServerRole>,
     last_servers_read_ms: Option<u64>,
 }
 
@@ -193,7 +199,6 @@ impl LeaseTask {
             owner_seen: watch::channel(None).0,
             servers: watch::channel(Vec::new()).0,
             last_presence_ms: None,
-            last_presence_role: None,
             last_servers_read_ms: None,
         })
     }
@@ -208,9 +213,9 @@ impl LeaseTask {
     }
 
     /// After a term ended (lost or handed off): watch for the lease again,
-    /// with a fresh guard for the next term.
-    pub fn stand_by(&mut self, guard: Arc<LeaseGuard>) {
-        self.guard = guard;
+    /// with a fresh guard for the next term (on the same clock).
+    pub fn stand_by(&mut self) {
+        self.guard = self.guard.successor();
         self.machine.phase = LeasePhase::Standby { owner: None };
         self.last_servers_read_ms = None;
         self.owner_seen.send_replace(None);
@@ -362,22 +367,27 @@ impl LeaseTask {
     /// reads every host sector every `2T` (who is standing by).
     async fn presence(&mut self, now: u64) {
         let t = self.machine.timing.io_timeout_ms;
-        let role = match self.machine.phase {
-            LeasePhase::Owner { .. } => ServerRole::Active,
-            LeasePhase::HandedOff { .. } | LeasePhase::Lost { .. } => ServerRole::Stopped,
-            _ => ServerRole::Standby,
-        };
-        if self.last_presence_ms.is_none_or(|p| now >= p + t) || self.last_presence_role != Some(role) {
+        if self.last_presence_ms.is_none_or(|p| now >= p + t) {
             self.last_presence_ms = Some(now);
-            self.last_presence_role = Some(role);
             let mut me = self.machine.me.clone();
-            me.role = role;
+            me.role = match self.machine.phase {
+                LeasePhase::Owner { .. } => ServerRole::Active,
+                LeasePhase::HandedOff { .. } | LeasePhase::Lost { .. } => ServerRole::Stopped,
+                _ => ServerRole::Standby,
+            };
             self.write_sector(self.machine.me.host_id as u64, &me).await;
         }
         let active = matches!(self.machine.phase, LeasePhase::Owner { .. });
         if active && self.last_servers_read_ms.is_none_or(|p| now >= p + 2 * t) {
             self.last_servers_read_ms = Some(now);
-            let servers = self.read_hosts().await;
+            let mut servers = self.read_hosts().await;
+            // This server is active, whatever its sector said when read (a
+            // presence written while it stood by may still be there).
+            let mut me = self.machine.me.clone();
+            me.role = ServerRole::Active;
+            servers.retain(|s| s.host_id != me.host_id);
+            servers.push(me);
+            servers.sort_by_key(|s| s.host_id);
             self.servers.send_replace(servers);
         }
     }

@@ -248,10 +248,10 @@ impl Server {
                 Ok(TermEnd::Shutdown) => break,
                 Ok(TermEnd::NotActive(why)) => {
                     warn!("{why}; standing by");
-                    lease.stand_by(lease_task::LeaseGuard::new());
+                    lease.stand_by();
                 }
                 Err(e) => {
-                    lease.stand_by(lease_task::LeaseGuard::new());
+                    lease.stand_by();
                     if *stop_rx.borrow() {
                         break;
                     }
@@ -323,10 +323,36 @@ async fn standby_when_seen(
         seen = owner.wait_for(|o| o.as_ref().is_some_and(|o| o.host_id != me)) => if seen.is_err() { return },
         _ = done.wait_for(|d| *d) => return,
     }
-    let term = StandbyTerm::start(&listeners, &key, &config, owner, clients);
-    let _ = done.wait_for(|d| *d).await;
+    let (clients_tx, clients_rx) = watch::channel(clients);
+    let term = StandbyTerm::start(&listeners, &key, &config, owner, clients_rx);
+    // The clients the active server adds (agents, admins) after this one
+    // read the pool: read again now and every STANDBY_CLIENTS_REFRESH, so
+    // a new key hears "standing by, go there" rather than "unknown key".
+    let refresh = async {
+        loop {
+            match open_pool(&config, &key).await {
+                Ok((pool, meta)) => {
+                    clients_tx.send_replace(Arc::new(core::client_table(&meta)));
+                    for d in &pool.devices {
+                        if let Some(c) = &d.client {
+                            c.disconnect().await;
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("standby: cannot read the pool's clients again: {e}"),
+            }
+            tokio::time::sleep(STANDBY_CLIENTS_REFRESH).await;
+        }
+    };
+    tokio::select! {
+        _ = done.wait_for(|d| *d) => {}
+        _ = refresh => {}
+    }
     term.stop().await;
 }
+
+/// How often a standby reads the pool's client records again.
+const STANDBY_CLIENTS_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl StandbyTerm {
     fn start(
@@ -334,7 +360,7 @@ impl StandbyTerm {
         key: &Arc<SigningKey>,
         config: &Config,
         owner: watch::Receiver<Option<volume_format::lease::LeaseRecord>>,
-        clients: Arc<ClientTable>,
+        clients: watch::Receiver<Arc<ClientTable>>,
     ) -> StandbyTerm {
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMANDS_QUEUED_MAX);
         let (stop, stop_rx) = watch::channel(false);
@@ -343,7 +369,7 @@ impl StandbyTerm {
         let ctx = Arc::new(session::SessionContext {
             key: key.clone(),
             lease_ms: config.lease_ms,
-            clients: watch::channel(clients).1,
+            clients,
             meta: watch::channel(Arc::new(volume_format::PoolMetadata::new(
                 uuid::Uuid::nil(),
                 "",
@@ -446,7 +472,11 @@ async fn active_term(
     let (lease_end_tx, lease_end_rx) = tokio::sync::oneshot::channel();
     let lease_watch = tokio::spawn(async move {
         let result = lease_run.await;
-        let _ = lease_end_tx.send(());
+        // Only a lost lease is news to the owner: a handoff's outcome
+        // reaches it as its own input, and a stop is the owner's doing.
+        if let Ok((_, lease_task::LeaseEnd::Lost(why))) = &result {
+            let _ = lease_end_tx.send(why.clone());
+        }
         result
     });
     let control = owner::LeaseControl { commands: lease_cmd_tx, servers, ended: lease_end_rx, guard };

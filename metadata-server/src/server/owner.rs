@@ -144,7 +144,6 @@ pub async fn run(
         stopped: None,
     };
     let mut lease_gone = false;
-    let mut lost_after_handoff = false;
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(Duration::from_millis(tick_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -165,31 +164,16 @@ pub async fn run(
                 let list = servers.borrow_and_update().iter().map(server_info).collect();
                 Some(Input::Servers { servers: list })
             }
-            _ = &mut lease_ended, if !lease_gone => {
-                // The lease task ended while serving: lost (shutdowns end
-                // the loop before this can happen). During a handoff it ends
-                // as soon as it has answered it, and that answer (which
-                // replies to the admin) may still be on its way: it is
-                // applied first, and the lease counts as lost only if the
-                // handoff did not end this server's term.
+            why = &mut lease_ended, if !lease_gone => {
+                // The lease task lost the lease while serving (a handoff's
+                // end comes as Input::HandedOff: nothing is sent for it).
                 lease_gone = true;
-                if shell.core.handoff_in_progress() {
-                    lost_after_handoff = true;
-                    None
-                } else {
-                    Some(Input::LeaseLost { why: "the pool lease could not be kept".into() })
-                }
+                why.ok().map(|why| Input::LeaseLost { why })
             }
         };
         if let Some(input) = input {
             let now = shell.clock.now();
             let effects = shell.core.apply(now, input);
-            shell.perform(effects);
-        }
-        if lost_after_handoff && !shell.core.handoff_in_progress() && shell.stopped.is_none() {
-            lost_after_handoff = false;
-            let lost = Input::LeaseLost { why: "the pool lease could not be kept".into() };
-            let effects = shell.core.apply(shell.clock.now(), lost);
             shell.perform(effects);
         }
         if shell.stopped.is_some() {
@@ -212,7 +196,8 @@ pub struct LeaseControl {
     /// The pool's servers as their lease sectors say.
     pub servers: watch::Receiver<Servers>,
     /// Resolves when the lease task ends (lost: commit nothing more).
-    pub ended: oneshot::Receiver<()>,
+    /// Why the lease task ended (it says whether another server took it).
+    pub ended: oneshot::Receiver<String>,
     /// Checked by the device task before every metadata write.
     pub guard: Arc<LeaseGuard>,
 }

@@ -130,15 +130,21 @@ impl Core {
                 // The answer first, then a recall the handle still owes: the
                 // agent must know the handle before it is told to drain it.
                 let result = self.resume(session, &key);
-                let handle = match &result {
-                    Ok(Response::Opened(o)) => Some(o.handle),
+                let resumed = match &result {
+                    Ok(Response::Opened(o)) => Some((o.handle, o.description.volume)),
                     _ => None,
                 };
                 self.reply(reply, result);
-                if let Some(handle) = handle {
+                if let Some((handle, volume)) = resumed {
                     if let Some(generation) = self.handles.pending_recall(handle.0) {
                         info!(handle = handle.0, generation, "the resumed handle owes a recall: asking again");
                         self.send_event(session, ServerEvent::Recall { handle, generation });
+                    } else if self.handles.recall_of(volume.0).is_none() {
+                        // No change pending: a holder still recalled for one
+                        // this server never committed (it restarted, or the
+                        // change failed and the publish was lost with the
+                        // connection) goes on with the current layout.
+                        self.publish_volume_to(volume, handle.0, session);
                     }
                 }
                 return Step::Done(None);
@@ -415,14 +421,17 @@ impl Core {
                         "excluded from the reconfiguration of layout generation {}: no confirmation within the lease",
                         pending.generation
                     );
-                    self.send_event(h.session, ServerEvent::Revoked { handle: HandleId(*id), reason });
+                    self.released(&h, reason);
                 }
             }
         }
         // Holders resume either way: with the new layout, or the old one if
-        // the change failed.
+        // the change failed — then those it would have excluded too: they
+        // were not removed, and a holder that was only slow (paused, cut
+        // off) would otherwise wait for a layout forever.
         self.handles.finish_recall(volume.0);
-        self.publish_volume(volume, &excluded);
+        let skip: &[u64] = if result.is_ok() { &excluded } else { &[] };
+        self.publish_volume(volume, skip);
         match &result {
             Ok(()) => {
                 info!(%volume, change = %pending.change, generation = self.meta.generation, "volume reconfigured")
@@ -500,7 +509,7 @@ impl Core {
         for h in broken {
             info!(handle = h.id, holder = %h.holder, "handle broken by a conflicting open after its lease ran out");
             let reason = format!("{holder} opened the volume {mode} after this handle's lease ran out");
-            self.send_handle_event(&h, ServerEvent::Revoked { handle: HandleId(h.id), reason });
+            self.released(&h, reason);
         }
         let description = match VolumeDescription::from_metadata(&self.meta, volume) {
             Ok(d) => d,
@@ -586,7 +595,7 @@ impl Core {
             if let Some(h) = self.handles.remove(id) {
                 warn!(handle = id, volume = h.volume, holder = %h.holder, "lease ran out; handle released");
                 let reason = format!("the lease ran out at {}", self.now.describe(h.lease_until_ms));
-                self.send_handle_event(&h, ServerEvent::Revoked { handle: HandleId(id), reason });
+                self.released(&h, reason);
             }
         }
         self.check_recalls();

@@ -16,7 +16,7 @@ use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, info, warn, Instrument};
-use volume_format::control::messages::{ClientMessage, ControlError, ErrorCode, Response, ServerMessage};
+use volume_format::control::messages::{ClientMessage, ControlError, ErrorCode, ServerMessage};
 
 use super::admission::{Gate, PreAuth, HANDSHAKE_DEADLINE};
 use super::core::ClientTable;
@@ -122,6 +122,9 @@ pub async fn run(
     run_inner(stream, peer, session, ctx, stop, preauth).instrument(span).await
 }
 
+/// How long a stopping session waits to send the answers already given.
+const STOP_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn run_inner(
     stream: Box<dyn ControlStream>,
     peer: String,
@@ -180,20 +183,20 @@ async fn run_inner(
     }
 
     let mut in_flight = FuturesUnordered::new();
+    let mut stopping = false;
     loop {
         tokio::select! {
             _ = stopped(&mut stop) => {
-                deliver_answered(&mut in_flight, &out_tx).await;
+                stopping = true;
                 break;
             }
             kicked = &mut kick_rx => {
-                if kicked.is_err() {
-                    // The owner is gone (its term ended, e.g. by a handoff):
-                    // what it answered before (the handoff's own reply) is
-                    // delivered before the connection closes.
-                    deliver_answered(&mut in_flight, &out_tx).await;
+                // Kicked, or the owner is gone (its end of the kick dropped):
+                // either way the answers it already gave go out first.
+                if kicked.is_ok() {
+                    info!("session closed by the server");
                 }
-                info!("session closed by the server");
+                stopping = true;
                 break;
             }
             Some((id, result)) = in_flight.next(), if !in_flight.is_empty() => {
@@ -241,22 +244,23 @@ async fn run_inner(
         }
     }
     reader_task.abort();
+    if stopping {
+        // The server closes this session or stops serving (shutdown,
+        // handoff, lost lease): the answers it gave before (a handoff's own
+        // "done", NotActive to what was queued) still go out, then the
+        // connection closes.
+        let drain = async {
+            while let Some((id, result)) = in_flight.next().await {
+                if out_tx.send(ServerMessage::Reply { id, result }).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(STOP_DRAIN, drain).await;
+    }
     let _ = ctx.commands.send(Command::Disconnected { session }).await;
     drop(out_tx);
     let _ = writer_task.await;
     info!("control session ended");
 }
 
-/// Sends the replies of requests still in flight once the owner is gone:
-/// each has its answer already or never gets one (its sender dropped, told
-/// as unavailable), so this does not wait on anything but the writer.
-async fn deliver_answered<F>(in_flight: &mut FuturesUnordered<F>, out: &mpsc::Sender<ServerMessage>)
-where
-    F: std::future::Future<Output = (u64, Result<Response, ControlError>)>,
-{
-    while let Some((id, result)) = in_flight.next().await {
-        if out.send(ServerMessage::Reply { id, result }).await.is_err() {
-            break;
-        }
-    }
-}

@@ -5,7 +5,6 @@
 //! standby holds the pool's server key and reads the pool's clients), so
 //! nobody learns anything without a key the pool authorizes.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
@@ -30,10 +29,9 @@ pub fn not_active_message(owner: Option<&LeaseRecord>, me: &str) -> String {
 
 /// Answers the commands of standby sessions until every sender is gone.
 pub async fn run(mut commands: mpsc::Receiver<Command>, owner: watch::Receiver<Option<LeaseRecord>>, me: Arc<str>) {
-    // Each session's kick sender is held until it disconnects: dropping it
-    // would close the session before its first request got its NotActive.
-    // Bounded by the sessions the accept loops admit (`SESSIONS_MAX`).
-    let mut kicks = HashMap::new();
+    // Each session's kick sender is kept while it is connected: dropping
+    // it would close the session before its first answer went out.
+    let mut kicks = std::collections::BTreeMap::new();
     while let Some(cmd) = commands.recv().await {
         match cmd {
             Command::Request { reply, .. } => {
