@@ -418,6 +418,8 @@ pub struct Core {
     pub pending_changes: BTreeMap<VolumeId, PendingChange>,
     /// Agents doing a device's I/O through the server (`data_channel`).
     pub fallback: super::data_channel::FallbackTable,
+    /// What each connection's authorization rests on (`grants`).
+    pub grants: super::grants::Grants,
     /// Devices the server reaches right now (listings).
     pub reachable: BTreeMap<Uuid, bool>,
     /// The time of the input being applied.
@@ -483,6 +485,7 @@ impl Core {
             handovers: HandoverLedger::new(0),
             pending_changes: BTreeMap::new(),
             fallback: Default::default(),
+            grants: Default::default(),
             reachable: BTreeMap::new(),
             now: Now::default(),
             entropy: config.entropy,
@@ -572,6 +575,7 @@ impl Core {
             }
         }
         self.pump();
+        self.enforce_grants();
         std::mem::take(&mut self.effects)
     }
 

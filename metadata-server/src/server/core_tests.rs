@@ -63,7 +63,16 @@ struct World {
 }
 
 fn peer(n: u8, role: Role) -> Peer {
-    Peer { key: [n; 32], role, name: format!("host-{n}"), claimed_name: String::new(), instance: [n; 16], version: 2 }
+    Peer {
+        key: [n; 32],
+        role,
+        name: format!("host-{n}"),
+        claimed_name: String::new(),
+        instance: [n; 16],
+        version: volume_format::control::PROTOCOL_VERSION,
+        mode: volume_format::control::auth::ChannelMode::Encrypted,
+        kind: volume_format::control::auth::ConnectionKind::Control,
+    }
 }
 
 impl World {

@@ -15,6 +15,8 @@
 //! and device checks run on the device task ([`device_task`]); copies and
 //! merges are jobs ([`jobs`]) — each posts its result back as an input.
 //!
+//! - [`admission`]: what connections may hold before they authenticate
+//!   (deadline, per-peer and total caps, room kept for known keys).
 //! - [`core`]: the owner's state, inputs and effects; the change queue.
 //! - [`owner`]: the owner loop (the shell around the core).
 //! - [`device_task`]: the pool's own device connections: commits, checks.
@@ -23,6 +25,8 @@
 //! - [`listings`]: read-only answers (pool, devices, clients, volumes).
 //! - [`durable`]: resumes, duplicate handles, handovers and the grace period.
 //! - [`session`]: one control connection.
+//! - [`grants`]: closing connections whose key, role, scope or handle no
+//!   longer allows them (revocation that bites at once).
 //! - [`data_channel`]: the agents' fallback data path through the server
 //!   (connections that start with the data-channel preamble), device-failure
 //!   reports and fallback listings.
@@ -31,12 +35,14 @@
 //! - [`backup_export`]: the backup pseudo-device (snapshots as read-only NBD
 //!   exports with a changed-block metadata context).
 
+pub mod admission;
 pub mod backup_export;
 pub mod commit;
 pub mod core;
 pub mod data_channel;
 pub mod device_task;
 pub mod durable;
+pub mod grants;
 pub mod jobs;
 pub mod lease_task;
 pub mod listings;
@@ -67,8 +73,11 @@ use control_client::ControlAddr;
 
 pub use self::core::ClientTable;
 
-/// Most control sessions at once; more are closed on accept.
+/// Most control sessions at once; more are closed on accept. At most
+/// [`admission::PREAUTH_MAX`] of them are unauthenticated, so the rest are
+/// always there for clients that prove a key.
 pub const SESSIONS_MAX: usize = 1024;
+const _: () = assert!(admission::PREAUTH_MAX < SESSIONS_MAX / 2);
 /// Commands queued for the owner task before senders wait.
 pub const COMMANDS_QUEUED_MAX: usize = 1024;
 
@@ -373,6 +382,8 @@ impl StandbyTerm {
             commands: cmd_tx,
             next_session: AtomicU64::new(1),
             slots: Arc::new(Semaphore::new(SESSIONS_MAX)),
+            channel_mode_min: config.channel_mode_min,
+            gate: Arc::new(admission::Gate::default()),
             standby: Some((owner, me)),
         });
         let mut loops = JoinSet::new();
@@ -439,6 +450,8 @@ async fn active_term(
         commands: cmd_tx,
         next_session: AtomicU64::new(1),
         slots: Arc::new(Semaphore::new(SESSIONS_MAX)),
+        channel_mode_min: config.channel_mode_min,
+        gate: Arc::new(admission::Gate::default()),
         standby: None,
     });
     let mut accept_loops = JoinSet::new();
@@ -504,7 +517,7 @@ async fn accept_loop(listener: Arc<Listener>, ctx: Arc<session::SessionContext>,
             Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
             a = accept(&listener) => a,
         };
-        let (stream, peer) = match accepted {
+        let (stream, peer, peer_id) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 warn!("accepting a control connection failed: {e}");
@@ -516,27 +529,34 @@ async fn accept_loop(listener: Arc<Listener>, ctx: Arc<session::SessionContext>,
             warn!(%peer, max = SESSIONS_MAX, "too many control sessions; closing the new connection");
             continue;
         };
+        // Unauthenticated until the handshake is done: may close older
+        // unauthenticated connections of this peer to make room.
+        let preauth = ctx.gate.admit(peer_id);
         let id = ctx.next_session.fetch_add(1, Ordering::Relaxed);
         let ctx = ctx.clone();
         let stop = stop.clone();
         sessions.spawn(async move {
             let _slot = slot;
-            data_channel::route(stream, peer, id, ctx, stop).await;
+            data_channel::route(stream, peer, id, ctx, stop, preauth).await;
         });
     }
     while sessions.join_next().await.is_some() {}
 }
 
-async fn accept(listener: &Listener) -> std::io::Result<(Box<dyn control_client::ControlStream>, String)> {
+async fn accept(
+    listener: &Listener,
+) -> std::io::Result<(Box<dyn control_client::ControlStream>, String, admission::PeerId)> {
     match listener {
         Listener::Tcp(l) => {
             let (s, peer) = l.accept().await?;
             s.set_nodelay(true)?;
-            Ok((Box::new(s), peer.to_string()))
+            Ok((Box::new(s), peer.to_string(), admission::PeerId::Ip(peer.ip())))
         }
         Listener::Unix(l, path) => {
             let (s, _) = l.accept().await?;
-            Ok((Box::new(s), format!("unix:{}", path.display())))
+            // SO_PEERCRED: the connecting process's uid is the peer.
+            let id = s.peer_cred().map_or(admission::PeerId::Unknown, |c| admission::PeerId::Uid(c.uid()));
+            Ok((Box::new(s), format!("unix:{}", path.display()), id))
         }
     }
 }

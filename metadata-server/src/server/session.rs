@@ -18,12 +18,14 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 use volume_format::control::messages::{ClientMessage, ControlError, ErrorCode, ServerMessage};
 
+use super::admission::{Gate, PreAuth, HANDSHAKE_DEADLINE};
 use super::core::ClientTable;
 use super::owner::Command;
 use super::stopped;
 use control_client::framed::{self, FramedError};
-use control_client::handshake;
-use control_client::ControlStream;
+use control_client::handshake::{self, Acceptor};
+use control_client::{ControlStream, SecureStream};
+use volume_format::control::auth::{ChannelMode, ConnectionKind};
 
 /// Requests of one session waiting for the owner at once; beyond it the
 /// session stops reading (backpressure on a flooding client).
@@ -43,6 +45,10 @@ pub struct SessionContext {
     pub meta_readers: Arc<std::sync::atomic::AtomicUsize>,
     pub next_session: AtomicU64,
     pub slots: Arc<Semaphore>,
+    /// The weakest channel mode accepted (`channel_mode_min`).
+    pub channel_mode_min: ChannelMode,
+    /// Admission of connections before they authenticate.
+    pub gate: Arc<Gate>,
     /// On a standby: the active server's lease record as last seen, and this
     /// server's name (channels are refused naming the active server).
     pub standby: Option<(watch::Receiver<Option<volume_format::lease::LeaseRecord>>, Arc<str>)>,
@@ -75,15 +81,32 @@ impl SessionContext {
 
     /// The server side of the handshake, authorizing against the pool's
     /// client table as it is right now. Every kind of connection (control
-    /// session, data channel) authenticates through here.
+    /// session, data channel) authenticates through here, within its
+    /// admission's deadline and until it is evicted to make room; what comes
+    /// back is the protected stream the rest of the connection runs over.
     pub async fn accept(
         &self,
-        stream: &mut Box<dyn ControlStream>,
+        stream: Box<dyn ControlStream>,
         session: u64,
-    ) -> Result<handshake::Peer, handshake::HandshakeError> {
+        kind: ConnectionKind,
+        mut preauth: PreAuth,
+    ) -> Result<(SecureStream<Box<dyn ControlStream>>, handshake::Peer), handshake::HandshakeError> {
+        let evicted = preauth.take_eviction();
         let clients = self.clients.borrow().clone();
         let authorize = |key: &[u8; 32]| clients.get(key).map(|(role, name)| (vec![*role], name.clone()));
-        handshake::accept(stream, &self.key, session, self.lease_ms, authorize).await
+        let on_hello = |hello: &volume_format::control::auth::ClientHello| {
+            if clients.contains_key(&hello.client_key) {
+                preauth.known_key(hello.client_key);
+            }
+        };
+        let acceptor =
+            Acceptor { server_key: &self.key, session, lease_ms: self.lease_ms, kind, mode_min: self.channel_mode_min };
+        tokio::select! {
+            r = tokio::time::timeout_at(preauth.deadline, acceptor.accept_with(stream, on_hello, authorize)) => {
+                r.map_err(|_| handshake::HandshakeError::Timeout(HANDSHAKE_DEADLINE))?
+            }
+            why = evicted => Err(handshake::HandshakeError::Abandoned(why)),
+        }
     }
 }
 
@@ -93,36 +116,38 @@ pub async fn run(
     session: u64,
     ctx: Arc<SessionContext>,
     stop: watch::Receiver<bool>,
+    preauth: PreAuth,
 ) {
     let span = tracing::info_span!("session", id = session, %peer);
-    run_inner(stream, peer, session, ctx, stop).instrument(span).await
+    run_inner(stream, peer, session, ctx, stop, preauth).instrument(span).await
 }
 
 /// How long a stopping session waits to send the answers already given.
 const STOP_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn run_inner(
-    mut stream: Box<dyn ControlStream>,
+    stream: Box<dyn ControlStream>,
     peer: String,
     session: u64,
     ctx: Arc<SessionContext>,
     mut stop: watch::Receiver<bool>,
+    preauth: PreAuth,
 ) {
     let accepted = tokio::select! {
-        r = ctx.accept(&mut stream, session) => r,
+        r = ctx.accept(stream, session, ConnectionKind::Control, preauth) => r,
         _ = stopped(&mut stop) => return,
     };
-    let who = match accepted {
-        Ok(who) => who,
+    let (mut stream, who) = match accepted {
+        Ok(accepted) => accepted,
         Err(e) => {
             // Every refusal is logged with the peer; the connection closes
-            // when `stream` drops.
+            // when the stream drops.
             warn!(%peer, "control handshake failed: {e}");
-            let _ = stream.shutdown().await;
             return;
         }
     };
-    info!(client = %who.name, role = %who.role, host = %who.claimed_name, "control session authenticated");
+    stream.set_label(format!("control connection from {peer} ({} {})", who.role, who.name));
+    info!(client = %who.name, role = %who.role, host = %who.claimed_name, mode = %who.mode, "control session authenticated");
 
     let (mut reader, mut writer) = tokio::io::split(stream);
     let (out_tx, mut out_rx) = mpsc::channel::<ServerMessage>(OUTGOING_QUEUED_MAX);
@@ -238,3 +263,4 @@ async fn run_inner(
     let _ = writer_task.await;
     info!("control session ended");
 }
+

@@ -56,7 +56,14 @@ use uuid::Uuid;
 ///   and an ed25519 signature), the rest of the area is a ring of signed
 ///   journal entries. The payload schema is format 2's. A format-2 pool is
 ///   read (all its slots) and upgraded by its next journaled commit.
-pub const METADATA_FORMAT_VERSION: u32 = 3;
+/// - 4: backup keys can be scoped to volumes ([`ClientScope`], a new last
+///   field of the record, and [`MetaChange::ClientScope`]). A format-3
+///   journal is read as format 4 without scopes (its payloads end before the
+///   new field: [`PoolMetadata::decode_payload`]); new checkpoints and
+///   entries are format 4, which format-3 readers refuse as newer.
+pub const METADATA_FORMAT_VERSION: u32 = 4;
+/// The oldest journaled format (checkpoints and entries) this build reads.
+pub const JOURNAL_FORMAT_VERSION_MIN: u32 = 3;
 /// The oldest format this build reads.
 pub const METADATA_FORMAT_VERSION_MIN: u32 = 1;
 /// What [`MetadataArea::encode_slot`] writes: the whole-pool slot commits of
@@ -91,6 +98,20 @@ pub struct PoolMetadata {
     #[serde(default)]
     pub snapshots: Vec<SnapshotRecord>,
     pub next_ids: NextIds,
+    /// Volume scopes of backup keys (format 4). Last field: older formats'
+    /// payloads end before it.
+    #[serde(default)]
+    pub client_scopes: Vec<ClientScope>,
+}
+
+/// The volumes a backup key may read (their snapshots on the backup
+/// pseudo-device); a key without a scope reads every volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientScope {
+    pub key: PublicKey,
+    /// Volume names (a volume created later under one of these names is in
+    /// scope too: scopes name what operators name).
+    pub volumes: Vec<String>,
 }
 
 /// The next id of each kind to hand out. Ids are never reused, so a stale
@@ -288,7 +309,30 @@ impl PoolMetadata {
             handles: Vec::new(),
             snapshots: Vec::new(),
             next_ids: NextIds::default(),
+            client_scopes: Vec::new(),
         }
+    }
+
+    /// Decodes a pool record of any format this build reads: payloads of
+    /// formats 1 to 3 end before `client_scopes` (bincode is positional), so
+    /// one that does not decode as it is decodes with an empty list
+    /// appended. Unambiguous: a format-4 payload never decodes with 8 more
+    /// bytes, an older one never without them.
+    pub fn decode_payload(payload: &[u8]) -> Result<PoolMetadata, crate::codec::CodecError> {
+        match crate::codec::decode::<PoolMetadata>(payload) {
+            Ok(meta) => Ok(meta),
+            Err(first) => {
+                let mut extended = Vec::with_capacity(payload.len() + 8);
+                extended.extend_from_slice(payload);
+                extended.extend_from_slice(&0u64.to_be_bytes());
+                crate::codec::decode::<PoolMetadata>(&extended).map_err(|_| first)
+            }
+        }
+    }
+
+    /// The volume scope of `key`, if it has one.
+    pub fn scope_of(&self, key: &PublicKey) -> Option<&[String]> {
+        self.client_scopes.iter().find(|s| s.key == *key).map(|s| s.volumes.as_slice())
     }
 
     pub fn device(&self, index: DeviceIndex) -> Option<&DeviceRecord> {
@@ -314,6 +358,18 @@ impl PoolMetadata {
             return Err(format!("extent size {} is not a valid power of two", self.extent_bytes));
         }
         check_name("pool name", &self.pool_name)?;
+        let mut scoped = HashSet::new();
+        for scope in &self.client_scopes {
+            if !scoped.insert(scope.key) {
+                return Err(format!("key {} has two volume scopes", scope.key));
+            }
+            if scope.volumes.is_empty() {
+                return Err(format!("key {} has an empty volume scope", scope.key));
+            }
+            for v in &scope.volumes {
+                check_name("scoped volume name", v)?;
+            }
+        }
         let extent_bytes = self.extent_bytes;
 
         let mut device_indexes = HashSet::new();

@@ -27,7 +27,8 @@ use crate::codec;
 use crate::ids::PublicKey;
 use crate::label::BLOCK_BYTES;
 use crate::metadata::{
-    MetadataArea, MetadataError, PoolMetadata, SlotError, SlotHeader, METADATA_FORMAT_VERSION, SLOT_HEADER_BYTES,
+    MetadataArea, MetadataError, PoolMetadata, SlotError, SlotHeader, JOURNAL_FORMAT_VERSION_MIN,
+    METADATA_FORMAT_VERSION, SLOT_HEADER_BYTES,
 };
 
 mod trailer {
@@ -79,13 +80,21 @@ pub(crate) fn encode_checkpoint(
     }
     meta.check().map_err(MetadataError::Invalid)?;
     let payload = codec::encode(meta).map_err(MetadataError::Encode)?;
-    let mut header = SlotHeader {
-        crc: 0,
-        format_version: METADATA_FORMAT_VERSION,
-        pool_uuid: pool,
-        generation: number,
-        payload_bytes: payload.len() as u64,
-    };
+    seal_checkpoint(area, pool, number, anchor, METADATA_FORMAT_VERSION, &payload, key)
+}
+
+/// Frames and signs an encoded checkpoint payload of `format_version`.
+fn seal_checkpoint(
+    area: &MetadataArea,
+    pool: Uuid,
+    number: u64,
+    anchor: &Anchor,
+    format_version: u32,
+    payload: &[u8],
+    key: &SigningKey,
+) -> Result<Vec<u8>, MetadataError> {
+    let mut header =
+        SlotHeader { crc: 0, format_version, pool_uuid: pool, generation: number, payload_bytes: payload.len() as u64 };
     let record_bytes = header.record_bytes();
     if record_bytes > area.slot_bytes {
         return Err(MetadataError::PayloadTooLarge { record_bytes, slot_bytes: area.slot_bytes });
@@ -96,13 +105,13 @@ pub(crate) fn encode_checkpoint(
     tail[trailer::RING_BYTES..trailer::RING_BYTES + 8].copy_from_slice(&anchor.ring_bytes.to_be_bytes());
     tail[trailer::PREV..trailer::PREV + 16].copy_from_slice(&anchor.prev.encode());
     let zeroed = header.encode();
-    let signature = key.sign(&signed_message(&zeroed, &payload, &tail[..trailer::SIGNATURE])).to_bytes();
+    let signature = key.sign(&signed_message(&zeroed, payload, &tail[..trailer::SIGNATURE])).to_bytes();
     tail[trailer::SIGNATURE..].copy_from_slice(&signature);
-    header.crc = codec::crc32c_parts(&[&zeroed, &payload, &tail]);
+    header.crc = codec::crc32c_parts(&[&zeroed, payload, &tail]);
     let padded = record_bytes.div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
     let mut record = Vec::with_capacity(padded as usize);
     record.extend_from_slice(&header.encode());
-    record.extend_from_slice(&payload);
+    record.extend_from_slice(payload);
     record.extend_from_slice(&tail);
     record.resize(padded as usize, 0);
     Ok(record)
@@ -145,14 +154,14 @@ pub(crate) fn read_slot(
         Ok(h) => h,
         Err(e) => return SlotRead::Unusable(e),
     };
-    if header.format_version < METADATA_FORMAT_VERSION {
+    if header.format_version < JOURNAL_FORMAT_VERSION_MIN {
         return match area.decode_slot(Some(pool), bytes) {
             Ok((generation, meta)) => SlotRead::Legacy { generation, meta },
             Err(SlotError::NewerFormat { found, .. }) => SlotRead::Newer { found },
             Err(e) => SlotRead::Unusable(e),
         };
     }
-    if index >= super::CHECKPOINT_SLOTS && header.format_version == METADATA_FORMAT_VERSION {
+    if index >= super::CHECKPOINT_SLOTS && header.format_version >= JOURNAL_FORMAT_VERSION_MIN {
         return SlotRead::Unusable(SlotError::Inconsistent(format!(
             "a checkpoint in slot {index}, which belongs to the journal ring"
         )));
@@ -212,11 +221,11 @@ pub(crate) fn read_slot(
             area.ring_bytes()
         ));
     }
-    let meta: PoolMetadata = match codec::decode(payload) {
+    let mut meta = match PoolMetadata::decode_payload(payload) {
         Ok(m) => m,
         Err(e) => return SlotRead::Unusable(SlotError::Payload(e)),
     };
-    if meta.format_version != METADATA_FORMAT_VERSION
+    if meta.format_version != header.format_version
         || meta.pool_uuid != pool
         || meta.generation != anchor.state_seq
         || meta.server_public_key != *server_key
@@ -231,6 +240,8 @@ pub(crate) fn read_slot(
             anchor.state_seq
         ));
     }
+    // A format-3 checkpoint reads as format 4 without scopes.
+    meta.format_version = METADATA_FORMAT_VERSION;
     if let Err(why) = meta.check() {
         return inconsistent(why);
     }
@@ -275,7 +286,7 @@ mod tests {
         let meta = signed_pool();
         let record = encode_checkpoint(&AREA, POOL, 9, &anchor(&meta), &meta, &key()).unwrap();
         assert_eq!(&record[..8], b"SANVOLMD");
-        assert_eq!(&record[12..16], &[0, 0, 0, 3]);
+        assert_eq!(&record[12..16], &[0, 0, 0, 4]);
         assert_eq!(&record[32..40], &9u64.to_be_bytes(), "the checkpoint number");
         match read(&record, 0) {
             SlotRead::Checkpoint { number, anchor: a, meta: m } => {
@@ -286,7 +297,39 @@ mod tests {
         // Only the checkpoint slots hold checkpoints.
         assert!(matches!(read(&record, 2), SlotRead::Unusable(_)));
         // The whole-pool reader refuses it clearly instead of misreading it.
-        assert_eq!(AREA.decode_slot(Some(POOL), &record).unwrap_err(), SlotError::Journaled { found: 3 });
+        assert_eq!(
+            AREA.decode_slot(Some(POOL), &record).unwrap_err(),
+            SlotError::Journaled { found: METADATA_FORMAT_VERSION }
+        );
+    }
+
+    /// A format-3 checkpoint (its payload ends before the volume scopes of
+    /// format 4) reads as format 4 without scopes.
+    #[test]
+    fn a_format3_checkpoint_reads_as_format4_without_scopes() {
+        let mut meta = signed_pool();
+        meta.format_version = 3;
+        let mut payload = codec::encode(&meta).unwrap();
+        assert_eq!(payload[payload.len() - 8..], [0; 8], "an empty scope list ends a format-4 payload");
+        payload.truncate(payload.len() - 8);
+        let record = seal_checkpoint(&AREA, POOL, 9, &anchor(&meta), 3, &payload, &key()).unwrap();
+        match read(&record, 0) {
+            SlotRead::Checkpoint { meta: m, .. } => {
+                meta.format_version = METADATA_FORMAT_VERSION;
+                assert_eq!(m, meta);
+            }
+            other => panic!("{other:?}"),
+        }
+        // And a format-4 one keeps its scopes.
+        let mut scoped = signed_pool();
+        scoped.client_scopes.push(crate::metadata::ClientScope { key: PublicKey([5; 32]), volumes: vec!["db".into()] });
+        let record = encode_checkpoint(&AREA, POOL, 9, &anchor(&scoped), &scoped, &key()).unwrap();
+        match read(&record, 0) {
+            SlotRead::Checkpoint { meta: m, .. } => {
+                assert_eq!(m.scope_of(&PublicKey([5; 32])), Some(&["db".to_string()][..]))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -304,7 +304,7 @@ fn load_copy(
         };
         if let Ok(h) = crate::metadata::SlotHeader::decode(bytes) {
             *numbers_max = (*numbers_max).max(h.generation);
-            clear_ring_slots |= i >= CHECKPOINT_SLOTS && h.format_version < crate::metadata::METADATA_FORMAT_VERSION;
+            clear_ring_slots |= i >= CHECKPOINT_SLOTS && h.format_version < crate::metadata::JOURNAL_FORMAT_VERSION_MIN;
         }
         match read_slot(&area, i, bytes, pool, server_key, key) {
             SlotRead::Checkpoint { number, anchor, meta } => {

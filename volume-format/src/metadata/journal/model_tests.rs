@@ -660,7 +660,10 @@ fn a_format2_pool_is_read_and_upgraded_at_its_next_commit() {
         let at = (area.slot_offset(i) - area.offset) as usize;
         area.decode_slot(None, &c.durable[at..at + area.slot_bytes as usize])
     });
-    assert!(matches!(MetadataArea::choose_newest(slots), Err(crate::metadata::MetadataError::Journaled { found: 3 })));
+    assert!(matches!(
+        MetadataArea::choose_newest(slots),
+        Err(crate::metadata::MetadataError::Journaled { found: crate::metadata::METADATA_FORMAT_VERSION })
+    ));
 
     // Later commits are journal entries.
     m.run(&fixed_history()[..30]);
@@ -697,7 +700,8 @@ fn a_format2_record_newer_than_the_checkpoint_is_refused() {
     let c = &mut m.copies[1];
     let slot0 = (area.slot_offset(0) - area.offset) as usize;
     let slot1 = (area.slot_offset(1) - area.offset) as usize;
-    let target = if matches!(crate::metadata::SlotHeader::decode(&c.durable[slot0..]), Ok(h) if h.format_version == 3) {
+    let target = if matches!(crate::metadata::SlotHeader::decode(&c.durable[slot0..]), Ok(h) if h.format_version >= crate::metadata::JOURNAL_FORMAT_VERSION_MIN)
+    {
         slot1
     } else {
         slot0
