@@ -67,7 +67,7 @@ export SANVOL_MDS=$ADDRS SANVOL_KEY="$D/admin.key" SANVOL_SERVER_KEY="$D/mds.key
 # The first server to acquire the lease serves; wait for one.
 active() { # prints the host id of the active server
     $BIN/sanvol pool status --json 2>/dev/null |
-        python3 -c 'import json,sys; s=json.load(sys.stdin)["servers"]; print(next(x["host_id"] for x in s if x["role"] == "active"))'
+        python3 -c 'import json,sys; s=json.load(sys.stdin)["servers"]; a=[x["host_id"] for x in s if x["role"] == "active"]; sys.exit(1) if len(a) != 1 else print(a[0])'
 }
 deadline=$((SECONDS + 60))
 until active >/dev/null; do [ $SECONDS -lt $deadline ] || { echo "no server became active" >&2; exit 1; }; sleep 0.1; done

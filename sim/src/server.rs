@@ -255,7 +255,16 @@ impl ServerProc {
             Proc::Server(_) => return,
         };
         let instance = env.proc(c.client).instance;
-        let peer = Peer { key, role, name: name.clone(), claimed_name: name, instance, version: 2 };
+        let peer = Peer {
+            key,
+            role,
+            name: name.clone(),
+            claimed_name: name,
+            instance,
+            version: volume_format::control::PROTOCOL_VERSION,
+            mode: volume_format::control::auth::ChannelMode::Encrypted,
+            kind: volume_format::control::auth::ConnectionKind::Control,
+        };
         env.trace(self.me(), format_args!("session {session} for {} (connection {conn})", c.client));
         self.apply(Input::Connected { session, peer, addr: format!("conn{conn}") }, env);
     }

@@ -386,6 +386,12 @@ impl LeaseTask {
             let mut me = self.machine.me.clone();
             me.role = ServerRole::Active;
             servers.retain(|s| s.host_id != me.host_id);
+            // Another server's sector saying "active" is from before this
+            // one took the lease: that server stopped (or is about to say
+            // it stands by, within T). Never list two active servers.
+            for s in servers.iter_mut().filter(|s| s.role == ServerRole::Active) {
+                s.role = ServerRole::Stopped;
+            }
             servers.push(me);
             servers.sort_by_key(|s| s.host_id);
             self.servers.send_replace(servers);

@@ -236,7 +236,11 @@ async fn run_inner(
                 }
                 in_flight.push(async move {
                     let result = reply_rx.await.unwrap_or_else(|_| {
-                        Err(ControlError::new(ErrorCode::Unavailable, "the server is shutting down"))
+                        Err(ControlError::new(
+                            ErrorCode::NotActive,
+                            "this metadata server stopped serving before it answered (it shut down, handed the pool \
+                             off or lost the pool lease); `sanvol pool status` shows the active server",
+                        ))
                     });
                     (id, result)
                 });
@@ -263,4 +267,3 @@ async fn run_inner(
     let _ = writer_task.await;
     info!("control session ended");
 }
-
