@@ -88,3 +88,27 @@ where
     }
     metric
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn serves_the_default_registry_on_metrics_and_nothing_else() {
+        let counter = super::register(prometheus::IntCounter::new("ops_test_total", "a test counter").unwrap());
+        counter.inc_by(7);
+        let addr = super::serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let page = get(addr, "/metrics").await;
+        assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+        assert!(page.contains("# TYPE ops_test_total counter") && page.contains("ops_test_total 7"), "{page}");
+        assert!(get(addr, "/").await.starts_with("HTTP/1.1 404"));
+    }
+}
