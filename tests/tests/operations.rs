@@ -129,7 +129,17 @@ fn metrics_endpoints_count_fio_writes_and_show_server_state() {
     assert!(commits >= 2.0, "the volume create and the open committed, counted {commits}");
     assert!(must(&mds, "sanvol_mds_commit_seconds", &[]) >= commits, "every good commit is timed");
 
-    // The agent's lease renewals are timed (renewals go every lease_ms / 3).
+    // The agent's lease renewals are timed (renewals go every lease_ms / 3 =
+    // 1 s here): poll the endpoint until one was, bounded.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let renewals = must(&scrape(&agent_metrics), "sanvol_agent_lease_renewal_seconds", &[]);
+        if renewals >= 1.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no lease renewal timed within 30 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     agent.detach("m");
     let detached = scrape(&mds_metrics);
     assert_eq!(must(&detached, "sanvol_mds_handles", &[("state", "held")]), 0.0, "the detach closed the handle");
