@@ -49,7 +49,7 @@ start_mds
 export SANVOL_MDS="unix:$D/mds.sock" SANVOL_KEY="$D/admin.key" SANVOL_SERVER_KEY="$D/mds.key.pub"
 $BIN/sanvol client add "$D/agent.key.pub" --role agent --name bench-host >/dev/null
 $BIN/sanvol-agent run --mds "$SANVOL_MDS" --key "$D/agent.key" --server-key "$D/mds.key.pub" \
-    --control-socket "$D/agent.sock" --export-dir "$D" 2>"$D/agent.err" &
+    --control-socket "$D/agent.sock" --export-dir "$D" --state-dir "$D/agent-state" 2>"$D/agent.err" &
 BENCH_PIDS+=($!)
 $BIN/sanvol-agent wait-ready --control-socket "$D/agent.sock"
 $BIN/sanvol volume create vol 256M >/dev/null

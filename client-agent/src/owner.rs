@@ -412,6 +412,16 @@ impl Shell {
                     d.path().marked_failed.store(true, std::sync::atomic::Ordering::Release);
                 }
             }
+            Effect::SaveState { handles } => {
+                // Synchronous on purpose: the effects after it (a recall's
+                // confirmation) must not happen before it is on disk. A
+                // small file, written on attach, detach and recalls only.
+                if let Some(dir) = &self.config.state {
+                    if let Err(e) = dir.save(&handles) {
+                        tracing::error!(error = %e, "cannot write the state file: a restarted agent would not take these volumes back at once");
+                    }
+                }
+            }
             Effect::State(state) => {
                 self.state.send_replace(state);
             }

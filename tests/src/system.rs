@@ -295,6 +295,8 @@ impl Stack {
             .arg(&socket)
             .arg("--export-dir")
             .arg(&export_dir)
+            .arg("--state-dir")
+            .arg(self.dir.path().join(format!("{name}-state")))
             .args(extra)
             .envs(env.iter().copied());
         let log = self.dir.path().join(format!("{name}-{}.log", next_log_number()));
