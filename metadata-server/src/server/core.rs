@@ -852,19 +852,17 @@ impl Core {
         }
     }
 
-    /// Sends `volume`'s current description to every holder (but `skip`).
+    /// Sends `volume`'s current description to every holder (but `skip`),
+    /// on every session holding each handle (a duplicate session may be the
+    /// live one while the first has not been seen to die yet).
     pub fn publish_volume(&mut self, volume: VolumeId, skip: &[u64]) {
         match VolumeDescription::from_metadata(&self.meta, volume) {
             Ok(description) => {
-                let holders: Vec<(u64, SessionId)> = self
-                    .handles
-                    .on_volume(volume.0)
-                    .filter(|h| !skip.contains(&h.id))
-                    .map(|h| (h.id, h.session))
-                    .collect();
-                for (handle, session) in holders {
+                let holders: Vec<Handle> =
+                    self.handles.on_volume(volume.0).filter(|h| !skip.contains(&h.id)).cloned().collect();
+                for h in holders {
                     let description = Box::new(description.clone());
-                    self.send_event(session, ServerEvent::Publish { handle: HandleId(handle), description });
+                    self.send_handle_event(&h, ServerEvent::Publish { handle: HandleId(h.id), description });
                 }
             }
             Err(e) => warn!(%volume, "cannot describe the volume: {e}"),

@@ -268,3 +268,55 @@ fn a_resumed_handle_is_asked_again_for_the_recall_it_owes() {
     let (again, effects) = w.request(4, Request::RecallDone { handle: opened.handle, generation });
     assert!(matches!(reply_of(&effects, again), Some(Ok(Response::Done))), "a retried confirmation is acknowledged");
 }
+
+#[test]
+fn a_resume_is_followed_by_the_recall_in_progress_or_else_the_current_layout() {
+    let mut w = World::new();
+    let (open, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::SharedWrite });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    let a = match reply_of(&effects, open) {
+        Some(Ok(Response::Opened(o))) => o.clone(),
+        other => panic!("{other:?}"),
+    };
+    let (open, effects) = w.request(2, Request::Open { volume: "v".into(), mode: OpenMode::SharedWrite });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(reply_of(&effects, open), Some(Ok(Response::Opened(_)))));
+
+    // Without a recall: the resume is followed by the current layout.
+    w.apply(Input::Connected { session: 5, peer: peer(1, Role::Agent), addr: "test".into() });
+    let (resume, effects) = w.request(5, Request::Resume { key: a.resume_key.clone() });
+    assert!(matches!(reply_of(&effects, resume), Some(Ok(Response::Opened(_)))));
+    let generation = w.core.meta.volume_by_name("v").unwrap().layout_generation;
+    assert!(effects.iter().any(|e| matches!(e,
+        Effect::Event { session: 5, event: ServerEvent::Publish { description, .. } } if description.layout_generation == generation)),
+        "{effects:?}");
+
+    // A grow recalls both holders; host-1 confirms, host-2 has not yet.
+    let (_, effects) = w.request(3, Request::VolumeGrow { name: "v".into(), size_bytes: 8 << 20 });
+    // The recall reaches host-1 on both of its sessions (the first one may be the dead one).
+    for s in [1, 5] {
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::Event { session, event: ServerEvent::Recall { .. } } if *session == s)),
+            "session {s}: {effects:?}"
+        );
+    }
+    let (done, effects) = w.request(5, Request::RecallDone { handle: a.handle, generation: generation + 1 });
+    assert!(matches!(reply_of(&effects, done), Some(Ok(Response::Done))));
+    // host-1 resumes again (its confirmation may have been the last thing it
+    // did before a restart): the recall still in progress is sent again.
+    w.apply(Input::Disconnected { session: 1 });
+    w.apply(Input::Disconnected { session: 5 });
+    w.apply(Input::Connected { session: 6, peer: peer(1, Role::Agent), addr: "test".into() });
+    let (resume, effects) = w.request(6, Request::Resume { key: a.resume_key.clone() });
+    assert!(matches!(reply_of(&effects, resume), Some(Ok(Response::Opened(_)))));
+    assert!(
+        effects.iter().any(|e| matches!(e,
+            Effect::Event { session: 6, event: ServerEvent::Recall { generation: g, .. } } if *g == generation + 1)),
+        "{effects:?}"
+    );
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Event { event: ServerEvent::Publish { .. }, .. })));
+}

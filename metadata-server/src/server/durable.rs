@@ -11,7 +11,7 @@
 //! none of them changes any state.
 
 use tracing::{info, info_span};
-use volume_format::control::messages::{ControlError, ErrorCode, OpenedHandle, Request, Response};
+use volume_format::control::messages::{ControlError, ErrorCode, OpenedHandle, Request, Response, ServerEvent};
 use volume_format::metadata::{HandleRecord, HandleState, MetaChange};
 use volume_format::{HandleId, PublicKey, VolumeDescription, VolumeId};
 
@@ -181,6 +181,39 @@ impl Core {
         let duplicate = handle.session != session;
         info!(holder = %peer.name, session, duplicate, "handle resumed: unchanged");
         self.opened_reply(&handle, key.to_vec())
+    }
+
+    /// Follows a resume answer on `session`: a recall in progress on the
+    /// handle's volume is sent again (owed or already confirmed: a
+    /// confirmation the agent repeats is counted once), and without one the
+    /// current layout is published.
+    ///
+    /// Why always one or the other: an agent whose gate is recalled cannot
+    /// tell from the answer alone whether the recall it confirmed is still in
+    /// progress or over without a publish it could receive (abandoned when
+    /// the server restarted, or finished while the publish went to a
+    /// connection that had died). A publish of the current generation
+    /// reopens such a gate; the recall keeps it closed.
+    pub(super) fn after_resume(&mut self, session: SessionId, handle: HandleId) {
+        match self.handles.recall_in_progress(handle.0) {
+            Some(generation) => {
+                let owed = self.handles.pending_recall(handle.0).is_some();
+                info!(
+                    handle = handle.0,
+                    generation, owed, "the resumed handle's volume is being recalled: asking again"
+                );
+                self.send_event(session, ServerEvent::Recall { handle, generation });
+            }
+            None => {
+                let Some(volume) = self.handles.get(handle.0).map(|h| h.volume) else { return };
+                match VolumeDescription::from_metadata(&self.meta, VolumeId(volume)) {
+                    Ok(description) => {
+                        self.send_event(session, ServerEvent::Publish { handle, description: Box::new(description) })
+                    }
+                    Err(e) => tracing::warn!(handle = handle.0, "cannot describe the resumed handle's volume: {e}"),
+                }
+            }
+        }
     }
 
     /// `Request::Handover`: a token for `to_key` to attach `handle`'s volume.

@@ -122,8 +122,8 @@ impl Core {
             }
             Request::RecallDone { handle, generation } => self.recall_done(session, handle.0, generation),
             Request::Resume { key } => {
-                // The answer first, then a recall the handle still owes: the
-                // agent must know the handle before it is told to drain it.
+                // The answer first, then where the volume's layout stands
+                // (the agent must know the handle before it is told to drain).
                 let result = self.resume(session, &key);
                 let handle = match &result {
                     Ok(Response::Opened(o)) => Some(o.handle),
@@ -131,10 +131,7 @@ impl Core {
                 };
                 self.reply(reply, result);
                 if let Some(handle) = handle {
-                    if let Some(generation) = self.handles.pending_recall(handle.0) {
-                        info!(handle = handle.0, generation, "the resumed handle owes a recall: asking again");
-                        self.send_event(session, ServerEvent::Recall { handle, generation });
-                    }
+                    self.after_resume(session, handle);
                 }
                 return Step::Done(None);
             }
@@ -330,8 +327,8 @@ impl Core {
         };
         info!(volume = %name, %change, generation, holders = recall.waiting.len(), "recalling the layout from its holders");
         for handle in recall.waiting {
-            if let Some(session) = self.handles.get(handle).map(|h| h.session) {
-                self.send_event(session, ServerEvent::Recall { handle: HandleId(handle), generation });
+            if let Some(h) = self.handles.get(handle).cloned() {
+                self.send_handle_event(&h, ServerEvent::Recall { handle: HandleId(handle), generation });
             }
         }
         self.pending_changes.insert(id, PendingChange { volume: id, change, generation, reply });
@@ -398,7 +395,7 @@ impl Core {
                         "excluded from the reconfiguration of layout generation {}: no confirmation within the lease",
                         pending.generation
                     );
-                    self.send_event(h.session, ServerEvent::Revoked { handle: HandleId(*id), reason });
+                    self.send_handle_event(&h, ServerEvent::Revoked { handle: HandleId(*id), reason });
                 }
             }
         }
