@@ -301,6 +301,10 @@ impl Shell {
             }
             Effect::Send { conn, request, message, timeout_ms } => match self.conns.get(&conn) {
                 Some(client) if !client.is_closed() => {
+                    if matches!(message, volume_format::control::messages::Request::RecallDone { .. }) {
+                        // Tests freeze the agent here (`:stop`) and cut its connection.
+                        control_client::fault::hit("agent-before-recall-done");
+                    }
                     let (client, tx) = (client.clone(), self.tx.clone());
                     let timeout = timeout_ms.map_or(control_client::client::REQUEST_TIMEOUT, Duration::from_millis);
                     tokio::spawn(
