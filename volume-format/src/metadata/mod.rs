@@ -22,10 +22,14 @@
 //! - [`alloc`]: free-extent computation, the extent allocator, and volume
 //!   create/grow/delete.
 //! - [`snapshot`]: snapshots, copy-on-write maps, changed-block lists.
+//! - [`handover`]: used handover tokens and the pool's token clock.
+//! - [`payload`]: the payload schemas of older formats, decoded into today's.
 
 pub mod alloc;
 pub mod change;
+pub mod handover;
 pub mod journal;
+pub mod payload;
 pub mod slots;
 pub mod snapshot;
 #[cfg(test)]
@@ -33,6 +37,7 @@ pub(crate) mod testing;
 
 pub use alloc::{allocate, AllocError, FreeExtents};
 pub use change::{ApplyError, ChunkRun, ChunkRuns, MetaChange, NewSnapshot, Undo};
+pub use handover::{HandoverLedger, UsedToken, HANDOVER_USED_MAX};
 pub use slots::{MetadataArea, MetadataError, NewestSlot, SlotError, SlotHeader, SLOT_HEADER_BYTES, SLOT_MAGIC};
 pub use snapshot::{ChunkSource, CowMap, DeletePlan, COW_CHUNK_BYTES};
 
@@ -56,7 +61,16 @@ use uuid::Uuid;
 ///   and an ed25519 signature), the rest of the area is a ring of signed
 ///   journal entries. The payload schema is format 2's. A format-2 pool is
 ///   read (all its slots) and upgraded by its next journaled commit.
-pub const METADATA_FORMAT_VERSION: u32 = 3;
+/// - 4: the used handover tokens and the token clock's floor
+///   ([`handover::HandoverLedger`], the last field of [`PoolMetadata`]) and
+///   the change that records them ([`MetaChange::HandoverTokens`], the last
+///   variant). Older payloads decode without the ledger ([`payload`]); a
+///   format-3 pool is read and upgraded by a commit checkpoint at its next
+///   commit.
+pub const METADATA_FORMAT_VERSION: u32 = 4;
+/// The first format with the journal (checkpoints in slots 0 and 1, entries
+/// in the ring); older ones are whole-pool slot records.
+pub const JOURNAL_FORMAT_VERSION_MIN: u32 = 3;
 /// The oldest format this build reads.
 pub const METADATA_FORMAT_VERSION_MIN: u32 = 1;
 /// What [`MetadataArea::encode_slot`] writes: the whole-pool slot commits of
@@ -91,6 +105,9 @@ pub struct PoolMetadata {
     #[serde(default)]
     pub snapshots: Vec<SnapshotRecord>,
     pub next_ids: NextIds,
+    /// Used handover tokens and the token clock (format 4).
+    #[serde(default)]
+    pub handovers: HandoverLedger,
 }
 
 /// The next id of each kind to hand out. Ids are never reused, so a stale
@@ -288,6 +305,7 @@ impl PoolMetadata {
             handles: Vec::new(),
             snapshots: Vec::new(),
             next_ids: NextIds::default(),
+            handovers: HandoverLedger::default(),
         }
     }
 
@@ -435,7 +453,7 @@ impl PoolMetadata {
                 return Err(format!("client key {} appears twice", c.public_key));
             }
         }
-        Ok(())
+        self.handovers.check()
     }
 }
 

@@ -27,7 +27,8 @@ use crate::codec;
 use crate::ids::PublicKey;
 use crate::label::BLOCK_BYTES;
 use crate::metadata::{
-    MetadataArea, MetadataError, PoolMetadata, SlotError, SlotHeader, METADATA_FORMAT_VERSION, SLOT_HEADER_BYTES,
+    MetadataArea, MetadataError, PoolMetadata, SlotError, SlotHeader, JOURNAL_FORMAT_VERSION_MIN,
+    METADATA_FORMAT_VERSION, SLOT_HEADER_BYTES,
 };
 
 mod trailer {
@@ -120,7 +121,8 @@ fn signed_message(zeroed_header: &[u8], payload: &[u8], trailer_head: &[u8]) -> 
 #[derive(Debug)]
 pub(crate) enum SlotRead {
     /// A valid format-3 checkpoint.
-    Checkpoint { number: u64, anchor: Anchor, meta: PoolMetadata },
+    /// `meta` reads as the current format; `format` is the one written.
+    Checkpoint { number: u64, anchor: Anchor, meta: PoolMetadata, format: u32 },
     /// A valid format-1 or format-2 whole-pool record.
     Legacy { generation: u64, meta: PoolMetadata },
     /// Not usable (empty, torn, another pool's, …): never fatal by itself.
@@ -145,14 +147,16 @@ pub(crate) fn read_slot(
         Ok(h) => h,
         Err(e) => return SlotRead::Unusable(e),
     };
-    if header.format_version < METADATA_FORMAT_VERSION {
+    if header.format_version < JOURNAL_FORMAT_VERSION_MIN {
         return match area.decode_slot(Some(pool), bytes) {
             Ok((generation, meta)) => SlotRead::Legacy { generation, meta },
             Err(SlotError::NewerFormat { found, .. }) => SlotRead::Newer { found },
             Err(e) => SlotRead::Unusable(e),
         };
     }
-    if index >= super::CHECKPOINT_SLOTS && header.format_version == METADATA_FORMAT_VERSION {
+    if index >= super::CHECKPOINT_SLOTS
+        && (JOURNAL_FORMAT_VERSION_MIN..=METADATA_FORMAT_VERSION).contains(&header.format_version)
+    {
         return SlotRead::Unusable(SlotError::Inconsistent(format!(
             "a checkpoint in slot {index}, which belongs to the journal ring"
         )));
@@ -212,11 +216,11 @@ pub(crate) fn read_slot(
             area.ring_bytes()
         ));
     }
-    let meta: PoolMetadata = match codec::decode(payload) {
+    let mut meta = match crate::metadata::payload::decode(header.format_version, payload) {
         Ok(m) => m,
         Err(e) => return SlotRead::Unusable(SlotError::Payload(e)),
     };
-    if meta.format_version != METADATA_FORMAT_VERSION
+    if meta.format_version != header.format_version
         || meta.pool_uuid != pool
         || meta.generation != anchor.state_seq
         || meta.server_public_key != *server_key
@@ -231,10 +235,13 @@ pub(crate) fn read_slot(
             anchor.state_seq
         ));
     }
+    // An older journaled format reads as today's; the loader has the next
+    // commit rewrite it (`format`).
+    let format = std::mem::replace(&mut meta.format_version, METADATA_FORMAT_VERSION);
     if let Err(why) = meta.check() {
         return inconsistent(why);
     }
-    SlotRead::Checkpoint { number: header.generation, anchor, meta }
+    SlotRead::Checkpoint { number: header.generation, anchor, meta, format }
 }
 
 #[cfg(test)]
@@ -275,18 +282,18 @@ mod tests {
         let meta = signed_pool();
         let record = encode_checkpoint(&AREA, POOL, 9, &anchor(&meta), &meta, &key()).unwrap();
         assert_eq!(&record[..8], b"SANVOLMD");
-        assert_eq!(&record[12..16], &[0, 0, 0, 3]);
+        assert_eq!(&record[12..16], &[0, 0, 0, 4]);
         assert_eq!(&record[32..40], &9u64.to_be_bytes(), "the checkpoint number");
         match read(&record, 0) {
-            SlotRead::Checkpoint { number, anchor: a, meta: m } => {
-                assert_eq!((number, a, m), (9, anchor(&meta), meta.clone()));
+            SlotRead::Checkpoint { number, anchor: a, meta: m, format } => {
+                assert_eq!((number, a, m, format), (9, anchor(&meta), meta.clone(), 4));
             }
             other => panic!("{other:?}"),
         }
         // Only the checkpoint slots hold checkpoints.
         assert!(matches!(read(&record, 2), SlotRead::Unusable(_)));
         // The whole-pool reader refuses it clearly instead of misreading it.
-        assert_eq!(AREA.decode_slot(Some(POOL), &record).unwrap_err(), SlotError::Journaled { found: 3 });
+        assert_eq!(AREA.decode_slot(Some(POOL), &record).unwrap_err(), SlotError::Journaled { found: 4 });
     }
 
     #[test]

@@ -40,7 +40,7 @@ use uuid::Uuid;
 use super::{digest_of, read_u32, read_u64, ChainLink, ENTRY_BYTES_MAX, SIGNATURE_BYTES};
 use crate::codec::{self, CodecError};
 use crate::label::BLOCK_BYTES;
-use crate::metadata::{MetaChange, METADATA_FORMAT_VERSION};
+use crate::metadata::{MetaChange, JOURNAL_FORMAT_VERSION_MIN, METADATA_FORMAT_VERSION};
 
 pub(crate) const ENTRY_MAGIC: [u8; 8] = *b"SANVOLJE";
 pub(crate) const ENTRY_HEADER_BYTES: usize = 192;
@@ -219,7 +219,7 @@ pub(crate) fn read_entry<'a>(
     if header.format_version > METADATA_FORMAT_VERSION {
         return EntryRead::Newer { found: header.format_version };
     }
-    if header.format_version != METADATA_FORMAT_VERSION
+    if !(JOURNAL_FORMAT_VERSION_MIN..=METADATA_FORMAT_VERSION).contains(&header.format_version)
         || header.prev.is_none()
         || bytes[offset::RESERVED..offset::SIGNATURE].iter().any(|&b| b != 0)
     {
@@ -270,7 +270,7 @@ mod tests {
         let e = sample(42, 8192);
         assert_eq!(e.bytes.len() as u64, BLOCK_BYTES, "a small entry is one block");
         assert_eq!(&e.bytes[..8], b"SANVOLJE");
-        assert_eq!(&e.bytes[12..16], &[0, 0, 0, 3]);
+        assert_eq!(&e.bytes[12..16], &[0, 0, 0, 4]);
         assert_eq!(&e.bytes[32..40], &42u64.to_be_bytes());
         assert_eq!(&e.bytes[48..56], &8192u64.to_be_bytes());
         assert_eq!(&e.bytes[56..64], &1u64.to_be_bytes(), "links to an entry");
