@@ -50,7 +50,7 @@ use super::commit::{MetaJournal, SealRefused, COMMIT_BATCH_CHANGES_MAX};
 use super::jobs::{Job, JobOutcome};
 use crate::handles::{Grace, Handle, HandleTable, RecallState, SessionId};
 use crate::pool::journal::RawWrite;
-use crate::resume::HandoverLedger;
+use crate::resume::TokenClock;
 use control_client::handshake::Peer;
 
 /// Authorized keys as the handshake sees them: key → (role, name).
@@ -267,6 +267,13 @@ pub enum AfterCommit {
         reply: ReplyId,
         response: Box<Response>,
     },
+    /// The commit only recorded something on the way to refusing the
+    /// request (the token clock, before a token is refused as expired):
+    /// refused whatever the commit did.
+    Refuse {
+        reply: ReplyId,
+        error: ControlError,
+    },
     /// An open: adopt the handle on success, undo the reservation on failure.
     Open(Box<super::requests::OpenCommit>),
     Close {
@@ -386,7 +393,8 @@ pub struct Core {
     /// The grace period after a restart, while it lasts (and its length).
     pub grace: Option<Grace>,
     grace_ms: u64,
-    pub handovers: HandoverLedger,
+    /// Handover-token time (see [`TokenClock`]).
+    pub token_clock: TokenClock,
     pub pending_changes: HashMap<VolumeId, PendingChange>,
     /// Agents doing a device's I/O through the server (`data_channel`).
     pub fallback: super::data_channel::FallbackTable,
@@ -443,7 +451,7 @@ impl Core {
             key: config.key,
             grace: None,
             grace_ms: config.grace_ms,
-            handovers: HandoverLedger::new(0),
+            token_clock: TokenClock::default(),
             pending_changes: HashMap::new(),
             fallback: Default::default(),
             reachable: HashMap::new(),
@@ -469,7 +477,7 @@ impl Core {
     /// (this server cannot know how much of the old lease was left).
     fn start(&mut self, now: Now) {
         self.started = true;
-        self.handovers = HandoverLedger::new(now.unix_ms);
+        self.token_clock = TokenClock::start(now.mono_ms, now.unix_ms, self.meta.handovers.clock_floor_unix_ms);
         for h in self.meta.handles.iter().filter(|h| matches!(h.state, HandleState::Active)) {
             self.handles.restore(Handle {
                 id: h.id.0,

@@ -155,6 +155,7 @@ impl Core {
                 self.reply(reply, result.map(|()| Response::Done));
             }
             AfterCommit::Respond { reply, response } => self.reply(reply, result.map(|()| *response)),
+            AfterCommit::Refuse { reply, error } => self.reply(reply, Err(error)),
             AfterCommit::Open(open) => self.finish_open(*open, result),
             AfterCommit::Close { session, handle, reply } => self.finish_close(session, handle, reply, result),
             AfterCommit::Revoke { session, key, reply, name } => {
