@@ -143,6 +143,12 @@ async fn cut_between_recall_and_confirmation(change: &[&str]) -> (Stack, Agent) 
     }
     proxy.cut();
     let cuts = proxy.accepted();
+    // Both ends closed before anything is forwarded again: the confirmation
+    // the agent sends when it goes on cannot slip through.
+    while proxy.open_connections() > 0 {
+        assert!(since.elapsed() < WAIT, "the proxy did not drop its connections");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     proxy.restore();
     // SAFETY: kill(2) on a child we started.
     unsafe { libc::kill(pid as i32, libc::SIGCONT) };
@@ -159,9 +165,10 @@ async fn cut_between_recall_and_confirmation(change: &[&str]) -> (Stack, Agent) 
     assert_fio_ok(fio.await.unwrap());
     assert!(proxy.accepted() > cuts, "the agent reconnected through the proxy");
     let log = agent.proc.log();
-    assert!(log.contains("reached agent-before-recall-done"), "{log}");
-    assert!(log.contains("handle resumed after reconnecting: unchanged"), "{log}");
-    assert!(log.contains("recall confirmed to the metadata server"), "{log}");
+    let logs = || format!("agent log:\n{log}\nmds log:\n{}", stack.mds_log());
+    assert!(log.contains("reached agent-before-recall-done"), "{}", logs());
+    assert!(log.contains("handle resumed after reconnecting: unchanged"), "{}", logs());
+    assert!(log.contains("recall confirmed to the metadata server"), "{}", logs());
     let info = listed(&agent, "v").expect("attached");
     assert_eq!((info["state"].as_str(), info["layout_generation"].as_u64()), (Some("open"), Some(2)), "{info}");
     drop(proxy);
