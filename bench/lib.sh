@@ -97,7 +97,7 @@ start_pool() {
     for k in mds admin; do "$BIN/sanvol" keygen "$d/$k.key" >/dev/null; done
     "$BIN/sanvol" pool init --name bench "${init[@]}" --server-key "$d/mds.key.pub" --admin-key "$d/admin.key.pub" >/dev/null
     local IFS=,
-    printf 'listen = ["unix:%s/mds.sock"]\nkey = "%s/mds.key"\ndevices = [%s]\n' "$d" "$d" "${uris[*]}" >"$d/mds.toml"
+    printf 'listen = ["unix:%s/mds.sock"]\nkey = "%s/mds.key"\ndevices = [%s]\nlease_io_timeout_ms = 250\n' "$d" "$d" "${uris[*]}" >"$d/mds.toml"
     unset IFS
     start_ready mds "$BIN/sanvol-mds" --config "$d/mds.toml"
     export SANVOL_MDS="unix:$d/mds.sock" SANVOL_KEY="$d/admin.key" SANVOL_SERVER_KEY="$d/mds.key.pub"

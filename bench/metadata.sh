@@ -53,8 +53,9 @@ for size in 1G 1T; do
     echo "done: cow $size" >&2
 done
 
-# restart_mds : stops sanvol-mds (SIGTERM) and starts it again; prints the
-# seconds from start to listening.
+# restart_mds VOLUMES : stops sanvol-mds (SIGTERM), starts it again and
+# records the seconds from start to listening. (Not in a $(...) subshell:
+# it must update MDS_PID and the PIDs the exit trap stops.)
 restart_mds() {
     kill "$MDS_PID" && wait "$MDS_PID" 2>/dev/null || true
     rm -f "$D/mds.ready"
@@ -63,7 +64,7 @@ restart_mds() {
     start_ready mds "$BIN/sanvol-mds" --config "$D/mds.toml"
     t1=$(date +%s.%N)
     MDS_PID=${BENCH_PIDS[-1]}
-    python3 -c "print('%.3f' % ($t1 - $t0))"
+    echo "load $1 $(python3 -c "print('%.3f' % ($t1 - $t0))")" >>"$results"
 }
 
 populate() { $POPULATE --mds "$SANVOL_MDS" --key "$SANVOL_KEY" --server-key "$SANVOL_SERVER_KEY" "$@"; }
@@ -75,10 +76,10 @@ cli_create_ms() {
 
 populate --count 8 --prefix pre- --sample 8 >/dev/null    # 10 volumes with the two above
 echo "create 10 $(populate --count 100 --prefix at10- --sample 100) cli_ms=$(cli_create_ms cli10)" >>"$results"
-echo "load 110 $(restart_mds)" >>"$results"
+restart_mds 110
 populate --count $((VOLUMES - 111)) --prefix fill- --sample 1 >/dev/null
 echo "create $VOLUMES $(populate --count 100 --prefix at10k- --sample 100) cli_ms=$(cli_create_ms cli10k)" >>"$results"
-echo "load $((VOLUMES + 100)) $(restart_mds)" >>"$results"
+restart_mds $((VOLUMES + 100))
 
 python3 - "$results" "$SECS" <<'PY'
 import re, sys

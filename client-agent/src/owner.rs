@@ -294,6 +294,14 @@ impl Shell {
     fn perform(&mut self, effect: Effect) {
         match effect {
             Effect::Connect { conn, addr } => self.connect(conn, addr),
+            Effect::Addresses { addrs } => {
+                let parsed: Vec<ControlAddr> = addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                if parsed.len() == addrs.len() && !parsed.is_empty() {
+                    self.addrs = parsed;
+                } else {
+                    tracing::error!("unusable metadata-server addresses in a redirect: {addrs:?}; keeping the old ones");
+                }
+            }
             Effect::Disconnect { conn } => {
                 if let Some(client) = self.conns.remove(&conn) {
                     tokio::spawn(async move { client.close().await });

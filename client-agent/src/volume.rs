@@ -3,9 +3,11 @@
 //! serves.
 //!
 //! Every request enters the volume's [`Gate`] first, which hands it the
-//! [`Layout`] to use; the request is then split at extent boundaries
-//! ([`VolumeDescription::map`]) and its pieces go to the devices
-//! concurrently:
+//! [`Layout`] to use; the request is then split at extent boundaries and its
+//! pieces go to the devices concurrently. Where each piece lives, and which
+//! legs it reads from or writes to, is [`volume_format::mapping`]'s answer
+//! (the same code the metadata server maps snapshots with); this module
+//! only does the I/O:
 //! - reads go to one leg per extent, alternating between legs by request and
 //!   extent so a mirror's legs share the load; a failed leg is retried on the
 //!   next one. Pieces are reassembled in order (the only copy on the path,
@@ -41,13 +43,12 @@ use async_trait::async_trait;
 use blockio::{BlockDevice, BlockSizes, IoError, IoErrorKind, MetaContext, StatusExtent, ZeroFlags};
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
-use volume_format::description::DeviceEndpoint;
-use volume_format::metadata::PhysicalExtent;
-use volume_format::{DescriptionError, Segment, VolumeDescription};
+use volume_format::description::{DeviceEndpoint, SnapshotEpoch};
+use volume_format::mapping::{DeviceTable, Leg, LegState, MapError, Segment, VolumeMap};
+use volume_format::{DescriptionError, VolumeDescription};
 
 use crate::cow::{copy_all, wait_for, CowState, Registrations};
 use crate::gate::Gate;
-use volume_format::description::SnapshotEpoch;
 
 /// Largest request the volume accepts, as advertised to NBD clients.
 pub const REQUEST_BYTES_MAX: u32 = 32 * 1024 * 1024;
@@ -107,62 +108,35 @@ impl Layout {
         self.description.layout_generation
     }
 
-    /// The device of `leg`, if the description lists it, and its position.
-    fn leg(&self, leg: &PhysicalExtent) -> Result<(usize, &DeviceEndpoint, &Arc<dyn BlockDevice>), IoError> {
-        let i = self
-            .description
-            .devices
-            .binary_search_by_key(&leg.device, |d| d.index)
-            .map_err(|_| IoError::io(format!("extent leg {leg} names a device missing from the layout")))?;
-        Ok((i, &self.description.devices[i], &self.devices[i]))
+    /// The volume mapped over this layout's devices and their states.
+    pub fn map(&self) -> VolumeMap<'_> {
+        self.description.mapping(self)
     }
 
-    /// The online legs of `segment`, with their devices.
-    fn online_legs<'a>(&'a self, segment: &Segment<'a>) -> Result<Vec<Leg<'a>>, IoError> {
-        let mut legs = Vec::with_capacity(segment.legs.len());
-        let mut failed = Vec::new();
-        for leg in segment.legs {
-            let (i, endpoint, device) = self.leg(leg)?;
-            if endpoint.online && !self.marked_failed(i) {
-                legs.push((endpoint, device, segment.device_offset(leg)));
-            } else {
-                failed.push(format!("device {} ({})", endpoint.index, endpoint.uri));
-            }
-        }
-        if legs.is_empty() {
-            return Err(IoError::io(format!(
-                "volume {}: extent {} is only on {}, which the pool marked failed; its data is unavailable until \
-                 the device is back",
-                self.description.name,
-                segment.extent_index,
-                failed.join(" and ")
-            )));
-        }
-        Ok(legs)
-    }
-
-    /// Whether the device of `endpoint` is marked failed now.
-    fn endpoint_failed(&self, endpoint: &DeviceEndpoint) -> bool {
-        self.description.devices.iter().position(|d| d.index == endpoint.index).is_some_and(|i| self.marked_failed(i))
+    /// The device of `leg` (a leg of [`Layout::map`]) and its connection.
+    fn device(&self, leg: &Leg) -> (&DeviceEndpoint, &Arc<dyn BlockDevice>) {
+        (&self.description.devices[leg.slot], &self.devices[leg.slot])
     }
 }
 
-/// Sorted chunks grouped into runs `(first, count)` of consecutive chunks
-/// within one extent.
-fn chunk_runs(chunks: &[u64], chunk_bytes: u64, extent_bytes: u64) -> Vec<(u64, u64)> {
-    let per_extent = (extent_bytes / chunk_bytes.max(1)).max(1);
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for &c in chunks {
-        match runs.last_mut() {
-            Some((first, count)) if *first + *count == c && *first / per_extent == c / per_extent => *count += 1,
-            _ => runs.push((c, 1)),
-        }
+/// The description's devices, with a device the server has marked failed
+/// since the description was made counted as failed.
+impl DeviceTable for Layout {
+    fn slot(&self, index: volume_format::DeviceIndex) -> Option<usize> {
+        self.description.devices.slot(index)
     }
-    runs
-}
 
-/// One online leg of a segment: its device and the byte offset on it.
-type Leg<'a> = (&'a DeviceEndpoint, &'a Arc<dyn BlockDevice>, u64);
+    fn device_state(&self, slot: usize) -> LegState {
+        if self.marked_failed(slot) {
+            return LegState::DeviceFailed;
+        }
+        self.description.devices.device_state(slot)
+    }
+
+    fn describe(&self, slot: usize) -> String {
+        self.description.devices.describe(slot)
+    }
+}
 
 /// Why a [`Layout`] could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -211,9 +185,9 @@ fn first_error(results: impl IntoIterator<Item = Result<(), IoError>>) -> Result
     results.into_iter().find(|r| r.is_err()).unwrap_or(Ok(()))
 }
 
-fn map_error(e: DescriptionError) -> IoError {
+fn map_error(e: MapError) -> IoError {
     match e {
-        DescriptionError::OutOfRange { .. } => IoError::new(IoErrorKind::Overflow, e.to_string()),
+        MapError::OutOfRange { .. } => IoError::new(IoErrorKind::Overflow, e.to_string()),
         _ => IoError::io(e.to_string()),
     }
 }
@@ -260,12 +234,12 @@ impl VolumeDevice {
     /// Preserves every chunk of `[offset, offset + len)` the newest
     /// snapshot still needs, before the range is modified.
     async fn preserve(&self, layout: &Layout, offset: u64, len: u64) -> Result<(), IoError> {
+        // Nothing here that the mapping borrows is kept across an await:
+        // this future is part of every write's, and boxed with it.
         let Some(epoch) = &layout.description.snapshot else { return Ok(()) };
         // Out-of-range requests fail in the write itself, before any copy.
-        layout.description.map(offset, len).map_err(map_error)?;
-        if len == 0 || offset >= epoch.size_bytes {
-            return Ok(());
-        }
+        layout.map().segments(offset, len).map_err(map_error)?;
+        let Some(touched) = epoch.chunk_layout().chunks_touched(offset, len) else { return Ok(()) };
         let Some(registrations) = &self.registrations else {
             return Err(IoError::io(format!(
                 "volume {} has snapshot {} but this device has no metadata server to register copies with",
@@ -273,15 +247,13 @@ impl VolumeDevice {
             )));
         };
         let state = self.cow_state(epoch);
-        let first = offset / epoch.chunk_bytes;
-        let last = ((offset + len).min(epoch.size_bytes) - 1) / epoch.chunk_bytes;
-        let claim = state.claim(first..=last);
+        let claim = state.claim(touched);
         if !claim.mine.is_empty() {
             let chunks: Vec<u64> = claim.mine.iter().map(|m| m.0).collect();
             let result = async {
                 if !registrations.server_copies() {
-                    let runs = chunk_runs(&chunks, epoch.chunk_bytes, layout.description.extent_bytes);
-                    copy_all(&runs, |(first, count)| self.copy_chunks(layout, epoch, first, count))
+                    let runs = epoch.chunk_layout().runs(&chunks, layout.description.extent_bytes);
+                    copy_all(&runs, |(first, count)| self.copy_chunks(layout, first, count))
                         .await
                         .map_err(|e| e.message)?;
                     control_client::fault::hit("agent-after-cow-copy");
@@ -302,39 +274,22 @@ impl VolumeDevice {
     /// Copies chunks `first..first + count` (within one extent) of the live
     /// volume into the snapshot's COW area (every online leg, FUA): one read
     /// and one write per leg, since both places are laid out alike.
-    async fn copy_chunks(&self, layout: &Layout, epoch: &SnapshotEpoch, first: u64, count: u64) -> Result<(), IoError> {
-        let d = &layout.description;
-        let chunk = first;
-        let start = first * epoch.chunk_bytes;
-        let len = (count * epoch.chunk_bytes).min(epoch.size_bytes - start);
-        let segment = d.map(start, len).map_err(map_error)?.next().ok_or_else(|| IoError::io("empty chunk"))?;
-        let data = self.read_segment(layout, segment, chunk as usize).await?;
-        let (legs, within) = epoch
-            .cow_location(chunk, d.extent_bytes)
-            .ok_or_else(|| IoError::io(format!("chunk {chunk} is beyond snapshot {}", epoch.name)))?;
-        let mut writes = Vec::with_capacity(legs.len());
-        for leg in legs {
-            let (i, endpoint, device) = layout.leg(leg)?;
-            if endpoint.online && !layout.marked_failed(i) {
-                let data = data.clone();
-                writes.push(async move {
-                    device.write(leg.offset + within, data, true).await.map_err(|e| {
-                        at_device(
-                            e,
-                            &self.name,
-                            &format!("copy of chunk {chunk} for snapshot {}", epoch.name),
-                            endpoint,
-                        )
-                    })
-                });
+    async fn copy_chunks(&self, layout: &Layout, first: u64, count: u64) -> Result<(), IoError> {
+        let map = layout.map();
+        let cow = map.newest.ok_or_else(|| IoError::io(format!("volume {} has no snapshot", self.name)))?;
+        let (start, len) = cow.chunks.chunks_range(first, count);
+        let live = map.live.segment(start, len).map_err(map_error)?;
+        let data = self.read_segment(layout, live, first as usize).await?;
+        let legs = cow.pre_image(start, len).and_then(|s| s.write_legs()).map_err(map_error)?;
+        let writes = legs.into_iter().map(|leg| {
+            let (endpoint, device) = layout.device(&leg);
+            let data = data.clone();
+            async move {
+                device.write(leg.device_offset, data, true).await.map_err(|e| {
+                    at_device(e, &self.name, &format!("copy of chunk {first} for snapshot {}", cow.name), endpoint)
+                })
             }
-        }
-        if writes.is_empty() {
-            return Err(IoError::io(format!(
-                "volume {}: no leg of snapshot {}'s copy-on-write area for chunk {chunk} is online",
-                self.name, epoch.name
-            )));
-        }
+        });
         first_error(join_all(writes).await)
     }
 
@@ -362,12 +317,12 @@ impl VolumeDevice {
 
     /// Reads one segment from one leg, trying the other online legs if it fails.
     async fn read_segment(&self, layout: &Layout, segment: Segment<'_>, start_leg: usize) -> Result<Bytes, IoError> {
-        let legs = layout.online_legs(&segment)?;
+        let legs = segment.read_legs(start_leg).map_err(map_error)?;
         let len = segment.len_bytes as u32;
         let mut last_error = None;
-        for attempt in 0..legs.len() {
-            let (endpoint, device, offset) = legs[(start_leg + attempt) % legs.len()];
-            match device.read(offset, len).await {
+        for (attempt, leg) in legs.iter().enumerate() {
+            let (endpoint, device) = layout.device(leg);
+            match device.read(leg.device_offset, len).await {
                 Ok(data) if data.len() == len as usize => return Ok(data),
                 Ok(data) => {
                     last_error = Some(at_device(
@@ -400,14 +355,15 @@ impl VolumeDevice {
     where
         F: Fn(&'a Arc<dyn BlockDevice>, u64, &Segment<'a>) -> futures::future::BoxFuture<'a, Result<(), IoError>>,
     {
-        let segments = layout.description.map(offset, len).map_err(map_error)?;
+        let segments = layout.map().segments(offset, len).map_err(map_error)?;
         let mut ops = Vec::with_capacity(segments.len() * layout.description.mirror_legs as usize);
-        // (endpoint, segment number) of each op.
+        // (endpoint, device slot, segment number) of each op.
         let mut targets = Vec::with_capacity(ops.capacity());
         for (n, segment) in segments.enumerate() {
-            for (endpoint, device, device_offset) in layout.online_legs(&segment)? {
-                ops.push(op(device, device_offset, &segment));
-                targets.push((endpoint, n));
+            for leg in segment.write_legs().map_err(map_error)? {
+                let (endpoint, device) = layout.device(&leg);
+                ops.push(op(device, leg.device_offset, &segment));
+                targets.push((endpoint, leg.slot, n));
             }
         }
         if ops.len() == 1 {
@@ -417,9 +373,9 @@ impl VolumeDevice {
         // A leg that failed because its device was marked failed meanwhile
         // counts as absent if another leg of the same segment succeeded.
         let ok_segments: Vec<usize> =
-            results.iter().zip(&targets).filter(|(r, _)| r.is_ok()).map(|(_, (_, n))| *n).collect();
-        first_error(results.into_iter().zip(targets).map(|(r, (endpoint, n))| match r {
-            Err(e) if layout.endpoint_failed(endpoint) && ok_segments.contains(&n) => {
+            results.iter().zip(&targets).filter(|(r, _)| r.is_ok()).map(|(_, (_, _, n))| *n).collect();
+        first_error(results.into_iter().zip(targets).map(|(r, (endpoint, slot, n))| match r {
+            Err(e) if layout.marked_failed(slot) && ok_segments.contains(&n) => {
                 tracing::warn!(volume = %self.name, handle = self.handle, device = %endpoint.index, error = %e,
                     "leg on a device marked failed skipped; the other legs have the data");
                 Ok(())
@@ -449,7 +405,7 @@ impl BlockDevice for VolumeDevice {
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
         let layout = self.gate.enter().await?;
-        let mut segments = layout.description.map(offset, u64::from(len)).map_err(map_error)?;
+        let mut segments = layout.map().segments(offset, u64::from(len)).map_err(map_error)?;
         let start_leg = self.next_read.fetch_add(1, Ordering::Relaxed);
         match segments.len() {
             0 => Ok(Bytes::new()),
@@ -486,7 +442,7 @@ impl BlockDevice for VolumeDevice {
             .iter()
             .zip(&layout.devices)
             .enumerate()
-            .filter(|(i, (e, _))| e.online && !layout.marked_failed(*i))
+            .filter(|(slot, _)| layout.device_state(*slot).takes_writes())
             .map(|(_, (endpoint, device))| {
                 let name = &self.name;
                 async move { device.flush().await.map_err(|e| at_device(e, name, "flush", endpoint)) }
@@ -519,15 +475,16 @@ impl BlockDevice for VolumeDevice {
             return Err(IoError::not_supported(format!("metadata context {name} is not offered by sanvol volumes")));
         }
         let layout = self.gate.enter().await?;
-        let segments = layout.description.map(offset, u64::from(len)).map_err(map_error)?;
+        let segments = layout.map().segments(offset, u64::from(len)).map_err(map_error)?;
         let queries = segments.map(|segment| {
             let layout = &layout;
             let name = &self.name;
             async move {
-                let (endpoint, device, device_offset) = layout.online_legs(&segment)?[0];
+                let leg = segment.read_legs(0).map_err(map_error)?[0];
+                let (endpoint, device) = layout.device(&leg);
                 let seg_len = segment.len_bytes as u32;
                 let extents = device
-                    .block_status(context, device_offset, seg_len)
+                    .block_status(context, leg.device_offset, seg_len)
                     .await
                     .map_err(|e| at_device(e, name, "block status", endpoint))?;
                 Ok::<_, IoError>((seg_len, extents))
@@ -563,12 +520,12 @@ impl BlockDevice for VolumeDevice {
 
     async fn cache(&self, offset: u64, len: u32) -> Result<(), IoError> {
         let layout = self.gate.enter().await?;
-        let segments = layout.description.map(offset, u64::from(len)).map_err(map_error)?;
+        let segments = layout.map().segments(offset, u64::from(len)).map_err(map_error)?;
         let hints = segments.map(|segment| {
             let layout = &layout;
             async move {
-                let (_, device, device_offset) = layout.online_legs(&segment)?[0];
-                device.cache(device_offset, segment.len_bytes as u32).await
+                let leg = segment.read_legs(0).map_err(map_error)?[0];
+                layout.device(&leg).1.cache(leg.device_offset, segment.len_bytes as u32).await
             }
         });
         first_error(join_all(hints).await)
@@ -936,17 +893,15 @@ mod tests {
         impl CowRegistrar for Checking {
             async fn register(&self, snapshot: u64, chunks: Vec<u64>, copy: bool) -> Result<(), String> {
                 assert_eq!(snapshot, 7);
-                let epoch = self.d.snapshot.as_ref().unwrap();
+                let cow = self.d.mapping(&self.d.devices).newest.unwrap();
                 for &c in &chunks {
                     let range = (c * CHUNK) as usize..((c + 1) * CHUNK) as usize;
                     let (live_dev, live_at) = placement(&self.d, c * CHUNK, 0);
                     let live = self.devs[live_dev].contents(live_at, CHUNK as u32).await;
                     assert_eq!(&live[..], &self.before[range.clone()], "chunk {c} overwritten before registration");
                     if !copy {
-                        let (legs, within) = epoch.cow_location(c, EXTENT).unwrap();
-                        for leg in legs {
-                            let got =
-                                self.devs[leg.device.0 as usize].contents(leg.offset + within, CHUNK as u32).await;
+                        for leg in cow.chunk(c, 0, CHUNK).unwrap().legs().unwrap() {
+                            let got = self.devs[leg.device.0 as usize].contents(leg.device_offset, CHUNK as u32).await;
                             assert_eq!(
                                 &got[..],
                                 &self.before[range.clone()],
@@ -1029,8 +984,9 @@ mod tests {
 
         #[test]
         fn runs_of_chunks_stop_at_gaps_and_extent_boundaries() {
-            assert_eq!(chunk_runs(&[0, 1, 2, 3, 4, 6, 7], CHUNK, EXTENT), vec![(0, 4), (4, 1), (6, 2)]);
-            assert!(chunk_runs(&[], CHUNK, EXTENT).is_empty());
+            let chunks = volume_format::mapping::ChunkLayout { chunk_bytes: CHUNK, size_bytes: 4 * EXTENT };
+            assert_eq!(chunks.runs(&[0, 1, 2, 3, 4, 6, 7], EXTENT), vec![(0, 4), (4, 1), (6, 2)]);
+            assert!(chunks.runs(&[], EXTENT).is_empty());
         }
 
         #[tokio::test]

@@ -14,6 +14,12 @@
 //! durable_ms = 30000
 //! grace_ms = 40000
 //! log = "info"
+//! # One active server per pool (a disk lease); standbys run the same config
+//! # with their own host_id, name and listen addresses.
+//! host_id = 1
+//! name = "mds-a"
+//! lease_io_timeout_ms = 1000
+//! advertise = ["10.0.0.2:7700"]
 //! ```
 //!
 //! Relative paths (the key, `unix:` listen sockets, `socket=` of unix device
@@ -65,6 +71,56 @@ struct RawConfig {
     grace_ms: Option<u64>,
     #[serde(default)]
     log: Option<String>,
+    #[serde(default)]
+    host_id: Option<u32>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    lease_io_timeout_ms: Option<u64>,
+    #[serde(default)]
+    advertise: Option<Vec<String>>,
+}
+
+/// Shortest and longest disk-lease I/O timeout accepted (all lease timing
+/// derives from it: see `volume_format::lease`).
+pub const LEASE_IO_TIMEOUT_MS_MIN: u64 = 50;
+pub const LEASE_IO_TIMEOUT_MS_MAX: u64 = 60_000;
+
+/// Who this server is among the pool's metadata servers (one active, the
+/// others standing by), and its disk-lease timing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Availability {
+    /// 1..=15, unique per server of a pool (its sector in the lease area).
+    pub host_id: u32,
+    /// Shown in listings, logs and redirects ("mds-a").
+    pub name: String,
+    /// The disk lease's I/O timeout `T` (renew every T, stop committing 3T
+    /// after the last good renewal, a standby takes over after 5T + 4T).
+    pub lease_io_timeout_ms: u64,
+    /// Where clients reach this server (default: `listen`); told to clients
+    /// of another server when this one is active.
+    pub advertise: Vec<String>,
+}
+
+impl Availability {
+    /// Host id 1, named after the host, default timing, reached at `listen`.
+    pub fn defaults(listen: &[ControlAddr]) -> Availability {
+        Availability {
+            host_id: 1,
+            name: default_name(1),
+            lease_io_timeout_ms: volume_format::lease::LeaseTiming::DEFAULT_IO_TIMEOUT_MS,
+            advertise: listen.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+}
+
+fn default_name(host_id: u32) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    if host.is_empty() {
+        format!("mds-{host_id}")
+    } else {
+        format!("{host}/{host_id}")
+    }
 }
 
 /// A loaded, validated configuration with absolute paths.
@@ -88,6 +144,8 @@ pub struct Config {
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace` or a
     /// `tracing_subscriber` directive); `RUST_LOG` and `--log` override it.
     pub log: Option<String>,
+    /// Host id, name, disk-lease timing and advertised addresses.
+    pub availability: Availability,
 }
 
 impl Config {
@@ -140,7 +198,42 @@ impl Config {
         if grace_ms > DURABLE_MS_MAX {
             return Err(format!("grace_ms = {grace_ms} is above the maximum {DURABLE_MS_MAX}"));
         }
-        Ok(Config { listen, key: resolve(&raw.key), devices, lease_ms, durable_ms, grace_ms, log: raw.log })
+        let host_id = raw.host_id.unwrap_or(1);
+        if !(1..=volume_format::lease::HOST_ID_MAX).contains(&host_id) {
+            return Err(format!(
+                "host_id = {host_id} is outside 1..={}: give each metadata server of a pool its own host id",
+                volume_format::lease::HOST_ID_MAX
+            ));
+        }
+        let lease_io_timeout_ms =
+            raw.lease_io_timeout_ms.unwrap_or(volume_format::lease::LeaseTiming::DEFAULT_IO_TIMEOUT_MS);
+        if !(LEASE_IO_TIMEOUT_MS_MIN..=LEASE_IO_TIMEOUT_MS_MAX).contains(&lease_io_timeout_ms) {
+            return Err(format!(
+                "lease_io_timeout_ms = {lease_io_timeout_ms} is outside {LEASE_IO_TIMEOUT_MS_MIN}..={LEASE_IO_TIMEOUT_MS_MAX}"
+            ));
+        }
+        let advertise = match raw.advertise {
+            Some(list) => list
+                .iter()
+                .map(|a| a.parse::<ControlAddr>().map(|a| a.to_string()).map_err(|e| format!("advertise: {e}")))
+                .collect::<Result<Vec<_>, String>>()?,
+            None => listen.iter().map(|a| a.to_string()).collect(),
+        };
+        if advertise.len() > volume_format::lease::LEASE_ADDRS_MAX {
+            return Err(format!("advertise: at most {} addresses", volume_format::lease::LEASE_ADDRS_MAX));
+        }
+        let name = raw.name.filter(|n| !n.trim().is_empty()).unwrap_or_else(|| default_name(host_id));
+        let availability = Availability { host_id, name, lease_io_timeout_ms, advertise };
+        Ok(Config {
+            listen,
+            key: resolve(&raw.key),
+            devices,
+            lease_ms,
+            durable_ms,
+            grace_ms,
+            log: raw.log,
+            availability,
+        })
     }
 }
 

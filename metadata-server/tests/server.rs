@@ -8,6 +8,7 @@ use common::{run, Pool, MIB};
 use control_client::ControlClientError;
 use volume_format::control::auth::Role;
 use volume_format::control::messages::{ErrorCode, OpenMode, Request, Response, ServerEvent, VolumeDetail, VolumeInfo};
+use volume_format::DeviceIndex;
 
 const LEASE_MS: u64 = 10_000;
 
@@ -279,4 +280,23 @@ async fn a_partial_commit_does_not_resurface_after_a_restart() {
     let admin = pool.admin().await;
     let names: Vec<String> = volumes(&admin).await.into_iter().map(|v| v.name).collect();
     assert_eq!(names, ["kept"], "only acknowledged changes survive the restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_report_answers_with_the_device_as_device_list_shows_it() {
+    let pool = Pool::start(LEASE_MS).await;
+    let (agent, _events) = pool.connect(&pool.agent_a, Role::Agent, "host-a").await;
+    // The server still reaches the device, so it only records the fallback.
+    let report = Request::ReportDeviceFailure { device: DeviceIndex(0), reason: "cut by the test".into() };
+    let reported = match agent.request(report).await.unwrap() {
+        Response::Devices(d) => d,
+        other => panic!("{other:?}"),
+    };
+    let listed = match pool.admin().await.request(Request::DeviceList).await.unwrap() {
+        Response::Devices(d) => d,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(reported.len(), 1);
+    assert!(reported[0].extents_free > 0, "{reported:?}");
+    assert_eq!(Some(&reported[0]), listed.iter().find(|d| d.index == DeviceIndex(0)));
 }

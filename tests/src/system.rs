@@ -38,20 +38,34 @@ pub struct Proc {
 impl Proc {
     /// Starts `cmd` with stdout+stderr in `log` and waits until `socket`
     /// listens.
-    pub fn spawn_until_listening(name: &str, mut cmd: Command, log: PathBuf, socket: &Path) -> Proc {
+    pub fn spawn_until_listening(name: &str, cmd: Command, log: PathBuf, socket: &Path) -> Proc {
+        let mut p = Proc::spawn(name, cmd, log);
+        p.wait_listening(socket);
+        p
+    }
+
+    /// Starts `cmd` with stdout+stderr in `log`, without waiting for it.
+    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Proc {
         let out = File::create(&log).expect("create log");
         let err = out.try_clone().expect("clone log handle");
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
         let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        let mut p = Proc { name: name.to_string(), child: Some(child), log };
+        Proc { name: name.to_string(), child: Some(child), log }
+    }
+
+    /// Waits until `socket` listens (panics with the log if the process
+    /// exits first or it takes too long).
+    pub fn wait_listening(&mut self, socket: &Path) {
+        let name = self.name.clone();
+        let p = self;
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
             if let Some(status) = p.child.as_mut().unwrap().try_wait().expect("try_wait") {
                 panic!("{name} exited with {status} before it was ready; log:\n{}", p.log());
             }
             if peers::unix_socket_listening(socket) {
-                return p;
+                return;
             }
             assert!(
                 Instant::now() < deadline,
@@ -75,6 +89,19 @@ impl Proc {
     /// Waits for the process to exit by itself (e.g. at a fault point).
     pub fn wait_exit(&mut self) -> Option<std::process::ExitStatus> {
         self.child.as_mut().map(|c| c.wait().expect("wait"))
+    }
+
+    /// Waits for the process to exit, at most `limit` (panics with its log).
+    pub fn wait_exit_within(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.as_mut().expect("running").try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "{} did not exit within {limit:?}; log:\n{}", self.name, self.log());
+            // Waiting for another process to exit, with a bound: nothing to await.
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// `kill -9` and reap.
@@ -137,6 +164,23 @@ pub struct Stack {
     pub grace_ms: Option<u64>,
     /// Extra environment for the next `start_mds` (e.g. `SANVOL_FAULT`).
     pub mds_env: Vec<(String, String)>,
+    /// Addresses of further metadata servers (standbys started with
+    /// [`Stack::start_server`]): agents and the CLI get them after the first.
+    pub more_mds: Vec<String>,
+}
+
+/// A further `sanvol-mds` of the same pool (its own host id, socket and log).
+pub struct ServerProc {
+    pub host_id: u32,
+    pub name: String,
+    pub socket: PathBuf,
+    pub proc: Proc,
+}
+
+impl ServerProc {
+    pub fn addr(&self) -> String {
+        format!("unix:{}", self.socket.display())
+    }
 }
 
 impl Stack {
@@ -161,6 +205,7 @@ impl Stack {
             durable_ms: None,
             grace_ms: None,
             mds_env: Vec::new(),
+            more_mds: Vec::new(),
         };
         let mut init = Command::new(bin("sanvol"));
         init.args(["pool", "init", "--name", "test"]);
@@ -180,15 +225,16 @@ impl Stack {
         format!("unix:{}", self.mds_socket.display())
     }
 
-    /// Writes the server config and starts `sanvol-mds`.
-    pub fn start_mds(&mut self) {
-        let config = self.dir.path().join("mds.toml");
+    /// The server config of host id `host_id` listening on `socket`.
+    fn write_mds_config(&self, host_id: u32, socket: &Path) -> PathBuf {
+        let config = self.dir.path().join(format!("mds-{host_id}.toml"));
         let devices: Vec<String> = self.devices.iter().map(|d| format!("{:?}", d.uri().to_string())).collect();
         std::fs::write(
             &config,
             format!(
-                "listen = [{:?}]\nkey = {:?}\ndevices = [{}]\nlease_ms = {}\n",
-                self.mds_addr(),
+                "listen = [{:?}]\nkey = {:?}\ndevices = [{}]\nlease_ms = {}\nlease_io_timeout_ms = 200\n\
+                 host_id = {host_id}\nname = \"mds-{host_id}\"\n",
+                format!("unix:{}", socket.display()),
                 self.mds_key.display().to_string(),
                 devices.join(", "),
                 self.lease_ms
@@ -196,11 +242,54 @@ impl Stack {
                 + &self.grace_ms.map(|ms| format!("grace_ms = {ms}\n")).unwrap_or_default(),
         )
         .expect("write mds.toml");
+        config
+    }
+
+    /// Writes the server config and starts `sanvol-mds` (host id 1).
+    pub fn start_mds(&mut self) {
+        let config = self.write_mds_config(1, &self.mds_socket.clone());
         let _ = std::fs::remove_file(&self.mds_socket);
         let mut cmd = Command::new(bin("sanvol-mds"));
         cmd.arg("--config").arg(&config).envs(self.mds_env.iter().map(|(k, v)| (k, v)));
         let log = self.dir.path().join(format!("mds-{}.log", next_log_number()));
         self.mds = Some(Proc::spawn_until_listening("sanvol-mds", cmd, log, &self.mds_socket));
+    }
+
+    /// Starts a further `sanvol-mds` of this pool with host id `host_id`
+    /// (it stands by while another is active).
+    pub fn start_server(&self, host_id: u32) -> ServerProc {
+        let mut server = self.spawn_server(host_id);
+        server.proc.wait_listening(&server.socket.clone());
+        server
+    }
+
+    /// Like [`Stack::start_server`], without waiting for it to listen (to
+    /// start several at the same moment).
+    pub fn spawn_server(&self, host_id: u32) -> ServerProc {
+        let socket = self.dir.path().join(format!("mds-{host_id}.sock"));
+        let config = self.write_mds_config(host_id, &socket);
+        let _ = std::fs::remove_file(&socket);
+        let mut cmd = Command::new(bin("sanvol-mds"));
+        cmd.arg("--config").arg(&config);
+        let log = self.dir.path().join(format!("mds-{host_id}-{}.log", next_log_number()));
+        let proc = Proc::spawn("sanvol-mds", cmd, log);
+        ServerProc { host_id, name: format!("mds-{host_id}"), socket, proc }
+    }
+
+    /// `sanvol ARGS` as the admin against the servers at `mds` only.
+    pub fn sanvol_at(&self, mds: &str, args: &[&str]) -> Output {
+        Command::new(bin("sanvol"))
+            .env("SANVOL_MDS", mds)
+            .env("SANVOL_KEY", &self.admin_key)
+            .env("SANVOL_SERVER_KEY", pub_path(&self.mds_key))
+            .args(args)
+            .output()
+            .expect("run sanvol")
+    }
+
+    /// Every metadata server address, first one first (`a,b,...`).
+    pub fn all_mds_addrs(&self) -> String {
+        std::iter::once(self.mds_addr()).chain(self.more_mds.iter().cloned()).collect::<Vec<_>>().join(",")
     }
 
     pub fn kill_mds(&mut self) {
@@ -221,7 +310,7 @@ impl Stack {
     /// The command `sanvol ARGS` as the admin, to run in the background.
     pub fn sanvol_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(bin("sanvol"));
-        cmd.env("SANVOL_MDS", self.mds_addr())
+        cmd.env("SANVOL_MDS", self.all_mds_addrs())
             .env("SANVOL_KEY", &self.admin_key)
             .env("SANVOL_SERVER_KEY", pub_path(&self.mds_key))
             .args(args);
@@ -281,11 +370,11 @@ impl Stack {
 
     /// Like [`Stack::restart_agent_with`], with extra environment variables.
     pub fn restart_agent_env(&self, name: &str, extra: &[String], env: &[(&str, &str)]) -> Agent {
-        self.restart_agent_at(name, &self.mds_addr(), extra, env)
+        self.restart_agent_at(name, &self.all_mds_addrs(), extra, env)
     }
 
-    /// Like [`Stack::restart_agent_env`], reaching the server at `mds` (e.g.
-    /// through a proxy the test can cut). The agent keeps its state in
+    /// Like [`Stack::restart_agent_env`], reaching the servers at `mds`
+    /// (`a,b,...`; e.g. through a proxy the test can cut). The agent keeps its state in
     /// `NAME-state` in the stack's directory, so a restart takes its handles
     /// back.
     pub fn restart_agent_at(&self, name: &str, mds: &str, extra: &[String], env: &[(&str, &str)]) -> Agent {

@@ -356,7 +356,7 @@ async fn agent_crash_at(point: &str) {
     let write = c.write(3 * CHUNK, Bytes::from(block_pattern(9, 3 * CHUNK / BLOCK)), false).await;
     assert!(write.is_err(), "the agent died during the write");
     let mut agent = agent;
-    agent.proc.wait_exit();
+    agent.proc.wait_exit_within(std::time::Duration::from_secs(60));
     assert!(agent.proc.log().contains(&format!("reached {point}")), "{}", agent.proc.log());
     assert_same(&format!("v@s1 after the agent died at {point}"), &read_snapshot(&stack, "v@s1").await, &image1);
 
@@ -415,7 +415,7 @@ async fn server_crash_at(point: &str) {
         let c = c.clone();
         async move { c.write(blocks[0] * BLOCK, Bytes::from(block_pattern(9, blocks[0])), false).await }
     });
-    stack.mds.as_mut().unwrap().wait_exit();
+    stack.mds.as_mut().unwrap().wait_exit_within(std::time::Duration::from_secs(60));
     assert!(stack.mds_log().contains(&format!("reached {point}")), "{}", stack.mds_log());
     assert!(!write.is_finished(), "the write waits for its registration");
     stack.mds_env.clear();
@@ -480,17 +480,33 @@ fn cow_has(cow: &serde_json::Value, chunk: u64) -> bool {
 async fn server_crash_under_cow_load(point: &str) {
     let mut stack = stack();
     let (agent, uri, image1) = filled_volume(&stack, &["--mirror", "2"]).await;
-    stack.sanvol_ok(&["snapshot", "create", "v", "s1"]);
+    // The server restarted armed: its journal writes from now on are the
+    // snapshot (1), a first registration (2) and the next (3: the fault fires).
     stack.kill_mds();
-    stack.mds_env = vec![("SANVOL_FAULT".into(), point.into())];
+    stack.mds_env = vec![("SANVOL_FAULT".into(), format!("{point}@3"))];
     stack.start_mds();
-    // The agent sends the first registration at once and merges the others
-    // while it is in flight: commit 1 holds one chunk, commit 2 the rest
-    // (the fault fires on the second journal write).
+    // Until the agent resumed its handle the server is in its grace period.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let out = stack.sanvol(&["snapshot", "create", "v", "s1"]);
+        if out.status.success() {
+            break;
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("grace period") && std::time::Instant::now() < deadline, "snapshot create: {err}");
+        // Polling the server's state (its grace period ends when the agent resumes).
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let chunks: Vec<u64> = (0..48).map(|i| i * 5 % (VOLUME_BYTES / CHUNK)).collect();
     let c = connect(&uri).await;
     let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let writes: Vec<_> = chunks
+    // The first write alone (its registration is journal write 2 and is
+    // acknowledged), then the others at once (the first of their
+    // registrations is write 3, where the server dies).
+    let first = chunks[0] * CHUNK / BLOCK;
+    c.write(first * BLOCK, Bytes::from(block_pattern(11, first)), false).await.unwrap();
+    acked.lock().unwrap().push(chunks[0]);
+    let writes: Vec<_> = chunks[1..]
         .iter()
         .map(|&chunk| {
             let (c, acked) = (c.clone(), acked.clone());
@@ -502,11 +518,11 @@ async fn server_crash_under_cow_load(point: &str) {
             })
         })
         .collect();
-    stack.mds.as_mut().unwrap().wait_exit();
+    stack.mds.as_mut().unwrap().wait_exit_within(std::time::Duration::from_secs(60));
     let acked_before: Vec<u64> = acked.lock().unwrap().clone();
-    let name = point.split('@').next().unwrap();
-    assert!(stack.mds_log().contains(&format!("reached {name}")), "{}", stack.mds_log());
+    assert!(stack.mds_log().contains(&format!("reached {point}")), "{}", stack.mds_log());
     assert!(acked_before.len() < chunks.len(), "the server died with writes waiting for registrations");
+    assert!(acked_before.contains(&chunks[0]));
     stack.mds_env.clear();
     stack.start_mds();
     for w in writes {
@@ -539,12 +555,12 @@ async fn server_crash_under_cow_load(point: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_killed_in_the_middle_of_a_journal_write_under_cow_load() {
-    server_crash_under_cow_load("mds-mid-journal-write@2").await;
+    server_crash_under_cow_load("mds-mid-journal-write").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_killed_after_a_journal_write_before_acknowledging_it() {
-    server_crash_under_cow_load("mds-after-metadata-write@2").await;
+    server_crash_under_cow_load("mds-after-metadata-write").await;
 }
 
 /// Two agents holding the volume shared-write: the server copies the

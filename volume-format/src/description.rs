@@ -4,14 +4,15 @@
 //!
 //! Why a separate type rather than a slice of the pool metadata: it crosses
 //! the wire to agents, it is fenced by `layout_generation`, and the agent's
-//! hot path ([`VolumeDescription::map`]) wants it self-contained. Device URIs
-//! are kept once per device in `devices` rather than repeated in every leg;
-//! [`VolumeDescription::leg_endpoint`] resolves a leg to its
-//! (device index, URI, byte offset).
+//! hot path wants it self-contained. Device URIs are kept once per device in
+//! `devices` rather than repeated in every leg. Where the volume's bytes live
+//! (extents, legs, leg states, the COW area) is answered by
+//! [`crate::mapping`] ([`VolumeDescription::mapping`]), the same code the
+//! metadata server maps its own metadata with.
 
 use crate::ids::{DeviceIndex, SnapshotId, VolumeId};
 use crate::label::extent_bytes_valid;
-use crate::metadata::{check_block_bytes, CowMap, LogicalExtent, PhysicalExtent, PoolMetadata, MIRROR_LEGS_MAX};
+use crate::metadata::{check_block_bytes, CowMap, LogicalExtent, PoolMetadata, MIRROR_LEGS_MAX};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -19,8 +20,6 @@ use uuid::Uuid;
 pub enum DescriptionError {
     #[error("volume {0} does not exist")]
     NoSuchVolume(VolumeId),
-    #[error("I/O of {len_bytes} bytes at offset {offset} is beyond the end of the volume ({size_bytes} bytes)")]
-    OutOfRange { offset: u64, len_bytes: u64, size_bytes: u64 },
     #[error("volume description is inconsistent: {0}; ask the metadata server for a fresh one")]
     Inconsistent(String),
 }
@@ -75,34 +74,7 @@ pub struct SnapshotEpoch {
 
 impl SnapshotEpoch {
     pub fn chunk_count(&self) -> u64 {
-        self.size_bytes.div_ceil(self.chunk_bytes.max(1))
-    }
-
-    /// The COW-area legs of `chunk`, and the chunk's offset within them.
-    pub fn cow_location(&self, chunk: u64, extent_bytes: u64) -> Option<(&[PhysicalExtent], u64)> {
-        let byte = chunk.checked_mul(self.chunk_bytes)?;
-        let extent = self.cow_extents.get((byte / extent_bytes.max(1)) as usize)?;
-        Some((&extent.legs, byte % extent_bytes))
-    }
-}
-
-/// The part of an I/O request that falls in one logical extent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Segment<'a> {
-    /// Offset in the volume.
-    pub logical_offset: u64,
-    pub len_bytes: u64,
-    pub extent_index: u64,
-    /// Offset of `logical_offset` within its extent.
-    pub extent_offset: u64,
-    /// One per mirror leg; write to all, read from any online one.
-    pub legs: &'a [PhysicalExtent],
-}
-
-impl Segment<'_> {
-    /// Byte offset on `leg`'s device where this segment starts.
-    pub fn device_offset(&self, leg: &PhysicalExtent) -> u64 {
-        leg.offset + self.extent_offset
+        self.chunk_layout().chunk_count()
     }
 }
 
@@ -111,12 +83,8 @@ impl VolumeDescription {
     pub fn from_metadata(meta: &PoolMetadata, id: VolumeId) -> Result<VolumeDescription, DescriptionError> {
         let volume = meta.volume(id).ok_or(DescriptionError::NoSuchVolume(id))?;
         let snapshot = meta.newest_snapshot(id);
-        let mut indexes: Vec<DeviceIndex> = volume
-            .extents
-            .iter()
-            .chain(snapshot.iter().flat_map(|s| s.cow_extents.iter()))
-            .flat_map(|e| e.legs.iter().map(|leg| leg.device))
-            .collect();
+        let map = meta.volume_map(id).map_err(|_| DescriptionError::NoSuchVolume(id))?;
+        let mut indexes: Vec<DeviceIndex> = map.physical_extents().map(|leg| leg.device).collect();
         indexes.sort_unstable();
         indexes.dedup();
         let devices = indexes
@@ -157,7 +125,7 @@ impl VolumeDescription {
         Ok(description)
     }
 
-    /// Checks what [`map`](Self::map) and the agent rely on. Run by agents on
+    /// Checks what the [mapping](crate::mapping) and the agent rely on. Run by agents on
     /// every description received from the wire.
     pub fn check(&self) -> Result<(), DescriptionError> {
         let bad = |why: String| Err(DescriptionError::Inconsistent(why));
@@ -219,93 +187,20 @@ impl VolumeDescription {
     pub fn device(&self, index: DeviceIndex) -> Option<&DeviceEndpoint> {
         self.devices.binary_search_by_key(&index, |d| d.index).ok().map(|i| &self.devices[i])
     }
-
-    /// The device a leg is on, with its URI.
-    pub fn leg_endpoint(&self, leg: &PhysicalExtent) -> Option<&DeviceEndpoint> {
-        self.device(leg.device)
-    }
-
-    /// Splits the byte range `[offset, offset + len_bytes)` of the volume at
-    /// extent boundaries. A zero-length range yields no segments.
-    pub fn map(&self, offset: u64, len_bytes: u64) -> Result<MapIter<'_>, DescriptionError> {
-        let out_of_range = DescriptionError::OutOfRange { offset, len_bytes, size_bytes: self.size_bytes };
-        let end = offset.checked_add(len_bytes).ok_or(out_of_range.clone())?;
-        if end > self.size_bytes {
-            return Err(out_of_range);
-        }
-        if !extent_bytes_valid(self.extent_bytes) {
-            return Err(DescriptionError::Inconsistent(format!("extent size {}", self.extent_bytes)));
-        }
-        // The iterator indexes `extents` directly; check the last index once
-        // so an inconsistent description is an error, never a panic.
-        if len_bytes > 0 && (end - 1) / self.extent_bytes >= self.extents.len() as u64 {
-            return Err(DescriptionError::Inconsistent(format!(
-                "{} extents cannot hold {} bytes",
-                self.extents.len(),
-                self.size_bytes
-            )));
-        }
-        Ok(MapIter { description: self, offset, end })
-    }
 }
 
-/// Iterator returned by [`VolumeDescription::map`].
-#[derive(Debug, Clone)]
-pub struct MapIter<'a> {
-    description: &'a VolumeDescription,
-    offset: u64,
-    end: u64,
-}
-
-impl<'a> Iterator for MapIter<'a> {
-    type Item = Segment<'a>;
-
-    fn next(&mut self) -> Option<Segment<'a>> {
-        if self.offset >= self.end {
-            return None;
-        }
-        let extent_bytes = self.description.extent_bytes;
-        let extent_index = self.offset / extent_bytes;
-        let extent_offset = self.offset % extent_bytes;
-        let len_bytes = (extent_bytes - extent_offset).min(self.end - self.offset);
-        let segment = Segment {
-            logical_offset: self.offset,
-            len_bytes,
-            extent_index,
-            extent_offset,
-            legs: &self.description.extents[extent_index as usize].legs,
-        };
-        self.offset += len_bytes;
-        Some(segment)
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        if self.offset >= self.end {
-            return (0, Some(0));
-        }
-        let extent_bytes = self.description.extent_bytes;
-        let n = ((self.end - 1) / extent_bytes - self.offset / extent_bytes + 1) as usize;
-        (n, Some(n))
-    }
-}
-
-impl ExactSizeIterator for MapIter<'_> {}
-
+/// Sample descriptions for tests here and in [`crate::mapping`].
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
+    use crate::metadata::PhysicalExtent;
 
-    const EXTENT: u64 = 1 << 20;
+    pub(crate) const EXTENT: u64 = 1 << 20;
 
-    fn description(extents: u64, legs: u32) -> VolumeDescription {
-        let devices: Vec<DeviceEndpoint> = (0..legs.max(2))
-            .map(|i| DeviceEndpoint {
-                index: DeviceIndex(i),
-                device_uuid: Uuid::from_u128(i.into()),
-                uri: format!("nbd://host{i}:10809/export"),
-                online: true,
-            })
-            .collect();
+    /// A volume of `extents` extents with `legs` legs over `devices`
+    /// devices: extent `e` leg `l` on device `(e + l) % devices` at device
+    /// offset `(10 + e) * EXTENT`; devices in `failed` are offline.
+    pub(crate) fn description(extents: u64, legs: u32, devices: u32, failed: &[u32]) -> VolumeDescription {
         VolumeDescription {
             pool_uuid: Uuid::from_u128(1),
             volume: VolumeId(1),
@@ -315,12 +210,19 @@ mod tests {
             extent_bytes: EXTENT,
             mirror_legs: legs,
             layout_generation: 1,
-            devices,
+            devices: (0..devices)
+                .map(|i| DeviceEndpoint {
+                    index: DeviceIndex(i),
+                    device_uuid: Uuid::from_u128(i.into()),
+                    uri: format!("nbd://host{i}:10809/export"),
+                    online: !failed.contains(&i),
+                })
+                .collect(),
             extents: (0..extents)
                 .map(|e| LogicalExtent {
                     legs: (0..legs)
                         .map(|l| PhysicalExtent {
-                            device: DeviceIndex((e as u32 + l) % legs.max(2)),
+                            device: DeviceIndex((e as u32 + l) % devices),
                             offset: (10 + e) * EXTENT,
                         })
                         .collect(),
@@ -328,6 +230,17 @@ mod tests {
                 .collect(),
             snapshot: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::EXTENT;
+    use super::*;
+    use crate::mapping::MapError;
+
+    fn description(extents: u64, legs: u32) -> VolumeDescription {
+        super::testing::description(extents, legs, legs.max(2), &[])
     }
 
     fn segments(d: &VolumeDescription, offset: u64, len: u64) -> Vec<(u64, u64, u64, u64)> {
@@ -387,9 +300,9 @@ mod tests {
     fn map_empty_and_out_of_range() {
         let d = description(2, 1);
         assert_eq!(d.map(2 * EXTENT, 0).unwrap().count(), 0);
-        assert!(matches!(d.map(2 * EXTENT, 1), Err(DescriptionError::OutOfRange { .. })));
-        assert!(matches!(d.map(2 * EXTENT - 1, 2), Err(DescriptionError::OutOfRange { .. })));
-        assert!(matches!(d.map(u64::MAX, 2), Err(DescriptionError::OutOfRange { .. })));
+        assert!(matches!(d.map(2 * EXTENT, 1), Err(MapError::OutOfRange { .. })));
+        assert!(matches!(d.map(2 * EXTENT - 1, 2), Err(MapError::OutOfRange { .. })));
+        assert!(matches!(d.map(u64::MAX, 2), Err(MapError::OutOfRange { .. })));
     }
 
     #[test]
@@ -397,9 +310,10 @@ mod tests {
         let d = description(2, 2);
         let s: Vec<_> = d.map(EXTENT + 4096, 4096).unwrap().collect();
         assert_eq!(s.len(), 1);
-        assert_eq!(s[0].legs.len(), 2);
-        assert_eq!(s[0].device_offset(&s[0].legs[0]), 11 * EXTENT + 4096);
-        let endpoint = d.leg_endpoint(&s[0].legs[0]).unwrap();
+        let legs = s[0].legs().unwrap();
+        assert_eq!(legs.len(), 2);
+        assert_eq!(legs[0].device_offset, 11 * EXTENT + 4096);
+        let endpoint = d.device(legs[0].device).unwrap();
         assert_eq!(endpoint.uri, "nbd://host1:10809/export");
     }
 
@@ -407,7 +321,7 @@ mod tests {
     fn inconsistent_description_is_an_error_not_a_panic() {
         let mut d = description(2, 1);
         d.extents.pop();
-        assert!(matches!(d.map(EXTENT, 1), Err(DescriptionError::Inconsistent(_))));
+        assert!(matches!(d.map(EXTENT, 1), Err(MapError::Inconsistent(_))));
         assert!(d.check().is_err());
         let mut d = description(2, 1);
         d.extent_bytes = 0;

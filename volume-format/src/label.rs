@@ -205,7 +205,8 @@ impl DeviceLayout {
         }
         let metadata_start = LABEL_BYTES as u64;
         let metadata_end = metadata_start + slot_bytes * u64::from(slot_count);
-        let data_start = metadata_end.div_ceil(extent_bytes) * extent_bytes;
+        // The pool lease's sectors go right after the metadata area.
+        let data_start = (metadata_end + crate::lease::LEASE_AREA_BYTES).div_ceil(extent_bytes) * extent_bytes;
         let minimum_bytes = data_start + extent_bytes;
         if device_bytes < minimum_bytes {
             return Err(LayoutError::DeviceTooSmall { device_bytes, minimum_bytes });
@@ -220,6 +221,17 @@ impl DeviceLayout {
         };
         debug_assert_eq!(layout.check(), Ok(()));
         Ok(layout)
+    }
+
+    /// Where the pool lease's sectors are on this device (see
+    /// [`crate::lease`]): right after the metadata area, if the gap before
+    /// the data area holds them. Layouts planned since the lease existed
+    /// always have it; older ones have it unless their metadata area ended
+    /// within [`crate::lease::LEASE_AREA_BYTES`] of an extent boundary.
+    pub fn lease_area(&self) -> Option<ByteRange> {
+        let start = self.metadata.end.div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
+        let end = start + crate::lease::LEASE_AREA_BYTES;
+        (end <= self.data.start).then(|| ByteRange::new(start, end))
     }
 
     /// Number of whole extents in the data area.

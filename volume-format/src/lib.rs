@@ -28,16 +28,22 @@
 //!   ([`metadata::snapshot`]: where a snapshot's chunk reads from, the
 //!   changed-block list between two snapshots, delete with merge).
 //! - [`description`]: the volume description the metadata server hands to
-//!   agents, and the mapping of a byte range onto extents and device legs.
+//!   agents.
+//! - [`mapping`]: where a volume's bytes live (extents, legs, leg states,
+//!   snapshot COW areas), built from a description (agents) or from the
+//!   pool metadata (the server): one set of rules for both.
 
 pub mod codec;
 pub mod control;
 pub mod description;
 pub mod ids;
 pub mod label;
+pub mod lease;
+pub mod mapping;
 pub mod metadata;
 
-pub use description::{DescriptionError, DeviceEndpoint, Segment, VolumeDescription};
+pub use description::{DescriptionError, DeviceEndpoint, VolumeDescription};
 pub use ids::{DeviceIndex, HandleId, PublicKey, SnapshotId, VolumeId};
 pub use label::{ByteRange, DeviceLabel, DeviceLayout, LabelError};
+pub use mapping::{LegState, MapError, Segment, VolumeMap};
 pub use metadata::{MetadataArea, MetadataError, PoolMetadata, SlotError};

@@ -23,7 +23,7 @@ use volume_format::control::auth::Role;
 use volume_format::control::frame::encode_payload;
 use volume_format::control::messages::{
     ClientInfo, ClientMessage, ControlError, DataChannelGrant, DeviceInfo, ErrorCode, OpenMode, OpenedHandle, PoolInfo,
-    Request, Response, ServerEvent, ServerMessage, SnapshotInfo, VolumeDetail, VolumeInfo,
+    Request, Response, ServerEvent, ServerInfo, ServerMessage, SnapshotInfo, VolumeDetail, VolumeInfo,
 };
 use volume_format::control::{PROTOCOL_VERSION, PROTOCOL_VERSION_MIN};
 use volume_format::description::{DeviceEndpoint, SnapshotEpoch};
@@ -130,6 +130,7 @@ samples!(requests, Request {
     ReportDeviceFailure => Request::ReportDeviceFailure { device: DeviceIndex(1), reason: "reset".into() },
     ReportDeviceRecovered => Request::ReportDeviceRecovered { device: DeviceIndex(1) },
     BackupChannel => Request::BackupChannel,
+    Handoff => Request::Handoff { to: Some("mds-b".into()) },
 });
 
 samples!(responses, Response {
@@ -139,6 +140,13 @@ samples!(responses, Response {
         name: "demo".into(),
         generation: 9,
         extent_bytes: 1 << 20,
+        servers: vec![ServerInfo {
+            name: "mds-a".into(),
+            host_id: 1,
+            role: "active".into(),
+            since_unix_ms: 1_700_000_000_000,
+            addrs: vec!["10.0.0.2:7700".into()],
+        }],
         devices: 3,
         devices_failed: 1,
         volumes: 2,
@@ -214,6 +222,7 @@ samples!(events, ServerEvent {
     Recall => ServerEvent::Recall { handle: HandleId(5), generation: 4 },
     Publish => ServerEvent::Publish { handle: HandleId(5), description: Box::new(description()) },
     Revoked => ServerEvent::Revoked { handle: HandleId(5), reason: "broken by host-b".into() },
+    Redirect => ServerEvent::Redirect { addrs: vec!["unix:/run/mds-b.sock".into()], reason: "handoff".into() },
 });
 
 samples!(error_codes, ErrorCode {
@@ -228,6 +237,7 @@ samples!(error_codes, ErrorCode {
     Unavailable => ErrorCode::Unavailable,
     Internal => ErrorCode::Internal,
     HandleBroken => ErrorCode::HandleBroken,
+    NotActive => ErrorCode::NotActive,
 });
 
 samples!(server_messages, ServerMessage {

@@ -206,6 +206,32 @@ impl Link {
         true
     }
 
+    /// Connection `conn` is dropped on purpose (a redirect, a server that is
+    /// not the active one): the address list now has `addrs` entries, and
+    /// the next attempt starts at once with the next address (the first one
+    /// after a redirect, which put its addresses first).
+    pub fn moved(&mut self, conn: ConnId, now: Millis, addrs: usize, why: String) {
+        if self.conn() != Some(conn) {
+            return;
+        }
+        self.last_error = Some(why);
+        let redirected = addrs != self.addrs;
+        self.addrs = addrs.max(1);
+        if redirected {
+            self.next_addr = 0;
+            self.phase = LinkPhase::Waiting { until_ms: now };
+            return;
+        }
+        // Not the active server: the next address at once, and the backoff
+        // after a whole round (a lone standby must not be hammered).
+        self.next_addr += 1;
+        if !self.next_addr.is_multiple_of(self.addrs) {
+            self.phase = LinkPhase::Waiting { until_ms: now };
+        } else {
+            self.wait_backoff(now);
+        }
+    }
+
     fn wait_backoff(&mut self, now: Millis) {
         self.phase = LinkPhase::Waiting { until_ms: now + self.backoff_ms };
         self.backoff_ms = (self.backoff_ms * 2).min(self.backoff_max_ms);

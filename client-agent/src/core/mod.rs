@@ -320,6 +320,11 @@ pub enum Effect {
     Disconnect {
         conn: ConnId,
     },
+    /// The metadata-server addresses changed (a redirect put new ones first):
+    /// `Connect`'s indexes refer to this list from now on.
+    Addresses {
+        addrs: Vec<String>,
+    },
     /// Send `message` on `conn`; report its `Reply` under `request`.
     Send {
         conn: ConnId,
@@ -587,6 +592,9 @@ impl AgentCore {
                     self.registrations.retry_all_now(now);
                 }
             }
+            Input::Event { conn, event: ServerEvent::Redirect { addrs, reason } } => {
+                self.redirect(now, conn, addrs, reason)
+            }
             Input::Event { conn, event } => self.event(conn, event),
             Input::Reply { request, result } => self.reply(now, request, result),
             Input::Prepared { attachment, result } => self.prepared(now, attachment, result),
@@ -708,6 +716,11 @@ impl AgentCore {
             debug!(request = request.0, "a reply nobody waits for");
             return;
         };
+        if let Err(RequestError::Server(e)) = &result {
+            if e.code == volume_format::control::messages::ErrorCode::NotActive {
+                self.not_active(now, pending.conn, &e.message);
+            }
+        }
         match pending.purpose.clone() {
             Purpose::Renew => {
                 self.link.renewal_done(request);
@@ -778,11 +791,52 @@ impl AgentCore {
     }
 }
 
-/// The handle an event is for.
+/// The handle an event is for (0 for events about the connection).
 fn event_handle(event: &ServerEvent) -> u64 {
     match event {
         ServerEvent::Recall { handle, .. }
         | ServerEvent::Publish { handle, .. }
         | ServerEvent::Revoked { handle, .. } => handle.0,
+        ServerEvent::Redirect { .. } => 0,
     }
 }
+
+impl AgentCore {
+    /// The server handed the pool to another (a planned handoff): put its
+    /// addresses first, drop this connection and connect there at once;
+    /// every handle is resumed on the new connection as after any reconnect.
+    fn redirect(&mut self, now: Millis, conn: ConnId, addrs: Vec<String>, reason: String) {
+        if self.link.conn() != Some(conn) {
+            return;
+        }
+        tracing::info!(?addrs, %reason, "the metadata server redirects this agent");
+        let mut list: Vec<String> = addrs.into_iter().filter(|a| !a.is_empty()).collect();
+        for a in std::mem::take(&mut self.config.addrs) {
+            if !list.contains(&a) {
+                list.push(a);
+            }
+        }
+        list.truncate(ADDRS_MAX);
+        self.config.addrs = list.clone();
+        self.out.push(Effect::Addresses { addrs: list });
+        self.out.push(Effect::Disconnect { conn });
+        self.link.moved(conn, now, self.config.addrs.len(), reason);
+        self.registrations.retry_all_now(now);
+    }
+
+    /// A request on `conn` was refused because that server is not the
+    /// pool's active one (a standby, or one that handed off or lost its
+    /// lease): move on to the next address at once.
+    fn not_active(&mut self, now: Millis, conn: ConnId, message: &str) {
+        if self.link.conn() != Some(conn) {
+            return;
+        }
+        warn!(reason = %message, "the metadata server is not the active one; trying the next address");
+        self.out.push(Effect::Disconnect { conn });
+        self.link.moved(conn, now, self.config.addrs.len(), message.to_string());
+        self.registrations.retry_all_now(now);
+    }
+}
+
+/// Addresses the agent keeps at most (configured ones plus redirects).
+pub const ADDRS_MAX: usize = 16;

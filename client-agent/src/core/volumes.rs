@@ -507,6 +507,8 @@ impl AgentCore {
                 warn!(volume = name, handle, %reason, "handle revoked by the metadata server");
                 self.revoke(id, reason);
             }
+            // Handled by the core before events reach volumes.
+            ServerEvent::Redirect { .. } => {}
         }
     }
 

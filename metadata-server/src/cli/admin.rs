@@ -7,7 +7,9 @@ use volume_format::control::auth::Role;
 use volume_format::control::messages::{snapshot_export_name, Request, Response};
 
 use super::size::format_size;
-use super::{table, ClientCommand, Command, ConnArgs, DeviceCommand, PoolCommand, SnapshotCommand, VolumeCommand};
+use super::{
+    table, ClientCommand, Command, ConnArgs, DeviceCommand, MdsCommand, PoolCommand, SnapshotCommand, VolumeCommand,
+};
 use crate::pool::init::{init, InitOptions};
 use control_client::{ControlAddr, ControlClient};
 use volume_format::PublicKey;
@@ -23,14 +25,46 @@ fn host_name() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
-/// Connects and authenticates as an admin.
+/// Connects and authenticates as an admin. `--mds` may list several
+/// servers (`a,b`: the active one and its standbys): each is tried in turn,
+/// and one that is standing by is passed over (its answer names the active
+/// server, which is what is reported if none is).
 pub async fn connect(conn: &ConnArgs) -> Result<ControlClient> {
-    let addr: ControlAddr = conn
+    let list = conn
         .mds
         .as_deref()
-        .ok_or_else(|| anyhow!("no metadata server given: use --mds HOST:PORT or unix:PATH (or SANVOL_MDS)"))?
-        .parse()
-        .map_err(|e: String| anyhow!(e))?;
+        .ok_or_else(|| anyhow!("no metadata server given: use --mds HOST:PORT or unix:PATH (or SANVOL_MDS)"))?;
+    let addrs: Vec<ControlAddr> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(|a| a.parse().map_err(|e: String| anyhow!(e)))
+        .collect::<Result<_>>()?;
+    if addrs.is_empty() {
+        bail!("no metadata server given: use --mds HOST:PORT or unix:PATH (or SANVOL_MDS)");
+    }
+    if addrs.len() == 1 {
+        return connect_one(conn, &addrs[0]).await;
+    }
+    let mut errors = Vec::new();
+    for addr in &addrs {
+        match connect_one(conn, addr).await {
+            Ok(client) => match client.request(Request::PoolStatus).await {
+                Err(control_client::ControlClientError::Server(e))
+                    if e.code == volume_format::control::messages::ErrorCode::NotActive =>
+                {
+                    client.close().await;
+                    errors.push(format!("{addr}: {}", e.message));
+                }
+                _ => return Ok(client),
+            },
+            Err(e) => errors.push(format!("{addr}: {e:#}")),
+        }
+    }
+    bail!("no active metadata server among {list}: {}", errors.join("; "))
+}
+
+async fn connect_one(conn: &ConnArgs, addr: &ControlAddr) -> Result<ControlClient> {
     let key_path = conn.key.as_ref().ok_or_else(|| anyhow!("no admin key given: use --key FILE (or SANVOL_KEY)"))?;
     let key = control_client::keys::load_private(key_path)?;
     let server_key = conn.server_key.as_deref().ok_or_else(|| {
@@ -40,7 +74,7 @@ pub async fn connect(conn: &ConnArgs) -> Result<ControlClient> {
     let mut instance = [0u8; 16];
     getrandom::getrandom(&mut instance).map_err(|e| anyhow!("random bytes: {e}"))?;
     let name = format!("sanvol@{}", host_name());
-    let (client, _events) = ControlClient::connect(&addr, &key, Some(&pinned), Role::Admin, &name, instance).await?;
+    let (client, _events) = ControlClient::connect(addr, &key, Some(&pinned), Role::Admin, &name, instance).await?;
     Ok(client)
 }
 
@@ -129,6 +163,23 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
                 vec!["server key".into(), p.server_key.clone()],
             ];
             table::print(&["POOL", ""], &rows);
+            if !p.servers.is_empty() {
+                println!();
+                let rows: Vec<Vec<String>> = p
+                    .servers
+                    .iter()
+                    .map(|s| {
+                        vec![
+                            s.name.clone(),
+                            s.host_id.to_string(),
+                            s.role.clone(),
+                            crate::server::durable::hms(s.since_unix_ms / 1000),
+                            s.addrs.join(", "),
+                        ]
+                    })
+                    .collect();
+                table::print(&["METADATA SERVER", "HOST ID", "ROLE", "SINCE", "ADDRESSES"], &rows);
+            }
         }
         Command::Device(DeviceCommand::List { json }) => {
             let Response::Devices(devices) = request(client, Request::DeviceList).await? else {
@@ -327,6 +378,10 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
             let (key, _) = super::public_key_arg(&public_key)?;
             request(client, Request::ClientRevoke { key }).await.context("revoking the key")?;
             println!("key {} revoked", hex::encode(key));
+        }
+        Command::Mds(MdsCommand::Handoff { to }) => {
+            request(client, Request::Handoff { to: to.clone() }).await.context("handing the pool off")?;
+            println!("the pool was handed off{}", to.map(|t| format!(" to {t}")).unwrap_or_default());
         }
         Command::Keygen { .. } | Command::Pool(PoolCommand::Init { .. }) | Command::Demo(_) => {
             unreachable!("handled without a server connection")

@@ -259,7 +259,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     std::fs::write(
         &config,
         format!(
-            "# sanvol-mds configuration written by `sanvol demo`\nlisten = [{:?}]\nkey = {:?}\ndevices = [{}]\n",
+            "# sanvol-mds configuration written by `sanvol demo`\nlisten = [{:?}]\nkey = {:?}\ndevices = [{}]\n\
+             # One server, started fresh: a short disk-lease timeout takes the lease in about a second.\n\
+             lease_io_timeout_ms = 250\n",
             format!("unix:{}", mds_socket.display()),
             p(dir.join("mds.key")),
             device_list.join(", ")

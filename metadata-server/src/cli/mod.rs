@@ -46,8 +46,9 @@ pub struct Cli {
 /// How to reach and trust the metadata server.
 #[derive(Debug, Args, Clone)]
 pub struct ConnArgs {
-    /// Metadata server address: HOST:PORT or unix:PATH.
-    #[arg(long, global = true, env = "SANVOL_MDS", value_name = "ADDR")]
+    /// Metadata server address: HOST:PORT or unix:PATH; several separated by
+    /// commas (the active server and its standbys) are tried in turn.
+    #[arg(long, global = true, env = "SANVOL_MDS", value_name = "ADDR[,ADDR...]")]
     pub mds: Option<String>,
     /// Your admin private key (made by `sanvol keygen`).
     #[arg(long, global = true, env = "SANVOL_KEY", value_name = "FILE")]
@@ -87,9 +88,28 @@ pub enum Command {
     /// Keys authorized to use the pool (agents, admins, backup jobs).
     #[command(subcommand)]
     Client(ClientCommand),
+    /// The pool's metadata servers: one active, the others standing by.
+    #[command(subcommand)]
+    Mds(MdsCommand),
     /// Run a local demo pool end to end: three file-backed NBD devices, the
     /// metadata server, an agent and two volumes; prints where everything is.
     Demo(DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MdsCommand {
+    /// Hand the pool to a standby metadata server (planned maintenance).
+    ///
+    /// The active server stops taking changes, finishes what is in flight,
+    /// passes the disk lease on (no expiry wait) and tells every connected
+    /// agent to reconnect there; agents resume their handles at once.
+    /// `sanvol pool status` lists the servers standing by.
+    Handoff {
+        /// The standby to hand to: its name or host id (default: any
+        /// server standing by).
+        #[arg(long, value_name = "NAME|HOST_ID")]
+        to: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -34,6 +34,7 @@ use tracing::{debug, info};
 use volume_format::control::messages::{
     changed_context_name, snapshot_export_name, CHANGED_CONTEXT_PREFIX, CHANGED_FLAG,
 };
+use volume_format::mapping::{ChunkLayout, ChunkPiece};
 use volume_format::metadata::{ChunkSource, PoolMetadata};
 use volume_format::{SnapshotId, VolumeId};
 
@@ -50,20 +51,12 @@ pub struct SnapshotDevice {
     snapshot: SnapshotId,
     name: String,
     volume: VolumeId,
-    size_bytes: u64,
-    chunk_bytes: u64,
+    /// How the snapshot's chunks sit on the pool's extents.
+    chunks: ChunkLayout,
+    extent_bytes: u64,
     /// Older snapshots of the volume, by name, for the changed-since contexts.
     older: Vec<(String, SnapshotId)>,
     devices: DeviceClients,
-}
-
-/// One contiguous piece of a request inside one chunk.
-#[derive(Debug, Clone, Copy)]
-struct Piece {
-    chunk: u64,
-    /// Offset of the piece within its chunk.
-    within: u64,
-    len: u64,
 }
 
 impl SnapshotDevice {
@@ -81,8 +74,8 @@ impl SnapshotDevice {
             snapshot,
             name: snapshot_export_name(&volume.name, &s.name),
             volume: s.volume,
-            size_bytes: s.size_bytes,
-            chunk_bytes: s.chunk_bytes,
+            chunks: s.chunk_layout(),
+            extent_bytes: m.extent_bytes,
             older,
             devices,
             meta,
@@ -93,17 +86,8 @@ impl SnapshotDevice {
         &self.name
     }
 
-    fn pieces(&self, offset: u64, len: u64) -> Vec<Piece> {
-        let mut pieces = Vec::new();
-        let mut at = offset;
-        while at < offset + len {
-            let chunk = at / self.chunk_bytes;
-            let within = at % self.chunk_bytes;
-            let n = (self.chunk_bytes - within).min(offset + len - at);
-            pieces.push(Piece { chunk, within, len: n });
-            at += n;
-        }
-        pieces
+    fn pieces(&self, offset: u64, len: u64) -> Vec<ChunkPiece> {
+        self.chunks.pieces(offset, len).collect()
     }
 
     fn source(&self, meta: &PoolMetadata, chunk: u64) -> Result<ChunkSource, IoError> {
@@ -112,25 +96,14 @@ impl SnapshotDevice {
     }
 
     /// Reads consecutive pieces that share `source` and one extent.
-    async fn read_run(&self, meta: &PoolMetadata, source: ChunkSource, run: &[Piece]) -> Result<Bytes, IoError> {
-        let first = run[0];
-        let len: u64 = run.iter().map(|p| p.len).sum();
-        match source {
-            ChunkSource::Live => {
-                self.devices
-                    .read_live(meta, self.volume, first.chunk * self.chunk_bytes + first.within, len as u32)
-                    .await
-            }
-            ChunkSource::Cow(s) => self.devices.read_cow(meta, s, first.chunk, first.within, len as u32).await,
-        }
+    async fn read_run(&self, meta: &PoolMetadata, source: ChunkSource, run: &[ChunkPiece]) -> Result<Bytes, IoError> {
+        let len: u64 = run.iter().map(|p| p.len_bytes).sum();
+        self.devices.read_source(meta, self.volume, source, self.chunks.offset_of(&run[0]), len as u32).await
     }
 
-    /// Whether `b` continues `a`'s run: same source, adjacent, same extent.
-    fn continues(&self, meta: &PoolMetadata, a: &Piece, b: &Piece) -> bool {
-        let extent_chunks = (meta.extent_bytes / self.chunk_bytes).max(1);
-        b.chunk == a.chunk + 1
-            && a.within + a.len == self.chunk_bytes
-            && b.chunk / extent_chunks == a.chunk / extent_chunks
+    /// Whether `b` continues `a`'s run (one device request reads both).
+    fn continues(&self, a: &ChunkPiece, b: &ChunkPiece) -> bool {
+        self.chunks.joins(a, b, self.extent_bytes)
     }
 }
 
@@ -148,11 +121,11 @@ impl SnapshotDevice {
         let mut end = 1;
         while end < pieces.len()
             && self.source(&meta, pieces[end].chunk)? == first
-            && self.continues(&meta, &pieces[end - 1], &pieces[end])
+            && self.continues(&pieces[end - 1], &pieces[end])
         {
             end += 1;
         }
-        let run_len: u64 = pieces[..end].iter().map(|p| p.len).sum();
+        let run_len: u64 = pieces[..end].iter().map(|p| p.len_bytes).sum();
         let data = vec![StatusExtent { length: run_len, flags: 0 }];
         if first != ChunkSource::Live {
             return Ok(data);
@@ -195,11 +168,15 @@ fn read_only() -> IoError {
 #[async_trait]
 impl BlockDevice for SnapshotDevice {
     fn size(&self) -> u64 {
-        self.size_bytes
+        self.chunks.size_bytes
     }
 
     fn block_sizes(&self) -> BlockSizes {
-        BlockSizes { minimum: 1, preferred: self.chunk_bytes.min(65536) as u32, maximum: SNAPSHOT_REQUEST_BYTES_MAX }
+        BlockSizes {
+            minimum: 1,
+            preferred: self.chunks.chunk_bytes.min(65536) as u32,
+            maximum: SNAPSHOT_REQUEST_BYTES_MAX,
+        }
     }
 
     fn is_read_only(&self) -> bool {
@@ -211,7 +188,7 @@ impl BlockDevice for SnapshotDevice {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
-        blockio::error::check_range(offset, u64::from(len), self.size_bytes)?;
+        blockio::error::check_range(offset, u64::from(len), self.chunks.size_bytes)?;
         if len > SNAPSHOT_REQUEST_BYTES_MAX {
             return Err(IoError::new(
                 IoErrorKind::Overflow,
@@ -227,14 +204,14 @@ impl BlockDevice for SnapshotDevice {
         let mut i = 0;
         while i < pieces.len() {
             let mut j = i + 1;
-            while j < pieces.len() && sources[j] == sources[i] && self.continues(&meta, &pieces[j - 1], &pieces[j]) {
+            while j < pieces.len() && sources[j] == sources[i] && self.continues(&pieces[j - 1], &pieces[j]) {
                 j += 1;
             }
             let run = self.read_run(&meta, sources[i], &pieces[i..j]).await?;
             let mut at = 0usize;
             for p in &pieces[i..j] {
-                data.push(run.slice(at..at + p.len as usize));
-                at += p.len as usize;
+                data.push(run.slice(at..at + p.len_bytes as usize));
+                at += p.len_bytes as usize;
             }
             runs.push(run);
             i = j;
@@ -286,7 +263,7 @@ impl BlockDevice for SnapshotDevice {
     }
 
     async fn block_status(&self, context: &MetaContext, offset: u64, len: u32) -> Result<Vec<StatusExtent>, IoError> {
-        blockio::error::check_range(offset, u64::from(len), self.size_bytes)?;
+        blockio::error::check_range(offset, u64::from(len), self.chunks.size_bytes)?;
         let name = match context {
             MetaContext::BaseAllocation => return self.allocation(offset, len).await,
             MetaContext::Custom(name) => name,
@@ -305,8 +282,8 @@ impl BlockDevice for SnapshotDevice {
         for p in self.pieces(offset, u64::from(len)) {
             let flags = if changed.contains(p.chunk) { CHANGED_FLAG } else { 0 };
             match out.last_mut() {
-                Some(last) if last.flags == flags => last.length += p.len,
-                _ => out.push(StatusExtent { length: p.len, flags }),
+                Some(last) if last.flags == flags => last.length += p.len_bytes,
+                _ => out.push(StatusExtent { length: p.len_bytes, flags }),
             }
         }
         Ok(out)
@@ -418,8 +395,8 @@ mod tests {
         let s = meta.create_snapshot(v, "s", 0).unwrap();
         let chunk_bytes = meta.snapshot(s).unwrap().chunk_bytes;
         let live = meta.volume(v).unwrap().extents[0].legs[0];
-        let (cow_extent, cow_within) = meta.snapshot(s).unwrap().cow_location(0, EXTENT).unwrap();
-        let cow = cow_extent.legs[0];
+        let cow_leg = meta.cow_area(s).unwrap().chunk(0, 0, chunk_bytes).unwrap().legs().unwrap()[0];
+        let (cow, cow_at) = (cow_leg.device, cow_leg.device_offset);
 
         let mems: Vec<Arc<MemoryDevice>> = (0..2).map(|_| Arc::new(MemoryDevice::new(9 * EXTENT))).collect();
         let pre = Bytes::from(vec![0xAA; chunk_bytes as usize]);
@@ -432,7 +409,7 @@ mod tests {
             Box::new(move || {
                 Box::pin(async move {
                     // The agent: copy, register (committed and published), overwrite.
-                    mems[cow.device.0 as usize].write(cow.offset + cow_within, pre, true).await.unwrap();
+                    mems[cow.0 as usize].write(cow_at, pre, true).await.unwrap();
                     let mut next = meta;
                     next.register_cow(s, &[0]).unwrap();
                     tx.send_replace(Arc::new(next));

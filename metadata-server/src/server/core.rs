@@ -42,7 +42,8 @@ use ed25519_dalek::SigningKey;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 use volume_format::control::auth::Role;
-use volume_format::control::messages::{ControlError, ErrorCode, Request, Response, ServerEvent};
+use volume_format::control::messages::{ControlError, ErrorCode, Request, Response, ServerEvent, ServerInfo};
+use volume_format::lease::ServerRole;
 use volume_format::metadata::{HandleState, MetaChange, PoolMetadata, Undo};
 use volume_format::{HandleId, PublicKey, VolumeDescription, VolumeId};
 
@@ -147,6 +148,18 @@ pub enum Input {
         device: Uuid,
         reachable: bool,
     },
+    /// The pool's metadata servers as the lease sectors say (listings).
+    Servers {
+        servers: Vec<ServerInfo>,
+    },
+    /// The disk lease was handed to the standby (or the handoff failed).
+    HandedOff {
+        result: Result<(), String>,
+    },
+    /// The disk lease is lost: this server may commit nothing more.
+    LeaseLost {
+        why: String,
+    },
 }
 
 /// Something the shell must do for the core, in order.
@@ -182,6 +195,17 @@ pub enum Effect {
     /// makes the next change copy the whole metadata.
     Published {
         clients: Option<Arc<ClientTable>>,
+    },
+    /// Hand the disk lease to the standby with host id `to`; answer with
+    /// [`Input::HandedOff`]. Nothing is in flight and nothing more will be
+    /// committed.
+    HandOff {
+        to: u32,
+    },
+    /// This server is done serving the pool (handed off, or lost its
+    /// lease): the shell stops once the effects before this are out.
+    Stop {
+        why: String,
     },
 }
 
@@ -412,6 +436,12 @@ pub struct Core {
     waiting: Option<Batch>,
     /// A commit failed: the next one (empty if need be) supersedes it.
     supersede_due: bool,
+    /// The pool's metadata servers (active and standing by), for listings.
+    pub servers: Vec<ServerInfo>,
+    /// A planned handoff in progress: (target, admin's reply, lease handoff asked).
+    handoff: Option<(ServerInfo, ReplyId, bool)>,
+    /// Set once this server no longer serves the pool: why, and where to go.
+    not_active: Option<String>,
     /// Volumes with a job in flight, and what waits for it.
     busy: HashMap<VolumeId, Busy>,
     /// Jobs in flight and how their changes continue.
@@ -463,6 +493,9 @@ impl Core {
             checkpoint: None,
             waiting: None,
             supersede_due: false,
+            servers: Vec::new(),
+            handoff: None,
+            not_active: None,
             busy: HashMap::new(),
             jobs: HashMap::new(),
             next_task: 1,
@@ -531,6 +564,12 @@ impl Core {
             Input::Reachability { device, reachable } => {
                 self.reachable.insert(device, reachable);
             }
+            Input::Servers { servers } => self.servers = servers,
+            Input::HandedOff { result } => self.handed_off(result),
+            Input::LeaseLost { why } => {
+                tracing::error!("{why}: this server commits and serves nothing more");
+                self.stop_serving(format!("this metadata server lost the pool lease ({why})"), None);
+            }
         }
         self.pump();
         std::mem::take(&mut self.effects)
@@ -571,6 +610,10 @@ impl Core {
     // ---- inputs ----
 
     fn request(&mut self, session: SessionId, request: Request, reply: ReplyId) {
+        if let Some(why) = &self.not_active {
+            let e = ControlError::new(ErrorCode::NotActive, why.clone());
+            return self.reply(reply, Err(e));
+        }
         self.handles.renew(session, self.now.mono_ms, self.lease_ms);
         if !super::durable::allowed_in_grace(&request) {
             if let Some(left_ms) = self.grace_left_ms() {
@@ -712,6 +755,16 @@ impl Core {
     fn pump(&mut self) {
         loop {
             if self.in_flight.is_some() || self.waiting.is_some() {
+                return;
+            }
+            if let Some((target, _, asked)) = &mut self.handoff {
+                // Handing off: nothing new is prepared; once nothing is in
+                // flight, the lease goes to the standby.
+                if !*asked && self.jobs.is_empty() && self.checkpoint.is_none() {
+                    *asked = true;
+                    let to = target.host_id;
+                    self.effects.push(Effect::HandOff { to });
+                }
                 return;
             }
             let mut batch = Batch::default();
@@ -897,4 +950,79 @@ impl Core {
 /// copy-on-write registrations, the changes that come many at a time.
 fn joins_batch(change: &Change) -> bool {
     matches!(change, Change::Request { request: Request::CowRegister { .. }, .. })
+}
+
+impl Core {
+    /// `Request::Handoff`: starts handing the pool to a standby (by name or
+    /// host id; any standing by if `to` is `None`).
+    pub(super) fn prepare_handoff(&mut self, to: Option<String>, reply: ReplyId) -> Step {
+        let standby = |s: &&ServerInfo| s.role == ServerRole::Standby.to_string();
+        let target = match &to {
+            Some(t) => self.servers.iter().filter(standby).find(|s| &s.name == t || s.host_id.to_string() == *t),
+            None => self.servers.iter().find(standby),
+        };
+        let Some(target) = target.cloned() else {
+            let known: Vec<String> =
+                self.servers.iter().map(|s| format!("{} (host id {}, {})", s.name, s.host_id, s.role)).collect();
+            let msg = format!(
+                "no metadata server {}is standing by for this pool (servers: {}); start one with the same devices \
+                 and its own host_id, then retry",
+                to.as_deref().map(|t| format!("named {t} ")).unwrap_or_default(),
+                if known.is_empty() { "none seen yet".to_string() } else { known.join(", ") }
+            );
+            return Step::Done(Some((reply, Err(ControlError::new(ErrorCode::NotFound, msg)))));
+        };
+        if self.handoff.is_some() {
+            let e = ControlError::new(ErrorCode::Busy, "a handoff is already in progress");
+            return Step::Done(Some((reply, Err(e))));
+        }
+        info!(to = %target.name, host_id = target.host_id, "handing the pool off: no new changes from now on");
+        self.handoff = Some((target, reply, false));
+        Step::Parked
+    }
+
+    fn handed_off(&mut self, result: Result<(), String>) {
+        let Some((target, reply, _)) = self.handoff.take() else { return };
+        match result {
+            Ok(()) => {
+                info!(to = %target.name, "pool handed off; redirecting every client there");
+                let why = format!(
+                    "the pool was handed off to metadata server {} (host id {}) at {}",
+                    target.name,
+                    target.host_id,
+                    target.addrs.join(", ")
+                );
+                self.reply(reply, Ok(Response::Done));
+                self.stop_serving(why, Some(target.addrs.clone()));
+            }
+            Err(e) => {
+                warn!(to = %target.name, "the handoff failed: {e}; serving on");
+                let e = ControlError::new(ErrorCode::Internal, format!("the handoff failed: {e}; still serving"));
+                self.reply(reply, Err(e));
+            }
+        }
+    }
+
+    /// Serves nothing more: every waiting caller is told why (and, for a
+    /// handoff, every session where to go), then the shell stops.
+    fn stop_serving(&mut self, why: String, redirect: Option<Vec<String>>) {
+        self.not_active = Some(why.clone());
+        if let Some(addrs) = redirect {
+            let sessions: Vec<SessionId> = self.sessions.keys().copied().collect();
+            for session in sessions {
+                let event = ServerEvent::Redirect { addrs: addrs.clone(), reason: why.clone() };
+                self.effects.push(Effect::Event { session, event });
+            }
+        }
+        let not_active = || Err(ControlError::new(ErrorCode::NotActive, why.clone()));
+        for (_, change) in std::mem::take(&mut self.pending_changes) {
+            self.effects.push(Effect::Reply { reply: change.reply, result: not_active() });
+        }
+        for change in std::mem::take(&mut self.queue) {
+            if let Change::Request { reply, .. } = change {
+                self.effects.push(Effect::Reply { reply, result: not_active() });
+            }
+        }
+        self.effects.push(Effect::Stop { why });
+    }
 }

@@ -192,12 +192,9 @@ impl Core {
         }
         // The volume's extents and its newest snapshot's copy-on-write area
         // (where the agent copies pre-images before overwriting).
-        let cow = self.meta.newest_snapshot(v.id).map(|s| s.cow_extents.as_slice()).unwrap_or_default();
-        let mut ranges: Vec<(u64, u64)> = v
-            .extents
-            .iter()
-            .chain(cow)
-            .flat_map(|e| e.legs.iter())
+        let map = self.meta.volume_map(v.id).map_err(|e| ControlError::new(ErrorCode::NotFound, e.to_string()))?;
+        let mut ranges: Vec<(u64, u64)> = map
+            .physical_extents()
             .filter(|l| l.device.0 == device)
             .map(|l| (l.offset, self.meta.extent_bytes))
             .collect();
@@ -536,6 +533,11 @@ async fn serve_channel(
         let _ = framed::write_message(&mut stream, &msg).await;
         return;
     };
+    if let Some((owner, me)) = &ctx.standby {
+        let why = super::standby::not_active_message(owner.borrow().as_ref(), me);
+        let _ = framed::write_message(&mut stream, &refuse(ErrorCode::NotActive, why)).await;
+        return;
+    }
     let Request::DataChannel { volume, device } = request else {
         // A backup channel: NBD over every snapshot, until the peer leaves.
         // The committed metadata is published while this channel reads it.

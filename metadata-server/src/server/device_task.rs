@@ -18,8 +18,15 @@ use uuid::Uuid;
 use super::core::{Input, TaskId};
 use super::data_channel::DEVICE_CHECK_TIMEOUT;
 use super::jobs::JobOutcome;
+use std::sync::Arc;
+
+use super::lease_task::LeaseGuard;
 use crate::pool::journal::RawWrite;
 use crate::pool::Pool;
+
+/// How long a metadata write waits for a late lease renewal before it is
+/// refused (the renewal's own I/O is bounded by the lease I/O timeout).
+const LEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Work queued for the device task (commits are one at a time by the core's
 /// rule; checks are bounded by the agents reporting).
@@ -42,14 +49,20 @@ pub enum DeviceWork {
 pub struct DeviceTask {
     pool: Pool,
     results: mpsc::Sender<Input>,
+    /// Metadata is written only while this server holds the pool lease.
+    guard: Arc<LeaseGuard>,
 }
 
 impl DeviceTask {
     /// Starts the task; it ends when every sender of the returned channel is
     /// gone, disconnecting the devices.
-    pub fn start(pool: Pool, results: mpsc::Sender<Input>) -> (mpsc::Sender<DeviceWork>, JoinHandle<()>) {
+    pub fn start(
+        pool: Pool,
+        results: mpsc::Sender<Input>,
+        guard: Arc<LeaseGuard>,
+    ) -> (mpsc::Sender<DeviceWork>, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(DEVICE_WORK_QUEUED_MAX);
-        let task = DeviceTask { pool, results };
+        let task = DeviceTask { pool, results, guard };
         (tx, tokio::spawn(task.run(rx)))
     }
 
@@ -57,6 +70,12 @@ impl DeviceTask {
         self.report_reachability().await;
         while let Some(w) = work.recv().await {
             let input = match w {
+                DeviceWork::Write { task, write } if !self.guard.wait_may_commit(LEASE_WAIT).await => {
+                    // Checked right before the write leaves: a server whose
+                    // lease lapsed (or was handed on) writes nothing.
+                    let why = "this metadata server does not hold the pool lease now; nothing was written".into();
+                    Input::MetaWritten { task, written: vec![false; write.copies], failures: vec![why] }
+                }
                 DeviceWork::Write { task, write } => {
                     let (written, failures) = self.pool.write_raw(&write).await;
                     if !failures.is_empty() {

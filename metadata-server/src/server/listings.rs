@@ -27,6 +27,7 @@ impl Core {
             name: m.pool_name.clone(),
             generation: m.generation,
             extent_bytes: m.extent_bytes,
+            servers: self.servers.clone(),
             devices: m.devices.len() as u32,
             devices_failed: m.devices.iter().filter(|d| !d.state.is_online()).count() as u32,
             volumes: m.volumes.len() as u32,

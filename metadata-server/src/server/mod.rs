@@ -38,12 +38,14 @@ pub mod data_channel;
 pub mod device_task;
 pub mod durable;
 pub mod jobs;
+pub mod lease_task;
 pub mod listings;
 pub mod owner;
 pub mod requests;
 pub mod session;
 pub mod snapshot_io;
 pub mod snapshots;
+pub mod standby;
 
 #[cfg(test)]
 mod core_tests;
@@ -83,6 +85,8 @@ pub enum ServerError {
     WrongServerKey { pool: String, config: String, path: PathBuf },
     #[error("cannot listen on {addr}: {reason}")]
     Bind { addr: String, reason: String },
+    #[error("pool lease: {0}")]
+    Lease(String),
 }
 
 enum Listener {
@@ -90,44 +94,51 @@ enum Listener {
     Unix(UnixListener, PathBuf),
 }
 
-/// A bound, loaded server, not yet serving. Split from [`Server::serve`] so
-/// tests (and the binary's logs) learn the bound addresses first.
+/// A bound server, not yet serving. Split from [`Server::serve`] so tests
+/// (and the binary's logs) learn the bound addresses first.
 pub struct Server {
-    listeners: Vec<Listener>,
+    listeners: Vec<Arc<Listener>>,
     local_addrs: Vec<ControlAddr>,
-    core: core::Core,
-    pool: Pool,
+    config: Config,
     key: Arc<SigningKey>,
-    lease_ms: u64,
+    /// The pool's clients as read at start: what a standby authenticates with.
+    standby_clients: Arc<ClientTable>,
+    pool_meta: (uuid::Uuid, String, u64, volume_format::PublicKey),
+    lease: lease_task::LeaseTask,
 }
 
 /// Loads the pool, binds every listener and serves until `shutdown`
 /// completes, then closes every session and returns.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
     Server::bind(&config).await?.serve(shutdown).await
 }
 
+/// How an active term ended.
+enum TermEnd {
+    Shutdown,
+    /// Handed off, or the lease was lost: stand by again.
+    NotActive(String),
+}
+
 impl Server {
-    /// Reads the server key, opens the pool (newest valid metadata) and
-    /// binds the listeners.
+    /// Reads the server key, reads the pool (newest valid metadata, without
+    /// writing anything: another server may be active), prepares the disk
+    /// lease and binds the listeners.
     pub async fn bind(config: &Config) -> Result<Server, ServerError> {
         let key = control_client::keys::load_private(&config.key).map_err(|e| ServerError::Key(format!("{e:#}")))?;
         let key = Arc::new(key);
-        let (mut pool, meta) = match Pool::open_journaled(&config.devices, key.clone()).await {
-            Ok(opened) => opened,
-            Err(PoolError::Invalid(why)) if why.contains("initialized for server key") => {
-                return Err(ServerError::WrongServerKey {
-                    pool: why,
-                    config: hex::encode(key.verifying_key().to_bytes()),
-                    path: config.key.clone(),
-                })
+        let (pool, meta) = open_pool(config, &key).await?;
+        let mut instance = [0u8; 16];
+        getrandom::getrandom(&mut instance).map_err(|e| ServerError::Key(format!("no randomness: {e}")))?;
+        let holders = crate::pool::metadata_holders(&meta);
+        let lease = lease_task::LeaseTask::new(&pool, &holders, &config.availability, instance, lease_task::LeaseGuard::new())
+            .await
+            .map_err(ServerError::Lease)?;
+        for d in &pool.devices {
+            if let Some(c) = &d.client {
+                c.disconnect().await;
             }
-            Err(e) => return Err(e.into()),
-        };
-        let journal = pool.take_journal().ok_or_else(|| {
-            ServerError::Pool(PoolError::Invalid("the pool was opened without its metadata journal".into()))
-        })?;
-        let journal = commit::MetaJournal::new(journal, pool.metadata_areas());
+        }
         let mut listeners = Vec::new();
         let mut local_addrs = Vec::new();
         for addr in &config.listen {
@@ -137,7 +148,7 @@ impl Server {
                     let l = TcpListener::bind(a).await.map_err(|e| bind_err(e.to_string()))?;
                     let local = l.local_addr().map_err(|e| bind_err(e.to_string()))?;
                     local_addrs.push(ControlAddr::Tcp(local.to_string()));
-                    listeners.push(Listener::Tcp(l));
+                    listeners.push(Arc::new(Listener::Tcp(l)));
                 }
                 ControlAddr::Unix(path) => {
                     if path.exists() {
@@ -149,22 +160,19 @@ impl Server {
                     }
                     let l = UnixListener::bind(path).map_err(|e| bind_err(e.to_string()))?;
                     local_addrs.push(addr.clone());
-                    listeners.push(Listener::Unix(l, path.clone()));
+                    listeners.push(Arc::new(Listener::Unix(l, path.clone())));
                 }
             }
         }
-        let core = core::Core::new(
-            meta,
-            journal,
-            core::CoreConfig {
-                lease_ms: config.lease_ms,
-                durable_ms: config.durable_ms,
-                grace_ms: config.grace_ms,
-                key: key.clone(),
-                entropy: Box::new(core::OsEntropy),
-            },
-        );
-        Ok(Server { listeners, local_addrs, core, pool, key, lease_ms: config.lease_ms })
+        Ok(Server {
+            listeners,
+            local_addrs,
+            config: config.clone(),
+            key,
+            standby_clients: Arc::new(core::client_table(&meta)),
+            pool_meta: (meta.pool_uuid, meta.pool_name.clone(), meta.extent_bytes, meta.server_public_key),
+            lease,
+        })
     }
 
     /// The addresses actually bound (TCP port 0 resolved).
@@ -172,57 +180,281 @@ impl Server {
         &self.local_addrs
     }
 
-    /// Serves until `shutdown` completes.
-    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-        let Server { listeners, local_addrs, core, pool, key, lease_ms } = self;
-        let (cmd_tx, cmd_rx) = mpsc::channel(COMMANDS_QUEUED_MAX);
+    /// Serves until `shutdown` completes: stands by until this server holds
+    /// the pool lease, then serves the pool; if it hands the pool off or
+    /// loses the lease, it stands by again.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+        let Server { listeners, local_addrs, config, key, standby_clients, pool_meta, mut lease } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
-        // Backup channels read the committed metadata; until one does, the
-        // watch holds a placeholder (see `owner::Shell::publish_meta`).
-        let placeholder = Arc::new(volume_format::PoolMetadata::new(
-            core.meta.pool_uuid,
-            core.meta.pool_name.clone(),
-            core.meta.extent_bytes,
-            core.meta.server_public_key,
-            0,
-        ));
-        let readers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (meta_tx, meta_rx) = watch::channel(placeholder.clone());
-        let (clients_tx, clients_rx) = watch::channel(Arc::new(core::client_table(&core.meta)));
-        let published = owner::Published { meta: meta_tx, readers: readers.clone(), placeholder, clients: clients_tx };
-        let ctx = Arc::new(session::SessionContext {
-            key,
-            lease_ms,
-            clients: clients_rx,
-            meta: meta_rx,
-            meta_readers: readers,
-            commands: cmd_tx,
-            next_session: AtomicU64::new(1),
-            slots: Arc::new(Semaphore::new(SESSIONS_MAX)),
-        });
-        info!(listen = ?local_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(), "sanvol-mds serving");
-        let mut accept_loops = JoinSet::new();
-        let mut sockets = Vec::new();
-        for l in listeners {
-            if let Listener::Unix(_, path) = &l {
-                sockets.push(path.clone());
+        let shutdown_task = tokio::spawn({
+            let stop_tx = stop_tx.clone();
+            async move {
+                shutdown.await;
+                let _ = stop_tx.send(true);
             }
-            accept_loops.spawn(accept_loop(l, ctx.clone(), stop_rx.clone()));
+        });
+        let shutdown_task = AbortOnDrop(shutdown_task);
+        info!(
+            listen = ?local_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            name = %config.availability.name,
+            host_id = config.availability.host_id,
+            "sanvol-mds started; acquiring the pool lease"
+        );
+        let sockets: Vec<PathBuf> = listeners
+            .iter()
+            .filter_map(|l| match l.as_ref() {
+                Listener::Unix(_, path) => Some(path.clone()),
+                Listener::Tcp(_) => None,
+            })
+            .collect();
+        let mut result = Ok(());
+        loop {
+            // Until the lease is ours, connections wait in the listen queue
+            // (a client's first request is answered once this server is
+            // active); as soon as another server is seen holding the lease,
+            // this one stands by and refuses every request, naming it.
+            let acquired = {
+                let (done_tx, done_rx) = watch::channel(false);
+                let standby = tokio::spawn(standby_when_seen(
+                    listeners.clone(),
+                    key.clone(),
+                    config.clone(),
+                    lease.owner_seen.subscribe(),
+                    standby_clients.clone(),
+                    done_rx,
+                ));
+                let acquired = lease.acquire(stop_rx.clone()).await;
+                let _ = done_tx.send(true);
+                let _ = standby.await;
+                acquired
+            };
+            if !acquired {
+                break;
+            }
+            info!("this server holds the pool lease: loading the metadata and serving");
+            let (returned, term) = active_term(&listeners, &config, &key, lease, &pool_meta, stop_rx.clone()).await;
+            lease = returned;
+            match term {
+                Ok(TermEnd::Shutdown) => break,
+                Ok(TermEnd::NotActive(why)) => {
+                    warn!("{why}; standing by");
+                    lease.stand_by(lease_task::LeaseGuard::new());
+                }
+                Err(e) => {
+                    lease.stand_by(lease_task::LeaseGuard::new());
+                    if *stop_rx.borrow() {
+                        break;
+                    }
+                    tracing::error!("serving the pool failed: {e}; standing by");
+                    result = Err(e);
+                    if matches!(result, Err(ServerError::WrongServerKey { .. })) {
+                        break;
+                    }
+                    result = Ok(());
+                }
+            }
         }
-        drop(ctx);
-        owner::run(core, pool, published, cmd_rx, shutdown).await;
-        info!("shutting down: closing sessions");
-        let _ = stop_tx.send(true);
-        while accept_loops.join_next().await.is_some() {}
+        drop(shutdown_task);
         for path in sockets {
             let _ = std::fs::remove_file(path);
         }
         info!("sanvol-mds stopped");
-        Ok(())
+        result
     }
 }
 
-async fn accept_loop(listener: Listener, ctx: Arc<session::SessionContext>, mut stop: watch::Receiver<bool>) {
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Opens the pool with its metadata journal (reads only).
+async fn open_pool(config: &Config, key: &Arc<SigningKey>) -> Result<(Pool, volume_format::PoolMetadata), ServerError> {
+    match Pool::open_journaled(&config.devices, key.clone()).await {
+        Ok(opened) => Ok(opened),
+        Err(PoolError::Invalid(why)) if why.contains("initialized for server key") => Err(ServerError::WrongServerKey {
+            pool: why,
+            config: hex::encode(key.verifying_key().to_bytes()),
+            path: config.key.clone(),
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The listeners while standing by: sessions authenticate, and every
+/// request is refused with the active server's name and addresses.
+struct StandbyTerm {
+    stop: watch::Sender<bool>,
+    loops: JoinSet<()>,
+    responder: tokio::task::JoinHandle<()>,
+}
+
+/// Starts standing by (answering on the listeners) once another server is
+/// seen holding the lease, and stops when `done` says so.
+async fn standby_when_seen(
+    listeners: Vec<Arc<Listener>>,
+    key: Arc<SigningKey>,
+    config: Config,
+    mut owner: watch::Receiver<Option<volume_format::lease::LeaseRecord>>,
+    clients: Arc<ClientTable>,
+    mut done: watch::Receiver<bool>,
+) {
+    // Our own host id's record is this server's previous run (killed, or
+    // restarted): clients wait in the listen queue until it is taken over,
+    // rather than be told to go elsewhere.
+    let me = config.availability.host_id;
+    tokio::select! {
+        seen = owner.wait_for(|o| o.as_ref().is_some_and(|o| o.host_id != me)) => if seen.is_err() { return },
+        _ = done.wait_for(|d| *d) => return,
+    }
+    let term = StandbyTerm::start(&listeners, &key, &config, owner, clients);
+    let _ = done.wait_for(|d| *d).await;
+    term.stop().await;
+}
+
+impl StandbyTerm {
+    fn start(
+        listeners: &[Arc<Listener>],
+        key: &Arc<SigningKey>,
+        config: &Config,
+        owner: watch::Receiver<Option<volume_format::lease::LeaseRecord>>,
+        clients: Arc<ClientTable>,
+    ) -> StandbyTerm {
+        let (cmd_tx, cmd_rx) = mpsc::channel(COMMANDS_QUEUED_MAX);
+        let (stop, stop_rx) = watch::channel(false);
+        let me: Arc<str> = Arc::from(format!("{}, host id {}", config.availability.name, config.availability.host_id));
+        let responder = tokio::spawn(standby::run(cmd_rx, owner.clone(), me.clone()));
+        let ctx = Arc::new(session::SessionContext {
+            key: key.clone(),
+            lease_ms: config.lease_ms,
+            clients: watch::channel(clients).1,
+            meta: watch::channel(Arc::new(volume_format::PoolMetadata::new(
+                uuid::Uuid::nil(),
+                "",
+                1 << 20,
+                volume_format::PublicKey([0; 32]),
+                0,
+            )))
+            .1,
+            meta_readers: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            commands: cmd_tx,
+            next_session: AtomicU64::new(1),
+            slots: Arc::new(Semaphore::new(SESSIONS_MAX)),
+            standby: Some((owner, me)),
+        });
+        let mut loops = JoinSet::new();
+        for l in listeners {
+            loops.spawn(accept_loop(l.clone(), ctx.clone(), stop_rx.clone()));
+        }
+        StandbyTerm { stop, loops, responder }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        while self.loops.join_next().await.is_some() {}
+        let _ = self.responder.await;
+    }
+}
+
+/// Serves the pool while this server holds the lease: loads the metadata
+/// afresh (the previous owner may have committed until it stopped), runs
+/// the owner, the device task and the lease renewals.
+async fn active_term(
+    listeners: &[Arc<Listener>],
+    config: &Config,
+    key: &Arc<SigningKey>,
+    lease: lease_task::LeaseTask,
+    pool_meta: &(uuid::Uuid, String, u64, volume_format::PublicKey),
+    stop: watch::Receiver<bool>,
+) -> (lease_task::LeaseTask, Result<TermEnd, ServerError>) {
+    let (mut pool, meta) = match open_pool(config, key).await {
+        Ok(x) => x,
+        Err(e) => return (lease, Err(e)),
+    };
+    let Some(journal) = pool.take_journal() else {
+        let e = ServerError::Pool(PoolError::Invalid("the pool was opened without its metadata journal".into()));
+        return (lease, Err(e));
+    };
+    let journal = commit::MetaJournal::new(journal, pool.metadata_areas());
+    let core = core::Core::new(
+        meta,
+        journal,
+        core::CoreConfig {
+            lease_ms: config.lease_ms,
+            durable_ms: config.durable_ms,
+            grace_ms: config.grace_ms,
+            key: key.clone(),
+            entropy: Box::new(core::OsEntropy),
+        },
+    );
+    let (cmd_tx, cmd_rx) = mpsc::channel(COMMANDS_QUEUED_MAX);
+    let (term_stop_tx, term_stop_rx) = watch::channel(false);
+    // Backup channels read the committed metadata; until one does, the
+    // watch holds a placeholder (see `owner::Shell::publish_meta`).
+    let (pool_uuid, pool_name, extent_bytes, server_key) = pool_meta.clone();
+    let placeholder = Arc::new(volume_format::PoolMetadata::new(pool_uuid, pool_name, extent_bytes, server_key, 0));
+    let readers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (meta_tx, meta_rx) = watch::channel(placeholder.clone());
+    let (clients_tx, clients_rx) = watch::channel(Arc::new(core::client_table(&core.meta)));
+    let published = owner::Published { meta: meta_tx, readers: readers.clone(), placeholder, clients: clients_tx };
+    let ctx = Arc::new(session::SessionContext {
+        key: key.clone(),
+        lease_ms: config.lease_ms,
+        clients: clients_rx,
+        meta: meta_rx,
+        meta_readers: readers,
+        commands: cmd_tx,
+        next_session: AtomicU64::new(1),
+        slots: Arc::new(Semaphore::new(SESSIONS_MAX)),
+        standby: None,
+    });
+    let mut accept_loops = JoinSet::new();
+    for l in listeners {
+        accept_loops.spawn(accept_loop(l.clone(), ctx.clone(), term_stop_rx.clone()));
+    }
+    drop(ctx);
+    let guard = lease.guard();
+    let (lease_cmd_tx, lease_cmd_rx) = mpsc::channel(4);
+    let servers = lease.servers.subscribe();
+    let (lease_stop_tx, lease_stop_rx) = watch::channel(false);
+    // The lease task runs beside the owner and comes back when it ends.
+    let lease_run = tokio::spawn(async move {
+        let mut lease = lease;
+        let end = lease.hold(lease_cmd_rx, lease_stop_rx).await;
+        (lease, end)
+    });
+    let (lease_end_tx, lease_end_rx) = tokio::sync::oneshot::channel();
+    let lease_watch = tokio::spawn(async move {
+        let result = lease_run.await;
+        let _ = lease_end_tx.send(());
+        result
+    });
+    let control = owner::LeaseControl { commands: lease_cmd_tx, servers, ended: lease_end_rx, guard };
+    let mut shutdown = stop.clone();
+    let end = owner::run(core, pool, published, cmd_rx, async move { let _ = shutdown.wait_for(|s| *s).await; }, control)
+        .await;
+    info!("closing sessions");
+    let _ = term_stop_tx.send(true);
+    while accept_loops.join_next().await.is_some() {}
+    let _ = lease_stop_tx.send(true);
+    let (lease, lease_end) = match lease_watch.await {
+        Ok(Ok(x)) => x,
+        // The lease task panicked: nothing to recover; the process ends.
+        _ => panic!("the lease task failed"),
+    };
+    let term = match (end, lease_end) {
+        (Some(why), _) => TermEnd::NotActive(why),
+        (None, lease_task::LeaseEnd::Lost(why)) => TermEnd::NotActive(why),
+        (None, _) => TermEnd::Shutdown,
+    };
+    (lease, Ok(term))
+}
+
+async fn accept_loop(listener: Arc<Listener>, ctx: Arc<session::SessionContext>, mut stop: watch::Receiver<bool>) {
     let mut sessions = JoinSet::new();
     loop {
         let accepted = tokio::select! {

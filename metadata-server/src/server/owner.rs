@@ -23,6 +23,8 @@ use volume_format::metadata::PoolMetadata;
 use super::core::{ClientTable, Core, Effect, Input, Now, ReplyId};
 use super::device_task::{DeviceTask, DeviceWork};
 use super::jobs::{run_data_job, Job};
+use super::lease_task::{LeaseCommand, LeaseGuard, Servers};
+use volume_format::control::messages::ServerInfo;
 use super::snapshot_io::DeviceClients;
 use crate::handles::SessionId;
 use crate::pool::Pool;
@@ -109,6 +111,9 @@ struct Shell {
     results: mpsc::Sender<Input>,
     job_devices: DeviceClients,
     published: Published,
+    lease_commands: mpsc::Sender<LeaseCommand>,
+    /// Set by [`Effect::Stop`]: the loop ends.
+    stopped: Option<String>,
 }
 
 /// Runs the owner until `shutdown` completes or every command sender is
@@ -119,9 +124,11 @@ pub async fn run(
     published: Published,
     mut commands: mpsc::Receiver<Command>,
     shutdown: impl Future<Output = ()>,
-) {
+    lease: LeaseControl,
+) -> Option<String> {
+    let LeaseControl { commands: lease_commands, mut servers, ended: mut lease_ended, guard } = lease;
     let (results_tx, mut results) = mpsc::channel(RESULTS_QUEUED_MAX);
-    let (devices, device_task) = DeviceTask::start(pool, results_tx.clone());
+    let (devices, device_task) = DeviceTask::start(pool, results_tx.clone(), guard);
     let tick_ms = (core.lease_ms / 4).max(25);
     let mut shell = Shell {
         core,
@@ -133,7 +140,10 @@ pub async fn run(
         results: results_tx,
         job_devices: DeviceClients::default(),
         published,
+        lease_commands,
+        stopped: None,
     };
+    let mut lease_gone = false;
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(Duration::from_millis(tick_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -150,17 +160,55 @@ pub async fn run(
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                 Some(Input::Tick)
             }
+            Ok(()) = servers.changed() => {
+                let list = servers.borrow_and_update().iter().map(server_info).collect();
+                Some(Input::Servers { servers: list })
+            }
+            _ = &mut lease_ended, if !lease_gone => {
+                // The lease task ended while serving: lost (handoffs and
+                // shutdowns end the loop before this can happen).
+                lease_gone = true;
+                Some(Input::LeaseLost { why: "the pool lease could not be kept".into() })
+            }
         };
         if let Some(input) = input {
             let now = shell.clock.now();
             let effects = shell.core.apply(now, input);
             shell.perform(effects);
         }
+        if shell.stopped.is_some() {
+            break;
+        }
     }
-    let effects = shell.core.shut_down();
-    shell.perform(effects);
+    let stopped = shell.stopped.take();
+    if stopped.is_none() {
+        let effects = shell.core.shut_down();
+        shell.perform(effects);
+    }
     drop(shell);
     let _ = device_task.await;
+    stopped
+}
+
+/// What the owner needs of the lease task while it holds the lease.
+pub struct LeaseControl {
+    pub commands: mpsc::Sender<LeaseCommand>,
+    /// The pool's servers as their lease sectors say.
+    pub servers: watch::Receiver<Servers>,
+    /// Resolves when the lease task ends (lost: commit nothing more).
+    pub ended: oneshot::Receiver<()>,
+    /// Checked by the device task before every metadata write.
+    pub guard: Arc<LeaseGuard>,
+}
+
+fn server_info(r: &volume_format::lease::LeaseRecord) -> ServerInfo {
+    ServerInfo {
+        name: r.name.clone(),
+        host_id: r.host_id,
+        role: r.role.to_string(),
+        since_unix_ms: r.since_unix_ms,
+        addrs: r.addrs.clone(),
+    }
 }
 
 impl Shell {
@@ -217,6 +265,22 @@ impl Shell {
                     }
                 }
                 Effect::Job { task, job } => self.start_job(task, job),
+                Effect::HandOff { to } => {
+                    let (done, answer) = oneshot::channel();
+                    let result = match self.lease_commands.try_send(LeaseCommand::HandOff { to, done }) {
+                        Ok(()) => None,
+                        Err(_) => Some(Err("the lease task is gone".to_string())),
+                    };
+                    let results = self.results.clone();
+                    tokio::spawn(async move {
+                        let result = match result {
+                            Some(r) => r,
+                            None => answer.await.unwrap_or_else(|_| Err("the lease task is gone".into())),
+                        };
+                        let _ = results.send(Input::HandedOff { result }).await;
+                    });
+                }
+                Effect::Stop { why } => self.stopped = Some(why),
                 Effect::Published { clients } => {
                     self.publish_meta();
                     if let Some(clients) = clients {

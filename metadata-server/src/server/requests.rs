@@ -111,6 +111,7 @@ impl Core {
             Request::Open { volume, mode } => return self.prepare_open(session, &volume, mode, reply),
             Request::Close { handle } => return self.prepare_close(session, handle.0, reply),
             Request::OpenHandover { token } => return self.prepare_open_handover(session, &token, reply),
+            Request::Handoff { to } => return self.prepare_handoff(to, reply),
             Request::ReportDeviceFailure { device, reason } => {
                 return self.prepare_report_device_failure(session, device.0, reason, reply)
             }

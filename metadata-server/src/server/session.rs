@@ -43,6 +43,9 @@ pub struct SessionContext {
     pub meta_readers: Arc<std::sync::atomic::AtomicUsize>,
     pub next_session: AtomicU64,
     pub slots: Arc<Semaphore>,
+    /// On a standby: the active server's lease record as last seen, and this
+    /// server's name (channels are refused naming the active server).
+    pub standby: Option<(watch::Receiver<Option<volume_format::lease::LeaseRecord>>, Arc<str>)>,
 }
 
 /// Counts a reader of the committed metadata while it lives.

@@ -5,6 +5,8 @@
 //!
 //! Chunks never cross an extent: the chunk size divides the extent size and
 //! chunks are aligned, so every chunk access is one device request per leg.
+//! Where a chunk lives and which legs serve it is
+//! [`volume_format::mapping`]'s answer, the same the agents use.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,7 +15,8 @@ use blockio::client::NbdClient;
 use blockio::uri::NbdUri;
 use blockio::{BlockDevice, IoError};
 use bytes::Bytes;
-use volume_format::metadata::{PhysicalExtent, PoolMetadata};
+use volume_format::mapping::{MapError, Segment};
+use volume_format::metadata::{ChunkSource, PoolMetadata};
 use volume_format::{DeviceIndex, SnapshotId, VolumeId};
 
 use super::data_channel::CHANNEL_DEVICE_CONNECT_TIMEOUT;
@@ -62,23 +65,21 @@ impl DeviceClients {
         }
     }
 
-    /// Reads `len` bytes at `offset` within extent `legs`, trying each leg on
-    /// an online device in turn.
-    async fn read_legs(
+    /// Reads `segment` from its legs that serve reads, in order, trying
+    /// the next on failure.
+    async fn read_segment(
         &self,
         meta: &PoolMetadata,
-        legs: &[PhysicalExtent],
-        offset: u64,
-        len: u32,
-        what: &str,
+        segment: Result<Segment<'_>, MapError>,
     ) -> Result<Bytes, IoError> {
+        let segment = segment.map_err(|e| IoError::io(format!("reading for a snapshot: {e}")))?;
+        let what = format!("reading {} at offset {}", segment.area(), segment.logical_offset);
+        let legs = segment.read_legs(0).map_err(|e| IoError::io(format!("{what}: {e}")))?;
+        let len = segment.len_bytes as u32;
         let mut errors = Vec::new();
         for leg in legs {
-            if !meta.device(leg.device).is_some_and(|d| d.state.is_online()) {
-                continue;
-            }
             let result = match self.get(meta, leg.device).await {
-                Ok(c) => c.read(leg.offset + offset, len).await,
+                Ok(c) => c.read(leg.device_offset, len).await,
                 Err(e) => Err(e),
             };
             match result {
@@ -89,9 +90,6 @@ impl DeviceClients {
                     errors.push(format!("device {}: {e}", leg.device));
                 }
             }
-        }
-        if errors.is_empty() {
-            errors.push("no leg is on an online device".to_string());
         }
         Err(IoError::io(format!("{what}: {}", errors.join("; "))))
     }
@@ -104,17 +102,24 @@ impl DeviceClients {
         offset: u64,
         len: u32,
     ) -> Result<Bytes, IoError> {
-        let v = meta.volume(volume).ok_or_else(|| IoError::io(format!("volume {volume} no longer exists")))?;
-        let extent = v
-            .extents
-            .get((offset / meta.extent_bytes) as usize)
-            .ok_or_else(|| IoError::io(format!("offset {offset} is beyond volume {}", v.name)))?;
-        let what = format!("reading volume {} at {offset}", v.name);
-        self.read_legs(meta, &extent.legs, offset % meta.extent_bytes, len, &what).await
+        self.read_source(meta, volume, ChunkSource::Live, offset, len).await
+    }
+
+    /// Reads `len` bytes at volume offset `offset` (within one extent) of a
+    /// snapshot of `volume` from where `source` says its chunks are.
+    pub async fn read_source(
+        &self,
+        meta: &PoolMetadata,
+        volume: VolumeId,
+        source: ChunkSource,
+        offset: u64,
+        len: u32,
+    ) -> Result<Bytes, IoError> {
+        self.read_segment(meta, meta.source_segment(volume, source, offset, len.into())).await
     }
 
     /// `base:allocation` of `len` bytes at volume offset `offset` (within one
-    /// extent), from the first online leg that answers.
+    /// extent), from the first leg that serves reads and answers.
     pub async fn live_allocation(
         &self,
         meta: &PoolMetadata,
@@ -122,16 +127,10 @@ impl DeviceClients {
         offset: u64,
         len: u32,
     ) -> Result<Vec<blockio::StatusExtent>, IoError> {
-        let v = meta.volume(volume).ok_or_else(|| IoError::io(format!("volume {volume} no longer exists")))?;
-        let extent = v
-            .extents
-            .get((offset / meta.extent_bytes) as usize)
-            .ok_or_else(|| IoError::io(format!("offset {offset} is beyond volume {}", v.name)))?;
-        let mut last = IoError::io("no leg is on an online device");
-        for leg in &extent.legs {
-            if !meta.device(leg.device).is_some_and(|d| d.state.is_online()) {
-                continue;
-            }
+        let map = meta.volume_map(volume).map_err(|e| IoError::io(e.to_string()))?;
+        let legs = map.live.segment(offset, len.into()).and_then(|s| s.read_legs(0));
+        let mut last = IoError::io("no leg answered");
+        for leg in legs.map_err(|e| IoError::io(e.to_string()))? {
             let client = match self.get(meta, leg.device).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -139,8 +138,7 @@ impl DeviceClients {
                     continue;
                 }
             };
-            let at = leg.offset + offset % meta.extent_bytes;
-            match client.block_status(&blockio::MetaContext::BaseAllocation, at, len).await {
+            match client.block_status(&blockio::MetaContext::BaseAllocation, leg.device_offset, len).await {
                 Ok(status) => return Ok(status),
                 Err(e) => last = e,
             }
@@ -148,7 +146,8 @@ impl DeviceClients {
         Err(last)
     }
 
-    /// Reads `len` bytes at `within` of chunk `chunk` of snapshot `id`'s COW area.
+    /// Reads `len` bytes from `within` of chunk `chunk` on of snapshot
+    /// `id`'s COW area (within one extent).
     pub async fn read_cow(
         &self,
         meta: &PoolMetadata,
@@ -157,37 +156,24 @@ impl DeviceClients {
         within: u64,
         len: u32,
     ) -> Result<Bytes, IoError> {
-        let s = meta.snapshot(id).ok_or_else(|| IoError::io(format!("snapshot {id} no longer exists")))?;
-        let (extent, offset) = s
-            .cow_location(chunk, meta.extent_bytes)
-            .ok_or_else(|| IoError::io(format!("chunk {chunk} is beyond snapshot {}", s.name)))?;
-        let what = format!("reading the copy-on-write area of snapshot {} (chunk {chunk})", s.name);
-        self.read_legs(meta, &extent.legs, offset + within, len, &what).await
+        self.read_segment(meta, meta.cow_area(id).and_then(|area| area.chunk(chunk, within, len.into()))).await
     }
 
-    /// Writes a whole chunk into snapshot `id`'s COW area, on every online
-    /// leg, with FUA (a registration follows; the pre-image must be stable).
+    /// Writes a whole chunk into snapshot `id`'s COW area, on every leg that
+    /// takes writes, with FUA (a registration follows; the pre-image must be
+    /// stable).
     pub async fn write_cow(&self, meta: &PoolMetadata, id: SnapshotId, chunk: u64, data: Bytes) -> Result<(), IoError> {
-        let s = meta.snapshot(id).ok_or_else(|| IoError::io(format!("snapshot {id} no longer exists")))?;
-        let (extent, offset) = s
-            .cow_location(chunk, meta.extent_bytes)
-            .ok_or_else(|| IoError::io(format!("chunk {chunk} is beyond snapshot {}", s.name)))?;
-        let mut written = 0;
-        for leg in &extent.legs {
-            if !meta.device(leg.device).is_some_and(|d| d.state.is_online()) {
-                continue;
-            }
+        let area = meta.cow_area(id).map_err(|e| IoError::io(e.to_string()))?;
+        let legs = area.chunk(chunk, 0, data.len() as u64).and_then(|s| s.write_legs());
+        let legs = legs.map_err(|e| IoError::io(format!("writing chunk {chunk} to snapshot {}: {e}", area.name)))?;
+        for leg in legs {
             let client = self.get(meta, leg.device).await?;
-            client.write(leg.offset + offset, data.clone(), true).await.map_err(|e| {
+            client.write(leg.device_offset, data.clone(), true).await.map_err(|e| {
                 IoError::new(
                     e.kind,
-                    format!("writing chunk {chunk} to snapshot {}'s area on device {}: {e}", s.name, leg.device),
+                    format!("writing chunk {chunk} to snapshot {}'s area on device {}: {e}", area.name, leg.device),
                 )
             })?;
-            written += 1;
-        }
-        if written == 0 {
-            return Err(IoError::io(format!("snapshot {}: no leg of chunk {chunk}'s area is online", s.name)));
         }
         Ok(())
     }

@@ -210,6 +210,10 @@ impl Pool {
             durable_ms: metadata_server::config::DURABLE_MS_DEFAULT,
             grace_ms: lease_ms + metadata_server::config::DURABLE_MS_DEFAULT,
             log: None,
+            availability: metadata_server::config::Availability {
+                lease_io_timeout_ms: 250,
+                ..metadata_server::config::Availability::defaults(&[ControlAddr::Unix(dir.path().join("mds.sock"))])
+            },
         };
         let mut pool = Pool { dir, devices, server_key, admin, agent_a, agent_b, config, server: None };
         pool.start_server().await;

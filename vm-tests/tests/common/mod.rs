@@ -80,7 +80,8 @@ impl Pool {
         Pool::start_config(name, devices, device_size, &format!("lease_ms = {lease_ms}\ndurable_ms = {DURABLE_MS}\n"))
     }
 
-    /// Like [`Pool::start`], with the server's default lease (10 s) and durable time (30 s).
+    /// Like [`Pool::start`], with the server's default lease (10 s) and durable time (30 s) for
+    /// agents' handles (the server's own disk lease is short in every pool, so it starts quickly).
     pub fn start_defaults(name: &str, devices: usize, device_size: &str) -> Pool {
         Pool::start_config(name, devices, device_size, "")
     }
@@ -112,7 +113,7 @@ impl Pool {
         std::fs::write(
             &config,
             format!(
-                "listen = [\"127.0.0.1:{mds_port}\"]\nkey = {:?}\ndevices = [{}]\n{settings}",
+                "listen = [\"127.0.0.1:{mds_port}\"]\nkey = {:?}\ndevices = [{}]\nlease_io_timeout_ms = 200\n{settings}",
                 mds_key.display().to_string(),
                 quoted.join(", ")
             ),

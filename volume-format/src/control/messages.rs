@@ -175,6 +175,14 @@ pub enum Request {
     /// NBD (fixed newstyle) serving every snapshot of the pool as a
     /// read-only export named [`snapshot_export_name`] (`VOLUME@SNAPSHOT`).
     BackupChannel,
+
+    // ---- admin: availability ----
+    /// Hands the pool over to a standby metadata server (by name or host id;
+    /// `None`: any standing by): the active server stops taking changes,
+    /// passes the disk lease on and redirects its clients there.
+    Handoff {
+        to: Option<String>,
+    },
 }
 
 /// The NBD export name of a snapshot on the backup pseudo-device.
@@ -310,6 +318,9 @@ pub enum ServerEvent {
     Publish { handle: HandleId, description: Box<VolumeDescription> },
     /// The handle is no longer valid; stop I/O on it.
     Revoked { handle: HandleId, reason: String },
+    /// This server no longer serves the pool (a handoff): reconnect to one
+    /// of `addrs` (and resume every handle there).
+    Redirect { addrs: Vec<String>, reason: String },
 }
 
 /// A failed request: a stable code for programs and a sentence for people.
@@ -346,6 +357,9 @@ pub enum ErrorCode {
     /// A resumed handle was broken: another client opened the volume after
     /// its lease and durable timeout ran out. Stop I/O on it.
     HandleBroken,
+    /// This metadata server is not the pool's active one (it stands by);
+    /// the message names the active server and where to reach it.
+    NotActive,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -354,12 +368,27 @@ pub struct PoolInfo {
     pub name: String,
     pub generation: u64,
     pub extent_bytes: u64,
+    /// The pool's metadata servers as their lease sectors say: the active
+    /// one and those standing by.
+    #[serde(default)]
+    pub servers: Vec<ServerInfo>,
     pub devices: u32,
     pub devices_failed: u32,
     pub volumes: u32,
     pub capacity_bytes: u64,
     pub free_bytes: u64,
     pub server_key: String,
+}
+
+/// One metadata server of the pool (`pool status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerInfo {
+    pub name: String,
+    pub host_id: u32,
+    /// `active`, `standing by` or `stopped`.
+    pub role: String,
+    pub since_unix_ms: u64,
+    pub addrs: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -30,9 +30,11 @@ pub mod resume;
 /// - 2: ids as newtypes and device state typed on the wire (same bytes for
 ///   ids); `Publish` boxes its description; the version-1 renumbering made
 ///   explicit: version-1 peers are refused at the handshake.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// - 3: one active metadata server per pool: `Request::Handoff`,
+///   `ServerEvent::Redirect`, `ErrorCode::NotActive`, `PoolInfo::servers`.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The oldest protocol version this build still accepts: a peer outside
 /// `PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION` is refused at the handshake
 /// with both ranges named ("upgrade the older side").
-pub const PROTOCOL_VERSION_MIN: u32 = 2;
+pub const PROTOCOL_VERSION_MIN: u32 = 3;

@@ -13,7 +13,8 @@
 //!   area's extents. Why not allocate COW space as chunks are registered: the
 //!   agent must know where to copy *before* it registers, and a thick area
 //!   can never run out, so a snapshot never becomes invalid under a heavy
-//!   writer. The cost is space (shown by `sanvol snapshot list`).
+//!   writer. The cost is space (shown by `sanvol snapshot list`). Which
+//!   devices and offsets that is: [`crate::mapping::CowArea`].
 //! - Only the **newest** snapshot of a volume receives pre-images. Chunk `c`
 //!   of an older snapshot `S` reads from the first snapshot, going from `S`
 //!   towards newer ones, whose COW map holds `c`; if none does, from the
@@ -33,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use super::alloc::{allocate, planned_change_refused, AllocError};
 use super::change::{ChunkRuns, MetaChange, NewSnapshot};
-use super::{check_name, LogicalExtent, PoolMetadata, SnapshotRecord};
+use super::{check_name, PoolMetadata, SnapshotRecord};
 use crate::ids::{SnapshotId, VolumeId};
 
 /// The copy-on-write unit, and the granularity of changed-block lists.
@@ -135,20 +136,12 @@ pub struct DeletePlan {
 impl SnapshotRecord {
     /// Chunks the snapshot covers.
     pub fn chunk_count(&self) -> u64 {
-        self.size_bytes.div_ceil(self.chunk_bytes.max(1))
+        self.chunk_layout().chunk_count()
     }
 
     /// Byte range of `chunk` in the volume (the last chunk may be short).
     pub fn chunk_range(&self, chunk: u64) -> (u64, u64) {
-        let start = chunk * self.chunk_bytes;
-        (start, self.chunk_bytes.min(self.size_bytes.saturating_sub(start)))
-    }
-
-    /// The COW area extent holding `chunk`, and the chunk's offset in it.
-    pub fn cow_location(&self, chunk: u64, extent_bytes: u64) -> Option<(&LogicalExtent, u64)> {
-        let byte = chunk.checked_mul(self.chunk_bytes)?;
-        let extent = self.cow_extents.get((byte / extent_bytes) as usize)?;
-        Some((extent, byte % extent_bytes))
+        self.chunk_layout().chunk_range(chunk)
     }
 }
 

@@ -1,0 +1,484 @@
+//! The pool lease on the devices: acquiring it (standing by meanwhile),
+//! renewing it, handing it over — the I/O around
+//! `volume_format::lease::LeaseMachine`.
+//!
+//! The task has its own connections to the lease areas of the metadata
+//! devices, so renewals never wait behind a metadata commit. What it learns
+//! reaches the rest of the server through a [`LeaseGuard`] (may this server
+//! commit right now?), read by the device task before every metadata write,
+//! and through watches: the owner record a standby sees (for redirect
+//! messages) and the servers of the pool (for listings).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockio::client::NbdClient;
+use blockio::uri::NbdUri;
+use blockio::BlockDevice;
+use bytes::Bytes;
+use futures::future::join_all;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+use uuid::Uuid;
+use volume_format::lease::{
+    decode_sector, encode_sector, LeaseAction, LeaseMachine, LeasePhase, LeaseRecord, LeaseTiming, ServerRole,
+    LEASE_SECTOR_BYTES,
+};
+use volume_format::ByteRange;
+
+use crate::config::Availability;
+use crate::pool::Pool;
+
+/// May this server commit metadata right now? Shared by the lease task
+/// (which extends or ends it) and the device task (which checks it before
+/// every metadata write).
+#[derive(Debug)]
+pub struct LeaseGuard {
+    epoch: Instant,
+    valid_until_ms: AtomicU64,
+    ended: AtomicBool,
+    /// Bumped whenever the window moves, for [`LeaseGuard::wait_may_commit`].
+    changed: watch::Sender<u64>,
+}
+
+impl LeaseGuard {
+    pub fn new() -> Arc<LeaseGuard> {
+        Arc::new(LeaseGuard {
+            epoch: Instant::now(),
+            valid_until_ms: AtomicU64::new(0),
+            ended: AtomicBool::new(false),
+            changed: watch::channel(0).0,
+        })
+    }
+
+    /// Whether this server may commit now, waiting up to `max` for a
+    /// renewal in flight to extend the window (a renewal a little late
+    /// must not fail a commit; an ended lease fails at once).
+    pub async fn wait_may_commit(&self, max: Duration) -> bool {
+        let mut changed = self.changed.subscribe();
+        let deadline = Instant::now() + max;
+        loop {
+            if self.may_commit() {
+                return true;
+            }
+            if self.ended.load(Ordering::Acquire) {
+                return false;
+            }
+            if tokio::time::timeout_at(deadline, changed.changed()).await.is_err() {
+                return self.may_commit();
+            }
+        }
+    }
+
+    /// Milliseconds since the guard was made (the lease machine's clock).
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    pub fn may_commit(&self) -> bool {
+        !self.ended.load(Ordering::Acquire) && self.now_ms() < self.valid_until_ms.load(Ordering::Acquire)
+    }
+
+    fn extend(&self, valid_until_ms: u64) {
+        let before = self.valid_until_ms.fetch_max(valid_until_ms, Ordering::AcqRel);
+        if valid_until_ms > before {
+            self.changed.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Never again (the lease was lost or handed over).
+    pub fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+        self.changed.send_modify(|n| *n += 1);
+    }
+}
+
+/// One metadata device's lease area and a connection to it.
+struct LeaseCopy {
+    uri: String,
+    nbd_uri: Option<NbdUri>,
+    client: Option<NbdClient>,
+    area: ByteRange,
+}
+
+/// Why the lease task stopped holding the lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseEnd {
+    /// Another server has it, or it could not be renewed: commit nothing more.
+    Lost(String),
+    /// Handed to the standby with this host id (planned handoff).
+    HandedOff(u32),
+    /// The server is shutting down (the lease was released).
+    Stopped,
+}
+
+/// What the server asks of the lease task while it holds the lease.
+pub enum LeaseCommand {
+    /// Hand the lease to `to` (a host id); answered once written.
+    HandOff { to: u32, done: oneshot::Sender<Result<(), String>> },
+}
+
+/// The pool's servers as their sectors say (for `pool status`).
+pub type Servers = Vec<LeaseRecord>;
+
+pub struct LeaseTask {
+    machine: LeaseMachine,
+    copies: Vec<LeaseCopy>,
+    pool: Uuid,
+    guard: Arc<LeaseGuard>,
+    /// The owner record as last seen (standbys name the active server).
+    pub owner_seen: watch::Sender<Option<LeaseRecord>>,
+    pub servers: watch::Sender<Servers>,
+    last_presence_ms: Option<u64>,
+    last_servers_read_ms: Option<u64>,
+}
+
+impl LeaseTask {
+    /// A lease task for the devices that hold `pool`'s metadata copies (each
+    /// must have a lease area: layouts planned before the lease existed may
+    /// lack one).
+    pub async fn new(
+        pool: &Pool,
+        holders: &[Uuid],
+        me: &Availability,
+        instance: [u8; 16],
+        guard: Arc<LeaseGuard>,
+    ) -> Result<LeaseTask, String> {
+        let mut copies = Vec::new();
+        for uuid in holders {
+            let Some(d) = pool.devices.iter().find(|d| d.expected_uuid == Some(*uuid)) else {
+                return Err(format!("device {uuid} holds a metadata copy but was not found"));
+            };
+            let Some(label) = d.label else {
+                return Err(format!("device {} holds a metadata copy but has no readable label", d.uri));
+            };
+            let area = label.layout.lease_area().ok_or_else(|| {
+                format!(
+                    "device {} has no room for the pool lease after its metadata area (a layout from before the \
+                     lease); this pool can only be served by one server at a time, re-initialize it to use standbys",
+                    d.uri
+                )
+            })?;
+            copies.push(LeaseCopy { uri: d.uri.clone(), nbd_uri: d.uri.parse().ok(), client: None, area });
+        }
+        if copies.is_empty() {
+            return Err("no device holds a metadata copy".into());
+        }
+        let timing = LeaseTiming { io_timeout_ms: me.lease_io_timeout_ms };
+        let record = LeaseRecord {
+            pool_uuid: pool.pool_uuid,
+            host_id: me.host_id,
+            instance,
+            name: me.name.clone(),
+            generation: 0,
+            counter: 0,
+            io_timeout_ms: me.lease_io_timeout_ms as u32,
+            since_unix_ms: unix_ms(),
+            handoff_to: 0,
+            addrs: me.advertise.clone(),
+            role: ServerRole::Standby,
+        };
+        Ok(LeaseTask {
+            machine: LeaseMachine::new(record, timing),
+            copies,
+            pool: pool.pool_uuid,
+            guard,
+            owner_seen: watch::channel(None).0,
+            servers: watch::channel(Vec::new()).0,
+            last_presence_ms: None,
+            last_servers_read_ms: None,
+        })
+    }
+
+    pub fn timing(&self) -> LeaseTiming {
+        self.machine.timing
+    }
+
+    /// The guard of the current (or coming) term.
+    pub fn guard(&self) -> Arc<LeaseGuard> {
+        self.guard.clone()
+    }
+
+    /// After a term ended (lost or handed off): watch for the lease again,
+    /// with a fresh guard for the next term.
+    pub fn stand_by(&mut self, guard: Arc<LeaseGuard>) {
+        self.guard = guard;
+        self.machine.phase = LeasePhase::Standby { owner: None };
+        self.last_servers_read_ms = None;
+        self.owner_seen.send_replace(None);
+    }
+
+    /// Standing by until this server holds the lease (or `stop` resolves:
+    /// `false`). Logs who is active, once per owner.
+    pub async fn acquire(&mut self, mut stop: watch::Receiver<bool>) -> bool {
+        let mut announced: Option<(u32, u64)> = None;
+        loop {
+            if let LeasePhase::Owner { record, .. } = &self.machine.phase {
+                // Serving starts once the first renewal opened the window.
+                if self.machine.may_commit(self.guard.now_ms()) {
+                    info!(generation = record.generation, "acquired the pool lease");
+                    return true;
+                }
+            }
+            if let LeasePhase::Standby { owner: Some((rec, _)) } = &self.machine.phase {
+                if announced != Some((rec.host_id, rec.generation)) {
+                    announced = Some((rec.host_id, rec.generation));
+                    info!(
+                        active = %rec.name,
+                        host_id = rec.host_id,
+                        since = %super::durable::hms(rec.since_unix_ms / 1000),
+                        addrs = ?rec.addrs,
+                        "the pool is served by another metadata server; standing by"
+                    );
+                }
+                self.owner_seen.send_replace(Some(rec.clone()));
+            }
+            if *stop.borrow() {
+                return false;
+            }
+            self.step(None, &mut stop).await;
+        }
+    }
+
+    /// Holds the lease until it is lost, handed over, or `stop` resolves
+    /// (then it is released, so a standby takes over without waiting for
+    /// it to expire).
+    pub async fn hold(&mut self, mut commands: mpsc::Receiver<LeaseCommand>, mut stop: watch::Receiver<bool>) -> LeaseEnd {
+        loop {
+            match &self.machine.phase {
+                LeasePhase::Lost { why } => {
+                    self.guard.end();
+                    return LeaseEnd::Lost(why.clone());
+                }
+                LeasePhase::HandedOff { to } => {
+                    self.guard.end();
+                    return LeaseEnd::HandedOff(*to);
+                }
+                _ => {}
+            }
+            if *stop.borrow() {
+                self.release().await;
+                return LeaseEnd::Stopped;
+            }
+            // Commands are taken between steps (a step is never cut short in
+            // the middle of a renewal), and they end a wait at once.
+            if let Some(LeaseCommand::HandOff { to, done }) = self.step(Some(&mut commands), &mut stop).await {
+                let _ = done.send(self.hand_off(to).await);
+            }
+        }
+    }
+
+    /// One step of the machine: a read, a write, or a wait (which a command
+    /// or `stop` ends early; a command is returned to handle).
+    async fn step(
+        &mut self,
+        commands: Option<&mut mpsc::Receiver<LeaseCommand>>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<LeaseCommand> {
+        let now = self.guard.now_ms();
+        self.presence(now).await;
+        match self.machine.next(now) {
+            LeaseAction::Read => {
+                self.machine.reading(now);
+                let records = self.read_owner().await;
+                let action = self.machine.read_done(self.guard.now_ms(), &records);
+                if let LeaseAction::Write(record) = action {
+                    self.write(&record).await;
+                }
+            }
+            LeaseAction::Write(record) => self.write(&record).await,
+            LeaseAction::WaitUntil(t) => {
+                let presence = self.last_presence_ms.map_or(now, |p| p + self.machine.timing.io_timeout_ms);
+                let until = t.min(presence).max(now + 1);
+                let sleep = tokio::time::sleep(Duration::from_millis(until - now));
+                let command = async {
+                    match commands {
+                        Some(c) => c.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = sleep => {}
+                    cmd = command => return cmd,
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+            }
+        }
+        if let LeasePhase::Owner { valid_until_ms, .. } = &self.machine.phase {
+            self.guard.extend(*valid_until_ms);
+        }
+        None
+    }
+
+    async fn write(&mut self, record: &LeaseRecord) {
+        let ok = self.write_sector(0, record).await;
+        self.machine.write_done(self.guard.now_ms(), record, ok, self.copies.len());
+    }
+
+    async fn hand_off(&mut self, to: u32) -> Result<(), String> {
+        let Some(record) = self.machine.hand_off(to) else {
+            return Err("this server does not hold the pool lease".into());
+        };
+        self.guard.end();
+        let ok = self.write_sector(0, &record).await;
+        if ok > self.copies.len() / 2 {
+            info!(to, "handed the pool lease over");
+            Ok(())
+        } else {
+            Err(format!("the handoff record reached only {ok} of {} lease copies", self.copies.len()))
+        }
+    }
+
+    /// Releases a held lease (written free), so standbys need not wait for
+    /// it to expire.
+    async fn release(&mut self) {
+        if !matches!(self.machine.phase, LeasePhase::Owner { .. }) {
+            return;
+        }
+        self.guard.end();
+        let mut free = self.machine.me.clone();
+        free.host_id = 0;
+        free.role = ServerRole::Stopped;
+        let ok = self.write_sector(0, &free).await;
+        info!(copies = ok, "released the pool lease");
+        let mut me = self.machine.me.clone();
+        me.role = ServerRole::Stopped;
+        self.write_sector(self.machine.me.host_id as u64, &me).await;
+    }
+
+    /// Writes this server's host sector every `T`; the active server also
+    /// reads every host sector every `2T` (who is standing by).
+    async fn presence(&mut self, now: u64) {
+        let t = self.machine.timing.io_timeout_ms;
+        if self.last_presence_ms.is_none_or(|p| now >= p + t) {
+            self.last_presence_ms = Some(now);
+            let mut me = self.machine.me.clone();
+            me.role = match self.machine.phase {
+                LeasePhase::Owner { .. } => ServerRole::Active,
+                LeasePhase::HandedOff { .. } | LeasePhase::Lost { .. } => ServerRole::Stopped,
+                _ => ServerRole::Standby,
+            };
+            self.write_sector(self.machine.me.host_id as u64, &me).await;
+        }
+        let active = matches!(self.machine.phase, LeasePhase::Owner { .. });
+        if active && self.last_servers_read_ms.is_none_or(|p| now >= p + 2 * t) {
+            self.last_servers_read_ms = Some(now);
+            let servers = self.read_hosts().await;
+            self.servers.send_replace(servers);
+        }
+    }
+
+    fn client(&mut self, i: usize) -> Option<NbdClient> {
+        self.copies[i].client.clone()
+    }
+
+    async fn connect(&mut self, i: usize) -> Result<NbdClient, String> {
+        if let Some(c) = self.client(i) {
+            return Ok(c);
+        }
+        let Some(uri) = self.copies[i].nbd_uri.clone() else {
+            return Err(format!("device {}: bad URI", self.copies[i].uri));
+        };
+        let t = Duration::from_millis(self.machine.timing.io_timeout_ms);
+        let mut opts = crate::pool::device::client_options();
+        opts.connect_timeout = t;
+        opts.request_timeout = Some(t);
+        let c = tokio::time::timeout(t, NbdClient::connect(&uri, opts))
+            .await
+            .map_err(|_| format!("device {}: no connection within {} ms", self.copies[i].uri, t.as_millis()))?
+            .map_err(|e| format!("device {}: {e}", self.copies[i].uri))?;
+        self.copies[i].client = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Reads sector `sector` of every copy, each bounded by `T`.
+    async fn read_sector(&mut self, sector: u64) -> Vec<Result<Option<LeaseRecord>, String>> {
+        let t = Duration::from_millis(self.machine.timing.io_timeout_ms);
+        let mut clients = Vec::new();
+        for i in 0..self.copies.len() {
+            clients.push(self.connect(i).await);
+        }
+        let pool = self.pool;
+        let reads = clients.into_iter().zip(&self.copies).map(|(c, copy)| async move {
+            let c = c?;
+            let at = copy.area.start + sector * LEASE_SECTOR_BYTES;
+            let bytes = tokio::time::timeout(t, c.read(at, LEASE_SECTOR_BYTES as u32))
+                .await
+                .map_err(|_| format!("device {}: lease read took over {} ms", copy.uri, t.as_millis()))?
+                .map_err(|e| format!("device {}: {e}", copy.uri))?;
+            decode_sector(&bytes, pool).map_err(|e| format!("device {}: {e}", copy.uri))
+        });
+        let results = join_all(reads).await;
+        self.forget_failed(&results);
+        results
+    }
+
+    async fn read_owner(&mut self) -> Vec<Result<Option<LeaseRecord>, String>> {
+        self.read_sector(0).await
+    }
+
+    /// Every server's sector, the newest (highest counter) copy of each.
+    async fn read_hosts(&mut self) -> Servers {
+        let mut servers: Servers = Vec::new();
+        for h in 1..=volume_format::lease::HOST_ID_MAX as u64 {
+            let newest = self
+                .read_sector(h)
+                .await
+                .into_iter()
+                .filter_map(|r| r.ok().flatten())
+                .max_by_key(|r| (r.since_unix_ms, r.counter));
+            servers.extend(newest);
+        }
+        servers
+    }
+
+    /// Writes `record` into sector `sector` of every copy (FUA, each bounded
+    /// by `T`); returns how many copies took it.
+    async fn write_sector(&mut self, sector: u64, record: &LeaseRecord) -> usize {
+        let bytes = match encode_sector(record) {
+            Ok(b) => Bytes::from(b),
+            Err(e) => {
+                error!("cannot encode a lease record: {e}");
+                return 0;
+            }
+        };
+        let t = Duration::from_millis(self.machine.timing.io_timeout_ms);
+        let mut clients = Vec::new();
+        for i in 0..self.copies.len() {
+            clients.push(self.connect(i).await);
+        }
+        let writes = clients.into_iter().zip(&self.copies).map(|(c, copy)| {
+            let bytes = bytes.clone();
+            async move {
+                let c = c?;
+                let at = copy.area.start + sector * LEASE_SECTOR_BYTES;
+                tokio::time::timeout(t, c.write(at, bytes, true))
+                    .await
+                    .map_err(|_| format!("device {}: lease write took over {} ms", copy.uri, t.as_millis()))?
+                    .map_err(|e| format!("device {}: {e}", copy.uri))
+            }
+        });
+        let results = join_all(writes).await;
+        for r in results.iter().filter_map(|r| r.as_ref().err()) {
+            warn!("lease write failed: {r}");
+        }
+        self.forget_failed(&results);
+        results.iter().filter(|r| r.is_ok()).count()
+    }
+
+    /// Drops the connection of each copy whose request failed (the next
+    /// request reconnects).
+    fn forget_failed<T>(&mut self, results: &[Result<T, String>]) {
+        for (copy, r) in self.copies.iter_mut().zip(results) {
+            if r.is_err() {
+                copy.client = None;
+            }
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}

@@ -1,0 +1,264 @@
+//! One active metadata server per pool, with real processes: two servers
+//! started at once (exactly one becomes active), a standby taking over after
+//! `kill -9` of the active one under fio, a stopped (SIGSTOP) server that
+//! comes back after losing its lease and commits nothing, and planned
+//! handoffs under fio. The metadata is read back from the devices directly
+//! (`Pool::open_journaled`), not only through the servers.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use blockio::BlockDevice;
+use bytes::Bytes;
+use sanvol_tests::system::{pub_path, ServerProc, Stack};
+use sanvol_tests::volumes::{assert_fio_ok, connect, fio_verify, BLOCK};
+
+/// Polls `f` every 50 ms until it returns `Some`, at most `limit`.
+fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        // Polling other processes' observable state: there is nothing to await.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What the server at `addr` answers to `pool status`: Ok(status JSON) if
+/// it is active, Err(its refusal) otherwise.
+fn status_at(stack: &Stack, addr: &str) -> Result<serde_json::Value, String> {
+    let out = stack.sanvol_at(addr, &["pool", "status", "--json"]);
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).expect("pool status --json"))
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Waits until the server at `active` serves and the one at `standby`
+/// refuses, naming `active_name`.
+fn wait_roles(stack: &Stack, active: &str, standby: &str, active_name: &str) {
+    poll(&format!("{active} active and {standby} standing by"), Duration::from_secs(30), || {
+        let a = status_at(stack, active).ok()?;
+        let b = status_at(stack, standby).err()?;
+        (b.contains("standing by") && b.contains(active_name)).then_some(a)
+    });
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on a process this test started.
+    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0, "kill {pid} {sig}");
+}
+
+/// The pool metadata as the devices hold it, read directly.
+async fn metadata_on_devices(stack: &Stack) -> volume_format::PoolMetadata {
+    let key = std::sync::Arc::new(control_client::keys::load_private(&stack.mds_key).unwrap());
+    let (pool, meta) = metadata_server::pool::Pool::open_journaled(&stack.device_uris(), key).await.unwrap();
+    for d in &pool.devices {
+        if let Some(c) = &d.client {
+            c.disconnect().await;
+        }
+    }
+    meta
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_servers_started_together_exactly_one_becomes_active() {
+    let stack = Stack::new(3, "256M");
+    for round in 0..20 {
+        let mut a = stack.spawn_server(1);
+        let mut b = stack.spawn_server(2);
+        a.proc.wait_listening(&a.socket.clone());
+        b.proc.wait_listening(&b.socket.clone());
+        let (active, standby) = poll("one server active", Duration::from_secs(30), || {
+            match (status_at(&stack, &a.addr()), status_at(&stack, &b.addr())) {
+                (Ok(_), Err(e)) if e.contains("standing by") && e.contains("mds-1") => Some((&a, &b)),
+                (Err(e), Ok(_)) if e.contains("standing by") && e.contains("mds-2") => Some((&b, &a)),
+                (Ok(_), Ok(_)) => panic!("round {round}: both servers answer as active"),
+                _ => None,
+            }
+        });
+        assert!(active.proc.log().contains("acquired the pool lease"), "{}", active.proc.log());
+        assert!(
+            standby.proc.log().contains("the pool is served by another metadata server; standing by"),
+            "{}",
+            standby.proc.log()
+        );
+        // Both stop; the active one releases the lease for the next round.
+        for s in [&mut a, &mut b] {
+            s.proc.terminate();
+        }
+    }
+}
+
+/// Starts host 1 (via the stack) and host 2 as its standby; agents and the
+/// CLI know both addresses.
+fn active_and_standby(stack: &mut Stack) -> ServerProc {
+    stack.start_mds();
+    let standby = stack.start_server(2);
+    stack.more_mds.push(standby.addr());
+    wait_roles(stack, &stack.mds_addr(), &standby.addr(), "mds-1");
+    standby
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_after_kill_9_of_the_active_server_under_fio() {
+    let mut stack = Stack::new(3, "512M");
+    let standby = active_and_standby(&mut stack);
+    stack.sanvol_ok(&["volume", "create", "plain", "64M"]);
+    stack.sanvol_ok(&["volume", "create", "mirrored", "64M", "--mirror", "2"]);
+    let a = stack.start_agent("host-a");
+    let b = stack.start_agent("host-b");
+    let uri_a = a.attach("plain", "exclusive");
+    let uri_b = b.attach("mirrored", "exclusive");
+    let fio = |uri| {
+        fio_verify(uri, "64M", &["--time_based", "--runtime=12", "--verify_backlog=64"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start fio")
+    };
+    let (fio_a, fio_b) = (fio(&uri_a), fio(&uri_b));
+    // Both write (some blocks of ours first, so the kill lands under load).
+    for uri in [&uri_a, &uri_b] {
+        let c = connect(uri).await;
+        c.write(60 << 20, Bytes::from(vec![7u8; BLOCK as usize]), false).await.unwrap();
+        c.disconnect().await;
+    }
+    stack.kill_mds();
+    wait_roles(&stack, &standby.addr(), &stack.mds_addr(), "mds-2");
+    assert_fio_ok(fio_a.wait_with_output().unwrap());
+    assert_fio_ok(fio_b.wait_with_output().unwrap());
+    // Both handles live on, resumed at the new server.
+    for (volume, agent) in [("plain", "host-a"), ("mirrored", "host-b")] {
+        let shown = stack.sanvol_json(&["volume", "show", volume]);
+        let open_by = shown["info"]["open_by"].as_array().unwrap();
+        assert!(
+            open_by.len() == 1 && open_by[0].as_str().unwrap().contains(agent),
+            "{volume}: {open_by:?}"
+        );
+        assert!(open_by[0].as_str().unwrap().contains("active"), "{volume}: {open_by:?}");
+    }
+    // The devices hold what the new server serves.
+    let on_devices = metadata_on_devices(&stack).await;
+    let served = status_at(&stack, &standby.addr()).unwrap();
+    assert_eq!(served["generation"].as_u64().unwrap(), on_devices.generation);
+    a.detach("plain");
+    b.detach("mirrored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_stopped_past_its_lease_commits_nothing_after_the_takeover() {
+    let mut stack = Stack::new(3, "256M");
+    let standby = active_and_standby(&mut stack);
+    stack.sanvol_ok(&["volume", "create", "v1", "16M"]);
+    let old = stack.mds.as_ref().unwrap().pid();
+    signal(old, libc::SIGSTOP);
+    // The standby takes over once the stopped server's record stayed
+    // unchanged for the expiry, and commits.
+    poll("the standby to become active", Duration::from_secs(30), || status_at(&stack, &standby.addr()).ok());
+    let out = stack.sanvol_at(&standby.addr(), &["volume", "create", "v2", "16M"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let generation = status_at(&stack, &standby.addr()).unwrap()["generation"].as_u64().unwrap();
+    // A change sent to the stopped server waits in its queue...
+    let late = {
+        let mds = stack.mds_addr();
+        let (key, server_key) = (stack.admin_key.clone(), pub_path(&stack.mds_key));
+        std::thread::spawn(move || {
+            std::process::Command::new(sanvol_tests::system::bin("sanvol"))
+                .env("SANVOL_MDS", mds)
+                .env("SANVOL_KEY", key)
+                .env("SANVOL_SERVER_KEY", server_key)
+                .args(["volume", "create", "from-the-old-server", "16M"])
+                .output()
+                .unwrap()
+        })
+    };
+    // ...and fails once it runs again: it lost the lease, and says so.
+    signal(old, libc::SIGCONT);
+    let out = late.join().unwrap();
+    assert!(!out.status.success(), "the old server must not commit: {}", String::from_utf8_lossy(&out.stdout));
+    let refusal = String::from_utf8_lossy(&out.stderr);
+    assert!(refusal.contains("lease") || refusal.contains("standing by"), "{refusal}");
+    poll("the old server to say it lost the lease", Duration::from_secs(20), || {
+        stack.mds_log().contains("another metadata server took the pool lease").then_some(())
+    });
+    poll("the old server to stand by", Duration::from_secs(20), || {
+        status_at(&stack, &stack.mds_addr()).err().filter(|e| e.contains("standing by") && e.contains("mds-2"))
+    });
+    // On the devices: v1 and v2, nothing of the old server after the takeover.
+    let meta = metadata_on_devices(&stack).await;
+    assert!(meta.volume_by_name("v1").is_some() && meta.volume_by_name("v2").is_some());
+    assert!(meta.volume_by_name("from-the-old-server").is_none(), "the old server committed after the takeover");
+    assert_eq!(meta.generation, generation, "nothing was committed after the new server's last change");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_handoffs_under_fio_move_the_pool_and_every_agent() {
+    let mut stack = Stack::new(3, "512M");
+    let standby = active_and_standby(&mut stack);
+    stack.sanvol_ok(&["volume", "create", "v", "64M"]);
+    let agent = stack.start_agent("host-a");
+    let uri = agent.attach("v", "exclusive");
+    let fio = fio_verify(&uri, "32M", &["--time_based", "--runtime=600", "--verify_backlog=64"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start fio");
+    // Our own writer beside fio, timing every write: the longest gap around
+    // each handoff is the pause an application sees.
+    let probe_uri = uri.clone();
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let probe = tokio::spawn(async move {
+        let c = connect(&probe_uri).await;
+        let mut done = Vec::new();
+        let mut block = 0u64;
+        while !*stop_rx.borrow_and_update() {
+            c.write((48 << 20) + block % 1024 * BLOCK, Bytes::from(vec![1u8; BLOCK as usize]), false)
+                .await
+                .expect("probe write");
+            done.push(Instant::now());
+            block += 1;
+        }
+        c.disconnect().await;
+        done
+    });
+    let addrs = [stack.mds_addr(), standby.addr()];
+    let mut windows = Vec::new();
+    for i in 0..10 {
+        let (from, to) = (&addrs[i % 2], &addrs[(i + 1) % 2]);
+        let to_name = if i % 2 == 0 { "mds-2" } else { "mds-1" };
+        let started = Instant::now();
+        let out = stack.sanvol_at(&stack.all_mds_addrs(), &["mds", "handoff"]);
+        assert!(out.status.success(), "handoff {i}: {}", String::from_utf8_lossy(&out.stderr));
+        wait_roles(&stack, to, from, to_name);
+        windows.push((started, Instant::now()));
+        // The agent follows: its handle is active at the new server.
+        poll("the agent's handle at the new server", Duration::from_secs(30), || {
+            let shown = stack.sanvol_at(to, &["volume", "show", "v", "--json"]);
+            let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).ok()?;
+            let open_by = shown["info"]["open_by"].as_array()?.clone();
+            open_by.iter().any(|o| o.as_str().is_some_and(|s| s.contains("host-a") && s.contains("active"))).then_some(())
+        });
+    }
+    let _ = stop_tx.send(true);
+    let writes = probe.await.unwrap();
+    signal(fio.id(), libc::SIGINT);
+    let out = fio.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("verify:") && !text.contains("bad magic"), "fio verify failed:\n{text}");
+    // The pauses, for the record (speed is measured by bench/failover.sh).
+    let mut pauses_ms: Vec<f64> = windows
+        .iter()
+        .map(|(from, to)| {
+            writes
+                .windows(2)
+                .filter(|w| w[1] >= *from && w[0] <= *to + Duration::from_secs(1))
+                .map(|w| (w[1] - w[0]).as_secs_f64() * 1000.0)
+                .fold(0.0, f64::max)
+        })
+        .collect();
+    pauses_ms.sort_by(f64::total_cmp);
+    println!("longest write gap per handoff (ms, sorted): {pauses_ms:.1?}");
+    agent.detach("v");
+}

@@ -1,0 +1,463 @@
+//! The disk lease that makes exactly one metadata server the active one.
+//!
+//! Why a lease on the devices: the pool metadata lives on the shared
+//! devices, so two servers that both reach them would overwrite each
+//! other's commits. Like sanlock's delta leases, the lease needs nothing
+//! from the storage but reads and writes of whole sectors: no reservations,
+//! no network between the servers.
+//!
+//! **Where.** Every device that holds a metadata copy has a *lease area* of
+//! [`LEASE_SECTORS`] sectors right after its metadata area
+//! ([`crate::DeviceLayout::lease_area`]). Sector 0 is the *owner* sector of
+//! the pool lease; sector `h` (1..=[`HOST_ID_MAX`]) is where the server with
+//! host id `h` says it is alive (active or standing by), so listings can
+//! show the standbys.
+//!
+//! **Rules** (all timing from one I/O timeout `T`, see [`LeaseTiming`]):
+//! - A server holds the lease while the owner sector names it on a
+//!   *majority* of the metadata copies. It renews every `T` (read each
+//!   copy, check the record is still its own, write it back with the
+//!   counter + 1).
+//! - It may commit only until `3T` after the start of its last renewal that
+//!   reached a majority; past that it stops committing at once, and when a
+//!   renewal finds another owner it has lost the lease for good.
+//! - A standby takes over a held lease only after watching the owner record
+//!   unchanged for `5T`. To acquire (a lapsed or free lease) it writes its
+//!   own record, waits `4T`, and reads again: the lease is its own only if a
+//!   majority still shows exactly that record. So between the old owner's
+//!   last good renewal and the new owner's first commit lie at least `9T`,
+//!   of which the old owner used at most `3T`, plus `T` for a write it had
+//!   in flight: `5T` to spare for clocks running at different rates.
+//! - A planned handoff: the owner writes its record with `handoff_to` set
+//!   and stops renewing; the named standby acquires at once (the owner is
+//!   known to have stopped).
+//!
+//! This module is pure: sector encoding and the acquire/renew state
+//! machine ([`LeaseMachine`]) over injected time and I/O results; the
+//! server does the I/O.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::codec::{self, CodecError};
+
+/// Bytes per lease sector.
+pub const LEASE_SECTOR_BYTES: u64 = 4096;
+/// Sectors in a lease area: the owner sector and one per host id.
+pub const LEASE_SECTORS: u64 = 16;
+/// Bytes of the lease area after each metadata area.
+pub const LEASE_AREA_BYTES: u64 = LEASE_SECTOR_BYTES * LEASE_SECTORS;
+/// Largest host id a server may have.
+pub const HOST_ID_MAX: u32 = (LEASE_SECTORS - 1) as u32;
+pub const LEASE_MAGIC: [u8; 8] = *b"SANVOLLS";
+pub const LEASE_FORMAT_VERSION: u32 = 1;
+/// Header: magic, crc32c (of header with this field zero + payload), version, payload length.
+const HEADER_BYTES: usize = 8 + 4 + 4 + 4;
+/// Addresses a record carries at most (for redirects).
+pub const LEASE_ADDRS_MAX: usize = 8;
+
+/// What a server says in its sector, or the owner sector says of the owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub pool_uuid: Uuid,
+    /// The owner's host id (owner sector), or the writer's (host sector);
+    /// 0 in the owner sector means free (released).
+    pub host_id: u32,
+    /// Random per server process: tells a restarted server apart.
+    pub instance: [u8; 16],
+    /// The server's name, for messages ("mds-a").
+    pub name: String,
+    /// Owner sector: goes up by one at every acquisition.
+    pub generation: u64,
+    /// Goes up by one at every renewal (what a standby watches).
+    pub counter: u64,
+    /// The writer's I/O timeout `T` (a standby uses the owner's timing).
+    pub io_timeout_ms: u32,
+    /// When the writer became owner (owner sector) or started (host sector).
+    pub since_unix_ms: u64,
+    /// Owner sector: the host id the owner handed the lease to (0: none).
+    pub handoff_to: u32,
+    /// The writer's control addresses, so clients can be redirected.
+    pub addrs: Vec<String>,
+    /// Host sector: what the writer is doing.
+    pub role: ServerRole,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerRole {
+    Active,
+    Standby,
+    Stopped,
+}
+
+impl std::fmt::Display for ServerRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ServerRole::Active => "active",
+            ServerRole::Standby => "standing by",
+            ServerRole::Stopped => "stopped",
+        })
+    }
+}
+
+impl LeaseRecord {
+    /// Whether this is a record of the same holding as `other` (owner,
+    /// process and acquisition), whatever its counter.
+    pub fn same_holding(&self, other: &LeaseRecord) -> bool {
+        self.host_id == other.host_id && self.instance == other.instance && self.generation == other.generation
+    }
+
+    pub fn is_free(&self) -> bool {
+        self.host_id == 0
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    #[error("lease sector is {0} bytes, not {LEASE_SECTOR_BYTES}")]
+    Size(usize),
+    #[error("lease sector does not hold a sanvol lease (magic {0:?})")]
+    Magic([u8; 8]),
+    #[error("lease sector checksum mismatch (torn write or corruption)")]
+    Checksum,
+    #[error("lease sector written by a newer sanvol (lease format {0}); upgrade this server")]
+    Version(u32),
+    #[error("lease sector payload of {0} bytes does not fit the sector")]
+    Length(u32),
+    #[error("lease sector belongs to pool {found}, not {expected}")]
+    WrongPool { expected: Uuid, found: Uuid },
+    #[error("lease record does not decode: {0}")]
+    Payload(CodecError),
+    #[error("lease record too large to encode: {0}")]
+    Encode(String),
+}
+
+/// Encodes `record` as one whole sector.
+pub fn encode_sector(record: &LeaseRecord) -> Result<Vec<u8>, LeaseError> {
+    if record.addrs.len() > LEASE_ADDRS_MAX {
+        return Err(LeaseError::Encode(format!("{} addresses, at most {LEASE_ADDRS_MAX}", record.addrs.len())));
+    }
+    let payload = codec::encode(record).map_err(|e| LeaseError::Encode(e.to_string()))?;
+    if payload.len() > LEASE_SECTOR_BYTES as usize - HEADER_BYTES {
+        return Err(LeaseError::Encode(format!("{} bytes of record", payload.len())));
+    }
+    let mut sector = vec![0u8; LEASE_SECTOR_BYTES as usize];
+    sector[..8].copy_from_slice(&LEASE_MAGIC);
+    sector[12..16].copy_from_slice(&LEASE_FORMAT_VERSION.to_be_bytes());
+    sector[16..20].copy_from_slice(&(payload.len() as u32).to_be_bytes());
+    sector[HEADER_BYTES..HEADER_BYTES + payload.len()].copy_from_slice(&payload);
+    let crc = codec::crc32c_parts(&[&sector[..8], &[0; 4], &sector[12..]]);
+    sector[8..12].copy_from_slice(&crc.to_be_bytes());
+    Ok(sector)
+}
+
+/// Decodes a sector of pool `pool`: `Ok(None)` for a sector never written
+/// (all zeroes), which counts as free.
+pub fn decode_sector(sector: &[u8], pool: Uuid) -> Result<Option<LeaseRecord>, LeaseError> {
+    if sector.len() != LEASE_SECTOR_BYTES as usize {
+        return Err(LeaseError::Size(sector.len()));
+    }
+    if sector.iter().all(|b| *b == 0) {
+        return Ok(None);
+    }
+    let magic: [u8; 8] = sector[..8].try_into().unwrap_or_default();
+    if magic != LEASE_MAGIC {
+        return Err(LeaseError::Magic(magic));
+    }
+    let stored = u32::from_be_bytes(sector[8..12].try_into().unwrap_or_default());
+    if codec::crc32c_parts(&[&sector[..8], &[0; 4], &sector[12..]]) != stored {
+        return Err(LeaseError::Checksum);
+    }
+    let version = u32::from_be_bytes(sector[12..16].try_into().unwrap_or_default());
+    if version != LEASE_FORMAT_VERSION {
+        return Err(LeaseError::Version(version));
+    }
+    let len = u32::from_be_bytes(sector[16..20].try_into().unwrap_or_default());
+    if len as usize > sector.len() - HEADER_BYTES {
+        return Err(LeaseError::Length(len));
+    }
+    let record: LeaseRecord =
+        codec::decode(&sector[HEADER_BYTES..HEADER_BYTES + len as usize]).map_err(LeaseError::Payload)?;
+    if record.pool_uuid != pool {
+        return Err(LeaseError::WrongPool { expected: pool, found: record.pool_uuid });
+    }
+    Ok(Some(record))
+}
+
+/// The lease's timing, all from one I/O timeout (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseTiming {
+    /// `T`: every lease read or write must finish within it.
+    pub io_timeout_ms: u64,
+}
+
+impl LeaseTiming {
+    pub const DEFAULT_IO_TIMEOUT_MS: u64 = 1000;
+
+    /// How often the owner renews.
+    pub fn renew_every_ms(&self) -> u64 {
+        self.io_timeout_ms
+    }
+    /// How long after the start of its last good renewal the owner may commit.
+    pub fn owner_valid_ms(&self) -> u64 {
+        3 * self.io_timeout_ms
+    }
+    /// How long a standby watches an unchanged owner record before taking over.
+    pub fn expire_ms(&self) -> u64 {
+        5 * self.io_timeout_ms
+    }
+    /// How long an acquirer waits after writing before reading back.
+    pub fn acquire_wait_ms(&self) -> u64 {
+        4 * self.io_timeout_ms
+    }
+    /// How often a standby reads the owner sector.
+    pub fn watch_every_ms(&self) -> u64 {
+        (self.io_timeout_ms / 4).max(10)
+    }
+}
+
+/// The owner record a majority of copies agree on, if any: `Ok(None)` if a
+/// majority shows the lease free; `Err` if no majority agrees (a write in
+/// progress, or copies unreadable).
+pub fn majority(records: &[Result<Option<LeaseRecord>, String>]) -> Result<Option<LeaseRecord>, String> {
+    let need = records.len() / 2 + 1;
+    let mut free = 0;
+    let mut candidates: Vec<(&LeaseRecord, usize)> = Vec::new();
+    let mut errors = Vec::new();
+    for r in records {
+        match r {
+            Ok(None) => free += 1,
+            Ok(Some(rec)) if rec.is_free() => free += 1,
+            Ok(Some(rec)) => match candidates.iter_mut().find(|(c, _)| *c == rec) {
+                Some((_, n)) => *n += 1,
+                None => candidates.push((rec, 1)),
+            },
+            Err(e) => errors.push(e.clone()),
+        }
+    }
+    if free >= need {
+        return Ok(None);
+    }
+    if let Some((rec, _)) = candidates.iter().find(|(_, n)| *n >= need) {
+        return Ok(Some((*rec).clone()));
+    }
+    Err(if errors.is_empty() {
+        format!("no majority of the {} lease copies agrees on an owner", records.len())
+    } else {
+        format!("no majority of the {} lease copies is readable and agrees ({})", records.len(), errors.join("; "))
+    })
+}
+
+/// Where a server stands with the lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeasePhase {
+    /// Watching the owner sector. `owner` is the record last seen and since
+    /// when (this server's monotonic ms) it has not changed.
+    Standby { owner: Option<(LeaseRecord, u64)> },
+    /// Wrote `record` at `written_at_ms`; reads back `wait_ms` later (the
+    /// acquire wait, or none when the owner handed the lease to us).
+    Acquiring { record: LeaseRecord, written_at_ms: u64, wait_ms: u64 },
+    /// Holds the lease; may commit until `valid_until_ms`.
+    Owner { record: LeaseRecord, valid_until_ms: u64 },
+    /// Handed the lease on (planned handoff): commits nothing more.
+    HandedOff { to: u32 },
+    /// Lost it (another owner found, or could not renew in time).
+    Lost { why: String },
+}
+
+/// What the server must do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseAction {
+    /// Read the owner sector of every copy; report with [`LeaseMachine::read_done`].
+    Read,
+    /// Write this owner record to every copy; report with [`LeaseMachine::write_done`].
+    Write(LeaseRecord),
+    /// Nothing until this time (monotonic ms); then [`LeaseMachine::tick`].
+    WaitUntil(u64),
+}
+
+/// The acquire/renew logic of one server, over injected time and I/O
+/// results (the server performs the reads and writes it asks for).
+#[derive(Debug, Clone)]
+pub struct LeaseMachine {
+    pub me: LeaseRecord,
+    pub timing: LeaseTiming,
+    pub phase: LeasePhase,
+    /// Start of the renewal in flight (its reads), for the validity window.
+    renew_started_ms: Option<u64>,
+    /// Last time the owner sector was read (standby pacing, renew pacing).
+    last_read_ms: Option<u64>,
+}
+
+impl LeaseMachine {
+    /// A server that wants the lease; `me` has its host id, instance, name,
+    /// addresses (generation and counter are set when it acquires).
+    pub fn new(me: LeaseRecord, timing: LeaseTiming) -> LeaseMachine {
+        LeaseMachine { me, timing, phase: LeasePhase::Standby { owner: None }, renew_started_ms: None, last_read_ms: None }
+    }
+
+    /// Whether the server may commit metadata at `now_ms`.
+    pub fn may_commit(&self, now_ms: u64) -> bool {
+        matches!(&self.phase, LeasePhase::Owner { valid_until_ms, .. } if now_ms < *valid_until_ms)
+    }
+
+    /// The next action at `now_ms` (call after every report and tick).
+    pub fn next(&mut self, now_ms: u64) -> LeaseAction {
+        match &self.phase {
+            LeasePhase::Standby { .. } => match self.last_read_ms {
+                Some(t) if now_ms < t + self.timing.watch_every_ms() => {
+                    LeaseAction::WaitUntil(t + self.timing.watch_every_ms())
+                }
+                _ => LeaseAction::Read,
+            },
+            LeasePhase::Acquiring { written_at_ms, wait_ms, .. } => {
+                let at = written_at_ms + wait_ms;
+                if now_ms < at {
+                    LeaseAction::WaitUntil(at)
+                } else {
+                    LeaseAction::Read
+                }
+            }
+            LeasePhase::Owner { valid_until_ms, .. } => {
+                if now_ms >= *valid_until_ms && self.renew_started_ms.is_none() {
+                    // Could not renew in time: stop committing (already, by
+                    // `may_commit`) and keep trying — the record may still
+                    // be ours if nobody took it.
+                }
+                match self.last_read_ms {
+                    Some(t) if now_ms < t + self.timing.renew_every_ms() => {
+                        LeaseAction::WaitUntil(t + self.timing.renew_every_ms())
+                    }
+                    _ => LeaseAction::Read,
+                }
+            }
+            LeasePhase::HandedOff { .. } | LeasePhase::Lost { .. } => LeaseAction::WaitUntil(u64::MAX),
+        }
+    }
+
+    /// Starting a read at `now_ms` (renewals count their validity from here).
+    pub fn reading(&mut self, now_ms: u64) {
+        self.last_read_ms = Some(now_ms);
+        if matches!(self.phase, LeasePhase::Owner { .. }) {
+            self.renew_started_ms = Some(now_ms);
+        }
+    }
+
+    /// The owner sectors read (one result per copy); returns the action.
+    pub fn read_done(&mut self, now_ms: u64, records: &[Result<Option<LeaseRecord>, String>]) -> LeaseAction {
+        let seen = majority(records);
+        match std::mem::replace(&mut self.phase, LeasePhase::Standby { owner: None }) {
+            LeasePhase::Standby { owner } => {
+                self.phase = LeasePhase::Standby { owner: owner.clone() };
+                match seen {
+                    // No majority agrees: someone is writing; watch on.
+                    Err(_) => {}
+                    Ok(None) => return self.start_acquire(now_ms, None, self.timing.acquire_wait_ms()),
+                    // Handed to us: the owner has stopped, nobody else may
+                    // take it for a whole expiry: no wait.
+                    Ok(Some(rec)) if rec.handoff_to == self.me.host_id && self.me.host_id != 0 => {
+                        return self.start_acquire(now_ms, Some(&rec), 0);
+                    }
+                    Ok(Some(rec)) => match owner {
+                        Some((old, since)) if old == rec => {
+                            if now_ms >= since + self.expire_ms(&rec) {
+                                return self.start_acquire(now_ms, Some(&rec), self.timing.acquire_wait_ms());
+                            }
+                        }
+                        _ => self.phase = LeasePhase::Standby { owner: Some((rec, now_ms)) },
+                    },
+                }
+            }
+            LeasePhase::Acquiring { record, written_at_ms, .. } => match seen {
+                Ok(Some(rec)) if rec == record => {
+                    // Ours. The window counted from the acquiring write has
+                    // mostly passed during the wait, so renew at once: the
+                    // read just done counts as the renewal's read, and
+                    // committing starts when its write is done.
+                    let valid_until_ms = written_at_ms + self.timing.owner_valid_ms();
+                    self.me = record.clone();
+                    let mut next = record.clone();
+                    next.counter += 1;
+                    self.renew_started_ms = self.last_read_ms;
+                    self.phase = LeasePhase::Owner { record, valid_until_ms };
+                    return LeaseAction::Write(next);
+                }
+                // Lost the race (or no majority): watch again.
+                _ => self.phase = LeasePhase::Standby { owner: None },
+            },
+            LeasePhase::Owner { record, valid_until_ms } => match seen {
+                Ok(Some(rec)) if rec.same_holding(&record) => {
+                    let mut next = record.clone();
+                    next.counter = rec.counter.max(record.counter) + 1;
+                    self.phase = LeasePhase::Owner { record, valid_until_ms };
+                    return LeaseAction::Write(next);
+                }
+                Ok(Some(rec)) => {
+                    self.phase = LeasePhase::Lost {
+                        why: format!(
+                            "another metadata server took the pool lease: {} (host id {}, generation {})",
+                            rec.name, rec.host_id, rec.generation
+                        ),
+                    };
+                }
+                Ok(None) => {
+                    self.phase =
+                        LeasePhase::Lost { why: "the pool lease was released under this server".to_string() };
+                }
+                // Unreadable this time: keep the lease while it is valid.
+                Err(_) => self.phase = LeasePhase::Owner { record, valid_until_ms },
+            },
+            other => self.phase = other,
+        }
+        self.next(now_ms)
+    }
+
+    /// The writes of `Write(record)` finished: `ok` copies took it, of `copies`.
+    pub fn write_done(&mut self, now_ms: u64, record: &LeaseRecord, ok: usize, copies: usize) -> LeaseAction {
+        let majority = ok > copies / 2;
+        match &mut self.phase {
+            LeasePhase::Owner { record: current, valid_until_ms } if majority => {
+                if let Some(started) = self.renew_started_ms.take() {
+                    *valid_until_ms = (*valid_until_ms).max(started + self.timing.owner_valid_ms());
+                }
+                *current = record.clone();
+            }
+            LeasePhase::Owner { .. } => {
+                self.renew_started_ms = None;
+            }
+            LeasePhase::Acquiring { .. } if !majority => self.phase = LeasePhase::Standby { owner: None },
+            _ => {}
+        }
+        self.next(now_ms)
+    }
+
+    /// The owner hands the lease to `host_id`: the record to write; the
+    /// machine commits nothing more whatever the write's outcome.
+    pub fn hand_off(&mut self, to: u32) -> Option<LeaseRecord> {
+        let LeasePhase::Owner { record, .. } = &self.phase else { return None };
+        let mut r = record.clone();
+        r.handoff_to = to;
+        r.counter += 1;
+        self.phase = LeasePhase::HandedOff { to };
+        Some(r)
+    }
+
+    fn expire_ms(&self, owner: &LeaseRecord) -> u64 {
+        // The owner's own timing decides how long it may be silent.
+        let t = LeaseTiming { io_timeout_ms: u64::from(owner.io_timeout_ms).max(self.timing.io_timeout_ms) };
+        t.expire_ms()
+    }
+
+    fn start_acquire(&mut self, now_ms: u64, previous: Option<&LeaseRecord>, wait_ms: u64) -> LeaseAction {
+        let mut record = self.me.clone();
+        record.generation = previous.map_or(0, |p| p.generation) + 1;
+        record.counter = 0;
+        record.handoff_to = 0;
+        record.role = ServerRole::Active;
+        self.phase = LeasePhase::Acquiring { record: record.clone(), written_at_ms: now_ms, wait_ms };
+        LeaseAction::Write(record)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,276 @@
+//! The lease format, the majority rule, and a seeded model of several
+//! servers racing for the lease over shared copies: at no instant may two
+//! servers be allowed to commit, whatever the I/O latencies (each within
+//! the I/O timeout), pauses and crashes.
+
+use proptest::prelude::*;
+
+use super::*;
+
+const POOL: Uuid = Uuid::from_u128(42);
+const T: u64 = 100;
+
+fn me(host_id: u32) -> LeaseRecord {
+    LeaseRecord {
+        pool_uuid: POOL,
+        host_id,
+        instance: [host_id as u8; 16],
+        name: format!("mds-{host_id}"),
+        generation: 0,
+        counter: 0,
+        io_timeout_ms: T as u32,
+        since_unix_ms: 1,
+        handoff_to: 0,
+        addrs: vec![format!("unix:/run/mds-{host_id}.sock")],
+        role: ServerRole::Standby,
+    }
+}
+
+#[test]
+fn sectors_round_trip_and_refuse_damage() {
+    let r = me(3);
+    let sector = encode_sector(&r).unwrap();
+    assert_eq!(sector.len() as u64, LEASE_SECTOR_BYTES);
+    assert_eq!(decode_sector(&sector, POOL).unwrap(), Some(r.clone()));
+    assert_eq!(decode_sector(&vec![0; LEASE_SECTOR_BYTES as usize], POOL).unwrap(), None, "never written = free");
+    for i in [0, 9, 13, 17, 25, 200, 4095] {
+        let mut bad = sector.clone();
+        bad[i] ^= 0x10;
+        assert!(decode_sector(&bad, POOL).is_err(), "flipped byte {i}");
+    }
+    assert!(matches!(decode_sector(&sector, Uuid::from_u128(7)), Err(LeaseError::WrongPool { .. })));
+    assert!(matches!(decode_sector(&sector[..100], POOL), Err(LeaseError::Size(100))));
+}
+
+#[test]
+fn a_majority_decides() {
+    let a = me(1);
+    let b = me(2);
+    assert_eq!(majority(&[Ok(Some(a.clone())), Ok(Some(a.clone())), Ok(Some(b.clone()))]), Ok(Some(a.clone())));
+    assert_eq!(majority(&[Ok(None), Ok(None), Ok(Some(b.clone()))]), Ok(None));
+    assert!(majority(&[Ok(None), Ok(Some(a.clone())), Ok(Some(b.clone()))]).is_err());
+    assert!(majority(&[Err("gone".into()), Err("gone".into()), Ok(Some(a))]).is_err());
+}
+
+#[test]
+fn a_free_lease_is_acquired_after_the_wait_and_renewed() {
+    let mut m = LeaseMachine::new(me(1), LeaseTiming { io_timeout_ms: T });
+    assert_eq!(m.next(0), LeaseAction::Read);
+    m.reading(0);
+    let LeaseAction::Write(rec) = m.read_done(5, &[Ok(None), Ok(None), Ok(None)]) else { panic!() };
+    assert_eq!((rec.generation, rec.role), (1, ServerRole::Active));
+    assert_eq!(m.write_done(10, &rec, 3, 3), LeaseAction::WaitUntil(5 + 4 * T));
+    assert!(!m.may_commit(10));
+    let at = 5 + 4 * T;
+    m.reading(at);
+    let done = [Ok(Some(rec.clone())), Ok(Some(rec.clone())), Ok(Some(rec.clone()))];
+    // Ours: renewed at once (that read counts), and the window opens when
+    // the renewal's write is done.
+    let LeaseAction::Write(renewed) = m.read_done(at + 1, &done) else { panic!("renews at once") };
+    assert_eq!(renewed.counter, 1);
+    assert!(!m.may_commit(at + 1), "not before the renewal is written");
+    m.write_done(at + 2, &renewed, 2, 3);
+    assert!(m.may_commit(at + 2) && m.may_commit(at + 3 * T - 1) && !m.may_commit(at + 3 * T));
+    // The next renewal extends it.
+    m.reading(at + T);
+    let renewed_done = [Ok(Some(renewed.clone())), Ok(Some(renewed.clone())), Ok(Some(renewed.clone()))];
+    let LeaseAction::Write(again) = m.read_done(at + T + 1, &renewed_done) else { panic!() };
+    m.write_done(at + T + 2, &again, 3, 3);
+    assert!(m.may_commit(at + 4 * T - 1) && !m.may_commit(at + 4 * T));
+}
+
+#[test]
+fn a_held_lease_is_taken_only_after_it_stayed_unchanged_for_the_expiry() {
+    let mut owner = me(1);
+    owner.generation = 4;
+    owner.role = ServerRole::Active;
+    let mut m = LeaseMachine::new(me(2), LeaseTiming { io_timeout_ms: T });
+    let seen = |r: &LeaseRecord| [Ok(Some(r.clone())), Ok(Some(r.clone())), Ok(Some(r.clone()))];
+    m.reading(0);
+    assert!(matches!(m.read_done(0, &seen(&owner)), LeaseAction::WaitUntil(_)));
+    // It renews: the watch starts over.
+    owner.counter += 1;
+    m.reading(4 * T);
+    m.read_done(4 * T, &seen(&owner));
+    m.reading(8 * T);
+    assert!(matches!(m.read_done(8 * T, &seen(&owner)), LeaseAction::WaitUntil(_)), "4T unchanged is not enough");
+    m.reading(9 * T);
+    let LeaseAction::Write(rec) = m.read_done(9 * T, &seen(&owner)) else { panic!("5T unchanged: take over") };
+    assert_eq!(rec.generation, 5);
+}
+
+#[test]
+fn an_owner_that_finds_another_record_has_lost_and_stops() {
+    let mut m = LeaseMachine::new(me(1), LeaseTiming { io_timeout_ms: T });
+    m.reading(0);
+    let LeaseAction::Write(rec) = m.read_done(0, &[Ok(None), Ok(None), Ok(None)]) else { panic!() };
+    m.write_done(1, &rec, 3, 3);
+    m.reading(4 * T);
+    let all = |r: &LeaseRecord| [Ok(Some(r.clone())), Ok(Some(r.clone())), Ok(Some(r.clone()))];
+    m.read_done(4 * T, &all(&rec));
+    m.reading(4 * T + 1);
+    let LeaseAction::Write(renewed) = m.read_done(4 * T + 1, &all(&rec)) else { panic!() };
+    m.write_done(4 * T + 2, &renewed, 3, 3);
+    assert!(m.may_commit(4 * T + 3));
+    let mut other = me(2);
+    other.generation = 2;
+    m.reading(5 * T);
+    m.read_done(5 * T, &all(&other));
+    assert!(matches!(&m.phase, LeasePhase::Lost { why } if why.contains("mds-2")), "{:?}", m.phase);
+    assert!(!m.may_commit(5 * T));
+}
+
+#[test]
+fn a_handoff_is_taken_at_once_by_the_named_standby_only() {
+    let mut owner = me(1);
+    owner.generation = 3;
+    owner.handoff_to = 2;
+    let all = |r: &LeaseRecord| [Ok(Some(r.clone())), Ok(Some(r.clone())), Ok(Some(r.clone()))];
+    let mut named = LeaseMachine::new(me(2), LeaseTiming { io_timeout_ms: T });
+    named.reading(0);
+    let LeaseAction::Write(rec) = named.read_done(0, &all(&owner)) else { panic!("takes it") };
+    assert_eq!(named.write_done(1, &rec, 3, 3), LeaseAction::Read, "no acquire wait after a handoff");
+    let mut other = LeaseMachine::new(me(3), LeaseTiming { io_timeout_ms: T });
+    other.reading(0);
+    assert!(matches!(other.read_done(0, &all(&owner)), LeaseAction::WaitUntil(_)));
+}
+
+// ---- the race model ----
+
+#[derive(Debug, Clone)]
+enum Op {
+    Read { done_at: Vec<u64>, results: Vec<Option<Result<Option<LeaseRecord>, String>>> },
+    Write { record: LeaseRecord, land_at: Vec<u64>, landed: Vec<bool> },
+}
+
+struct Server {
+    m: LeaseMachine,
+    op: Option<Op>,
+    wait_until: u64,
+    paused_until: u64,
+    crashed: bool,
+}
+
+/// Deterministic pseudo-random numbers for the model (xorshift).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+/// Runs `servers` against `copies` shared owner sectors for `steps` ms with
+/// random I/O latencies (each below the timeout), pauses and crashes;
+/// panics if two servers may commit at the same instant.
+fn race(seed: u64, servers: usize, copies: usize, steps: u64) -> usize {
+    let mut rng = Rng(seed | 1);
+    let mut disk: Vec<Vec<u8>> = vec![vec![0; LEASE_SECTOR_BYTES as usize]; copies];
+    let mut fleet: Vec<Server> = (0..servers)
+        .map(|i| Server {
+            m: LeaseMachine::new(me(i as u32 + 1), LeaseTiming { io_timeout_ms: T }),
+            op: None,
+            wait_until: 0,
+            paused_until: 0,
+            crashed: false,
+        })
+        .collect();
+    let mut acquisitions = 0;
+    for now in 0..steps {
+        // I/O lands (even for paused or crashed servers: it was in flight).
+        for s in fleet.iter_mut() {
+            match &mut s.op {
+                Some(Op::Write { record, land_at, landed }) => {
+                    for c in 0..copies {
+                        if !landed[c] && land_at[c] <= now {
+                            disk[c] = encode_sector(record).unwrap();
+                            landed[c] = true;
+                        }
+                    }
+                }
+                Some(Op::Read { done_at, results }) => {
+                    for c in 0..copies {
+                        if results[c].is_none() && done_at[c] <= now {
+                            results[c] = Some(decode_sector(&disk[c], POOL).map_err(|e| e.to_string()));
+                        }
+                    }
+                }
+                None => {}
+            }
+        }
+        // Faults: rare pauses (up to 12T: longer than any lease window) and crashes.
+        for s in fleet.iter_mut() {
+            if s.crashed {
+                continue;
+            }
+            match rng.below(4000) {
+                0 => s.paused_until = now + rng.below(12 * T),
+                1 if s.m.may_commit(now) => s.crashed = true,
+                _ => {}
+            }
+        }
+        // Servers step.
+        for s in fleet.iter_mut() {
+            if s.crashed || now < s.paused_until {
+                continue;
+            }
+            let action = match &s.op {
+                Some(Op::Read { results, .. }) if results.iter().all(Option::is_some) => {
+                    let results: Vec<_> = results.iter().map(|r| r.clone().unwrap()).collect();
+                    s.op = None;
+                    let was_owner = matches!(s.m.phase, LeasePhase::Owner { .. });
+                    let a = s.m.read_done(now, &results);
+                    if !was_owner && matches!(s.m.phase, LeasePhase::Owner { .. }) {
+                        acquisitions += 1;
+                    }
+                    Some(a)
+                }
+                Some(Op::Write { record, landed, .. }) if landed.iter().all(|l| *l) => {
+                    let record = record.clone();
+                    s.op = None;
+                    Some(s.m.write_done(now, &record, copies, copies))
+                }
+                Some(_) => None,
+                None if now >= s.wait_until => Some(s.m.next(now)),
+                None => None,
+            };
+            match action {
+                Some(LeaseAction::Read) => {
+                    s.m.reading(now);
+                    let done_at = (0..copies).map(|_| now + rng.below(T)).collect();
+                    s.op = Some(Op::Read { done_at, results: vec![None; copies] });
+                }
+                Some(LeaseAction::Write(record)) => {
+                    let land_at = (0..copies).map(|_| now + rng.below(T)).collect();
+                    s.op = Some(Op::Write { record, land_at, landed: vec![false; copies] });
+                }
+                Some(LeaseAction::WaitUntil(t)) => s.wait_until = t,
+                None => {}
+            }
+        }
+        let committing: Vec<usize> =
+            (0..fleet.len()).filter(|&i| !fleet[i].crashed && fleet[i].m.may_commit(now)).collect();
+        assert!(committing.len() <= 1, "seed {seed}: at {now} ms servers {committing:?} may all commit");
+    }
+    acquisitions
+}
+
+#[test]
+fn racing_servers_never_both_commit() {
+    let mut acquired = 0;
+    for seed in 1..=40 {
+        acquired += race(seed, 3, 3, 60 * T);
+    }
+    assert!(acquired >= 40, "the lease is taken (and taken over) at all: {acquired} acquisitions");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #[test]
+    fn racing_servers_never_both_commit_any_seed(seed in any::<u64>(), servers in 2usize..5, copies in prop_oneof![Just(1usize), Just(3), Just(5)]) {
+        race(seed, servers, copies, 40 * T);
+    }
+}
