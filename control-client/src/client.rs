@@ -186,12 +186,18 @@ async fn read_loop(
                     None => tracing::debug!("reply to request {id}, which no longer waits (timed out)"),
                 }
             }
-            ServerMessage::Event(event) => {
-                if events.try_send(event).is_err() {
+            ServerMessage::Event(event) => match events.try_send(event) {
+                Ok(()) => {}
+                // Nobody listens for events (a one-shot CLI): replies still
+                // matter, and an event may overtake the reply it follows.
+                Err(mpsc::error::TrySendError::Closed(event)) => {
+                    tracing::debug!(?event, "a server event nobody listens for");
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
                     tracing::warn!("control events are not being consumed; dropping the connection");
                     break;
                 }
-            }
+            },
         }
     }
     shutdown(&shared);
