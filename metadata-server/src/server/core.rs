@@ -442,6 +442,8 @@ pub struct Core {
     handoff: Option<(ServerInfo, ReplyId, bool)>,
     /// Set once this server no longer serves the pool: why, and where to go.
     not_active: Option<String>,
+    /// The lease task ended while a handoff was asked of it (see `apply`).
+    lease_lost_in_handoff: Option<String>,
     /// Volumes with a job in flight, and what waits for it.
     busy: HashMap<VolumeId, Busy>,
     /// Jobs in flight and how their changes continue.
@@ -496,6 +498,7 @@ impl Core {
             servers: Vec::new(),
             handoff: None,
             not_active: None,
+            lease_lost_in_handoff: None,
             busy: HashMap::new(),
             jobs: HashMap::new(),
             next_task: 1,
@@ -566,10 +569,12 @@ impl Core {
             }
             Input::Servers { servers } => self.servers = servers,
             Input::HandedOff { result } => self.handed_off(result),
-            Input::LeaseLost { why } => {
-                tracing::error!("{why}: this server commits and serves nothing more");
-                self.stop_serving(format!("this metadata server lost the pool lease ({why})"), None);
+            // The lease task also ends once it handed the lease over: then
+            // the handoff's answer (`HandedOff`) follows, and decides.
+            Input::LeaseLost { why } if matches!(self.handoff, Some((_, _, true))) => {
+                self.lease_lost_in_handoff = Some(why);
             }
+            Input::LeaseLost { why } => self.lease_lost(why),
         }
         self.pump();
         std::mem::take(&mut self.effects)
@@ -995,12 +1000,24 @@ impl Core {
                 self.reply(reply, Ok(Response::Done));
                 self.stop_serving(why, Some(target.addrs.clone()));
             }
-            Err(e) => {
-                warn!(to = %target.name, "the handoff failed: {e}; serving on");
-                let e = ControlError::new(ErrorCode::Internal, format!("the handoff failed: {e}; still serving"));
-                self.reply(reply, Err(e));
-            }
+            Err(e) => match self.lease_lost_in_handoff.take() {
+                Some(why) => {
+                    let e = ControlError::new(ErrorCode::Internal, format!("the handoff failed: {e}; {why}"));
+                    self.reply(reply, Err(e));
+                    self.lease_lost(why);
+                }
+                None => {
+                    warn!(to = %target.name, "the handoff failed: {e}; serving on");
+                    let e = ControlError::new(ErrorCode::Internal, format!("the handoff failed: {e}; still serving"));
+                    self.reply(reply, Err(e));
+                }
+            },
         }
+    }
+
+    fn lease_lost(&mut self, why: String) {
+        tracing::error!("{why}: this server commits and serves nothing more");
+        self.stop_serving(format!("this metadata server lost the pool lease ({why})"), None);
     }
 
     /// Serves nothing more: every waiting caller is told why (and, for a

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use ed25519_dalek::SigningKey;
 use futures::stream::FuturesUnordered;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, info, warn, Instrument};
@@ -154,14 +154,20 @@ async fn run_inner(
         return;
     }
 
+    let mut kick_pending = true;
     let mut in_flight = FuturesUnordered::new();
     loop {
         tokio::select! {
             _ = stopped(&mut stop) => break,
-            _ = &mut kick_rx => {
-                info!("session closed by the server");
-                break;
-            }
+            kicked = &mut kick_rx, if kick_pending => match kicked {
+                Ok(()) => {
+                    info!("session closed by the server");
+                    break;
+                }
+                // Let go of without a kick (a standby keeps no sessions, an
+                // owner that stopped dropped them): the replies decide.
+                Err(_) => kick_pending = false,
+            },
             Some((id, result)) = in_flight.next(), if !in_flight.is_empty() => {
                 if out_tx.send(ServerMessage::Reply { id, result }).await.is_err() {
                     break;
@@ -195,15 +201,31 @@ async fn run_inner(
                 }
                 let (reply_tx, reply_rx) = oneshot::channel();
                 if ctx.commands.send(Command::Request { session, request, reply: reply_tx }).await.is_err() {
+                    // The owner is gone: this server stopped serving the pool.
+                    let err = ControlError::new(
+                        ErrorCode::NotActive,
+                        "this metadata server stopped serving the pool (its lease was lost or handed off); \
+                         ask another of the pool's servers",
+                    );
+                    let _ = out_tx.send(ServerMessage::Reply { id, result: Err(err) }).await;
                     break;
                 }
                 in_flight.push(async move {
                     let result = reply_rx.await.unwrap_or_else(|_| {
-                        Err(ControlError::new(ErrorCode::Unavailable, "the server is shutting down"))
+                        let why = "this metadata server stopped serving the pool before answering (it shut down, or \
+                                   lost or handed off its lease); retry, at another of the pool's servers if there is one";
+                        Err(ControlError::new(ErrorCode::Unavailable, why))
                     });
                     (id, result)
                 });
             }
+        }
+    }
+    // Replies given before the session ended (to a handoff, or NotActive to
+    // changes queued when the lease was lost) still go out.
+    while let Some(Some((id, result))) = in_flight.next().now_or_never() {
+        if out_tx.send(ServerMessage::Reply { id, result }).await.is_err() {
+            break;
         }
     }
     reader_task.abort();
