@@ -61,7 +61,7 @@ use std::path::PathBuf;
 
 use tracing::{debug, warn};
 use uuid::Uuid;
-use volume_format::control::messages::{ControlError, OpenMode, Request, Response, ServerEvent};
+use volume_format::control::messages::{ControlError, ErrorCode, OpenMode, Request, Response, ServerEvent};
 use volume_format::VolumeDescription;
 
 pub use control_client::agent_api::{AgentStatus, AttachmentInfo};
@@ -717,7 +717,7 @@ impl AgentCore {
             return;
         };
         if let Err(RequestError::Server(e)) = &result {
-            if e.code == volume_format::control::messages::ErrorCode::NotActive {
+            if e.code == ErrorCode::NotActive {
                 self.not_active(now, pending.conn, &e.message);
             }
         }
@@ -836,6 +836,15 @@ impl AgentCore {
         self.link.moved(conn, now, self.config.addrs.len(), message.to_string());
         self.registrations.retry_all_now(now);
     }
+}
+
+/// Whether a refusal passes by itself, so a handle's recovery keeps its I/O
+/// held and tries again instead of giving the volume up: the server is in
+/// its grace period (`Unavailable`), or it is not the pool's active server
+/// (`NotActive`: a standby, or one that handed off or lost its lease; the
+/// agent moves on to its next address).
+fn answers_later(e: &ControlError) -> bool {
+    matches!(e.code, ErrorCode::Unavailable | ErrorCode::NotActive)
 }
 
 /// Addresses the agent keeps at most (configured ones plus redirects).

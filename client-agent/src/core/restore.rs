@@ -30,12 +30,12 @@
 //! in the state file until the handle is taken back or refused.
 
 use tracing::{error, info, warn};
-use volume_format::control::messages::{ErrorCode, Request, Response};
+use volume_format::control::messages::{Request, Response};
 
 use super::state::{checked_stage, Confirm, GateMirror, Handle, PendingRecall, Recovery, Volume};
 use super::{
-    AgentCore, AttachmentId, CallerId, Effect, Millis, OpenWith, Pending, Purpose, Reply, RequestError, RestoreSpec,
-    Stage,
+    answers_later, AgentCore, AttachmentId, CallerId, Effect, Millis, OpenWith, Pending, Purpose, Reply, RequestError,
+    RestoreSpec, Stage,
 };
 use crate::agent::AgentError;
 use crate::gate::Phase;
@@ -119,9 +119,7 @@ impl AgentCore {
         let OpenWith::Restore(held) = &v.open else { return };
         let mut held = (**held).clone();
         let name = v.name.clone();
-        if self.stopping.is_some()
-            && !matches!(&result, Err(RequestError::Server(e)) if e.code != ErrorCode::Unavailable)
-        {
+        if self.stopping.is_some() && !matches!(&result, Err(RequestError::Server(e)) if !answers_later(e)) {
             // Still ours, whatever the answer was: the next run takes it back.
             let v = self.volumes.remove(&name).expect("found above");
             self.successor.push(held);
@@ -140,7 +138,7 @@ impl AgentCore {
                 let e = SessionError::Unexpected { request: "Resume", response: format!("{other:?}") };
                 return self.restore_failed(&name, AgentError::Session(e));
             }
-            Err(RequestError::Server(e)) if e.code == ErrorCode::Unavailable => {
+            Err(RequestError::Server(e)) if answers_later(&e) => {
                 return info!(volume = name, reason = %e.message, "cannot take the handle back yet; retrying");
             }
             Err(RequestError::Server(e)) => {

@@ -918,3 +918,31 @@ fn a_shutdown_while_taking_handles_back_leaves_them_for_the_next_run() {
     assert_eq!(reply_to(&effects, stopper), Reply::Done);
     assert_eq!(h.saved(), vec![held("vol", 11, b"k")], "still ours: the next run takes it back");
 }
+
+#[test]
+fn a_resume_refused_by_a_server_that_is_not_active_keeps_the_volume_and_resumes_at_the_next() {
+    let mut h = Harness::new();
+    h.attach("vol", 11, b"k");
+    h.lose_connection(100);
+    let effects = h.at(200).apply(Input::Tick);
+    let Some(Effect::Connect { conn, .. }) = effects.first().cloned() else { panic!("{effects:?}") };
+    let (resume, _) = sent_one(&h.at(210).apply(Input::Connected { conn, lease_ms: LEASE_MS, session: 2 }));
+    // A standby answers (the active server was killed a moment ago).
+    let standing_by = "this metadata server (mds-2) is standing by and has not seen the active server yet; retry";
+    let effects = h.apply(Input::Reply { request: resume, result: refused(ErrorCode::NotActive, standing_by) });
+    assert!(effects.contains(&Effect::Disconnect { conn }), "moves on at once: {effects:?}");
+    assert_ne!(h.state_of("vol").0, "revoked", "a standby's refusal is no verdict on the handle");
+    // The next server is active and has the handle.
+    let conn = (300..LEASE_MS)
+        .step_by(100)
+        .find_map(|t| match h.at(t).apply(Input::Tick).first() {
+            Some(Effect::Connect { conn, .. }) => Some(*conn),
+            _ => None,
+        })
+        .expect("connects again within the lease");
+    let now = h.now;
+    let (resume, message) = sent_one(&h.at(now + 10).apply(Input::Connected { conn, lease_ms: LEASE_MS, session: 3 }));
+    assert_eq!(message, Request::Resume { key: b"k".to_vec() });
+    h.apply(Input::Reply { request: resume, result: opened(11, description("vol", 1, 2), b"k") });
+    assert_eq!(h.state_of("vol").0, "open");
+}

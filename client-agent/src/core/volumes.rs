@@ -31,8 +31,8 @@ use super::state::{
     checked_phase, checked_stage, Confirm, GateMirror, Handle, HeldHandle, PendingRecall, Recovery, Volume,
 };
 use super::{
-    AgentCore, AttachSpec, AttachmentId, AttachmentInfo, CallerId, CloseOutcome, ConnId, Effect, Millis, OpenWith,
-    Pending, Prepared, PublishContext, Purpose, Reply, RequestError, Stage, ORPHAN_EVENTS_MAX,
+    answers_later, AgentCore, AttachSpec, AttachmentId, AttachmentInfo, CallerId, CloseOutcome, ConnId, Effect, Millis,
+    OpenWith, Pending, Prepared, PublishContext, Purpose, Reply, RequestError, Stage, ORPHAN_EVENTS_MAX,
 };
 use crate::agent::AgentError;
 use crate::export::ExportTarget;
@@ -600,7 +600,7 @@ impl AgentCore {
                 self.registrations.retry_volume_now(&name, now);
             }
             Ok(other) => warn!(volume = name, handle, "unexpected answer to Resume: {other:?}; retrying"),
-            Err(RequestError::Server(e)) if e.code == ErrorCode::Unavailable => {
+            Err(RequestError::Server(e)) if answers_later(&e) => {
                 info!(volume = name, handle, reason = %e.message, "cannot resume yet; I/O stays held, retrying");
             }
             Err(RequestError::Server(e)) => {
@@ -661,7 +661,7 @@ impl AgentCore {
                 self.replay_orphans(opened.handle.0);
                 self.registrations.retry_volume_now(&name, now);
             }
-            Err(RequestError::Server(e)) if e.code == ErrorCode::Conflict => {
+            Err(RequestError::Server(e)) if e.code == ErrorCode::Conflict || answers_later(&e) => {
                 info!(volume = name, reason = %e.message, "cannot re-open yet; I/O stays held, retrying");
             }
             Err(RequestError::Server(e)) => {
