@@ -127,6 +127,9 @@ async fn a_standby_takes_over_after_kill_9_of_the_active_server_under_fio() {
         c.disconnect().await;
     }
     stack.kill_mds();
+    poll("the standby to take over", Duration::from_secs(30), || status_at(&stack, &standby.addr()).ok());
+    // The killed server, started again, finds the pool served and stands by.
+    stack.start_mds();
     wait_roles(&stack, &standby.addr(), &stack.mds_addr(), "mds-2");
     assert_fio_ok(fio_a.wait_with_output().unwrap());
     assert_fio_ok(fio_b.wait_with_output().unwrap());
