@@ -202,13 +202,20 @@ $BIN/sanvol-agent detach vol --control-socket "$D/agent.sock"
 kill "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true
 kill -9 "$MDS_PID"; wait "$MDS_PID" 2>/dev/null || true
 mds_config "$LEASE_MS"
+# A server started after kill -9 of the pool's active one (itself) acquires
+# the pool lease once the dead holder's record stayed unchanged for 5 T and
+# its own write stood for 4 T (T = lease_io_timeout_ms, default 1000 ms).
+MDS_TAKEOVER_MS=9000
 start_mds
 start_agent "$STATE"
 $BIN/sanvol-agent wait-ready --control-socket "$D/agent.sock"
 URI=$($BIN/sanvol-agent attach vol --control-socket "$D/agent.sock")
 resumed() { grep -c "handle resumed after reconnecting: unchanged" "$AGENT_LOG" || true; }
 for down in $DOWNS_MS; do
-    fio_start "mds-$down" "$URI" $(( (RESTARTS * (down + LEASE_MS + 1500)) / 1000 + 5 ))
+    # fio runs through every restart: each costs the outage, the new server's
+    # wait for the dead one's pool lease (MDS_TAKEOVER_MS), the agent's lease
+    # at most, the resume and the second between restarts.
+    fio_start "mds-$down" "$URI" $(( (RESTARTS * (down + MDS_TAKEOVER_MS + LEASE_MS + 2500)) / 1000 + 5 ))
     sleep 2 # let fio connect and settle before the first restart
     windows=()
     for i in $(seq "$RESTARTS"); do
