@@ -13,7 +13,9 @@
 //!   own stores).
 //! - [`proto`]: NBD wire constants and fixed-size header codecs shared by the
 //!   client and the server (the single place the spec's numbers live).
-//! - [`uri`]: NBD URI parsing (`nbd://`, `nbd+unix://`).
+//! - [`uri`]: NBD URI parsing (`nbd://`, `nbd+unix://`, `nbds://`, `nbds+unix://`).
+//! - [`tls`]: NBD over TLS (`NBD_OPT_STARTTLS`) with rustls: client setup from
+//!   a device URI, server setup from a certificates directory.
 //! - [`client`]: the pipelined, multi-connection NBD client.
 //! - [`server`]: the NBD server that serves any [`BlockDevice`].
 
@@ -29,4 +31,5 @@ mod socket;
 pub use device::{BlockDevice, BlockSizes, MetaContext, StatusExtent, ZeroFlags};
 pub use error::{IoError, IoErrorKind};
 pub mod client;
+pub mod tls;
 pub mod uri;

@@ -31,13 +31,22 @@ pub enum Transport {
     Unix { socket: PathBuf },
 }
 
-/// TLS-related query parameters. Parsed and kept so URIs round-trip; this
-/// client does not speak TLS, so an `nbds` URI fails at connect time.
+/// TLS-related query parameters (the spec's, and libnbd's
+/// `tls-certificates`). An `nbds` URI makes the client negotiate TLS
+/// (`crate::tls`); these say how.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct TlsParams {
+    /// `x509` (the default; `anon` and `psk` are refused at connect time).
     pub tls_type: Option<String>,
+    /// The name the server's certificate must carry (default: the URI's
+    /// host; needed for unix sockets).
     pub tls_hostname: Option<String>,
+    /// `0` skips checking the server's certificate (default 1).
     pub tls_verify_peer: Option<bool>,
+    /// A directory holding `ca-cert.pem` (the CA that signed the server's
+    /// certificate) and optionally `client-cert.pem`/`client-key.pem` (a
+    /// client certificate), as `nbdkit --tls-certificates` and libnbd use.
+    pub tls_certificates: Option<PathBuf>,
 }
 
 /// A parsed NBD URI.
@@ -63,7 +72,7 @@ pub enum UriError {
     #[error("NBD URI {uri:?}: {reason}")]
     Invalid { uri: String, reason: String },
     #[error(
-        "NBD URI {uri:?}: unknown query parameter {name:?} (known: socket, tls-type, tls-hostname, tls-verify-peer)"
+        "NBD URI {uri:?}: unknown query parameter {name:?} (known: socket, tls-type, tls-hostname, tls-verify-peer, tls-certificates)"
     )]
     UnknownParameter { uri: String, name: String },
     #[error("NBD URI {uri:?}: a unix-socket URI needs a ?socket=PATH parameter")]
@@ -228,6 +237,10 @@ impl FromStr for NbdUri {
                 "socket" => socket.replace(OsString::from_vec(decode(uri, "socket parameter", v)?)).is_some(),
                 "tls-type" => tls.tls_type.replace(decode_utf8(uri, "tls-type", v)?).is_some(),
                 "tls-hostname" => tls.tls_hostname.replace(decode_utf8(uri, "tls-hostname", v)?).is_some(),
+                "tls-certificates" => tls
+                    .tls_certificates
+                    .replace(PathBuf::from(OsString::from_vec(decode(uri, "tls-certificates", v)?)))
+                    .is_some(),
                 "tls-verify-peer" => {
                     let b = match v {
                         "1" | "true" => true,
@@ -323,6 +336,10 @@ impl fmt::Display for NbdUri {
         }
         if let Some(v) = self.tls.tls_verify_peer {
             write!(f, "{sep}tls-verify-peer={}", v as u8)?;
+            sep = '&';
+        }
+        if let Some(dir) = &self.tls.tls_certificates {
+            write!(f, "{sep}tls-certificates={}", percent_encode(dir.as_os_str().as_bytes(), QUERY_ESCAPES))?;
         }
         Ok(())
     }
@@ -391,6 +408,7 @@ mod tests {
             "nbd://example.com/hello%20world",
             "nbd://[fe80::1]:1/a%3Fb%23c",
             "nbds://bob@h/e?tls-type=psk&tls-hostname=h2&tls-verify-peer=1",
+            "nbds+unix:///e?socket=/s&tls-hostname=localhost&tls-certificates=/etc/sanvol/pki%20dir",
             "nbd+unix:///disk?socket=/run/a%20b.sock",
             "nbds+unix:///?socket=s",
         ] {

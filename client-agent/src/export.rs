@@ -28,14 +28,54 @@ use tracing::Instrument;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ExportTarget {
     Unix(PathBuf),
-    /// Loopback only: the export has no authentication.
+    /// Loopback only, unless TLS with client certificates is configured
+    /// ([`EXPORT_TLS_ENV`]): otherwise the export has no authentication.
     Tcp(SocketAddr),
+}
+
+/// Environment variable naming a certificates directory (nbdkit layout:
+/// `server-cert.pem`, `server-key.pem`, optionally `ca-cert.pem`): when
+/// set, TCP exports require TLS; with `ca-cert.pem` they also require a
+/// client certificate signed by it, and may then listen beyond loopback.
+pub const EXPORT_TLS_ENV: &str = "SANVOL_EXPORT_TLS_DIR";
+
+/// TLS for TCP exports.
+#[derive(Debug, Clone)]
+pub struct ExportTls {
+    pub dir: PathBuf,
+    pub server: blockio::server::ServerTls,
+    /// Clients must present a certificate signed by the directory's CA.
+    pub verifies_clients: bool,
+}
+
+impl ExportTls {
+    /// Loads the certificates in `dir` (TLS required).
+    pub fn from_dir(dir: &Path) -> Result<ExportTls, ExportError> {
+        let verifies_clients = dir.join(blockio::tls::CA_CERT_FILE).exists();
+        let config = blockio::tls::server_from_dir(dir, verifies_clients)
+            .map_err(|e| ExportError::Tls(format!("{EXPORT_TLS_ENV}={}: {e}", dir.display())))?;
+        Ok(ExportTls {
+            dir: dir.to_path_buf(),
+            server: blockio::server::ServerTls { config, required: true },
+            verifies_clients,
+        })
+    }
+
+    /// What [`EXPORT_TLS_ENV`] configures, if it is set.
+    pub fn from_env() -> Result<Option<ExportTls>, ExportError> {
+        match std::env::var_os(EXPORT_TLS_ENV) {
+            Some(dir) if !dir.is_empty() => ExportTls::from_dir(Path::new(&dir)).map(Some),
+            _ => Ok(None),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error("refusing to serve on {0}: exports have no authentication, so TCP is allowed on loopback only")]
+    #[error("refusing to serve on {0}: exports have no authentication, so TCP is allowed on loopback only (or set SANVOL_EXPORT_TLS_DIR to a certificates directory with a ca-cert.pem: TLS with client certificates)")]
     NotLoopback(SocketAddr),
+    #[error("export TLS: {0}")]
+    Tls(String),
     #[error("{path} is in use by another process (something is listening on it); choose another --socket")]
     SocketInUse { path: PathBuf },
     #[error("cannot serve on {what}: {source}")]
@@ -80,11 +120,15 @@ impl ExportHandle {
 }
 
 fn server_for(name: &str, description: String, device: Arc<dyn BlockDevice>) -> NbdServer {
+    server_with(name, description, device, ServerConfig::default())
+}
+
+fn server_with(name: &str, description: String, device: Arc<dyn BlockDevice>, config: ServerConfig) -> NbdServer {
     let table = ExportTable::new();
     let read_only = device.is_read_only();
     table.insert(Export { name: name.to_string(), description, device, read_only });
     table.set_default(Some(name.to_string()));
-    NbdServer::new(Arc::new(table), ServerConfig::default())
+    NbdServer::new(Arc::new(table), config)
 }
 
 /// Removes a stale socket file left by a crashed agent; refuses if something
@@ -111,14 +155,35 @@ pub(crate) async fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, E
     Ok(listener)
 }
 
-/// Serves `device` as export `name` (also the default export) on `target`.
+/// Serves `device` as export `name` (also the default export) on `target`;
+/// TCP exports require TLS when [`EXPORT_TLS_ENV`] is set.
 pub async fn serve_volume(
     name: &str,
     description: String,
     device: Arc<dyn BlockDevice>,
     target: &ExportTarget,
 ) -> Result<ExportHandle, ExportError> {
-    let server = server_for(name, description, device);
+    let tls = match target {
+        ExportTarget::Tcp(_) => ExportTls::from_env()?,
+        ExportTarget::Unix(_) => None,
+    };
+    serve_volume_with(name, description, device, target, tls.as_ref()).await
+}
+
+/// Like [`serve_volume`], with the TLS setup of TCP exports given.
+pub async fn serve_volume_with(
+    name: &str,
+    description: String,
+    device: Arc<dyn BlockDevice>,
+    target: &ExportTarget,
+    tls: Option<&ExportTls>,
+) -> Result<ExportHandle, ExportError> {
+    let tcp_tls = match target {
+        ExportTarget::Tcp(_) => tls,
+        ExportTarget::Unix(_) => None,
+    };
+    let config = ServerConfig { tls: tcp_tls.map(|t| t.server.clone()), ..ServerConfig::default() };
+    let server = server_with(name, description, device, config);
     let (stop, stopped) = oneshot::channel::<()>();
     let shutdown = async move {
         let _ = stopped.await;
@@ -139,13 +204,18 @@ pub async fn serve_volume(
             Ok(ExportHandle { uri, socket_path: Some(path.clone()), stop: Some(stop), task: Some(task) })
         }
         ExportTarget::Tcp(addr) => {
-            if !addr.ip().is_loopback() {
+            if !addr.ip().is_loopback() && !tcp_tls.is_some_and(|t| t.verifies_clients) {
                 return Err(ExportError::NotLoopback(*addr));
             }
             let io = |source| ExportError::Io { what: addr.to_string(), source };
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(io)?;
             let local = listener.local_addr().map_err(io)?;
-            let uri = NbdUri::tcp(local.ip().to_string(), local.port(), name).to_string();
+            let mut uri = NbdUri::tcp(local.ip().to_string(), local.port(), name);
+            if let Some(t) = tcp_tls {
+                uri.tls_required = true;
+                uri.tls.tls_certificates = Some(t.dir.clone());
+            }
+            let uri = uri.to_string();
             let task = tokio::spawn(
                 async move {
                     if let Err(e) = server.serve_tcp(listener, shutdown).await {
@@ -217,6 +287,32 @@ mod tests {
         let client = NbdClient::connect(&NbdUri::unix(&path, "ro"), ClientOptions::default()).await.unwrap();
         let e = client.write(0, pattern(0, 512), false).await.unwrap_err();
         assert_eq!(e.kind, blockio::IoErrorKind::PermissionDenied, "{e}");
+    }
+
+    /// With TLS configured, a TCP export requires it; with client
+    /// certificates it may listen beyond loopback (here: any address).
+    #[tokio::test]
+    async fn tcp_exports_can_require_tls_and_client_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        if blockio::tls::make_test_certificates(dir.path(), &["localhost", "127.0.0.1"]).is_err() {
+            panic!("openssl is needed to make test certificates: run scripts/install-deps.sh");
+        }
+        let tls = ExportTls::from_dir(dir.path()).unwrap();
+        assert!(tls.verifies_clients, "the directory has a ca-cert.pem");
+        let (vol, _devs) = testing::volume(1, 1, 1, false);
+        let any = ExportTarget::Tcp("0.0.0.0:0".parse().unwrap());
+        let export = serve_volume_with("v", String::new(), vol, &any, Some(&tls)).await.unwrap();
+        let mut uri: NbdUri = export.uri().parse().unwrap();
+        assert!(uri.tls_required && export.uri().starts_with("nbds://"), "{}", export.uri());
+        let port = uri.port().unwrap();
+        uri.transport = blockio::uri::Transport::Tcp { host: "127.0.0.1".into(), port: Some(port) };
+        let client = NbdClient::connect(&uri, ClientOptions::default()).await.expect("TLS with a client certificate");
+        client.write(0, pattern(3, 4096), false).await.unwrap();
+        assert_eq!(client.read(0, 4096).await.unwrap(), pattern(3, 4096));
+        client.disconnect().await;
+        let plain = NbdUri::tcp("127.0.0.1", port, "v");
+        assert!(NbdClient::connect(&plain, ClientOptions::default()).await.is_err(), "plain NBD is refused");
+        export.stop().await;
     }
 
     #[tokio::test]

@@ -299,7 +299,9 @@ impl Shell {
                 if parsed.len() == addrs.len() && !parsed.is_empty() {
                     self.addrs = parsed;
                 } else {
-                    tracing::error!("unusable metadata-server addresses in a redirect: {addrs:?}; keeping the old ones");
+                    tracing::error!(
+                        "unusable metadata-server addresses in a redirect: {addrs:?}; keeping the old ones"
+                    );
                 }
             }
             Effect::Disconnect { conn } => {

@@ -296,15 +296,19 @@ pub mod fake_mds {
             let task = tokio::spawn(async move {
                 let mut session = 0;
                 loop {
-                    let (mut stream, _) = listener.accept().await.unwrap();
+                    let (stream, _) = listener.accept().await.unwrap();
                     session += 1;
-                    let peer = handshake::accept(&mut stream, &key, session, lease_ms, |_| {
-                        Some((vec![Role::Agent], "test-agent".into()))
-                    })
-                    .await;
-                    if peer.is_err() {
+                    let acceptor = handshake::Acceptor {
+                        server_key: &key,
+                        session,
+                        lease_ms,
+                        kind: volume_format::control::auth::ConnectionKind::Control,
+                        mode_min: volume_format::control::auth::ChannelMode::Integrity,
+                    };
+                    let accepted = acceptor.accept(stream, |_| Some((vec![Role::Agent], "test-agent".into()))).await;
+                    let Ok((stream, _)) = accepted else {
                         continue;
-                    }
+                    };
                     let (mut r, mut w) = tokio::io::split(stream);
                     let mut held = Vec::new();
                     loop {

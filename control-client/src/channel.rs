@@ -2,7 +2,9 @@
 //! authenticates like a control connection and then carries NBD.
 //!
 //! Both kinds start the same way — [`DATA_CHANNEL_PREAMBLE`], the mutual
-//! handshake, one request, one reply — and differ only in the request:
+//! handshake (which protects the rest of the connection: every NBD byte
+//! travels in encrypted or integrity-only records), one request, one reply —
+//! and differ only in the request:
 //! - a **data channel** ([`Request::DataChannel`], role agent): the agent's
 //!   fallback path for one volume on one device, restricted by the server to
 //!   that volume's extents there;
@@ -11,7 +13,7 @@
 //!   `VOLUME@SNAPSHOT`, with `base:allocation` and the
 //!   `sanvol:changed-since:OLDER` metadata contexts.
 //!
-//! Once the server answers OK, the stream is positioned right where NBD
+//! Once the server answers OK, the (protected) stream is positioned right where NBD
 //! (fixed newstyle) begins: hand it to any NBD client
 //! (`blockio::client::NbdClient::connect_stream`), or pipe it to a local
 //! socket so standard tools (nbdinfo, nbdcopy, qemu-img) can read it
@@ -19,14 +21,14 @@
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use tokio::io::AsyncWriteExt;
-use volume_format::control::auth::Role;
+use volume_format::control::auth::{ChannelMode, ConnectionKind, Role};
 use volume_format::control::messages::{
     ClientMessage, ControlError, ErrorCode, Request, Response, ServerMessage, DATA_CHANNEL_PREAMBLE,
 };
 
 use crate::addr::{ControlAddr, ControlStream};
-use crate::handshake::HandshakeError;
-use crate::{framed, handshake};
+use crate::framed;
+use crate::handshake::{self, ClientHandshake, HandshakeError};
 
 /// Why a channel could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -80,23 +82,43 @@ pub struct ChannelIdentity<'a> {
 
 /// Opens a channel to the server at `addr`: preamble, handshake as `who`,
 /// then `request` ([`Request::DataChannel`] or [`Request::BackupChannel`]).
-/// Returns the stream, ready for the NBD handshake, and the server's answer
-/// (the grant of a data channel).
+/// Returns the protected stream, ready for the NBD handshake, and the
+/// server's answer (the grant of a data channel). The channel is protected
+/// in the mode `SANVOL_CHANNEL_MODE` names (encrypted by default).
 pub async fn open(
     addr: &ControlAddr,
     who: &ChannelIdentity<'_>,
     request: Request,
 ) -> Result<(Box<dyn ControlStream>, Response), ChannelError> {
+    open_with_mode(addr, who, request, handshake::channel_mode_from_env()).await
+}
+
+/// Like [`open`], with the channel mode given.
+pub async fn open_with_mode(
+    addr: &ControlAddr,
+    who: &ChannelIdentity<'_>,
+    request: Request,
+    mode: ChannelMode,
+) -> Result<(Box<dyn ControlStream>, Response), ChannelError> {
     let transport = |what: String| ChannelError::Transport { addr: addr.to_string(), what };
     let mut stream = addr.connect().await.map_err(|source| ChannelError::Connect { addr: addr.to_string(), source })?;
     stream.write_all(&DATA_CHANNEL_PREAMBLE).await.map_err(|e| transport(format!("sending the preamble: {e}")))?;
-    handshake::client(&mut stream, who.key, who.pinned, who.role, who.name, who.instance)
-        .await
-        .map_err(|source| ChannelError::Handshake { addr: addr.to_string(), source })?;
+    let client = ClientHandshake {
+        key: who.key,
+        pinned: who.pinned,
+        role: who.role,
+        name: who.name,
+        instance: who.instance,
+        mode,
+        kind: ConnectionKind::Channel,
+    };
+    let (mut stream, _) =
+        client.run(stream).await.map_err(|source| ChannelError::Handshake { addr: addr.to_string(), source })?;
+    stream.set_label(format!("channel to the metadata server at {addr}"));
     let ask = ClientMessage { id: 1, request };
     framed::write_message(&mut stream, &ask).await.map_err(|e| transport(format!("asking for a channel: {e}")))?;
     match framed::read_message::<ServerMessage, _>(&mut stream).await {
-        Ok(ServerMessage::Reply { result: Ok(response), .. }) => Ok((stream, response)),
+        Ok(ServerMessage::Reply { result: Ok(response), .. }) => Ok((Box::new(stream), response)),
         Ok(ServerMessage::Reply { result: Err(e), .. }) => Err(ChannelError::Refused(e)),
         Ok(msg) => Err(transport(format!("unexpected answer to a channel request: {msg:?}"))),
         Err(e) => Err(transport(format!("reading the answer to a channel request: {e}"))),

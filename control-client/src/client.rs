@@ -15,13 +15,17 @@ use std::time::Duration;
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
-use volume_format::control::auth::Role;
+use volume_format::control::auth::{ChannelMode, ConnectionKind, Role};
 use volume_format::control::frame;
 use volume_format::control::messages::{ClientMessage, ControlError, Request, Response, ServerEvent, ServerMessage};
 
 use crate::addr::{ControlAddr, ControlStream};
 use crate::framed::{self, FramedError};
-use crate::handshake::{self, ClientSession, HandshakeError};
+use crate::handshake::{self, ClientHandshake, ClientSession, HandshakeError};
+use crate::secure::SecureStream;
+
+/// The protected stream a client talks over.
+type Stream = SecureStream<Box<dyn ControlStream>>;
 
 /// How long a request may wait for its reply before the caller gives up.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -34,7 +38,7 @@ pub enum ControlClientError {
     Connect { addr: String, source: std::io::Error },
     #[error("metadata server at {addr}: {source}")]
     Handshake { addr: String, source: HandshakeError },
-    #[error("the connection to the metadata server is closed")]
+    #[error("the connection to the metadata server is closed before it answered (it stopped, or lost the pool lease to another server: a change it had not confirmed may or may not have been made; `sanvol pool status` shows the active server and the pool as it is)")]
     Closed,
     #[error("the metadata server did not answer within {0:?}")]
     Timeout(Duration),
@@ -50,7 +54,7 @@ struct Shared {
     next_id: AtomicU64,
     /// `None` once the connection is closed: no new waiter may register.
     pending: Mutex<Option<HashMap<u64, Waiter>>>,
-    writer: tokio::sync::Mutex<WriteHalf<Box<dyn ControlStream>>>,
+    writer: tokio::sync::Mutex<WriteHalf<Stream>>,
     closed: watch::Sender<bool>,
     session: ClientSession,
 }
@@ -63,7 +67,8 @@ pub struct ControlClient {
 
 impl ControlClient {
     /// Connects, authenticates and starts the reader. Returns the client and
-    /// the stream of server events.
+    /// the stream of server events. The connection is protected in the mode
+    /// `SANVOL_CHANNEL_MODE` names (encrypted unless it says `integrity`).
     pub async fn connect(
         addr: &ControlAddr,
         key: &SigningKey,
@@ -72,11 +77,26 @@ impl ControlClient {
         name: &str,
         instance: [u8; 16],
     ) -> Result<(ControlClient, mpsc::Receiver<ServerEvent>), ControlClientError> {
-        let mut stream =
+        let mode = handshake::channel_mode_from_env();
+        ControlClient::connect_with_mode(addr, key, pinned, role, name, instance, mode).await
+    }
+
+    /// Like [`ControlClient::connect`], with the channel mode given.
+    pub async fn connect_with_mode(
+        addr: &ControlAddr,
+        key: &SigningKey,
+        pinned: Option<&VerifyingKey>,
+        role: Role,
+        name: &str,
+        instance: [u8; 16],
+        mode: ChannelMode,
+    ) -> Result<(ControlClient, mpsc::Receiver<ServerEvent>), ControlClientError> {
+        let stream =
             addr.connect().await.map_err(|source| ControlClientError::Connect { addr: addr.to_string(), source })?;
-        let session = handshake::client(&mut stream, key, pinned, role, name, instance)
-            .await
-            .map_err(|source| ControlClientError::Handshake { addr: addr.to_string(), source })?;
+        let who = ClientHandshake { key, pinned, role, name, instance, mode, kind: ConnectionKind::Control };
+        let (mut stream, session) =
+            who.run(stream).await.map_err(|source| ControlClientError::Handshake { addr: addr.to_string(), source })?;
+        stream.set_label(format!("control connection to the metadata server at {addr}"));
         let (reader, writer) = tokio::io::split(stream);
         let (closed, _) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -162,11 +182,7 @@ fn shutdown(shared: &Shared) {
     shared.closed.send_replace(true);
 }
 
-async fn read_loop(
-    mut reader: ReadHalf<Box<dyn ControlStream>>,
-    shared: Arc<Shared>,
-    events: mpsc::Sender<ServerEvent>,
-) {
+async fn read_loop(mut reader: ReadHalf<Stream>, shared: Arc<Shared>, events: mpsc::Sender<ServerEvent>) {
     loop {
         let msg = match framed::read_message::<ServerMessage, _>(&mut reader).await {
             Ok(m) => m,
@@ -188,10 +204,10 @@ async fn read_loop(
             }
             ServerMessage::Event(event) => match events.try_send(event) {
                 Ok(()) => {}
-                // Nobody listens for events (a one-shot CLI): replies still
-                // matter, and an event may overtake the reply it follows.
+                // Nobody listens for events (an admin command): they are
+                // not for this client.
                 Err(mpsc::error::TrySendError::Closed(event)) => {
-                    tracing::debug!(?event, "a server event nobody listens for");
+                    tracing::debug!(?event, "control event ignored: this client does not take events")
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     tracing::warn!("control events are not being consumed; dropping the connection");

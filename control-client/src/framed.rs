@@ -2,7 +2,7 @@
 
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use volume_format::control::frame::{self, FrameError, FRAME_HEADER_BYTES};
+use volume_format::control::frame::{self, FrameError, FRAME_BYTES_MAX, FRAME_HEADER_BYTES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FramedError {
@@ -12,10 +12,20 @@ pub enum FramedError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Frame(#[from] FrameError),
+    /// A frame longer than the caller's limit (the small limit that holds
+    /// before a peer is authenticated).
+    #[error("frame of {len} bytes exceeds the {max}-byte limit before authentication")]
+    Oversized { len: usize, max: usize },
 }
 
 /// Reads one frame's payload bytes (length checked before allocating).
 pub async fn read_payload<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, FramedError> {
+    read_payload_max(r, FRAME_BYTES_MAX as usize).await
+}
+
+/// Like [`read_payload`], refusing frames longer than `max` bytes before
+/// allocating (the handshake reads with a small `max`).
+pub async fn read_payload_max<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Vec<u8>, FramedError> {
     let mut header = [0u8; FRAME_HEADER_BYTES];
     match r.read_exact(&mut header).await {
         Ok(_) => {}
@@ -23,9 +33,21 @@ pub async fn read_payload<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, Fr
         Err(e) => return Err(e.into()),
     }
     let len = frame::check_frame_header(header)?;
+    if len > max {
+        return Err(FramedError::Oversized { len, max });
+    }
     let mut payload = vec![0u8; len];
     r.read_exact(&mut payload).await?;
     Ok(payload)
+}
+
+/// Reads and decodes one message of at most `max` bytes.
+pub async fn read_message_max<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<T, FramedError> {
+    let payload = read_payload_max(r, max).await?;
+    Ok(frame::decode_payload(&payload)?)
 }
 
 /// Reads and decodes one message.

@@ -10,7 +10,10 @@
 //! # Layout
 //! - [`addr`]: where a metadata server listens (`HOST:PORT`, `unix:PATH`).
 //! - [`framed`]: whole control frames over a tokio stream.
-//! - [`handshake`]: both sides of the mutual ed25519 challenge–response.
+//! - [`handshake`]: both sides of the handshake: cleartext hellos, a Noise
+//!   key exchange, mutual ed25519 proofs bound to it.
+//! - [`secure`]: [`SecureStream`], the encrypted or integrity-only records
+//!   every byte travels in after the handshake.
 //! - [`client`]: [`ControlClient`], one authenticated connection with many
 //!   requests in flight and server events on a channel.
 //! - [`channel`]: opening data and backup channels (authenticated, then NBD).
@@ -27,7 +30,10 @@ pub mod fault;
 pub mod framed;
 pub mod handshake;
 pub mod keys;
+pub mod secure;
 
 pub use addr::{ControlAddr, ControlStream};
 pub use channel::{ChannelError, ChannelIdentity};
 pub use client::{ControlClient, ControlClientError};
+pub use secure::SecureStream;
+pub use volume_format::control::auth::ChannelMode;

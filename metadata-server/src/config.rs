@@ -13,6 +13,7 @@
 //! lease_ms = 10000
 //! durable_ms = 30000
 //! grace_ms = 40000
+//! channel_mode_min = "integrity"   # or "encrypted": refuse integrity-only channels
 //! log = "info"
 //! # One active server per pool (a disk lease); standbys run the same config
 //! # with their own host_id, name and listen addresses.
@@ -31,7 +32,7 @@ use std::path::{Path, PathBuf};
 use blockio::uri::{NbdUri, Transport};
 use serde::Deserialize;
 
-use control_client::ControlAddr;
+use control_client::{ChannelMode, ControlAddr};
 
 /// Default lease: long enough that a busy agent renews comfortably, short
 /// enough that a dead agent is excluded from a reconfiguration quickly.
@@ -69,6 +70,8 @@ struct RawConfig {
     durable_ms: Option<u64>,
     #[serde(default)]
     grace_ms: Option<u64>,
+    #[serde(default)]
+    channel_mode_min: Option<String>,
     #[serde(default)]
     log: Option<String>,
     #[serde(default)]
@@ -141,6 +144,9 @@ pub struct Config {
     /// durable time, the longest a handle from before could still be resumed
     /// without conflict). Ends early once every handle was resumed or closed.
     pub grace_ms: u64,
+    /// The weakest channel mode accepted from clients (default integrity:
+    /// clients choose; both modes authenticate every byte).
+    pub channel_mode_min: ChannelMode,
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace` or a
     /// `tracing_subscriber` directive); `RUST_LOG` and `--log` override it.
     pub log: Option<String>,
@@ -198,6 +204,10 @@ impl Config {
         if grace_ms > DURABLE_MS_MAX {
             return Err(format!("grace_ms = {grace_ms} is above the maximum {DURABLE_MS_MAX}"));
         }
+        let channel_mode_min = match &raw.channel_mode_min {
+            None => ChannelMode::Integrity,
+            Some(m) => m.parse().map_err(|e| format!("channel_mode_min: {e}"))?,
+        };
         let host_id = raw.host_id.unwrap_or(1);
         if !(1..=volume_format::lease::HOST_ID_MAX).contains(&host_id) {
             return Err(format!(
@@ -231,6 +241,7 @@ impl Config {
             lease_ms,
             durable_ms,
             grace_ms,
+            channel_mode_min,
             log: raw.log,
             availability,
         })
@@ -258,6 +269,17 @@ mod tests {
         assert_eq!(c.lease_ms, LEASE_MS_DEFAULT);
         assert_eq!(c.durable_ms, DURABLE_MS_DEFAULT);
         assert_eq!(c.grace_ms, LEASE_MS_DEFAULT + DURABLE_MS_DEFAULT);
+        assert_eq!(c.channel_mode_min, ChannelMode::Integrity, "by default clients choose");
+    }
+
+    #[test]
+    fn the_channel_mode_minimum_is_read_and_checked() {
+        let text =
+            |m: &str| format!("listen = [\"h:1\"]\nkey = \"k\"\ndevices = [\"nbd://h:1/x\"]\nchannel_mode_min = {m:?}");
+        assert_eq!(Config::parse(&text("encrypted"), base()).unwrap().channel_mode_min, ChannelMode::Encrypted);
+        assert_eq!(Config::parse(&text("integrity"), base()).unwrap().channel_mode_min, ChannelMode::Integrity);
+        let err = Config::parse(&text("plain"), base()).unwrap_err();
+        assert!(err.contains("channel_mode_min") && err.contains("encrypted or integrity"), "{err}");
     }
 
     #[test]

@@ -263,7 +263,13 @@ impl HandleTable {
 
     /// Renews every handle of `session` until `now + lease_ms`.
     pub fn renew(&mut self, session: SessionId, now_ms: u64, lease_ms: u64) {
-        for h in self.handles.values_mut().filter(|h| h.held_by(session)) {
+        self.renew_except(session, now_ms, lease_ms, &[]);
+    }
+
+    /// Renews every handle of `session` but those in `removing` (a commit
+    /// in flight releases them: a renewal must not revive them).
+    pub fn renew_except(&mut self, session: SessionId, now_ms: u64, lease_ms: u64, removing: &[u64]) {
+        for h in self.handles.values_mut().filter(|h| h.held_by(session) && !removing.contains(&h.id)) {
             h.lease_until_ms = h.lease_until_ms.max(now_ms.saturating_add(lease_ms));
         }
     }

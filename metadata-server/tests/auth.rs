@@ -1,20 +1,21 @@
 //! Every way a control handshake can fail: each gives a clear error to the
 //! client, a log line on the server naming the peer and the reason, and the
-//! server keeps serving. Scripted peers speak the handshake frame by frame.
+//! server keeps serving. Scripted peers speak the handshake step by step
+//! with the real client's building blocks, changing one thing each.
 
 mod common;
 
 use common::{wait_for_log, Pool};
 use control_client::framed;
-use control_client::handshake::HandshakeError;
+use control_client::handshake::{self, HandshakeError};
 use control_client::{ControlClient, ControlClientError};
 use ed25519_dalek::{Signer, SigningKey};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use volume_format::control::auth::{
-    self, AuthFailure, AuthOutcome, ClientHello, ClientProof, Role, ServerHello, HELLO_MAGIC,
+    self, AuthFailure, AuthOutcome, ChannelMode, ClientHello, ClientProof, ConnectionKind, Role, ServerHello,
+    HELLO_MAGIC,
 };
-use volume_format::control::frame;
 use volume_format::control::messages::{Request, Response};
 use volume_format::control::{PROTOCOL_VERSION, PROTOCOL_VERSION_MIN};
 
@@ -35,21 +36,21 @@ async fn connect_raw(pool: &Pool) -> UnixStream {
     UnixStream::connect(pool.dir.path().join("mds.sock")).await.unwrap()
 }
 
-/// Sends `hello_bytes`, reads the server hello, sends a proof made by
-/// `prove` from (hello bytes, server hello bytes); returns the outcome and
-/// the proof bytes sent.
+/// Runs the client side with `hello` (which names the key it claims) up to
+/// the client's proof, sends the proof `prove` makes from this connection's
+/// handshake hash; returns the outcome and the proof sent.
 async fn scripted(
-    stream: &mut UnixStream,
-    hello_bytes: &[u8],
-    prove: impl FnOnce(&[u8], &[u8]) -> Vec<u8>,
-) -> (AuthOutcome, Vec<u8>) {
-    framed::write_payload(stream, hello_bytes).await.unwrap();
-    let server_hello_bytes = framed::read_payload(stream).await.unwrap();
-    let server_hello: ServerHello = frame::decode_payload(&server_hello_bytes).unwrap();
-    assert!(matches!(server_hello, ServerHello::Accept { .. }), "{server_hello:?}");
-    let proof = prove(hello_bytes, &server_hello_bytes);
-    framed::write_payload(stream, &proof).await.unwrap();
-    (framed::read_message::<AuthOutcome, _>(stream).await.unwrap(), proof)
+    pool: &Pool,
+    hello: &ClientHello,
+    prove: impl FnOnce(&[u8]) -> ClientProof,
+) -> (AuthOutcome, ClientProof) {
+    let mut s = connect_raw(pool).await;
+    let hellos = handshake::client_hellos(&mut s, hello, ConnectionKind::Control).await.unwrap();
+    let (mut secure, hash) = handshake::noise_initiator(s, &hellos.prologue, ChannelMode::Encrypted).await.unwrap();
+    handshake::verify_server(&mut secure, &hash, Some(&pool.server_key.public)).await.unwrap();
+    let proof = prove(&hash);
+    framed::write_message(&mut secure, &proof).await.unwrap();
+    (framed::read_message::<AuthOutcome, _>(&mut secure).await.unwrap(), proof)
 }
 
 fn refused(outcome: AuthOutcome) -> (AuthFailure, String) {
@@ -113,13 +114,9 @@ async fn every_authentication_failure_is_clear_logged_and_harmless() {
     wait_for_log(&["control handshake failed", &peer, "authorized as agent, not as admin"]).await;
 
     // Bad signature: claims agent_a's key, signs with another.
-    let mut s = connect_raw(&pool).await;
-    let h = frame::encode_payload(&hello(&pool.agent_a.signing, Role::Agent, PROTOCOL_VERSION, 1)).unwrap();
-    let (outcome, _) = scripted(&mut s, &h, |hb, shb| {
-        frame::encode_payload(&ClientProof {
-            signature: stranger.sign(&auth::client_transcript(hb, shb)).to_bytes().to_vec(),
-        })
-        .unwrap()
+    let h = hello(&pool.agent_a.signing, Role::Agent, PROTOCOL_VERSION, 1);
+    let (outcome, _) = scripted(&pool, &h, |hash| ClientProof {
+        signature: stranger.sign(&auth::client_binding(hash)).to_bytes().to_vec(),
     })
     .await;
     let (failure, reason) = refused(outcome);
@@ -127,22 +124,17 @@ async fn every_authentication_failure_is_clear_logged_and_harmless() {
     assert!(reason.contains("does not verify"), "{reason}");
     wait_for_log(&["control handshake failed", &peer, "bad signature", "does not verify"]).await;
 
-    // Replayed transcript: a genuine handshake recorded, then replayed on a
-    // new connection (the server's fresh nonce makes the old proof useless).
-    let mut s = connect_raw(&pool).await;
-    let h = frame::encode_payload(&hello(&pool.agent_a.signing, Role::Agent, PROTOCOL_VERSION, 2)).unwrap();
+    // Replayed proof: a genuine handshake recorded, then its proof replayed
+    // on a new connection with the same hello (the fresh key exchange gives
+    // the new connection another handshake hash: the old proof is useless).
+    let h = hello(&pool.agent_a.signing, Role::Agent, PROTOCOL_VERSION, 2);
     let agent = pool.agent_a.signing.clone();
-    let (outcome, recorded_proof) = scripted(&mut s, &h, |hb, shb| {
-        frame::encode_payload(&ClientProof {
-            signature: agent.sign(&auth::client_transcript(hb, shb)).to_bytes().to_vec(),
-        })
-        .unwrap()
+    let (outcome, recorded_proof) = scripted(&pool, &h, |hash| ClientProof {
+        signature: agent.sign(&auth::client_binding(hash)).to_bytes().to_vec(),
     })
     .await;
     assert!(matches!(outcome, AuthOutcome::Welcome { .. }), "the genuine handshake works: {outcome:?}");
-    drop(s);
-    let mut s = connect_raw(&pool).await;
-    let (outcome, _) = scripted(&mut s, &h, |_, _| recorded_proof).await;
+    let (outcome, _) = scripted(&pool, &h, |_| recorded_proof).await;
     let (failure, reason) = refused(outcome);
     assert_eq!(failure, AuthFailure::BadSignature);
     assert!(reason.contains("replayed"), "{reason}");

@@ -347,3 +347,41 @@ pub fn read_file(path: &Path) -> Vec<u8> {
     File::open(path).and_then(|mut f| f.read_to_end(&mut v)).expect("read file");
     v
 }
+
+/// A certificates directory (CA, server and client certificates for
+/// `localhost` and 127.0.0.1, in the layout nbdkit, qemu and libnbd read)
+/// in a temporary directory; removed on drop.
+pub struct TestPki {
+    dir: tempfile::TempDir,
+}
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        require_tool("openssl");
+        let dir = temp_dir("sanvol-pki-");
+        blockio::tls::make_test_certificates(dir.path(), &["localhost", "127.0.0.1"])
+            .unwrap_or_else(|e| panic!("making test certificates: {e}"));
+        TestPki { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `uri` as an `nbds` URI that trusts this CA (server name `localhost`).
+    pub fn tls_uri(&self, uri: &NbdUri) -> NbdUri {
+        let mut u = uri.clone();
+        u.tls_required = true;
+        u.tls.tls_certificates = Some(self.path().to_path_buf());
+        if matches!(u.transport, blockio::uri::Transport::Unix { .. }) {
+            u.tls.tls_hostname = Some("localhost".into());
+        }
+        u
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        TestPki::new()
+    }
+}

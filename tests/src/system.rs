@@ -164,6 +164,10 @@ pub struct Stack {
     pub grace_ms: Option<u64>,
     /// Extra environment for the next `start_mds` (e.g. `SANVOL_FAULT`).
     pub mds_env: Vec<(String, String)>,
+    /// Extra lines for the server config of the next `start_mds`.
+    pub mds_config_extra: Vec<String>,
+    /// With [`Stack::new_tls`]: the certificates the devices use.
+    pub pki: Option<peers::TestPki>,
     /// Addresses of further metadata servers (standbys started with
     /// [`Stack::start_server`]): agents and the CLI get them after the first.
     pub more_mds: Vec<String>,
@@ -188,8 +192,25 @@ impl Stack {
     /// initialised on them, and keys for the server and an admin. The server
     /// is not started yet (see [`Stack::start_mds`]).
     pub fn new(count: usize, size: &str) -> Stack {
+        Stack::build(count, size, None)
+    }
+
+    /// Like [`Stack::new`], with devices served by `nbdkit --tls=require`
+    /// (X.509) and recorded in the pool as `nbds+unix://` URIs that name the
+    /// CA: everything that talks to a device does it over TLS.
+    pub fn new_tls(count: usize, size: &str) -> Stack {
+        Stack::build(count, size, Some(peers::TestPki::new()))
+    }
+
+    fn build(count: usize, size: &str, pki: Option<peers::TestPki>) -> Stack {
         let dir = tempfile::Builder::new().prefix("sanvol-stack-").tempdir().expect("temp dir");
-        let devices: Vec<Peer> = (0..count).map(|_| peers::nbdkit(&["memory", size])).collect();
+        let devices: Vec<Peer> = match &pki {
+            None => (0..count).map(|_| peers::nbdkit(&["memory", size])).collect(),
+            Some(pki) => {
+                let certs = format!("--tls-certificates={}", pki.path().display());
+                (0..count).map(|_| peers::nbdkit(&["--tls=require", &certs, "memory", size])).collect()
+            }
+        };
         let mds_key = dir.path().join("mds.key");
         let admin_key = dir.path().join("admin.key");
         run_ok(Command::new(bin("sanvol")).arg("keygen").arg(&mds_key));
@@ -205,20 +226,29 @@ impl Stack {
             durable_ms: None,
             grace_ms: None,
             mds_env: Vec::new(),
+            mds_config_extra: Vec::new(),
+            pki,
             more_mds: Vec::new(),
         };
         let mut init = Command::new(bin("sanvol"));
         init.args(["pool", "init", "--name", "test"]);
-        for d in &stack.devices {
-            init.arg("--device").arg(d.uri().to_string());
+        for uri in stack.device_uris() {
+            init.arg("--device").arg(uri.to_string());
         }
         init.arg("--server-key").arg(pub_path(&stack.mds_key)).arg("--admin-key").arg(pub_path(&stack.admin_key));
         run_ok(&mut init);
         stack
     }
 
+    /// The devices' URIs as the pool records them (`nbds+unix://` with TLS).
     pub fn device_uris(&self) -> Vec<NbdUri> {
-        self.devices.iter().map(|d| d.uri()).collect()
+        self.devices
+            .iter()
+            .map(|d| match &self.pki {
+                Some(pki) => pki.tls_uri(&d.uri()),
+                None => d.uri(),
+            })
+            .collect()
     }
 
     pub fn mds_addr(&self) -> String {
@@ -228,18 +258,19 @@ impl Stack {
     /// The server config of host id `host_id` listening on `socket`.
     fn write_mds_config(&self, host_id: u32, socket: &Path) -> PathBuf {
         let config = self.dir.path().join(format!("mds-{host_id}.toml"));
-        let devices: Vec<String> = self.devices.iter().map(|d| format!("{:?}", d.uri().to_string())).collect();
+        let devices: Vec<String> = self.device_uris().iter().map(|u| format!("{:?}", u.to_string())).collect();
         std::fs::write(
             &config,
             format!(
-                "listen = [{:?}]\nkey = {:?}\ndevices = [{}]\nlease_ms = {}\nlease_io_timeout_ms = 200\n\
+                "listen = [{:?}]\nkey = {:?}\ndevices = [{}]\nlease_ms = {}\nlease_io_timeout_ms = 500\n\
                  host_id = {host_id}\nname = \"mds-{host_id}\"\n",
                 format!("unix:{}", socket.display()),
                 self.mds_key.display().to_string(),
                 devices.join(", "),
                 self.lease_ms
             ) + &self.durable_ms.map(|ms| format!("durable_ms = {ms}\n")).unwrap_or_default()
-                + &self.grace_ms.map(|ms| format!("grace_ms = {ms}\n")).unwrap_or_default(),
+                + &self.grace_ms.map(|ms| format!("grace_ms = {ms}\n")).unwrap_or_default()
+                + &self.mds_config_extra.iter().map(|l| format!("{l}\n")).collect::<String>(),
         )
         .expect("write mds.toml");
         config
@@ -300,6 +331,26 @@ impl Stack {
 
     pub fn mds_log(&self) -> String {
         self.mds.as_ref().map(|p| p.log()).unwrap_or_default()
+    }
+
+    /// The last `lines` lines of every process log of this stack (servers,
+    /// agents), each under its file name: what a failing test prints.
+    pub fn all_logs(&self, lines: usize) -> String {
+        let mut logs: Vec<_> = std::fs::read_dir(self.dir.path())
+            .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "log")).collect())
+            .unwrap_or_default();
+        logs.sort();
+        let mut out = String::new();
+        for path in logs {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            out += &format!("==== {} ====\n", path.display());
+            for line in &all[all.len().saturating_sub(lines)..] {
+                out += line;
+                out.push('\n');
+            }
+        }
+        out
     }
 
     /// `sanvol ARGS` as the admin; returns the whole output.

@@ -39,10 +39,15 @@ pub struct ServedExports {
 impl ServedExports {
     /// Serves `exports` on a fresh unix socket.
     pub async fn unix(exports: Arc<dyn ExportSource>) -> ServedExports {
+        ServedExports::unix_with(exports, ServerConfig::default()).await
+    }
+
+    /// Like [`ServedExports::unix`] with a server configuration (e.g. TLS).
+    pub async fn unix_with(exports: Arc<dyn ExportSource>, config: ServerConfig) -> ServedExports {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("nbd.sock");
         let listener = tokio::net::UnixListener::bind(&socket).expect("bind unix socket");
-        let server = NbdServer::new(exports, ServerConfig::default());
+        let server = NbdServer::new(exports, config);
         let mut served = ServedExports { server, dir, socket, tcp_port: None, stops: Vec::new(), tasks: Vec::new() };
         let (stop, stopped) = oneshot::channel();
         let server = served.server.clone();

@@ -327,10 +327,13 @@ async fn list_exports_and_connect_errors() {
     let exports = NbdClient::list_exports(&peer.uri(), Duration::from_secs(5)).await.expect("list");
     assert_eq!(exports.len(), 1, "{exports:?}");
 
+    // An nbds URI without a CA to trust is refused before connecting.
     let tls: blockio::uri::NbdUri =
-        format!("nbds+unix:///?socket={}", peer.dir().join("nbd.sock").display()).parse().unwrap();
+        format!("nbds+unix:///?socket={}&tls-hostname=localhost", peer.dir().join("nbd.sock").display())
+            .parse()
+            .unwrap();
     let e = NbdClient::connect(&tls, ClientOptions::default()).await.err().unwrap();
-    assert!(matches!(e, ClientError::TlsUnsupported { .. }), "{e}");
+    assert!(matches!(e, ClientError::Tls { .. }) && e.to_string().contains("tls-certificates"), "{e}");
 
     let missing = blockio::uri::NbdUri::unix(peer.dir().join("no-such.sock"), "");
     let e = NbdClient::connect(&missing, ClientOptions::default()).await.err().unwrap();
@@ -344,4 +347,55 @@ async fn list_exports_and_connect_errors() {
     client.write(8192, data.clone(), false).await.unwrap();
     assert_eq!(client.read(8192, 8192).await.unwrap(), data);
     let _ = rng.gen::<u8>();
+}
+
+// ---- NBD over TLS (STARTTLS), X.509 certificates ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_nbdkit_requiring_it() {
+    let pki = peers::TestPki::new();
+    let certs = format!("--tls-certificates={}", pki.path().display());
+    let peer = peers::nbdkit(&["--tls=require", &certs, "memory", "8M"]);
+    let client = connect(&pki.tls_uri(&peer.uri()), ClientOptions { connections: 2, ..Default::default() }).await;
+    write_read_back(&client, 71).await;
+    client.disconnect().await;
+
+    // Without TLS nbdkit answers every option with ERR_TLS_REQD.
+    let e = NbdClient::connect(&peer.uri(), ClientOptions::default()).await.err().expect("refused");
+    assert!(e.to_string().contains("ERR_TLS_REQD"), "{e}");
+
+    // nbdkit checking client certificates too (ours is in the directory).
+    let verifying = peers::nbdkit(&["--tls=require", &certs, "--tls-verify-peer", "memory", "8M"]);
+    let client = connect(&pki.tls_uri(&verifying.uri()), ClientOptions::default()).await;
+    write_read_back(&client, 72).await;
+    client.disconnect().await;
+
+    // Over TCP, where the server name is the URI's host.
+    let tcp = peers::nbdkit_tcp(&["--tls=require", &certs, "memory", "8M"]);
+    let mut uri = pki.tls_uri(&tcp.uri());
+    if let blockio::uri::Transport::Tcp { host, .. } = &mut uri.transport {
+        *host = "localhost".into();
+    }
+    let client = connect(&uri, ClientOptions::default()).await;
+    write_read_back(&client, 73).await;
+    client.disconnect().await;
+
+    // A CA that did not sign nbdkit's certificate: the handshake fails.
+    let other = peers::TestPki::new();
+    let e = NbdClient::connect(&other.tls_uri(&peer.uri()), ClientOptions::default()).await.err().expect("refused");
+    assert!(matches!(e, ClientError::Tls { .. }), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_qemu_nbd_with_x509_credentials() {
+    let pki = peers::TestPki::new();
+    // qemu's server credentials verify the client's certificate by default.
+    let creds = format!("tls-creds-x509,id=tls0,dir={},endpoint=server", pki.path().display());
+    let peer = peers::qemu_nbd(8 * MIB, "disk", &["--object", &creds, "--tls-creds", "tls0"]);
+    let client = connect(&pki.tls_uri(&peer.uri()), ClientOptions::default()).await;
+    assert_eq!(client.size(), 8 * MIB);
+    write_read_back(&client, 74).await;
+    client.disconnect().await;
+    let e = NbdClient::connect(&peer.uri(), ClientOptions::default()).await.err().expect("refused");
+    assert!(e.to_string().contains("TLS"), "{e}");
 }

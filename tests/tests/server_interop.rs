@@ -230,3 +230,43 @@ async fn nbd_crate_client_over_unix_and_tcp() {
     assert_eq!(tcp.await.unwrap(), pattern(192 * 1024, 5)[..512]);
     srv.stop().await;
 }
+
+// ---- NBD over TLS: our server requiring TLS, real TLS clients ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_clients_nbdinfo_and_qemu_img_against_our_server() {
+    let pki = sanvol_tests::peers::TestPki::new();
+    let (device, table) = disk(4 * MIB);
+    device.write(0, Bytes::from(pattern(64 * 1024, 3)), false).await.unwrap();
+    let config = blockio::tls::server_from_dir(pki.path(), false).unwrap();
+    let srv = ServedExports::unix_with(
+        table,
+        blockio::server::ServerConfig {
+            tls: Some(blockio::server::ServerTls { config, required: true }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let tls_uri = format!("{}&tls-certificates={}&tls-hostname=localhost", srv.uri("disk"), pki.path().display())
+        .replacen("nbd+unix://", "nbds+unix://", 1);
+
+    // libnbd (nbdinfo) over TLS.
+    let info = run_tool("nbdinfo", &["--json", &tls_uri]).await.success();
+    let json: serde_json::Value = serde_json::from_str(&info.stdout()).expect("nbdinfo --json output");
+    assert_eq!(json["exports"][0]["export-size"], 4 * MIB, "{json}");
+    // ...and refused without it.
+    let plain = run_tool("nbdinfo", &[&srv.uri("disk")]).await;
+    assert!(!plain.output.status.success(), "a plain client got in: {}", plain.stdout());
+
+    // QEMU over TLS: read the pattern back through qemu-img.
+    let out = srv.path("copy.raw");
+    let creds = format!("tls-creds-x509,id=tls0,dir={},endpoint=client", pki.path().display());
+    let source = format!("driver=nbd,path={},export=disk,tls-creds=tls0,tls-hostname=localhost", srv.socket.display());
+    run_tool("qemu-img", &["convert", "--object", &creds, "--image-opts", &source, "-O", "raw", out.to_str().unwrap()])
+        .await
+        .success();
+    let copied = std::fs::read(&out).unwrap();
+    assert_eq!(copied.len() as u64, 4 * MIB);
+    assert_eq!(&copied[..64 * 1024], &pattern(64 * 1024, 3)[..]);
+    srv.stop().await;
+}

@@ -293,7 +293,13 @@ impl LeaseMachine {
     /// A server that wants the lease; `me` has its host id, instance, name,
     /// addresses (generation and counter are set when it acquires).
     pub fn new(me: LeaseRecord, timing: LeaseTiming) -> LeaseMachine {
-        LeaseMachine { me, timing, phase: LeasePhase::Standby { owner: None }, renew_started_ms: None, last_read_ms: None }
+        LeaseMachine {
+            me,
+            timing,
+            phase: LeasePhase::Standby { owner: None },
+            renew_started_ms: None,
+            last_read_ms: None,
+        }
     }
 
     /// Whether the server may commit metadata at `now_ms`.
@@ -401,8 +407,7 @@ impl LeaseMachine {
                     };
                 }
                 Ok(None) => {
-                    self.phase =
-                        LeasePhase::Lost { why: "the pool lease was released under this server".to_string() };
+                    self.phase = LeasePhase::Lost { why: "the pool lease was released under this server".to_string() };
                 }
                 // Unreadable this time: keep the lease while it is valid.
                 Err(_) => self.phase = LeasePhase::Owner { record, valid_until_ms },

@@ -19,7 +19,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use uuid::Uuid;
-use volume_format::control::auth::Role;
+use volume_format::control::auth::{
+    self, AuthFailure, AuthOutcome, ChannelMode, ClientHello, ClientProof, ConnectionKind, NoiseAnswer, NoiseRequest,
+    Role, ServerHello, ServerProof, HELLO_MAGIC,
+};
 use volume_format::control::frame::encode_payload;
 use volume_format::control::messages::{
     ClientInfo, ClientMessage, ControlError, DataChannelGrant, DeviceInfo, ErrorCode, OpenMode, OpenedHandle, PoolInfo,
@@ -108,7 +111,12 @@ samples!(requests, Request {
     Renew => Request::Renew,
     DeviceList => Request::DeviceList,
     ClientList => Request::ClientList,
-    ClientAuthorize => Request::ClientAuthorize { key: [0xaa; 32], name: "host-a".into(), role: Role::Agent },
+    ClientAuthorize => Request::ClientAuthorize {
+        key: [0xaa; 32],
+        name: "backup-job".into(),
+        role: Role::Backup,
+        volumes: vec!["db".into(), "web".into()],
+    },
     ClientRevoke => Request::ClientRevoke { key: [0xaa; 32] },
     VolumeCreate => Request::VolumeCreate { name: "db".into(), size_bytes: 1 << 30, legs: 2 },
     VolumeList => Request::VolumeList,
@@ -183,6 +191,7 @@ samples!(responses, Response {
         connected: 1,
         handles: vec!["db (exclusive, handle 5, active)".into()],
         fallback: vec![],
+        volumes: vec!["db".into()],
     }]),
     Volumes => Response::Volumes(vec![volume_info()]),
     Volume => Response::Volume(VolumeDetail { info: volume_info(), description: description() }),
@@ -245,6 +254,80 @@ samples!(server_messages, ServerMessage {
     Event => ServerMessage::Event(ServerEvent::Recall { handle: HandleId(5), generation: 4 }),
 });
 
+// ---- the handshake (protocol 3: cleartext hellos, Noise, proofs) ----
+
+samples!(server_hellos, ServerHello {
+    Accept => ServerHello::Accept { version: 2, server_key: [0x11; 32], nonce: [0x22; 32], signature: vec![0x33; 64] },
+    Refuse => ServerHello::Refuse { failure: AuthFailure::VersionMismatch, reason: "upgrade".into() },
+    Noise => ServerHello::Noise { version: 3 },
+});
+
+samples!(noise_answers, NoiseAnswer {
+    Proceed => NoiseAnswer::Proceed { mode: ChannelMode::Integrity },
+    Refuse => NoiseAnswer::Refuse { failure: AuthFailure::ChannelMode, reason: "encrypted only".into() },
+});
+
+samples!(outcomes, AuthOutcome {
+    Welcome => AuthOutcome::Welcome { session: 5, lease_ms: 10_000 },
+    Refused => AuthOutcome::Refused { failure: AuthFailure::UnknownKey, reason: "who".into() },
+});
+
+samples!(auth_failures, AuthFailure {
+    UnknownKey => AuthFailure::UnknownKey,
+    WrongRole => AuthFailure::WrongRole,
+    BadSignature => AuthFailure::BadSignature,
+    VersionMismatch => AuthFailure::VersionMismatch,
+    Malformed => AuthFailure::Malformed,
+    Unavailable => AuthFailure::Unavailable,
+    ChannelMode => AuthFailure::ChannelMode,
+});
+
+samples!(channel_modes, ChannelMode {
+    Integrity => ChannelMode::Integrity,
+    Encrypted => ChannelMode::Encrypted,
+});
+
+fn client_hello() -> ClientHello {
+    ClientHello {
+        magic: HELLO_MAGIC,
+        version: 3,
+        version_min: 3,
+        role: Role::Agent,
+        client_key: [0xaa; 32],
+        nonce: [0xbb; 32],
+        name: "host-a".into(),
+        instance: [0xcc; 16],
+    }
+}
+
+/// The handshake's messages and the exact bytes it binds and signs.
+fn handshake_encodings() -> Vec<(String, Vec<u8>)> {
+    let hello = encode_payload(&client_hello()).unwrap();
+    let server_hello = encode_payload(&ServerHello::Noise { version: 3 }).unwrap();
+    let mut out = vec![
+        ("ClientHello".to_string(), hello.clone()),
+        ("NoiseRequest".into(), encode_payload(&NoiseRequest { mode: ChannelMode::Encrypted }).unwrap()),
+        (
+            "ServerProof".into(),
+            encode_payload(&ServerProof { server_key: [0x44; 32], signature: vec![0x55; 64] }).unwrap(),
+        ),
+        ("ClientProof".into(), encode_payload(&ClientProof { signature: vec![0x66; 64] }).unwrap()),
+        ("noise_prologue(Control)".into(), auth::noise_prologue(ConnectionKind::Control, &hello, &server_hello)),
+        ("noise_prologue(Channel)".into(), auth::noise_prologue(ConnectionKind::Channel, &hello, &server_hello)),
+        ("server_binding".into(), auth::server_binding(&[0x77; 32])),
+        ("client_binding".into(), auth::client_binding(&[0x77; 32])),
+    ];
+    let enums = server_hellos()
+        .into_iter()
+        .map(|(n, v)| (n, encode_payload(&v).unwrap()))
+        .chain(noise_answers().into_iter().map(|(n, v)| (n, encode_payload(&v).unwrap())))
+        .chain(outcomes().into_iter().map(|(n, v)| (n, encode_payload(&v).unwrap())))
+        .chain(auth_failures().into_iter().map(|(n, v)| (n, encode_payload(&v).unwrap())))
+        .chain(channel_modes().into_iter().map(|(n, v)| (n, encode_payload(&v).unwrap())));
+    out.extend(enums);
+    out
+}
+
 /// Every sample's name and its encoding (hex), in a stable order.
 fn encodings() -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
@@ -267,6 +350,9 @@ fn encodings() -> BTreeMap<String, String> {
         put(name, encode_payload(&m).unwrap());
     }
     put("ClientMessage".into(), encode_payload(&ClientMessage { id: 3, request: Request::Renew }).unwrap());
+    for (name, bytes) in handshake_encodings() {
+        put(format!("handshake:{name}"), bytes);
+    }
     out
 }
 
@@ -361,6 +447,23 @@ fn device_state_is_typed_on_the_wire_and_text_in_json_listings() {
     let wire: Vec<DeviceInfo> =
         volume_format::control::frame::decode_payload(&encode_payload(devices).unwrap()).unwrap();
     assert_eq!(&wire, devices);
+}
+
+/// A peer of any version reads the cleartext refusal: `Refuse` keeps its
+/// tag (1) and shape, so an old client is told to upgrade, not confused.
+#[test]
+fn the_cleartext_refusal_keeps_its_tag_for_every_version() {
+    let bytes =
+        encode_payload(&ServerHello::Refuse { failure: AuthFailure::VersionMismatch, reason: "r".into() }).unwrap();
+    assert_eq!(bytes, [0, 0, 0, 1, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 1, b'r']);
+}
+
+#[test]
+fn the_protocol_version_range_refuses_version_2_peers() {
+    // Version 2 sent everything after the handshake unprotected: it must be
+    // refused at the hello, never served in the clear.
+    const { assert!(PROTOCOL_VERSION_MIN >= 3) };
+    assert_eq!(volume_format::control::auth::negotiate_version(2, 2, PROTOCOL_VERSION_MIN, PROTOCOL_VERSION), None);
 }
 
 #[test]

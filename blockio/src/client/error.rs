@@ -20,11 +20,13 @@ pub enum ClientError {
     /// Connecting plus handshaking took longer than `connect_timeout`.
     #[error("{target}: connect and handshake timed out after {after_ms} ms")]
     Timeout { target: String, after_ms: u64 },
-    /// An `nbds` URI: TLS is mandatory for it and this client has no TLS.
-    #[error(
-        "{uri}: the nbds scheme requires TLS, which this client does not support; use an nbd:// or nbd+unix:// URI"
-    )]
+    /// An operation this client does only without TLS (listing exports)
+    /// was asked of an `nbds` URI.
+    #[error("{uri}: listing exports over TLS is not supported; connect to an export instead")]
     TlsUnsupported { uri: String },
+    /// TLS was required but could not be set up or negotiated.
+    #[error("{target}: TLS: {reason}")]
+    Tls { target: String, reason: String },
     /// The server refused an option with an error reply.
     #[error("{target}: handshake: server said {reply} to {option} for export {export:?}{}", message_suffix(message))]
     Refused { target: String, option: &'static str, export: String, reply: String, message: String },

@@ -45,6 +45,7 @@ fn option_name(opt: u32) -> &'static str {
         proto::OPT_STRUCTURED_REPLY => "NBD_OPT_STRUCTURED_REPLY",
         proto::OPT_SET_META_CONTEXT => "NBD_OPT_SET_META_CONTEXT",
         proto::OPT_LIST_META_CONTEXT => "NBD_OPT_LIST_META_CONTEXT",
+        proto::OPT_STARTTLS => "NBD_OPT_STARTTLS",
         _ => "an option",
     }
 }
@@ -90,6 +91,38 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Handshake<'a, S> {
             } else {
                 ClientError::Io { target: self.target.to_string(), doing, source }
             }
+        }
+    }
+
+    /// Continues a dialogue on a new stream (the TLS session after
+    /// `NBD_OPT_STARTTLS`) with what the greeting settled.
+    pub fn resume(stream: &'a mut S, target: &'a str, fixed_newstyle: bool, no_zeroes: bool) -> Handshake<'a, S> {
+        Handshake { stream, target, fixed_newstyle, no_zeroes }
+    }
+
+    /// What the greeting settled: (fixed newstyle, no zeroes).
+    pub fn flags(&self) -> (bool, bool) {
+        (self.fixed_newstyle, self.no_zeroes)
+    }
+
+    /// `NBD_OPT_STARTTLS`: on `Ok` the caller must start TLS on the stream
+    /// at once (the server's next byte is its TLS handshake).
+    pub async fn starttls(&mut self) -> Result<(), ClientError> {
+        let tls = |reason: String| ClientError::Tls { target: self.target.to_string(), reason };
+        if !self.fixed_newstyle {
+            return Err(tls("the server does not speak fixed-newstyle NBD, so it cannot negotiate TLS".into()));
+        }
+        self.send_option(proto::OPT_STARTTLS, &[]).await?;
+        let (reply, data) = self.read_reply(proto::OPT_STARTTLS).await?;
+        match reply {
+            proto::REP_ACK => Ok(()),
+            r if r & proto::REP_FLAG_ERROR != 0 => Err(tls(format!(
+                "the server refused TLS ({}: {}); the device URI says nbds://, so the connection cannot go on \
+                 without it",
+                reply_name(r),
+                String::from_utf8_lossy(&data[..data.len().min(limits::STRING_BYTES_MAX)])
+            ))),
+            r => Err(self.protocol(format!("unexpected {} to NBD_OPT_STARTTLS", reply_name(r)))),
         }
     }
 

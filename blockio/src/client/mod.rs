@@ -174,7 +174,17 @@ async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
             what: format!("export name is longer than {} bytes", limits::STRING_BYTES_MAX),
         });
     }
-    let mut hs = Handshake::start(stream, target).await?;
+    let hs = Handshake::start(stream, target).await?;
+    negotiate_options(hs, export, opts, target).await
+}
+
+/// The options after the greeting (after TLS, if any).
+async fn negotiate_options<S: AsyncRead + AsyncWrite + Unpin>(
+    mut hs: Handshake<'_, S>,
+    export: &str,
+    opts: &ClientOptions,
+    target: &str,
+) -> Result<Negotiated, ClientError> {
     if !hs.fixed_newstyle {
         tracing::info!(target: "blockio::client", server = target, "server lacks fixed newstyle; using NBD_OPT_EXPORT_NAME");
         return hs.export_name(export).await;
@@ -207,20 +217,56 @@ async fn with_timeout<T>(
     }
 }
 
+/// Greeting, `NBD_OPT_STARTTLS`, the TLS handshake, then the options inside
+/// TLS; the connection's tasks run over the TLS stream.
+async fn open_tls<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    mut s: S,
+    tls: &crate::tls::ClientTls,
+    export: &str,
+    opts: &ClientOptions,
+    target: &str,
+) -> Result<(Connection, Negotiated), ClientError> {
+    if export.len() > limits::STRING_BYTES_MAX {
+        return Err(ClientError::Unsupported {
+            target: target.to_string(),
+            what: format!("export name is longer than {} bytes", limits::STRING_BYTES_MAX),
+        });
+    }
+    let (fixed_newstyle, no_zeroes) = {
+        let mut hs = Handshake::start(&mut s, target).await?;
+        hs.starttls().await?;
+        hs.flags()
+    };
+    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+    let mut stream = connector
+        .connect(tls.server_name.clone(), s)
+        .await
+        .map_err(|e| ClientError::Tls { target: target.to_string(), reason: format!("TLS handshake: {e}") })?;
+    let hs = Handshake::resume(&mut stream, target, fixed_newstyle, no_zeroes);
+    let n = negotiate_options(hs, export, opts, target).await?;
+    tracing::debug!(target: "blockio::client", server = target, "NBD connection is TLS-protected");
+    let (r, w) = tokio::io::split(stream);
+    Ok((Connection::start(r, w, target.to_string(), n.structured_replies, n.contexts.clone()), n))
+}
+
 /// Opens one socket, handshakes and starts its tasks.
 async fn open_connection(
     uri: &NbdUri,
     opts: &ClientOptions,
     target: &str,
 ) -> Result<(Connection, Negotiated), ClientError> {
+    let tls = crate::tls::client_for(uri)
+        .map_err(|e| ClientError::Tls { target: target.to_string(), reason: e.to_string() })?;
     with_timeout(opts.connect_timeout, target, async {
-        match open_socket(uri, target).await? {
-            Socket::Tcp(mut s) => {
+        match (open_socket(uri, target).await?, &tls) {
+            (Socket::Tcp(s), Some(tls)) => open_tls(s, tls, &uri.export, opts, target).await,
+            (Socket::Unix(s), Some(tls)) => open_tls(s, tls, &uri.export, opts, target).await,
+            (Socket::Tcp(mut s), None) => {
                 let n = negotiate(&mut s, &uri.export, opts, target).await?;
                 let (r, w) = s.into_split();
                 Ok((Connection::start(r, w, target.to_string(), n.structured_replies, n.contexts.clone()), n))
             }
-            Socket::Unix(mut s) => {
+            (Socket::Unix(mut s), None) => {
                 let n = negotiate(&mut s, &uri.export, opts, target).await?;
                 let (r, w) = s.into_split();
                 Ok((Connection::start(r, w, target.to_string(), n.structured_replies, n.contexts.clone()), n))
@@ -240,9 +286,6 @@ impl NbdClient {
     /// Connects to the export `uri` names.
     pub async fn connect(uri: &NbdUri, opts: ClientOptions) -> Result<NbdClient, ClientError> {
         let target = uri.to_string();
-        if uri.tls_required {
-            return Err(ClientError::TlsUnsupported { uri: target });
-        }
         let (first, n) = open_connection(uri, &opts, &target).await?;
         let mut conns = vec![first];
         let wanted = opts.connections.clamp(1, CONNECTIONS_MAX);

@@ -15,12 +15,26 @@ use super::ServerError;
 use crate::device::MetaContext;
 use crate::proto::{self, limits};
 
-/// How the handshake ended.
+/// How the handshake (or its part before TLS) ended.
 pub(super) enum Outcome {
     /// Enter transmission with this export.
     Transmission(Negotiated),
     /// The client sent `NBD_OPT_ABORT`.
     Aborted,
+    /// `NBD_OPT_STARTTLS` was acknowledged: the caller runs the TLS
+    /// handshake, then [`options`] again inside it.
+    StartTls,
+}
+
+/// Where a connection stands with TLS.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct TlsState {
+    /// The server can do TLS (has certificates).
+    pub offered: bool,
+    /// Every option but STARTTLS and ABORT is refused until TLS is active.
+    pub required: bool,
+    /// TLS is running on this connection.
+    pub active: bool,
 }
 
 /// What the client and server agreed on.
@@ -115,7 +129,9 @@ struct State<'a> {
     meta: Option<(String, Vec<(u32, MetaContext)>)>,
 }
 
-pub(super) async fn negotiate<R, W>(r: &mut R, w: &mut W, exports: &dyn ExportSource) -> Result<Outcome, ServerError>
+/// Sends the greeting and reads the client's flags; returns whether the
+/// client asked for no zeroes.
+pub(super) async fn greet<R, W>(r: &mut R, w: &mut W) -> Result<bool, ServerError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -132,8 +148,22 @@ where
     if client_flags & !known != 0 {
         return Err(ServerError::UnknownClientFlags { flags: client_flags });
     }
-    let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
+    Ok(client_flags & proto::FLAG_C_NO_ZEROES != 0)
+}
 
+/// The option haggling after the greeting (again inside TLS, after
+/// [`Outcome::StartTls`]).
+pub(super) async fn options<R, W>(
+    r: &mut R,
+    w: &mut W,
+    exports: &dyn ExportSource,
+    no_zeroes: bool,
+    tls: TlsState,
+) -> Result<Outcome, ServerError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut state = State { exports, structured: false, meta: None };
     let mut out = Vec::new();
     for _ in 0..limits::OPTIONS_MAX {
@@ -151,7 +181,31 @@ where
         r.read_exact(&mut data).await.map_err(ServerError::io("reading option data"))?;
 
         out.clear();
+        let tls_missing = tls.required && !tls.active;
         let done = match option {
+            proto::OPT_EXPORT_NAME if tls_missing => return Err(ServerError::TlsRequired),
+            proto::OPT_STARTTLS if tls.active => {
+                push_error(&mut out, option, proto::REP_ERR_INVALID, "TLS is already active on this connection");
+                None
+            }
+            proto::OPT_STARTTLS if tls.offered => {
+                if !data.is_empty() {
+                    push_error(&mut out, option, proto::REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+                    None
+                } else {
+                    push_reply(&mut out, option, proto::REP_ACK, &[]);
+                    Some(Outcome::StartTls)
+                }
+            }
+            o if tls_missing && o != proto::OPT_ABORT && o != proto::OPT_STARTTLS => {
+                push_error(
+                    &mut out,
+                    option,
+                    proto::REP_ERR_TLS_REQD,
+                    "this server requires TLS: negotiate NBD_OPT_STARTTLS first (an nbds:// URI)",
+                );
+                None
+            }
             proto::OPT_EXPORT_NAME => {
                 let name = match std::str::from_utf8(&data) {
                     Ok(n) if n.len() <= limits::STRING_BYTES_MAX => n,

@@ -55,6 +55,23 @@ pub struct ServerConfig {
     /// Most simultaneous connections per listener (`serve_unix`/`serve_tcp`);
     /// connections beyond it are closed at once.
     pub connections_max: usize,
+    /// TLS (`NBD_OPT_STARTTLS`): offered when set, and optionally required.
+    pub tls: Option<ServerTls>,
+}
+
+/// A server's TLS setup (see [`crate::tls::server_from_dir`]).
+#[derive(Clone)]
+pub struct ServerTls {
+    pub config: Arc<rustls::ServerConfig>,
+    /// Refuse every export to clients that do not negotiate TLS
+    /// (`nbdkit --tls=require`).
+    pub required: bool,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls").field("required", &self.required).finish_non_exhaustive()
+    }
 }
 
 impl Default for ServerConfig {
@@ -64,6 +81,7 @@ impl Default for ServerConfig {
             requests_in_flight_max: 256,
             handshake_timeout: Duration::from_secs(30),
             connections_max: 1024,
+            tls: None,
         }
     }
 }
@@ -91,6 +109,10 @@ pub enum ServerError {
     UnknownExport { name: String },
     #[error("NBD_OPT_EXPORT_NAME carried an export name that is not valid UTF-8 or is longer than 4096 bytes")]
     BadExportName,
+    #[error("the client asked for an export without TLS, which this server requires (the option cannot carry an error, so the connection is closed)")]
+    TlsRequired,
+    #[error("TLS handshake with the client failed: {0}")]
+    Tls(String),
     #[error("bad request magic {magic:#x}: the request stream is out of sync, closing the connection")]
     BadRequestMagic { magic: u32 },
     #[error("{command} request announces a {length}-byte payload, more than the {max}-byte maximum; closing the connection because its data cannot be skipped safely")]
@@ -216,16 +238,89 @@ impl NbdServer {
         async move {
             let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, r);
             let timeout = self.inner.config.handshake_timeout;
-            let outcome =
-                tokio::time::timeout(timeout, handshake::negotiate(&mut reader, &mut w, &*self.inner.exports))
+            let deadline = tokio::time::Instant::now() + timeout;
+            let timed_out = || ServerError::HandshakeTimeout { timeout_ms: timeout.as_millis() as u64 };
+            let tls = handshake::TlsState {
+                offered: self.inner.config.tls.is_some(),
+                required: self.inner.config.tls.as_ref().is_some_and(|t| t.required),
+                active: false,
+            };
+            let exports = &*self.inner.exports;
+            let outcome = tokio::time::timeout_at(deadline, async {
+                let no_zeroes = handshake::greet(&mut reader, &mut w).await?;
+                Ok::<_, ServerError>((
+                    no_zeroes,
+                    handshake::options(&mut reader, &mut w, exports, no_zeroes, tls).await?,
+                ))
+            })
+            .await
+            .map_err(|_| timed_out())
+            .and_then(|r| r);
+            let (no_zeroes, outcome) = match outcome {
+                Ok(x) => x,
+                Err(e) => {
+                    info!(error = %e, "NBD handshake failed");
+                    let _ = w.shutdown().await;
+                    return Err(e);
+                }
+            };
+            if let handshake::Outcome::StartTls = outcome {
+                let Some(config) = self.inner.config.tls.as_ref().map(|t| t.config.clone()) else {
+                    unreachable!("STARTTLS is acknowledged only with a TLS setup")
+                };
+                let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                let accepted = tokio::time::timeout_at(deadline, acceptor.accept(tokio::io::join(reader, w)))
                     .await
-                    .map_err(|_| ServerError::HandshakeTimeout { timeout_ms: timeout.as_millis() as u64 });
-            let negotiated = match outcome.and_then(|r| r) {
+                    .map_err(|_| timed_out())
+                    .and_then(|r| r.map_err(|e| ServerError::Tls(e.to_string())));
+                let stream = match accepted {
+                    Ok(s) => s,
+                    Err(e) => {
+                        info!(error = %e, "NBD handshake failed");
+                        return Err(e);
+                    }
+                };
+                let (r, mut w) = tokio::io::split(stream);
+                let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, r);
+                let tls = handshake::TlsState { active: true, ..tls };
+                let outcome =
+                    tokio::time::timeout_at(deadline, handshake::options(&mut reader, &mut w, exports, no_zeroes, tls))
+                        .await
+                        .map_err(|_| timed_out())
+                        .and_then(|r| r);
+                return self.transmit(reader, w, outcome, stop, true).await;
+            }
+            self.transmit(reader, w, Ok(outcome), stop, false).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The end of a handshake: transmission, or a clean close.
+    async fn transmit<R, W>(
+        &self,
+        reader: BufReader<R>,
+        mut w: W,
+        outcome: Result<handshake::Outcome, ServerError>,
+        stop: Option<watch::Receiver<bool>>,
+        tls: bool,
+    ) -> Result<(), ServerError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        {
+            let negotiated = match outcome {
                 Ok(handshake::Outcome::Transmission(n)) => n,
                 Ok(handshake::Outcome::Aborted) => {
                     debug!("client aborted the handshake");
                     let _ = w.shutdown().await;
                     return Ok(());
+                }
+                Ok(handshake::Outcome::StartTls) => {
+                    // Refused by `options` once TLS is active.
+                    let _ = w.shutdown().await;
+                    return Err(ServerError::Tls("STARTTLS inside TLS".into()));
                 }
                 Err(e) => {
                     info!(error = %e, "NBD handshake failed");
@@ -237,6 +332,7 @@ impl NbdServer {
                 export = %negotiated.export.name,
                 structured = negotiated.structured,
                 contexts = negotiated.contexts.len(),
+                tls,
                 "NBD transmission started"
             );
             let result = transmission::run(reader, w, negotiated, &self.inner.config, stop).await;
@@ -246,8 +342,6 @@ impl NbdServer {
             }
             result
         }
-        .instrument(span)
-        .await
     }
 }
 

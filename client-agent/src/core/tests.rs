@@ -385,6 +385,38 @@ fn a_resume_in_the_grace_period_is_retried_and_a_newer_layout_is_published() {
 }
 
 #[test]
+fn a_resume_answered_by_a_standby_keeps_the_handle_and_is_resumed_at_the_active_server() {
+    let mut h = Harness::new();
+    h.attach("vol", 11, b"k");
+    h.lose_connection(100);
+    let Some(Effect::Connect { conn, .. }) = h.at(200).apply(Input::Tick).first().cloned() else { panic!() };
+    let (resume, _) = sent_one(&h.apply(Input::Connected { conn, lease_ms: LEASE_MS, session: 2 }));
+    let why = "this metadata server (mds-2, host id 2) is standing by; the pool is served by mds-1";
+    let effects = h.apply(Input::Reply { request: resume, result: refused(ErrorCode::NotActive, why) });
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Revoke { .. })), "{effects:?}");
+    assert_ne!(h.state_of("vol").0, "revoked");
+    // The next server (the link moved on) is asked to resume the same key.
+    let mut resumed = false;
+    for t in (300..10_000).step_by(100) {
+        let effects = h.at(t).apply(Input::Tick);
+        if let Some(Effect::Connect { conn, .. }) =
+            effects.iter().find(|e| matches!(e, Effect::Connect { .. })).cloned()
+        {
+            let effects = h.apply(Input::Connected { conn, lease_ms: LEASE_MS, session: 3 });
+            let requests: Vec<Request> = sent(&effects).into_iter().map(|(_, m)| m).collect();
+            assert!(requests.contains(&Request::Resume { key: b"k".to_vec() }), "{requests:?}");
+            resumed = true;
+            break;
+        }
+        if sent(&effects).iter().any(|(_, m)| *m == (Request::Resume { key: b"k".to_vec() })) {
+            resumed = true;
+            break;
+        }
+    }
+    assert!(resumed, "the handle was never resumed again");
+}
+
+#[test]
 fn a_broken_handle_is_revoked_on_resume_and_a_revoked_volume_detaches_without_flushing() {
     let mut h = Harness::new();
     let a = h.attach("vol", 11, b"k");

@@ -31,7 +31,7 @@ use super::state::{
     checked_phase, checked_stage, Confirm, GateMirror, Handle, HeldHandle, PendingRecall, Recovery, Volume,
 };
 use super::{
-    answers_later, AgentCore, AttachSpec, AttachmentId, AttachmentInfo, CallerId, CloseOutcome, ConnId, Effect, Millis,
+    AgentCore, AttachSpec, AttachmentId, AttachmentInfo, CallerId, CloseOutcome, ConnId, Effect, Millis,
     OpenWith, Pending, Prepared, PublishContext, Purpose, Reply, RequestError, Stage, ORPHAN_EVENTS_MAX,
 };
 use crate::agent::AgentError;
@@ -600,8 +600,13 @@ impl AgentCore {
                 self.registrations.retry_volume_now(&name, now);
             }
             Ok(other) => warn!(volume = name, handle, "unexpected answer to Resume: {other:?}; retrying"),
-            Err(RequestError::Server(e)) if answers_later(&e) => {
+            Err(RequestError::Server(e)) if e.code == ErrorCode::Unavailable => {
                 info!(volume = name, handle, reason = %e.message, "cannot resume yet; I/O stays held, retrying");
+            }
+            // A standby (or a server that just lost the lease) answered: the
+            // link moves on to the next address; the handle is resumed there.
+            Err(RequestError::Server(e)) if e.code == ErrorCode::NotActive => {
+                info!(volume = name, handle, reason = %e.message, "that server is not active; I/O stays held, resuming at the active one");
             }
             Err(RequestError::Server(e)) => {
                 // Broken (another client has the volume), closed, or a key
@@ -661,7 +666,9 @@ impl AgentCore {
                 self.replay_orphans(opened.handle.0);
                 self.registrations.retry_volume_now(&name, now);
             }
-            Err(RequestError::Server(e)) if e.code == ErrorCode::Conflict || answers_later(&e) => {
+            Err(RequestError::Server(e))
+                if matches!(e.code, ErrorCode::Conflict | ErrorCode::Unavailable | ErrorCode::NotActive) =>
+            {
                 info!(volume = name, reason = %e.message, "cannot re-open yet; I/O stays held, retrying");
             }
             Err(RequestError::Server(e)) => {

@@ -56,6 +56,13 @@ pub async fn connect(conn: &ConnArgs) -> Result<ControlClient> {
                     client.close().await;
                     errors.push(format!("{addr}: {}", e.message));
                 }
+                // Closed or timed out while asking: try the next server.
+                Err(
+                    e @ (control_client::ControlClientError::Closed | control_client::ControlClientError::Timeout(_)),
+                ) => {
+                    client.close().await;
+                    errors.push(format!("{addr}: {e}"));
+                }
                 _ => return Ok(client),
             },
             Err(e) => errors.push(format!("{addr}: {e:#}")),
@@ -74,7 +81,9 @@ async fn connect_one(conn: &ConnArgs, addr: &ControlAddr) -> Result<ControlClien
     let mut instance = [0u8; 16];
     getrandom::getrandom(&mut instance).map_err(|e| anyhow!("random bytes: {e}"))?;
     let name = format!("sanvol@{}", host_name());
-    let (client, _events) = ControlClient::connect(addr, &key, Some(&pinned), Role::Admin, &name, instance).await?;
+    let (client, _events) =
+        ControlClient::connect_with_mode(addr, &key, Some(&pinned), Role::Admin, &name, instance, conn.channel_mode)
+            .await?;
     Ok(client)
 }
 
@@ -362,14 +371,15 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
                 println!("{} reaches through the server: {}", c.name, c.fallback.join("; "));
             }
         }
-        Command::Client(ClientCommand::Add { public_key, role, name }) => {
+        Command::Client(ClientCommand::Add { public_key, role, name, volumes }) => {
             let (key, comment) = super::public_key_arg(&public_key)?;
             let name = name.unwrap_or(comment);
-            request(client, Request::ClientAuthorize { key, name: name.clone(), role })
+            let scope = if volumes.is_empty() { String::new() } else { format!(" for volumes {}", volumes.join(", ")) };
+            request(client, Request::ClientAuthorize { key, name: name.clone(), role, volumes })
                 .await
                 .context("authorizing the key")?;
             println!(
-                "key {} authorized as {role}{}",
+                "key {} authorized as {role}{}{scope}",
                 hex::encode(key),
                 if name.is_empty() { String::new() } else { format!(" ({name})") }
             );

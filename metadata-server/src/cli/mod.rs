@@ -58,6 +58,10 @@ pub struct ConnArgs {
     /// writes it into the pool.
     #[arg(long, global = true, env = "SANVOL_SERVER_KEY", value_name = "PUB")]
     pub server_key: Option<String>,
+    /// How the connection is protected: encrypted (default) or integrity
+    /// (authenticated, not encrypted; the server may refuse it).
+    #[arg(long, global = true, env = "SANVOL_CHANNEL_MODE", value_name = "MODE", default_value = "encrypted")]
+    pub channel_mode: control_client::ChannelMode,
 }
 
 #[derive(Debug, Subcommand)]
@@ -246,8 +250,12 @@ pub enum ClientCommand {
         /// Name in listings and messages (default: the key file's comment).
         #[arg(long)]
         name: Option<String>,
+        /// For a backup key: the only volumes whose snapshots it may read
+        /// (comma-separated names; default every volume).
+        #[arg(long, value_delimiter = ',', value_name = "VOLUMES")]
+        volumes: Vec<String>,
     },
-    /// Revoke a key; its open sessions are closed.
+    /// Revoke a key; its open sessions and channels are closed at once.
     Remove {
         /// The public key: a .pub file, a `sanvol-ed25519 HEX` line or hex.
         #[arg(value_name = "PUB")]

@@ -290,11 +290,19 @@ impl BlockDevice for SnapshotDevice {
     }
 }
 
-/// Every snapshot of the pool as an export, all sharing `devices`.
-pub fn snapshot_exports(meta: &watch::Receiver<Arc<PoolMetadata>>, devices: &DeviceClients) -> ExportTable {
+/// Every snapshot of the pool (of the volumes in `scope`, when the key has
+/// one) as an export, all sharing `devices`.
+pub fn snapshot_exports(
+    meta: &watch::Receiver<Arc<PoolMetadata>>,
+    devices: &DeviceClients,
+    scope: Option<&[String]>,
+) -> ExportTable {
     let table = ExportTable::new();
     let m = meta.borrow().clone();
-    for s in &m.snapshots {
+    let in_scope = |s: &volume_format::metadata::SnapshotRecord| {
+        scope.is_none_or(|volumes| m.volume(s.volume).is_some_and(|v| volumes.contains(&v.name)))
+    };
+    for s in m.snapshots.iter().filter(|s| in_scope(s)) {
         let Some(device) = SnapshotDevice::new(meta.clone(), s.id, devices.clone()) else { continue };
         table.insert(Export {
             name: device.export_name().to_string(),
@@ -311,15 +319,15 @@ pub fn snapshot_exports(meta: &watch::Receiver<Arc<PoolMetadata>>, devices: &Dev
     table
 }
 
-/// Serves NBD on `stream` with every snapshot as an export, until the
-/// client disconnects.
-pub async fn serve<S>(stream: S, meta: watch::Receiver<Arc<PoolMetadata>>, client: &str)
+/// Serves NBD on `stream` with every snapshot (in `scope`, if the key has
+/// one) as an export, until the client disconnects.
+pub async fn serve<S>(stream: S, meta: watch::Receiver<Arc<PoolMetadata>>, client: &str, scope: Option<Vec<String>>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let devices = DeviceClients::default();
-    let table = snapshot_exports(&meta, &devices);
-    info!(client, snapshots = meta.borrow().snapshots.len(), "backup channel open");
+    let table = snapshot_exports(&meta, &devices, scope.as_deref());
+    info!(client, scope = ?scope, "backup channel open");
     let server = NbdServer::new(Arc::new(table), ServerConfig::default());
     if let Err(e) = server.serve_connection(stream).await {
         debug!(client, "backup channel NBD connection ended: {e}");

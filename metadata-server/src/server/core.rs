@@ -31,11 +31,15 @@
 //! the commit fails). `Broken` records have no entry in `handles`: they are
 //! kept only to tell a late resume what happened.
 //!
+//! Every map the core iterates is ordered (`BTreeMap`), so the effects of an
+//! input depend only on the inputs before it: a simulator replays a seed
+//! exactly (a `HashMap`'s order changes from run to run).
+//!
 //! After a restart with handles in the metadata, a grace period ([`Grace`])
 //! serves only resumes (and read-only requests) until every restored handle
 //! was resumed or closed, or `grace_ms` ran out.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use ed25519_dalek::SigningKey;
@@ -406,9 +410,9 @@ pub struct Core {
     /// The committed metadata.
     pub meta: Arc<PoolMetadata>,
     pub handles: HandleTable,
-    pub sessions: HashMap<SessionId, Peer>,
+    pub sessions: BTreeMap<SessionId, Peer>,
     /// Session address, for logs.
-    pub session_addrs: HashMap<SessionId, String>,
+    pub session_addrs: BTreeMap<SessionId, String>,
     pub lease_ms: u64,
     /// Durable timeout given to new handles.
     pub durable_ms: u64,
@@ -419,14 +423,19 @@ pub struct Core {
     grace_ms: u64,
     /// Handover-token time (see [`TokenClock`]).
     pub token_clock: TokenClock,
-    pub pending_changes: HashMap<VolumeId, PendingChange>,
+    pub pending_changes: BTreeMap<VolumeId, PendingChange>,
     /// Agents doing a device's I/O through the server (`data_channel`).
     pub fallback: super::data_channel::FallbackTable,
+    /// What each connection's authorization rests on (`grants`).
+    pub grants: super::grants::Grants,
     /// Devices the server reaches right now (listings).
-    pub reachable: HashMap<Uuid, bool>,
+    pub reachable: BTreeMap<Uuid, bool>,
     /// The time of the input being applied.
     pub now: Now,
     pub entropy: Box<dyn Entropy>,
+    /// Handles whose holder was told they are revoked while a release was
+    /// in flight: never renewed again (see `tell_removing`).
+    revoked: BTreeSet<u64>,
     queue: VecDeque<Change>,
     journal: MetaJournal,
     in_flight: Option<InFlight>,
@@ -445,9 +454,9 @@ pub struct Core {
     /// The lease task ended while a handoff was asked of it (see `apply`).
     lease_lost_in_handoff: Option<String>,
     /// Volumes with a job in flight, and what waits for it.
-    busy: HashMap<VolumeId, Busy>,
+    busy: BTreeMap<VolumeId, Busy>,
     /// Jobs in flight and how their changes continue.
-    jobs: HashMap<TaskId, AfterJob>,
+    jobs: BTreeMap<TaskId, AfterJob>,
     next_task: TaskId,
     effects: Vec<Effect>,
     started: bool,
@@ -476,19 +485,21 @@ impl Core {
         Core {
             meta: Arc::new(meta),
             handles,
-            sessions: HashMap::new(),
-            session_addrs: HashMap::new(),
+            sessions: BTreeMap::new(),
+            session_addrs: BTreeMap::new(),
             lease_ms: config.lease_ms,
             durable_ms: config.durable_ms,
             key: config.key,
             grace: None,
             grace_ms: config.grace_ms,
             token_clock: TokenClock::default(),
-            pending_changes: HashMap::new(),
+            pending_changes: BTreeMap::new(),
             fallback: Default::default(),
-            reachable: HashMap::new(),
+            grants: Default::default(),
+            reachable: BTreeMap::new(),
             now: Now::default(),
             entropy: config.entropy,
+            revoked: BTreeSet::new(),
             queue: VecDeque::new(),
             journal,
             in_flight: None,
@@ -499,8 +510,8 @@ impl Core {
             handoff: None,
             not_active: None,
             lease_lost_in_handoff: None,
-            busy: HashMap::new(),
-            jobs: HashMap::new(),
+            busy: BTreeMap::new(),
+            jobs: BTreeMap::new(),
             next_task: 1,
             effects: Vec::new(),
             started: false,
@@ -577,27 +588,36 @@ impl Core {
             Input::LeaseLost { why } => self.lease_lost(why),
         }
         self.pump();
+        self.enforce_grants();
         std::mem::take(&mut self.effects)
     }
 
     /// When the core next needs a [`Input::Tick`] (a recall deadline), if
     /// sooner than the periodic tick.
+    ///
+    /// A recall that is ready and already queued needs no tick: it runs as
+    /// soon as the commit or job ahead of it is done (asking for one "now"
+    /// made the owner loop spin on ticks for as long as a commit took).
     pub fn next_deadline_ms(&self) -> Option<u64> {
         let now_ms = self.now.mono_ms;
         self.pending_changes
             .keys()
             .filter_map(|v| match self.handles.recall_state(v.0, now_ms) {
                 Some(RecallState::Waiting { deadline_ms, .. }) => Some(deadline_ms),
-                Some(RecallState::Ready { .. }) => Some(now_ms),
-                None => None,
+                Some(RecallState::Ready { .. }) if !self.recall_queued(*v) => Some(now_ms),
+                Some(RecallState::Ready { .. }) | None => None,
             })
             .min()
+    }
+
+    fn recall_queued(&self, volume: VolumeId) -> bool {
+        self.queue.iter().any(|c| matches!(c, Change::RecallReady { volume: v } if *v == volume))
     }
 
     /// Fails every waiting caller (the server is shutting down).
     pub fn shut_down(&mut self) -> Vec<Effect> {
         let unavailable = || Err(ControlError::new(ErrorCode::Unavailable, "the server is shutting down"));
-        for (_, change) in self.pending_changes.drain() {
+        for (_, change) in std::mem::take(&mut self.pending_changes) {
             self.effects.push(Effect::Reply { reply: change.reply, result: unavailable() });
         }
         for change in std::mem::take(&mut self.queue) {
@@ -619,7 +639,21 @@ impl Core {
             let e = ControlError::new(ErrorCode::NotActive, why.clone());
             return self.reply(reply, Err(e));
         }
-        self.handles.renew(session, self.now.mono_ms, self.lease_ms);
+        // Every request renews the session's handles — but not those a
+        // commit (or job) in flight is releasing, and their holder hears so
+        // before this request's answer: an answer renews, to the agent,
+        // every handle it holds on the session.
+        let mut skip = self.removing();
+        skip.extend(self.revoked.iter().copied());
+        self.handles.renew_except(session, self.now.mono_ms, self.lease_ms, &skip);
+        if self.tell_removing(session) && matches!(request, Request::Renew) {
+            // The agent extends every handle of the session by a renewal's
+            // answer, and may apply the answer before the Revoked event (its
+            // replies and events take different paths): no answer that
+            // renews while one of them is being released.
+            let msg = "a handle of this session is being released; the renewal is refused this time, renew again";
+            return self.reply(reply, Err(ControlError::new(ErrorCode::Unavailable, msg)));
+        }
         if !super::durable::allowed_in_grace(&request) {
             if let Some(left_ms) = self.grace_left_ms() {
                 let msg = format!(
@@ -641,6 +675,8 @@ impl Core {
 
     fn tick(&mut self) {
         self.grace_left_ms();
+        let handles = &self.handles;
+        self.revoked.retain(|id| handles.get(*id).is_some());
         let expired = self.handles.expired(self.now.mono_ms);
         let queued = self.queue.iter().any(|c| matches!(c, Change::Expire));
         let in_flight = self
@@ -866,6 +902,82 @@ impl Core {
         self.jobs.len()
     }
 
+    /// Whether a batch, applied to [`Core::meta`] already, waits for a
+    /// checkpoint before it can be sealed (for a simulator telling the
+    /// acknowledged metadata from what is being committed).
+    pub fn batch_waiting(&self) -> bool {
+        self.waiting.is_some()
+    }
+
+    /// Handles the commits or jobs in flight release: expired, excluded
+    /// from a recall, broken by a conflicting open. Until they are done
+    /// these are not renewed.
+    pub fn removing(&self) -> Vec<u64> {
+        fn of(then: &AfterCommit, ids: &mut Vec<u64>) {
+            match then {
+                AfterCommit::Expire { expired } => ids.extend(expired),
+                AfterCommit::Recall { excluded, .. } => ids.extend(excluded),
+                AfterCommit::Open(open) => ids.extend(open.broken.iter().map(|h| h.id)),
+                AfterCommit::Released { then, .. } => of(then, ids),
+                _ => {}
+            }
+        }
+        let mut ids = Vec::new();
+        let batches = self.in_flight.iter().map(|f| &f.batch).chain(self.waiting.iter());
+        for (_, then) in batches.flat_map(|b| b.parts.iter()) {
+            of(then, &mut ids);
+        }
+        for job in self.jobs.values() {
+            if let AfterJob::Merged { finish: MergeFinish::Recall { excluded, .. }, .. } = job {
+                ids.extend(excluded);
+            }
+        }
+        ids
+    }
+
+    /// Tells `session` about the handles it holds that are being released
+    /// (before anything else it is answered); whether there were any. Once
+    /// told, a handle is never renewed again, even if its release fails: it
+    /// then expires, or a conflicting open breaks it.
+    fn tell_removing(&mut self, session: SessionId) -> bool {
+        let mut told: Vec<(u64, &str)> = Vec::new();
+        let batches = self.in_flight.iter().map(|f| &f.batch).chain(self.waiting.iter());
+        for (_, then) in batches.flat_map(|b| b.parts.iter()) {
+            if let AfterCommit::Open(open) = then {
+                // Broken handles have left the table already; the open knows them.
+                let mine = open.broken.iter().filter(|h| h.held_by(session));
+                told.extend(mine.map(|h| (h.id, "broken by a conflicting open after its lease ran out")));
+            }
+        }
+        for id in self.removing() {
+            if self.handles.get(id).is_some_and(|h| h.held_by(session)) {
+                told.push((id, "its lease ran out; it is being released"));
+            }
+        }
+        let told: Vec<(u64, String)> = told.into_iter().map(|(id, why)| (id, format!("handle {id}: {why}"))).collect();
+        let any = !told.is_empty();
+        for (id, reason) in told {
+            self.revoked.insert(id);
+            self.send_event(session, ServerEvent::Revoked { handle: HandleId(id), reason });
+        }
+        any
+    }
+
+    /// A commit released `handle` (expired, excluded, broken): its holder is
+    /// told, and every session still holding it is closed. Why close: the
+    /// agent extends all of a session's handles by a renewal's answer and
+    /// may apply one sent before the release after it (its replies and
+    /// events take different paths), so no answer on that session may reach
+    /// it again; its other handles resume on a new session.
+    pub fn released(&mut self, handle: &Handle, reason: String) {
+        self.send_handle_event(handle, ServerEvent::Revoked { handle: HandleId(handle.id), reason });
+        let sessions: Vec<SessionId> = handle.sessions().filter(|s| self.sessions.contains_key(s)).collect();
+        for session in sessions {
+            info!(handle = handle.id, session, "closing the session of a released handle");
+            self.kick(session);
+        }
+    }
+
     // ---- helpers for the request modules ----
 
     pub fn reply(&mut self, reply: ReplyId, result: Result<Response, ControlError>) {
@@ -911,8 +1023,7 @@ impl Core {
             .filter(|v| matches!(self.handles.recall_state(v.0, now_ms), Some(RecallState::Ready { .. })))
             .collect();
         for volume in ready {
-            let queued = self.queue.iter().any(|c| matches!(c, Change::RecallReady { volume: v } if *v == volume));
-            if !queued {
+            if !self.recall_queued(volume) {
                 self.queue.push_back(Change::RecallReady { volume });
             }
         }

@@ -14,22 +14,12 @@ use super::commit::MetaJournal;
 use super::core::{Core, CoreConfig, Effect, Entropy, Input, Now, ReplyId, TaskId};
 use super::jobs::{Job, JobOutcome};
 use crate::pool::journal::{PoolJournal, RawWrite};
-use crate::resume::HANDOVER_TOKEN_MS;
 use control_client::handshake::Peer;
 use volume_format::metadata::journal::JournalWriter;
 use volume_format::metadata::MetadataArea;
+use crate::resume::HANDOVER_TOKEN_MS;
 
 const LEASE_MS: u64 = 1_000;
-
-/// Nonces 1, 2, 3, ... (from a start), so tokens differ.
-struct Counter(u8);
-
-impl Entropy for Counter {
-    fn fill(&mut self, buf: &mut [u8]) {
-        self.0 += 1;
-        buf.fill(self.0);
-    }
-}
 
 struct Zeros;
 
@@ -60,11 +50,7 @@ fn area() -> MetadataArea {
 /// A journal over the three devices of `meta()` (the first commit is a
 /// checkpoint, the next ones entries).
 fn journal() -> MetaJournal {
-    journal_after(&meta())
-}
-
-/// A journal continuing after `meta` (as a restarted server's would).
-fn journal_after(meta: &PoolMetadata) -> MetaJournal {
+    let meta = meta();
     let uuids: Vec<Uuid> = meta.devices.iter().map(|d| d.device_uuid).collect();
     let writer = JournalWriter::for_new_pool(meta.pool_uuid, &[area(), area(), area()], meta.generation + 1);
     let key = Arc::new(SigningKey::from_bytes(&[7; 32]));
@@ -78,14 +64,47 @@ struct World {
 }
 
 fn peer(n: u8, role: Role) -> Peer {
-    Peer { key: [n; 32], role, name: format!("host-{n}"), claimed_name: String::new(), instance: [n; 16], version: 2 }
+    Peer {
+        key: [n; 32],
+        role,
+        name: format!("host-{n}"),
+        claimed_name: String::new(),
+        instance: [n; 16],
+        version: volume_format::control::PROTOCOL_VERSION,
+        mode: volume_format::control::auth::ChannelMode::Encrypted,
+        kind: volume_format::control::auth::ConnectionKind::Control,
+    }
 }
 
 impl World {
-    fn new() -> World {
+    /// The server restarts at once (the metadata as committed, every
+    /// session gone, a fresh monotonic clock) with its wall clock moved by
+    /// `wall_step_ms` (a clock step, or a standby whose clock differs).
+    fn restart(&mut self, wall_step_ms: i64) {
+        let meta = (*self.core.meta).clone();
         let config = CoreConfig {
             lease_ms: LEASE_MS,
             durable_ms: 0,
+            grace_ms: 0,
+            key: Arc::new(SigningKey::from_bytes(&[7; 32])),
+            entropy: Box::new(Counter(100)),
+        };
+        self.core = Core::new(meta.clone(), journal_after(&meta), config);
+        self.now = Now { mono_ms: 0, unix_ms: (self.now.unix_ms as i64 + wall_step_ms) as u64 };
+        for (session, n, role) in [(1, 1, Role::Agent), (2, 2, Role::Agent), (3, 3, Role::Admin)] {
+            self.apply(Input::Connected { session, peer: peer(n, role), addr: "test".into() });
+        }
+    }
+
+    fn new() -> World {
+        World::with_durable(0)
+    }
+
+    /// Handles outlive their lease by `durable_ms` (and never expire by time).
+    fn with_durable(durable_ms: u64) -> World {
+        let config = CoreConfig {
+            lease_ms: LEASE_MS,
+            durable_ms,
             grace_ms: 0,
             key: Arc::new(SigningKey::from_bytes(&[7; 32])),
             entropy: Box::new(Zeros),
@@ -109,25 +128,6 @@ impl World {
         let reply = self.next_reply;
         self.next_reply += 1;
         (reply, self.apply(Input::Request { session, request, reply }))
-    }
-
-    /// The server restarts at once (the metadata as committed, every
-    /// session gone, a fresh monotonic clock) with its wall clock moved by
-    /// `wall_step_ms` (a clock step, or a standby whose clock differs).
-    fn restart(&mut self, wall_step_ms: i64) {
-        let meta = (*self.core.meta).clone();
-        let config = CoreConfig {
-            lease_ms: LEASE_MS,
-            durable_ms: 0,
-            grace_ms: 0,
-            key: Arc::new(SigningKey::from_bytes(&[7; 32])),
-            entropy: Box::new(Counter(100)),
-        };
-        self.core = Core::new(meta.clone(), journal_after(&meta), config);
-        self.now = Now { mono_ms: 0, unix_ms: (self.now.unix_ms as i64 + wall_step_ms) as u64 };
-        for (session, n, role) in [(1, 1, Role::Agent), (2, 2, Role::Agent), (3, 3, Role::Admin)] {
-            self.apply(Input::Connected { session, peer: peer(n, role), addr: "test".into() });
-        }
     }
 
     fn advance(&mut self, ms: u64) {
@@ -157,6 +157,11 @@ fn commit_of(effects: &[Effect]) -> Option<(TaskId, RawWrite)> {
 /// Every copy took the writes.
 fn committed(task: TaskId, write: RawWrite) -> Input {
     Input::MetaWritten { task, written: vec![true; write.copies], failures: Vec::new() }
+}
+
+/// No copy took the writes.
+fn failed(task: TaskId, write: RawWrite) -> Input {
+    Input::MetaWritten { task, written: vec![false; write.copies], failures: vec!["device gone".into()] }
 }
 
 #[test]
@@ -304,6 +309,172 @@ fn a_resumed_handle_is_asked_again_for_the_recall_it_owes() {
 }
 
 #[test]
+fn a_ready_recall_behind_a_commit_in_flight_asks_for_no_tick() {
+    let mut w = World::new();
+    let (_, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).unwrap();
+    w.apply(committed(task, next));
+    let (snapshot, effects) = w.request(3, Request::SnapshotCreate { volume: "v".into(), name: "s".into() });
+    assert!(effects.iter().any(|e| matches!(e, Effect::Event { event: ServerEvent::Recall { .. }, .. })));
+    // Another agent's open commits meanwhile, and hangs there.
+    let (_, effects) = w.request(2, Request::Open { volume: "w".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).expect("the open commits");
+    // The silent holder's lease runs out: the recall is ready, queued behind
+    // the commit. Nothing to wake up for until the commit is done (asking
+    // for a tick "now" made the owner loop spin for as long as it took).
+    w.advance(2 * LEASE_MS);
+    let effects = w.apply(Input::Tick);
+    assert!(commit_of(&effects).is_none(), "the snapshot waits for the open's commit");
+    assert_eq!(w.core.next_deadline_ms(), None);
+    // Then the expiry of the holders' handles and the snapshot commit.
+    let mut effects = w.apply(committed(task, next));
+    for _ in 0..2 {
+        let (task, next) = commit_of(&effects).expect("queued changes commit in turn");
+        effects = w.apply(committed(task, next));
+        if reply_of(&effects, snapshot).is_some() {
+            break;
+        }
+    }
+    assert!(matches!(reply_of(&effects, snapshot), Some(Ok(Response::Done))));
+}
+
+#[test]
+fn a_renewal_while_the_handle_is_being_released_revokes_it_first() {
+    let mut w = World::new();
+    let (open, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    let Some(Ok(Response::Opened(opened))) = reply_of(&effects, open) else { panic!("{effects:?}") };
+    // The holder's renewals are late (a paused server, a slow link): its
+    // lease ran out and the release is being committed when one arrives.
+    w.advance(2 * LEASE_MS);
+    let effects = w.apply(Input::Tick);
+    let (task, next) = commit_of(&effects).expect("the expired handle is released");
+    let (renew, effects) = w.request(1, Request::Renew);
+    // The answer renews, to the agent, every handle it holds on the session:
+    // it must hear that this one is gone first.
+    let revoked = effects.iter().position(|e| {
+        matches!(e, Effect::Event { session: 1, event: ServerEvent::Revoked { handle, .. } } if *handle == opened.handle)
+    });
+    let answer = effects.iter().position(|e| matches!(e, Effect::Reply { reply, .. } if *reply == renew));
+    assert!(matches!((revoked, answer), (Some(r), Some(a)) if r < a), "{effects:?}");
+    // The agent may apply an answer before an event it got first, so the
+    // renewal is not granted at all this time.
+    match reply_of(&effects, renew) {
+        Some(Err(e)) => assert_eq!(e.code, ErrorCode::Unavailable, "{e}"),
+        other => panic!("{other:?}"),
+    }
+    // A resume waits for the release (it is a change), then finds nothing.
+    let (resume, effects) = w.request(1, Request::Resume { key: opened.resume_key.clone() });
+    assert!(reply_of(&effects, resume).is_none());
+    let effects = w.apply(committed(task, next));
+    assert!(w.core.handles.get(opened.handle.0).is_none());
+    // Released with its session still live: the session is closed, so no
+    // answer on it can extend the handle at the agent any more.
+    assert!(effects.iter().any(|e| matches!(e, Effect::Kick { session: 1 })), "{effects:?}");
+    match reply_of(&effects, resume) {
+        Some(Err(e)) => assert_eq!(e.code, ErrorCode::NotFound, "{e}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_handle_told_it_is_revoked_is_not_renewed_even_if_its_release_fails() {
+    let mut w = World::new();
+    let (_, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).unwrap();
+    w.apply(committed(task, next));
+    w.advance(2 * LEASE_MS);
+    let effects = w.apply(Input::Tick);
+    let (task, write) = commit_of(&effects).expect("the expired handle is released");
+    w.request(1, Request::Renew); // told: revoked
+    let effects = w.apply(failed(task, write));
+    // An empty commit supersedes the failed one.
+    let (task, write) = commit_of(&effects).expect("the failed commit is superseded");
+    w.apply(committed(task, write));
+    // The agent dropped the handle; its session's renewals must not keep it
+    // alive, or the volume is held by nobody forever.
+    let (_, effects) = w.request(1, Request::Renew);
+    assert!(commit_of(&effects).is_none());
+    w.advance(LEASE_MS / 4);
+    let effects = w.apply(Input::Tick);
+    let (task, next) = commit_of(&effects).expect("released again at the next tick");
+    w.apply(committed(task, next));
+    let (_, effects) = w.request(2, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    assert!(commit_of(&effects).is_some(), "someone else may open it: {effects:?}");
+}
+
+#[test]
+fn a_failed_recall_commit_publishes_to_the_holders_it_would_have_excluded() {
+    let mut w = World::with_durable(10 * LEASE_MS);
+    let (_, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).unwrap();
+    w.apply(committed(task, next));
+    let handle = w.core.handles.all().next().unwrap().id;
+    let (grow, _) = w.request(3, Request::VolumeGrow { name: "v".into(), size_bytes: 8 << 20 });
+    // The holder is paused: its lease runs out, the grow commits without it…
+    w.advance(2 * LEASE_MS);
+    let effects = w.apply(Input::Tick);
+    let (task, write) = commit_of(&effects).expect("the recall commits, excluding the silent holder");
+    // …and the commit fails: nothing changed, the holder keeps its handle,
+    // and it must be told to go on (its gate is recalled).
+    let effects = w.apply(failed(task, write));
+    assert!(matches!(reply_of(&effects, grow), Some(Err(_))));
+    let published = effects.iter().any(
+        |e| matches!(e, Effect::Event { session: 1, event: ServerEvent::Publish { handle: h, .. } } if h.0 == handle),
+    );
+    assert!(published, "{effects:?}");
+}
+
+#[test]
+fn a_resumed_handle_recalled_for_a_change_the_server_lost_is_sent_the_current_layout() {
+    let mut w = World::with_durable(10 * LEASE_MS);
+    let (open, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    let Some(Ok(Response::Opened(opened))) = reply_of(&effects, open) else { panic!("{effects:?}") };
+    // A grow recalls the holder, which drains and confirms; the server then
+    // restarts before committing it: the change is gone, the agent's gate is
+    // still recalled and waits for a layout.
+    let (_, effects) = w.request(3, Request::VolumeGrow { name: "v".into(), size_bytes: 8 << 20 });
+    assert!(effects.iter().any(|e| matches!(e, Effect::Event { event: ServerEvent::Recall { .. }, .. })));
+    let config = CoreConfig {
+        lease_ms: LEASE_MS,
+        durable_ms: 10 * LEASE_MS,
+        grace_ms: 0,
+        key: Arc::new(SigningKey::from_bytes(&[7; 32])),
+        entropy: Box::new(Zeros),
+    };
+    let meta = (*w.core.meta).clone();
+    w.core = Core::new(meta, journal(), config);
+    w.apply(Input::Connected { session: 5, peer: peer(1, Role::Agent), addr: "test".into() });
+    let (resume, effects) = w.request(5, Request::Resume { key: opened.resume_key.clone() });
+    assert!(matches!(reply_of(&effects, resume), Some(Ok(Response::Opened(_)))));
+    let published = effects.iter().any(|e| {
+        matches!(e, Effect::Event { session: 5, event: ServerEvent::Publish { handle, .. } } if *handle == opened.handle)
+    });
+    assert!(published, "the resumed holder is told the layout to go on with: {effects:?}");
+}
+
+/// Nonces 1, 2, 3, ... (from a start), so tokens differ.
+struct Counter(u8);
+
+impl Entropy for Counter {
+    fn fill(&mut self, buf: &mut [u8]) {
+        self.0 += 1;
+        buf.fill(self.0);
+    }
+}
+
+/// A journal continuing after `meta` (as a restarted server's would).
+fn journal_after(meta: &PoolMetadata) -> MetaJournal {
+    let uuids: Vec<Uuid> = meta.devices.iter().map(|d| d.device_uuid).collect();
+    let writer = JournalWriter::for_new_pool(meta.pool_uuid, &[area(), area(), area()], meta.generation + 1);
+    let key = Arc::new(SigningKey::from_bytes(&[7; 32]));
+    MetaJournal::new(PoolJournal { writer, copies: uuids.clone(), key }, uuids.into_iter().map(|u| (u, area())))
+}
+
+#[test]
 fn a_resume_is_followed_by_the_recall_in_progress_or_else_the_current_layout() {
     let mut w = World::new();
     let (open, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::SharedWrite });
@@ -376,7 +547,7 @@ fn a_used_handover_token_stays_refused_across_restarts_and_clock_steps() {
     let b = Peer { key: SigningKey::from_bytes(&[2; 32]).verifying_key().to_bytes(), ..peer(2, Role::Agent) };
     let connect_b = |w: &mut World| w.apply(Input::Connected { session: 7, peer: b.clone(), addr: "test".into() });
     connect_b(&mut w);
-    let authorize = Request::ClientAuthorize { key: b.key, name: "host-b".into(), role: Role::Agent };
+    let authorize = Request::ClientAuthorize { key: b.key, name: "host-b".into(), role: Role::Agent, volumes: Vec::new() };
     assert_eq!(committed_request(&mut w, 3, authorize), Ok(Response::Done));
     let Ok(Response::Opened(a)) =
         committed_request(&mut w, 1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive })

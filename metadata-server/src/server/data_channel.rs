@@ -12,9 +12,10 @@
 //!
 //! Why the grant goes through the owner task like every request: whether an
 //! agent holds a volume, and where that volume's extents are, is the owner's
-//! state. The channel asks again every lease period and closes when the answer
-//! changes to a refusal (the handle was closed, revoked or broken), so a
-//! channel outlives its handle by at most one lease.
+//! state. A channel is bound to the handles its key held on the volume when
+//! it was granted, and the owner closes it as soon as they end (closed,
+//! expired, broken or revoked: `grants`); the channel also asks again every
+//! lease period and closes when the volume's extents on the device changed.
 //!
 //! A report makes the server check the device itself. If it reaches it, the
 //! agent's fallback is recorded for the listings (`volume show`, `client
@@ -37,7 +38,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, info, warn, Instrument};
-use volume_format::control::auth::Role;
+use volume_format::control::auth::{ConnectionKind, Role};
 use volume_format::control::messages::{
     ClientMessage, ControlError, DataChannelGrant, ErrorCode, OpenMode, Request, Response, ServerMessage,
     DATA_CHANNEL_PREAMBLE,
@@ -45,6 +46,7 @@ use volume_format::control::messages::{
 use volume_format::metadata::{DeviceState, HandleState, MetaChange};
 use volume_format::{DeviceIndex, VolumeId};
 
+use super::admission::PreAuth;
 use super::core::{AfterCommit, AfterJob, Core, ReplyId, Step};
 use super::jobs::{Job, JobOutcome};
 use super::owner::Command;
@@ -158,19 +160,22 @@ impl Core {
             .ok_or_else(|| ControlError::new(ErrorCode::Unavailable, "session is closing"))
     }
 
-    /// What a data channel of this session's key for `volume` on `device` may do.
-    pub fn data_channel_grant(&self, session: SessionId, volume: u64, device: u32) -> Result<Response, ControlError> {
+    /// What a data channel of this session's key for `volume` on `device` may
+    /// do. A data channel is bound to the handles the key holds on the
+    /// volume now, and closes when they end (`grants`).
+    pub fn data_channel_grant(
+        &mut self,
+        session: SessionId,
+        volume: u64,
+        device: u32,
+    ) -> Result<Response, ControlError> {
         let peer = self.peer_of(session)?;
         let v = self.meta.volume(VolumeId(volume)).ok_or_else(|| {
             ControlError::new(ErrorCode::NotFound, format!("no volume with id {volume}; it was deleted"))
         })?;
-        let modes: Vec<OpenMode> = self
-            .meta
-            .handles
-            .iter()
-            .filter(|h| h.volume.0 == volume && h.agent_key.0 == peer.key && matches!(h.state, HandleState::Active))
-            .map(|h| h.mode)
-            .collect();
+        let handles = self.handles_of(peer.key, volume);
+        let modes: Vec<OpenMode> =
+            self.meta.handles.iter().filter(|h| handles.contains(&h.id.0)).map(|h| h.mode).collect();
         if modes.is_empty() {
             return Err(ControlError::new(
                 ErrorCode::PermissionDenied,
@@ -206,10 +211,12 @@ impl Core {
         }
         ranges.sort_unstable();
         let ranges = merge_ranges(ranges);
+        let layout_generation = v.layout_generation;
+        self.bind_data_channel(session, handles);
         Ok(Response::DataChannel(DataChannelGrant {
             volume: VolumeId(volume),
             device: DeviceIndex(device),
-            layout_generation: v.layout_generation,
+            layout_generation,
             read_only: modes.iter().all(|m| *m == OpenMode::ReadOnly),
             ranges,
         }))
@@ -460,23 +467,25 @@ pub async fn route(
     session: u64,
     ctx: Arc<SessionContext>,
     mut stop: watch::Receiver<bool>,
+    mut preauth: PreAuth,
 ) {
     let mut first = [0u8; DATA_CHANNEL_PREAMBLE.len()];
     let read = tokio::select! {
-        r = tokio::time::timeout(handshake::HANDSHAKE_TIMEOUT, stream.read_exact(&mut first)) => r,
+        r = tokio::time::timeout_at(preauth.deadline, stream.read_exact(&mut first)) => r,
+        why = preauth.evicted() => return debug!(%peer, "closed before its first bytes: {why}"),
         _ = stopped(&mut stop) => return,
     };
     match read {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => return debug!(%peer, "connection closed before its first bytes: {e}"),
-        Err(_) => return debug!(%peer, "no bytes within the handshake timeout; closing"),
+        Err(_) => return debug!(%peer, "no bytes within the handshake deadline; closing"),
     }
     if first == DATA_CHANNEL_PREAMBLE {
         let span = tracing::info_span!("data_channel", id = session, %peer);
-        return serve_channel(stream, peer, session, ctx, stop).instrument(span).await;
+        return serve_channel(stream, peer, session, ctx, stop, preauth).instrument(span).await;
     }
     let stream: Box<dyn ControlStream> = Box::new(Rewound { prefix: first.to_vec(), pos: 0, inner: stream });
-    super::session::run(stream, peer, session, ctx, stop).await
+    super::session::run(stream, peer, session, ctx, stop, preauth).await
 }
 
 async fn ask(ctx: &SessionContext, session: SessionId, request: Request) -> Result<Response, ControlError> {
@@ -487,19 +496,21 @@ async fn ask(ctx: &SessionContext, session: SessionId, request: Request) -> Resu
 }
 
 async fn serve_channel(
-    mut stream: Box<dyn ControlStream>,
+    stream: Box<dyn ControlStream>,
     peer: String,
     session: u64,
     ctx: Arc<SessionContext>,
     mut stop: watch::Receiver<bool>,
+    preauth: PreAuth,
 ) {
-    let who = tokio::select! {
-        r = ctx.accept(&mut stream, session) => match r {
-            Ok(who) => who,
+    let (mut stream, who) = tokio::select! {
+        r = ctx.accept(stream, session, ConnectionKind::Channel, preauth) => match r {
+            Ok(accepted) => accepted,
             Err(e) => return warn!(%peer, "data channel handshake failed: {e}"),
         },
         _ = stopped(&mut stop) => return,
     };
+    stream.set_label(format!("channel from {peer} ({} {})", who.role, who.name));
     let first =
         tokio::time::timeout(handshake::HANDSHAKE_TIMEOUT, framed::read_message::<ClientMessage, _>(&mut stream));
     let ClientMessage { id, request } = match first.await {
@@ -538,29 +549,32 @@ async fn serve_channel(
         let _ = framed::write_message(&mut stream, &refuse(ErrorCode::NotActive, why)).await;
         return;
     }
-    let Request::DataChannel { volume, device } = request else {
-        // A backup channel: NBD over every snapshot, until the peer leaves.
-        // The committed metadata is published while this channel reads it.
-        let _reader = ctx.read_meta().await;
-        let ok = ServerMessage::Reply { id, result: Ok(Response::Done) };
-        if framed::write_message(&mut stream, &ok).await.is_err() {
-            return;
-        }
-        tokio::select! {
-            _ = super::backup_export::serve(stream, ctx.meta.clone(), &who.name) => {}
-            _ = stopped(&mut stop) => {}
-        }
-        return;
-    };
-
     // Registered as a session (no handles of its own) so the owner knows
-    // whose key asks and can close it like any session.
+    // whose key asks and can close it like any session: when the key is
+    // revoked or its role changes, or (a data channel) its handle ends.
     let (out, mut out_rx) = mpsc::channel::<ServerMessage>(1);
     let (kick, mut kicked) = oneshot::channel();
     let connected = Command::Connected { session, peer: who.clone(), addr: peer.clone(), out, kick };
     if ctx.commands.send(connected).await.is_err() {
         return;
     }
+    let Request::DataChannel { volume, device } = request else {
+        // A backup channel: NBD over every snapshot, until the peer leaves.
+        // The committed metadata is published while this channel reads it.
+        let _reader = ctx.read_meta().await;
+        let scope = ctx.meta.borrow().scope_of(&volume_format::PublicKey(who.key)).map(<[String]>::to_vec);
+        let ok = ServerMessage::Reply { id, result: Ok(Response::Done) };
+        if framed::write_message(&mut stream, &ok).await.is_ok() {
+            tokio::select! {
+                _ = super::backup_export::serve(stream, ctx.meta.clone(), &who.name, scope) => {}
+                _ = &mut kicked => info!(client = %who.name, "backup channel closed by the server"),
+                _ = stopped(&mut stop) => {}
+            }
+        }
+        let _ = ctx.commands.send(Command::Disconnected { session }).await;
+        return;
+    };
+    let stream: Box<dyn ControlStream> = Box::new(stream);
     serve_granted(stream, &ctx, session, id, volume, device, &who.name, &mut kicked, &mut out_rx, &mut stop).await;
     let _ = ctx.commands.send(Command::Disconnected { session }).await;
     debug!("data channel ended");

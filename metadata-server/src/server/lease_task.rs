@@ -53,6 +53,17 @@ impl LeaseGuard {
         })
     }
 
+    /// The guard of the next term: a closed window on the same clock (the
+    /// lease machine's times carry over from one term to the next).
+    pub fn successor(&self) -> Arc<LeaseGuard> {
+        Arc::new(LeaseGuard {
+            epoch: self.epoch,
+            valid_until_ms: AtomicU64::new(0),
+            ended: AtomicBool::new(false),
+            changed: watch::channel(0).0,
+        })
+    }
+
     /// Whether this server may commit now, waiting up to `max` for a
     /// renewal in flight to extend the window (a renewal a little late
     /// must not fail a commit; an ended lease fails at once).
@@ -202,9 +213,9 @@ impl LeaseTask {
     }
 
     /// After a term ended (lost or handed off): watch for the lease again,
-    /// with a fresh guard for the next term.
-    pub fn stand_by(&mut self, guard: Arc<LeaseGuard>) {
-        self.guard = guard;
+    /// with a fresh guard for the next term (on the same clock).
+    pub fn stand_by(&mut self) {
+        self.guard = self.guard.successor();
         self.machine.phase = LeasePhase::Standby { owner: None };
         self.last_servers_read_ms = None;
         self.owner_seen.send_replace(None);
@@ -245,7 +256,11 @@ impl LeaseTask {
     /// Holds the lease until it is lost, handed over, or `stop` resolves
     /// (then it is released, so a standby takes over without waiting for
     /// it to expire).
-    pub async fn hold(&mut self, mut commands: mpsc::Receiver<LeaseCommand>, mut stop: watch::Receiver<bool>) -> LeaseEnd {
+    pub async fn hold(
+        &mut self,
+        mut commands: mpsc::Receiver<LeaseCommand>,
+        mut stop: watch::Receiver<bool>,
+    ) -> LeaseEnd {
         loop {
             match &self.machine.phase {
                 LeasePhase::Lost { why } => {
@@ -365,7 +380,20 @@ impl LeaseTask {
         let active = matches!(self.machine.phase, LeasePhase::Owner { .. });
         if active && self.last_servers_read_ms.is_none_or(|p| now >= p + 2 * t) {
             self.last_servers_read_ms = Some(now);
-            let servers = self.read_hosts().await;
+            let mut servers = self.read_hosts().await;
+            // This server is active, whatever its sector said when read (a
+            // presence written while it stood by may still be there).
+            let mut me = self.machine.me.clone();
+            me.role = ServerRole::Active;
+            servers.retain(|s| s.host_id != me.host_id);
+            // Another server's sector saying "active" is from before this
+            // one took the lease: that server stopped (or is about to say
+            // it stands by, within T). Never list two active servers.
+            for s in servers.iter_mut().filter(|s| s.role == ServerRole::Active) {
+                s.role = ServerRole::Stopped;
+            }
+            servers.push(me);
+            servers.sort_by_key(|s| s.host_id);
             self.servers.send_replace(servers);
         }
     }

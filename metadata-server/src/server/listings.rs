@@ -79,6 +79,7 @@ impl Core {
                     })
                     .collect(),
                 fallback: self.fallback_of_client(c.public_key.0),
+                volumes: self.meta.scope_of(&c.public_key).unwrap_or_default().to_vec(),
             })
             .collect()
     }

@@ -15,6 +15,8 @@
 //! and device checks run on the device task ([`device_task`]); copies and
 //! merges are jobs ([`jobs`]) — each posts its result back as an input.
 //!
+//! - [`admission`]: what connections may hold before they authenticate
+//!   (deadline, per-peer and total caps, room kept for known keys).
 //! - [`core`]: the owner's state, inputs and effects; the change queue.
 //! - [`owner`]: the owner loop (the shell around the core).
 //! - [`device_task`]: the pool's own device connections: commits, checks.
@@ -23,6 +25,8 @@
 //! - [`listings`]: read-only answers (pool, devices, clients, volumes).
 //! - [`durable`]: resumes, duplicate handles, handovers and the grace period.
 //! - [`session`]: one control connection.
+//! - [`grants`]: closing connections whose key, role, scope or handle no
+//!   longer allows them (revocation that bites at once).
 //! - [`data_channel`]: the agents' fallback data path through the server
 //!   (connections that start with the data-channel preamble), device-failure
 //!   reports and fallback listings.
@@ -31,12 +35,14 @@
 //! - [`backup_export`]: the backup pseudo-device (snapshots as read-only NBD
 //!   exports with a changed-block metadata context).
 
+pub mod admission;
 pub mod backup_export;
 pub mod commit;
 pub mod core;
 pub mod data_channel;
 pub mod device_task;
 pub mod durable;
+pub mod grants;
 pub mod jobs;
 pub mod lease_task;
 pub mod listings;
@@ -67,8 +73,11 @@ use control_client::ControlAddr;
 
 pub use self::core::ClientTable;
 
-/// Most control sessions at once; more are closed on accept.
+/// Most control sessions at once; more are closed on accept. At most
+/// [`admission::PREAUTH_MAX`] of them are unauthenticated, so the rest are
+/// always there for clients that prove a key.
 pub const SESSIONS_MAX: usize = 1024;
+const _: () = assert!(admission::PREAUTH_MAX < SESSIONS_MAX / 2);
 /// Commands queued for the owner task before senders wait.
 pub const COMMANDS_QUEUED_MAX: usize = 1024;
 
@@ -131,9 +140,10 @@ impl Server {
         let mut instance = [0u8; 16];
         getrandom::getrandom(&mut instance).map_err(|e| ServerError::Key(format!("no randomness: {e}")))?;
         let holders = crate::pool::metadata_holders(&meta);
-        let lease = lease_task::LeaseTask::new(&pool, &holders, &config.availability, instance, lease_task::LeaseGuard::new())
-            .await
-            .map_err(ServerError::Lease)?;
+        let lease =
+            lease_task::LeaseTask::new(&pool, &holders, &config.availability, instance, lease_task::LeaseGuard::new())
+                .await
+                .map_err(ServerError::Lease)?;
         for d in &pool.devices {
             if let Some(c) = &d.client {
                 c.disconnect().await;
@@ -238,10 +248,10 @@ impl Server {
                 Ok(TermEnd::Shutdown) => break,
                 Ok(TermEnd::NotActive(why)) => {
                     warn!("{why}; standing by");
-                    lease.stand_by(lease_task::LeaseGuard::new());
+                    lease.stand_by();
                 }
                 Err(e) => {
-                    lease.stand_by(lease_task::LeaseGuard::new());
+                    lease.stand_by();
                     if *stop_rx.borrow() {
                         break;
                     }
@@ -276,11 +286,13 @@ impl Drop for AbortOnDrop {
 async fn open_pool(config: &Config, key: &Arc<SigningKey>) -> Result<(Pool, volume_format::PoolMetadata), ServerError> {
     match Pool::open_journaled(&config.devices, key.clone()).await {
         Ok(opened) => Ok(opened),
-        Err(PoolError::Invalid(why)) if why.contains("initialized for server key") => Err(ServerError::WrongServerKey {
-            pool: why,
-            config: hex::encode(key.verifying_key().to_bytes()),
-            path: config.key.clone(),
-        }),
+        Err(PoolError::Invalid(why)) if why.contains("initialized for server key") => {
+            Err(ServerError::WrongServerKey {
+                pool: why,
+                config: hex::encode(key.verifying_key().to_bytes()),
+                path: config.key.clone(),
+            })
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -311,10 +323,36 @@ async fn standby_when_seen(
         seen = owner.wait_for(|o| o.as_ref().is_some_and(|o| o.host_id != me)) => if seen.is_err() { return },
         _ = done.wait_for(|d| *d) => return,
     }
-    let term = StandbyTerm::start(&listeners, &key, &config, owner, clients);
-    let _ = done.wait_for(|d| *d).await;
+    let (clients_tx, clients_rx) = watch::channel(clients);
+    let term = StandbyTerm::start(&listeners, &key, &config, owner, clients_rx);
+    // The clients the active server adds (agents, admins) after this one
+    // read the pool: read again now and every STANDBY_CLIENTS_REFRESH, so
+    // a new key hears "standing by, go there" rather than "unknown key".
+    let refresh = async {
+        loop {
+            match open_pool(&config, &key).await {
+                Ok((pool, meta)) => {
+                    clients_tx.send_replace(Arc::new(core::client_table(&meta)));
+                    for d in &pool.devices {
+                        if let Some(c) = &d.client {
+                            c.disconnect().await;
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("standby: cannot read the pool's clients again: {e}"),
+            }
+            tokio::time::sleep(STANDBY_CLIENTS_REFRESH).await;
+        }
+    };
+    tokio::select! {
+        _ = done.wait_for(|d| *d) => {}
+        _ = refresh => {}
+    }
     term.stop().await;
 }
+
+/// How often a standby reads the pool's client records again.
+const STANDBY_CLIENTS_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl StandbyTerm {
     fn start(
@@ -322,7 +360,7 @@ impl StandbyTerm {
         key: &Arc<SigningKey>,
         config: &Config,
         owner: watch::Receiver<Option<volume_format::lease::LeaseRecord>>,
-        clients: Arc<ClientTable>,
+        clients: watch::Receiver<Arc<ClientTable>>,
     ) -> StandbyTerm {
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMANDS_QUEUED_MAX);
         let (stop, stop_rx) = watch::channel(false);
@@ -331,7 +369,7 @@ impl StandbyTerm {
         let ctx = Arc::new(session::SessionContext {
             key: key.clone(),
             lease_ms: config.lease_ms,
-            clients: watch::channel(clients).1,
+            clients,
             meta: watch::channel(Arc::new(volume_format::PoolMetadata::new(
                 uuid::Uuid::nil(),
                 "",
@@ -344,6 +382,8 @@ impl StandbyTerm {
             commands: cmd_tx,
             next_session: AtomicU64::new(1),
             slots: Arc::new(Semaphore::new(SESSIONS_MAX)),
+            channel_mode_min: config.channel_mode_min,
+            gate: Arc::new(admission::Gate::default()),
             standby: Some((owner, me)),
         });
         let mut loops = JoinSet::new();
@@ -410,6 +450,8 @@ async fn active_term(
         commands: cmd_tx,
         next_session: AtomicU64::new(1),
         slots: Arc::new(Semaphore::new(SESSIONS_MAX)),
+        channel_mode_min: config.channel_mode_min,
+        gate: Arc::new(admission::Gate::default()),
         standby: None,
     });
     let mut accept_loops = JoinSet::new();
@@ -430,13 +472,26 @@ async fn active_term(
     let (lease_end_tx, lease_end_rx) = tokio::sync::oneshot::channel();
     let lease_watch = tokio::spawn(async move {
         let result = lease_run.await;
-        let _ = lease_end_tx.send(());
+        // Only a lost lease is news to the owner: a handoff's outcome
+        // reaches it as its own input, and a stop is the owner's doing.
+        if let Ok((_, lease_task::LeaseEnd::Lost(why))) = &result {
+            let _ = lease_end_tx.send(why.clone());
+        }
         result
     });
     let control = owner::LeaseControl { commands: lease_cmd_tx, servers, ended: lease_end_rx, guard };
     let mut shutdown = stop.clone();
-    let end = owner::run(core, pool, published, cmd_rx, async move { let _ = shutdown.wait_for(|s| *s).await; }, control)
-        .await;
+    let end = owner::run(
+        core,
+        pool,
+        published,
+        cmd_rx,
+        async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        },
+        control,
+    )
+    .await;
     info!("closing sessions");
     let _ = term_stop_tx.send(true);
     while accept_loops.join_next().await.is_some() {}
@@ -462,7 +517,7 @@ async fn accept_loop(listener: Arc<Listener>, ctx: Arc<session::SessionContext>,
             Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
             a = accept(&listener) => a,
         };
-        let (stream, peer) = match accepted {
+        let (stream, peer, peer_id) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 warn!("accepting a control connection failed: {e}");
@@ -474,27 +529,34 @@ async fn accept_loop(listener: Arc<Listener>, ctx: Arc<session::SessionContext>,
             warn!(%peer, max = SESSIONS_MAX, "too many control sessions; closing the new connection");
             continue;
         };
+        // Unauthenticated until the handshake is done: may close older
+        // unauthenticated connections of this peer to make room.
+        let preauth = ctx.gate.admit(peer_id);
         let id = ctx.next_session.fetch_add(1, Ordering::Relaxed);
         let ctx = ctx.clone();
         let stop = stop.clone();
         sessions.spawn(async move {
             let _slot = slot;
-            data_channel::route(stream, peer, id, ctx, stop).await;
+            data_channel::route(stream, peer, id, ctx, stop, preauth).await;
         });
     }
     while sessions.join_next().await.is_some() {}
 }
 
-async fn accept(listener: &Listener) -> std::io::Result<(Box<dyn control_client::ControlStream>, String)> {
+async fn accept(
+    listener: &Listener,
+) -> std::io::Result<(Box<dyn control_client::ControlStream>, String, admission::PeerId)> {
     match listener {
         Listener::Tcp(l) => {
             let (s, peer) = l.accept().await?;
             s.set_nodelay(true)?;
-            Ok((Box::new(s), peer.to_string()))
+            Ok((Box::new(s), peer.to_string(), admission::PeerId::Ip(peer.ip())))
         }
         Listener::Unix(l, path) => {
             let (s, _) = l.accept().await?;
-            Ok((Box::new(s), format!("unix:{}", path.display())))
+            // SO_PEERCRED: the connecting process's uid is the peer.
+            let id = s.peer_cred().map_or(admission::PeerId::Unknown, |c| admission::PeerId::Uid(c.uid()));
+            Ok((Box::new(s), format!("unix:{}", path.display()), id))
         }
     }
 }

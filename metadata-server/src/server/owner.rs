@@ -24,11 +24,11 @@ use super::core::{ClientTable, Core, Effect, Input, Now, ReplyId};
 use super::device_task::{DeviceTask, DeviceWork};
 use super::jobs::{run_data_job, Job};
 use super::lease_task::{LeaseCommand, LeaseGuard, Servers};
-use volume_format::control::messages::ServerInfo;
 use super::snapshot_io::DeviceClients;
 use crate::handles::SessionId;
 use crate::pool::Pool;
 use control_client::handshake::Peer;
+use volume_format::control::messages::ServerInfo;
 
 /// Inputs from the device task and jobs queued for the owner.
 pub const RESULTS_QUEUED_MAX: usize = 1024;
@@ -164,11 +164,11 @@ pub async fn run(
                 let list = servers.borrow_and_update().iter().map(server_info).collect();
                 Some(Input::Servers { servers: list })
             }
-            _ = &mut lease_ended, if !lease_gone => {
-                // The lease task ended while serving: lost (handoffs and
-                // shutdowns end the loop before this can happen).
+            why = &mut lease_ended, if !lease_gone => {
+                // The lease task lost the lease while serving (a handoff's
+                // end comes as Input::HandedOff: nothing is sent for it).
                 lease_gone = true;
-                Some(Input::LeaseLost { why: "the pool lease could not be kept".into() })
+                why.ok().map(|why| Input::LeaseLost { why })
             }
         };
         if let Some(input) = input {
@@ -196,7 +196,8 @@ pub struct LeaseControl {
     /// The pool's servers as their lease sectors say.
     pub servers: watch::Receiver<Servers>,
     /// Resolves when the lease task ends (lost: commit nothing more).
-    pub ended: oneshot::Receiver<()>,
+    /// Why the lease task ended (it says whether another server took it).
+    pub ended: oneshot::Receiver<String>,
     /// Checked by the device task before every metadata write.
     pub guard: Arc<LeaseGuard>,
 }

@@ -68,7 +68,9 @@ impl Core {
                 Ok(Response::Volumes(self.meta.volumes.iter().map(|v| self.volume_info(v)).collect()))
             }
             Request::VolumeShow { name } => self.volume_show(name),
-            Request::SnapshotList { volume } => self.snapshot_list(volume.as_deref()),
+            Request::SnapshotList { volume } => {
+                self.snapshot_list(volume.as_deref()).map(|listing| self.scoped_listing(session, listing))
+            }
             Request::DataChannel { volume, device } => self.data_channel_grant(session, volume.0, device.0),
             Request::ReportDeviceRecovered { device } => self.report_device_recovered(session, device.0),
             Request::BackupChannel => Err(err(
@@ -102,7 +104,9 @@ impl Core {
             Err(request) => request,
         };
         let result = match request {
-            Request::ClientAuthorize { key, name, role } => return self.prepare_authorize(key, name, role, reply),
+            Request::ClientAuthorize { key, name, role, volumes } => {
+                return self.prepare_authorize(key, name, role, volumes, reply)
+            }
             Request::ClientRevoke { key } => return self.prepare_revoke(session, key, reply),
             Request::VolumeCreate { name, size_bytes, legs } => {
                 return self.prepare_volume_create(name, size_bytes, legs, reply)
@@ -126,12 +130,12 @@ impl Core {
                 // The answer first, then where the volume's layout stands
                 // (the agent must know the handle before it is told to drain).
                 let result = self.resume(session, &key);
-                let handle = match &result {
-                    Ok(Response::Opened(o)) => Some(o.handle),
+                let resumed = match &result {
+                    Ok(Response::Opened(o)) => Some((o.handle, o.description.volume)),
                     _ => None,
                 };
                 self.reply(reply, result);
-                if let Some(handle) = handle {
+                if let Some((handle, _)) = resumed {
                     self.after_resume(session, handle);
                 }
                 return Step::Done(None);
@@ -213,21 +217,30 @@ impl Core {
         key: [u8; 32],
         name: String,
         role: volume_format::control::auth::Role,
+        volumes: Vec<String>,
         reply: ReplyId,
     ) -> Step {
         if ed25519_dalek::VerifyingKey::from_bytes(&key).is_err() {
             return done(reply, Err(err(ErrorCode::InvalidArgument, "that is not a valid ed25519 public key")));
         }
+        if let Err(e) = super::grants::check_scope(role, &volumes) {
+            return done(reply, Err(e));
+        }
         let name = if name.is_empty() { hex::encode(&key[..8]) } else { name };
+        let scope_now = self.meta.scope_of(&PublicKey(key)).unwrap_or_default().to_vec();
         if let Some(c) = self.meta.clients.iter().find(|c| c.public_key.0 == key) {
-            if c.role == role && c.name == name {
+            if c.role == role && c.name == name && scope_now == volumes {
                 let msg = format!("key is already authorized as {role} {name:?}");
                 return done(reply, Err(err(ErrorCode::AlreadyExists, msg)));
             }
         }
-        let changes =
+        let mut changes =
             vec![MetaChange::ClientPut(ClientRecord { public_key: PublicKey(key), name: name.clone(), role })];
-        let what = format!("client {name} authorized as {role}");
+        if scope_now != volumes {
+            changes.push(MetaChange::ClientScope { key: PublicKey(key), volumes: volumes.clone() });
+        }
+        let scope = if volumes.is_empty() { String::new() } else { format!(" for volumes {}", volumes.join(", ")) };
+        let what = format!("client {name} authorized as {role}{scope}");
         Step::Commit { changes, then: AfterCommit::Reply { reply, what } }
     }
 
@@ -244,7 +257,10 @@ impl Core {
             );
             return done(reply, Err(err(ErrorCode::InvalidArgument, msg)));
         }
-        let changes = vec![MetaChange::ClientRemove { key: PublicKey(key) }];
+        let mut changes = vec![MetaChange::ClientRemove { key: PublicKey(key) }];
+        if self.meta.scope_of(&PublicKey(key)).is_some() {
+            changes.push(MetaChange::ClientScope { key: PublicKey(key), volumes: Vec::new() });
+        }
         Step::Commit { changes, then: AfterCommit::Revoke { session, key, reply, name: record.name } }
     }
 
@@ -397,14 +413,17 @@ impl Core {
                         "excluded from the reconfiguration of layout generation {}: no confirmation within the lease",
                         pending.generation
                     );
-                    self.send_handle_event(&h, ServerEvent::Revoked { handle: HandleId(*id), reason });
+                    self.released(&h, reason);
                 }
             }
         }
         // Holders resume either way: with the new layout, or the old one if
-        // the change failed.
+        // the change failed — then those it would have excluded too: they
+        // were not removed, and a holder that was only slow (paused, cut
+        // off) would otherwise wait for a layout forever.
         self.handles.finish_recall(volume.0);
-        self.publish_volume(volume, &excluded);
+        let skip: &[u64] = if result.is_ok() { &excluded } else { &[] };
+        self.publish_volume(volume, skip);
         match &result {
             Ok(()) => {
                 info!(%volume, change = %pending.change, generation = self.meta.generation, "volume reconfigured")
@@ -482,7 +501,7 @@ impl Core {
         for h in broken {
             info!(handle = h.id, holder = %h.holder, "handle broken by a conflicting open after its lease ran out");
             let reason = format!("{holder} opened the volume {mode} after this handle's lease ran out");
-            self.send_handle_event(&h, ServerEvent::Revoked { handle: HandleId(h.id), reason });
+            self.released(&h, reason);
         }
         let description = match VolumeDescription::from_metadata(&self.meta, volume) {
             Ok(d) => d,
@@ -568,7 +587,7 @@ impl Core {
             if let Some(h) = self.handles.remove(id) {
                 warn!(handle = id, volume = h.volume, holder = %h.holder, "lease ran out; handle released");
                 let reason = format!("the lease ran out at {}", self.now.describe(h.lease_until_ms));
-                self.send_handle_event(&h, ServerEvent::Revoked { handle: HandleId(id), reason });
+                self.released(&h, reason);
             }
         }
         self.check_recalls();

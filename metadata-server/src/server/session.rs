@@ -12,18 +12,20 @@ use std::sync::Arc;
 
 use ed25519_dalek::SigningKey;
 use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 use volume_format::control::messages::{ClientMessage, ControlError, ErrorCode, ServerMessage};
 
+use super::admission::{Gate, PreAuth, HANDSHAKE_DEADLINE};
 use super::core::ClientTable;
 use super::owner::Command;
 use super::stopped;
 use control_client::framed::{self, FramedError};
-use control_client::handshake;
-use control_client::ControlStream;
+use control_client::handshake::{self, Acceptor};
+use control_client::{ControlStream, SecureStream};
+use volume_format::control::auth::{ChannelMode, ConnectionKind};
 
 /// Requests of one session waiting for the owner at once; beyond it the
 /// session stops reading (backpressure on a flooding client).
@@ -43,6 +45,10 @@ pub struct SessionContext {
     pub meta_readers: Arc<std::sync::atomic::AtomicUsize>,
     pub next_session: AtomicU64,
     pub slots: Arc<Semaphore>,
+    /// The weakest channel mode accepted (`channel_mode_min`).
+    pub channel_mode_min: ChannelMode,
+    /// Admission of connections before they authenticate.
+    pub gate: Arc<Gate>,
     /// On a standby: the active server's lease record as last seen, and this
     /// server's name (channels are refused naming the active server).
     pub standby: Option<(watch::Receiver<Option<volume_format::lease::LeaseRecord>>, Arc<str>)>,
@@ -75,15 +81,32 @@ impl SessionContext {
 
     /// The server side of the handshake, authorizing against the pool's
     /// client table as it is right now. Every kind of connection (control
-    /// session, data channel) authenticates through here.
+    /// session, data channel) authenticates through here, within its
+    /// admission's deadline and until it is evicted to make room; what comes
+    /// back is the protected stream the rest of the connection runs over.
     pub async fn accept(
         &self,
-        stream: &mut Box<dyn ControlStream>,
+        stream: Box<dyn ControlStream>,
         session: u64,
-    ) -> Result<handshake::Peer, handshake::HandshakeError> {
+        kind: ConnectionKind,
+        mut preauth: PreAuth,
+    ) -> Result<(SecureStream<Box<dyn ControlStream>>, handshake::Peer), handshake::HandshakeError> {
+        let evicted = preauth.take_eviction();
         let clients = self.clients.borrow().clone();
         let authorize = |key: &[u8; 32]| clients.get(key).map(|(role, name)| (vec![*role], name.clone()));
-        handshake::accept(stream, &self.key, session, self.lease_ms, authorize).await
+        let on_hello = |hello: &volume_format::control::auth::ClientHello| {
+            if clients.contains_key(&hello.client_key) {
+                preauth.known_key(hello.client_key);
+            }
+        };
+        let acceptor =
+            Acceptor { server_key: &self.key, session, lease_ms: self.lease_ms, kind, mode_min: self.channel_mode_min };
+        tokio::select! {
+            r = tokio::time::timeout_at(preauth.deadline, acceptor.accept_with(stream, on_hello, authorize)) => {
+                r.map_err(|_| handshake::HandshakeError::Timeout(HANDSHAKE_DEADLINE))?
+            }
+            why = evicted => Err(handshake::HandshakeError::Abandoned(why)),
+        }
     }
 }
 
@@ -93,33 +116,38 @@ pub async fn run(
     session: u64,
     ctx: Arc<SessionContext>,
     stop: watch::Receiver<bool>,
+    preauth: PreAuth,
 ) {
     let span = tracing::info_span!("session", id = session, %peer);
-    run_inner(stream, peer, session, ctx, stop).instrument(span).await
+    run_inner(stream, peer, session, ctx, stop, preauth).instrument(span).await
 }
 
+/// How long a stopping session waits to send the answers already given.
+const STOP_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn run_inner(
-    mut stream: Box<dyn ControlStream>,
+    stream: Box<dyn ControlStream>,
     peer: String,
     session: u64,
     ctx: Arc<SessionContext>,
     mut stop: watch::Receiver<bool>,
+    preauth: PreAuth,
 ) {
     let accepted = tokio::select! {
-        r = ctx.accept(&mut stream, session) => r,
+        r = ctx.accept(stream, session, ConnectionKind::Control, preauth) => r,
         _ = stopped(&mut stop) => return,
     };
-    let who = match accepted {
-        Ok(who) => who,
+    let (mut stream, who) = match accepted {
+        Ok(accepted) => accepted,
         Err(e) => {
             // Every refusal is logged with the peer; the connection closes
-            // when `stream` drops.
+            // when the stream drops.
             warn!(%peer, "control handshake failed: {e}");
-            let _ = stream.shutdown().await;
             return;
         }
     };
-    info!(client = %who.name, role = %who.role, host = %who.claimed_name, "control session authenticated");
+    stream.set_label(format!("control connection from {peer} ({} {})", who.role, who.name));
+    info!(client = %who.name, role = %who.role, host = %who.claimed_name, mode = %who.mode, "control session authenticated");
 
     let (mut reader, mut writer) = tokio::io::split(stream);
     let (out_tx, mut out_rx) = mpsc::channel::<ServerMessage>(OUTGOING_QUEUED_MAX);
@@ -154,20 +182,23 @@ async fn run_inner(
         return;
     }
 
-    let mut kick_pending = true;
     let mut in_flight = FuturesUnordered::new();
+    let mut stopping = false;
     loop {
         tokio::select! {
-            _ = stopped(&mut stop) => break,
-            kicked = &mut kick_rx, if kick_pending => match kicked {
-                Ok(()) => {
+            _ = stopped(&mut stop) => {
+                stopping = true;
+                break;
+            }
+            kicked = &mut kick_rx => {
+                // Kicked, or the owner is gone (its end of the kick dropped):
+                // either way the answers it already gave go out first.
+                if kicked.is_ok() {
                     info!("session closed by the server");
-                    break;
                 }
-                // Let go of without a kick (a standby keeps no sessions, an
-                // owner that stopped dropped them): the replies decide.
-                Err(_) => kick_pending = false,
-            },
+                stopping = true;
+                break;
+            }
             Some((id, result)) = in_flight.next(), if !in_flight.is_empty() => {
                 if out_tx.send(ServerMessage::Reply { id, result }).await.is_err() {
                     break;
@@ -201,34 +232,36 @@ async fn run_inner(
                 }
                 let (reply_tx, reply_rx) = oneshot::channel();
                 if ctx.commands.send(Command::Request { session, request, reply: reply_tx }).await.is_err() {
-                    // The owner is gone: this server stopped serving the pool.
-                    let err = ControlError::new(
-                        ErrorCode::NotActive,
-                        "this metadata server stopped serving the pool (its lease was lost or handed off); \
-                         ask another of the pool's servers",
-                    );
-                    let _ = out_tx.send(ServerMessage::Reply { id, result: Err(err) }).await;
                     break;
                 }
                 in_flight.push(async move {
                     let result = reply_rx.await.unwrap_or_else(|_| {
-                        let why = "this metadata server stopped serving the pool before answering (it shut down, or \
-                                   lost or handed off its lease); retry, at another of the pool's servers if there is one";
-                        Err(ControlError::new(ErrorCode::Unavailable, why))
+                        Err(ControlError::new(
+                            ErrorCode::NotActive,
+                            "this metadata server stopped serving before it answered (it shut down, handed the pool \
+                             off or lost the pool lease); `sanvol pool status` shows the active server",
+                        ))
                     });
                     (id, result)
                 });
             }
         }
     }
-    // Replies given before the session ended (to a handoff, or NotActive to
-    // changes queued when the lease was lost) still go out.
-    while let Some(Some((id, result))) = in_flight.next().now_or_never() {
-        if out_tx.send(ServerMessage::Reply { id, result }).await.is_err() {
-            break;
-        }
-    }
     reader_task.abort();
+    if stopping {
+        // The server closes this session or stops serving (shutdown,
+        // handoff, lost lease): the answers it gave before (a handoff's own
+        // "done", NotActive to what was queued) still go out, then the
+        // connection closes.
+        let drain = async {
+            while let Some((id, result)) = in_flight.next().await {
+                if out_tx.send(ServerMessage::Reply { id, result }).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(STOP_DRAIN, drain).await;
+    }
     let _ = ctx.commands.send(Command::Disconnected { session }).await;
     drop(out_tx);
     let _ = writer_task.await;

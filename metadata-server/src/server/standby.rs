@@ -29,6 +29,9 @@ pub fn not_active_message(owner: Option<&LeaseRecord>, me: &str) -> String {
 
 /// Answers the commands of standby sessions until every sender is gone.
 pub async fn run(mut commands: mpsc::Receiver<Command>, owner: watch::Receiver<Option<LeaseRecord>>, me: Arc<str>) {
+    // Each session's kick sender is kept while it is connected: dropping
+    // it would close the session before its first answer went out.
+    let mut kicks = std::collections::BTreeMap::new();
     while let Some(cmd) = commands.recv().await {
         match cmd {
             Command::Request { reply, .. } => {
@@ -38,7 +41,12 @@ pub async fn run(mut commands: mpsc::Receiver<Command>, owner: watch::Receiver<O
             Command::PublishMeta { done } => {
                 let _ = done.send(());
             }
-            Command::Connected { .. } | Command::Disconnected { .. } => {}
+            Command::Connected { session, kick, .. } => {
+                kicks.insert(session, kick);
+            }
+            Command::Disconnected { session } => {
+                kicks.remove(&session);
+            }
         }
     }
 }

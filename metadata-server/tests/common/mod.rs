@@ -209,6 +209,7 @@ impl Pool {
             lease_ms,
             durable_ms: metadata_server::config::DURABLE_MS_DEFAULT,
             grace_ms: lease_ms + metadata_server::config::DURABLE_MS_DEFAULT,
+            channel_mode_min: control_client::ChannelMode::Integrity,
             log: None,
             availability: metadata_server::config::Availability {
                 lease_io_timeout_ms: 250,
@@ -224,6 +225,7 @@ impl Pool {
                     key: k.public.to_bytes(),
                     name: name.into(),
                     role: Role::Agent,
+                    volumes: Vec::new(),
                 })
                 .await
                 .unwrap();

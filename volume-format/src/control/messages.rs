@@ -56,10 +56,14 @@ pub enum Request {
     // ---- admin ----
     DeviceList,
     ClientList,
+    /// Authorizes a key, or changes its name, role or scope. `volumes`:
+    /// for a backup key, the volumes whose snapshots it may read (empty:
+    /// every volume); must be empty for other roles.
     ClientAuthorize {
         key: [u8; 32],
         name: String,
         role: Role,
+        volumes: Vec<String>,
     },
     ClientRevoke {
         key: [u8; 32],
@@ -420,6 +424,9 @@ pub struct ClientInfo {
     /// now: "device N (URI): REASON".
     #[serde(default)]
     pub fallback: Vec<String>,
+    /// A backup key's volume scope (empty: every volume).
+    #[serde(default)]
+    pub volumes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

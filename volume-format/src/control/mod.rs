@@ -1,14 +1,17 @@
 //! The control protocol between agents/admins and the metadata server.
 //!
 //! A control connection carries length-prefixed bincode frames
-//! ([`frame`]). It opens with a version exchange and a mutual ed25519
-//! challenge–response ([`auth`]): the server signs a transcript that
-//! includes the client's fresh nonce (so the client can pin the server's key
-//! and knows the proof is live), and the client signs a transcript that
-//! includes the server's fresh nonce (so a recorded proof cannot be
-//! replayed). After that, the client sends [`messages::ClientMessage`]s and
-//! the server answers with [`messages::ServerMessage`]s, which also carry
-//! unsolicited events (recalls, new layouts).
+//! ([`frame`]). It opens with a cleartext version exchange, a Noise
+//! handshake that gives both sides fresh session keys, and a mutual ed25519
+//! proof over the handshake hash ([`auth`]): the server proves the key the
+//! client pinned, the client proves a key the pool authorizes, and both
+//! proofs are bound to this connection's keys, so they can be neither
+//! replayed nor relayed. From then on every byte travels in protected
+//! records ([`record`]): encrypted, or integrity-only where the pool allows
+//! it. Inside them, the client sends [`messages::ClientMessage`]s and the
+//! server answers with [`messages::ServerMessage`]s, which also carry
+//! unsolicited events (recalls, new layouts). Data and backup channels run
+//! the same handshake and carry NBD in the same records.
 //!
 //! Everything here is pure: encoding, decoding and the exact bytes that get
 //! signed. Signing and verifying live with the processes that hold keys.
@@ -16,6 +19,7 @@
 pub mod auth;
 pub mod frame;
 pub mod messages;
+pub mod record;
 pub mod resume;
 
 /// The protocol version this build speaks.
@@ -30,11 +34,17 @@ pub mod resume;
 /// - 2: ids as newtypes and device state typed on the wire (same bytes for
 ///   ids); `Publish` boxes its description; the version-1 renumbering made
 ///   explicit: version-1 peers are refused at the handshake.
-/// - 3: one active metadata server per pool: `Request::Handoff`,
-///   `ServerEvent::Redirect`, `ErrorCode::NotActive`, `PoolInfo::servers`.
+/// - 3: one active metadata server per pool (`Request::Handoff`,
+///   `ServerEvent::Redirect`, `ErrorCode::NotActive`, `PoolInfo::servers`)
+///   and protected channels — a Noise handshake after the cleartext hellos,
+///   proofs over its hash, every byte after it in encrypted or
+///   integrity-only records; `ServerHello::Noise`, channel modes.
 pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The oldest protocol version this build still accepts: a peer outside
 /// `PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION` is refused at the handshake
 /// with both ranges named ("upgrade the older side").
+///
+/// Version 2 sent everything after the handshake unprotected: a version-2
+/// peer is refused, never served in the clear.
 pub const PROTOCOL_VERSION_MIN: u32 = 3;

@@ -40,8 +40,8 @@ use serde::{Deserialize, Serialize};
 use super::handover::{HandoverLedger, UsedToken};
 use super::snapshot::CowMap;
 use super::{
-    check_block_bytes, check_name, ClientRecord, DeviceState, HandleRecord, HandleState, LogicalExtent, PoolMetadata,
-    SnapshotRecord, VolumeRecord, MIRROR_LEGS_MAX,
+    check_block_bytes, check_name, ClientRecord, ClientScope, DeviceState, HandleRecord, HandleState, LogicalExtent,
+    PoolMetadata, SnapshotRecord, VolumeRecord, MIRROR_LEGS_MAX,
 };
 use crate::ids::{DeviceIndex, HandleId, PublicKey, SnapshotId, VolumeId};
 
@@ -82,6 +82,9 @@ pub enum MetaChange {
     HandleRemove { handle: HandleId },
     /// A device's state (marked failed, or back online).
     DeviceState { device: DeviceIndex, state: DeviceState },
+    /// Sets the volume scope of a backup key; an empty list removes it
+    /// (format 4).
+    ClientScope { key: PublicKey, volumes: Vec<String> },
     /// The token clock read `clock_unix_ms` (the ledger's floor rises to it);
     /// the used tokens `forget` expired by it; `used` was just used (format
     /// 4; see [`super::handover`]).
@@ -188,6 +191,10 @@ pub struct Undo(UndoStep);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum UndoStep {
+    /// The scopes as they were before a `ClientScope` change.
+    ScopesReplaced {
+        old: Vec<ClientScope>,
+    },
     ClientAdded,
     ClientReplaced {
         index: usize,
@@ -285,6 +292,7 @@ impl MetaChange {
             MetaChange::HandleBreak { .. } => "handle break",
             MetaChange::HandleRemove { .. } => "handle remove",
             MetaChange::DeviceState { .. } => "device state",
+            MetaChange::ClientScope { .. } => "client scope",
             MetaChange::HandoverTokens { .. } => "handover tokens",
         }
     }
@@ -314,6 +322,17 @@ impl PoolMetadata {
                 let index = index_of(&self.clients, |c| c.public_key == *key)
                     .ok_or_else(|| fail(format!("key {key} is not authorized")))?;
                 UndoStep::ClientRemoved { index, old: self.clients.remove(index) }
+            }
+            MetaChange::ClientScope { key, volumes } => {
+                for v in volumes {
+                    check_name("scoped volume name", v).map_err(fail)?;
+                }
+                let old = self.client_scopes.clone();
+                self.client_scopes.retain(|s| s.key != *key);
+                if !volumes.is_empty() {
+                    self.client_scopes.push(ClientScope { key: *key, volumes: volumes.clone() });
+                }
+                UndoStep::ScopesReplaced { old }
             }
             MetaChange::VolumeCreate(record) => {
                 self.check_new_volume(record).map_err(fail)?;
@@ -533,6 +552,7 @@ impl PoolMetadata {
     /// last change applied to this state and not yet reverted.
     pub fn revert(&mut self, undo: Undo) {
         match undo.0 {
+            UndoStep::ScopesReplaced { old } => self.client_scopes = old,
             UndoStep::ClientAdded => {
                 self.clients.pop();
             }
@@ -861,5 +881,28 @@ mod tests {
                 prop_assert_eq!(&meta, &history.pop().unwrap());
             }
         }
+    }
+
+    #[test]
+    fn a_client_scope_is_set_replaced_removed_and_reverted() {
+        let mut meta = crate::metadata::testing::rich_pool();
+        let key = PublicKey([5; 32]);
+        let before = meta.clone();
+        let set = |volumes: &[&str]| MetaChange::ClientScope {
+            key,
+            volumes: volumes.iter().map(|v| v.to_string()).collect(),
+        };
+        let u1 = meta.apply(&set(&["db", "web"])).unwrap();
+        assert_eq!(meta.scope_of(&key), Some(&["db".to_string(), "web".to_string()][..]));
+        let u2 = meta.apply(&set(&["db"])).unwrap();
+        assert_eq!(meta.scope_of(&key), Some(&["db".to_string()][..]));
+        let u3 = meta.apply(&set(&[])).unwrap();
+        assert_eq!(meta.scope_of(&key), None);
+        meta.check().unwrap();
+        meta.revert_all(vec![u1, u2, u3]);
+        assert_eq!(meta, before);
+        assert!(meta.apply(&set(&["bad\nname"])).is_err());
+        let decoded: MetaChange = crate::codec::decode(&crate::codec::encode(&set(&["db"])).unwrap()).unwrap();
+        assert_eq!(decoded, set(&["db"]));
     }
 }

@@ -63,13 +63,16 @@ use uuid::Uuid;
 ///   read (all its slots) and upgraded by its next journaled commit.
 /// - 4: the used handover tokens and the token clock's floor
 ///   ([`handover::HandoverLedger`], the last field of [`PoolMetadata`]) and
-///   the change that records them ([`MetaChange::HandoverTokens`], the last
-///   variant). Older payloads decode without the ledger ([`payload`]); a
-///   format-3 pool is read and upgraded by a commit checkpoint at its next
-///   commit.
+///   the change that records them ([`MetaChange::HandoverTokens`]); backup
+///   keys scoped to volumes ([`ClientScope`], the field before it, and
+///   [`MetaChange::ClientScope`]). Older payloads decode without either
+///   ([`payload`]); a format-3 pool is read and upgraded by a commit
+///   checkpoint at its next commit; format-3 readers refuse format 4 as
+///   newer.
 pub const METADATA_FORMAT_VERSION: u32 = 4;
 /// The first format with the journal (checkpoints in slots 0 and 1, entries
-/// in the ring); older ones are whole-pool slot records.
+/// in the ring), the oldest journaled format this build reads; older ones
+/// are whole-pool slot records.
 pub const JOURNAL_FORMAT_VERSION_MIN: u32 = 3;
 /// The oldest format this build reads.
 pub const METADATA_FORMAT_VERSION_MIN: u32 = 1;
@@ -105,9 +108,22 @@ pub struct PoolMetadata {
     #[serde(default)]
     pub snapshots: Vec<SnapshotRecord>,
     pub next_ids: NextIds,
-    /// Used handover tokens and the token clock (format 4).
+    /// Volume scopes of backup keys (format 4).
+    #[serde(default)]
+    pub client_scopes: Vec<ClientScope>,
+    /// Used handover tokens and the token clock (format 4). Last field.
     #[serde(default)]
     pub handovers: HandoverLedger,
+}
+
+/// The volumes a backup key may read (their snapshots on the backup
+/// pseudo-device); a key without a scope reads every volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientScope {
+    pub key: PublicKey,
+    /// Volume names (a volume created later under one of these names is in
+    /// scope too: scopes name what operators name).
+    pub volumes: Vec<String>,
 }
 
 /// The next id of each kind to hand out. Ids are never reused, so a stale
@@ -305,8 +321,14 @@ impl PoolMetadata {
             handles: Vec::new(),
             snapshots: Vec::new(),
             next_ids: NextIds::default(),
+            client_scopes: Vec::new(),
             handovers: HandoverLedger::default(),
         }
+    }
+
+    /// The volume scope of `key`, if it has one.
+    pub fn scope_of(&self, key: &PublicKey) -> Option<&[String]> {
+        self.client_scopes.iter().find(|s| s.key == *key).map(|s| s.volumes.as_slice())
     }
 
     pub fn device(&self, index: DeviceIndex) -> Option<&DeviceRecord> {
@@ -332,6 +354,18 @@ impl PoolMetadata {
             return Err(format!("extent size {} is not a valid power of two", self.extent_bytes));
         }
         check_name("pool name", &self.pool_name)?;
+        let mut scoped = HashSet::new();
+        for scope in &self.client_scopes {
+            if !scoped.insert(scope.key) {
+                return Err(format!("key {} has two volume scopes", scope.key));
+            }
+            if scope.volumes.is_empty() {
+                return Err(format!("key {} has an empty volume scope", scope.key));
+            }
+            for v in &scope.volumes {
+                check_name("scoped volume name", v)?;
+            }
+        }
         let extent_bytes = self.extent_bytes;
 
         let mut device_indexes = HashSet::new();

@@ -4,7 +4,8 @@
 //! Why a schema per format: bincode is positional, so a payload written
 //! before a field existed does not decode as a struct that has it (it ends
 //! early), and `#[serde(default)]` does not help. Formats 1, 2 and 3 share
-//! one schema ([`PayloadV3`]: everything but the handover ledger); format 4
+//! one schema ([`PayloadV3`]: everything but the volume scopes of backup keys
+//! and the handover ledger); format 4
 //! is [`PoolMetadata`] itself. Format-2 records are also still written (the
 //! whole-pool slot commit, [`super::MetadataArea::encode_slot`]), in their
 //! own schema.
@@ -20,7 +21,7 @@ use crate::codec::{self, CodecError};
 use crate::ids::PublicKey;
 
 /// [`PoolMetadata`] as formats 1 to 3 encode it: the same fields, in the
-/// same order, without the handover ledger.
+/// same order, without the scopes and the handover ledger.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PayloadV3 {
     pub format_version: u32,
@@ -39,8 +40,8 @@ pub struct PayloadV3 {
 }
 
 impl From<PayloadV3> for PoolMetadata {
-    /// Keeps the payload's `format_version`; an empty ledger (those formats
-    /// recorded no used tokens).
+    /// Keeps the payload's `format_version`; no scopes and an empty ledger
+    /// (those formats recorded neither).
     fn from(p: PayloadV3) -> PoolMetadata {
         PoolMetadata {
             format_version: p.format_version,
@@ -56,6 +57,7 @@ impl From<PayloadV3> for PoolMetadata {
             handles: p.handles,
             snapshots: p.snapshots,
             next_ids: p.next_ids,
+            client_scopes: Vec::new(),
             handovers: HandoverLedger::default(),
         }
     }
@@ -75,6 +77,9 @@ pub fn decode(format: u32, bytes: &[u8]) -> Result<PoolMetadata, CodecError> {
 pub fn encode_format2(meta: &PoolMetadata) -> Result<Vec<u8>, String> {
     if !meta.handovers.used.is_empty() {
         return Err("format 2 cannot record used handover tokens; commit with the journal".into());
+    }
+    if !meta.client_scopes.is_empty() {
+        return Err("format 2 cannot record volume scopes of backup keys; commit with the journal".into());
     }
     let p = PayloadV3 {
         format_version: super::LEGACY_SLOT_FORMAT_VERSION,

@@ -80,13 +80,21 @@ pub(crate) fn encode_checkpoint(
     }
     meta.check().map_err(MetadataError::Invalid)?;
     let payload = codec::encode(meta).map_err(MetadataError::Encode)?;
-    let mut header = SlotHeader {
-        crc: 0,
-        format_version: METADATA_FORMAT_VERSION,
-        pool_uuid: pool,
-        generation: number,
-        payload_bytes: payload.len() as u64,
-    };
+    seal_checkpoint(area, pool, number, anchor, METADATA_FORMAT_VERSION, &payload, key)
+}
+
+/// Frames and signs an encoded checkpoint payload of `format_version`.
+fn seal_checkpoint(
+    area: &MetadataArea,
+    pool: Uuid,
+    number: u64,
+    anchor: &Anchor,
+    format_version: u32,
+    payload: &[u8],
+    key: &SigningKey,
+) -> Result<Vec<u8>, MetadataError> {
+    let mut header =
+        SlotHeader { crc: 0, format_version, pool_uuid: pool, generation: number, payload_bytes: payload.len() as u64 };
     let record_bytes = header.record_bytes();
     if record_bytes > area.slot_bytes {
         return Err(MetadataError::PayloadTooLarge { record_bytes, slot_bytes: area.slot_bytes });
@@ -97,13 +105,13 @@ pub(crate) fn encode_checkpoint(
     tail[trailer::RING_BYTES..trailer::RING_BYTES + 8].copy_from_slice(&anchor.ring_bytes.to_be_bytes());
     tail[trailer::PREV..trailer::PREV + 16].copy_from_slice(&anchor.prev.encode());
     let zeroed = header.encode();
-    let signature = key.sign(&signed_message(&zeroed, &payload, &tail[..trailer::SIGNATURE])).to_bytes();
+    let signature = key.sign(&signed_message(&zeroed, payload, &tail[..trailer::SIGNATURE])).to_bytes();
     tail[trailer::SIGNATURE..].copy_from_slice(&signature);
-    header.crc = codec::crc32c_parts(&[&zeroed, &payload, &tail]);
+    header.crc = codec::crc32c_parts(&[&zeroed, payload, &tail]);
     let padded = record_bytes.div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
     let mut record = Vec::with_capacity(padded as usize);
     record.extend_from_slice(&header.encode());
-    record.extend_from_slice(&payload);
+    record.extend_from_slice(payload);
     record.extend_from_slice(&tail);
     record.resize(padded as usize, 0);
     Ok(record)
@@ -293,7 +301,38 @@ mod tests {
         // Only the checkpoint slots hold checkpoints.
         assert!(matches!(read(&record, 2), SlotRead::Unusable(_)));
         // The whole-pool reader refuses it clearly instead of misreading it.
-        assert_eq!(AREA.decode_slot(Some(POOL), &record).unwrap_err(), SlotError::Journaled { found: 4 });
+        assert_eq!(
+            AREA.decode_slot(Some(POOL), &record).unwrap_err(),
+            SlotError::Journaled { found: METADATA_FORMAT_VERSION }
+        );
+    }
+
+    /// A format-3 checkpoint (its payload ends before the volume scopes and
+    /// the handover ledger of format 4) reads as format 4 without them.
+    #[test]
+    fn a_format3_checkpoint_reads_as_format4_without_scopes() {
+        let mut meta = signed_pool();
+        meta.format_version = 3;
+        let mut payload = crate::metadata::payload::encode_format2(&meta).unwrap();
+        payload[..4].copy_from_slice(&3u32.to_be_bytes());
+        let record = seal_checkpoint(&AREA, POOL, 9, &anchor(&meta), 3, &payload, &key()).unwrap();
+        match read(&record, 0) {
+            SlotRead::Checkpoint { meta: m, .. } => {
+                meta.format_version = METADATA_FORMAT_VERSION;
+                assert_eq!(m, meta);
+            }
+            other => panic!("{other:?}"),
+        }
+        // And a format-4 one keeps its scopes.
+        let mut scoped = signed_pool();
+        scoped.client_scopes.push(crate::metadata::ClientScope { key: PublicKey([5; 32]), volumes: vec!["db".into()] });
+        let record = encode_checkpoint(&AREA, POOL, 9, &anchor(&scoped), &scoped, &key()).unwrap();
+        match read(&record, 0) {
+            SlotRead::Checkpoint { meta: m, .. } => {
+                assert_eq!(m.scope_of(&PublicKey([5; 32])), Some(&["db".to_string()][..]))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -1,0 +1,493 @@
+//! The invariants, checked as the world runs. Each check is named (the name
+//! is what a violation reports) and documented where it is made:
+//!
+//! | name | checked when | rule |
+//! |---|---|---|
+//! | `no-write-after-exclusion` | a device executes a write | no write of a handle lands after a commit excluded that handle (broken, expired, excluded from a recall, closed) |
+//! | `excluded-only-after-lease` | a commit excludes a handle | its holder, if still running, no longer believes it may write (its lease, on its own clock, ran out) — unless it closed the handle itself |
+//! | `acknowledged-flushed-writes-readable` | a workload read executes; every sweep | a block reads back its newest durable write or something written after it ([`crate::oracle`]) |
+//! | `snapshot-reads-recall-point` | every sweep | a snapshot's block reads back one of the values the block could hold when the snapshot was committed |
+//! | `resume-unchanged-only-if-nobody-else` | the server answers a resume | a handle is resumed "unchanged" only if no conflicting open of its volume was committed since it was opened (handovers aside) |
+//! | `recall-completes-or-excludes` | every server tick | a recall ends (every holder confirmed or was excluded, and the change committed or failed) within `2 × lease + 1 s` of server time |
+//! | `grace-only-resumes` | the server answers | while the grace period lasts, no open, handover or admin change succeeds and no resume is refused as unavailable |
+//! | `generations-only-grow` | a commit; a server boot | committed generations strictly grow; a restarted server loads at least the last acknowledged generation, with every acknowledged change |
+//! | `no-unasked-availability-change` | the server core emits `HandOff` or `Stop` | a server that nobody asked to hand off and that never lost the pool lease keeps serving (this world runs one server at a time and never takes its lease) |
+//! | `settled-*` | the end | once faults stop: no recall pending at the server, no agent gate stuck recalled, every planned holder attached |
+//!
+//! Data sweeps read the devices directly through the last committed
+//! metadata (the observer's own arithmetic, not the code under test's
+//! mapping) after every commit and every [`crate::world::SWEEP_EVERY_MS`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use metadata_server::handles::{modes_conflict, RecallState};
+use metadata_server::server::core::Core;
+use volume_format::control::messages::{ControlError, ErrorCode, OpenMode, Request, Response};
+use volume_format::metadata::{ChunkSource, HandleState, PoolMetadata};
+
+use crate::device::BLOCK_BYTES;
+use crate::net::Proc;
+use crate::oracle::check_value;
+use crate::server::Asked;
+use crate::world::{DevOrigin, Env, World};
+
+/// How long a recall may take, beyond twice the lease.
+pub const RECALL_SLACK_MS: u64 = 1_000;
+
+/// Defects of today's code that other issues fix, each recognised only by
+/// its exact signature (so it never hides anything else). A violation with
+/// one of these is reported as known; `tests/known_defects.rs` pins a seed
+/// for each and asserts it still reproduces — when the fix lands, that test
+/// fails: delete the entry and the test.
+pub const KNOWN_DEFECTS: &[(&str, &str)] = &[(
+    AGENT_FORGETS_ON_FAILED_CLOSE,
+    "client-agent core (core/volumes.rs, `detached`): a detach forgets the handle before its Close is answered; \
+     a Close that fails (a failed commit) leaves the handle open at the server, where the agent's session keeps \
+     renewing it, and a recall for it is never confirmed (issue 19: hardened handles)",
+)];
+
+pub const AGENT_FORGETS_ON_FAILED_CLOSE: &str = "agent-forgets-handle-on-failed-close";
+
+/// A snapshot's volume, and each checked block with the values it may read.
+type SnapshotCheck = (u64, Vec<(u64, Vec<u64>)>);
+
+#[derive(Debug, Clone)]
+struct LeaseView {
+    agent: usize,
+    inc: u64,
+    until_clock: u64,
+    monotonic: bool,
+}
+
+#[derive(Debug, Clone)]
+struct OpenRec {
+    volume: u64,
+    mode: OpenMode,
+    at_ms: u64,
+    via_handover: bool,
+}
+
+pub struct Observer {
+    /// The newest committed (acknowledged or loaded) metadata.
+    pub meta: Arc<PoolMetadata>,
+    /// The newest generation a server acknowledged (adopted after a commit).
+    acked_generation: u64,
+    acked_meta: Arc<PoolMetadata>,
+    /// Handle → when a commit excluded it, and why.
+    excluded: BTreeMap<u64, (u64, String)>,
+    leases: BTreeMap<u64, LeaseView>,
+    closing: BTreeSet<u64>,
+    opens: BTreeMap<u64, OpenRec>,
+    /// Snapshot id → volume and each checked block's allowed values.
+    snapshots: BTreeMap<u64, SnapshotCheck>,
+    /// Volume → server time its pending change was first seen, and the
+    /// server's paused time then.
+    recalls: BTreeMap<u64, (u64, u64)>,
+    /// Time the server spent paused (a recall's bound counts running time).
+    pub server_paused_ms: u64,
+    /// Handles each agent's core knows (from its attach to its forget).
+    pub known_handles: BTreeMap<u64, (usize, u64)>,
+    /// Handles whose Close the server refused.
+    pub close_failed: BTreeSet<u64>,
+}
+
+impl Observer {
+    pub fn new(meta: Arc<PoolMetadata>) -> Observer {
+        Observer {
+            acked_generation: meta.generation,
+            acked_meta: meta.clone(),
+            meta,
+            excluded: BTreeMap::new(),
+            leases: BTreeMap::new(),
+            closing: BTreeSet::new(),
+            opens: BTreeMap::new(),
+            snapshots: BTreeMap::new(),
+            recalls: BTreeMap::new(),
+            server_paused_ms: 0,
+            known_handles: BTreeMap::new(),
+            close_failed: BTreeSet::new(),
+        }
+    }
+
+    pub fn set_lease(&mut self, handle: u64, agent: usize, inc: u64, until_clock: u64, monotonic: bool) {
+        self.leases.insert(handle, LeaseView { agent, inc, until_clock, monotonic });
+    }
+
+    pub fn drop_lease(&mut self, handle: u64) {
+        self.leases.remove(&handle);
+    }
+
+    /// The holder asked to close `handle`: its exclusion is its own doing.
+    pub fn closing(&mut self, handle: u64) {
+        self.closing.insert(handle);
+    }
+
+    pub fn server_down(&mut self) {
+        self.recalls.clear();
+    }
+}
+
+fn active(meta: &PoolMetadata) -> BTreeMap<u64, (u64, OpenMode)> {
+    meta.handles
+        .iter()
+        .filter(|h| matches!(h.state, HandleState::Active))
+        .map(|h| (h.id.0, (h.volume.0, h.mode)))
+        .collect()
+}
+
+/// A device executed a write of `origin` (`no-write-after-exclusion`).
+pub fn write_landed(env: &mut Env, dev: usize, origin: &DevOrigin) {
+    let Some(handle) = origin.handle else { return };
+    if let Some((at, why)) = env.obs.excluded.get(&handle) {
+        if *at < env.now {
+            let detail = format!(
+                "a write of handle {handle} ({}) landed on device {dev} {} ms after the handle was excluded ({why})",
+                origin.proc,
+                env.now - at
+            );
+            env.fail("no-write-after-exclusion", detail);
+        }
+    }
+}
+
+/// A server adopted newly committed metadata.
+pub fn committed(env: &mut Env, meta: &Arc<PoolMetadata>) {
+    if meta.generation <= env.obs.acked_generation {
+        let detail = format!(
+            "generation {} committed after generation {} was acknowledged",
+            meta.generation, env.obs.acked_generation
+        );
+        env.fail("generations-only-grow", detail);
+    }
+    env.obs.acked_generation = meta.generation;
+    env.obs.acked_meta = meta.clone();
+    observe(env, meta.clone(), "committed");
+}
+
+/// A server loaded `meta` at boot (`generations-only-grow`: nothing
+/// acknowledged is lost).
+pub fn loaded(env: &mut Env, meta: &PoolMetadata) {
+    let acked = env.obs.acked_meta.clone();
+    if meta.generation < acked.generation {
+        let detail = format!(
+            "the server loaded generation {} but generation {} had been acknowledged",
+            meta.generation, acked.generation
+        );
+        return env.fail("generations-only-grow", detail);
+    }
+    if meta.generation == acked.generation && *meta != *acked {
+        return env.fail(
+            "generations-only-grow",
+            format!("generation {} loaded differs from the one acknowledged", meta.generation),
+        );
+    }
+    for s in &acked.snapshots {
+        if let Some(l) = meta.snapshot(s.id) {
+            if let Some(c) = s.cow.iter().find(|c| !l.cow.contains(*c)) {
+                let detail =
+                    format!("snapshot {} lost the acknowledged registration of chunk {c} across a restart", s.name);
+                return env.fail("generations-only-grow", detail);
+            }
+        }
+    }
+    observe(env, Arc::new(meta.clone()), "loaded");
+}
+
+/// What changed from the previous committed metadata.
+fn observe(env: &mut Env, meta: Arc<PoolMetadata>, how: &str) {
+    let before = env.obs.meta.clone();
+    let now = env.now;
+    let was = active(&before);
+    let is = active(&meta);
+    // Excluded handles.
+    for (id, (volume, _)) in &was {
+        if is.contains_key(id) {
+            continue;
+        }
+        let why = match meta.handles.iter().find(|h| h.id.0 == *id).map(|h| &h.state) {
+            Some(HandleState::Broken { reason, .. }) => format!("broken: {reason}"),
+            _ if env.obs.closing.contains(id) => "closed by its holder".to_string(),
+            _ => "released (lease expired, or excluded from a recall)".to_string(),
+        };
+        env.trace(
+            "observer",
+            format_args!("handle {id} of volume {volume} excluded in generation {} ({why})", meta.generation),
+        );
+        env.obs.excluded.insert(*id, (now, why.clone()));
+        if env.obs.closing.contains(id) {
+            continue;
+        }
+        if let Some(l) = env.obs.leases.get(id).cloned() {
+            if env.alive(Proc::Agent(l.agent), l.inc) {
+                let clock = env.agent_clock_ms(l.agent, l.monotonic);
+                if l.until_clock > clock {
+                    let detail = format!(
+                        "handle {id} (agent{}) was excluded ({why}) while the agent's lease runs {} ms more on its clock",
+                        l.agent,
+                        l.until_clock - clock
+                    );
+                    env.fail("excluded-only-after-lease", detail);
+                }
+            }
+        }
+    }
+    // New handles. One that conflicts with another active handle of its
+    // volume was opened alongside it (a handover): the only way two
+    // conflicting handles coexist (a conflicting open breaks the other).
+    for (id, (volume, mode)) in &is {
+        if !was.contains_key(id) && !env.obs.opens.contains_key(id) {
+            let via_handover = is.iter().any(|(other, (v, m))| other != id && v == volume && modes_conflict(*m, *mode));
+            env.obs.opens.insert(*id, OpenRec { volume: *volume, mode: *mode, at_ms: now, via_handover });
+        }
+    }
+    // Volumes.
+    for v in &meta.volumes {
+        if !env.oracle.has_volume(v.id.0) && before.volume(v.id).is_none() {
+            env.oracle.add_volume(v.id.0);
+        }
+    }
+    for v in &before.volumes {
+        if meta.volume(v.id).is_none() {
+            env.oracle.remove_volume(v.id.0);
+            let name = v.name.clone();
+            env.plan.vols.remove(&name);
+        }
+    }
+    // Snapshots: freeze what each block may hold at the recall point.
+    for s in &meta.snapshots {
+        if before.snapshot(s.id).is_none() && !env.obs.snapshots.contains_key(&s.id.0) {
+            env.stats.snapshots += 1;
+            let blocks = s.size_bytes / BLOCK_BYTES;
+            let expect: Vec<(u64, Vec<u64>)> =
+                env.oracle.checked_blocks(s.volume.0).into_iter().filter(|(b, _)| *b < blocks).collect();
+            env.trace(
+                "observer",
+                format_args!("snapshot {} of volume {} {how} ({} blocks to check)", s.name, s.volume, expect.len()),
+            );
+            env.obs.snapshots.insert(s.id.0, (s.volume.0, expect));
+        }
+    }
+    let gone: Vec<u64> = env
+        .obs
+        .snapshots
+        .keys()
+        .copied()
+        .filter(|id| meta.snapshot(volume_format::SnapshotId(*id)).is_none())
+        .collect();
+    for id in gone {
+        env.obs.snapshots.remove(&id);
+    }
+    env.obs.meta = meta;
+    sweep(env);
+}
+
+/// The server answered `asked` with `result`.
+pub fn replied(env: &mut Env, core: &Core, asked: &Asked, result: &Result<Response, ControlError>) {
+    let in_grace = core.grace.as_ref().is_some_and(|g| g.left_ms(core.now.mono_ms).is_some());
+    let change = !metadata_server::server::durable::allowed_in_grace(&asked.request);
+    match (&asked.request, result) {
+        (Request::Resume { .. }, Ok(Response::Opened(o))) => {
+            env.stats.resumes += 1;
+            let h = o.handle.0;
+            let Some(mine) = env.obs.opens.get(&h).cloned() else { return };
+            let intruder = env.obs.opens.iter().find(|(id, r)| {
+                **id != h
+                    && r.volume == mine.volume
+                    && r.at_ms > mine.at_ms
+                    && !r.via_handover
+                    && modes_conflict(r.mode, mine.mode)
+            });
+            if let Some((id, r)) = intruder {
+                let detail = format!(
+                    "handle {h} was resumed unchanged, but handle {id} opened volume {} {} at {} ms, after it",
+                    mine.volume, r.mode, r.at_ms
+                );
+                env.fail("resume-unchanged-only-if-nobody-else", detail);
+            }
+        }
+        (Request::OpenHandover { .. }, Ok(Response::Opened(o))) => {
+            if let Some(r) = env.obs.opens.get_mut(&o.handle.0) {
+                r.via_handover = true;
+            }
+        }
+        (Request::Close { handle }, Err(_)) => {
+            env.obs.close_failed.insert(handle.0);
+        }
+        // Refused for the grace period itself (other refusals, such as a
+        // session closing meanwhile, are not the grace rule's business).
+        (Request::Resume { .. }, Err(e))
+            if in_grace && e.code == ErrorCode::Unavailable && e.message.contains("grace period") =>
+        {
+            env.fail("grace-only-resumes", format!("a resume was refused during the grace period: {}", e.message));
+        }
+        _ => {}
+    }
+    if in_grace && change && result.is_ok() {
+        let detail = format!("{:?} succeeded during the grace period", crate::describe_request(&asked.request));
+        env.fail("grace-only-resumes", detail);
+    }
+}
+
+/// After every server tick: `recall-completes-or-excludes`. Counted in the
+/// server's running time (a paused server decides nothing), and only while
+/// some holder has neither confirmed nor been excluded: once the recall is
+/// ready, the commit follows (the settled checks see that it does).
+pub fn after_tick(env: &mut Env, core: &Core) {
+    let now_ms = core.now.mono_ms;
+    let paused = env.obs.server_paused_ms;
+    let bound = 2 * env.cfg.lease_ms + RECALL_SLACK_MS;
+    let pending: BTreeSet<u64> = core.pending_changes.keys().map(|v| v.0).collect();
+    env.obs.recalls.retain(|v, _| pending.contains(v));
+    for v in pending {
+        let (started, paused_then) = *env.obs.recalls.entry(v).or_insert_with(|| {
+            env.stats.recalls += 1;
+            (now_ms, paused)
+        });
+        let age = (now_ms - started).saturating_sub(paused - paused_then);
+        let waiting = match core.handles.recall_state(v, now_ms) {
+            Some(RecallState::Waiting { handles, .. }) => handles,
+            _ => continue,
+        };
+        if age > bound {
+            let holders: Vec<String> = waiting
+                .iter()
+                .filter_map(|h| core.handles.get(*h))
+                .map(|h| {
+                    format!(
+                        "handle {} of {} (session {}, lease until {} ms)",
+                        h.id, h.holder, h.session, h.lease_until_ms
+                    )
+                })
+                .collect();
+            let detail = format!(
+                "the recall of volume {v} has waited {age} ms of server time (bound {bound} ms); no confirmation or \
+                 exclusion yet from [{}]",
+                holders.join(", ")
+            );
+            // Every handle it waits for was closed in vain and then forgotten
+            // by its (live) agent.
+            let forgotten =
+                waiting.iter().all(|h| env.obs.close_failed.contains(h) && !env.obs.known_handles.contains_key(h));
+            let known = forgotten.then_some(AGENT_FORGETS_ON_FAILED_CLOSE);
+            env.fail_known("recall-completes-or-excludes", detail, known);
+            return;
+        }
+    }
+}
+
+/// Reads every checked block of every volume and snapshot from the devices
+/// and compares it with the oracle.
+pub fn sweep(env: &mut Env) {
+    env.stats.sweeps += 1;
+    let meta = env.obs.meta.clone();
+    let eb = meta.extent_bytes;
+    let device_of = |env: &Env, index: volume_format::DeviceIndex| -> Option<usize> {
+        let d = meta.device(index)?;
+        let dev = env.device_by_uuid(d.device_uuid)?;
+        env.devices[dev].up.then_some(dev)
+    };
+    for v in &meta.volumes {
+        for (block, allowed) in env.oracle.checked_blocks(v.id.0) {
+            let off = block * BLOCK_BYTES;
+            let Some(extent) = v.extents.get((off / eb) as usize) else { continue };
+            for leg in &extent.legs {
+                let Some(dev) = device_of(env, leg.device) else { continue };
+                let got = env.devices[dev].peek((leg.offset + off % eb) / BLOCK_BYTES);
+                if let Err(e) = check_value(&allowed, &got) {
+                    let detail = format!(
+                        "volume {} block {block} on device {dev}: {e}; {}",
+                        v.name,
+                        env.oracle.history(v.id.0, block)
+                    );
+                    return env.fail("acknowledged-flushed-writes-readable", detail);
+                }
+            }
+        }
+    }
+    let snapshots: Vec<(u64, SnapshotCheck)> = env.obs.snapshots.iter().map(|(k, v)| (*k, v.clone())).collect();
+    for (sid, (_, blocks)) in snapshots {
+        let Some(s) = meta.snapshot(volume_format::SnapshotId(sid)) else { continue };
+        let Some(volume) = meta.volume(s.volume) else { continue };
+        for (block, allowed) in blocks {
+            let off = block * BLOCK_BYTES;
+            let chunk = off / s.chunk_bytes;
+            let legs: Vec<(volume_format::DeviceIndex, u64)> = match meta.snapshot_source(s.id, chunk) {
+                Some(ChunkSource::Cow(from)) => {
+                    let Some(f) = meta.snapshot(from) else { continue };
+                    // The observer's own arithmetic: the COW area is
+                    // direct-mapped (chunk c at c × chunk size).
+                    let at = chunk * f.chunk_bytes;
+                    let Some(extent) = f.cow_extents.get((at / eb) as usize) else { continue };
+                    let within = at % eb;
+                    extent.legs.iter().map(|l| (l.device, l.offset + within + off % s.chunk_bytes)).collect()
+                }
+                Some(ChunkSource::Live) => {
+                    let Some(extent) = volume.extents.get((off / eb) as usize) else { continue };
+                    extent.legs.iter().map(|l| (l.device, l.offset + off % eb)).collect()
+                }
+                None => continue,
+            };
+            for (index, at) in legs {
+                let Some(dev) = device_of(env, index) else { continue };
+                let got = env.devices[dev].peek(at / BLOCK_BYTES);
+                if let Err(e) = check_value(&allowed, &got) {
+                    let source = match meta.snapshot_source(s.id, chunk) {
+                        Some(ChunkSource::Cow(f)) => format!("the COW area of snapshot {f}"),
+                        _ => "the live volume (chunk not registered)".to_string(),
+                    };
+                    let detail = format!(
+                        "snapshot {} of volume {} block {block} (chunk {chunk}, read from {source}, device {dev}): {e}; {}",
+                        s.name,
+                        volume.name,
+                        env.oracle.history(volume.id.0, block)
+                    );
+                    return env.fail("snapshot-reads-recall-point", detail);
+                }
+            }
+        }
+    }
+}
+
+/// The settled world: nothing stuck.
+pub fn final_liveness(w: &mut World) {
+    if let Some(s) = &w.server {
+        if let Some((v, _)) = s.core.pending_changes.iter().next() {
+            let detail = format!("a change of volume {v} is still pending after the world settled");
+            return w.env.fail("settled-recalls-done", detail);
+        }
+    }
+    for (i, a) in w.agents.iter().enumerate() {
+        let Some(a) = a else { continue };
+        for att in a.atts.values() {
+            if let Some(g) = a.recalled(&att.volume) {
+                let detail = format!(
+                    "agent{i}'s gate of {} is still recalled for generation {g} after the world settled (the server has no recall pending)",
+                    att.volume
+                );
+                return w.env.fail("settled-no-gate-stuck", detail);
+            }
+        }
+    }
+    let plan: Vec<(String, Vec<usize>)> =
+        w.env.plan.vols.iter().filter(|(_, p)| !p.retired).map(|(n, p)| (n.clone(), p.holders.clone())).collect();
+    for (name, holders) in plan {
+        for h in holders {
+            let ok = w.agents[h].as_ref().is_some_and(|a| a.app_ready(&name) && a.is_open(&name));
+            if !ok {
+                let detail = format!("agent{h} should hold {name} but has not attached it after the world settled");
+                // Held at the server by a handle its agent forgot after a failed close?
+                let zombie = w.server.as_ref().is_some_and(|s| {
+                    let volume = s.core.meta.volume_by_name(&name).map(|v| v.id.0);
+                    s.core.handles.all().any(|h| {
+                        Some(h.volume) == volume
+                            && w.env.obs.close_failed.contains(&h.id)
+                            && !w.env.obs.known_handles.contains_key(&h.id)
+                    })
+                });
+                let known = zombie.then_some(AGENT_FORGETS_ON_FAILED_CLOSE);
+                return w.env.fail_known("settled-holders-attached", detail, known);
+            }
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! Defects of today's code that the simulator finds and other issues fix,
+//! each pinned to a seed: these tests pass while the defect is still there
+//! (and show how to reproduce it); when its fix lands, the test fails —
+//! delete it then (and its entry in `sanvol_sim::observer::KNOWN_DEFECTS`,
+//! or the config knob that keeps it out of the random runs).
+//!
+//! `SIM_HUNT=clock|latency [SIM_HUNT_SEEDS=N]` searches seeds for the
+//! configuration a test below uses and prints the failing ones with the
+//! time taken (how the pinned seeds were found).
+
+use std::time::Instant;
+
+use sanvol_sim::config::LeaseClock;
+use sanvol_sim::{run, Config, Outcome};
+
+/// Today's agent reads its leases on `CLOCK_MONOTONIC` (tokio's `Instant` in
+/// `client_agent::owner`), which stops during a VM pause (issue 14).
+fn monotonic_agent(seed: u64) -> Config {
+    let mut c = Config::from_seed(seed);
+    c.agent_clock = LeaseClock::Monotonic;
+    c
+}
+
+/// Now and then a device request stalls for up to a second (stuck in the
+/// device server's queue): today the server releases or excludes a holder
+/// the moment its lease ran out, not lease + the longest device request
+/// (issue 14, timing rules), so a stalled write lands after the release.
+fn slow_devices(seed: u64) -> Config {
+    let mut c = Config::from_seed(seed);
+    c.device_stall = (0.02, 1_000);
+    c
+}
+
+fn violated(o: &Outcome) -> String {
+    o.violation.as_ref().map_or_else(|| format!("seed {} passed", o.seed), |v| v.to_string())
+}
+
+#[test]
+fn issue_14_a_vm_paused_agent_on_the_monotonic_clock_writes_after_its_lease() {
+    let o = run(monotonic_agent(PINNED_CLOCK_SEED), false);
+    let v = o.violation.as_ref().unwrap_or_else(|| panic!("{}", violated(&o)));
+    assert!(
+        matches!(v.invariant, "excluded-only-after-lease" | "no-write-after-exclusion"),
+        "seed {PINNED_CLOCK_SEED}: {v}"
+    );
+}
+
+#[test]
+fn issue_14_a_write_slower_than_the_renewal_lands_after_the_release() {
+    let o = run(slow_devices(PINNED_LATENCY_SEED), false);
+    let v = o.violation.as_ref().unwrap_or_else(|| panic!("{}", violated(&o)));
+    assert!(
+        matches!(v.invariant, "no-write-after-exclusion" | "snapshot-reads-recall-point"),
+        "seed {PINNED_LATENCY_SEED}: {v}"
+    );
+}
+
+#[test]
+fn agent_forgets_a_handle_whose_close_failed() {
+    let o = sanvol_sim::run_seed(PINNED_CLOSE_SEED, false);
+    let v = o.violation.as_ref().unwrap_or_else(|| panic!("{}", violated(&o)));
+    assert_eq!(v.known, Some(sanvol_sim::observer::AGENT_FORGETS_ON_FAILED_CLOSE), "seed {PINNED_CLOSE_SEED}: {v}");
+}
+
+const PINNED_CLOCK_SEED: u64 = 2;
+const PINNED_LATENCY_SEED: u64 = 11;
+const PINNED_CLOSE_SEED: u64 = 244914644921721;
+
+/// `SIM_HUNT=clock|latency`: the first failing seeds of that configuration.
+#[test]
+fn hunt() {
+    let Ok(what) = std::env::var("SIM_HUNT") else { return };
+    let seeds: u64 = std::env::var("SIM_HUNT_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2000);
+    let make: fn(u64) -> Config = match what.as_str() {
+        "clock" => monotonic_agent,
+        "latency" => slow_devices,
+        other => panic!("SIM_HUNT={other}: clock or latency"),
+    };
+    let start = Instant::now();
+    let mut found = 0;
+    for seed in 1..=seeds {
+        let o = run(make(seed), false);
+        if let Some(v) = &o.violation {
+            eprintln!("seed {seed} after {:.2} s ({seed} seeds): {v}", start.elapsed().as_secs_f64());
+            found += 1;
+            if found == 5 {
+                break;
+            }
+        }
+    }
+}
+
+/// `SIM_HUNT_REPLAY=clock|latency:SEED`: that seed with its trace.
+#[test]
+fn hunt_replay() {
+    let Ok(spec) = std::env::var("SIM_HUNT_REPLAY") else { return };
+    let (what, seed) = spec.split_once(':').expect("clock|latency:SEED");
+    let seed: u64 = seed.parse().expect("a seed");
+    let config = match what {
+        "clock" => monotonic_agent(seed),
+        "latency" => slow_devices(seed),
+        other => panic!("{other}: clock or latency"),
+    };
+    let o = run(config, true);
+    eprintln!("{}", violated(&o));
+}

@@ -1,0 +1,157 @@
+//! The simulation's entry points for people and CI: fixed seeds in every
+//! `cargo test`, one seed replayed with a trace (`SIM_SEED`), random seeds
+//! for a bounded time (`SIM_SECONDS`), the first failing seed in order
+//! (`SIM_FIRST`).
+//!
+//! A violation that matches a known defect's signature (see
+//! `sanvol_sim::observer::KNOWN_DEFECTS`) is printed and counted but does not
+//! fail these runs: `tests/known_defects.rs` pins each one instead.
+
+use std::time::{Duration, Instant};
+
+use sanvol_sim::{run_seed, Outcome};
+
+/// Seeds every `cargo test -p sanvol-sim` runs.
+const FIXED_SEEDS: std::ops::Range<u64> = 1..41;
+
+fn report(o: &Outcome) -> String {
+    match &o.violation {
+        None => format!("seed {}: ok ({} events, {:?})", o.seed, o.stats.events, o.stats),
+        Some(v) => format!(
+            "seed {} FAILED: {v}\n--- last lines of the trace ---\n{}\n--- replay: SIM_SEED={} cargo test -p sanvol-sim --test seeds -- replay --nocapture",
+            o.seed, o.trace_tail, o.seed
+        ),
+    }
+}
+
+/// Whether `o` failed in a way no known defect explains.
+fn unknown_failure(o: &Outcome) -> bool {
+    o.violation.as_ref().is_some_and(|v| v.known.is_none())
+}
+
+#[test]
+fn fixed_seeds() {
+    let mut failed = Vec::new();
+    for seed in FIXED_SEEDS {
+        let o = run_seed(seed, false);
+        if o.violation.is_some() {
+            eprintln!("{}", report(&o));
+        }
+        if unknown_failure(&o) {
+            failed.push(seed);
+        }
+    }
+    assert!(failed.is_empty(), "failing seeds: {failed:?}");
+}
+
+/// `SIM_SEED=N`: replays seed N with every event and the server's logs.
+#[test]
+fn replay() {
+    let Ok(seed) = std::env::var("SIM_SEED") else { return };
+    let seed: u64 = seed.parse().expect("SIM_SEED is a number");
+    eprintln!("{:#?}", sanvol_sim::Config::from_seed(seed));
+    let o = run_seed(seed, true);
+    eprintln!("{}", report(&o));
+    assert!(o.violation.is_none(), "seed {seed} failed");
+}
+
+/// `SIM_SECONDS=S`: random seeds for S seconds; fails with every seed that
+/// failed in a way no known defect explains.
+#[test]
+fn random() {
+    let Ok(secs) = std::env::var("SIM_SECONDS") else { return };
+    let budget = Duration::from_secs(secs.parse().expect("SIM_SECONDS is a number of seconds"));
+    let start = Instant::now();
+    let mut x = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+        ^ (u64::from(std::process::id()) << 32);
+    let (mut runs, mut events, mut sim_ms) = (0u64, 0u64, 0u64);
+    let mut failed = Vec::new();
+    let mut known: std::collections::BTreeMap<&'static str, Vec<u64>> = Default::default();
+    while start.elapsed() < budget {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let seed = x >> 16;
+        let t = Instant::now();
+        let o = run_seed(seed, false);
+        runs += 1;
+        events += o.stats.events;
+        sim_ms += o.end_ms;
+        if let Some(v) = &o.violation {
+            match v.known {
+                Some(k) => known.entry(k).or_default().push(seed),
+                None => {
+                    eprintln!(
+                        "{}\n(found after {:.1} s, {runs} seeds; this seed ran {:.2} s)",
+                        report(&o),
+                        start.elapsed().as_secs_f64(),
+                        t.elapsed().as_secs_f64()
+                    );
+                    failed.push(seed);
+                }
+            }
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "{runs} random seeds in {secs:.0} s ({:.1} seeds/s, {:.0} simulated seconds, {:.0} events/s); failing: {failed:?}",
+        runs as f64 / secs,
+        sim_ms as f64 / 1000.0,
+        events as f64 / secs
+    );
+    for (k, seeds) in &known {
+        eprintln!("known defect {k}: {} seeds (first {:?})", seeds.len(), &seeds[..seeds.len().min(3)]);
+    }
+    assert!(
+        failed.is_empty(),
+        "failing seeds: {failed:?}; replay one with SIM_SEED={} cargo test -p sanvol-sim --test seeds -- replay --nocapture",
+        failed.first().copied().unwrap_or_default()
+    );
+}
+
+/// `SIM_FIRST=N`: seeds 1, 2, … N in order until the first one that fails
+/// in a way no known defect explains; prints it, the wall time it took to
+/// get there and how to replay it, and fails. Deterministic, unlike
+/// `random`: how the demonstration defects' seeds in sim/README.md were
+/// found.
+#[test]
+fn first_failure() {
+    let Ok(n) = std::env::var("SIM_FIRST") else { return };
+    let n: u64 = n.parse().expect("SIM_FIRST is a number of seeds");
+    let start = Instant::now();
+    for seed in 1..=n {
+        let o = run_seed(seed, false);
+        if unknown_failure(&o) {
+            eprintln!("{}", report(&o));
+            eprintln!("first failing seed: {seed}, after {:.2} s and {seed} seeds", start.elapsed().as_secs_f64());
+            panic!("seed {seed} failed");
+        }
+    }
+    eprintln!("seeds 1..={n} passed in {:.1} s", start.elapsed().as_secs_f64());
+}
+
+/// `SIM_TIME_SEEDS=a..b`: runs seeds and prints how long each took (tuning).
+#[test]
+fn timing() {
+    let Ok(range) = std::env::var("SIM_TIME_SEEDS") else { return };
+    let (a, b) = range.split_once("..").expect("a..b");
+    for seed in a.parse::<u64>().unwrap()..b.parse::<u64>().unwrap() {
+        let t = Instant::now();
+        let o = run_seed(seed, false);
+        eprintln!(
+            "seed {seed}: {:.3} s, {} events, sim {} ms, {}",
+            t.elapsed().as_secs_f64(),
+            o.stats.events,
+            o.end_ms,
+            o.violation.as_ref().map_or("ok".to_string(), |v| v.to_string())
+        );
+    }
+}
+
+/// A seed is a run: two runs of one seed are the same event for event.
+#[test]
+fn a_seed_replays_exactly() {
+    for seed in [3, 7] {
+        let (a, b) = (run_seed(seed, false), run_seed(seed, false));
+        assert_eq!((a.trace_hash, a.stats.events, a.end_ms), (b.trace_hash, b.stats.events, b.end_ms), "seed {seed}");
+    }
+    assert_ne!(run_seed(3, false).trace_hash, run_seed(4, false).trace_hash);
+}
