@@ -24,8 +24,8 @@ use tracing::{debug, info, warn};
 use volume_format::control::messages::{Request, Response};
 use volume_format::HandleId;
 
-use super::state::{Confirm, Recovery};
-use super::{AgentCore, AttachmentId, Millis, Purpose, RequestError};
+use super::state::{Confirm, Handle, Recovery, Volume};
+use super::{AgentCore, AttachmentId, ConnId, Millis, Purpose, RequestError};
 use crate::gate::Phase;
 
 /// Shortest and longest pause between tries of one confirmation.
@@ -53,19 +53,14 @@ impl AgentCore {
     /// is on the live connection, not being resumed, and due for a try.
     pub(super) fn confirm_recalls(&mut self, now: Millis) {
         let Some(conn) = self.link.conn() else { return };
-        let due = |v: &super::state::Volume| {
-            let h = v.handle.as_ref().filter(|_| v.has_gate())?;
-            let p = h.held.pending_recall?;
-            let ready = p.drained
-                && !p.confirmed
-                && !h.confirm.in_flight
-                && h.conn == conn
-                && h.recovery == Recovery::Idle
-                && now >= h.confirm.retry_at_ms
-                && h.gate.phase == (Phase::Recalled { generation: p.generation });
-            ready.then_some((v.id, h.held.handle, p.generation))
-        };
-        let sends: Vec<(AttachmentId, u64, u64)> = self.volumes.values().filter_map(due).collect();
+        let sends: Vec<(AttachmentId, u64, u64)> = self
+            .volumes
+            .values()
+            .filter_map(|v| {
+                let (h, generation) = sendable(v, conn)?;
+                (now >= h.confirm.retry_at_ms).then_some((v.id, h.held.handle, generation))
+            })
+            .collect();
         if sends.is_empty() {
             return;
         }
@@ -83,12 +78,12 @@ impl AgentCore {
 
     /// When the next confirmation is due for a retry.
     pub(super) fn confirm_deadline(&self) -> Option<Millis> {
-        self.volumes
-            .values()
-            .filter_map(|v| v.handle.as_ref())
-            .filter(|h| !h.confirm.in_flight && h.held.pending_recall.is_some_and(|p| p.drained && !p.confirmed))
-            .map(|h| h.confirm.retry_at_ms)
-            .min()
+        // Only confirmations that could go out now: one waiting for a
+        // connection or a resume is tried on the tick that follows those
+        // (a deadline already past would wake the owner loop at once, again
+        // and again).
+        let conn = self.link.conn()?;
+        self.volumes.values().filter_map(|v| sendable(v, conn)).map(|(h, _)| h.confirm.retry_at_ms).min()
     }
 
     pub(super) fn recall_confirmed(
@@ -118,4 +113,18 @@ impl AgentCore {
             }
         }
     }
+}
+
+/// `v`'s handle and recall generation if its drained, unconfirmed recall
+/// could be confirmed on `conn` now (whatever its retry time says).
+fn sendable(v: &Volume, conn: ConnId) -> Option<(&Handle, u64)> {
+    let h = v.handle.as_ref().filter(|_| v.has_gate())?;
+    let p = h.held.pending_recall?;
+    let ready = p.drained
+        && !p.confirmed
+        && !h.confirm.in_flight
+        && h.conn == conn
+        && h.recovery == Recovery::Idle
+        && h.gate.phase == (Phase::Recalled { generation: p.generation });
+    ready.then_some((h, p.generation))
 }

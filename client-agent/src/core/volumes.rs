@@ -31,8 +31,8 @@ use super::state::{
     checked_phase, checked_stage, Confirm, GateMirror, Handle, HeldHandle, PendingRecall, Recovery, Volume,
 };
 use super::{
-    AgentCore, AttachSpec, AttachmentId, AttachmentInfo, CallerId, CloseOutcome, ConnId, Effect, Millis,
-    OpenWith, Pending, Prepared, PublishContext, Purpose, Reply, RequestError, Stage, ORPHAN_EVENTS_MAX,
+    AgentCore, AttachSpec, AttachmentId, AttachmentInfo, CallerId, CloseOutcome, ConnId, Effect, Millis, OpenWith,
+    Pending, Prepared, PublishContext, Purpose, Reply, RequestError, Stage, ORPHAN_EVENTS_MAX,
 };
 use crate::agent::AgentError;
 use crate::export::ExportTarget;
