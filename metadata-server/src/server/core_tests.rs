@@ -14,10 +14,10 @@ use super::commit::MetaJournal;
 use super::core::{Core, CoreConfig, Effect, Entropy, Input, Now, ReplyId, TaskId};
 use super::jobs::{Job, JobOutcome};
 use crate::pool::journal::{PoolJournal, RawWrite};
+use crate::resume::HANDOVER_TOKEN_MS;
 use control_client::handshake::Peer;
 use volume_format::metadata::journal::JournalWriter;
 use volume_format::metadata::MetadataArea;
-use crate::resume::HANDOVER_TOKEN_MS;
 
 const LEASE_MS: u64 = 1_000;
 
@@ -547,7 +547,8 @@ fn a_used_handover_token_stays_refused_across_restarts_and_clock_steps() {
     let b = Peer { key: SigningKey::from_bytes(&[2; 32]).verifying_key().to_bytes(), ..peer(2, Role::Agent) };
     let connect_b = |w: &mut World| w.apply(Input::Connected { session: 7, peer: b.clone(), addr: "test".into() });
     connect_b(&mut w);
-    let authorize = Request::ClientAuthorize { key: b.key, name: "host-b".into(), role: Role::Agent, volumes: Vec::new() };
+    let authorize =
+        Request::ClientAuthorize { key: b.key, name: "host-b".into(), role: Role::Agent, volumes: Vec::new() };
     assert_eq!(committed_request(&mut w, 3, authorize), Ok(Response::Done));
     let Ok(Response::Opened(a)) =
         committed_request(&mut w, 1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive })
