@@ -351,7 +351,13 @@ impl LeaseMachine {
 
     /// The owner sectors read (one result per copy); returns the action.
     pub fn read_done(&mut self, now_ms: u64, records: &[Result<Option<LeaseRecord>, String>]) -> LeaseAction {
-        let seen = majority(records);
+        // A read is evidence only if it finished within T of its start: a
+        // server paused between its read and acting on it would otherwise
+        // write a renewal (or take ownership) on what the sectors said
+        // before another server took the lease, and overwrite it.
+        let fresh = self.last_read_ms.is_some_and(|t| now_ms.saturating_sub(t) <= self.timing.io_timeout_ms);
+        let seen =
+            if fresh { majority(records) } else { Err("the read finished more than T after it started".to_string()) };
         match std::mem::replace(&mut self.phase, LeasePhase::Standby { owner: None }) {
             LeasePhase::Standby { owner } => {
                 self.phase = LeasePhase::Standby { owner: owner.clone() };

@@ -179,6 +179,8 @@ fn race(seed: u64, servers: usize, copies: usize, steps: u64) -> usize {
         })
         .collect();
     let mut acquisitions = 0;
+    // LEASE_TRACE=1 prints every step of the model (to read a failing seed).
+    let trace = std::env::var_os("LEASE_TRACE").is_some();
     for now in 0..steps {
         // I/O lands (even for paused or crashed servers: it was in flight).
         for s in fleet.iter_mut() {
@@ -207,8 +209,18 @@ fn race(seed: u64, servers: usize, copies: usize, steps: u64) -> usize {
                 continue;
             }
             match rng.below(4000) {
-                0 => s.paused_until = now + rng.below(12 * T),
-                1 if s.m.may_commit(now) => s.crashed = true,
+                0 => {
+                    s.paused_until = now + rng.below(12 * T);
+                    if trace {
+                        eprintln!("{now:5} host {} paused until {}", s.m.me.host_id, s.paused_until);
+                    }
+                }
+                1 if s.m.may_commit(now) => {
+                    s.crashed = true;
+                    if trace {
+                        eprintln!("{now:5} host {} crashed", s.m.me.host_id);
+                    }
+                }
                 _ => {}
             }
         }
@@ -237,6 +249,9 @@ fn race(seed: u64, servers: usize, copies: usize, steps: u64) -> usize {
                 None if now >= s.wait_until => Some(s.m.next(now)),
                 None => None,
             };
+            if trace && action.is_some() {
+                eprintln!("{now:5} host {} {:?} -> {:?}", s.m.me.host_id, s.m.phase, action);
+            }
             match action {
                 Some(LeaseAction::Read) => {
                     s.m.reading(now);
@@ -258,6 +273,14 @@ fn race(seed: u64, servers: usize, copies: usize, steps: u64) -> usize {
     acquisitions
 }
 
+/// `LEASE_SEED=N LEASE_SERVERS=S LEASE_COPIES=C` replays one model run.
+#[test]
+fn one_seed_from_the_environment() {
+    let Some(seed) = std::env::var("LEASE_SEED").ok().and_then(|s| s.parse().ok()) else { return };
+    let get = |k: &str, d: usize| std::env::var(k).ok().and_then(|s| s.parse().ok()).unwrap_or(d);
+    race(seed, get("LEASE_SERVERS", 2), get("LEASE_COPIES", 1), 40 * T);
+}
+
 #[test]
 fn racing_servers_never_both_commit() {
     let mut acquired = 0;
@@ -268,7 +291,11 @@ fn racing_servers_never_both_commit() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    // 48 cases by default; PROPTEST_CASES=N for a longer search.
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(48),
+        ..ProptestConfig::default()
+    })]
     #[test]
     fn racing_servers_never_both_commit_any_seed(seed in any::<u64>(), servers in 2usize..5, copies in prop_oneof![Just(1usize), Just(3), Just(5)]) {
         race(seed, servers, copies, 40 * T);
