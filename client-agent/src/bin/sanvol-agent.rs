@@ -134,6 +134,11 @@ struct RunArgs {
     /// Directory for volume export sockets.
     #[arg(long, env = "SANVOL_EXPORT_DIR", default_value = DEFAULT_EXPORT_DIR)]
     export_dir: PathBuf,
+    /// Directory for the agent's state: the resume keys of the volumes it holds and how it serves
+    /// them (mode 0600), so that a restarted agent (crash, kill -9, upgrade) takes them back at once
+    /// instead of waiting for their leases to run out. One agent per directory (it is locked).
+    #[arg(long, env = "SANVOL_AGENT_STATE_DIR", default_value = client_agent::state_dir::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
     /// NBD connections per device (used when the device's server allows several).
     #[arg(long, default_value_t = 2)]
     device_connections: usize,
@@ -200,8 +205,9 @@ async fn run(args: RunArgs, control_socket: PathBuf) -> Result<()> {
     let addr = addrs.remove(0);
     let key = control_client::keys::load_private(&args.key)?;
     let (server_key, _) = control_client::keys::parse_public(&args.server_key).context("--server-key")?;
-    let mut instance = [0u8; 16];
-    getrandom::getrandom(&mut instance).map_err(|e| anyhow::anyhow!("reading random bytes: {e}"))?;
+    // The lock on the state directory makes its instance ours (see client_agent::state_dir).
+    let (state_dir, previous) = client_agent::state_dir::StateDir::open(&args.state_dir)?;
+    let instance = previous.instance;
     let config = AgentConfig {
         session: SessionConfig {
             addr,
@@ -224,8 +230,15 @@ async fn run(args: RunArgs, control_socket: PathBuf) -> Result<()> {
             ..Default::default()
         },
         host_aliases: args.device_host_alias.clone(),
+        state: Some(std::sync::Arc::new(state_dir)),
     };
     let agent = Agent::start(config);
+    // The previous run's handles are resumed as soon as the server answers (the control socket
+    // answers meanwhile; `list` shows each once it is served again).
+    let restored = tokio::spawn({
+        let agent = agent.clone();
+        async move { client_agent::kernel::reattach::restore_all(&agent, previous.handles).await.1 }
+    });
 
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -243,12 +256,13 @@ async fn run(args: RunArgs, control_socket: PathBuf) -> Result<()> {
     if !client_agent::kernel::driver::loaded() {
         tracing::info!("{}; kernel attach is unavailable, socket exports work", client_agent::kernel::NOT_LOADED);
     }
-    // Devices a previous agent left connected get their volumes back (in the background: the
-    // control socket answers meanwhile; `list` shows them once bound).
+    // Devices a previous agent left connected that the state file did not name get their volumes
+    // back by re-opening (in the background: the control socket answers meanwhile).
     tokio::spawn({
         let agent = agent.clone();
         async move {
-            agent.reattach_kernel_devices().await;
+            let skip = restored.await.unwrap_or_default();
+            agent.reattach_kernel_devices(&skip).await;
         }
     });
     println!("ready control-socket={}", control_socket.display());
