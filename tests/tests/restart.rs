@@ -232,3 +232,30 @@ async fn fallback_io_survives_a_server_restart() {
     c.disconnect().await;
     agent.detach("p");
 }
+
+/// `systemctl stop` must not hang: with the only device stopped (SIGSTOP)
+/// and the metadata server killed, SIGTERM still ends the agent within
+/// `--shutdown-timeout-ms`, with an error that says what was left undone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_the_device_and_the_server_gone_ends_within_the_shutdown_timeout() {
+    let mut stack = Stack::new(1, "256M");
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "v", "16M"]);
+    let mut agent = stack.start_agent_with("host-a", &["--shutdown-timeout-ms".into(), "2000".into()]);
+    let uri = agent.attach("v", "exclusive");
+    let c = sanvol_tests::volumes::connect(&uri).await;
+    c.write(0, bytes::Bytes::from(vec![1u8; 4096]), false).await.unwrap();
+    c.disconnect().await;
+    let device = stack.devices[0].pid();
+    let signal = |pid: u32, sig: i32| {
+        // SAFETY: kill(2) on processes this test started.
+        assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
+    };
+    signal(device, libc::SIGSTOP);
+    stack.kill_mds();
+    signal(agent.proc.pid(), libc::SIGTERM);
+    let status = agent.proc.wait_exit_within(Duration::from_secs(30));
+    signal(device, libc::SIGCONT);
+    assert!(!status.success(), "the flush could not have finished: {}", agent.proc.log());
+    assert!(agent.proc.log().contains("the shutdown did not finish within 2 s"), "{}", agent.proc.log());
+}
