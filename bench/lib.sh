@@ -112,7 +112,8 @@ start_agent() {
     "$BIN/sanvol" client add "$d/$name.key.pub" --role agent --name "bench-$name" >/dev/null
     mkdir -p "$d/exports-$name"
     "$BIN/sanvol-agent" run --mds "$SANVOL_MDS" --key "$d/$name.key" --server-key "$d/mds.key.pub" \
-        --name "bench-$name" --control-socket "$d/agent-$name.sock" --export-dir "$d/exports-$name" "$@" \
+        --name "bench-$name" --control-socket "$d/agent-$name.sock" --export-dir "$d/exports-$name" \
+        --state-dir "$d/state-$name" "$@" \
         2>"$d/agent-$name.err" &
     BENCH_PIDS+=($!)
     PID_OF[agent-$name]=$!

@@ -25,12 +25,15 @@ use volume_format::control::messages::OpenMode;
 
 pub use control_client::agent_api::{AgentStatus, AttachRequest, AttachmentInfo};
 
-use crate::core::{AgentCore, AttachSpec, Command, CoreConfig, Input, KernelPlan, OpenWith, Reply};
+use crate::core::{
+    AgentCore, AttachSpec, Command, CoreConfig, HeldHandle, Input, KernelPlan, OpenWith, Reply, RestoreSpec,
+};
 use crate::devices::{DevicePool, PoolOptions};
 use crate::kernel::reattach::HostAliases;
 use crate::kernel::KernelSettings;
 use crate::owner::{LayoutBuilder, Shell, ToOwner};
 use crate::session::{ConnectState, SessionConfig, SessionError};
+use crate::state_dir::StateDir;
 use crate::volume::Layout;
 
 /// Everything `sanvol-agent run` is configured with.
@@ -45,6 +48,9 @@ pub struct AgentConfig {
     /// Device URI host rewrites (`--device-host-alias FROM=TO`), for agents
     /// that reach the devices under another address than the pool records.
     pub host_aliases: Vec<(String, String)>,
+    /// Where the handles the agent holds are kept for its next run (`None`:
+    /// nowhere; a restarted agent then cannot take them back).
+    pub state: Option<Arc<StateDir>>,
 }
 
 impl AgentConfig {
@@ -56,6 +62,7 @@ impl AgentConfig {
             pool: PoolOptions::default(),
             kernel: KernelSettings::default(),
             host_aliases: Vec::new(),
+            state: None,
         }
     }
 }
@@ -245,6 +252,16 @@ impl Agent {
         }
     }
 
+    /// Takes back a handle the previous run of this agent held (from its
+    /// state file) and serves it as it was served; `kernel` says what to do
+    /// with its kernel device ([`crate::kernel::reattach::restore_plan`]).
+    pub async fn restore(&self, held: HeldHandle, kernel: Option<KernelPlan>) -> Result<AttachmentInfo, AgentError> {
+        match self.call(Command::Restore(RestoreSpec { held, kernel })).await {
+            Reply::Attached(info) => Ok(*info),
+            other => Err(failed(other)),
+        }
+    }
+
     /// Detaches everything (flush + close) and stops. Kernel devices stay connected (their I/O
     /// waits up to the dead-connection timeout), so that the next agent can reattach them.
     pub async fn shutdown(&self) {
@@ -298,10 +315,11 @@ impl Agent {
     }
 
     /// After a restart: finds the kernel devices a previous agent left connected (sanvol backend
-    /// identifiers, no live process behind them), re-opens their volumes and gives the same
-    /// devices fresh sockets. Returns one line per device for the log.
-    pub async fn reattach_kernel_devices(&self) -> Vec<String> {
-        crate::kernel::reattach::reattach_all(self).await
+    /// identifiers, no live process behind them) other than `skip` (those the state file named),
+    /// re-opens their volumes and gives the same devices fresh sockets. Returns one line per device
+    /// for the log.
+    pub async fn reattach_kernel_devices(&self, skip: &[u32]) -> Vec<String> {
+        crate::kernel::reattach::reattach_all(self, skip).await
     }
 }
 

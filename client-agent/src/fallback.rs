@@ -22,6 +22,19 @@
 //! one path acknowledged it — so an acknowledged write is on the device
 //! whichever path carried it.
 //!
+//! Why fallback I/O waits out a server restart: while the direct path is
+//! down, the server is the volume's only path, and an I/O error handed up
+//! becomes a filesystem error or a failed VM disk. So when the server cannot
+//! be reached or does not serve data channels yet (restarting, in its grace
+//! period) — or a data channel breaks because the server died — the request
+//! waits and retries (pauses from [`CHANNEL_RETRY_PAUSE_MIN_MS`] doubling to
+//! [`CHANNEL_RETRY_PAUSE_MAX_MS`]) for up to [`FALLBACK_HOLD_MAX`], as the
+//! gate holds I/O while a lease cannot be renewed. Safe, because the server
+//! is the fence on this path: it grants a data channel only for a volume the
+//! agent still holds a handle on. A refusal, a device the server cannot
+//! reach either, or an NBD error the server returns, fail the request as
+//! before.
+//!
 //! Known limit: a write that timed out on the direct path may still be
 //! queued inside the device's NBD server and land later. If the application
 //! overwrote the same block meanwhile (after the re-sent write was
@@ -66,6 +79,16 @@ pub const CHANNEL_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CHANNEL_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time for a report to the server.
 pub const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// First and longest pause between tries while the server cannot serve a
+/// data channel (unreachable, restarting).
+pub const CHANNEL_RETRY_PAUSE_MIN_MS: u64 = 50;
+pub const CHANNEL_RETRY_PAUSE_MAX_MS: u64 = 1_000;
+/// How long a fallback request waits for the server at most before it fails.
+pub const FALLBACK_HOLD_MAX: Duration = Duration::from_secs(600);
+/// Tries of a request on data channels that answer with an I/O error (a
+/// channel that breaks — the server died — is retried until
+/// [`FALLBACK_HOLD_MAX`] instead).
+pub const CHANNEL_IO_ATTEMPTS_MAX: u32 = 2;
 
 /// Which path a device's I/O takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -352,30 +375,56 @@ impl FallbackDevice {
         ))
     }
 
-    async fn channel(&self) -> Result<(u64, NbdClient), IoError> {
+    /// The data channel, opened if need be; while the server cannot serve
+    /// one, waits and retries until `deadline` (see the module docs).
+    async fn channel(&self, deadline: tokio::time::Instant) -> Result<(u64, NbdClient), IoError> {
         let mut slot = self.channel.lock().await;
         if let Some((n, c)) = slot.as_ref() {
             return Ok((*n, c.clone()));
         }
-        if self.marked_failed() {
-            return Err(self.failed_error());
-        }
-        match self.link.open_channel(self.volume, self.device).await {
-            Ok((client, grant)) => {
-                info!(device = %self.direct.name(), volume = self.volume, ranges = grant.ranges.len(),
-                    "data channel through the metadata server open");
-                let n = self.channels_opened.fetch_add(1, Ordering::Relaxed) + 1;
-                *slot = Some((n, client.clone()));
-                Ok((n, client))
+        let mut pause_ms = CHANNEL_RETRY_PAUSE_MIN_MS;
+        let mut waiting = false;
+        loop {
+            if self.marked_failed() {
+                return Err(self.failed_error());
             }
-            Err(ChannelError::Unavailable(why)) if why.contains("marked failed") || why.contains("cannot reach") => {
-                self.direct.path().marked_failed.store(true, Ordering::Release);
-                Err(IoError::io(format!("device {}: {why}", self.direct.name())))
+            let e = match self.link.open_channel(self.volume, self.device).await {
+                Ok((client, grant)) => {
+                    info!(device = %self.direct.name(), volume = self.volume, ranges = grant.ranges.len(),
+                        "data channel through the metadata server open");
+                    let n = self.channels_opened.fetch_add(1, Ordering::Relaxed) + 1;
+                    *slot = Some((n, client.clone()));
+                    return Ok((n, client));
+                }
+                Err(ChannelError::Unavailable(why))
+                    if why.contains("marked failed") || why.contains("cannot reach") =>
+                {
+                    self.direct.path().marked_failed.store(true, Ordering::Release);
+                    return Err(IoError::io(format!("device {}: {why}", self.direct.name())));
+                }
+                Err(e @ ChannelError::Refused(_)) => {
+                    return Err(IoError::io(format!(
+                        "device {}: the direct path failed and the metadata server refused a data channel: {e}",
+                        self.direct.name()
+                    )))
+                }
+                Err(e) => e,
+            };
+            let now = tokio::time::Instant::now();
+            if now + Duration::from_millis(pause_ms) > deadline {
+                return Err(IoError::io(format!(
+                    "device {}: the direct path failed and the metadata server served no data channel for {} s: {e}",
+                    self.direct.name(),
+                    FALLBACK_HOLD_MAX.as_secs()
+                )));
             }
-            Err(e) => Err(IoError::io(format!(
-                "device {}: the direct path failed and the fallback through the metadata server too: {e}",
-                self.direct.name()
-            ))),
+            if !waiting {
+                waiting = true;
+                warn!(device = %self.direct.name(), volume = self.volume, error = %e,
+                    "the metadata server serves no data channel now; holding this device's I/O and retrying");
+            }
+            tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+            pause_ms = (pause_ms * 2).min(CHANNEL_RETRY_PAUSE_MAX_MS);
         }
     }
 
@@ -401,9 +450,10 @@ macro_rules! with_fallback {
                 Err(e) => $self.direct.direct_failed(&e.message),
             }
         }
-        let mut last = None;
-        for _attempt in 0..2 {
-            let (number, client) = $self.channel().await?;
+        let deadline = tokio::time::Instant::now() + FALLBACK_HOLD_MAX;
+        let mut io_errors = 0;
+        loop {
+            let (number, client) = $self.channel(deadline).await?;
             let $dev: &NbdClient = &client;
             match $op.await {
                 Ok(v) => return Ok(v),
@@ -411,11 +461,17 @@ macro_rules! with_fallback {
                 Err(e) => {
                     warn!(device = %$self.direct.name(), volume = $self.volume, error = %e, "request on the data channel failed; reopening it");
                     $self.drop_channel(number).await;
-                    last = Some(e);
+                    // A broken channel (the server went away) is waited out;
+                    // an error the server answered is tried again once.
+                    if e.kind != IoErrorKind::Shutdown {
+                        io_errors += 1;
+                    }
+                    if io_errors >= CHANNEL_IO_ATTEMPTS_MAX || tokio::time::Instant::now() >= deadline {
+                        return Err(e);
+                    }
                 }
             }
         }
-        Err(last.expect("two attempts were made"))
     }};
 }
 

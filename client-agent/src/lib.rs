@@ -29,6 +29,9 @@
 //! - [`owner`]: the one task that owns the core (select → apply → perform
 //!   effects; long steps run as tasks that report back).
 //! - [`session`]: who the agent is, its server addresses, session errors.
+//! - [`state_dir`]: the state file (resume keys, how each volume is served)
+//!   that lets a restarted agent take its handles back at once, and the lock
+//!   that makes it safe.
 //! - [`export`]: serving a volume as an NBD export (unix socket, loopback
 //!   TCP) and the kernel-attach seam.
 //! - [`agent`]: the handle callers use (attach/detach/list/status, graceful
@@ -51,6 +54,7 @@ pub mod kernel;
 pub mod metrics;
 pub mod owner;
 pub mod session;
+pub mod state_dir;
 pub mod volume;
 
 #[cfg(test)]

@@ -311,6 +311,10 @@ impl Shell {
             }
             Effect::Send { conn, request, message, timeout_ms } => match self.conns.get(&conn) {
                 Some(client) if !client.is_closed() => {
+                    if matches!(message, volume_format::control::messages::Request::RecallDone { .. }) {
+                        // Tests freeze the agent here (`:stop`) and cut its connection.
+                        control_client::fault::hit("agent-before-recall-done");
+                    }
                     let (client, tx) = (client.clone(), self.tx.clone());
                     let timeout = timeout_ms.map_or(control_client::client::REQUEST_TIMEOUT, Duration::from_millis);
                     tokio::spawn(
@@ -420,6 +424,16 @@ impl Shell {
             Effect::MarkDeviceFailed { device } => {
                 if let Some(d) = self.pool.find(&device) {
                     d.path().marked_failed.store(true, std::sync::atomic::Ordering::Release);
+                }
+            }
+            Effect::SaveState { handles } => {
+                // Synchronous on purpose: the effects after it (a recall's
+                // confirmation) must not happen before it is on disk. A
+                // small file, written on attach, detach and recalls only.
+                if let Some(dir) = &self.config.state {
+                    if let Err(e) = dir.save(&handles) {
+                        tracing::error!(error = %e, "cannot write the state file: a restarted agent would not take these volumes back at once");
+                    }
                 }
             }
             Effect::State(state) => {

@@ -6,15 +6,20 @@
 //!
 //! Points are named `PROCESS-when`, e.g. `agent-after-cow-copy`; each
 //! caller documents its own. `POINT@N` fires on the point's Nth hit (to
-//! crash in the middle of a load rather than at its first step). Unset (the
-//! normal case) costs one load of a cached value.
+//! crash in the middle of a load rather than at its first step).
+//! `POINT:stop` (or `POINT:stop@N`) stops the process instead (SIGSTOP, as a
+//! debugger or a stalled host would), so a test can act while it is frozen
+//! there — cut its connection between two protocol steps — and then let it
+//! go on (SIGCONT). Unset (the normal case) costs one load of a cached value.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-/// An armed point: its name, on which hit it fires, and the hits so far.
+/// An armed point: its name, what it does, on which hit it fires, and the
+/// hits so far.
 struct Armed {
     point: String,
+    stop: bool,
     on_hit: u64,
     hits: AtomicU64,
 }
@@ -36,14 +41,27 @@ fn parse(spec: &str) -> Option<Armed> {
         Some((point, n)) => (point, n.parse().ok().filter(|n| *n > 0)?),
         None => (spec, 1),
     };
-    Some(Armed { point: point.to_string(), on_hit, hits: AtomicU64::new(0) })
+    let (point, stop) = match point.strip_suffix(":stop") {
+        Some(point) => (point, true),
+        None => (point, false),
+    };
+    Some(Armed { point: point.to_string(), stop, on_hit, hits: AtomicU64::new(0) })
 }
 
-/// Kills this process with SIGKILL if `point` is armed (and this is the
-/// hit it is armed for).
+/// Kills this process with SIGKILL (or stops it with SIGSTOP) if `point` is
+/// armed (and this is the hit it is armed for).
 pub fn hit(point: &str) {
     let Some(a) = armed().iter().find(|a| a.point == point) else { return };
-    if a.hits.fetch_add(1, Ordering::SeqCst) + 1 == a.on_hit {
+    if a.hits.fetch_add(1, Ordering::SeqCst) + 1 != a.on_hit {
+        return;
+    }
+    if a.stop {
+        eprintln!("SANVOL_FAULT: reached {point}; stopping this process (SIGSTOP) until SIGCONT");
+        // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGSTOP);
+        }
+    } else {
         eprintln!("SANVOL_FAULT: reached {point}; killing this process (SIGKILL)");
         // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
         unsafe {
@@ -61,6 +79,9 @@ mod tests {
         let a = parse("mds-mid-journal-write@4").unwrap();
         assert_eq!((a.point.as_str(), a.on_hit), ("mds-mid-journal-write", 4));
         assert_eq!(parse("agent-after-cow-copy").unwrap().on_hit, 1);
+        let a = parse("agent-before-recall-done:stop").unwrap();
+        assert_eq!((a.point.as_str(), a.stop, a.on_hit), ("agent-before-recall-done", true, 1));
+        assert!(parse("x:stop@2").is_some_and(|a| a.stop && a.on_hit == 2));
         assert!(parse("x@0").is_none() && parse("x@y").is_none() && parse("").is_none());
     }
 }

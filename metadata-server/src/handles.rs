@@ -344,6 +344,13 @@ impl HandleTable {
         r.waiting.contains(&handle).then_some(r.generation)
     }
 
+    /// The generation of the recall in progress on `handle`'s volume, if
+    /// any, whether `handle` confirmed it or not.
+    pub fn recall_in_progress(&self, handle: u64) -> Option<u64> {
+        let h = self.handles.get(&handle)?;
+        self.recalls.get(&h.volume).map(|r| r.generation)
+    }
+
     /// Where the recall of `volume` stands at `now_ms`. Handles whose lease
     /// ran out are excluded (their agent stopped I/O by itself).
     pub fn recall_state(&self, volume: u64, now_ms: u64) -> Option<RecallState> {

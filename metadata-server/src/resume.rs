@@ -53,62 +53,54 @@ impl SignedResumeKey for HandoverToken {
 /// copy it to the other host and attach, short enough that a leaked token is
 /// soon worthless.
 pub const HANDOVER_TOKEN_MS: u64 = 120_000;
-/// Used tokens remembered at once (they are forgotten when they expire, so
-/// only a flood of handovers within [`HANDOVER_TOKEN_MS`] reaches it).
-pub const HANDOVER_USED_MAX: usize = 4096;
-
-/// Remembers which handover tokens were used, so each works once.
+/// This server's clock for handover tokens: wall-clock milliseconds that
+/// never read below the pool's floor (the newest token time a server of the
+/// pool committed, `PoolMetadata::handovers`) and, once started, run on the
+/// monotonic clock.
 ///
-/// Why tokens from before this server started are refused: the ledger is in
-/// memory, so after a restart it cannot tell a used token from an unused
-/// one. Refusing them all keeps "single use" true across restarts and
-/// failovers; the holder simply issues a new token.
-#[derive(Debug)]
-pub struct HandoverLedger {
-    started_unix_ms: u64,
-    used: std::collections::BTreeMap<[u8; 16], u64>,
+/// Why: a token carries wall-clock times, because any server of the pool may
+/// check it. Checked against the wall clock itself, a clock stepped back (or
+/// a standby whose clock lags) would find an expired token valid again. With
+/// the floor, a used token stays refused whatever the clocks do: its record
+/// is kept until a commit has raised the floor past its expiry. And a token
+/// refused as expired is refused again by the next server too: that refusal
+/// commits the floor first (`Core::open_handover_step`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenClock {
+    base_unix_ms: u64,
+    base_mono_ms: u64,
 }
 
-impl HandoverLedger {
-    pub fn new(started_unix_ms: u64) -> HandoverLedger {
-        HandoverLedger { started_unix_ms, used: Default::default() }
+impl TokenClock {
+    /// Starts at `now` (monotonic and wall-clock ms), never below `floor_unix_ms`.
+    pub fn start(now_mono_ms: u64, now_unix_ms: u64, floor_unix_ms: u64) -> TokenClock {
+        TokenClock { base_unix_ms: now_unix_ms.max(floor_unix_ms), base_mono_ms: now_mono_ms }
     }
 
-    /// Whether `token` may be used at `now_unix_ms`; does not mark it used.
-    pub fn check(&self, token: &HandoverToken, now_unix_ms: u64) -> Result<(), String> {
-        if now_unix_ms >= token.expires_at_unix_ms {
-            return Err(format!(
-                "the handover token expired {} ms ago; ask the holder for a new one",
-                now_unix_ms - token.expires_at_unix_ms
-            ));
-        }
-        if token.issued_at_unix_ms < self.started_unix_ms {
-            return Err("the handover token was issued before the metadata server restarted, so it cannot be \
-                 told apart from a used one; ask the holder for a new one"
-                .into());
-        }
-        if self.used.contains_key(&token.nonce) {
-            return Err(
-                "the handover token was already used (tokens are single-use); ask the holder for a new one".into()
-            );
-        }
-        Ok(())
+    /// The token time at monotonic `now_mono_ms`.
+    pub fn now_ms(&self, now_mono_ms: u64) -> u64 {
+        self.base_unix_ms + now_mono_ms.saturating_sub(self.base_mono_ms)
     }
+}
 
-    /// Marks `token` used (after the handover was committed).
-    pub fn mark_used(&mut self, token: &HandoverToken, now_unix_ms: u64) {
-        self.used.retain(|_, expires| *expires > now_unix_ms);
-        if self.used.len() >= HANDOVER_USED_MAX {
-            // Forgetting one early could let it be replayed: refuse instead by
-            // treating the oldest as expired only when it truly is (above);
-            // here the ledger is full of live tokens, so drop the soonest to
-            // expire, which has the least time left to be replayed.
-            if let Some(nonce) = self.used.iter().min_by_key(|(_, e)| **e).map(|(n, _)| *n) {
-                self.used.remove(&nonce);
-            }
-        }
-        self.used.insert(token.nonce, token.expires_at_unix_ms);
+/// Why a token may not be used at token time `now_ms` (before the ledger is
+/// consulted): expired, or issued by a server whose clock is ahead of this
+/// one's (its age cannot be measured here).
+pub fn check_token_time(token: &HandoverToken, now_ms: u64) -> Result<(), String> {
+    if now_ms >= token.expires_at_unix_ms {
+        return Err(format!(
+            "the handover token expired {} ms ago; ask the holder for a new one",
+            now_ms - token.expires_at_unix_ms
+        ));
     }
+    if token.issued_at_unix_ms > now_ms {
+        return Err(format!(
+            "the handover token was issued {} ms ahead of this server's clock (the pool's servers' clocks \
+             disagree), so its age cannot be told; ask the holder for a new one",
+            token.issued_at_unix_ms - now_ms
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -171,7 +163,11 @@ mod tests {
     }
 
     #[test]
-    fn a_handover_token_works_once_before_it_expires_and_never_from_a_previous_run() {
+    fn the_token_clock_never_reads_below_the_floor_and_ignores_wall_clock_steps() {
+        let clock = TokenClock::start(500, 10_000, 20_000);
+        assert_eq!(clock.now_ms(500), 20_000, "a wall clock behind the pool's floor starts at the floor");
+        assert_eq!(clock.now_ms(1_500), 21_000, "then runs on the monotonic clock");
+        assert_eq!(TokenClock::start(0, 30_000, 20_000).now_ms(0), 30_000);
         let token = HandoverToken {
             pool: [1; 16],
             handle: 42,
@@ -179,18 +175,12 @@ mod tests {
             from_key: [5; 32],
             to_key: [8; 32],
             mode: OpenMode::Exclusive,
-            issued_at_unix_ms: 1_000,
-            expires_at_unix_ms: 1_000 + HANDOVER_TOKEN_MS,
+            issued_at_unix_ms: 21_000,
+            expires_at_unix_ms: 21_000 + HANDOVER_TOKEN_MS,
             nonce: [4; 16],
         };
-        let mut ledger = HandoverLedger::new(500);
-        ledger.check(&token, 2_000).unwrap();
-        ledger.mark_used(&token, 2_000);
-        assert!(ledger.check(&token, 2_001).unwrap_err().contains("already used"));
-        let fresh = HandoverToken { nonce: [5; 16], ..token.clone() };
-        assert!(ledger.check(&fresh, 1_000 + HANDOVER_TOKEN_MS).unwrap_err().contains("expired"));
-        ledger.check(&fresh, 1_000 + HANDOVER_TOKEN_MS - 1).unwrap();
-        let restarted = HandoverLedger::new(1_001);
-        assert!(restarted.check(&fresh, 2_000).unwrap_err().contains("restarted"));
+        check_token_time(&token, 21_000).unwrap();
+        assert!(check_token_time(&token, 21_000 + HANDOVER_TOKEN_MS).unwrap_err().contains("expired"));
+        assert!(check_token_time(&token, 20_500).unwrap_err().contains("ahead"));
     }
 }

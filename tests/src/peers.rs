@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockio::uri::NbdUri;
+use blockio::uri::{NbdUri, Transport};
 
 /// How long a peer may take to start listening.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -211,6 +211,37 @@ pub fn qemu_nbd(size_bytes: u64, export: &str, extra: &[&str]) -> Peer {
         .args(extra)
         .arg(&image);
     let uri = NbdUri::unix(&sock, export);
+    Peer::spawn("qemu-nbd", dir, cmd, uri, Ready::PidFileAndUnixListening(pid, sock))
+}
+
+/// `qemu-nbd` re-exporting the NBD export `target` (a unix socket) through
+/// QEMU's own NBD client with `reconnect-delay`: when `target`'s server goes
+/// away and comes back, QEMU reconnects and resends what was in flight, and
+/// requests wait (up to `reconnect_delay_secs`) instead of failing — what a VM
+/// whose disk is a sanvol export sees across an agent restart.
+pub fn qemu_nbd_reconnecting(target: &NbdUri, reconnect_delay_secs: u32) -> Peer {
+    let bin = require_tool("qemu-nbd");
+    let dir = temp_dir("sanvol-qemu-nbd-");
+    let sock = dir.path().join("nbd.sock");
+    let pid = dir.path().join("qemu-nbd.pid");
+    let Transport::Unix { socket: target_socket } = &target.transport else {
+        panic!("{target}: a unix-socket export expected")
+    };
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={},export={},reconnect-delay={reconnect_delay_secs}",
+        target_socket.display(),
+        target.export
+    );
+    let mut cmd = Command::new(bin);
+    cmd.arg("--persistent")
+        .arg("-k")
+        .arg(&sock)
+        .arg("--pid-file")
+        .arg(&pid)
+        .arg("--shared=8")
+        .arg("--image-opts")
+        .arg(opts);
+    let uri = NbdUri::unix(&sock, "");
     Peer::spawn("qemu-nbd", dir, cmd, uri, Ready::PidFileAndUnixListening(pid, sock))
 }
 

@@ -22,6 +22,8 @@ struct State {
     cuts: watch::Sender<u64>,
     forwarded_bytes: AtomicU64,
     accepted: AtomicU64,
+    /// Connections being forwarded right now.
+    open: AtomicU64,
 }
 
 pub struct CuttableProxy {
@@ -41,6 +43,7 @@ impl CuttableProxy {
             cuts,
             forwarded_bytes: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
+            open: AtomicU64::new(0),
         });
         let target = target.to_path_buf();
         let task = tokio::spawn({
@@ -79,6 +82,12 @@ impl CuttableProxy {
     pub fn accepted(&self) -> u64 {
         self.state.accepted.load(Ordering::Relaxed)
     }
+
+    /// Connections being forwarded now (after a cut: until each has dropped
+    /// both its sockets).
+    pub fn open_connections(&self) -> u64 {
+        self.state.open.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for CuttableProxy {
@@ -90,12 +99,18 @@ impl Drop for CuttableProxy {
 }
 
 async fn forward(client: UnixStream, target: PathBuf, state: Arc<State>) {
+    state.open.fetch_add(1, Ordering::SeqCst);
+    forward_until_cut(client, target, &state).await;
+    state.open.fetch_sub(1, Ordering::SeqCst);
+}
+
+async fn forward_until_cut(client: UnixStream, target: PathBuf, state: &State) {
     let mut cuts = state.cuts.subscribe();
     let Ok(server) = UnixStream::connect(&target).await else { return };
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
-    let up = copy(&mut cr, &mut sw, &state);
-    let down = copy(&mut sr, &mut cw, &state);
+    let up = copy(&mut cr, &mut sw, state);
+    let down = copy(&mut sr, &mut cw, state);
     tokio::select! {
         _ = async { tokio::join!(up, down) } => {}
         _ = cuts.changed() => {}

@@ -355,13 +355,17 @@ impl Stack {
 
     /// `sanvol ARGS` as the admin; returns the whole output.
     pub fn sanvol(&self, args: &[&str]) -> Output {
-        Command::new(bin("sanvol"))
-            .env("SANVOL_MDS", self.all_mds_addrs())
+        self.sanvol_command(args).output().expect("run sanvol")
+    }
+
+    /// The command `sanvol ARGS` as the admin, to run in the background.
+    pub fn sanvol_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("sanvol"));
+        cmd.env("SANVOL_MDS", self.all_mds_addrs())
             .env("SANVOL_KEY", &self.admin_key)
             .env("SANVOL_SERVER_KEY", pub_path(&self.mds_key))
-            .args(args)
-            .output()
-            .expect("run sanvol")
+            .args(args);
+        cmd
     }
 
     /// `sanvol ARGS` that must succeed; returns stdout.
@@ -386,12 +390,17 @@ impl Stack {
 
     /// Creates an agent key, authorizes it and starts `sanvol-agent run`.
     pub fn start_agent(&self, name: &str) -> Agent {
+        self.authorize_agent(name);
+        self.restart_agent(name)
+    }
+
+    /// Creates agent `name`'s key and authorizes it, unless done before.
+    pub fn authorize_agent(&self, name: &str) {
         let key = self.dir.path().join(format!("{name}.key"));
         if !key.exists() {
             run_ok(Command::new(bin("sanvol")).arg("keygen").arg(&key));
             self.sanvol_ok(&["client", "add", pub_path(&key).to_str().unwrap(), "--role", "agent", "--name", name]);
         }
-        self.restart_agent(name)
     }
 
     /// Starts `sanvol-agent run` for an already authorized agent `name`.
@@ -401,11 +410,7 @@ impl Stack {
 
     /// Like [`Stack::start_agent`], with extra `sanvol-agent run` arguments.
     pub fn start_agent_with(&self, name: &str, extra: &[String]) -> Agent {
-        let key = self.dir.path().join(format!("{name}.key"));
-        if !key.exists() {
-            run_ok(Command::new(bin("sanvol")).arg("keygen").arg(&key));
-            self.sanvol_ok(&["client", "add", pub_path(&key).to_str().unwrap(), "--role", "agent", "--name", name]);
-        }
+        self.authorize_agent(name);
         self.restart_agent_with(name, extra)
     }
 
@@ -416,6 +421,14 @@ impl Stack {
 
     /// Like [`Stack::restart_agent_with`], with extra environment variables.
     pub fn restart_agent_env(&self, name: &str, extra: &[String], env: &[(&str, &str)]) -> Agent {
+        self.restart_agent_at(name, &self.all_mds_addrs(), extra, env)
+    }
+
+    /// Like [`Stack::restart_agent_env`], reaching the servers at `mds`
+    /// (`a,b,...`; e.g. through a proxy the test can cut). The agent keeps its state in
+    /// `NAME-state` in the stack's directory, so a restart takes its handles
+    /// back.
+    pub fn restart_agent_at(&self, name: &str, mds: &str, extra: &[String], env: &[(&str, &str)]) -> Agent {
         let key = self.dir.path().join(format!("{name}.key"));
         let socket = self.dir.path().join(format!("{name}-agent.sock"));
         let export_dir = self.dir.path().join(format!("{name}-exports"));
@@ -424,7 +437,7 @@ impl Stack {
         let mut cmd = Command::new(bin("sanvol-agent"));
         cmd.arg("run")
             .arg("--mds")
-            .arg(self.all_mds_addrs())
+            .arg(mds)
             .arg("--key")
             .arg(&key)
             .arg("--server-key")
@@ -435,6 +448,8 @@ impl Stack {
             .arg(&socket)
             .arg("--export-dir")
             .arg(&export_dir)
+            .arg("--state-dir")
+            .arg(self.dir.path().join(format!("{name}-state")))
             .args(extra)
             .envs(env.iter().copied());
         let log = self.dir.path().join(format!("{name}-{}.log", next_log_number()));

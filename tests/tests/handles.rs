@@ -246,11 +246,13 @@ impl RawAgent {
     async fn connect(&self, stack: &Stack, instance: [u8; 16]) -> ControlClient {
         let addr: ControlAddr = stack.mds_addr().parse().unwrap();
         let (server_key, _) = control_client::keys::parse_public(pub_path(&stack.mds_key).to_str().unwrap()).unwrap();
-        let (c, _events) =
+        let (c, mut events) =
             ControlClient::connect(&addr, &self.key, Some(&server_key), Role::Agent, &self.name, instance)
                 .await
                 .unwrap();
-        // Events are not needed here; dropping the receiver is fine.
+        // Events are not looked at here, but consumed: a client whose events
+        // go unread is disconnected (a resume is followed by one).
+        tokio::spawn(async move { while events.recv().await.is_some() {} });
         c
     }
 
@@ -324,6 +326,7 @@ async fn duplicate_handles_handover_and_forged_or_replayed_keys_and_tokens() {
     let (_, msg) = refused(b1.request(Request::OpenHandover { token: forged }).await);
     assert!(msg.contains("forged or altered"), "{msg}");
     let hb = opened(b1.request(Request::OpenHandover { token: token.clone() }).await);
+    let token_used_by_b = token.clone();
     assert_ne!(hb.handle, h.handle);
     assert_eq!(hb.mode, OpenMode::Exclusive);
     let (_, msg) = refused(b1.request(Request::OpenHandover { token: token.clone() }).await);
@@ -341,12 +344,15 @@ async fn duplicate_handles_handover_and_forged_or_replayed_keys_and_tokens() {
     let b2 = b.connect(&stack, [2; 16]).await;
     assert_eq!(opened(b2.request(Request::Resume { key: hb.resume_key.clone() }).await).handle, hb.handle);
 
-    // After a restart: grace refuses opens; tokens from before are refused.
+    // After a restart: grace refuses opens; a token used before is still
+    // used (recorded with the handle it opened), one issued and not used
+    // before works once.
     let Response::HandoverToken { token, .. } =
         b2.request(Request::Handover { handle: hb.handle, to_key: a.public() }).await.unwrap()
     else {
         panic!("no token")
     };
+    let used_before = token_used_by_b.clone();
     stack.kill_mds();
     stack.start_mds();
     let cc = c.connect(&stack, [3; 16]).await;
@@ -357,9 +363,20 @@ async fn duplicate_handles_handover_and_forged_or_replayed_keys_and_tokens() {
     // Every restored handle resumed: the grace period is over early.
     let (code, msg) = refused(cc.request(Request::Open { volume: "v".into(), mode: OpenMode::ReadOnly }).await);
     assert_eq!(code, ErrorCode::Conflict, "{msg}");
+    let (_, msg) = refused(b3.request(Request::OpenHandover { token: used_before }).await);
+    assert!(msg.contains("already used"), "a token used before the restart: {msg}");
     let a3 = a.connect(&stack, [1; 16]).await;
-    let (_, msg) = refused(a3.request(Request::OpenHandover { token }).await);
-    assert!(msg.contains("restarted"), "{msg}");
+    let ha = opened(a3.request(Request::OpenHandover { token: token.clone() }).await);
+    assert_ne!(ha.handle, hb.handle);
+    // And once more after another restart: used.
+    stack.kill_mds();
+    stack.start_mds();
+    let a4 = a.connect(&stack, [1; 16]).await;
+    let b4 = b.connect(&stack, [2; 16]).await;
+    opened(b4.request(Request::Resume { key: hb.resume_key.clone() }).await);
+    opened(a4.request(Request::Resume { key: ha.resume_key.clone() }).await);
+    let (_, msg) = refused(a4.request(Request::OpenHandover { token }).await);
+    assert!(msg.contains("already used"), "{msg}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

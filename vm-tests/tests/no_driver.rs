@@ -28,6 +28,8 @@ fn attach_kernel_without_the_driver_says_so_and_serves_the_socket_export() {
         .arg(pool.dir.join("mds.key.pub"))
         .arg("--export-dir")
         .arg(pool.dir.join("exports"))
+        .arg("--state-dir")
+        .arg(pool.dir.join("agent-state"))
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)

@@ -3,7 +3,9 @@
 //!
 //! - scenario 1 (`agent_ext4`): mkfs, mount, write, remount after dropping caches, verify, fsck, detach;
 //! - scenario 2 (`agent_reattach`): `kill -9` of the agent while a writer runs in the mounted
-//!   filesystem, then a new agent reattaches the same `/dev/nbd0`; no I/O error, files verify;
+//!   filesystem, with the server's default lease and durable time and the agent's default kernel
+//!   timeouts; the new agent resumes its handle from its state file and gives the same `/dev/nbd0`
+//!   fresh sockets; no I/O error, files verify, fsck is clean;
 //! - scenario 3 (`agent_fallback`): the guest's direct path to one device (through a proxy on the
 //!   host) is cut while mounted; I/O goes through the metadata server, files verify, fsck clean;
 //! - scenario 4 (`agent_grow`): `sanvol volume grow` on the host while the filesystem is mounted in
@@ -51,8 +53,9 @@ fn scenario_4_grow_while_mounted_and_resize2fs_sees_the_new_size() {
 
 #[test]
 fn scenario_2_kill_9_of_the_agent_under_a_writer_is_a_pause_not_an_error() {
-    // A 2 s lease: the dead agent's handle stops blocking the re-open soon after.
-    let pool = Pool::start("reattach", 2, "512M", 2000);
+    // The server's defaults (lease 10 s, durable 30 s): a re-open would be refused for 40 s; the
+    // new agent resumes instead.
+    let pool = Pool::start_defaults("reattach", 2, "512M");
     pool.sanvol(&["volume", "create", "vol", "128M"]);
     let report = pool
         .scenario("agent_reattach", include_str!("scenarios/agent_reattach.sh"))

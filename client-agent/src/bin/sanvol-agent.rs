@@ -140,6 +140,16 @@ struct RunArgs {
     /// Directory for volume export sockets.
     #[arg(long, env = "SANVOL_EXPORT_DIR", default_value = DEFAULT_EXPORT_DIR)]
     export_dir: PathBuf,
+    /// Directory for the agent's state: the resume keys of the volumes it holds and how it serves
+    /// them (mode 0600), so that a restarted agent (crash, kill -9, upgrade) takes them back at once
+    /// instead of waiting for their leases to run out. One agent per directory (it is locked).
+    #[arg(long, env = "SANVOL_AGENT_STATE_DIR", default_value = client_agent::state_dir::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// How long the shutdown after SIGTERM/SIGINT may take to flush and close every volume; past it
+    /// (or on a second signal) the agent exits as after a crash, and a restart with the same
+    /// --state-dir resumes the volumes.
+    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    shutdown_timeout_ms: u64,
     /// NBD connections per device (used when the device's server allows several).
     #[arg(long, default_value_t = 2)]
     device_connections: usize,
@@ -215,8 +225,9 @@ async fn run(args: RunArgs, control_socket: PathBuf) -> Result<()> {
     let addr = addrs.remove(0);
     let key = control_client::keys::load_private(&args.key)?;
     let (server_key, _) = control_client::keys::parse_public(&args.server_key).context("--server-key")?;
-    let mut instance = [0u8; 16];
-    getrandom::getrandom(&mut instance).map_err(|e| anyhow::anyhow!("reading random bytes: {e}"))?;
+    // The lock on the state directory makes its instance ours (see client_agent::state_dir).
+    let (state_dir, previous) = client_agent::state_dir::StateDir::open(&args.state_dir)?;
+    let instance = previous.instance;
     let config = AgentConfig {
         session: SessionConfig {
             addr,
@@ -239,9 +250,17 @@ async fn run(args: RunArgs, control_socket: PathBuf) -> Result<()> {
             ..Default::default()
         },
         host_aliases: args.device_host_alias.clone(),
+        state: Some(std::sync::Arc::new(state_dir)),
     };
     let agent = Agent::start(config);
+    // The previous run's handles are resumed as soon as the server answers (the control socket
+    // answers meanwhile; `list` shows each once it is served again).
+    let restored = tokio::spawn({
+        let agent = agent.clone();
+        async move { client_agent::kernel::reattach::restore_all(&agent, previous.handles).await.1 }
+    });
 
+    let shutdown_max = std::time::Duration::from_millis(args.shutdown_timeout_ms);
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tracing::info!(mds = %args.mds.join(","), "connecting to the metadata server");
@@ -249,8 +268,8 @@ async fn run(args: RunArgs, control_socket: PathBuf) -> Result<()> {
         r = agent.wait_ready() => if let Err(e) = r {
             bail!("{e}");
         },
-        _ = sigint.recv() => { agent.shutdown().await; return Ok(()) }
-        _ = sigterm.recv() => { agent.shutdown().await; return Ok(()) }
+        _ = sigint.recv() => return bounded_shutdown(&agent, shutdown_max).await,
+        _ = sigterm.recv() => return bounded_shutdown(&agent, shutdown_max).await,
     }
 
     // The control socket appears only now, so its existence means "ready".
@@ -258,12 +277,13 @@ async fn run(args: RunArgs, control_socket: PathBuf) -> Result<()> {
     if !client_agent::kernel::driver::loaded() {
         tracing::info!("{}; kernel attach is unavailable, socket exports work", client_agent::kernel::NOT_LOADED);
     }
-    // Devices a previous agent left connected get their volumes back (in the background: the
-    // control socket answers meanwhile; `list` shows them once bound).
+    // Devices a previous agent left connected that the state file did not name get their volumes
+    // back by re-opening (in the background: the control socket answers meanwhile).
     tokio::spawn({
         let agent = agent.clone();
         async move {
-            agent.reattach_kernel_devices().await;
+            let skip = restored.await.unwrap_or_default();
+            agent.reattach_kernel_devices(&skip).await;
         }
     });
     println!("ready control-socket={}", control_socket.display());
@@ -281,8 +301,30 @@ async fn run(args: RunArgs, control_socket: PathBuf) -> Result<()> {
     ops::notify::stopping();
     let _ = stop_tx.send(());
     let _ = server.await;
-    agent.shutdown().await;
-    Ok(())
+    // Bounded: with the devices or every metadata server gone, flushing and
+    // closing could wait forever (and `systemctl stop` would hang). After
+    // SHUTDOWN_MAX, or on a second signal, the agent exits as if it had
+    // crashed: its handles stay at the server until they expire, and a
+    // restart with the same --state-dir resumes them.
+    tokio::select! {
+        _ = agent.shutdown() => Ok(()),
+        _ = tokio::time::sleep(shutdown_max) => bail!(
+            "the shutdown did not finish within {} s (devices or metadata servers unreachable): volumes were not \
+             all flushed and closed; their handles expire at the server, and restarting the agent with the same \
+             --state-dir resumes them (--shutdown-timeout-ms)",
+            shutdown_max.as_secs_f64()
+        ),
+        _ = sigint.recv() => bail!("interrupted again during the shutdown: volumes were not all flushed and closed"),
+        _ = sigterm.recv() => bail!("terminated again during the shutdown: volumes were not all flushed and closed"),
+    }
+}
+
+/// A shutdown before the agent was ready, bounded like the one after.
+async fn bounded_shutdown(agent: &client_agent::agent::Agent, max: std::time::Duration) -> Result<()> {
+    match tokio::time::timeout(max, agent.shutdown()).await {
+        Ok(()) => Ok(()),
+        Err(_) => bail!("the shutdown did not finish within {} s (--shutdown-timeout-ms)", max.as_secs_f64()),
+    }
 }
 
 async fn call(socket: &std::path::Path, request: ControlRequest) -> Result<ControlReply> {

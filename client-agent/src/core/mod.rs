@@ -36,13 +36,19 @@
 //!   renewals, the lease.
 //! - `volumes`: attach, detach, list, server events, resuming handles after
 //!   a reconnect.
+//! - `restore`: handles a previous run of the agent held (its state file),
+//!   resumed and served again after a restart.
+//! - `recalls`: draining and confirming recalls, confirmations retried until
+//!   the server has them.
 //! - `registrations`: copy-on-write registrations for the data path, retried
 //!   across reconnects.
 //! - `paths`: each device's direct path (fallback reports and probes).
 
 pub mod link;
 mod paths;
+mod recalls;
 mod registrations;
+mod restore;
 pub mod state;
 mod volumes;
 
@@ -55,14 +61,16 @@ use std::path::PathBuf;
 
 use tracing::{debug, warn};
 use uuid::Uuid;
-use volume_format::control::messages::{ControlError, OpenMode, Request, Response, ServerEvent};
+use volume_format::control::messages::{ControlError, ErrorCode, OpenMode, Request, Response, ServerEvent};
 use volume_format::VolumeDescription;
 
 pub use control_client::agent_api::{AgentStatus, AttachmentInfo};
-pub use state::{HeldHandle, Stage};
+pub use recalls::{CONFIRM_PAUSE_MAX_MS, CONFIRM_PAUSE_MIN_MS};
+pub use state::{HeldHandle, PendingRecall, Stage};
 
 use crate::agent::AgentError;
 use crate::export::ExportTarget;
+use crate::gate::Phase;
 use crate::session::{ConnectState, SessionError};
 
 /// Milliseconds on the shell's monotonic clock (virtual in a simulation).
@@ -114,6 +122,19 @@ pub enum Command {
     },
     /// Detach everything (kernel devices stay connected) and stop.
     Shutdown,
+    /// Take back a handle a previous run of this agent held (from its state
+    /// file): resume it with its key and serve it again as it was served.
+    /// Answered like an attach.
+    Restore(RestoreSpec),
+}
+
+/// A handle to restore after a restart, and how to serve it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreSpec {
+    pub held: HeldHandle,
+    /// What to do with the kernel device the handle had, as the shell found
+    /// it (`None`: serve the export only).
+    pub kernel: Option<KernelPlan>,
 }
 
 /// An attach as asked.
@@ -133,6 +154,8 @@ pub enum OpenWith {
     Mode(OpenMode),
     /// A handover token its holder issued for this agent.
     Handover(Vec<u8>),
+    /// The handle a previous run held, resumed with its key (a restart).
+    Restore(Box<HeldHandle>),
 }
 
 /// Kernel attach as part of an attach.
@@ -383,6 +406,13 @@ pub enum Effect {
     MarkDeviceFailed {
         device: String,
     },
+    /// Write the agent's state file with `handles` (everything
+    /// [`AgentCore::held_handles`] returns) before performing the effects
+    /// that follow: a recall is on disk before it is confirmed, so a
+    /// restarted agent never writes with a layout the server took back.
+    SaveState {
+        handles: Vec<HeldHandle>,
+    },
     /// The connection state changed (for readiness waiters).
     State(ConnectState),
     /// Everything is detached and the connection closed.
@@ -416,6 +446,10 @@ enum Purpose {
         outcome: CloseOutcome,
     },
     Resume {
+        attachment: AttachmentId,
+    },
+    /// The resume of a handle a previous run held.
+    Restore {
         attachment: AttachmentId,
     },
     CloseOld {
@@ -478,6 +512,11 @@ impl Requests {
     fn closes_in_flight(&self) -> bool {
         self.pending.values().any(|p| matches!(p.purpose, Purpose::Close { .. }))
     }
+
+    /// Whether a request for `purpose` is in flight.
+    fn in_flight(&self, purpose: &Purpose) -> bool {
+        self.pending.values().any(|p| p.purpose == *purpose)
+    }
 }
 
 /// The agent's control state and its transitions. See the module doc.
@@ -498,6 +537,11 @@ pub struct AgentCore {
     stopping: Option<Vec<CallerId>>,
     /// The connection state last announced.
     announced: ConnectState,
+    /// What the last [`Effect::SaveState`] wrote (`None`: nothing yet).
+    saved: Option<Vec<HeldHandle>>,
+    /// Handles left for the next run (a shutdown while they were being
+    /// taken back): kept in the state file.
+    successor: Vec<HeldHandle>,
     out: Vec<Effect>,
 }
 
@@ -515,6 +559,8 @@ impl AgentCore {
             registrations: Default::default(),
             paths: BTreeMap::new(),
             stopping: None,
+            saved: None,
+            successor: Vec::new(),
             out: Vec::new(),
         }
     }
@@ -561,6 +607,7 @@ impl AgentCore {
             Input::Tick => {}
         }
         self.timers(now);
+        self.save_state();
         let state = self.link.state();
         if state != self.announced {
             self.announced = state.clone();
@@ -571,12 +618,35 @@ impl AgentCore {
 
     /// When the core next wants an [`Input::Tick`] (at the latest).
     pub fn next_deadline_ms(&self) -> Option<Millis> {
-        [self.link.deadline(), self.registrations.deadline(), paths::deadline(&self.paths)].into_iter().flatten().min()
+        [self.link.deadline(), self.registrations.deadline(), paths::deadline(&self.paths), self.confirm_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
-    /// Every handle the agent holds, as a state file would keep them.
+    /// Every handle the agent holds or is taking back after a restart, as
+    /// its state file keeps them: those a restarted agent resumes. Revoked
+    /// handles are left out (resuming them would only be refused).
     pub fn held_handles(&self) -> Vec<HeldHandle> {
-        self.volumes.values().filter_map(|v| v.handle.as_ref()).map(|h| h.held.clone()).collect()
+        self.volumes
+            .values()
+            .filter_map(|v| match (&v.handle, &v.open) {
+                (Some(h), _) if matches!(h.gate.phase, Phase::Revoked { .. } | Phase::Closed) => None,
+                (Some(h), _) => Some(h.held.clone()),
+                (None, OpenWith::Restore(held)) => Some((**held).clone()),
+                (None, _) => None,
+            })
+            .chain(self.successor.iter().cloned())
+            .collect()
+    }
+
+    /// Asks the shell to write the state file if what it holds changed.
+    fn save_state(&mut self) {
+        let handles = self.held_handles();
+        if self.saved.as_ref() != Some(&handles) {
+            self.saved = Some(handles.clone());
+            self.out.push(Effect::SaveState { handles });
+        }
     }
 
     /// The connection state.
@@ -614,6 +684,7 @@ impl AgentCore {
             }
             Command::Handover { volume, to_key } => self.handover(now, caller, &volume, to_key),
             Command::Shutdown => self.shutdown(caller),
+            Command::Restore(spec) => self.restore(now, caller, spec),
         }
     }
 
@@ -646,7 +717,7 @@ impl AgentCore {
             return;
         };
         if let Err(RequestError::Server(e)) = &result {
-            if e.code == volume_format::control::messages::ErrorCode::NotActive {
+            if e.code == ErrorCode::NotActive {
                 self.not_active(now, pending.conn, &e.message);
             }
         }
@@ -671,9 +742,12 @@ impl AgentCore {
             Purpose::Open { attachment } => self.opened(now, &pending, attachment, result),
             Purpose::Close { caller, volume, outcome } => self.closed(caller, &volume, outcome, result),
             Purpose::Resume { attachment } => self.resumed(now, &pending, attachment, result),
+            Purpose::Restore { attachment } => self.restored(now, &pending, attachment, result),
             Purpose::CloseOld { attachment } => self.closed_old(now, attachment),
             Purpose::Reopen { attachment } => self.reopened(now, &pending, attachment, result),
-            Purpose::RecallDone { attachment, generation } => self.recall_confirmed(attachment, generation, result),
+            Purpose::RecallDone { attachment, generation } => {
+                self.recall_confirmed(now, attachment, generation, result)
+            }
             Purpose::Handover { caller } => {
                 let reply = match result {
                     Ok(Response::HandoverToken { token, .. }) => Reply::Token(token),
@@ -725,6 +799,7 @@ impl AgentCore {
         }
         self.registrations_due(now);
         self.probes_due(now);
+        self.confirm_recalls(now);
     }
 }
 
@@ -773,6 +848,15 @@ impl AgentCore {
         self.link.moved(conn, now, self.config.addrs.len(), message.to_string());
         self.registrations.retry_all_now(now);
     }
+}
+
+/// Whether a refusal passes by itself, so a handle's recovery keeps its I/O
+/// held and tries again instead of giving the volume up: the server is in
+/// its grace period (`Unavailable`), or it is not the pool's active server
+/// (`NotActive`: a standby, or one that handed off or lost its lease; the
+/// agent moves on to its next address).
+fn answers_later(e: &ControlError) -> bool {
+    matches!(e.code, ErrorCode::Unavailable | ErrorCode::NotActive)
 }
 
 /// Addresses the agent keeps at most (configured ones plus redirects).

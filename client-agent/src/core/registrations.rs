@@ -150,7 +150,7 @@ impl AgentCore {
             }
             // In its grace period, or the handle not resumed on this
             // connection yet: both pass by themselves.
-            Err(RequestError::Server(e)) if matches!(e.code, ErrorCode::Unavailable | ErrorCode::NotFound) => {
+            Err(RequestError::Server(e)) if e.code == ErrorCode::NotFound || super::answers_later(&e) => {
                 self.registration_later(now, id, &e.message)
             }
             Err(RequestError::Server(e)) => self.registration_done(id, Err(e.message)),

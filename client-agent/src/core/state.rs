@@ -67,9 +67,10 @@ pub fn checked_phase(volume: &str, phase: &mut Phase, next: Phase) {
 }
 
 /// What the agent must remember to resume a handle and serve its volume
-/// again: plain, serializable data in one place, so that a state file (issue
-/// 19: a restarted agent resumes at once) is a dump of
-/// [`AgentCore::held_handles`](super::AgentCore::held_handles).
+/// again: plain, serializable data in one place. The agent's state file
+/// ([`crate::state_dir`]) is a dump of
+/// [`AgentCore::held_handles`](super::AgentCore::held_handles), and a
+/// restarted agent hands each record back ([`super::Command::Restore`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeldHandle {
     pub volume: String,
@@ -132,6 +133,27 @@ pub struct Handle {
     /// Recorded conservatively: the renewal's send time plus the lease.
     pub lease_until_ms: Millis,
     pub recovery: Recovery,
+    /// Confirming the pending recall (`RecallDone`), retried until answered.
+    pub confirm: Confirm,
+}
+
+/// Where confirming a drained recall stands. Not persisted: a restarted
+/// agent drains again (nothing is in flight in a new process) and confirms
+/// again (the server counts a confirmation once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Confirm {
+    /// A `RecallDone` is in flight.
+    pub in_flight: bool,
+    /// The next try, not before (after a failed one).
+    pub retry_at_ms: Millis,
+    /// The pause after the next failure.
+    pub pause_ms: u64,
+}
+
+impl Default for Confirm {
+    fn default() -> Confirm {
+        Confirm { in_flight: false, retry_at_ms: 0, pause_ms: super::recalls::CONFIRM_PAUSE_MIN_MS }
+    }
 }
 
 /// One attachment (by volume name; at most one per volume).

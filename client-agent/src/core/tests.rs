@@ -20,6 +20,9 @@ struct Harness {
     next_caller: u64,
     /// Every effect so far, in order.
     log: Vec<Effect>,
+    /// What each `SaveState` wrote, in order (kept out of `apply`'s result
+    /// so that tests of other things need not mention it).
+    saves: Vec<Vec<HeldHandle>>,
 }
 
 fn description(name: &str, generation: u64, extents: u64) -> VolumeDescription {
@@ -46,7 +49,7 @@ impl Harness {
     fn new() -> Harness {
         let core =
             AgentCore::new(CoreConfig { addrs: vec!["unix:/run/mds.sock".into()], export_dir: "/run/exports".into() });
-        let mut h = Harness { core, now: 0, conn: ConnId(0), next_caller: 0, log: Vec::new() };
+        let mut h = Harness { core, now: 0, conn: ConnId(0), next_caller: 0, log: Vec::new(), saves: Vec::new() };
         let effects = h.apply(Input::Tick);
         let Some(Effect::Connect { conn, addr: 0 }) = effects.first().cloned() else {
             panic!("the core connects at once: {effects:?}")
@@ -61,6 +64,20 @@ impl Harness {
         let effects = self.core.apply(self.now, input);
         self.log.extend(effects.iter().cloned());
         effects
+            .into_iter()
+            .filter(|e| match e {
+                Effect::SaveState { handles } => {
+                    self.saves.push(handles.clone());
+                    false
+                }
+                _ => true,
+            })
+            .collect()
+    }
+
+    /// What the state file holds now.
+    fn saved(&self) -> Vec<HeldHandle> {
+        self.saves.last().cloned().unwrap_or_default()
     }
 
     fn at(&mut self, now: Millis) -> &mut Harness {
@@ -726,15 +743,238 @@ fn a_recall_asked_again_after_a_resume_is_drained_and_confirmed_again() {
     assert!(!h.core.held_handles()[0].pending_recall.unwrap().confirmed);
     let Some(Effect::Connect { conn, .. }) = h.at(200).apply(Input::Tick).first().cloned() else { panic!() };
     let (resume, _) = sent_one(&h.apply(Input::Connected { conn, lease_ms: LEASE_MS, session: 2 }));
-    h.apply(Input::Reply { request: resume, result: opened(11, description("vol", 1, 2), b"k") });
+    // Resumed: the confirmation the old connection lost goes out on the new one at once.
+    let effects = h.apply(Input::Reply { request: resume, result: opened(11, description("vol", 1, 2), b"k") });
+    let (retried, message) = sent_one(&effects);
+    assert_eq!(message, Request::RecallDone { handle: HandleId(11), generation: 2 });
     assert_eq!(h.state_of("vol").0, "recalled", "still recalled: the layout has not been published");
-    // The server asks again for the recall it is owed: drained and confirmed again.
+    // The server asks again for the recall it is owed: drained again; the
+    // confirmation in flight answers it.
     assert_eq!(
         h.apply(Input::Event { conn, event: recall }),
         vec![Effect::BeginRecall { attachment: a, generation: 2 }]
     );
-    let (done, message) = sent_one(&h.apply(Input::Drained { attachment: a, generation: 2, result: Ok(()) }));
+    assert!(sent(&h.apply(Input::Drained { attachment: a, generation: 2, result: Ok(()) })).is_empty());
+    h.apply(Input::Reply { request: retried, result: Ok(Response::Done) });
+    assert!(h.core.held_handles()[0].pending_recall.unwrap().confirmed);
+    assert_eq!(h.core.next_deadline_ms(), Some(200 + LEASE_MS / 3), "nothing left to retry but the renewal");
+}
+
+#[test]
+fn a_failed_confirmation_is_retried_until_answered_and_the_recall_is_saved_first() {
+    let mut h = Harness::new();
+    let a = h.attach("vol", 11, b"k");
+    let conn = h.conn;
+    h.at(10).apply(Input::Event { conn, event: ServerEvent::Recall { handle: HandleId(11), generation: 2 } });
+    let saved = h.saved();
+    assert_eq!(saved[0].pending_recall, Some(PendingRecall { generation: 2, drained: false, confirmed: false }));
+    let log_before = h.log.len();
+    let (done, _) = sent_one(&h.at(20).apply(Input::Drained { attachment: a, generation: 2, result: Ok(()) }));
+    // The state file says "recalled" before the confirmation leaves.
+    let after = &h.log[log_before..];
+    let save = after.iter().position(|e| matches!(e, Effect::SaveState { .. })).expect("saved");
+    let send = after.iter().position(|e| matches!(e, Effect::Send { .. })).expect("sent");
+    assert!(save < send, "{after:?}");
+
+    // A timeout on a live connection: retried after a pause that doubles.
+    let mut request = done;
+    let mut tries = Vec::new();
+    for _ in 0..3 {
+        h.apply(Input::Reply { request, result: Err(RequestError::Transport("timed out".into())) });
+        let at = h.core.next_deadline_ms().unwrap();
+        tries.push(at - h.now);
+        let (again, message) = sent_one(&h.at(at).apply(Input::Tick));
+        assert_eq!(message, Request::RecallDone { handle: HandleId(11), generation: 2 });
+        request = again;
+    }
+    assert_eq!(tries, [CONFIRM_PAUSE_MIN_MS, 2 * CONFIRM_PAUSE_MIN_MS, 4 * CONFIRM_PAUSE_MIN_MS]);
+    h.apply(Input::Reply { request, result: Ok(Response::Done) });
+    assert!(h.core.held_handles()[0].pending_recall.unwrap().confirmed);
+    // The publish ends the recall; nothing is retried any more.
+    let grown = description("vol", 2, 3);
+    h.apply(Input::Event {
+        conn: h.conn,
+        event: ServerEvent::Publish { handle: HandleId(11), description: Box::new(grown) },
+    });
+    assert_eq!(h.saved()[0].pending_recall, None);
+    let at = h.core.next_deadline_ms().unwrap();
+    assert!(sent(&h.at(at).apply(Input::Tick)).iter().all(|(_, m)| *m == Request::Renew));
+}
+
+fn held(volume: &str, handle: u64, key: &[u8]) -> HeldHandle {
+    HeldHandle {
+        volume: volume.into(),
+        handle,
+        mode: OpenMode::Exclusive,
+        resume_key: key.to_vec(),
+        pool_uuid: description(volume, 1, 1).pool_uuid,
+        export: ExportTarget::Unix(format!("/srv/{volume}.sock").into()),
+        kernel_device: None,
+        pending_recall: None,
+    }
+}
+
+impl Harness {
+    /// Asks to take `held` back; returns the caller.
+    fn restore(&mut self, held: HeldHandle, kernel: Option<KernelPlan>) -> (CallerId, Vec<Effect>) {
+        self.command(Command::Restore(RestoreSpec { held, kernel }))
+    }
+}
+
+#[test]
+fn a_restored_handle_is_resumed_and_served_as_before() {
+    let mut h = Harness::new();
+    let mut record = held("vol", 11, b"old-key");
+    record.kernel_device = Some(4);
+    let plan = KernelPlan::Reconnect { index: 4, backend: "sanvol:x".into(), pool: record.pool_uuid };
+    let (caller, effects) = h.at(5).restore(record.clone(), Some(plan.clone()));
+    let (resume, message) = sent_one(&effects);
+    assert_eq!(message, Request::Resume { key: b"old-key".to_vec() });
+    assert_eq!(h.saved(), vec![record.clone()], "kept in the state file while being taken back");
+    assert!(h.list().is_empty(), "listed once served");
+
+    let effects =
+        h.at(8).apply(Input::Reply { request: resume, result: opened(11, description("vol", 1, 2), b"old-key") });
+    let Some(Effect::StartAttach { attachment, handle: 11, export, kernel, lease_until_ms, .. }) =
+        effects.first().cloned()
+    else {
+        panic!("{effects:?}")
+    };
+    assert_eq!((export, kernel, lease_until_ms), (record.export.clone(), Some(plan), 5 + LEASE_MS));
+    assert!(!effects.iter().any(|e| matches!(e, Effect::BeginRecall { .. })), "nothing was recalled");
+    let effects =
+        h.apply(Input::Prepared { attachment, result: Ok(Prepared { kernel_device: Some(4), ..prepared("vol") }) });
+    let Reply::Attached(info) = reply_to(&effects, caller) else { panic!("{effects:?}") };
+    assert_eq!((info.handle, info.state.as_str(), info.kernel_device.as_deref()), (11, "open", Some("/dev/nbd4")));
+    assert_eq!(h.saved(), vec![record]);
+    // It is an ordinary attachment from now on.
+    let (caller, effects) = h.command(Command::Detach { volume: "vol".into() });
+    assert!(effects.contains(&Effect::StartDetach { attachment, flush: true }));
+    let (close, _) = sent_one(&h.apply(Input::Detached { attachment, result: Ok(()) }));
+    let effects = h.apply(Input::Reply { request: close, result: Ok(Response::Done) });
+    assert_eq!(reply_to(&effects, caller), Reply::Done);
+    assert!(h.saved().is_empty());
+}
+
+#[test]
+fn a_restore_waits_for_the_connection_and_retries_not_now() {
+    let mut h = Harness::new();
+    h.lose_connection(10);
+    let (_, effects) = h.restore(held("vol", 11, b"k"), None);
+    assert!(sent(&effects).is_empty(), "not connected: nothing sent");
+    let at = h.core.next_deadline_ms().unwrap();
+    let Some(Effect::Connect { conn, .. }) = h.at(at).apply(Input::Tick).first().cloned() else { panic!() };
+    let (resume, message) = sent_one(&h.apply(Input::Connected { conn, lease_ms: LEASE_MS, session: 2 }));
+    assert_eq!(message, Request::Resume { key: b"k".to_vec() });
+    let grace = refused(ErrorCode::Unavailable, "grace period, 900 ms left");
+    assert!(sent(&h.apply(Input::Reply { request: resume, result: grace })).is_empty());
+    // Tried again with the renewal.
+    let at = h.now + LEASE_MS / 3;
+    let messages: Vec<Request> = sent(&h.at(at).apply(Input::Tick)).into_iter().map(|(_, m)| m).collect();
+    assert_eq!(messages, [Request::Renew, Request::Resume { key: b"k".to_vec() }]);
+}
+
+#[test]
+fn a_restore_the_server_refuses_fails_and_leaves_the_state_file() {
+    let mut h = Harness::new();
+    let (caller, effects) = h.restore(held("vol", 11, b"k"), None);
+    let (resume, _) = sent_one(&effects);
+    let broken =
+        "handle 11 of volume vol was broken at 10:00:00Z: opened by host-b; this agent must not write to it any more";
+    let effects = h.apply(Input::Reply { request: resume, result: refused(ErrorCode::HandleBroken, broken) });
+    let Reply::Failed(e) = reply_to(&effects, caller) else { panic!("{effects:?}") };
+    assert!(e.to_string().contains("host-b"), "{e}");
+    assert!(h.saved().is_empty());
+    assert!(h.core.volume("vol").is_none());
+    // A key for another volume or handle is not taken for this one.
+    let (caller, effects) = h.restore(held("vol", 12, b"k2"), None);
+    let (resume, _) = sent_one(&effects);
+    let effects = h.apply(Input::Reply { request: resume, result: opened(13, description("vol", 1, 2), b"k2") });
+    assert!(matches!(reply_to(&effects, caller), Reply::Failed(_)), "{effects:?}");
+    assert!(!h.log.iter().any(|e| matches!(e, Effect::StartAttach { .. })));
+}
+
+#[test]
+fn a_restored_recall_keeps_the_gate_closed_until_the_layout_is_published() {
+    let mut h = Harness::new();
+    let mut record = held("vol", 11, b"k");
+    record.pending_recall = Some(PendingRecall { generation: 2, drained: true, confirmed: true });
+    let (caller, effects) = h.restore(record.clone(), None);
+    let (resume, _) = sent_one(&effects);
+    // The server's follow-up (the recall still in progress) overtakes the answer.
+    let recall = ServerEvent::Recall { handle: HandleId(11), generation: 2 };
+    assert!(h.apply(Input::Event { conn: h.conn, event: recall }).is_empty());
+    let effects = h.apply(Input::Reply { request: resume, result: opened(11, description("vol", 1, 2), b"k") });
+    let attachment = started_attach(&effects);
+    let recalls: Vec<&Effect> = effects.iter().filter(|e| matches!(e, Effect::BeginRecall { .. })).collect();
+    assert_eq!(recalls, [&Effect::BeginRecall { attachment, generation: 2 }; 2], "from the record, then the event");
+    assert_eq!(h.core.volume("vol").unwrap().handle.as_ref().unwrap().gate.phase, Phase::Recalled { generation: 2 });
+    // Drained (at once: nothing in flight in a new process) and confirmed again.
+    let (done, message) = sent_one(&h.apply(Input::Drained { attachment, generation: 2, result: Ok(()) }));
     assert_eq!(message, Request::RecallDone { handle: HandleId(11), generation: 2 });
     h.apply(Input::Reply { request: done, result: Ok(Response::Done) });
-    assert!(h.core.held_handles()[0].pending_recall.unwrap().confirmed);
+    let effects = h.apply(Input::Prepared { attachment, result: Ok(prepared("vol")) });
+    let Reply::Attached(info) = reply_to(&effects, caller) else { panic!() };
+    assert_eq!(info.state, "recalled");
+    let grown = Box::new(description("vol", 2, 3));
+    h.apply(Input::Event { conn: h.conn, event: ServerEvent::Publish { handle: HandleId(11), description: grown } });
+    assert_eq!(h.state_of("vol"), ("open".into(), String::new(), 2));
+
+    // The server committed before the restart: the resume returns the new layout, nothing is recalled.
+    let mut h = Harness::new();
+    let (_, effects) = h.restore(record.clone(), None);
+    let (resume, _) = sent_one(&effects);
+    let effects = h.apply(Input::Reply { request: resume, result: opened(11, description("vol", 2, 3), b"k") });
+    assert!(!effects.iter().any(|e| matches!(e, Effect::BeginRecall { .. })), "{effects:?}");
+
+    // The recall was abandoned (the server restarted): its follow-up republishes the current layout.
+    let mut h = Harness::new();
+    let (_, effects) = h.restore(record, None);
+    let (resume, _) = sent_one(&effects);
+    let effects = h.apply(Input::Reply { request: resume, result: opened(11, description("vol", 1, 2), b"k") });
+    let attachment = started_attach(&effects);
+    let same = Box::new(description("vol", 1, 2));
+    let effects =
+        h.apply(Input::Event { conn: h.conn, event: ServerEvent::Publish { handle: HandleId(11), description: same } });
+    assert!(matches!(effects[..], [Effect::Publish { attachment: a, .. }] if a == attachment), "{effects:?}");
+    assert_eq!(h.core.volume("vol").unwrap().handle.as_ref().unwrap().gate.phase, Phase::Open);
+}
+
+#[test]
+fn a_shutdown_while_taking_handles_back_leaves_them_for_the_next_run() {
+    let mut h = Harness::new();
+    h.lose_connection(10);
+    let (caller, _) = h.restore(held("vol", 11, b"k"), None);
+    let (stopper, effects) = h.command(Command::Shutdown);
+    assert_eq!(reply_to(&effects, caller), Reply::Failed(AgentError::Session(SessionError::ShutDown)));
+    assert_eq!(reply_to(&effects, stopper), Reply::Done);
+    assert_eq!(h.saved(), vec![held("vol", 11, b"k")], "still ours: the next run takes it back");
+}
+
+#[test]
+fn a_resume_refused_by_a_server_that_is_not_active_keeps_the_volume_and_resumes_at_the_next() {
+    let mut h = Harness::new();
+    h.attach("vol", 11, b"k");
+    h.lose_connection(100);
+    let effects = h.at(200).apply(Input::Tick);
+    let Some(Effect::Connect { conn, .. }) = effects.first().cloned() else { panic!("{effects:?}") };
+    let (resume, _) = sent_one(&h.at(210).apply(Input::Connected { conn, lease_ms: LEASE_MS, session: 2 }));
+    // A standby answers (the active server was killed a moment ago).
+    let standing_by = "this metadata server (mds-2) is standing by and has not seen the active server yet; retry";
+    let effects = h.apply(Input::Reply { request: resume, result: refused(ErrorCode::NotActive, standing_by) });
+    assert!(effects.contains(&Effect::Disconnect { conn }), "moves on at once: {effects:?}");
+    assert_ne!(h.state_of("vol").0, "revoked", "a standby's refusal is no verdict on the handle");
+    // The next server is active and has the handle.
+    let conn = (300..LEASE_MS)
+        .step_by(100)
+        .find_map(|t| match h.at(t).apply(Input::Tick).first() {
+            Some(Effect::Connect { conn, .. }) => Some(*conn),
+            _ => None,
+        })
+        .expect("connects again within the lease");
+    let now = h.now;
+    let (resume, message) = sent_one(&h.at(now + 10).apply(Input::Connected { conn, lease_ms: LEASE_MS, session: 3 }));
+    assert_eq!(message, Request::Resume { key: b"k".to_vec() });
+    h.apply(Input::Reply { request: resume, result: opened(11, description("vol", 1, 2), b"k") });
+    assert_eq!(h.state_of("vol").0, "open");
 }

@@ -27,7 +27,9 @@ use tracing::{debug, error, info, warn};
 use volume_format::control::messages::{ErrorCode, OpenMode, Request, Response, ServerEvent};
 use volume_format::HandleId;
 
-use super::state::{checked_phase, checked_stage, GateMirror, Handle, HeldHandle, PendingRecall, Recovery, Volume};
+use super::state::{
+    checked_phase, checked_stage, Confirm, GateMirror, Handle, HeldHandle, PendingRecall, Recovery, Volume,
+};
 use super::{
     AgentCore, AttachSpec, AttachmentId, AttachmentInfo, CallerId, CloseOutcome, ConnId, Effect, Millis, OpenWith,
     Pending, Prepared, PublishContext, Purpose, Reply, RequestError, Stage, ORPHAN_EVENTS_MAX,
@@ -38,7 +40,7 @@ use crate::gate::{publish_allowed, recall_allowed, Phase};
 use crate::session::SessionError;
 
 /// What a volume name must be to name an export socket.
-fn valid_name(volume: &str) -> bool {
+pub(super) fn valid_name(volume: &str) -> bool {
     !volume.is_empty() && !volume.contains('/') && !volume.contains('\0') && volume.len() <= 200
 }
 
@@ -48,6 +50,9 @@ fn find(volumes: &mut std::collections::BTreeMap<String, Volume>, id: Attachment
 
 impl AgentCore {
     pub(super) fn attach(&mut self, now: Millis, caller: CallerId, spec: AttachSpec) {
+        if let OpenWith::Restore(held) = spec.open {
+            return self.restore(now, caller, super::RestoreSpec { held: *held, kernel: spec.kernel });
+        }
         let name = spec.volume.clone();
         let refusal = if !valid_name(&name) {
             Some(AgentError::BadName(name.clone()))
@@ -79,6 +84,7 @@ impl AgentCore {
         let message = match &spec.open {
             OpenWith::Mode(mode) => Request::Open { volume: name.clone(), mode: *mode },
             OpenWith::Handover(token) => Request::OpenHandover { token: token.clone() },
+            OpenWith::Restore(_) => unreachable!("handled above"),
         };
         self.requests.send(&mut self.out, conn, now, message, None, Purpose::Open { attachment: id });
         self.volumes.insert(
@@ -161,6 +167,7 @@ impl AgentCore {
             conn: pending.conn,
             lease_until_ms,
             recovery: Recovery::Idle,
+            confirm: Confirm::default(),
         });
         checked_stage(&name, &mut v.stage, Stage::Preparing);
         info!(volume = name, handle, mode = %opened.mode, generation, "volume opened");
@@ -190,6 +197,15 @@ impl AgentCore {
                 checked_stage(&name, &mut v.stage, Stage::Attached);
                 let h = v.handle.as_mut().expect("a preparing attachment has a handle");
                 h.held.kernel_device = p.kernel_device;
+                if let ExportTarget::Tcp(addr) = &mut h.held.export {
+                    // Port 0 picked one: a restarted agent serves on the same.
+                    if addr.port() == 0 {
+                        if let Some(port) = p.export_uri.parse::<blockio::uri::NbdUri>().ok().and_then(|u| u.port()) {
+                            addr.set_port(port);
+                            v.export = h.held.export.clone();
+                        }
+                    }
+                }
                 info!(volume = name, handle = h.held.handle, uri = p.export_uri, "volume attached");
                 v.export_uri = Some(p.export_uri);
                 let caller = v.caller.take();
@@ -399,6 +415,7 @@ impl AgentCore {
         let first = self.stopping.is_none();
         self.stopping.get_or_insert_with(Vec::new).push(caller);
         if first {
+            self.leave_restores();
             let attached: Vec<String> =
                 self.volumes.values().filter(|v| v.stage == Stage::Attached).map(|v| v.name.clone()).collect();
             for volume in attached {
@@ -442,7 +459,7 @@ impl AgentCore {
         self.apply_event(event);
     }
 
-    fn replay_orphans(&mut self, handle: u64) {
+    pub(super) fn replay_orphans(&mut self, handle: u64) {
         let (mine, others): (Vec<ServerEvent>, Vec<ServerEvent>) =
             self.orphans.drain(..).partition(|e| super::event_handle(e) == handle);
         self.orphans = others.into();
@@ -471,6 +488,7 @@ impl AgentCore {
                 }
                 checked_phase(&name, &mut h.gate.phase, Phase::Recalled { generation });
                 h.held.pending_recall = Some(PendingRecall { generation, drained: false, confirmed: false });
+                h.confirm = Confirm { in_flight: h.confirm.in_flight, ..Confirm::default() };
                 self.out.push(Effect::BeginRecall { attachment: id, generation });
             }
             ServerEvent::Publish { description, .. } => {
@@ -517,47 +535,6 @@ impl AgentCore {
         self.revoke(id, reason);
     }
 
-    /// The recalled gate drained: confirm to the server.
-    pub(super) fn drained(&mut self, now: Millis, id: AttachmentId, generation: u64, result: Result<(), String>) {
-        let conn = self.link.conn();
-        let Some(v) = find(&mut self.volumes, id) else { return };
-        let Some(h) = v.handle.as_mut() else { return };
-        let handle = h.held.handle;
-        if let Err(e) = result {
-            return warn!(volume = v.name, handle, generation, error = %e, "recall abandoned");
-        }
-        match &mut h.held.pending_recall {
-            Some(p) if p.generation == generation => p.drained = true,
-            _ => return debug!(volume = v.name, handle, generation, "drained after the recall was over"),
-        }
-        let Some(conn) = conn else {
-            return warn!(volume = v.name, handle, generation, "cannot confirm the recall: not connected");
-        };
-        let message = Request::RecallDone { handle: HandleId(handle), generation };
-        self.requests.send(&mut self.out, conn, now, message, None, Purpose::RecallDone { attachment: id, generation });
-    }
-
-    pub(super) fn recall_confirmed(
-        &mut self,
-        id: AttachmentId,
-        generation: u64,
-        result: Result<Response, RequestError>,
-    ) {
-        let Some(v) = find(&mut self.volumes, id) else { return };
-        let Some(h) = v.handle.as_mut() else { return };
-        match result {
-            Ok(_) => {
-                info!(volume = v.name, handle = h.held.handle, generation, "recall confirmed to the metadata server");
-                if let Some(p) = h.held.pending_recall.as_mut().filter(|p| p.generation == generation) {
-                    p.confirmed = true;
-                }
-            }
-            Err(e) => {
-                warn!(volume = v.name, handle = h.held.handle, generation, error = ?e, "confirming the recall failed")
-            }
-        }
-    }
-
     /// Starts bringing every handle that lives on an older connection over
     /// to the live one (those not already on their way, and not revoked).
     pub(super) fn recover(&mut self, now: Millis) {
@@ -583,6 +560,7 @@ impl AgentCore {
             h.recovery = recovery;
             self.requests.send(&mut self.out, conn, now, message, None, purpose);
         }
+        self.send_restores(now);
     }
 
     pub(super) fn resumed(
@@ -615,6 +593,8 @@ impl AgentCore {
                 let until = pending.sent_ms + opened.lease_ms;
                 h.lease_until_ms = until;
                 h.conn = pending.conn;
+                // A confirmation the old connection lost goes out on this one.
+                h.confirm = Confirm { in_flight: h.confirm.in_flight, ..Confirm::default() };
                 self.out.push(Effect::RenewLease { attachment: id, until_ms: until });
                 info!(volume = name, handle, "handle resumed after reconnecting: unchanged");
                 self.registrations.retry_volume_now(&name, now);

@@ -52,8 +52,8 @@ pub struct KernelSettings {
     pub timeout_secs: u64,
     /// `NBD_ATTR_DEAD_CONN_TIMEOUT`: how long requests wait for a live socket when none is left
     /// before they fail with EIO. This is the reattach window: agent restart + control reconnect +
-    /// handle re-open (up to the old handle's lease plus durable time at the metadata server) +
-    /// reconfigure.
+    /// handle resume (from the state file; without it a re-open, which waits up to the old handle's
+    /// lease plus durable time at the metadata server) + reconfigure.
     pub dead_conn_timeout_secs: u64,
     /// Sockets per device. More than one only when the volume's export allows multi-connection.
     pub connections: usize,

@@ -1,15 +1,24 @@
-//! After an agent restart: find the kernel devices a previous agent left connected and bind them
-//! to their volumes again. Plus the device-URI host aliases an agent in another network namespace
-//! (a VM) needs.
+//! After an agent restart: bind the kernel devices a previous agent left connected to their volumes
+//! again. Plus the device-URI host aliases an agent in another network namespace (a VM) needs.
+//!
+//! Two ways, in this order:
+//! - **From the state file** ([`restore_all`]): the handles the previous run held are resumed with
+//!   their keys ([`Agent::restore`]), at once; each kernel device the state file names is given
+//!   fresh sockets if it still carries that volume's backend identifier and nobody serves it
+//!   ([`restore_plan`]). A handle the server refuses to give back (another client had the volume)
+//!   has its device disconnected, so its held I/O fails now instead of at the dead-connection
+//!   timeout: whatever the filesystem above it cached may be stale.
+//! - **By scanning** ([`reattach_all`]): devices with a sanvol backend identifier that no state file
+//!   names (an agent run without a state directory, or an older agent) are re-opened by mode.
 //!
 //! A device is taken over only if all of these hold: the driver lists it as connected; its backend
 //! identifier is a sanvol one ([`BackendId`]); the process that connected it is gone (a live agent
 //! keeps its own devices); the re-opened volume belongs to the identifier's pool. The driver itself
 //! refuses a reconfigure whose identifier differs from the device's.
 //!
-//! Re-opening may be refused for a while: the dead agent's handle still holds the volume until its
-//! lease plus the server's `durable_ms` runs out. (A resume would skip that wait, but the resume key
-//! died with the old agent's memory; the new agent is a new instance and re-opens.) The agent retries (every
+//! When scanning, re-opening may be refused for a while: the dead agent's handle still holds the
+//! volume until its lease plus the server's `durable_ms` runs out (no resume key is known for it). The
+//! agent retries (every
 //! [`REOPEN_RETRY`]) within the device's dead-connection window: the server offers no notification
 //! for "that handle expired", so this is a bounded poll of a remote state. Each try is one attach
 //! through the agent's owner (open, devices, export, then the device's fresh sockets), which checks
@@ -23,6 +32,7 @@ use volume_format::description::VolumeDescription;
 
 use super::{device_path, driver, BackendId, KernelError};
 use crate::agent::{Agent, AgentError};
+use crate::core::{HeldHandle, KernelPlan};
 use crate::session::SessionError;
 
 /// Pause between re-open attempts while the old handle still holds the volume.
@@ -86,7 +96,92 @@ fn orphaned_devices() -> Result<Vec<(u32, String, BackendId)>, KernelError> {
     Ok(found)
 }
 
-pub(crate) async fn reattach_all(agent: &Agent) -> Vec<String> {
+/// What to do with the kernel device `held` had, as the driver shows it now: reconnect it (it is
+/// connected with this volume's backend identifier and its process is gone), connect it afresh (it is
+/// not connected, e.g. after a reboot), or leave it (it now serves something else, or a live process
+/// serves it). The note says why a device is left alone. Blocking (netlink): call off the runtime.
+pub fn restore_plan(held: &HeldHandle) -> (Option<KernelPlan>, Option<String>) {
+    let Some(index) = held.kernel_device else { return (None, None) };
+    let device = device_path(index);
+    if !driver::loaded() {
+        return (None, Some(format!("{device}: {}", super::NOT_LOADED)));
+    }
+    let status = match driver::status() {
+        Ok(status) => status,
+        Err(e) => return (None, Some(format!("{device}: cannot list kernel NBD devices: {e}"))),
+    };
+    let connected = status.iter().any(|d| d.index == index && d.connected);
+    if !connected {
+        return (Some(KernelPlan::Connect { index: Some(index) }), None);
+    }
+    let text = driver::backend(index).unwrap_or_default();
+    match BackendId::parse(&text) {
+        Some(id) if id.volume == held.volume && id.pool == held.pool_uuid => {}
+        _ => return (None, Some(format!("{device} now serves {text:?}, not volume {}; left alone", held.volume))),
+    }
+    if let Some(pid) = driver::connecting_pid(index) {
+        if pid != std::process::id() && std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            return (None, Some(format!("{device} is served by a running process (pid {pid}); left alone")));
+        }
+    }
+    (Some(KernelPlan::Reconnect { index, backend: text, pool: held.pool_uuid }), None)
+}
+
+/// Takes back every handle of the state file (in parallel) with its kernel device; returns one line
+/// per handle for the log, and the kernel devices the state file named (for [`reattach_all`] to skip).
+pub async fn restore_all(agent: &Agent, handles: Vec<HeldHandle>) -> (Vec<String>, Vec<u32>) {
+    let named: Vec<u32> = handles.iter().filter_map(|h| h.kernel_device).collect();
+    let restores = handles.into_iter().map(|held| async move {
+        let planned = {
+            let held = held.clone();
+            tokio::task::spawn_blocking(move || restore_plan(&held)).await.unwrap_or((None, None))
+        };
+        let (plan, note) = planned;
+        if let Some(note) = &note {
+            warn!(volume = held.volume, "{note}");
+        }
+        let volume = held.volume.clone();
+        match agent.restore(held, plan.clone()).await {
+            Ok(info) => {
+                let served = info.kernel_device.clone().unwrap_or(info.export_uri.clone());
+                format!("took back volume {volume} (handle {}): {served}", info.handle)
+            }
+            Err(e) => {
+                if let Some(KernelPlan::Reconnect { index, backend, .. }) = plan {
+                    give_up(index, backend).await;
+                }
+                format!("volume {volume} not taken back: {e}")
+            }
+        }
+    });
+    let report = futures::future::join_all(restores).await;
+    for line in &report {
+        info!("{line}");
+    }
+    (report, named)
+}
+
+/// Disconnects `/dev/nbd<index>` if it still carries `backend`: its handle is gone, so the I/O the
+/// driver holds for it fails now rather than at the dead-connection timeout.
+async fn give_up(index: u32, backend: String) {
+    let result = tokio::task::spawn_blocking(move || {
+        if driver::backend(index).as_deref() != Some(backend.as_str()) {
+            return Ok(false);
+        }
+        driver::disconnect(index).map(|()| true)
+    })
+    .await;
+    match result {
+        Ok(Ok(true)) => warn!(device = device_path(index), "disconnected: its volume's handle is not ours any more"),
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => warn!(device = device_path(index), error = %e, "cannot disconnect"),
+        Err(e) => warn!(device = device_path(index), error = %e, "disconnecting failed"),
+    }
+}
+
+/// Re-opens the volumes of kernel devices a previous agent left connected that no state file names
+/// (`skip`), and gives the devices fresh sockets.
+pub(crate) async fn reattach_all(agent: &Agent, skip: &[u32]) -> Vec<String> {
     let mut report = Vec::new();
     let loaded = tokio::task::spawn_blocking(driver::loaded).await.unwrap_or(false);
     if !loaded {
@@ -103,7 +198,7 @@ pub(crate) async fn reattach_all(agent: &Agent) -> Vec<String> {
             return report;
         }
     };
-    for (index, text, id) in devices {
+    for (index, text, id) in devices.into_iter().filter(|(index, ..)| !skip.contains(index)) {
         let line = match reattach_one(agent, index, text, &id).await {
             Ok(path) => format!("reattached {path} to volume {}", id.volume),
             Err(e) => format!("{}: not reattached: {e}", device_path(index)),

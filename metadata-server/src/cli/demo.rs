@@ -307,6 +307,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             p(agent_socket.clone()),
             arg("--export-dir"),
             p(dir.clone()),
+            arg("--state-dir"),
+            p(dir.join("agent-state")),
         ];
         let agent = spawn_daemon("sanvol-agent", &agent_bin, &agent_args, dir.join("agent.log"), &agent_socket).await?;
 

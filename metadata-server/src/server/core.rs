@@ -55,7 +55,7 @@ use super::commit::{MetaJournal, SealRefused, COMMIT_BATCH_CHANGES_MAX};
 use super::jobs::{Job, JobOutcome};
 use crate::handles::{Grace, Handle, HandleTable, RecallState, SessionId};
 use crate::pool::journal::RawWrite;
-use crate::resume::HandoverLedger;
+use crate::resume::TokenClock;
 use control_client::handshake::Peer;
 
 /// Authorized keys as the handshake sees them: key → (role, name).
@@ -295,6 +295,13 @@ pub enum AfterCommit {
         reply: ReplyId,
         response: Box<Response>,
     },
+    /// The commit only recorded something on the way to refusing the
+    /// request (the token clock, before a token is refused as expired):
+    /// refused whatever the commit did.
+    Refuse {
+        reply: ReplyId,
+        error: ControlError,
+    },
     /// An open: adopt the handle on success, undo the reservation on failure.
     Open(Box<super::requests::OpenCommit>),
     Close {
@@ -414,7 +421,8 @@ pub struct Core {
     /// The grace period after a restart, while it lasts (and its length).
     pub grace: Option<Grace>,
     grace_ms: u64,
-    pub handovers: HandoverLedger,
+    /// Handover-token time (see [`TokenClock`]).
+    pub token_clock: TokenClock,
     pub pending_changes: BTreeMap<VolumeId, PendingChange>,
     /// Agents doing a device's I/O through the server (`data_channel`).
     pub fallback: super::data_channel::FallbackTable,
@@ -443,6 +451,8 @@ pub struct Core {
     handoff: Option<(ServerInfo, ReplyId, bool)>,
     /// Set once this server no longer serves the pool: why, and where to go.
     not_active: Option<String>,
+    /// The lease task ended while a handoff was asked of it (see `apply`).
+    lease_lost_in_handoff: Option<String>,
     /// Volumes with a job in flight, and what waits for it.
     busy: BTreeMap<VolumeId, Busy>,
     /// Jobs in flight and how their changes continue.
@@ -482,7 +492,7 @@ impl Core {
             key: config.key,
             grace: None,
             grace_ms: config.grace_ms,
-            handovers: HandoverLedger::new(0),
+            token_clock: TokenClock::default(),
             pending_changes: BTreeMap::new(),
             fallback: Default::default(),
             grants: Default::default(),
@@ -499,6 +509,7 @@ impl Core {
             servers: Vec::new(),
             handoff: None,
             not_active: None,
+            lease_lost_in_handoff: None,
             busy: BTreeMap::new(),
             jobs: BTreeMap::new(),
             next_task: 1,
@@ -513,7 +524,7 @@ impl Core {
     /// (this server cannot know how much of the old lease was left).
     fn start(&mut self, now: Now) {
         self.started = true;
-        self.handovers = HandoverLedger::new(now.unix_ms);
+        self.token_clock = TokenClock::start(now.mono_ms, now.unix_ms, self.meta.handovers.clock_floor_unix_ms);
         for h in self.meta.handles.iter().filter(|h| matches!(h.state, HandleState::Active)) {
             self.handles.restore(Handle {
                 id: h.id.0,
@@ -569,10 +580,12 @@ impl Core {
             }
             Input::Servers { servers } => self.servers = servers,
             Input::HandedOff { result } => self.handed_off(result),
-            Input::LeaseLost { why } => {
-                tracing::error!("{why}: this server commits and serves nothing more");
-                self.stop_serving(format!("this metadata server lost the pool lease ({why})"), None);
+            // The lease task also ends once it handed the lease over: then
+            // the handoff's answer (`HandedOff`) follows, and decides.
+            Input::LeaseLost { why } if matches!(self.handoff, Some((_, _, true))) => {
+                self.lease_lost_in_handoff = Some(why);
             }
+            Input::LeaseLost { why } => self.lease_lost(why),
         }
         self.pump();
         self.enforce_grants();
@@ -1016,30 +1029,17 @@ impl Core {
         }
     }
 
-    /// Sends `volume`'s current description to `session` for `handle`.
-    pub fn publish_volume_to(&mut self, volume: VolumeId, handle: u64, session: SessionId) {
-        match VolumeDescription::from_metadata(&self.meta, volume) {
-            Ok(description) => {
-                let event = ServerEvent::Publish { handle: HandleId(handle), description: Box::new(description) };
-                self.send_event(session, event);
-            }
-            Err(e) => warn!(%volume, "cannot describe the volume: {e}"),
-        }
-    }
-
-    /// Sends `volume`'s current description to every holder (but `skip`).
+    /// Sends `volume`'s current description to every holder (but `skip`),
+    /// on every session holding each handle (a duplicate session may be the
+    /// live one while the first has not been seen to die yet).
     pub fn publish_volume(&mut self, volume: VolumeId, skip: &[u64]) {
         match VolumeDescription::from_metadata(&self.meta, volume) {
             Ok(description) => {
-                let holders: Vec<(u64, SessionId)> = self
-                    .handles
-                    .on_volume(volume.0)
-                    .filter(|h| !skip.contains(&h.id))
-                    .map(|h| (h.id, h.session))
-                    .collect();
-                for (handle, session) in holders {
+                let holders: Vec<Handle> =
+                    self.handles.on_volume(volume.0).filter(|h| !skip.contains(&h.id)).cloned().collect();
+                for h in holders {
                     let description = Box::new(description.clone());
-                    self.send_event(session, ServerEvent::Publish { handle: HandleId(handle), description });
+                    self.send_handle_event(&h, ServerEvent::Publish { handle: HandleId(h.id), description });
                 }
             }
             Err(e) => warn!(%volume, "cannot describe the volume: {e}"),
@@ -1111,12 +1111,24 @@ impl Core {
                 self.reply(reply, Ok(Response::Done));
                 self.stop_serving(why, Some(target.addrs.clone()));
             }
-            Err(e) => {
-                warn!(to = %target.name, "the handoff failed: {e}; serving on");
-                let e = ControlError::new(ErrorCode::Internal, format!("the handoff failed: {e}; still serving"));
-                self.reply(reply, Err(e));
-            }
+            Err(e) => match self.lease_lost_in_handoff.take() {
+                Some(why) => {
+                    let e = ControlError::new(ErrorCode::Internal, format!("the handoff failed: {e}; {why}"));
+                    self.reply(reply, Err(e));
+                    self.lease_lost(why);
+                }
+                None => {
+                    warn!(to = %target.name, "the handoff failed: {e}; serving on");
+                    let e = ControlError::new(ErrorCode::Internal, format!("the handoff failed: {e}; still serving"));
+                    self.reply(reply, Err(e));
+                }
+            },
         }
+    }
+
+    fn lease_lost(&mut self, why: String) {
+        tracing::error!("{why}: this server commits and serves nothing more");
+        self.stop_serving(format!("this metadata server lost the pool lease ({why})"), None);
     }
 
     /// Serves nothing more: every waiting caller is told why (and, for a

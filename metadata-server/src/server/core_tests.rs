@@ -14,6 +14,7 @@ use super::commit::MetaJournal;
 use super::core::{Core, CoreConfig, Effect, Entropy, Input, Now, ReplyId, TaskId};
 use super::jobs::{Job, JobOutcome};
 use crate::pool::journal::{PoolJournal, RawWrite};
+use crate::resume::HANDOVER_TOKEN_MS;
 use control_client::handshake::Peer;
 use volume_format::metadata::journal::JournalWriter;
 use volume_format::metadata::MetadataArea;
@@ -76,6 +77,25 @@ fn peer(n: u8, role: Role) -> Peer {
 }
 
 impl World {
+    /// The server restarts at once (the metadata as committed, every
+    /// session gone, a fresh monotonic clock) with its wall clock moved by
+    /// `wall_step_ms` (a clock step, or a standby whose clock differs).
+    fn restart(&mut self, wall_step_ms: i64) {
+        let meta = (*self.core.meta).clone();
+        let config = CoreConfig {
+            lease_ms: LEASE_MS,
+            durable_ms: 0,
+            grace_ms: 0,
+            key: Arc::new(SigningKey::from_bytes(&[7; 32])),
+            entropy: Box::new(Counter(100)),
+        };
+        self.core = Core::new(meta.clone(), journal_after(&meta), config);
+        self.now = Now { mono_ms: 0, unix_ms: (self.now.unix_ms as i64 + wall_step_ms) as u64 };
+        for (session, n, role) in [(1, 1, Role::Agent), (2, 2, Role::Agent), (3, 3, Role::Admin)] {
+            self.apply(Input::Connected { session, peer: peer(n, role), addr: "test".into() });
+        }
+    }
+
     fn new() -> World {
         World::with_durable(0)
     }
@@ -434,4 +454,158 @@ fn a_resumed_handle_recalled_for_a_change_the_server_lost_is_sent_the_current_la
         matches!(e, Effect::Event { session: 5, event: ServerEvent::Publish { handle, .. } } if *handle == opened.handle)
     });
     assert!(published, "the resumed holder is told the layout to go on with: {effects:?}");
+}
+
+/// Nonces 1, 2, 3, ... (from a start), so tokens differ.
+struct Counter(u8);
+
+impl Entropy for Counter {
+    fn fill(&mut self, buf: &mut [u8]) {
+        self.0 += 1;
+        buf.fill(self.0);
+    }
+}
+
+/// A journal continuing after `meta` (as a restarted server's would).
+fn journal_after(meta: &PoolMetadata) -> MetaJournal {
+    let uuids: Vec<Uuid> = meta.devices.iter().map(|d| d.device_uuid).collect();
+    let writer = JournalWriter::for_new_pool(meta.pool_uuid, &[area(), area(), area()], meta.generation + 1);
+    let key = Arc::new(SigningKey::from_bytes(&[7; 32]));
+    MetaJournal::new(PoolJournal { writer, copies: uuids.clone(), key }, uuids.into_iter().map(|u| (u, area())))
+}
+
+#[test]
+fn a_resume_is_followed_by_the_recall_in_progress_or_else_the_current_layout() {
+    let mut w = World::new();
+    let (open, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::SharedWrite });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    let a = match reply_of(&effects, open) {
+        Some(Ok(Response::Opened(o))) => o.clone(),
+        other => panic!("{other:?}"),
+    };
+    let (open, effects) = w.request(2, Request::Open { volume: "v".into(), mode: OpenMode::SharedWrite });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(reply_of(&effects, open), Some(Ok(Response::Opened(_)))));
+
+    // Without a recall: the resume is followed by the current layout.
+    w.apply(Input::Connected { session: 5, peer: peer(1, Role::Agent), addr: "test".into() });
+    let (resume, effects) = w.request(5, Request::Resume { key: a.resume_key.clone() });
+    assert!(matches!(reply_of(&effects, resume), Some(Ok(Response::Opened(_)))));
+    let generation = w.core.meta.volume_by_name("v").unwrap().layout_generation;
+    assert!(effects.iter().any(|e| matches!(e,
+        Effect::Event { session: 5, event: ServerEvent::Publish { description, .. } } if description.layout_generation == generation)),
+        "{effects:?}");
+
+    // A grow recalls both holders; host-1 confirms, host-2 has not yet.
+    let (_, effects) = w.request(3, Request::VolumeGrow { name: "v".into(), size_bytes: 8 << 20 });
+    // The recall reaches host-1 on both of its sessions (the first one may be the dead one).
+    for s in [1, 5] {
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::Event { session, event: ServerEvent::Recall { .. } } if *session == s)),
+            "session {s}: {effects:?}"
+        );
+    }
+    let (done, effects) = w.request(5, Request::RecallDone { handle: a.handle, generation: generation + 1 });
+    assert!(matches!(reply_of(&effects, done), Some(Ok(Response::Done))));
+    // host-1 resumes again (its confirmation may have been the last thing it
+    // did before a restart): the recall still in progress is sent again.
+    w.apply(Input::Disconnected { session: 1 });
+    w.apply(Input::Disconnected { session: 5 });
+    w.apply(Input::Connected { session: 6, peer: peer(1, Role::Agent), addr: "test".into() });
+    let (resume, effects) = w.request(6, Request::Resume { key: a.resume_key.clone() });
+    assert!(matches!(reply_of(&effects, resume), Some(Ok(Response::Opened(_)))));
+    assert!(
+        effects.iter().any(|e| matches!(e,
+            Effect::Event { session: 6, event: ServerEvent::Recall { generation: g, .. } } if *g == generation + 1)),
+        "{effects:?}"
+    );
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Event { event: ServerEvent::Publish { .. }, .. })));
+}
+
+/// Runs `request` on `session` through its commit (if it makes one).
+fn committed_request(w: &mut World, session: u64, request: Request) -> Result<Response, ErrorCode> {
+    let (reply, mut effects) = w.request(session, request);
+    while let Some((task, next)) = commit_of(&effects) {
+        effects = w.apply(committed(task, next));
+    }
+    match reply_of(&effects, reply) {
+        Some(Ok(r)) => Ok(r.clone()),
+        Some(Err(e)) => Err(e.code),
+        None => panic!("no answer: {effects:?}"),
+    }
+}
+
+#[test]
+fn a_used_handover_token_stays_refused_across_restarts_and_clock_steps() {
+    let mut w = World::new();
+    w.core.entropy = Box::new(Counter(0));
+    // The target agent, with a real key (authorizing checks it).
+    let b = Peer { key: SigningKey::from_bytes(&[2; 32]).verifying_key().to_bytes(), ..peer(2, Role::Agent) };
+    let connect_b = |w: &mut World| w.apply(Input::Connected { session: 7, peer: b.clone(), addr: "test".into() });
+    connect_b(&mut w);
+    let authorize =
+        Request::ClientAuthorize { key: b.key, name: "host-b".into(), role: Role::Agent, volumes: Vec::new() };
+    assert_eq!(committed_request(&mut w, 3, authorize), Ok(Response::Done));
+    let Ok(Response::Opened(a)) =
+        committed_request(&mut w, 1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive })
+    else {
+        panic!()
+    };
+    let token = |w: &mut World| match committed_request(w, 1, Request::Handover { handle: a.handle, to_key: b.key }) {
+        Ok(Response::HandoverToken { token, .. }) => token,
+        other => panic!("{other:?}"),
+    };
+    let used = token(&mut w);
+    let unused = token(&mut w);
+    assert!(matches!(
+        committed_request(&mut w, 7, Request::OpenHandover { token: used.clone() }),
+        Ok(Response::Opened(_))
+    ));
+    assert!(w.core.meta.handovers.is_used(&[1; 16]), "the use is committed with the handle");
+    assert_eq!(
+        committed_request(&mut w, 7, Request::OpenHandover { token: used.clone() }),
+        Err(ErrorCode::PermissionDenied)
+    );
+
+    // Restarted with the wall clock an hour behind: still used. A token
+    // issued by the previous run and never used still works (its age is
+    // measured from the pool's clock floor, not from this wall clock).
+    w.restart(-3_600_000);
+    connect_b(&mut w);
+    let (reply, effects) = w.request(7, Request::OpenHandover { token: used.clone() });
+    let Some(Err(e)) = reply_of(&effects, reply) else { panic!("{effects:?}") };
+    assert!(e.message.contains("already used"), "{e:?}");
+    let Ok(Response::Opened(_)) = committed_request(&mut w, 1, Request::Resume { key: a.resume_key.clone() }) else {
+        panic!()
+    };
+    assert!(matches!(committed_request(&mut w, 7, Request::OpenHandover { token: unused }), Ok(Response::Opened(_))));
+
+    // A token that expired: refused, and the refusal raises the pool's clock
+    // floor first, so a server whose clock is behind refuses it as well.
+    let late = token(&mut w);
+    w.advance(HANDOVER_TOKEN_MS + 1);
+    let (reply, effects) = w.request(7, Request::OpenHandover { token: late.clone() });
+    let (task, next) = commit_of(&effects).expect("the token clock is committed before the refusal");
+    assert!(reply_of(&effects, reply).is_none());
+    let effects = w.apply(committed(task, next));
+    let Some(Err(e)) = reply_of(&effects, reply) else { panic!("{effects:?}") };
+    assert!(e.message.contains("expired"), "{e:?}");
+    w.restart(-3_600_000);
+    connect_b(&mut w);
+    let (reply, effects) = w.request(7, Request::OpenHandover { token: late });
+    let Some(Err(e)) = reply_of(&effects, reply) else { panic!("{effects:?}") };
+    assert!(e.message.contains("expired"), "{e:?}");
+
+    // The commit that raised the floor past their expiry forgot the used tokens.
+    assert!(w.core.meta.handovers.used.is_empty());
+    let Ok(Response::Opened(_)) = committed_request(&mut w, 1, Request::Resume { key: a.resume_key.clone() }) else {
+        panic!()
+    };
+    let next = token(&mut w);
+    assert!(matches!(committed_request(&mut w, 7, Request::OpenHandover { token: next }), Ok(Response::Opened(_))));
+    assert_eq!(w.core.meta.handovers.used.len(), 1);
 }

@@ -11,13 +11,13 @@
 //! none of them changes any state.
 
 use tracing::{info, info_span};
-use volume_format::control::messages::{ControlError, ErrorCode, OpenedHandle, Request, Response};
-use volume_format::metadata::{HandleRecord, HandleState, MetaChange};
+use volume_format::control::messages::{ControlError, ErrorCode, OpenedHandle, Request, Response, ServerEvent};
+use volume_format::metadata::{HandleRecord, HandleState, MetaChange, UsedToken};
 use volume_format::{HandleId, PublicKey, VolumeDescription, VolumeId};
 
 use super::core::{AfterCommit, Core, ReplyId, Step};
 use crate::handles::{Handle, SessionId};
-use crate::resume::{HandoverToken, ResumeKey, SignedResumeKey, HANDOVER_TOKEN_MS};
+use crate::resume::{check_token_time, HandoverToken, ResumeKey, SignedResumeKey, HANDOVER_TOKEN_MS};
 
 /// Broken-handle records kept to answer late resumes; beyond it the oldest
 /// are forgotten (their agents are then told the handle is unknown).
@@ -183,6 +183,39 @@ impl Core {
         self.opened_reply(&handle, key.to_vec())
     }
 
+    /// Follows a resume answer on `session`: a recall in progress on the
+    /// handle's volume is sent again (owed or already confirmed: a
+    /// confirmation the agent repeats is counted once), and without one the
+    /// current layout is published.
+    ///
+    /// Why always one or the other: an agent whose gate is recalled cannot
+    /// tell from the answer alone whether the recall it confirmed is still in
+    /// progress or over without a publish it could receive (abandoned when
+    /// the server restarted, or finished while the publish went to a
+    /// connection that had died). A publish of the current generation
+    /// reopens such a gate; the recall keeps it closed.
+    pub(super) fn after_resume(&mut self, session: SessionId, handle: HandleId) {
+        match self.handles.recall_in_progress(handle.0) {
+            Some(generation) => {
+                let owed = self.handles.pending_recall(handle.0).is_some();
+                info!(
+                    handle = handle.0,
+                    generation, owed, "the resumed handle's volume is being recalled: asking again"
+                );
+                self.send_event(session, ServerEvent::Recall { handle, generation });
+            }
+            None => {
+                let Some(volume) = self.handles.get(handle.0).map(|h| h.volume) else { return };
+                match VolumeDescription::from_metadata(&self.meta, VolumeId(volume)) {
+                    Ok(description) => {
+                        self.send_event(session, ServerEvent::Publish { handle, description: Box::new(description) })
+                    }
+                    Err(e) => tracing::warn!(handle = handle.0, "cannot describe the resumed handle's volume: {e}"),
+                }
+            }
+        }
+    }
+
     /// `Request::Handover`: a token for `to_key` to attach `handle`'s volume.
     pub fn handover(&mut self, session: SessionId, handle: u64, to_key: [u8; 32]) -> Result<Response, ControlError> {
         let Some(peer) = self.sessions.get(&session).cloned() else {
@@ -207,7 +240,7 @@ impl Core {
         }
         let mut nonce = [0u8; 16];
         self.entropy.fill(&mut nonce);
-        let issued_at_unix_ms = self.now.unix_ms;
+        let issued_at_unix_ms = self.token_clock.now_ms(self.now.mono_ms);
         let token = HandoverToken {
             pool: *self.meta.pool_uuid.as_bytes(),
             handle,
@@ -249,9 +282,30 @@ impl Core {
                 ),
             ));
         }
-        self.handovers
-            .check(&claims, self.now.unix_ms)
-            .map_err(|e| err(ErrorCode::PermissionDenied, format!("handover token refused: {e}")))?;
+        let token_now = self.token_clock.now_ms(self.now.mono_ms);
+        let refused = |why: String| err(ErrorCode::PermissionDenied, format!("handover token refused: {why}"));
+        if self.meta.handovers.is_used(&claims.nonce) {
+            return Err(refused(
+                "the handover token was already used (tokens are single-use); ask the holder for a new one".into(),
+            ));
+        }
+        if let Err(why) = check_token_time(&claims, token_now) {
+            if token_now >= claims.expires_at_unix_ms && self.meta.handovers.clock_floor_unix_ms < token_now {
+                // Expired here: the refusal commits the token clock first, so
+                // that no server of the pool finds the token valid again,
+                // whatever its clock says.
+                if let Ok(change) = self.meta.plan_handover_tokens(token_now, None) {
+                    let then = AfterCommit::Refuse { reply, error: refused(why) };
+                    return Ok(Step::Commit { changes: vec![change], then });
+                }
+            }
+            return Err(refused(why));
+        }
+        let used = UsedToken { nonce: claims.nonce, expires_at_unix_ms: claims.expires_at_unix_ms };
+        let record_use = self
+            .meta
+            .plan_handover_tokens(token_now, Some(used))
+            .map_err(|why| err(ErrorCode::Unavailable, format!("handover token refused: {why}")))?;
         let volume = self.volume_name(claims.volume);
         match self.handles.get(claims.handle) {
             Some(src) if src.volume == claims.volume && src.mode == claims.mode => {}
@@ -278,18 +332,22 @@ impl Core {
         else {
             return Err(err(ErrorCode::Internal, "the source handle vanished"));
         };
-        let changes = vec![MetaChange::HandleOpen(HandleRecord {
-            id: HandleId(handle.id),
-            volume: VolumeId(handle.volume),
-            agent_key: PublicKey(peer.key),
-            agent_name: peer.name.clone(),
-            agent_instance: uuid::Uuid::from_bytes(peer.instance),
-            mode: handle.mode,
-            opened_at_unix_secs: self.now.unix_secs(),
-            lease_expires_at_unix_ms: self.now.unix_ms + self.lease_ms,
-            durable_timeout_ms: handle.durable_ms,
-            state: HandleState::Active,
-        })];
+        // The handle and the token's use in one commit: both or neither.
+        let changes = vec![
+            MetaChange::HandleOpen(HandleRecord {
+                id: HandleId(handle.id),
+                volume: VolumeId(handle.volume),
+                agent_key: PublicKey(peer.key),
+                agent_name: peer.name.clone(),
+                agent_instance: uuid::Uuid::from_bytes(peer.instance),
+                mode: handle.mode,
+                opened_at_unix_secs: self.now.unix_secs(),
+                lease_expires_at_unix_ms: self.now.unix_ms + self.lease_ms,
+                durable_timeout_ms: handle.durable_ms,
+                state: HandleState::Active,
+            }),
+            record_use,
+        ];
         Ok(Step::Commit { changes, then: AfterCommit::Handover { claims: Box::new(claims), handle, reply } })
     }
 
@@ -304,8 +362,7 @@ impl Core {
             self.handles.remove(handle.id);
             return self.reply(reply, Err(e));
         }
-        self.handovers.mark_used(&claims, self.now.unix_ms);
-        info!(handle = handle.id, holder = %handle.holder, "volume attached with a handover token");
+        info!(handle = handle.id, from = claims.handle, holder = %handle.holder, "volume attached with a handover token");
         let key = self.resume_key_for(handle.id);
         let result = self.opened_reply(&handle, key);
         self.reply(reply, result);

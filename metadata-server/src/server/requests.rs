@@ -127,25 +127,16 @@ impl Core {
             }
             Request::RecallDone { handle, generation } => self.recall_done(session, handle.0, generation),
             Request::Resume { key } => {
-                // The answer first, then a recall the handle still owes: the
-                // agent must know the handle before it is told to drain it.
+                // The answer first, then where the volume's layout stands
+                // (the agent must know the handle before it is told to drain).
                 let result = self.resume(session, &key);
                 let resumed = match &result {
                     Ok(Response::Opened(o)) => Some((o.handle, o.description.volume)),
                     _ => None,
                 };
                 self.reply(reply, result);
-                if let Some((handle, volume)) = resumed {
-                    if let Some(generation) = self.handles.pending_recall(handle.0) {
-                        info!(handle = handle.0, generation, "the resumed handle owes a recall: asking again");
-                        self.send_event(session, ServerEvent::Recall { handle, generation });
-                    } else if self.handles.recall_of(volume.0).is_none() {
-                        // No change pending: a holder still recalled for one
-                        // this server never committed (it restarted, or the
-                        // change failed and the publish was lost with the
-                        // connection) goes on with the current layout.
-                        self.publish_volume_to(volume, handle.0, session);
-                    }
+                if let Some((handle, _)) = resumed {
+                    self.after_resume(session, handle);
                 }
                 return Step::Done(None);
             }
@@ -169,6 +160,7 @@ impl Core {
                 self.reply(reply, result.map(|()| Response::Done));
             }
             AfterCommit::Respond { reply, response } => self.reply(reply, result.map(|()| *response)),
+            AfterCommit::Refuse { reply, error } => self.reply(reply, Err(error)),
             AfterCommit::Open(open) => self.finish_open(*open, result),
             AfterCommit::Close { session, handle, reply } => self.finish_close(session, handle, reply, result),
             AfterCommit::Revoke { session, key, reply, name } => {
@@ -353,8 +345,8 @@ impl Core {
         };
         info!(volume = %name, %change, generation, holders = recall.waiting.len(), "recalling the layout from its holders");
         for handle in recall.waiting {
-            if let Some(session) = self.handles.get(handle).map(|h| h.session) {
-                self.send_event(session, ServerEvent::Recall { handle: HandleId(handle), generation });
+            if let Some(h) = self.handles.get(handle).cloned() {
+                self.send_handle_event(&h, ServerEvent::Recall { handle: HandleId(handle), generation });
             }
         }
         self.pending_changes.insert(id, PendingChange { volume: id, change, generation, reply });

@@ -290,6 +290,9 @@ impl AgentHost {
             // The simulated agent reaches server host `addr % server_hosts`
             // whatever the list says (no server in this world redirects).
             Effect::Addresses { addrs } => env.trace(me, format_args!("server addresses now {addrs:?}")),
+            // No state file in this world: a restarted simulated agent starts
+            // empty (resuming from a state file is tested with real processes).
+            Effect::SaveState { handles } => env.trace(me, format_args!("state saved: {} handles", handles.len())),
             Effect::Disconnect { conn } => {
                 if let Some(&net) = self.conns.get(&conn) {
                     env.break_conn(net, false, false);

@@ -46,8 +46,8 @@ fn stripped_agent(scenario: &str) -> PathBuf {
     out
 }
 
-/// How long past its lease a dead agent's handle keeps the volume (the server's `durable_ms`).
-/// Short, so that scenario 2's re-open after `kill -9` does not wait out the 30 s default.
+/// How long past its lease a dead agent's handle keeps the volume (the server's `durable_ms`) in
+/// pools started with a lease ([`Pool::start`]); [`Pool::start_defaults`] uses the server's.
 pub const DURABLE_MS: u64 = 1000;
 
 pub struct Pool {
@@ -77,6 +77,16 @@ fn pub_path(key: &Path) -> PathBuf {
 impl Pool {
     /// `devices` nbdkit memory devices of `device_size` (e.g. "512M"), the MDS with `lease_ms`.
     pub fn start(name: &str, devices: usize, device_size: &str, lease_ms: u64) -> Pool {
+        Pool::start_config(name, devices, device_size, &format!("lease_ms = {lease_ms}\ndurable_ms = {DURABLE_MS}\n"))
+    }
+
+    /// Like [`Pool::start`], with the server's default lease (10 s) and durable time (30 s) for
+    /// agents' handles (the server's own disk lease is short in every pool, so it starts quickly).
+    pub fn start_defaults(name: &str, devices: usize, device_size: &str) -> Pool {
+        Pool::start_config(name, devices, device_size, "")
+    }
+
+    fn start_config(name: &str, devices: usize, device_size: &str, settings: &str) -> Pool {
         let dir = std::env::temp_dir().join(format!("sanvol-vm-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -103,7 +113,7 @@ impl Pool {
         std::fs::write(
             &config,
             format!(
-                "listen = [\"127.0.0.1:{mds_port}\"]\nkey = {:?}\ndevices = [{}]\nlease_ms = {lease_ms}\ndurable_ms = {DURABLE_MS}\nlease_io_timeout_ms = 200\n",
+                "listen = [\"127.0.0.1:{mds_port}\"]\nkey = {:?}\ndevices = [{}]\nlease_io_timeout_ms = 200\n{settings}",
                 mds_key.display().to_string(),
                 quoted.join(", ")
             ),

@@ -37,6 +37,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::handover::{HandoverLedger, UsedToken};
 use super::snapshot::CowMap;
 use super::{
     check_block_bytes, check_name, ClientRecord, ClientScope, DeviceState, HandleRecord, HandleState, LogicalExtent,
@@ -84,6 +85,10 @@ pub enum MetaChange {
     /// Sets the volume scope of a backup key; an empty list removes it
     /// (format 4).
     ClientScope { key: PublicKey, volumes: Vec<String> },
+    /// The token clock read `clock_unix_ms` (the ledger's floor rises to it);
+    /// the used tokens `forget` expired by it; `used` was just used (format
+    /// 4; see [`super::handover`]).
+    HandoverTokens { clock_unix_ms: u64, used: Option<UsedToken>, forget: Vec<[u8; 16]> },
 }
 
 /// A snapshot as [`MetaChange::SnapshotCreate`] records it: a
@@ -246,6 +251,10 @@ enum UndoStep {
         device: DeviceIndex,
         old: DeviceState,
     },
+    /// The whole ledger before (a few thousand records at most, rarely changed).
+    HandoverTokens {
+        old: Box<HandoverLedger>,
+    },
 }
 
 impl Undo {
@@ -284,6 +293,7 @@ impl MetaChange {
             MetaChange::HandleRemove { .. } => "handle remove",
             MetaChange::DeviceState { .. } => "device state",
             MetaChange::ClientScope { .. } => "client scope",
+            MetaChange::HandoverTokens { .. } => "handover tokens",
         }
     }
 }
@@ -491,6 +501,26 @@ impl PoolMetadata {
                     .ok_or_else(|| fail(format!("device {device} does not exist")))?;
                 UndoStep::DeviceStateSet { device: *device, old: std::mem::replace(&mut d.state, state.clone()) }
             }
+            MetaChange::HandoverTokens { clock_unix_ms, used, forget } => {
+                let mut next = self.handovers.clone();
+                next.clock_floor_unix_ms = next.clock_floor_unix_ms.max(*clock_unix_ms);
+                for nonce in forget {
+                    let i = index_of(&next.used, |u| u.nonce == *nonce)
+                        .ok_or_else(|| fail("a token to forget was never recorded".into()))?;
+                    if next.used[i].expires_at_unix_ms > next.clock_floor_unix_ms {
+                        return Err(fail("a token to forget has not expired".into()));
+                    }
+                    next.used.remove(i);
+                }
+                if let Some(u) = used {
+                    if next.is_used(&u.nonce) {
+                        return Err(fail("the token was already used".into()));
+                    }
+                    next.used.push(*u);
+                }
+                next.check().map_err(fail)?;
+                UndoStep::HandoverTokens { old: Box::new(std::mem::replace(&mut self.handovers, next)) }
+            }
         };
         Ok(Undo(step))
     }
@@ -596,6 +626,7 @@ impl PoolMetadata {
                     d.state = old;
                 }
             }
+            UndoStep::HandoverTokens { old } => self.handovers = *old,
         }
     }
 
@@ -821,7 +852,7 @@ mod tests {
 
     /// Changes a random walk over a pool tries: some refused, most not.
     fn arb_step() -> impl Strategy<Value = (u8, u64, u64)> {
-        (0u8..12, any::<u64>(), any::<u64>())
+        (0u8..13, any::<u64>(), any::<u64>())
     }
 
     proptest! {

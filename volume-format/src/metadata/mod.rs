@@ -22,10 +22,14 @@
 //! - [`alloc`]: free-extent computation, the extent allocator, and volume
 //!   create/grow/delete.
 //! - [`snapshot`]: snapshots, copy-on-write maps, changed-block lists.
+//! - [`handover`]: used handover tokens and the pool's token clock.
+//! - [`payload`]: the payload schemas of older formats, decoded into today's.
 
 pub mod alloc;
 pub mod change;
+pub mod handover;
 pub mod journal;
+pub mod payload;
 pub mod slots;
 pub mod snapshot;
 #[cfg(test)]
@@ -33,6 +37,7 @@ pub(crate) mod testing;
 
 pub use alloc::{allocate, AllocError, FreeExtents};
 pub use change::{ApplyError, ChunkRun, ChunkRuns, MetaChange, NewSnapshot, Undo};
+pub use handover::{HandoverLedger, UsedToken, HANDOVER_USED_MAX};
 pub use slots::{MetadataArea, MetadataError, NewestSlot, SlotError, SlotHeader, SLOT_HEADER_BYTES, SLOT_MAGIC};
 pub use snapshot::{ChunkSource, CowMap, DeletePlan, COW_CHUNK_BYTES};
 
@@ -56,13 +61,18 @@ use uuid::Uuid;
 ///   and an ed25519 signature), the rest of the area is a ring of signed
 ///   journal entries. The payload schema is format 2's. A format-2 pool is
 ///   read (all its slots) and upgraded by its next journaled commit.
-/// - 4: backup keys can be scoped to volumes ([`ClientScope`], a new last
-///   field of the record, and [`MetaChange::ClientScope`]). A format-3
-///   journal is read as format 4 without scopes (its payloads end before the
-///   new field: [`PoolMetadata::decode_payload`]); new checkpoints and
-///   entries are format 4, which format-3 readers refuse as newer.
+/// - 4: the used handover tokens and the token clock's floor
+///   ([`handover::HandoverLedger`], the last field of [`PoolMetadata`]) and
+///   the change that records them ([`MetaChange::HandoverTokens`]); backup
+///   keys scoped to volumes ([`ClientScope`], the field before it, and
+///   [`MetaChange::ClientScope`]). Older payloads decode without either
+///   ([`payload`]); a format-3 pool is read and upgraded by a commit
+///   checkpoint at its next commit; format-3 readers refuse format 4 as
+///   newer.
 pub const METADATA_FORMAT_VERSION: u32 = 4;
-/// The oldest journaled format (checkpoints and entries) this build reads.
+/// The first format with the journal (checkpoints in slots 0 and 1, entries
+/// in the ring), the oldest journaled format this build reads; older ones
+/// are whole-pool slot records.
 pub const JOURNAL_FORMAT_VERSION_MIN: u32 = 3;
 /// The oldest format this build reads.
 pub const METADATA_FORMAT_VERSION_MIN: u32 = 1;
@@ -98,10 +108,12 @@ pub struct PoolMetadata {
     #[serde(default)]
     pub snapshots: Vec<SnapshotRecord>,
     pub next_ids: NextIds,
-    /// Volume scopes of backup keys (format 4). Last field: older formats'
-    /// payloads end before it.
+    /// Volume scopes of backup keys (format 4).
     #[serde(default)]
     pub client_scopes: Vec<ClientScope>,
+    /// Used handover tokens and the token clock (format 4). Last field.
+    #[serde(default)]
+    pub handovers: HandoverLedger,
 }
 
 /// The volumes a backup key may read (their snapshots on the backup
@@ -310,23 +322,7 @@ impl PoolMetadata {
             snapshots: Vec::new(),
             next_ids: NextIds::default(),
             client_scopes: Vec::new(),
-        }
-    }
-
-    /// Decodes a pool record of any format this build reads: payloads of
-    /// formats 1 to 3 end before `client_scopes` (bincode is positional), so
-    /// one that does not decode as it is decodes with an empty list
-    /// appended. Unambiguous: a format-4 payload never decodes with 8 more
-    /// bytes, an older one never without them.
-    pub fn decode_payload(payload: &[u8]) -> Result<PoolMetadata, crate::codec::CodecError> {
-        match crate::codec::decode::<PoolMetadata>(payload) {
-            Ok(meta) => Ok(meta),
-            Err(first) => {
-                let mut extended = Vec::with_capacity(payload.len() + 8);
-                extended.extend_from_slice(payload);
-                extended.extend_from_slice(&0u64.to_be_bytes());
-                crate::codec::decode::<PoolMetadata>(&extended).map_err(|_| first)
-            }
+            handovers: HandoverLedger::default(),
         }
     }
 
@@ -491,7 +487,7 @@ impl PoolMetadata {
                 return Err(format!("client key {} appears twice", c.public_key));
             }
         }
-        Ok(())
+        self.handovers.check()
     }
 }
 

@@ -276,15 +276,7 @@ impl MetadataArea {
             });
         }
         meta.check().map_err(MetadataError::Invalid)?;
-        if !meta.client_scopes.is_empty() {
-            return Err(MetadataError::Invalid("format 2 cannot record volume scopes of backup keys".into()));
-        }
-        let mut payload = codec::encode(meta).map_err(MetadataError::Encode)?;
-        // `format_version` is the payload's first field (a fixed-width u32):
-        // the schema is format 2's, only the version number differs, and
-        // the (empty) scope list of format 4 at the end is left out.
-        payload[..4].copy_from_slice(&LEGACY_SLOT_FORMAT_VERSION.to_be_bytes());
-        payload.truncate(payload.len() - 8);
+        let payload = super::payload::encode_format2(meta).map_err(MetadataError::Invalid)?;
         let record_bytes = SLOT_HEADER_BYTES as u64 + payload.len() as u64;
         if record_bytes > self.slot_bytes {
             return Err(MetadataError::PayloadTooLarge { record_bytes, slot_bytes: self.slot_bytes });
@@ -343,7 +335,7 @@ impl MetadataArea {
                 return Err(SlotError::WrongPool { expected, found: header.pool_uuid });
             }
         }
-        let mut meta = PoolMetadata::decode_payload(payload).map_err(SlotError::Payload)?;
+        let mut meta = super::payload::decode(header.format_version, payload).map_err(SlotError::Payload)?;
         if meta.format_version != header.format_version
             || meta.generation != header.generation
             || meta.pool_uuid != header.pool_uuid
@@ -599,12 +591,15 @@ mod tests {
         assert_eq!(err, MetadataError::NewerFormat { found: 5, supported: 4 });
         assert!(err.to_string().contains("written by a newer sanvol (format 5); this build supports up to 4"));
 
-        // A journaled pool is refused by the whole-pool reader, never rolled back.
-        let journaled = with_version(&AREA.encode_slot(POOL, meta.generation, &meta).unwrap(), 3);
-        let err = AREA.decode_slot(Some(POOL), &journaled).unwrap_err();
-        assert_eq!(err, SlotError::Journaled { found: 3 });
-        let err = MetadataArea::choose_newest([older, Err(err)]).unwrap_err();
-        assert!(err.to_string().contains("journaled"), "{err}");
+        // A journaled pool (any journaled format) is refused by the
+        // whole-pool reader, never rolled back.
+        for found in [3, 4] {
+            let journaled = with_version(&AREA.encode_slot(POOL, meta.generation, &meta).unwrap(), found);
+            let err = AREA.decode_slot(Some(POOL), &journaled).unwrap_err();
+            assert_eq!(err, SlotError::Journaled { found });
+            let err = MetadataArea::choose_newest([older.clone(), Err(err)]).unwrap_err();
+            assert!(err.to_string().contains("journaled"), "{err}");
+        }
 
         let record = with_version(&record, 0);
         assert!(matches!(AREA.decode_slot(Some(POOL), &record), Err(SlotError::UnsupportedFormat { .. })));
@@ -665,8 +660,7 @@ mod tests {
         assert_eq!(&record[16..32], POOL.as_bytes());
         assert_eq!(&record[32..40], &4u64.to_be_bytes(), "generation");
         let payload_bytes = u64::from_be_bytes(record[40..48].try_into().unwrap());
-        // Format 2's payload: today's record without format 4's (empty) scope list.
-        assert_eq!(payload_bytes, crate::codec::encode(&meta).unwrap().len() as u64 - 8);
+        assert_eq!(payload_bytes, crate::metadata::payload::encode_format2(&meta).unwrap().len() as u64);
         assert!(record[48..64].iter().all(|&b| b == 0));
         // The payload starts with PoolMetadata::format_version.
         assert_eq!(&record[64..68], &[0, 0, 0, 2]);
@@ -680,9 +674,8 @@ mod tests {
         meta.snapshots.clear();
         meta.format_version = 1;
         // encode_slot checks the record first, which wants the current version.
-        // (A format-1 payload ends before format 4's scope list.)
-        let mut payload = crate::codec::encode(&meta).unwrap();
-        payload.truncate(payload.len() - 8);
+        let mut payload = crate::metadata::payload::encode_format2(&meta).unwrap();
+        payload[..4].copy_from_slice(&1u32.to_be_bytes());
         meta.format_version = METADATA_FORMAT_VERSION;
         let mut record = with_version(&AREA.encode_slot(POOL, meta.generation, &meta).unwrap(), 1);
         let mut header = SlotHeader::decode(&record).unwrap();
@@ -695,8 +688,7 @@ mod tests {
         assert_eq!(read, meta);
 
         let with_snapshots = rich_pool();
-        let mut bad = crate::codec::encode(&with_snapshots).unwrap();
-        bad.truncate(bad.len() - 8);
+        let mut bad = crate::metadata::payload::encode_format2(&with_snapshots).unwrap();
         bad[..4].copy_from_slice(&1u32.to_be_bytes());
         let mut header =
             SlotHeader::decode(&AREA.encode_slot(POOL, with_snapshots.generation, &with_snapshots).unwrap()).unwrap();

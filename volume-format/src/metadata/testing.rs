@@ -128,6 +128,14 @@ pub(crate) fn plan_step(meta: &PoolMetadata, k: u8, a: u64, b: u64) -> Option<Me
             let c = meta.clients.get((a % meta.clients.len().max(1) as u64) as usize)?;
             Some(MetaChange::ClientRemove { key: c.public_key })
         }
+        12 => {
+            let clock = meta.handovers.clock_floor_unix_ms + a % 5_000;
+            let used = (b % 3 != 0).then(|| super::UsedToken {
+                nonce: (u128::from(a) << 64 | u128::from(b)).to_be_bytes(),
+                expires_at_unix_ms: clock + 1 + b % 10_000,
+            });
+            meta.plan_handover_tokens(clock, used).ok()
+        }
         _ => {
             let d = meta.devices.get((a % meta.devices.len() as u64) as usize)?;
             let state = if b % 2 == 0 {

@@ -129,7 +129,8 @@ fn signed_message(zeroed_header: &[u8], payload: &[u8], trailer_head: &[u8]) -> 
 #[derive(Debug)]
 pub(crate) enum SlotRead {
     /// A valid format-3 checkpoint.
-    Checkpoint { number: u64, anchor: Anchor, meta: PoolMetadata },
+    /// `meta` reads as the current format; `format` is the one written.
+    Checkpoint { number: u64, anchor: Anchor, meta: PoolMetadata, format: u32 },
     /// A valid format-1 or format-2 whole-pool record.
     Legacy { generation: u64, meta: PoolMetadata },
     /// Not usable (empty, torn, another pool's, …): never fatal by itself.
@@ -161,7 +162,9 @@ pub(crate) fn read_slot(
             Err(e) => SlotRead::Unusable(e),
         };
     }
-    if index >= super::CHECKPOINT_SLOTS && header.format_version >= JOURNAL_FORMAT_VERSION_MIN {
+    if index >= super::CHECKPOINT_SLOTS
+        && (JOURNAL_FORMAT_VERSION_MIN..=METADATA_FORMAT_VERSION).contains(&header.format_version)
+    {
         return SlotRead::Unusable(SlotError::Inconsistent(format!(
             "a checkpoint in slot {index}, which belongs to the journal ring"
         )));
@@ -221,7 +224,7 @@ pub(crate) fn read_slot(
             area.ring_bytes()
         ));
     }
-    let mut meta = match PoolMetadata::decode_payload(payload) {
+    let mut meta = match crate::metadata::payload::decode(header.format_version, payload) {
         Ok(m) => m,
         Err(e) => return SlotRead::Unusable(SlotError::Payload(e)),
     };
@@ -240,12 +243,13 @@ pub(crate) fn read_slot(
             anchor.state_seq
         ));
     }
-    // A format-3 checkpoint reads as format 4 without scopes.
-    meta.format_version = METADATA_FORMAT_VERSION;
+    // An older journaled format reads as today's; the loader has the next
+    // commit rewrite it (`format`).
+    let format = std::mem::replace(&mut meta.format_version, METADATA_FORMAT_VERSION);
     if let Err(why) = meta.check() {
         return inconsistent(why);
     }
-    SlotRead::Checkpoint { number: header.generation, anchor, meta }
+    SlotRead::Checkpoint { number: header.generation, anchor, meta, format }
 }
 
 #[cfg(test)]
@@ -289,8 +293,8 @@ mod tests {
         assert_eq!(&record[12..16], &[0, 0, 0, 4]);
         assert_eq!(&record[32..40], &9u64.to_be_bytes(), "the checkpoint number");
         match read(&record, 0) {
-            SlotRead::Checkpoint { number, anchor: a, meta: m } => {
-                assert_eq!((number, a, m), (9, anchor(&meta), meta.clone()));
+            SlotRead::Checkpoint { number, anchor: a, meta: m, format } => {
+                assert_eq!((number, a, m, format), (9, anchor(&meta), meta.clone(), 4));
             }
             other => panic!("{other:?}"),
         }
@@ -303,15 +307,14 @@ mod tests {
         );
     }
 
-    /// A format-3 checkpoint (its payload ends before the volume scopes of
-    /// format 4) reads as format 4 without scopes.
+    /// A format-3 checkpoint (its payload ends before the volume scopes and
+    /// the handover ledger of format 4) reads as format 4 without them.
     #[test]
     fn a_format3_checkpoint_reads_as_format4_without_scopes() {
         let mut meta = signed_pool();
         meta.format_version = 3;
-        let mut payload = codec::encode(&meta).unwrap();
-        assert_eq!(payload[payload.len() - 8..], [0; 8], "an empty scope list ends a format-4 payload");
-        payload.truncate(payload.len() - 8);
+        let mut payload = crate::metadata::payload::encode_format2(&meta).unwrap();
+        payload[..4].copy_from_slice(&3u32.to_be_bytes());
         let record = seal_checkpoint(&AREA, POOL, 9, &anchor(&meta), 3, &payload, &key()).unwrap();
         match read(&record, 0) {
             SlotRead::Checkpoint { meta: m, .. } => {

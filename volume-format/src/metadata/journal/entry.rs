@@ -219,7 +219,7 @@ pub(crate) fn read_entry<'a>(
     if header.format_version > METADATA_FORMAT_VERSION {
         return EntryRead::Newer { found: header.format_version };
     }
-    if header.format_version < JOURNAL_FORMAT_VERSION_MIN
+    if !(JOURNAL_FORMAT_VERSION_MIN..=METADATA_FORMAT_VERSION).contains(&header.format_version)
         || header.prev.is_none()
         || bytes[offset::RESERVED..offset::SIGNATURE].iter().any(|&b| b != 0)
     {

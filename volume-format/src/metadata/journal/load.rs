@@ -30,7 +30,7 @@ use super::writer::{CopyState, JournalWriter, SlotState};
 use super::{ChainLink, CHECKPOINT_SLOTS};
 use crate::ids::PublicKey;
 use crate::label::BLOCK_BYTES;
-use crate::metadata::{MetadataArea, PoolMetadata, SlotError};
+use crate::metadata::{MetadataArea, PoolMetadata, SlotError, METADATA_FORMAT_VERSION};
 
 /// What the caller read from one metadata copy.
 #[derive(Debug, Clone)]
@@ -145,6 +145,8 @@ struct LoadedCopy {
     state_seq: u64,
     /// The checkpoint the replay started from (none: format 2).
     checkpoint: Option<(u64, Anchor)>,
+    /// The format that checkpoint (or format-2 record) was written in.
+    format: u32,
     head: u64,
     prev: ChainLink,
     /// How the last commit was written, to order copies that reached the
@@ -230,6 +232,9 @@ fn choose(
     let mut must_checkpoint = None;
     if best.checkpoint.is_none() {
         must_checkpoint = Some("upgrading format-2 metadata to the journal".to_string());
+    } else if best.format < METADATA_FORMAT_VERSION {
+        must_checkpoint =
+            Some(format!("upgrading format-{} metadata to format {METADATA_FORMAT_VERSION}", best.format));
     }
     let mut copies = Vec::with_capacity(images.len());
     for (i, (image, r)) in images.iter().zip(&results).enumerate() {
@@ -282,7 +287,7 @@ fn load_copy(
 
     // Every slot, as far as it can be read: the checkpoint slots from their
     // own buffers, any further slot (legacy) from the ring.
-    let mut checkpoints: Vec<(u32, u64, Anchor, PoolMetadata)> = Vec::new();
+    let mut checkpoints: Vec<(u32, u64, Anchor, PoolMetadata, u32)> = Vec::new();
     let mut legacy: Vec<(u32, u64, PoolMetadata)> = Vec::new();
     let mut slot_errors: Vec<String> = Vec::new();
     let mut slots = [SlotState::Unusable; 2];
@@ -307,9 +312,9 @@ fn load_copy(
             clear_ring_slots |= i >= CHECKPOINT_SLOTS && h.format_version < crate::metadata::JOURNAL_FORMAT_VERSION_MIN;
         }
         match read_slot(&area, i, bytes, pool, server_key, key) {
-            SlotRead::Checkpoint { number, anchor, meta } => {
+            SlotRead::Checkpoint { number, anchor, meta, format } => {
                 slots[i as usize] = SlotState::Checkpoint { number, acked: true };
-                checkpoints.push((i, number, anchor, meta));
+                checkpoints.push((i, number, anchor, meta, format));
             }
             SlotRead::Legacy { generation, meta } => {
                 if let Some(s) = slots.get_mut(i as usize) {
@@ -371,6 +376,7 @@ fn load_copy(
             meta,
             state_seq: generation,
             checkpoint: None,
+            format: crate::metadata::LEGACY_SLOT_FORMAT_VERSION,
             head: 0,
             prev: ChainLink::Checkpoint { number: 0 },
             tip: (0, 0),
@@ -379,7 +385,7 @@ fn load_copy(
             notes,
         });
     };
-    let (_, number, anchor, mut meta) = checkpoints.swap_remove(position);
+    let (_, number, anchor, mut meta, format) = checkpoints.swap_remove(position);
     let ring = ring.map_err(|reason| CopyError::Unreadable { device: device.clone(), reason })?;
     if (ring.len() as u64) < anchor.ring_bytes {
         return Err(CopyError::Unreadable {
@@ -488,6 +494,7 @@ fn load_copy(
         meta,
         state_seq,
         checkpoint: Some((number, anchor)),
+        format,
         head: pos,
         prev,
         tip,

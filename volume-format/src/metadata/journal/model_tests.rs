@@ -21,7 +21,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::label::BLOCK_BYTES;
 use crate::metadata::testing::{plan_step, pool, POOL};
-use crate::metadata::{MetaChange, MetadataArea, PoolMetadata, Undo};
+use crate::metadata::{MetaChange, MetadataArea, PoolMetadata, Undo, METADATA_FORMAT_VERSION};
 use crate::PublicKey;
 
 const SECTOR_BYTES: usize = 512;
@@ -373,7 +373,7 @@ impl Model {
 
 fn arb_step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        6 => (0u8..12, any::<u64>(), any::<u64>()).prop_map(|(k, a, b)| Step::Change(k, a, b)),
+        6 => (0u8..13, any::<u64>(), any::<u64>()).prop_map(|(k, a, b)| Step::Change(k, a, b)),
         3 => Just(Step::Commit),
         1 => (0usize..3, any::<bool>()).prop_map(|(c, p)| Step::Fail(c, p)),
     ]
@@ -585,11 +585,16 @@ fn fixture_legacy_state() -> PoolMetadata {
 }
 
 impl Model {
-    /// A model over the fixture's two copies, loaded with the journal.
+    /// A model over the format-2 fixture's two copies, loaded with the journal.
     fn from_fixture(crash_at: Vec<usize>, seed: u64) -> (Model, Loaded) {
-        let (pool, area) = fixture_area(FORMAT2_IMAGES[0]);
+        Model::from_images(FORMAT2_IMAGES, crash_at, seed)
+    }
+
+    /// A model over two fixture copies, loaded with the journal.
+    fn from_images(images: [&[u8]; 2], crash_at: Vec<usize>, seed: u64) -> (Model, Loaded) {
+        let (pool, area) = fixture_area(images[0]);
         let mut copies = Vec::new();
-        for image in FORMAT2_IMAGES {
+        for image in images {
             let mut c = ModelCopy::new(area);
             let start = area.offset as usize;
             let len = c.durable.len();
@@ -655,14 +660,14 @@ fn a_format2_pool_is_read_and_upgraded_at_its_next_commit() {
     assert_eq!(area.decode_slot(None, &c.durable[slot3..]).unwrap_err(), crate::metadata::SlotError::Empty);
     // The whole-pool reader of this build refuses the journaled pool rather
     // than reading the format-2 leftover in slot 1 (and so do older
-    // releases: a format-3 slot is "written by a newer sanvol" to them).
+    // releases: a journaled slot is "written by a newer sanvol" to them).
     let slots = (0..2).map(|i| {
         let at = (area.slot_offset(i) - area.offset) as usize;
         area.decode_slot(None, &c.durable[at..at + area.slot_bytes as usize])
     });
     assert!(matches!(
         MetadataArea::choose_newest(slots),
-        Err(crate::metadata::MetadataError::Journaled { found: crate::metadata::METADATA_FORMAT_VERSION })
+        Err(crate::metadata::MetadataError::Journaled { found: METADATA_FORMAT_VERSION })
     ));
 
     // Later commits are journal entries.
@@ -700,7 +705,7 @@ fn a_format2_record_newer_than_the_checkpoint_is_refused() {
     let c = &mut m.copies[1];
     let slot0 = (area.slot_offset(0) - area.offset) as usize;
     let slot1 = (area.slot_offset(1) - area.offset) as usize;
-    let target = if matches!(crate::metadata::SlotHeader::decode(&c.durable[slot0..]), Ok(h) if h.format_version >= crate::metadata::JOURNAL_FORMAT_VERSION_MIN)
+    let target = if matches!(crate::metadata::SlotHeader::decode(&c.durable[slot0..]), Ok(h) if h.format_version == METADATA_FORMAT_VERSION)
     {
         slot1
     } else {
@@ -737,4 +742,69 @@ fn a_format2_record_newer_than_the_checkpoint_is_refused() {
         .collect();
     let strict = LoadOptions { refuse_unsigned: true };
     assert!(load(pool, &PublicKey(m.key.verifying_key().to_bytes()), &fresh, strict).is_err());
+}
+
+// ---- upgrade of a pool written by the release before format 4
+
+/// `tests/fixtures/format3/`: the format-2 fixture upgraded to the journal
+/// and committed to five more times by the format-3 code (see its README).
+const FORMAT3_IMAGES: [&[u8]; 2] = [
+    include_bytes!("../../../tests/fixtures/format3/dev0.img"),
+    include_bytes!("../../../tests/fixtures/format3/dev1.img"),
+];
+const FORMAT3_STATE: &str = include_str!("../../../tests/fixtures/format3/expected.json");
+
+#[test]
+fn a_format3_pool_is_read_and_upgraded_by_a_checkpoint_at_its_next_commit() {
+    let (mut m, loaded) = Model::from_images(FORMAT3_IMAGES, Vec::new(), 1);
+    assert!(!loaded.legacy);
+    let mut expected: PoolMetadata = serde_json::from_str(FORMAT3_STATE).unwrap();
+    assert_eq!((expected.format_version, expected.generation), (3, 14));
+    expected.format_version = METADATA_FORMAT_VERSION;
+    assert_eq!(loaded.metadata, expected, "the checkpoint and the five entries after it, replayed");
+    assert!(
+        m.writer.checkpoint_pending().is_some_and(|why| why.contains("format-3")),
+        "{:?}",
+        m.writer.checkpoint_pending()
+    );
+
+    // The first commit (a used handover token) is the upgrade: a format-4 checkpoint.
+    let used = crate::metadata::UsedToken { nonce: [0x77; 16], expires_at_unix_ms: 1_700_000_900_000 };
+    let change = m.meta.plan_handover_tokens(1_700_000_800_000, Some(used)).unwrap();
+    let undo = m.meta.apply(&change).unwrap();
+    m.batch.push((change, undo));
+    let (changes, _): (Vec<MetaChange>, Vec<Undo>) = m.batch.drain(..).unzip();
+    let sealed = m.writer.seal_commit(&mut m.meta, &changes, &m.key).unwrap();
+    let SealedWrite::Checkpoint(cp) = &sealed.write else { panic!("the upgrade is a checkpoint") };
+    assert_eq!(crate::metadata::SlotHeader::decode(&cp.bytes).unwrap().format_version, METADATA_FORMAT_VERSION);
+    let written = m.write_commit(&sealed).unwrap();
+    m.writer.commit_written(sealed.seq, &written).unwrap();
+    m.acked = m.meta.clone();
+    assert_eq!(m.meta.generation, 15);
+    m.reload();
+    assert_eq!(m.meta, m.acked);
+    assert!(m.meta.handovers.is_used(&[0x77; 16]), "the ledger survives the reload");
+    assert!(m.writer.checkpoint_pending().is_none());
+
+    // Later commits are journal entries.
+    m.run(&fixed_history()[..30]);
+    assert!(m.reloads >= 2);
+}
+
+/// Crash at every write boundary of the format-3 upgrade and the commits
+/// after it: the pool reloads as format 3 (generation 14) or upgraded.
+#[test]
+fn a_crash_anywhere_in_the_format3_upgrade_loses_nothing() {
+    let history = fixed_history()[..24].to_vec();
+    let ops = {
+        let (mut m, _) = Model::from_images(FORMAT3_IMAGES, Vec::new(), 1);
+        m.run(&history);
+        m.ops
+    };
+    for crash in 0..ops {
+        for seed in 1..=2 {
+            let (mut m, _) = Model::from_images(FORMAT3_IMAGES, vec![crash], seed * 31 + crash as u64);
+            m.run(&history);
+        }
+    }
 }

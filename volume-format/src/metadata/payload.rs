@@ -1,0 +1,127 @@
+//! The payload schema of each metadata format, decoded into today's
+//! [`PoolMetadata`].
+//!
+//! Why a schema per format: bincode is positional, so a payload written
+//! before a field existed does not decode as a struct that has it (it ends
+//! early), and `#[serde(default)]` does not help. Formats 1, 2 and 3 share
+//! one schema ([`PayloadV3`]: everything but the volume scopes of backup keys
+//! and the handover ledger); format 4
+//! is [`PoolMetadata`] itself. Format-2 records are also still written (the
+//! whole-pool slot commit, [`super::MetadataArea::encode_slot`]), in their
+//! own schema.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::{
+    ClientRecord, DeviceRecord, HandleRecord, HandoverLedger, NextIds, PoolMetadata, SnapshotRecord, VolumeRecord,
+    METADATA_FORMAT_VERSION,
+};
+use crate::codec::{self, CodecError};
+use crate::ids::PublicKey;
+
+/// [`PoolMetadata`] as formats 1 to 3 encode it: the same fields, in the
+/// same order, without the scopes and the handover ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadV3 {
+    pub format_version: u32,
+    pub pool_uuid: Uuid,
+    pub pool_name: String,
+    pub generation: u64,
+    pub extent_bytes: u64,
+    pub created_at_unix_secs: u64,
+    pub server_public_key: PublicKey,
+    pub devices: Vec<DeviceRecord>,
+    pub volumes: Vec<VolumeRecord>,
+    pub clients: Vec<ClientRecord>,
+    pub handles: Vec<HandleRecord>,
+    pub snapshots: Vec<SnapshotRecord>,
+    pub next_ids: NextIds,
+}
+
+impl From<PayloadV3> for PoolMetadata {
+    /// Keeps the payload's `format_version`; no scopes and an empty ledger
+    /// (those formats recorded neither).
+    fn from(p: PayloadV3) -> PoolMetadata {
+        PoolMetadata {
+            format_version: p.format_version,
+            pool_uuid: p.pool_uuid,
+            pool_name: p.pool_name,
+            generation: p.generation,
+            extent_bytes: p.extent_bytes,
+            created_at_unix_secs: p.created_at_unix_secs,
+            server_public_key: p.server_public_key,
+            devices: p.devices,
+            volumes: p.volumes,
+            clients: p.clients,
+            handles: p.handles,
+            snapshots: p.snapshots,
+            next_ids: p.next_ids,
+            client_scopes: Vec::new(),
+            handovers: HandoverLedger::default(),
+        }
+    }
+}
+
+/// Decodes the payload of a record of format `format` (whose header said
+/// so); `format_version` is left as the payload has it.
+pub fn decode(format: u32, bytes: &[u8]) -> Result<PoolMetadata, CodecError> {
+    if format >= METADATA_FORMAT_VERSION {
+        return codec::decode(bytes);
+    }
+    codec::decode::<PayloadV3>(bytes).map(PoolMetadata::from)
+}
+
+/// Encodes `meta` in the format-2 schema with `format_version` set to 2.
+/// Refuses what format 2 cannot hold (used handover tokens).
+pub fn encode_format2(meta: &PoolMetadata) -> Result<Vec<u8>, String> {
+    if !meta.handovers.used.is_empty() {
+        return Err("format 2 cannot record used handover tokens; commit with the journal".into());
+    }
+    if !meta.client_scopes.is_empty() {
+        return Err("format 2 cannot record volume scopes of backup keys; commit with the journal".into());
+    }
+    let p = PayloadV3 {
+        format_version: super::LEGACY_SLOT_FORMAT_VERSION,
+        pool_uuid: meta.pool_uuid,
+        pool_name: meta.pool_name.clone(),
+        generation: meta.generation,
+        extent_bytes: meta.extent_bytes,
+        created_at_unix_secs: meta.created_at_unix_secs,
+        server_public_key: meta.server_public_key,
+        devices: meta.devices.clone(),
+        volumes: meta.volumes.clone(),
+        clients: meta.clients.clone(),
+        handles: meta.handles.clone(),
+        snapshots: meta.snapshots.clone(),
+        next_ids: meta.next_ids,
+    };
+    codec::encode(&p).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metadata::testing::rich_pool;
+
+    #[test]
+    fn an_older_payload_decodes_without_the_ledger_and_today_s_with_it() {
+        let mut meta = rich_pool();
+        let old = encode_format2(&meta).unwrap();
+        let decoded = decode(2, &old).unwrap();
+        assert_eq!(decoded.format_version, 2);
+        assert_eq!(PoolMetadata { format_version: meta.format_version, ..decoded }, meta);
+        assert!(codec::decode::<PoolMetadata>(&old).is_err(), "positional: the old payload ends before the ledger");
+        meta.apply(
+            &meta
+                .plan_handover_tokens(
+                    1_000,
+                    Some(crate::metadata::UsedToken { nonce: [1; 16], expires_at_unix_ms: 9_000 }),
+                )
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(encode_format2(&meta).unwrap_err().contains("handover"));
+        assert_eq!(decode(METADATA_FORMAT_VERSION, &codec::encode(&meta).unwrap()).unwrap(), meta);
+    }
+}
