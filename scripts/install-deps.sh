@@ -7,10 +7,12 @@
 #   libblkid-dev, libclang-dev, pkg-config: the blkid crate's bindings
 #   busybox-static, nbd-client, e2fsprogs, xz-utils: the VM tests' guest userland
 #   openssl: test certificates for NBD over TLS (nbdkit, qemu-nbd, our own)
+#   systemd, man-db: systemd-analyze verify of contrib/systemd (it checks the
+#   units' Documentation= man pages with man)
 #   qemu-system-x86 (with a matching qemu-utils): the VM tests, via
 #   vm-tests/install-deps.sh, which explains why it needs its own command
 set -euo pipefail
-packages=(nbdkit qemu-utils nbd-server libnbd-bin fio libblkid-dev libclang-dev pkg-config busybox-static nbd-client e2fsprogs xz-utils openssl)
+packages=(nbdkit qemu-utils nbd-server libnbd-bin fio libblkid-dev libclang-dev pkg-config busybox-static nbd-client e2fsprogs xz-utils openssl systemd man-db)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

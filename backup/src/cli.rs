@@ -45,6 +45,9 @@ pub struct Cli {
     /// backup=debug,blockio=info).
     #[arg(long, global = true, env = "SANVOL_LOG", value_name = "FILTER", default_value = "warn")]
     pub log: String,
+    /// How log lines are written on stderr.
+    #[arg(long, global = true, env = "SANVOL_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: ops::logging::LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -225,6 +228,9 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         socket: PathBuf,
     },
+    /// Write man pages or shell completions (for packagers; see docs/operations.md).
+    #[command(subcommand, hide = true)]
+    Generate(ops::docs::Generate),
 }
 
 fn source(conn: &ConnArgs) -> Result<Source> {
@@ -335,6 +341,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let src = Arc::new(source(&cli.conn)?);
             serve::serve(src, &socket, shutdown_signal()).await?;
         }
+        Command::Generate(what) => ops::docs::generate(<Cli as clap::CommandFactory>::command(), &what)?,
     }
     Ok(())
 }

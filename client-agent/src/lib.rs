@@ -37,6 +37,8 @@
 //! - [`agent`]: the handle callers use (attach/detach/list/status, graceful
 //!   shutdown), each a command to the owner.
 //! - [`control`]: the local control socket (JSON lines) and its client.
+//! - [`metrics`]: the agent's Prometheus metrics (a counting wrapper around
+//!   each attached volume; control-plane events).
 //! - [`kernel`]: kernel attach — a volume as `/dev/nbdX` through the NBD driver's netlink
 //!   interface, and reattach after an agent restart.
 
@@ -49,6 +51,7 @@ pub mod export;
 pub mod fallback;
 pub mod gate;
 pub mod kernel;
+pub mod metrics;
 pub mod owner;
 pub mod session;
 pub mod state_dir;

@@ -634,7 +634,7 @@ impl AttachTask {
             return Err(AgentError::Device { volume, message });
         }
         let text = format!("sanvol volume {volume} ({}, handle {})", self.mode, self.handle);
-        let device: Arc<dyn BlockDevice> = self.device.clone();
+        let device: Arc<dyn BlockDevice> = Arc::new(crate::metrics::Metered::new(&volume, self.device.clone()));
         let export = serve_volume(&volume, text, device.clone(), &self.export)
             .await
             .map_err(|e| AgentError::Export { volume: volume.clone(), message: e.to_string() })?;
@@ -721,6 +721,7 @@ struct OwnerRegistrar {
 #[async_trait::async_trait]
 impl CowRegistrar for OwnerRegistrar {
     async fn register(&self, snapshot: u64, chunks: Vec<u64>, server_copies: bool) -> Result<(), String> {
+        crate::metrics::cow_registered(&self.volume, chunks.len());
         let (reply, answer) = oneshot::channel();
         let message = ToOwner::Cow { volume: self.volume.clone(), snapshot, chunks, server_copies, reply };
         if self.owner.send(message).await.is_err() {

@@ -75,6 +75,10 @@ struct RawConfig {
     #[serde(default)]
     log: Option<String>,
     #[serde(default)]
+    log_format: Option<String>,
+    #[serde(default)]
+    metrics_addr: Option<String>,
+    #[serde(default)]
     host_id: Option<u32>,
     #[serde(default)]
     name: Option<String>,
@@ -150,6 +154,11 @@ pub struct Config {
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace` or a
     /// `tracing_subscriber` directive); `RUST_LOG` and `--log` override it.
     pub log: Option<String>,
+    /// How log lines are written (`text` or `json`); `--log-format` overrides it.
+    pub log_format: ops::logging::LogFormat,
+    /// Where to serve Prometheus metrics (`/metrics`), if anywhere;
+    /// `--metrics-addr` overrides it.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Host id, name, disk-lease timing and advertised addresses.
     pub availability: Availability,
 }
@@ -232,6 +241,17 @@ impl Config {
         if advertise.len() > volume_format::lease::LEASE_ADDRS_MAX {
             return Err(format!("advertise: at most {} addresses", volume_format::lease::LEASE_ADDRS_MAX));
         }
+        let log_format = match raw.log_format.as_deref() {
+            None | Some("text") => ops::logging::LogFormat::Text,
+            Some("json") => ops::logging::LogFormat::Json,
+            Some(other) => return Err(format!("log_format = {other:?}: expected \"text\" or \"json\"")),
+        };
+        let metrics_addr = match &raw.metrics_addr {
+            None => None,
+            Some(a) => Some(a.parse().map_err(|e| {
+                format!("metrics_addr = {a:?}: {e}; expected HOST:PORT with an IP address, e.g. \"127.0.0.1:9751\"")
+            })?),
+        };
         let name = raw.name.filter(|n| !n.trim().is_empty()).unwrap_or_else(|| default_name(host_id));
         let availability = Availability { host_id, name, lease_io_timeout_ms, advertise };
         Ok(Config {
@@ -243,6 +263,8 @@ impl Config {
             grace_ms,
             channel_mode_min,
             log: raw.log,
+            log_format,
+            metrics_addr,
             availability,
         })
     }
@@ -292,6 +314,18 @@ mod tests {
         )
         .unwrap_err()
         .contains("durable_ms"));
+    }
+
+    #[test]
+    fn log_format_and_metrics_addr_are_read_and_checked() {
+        let text = |extra: &str| format!("listen = [\"h:1\"]\nkey = \"k\"\ndevices = [\"nbd://h:1/x\"]\n{extra}");
+        let c = Config::parse(&text(""), base()).unwrap();
+        assert_eq!((c.log_format, c.metrics_addr), (ops::logging::LogFormat::Text, None));
+        let c = Config::parse(&text("log_format = \"json\"\nmetrics_addr = \"127.0.0.1:9751\""), base()).unwrap();
+        assert_eq!(c.log_format, ops::logging::LogFormat::Json);
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9751".parse().unwrap()));
+        assert!(Config::parse(&text("log_format = \"xml\""), base()).unwrap_err().contains("log_format"));
+        assert!(Config::parse(&text("metrics_addr = \"localhost\""), base()).unwrap_err().contains("metrics_addr"));
     }
 
     fn base() -> &'static Path {

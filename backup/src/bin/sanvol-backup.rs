@@ -7,11 +7,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = backup::cli::Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|e| {
-        eprintln!("sanvol-backup: --log {:?} is not a valid filter ({e}); using warn", cli.log);
-        tracing_subscriber::EnvFilter::new("warn")
-    });
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    ops::logging::init(&cli.log, "warn", cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

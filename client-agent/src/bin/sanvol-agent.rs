@@ -38,6 +38,9 @@ struct Cli {
     /// The running agent's control socket.
     #[arg(long, global = true, env = "SANVOL_AGENT_SOCKET", default_value = DEFAULT_CONTROL_SOCKET)]
     control_socket: PathBuf,
+    /// How log lines are written on stderr (filter with SANVOL_LOG).
+    #[arg(long, global = true, env = "SANVOL_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: ops::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -94,6 +97,9 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         timeout_secs: u64,
     },
+    /// Write man pages or shell completions (for packagers; see docs/operations.md).
+    #[command(subcommand, hide = true)]
+    Generate(ops::docs::Generate),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -174,6 +180,10 @@ struct RunArgs {
     /// agent's direct path uses NEW; fallback through the metadata server uses the server's own.
     #[arg(long, value_parser = parse_device_uri)]
     device_uri: Vec<(String, String)>,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9750; port 0 picks one
+    /// and the log says which). Off by default.
+    #[arg(long, env = "SANVOL_AGENT_METRICS_ADDR", value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
 }
 
 fn parse_device_uri(s: &str) -> Result<(String, String), String> {
@@ -202,6 +212,11 @@ fn hostname() -> String {
 }
 
 async fn run(args: RunArgs, control_socket: PathBuf) -> Result<()> {
+    if let Some(addr) = args.metrics_addr {
+        client_agent::metrics::init();
+        let bound = ops::metrics::serve(addr).await?;
+        println!("metrics http://{bound}/metrics");
+    }
     let mut addrs = args
         .mds
         .iter()
@@ -273,6 +288,7 @@ async fn run(args: RunArgs, control_socket: PathBuf) -> Result<()> {
     });
     println!("ready control-socket={}", control_socket.display());
     tracing::info!(socket = %control_socket.display(), "agent ready");
+    ops::notify::ready(&format!("connected; control socket {}", control_socket.display()));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(control::serve(agent.clone(), listener, control_socket, async move {
         let _ = stop_rx.await;
@@ -282,6 +298,7 @@ async fn run(args: RunArgs, control_socket: PathBuf) -> Result<()> {
         _ = sigterm.recv() => {}
     }
     tracing::info!("shutting down: flushing and closing every volume");
+    ops::notify::stopping();
     let _ = stop_tx.send(());
     let _ = server.await;
     // Bounded: with the devices or every metadata server gone, flushing and
@@ -340,12 +357,12 @@ fn print_table(volumes: &[AttachmentInfo]) {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SANVOL_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    if let Command::Generate(what) = &cli.command {
+        return ops::docs::generate(<Cli as clap::CommandFactory>::command(), what);
+    }
+    let filter = std::env::var("SANVOL_LOG").unwrap_or_else(|_| "info".into());
+    ops::logging::init(&filter, "info", cli.log_format);
     let io_threads = match &cli.command {
         Command::Run(args) => args.io_threads,
         _ => 1,
@@ -432,6 +449,7 @@ async fn main_async(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Generate(what) => ops::docs::generate(<Cli as clap::CommandFactory>::command(), &what),
         Command::WaitReady { timeout_secs } => {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout_secs);
             loop {

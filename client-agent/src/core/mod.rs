@@ -725,9 +725,18 @@ impl AgentCore {
             Purpose::Renew => {
                 self.link.renewal_done(request);
                 match result {
-                    Ok(Response::Lease { lease_ms }) => self.renewed(pending.conn, pending.sent_ms, lease_ms),
-                    Ok(other) => warn!("unexpected answer to a lease renewal: {other:?}"),
-                    Err(e) => warn!(error = ?e, "lease renewal failed"),
+                    Ok(Response::Lease { lease_ms }) => {
+                        crate::metrics::lease_renewed(now.saturating_sub(pending.sent_ms));
+                        self.renewed(pending.conn, pending.sent_ms, lease_ms)
+                    }
+                    Ok(other) => {
+                        crate::metrics::lease_renewal_failed();
+                        warn!("unexpected answer to a lease renewal: {other:?}")
+                    }
+                    Err(e) => {
+                        crate::metrics::lease_renewal_failed();
+                        warn!(error = ?e, "lease renewal failed")
+                    }
                 }
             }
             Purpose::Open { attachment } => self.opened(now, &pending, attachment, result),
@@ -777,7 +786,10 @@ impl AgentCore {
         }
         match self.link.renewal_due(now) {
             link::Renewal::NotDue => {}
-            link::Renewal::Busy => warn!("the previous lease renewal has not been answered yet"),
+            link::Renewal::Busy => {
+                crate::metrics::lease_renewal_late();
+                warn!("the previous lease renewal has not been answered yet")
+            }
             link::Renewal::Send { conn, timeout_ms } => {
                 let request =
                     self.requests.send(&mut self.out, conn, now, Request::Renew, Some(timeout_ms), Purpose::Renew);

@@ -34,6 +34,7 @@ impl AgentCore {
         });
         if let PathAction::ReportFailure(reason) = path.state.direct_failed(now, &reason) {
             warn!(device, %reason, "direct path failed; sending this device's I/O through the metadata server");
+            crate::metrics::path_fell_back(&device);
             self.out.push(Effect::ReportPathFailure { device, index, reason });
         }
     }
@@ -56,12 +57,14 @@ impl AgentCore {
                     let index = path.index;
                     self.paths.remove(&device);
                     info!(device, "direct path works again; back to direct I/O");
+                    crate::metrics::path_direct(&device);
                     self.out.push(Effect::DirectPathBack { device: device.clone() });
                     self.out.push(Effect::ReportPathRecovered { device, index });
                 }
             }
             ProbeOutcome::Fails => path.state.probe_failed(now),
             ProbeOutcome::Gone => {
+                crate::metrics::path_direct(&device);
                 self.paths.remove(&device);
             }
         }

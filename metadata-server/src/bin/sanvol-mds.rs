@@ -18,14 +18,31 @@ use tracing::info;
         authenticated control connections (agents and admins). Stops cleanly on SIGINT or SIGTERM. \
         The config file format is documented in the README (\"Configuration and keys\")."
 )]
+#[command(subcommand_negates_reqs = true)]
 struct Args {
     /// The server's TOML configuration file.
-    #[arg(long, value_name = "FILE")]
-    config: PathBuf,
+    #[arg(long, value_name = "FILE", required = true)]
+    config: Option<PathBuf>,
     /// Log filter (error, warn, info, debug, trace, or tracing directives);
     /// overrides `log` in the config. RUST_LOG overrides both.
     #[arg(long, value_name = "FILTER")]
     log: Option<String>,
+    /// How log lines are written on stderr: text or json; overrides `log_format` in the config.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    log_format: Option<ops::logging::LogFormat>,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9751; port 0 picks one);
+    /// overrides `metrics_addr` in the config.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    #[command(subcommand)]
+    generate: Option<Generate>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Generate {
+    /// Write man pages or shell completions (for packagers; see docs/operations.md).
+    #[command(subcommand, hide = true)]
+    Generate(ops::docs::Generate),
 }
 
 async fn shutdown_signal() {
@@ -47,7 +64,20 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let config = match Config::load(&args.config) {
+    if let Some(Generate::Generate(what)) = &args.generate {
+        return match ops::docs::generate(<Args as clap::CommandFactory>::command(), what) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sanvol-mds: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    let Some(config_path) = &args.config else {
+        eprintln!("sanvol-mds: --config FILE is required");
+        return std::process::ExitCode::FAILURE;
+    };
+    let config = match Config::load(config_path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("sanvol-mds: {e}");
@@ -59,17 +89,28 @@ async fn main() -> std::process::ExitCode {
         .or_else(|| args.log.clone())
         .or_else(|| config.log.clone())
         .unwrap_or_else(|| "info".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    ops::logging::init(&filter, "info", args.log_format.unwrap_or(config.log_format));
     let result = async {
+        if let Some(addr) = args.metrics_addr.or(config.metrics_addr) {
+            metadata_server::server::metrics::init();
+            let bound = ops::metrics::serve(addr).await?;
+            println!("metrics http://{bound}/metrics");
+        }
         let server = metadata_server::server::Server::bind(&config).await.context("starting sanvol-mds")?;
         for addr in server.local_addrs() {
             // One line per address on stdout, so scripts can wait for it.
             println!("listening on {addr}");
         }
-        server.serve(shutdown_signal()).await?;
+        ops::notify::ready(&format!(
+            "serving pool on {}",
+            config.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+        ));
+        server
+            .serve(async {
+                shutdown_signal().await;
+                ops::notify::stopping();
+            })
+            .await?;
         anyhow::Ok(())
     }
     .await;

@@ -393,7 +393,7 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
             request(client, Request::Handoff { to: to.clone() }).await.context("handing the pool off")?;
             println!("the pool was handed off{}", to.map(|t| format!(" to {t}")).unwrap_or_default());
         }
-        Command::Keygen { .. } | Command::Pool(PoolCommand::Init { .. }) | Command::Demo(_) => {
+        Command::Keygen { .. } | Command::Pool(PoolCommand::Init { .. }) | Command::Demo(_) | Command::Generate(_) => {
             unreachable!("handled without a server connection")
         }
     }

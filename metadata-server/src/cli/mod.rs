@@ -39,6 +39,9 @@ pub use demo::DemoArgs;
 pub struct Cli {
     #[command(flatten)]
     pub conn: ConnArgs,
+    /// How log lines (RUST_LOG, quiet by default) are written on stderr.
+    #[arg(long, global = true, env = "SANVOL_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: ops::logging::LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -98,6 +101,9 @@ pub enum Command {
     /// Run a local demo pool end to end: three file-backed NBD devices, the
     /// metadata server, an agent and two volumes; prints where everything is.
     Demo(DemoArgs),
+    /// Write man pages or shell completions (for packagers; see docs/operations.md).
+    #[command(subcommand, hide = true)]
+    Generate(ops::docs::Generate),
 }
 
 #[derive(Debug, Subcommand)]
@@ -277,6 +283,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             admin::pool_init(&cli.conn, devices, admin_key, admin_name, name, extent_size, force).await
         }
         Command::Demo(args) => demo::run(args).await,
+        Command::Generate(what) => ops::docs::generate(<Cli as clap::CommandFactory>::command(), &what),
         other => {
             let client = admin::connect(&cli.conn).await?;
             let result = admin::run(&client, other).await;

@@ -74,10 +74,13 @@ impl DeviceTask {
                     // Checked right before the write leaves: a server whose
                     // lease lapsed (or was handed on) writes nothing.
                     let why = "this metadata server does not hold the pool lease now; nothing was written".into();
+                    super::metrics::committed(std::time::Duration::ZERO, false);
                     Input::MetaWritten { task, written: vec![false; write.copies], failures: vec![why] }
                 }
                 DeviceWork::Write { task, write } => {
+                    let started = std::time::Instant::now();
                     let (written, failures) = self.pool.write_raw(&write).await;
+                    super::metrics::committed(started.elapsed(), failures.is_empty());
                     if !failures.is_empty() {
                         // The next commit (which supersedes this one) goes
                         // over fresh connections where these failed.

@@ -360,6 +360,7 @@ impl LeaseTask {
         info!(copies = ok, "released the pool lease");
         let mut me = self.machine.me.clone();
         me.role = ServerRole::Stopped;
+        super::metrics::set_role("stopped");
         self.write_sector(self.machine.me.host_id as u64, &me).await;
     }
 
@@ -375,6 +376,11 @@ impl LeaseTask {
                 LeasePhase::HandedOff { .. } | LeasePhase::Lost { .. } => ServerRole::Stopped,
                 _ => ServerRole::Standby,
             };
+            super::metrics::set_role(match me.role {
+                ServerRole::Active => "active",
+                ServerRole::Standby => "standby",
+                _ => "stopped",
+            });
             self.write_sector(self.machine.me.host_id as u64, &me).await;
         }
         let active = matches!(self.machine.phase, LeasePhase::Owner { .. });

@@ -24,6 +24,7 @@
 //! - [`requests`]: what each request does to the state (prepare, finish).
 //! - [`listings`]: read-only answers (pool, devices, clients, volumes).
 //! - [`durable`]: resumes, duplicate handles, handovers and the grace period.
+//! - [`metrics`]: the server's Prometheus metrics.
 //! - [`session`]: one control connection.
 //! - [`grants`]: closing connections whose key, role, scope or handle no
 //!   longer allows them (revocation that bites at once).
@@ -46,6 +47,7 @@ pub mod grants;
 pub mod jobs;
 pub mod lease_task;
 pub mod listings;
+pub mod metrics;
 pub mod owner;
 pub mod requests;
 pub mod session;

@@ -174,6 +174,7 @@ pub async fn run(
         if let Some(input) = input {
             let now = shell.clock.now();
             let effects = shell.core.apply(now, input);
+            super::metrics::observe(&shell.core);
             shell.perform(effects);
         }
         if shell.stopped.is_some() {

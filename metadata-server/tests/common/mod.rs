@@ -211,6 +211,8 @@ impl Pool {
             grace_ms: lease_ms + metadata_server::config::DURABLE_MS_DEFAULT,
             channel_mode_min: control_client::ChannelMode::Integrity,
             log: None,
+            log_format: Default::default(),
+            metrics_addr: None,
             availability: metadata_server::config::Availability {
                 lease_io_timeout_ms: 250,
                 ..metadata_server::config::Availability::defaults(&[ControlAddr::Unix(dir.path().join("mds.sock"))])

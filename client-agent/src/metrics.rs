@@ -1,0 +1,299 @@
+//! The agent's Prometheus metrics (served by `sanvol-agent run
+//! --metrics-addr`, see `ops::metrics`).
+//!
+//! Counting costs the data path no lock: [`Metered`] wraps each attached
+//! volume's device and holds that volume's counters and histograms (atomic
+//! cells resolved once, at attach), so a request adds a few atomic
+//! increments and two clock reads. Control-plane events (fallback, lease
+//! renewals, copy-on-write registrations) count where the agent's core
+//! decides them.
+//!
+//! | metric | labels | what |
+//! |---|---|---|
+//! | `sanvol_agent_requests_total` | volume, op | NBD requests served (read, write, flush, trim, zero) |
+//! | `sanvol_agent_request_errors_total` | volume, op | of those, failed |
+//! | `sanvol_agent_bytes_total` | volume, op | bytes read or written |
+//! | `sanvol_agent_request_seconds` | volume, op | request latency (read, write, flush) |
+//! | `sanvol_agent_device_path_fallback` | device | 1 while the device's I/O goes through the metadata server |
+//! | `sanvol_agent_fallbacks_total` | device | switches from the direct path to fallback |
+//! | `sanvol_agent_lease_renewal_seconds` | — | time from sending a lease renewal to its grant |
+//! | `sanvol_agent_lease_renewal_misses_total` | reason | renewals that failed or were still unanswered when the next was due |
+//! | `sanvol_agent_cow_registrations_total` | volume | copy-on-write registrations sent to the server |
+//! | `sanvol_agent_cow_chunks_registered_total` | volume | chunks they registered |
+//! | `sanvol_agent_volumes_attached` | — | volumes attached now |
+
+use std::sync::{Arc, LazyLock};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use blockio::{BlockDevice, BlockSizes, IoError, MetaContext, StatusExtent, ZeroFlags};
+use bytes::Bytes;
+use ops::metrics::register;
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
+
+/// Latency buckets for block requests: 50 µs .. 10 s.
+const REQUEST_SECONDS_BUCKETS: &[f64] =
+    &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+/// Latency buckets for lease renewals: 1 ms .. 30 s.
+const RENEWAL_SECONDS_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric declaration"))
+}
+
+static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec("sanvol_agent_requests_total", "NBD requests served, by volume and operation", &["volume", "op"])
+});
+static REQUEST_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "sanvol_agent_request_errors_total",
+        "NBD requests that failed, by volume and operation",
+        &["volume", "op"],
+    )
+});
+static BYTES: LazyLock<IntCounterVec> =
+    LazyLock::new(|| counter_vec("sanvol_agent_bytes_total", "Bytes read or written, by volume", &["volume", "op"]));
+static REQUEST_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    let opts = HistogramOpts::new("sanvol_agent_request_seconds", "Latency of NBD requests, by volume and operation")
+        .buckets(REQUEST_SECONDS_BUCKETS.to_vec());
+    register(HistogramVec::new(opts, &["volume", "op"]).expect("valid metric declaration"))
+});
+static PATH_FALLBACK: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    let opts =
+        Opts::new("sanvol_agent_device_path_fallback", "1 while the device's I/O goes through the metadata server");
+    register(IntGaugeVec::new(opts, &["device"]).expect("valid metric declaration"))
+});
+static FALLBACKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec("sanvol_agent_fallbacks_total", "Switches of a device from the direct path to fallback", &["device"])
+});
+static RENEWAL_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    let opts =
+        HistogramOpts::new("sanvol_agent_lease_renewal_seconds", "Time from sending a lease renewal to its grant")
+            .buckets(RENEWAL_SECONDS_BUCKETS.to_vec());
+    register(Histogram::with_opts(opts).expect("valid metric declaration"))
+});
+static RENEWAL_MISSES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "sanvol_agent_lease_renewal_misses_total",
+        "Lease renewals that failed (reason=failed) or were unanswered when the next was due (reason=late)",
+        &["reason"],
+    )
+});
+static COW_REGISTRATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec("sanvol_agent_cow_registrations_total", "Copy-on-write registrations sent to the server", &["volume"])
+});
+static COW_CHUNKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec("sanvol_agent_cow_chunks_registered_total", "Chunks registered for copy-on-write", &["volume"])
+});
+static VOLUMES_ATTACHED: LazyLock<IntGauge> = LazyLock::new(|| {
+    register(IntGauge::new("sanvol_agent_volumes_attached", "Volumes attached now").expect("valid metric declaration"))
+});
+
+/// Registers every agent metric, so a scrape shows them (at zero) before
+/// the first event.
+pub fn init() {
+    LazyLock::force(&REQUESTS);
+    LazyLock::force(&REQUEST_ERRORS);
+    LazyLock::force(&BYTES);
+    LazyLock::force(&REQUEST_SECONDS);
+    LazyLock::force(&PATH_FALLBACK);
+    LazyLock::force(&FALLBACKS);
+    LazyLock::force(&RENEWAL_SECONDS);
+    RENEWAL_MISSES.with_label_values(&["failed"]);
+    RENEWAL_MISSES.with_label_values(&["late"]);
+    LazyLock::force(&COW_REGISTRATIONS);
+    LazyLock::force(&COW_CHUNKS);
+    LazyLock::force(&VOLUMES_ATTACHED);
+}
+
+/// A device's direct path failed: its I/O now goes through the server.
+pub fn path_fell_back(device: &str) {
+    FALLBACKS.with_label_values(&[device]).inc();
+    PATH_FALLBACK.with_label_values(&[device]).set(1);
+}
+
+/// A device's direct path works again (or the device is no longer used).
+pub fn path_direct(device: &str) {
+    PATH_FALLBACK.with_label_values(&[device]).set(0);
+}
+
+/// A lease renewal was granted `latency_ms` after it was sent.
+pub fn lease_renewed(latency_ms: u64) {
+    RENEWAL_SECONDS.observe(latency_ms as f64 / 1000.0);
+}
+
+/// A lease renewal failed.
+pub fn lease_renewal_failed() {
+    RENEWAL_MISSES.with_label_values(&["failed"]).inc();
+}
+
+/// A renewal was due while the previous one was still unanswered.
+pub fn lease_renewal_late() {
+    RENEWAL_MISSES.with_label_values(&["late"]).inc();
+}
+
+/// A copy-on-write registration of `chunks` chunks of `volume` was sent.
+pub fn cow_registered(volume: &str, chunks: usize) {
+    COW_REGISTRATIONS.with_label_values(&[volume]).inc();
+    COW_CHUNKS.with_label_values(&[volume]).inc_by(chunks as u64);
+}
+
+/// One operation's counters, resolved once per volume.
+#[derive(Clone)]
+struct OpMetrics {
+    requests: IntCounter,
+    errors: IntCounter,
+    bytes: IntCounter,
+    seconds: Option<Histogram>,
+}
+
+impl OpMetrics {
+    fn new(volume: &str, op: &str, timed: bool) -> OpMetrics {
+        OpMetrics {
+            requests: REQUESTS.with_label_values(&[volume, op]),
+            errors: REQUEST_ERRORS.with_label_values(&[volume, op]),
+            bytes: BYTES.with_label_values(&[volume, op]),
+            seconds: timed.then(|| REQUEST_SECONDS.with_label_values(&[volume, op])),
+        }
+    }
+
+    fn record<T>(&self, started: Option<Instant>, bytes: u64, result: &Result<T, IoError>) {
+        self.requests.inc();
+        match result {
+            Ok(_) => self.bytes.inc_by(bytes),
+            Err(_) => self.errors.inc(),
+        }
+        if let (Some(h), Some(started)) = (&self.seconds, started) {
+            h.observe(started.elapsed().as_secs_f64());
+        }
+    }
+
+    fn start(&self) -> Option<Instant> {
+        self.seconds.as_ref().map(|_| Instant::now())
+    }
+}
+
+/// An attached volume's device, counting every request it serves.
+pub struct Metered {
+    inner: Arc<dyn BlockDevice>,
+    read: OpMetrics,
+    write: OpMetrics,
+    flush: OpMetrics,
+    trim: OpMetrics,
+    zero: OpMetrics,
+}
+
+impl Metered {
+    pub fn new(volume: &str, inner: Arc<dyn BlockDevice>) -> Metered {
+        VOLUMES_ATTACHED.inc();
+        Metered {
+            inner,
+            read: OpMetrics::new(volume, "read", true),
+            write: OpMetrics::new(volume, "write", true),
+            flush: OpMetrics::new(volume, "flush", true),
+            trim: OpMetrics::new(volume, "trim", false),
+            zero: OpMetrics::new(volume, "zero", false),
+        }
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        VOLUMES_ATTACHED.dec();
+    }
+}
+
+#[async_trait]
+impl BlockDevice for Metered {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn block_sizes(&self) -> BlockSizes {
+        self.inner.block_sizes()
+    }
+    fn is_read_only(&self) -> bool {
+        self.inner.is_read_only()
+    }
+    fn can_multi_conn(&self) -> bool {
+        self.inner.can_multi_conn()
+    }
+    fn can_trim(&self) -> bool {
+        self.inner.can_trim()
+    }
+    fn can_fast_zero(&self) -> bool {
+        self.inner.can_fast_zero()
+    }
+    fn meta_contexts(&self) -> Vec<String> {
+        self.inner.meta_contexts()
+    }
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+        let started = self.read.start();
+        let result = self.inner.read(offset, len).await;
+        self.read.record(started, len as u64, &result);
+        result
+    }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
+        let (started, len) = (self.write.start(), data.len() as u64);
+        let result = self.inner.write(offset, data, fua).await;
+        self.write.record(started, len, &result);
+        result
+    }
+    async fn flush(&self) -> Result<(), IoError> {
+        let started = self.flush.start();
+        let result = self.inner.flush().await;
+        self.flush.record(started, 0, &result);
+        result
+    }
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
+        let result = self.inner.trim(offset, len, fua).await;
+        self.trim.record(None, len as u64, &result);
+        result
+    }
+    async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
+        let result = self.inner.write_zeroes(offset, len, flags).await;
+        self.zero.record(None, len as u64, &result);
+        result
+    }
+    async fn block_status(&self, context: &MetaContext, offset: u64, len: u32) -> Result<Vec<StatusExtent>, IoError> {
+        self.inner.block_status(context, offset, len).await
+    }
+    async fn cache(&self, offset: u64, len: u32) -> Result<(), IoError> {
+        self.inner.cache(offset, len).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blockio::memory::MemoryDevice;
+
+    fn counter(name: &str, volume: &str, op: &str) -> u64 {
+        prometheus::gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric().iter())
+            .filter(|m| {
+                let labels: Vec<_> = m.get_label().iter().map(|l| (l.name(), l.value())).collect();
+                labels.contains(&("volume", volume)) && labels.contains(&("op", op))
+            })
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn metered_device_counts_requests_bytes_and_errors_per_volume() {
+        let inner: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(1 << 20));
+        let dev = Metered::new("metered-test", inner);
+        dev.write(0, Bytes::from(vec![7u8; 4096]), false).await.unwrap();
+        dev.write(4096, Bytes::from(vec![7u8; 512]), false).await.unwrap();
+        assert_eq!(dev.read(0, 4096).await.unwrap().len(), 4096);
+        assert!(dev.read(1 << 20, 4096).await.is_err(), "past the end");
+        assert_eq!(counter("sanvol_agent_requests_total", "metered-test", "write"), 2);
+        assert_eq!(counter("sanvol_agent_bytes_total", "metered-test", "write"), 4608);
+        assert_eq!(counter("sanvol_agent_requests_total", "metered-test", "read"), 2);
+        assert_eq!(counter("sanvol_agent_bytes_total", "metered-test", "read"), 4096);
+        assert_eq!(counter("sanvol_agent_request_errors_total", "metered-test", "read"), 1);
+    }
+}

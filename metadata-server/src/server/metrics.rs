@@ -1,0 +1,108 @@
+//! The metadata server's Prometheus metrics (served with `--metrics-addr`
+//! or `metrics_addr` in the config, see `ops::metrics`).
+//!
+//! State gauges are set from the owner's [`Core`] after each input it
+//! applies (sessions, handles, grace, devices: counts over small tables,
+//! cheaper than the input itself); commits are timed on the device task
+//! around the metadata write; the lease role is set where the lease task
+//! writes this server's presence.
+//!
+//! | metric | labels | what |
+//! |---|---|---|
+//! | `sanvol_mds_sessions` | — | authenticated control sessions |
+//! | `sanvol_mds_handles` | state | open handles: `held` (a session holds it), `detached` (waiting for its agent to resume) |
+//! | `sanvol_mds_grace_period_active` | — | 1 while only resumes are served after a restart |
+//! | `sanvol_mds_commits_total` | result | metadata commits written to every copy (`ok`) or not (`failed`: a copy failed, or the lease was not held) |
+//! | `sanvol_mds_commit_seconds` | — | time to write a commit to every metadata copy |
+//! | `sanvol_mds_devices` | state | pool devices `online` or `failed` (as committed) |
+//! | `sanvol_mds_devices_unreachable` | — | devices this server cannot reach now |
+//! | `sanvol_mds_lease_role` | role | 1 for this server's role: `active`, `standby` or `stopped` |
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use ops::metrics::register;
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts};
+
+use super::core::Core;
+
+/// Commit latency buckets: 1 ms .. 30 s.
+const COMMIT_SECONDS_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    register(IntGauge::new(name, help).expect("valid metric declaration"))
+}
+
+fn gauge_vec(name: &str, help: &str, label: &str) -> IntGaugeVec {
+    register(IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric declaration"))
+}
+
+static SESSIONS: LazyLock<IntGauge> = LazyLock::new(|| gauge("sanvol_mds_sessions", "Authenticated control sessions"));
+static HANDLES: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge_vec("sanvol_mds_handles", "Open handles: held by a session, or detached (waiting for a resume)", "state")
+});
+static GRACE: LazyLock<IntGauge> =
+    LazyLock::new(|| gauge("sanvol_mds_grace_period_active", "1 while only resumes are served after a restart"));
+static COMMITS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let opts = Opts::new("sanvol_mds_commits_total", "Metadata commits, by result (ok, failed)");
+    register(IntCounterVec::new(opts, &["result"]).expect("valid metric declaration"))
+});
+static COMMIT_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    let opts = HistogramOpts::new("sanvol_mds_commit_seconds", "Time to write a commit to every metadata copy")
+        .buckets(COMMIT_SECONDS_BUCKETS.to_vec());
+    register(Histogram::with_opts(opts).expect("valid metric declaration"))
+});
+static DEVICES: LazyLock<IntGaugeVec> =
+    LazyLock::new(|| gauge_vec("sanvol_mds_devices", "Pool devices by committed state (online, failed)", "state"));
+static UNREACHABLE: LazyLock<IntGauge> =
+    LazyLock::new(|| gauge("sanvol_mds_devices_unreachable", "Devices this metadata server cannot reach now"));
+static ROLE: LazyLock<IntGaugeVec> =
+    LazyLock::new(|| gauge_vec("sanvol_mds_lease_role", "1 for this server's role in the pool lease", "role"));
+
+/// Registers every metric so a scrape shows them before the first event.
+pub fn init() {
+    LazyLock::force(&SESSIONS);
+    for state in ["held", "detached"] {
+        HANDLES.with_label_values(&[state]);
+    }
+    LazyLock::force(&GRACE);
+    for result in ["ok", "failed"] {
+        COMMITS.with_label_values(&[result]);
+    }
+    LazyLock::force(&COMMIT_SECONDS);
+    for state in ["online", "failed"] {
+        DEVICES.with_label_values(&[state]);
+    }
+    LazyLock::force(&UNREACHABLE);
+    set_role("standby");
+}
+
+/// Sets the state gauges from the owner's core.
+pub fn observe(core: &Core) {
+    SESSIONS.set(core.sessions.len() as i64);
+    let held = core.handles.all().filter(|h| h.session != 0).count();
+    let detached = core.handles.all().filter(|h| h.session == 0).count();
+    HANDLES.with_label_values(&["held"]).set(held as i64);
+    HANDLES.with_label_values(&["detached"]).set(detached as i64);
+    GRACE.set(core.grace.is_some() as i64);
+    let online = core.meta.devices.iter().filter(|d| d.state.is_online()).count();
+    DEVICES.with_label_values(&["online"]).set(online as i64);
+    DEVICES.with_label_values(&["failed"]).set((core.meta.devices.len() - online) as i64);
+    UNREACHABLE.set(core.reachable.values().filter(|up| !**up).count() as i64);
+}
+
+/// A commit was written in `took` (`ok`: to every copy).
+pub fn committed(took: Duration, ok: bool) {
+    COMMITS.with_label_values(&[if ok { "ok" } else { "failed" }]).inc();
+    if ok {
+        COMMIT_SECONDS.observe(took.as_secs_f64());
+    }
+}
+
+/// This server's role in the pool lease: `active`, `standby` or `stopped`.
+pub fn set_role(role: &str) {
+    for r in ["active", "standby", "stopped"] {
+        ROLE.with_label_values(&[r]).set((r == role) as i64);
+    }
+}
