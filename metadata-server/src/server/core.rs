@@ -383,8 +383,9 @@ pub enum Busy {
     /// chunk registered and overwritten meanwhile would be copied wrong),
     /// and so do layout changes.
     Cow,
-    /// Pre-images moving between snapshots: layout and snapshot changes of
-    /// the volume wait; I/O and registrations into the newest snapshot go on.
+    /// Pre-images moving between snapshots: layout and snapshot changes and
+    /// copy-on-write registrations of the volume wait; I/O to chunks already
+    /// registered goes on.
     Layout,
 }
 
@@ -435,7 +436,7 @@ pub struct Core {
     pub entropy: Box<dyn Entropy>,
     /// Handles whose holder was told they are revoked while a release was
     /// in flight: never renewed again (see `tell_removing`).
-    revoked: BTreeSet<u64>,
+    pub(super) revoked: BTreeSet<u64>,
     queue: VecDeque<Change>,
     journal: MetaJournal,
     in_flight: Option<InFlight>,

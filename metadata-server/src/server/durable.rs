@@ -171,6 +171,19 @@ impl Core {
                 ),
             ));
         }
+        // A handle a commit (or job) in flight is releasing, or whose holder
+        // was told so, is not renewed by a resume either: the answer would
+        // extend its lease at the agent while the release goes on.
+        if self.removing().contains(&claims.handle) || self.revoked.contains(&claims.handle) {
+            return Err(err(
+                ErrorCode::HandleBroken,
+                format!(
+                    "handle {} of volume {volume} is being released (its lease ran out, or it was excluded from a \
+                     reconfiguration); this agent must not write to it any more; open the volume again",
+                    claims.handle
+                ),
+            ));
+        }
         let now_ms = self.now.mono_ms;
         let Some(handle) = self.handles.resume(claims.handle, session, now_ms, self.lease_ms).cloned() else {
             return Err(err(ErrorCode::Internal, format!("handle {} is recorded but not in the table", claims.handle)));
