@@ -18,8 +18,10 @@ const FIXED_SEEDS: std::ops::Range<u64> = 1..41;
 /// (a resume renewed a handle whose release was in flight: the server excluded
 /// it while the agent's lease ran on), 279744025116075 (a copy-on-write copy
 /// into a snapshot being merged by a delete: the older snapshot read a stale
-/// pre-image).
-const REGRESSION_SEEDS: &[u64] = &[264784469797290, 279744025116075];
+/// pre-image), 131464091886327 (a recall event that overtook the answer to a
+/// resume was undone by that answer: the agent reopened its gate and never
+/// confirmed).
+const REGRESSION_SEEDS: &[u64] = &[264784469797290, 279744025116075, 131464091886327];
 
 fn report(o: &Outcome) -> String {
     match &o.violation {

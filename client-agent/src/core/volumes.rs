@@ -578,7 +578,12 @@ impl AgentCore {
         match result {
             Ok(Response::Opened(opened)) if opened.handle.0 == handle => {
                 let generation = opened.description.layout_generation;
-                if generation != h.gate.generation {
+                // The server follows a resume with the recall in progress,
+                // and its event may overtake the answer: a gate recalled for
+                // a newer generation stays recalled (and its confirmation
+                // owed); the answer's layout is the one being replaced.
+                let recalled_ahead = matches!(h.gate.phase, Phase::Recalled { generation: g } if g > generation);
+                if generation != h.gate.generation && !recalled_ahead {
                     if let Err(e) = publish_allowed(&h.gate.phase, h.gate.generation, generation) {
                         let reason = format!("the layout after resuming is unusable: {e}");
                         return self.revoke(id, reason);
