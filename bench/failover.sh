@@ -94,6 +94,15 @@ wait_resumed() { # COUNT_BEFORE
     done
 }
 
+# pick_pair: sets from (the active server's host id) and to (the other one),
+# once the active server lists the other as standing by.
+pick_pair() {
+    from=$(active)
+    to=$((3 - from))
+    local deadline=$((SECONDS + 30))
+    until standing_by "$to"; do [ $SECONDS -lt $deadline ] || { echo "mds-$to not standing by" >&2; exit 1; }; sleep 0.05; done
+}
+
 results="$D/results.txt"
 run_fio() { # NAME SECONDS
     fio --name="$1" --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth=1 --size=64M \
@@ -115,10 +124,7 @@ finish_fio() { # NAME
 run_fio handoff $((HANDOFFS * 4 + 10))
 windows=()
 for i in $(seq "$HANDOFFS"); do
-    from=$(active)
-    to=$((3 - from))
-    deadline=$((SECONDS + 30))
-    until standing_by "$to"; do [ $SECONDS -lt $deadline ] || { echo "mds-$to not standing by" >&2; exit 1; }; sleep 0.05; done
+    pick_pair
     before=$(resumed)
     t0=$(now_ms)
     $BIN/sanvol mds handoff >/dev/null
@@ -134,10 +140,7 @@ per=$(( (5 + 4 + 3) * IO_TIMEOUT_MS / 1000 + LEASE_MS / 1000 + 8 ))
 run_fio takeover $((TAKEOVERS * per + 10))
 windows=()
 for i in $(seq "$TAKEOVERS"); do
-    from=$(active)
-    to=$((3 - from))
-    deadline=$((SECONDS + 30))
-    until standing_by "$to"; do [ $SECONDS -lt $deadline ] || { echo "mds-$to not standing by" >&2; exit 1; }; sleep 0.05; done
+    pick_pair
     before=$(resumed)
     t0=$(now_ms)
     kill -9 "${MDS_PID[$from]}"
