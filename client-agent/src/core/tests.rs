@@ -811,6 +811,7 @@ fn held(volume: &str, handle: u64, key: &[u8]) -> HeldHandle {
         export: ExportTarget::Unix(format!("/srv/{volume}.sock").into()),
         kernel_device: None,
         pending_recall: None,
+        devices: Vec::new(),
     }
 }
 
@@ -846,7 +847,11 @@ fn a_restored_handle_is_resumed_and_served_as_before() {
         h.apply(Input::Prepared { attachment, result: Ok(Prepared { kernel_device: Some(4), ..prepared("vol") }) });
     let Reply::Attached(info) = reply_to(&effects, caller) else { panic!("{effects:?}") };
     assert_eq!((info.handle, info.state.as_str(), info.kernel_device.as_deref()), (11, "open", Some("/dev/nbd4")));
-    assert_eq!(h.saved(), vec![record]);
+    // Saved again with the devices of the layout the server gave (a later restart connects to
+    // them early).
+    let devices = description("vol", 1, 2).devices;
+    assert!(!devices.is_empty());
+    assert_eq!(h.saved(), vec![HeldHandle { devices, ..record }]);
     // It is an ordinary attachment from now on.
     let (caller, effects) = h.command(Command::Detach { volume: "vol".into() });
     assert!(effects.contains(&Effect::StartDetach { attachment, flush: true }));

@@ -162,6 +162,7 @@ impl AgentCore {
                 export: v.export.clone(),
                 kernel_device: None,
                 pending_recall: None,
+                devices: description.devices.clone(),
             },
             gate: GateMirror { phase: Phase::Open, generation, size_bytes: description.size_bytes },
             conn: pending.conn,
