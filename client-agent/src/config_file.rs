@@ -244,8 +244,7 @@ fn parse_volume(
             "nbd_device" => {
                 let s = string()?;
                 device = Some(
-                    crate::kernel::parse_device(&s)
-                        .map_err(|e| at(span.clone(), format!("key `nbd_device`: {e}")))?,
+                    crate::kernel::parse_device(&s).map_err(|e| at(span.clone(), format!("key `nbd_device`: {e}")))?,
                 );
             }
             other => {
@@ -267,7 +266,12 @@ fn parse_volume(
             return Err(at(table_span, format!("volume {name:?}: give `socket` or `tcp`, not both")));
         }
         (Some(_), _, true) | (_, Some(_), true) => {
-            return Err(at(table_span, format!("volume {name:?}: a kernel device (`nbd_device`, `kernel`) is served without `socket` or `tcp`")));
+            return Err(at(
+                table_span,
+                format!(
+                    "volume {name:?}: a kernel device (`nbd_device`, `kernel`) is served without `socket` or `tcp`"
+                ),
+            ));
         }
         (_, _, false) if device.is_some() => {
             return Err(at(table_span, format!("volume {name:?}: `nbd_device` needs `kernel = true`")));
@@ -285,11 +289,12 @@ impl Setting {
     /// file, the line and the key.
     pub fn check(&self, path: &Path, run: &clap::Command) -> Result<(), ConfigError> {
         let at = |message: String| ConfigError::At { path: path.to_path_buf(), line: self.line, message };
-        let Some(arg) = run.get_arguments().find(|a| a.get_id().as_str() == self.key && a.get_long().is_some())
-        else {
+        let Some(arg) = run.get_arguments().find(|a| a.get_id().as_str() == self.key && a.get_long().is_some()) else {
             let mut known: Vec<&str> = run
                 .get_arguments()
-                .filter(|a| a.get_long().is_some() && !a.is_hide_set() && a.get_id() != "config" && a.get_id() != "help")
+                .filter(|a| {
+                    a.get_long().is_some() && !a.is_hide_set() && a.get_id() != "config" && a.get_id() != "help"
+                })
                 .map(|a| a.get_id().as_str())
                 .collect();
             known.sort();
@@ -406,9 +411,7 @@ fn edit(
             let mode = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644);
             (text, mode)
         }
-        Err(ConfigError::Io { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => {
-            (String::new(), 0o644)
-        }
+        Err(ConfigError::Io { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => (String::new(), 0o644),
         Err(e) => return Err(e),
     };
     // Refuse to rewrite a file that does not load: the operator must see why.
@@ -457,11 +460,7 @@ mod tests {
     fn run_command() -> clap::Command {
         clap::Command::new("run")
             .arg(clap::Arg::new("mds").long("mds").action(clap::ArgAction::Append))
-            .arg(
-                clap::Arg::new("io_threads")
-                    .long("io-threads")
-                    .value_parser(clap::value_parser!(u16).range(1..=256)),
-            )
+            .arg(clap::Arg::new("io_threads").long("io-threads").value_parser(clap::value_parser!(u16).range(1..=256)))
             .arg(clap::Arg::new("config").long("config"))
     }
 
@@ -549,7 +548,7 @@ mod tests {
         assert!(text.starts_with("# the agent of host a\nmds = \"10.0.0.1:7700\"  # the server\n"), "{text}");
         assert!(!text.contains("nbd"), "{text}");
         // A file that no longer loads is not rewritten.
-        std::fs::write(&path, "mds = [\n").unwrap();
+        std::fs::write(&path, "mds = = 1\n").unwrap();
         assert!(matches!(add_volume(&path, &db), Err(ConfigError::At { line: 1, .. })));
         // A new file is created.
         let fresh = dir.path().join("sub/new.toml");

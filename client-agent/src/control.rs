@@ -22,7 +22,8 @@ pub const CONNECTIONS_MAX: usize = 16;
 
 async fn handle(agent: &Agent, persisted: Option<&Persisted>, request: ControlRequest) -> ControlReply {
     let ok = ControlReply { ok: true, ..Default::default() };
-    let no_config = || ControlReply::error("this agent was started without a config file to persist volumes in (--config)");
+    let no_config =
+        || ControlReply::error("this agent was started without a config file to persist volumes in (--config)");
     match request {
         ControlRequest::AttachPersist(request) => match persisted {
             Some(p) => match p.attach_and_persist(agent, request).await {
@@ -66,7 +67,11 @@ async fn handle(agent: &Agent, persisted: Option<&Persisted>, request: ControlRe
     }
 }
 
-async fn serve_connection(agent: Arc<Agent>, persisted: Option<Arc<Persisted>>, stream: UnixStream) -> std::io::Result<()> {
+async fn serve_connection(
+    agent: Arc<Agent>,
+    persisted: Option<Arc<Persisted>>,
+    stream: UnixStream,
+) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     let mut line = String::new();

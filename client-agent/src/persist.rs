@@ -162,11 +162,18 @@ pub async fn attach_entry(agent: &Agent, entry: &PersistedVolume) -> Result<Atta
     match &entry.target {
         PersistedTarget::Socket(socket) => {
             agent
-                .attach(AttachRequest { volume: entry.name.clone(), mode: entry.mode, socket: socket.clone(), tcp: None })
+                .attach(AttachRequest {
+                    volume: entry.name.clone(),
+                    mode: entry.mode,
+                    socket: socket.clone(),
+                    tcp: None,
+                })
                 .await
         }
         PersistedTarget::Tcp(tcp) => {
-            agent.attach(AttachRequest { volume: entry.name.clone(), mode: entry.mode, socket: None, tcp: Some(*tcp) }).await
+            agent
+                .attach(AttachRequest { volume: entry.name.clone(), mode: entry.mode, socket: None, tcp: Some(*tcp) })
+                .await
         }
         PersistedTarget::Kernel(index) => {
             let plan = match index {
@@ -246,7 +253,13 @@ async fn keep_attached(
         }
         match attach_entry(&agent, &entry).await {
             Ok(info) => {
-                info!(volume = entry.name, served = served(&info), config, line = entry.line, "persisted volume attached");
+                info!(
+                    volume = entry.name,
+                    served = served(&info),
+                    config,
+                    line = entry.line,
+                    "persisted volume attached"
+                );
                 if persisted.current(&entry.name).is_none() {
                     // Removed by `detach --persist` while this attach was on its way.
                     let _ = agent.detach(&entry.name).await;

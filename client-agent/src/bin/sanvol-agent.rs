@@ -12,9 +12,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use client_agent::agent::{Agent, AgentConfig, AttachRequest, AttachmentInfo};
 use client_agent::config_file;
-use client_agent::persist::{self, PersistRequest, Persisted};
 use client_agent::control::{self, ControlReply, ControlRequest};
 use client_agent::devices::PoolOptions;
+use client_agent::persist::{self, PersistRequest, Persisted};
 use client_agent::session::SessionConfig;
 use control_client::ControlAddr;
 use volume_format::control::messages::OpenMode;
@@ -243,7 +243,10 @@ fn hostname() -> String {
 async fn run(args: RunArgs, control_socket: PathBuf, persisted: Arc<Persisted>) -> Result<()> {
     let config_path = persisted.path().display().to_string();
     let missing = |what: &str, env: &str, key: &str| {
-        anyhow::anyhow!("no {what} given: use {key_flag} (or {env}, or `{key}` in {config_path})", key_flag = format!("--{}", key.replace('_', "-")))
+        anyhow::anyhow!(
+            "no {what} given: use {key_flag} (or {env}, or `{key}` in {config_path})",
+            key_flag = format!("--{}", key.replace('_', "-"))
+        )
     };
     if args.mds.is_empty() {
         return Err(missing("metadata server address", "SANVOL_MDS", "mds"));
@@ -350,9 +353,10 @@ async fn run(args: RunArgs, control_socket: PathBuf, persisted: Arc<Persisted>) 
     tracing::info!(socket = %control_socket.display(), "agent ready");
     ops::notify::ready(&format!("connected; control socket {}", control_socket.display()));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(control::serve_with(agent.clone(), Some(persisted), listener, control_socket, async move {
-        let _ = stop_rx.await;
-    }));
+    let server =
+        tokio::spawn(control::serve_with(agent.clone(), Some(persisted), listener, control_socket, async move {
+            let _ = stop_rx.await;
+        }));
     tokio::select! {
         _ = sigint.recv() => {}
         _ = sigterm.recv() => {}
@@ -482,7 +486,9 @@ async fn main_async(cli: Cli, persisted: Option<Arc<Persisted>>) -> Result<()> {
             let persisted = persisted.context("the config file")?;
             run(args, socket, persisted).await
         }
-        Command::Attach { volume, mode, socket: export_socket, tcp, json, kernel, nbd_device, persist: true, .. } => {
+        Command::Attach {
+            volume, mode, socket: export_socket, tcp, json, kernel, nbd_device, persist: true, ..
+        } => {
             let request = PersistRequest { volume, mode: mode.into(), socket: export_socket, tcp, kernel, nbd_device };
             let reply = call(&socket, ControlRequest::AttachPersist(request)).await?;
             let info = reply.attached.context("the agent's reply lacks the attachment")?;
