@@ -92,10 +92,38 @@ pub fn connect_failed() {
     CONNECT_ERRORS.inc();
 }
 
+/// One export's metrics, resolved once per session (so a request costs a
+/// few atomic increments, and every metric of an export in use shows, at
+/// zero until something happens).
+struct ExportMetrics {
+    name: String,
+    sessions: prometheus::IntGauge,
+    reads: IntCounter,
+    read_bytes: IntCounter,
+    read_seconds: prometheus::Histogram,
+    requests: IntCounter,
+    errors: IntCounter,
+}
+
+impl ExportMetrics {
+    fn new(name: String) -> ExportMetrics {
+        let label = [name.as_str()];
+        ExportMetrics {
+            sessions: SESSIONS.with_label_values(&label),
+            reads: READS.with_label_values(&label),
+            read_bytes: READ_BYTES.with_label_values(&label),
+            read_seconds: READ_SECONDS.with_label_values(&label),
+            requests: REQUESTS.with_label_values(&label),
+            errors: ERRORS.with_label_values(&label),
+            name,
+        }
+    }
+}
+
 /// One bridged connection: its tap and the export it is on.
 pub struct Session {
     tap: NbdTap,
-    export: Option<String>,
+    export: Option<ExportMetrics>,
 }
 
 impl Default for Session {
@@ -127,33 +155,35 @@ impl Session {
 
     fn count(&mut self, events: Vec<TapEvent>) {
         for event in events {
-            match event {
-                TapEvent::Export(name) => {
-                    SESSIONS.with_label_values(&[&name]).inc();
-                    if let Some(old) = self.export.replace(name) {
-                        SESSIONS.with_label_values(&[&old]).dec();
+            match (event, &self.export) {
+                (TapEvent::Export(name), _) => {
+                    let export = ExportMetrics::new(name);
+                    export.sessions.inc();
+                    if let Some(old) = self.export.replace(export) {
+                        old.sessions.dec();
                     }
                 }
-                TapEvent::Read { bytes, latency, ok } => {
-                    let export = self.export.as_deref().unwrap_or_default();
-                    READS.with_label_values(&[export]).inc();
-                    READ_SECONDS.with_label_values(&[export]).observe(latency.as_secs_f64());
+                (TapEvent::Read { bytes, latency, ok }, Some(export)) => {
+                    export.reads.inc();
+                    export.read_seconds.observe(latency.as_secs_f64());
                     if ok {
-                        READ_BYTES.with_label_values(&[export]).inc_by(bytes);
+                        export.read_bytes.inc_by(bytes);
                     } else {
-                        ERRORS.with_label_values(&[export]).inc();
+                        export.errors.inc();
                     }
                 }
-                TapEvent::Other { ok } => {
-                    let export = self.export.as_deref().unwrap_or_default();
-                    REQUESTS.with_label_values(&[export]).inc();
+                (TapEvent::Other { ok }, Some(export)) => {
+                    export.requests.inc();
                     if !ok {
-                        ERRORS.with_label_values(&[export]).inc();
+                        export.errors.inc();
                     }
                 }
-                TapEvent::Untracked(why) => {
+                // Requests come only after the export is chosen.
+                (TapEvent::Read { .. } | TapEvent::Other { .. }, None) => {}
+                (TapEvent::Untracked(why), export) => {
                     UNTRACKED.inc();
-                    tracing::debug!(export = self.export.as_deref().unwrap_or_default(), "connection not counted: {why}");
+                    let name = export.as_ref().map(|e| e.name.as_str()).unwrap_or_default();
+                    tracing::debug!(export = name, "connection not counted: {why}");
                 }
             }
         }
@@ -163,7 +193,7 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         if let Some(export) = &self.export {
-            SESSIONS.with_label_values(&[export]).dec();
+            export.sessions.dec();
         }
     }
 }

@@ -217,7 +217,8 @@ impl NbdTap {
                         self.give_up(format!("more than {IN_FLIGHT_MAX} requests in flight"), &mut events);
                         break;
                     }
-                    let entry = InFlight { command: request.command, length: request.length, since: now, failed: false };
+                    let entry =
+                        InFlight { command: request.command, length: request.length, since: now, failed: false };
                     self.in_flight.insert(request.cookie, entry);
                 }
             }
