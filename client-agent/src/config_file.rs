@@ -73,7 +73,8 @@ pub enum PersistedTarget {
     Socket(Option<PathBuf>),
     /// On loopback TCP.
     Tcp(SocketAddr),
-    /// On a kernel NBD device (`None`: the first free one at each start).
+    /// On a kernel NBD device (`None`: the one a clean stop left connected
+    /// to the volume, else the first free one).
     Kernel(Option<u32>),
 }
 

@@ -176,16 +176,17 @@ pub async fn attach_entry(agent: &Agent, entry: &PersistedVolume) -> Result<Atta
                 .await
         }
         PersistedTarget::Kernel(index) => {
-            let plan = match index {
-                None => crate::core::KernelPlan::Connect { index: None },
-                Some(index) => {
-                    let (volume, index) = (entry.name.clone(), *index);
-                    tokio::task::spawn_blocking(move || crate::kernel::reattach::persisted_plan(&volume, index))
-                        .await
-                        .map_err(|e| AgentError::Kernel { volume: entry.name.clone(), message: e.to_string() })?
-                        .map_err(|message| AgentError::Kernel { volume: entry.name.clone(), message })?
+            // Without a device named: the one a clean stop left connected to this volume, if any.
+            let (volume, index) = (entry.name.clone(), *index);
+            let plan = tokio::task::spawn_blocking(move || {
+                match index.or_else(|| crate::kernel::reattach::orphan_of(&volume)) {
+                    Some(index) => crate::kernel::reattach::persisted_plan(&volume, index),
+                    None => Ok(crate::core::KernelPlan::Connect { index: None }),
                 }
-            };
+            })
+            .await
+            .map_err(|e| AgentError::Kernel { volume: entry.name.clone(), message: e.to_string() })?
+            .map_err(|message| AgentError::Kernel { volume: entry.name.clone(), message })?;
             let spec = AttachSpec {
                 volume: entry.name.clone(),
                 open: OpenWith::Mode(entry.mode),

@@ -497,10 +497,12 @@ async fn main_async(cli: Cli, persisted: Option<Arc<Persisted>>) -> Result<()> {
             } else {
                 println!("{}", info.kernel_device.as_deref().unwrap_or(&info.export_uri));
             }
-            if let Some(note) = &info.kernel_note {
-                eprintln!("sanvol-agent: {note}; volume {} stays attached at {}", info.volume, info.export_uri);
-            }
             eprintln!("sanvol-agent: volume {} added to {}", info.volume, reply.config.unwrap_or_default());
+            if let Some(note) = &info.kernel_note {
+                // As a plain `attach --kernel`: the entry is kept, the kernel device was not made.
+                eprintln!("sanvol-agent: {note}; volume {} stays attached at {}", info.volume, info.export_uri);
+                std::process::exit(2);
+            }
             Ok(())
         }
         Command::Attach { volume, mode, kernel: true, nbd_device, json, .. } => {

@@ -155,6 +155,16 @@ pub fn persisted_plan(volume: &str, index: u32) -> Result<KernelPlan, String> {
     Ok(KernelPlan::Reconnect { index, backend: text, pool: id.pool })
 }
 
+/// A kernel device a previous agent left connected to `volume` (its backend identifier names the
+/// volume and its connecting process is gone): where a persisted kernel entry without a device
+/// (`kernel = true`) goes after a clean stop. Blocking (netlink): call off the runtime.
+pub fn orphan_of(volume: &str) -> Option<u32> {
+    if !driver::loaded() {
+        return None;
+    }
+    orphaned_devices().ok()?.into_iter().find(|(_, _, id)| id.volume == volume).map(|(index, _, _)| index)
+}
+
 /// Takes back every handle of the state file (in parallel) with its kernel device; returns one line
 /// per handle for the log, and the kernel devices the state file named (for [`reattach_all`] to skip).
 pub async fn restore_all(agent: &Agent, handles: Vec<HeldHandle>) -> (Vec<String>, Vec<u32>) {
