@@ -243,10 +243,8 @@ fn hostname() -> String {
 async fn run(args: RunArgs, control_socket: PathBuf, persisted: Arc<Persisted>) -> Result<()> {
     let config_path = persisted.path().display().to_string();
     let missing = |what: &str, env: &str, key: &str| {
-        anyhow::anyhow!(
-            "no {what} given: use {key_flag} (or {env}, or `{key}` in {config_path})",
-            key_flag = format!("--{}", key.replace('_', "-"))
-        )
+        let flag = key.replace('_', "-");
+        anyhow::anyhow!("no {what} given: use --{flag} (or {env}, or `{key}` in {config_path})")
     };
     if args.mds.is_empty() {
         return Err(missing("metadata server address", "SANVOL_MDS", "mds"));
