@@ -431,7 +431,8 @@ fn parse_with_config() -> Result<(Cli, Option<Arc<Persisted>>)> {
     let Command::Run(args) = &cli.command else { return Ok((cli, None)) };
     let run_matches = matches.subcommand_matches("run").context("run's arguments")?;
     let explicit = run_matches.value_source("config") != Some(clap::parser::ValueSource::DefaultValue);
-    let path = args.config.clone();
+    // Absolute: `attach --persist` rewrites it later, and says which file it changed.
+    let path = std::path::absolute(&args.config).unwrap_or_else(|_| args.config.clone());
     let Some(file) = config_file::load(&path, explicit)? else {
         return Ok((cli, Some(Persisted::new(path, Vec::new()))));
     };
