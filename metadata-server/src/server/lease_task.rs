@@ -298,7 +298,16 @@ impl LeaseTask {
             LeaseAction::Read => {
                 self.machine.reading(now);
                 let records = self.read_owner().await;
-                let action = self.machine.read_done(self.guard.now_ms(), &records);
+                let done = self.guard.now_ms();
+                if done.saturating_sub(now) > self.machine.timing.io_timeout_ms {
+                    warn!(
+                        read_ms = done - now,
+                        io_timeout_ms = self.machine.timing.io_timeout_ms,
+                        "reading the pool lease took longer than the lease I/O timeout; this read does not count"
+                    );
+                }
+                let action = self.machine.read_done(done, &records);
+                tracing::debug!(?records, ?action, phase = ?self.machine.phase, "lease read");
                 if let LeaseAction::Write(record) = action {
                     self.write(&record).await;
                 }
@@ -445,6 +454,11 @@ impl LeaseTask {
             decode_sector(&bytes, pool).map_err(|e| format!("device {}: {e}", copy.uri))
         });
         let results = join_all(reads).await;
+        for r in results.iter().filter_map(|r| r.as_ref().err()) {
+            // A renewal whose read fails does not count: say why, or the
+            // server stops committing with no word in its log.
+            warn!("lease read failed: {r}");
+        }
         self.forget_failed(&results);
         results
     }
