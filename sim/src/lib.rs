@@ -74,6 +74,7 @@ pub mod agent;
 pub mod app;
 pub mod config;
 pub mod device;
+pub mod lease;
 pub mod net;
 pub mod observer;
 pub mod oracle;
