@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 use uuid::Uuid;
+use volume_format::control::messages::{ControlError, ErrorCode};
 use volume_format::lease::{
     decode_sector, encode_sector, LeaseAction, LeaseMachine, LeasePhase, LeaseRecord, LeaseTiming, ServerRole,
     LEASE_SECTOR_BYTES,
@@ -92,6 +93,11 @@ impl LeaseGuard {
         !self.ended.load(Ordering::Acquire) && self.now_ms() < self.valid_until_ms.load(Ordering::Acquire)
     }
 
+    /// `None` while this server may commit; else what a request is answered.
+    pub fn refusal(&self) -> Option<ControlError> {
+        (!self.may_commit()).then(|| closed_window_refusal(self.ended.load(Ordering::Acquire)))
+    }
+
     fn extend(&self, valid_until_ms: u64) {
         let before = self.valid_until_ms.fetch_max(valid_until_ms, Ordering::AcqRel);
         if valid_until_ms > before {
@@ -103,6 +109,30 @@ impl LeaseGuard {
     pub fn end(&self) {
         self.ended.store(true, Ordering::Release);
         self.changed.send_modify(|n| *n += 1);
+    }
+}
+
+/// The answer to a request that arrives while this server may not commit
+/// (its pool lease window is closed; `ended`: lost or handed on for good).
+///
+/// Why requests and not only commits: some answers grant without a commit
+/// — a handle's lease renewal, a copy-on-write registration already made —
+/// and a server paused past its pool lease would otherwise renew agents'
+/// handle leases after the standby took over and released those handles.
+/// Within the window the renewals it grants end at most 3T + the agent
+/// lease after its last good pool-lease renewal, long before a new server
+/// (9T later at the earliest, then a whole agent lease) releases them.
+pub fn closed_window_refusal(ended: bool) -> ControlError {
+    if ended {
+        ControlError::new(
+            ErrorCode::NotActive,
+            "this metadata server no longer holds the pool lease; another server serves the pool",
+        )
+    } else {
+        ControlError::new(
+            ErrorCode::Unavailable,
+            "this metadata server is renewing its pool lease (it could not for a while); retry shortly",
+        )
     }
 }
 

@@ -234,6 +234,12 @@ impl Shell {
                 let _ = done.send(());
                 None
             }
+            Command::Request { reply, .. } if self.lease_guard.refusal().is_some() => {
+                // Nothing is answered without the pool lease (see
+                // `lease_task::closed_window_refusal`).
+                let _ = reply.send(Err(self.lease_guard.refusal().expect("checked")));
+                None
+            }
             Command::Request { session, request, reply } => {
                 let id = self.next_reply;
                 self.next_reply += 1;
