@@ -347,6 +347,13 @@ impl ServerProc {
                 return;
             }
         }
+        // The owner's check: nothing is answered without the pool lease.
+        if let Some(g) = self.guard.filter(|g| !g.may_commit(crate::lease::mono_ms(env, self.host))) {
+            let err = metadata_server::server::lease_task::closed_window_refusal(g.ended);
+            env.trace(self.me(), format_args!("-> #{id} refused: {}", err.message));
+            self.send_reply(conn, id, Err(err), env);
+            return;
+        }
         let reply = self.next_reply;
         self.next_reply += 1;
         self.replies.insert(reply, Asked { conn, id, request: request.clone() });
