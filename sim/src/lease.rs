@@ -626,6 +626,12 @@ impl ServerHost {
         self.with_term(env, |t, env| t.on_message(conn, msg, env));
     }
 
+    pub fn on_deferred(&mut self, term: u64, env: &mut Env) {
+        if self.term.as_ref().is_some_and(|t| t.term == term) {
+            self.with_term(env, |t, env| t.on_deferred(env));
+        }
+    }
+
     pub fn on_tick(&mut self, term: u64, periodic: bool, env: &mut Env) {
         if self.term.as_ref().is_some_and(|t| t.term == term) {
             self.with_term(env, |t, env| t.on_tick(periodic, env));

@@ -125,6 +125,8 @@ pub struct ServerProc {
     pub handoff_asked: Option<u32>,
     /// The core stopped serving (`Effect::Stop`): the host ends the term.
     pub stopped: Option<String>,
+    /// Inputs for the core that arrive as messages (after this event).
+    deferred: VecDeque<Input>,
     sessions: BTreeMap<u64, ConnId>,
     conn_sessions: BTreeMap<ConnId, u64>,
     next_session: u64,
@@ -246,6 +248,7 @@ impl ServerProc {
             guard_wait_until: None,
             handoff_asked: None,
             stopped: None,
+            deferred: VecDeque::new(),
             sessions: BTreeMap::new(),
             conn_sessions: BTreeMap::new(),
             next_session: 1,
@@ -264,6 +267,14 @@ impl ServerProc {
         s.apply(Input::Tick, env);
         env.schedule(env.now + tick_ms, Ev::ServerTick { host, inc, term, periodic: true });
         Ok(s)
+    }
+
+    /// Inputs that arrived as messages.
+    pub fn on_deferred(&mut self, env: &mut Env) {
+        if let Some(input) = self.deferred.pop_front() {
+            self.apply(input, env);
+            self.next_work(env);
+        }
     }
 
     /// An input from the host (the lease task's news).
@@ -485,8 +496,12 @@ impl ServerProc {
                 let Some(DeviceWork::Write { task, write }) = self.work.pop_front() else { return };
                 let why = "this metadata server does not hold the pool lease now; nothing was written".to_string();
                 env.trace(self.me(), format_args!("metadata write refused: {why}"));
-                self.apply(Input::MetaWritten { task, written: vec![false; write.copies], failures: vec![why] }, env);
-                return self.next_work(env);
+                // The device task's answer reaches the owner as a message.
+                let input = Input::MetaWritten { task, written: vec![false; write.copies], failures: vec![why] };
+                self.deferred.push_back(input);
+                let (host, inc, term) = (self.host, self.inc, self.term);
+                env.schedule(env.now, Ev::ServerDeferred { host, inc, term });
+                return;
             }
         }
         self.guard_wait_until = None;

@@ -109,6 +109,12 @@ pub enum Ev {
         inc: u64,
         seq: u64,
     },
+    /// Something for a term's core that came as a message (a refused write).
+    ServerDeferred {
+        host: usize,
+        inc: u64,
+        term: u64,
+    },
     /// A server closes a session whose term ended (after what was queued).
     ServerClose {
         conn: ConnId,
@@ -809,6 +815,14 @@ impl World {
                 }
                 if let Some(Some(h)) = self.hosts.get_mut(host) {
                     h.on_timer(seq, &mut self.env);
+                }
+            }
+            Ev::ServerDeferred { host, inc, term } => {
+                if self.admit(Proc::Server(host), inc, Ev::ServerDeferred { host, inc, term }).is_none() {
+                    return;
+                }
+                if let Some(Some(h)) = self.hosts.get_mut(host) {
+                    h.on_deferred(term, &mut self.env);
                 }
             }
             Ev::ServerClose { conn } => {
