@@ -452,6 +452,19 @@ impl ServerHost {
                 self.continue_step(env)
             }
             RoundKind::ReadOwner => {
+                if std::env::var("SIM_LEASE_DEBUG").is_ok() {
+                    let summary: Vec<String> = reads
+                        .iter()
+                        .map(|r| match r {
+                            Ok(Some(r)) => {
+                                format!("h{} g{} c{} to{}", r.host_id, r.generation, r.counter, r.handoff_to)
+                            }
+                            Ok(None) => "free".into(),
+                            Err(e) => format!("err {e}"),
+                        })
+                        .collect();
+                    env.trace(self.me(), format_args!("owner sectors: {summary:?}"));
+                }
                 let before = phase_name(&self.machine.phase);
                 let action = self.machine.read_done(now, &reads);
                 self.trace_phase(before, env);
