@@ -113,6 +113,16 @@ pub struct Config {
 impl Config {
     /// The world seed `seed` simulates.
     pub fn from_seed(seed: u64) -> Config {
+        Self::draw(seed, true)
+    }
+
+    /// The world seed `seed` simulated before the two-server world existed
+    /// (one server at a time): how seeds found then replay as they did.
+    pub fn one_server_world(seed: u64) -> Config {
+        Self::draw(seed, false)
+    }
+
+    fn draw(seed: u64, two_servers_drawn: bool) -> Config {
         let mut r = Rng::new(seed ^ 0x5EED_C0F1_6000_0000);
         let lease_ms = r.range(600, 3000);
         let durable_ms = if r.chance(0.3) { 0 } else { r.range(lease_ms / 2, 3 * lease_ms) };
@@ -160,7 +170,7 @@ impl Config {
         // Drawn after everything else, so a seed's one-server world is the
         // one it drew before two servers existed (old seeds replay as they
         // did).
-        if r.chance(0.5) {
+        if r.chance(0.5) && two_servers_drawn {
             c.servers = 2;
             c.server_hosts = 2;
             c.lease_io_timeout_ms = r.range((lease_ms / 12).max(20), (lease_ms / 4).max(40));
