@@ -400,12 +400,7 @@ impl LeaseTask {
         let t = self.machine.timing.io_timeout_ms;
         if self.last_presence_ms.is_none_or(|p| now >= p + t) {
             self.last_presence_ms = Some(now);
-            let mut me = self.machine.me.clone();
-            me.role = match self.machine.phase {
-                LeasePhase::Owner { .. } => ServerRole::Active,
-                LeasePhase::HandedOff { .. } | LeasePhase::Lost { .. } => ServerRole::Stopped,
-                _ => ServerRole::Standby,
-            };
+            let me = presence_record(&self.machine);
             super::metrics::set_role(match me.role {
                 ServerRole::Active => "active",
                 ServerRole::Standby => "standby",
@@ -416,21 +411,8 @@ impl LeaseTask {
         let active = matches!(self.machine.phase, LeasePhase::Owner { .. });
         if active && self.last_servers_read_ms.is_none_or(|p| now >= p + 2 * t) {
             self.last_servers_read_ms = Some(now);
-            let mut servers = self.read_hosts().await;
-            // This server is active, whatever its sector said when read (a
-            // presence written while it stood by may still be there).
-            let mut me = self.machine.me.clone();
-            me.role = ServerRole::Active;
-            servers.retain(|s| s.host_id != me.host_id);
-            // Another server's sector saying "active" is from before this
-            // one took the lease: that server stopped (or is about to say
-            // it stands by, within T). Never list two active servers.
-            for s in servers.iter_mut().filter(|s| s.role == ServerRole::Active) {
-                s.role = ServerRole::Stopped;
-            }
-            servers.push(me);
-            servers.sort_by_key(|s| s.host_id);
-            self.servers.send_replace(servers);
+            let read = self.read_hosts().await;
+            self.servers.send_replace(active_servers_listing(&self.machine.me, read));
         }
     }
 
@@ -541,6 +523,37 @@ impl LeaseTask {
             }
         }
     }
+}
+
+/// What this server writes in its host sector: its record, with the role
+/// its lease phase gives it.
+pub fn presence_record(machine: &LeaseMachine) -> LeaseRecord {
+    let mut me = machine.me.clone();
+    me.role = match machine.phase {
+        LeasePhase::Owner { .. } => ServerRole::Active,
+        LeasePhase::HandedOff { .. } | LeasePhase::Lost { .. } => ServerRole::Stopped,
+        _ => ServerRole::Standby,
+    };
+    me
+}
+
+/// The pool's servers as the active server `me` lists them, from the host
+/// sectors it read (the newest copy of each).
+pub fn active_servers_listing(me: &LeaseRecord, mut servers: Servers) -> Servers {
+    // This server is active, whatever its sector said when read (a
+    // presence written while it stood by may still be there).
+    let mut me = me.clone();
+    me.role = ServerRole::Active;
+    servers.retain(|s| s.host_id != me.host_id);
+    // Another server's sector saying "active" is from before this
+    // one took the lease: that server stopped (or is about to say
+    // it stands by, within T). Never list two active servers.
+    for s in servers.iter_mut().filter(|s| s.role == ServerRole::Active) {
+        s.role = ServerRole::Stopped;
+    }
+    servers.push(me);
+    servers.sort_by_key(|s| s.host_id);
+    servers
 }
 
 fn unix_ms() -> u64 {
