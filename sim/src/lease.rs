@@ -39,6 +39,7 @@ use std::collections::BTreeSet;
 
 use metadata_server::pool::metadata_holders;
 use metadata_server::server::core::Input;
+use metadata_server::server::lease_task;
 use volume_format::control::messages::{ClientMessage, ControlError, ErrorCode, ServerMessage};
 use volume_format::lease::{
     decode_sector, encode_sector, LeaseAction, LeaseMachine, LeasePhase, LeaseRecord, LeaseTiming, ServerRole,
@@ -210,12 +211,7 @@ impl ServerHost {
         }
         if self.last_presence_ms.is_none_or(|p| now >= p + t) {
             self.last_presence_ms = Some(now);
-            let mut me = self.machine.me.clone();
-            me.role = match self.machine.phase {
-                LeasePhase::Owner { .. } => ServerRole::Active,
-                LeasePhase::HandedOff { .. } | LeasePhase::Lost { .. } => ServerRole::Stopped,
-                _ => ServerRole::Standby,
-            };
+            let me = lease_task::presence_record(&self.machine);
             return self.start_write(RoundKind::Presence, self.host_id as u64, &me, env);
         }
         self.continue_step(env);
@@ -505,15 +501,7 @@ impl ServerHost {
     /// The active server's listing of the pool's servers (as the lease
     /// task's `presence`).
     fn servers_read(&mut self, env: &mut Env) {
-        let mut servers = std::mem::take(&mut self.servers);
-        let mut me = self.machine.me.clone();
-        me.role = ServerRole::Active;
-        servers.retain(|s| s.host_id != me.host_id);
-        for s in servers.iter_mut().filter(|s| s.role == ServerRole::Active) {
-            s.role = ServerRole::Stopped;
-        }
-        servers.push(me);
-        servers.sort_by_key(|s| s.host_id);
+        let servers = lease_task::active_servers_listing(&self.machine.me, std::mem::take(&mut self.servers));
         let list = servers.iter().map(metadata_server::server::owner::server_info).collect();
         self.with_term(env, |t, env| t.input(Input::Servers { servers: list }, env));
     }
