@@ -23,7 +23,13 @@ const FIXED_SEEDS: std::ops::Range<u64> = 1..41;
 /// confirmed).
 /// They were found before the two-server world existed and run in the world
 /// they drew then (`Config::one_server_world`; replay with `SIM_WORLD=one`).
-const REGRESSION_SEEDS: &[u64] = &[264784469797290, 279744025116075, 131464091886327];
+const REGRESSION_SEEDS: &[u64] = &[
+    264784469797290,
+    279744025116075,
+    131464091886327,
+    // A Close that failed left a handle the agent had forgotten (client_agent::core::closing).
+    244914644921721,
+];
 
 /// Seeds of the two-server world that found defects (each fixed; the commit
 /// messages say more): 202903161847020 (a server paused past its pool lease
