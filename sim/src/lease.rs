@@ -290,11 +290,9 @@ impl ServerHost {
             self.guard.valid_until_ms = self.guard.valid_until_ms.max(*valid_until_ms);
         }
         match &self.machine.phase {
-            LeasePhase::Owner { record, .. } if self.term.is_none() => {
-                if self.machine.may_commit(now) {
-                    let generation = record.generation;
-                    self.start_term(generation, env);
-                }
+            LeasePhase::Owner { record, .. } if self.term.is_none() && self.machine.may_commit(now) => {
+                let generation = record.generation;
+                self.start_term(generation, env);
             }
             LeasePhase::Lost { why } if self.term.is_some() => {
                 let why = why.clone();
@@ -303,20 +301,18 @@ impl ServerHost {
                 self.with_term(env, |t, env| t.input(Input::LeaseLost { why }, env));
             }
             LeasePhase::HandedOff { .. } | LeasePhase::Lost { .. } => self.guard.ended = true,
-            LeasePhase::Standby { owner: Some((rec, _)) } => {
-                if self.owner_seen.as_ref() != Some(rec) {
-                    if self.owner_seen.as_ref().is_none_or(|o| !o.same_holding(rec)) {
-                        env.trace(
-                            self.me(),
-                            format_args!(
-                                "the pool is served by {} (host id {}, generation {}); standing by",
-                                rec.name, rec.host_id, rec.generation
-                            ),
-                        );
-                    }
-                    self.owner_seen = Some(rec.clone());
-                    self.set_listening(env);
+            LeasePhase::Standby { owner: Some((rec, _)) } if self.owner_seen.as_ref() != Some(rec) => {
+                if self.owner_seen.as_ref().is_none_or(|o| !o.same_holding(rec)) {
+                    env.trace(
+                        self.me(),
+                        format_args!(
+                            "the pool is served by {} (host id {}, generation {}); standing by",
+                            rec.name, rec.host_id, rec.generation
+                        ),
+                    );
                 }
+                self.owner_seen = Some(rec.clone());
+                self.set_listening(env);
             }
             _ => {}
         }
