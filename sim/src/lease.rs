@@ -444,7 +444,7 @@ impl ServerHost {
                 self.continue_step(env)
             }
             RoundKind::ReadOwner => {
-                if std::env::var("SIM_LEASE_DEBUG").is_ok() {
+                if lease_debug() {
                     let summary: Vec<String> = reads
                         .iter()
                         .map(|r| match r {
@@ -634,6 +634,12 @@ impl ServerHost {
             self.with_term(env, |t, env| t.on_tick(periodic, env));
         }
     }
+}
+
+/// `SIM_LEASE_DEBUG`: trace every owner-sector read (read once).
+fn lease_debug() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("SIM_LEASE_DEBUG").is_some())
 }
 
 fn phase_name(p: &LeasePhase) -> &'static str {
