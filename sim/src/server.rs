@@ -631,8 +631,17 @@ impl ServerProc {
     }
 
     fn write_phase_done(&mut self, env: &mut Env) {
+        let lease_gone = self.guard.is_some_and(|g| !g.may_commit(crate::lease::mono_ms(env, self.host)));
         let run = self.writing.as_mut().expect("running");
-        if !run.clearing && !run.write.clear_after.is_empty() {
+        if !run.clearing && !run.write.clear_after.is_empty() && lease_gone {
+            // `Pool::write_raw`: the lease is asked again before clearing.
+            for (copy, _, _) in &run.write.clear_after {
+                if let Some(w) = run.written.get_mut(*copy) {
+                    *w = false;
+                }
+            }
+            run.failures.push("this metadata server lost the pool lease before clearing the blocks".into());
+        } else if !run.clearing && !run.write.clear_after.is_empty() {
             run.clearing = true;
             return self.start_writes(env);
         }

@@ -40,7 +40,9 @@ const REGRESSION_SEEDS: &[u64] = &[
 /// 216198625611925, 124557351365391, 34431886374227 (a failed handoff left
 /// the server serving with every commit refused, beside the new one);
 /// 264961850341265 (lease copies of one holding at different counters: no
-/// majority ever again, nobody could take the pool over).
+/// majority ever again, nobody could take the pool over); 213055939181326
+/// (a server stopped in the middle of a checkpoint cleared ring blocks on
+/// resume, after the new server took over).
 const TWO_SERVER_REGRESSION_SEEDS: &[u64] = &[
     202903161847020,
     219026058770692,
@@ -51,6 +53,7 @@ const TWO_SERVER_REGRESSION_SEEDS: &[u64] = &[
     124557351365391,
     34431886374227,
     264961850341265,
+    213055939181326,
 ];
 
 fn report(o: &Outcome) -> String {
