@@ -234,13 +234,13 @@ impl Shell {
                 let _ = done.send(());
                 None
             }
-            Command::Request { reply, .. } if self.lease_guard.refusal().is_some() => {
+            Command::Request { session, request, reply } => {
                 // Nothing is answered without the pool lease (see
                 // `lease_task::closed_window_refusal`).
-                let _ = reply.send(Err(self.lease_guard.refusal().expect("checked")));
-                None
-            }
-            Command::Request { session, request, reply } => {
+                if let Some(refusal) = self.lease_guard.refusal() {
+                    let _ = reply.send(Err(refusal));
+                    return None;
+                }
                 let id = self.next_reply;
                 self.next_reply += 1;
                 self.replies.insert(id, reply);
