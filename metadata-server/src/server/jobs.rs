@@ -54,7 +54,7 @@ pub const NO_LEASE_FOR_JOB: &str = "this metadata server does not hold the pool 
 
 /// Runs a data job ([`Job::CowCopy`] or [`Job::Merge`]) with `devices`.
 ///
-/// Every pre-image write waits for `may_write` (the pool lease's commit
+/// Every pre-image write first asks `may_write` (the pool lease's commit
 /// window, as metadata writes do): a server that lost the lease (paused
 /// past it, cut off) must not write into a snapshot's copy-on-write area
 /// that the server now active maps and fills itself.
