@@ -347,16 +347,28 @@ impl LeaseTask {
                 let presence = self.last_presence_ms.map_or(now, |p| p + self.machine.timing.io_timeout_ms);
                 let until = t.min(presence).max(now + 1);
                 let sleep = tokio::time::sleep(Duration::from_millis(until - now));
+                // A closed command channel or a dropped stop sender (the
+                // server shutting down) ends nothing: waiting on them would
+                // return at once, again and again (a busy loop, seen at
+                // shutdown until the lease was released).
                 let command = async {
                     match commands {
-                        Some(c) => c.recv().await,
+                        Some(c) => match c.recv().await {
+                            Some(cmd) => cmd,
+                            None => std::future::pending().await,
+                        },
                         None => std::future::pending().await,
+                    }
+                };
+                let stopped = async {
+                    if stop.wait_for(|s| *s).await.is_err() {
+                        std::future::pending::<()>().await
                     }
                 };
                 tokio::select! {
                     _ = sleep => {}
-                    cmd = command => return cmd,
-                    _ = stop.wait_for(|s| *s) => {}
+                    cmd = command => return Some(cmd),
+                    _ = stopped => {}
                 }
             }
         }
