@@ -63,8 +63,8 @@ fn agent_forgets_a_handle_whose_close_failed() {
 }
 
 const PINNED_CLOCK_SEED: u64 = 2;
-const PINNED_LATENCY_SEED: u64 = 11;
-const PINNED_CLOSE_SEED: u64 = 244914644921721;
+const PINNED_LATENCY_SEED: u64 = 21;
+const PINNED_CLOSE_SEED: u64 = 36522516977915;
 
 /// `SIM_HUNT=clock|latency`: the first failing seeds of that configuration.
 #[test]

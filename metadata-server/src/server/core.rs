@@ -354,6 +354,15 @@ pub enum AfterJob {
     Merged { volume: VolumeId, change: VolumeChange, finish: MergeFinish },
     /// A reported device was checked.
     DeviceChecked { session: SessionId, device: u32, reason: String, reply: ReplyId },
+    /// The extents `changes` hand out were zeroed: commit them (`zeroing`).
+    Zeroed { extents: Vec<volume_format::metadata::PhysicalExtent>, changes: Vec<MetaChange>, then: Box<AfterCommit> },
+    /// A grow's new extents were zeroed before its holders are recalled.
+    Prezeroed {
+        extents: Vec<volume_format::metadata::PhysicalExtent>,
+        name: String,
+        change: VolumeChange,
+        reply: ReplyId,
+    },
 }
 
 /// A server-side copy in flight: who asked, for which chunks.
@@ -458,6 +467,10 @@ pub struct Core {
     busy: BTreeMap<VolumeId, Busy>,
     /// Jobs in flight and how their changes continue.
     jobs: BTreeMap<TaskId, AfterJob>,
+    /// Free extents zeroed since they were last allocated (`zeroing`).
+    pub(super) zeroed: BTreeSet<volume_format::metadata::PhysicalExtent>,
+    /// A zeroing job is in flight: changes that allocate wait (`zeroing`).
+    pub(super) zeroing: bool,
     next_task: TaskId,
     effects: Vec<Effect>,
     started: bool,
@@ -513,6 +526,8 @@ impl Core {
             lease_lost_in_handoff: None,
             busy: BTreeMap::new(),
             jobs: BTreeMap::new(),
+            zeroed: BTreeSet::new(),
+            zeroing: false,
             next_task: 1,
             effects: Vec::new(),
             started: false,
@@ -719,6 +734,7 @@ impl Core {
                     .any(|c| matches!(c, MetaChange::ClientPut(_) | MetaChange::ClientRemove { .. }));
                 let clients = clients_changed.then(|| Arc::new(client_table(&self.meta)));
                 self.effects.push(Effect::Published { clients });
+                self.allocated(&batch.changes);
                 for (_, then) in batch.parts {
                     self.finish_commit(then, Ok(()));
                 }
@@ -817,6 +833,10 @@ impl Core {
                 }
                 let change = self.queue.remove(i).expect("position is in range");
                 match self.prepare(change) {
+                    Step::Commit { changes, then } if !self.unzeroed(&changes).is_empty() => {
+                        let step = self.zero_then_commit(self.unzeroed(&changes), changes, then);
+                        self.run_step(step);
+                    }
                     Step::Commit { changes, then } => match Arc::make_mut(&mut self.meta).apply_all(&changes) {
                         Ok(undos) => {
                             batch.changes.extend(changes);
@@ -848,6 +868,14 @@ impl Core {
     fn runnable(&self, change: &Change) -> bool {
         match change {
             Change::JobDone { .. } | Change::Expire => true,
+            // While new space is zeroed, nothing else may take free space.
+            Change::Request { request, .. } if self.zeroing && Core::allocates(request) => false,
+            Change::RecallReady { volume }
+                if self.zeroing
+                    && self.pending_changes.get(volume).is_some_and(|p| Core::change_allocates(&p.change)) =>
+            {
+                false
+            }
             Change::Request { request, session, .. } => match self.volume_of(*session, request) {
                 Some((volume, waits_for)) => self.busy.get(&volume).is_none_or(|busy| !waits_for.contains(busy)),
                 None => true,
@@ -929,8 +957,10 @@ impl Core {
             of(then, &mut ids);
         }
         for job in self.jobs.values() {
-            if let AfterJob::Merged { finish: MergeFinish::Recall { excluded, .. }, .. } = job {
-                ids.extend(excluded);
+            match job {
+                AfterJob::Merged { finish: MergeFinish::Recall { excluded, .. }, .. } => ids.extend(excluded),
+                AfterJob::Zeroed { then, .. } => of(then, &mut ids),
+                _ => {}
             }
         }
         ids

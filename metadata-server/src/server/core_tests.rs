@@ -61,6 +61,9 @@ struct World {
     core: Core,
     now: Now,
     next_reply: ReplyId,
+    /// Zeroing jobs (new space) complete at once, as on a device that
+    /// zeroes fast; off, they stay in the effects for the test to answer.
+    auto_zero: bool,
 }
 
 fn peer(n: u8, role: Role) -> Peer {
@@ -113,6 +116,7 @@ impl World {
             core: Core::new(meta(), journal(), config),
             now: Now { mono_ms: 0, unix_ms: 1_700_000_000_000 },
             next_reply: 1,
+            auto_zero: true,
         };
         for (session, n, role) in [(1, 1, Role::Agent), (2, 2, Role::Agent), (3, 3, Role::Admin)] {
             w.apply(Input::Connected { session, peer: peer(n, role), addr: "test".into() });
@@ -121,7 +125,15 @@ impl World {
     }
 
     fn apply(&mut self, input: Input) -> Vec<Effect> {
-        self.core.apply(self.now, input)
+        let mut effects = self.core.apply(self.now, input);
+        while self.auto_zero {
+            let Some(at) = effects.iter().position(|e| matches!(e, Effect::Job { job: Job::Zero { .. }, .. })) else {
+                break;
+            };
+            let Effect::Job { task, .. } = effects.remove(at) else { unreachable!() };
+            effects.extend(self.core.apply(self.now, Input::JobDone { task, outcome: JobOutcome::done() }));
+        }
+        effects
     }
 
     fn request(&mut self, session: u64, request: Request) -> (ReplyId, Vec<Effect>) {
@@ -608,4 +620,127 @@ fn a_used_handover_token_stays_refused_across_restarts_and_clock_steps() {
     let next = token(&mut w);
     assert!(matches!(committed_request(&mut w, 7, Request::OpenHandover { token: next }), Ok(Response::Opened(_))));
     assert_eq!(w.core.meta.handovers.used.len(), 1);
+}
+
+/// The zeroing job among `effects`: its task and the extents it zeroes.
+fn zero_job_of(effects: &[Effect]) -> Option<(TaskId, Vec<(u32, u64)>)> {
+    effects.iter().find_map(|e| match e {
+        Effect::Job { task, job: Job::Zero { targets, .. } } => {
+            Some((*task, targets.iter().flat_map(|t| t.offsets.iter().map(|&o| (t.device.0, o))).collect()))
+        }
+        _ => None,
+    })
+}
+
+fn extents_of(core: &Core, name: &str) -> Vec<(u32, u64)> {
+    let v = core.meta.volume_by_name(name).expect("the volume exists");
+    let mut all: Vec<(u32, u64)> =
+        v.extents.iter().flat_map(|e| e.legs.iter().map(|l| (l.device.0, l.offset))).collect();
+    all.sort();
+    all
+}
+
+#[test]
+fn new_space_is_zeroed_before_the_commit_that_hands_it_out_and_other_allocations_wait() {
+    let mut w = World::new();
+    w.auto_zero = false;
+    let create = |name: &str| Request::VolumeCreate { name: name.into(), size_bytes: 2 << 20, legs: 2 };
+    let (first, effects) = w.request(3, create("x"));
+    assert!(commit_of(&effects).is_none(), "nothing is committed before the space is zeroed: {effects:?}");
+    let (zero, extents) = zero_job_of(&effects).expect("the new extents are zeroed first");
+    assert_eq!(extents.len(), 4, "two extents of two legs: {extents:?}");
+    // Meanwhile: renewals and changes that allocate nothing go on; another
+    // create and a grow wait (they could take the extents being zeroed).
+    let (renew, effects) = w.request(1, Request::Renew);
+    assert!(matches!(reply_of(&effects, renew), Some(Ok(_))));
+    let (second, effects) = w.request(3, create("y"));
+    let (grow, effects2) = w.request(3, Request::VolumeGrow { name: "w".into(), size_bytes: 8 << 20 });
+    assert!(zero_job_of(&effects).is_none() && commit_of(&effects).is_none());
+    assert!(zero_job_of(&effects2).is_none() && commit_of(&effects2).is_none());
+    let (open, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).expect("an open allocates nothing and commits while space is zeroed");
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(reply_of(&effects, open), Some(Ok(Response::Opened(_)))));
+    // Zeroed: the create commits exactly the extents zeroed.
+    let effects = w.apply(Input::JobDone { task: zero, outcome: JobOutcome::done() });
+    let (task, next) = commit_of(&effects).expect("the create commits once zeroed");
+    assert_eq!(extents_of(&w.core, "x"), extents);
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(reply_of(&effects, first), Some(Ok(Response::Done))));
+    // Then the next create zeroes its own (different) extents.
+    let (zero, more) = zero_job_of(&effects).expect("the second create zeroes its space");
+    assert!(more.iter().all(|e| !extents.contains(e)), "{more:?} vs {extents:?}");
+    let effects = w.apply(Input::JobDone { task: zero, outcome: JobOutcome::done() });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(reply_of(&effects, second), Some(Ok(Response::Done))));
+    // The grow (no holders) zeroes its added extents too.
+    let (zero, added) = zero_job_of(&effects).expect("the grow zeroes its added extents");
+    assert_eq!(added.len(), 4);
+    let effects = w.apply(Input::JobDone { task: zero, outcome: JobOutcome::done() });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(reply_of(&effects, grow), Some(Ok(Response::Done))));
+}
+
+#[test]
+fn space_freed_by_a_delete_is_zeroed_again_and_a_failed_zeroing_changes_nothing() {
+    let mut w = World::new();
+    w.auto_zero = false;
+    let old = extents_of(&w.core, "w");
+    let (delete, effects) = w.request(3, Request::VolumeDelete { name: "w".into() });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(reply_of(&effects, delete), Some(Ok(Response::Done))));
+    let (create, effects) = w.request(3, Request::VolumeCreate { name: "n".into(), size_bytes: 4 << 20, legs: 1 });
+    let (zero, extents) = zero_job_of(&effects).expect("the freed space is zeroed before it is reused");
+    assert!(old.iter().any(|e| extents.contains(e)), "the test wants the freed extents reused: {extents:?} {old:?}");
+    let generation = w.core.meta.generation;
+    let effects = w.apply(Input::JobDone { task: zero, outcome: JobOutcome::failed("device 1: connection refused") });
+    assert!(commit_of(&effects).is_none());
+    match reply_of(&effects, create) {
+        Some(Err(e)) => assert!(e.message.contains("could not be zeroed"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(w.core.meta.volume_by_name("n").is_none() && w.core.meta.generation == generation);
+    // Retried: zeroed again (a failed job proves nothing), then committed.
+    let (create, effects) = w.request(3, Request::VolumeCreate { name: "n".into(), size_bytes: 4 << 20, legs: 1 });
+    let (zero, again) = zero_job_of(&effects).expect("zeroed again");
+    assert_eq!(again, extents);
+    let effects = w.apply(Input::JobDone { task: zero, outcome: JobOutcome::done() });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(reply_of(&effects, create), Some(Ok(Response::Done))));
+}
+
+#[test]
+fn a_grow_with_holders_zeroes_before_recalling_them() {
+    let mut w = World::new();
+    w.auto_zero = false;
+    let (_, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    let handle = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Reply { result: Ok(Response::Opened(o)), .. } => Some(o.handle),
+            _ => None,
+        })
+        .unwrap();
+    let (grow, effects) = w.request(3, Request::VolumeGrow { name: "v".into(), size_bytes: 8 << 20 });
+    let recalled = |effects: &[Effect]| {
+        effects.iter().find_map(|e| match e {
+            Effect::Event { event: ServerEvent::Recall { generation, .. }, .. } => Some(*generation),
+            _ => None,
+        })
+    };
+    assert!(recalled(&effects).is_none(), "the holder keeps going while the new space is zeroed");
+    let (zero, _) = zero_job_of(&effects).expect("zeroed before the recall");
+    let effects = w.apply(Input::JobDone { task: zero, outcome: JobOutcome::done() });
+    let generation = recalled(&effects).expect("then recalled");
+    let (_, effects) = w.request(1, Request::RecallDone { handle, generation });
+    assert!(zero_job_of(&effects).is_none(), "the recall point does not zero again");
+    let (task, next) = commit_of(&effects).expect("the grow commits at the recall point");
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(reply_of(&effects, grow), Some(Ok(Response::Done))));
 }

@@ -1,6 +1,6 @@
 //! Long jobs the owner starts and never waits for: copying pre-images for
 //! shared writers, moving pre-images when a snapshot is deleted, checking a
-//! device an agent reported.
+//! device an agent reported, zeroing new space before it is handed out.
 //!
 //! A job is plain data ([`Job`]) describing what to do against a snapshot
 //! of the committed metadata; the shell runs it on its own task (or, for a
@@ -11,9 +11,10 @@
 
 use std::sync::Arc;
 
+use blockio::{BlockDevice, ZeroFlags};
 use tracing::info;
 use volume_format::metadata::PoolMetadata;
-use volume_format::{SnapshotId, VolumeId};
+use volume_format::{DeviceIndex, SnapshotId, VolumeId};
 
 use super::snapshot_io::DeviceClients;
 
@@ -29,7 +30,24 @@ pub enum Job {
     /// Whether the server reaches device `index` (a label read on its
     /// connection, else on a new one, each bounded).
     CheckDevice { index: u32, uuid: uuid::Uuid },
+    /// Zero whole extents (of `extent_bytes`) on each target device and
+    /// flush it: the new space of a create or grow (see `zeroing`).
+    Zero { extent_bytes: u64, targets: Vec<ZeroTarget> },
 }
+
+/// Extents to zero on one device: their device byte offsets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZeroTarget {
+    pub device: DeviceIndex,
+    pub uri: String,
+    pub offsets: Vec<u64>,
+}
+
+/// Largest single WRITE_ZEROES request: well inside the device request
+/// timeout even where the device writes the zeros rather than deallocating.
+pub const ZERO_REQUEST_BYTES_MAX: u64 = 64 << 20;
+/// Zeroing requests in flight per job.
+pub const ZERO_REQUESTS_IN_FLIGHT_MAX: usize = 8;
 
 /// How a job ended: done, or why not (nothing the job wrote is referenced
 /// by any committed metadata until the core commits, so a failed job
@@ -88,5 +106,50 @@ pub async fn run_data_job(job: Job, devices: &DeviceClients) -> JobOutcome {
             JobOutcome::done()
         }
         Job::CheckDevice { .. } => JobOutcome::failed("a device check runs where the pool's connections are"),
+        Job::Zero { extent_bytes, targets } => match zero_extents(extent_bytes, &targets, devices).await {
+            Ok(()) => JobOutcome::done(),
+            Err(e) => JobOutcome::failed(e),
+        },
     }
+}
+
+/// Zeroes every extent of `targets` (deallocating where the device can),
+/// then flushes each device: the zeros are durable before the extents are
+/// committed to a volume.
+async fn zero_extents(extent_bytes: u64, targets: &[ZeroTarget], devices: &DeviceClients) -> Result<(), String> {
+    use futures::stream::StreamExt;
+    let started = std::time::Instant::now();
+    let mut clients = Vec::with_capacity(targets.len());
+    for t in targets {
+        let client = devices.get_by_uri(t.device, &t.uri).await.map_err(|e| e.to_string())?;
+        clients.push((t.device, client));
+    }
+    let mut requests = Vec::new();
+    for (t, (device, client)) in targets.iter().zip(&clients) {
+        for &extent in &t.offsets {
+            let mut offset = extent;
+            while offset < extent + extent_bytes {
+                let len = ZERO_REQUEST_BYTES_MAX.min(extent + extent_bytes - offset);
+                requests.push((*device, client.clone(), offset, len as u32));
+                offset += len;
+            }
+        }
+    }
+    let flags = ZeroFlags { may_trim: true, ..ZeroFlags::default() };
+    let mut zeroing = futures::stream::iter(requests.into_iter().map(|(device, client, offset, len)| async move {
+        client
+            .write_zeroes(offset, len, flags)
+            .await
+            .map_err(|e| format!("zeroing {len} bytes at offset {offset} of device {device}: {e}"))
+    }))
+    .buffer_unordered(ZERO_REQUESTS_IN_FLIGHT_MAX);
+    while let Some(result) = zeroing.next().await {
+        result?;
+    }
+    for (device, client) in &clients {
+        client.flush().await.map_err(|e| format!("flushing device {device} after zeroing: {e}"))?;
+    }
+    let extents: usize = targets.iter().map(|t| t.offsets.len()).sum();
+    info!(extents, elapsed_ms = started.elapsed().as_millis() as u64, "new space zeroed");
+    Ok(())
 }

@@ -54,6 +54,7 @@ pub mod session;
 pub mod snapshot_io;
 pub mod snapshots;
 pub mod standby;
+pub mod zeroing;
 
 #[cfg(test)]
 mod core_tests;

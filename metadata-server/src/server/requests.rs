@@ -213,6 +213,10 @@ impl Core {
             AfterJob::DeviceChecked { session, device, reason, reply } => {
                 self.device_checked(session, device, reason, reply, outcome)
             }
+            AfterJob::Zeroed { extents, changes, then } => self.zeroing_done(extents, changes, *then, outcome),
+            AfterJob::Prezeroed { extents, name, change, reply } => {
+                self.prezeroed(extents, &name, change, reply, outcome)
+            }
         }
     }
 
@@ -315,6 +319,19 @@ impl Core {
     /// a snapshot delete that needs one; with holders it starts a recall and
     /// parks the reply until [`Core::prepare_recall`] finishes it.
     fn prepare_reconfigure(&mut self, name: &str, change: VolumeChange, reply: ReplyId) -> Step {
+        self.prepare_reconfigure_with(name, change, reply, true)
+    }
+
+    /// [`Core::prepare_reconfigure`]; with `may_prezero`, a change that
+    /// recalls holders and hands out extents not yet zeroed zeroes them
+    /// first, so the holders are not kept drained while it runs.
+    fn prepare_reconfigure_with(
+        &mut self,
+        name: &str,
+        change: VolumeChange,
+        reply: ReplyId,
+        may_prezero: bool,
+    ) -> Step {
         let id = match self.volume_by_name(name) {
             Ok(v) => v.id,
             Err(e) => return done(reply, Err(e)),
@@ -339,6 +356,13 @@ impl Core {
             let what = format!("volume {name} reconfigured: {change}");
             return Step::Commit { changes: vec![planned.change], then: AfterCommit::Reply { reply, what } };
         }
+        let unzeroed = self.unzeroed(std::slice::from_ref(&planned.change));
+        if may_prezero && !unzeroed.is_empty() {
+            self.zeroing = true;
+            let job = self.zero_job(&unzeroed);
+            let then = AfterJob::Prezeroed { extents: unzeroed, name: name.to_string(), change, reply };
+            return Step::Job { job, busy: None, then };
+        }
         let generation = self.meta.volume(id).map(|v| v.layout_generation + 1).unwrap_or_default();
         let recall = match self.handles.start_recall(id.0, generation) {
             Ok(r) => r,
@@ -356,6 +380,32 @@ impl Core {
         self.pending_changes.insert(id, PendingChange { volume: id, change, generation, reply });
         self.check_recalls();
         Step::Parked
+    }
+
+    /// A grow's new extents were zeroed before its recall: recall now (if
+    /// the plan changed meanwhile, the commit zeroes what is new).
+    fn prezeroed(
+        &mut self,
+        extents: Vec<volume_format::metadata::PhysicalExtent>,
+        name: &str,
+        change: VolumeChange,
+        reply: ReplyId,
+        outcome: JobOutcome,
+    ) -> Step {
+        self.zeroing = false;
+        if let Err(why) = outcome.result {
+            let msg = format!(
+                "the new space could not be zeroed ({why}); nothing was changed: check the devices (`sanvol device \
+                 list`) and retry"
+            );
+            return done(reply, Err(err(ErrorCode::Unavailable, msg)));
+        }
+        let free = self.meta.free_extents();
+        let still_free = |e: &volume_format::metadata::PhysicalExtent| {
+            free.per_device.get(&e.device).is_some_and(|offsets| offsets.contains(&e.offset))
+        };
+        self.zeroed.extend(extents.into_iter().filter(still_free));
+        self.prepare_reconfigure_with(name, change, reply, false)
     }
 
     /// Finishes the pending change of `volume` if every holder confirmed or

@@ -35,18 +35,23 @@ impl DeviceClients {
     }
 
     async fn get(&self, meta: &PoolMetadata, index: DeviceIndex) -> Result<NbdClient, IoError> {
+        let device =
+            meta.device(index).ok_or_else(|| IoError::io(format!("device {index} is not in the pool metadata")))?;
+        self.get_by_uri(index, &device.uri).await
+    }
+
+    /// The client of device `index`, connected to `uri` if there is none.
+    pub async fn get_by_uri(&self, index: DeviceIndex, device_uri: &str) -> Result<NbdClient, IoError> {
         let mut clients = self.clients.lock().await;
         if let Some(c) = clients.get(&index) {
             return Ok(c.clone());
         }
-        let device =
-            meta.device(index).ok_or_else(|| IoError::io(format!("device {index} is not in the pool metadata")))?;
-        let uri = device.uri.parse::<NbdUri>().map_err(|e| IoError::io(format!("device {index}: {e}")))?;
+        let uri = device_uri.parse::<NbdUri>().map_err(|e| IoError::io(format!("device {index}: {e}")))?;
         let opts =
             blockio::client::ClientOptions { connect_timeout: CHANNEL_DEVICE_CONNECT_TIMEOUT, ..client_options() };
         let client = NbdClient::connect(&uri, opts)
             .await
-            .map_err(|e| IoError::io(format!("connecting to device {index} ({}): {e}", device.uri)))?;
+            .map_err(|e| IoError::io(format!("connecting to device {index} ({device_uri}): {e}")))?;
         clients.insert(index, client.clone());
         Ok(client)
     }

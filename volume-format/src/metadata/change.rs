@@ -41,7 +41,7 @@ use super::handover::{HandoverLedger, UsedToken};
 use super::snapshot::CowMap;
 use super::{
     check_block_bytes, check_name, ClientRecord, ClientScope, DeviceState, HandleRecord, HandleState, LogicalExtent,
-    PoolMetadata, SnapshotRecord, VolumeRecord, MIRROR_LEGS_MAX,
+    PhysicalExtent, PoolMetadata, SnapshotRecord, VolumeRecord, MIRROR_LEGS_MAX,
 };
 use crate::ids::{DeviceIndex, HandleId, PublicKey, SnapshotId, VolumeId};
 
@@ -294,6 +294,29 @@ impl MetaChange {
             MetaChange::DeviceState { .. } => "device state",
             MetaChange::ClientScope { .. } => "client scope",
             MetaChange::HandoverTokens { .. } => "handover tokens",
+        }
+    }
+
+    /// The physical extents this change hands to a volume's data: what a
+    /// volume could read the moment it is committed, so they must read as
+    /// zeros before it is (a deleted volume's data must never show in the
+    /// next one). A snapshot's copy-on-write area is not among them: only
+    /// chunks written and then registered are ever read from it.
+    pub fn new_volume_extents(&self) -> Vec<PhysicalExtent> {
+        let extents: &[LogicalExtent] = match self {
+            MetaChange::VolumeCreate(record) => &record.extents,
+            MetaChange::VolumeGrow { added, .. } => added,
+            _ => &[],
+        };
+        extents.iter().flat_map(|e| e.legs.iter().copied()).collect()
+    }
+
+    /// Every physical extent this change takes out of the free space
+    /// (volume data and snapshot copy-on-write areas).
+    pub fn allocated_extents(&self) -> Vec<PhysicalExtent> {
+        match self {
+            MetaChange::SnapshotCreate(s) => s.cow_extents.iter().flat_map(|e| e.legs.iter().copied()).collect(),
+            other => other.new_volume_extents(),
         }
     }
 }
