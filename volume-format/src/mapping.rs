@@ -99,6 +99,10 @@ pub enum LegState {
     /// The pool marked the leg's device failed: the leg is skipped; the
     /// device's extents are due for recovery.
     DeviceFailed,
+    /// The leg's device came back and is being resynchronized: writes go
+    /// to it (so the copy and new writes both land), reads do not (it may
+    /// hold data older than its other legs').
+    Resyncing,
 }
 
 impl LegState {
@@ -107,6 +111,7 @@ impl LegState {
         match state {
             DeviceState::Online => LegState::Online,
             DeviceState::Failed { .. } => LegState::DeviceFailed,
+            DeviceState::Resyncing { .. } => LegState::Resyncing,
         }
     }
 
@@ -119,7 +124,7 @@ impl LegState {
     /// Whether a write must reach the leg (and fails if it cannot).
     #[inline]
     pub fn takes_writes(self) -> bool {
-        matches!(self, LegState::Online)
+        matches!(self, LegState::Online | LegState::Resyncing)
     }
 }
 
@@ -128,6 +133,7 @@ impl fmt::Display for LegState {
         f.write_str(match self {
             LegState::Online => "online",
             LegState::DeviceFailed => "marked failed in the pool",
+            LegState::Resyncing => "resyncing (takes writes, serves no reads)",
         })
     }
 }
@@ -166,6 +172,7 @@ impl DeviceTable for Vec<DeviceEndpoint> {
     fn device_state(&self, slot: usize) -> LegState {
         match self.get(slot) {
             Some(d) if d.online => LegState::Online,
+            Some(d) if d.resyncing => LegState::Resyncing,
             _ => LegState::DeviceFailed,
         }
     }

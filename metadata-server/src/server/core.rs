@@ -217,9 +217,20 @@ pub enum Effect {
 /// (while the volume's holders have drained) when it has holders.
 #[derive(Debug, Clone)]
 pub enum VolumeChange {
-    Grow { size_bytes: u64 },
-    SnapshotCreate { name: String },
-    SnapshotDelete { name: String },
+    Grow {
+        size_bytes: u64,
+    },
+    SnapshotCreate {
+        name: String,
+    },
+    SnapshotDelete {
+        name: String,
+    },
+    /// The volume's extents on `device` (come back) are copied while its
+    /// holders are drained; they resume writing its legs (`recovery`).
+    Resync {
+        device: volume_format::DeviceIndex,
+    },
 }
 
 impl VolumeChange {
@@ -241,6 +252,7 @@ impl std::fmt::Display for VolumeChange {
             VolumeChange::Grow { size_bytes } => write!(f, "grow to {size_bytes} bytes"),
             VolumeChange::SnapshotCreate { name } => write!(f, "snapshot {name}"),
             VolumeChange::SnapshotDelete { name } => write!(f, "delete snapshot {name}"),
+            VolumeChange::Resync { device } => write!(f, "resync its extents on device {device}"),
         }
     }
 }
@@ -266,6 +278,10 @@ pub enum Change {
     RecallReady { volume: VolumeId },
     /// A job finished; continue its change.
     JobDone { outcome: JobOutcome, then: AfterJob },
+    /// The next step of a device's resync (`recovery`).
+    Resync { device: volume_format::DeviceIndex },
+    /// Mark a device failed (its resync failed).
+    DeviceFailed { device: volume_format::DeviceIndex, reason: String },
 }
 
 /// What preparing a change decided.
@@ -338,6 +354,14 @@ pub enum AfterCommit {
         new: u64,
         volume: VolumeId,
     },
+    /// A failed device answered its probe and is resyncing now.
+    DeviceBack {
+        device: volume_format::DeviceIndex,
+    },
+    /// A resynchronized device is online again.
+    DeviceOnline {
+        device: volume_format::DeviceIndex,
+    },
     /// The change of a job: `volume` stops being busy, then `then`.
     Released {
         volume: VolumeId,
@@ -356,6 +380,8 @@ pub enum AfterJob {
     DeviceChecked { session: SessionId, device: u32, reason: String, reply: ReplyId },
     /// The extents `changes` hand out were zeroed: commit them (`zeroing`).
     Zeroed { extents: Vec<volume_format::metadata::PhysicalExtent>, changes: Vec<MetaChange>, then: Box<AfterCommit> },
+    /// A failed device was probed.
+    Probed { device: volume_format::DeviceIndex },
     /// A grow's new extents were zeroed before its holders are recalled.
     Prezeroed {
         extents: Vec<volume_format::metadata::PhysicalExtent>,
@@ -396,6 +422,9 @@ pub enum Busy {
     /// copy-on-write registrations of the volume wait; I/O to chunks already
     /// registered goes on.
     Layout,
+    /// A device's extents of the volume being copied (`recovery`): what
+    /// waits for `Layout` waits, and so do opens.
+    Resync,
 }
 
 /// Changes applied to the metadata and committed together.
@@ -446,7 +475,7 @@ pub struct Core {
     /// Handles whose holder was told they are revoked while a release was
     /// in flight: never renewed again (see `tell_removing`).
     pub(super) revoked: BTreeSet<u64>,
-    queue: VecDeque<Change>,
+    pub(super) queue: VecDeque<Change>,
     journal: MetaJournal,
     in_flight: Option<InFlight>,
     /// A covering checkpoint being written: (task, checkpoint number).
@@ -471,6 +500,10 @@ pub struct Core {
     pub(super) zeroed: BTreeSet<volume_format::metadata::PhysicalExtent>,
     /// A zeroing job is in flight: changes that allocate wait (`zeroing`).
     pub(super) zeroing: bool,
+    /// Probing of failed devices, if on (`recovery`).
+    pub(super) device_probe: Option<super::recovery::ProbeBackoff>,
+    pub(super) probes: super::recovery::Probes,
+    pub(super) resyncs: super::recovery::Resyncs,
     next_task: TaskId,
     effects: Vec<Effect>,
     started: bool,
@@ -528,6 +561,9 @@ impl Core {
             jobs: BTreeMap::new(),
             zeroed: BTreeSet::new(),
             zeroing: false,
+            device_probe: None,
+            probes: Default::default(),
+            resyncs: Default::default(),
             next_task: 1,
             effects: Vec::new(),
             started: false,
@@ -703,6 +739,7 @@ impl Core {
             self.queue.push_back(Change::Expire);
         }
         self.check_recalls();
+        self.probe_failed_devices();
     }
 
     fn meta_written(&mut self, task: TaskId, written: Vec<bool>, failures: Vec<String>) {
@@ -881,10 +918,11 @@ impl Core {
                 None => true,
             },
             Change::RecallReady { volume } => !self.busy.contains_key(volume),
+            Change::Resync { .. } | Change::DeviceFailed { .. } => true,
         }
     }
 
-    fn run_step(&mut self, step: Step) {
+    pub(super) fn run_step(&mut self, step: Step) {
         match step {
             Step::Done(Some((reply, result))) => self.reply(reply, result),
             Step::Done(None) | Step::Parked => {}
@@ -918,6 +956,8 @@ impl Core {
             Change::Expire => self.prepare_expire(),
             Change::RecallReady { volume } => self.prepare_recall(volume),
             Change::JobDone { outcome, then } => self.continue_job(then, outcome),
+            Change::Resync { device } => self.prepare_resync(device),
+            Change::DeviceFailed { device, reason } => self.prepare_device_failed(device.0, reason, None),
         }
     }
 
@@ -1012,6 +1052,9 @@ impl Core {
     // ---- helpers for the request modules ----
 
     pub fn reply(&mut self, reply: ReplyId, result: Result<Response, ControlError>) {
+        if self.resync_reply(reply, &result) {
+            return;
+        }
         self.effects.push(Effect::Reply { reply, result });
     }
 

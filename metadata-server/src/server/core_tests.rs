@@ -744,3 +744,93 @@ fn a_grow_with_holders_zeroes_before_recalling_them() {
     let effects = w.apply(committed(task, next));
     assert!(matches!(reply_of(&effects, grow), Some(Ok(Response::Done))));
 }
+
+#[test]
+fn a_failed_device_that_answers_its_probe_is_resynced_at_a_recall_point_then_online() {
+    use super::recovery::ProbeBackoff;
+    use volume_format::metadata::DeviceState;
+    let mut w = World::new();
+    w.core.set_device_probe(ProbeBackoff { min_ms: 100, max_ms: 400 });
+    // A mirrored volume, open by host-1.
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 2 << 20, legs: 2 });
+    let (task, next) = commit_of(&effects).unwrap();
+    w.apply(committed(task, next));
+    let (open, effects) = w.request(1, Request::Open { volume: "m".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    let Some(Ok(Response::Opened(opened))) = reply_of(&effects, open) else { panic!("{effects:?}") };
+    let device = w.core.meta.volume_by_name("m").unwrap().extents[0].legs[0].device;
+    // The device is marked failed (as a report would).
+    w.core.queue.push_back(super::core::Change::DeviceFailed { device, reason: "gone".into() });
+    let effects = w.apply(Input::Tick);
+    let (task, next) = commit_of(&effects).expect("the failure commits");
+    w.apply(committed(task, next));
+    assert!(matches!(w.core.meta.device(device).unwrap().state, DeviceState::Failed { .. }));
+    let probe_of = |effects: &[Effect]| {
+        effects.iter().find_map(|e| match e {
+            Effect::Job { task, job: Job::CheckDevice { index, .. } } if *index == device.0 => Some(*task),
+            _ => None,
+        })
+    };
+    // Probes back off while it stays away: none before the first is due.
+    let effects = w.apply(Input::Tick);
+    assert!(probe_of(&effects).is_none());
+    w.advance(100);
+    let probe = probe_of(&w.apply(Input::Tick)).expect("probed once due");
+    w.apply(Input::JobDone { task: probe, outcome: JobOutcome::failed("connection refused") });
+    w.advance(100);
+    assert!(probe_of(&w.apply(Input::Tick)).is_none(), "the second probe waits twice as long");
+    w.advance(100);
+    let probe = probe_of(&w.apply(Input::Tick)).expect("probed again");
+    // It answers with its label: resyncing is committed.
+    let effects = w.apply(Input::JobDone { task: probe, outcome: JobOutcome::done() });
+    let (task, next) = commit_of(&effects).expect("resyncing commits");
+    assert!(matches!(w.core.meta.device(device).unwrap().state, DeviceState::Resyncing { .. }));
+    let effects = w.apply(committed(task, next));
+    // The holder is recalled before anything is copied…
+    let generation = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Event { session: 1, event: ServerEvent::Recall { generation, .. } } => Some(*generation),
+            _ => None,
+        })
+        .expect("the holder is recalled");
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Job { job: Job::Resync { .. }, .. })));
+    // …and the copy runs once it drained, from the online leg to the device.
+    let (_, effects) = w.request(1, Request::RecallDone { handle: opened.handle, generation });
+    let (copy, copies) = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Job { task, job: Job::Resync { copies, .. } } => Some((*task, copies.clone())),
+            _ => None,
+        })
+        .expect("the copy starts at the recall point");
+    let on_device = w
+        .core
+        .meta
+        .volume_by_name("m")
+        .unwrap()
+        .extents
+        .iter()
+        .filter(|e| e.legs.iter().any(|l| l.device == device))
+        .count();
+    assert_eq!(copies.len(), on_device, "every extent of m with a leg on the device");
+    assert!(copies.iter().all(|c| c.to.device == device && c.from.iter().all(|f| f.device != device)));
+    // Opens of the volume wait meanwhile; the layout bump commits after it.
+    let effects = w.apply(Input::JobDone { task: copy, outcome: JobOutcome::done() });
+    let (task, next) = commit_of(&effects).expect("the layout bump commits");
+    let effects = w.apply(committed(task, next));
+    let published = effects.iter().any(|e| {
+        matches!(e, Effect::Event { session: 1, event: ServerEvent::Publish { description, .. } }
+            if description.devices.iter().any(|d| d.index == device && d.resyncing && !d.online))
+    });
+    assert!(published, "the holder resumes writing the resyncing leg: {effects:?}");
+    // Every volume done: the device is committed online and published.
+    let (task, next) = commit_of(&effects).expect("online commits");
+    let effects = w.apply(committed(task, next));
+    assert_eq!(w.core.meta.device(device).unwrap().state, DeviceState::Online);
+    assert!(effects
+        .iter()
+        .any(|e| matches!(e, Effect::Event { session: 1, event: ServerEvent::Publish { description, .. } }
+        if description.devices.iter().any(|d| d.index == device && d.online))));
+}

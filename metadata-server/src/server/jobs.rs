@@ -32,12 +32,25 @@ pub enum Job {
     CheckDevice { index: u32, uuid: uuid::Uuid },
     /// Zero whole extents (of `extent_bytes`) on each target device and
     /// flush it: the new space of a create or grow (see `zeroing`).
-    Zero { extent_bytes: u64, targets: Vec<ZeroTarget> },
+    Zero { extent_bytes: u64, targets: Vec<DeviceExtents> },
+    /// Copy whole extents onto a device that came back, each from the first
+    /// of its sources that answers, then flush the targets (`recovery`).
+    Resync { extent_bytes: u64, copies: Vec<ExtentCopy> },
 }
 
-/// Extents to zero on one device: their device byte offsets.
+/// One extent to copy: `to` and `from` name one extent each.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ZeroTarget {
+pub struct ExtentCopy {
+    pub to: DeviceExtents,
+    pub from: Vec<DeviceExtents>,
+}
+
+/// Bytes read and written per request of a resync copy.
+pub const RESYNC_CHUNK_BYTES: u64 = 4 << 20;
+
+/// Extents on one device: their device byte offsets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceExtents {
     pub device: DeviceIndex,
     pub uri: String,
     pub offsets: Vec<u64>,
@@ -110,22 +123,44 @@ pub async fn run_data_job(job: Job, devices: &DeviceClients) -> JobOutcome {
             Ok(()) => JobOutcome::done(),
             Err(e) => JobOutcome::failed(e),
         },
+        Job::Resync { extent_bytes, copies } => match copy_extents(extent_bytes, &copies, devices).await {
+            Ok(()) => JobOutcome::done(),
+            Err(e) => JobOutcome::failed(e),
+        },
     }
 }
 
 /// Zeroes every extent of `targets` (deallocating where the device can),
 /// then flushes each device: the zeros are durable before the extents are
 /// committed to a volume.
-async fn zero_extents(extent_bytes: u64, targets: &[ZeroTarget], devices: &DeviceClients) -> Result<(), String> {
-    use futures::stream::StreamExt;
+async fn zero_extents(extent_bytes: u64, targets: &[DeviceExtents], devices: &DeviceClients) -> Result<(), String> {
     let started = std::time::Instant::now();
     let mut clients = Vec::with_capacity(targets.len());
     for t in targets {
         let client = devices.get_by_uri(t.device, &t.uri).await.map_err(|e| e.to_string())?;
         clients.push((t.device, client));
     }
+    let result = zero_with(extent_bytes, targets, &clients).await;
+    if result.is_err() {
+        // A connection that failed is not reused: the next zeroing reconnects.
+        for (device, _) in &clients {
+            devices.forget(*device).await;
+        }
+    }
+    result?;
+    let extents: usize = targets.iter().map(|t| t.offsets.len()).sum();
+    info!(extents, elapsed_ms = started.elapsed().as_millis() as u64, "new space zeroed");
+    Ok(())
+}
+
+async fn zero_with(
+    extent_bytes: u64,
+    targets: &[DeviceExtents],
+    clients: &[(DeviceIndex, blockio::client::NbdClient)],
+) -> Result<(), String> {
+    use futures::stream::StreamExt;
     let mut requests = Vec::new();
-    for (t, (device, client)) in targets.iter().zip(&clients) {
+    for (t, (device, client)) in targets.iter().zip(clients) {
         for &extent in &t.offsets {
             let mut offset = extent;
             while offset < extent + extent_bytes {
@@ -146,10 +181,64 @@ async fn zero_extents(extent_bytes: u64, targets: &[ZeroTarget], devices: &Devic
     while let Some(result) = zeroing.next().await {
         result?;
     }
-    for (device, client) in &clients {
+    for (device, client) in clients {
         client.flush().await.map_err(|e| format!("flushing device {device} after zeroing: {e}"))?;
     }
-    let extents: usize = targets.iter().map(|t| t.offsets.len()).sum();
-    info!(extents, elapsed_ms = started.elapsed().as_millis() as u64, "new space zeroed");
+    Ok(())
+}
+
+/// Copies every extent of `copies` onto its target, chunk by chunk, from the
+/// first source that answers, then flushes each target device. Runs while
+/// nobody writes the extents (their volume's holders are drained, or it has
+/// none and opens wait): see `recovery`.
+async fn copy_extents(extent_bytes: u64, copies: &[ExtentCopy], devices: &DeviceClients) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    let mut targets = std::collections::BTreeMap::new();
+    for copy in copies {
+        let (Some(&to), Some(to_device)) = (copy.to.offsets.first(), Some(&copy.to)) else { continue };
+        if !targets.contains_key(&to_device.device) {
+            // The device just came back: a connection from before it went
+            // away is dead.
+            devices.forget(to_device.device).await;
+        }
+        let target = devices.get_by_uri(to_device.device, &to_device.uri).await.map_err(|e| e.to_string())?;
+        targets.insert(to_device.device, target.clone());
+        let mut at = 0;
+        while at < extent_bytes {
+            let len = RESYNC_CHUNK_BYTES.min(extent_bytes - at) as u32;
+            let mut errors = Vec::new();
+            let mut data = None;
+            for from in &copy.from {
+                let Some(&offset) = from.offsets.first() else { continue };
+                let read = async {
+                    let source = devices.get_by_uri(from.device, &from.uri).await?;
+                    source.read(offset + at, len).await
+                };
+                match read.await {
+                    Ok(d) if d.len() == len as usize => {
+                        data = Some(d);
+                        break;
+                    }
+                    Ok(d) => errors.push(format!("device {}: short read of {} bytes", from.device, d.len())),
+                    Err(e) => {
+                        devices.forget(from.device).await;
+                        errors.push(format!("device {}: {e}", from.device));
+                    }
+                }
+            }
+            let Some(data) = data else {
+                return Err(format!("reading extent data to resync: {}", errors.join("; ")));
+            };
+            if let Err(e) = target.write(to + at, data, false).await {
+                devices.forget(to_device.device).await;
+                return Err(format!("writing resync data at offset {} of device {}: {e}", to + at, to_device.device));
+            }
+            at += u64::from(len);
+        }
+    }
+    for (device, client) in &targets {
+        client.flush().await.map_err(|e| format!("flushing device {device} after the resync: {e}"))?;
+    }
+    info!(extents = copies.len(), elapsed_ms = started.elapsed().as_millis() as u64, "extents resynchronized");
     Ok(())
 }

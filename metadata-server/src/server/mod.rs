@@ -49,6 +49,7 @@ pub mod lease_task;
 pub mod listings;
 pub mod metrics;
 pub mod owner;
+pub mod recovery;
 pub mod requests;
 pub mod session;
 pub mod snapshot_io;
@@ -423,7 +424,7 @@ async fn active_term(
         return (lease, Err(e));
     };
     let journal = commit::MetaJournal::new(journal, pool.metadata_areas());
-    let core = core::Core::new(
+    let mut core = core::Core::new(
         meta,
         journal,
         core::CoreConfig {
@@ -434,6 +435,7 @@ async fn active_term(
             entropy: Box::new(core::OsEntropy),
         },
     );
+    core.set_device_probe(recovery::ProbeBackoff::default());
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMANDS_QUEUED_MAX);
     let (term_stop_tx, term_stop_rx) = watch::channel(false);
     // Backup channels read the committed metadata; until one does, the

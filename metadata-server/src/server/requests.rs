@@ -84,12 +84,15 @@ impl Core {
     /// The volume a queued request changes, and which jobs on that volume it
     /// must wait for; `None` for requests no job blocks.
     pub(super) fn volume_of(&self, _session: SessionId, request: &Request) -> Option<(VolumeId, &'static [Busy])> {
-        const ANY: &[Busy] = &[Busy::Cow, Busy::Layout];
+        const ANY: &[Busy] = &[Busy::Cow, Busy::Layout, Busy::Resync];
         match request {
             Request::VolumeGrow { name, .. }
             | Request::VolumeDelete { name }
             | Request::SnapshotCreate { volume: name, .. }
             | Request::SnapshotDelete { volume: name, .. } => Some((self.meta.volume_by_name(name)?.id, ANY)),
+            // A volume whose extents on a device come back are being copied
+            // without holders: an opener would write while the copy runs.
+            Request::Open { volume: name, .. } => Some((self.meta.volume_by_name(name)?.id, &[Busy::Resync])),
             // Registrations wait for pre-images moving between the volume's
             // snapshots too: a chunk registered into a snapshot while its
             // merge runs was committed into the merged snapshot without its
@@ -190,6 +193,8 @@ impl Core {
             AfterCommit::DeviceFailed { device, reason, reply } => {
                 self.finish_device_failed(device, reason, reply, result)
             }
+            AfterCommit::DeviceBack { device } => self.device_back(device, result),
+            AfterCommit::DeviceOnline { device } => self.device_online(device, result),
             AfterCommit::CowRegistered { reply, new, volume } => {
                 if let Err(e) = &result {
                     warn!(%volume, "registering copy-on-write chunks: {e}");
@@ -213,6 +218,7 @@ impl Core {
             AfterJob::DeviceChecked { session, device, reason, reply } => {
                 self.device_checked(session, device, reason, reply, outcome)
             }
+            AfterJob::Probed { device } => self.probed(device, outcome),
             AfterJob::Zeroed { extents, changes, then } => self.zeroing_done(extents, changes, *then, outcome),
             AfterJob::Prezeroed { extents, name, change, reply } => {
                 self.prezeroed(extents, &name, change, reply, outcome)
@@ -325,7 +331,7 @@ impl Core {
     /// [`Core::prepare_reconfigure`]; with `may_prezero`, a change that
     /// recalls holders and hands out extents not yet zeroed zeroes them
     /// first, so the holders are not kept drained while it runs.
-    fn prepare_reconfigure_with(
+    pub(super) fn prepare_reconfigure_with(
         &mut self,
         name: &str,
         change: VolumeChange,
@@ -350,8 +356,9 @@ impl Core {
         // Holders only need a recall when what they do I/O with changes.
         if self.handles.on_volume(id.0).next().is_none() || !planned.layout_changes {
             if let Some(job) = self.merge_job(id, &change) {
+                let busy = Some((id, data_job_busy(&change)));
                 let then = AfterJob::Merged { volume: id, change, finish: super::core::MergeFinish::Direct { reply } };
-                return Step::Job { job, busy: Some((id, Busy::Layout)), then };
+                return Step::Job { job, busy, then };
             }
             let what = format!("volume {name} reconfigured: {change}");
             return Step::Commit { changes: vec![planned.change], then: AfterCommit::Reply { reply, what } };
@@ -421,12 +428,9 @@ impl Core {
         };
         if let Some(job) = self.merge_job(volume, &pending.change) {
             let change = pending.change.clone();
+            let busy = Some((volume, data_job_busy(&change)));
             let finish = super::core::MergeFinish::Recall { pending, excluded };
-            return Step::Job {
-                job,
-                busy: Some((volume, Busy::Layout)),
-                then: AfterJob::Merged { volume, change, finish },
-            };
+            return Step::Job { job, busy, then: AfterJob::Merged { volume, change, finish } };
         }
         self.recall_commit(volume, pending, excluded)
     }
@@ -645,5 +649,13 @@ impl Core {
             }
         }
         self.check_recalls();
+    }
+}
+
+/// What a data job run for `change` blocks on its volume.
+fn data_job_busy(change: &VolumeChange) -> Busy {
+    match change {
+        VolumeChange::Resync { .. } => Busy::Resync,
+        _ => Busy::Layout,
     }
 }

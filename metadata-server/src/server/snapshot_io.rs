@@ -57,7 +57,7 @@ impl DeviceClients {
     }
 
     /// Forgets a client that failed, so the next use reconnects.
-    async fn forget(&self, index: DeviceIndex) {
+    pub async fn forget(&self, index: DeviceIndex) {
         if let Some(c) = self.clients.lock().await.remove(&index) {
             c.disconnect().await;
         }

@@ -36,7 +36,7 @@ use volume_format::control::messages::{ControlError, ErrorCode, Request};
 use volume_format::metadata::{MetaChange, PhysicalExtent};
 
 use super::core::{AfterCommit, AfterJob, Core, Step, VolumeChange};
-use super::jobs::{Job, JobOutcome, ZeroTarget};
+use super::jobs::{DeviceExtents, Job, JobOutcome};
 
 impl Core {
     /// The extents `changes` would hand to volumes that are not known zero.
@@ -48,13 +48,13 @@ impl Core {
 
     /// The job that zeroes `extents`, grouped by device.
     pub(super) fn zero_job(&self, extents: &[PhysicalExtent]) -> Job {
-        let mut targets: Vec<ZeroTarget> = Vec::new();
+        let mut targets: Vec<DeviceExtents> = Vec::new();
         for e in extents {
             match targets.last_mut() {
                 Some(t) if t.device == e.device => t.offsets.push(e.offset),
                 _ => {
                     let uri = self.meta.device(e.device).map(|d| d.uri.clone()).unwrap_or_default();
-                    targets.push(ZeroTarget { device: e.device, uri, offsets: vec![e.offset] });
+                    targets.push(DeviceExtents { device: e.device, uri, offsets: vec![e.offset] });
                 }
             }
         }

@@ -89,6 +89,12 @@ pub enum MetaChange {
     /// the used tokens `forget` expired by it; `used` was just used (format
     /// 4; see [`super::handover`]).
     HandoverTokens { clock_unix_ms: u64, used: Option<UsedToken>, forget: Vec<[u8; 16]> },
+    /// The volume's layout generation goes up by one with nothing else
+    /// changed in its record: what its holders do I/O with changed
+    /// elsewhere (a device of it came back and resyncs), committed at a
+    /// recall point so every holder confirms before the new layout is used
+    /// (format 5).
+    LayoutBump { volume: VolumeId },
 }
 
 /// A snapshot as [`MetaChange::SnapshotCreate`] records it: a
@@ -255,6 +261,9 @@ enum UndoStep {
     HandoverTokens {
         old: Box<HandoverLedger>,
     },
+    LayoutBumped {
+        volume: VolumeId,
+    },
 }
 
 impl Undo {
@@ -294,6 +303,7 @@ impl MetaChange {
             MetaChange::DeviceState { .. } => "device state",
             MetaChange::ClientScope { .. } => "client scope",
             MetaChange::HandoverTokens { .. } => "handover tokens",
+            MetaChange::LayoutBump { .. } => "layout generation",
         }
     }
 
@@ -544,6 +554,15 @@ impl PoolMetadata {
                 next.check().map_err(fail)?;
                 UndoStep::HandoverTokens { old: Box::new(std::mem::replace(&mut self.handovers, next)) }
             }
+            MetaChange::LayoutBump { volume } => {
+                let v = self
+                    .volumes
+                    .iter_mut()
+                    .find(|v| v.id == *volume)
+                    .ok_or_else(|| fail(format!("volume {volume} does not exist")))?;
+                v.layout_generation += 1;
+                UndoStep::LayoutBumped { volume: *volume }
+            }
         };
         Ok(Undo(step))
     }
@@ -650,6 +669,11 @@ impl PoolMetadata {
                 }
             }
             UndoStep::HandoverTokens { old } => self.handovers = *old,
+            UndoStep::LayoutBumped { volume } => {
+                if let Some(v) = self.volumes.iter_mut().find(|v| v.id == volume) {
+                    v.layout_generation -= 1;
+                }
+            }
         }
     }
 
