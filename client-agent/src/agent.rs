@@ -256,10 +256,41 @@ impl Agent {
     /// state file) and serves it as it was served; `kernel` says what to do
     /// with its kernel device ([`crate::kernel::reattach::restore_plan`]).
     pub async fn restore(&self, held: HeldHandle, kernel: Option<KernelPlan>) -> Result<AttachmentInfo, AgentError> {
+        let _warm = self.connect_early(&held);
         match self.call(Command::Restore(RestoreSpec { held, kernel })).await {
             Reply::Attached(info) => Ok(*info),
             other => Err(failed(other)),
         }
+    }
+
+    /// Starts connecting to the devices `held`'s volume was on (the state
+    /// file's list) so that the connections and label checks overlap the
+    /// server's answer to the resume instead of following it. Nothing is
+    /// written: the attach that follows the resume uses these connections
+    /// (the pool shares devices by URI and serializes connecting) for the
+    /// layout the server gives, and connects anything else it names. The
+    /// devices stay pooled while the returned handles live.
+    fn connect_early(&self, held: &HeldHandle) -> Vec<Arc<crate::devices::PooledDevice>> {
+        let aliases = HostAliases::new(self.config.host_aliases.clone());
+        held.devices
+            .iter()
+            .filter(|endpoint| endpoint.online)
+            .filter_map(|endpoint| {
+                let endpoint = volume_format::description::DeviceEndpoint {
+                    uri: aliases.rewrite(&endpoint.uri),
+                    ..endpoint.clone()
+                };
+                let device = self.pool.device(&endpoint, held.pool_uuid).ok()?;
+                let connecting = device.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = connecting.connect().await {
+                        // The attach after the resume tries again and reports it.
+                        tracing::debug!(error = %e, "connecting early to a device failed");
+                    }
+                });
+                Some(device)
+            })
+            .collect()
     }
 
     /// Detaches everything (flush + close) and stops. Kernel devices stay connected (their I/O

@@ -227,6 +227,12 @@ mod tests {
             export: ExportTarget::Unix(format!("/run/{volume}.sock").into()),
             kernel_device: Some(3),
             pending_recall: Some(PendingRecall { generation: 4, drained: true, confirmed: false }),
+            devices: vec![volume_format::description::DeviceEndpoint {
+                index: volume_format::DeviceIndex(2),
+                device_uuid: uuid::Uuid::from_bytes([9; 16]),
+                uri: "nbd://127.0.0.1:10809/".into(),
+                online: true,
+            }],
         }
     }
 
@@ -242,6 +248,18 @@ mod tests {
         drop(state_dir);
         let (_, again) = StateDir::open(dir.path()).unwrap();
         assert_eq!(again, AgentState { instance: first.instance, handles });
+    }
+
+    #[test]
+    fn a_state_file_written_before_the_device_list_existed_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut record = serde_json::to_value(held("a", 1)).unwrap();
+        record.as_object_mut().unwrap().remove("devices");
+        let file =
+            serde_json::json!({"format": 1, "instance": "00112233445566778899aabbccddeeff", "handles": [record]});
+        std::fs::write(dir.path().join(STATE_FILE), file.to_string()).unwrap();
+        let (_, state) = StateDir::open(dir.path()).unwrap();
+        assert_eq!(state.handles, vec![HeldHandle { devices: Vec::new(), ..held("a", 1) }]);
     }
 
     #[test]

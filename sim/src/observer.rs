@@ -40,14 +40,12 @@ pub const RECALL_SLACK_MS: u64 = 1_000;
 /// one of these is reported as known; `tests/known_defects.rs` pins a seed
 /// for each and asserts it still reproduces — when the fix lands, that test
 /// fails: delete the entry and the test.
-pub const KNOWN_DEFECTS: &[(&str, &str)] = &[(
-    AGENT_FORGETS_ON_FAILED_CLOSE,
-    "client-agent core (core/volumes.rs, `detached`): a detach forgets the handle before its Close is answered; \
-     a Close that fails (a failed commit) leaves the handle open at the server, where the agent's session keeps \
-     renewing it, and a recall for it is never confirmed (issue 19: hardened handles)",
-)];
-
-pub const AGENT_FORGETS_ON_FAILED_CLOSE: &str = "agent-forgets-handle-on-failed-close";
+///
+/// None today. The last one, `agent-forgets-handle-on-failed-close` (a detach
+/// forgot the handle before its Close was answered, so a failed Close left a
+/// handle the agent's session kept renewing and a recall nobody confirmed),
+/// is fixed in `client_agent::core::closing`; its seed is a regression seed.
+pub const KNOWN_DEFECTS: &[(&str, &str)] = &[];
 
 /// A snapshot's volume, and each checked block with the values it may read.
 type SnapshotCheck = (u64, Vec<(u64, Vec<u64>)>);
@@ -86,10 +84,6 @@ pub struct Observer {
     recalls: BTreeMap<u64, (u64, u64)>,
     /// Time the server spent paused (a recall's bound counts running time).
     pub server_paused_ms: u64,
-    /// Handles each agent's core knows (from its attach to its forget).
-    pub known_handles: BTreeMap<u64, (usize, u64)>,
-    /// Handles whose Close the server refused.
-    pub close_failed: BTreeSet<u64>,
 }
 
 impl Observer {
@@ -105,8 +99,6 @@ impl Observer {
             snapshots: BTreeMap::new(),
             recalls: BTreeMap::new(),
             server_paused_ms: 0,
-            known_handles: BTreeMap::new(),
-            close_failed: BTreeSet::new(),
         }
     }
 
@@ -311,9 +303,6 @@ pub fn replied(env: &mut Env, core: &Core, asked: &Asked, result: &Result<Respon
                 r.via_handover = true;
             }
         }
-        (Request::Close { handle }, Err(_)) => {
-            env.obs.close_failed.insert(handle.0);
-        }
         // Refused for the grace period itself (other refusals, such as a
         // session closing meanwhile, are not the grace rule's business).
         (Request::Resume { .. }, Err(e))
@@ -365,12 +354,7 @@ pub fn after_tick(env: &mut Env, core: &Core) {
                  exclusion yet from [{}]",
                 holders.join(", ")
             );
-            // Every handle it waits for was closed in vain and then forgotten
-            // by its (live) agent.
-            let forgotten =
-                waiting.iter().all(|h| env.obs.close_failed.contains(h) && !env.obs.known_handles.contains_key(h));
-            let known = forgotten.then_some(AGENT_FORGETS_ON_FAILED_CLOSE);
-            env.fail_known("recall-completes-or-excludes", detail, known);
+            env.fail("recall-completes-or-excludes", detail);
             return;
         }
     }
@@ -476,17 +460,7 @@ pub fn final_liveness(w: &mut World) {
             let ok = w.agents[h].as_ref().is_some_and(|a| a.app_ready(&name) && a.is_open(&name));
             if !ok {
                 let detail = format!("agent{h} should hold {name} but has not attached it after the world settled");
-                // Held at the server by a handle its agent forgot after a failed close?
-                let zombie = w.server.as_ref().is_some_and(|s| {
-                    let volume = s.core.meta.volume_by_name(&name).map(|v| v.id.0);
-                    s.core.handles.all().any(|h| {
-                        Some(h.volume) == volume
-                            && w.env.obs.close_failed.contains(&h.id)
-                            && !w.env.obs.known_handles.contains_key(&h.id)
-                    })
-                });
-                let known = zombie.then_some(AGENT_FORGETS_ON_FAILED_CLOSE);
-                return w.env.fail_known("settled-holders-attached", detail, known);
+                return w.env.fail("settled-holders-attached", detail);
             }
         }
     }

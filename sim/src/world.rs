@@ -993,7 +993,6 @@ impl World {
             s.paused_until = 0;
         }
         self.agents[a] = None;
-        self.env.obs.known_handles.retain(|_, (agent, _)| *agent != a);
         let conns: Vec<ConnId> =
             self.env.net.conns.values().filter(|c| c.open && c.client == Proc::Agent(a)).map(|c| c.id).collect();
         for conn in conns {

@@ -55,16 +55,8 @@ fn issue_14_a_write_slower_than_the_renewal_lands_after_the_release() {
     );
 }
 
-#[test]
-fn agent_forgets_a_handle_whose_close_failed() {
-    let o = sanvol_sim::run_seed(PINNED_CLOSE_SEED, false);
-    let v = o.violation.as_ref().unwrap_or_else(|| panic!("{}", violated(&o)));
-    assert_eq!(v.known, Some(sanvol_sim::observer::AGENT_FORGETS_ON_FAILED_CLOSE), "seed {PINNED_CLOSE_SEED}: {v}");
-}
-
 const PINNED_CLOCK_SEED: u64 = 2;
-const PINNED_LATENCY_SEED: u64 = 21;
-const PINNED_CLOSE_SEED: u64 = 36522516977915;
+const PINNED_LATENCY_SEED: u64 = 26;
 
 /// `SIM_HUNT=clock|latency`: the first failing seeds of that configuration.
 #[test]

@@ -21,7 +21,13 @@ const FIXED_SEEDS: std::ops::Range<u64> = 1..41;
 /// pre-image), 131464091886327 (a recall event that overtook the answer to a
 /// resume was undone by that answer: the agent reopened its gate and never
 /// confirmed).
-const REGRESSION_SEEDS: &[u64] = &[264784469797290, 279744025116075, 131464091886327];
+const REGRESSION_SEEDS: &[u64] = &[
+    264784469797290,
+    279744025116075,
+    131464091886327,
+    // A Close that failed left a handle the agent had forgotten (client_agent::core::closing).
+    244914644921721,
+];
 
 fn report(o: &Outcome) -> String {
     match &o.violation {

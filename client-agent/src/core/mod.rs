@@ -44,6 +44,7 @@
 //!   across reconnects.
 //! - `paths`: each device's direct path (fallback reports and probes).
 
+mod closing;
 pub mod link;
 mod paths;
 mod recalls;
@@ -443,6 +444,7 @@ enum Purpose {
     Close {
         caller: Option<CallerId>,
         volume: String,
+        handle: u64,
         outcome: CloseOutcome,
     },
     Resume {
@@ -530,6 +532,8 @@ pub struct AgentCore {
     /// Events for handles not registered yet (a recall racing the reply to
     /// its open), replayed at registration so none is missed.
     orphans: VecDeque<ServerEvent>,
+    /// Handles forgotten locally whose close the server has not confirmed.
+    closing: closing::ClosingTable,
     registrations: registrations::Registrations,
     /// Devices whose direct path failed, by URI.
     paths: BTreeMap<String, paths::DevicePath>,
@@ -556,6 +560,7 @@ impl AgentCore {
             next_attachment: 0,
             requests: Requests::default(),
             orphans: VecDeque::new(),
+            closing: closing::ClosingTable::new(),
             registrations: Default::default(),
             paths: BTreeMap::new(),
             stopping: None,
@@ -595,7 +600,7 @@ impl AgentCore {
             Input::Event { conn, event: ServerEvent::Redirect { addrs, reason } } => {
                 self.redirect(now, conn, addrs, reason)
             }
-            Input::Event { conn, event } => self.event(conn, event),
+            Input::Event { conn, event } => self.event(now, conn, event),
             Input::Reply { request, result } => self.reply(now, request, result),
             Input::Prepared { attachment, result } => self.prepared(now, attachment, result),
             Input::LayoutRejected { attachment, context, reason } => self.layout_rejected(attachment, context, reason),
@@ -618,10 +623,16 @@ impl AgentCore {
 
     /// When the core next wants an [`Input::Tick`] (at the latest).
     pub fn next_deadline_ms(&self) -> Option<Millis> {
-        [self.link.deadline(), self.registrations.deadline(), paths::deadline(&self.paths), self.confirm_deadline()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.link.deadline(),
+            self.registrations.deadline(),
+            paths::deadline(&self.paths),
+            self.confirm_deadline(),
+            self.close_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Every handle the agent holds or is taking back after a restart, as
@@ -740,7 +751,16 @@ impl AgentCore {
                 }
             }
             Purpose::Open { attachment } => self.opened(now, &pending, attachment, result),
-            Purpose::Close { caller, volume, outcome } => self.closed(caller, &volume, outcome, result),
+            Purpose::Close { caller, volume, handle, outcome } => {
+                let closed = match &result {
+                    Ok(_) => true,
+                    // Already gone at the server (revoked, broken): closed is closed.
+                    Err(RequestError::Server(e)) => e.code == ErrorCode::NotFound,
+                    Err(_) => false,
+                };
+                self.close_answered(now, handle, closed);
+                self.closed(caller, &volume, outcome, result)
+            }
             Purpose::Resume { attachment } => self.resumed(now, &pending, attachment, result),
             Purpose::Restore { attachment } => self.restored(now, &pending, attachment, result),
             Purpose::CloseOld { attachment } => self.closed_old(now, attachment),
@@ -800,6 +820,7 @@ impl AgentCore {
         self.registrations_due(now);
         self.probes_due(now);
         self.confirm_recalls(now);
+        self.closes_due(now);
     }
 }
 

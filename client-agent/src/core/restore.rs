@@ -156,6 +156,7 @@ impl AgentCore {
         if !opened.resume_key.is_empty() {
             held.resume_key = opened.resume_key;
         }
+        held.devices = description.devices.clone();
         let handle = held.handle;
         let mode = held.mode;
         let lease_until_ms = pending.sent_ms + opened.lease_ms;

@@ -13,6 +13,7 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use volume_format::control::messages::OpenMode;
+use volume_format::description::DeviceEndpoint;
 
 use super::{AttachmentId, CallerId, ConnId, Millis, OpenWith};
 use crate::export::ExportTarget;
@@ -85,6 +86,13 @@ pub struct HeldHandle {
     pub kernel_device: Option<u32>,
     /// A recall the server is waiting on (until its publish arrives).
     pub pending_recall: Option<PendingRecall>,
+    /// The devices of the volume's layout when the handle was opened or taken
+    /// back (as the pool records them). A restarted agent connects to them
+    /// while the server is still answering its resume, so I/O flows as soon
+    /// as the handle is back; the layout the server then gives is what
+    /// counts (connections only, no I/O, labels checked as always).
+    #[serde(default)]
+    pub devices: Vec<DeviceEndpoint>,
 }
 
 /// A recall in progress: drained and confirmed or not yet.

@@ -811,6 +811,7 @@ fn held(volume: &str, handle: u64, key: &[u8]) -> HeldHandle {
         export: ExportTarget::Unix(format!("/srv/{volume}.sock").into()),
         kernel_device: None,
         pending_recall: None,
+        devices: Vec::new(),
     }
 }
 
@@ -846,7 +847,11 @@ fn a_restored_handle_is_resumed_and_served_as_before() {
         h.apply(Input::Prepared { attachment, result: Ok(Prepared { kernel_device: Some(4), ..prepared("vol") }) });
     let Reply::Attached(info) = reply_to(&effects, caller) else { panic!("{effects:?}") };
     assert_eq!((info.handle, info.state.as_str(), info.kernel_device.as_deref()), (11, "open", Some("/dev/nbd4")));
-    assert_eq!(h.saved(), vec![record]);
+    // Saved again with the devices of the layout the server gave (a later restart connects to
+    // them early).
+    let devices = description("vol", 1, 2).devices;
+    assert!(!devices.is_empty());
+    assert_eq!(h.saved(), vec![HeldHandle { devices, ..record }]);
     // It is an ordinary attachment from now on.
     let (caller, effects) = h.command(Command::Detach { volume: "vol".into() });
     assert!(effects.contains(&Effect::StartDetach { attachment, flush: true }));
@@ -977,4 +982,52 @@ fn a_resume_refused_by_a_server_that_is_not_active_keeps_the_volume_and_resumes_
     assert_eq!(message, Request::Resume { key: b"k".to_vec() });
     h.apply(Input::Reply { request: resume, result: opened(11, description("vol", 1, 2), b"k") });
     assert_eq!(h.state_of("vol").0, "open");
+}
+
+#[test]
+fn a_failed_close_is_retried_until_the_server_has_it_and_a_recall_for_it_hurries_it() {
+    let mut h = Harness::new();
+    let a = h.attach("vol", 11, b"k");
+    let (caller, _) = h.command(Command::Detach { volume: "vol".into() });
+    let effects = h.apply(Input::Detached { attachment: a, result: Ok(()) });
+    let (close, message) = sent_one(&effects);
+    assert_eq!(message, Request::Close { handle: HandleId(11) });
+    let effects = h.at(10).apply(Input::Reply {
+        request: close,
+        result: refused(ErrorCode::CommitFailed, "writing the pool metadata failed"),
+    });
+    assert!(matches!(reply_to(&effects, caller), Reply::Failed(_)), "the caller hears the first answer");
+    let closes =
+        |effects: &[Effect]| sent(effects).into_iter().filter(|(_, m)| matches!(m, Request::Close { .. })).count();
+    assert_eq!(closes(&effects), 0, "not at once: after a pause");
+    let (close, _) = sent(&h.at(10 + closing::CLOSE_PAUSE_MIN_MS).apply(Input::Tick))
+        .into_iter()
+        .find(|(_, m)| *m == Request::Close { handle: HandleId(11) })
+        .expect("tried again after the pause");
+    // The connection breaks under the second try: tried again on the next one.
+    h.apply(Input::Reply { request: close, result: Err(RequestError::Closed) });
+    h.lose_connection(100);
+    let Some(Effect::Connect { conn, .. }) = h.at(300).apply(Input::Tick).first().cloned() else { panic!() };
+    h.conn = conn;
+    let effects = h.apply(Input::Connected { conn, lease_ms: LEASE_MS, session: 2 });
+    let (close, _) = sent(&effects)
+        .into_iter()
+        .find(|(_, m)| *m == Request::Close { handle: HandleId(11) })
+        .expect("tried again on the new connection");
+    let effects = h.at(305).apply(Input::Reply { request: close, result: refused(ErrorCode::CommitFailed, "again") });
+    assert_eq!(closes(&effects), 0);
+    // A recall of that handle (a snapshot waits for it): the close goes at once.
+    let effects =
+        h.at(310).apply(Input::Event { conn, event: ServerEvent::Recall { handle: HandleId(11), generation: 2 } });
+    let (close, _) = sent(&effects)
+        .into_iter()
+        .find(|(_, m)| *m == Request::Close { handle: HandleId(11) })
+        .expect("a recall of a closing handle sends its close now");
+    h.apply(Input::Reply { request: close, result: Ok(Response::Done) });
+    // Closed: never sent again.
+    for t in [1_000, 5_000, 20_000] {
+        let effects = h.at(t).apply(Input::Tick);
+        assert_eq!(closes(&effects), 0, "{effects:?}");
+        h.renewals_answered(&effects);
+    }
 }

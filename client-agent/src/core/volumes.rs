@@ -162,6 +162,7 @@ impl AgentCore {
                 export: v.export.clone(),
                 kernel_device: None,
                 pending_recall: None,
+                devices: description.devices.clone(),
             },
             gate: GateMirror { phase: Phase::Open, generation, size_bytes: description.size_bytes },
             conn: pending.conn,
@@ -299,13 +300,16 @@ impl AgentCore {
     /// Closes `handle` at the server (already forgotten locally), then tells
     /// `caller` per `outcome`.
     fn send_close(&mut self, now: Millis, caller: Option<CallerId>, volume: &str, handle: u64, outcome: CloseOutcome) {
-        match self.link.conn() {
-            Some(conn) => {
-                let purpose = Purpose::Close { caller, volume: volume.to_string(), outcome };
-                let message = Request::Close { handle: HandleId(handle) };
-                self.requests.send(&mut self.out, conn, now, message, None, purpose);
+        let connected = self.link.conn().is_some();
+        if connected || self.stopping.is_none() {
+            // Retried until the server has it closed (see `closing`).
+            self.track_close(now, volume, handle);
+        }
+        match connected {
+            true => {
+                self.send_close_now(now, handle, caller, outcome);
             }
-            None => {
+            false => {
                 let e = self.unreachable();
                 let reply = match outcome {
                     CloseOutcome::Detached => {
@@ -326,10 +330,8 @@ impl AgentCore {
     }
 
     fn close_quietly(&mut self, now: Millis, handle: u64) {
-        if let Some(conn) = self.link.conn() {
-            let purpose = Purpose::Close { caller: None, volume: String::new(), outcome: CloseOutcome::Detached };
-            self.requests.send(&mut self.out, conn, now, Request::Close { handle: HandleId(handle) }, None, purpose);
-        }
+        self.track_close(now, "", handle);
+        self.send_close_now(now, handle, None, CloseOutcome::Detached);
     }
 
     pub(super) fn closed(
@@ -444,10 +446,13 @@ impl AgentCore {
 
     /// Routes one server event to its handle, or keeps it for a handle not
     /// registered yet.
-    pub(super) fn event(&mut self, _conn: ConnId, event: ServerEvent) {
+    pub(super) fn event(&mut self, now: Millis, _conn: ConnId, event: ServerEvent) {
         let handle = super::event_handle(&event);
         let known =
             self.volumes.values().any(|v| v.has_gate() && v.handle.as_ref().is_some_and(|h| h.held.handle == handle));
+        if !known && matches!(event, ServerEvent::Recall { .. }) && self.recall_of_closing(now, handle) {
+            return;
+        }
         if !known {
             if self.orphans.len() >= ORPHAN_EVENTS_MAX {
                 self.orphans.pop_front();

@@ -348,7 +348,6 @@ impl AgentHost {
                     preserving: BTreeMap::new(),
                 };
                 self.atts.insert(attachment, att);
-                env.obs.known_handles.insert(handle, (self.index, self.inc));
                 self.note_lease(attachment, env);
                 let prepared = Prepared {
                     export_uri: format!("sim://agent{}/{attachment:?}", self.index),
@@ -427,7 +426,6 @@ impl AgentHost {
                 if let Some(a) = self.atts.remove(&attachment) {
                     env.trace(me, format_args!("{}: handle {} forgotten", a.volume, a.handle));
                     env.obs.drop_lease(a.handle);
-                    env.obs.known_handles.remove(&a.handle);
                     let ids: Vec<u64> =
                         self.ios.iter().filter(|(_, io)| io.att == attachment).map(|(id, _)| *id).collect();
                     for id in ids {

@@ -6,6 +6,12 @@ AGENT_LOG=/tmp/agent.log
 # The pool records devices as nbd://127.0.0.1:PORT; the guest reaches them at $SANVOL_HOST, unless the
 # scenario maps each device itself (DEVICE_URIS: --device-uri OLD=NEW arguments).
 start_agent() {
+    launch_agent "$@"
+    sanvol-agent wait-ready --timeout-secs 60 || { tail -n 30 "$AGENT_LOG"; fail "the agent did not become ready"; }
+}
+
+# launch_agent [EXTRA ARGS...]: start_agent without waiting for it.
+launch_agent() {
     mkdir -p /run/sanvol
     devices="--device-host-alias 127.0.0.1=$SANVOL_HOST"
     [ -z "${DEVICE_URIS:-}" ] || devices=$DEVICE_URIS
@@ -13,7 +19,12 @@ start_agent() {
         --server-key /etc/sanvol/mds.key.pub --name guest --export-dir /run/sanvol/exports \
         $devices "$@" >>"$AGENT_LOG" 2>&1 &
     AGENT_PID=$!
-    sanvol-agent wait-ready --timeout-secs 60 || { tail -n 30 "$AGENT_LOG"; fail "the agent did not become ready"; }
+}
+
+# seconds_of_day TIME: HH:MM:SS.FRACTION (anywhere in the argument) as seconds since midnight.
+seconds_of_day() {
+    echo "$1" | sed 's/.*\([0-9][0-9]:[0-9][0-9]:[0-9][0-9]\.[0-9]*\).*/\1/' |
+        awk -F: '{ printf "%.6f", $1 * 3600 + $2 * 60 + $3 }'
 }
 
 agent_log() {
