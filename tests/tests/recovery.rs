@@ -11,9 +11,13 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use blockio::client::NbdClient;
 use blockio::BlockDevice;
-use sanvol_tests::system::Stack;
+use sanvol_tests::system::{pub_path, Stack};
 use sanvol_tests::volumes::{connect, fio_verify};
+use volume_format::metadata::journal::{load, CopyImage, LoadOptions};
+use volume_format::metadata::MetadataArea;
+use volume_format::{DeviceLabel, PublicKey};
 
 /// Longest wait for the server to mark the device failed, and to bring it
 /// back (probe backoff, recall, copy, commit).
@@ -47,6 +51,43 @@ fn wait_device(stack: &Stack, index: u64, what: &str, done: impl Fn(&str) -> boo
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+async fn read_range(c: &NbdClient, offset: u64, len: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len as usize);
+    let mut at = offset;
+    while at < offset + len {
+        let n = READ_BYTES.min(offset + len - at);
+        out.extend_from_slice(&c.read(at, n as u32).await.expect("read the device"));
+        at += n;
+    }
+    out
+}
+
+/// The pool metadata as the copy on device `index` alone says it (label,
+/// checkpoint slots and journal ring read from the device directly, loaded
+/// and verified as the server loads it): its generation and what it says of
+/// device `index`'s state.
+async fn metadata_copy(stack: &Stack, index: u64) -> (u64, String) {
+    let c = connect(&stack.device_uris()[index as usize]).await;
+    let label = DeviceLabel::decode(&c.read(0, 4096).await.unwrap()).expect("the device has its label");
+    let area = MetadataArea::from_label(&label);
+    let s0 = read_range(&c, area.slot_offset(0), area.slot_bytes).await;
+    let s1 = read_range(&c, area.slot_offset(1), area.slot_bytes).await;
+    let ring = area.ring();
+    let ring = read_range(&c, ring.start, ring.len_bytes()).await;
+    c.disconnect().await;
+    let (key, _) = control_client::keys::parse_public(pub_path(&stack.mds_key).to_str().unwrap()).unwrap();
+    let image = CopyImage {
+        device: format!("device {index}"),
+        area,
+        checkpoint_slots: [Ok(&s0[..]), Ok(&s1[..])],
+        ring: Ok(&ring[..]),
+    };
+    let loaded = load(label.pool_uuid, &PublicKey(key.to_bytes()), &[image], LoadOptions::default())
+        .unwrap_or_else(|e| panic!("the metadata copy on device {index} does not load: {e}"));
+    let state = loaded.metadata.devices.iter().find(|d| d.index.0 as u64 == index).unwrap().state.to_string();
+    (loaded.metadata.generation, state)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,6 +133,13 @@ async fn a_device_restarted_under_fio_comes_back_resynchronized() {
     assert!(!finished_early, "fio finished before the device was back: the test proves nothing; make the job bigger");
     let health = stack.sanvol_json(&["volume", "show", "m"])["info"]["health"].as_str().unwrap().to_string();
     assert!(health.is_empty(), "the volume is whole again: {health:?}");
+
+    // The metadata copy on the device is current again: the same generation
+    // as a copy that never went away, and it knows the device is online.
+    let other = (0..3).find(|&i| i != victim).unwrap();
+    let (generation, state) = metadata_copy(&stack, victim).await;
+    let (current, _) = metadata_copy(&stack, other).await;
+    assert_eq!((generation, state.as_str()), (current, "online"), "the returned device's metadata copy");
 
     // Both legs of every extent read back identical on the devices.
     let show = stack.sanvol_json(&["volume", "show", "m"]);

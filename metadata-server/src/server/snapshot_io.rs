@@ -173,12 +173,14 @@ impl DeviceClients {
         let legs = legs.map_err(|e| IoError::io(format!("writing chunk {chunk} to snapshot {}: {e}", area.name)))?;
         for leg in legs {
             let client = self.get(meta, leg.device).await?;
-            client.write(leg.device_offset, data.clone(), true).await.map_err(|e| {
-                IoError::new(
+            if let Err(e) = client.write(leg.device_offset, data.clone(), true).await {
+                // Reconnect next time (the device may have come back since).
+                self.forget(leg.device).await;
+                return Err(IoError::new(
                     e.kind,
                     format!("writing chunk {chunk} to snapshot {}'s area on device {}: {e}", area.name, leg.device),
-                )
-            })?;
+                ));
+            }
         }
         Ok(())
     }
