@@ -101,7 +101,8 @@ pub enum LegState {
     DeviceFailed,
     /// The leg's device came back and is being resynchronized: writes go
     /// to it (so the copy and new writes both land), reads do not (it may
-    /// hold data older than its other legs').
+    /// hold data older than its other legs') — unless it is the extent's
+    /// only leg (a plain volume), which nothing newer exists for.
     Resyncing,
 }
 
@@ -490,7 +491,15 @@ impl<'a> Segment<'a> {
 
     #[inline]
     fn legs_that(&self, writing: bool, rotation: usize) -> Result<Legs, MapError> {
-        let mut legs = self.collect_legs(|state| if writing { state.takes_writes() } else { state.serves_reads() })?;
+        // The only copy of an extent is read even while its device resyncs:
+        // no other leg can be newer (a resync holds back reads only where
+        // another leg may have taken writes this one missed).
+        let only_copy = self.legs.len() == 1;
+        let mut legs = self.collect_legs(|state| match (writing, state) {
+            (true, state) => state.takes_writes(),
+            (false, LegState::Resyncing) => only_copy,
+            (false, state) => state.serves_reads(),
+        })?;
         if legs.len == 0 {
             return Err(self.unavailable(writing));
         }

@@ -12,8 +12,9 @@
 //!    in the owner loop).
 //! 2. **Resyncing.** When it answers, [`DeviceState::Resyncing`] is
 //!    committed. From then on agents given a layout write its legs but never
-//!    read them; the metadata copy on it rejoins (a checkpoint brings it
-//!    current in that very commit).
+//!    read them (but for plain volumes' extents, their only copy); the
+//!    metadata copy on it rejoins (a checkpoint brings it current in that
+//!    very commit).
 //! 3. **Copy, per volume, at a recall point.** For each mirrored volume
 //!    with a leg on it, the holders are recalled (drained, I/O complete) and
 //!    every extent of the volume on the device (live and snapshot
