@@ -120,6 +120,9 @@ async fn a_device_restarted_under_fio_comes_back_resynchronized() {
         seen.iter().any(|(s, r)| s == "resyncing" || r.starts_with("resyncing")),
         "the resync shows in `device list` while it runs: {seen:?}"
     );
+    for line in stack.mds_log().lines().filter(|l| l.contains("extents resynchronized")) {
+        eprintln!("{line}");
+    }
     let finished_early = fio.try_wait().unwrap().is_some();
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let status = fio.wait().unwrap();

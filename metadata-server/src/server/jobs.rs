@@ -12,6 +12,7 @@
 use std::sync::Arc;
 
 use blockio::{BlockDevice, ZeroFlags};
+use bytes::Bytes;
 use tracing::info;
 use volume_format::metadata::PoolMetadata;
 use volume_format::{DeviceIndex, SnapshotId, VolumeId};
@@ -47,6 +48,8 @@ pub struct ExtentCopy {
 
 /// Bytes read and written per request of a resync copy.
 pub const RESYNC_CHUNK_BYTES: u64 = 4 << 20;
+/// Resync chunks being copied at once per job.
+pub const RESYNC_CHUNKS_IN_FLIGHT_MAX: usize = 4;
 
 /// Extents on one device: their device byte offsets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,58 +190,87 @@ async fn zero_with(
     Ok(())
 }
 
-/// Copies every extent of `copies` onto its target, chunk by chunk, from the
-/// first source that answers, then flushes each target device. Runs while
-/// nobody writes the extents (their volume's holders are drained, or it has
-/// none and opens wait): see `recovery`.
+/// Copies every extent of `copies` onto its target, chunk by chunk
+/// ([`RESYNC_CHUNKS_IN_FLIGHT_MAX`] at a time), each from the first source
+/// that answers, then flushes each target device. Runs while nobody writes
+/// the extents (their volume's holders are drained, or it has none and
+/// opens wait): see `recovery`.
 async fn copy_extents(extent_bytes: u64, copies: &[ExtentCopy], devices: &DeviceClients) -> Result<(), String> {
+    use futures::stream::StreamExt;
     let started = std::time::Instant::now();
     let mut targets = std::collections::BTreeMap::new();
-    for copy in copies {
-        let (Some(&to), Some(to_device)) = (copy.to.offsets.first(), Some(&copy.to)) else { continue };
-        if !targets.contains_key(&to_device.device) {
+    let mut chunks = Vec::new();
+    for (i, copy) in copies.iter().enumerate() {
+        let Some(&to) = copy.to.offsets.first() else { continue };
+        if !targets.contains_key(&copy.to.device) {
             // The device just came back: a connection from before it went
             // away is dead.
-            devices.forget(to_device.device).await;
+            devices.forget(copy.to.device).await;
+            let client = devices.get_by_uri(copy.to.device, &copy.to.uri).await.map_err(|e| e.to_string())?;
+            targets.insert(copy.to.device, client);
         }
-        let target = devices.get_by_uri(to_device.device, &to_device.uri).await.map_err(|e| e.to_string())?;
-        targets.insert(to_device.device, target.clone());
         let mut at = 0;
         while at < extent_bytes {
-            let len = RESYNC_CHUNK_BYTES.min(extent_bytes - at) as u32;
-            let mut errors = Vec::new();
-            let mut data = None;
-            for from in &copy.from {
-                let Some(&offset) = from.offsets.first() else { continue };
-                let read = async {
-                    let source = devices.get_by_uri(from.device, &from.uri).await?;
-                    source.read(offset + at, len).await
-                };
-                match read.await {
-                    Ok(d) if d.len() == len as usize => {
-                        data = Some(d);
-                        break;
-                    }
-                    Ok(d) => errors.push(format!("device {}: short read of {} bytes", from.device, d.len())),
-                    Err(e) => {
-                        devices.forget(from.device).await;
-                        errors.push(format!("device {}: {e}", from.device));
-                    }
-                }
-            }
-            let Some(data) = data else {
-                return Err(format!("reading extent data to resync: {}", errors.join("; ")));
-            };
-            if let Err(e) = target.write(to + at, data, false).await {
-                devices.forget(to_device.device).await;
-                return Err(format!("writing resync data at offset {} of device {}: {e}", to + at, to_device.device));
-            }
-            at += u64::from(len);
+            let len = RESYNC_CHUNK_BYTES.min(extent_bytes - at);
+            chunks.push((i, to, at, len as u32));
+            at += len;
         }
     }
+    let mut copying = futures::stream::iter(chunks.into_iter().map(|(i, to, at, len)| {
+        let copy = &copies[i];
+        copy_chunk(copy.from.clone(), copy.to.device, targets[&copy.to.device].clone(), to + at, at, len, devices)
+    }))
+    .buffer_unordered(RESYNC_CHUNKS_IN_FLIGHT_MAX);
+    while let Some(result) = copying.next().await {
+        result?;
+    }
+    drop(copying);
     for (device, client) in &targets {
         client.flush().await.map_err(|e| format!("flushing device {device} after the resync: {e}"))?;
     }
-    info!(extents = copies.len(), elapsed_ms = started.elapsed().as_millis() as u64, "extents resynchronized");
+    let bytes = copies.len() as u64 * extent_bytes;
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    info!(extents = copies.len(), bytes, elapsed_ms, "extents resynchronized");
     Ok(())
+}
+
+/// Copies `len` bytes at `at` within an extent from `sources` to `target`
+/// (device `device`) at `to`.
+async fn copy_chunk(
+    sources: Vec<DeviceExtents>,
+    device: DeviceIndex,
+    target: blockio::client::NbdClient,
+    to: u64,
+    at: u64,
+    len: u32,
+    devices: &DeviceClients,
+) -> Result<(), String> {
+    let data = read_chunk(&sources, at, len, devices).await?;
+    if let Err(e) = target.write(to, data, false).await {
+        devices.forget(device).await;
+        return Err(format!("writing resync data at offset {to} of device {device}: {e}"));
+    }
+    Ok(())
+}
+
+/// `len` bytes at `at` within an extent, from the first of `sources` (one
+/// extent each) that answers.
+async fn read_chunk(sources: &[DeviceExtents], at: u64, len: u32, devices: &DeviceClients) -> Result<Bytes, String> {
+    let mut errors = Vec::new();
+    for from in sources {
+        let Some(&offset) = from.offsets.first() else { continue };
+        let read = async {
+            let source = devices.get_by_uri(from.device, &from.uri).await?;
+            source.read(offset + at, len).await
+        };
+        match read.await {
+            Ok(d) if d.len() == len as usize => return Ok(d),
+            Ok(d) => errors.push(format!("device {}: short read of {} bytes", from.device, d.len())),
+            Err(e) => {
+                devices.forget(from.device).await;
+                errors.push(format!("device {}: {e}", from.device));
+            }
+        }
+    }
+    Err(format!("reading extent data to resync: {}", errors.join("; ")))
 }
