@@ -202,12 +202,11 @@ async fn copy_extents(extent_bytes: u64, copies: &[ExtentCopy], devices: &Device
     let mut chunks = Vec::new();
     for (i, copy) in copies.iter().enumerate() {
         let Some(&to) = copy.to.offsets.first() else { continue };
-        if !targets.contains_key(&copy.to.device) {
+        if let std::collections::btree_map::Entry::Vacant(slot) = targets.entry(copy.to.device) {
             // The device just came back: a connection from before it went
             // away is dead.
             devices.forget(copy.to.device).await;
-            let client = devices.get_by_uri(copy.to.device, &copy.to.uri).await.map_err(|e| e.to_string())?;
-            targets.insert(copy.to.device, client);
+            slot.insert(devices.get_by_uri(copy.to.device, &copy.to.uri).await.map_err(|e| e.to_string())?);
         }
         let mut at = 0;
         while at < extent_bytes {
