@@ -177,3 +177,42 @@ async fn a_device_restarted_under_fio_comes_back_resynchronized() {
     }
     agent.detach("m");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_comes_back_without_its_label_stays_failed() {
+    let mut stack = Stack::new_file_devices(3, 512 << 20);
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "m", "64M", "--mirror", "2"]);
+    let agent = stack.start_agent("host-a");
+    let uri = agent.attach("m", "exclusive");
+    let show = stack.sanvol_json(&["volume", "show", "m"]);
+    let victim = show["description"]["extents"][0]["legs"][0]["device"].as_u64().unwrap();
+    stack.devices[victim as usize].kill();
+    // A write reaches the dead leg: the agent reports it, the server marks
+    // the device failed.
+    let c = connect(&uri).await;
+    c.write(0, bytes::Bytes::from(vec![7u8; 4096]), true).await.expect("the mirror takes the write on its other leg");
+    c.disconnect().await;
+    wait_device(&stack, victim, "marked failed", |s| s.starts_with("failed"));
+    // Something else answers at the same address: the same file with its
+    // label wiped (an empty disk put back in its place).
+    let image = stack.devices[victim as usize].dir().join("disk.img");
+    let mut f = std::fs::OpenOptions::new().write(true).open(&image).unwrap();
+    std::io::Write::write_all(&mut f, &[0u8; 4096]).unwrap();
+    f.sync_all().unwrap();
+    stack.devices[victim as usize].restart();
+    // Its probes say why it is not taken back, and it stays failed.
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    loop {
+        let (state, recovery) = device_state(&stack, victim);
+        assert!(state.starts_with("failed"), "a device without its label must not come back: {state} ({recovery})");
+        if recovery.contains("without a sanvol label") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no probe found the missing label: {recovery}\n{}", stack.mds_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let health = stack.sanvol_json(&["volume", "show", "m"])["info"]["health"].as_str().unwrap().to_string();
+    assert!(health.contains("degraded"), "{health:?}");
+    agent.detach("m");
+}
