@@ -834,3 +834,41 @@ fn a_failed_device_that_answers_its_probe_is_resynced_at_a_recall_point_then_onl
         .any(|e| matches!(e, Effect::Event { session: 1, event: ServerEvent::Publish { description, .. } }
         if description.devices.iter().any(|d| d.index == device && d.online))));
 }
+
+#[test]
+fn a_resync_left_by_a_previous_run_starts_over() {
+    use super::recovery::ProbeBackoff;
+    use volume_format::metadata::DeviceState;
+    let mut w = World::new();
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 2 << 20, legs: 2 });
+    let (task, next) = commit_of(&effects).unwrap();
+    w.apply(committed(task, next));
+    let device = w.core.meta.volume_by_name("m").unwrap().extents[0].legs[0].device;
+    // The previous run committed the device resyncing, then stopped.
+    let mut meta = (*w.core.meta).clone();
+    meta.devices.iter_mut().find(|d| d.index == device).unwrap().state = DeviceState::Resyncing { since_unix_secs: 1 };
+    let config = CoreConfig {
+        lease_ms: LEASE_MS,
+        durable_ms: 0,
+        grace_ms: 0,
+        key: Arc::new(SigningKey::from_bytes(&[7; 32])),
+        entropy: Box::new(Zeros),
+    };
+    w.core = Core::new(meta.clone(), journal_after(&meta), config);
+    w.core.set_device_probe(ProbeBackoff::default());
+    // No holder: the copy starts at the first tick, then the device is online.
+    let effects = w.apply(Input::Tick);
+    let copy = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Job { task, job: Job::Resync { .. } } => Some(*task),
+            _ => None,
+        })
+        .expect("the resync starts over");
+    let effects = w.apply(Input::JobDone { task: copy, outcome: JobOutcome::done() });
+    let (task, next) = commit_of(&effects).expect("the layout bump commits");
+    let effects = w.apply(committed(task, next));
+    let (task, next) = commit_of(&effects).expect("online commits");
+    w.apply(committed(task, next));
+    assert_eq!(w.core.meta.device(device).unwrap().state, DeviceState::Online);
+}

@@ -137,6 +137,19 @@ impl Core {
             let job = Job::CheckDevice { index: device.0, uuid };
             self.run_step(Step::Job { job, busy: None, then: AfterJob::Probed { device } });
         }
+        // A device left resyncing by a previous run (or a handoff) is
+        // resynchronized again from the start: progress lives in memory.
+        let orphaned: Vec<DeviceIndex> = self
+            .meta
+            .devices
+            .iter()
+            .filter(|d| matches!(d.state, DeviceState::Resyncing { .. }) && !self.resyncs.contains_key(&d.index))
+            .map(|d| d.index)
+            .collect();
+        for device in orphaned {
+            info!(%device, "a device is resyncing with no resync running (the server restarted): starting it over");
+            self.device_back(device, Ok(()));
+        }
         let due: Vec<DeviceIndex> = self
             .resyncs
             .iter()
@@ -218,8 +231,16 @@ impl Core {
     /// The next step of `device`'s resync: recall and copy the next volume,
     /// or, with every volume done, commit the device online.
     pub(super) fn prepare_resync(&mut self, device: DeviceIndex) -> Step {
+        // While the grace period lasts, holders restored from the previous
+        // run may not have resumed: a recall now would exclude them.
+        let in_grace = self.grace.is_some();
+        let retry_at_ms = self.now.mono_ms + DEVICE_PROBE_MIN_MS;
         let Some(r) = self.resyncs.get_mut(&device) else { return Step::Done(None) };
         r.queued = false;
+        if in_grace {
+            r.retry_at_ms = Some(retry_at_ms);
+            return Step::Done(None);
+        }
         if r.current.is_some() {
             return Step::Done(None);
         }
