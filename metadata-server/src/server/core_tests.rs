@@ -872,3 +872,58 @@ fn a_resync_left_by_a_previous_run_starts_over() {
     w.apply(committed(task, next));
     assert_eq!(w.core.meta.device(device).unwrap().state, DeviceState::Online);
 }
+
+#[test]
+fn a_resync_that_keeps_failing_marks_the_device_failed_again_and_probing_starts_over() {
+    use super::recovery::{ProbeBackoff, RESYNC_VOLUME_ATTEMPTS_MAX};
+    use volume_format::metadata::DeviceState;
+    let mut w = World::new();
+    w.core.set_device_probe(ProbeBackoff { min_ms: 100, max_ms: 400 });
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 2 << 20, legs: 2 });
+    let (task, next) = commit_of(&effects).unwrap();
+    w.apply(committed(task, next));
+    let device = w.core.meta.volume_by_name("m").unwrap().extents[0].legs[0].device;
+    w.core.queue.push_back(super::core::Change::DeviceFailed { device, reason: "gone".into() });
+    let (task, next) = commit_of(&w.apply(Input::Tick)).unwrap();
+    w.apply(committed(task, next));
+    w.apply(Input::Tick);
+    w.advance(100);
+    let probe = w
+        .apply(Input::Tick)
+        .iter()
+        .find_map(|e| match e {
+            Effect::Job { task, job: Job::CheckDevice { .. } } => Some(*task),
+            _ => None,
+        })
+        .unwrap();
+    let (task, next) = commit_of(&w.apply(Input::JobDone { task: probe, outcome: JobOutcome::done() })).unwrap();
+    let mut effects = w.apply(committed(task, next));
+    // Every copy fails (the device flakes): retried, then failed again.
+    for attempt in 1..=RESYNC_VOLUME_ATTEMPTS_MAX {
+        let copy = effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Job { task, job: Job::Resync { .. } } => Some(*task),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("attempt {attempt} copies: {effects:?}"));
+        let listed = w.core.device_infos(|d| d.index == device);
+        assert!(listed[0].recovery.starts_with("resyncing: 0 of"), "{:?}", listed[0].recovery);
+        effects = w.apply(Input::JobDone { task: copy, outcome: JobOutcome::failed("writing: connection reset") });
+        if attempt < RESYNC_VOLUME_ATTEMPTS_MAX {
+            assert!(commit_of(&effects).is_none());
+            w.advance(super::recovery::DEVICE_PROBE_MIN_MS * u64::from(attempt));
+            effects = w.apply(Input::Tick);
+        }
+    }
+    let (task, next) = commit_of(&effects).expect("the device is marked failed again");
+    w.apply(committed(task, next));
+    match &w.core.meta.device(device).unwrap().state {
+        DeviceState::Failed { reason, .. } => assert!(reason.contains("resync failed"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    // And probed again.
+    w.advance(100);
+    w.apply(Input::Tick);
+    assert!(w.core.device_infos(|d| d.index == device)[0].recovery.starts_with("failed: "));
+}

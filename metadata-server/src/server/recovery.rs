@@ -95,6 +95,8 @@ pub struct Resync {
     pub retry_at_ms: Option<u64>,
     /// The resync was queued and not yet prepared.
     pub queued: bool,
+    /// When it started (monotonic), for the estimate.
+    pub started_ms: u64,
 }
 
 /// The extents of `volume` (live, then each snapshot's copy-on-write area)
@@ -214,6 +216,7 @@ impl Core {
                 volumes_total: mirrored.len() as u64,
                 remaining: mirrored.into(),
                 extents_total,
+                started_ms: self.now.mono_ms,
                 ..Resync::default()
             },
         );
@@ -351,13 +354,20 @@ impl Core {
     pub(super) fn device_recovery(&self, device: DeviceIndex) -> String {
         if let Some(r) = self.resyncs.get(&device) {
             let now = r.current.and_then(|v| self.meta.volume(v)).map(|v| format!(", copying volume {}", v.name));
+            // At the rate so far (whole volumes at a time: coarse).
+            let elapsed_ms = self.now.mono_ms.saturating_sub(r.started_ms);
+            let estimate = (r.extents_done > 0).then(|| {
+                let left_ms = elapsed_ms * (r.extents_total - r.extents_done.min(r.extents_total)) / r.extents_done;
+                format!(", about {:.0} s left", left_ms as f64 / 1000.0)
+            });
             return format!(
-                "resyncing: {} of {} extents copied ({} of {} volumes){}",
+                "resyncing: {} of {} extents copied ({} of {} volumes){}{}",
                 r.extents_done,
                 r.extents_total,
                 r.volumes_total - r.remaining.len() as u64,
                 r.volumes_total,
-                now.unwrap_or_default()
+                now.unwrap_or_default(),
+                estimate.unwrap_or_default()
             );
         }
         match self.probes.get(&device) {
