@@ -227,6 +227,10 @@ pub enum Command {
         /// The unix socket to listen on (a stale socket is replaced).
         #[arg(long, value_name = "PATH")]
         socket: PathBuf,
+        /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9752; port 0 picks one and
+        /// stdout says which): per export reads, bytes, read latency, open sessions and errors.
+        #[arg(long, env = "SANVOL_BACKUP_METRICS_ADDR", value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Write man pages or shell completions (for packagers; see docs/operations.md).
     #[command(subcommand, hide = true)]
@@ -337,9 +341,14 @@ pub async fn run(cli: Cli) -> Result<()> {
             let list = src.snapshots(volume.as_deref()).await?;
             print_snapshots(&list, json)?;
         }
-        Command::Serve { socket } => {
+        Command::Serve { socket, metrics_addr } => {
             let src = Arc::new(source(&cli.conn)?);
-            serve::serve(src, &socket, shutdown_signal()).await?;
+            if let Some(addr) = metrics_addr {
+                crate::serve_metrics::init();
+                let bound = ops::metrics::serve(addr).await?;
+                println!("metrics http://{bound}/metrics");
+            }
+            serve::serve(src, &socket, metrics_addr.is_some(), shutdown_signal()).await?;
         }
         Command::Generate(what) => ops::docs::generate(<Cli as clap::CommandFactory>::command(), &what)?,
     }

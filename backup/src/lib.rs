@@ -14,6 +14,8 @@
 //! - [`verify`]: checking a chain (structure, checksums).
 //! - [`restore`]: writing a chain's snapshot to any NBD export.
 //! - [`serve`]: a local unix-socket NBD bridge to the snapshots.
+//! - [`tap`], [`serve_metrics`]: following a bridged NBD conversation to
+//!   count reads per export for `serve --metrics-addr`.
 //! - [`progress`]: progress bars and lines.
 //! - [`cli`]: the command line.
 
@@ -23,7 +25,9 @@ pub mod progress;
 pub mod repo;
 pub mod restore;
 pub mod serve;
+pub mod serve_metrics;
 pub mod source;
+pub mod tap;
 pub mod verify;
 
 pub use job::{full, incremental, BackupSummary, JobOptions};

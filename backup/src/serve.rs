@@ -6,6 +6,10 @@
 //!
 //! The socket is created mode 0600: whoever can connect reads every
 //! snapshot with the authority of the key `serve` runs with.
+//!
+//! With `--metrics-addr`, each connection's bytes pass through an NBD tap
+//! on their way ([`crate::serve_metrics`]): reads, bytes and latency per
+//! export, without terminating the protocol.
 
 use std::future::Future;
 use std::io::Write;
@@ -55,8 +59,14 @@ fn prepare_path(socket: &Path) -> Result<()> {
 }
 
 /// Serves on `socket` until `shutdown` completes; prints [`ready_line`] on
-/// stdout once listening and removes the socket when done.
-pub async fn serve(source: Arc<Source>, socket: &Path, shutdown: impl Future<Output = ()>) -> Result<()> {
+/// stdout once listening and removes the socket when done. `metered`:
+/// count every connection in [`crate::serve_metrics`].
+pub async fn serve(
+    source: Arc<Source>,
+    socket: &Path,
+    metered: bool,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
     prepare_path(socket)?;
     let listener = UnixListener::bind(socket).with_context(|| format!("listening on {}", socket.display()))?;
     let _guard = SocketGuard(socket.to_path_buf());
@@ -77,7 +87,7 @@ pub async fn serve(source: Arc<Source>, socket: &Path, shutdown: impl Future<Out
             accepted = listener.accept() => match accepted {
                 Ok((local, _)) => {
                     let source = source.clone();
-                    conns.spawn(bridge(local, source));
+                    conns.spawn(bridge(local, source, metered));
                 }
                 Err(e) => {
                     tracing::warn!("accepting a connection on {} failed: {e}", socket.display());
@@ -91,16 +101,65 @@ pub async fn serve(source: Arc<Source>, socket: &Path, shutdown: impl Future<Out
     Ok(())
 }
 
-async fn bridge(mut local: UnixStream, source: Arc<Source>) {
+async fn bridge(mut local: UnixStream, source: Arc<Source>, metered: bool) {
+    if metered {
+        crate::serve_metrics::accepted();
+    }
     let mut upstream = match source.raw_stream().await {
         Ok(s) => s,
         Err(e) => {
+            if metered {
+                crate::serve_metrics::connect_failed();
+            }
             tracing::warn!("a local client connected, but the snapshots cannot be reached: {e:#}");
             return;
         }
     };
+    if metered {
+        match tapped_copy(local, upstream).await {
+            Ok(()) => tracing::debug!("bridged connection closed"),
+            Err(e) => tracing::debug!("bridged connection ended: {e}"),
+        }
+        return;
+    }
     match tokio::io::copy_bidirectional(&mut local, &mut upstream).await {
         Ok((up, down)) => tracing::debug!(up, down, "bridged connection closed"),
         Err(e) => tracing::debug!("bridged connection ended: {e}"),
     }
+}
+
+/// Bytes copied per read from either side of a metered connection.
+const TAP_BUFFER_BYTES: usize = 256 * 1024;
+
+/// Copies both ways like `copy_bidirectional` (an end's EOF shuts down the
+/// other side's writing half), showing every chunk to the connection's tap
+/// before forwarding it.
+async fn tapped_copy(local: UnixStream, upstream: Box<dyn crate::source::RawStream>) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let session = std::sync::Mutex::new(crate::serve_metrics::Session::new());
+    let (mut local_read, mut local_write) = tokio::io::split(local);
+    let (mut up_read, mut up_write) = tokio::io::split(upstream);
+    let to_server = async {
+        let mut buf = vec![0u8; TAP_BUFFER_BYTES];
+        loop {
+            let n = local_read.read(&mut buf).await?;
+            if n == 0 {
+                return up_write.shutdown().await;
+            }
+            session.lock().expect("tap").from_client(&buf[..n]);
+            up_write.write_all(&buf[..n]).await?;
+        }
+    };
+    let to_client = async {
+        let mut buf = vec![0u8; TAP_BUFFER_BYTES];
+        loop {
+            let n = up_read.read(&mut buf).await?;
+            if n == 0 {
+                return local_write.shutdown().await;
+            }
+            session.lock().expect("tap").from_server(&buf[..n]);
+            local_write.write_all(&buf[..n]).await?;
+        }
+    };
+    tokio::try_join!(to_server, to_client).map(|_| ())
 }

@@ -26,6 +26,11 @@ pub enum IoErrorKind {
     NotSupported,
     /// The server or connection is shutting down; retry elsewhere.
     Shutdown,
+    /// Not sent: the request's send deadline had passed (the caller's lease
+    /// ran out, [`crate::client::with_send_deadline`]). Nothing reached the
+    /// server; send it again once the lease is renewed. Never on the wire
+    /// (told to an NBD peer as `EIO`).
+    Fenced,
 }
 
 impl IoErrorKind {
@@ -41,6 +46,7 @@ impl IoErrorKind {
             IoErrorKind::Overflow => EOVERFLOW,
             IoErrorKind::NotSupported => ENOTSUP,
             IoErrorKind::Shutdown => ESHUTDOWN,
+            IoErrorKind::Fenced => EIO,
         }
     }
 

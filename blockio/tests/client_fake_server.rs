@@ -534,3 +534,41 @@ async fn disconnect_is_not_stalled_by_an_abandoned_request() {
     assert_eq!(bounded(client.read(0, 512)).await.unwrap_err().kind, IoErrorKind::Shutdown);
     server.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_write_past_its_send_deadline_fails_fenced_and_never_reaches_the_server() {
+    let (client, server) = with_fake(ClientOptions::default(), "", |mut f| async move {
+        f.handshake(MODERN).await;
+        let (r, payload) = f.request().await;
+        assert_eq!((r.command, payload), (proto::CMD_WRITE, vec![1u8; 512]), "the write within its deadline");
+        f.simple(r.cookie, 0, &[]).await;
+        // Next on the wire is the read: none of the data-changing requests past their deadline.
+        let (r, _) = f.request().await;
+        assert_eq!((r.command, r.offset, r.length), (proto::CMD_READ, 0, 512));
+        f.data_chunk(r.cookie, 0, &[1u8; 512], true).await;
+        let (r, _) = f.request().await;
+        assert_eq!(r.command, proto::CMD_DISC);
+    })
+    .await;
+    let client = client.unwrap();
+    let later = tokio::time::Instant::now() + Duration::from_secs(60);
+    bounded(blockio::client::with_send_deadline(later, client.write(0, Bytes::from(vec![1u8; 512]), false)))
+        .await
+        .unwrap();
+    let passed = tokio::time::Instant::now();
+    let fenced = |r: Result<(), IoError>| {
+        let e = r.expect_err("past its send deadline");
+        assert_eq!(e.kind, IoErrorKind::Fenced, "{e}");
+        assert!(e.message.contains("not sent"), "{e}");
+    };
+    let write = client.write(0, Bytes::from(vec![2u8; 512]), true);
+    fenced(bounded(blockio::client::with_send_deadline(passed, write)).await);
+    fenced(bounded(blockio::client::with_send_deadline(passed, client.trim(0, 512, false))).await);
+    let zeroes = client.write_zeroes(0, 512, blockio::ZeroFlags::default());
+    fenced(bounded(blockio::client::with_send_deadline(passed, zeroes)).await);
+    // Reads are not fenced.
+    let data = bounded(blockio::client::with_send_deadline(passed, client.read(0, 512))).await.unwrap();
+    assert!(data.iter().all(|&b| b == 1));
+    bounded(client.disconnect()).await;
+    server.await.unwrap();
+}

@@ -212,7 +212,7 @@ impl Agent {
         self.attach_spec(spec).await
     }
 
-    async fn attach_spec(&self, spec: AttachSpec) -> Result<AttachmentInfo, AgentError> {
+    pub(crate) async fn attach_spec(&self, spec: AttachSpec) -> Result<AttachmentInfo, AgentError> {
         match self.call(Command::Attach(spec)).await {
             Reply::Attached(info) => Ok(*info),
             other => Err(failed(other)),

@@ -15,13 +15,30 @@ pub use control_client::agent_api::{
 };
 
 use crate::agent::Agent;
+use crate::persist::Persisted;
 
 /// Most simultaneous control connections.
 pub const CONNECTIONS_MAX: usize = 16;
 
-async fn handle(agent: &Agent, request: ControlRequest) -> ControlReply {
+async fn handle(agent: &Agent, persisted: Option<&Persisted>, request: ControlRequest) -> ControlReply {
     let ok = ControlReply { ok: true, ..Default::default() };
+    let no_config =
+        || ControlReply::error("this agent was started without a config file to persist volumes in (--config)");
     match request {
+        ControlRequest::AttachPersist(request) => match persisted {
+            Some(p) => match p.attach_and_persist(agent, request).await {
+                Ok(info) => ControlReply { attached: Some(info), config: Some(p.path().display().to_string()), ..ok },
+                Err(e) => ControlReply::error(e),
+            },
+            None => no_config(),
+        },
+        ControlRequest::DetachPersist { volume } => match persisted {
+            Some(p) => match p.detach_and_forget(agent, &volume).await {
+                Ok(()) => ControlReply { config: Some(p.path().display().to_string()), ..ok },
+                Err(e) => ControlReply::error(e),
+            },
+            None => no_config(),
+        },
         ControlRequest::Attach(request) => match agent.attach(request).await {
             Ok(info) => ControlReply { attached: Some(info), ..ok },
             Err(e) => ControlReply::error(e),
@@ -50,7 +67,11 @@ async fn handle(agent: &Agent, request: ControlRequest) -> ControlReply {
     }
 }
 
-async fn serve_connection(agent: Arc<Agent>, stream: UnixStream) -> std::io::Result<()> {
+async fn serve_connection(
+    agent: Arc<Agent>,
+    persisted: Option<Arc<Persisted>>,
+    stream: UnixStream,
+) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     let mut line = String::new();
@@ -68,7 +89,7 @@ async fn serve_connection(agent: Arc<Agent>, stream: UnixStream) -> std::io::Res
             continue;
         } else {
             match serde_json::from_str::<ControlRequest>(&line) {
-                Ok(request) => handle(&agent, request).await,
+                Ok(request) => handle(&agent, persisted.as_deref(), request).await,
                 Err(e) => ControlReply::error(format!("malformed control request: {e}")),
             }
         };
@@ -88,8 +109,20 @@ pub async fn bind(path: &Path) -> Result<tokio::net::UnixListener, crate::export
 }
 
 /// Serves the control socket until `shutdown` resolves; removes the socket file.
+/// `attach --persist` is refused (no config file).
 pub async fn serve(
     agent: Arc<Agent>,
+    listener: tokio::net::UnixListener,
+    path: PathBuf,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    serve_with(agent, None, listener, path, shutdown).await
+}
+
+/// Like [`serve`], with the config file `attach/detach --persist` change.
+pub async fn serve_with(
+    agent: Arc<Agent>,
+    persisted: Option<Arc<Persisted>>,
     listener: tokio::net::UnixListener,
     path: PathBuf,
     shutdown: impl std::future::Future<Output = ()>,
@@ -112,10 +145,10 @@ pub async fn serve(
                     tracing::warn!("too many control connections; closing the new one");
                     continue;
                 };
-                let agent = agent.clone();
+                let (agent, persisted) = (agent.clone(), persisted.clone());
                 tokio::spawn(async move {
                     let _slot = slot;
-                    if let Err(e) = serve_connection(agent, stream).await {
+                    if let Err(e) = serve_connection(agent, persisted, stream).await {
                         tracing::debug!(error = %e, "control connection ended");
                     }
                 });

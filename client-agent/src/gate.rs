@@ -361,6 +361,33 @@ impl<L> Gate<L> {
     pub fn lease_until(&self) -> Option<Instant> {
         self.lock().lease_until
     }
+
+    /// For an admitted I/O whose device request found the lease run out
+    /// before it could leave: waits until a renewal moves the lease past
+    /// now, and returns its new end (`None`: no lease applies). Fails if the
+    /// handle is revoked or detached meanwhile. The I/O stays admitted (a
+    /// recall's drain waits for it).
+    pub async fn wait_for_lease(&self) -> Result<Option<Instant>, GateError> {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let s = self.lock();
+                match &s.phase {
+                    Phase::Revoked { reason } => return Err(GateError::Revoked { reason: reason.clone() }),
+                    Phase::Closed => return Err(GateError::Closed),
+                    Phase::Open | Phase::Recalled { .. } => {}
+                }
+                match s.lease_until {
+                    None => return Ok(None),
+                    Some(until) if Instant::now() < until => return Ok(Some(until)),
+                    Some(_) => {}
+                }
+            }
+            notified.await;
+        }
+    }
 }
 
 /// Counts a waiter for [`GateStatus::waiting`] even if its future is dropped.

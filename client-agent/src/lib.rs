@@ -36,6 +36,10 @@
 //!   TCP) and the kernel-attach seam.
 //! - [`agent`]: the handle callers use (attach/detach/list/status, graceful
 //!   shutdown), each a command to the owner.
+//! - [`config_file`]: the agent's config file (every `run` option and the
+//!   volumes to attach at start), rewritten in place by `attach --persist`.
+//! - [`persist`]: attaching the config file's volumes at start (retried with
+//!   a bounded backoff) and `attach/detach --persist`.
 //! - [`control`]: the local control socket (JSON lines) and its client.
 //! - [`metrics`]: the agent's Prometheus metrics (a counting wrapper around
 //!   each attached volume; control-plane events).
@@ -43,6 +47,7 @@
 //!   interface, and reattach after an agent restart.
 
 pub mod agent;
+pub mod config_file;
 pub mod control;
 pub mod core;
 pub mod cow;
@@ -53,6 +58,7 @@ pub mod gate;
 pub mod kernel;
 pub mod metrics;
 pub mod owner;
+pub mod persist;
 pub mod session;
 pub mod state_dir;
 pub mod volume;

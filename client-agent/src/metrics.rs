@@ -21,6 +21,7 @@
 //! | `sanvol_agent_cow_registrations_total` | volume | copy-on-write registrations sent to the server |
 //! | `sanvol_agent_cow_chunks_registered_total` | volume | chunks they registered |
 //! | `sanvol_agent_volumes_attached` | — | volumes attached now |
+//! | `sanvol_agent_writes_fenced_total` | volume | device writes held back because the lease ran out before they could leave (sent again after the renewal) |
 
 use std::sync::{Arc, LazyLock};
 use std::time::Instant;
@@ -87,6 +88,13 @@ static COW_REGISTRATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 static COW_CHUNKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec("sanvol_agent_cow_chunks_registered_total", "Chunks registered for copy-on-write", &["volume"])
 });
+static WRITES_FENCED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "sanvol_agent_writes_fenced_total",
+        "Device writes held back because the lease ran out before they could leave",
+        &["volume"],
+    )
+});
 static VOLUMES_ATTACHED: LazyLock<IntGauge> = LazyLock::new(|| {
     register(IntGauge::new("sanvol_agent_volumes_attached", "Volumes attached now").expect("valid metric declaration"))
 });
@@ -106,6 +114,12 @@ pub fn init() {
     LazyLock::force(&COW_REGISTRATIONS);
     LazyLock::force(&COW_CHUNKS);
     LazyLock::force(&VOLUMES_ATTACHED);
+    LazyLock::force(&WRITES_FENCED);
+}
+
+/// A device write of `volume` found the lease run out before it could leave.
+pub fn write_fenced(volume: &str) {
+    WRITES_FENCED.with_label_values(&[volume]).inc();
 }
 
 /// A device's direct path failed: its I/O now goes through the server.

@@ -77,6 +77,10 @@ impl BlockDevice for TestDevice {
         if let Some(gate) = &self.write_gate {
             gate.acquire().await.unwrap().forget();
         }
+        // As an NBD connection does right before sending.
+        if blockio::client::send_deadline().is_some_and(|d| tokio::time::Instant::now() >= d) {
+            return Err(IoError::new(blockio::IoErrorKind::Fenced, "not sent: the send deadline had passed"));
+        }
         self.writes.fetch_add(1, Ordering::SeqCst);
         self.mem.write(offset, data, fua).await
     }

@@ -285,12 +285,43 @@ impl VolumeDevice {
             let (endpoint, device) = layout.device(&leg);
             let data = data.clone();
             async move {
-                device.write(leg.device_offset, data, true).await.map_err(|e| {
+                self.under_lease(|| device.write(leg.device_offset, data.clone(), true)).await.map_err(|e| {
                     at_device(e, &self.name, &format!("copy of chunk {first} for snapshot {}", cow.name), endpoint)
                 })
             }
         });
         first_error(join_all(writes).await)
+    }
+
+    /// Runs one data-changing device request (`op`, which may be called
+    /// again) under the volume's lease: the request may leave for the device
+    /// only before the lease's end, checked right before its bytes go to the
+    /// socket ([`blockio::client::with_send_deadline`]). Why again here and
+    /// not only at the gate: an admitted I/O can wait long after the gate
+    /// checked the lease — a copy-on-write step, a busy connection, a stopped
+    /// process — and a write that lands after the lease ran out may land on
+    /// the volume's next holder's data. A request that was too late was not
+    /// sent; it is sent again once the lease is renewed.
+    async fn under_lease<T, F, Fut>(&self, op: F) -> Result<T, IoError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, IoError>>,
+    {
+        // A test stops the agent here (`agent-before-device-write:stop`): admitted, not sent.
+        control_client::fault::hit("agent-before-device-write");
+        let mut deadline = self.gate.lease_until();
+        loop {
+            let Some(until) = deadline else { return op().await };
+            match blockio::client::with_send_deadline(until, op()).await {
+                Err(e) if e.kind == IoErrorKind::Fenced => {
+                    tracing::warn!(volume = %self.name, handle = self.handle, error = %e,
+                        "a write waited past the lease; it goes once the lease is renewed");
+                    crate::metrics::write_fenced(&self.name);
+                    deadline = self.gate.wait_for_lease().await?;
+                }
+                r => return r,
+            }
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -353,7 +384,8 @@ impl VolumeDevice {
         op: F,
     ) -> Result<(), IoError>
     where
-        F: Fn(&'a Arc<dyn BlockDevice>, u64, &Segment<'a>) -> futures::future::BoxFuture<'a, Result<(), IoError>>,
+        F: Fn(&'a Arc<dyn BlockDevice>, u64, &Segment<'a>) -> futures::future::BoxFuture<'a, Result<(), IoError>>
+            + Sync,
     {
         let segments = layout.map().segments(offset, len).map_err(map_error)?;
         let mut ops = Vec::with_capacity(segments.len() * layout.description.mirror_legs as usize);
@@ -362,7 +394,9 @@ impl VolumeDevice {
         for (n, segment) in segments.enumerate() {
             for leg in segment.write_legs().map_err(map_error)? {
                 let (endpoint, device) = layout.device(&leg);
-                ops.push(op(device, leg.device_offset, &segment));
+                let op = &op;
+                let device_offset = leg.device_offset;
+                ops.push(self.under_lease(move || op(device, device_offset, &segment)));
                 targets.push((endpoint, leg.slot, n));
             }
         }
@@ -869,6 +903,60 @@ mod tests {
         vol.gate().renew_lease(Instant::now() + Duration::from_secs(3));
         write.await.unwrap().unwrap();
         assert_eq!(devs[0].writes.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_held_in_the_agent_past_its_lease_is_sent_only_after_the_renewal() {
+        let hold = Arc::new(tokio::sync::Semaphore::new(0));
+        let dev = TestDevice::holding_writes(hold.clone());
+        let d = testing::description(2, 1, 1, 1);
+        let (_, offset) = testing::placement(&d, 0, 0);
+        let gate = Arc::new(Gate::new(testing::layout(d, std::slice::from_ref(&dev)), 1));
+        let vol = Arc::new(VolumeDevice::new("vol", 1, false, gate.clone()));
+        gate.renew_lease(Instant::now() + Duration::from_secs(3));
+        let write = tokio::spawn({
+            let vol = vol.clone();
+            async move { vol.write(0, pattern(1, 512), false).await }
+        });
+        // Admitted under the lease, then held in the agent (a busy connection, a stopped
+        // process) until the lease has run out.
+        until(|| dev.writes_started.load(Ordering::SeqCst) == 1).await;
+        tokio::time::advance(Duration::from_secs(5)).await;
+        hold.add_permits(2);
+        until(|| hold.available_permits() == 1).await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!write.is_finished(), "the write waits for a renewal");
+        assert_eq!(dev.writes.load(Ordering::SeqCst), 0, "nothing reached the device after the lease ran out");
+        assert_eq!(dev.contents(offset, 512).await, Bytes::from(vec![0u8; 512]));
+        assert_eq!(gate.status().in_flight, 1, "still admitted: a recall's drain waits for it");
+        gate.renew_lease(Instant::now() + Duration::from_secs(3));
+        write.await.unwrap().unwrap();
+        assert_eq!(dev.writes.load(Ordering::SeqCst), 1, "sent once, after the renewal");
+        assert_eq!(dev.contents(offset, 512).await, pattern(1, 512));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_waiting_for_a_renewal_fails_when_the_handle_is_revoked() {
+        let hold = Arc::new(tokio::sync::Semaphore::new(0));
+        let dev = TestDevice::holding_writes(hold.clone());
+        let d = testing::description(2, 1, 1, 1);
+        let gate = Arc::new(Gate::new(testing::layout(d, std::slice::from_ref(&dev)), 1));
+        let vol = Arc::new(VolumeDevice::new("vol", 1, false, gate.clone()));
+        gate.renew_lease(Instant::now() + Duration::from_secs(3));
+        let write = tokio::spawn({
+            let vol = vol.clone();
+            async move { vol.write(0, pattern(1, 512), false).await }
+        });
+        until(|| dev.writes_started.load(Ordering::SeqCst) == 1).await;
+        tokio::time::advance(Duration::from_secs(5)).await;
+        hold.add_permits(2);
+        until(|| hold.available_permits() == 1).await;
+        gate.revoke("handle 1 was broken: host-b opened volume vol");
+        let e = write.await.unwrap().unwrap_err();
+        assert!(e.message.contains("host-b opened"), "{e}");
+        assert_eq!(dev.writes.load(Ordering::SeqCst), 0);
     }
 
     mod cow {

@@ -10,12 +10,15 @@
 //! {"op":"attach","volume":"db","mode":"Exclusive"}                 (optional "socket":"/path" or "tcp":"127.0.0.1:10809")
 //! {"op":"attach-kernel","volume":"db","mode":"Exclusive"}          (optional "nbd_device":"/dev/nbd0")
 //! {"op":"detach","volume":"db"}
+//! {"op":"attach-persist","volume":"db","mode":"Exclusive"}         (as attach, or "kernel":true and optional "nbd_device")
+//! {"op":"detach-persist","volume":"db"}
 //! {"op":"list"}
 //! {"op":"status"}
 //! ```
 //! Replies: `{"ok":true,"attached":{...}}` for attach, `{"ok":true}` for
 //! detach, `{"ok":true,"volumes":[...]}` for list, `{"ok":true,"agent":{...}}`
-//! for status, and `{"ok":false,"error":"..."}` on failure — the error text
+//! for status, `{"ok":true,"attached":{...},"config":"/etc/sanvol/agent.toml"}`
+//! for attach-persist (the config file the entry went into), and `{"ok":false,"error":"..."}` on failure — the error text
 //! is meant for people and is printed verbatim by the CLI. `mode` is one of
 //! `ReadOnly`, `SharedWrite`, `Exclusive`.
 //!
@@ -86,6 +89,23 @@ pub struct KernelAttachRequest {
     pub nbd_device: Option<String>,
 }
 
+/// What `attach --persist` asks for: an attach (socket, TCP or kernel) that
+/// the agent also adds to its config file's volumes, attached at every start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersistRequest {
+    pub volume: String,
+    pub mode: OpenMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<std::net::SocketAddr>,
+    /// Connect it to a kernel NBD device too (`nbd_device`, or the first free one).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kernel: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_device: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum ControlRequest {
@@ -106,6 +126,13 @@ pub enum ControlRequest {
     /// Attach and connect to a kernel NBD device (`/dev/nbdX`).
     AttachKernel(KernelAttachRequest),
     Detach {
+        volume: String,
+    },
+    /// Attach and add the volume to the agent's config file (`attach --persist`).
+    AttachPersist(PersistRequest),
+    /// Detach (if attached) and remove the volume from the agent's config
+    /// file (`detach --persist`).
+    DetachPersist {
         volume: String,
     },
     List,
@@ -135,6 +162,9 @@ pub struct ControlReply {
     /// A handover token (hex), from `handover`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// The config file an `attach-persist` or `detach-persist` changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
 }
 
 impl ControlReply {

@@ -228,6 +228,66 @@ async fn a_late_resume_after_another_open_is_told_and_writes_nothing() {
     assert_eq!(read_first_block_on_device(&stack, "v").await, vec![0xBB; BLOCK as usize]);
 }
 
+/// Fencing on plain NBD devices: the agent is stopped (SIGSTOP, a fault
+/// point) after admitting a write and before sending it to the device, and
+/// stays stopped past its lease and durable time; another agent opens the
+/// volume and writes. When the first goes on, its write — admitted while it
+/// held the lease — must not reach the device: it is checked against the
+/// lease again right before it leaves, finds it run out, waits for a renewal,
+/// is told the handle was broken and fails. The device keeps the other
+/// agent's data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_admitted_before_a_stop_past_the_lease_never_reaches_the_device() {
+    let mut stack = Stack::new(1, "256M");
+    stack.lease_ms = 1000;
+    stack.durable_ms = Some(1000);
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "v", "16M"]);
+    stack.authorize_agent("host-a");
+    let a = stack.restart_agent_env("host-a", &[], &[("SANVOL_FAULT", "agent-before-device-write:stop@2")]);
+    let uri_a = a.attach("v", "exclusive");
+    let b = stack.start_agent("host-b");
+    let ca = connect(&uri_a).await;
+    ca.write(0, pattern(0xAA), true).await.expect("host-a writes while it holds the volume");
+
+    // The second write stops host-a between admitting it and sending it.
+    let late = {
+        let ca = ca.clone();
+        tokio::spawn(async move { ca.write(0, pattern(0xA2), true).await })
+    };
+    poll("host-a to stop at the fault point", Duration::from_secs(30), || stopped(a.proc.pid()).then_some(()));
+    poll("host-b's open to break host-a's handle", Duration::from_secs(30), || {
+        attach_err(&b, "v").is_none().then_some(())
+    });
+    let uri_b = poll("host-b's export", Duration::from_secs(5), || {
+        list(&b)
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["volume"] == "v")
+            .map(|v| v["export_uri"].as_str().unwrap().to_string())
+    });
+    let cb = connect(&uri_b.parse().unwrap()).await;
+    cb.write(0, pattern(0xBB), true).await.expect("host-b writes");
+    cb.disconnect().await;
+
+    sigcont(&a);
+    let result =
+        tokio::time::timeout(Duration::from_secs(30), late).await.expect("the held write is answered").unwrap();
+    result.expect_err("host-a's write held past its lease must fail once the handle is broken");
+    assert!(a.proc.log().contains("waited past the lease"), "{}", a.proc.log());
+    assert_eq!(
+        read_first_block_on_device(&stack, "v").await,
+        vec![0xBB; BLOCK as usize],
+        "host-a's write landed after host-b took the volume"
+    );
+}
+
+fn stopped(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+}
+
 /// A protocol-level agent (the test itself) with its own key, for the key and
 /// token checks that the agent binary never lets go wrong.
 struct RawAgent {

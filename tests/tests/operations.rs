@@ -3,7 +3,8 @@
 //! Prometheus text parser; systemd readiness (`READY=1`, `STOPPING=1`) on a
 //! `NOTIFY_SOCKET` the test binds; the units in `contrib/systemd/` checked by
 //! `systemd-analyze verify`; `--help` of every command against the man page
-//! generated from the same clap command.
+//! generated from the same clap command; `sanvol-backup serve`'s endpoint
+//! scraped while nbdcopy reads a snapshot through it.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use blockio::client::{ClientOptions, NbdClient};
 use prometheus_parse::{Scrape, Value};
 use sanvol_tests::peers::require_tool;
 use sanvol_tests::system::{bin, Proc, Stack};
@@ -144,6 +146,104 @@ fn metrics_endpoints_count_fio_writes_and_show_server_state() {
     let detached = scrape(&mds_metrics);
     assert_eq!(must(&detached, "sanvol_mds_handles", &[("state", "held")]), 0.0, "the detach closed the handle");
     assert_eq!(must(&scrape(&agent_metrics), "sanvol_agent_volumes_attached", &[]), 0.0);
+}
+
+/// `sanvol-backup serve --metrics-addr`: scraped while a client holds a
+/// session on a snapshot and while nbdcopy copies it through the bridge;
+/// the counts cover what was read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_serve_metrics_count_what_nbdcopy_reads() {
+    const SIZE_BYTES: f64 = 32.0 * 1024.0 * 1024.0;
+    let mut stack = Stack::new(2, "512M");
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "b", "32M"]);
+    let agent = stack.start_agent("host-a");
+    let uri = agent.attach("b", "exclusive");
+    // Every byte written (no holes), so a copy reads all of it.
+    let fio = Command::new(require_tool("fio"))
+        .args(["--name=fill", "--ioengine=nbd", &format!("--uri={uri}"), "--rw=write", "--bs=1M", "--size=32M"])
+        .output()
+        .expect("run fio");
+    assert!(fio.status.success(), "fio: {}", String::from_utf8_lossy(&fio.stderr));
+    agent.detach("b");
+    stack.sanvol_ok(&["snapshot", "create", "b", "s1"]);
+
+    let socket = stack.dir.path().join("serve.sock");
+    let mut serve = Command::new(bin("sanvol-backup"))
+        .env("SANVOL_MDS", stack.mds_addr())
+        .env("SANVOL_KEY", &stack.admin_key)
+        .env("SANVOL_SERVER_KEY", sanvol_tests::system::pub_path(&stack.mds_key))
+        .args(["serve", "--metrics-addr", "127.0.0.1:0", "--socket"])
+        .arg(&socket)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start sanvol-backup serve");
+    let stdout = serve.stdout.take().unwrap();
+    let guard = KillOnDrop(serve);
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let metrics = lines.next().expect("a line").expect("read");
+    let metrics = metrics.strip_prefix("metrics http://").unwrap_or_else(|| panic!("{metrics}"));
+    let metrics = metrics.trim_end_matches("/metrics").to_string();
+    let ready = lines.next().expect("a line").expect("read");
+    assert!(ready.contains("serving snapshots"), "{ready}");
+    let export = [("export", "b@s1")];
+    let idle = scrape(&metrics);
+    assert_eq!(must(&idle, "sanvol_backup_serve_connections_total", &[]), 0.0);
+
+    // A session held open (blockio's NBD client): counted as open, its read counted.
+    let snapshot: blockio::uri::NbdUri =
+        format!("nbd+unix:///b@s1?socket={}", socket.display()).parse().expect("a URI");
+    let client = NbdClient::connect(&snapshot, ClientOptions::default()).await.expect("connect through serve");
+    use blockio::BlockDevice;
+    client.read(0, 65536).await.expect("read through serve");
+    let during = scrape(&metrics);
+    assert_eq!(must(&during, "sanvol_backup_serve_sessions", &export), 1.0);
+    assert_eq!(must(&during, "sanvol_backup_serve_reads_total", &export), 1.0);
+    assert_eq!(must(&during, "sanvol_backup_serve_read_bytes_total", &export), 65536.0);
+    client.disconnect().await;
+
+    let copy = stack.dir.path().join("b-s1.img");
+    let nbdcopy = Command::new(require_tool("nbdcopy"))
+        .arg(snapshot.to_string())
+        .arg(&copy)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start nbdcopy");
+    // The endpoint answers while the copy runs.
+    scrape(&metrics);
+    let out = nbdcopy.wait_with_output().expect("wait for nbdcopy");
+    assert!(out.status.success(), "nbdcopy: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::metadata(&copy).unwrap().len() as f64, SIZE_BYTES);
+
+    let after = scrape(&metrics);
+    let bytes = must(&after, "sanvol_backup_serve_read_bytes_total", &export);
+    assert!(
+        bytes >= SIZE_BYTES + 65536.0,
+        "serve counted {bytes} bytes read; nbdcopy copied {SIZE_BYTES} after 64 KiB"
+    );
+    let reads = must(&after, "sanvol_backup_serve_reads_total", &export);
+    assert!(reads >= 2.0, "{reads}");
+    assert_eq!(must(&after, "sanvol_backup_serve_read_seconds", &export), reads, "every read is timed");
+    assert_eq!(must(&after, "sanvol_backup_serve_errors_total", &export), 0.0);
+    assert_eq!(must(&after, "sanvol_backup_serve_untracked_total", &[]), 0.0, "every connection was followed");
+    assert!(must(&after, "sanvol_backup_serve_connections_total", &[]) >= 2.0);
+    // The closed sessions are no longer open: serve notices each end
+    // asynchronously, so poll the endpoint (bounded).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while must(&scrape(&metrics), "sanvol_backup_serve_sessions", &export) != 0.0 {
+        assert!(std::time::Instant::now() < deadline, "sessions still counted as open 30 s after they closed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(guard);
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Binds a `NOTIFY_SOCKET` and returns the datagrams received within `limit`

@@ -9,7 +9,10 @@
 //! - scenario 3 (`agent_fallback`): the guest's direct path to one device (through a proxy on the
 //!   host) is cut while mounted; I/O goes through the metadata server, files verify, fsck clean;
 //! - scenario 4 (`agent_grow`): `sanvol volume grow` on the host while the filesystem is mounted in
-//!   the guest; the agent pushes the new size to the kernel and `resize2fs` grows the filesystem.
+//!   the guest; the agent pushes the new size to the kernel and `resize2fs` grows the filesystem;
+//! - scenario 5 (`agent_persist`): `attach --kernel --nbd-device /dev/nbd2 --persist`, data written,
+//!   a clean stop (SIGTERM) and a start with the same config file: the volume is back on
+//!   `/dev/nbd2` with its data; `detach --persist` removes the entry.
 
 mod common;
 
@@ -105,4 +108,18 @@ fn scenario_3_cut_direct_path_falls_back_through_the_server() {
     eprintln!("agent_fallback: whole run {:.1?}, console log {}", report.elapsed, report.console_log.display());
     report.assert_pass();
     assert!(!fallback.is_empty(), "the MDS lists no fallback for the guest: {guest}");
+}
+
+#[test]
+fn scenario_5_a_persisted_kernel_attach_comes_back_on_the_same_device_after_a_clean_restart() {
+    let pool = Pool::start("persist", 2, "512M", 3000);
+    pool.sanvol(&["volume", "create", "vol", "64M"]);
+    let report = pool
+        .scenario("agent_persist", include_str!("scenarios/agent_persist.sh"))
+        .env("VOL_BYTES", 64u64 << 20)
+        .timeout(Duration::from_secs(120))
+        .run()
+        .unwrap();
+    eprintln!("agent_persist: whole run {:.1?}, console log {}", report.elapsed, report.console_log.display());
+    report.assert_pass();
 }

@@ -47,6 +47,9 @@ const BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
 pub(crate) struct Outgoing {
     header: [u8; proto::REQUEST_HEADER_BYTES],
     payload: Bytes,
+    cookie: u64,
+    /// Not to be sent at or after this instant (see `fence.rs`).
+    not_after: Option<tokio::time::Instant>,
     /// `NBD_CMD_DISC`: the writer shuts the socket's send side after it.
     disconnect: bool,
 }
@@ -234,7 +237,7 @@ impl ConnShared {
 
 fn disc_request() -> Outgoing {
     let header = RequestHeader { flags: 0, command: proto::CMD_DISC, cookie: 0, offset: 0, length: 0 }.encode();
-    Outgoing { header, payload: Bytes::new(), disconnect: true }
+    Outgoing { header, payload: Bytes::new(), cookie: 0, not_after: None, disconnect: true }
 }
 
 /// Decrements the outstanding count however the caller's future ends
@@ -323,6 +326,12 @@ impl Connection {
             .acquire()
             .await
             .map_err(|_| IoError::shutdown(format!("connection to {} is closed", self.shared.target)))?;
+        let not_after = super::fence::deadline_for(command);
+        if let Some(deadline) = not_after {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(fenced(&self.shared.target, command, offset, length));
+            }
+        }
         let (tx, rx) = oneshot::channel();
         let cookie = {
             let mut g = self.shared.inflight.lock().unwrap();
@@ -339,7 +348,7 @@ impl Connection {
             cookie
         };
         let header = RequestHeader { flags, command, cookie, offset, length }.encode();
-        if self.tx.send(Outgoing { header, payload, disconnect: false }).is_err() {
+        if self.tx.send(Outgoing { header, payload, cookie, not_after, disconnect: false }).is_err() {
             // The writer is gone: the connection is dead or dying.
             let reason = self.shared.inflight.lock().unwrap().dead.clone();
             let err =
@@ -426,6 +435,12 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
                 Err(_) => break,
             }
         }
+        if batch.iter().any(|o| o.not_after.is_some()) {
+            drop_past_deadline(&mut batch, &shared);
+            if batch.is_empty() {
+                continue;
+            }
+        }
         if let Err(e) = write_batch(&mut wr, &batch).await {
             shared.fail(IoError::shutdown(format!("sending to {} failed: {e}", shared.target)));
             return;
@@ -436,6 +451,41 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
             return;
         }
     }
+}
+
+/// Fails, unsent, every request of `batch` whose send deadline has passed.
+fn drop_past_deadline(batch: &mut Vec<Outgoing>, shared: &ConnShared) {
+    let now = tokio::time::Instant::now();
+    let mut failed = Vec::new();
+    batch.retain(|o| {
+        let late = o.not_after.is_some_and(|d| now >= d);
+        if late {
+            failed.push(o.cookie);
+        }
+        !late
+    });
+    if failed.is_empty() {
+        return;
+    }
+    let pending: Vec<Pending> = {
+        let mut g = shared.inflight.lock().unwrap();
+        failed.iter().filter_map(|cookie| g.map.remove(cookie)).collect()
+    };
+    for p in pending {
+        let e = fenced(&shared.target, p.command, p.offset, p.length);
+        let _ = p.tx.send(Err(e));
+    }
+    shared.after_completion();
+}
+
+fn fenced(target: &str, command: u16, offset: u64, length: u32) -> IoError {
+    IoError::new(
+        IoErrorKind::Fenced,
+        format!(
+            "{target}: {} at offset {offset} length {length} not sent: its send deadline (the lease) had passed",
+            proto::command_name(command)
+        ),
+    )
 }
 
 /// Writes every header and payload of `batch` with as few syscalls as the

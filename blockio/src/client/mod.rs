@@ -25,6 +25,7 @@
 
 mod connection;
 mod error;
+mod fence;
 mod handshake;
 mod reader;
 
@@ -39,6 +40,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use self::connection::{Connection, PendingState, ReadAssembly, Reply};
 pub use self::error::ClientError;
+pub use self::fence::{send_deadline, with_send_deadline};
 use self::handshake::{Handshake, Negotiated};
 use crate::buffer_pool::BufferPool;
 use crate::device::{BlockDevice, BlockSizes, MetaContext, StatusExtent, ZeroFlags};

@@ -2,15 +2,19 @@
 //! running agent over its control socket (`attach`, `detach`, `list`,
 //! `wait-ready`).
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use client_agent::agent::{Agent, AgentConfig, AttachRequest, AttachmentInfo};
+use client_agent::config_file;
 use client_agent::control::{self, ControlReply, ControlRequest};
 use client_agent::devices::PoolOptions;
+use client_agent::persist::{self, PersistRequest, Persisted};
 use client_agent::session::SessionConfig;
 use control_client::ControlAddr;
 use volume_format::control::messages::OpenMode;
@@ -27,6 +31,9 @@ const DEFAULT_EXPORT_DIR: &str = "/run/sanvol/exports";
         `sanvol-agent run` connects to the metadata server (sanvol-mds), keeps this host's lease \
         renewed and does volume I/O directly against the pool's NBD devices. While it runs, \
         `attach`, `detach` and `list` talk to it over its local control socket.\n\n\
+        Its options can also be set in a config file (`run --config`, default /etc/sanvol/agent.toml), \
+        which lists the volumes to attach at every start too ([[volume]] tables; `attach --persist` adds \
+        one, `detach --persist` removes it).\n\n\
         Example:\n  \
         sanvol-agent run --mds 127.0.0.1:7700 --key host.key --server-key mds.key.pub &\n  \
         sanvol-agent wait-ready\n  \
@@ -76,6 +83,12 @@ enum Command {
         /// (Socket exports only for now: not with --kernel.)
         #[arg(long, conflicts_with = "kernel")]
         handover_token: Option<String>,
+        /// Also add the volume to the agent's config file (`run --config`, default /etc/sanvol/agent.toml),
+        /// so that every start of the agent attaches it again the same way (a kernel attach on the same
+        /// /dev/nbdX). The file is rewritten atomically, keeping its comments. A plain `detach` leaves the
+        /// entry; `detach --persist` removes it.
+        #[arg(long, conflicts_with = "handover_token")]
+        persist: bool,
     },
     /// Print a single-use handover token that lets the agent with key KEY.pub attach VOLUME while this
     /// agent still holds it (live migration); valid for two minutes.
@@ -85,8 +98,15 @@ enum Command {
         #[arg(long)]
         to: String,
     },
-    /// Flush, stop the export and close the volume's handle.
-    Detach { volume: String },
+    /// Flush, stop the export and close the volume's handle. A volume in the agent's config file
+    /// (`attach --persist`, [[volume]]) is attached again at the agent's next start unless --persist is given.
+    Detach {
+        volume: String,
+        /// Also remove the volume from the agent's config file, so that the next start does not attach it
+        /// (also for a persisted volume that is not attached, e.g. one that keeps failing to attach).
+        #[arg(long)]
+        persist: bool,
+    },
     /// List attached volumes.
     List {
         #[arg(long)]
@@ -124,16 +144,25 @@ impl From<Mode> for OpenMode {
 
 #[derive(clap::Args)]
 struct RunArgs {
+    /// The config file: any of these options (`server_key = "..."`, `mds = ["a:7700", "b:7700"]`) and the
+    /// volumes to attach at start ([[volume]] tables: name, mode, socket or tcp or nbd_device; see
+    /// docs/operations.md). Options given here or in the environment override the file's. A missing
+    /// default file is no error; a missing given one is.
+    #[arg(long, env = "SANVOL_AGENT_CONFIG", value_name = "FILE", default_value = client_agent::config_file::DEFAULT_CONFIG)]
+    config: PathBuf,
     /// Metadata server address: HOST:PORT or unix:PATH. Give it several times (or a comma list) for a
-    /// server and its standbys: after losing the connection the agent tries each in turn.
-    #[arg(long, env = "SANVOL_MDS", required = true, value_delimiter = ',')]
+    /// server and its standbys: after losing the connection the agent tries each in turn. Required
+    /// (here, in SANVOL_MDS or in the config file).
+    #[arg(long, env = "SANVOL_MDS", value_delimiter = ',')]
     mds: Vec<String>,
     /// This agent's private key (from `sanvol keygen`); its public half must be authorized as an agent.
+    /// Required.
     #[arg(long, env = "SANVOL_KEY")]
-    key: PathBuf,
-    /// The metadata server's public key (file, `sanvol-ed25519 HEX` line or hex); the agent refuses any other server.
+    key: Option<PathBuf>,
+    /// The metadata server's public key (file, `sanvol-ed25519 HEX` line or hex); the agent refuses any
+    /// other server. Required.
     #[arg(long, env = "SANVOL_SERVER_KEY")]
-    server_key: String,
+    server_key: Option<String>,
     /// Name shown by the server in listings and conflict messages (default: the host name).
     #[arg(long)]
     name: Option<String>,
@@ -211,7 +240,18 @@ fn hostname() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
-async fn run(args: RunArgs, control_socket: PathBuf) -> Result<()> {
+async fn run(args: RunArgs, control_socket: PathBuf, persisted: Arc<Persisted>) -> Result<()> {
+    let config_path = persisted.path().display().to_string();
+    let missing = |what: &str, env: &str, key: &str| {
+        let flag = key.replace('_', "-");
+        anyhow::anyhow!("no {what} given: use --{flag} (or {env}, or `{key}` in {config_path})")
+    };
+    if args.mds.is_empty() {
+        return Err(missing("metadata server address", "SANVOL_MDS", "mds"));
+    }
+    let key_path = args.key.clone().ok_or_else(|| missing("agent key", "SANVOL_KEY", "key"))?;
+    let server_key_text =
+        args.server_key.clone().ok_or_else(|| missing("server key", "SANVOL_SERVER_KEY", "server_key"))?;
     if let Some(addr) = args.metrics_addr {
         client_agent::metrics::init();
         let bound = ops::metrics::serve(addr).await?;
@@ -223,11 +263,12 @@ async fn run(args: RunArgs, control_socket: PathBuf) -> Result<()> {
         .map(|a| a.trim().parse::<ControlAddr>().map_err(|e: String| anyhow::anyhow!(e)).context("--mds"))
         .collect::<Result<Vec<_>>>()?;
     let addr = addrs.remove(0);
-    let key = control_client::keys::load_private(&args.key)?;
-    let (server_key, _) = control_client::keys::parse_public(&args.server_key).context("--server-key")?;
+    let key = control_client::keys::load_private(&key_path)?;
+    let (server_key, _) = control_client::keys::parse_public(&server_key_text).context("--server-key")?;
     // The lock on the state directory makes its instance ours (see client_agent::state_dir).
     let (state_dir, previous) = client_agent::state_dir::StateDir::open(&args.state_dir)?;
     let instance = previous.instance;
+    let from_state: HashSet<String> = previous.handles.iter().map(|h| h.volume.clone()).collect();
     let config = AgentConfig {
         session: SessionConfig {
             addr,
@@ -253,11 +294,16 @@ async fn run(args: RunArgs, control_socket: PathBuf) -> Result<()> {
         state: Some(std::sync::Arc::new(state_dir)),
     };
     let agent = Agent::start(config);
-    // The previous run's handles are resumed as soon as the server answers (the control socket
-    // answers meanwhile; `list` shows each once it is served again).
+    // The previous run's handles are resumed as soon as the server answers (in the background;
+    // `list` shows each once it is served again).
+    let (restored_tx, restored_rx) = tokio::sync::watch::channel(false);
     let restored = tokio::spawn({
         let agent = agent.clone();
-        async move { client_agent::kernel::reattach::restore_all(&agent, previous.handles).await.1 }
+        async move {
+            let named = client_agent::kernel::reattach::restore_all(&agent, previous.handles).await.1;
+            let _ = restored_tx.send(true);
+            named
+        }
     });
 
     let shutdown_max = std::time::Duration::from_millis(args.shutdown_timeout_ms);
@@ -272,17 +318,32 @@ async fn run(args: RunArgs, control_socket: PathBuf) -> Result<()> {
         _ = sigterm.recv() => return bounded_shutdown(&agent, shutdown_max).await,
     }
 
-    // The control socket appears only now, so its existence means "ready".
-    let listener = control::bind(&control_socket).await?;
     if !client_agent::kernel::driver::loaded() {
         tracing::info!("{}; kernel attach is unavailable, socket exports work", client_agent::kernel::NOT_LOADED);
     }
-    // Devices a previous agent left connected that the state file did not name get their volumes
-    // back by re-opening (in the background: the control socket answers meanwhile).
+    // The config file's volumes: each tried once before the agent says it is ready (bounded; those
+    // that fail are retried in the background, see client_agent::persist).
+    let persisted_devices = persisted.kernel_devices();
+    let volumes = persisted.volumes().len();
+    if volumes > 0 {
+        tracing::info!(config = config_path, volumes, "attaching the config file's volumes");
+        let first_tries = persist::attach_all(agent.clone(), persisted.clone(), from_state, restored_rx);
+        tokio::select! {
+            _ = tokio::time::timeout(persist::READY_WAIT_MAX, first_tries) => {}
+            _ = sigint.recv() => return bounded_shutdown(&agent, shutdown_max).await,
+            _ = sigterm.recv() => return bounded_shutdown(&agent, shutdown_max).await,
+        }
+    }
+    // The control socket appears only now, so its existence means "ready".
+    let listener = control::bind(&control_socket).await?;
+    // Devices a previous agent left connected that neither the state file nor the config file
+    // names get their volumes back by re-opening (in the background: the control socket answers
+    // meanwhile).
     tokio::spawn({
         let agent = agent.clone();
         async move {
-            let skip = restored.await.unwrap_or_default();
+            let mut skip = restored.await.unwrap_or_default();
+            skip.extend(persisted_devices);
             agent.reattach_kernel_devices(&skip).await;
         }
     });
@@ -290,9 +351,10 @@ async fn run(args: RunArgs, control_socket: PathBuf) -> Result<()> {
     tracing::info!(socket = %control_socket.display(), "agent ready");
     ops::notify::ready(&format!("connected; control socket {}", control_socket.display()));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(control::serve(agent.clone(), listener, control_socket, async move {
-        let _ = stop_rx.await;
-    }));
+    let server =
+        tokio::spawn(control::serve_with(agent.clone(), Some(persisted), listener, control_socket, async move {
+            let _ = stop_rx.await;
+        }));
     tokio::select! {
         _ = sigint.recv() => {}
         _ = sigterm.recv() => {}
@@ -356,8 +418,48 @@ fn print_table(volumes: &[AttachmentInfo]) {
     }
 }
 
+/// Parses the command line; for `run`, with the config file's options under
+/// it (see client_agent::config_file): each option the command line or the
+/// environment does not set is added as if given on the command line, so
+/// clap checks it like one.
+fn parse_with_config() -> Result<(Cli, Option<Arc<Persisted>>)> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut command = <Cli as clap::CommandFactory>::command();
+    command.build();
+    let matches = command.clone().try_get_matches_from(&argv).unwrap_or_else(|e| e.exit());
+    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let Command::Run(args) = &cli.command else { return Ok((cli, None)) };
+    let run_matches = matches.subcommand_matches("run").context("run's arguments")?;
+    let explicit = run_matches.value_source("config") != Some(clap::parser::ValueSource::DefaultValue);
+    // Absolute: `attach --persist` rewrites it later, and says which file it changed.
+    let path = std::path::absolute(&args.config).unwrap_or_else(|_| args.config.clone());
+    let Some(file) = config_file::load(&path, explicit)? else {
+        return Ok((cli, Some(Persisted::new(path, Vec::new()))));
+    };
+    let run_command = command.find_subcommand("run").context("the run command")?;
+    let mut extra: Vec<std::ffi::OsString> = Vec::new();
+    for setting in &file.settings {
+        setting.check(&path, run_command)?;
+        let overridden = matches!(
+            run_matches.value_source(&setting.key),
+            Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+        );
+        if !overridden {
+            let arg = run_command.get_arguments().find(|a| a.get_id() == setting.key.as_str()).context("checked")?;
+            extra.extend(setting.command_line(arg).into_iter().map(Into::into));
+        }
+    }
+    let persisted = Persisted::new(path.clone(), file.volumes);
+    if extra.is_empty() {
+        return Ok((cli, Some(persisted)));
+    }
+    let cli = Cli::try_parse_from(argv.into_iter().chain(extra))
+        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim().trim_start_matches("error: ")))?;
+    Ok((cli, Some(persisted)))
+}
+
 fn main() -> Result<()> {
-    let cli = Cli::parse();
+    let (cli, persisted) = parse_with_config()?;
     if let Command::Generate(what) = &cli.command {
         return ops::docs::generate(<Cli as clap::CommandFactory>::command(), what);
     }
@@ -373,13 +475,35 @@ fn main() -> Result<()> {
         tokio::runtime::Builder::new_multi_thread().worker_threads(io_threads as usize).enable_all().build()
     }
     .context("starting the async runtime")?;
-    runtime.block_on(main_async(cli))
+    runtime.block_on(main_async(cli, persisted))
 }
 
-async fn main_async(cli: Cli) -> Result<()> {
+async fn main_async(cli: Cli, persisted: Option<Arc<Persisted>>) -> Result<()> {
     let socket = cli.control_socket;
     match cli.command {
-        Command::Run(args) => run(args, socket).await,
+        Command::Run(args) => {
+            let persisted = persisted.context("the config file")?;
+            run(args, socket, persisted).await
+        }
+        Command::Attach {
+            volume, mode, socket: export_socket, tcp, json, kernel, nbd_device, persist: true, ..
+        } => {
+            let request = PersistRequest { volume, mode: mode.into(), socket: export_socket, tcp, kernel, nbd_device };
+            let reply = call(&socket, ControlRequest::AttachPersist(request)).await?;
+            let info = reply.attached.context("the agent's reply lacks the attachment")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                println!("{}", info.kernel_device.as_deref().unwrap_or(&info.export_uri));
+            }
+            eprintln!("sanvol-agent: volume {} added to {}", info.volume, reply.config.unwrap_or_default());
+            if let Some(note) = &info.kernel_note {
+                // As a plain `attach --kernel`: the entry is kept, the kernel device was not made.
+                eprintln!("sanvol-agent: {note}; volume {} stays attached at {}", info.volume, info.export_uri);
+                std::process::exit(2);
+            }
+            Ok(())
+        }
         Command::Attach { volume, mode, kernel: true, nbd_device, json, .. } => {
             let request = client_agent::kernel::KernelAttachRequest { volume, mode: mode.into(), nbd_device };
             let reply = call(&socket, ControlRequest::AttachKernel(request)).await?;
@@ -435,8 +559,13 @@ async fn main_async(cli: Cli) -> Result<()> {
             println!("{}", reply.token.context("the agent's reply lacks the token")?);
             Ok(())
         }
-        Command::Detach { volume } => {
+        Command::Detach { volume, persist: false } => {
             call(&socket, ControlRequest::Detach { volume }).await?;
+            Ok(())
+        }
+        Command::Detach { volume, persist: true } => {
+            let reply = call(&socket, ControlRequest::DetachPersist { volume: volume.clone() }).await?;
+            eprintln!("sanvol-agent: volume {volume} removed from {}", reply.config.unwrap_or_default());
             Ok(())
         }
         Command::List { json } => {

@@ -127,6 +127,44 @@ pub fn restore_plan(held: &HeldHandle) -> (Option<KernelPlan>, Option<String>) {
     (Some(KernelPlan::Reconnect { index, backend: text, pool: held.pool_uuid }), None)
 }
 
+/// What to do with `/dev/nbd<index>`, which the config file names for persisted volume `volume`:
+/// connect it (it is free, or there is no driver: the attach then says so and serves the socket
+/// export), give it fresh sockets (a previous agent left it connected with this volume's backend
+/// identifier and is gone: a clean stop leaves kernel devices connected), or refuse (it serves
+/// something else, or a live process serves it). Blocking (netlink): call off the runtime.
+pub fn persisted_plan(volume: &str, index: u32) -> Result<KernelPlan, String> {
+    let device = device_path(index);
+    let connect = Ok(KernelPlan::Connect { index: Some(index) });
+    if !driver::loaded() {
+        return connect;
+    }
+    let status = driver::status().map_err(|e| format!("cannot list kernel NBD devices: {e}"))?;
+    if !status.iter().any(|d| d.index == index && d.connected) {
+        return connect;
+    }
+    let text = driver::backend(index).unwrap_or_default();
+    let id = match BackendId::parse(&text) {
+        Some(id) if id.volume == volume => id,
+        _ => return Err(format!("{device} is connected to {text:?}, not to volume {volume}; left alone")),
+    };
+    if let Some(pid) = driver::connecting_pid(index) {
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            return Err(format!("{device} is served by a running process (pid {pid}); left alone"));
+        }
+    }
+    Ok(KernelPlan::Reconnect { index, backend: text, pool: id.pool })
+}
+
+/// A kernel device a previous agent left connected to `volume` (its backend identifier names the
+/// volume and its connecting process is gone): where a persisted kernel entry without a device
+/// (`kernel = true`) goes after a clean stop. Blocking (netlink): call off the runtime.
+pub fn orphan_of(volume: &str) -> Option<u32> {
+    if !driver::loaded() {
+        return None;
+    }
+    orphaned_devices().ok()?.into_iter().find(|(_, _, id)| id.volume == volume).map(|(index, _, _)| index)
+}
+
 /// Takes back every handle of the state file (in parallel) with its kernel device; returns one line
 /// per handle for the log, and the kernel devices the state file named (for [`reattach_all`] to skip).
 pub async fn restore_all(agent: &Agent, handles: Vec<HeldHandle>) -> (Vec<String>, Vec<u32>) {
