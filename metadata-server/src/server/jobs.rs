@@ -143,7 +143,7 @@ async fn zero_extents(extent_bytes: u64, targets: &[DeviceExtents], devices: &De
         let client = devices.get_by_uri(t.device, &t.uri).await.map_err(|e| e.to_string())?;
         clients.push((t.device, client));
     }
-    let result = zero_with(extent_bytes, targets, &clients).await;
+    let result = zero_with(extent_bytes, targets, &clients, devices).await;
     if result.is_err() {
         // A connection that failed is not reused: the next zeroing reconnects.
         for (device, _) in &clients {
@@ -160,6 +160,7 @@ async fn zero_with(
     extent_bytes: u64,
     targets: &[DeviceExtents],
     clients: &[(DeviceIndex, blockio::client::NbdClient)],
+    devices: &DeviceClients,
 ) -> Result<(), String> {
     use futures::stream::StreamExt;
     let mut requests = Vec::new();
@@ -175,6 +176,7 @@ async fn zero_with(
     }
     let flags = ZeroFlags { may_trim: true, ..ZeroFlags::default() };
     let mut zeroing = futures::stream::iter(requests.into_iter().map(|(device, client, offset, len)| async move {
+        devices.may_write().map_err(|e| e.to_string())?;
         client
             .write_zeroes(offset, len, flags)
             .await
@@ -245,6 +247,7 @@ async fn copy_chunk(
     devices: &DeviceClients,
 ) -> Result<(), String> {
     let data = read_chunk(&sources, at, len, devices).await?;
+    devices.may_write().map_err(|e| e.to_string())?;
     if let Err(e) = target.write(to, data, false).await {
         devices.forget(device).await;
         return Err(format!("writing resync data at offset {to} of device {device}: {e}"));
