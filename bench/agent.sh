@@ -30,6 +30,12 @@ $BIN/sanvol volume create vol "${VOLUME_MIB}M" >/dev/null
 AGENT_URI=$($BIN/sanvol-agent attach vol --control-socket "$D/agent-agent.sock")
 
 declare -A URI=([agent]="$AGENT_URI" [proxy]="$(sock_uri proxy)" [direct]="$(sock_uri dev0)")
+# The proxy and direct runs go to the device where the volume's data starts:
+# the same device addresses the agent's run reaches, and never the pool's
+# label, metadata or lease areas at the device's start (writing over those
+# made the server lose its pool lease).
+DATA_OFFSET=$($BIN/sanvol volume show vol --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["description"]["extents"][0]["legs"][0]["offset"])')
+declare -A OFFSET=([agent]=0 [proxy]="$DATA_OFFSET" [direct]="$DATA_OFFSET")
 # Whose CPU per request is counted: the hop's (the device's for direct).
 declare -A HOP=([agent]="${PID_OF[agent-agent]}" [proxy]="${PID_OF[proxy]}" [direct]="${PID_OF[dev0]}")
 ROWS=(
@@ -45,18 +51,17 @@ if [ -n "${BENCH_ROWS:-}" ]; then
     mapfile -t ROWS < <(for r in "${ROWS[@]}"; do [[ " $BENCH_ROWS " == *" ${r%% *} "* ]] && echo "$r"; done)
 fi
 fio_nbd "${URI[agent]}" write 1m 8 "$WORK_MIB" 1 >/dev/null   # fill the volume's working set
-fio_nbd "${URI[direct]}" write 1m 8 "$WORK_MIB" 1 >/dev/null  # and the device's start
+FIO_OFFSET_BYTES=$DATA_OFFSET fio_nbd "${URI[direct]}" write 1m 8 "$WORK_MIB" 1 >/dev/null  # the same device range
 
 results="$D/results.txt"
 for row in "${ROWS[@]}"; do
     read -r name rw bs depth <<<"$row"
     for path in agent proxy direct; do
-        echo "$name $path $(fio_nbd_cpu "${HOP[$path]}" "${URI[$path]}" "$rw" "$bs" "$depth" "$WORK_MIB" "$SECS")" >>"$results"
+        r=$(FIO_OFFSET_BYTES=${OFFSET[$path]} fio_nbd_cpu "${HOP[$path]}" "${URI[$path]}" "$rw" "$bs" "$depth" "$WORK_MIB" "$SECS")
+        echo "$name $path $r" >>"$results"
     done
     echo "done: $name" >&2
 done
-$BIN/sanvol-agent detach vol --control-socket "$D/agent-agent.sock"
-
 mkdir -p bench/results
 out="bench/results/agent-$(date +%Y%m%d-%H%M%S).md"
 python3 - "$results" "$SECS" >"$out" <<'PY'
@@ -74,3 +79,4 @@ for name, r in rows.items():
 PY
 cat "$out"
 echo "(saved to $out)"
+$BIN/sanvol-agent detach vol --control-socket "$D/agent-agent.sock" || echo "warning: detaching the volume failed" >&2

@@ -471,6 +471,9 @@ impl Admin {
     }
 
     fn choose(&mut self, env: &mut Env) -> Option<Request> {
+        if std::mem::take(&mut env.handoff_wanted) {
+            return Some(Request::Handoff { to: None });
+        }
         let meta = env.obs.meta.clone();
         let extent = env.cfg.extent_bytes;
         let n = self.next_name;
@@ -544,6 +547,17 @@ impl Admin {
             if self.pending.as_ref().is_some_and(|(p, _)| *p == id) {
                 env.trace(Proc::Admin, format_args!("<- #{id} {}", crate::describe_result(&result)));
                 let (_, request) = self.pending.take().expect("checked");
+                // A standby (or a server that handed off): the CLI moves on
+                // to another address.
+                if let Err(e) = &result {
+                    if e.code == volume_format::control::messages::ErrorCode::NotActive {
+                        env.break_conn(_conn, false, false);
+                        self.conn = None;
+                        self.connecting = false;
+                        self.retry_at = env.now + 20;
+                        return;
+                    }
+                }
                 if let (Request::VolumeCreate { name, .. }, Ok(Response::Done)) = (&request, &result) {
                     if let Some(v) = env.obs.meta.volume_by_name(name) {
                         let id = v.id.0;

@@ -40,6 +40,17 @@ pub struct FaultRates {
     /// A device loses power: unflushed writes may be lost, writes in flight
     /// torn; it comes back after a short outage.
     pub device_crash: f64,
+    /// Two-server world only: a metadata server's VM is paused — the process
+    /// stops *and* its monotonic clock (the lease task's and the core's)
+    /// stops with it. Off in drawn configs: a known defect (see
+    /// `tests/known_defects.rs`).
+    pub server_vm_pause: f64,
+    /// Two-server world only: a server host is cut off from the devices for
+    /// a while (its device requests fail; nothing it sends lands).
+    pub server_device_cut: f64,
+    /// Two-server world only: the admin asks the active server to hand the
+    /// pool to the standby (`sanvol mds handoff`), as a mean per second.
+    pub handoff: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -49,9 +60,18 @@ pub struct Config {
     /// settles (faults stop, crashed processes restart) and is checked.
     pub duration_ms: u64,
     pub settle_ms: u64,
-    /// Hosts a metadata server may run on (one runs at a time; after a crash
-    /// it restarts on any of them: a cold failover).
+    /// Hosts a metadata server may run on. With `servers == 1`, one server
+    /// runs at a time and after a crash it restarts on any of them (a cold
+    /// failover; the pool lease is not simulated). With `servers == 2`, every
+    /// host runs its own server for good (host id = host + 1) and the pool
+    /// lease decides which one is active ([`crate::lease`]).
     pub server_hosts: usize,
+    /// 1: the one-server world above; 2: two servers, one active by the pool
+    /// lease, the other standing by.
+    pub servers: usize,
+    /// The pool lease's I/O timeout `T` (`lease_io_timeout_ms`); two-server
+    /// world only.
+    pub lease_io_timeout_ms: u64,
     pub agents: usize,
     pub devices: usize,
     pub lease_ms: u64,
@@ -93,6 +113,16 @@ pub struct Config {
 impl Config {
     /// The world seed `seed` simulates.
     pub fn from_seed(seed: u64) -> Config {
+        Self::draw(seed, true)
+    }
+
+    /// The world seed `seed` simulated before the two-server world existed
+    /// (one server at a time): how seeds found then replay as they did.
+    pub fn one_server_world(seed: u64) -> Config {
+        Self::draw(seed, false)
+    }
+
+    fn draw(seed: u64, two_servers_drawn: bool) -> Config {
         let mut r = Rng::new(seed ^ 0x5EED_C0F1_6000_0000);
         let lease_ms = r.range(600, 3000);
         let durable_ms = if r.chance(0.3) { 0 } else { r.range(lease_ms / 2, 3 * lease_ms) };
@@ -100,7 +130,7 @@ impl Config {
         let net_max = net_min + r.range(1, 20);
         let heavy = r.chance(0.5);
         let k = if heavy { 2.0 } else { 1.0 };
-        Config {
+        let mut c = Config {
             seed,
             duration_ms: r.range(15_000, 40_000),
             settle_ms: 4 * (lease_ms + durable_ms) + 2_000,
@@ -130,7 +160,29 @@ impl Config {
                 agent_pause: k * r.range(0, 10) as f64 / 100.0,
                 agent_vm_pause: k * r.range(0, 8) as f64 / 100.0,
                 device_crash: k * r.range(0, 5) as f64 / 100.0,
+                server_vm_pause: 0.0,
+                server_device_cut: 0.0,
+                handoff: 0.0,
             },
+            servers: 1,
+            lease_io_timeout_ms: 0,
+        };
+        // Drawn after everything else, so a seed's one-server world is the
+        // one it drew before two servers existed (old seeds replay as they
+        // did).
+        if r.chance(0.5) && two_servers_drawn {
+            c.servers = 2;
+            c.server_hosts = 2;
+            c.lease_io_timeout_ms = r.range((lease_ms / 12).max(20), (lease_ms / 4).max(40));
+            c.faults.server_device_cut = k * r.range(0, 5) as f64 / 100.0;
+            c.faults.handoff = r.range(0, 10) as f64 / 100.0;
+            c.settle_ms += 12 * c.lease_io_timeout_ms;
         }
+        c
+    }
+
+    /// Whether two servers share the pool by its lease.
+    pub fn two_servers(&self) -> bool {
+        self.servers >= 2
     }
 }

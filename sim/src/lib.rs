@@ -51,6 +51,11 @@
 //!   what the production shell does (sessions, role checks, the device
 //!   task's commits with the real slot format, jobs, ticks, boot through
 //!   `MetadataArea::choose_newest`).
+//! - **Two servers and the pool lease** ([`lease`], half of the seeds):
+//!   each host runs a server for good; the real `LeaseMachine` on the
+//!   devices' lease areas decides which one serves; the other stands by
+//!   (`NotActive`), takes over when the lease lapses, or is handed the pool
+//!   (`sim/README.md`, "The two-server world").
 //! - **Agents** ([`agent`]): the real agent core
 //!   (`client_agent::core::AgentCore`) in a shell that does what the
 //!   agent's owner does, and a data path with the gate, lease and
@@ -74,6 +79,7 @@ pub mod agent;
 pub mod app;
 pub mod config;
 pub mod device;
+pub mod lease;
 pub mod net;
 pub mod observer;
 pub mod oracle;

@@ -12,7 +12,9 @@
 //! | `recall-completes-or-excludes` | every server tick | a recall ends (every holder confirmed or was excluded, and the change committed or failed) within `2 × lease + 1 s` of server time |
 //! | `grace-only-resumes` | the server answers | while the grace period lasts, no open, handover or admin change succeeds and no resume is refused as unavailable |
 //! | `generations-only-grow` | a commit; a server boot | committed generations strictly grow; a restarted server loads at least the last acknowledged generation, with every acknowledged change |
-//! | `no-unasked-availability-change` | the server core emits `HandOff` or `Stop` | a server that nobody asked to hand off and that never lost the pool lease keeps serving (this world runs one server at a time and never takes its lease) |
+//! | `no-unasked-availability-change` | the server core emits `HandOff` or `Stop` | one-server world: a server that nobody asked to hand off and that never lost the pool lease keeps serving (that world runs one server at a time and never takes its lease) |
+//! | `one-lease-holder-writes` | a device executes a write of a server (not to the lease area) | two-server world: no metadata or pre-image write of a server's term lands after another server's term started (it acquired the lease and loaded the metadata) |
+//! | `settled-one-active-server` | the end | two-server world: once settled, one server serves the pool and the other stands by |
 //! | `settled-*` | the end | once faults stop: no recall pending at the server, no agent gate stuck recalled, every planned holder attached |
 //!
 //! Data sweeps read the devices directly through the last committed
@@ -85,6 +87,9 @@ pub struct Observer {
     recalls: BTreeMap<u64, (u64, u64)>,
     /// Time the server spent paused (a recall's bound counts running time).
     pub server_paused_ms: u64,
+    /// Two-server world: every term that started, in order: (host,
+    /// incarnation, term, true ms it started).
+    pub terms: Vec<(usize, u64, u64, u64)>,
 }
 
 impl Observer {
@@ -100,7 +105,19 @@ impl Observer {
             snapshots: BTreeMap::new(),
             recalls: BTreeMap::new(),
             server_paused_ms: 0,
+            terms: Vec::new(),
         }
+    }
+
+    /// A server's term started (it holds the lease and loaded the metadata).
+    pub fn term_started(&mut self, host: usize, inc: u64, term: u64, at_ms: u64) {
+        self.terms.push((host, inc, term, at_ms));
+    }
+
+    /// Whether `(host, inc, term)` is the newest term (one-server world:
+    /// always).
+    pub fn is_current_term(&self, host: usize, inc: u64, term: u64) -> bool {
+        self.terms.last().is_none_or(|t| (t.0, t.1, t.2) == (host, inc, term))
     }
 
     pub fn set_lease(&mut self, handle: u64, agent: usize, inc: u64, until_clock: u64, monotonic: bool) {
@@ -131,6 +148,9 @@ fn active(meta: &PoolMetadata) -> BTreeMap<u64, (u64, OpenMode)> {
 
 /// A device executed a write of `origin` (`no-write-after-exclusion`).
 pub fn write_landed(env: &mut Env, dev: usize, origin: &DevOrigin) {
+    if let (Proc::Server(host), true) = (origin.proc, env.cfg.two_servers()) {
+        return server_write_landed(env, dev, host, origin);
+    }
     let Some(handle) = origin.handle else { return };
     if let Some((at, why)) = env.obs.excluded.get(&handle) {
         if *at < env.now {
@@ -142,6 +162,46 @@ pub fn write_landed(env: &mut Env, dev: usize, origin: &DevOrigin) {
             env.fail("no-write-after-exclusion", detail);
         }
     }
+}
+
+/// Two-server world: a server's write landed (`one-lease-holder-writes`).
+/// Lease sectors are the lease machine's business (any server writes them);
+/// every other write of a server belongs to one of its terms (the token's
+/// high bits), and must land before any later term started.
+fn server_write_landed(env: &mut Env, dev: usize, host: usize, origin: &DevOrigin) {
+    if origin.token >= crate::lease::LEASE_TOKEN_BASE {
+        return;
+    }
+    let term = origin.token >> 40;
+    let Some(pos) = env.obs.terms.iter().position(|t| (t.0, t.1, t.2) == (host, origin.inc, term)) else {
+        return env.fail(
+            "one-lease-holder-writes",
+            format!("{} wrote to device {dev} outside any term it held the lease in", origin.proc),
+        );
+    };
+    if let Some(&(h, _, _, started)) = env.obs.terms.get(pos + 1) {
+        let detail = format!(
+            "a write of {}'s term {term} (started {} ms) landed on device {dev} at {} ms, after {} took the pool lease \
+             and started serving at {started} ms",
+            origin.proc,
+            env.obs.terms[pos].3,
+            env.now,
+            Proc::Server(h)
+        );
+        env.fail("one-lease-holder-writes", detail);
+    }
+}
+
+/// A server adopted newly committed metadata. Two-server world: a server
+/// whose term another has superseded may still acknowledge a commit that
+/// landed before the other loaded (it was paused in between); that commit
+/// is in what the other loaded, so it is not news.
+pub fn committed_by(env: &mut Env, meta: &Arc<PoolMetadata>, (host, inc, term): (usize, u64, u64)) {
+    if !env.obs.is_current_term(host, inc, term) {
+        env.trace("observer", format_args!("a superseded term acknowledged generation {}", meta.generation));
+        return;
+    }
+    committed(env, meta);
 }
 
 /// A server adopted newly committed metadata.
@@ -456,7 +516,14 @@ pub fn sweep(env: &mut Env) {
 
 /// The settled world: nothing stuck.
 pub fn final_liveness(w: &mut World) {
-    if let Some(s) = &w.server {
+    if w.env.cfg.two_servers() {
+        let active: Vec<usize> = w.hosts.iter().flatten().filter(|h| h.is_active()).map(|h| h.host).collect();
+        if active.len() != 1 {
+            let detail = format!("after the world settled, {} servers serve the pool (hosts {active:?})", active.len());
+            return w.env.fail("settled-one-active-server", detail);
+        }
+    }
+    if let Some(s) = w.active_server() {
         if let Some((v, _)) = s.core.pending_changes.iter().next() {
             let detail = format!("a change of volume {v} is still pending after the world settled");
             return w.env.fail("settled-recalls-done", detail);

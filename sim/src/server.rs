@@ -108,8 +108,25 @@ enum Purpose {
 pub struct ServerProc {
     pub host: usize,
     pub inc: u64,
+    /// The term of its host's process (two-server world; 0 in the one-server
+    /// world, where a process serves once).
+    pub term: u64,
     pub core: Core,
     boot_ms: u64,
+    /// The process's VM-pause lag when the term started (its monotonic
+    /// clock misses what is added since).
+    lag_at_boot_ms: u64,
+    /// Two-server world: the lease task's commit window (`LeaseGuard`),
+    /// checked before every metadata write; `None`: always (one server).
+    guard: Option<crate::lease::Guard>,
+    /// A metadata write waits for a late renewal until then (true ms).
+    guard_wait_until: Option<u64>,
+    /// The core asked to hand the lease to this host id (the host does it).
+    pub handoff_asked: Option<u32>,
+    /// The core stopped serving (`Effect::Stop`): the host ends the term.
+    pub stopped: Option<String>,
+    /// Inputs for the core that arrive as messages (after this event).
+    deferred: VecDeque<Input>,
     sessions: BTreeMap<u64, ConnId>,
     conn_sessions: BTreeMap<ConnId, u64>,
     next_session: u64,
@@ -183,6 +200,19 @@ impl ServerProc {
     /// Reads the pool from the devices and starts a core:
     /// `Pool::open_journaled`, `MetaJournal::new`, then `Core::new`.
     pub fn boot(host: usize, inc: u64, env: &mut Env) -> Result<ServerProc, String> {
+        Self::boot_term(host, inc, 0, None, env)
+    }
+
+    /// A term of the two-server world (`active_term`): as [`ServerProc::boot`],
+    /// with the lease task's window guarding every metadata write.
+    pub fn boot_term(
+        host: usize,
+        inc: u64,
+        term: u64,
+        guard: impl Into<Option<crate::lease::Guard>>,
+        env: &mut Env,
+    ) -> Result<ServerProc, String> {
+        let guard = guard.into();
         let me = Proc::Server(host);
         let loaded = load_pool(env)?;
         let meta = loaded.metadata;
@@ -210,8 +240,15 @@ impl ServerProc {
         let mut s = ServerProc {
             host,
             inc,
+            term,
             core,
             boot_ms: env.now,
+            lag_at_boot_ms: env.proc(me).mono_lag_ms,
+            guard,
+            guard_wait_until: None,
+            handoff_asked: None,
+            stopped: None,
+            deferred: VecDeque::new(),
             sessions: BTreeMap::new(),
             conn_sessions: BTreeMap::new(),
             next_session: 1,
@@ -222,14 +259,46 @@ impl ServerProc {
             checking: None,
             jobs: BTreeMap::new(),
             tokens: BTreeMap::new(),
-            next_token: 1,
+            next_token: (term << 40) + 1,
             tick_ms,
             deadline_tick_at: None,
         };
         // The first input starts the core (restores handles, opens the grace period).
         s.apply(Input::Tick, env);
-        env.schedule(env.now + tick_ms, Ev::ServerTick { host, inc, periodic: true });
+        env.schedule(env.now + tick_ms, Ev::ServerTick { host, inc, term, periodic: true });
         Ok(s)
+    }
+
+    /// Inputs that arrived as messages.
+    pub fn on_deferred(&mut self, env: &mut Env) {
+        if let Some(input) = self.deferred.pop_front() {
+            self.apply(input, env);
+            self.next_work(env);
+        }
+    }
+
+    /// An input from the host (the lease task's news).
+    pub fn input(&mut self, input: Input, env: &mut Env) {
+        self.apply(input, env);
+    }
+
+    /// The connections of this term's sessions.
+    pub fn session_conns(&self) -> Vec<ConnId> {
+        self.sessions.values().copied().collect()
+    }
+
+    /// The lease task moved the window: a metadata write waiting for it
+    /// goes (or fails) now.
+    pub fn guard_changed(&mut self, guard: crate::lease::Guard, env: &mut Env) {
+        self.guard = Some(guard);
+        if self.guard_wait_until.is_some() {
+            self.next_work(env);
+        }
+    }
+
+    fn mono_ms(&self, env: &Env) -> u64 {
+        let lag = env.proc(self.me()).mono_lag_ms - self.lag_at_boot_ms;
+        env.now - self.boot_ms - lag
     }
 
     fn me(&self) -> Proc {
@@ -237,7 +306,7 @@ impl ServerProc {
     }
 
     fn now(&self, env: &Env) -> Now {
-        Now { mono_ms: env.now - self.boot_ms, unix_ms: EPOCH_UNIX_MS + env.now }
+        Now { mono_ms: self.mono_ms(env), unix_ms: EPOCH_UNIX_MS + env.now }
     }
 
     pub fn on_accept(&mut self, conn: ConnId, env: &mut Env) {
@@ -289,6 +358,13 @@ impl ServerProc {
                 return;
             }
         }
+        // The owner's check: nothing is answered without the pool lease.
+        if let Some(g) = self.guard.filter(|g| !g.may_commit(crate::lease::mono_ms(env, self.host))) {
+            let err = metadata_server::server::lease_task::closed_window_refusal(g.ended);
+            env.trace(self.me(), format_args!("-> #{id} refused: {}", err.message));
+            self.send_reply(conn, id, Err(err), env);
+            return;
+        }
         let reply = self.next_reply;
         self.next_reply += 1;
         self.replies.insert(reply, Asked { conn, id, request: request.clone() });
@@ -297,9 +373,13 @@ impl ServerProc {
 
     pub fn on_tick(&mut self, periodic: bool, env: &mut Env) {
         if periodic {
-            env.schedule(env.now + self.tick_ms, Ev::ServerTick { host: self.host, inc: self.inc, periodic: true });
+            let (host, inc, term) = (self.host, self.inc, self.term);
+            env.schedule(env.now + self.tick_ms, Ev::ServerTick { host, inc, term, periodic: true });
         } else if self.deadline_tick_at.is_some_and(|t| t <= env.now) {
             self.deadline_tick_at = None;
+        }
+        if self.guard_wait_until.is_some_and(|t| t <= env.now) {
+            self.next_work(env);
         }
         self.apply(Input::Tick, env);
         crate::observer::after_tick(env, &self.core);
@@ -323,7 +403,7 @@ impl ServerProc {
                     _ => load_pool(env).map(|l| Arc::new(l.metadata)),
                 };
                 match acked {
-                    Ok(meta) => crate::observer::committed(env, &meta),
+                    Ok(meta) => crate::observer::committed_by(env, &meta, (self.host, self.inc, self.term)),
                     Err(e) => env.fail("generations-only-grow", format!("the committed metadata does not load: {e}")),
                 }
                 continue;
@@ -334,7 +414,8 @@ impl ServerProc {
             let at = env.now + deadline.saturating_sub(self.core.now.mono_ms);
             if self.deadline_tick_at.is_none_or(|t| at < t) {
                 self.deadline_tick_at = Some(at);
-                env.schedule(at, Ev::ServerTick { host: self.host, inc: self.inc, periodic: false });
+                let (host, inc, term) = (self.host, self.inc, self.term);
+                env.schedule(at, Ev::ServerTick { host, inc, term, periodic: false });
             }
         }
     }
@@ -371,6 +452,10 @@ impl ServerProc {
             }
             Effect::Job { task, job } => self.start_job(task, job, env),
             Effect::Published { .. } => {}
+            // The two-server world: the host hands the lease over, or ends
+            // the term.
+            Effect::HandOff { to } if self.guard.is_some() => self.handoff_asked = Some(to),
+            Effect::Stop { why } if self.guard.is_some() => self.stopped = Some(why),
             // Nobody in this world asks for a handoff and the pool lease is
             // never lost (one server runs at a time): a core that gives up
             // serving on its own would leave the pool without a server.
@@ -391,6 +476,35 @@ impl ServerProc {
         if self.writing.is_some() || self.checking.is_some() {
             return;
         }
+        if let (Some(guard), Some(DeviceWork::Write { .. })) = (self.guard, self.work.front()) {
+            // `DeviceTask::run`: checked right before the write leaves, waiting
+            // up to LEASE_WAIT for a renewal in flight.
+            // The guard's window is on the process's clock (the lease task's).
+            let now = crate::lease::mono_ms(env, self.host);
+            if !guard.may_commit(now) {
+                let waited_out = self.guard_wait_until.is_some_and(|t| t <= env.now);
+                if !guard.ended && !waited_out {
+                    if self.guard_wait_until.is_none() {
+                        let at = env.now + crate::lease::LEASE_WAIT_MS;
+                        self.guard_wait_until = Some(at);
+                        let (host, inc, term) = (self.host, self.inc, self.term);
+                        env.schedule(at, Ev::ServerTick { host, inc, term, periodic: false });
+                    }
+                    return;
+                }
+                self.guard_wait_until = None;
+                let Some(DeviceWork::Write { task, write }) = self.work.pop_front() else { return };
+                let why = "this metadata server does not hold the pool lease now; nothing was written".to_string();
+                env.trace(self.me(), format_args!("metadata write refused: {why}"));
+                // The device task's answer reaches the owner as a message.
+                let input = Input::MetaWritten { task, written: vec![false; write.copies], failures: vec![why] };
+                self.deferred.push_back(input);
+                let (host, inc, term) = (self.host, self.inc, self.term);
+                env.schedule(env.now, Ev::ServerDeferred { host, inc, term });
+                return;
+            }
+        }
+        self.guard_wait_until = None;
         let Some(work) = self.work.pop_front() else { return };
         match work {
             DeviceWork::Write { task, write } => {
@@ -517,8 +631,17 @@ impl ServerProc {
     }
 
     fn write_phase_done(&mut self, env: &mut Env) {
+        let lease_gone = self.guard.is_some_and(|g| !g.may_commit(crate::lease::mono_ms(env, self.host)));
         let run = self.writing.as_mut().expect("running");
-        if !run.clearing && !run.write.clear_after.is_empty() {
+        if !run.clearing && !run.write.clear_after.is_empty() && lease_gone {
+            // `Pool::write_raw`: the lease is asked again before clearing.
+            for (copy, _, _) in &run.write.clear_after {
+                if let Some(w) = run.written.get_mut(*copy) {
+                    *w = false;
+                }
+            }
+            run.failures.push("this metadata server lost the pool lease before clearing the blocks".into());
+        } else if !run.clearing && !run.write.clear_after.is_empty() {
             run.clearing = true;
             return self.start_writes(env);
         }
@@ -637,6 +760,15 @@ impl ServerProc {
         let Some(run) = self.jobs.get_mut(&task) else { return };
         match (&mut run.state, result) {
             (JobState::Reading { .. }, DevResult::Failed(_)) => self.job_read(task, env),
+            (JobState::Reading { .. }, DevResult::Read(_))
+                if self.guard.is_some_and(|g| !g.may_commit(crate::lease::mono_ms(env, self.host))) =>
+            {
+                // `run_data_job`: no pre-image write without the pool lease.
+                self.jobs.remove(&task);
+                let why = metadata_server::server::jobs::NO_LEASE_FOR_JOB;
+                env.trace(self.me(), format_args!("job {task}: {why}"));
+                self.apply(Input::JobDone { task, outcome: JobOutcome::failed(why) }, env);
+            }
             (JobState::Reading { targets, .. }, DevResult::Read(data)) => {
                 let targets = std::mem::take(targets);
                 run.state = JobState::Writing { data, targets, written: 0 };

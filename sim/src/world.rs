@@ -27,6 +27,7 @@ use crate::agent::AgentHost;
 use crate::app::{Admin, Plan};
 use crate::config::Config;
 use crate::device::{Content, DevOp, DevResult, Device};
+use crate::lease::ServerHost;
 use crate::net::{ConnId, Net, Proc, Wire};
 use crate::observer::Observer;
 use crate::oracle::Oracle;
@@ -97,7 +98,26 @@ pub enum Ev {
     ServerTick {
         host: usize,
         inc: u64,
+        /// The term it is for (two-server world; 0 otherwise).
+        term: u64,
         periodic: bool,
+    },
+    /// Two-server world: a lease task's wait ends, or its round of I/O
+    /// runs out of time.
+    LeaseTimer {
+        host: usize,
+        inc: u64,
+        seq: u64,
+    },
+    /// Something for a term's core that came as a message (a refused write).
+    ServerDeferred {
+        host: usize,
+        inc: u64,
+        term: u64,
+    },
+    /// A server closes a session whose term ended (after what was queued).
+    ServerClose {
+        conn: ConnId,
     },
     ServerBoot {
         host: usize,
@@ -216,6 +236,9 @@ pub struct Stats {
     pub faults: u64,
     pub server_restarts: u64,
     pub agent_restarts: u64,
+    /// Two-server world: terms served (the first, takeovers, handoffs).
+    pub terms: u64,
+    pub handoffs: u64,
     pub sweeps: u64,
 }
 
@@ -242,8 +265,15 @@ pub struct Env {
     pub admin_key: [u8; 32],
     /// No more faults or workload (the settle phase).
     pub settling: bool,
-    /// The server host currently running (or booting) a server.
+    /// The server host currently running (or booting) a server (one-server
+    /// world).
     pub server_host: Option<usize>,
+    /// Two-server world: whether each host's server accepts connections.
+    pub listening: Vec<bool>,
+    /// Two-server world: each host is cut off from the devices until then.
+    pub device_cut: Vec<u64>,
+    /// Two-server world: the admin asks for a handoff at its next chance.
+    pub handoff_wanted: bool,
 }
 
 impl Env {
@@ -331,7 +361,7 @@ impl Env {
         if self.net.cut_until(client, host, self.now).is_some() {
             self.net.break_conn(conn);
             self.schedule(self.now + CONNECT_TIMEOUT_MS, Ev::ConnectFailed { conn });
-        } else if !self.procs.get(&server).is_some_and(|s| s.up) || self.server_host != Some(host) {
+        } else if !self.procs.get(&server).is_some_and(|s| s.up) || !self.host_listening(host) {
             // Nobody listens: refused at once.
             self.net.break_conn(conn);
             let at = self.now + 2 * self.rng.range(lo, hi);
@@ -343,9 +373,30 @@ impl Env {
         conn
     }
 
+    /// Whether a server listens on `host`.
+    pub fn host_listening(&self, host: usize) -> bool {
+        if self.cfg.two_servers() {
+            self.listening.get(host).copied().unwrap_or(false)
+        } else {
+            self.server_host == Some(host)
+        }
+    }
+
     /// Sends a request to device `dev`; its outcome comes back as a
     /// [`Ev::Notify`] with `origin.token`.
     pub fn device_submit(&mut self, dev: usize, op: DevOp, origin: DevOrigin) {
+        if let Proc::Server(h) = origin.proc {
+            let until = self.device_cut.get(h).copied().unwrap_or(0);
+            if until > self.now {
+                // Cut off: the request never arrives; it fails when the
+                // connection gives up (or the cut heals and it notices).
+                let at = until.min(self.now + CONNECT_TIMEOUT_MS);
+                let (proc, inc, token) = (origin.proc, origin.inc, origin.token);
+                let result = DevResult::Failed(format!("device {dev}: no answer (cut off from the devices)"));
+                self.schedule(at, Ev::Notify { proc, inc, token, result });
+                return;
+            }
+        }
         let (lo, hi) = self.cfg.device_latency_ms;
         if !self.devices[dev].up {
             let at = self.now + 1;
@@ -370,7 +421,10 @@ impl Env {
 
 pub struct World {
     pub env: Env,
+    /// One-server world: the server.
     pub server: Option<ServerProc>,
+    /// Two-server world: each host's server process.
+    pub hosts: Vec<Option<ServerHost>>,
     pub agents: Vec<Option<AgentHost>>,
     pub admin: Option<Admin>,
 }
@@ -452,10 +506,11 @@ impl World {
             rng.fill(&mut instance);
             ProcState { inc: 1, up: true, paused_until: 0, boot_ms: 0, mono_lag_ms: 0, instance }
         };
+        let two = cfg.two_servers();
         for h in 0..cfg.server_hosts {
             let mut s = proc_state(&mut rng);
-            s.up = h == 0;
-            s.inc = if h == 0 { 1 } else { 0 };
+            s.up = h == 0 || two;
+            s.inc = if h == 0 || two { 1 } else { 0 };
             procs.insert(Proc::Server(h), s);
         }
         for a in 0..cfg.agents {
@@ -489,11 +544,21 @@ impl World {
             agent_keys,
             admin_key,
             settling: false,
-            server_host: Some(0),
+            server_host: if two { None } else { Some(0) },
+            listening: vec![false; cfg.server_hosts],
+            device_cut: vec![0; cfg.server_hosts],
+            handoff_wanted: false,
             cfg,
         };
-        let mut w = World { env, server: None, agents: Vec::new(), admin: None };
-        w.env.schedule(0, Ev::ServerBoot { host: 0, inc: 1 });
+        let mut w = World { env, server: None, hosts: Vec::new(), agents: Vec::new(), admin: None };
+        if two {
+            for h in 0..w.env.cfg.server_hosts {
+                let s = ServerHost::start(h, 1, &mut w.env);
+                w.hosts.push(Some(s));
+            }
+        } else {
+            w.env.schedule(0, Ev::ServerBoot { host: 0, inc: 1 });
+        }
         for a in 0..w.env.cfg.agents {
             let host = AgentHost::start(a, 1, &mut w.env);
             w.agents.push(Some(host));
@@ -587,7 +652,9 @@ impl World {
                         else {
                             return;
                         };
-                        if let Some(s) = self.server.as_mut().filter(|s| s.host == c.server_host) {
+                        if let Some(Some(h)) = self.hosts.get_mut(c.server_host) {
+                            h.on_message(conn, msg, &mut self.env);
+                        } else if let Some(s) = self.server.as_mut().filter(|s| s.host == c.server_host) {
                             s.on_message(conn, msg, &mut self.env);
                         }
                     }
@@ -624,6 +691,14 @@ impl World {
                 else {
                     return;
                 };
+                let host = self.hosts.get_mut(c.server_host).and_then(|h| h.as_mut());
+                if let Some(h) = host {
+                    h.on_accept(conn, &mut self.env);
+                    let at =
+                        self.env.now + self.env.rng.range(self.env.cfg.net_delay_ms.0, self.env.cfg.net_delay_ms.1);
+                    self.env.schedule(at, Ev::Connected { conn });
+                    return;
+                }
                 match self.server.as_mut().filter(|s| s.host == c.server_host) {
                     Some(s) => {
                         s.on_accept(conn, &mut self.env);
@@ -686,7 +761,9 @@ impl World {
                 if self.admit(Proc::Server(c.server_host), c.server_inc, ev).is_none() {
                     return;
                 }
-                if let Some(s) = self.server.as_mut().filter(|s| s.host == c.server_host) {
+                if let Some(Some(h)) = self.hosts.get_mut(c.server_host) {
+                    h.on_conn_lost(conn, &mut self.env);
+                } else if let Some(s) = self.server.as_mut().filter(|s| s.host == c.server_host) {
                     s.on_conn_lost(conn, &mut self.env);
                 }
             }
@@ -708,7 +785,9 @@ impl World {
                 let Some(Ev::Notify { result, .. }) = self.admit(proc, inc, ev) else { return };
                 match proc {
                     Proc::Server(h) => {
-                        if let Some(s) = self.server.as_mut().filter(|s| s.host == h) {
+                        if let Some(Some(host)) = self.hosts.get_mut(h) {
+                            host.on_device_done(token, result, &mut self.env);
+                        } else if let Some(s) = self.server.as_mut().filter(|s| s.host == h) {
                             s.on_device_done(token, result, &mut self.env);
                         }
                     }
@@ -720,12 +799,45 @@ impl World {
                     Proc::Admin => {}
                 }
             }
-            Ev::ServerTick { host, inc, periodic } => {
-                if self.admit(Proc::Server(host), inc, Ev::ServerTick { host, inc, periodic }).is_none() {
+            Ev::ServerTick { host, inc, term, periodic } => {
+                if self.admit(Proc::Server(host), inc, Ev::ServerTick { host, inc, term, periodic }).is_none() {
                     return;
                 }
-                if let Some(s) = self.server.as_mut().filter(|s| s.host == host) {
+                if let Some(Some(h)) = self.hosts.get_mut(host) {
+                    h.on_tick(term, periodic, &mut self.env);
+                } else if let Some(s) = self.server.as_mut().filter(|s| s.host == host) {
                     s.on_tick(periodic, &mut self.env);
+                }
+            }
+            Ev::LeaseTimer { host, inc, seq } => {
+                if self.admit(Proc::Server(host), inc, Ev::LeaseTimer { host, inc, seq }).is_none() {
+                    return;
+                }
+                if let Some(Some(h)) = self.hosts.get_mut(host) {
+                    h.on_timer(seq, &mut self.env);
+                }
+            }
+            Ev::ServerDeferred { host, inc, term } => {
+                if self.admit(Proc::Server(host), inc, Ev::ServerDeferred { host, inc, term }).is_none() {
+                    return;
+                }
+                if let Some(Some(h)) = self.hosts.get_mut(host) {
+                    h.on_deferred(term, &mut self.env);
+                }
+            }
+            Ev::ServerClose { conn } => {
+                let Some(c) = self.env.net.get(conn).cloned() else { return };
+                if !c.open {
+                    return;
+                }
+                let ev = Ev::ServerClose { conn };
+                if self.admit(Proc::Server(c.server_host), c.server_inc, ev).is_none() {
+                    return;
+                }
+                self.env.trace(Proc::Server(c.server_host), format_args!("closes connection {conn} (its term ended)"));
+                self.env.break_conn(conn, false, false);
+                if let Some(Some(h)) = self.hosts.get_mut(c.server_host) {
+                    h.on_conn_lost(conn, &mut self.env);
                 }
             }
             Ev::ServerBoot { host, inc } => {
@@ -842,7 +954,10 @@ impl World {
             + f.agent_crash
             + f.agent_pause
             + f.agent_vm_pause
-            + f.device_crash;
+            + f.device_crash
+            + f.server_vm_pause
+            + f.server_device_cut
+            + f.handoff;
         if total <= 0.0 {
             return u64::MAX / 4;
         }
@@ -861,10 +976,15 @@ impl World {
             f.agent_pause,
             f.agent_vm_pause,
             f.device_crash,
+            f.server_vm_pause,
+            f.server_device_cut,
+            f.handoff,
         ];
         let total: f64 = kinds.iter().sum();
         let mut x = (self.env.rng.u64() >> 11) as f64 / (1u64 << 53) as f64 * total;
-        let mut kind = kinds.len() - 1;
+        // Rounding leaves it on the device crash (the last kind before the
+        // two-server world's).
+        let mut kind = 7;
         for (i, k) in kinds.iter().enumerate() {
             if x < *k {
                 kind = i;
@@ -904,6 +1024,41 @@ impl World {
                         self.schedule_break(conn, patience);
                     }
                 }
+            }
+            2 | 3 | 8 if self.env.cfg.two_servers() => {
+                let up: Vec<usize> =
+                    (0..self.env.cfg.server_hosts).filter(|h| self.env.proc(Proc::Server(*h)).up).collect();
+                let Some(&host) = self.env.rng.pick(&up) else { return };
+                let t = self.env.cfg.lease_io_timeout_ms;
+                match kind {
+                    2 => {
+                        self.crash_host(host);
+                        let back = self.env.rng.range(10, 2 * lease);
+                        self.env.schedule(self.env.now + back, Ev::Restart { proc: Proc::Server(host) });
+                    }
+                    // Paused past its lease now and then (the standby takes over).
+                    3 => {
+                        let d = self.env.rng.range(10, 2 * lease.max(12 * t));
+                        self.pause(Proc::Server(host), d, false);
+                    }
+                    _ => {
+                        let d = self.env.rng.range(10, 2 * lease.max(12 * t));
+                        self.pause(Proc::Server(host), d, true);
+                    }
+                }
+            }
+            9 => {
+                let host = self.env.rng.index(self.env.cfg.server_hosts);
+                let t = self.env.cfg.lease_io_timeout_ms;
+                let d = self.env.rng.range(t, 12 * t);
+                self.env.trace("fault", format_args!("{} is cut off from the devices for {d} ms", Proc::Server(host)));
+                let until = self.env.now + d;
+                let cut = &mut self.env.device_cut[host];
+                *cut = (*cut).max(until);
+            }
+            10 => {
+                self.env.trace("fault", format_args!("the admin will ask for a handoff"));
+                self.env.handoff_wanted = true;
             }
             2 => {
                 if let Some(host) = self.env.server_host {
@@ -986,6 +1141,26 @@ impl World {
         self.env.obs.server_down();
     }
 
+    /// Two-server world: the server process on `host` dies (its lease
+    /// requests in flight still land).
+    fn crash_host(&mut self, host: usize) {
+        self.env.trace("fault", format_args!("{} crashes", Proc::Server(host)));
+        if let Some(s) = self.env.procs.get_mut(&Proc::Server(host)) {
+            s.up = false;
+            s.paused_until = 0;
+        }
+        let was_active = self.hosts[host].take().is_some_and(|h| h.is_active());
+        self.env.listening[host] = false;
+        let conns: Vec<ConnId> =
+            self.env.net.conns.values().filter(|c| c.open && c.server_host == host).map(|c| c.id).collect();
+        for conn in conns {
+            self.env.break_conn(conn, true, false);
+        }
+        if was_active {
+            self.env.obs.server_down();
+        }
+    }
+
     fn crash_agent(&mut self, a: usize) {
         self.env.trace("fault", format_args!("{} crashes", Proc::Agent(a)));
         if let Some(s) = self.env.procs.get_mut(&Proc::Agent(a)) {
@@ -1029,6 +1204,24 @@ impl World {
 
     fn restart(&mut self, proc: Proc) {
         match proc {
+            Proc::Server(host) if self.env.cfg.two_servers() => {
+                if self.hosts[host].is_some() {
+                    return;
+                }
+                let mut instance = [0u8; 16];
+                self.env.rng.fill(&mut instance);
+                let now = self.env.now;
+                let s = self.env.procs.get_mut(&Proc::Server(host)).expect("a server host");
+                s.inc += 1;
+                s.up = true;
+                s.paused_until = 0;
+                s.boot_ms = now;
+                s.mono_lag_ms = 0;
+                s.instance = instance;
+                let inc = s.inc;
+                self.env.stats.server_restarts += 1;
+                self.hosts[host] = Some(ServerHost::start(host, inc, &mut self.env));
+            }
             Proc::Server(_) => {
                 if self.env.server_host.is_some() {
                     return;
@@ -1079,7 +1272,14 @@ impl World {
                 self.env.schedule(self.env.now + 1, Ev::DeviceRestart { dev });
             }
         }
-        if self.env.server_host.is_none() {
+        if self.env.cfg.two_servers() {
+            for h in 0..self.hosts.len() {
+                self.env.device_cut[h] = 0;
+                if self.hosts[h].is_none() {
+                    self.env.schedule(self.env.now + 1, Ev::Restart { proc: Proc::Server(h) });
+                }
+            }
+        } else if self.env.server_host.is_none() {
             self.env.schedule(self.env.now + 1, Ev::Restart { proc: Proc::Server(0) });
         }
         for a in 0..self.agents.len() {
@@ -1097,5 +1297,10 @@ impl World {
             return;
         }
         crate::observer::final_liveness(self);
+    }
+
+    /// The server serving the pool now, if any.
+    pub fn active_server(&self) -> Option<&ServerProc> {
+        self.server.as_ref().or_else(|| self.hosts.iter().flatten().find_map(|h| h.term.as_ref()))
     }
 }

@@ -4,7 +4,7 @@
 //! delete it then (and its entry in `sanvol_sim::observer::KNOWN_DEFECTS`,
 //! or the config knob that keeps it out of the random runs).
 //!
-//! `SIM_HUNT=clock|latency [SIM_HUNT_SEEDS=N]` searches seeds for the
+//! `SIM_HUNT=clock|latency|server-clock [SIM_HUNT_SEEDS=N]` searches seeds for the
 //! configuration a test below uses and prints the failing ones with the
 //! time taken (how the pinned seeds were found).
 
@@ -28,6 +28,21 @@ fn monotonic_agent(seed: u64) -> Config {
 fn slow_devices(seed: u64) -> Config {
     let mut c = Config::from_seed(seed);
     c.device_stall = (0.02, 1_000);
+    c
+}
+
+/// Today's metadata server measures its pool lease on `CLOCK_MONOTONIC`
+/// (tokio's `Instant` in `lease_task::LeaseGuard`), which stops during a VM
+/// pause: a server whose VM was paused past its pool lease finds on resume
+/// that its commit window still has what was left of it, and commits (and
+/// answers) after the standby took the pool over — issue 14's clock class,
+/// for the pool lease (the fix: measure the window on `CLOCK_BOOTTIME`).
+/// Only two-server seeds have a pool lease; others are returned as drawn.
+fn server_vm_paused(seed: u64) -> Config {
+    let mut c = Config::from_seed(seed);
+    if c.two_servers() {
+        c.faults.server_vm_pause = 0.1;
+    }
     c
 }
 
@@ -55,6 +70,19 @@ fn issue_14_a_write_slower_than_the_renewal_lands_after_the_release() {
     );
 }
 
+#[test]
+fn issue_14_a_vm_paused_server_on_the_monotonic_clock_commits_after_the_takeover() {
+    let config = server_vm_paused(PINNED_SERVER_CLOCK_SEED);
+    assert!(config.two_servers(), "seed {PINNED_SERVER_CLOCK_SEED} draws the two-server world");
+    let o = run(config, false);
+    let v = o.violation.as_ref().unwrap_or_else(|| panic!("{}", violated(&o)));
+    assert_eq!(v.invariant, "one-lease-holder-writes", "seed {PINNED_SERVER_CLOCK_SEED}: {v}");
+}
+
+/// mds@1's VM is paused 4755 ms at 8.3 s; mds@0 takes the pool over at
+/// 11.3 s; mds@1 resumes at 13.0 s, its clock 4755 ms behind, and writes a
+/// journal entry at once (`SIM_HUNT_REPLAY=server-clock:27`).
+const PINNED_SERVER_CLOCK_SEED: u64 = 27;
 const PINNED_CLOCK_SEED: u64 = 2;
 const PINNED_LATENCY_SEED: u64 = 26;
 
@@ -66,12 +94,17 @@ fn hunt() {
     let make: fn(u64) -> Config = match what.as_str() {
         "clock" => monotonic_agent,
         "latency" => slow_devices,
-        other => panic!("SIM_HUNT={other}: clock or latency"),
+        "server-clock" => server_vm_paused,
+        other => panic!("SIM_HUNT={other}: clock, latency or server-clock"),
     };
     let start = Instant::now();
     let mut found = 0;
     for seed in 1..=seeds {
-        let o = run(make(seed), false);
+        let config = make(seed);
+        if what == "server-clock" && !config.two_servers() {
+            continue;
+        }
+        let o = run(config, false);
         if let Some(v) = &o.violation {
             eprintln!("seed {seed} after {:.2} s ({seed} seeds): {v}", start.elapsed().as_secs_f64());
             found += 1;
@@ -91,7 +124,8 @@ fn hunt_replay() {
     let config = match what {
         "clock" => monotonic_agent(seed),
         "latency" => slow_devices(seed),
-        other => panic!("{other}: clock or latency"),
+        "server-clock" => server_vm_paused(seed),
+        other => panic!("{other}: clock, latency or server-clock"),
     };
     let o = run(config, true);
     eprintln!("{}", violated(&o));

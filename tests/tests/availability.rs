@@ -98,6 +98,12 @@ async fn of_two_servers_started_together_exactly_one_becomes_active() {
 /// CLI know both addresses.
 fn active_and_standby(stack: &mut Stack) -> ServerProc {
     stack.start_mds();
+    // A server listens before it acquires the lease: started within the
+    // acquire wait of the first, the second would win the race for the
+    // free lease (the later writer wins). The first is active, then.
+    poll(stack, "the first server to become active", Duration::from_secs(30), || {
+        status_at(stack, &stack.mds_addr()).ok()
+    });
     let standby = stack.start_server(2);
     stack.more_mds.push(standby.addr());
     wait_roles(stack, &stack.mds_addr(), &standby.addr(), "mds-1");

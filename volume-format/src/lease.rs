@@ -219,6 +219,15 @@ impl LeaseTiming {
 /// The owner record a majority of copies agree on, if any: `Ok(None)` if a
 /// majority shows the lease free; `Err` if no majority agrees (a write in
 /// progress, or copies unreadable).
+///
+/// Copies agree when they show the same *holding* (owner, process,
+/// acquisition; [`LeaseRecord::same_holding`]), whatever their counters:
+/// renewals that reached only some copies (a copy down for a while, an
+/// owner that died in the middle of a renewal) leave the copies of one
+/// holding at different counters for good, and requiring equal records
+/// would then leave the lease with no majority forever — nobody could ever
+/// take it over. The record returned is the holding's newest (highest
+/// counter), so a standby sees it change while the owner renews any copy.
 pub fn majority(records: &[Result<Option<LeaseRecord>, String>]) -> Result<Option<LeaseRecord>, String> {
     let need = records.len() / 2 + 1;
     let mut free = 0;
@@ -228,8 +237,13 @@ pub fn majority(records: &[Result<Option<LeaseRecord>, String>]) -> Result<Optio
         match r {
             Ok(None) => free += 1,
             Ok(Some(rec)) if rec.is_free() => free += 1,
-            Ok(Some(rec)) => match candidates.iter_mut().find(|(c, _)| *c == rec) {
-                Some((_, n)) => *n += 1,
+            Ok(Some(rec)) => match candidates.iter_mut().find(|(c, _)| c.same_holding(rec)) {
+                Some((newest, n)) => {
+                    *n += 1;
+                    if rec.counter > newest.counter {
+                        *newest = rec;
+                    }
+                }
                 None => candidates.push((rec, 1)),
             },
             Err(e) => errors.push(e.clone()),

@@ -236,7 +236,13 @@ impl Pool {
     /// Performs sealed metadata writes on every target concurrently; returns
     /// which copies took them (written, flushed, and read back if asked)
     /// and why the others did not.
-    pub async fn write_raw(&self, write: &RawWrite) -> (Vec<bool>, Vec<String>) {
+    ///
+    /// `may_write` is asked again before the blocks are cleared: the
+    /// writes, flushes and read-backs take time (and the process may be
+    /// stopped in between), and a server that lost the pool lease meanwhile
+    /// must not zero blocks of a ring the server now active writes. The
+    /// copies whose blocks were not cleared count as not written.
+    pub async fn write_raw(&self, write: &RawWrite, may_write: impl Fn() -> bool) -> (Vec<bool>, Vec<String>) {
         let target = |(copy, uuid, offset): &(usize, Uuid, u64)| {
             let device = self.devices.iter().find(|d| d.expected_uuid == Some(*uuid));
             CopyTarget {
@@ -252,7 +258,16 @@ impl Pool {
         let (mut written, mut failures) = write_everywhere(write.copies, &targets, &write.bytes, verify, fault).await;
         let clears: Vec<CopyTarget> =
             write.clear_after.iter().map(target).filter(|t| written.get(t.copy) == Some(&true)).collect();
-        if !clears.is_empty() {
+        if !clears.is_empty() && !may_write() {
+            for t in &clears {
+                written[t.copy] = false;
+            }
+            failures.push(
+                "this metadata server lost the pool lease before clearing the blocks after the write; nothing more \
+                 was written"
+                    .into(),
+            );
+        } else if !clears.is_empty() {
             let zero = Bytes::from(vec![0u8; BLOCK_BYTES as usize]);
             let (cleared, f) = write_everywhere(write.copies, &clears, &zero, None, "").await;
             for t in &clears {

@@ -1188,18 +1188,25 @@ impl Core {
                 self.reply(reply, Ok(Response::Done));
                 self.stop_serving(why, Some(target.addrs.clone()));
             }
-            Err(e) => match self.lease_lost_in_handoff.take() {
-                Some(why) => {
-                    let e = ControlError::new(ErrorCode::Internal, format!("the handoff failed: {e}; {why}"));
-                    self.reply(reply, Err(e));
-                    self.lease_lost(why);
-                }
-                None => {
-                    warn!(to = %target.name, "the handoff failed: {e}; serving on");
-                    let e = ControlError::new(ErrorCode::Internal, format!("the handoff failed: {e}; still serving"));
-                    self.reply(reply, Err(e));
-                }
-            },
+            // A failed handoff gives the lease up all the same: the lease
+            // task commits nothing more once it started writing the handoff
+            // record (a write that timed out may still have reached the
+            // copies, and the standby then acquires at once), so serving on
+            // would only refuse every commit, forever. Stop; the standby (or
+            // this server again) acquires once the record expires.
+            Err(e) => {
+                let why = match self.lease_lost_in_handoff.take() {
+                    Some(why) => format!("the handoff failed: {e}; {why}"),
+                    None => format!(
+                        "the handoff to {} failed ({e}); the pool lease was given up with it, so the pool is served \
+                         again once its record expires",
+                        target.name
+                    ),
+                };
+                warn!(to = %target.name, "{why}");
+                self.reply(reply, Err(ControlError::new(ErrorCode::Internal, why.clone())));
+                self.lease_lost(why);
+            }
         }
     }
 

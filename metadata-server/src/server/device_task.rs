@@ -79,7 +79,8 @@ impl DeviceTask {
                 }
                 DeviceWork::Write { task, write } => {
                     let started = std::time::Instant::now();
-                    let (written, failures) = self.pool.write_raw(&write).await;
+                    let guard = self.guard.clone();
+                    let (written, failures) = self.pool.write_raw(&write, || guard.may_commit()).await;
                     super::metrics::committed(started.elapsed(), failures.is_empty());
                     if !failures.is_empty() {
                         // The next commit (which supersedes this one) goes

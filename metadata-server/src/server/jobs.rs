@@ -83,8 +83,16 @@ impl JobOutcome {
     }
 }
 
+/// Why a job stopped before writing a pre-image: the pool lease is gone.
+pub const NO_LEASE_FOR_JOB: &str = "this metadata server does not hold the pool lease now; no pre-image was written";
+
 /// Runs a data job ([`Job::CowCopy`] or [`Job::Merge`]) with `devices`.
-pub async fn run_data_job(job: Job, devices: &DeviceClients) -> JobOutcome {
+///
+/// Every pre-image write first asks `may_write` (the pool lease's commit
+/// window, as metadata writes do): a server that lost the lease (paused
+/// past it, cut off) must not write into a snapshot's copy-on-write area
+/// that the server now active maps and fills itself.
+pub async fn run_data_job(job: Job, devices: &DeviceClients, may_write: impl Fn() -> bool) -> JobOutcome {
     match job {
         Job::CowCopy { meta, volume, snapshot, chunks } => {
             let Some(s) = meta.snapshot(snapshot) else {
@@ -94,10 +102,17 @@ pub async fn run_data_job(job: Job, devices: &DeviceClients) -> JobOutcome {
                 let (start, len) = s.chunk_range(chunk);
                 let copied = async {
                     let data = devices.read_live(&meta, volume, start, len as u32).await?;
-                    devices.write_cow(&meta, snapshot, chunk, data).await
+                    if !may_write() {
+                        return Ok(Err(NO_LEASE_FOR_JOB));
+                    }
+                    devices.write_cow(&meta, snapshot, chunk, data).await.map(Ok)
                 };
-                if let Err(e) = copied.await {
-                    return JobOutcome::failed(format!("copying the pre-image of chunk {chunk}: {e}"));
+                match copied.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(why)) => {
+                        return JobOutcome::failed(format!("copying the pre-image of chunk {chunk}: {why}"))
+                    }
+                    Err(e) => return JobOutcome::failed(format!("copying the pre-image of chunk {chunk}: {e}")),
                 }
             }
             JobOutcome::done()
@@ -110,10 +125,17 @@ pub async fn run_data_job(job: Job, devices: &DeviceClients) -> JobOutcome {
                 let (_, len) = s.chunk_range(chunk);
                 let moved = async {
                     let data = devices.read_cow(&meta, from, chunk, 0, len as u32).await?;
-                    devices.write_cow(&meta, into, chunk, data).await
+                    if !may_write() {
+                        return Ok(Err(NO_LEASE_FOR_JOB));
+                    }
+                    devices.write_cow(&meta, into, chunk, data).await.map(Ok)
                 };
-                if let Err(e) = moved.await {
-                    return JobOutcome::failed(format!("moving pre-images of snapshot {}: {e}", s.name));
+                match moved.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(why)) => {
+                        return JobOutcome::failed(format!("moving pre-images of snapshot {}: {why}", s.name))
+                    }
+                    Err(e) => return JobOutcome::failed(format!("moving pre-images of snapshot {}: {e}", s.name)),
                 }
             }
             if !chunks.is_empty() {

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 use uuid::Uuid;
+use volume_format::control::messages::{ControlError, ErrorCode};
 use volume_format::lease::{
     decode_sector, encode_sector, LeaseAction, LeaseMachine, LeasePhase, LeaseRecord, LeaseTiming, ServerRole,
     LEASE_SECTOR_BYTES,
@@ -92,6 +93,11 @@ impl LeaseGuard {
         !self.ended.load(Ordering::Acquire) && self.now_ms() < self.valid_until_ms.load(Ordering::Acquire)
     }
 
+    /// `None` while this server may commit; else what a request is answered.
+    pub fn refusal(&self) -> Option<ControlError> {
+        (!self.may_commit()).then(|| closed_window_refusal(self.ended.load(Ordering::Acquire)))
+    }
+
     fn extend(&self, valid_until_ms: u64) {
         let before = self.valid_until_ms.fetch_max(valid_until_ms, Ordering::AcqRel);
         if valid_until_ms > before {
@@ -103,6 +109,30 @@ impl LeaseGuard {
     pub fn end(&self) {
         self.ended.store(true, Ordering::Release);
         self.changed.send_modify(|n| *n += 1);
+    }
+}
+
+/// The answer to a request that arrives while this server may not commit
+/// (its pool lease window is closed; `ended`: lost or handed on for good).
+///
+/// Why requests and not only commits: some answers grant without a commit
+/// — a handle's lease renewal, a copy-on-write registration already made —
+/// and a server paused past its pool lease would otherwise renew agents'
+/// handle leases after the standby took over and released those handles.
+/// Within the window the renewals it grants end at most 3T + the agent
+/// lease after its last good pool-lease renewal, long before a new server
+/// (9T later at the earliest, then a whole agent lease) releases them.
+pub fn closed_window_refusal(ended: bool) -> ControlError {
+    if ended {
+        ControlError::new(
+            ErrorCode::NotActive,
+            "this metadata server no longer holds the pool lease; another server serves the pool",
+        )
+    } else {
+        ControlError::new(
+            ErrorCode::Unavailable,
+            "this metadata server is renewing its pool lease (it could not for a while); retry shortly",
+        )
     }
 }
 
@@ -298,7 +328,16 @@ impl LeaseTask {
             LeaseAction::Read => {
                 self.machine.reading(now);
                 let records = self.read_owner().await;
-                let action = self.machine.read_done(self.guard.now_ms(), &records);
+                let done = self.guard.now_ms();
+                if done.saturating_sub(now) > self.machine.timing.io_timeout_ms {
+                    warn!(
+                        read_ms = done - now,
+                        io_timeout_ms = self.machine.timing.io_timeout_ms,
+                        "reading the pool lease took longer than the lease I/O timeout; this read does not count"
+                    );
+                }
+                let action = self.machine.read_done(done, &records);
+                tracing::debug!(?records, ?action, phase = ?self.machine.phase, "lease read");
                 if let LeaseAction::Write(record) = action {
                     self.write(&record).await;
                 }
@@ -308,16 +347,28 @@ impl LeaseTask {
                 let presence = self.last_presence_ms.map_or(now, |p| p + self.machine.timing.io_timeout_ms);
                 let until = t.min(presence).max(now + 1);
                 let sleep = tokio::time::sleep(Duration::from_millis(until - now));
+                // A closed command channel or a dropped stop sender (the
+                // server shutting down) ends nothing: waiting on them would
+                // return at once, again and again (a busy loop, seen at
+                // shutdown until the lease was released).
                 let command = async {
                     match commands {
-                        Some(c) => c.recv().await,
+                        Some(c) => match c.recv().await {
+                            Some(cmd) => cmd,
+                            None => std::future::pending().await,
+                        },
                         None => std::future::pending().await,
+                    }
+                };
+                let stopped = async {
+                    if stop.wait_for(|s| *s).await.is_err() {
+                        std::future::pending::<()>().await
                     }
                 };
                 tokio::select! {
                     _ = sleep => {}
-                    cmd = command => return cmd,
-                    _ = stop.wait_for(|s| *s) => {}
+                    cmd = command => return Some(cmd),
+                    _ = stopped => {}
                 }
             }
         }
@@ -370,12 +421,7 @@ impl LeaseTask {
         let t = self.machine.timing.io_timeout_ms;
         if self.last_presence_ms.is_none_or(|p| now >= p + t) {
             self.last_presence_ms = Some(now);
-            let mut me = self.machine.me.clone();
-            me.role = match self.machine.phase {
-                LeasePhase::Owner { .. } => ServerRole::Active,
-                LeasePhase::HandedOff { .. } | LeasePhase::Lost { .. } => ServerRole::Stopped,
-                _ => ServerRole::Standby,
-            };
+            let me = presence_record(&self.machine);
             super::metrics::set_role(match me.role {
                 ServerRole::Active => "active",
                 ServerRole::Standby => "standby",
@@ -386,21 +432,8 @@ impl LeaseTask {
         let active = matches!(self.machine.phase, LeasePhase::Owner { .. });
         if active && self.last_servers_read_ms.is_none_or(|p| now >= p + 2 * t) {
             self.last_servers_read_ms = Some(now);
-            let mut servers = self.read_hosts().await;
-            // This server is active, whatever its sector said when read (a
-            // presence written while it stood by may still be there).
-            let mut me = self.machine.me.clone();
-            me.role = ServerRole::Active;
-            servers.retain(|s| s.host_id != me.host_id);
-            // Another server's sector saying "active" is from before this
-            // one took the lease: that server stopped (or is about to say
-            // it stands by, within T). Never list two active servers.
-            for s in servers.iter_mut().filter(|s| s.role == ServerRole::Active) {
-                s.role = ServerRole::Stopped;
-            }
-            servers.push(me);
-            servers.sort_by_key(|s| s.host_id);
-            self.servers.send_replace(servers);
+            let read = self.read_hosts().await;
+            self.servers.send_replace(active_servers_listing(&self.machine.me, read));
         }
     }
 
@@ -445,6 +478,11 @@ impl LeaseTask {
             decode_sector(&bytes, pool).map_err(|e| format!("device {}: {e}", copy.uri))
         });
         let results = join_all(reads).await;
+        for r in results.iter().filter_map(|r| r.as_ref().err()) {
+            // A renewal whose read fails does not count: say why, or the
+            // server stops committing with no word in its log.
+            warn!("lease read failed: {r}");
+        }
         self.forget_failed(&results);
         results
     }
@@ -511,6 +549,37 @@ impl LeaseTask {
             }
         }
     }
+}
+
+/// What this server writes in its host sector: its record, with the role
+/// its lease phase gives it.
+pub fn presence_record(machine: &LeaseMachine) -> LeaseRecord {
+    let mut me = machine.me.clone();
+    me.role = match machine.phase {
+        LeasePhase::Owner { .. } => ServerRole::Active,
+        LeasePhase::HandedOff { .. } | LeasePhase::Lost { .. } => ServerRole::Stopped,
+        _ => ServerRole::Standby,
+    };
+    me
+}
+
+/// The pool's servers as the active server `me` lists them, from the host
+/// sectors it read (the newest copy of each).
+pub fn active_servers_listing(me: &LeaseRecord, mut servers: Servers) -> Servers {
+    // This server is active, whatever its sector said when read (a
+    // presence written while it stood by may still be there).
+    let mut me = me.clone();
+    me.role = ServerRole::Active;
+    servers.retain(|s| s.host_id != me.host_id);
+    // Another server's sector saying "active" is from before this
+    // one took the lease: that server stopped (or is about to say
+    // it stands by, within T). Never list two active servers.
+    for s in servers.iter_mut().filter(|s| s.role == ServerRole::Active) {
+        s.role = ServerRole::Stopped;
+    }
+    servers.push(me);
+    servers.sort_by_key(|s| s.host_id);
+    servers
 }
 
 fn unix_ms() -> u64 {

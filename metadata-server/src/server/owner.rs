@@ -112,6 +112,8 @@ struct Shell {
     job_devices: DeviceClients,
     published: Published,
     lease_commands: mpsc::Sender<LeaseCommand>,
+    /// Pre-image writes of jobs, like metadata writes, need the lease.
+    lease_guard: Arc<LeaseGuard>,
     /// Set by [`Effect::Stop`]: the loop ends.
     stopped: Option<String>,
 }
@@ -129,7 +131,7 @@ pub async fn run(
     let LeaseControl { commands: lease_commands, mut servers, ended: mut lease_ended, guard } = lease;
     let (results_tx, mut results) = mpsc::channel(RESULTS_QUEUED_MAX);
     let job_devices = DeviceClients::default().guarded(guard.clone());
-    let (devices, device_task) = DeviceTask::start(pool, results_tx.clone(), guard);
+    let (devices, device_task) = DeviceTask::start(pool, results_tx.clone(), guard.clone());
     let tick_ms = (core.lease_ms / 4).max(25);
     let mut shell = Shell {
         core,
@@ -142,6 +144,7 @@ pub async fn run(
         job_devices,
         published,
         lease_commands,
+        lease_guard: guard,
         stopped: None,
     };
     let mut lease_gone = false;
@@ -204,7 +207,8 @@ pub struct LeaseControl {
     pub guard: Arc<LeaseGuard>,
 }
 
-fn server_info(r: &volume_format::lease::LeaseRecord) -> ServerInfo {
+/// How a server's lease sector is listed (`pool status`, handoff targets).
+pub fn server_info(r: &volume_format::lease::LeaseRecord) -> ServerInfo {
     ServerInfo {
         name: r.name.clone(),
         host_id: r.host_id,
@@ -232,6 +236,12 @@ impl Shell {
                 None
             }
             Command::Request { session, request, reply } => {
+                // Nothing is answered without the pool lease (see
+                // `lease_task::closed_window_refusal`).
+                if let Some(refusal) = self.lease_guard.refusal() {
+                    let _ = reply.send(Err(refusal));
+                    return None;
+                }
                 let id = self.next_reply;
                 self.next_reply += 1;
                 self.replies.insert(id, reply);
@@ -304,8 +314,9 @@ impl Shell {
             data_job => {
                 let devices = self.job_devices.clone();
                 let results = self.results.clone();
+                let guard = self.lease_guard.clone();
                 tokio::spawn(async move {
-                    let outcome = run_data_job(data_job, &devices).await;
+                    let outcome = run_data_job(data_job, &devices, || guard.may_commit()).await;
                     let _ = results.send(Input::JobDone { task, outcome }).await;
                 });
             }

@@ -172,14 +172,14 @@ pub struct AgentHost {
     next_caller: u64,
     wake_at: Option<u64>,
     pub app: AppState,
+    /// The core's server addresses (`sim://mdsN`: host N).
+    addrs: Vec<String>,
 }
 
 impl AgentHost {
     pub fn start(index: usize, inc: u64, env: &mut Env) -> AgentHost {
-        let config = CoreConfig {
-            addrs: (0..env.cfg.server_hosts).map(|h| format!("sim://mds{h}")).collect(),
-            export_dir: PathBuf::from("/nonexistent"),
-        };
+        let addrs: Vec<String> = (0..env.cfg.server_hosts).map(|h| format!("sim://mds{h}")).collect();
+        let config = CoreConfig { addrs: addrs.clone(), export_dir: PathBuf::from("/nonexistent") };
         let mut h = AgentHost {
             index,
             inc,
@@ -197,6 +197,7 @@ impl AgentHost {
             next_caller: 1,
             wake_at: None,
             app: AppState::default(),
+            addrs,
         };
         h.input(Input::Tick, env);
         let at = env.now + env.rng.range(1, env.cfg.app_step_ms);
@@ -281,15 +282,24 @@ impl AgentHost {
         let me = self.me();
         match effect {
             Effect::Connect { conn, addr } => {
-                let host = addr % env.cfg.server_hosts;
+                // Two-server world: the address the core picked names the
+                // host (redirects reorder the list).
+                let host = match self.addrs.get(addr).and_then(|a| a.strip_prefix("sim://mds")) {
+                    Some(h) if env.cfg.two_servers() => h.parse().unwrap_or(0) % env.cfg.server_hosts,
+                    _ => addr % env.cfg.server_hosts,
+                };
                 let net = env.connect(me, self.inc, host);
                 env.trace(me, format_args!("connecting to mds@{host} (connection {net})"));
                 self.conns.insert(conn, net);
                 self.net_conns.insert(net, conn);
             }
-            // The simulated agent reaches server host `addr % server_hosts`
-            // whatever the list says (no server in this world redirects).
-            Effect::Addresses { addrs } => env.trace(me, format_args!("server addresses now {addrs:?}")),
+            // One-server world: the simulated agent reaches server host
+            // `addr % server_hosts` whatever the list says (nothing
+            // redirects there).
+            Effect::Addresses { addrs } => {
+                env.trace(me, format_args!("server addresses now {addrs:?}"));
+                self.addrs = addrs;
+            }
             // No state file in this world: a restarted simulated agent starts
             // empty (resuming from a state file is tested with real processes).
             Effect::SaveState { handles } => env.trace(me, format_args!("state saved: {} handles", handles.len())),

@@ -52,6 +52,32 @@ fn a_majority_decides() {
     assert!(majority(&[Err("gone".into()), Err("gone".into()), Ok(Some(a))]).is_err());
 }
 
+/// An owner that died in the middle of renewals left its copies at three
+/// different counters: still one holding, so a standby can watch it expire
+/// and take over (requiring equal records left the lease with no majority
+/// for good: found by the simulator's two-server world, seed
+/// 264961850341265).
+#[test]
+fn copies_of_one_holding_at_different_counters_agree_on_the_newest() {
+    let at = |counter: u64| LeaseRecord { counter, generation: 1, ..me(2) };
+    let copies = [Ok(Some(at(28))), Ok(Some(at(29))), Ok(Some(at(25)))];
+    assert_eq!(majority(&copies), Ok(Some(at(29))));
+    let other_holding = LeaseRecord { generation: 2, ..at(30) };
+    assert!(majority(&[Ok(Some(at(28))), Ok(Some(other_holding)), Err("gone".into())]).is_err());
+
+    let mut m = LeaseMachine::new(me(1), LeaseTiming { io_timeout_ms: T });
+    m.reading(0);
+    m.read_done(5, &copies);
+    for now in (T..=6 * T).step_by(T as usize) {
+        m.reading(now);
+        if let LeaseAction::Write(rec) = m.read_done(now + 5, &copies) {
+            assert_eq!((rec.host_id, rec.generation), (1, 2), "takes over the dead owner's holding");
+            return;
+        }
+    }
+    panic!("the standby never took the lease over: {:?}", m.phase);
+}
+
 #[test]
 fn a_free_lease_is_acquired_after_the_wait_and_renewed() {
     let mut m = LeaseMachine::new(me(1), LeaseTiming { io_timeout_ms: T });
