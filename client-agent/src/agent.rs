@@ -274,7 +274,7 @@ impl Agent {
         let aliases = HostAliases::new(self.config.host_aliases.clone());
         held.devices
             .iter()
-            .filter(|endpoint| endpoint.online)
+            .filter(|endpoint| endpoint.online || endpoint.resyncing)
             .filter_map(|endpoint| {
                 let endpoint = volume_format::description::DeviceEndpoint {
                     uri: aliases.rewrite(&endpoint.uri),

@@ -147,9 +147,9 @@ impl DevicePool {
     ) -> Result<crate::volume::LayoutDevice, DeviceError> {
         let device = self.device(endpoint, pool_uuid)?;
         let flag = device.path.marked_failed.clone();
-        if !endpoint.online {
-            flag.store(true, Ordering::Release);
-        }
+        // The layout says what the pool decided: a device that came back
+        // (resyncing or online again) is written again.
+        flag.store(!endpoint.online && !endpoint.resyncing, Ordering::Release);
         match self.link.get() {
             Some(link) => {
                 let wrapped = FallbackDevice::new(device, link.clone(), volume, endpoint.index.0);

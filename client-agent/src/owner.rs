@@ -620,7 +620,7 @@ impl AttachTask {
                 return Err(AgentError::Kernel { volume, message: e.to_string() });
             }
         }
-        let connects = description.devices.iter().filter(|e| e.online).map(|endpoint| {
+        let connects = description.devices.iter().filter(|e| e.online || e.resyncing).map(|endpoint| {
             let pool = self.pool.clone();
             let pool_uuid = description.pool_uuid;
             async move {

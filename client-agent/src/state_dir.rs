@@ -232,6 +232,7 @@ mod tests {
                 device_uuid: uuid::Uuid::from_bytes([9; 16]),
                 uri: "nbd://127.0.0.1:10809/".into(),
                 online: true,
+                resyncing: false,
             }],
         }
     }

@@ -118,6 +118,7 @@ pub fn description(extents: u64, legs: u32, devices: u32, generation: u64) -> Vo
                 device_uuid: Uuid::from_u128(100 + u128::from(i)),
                 uri: format!("nbd+unix:///dev{i}?socket=/nonexistent/dev{i}.sock"),
                 online: true,
+                resyncing: false,
             })
             .collect(),
         extents: (0..extents)

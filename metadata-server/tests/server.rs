@@ -144,23 +144,37 @@ async fn acknowledged_changes_and_handles_survive_a_restart() {
 async fn a_failed_commit_changes_nothing() {
     let mut pool = Pool::start(LEASE_MS).await;
     let admin = pool.admin().await;
+    admin.request(Request::VolumeCreate { name: "x".into(), size_bytes: 4 * MIB, legs: 1 }).await.unwrap();
+    let Response::Pool(before) = admin.request(Request::PoolStatus).await.unwrap() else { panic!() };
     pool.devices.fail_writes(true);
-    let e = admin.request(Request::VolumeCreate { name: "x".into(), size_bytes: 4 * MIB, legs: 1 }).await.unwrap_err();
+    let e = admin.request(Request::VolumeDelete { name: "x".into() }).await.unwrap_err();
     let (c, message) = code(e);
     assert_eq!(c, ErrorCode::CommitFailed, "{message}");
     assert!(message.contains("injected write failure") && message.contains("nothing was changed"), "{message}");
-    assert!(volumes(&admin).await.is_empty());
+    // A create does not even get to its commit: its new space cannot be
+    // zeroed, and it is refused the same way.
+    let e = admin.request(Request::VolumeCreate { name: "y".into(), size_bytes: 4 * MIB, legs: 1 }).await.unwrap_err();
+    let (c, message) = code(e);
+    assert_eq!(c, ErrorCode::Unavailable, "{message}");
+    assert!(
+        message.contains("could not be zeroed")
+            && message.contains("injected write failure")
+            && message.contains("nothing was changed"),
+        "{message}"
+    );
+    let names = |v: Vec<VolumeInfo>| v.into_iter().map(|v| v.name).collect::<Vec<_>>();
+    assert_eq!(names(volumes(&admin).await), ["x"]);
     let Response::Pool(status) = admin.request(Request::PoolStatus).await.unwrap() else { panic!() };
-    assert_eq!(status.free_bytes, status.capacity_bytes);
+    assert_eq!(status.free_bytes, before.free_bytes);
 
     pool.devices.fail_writes(false);
     admin.close().await;
     pool.stop_server().await;
     pool.start_server().await;
     let admin = pool.admin().await;
-    assert!(volumes(&admin).await.is_empty(), "the failed change is not there after a restart");
-    admin.request(Request::VolumeCreate { name: "x".into(), size_bytes: 4 * MIB, legs: 1 }).await.unwrap();
-    assert_eq!(volumes(&admin).await.len(), 1);
+    assert_eq!(names(volumes(&admin).await), ["x"], "the failed changes are not there after a restart");
+    admin.request(Request::VolumeCreate { name: "y".into(), size_bytes: 4 * MIB, legs: 1 }).await.unwrap();
+    assert_eq!(volumes(&admin).await.len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -266,12 +280,10 @@ async fn a_partial_commit_does_not_resurface_after_a_restart() {
     let mut pool = Pool::start(LEASE_MS).await;
     let admin = pool.admin().await;
     admin.request(Request::VolumeCreate { name: "kept".into(), size_bytes: 4 * MIB, legs: 1 }).await.unwrap();
+    admin.request(Request::VolumeCreate { name: "also-kept".into(), size_bytes: 4 * MIB, legs: 1 }).await.unwrap();
     // The first copy takes the next generation; the last one refuses it.
     pool.devices.devices.last().unwrap().fail_writes.store(true, std::sync::atomic::Ordering::SeqCst);
-    let e = admin
-        .request(Request::VolumeCreate { name: "refused".into(), size_bytes: 4 * MIB, legs: 1 })
-        .await
-        .unwrap_err();
+    let e = admin.request(Request::VolumeDelete { name: "also-kept".into() }).await.unwrap_err();
     assert_eq!(code(e).0, ErrorCode::CommitFailed);
     pool.devices.fail_writes(false);
     admin.close().await;
@@ -279,7 +291,7 @@ async fn a_partial_commit_does_not_resurface_after_a_restart() {
     pool.start_server().await;
     let admin = pool.admin().await;
     let names: Vec<String> = volumes(&admin).await.into_iter().map(|v| v.name).collect();
-    assert_eq!(names, ["kept"], "only acknowledged changes survive the restart");
+    assert_eq!(names, ["kept", "also-kept"], "only acknowledged changes survive the restart");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@
 //! | `no-write-after-exclusion` | a device executes a write | no write of a handle lands after a commit excluded that handle (broken, expired, excluded from a recall, closed) |
 //! | `excluded-only-after-lease` | a commit excludes a handle | its holder, if still running, no longer believes it may write (its lease, on its own clock, ran out) — unless it closed the handle itself |
 //! | `acknowledged-flushed-writes-readable` | a workload read executes; every sweep | a block reads back its newest durable write or something written after it ([`crate::oracle`]) |
+//! | `new-space-reads-zeros` | every sweep | every leg of a volume block nothing was ever written to holds zeros (a deleted volume's data never shows in a new or grown one) |
 //! | `snapshot-reads-recall-point` | every sweep | a snapshot's block reads back one of the values the block could hold when the snapshot was committed |
 //! | `resume-unchanged-only-if-nobody-else` | the server answers a resume | a handle is resumed "unchanged" only if no conflicting open of its volume was committed since it was opened (handovers aside) |
 //! | `recall-completes-or-excludes` | every server tick | a recall ends (every holder confirmed or was excluded, and the change committed or failed) within `2 × lease + 1 s` of server time |
@@ -432,6 +433,26 @@ pub fn sweep(env: &mut Env) {
         env.devices[dev].up.then_some(dev)
     };
     for v in &meta.volumes {
+        for block in 0..v.size_bytes / BLOCK_BYTES {
+            if !env.oracle.never_written(v.id.0, block) {
+                continue;
+            }
+            let off = block * BLOCK_BYTES;
+            let Some(extent) = v.extents.get((off / eb) as usize) else { continue };
+            for leg in &extent.legs {
+                let Some(dev) = device_of(env, leg.device) else { continue };
+                let got = env.devices[dev].peek((leg.offset + off % eb) / BLOCK_BYTES);
+                if got != crate::device::Content::Zero {
+                    let detail = format!(
+                        "volume {} block {block} on device {dev} at byte {} holds {got}, and nothing was ever \
+                         written to it: new space must read as zeros",
+                        v.name,
+                        leg.offset + off % eb
+                    );
+                    return env.fail("new-space-reads-zeros", detail);
+                }
+            }
+        }
         for (block, allowed) in env.oracle.checked_blocks(v.id.0) {
             let off = block * BLOCK_BYTES;
             let Some(extent) = v.extents.get((off / eb) as usize) else { continue };

@@ -8,7 +8,8 @@
 //! acknowledgement, and not lost). The newest durable write is the block's
 //! **floor**: a read may return it or any write sent after it — never an
 //! older one, never another block's data. Before anything is durable a
-//! block may hold anything (new extents are not zeroed).
+//! block may hold any of the writes sent to it or zeros; a block nothing was
+//! ever sent to holds zeros (new space is zeroed before it is handed out).
 //!
 //! Snapshots: when a snapshot's commit is observed, each block's allowed
 //! values at that instant are frozen as the snapshot's expectation; a read
@@ -142,6 +143,12 @@ impl Oracle {
             .get(&volume)
             .map(|v| v.iter().filter_map(|(b, h)| h.allowed().map(|a| (*b, a))).collect())
             .unwrap_or_default()
+    }
+
+    /// Whether the oracle follows `volume` and nothing was ever sent to its
+    /// `block`: then it must read as zeros (new space reads as zeros).
+    pub fn never_written(&self, volume: u64, block: u64) -> bool {
+        self.volumes.get(&volume).is_some_and(|v| v.get(&block).is_none_or(|h| h.entries.is_empty()))
     }
 
     /// Whether `got` may be what `block` of `volume` holds now.

@@ -32,7 +32,7 @@ use metadata_server::pool::journal::{PoolJournal, RawWrite};
 use metadata_server::pool::metadata_holders;
 use metadata_server::server::commit::MetaJournal;
 use metadata_server::server::core::{Core, CoreConfig, Effect, Entropy, Input, Now, ReplyId, TaskId};
-use metadata_server::server::jobs::{Job, JobOutcome};
+use metadata_server::server::jobs::{DeviceExtents, Job, JobOutcome};
 use volume_format::control::auth::Role;
 use volume_format::control::messages::{ClientMessage, ControlError, ErrorCode, Request, Response, ServerMessage};
 use volume_format::metadata::journal::{self, CopyImage, LoadOptions};
@@ -689,6 +689,13 @@ impl ServerProc {
                 let cb = meta.snapshot(from).map_or(1, |s| s.chunk_bytes / BLOCK_BYTES);
                 (meta, plan, cb)
             }
+            Job::Zero { extent_bytes, targets } => return self.start_zeroing(task, extent_bytes, &targets, env),
+            // The simulated server does not probe failed devices (the core's
+            // probing is off), so no resync is ever started.
+            Job::Resync { .. } => {
+                let outcome = JobOutcome::failed("resync is not simulated");
+                return self.apply(Input::JobDone { task, outcome }, env);
+            }
         };
         let chunks = match chunks {
             Ok(c) => c,
@@ -702,6 +709,28 @@ impl ServerProc {
         };
         self.jobs.insert(task, run);
         self.job_next_chunk(task, env);
+    }
+
+    /// Zeroes whole extents with FUA writes of zero blocks, as the real job
+    /// zeroes them with WRITE_ZEROES and a flush.
+    fn start_zeroing(&mut self, task: TaskId, extent_bytes: u64, targets: &[DeviceExtents], env: &mut Env) {
+        let mut writes = Vec::new();
+        for t in targets {
+            let dev = self.core.meta.device(t.device).and_then(|d| env.device_by_uuid(d.device_uuid));
+            let Some(dev) = dev else {
+                let outcome = JobOutcome::failed(format!("device {} is not in the world", t.device));
+                return self.apply(Input::JobDone { task, outcome }, env);
+            };
+            writes.extend(t.offsets.iter().map(|&offset| (dev, offset)));
+        }
+        let data = vec![Content::Zero; (extent_bytes / BLOCK_BYTES) as usize];
+        let run = JobRun {
+            chunks: VecDeque::new(),
+            chunk_blocks: extent_bytes / BLOCK_BYTES,
+            state: JobState::Writing { data, targets: writes, written: 0 },
+        };
+        self.jobs.insert(task, run);
+        self.job_write(task, env);
     }
 
     fn job_next_chunk(&mut self, task: TaskId, env: &mut Env) {
@@ -872,5 +901,9 @@ fn describe_job(job: &Job) -> String {
             format!("move {} pre-images from snapshot {from} to {into}", chunks.len())
         }
         Job::CheckDevice { index, .. } => format!("check device {index}"),
+        Job::Resync { copies, .. } => format!("resync {} extents", copies.len()),
+        Job::Zero { targets, .. } => {
+            format!("zero {} extents", targets.iter().map(|t| t.offsets.len()).sum::<usize>())
+        }
     }
 }

@@ -48,6 +48,8 @@ pub struct Peer {
     dir: tempfile::TempDir,
     stderr_path: PathBuf,
     uri: NbdUri,
+    /// nbdkit's arguments, for [`Peer::restart`].
+    nbdkit_args: Option<Vec<std::ffi::OsString>>,
 }
 
 impl Peer {
@@ -91,7 +93,29 @@ impl Peer {
         let stderr = File::create(&stderr_path).expect("create stderr log");
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
         let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e} (run scripts/install-deps.sh)"));
-        let mut peer = Peer { name: name.to_string(), child: Some(child), dir, stderr_path, uri };
+        let mut peer = Peer { name: name.to_string(), child: Some(child), dir, stderr_path, uri, nbdkit_args: None };
+        peer.wait_ready(&ready);
+        peer
+    }
+
+    /// Starts an nbdkit peer again (after [`Peer::kill`]), on the same socket
+    /// with the same arguments: with `nbdkit_file` the same device comes
+    /// back with its data.
+    pub fn restart(&mut self) {
+        self.kill();
+        let args = self.nbdkit_args.clone().expect("only nbdkit peers made by nbdkit_file restart");
+        let pid = self.dir.path().join("nbdkit.pid");
+        let _ = std::fs::remove_file(&pid);
+        let _ = std::fs::remove_file(self.dir.path().join("nbd.sock"));
+        let stderr = File::options().append(true).open(&self.stderr_path).expect("open stderr log");
+        let mut cmd = Command::new(require_tool("nbdkit"));
+        cmd.args(&args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
+        self.child = Some(cmd.spawn().unwrap_or_else(|e| panic!("cannot restart nbdkit: {e}")));
+        self.wait_ready(&Ready::PidFile(pid));
+    }
+
+    fn wait_ready(&mut self, ready: &Ready) {
+        let peer = self;
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
             if let Some(status) = peer.child.as_mut().unwrap().try_wait().expect("try_wait") {
@@ -103,7 +127,7 @@ impl Peer {
                 Ready::PidFileAndUnixListening(f, p) => f.exists() && unix_socket_listening(p),
             };
             if is_ready {
-                return peer;
+                return;
             }
             if Instant::now() > deadline {
                 panic!("{} did not become ready within {:?}; stderr:\n{}", peer.name, STARTUP_TIMEOUT, peer.stderr());
@@ -160,6 +184,31 @@ pub fn nbdkit(args: &[&str]) -> Peer {
     cmd.arg("--foreground").arg("--exit-with-parent").arg("-U").arg(&sock).arg("-P").arg(&pid).args(args);
     let uri = NbdUri::unix(&sock, "");
     Peer::spawn("nbdkit", dir, cmd, uri, Ready::PidFile(pid))
+}
+
+/// `nbdkit file` over a sparse file of `size_bytes` in its temp dir, on a
+/// temp unix socket: the data outlives the process, so [`Peer::restart`]
+/// brings the same device back (a device that went away and returned).
+pub fn nbdkit_file(size_bytes: u64) -> Peer {
+    let dir = temp_dir("sanvol-nbdkit-");
+    let sock = dir.path().join("nbd.sock");
+    let pid = dir.path().join("nbdkit.pid");
+    let image = sparse_file(dir.path(), size_bytes);
+    let args: Vec<std::ffi::OsString> = vec![
+        "--foreground".into(),
+        "--exit-with-parent".into(),
+        "-U".into(),
+        sock.clone().into(),
+        "-P".into(),
+        pid.clone().into(),
+        "file".into(),
+        image.into(),
+    ];
+    let mut cmd = Command::new(require_tool("nbdkit"));
+    cmd.args(&args);
+    let mut peer = Peer::spawn("nbdkit", dir, cmd, NbdUri::unix(&sock, ""), Ready::PidFile(pid));
+    peer.nbdkit_args = Some(args);
+    peer
 }
 
 /// `nbdkit` on 127.0.0.1 and a free port.

@@ -202,8 +202,14 @@ impl Stack {
         Stack::build(count, size, Some(peers::TestPki::new()))
     }
 
+    /// Like [`Stack::new`], with `nbdkit file` devices of `size_bytes`
+    /// (sparse files): a device's nbdkit can be restarted
+    /// ([`Peer::restart`]) and the same device, data and label, comes back.
+    pub fn new_file_devices(count: usize, size_bytes: u64) -> Stack {
+        Stack::init((0..count).map(|_| peers::nbdkit_file(size_bytes)).collect(), None)
+    }
+
     fn build(count: usize, size: &str, pki: Option<peers::TestPki>) -> Stack {
-        let dir = tempfile::Builder::new().prefix("sanvol-stack-").tempdir().expect("temp dir");
         let devices: Vec<Peer> = match &pki {
             None => (0..count).map(|_| peers::nbdkit(&["memory", size])).collect(),
             Some(pki) => {
@@ -211,6 +217,11 @@ impl Stack {
                 (0..count).map(|_| peers::nbdkit(&["--tls=require", &certs, "memory", size])).collect()
             }
         };
+        Stack::init(devices, pki)
+    }
+
+    fn init(devices: Vec<Peer>, pki: Option<peers::TestPki>) -> Stack {
+        let dir = tempfile::Builder::new().prefix("sanvol-stack-").tempdir().expect("temp dir");
         let mds_key = dir.path().join("mds.key");
         let admin_key = dir.path().join("admin.key");
         run_ok(Command::new(bin("sanvol")).arg("keygen").arg(&mds_key));

@@ -12,7 +12,7 @@
 
 use crate::ids::{DeviceIndex, SnapshotId, VolumeId};
 use crate::label::extent_bytes_valid;
-use crate::metadata::{check_block_bytes, CowMap, LogicalExtent, PoolMetadata, MIRROR_LEGS_MAX};
+use crate::metadata::{check_block_bytes, CowMap, DeviceState, LogicalExtent, PoolMetadata, MIRROR_LEGS_MAX};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -34,6 +34,10 @@ pub struct DeviceEndpoint {
     pub uri: String,
     /// False if the pool marked the device failed: skip its legs.
     pub online: bool,
+    /// The device came back and is being resynchronized (`online` is
+    /// false): write to its legs, never read from them (protocol 4).
+    #[serde(default)]
+    pub resyncing: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +102,7 @@ impl VolumeDescription {
                     device_uuid: device.device_uuid,
                     uri: device.uri.clone(),
                     online: device.state.is_online(),
+                    resyncing: matches!(device.state, DeviceState::Resyncing { .. }),
                 })
             })
             .collect::<Result<Vec<_>, DescriptionError>>()?;
@@ -216,6 +221,7 @@ pub(crate) mod testing {
                     device_uuid: Uuid::from_u128(i.into()),
                     uri: format!("nbd://host{i}:10809/export"),
                     online: !failed.contains(&i),
+                    resyncing: false,
                 })
                 .collect(),
             extents: (0..extents)

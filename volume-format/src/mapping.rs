@@ -99,6 +99,11 @@ pub enum LegState {
     /// The pool marked the leg's device failed: the leg is skipped; the
     /// device's extents are due for recovery.
     DeviceFailed,
+    /// The leg's device came back and is being resynchronized: writes go
+    /// to it (so the copy and new writes both land), reads do not (it may
+    /// hold data older than its other legs') — unless it is the extent's
+    /// only leg (a plain volume), which nothing newer exists for.
+    Resyncing,
 }
 
 impl LegState {
@@ -107,6 +112,7 @@ impl LegState {
         match state {
             DeviceState::Online => LegState::Online,
             DeviceState::Failed { .. } => LegState::DeviceFailed,
+            DeviceState::Resyncing { .. } => LegState::Resyncing,
         }
     }
 
@@ -119,7 +125,7 @@ impl LegState {
     /// Whether a write must reach the leg (and fails if it cannot).
     #[inline]
     pub fn takes_writes(self) -> bool {
-        matches!(self, LegState::Online)
+        matches!(self, LegState::Online | LegState::Resyncing)
     }
 }
 
@@ -128,6 +134,7 @@ impl fmt::Display for LegState {
         f.write_str(match self {
             LegState::Online => "online",
             LegState::DeviceFailed => "marked failed in the pool",
+            LegState::Resyncing => "resyncing (takes writes, serves no reads)",
         })
     }
 }
@@ -166,6 +173,7 @@ impl DeviceTable for Vec<DeviceEndpoint> {
     fn device_state(&self, slot: usize) -> LegState {
         match self.get(slot) {
             Some(d) if d.online => LegState::Online,
+            Some(d) if d.resyncing => LegState::Resyncing,
             _ => LegState::DeviceFailed,
         }
     }
@@ -483,7 +491,15 @@ impl<'a> Segment<'a> {
 
     #[inline]
     fn legs_that(&self, writing: bool, rotation: usize) -> Result<Legs, MapError> {
-        let mut legs = self.collect_legs(|state| if writing { state.takes_writes() } else { state.serves_reads() })?;
+        // The only copy of an extent is read even while its device resyncs:
+        // no other leg can be newer (a resync holds back reads only where
+        // another leg may have taken writes this one missed).
+        let only_copy = self.legs.len() == 1;
+        let mut legs = self.collect_legs(|state| match (writing, state) {
+            (true, state) => state.takes_writes(),
+            (false, LegState::Resyncing) => only_copy,
+            (false, state) => state.serves_reads(),
+        })?;
         if legs.len == 0 {
             return Err(self.unavailable(writing));
         }

@@ -79,6 +79,7 @@ fn description() -> VolumeDescription {
                 device_uuid: Uuid::from_u128(u128::from(i) + 1),
                 uri: format!("nbd://h{i}:10809/d"),
                 online: i == 0,
+                resyncing: i == 1,
             })
             .collect(),
         extents: vec![legs(0), legs(1)],
@@ -103,6 +104,7 @@ fn volume_info() -> VolumeInfo {
         layout_generation: 3,
         open_by: vec!["host-a (exclusive, handle 5, active)".into()],
         fallback: vec![],
+        health: "resyncing: device 1, 1 of 2 extents copied".into(),
     }
 }
 
@@ -172,6 +174,7 @@ samples!(responses, Response {
             extents_free: 10,
             state: DeviceState::Online,
             reachable: true,
+            recovery: String::new(),
         },
         DeviceInfo {
             index: DeviceIndex(1),
@@ -182,6 +185,18 @@ samples!(responses, Response {
             extents_free: 0,
             state: DeviceState::Failed { reason: "gone".into(), since_unix_secs: 1_700_000_000 },
             reachable: false,
+            recovery: "failed: next probe in 4.0 s".into(),
+        },
+        DeviceInfo {
+            index: DeviceIndex(2),
+            uuid: "u2".into(),
+            uri: "nbd://h2:10809/d".into(),
+            size_bytes: 1 << 30,
+            extents_total: 1000,
+            extents_free: 0,
+            state: DeviceState::Resyncing { since_unix_secs: 1_700_000_000 },
+            reachable: true,
+            recovery: "resyncing: 3 of 10 extents copied".into(),
         },
     ]),
     Clients => Response::Clients(vec![ClientInfo {

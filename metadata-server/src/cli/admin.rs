@@ -207,10 +207,11 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
                         format!("{}/{}", d.extents_free, d.extents_total),
                         d.state.to_string(),
                         if d.reachable { "yes" } else { "NO" }.into(),
+                        if d.recovery.is_empty() { "-".into() } else { d.recovery.clone() },
                     ]
                 })
                 .collect();
-            table::print(&["DEVICE", "URI", "SIZE", "FREE/EXTENTS", "STATE", "REACHABLE"], &rows);
+            table::print(&["DEVICE", "URI", "SIZE", "FREE/EXTENTS", "STATE", "REACHABLE", "RECOVERY"], &rows);
         }
         Command::Volume(VolumeCommand::Create { name, size, mirror }) => {
             request(client, Request::VolumeCreate { name: name.clone(), size_bytes: size, legs: mirror })
@@ -271,10 +272,11 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
                         v.extents.to_string(),
                         v.layout_generation.to_string(),
                         if v.open_by.is_empty() { "-".into() } else { v.open_by.join(", ") },
+                        if v.health.is_empty() { "ok".into() } else { v.health.clone() },
                     ]
                 })
                 .collect();
-            table::print(&["NAME", "ID", "SIZE", "LEGS", "EXTENTS", "LAYOUT GEN", "OPEN BY"], &rows);
+            table::print(&["NAME", "ID", "SIZE", "LEGS", "EXTENTS", "LAYOUT GEN", "OPEN BY", "HEALTH"], &rows);
         }
         Command::Volume(VolumeCommand::Show { name, json }) => {
             let r = request(client, Request::VolumeShow { name: name.clone() })
@@ -301,6 +303,9 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
             }
             for f in &v.fallback {
                 println!("fallback through the server: {f}");
+            }
+            if !v.health.is_empty() {
+                println!("health: {}", v.health);
             }
             let mut headers = vec!["EXTENT".to_string(), "LOGICAL RANGE".to_string()];
             for i in 0..d.mirror_legs {
@@ -329,7 +334,14 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
                         dev.index.to_string(),
                         dev.uri.clone(),
                         dev.device_uuid.to_string(),
-                        if dev.online { "online" } else { "failed" }.into(),
+                        if dev.online {
+                            "online"
+                        } else if dev.resyncing {
+                            "resyncing"
+                        } else {
+                            "failed"
+                        }
+                        .into(),
                     ]
                 })
                 .collect();

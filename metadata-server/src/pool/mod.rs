@@ -29,7 +29,7 @@ use blockio::uri::NbdUri;
 use tracing::{info, warn};
 use uuid::Uuid;
 use volume_format::metadata::journal::LoadError;
-use volume_format::metadata::{MetadataArea, MetadataError, PoolMetadata};
+use volume_format::metadata::{DeviceState, MetadataArea, MetadataError, PoolMetadata};
 use volume_format::LabelError;
 
 pub use device::PoolDevice;
@@ -226,7 +226,11 @@ impl Pool {
 /// copy: writing to it would fail every commit, including the one that marks
 /// it failed.
 pub fn metadata_holders(meta: &PoolMetadata) -> Vec<Uuid> {
-    let online = |d: &&volume_format::metadata::DeviceRecord| d.state.is_online();
+    // A device resyncing is reachable and labelled: its copy rejoins (a
+    // checkpoint brings it current) as soon as it is back.
+    let online = |d: &&volume_format::metadata::DeviceRecord| {
+        matches!(d.state, DeviceState::Online | DeviceState::Resyncing { .. })
+    };
     let holders: Vec<Uuid> =
         meta.devices.iter().filter(|d| d.holds_metadata).filter(online).map(|d| d.device_uuid).collect();
     if holders.is_empty() {

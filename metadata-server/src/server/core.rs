@@ -167,6 +167,9 @@ pub enum Input {
 }
 
 /// Something the shell must do for the core, in order.
+// Large because `Reply` carries a `Response` (itself allowed large in
+// `messages`): a few effects per input, each moved once to the shell.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Effect {
     Reply {
@@ -217,9 +220,20 @@ pub enum Effect {
 /// (while the volume's holders have drained) when it has holders.
 #[derive(Debug, Clone)]
 pub enum VolumeChange {
-    Grow { size_bytes: u64 },
-    SnapshotCreate { name: String },
-    SnapshotDelete { name: String },
+    Grow {
+        size_bytes: u64,
+    },
+    SnapshotCreate {
+        name: String,
+    },
+    SnapshotDelete {
+        name: String,
+    },
+    /// The volume's extents on `device` (come back) are copied while its
+    /// holders are drained; they resume writing its legs (`recovery`).
+    Resync {
+        device: volume_format::DeviceIndex,
+    },
 }
 
 impl VolumeChange {
@@ -241,6 +255,7 @@ impl std::fmt::Display for VolumeChange {
             VolumeChange::Grow { size_bytes } => write!(f, "grow to {size_bytes} bytes"),
             VolumeChange::SnapshotCreate { name } => write!(f, "snapshot {name}"),
             VolumeChange::SnapshotDelete { name } => write!(f, "delete snapshot {name}"),
+            VolumeChange::Resync { device } => write!(f, "resync its extents on device {device}"),
         }
     }
 }
@@ -266,6 +281,10 @@ pub enum Change {
     RecallReady { volume: VolumeId },
     /// A job finished; continue its change.
     JobDone { outcome: JobOutcome, then: AfterJob },
+    /// The next step of a device's resync (`recovery`).
+    Resync { device: volume_format::DeviceIndex },
+    /// Mark a device failed (its resync failed).
+    DeviceFailed { device: volume_format::DeviceIndex, reason: String },
 }
 
 /// What preparing a change decided.
@@ -338,6 +357,14 @@ pub enum AfterCommit {
         new: u64,
         volume: VolumeId,
     },
+    /// A failed device answered its probe and is resyncing now.
+    DeviceBack {
+        device: volume_format::DeviceIndex,
+    },
+    /// A resynchronized device is online again.
+    DeviceOnline {
+        device: volume_format::DeviceIndex,
+    },
     /// The change of a job: `volume` stops being busy, then `then`.
     Released {
         volume: VolumeId,
@@ -354,6 +381,17 @@ pub enum AfterJob {
     Merged { volume: VolumeId, change: VolumeChange, finish: MergeFinish },
     /// A reported device was checked.
     DeviceChecked { session: SessionId, device: u32, reason: String, reply: ReplyId },
+    /// The extents `changes` hand out were zeroed: commit them (`zeroing`).
+    Zeroed { extents: Vec<volume_format::metadata::PhysicalExtent>, changes: Vec<MetaChange>, then: Box<AfterCommit> },
+    /// A failed device was probed.
+    Probed { device: volume_format::DeviceIndex },
+    /// A grow's new extents were zeroed before its holders are recalled.
+    Prezeroed {
+        extents: Vec<volume_format::metadata::PhysicalExtent>,
+        name: String,
+        change: VolumeChange,
+        reply: ReplyId,
+    },
 }
 
 /// A server-side copy in flight: who asked, for which chunks.
@@ -387,6 +425,9 @@ pub enum Busy {
     /// copy-on-write registrations of the volume wait; I/O to chunks already
     /// registered goes on.
     Layout,
+    /// A device's extents of the volume being copied (`recovery`): what
+    /// waits for `Layout` waits, and so do opens.
+    Resync,
 }
 
 /// Changes applied to the metadata and committed together.
@@ -437,7 +478,7 @@ pub struct Core {
     /// Handles whose holder was told they are revoked while a release was
     /// in flight: never renewed again (see `tell_removing`).
     pub(super) revoked: BTreeSet<u64>,
-    queue: VecDeque<Change>,
+    pub(super) queue: VecDeque<Change>,
     journal: MetaJournal,
     in_flight: Option<InFlight>,
     /// A covering checkpoint being written: (task, checkpoint number).
@@ -458,6 +499,14 @@ pub struct Core {
     busy: BTreeMap<VolumeId, Busy>,
     /// Jobs in flight and how their changes continue.
     jobs: BTreeMap<TaskId, AfterJob>,
+    /// Free extents zeroed since they were last allocated (`zeroing`).
+    pub(super) zeroed: BTreeSet<volume_format::metadata::PhysicalExtent>,
+    /// A zeroing job is in flight: changes that allocate wait (`zeroing`).
+    pub(super) zeroing: bool,
+    /// Probing of failed devices, if on (`recovery`).
+    pub(super) device_probe: Option<super::recovery::ProbeBackoff>,
+    pub(super) probes: super::recovery::Probes,
+    pub(super) resyncs: super::recovery::Resyncs,
     next_task: TaskId,
     effects: Vec<Effect>,
     started: bool,
@@ -513,6 +562,11 @@ impl Core {
             lease_lost_in_handoff: None,
             busy: BTreeMap::new(),
             jobs: BTreeMap::new(),
+            zeroed: BTreeSet::new(),
+            zeroing: false,
+            device_probe: None,
+            probes: Default::default(),
+            resyncs: Default::default(),
             next_task: 1,
             effects: Vec::new(),
             started: false,
@@ -688,6 +742,7 @@ impl Core {
             self.queue.push_back(Change::Expire);
         }
         self.check_recalls();
+        self.probe_failed_devices();
     }
 
     fn meta_written(&mut self, task: TaskId, written: Vec<bool>, failures: Vec<String>) {
@@ -719,6 +774,7 @@ impl Core {
                     .any(|c| matches!(c, MetaChange::ClientPut(_) | MetaChange::ClientRemove { .. }));
                 let clients = clients_changed.then(|| Arc::new(client_table(&self.meta)));
                 self.effects.push(Effect::Published { clients });
+                self.allocated(&batch.changes);
                 for (_, then) in batch.parts {
                     self.finish_commit(then, Ok(()));
                 }
@@ -817,6 +873,10 @@ impl Core {
                 }
                 let change = self.queue.remove(i).expect("position is in range");
                 match self.prepare(change) {
+                    Step::Commit { changes, then } if !self.unzeroed(&changes).is_empty() => {
+                        let step = self.zero_then_commit(self.unzeroed(&changes), changes, then);
+                        self.run_step(step);
+                    }
                     Step::Commit { changes, then } => match Arc::make_mut(&mut self.meta).apply_all(&changes) {
                         Ok(undos) => {
                             batch.changes.extend(changes);
@@ -848,15 +908,24 @@ impl Core {
     fn runnable(&self, change: &Change) -> bool {
         match change {
             Change::JobDone { .. } | Change::Expire => true,
+            // While new space is zeroed, nothing else may take free space.
+            Change::Request { request, .. } if self.zeroing && Core::allocates(request) => false,
+            Change::RecallReady { volume }
+                if self.zeroing
+                    && self.pending_changes.get(volume).is_some_and(|p| Core::change_allocates(&p.change)) =>
+            {
+                false
+            }
             Change::Request { request, session, .. } => match self.volume_of(*session, request) {
                 Some((volume, waits_for)) => self.busy.get(&volume).is_none_or(|busy| !waits_for.contains(busy)),
                 None => true,
             },
             Change::RecallReady { volume } => !self.busy.contains_key(volume),
+            Change::Resync { .. } | Change::DeviceFailed { .. } => true,
         }
     }
 
-    fn run_step(&mut self, step: Step) {
+    pub(super) fn run_step(&mut self, step: Step) {
         match step {
             Step::Done(Some((reply, result))) => self.reply(reply, result),
             Step::Done(None) | Step::Parked => {}
@@ -890,6 +959,8 @@ impl Core {
             Change::Expire => self.prepare_expire(),
             Change::RecallReady { volume } => self.prepare_recall(volume),
             Change::JobDone { outcome, then } => self.continue_job(then, outcome),
+            Change::Resync { device } => self.prepare_resync(device),
+            Change::DeviceFailed { device, reason } => self.prepare_device_failed(device.0, reason, None),
         }
     }
 
@@ -929,8 +1000,10 @@ impl Core {
             of(then, &mut ids);
         }
         for job in self.jobs.values() {
-            if let AfterJob::Merged { finish: MergeFinish::Recall { excluded, .. }, .. } = job {
-                ids.extend(excluded);
+            match job {
+                AfterJob::Merged { finish: MergeFinish::Recall { excluded, .. }, .. } => ids.extend(excluded),
+                AfterJob::Zeroed { then, .. } => of(then, &mut ids),
+                _ => {}
             }
         }
         ids
@@ -982,6 +1055,9 @@ impl Core {
     // ---- helpers for the request modules ----
 
     pub fn reply(&mut self, reply: ReplyId, result: Result<Response, ControlError>) {
+        if self.resync_reply(reply, &result) {
+            return;
+        }
         self.effects.push(Effect::Reply { reply, result });
     }
 

@@ -61,6 +61,9 @@ struct World {
     core: Core,
     now: Now,
     next_reply: ReplyId,
+    /// Zeroing jobs (new space) complete at once, as on a device that
+    /// zeroes fast; off, they stay in the effects for the test to answer.
+    auto_zero: bool,
 }
 
 fn peer(n: u8, role: Role) -> Peer {
@@ -113,6 +116,7 @@ impl World {
             core: Core::new(meta(), journal(), config),
             now: Now { mono_ms: 0, unix_ms: 1_700_000_000_000 },
             next_reply: 1,
+            auto_zero: true,
         };
         for (session, n, role) in [(1, 1, Role::Agent), (2, 2, Role::Agent), (3, 3, Role::Admin)] {
             w.apply(Input::Connected { session, peer: peer(n, role), addr: "test".into() });
@@ -121,7 +125,15 @@ impl World {
     }
 
     fn apply(&mut self, input: Input) -> Vec<Effect> {
-        self.core.apply(self.now, input)
+        let mut effects = self.core.apply(self.now, input);
+        while self.auto_zero {
+            let Some(at) = effects.iter().position(|e| matches!(e, Effect::Job { job: Job::Zero { .. }, .. })) else {
+                break;
+            };
+            let Effect::Job { task, .. } = effects.remove(at) else { unreachable!() };
+            effects.extend(self.core.apply(self.now, Input::JobDone { task, outcome: JobOutcome::done() }));
+        }
+        effects
     }
 
     fn request(&mut self, session: u64, request: Request) -> (ReplyId, Vec<Effect>) {
@@ -608,4 +620,310 @@ fn a_used_handover_token_stays_refused_across_restarts_and_clock_steps() {
     let next = token(&mut w);
     assert!(matches!(committed_request(&mut w, 7, Request::OpenHandover { token: next }), Ok(Response::Opened(_))));
     assert_eq!(w.core.meta.handovers.used.len(), 1);
+}
+
+/// The zeroing job among `effects`: its task and the extents it zeroes.
+fn zero_job_of(effects: &[Effect]) -> Option<(TaskId, Vec<(u32, u64)>)> {
+    effects.iter().find_map(|e| match e {
+        Effect::Job { task, job: Job::Zero { targets, .. } } => {
+            Some((*task, targets.iter().flat_map(|t| t.offsets.iter().map(|&o| (t.device.0, o))).collect()))
+        }
+        _ => None,
+    })
+}
+
+fn extents_of(core: &Core, name: &str) -> Vec<(u32, u64)> {
+    let v = core.meta.volume_by_name(name).expect("the volume exists");
+    let mut all: Vec<(u32, u64)> =
+        v.extents.iter().flat_map(|e| e.legs.iter().map(|l| (l.device.0, l.offset))).collect();
+    all.sort();
+    all
+}
+
+#[test]
+fn new_space_is_zeroed_before_the_commit_that_hands_it_out_and_other_allocations_wait() {
+    let mut w = World::new();
+    w.auto_zero = false;
+    let create = |name: &str| Request::VolumeCreate { name: name.into(), size_bytes: 2 << 20, legs: 2 };
+    let (first, effects) = w.request(3, create("x"));
+    assert!(commit_of(&effects).is_none(), "nothing is committed before the space is zeroed: {effects:?}");
+    let (zero, extents) = zero_job_of(&effects).expect("the new extents are zeroed first");
+    assert_eq!(extents.len(), 4, "two extents of two legs: {extents:?}");
+    // Meanwhile: renewals and changes that allocate nothing go on; another
+    // create and a grow wait (they could take the extents being zeroed).
+    let (renew, effects) = w.request(1, Request::Renew);
+    assert!(matches!(reply_of(&effects, renew), Some(Ok(_))));
+    let (second, effects) = w.request(3, create("y"));
+    let (grow, effects2) = w.request(3, Request::VolumeGrow { name: "w".into(), size_bytes: 8 << 20 });
+    assert!(zero_job_of(&effects).is_none() && commit_of(&effects).is_none());
+    assert!(zero_job_of(&effects2).is_none() && commit_of(&effects2).is_none());
+    let (open, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).expect("an open allocates nothing and commits while space is zeroed");
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(reply_of(&effects, open), Some(Ok(Response::Opened(_)))));
+    // Zeroed: the create commits exactly the extents zeroed.
+    let effects = w.apply(Input::JobDone { task: zero, outcome: JobOutcome::done() });
+    let (task, next) = commit_of(&effects).expect("the create commits once zeroed");
+    assert_eq!(extents_of(&w.core, "x"), extents);
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(reply_of(&effects, first), Some(Ok(Response::Done))));
+    // Then the next create zeroes its own (different) extents.
+    let (zero, more) = zero_job_of(&effects).expect("the second create zeroes its space");
+    assert!(more.iter().all(|e| !extents.contains(e)), "{more:?} vs {extents:?}");
+    let effects = w.apply(Input::JobDone { task: zero, outcome: JobOutcome::done() });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(reply_of(&effects, second), Some(Ok(Response::Done))));
+    // The grow (no holders) zeroes its added extents too.
+    let (zero, added) = zero_job_of(&effects).expect("the grow zeroes its added extents");
+    assert_eq!(added.len(), 4);
+    let effects = w.apply(Input::JobDone { task: zero, outcome: JobOutcome::done() });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(reply_of(&effects, grow), Some(Ok(Response::Done))));
+}
+
+#[test]
+fn space_freed_by_a_delete_is_zeroed_again_and_a_failed_zeroing_changes_nothing() {
+    let mut w = World::new();
+    w.auto_zero = false;
+    let old = extents_of(&w.core, "w");
+    let (delete, effects) = w.request(3, Request::VolumeDelete { name: "w".into() });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(reply_of(&effects, delete), Some(Ok(Response::Done))));
+    let (create, effects) = w.request(3, Request::VolumeCreate { name: "n".into(), size_bytes: 4 << 20, legs: 1 });
+    let (zero, extents) = zero_job_of(&effects).expect("the freed space is zeroed before it is reused");
+    assert!(old.iter().any(|e| extents.contains(e)), "the test wants the freed extents reused: {extents:?} {old:?}");
+    let generation = w.core.meta.generation;
+    let effects = w.apply(Input::JobDone { task: zero, outcome: JobOutcome::failed("device 1: connection refused") });
+    assert!(commit_of(&effects).is_none());
+    match reply_of(&effects, create) {
+        Some(Err(e)) => assert!(e.message.contains("could not be zeroed"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(w.core.meta.volume_by_name("n").is_none() && w.core.meta.generation == generation);
+    // Retried: zeroed again (a failed job proves nothing), then committed.
+    let (create, effects) = w.request(3, Request::VolumeCreate { name: "n".into(), size_bytes: 4 << 20, legs: 1 });
+    let (zero, again) = zero_job_of(&effects).expect("zeroed again");
+    assert_eq!(again, extents);
+    let effects = w.apply(Input::JobDone { task: zero, outcome: JobOutcome::done() });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(reply_of(&effects, create), Some(Ok(Response::Done))));
+}
+
+#[test]
+fn a_grow_with_holders_zeroes_before_recalling_them() {
+    let mut w = World::new();
+    w.auto_zero = false;
+    let (_, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    let handle = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Reply { result: Ok(Response::Opened(o)), .. } => Some(o.handle),
+            _ => None,
+        })
+        .unwrap();
+    let (grow, effects) = w.request(3, Request::VolumeGrow { name: "v".into(), size_bytes: 8 << 20 });
+    let recalled = |effects: &[Effect]| {
+        effects.iter().find_map(|e| match e {
+            Effect::Event { event: ServerEvent::Recall { generation, .. }, .. } => Some(*generation),
+            _ => None,
+        })
+    };
+    assert!(recalled(&effects).is_none(), "the holder keeps going while the new space is zeroed");
+    let (zero, _) = zero_job_of(&effects).expect("zeroed before the recall");
+    let effects = w.apply(Input::JobDone { task: zero, outcome: JobOutcome::done() });
+    let generation = recalled(&effects).expect("then recalled");
+    let (_, effects) = w.request(1, Request::RecallDone { handle, generation });
+    assert!(zero_job_of(&effects).is_none(), "the recall point does not zero again");
+    let (task, next) = commit_of(&effects).expect("the grow commits at the recall point");
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(reply_of(&effects, grow), Some(Ok(Response::Done))));
+}
+
+#[test]
+fn a_failed_device_that_answers_its_probe_is_resynced_at_a_recall_point_then_online() {
+    use super::recovery::ProbeBackoff;
+    use volume_format::metadata::DeviceState;
+    let mut w = World::new();
+    w.core.set_device_probe(ProbeBackoff { min_ms: 100, max_ms: 400 });
+    // A mirrored volume, open by host-1.
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 2 << 20, legs: 2 });
+    let (task, next) = commit_of(&effects).unwrap();
+    w.apply(committed(task, next));
+    let (open, effects) = w.request(1, Request::Open { volume: "m".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    let Some(Ok(Response::Opened(opened))) = reply_of(&effects, open) else { panic!("{effects:?}") };
+    let device = w.core.meta.volume_by_name("m").unwrap().extents[0].legs[0].device;
+    // The device is marked failed (as a report would).
+    w.core.queue.push_back(super::core::Change::DeviceFailed { device, reason: "gone".into() });
+    let effects = w.apply(Input::Tick);
+    let (task, next) = commit_of(&effects).expect("the failure commits");
+    w.apply(committed(task, next));
+    assert!(matches!(w.core.meta.device(device).unwrap().state, DeviceState::Failed { .. }));
+    let probe_of = |effects: &[Effect]| {
+        effects.iter().find_map(|e| match e {
+            Effect::Job { task, job: Job::CheckDevice { index, .. } } if *index == device.0 => Some(*task),
+            _ => None,
+        })
+    };
+    // Probes back off while it stays away: none before the first is due.
+    let effects = w.apply(Input::Tick);
+    assert!(probe_of(&effects).is_none());
+    w.advance(100);
+    let probe = probe_of(&w.apply(Input::Tick)).expect("probed once due");
+    w.apply(Input::JobDone { task: probe, outcome: JobOutcome::failed("connection refused") });
+    w.advance(100);
+    assert!(probe_of(&w.apply(Input::Tick)).is_none(), "the second probe waits twice as long");
+    w.advance(100);
+    let probe = probe_of(&w.apply(Input::Tick)).expect("probed again");
+    // It answers with its label: resyncing is committed.
+    let effects = w.apply(Input::JobDone { task: probe, outcome: JobOutcome::done() });
+    let (task, next) = commit_of(&effects).expect("resyncing commits");
+    assert!(matches!(w.core.meta.device(device).unwrap().state, DeviceState::Resyncing { .. }));
+    let effects = w.apply(committed(task, next));
+    // The holder is recalled before anything is copied…
+    let generation = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Event { session: 1, event: ServerEvent::Recall { generation, .. } } => Some(*generation),
+            _ => None,
+        })
+        .expect("the holder is recalled");
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Job { job: Job::Resync { .. }, .. })));
+    // …and the copy runs once it drained, from the online leg to the device.
+    let (_, effects) = w.request(1, Request::RecallDone { handle: opened.handle, generation });
+    let (copy, copies) = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Job { task, job: Job::Resync { copies, .. } } => Some((*task, copies.clone())),
+            _ => None,
+        })
+        .expect("the copy starts at the recall point");
+    let on_device = w
+        .core
+        .meta
+        .volume_by_name("m")
+        .unwrap()
+        .extents
+        .iter()
+        .filter(|e| e.legs.iter().any(|l| l.device == device))
+        .count();
+    assert_eq!(copies.len(), on_device, "every extent of m with a leg on the device");
+    assert!(copies.iter().all(|c| c.to.device == device && c.from.iter().all(|f| f.device != device)));
+    // Opens of the volume wait meanwhile; the layout bump commits after it.
+    let effects = w.apply(Input::JobDone { task: copy, outcome: JobOutcome::done() });
+    let (task, next) = commit_of(&effects).expect("the layout bump commits");
+    let effects = w.apply(committed(task, next));
+    let published = effects.iter().any(|e| {
+        matches!(e, Effect::Event { session: 1, event: ServerEvent::Publish { description, .. } }
+            if description.devices.iter().any(|d| d.index == device && d.resyncing && !d.online))
+    });
+    assert!(published, "the holder resumes writing the resyncing leg: {effects:?}");
+    // Every volume done: the device is committed online and published.
+    let (task, next) = commit_of(&effects).expect("online commits");
+    let effects = w.apply(committed(task, next));
+    assert_eq!(w.core.meta.device(device).unwrap().state, DeviceState::Online);
+    assert!(effects
+        .iter()
+        .any(|e| matches!(e, Effect::Event { session: 1, event: ServerEvent::Publish { description, .. } }
+        if description.devices.iter().any(|d| d.index == device && d.online))));
+}
+
+#[test]
+fn a_resync_left_by_a_previous_run_starts_over() {
+    use super::recovery::ProbeBackoff;
+    use volume_format::metadata::DeviceState;
+    let mut w = World::new();
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 2 << 20, legs: 2 });
+    let (task, next) = commit_of(&effects).unwrap();
+    w.apply(committed(task, next));
+    let device = w.core.meta.volume_by_name("m").unwrap().extents[0].legs[0].device;
+    // The previous run committed the device resyncing, then stopped.
+    let mut meta = (*w.core.meta).clone();
+    meta.devices.iter_mut().find(|d| d.index == device).unwrap().state = DeviceState::Resyncing { since_unix_secs: 1 };
+    let config = CoreConfig {
+        lease_ms: LEASE_MS,
+        durable_ms: 0,
+        grace_ms: 0,
+        key: Arc::new(SigningKey::from_bytes(&[7; 32])),
+        entropy: Box::new(Zeros),
+    };
+    w.core = Core::new(meta.clone(), journal_after(&meta), config);
+    w.core.set_device_probe(ProbeBackoff::default());
+    // No holder: the copy starts at the first tick, then the device is online.
+    let effects = w.apply(Input::Tick);
+    let copy = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Job { task, job: Job::Resync { .. } } => Some(*task),
+            _ => None,
+        })
+        .expect("the resync starts over");
+    let effects = w.apply(Input::JobDone { task: copy, outcome: JobOutcome::done() });
+    let (task, next) = commit_of(&effects).expect("the layout bump commits");
+    let effects = w.apply(committed(task, next));
+    let (task, next) = commit_of(&effects).expect("online commits");
+    w.apply(committed(task, next));
+    assert_eq!(w.core.meta.device(device).unwrap().state, DeviceState::Online);
+}
+
+#[test]
+fn a_resync_that_keeps_failing_marks_the_device_failed_again_and_probing_starts_over() {
+    use super::recovery::{ProbeBackoff, RESYNC_VOLUME_ATTEMPTS_MAX};
+    use volume_format::metadata::DeviceState;
+    let mut w = World::new();
+    w.core.set_device_probe(ProbeBackoff { min_ms: 100, max_ms: 400 });
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 2 << 20, legs: 2 });
+    let (task, next) = commit_of(&effects).unwrap();
+    w.apply(committed(task, next));
+    let device = w.core.meta.volume_by_name("m").unwrap().extents[0].legs[0].device;
+    w.core.queue.push_back(super::core::Change::DeviceFailed { device, reason: "gone".into() });
+    let (task, next) = commit_of(&w.apply(Input::Tick)).unwrap();
+    w.apply(committed(task, next));
+    w.apply(Input::Tick);
+    w.advance(100);
+    let probe = w
+        .apply(Input::Tick)
+        .iter()
+        .find_map(|e| match e {
+            Effect::Job { task, job: Job::CheckDevice { .. } } => Some(*task),
+            _ => None,
+        })
+        .unwrap();
+    let (task, next) = commit_of(&w.apply(Input::JobDone { task: probe, outcome: JobOutcome::done() })).unwrap();
+    let mut effects = w.apply(committed(task, next));
+    // Every copy fails (the device flakes): retried, then failed again.
+    for attempt in 1..=RESYNC_VOLUME_ATTEMPTS_MAX {
+        let copy = effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Job { task, job: Job::Resync { .. } } => Some(*task),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("attempt {attempt} copies: {effects:?}"));
+        let listed = w.core.device_infos(|d| d.index == device);
+        assert!(listed[0].recovery.starts_with("resyncing: 0 of"), "{:?}", listed[0].recovery);
+        effects = w.apply(Input::JobDone { task: copy, outcome: JobOutcome::failed("writing: connection reset") });
+        if attempt < RESYNC_VOLUME_ATTEMPTS_MAX {
+            assert!(commit_of(&effects).is_none());
+            w.advance(super::recovery::DEVICE_PROBE_MIN_MS * u64::from(attempt));
+            effects = w.apply(Input::Tick);
+        }
+    }
+    let (task, next) = commit_of(&effects).expect("the device is marked failed again");
+    w.apply(committed(task, next));
+    match &w.core.meta.device(device).unwrap().state {
+        DeviceState::Failed { reason, .. } => assert!(reason.contains("resync failed"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    // And probed again.
+    w.advance(100);
+    w.apply(Input::Tick);
+    assert!(w.core.device_infos(|d| d.index == device)[0].recovery.starts_with("failed: "));
 }

@@ -243,7 +243,7 @@ impl Core {
         };
         let reason: String = reason.chars().take(512).collect();
         warn!(client = %peer.name, device, uri = %record.uri, %reason, "agent reports its direct path to a device failed");
-        if !record.state.is_online() {
+        if matches!(record.state, DeviceState::Failed { .. }) {
             return Step::Done(Some((reply, Ok(Response::Devices(self.device_infos(|d| d.index.0 == device))))));
         }
         let job = Job::CheckDevice { index: device, uuid: record.device_uuid };
@@ -279,8 +279,12 @@ impl Core {
     }
 
     /// Commits `device` as failed (then publishes the changed layouts).
-    fn prepare_device_failed(&mut self, device: u32, reason: String, reply: Option<ReplyId>) -> Step {
-        if !self.meta.device(DeviceIndex(device)).is_some_and(|d| d.state.is_online()) {
+    pub(super) fn prepare_device_failed(&mut self, device: u32, reason: String, reply: Option<ReplyId>) -> Step {
+        // A device resyncing fails again like an online one (its resync
+        // starts over once it answers a probe again).
+        self.resyncs.remove(&DeviceIndex(device));
+        let failed = |d: &volume_format::metadata::DeviceRecord| matches!(d.state, DeviceState::Failed { .. });
+        if self.meta.device(DeviceIndex(device)).is_none_or(failed) {
             let devices = self.device_infos(|d| d.index.0 == device);
             return Step::Done(reply.map(|r| (r, Ok(Response::Devices(devices)))));
         }

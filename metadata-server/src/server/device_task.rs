@@ -127,8 +127,8 @@ impl DeviceTask {
             return Err("the server has no connection to it".into());
         };
         if let Some(client) = d.client.clone() {
-            if let Ok(Ok(_)) = tokio::time::timeout(DEVICE_CHECK_TIMEOUT, client.read(0, 4096)).await {
-                return Ok(());
+            if let Ok(Ok(block)) = tokio::time::timeout(DEVICE_CHECK_TIMEOUT, client.read(0, 4096)).await {
+                return same_device(&block, uuid);
             }
         }
         let uri: NbdUri = d.uri.parse().map_err(|e| format!("bad URI {}: {e}", d.uri))?;
@@ -136,7 +136,8 @@ impl DeviceTask {
         opts.connect_timeout = DEVICE_CHECK_TIMEOUT;
         let fresh = async {
             let c = NbdClient::connect(&uri, opts).await.map_err(|e| e.to_string())?;
-            c.read(0, 4096).await.map_err(|e| e.to_string())?;
+            let block = c.read(0, 4096).await.map_err(|e| e.to_string())?;
+            same_device(&block, uuid)?;
             Ok::<_, String>(c)
         };
         match tokio::time::timeout(DEVICE_CHECK_TIMEOUT, fresh).await {
@@ -157,5 +158,16 @@ impl DeviceTask {
                 Err(e)
             }
         }
+    }
+}
+
+/// Whether `block` (the first 4 KiB of a device) is the label of device
+/// `uuid`: a device that answers with another label, or none (an empty
+/// disk behind the same address), is not the device that failed.
+fn same_device(block: &[u8], uuid: Uuid) -> Result<(), String> {
+    match volume_format::DeviceLabel::decode(block) {
+        Ok(label) if label.device_uuid == uuid => Ok(()),
+        Ok(label) => Err(format!("it answers as device {}, not {uuid}", label.device_uuid)),
+        Err(e) => Err(format!("it answers without a sanvol label ({e})")),
     }
 }

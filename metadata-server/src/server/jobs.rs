@@ -1,6 +1,6 @@
 //! Long jobs the owner starts and never waits for: copying pre-images for
 //! shared writers, moving pre-images when a snapshot is deleted, checking a
-//! device an agent reported.
+//! device an agent reported, zeroing new space before it is handed out.
 //!
 //! A job is plain data ([`Job`]) describing what to do against a snapshot
 //! of the committed metadata; the shell runs it on its own task (or, for a
@@ -11,9 +11,11 @@
 
 use std::sync::Arc;
 
+use blockio::{BlockDevice, ZeroFlags};
+use bytes::Bytes;
 use tracing::info;
 use volume_format::metadata::PoolMetadata;
-use volume_format::{SnapshotId, VolumeId};
+use volume_format::{DeviceIndex, SnapshotId, VolumeId};
 
 use super::snapshot_io::DeviceClients;
 
@@ -29,7 +31,39 @@ pub enum Job {
     /// Whether the server reaches device `index` (a label read on its
     /// connection, else on a new one, each bounded).
     CheckDevice { index: u32, uuid: uuid::Uuid },
+    /// Zero whole extents (of `extent_bytes`) on each target device and
+    /// flush it: the new space of a create or grow (see `zeroing`).
+    Zero { extent_bytes: u64, targets: Vec<DeviceExtents> },
+    /// Copy whole extents onto a device that came back, each from the first
+    /// of its sources that answers, then flush the targets (`recovery`).
+    Resync { extent_bytes: u64, copies: Vec<ExtentCopy> },
 }
+
+/// One extent to copy: `to` and `from` name one extent each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtentCopy {
+    pub to: DeviceExtents,
+    pub from: Vec<DeviceExtents>,
+}
+
+/// Bytes read and written per request of a resync copy.
+pub const RESYNC_CHUNK_BYTES: u64 = 4 << 20;
+/// Resync chunks being copied at once per job.
+pub const RESYNC_CHUNKS_IN_FLIGHT_MAX: usize = 4;
+
+/// Extents on one device: their device byte offsets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceExtents {
+    pub device: DeviceIndex,
+    pub uri: String,
+    pub offsets: Vec<u64>,
+}
+
+/// Largest single WRITE_ZEROES request: well inside the device request
+/// timeout even where the device writes the zeros rather than deallocating.
+pub const ZERO_REQUEST_BYTES_MAX: u64 = 64 << 20;
+/// Zeroing requests in flight per job.
+pub const ZERO_REQUESTS_IN_FLIGHT_MAX: usize = 8;
 
 /// How a job ended: done, or why not (nothing the job wrote is referenced
 /// by any committed metadata until the core commits, so a failed job
@@ -110,5 +144,157 @@ pub async fn run_data_job(job: Job, devices: &DeviceClients, may_write: impl Fn(
             JobOutcome::done()
         }
         Job::CheckDevice { .. } => JobOutcome::failed("a device check runs where the pool's connections are"),
+        Job::Zero { extent_bytes, targets } => match zero_extents(extent_bytes, &targets, devices).await {
+            Ok(()) => JobOutcome::done(),
+            Err(e) => JobOutcome::failed(e),
+        },
+        Job::Resync { extent_bytes, copies } => match copy_extents(extent_bytes, &copies, devices).await {
+            Ok(()) => JobOutcome::done(),
+            Err(e) => JobOutcome::failed(e),
+        },
     }
+}
+
+/// Zeroes every extent of `targets` (deallocating where the device can),
+/// then flushes each device: the zeros are durable before the extents are
+/// committed to a volume.
+async fn zero_extents(extent_bytes: u64, targets: &[DeviceExtents], devices: &DeviceClients) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    let mut clients = Vec::with_capacity(targets.len());
+    for t in targets {
+        let client = devices.get_by_uri(t.device, &t.uri).await.map_err(|e| e.to_string())?;
+        clients.push((t.device, client));
+    }
+    let result = zero_with(extent_bytes, targets, &clients, devices).await;
+    if result.is_err() {
+        // A connection that failed is not reused: the next zeroing reconnects.
+        for (device, _) in &clients {
+            devices.forget(*device).await;
+        }
+    }
+    result?;
+    let extents: usize = targets.iter().map(|t| t.offsets.len()).sum();
+    info!(extents, elapsed_ms = started.elapsed().as_millis() as u64, "new space zeroed");
+    Ok(())
+}
+
+async fn zero_with(
+    extent_bytes: u64,
+    targets: &[DeviceExtents],
+    clients: &[(DeviceIndex, blockio::client::NbdClient)],
+    devices: &DeviceClients,
+) -> Result<(), String> {
+    use futures::stream::StreamExt;
+    let mut requests = Vec::new();
+    for (t, (device, client)) in targets.iter().zip(clients) {
+        for &extent in &t.offsets {
+            let mut offset = extent;
+            while offset < extent + extent_bytes {
+                let len = ZERO_REQUEST_BYTES_MAX.min(extent + extent_bytes - offset);
+                requests.push((*device, client.clone(), offset, len as u32));
+                offset += len;
+            }
+        }
+    }
+    let flags = ZeroFlags { may_trim: true, ..ZeroFlags::default() };
+    let mut zeroing = futures::stream::iter(requests.into_iter().map(|(device, client, offset, len)| async move {
+        devices.may_write().map_err(|e| e.to_string())?;
+        client
+            .write_zeroes(offset, len, flags)
+            .await
+            .map_err(|e| format!("zeroing {len} bytes at offset {offset} of device {device}: {e}"))
+    }))
+    .buffer_unordered(ZERO_REQUESTS_IN_FLIGHT_MAX);
+    while let Some(result) = zeroing.next().await {
+        result?;
+    }
+    for (device, client) in clients {
+        client.flush().await.map_err(|e| format!("flushing device {device} after zeroing: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Copies every extent of `copies` onto its target, chunk by chunk
+/// ([`RESYNC_CHUNKS_IN_FLIGHT_MAX`] at a time), each from the first source
+/// that answers, then flushes each target device. Runs while nobody writes
+/// the extents (their volume's holders are drained, or it has none and
+/// opens wait): see `recovery`.
+async fn copy_extents(extent_bytes: u64, copies: &[ExtentCopy], devices: &DeviceClients) -> Result<(), String> {
+    use futures::stream::StreamExt;
+    let started = std::time::Instant::now();
+    let mut targets = std::collections::BTreeMap::new();
+    let mut chunks = Vec::new();
+    for (i, copy) in copies.iter().enumerate() {
+        let Some(&to) = copy.to.offsets.first() else { continue };
+        if let std::collections::btree_map::Entry::Vacant(slot) = targets.entry(copy.to.device) {
+            // The device just came back: a connection from before it went
+            // away is dead.
+            devices.forget(copy.to.device).await;
+            slot.insert(devices.get_by_uri(copy.to.device, &copy.to.uri).await.map_err(|e| e.to_string())?);
+        }
+        let mut at = 0;
+        while at < extent_bytes {
+            let len = RESYNC_CHUNK_BYTES.min(extent_bytes - at);
+            chunks.push((i, to, at, len as u32));
+            at += len;
+        }
+    }
+    let mut copying = futures::stream::iter(chunks.into_iter().map(|(i, to, at, len)| {
+        let copy = &copies[i];
+        copy_chunk(copy.from.clone(), copy.to.device, targets[&copy.to.device].clone(), to + at, at, len, devices)
+    }))
+    .buffer_unordered(RESYNC_CHUNKS_IN_FLIGHT_MAX);
+    while let Some(result) = copying.next().await {
+        result?;
+    }
+    drop(copying);
+    for (device, client) in &targets {
+        client.flush().await.map_err(|e| format!("flushing device {device} after the resync: {e}"))?;
+    }
+    let bytes = copies.len() as u64 * extent_bytes;
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    info!(extents = copies.len(), bytes, elapsed_ms, "extents resynchronized");
+    Ok(())
+}
+
+/// Copies `len` bytes at `at` within an extent from `sources` to `target`
+/// (device `device`) at `to`.
+async fn copy_chunk(
+    sources: Vec<DeviceExtents>,
+    device: DeviceIndex,
+    target: blockio::client::NbdClient,
+    to: u64,
+    at: u64,
+    len: u32,
+    devices: &DeviceClients,
+) -> Result<(), String> {
+    let data = read_chunk(&sources, at, len, devices).await?;
+    devices.may_write().map_err(|e| e.to_string())?;
+    if let Err(e) = target.write(to, data, false).await {
+        devices.forget(device).await;
+        return Err(format!("writing resync data at offset {to} of device {device}: {e}"));
+    }
+    Ok(())
+}
+
+/// `len` bytes at `at` within an extent, from the first of `sources` (one
+/// extent each) that answers.
+async fn read_chunk(sources: &[DeviceExtents], at: u64, len: u32, devices: &DeviceClients) -> Result<Bytes, String> {
+    let mut errors = Vec::new();
+    for from in sources {
+        let Some(&offset) = from.offsets.first() else { continue };
+        let read = async {
+            let source = devices.get_by_uri(from.device, &from.uri).await?;
+            source.read(offset + at, len).await
+        };
+        match read.await {
+            Ok(d) if d.len() == len as usize => return Ok(d),
+            Ok(d) => errors.push(format!("device {}: short read of {} bytes", from.device, d.len())),
+            Err(e) => {
+                devices.forget(from.device).await;
+                errors.push(format!("device {}: {e}", from.device));
+            }
+        }
+    }
+    Err(format!("reading extent data to resync: {}", errors.join("; ")))
 }

@@ -53,6 +53,7 @@ impl Core {
                 extents_free: free.device_count(d.index),
                 state: d.state.clone(),
                 reachable: self.reachable.get(&d.device_uuid).copied().unwrap_or(false),
+                recovery: self.device_recovery(d.index),
             })
             .collect()
     }
@@ -103,6 +104,7 @@ impl Core {
                 })
                 .collect(),
             fallback: self.fallback_of_volume(v.id),
+            health: self.volume_health(v.id),
         }
     }
 

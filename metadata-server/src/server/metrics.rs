@@ -71,7 +71,7 @@ pub fn init() {
         COMMITS.with_label_values(&[result]);
     }
     LazyLock::force(&COMMIT_SECONDS);
-    for state in ["online", "failed"] {
+    for state in ["online", "failed", "resyncing"] {
         DEVICES.with_label_values(&[state]);
     }
     LazyLock::force(&UNREACHABLE);
@@ -86,9 +86,10 @@ pub fn observe(core: &Core) {
     HANDLES.with_label_values(&["held"]).set(held as i64);
     HANDLES.with_label_values(&["detached"]).set(detached as i64);
     GRACE.set(core.grace.is_some() as i64);
-    let online = core.meta.devices.iter().filter(|d| d.state.is_online()).count();
-    DEVICES.with_label_values(&["online"]).set(online as i64);
-    DEVICES.with_label_values(&["failed"]).set((core.meta.devices.len() - online) as i64);
+    let count = |state: &str| core.meta.devices.iter().filter(|d| d.state.to_string().starts_with(state)).count();
+    for state in ["online", "failed", "resyncing"] {
+        DEVICES.with_label_values(&[state]).set(count(state) as i64);
+    }
     UNREACHABLE.set(core.reachable.values().filter(|up| !**up).count() as i64);
 }
 

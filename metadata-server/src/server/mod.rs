@@ -49,11 +49,13 @@ pub mod lease_task;
 pub mod listings;
 pub mod metrics;
 pub mod owner;
+pub mod recovery;
 pub mod requests;
 pub mod session;
 pub mod snapshot_io;
 pub mod snapshots;
 pub mod standby;
+pub mod zeroing;
 
 #[cfg(test)]
 mod core_tests;
@@ -422,7 +424,7 @@ async fn active_term(
         return (lease, Err(e));
     };
     let journal = commit::MetaJournal::new(journal, pool.metadata_areas());
-    let core = core::Core::new(
+    let mut core = core::Core::new(
         meta,
         journal,
         core::CoreConfig {
@@ -433,6 +435,7 @@ async fn active_term(
             entropy: Box::new(core::OsEntropy),
         },
     );
+    core.set_device_probe(recovery::ProbeBackoff::default());
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMANDS_QUEUED_MAX);
     let (term_stop_tx, term_stop_rx) = watch::channel(false);
     // Backup channels read the committed metadata; until one does, the

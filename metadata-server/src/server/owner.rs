@@ -130,6 +130,7 @@ pub async fn run(
 ) -> Option<String> {
     let LeaseControl { commands: lease_commands, mut servers, ended: mut lease_ended, guard } = lease;
     let (results_tx, mut results) = mpsc::channel(RESULTS_QUEUED_MAX);
+    let job_devices = DeviceClients::default().guarded(guard.clone());
     let (devices, device_task) = DeviceTask::start(pool, results_tx.clone(), guard.clone());
     let tick_ms = (core.lease_ms / 4).max(25);
     let mut shell = Shell {
@@ -140,7 +141,7 @@ pub async fn run(
         next_reply: 1,
         devices,
         results: results_tx,
-        job_devices: DeviceClients::default(),
+        job_devices,
         published,
         lease_commands,
         lease_guard: guard,

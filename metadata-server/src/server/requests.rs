@@ -84,12 +84,15 @@ impl Core {
     /// The volume a queued request changes, and which jobs on that volume it
     /// must wait for; `None` for requests no job blocks.
     pub(super) fn volume_of(&self, _session: SessionId, request: &Request) -> Option<(VolumeId, &'static [Busy])> {
-        const ANY: &[Busy] = &[Busy::Cow, Busy::Layout];
+        const ANY: &[Busy] = &[Busy::Cow, Busy::Layout, Busy::Resync];
         match request {
             Request::VolumeGrow { name, .. }
             | Request::VolumeDelete { name }
             | Request::SnapshotCreate { volume: name, .. }
             | Request::SnapshotDelete { volume: name, .. } => Some((self.meta.volume_by_name(name)?.id, ANY)),
+            // A volume whose extents on a device come back are being copied
+            // without holders: an opener would write while the copy runs.
+            Request::Open { volume: name, .. } => Some((self.meta.volume_by_name(name)?.id, &[Busy::Resync])),
             // Registrations wait for pre-images moving between the volume's
             // snapshots too: a chunk registered into a snapshot while its
             // merge runs was committed into the merged snapshot without its
@@ -190,6 +193,8 @@ impl Core {
             AfterCommit::DeviceFailed { device, reason, reply } => {
                 self.finish_device_failed(device, reason, reply, result)
             }
+            AfterCommit::DeviceBack { device } => self.device_back(device, result),
+            AfterCommit::DeviceOnline { device } => self.device_online(device, result),
             AfterCommit::CowRegistered { reply, new, volume } => {
                 if let Err(e) = &result {
                     warn!(%volume, "registering copy-on-write chunks: {e}");
@@ -212,6 +217,11 @@ impl Core {
             AfterJob::Merged { volume, change, finish } => self.merged(volume, change, finish, outcome),
             AfterJob::DeviceChecked { session, device, reason, reply } => {
                 self.device_checked(session, device, reason, reply, outcome)
+            }
+            AfterJob::Probed { device } => self.probed(device, outcome),
+            AfterJob::Zeroed { extents, changes, then } => self.zeroing_done(extents, changes, *then, outcome),
+            AfterJob::Prezeroed { extents, name, change, reply } => {
+                self.prezeroed(extents, &name, change, reply, outcome)
             }
         }
     }
@@ -315,6 +325,19 @@ impl Core {
     /// a snapshot delete that needs one; with holders it starts a recall and
     /// parks the reply until [`Core::prepare_recall`] finishes it.
     fn prepare_reconfigure(&mut self, name: &str, change: VolumeChange, reply: ReplyId) -> Step {
+        self.prepare_reconfigure_with(name, change, reply, true)
+    }
+
+    /// [`Core::prepare_reconfigure`]; with `may_prezero`, a change that
+    /// recalls holders and hands out extents not yet zeroed zeroes them
+    /// first, so the holders are not kept drained while it runs.
+    pub(super) fn prepare_reconfigure_with(
+        &mut self,
+        name: &str,
+        change: VolumeChange,
+        reply: ReplyId,
+        may_prezero: bool,
+    ) -> Step {
         let id = match self.volume_by_name(name) {
             Ok(v) => v.id,
             Err(e) => return done(reply, Err(e)),
@@ -333,11 +356,19 @@ impl Core {
         // Holders only need a recall when what they do I/O with changes.
         if self.handles.on_volume(id.0).next().is_none() || !planned.layout_changes {
             if let Some(job) = self.merge_job(id, &change) {
+                let busy = Some((id, data_job_busy(&change)));
                 let then = AfterJob::Merged { volume: id, change, finish: super::core::MergeFinish::Direct { reply } };
-                return Step::Job { job, busy: Some((id, Busy::Layout)), then };
+                return Step::Job { job, busy, then };
             }
             let what = format!("volume {name} reconfigured: {change}");
             return Step::Commit { changes: vec![planned.change], then: AfterCommit::Reply { reply, what } };
+        }
+        let unzeroed = self.unzeroed(std::slice::from_ref(&planned.change));
+        if may_prezero && !unzeroed.is_empty() {
+            self.zeroing = true;
+            let job = self.zero_job(&unzeroed);
+            let then = AfterJob::Prezeroed { extents: unzeroed, name: name.to_string(), change, reply };
+            return Step::Job { job, busy: None, then };
         }
         let generation = self.meta.volume(id).map(|v| v.layout_generation + 1).unwrap_or_default();
         let recall = match self.handles.start_recall(id.0, generation) {
@@ -358,6 +389,32 @@ impl Core {
         Step::Parked
     }
 
+    /// A grow's new extents were zeroed before its recall: recall now (if
+    /// the plan changed meanwhile, the commit zeroes what is new).
+    fn prezeroed(
+        &mut self,
+        extents: Vec<volume_format::metadata::PhysicalExtent>,
+        name: &str,
+        change: VolumeChange,
+        reply: ReplyId,
+        outcome: JobOutcome,
+    ) -> Step {
+        self.zeroing = false;
+        if let Err(why) = outcome.result {
+            let msg = format!(
+                "the new space could not be zeroed ({why}); nothing was changed: check the devices (`sanvol device \
+                 list`) and retry"
+            );
+            return done(reply, Err(err(ErrorCode::Unavailable, msg)));
+        }
+        let free = self.meta.free_extents();
+        let still_free = |e: &volume_format::metadata::PhysicalExtent| {
+            free.per_device.get(&e.device).is_some_and(|offsets| offsets.contains(&e.offset))
+        };
+        self.zeroed.extend(extents.into_iter().filter(still_free));
+        self.prepare_reconfigure_with(name, change, reply, false)
+    }
+
     /// Finishes the pending change of `volume` if every holder confirmed or
     /// was excluded by its lease: (merge,) commit, then publish and reply.
     pub(super) fn prepare_recall(&mut self, volume: VolumeId) -> Step {
@@ -371,12 +428,9 @@ impl Core {
         };
         if let Some(job) = self.merge_job(volume, &pending.change) {
             let change = pending.change.clone();
+            let busy = Some((volume, data_job_busy(&change)));
             let finish = super::core::MergeFinish::Recall { pending, excluded };
-            return Step::Job {
-                job,
-                busy: Some((volume, Busy::Layout)),
-                then: AfterJob::Merged { volume, change, finish },
-            };
+            return Step::Job { job, busy, then: AfterJob::Merged { volume, change, finish } };
         }
         self.recall_commit(volume, pending, excluded)
     }
@@ -595,5 +649,13 @@ impl Core {
             }
         }
         self.check_recalls();
+    }
+}
+
+/// What a data job run for `change` blocks on its volume.
+fn data_job_busy(change: &VolumeChange) -> Busy {
+    match change {
+        VolumeChange::Resync { .. } => Busy::Resync,
+        _ => Busy::Layout,
     }
 }

@@ -26,33 +26,62 @@ use crate::pool::device::client_options;
 #[derive(Default, Clone)]
 pub struct DeviceClients {
     clients: Arc<tokio::sync::Mutex<HashMap<DeviceIndex, NbdClient>>>,
+    /// The owner's lease guard: data writes stop once the server may no
+    /// longer commit (see [`DeviceClients::may_write`]).
+    guard: Option<Arc<super::lease_task::LeaseGuard>>,
 }
 
 impl DeviceClients {
     /// Clients the caller already has (the pool's own connections).
     pub fn with(clients: impl IntoIterator<Item = (DeviceIndex, NbdClient)>) -> DeviceClients {
-        DeviceClients { clients: Arc::new(tokio::sync::Mutex::new(clients.into_iter().collect())) }
+        DeviceClients { clients: Arc::new(tokio::sync::Mutex::new(clients.into_iter().collect())), guard: None }
+    }
+
+    /// Writes through these clients only while `guard` says this server
+    /// holds the pool lease.
+    pub fn guarded(mut self, guard: Arc<super::lease_task::LeaseGuard>) -> DeviceClients {
+        self.guard = Some(guard);
+        self
+    }
+
+    /// Refuses a data write once this server may no longer commit (it lost
+    /// the pool lease, or handed it on): the active server may have handed
+    /// out the space since — zeros or a copy landing there now would
+    /// overwrite another volume's data. Checked before every data write, as
+    /// the device task checks before every metadata write.
+    pub fn may_write(&self) -> Result<(), IoError> {
+        match &self.guard {
+            Some(g) if !g.may_commit() => {
+                Err(IoError::io("this metadata server does not hold the pool lease now; no more data was written"))
+            }
+            _ => Ok(()),
+        }
     }
 
     async fn get(&self, meta: &PoolMetadata, index: DeviceIndex) -> Result<NbdClient, IoError> {
+        let device =
+            meta.device(index).ok_or_else(|| IoError::io(format!("device {index} is not in the pool metadata")))?;
+        self.get_by_uri(index, &device.uri).await
+    }
+
+    /// The client of device `index`, connected to `uri` if there is none.
+    pub async fn get_by_uri(&self, index: DeviceIndex, device_uri: &str) -> Result<NbdClient, IoError> {
         let mut clients = self.clients.lock().await;
         if let Some(c) = clients.get(&index) {
             return Ok(c.clone());
         }
-        let device =
-            meta.device(index).ok_or_else(|| IoError::io(format!("device {index} is not in the pool metadata")))?;
-        let uri = device.uri.parse::<NbdUri>().map_err(|e| IoError::io(format!("device {index}: {e}")))?;
+        let uri = device_uri.parse::<NbdUri>().map_err(|e| IoError::io(format!("device {index}: {e}")))?;
         let opts =
             blockio::client::ClientOptions { connect_timeout: CHANNEL_DEVICE_CONNECT_TIMEOUT, ..client_options() };
         let client = NbdClient::connect(&uri, opts)
             .await
-            .map_err(|e| IoError::io(format!("connecting to device {index} ({}): {e}", device.uri)))?;
+            .map_err(|e| IoError::io(format!("connecting to device {index} ({device_uri}): {e}")))?;
         clients.insert(index, client.clone());
         Ok(client)
     }
 
     /// Forgets a client that failed, so the next use reconnects.
-    async fn forget(&self, index: DeviceIndex) {
+    pub async fn forget(&self, index: DeviceIndex) {
         if let Some(c) = self.clients.lock().await.remove(&index) {
             c.disconnect().await;
         }
@@ -168,12 +197,15 @@ impl DeviceClients {
         let legs = legs.map_err(|e| IoError::io(format!("writing chunk {chunk} to snapshot {}: {e}", area.name)))?;
         for leg in legs {
             let client = self.get(meta, leg.device).await?;
-            client.write(leg.device_offset, data.clone(), true).await.map_err(|e| {
-                IoError::new(
+            self.may_write()?;
+            if let Err(e) = client.write(leg.device_offset, data.clone(), true).await {
+                // Reconnect next time (the device may have come back since).
+                self.forget(leg.device).await;
+                return Err(IoError::new(
                     e.kind,
                     format!("writing chunk {chunk} to snapshot {}'s area on device {}: {e}", area.name, leg.device),
-                )
-            })?;
+                ));
+            }
         }
         Ok(())
     }

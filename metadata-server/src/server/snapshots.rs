@@ -77,12 +77,19 @@ impl Core {
                 let plan = meta.snapshot_delete_plan(id).ok_or_else(|| err(ErrorCode::NotFound, "no such snapshot"))?;
                 Some(PlannedChange { change: plan.change(), layout_changes: plan.was_newest })
             }
+            VolumeChange::Resync { .. } => {
+                Some(PlannedChange { change: MetaChange::LayoutBump { volume }, layout_changes: true })
+            }
         })
     }
 
-    /// The job that moves a deleted snapshot's pre-images into the next
-    /// older one before the delete is committed, if any must move.
+    /// The data job a change needs before its commit, if any: moving a
+    /// deleted snapshot's pre-images into the next older one, or copying a
+    /// volume's extents onto a device that came back (`recovery`).
     pub(super) fn merge_job(&self, volume: VolumeId, change: &VolumeChange) -> Option<Job> {
+        if let VolumeChange::Resync { device } = change {
+            return self.resync_job(volume, *device);
+        }
         let VolumeChange::SnapshotDelete { name } = change else { return None };
         let id = self.snapshot_id(&self.meta, volume, name).ok()?;
         let plan = self.meta.snapshot_delete_plan(id)?;

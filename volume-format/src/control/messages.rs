@@ -409,6 +409,11 @@ pub struct DeviceInfo {
     pub state: DeviceState,
     /// Whether the server reaches it right now.
     pub reachable: bool,
+    /// Recovery in progress, for people: "resyncing: 3 of 10 extents
+    /// copied", "failed: next probe in 4.0 s"; empty when there is none
+    /// (protocol 4).
+    #[serde(default)]
+    pub recovery: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -443,6 +448,10 @@ pub struct VolumeInfo {
     /// "CLIENT: device N on fallback (REASON)".
     #[serde(default)]
     pub fallback: Vec<String>,
+    /// Whether every leg is whole: empty if so, else "degraded: …" or
+    /// "resyncing: …" with progress (protocol 4).
+    #[serde(default)]
+    pub health: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -495,6 +504,7 @@ mod state_text {
         match text.strip_prefix("failed: ") {
             Some(reason) => Ok(DeviceState::Failed { reason: reason.to_string(), since_unix_secs: 0 }),
             None if text == "online" => Ok(DeviceState::Online),
+            None if text == "resyncing" => Ok(DeviceState::Resyncing { since_unix_secs: 0 }),
             None => Err(serde::de::Error::custom(format!("unknown device state {text:?}"))),
         }
     }

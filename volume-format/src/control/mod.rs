@@ -39,7 +39,11 @@ pub mod resume;
 ///   and protected channels — a Noise handshake after the cleartext hellos,
 ///   proofs over its hash, every byte after it in encrypted or
 ///   integrity-only records; `ServerHello::Noise`, channel modes.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// - 4: devices that come back (`DeviceEndpoint::resyncing`,
+///   `DeviceState::Resyncing`) and recovery in listings
+///   (`DeviceInfo::recovery`, `VolumeInfo::health`). A version-3 agent would
+///   not write to a resyncing leg: refused.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The oldest protocol version this build still accepts: a peer outside
 /// `PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION` is refused at the handshake
@@ -47,4 +51,4 @@ pub const PROTOCOL_VERSION: u32 = 3;
 ///
 /// Version 2 sent everything after the handshake unprotected: a version-2
 /// peer is refused, never served in the clear.
-pub const PROTOCOL_VERSION_MIN: u32 = 3;
+pub const PROTOCOL_VERSION_MIN: u32 = 4;

@@ -372,3 +372,26 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_resyncing_leg_takes_writes_and_serves_reads_only_as_the_only_copy() {
+    let resyncing = |mut d: VolumeDescription| {
+        d.devices[0].online = false;
+        d.devices[0].resyncing = true;
+        d
+    };
+    // Mirrored: reads from the other leg only, writes to both.
+    let d = resyncing(description(1, 2, 2, &[]));
+    let s = d.map(0, 4096).unwrap().next().unwrap();
+    assert_eq!(devices_of(&s.read_legs(0).unwrap()), vec![1]);
+    assert_eq!(devices_of(&s.read_legs(1).unwrap()), vec![1]);
+    assert_eq!(devices_of(&s.write_legs().unwrap()), vec![0, 1]);
+    assert_eq!(s.legs().unwrap()[0].state, LegState::Resyncing);
+    // Plain: its only copy is read and written.
+    let d = resyncing(description(2, 1, 2, &[]));
+    let s = d.map(0, 4096).unwrap().next().unwrap();
+    assert_eq!(s.physical_legs().len(), 1);
+    assert_eq!(s.physical_legs()[0].device, DeviceIndex(0));
+    assert_eq!(devices_of(&s.read_legs(0).unwrap()), vec![0]);
+    assert_eq!(devices_of(&s.write_legs().unwrap()), vec![0]);
+}

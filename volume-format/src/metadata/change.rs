@@ -41,7 +41,7 @@ use super::handover::{HandoverLedger, UsedToken};
 use super::snapshot::CowMap;
 use super::{
     check_block_bytes, check_name, ClientRecord, ClientScope, DeviceState, HandleRecord, HandleState, LogicalExtent,
-    PoolMetadata, SnapshotRecord, VolumeRecord, MIRROR_LEGS_MAX,
+    PhysicalExtent, PoolMetadata, SnapshotRecord, VolumeRecord, MIRROR_LEGS_MAX,
 };
 use crate::ids::{DeviceIndex, HandleId, PublicKey, SnapshotId, VolumeId};
 
@@ -89,6 +89,12 @@ pub enum MetaChange {
     /// the used tokens `forget` expired by it; `used` was just used (format
     /// 4; see [`super::handover`]).
     HandoverTokens { clock_unix_ms: u64, used: Option<UsedToken>, forget: Vec<[u8; 16]> },
+    /// The volume's layout generation goes up by one with nothing else
+    /// changed in its record: what its holders do I/O with changed
+    /// elsewhere (a device of it came back and resyncs), committed at a
+    /// recall point so every holder confirms before the new layout is used
+    /// (format 5).
+    LayoutBump { volume: VolumeId },
 }
 
 /// A snapshot as [`MetaChange::SnapshotCreate`] records it: a
@@ -255,6 +261,9 @@ enum UndoStep {
     HandoverTokens {
         old: Box<HandoverLedger>,
     },
+    LayoutBumped {
+        volume: VolumeId,
+    },
 }
 
 impl Undo {
@@ -294,6 +303,30 @@ impl MetaChange {
             MetaChange::DeviceState { .. } => "device state",
             MetaChange::ClientScope { .. } => "client scope",
             MetaChange::HandoverTokens { .. } => "handover tokens",
+            MetaChange::LayoutBump { .. } => "layout generation",
+        }
+    }
+
+    /// The physical extents this change hands to a volume's data: what a
+    /// volume could read the moment it is committed, so they must read as
+    /// zeros before it is (a deleted volume's data must never show in the
+    /// next one). A snapshot's copy-on-write area is not among them: only
+    /// chunks written and then registered are ever read from it.
+    pub fn new_volume_extents(&self) -> Vec<PhysicalExtent> {
+        let extents: &[LogicalExtent] = match self {
+            MetaChange::VolumeCreate(record) => &record.extents,
+            MetaChange::VolumeGrow { added, .. } => added,
+            _ => &[],
+        };
+        extents.iter().flat_map(|e| e.legs.iter().copied()).collect()
+    }
+
+    /// Every physical extent this change takes out of the free space
+    /// (volume data and snapshot copy-on-write areas).
+    pub fn allocated_extents(&self) -> Vec<PhysicalExtent> {
+        match self {
+            MetaChange::SnapshotCreate(s) => s.cow_extents.iter().flat_map(|e| e.legs.iter().copied()).collect(),
+            other => other.new_volume_extents(),
         }
     }
 }
@@ -521,6 +554,15 @@ impl PoolMetadata {
                 next.check().map_err(fail)?;
                 UndoStep::HandoverTokens { old: Box::new(std::mem::replace(&mut self.handovers, next)) }
             }
+            MetaChange::LayoutBump { volume } => {
+                let v = self
+                    .volumes
+                    .iter_mut()
+                    .find(|v| v.id == *volume)
+                    .ok_or_else(|| fail(format!("volume {volume} does not exist")))?;
+                v.layout_generation += 1;
+                UndoStep::LayoutBumped { volume: *volume }
+            }
         };
         Ok(Undo(step))
     }
@@ -627,6 +669,11 @@ impl PoolMetadata {
                 }
             }
             UndoStep::HandoverTokens { old } => self.handovers = *old,
+            UndoStep::LayoutBumped { volume } => {
+                if let Some(v) = self.volumes.iter_mut().find(|v| v.id == volume) {
+                    v.layout_generation -= 1;
+                }
+            }
         }
     }
 

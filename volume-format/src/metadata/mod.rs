@@ -69,7 +69,12 @@ use uuid::Uuid;
 ///   ([`payload`]); a format-3 pool is read and upgraded by a commit
 ///   checkpoint at its next commit; format-3 readers refuse format 4 as
 ///   newer.
-pub const METADATA_FORMAT_VERSION: u32 = 4;
+/// - 5: [`DeviceState::Resyncing`] and [`MetaChange::LayoutBump`] (a device
+///   that came back). Format-4 payloads and entries decode unchanged (both
+///   are enum variants added last); format-4 readers refuse format 5.
+pub const METADATA_FORMAT_VERSION: u32 = 5;
+/// The oldest format whose payload is today's [`PoolMetadata`] schema.
+pub const PAYLOAD_SCHEMA_FORMAT_MIN: u32 = 4;
 /// The first format with the journal (checkpoints in slots 0 and 1, entries
 /// in the ring), the oldest journaled format this build reads; older ones
 /// are whole-pool slot records.
@@ -173,6 +178,13 @@ pub enum DeviceState {
         reason: String,
         since_unix_secs: u64,
     },
+    /// Failed, then found again with its label (format 5): its legs take
+    /// writes but serve no reads until the server has copied every mirrored
+    /// extent on it from a leg that stayed online; then it is online again.
+    /// Nothing new is allocated on it meanwhile.
+    Resyncing {
+        since_unix_secs: u64,
+    },
 }
 
 impl DeviceState {
@@ -186,6 +198,7 @@ impl fmt::Display for DeviceState {
         match self {
             DeviceState::Online => f.write_str("online"),
             DeviceState::Failed { reason, .. } => write!(f, "failed: {reason}"),
+            DeviceState::Resyncing { .. } => f.write_str("resyncing"),
         }
     }
 }

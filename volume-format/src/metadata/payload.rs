@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use super::{
     ClientRecord, DeviceRecord, HandleRecord, HandoverLedger, NextIds, PoolMetadata, SnapshotRecord, VolumeRecord,
-    METADATA_FORMAT_VERSION,
+    PAYLOAD_SCHEMA_FORMAT_MIN,
 };
 use crate::codec::{self, CodecError};
 use crate::ids::PublicKey;
@@ -66,7 +66,7 @@ impl From<PayloadV3> for PoolMetadata {
 /// Decodes the payload of a record of format `format` (whose header said
 /// so); `format_version` is left as the payload has it.
 pub fn decode(format: u32, bytes: &[u8]) -> Result<PoolMetadata, CodecError> {
-    if format >= METADATA_FORMAT_VERSION {
+    if format >= PAYLOAD_SCHEMA_FORMAT_MIN {
         return codec::decode(bytes);
     }
     codec::decode::<PayloadV3>(bytes).map(PoolMetadata::from)
@@ -122,6 +122,7 @@ mod tests {
         )
         .unwrap();
         assert!(encode_format2(&meta).unwrap_err().contains("handover"));
-        assert_eq!(decode(METADATA_FORMAT_VERSION, &codec::encode(&meta).unwrap()).unwrap(), meta);
+        assert_eq!(decode(crate::metadata::METADATA_FORMAT_VERSION, &codec::encode(&meta).unwrap()).unwrap(), meta);
+        assert_eq!(decode(PAYLOAD_SCHEMA_FORMAT_MIN, &codec::encode(&meta).unwrap()).unwrap(), meta);
     }
 }

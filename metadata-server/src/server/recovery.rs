@@ -1,0 +1,411 @@
+//! A device that comes back is used again: failed devices are probed, and
+//! one that answers with its label is resynchronized and brought online.
+//!
+//! Why: one transient failure (an `nbdkit` restarted, a cable pulled and
+//! put back) used to mark a device failed for good — its mirror legs never
+//! redundant again, its metadata copy lost — until an admin intervened.
+//!
+//! How:
+//! 1. **Probe.** Every device marked [`DeviceState::Failed`] is checked on
+//!    a bounded exponential backoff ([`DeviceProbe`]): a label read, whose
+//!    device UUID must be the one the pool recorded (a device job, never
+//!    in the owner loop).
+//! 2. **Resyncing.** When it answers, [`DeviceState::Resyncing`] is
+//!    committed. From then on agents given a layout write its legs but never
+//!    read them (but for plain volumes' extents, their only copy); the
+//!    metadata copy on it rejoins (a checkpoint brings it current in that
+//!    very commit).
+//! 3. **Copy, per volume, at a recall point.** For each mirrored volume
+//!    with a leg on it, the holders are recalled (drained, I/O complete) and
+//!    every extent of the volume on the device (live and snapshot
+//!    copy-on-write areas) is copied from a leg on an online device, as a
+//!    job; then a [`MetaChange::LayoutBump`] is committed and the holders
+//!    resume with the resyncing layout — writing both legs. Copying while
+//!    drained is what keeps a write from being lost under the copy: a
+//!    holder that still had the layout without the device wrote only the
+//!    other legs, and everything it wrote is copied after it drained; after
+//!    the recall it writes every leg itself. A volume without holders is
+//!    copied with its opens waiting.
+//! 4. **Online.** Once every volume is done the device is committed online
+//!    and the holders are told: reads use its legs again.
+//!
+//! Known limits (the next steps of issue 12): whole extents on the device
+//! are copied, not only the regions written while it was away (no stale
+//! region tracking yet), and holders pause I/O while their volume's extents
+//! on the device are copied (as for a snapshot delete's merge) — an online
+//! copy with regions locked against agents' writes would avoid that. A
+//! resync that fails marks the device failed again (probing starts over).
+//! Progress is kept in memory: after a server restart a resyncing device is
+//! resynchronized again from the start.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use tracing::{info, warn};
+use volume_format::control::messages::{ControlError, Response};
+use volume_format::metadata::{DeviceState, LogicalExtent, MetaChange, PoolMetadata};
+use volume_format::{DeviceIndex, VolumeId};
+
+use super::core::{AfterCommit, AfterJob, Change, Core, ReplyId, Step, VolumeChange};
+use super::jobs::{DeviceExtents, ExtentCopy, Job, JobOutcome};
+
+/// First and longest wait between probes of a failed device.
+pub const DEVICE_PROBE_MIN_MS: u64 = 500;
+pub const DEVICE_PROBE_MAX_MS: u64 = 30_000;
+/// Tries of one volume's copy before the device is marked failed again.
+pub const RESYNC_VOLUME_ATTEMPTS_MAX: u32 = 5;
+/// Replies at and above this go to the resync driver, not to a caller.
+pub const RESYNC_REPLY_BASE: ReplyId = 1 << 62;
+
+/// The probe backoff of failed devices (`None` on a core: no probing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeBackoff {
+    pub min_ms: u64,
+    pub max_ms: u64,
+}
+
+impl Default for ProbeBackoff {
+    fn default() -> Self {
+        ProbeBackoff { min_ms: DEVICE_PROBE_MIN_MS, max_ms: DEVICE_PROBE_MAX_MS }
+    }
+}
+
+/// When a failed device is probed next.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceProbe {
+    pub next_ms: u64,
+    pub backoff_ms: u64,
+    pub probes_failed: u64,
+    pub in_flight: bool,
+    pub last_error: String,
+}
+
+/// A device's resync in progress.
+#[derive(Debug, Clone, Default)]
+pub struct Resync {
+    /// Volumes left to copy, in order.
+    pub remaining: VecDeque<VolumeId>,
+    /// The volume being recalled and copied now.
+    pub current: Option<VolumeId>,
+    pub volumes_total: u64,
+    pub extents_total: u64,
+    pub extents_done: u64,
+    /// Failed tries of the current volume.
+    pub attempts: u32,
+    /// A failed try waits until then.
+    pub retry_at_ms: Option<u64>,
+    /// The resync was queued and not yet prepared.
+    pub queued: bool,
+    /// When it started (monotonic), for the estimate.
+    pub started_ms: u64,
+}
+
+/// The extents of `volume` (live, then each snapshot's copy-on-write area)
+/// with a leg on `device`.
+fn extents_on(meta: &PoolMetadata, volume: VolumeId, device: DeviceIndex) -> Vec<&LogicalExtent> {
+    let live = meta.volume(volume).into_iter().flat_map(|v| v.extents.iter());
+    let cow = meta.snapshots.iter().filter(|s| s.volume == volume).flat_map(|s| s.cow_extents.iter());
+    live.chain(cow).filter(|e| e.legs.iter().any(|l| l.device == device)).collect()
+}
+
+impl Core {
+    /// Turns probing of failed devices on (the real server; cores under a
+    /// simulator leave it off).
+    pub fn set_device_probe(&mut self, backoff: ProbeBackoff) {
+        self.device_probe = Some(backoff);
+    }
+
+    /// Starts the probes that are due (at every tick).
+    pub(super) fn probe_failed_devices(&mut self) {
+        let Some(backoff) = self.device_probe else { return };
+        let now_ms = self.now.mono_ms;
+        let failed: Vec<(DeviceIndex, uuid::Uuid)> = self
+            .meta
+            .devices
+            .iter()
+            .filter(|d| matches!(d.state, DeviceState::Failed { .. }))
+            .map(|d| (d.index, d.device_uuid))
+            .collect();
+        self.probes.retain(|d, _| failed.iter().any(|(f, _)| f == d));
+        for (device, uuid) in failed {
+            let probe = self.probes.entry(device).or_insert_with(|| DeviceProbe {
+                next_ms: now_ms + backoff.min_ms,
+                backoff_ms: backoff.min_ms,
+                ..DeviceProbe::default()
+            });
+            if probe.in_flight || probe.next_ms > now_ms {
+                continue;
+            }
+            probe.in_flight = true;
+            let job = Job::CheckDevice { index: device.0, uuid };
+            self.run_step(Step::Job { job, busy: None, then: AfterJob::Probed { device } });
+        }
+        // A device left resyncing by a previous run (or a handoff) is
+        // resynchronized again from the start: progress lives in memory.
+        let orphaned: Vec<DeviceIndex> = self
+            .meta
+            .devices
+            .iter()
+            .filter(|d| matches!(d.state, DeviceState::Resyncing { .. }) && !self.resyncs.contains_key(&d.index))
+            .map(|d| d.index)
+            .collect();
+        for device in orphaned {
+            info!(%device, "a device is resyncing with no resync running (the server restarted): starting it over");
+            self.device_back(device, Ok(()));
+        }
+        let due: Vec<DeviceIndex> = self
+            .resyncs
+            .iter()
+            .filter(|(_, r)| !r.queued && r.retry_at_ms.is_some_and(|at| at <= now_ms))
+            .map(|(d, _)| *d)
+            .collect();
+        for device in due {
+            self.queue_resync(device);
+        }
+    }
+
+    /// A probe came back: a device that answered with its label starts
+    /// resyncing; one that did not is probed again later.
+    pub(super) fn probed(&mut self, device: DeviceIndex, outcome: JobOutcome) -> Step {
+        let backoff = self.device_probe.unwrap_or_default();
+        let now_ms = self.now.mono_ms;
+        let still_failed = self.meta.device(device).is_some_and(|d| matches!(d.state, DeviceState::Failed { .. }));
+        match outcome.result {
+            Err(why) => {
+                if let Some(p) = self.probes.get_mut(&device) {
+                    p.in_flight = false;
+                    p.probes_failed += 1;
+                    p.backoff_ms = (p.backoff_ms * 2).clamp(backoff.min_ms, backoff.max_ms);
+                    p.next_ms = now_ms + p.backoff_ms;
+                    p.last_error = why;
+                }
+                Step::Done(None)
+            }
+            Ok(()) if still_failed => {
+                self.probes.remove(&device);
+                info!(%device, "a failed device answers with its label again: resyncing it");
+                let state = DeviceState::Resyncing { since_unix_secs: self.now.unix_secs() };
+                Step::Commit {
+                    changes: vec![MetaChange::DeviceState { device, state }],
+                    then: AfterCommit::DeviceBack { device },
+                }
+            }
+            Ok(()) => {
+                self.probes.remove(&device);
+                Step::Done(None)
+            }
+        }
+    }
+
+    /// `device` is committed resyncing: plan its copies and start them.
+    pub(super) fn device_back(&mut self, device: DeviceIndex, result: Result<(), ControlError>) {
+        if let Err(e) = result {
+            return warn!(%device, "marking the device resyncing failed: {e}; it is probed again");
+        }
+        let mirrored: Vec<VolumeId> = self
+            .meta
+            .volumes
+            .iter()
+            .filter(|v| v.mirror_legs > 1 && !extents_on(&self.meta, v.id, device).is_empty())
+            .map(|v| v.id)
+            .collect();
+        let extents_total = mirrored.iter().map(|v| extents_on(&self.meta, *v, device).len() as u64).sum();
+        info!(%device, volumes = mirrored.len(), extents = extents_total, "resync of the device planned");
+        self.resyncs.insert(
+            device,
+            Resync {
+                volumes_total: mirrored.len() as u64,
+                remaining: mirrored.into(),
+                extents_total,
+                started_ms: self.now.mono_ms,
+                ..Resync::default()
+            },
+        );
+        self.queue_resync(device);
+    }
+
+    fn queue_resync(&mut self, device: DeviceIndex) {
+        if let Some(r) = self.resyncs.get_mut(&device) {
+            r.queued = true;
+            r.retry_at_ms = None;
+            self.queue.push_back(Change::Resync { device });
+        }
+    }
+
+    /// The next step of `device`'s resync: recall and copy the next volume,
+    /// or, with every volume done, commit the device online.
+    pub(super) fn prepare_resync(&mut self, device: DeviceIndex) -> Step {
+        // While the grace period lasts, holders restored from the previous
+        // run may not have resumed: a recall now would exclude them.
+        let in_grace = self.grace.is_some();
+        let retry_at_ms = self.now.mono_ms + DEVICE_PROBE_MIN_MS;
+        let Some(r) = self.resyncs.get_mut(&device) else { return Step::Done(None) };
+        r.queued = false;
+        if in_grace {
+            r.retry_at_ms = Some(retry_at_ms);
+            return Step::Done(None);
+        }
+        if r.current.is_some() {
+            return Step::Done(None);
+        }
+        // Volumes deleted since are skipped.
+        while let Some(volume) = r.remaining.front().copied() {
+            if self.meta.volume(volume).is_some() {
+                break;
+            }
+            r.remaining.pop_front();
+        }
+        let Some(volume) = r.remaining.front().copied() else {
+            if !self.meta.device(device).is_some_and(|d| matches!(d.state, DeviceState::Resyncing { .. })) {
+                self.resyncs.remove(&device);
+                return Step::Done(None);
+            }
+            let changes = vec![MetaChange::DeviceState { device, state: DeviceState::Online }];
+            return Step::Commit { changes, then: AfterCommit::DeviceOnline { device } };
+        };
+        r.current = Some(volume);
+        let name = self.meta.volume(volume).map(|v| v.name.clone()).unwrap_or_default();
+        let reply = RESYNC_REPLY_BASE + ((device.0 as u64) << 32) + volume.0;
+        self.prepare_reconfigure_with(&name, VolumeChange::Resync { device }, reply, false)
+    }
+
+    /// The job that copies every extent of `volume` on `device` from a leg
+    /// on an online device; `None` if there is nothing to copy.
+    pub(super) fn resync_job(&self, volume: VolumeId, device: DeviceIndex) -> Option<Job> {
+        let target = |d: DeviceIndex, offset: u64| -> Option<DeviceExtents> {
+            let uri = self.meta.device(d)?.uri.clone();
+            Some(DeviceExtents { device: d, uri, offsets: vec![offset] })
+        };
+        let copies: Vec<ExtentCopy> = extents_on(&self.meta, volume, device)
+            .into_iter()
+            .filter_map(|e| {
+                let to = e.legs.iter().find(|l| l.device == device)?;
+                let from: Vec<DeviceExtents> = e
+                    .legs
+                    .iter()
+                    .filter(|l| self.meta.device(l.device).is_some_and(|d| d.state.is_online()))
+                    .filter_map(|l| target(l.device, l.offset))
+                    .collect();
+                (!from.is_empty()).then_some(ExtentCopy { to: target(to.device, to.offset)?, from })
+            })
+            .collect();
+        (!copies.is_empty()).then_some(Job::Resync { extent_bytes: self.meta.extent_bytes, copies })
+    }
+
+    /// Whether `reply` is the resync driver's; if so it is handled here.
+    pub(super) fn resync_reply(&mut self, reply: ReplyId, result: &Result<Response, ControlError>) -> bool {
+        if reply < RESYNC_REPLY_BASE {
+            return false;
+        }
+        let device = DeviceIndex(((reply - RESYNC_REPLY_BASE) >> 32) as u32);
+        let volume = VolumeId((reply - RESYNC_REPLY_BASE) & 0xffff_ffff);
+        let extents = extents_on(&self.meta, volume, device).len() as u64;
+        let now_ms = self.now.mono_ms;
+        let Some(r) = self.resyncs.get_mut(&device) else { return true };
+        if r.current != Some(volume) {
+            return true;
+        }
+        r.current = None;
+        match result {
+            Ok(_) => {
+                r.remaining.pop_front();
+                r.attempts = 0;
+                r.extents_done += extents;
+                info!(%device, %volume, copied = r.extents_done, of = r.extents_total, "volume resynchronized");
+                self.queue_resync(device);
+            }
+            Err(e) => {
+                r.attempts += 1;
+                warn!(%device, %volume, attempt = r.attempts, "resync of the volume failed: {e}");
+                if r.attempts >= RESYNC_VOLUME_ATTEMPTS_MAX {
+                    let why = format!("resync failed {} times: {}", r.attempts, e.message);
+                    self.resyncs.remove(&device);
+                    self.queue.push_back(Change::DeviceFailed { device, reason: why });
+                } else {
+                    r.retry_at_ms = Some(now_ms + DEVICE_PROBE_MIN_MS * u64::from(r.attempts));
+                }
+            }
+        }
+        true
+    }
+
+    /// `device` is committed online: its legs serve reads again.
+    pub(super) fn device_online(&mut self, device: DeviceIndex, result: Result<(), ControlError>) {
+        if let Err(e) = result {
+            warn!(%device, "committing the resynchronized device online failed: {e}; retrying");
+            return self.queue_resync(device);
+        }
+        self.resyncs.remove(&device);
+        info!(%device, "device resynchronized and online again");
+        let affected: Vec<VolumeId> = self
+            .meta
+            .volumes
+            .iter()
+            .filter(|v| !extents_on(&self.meta, v.id, device).is_empty())
+            .map(|v| v.id)
+            .collect();
+        for volume in affected {
+            if !self.pending_changes.contains_key(&volume) {
+                self.publish_volume(volume, &[]);
+            }
+        }
+    }
+
+    /// For listings: what recovery says about `device` ("" if nothing).
+    pub(super) fn device_recovery(&self, device: DeviceIndex) -> String {
+        if let Some(r) = self.resyncs.get(&device) {
+            let now = r.current.and_then(|v| self.meta.volume(v)).map(|v| format!(", copying volume {}", v.name));
+            // At the rate so far (whole volumes at a time: coarse).
+            let elapsed_ms = self.now.mono_ms.saturating_sub(r.started_ms);
+            let estimate = (r.extents_done > 0).then(|| {
+                let left_ms = elapsed_ms * (r.extents_total - r.extents_done.min(r.extents_total)) / r.extents_done;
+                format!(", about {:.0} s left", left_ms as f64 / 1000.0)
+            });
+            return format!(
+                "resyncing: {} of {} extents copied ({} of {} volumes){}{}",
+                r.extents_done,
+                r.extents_total,
+                r.volumes_total - r.remaining.len() as u64,
+                r.volumes_total,
+                now.unwrap_or_default(),
+                estimate.unwrap_or_default()
+            );
+        }
+        match self.probes.get(&device) {
+            Some(p) if p.in_flight => format!("failed: probing now ({} probes failed)", p.probes_failed),
+            Some(p) => {
+                let last = if p.last_error.is_empty() { String::new() } else { format!("; last: {}", p.last_error) };
+                format!("failed: next probe {}{last}", self.now.describe(p.next_ms))
+            }
+            None => String::new(),
+        }
+    }
+
+    /// For listings: whether every leg of `volume` is whole ("" if so).
+    pub(super) fn volume_health(&self, volume: VolumeId) -> String {
+        let mut devices: BTreeSet<DeviceIndex> = BTreeSet::new();
+        if let Some(v) = self.meta.volume(volume) {
+            devices.extend(v.extents.iter().flat_map(|e| e.legs.iter().map(|l| l.device)));
+        }
+        let mut parts = Vec::new();
+        for d in devices {
+            match self.meta.device(d).map(|r| &r.state) {
+                Some(DeviceState::Failed { .. }) => parts.push(format!("degraded: device {d} failed")),
+                Some(DeviceState::Resyncing { .. }) => {
+                    let state = match self.resyncs.get(&d) {
+                        Some(r) if r.current == Some(volume) => "copying now",
+                        Some(r) if r.remaining.contains(&volume) => "waiting",
+                        _ => "copied, the device finishes with other volumes",
+                    };
+                    parts.push(format!("resyncing: device {d} ({state}; {})", self.device_recovery(d)));
+                }
+                _ => {}
+            }
+        }
+        parts.join("; ")
+    }
+}
+
+/// Devices being probed, for tests and listings.
+pub type Probes = BTreeMap<DeviceIndex, DeviceProbe>;
+/// Resyncs in progress by device.
+pub type Resyncs = BTreeMap<DeviceIndex, Resync>;
