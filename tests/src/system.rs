@@ -361,6 +361,21 @@ impl Stack {
                 out.push('\n');
             }
         }
+        // The device servers too: whether each still runs, and what it said.
+        for (i, d) in self.devices.iter().enumerate() {
+            let pid = d.pid();
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()))
+                .map_or("gone".to_string(), |c| if c == 'Z' { "exited".into() } else { format!("running ({c})") });
+            let stderr = d.stderr();
+            let all: Vec<&str> = stderr.lines().collect();
+            out += &format!("==== device {i} ({}), pid {pid}: {state}; its stderr ====\n", d.uri());
+            for line in &all[all.len().saturating_sub(lines)..] {
+                out += line;
+                out.push('\n');
+            }
+        }
         out
     }
 
