@@ -905,8 +905,11 @@ mod tests {
         assert_eq!(devs[0].writes.load(Ordering::SeqCst), 2);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_write_held_in_the_agent_past_its_lease_is_sent_only_after_the_renewal() {
+    /// A write admitted under the lease, then held in the agent (a busy
+    /// connection, a stopped process) until the lease has run out and let go:
+    /// the gate, the device, the write's task and its device offset.
+    async fn write_held_past_the_lease(
+    ) -> (Arc<Gate<Layout>>, Arc<TestDevice>, tokio::task::JoinHandle<Result<(), IoError>>, u64) {
         let hold = Arc::new(tokio::sync::Semaphore::new(0));
         let dev = TestDevice::holding_writes(hold.clone());
         let d = testing::description(2, 1, 1, 1);
@@ -914,16 +917,18 @@ mod tests {
         let gate = Arc::new(Gate::new(testing::layout(d, std::slice::from_ref(&dev)), 1));
         let vol = Arc::new(VolumeDevice::new("vol", 1, false, gate.clone()));
         gate.renew_lease(Instant::now() + Duration::from_secs(3));
-        let write = tokio::spawn({
-            let vol = vol.clone();
-            async move { vol.write(0, pattern(1, 512), false).await }
-        });
-        // Admitted under the lease, then held in the agent (a busy connection, a stopped
-        // process) until the lease has run out.
+        let write = tokio::spawn(async move { vol.write(0, pattern(1, 512), false).await });
         until(|| dev.writes_started.load(Ordering::SeqCst) == 1).await;
         tokio::time::advance(Duration::from_secs(5)).await;
+        // One permit for this try, one for the try after a renewal.
         hold.add_permits(2);
         until(|| hold.available_permits() == 1).await;
+        (gate, dev, write, offset)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_held_in_the_agent_past_its_lease_is_sent_only_after_the_renewal() {
+        let (gate, dev, write, offset) = write_held_past_the_lease().await;
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
@@ -939,20 +944,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_write_waiting_for_a_renewal_fails_when_the_handle_is_revoked() {
-        let hold = Arc::new(tokio::sync::Semaphore::new(0));
-        let dev = TestDevice::holding_writes(hold.clone());
-        let d = testing::description(2, 1, 1, 1);
-        let gate = Arc::new(Gate::new(testing::layout(d, std::slice::from_ref(&dev)), 1));
-        let vol = Arc::new(VolumeDevice::new("vol", 1, false, gate.clone()));
-        gate.renew_lease(Instant::now() + Duration::from_secs(3));
-        let write = tokio::spawn({
-            let vol = vol.clone();
-            async move { vol.write(0, pattern(1, 512), false).await }
-        });
-        until(|| dev.writes_started.load(Ordering::SeqCst) == 1).await;
-        tokio::time::advance(Duration::from_secs(5)).await;
-        hold.add_permits(2);
-        until(|| hold.available_permits() == 1).await;
+        let (gate, dev, write, _) = write_held_past_the_lease().await;
         gate.revoke("handle 1 was broken: host-b opened volume vol");
         let e = write.await.unwrap().unwrap_err();
         assert!(e.message.contains("host-b opened"), "{e}");

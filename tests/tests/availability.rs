@@ -191,7 +191,10 @@ async fn a_server_stopped_past_its_lease_commits_nothing_after_the_takeover() {
         // The request reached the old server as it noticed the loss and
         // closed its sessions (the connection broke under the handshake):
         // asked again, it must say why.
-        assert!(refusal.contains("Broken pipe") || refusal.contains("closed") || refusal.contains("reset"), "{refusal}");
+        assert!(
+            refusal.contains("Broken pipe") || refusal.contains("closed") || refusal.contains("reset"),
+            "{refusal}"
+        );
         let again = stack.sanvol_at(&stack.mds_addr(), &["volume", "create", "from-the-old-server", "16M"]);
         assert!(!again.status.success(), "the old server must not commit: {}", String::from_utf8_lossy(&again.stdout));
         refusal = String::from_utf8_lossy(&again.stderr).into_owned();

@@ -51,6 +51,25 @@ fn attach_err(agent: &Agent, volume: &str) -> Option<String> {
     (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// `agent` attaches `volume` as soon as its open breaks the previous
+/// holder's handle, and writes `data` at offset 0 through its export.
+async fn take_over_and_write(agent: &Agent, volume: &str, data: Bytes) {
+    poll("the open to break the previous holder's handle", Duration::from_secs(30), || {
+        attach_err(agent, volume).is_none().then_some(())
+    });
+    let uri = poll("the new holder's export", Duration::from_secs(5), || {
+        list(agent)
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["volume"] == volume)
+            .map(|v| v["export_uri"].as_str().unwrap().to_string())
+    });
+    let c = connect(&uri.parse().unwrap()).await;
+    c.write(0, data, true).await.expect("the new holder writes");
+    c.disconnect().await;
+}
+
 async fn connect(uri: &NbdUri) -> NbdClient {
     NbdClient::connect(uri, ClientOptions::default()).await.unwrap_or_else(|e| panic!("connect {uri}: {e}"))
 }
@@ -191,20 +210,7 @@ async fn a_late_resume_after_another_open_is_told_and_writes_nothing() {
     sigstop(&a);
     stack.kill_mds();
     stack.start_mds();
-    poll("host-b's open to break host-a's handle", Duration::from_secs(30), || {
-        attach_err(&b, "v").is_none().then_some(())
-    });
-    let uri_b = poll("host-b's export", Duration::from_secs(5), || {
-        list(&b)
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["volume"] == "v")
-            .map(|v| v["export_uri"].as_str().unwrap().to_string())
-    });
-    let cb = connect(&uri_b.parse().unwrap()).await;
-    cb.write(0, pattern(0xBB), true).await.expect("host-b writes");
-    cb.disconnect().await;
+    take_over_and_write(&b, "v", pattern(0xBB)).await;
 
     // host-a comes back; its export already has a write queued in the socket.
     let late = {
@@ -256,20 +262,7 @@ async fn a_write_admitted_before_a_stop_past_the_lease_never_reaches_the_device(
         tokio::spawn(async move { ca.write(0, pattern(0xA2), true).await })
     };
     poll("host-a to stop at the fault point", Duration::from_secs(30), || stopped(a.proc.pid()).then_some(()));
-    poll("host-b's open to break host-a's handle", Duration::from_secs(30), || {
-        attach_err(&b, "v").is_none().then_some(())
-    });
-    let uri_b = poll("host-b's export", Duration::from_secs(5), || {
-        list(&b)
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["volume"] == "v")
-            .map(|v| v["export_uri"].as_str().unwrap().to_string())
-    });
-    let cb = connect(&uri_b.parse().unwrap()).await;
-    cb.write(0, pattern(0xBB), true).await.expect("host-b writes");
-    cb.disconnect().await;
+    take_over_and_write(&b, "v", pattern(0xBB)).await;
 
     sigcont(&a);
     let result =

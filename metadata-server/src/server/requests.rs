@@ -401,11 +401,7 @@ impl Core {
     ) -> Step {
         self.zeroing = false;
         if let Err(why) = outcome.result {
-            let msg = format!(
-                "the new space could not be zeroed ({why}); nothing was changed: check the devices (`sanvol device \
-                 list`) and retry"
-            );
-            return done(reply, Err(err(ErrorCode::Unavailable, msg)));
+            return done(reply, Err(super::zeroing::zeroing_failed(&why)));
         }
         let free = self.meta.free_extents();
         let still_free = |e: &volume_format::metadata::PhysicalExtent| {

@@ -86,11 +86,7 @@ impl Core {
     ) -> Step {
         self.zeroing = false;
         if let Err(why) = outcome.result {
-            let msg = format!(
-                "the new space could not be zeroed ({why}); nothing was changed: check the devices (`sanvol device \
-                 list`) and retry"
-            );
-            self.finish_commit(then, Err(ControlError::new(ErrorCode::Unavailable, msg)));
+            self.finish_commit(then, Err(zeroing_failed(&why)));
             return Step::Done(None);
         }
         let free: BTreeSet<PhysicalExtent> = self
@@ -134,4 +130,15 @@ impl Core {
     pub(super) fn change_allocates(change: &VolumeChange) -> bool {
         matches!(change, VolumeChange::Grow { .. } | VolumeChange::SnapshotCreate { .. })
     }
+}
+
+/// The answer to a change whose new space could not be zeroed.
+pub(super) fn zeroing_failed(why: &str) -> ControlError {
+    ControlError::new(
+        ErrorCode::Unavailable,
+        format!(
+            "the new space could not be zeroed ({why}); nothing was changed: check the devices (`sanvol device \
+             list`) and retry"
+        ),
+    )
 }
