@@ -795,6 +795,14 @@ impl ServerProc {
         }
         let (dev, offset) = targets[*written];
         let op = DevOp::Write { block: offset / BLOCK_BYTES, data: data.clone(), fua: true };
+        // As production (`run_data_job`, `zero_with`): every data write of a
+        // job asks the pool lease first.
+        if self.guard.is_some_and(|g| !g.may_commit(crate::lease::mono_ms(env, self.host))) {
+            self.jobs.remove(&task);
+            let why = metadata_server::server::jobs::NO_LEASE_FOR_JOB;
+            env.trace(self.me(), format_args!("job {task}: {why}"));
+            return self.apply(Input::JobDone { task, outcome: JobOutcome::failed(why) }, env);
+        }
         self.device_op(dev, op, Purpose::Job(task), env);
     }
 }

@@ -54,6 +54,11 @@ const TWO_SERVER_REGRESSION_SEEDS: &[u64] = &[
     34431886374227,
     264961850341265,
     213055939181326,
+    // The simulated server's zeroing job wrote without asking the lease
+    // (production's `zero_with` asks before every request): a zero of a
+    // paused server's term landed after the takeover (CI random stage).
+    246478220655550,
+    250517449667744,
 ];
 
 fn report(o: &Outcome) -> String {
