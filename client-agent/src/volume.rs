@@ -281,13 +281,14 @@ impl VolumeDevice {
         let live = map.live.segment(start, len).map_err(map_error)?;
         let data = self.read_segment(layout, live, first as usize).await?;
         let legs = cow.pre_image(start, len).and_then(|s| s.write_legs()).map_err(map_error)?;
+        let lease_until = self.gate.lease_until();
         let writes = legs.into_iter().map(|leg| {
             let (endpoint, device) = layout.device(&leg);
             let data = data.clone();
             async move {
-                self.under_lease(|| device.write(leg.device_offset, data.clone(), true)).await.map_err(|e| {
-                    at_device(e, &self.name, &format!("copy of chunk {first} for snapshot {}", cow.name), endpoint)
-                })
+                self.under_lease(lease_until, || device.write(leg.device_offset, data.clone(), true)).await.map_err(
+                    |e| at_device(e, &self.name, &format!("copy of chunk {first} for snapshot {}", cow.name), endpoint),
+                )
             }
         });
         first_error(join_all(writes).await)
@@ -302,14 +303,15 @@ impl VolumeDevice {
     /// process — and a write that lands after the lease ran out may land on
     /// the volume's next holder's data. A request that was too late was not
     /// sent; it is sent again once the lease is renewed.
-    async fn under_lease<T, F, Fut>(&self, op: F) -> Result<T, IoError>
+    /// `lease_until` is the gate's lease as the caller read it.
+    async fn under_lease<T, F, Fut>(&self, lease_until: Option<tokio::time::Instant>, op: F) -> Result<T, IoError>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, IoError>>,
     {
         // A test stops the agent here (`agent-before-device-write:stop`): admitted, not sent.
         control_client::fault::hit("agent-before-device-write");
-        let mut deadline = self.gate.lease_until();
+        let mut deadline = lease_until;
         loop {
             let Some(until) = deadline else { return op().await };
             match blockio::client::with_send_deadline(until, op()).await {
@@ -391,12 +393,14 @@ impl VolumeDevice {
         let mut ops = Vec::with_capacity(segments.len() * layout.description.mirror_legs as usize);
         // (endpoint, device slot, segment number) of each op.
         let mut targets = Vec::with_capacity(ops.capacity());
+        // The lease as it stands now, read once for every leg.
+        let lease_until = self.gate.lease_until();
         for (n, segment) in segments.enumerate() {
             for leg in segment.write_legs().map_err(map_error)? {
                 let (endpoint, device) = layout.device(&leg);
                 let op = &op;
                 let device_offset = leg.device_offset;
-                ops.push(self.under_lease(move || op(device, device_offset, &segment)));
+                ops.push(self.under_lease(lease_until, move || op(device, device_offset, &segment)));
                 targets.push((endpoint, leg.slot, n));
             }
         }

@@ -326,12 +326,8 @@ impl Connection {
             .acquire()
             .await
             .map_err(|_| IoError::shutdown(format!("connection to {} is closed", self.shared.target)))?;
+        // Checked by the writer, right before sending (see `fence.rs`).
         let not_after = super::fence::deadline_for(command);
-        if let Some(deadline) = not_after {
-            if tokio::time::Instant::now() >= deadline {
-                return Err(fenced(&self.shared.target, command, offset, length));
-            }
-        }
         let (tx, rx) = oneshot::channel();
         let cookie = {
             let mut g = self.shared.inflight.lock().unwrap();
