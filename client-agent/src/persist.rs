@@ -89,14 +89,15 @@ impl Persisted {
             Some(name) => Some(crate::kernel::parse_device(name).map_err(|e| e.to_string())?),
             None => None,
         };
-        let target = match (request.kernel || device.is_some(), request.socket, request.tcp) {
+        let AttachRequest { volume, mode, socket, tcp } = request.attach;
+        let target = match (request.kernel || device.is_some(), socket, tcp) {
             (true, None, None) => PersistedTarget::Kernel(device),
             (true, _, _) => return Err("a kernel attach is served without --socket or --tcp".into()),
             (false, Some(_), Some(_)) => return Err("give --socket or --tcp, not both".into()),
             (false, socket, None) => PersistedTarget::Socket(socket),
             (false, None, Some(tcp)) => PersistedTarget::Tcp(tcp),
         };
-        let mut entry = PersistedVolume { name: request.volume, mode: request.mode, target, line: 0 };
+        let mut entry = PersistedVolume { name: volume, mode, target, line: 0 };
         let info = match &entry.target {
             PersistedTarget::Kernel(_) => {
                 let request = crate::kernel::KernelAttachRequest {

@@ -93,12 +93,9 @@ pub struct KernelAttachRequest {
 /// the agent also adds to its config file's volumes, attached at every start.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PersistRequest {
-    pub volume: String,
-    pub mode: OpenMode,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub socket: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tcp: Option<std::net::SocketAddr>,
+    /// Volume, mode, socket or TCP: as `attach` (the same JSON fields).
+    #[serde(flatten)]
+    pub attach: AttachRequest,
     /// Connect it to a kernel NBD device too (`nbd_device`, or the first free one).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub kernel: bool,

@@ -488,7 +488,8 @@ async fn main_async(cli: Cli, persisted: Option<Arc<Persisted>>) -> Result<()> {
         Command::Attach {
             volume, mode, socket: export_socket, tcp, json, kernel, nbd_device, persist: true, ..
         } => {
-            let request = PersistRequest { volume, mode: mode.into(), socket: export_socket, tcp, kernel, nbd_device };
+            let attach = AttachRequest { volume, mode: mode.into(), socket: export_socket, tcp };
+            let request = PersistRequest { attach, kernel, nbd_device };
             let reply = call(&socket, ControlRequest::AttachPersist(request)).await?;
             let info = reply.attached.context("the agent's reply lacks the attachment")?;
             if json {
