@@ -88,6 +88,8 @@ impl World {
         let config = CoreConfig {
             lease_ms: LEASE_MS,
             durable_ms: 0,
+            // The timing rules' margin is tested in `handles` and the simulator.
+            device_request_max_ms: 0,
             grace_ms: 0,
             key: Arc::new(SigningKey::from_bytes(&[7; 32])),
             entropy: Box::new(Counter(100)),
@@ -108,6 +110,7 @@ impl World {
         let config = CoreConfig {
             lease_ms: LEASE_MS,
             durable_ms,
+            device_request_max_ms: 0,
             grace_ms: 0,
             key: Arc::new(SigningKey::from_bytes(&[7; 32])),
             entropy: Box::new(Zeros),
@@ -453,6 +456,8 @@ fn a_resumed_handle_recalled_for_a_change_the_server_lost_is_sent_the_current_la
     let config = CoreConfig {
         lease_ms: LEASE_MS,
         durable_ms: 10 * LEASE_MS,
+        // The timing rules' margin is tested in `handles` and the simulator.
+        device_request_max_ms: 0,
         grace_ms: 0,
         key: Arc::new(SigningKey::from_bytes(&[7; 32])),
         entropy: Box::new(Zeros),
@@ -850,6 +855,8 @@ fn a_resync_left_by_a_previous_run_starts_over() {
     let config = CoreConfig {
         lease_ms: LEASE_MS,
         durable_ms: 0,
+        // The timing rules' margin is tested in `handles` and the simulator.
+        device_request_max_ms: 0,
         grace_ms: 0,
         key: Arc::new(SigningKey::from_bytes(&[7; 32])),
         entropy: Box::new(Zeros),
