@@ -386,7 +386,7 @@ pub fn replied(env: &mut Env, core: &Core, asked: &Asked, result: &Result<Respon
 pub fn after_tick(env: &mut Env, core: &Core) {
     let now_ms = core.now.mono_ms;
     let paused = env.obs.server_paused_ms;
-    let bound = 2 * env.cfg.lease_ms + RECALL_SLACK_MS;
+    let bound = 2 * env.cfg.lease_ms + env.cfg.device_request_max_ms + RECALL_SLACK_MS;
     let pending: BTreeSet<u64> = core.pending_changes.keys().map(|v| v.0).collect();
     env.obs.recalls.retain(|v, _| pending.contains(v));
     for v in pending {
