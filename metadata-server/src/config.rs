@@ -324,6 +324,13 @@ mod tests {
     fn the_commented_example_parses() {
         let c = Config::parse(include_str!("../examples/mds.toml"), Path::new("/etc/sanvol")).unwrap();
         assert_eq!((c.lease_ms, c.durable_ms, c.grace_ms), (10_000, 30_000, 40_000));
+        assert_eq!(c.device_request_max_ms, volume_format::fencing::DEVICE_REQUEST_MAX_MS_DEFAULT);
+        assert!(Config::parse(
+            "listen = [\"h:1\"]\nkey = \"k\"\ndevices = [\"nbd://h:1/x\"]\ndevice_request_max_ms = 10",
+            base()
+        )
+        .unwrap_err()
+        .contains("device_request_max_ms"));
         assert!(Config::parse(
             "listen = [\"h:1\"]\nkey = \"k\"\ndevices = [\"nbd://h:1/x\"]\ndurable_ms = 99999999",
             base()
