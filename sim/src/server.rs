@@ -387,7 +387,7 @@ impl ServerProc {
             self.next_work(env);
         }
         self.apply(Input::Tick, env);
-        crate::observer::after_tick(env, &self.core);
+        crate::observer::after_tick(env, &self.core, (self.host, self.term));
     }
 
     /// Applies `input` and performs the effects, in order.
