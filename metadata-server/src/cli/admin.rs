@@ -240,19 +240,19 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
         }
         Command::Device(DeviceCommand::Evacuate { device, json }) => {
             let index = device_index(client, &device).await?;
-            let what = format!("evacuating device {index}");
+            let what = format!("evacuating {index}");
             progress::run(client, Request::DeviceEvacuate { device: index }, &what, json).await?;
         }
         Command::Device(DeviceCommand::Remove { device }) => {
             let index = device_index(client, &device).await?;
             request(client, Request::DeviceRemove { device: index })
                 .await
-                .with_context(|| format!("removing device {index}"))?;
-            println!("device {index} removed from the pool");
+                .with_context(|| format!("removing {index}"))?;
+            println!("{index} removed from the pool");
         }
         Command::Device(DeviceCommand::Replace { device, uri, force, json }) => {
             let index = device_index(client, &device).await?;
-            let what = format!("replacing device {index} with {uri}");
+            let what = format!("replacing {index} with {uri}");
             progress::run(client, Request::DeviceReplace { device: index, uri, force }, &what, json).await?;
         }
         Command::Volume(VolumeCommand::Mirror(MirrorCommand::Add { name, json })) => {
@@ -273,7 +273,7 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
                 Some(d) => Some(device_index(client, &d).await?),
                 None => None,
             };
-            let what = format!("moving volume {name} off device {from}");
+            let what = format!("moving volume {name} off {from}");
             progress::run(client, Request::VolumeMove { name, from, to }, &what, json).await?;
         }
         Command::Volume(VolumeCommand::Create { name, size, mirror }) => {

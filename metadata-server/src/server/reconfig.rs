@@ -76,7 +76,7 @@ pub enum OpKind {
 /// The one reconfiguration in progress.
 #[derive(Debug)]
 pub struct AdminOp {
-    /// For people: "evacuate device 2".
+    /// For people: "evacuate dev2".
     pub what: String,
     pub kind: OpKind,
     /// The admin waiting for the answer.
@@ -183,7 +183,9 @@ impl Core {
 
     /// Refuses removing `device` if it holds a metadata copy.
     fn metadata_holder_refusal(&self, device: &DeviceRecord) -> Option<ControlError> {
-        device.holds_metadata.then(|| {
+        // A pool whose records flag no copy keeps one on every device.
+        let holds = crate::pool::metadata_holders(&self.meta).contains(&device.device_uuid) || device.holds_metadata;
+        holds.then(|| {
             err(
                 ErrorCode::InvalidArgument,
                 format!(
@@ -215,6 +217,14 @@ impl Core {
             let msg = format!("{uri} is already device {} of the pool", d.index);
             return done(reply, Err(err(ErrorCode::AlreadyExists, msg)));
         }
+        // A pool that flags no metadata device keeps a copy on every device
+        // (`metadata_holders`): a new device would add a metadata copy, and
+        // a lease device, online — not supported.
+        if !self.meta.devices.iter().any(|d| d.holds_metadata) {
+            let msg = "this pool keeps a metadata copy on every device (none is flagged as a metadata device), so a \
+                       new device would hold one too, which cannot be added online; nothing was changed";
+            return done(reply, Err(err(ErrorCode::InvalidArgument, msg)));
+        }
         let what = match replacing {
             Some(old) => {
                 let d = match self.device_arg(old) {
@@ -224,7 +234,7 @@ impl Core {
                 if let Some(e) = self.metadata_holder_refusal(d) {
                     return done(reply, Err(e));
                 }
-                format!("replace device {old} with {uri}")
+                format!("replace {old} with {uri}")
             }
             None => format!("add device {uri}"),
         };
@@ -319,7 +329,7 @@ impl Core {
         if let Err(e) = self.device_arg(device) {
             return done(reply, Err(e));
         }
-        let what = format!("evacuate device {device}");
+        let what = format!("evacuate {device}");
         let kind = OpKind::Evacuate { device, to: None, remove_after: false };
         self.operation = Some(AdminOp::new(what, kind, reply, self.now.mono_ms));
         self.plan_evacuation(device);
@@ -414,7 +424,7 @@ impl Core {
             users.dedup();
             let msg = format!(
                 "device {device} ({}) still holds {extents} extent(s) of {}; move them off first with `sanvol device \
-                 evacuate dev{device}` (or `sanvol device replace`)",
+                 evacuate {device}` (or `sanvol device replace`)",
                 d.uri,
                 users.join(", ")
             );
