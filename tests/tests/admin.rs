@@ -10,6 +10,8 @@
 //! - `device remove` refused while the device holds data or a metadata copy;
 //! - progress as JSON lines, and in `volume show`, `pool status` and
 //!   `device list` while a (slowed) move runs;
+//! - a failed device replaced under fio: its mirror legs rebuilt from the
+//!   surviving legs, the volume whole again;
 //! - `kill -9` of the server in the middle of a move: the old map stays in
 //!   force, and the agent's writes go on and verify.
 
@@ -274,6 +276,10 @@ async fn every_admin_command_under_fio_leaves_the_map_as_asked_and_the_data_inta
     assert!(m_devices.contains(&new_index) || p_devices.contains(&new_index), "what was on dev4 is on the new one");
     legs_hold_the_volume(&stack, &uri, "m").await;
     check_placement(&stack, "p", 0x70, None).await;
+    // The copies' rates, as the server logged them.
+    for line in stack.mds_log().lines().filter(|l| l.contains("extents resynchronized")) {
+        eprintln!("{line}");
+    }
     assert!(stack.sanvol_json(&["volume", "list"]).as_array().unwrap().iter().all(|v| v["health"] == ""));
     agent.detach("m");
 }
@@ -348,5 +354,42 @@ async fn a_server_killed_in_the_middle_of_a_move_leaves_the_old_map_in_force() {
     stack.sanvol_ok(&["volume", "move", "m", "--from", &format!("dev{from}"), "--to", "dev3"]);
     assert!(!devices_of(&legs_of(&stack, "m")).contains(&from));
     legs_hold_the_volume(&stack, &uri, "m").await;
+    agent.detach("m");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_device_is_replaced_under_fio_and_the_mirror_is_whole_again() {
+    let mut stack = Stack::new(4, "1G");
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "m", "256M", "--mirror", "2"]);
+    let agent = stack.start_agent("host-a");
+    let uri = agent.attach("m", "exclusive");
+    assert!(devices_of(&legs_of(&stack, "m")).contains(&3), "m has legs on device 3 (allocations spread)");
+    // Device 3 (no metadata copy) dies under writes; the server marks it failed.
+    let mut fio = Fio::start(&uri, "256M", 2);
+    stack.devices[3].kill();
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    while !device_list(&stack)[3]["state"].as_str().unwrap().starts_with("failed") {
+        assert!(Instant::now() < deadline, "device 3 not marked failed\n{}", stack.mds_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let health = stack.sanvol_json(&["volume", "show", "m"])["info"]["health"].as_str().unwrap().to_string();
+    assert!(health.contains("degraded"), "{health:?}");
+    // Replaced by a new device: its legs rebuilt there from the survivors.
+    let (_new, new_uri) = spare(&["memory", "1G"]);
+    stack.sanvol_ok(&["device", "replace", "dev3", &new_uri]);
+    assert!(fio.running(), "fio finished before the replace did: make the job bigger");
+    fio.finish("the replace of a failed device", &stack, &agent);
+    let list = device_list(&stack);
+    assert!(list.iter().all(|d| d["index"] != 3), "the failed device is removed");
+    let new_index = list.iter().find(|d| d["uri"] == new_uri.as_str()).unwrap()["index"].as_u64().unwrap();
+    let legs = legs_of(&stack, "m");
+    assert!(devices_of(&legs).contains(&new_index) && !devices_of(&legs).contains(&3), "{legs:?}");
+    let health = stack.sanvol_json(&["volume", "show", "m"])["info"]["health"].as_str().unwrap().to_string();
+    assert!(health.is_empty(), "the mirror is whole again: {health:?}");
+    legs_hold_the_volume(&stack, &uri, "m").await;
+    for line in stack.mds_log().lines().filter(|l| l.contains("extents resynchronized")) {
+        eprintln!("{line}");
+    }
     agent.detach("m");
 }
