@@ -700,6 +700,10 @@ impl Core {
         for (_, change) in std::mem::take(&mut self.pending_changes) {
             self.effects.push(Effect::Reply { reply: change.reply, result: unavailable() });
         }
+        if let Some(op) = self.operation.take() {
+            let why = format!("{}: stopped: the server is shutting down; run the command again to go on", op.what);
+            self.effects.push(Effect::Reply { reply: op.reply, result: Err(ControlError::new(ErrorCode::Unavailable, why)) });
+        }
         for change in std::mem::take(&mut self.queue) {
             if let Change::Request { reply, .. } = change {
                 self.effects.push(Effect::Reply { reply, result: unavailable() });
@@ -1264,6 +1268,12 @@ impl Core {
         let not_active = || Err(ControlError::new(ErrorCode::NotActive, why.clone()));
         for (_, change) in std::mem::take(&mut self.pending_changes) {
             self.effects.push(Effect::Reply { reply: change.reply, result: not_active() });
+        }
+        // An admin reconfiguration stops after the volume being moved (whose
+        // old map stays in force): run again at the active server, it goes on.
+        if let Some(op) = self.operation.take() {
+            let e = ControlError::new(ErrorCode::NotActive, format!("{}: stopped: {why}; run it again", op.what));
+            self.effects.push(Effect::Reply { reply: op.reply, result: Err(e) });
         }
         for change in std::mem::take(&mut self.queue) {
             if let Change::Request { reply, .. } = change {
