@@ -551,22 +551,28 @@ fn committed_request(w: &mut World, session: u64, request: Request) -> Result<Re
     }
 }
 
+/// A handover's two sides: agent host-b (a real key, authorized; connected
+/// as session 7) and v opened exclusively on session 1.
+fn handover_pair(w: &mut World) -> (Peer, volume_format::control::messages::OpenedHandle) {
+    let b = Peer { key: SigningKey::from_bytes(&[2; 32]).verifying_key().to_bytes(), ..peer(2, Role::Agent) };
+    w.apply(Input::Connected { session: 7, peer: b.clone(), addr: "test".into() });
+    let authorize =
+        Request::ClientAuthorize { key: b.key, name: "host-b".into(), role: Role::Agent, volumes: Vec::new() };
+    assert_eq!(committed_request(w, 3, authorize), Ok(Response::Done));
+    let Ok(Response::Opened(a)) =
+        committed_request(w, 1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive })
+    else {
+        panic!()
+    };
+    (b, a)
+}
+
 #[test]
 fn a_used_handover_token_stays_refused_across_restarts_and_clock_steps() {
     let mut w = World::new();
     w.core.entropy = Box::new(Counter(0));
-    // The target agent, with a real key (authorizing checks it).
-    let b = Peer { key: SigningKey::from_bytes(&[2; 32]).verifying_key().to_bytes(), ..peer(2, Role::Agent) };
+    let (b, a) = handover_pair(&mut w);
     let connect_b = |w: &mut World| w.apply(Input::Connected { session: 7, peer: b.clone(), addr: "test".into() });
-    connect_b(&mut w);
-    let authorize =
-        Request::ClientAuthorize { key: b.key, name: "host-b".into(), role: Role::Agent, volumes: Vec::new() };
-    assert_eq!(committed_request(&mut w, 3, authorize), Ok(Response::Done));
-    let Ok(Response::Opened(a)) =
-        committed_request(&mut w, 1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive })
-    else {
-        panic!()
-    };
     let token = |w: &mut World| match committed_request(w, 1, Request::Handover { handle: a.handle, to_key: b.key }) {
         Ok(Response::HandoverToken { token, .. }) => token,
         other => panic!("{other:?}"),
@@ -1086,16 +1092,7 @@ fn device_add_labels_then_commits_and_remove_is_refused_for_data_and_metadata_co
 #[test]
 fn own_pre_image_copies_are_refused_while_a_volume_has_two_writers() {
     let mut w = World::new();
-    let b = Peer { key: SigningKey::from_bytes(&[2; 32]).verifying_key().to_bytes(), ..peer(2, Role::Agent) };
-    w.apply(Input::Connected { session: 7, peer: b.clone(), addr: "test".into() });
-    let authorize =
-        Request::ClientAuthorize { key: b.key, name: "host-b".into(), role: Role::Agent, volumes: Vec::new() };
-    assert_eq!(committed_request(&mut w, 3, authorize), Ok(Response::Done));
-    let Ok(Response::Opened(a)) =
-        committed_request(&mut w, 1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive })
-    else {
-        panic!()
-    };
+    let (b, a) = handover_pair(&mut w);
     // A snapshot of v, put straight into the metadata (how it is taken is
     // not the point here).
     let volume = w.core.meta.volume_by_name("v").unwrap().id;
