@@ -702,7 +702,8 @@ impl Core {
         }
         if let Some(op) = self.operation.take() {
             let why = format!("{}: stopped: the server is shutting down; run the command again to go on", op.what);
-            self.effects.push(Effect::Reply { reply: op.reply, result: Err(ControlError::new(ErrorCode::Unavailable, why)) });
+            self.effects
+                .push(Effect::Reply { reply: op.reply, result: Err(ControlError::new(ErrorCode::Unavailable, why)) });
         }
         for change in std::mem::take(&mut self.queue) {
             if let Change::Request { reply, .. } = change {
