@@ -413,3 +413,45 @@ fn zombie(pid: u32) -> bool {
         .and_then(|s| s.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()))
         .is_none_or(|c| c == 'Z')
 }
+
+/// A device gone for good under writes, with `device_replace_after_ms`: the
+/// server rebuilds its mirror legs on the other devices by itself (no
+/// admin command) while fio writes, and the volume is whole again with every
+/// leg holding its data, read from the devices directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_gone_for_good_is_replaced_automatically_under_fio() {
+    let mut stack = Stack::new(4, "1G");
+    stack.mds_config_extra = vec!["device_replace_after_ms = 2000".into()];
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "m", "256M", "--mirror", "2"]);
+    let agent = stack.start_agent("host-a");
+    let uri = agent.attach("m", "exclusive");
+    assert!(devices_of(&legs_of(&stack, "m")).contains(&3), "m has legs on device 3 (allocations spread)");
+    let mut fio = Fio::start(&uri, "256M", 3);
+    stack.devices[3].kill();
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    while !stack.mds_log().contains("for longer than device_replace_after_ms") {
+        assert!(Instant::now() < deadline, "no automatic replacement started\n{}", stack.mds_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(fio.running(), "fio finished before the replacement started: make the job bigger");
+    loop {
+        let legs = legs_of(&stack, "m");
+        let health = stack.sanvol_json(&["volume", "show", "m"])["info"]["health"].as_str().unwrap().to_string();
+        if !devices_of(&legs).contains(&3) && health.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "m not whole again: legs {legs:?}, health {health:?}\n{}", stack.mds_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    fio.finish("the automatic replacement of a failed device", &stack, &agent);
+    assert!(
+        stack.mds_log().lines().any(|l| l.contains("reconfiguration done") && l.contains("automatically")),
+        "{}",
+        stack.mds_log()
+    );
+    let legs = legs_of(&stack, "m");
+    assert!(legs.iter().all(|l| l.len() == 2), "every extent has two legs again: {legs:?}");
+    legs_hold_the_volume(&stack, &uri, "m").await;
+    agent.detach("m");
+}

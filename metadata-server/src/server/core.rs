@@ -531,6 +531,10 @@ pub struct Core {
     pub(super) resyncs: super::recovery::Resyncs,
     /// The admin reconfiguration in progress, if any (`reconfig`).
     pub(super) operation: Option<super::reconfig::AdminOp>,
+    /// Failed devices are replaced after this long (`reconfig`; `None`: never).
+    pub(super) device_replace_after_ms: Option<u64>,
+    /// When each failed device's automatic replacement may be tried again.
+    pub(super) auto_replace_next_ms: BTreeMap<volume_format::DeviceIndex, u64>,
     next_task: TaskId,
     effects: Vec<Effect>,
     started: bool,
@@ -592,6 +596,8 @@ impl Core {
             probes: Default::default(),
             resyncs: Default::default(),
             operation: None,
+            device_replace_after_ms: None,
+            auto_replace_next_ms: BTreeMap::new(),
             next_task: 1,
             effects: Vec::new(),
             started: false,
@@ -774,6 +780,7 @@ impl Core {
         self.check_recalls();
         self.probe_failed_devices();
         self.admin_tick();
+        self.replace_failed_devices();
     }
 
     fn meta_written(&mut self, task: TaskId, written: Vec<bool>, failures: Vec<String>) {
@@ -1096,6 +1103,11 @@ impl Core {
 
     pub fn reply(&mut self, reply: ReplyId, result: Result<Response, ControlError>) {
         if self.resync_reply(reply, &result) || self.admin_reply(reply, &result) {
+            return;
+        }
+        if reply == super::reconfig::AUTO_REPLY {
+            // An operation the server started itself: nobody waits (its
+            // outcome is logged where it ends).
             return;
         }
         self.effects.push(Effect::Reply { reply, result });

@@ -53,6 +53,9 @@ use super::requests::{alloc_error, err};
 
 /// Replies to an operation's steps go to the driver, not to a caller.
 pub const ADMIN_REPLY: ReplyId = 1 << 61;
+/// The reply id of an operation the server started itself (the automatic
+/// replacement of a failed device): nobody waits for it.
+pub const AUTO_REPLY: ReplyId = (1 << 61) + 1;
 /// Tries of one volume's step refused as busy before the operation fails.
 pub const ADMIN_STEP_ATTEMPTS_MAX: u32 = 20;
 /// Wait before a busy step is tried again (times the attempt).
@@ -334,6 +337,63 @@ impl Core {
         self.operation = Some(AdminOp::new(what, kind, reply, self.now.mono_ms));
         self.plan_evacuation(device);
         Step::Parked
+    }
+
+    /// Failed devices are replaced after `after_ms` (`device_replace_after_ms`
+    /// in mds.toml); `None` never.
+    pub fn set_device_replace_after(&mut self, after_ms: Option<u64>) {
+        self.device_replace_after_ms = after_ms;
+    }
+
+    /// At every tick: a device failed for longer than
+    /// `device_replace_after_ms` that still holds extents is evacuated — its
+    /// extents reallocated on the other devices and rebuilt from their
+    /// surviving legs, as `sanvol device evacuate` does — when no other
+    /// operation runs. One that fails (no room, an extent with no surviving
+    /// leg) is tried again after the same time; the outcome is logged. The
+    /// failure time is the pool's record (`since`), so a restarted server
+    /// counts from the failure, not from its start.
+    pub(super) fn replace_failed_devices(&mut self) {
+        let Some(after_ms) = self.device_replace_after_ms else { return };
+        if self.operation.is_some() {
+            return;
+        }
+        let (now_unix_ms, now_ms) = (self.now.unix_ms, self.now.mono_ms);
+        let due: Vec<(DeviceIndex, String, u64)> = self
+            .meta
+            .devices
+            .iter()
+            .filter_map(|d| match &d.state {
+                DeviceState::Failed { reason, since_unix_secs }
+                    if now_unix_ms.saturating_sub(since_unix_secs * 1000) >= after_ms =>
+                {
+                    Some((d.index, reason.clone(), *since_unix_secs))
+                }
+                _ => None,
+            })
+            .collect();
+        self.auto_replace_next_ms.retain(|d, _| due.iter().any(|(f, _, _)| f == d));
+        for (device, reason, since) in due {
+            if self.auto_replace_next_ms.get(&device).is_some_and(|&at| at > now_ms)
+                || self.volumes_on(device).is_empty()
+            {
+                continue;
+            }
+            self.auto_replace_next_ms.insert(device, now_ms + after_ms);
+            let away_secs = (now_unix_ms / 1000).saturating_sub(since);
+            warn!(
+                %device,
+                away_secs,
+                device_replace_after_ms = after_ms,
+                "device failed ({reason}) for longer than device_replace_after_ms: moving its extents onto the other \
+                 devices, rebuilt from their surviving legs"
+            );
+            let what = format!("replace failed {device} automatically (evacuate onto the other devices)");
+            let kind = OpKind::Evacuate { device, to: None, remove_after: false };
+            self.operation = Some(AdminOp::new(what, kind, AUTO_REPLY, now_ms));
+            self.plan_evacuation(device);
+            return;
+        }
     }
 
     /// Queues every volume with an extent on `device` (live or a snapshot's).
