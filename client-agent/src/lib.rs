@@ -47,6 +47,7 @@
 //!   interface, and reattach after an agent restart.
 
 pub mod agent;
+pub mod cache;
 pub mod config_file;
 pub mod control;
 pub mod core;
