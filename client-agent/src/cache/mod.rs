@@ -168,6 +168,7 @@ impl Shared {
 /// acknowledged); [`CachedDevice::close`] destages everything first.
 pub struct CachedDevice {
     shared: Arc<Shared>,
+    replayed_records: usize,
     writes: mpsc::Sender<WriteReq>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -195,7 +196,7 @@ impl CachedDevice {
         }
         let log_path = config.log_path.clone();
         let (log, existed) = blocking(move || LogFile::open(&log_path)).await?;
-        let log = if existed { replay(log, &inner, volume).await? } else { log };
+        let (log, replayed_records) = if existed { replay(log, &inner, volume).await? } else { (log, 0) };
         let log_bytes = config.log_bytes;
         let (log, appender) = blocking(move || log.create(volume, log_bytes).map(|appender| (log, appender))).await?;
         let shared = Arc::new(Shared {
@@ -216,7 +217,12 @@ impl CachedDevice {
         });
         let (writes, rx) = mpsc::channel(WRITES_QUEUED_MAX);
         let tasks = vec![tokio::spawn(append_loop(shared.clone(), rx)), tokio::spawn(destage_loop(shared.clone()))];
-        Ok(CachedDevice { shared, writes, tasks })
+        Ok(CachedDevice { shared, replayed_records, writes, tasks })
+    }
+
+    /// Records of an old log written to the devices when the cache opened.
+    pub fn replayed_records(&self) -> usize {
+        self.replayed_records
     }
 
     pub fn status(&self) -> CacheStatus {
@@ -261,7 +267,7 @@ async fn blocking<T: Send + 'static>(
 
 /// Writes every acknowledged record of the old log to `inner`, in order,
 /// and flushes it. Nothing is written when the scan finds damage.
-async fn replay(log: LogFile, inner: &Arc<dyn BlockDevice>, volume: VolumeId) -> Result<LogFile, CacheError> {
+async fn replay(log: LogFile, inner: &Arc<dyn BlockDevice>, volume: VolumeId) -> Result<(LogFile, usize), CacheError> {
     let (log, scanned) = blocking(move || log.scan(volume).map(|scanned| (log, scanned))).await?;
     let path = log.path.display().to_string();
     let log = Arc::new(log);
@@ -280,7 +286,7 @@ async fn replay(log: LogFile, inner: &Arc<dyn BlockDevice>, volume: VolumeId) ->
         })?;
         info!(log = %path, records = scanned.records.len(), "cache log replayed to the devices");
     }
-    Ok(Arc::into_inner(log).expect("the replay's readers are done"))
+    Ok((Arc::into_inner(log).expect("the replay's readers are done"), scanned.records.len()))
 }
 
 /// Takes queued writes in batches: place them in the log, write + sync
