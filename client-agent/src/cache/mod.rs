@@ -26,6 +26,10 @@
 //!   write is retried (with a bounded back-off), never dropped.
 //! - **Back-pressure**: a write that does not fit waits for log space; it
 //!   never fails for lack of it.
+//! - **Write-around**: a write of [`WRITE_AROUND_BYTES_MIN`] or more whose
+//!   range no logged record touches goes straight to the devices (a FLUSH
+//!   then flushes them); large writes gain little from the log and would
+//!   cost its bandwidth twice.
 //! - **Crash**: opening the cache reads the old log back, writes every
 //!   acknowledged record to the devices in order (a torn last batch was
 //!   never acknowledged and is ignored; a damaged record in the middle fails
@@ -78,6 +82,12 @@ pub const BATCH_BYTES_MAX: usize = 8 << 20;
 pub const WRITES_QUEUED_MAX: usize = 1024;
 /// Records written to the devices in one destage round, at most.
 pub const DESTAGE_RECORDS_MAX: usize = 64;
+/// Writes of at least this many bytes go straight to the devices when no
+/// record in the log touches their range (write-around, as bcache's
+/// sequential cutoff): large writes gain little from the log and would cost
+/// its bandwidth twice. They are then as durable as any device write:
+/// FLUSH flushes the devices after them.
+pub const WRITE_AROUND_BYTES_MIN: usize = 512 << 10;
 /// Back-off between attempts to destage a record the devices refused.
 pub const DESTAGE_RETRY_MIN_MS: u64 = 50;
 pub const DESTAGE_RETRY_MAX_MS: u64 = 5_000;
@@ -141,6 +151,9 @@ struct State {
     /// First position and sequence number of the batch being written.
     in_flight: Option<(u64, u64)>,
     last_destaged_seq: u64,
+    /// Ranges of records on the devices whose log space is not released
+    /// yet: a replay would write them again.
+    releasing: Vec<(u64, u64)>,
     /// The log could not be written: later writes fail with this.
     failed: Option<String>,
 }
@@ -153,6 +166,17 @@ struct Shared {
     work: Notify,
     destaged: Notify,
     inner_unflushed: AtomicBool,
+}
+
+impl State {
+    /// Whether a record still in the log (not destaged, or destaged but its
+    /// space not released) touches `[offset, offset+len)`. Every byte of a
+    /// record not destaged is in the dirty map, or was replaced there by a
+    /// newer record not destaged either (destage goes in order).
+    fn logged(&self, offset: u64, len: u64) -> bool {
+        !self.dirty.overlay(offset, len).is_empty()
+            || self.releasing.iter().any(|&(at, n)| at < offset + len && offset < at + n)
+    }
 }
 
 impl Shared {
@@ -208,6 +232,7 @@ impl CachedDevice {
                 queue: VecDeque::new(),
                 in_flight: None,
                 last_destaged_seq: 0,
+                releasing: Vec::new(),
                 failed: None,
             }),
             space_freed: Notify::new(),
@@ -342,12 +367,7 @@ async fn append_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<WriteReq>) {
         }
         let taken: Vec<WriteReq> = pending.drain(..taken).collect();
         let writer = shared.clone();
-        let written = blocking(move || {
-            writer.log.write_batch(&batch)?;
-            writer.log.sync()?;
-            Ok(batch)
-        })
-        .await;
+        let written = blocking(move || writer.log.append(&batch).map(|()| batch)).await;
         match written {
             Ok(batch) => {
                 {
@@ -427,6 +447,7 @@ async fn destage_loop(shared: Arc<Shared>) {
                 let front = state.queue.pop_front().expect("the round came from the queue");
                 debug_assert_eq!(front.seq, record.seq);
                 state.dirty.destaged(record.offset, record.data.len() as u64, record.seq);
+                state.releasing.push((record.offset, record.data.len() as u64));
             }
             let (tail_pos, tail_seq) = match (state.queue.front(), state.in_flight) {
                 (Some(front), _) => (front.pos, front.seq),
@@ -436,15 +457,14 @@ async fn destage_loop(shared: Arc<Shared>) {
             (state.appender.release_superblock(tail_pos, tail_seq), tail_pos)
         };
         let writer = shared.clone();
-        let released = blocking(move || {
-            writer.log.write_superblock(&superblock)?;
-            writer.log.sync()
-        })
-        .await;
+        let released = blocking(move || writer.log.write_superblock(&superblock)).await;
         {
             let mut state = shared.lock();
             match released {
-                Ok(()) => state.appender.released(tail_pos),
+                Ok(()) => {
+                    state.appender.released(tail_pos);
+                    state.releasing.clear();
+                }
                 // The records are on the devices; only their log space stays
                 // taken (the next release moves the tail past it).
                 Err(e) => warn!(error = %e, "cannot release cache log space"),
@@ -508,6 +528,14 @@ impl BlockDevice for CachedDevice {
         if self.is_read_only() {
             return self.shared.inner.write(offset, data, _fua).await;
         }
+        if data.len() >= WRITE_AROUND_BYTES_MIN && !self.shared.lock().logged(offset, data.len() as u64) {
+            // See WRITE_AROUND_BYTES_MIN. Why only when no record overlaps:
+            // an older record destaged (or replayed) after this write would
+            // put old bytes over it.
+            self.shared.inner.write(offset, data, _fua).await?;
+            self.shared.inner_unflushed.store(true, Ordering::SeqCst);
+            return Ok(());
+        }
         let mut acks = Vec::new();
         let mut at = 0;
         while at < data.len() {
@@ -538,14 +566,18 @@ impl BlockDevice for CachedDevice {
 
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
         self.destage_all().await;
+        self.shared.inner.trim(offset, len, fua).await?;
+        // Set after completion: a FLUSH that cleared it earlier did not
+        // cover this request.
         self.shared.inner_unflushed.store(true, Ordering::SeqCst);
-        self.shared.inner.trim(offset, len, fua).await
+        Ok(())
     }
 
     async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
         self.destage_all().await;
+        self.shared.inner.write_zeroes(offset, len, flags).await?;
         self.shared.inner_unflushed.store(true, Ordering::SeqCst);
-        self.shared.inner.write_zeroes(offset, len, flags).await
+        Ok(())
     }
 
     async fn block_status(&self, context: &MetaContext, offset: u64, len: u32) -> Result<Vec<StatusExtent>, IoError> {

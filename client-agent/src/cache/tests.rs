@@ -149,9 +149,11 @@ async fn concurrent_writes_share_batches_and_all_land() {
 async fn a_full_log_makes_writes_wait_not_fail() {
     let s = setup(LOG_BYTES_MIN, true);
     let cache = Arc::new(s.open().await.unwrap());
-    // Twice the log's capacity in 1 MiB writes, the device held.
+    // Twice the log's capacity in writes below the write-around size, the
+    // device held.
+    const WRITE_BYTES: usize = 256 << 10;
     let all: Vec<(u64, Vec<u8>)> =
-        (0..16u64).map(|i| ((i % 3) * (1 << 20), vec![i as u8 + 1; RECORD_CHUNK_BYTES])).collect();
+        (0..64u64).map(|i| ((i % 5) * WRITE_BYTES as u64, vec![i as u8 + 1; WRITE_BYTES])).collect();
     let writer = {
         let cache = cache.clone();
         let all = all.clone();
@@ -162,18 +164,18 @@ async fn a_full_log_makes_writes_wait_not_fail() {
         })
     };
     // Wait until the log is full (the writer is blocked in back-pressure).
-    while cache.status().log_used_bytes + 2 * (RECORD_CHUNK_BYTES as u64) < cache.status().log_capacity_bytes {
+    while cache.status().log_used_bytes + 2 * (WRITE_BYTES as u64) < cache.status().log_capacity_bytes {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert!(!writer.is_finished(), "the writer waits for log space");
     s.hold.send(false).unwrap();
     writer.await.unwrap();
     cache.destage_all().await;
-    let mut expected = vec![0u8; 3 << 20];
+    let mut expected = vec![0u8; 5 * WRITE_BYTES];
     for (offset, data) in &all {
         expected[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
     }
-    assert_eq!(s.memory.read(0, 3 << 20).await.unwrap(), expected);
+    assert_eq!(s.memory.read(0, 5 * WRITE_BYTES as u32).await.unwrap(), expected);
 }
 
 #[tokio::test]
@@ -247,4 +249,31 @@ async fn trim_waits_for_earlier_cached_writes() {
     cache.flush().await.unwrap();
     let image = s.memory.read(0, 8192).await.unwrap();
     assert!(image[..4096].iter().all(|&b| b == 0) && image[4096..].iter().all(|&b| b == 7));
+}
+
+#[tokio::test]
+async fn a_large_write_goes_around_the_log_unless_a_logged_record_overlaps_it() {
+    let s = setup(LOG_BYTES_MIN, false);
+    let cache = s.open().await.unwrap();
+    cache.write(1 << 20, Bytes::from(vec![3u8; WRITE_AROUND_BYTES_MIN]), false).await.unwrap();
+    assert_eq!(cache.status().records, 0, "written around the log");
+    assert!(s.memory.read(1 << 20, 4096).await.unwrap().iter().all(|&b| b == 3));
+
+    // With a small write to the same range still in the log (device held),
+    // the large write is logged too: written around, it would be overwritten
+    // by the older record's destage.
+    s.hold.send(true).unwrap();
+    cache.write(1 << 20, Bytes::from(vec![4u8; 4096]), false).await.unwrap();
+    let big = tokio::time::timeout(
+        Duration::from_secs(10),
+        cache.write(1 << 20, Bytes::from(vec![5u8; WRITE_AROUND_BYTES_MIN]), false),
+    )
+    .await
+    .expect("the large write was logged, not sent to the held device");
+    big.unwrap();
+    assert_eq!(s.device.writes.load(Ordering::SeqCst), 1, "only the first large write reached the device");
+    s.hold.send(false).unwrap();
+    cache.destage_all().await;
+    let image = s.memory.read(1 << 20, WRITE_AROUND_BYTES_MIN as u32).await.unwrap();
+    assert!(image.iter().all(|&b| b == 5), "the newest write is on the device");
 }
