@@ -22,8 +22,9 @@
 //! - **Ordered destage**: records go to the devices in log order; one round
 //!   writes consecutive records that do not overlap each other concurrently,
 //!   then flushes the devices, then releases their log space (the superblock
-//!   moves the tail, synced, before the space is reused). A failed device
-//!   write is retried (with a bounded back-off), never dropped.
+//!   moves the tail, synced, before the space is reused), and only then
+//!   drops them from the dirty map. A failed device write or release is
+//!   retried (with a bounded back-off), never dropped.
 //! - **Back-pressure**: a write that does not fit waits for log space; it
 //!   never fails for lack of it.
 //! - **Write-around**: a write of [`WRITE_AROUND_BYTES_MIN`] or more whose
@@ -151,9 +152,6 @@ struct State {
     /// First position and sequence number of the batch being written.
     in_flight: Option<(u64, u64)>,
     last_destaged_seq: u64,
-    /// Ranges of records on the devices whose log space is not released
-    /// yet: a replay would write them again.
-    releasing: Vec<(u64, u64)>,
     /// The log could not be written: later writes fail with this.
     failed: Option<String>,
 }
@@ -169,13 +167,13 @@ struct Shared {
 }
 
 impl State {
-    /// Whether a record still in the log (not destaged, or destaged but its
-    /// space not released) touches `[offset, offset+len)`. Every byte of a
-    /// record not destaged is in the dirty map, or was replaced there by a
-    /// newer record not destaged either (destage goes in order).
+    /// Whether a record still in the log touches `[offset, offset+len)`.
+    /// A record leaves the dirty map only once its log space is released,
+    /// and every byte of a record still in the log is in the dirty map or
+    /// was replaced there by a newer record, also still in the log (records
+    /// are released in order).
     fn logged(&self, offset: u64, len: u64) -> bool {
         !self.dirty.overlay(offset, len).is_empty()
-            || self.releasing.iter().any(|&(at, n)| at < offset + len && offset < at + n)
     }
 }
 
@@ -232,7 +230,6 @@ impl CachedDevice {
                 queue: VecDeque::new(),
                 in_flight: None,
                 last_destaged_seq: 0,
-                releasing: Vec::new(),
                 failed: None,
             }),
             space_freed: Notify::new(),
@@ -441,34 +438,35 @@ async fn destage_loop(shared: Arc<Shared>) {
             continue;
         }
         retry_ms = DESTAGE_RETRY_MIN_MS;
-        let (superblock, tail_pos) = {
+        // The round stays in the queue and the dirty map until its log space
+        // is released: a record still in the log would be replayed over
+        // anything written around it (see `State::logged`).
+        let superblock = {
+            let mut state = shared.lock();
+            let (tail_pos, tail_seq) = match (state.queue.get(round.len()), state.in_flight) {
+                (Some(next), _) => (next.pos, next.seq),
+                (None, Some(in_flight)) => in_flight,
+                (None, None) => (state.appender.ring().head(), state.appender.next_seq()),
+            };
+            state.appender.release_superblock(tail_pos, tail_seq)
+        };
+        let writer = shared.clone();
+        if let Err(e) = blocking(move || writer.log.write_superblock(&superblock)).await {
+            // The records are on the devices; the next round writes them
+            // again and retries the release.
+            warn!(error = %e, retry_ms, "cannot release cache log space; retrying");
+            tokio::time::sleep(Duration::from_millis(retry_ms)).await;
+            retry_ms = (retry_ms * 2).min(DESTAGE_RETRY_MAX_MS);
+            continue;
+        }
+        {
             let mut state = shared.lock();
             for record in &round {
                 let front = state.queue.pop_front().expect("the round came from the queue");
                 debug_assert_eq!(front.seq, record.seq);
                 state.dirty.destaged(record.offset, record.data.len() as u64, record.seq);
-                state.releasing.push((record.offset, record.data.len() as u64));
             }
-            let (tail_pos, tail_seq) = match (state.queue.front(), state.in_flight) {
-                (Some(front), _) => (front.pos, front.seq),
-                (None, Some(in_flight)) => in_flight,
-                (None, None) => (state.appender.ring().head(), state.appender.next_seq()),
-            };
-            (state.appender.release_superblock(tail_pos, tail_seq), tail_pos)
-        };
-        let writer = shared.clone();
-        let released = blocking(move || writer.log.write_superblock(&superblock)).await;
-        {
-            let mut state = shared.lock();
-            match released {
-                Ok(()) => {
-                    state.appender.released(tail_pos);
-                    state.releasing.clear();
-                }
-                // The records are on the devices; only their log space stays
-                // taken (the next release moves the tail past it).
-                Err(e) => warn!(error = %e, "cannot release cache log space"),
-            }
+            state.appender.released(superblock.tail_pos);
             state.last_destaged_seq = round.last().expect("a round is not empty").seq;
         }
         shared.space_freed.notify_one();
