@@ -122,7 +122,11 @@ async fn bridge(mut local: UnixStream, source: Arc<Source>, metered: bool) {
         }
         return;
     }
-    match tokio::io::copy_bidirectional(&mut local, &mut upstream).await {
+    // Buffers of a whole large read (the default 8 KiB meant 128 reads and
+    // writes per 1 MiB reply on each side of the bridge).
+    match tokio::io::copy_bidirectional_with_sizes(&mut local, &mut upstream, BRIDGE_BUFFER_BYTES, BRIDGE_BUFFER_BYTES)
+        .await
+    {
         Ok((up, down)) => tracing::debug!(up, down, "bridged connection closed"),
         Err(e) => tracing::debug!("bridged connection ended: {e}"),
     }
@@ -130,6 +134,8 @@ async fn bridge(mut local: UnixStream, source: Arc<Source>, metered: bool) {
 
 /// Bytes copied per read from either side of a metered connection.
 const TAP_BUFFER_BYTES: usize = 256 * 1024;
+/// Bytes copied per read from either side of a connection that is not metered.
+const BRIDGE_BUFFER_BYTES: usize = 256 * 1024;
 
 /// Copies both ways like `copy_bidirectional` (an end's EOF shuts down the
 /// other side's writing half), showing every chunk to the connection's tap

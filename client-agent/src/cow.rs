@@ -34,11 +34,18 @@
 //! changed-block list of incremental backups, and chunks registered ahead
 //! but never written would show as changed.
 //!
-//! **Shared-write holders** cannot copy pre-images themselves: another
-//! writer may have registered and overwritten a chunk between this agent's
-//! check and its copy, and the copy would then put new data into the
-//! snapshot. They ask the server to copy (`CowCopy`), which it does
-//! serialized with every registration.
+//! **While a volume has more than one writer** no agent may copy pre-images
+//! itself: another writer may have registered and overwritten a chunk
+//! between this agent's check and its copy, and the copy would then put new
+//! data over the snapshot's pre-image in the COW area — before the server
+//! hears of it, so nothing there could refuse it. Such holders ask the
+//! server to copy (`CowCopy`), which it does serialized with every
+//! registration (and the server refuses an agent's own copies while a
+//! volume has two writers). Shared-write holders always do; an exclusive
+//! holder switches when it hands the volume over ([`Registrations::use_server_copies`]
+//! waits for its copies in flight, so none is still reading when the target
+//! may write), and the handover's target copies through the server for as
+//! long as it holds that handle.
 //!
 //! Fault points (`SANVOL_FAULT`): `agent-after-cow-copy`,
 //! `agent-after-cow-register`.
@@ -49,7 +56,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 use blockio::IoError;
 use futures::future::join_all;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, RwLock, RwLockReadGuard};
 use volume_format::description::SnapshotEpoch;
 use volume_format::metadata::CowMap;
 
@@ -159,12 +166,15 @@ pub async fn wait_for(others: Vec<watch::Receiver<Outcome>>) -> Result<(), IoErr
 /// chunks of every other caller queue up and go together in the next.
 pub struct Registrations {
     registrar: Arc<dyn CowRegistrar>,
-    server_copies: bool,
+    /// Whether the server copies the pre-images. A writer holds it read
+    /// from before its copy until its registration is answered; switching
+    /// to server copies takes it for writing, so it waits for those.
+    server_copies: RwLock<bool>,
     queue: Mutex<Queue>,
 }
 
-/// A caller's registration: (snapshot, chunks, where to answer).
-type Waiting = (u64, Vec<u64>, oneshot::Sender<Result<(), String>>);
+/// A caller's registration: (snapshot, server copies, chunks, where to answer).
+type Waiting = (u64, bool, Vec<u64>, oneshot::Sender<Result<(), String>>);
 
 #[derive(Default)]
 struct Queue {
@@ -174,19 +184,43 @@ struct Queue {
 
 impl Registrations {
     pub fn new(registrar: Arc<dyn CowRegistrar>, server_copies: bool) -> Arc<Registrations> {
-        Arc::new(Registrations { registrar, server_copies, queue: Mutex::new(Queue::default()) })
+        Arc::new(Registrations {
+            registrar,
+            server_copies: RwLock::new(server_copies),
+            queue: Mutex::new(Queue::default()),
+        })
     }
 
-    pub fn server_copies(&self) -> bool {
-        self.server_copies
+    /// Who copies the pre-images (`true`: the server), held for one
+    /// preservation: from before its copy until its registration is answered.
+    pub async fn copy_mode(&self) -> RwLockReadGuard<'_, bool> {
+        self.server_copies.read().await
     }
 
-    /// Registers `chunks` of `snapshot`, batched with concurrent callers.
-    pub async fn register(self: &Arc<Self>, snapshot: u64, chunks: Vec<u64>) -> Result<(), String> {
+    /// Whether the server copies the pre-images now (without waiting).
+    pub fn server_copies_now(&self) -> bool {
+        self.server_copies.try_read().is_ok_and(|m| *m)
+    }
+
+    /// From now on the server copies the pre-images. Returns once every
+    /// preservation that copies itself has been answered, so none of its
+    /// reads of the live volume is still to come.
+    pub async fn use_server_copies(&self) {
+        *self.server_copies.write().await = true;
+    }
+
+    /// Registers `chunks` of `snapshot`, batched with concurrent callers;
+    /// `server_copies`: as the caller's [`Self::copy_mode`] says.
+    pub async fn register(
+        self: &Arc<Self>,
+        snapshot: u64,
+        server_copies: bool,
+        chunks: Vec<u64>,
+    ) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
         let start = {
             let mut q = lock(&self.queue);
-            q.waiting.push((snapshot, chunks, tx));
+            q.waiting.push((snapshot, server_copies, chunks, tx));
             !std::mem::replace(&mut q.running, true)
         };
         if start {
@@ -204,16 +238,19 @@ impl Registrations {
                     q.running = false;
                     return;
                 }
-                // One snapshot per request; the rest waits for the next round.
-                let snapshot = q.waiting[0].0;
+                // One snapshot and one copy mode per request; the rest
+                // waits for the next round.
+                let (snapshot, server_copies) = (q.waiting[0].0, q.waiting[0].1);
                 let mut batch = Vec::new();
                 let mut count = 0;
                 let mut i = 0;
                 while i < q.waiting.len() {
-                    if q.waiting[i].0 == snapshot
-                        && (batch.is_empty() || count + q.waiting[i].1.len() <= REGISTRATION_CHUNKS_MAX)
+                    let (s, copies, chunks, _) = &q.waiting[i];
+                    if *s == snapshot
+                        && *copies == server_copies
+                        && (batch.is_empty() || count + chunks.len() <= REGISTRATION_CHUNKS_MAX)
                     {
-                        count += q.waiting[i].1.len();
+                        count += chunks.len();
                         batch.push(q.waiting.remove(i));
                     } else {
                         i += 1;
@@ -221,12 +258,12 @@ impl Registrations {
                 }
                 batch
             };
-            let snapshot = batch[0].0;
-            let mut chunks: Vec<u64> = batch.iter().flat_map(|(_, c, _)| c.iter().copied()).collect();
+            let (snapshot, server_copies) = (batch[0].0, batch[0].1);
+            let mut chunks: Vec<u64> = batch.iter().flat_map(|(_, _, c, _)| c.iter().copied()).collect();
             chunks.sort_unstable();
             chunks.dedup();
-            let result = self.registrar.register(snapshot, chunks, self.server_copies).await;
-            for (_, _, tx) in batch {
+            let result = self.registrar.register(snapshot, chunks, server_copies).await;
+            for (_, _, _, tx) in batch {
                 let _ = tx.send(result.clone());
             }
         }
@@ -300,7 +337,7 @@ mod tests {
         let regs = Registrations::new(registrar.clone(), false);
         let first = tokio::spawn({
             let regs = regs.clone();
-            async move { regs.register(1, vec![1]).await }
+            async move { regs.register(1, false, vec![1]).await }
         });
         while registrar.calls.load(Ordering::SeqCst) == 0 {
             tokio::task::yield_now().await;
@@ -309,7 +346,7 @@ mod tests {
         let more: Vec<_> = (2..5)
             .map(|c| {
                 let regs = regs.clone();
-                tokio::spawn(async move { regs.register(1, vec![c, c + 10]).await })
+                tokio::spawn(async move { regs.register(1, false, vec![c, c + 10]).await })
             })
             .collect();
         for _ in 0..100 {
@@ -322,5 +359,30 @@ mod tests {
         }
         assert_eq!(registrar.calls.load(Ordering::SeqCst), 2);
         assert_eq!(lock(&registrar.seen)[1], vec![2, 3, 4, 12, 13, 14]);
+    }
+
+    #[tokio::test]
+    async fn switching_to_server_copies_waits_for_copies_in_flight() {
+        let registrar = Arc::new(Counting {
+            calls: AtomicUsize::new(0),
+            gate: tokio::sync::Semaphore::new(0),
+            seen: Mutex::new(Vec::new()),
+        });
+        let regs = Registrations::new(registrar, false);
+        let copying = regs.copy_mode().await;
+        assert!(!*copying);
+        let switch = tokio::spawn({
+            let regs = regs.clone();
+            async move { regs.use_server_copies().await }
+        });
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!switch.is_finished(), "a copy of the agent's own is still in flight");
+        assert!(!regs.server_copies_now());
+        drop(copying);
+        switch.await.unwrap();
+        assert!(regs.server_copies_now());
+        assert!(*regs.copy_mode().await);
     }
 }

@@ -90,6 +90,15 @@ pub(crate) enum ToOwner {
     Input(Input),
 }
 
+/// How a newly opened handle is to be served ([`Effect::StartAttach`]'s rest).
+struct AttachPlan {
+    mode: OpenMode,
+    lease_until_ms: Millis,
+    export: ExportTarget,
+    kernel: Option<KernelPlan>,
+    cow_by_server: bool,
+}
+
 /// What a successful attach task made.
 pub(crate) struct Ready {
     export: ExportHandle,
@@ -221,9 +230,35 @@ impl Shell {
         caller
     }
 
+    /// Whether `volume` is attached here with an agent that still copies
+    /// its snapshot pre-images itself.
+    fn copies_itself(&self, volume: &str) -> bool {
+        self.attachments.values().any(|rt| rt.volume == volume && !rt.device.server_copies_now())
+    }
+
     /// Keeps a message's objects; returns the core's input.
     fn accept(&mut self, message: ToOwner) -> Option<Input> {
         Some(match message {
+            ToOwner::Command { command: crate::core::Command::Handover { volume, to_key }, reply }
+                if self.copies_itself(&volume) =>
+            {
+                // Before the token exists: the volume's copy-on-write goes
+                // through the server, once this agent's own copies in flight
+                // are answered (see `crate::cow`); then the command again.
+                let device = self.attachments.values().find(|rt| rt.volume == volume).map(|rt| rt.device.clone());
+                let inbox = self.inbox_tx.clone();
+                tokio::spawn(
+                    async move {
+                        if let Some(device) = device {
+                            device.use_server_copies().await;
+                        }
+                        let command = crate::core::Command::Handover { volume, to_key };
+                        let _ = inbox.send(ToOwner::Command { command, reply }).await;
+                    }
+                    .in_current_span(),
+                );
+                return None;
+            }
             ToOwner::Command { command, reply } => {
                 let caller = self.caller(Waiter::Command(reply));
                 Input::Command { caller, command }
@@ -332,8 +367,19 @@ impl Shell {
                 _ => self.post(Input::Reply { request, result: Err(RequestError::Closed) }),
             },
             Effect::Reply { caller, reply } => self.reply(caller, reply),
-            Effect::StartAttach { attachment, volume, handle, mode, description, lease_until_ms, export, kernel } => {
-                self.start_attach(attachment, volume, handle, mode, *description, lease_until_ms, export, kernel)
+            Effect::StartAttach {
+                attachment,
+                volume,
+                handle,
+                mode,
+                description,
+                lease_until_ms,
+                export,
+                kernel,
+                cow_by_server,
+            } => {
+                let plan = AttachPlan { mode, lease_until_ms, export, kernel, cow_by_server };
+                self.start_attach(attachment, volume, handle, *description, plan)
             }
             Effect::BeginRecall { attachment, generation } => {
                 let Some(rt) = self.attachments.get(&attachment) else { return };
@@ -502,18 +548,15 @@ impl Shell {
 
     /// Installs the gate and the volume device of a newly opened handle,
     /// then starts the attach task.
-    #[allow(clippy::too_many_arguments)]
     fn start_attach(
         &mut self,
         attachment: AttachmentId,
         volume: String,
         handle: u64,
-        mode: OpenMode,
         description: VolumeDescription,
-        lease_until_ms: Millis,
-        export: ExportTarget,
-        kernel: Option<KernelPlan>,
+        plan: AttachPlan,
     ) {
+        let AttachPlan { mode, lease_until_ms, export, kernel, cow_by_server } = plan;
         let generation = description.layout_generation;
         let layout = match (self.builder)(description) {
             Ok(layout) => Arc::new(layout),
@@ -526,7 +569,7 @@ impl Shell {
         let gate = Arc::new(Gate::new(layout.clone(), generation));
         gate.renew_lease(self.instant(lease_until_ms));
         let registrar = Arc::new(OwnerRegistrar { owner: self.inbox_tx.clone(), volume: volume.clone() });
-        let registrations = Registrations::new(registrar, mode == OpenMode::SharedWrite);
+        let registrations = Registrations::new(registrar, mode == OpenMode::SharedWrite || cow_by_server);
         let device = Arc::new(
             VolumeDevice::new(volume.clone(), handle, mode == OpenMode::ReadOnly, gate.clone()).with_cow(registrations),
         );

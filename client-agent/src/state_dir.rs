@@ -234,6 +234,7 @@ mod tests {
                 online: true,
                 resyncing: false,
             }],
+            cow_by_server: true,
         }
     }
 
@@ -252,15 +253,16 @@ mod tests {
     }
 
     #[test]
-    fn a_state_file_written_before_the_device_list_existed_still_loads() {
+    fn a_state_file_written_before_the_device_list_and_the_copy_mode_existed_still_loads() {
         let dir = tempfile::tempdir().unwrap();
         let mut record = serde_json::to_value(held("a", 1)).unwrap();
         record.as_object_mut().unwrap().remove("devices");
+        record.as_object_mut().unwrap().remove("cow_by_server");
         let file =
             serde_json::json!({"format": 1, "instance": "00112233445566778899aabbccddeeff", "handles": [record]});
         std::fs::write(dir.path().join(STATE_FILE), file.to_string()).unwrap();
         let (_, state) = StateDir::open(dir.path()).unwrap();
-        assert_eq!(state.handles, vec![HeldHandle { devices: Vec::new(), ..held("a", 1) }]);
+        assert_eq!(state.handles, vec![HeldHandle { devices: Vec::new(), cow_by_server: false, ..held("a", 1) }]);
     }
 
     #[test]

@@ -213,6 +213,19 @@ impl VolumeDevice {
         self
     }
 
+    /// Whether the server copies this volume's pre-images now.
+    pub fn server_copies_now(&self) -> bool {
+        self.registrations.as_ref().is_some_and(|r| r.server_copies_now())
+    }
+
+    /// From now on the server copies this volume's pre-images; returns once
+    /// no copy of this agent's own is in flight (see [`crate::cow`]).
+    pub async fn use_server_copies(&self) {
+        if let Some(r) = &self.registrations {
+            r.use_server_copies().await;
+        }
+    }
+
     /// Chunks of the newest snapshot preserved so far, as this agent knows.
     pub fn cow_preserved(&self) -> Option<(u64, u64)> {
         let cow = self.cow.lock().unwrap_or_else(|e| e.into_inner());
@@ -251,14 +264,17 @@ impl VolumeDevice {
         if !claim.mine.is_empty() {
             let chunks: Vec<u64> = claim.mine.iter().map(|m| m.0).collect();
             let result = async {
-                if !registrations.server_copies() {
+                // Held until the registration is answered (see `cow`: a
+                // handover waits for self-made copies in flight).
+                let server_copies = registrations.copy_mode().await;
+                if !*server_copies {
                     let runs = epoch.chunk_layout().runs(&chunks, layout.description.extent_bytes);
                     copy_all(&runs, |(first, count)| self.copy_chunks(layout, first, count))
                         .await
                         .map_err(|e| e.message)?;
                     control_client::fault::hit("agent-after-cow-copy");
                 }
-                registrations.register(epoch.id.0, chunks.clone()).await?;
+                registrations.register(epoch.id.0, *server_copies, chunks.clone()).await?;
                 control_client::fault::hit("agent-after-cow-register");
                 Ok(())
             }

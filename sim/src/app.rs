@@ -267,6 +267,7 @@ impl AgentHost {
     fn ask_token(&mut self, name: &str, to: usize, env: &mut Env) {
         let caller = self.new_caller(AppCall::Handover { volume: name.to_string(), to });
         let to_key = env.agent_keys[to];
+        self.use_server_copies(name);
         self.input(Input::Command { caller, command: Command::Handover { volume: name.to_string(), to_key } }, env);
     }
 

@@ -587,6 +587,60 @@ async fn shared_writers_keep_the_snapshot_intact() {
     b.detach("v");
 }
 
+/// A live-migration handover under a snapshot: the source and the target
+/// both hold the volume writable and write the same chunks — first the
+/// source alone (its registrations never reach the target's view of the
+/// COW map), then the target, then both at once. Each chunk's pre-image is
+/// copied once, by the server: the snapshot reads back exactly as it was,
+/// and so do the COW areas on every device, read directly. (Before, both
+/// agents copied pre-images themselves, and the target copied the source's
+/// new data over the pre-images the source had registered.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_under_a_snapshot_keeps_its_pre_images() {
+    let stack = stack();
+    let (a, uri_a, image1) = filled_volume(&stack, &["--mirror", "2"]).await;
+    stack.sanvol_ok(&["snapshot", "create", "v", "s1"]);
+    let b = stack.start_agent("host-b");
+    let b_pub = pub_path(&stack.dir.path().join("host-b.key"));
+    let out = a.cli(&["handover", "v", "--to", b_pub.to_str().unwrap()]);
+    assert!(out.status.success(), "handover: {}", String::from_utf8_lossy(&out.stderr));
+    let token_file = stack.dir.path().join("token");
+    std::fs::write(&token_file, String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    let out = b.cli(&["attach", "v", "--handover-token", token_file.to_str().unwrap()]);
+    assert!(out.status.success(), "attach with token: {}\n{}", String::from_utf8_lossy(&out.stderr), b.proc.log());
+    let uri_b: NbdUri = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+
+    let first: Vec<u64> = (0..24).map(|i| i * 53 % (VOLUME_BYTES / BLOCK)).collect();
+    let both: Vec<u64> = (0..24).map(|i| (i * 97 + 11) % (VOLUME_BYTES / BLOCK)).collect();
+    // The target's first write (its view of the COW map starts here).
+    let last_block = VOLUME_BYTES / BLOCK - 1;
+    write_blocks(&uri_b, 6, &[last_block]).await;
+    write_blocks(&uri_a, 2, &first).await;
+    write_blocks(&uri_b, 3, &first).await;
+    tokio::join!(write_blocks(&uri_a, 4, &both), write_blocks(&uri_b, 5, &both));
+    assert_same("v@s1 after a handover with both agents writing", &read_snapshot(&stack, "v@s1").await, &image1);
+
+    let shown = stack.sanvol_json(&["volume", "show", "v"]);
+    let description = &shown["description"];
+    let snapshot = &description["snapshot"];
+    for chunk in chunks_of(&[first.clone(), both.clone(), vec![last_block]].concat()) {
+        assert!(cow_has(&snapshot["cow"], chunk), "chunk {chunk} was written but is not registered");
+        let at = chunk * CHUNK;
+        let pre_image = &image1[at as usize..(at + CHUNK) as usize];
+        for (device, offset) in legs_at(description, &snapshot["cow_extents"], at) {
+            let got = read_device(&device, offset, CHUNK).await;
+            assert!(got == pre_image, "chunk {chunk}: the COW area on {device} at {offset} is not the pre-image");
+        }
+    }
+    assert!(
+        !stack.mds_log().contains("copied pre-images of chunks already registered"),
+        "an agent copied pre-images itself: {}",
+        stack.mds_log()
+    );
+    a.detach("v");
+    b.detach("v");
+}
+
 /// With every direct path cut, the agent's copies into the COW area go
 /// through the server's data channels like its writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -349,6 +349,8 @@ pub enum Effect {
         lease_until_ms: Millis,
         export: ExportTarget,
         kernel: Option<KernelPlan>,
+        /// The server copies the pre-images ([`HeldHandle::cow_by_server`]).
+        cow_by_server: bool,
     },
     /// Close the gate for `generation` and report `Drained` once in-flight
     /// I/O finished.

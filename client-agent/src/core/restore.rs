@@ -159,6 +159,7 @@ impl AgentCore {
         held.devices = description.devices.clone();
         let handle = held.handle;
         let mode = held.mode;
+        let cow_by_server = held.cow_by_server;
         let lease_until_ms = pending.sent_ms + opened.lease_ms;
         let phase = match recalled {
             Some(generation) => Phase::Recalled { generation },
@@ -184,6 +185,7 @@ impl AgentCore {
             lease_until_ms,
             export: v.export.clone(),
             kernel: v.kernel.clone(),
+            cow_by_server,
         });
         if let Some(generation) = recalled {
             info!(

@@ -93,6 +93,11 @@ pub struct HeldHandle {
     /// counts (connections only, no I/O, labels checked as always).
     #[serde(default)]
     pub devices: Vec<DeviceEndpoint>,
+    /// The server copies this handle's snapshot pre-images (see
+    /// [`crate::cow`]): the handle came from a handover, or was handed over,
+    /// so another writer may exist.
+    #[serde(default)]
+    pub cow_by_server: bool,
 }
 
 /// A recall in progress: drained and confirmed or not yet.

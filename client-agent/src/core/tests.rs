@@ -812,6 +812,7 @@ fn held(volume: &str, handle: u64, key: &[u8]) -> HeldHandle {
         kernel_device: None,
         pending_recall: None,
         devices: Vec::new(),
+        cow_by_server: false,
     }
 }
 
@@ -1030,4 +1031,46 @@ fn a_failed_close_is_retried_until_the_server_has_it_and_a_recall_for_it_hurries
         assert_eq!(closes(&effects), 0, "{effects:?}");
         h.renewals_answered(&effects);
     }
+}
+
+/// A handover's source records that the server copies its pre-images before
+/// the token request leaves (a restart keeps it); its target is served
+/// with server copies, and so is a restarted target.
+#[test]
+fn both_sides_of_a_handover_copy_pre_images_through_the_server() {
+    let mut h = Harness::new();
+    h.attach("vol", 11, b"k");
+    assert!(!h.saved()[0].cow_by_server, "an exclusive holder copies itself");
+    let log_before = h.log.len();
+    let (_, effects) = h.command(Command::Handover { volume: "vol".into(), to_key: [5; 32] });
+    let (_, message) = sent_one(&effects);
+    assert_eq!(message, Request::Handover { handle: HandleId(11), to_key: [5; 32] });
+    let after = &h.log[log_before..];
+    let save = after.iter().position(|e| matches!(e, Effect::SaveState { .. })).expect("saved");
+    let send = after.iter().position(|e| matches!(e, Effect::Send { .. })).expect("sent");
+    assert!(save < send, "{after:?}");
+    assert!(h.saved()[0].cow_by_server);
+
+    // The target: opened with the token.
+    let mut t = Harness::new();
+    let spec = AttachSpec {
+        volume: "vol".into(),
+        open: OpenWith::Handover(vec![1, 2]),
+        socket: None,
+        tcp: None,
+        kernel: None,
+    };
+    let (_, effects) = t.command(Command::Attach(spec));
+    let (open, message) = sent_one(&effects);
+    assert_eq!(message, Request::OpenHandover { token: vec![1, 2] });
+    let effects = t.apply(Input::Reply { request: open, result: opened(12, description("vol", 1, 2), b"t") });
+    assert!(effects.iter().any(|e| matches!(e, Effect::StartAttach { cow_by_server: true, .. })), "{effects:?}");
+    assert!(t.core.held_handles()[0].cow_by_server);
+
+    // A restarted target takes the handle back the same way.
+    let mut r = Harness::new();
+    let (_, effects) = r.restore(HeldHandle { cow_by_server: true, ..held("vol", 12, b"t") }, None);
+    let (resume, _) = sent_one(&effects);
+    let effects = r.apply(Input::Reply { request: resume, result: opened(12, description("vol", 1, 2), b"t") });
+    assert!(effects.iter().any(|e| matches!(e, Effect::StartAttach { cow_by_server: true, .. })), "{effects:?}");
 }

@@ -149,6 +149,9 @@ impl AgentCore {
         }
         let v = self.volumes.get_mut(&name).expect("found above");
         v.caller = caller;
+        // A handover's target writes next to its source until the source
+        // lets go: the server copies the pre-images (see `crate::cow`).
+        let cow_by_server = matches!(v.open, OpenWith::Handover(_));
         let description = opened.description;
         let generation = description.layout_generation;
         let lease_until_ms = pending.sent_ms + opened.lease_ms;
@@ -163,6 +166,7 @@ impl AgentCore {
                 kernel_device: None,
                 pending_recall: None,
                 devices: description.devices.clone(),
+                cow_by_server,
             },
             gate: GateMirror { phase: Phase::Open, generation, size_bytes: description.size_bytes },
             conn: pending.conn,
@@ -181,6 +185,7 @@ impl AgentCore {
             lease_until_ms,
             export: v.export.clone(),
             kernel: v.kernel.clone(),
+            cow_by_server,
         });
         self.renewed(pending.conn, pending.sent_ms, opened.lease_ms);
         self.replay_orphans(handle);
@@ -396,12 +401,20 @@ impl AgentCore {
         }
     }
 
+    /// Asks for a handover token. The shell has switched the volume's
+    /// copy-on-write to server copies first (the target may write as soon
+    /// as it holds the token; see `crate::cow`); the state file records it
+    /// before the request leaves, so a restart keeps it.
     pub(super) fn handover(&mut self, now: Millis, caller: CallerId, volume: &str, to_key: [u8; 32]) {
-        let handle = self.volumes.get(volume).filter(|v| v.has_gate()).and_then(|v| v.handle.as_ref());
-        let Some(handle) = handle.map(|h| h.held.handle) else {
+        let handle = self.volumes.get_mut(volume).filter(|v| v.has_gate()).and_then(|v| v.handle.as_mut());
+        let Some(handle) = handle.map(|h| {
+            h.held.cow_by_server = true;
+            h.held.handle
+        }) else {
             let e = SessionError::Server(format!("volume {volume} is not attached here"));
             return self.out.push(Effect::Reply { caller, reply: Reply::Failed(AgentError::Session(e)) });
         };
+        self.save_state();
         let Some(conn) = self.link.conn() else {
             let e = AgentError::Session(self.unreachable());
             return self.out.push(Effect::Reply { caller, reply: Reply::Failed(e) });

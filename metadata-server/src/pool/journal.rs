@@ -549,7 +549,7 @@ impl CheckpointJob {
 }
 
 /// Writes `bytes` at every target (one per copy; concurrently across
-/// copies) and flushes each copy written; with `verify`, reads the bytes
+/// copies), durably (FUA, or a flush after the write); with `verify`, reads the bytes
 /// back after the flush (a device that drops writes fails here, not at the
 /// next restart). Returns which copies took it, and why the others did not.
 /// `fault` (if not empty) is a `SANVOL_FAULT` point hit once the first copy
@@ -585,16 +585,23 @@ async fn write_copy(t: &CopyTarget, bytes: &Bytes, verify: Option<&str>) -> Resu
     let Some(client) = &t.client else { return Err(format!("device {}: not connected", t.uri)) };
     let fail =
         |what: &str, e: &dyn std::fmt::Display| format!("device {}: {what} at byte offset {}: {e}", t.uri, t.offset);
+    // A journal entry (small, not read back) is written with FUA: durable
+    // when answered, one round trip instead of a write and a flush (blockio
+    // emulates FUA with a flush on a device that lacks it). A checkpoint is
+    // written, flushed, then read back.
+    let fua = verify.is_none();
     let mut done = 0u64;
     while done < bytes.len() as u64 {
         let n = (bytes.len() as u64 - done).min(IO_BYTES_MAX);
         client
-            .write(t.offset + done, bytes.slice(done as usize..(done + n) as usize), false)
+            .write(t.offset + done, bytes.slice(done as usize..(done + n) as usize), fua)
             .await
             .map_err(|e| fail("writing metadata", &e))?;
         done += n;
     }
-    client.flush().await.map_err(|e| fail("flushing metadata", &e))?;
+    if !fua {
+        client.flush().await.map_err(|e| fail("flushing metadata", &e))?;
+    }
     if let Some(what) = verify {
         let back = read_at(client, &t.uri, t.offset, bytes.len() as u64, "reading metadata back")
             .await

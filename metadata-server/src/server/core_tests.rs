@@ -927,3 +927,46 @@ fn a_resync_that_keeps_failing_marks_the_device_failed_again_and_probing_starts_
     w.apply(Input::Tick);
     assert!(w.core.device_infos(|d| d.index == device)[0].recovery.starts_with("failed: "));
 }
+
+/// While a volume has two writable handles (a handover), an agent's own
+/// pre-image copies are refused — whether or not the chunk is registered
+/// already — and server copies go ahead.
+#[test]
+fn own_pre_image_copies_are_refused_while_a_volume_has_two_writers() {
+    let mut w = World::new();
+    let b = Peer { key: SigningKey::from_bytes(&[2; 32]).verifying_key().to_bytes(), ..peer(2, Role::Agent) };
+    w.apply(Input::Connected { session: 7, peer: b.clone(), addr: "test".into() });
+    let authorize =
+        Request::ClientAuthorize { key: b.key, name: "host-b".into(), role: Role::Agent, volumes: Vec::new() };
+    assert_eq!(committed_request(&mut w, 3, authorize), Ok(Response::Done));
+    let Ok(Response::Opened(a)) =
+        committed_request(&mut w, 1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive })
+    else {
+        panic!()
+    };
+    // A snapshot of v, put straight into the metadata (how it is taken is
+    // not the point here).
+    let volume = w.core.meta.volume_by_name("v").unwrap().id;
+    let change = w.core.meta.plan_create_snapshot(volume, "s1", 0).unwrap();
+    std::sync::Arc::make_mut(&mut w.core.meta).apply(&change).unwrap();
+    let snapshot = w.core.meta.newest_snapshot(volume).unwrap().id;
+    let register = |handle| Request::CowRegister { handle, snapshot, chunks: vec![1, 2] };
+    // One writer: its own copies are fine.
+    assert!(matches!(committed_request(&mut w, 1, register(a.handle)), Ok(Response::CowRegistered { new: 2 })));
+
+    let Ok(Response::HandoverToken { token, .. }) =
+        committed_request(&mut w, 1, Request::Handover { handle: a.handle, to_key: b.key })
+    else {
+        panic!()
+    };
+    let Ok(Response::Opened(bh)) = committed_request(&mut w, 7, Request::OpenHandover { token }) else { panic!() };
+    for (session, handle) in [(1, a.handle), (7, bh.handle)] {
+        let (reply, effects) = w.request(session, register(handle));
+        let Some(Err(e)) = reply_of(&effects, reply) else { panic!("{effects:?}") };
+        assert_eq!(e.code, ErrorCode::Conflict, "{e:?}");
+        assert!(e.message.contains("2 writable handles"), "{e:?}");
+    }
+    // The server's copy of a chunk registered already: nothing to copy.
+    let copy = Request::CowCopy { handle: bh.handle, snapshot, chunks: vec![1] };
+    assert!(matches!(committed_request(&mut w, 7, copy), Ok(Response::CowRegistered { new: 0 })));
+}

@@ -235,6 +235,11 @@ impl Core {
             Ok(x) => x,
             Err(e) => return done(reply, Err(e)),
         };
+        if !copy {
+            if let Err(e) = self.check_own_copies(volume, handle, snapshot, &chunks, &fresh) {
+                return done(reply, Err(e));
+            }
+        }
         if fresh.is_empty() {
             return done(reply, Ok(Response::CowRegistered { new: 0 }));
         }
@@ -245,6 +250,44 @@ impl Core {
             return Step::Job { job, busy: Some((volume, Busy::Cow)), then };
         }
         self.register_step(volume, snapshot, &fresh, reply)
+    }
+
+    /// An agent's own copies are refused while the volume has more than
+    /// one writable handle (a handover, shared writers): the other writer
+    /// may have registered and overwritten a chunk before this agent read
+    /// it, so its copy may be new data (see the agent's `cow` module). Those
+    /// agents ask the server to copy; one that did not has broken the
+    /// protocol, and if a chunk was registered already its copy may have
+    /// overwritten the snapshot's pre-image: said loudly, never accepted.
+    fn check_own_copies(
+        &self,
+        volume: VolumeId,
+        handle: u64,
+        snapshot: u64,
+        chunks: &[u64],
+        fresh: &[u64],
+    ) -> Result<(), ControlError> {
+        let writers = self.handles.on_volume(volume.0).filter(|h| h.mode != OpenMode::ReadOnly).count();
+        if writers <= 1 {
+            return Ok(());
+        }
+        let registered: Vec<u64> = chunks.iter().copied().filter(|c| !fresh.contains(c)).collect();
+        if !registered.is_empty() {
+            tracing::error!(
+                handle,
+                snapshot,
+                chunks = ?registered,
+                "an agent copied pre-images of chunks already registered while the volume has {writers} writers: \
+                 its copies may have overwritten the snapshot's pre-images in the COW area"
+            );
+        }
+        Err(err(
+            ErrorCode::Conflict,
+            format!(
+                "volume {volume} has {writers} writable handles (a handover or shared writers): its snapshot \
+                 pre-images are copied by the server (CowCopy), not by an agent; upgrade this agent"
+            ),
+        ))
     }
 
     /// The commit that registers `fresh` chunks.

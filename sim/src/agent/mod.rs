@@ -123,6 +123,9 @@ pub struct Att {
     /// Snapshot id the preserved set is for, and the chunks preserved.
     preserved: (u64, BTreeSet<u64>),
     preserving: BTreeMap<u64, Preserve>,
+    /// The server copies the pre-images (a handover's target, or a source
+    /// that asked for a token), as production's `Registrations` decide.
+    cow_by_server: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -331,7 +334,16 @@ impl AgentHost {
                 Some(CallerPurpose::Cow { att, chunk }) => self.registered(att, chunk, reply, env),
                 None => {}
             },
-            Effect::StartAttach { attachment, volume, handle, mode, description, lease_until_ms, .. } => {
+            Effect::StartAttach {
+                attachment,
+                volume,
+                handle,
+                mode,
+                description,
+                lease_until_ms,
+                cow_by_server,
+                ..
+            } => {
                 env.trace(
                     me,
                     format_args!(
@@ -356,6 +368,7 @@ impl AgentHost {
                     detach_flush: None,
                     preserved: (snapshot, BTreeSet::new()),
                     preserving: BTreeMap::new(),
+                    cow_by_server: cow_by_server || mode == OpenMode::SharedWrite,
                 };
                 self.atts.insert(attachment, att);
                 self.note_lease(attachment, env);
@@ -785,7 +798,7 @@ impl AgentHost {
         let Some(a) = self.atts.get_mut(&att) else { return };
         let desc = a.desc.clone();
         let epoch = desc.snapshot.as_ref().expect("preserving needs a snapshot");
-        if a.mode == OpenMode::SharedWrite {
+        if a.cow_by_server {
             // Another writer may have registered and overwritten it meanwhile:
             // the server copies.
             if let Some(p) = a.preserving.get_mut(&chunk) {
@@ -911,6 +924,15 @@ impl AgentHost {
 
     pub fn att(&self, id: AttachmentId) -> Option<&Att> {
         self.atts.get(&id)
+    }
+
+    /// From now on the server copies `volume`'s pre-images (a handover's
+    /// source asks for its token only with nothing in flight, so no copy of
+    /// its own is pending, as production's switch waits for).
+    pub fn use_server_copies(&mut self, volume: &str) {
+        for a in self.atts.values_mut().filter(|a| a.volume == volume) {
+            a.cow_by_server = true;
+        }
     }
 
     /// Whether the gate of `volume` is recalled (for the settled check).
