@@ -61,7 +61,7 @@ rows = collections.OrderedDict()
 for line in open(sys.argv[1]):
     name, dev, mode, iops, mib = line.split()
     rows.setdefault((name, dev), {})[mode] = (float(iops), float(mib))
-print(f"fio nbd engine -> cache_serve (write-back cache, {sys.argv[3]} MiB log, fdatasync'ed) vs write-through, "
+print(f"fio nbd engine -> cache_serve (write-back cache, {sys.argv[3]} MiB log, direct synchronous appends) vs write-through, "
       f"nbdkit memory devices, {sys.argv[2]} s per row\n")
 print("| row | device | cache IOPS | write-through IOPS | cache MiB/s | write-through MiB/s | ratio |")
 print("|---|---|---:|---:|---:|---:|---:|")
