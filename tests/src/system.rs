@@ -223,6 +223,12 @@ impl Stack {
         Stack::init((0..count).map(|_| peers::nbdkit_file(size_bytes)).collect(), None)
     }
 
+    /// A pool initialised on `devices` (peers the test started itself, e.g.
+    /// nbdkit with particular options).
+    pub fn with_devices(devices: Vec<Peer>) -> Stack {
+        Stack::init(devices, None)
+    }
+
     fn build(count: usize, size: &str, pki: Option<peers::TestPki>) -> Stack {
         let devices: Vec<Peer> = match &pki {
             None => (0..count).map(|_| peers::nbdkit(&["memory", size])).collect(),

@@ -49,6 +49,7 @@ pub mod lease_task;
 pub mod listings;
 pub mod metrics;
 pub mod owner;
+pub mod reconfig;
 pub mod recovery;
 pub mod requests;
 pub mod session;
