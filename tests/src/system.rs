@@ -28,6 +28,20 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Path of a workspace example (built by `cargo build --workspace
+/// --all-targets`, which `scripts/test.sh` runs before the tests).
+pub fn example_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("test binary lives in target/<profile>/deps");
+    let path = dir.join("examples").join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built: run `cargo build --workspace --all-targets` (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
 /// One of our processes. Killed (SIGKILL, by PID) and reaped on drop.
 pub struct Proc {
     pub name: String,
