@@ -17,6 +17,10 @@
 //!   (reconfiguration and leases), as a plain state machine.
 //! - [`volume`]: [`volume::VolumeDevice`], the direct data path of one
 //!   attached volume (extent map, mirrors, concurrency) as a `BlockDevice`.
+//! - [`cache`]: the write-back cache (a local log acknowledged on append,
+//!   background destage, replay after a crash) as a `BlockDevice` in front
+//!   of a volume; not yet attached to volumes (the server's mirror is
+//!   missing, issue 15).
 //! - [`cow`]: client-side copy-on-write for snapshots (preserve a chunk
 //!   before its first overwrite; batched registrations).
 //! - [`devices`]: the pool of NBD connections to devices, shared by volumes,
@@ -47,6 +51,7 @@
 //!   interface, and reattach after an agent restart.
 
 pub mod agent;
+pub mod cache;
 pub mod config_file;
 pub mod control;
 pub mod core;

@@ -213,9 +213,10 @@ impl VolumeDevice {
         self
     }
 
-    /// Whether the server copies this volume's pre-images now.
+    /// Whether the server copies this volume's pre-images now (a device
+    /// without a server to register with copies nothing at all).
     pub fn server_copies_now(&self) -> bool {
-        self.registrations.as_ref().is_some_and(|r| r.server_copies_now())
+        self.registrations.as_ref().is_none_or(|r| r.server_copies_now())
     }
 
     /// From now on the server copies this volume's pre-images; returns once

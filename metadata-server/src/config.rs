@@ -22,6 +22,9 @@
 //! name = "mds-a"
 //! lease_io_timeout_ms = 1000
 //! advertise = ["10.0.0.2:7700"]
+//! # A failed device's extents are rebuilt on the other devices after this
+//! # long (0: never; the admin replaces it).
+//! device_replace_after_ms = 600000
 //! ```
 //!
 //! Relative paths (the key, `unix:` listen sockets, `socket=` of unix device
@@ -49,6 +52,11 @@ pub const DURABLE_MS_DEFAULT: u64 = 30_000;
 /// Longest durable timeout (and grace period) accepted: a vanished agent
 /// would keep volumes from everyone else for too long.
 pub const DURABLE_MS_MAX: u64 = 3_600_000;
+/// Default time a device stays failed before its extents are rebuilt on the
+/// other devices (Ceph marks a down OSD out after 10 minutes too): long
+/// enough for a device server's restart or a host's reboot, short enough
+/// that a mirror is not left with one leg for long.
+pub const DEVICE_REPLACE_AFTER_MS_DEFAULT: u64 = 600_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -89,6 +97,8 @@ struct RawConfig {
     lease_io_timeout_ms: Option<u64>,
     #[serde(default)]
     advertise: Option<Vec<String>>,
+    #[serde(default)]
+    device_replace_after_ms: Option<u64>,
 }
 
 /// Shortest and longest disk-lease I/O timeout accepted (all lease timing
@@ -169,6 +179,9 @@ pub struct Config {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Host id, name, disk-lease timing and advertised addresses.
     pub availability: Availability,
+    /// A device failed for this long has its extents rebuilt on the other
+    /// devices; `None` (`device_replace_after_ms = 0`): never.
+    pub device_replace_after_ms: Option<u64>,
 }
 
 impl Config {
@@ -282,6 +295,10 @@ impl Config {
             log_format,
             metrics_addr,
             availability,
+            device_replace_after_ms: match raw.device_replace_after_ms.unwrap_or(DEVICE_REPLACE_AFTER_MS_DEFAULT) {
+                0 => None,
+                ms => Some(ms),
+            },
         })
     }
 }

@@ -701,6 +701,11 @@ impl ServerProc {
                 let outcome = JobOutcome::failed("resync is not simulated");
                 return self.apply(Input::JobDone { task, outcome }, env);
             }
+            // Nor does the simulator run admin reconfigurations.
+            Job::LabelDevice(_) => {
+                let outcome = JobOutcome::failed("device add is not simulated");
+                return self.apply(Input::JobDone { task, outcome }, env);
+            }
         };
         let chunks = match chunks {
             Ok(c) => c,
@@ -915,6 +920,7 @@ fn describe_job(job: &Job) -> String {
         }
         Job::CheckDevice { index, .. } => format!("check device {index}"),
         Job::Resync { copies, .. } => format!("resync {} extents", copies.len()),
+        Job::LabelDevice(request) => format!("label device {}", request.uri),
         Job::Zero { targets, .. } => {
             format!("zero {} extents", targets.iter().map(|t| t.offsets.len()).sum::<usize>())
         }

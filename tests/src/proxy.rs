@@ -4,6 +4,15 @@
 //! Cutting drops every live connection at once (the client sees a reset or
 //! EOF mid-request) and closes new connections as soon as they are accepted
 //! (the client's handshake fails), until [`CuttableProxy::restore`].
+//!
+//! The device server's side of a cut connection is closed gently: the proxy
+//! sends it EOF and reads (and discards) its replies until it closes, as a
+//! server behind a partitioned network would finish its requests and find
+//! its peer gone. Closing that side abruptly instead made nbdkit (1.32,
+//! memory plugin) abort now and then — a reply thread's send failed with
+//! EPIPE and another's then asserted `sock >= 0` in `raw_send_socket` — so
+//! the device died with the cut and the test saw a dead device instead of
+//! a cut path.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,6 +24,8 @@ use tokio::sync::watch;
 
 /// Bytes copied per read, each direction.
 const COPY_BUFFER_BYTES: usize = 256 * 1024;
+/// Longest wait for a device server to close its side of a cut connection.
+const SERVER_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 struct State {
     cut: AtomicBool,
@@ -111,9 +122,25 @@ async fn forward_until_cut(client: UnixStream, target: PathBuf, state: &State) {
     let (mut sr, mut sw) = server.into_split();
     let up = copy(&mut cr, &mut sw, state);
     let down = copy(&mut sr, &mut cw, state);
-    tokio::select! {
-        _ = async { tokio::join!(up, down) } => {}
-        _ = cuts.changed() => {}
+    let cut = tokio::select! {
+        _ = async { tokio::join!(up, down) } => false,
+        _ = cuts.changed() => true,
+    };
+    if cut {
+        // The client's side goes at once; the server's gets EOF and is
+        // drained until it closes (bounded: a server that never closes is
+        // dropped after SERVER_DRAIN).
+        drop((cr, cw));
+        let _ = sw.shutdown().await;
+        let mut buf = vec![0u8; COPY_BUFFER_BYTES];
+        let drain = async {
+            while let Ok(n) = sr.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(SERVER_DRAIN, drain).await;
     }
     // Dropping the halves closes both sockets.
 }

@@ -28,6 +28,20 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Path of a workspace example (built by `cargo build --workspace
+/// --all-targets`, which `scripts/test.sh` runs before the tests).
+pub fn example_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("test binary lives in target/<profile>/deps");
+    let path = dir.join("examples").join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built: run `cargo build --workspace --all-targets` (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
 /// One of our processes. Killed (SIGKILL, by PID) and reaped on drop.
 pub struct Proc {
     pub name: String,
@@ -211,6 +225,12 @@ impl Stack {
     /// ([`Peer::restart`]) and the same device, data and label, comes back.
     pub fn new_file_devices(count: usize, size_bytes: u64) -> Stack {
         Stack::init((0..count).map(|_| peers::nbdkit_file(size_bytes)).collect(), None)
+    }
+
+    /// A pool initialised on `devices` (peers the test started itself, e.g.
+    /// nbdkit with particular options).
+    pub fn with_devices(devices: Vec<Peer>) -> Stack {
+        Stack::init(devices, None)
     }
 
     fn build(count: usize, size: &str, pki: Option<peers::TestPki>) -> Stack {

@@ -470,6 +470,22 @@ fn cow_has(cow: &serde_json::Value, chunk: u64) -> bool {
     words[(chunk / 64) as usize].as_u64().unwrap() & (1 << (chunk % 64)) != 0
 }
 
+/// Each of `chunks` is registered in the newest snapshot of `description`
+/// (as `volume show --json` prints it) and its COW area holds the chunk's
+/// bytes from `image` on every leg, read from the devices directly.
+async fn assert_pre_images_on_devices(description: &serde_json::Value, chunks: &[u64], image: &[u8]) {
+    let snapshot = &description["snapshot"];
+    for &chunk in chunks {
+        assert!(cow_has(&snapshot["cow"], chunk), "chunk {chunk} was written but is not registered");
+        let at = chunk * CHUNK;
+        let pre_image = &image[at as usize..(at + CHUNK) as usize];
+        for (device, offset) in legs_at(description, &snapshot["cow_extents"], at) {
+            let got = read_device(&device, offset, CHUNK).await;
+            assert!(got == pre_image, "chunk {chunk}: the COW area on {device} at {offset} is not the pre-image");
+        }
+    }
+}
+
 /// `kill -9` of the server in the middle of the metadata journal's group
 /// commits, under copy-on-write load: many writers at once, so their
 /// registrations share commits. After a restart every registration that
@@ -536,14 +552,9 @@ async fn server_crash_under_cow_load(point: &str) {
     for &chunk in &acked_before {
         assert!(cow_has(&snapshot["cow"], chunk), "chunk {chunk} was acknowledged before the crash, then lost");
     }
+    assert_pre_images_on_devices(description, &chunks, &image1).await;
     for &chunk in &chunks {
-        assert!(cow_has(&snapshot["cow"], chunk), "chunk {chunk} was written but is not registered");
         let at = chunk * CHUNK;
-        let pre_image = &image1[at as usize..(at + CHUNK) as usize];
-        for (device, offset) in legs_at(description, &snapshot["cow_extents"], at) {
-            let got = read_device(&device, offset, CHUNK).await;
-            assert!(got == pre_image, "chunk {chunk}: the COW area on {device} at {offset} is not the pre-image");
-        }
         for (device, offset) in legs_at(description, &description["extents"], at) {
             let got = read_device(&device, offset, BLOCK).await;
             assert!(got == block_pattern(11, at / BLOCK), "chunk {chunk}: the new block is not on {device}");
@@ -621,17 +632,8 @@ async fn a_handover_under_a_snapshot_keeps_its_pre_images() {
     assert_same("v@s1 after a handover with both agents writing", &read_snapshot(&stack, "v@s1").await, &image1);
 
     let shown = stack.sanvol_json(&["volume", "show", "v"]);
-    let description = &shown["description"];
-    let snapshot = &description["snapshot"];
-    for chunk in chunks_of(&[first.clone(), both.clone(), vec![last_block]].concat()) {
-        assert!(cow_has(&snapshot["cow"], chunk), "chunk {chunk} was written but is not registered");
-        let at = chunk * CHUNK;
-        let pre_image = &image1[at as usize..(at + CHUNK) as usize];
-        for (device, offset) in legs_at(description, &snapshot["cow_extents"], at) {
-            let got = read_device(&device, offset, CHUNK).await;
-            assert!(got == pre_image, "chunk {chunk}: the COW area on {device} at {offset} is not the pre-image");
-        }
-    }
+    let written = chunks_of(&[first.clone(), both.clone(), vec![last_block]].concat());
+    assert_pre_images_on_devices(&shown["description"], &written, &image1).await;
     assert!(
         !stack.mds_log().contains("copied pre-images of chunks already registered"),
         "an agent copied pre-images itself: {}",

@@ -10,6 +10,8 @@
 //!
 //! # Layout
 //!
+//! - [`cache_log`]: the write-back cache's persistent log (records, superblock,
+//!   ring space, crash-safe read back).
 //! - [`codec`]: the one bincode configuration (fixed-width, big-endian, size
 //!   limited) and crc32c helpers shared by every bincode-encoded record.
 //! - `control`: the control protocol between agents/admins and the metadata
@@ -35,6 +37,7 @@
 //!   snapshot COW areas), built from a description (agents) or from the
 //!   pool metadata (the server): one set of rules for both.
 
+pub mod cache_log;
 pub mod codec;
 pub mod control;
 pub mod description;

@@ -25,8 +25,9 @@ use volume_format::control::auth::{
 };
 use volume_format::control::frame::encode_payload;
 use volume_format::control::messages::{
-    ClientInfo, ClientMessage, ControlError, DataChannelGrant, DeviceInfo, ErrorCode, OpenMode, OpenedHandle, PoolInfo,
-    Request, Response, ServerEvent, ServerInfo, ServerMessage, SnapshotInfo, VolumeDetail, VolumeInfo,
+    ClientInfo, ClientMessage, ControlError, DataChannelGrant, DeviceInfo, ErrorCode, OpenMode, OpenedHandle,
+    OperationInfo, PoolInfo, Request, Response, ServerEvent, ServerInfo, ServerMessage, SnapshotInfo, VolumeDetail,
+    VolumeInfo,
 };
 use volume_format::control::{PROTOCOL_VERSION, PROTOCOL_VERSION_MIN};
 use volume_format::description::{DeviceEndpoint, SnapshotEpoch};
@@ -141,6 +142,14 @@ samples!(requests, Request {
     ReportDeviceRecovered => Request::ReportDeviceRecovered { device: DeviceIndex(1) },
     BackupChannel => Request::BackupChannel,
     Handoff => Request::Handoff { to: Some("mds-b".into()) },
+    DeviceAdd => Request::DeviceAdd { uri: "nbd://10.0.0.9:10809/disk9".into(), force: true },
+    DeviceEvacuate => Request::DeviceEvacuate { device: DeviceIndex(2) },
+    DeviceRemove => Request::DeviceRemove { device: DeviceIndex(3) },
+    DeviceReplace => Request::DeviceReplace { device: DeviceIndex(1), uri: "nbd://h/new".into(), force: false },
+    VolumeMirrorAdd => Request::VolumeMirrorAdd { name: "db".into() },
+    VolumeMirrorRemove => Request::VolumeMirrorRemove { name: "db".into(), device: Some(DeviceIndex(4)) },
+    VolumeMove => Request::VolumeMove { name: "db".into(), from: DeviceIndex(0), to: None },
+    Operations => Request::Operations,
 });
 
 samples!(responses, Response {
@@ -240,6 +249,18 @@ samples!(responses, Response {
         newest: true,
     }]),
     CowRegistered => Response::CowRegistered { new: 2 },
+    Operations => Response::Operations(vec![OperationInfo {
+        what: "evacuate device 2".into(),
+        state: "copying volume db".into(),
+        volume: Some("db".into()),
+        volumes_done: 1,
+        volumes_total: 3,
+        extents_done: 4,
+        extents_total: 9,
+        bytes_done: 5 << 20,
+        bytes_total: 9 << 20,
+        elapsed_ms: 1234,
+    }]),
 });
 
 samples!(events, ServerEvent {

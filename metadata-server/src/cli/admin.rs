@@ -8,7 +8,8 @@ use volume_format::control::messages::{snapshot_export_name, Request, Response};
 
 use super::size::format_size;
 use super::{
-    table, ClientCommand, Command, ConnArgs, DeviceCommand, MdsCommand, PoolCommand, SnapshotCommand, VolumeCommand,
+    progress, table, ClientCommand, Command, ConnArgs, DeviceCommand, MdsCommand, MirrorCommand, PoolCommand,
+    SnapshotCommand, VolumeCommand,
 };
 use crate::pool::init::{init, InitOptions};
 use control_client::{ControlAddr, ControlClient};
@@ -95,6 +96,18 @@ fn unexpected(r: Response) -> anyhow::Error {
     anyhow!("the server sent an unexpected reply: {r:?}")
 }
 
+/// A device named on the command line: `devN`, `N` or its URI.
+async fn device_index(client: &ControlClient, spec: &str) -> Result<volume_format::DeviceIndex> {
+    if let Ok(n) = spec.strip_prefix("dev").unwrap_or(spec).parse::<u32>() {
+        return Ok(volume_format::DeviceIndex(n));
+    }
+    let Response::Devices(devices) = request(client, Request::DeviceList).await? else { bail!("unexpected reply") };
+    match devices.iter().find(|d| d.uri == spec) {
+        Some(d) => Ok(d.index),
+        None => bail!("no device {spec:?} in the pool: give devN, N or a URI as `sanvol device list` shows them"),
+    }
+}
+
 fn print_json<T: Serialize>(value: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
@@ -172,6 +185,14 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
                 vec!["server key".into(), p.server_key.clone()],
             ];
             table::print(&["POOL", ""], &rows);
+            if let Ok(Response::Operations(ops)) = request(client, Request::Operations).await {
+                for op in ops {
+                    println!(
+                        "\nreconfiguring: {} — {}; {} of {} volumes, {} of {} extents moved",
+                        op.what, op.state, op.volumes_done, op.volumes_total, op.extents_done, op.extents_total
+                    );
+                }
+            }
             if !p.servers.is_empty() {
                 println!();
                 let rows: Vec<Vec<String>> = p
@@ -212,6 +233,48 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
                 })
                 .collect();
             table::print(&["DEVICE", "URI", "SIZE", "FREE/EXTENTS", "STATE", "REACHABLE", "RECOVERY"], &rows);
+        }
+        Command::Device(DeviceCommand::Add { uri, force }) => {
+            let what = format!("adding device {uri}");
+            progress::run(client, Request::DeviceAdd { uri: uri.clone(), force }, &what, false).await?;
+        }
+        Command::Device(DeviceCommand::Evacuate { device, json }) => {
+            let index = device_index(client, &device).await?;
+            let what = format!("evacuating {index}");
+            progress::run(client, Request::DeviceEvacuate { device: index }, &what, json).await?;
+        }
+        Command::Device(DeviceCommand::Remove { device }) => {
+            let index = device_index(client, &device).await?;
+            request(client, Request::DeviceRemove { device: index })
+                .await
+                .with_context(|| format!("removing {index}"))?;
+            println!("{index} removed from the pool");
+        }
+        Command::Device(DeviceCommand::Replace { device, uri, force, json }) => {
+            let index = device_index(client, &device).await?;
+            let what = format!("replacing {index} with {uri}");
+            progress::run(client, Request::DeviceReplace { device: index, uri, force }, &what, json).await?;
+        }
+        Command::Volume(VolumeCommand::Mirror(MirrorCommand::Add { name, json })) => {
+            let what = format!("adding a mirror leg to volume {name}");
+            progress::run(client, Request::VolumeMirrorAdd { name }, &what, json).await?;
+        }
+        Command::Volume(VolumeCommand::Mirror(MirrorCommand::Remove { name, device, json })) => {
+            let device = match device {
+                Some(d) => Some(device_index(client, &d).await?),
+                None => None,
+            };
+            let what = format!("removing a mirror leg of volume {name}");
+            progress::run(client, Request::VolumeMirrorRemove { name, device }, &what, json).await?;
+        }
+        Command::Volume(VolumeCommand::Move { name, from, to, json }) => {
+            let from = device_index(client, &from).await?;
+            let to = match to {
+                Some(d) => Some(device_index(client, &d).await?),
+                None => None,
+            };
+            let what = format!("moving volume {name} off {from}");
+            progress::run(client, Request::VolumeMove { name, from, to }, &what, json).await?;
         }
         Command::Volume(VolumeCommand::Create { name, size, mirror }) => {
             request(client, Request::VolumeCreate { name: name.clone(), size_bytes: size, legs: mirror })

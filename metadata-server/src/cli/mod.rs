@@ -10,10 +10,12 @@
 //!
 //! - [`admin`]: the subcommands that talk to the server.
 //! - [`demo`]: `sanvol demo` (a local pool end to end).
+//! - [`progress`]: long reconfigurations waited for, with progress.
 //! - [`size`], [`table`]: sizes and aligned tables.
 
 pub mod admin;
 pub mod demo;
+pub mod progress;
 pub mod size;
 pub mod table;
 
@@ -166,6 +168,96 @@ pub enum DeviceCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Add a device to the running pool: the server labels it and its space
+    /// is free for volumes at once.
+    ///
+    /// The device's first MiB is probed first: a device that carries a
+    /// filesystem, a partition table, another pool's label or anything else
+    /// libblkid recognizes is refused unless --force. A device this pool
+    /// labelled before (removed, or an add interrupted) is taken again. The
+    /// new device holds no metadata copy. Agents need no restart: they
+    /// connect to it when a volume first uses it.
+    Add {
+        /// NBD URI of the device, as the server reaches it:
+        /// nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH.
+        uri: String,
+        /// Overwrite whatever the device carries.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Move every extent off a device (to the other devices), with its
+    /// volumes online.
+    ///
+    /// Volume by volume, the server pauses the volume's I/O on every agent
+    /// holding it (recall), copies its extents on DEV to free extents on
+    /// other devices, flushes them, commits the new map and lets the agents
+    /// resume on it. Nothing new is placed on DEV while it runs. A mirrored
+    /// extent is copied from any leg that reads well, so a failed device's
+    /// mirror legs are rebuilt elsewhere. Progress: a bar on a terminal,
+    /// JSON lines with --json, and `sanvol pool status` / `device list` /
+    /// `volume list` from anywhere. Stopping the CLI does not stop the
+    /// evacuation; a server restart stops it after the volume being moved
+    /// (run it again to go on). Afterwards `sanvol device remove DEV`.
+    Evacuate {
+        /// The device: devN, N (its index) or its URI.
+        device: String,
+        /// Progress as JSON lines on stdout (one object per change).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a device from the pool.
+    ///
+    /// Refused while any extent of a volume or snapshot is on it (evacuate
+    /// it first) and for a device holding a copy of the pool metadata
+    /// (`device list --json`: the first devices of the pool; moving a
+    /// metadata copy online is not supported).
+    Remove {
+        /// The device: devN, N (its index) or its URI.
+        device: String,
+    },
+    /// Replace a device by a new one: add URI, move every extent of DEV onto
+    /// it (as `evacuate`, volumes online), then remove DEV.
+    ///
+    /// DEV may be failed: mirrored extents are copied from their other legs.
+    /// The new device must have room for everything on DEV. Refused for a
+    /// device holding a metadata copy.
+    Replace {
+        /// The device to replace: devN, N (its index) or its URI.
+        device: String,
+        /// NBD URI of the new device.
+        uri: String,
+        /// Overwrite whatever the new device carries.
+        #[arg(long)]
+        force: bool,
+        /// Progress as JSON lines on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MirrorCommand {
+    /// Add a mirror leg to every extent of VOLUME (on a device holding no
+    /// leg of it), copied from a leg that reads well while the volume's
+    /// agents pause.
+    Add {
+        name: String,
+        /// Progress as JSON lines on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a mirror leg from every extent of VOLUME: the one on --device
+    /// if given, else a leg on a failed device, else the last leg. The
+    /// volume keeps at least one leg, and a leg on an online device.
+    Remove {
+        name: String,
+        /// The leg to drop: devN, N or the device's URI.
+        #[arg(long, value_name = "DEV")]
+        device: Option<String>,
+        /// Progress as JSON lines on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -201,6 +293,28 @@ pub enum VolumeCommand {
         /// New size, e.g. 20G (larger than the current size).
         #[arg(value_parser = size::parse_size)]
         size: u64,
+    },
+    /// Add or remove a mirror leg (recall, copy, commit, publish).
+    #[command(subcommand)]
+    Mirror(MirrorCommand),
+    /// Move a volume's extents off one device, to another or anywhere.
+    ///
+    /// Agents holding the volume pause its I/O while the extents are copied
+    /// (recall); the new map is committed once the copy is flushed, and
+    /// they resume on it. A crash of the server during the copy leaves the
+    /// old map in force.
+    Move {
+        name: String,
+        /// The device to move off: devN, N or its URI.
+        #[arg(long, value_name = "DEV")]
+        from: String,
+        /// The device to move to (default: the devices with the most free
+        /// space that hold no other leg of each extent).
+        #[arg(long, value_name = "DEV")]
+        to: Option<String>,
+        /// Progress as JSON lines on stdout.
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -18,8 +18,10 @@
 //!   checkpoint + replay, a commit = one signed entry appended to every
 //!   copy (what replaces [`Pool::commit`] once the server moves to it).
 //! - [`init`]: `sanvol pool init`.
+//! - [`add`]: `sanvol device add` (a device labelled for a running pool).
 //! - [`probe`]: what a device carries before `init` overwrites it.
 
+pub mod add;
 pub mod device;
 pub mod init;
 pub mod journal;

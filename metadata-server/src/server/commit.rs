@@ -68,6 +68,12 @@ impl MetaJournal {
         }
     }
 
+    /// A device labelled while the server runs (`device add`): its metadata
+    /// area, should it ever hold a copy.
+    pub fn add_area(&mut self, device: Uuid, area: MetadataArea) {
+        self.areas.insert(device, area);
+    }
+
     /// The sequence number of the last acknowledged commit.
     pub fn acked_seq(&self) -> u64 {
         self.writer.acked_seq()

@@ -234,6 +234,13 @@ pub enum VolumeChange {
     Resync {
         device: volume_format::DeviceIndex,
     },
+    /// The volume's legs move, or a mirror leg is added or removed: the
+    /// new legs are copied while its holders are drained, then the new map
+    /// is committed (`reconfig`). Planned once, when the step started.
+    Remap {
+        plan: Box<volume_format::metadata::RemapPlan>,
+        kind: volume_format::metadata::RemapKind,
+    },
 }
 
 impl VolumeChange {
@@ -256,6 +263,7 @@ impl std::fmt::Display for VolumeChange {
             VolumeChange::SnapshotCreate { name } => write!(f, "snapshot {name}"),
             VolumeChange::SnapshotDelete { name } => write!(f, "delete snapshot {name}"),
             VolumeChange::Resync { device } => write!(f, "resync its extents on device {device}"),
+            VolumeChange::Remap { kind, plan } => write!(f, "{kind} ({} extent legs to copy)", plan.copies.len()),
         }
     }
 }
@@ -285,6 +293,8 @@ pub enum Change {
     Resync { device: volume_format::DeviceIndex },
     /// Mark a device failed (its resync failed).
     DeviceFailed { device: volume_format::DeviceIndex, reason: String },
+    /// The next step of the admin reconfiguration in progress (`reconfig`).
+    Admin,
 }
 
 /// What preparing a change decided.
@@ -365,6 +375,16 @@ pub enum AfterCommit {
     DeviceOnline {
         device: volume_format::DeviceIndex,
     },
+    /// A device labelled by `device add` is in the pool (`reconfig`).
+    DeviceAdded {
+        uuid: Uuid,
+        index: volume_format::DeviceIndex,
+        area: volume_format::metadata::MetadataArea,
+    },
+    /// A replaced device was removed: the replace is done (`reconfig`).
+    AdminRemoved {
+        device: volume_format::DeviceIndex,
+    },
     /// The change of a job: `volume` stops being busy, then `then`.
     Released {
         volume: VolumeId,
@@ -385,6 +405,8 @@ pub enum AfterJob {
     Zeroed { extents: Vec<volume_format::metadata::PhysicalExtent>, changes: Vec<MetaChange>, then: Box<AfterCommit> },
     /// A failed device was probed.
     Probed { device: volume_format::DeviceIndex },
+    /// A device was labelled for `device add` (`reconfig`).
+    Labelled,
     /// A grow's new extents were zeroed before its holders are recalled.
     Prezeroed {
         extents: Vec<volume_format::metadata::PhysicalExtent>,
@@ -496,7 +518,7 @@ pub struct Core {
     /// The lease task ended while a handoff was asked of it (see `apply`).
     lease_lost_in_handoff: Option<String>,
     /// Volumes with a job in flight, and what waits for it.
-    busy: BTreeMap<VolumeId, Busy>,
+    pub(super) busy: BTreeMap<VolumeId, Busy>,
     /// Jobs in flight and how their changes continue.
     jobs: BTreeMap<TaskId, AfterJob>,
     /// Free extents zeroed since they were last allocated (`zeroing`).
@@ -507,6 +529,12 @@ pub struct Core {
     pub(super) device_probe: Option<super::recovery::ProbeBackoff>,
     pub(super) probes: super::recovery::Probes,
     pub(super) resyncs: super::recovery::Resyncs,
+    /// The admin reconfiguration in progress, if any (`reconfig`).
+    pub(super) operation: Option<super::reconfig::AdminOp>,
+    /// Failed devices are replaced after this long (`reconfig`; `None`: never).
+    pub(super) device_replace_after_ms: Option<u64>,
+    /// When each failed device's automatic replacement may be tried again.
+    pub(super) auto_replace_next_ms: BTreeMap<volume_format::DeviceIndex, u64>,
     next_task: TaskId,
     effects: Vec<Effect>,
     started: bool,
@@ -571,6 +599,9 @@ impl Core {
             device_probe: None,
             probes: Default::default(),
             resyncs: Default::default(),
+            operation: None,
+            device_replace_after_ms: None,
+            auto_replace_next_ms: BTreeMap::new(),
             next_task: 1,
             effects: Vec::new(),
             started: false,
@@ -679,6 +710,11 @@ impl Core {
         for (_, change) in std::mem::take(&mut self.pending_changes) {
             self.effects.push(Effect::Reply { reply: change.reply, result: unavailable() });
         }
+        if let Some(op) = self.operation.take() {
+            let why = format!("{}: stopped: the server is shutting down; run the command again to go on", op.what);
+            self.effects
+                .push(Effect::Reply { reply: op.reply, result: Err(ControlError::new(ErrorCode::Unavailable, why)) });
+        }
         for change in std::mem::take(&mut self.queue) {
             if let Change::Request { reply, .. } = change {
                 self.effects.push(Effect::Reply { reply, result: unavailable() });
@@ -747,6 +783,8 @@ impl Core {
         }
         self.check_recalls();
         self.probe_failed_devices();
+        self.admin_tick();
+        self.replace_failed_devices();
     }
 
     fn meta_written(&mut self, task: TaskId, written: Vec<bool>, failures: Vec<String>) {
@@ -913,9 +951,11 @@ impl Core {
         match change {
             Change::JobDone { .. } | Change::Expire => true,
             // While new space is zeroed, nothing else may take free space.
-            Change::Request { request, .. } if self.zeroing && Core::allocates(request) => false,
+            // So must a copy of an admin reconfiguration (its targets are
+            // free in the metadata until its commit).
+            Change::Request { request, .. } if (self.zeroing || self.moving()) && Core::allocates(request) => false,
             Change::RecallReady { volume }
-                if self.zeroing
+                if (self.zeroing || self.moving())
                     && self.pending_changes.get(volume).is_some_and(|p| Core::change_allocates(&p.change)) =>
             {
                 false
@@ -926,6 +966,7 @@ impl Core {
             },
             Change::RecallReady { volume } => !self.busy.contains_key(volume),
             Change::Resync { .. } | Change::DeviceFailed { .. } => true,
+            Change::Admin => !self.zeroing,
         }
     }
 
@@ -965,7 +1006,13 @@ impl Core {
             Change::JobDone { outcome, then } => self.continue_job(then, outcome),
             Change::Resync { device } => self.prepare_resync(device),
             Change::DeviceFailed { device, reason } => self.prepare_device_failed(device.0, reason, None),
+            Change::Admin => self.prepare_admin(),
         }
+    }
+
+    /// A device labelled while the server runs: its metadata area.
+    pub(super) fn journal_add_area(&mut self, uuid: Uuid, area: volume_format::metadata::MetadataArea) {
+        self.journal.add_area(uuid, area);
     }
 
     /// Ends a volume's busy time (its job's change is complete).
@@ -1059,7 +1106,12 @@ impl Core {
     // ---- helpers for the request modules ----
 
     pub fn reply(&mut self, reply: ReplyId, result: Result<Response, ControlError>) {
-        if self.resync_reply(reply, &result) {
+        if self.resync_reply(reply, &result) || self.admin_reply(reply, &result) {
+            return;
+        }
+        if reply == super::reconfig::AUTO_REPLY {
+            // An operation the server started itself: nobody waits (its
+            // outcome is logged where it ends).
             return;
         }
         self.effects.push(Effect::Reply { reply, result });
@@ -1233,6 +1285,12 @@ impl Core {
         let not_active = || Err(ControlError::new(ErrorCode::NotActive, why.clone()));
         for (_, change) in std::mem::take(&mut self.pending_changes) {
             self.effects.push(Effect::Reply { reply: change.reply, result: not_active() });
+        }
+        // An admin reconfiguration stops after the volume being moved (whose
+        // old map stays in force): run again at the active server, it goes on.
+        if let Some(op) = self.operation.take() {
+            let e = ControlError::new(ErrorCode::NotActive, format!("{}: stopped: {why}; run it again", op.what));
+            self.effects.push(Effect::Reply { reply: op.reply, result: Err(e) });
         }
         for change in std::mem::take(&mut self.queue) {
             if let Change::Request { reply, .. } = change {

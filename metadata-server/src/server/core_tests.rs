@@ -579,22 +579,28 @@ fn committed_request(w: &mut World, session: u64, request: Request) -> Result<Re
     }
 }
 
+/// A handover's two sides: agent host-b (a real key, authorized; connected
+/// as session 7) and v opened exclusively on session 1.
+fn handover_pair(w: &mut World) -> (Peer, volume_format::control::messages::OpenedHandle) {
+    let b = Peer { key: SigningKey::from_bytes(&[2; 32]).verifying_key().to_bytes(), ..peer(2, Role::Agent) };
+    w.apply(Input::Connected { session: 7, peer: b.clone(), addr: "test".into() });
+    let authorize =
+        Request::ClientAuthorize { key: b.key, name: "host-b".into(), role: Role::Agent, volumes: Vec::new() };
+    assert_eq!(committed_request(w, 3, authorize), Ok(Response::Done));
+    let Ok(Response::Opened(a)) =
+        committed_request(w, 1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive })
+    else {
+        panic!()
+    };
+    (b, a)
+}
+
 #[test]
 fn a_used_handover_token_stays_refused_across_restarts_and_clock_steps() {
     let mut w = World::new();
     w.core.entropy = Box::new(Counter(0));
-    // The target agent, with a real key (authorizing checks it).
-    let b = Peer { key: SigningKey::from_bytes(&[2; 32]).verifying_key().to_bytes(), ..peer(2, Role::Agent) };
+    let (b, a) = handover_pair(&mut w);
     let connect_b = |w: &mut World| w.apply(Input::Connected { session: 7, peer: b.clone(), addr: "test".into() });
-    connect_b(&mut w);
-    let authorize =
-        Request::ClientAuthorize { key: b.key, name: "host-b".into(), role: Role::Agent, volumes: Vec::new() };
-    assert_eq!(committed_request(&mut w, 3, authorize), Ok(Response::Done));
-    let Ok(Response::Opened(a)) =
-        committed_request(&mut w, 1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive })
-    else {
-        panic!()
-    };
     let token = |w: &mut World| match committed_request(w, 1, Request::Handover { handle: a.handle, to_key: b.key }) {
         Ok(Response::HandoverToken { token, .. }) => token,
         other => panic!("{other:?}"),
@@ -958,22 +964,165 @@ fn a_resync_that_keeps_failing_marks_the_device_failed_again_and_probing_starts_
     assert!(w.core.device_infos(|d| d.index == device)[0].recovery.starts_with("failed: "));
 }
 
+/// Runs commits until none is asked for; the effects of the last.
+fn commit_all(w: &mut World, mut effects: Vec<Effect>) -> Vec<Effect> {
+    let mut all = Vec::new();
+    while let Some((task, next)) = commit_of(&effects) {
+        all.extend(effects.drain(..).filter(|e| !matches!(e, Effect::MetaWrite { .. })));
+        effects = w.apply(committed(task, next));
+    }
+    all.extend(effects);
+    all
+}
+
+#[test]
+fn a_move_copies_at_the_recall_point_and_commits_the_new_map_only_after_the_copy() {
+    let mut w = World::new();
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 3 << 20, legs: 2 });
+    commit_all(&mut w, effects);
+    let (open, effects) = w.request(1, Request::Open { volume: "m".into(), mode: OpenMode::Exclusive });
+    let effects = commit_all(&mut w, effects);
+    let Some(Ok(Response::Opened(opened))) = reply_of(&effects, open) else { panic!("{effects:?}") };
+    let before = w.core.meta.volume_by_name("m").unwrap().clone();
+    let from = before.extents[0].legs[0].device;
+    let (mv, effects) = w.request(3, Request::VolumeMove { name: "m".into(), from, to: None });
+    // The holder is recalled; nothing is copied before it drained.
+    let generation = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Event { session: 1, event: ServerEvent::Recall { generation, .. } } => Some(*generation),
+            _ => None,
+        })
+        .expect("the holder is recalled");
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Job { .. })));
+    let listed = w.core.operation_infos();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].state.contains("waiting for the holders"), "{:?}", listed[0].state);
+    let (_, effects) = w.request(1, Request::RecallDone { handle: opened.handle, generation });
+    let (copy, copies) = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Job { task, job: Job::Resync { copies, .. } } => Some((*task, copies.clone())),
+            _ => None,
+        })
+        .expect("the copy starts at the recall point");
+    assert!(copies.iter().all(|c| c.to.device != from && c.from.iter().any(|f| f.device == from)));
+    // A create waits while the copy runs (its space could be the copy's target).
+    let (create, effects) = w.request(3, Request::VolumeCreate { name: "x".into(), size_bytes: 1 << 20, legs: 1 });
+    assert!(commit_of(&effects).is_none() && reply_of(&effects, create).is_none());
+    // A failed copy changes nothing: the old map stays, the holder resumes on it.
+    let effects = w.apply(Input::JobDone { task: copy, outcome: JobOutcome::failed("device gone") });
+    let effects = commit_all(&mut w, effects);
+    assert_eq!(w.core.meta.volume_by_name("m").unwrap().extents, before.extents);
+    match reply_of(&effects, mv) {
+        Some(Err(e)) => assert!(e.message.contains("device gone"), "{e}"),
+        other => panic!("the move is answered with the failure: {other:?}"),
+    }
+    assert!(reply_of(&effects, create).is_some(), "the create goes on once the move ended");
+    assert!(w.core.operation_infos().is_empty());
+    // Again, to the end: the new map is committed after the copy, published.
+    let (mv, effects) = w.request(3, Request::VolumeMove { name: "m".into(), from, to: None });
+    let generation = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Event { session: 1, event: ServerEvent::Recall { generation, .. } } => Some(*generation),
+            _ => None,
+        })
+        .expect("recalled again");
+    let (_, effects) = w.request(1, Request::RecallDone { handle: opened.handle, generation });
+    let copy = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Job { task, job: Job::Resync { .. } } => Some(*task),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(w.core.meta.volume_by_name("m").unwrap().extents, before.extents, "nothing committed before the copy");
+    let effects = w.apply(Input::JobDone { task: copy, outcome: JobOutcome::done() });
+    let effects = commit_all(&mut w, effects);
+    assert!(matches!(reply_of(&effects, mv), Some(Ok(Response::Done))), "{effects:?}");
+    let after = w.core.meta.volume_by_name("m").unwrap();
+    assert!(after.extents.iter().all(|e| e.legs.iter().all(|l| l.device != from)));
+    assert_eq!(after.layout_generation, before.layout_generation + 1);
+    assert!(effects
+        .iter()
+        .any(|e| matches!(e, Effect::Event { session: 1, event: ServerEvent::Publish { description, .. } }
+        if description.layout_generation == after.layout_generation)));
+}
+
+#[test]
+fn device_add_labels_then_commits_and_remove_is_refused_for_data_and_metadata_copies() {
+    use volume_format::DeviceIndex;
+    let mut w = World::new();
+    // The pool's three devices hold the metadata copies, as `pool init` makes them.
+    let mut meta = (*w.core.meta).clone();
+    for d in meta.devices.iter_mut() {
+        d.holds_metadata = true;
+    }
+    let config = CoreConfig {
+        lease_ms: LEASE_MS,
+        durable_ms: 0,
+        grace_ms: 0,
+        key: Arc::new(SigningKey::from_bytes(&[7; 32])),
+        entropy: Box::new(Zeros),
+    };
+    w.core = Core::new(meta.clone(), journal_after(&meta), config);
+    w.apply(Input::Connected { session: 3, peer: peer(3, Role::Admin), addr: "test".into() });
+    let (add, effects) = w.request(3, Request::DeviceAdd { uri: "nbd://new/e".into(), force: false });
+    let (task, request) = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Job { task, job: Job::LabelDevice(r) } => Some((*task, r.clone())),
+            _ => None,
+        })
+        .expect("the device is labelled first");
+    assert_eq!(request.index, DeviceIndex(3));
+    assert!(commit_of(&effects).is_none());
+    // A second operation meanwhile is refused as busy.
+    let (other, effects) = w.request(3, Request::DeviceEvacuate { device: DeviceIndex(0) });
+    assert!(matches!(reply_of(&effects, other), Some(Err(e)) if e.code == ErrorCode::Busy));
+    let layout = DeviceLayout::plan_with_slots(64 << 20, 1 << 20, 64 << 10, 2).unwrap();
+    let label = volume_format::DeviceLabel {
+        pool_uuid: request.pool_uuid,
+        device_uuid: request.device_uuid,
+        device_index: request.index,
+        layout,
+        created_at_unix_secs: 0,
+    };
+    let effects = w.apply(Input::JobDone { task, outcome: JobOutcome { result: Ok(()), label: Some(label) } });
+    let effects = commit_all(&mut w, effects);
+    assert!(matches!(reply_of(&effects, add), Some(Ok(Response::Done))), "{effects:?}");
+    let added = w.core.meta.device(DeviceIndex(3)).expect("committed");
+    assert_eq!((added.uri.as_str(), added.holds_metadata), ("nbd://new/e", false));
+    // Remove: refused for a metadata copy and for data, done for the empty one.
+    let refused = |w: &mut World, device: u32| {
+        let (r, effects) = w.request(3, Request::DeviceRemove { device: DeviceIndex(device) });
+        match reply_of(&effects, r) {
+            Some(Err(e)) => e.message.clone(),
+            other => panic!("removing device {device}: {other:?}"),
+        }
+    };
+    assert!(refused(&mut w, 0).contains("metadata"));
+    let v = w.core.meta.volume_by_name("v").unwrap().extents[0].legs[0].device;
+    let mut meta = (*w.core.meta).clone();
+    meta.devices.iter_mut().find(|d| d.index == v).unwrap().holds_metadata = false;
+    w.core.meta = Arc::new(meta);
+    let msg = refused(&mut w, v.0);
+    assert!(msg.contains("still holds") && msg.contains("volume v") && msg.contains("evacuate"), "{msg}");
+    assert!(matches!(
+        committed_request(&mut w, 3, Request::DeviceRemove { device: DeviceIndex(3) }),
+        Ok(Response::Done)
+    ));
+    assert!(w.core.meta.device(DeviceIndex(3)).is_none());
+}
+
 /// While a volume has two writable handles (a handover), an agent's own
 /// pre-image copies are refused — whether or not the chunk is registered
 /// already — and server copies go ahead.
 #[test]
 fn own_pre_image_copies_are_refused_while_a_volume_has_two_writers() {
     let mut w = World::new();
-    let b = Peer { key: SigningKey::from_bytes(&[2; 32]).verifying_key().to_bytes(), ..peer(2, Role::Agent) };
-    w.apply(Input::Connected { session: 7, peer: b.clone(), addr: "test".into() });
-    let authorize =
-        Request::ClientAuthorize { key: b.key, name: "host-b".into(), role: Role::Agent, volumes: Vec::new() };
-    assert_eq!(committed_request(&mut w, 3, authorize), Ok(Response::Done));
-    let Ok(Response::Opened(a)) =
-        committed_request(&mut w, 1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive })
-    else {
-        panic!()
-    };
+    let (b, a) = handover_pair(&mut w);
     // A snapshot of v, put straight into the metadata (how it is taken is
     // not the point here).
     let volume = w.core.meta.volume_by_name("v").unwrap().id;

@@ -32,7 +32,6 @@ const LEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// rule; checks are bounded by the agents reporting).
 pub const DEVICE_WORK_QUEUED_MAX: usize = 1024;
 
-#[derive(Debug)]
 pub enum DeviceWork {
     /// Sealed metadata writes (a journal entry or a checkpoint).
     Write {
@@ -43,6 +42,12 @@ pub enum DeviceWork {
         task: TaskId,
         index: u32,
         uuid: Uuid,
+    },
+    /// A device just labelled for the pool (`device add`): its connection
+    /// joins the pool's, so its metadata area can be written and its
+    /// reachability reported. Sent before the commit that adds it.
+    Adopt {
+        device: Box<crate::pool::PoolDevice>,
     },
 }
 
@@ -70,6 +75,12 @@ impl DeviceTask {
         self.report_reachability().await;
         while let Some(w) = work.recv().await {
             let input = match w {
+                DeviceWork::Adopt { device } => {
+                    self.pool.devices.retain(|d| d.expected_uuid != device.expected_uuid);
+                    self.pool.devices.push(*device);
+                    self.report_reachability().await;
+                    continue;
+                }
                 DeviceWork::Write { task, write } if !self.guard.wait_may_commit(LEASE_WAIT).await => {
                     // Checked right before the write leaves: a server whose
                     // lease lapsed (or was handed on) writes nothing.
@@ -94,7 +105,7 @@ impl DeviceTask {
                     if let Err(e) = &result {
                         tracing::warn!(device = index, "the metadata server cannot reach the device: {e}");
                     }
-                    Input::JobDone { task, outcome: JobOutcome { result } }
+                    Input::JobDone { task, outcome: JobOutcome { result, label: None } }
                 }
             };
             if self.results.send(input).await.is_err() {

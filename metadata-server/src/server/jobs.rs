@@ -9,6 +9,7 @@
 //! started it — registering the copied chunks, committing the delete,
 //! marking the device failed — from the metadata as it is by then.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use blockio::{BlockDevice, ZeroFlags};
@@ -34,9 +35,14 @@ pub enum Job {
     /// Zero whole extents (of `extent_bytes`) on each target device and
     /// flush it: the new space of a create or grow (see `zeroing`).
     Zero { extent_bytes: u64, targets: Vec<DeviceExtents> },
-    /// Copy whole extents onto a device that came back, each from the first
-    /// of its sources that answers, then flush the targets (`recovery`).
-    Resync { extent_bytes: u64, copies: Vec<ExtentCopy> },
+    /// Copy whole extents, each from the first of its sources that answers,
+    /// then flush the targets: onto a device that came back (`recovery`),
+    /// or onto a volume's new legs (`reconfig`). `progress`, if given,
+    /// counts the bytes copied (for listings).
+    Resync { extent_bytes: u64, copies: Vec<ExtentCopy>, progress: Option<Arc<AtomicU64>> },
+    /// Label a device for the pool (`sanvol device add`); the shell hands
+    /// its connection to the device task before reporting (`pool::add`).
+    LabelDevice(crate::pool::add::LabelRequest),
 }
 
 /// One extent to copy: `to` and `from` name one extent each.
@@ -71,15 +77,17 @@ pub const ZERO_REQUESTS_IN_FLIGHT_MAX: usize = 8;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobOutcome {
     pub result: Result<(), String>,
+    /// The label a [`Job::LabelDevice`] wrote.
+    pub label: Option<volume_format::DeviceLabel>,
 }
 
 impl JobOutcome {
     pub fn done() -> JobOutcome {
-        JobOutcome { result: Ok(()) }
+        JobOutcome { result: Ok(()), label: None }
     }
 
     pub fn failed(why: impl Into<String>) -> JobOutcome {
-        JobOutcome { result: Err(why.into()) }
+        JobOutcome { result: Err(why.into()), label: None }
     }
 }
 
@@ -148,10 +156,13 @@ pub async fn run_data_job(job: Job, devices: &DeviceClients, may_write: impl Fn(
             Ok(()) => JobOutcome::done(),
             Err(e) => JobOutcome::failed(e),
         },
-        Job::Resync { extent_bytes, copies } => match copy_extents(extent_bytes, &copies, devices).await {
-            Ok(()) => JobOutcome::done(),
-            Err(e) => JobOutcome::failed(e),
-        },
+        Job::Resync { extent_bytes, copies, progress } => {
+            match copy_extents(extent_bytes, &copies, devices, progress.as_deref()).await {
+                Ok(()) => JobOutcome::done(),
+                Err(e) => JobOutcome::failed(e),
+            }
+        }
+        Job::LabelDevice(_) => JobOutcome::failed("a device is labelled where the pool's connections are"),
     }
 }
 
@@ -219,7 +230,12 @@ async fn zero_with(
 /// that answers, then flushes each target device. Runs while nobody writes
 /// the extents (their volume's holders are drained, or it has none and
 /// opens wait): see `recovery`.
-async fn copy_extents(extent_bytes: u64, copies: &[ExtentCopy], devices: &DeviceClients) -> Result<(), String> {
+async fn copy_extents(
+    extent_bytes: u64,
+    copies: &[ExtentCopy],
+    devices: &DeviceClients,
+    progress: Option<&AtomicU64>,
+) -> Result<(), String> {
     use futures::stream::StreamExt;
     let started = std::time::Instant::now();
     let mut targets = std::collections::BTreeMap::new();
@@ -245,7 +261,10 @@ async fn copy_extents(extent_bytes: u64, copies: &[ExtentCopy], devices: &Device
     }))
     .buffer_unordered(RESYNC_CHUNKS_IN_FLIGHT_MAX);
     while let Some(result) = copying.next().await {
-        result?;
+        let copied = result?;
+        if let Some(p) = progress {
+            p.fetch_add(u64::from(copied), Ordering::Relaxed);
+        }
     }
     drop(copying);
     for (device, client) in &targets {
@@ -267,14 +286,14 @@ async fn copy_chunk(
     at: u64,
     len: u32,
     devices: &DeviceClients,
-) -> Result<(), String> {
+) -> Result<u32, String> {
     let data = read_chunk(&sources, at, len, devices).await?;
     devices.may_write().map_err(|e| e.to_string())?;
     if let Err(e) = target.write(to, data, false).await {
         devices.forget(device).await;
         return Err(format!("writing resync data at offset {to} of device {device}: {e}"));
     }
-    Ok(())
+    Ok(len)
 }
 
 /// `len` bytes at `at` within an extent, from the first of `sources` (one

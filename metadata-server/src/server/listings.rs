@@ -53,7 +53,7 @@ impl Core {
                 extents_free: free.device_count(d.index),
                 state: d.state.clone(),
                 reachable: self.reachable.get(&d.device_uuid).copied().unwrap_or(false),
-                recovery: self.device_recovery(d.index),
+                recovery: join_nonempty(self.device_recovery(d.index), self.device_operation(d.index)),
             })
             .collect()
     }
@@ -104,7 +104,7 @@ impl Core {
                 })
                 .collect(),
             fallback: self.fallback_of_volume(v.id),
-            health: self.volume_health(v.id),
+            health: join_nonempty(self.volume_health(v.id), self.volume_operation(v.id)),
         }
     }
 
@@ -128,5 +128,14 @@ impl Core {
                 )
             })
             .collect()
+    }
+}
+
+/// `a; b`, or whichever is not empty.
+fn join_nonempty(a: String, b: String) -> String {
+    match (a.is_empty(), b.is_empty()) {
+        (_, true) => a,
+        (true, false) => b,
+        (false, false) => format!("{a}; {b}"),
     }
 }

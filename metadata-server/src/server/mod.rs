@@ -49,6 +49,7 @@ pub mod lease_task;
 pub mod listings;
 pub mod metrics;
 pub mod owner;
+pub mod reconfig;
 pub mod recovery;
 pub mod requests;
 pub mod session;
@@ -437,6 +438,7 @@ async fn active_term(
         },
     );
     core.set_device_probe(recovery::ProbeBackoff::default());
+    core.set_device_replace_after(config.device_replace_after_ms);
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMANDS_QUEUED_MAX);
     let (term_stop_tx, term_stop_rx) = watch::channel(false);
     // Backup channels read the committed metadata; until one does, the

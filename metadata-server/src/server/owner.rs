@@ -315,6 +315,32 @@ impl Shell {
                     self.fail_task(task, false);
                 }
             }
+            Job::LabelDevice(request) => {
+                let devices = self.devices.clone();
+                let results = self.results.clone();
+                let guard = self.lease_guard.clone();
+                tokio::spawn(async move {
+                    // A server without the pool lease labels nothing: the
+                    // active one may be adding the same device.
+                    let outcome = if !guard.may_commit() {
+                        super::jobs::JobOutcome::failed(
+                            "this metadata server does not hold the pool lease now; nothing was labelled",
+                        )
+                    } else {
+                        match crate::pool::add::label_device(&request).await {
+                            Ok((label, device)) => {
+                                let adopted = devices.send(DeviceWork::Adopt { device: Box::new(device) }).await;
+                                match adopted {
+                                    Ok(()) => super::jobs::JobOutcome { result: Ok(()), label: Some(label) },
+                                    Err(_) => super::jobs::JobOutcome::failed("the server is shutting down"),
+                                }
+                            }
+                            Err(why) => super::jobs::JobOutcome::failed(why),
+                        }
+                    };
+                    let _ = results.send(Input::JobDone { task, outcome }).await;
+                });
+            }
             data_job => {
                 let devices = self.job_devices.clone();
                 let results = self.results.clone();

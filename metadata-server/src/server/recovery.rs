@@ -288,7 +288,7 @@ impl Core {
                 (!from.is_empty()).then_some(ExtentCopy { to: target(to.device, to.offset)?, from })
             })
             .collect();
-        (!copies.is_empty()).then_some(Job::Resync { extent_bytes: self.meta.extent_bytes, copies })
+        (!copies.is_empty()).then_some(Job::Resync { extent_bytes: self.meta.extent_bytes, copies, progress: None })
     }
 
     /// Whether `reply` is the resync driver's; if so it is handled here.

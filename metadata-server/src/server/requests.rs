@@ -68,6 +68,7 @@ impl Core {
                 Ok(Response::Volumes(self.meta.volumes.iter().map(|v| self.volume_info(v)).collect()))
             }
             Request::VolumeShow { name } => self.volume_show(name),
+            Request::Operations => Ok(Response::Operations(self.operation_infos())),
             Request::SnapshotList { volume } => {
                 self.snapshot_list(volume.as_deref()).map(|listing| self.scoped_listing(session, listing))
             }
@@ -123,6 +124,23 @@ impl Core {
             Request::Close { handle } => return self.prepare_close(session, handle.0, reply),
             Request::OpenHandover { token } => return self.prepare_open_handover(session, &token, reply),
             Request::Handoff { to } => return self.prepare_handoff(to, reply),
+            Request::DeviceAdd { uri, force } => return self.prepare_device_add(uri, force, None, reply),
+            Request::DeviceReplace { device, uri, force } => {
+                return self.prepare_device_add(uri, force, Some(device), reply)
+            }
+            Request::DeviceEvacuate { device } => return self.prepare_device_evacuate(device, reply),
+            Request::DeviceRemove { device } => return self.prepare_device_remove(device, reply),
+            Request::VolumeMirrorAdd { name } => {
+                return self.prepare_volume_remap(&name, volume_format::metadata::RemapKind::MirrorAdd, reply)
+            }
+            Request::VolumeMirrorRemove { name, device } => {
+                let kind = volume_format::metadata::RemapKind::MirrorRemove { device };
+                return self.prepare_volume_remap(&name, kind, reply);
+            }
+            Request::VolumeMove { name, from, to } => {
+                let kind = volume_format::metadata::RemapKind::Move { from, to };
+                return self.prepare_volume_remap(&name, kind, reply);
+            }
             Request::ReportDeviceFailure { device, reason } => {
                 return self.prepare_report_device_failure(session, device.0, reason, reply)
             }
@@ -195,6 +213,8 @@ impl Core {
             }
             AfterCommit::DeviceBack { device } => self.device_back(device, result),
             AfterCommit::DeviceOnline { device } => self.device_online(device, result),
+            AfterCommit::DeviceAdded { uuid, index, area } => self.device_added(uuid, index, area, result),
+            AfterCommit::AdminRemoved { device } => self.admin_removed(device, result),
             AfterCommit::CowRegistered { reply, new, volume } => {
                 if let Err(e) = &result {
                     warn!(%volume, "registering copy-on-write chunks: {e}");
@@ -219,6 +239,7 @@ impl Core {
                 self.device_checked(session, device, reason, reply, outcome)
             }
             AfterJob::Probed { device } => self.probed(device, outcome),
+            AfterJob::Labelled => self.labelled(outcome),
             AfterJob::Zeroed { extents, changes, then } => self.zeroing_done(extents, changes, *then, outcome),
             AfterJob::Prezeroed { extents, name, change, reply } => {
                 self.prezeroed(extents, &name, change, reply, outcome)
@@ -288,10 +309,11 @@ impl Core {
             return done(reply, Err(err(ErrorCode::InvalidArgument, msg)));
         }
         let now = self.now.unix_secs();
-        let change = match self.meta.plan_create_volume(&name, size_bytes, VOLUME_BLOCK_BYTES, u32::from(legs), now) {
-            Ok(c) => c,
-            Err(e) => return done(reply, Err(alloc_error(e))),
-        };
+        let change =
+            match self.alloc_view().plan_create_volume(&name, size_bytes, VOLUME_BLOCK_BYTES, u32::from(legs), now) {
+                Ok(c) => c,
+                Err(e) => return done(reply, Err(alloc_error(e))),
+            };
         let what = format!("volume {name} created ({size_bytes} bytes, {legs} legs)");
         Step::Commit { changes: vec![change], then: AfterCommit::Reply { reply, what } }
     }
@@ -651,7 +673,7 @@ impl Core {
 /// What a data job run for `change` blocks on its volume.
 fn data_job_busy(change: &VolumeChange) -> Busy {
     match change {
-        VolumeChange::Resync { .. } => Busy::Resync,
+        VolumeChange::Resync { .. } | VolumeChange::Remap { .. } => Busy::Resync,
         _ => Busy::Layout,
     }
 }

@@ -62,7 +62,8 @@ impl Core {
     /// already be where the plan wants them, see [`Core::merge_job`]);
     /// `None` if it changes nothing.
     pub fn plan_change(&self, volume: VolumeId, change: &VolumeChange) -> Result<Option<PlannedChange>, ControlError> {
-        let meta = &self.meta;
+        let view = self.alloc_view();
+        let meta = &*view;
         Ok(match change {
             VolumeChange::Grow { size_bytes } => meta
                 .plan_grow_volume(volume, *size_bytes)
@@ -80,6 +81,9 @@ impl Core {
             VolumeChange::Resync { .. } => {
                 Some(PlannedChange { change: MetaChange::LayoutBump { volume }, layout_changes: true })
             }
+            VolumeChange::Remap { plan, .. } => {
+                Some(PlannedChange { change: self.remap_change(volume, plan)?, layout_changes: true })
+            }
         })
     }
 
@@ -89,6 +93,9 @@ impl Core {
     pub(super) fn merge_job(&self, volume: VolumeId, change: &VolumeChange) -> Option<Job> {
         if let VolumeChange::Resync { device } = change {
             return self.resync_job(volume, *device);
+        }
+        if let VolumeChange::Remap { plan, .. } = change {
+            return self.remap_job(plan);
         }
         let VolumeChange::SnapshotDelete { name } = change else { return None };
         let id = self.snapshot_id(&self.meta, volume, name).ok()?;

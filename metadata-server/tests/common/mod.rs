@@ -220,6 +220,7 @@ impl Pool {
                 lease_io_timeout_ms: 250,
                 ..metadata_server::config::Availability::defaults(&[ControlAddr::Unix(dir.path().join("mds.sock"))])
             },
+            device_replace_after_ms: None,
         };
         let mut pool = Pool { dir, devices, server_key, admin, agent_a, agent_b, config, server: None };
         pool.start_server().await;

@@ -187,6 +187,51 @@ pub enum Request {
     Handoff {
         to: Option<String>,
     },
+
+    // ---- admin: reconfiguration (protocol 5) ----
+    /// Labels the device at `uri` for this pool and adds its space. A
+    /// device carrying anything (a filesystem, another pool's label) is
+    /// refused unless `force`.
+    DeviceAdd {
+        uri: String,
+        force: bool,
+    },
+    /// Moves every extent off `device` (volume by volume, each at a recall
+    /// point); nothing new is placed on it meanwhile. Answered when done;
+    /// [`Request::Operations`] shows progress.
+    DeviceEvacuate {
+        device: DeviceIndex,
+    },
+    /// Removes a device that holds no extent and no metadata copy.
+    DeviceRemove {
+        device: DeviceIndex,
+    },
+    /// Adds the device at `uri`, moves every extent of `device` onto it,
+    /// then removes `device`.
+    DeviceReplace {
+        device: DeviceIndex,
+        uri: String,
+        force: bool,
+    },
+    /// Adds a mirror leg to every extent of the volume (copied from a leg
+    /// that serves reads).
+    VolumeMirrorAdd {
+        name: String,
+    },
+    /// Removes a mirror leg from every extent: the one on `device` if
+    /// given, else one on a device that is not online, else the last.
+    VolumeMirrorRemove {
+        name: String,
+        device: Option<DeviceIndex>,
+    },
+    /// Moves the volume's legs on `from` to `to` (or anywhere else).
+    VolumeMove {
+        name: String,
+        from: DeviceIndex,
+        to: Option<DeviceIndex>,
+    },
+    /// The reconfiguration running now, if any, with its progress.
+    Operations,
 }
 
 /// The NBD export name of a snapshot on the backup pseudo-device.
@@ -267,6 +312,30 @@ pub enum Response {
     CowRegistered {
         new: u64,
     },
+    /// The reconfiguration in progress (at most one), protocol 5.
+    Operations(Vec<OperationInfo>),
+}
+
+/// A reconfiguration in progress (`sanvol device evacuate`, `volume move`,
+/// …): what it does and how far it is (protocol 5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperationInfo {
+    /// What was asked, for people: "evacuate device 2".
+    pub what: String,
+    /// Where it is: "copying volume db", "waiting for the holders of db".
+    pub state: String,
+    /// The volume being moved now, if any.
+    pub volume: Option<String>,
+    pub volumes_done: u64,
+    pub volumes_total: u64,
+    /// Extent legs copied so far and to copy in all (the volumes planned
+    /// so far: the total grows as volumes are planned).
+    pub extents_done: u64,
+    pub extents_total: u64,
+    /// Bytes copied so far, the current volume's copy included.
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub elapsed_ms: u64,
 }
 
 /// What an agent gets when it opens a volume.

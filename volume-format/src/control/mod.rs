@@ -43,7 +43,14 @@ pub mod resume;
 ///   `DeviceState::Resyncing`) and recovery in listings
 ///   (`DeviceInfo::recovery`, `VolumeInfo::health`). A version-3 agent would
 ///   not write to a resyncing leg: refused.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// - 5: admin reconfiguration — `Request::DeviceAdd`, `DeviceEvacuate`,
+///   `DeviceRemove`, `DeviceReplace`, `VolumeMirrorAdd`,
+///   `VolumeMirrorRemove`, `VolumeMove`, `Operations` and
+///   `Response::Operations` (`OperationInfo`), all variants added last: a
+///   version-4 peer's messages encode the same, so version 4 is still
+///   accepted (the admin CLI asks for the new requests only from a server
+///   that negotiated 5).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The oldest protocol version this build still accepts: a peer outside
 /// `PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION` is refused at the handshake

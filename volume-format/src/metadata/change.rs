@@ -40,8 +40,8 @@ use serde::{Deserialize, Serialize};
 use super::handover::{HandoverLedger, UsedToken};
 use super::snapshot::CowMap;
 use super::{
-    check_block_bytes, check_name, ClientRecord, ClientScope, DeviceState, HandleRecord, HandleState, LogicalExtent,
-    PhysicalExtent, PoolMetadata, SnapshotRecord, VolumeRecord, MIRROR_LEGS_MAX,
+    check_block_bytes, check_name, ClientRecord, ClientScope, DeviceRecord, DeviceState, HandleRecord, HandleState,
+    LogicalExtent, PhysicalExtent, PoolMetadata, SnapshotRecord, VolumeRecord, MIRROR_LEGS_MAX,
 };
 use crate::ids::{DeviceIndex, HandleId, PublicKey, SnapshotId, VolumeId};
 
@@ -95,6 +95,29 @@ pub enum MetaChange {
     /// recall point so every holder confirms before the new layout is used
     /// (format 5).
     LayoutBump { volume: VolumeId },
+    /// A device joins the pool (format 6): the record of the device the
+    /// server just labelled; its index is the next device index.
+    DeviceAdd(DeviceRecord),
+    /// A device leaves the pool (format 6): no extent of any volume or
+    /// snapshot is on it and it holds no metadata copy.
+    DeviceRemove { device: DeviceIndex },
+    /// A volume's extents (and its snapshots' copy-on-write areas) as a
+    /// whole new map, with its mirror leg count (format 6): legs moved to
+    /// other devices, added or removed. Its layout generation goes up by
+    /// one. Every new leg was copied and flushed before this was committed.
+    VolumeRemap(Remap),
+}
+
+/// A volume's new map, as [`MetaChange::VolumeRemap`] records it (planned by
+/// [`PoolMetadata::plan_remap`](super::remap)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Remap {
+    pub volume: VolumeId,
+    pub mirror_legs: u32,
+    /// Every extent of the volume, in logical order.
+    pub extents: Vec<LogicalExtent>,
+    /// Every snapshot of the volume with its copy-on-write extents.
+    pub snapshots: Vec<(SnapshotId, Vec<LogicalExtent>)>,
 }
 
 /// A snapshot as [`MetaChange::SnapshotCreate`] records it: a
@@ -264,6 +287,19 @@ enum UndoStep {
     LayoutBumped {
         volume: VolumeId,
     },
+    DeviceAdded {
+        previous_next: DeviceIndex,
+    },
+    DeviceRemoved {
+        index: usize,
+        record: DeviceRecord,
+    },
+    Remapped {
+        volume: VolumeId,
+        mirror_legs: u32,
+        extents: Vec<LogicalExtent>,
+        snapshots: Vec<(SnapshotId, Vec<LogicalExtent>)>,
+    },
 }
 
 impl Undo {
@@ -304,6 +340,9 @@ impl MetaChange {
             MetaChange::ClientScope { .. } => "client scope",
             MetaChange::HandoverTokens { .. } => "handover tokens",
             MetaChange::LayoutBump { .. } => "layout generation",
+            MetaChange::DeviceAdd(_) => "device add",
+            MetaChange::DeviceRemove { .. } => "device remove",
+            MetaChange::VolumeRemap(_) => "volume remap",
         }
     }
 
@@ -326,6 +365,13 @@ impl MetaChange {
     pub fn allocated_extents(&self) -> Vec<PhysicalExtent> {
         match self {
             MetaChange::SnapshotCreate(s) => s.cow_extents.iter().flat_map(|e| e.legs.iter().copied()).collect(),
+            // Every leg, the new ones among them (the copy wrote them whole).
+            MetaChange::VolumeRemap(r) => r
+                .extents
+                .iter()
+                .chain(r.snapshots.iter().flat_map(|(_, e)| e.iter()))
+                .flat_map(|e| e.legs.iter().copied())
+                .collect(),
             other => other.new_volume_extents(),
         }
     }
@@ -563,6 +609,37 @@ impl PoolMetadata {
                 v.layout_generation += 1;
                 UndoStep::LayoutBumped { volume: *volume }
             }
+            MetaChange::DeviceAdd(record) => {
+                self.check_new_device(record).map_err(fail)?;
+                let previous_next = self.next_ids.device;
+                self.devices.push(record.clone());
+                self.next_ids.device = DeviceIndex(record.index.0 + 1);
+                UndoStep::DeviceAdded { previous_next }
+            }
+            MetaChange::DeviceRemove { device } => {
+                let index = index_of(&self.devices, |d| d.index == *device)
+                    .ok_or_else(|| fail(format!("device {device} does not exist")))?;
+                if self.devices[index].holds_metadata {
+                    return Err(fail(format!("device {device} holds a metadata copy")));
+                }
+                if let Some(what) = self.extents_on(*device).next() {
+                    return Err(fail(format!("device {device} still holds an extent of {what}")));
+                }
+                UndoStep::DeviceRemoved { index, record: self.devices.remove(index) }
+            }
+            MetaChange::VolumeRemap(remap) => {
+                self.check_remap(remap).map_err(fail)?;
+                let v = self.volumes.iter_mut().find(|v| v.id == remap.volume).expect("checked");
+                let mirror_legs = std::mem::replace(&mut v.mirror_legs, remap.mirror_legs);
+                let extents = std::mem::replace(&mut v.extents, remap.extents.clone());
+                v.layout_generation += 1;
+                let mut snapshots = Vec::new();
+                for (id, cow) in &remap.snapshots {
+                    let s = self.snapshots.iter_mut().find(|s| s.id == *id).expect("checked");
+                    snapshots.push((*id, std::mem::replace(&mut s.cow_extents, cow.clone())));
+                }
+                UndoStep::Remapped { volume: remap.volume, mirror_legs, extents, snapshots }
+            }
         };
         Ok(Undo(step))
     }
@@ -674,6 +751,23 @@ impl PoolMetadata {
                     v.layout_generation -= 1;
                 }
             }
+            UndoStep::DeviceAdded { previous_next } => {
+                self.devices.pop();
+                self.next_ids.device = previous_next;
+            }
+            UndoStep::DeviceRemoved { index, record } => self.devices.insert(index.min(self.devices.len()), record),
+            UndoStep::Remapped { volume, mirror_legs, extents, snapshots } => {
+                if let Some(v) = self.volumes.iter_mut().find(|v| v.id == volume) {
+                    v.mirror_legs = mirror_legs;
+                    v.extents = extents;
+                    v.layout_generation -= 1;
+                }
+                for (id, cow) in snapshots {
+                    if let Some(s) = self.snapshots.iter_mut().find(|s| s.id == id) {
+                        s.cow_extents = cow;
+                    }
+                }
+            }
         }
     }
 
@@ -721,6 +815,82 @@ impl PoolMetadata {
             self.check_legs(e, v.mirror_legs).map_err(|e| format!("extent {i}: {e}"))?;
         }
         Ok(())
+    }
+
+    fn check_new_device(&self, d: &DeviceRecord) -> Result<(), String> {
+        if d.index < self.next_ids.device || d.index.0 == u32::MAX {
+            return Err(format!("device index {} is not new (next is {})", d.index, self.next_ids.device));
+        }
+        if d.uri.is_empty() || d.uri.len() > 4096 {
+            return Err("the device URI is empty or oversized".into());
+        }
+        if self.devices.iter().any(|o| o.device_uuid == d.device_uuid || o.uri == d.uri) {
+            return Err(format!("device {} ({}) is already in the pool", d.device_uuid, d.uri));
+        }
+        let extent_bytes = self.extent_bytes.max(1);
+        if d.data.start % extent_bytes != 0 || d.data.len_bytes() % extent_bytes != 0 || d.data.end > d.device_bytes {
+            return Err(format!("data area {} is not whole extents within {} bytes", d.data, d.device_bytes));
+        }
+        Ok(())
+    }
+
+    /// Whether `remap` applies: its volume and every one of its snapshots
+    /// are named, the extent counts are unchanged, every extent has the new
+    /// leg count on distinct devices, and a leg the volume did not have
+    /// before is free.
+    fn check_remap(&self, remap: &Remap) -> Result<(), String> {
+        let v = self.volume(remap.volume).ok_or_else(|| format!("volume {} does not exist", remap.volume))?;
+        if !(1..=MIRROR_LEGS_MAX).contains(&remap.mirror_legs) {
+            return Err(format!("{} mirror legs outside 1..={MIRROR_LEGS_MAX}", remap.mirror_legs));
+        }
+        if remap.extents.len() != v.extents.len() {
+            return Err(format!("{} extents for a volume of {}", remap.extents.len(), v.extents.len()));
+        }
+        let mut old: std::collections::HashSet<PhysicalExtent> =
+            v.extents.iter().flat_map(|e| e.legs.iter().copied()).collect();
+        let snapshots: Vec<&SnapshotRecord> = self.snapshots.iter().filter(|s| s.volume == v.id).collect();
+        if snapshots.len() != remap.snapshots.len() {
+            return Err(format!("{} snapshots for a volume with {}", remap.snapshots.len(), snapshots.len()));
+        }
+        for (id, cow) in &remap.snapshots {
+            let s =
+                snapshots.iter().find(|s| s.id == *id).ok_or_else(|| format!("snapshot {id} is not the volume's"))?;
+            if cow.len() != s.cow_extents.len() {
+                return Err(format!("{} COW extents for snapshot {id} of {}", cow.len(), s.cow_extents.len()));
+            }
+            old.extend(s.cow_extents.iter().flat_map(|e| e.legs.iter().copied()));
+        }
+        let all = remap.extents.iter().chain(remap.snapshots.iter().flat_map(|(_, e)| e.iter()));
+        let free = self.free_extents();
+        let mut seen = std::collections::HashSet::new();
+        for (i, e) in all.enumerate() {
+            self.check_legs(e, remap.mirror_legs).map_err(|e| format!("extent {i}: {e}"))?;
+            for leg in &e.legs {
+                if !seen.insert(*leg) {
+                    return Err(format!("leg {leg} is used twice"));
+                }
+                let is_free = free.per_device.get(&leg.device).is_some_and(|f| f.binary_search(&leg.offset).is_ok());
+                if !old.contains(leg) && !is_free {
+                    return Err(format!("new leg {leg} is not a free extent of an online device"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What uses extents on `device`: "volume NAME" or "snapshot NAME",
+    /// once per extent leg.
+    pub fn extents_on(&self, device: DeviceIndex) -> impl Iterator<Item = String> + '_ {
+        let on = move |e: &&LogicalExtent| e.legs.iter().any(|l| l.device == device);
+        let live = self
+            .volumes
+            .iter()
+            .flat_map(move |v| v.extents.iter().filter(on).map(move |_| format!("volume {}", v.name)));
+        let cow = self
+            .snapshots
+            .iter()
+            .flat_map(move |s| s.cow_extents.iter().filter(on).map(move |_| format!("snapshot {}", s.name)));
+        live.chain(cow)
     }
 
     fn check_new_snapshot(&self, s: &NewSnapshot) -> Result<(), String> {

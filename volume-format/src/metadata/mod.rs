@@ -23,6 +23,7 @@
 //!   create/grow/delete.
 //! - [`snapshot`]: snapshots, copy-on-write maps, changed-block lists.
 //! - [`handover`]: used handover tokens and the pool's token clock.
+//! - [`remap`]: new maps for a volume (legs moved, added, removed).
 //! - [`payload`]: the payload schemas of older formats, decoded into today's.
 
 pub mod alloc;
@@ -30,14 +31,16 @@ pub mod change;
 pub mod handover;
 pub mod journal;
 pub mod payload;
+pub mod remap;
 pub mod slots;
 pub mod snapshot;
 #[cfg(test)]
 pub(crate) mod testing;
 
 pub use alloc::{allocate, AllocError, FreeExtents};
-pub use change::{ApplyError, ChunkRun, ChunkRuns, MetaChange, NewSnapshot, Undo};
+pub use change::{ApplyError, ChunkRun, ChunkRuns, MetaChange, NewSnapshot, Remap, Undo};
 pub use handover::{HandoverLedger, UsedToken, HANDOVER_USED_MAX};
+pub use remap::{LegCopy, RemapKind, RemapPlan};
 pub use slots::{MetadataArea, MetadataError, NewestSlot, SlotError, SlotHeader, SLOT_HEADER_BYTES, SLOT_MAGIC};
 pub use snapshot::{ChunkSource, CowMap, DeletePlan, COW_CHUNK_BYTES};
 
@@ -72,7 +75,11 @@ use uuid::Uuid;
 /// - 5: [`DeviceState::Resyncing`] and [`MetaChange::LayoutBump`] (a device
 ///   that came back). Format-4 payloads and entries decode unchanged (both
 ///   are enum variants added last); format-4 readers refuse format 5.
-pub const METADATA_FORMAT_VERSION: u32 = 5;
+/// - 6: the admin reconfiguration changes [`MetaChange::DeviceAdd`],
+///   [`MetaChange::DeviceRemove`] and [`MetaChange::VolumeRemap`] (variants
+///   added last: format-5 payloads and entries decode unchanged, the
+///   payload schema is format 4's); format-5 readers refuse format 6.
+pub const METADATA_FORMAT_VERSION: u32 = 6;
 /// The oldest format whose payload is today's [`PoolMetadata`] schema.
 pub const PAYLOAD_SCHEMA_FORMAT_MIN: u32 = 4;
 /// The first format with the journal (checkpoints in slots 0 and 1, entries

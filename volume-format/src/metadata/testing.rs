@@ -128,6 +128,17 @@ pub(crate) fn plan_step(meta: &PoolMetadata, k: u8, a: u64, b: u64) -> Option<Me
             let c = meta.clients.get((a % meta.clients.len().max(1) as u64) as usize)?;
             Some(MetaChange::ClientRemove { key: c.public_key })
         }
+        11 => {
+            let kind = match b % 3 {
+                0 => super::RemapKind::MirrorAdd,
+                1 => super::RemapKind::MirrorRemove { device: None },
+                _ => super::RemapKind::Move {
+                    from: meta.devices.get((b as usize / 3) % meta.devices.len())?.index,
+                    to: None,
+                },
+            };
+            Some(meta.plan_remap(pick_volume()?, kind, &Default::default()).ok()??.change)
+        }
         12 => {
             let clock = meta.handovers.clock_floor_unix_ms + a % 5_000;
             let used = (b % 3 != 0).then(|| super::UsedToken {

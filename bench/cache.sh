@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Write-back cache benchmark (issue 15): the agent's cache in front of a
+# device vs straight through to it, same device, same run.
+#
+# Devices: `nbdkit memory` behind the `delay` filter (delay-write=1ms,
+# standing for a remote array) and without it (a fast device, so the cache's
+# cost is visible). Peers: client-agent's `cache_serve` example serving each
+# device through the cache (log file on this host's disk, fdatasync'ed) and
+# with --write-through. fio's nbd engine drives all four over unix sockets.
+#
+# Usage: bench/cache.sh   (env: BENCH_SECONDS=10 per row, BENCH_LOG_MIB=256,
+#                          BENCH_WORK_MIB=256, BENCH_ROWS="NAME ...", BENCH_KEEP=1)
+# Goals (delay rows): >= 5x at 4k randwrite QD1, >= 2x at QD32, >= 1x at 1 MiB.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${BENCH_SECONDS:-10}
+LOG_MIB=${BENCH_LOG_MIB:-256}
+WORK_MIB=${BENCH_WORK_MIB:-256}
+DEVICE_MIB=$((WORK_MIB * 2))
+
+scripts/install-deps.sh >/dev/null
+cargo build --release -q -p client-agent --example cache_serve
+source bench/lib.sh
+SERVE=target/release/examples/cache_serve
+
+start_nbdkit slow --filter=delay memory "${DEVICE_MIB}M" delay-write=1ms
+start_nbdkit fast memory "${DEVICE_MIB}M"
+for dev in slow fast; do
+    start_ready "$dev-cache" "$SERVE" --unix "$BENCH_DIR/$dev-cache.sock" --device "$(sock_uri "$dev")" \
+        --log "$BENCH_DIR/$dev.cachelog" --log-mib "$LOG_MIB"
+    start_ready "$dev-direct" "$SERVE" --unix "$BENCH_DIR/$dev-direct.sock" --device "$(sock_uri "$dev")" \
+        --write-through
+done
+
+# The matrix: name rw block-size depth
+ROWS=(
+    "4k-randwrite-qd1 randwrite 4k 1"
+    "4k-randwrite-qd32 randwrite 4k 32"
+    "1m-write-qd4 write 1m 4"
+)
+if [ -n "${BENCH_ROWS:-}" ]; then
+    mapfile -t ROWS < <(for r in "${ROWS[@]}"; do [[ " $BENCH_ROWS " == *" ${r%% *} "* ]] && echo "$r"; done)
+fi
+
+results="$BENCH_DIR/results.txt"
+for row in "${ROWS[@]}"; do
+    read -r name rw bs depth <<<"$row"
+    for dev in slow fast; do
+        for mode in cache direct; do
+            echo "$name $dev $mode $(fio_nbd "$(sock_uri "$dev-$mode")" "$rw" "$bs" "$depth" "$WORK_MIB" "$SECS")" >>"$results"
+        done
+    done
+    echo "done: $name" >&2
+done
+
+mkdir -p bench/results
+out="bench/results/cache-$(date +%Y%m%d-%H%M%S).md"
+python3 - "$results" "$SECS" "$LOG_MIB" >"$out" <<'PY'
+import sys, collections
+rows = collections.OrderedDict()
+for line in open(sys.argv[1]):
+    name, dev, mode, iops, mib = line.split()
+    rows.setdefault((name, dev), {})[mode] = (float(iops), float(mib))
+print(f"fio nbd engine -> cache_serve (write-back cache, {sys.argv[3]} MiB log, direct synchronous appends) vs write-through, "
+      f"nbdkit memory devices, {sys.argv[2]} s per row\n")
+print("| row | device | cache IOPS | write-through IOPS | cache MiB/s | write-through MiB/s | ratio |")
+print("|---|---|---:|---:|---:|---:|---:|")
+for (name, dev), r in rows.items():
+    label = "delay-write=1ms" if dev == "slow" else "no delay"
+    c, d = r["cache"], r["direct"]
+    print(f"| {name} | {label} | {c[0]:.0f} | {d[0]:.0f} | {c[1]:.1f} | {d[1]:.1f} | {c[0]/max(d[0],1):.2f} |")
+PY
+cat "$out"
+echo "(saved to $out)"

@@ -1,0 +1,589 @@
+//! A volume's write-back cache on the agent: a [`BlockDevice`] in front of
+//! the volume's data path that acknowledges a write once it is appended to
+//! a local log file and `fdatasync`ed, and writes it to the devices in the
+//! background.
+//!
+//! Why: to a slow or distant device a small synchronous write costs a round
+//! trip and the device's own latency; a local append batched with its
+//! neighbours (many concurrent writes, one write + one fdatasync) costs a
+//! local sync. The log is the durable copy until the devices have the data.
+//!
+//! What holds, and how:
+//! - **Durable before acknowledged**: a write is acknowledged only after its
+//!   batch is synced (one batch at a time, so a later batch never lands
+//!   before an earlier one is durable: see
+//!   [`volume_format::cache_log::scan`]). FLUSH and FUA are therefore
+//!   satisfied by the log; FLUSH reaches the devices only after a TRIM or
+//!   WRITE_ZEROES, which bypass the log.
+//! - **Read-your-writes**: reads overlay the cached bytes not yet destaged
+//!   ([`dirty::DirtyMap`]) on what the devices return; the overlay is taken
+//!   *before* the device read, and a record leaves it only once the devices
+//!   have it, so a read never misses an acknowledged write.
+//! - **Ordered destage**: records go to the devices in log order; one round
+//!   writes consecutive records that do not overlap each other concurrently,
+//!   then flushes the devices, then releases their log space (the superblock
+//!   moves the tail, synced, before the space is reused), and only then
+//!   drops them from the dirty map. A failed device write or release is
+//!   retried (with a bounded back-off), never dropped.
+//! - **Back-pressure**: a write that does not fit waits for log space; it
+//!   never fails for lack of it.
+//! - **Write-around**: a write of [`WRITE_AROUND_BYTES_MIN`] or more whose
+//!   range no logged record touches goes straight to the devices (a FLUSH
+//!   then flushes them); large writes gain little from the log and would
+//!   cost its bandwidth twice.
+//! - **Crash**: opening the cache reads the old log back, writes every
+//!   acknowledged record to the devices in order (a torn last batch was
+//!   never acknowledged and is ignored; a damaged record in the middle fails
+//!   the open with file and offset, and nothing is replayed), flushes them,
+//!   and starts a fresh log.
+//!
+//! Not here yet (issue 15): the mirror at the metadata server. Until it
+//! exists the log is the only copy of a cached write, so only this agent can
+//! replay it: the cache is not wired into attach.
+//!
+//! TRIM, WRITE_ZEROES and BLOCK_STATUS first destage everything
+//! acknowledged before them (they must not overtake cached writes, and the
+//! devices' allocation answer must include them), then go to the devices.
+
+pub mod dirty;
+mod log_file;
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use blockio::{BlockDevice, BlockSizes, IoError, MetaContext, StatusExtent, ZeroFlags};
+use bytes::{Bytes, BytesMut};
+use futures::future::join_all;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+use volume_format::cache_log::{LogAppender, ScanError};
+use volume_format::VolumeId;
+
+use dirty::DirtyMap;
+use log_file::LogFile;
+
+/// Smallest log file the cache accepts (the ring must hold several of the
+/// largest records so a write never waits for space it cannot get).
+pub const LOG_BYTES_MIN: u64 = 8 << 20;
+/// Writes are logged in records of at most this many bytes.
+pub const RECORD_CHUNK_BYTES: usize = 1 << 20;
+/// Writes appended with one write + one fdatasync, at most.
+pub const BATCH_WRITES_MAX: usize = 256;
+/// Bytes appended with one write + one fdatasync, at most (a batch stops
+/// taking writes once it has this much).
+pub const BATCH_BYTES_MAX: usize = 8 << 20;
+/// Writes waiting to be appended, at most (senders wait for room).
+pub const WRITES_QUEUED_MAX: usize = 1024;
+/// Records written to the devices in one destage round, at most.
+pub const DESTAGE_RECORDS_MAX: usize = 64;
+/// Writes of at least this many bytes go straight to the devices when no
+/// record in the log touches their range (write-around, as bcache's
+/// sequential cutoff): large writes gain little from the log and would cost
+/// its bandwidth twice. They are then as durable as any device write:
+/// FLUSH flushes the devices after them.
+pub const WRITE_AROUND_BYTES_MIN: usize = 512 << 10;
+/// Back-off between attempts to destage a record the devices refused.
+pub const DESTAGE_RETRY_MIN_MS: u64 = 50;
+pub const DESTAGE_RETRY_MAX_MS: u64 = 5_000;
+
+/// Where a volume's cache log lives and how big it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheConfig {
+    pub log_path: PathBuf,
+    pub log_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cache log {path}: cannot {what}: {message}")]
+    Io { path: String, what: String, message: String },
+    #[error("{0}")]
+    Log(#[from] ScanError),
+    #[error(
+        "cache log {path} belongs to volume {found}, not {expected}: give each volume its own cache log path \
+         (replay the other volume's log by attaching that volume first)"
+    )]
+    OtherVolume { path: String, found: VolumeId, expected: VolumeId },
+    #[error("cache log {path}: {log_bytes} bytes is too small; give it at least {LOG_BYTES_MIN} bytes")]
+    TooSmall { path: String, log_bytes: u64 },
+    #[error("cache log {path}: replaying record {seq} to the devices failed ({message}); the log is kept: retry")]
+    Replay { path: String, seq: u64, message: String },
+}
+
+/// What the cache holds, for status displays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CacheStatus {
+    /// Acknowledged bytes not yet on the devices (overlapping writes count
+    /// once).
+    pub dirty_bytes: u64,
+    /// Log bytes in use, of `log_capacity_bytes`.
+    pub log_used_bytes: u64,
+    pub log_capacity_bytes: u64,
+    /// Records waiting to be destaged.
+    pub records: usize,
+}
+
+struct WriteReq {
+    offset: u64,
+    data: Bytes,
+    done: oneshot::Sender<Result<(), IoError>>,
+}
+
+/// An acknowledged record waiting for the devices.
+#[derive(Clone)]
+struct Queued {
+    seq: u64,
+    pos: u64,
+    offset: u64,
+    data: Bytes,
+}
+
+struct State {
+    appender: LogAppender,
+    dirty: DirtyMap,
+    queue: VecDeque<Queued>,
+    /// First position and sequence number of the batch being written.
+    in_flight: Option<(u64, u64)>,
+    last_destaged_seq: u64,
+    /// The log could not be written: later writes fail with this.
+    failed: Option<String>,
+}
+
+struct Shared {
+    inner: Arc<dyn BlockDevice>,
+    log: LogFile,
+    state: Mutex<State>,
+    space_freed: Notify,
+    work: Notify,
+    destaged: Notify,
+    inner_unflushed: AtomicBool,
+}
+
+impl State {
+    /// Whether a record still in the log touches `[offset, offset+len)`.
+    /// A record leaves the dirty map only once its log space is released,
+    /// and every byte of a record still in the log is in the dirty map or
+    /// was replaced there by a newer record, also still in the log (records
+    /// are released in order).
+    fn logged(&self, offset: u64, len: u64) -> bool {
+        !self.dirty.overlay(offset, len).is_empty()
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug; the state is still the
+        // best record of what is cached, so keep using it.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The cache in front of one volume's data path. Dropping it stops its
+/// tasks at once (what a crash would do: the log keeps what was
+/// acknowledged); [`CachedDevice::close`] destages everything first.
+pub struct CachedDevice {
+    shared: Arc<Shared>,
+    replayed_records: usize,
+    writes: mpsc::Sender<WriteReq>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for CachedDevice {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl CachedDevice {
+    /// Opens the cache of `volume` over `inner`: replays an old log at
+    /// `config.log_path` to `inner` (see the module doc), then starts a
+    /// fresh log there.
+    pub async fn open(
+        inner: Arc<dyn BlockDevice>,
+        volume: VolumeId,
+        config: &CacheConfig,
+    ) -> Result<CachedDevice, CacheError> {
+        let path = config.log_path.display().to_string();
+        if config.log_bytes < LOG_BYTES_MIN {
+            return Err(CacheError::TooSmall { path, log_bytes: config.log_bytes });
+        }
+        let log_path = config.log_path.clone();
+        let (log, existed) = blocking(move || LogFile::open(&log_path)).await?;
+        let (log, replayed_records) = if existed { replay(log, &inner, volume).await? } else { (log, 0) };
+        let log_bytes = config.log_bytes;
+        let (log, appender) = blocking(move || log.create(volume, log_bytes).map(|appender| (log, appender))).await?;
+        let shared = Arc::new(Shared {
+            inner,
+            log,
+            state: Mutex::new(State {
+                appender,
+                dirty: DirtyMap::default(),
+                queue: VecDeque::new(),
+                in_flight: None,
+                last_destaged_seq: 0,
+                failed: None,
+            }),
+            space_freed: Notify::new(),
+            work: Notify::new(),
+            destaged: Notify::new(),
+            inner_unflushed: AtomicBool::new(false),
+        });
+        let (writes, rx) = mpsc::channel(WRITES_QUEUED_MAX);
+        let tasks = vec![tokio::spawn(append_loop(shared.clone(), rx)), tokio::spawn(destage_loop(shared.clone()))];
+        Ok(CachedDevice { shared, replayed_records, writes, tasks })
+    }
+
+    /// Records of an old log written to the devices when the cache opened.
+    pub fn replayed_records(&self) -> usize {
+        self.replayed_records
+    }
+
+    pub fn status(&self) -> CacheStatus {
+        let state = self.shared.lock();
+        CacheStatus {
+            dirty_bytes: state.dirty.bytes(),
+            log_used_bytes: state.appender.ring().used_bytes(),
+            log_capacity_bytes: state.appender.ring().capacity_bytes(),
+            records: state.queue.len(),
+        }
+    }
+
+    /// Waits until every write acknowledged before the call is on the
+    /// devices (and flushed there).
+    pub async fn destage_all(&self) {
+        let target = self.shared.lock().queue.back().map(|q| q.seq);
+        let Some(target) = target else { return };
+        loop {
+            let notified = self.shared.destaged.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.shared.lock().last_destaged_seq >= target {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Destages everything, then stops.
+    pub async fn close(self) {
+        self.destage_all().await;
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, CacheError> + Send + 'static,
+) -> Result<T, CacheError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(CacheError::Io { path: String::new(), what: "run a file operation".into(), message: e.to_string() })
+    })
+}
+
+/// Writes every acknowledged record of the old log to `inner`, in order,
+/// and flushes it. Nothing is written when the scan finds damage.
+async fn replay(log: LogFile, inner: &Arc<dyn BlockDevice>, volume: VolumeId) -> Result<(LogFile, usize), CacheError> {
+    let (log, scanned) = blocking(move || log.scan(volume).map(|scanned| (log, scanned))).await?;
+    let path = log.path.display().to_string();
+    let log = Arc::new(log);
+    for record in &scanned.records {
+        let (reader, record) = (log.clone(), *record);
+        let data = blocking(move || reader.read_record(&record).map_err(CacheError::Log)).await?;
+        let failed =
+            |e: IoError| CacheError::Replay { path: path.clone(), seq: record.header.seq, message: e.to_string() };
+        inner.write(record.header.offset, Bytes::from(data), false).await.map_err(failed)?;
+    }
+    if let Some(last) = scanned.records.last() {
+        inner.flush().await.map_err(|e| CacheError::Replay {
+            path: path.clone(),
+            seq: last.header.seq,
+            message: format!("flush: {e}"),
+        })?;
+        info!(log = %path, records = scanned.records.len(), "cache log replayed to the devices");
+    }
+    Ok((Arc::into_inner(log).expect("the replay's readers are done"), scanned.records.len()))
+}
+
+/// Takes queued writes in batches: place them in the log, write + sync
+/// once, then make them visible to reads and the destager, and acknowledge.
+async fn append_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<WriteReq>) {
+    let mut pending: VecDeque<WriteReq> = VecDeque::new();
+    loop {
+        if pending.is_empty() {
+            match rx.recv().await {
+                Some(write) => pending.push_back(write),
+                None => return,
+            }
+        }
+        let mut bytes: usize = pending.iter().map(|w| w.data.len()).sum();
+        while pending.len() < BATCH_WRITES_MAX && bytes < BATCH_BYTES_MAX {
+            match rx.try_recv() {
+                Ok(write) => {
+                    bytes += write.data.len();
+                    pending.push_back(write);
+                }
+                Err(_) => break,
+            }
+        }
+        let (batch, taken) = {
+            let mut state = shared.lock();
+            if let Some(reason) = &state.failed {
+                let reason = reason.clone();
+                drop(state);
+                for write in pending.drain(..) {
+                    let _ = write.done.send(Err(IoError::io(reason.clone())));
+                }
+                continue;
+            }
+            let mut batch = state.appender.begin_batch();
+            let mut taken = 0;
+            let mut batch_bytes = 0;
+            for write in pending.iter().take(BATCH_WRITES_MAX) {
+                if batch_bytes >= BATCH_BYTES_MAX || !state.appender.push(&mut batch, write.offset, &write.data) {
+                    break;
+                }
+                batch_bytes += write.data.len();
+                taken += 1;
+            }
+            if taken > 0 {
+                state.in_flight = Some((batch.regions[0].pos, batch.first_seq));
+            }
+            (batch, taken)
+        };
+        if taken == 0 {
+            // The log is full: wait for the destager to release space.
+            shared.space_freed.notified().await;
+            continue;
+        }
+        let taken: Vec<WriteReq> = pending.drain(..taken).collect();
+        let writer = shared.clone();
+        let written = blocking(move || writer.log.append(&batch).map(|()| batch)).await;
+        match written {
+            Ok(batch) => {
+                {
+                    let mut state = shared.lock();
+                    for (record, write) in batch.records.iter().zip(&taken) {
+                        state.dirty.insert(write.offset, write.data.clone(), record.seq);
+                        state.queue.push_back(Queued {
+                            seq: record.seq,
+                            pos: record.pos,
+                            offset: write.offset,
+                            data: write.data.clone(),
+                        });
+                    }
+                    state.in_flight = None;
+                }
+                shared.work.notify_one();
+                for write in taken {
+                    let _ = write.done.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                let reason = format!("{e}; the volume's cache cannot take writes: detach the volume and fix the log");
+                warn!(%reason, "cache log append failed");
+                {
+                    let mut state = shared.lock();
+                    state.failed = Some(reason.clone());
+                    state.in_flight = None;
+                }
+                for write in taken {
+                    let _ = write.done.send(Err(IoError::io(reason.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// The records of the next destage round: consecutive from the oldest,
+/// none overlapping another (so they may be written concurrently without
+/// reordering writes to the same bytes).
+fn next_round(queue: &VecDeque<Queued>) -> Vec<Queued> {
+    let mut round: Vec<Queued> = Vec::new();
+    for record in queue.iter().take(DESTAGE_RECORDS_MAX) {
+        let end = record.offset + record.data.len() as u64;
+        if round.iter().any(|r| r.offset < end && record.offset < r.offset + r.data.len() as u64) {
+            break;
+        }
+        round.push(record.clone());
+    }
+    round
+}
+
+/// Writes acknowledged records to the devices in order, then releases
+/// their log space (see the module doc).
+async fn destage_loop(shared: Arc<Shared>) {
+    let mut retry_ms = DESTAGE_RETRY_MIN_MS;
+    loop {
+        let round = next_round(&shared.lock().queue);
+        if round.is_empty() {
+            shared.work.notified().await;
+            continue;
+        }
+        let results = join_all(round.iter().map(|r| shared.inner.write(r.offset, r.data.clone(), false))).await;
+        let failure = match results.into_iter().find_map(Result::err) {
+            Some(e) => Some(e),
+            None => shared.inner.flush().await.err(),
+        };
+        if let Some(e) = failure {
+            warn!(error = %e, retry_ms, "destaging cached writes failed; retrying (they stay in the cache log)");
+            tokio::time::sleep(Duration::from_millis(retry_ms)).await;
+            retry_ms = (retry_ms * 2).min(DESTAGE_RETRY_MAX_MS);
+            continue;
+        }
+        retry_ms = DESTAGE_RETRY_MIN_MS;
+        // The round stays in the queue and the dirty map until its log space
+        // is released: a record still in the log would be replayed over
+        // anything written around it (see `State::logged`).
+        let superblock = {
+            let mut state = shared.lock();
+            let (tail_pos, tail_seq) = match (state.queue.get(round.len()), state.in_flight) {
+                (Some(next), _) => (next.pos, next.seq),
+                (None, Some(in_flight)) => in_flight,
+                (None, None) => (state.appender.ring().head(), state.appender.next_seq()),
+            };
+            state.appender.release_superblock(tail_pos, tail_seq)
+        };
+        let writer = shared.clone();
+        if let Err(e) = blocking(move || writer.log.write_superblock(&superblock)).await {
+            // The records are on the devices; the next round writes them
+            // again and retries the release.
+            warn!(error = %e, retry_ms, "cannot release cache log space; retrying");
+            tokio::time::sleep(Duration::from_millis(retry_ms)).await;
+            retry_ms = (retry_ms * 2).min(DESTAGE_RETRY_MAX_MS);
+            continue;
+        }
+        {
+            let mut state = shared.lock();
+            for record in &round {
+                let front = state.queue.pop_front().expect("the round came from the queue");
+                debug_assert_eq!(front.seq, record.seq);
+                state.dirty.destaged(record.offset, record.data.len() as u64, record.seq);
+            }
+            state.appender.released(superblock.tail_pos);
+            state.last_destaged_seq = round.last().expect("a round is not empty").seq;
+        }
+        shared.space_freed.notify_one();
+        shared.destaged.notify_waiters();
+    }
+}
+
+#[async_trait]
+impl BlockDevice for CachedDevice {
+    fn size(&self) -> u64 {
+        self.shared.inner.size()
+    }
+
+    fn block_sizes(&self) -> BlockSizes {
+        self.shared.inner.block_sizes()
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.shared.inner.is_read_only()
+    }
+
+    fn can_multi_conn(&self) -> bool {
+        self.shared.inner.can_multi_conn()
+    }
+
+    fn can_trim(&self) -> bool {
+        self.shared.inner.can_trim()
+    }
+
+    fn can_fast_zero(&self) -> bool {
+        self.shared.inner.can_fast_zero()
+    }
+
+    fn meta_contexts(&self) -> Vec<String> {
+        self.shared.inner.meta_contexts()
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+        blockio::error::check_range(offset, len as u64, self.size())?;
+        // Taken before the device read: see the module doc.
+        let overlay = self.shared.lock().dirty.overlay(offset, len as u64);
+        let covered: u64 = overlay.iter().map(|(_, data)| data.len() as u64).sum();
+        let mut out = if covered == len as u64 {
+            BytesMut::zeroed(len as usize)
+        } else {
+            BytesMut::from(&self.shared.inner.read(offset, len).await?[..])
+        };
+        for (at, data) in overlay {
+            let start = (at - offset) as usize;
+            out[start..start + data.len()].copy_from_slice(&data);
+        }
+        Ok(out.freeze())
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> Result<(), IoError> {
+        blockio::error::check_range(offset, data.len() as u64, self.size())?;
+        if self.is_read_only() {
+            return self.shared.inner.write(offset, data, _fua).await;
+        }
+        if data.len() >= WRITE_AROUND_BYTES_MIN && !self.shared.lock().logged(offset, data.len() as u64) {
+            // See WRITE_AROUND_BYTES_MIN. Why only when no record overlaps:
+            // an older record destaged (or replayed) after this write would
+            // put old bytes over it.
+            self.shared.inner.write(offset, data, _fua).await?;
+            self.shared.inner_unflushed.store(true, Ordering::SeqCst);
+            return Ok(());
+        }
+        let mut acks = Vec::new();
+        let mut at = 0;
+        while at < data.len() {
+            let chunk = data.slice(at..data.len().min(at + RECORD_CHUNK_BYTES));
+            let (done, ack) = oneshot::channel();
+            let write = WriteReq { offset: offset + at as u64, data: chunk, done };
+            at += write.data.len();
+            self.writes.send(write).await.map_err(|_| IoError::io("the volume's cache has stopped"))?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await.map_err(|_| IoError::io("the volume's cache stopped before the write was logged"))??;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), IoError> {
+        // Acknowledged writes are already durable in the log; only TRIM and
+        // WRITE_ZEROES went to the devices directly.
+        if self.shared.inner_unflushed.swap(false, Ordering::SeqCst) {
+            if let Err(e) = self.shared.inner.flush().await {
+                self.shared.inner_unflushed.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
+        self.destage_all().await;
+        self.shared.inner.trim(offset, len, fua).await?;
+        // Set after completion: a FLUSH that cleared it earlier did not
+        // cover this request.
+        self.shared.inner_unflushed.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
+        self.destage_all().await;
+        self.shared.inner.write_zeroes(offset, len, flags).await?;
+        self.shared.inner_unflushed.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn block_status(&self, context: &MetaContext, offset: u64, len: u32) -> Result<Vec<StatusExtent>, IoError> {
+        self.destage_all().await;
+        self.shared.inner.block_status(context, offset, len).await
+    }
+
+    async fn cache(&self, offset: u64, len: u32) -> Result<(), IoError> {
+        self.shared.inner.cache(offset, len).await
+    }
+}

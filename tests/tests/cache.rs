@@ -1,0 +1,226 @@
+//! The agent's write-back cache with real processes: `cache_serve` (the
+//! cache in front of an nbdkit device, served over NBD) is killed with
+//! SIGKILL while its cache is dirty, and the device file is read back
+//! directly. The device sits behind nbdkit's `delay` filter (1 s per write)
+//! so acknowledged writes are still only in the cache log at the kill; a
+//! restart over the same device without the delay replays the log.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use blockio::client::{ClientOptions, NbdClient};
+use blockio::uri::NbdUri;
+use blockio::BlockDevice;
+use bytes::Bytes;
+use sanvol_tests::peers::{self, Peer};
+use sanvol_tests::system::{example_bin, Proc};
+use tokio::sync::mpsc;
+
+const DEVICE_BYTES: u64 = 64 << 20;
+const SLOT_BYTES: u64 = 64 << 10;
+const SLOTS: u64 = 24;
+
+struct Rig {
+    dir: tempfile::TempDir,
+    image: PathBuf,
+    nbdkit: Option<Peer>,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let dir = tempfile::Builder::new().prefix("sanvol-cache-").tempdir().unwrap();
+        let image = peers::sparse_file(dir.path(), DEVICE_BYTES);
+        Rig { dir, image, nbdkit: None }
+    }
+
+    /// (Re)starts nbdkit over the image, with `delay-write=1s` or without.
+    fn device(&mut self, slow: bool) -> NbdUri {
+        self.nbdkit = None; // killed by PID on drop
+        let image = self.image.display().to_string();
+        let peer = if slow {
+            peers::nbdkit(&["--filter=delay", "file", &image, "delay-write=1000ms"])
+        } else {
+            peers::nbdkit(&["file", &image])
+        };
+        let uri = peer.uri();
+        self.nbdkit = Some(peer);
+        uri
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("vol.cachelog")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("cache.sock")
+    }
+
+    fn cache_serve(&self, device: &NbdUri) -> Proc {
+        let mut cmd = Command::new(example_bin("cache_serve"));
+        cmd.arg("--unix").arg(self.socket()).arg("--device").arg(device.to_string());
+        cmd.arg("--log").arg(self.log_path()).arg("--log-mib").arg("32");
+        let log = self.dir.path().join(format!("cache_serve.{}.log", std::process::id()));
+        Proc::spawn("cache_serve", cmd, log)
+    }
+
+    fn cache_serve_ready(&self, device: &NbdUri) -> Proc {
+        let mut p = self.cache_serve(device);
+        p.wait_listening(&self.socket());
+        p
+    }
+
+    async fn client(&self) -> NbdClient {
+        let uri = NbdUri::unix(self.socket(), "");
+        NbdClient::connect(&uri, ClientOptions::default()).await.expect("connect to cache_serve")
+    }
+
+    fn image_bytes(&self) -> Vec<u8> {
+        std::fs::read(&self.image).unwrap()
+    }
+}
+
+/// Write `slot` of `round`: inside its slot (so one round's writes never
+/// overlap and may run concurrently), overlapping other rounds' writes.
+fn round_write(round: u64, slot: u64) -> (u64, Vec<u8>) {
+    let offset = slot * SLOT_BYTES + (round * 4096 + slot * 512) % (SLOT_BYTES / 2);
+    let len = 4096 + ((round * 7 + slot * 3) % 7) * 4096;
+    let data = (0..len).map(|i| (round * 101 + slot * 13 + i / 512) as u8 ^ 0x5a).collect();
+    (offset, data)
+}
+
+fn apply(model: &mut [u8], (offset, data): &(u64, Vec<u8>)) {
+    model[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+}
+
+/// Runs `rounds` full rounds (every write acknowledged), then launches one
+/// more and reports each of its acknowledgements on the returned channel.
+async fn write_rounds(client: Arc<NbdClient>, rounds: u64) -> (Vec<u8>, mpsc::UnboundedReceiver<u64>) {
+    let mut model = vec![0u8; (SLOTS * SLOT_BYTES) as usize];
+    for round in 0..rounds {
+        let writes = (0..SLOTS).map(|slot| {
+            let client = client.clone();
+            let write = round_write(round, slot);
+            async move { client.write(write.0, Bytes::from(write.1), false).await }
+        });
+        for result in futures::future::join_all(writes).await {
+            result.expect("a cached write is acknowledged");
+        }
+        for slot in 0..SLOTS {
+            apply(&mut model, &round_write(round, slot));
+        }
+    }
+    let (acked, rx) = mpsc::unbounded_channel();
+    for slot in 0..SLOTS {
+        let (client, acked) = (client.clone(), acked.clone());
+        tokio::spawn(async move {
+            let (offset, data) = round_write(rounds, slot);
+            if client.write(offset, Bytes::from(data), false).await.is_ok() {
+                let _ = acked.send(slot);
+            }
+        });
+    }
+    (model, rx)
+}
+
+/// Ranges of `model` the device must hold: everything but the unacknowledged
+/// writes of the last round (which may or may not have landed).
+fn check_device(image: &[u8], model: &[u8], last_round: u64, acked: &[u64]) -> Result<(), String> {
+    let mut expected = model.to_vec();
+    let mut unknown = vec![false; model.len()];
+    for slot in 0..SLOTS {
+        let write = round_write(last_round, slot);
+        if acked.contains(&slot) {
+            apply(&mut expected, &write);
+        } else {
+            unknown[write.0 as usize..write.0 as usize + write.1.len()].fill(true);
+        }
+    }
+    for (at, (&want, &unknown)) in expected.iter().zip(&unknown).enumerate() {
+        if !unknown && image[at] != want {
+            return Err(format!("device byte {at} is {:#04x}, the acknowledged write put {want:#04x}", image[at]));
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_a_dirty_cache_then_restart_replays_every_acknowledged_write() {
+    let mut rig = Rig::new();
+    let slow = rig.device(true);
+    let mut server = rig.cache_serve_ready(&slow);
+    let client = Arc::new(rig.client().await);
+    let (model, mut acks) = write_rounds(client.clone(), 4).await;
+    // Kill while the fifth round is in flight, after some of it was acknowledged.
+    let mut acked = Vec::new();
+    while acked.len() < 6 {
+        acked.push(acks.recv().await.expect("the fifth round's writes are acknowledged"));
+    }
+    server.kill();
+    while let Ok(slot) = acks.try_recv() {
+        acked.push(slot);
+    }
+    drop(client);
+    rig.nbdkit = None; // the slow device goes too (its delayed writes with it)
+
+    let before = rig.image_bytes();
+    assert!(
+        check_device(&before, &model, 4, &acked).is_err(),
+        "every acknowledged write reached the 1 s-per-write device before the kill: the test did not exercise \
+         the cache log"
+    );
+
+    let fast = rig.device(false);
+    let mut server = rig.cache_serve_ready(&fast);
+    assert!(!server.log().contains(": 0 records replayed"), "{}", server.log());
+    server.terminate();
+    let after = rig.image_bytes();
+    if let Err(e) = check_device(&after, &model, 4, &acked) {
+        panic!("after the replay: {e}; cache_serve log:\n{}", server.log());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_log_record_is_reported_and_nothing_is_destaged() {
+    let mut rig = Rig::new();
+    let slow = rig.device(true);
+    let mut server = rig.cache_serve_ready(&slow);
+    let client = rig.client().await;
+    // One write at a time: each its own batch, so a damaged first record has
+    // later batches after it.
+    for slot in 0..8 {
+        let (offset, data) = round_write(0, slot);
+        client.write(offset, Bytes::from(data), false).await.unwrap();
+    }
+    server.kill();
+    drop(client);
+    rig.nbdkit = None;
+
+    let log_path = rig.log_path();
+    let file = std::fs::File::open(&log_path).unwrap();
+    let scanned = volume_format::cache_log::scan(&file, "log").expect("the log is intact before the flip");
+    assert!(scanned.records.len() >= 2, "{} records", scanned.records.len());
+    let damaged = scanned.records[0].pos;
+    flip_byte(&log_path, damaged + 64 + 1000);
+
+    let before = rig.image_bytes();
+    let fast = rig.device(false);
+    let mut server = rig.cache_serve(&fast);
+    let status = server.wait_exit_within(std::time::Duration::from_secs(30));
+    assert!(!status.success(), "cache_serve started over a damaged log; log:\n{}", server.log());
+    let log = server.log();
+    assert!(
+        log.contains(&format!("corrupt at file offset {damaged}")) && log.contains(&log_path.display().to_string()),
+        "the error names the file and the offset:\n{log}"
+    );
+    assert!(rig.image_bytes() == before, "nothing from the damaged log reached the device");
+}
+
+fn flip_byte(path: &Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, at).unwrap();
+    byte[0] ^= 0x10;
+    file.write_all_at(&byte, at).unwrap();
+}
