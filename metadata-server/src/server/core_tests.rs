@@ -1062,6 +1062,7 @@ fn device_add_labels_then_commits_and_remove_is_refused_for_data_and_metadata_co
     let config = CoreConfig {
         lease_ms: LEASE_MS,
         durable_ms: 0,
+        device_request_max_ms: 0,
         grace_ms: 0,
         key: Arc::new(SigningKey::from_bytes(&[7; 32])),
         entropy: Box::new(Zeros),
