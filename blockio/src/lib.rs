@@ -5,6 +5,7 @@
 //! `volume-format` to build the product.
 //!
 //! # Layout
+//! - [`clock`]: the lease clock (`CLOCK_BOOTTIME`), which counts VM pauses.
 //! - [`device`]: the [`BlockDevice`] trait every data path is written against.
 //! - [`error`]: [`IoError`], an NBD-errno-shaped error every device returns.
 //! - [`buffer_pool`]: reused buffers for large payloads (no page faults per
@@ -20,6 +21,7 @@
 //! - [`server`]: the NBD server that serves any [`BlockDevice`].
 
 pub mod buffer_pool;
+pub mod clock;
 pub mod device;
 pub mod error;
 pub mod file;

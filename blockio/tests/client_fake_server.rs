@@ -515,6 +515,34 @@ async fn timeout_then_late_reply_is_discarded_quietly() {
     server.await.unwrap();
 }
 
+/// The agent's device connections (`timeout_closes_connection`): a request
+/// that timed out closes its connection — nothing more is read from it (a
+/// late reply is never taken as an answer), the server sees the socket
+/// closed, and later requests fail as on a dead connection.
+#[tokio::test]
+async fn a_timeout_closes_the_connection_when_asked_to() {
+    let opts = ClientOptions {
+        request_timeout: Some(Duration::from_millis(100)),
+        timeout_closes_connection: true,
+        ..ClientOptions::default()
+    };
+    let (client, server) = with_fake(opts, "", |mut f| async move {
+        f.handshake(MODERN).await;
+        let (stuck, _) = f.request().await;
+        assert_eq!(stuck.command, proto::CMD_WRITE);
+        // Not answered: the client gives up and closes the socket.
+        let mut rest = Vec::new();
+        let _ = f.s.read_to_end(&mut rest).await;
+        assert!(rest.is_empty(), "nothing more was sent: {rest:?}");
+    })
+    .await;
+    let client = client.unwrap();
+    let e = bounded(client.write(0, Bytes::from(vec![1u8; 512]), false)).await.unwrap_err();
+    assert!(e.message.contains("timed out"), "{e}");
+    bounded(server).await.unwrap();
+    assert_eq!(bounded(client.read(0, 512)).await.unwrap_err().kind, IoErrorKind::Shutdown);
+}
+
 #[tokio::test]
 async fn disconnect_is_not_stalled_by_an_abandoned_request() {
     let opts = ClientOptions { request_timeout: Some(Duration::from_millis(100)), ..ClientOptions::default() };
@@ -551,11 +579,11 @@ async fn a_write_past_its_send_deadline_fails_fenced_and_never_reaches_the_serve
     })
     .await;
     let client = client.unwrap();
-    let later = tokio::time::Instant::now() + Duration::from_secs(60);
+    let later = blockio::clock::LeaseInstant::now() + Duration::from_secs(60);
     bounded(blockio::client::with_send_deadline(later, client.write(0, Bytes::from(vec![1u8; 512]), false)))
         .await
         .unwrap();
-    let passed = tokio::time::Instant::now();
+    let passed = blockio::clock::LeaseInstant::now();
     let fenced = |r: Result<(), IoError>| {
         let e = r.expect_err("past its send deadline");
         assert_eq!(e.kind, IoErrorKind::Fenced, "{e}");

@@ -52,7 +52,9 @@ pub struct PoolOptions {
     /// Connections per device (used only if the device's server advertises
     /// multi-conn). More connections buy parallelism in the device's server.
     pub connections_per_device: usize,
-    /// A device request without a reply after this long fails.
+    /// A device request without a reply after this long fails, and its
+    /// connection is closed (the fencing timing rules,
+    /// `volume_format::fencing`): the longest device request.
     pub request_timeout: Option<Duration>,
     pub connect_timeout: Duration,
     /// Check each device's label against the description on connect.
@@ -66,7 +68,7 @@ impl Default for PoolOptions {
     fn default() -> PoolOptions {
         PoolOptions {
             connections_per_device: 2,
-            request_timeout: Some(Duration::from_secs(60)),
+            request_timeout: Some(Duration::from_millis(volume_format::fencing::DEVICE_REQUEST_MAX_MS_DEFAULT)),
             connect_timeout: Duration::from_secs(10),
             verify_labels: true,
             uri_map: HashMap::new(),
@@ -309,6 +311,12 @@ impl PooledDevice {
         }
     }
 
+    /// The longest a request on the direct path may take
+    /// ([`PoolOptions::request_timeout`]), if bounded.
+    pub fn request_max(&self) -> Option<Duration> {
+        self.opts.request_timeout
+    }
+
     /// One probe of the direct path: a fresh connection with the label check.
     pub async fn probe(&self) -> bool {
         self.client().await.is_ok()
@@ -340,6 +348,7 @@ impl PooledDevice {
         let opts = ClientOptions {
             connections: self.opts.connections_per_device,
             request_timeout: self.opts.request_timeout,
+            timeout_closes_connection: true,
             connect_timeout: self.opts.connect_timeout,
             ..ClientOptions::default()
         };

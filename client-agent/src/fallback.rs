@@ -35,14 +35,19 @@
 //! reach either, or an NBD error the server returns, fail the request as
 //! before.
 //!
-//! Known limit: a write that timed out on the direct path may still be
-//! queued inside the device's NBD server and land later. If the application
-//! overwrote the same block meanwhile (after the re-sent write was
-//! acknowledged), the late copy could win. A cut or reset connection does not
-//! do this (nothing more is read from it); a device server that stalls with
-//! requests already received can. Fencing the old connection at the device
-//! (or ordering through the server's connection) is future work.
-//!
+//! Why a failed write is re-sent only once the longest device request has
+//! passed since it was sent directly: a write that timed out (or whose
+//! connection broke) may still be queued inside the device's NBD server and
+//! land later — after the copy re-sent through the server, and after a newer
+//! write to the same block. A device server executes a request within the
+//! longest device request time or never (the fencing timing rules,
+//! `volume_format::fencing`), so once that time has passed since the direct
+//! send, the direct copy has landed or never will, and the re-sent copy is
+//! the last. A direct request times out at that same time
+//! ([`crate::devices::PoolOptions::request_timeout`]), so the wait costs
+//! nothing then; writes that failed early with it (their connection closed
+//! under them) wait the rest. Later requests go through the server at once.
+
 //! When the server cannot reach the device either, it marks the device failed
 //! in the pool metadata (committed before it answers) and publishes the
 //! layout with the device offline. The device's [`FallbackDevice::marked_failed`]
@@ -377,6 +382,19 @@ impl FallbackDevice {
 
     /// The data channel, opened if need be; while the server cannot serve
     /// one, waits and retries until `deadline` (see the module docs).
+    /// Waits until a data-changing request sent directly at `sent` can no
+    /// longer land (the longest device request has passed since), before
+    /// its copy goes through the server (see the module docs).
+    async fn wait_out_direct_copy(&self, sent: blockio::clock::LeaseInstant) {
+        let Some(max) = self.direct.request_max() else { return };
+        let safe = sent + max;
+        if !safe.has_passed() {
+            info!(device = %self.direct.name(), volume = self.volume, wait_ms = safe.remaining().as_millis() as u64,
+                "a failed write waits out its direct copy before going through the server");
+            safe.sleep_until().await;
+        }
+    }
+
     async fn channel(&self, deadline: tokio::time::Instant) -> Result<(u64, NbdClient), IoError> {
         let mut slot = self.channel.lock().await;
         if let Some((n, c)) = slot.as_ref() {
@@ -441,13 +459,19 @@ impl FallbackDevice {
 }
 
 macro_rules! with_fallback {
-    ($self:ident, |$dev:ident| $op:expr) => {{
+    ($self:ident, $changes_data:expr, |$dev:ident| $op:expr) => {{
         if $self.direct.path().is_direct() {
             let $dev: &PooledDevice = &$self.direct;
+            let sent = blockio::clock::LeaseInstant::now();
             match $op.await {
                 Ok(v) => return Ok(v),
                 Err(e) if !is_path_error(&e) => return Err(e),
-                Err(e) => $self.direct.direct_failed(&e.message),
+                Err(e) => {
+                    $self.direct.direct_failed(&e.message);
+                    if $changes_data {
+                        $self.wait_out_direct_copy(sent).await;
+                    }
+                }
             }
         }
         let deadline = tokio::time::Instant::now() + FALLBACK_HOLD_MAX;
@@ -486,31 +510,31 @@ impl BlockDevice for FallbackDevice {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
-        with_fallback!(self, |d| d.read(offset, len))
+        with_fallback!(self, false, |d| d.read(offset, len))
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
-        with_fallback!(self, |d| d.write(offset, data.clone(), fua))
+        with_fallback!(self, true, |d| d.write(offset, data.clone(), fua))
     }
 
     async fn flush(&self) -> Result<(), IoError> {
-        with_fallback!(self, |d| d.flush())
+        with_fallback!(self, false, |d| d.flush())
     }
 
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
-        with_fallback!(self, |d| d.trim(offset, len, fua))
+        with_fallback!(self, true, |d| d.trim(offset, len, fua))
     }
 
     async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
-        with_fallback!(self, |d| d.write_zeroes(offset, len, flags))
+        with_fallback!(self, true, |d| d.write_zeroes(offset, len, flags))
     }
 
     async fn block_status(&self, context: &MetaContext, offset: u64, len: u32) -> Result<Vec<StatusExtent>, IoError> {
-        with_fallback!(self, |d| d.block_status(context, offset, len))
+        with_fallback!(self, false, |d| d.block_status(context, offset, len))
     }
 
     async fn cache(&self, offset: u64, len: u32) -> Result<(), IoError> {
-        with_fallback!(self, |d| d.cache(offset, len))
+        with_fallback!(self, false, |d| d.cache(offset, len))
     }
 }
 

@@ -31,7 +31,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use blockio::{IoError, IoErrorKind};
 use tokio::sync::Notify;
-use tokio::time::Instant;
+// Leases run on the lease clock (`CLOCK_BOOTTIME`): a VM pause counts.
+use blockio::clock::LeaseInstant as Instant;
 
 /// Why the gate refuses an I/O or an operation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

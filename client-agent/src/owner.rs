@@ -32,7 +32,9 @@ use std::time::Duration;
 use blockio::BlockDevice;
 use control_client::{ControlAddr, ControlClient, ControlClientError};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::time::Instant;
+// The core's milliseconds are on the lease clock (`CLOCK_BOOTTIME`): a VM
+// pause counts, so leases run out through it as they do at the server.
+use blockio::clock::LeaseInstant as Instant;
 use tracing::{info, warn, Instrument};
 use volume_format::control::auth::Role;
 use volume_format::control::messages::{OpenMode, ServerEvent};
@@ -130,7 +132,7 @@ struct Runtime {
 /// The owner task's state.
 pub(crate) struct Shell {
     core: AgentCore,
-    /// Where the core's milliseconds start.
+    /// Where the core's milliseconds start (on the lease clock).
     origin: Instant,
     /// Commands, server events, registrations.
     inbox: mpsc::Receiver<ToOwner>,
@@ -627,7 +629,7 @@ impl Shell {
 
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
+        Some(at) => at.sleep_until().await,
         None => std::future::pending().await,
     }
 }

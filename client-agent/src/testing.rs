@@ -78,7 +78,7 @@ impl BlockDevice for TestDevice {
             gate.acquire().await.unwrap().forget();
         }
         // As an NBD connection does right before sending.
-        if blockio::client::send_deadline().is_some_and(|d| tokio::time::Instant::now() >= d) {
+        if blockio::client::send_deadline().is_some_and(|d| d.has_passed()) {
             return Err(IoError::new(blockio::IoErrorKind::Fenced, "not sent: the send deadline had passed"));
         }
         self.writes.fetch_add(1, Ordering::SeqCst);

@@ -321,13 +321,20 @@ impl VolumeDevice {
     /// the volume's next holder's data. A request that was too late was not
     /// sent; it is sent again once the lease is renewed.
     /// `lease_until` is the gate's lease as the caller read it.
-    async fn under_lease<T, F, Fut>(&self, lease_until: Option<tokio::time::Instant>, op: F) -> Result<T, IoError>
+    async fn under_lease<T, F, Fut>(
+        &self,
+        lease_until: Option<blockio::clock::LeaseInstant>,
+        op: F,
+    ) -> Result<T, IoError>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, IoError>>,
     {
-        // A test stops the agent here (`agent-before-device-write:stop`): admitted, not sent.
-        control_client::fault::hit("agent-before-device-write");
+        // A test stops the agent here (`agent-before-device-write:stop`):
+        // admitted, not sent; or jumps its lease clock (`:jump=MS`, a VM pause).
+        if let Some(pause) = control_client::fault::hit("agent-before-device-write") {
+            blockio::clock::jump(pause);
+        }
         let mut deadline = lease_until;
         loop {
             let Some(until) = deadline else { return op().await };
@@ -592,9 +599,9 @@ mod tests {
     use std::sync::atomic::Ordering;
     use std::time::Duration;
 
+    use blockio::clock::LeaseInstant as Instant;
     use blockio::proto::{STATE_HOLE, STATE_ZERO};
     use tokio::sync::Semaphore;
-    use tokio::time::Instant;
 
     use super::*;
     use crate::testing::{self, description, pattern, placement, TestDevice, EXTENT};

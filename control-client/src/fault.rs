@@ -10,7 +10,10 @@
 //! `POINT:stop` (or `POINT:stop@N`) stops the process instead (SIGSTOP, as a
 //! debugger or a stalled host would), so a test can act while it is frozen
 //! there — cut its connection between two protocol steps — and then let it
-//! go on (SIGCONT). Unset (the normal case) costs one load of a cached value.
+//! go on (SIGCONT). `POINT:jump=MS` (or `POINT:jump=MS@N`) neither kills nor
+//! stops: [`hit`] returns that duration and the caller moves its lease clock
+//! on by it (`blockio::clock::jump`), standing for a VM pause of that length
+//! right there. Unset (the normal case) costs one load of a cached value.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -20,6 +23,8 @@ use std::sync::OnceLock;
 struct Armed {
     point: String,
     stop: bool,
+    /// A clock jump instead of a kill or a stop.
+    jump_ms: Option<u64>,
     on_hit: u64,
     hits: AtomicU64,
 }
@@ -45,15 +50,24 @@ fn parse(spec: &str) -> Option<Armed> {
         Some(point) => (point, true),
         None => (point, false),
     };
-    Some(Armed { point: point.to_string(), stop, on_hit, hits: AtomicU64::new(0) })
+    let (point, jump_ms) = match point.split_once(":jump=") {
+        Some((point, ms)) => (point, Some(ms.parse().ok()?)),
+        None => (point, None),
+    };
+    Some(Armed { point: point.to_string(), stop, jump_ms, on_hit, hits: AtomicU64::new(0) })
 }
 
 /// Kills this process with SIGKILL (or stops it with SIGSTOP) if `point` is
-/// armed (and this is the hit it is armed for).
-pub fn hit(point: &str) {
-    let Some(a) = armed().iter().find(|a| a.point == point) else { return };
+/// armed (and this is the hit it is armed for); returns the clock jump a
+/// `:jump=MS` point asks for.
+pub fn hit(point: &str) -> Option<std::time::Duration> {
+    let a = armed().iter().find(|a| a.point == point)?;
     if a.hits.fetch_add(1, Ordering::SeqCst) + 1 != a.on_hit {
-        return;
+        return None;
+    }
+    if let Some(ms) = a.jump_ms {
+        eprintln!("SANVOL_FAULT: reached {point}; the lease clock jumps {ms} ms (a VM pause)");
+        return Some(std::time::Duration::from_millis(ms));
     }
     if a.stop {
         eprintln!("SANVOL_FAULT: reached {point}; stopping this process (SIGSTOP) until SIGCONT");
@@ -68,6 +82,7 @@ pub fn hit(point: &str) {
             libc::kill(libc::getpid(), libc::SIGKILL);
         }
     }
+    None
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 //! lease_ms = 10000
 //! durable_ms = 30000
 //! grace_ms = 40000
+//! device_request_max_ms = 5000   # at least every agent's --device-request-max-ms
 //! channel_mode_min = "integrity"   # or "encrypted": refuse integrity-only channels
 //! log = "info"
 //! # One active server per pool (a disk lease); standbys run the same config
@@ -76,6 +77,8 @@ struct RawConfig {
     lease_ms: Option<u64>,
     #[serde(default)]
     durable_ms: Option<u64>,
+    #[serde(default)]
+    device_request_max_ms: Option<u64>,
     #[serde(default)]
     grace_ms: Option<u64>,
     #[serde(default)]
@@ -154,6 +157,11 @@ pub struct Config {
     pub lease_ms: u64,
     /// How long past its lease a handle stays reserved for a resume.
     pub durable_ms: u64,
+    /// The longest an agent's device request may take: nothing about a
+    /// holder is acted on (break, release, exclusion from a recall) before
+    /// its lease + this has passed (`volume_format::fencing`). At least
+    /// every agent's `--device-request-max-ms`.
+    pub device_request_max_ms: u64,
     /// After a restart, how long only resumes are served (default: lease +
     /// durable time, the longest a handle from before could still be resumed
     /// without conflict). Ends early once every handle was resumed or closed.
@@ -222,6 +230,13 @@ impl Config {
         if durable_ms > DURABLE_MS_MAX {
             return Err(format!("durable_ms = {durable_ms} is above the maximum {DURABLE_MS_MAX}"));
         }
+        let device_request_max_ms =
+            raw.device_request_max_ms.unwrap_or(volume_format::fencing::DEVICE_REQUEST_MAX_MS_DEFAULT);
+        let (min, max) =
+            (volume_format::fencing::DEVICE_REQUEST_MAX_MS_MIN, volume_format::fencing::DEVICE_REQUEST_MAX_MS_MAX);
+        if !(min..=max).contains(&device_request_max_ms) {
+            return Err(format!("device_request_max_ms = {device_request_max_ms} is outside {min}..={max}"));
+        }
         let grace_ms = raw.grace_ms.unwrap_or(lease_ms + durable_ms);
         if grace_ms > DURABLE_MS_MAX {
             return Err(format!("grace_ms = {grace_ms} is above the maximum {DURABLE_MS_MAX}"));
@@ -273,6 +288,7 @@ impl Config {
             devices,
             lease_ms,
             durable_ms,
+            device_request_max_ms,
             grace_ms,
             channel_mode_min,
             log: raw.log,
@@ -325,6 +341,13 @@ mod tests {
     fn the_commented_example_parses() {
         let c = Config::parse(include_str!("../examples/mds.toml"), Path::new("/etc/sanvol")).unwrap();
         assert_eq!((c.lease_ms, c.durable_ms, c.grace_ms), (10_000, 30_000, 40_000));
+        assert_eq!(c.device_request_max_ms, volume_format::fencing::DEVICE_REQUEST_MAX_MS_DEFAULT);
+        assert!(Config::parse(
+            "listen = [\"h:1\"]\nkey = \"k\"\ndevices = [\"nbd://h:1/x\"]\ndevice_request_max_ms = 10",
+            base()
+        )
+        .unwrap_err()
+        .contains("device_request_max_ms"));
         assert!(Config::parse(
             "listen = [\"h:1\"]\nkey = \"k\"\ndevices = [\"nbd://h:1/x\"]\ndurable_ms = 99999999",
             base()

@@ -12,6 +12,12 @@
 //! - An agent stops I/O by itself when it cannot renew in time, so a handle
 //!   whose lease has run out, plus its durable grace, can no longer do I/O:
 //!   such a handle no longer conflicts, and a conflicting open *breaks* it.
+//! - But a write its agent sent just before the lease ran out may still be
+//!   on its way, or queued inside a plain NBD device server: nothing about a
+//!   holder is acted on before lease + the longest device request
+//!   ([`HandleTable::device_request_max_ms`], the fencing timing rules of
+//!   `volume_format::fencing`) — no break, no release, no exclusion from a
+//!   recall — so that write has landed or failed before anyone else writes.
 //! - Reconfiguration recalls every handle of a volume; the new layout is
 //!   committed once each has confirmed, or its lease ran out (it is then
 //!   excluded: it cannot be doing I/O any more).
@@ -68,9 +74,17 @@ impl Handle {
         std::iter::once(self.session).filter(|s| *s != 0).chain(self.duplicates.iter().copied())
     }
 
-    /// The instant after which the handle can be broken by a conflicting open.
-    pub fn breakable_at_ms(&self) -> u64 {
-        self.lease_until_ms.saturating_add(self.durable_ms)
+    /// The instant after which the handle can be broken by a conflicting
+    /// open: lease + its durable time, and never before nothing its holder
+    /// sent can land any more ([`Handle::quiet_at_ms`]).
+    pub fn breakable_at_ms(&self, device_request_max_ms: u64) -> u64 {
+        self.lease_until_ms.saturating_add(self.durable_ms.max(device_request_max_ms))
+    }
+
+    /// The instant after which nothing the holder sent to a device can still
+    /// land: its lease (it sends nothing after) + the longest device request.
+    pub fn quiet_at_ms(&self, device_request_max_ms: u64) -> u64 {
+        self.lease_until_ms.saturating_add(device_request_max_ms)
     }
 }
 
@@ -122,6 +136,10 @@ pub struct HandleTable {
     handles: BTreeMap<u64, Handle>,
     recalls: BTreeMap<u64, Recall>,
     next_id: u64,
+    /// The longest a holder's device request may take: how long past a
+    /// lease its writes may still land (0 in a new table; the server sets
+    /// its `device_request_max_ms`).
+    pub device_request_max_ms: u64,
 }
 
 pub fn modes_conflict(a: OpenMode, b: OpenMode) -> bool {
@@ -234,12 +252,13 @@ impl HandleTable {
     ) -> Result<Opened, OpenRefused> {
         let conflicting: Vec<&Handle> =
             self.handles.values().filter(|h| h.volume == volume && modes_conflict(h.mode, mode)).collect();
-        if let Some(live) = conflicting.iter().find(|h| now_ms < h.breakable_at_ms()) {
+        let m = self.device_request_max_ms;
+        if let Some(live) = conflicting.iter().find(|h| now_ms < h.breakable_at_ms(m)) {
             return Err(OpenRefused::Conflict {
                 holder: live.holder.clone(),
                 mode: live.mode,
                 handle: live.id,
-                expires_at_ms: live.breakable_at_ms(),
+                expires_at_ms: live.breakable_at_ms(m),
             });
         }
         let broken_ids: Vec<u64> = conflicting.iter().map(|h| h.id).collect();
@@ -291,10 +310,12 @@ impl HandleTable {
         }
     }
 
-    /// Plain (non-durable) handles whose lease ran out by `now_ms`: they are
-    /// released. Durable handles stay until a conflicting open breaks them.
+    /// Plain (non-durable) handles whose lease ran out by `now_ms`, and the
+    /// longest device request after it: they are released. Durable handles
+    /// stay until a conflicting open breaks them.
     pub fn expired(&self, now_ms: u64) -> Vec<u64> {
-        self.handles.values().filter(|h| h.durable_ms == 0 && now_ms >= h.breakable_at_ms()).map(|h| h.id).collect()
+        let m = self.device_request_max_ms;
+        self.handles.values().filter(|h| h.durable_ms == 0 && now_ms >= h.breakable_at_ms(m)).map(|h| h.id).collect()
     }
 
     /// Starts a recall of `volume` for a new layout `generation`: every
@@ -352,7 +373,8 @@ impl HandleTable {
     }
 
     /// Where the recall of `volume` stands at `now_ms`. Handles whose lease
-    /// ran out are excluded (their agent stopped I/O by itself).
+    /// ran out, and the longest device request after it, are excluded
+    /// (their agent stopped I/O by itself, and what it sent has landed).
     pub fn recall_state(&self, volume: u64, now_ms: u64) -> Option<RecallState> {
         let r = self.recalls.get(&volume)?;
         let mut excluded = Vec::new();
@@ -360,9 +382,9 @@ impl HandleTable {
         let mut deadline_ms = u64::MAX;
         for id in &r.waiting {
             match self.handles.get(id) {
-                Some(h) if now_ms < h.lease_until_ms => {
+                Some(h) if now_ms < h.quiet_at_ms(self.device_request_max_ms) => {
                     live.push(*id);
-                    deadline_ms = deadline_ms.min(h.lease_until_ms);
+                    deadline_ms = deadline_ms.min(h.quiet_at_ms(self.device_request_max_ms));
                 }
                 _ => excluded.push(*id),
             }
@@ -496,6 +518,42 @@ mod tests {
         t.renew(1, 5_000, LEASE); // a keeps renewing; b is silent
         assert!(matches!(t.recall_state(1, LEASE - 1), Some(RecallState::Waiting { .. })));
         assert_eq!(t.recall_state(1, LEASE), Some(RecallState::Ready { excluded: vec![b] }));
+    }
+
+    /// The fencing timing rules: nothing about a holder is acted on before
+    /// its lease + the longest device request (a write it sent just before
+    /// the lease ran out may still be queued in a device server).
+    #[test]
+    fn nothing_is_broken_released_or_excluded_before_lease_plus_the_longest_device_request() {
+        const DEVICE_MAX: u64 = 3_000;
+        let mut t = HandleTable::new();
+        t.device_request_max_ms = DEVICE_MAX;
+        // A plain handle: released, and breakable, only at lease + 3 s.
+        let plain = t.open(1, Exclusive, 1, "a", 0, LEASE, 0).unwrap().handle.id;
+        assert!(t.expired(LEASE).is_empty(), "its lease ran out, but its last writes may still land");
+        assert!(matches!(
+            t.open(1, Exclusive, 2, "b", LEASE + DEVICE_MAX - 1, LEASE, 0),
+            Err(OpenRefused::Conflict { expires_at_ms, .. }) if expires_at_ms == LEASE + DEVICE_MAX
+        ));
+        assert_eq!(t.expired(LEASE + DEVICE_MAX), vec![plain]);
+        assert_eq!(t.open(1, Exclusive, 2, "b", LEASE + DEVICE_MAX, LEASE, 0).unwrap().broken.len(), 1);
+        // A durable handle with a longer durable time keeps it; a shorter
+        // one is stretched to the device margin.
+        let long = t.open(2, Exclusive, 1, "a", 0, LEASE, 5_000).unwrap().handle.id;
+        assert!(t.open(2, Exclusive, 2, "b", LEASE + 4_999, LEASE, 0).is_err());
+        assert_eq!(t.open(2, Exclusive, 2, "b", LEASE + 5_000, LEASE, 0).unwrap().broken[0].id, long);
+        t.open(3, Exclusive, 1, "a", 0, LEASE, 1_000).unwrap();
+        assert!(t.open(3, Exclusive, 2, "b", LEASE + 1_000, LEASE, 0).is_err(), "durable 1 s < device margin 3 s");
+        assert!(t.open(3, Exclusive, 2, "b", LEASE + DEVICE_MAX, LEASE, 0).is_ok());
+        // A silent holder is excluded from a recall (and the change
+        // committed) only at lease + 3 s; the recall re-checks then.
+        let silent = t.open(4, SharedWrite, 1, "a", 0, LEASE, 0).unwrap().handle.id;
+        t.start_recall(4, 2).unwrap();
+        assert_eq!(
+            t.recall_state(4, LEASE),
+            Some(RecallState::Waiting { handles: vec![silent], deadline_ms: LEASE + DEVICE_MAX })
+        );
+        assert_eq!(t.recall_state(4, LEASE + DEVICE_MAX), Some(RecallState::Ready { excluded: vec![silent] }));
     }
 
     #[test]

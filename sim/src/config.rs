@@ -6,15 +6,17 @@
 
 use crate::rng::Rng;
 
-/// Which clock the agent's core and gate measure leases on (the shell feeds
-/// the core its milliseconds).
+/// Which clock a process measures leases on (the agent's core and gate;
+/// the server's core, its pool-lease machine and commit window).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseClock {
-    /// `CLOCK_BOOTTIME`: runs through a VM pause (issue 14's rule).
+    /// `CLOCK_BOOTTIME`: runs through a VM pause — what production reads
+    /// (`blockio::clock::LeaseInstant`, the fencing timing rules).
     Boottime,
-    /// `CLOCK_MONOTONIC`: stops while the VM is paused — what today's agent
-    /// shell reads (tokio's `Instant`): after a long VM pause the agent
-    /// believes a lease the server let run out (issue 14).
+    /// `CLOCK_MONOTONIC`: stops while the VM is paused — what the agent and
+    /// the server read before the timing rules (tokio's `Instant`): after a
+    /// long VM pause a process believes a lease that ran out everywhere
+    /// else. Kept to show the simulator catches it (`demos/monotonic.patch`).
     Monotonic,
 }
 
@@ -41,9 +43,8 @@ pub struct FaultRates {
     /// torn; it comes back after a short outage.
     pub device_crash: f64,
     /// Two-server world only: a metadata server's VM is paused — the process
-    /// stops *and* its monotonic clock (the lease task's and the core's)
-    /// stops with it. Off in drawn configs: a known defect (see
-    /// `tests/known_defects.rs`).
+    /// stops *and* its monotonic clock stops with it (its lease clock,
+    /// `CLOCK_BOOTTIME`, counts the pause).
     pub server_vm_pause: f64,
     /// Two-server world only: a server host is cut off from the devices for
     /// a while (its device requests fail; nothing it sends lands).
@@ -84,20 +85,20 @@ pub struct Config {
     /// overtake a reply produced before it, as in the real server).
     pub reply_hop_ms: (u64, u64),
     /// Time a device takes to execute one request (sent to completed).
-    ///
-    /// Kept at or below the network's minimum delay by default: today the
-    /// server excludes a holder the moment its lease ran out, so a write the
-    /// agent sent just before that may land later (issue 14, "timing
-    /// rules"); with device requests slower than the renewal's trip, the
-    /// simulator finds that within seconds. Raise it once the server waits
-    /// lease + the maximum device-request time.
     pub device_latency_ms: (u64, u64),
     /// Now and then a device request stalls (stuck in the device server's
-    /// queue): (probability, longest stall). Off by default for the same
-    /// reason as slow devices (issue 14): a stalled write of a holder the
-    /// server has released lands after the release.
+    /// queue): (probability, longest stall). Drawn for half the seeds.
     pub device_stall: (f64, u64),
+    /// The longest a device request takes (latency + stall): the server's
+    /// `device_request_max_ms`, which it waits past a holder's lease before
+    /// acting on it (the fencing timing rules). The agent's own timeout of
+    /// that length never fires here (no request takes longer), so it is not
+    /// simulated.
+    pub device_request_max_ms: u64,
     pub agent_clock: LeaseClock,
+    /// The metadata servers' lease clock (the core's `Now`, the pool-lease
+    /// machine and its commit window).
+    pub server_clock: LeaseClock,
     pub extent_bytes: u64,
     /// Extents per device data area.
     pub device_extents: u64,
@@ -144,7 +145,9 @@ impl Config {
             reply_hop_ms: (0, r.range(0, 2)),
             device_latency_ms: (0, net_min),
             device_stall: (0.0, 0),
+            device_request_max_ms: 0,
             agent_clock: LeaseClock::Boottime,
+            server_clock: LeaseClock::Boottime,
             extent_bytes: 128 << 10,
             device_extents: 48,
             volumes: r.range(2, 5) as usize,
@@ -178,6 +181,17 @@ impl Config {
             c.faults.handoff = r.range(0, 10) as f64 / 100.0;
             c.settle_ms += 12 * c.lease_io_timeout_ms;
         }
+        // Drawn after the two-server world, so every earlier draw is as it
+        // was (the schedules still differ: the server now waits the device
+        // margin past leases, and VM pauses and stalls strike).
+        if c.two_servers() {
+            c.faults.server_vm_pause = k * r.range(0, 5) as f64 / 100.0;
+        }
+        if r.chance(0.5) {
+            c.device_stall = (r.range(1, 4) as f64 / 100.0, r.range(50, 1_000));
+        }
+        c.device_request_max_ms = c.device_latency_ms.1 + c.device_stall.1 + 1;
+        c.settle_ms += 2 * c.device_request_max_ms;
         c
     }
 

@@ -26,9 +26,10 @@
 //!   (`LeaseMachine::hand_off`) and answered with `Input::HandedOff`; when
 //!   the core stops, the term ends, its sessions close (after the messages
 //!   already queued have left), and the server stands by again;
-//! - clocks: the lease machine and the core read the process's monotonic
-//!   clock (tokio's `Instant`), which runs through a SIGSTOP and stops in a
-//!   VM pause.
+//! - clocks: the lease machine and the core read the process's lease clock
+//!   (`CLOCK_BOOTTIME`, `blockio::clock`), which runs through a SIGSTOP and
+//!   a VM pause alike (`Config::server_clock`: the monotonic clock, which
+//!   stops in a VM pause, for a demonstration).
 //!
 //! Simplified: a server that has not yet seen another server holding the
 //! lease refuses connections (production keeps them in the listen queue);
@@ -57,7 +58,7 @@ pub const LEASE_TOKEN_BASE: u64 = 1 << 62;
 pub const LEASE_WAIT_MS: u64 = 2_000;
 
 /// The commit window the lease task shares with the device task
-/// (`lease_task::LeaseGuard`), on the process's monotonic clock.
+/// (`lease_task::LeaseGuard`), on the process's lease clock.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Guard {
     pub valid_until_ms: u64,
@@ -70,10 +71,12 @@ impl Guard {
     }
 }
 
-/// The process's monotonic clock: true time since boot minus the VM pauses.
+/// The process's lease clock: true time since boot (less the VM pauses, on
+/// the monotonic clock of [`crate::config::LeaseClock::Monotonic`]).
 pub fn mono_ms(env: &Env, host: usize) -> u64 {
     let s = env.proc(Proc::Server(host));
-    env.now - s.boot_ms - s.mono_lag_ms
+    let lag = if env.cfg.server_clock == crate::config::LeaseClock::Monotonic { s.mono_lag_ms } else { 0 };
+    env.now - s.boot_ms - lag
 }
 
 #[derive(Debug, Clone)]

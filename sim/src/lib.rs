@@ -29,10 +29,12 @@
 //! - **Time** ([`world`]): a queue of timed events; events at the same
 //!   millisecond run in the order scheduled. Nothing reads a real clock.
 //!   Each process has its own clocks derived from true time: a server's
-//!   `Now` is its monotonic time since boot and the wall clock; an agent's
-//!   lease clock is boot time (counts VM pauses) — a VM pause adds to a
-//!   process's *monotonic lag*, so code that read `CLOCK_MONOTONIC` would
-//!   see time stand still.
+//!   `Now` is its lease clock since the term began and the wall clock; an
+//!   agent's lease clock is boot time. Both count VM pauses, as production's
+//!   `CLOCK_BOOTTIME` does (`Config::agent_clock`, `Config::server_clock`);
+//!   a VM pause adds to a process's *monotonic lag*, so a process on
+//!   `LeaseClock::Monotonic` (code that read `CLOCK_MONOTONIC`) would see
+//!   time stand still.
 //! - **Processes**: an event is for one incarnation of a process; a crash
 //!   ends the incarnation (its events are dropped, its connections break,
 //!   its device requests in flight still land), a restart starts a new one

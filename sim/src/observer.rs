@@ -82,9 +82,11 @@ pub struct Observer {
     opens: BTreeMap<u64, OpenRec>,
     /// Snapshot id → volume and each checked block's allowed values.
     snapshots: BTreeMap<u64, SnapshotCheck>,
-    /// Volume → server time its pending change was first seen, and the
-    /// server's paused time then.
-    recalls: BTreeMap<u64, (u64, u64)>,
+    /// (server host, term, volume) → that term's core time its pending
+    /// change was first seen, and the servers' paused time then. Per term:
+    /// two terms' cores run at once while a paused server has not yet
+    /// learnt it lost the pool lease, each on its own clock.
+    recalls: BTreeMap<(usize, u64, u64), (u64, u64)>,
     /// Time the server spent paused (a recall's bound counts running time).
     pub server_paused_ms: u64,
     /// Two-server world: every term that started, in order: (host,
@@ -383,14 +385,14 @@ pub fn replied(env: &mut Env, core: &Core, asked: &Asked, result: &Result<Respon
 /// server's running time (a paused server decides nothing), and only while
 /// some holder has neither confirmed nor been excluded: once the recall is
 /// ready, the commit follows (the settled checks see that it does).
-pub fn after_tick(env: &mut Env, core: &Core) {
+pub fn after_tick(env: &mut Env, core: &Core, (host, term): (usize, u64)) {
     let now_ms = core.now.mono_ms;
     let paused = env.obs.server_paused_ms;
-    let bound = 2 * env.cfg.lease_ms + RECALL_SLACK_MS;
+    let bound = 2 * env.cfg.lease_ms + env.cfg.device_request_max_ms + RECALL_SLACK_MS;
     let pending: BTreeSet<u64> = core.pending_changes.keys().map(|v| v.0).collect();
-    env.obs.recalls.retain(|v, _| pending.contains(v));
+    env.obs.recalls.retain(|(h, t, v), _| (*h, *t) != (host, term) || pending.contains(v));
     for v in pending {
-        let (started, paused_then) = *env.obs.recalls.entry(v).or_insert_with(|| {
+        let (started, paused_then) = *env.obs.recalls.entry((host, term, v)).or_insert_with(|| {
             env.stats.recalls += 1;
             (now_ms, paused)
         });

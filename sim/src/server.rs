@@ -231,6 +231,7 @@ impl ServerProc {
             CoreConfig {
                 lease_ms: env.cfg.lease_ms,
                 durable_ms: env.cfg.durable_ms,
+                device_request_max_ms: env.cfg.device_request_max_ms,
                 grace_ms: env.cfg.grace_ms,
                 key: env.server_key.clone(),
                 entropy: Box::new(SimEntropy(env.rng.fork())),
@@ -296,8 +297,12 @@ impl ServerProc {
         }
     }
 
+    /// The core's clock: the process's lease clock since the term began.
     fn mono_ms(&self, env: &Env) -> u64 {
-        let lag = env.proc(self.me()).mono_lag_ms - self.lag_at_boot_ms;
+        let lag = match env.cfg.server_clock {
+            crate::config::LeaseClock::Monotonic => env.proc(self.me()).mono_lag_ms - self.lag_at_boot_ms,
+            crate::config::LeaseClock::Boottime => 0,
+        };
         env.now - self.boot_ms - lag
     }
 
@@ -382,7 +387,7 @@ impl ServerProc {
             self.next_work(env);
         }
         self.apply(Input::Tick, env);
-        crate::observer::after_tick(env, &self.core);
+        crate::observer::after_tick(env, &self.core, (self.host, self.term));
     }
 
     /// Applies `input` and performs the effects, in order.

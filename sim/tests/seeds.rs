@@ -59,6 +59,12 @@ const TWO_SERVER_REGRESSION_SEEDS: &[u64] = &[
     // paused server's term landed after the takeover (CI random stage).
     246478220655550,
     250517449667744,
+    // The observer timed a recall of a paused server's term on the new
+    // term's core clock (two cores tick while the paused one has not learnt
+    // it lost the pool lease): a recall "waited" a negative time, which
+    // wrapped (random stage, after the timing rules made recalls wait lease
+    // + the device margin).
+    182991116013850,
 ];
 
 fn report(o: &Outcome) -> String {

@@ -176,6 +176,10 @@ pub struct Stack {
     /// `durable_ms` / `grace_ms` in the server config (server defaults if None).
     pub durable_ms: Option<u64>,
     pub grace_ms: Option<u64>,
+    /// The longest device request (the fencing timing rules): the server's
+    /// `device_request_max_ms` and every agent's `--device-request-max-ms`
+    /// started after it is set (both defaults if None).
+    pub device_request_max_ms: Option<u64>,
     /// Extra environment for the next `start_mds` (e.g. `SANVOL_FAULT`).
     pub mds_env: Vec<(String, String)>,
     /// Extra lines for the server config of the next `start_mds`.
@@ -256,6 +260,7 @@ impl Stack {
             lease_ms: 3000,
             durable_ms: None,
             grace_ms: None,
+            device_request_max_ms: None,
             mds_env: Vec::new(),
             mds_config_extra: Vec::new(),
             pki,
@@ -301,6 +306,7 @@ impl Stack {
                 self.lease_ms
             ) + &self.durable_ms.map(|ms| format!("durable_ms = {ms}\n")).unwrap_or_default()
                 + &self.grace_ms.map(|ms| format!("grace_ms = {ms}\n")).unwrap_or_default()
+                + &self.device_request_max_ms.map(|ms| format!("device_request_max_ms = {ms}\n")).unwrap_or_default()
                 + &self.mds_config_extra.iter().map(|l| format!("{l}\n")).collect::<String>(),
         )
         .expect("write mds.toml");
@@ -496,6 +502,7 @@ impl Stack {
             .arg(&export_dir)
             .arg("--state-dir")
             .arg(self.dir.path().join(format!("{name}-state")))
+            .args(self.device_request_max_ms.map(|ms| format!("--device-request-max-ms={ms}")))
             .args(extra)
             .envs(env.iter().copied());
         let log = self.dir.path().join(format!("{name}-{}.log", next_log_number()));

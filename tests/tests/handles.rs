@@ -80,14 +80,30 @@ fn pattern(tag: u8) -> Bytes {
 
 /// The first block of `volume`, read from its first leg's device directly.
 async fn read_first_block_on_device(stack: &Stack, volume: &str) -> Vec<u8> {
+    let (uri, offset) = first_block_on_device(stack, volume);
+    read_block_at(&uri, offset).await
+}
+
+/// Where the first block of `volume` lives: its first leg's device (as the
+/// pool records it) and the offset there.
+fn first_block_on_device(stack: &Stack, volume: &str) -> (NbdUri, u64) {
     let detail = stack.sanvol_json(&["volume", "show", volume]);
     let desc = &detail["description"];
     let leg = &desc["extents"][0]["legs"][0];
     let dev = leg["device"].as_u64().unwrap();
     let d = desc["devices"].as_array().unwrap().iter().find(|d| d["index"].as_u64() == Some(dev)).unwrap();
-    let uri: NbdUri = d["uri"].as_str().unwrap().parse().unwrap();
-    let c = connect(&uri).await;
-    let data = c.read(leg["offset"].as_u64().unwrap(), BLOCK as u32).await.expect("read the device directly");
+    (d["uri"].as_str().unwrap().parse().unwrap(), leg["offset"].as_u64().unwrap())
+}
+
+/// The byte a block is filled with, if it is filled with one (the tests
+/// write uniform blocks): short messages when a check fails.
+fn fill_of(block: &[u8]) -> Option<u8> {
+    block.iter().all(|b| *b == block[0]).then(|| block[0])
+}
+
+async fn read_block_at(uri: &NbdUri, offset: u64) -> Vec<u8> {
+    let c = connect(uri).await;
+    let data = c.read(offset, BLOCK as u32).await.expect("read the device directly");
     c.disconnect().await;
     data.to_vec()
 }
@@ -274,6 +290,115 @@ async fn a_write_admitted_before_a_stop_past_the_lease_never_reaches_the_device(
         vec![0xBB; BLOCK as usize],
         "host-a's write landed after host-b took the volume"
     );
+}
+
+/// The fencing timing rules, a VM pause (issue 14): the agent's lease
+/// clock (`CLOCK_BOOTTIME`) jumps a minute between admitting a write and
+/// sending it — the fault point `agent-before-device-write:jump=60000`,
+/// standing for a VM paused that long, during which the monotonic clock
+/// stood still — while the server is stopped, so no renewal can come. On
+/// resuming the agent must find its lease run out and hold the write:
+/// nothing reaches the device (read back directly) until the server answers
+/// a renewal again. An agent that measured its lease on the monotonic clock
+/// would send it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_vm_pause_past_its_lease_the_agent_writes_nothing_until_a_renewal() {
+    let mut stack = Stack::new(1, "256M");
+    stack.lease_ms = 2000;
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "v", "16M"]);
+    stack.authorize_agent("host-a");
+    let a = stack.restart_agent_env("host-a", &[], &[("SANVOL_FAULT", "agent-before-device-write:jump=60000@2")]);
+    let uri_a = a.attach("v", "exclusive");
+    let (device, offset) = first_block_on_device(&stack, "v");
+    let ca = connect(&uri_a).await;
+    ca.write(0, pattern(0xAA), true).await.expect("host-a writes while it holds the volume");
+
+    let mds_pid = stack.mds.as_ref().unwrap().pid() as i32;
+    unsafe { libc::kill(mds_pid, libc::SIGSTOP) };
+    let late = {
+        let ca = ca.clone();
+        tokio::spawn(async move { ca.write(0, pattern(0xA2), true).await })
+    };
+    poll("host-a to hold the write after the jump", Duration::from_secs(30), || {
+        a.proc.log().contains("waited past the lease").then_some(())
+    });
+    let held = read_block_at(&device, offset).await;
+    unsafe { libc::kill(mds_pid, libc::SIGCONT) };
+    assert_eq!(fill_of(&held), Some(0xAA), "host-a wrote after the VM pause without a renewal");
+    assert!(!late.is_finished(), "the write waits for a renewal");
+
+    // The server answers again: the write goes once renewed (or fails if
+    // the handle was lost meanwhile); either way the device says which.
+    let result =
+        tokio::time::timeout(Duration::from_secs(60), late).await.expect("the held write is answered").unwrap();
+    let expected = if result.is_ok() { 0xA2 } else { 0xAA };
+    assert_eq!(fill_of(&read_block_at(&device, offset).await), Some(expected), "write result {result:?}");
+}
+
+/// The fencing timing rules, a write stuck in the device server (issue
+/// 14): host-a reaches its device through a second nbdkit over the same
+/// file whose `delay` filter holds every write 2 s; a write of host-a
+/// arrives there and host-a is stopped (SIGSTOP) with it stuck, past its
+/// lease. The server gives the volume to host-b only after lease + the
+/// longest device request (4 s here), so the stuck write has landed before
+/// host-b writes; host-a is continued. Nothing of host-a is on the device
+/// afterwards: the block holds host-b's data (read back directly). A server
+/// that released the handle when the lease ran out would let host-b write
+/// first and host-a's stuck write land over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_stuck_in_the_device_server_lands_before_the_next_holder_is_let_in() {
+    let mut stack = Stack::new_file_devices(1, 256 << 20);
+    stack.lease_ms = 1000;
+    stack.durable_ms = Some(0);
+    stack.device_request_max_ms = Some(4000);
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "v", "16M"]);
+    let image = stack.devices[0].dir().join("disk.img");
+    let log = stack.devices[0].dir().join("slow-writes.log");
+    let slow = sanvol_tests::peers::nbdkit(&[
+        "--filter=log",
+        "--filter=delay",
+        "file",
+        image.to_str().unwrap(),
+        "delay-write=2",
+        &format!("logfile={}", log.display()),
+    ]);
+    let writes_arrived =
+        || std::fs::read_to_string(&log).unwrap_or_default().lines().filter(|l| l.contains(" Write id=")).count();
+    stack.authorize_agent("host-a");
+    let device_uri = format!("--device-uri={}={}", stack.device_uris()[0], slow.uri());
+    let a = stack.restart_agent_with("host-a", &[device_uri]);
+    let uri_a = a.attach("v", "exclusive");
+    let b = stack.start_agent("host-b");
+    let ca = connect(&uri_a).await;
+    ca.write(0, pattern(0xAA), true).await.expect("host-a writes (slowly) while it holds the volume");
+    let before = writes_arrived();
+
+    let late = {
+        let ca = ca.clone();
+        tokio::spawn(async move { ca.write(0, pattern(0xA2), true).await })
+    };
+    poll("host-a's write to reach the slow device server", Duration::from_secs(30), || {
+        (writes_arrived() > before).then_some(())
+    });
+    sigstop(&a);
+    let stopped_at = Instant::now();
+    take_over_and_write(&b, "v", pattern(0xBB)).await;
+    assert!(
+        stopped_at.elapsed() >= Duration::from_millis(2000),
+        "host-b was let in {:?} after host-a stopped, before host-a's stuck write could land",
+        stopped_at.elapsed()
+    );
+    sigcont(&a);
+    let result =
+        tokio::time::timeout(Duration::from_secs(30), late).await.expect("host-a's write is answered").unwrap();
+    assert_eq!(
+        fill_of(&read_first_block_on_device(&stack, "v").await),
+        Some(0xBB),
+        "host-a's stuck write (0xA2, answered {result:?}) landed after host-b took the volume and wrote"
+    );
+    drop(slow);
 }
 
 fn stopped(pid: u32) -> bool {

@@ -31,6 +31,8 @@
 //!   changed-block list between two snapshots, delete with merge).
 //! - [`description`]: the volume description the metadata server hands to
 //!   agents.
+//! - [`fencing`]: the timing rules that keep an excluded holder's writes off
+//!   plain NBD devices, and the longest device request they rest on.
 //! - [`mapping`]: where a volume's bytes live (extents, legs, leg states,
 //!   snapshot COW areas), built from a description (agents) or from the
 //!   pool metadata (the server): one set of rules for both.
@@ -39,6 +41,7 @@ pub mod cache_log;
 pub mod codec;
 pub mod control;
 pub mod description;
+pub mod fencing;
 pub mod ids;
 pub mod label;
 pub mod lease;

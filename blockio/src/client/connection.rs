@@ -43,13 +43,21 @@ const BATCH_REQUESTS_MAX: usize = 256;
 /// Most payload bytes the writer gathers into one batch before writing.
 const BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
 
+/// How long a request may wait for its reply, and what a timeout does.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RequestTimeout {
+    pub after: Duration,
+    /// Close the connection (see `ClientOptions::timeout_closes_connection`).
+    pub closes_connection: bool,
+}
+
 /// A request as the writer sends it.
 pub(crate) struct Outgoing {
     header: [u8; proto::REQUEST_HEADER_BYTES],
     payload: Bytes,
     cookie: u64,
     /// Not to be sent at or after this instant (see `fence.rs`).
-    not_after: Option<tokio::time::Instant>,
+    not_after: Option<crate::clock::LeaseInstant>,
     /// `NBD_CMD_DISC`: the writer shuts the socket's send side after it.
     disconnect: bool,
 }
@@ -319,7 +327,7 @@ impl Connection {
         length: u32,
         payload: Bytes,
         state: PendingState,
-        timeout: Option<Duration>,
+        timeout: Option<RequestTimeout>,
     ) -> Result<Reply, IoError> {
         let _slot = self
             .slots
@@ -363,19 +371,28 @@ impl Connection {
         };
         match timeout {
             None => rx.await.unwrap_or_else(|_| Err(closed())),
-            Some(t) => match tokio::time::timeout(t, rx).await {
+            Some(t) => match tokio::time::timeout(t.after, rx).await {
                 Ok(r) => r.unwrap_or_else(|_| Err(closed())),
-                // The entry stays registered: a late reply is then read and
-                // discarded instead of looking like an unknown cookie.
-                Err(_) => Err(IoError::new(
-                    IoErrorKind::Io,
-                    format!(
-                        "{}: {} at offset {offset} length {length} timed out after {} ms",
-                        self.shared.target,
-                        proto::command_name(command),
-                        t.as_millis()
-                    ),
-                )),
+                Err(_) => {
+                    let e = IoError::new(
+                        IoErrorKind::Io,
+                        format!(
+                            "{}: {} at offset {offset} length {length} timed out after {} ms",
+                            self.shared.target,
+                            proto::command_name(command),
+                            t.after.as_millis()
+                        ),
+                    );
+                    if t.closes_connection {
+                        // Nothing of this connection stays pending here,
+                        // and nothing more is read from it.
+                        self.shared.fail(IoError::shutdown(format!("{e}; connection closed")));
+                    }
+                    // Otherwise the entry stays registered: a late reply is
+                    // then read and discarded instead of looking like an
+                    // unknown cookie.
+                    Err(e)
+                }
             },
         }
     }
@@ -451,7 +468,7 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
 
 /// Fails, unsent, every request of `batch` whose send deadline has passed.
 fn drop_past_deadline(batch: &mut Vec<Outgoing>, shared: &ConnShared) {
-    let now = tokio::time::Instant::now();
+    let now = crate::clock::LeaseInstant::now();
     let mut failed = Vec::new();
     batch.retain(|o| {
         let late = o.not_after.is_some_and(|d| now >= d);

@@ -12,6 +12,9 @@
 //! fails with [`IoErrorKind::Fenced`](crate::IoErrorKind::Fenced) and was
 //! never sent, so the caller may send it again once its lease is renewed.
 //!
+//! Deadlines are on the lease clock ([`crate::clock`], `CLOCK_BOOTTIME`):
+//! a process whose VM was paused past its deadline finds it passed.
+//!
 //! Only requests that change data carry the deadline (WRITE, TRIM,
 //! WRITE_ZEROES); reads, FLUSH, BLOCK_STATUS and CACHE go as before.
 //!
@@ -27,7 +30,7 @@
 
 use std::future::Future;
 
-use tokio::time::Instant;
+use crate::clock::LeaseInstant as Instant;
 
 use crate::proto;
 

@@ -38,7 +38,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use self::connection::{Connection, PendingState, ReadAssembly, Reply};
+use self::connection::{Connection, PendingState, ReadAssembly, Reply, RequestTimeout};
 pub use self::error::ClientError;
 pub use self::fence::{send_deadline, with_send_deadline};
 use self::handshake::{Handshake, Negotiated};
@@ -56,6 +56,12 @@ pub struct ClientOptions {
     pub connections: usize,
     /// Fail a request whose reply has not arrived after this long.
     pub request_timeout: Option<Duration>,
+    /// Close the connection of a request that timed out (failing the other
+    /// requests on it): nothing sent on it stays pending here, and no late
+    /// reply is read. What a client that must know when its requests can no
+    /// longer complete wants (the agent: a timed-out write is then resent
+    /// elsewhere); others keep the connection and discard the late reply.
+    pub timeout_closes_connection: bool,
     /// Bound on opening the socket plus the handshake, per connection.
     pub connect_timeout: Duration,
     /// Ask for structured replies (sparse reads, error messages, block status).
@@ -69,6 +75,7 @@ impl Default for ClientOptions {
         ClientOptions {
             connections: 1,
             request_timeout: None,
+            timeout_closes_connection: false,
             connect_timeout: Duration::from_secs(30),
             structured_replies: true,
             meta_contexts: vec![MetaContext::BASE_ALLOCATION.to_string()],
@@ -111,7 +118,7 @@ struct Inner {
     target: String,
     conns: Vec<Connection>,
     contexts: Vec<String>,
-    request_timeout: Option<Duration>,
+    request_timeout: Option<RequestTimeout>,
     /// Largest READ/WRITE we send in one request: the server's maximum,
     /// capped at 32 MiB and rounded down to its minimum block size.
     payload_bytes_max: u32,
@@ -355,7 +362,9 @@ impl NbdClient {
                 target,
                 conns,
                 contexts,
-                request_timeout: opts.request_timeout,
+                request_timeout: opts
+                    .request_timeout
+                    .map(|after| RequestTimeout { after, closes_connection: opts.timeout_closes_connection }),
                 payload_bytes_max,
             }),
         }

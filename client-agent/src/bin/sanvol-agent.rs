@@ -182,6 +182,18 @@ struct RunArgs {
     /// NBD connections per device (used when the device's server allows several).
     #[arg(long, default_value_t = 2)]
     device_connections: usize,
+    /// The longest a direct device request may take: after it, the request fails (or goes
+    /// through the metadata server) and its device connection is closed. Must not exceed the
+    /// metadata server's device_request_max_ms, which it waits past a lease before handing
+    /// the volume to anyone else (the fencing timing rules, docs/operations.md).
+    #[arg(
+        long,
+        default_value_t = volume_format::fencing::DEVICE_REQUEST_MAX_MS_DEFAULT,
+        value_parser = clap::value_parser!(u64).range(
+            volume_format::fencing::DEVICE_REQUEST_MAX_MS_MIN..=volume_format::fencing::DEVICE_REQUEST_MAX_MS_MAX
+        )
+    )]
+    device_request_max_ms: u64,
     /// Threads doing I/O. 1 (the default) runs every export and device
     /// connection on one thread: each request then crosses no thread
     /// boundary, which measured ~2x the IOPS of a multi-threaded runtime at
@@ -281,6 +293,7 @@ async fn run(args: RunArgs, control_socket: PathBuf, persisted: Arc<Persisted>) 
         export_dir: args.export_dir,
         pool: PoolOptions {
             connections_per_device: args.device_connections,
+            request_timeout: Some(Duration::from_millis(args.device_request_max_ms)),
             uri_map: args.device_uri.into_iter().collect(),
             ..PoolOptions::default()
         },

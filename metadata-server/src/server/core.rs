@@ -548,6 +548,9 @@ pub fn client_table(meta: &PoolMetadata) -> ClientTable {
 pub struct CoreConfig {
     pub lease_ms: u64,
     pub durable_ms: u64,
+    /// How long past a lease a holder's device requests may still land
+    /// ([`HandleTable::device_request_max_ms`]).
+    pub device_request_max_ms: u64,
     pub grace_ms: u64,
     pub key: Arc<SigningKey>,
     pub entropy: Box<dyn Entropy>,
@@ -560,6 +563,7 @@ impl Core {
     pub fn new(meta: PoolMetadata, journal: MetaJournal, config: CoreConfig) -> Core {
         let mut handles = HandleTable::new();
         handles.set_next_id(meta.next_ids.handle.0);
+        handles.device_request_max_ms = config.device_request_max_ms;
         Core {
             meta: Arc::new(meta),
             handles,

@@ -88,6 +88,8 @@ impl World {
         let config = CoreConfig {
             lease_ms: LEASE_MS,
             durable_ms: 0,
+            // The timing rules' margin is tested in `handles` and the simulator.
+            device_request_max_ms: 0,
             grace_ms: 0,
             key: Arc::new(SigningKey::from_bytes(&[7; 32])),
             entropy: Box::new(Counter(100)),
@@ -108,6 +110,7 @@ impl World {
         let config = CoreConfig {
             lease_ms: LEASE_MS,
             durable_ms,
+            device_request_max_ms: 0,
             grace_ms: 0,
             key: Arc::new(SigningKey::from_bytes(&[7; 32])),
             entropy: Box::new(Zeros),
@@ -438,6 +441,29 @@ fn a_failed_recall_commit_publishes_to_the_holders_it_would_have_excluded() {
     assert!(published, "{effects:?}");
 }
 
+/// The fencing timing rules at the core: a silent holder's lease ran out,
+/// but a write it sent just before may still be queued in a device server;
+/// the recall's change is committed without it, and another agent may open
+/// the volume, only at lease + the longest device request.
+#[test]
+fn a_silent_holder_is_excluded_and_its_volume_opened_elsewhere_only_after_lease_plus_the_device_margin() {
+    const DEVICE_MAX_MS: u64 = LEASE_MS / 2;
+    let mut w = World::new();
+    w.core.handles.device_request_max_ms = DEVICE_MAX_MS;
+    let (_, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).unwrap();
+    w.apply(committed(task, next));
+    w.request(3, Request::VolumeGrow { name: "v".into(), size_bytes: 8 << 20 });
+    // The holder is silent from now on. Past its lease: still waited for.
+    w.advance(LEASE_MS + 1);
+    assert!(commit_of(&w.apply(Input::Tick)).is_none(), "committed while the holder's writes may still land");
+    let (open, effects) = w.request(2, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    assert!(matches!(reply_of(&effects, open), Some(Err(_))), "opened elsewhere too early: {effects:?}");
+    // Lease + the device margin: excluded, the change commits.
+    w.advance(DEVICE_MAX_MS);
+    assert!(commit_of(&w.apply(Input::Tick)).is_some(), "the recall commits once the margin has passed");
+}
+
 #[test]
 fn a_resumed_handle_recalled_for_a_change_the_server_lost_is_sent_the_current_layout() {
     let mut w = World::with_durable(10 * LEASE_MS);
@@ -453,6 +479,8 @@ fn a_resumed_handle_recalled_for_a_change_the_server_lost_is_sent_the_current_la
     let config = CoreConfig {
         lease_ms: LEASE_MS,
         durable_ms: 10 * LEASE_MS,
+        // The timing rules' margin is tested in `handles` and the simulator.
+        device_request_max_ms: 0,
         grace_ms: 0,
         key: Arc::new(SigningKey::from_bytes(&[7; 32])),
         entropy: Box::new(Zeros),
@@ -856,6 +884,8 @@ fn a_resync_left_by_a_previous_run_starts_over() {
     let config = CoreConfig {
         lease_ms: LEASE_MS,
         durable_ms: 0,
+        // The timing rules' margin is tested in `handles` and the simulator.
+        device_request_max_ms: 0,
         grace_ms: 0,
         key: Arc::new(SigningKey::from_bytes(&[7; 32])),
         entropy: Box::new(Zeros),
@@ -1032,6 +1062,7 @@ fn device_add_labels_then_commits_and_remove_is_refused_for_data_and_metadata_co
     let config = CoreConfig {
         lease_ms: LEASE_MS,
         durable_ms: 0,
+        device_request_max_ms: 0,
         grace_ms: 0,
         key: Arc::new(SigningKey::from_bytes(&[7; 32])),
         entropy: Box::new(Zeros),

@@ -70,10 +70,16 @@ pub fn record_state_text(core: &Core, record: &HandleRecord) -> String {
         HandleState::Active => match core.handles.get(record.id.0) {
             Some(h) if h.session != 0 => "active".into(),
             Some(h) if core.grace.as_ref().is_some_and(|g| g.waiting.contains(&h.id)) => {
-                format!("in grace, awaiting resume until {}", core.now.describe(h.breakable_at_ms()))
+                format!(
+                    "in grace, awaiting resume until {}",
+                    core.now.describe(h.breakable_at_ms(core.handles.device_request_max_ms))
+                )
             }
             Some(h) => {
-                format!("disconnected, reserved for a resume until {}", core.now.describe(h.breakable_at_ms()))
+                format!(
+                    "disconnected, reserved for a resume until {}",
+                    core.now.describe(h.breakable_at_ms(core.handles.device_request_max_ms))
+                )
             }
             None => "active".into(),
         },

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use blockio::client::NbdClient;
+use blockio::clock::LeaseInstant;
 use blockio::uri::NbdUri;
 use blockio::BlockDevice;
 use bytes::Bytes;
@@ -35,9 +36,13 @@ use crate::pool::Pool;
 /// May this server commit metadata right now? Shared by the lease task
 /// (which extends or ends it) and the device task (which checks it before
 /// every metadata write).
+///
+/// Its window is on the lease clock (`CLOCK_BOOTTIME`, [`blockio::clock`]):
+/// a server whose VM was paused past its pool lease finds the window closed
+/// on resume, as the standby that took the pool over meanwhile counted it.
 #[derive(Debug)]
 pub struct LeaseGuard {
-    epoch: Instant,
+    epoch: LeaseInstant,
     valid_until_ms: AtomicU64,
     ended: AtomicBool,
     /// Bumped whenever the window moves, for [`LeaseGuard::wait_may_commit`].
@@ -47,7 +52,7 @@ pub struct LeaseGuard {
 impl LeaseGuard {
     pub fn new() -> Arc<LeaseGuard> {
         Arc::new(LeaseGuard {
-            epoch: Instant::now(),
+            epoch: LeaseInstant::now(),
             valid_until_ms: AtomicU64::new(0),
             ended: AtomicBool::new(false),
             changed: watch::channel(0).0,

@@ -431,6 +431,7 @@ async fn active_term(
         core::CoreConfig {
             lease_ms: config.lease_ms,
             durable_ms: config.durable_ms,
+            device_request_max_ms: config.device_request_max_ms,
             grace_ms: config.grace_ms,
             key: key.clone(),
             entropy: Box::new(core::OsEntropy),

@@ -14,6 +14,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use blockio::clock::LeaseInstant;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::warn;
@@ -63,16 +64,18 @@ struct SessionChannels {
     kick: Option<oneshot::Sender<()>>,
 }
 
-/// The owner's clocks: monotonic milliseconds since start (tokio's clock,
-/// so tests can pause it) and the wall clock.
+/// The owner's clocks: milliseconds since start on the lease clock
+/// (`CLOCK_BOOTTIME`, [`blockio::clock`]: a VM pause of the server counts,
+/// as it does for the agents whose leases it keeps; tokio's paused clock
+/// still moves it in tests) and the wall clock.
 #[derive(Clone, Copy)]
 pub struct Clock {
-    start: Instant,
+    start: LeaseInstant,
 }
 
 impl Clock {
     pub fn new() -> Clock {
-        Clock { start: Instant::now() }
+        Clock { start: LeaseInstant::now() }
     }
 
     pub fn now(&self) -> Now {
@@ -80,8 +83,9 @@ impl Clock {
         Now { mono_ms: self.start.elapsed().as_millis() as u64, unix_ms }
     }
 
+    /// When a timer should fire for `ms` (it wakes late after a pause, never early).
     fn instant_at(&self, ms: u64) -> Instant {
-        self.start + Duration::from_millis(ms)
+        (self.start + Duration::from_millis(ms)).to_timer()
     }
 }
 

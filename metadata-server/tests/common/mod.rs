@@ -208,6 +208,9 @@ impl Pool {
             devices: devices.uris.iter().map(|u| u.parse().unwrap()).collect(),
             lease_ms,
             durable_ms: metadata_server::config::DURABLE_MS_DEFAULT,
+            // The tests' agents are the tests themselves, with nothing stuck
+            // in a device: the shortest margin keeps exclusions prompt.
+            device_request_max_ms: volume_format::fencing::DEVICE_REQUEST_MAX_MS_MIN,
             grace_ms: lease_ms + metadata_server::config::DURABLE_MS_DEFAULT,
             channel_mode_min: control_client::ChannelMode::Integrity,
             log: None,
