@@ -91,8 +91,12 @@ fn under_fio(stack: &Stack, agent: &Agent, uri: &NbdUri, args: &[&str]) -> Strin
 
 /// The legs of every extent of `volume` (live map): (device, offset) each.
 fn legs_of(stack: &Stack, volume: &str) -> Vec<Vec<(u64, u64)>> {
-    let show = stack.sanvol_json(&["volume", "show", volume]);
-    show["description"]["extents"]
+    legs_in(&stack.sanvol_json(&["volume", "show", volume])["description"]["extents"])
+}
+
+/// The legs of each extent of an `extents` list as `volume show --json` prints it.
+fn legs_in(extents: &Value) -> Vec<Vec<(u64, u64)>> {
+    extents
         .as_array()
         .unwrap()
         .iter()
@@ -346,19 +350,7 @@ async fn a_server_killed_in_the_middle_of_a_move_leaves_the_old_map_in_force() {
         assert!(Instant::now() < deadline, "the restarted server does not answer\n{}", stack.mds_log());
         std::thread::sleep(Duration::from_millis(100));
     };
-    let after: Vec<Vec<(u64, u64)>> = after
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            e["legs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|l| (l["device"].as_u64().unwrap(), l["offset"].as_u64().unwrap()))
-                .collect()
-        })
-        .collect();
+    let after = legs_in(&after);
     assert_eq!(after, before, "the map after a crash mid-move is the old one");
     // The agent resumes and fio's writes, across the crash, verify.
     fio.finish("a server crash in the middle of a move", &stack, &agent);

@@ -12,15 +12,13 @@
 //! As `pool init`, it refuses a device that carries anything libblkid (or
 //! sanvol) recognizes unless `force`.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use blockio::client::NbdClient;
 use blockio::uri::NbdUri;
 use blockio::BlockDevice;
-use bytes::Bytes;
 use uuid::Uuid;
-use volume_format::label::{DeviceLabel, DeviceLayout, BLOCK_BYTES};
-use volume_format::metadata::MetadataArea;
+use volume_format::label::{DeviceLabel, DeviceLayout};
 use volume_format::DeviceIndex;
 
 use super::device::{client_options, PoolDevice};
@@ -95,22 +93,13 @@ async fn write_label(req: &LabelRequest, client: &NbdClient) -> Result<DeviceLab
     }
     let layout = DeviceLayout::plan(size, req.extent_bytes, metadata_area_bytes(size))
         .map_err(|e| format!("device {uri} ({size} bytes): {e}"))?;
-    let created_at_unix_secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let label = DeviceLabel {
         pool_uuid: req.pool_uuid,
         device_uuid: req.device_uuid,
         device_index: req.index,
         layout,
-        created_at_unix_secs,
+        created_at_unix_secs: super::init::now_unix_secs(),
     };
-    // Old slot headers go (a previous pool's, or this one's from before a
-    // removal), so no reader ever has to reason about them.
-    let area = MetadataArea::from_label(&label);
-    for i in 0..area.slot_count {
-        let zero = Bytes::from(vec![0u8; BLOCK_BYTES as usize]);
-        client.write(area.slot_offset(i), zero, false).await.map_err(io("clearing metadata slots"))?;
-    }
-    client.write(0, Bytes::copy_from_slice(&label.encode()), false).await.map_err(io("writing the label"))?;
-    client.flush().await.map_err(io("flushing the label"))?;
+    super::init::write_label(client, &label).await.map_err(|(what, e)| io(what)(e))?;
     Ok(label)
 }

@@ -48,7 +48,24 @@ pub fn metadata_area_bytes(device_bytes: u64) -> u64 {
     (device_bytes / 16).clamp(METADATA_AREA_BYTES_MIN, METADATA_AREA_BYTES_DEFAULT)
 }
 
-fn now_unix_secs() -> u64 {
+/// Writes `label` to a device: clears the metadata slot headers of its
+/// area first (a previous pool's, or this pool's from before a removal, so
+/// no reader ever has to reason about them), then the label, then a flush.
+/// An error names the step that failed.
+pub(super) async fn write_label(
+    client: &NbdClient,
+    label: &DeviceLabel,
+) -> Result<(), (&'static str, blockio::IoError)> {
+    let area = MetadataArea::from_label(label);
+    for i in 0..area.slot_count {
+        let zero = Bytes::from(vec![0u8; BLOCK_BYTES as usize]);
+        client.write(area.slot_offset(i), zero, false).await.map_err(|e| ("clearing metadata slots", e))?;
+    }
+    client.write(0, Bytes::copy_from_slice(&label.encode()), false).await.map_err(|e| ("writing the label", e))?;
+    client.flush().await.map_err(|e| ("flushing the label", e))
+}
+
+pub(super) fn now_unix_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
@@ -120,15 +137,7 @@ pub async fn init(opts: InitOptions) -> Result<InitReport, PoolError> {
             let what = what.to_string();
             move |e: blockio::IoError| PoolError::Io { uri, what, reason: e.to_string() }
         };
-        // Clear old slot headers (a previous pool's, with --force) so no
-        // reader ever has to reason about them.
-        let area = MetadataArea::from_label(&label);
-        for i in 0..area.slot_count {
-            let zero = Bytes::from(vec![0u8; BLOCK_BYTES as usize]);
-            client.write(area.slot_offset(i), zero, false).await.map_err(io("clearing metadata slots"))?;
-        }
-        client.write(0, Bytes::copy_from_slice(&label.encode()), false).await.map_err(io("writing the label"))?;
-        client.flush().await.map_err(io("flushing the label"))?;
+        write_label(&client, &label).await.map_err(|(what, e)| io(what)(e))?;
         let nbd_uri: NbdUri = uri.parse().map_err(|e| PoolError::Invalid(format!("{e}")))?;
         client.disconnect().await;
         let d = PoolDevice::connect(uri.clone(), &nbd_uri).await;
