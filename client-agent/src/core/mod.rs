@@ -185,6 +185,14 @@ pub enum Input {
         chunks: Vec<u64>,
         server_copies: bool,
     },
+    /// The data path asks to record write-intent regions (`crate::intent`);
+    /// answered like a registration.
+    IntentRecord {
+        caller: CallerId,
+        volume: String,
+        mark: Vec<u64>,
+        clear: Vec<u64>,
+    },
     /// Connection attempt `conn` succeeded.
     Connected {
         conn: ConnId,
@@ -579,6 +587,7 @@ impl AgentCore {
             Input::CowRegister { caller, volume, snapshot, chunks, server_copies } => {
                 self.cow_register(now, caller, volume, snapshot, chunks, server_copies)
             }
+            Input::IntentRecord { caller, volume, mark, clear } => self.intent_record(now, caller, volume, mark, clear),
             Input::Connected { conn, lease_ms, session } => self.connected(now, conn, lease_ms, session),
             Input::ConnectFailed { conn, error, fatal } => {
                 let addr = match self.link.phase {

@@ -30,6 +30,9 @@ struct Registration {
     snapshot: u64,
     chunks: Vec<u64>,
     server_copies: bool,
+    /// A write-intent record (regions to mark, to clear) instead of a
+    /// copy-on-write registration: the same retries, another request.
+    intent: Option<(Vec<u64>, Vec<u64>)>,
     pause_ms: u64,
     /// When to try again; `None` while a request is in flight.
     retry_at_ms: Option<Millis>,
@@ -94,10 +97,28 @@ impl AgentCore {
             snapshot,
             chunks,
             server_copies,
+            intent: None,
             pause_ms: PAUSE_MIN_MS,
             retry_at_ms: Some(now),
         };
         r.by_id.insert(r.next, registration);
+    }
+
+    /// Records write-intent regions of `volume` (see `crate::intent`), sent
+    /// and retried like a registration.
+    pub(super) fn intent_record(
+        &mut self,
+        now: Millis,
+        caller: CallerId,
+        volume: String,
+        mark: Vec<u64>,
+        clear: Vec<u64>,
+    ) {
+        self.cow_register(now, caller, volume, 0, Vec::new(), false);
+        let next = self.registrations.next;
+        if let Some(r) = self.registrations.by_id.get_mut(&next) {
+            r.intent = Some((mark, clear));
+        }
     }
 
     /// Sends every registration whose time has come.
@@ -133,7 +154,9 @@ impl AgentCore {
             return self.registration_later(now, id, &why);
         };
         let (snapshot, chunks) = (SnapshotId(r.snapshot), r.chunks.clone());
-        let message = if r.server_copies {
+        let message = if let Some((mark, clear)) = &r.intent {
+            Request::IntentRecord { handle, mark: mark.clone(), clear: clear.clone() }
+        } else if r.server_copies {
             Request::CowCopy { handle, snapshot, chunks }
         } else {
             Request::CowRegister { handle, snapshot, chunks }
@@ -144,7 +167,7 @@ impl AgentCore {
 
     pub(super) fn cow_answered(&mut self, now: Millis, id: u64, result: Result<Response, RequestError>) {
         match result {
-            Ok(Response::CowRegistered { .. }) => self.registration_done(id, Ok(())),
+            Ok(Response::CowRegistered { .. } | Response::IntentRecorded) => self.registration_done(id, Ok(())),
             Ok(other) => {
                 self.registration_done(id, Err(format!("the metadata server answered a registration with {other:?}")))
             }

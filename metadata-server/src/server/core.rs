@@ -414,6 +414,8 @@ pub enum AfterJob {
         change: VolumeChange,
         reply: ReplyId,
     },
+    /// The regions a gone holder left dirty were copied: open (`intents`).
+    OrphansResynced(super::intents::OrphansResync),
 }
 
 /// A server-side copy in flight: who asked, for which chunks.

@@ -29,9 +29,13 @@
 //! 4. **Online.** Once every volume is done the device is committed online
 //!    and the holders are told: reads use its legs again.
 //!
-//! Known limits (the next steps of issue 12): whole extents on the device
-//! are copied, not only the regions written while it was away (no stale
-//! region tracking yet), and holders pause I/O while their volume's extents
+//! Only the regions written while the device was away are copied (its
+//! stale set in the write-intent log, `volume_format::metadata::intent`);
+//! a device that failed before the pool recorded stale sets has its live
+//! extents copied whole, and snapshot copy-on-write extents are always
+//! copied whole (their writes are not in the intent log).
+//!
+//! Known limits (the next steps of issue 12): holders pause I/O while their volume's extents
 //! on the device are copied (as for a snapshot delete's merge) — an online
 //! copy with regions locked against agents' writes would avoid that. A
 //! resync that fails marks the device failed again (probing starts over).
@@ -42,7 +46,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use tracing::{info, warn};
 use volume_format::control::messages::{ControlError, Response};
-use volume_format::metadata::{DeviceState, LogicalExtent, MetaChange, PoolMetadata};
+use volume_format::metadata::{intent_region_bytes, DeviceState, IntentKey, LogicalExtent, MetaChange, PoolMetadata};
 use volume_format::{DeviceIndex, VolumeId};
 
 use super::core::{AfterCommit, AfterJob, Change, Core, ReplyId, Step, VolumeChange};
@@ -259,7 +263,9 @@ impl Core {
                 self.resyncs.remove(&device);
                 return Step::Done(None);
             }
-            let changes = vec![MetaChange::DeviceState { device, state: DeviceState::Online }];
+            // Its stale regions are copied: nothing is stale any more.
+            let mut changes = self.meta.plan_forget_stale(device);
+            changes.push(MetaChange::DeviceState { device, state: DeviceState::Online });
             return Step::Commit { changes, then: AfterCommit::DeviceOnline { device } };
         };
         r.current = Some(volume);
@@ -268,27 +274,53 @@ impl Core {
         self.prepare_reconfigure_with(&name, VolumeChange::Resync { device }, reply, false)
     }
 
-    /// The job that copies every extent of `volume` on `device` from a leg
-    /// on an online device; `None` if there is nothing to copy.
+    /// The job that copies `volume`'s data on `device` from a leg on an
+    /// online device: of its live extents only the regions written while
+    /// the device was away (its stale set, `intent`), or all of them where
+    /// the pool recorded none (the device failed before the intent log);
+    /// snapshot copy-on-write extents whole. `None` if there is nothing to
+    /// copy.
     pub(super) fn resync_job(&self, volume: VolumeId, device: DeviceIndex) -> Option<Job> {
+        let extent_bytes = self.meta.extent_bytes;
+        let region_bytes = intent_region_bytes(extent_bytes);
+        let regions_per_extent = extent_bytes / region_bytes;
+        let stale: Option<BTreeSet<u64>> = self
+            .meta
+            .tracks_stale(volume, device)
+            .then(|| self.meta.intent(volume, IntentKey::Stale(device)).iter().collect());
         let target = |d: DeviceIndex, offset: u64| -> Option<DeviceExtents> {
             let uri = self.meta.device(d)?.uri.clone();
             Some(DeviceExtents { device: d, uri, offsets: vec![offset] })
         };
-        let copies: Vec<ExtentCopy> = extents_on(&self.meta, volume, device)
-            .into_iter()
-            .filter_map(|e| {
-                let to = e.legs.iter().find(|l| l.device == device)?;
-                let from: Vec<DeviceExtents> = e
-                    .legs
-                    .iter()
-                    .filter(|l| self.meta.device(l.device).is_some_and(|d| d.state.is_online()))
-                    .filter_map(|l| target(l.device, l.offset))
-                    .collect();
-                (!from.is_empty()).then_some(ExtentCopy { to: target(to.device, to.offset)?, from })
-            })
-            .collect();
-        (!copies.is_empty()).then_some(Job::Resync { extent_bytes: self.meta.extent_bytes, copies, progress: None })
+        // One copy of `region_bytes` at `at` within extent `e`.
+        let copy = |e: &LogicalExtent, at: u64| -> Option<ExtentCopy> {
+            let to = e.legs.iter().find(|l| l.device == device)?;
+            let from: Vec<DeviceExtents> = e
+                .legs
+                .iter()
+                .filter(|l| self.meta.device(l.device).is_some_and(|d| d.state.is_online()))
+                .filter_map(|l| target(l.device, l.offset + at))
+                .collect();
+            (!from.is_empty()).then_some(ExtentCopy { to: target(to.device, to.offset + at)?, from })
+        };
+        let mut copies = Vec::new();
+        let live = self.meta.volume(volume).into_iter().flat_map(|v| v.extents.iter().enumerate());
+        for (i, e) in live.filter(|(_, e)| e.legs.iter().any(|l| l.device == device)) {
+            for r in 0..regions_per_extent {
+                let region = i as u64 * regions_per_extent + r;
+                if stale.as_ref().is_none_or(|s| s.contains(&region)) {
+                    copies.extend(copy(e, r * region_bytes));
+                }
+            }
+        }
+        let cow = self.meta.snapshots.iter().filter(|s| s.volume == volume).flat_map(|s| s.cow_extents.iter());
+        for e in cow.filter(|e| e.legs.iter().any(|l| l.device == device)) {
+            copies.extend((0..regions_per_extent).filter_map(|r| copy(e, r * region_bytes)));
+        }
+        if let Some(s) = &stale {
+            info!(%device, %volume, stale_regions = s.len(), copies = copies.len(), "resync copies only the regions written while the device was away");
+        }
+        (!copies.is_empty()).then_some(Job::Resync { extent_bytes: region_bytes, copies, progress: None })
     }
 
     /// Whether `reply` is the resync driver's; if so it is handled here.

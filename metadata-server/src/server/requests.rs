@@ -52,7 +52,7 @@ pub struct OpenCommit {
     pub holder: String,
 }
 
-fn done(reply: ReplyId, result: Result<Response, ControlError>) -> Step {
+pub(super) fn done(reply: ReplyId, result: Result<Response, ControlError>) -> Step {
     Step::Done(Some((reply, result)))
 }
 
@@ -102,6 +102,11 @@ impl Core {
             Request::CowRegister { handle, .. } | Request::CowCopy { handle, .. } => {
                 Some((VolumeId(self.handles.get(handle.0)?.volume), ANY))
             }
+            // Marks wait for a resync copy of the volume (which runs with
+            // its holders drained, or before an open).
+            Request::IntentRecord { handle, .. } => {
+                Some((VolumeId(self.handles.get(handle.0)?.volume), &[Busy::Resync]))
+            }
             _ => None,
         }
     }
@@ -149,6 +154,9 @@ impl Core {
             }
             Request::CowCopy { handle, snapshot, chunks } => {
                 return self.prepare_cow(session, handle.0, snapshot.0, chunks, true, reply)
+            }
+            Request::IntentRecord { handle, mark, clear } => {
+                return self.prepare_intent_record(session, handle.0, mark, clear, reply)
             }
             Request::RecallDone { handle, generation } => self.recall_done(session, handle.0, generation),
             Request::Resume { key } => {
@@ -244,6 +252,7 @@ impl Core {
             AfterJob::Prezeroed { extents, name, change, reply } => {
                 self.prezeroed(extents, &name, change, reply, outcome)
             }
+            AfterJob::OrphansResynced(r) => self.orphans_resynced(r, outcome),
         }
     }
 
@@ -510,6 +519,20 @@ impl Core {
     }
 
     fn prepare_open(&mut self, session: SessionId, volume: &str, mode: OpenMode, reply: ReplyId) -> Step {
+        self.prepare_open_after_resync(session, volume, mode, reply, &[])
+    }
+
+    /// An open, once the regions the gone holders `resynced` left dirty
+    /// were copied (none: they are looked for first, `intents`); their
+    /// dirty sets go away in the open's commit.
+    pub(super) fn prepare_open_after_resync(
+        &mut self,
+        session: SessionId,
+        volume: &str,
+        mode: OpenMode,
+        reply: ReplyId,
+        resynced: &[HandleId],
+    ) -> Step {
         let id = match self.volume_by_name(volume) {
             Ok(v) => v.id,
             Err(e) => return done(reply, Err(e)),
@@ -517,6 +540,11 @@ impl Core {
         if self.handles.recall_of(id.0).is_some() {
             let msg = format!("volume {volume} is being reconfigured; retry in a moment");
             return done(reply, Err(err(ErrorCode::Unavailable, msg)));
+        }
+        if resynced.is_empty() {
+            if let Some(step) = self.resync_orphans_before_open(session, id, volume, mode, reply) {
+                return step;
+            }
         }
         let Some(peer) = self.sessions.get(&session).cloned() else {
             return done(reply, Err(err(ErrorCode::Unavailable, "session is closing")));
@@ -540,6 +568,7 @@ impl Core {
             format!("{} opened volume {volume} {mode} at {}", peer.name, super::durable::hms(self.now.unix_secs()));
         let now_secs = self.now.unix_secs();
         let mut changes = self.meta.plan_break_handles(&broken, &broken_reason, now_secs, BROKEN_RECORDS_MAX);
+        changes.extend(self.forget_dirty(id, resynced));
         changes.push(MetaChange::HandleOpen(HandleRecord {
             id: HandleId(handle.id),
             volume: id,
@@ -601,11 +630,16 @@ impl Core {
                 return done(reply, Err(err(ErrorCode::NotFound, msg)));
             }
         }
-        let changes = if self.meta.handles.iter().any(|h| h.id.0 == handle) {
+        let mut changes = if self.meta.handles.iter().any(|h| h.id.0 == handle) {
             vec![MetaChange::HandleRemove { handle: HandleId(handle) }]
         } else {
             Vec::new()
         };
+        // A close comes after the agent drained its I/O: every write reached
+        // every leg, so its dirty regions need no copy (`intents`).
+        if let Some(volume) = self.handles.get(handle).map(|h| VolumeId(h.volume)) {
+            changes.extend(self.forget_dirty(volume, &[HandleId(handle)]));
+        }
         Step::Commit { changes, then: AfterCommit::Close { session, handle, reply } }
     }
 

@@ -232,6 +232,18 @@ pub enum Request {
     },
     /// The reconfiguration running now, if any, with its progress.
     Operations,
+    /// The write-intent log of a mirrored volume (protocol 6): the agent
+    /// holding `handle` is about to write the intent regions `mark` for the
+    /// first time (the server commits them dirty before answering
+    /// [`Response::IntentRecorded`], and only then may the agent write), and
+    /// every write it made to the regions `clear` has reached every leg.
+    /// Regions are `intent_region_bytes(extent_bytes)` of the volume's
+    /// logical space (`volume_format::metadata::intent`).
+    IntentRecord {
+        handle: HandleId,
+        mark: Vec<u64>,
+        clear: Vec<u64>,
+    },
 }
 
 /// The NBD export name of a snapshot on the backup pseudo-device.
@@ -269,7 +281,8 @@ impl Request {
             | Request::Handover { .. }
             | Request::OpenHandover { .. }
             | Request::CowRegister { .. }
-            | Request::CowCopy { .. } => Some(&[Role::Agent]),
+            | Request::CowCopy { .. }
+            | Request::IntentRecord { .. } => Some(&[Role::Agent]),
             Request::SnapshotList { .. } | Request::BackupChannel => Some(&[Role::Admin, Role::Backup]),
             _ => Some(&[Role::Admin]),
         }
@@ -314,6 +327,9 @@ pub enum Response {
     },
     /// The reconfiguration in progress (at most one), protocol 5.
     Operations(Vec<OperationInfo>),
+    /// The write-intent regions of a [`Request::IntentRecord`] are
+    /// committed (protocol 6).
+    IntentRecorded,
 }
 
 /// A reconfiguration in progress (`sanvol device evacuate`, `volume move`,

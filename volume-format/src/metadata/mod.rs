@@ -29,6 +29,7 @@
 pub mod alloc;
 pub mod change;
 pub mod handover;
+pub mod intent;
 pub mod journal;
 pub mod payload;
 pub mod remap;
@@ -40,6 +41,7 @@ pub(crate) mod testing;
 pub use alloc::{allocate, AllocError, FreeExtents};
 pub use change::{ApplyError, ChunkRun, ChunkRuns, MetaChange, NewSnapshot, Remap, Undo};
 pub use handover::{HandoverLedger, UsedToken, HANDOVER_USED_MAX};
+pub use intent::{intent_region_bytes, IntentEntry, IntentKey, INTENT_REGION_BYTES_MAX};
 pub use remap::{LegCopy, RemapKind, RemapPlan};
 pub use slots::{MetadataArea, MetadataError, NewestSlot, SlotError, SlotHeader, SLOT_HEADER_BYTES, SLOT_MAGIC};
 pub use snapshot::{ChunkSource, CowMap, DeletePlan, COW_CHUNK_BYTES};
@@ -79,9 +81,16 @@ use uuid::Uuid;
 ///   [`MetaChange::DeviceRemove`] and [`MetaChange::VolumeRemap`] (variants
 ///   added last: format-5 payloads and entries decode unchanged, the
 ///   payload schema is format 4's); format-5 readers refuse format 6.
-pub const METADATA_FORMAT_VERSION: u32 = 6;
+/// - 7: the write-intent log of mirrored volumes ([`intent`]): the
+///   [`PoolMetadata::intents`] field (last) and [`MetaChange::IntentSet`]
+///   (a variant added last). Payloads of formats 4 to 6 decode without the
+///   field ([`payload::PayloadV6`]); entries decode unchanged; format-6
+///   readers refuse format 7.
+pub const METADATA_FORMAT_VERSION: u32 = 7;
 /// The oldest format whose payload is today's [`PoolMetadata`] schema.
-pub const PAYLOAD_SCHEMA_FORMAT_MIN: u32 = 4;
+pub const PAYLOAD_SCHEMA_FORMAT_MIN: u32 = 7;
+/// The oldest format whose payload is [`payload::PayloadV6`]'s schema.
+pub const PAYLOAD_V6_FORMAT_MIN: u32 = 4;
 /// The first format with the journal (checkpoints in slots 0 and 1, entries
 /// in the ring), the oldest journaled format this build reads; older ones
 /// are whole-pool slot records.
@@ -123,9 +132,13 @@ pub struct PoolMetadata {
     /// Volume scopes of backup keys (format 4).
     #[serde(default)]
     pub client_scopes: Vec<ClientScope>,
-    /// Used handover tokens and the token clock (format 4). Last field.
+    /// Used handover tokens and the token clock (format 4).
     #[serde(default)]
     pub handovers: HandoverLedger,
+    /// Write-intent sets of mirrored volumes (format 7, [`intent`]). Last
+    /// field.
+    #[serde(default)]
+    pub intents: Vec<IntentEntry>,
 }
 
 /// The volumes a backup key may read (their snapshots on the backup
@@ -343,6 +356,7 @@ impl PoolMetadata {
             next_ids: NextIds::default(),
             client_scopes: Vec::new(),
             handovers: HandoverLedger::default(),
+            intents: Vec::new(),
         }
     }
 

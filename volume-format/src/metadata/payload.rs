@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{
-    ClientRecord, DeviceRecord, HandleRecord, HandoverLedger, NextIds, PoolMetadata, SnapshotRecord, VolumeRecord,
-    PAYLOAD_SCHEMA_FORMAT_MIN,
+    ClientRecord, ClientScope, DeviceRecord, HandleRecord, HandoverLedger, NextIds, PoolMetadata, SnapshotRecord,
+    VolumeRecord, PAYLOAD_SCHEMA_FORMAT_MIN, PAYLOAD_V6_FORMAT_MIN,
 };
 use crate::codec::{self, CodecError};
 use crate::ids::PublicKey;
@@ -59,6 +59,53 @@ impl From<PayloadV3> for PoolMetadata {
             next_ids: p.next_ids,
             client_scopes: Vec::new(),
             handovers: HandoverLedger::default(),
+            intents: Vec::new(),
+        }
+    }
+}
+
+/// [`PoolMetadata`] as formats 4 to 6 encode it: the same fields, in the
+/// same order, without the write-intent sets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadV6 {
+    pub format_version: u32,
+    pub pool_uuid: Uuid,
+    pub pool_name: String,
+    pub generation: u64,
+    pub extent_bytes: u64,
+    pub created_at_unix_secs: u64,
+    pub server_public_key: PublicKey,
+    pub devices: Vec<DeviceRecord>,
+    pub volumes: Vec<VolumeRecord>,
+    pub clients: Vec<ClientRecord>,
+    pub handles: Vec<HandleRecord>,
+    pub snapshots: Vec<SnapshotRecord>,
+    pub next_ids: NextIds,
+    pub client_scopes: Vec<ClientScope>,
+    pub handovers: HandoverLedger,
+}
+
+impl From<PayloadV6> for PoolMetadata {
+    /// Keeps the payload's `format_version`; no write-intent sets (those
+    /// formats recorded none: a device failed then has its legs copied whole).
+    fn from(p: PayloadV6) -> PoolMetadata {
+        PoolMetadata {
+            format_version: p.format_version,
+            pool_uuid: p.pool_uuid,
+            pool_name: p.pool_name,
+            generation: p.generation,
+            extent_bytes: p.extent_bytes,
+            created_at_unix_secs: p.created_at_unix_secs,
+            server_public_key: p.server_public_key,
+            devices: p.devices,
+            volumes: p.volumes,
+            clients: p.clients,
+            handles: p.handles,
+            snapshots: p.snapshots,
+            next_ids: p.next_ids,
+            client_scopes: p.client_scopes,
+            handovers: p.handovers,
+            intents: Vec::new(),
         }
     }
 }
@@ -68,6 +115,9 @@ impl From<PayloadV3> for PoolMetadata {
 pub fn decode(format: u32, bytes: &[u8]) -> Result<PoolMetadata, CodecError> {
     if format >= PAYLOAD_SCHEMA_FORMAT_MIN {
         return codec::decode(bytes);
+    }
+    if format >= PAYLOAD_V6_FORMAT_MIN {
+        return codec::decode::<PayloadV6>(bytes).map(PoolMetadata::from);
     }
     codec::decode::<PayloadV3>(bytes).map(PoolMetadata::from)
 }
@@ -80,6 +130,9 @@ pub fn encode_format2(meta: &PoolMetadata) -> Result<Vec<u8>, String> {
     }
     if !meta.client_scopes.is_empty() {
         return Err("format 2 cannot record volume scopes of backup keys; commit with the journal".into());
+    }
+    if !meta.intents.is_empty() {
+        return Err("format 2 cannot record write-intent sets; commit with the journal".into());
     }
     let p = PayloadV3 {
         format_version: super::LEGACY_SLOT_FORMAT_VERSION,
@@ -124,5 +177,29 @@ mod tests {
         assert!(encode_format2(&meta).unwrap_err().contains("handover"));
         assert_eq!(decode(crate::metadata::METADATA_FORMAT_VERSION, &codec::encode(&meta).unwrap()).unwrap(), meta);
         assert_eq!(decode(PAYLOAD_SCHEMA_FORMAT_MIN, &codec::encode(&meta).unwrap()).unwrap(), meta);
+    }
+
+    #[test]
+    fn a_format_6_payload_decodes_without_the_intent_sets() {
+        let meta = rich_pool();
+        let v6 = PayloadV6 {
+            format_version: 6,
+            pool_uuid: meta.pool_uuid,
+            pool_name: meta.pool_name.clone(),
+            generation: meta.generation,
+            extent_bytes: meta.extent_bytes,
+            created_at_unix_secs: meta.created_at_unix_secs,
+            server_public_key: meta.server_public_key,
+            devices: meta.devices.clone(),
+            volumes: meta.volumes.clone(),
+            clients: meta.clients.clone(),
+            handles: meta.handles.clone(),
+            snapshots: meta.snapshots.clone(),
+            next_ids: meta.next_ids,
+            client_scopes: meta.client_scopes.clone(),
+            handovers: meta.handovers.clone(),
+        };
+        let decoded = decode(6, &codec::encode(&v6).unwrap()).unwrap();
+        assert_eq!(PoolMetadata { format_version: meta.format_version, ..decoded }, meta);
     }
 }
