@@ -1,0 +1,194 @@
+//! Issue 12, the write-intent log, with real processes: nbdkit devices,
+//! `sanvol-mds`, and a `sanvol-agent` whose path to one leg's device runs
+//! through nbdkit's `delay` filter (5 s per write). Mirrored writes are in
+//! flight — on the fast leg, not yet on the slow one — when the agent and
+//! its slow path die (kill -9, as a host crash takes both). Another agent
+//! then opens the volume. Read from the devices directly, both legs must be
+//! identical over the whole volume, and reads through the new agent (which
+//! rotate between legs) must return the same data every time.
+//!
+//! Run with `SANVOL_INTENT_LOG=off` in the environment (the agents inherit
+//! it) and this test fails: without the log nothing resynchronizes the
+//! regions the crash left different.
+
+use std::time::{Duration, Instant};
+
+use blockio::client::NbdClient;
+use blockio::uri::NbdUri;
+use blockio::BlockDevice;
+use bytes::Bytes;
+use sanvol_tests::peers;
+use sanvol_tests::system::Stack;
+use sanvol_tests::volumes::{block_pattern, connect, BLOCK};
+
+/// Blocks written in flight, one per intent region (spread over the volume).
+const WRITES: u64 = 16;
+/// Reads of each written block through the new agent.
+const READS_PER_BLOCK: usize = 6;
+const WAIT: Duration = Duration::from_secs(60);
+
+/// (device index, device offset) of each leg of each extent of `volume`.
+fn legs(stack: &Stack, volume: &str) -> (u64, Vec<Vec<(u64, u64)>>) {
+    let show = stack.sanvol_json(&["volume", "show", volume]);
+    let desc = &show["description"];
+    let extents = desc["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            e["legs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| (l["device"].as_u64().unwrap(), l["offset"].as_u64().unwrap()))
+                .collect()
+        })
+        .collect();
+    (desc["extent_bytes"].as_u64().unwrap(), extents)
+}
+
+/// Reads `len` bytes at volume offset `offset` from leg `leg`, directly on
+/// its device.
+async fn read_leg(
+    devices: &[(u64, NbdClient)],
+    map: &(u64, Vec<Vec<(u64, u64)>>),
+    leg: usize,
+    offset: u64,
+    len: u32,
+) -> Bytes {
+    let (extent_bytes, extents) = map;
+    let (device, at) = extents[(offset / extent_bytes) as usize][leg];
+    let client = &devices.iter().find(|(d, _)| *d == device).expect("a client per device").1;
+    client.read(at + offset % extent_bytes, len).await.expect("read a leg directly")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_with_mirrored_writes_in_flight_leaves_identical_legs_once_the_volume_is_opened_again() {
+    let mut stack = Stack::new(2, "1G");
+    stack.durable_ms = Some(1000);
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "m", "256M", "--mirror", "2"]);
+    let show = stack.sanvol_json(&["volume", "show", "m"]);
+    let size = show["description"]["size_bytes"].as_u64().unwrap();
+    let map = legs(&stack, "m");
+    // Leg 1's device is slow for the first agent only.
+    let slow_index = map.1[0][1].0;
+    let slow_uri = show["description"]["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["index"].as_u64() == Some(slow_index))
+        .unwrap()["uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let peer = stack.devices.iter().position(|d| d.uri().to_string() == slow_uri).expect("the device's nbdkit");
+    let socket = stack.devices[peer].dir().join("nbd.sock");
+    let mut slow = peers::nbdkit(&[
+        "--filter=delay",
+        "nbd",
+        &format!("socket={}", socket.display()),
+        "delay-write=5000ms",
+        "delay-zero=5000ms",
+        "delay-trim=5000ms",
+    ]);
+    let mut agent = stack.start_agent_with("host-a", &["--device-uri".into(), format!("{slow_uri}={}", slow.uri())]);
+    let export = agent.attach("m", "exclusive");
+
+    let mut devices = Vec::new();
+    for d in show["description"]["devices"].as_array().unwrap() {
+        let uri: NbdUri = d["uri"].as_str().unwrap().parse().unwrap();
+        devices.push((d["index"].as_u64().unwrap(), connect(&uri).await));
+    }
+    let blocks: Vec<u64> = (0..WRITES).map(|i| i * (size / BLOCK / WRITES) + 1).collect();
+
+    // The writes, all at once; they complete on leg 0 at once, on leg 1
+    // after the delay — too late.
+    let writer = connect(&export).await;
+    let in_flight = tokio::spawn({
+        let writer = writer.clone();
+        let blocks = blocks.clone();
+        async move {
+            let writes = blocks.iter().map(|&b| writer.write(b * BLOCK, Bytes::from(block_pattern(7, b)), false));
+            futures::future::join_all(writes).await
+        }
+    });
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut landed = 0;
+        for &b in &blocks {
+            if read_leg(&devices, &map, 0, b * BLOCK, BLOCK as u32).await[..] == block_pattern(7, b)[..] {
+                landed += 1;
+            }
+        }
+        if landed == blocks.len() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the writes never reached the fast leg\n{}", stack.all_logs(40));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The host dies: the agent and its slow path with it.
+    agent.proc.kill();
+    slow.kill();
+    in_flight.abort();
+    // The precondition: the crash left the legs different.
+    for &b in &blocks {
+        let on_slow = read_leg(&devices, &map, 1, b * BLOCK, BLOCK as u32).await;
+        assert!(on_slow.iter().all(|&x| x == 0), "block {b} reached the slow leg before the crash");
+    }
+
+    // Another agent opens the volume once the dead holder's lease ran out.
+    let other = stack.start_agent("host-b");
+    let deadline = Instant::now() + WAIT;
+    let export = loop {
+        let out = other.cli(&["attach", "m", "--mode", "exclusive"]);
+        if out.status.success() {
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            let line = stdout.lines().find(|l| l.starts_with("nbd")).expect("attach prints the export").to_string();
+            break line.trim().parse::<NbdUri>().unwrap();
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            Instant::now() < deadline && stderr.contains("open"),
+            "attach of m by host-b failed: {stderr}\n{}",
+            stack.all_logs(40)
+        );
+        // The old holder's lease is another process's state: poll.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    // Both legs, read from the devices directly, are identical everywhere.
+    let (extent_bytes, _) = map;
+    let step = 4u64 << 20;
+    let mut offset = 0;
+    while offset < size {
+        let len = step.min(size - offset).min(extent_bytes - offset % extent_bytes) as u32;
+        let a = read_leg(&devices, &map, 0, offset, len).await;
+        let b = read_leg(&devices, &map, 1, offset, len).await;
+        if a != b {
+            let first = a.iter().zip(b.iter()).position(|(x, y)| x != y).unwrap() as u64;
+            panic!(
+                "the legs differ at volume offset {} after the reopen (a crashed holder's dirty regions were not \
+                 resynchronized)\n{}",
+                offset + first,
+                stack.all_logs(40)
+            );
+        }
+        offset += u64::from(len);
+    }
+    // Reads through the new agent rotate between legs and never flip.
+    let reader = connect(&export).await;
+    for &b in &blocks {
+        let on_device = read_leg(&devices, &map, 0, b * BLOCK, BLOCK as u32).await;
+        for n in 0..READS_PER_BLOCK {
+            let got = reader.read(b * BLOCK, BLOCK as u32).await.expect("read through the agent");
+            assert_eq!(got, on_device, "block {b}, read {n} through the new agent");
+        }
+    }
+    reader.disconnect().await;
+    for (_, c) in devices {
+        c.disconnect().await;
+    }
+    let log = stack.mds_log();
+    assert!(log.contains("copying the regions a gone holder left dirty"), "the server says what it copied:\n{log}");
+}
