@@ -185,6 +185,14 @@ async fn a_crash_with_mirrored_writes_in_flight_leaves_identical_legs_once_the_v
             assert_eq!(got, on_device, "block {b}, read {n} through the new agent");
         }
     }
+    // And the new holder writes (its own marks are not held up by the copy).
+    let b = blocks[0];
+    reader.write(b * BLOCK, Bytes::from(block_pattern(9, b)), false).await.expect("write through the new agent");
+    reader.flush().await.expect("flush through the new agent");
+    for leg in 0..2 {
+        let on_leg = read_leg(&devices, &map, leg, b * BLOCK, BLOCK as u32).await;
+        assert_eq!(on_leg[..], block_pattern(9, b)[..], "leg {leg} after the new holder's write");
+    }
     reader.disconnect().await;
     for (_, c) in devices {
         c.disconnect().await;

@@ -794,12 +794,27 @@ fn a_failed_device_that_answers_its_probe_is_resynced_at_a_recall_point_then_onl
     let effects = w.apply(committed(task, next));
     let Some(Ok(Response::Opened(opened))) = reply_of(&effects, open) else { panic!("{effects:?}") };
     let device = w.core.meta.volume_by_name("m").unwrap().extents[0].legs[0].device;
-    // The device is marked failed (as a report would).
+    // The holder writes region 0 (one extent here): marked dirty first.
+    let mark = Request::IntentRecord { handle: opened.handle, mark: vec![0], clear: vec![] };
+    assert_eq!(committed_request(&mut w, 1, mark), Ok(Response::IntentRecorded));
+    // The device is marked failed (as a report would): what is dirty is
+    // stale for it, in the same commit.
     w.core.queue.push_back(super::core::Change::DeviceFailed { device, reason: "gone".into() });
     let effects = w.apply(Input::Tick);
     let (task, next) = commit_of(&effects).expect("the failure commits");
     w.apply(committed(task, next));
     assert!(matches!(w.core.meta.device(device).unwrap().state, DeviceState::Failed { .. }));
+    let stale = |w: &World| -> Vec<u64> {
+        let v = w.core.meta.volume_by_name("m").unwrap().id;
+        w.core.meta.intent(v, volume_format::metadata::IntentKey::Stale(device)).iter().collect()
+    };
+    assert_eq!(stale(&w), vec![0]);
+    // Region 0 cleared, and region 1 written while the device is away:
+    // stale only if extent 1 has a leg on the device.
+    let mark = Request::IntentRecord { handle: opened.handle, mark: vec![1], clear: vec![0] };
+    assert_eq!(committed_request(&mut w, 1, mark), Ok(Response::IntentRecorded));
+    let extent1_on_device = w.core.meta.volume_by_name("m").unwrap().extents[1].legs.iter().any(|l| l.device == device);
+    assert_eq!(stale(&w), if extent1_on_device { vec![0, 1] } else { vec![0] }, "clearing leaves stale regions");
     let probe_of = |effects: &[Effect]| {
         effects.iter().find_map(|e| match e {
             Effect::Job { task, job: Job::CheckDevice { index, .. } } if *index == device.0 => Some(*task),
@@ -848,7 +863,8 @@ fn a_failed_device_that_answers_its_probe_is_resynced_at_a_recall_point_then_onl
         .iter()
         .filter(|e| e.legs.iter().any(|l| l.device == device))
         .count();
-    assert_eq!(copies.len(), on_device, "every extent of m with a leg on the device");
+    assert_eq!(copies.len(), on_device, "only the stale regions (one extent each here) of m on the device");
+    assert_eq!(copies.len(), stale(&w).len());
     assert!(copies.iter().all(|c| c.to.device == device && c.from.iter().all(|f| f.device != device)));
     // Opens of the volume wait meanwhile; the layout bump commits after it.
     let effects = w.apply(Input::JobDone { task: copy, outcome: JobOutcome::done() });
@@ -863,6 +879,7 @@ fn a_failed_device_that_answers_its_probe_is_resynced_at_a_recall_point_then_onl
     let (task, next) = commit_of(&effects).expect("online commits");
     let effects = w.apply(committed(task, next));
     assert_eq!(w.core.meta.device(device).unwrap().state, DeviceState::Online);
+    assert!(stale(&w).is_empty(), "nothing is stale once the device is online");
     assert!(effects
         .iter()
         .any(|e| matches!(e, Effect::Event { session: 1, event: ServerEvent::Publish { description, .. } }
@@ -922,6 +939,13 @@ fn a_resync_that_keeps_failing_marks_the_device_failed_again_and_probing_starts_
     w.core.queue.push_back(super::core::Change::DeviceFailed { device, reason: "gone".into() });
     let (task, next) = commit_of(&w.apply(Input::Tick)).unwrap();
     w.apply(committed(task, next));
+    // A write while it was away (as a holder's mark would record it).
+    let v = w.core.meta.volume_by_name("m").unwrap().id;
+    let key = volume_format::metadata::IntentKey::Stale(device);
+    let regions = volume_format::metadata::ChunkRuns::from_chunks([0]);
+    Arc::make_mut(&mut w.core.meta)
+        .apply(&volume_format::metadata::MetaChange::IntentSet { volume: v, key, regions })
+        .unwrap();
     w.apply(Input::Tick);
     w.advance(100);
     let probe = w
@@ -965,6 +989,82 @@ fn a_resync_that_keeps_failing_marks_the_device_failed_again_and_probing_starts_
 }
 
 /// Runs commits until none is asked for; the effects of the last.
+#[test]
+fn regions_a_gone_holder_left_dirty_are_copied_before_the_next_open_is_granted() {
+    let mut w = World::new();
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 2 << 20, legs: 2 });
+    let (task, next) = commit_of(&effects).unwrap();
+    w.apply(committed(task, next));
+    let opened = match committed_request(&mut w, 1, Request::Open { volume: "m".into(), mode: OpenMode::Exclusive }) {
+        Ok(Response::Opened(o)) => o,
+        other => panic!("{other:?}"),
+    };
+    let mark = Request::IntentRecord { handle: opened.handle, mark: vec![1], clear: vec![] };
+    assert_eq!(committed_request(&mut w, 1, mark), Ok(Response::IntentRecorded));
+    // Out of range, or too many: refused.
+    let bad = Request::IntentRecord { handle: opened.handle, mark: vec![2], clear: vec![] };
+    assert_eq!(committed_request(&mut w, 1, bad), Err(ErrorCode::InvalidArgument));
+    // The holder dies: silent past its lease.
+    w.apply(Input::Disconnected { session: 1 });
+    w.advance(LEASE_MS + 1);
+    let (open, effects) = w.request(2, Request::Open { volume: "m".into(), mode: OpenMode::Exclusive });
+    assert!(reply_of(&effects, open).is_none() && commit_of(&effects).is_none(), "not granted before the copy");
+    let (copy, copies) = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Job { task, job: Job::Resync { copies, .. } } => Some((*task, copies.clone())),
+            _ => None,
+        })
+        .expect("the dirty region is copied first");
+    let extent = &w.core.meta.volume_by_name("m").unwrap().extents[1];
+    assert_eq!(copies.len(), 1, "region 1 only, from one leg onto the other");
+    assert_eq!(copies[0].from[0].device, extent.legs[0].device, "from the first online leg");
+    assert_eq!(copies[0].to.device, extent.legs[1].device);
+    assert_eq!(copies[0].to.offsets, vec![extent.legs[1].offset]);
+    // Copied: the open commits, forgetting the dead holder's dirty set.
+    let effects = w.apply(Input::JobDone { task: copy, outcome: JobOutcome::done() });
+    let (task, next) = commit_of(&effects).expect("the open commits after the copy");
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(reply_of(&effects, open), Some(Ok(Response::Opened(_)))), "{effects:?}");
+    assert!(w.core.meta.intents.iter().all(|e| e.key != volume_format::metadata::IntentKey::Dirty(opened.handle)));
+}
+
+#[test]
+fn a_failed_copy_of_a_gone_holder_s_regions_refuses_the_open_and_the_next_open_copies_again() {
+    let mut w = World::new();
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 2 << 20, legs: 2 });
+    let (task, next) = commit_of(&effects).unwrap();
+    w.apply(committed(task, next));
+    let Ok(Response::Opened(opened)) =
+        committed_request(&mut w, 1, Request::Open { volume: "m".into(), mode: OpenMode::Exclusive })
+    else {
+        panic!()
+    };
+    let mark = Request::IntentRecord { handle: opened.handle, mark: vec![0], clear: vec![] };
+    assert_eq!(committed_request(&mut w, 1, mark), Ok(Response::IntentRecorded));
+    w.apply(Input::Disconnected { session: 1 });
+    w.advance(LEASE_MS + 1);
+    for attempt in 0..2 {
+        let (open, effects) = w.request(2, Request::Open { volume: "m".into(), mode: OpenMode::Exclusive });
+        let copy = effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Job { task, job: Job::Resync { .. } } => Some(*task),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("attempt {attempt} copies: {effects:?}"));
+        if attempt == 0 {
+            let effects = w.apply(Input::JobDone { task: copy, outcome: JobOutcome::failed("device gone") });
+            assert!(matches!(reply_of(&effects, open), Some(Err(e)) if e.code == ErrorCode::Unavailable));
+        } else {
+            let effects = w.apply(Input::JobDone { task: copy, outcome: JobOutcome::done() });
+            let (task, next) = commit_of(&effects).unwrap();
+            let effects = w.apply(committed(task, next));
+            assert!(matches!(reply_of(&effects, open), Some(Ok(Response::Opened(_)))));
+        }
+    }
+}
+
 fn commit_all(w: &mut World, mut effects: Vec<Effect>) -> Vec<Effect> {
     let mut all = Vec::new();
     while let Some((task, next)) = commit_of(&effects) {

@@ -52,6 +52,7 @@ pub const INTENT_RECORD_REGIONS_MAX: usize = 4096;
 #[derive(Debug)]
 pub struct OrphansResync {
     pub session: SessionId,
+    pub id: VolumeId,
     pub volume: String,
     pub mode: OpenMode,
     pub reply: ReplyId,
@@ -158,7 +159,14 @@ impl Core {
         let copies = self.region_copies(volume, &regions);
         info!(%volume, regions = regions.len(), copies = copies.len(), ?handles,
             "copying the regions a gone holder left dirty before the volume is opened again");
-        let then = AfterJob::OrphansResynced(OrphansResync { session, volume: name.to_string(), mode, reply, handles });
+        let then = AfterJob::OrphansResynced(OrphansResync {
+            session,
+            id: volume,
+            volume: name.to_string(),
+            mode,
+            reply,
+            handles,
+        });
         if copies.is_empty() {
             // Nothing to copy (one leg online): only forget the sets.
             return Some(self.continue_job(then, JobOutcome::done()));
@@ -211,6 +219,9 @@ impl Core {
     /// The orphaned regions were copied (or not): open, forgetting them in
     /// the open's commit, or refuse the open with why.
     pub(super) fn orphans_resynced(&mut self, r: OrphansResync, outcome: JobOutcome) -> Step {
+        // The volume is not busy any more: the open below is prepared (and
+        // its handle taken in the table) before any other change of it.
+        self.release(r.id);
         if let Err(e) = outcome.result {
             warn!(volume = %r.volume, "resync of the regions a gone holder left dirty failed: {e}");
             let msg = format!(
