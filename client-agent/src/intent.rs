@@ -18,6 +18,12 @@
 //! [`INTENT_SWEEP_MS`] (as md clears its bitmap lazily every 5 s), so a
 //! region written again within seconds is never marked twice.
 //!
+//! **After a restart.** A new run of the agent that takes its handle back
+//! (resume) inherits the handle's dirty set at the server, left by the run
+//! that died. Before its first I/O it asks the server to copy those regions
+//! ([`IntentLog::ready`]); reads wait for that too, so no read ever sees
+//! legs that differ.
+//!
 //! **The state machine** ([`IntentState`], a plain type): a region is
 //! absent (clean), `Marking` (a record in flight), `Dirty` (with the writes
 //! in flight in it, when the last one ended, and whether any failed), or
@@ -58,6 +64,11 @@ pub trait IntentRecorder: Send + Sync + 'static {
     /// Commits `mark` dirty and `clear` clean; retries transient failures
     /// itself. An error means the regions cannot be recorded.
     async fn record(&self, mark: Vec<u64>, clear: Vec<u64>) -> Result<(), String>;
+
+    /// Asks the server to copy whatever this handle recorded dirty before
+    /// (a previous run of the agent died with writes in flight) and to
+    /// forget it; answered at once when there is nothing.
+    async fn resync(&self) -> Result<(), String>;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,6 +212,9 @@ pub struct IntentLog {
     recorder: Arc<dyn IntentRecorder>,
     region_bytes: u64,
     started: std::time::Instant,
+    /// Set once the server resynchronized what the handle left dirty before
+    /// this attachment (see [`IntentLog::ready`]).
+    resynced: tokio::sync::OnceCell<()>,
 }
 
 impl std::fmt::Debug for IntentLog {
@@ -244,9 +258,30 @@ impl IntentLog {
             recorder,
             region_bytes,
             started: std::time::Instant::now(),
+            resynced: tokio::sync::OnceCell::new(),
         });
         tokio::spawn(sweeper(Arc::downgrade(&log)));
         log
+    }
+
+    /// Returns once the server has copied the regions this handle recorded
+    /// dirty before this attachment existed — a restarted agent that took
+    /// its handle back finds them left by the run that died. Every I/O of
+    /// the attachment waits for it (the first one asks; a failure is asked
+    /// again by the next I/O). A fresh open has nothing dirty: one round
+    /// trip, once.
+    pub async fn ready(&self) -> Result<(), IoError> {
+        self.resynced
+            .get_or_try_init(|| async {
+                self.recorder.resync().await.map_err(|e| {
+                    IoError::io(format!(
+                        "the regions the previous run of this agent was writing could not be resynchronized \
+                         ({e}); no I/O until they are"
+                    ))
+                })
+            })
+            .await
+            .map(|_| ())
     }
 
     fn now_ms(&self) -> u64 {
@@ -268,6 +303,7 @@ impl IntentLog {
     /// Waits until every region of `[offset, offset + len)` is recorded
     /// dirty; the write may go once this returns.
     pub async fn begin(self: &Arc<Self>, offset: u64, len: u64) -> Result<IntentGuard, IoError> {
+        self.ready().await?;
         let regions = self.regions_of(offset, len);
         loop {
             let settled = self.settled.notified();

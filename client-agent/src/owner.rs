@@ -79,8 +79,7 @@ pub(crate) enum ToOwner {
     /// The data path records write-intent regions.
     Intent {
         volume: String,
-        mark: Vec<u64>,
-        clear: Vec<u64>,
+        op: crate::core::IntentOp,
         reply: oneshot::Sender<Result<(), String>>,
     },
     Connected {
@@ -277,9 +276,9 @@ impl Shell {
                 let caller = self.caller(Waiter::Cow(reply));
                 Input::CowRegister { caller, volume, snapshot, chunks, server_copies }
             }
-            ToOwner::Intent { volume, mark, clear, reply } => {
+            ToOwner::Intent { volume, op, reply } => {
                 let caller = self.caller(Waiter::Cow(reply));
-                Input::IntentRecord { caller, volume, mark, clear }
+                Input::IntentRecord { caller, volume, op }
             }
             ToOwner::Connected { conn, client, mut events } => {
                 let session = client.session();
@@ -784,8 +783,18 @@ struct OwnerIntents {
 #[async_trait::async_trait]
 impl IntentRecorder for OwnerIntents {
     async fn record(&self, mark: Vec<u64>, clear: Vec<u64>) -> Result<(), String> {
+        self.send(crate::core::IntentOp::Record { mark, clear }).await
+    }
+
+    async fn resync(&self) -> Result<(), String> {
+        self.send(crate::core::IntentOp::Resync).await
+    }
+}
+
+impl OwnerIntents {
+    async fn send(&self, op: crate::core::IntentOp) -> Result<(), String> {
         let (reply, answer) = oneshot::channel();
-        let message = ToOwner::Intent { volume: self.volume.clone(), mark, clear, reply };
+        let message = ToOwner::Intent { volume: self.volume.clone(), op, reply };
         if self.owner.send(message).await.is_err() {
             return Err("the agent is shutting down".to_string());
         }

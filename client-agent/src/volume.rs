@@ -506,6 +506,9 @@ impl BlockDevice for VolumeDevice {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+        if let Some(log) = &self.intent {
+            log.ready().await?;
+        }
         let layout = self.gate.enter().await?;
         let mut segments = layout.map().segments(offset, u64::from(len)).map_err(map_error)?;
         let start_leg = self.next_read.fetch_add(1, Ordering::Relaxed);

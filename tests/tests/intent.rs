@@ -13,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use blockio::client::NbdClient;
+use blockio::client::{ClientOptions, NbdClient};
 use blockio::uri::NbdUri;
 use blockio::BlockDevice;
 use bytes::Bytes;
@@ -62,10 +62,24 @@ async fn read_leg(
     client.read(at + offset % extent_bytes, len).await.expect("read a leg directly")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crash_with_mirrored_writes_in_flight_leaves_identical_legs_once_the_volume_is_opened_again() {
+/// What a crash left: the pool, the volume's map, direct clients of its
+/// devices, the blocks written in flight and the dead agent's export.
+struct Crashed {
+    stack: Stack,
+    size: u64,
+    map: (u64, Vec<Vec<(u64, u64)>>),
+    devices: Vec<(u64, NbdClient)>,
+    blocks: Vec<u64>,
+    export: NbdUri,
+}
+
+/// A mirrored volume on a pool whose handles are kept `durable_ms` past
+/// their lease; agent host-a writes [`WRITES`] blocks of it while its path
+/// to leg 1's device is delayed, and dies (kill -9) once they reached leg 0
+/// only.
+async fn crash_with_writes_in_flight(durable_ms: u64) -> Crashed {
     let mut stack = Stack::new(2, "1G");
-    stack.durable_ms = Some(1000);
+    stack.durable_ms = Some(durable_ms);
     stack.start_mds();
     stack.sanvol_ok(&["volume", "create", "m", "256M", "--mirror", "2"]);
     let show = stack.sanvol_json(&["volume", "show", "m"]);
@@ -137,6 +151,80 @@ async fn a_crash_with_mirrored_writes_in_flight_leaves_identical_legs_once_the_v
         assert!(on_slow.iter().all(|&x| x == 0), "block {b} reached the slow leg before the crash");
     }
 
+    Crashed { stack, size, map, devices, blocks, export }
+}
+
+/// A connection to `export` once the agent serves it (a restarted agent
+/// takes its volumes back in the background: another process's state,
+/// polled).
+async fn connect_when_served(export: &NbdUri) -> NbdClient {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match NbdClient::connect(export, ClientOptions::default()).await {
+            Ok(c) => return c,
+            Err(e) => assert!(Instant::now() < deadline, "{export} not served within {WAIT:?}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Both legs identical over the volume (read from the devices directly),
+/// reads of every written block through `export` never flip, and a write
+/// through it lands on both legs.
+async fn assert_consistent_through(c: &Crashed, export: &NbdUri) {
+    let Crashed { stack, size, map, devices, blocks, .. } = c;
+    let size = *size;
+    // Reads through the agent rotate between legs and never flip: the
+    // first I/O is also what makes a restarted agent's copy happen.
+    let reader = connect_when_served(export).await;
+    let mut first_reads = Vec::new();
+    for &b in blocks {
+        let mut seen = Vec::new();
+        for _ in 0..READS_PER_BLOCK {
+            seen.push(reader.read(b * BLOCK, BLOCK as u32).await.expect("read through the agent"));
+        }
+        assert!(seen.windows(2).all(|w| w[0] == w[1]), "block {b} read differently through the agent");
+        first_reads.push(seen.swap_remove(0));
+    }
+    // Both legs, read from the devices directly, are identical everywhere.
+    let extent_bytes = map.0;
+    let step = 4u64 << 20;
+    let mut offset = 0;
+    while offset < size {
+        let len = step.min(size - offset).min(extent_bytes - offset % extent_bytes) as u32;
+        let a = read_leg(devices, map, 0, offset, len).await;
+        let b = read_leg(devices, map, 1, offset, len).await;
+        if a != b {
+            let first = a.iter().zip(b.iter()).position(|(x, y)| x != y).unwrap() as u64;
+            panic!(
+                "the legs differ at volume offset {} after the reopen (a crashed holder's dirty regions were not \
+                 resynchronized)\n{}",
+                offset + first,
+                stack.all_logs(40)
+            );
+        }
+        offset += u64::from(len);
+    }
+    // What the agent read is what both legs hold.
+    for (&b, read) in blocks.iter().zip(&first_reads) {
+        let on_device = read_leg(devices, map, 0, b * BLOCK, BLOCK as u32).await;
+        assert_eq!(*read, on_device, "block {b} through the agent vs its legs");
+    }
+    // And the new holder writes (its own marks are not held up by the copy).
+    let b = blocks[0];
+    reader.write(b * BLOCK, Bytes::from(block_pattern(9, b)), false).await.expect("write through the new agent");
+    reader.flush().await.expect("flush through the new agent");
+    for leg in 0..2 {
+        let on_leg = read_leg(devices, map, leg, b * BLOCK, BLOCK as u32).await;
+        assert_eq!(on_leg[..], block_pattern(9, b)[..], "leg {leg} after the new holder's write");
+    }
+    reader.disconnect().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_with_mirrored_writes_in_flight_leaves_identical_legs_once_another_agent_opens_the_volume() {
+    let c = crash_with_writes_in_flight(1000).await;
+    let stack = &c.stack;
     // Another agent opens the volume once the dead holder's lease ran out.
     let other = stack.start_agent("host-b");
     let deadline = Instant::now() + WAIT;
@@ -157,46 +245,23 @@ async fn a_crash_with_mirrored_writes_in_flight_leaves_identical_legs_once_the_v
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
 
-    // Both legs, read from the devices directly, are identical everywhere.
-    let (extent_bytes, _) = map;
-    let step = 4u64 << 20;
-    let mut offset = 0;
-    while offset < size {
-        let len = step.min(size - offset).min(extent_bytes - offset % extent_bytes) as u32;
-        let a = read_leg(&devices, &map, 0, offset, len).await;
-        let b = read_leg(&devices, &map, 1, offset, len).await;
-        if a != b {
-            let first = a.iter().zip(b.iter()).position(|(x, y)| x != y).unwrap() as u64;
-            panic!(
-                "the legs differ at volume offset {} after the reopen (a crashed holder's dirty regions were not \
-                 resynchronized)\n{}",
-                offset + first,
-                stack.all_logs(40)
-            );
-        }
-        offset += u64::from(len);
-    }
-    // Reads through the new agent rotate between legs and never flip.
-    let reader = connect(&export).await;
-    for &b in &blocks {
-        let on_device = read_leg(&devices, &map, 0, b * BLOCK, BLOCK as u32).await;
-        for n in 0..READS_PER_BLOCK {
-            let got = reader.read(b * BLOCK, BLOCK as u32).await.expect("read through the agent");
-            assert_eq!(got, on_device, "block {b}, read {n} through the new agent");
-        }
-    }
-    // And the new holder writes (its own marks are not held up by the copy).
-    let b = blocks[0];
-    reader.write(b * BLOCK, Bytes::from(block_pattern(9, b)), false).await.expect("write through the new agent");
-    reader.flush().await.expect("flush through the new agent");
-    for leg in 0..2 {
-        let on_leg = read_leg(&devices, &map, leg, b * BLOCK, BLOCK as u32).await;
-        assert_eq!(on_leg[..], block_pattern(9, b)[..], "leg {leg} after the new holder's write");
-    }
-    reader.disconnect().await;
-    for (_, c) in devices {
-        c.disconnect().await;
-    }
+    assert_consistent_through(&c, &export).await;
     let log = stack.mds_log();
     assert!(log.contains("copying the regions a gone holder left dirty"), "the server says what it copied:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_that_takes_its_handle_back_resyncs_before_its_first_io() {
+    // Handles outlive their lease long enough for the restart to resume.
+    let c = crash_with_writes_in_flight(60_000).await;
+    // The same agent again (its state directory kept the resume key), its
+    // path to the slow device direct now: it takes its handle back and
+    // serves the same export.
+    let _agent = c.stack.restart_agent("host-a");
+    assert_consistent_through(&c, &c.export).await;
+    let log = c.stack.mds_log();
+    assert!(
+        log.contains("copying the regions a resumed handle's previous run left dirty"),
+        "the server says what it copied:\n{log}"
+    );
 }

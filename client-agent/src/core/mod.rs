@@ -67,6 +67,7 @@ use volume_format::VolumeDescription;
 
 pub use control_client::agent_api::{AgentStatus, AttachmentInfo};
 pub use recalls::{CONFIRM_PAUSE_MAX_MS, CONFIRM_PAUSE_MIN_MS};
+pub use registrations::IntentOp;
 pub use state::{HeldHandle, PendingRecall, Stage};
 
 use crate::agent::AgentError;
@@ -190,8 +191,7 @@ pub enum Input {
     IntentRecord {
         caller: CallerId,
         volume: String,
-        mark: Vec<u64>,
-        clear: Vec<u64>,
+        op: registrations::IntentOp,
     },
     /// Connection attempt `conn` succeeded.
     Connected {
@@ -587,7 +587,7 @@ impl AgentCore {
             Input::CowRegister { caller, volume, snapshot, chunks, server_copies } => {
                 self.cow_register(now, caller, volume, snapshot, chunks, server_copies)
             }
-            Input::IntentRecord { caller, volume, mark, clear } => self.intent_record(now, caller, volume, mark, clear),
+            Input::IntentRecord { caller, volume, op } => self.intent_request(now, caller, volume, op),
             Input::Connected { conn, lease_ms, session } => self.connected(now, conn, lease_ms, session),
             Input::ConnectFailed { conn, error, fatal } => {
                 let addr = match self.link.phase {

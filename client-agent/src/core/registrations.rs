@@ -23,6 +23,15 @@ use crate::gate::Phase;
 pub const PAUSE_MIN_MS: u64 = 20;
 pub const PAUSE_MAX_MS: u64 = 1_000;
 
+/// A write-intent request (see `crate::intent`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IntentOp {
+    /// Regions to mark dirty, to clear.
+    Record { mark: Vec<u64>, clear: Vec<u64> },
+    /// A new run took the handle back: resync its dirty regions.
+    Resync,
+}
+
 #[derive(Debug, Clone)]
 struct Registration {
     caller: CallerId,
@@ -30,9 +39,9 @@ struct Registration {
     snapshot: u64,
     chunks: Vec<u64>,
     server_copies: bool,
-    /// A write-intent record (regions to mark, to clear) instead of a
-    /// copy-on-write registration: the same retries, another request.
-    intent: Option<(Vec<u64>, Vec<u64>)>,
+    /// A write-intent request instead of a copy-on-write registration:
+    /// the same retries, another request.
+    intent: Option<IntentOp>,
     pause_ms: u64,
     /// When to try again; `None` while a request is in flight.
     retry_at_ms: Option<Millis>,
@@ -106,18 +115,14 @@ impl AgentCore {
 
     /// Records write-intent regions of `volume` (see `crate::intent`), sent
     /// and retried like a registration.
-    pub(super) fn intent_record(
-        &mut self,
-        now: Millis,
-        caller: CallerId,
-        volume: String,
-        mark: Vec<u64>,
-        clear: Vec<u64>,
-    ) {
+    pub(super) fn intent_request(&mut self, now: Millis, caller: CallerId, volume: String, op: IntentOp) {
+        let before = self.registrations.next;
         self.cow_register(now, caller, volume, 0, Vec::new(), false);
         let next = self.registrations.next;
-        if let Some(r) = self.registrations.by_id.get_mut(&next) {
-            r.intent = Some((mark, clear));
+        if next != before {
+            if let Some(r) = self.registrations.by_id.get_mut(&next) {
+                r.intent = Some(op);
+            }
         }
     }
 
@@ -154,8 +159,13 @@ impl AgentCore {
             return self.registration_later(now, id, &why);
         };
         let (snapshot, chunks) = (SnapshotId(r.snapshot), r.chunks.clone());
-        let message = if let Some((mark, clear)) = &r.intent {
-            Request::IntentRecord { handle, mark: mark.clone(), clear: clear.clone() }
+        let message = if let Some(op) = &r.intent {
+            match op {
+                IntentOp::Record { mark, clear } => {
+                    Request::IntentRecord { handle, mark: mark.clone(), clear: clear.clone() }
+                }
+                IntentOp::Resync => Request::IntentResync { handle },
+            }
         } else if r.server_copies {
             Request::CowCopy { handle, snapshot, chunks }
         } else {

@@ -416,6 +416,8 @@ pub enum AfterJob {
     },
     /// The regions a gone holder left dirty were copied: open (`intents`).
     OrphansResynced(super::intents::OrphansResync),
+    /// A resumed handle's dirty regions were copied: forget them.
+    HandleResynced { volume: VolumeId, handle: volume_format::HandleId, reply: ReplyId },
 }
 
 /// A server-side copy in flight: who asked, for which chunks.

@@ -54,6 +54,7 @@ pub fn allowed_in_grace(request: &Request) -> bool {
             | Request::CowRegister { .. }
             | Request::CowCopy { .. }
             | Request::IntentRecord { .. }
+            | Request::IntentResync { .. }
     )
 }
 

@@ -2,7 +2,7 @@
 //! (`volume_format::metadata::intent`): committing what agents mark and
 //! clear, and resynchronizing what a crashed holder left dirty.
 //!
-//! **Recording.** [`Request::IntentRecord`] is a metadata commit like a
+//! **Recording.** [`volume_format::control::messages::Request::IntentRecord`] is a metadata commit like a
 //! copy-on-write registration: agents batch it (a region is marked once
 //! before its first write, cleared lazily seconds after its last), so the
 //! owner loop sees a few small commits per region, never one per I/O, and
@@ -28,9 +28,15 @@
 //! Known limits: a volume that still has another live writer (shared
 //! opens) when one holder's handle is gone is not resynchronized then (the
 //! copy would race that writer's writes); its orphaned regions are copied
-//! at the first open that finds no live writer. A restarted agent that
-//! *resumes* its handle (same handle, state directory kept) keeps its dirty
-//! set as its own and is not resynchronized (see the report of issue 12).
+//! at the first open that finds no live writer.
+//!
+//! **A restarted agent that resumes its handle** (its state directory kept
+//! the resume key) holds the same handle, so its dirty set is not orphaned;
+//! but the previous run may have died with writes in flight. Every new
+//! attachment of a mirrored volume therefore asks
+//! [`volume_format::control::messages::Request::IntentResync`] before its first I/O: the server copies the
+//! handle's dirty regions (none for a fresh open: answered at once) and
+//! forgets them.
 
 use std::collections::BTreeSet;
 
@@ -45,7 +51,7 @@ use super::jobs::{DeviceExtents, ExtentCopy, Job, JobOutcome};
 use super::requests::{done, err};
 use crate::handles::SessionId;
 
-/// Most regions (marked plus cleared) in one [`Request::IntentRecord`].
+/// Most regions (marked plus cleared) in one [`volume_format::control::messages::Request::IntentRecord`].
 pub const INTENT_RECORD_REGIONS_MAX: usize = 4096;
 
 /// An open waiting for the orphaned regions of its volume to be copied.
@@ -61,7 +67,7 @@ pub struct OrphansResync {
 }
 
 impl Core {
-    /// [`Request::IntentRecord`]: commits the regions `handle` marks dirty
+    /// [`volume_format::control::messages::Request::IntentRecord`]: commits the regions `handle` marks dirty
     /// (and stale for legs on devices not online) and those it clears.
     pub(super) fn prepare_intent_record(
         &mut self,
@@ -103,6 +109,65 @@ impl Core {
         let mark = ChunkRuns::from_chunks(mark);
         let clear = ChunkRuns::from_chunks(clear);
         let changes = self.meta.plan_intent_record(volume, HandleId(handle), &mark, &clear);
+        if changes.is_empty() {
+            return done(reply, Ok(Response::IntentRecorded));
+        }
+        Step::Commit { changes, then: AfterCommit::Respond { reply, response: Box::new(Response::IntentRecorded) } }
+    }
+
+    /// [`volume_format::control::messages::Request::IntentResync`]: a new run of the agent took `handle` back;
+    /// copies the regions it recorded dirty (from the first online leg to
+    /// the others), then forgets them.
+    pub(super) fn prepare_intent_resync(&mut self, session: SessionId, handle: u64, reply: ReplyId) -> Step {
+        let h = match self.handles.get(handle) {
+            Some(h) if h.held_by(session) => h,
+            _ => {
+                return done(
+                    reply,
+                    Err(err(ErrorCode::NotFound, format!("handle {handle} is not open on this session"))),
+                )
+            }
+        };
+        let volume = VolumeId(h.volume);
+        let dirty = self.meta.intent(volume, IntentKey::Dirty(HandleId(handle)));
+        if dirty.is_empty() {
+            return done(reply, Ok(Response::IntentRecorded));
+        }
+        let other_writer = self.handles.on_volume(volume.0).any(|o| o.id != handle && o.mode != OpenMode::ReadOnly);
+        if other_writer {
+            // The copy would race the other writer's writes: left dirty
+            // (copied once no other writer holds the volume, `orphaned_dirty`).
+            warn!(%volume, handle, "a resumed handle's dirty regions are not copied while another holder writes");
+            return done(reply, Ok(Response::IntentRecorded));
+        }
+        let copies = self.region_copies(volume, &dirty);
+        info!(%volume, handle, regions = dirty.len(), copies = copies.len(),
+            "copying the regions a resumed handle's previous run left dirty");
+        let then = AfterJob::HandleResynced { volume, handle: HandleId(handle), reply };
+        if copies.is_empty() {
+            return self.continue_job(then, JobOutcome::done());
+        }
+        let job = Job::Resync { extent_bytes: intent_region_bytes(self.meta.extent_bytes), copies, progress: None };
+        Step::Job { job, busy: Some((volume, Busy::Resync)), then }
+    }
+
+    /// A resumed handle's dirty regions were copied (or not).
+    pub(super) fn handle_resynced(
+        &mut self,
+        volume: VolumeId,
+        handle: HandleId,
+        reply: ReplyId,
+        outcome: JobOutcome,
+    ) -> Step {
+        self.release(volume);
+        if let Err(e) = outcome.result {
+            warn!(%volume, %handle, "resync of a resumed handle's dirty regions failed: {e}");
+            let msg = format!(
+                "copying the regions the previous run of this agent was writing failed ({e}); retried at the next I/O"
+            );
+            return done(reply, Err(err(ErrorCode::Unavailable, msg)));
+        }
+        let changes = self.forget_dirty(volume, &[handle]);
         if changes.is_empty() {
             return done(reply, Ok(Response::IntentRecorded));
         }

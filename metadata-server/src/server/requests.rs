@@ -158,6 +158,7 @@ impl Core {
             Request::IntentRecord { handle, mark, clear } => {
                 return self.prepare_intent_record(session, handle.0, mark, clear, reply)
             }
+            Request::IntentResync { handle } => return self.prepare_intent_resync(session, handle.0, reply),
             Request::RecallDone { handle, generation } => self.recall_done(session, handle.0, generation),
             Request::Resume { key } => {
                 // The answer first, then where the volume's layout stands
@@ -253,6 +254,7 @@ impl Core {
                 self.prezeroed(extents, &name, change, reply, outcome)
             }
             AfterJob::OrphansResynced(r) => self.orphans_resynced(r, outcome),
+            AfterJob::HandleResynced { volume, handle, reply } => self.handle_resynced(volume, handle, reply, outcome),
         }
     }
 

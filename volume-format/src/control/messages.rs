@@ -244,6 +244,15 @@ pub enum Request {
         mark: Vec<u64>,
         clear: Vec<u64>,
     },
+    /// A new run of the agent took `handle` back (a resume after a crash or
+    /// restart): the regions the handle recorded dirty may differ between
+    /// legs (the previous run died with writes in flight). The server copies
+    /// them from one leg to the others, forgets them, and answers
+    /// [`Response::IntentRecorded`]; the agent does no I/O to the volume
+    /// before that (protocol 6).
+    IntentResync {
+        handle: HandleId,
+    },
 }
 
 /// The NBD export name of a snapshot on the backup pseudo-device.
@@ -282,7 +291,8 @@ impl Request {
             | Request::OpenHandover { .. }
             | Request::CowRegister { .. }
             | Request::CowCopy { .. }
-            | Request::IntentRecord { .. } => Some(&[Role::Agent]),
+            | Request::IntentRecord { .. }
+            | Request::IntentResync { .. } => Some(&[Role::Agent]),
             Request::SnapshotList { .. } | Request::BackupChannel => Some(&[Role::Admin, Role::Backup]),
             _ => Some(&[Role::Admin]),
         }

@@ -50,8 +50,8 @@ pub mod resume;
 ///   version-4 peer's messages encode the same, so version 4 is still
 ///   accepted (the admin CLI asks for the new requests only from a server
 ///   that negotiated 5).
-/// - 6: the write-intent log of mirrored volumes — `Request::IntentRecord`
-///   and `Response::IntentRecorded`, variants added last: version-5 peers'
+/// - 6: the write-intent log of mirrored volumes — `Request::IntentRecord`,
+///   `Request::IntentResync` and `Response::IntentRecorded`, variants added last: version-5 peers'
 ///   messages encode the same, so version 5 is still accepted (an agent
 ///   keeps no intent log with a server that negotiated less than 6).
 pub const PROTOCOL_VERSION: u32 = 6;
