@@ -150,6 +150,8 @@ samples!(requests, Request {
     VolumeMirrorRemove => Request::VolumeMirrorRemove { name: "db".into(), device: Some(DeviceIndex(4)) },
     VolumeMove => Request::VolumeMove { name: "db".into(), from: DeviceIndex(0), to: None },
     Operations => Request::Operations,
+    IntentRecord => Request::IntentRecord { handle: HandleId(5), mark: vec![3, 4], clear: vec![1] },
+    IntentResync => Request::IntentResync { handle: HandleId(5) },
 });
 
 samples!(responses, Response {
@@ -261,6 +263,7 @@ samples!(responses, Response {
         bytes_total: 9 << 20,
         elapsed_ms: 1234,
     }]),
+    IntentRecorded => Response::IntentRecorded,
 });
 
 samples!(events, ServerEvent {

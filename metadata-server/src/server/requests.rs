@@ -347,10 +347,14 @@ impl Core {
             Ok(c) => c,
             Err(e) => return done(reply, Err(alloc_error(e))),
         };
-        Step::Commit {
-            changes: vec![change],
-            then: AfterCommit::Reply { reply, what: format!("volume {name} deleted") },
-        }
+        // Its write-intent sets go with it (their regions mean nothing now).
+        let mut changes: Vec<MetaChange> = self
+            .meta
+            .intents_of(id)
+            .map(|e| MetaChange::IntentSet { volume: id, key: e.key, regions: Default::default() })
+            .collect();
+        changes.push(change);
+        Step::Commit { changes, then: AfterCommit::Reply { reply, what: format!("volume {name} deleted") } }
     }
 
     /// Applies `change` to `name`. Without holders (or when the layout the
