@@ -1030,6 +1030,35 @@ fn regions_a_gone_holder_left_dirty_are_copied_before_the_next_open_is_granted()
 }
 
 #[test]
+fn a_writer_without_the_intent_log_leaves_a_failed_device_s_legs_untracked_so_they_are_copied_whole() {
+    use volume_format::metadata::IntentKey;
+    let mut w = World::new();
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 2 << 20, legs: 2 });
+    let (task, next) = commit_of(&effects).unwrap();
+    w.apply(committed(task, next));
+    // An agent of protocol 5 (no intent log) writes the volume.
+    let old = Peer { version: super::intents::INTENT_PROTOCOL_VERSION - 1, ..peer(9, Role::Agent) };
+    w.apply(Input::Connected { session: 9, peer: old, addr: "test".into() });
+    assert!(matches!(
+        committed_request(&mut w, 9, Request::Open { volume: "m".into(), mode: OpenMode::Exclusive }),
+        Ok(Response::Opened(_))
+    ));
+    let v = w.core.meta.volume_by_name("m").unwrap().id;
+    let device = w.core.meta.volume_by_name("m").unwrap().extents[0].legs[0].device;
+    w.core.queue.push_back(super::core::Change::DeviceFailed { device, reason: "gone".into() });
+    let (task, next) = commit_of(&w.apply(Input::Tick)).expect("the failure commits");
+    w.apply(committed(task, next));
+    assert!(!w.core.meta.tracks_stale(v, device), "nothing says which regions it missed");
+    assert!(w.core.meta.intents_of(v).all(|e| !matches!(e.key, IntentKey::Stale(_))));
+    let Some(Job::Resync { copies, .. }) = w.core.resync_job(v, device) else { panic!("a copy") };
+    let extent_bytes = w.core.meta.extent_bytes;
+    let region_bytes = volume_format::metadata::intent_region_bytes(extent_bytes);
+    let on_device =
+        w.core.meta.volume(v).unwrap().extents.iter().filter(|e| e.legs.iter().any(|l| l.device == device)).count();
+    assert_eq!(copies.len() as u64, on_device as u64 * (extent_bytes / region_bytes), "its legs are copied whole");
+}
+
+#[test]
 fn a_failed_copy_of_a_gone_holder_s_regions_refuses_the_open_and_the_next_open_copies_again() {
     let mut w = World::new();
     let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 2 << 20, legs: 2 });

@@ -292,7 +292,7 @@ impl Core {
         // Every region dirty now may have missed the device (a write in
         // flight): stale for it, in this very commit — before any agent
         // acknowledges a write that skipped the device (`intent`).
-        let mut changes = self.meta.plan_device_failed_intents(DeviceIndex(device));
+        let mut changes = self.device_failed_intents(DeviceIndex(device));
         changes.push(MetaChange::DeviceState { device: DeviceIndex(device), state });
         Step::Commit { changes, then: AfterCommit::DeviceFailed { device, reason, reply } }
     }

@@ -51,6 +51,9 @@ use super::jobs::{DeviceExtents, ExtentCopy, Job, JobOutcome};
 use super::requests::{done, err};
 use crate::handles::SessionId;
 
+/// The first protocol version whose agents keep the write-intent log.
+pub const INTENT_PROTOCOL_VERSION: u32 = 6;
+
 /// Most regions (marked plus cleared) in one [`volume_format::control::messages::Request::IntentRecord`].
 pub const INTENT_RECORD_REGIONS_MAX: usize = 4096;
 
@@ -172,6 +175,43 @@ impl Core {
             return done(reply, Ok(Response::IntentRecorded));
         }
         Step::Commit { changes, then: AfterCommit::Respond { reply, response: Box::new(Response::IntentRecorded) } }
+    }
+
+    /// Whether a handle writing `volume` is held by an agent of a protocol
+    /// older than [`INTENT_PROTOCOL_VERSION`]: it writes without marking, so
+    /// the regions a failed device missed are not known for that volume.
+    pub(super) fn has_legacy_writer(&self, volume: VolumeId) -> bool {
+        self.handles.on_volume(volume.0).filter(|h| h.mode != OpenMode::ReadOnly).any(|h| {
+            std::iter::once(h.session)
+                .chain(h.duplicates.iter().copied())
+                .filter_map(|s| self.sessions.get(&s))
+                .any(|peer| peer.version < INTENT_PROTOCOL_VERSION)
+        })
+    }
+
+    /// The changes that make `volume`'s stale sets untracked (its legs on a
+    /// failed device are then copied whole when the device comes back).
+    pub(super) fn untrack_stale(&self, volume: VolumeId) -> Vec<MetaChange> {
+        self.meta
+            .intents_of(volume)
+            .filter(|e| matches!(e.key, IntentKey::Stale(_)))
+            .map(|e| MetaChange::IntentSet { volume, key: e.key, regions: ChunkRuns::default() })
+            .collect()
+    }
+
+    /// The intent changes that go with marking `device` failed: every region
+    /// dirty now is stale for it, except on volumes an agent writes without
+    /// the log (those stay untracked: copied whole).
+    pub(super) fn device_failed_intents(&self, device: volume_format::DeviceIndex) -> Vec<MetaChange> {
+        let mut changes = self.meta.plan_device_failed_intents(device);
+        changes.retain(|c| match c {
+            MetaChange::IntentSet { volume, .. } => !self.has_legacy_writer(*volume),
+            _ => true,
+        });
+        for v in self.meta.volumes.iter().filter(|v| self.has_legacy_writer(v.id)) {
+            changes.extend(self.untrack_stale(v.id));
+        }
+        changes
     }
 
     /// The dirty sets of `volume` left by handles that can no longer write

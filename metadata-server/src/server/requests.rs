@@ -575,6 +575,11 @@ impl Core {
         let now_secs = self.now.unix_secs();
         let mut changes = self.meta.plan_break_handles(&broken, &broken_reason, now_secs, BROKEN_RECORDS_MAX);
         changes.extend(self.forget_dirty(id, resynced));
+        // An agent that writes without the intent log: what a failed device
+        // misses from now on is not known (copied whole when it is back).
+        if mode != OpenMode::ReadOnly && peer.version < super::intents::INTENT_PROTOCOL_VERSION {
+            changes.extend(self.untrack_stale(id));
+        }
         changes.push(MetaChange::HandleOpen(HandleRecord {
             id: HandleId(handle.id),
             volume: id,
