@@ -277,6 +277,13 @@ impl Shell {
                 Input::CowRegister { caller, volume, snapshot, chunks, server_copies }
             }
             ToOwner::Intent { volume, op, reply } => {
+                // A server of an older protocol knows no intent log (nor
+                // stale tracking): nothing to record there.
+                let version = volume_format::control::messages::INTENT_PROTOCOL_VERSION;
+                if self.conns.values().any(|c| c.session().version < version) {
+                    let _ = reply.send(Ok(()));
+                    return None;
+                }
                 let caller = self.caller(Waiter::Cow(reply));
                 Input::IntentRecord { caller, volume, op }
             }

@@ -51,8 +51,7 @@ use super::jobs::{DeviceExtents, ExtentCopy, Job, JobOutcome};
 use super::requests::{done, err};
 use crate::handles::SessionId;
 
-/// The first protocol version whose agents keep the write-intent log.
-pub const INTENT_PROTOCOL_VERSION: u32 = 6;
+pub use volume_format::control::messages::INTENT_PROTOCOL_VERSION;
 
 /// Most regions (marked plus cleared) in one [`volume_format::control::messages::Request::IntentRecord`].
 pub const INTENT_RECORD_REGIONS_MAX: usize = 4096;

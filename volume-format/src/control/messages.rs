@@ -255,6 +255,10 @@ pub enum Request {
     },
 }
 
+/// The first protocol version with the write-intent log of mirrored volumes
+/// ([`Request::IntentRecord`], [`Request::IntentResync`]).
+pub const INTENT_PROTOCOL_VERSION: u32 = 6;
+
 /// The NBD export name of a snapshot on the backup pseudo-device.
 pub fn snapshot_export_name(volume: &str, snapshot: &str) -> String {
     format!("{volume}@{snapshot}")
