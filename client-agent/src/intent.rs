@@ -173,8 +173,9 @@ impl IntentState {
         let mut due: Vec<u64> = self
             .regions
             .iter()
-            .filter(|(_, s)| {
-                matches!(s, Region::Dirty { writes: 0, last_ms, failed: false } if now_ms.saturating_sub(*last_ms) >= idle_ms)
+            .filter(|(_, s)| match s {
+                Region::Dirty { writes: 0, last_ms, failed: false } => now_ms.saturating_sub(*last_ms) >= idle_ms,
+                _ => false,
             })
             .map(|(r, _)| *r)
             .collect();
@@ -435,7 +436,9 @@ mod tests {
         /// touches is recorded dirty at the server — marked by an answered
         /// record and not cleared since.
         #[test]
-        fn a_write_in_flight_is_always_covered_by_the_server_s_dirty_set(ops in proptest::collection::vec(op(), 1..200)) {
+        fn a_write_in_flight_is_always_covered_by_the_server_s_dirty_set(
+            ops in proptest::collection::vec(op(), 1..200)
+        ) {
             let mut s = IntentState::new(10);
             let mut server: std::collections::BTreeSet<u64> = Default::default();
             let mut recording: Vec<(Vec<u64>, Vec<u64>)> = Vec::new();

@@ -2,7 +2,7 @@
 //! (`volume_format::metadata::intent`): committing what agents mark and
 //! clear, and resynchronizing what a crashed holder left dirty.
 //!
-//! **Recording.** [`volume_format::control::messages::Request::IntentRecord`] is a metadata commit like a
+//! **Recording.** `Request::IntentRecord` is a metadata commit like a
 //! copy-on-write registration: agents batch it (a region is marked once
 //! before its first write, cleared lazily seconds after its last), so the
 //! owner loop sees a few small commits per region, never one per I/O, and
@@ -33,10 +33,9 @@
 //! **A restarted agent that resumes its handle** (its state directory kept
 //! the resume key) holds the same handle, so its dirty set is not orphaned;
 //! but the previous run may have died with writes in flight. Every new
-//! attachment of a mirrored volume therefore asks
-//! [`volume_format::control::messages::Request::IntentResync`] before its first I/O: the server copies the
-//! handle's dirty regions (none for a fresh open: answered at once) and
-//! forgets them.
+//! attachment of a mirrored volume therefore asks `Request::IntentResync`
+//! before its first I/O: the server copies the handle's dirty regions (none
+//! for a fresh open: answered at once) and forgets them.
 
 use std::collections::BTreeSet;
 
@@ -53,7 +52,7 @@ use crate::handles::SessionId;
 
 pub use volume_format::control::messages::INTENT_PROTOCOL_VERSION;
 
-/// Most regions (marked plus cleared) in one [`volume_format::control::messages::Request::IntentRecord`].
+/// Most regions (marked plus cleared) in one `Request::IntentRecord`.
 pub const INTENT_RECORD_REGIONS_MAX: usize = 4096;
 
 /// An open waiting for the orphaned regions of its volume to be copied.
@@ -69,7 +68,7 @@ pub struct OrphansResync {
 }
 
 impl Core {
-    /// [`volume_format::control::messages::Request::IntentRecord`]: commits the regions `handle` marks dirty
+    /// `Request::IntentRecord`: commits the regions `handle` marks dirty
     /// (and stale for legs on devices not online) and those it clears.
     pub(super) fn prepare_intent_record(
         &mut self,
@@ -117,7 +116,7 @@ impl Core {
         Step::Commit { changes, then: AfterCommit::Respond { reply, response: Box::new(Response::IntentRecorded) } }
     }
 
-    /// [`volume_format::control::messages::Request::IntentResync`]: a new run of the agent took `handle` back;
+    /// `Request::IntentResync`: a new run of the agent took `handle` back;
     /// copies the regions it recorded dirty (from the first online leg to
     /// the others), then forgets them.
     pub(super) fn prepare_intent_resync(&mut self, session: SessionId, handle: u64, reply: ReplyId) -> Step {
@@ -237,7 +236,11 @@ impl Core {
             .any(|h| h.mode != OpenMode::ReadOnly && !orphaned.contains(&HandleId(h.id)));
         if live_writer {
             if !orphans.is_empty() {
-                warn!(%volume, "a gone holder left dirty regions, but another holder still writes: they are copied at the first open without one");
+                warn!(
+                    %volume,
+                    "a gone holder left dirty regions, but another holder still writes: they are copied at the \
+                     first open without one"
+                );
             }
             return Vec::new();
         }

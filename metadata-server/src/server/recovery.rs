@@ -318,7 +318,10 @@ impl Core {
             copies.extend((0..regions_per_extent).filter_map(|r| copy(e, r * region_bytes)));
         }
         if let Some(s) = &stale {
-            info!(%device, %volume, stale_regions = s.len(), copies = copies.len(), "resync copies only the regions written while the device was away");
+            info!(
+                %device, %volume, stale_regions = s.len(), copies = copies.len(),
+                "resync copies only the regions written while the device was away"
+            );
         }
         (!copies.is_empty()).then_some(Job::Resync { extent_bytes: region_bytes, copies, progress: None })
     }
