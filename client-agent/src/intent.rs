@@ -125,8 +125,8 @@ impl IntentState {
         }
         if let (false, Some(&last)) = (mark.is_empty(), regions.last()) {
             for ahead in (last + 1..=last + MARK_AHEAD_REGIONS).filter(|a| *a < self.count) {
-                if !self.regions.contains_key(&ahead) {
-                    self.regions.insert(ahead, Region::Marking { writes: 0 });
+                if let std::collections::hash_map::Entry::Vacant(slot) = self.regions.entry(ahead) {
+                    slot.insert(Region::Marking { writes: 0 });
                     mark.push(ahead);
                 }
             }
