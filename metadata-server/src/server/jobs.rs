@@ -43,6 +43,9 @@ pub enum Job {
     /// Label a device for the pool (`sanvol device add`); the shell hands
     /// its connection to the device task before reporting (`pool::add`).
     LabelDevice(crate::pool::add::LabelRequest),
+    /// Write every record `volume`'s cache mirror holds to its devices, in
+    /// order, then empty the mirror (its holder is gone; `crate::mirror`).
+    MirrorReplay { meta: Arc<PoolMetadata>, volume: VolumeId },
 }
 
 /// One extent to copy: `to` and `from` name one extent each.
@@ -163,6 +166,7 @@ pub async fn run_data_job(job: Job, devices: &DeviceClients, may_write: impl Fn(
             }
         }
         Job::LabelDevice(_) => JobOutcome::failed("a device is labelled where the pool's connections are"),
+        Job::MirrorReplay { .. } => JobOutcome::failed("a cache mirror is replayed by its mirror's worker"),
     }
 }
 
