@@ -224,3 +224,90 @@ fn flip_byte(path: &Path, at: u64) {
     byte[0] ^= 0x10;
     file.write_all_at(&byte, at).unwrap();
 }
+
+/// The metadata server's mirror (issue 15) with real processes:
+/// `sanvol-mds`, and `cache_serve --mds` holding the volume and mirroring
+/// its cache there, killed with SIGKILL with a dirty cache (its device
+/// behind nbdkit's `delay` filter). Another client's open of the volume is
+/// answered only after the server wrote the mirror to the device; the
+/// device file, read back directly, holds every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_mirrored_cache_the_server_replays_before_the_next_open() {
+    use sanvol_tests::system::{pub_path, Stack};
+    use volume_format::control::auth::Role;
+    use volume_format::control::messages::{ErrorCode, OpenMode, Request, Response};
+
+    let device_dir = tempfile::Builder::new().prefix("sanvol-cache-mirror-").tempdir().unwrap();
+    let image = peers::sparse_file(device_dir.path(), 256 << 20);
+    let image_path = image.display().to_string();
+    // 100 ms per write: slow enough that the cache holds writes, fast
+    // enough for the server's disk lease (its I/O timeout is 500 ms here).
+    let device = peers::nbdkit(&["--filter=delay", "file", &image_path, "delay-write=100ms"]);
+    let mut stack = Stack::with_devices(vec![device]);
+    stack.lease_ms = 1000;
+    stack.durable_ms = Some(500);
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "db", "64M"]);
+    stack.sanvol_ok(&["volume", "cache", "db", "--size", "32M"]);
+    let show = stack.sanvol_json(&["volume", "show", "db"]);
+    let leg = &show["description"]["extents"][0]["legs"][0];
+    let leg_offset = leg["offset"].as_u64().unwrap();
+    let volume_image = || {
+        let bytes = std::fs::read(&image).unwrap();
+        bytes[leg_offset as usize..(leg_offset + SLOTS * SLOT_BYTES) as usize].to_vec()
+    };
+
+    stack.authorize_agent("cache-a");
+    let socket = stack.dir.path().join("cache-a.sock");
+    let mut cmd = Command::new(example_bin("cache_serve"));
+    cmd.arg("--unix").arg(&socket).arg("--mds").arg(stack.mds_addr());
+    cmd.arg("--key").arg(stack.dir.path().join("cache-a.key")).arg("--server-key").arg(pub_path(&stack.mds_key));
+    cmd.arg("--volume-name").arg("db").arg("--log").arg(stack.dir.path().join("cache-a.cachelog"));
+    let mut server = Proc::spawn("cache_serve", cmd, stack.dir.path().join("cache_serve-a.log"));
+    server.wait_listening(&socket);
+    assert!(server.log().contains("mirrored"), "{}", server.log());
+    let client = Arc::new(NbdClient::connect(&NbdUri::unix(&socket, ""), ClientOptions::default()).await.unwrap());
+    let (model, mut acks) = write_rounds(client.clone(), 4).await;
+    let mut acked = Vec::new();
+    while acked.len() < 6 {
+        acked.push(acks.recv().await.expect("the fifth round's writes are acknowledged"));
+    }
+    server.kill();
+    while let Ok(slot) = acks.try_recv() {
+        acked.push(slot);
+    }
+    drop(client);
+    assert!(
+        check_device(&volume_image(), &model, 4, &acked).is_err(),
+        "every acknowledged write reached the 100 ms-per-write device before the kill: the test did not exercise the \
+         mirror"
+    );
+
+    // Another agent opens the volume: answered once the holder's handle
+    // ran out and the server replayed the mirror.
+    stack.authorize_agent("cache-b");
+    let key = control_client::keys::load_private(&stack.dir.path().join("cache-b.key")).unwrap();
+    let (server_key, _) =
+        control_client::keys::parse_public(std::fs::read_to_string(pub_path(&stack.mds_key)).unwrap().trim()).unwrap();
+    let addr = stack.mds_addr().parse().unwrap();
+    let (b, _events) =
+        control_client::ControlClient::connect(&addr, &key, Some(&server_key), Role::Agent, "cache-b", [3; 16])
+            .await
+            .unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match b.request(Request::Open { volume: "db".into(), mode: OpenMode::Exclusive }).await {
+            Ok(Response::Opened(_)) => break,
+            Err(control_client::ControlClientError::Server(e)) if e.code == ErrorCode::Conflict => {
+                assert!(tokio::time::Instant::now() < deadline, "{}", e.message);
+                // The refusal names when the old handle runs out; retry soon.
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            other => panic!("open: {other:?}; mds log:\n{}", stack.mds_log()),
+        }
+    }
+    if let Err(e) = check_device(&volume_image(), &model, 4, &acked) {
+        panic!("after the replay: {e}; mds log:\n{}", stack.mds_log());
+    }
+    assert!(stack.mds_log().contains("cache mirror replayed to the devices"), "{}", stack.mds_log());
+}
