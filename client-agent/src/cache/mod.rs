@@ -56,6 +56,12 @@
 //! next open puts the older mirrored data over them (this agent's own log
 //! replay, if it restarts, writes them again).
 //!
+//! Not yet wired into `sanvol-agent attach`: the process that serves a
+//! volume through a mirrored cache is `examples/cache_serve.rs --mds`
+//! (the tests' and `bench/cache.sh`'s peer). The agent's owner would open
+//! the cache when the server answers `MirrorOpen` with a setting, and
+//! destage it before a detach.
+//!
 //! TRIM, WRITE_ZEROES and BLOCK_STATUS first destage everything
 //! acknowledged before them (they must not overtake cached writes, and the
 //! devices' allocation answer must include them), then go to the devices.
@@ -93,9 +99,14 @@ pub const LOG_BYTES_MIN: u64 = 8 << 20;
 pub const RECORD_CHUNK_BYTES: usize = 1 << 20;
 /// Writes appended with one write + one fdatasync, at most.
 pub const BATCH_WRITES_MAX: usize = 256;
-/// Bytes appended with one write + one fdatasync, at most (a batch stops
-/// taking writes once it has this much).
+/// Bytes appended with one write + one fdatasync, at most.
 pub const BATCH_BYTES_MAX: usize = 8 << 20;
+// A batch is one mirror append.
+const _: () = assert!(
+    BATCH_BYTES_MAX <= volume_format::control::messages::MIRROR_APPEND_BYTES_MAX
+        && BATCH_WRITES_MAX <= volume_format::control::messages::MIRROR_APPEND_RECORDS_MAX
+        && RECORD_CHUNK_BYTES <= BATCH_BYTES_MAX
+);
 /// Writes waiting to be appended, at most (senders wait for room).
 pub const WRITES_QUEUED_MAX: usize = 1024;
 /// Records written to the devices in one destage round, at most.
@@ -459,7 +470,9 @@ async fn append_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<WriteReq>) {
             let mut taken = 0;
             let mut batch_bytes = 0;
             for write in pending.iter().take(BATCH_WRITES_MAX) {
-                if batch_bytes >= BATCH_BYTES_MAX || !state.appender.push(&mut batch, write.offset, &write.data) {
+                // At most BATCH_BYTES_MAX (what one mirror append may carry).
+                let full = taken > 0 && batch_bytes + write.data.len() > BATCH_BYTES_MAX;
+                if full || !state.appender.push(&mut batch, write.offset, &write.data) {
                     break;
                 }
                 batch_bytes += write.data.len();
