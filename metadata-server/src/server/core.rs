@@ -846,7 +846,10 @@ impl Core {
                 let why = if failures.is_empty() { e.to_string() } else { failures.join("; ") };
                 warn!(seq, "metadata commit failed: {why}; answered once a later commit supersedes it");
                 let batch = self.revert_batch(batch);
-                self.unsettled.push((batch, why));
+                let held = self.answer_plain_refusals(batch, &why);
+                if !held.parts.is_empty() {
+                    self.unsettled.push((held, why));
+                }
                 self.supersede_due = true;
             }
         }
@@ -872,6 +875,40 @@ impl Core {
         kept.reverse();
         meta.generation = self.journal.acked_seq();
         Batch { parts: kept, deferred, changes }
+    }
+
+    /// Answers at once the parts of a failed, reverted batch whose answer
+    /// is only a reply (an admin's change, a registration's refusal): the
+    /// requester is told the outcome is unknown until this server's next
+    /// commit, which voids it. Keeps back the parts whose failure would let
+    /// a holder go on with the old state (recalls, opens, closes,
+    /// releases…): they are answered once a later commit overwrote the
+    /// refused one (`unsettled`). Answers computed from the batch's state
+    /// are refused now.
+    fn answer_plain_refusals(&mut self, batch: Batch, why: &str) -> Batch {
+        let Batch { parts, deferred, changes } = batch;
+        let e = ControlError::new(
+            ErrorCode::CommitFailed,
+            format!(
+                "{why}; the change was not made, unless a metadata copy took it before the failure: this \
+                 server's next commit voids it; if this server stops first, its successor may load it — check \
+                 (e.g. `sanvol volume list`) before retrying"
+            ),
+        );
+        let mut held = Vec::new();
+        for (undos, then) in parts {
+            match then {
+                AfterCommit::Reply { .. } | AfterCommit::Respond { .. } | AfterCommit::Refuse { .. } => {
+                    self.finish_commit(then, Err(e.clone()))
+                }
+                then => held.push((undos, then)),
+            }
+        }
+        for (reply, _) in deferred {
+            let retry = "the metadata commit this answer depended on failed; retry";
+            self.reply(reply, Err(ControlError::new(ErrorCode::Unavailable, retry)));
+        }
+        Batch { parts: held, deferred: Vec::new(), changes }
     }
 
     /// Fails a reverted batch's requests: nothing of it happened.

@@ -249,6 +249,25 @@ fn a_failed_commit_changes_nothing_and_undoes_the_reservation() {
     assert!(matches!(reply_of(&effects, open2), Some(Ok(Response::Opened(_)))));
 }
 
+/// A change whose answer is only a reply (no holder acts on it) is refused
+/// at once, saying the outcome is open until the next commit.
+#[test]
+fn an_admin_change_whose_commit_failed_is_answered_at_once_as_unsettled() {
+    let mut w = World::new();
+    let (delete, effects) = w.request(9, Request::VolumeDelete { name: "v".into() });
+    let (task, write) = commit_of(&effects).expect("the delete commits");
+    let effects = w.apply(failed(task, write));
+    match reply_of(&effects, delete) {
+        Some(Err(e)) => {
+            assert_eq!(e.code, ErrorCode::CommitFailed, "{e}");
+            assert!(e.message.contains("next commit voids it"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(w.core.meta.volume_by_name("v").is_some(), "the delete is taken back");
+    assert!(commit_of(&effects).is_some(), "an empty commit supersedes the refused one");
+}
+
 /// A failed supersede keeps the refusal unanswered: the server may still
 /// die and a standby load the refused entry from the copy that took it.
 #[test]
