@@ -277,9 +277,17 @@ impl SignedFenceOrder {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExportRequest {
     /// A plain name: no capability (a probe, `NBD_OPT_INFO`, a listing).
-    Plain { base: String },
-    Capability { base: String, capability: Box<SignedCapability> },
-    FenceOrder { base: String, order: Box<SignedFenceOrder> },
+    Plain {
+        base: String,
+    },
+    Capability {
+        base: String,
+        capability: Box<SignedCapability>,
+    },
+    FenceOrder {
+        base: String,
+        order: Box<SignedFenceOrder>,
+    },
 }
 
 impl ExportRequest {
