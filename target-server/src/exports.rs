@@ -95,8 +95,7 @@ impl ExportSource for TargetExports {
                 let order = order
                     .verify(&self.trusted, device_uuid)
                     .map_err(|e| refuse(format!("fence order refused: {e}")))?;
-                let revoked = self
-                    .fencer
+                self.fencer
                     .raise_now(order.holder, order.min_generation)
                     .map_err(|e| refuse(format!("fence order refused: {e}")))?;
                 Ok(Export {
@@ -105,7 +104,6 @@ impl ExportSource for TargetExports {
                         fencer: self.fencer.clone(),
                         holder: order.holder,
                         min_generation: order.min_generation,
-                        revoked,
                     }))
                 })
             }

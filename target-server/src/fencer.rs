@@ -35,6 +35,10 @@ struct Inner {
     table: FenceTable,
     /// Tells a connection's server loop to stop (see `BlockDevice::revoked`).
     revokers: HashMap<ConnId, watch::Sender<bool>>,
+    /// Per holder, the latest minimum and how many connections raises to it
+    /// revoked (an order is applied at every lookup of its name, so the
+    /// count spans them). Bounded like the fences.
+    revoked_counts: HashMap<Holder, (u64, u64)>,
 }
 
 /// The fencing state of one target, shared by its connections.
@@ -60,7 +64,11 @@ impl Fencer {
             None => Vec::new(),
         };
         Ok(Arc::new(Fencer {
-            inner: Mutex::new(Inner { table: FenceTable::with_fences(fences), revokers: HashMap::new() }),
+            inner: Mutex::new(Inner {
+                table: FenceTable::with_fences(fences),
+                revokers: HashMap::new(),
+                revoked_counts: HashMap::new(),
+            }),
             closed: watch::channel(0).0,
             state,
             saving: tokio::sync::Mutex::new(()),
@@ -90,6 +98,15 @@ impl Fencer {
     pub fn raise_now(&self, holder: Holder, min_generation: u64) -> Result<usize, Refusal> {
         let mut inner = self.lock();
         let revoked = inner.table.raise(holder, min_generation, now_unix_secs())?;
+        if inner.revoked_counts.len() >= crate::fence::FENCES_MAX {
+            inner.revoked_counts.clear();
+        }
+        let count = inner.revoked_counts.entry(holder).or_insert((min_generation, 0));
+        if count.0 == min_generation {
+            count.1 += revoked.len() as u64;
+        } else if count.0 < min_generation {
+            *count = (min_generation, revoked.len() as u64);
+        }
         for id in &revoked {
             if let Some(tx) = inner.revokers.get(id) {
                 let _ = tx.send(true);
@@ -117,8 +134,12 @@ impl Fencer {
                 break;
             }
         }
-        info!(%holder, min_generation, "fence acknowledged: no older connection is open");
-        Ok(FenceAck { holder, min_generation, connections_closed: revoked as u64 })
+        let closed = match self.lock().revoked_counts.get(&holder) {
+            Some((min, count)) if *min == min_generation => *count,
+            _ => revoked as u64,
+        };
+        info!(%holder, min_generation, connections_closed = closed, "fence acknowledged: no older connection is open");
+        Ok(FenceAck { holder, min_generation, connections_closed: closed })
     }
 
     async fn save(&self) -> Result<(), StateFileError> {
@@ -311,8 +332,6 @@ pub struct AckDevice {
     pub fencer: Arc<Fencer>,
     pub holder: Holder,
     pub min_generation: u64,
-    /// Connections the order revoked when it was opened.
-    pub revoked: usize,
 }
 
 #[async_trait]
@@ -325,11 +344,10 @@ impl BlockDevice for AckDevice {
     }
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
         blockio::error::check_range(offset, len as u64, self.size())?;
-        let mut ack =
+        let ack =
             self.fencer.raise(self.holder, self.min_generation).await.map_err(|e| {
                 IoError::new(IoErrorKind::PermissionDenied, format!("fence order not acknowledged: {e}"))
             })?;
-        ack.connections_closed = ack.connections_closed.max(self.revoked as u64);
         let block = ack.encode();
         Ok(Bytes::copy_from_slice(&block[offset as usize..(offset + len as u64) as usize]))
     }

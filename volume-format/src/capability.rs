@@ -312,7 +312,8 @@ impl ExportRequest {
 pub struct FenceAck {
     pub holder: Holder,
     pub min_generation: u64,
-    /// Connections it closed for this order (0 if there were none).
+    /// Connections of the holder that raises to this minimum closed (0 if
+    /// there were none).
     pub connections_closed: u64,
 }
 
