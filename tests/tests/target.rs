@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use blockio::client::{ClientOptions, NbdClient};
+use blockio::client::{ClientOptions, ExportCredential, NbdClient};
 use blockio::uri::NbdUri;
 use blockio::{BlockDevice, IoErrorKind};
 use bytes::Bytes;
@@ -18,6 +18,7 @@ use sanvol_tests::system::{bin, Proc};
 use uuid::Uuid;
 use volume_format::capability::{
     announces_fencing, Capability, FenceAck, FenceOrder, Holder, SignedCapability, SignedFenceOrder, FENCE_ACK_BYTES,
+    TARGET_DESCRIPTION_PREFIX,
 };
 use volume_format::label::{ByteRange, DeviceLabel, DeviceLayout};
 use volume_format::{DeviceIndex, HandleId};
@@ -198,6 +199,33 @@ async fn a_fenced_holder_cannot_write_and_the_next_one_can() {
     };
     let e = target.connect(&SignedCapability::sign(elsewhere, &target.key)).await.err().expect("refused");
     assert!(e.contains("device"), "{e}");
+}
+
+/// A client with a credential presents it to the target (which announces
+/// that it fences) and not to a plain nbdkit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_is_presented_only_to_servers_that_ask_for_it() {
+    let target = Target::start(SigningKey::from_bytes(&[9; 32]));
+    let capability = target.capability(12, 1, vec![ByteRange::new(MIB, 2 * MIB)]);
+    let presented = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = presented.clone();
+    let credential = ExportCredential {
+        description_prefix: TARGET_DESCRIPTION_PREFIX.to_string(),
+        export_name: std::sync::Arc::new(move |base: &str| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            capability.export_name(base)
+        }),
+    };
+    let opts = ClientOptions { credential: Some(credential), ..options() };
+    let client = NbdClient::connect(&target.uri(String::new()), opts.clone()).await.unwrap();
+    client.write(MIB, Bytes::from(vec![0x5a; 4096]), true).await.unwrap();
+    assert_eq!(presented.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(target.file()[MIB as usize..][..4096].iter().all(|&b| b == 0x5a));
+
+    let plain = nbdkit(&["memory", "1M"]);
+    let client = NbdClient::connect(&plain.uri(), opts).await.unwrap();
+    client.write(0, Bytes::from(vec![1; 4096]), true).await.unwrap();
+    assert_eq!(presented.load(std::sync::atomic::Ordering::SeqCst), 1, "nbdkit does not ask");
 }
 
 /// `nbdcopy` writing through a capability, stopped (SIGSTOP) mid-copy with
