@@ -407,6 +407,9 @@ pub enum AfterJob {
     Probed { device: volume_format::DeviceIndex },
     /// A device was labelled for `device add` (`reconfig`).
     Labelled,
+    /// The handles an open breaks were fenced on the fencing devices:
+    /// commit the open.
+    OpenFenced { changes: Vec<MetaChange>, open: Box<super::requests::OpenCommit> },
     /// A grow's new extents were zeroed before its holders are recalled.
     Prezeroed {
         extents: Vec<volume_format::metadata::PhysicalExtent>,

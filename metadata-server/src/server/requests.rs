@@ -18,7 +18,7 @@ use volume_format::{HandleId, PublicKey, VolumeDescription, VolumeId};
 
 use super::core::{AfterCommit, AfterJob, Busy, Core, PendingChange, ReplyId, Step, VolumeChange};
 use super::durable::BROKEN_RECORDS_MAX;
-use super::jobs::JobOutcome;
+use super::jobs::{Job, JobOutcome};
 use crate::handles::{Handle, OpenRefused, RecallState, SessionId};
 
 /// Block size of new volumes (what agents expose).
@@ -244,6 +244,18 @@ impl Core {
             AfterJob::Prezeroed { extents, name, change, reply } => {
                 self.prezeroed(extents, &name, change, reply, outcome)
             }
+            AfterJob::OpenFenced { changes, open } => match outcome.result {
+                Ok(()) => Step::Commit { changes, then: AfterCommit::Open(open) },
+                Err(why) => {
+                    let msg = format!(
+                        "volume {} could not be taken from its previous holder: {why}; the previous holder keeps \
+                         it — retry, or check the device named",
+                        open.volume_name
+                    );
+                    self.finish_open(*open, Err(err(ErrorCode::Unavailable, msg)));
+                    Step::Done(None)
+                }
+            },
         }
     }
 
@@ -561,7 +573,17 @@ impl Core {
             volume_name: volume.to_string(),
             holder: peer.name,
         };
-        Step::Commit { changes, then: AfterCommit::Open(Box::new(open)) }
+        if broken.is_empty() {
+            return Step::Commit { changes, then: AfterCommit::Open(Box::new(open)) };
+        }
+        // Before anyone else may write: the broken holders are cut off on
+        // every device that fences (the timing rules have run out already).
+        let job = Job::Fence {
+            key: self.key.clone(),
+            uris: self.meta.devices.iter().map(|d| d.uri.clone()).collect(),
+            handles: broken,
+        };
+        Step::Job { job, busy: None, then: AfterJob::OpenFenced { changes, open: Box::new(open) } }
     }
 
     fn finish_open(&mut self, open: OpenCommit, result: Result<(), ControlError>) {
