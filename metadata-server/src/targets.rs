@@ -97,7 +97,12 @@ pub async fn fences(uri: &NbdUri, timeout: Duration) -> Result<bool, FenceError>
 
 /// Raises `holder`'s minimum generation on the device behind `uri` and
 /// waits for the acknowledgement.
-pub async fn fence(uri: &NbdUri, key: &SigningKey, holder: Holder, min_generation: u64) -> Result<FenceAck, FenceError> {
+pub async fn fence(
+    uri: &NbdUri,
+    key: &SigningKey,
+    holder: Holder,
+    min_generation: u64,
+) -> Result<FenceAck, FenceError> {
     let device_error = |message: String| FenceError::Device { uri: uri.to_string(), message };
     let order = FenceOrder { holder, min_generation, device_uuid: None, issued_unix_secs: now_unix_secs() };
     let name = SignedFenceOrder::sign(order, key).export_name(&uri.export);
@@ -111,7 +116,10 @@ pub async fn fence(uri: &NbdUri, key: &SigningKey, holder: Holder, min_generatio
         let block = client.read(0, FENCE_ACK_BYTES).await.map_err(|e| device_error(e.to_string()))?;
         let ack = FenceAck::decode(&block).map_err(|e| device_error(e.to_string()))?;
         if ack.holder != holder || ack.min_generation < min_generation {
-            return Err(device_error(format!("acknowledged {} ≥ {}, not the order sent", ack.holder, ack.min_generation)));
+            return Err(device_error(format!(
+                "acknowledged {} ≥ {}, not the order sent",
+                ack.holder, ack.min_generation
+            )));
         }
         Ok(ack)
     };

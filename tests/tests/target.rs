@@ -282,3 +282,23 @@ fn wait_until(limit: Duration, mut done: impl FnMut() -> bool, log: impl Fn() ->
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A pool on `sanvol-target` devices: `pool init` (with the server's
+/// signing key) and `sanvol-mds` reach them through the server's
+/// capability; a connection without one reads nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_on_sanvol_targets_is_initialised_and_served() {
+    let mut stack = sanvol_tests::system::Stack::new_target_devices(2, 256 * MIB);
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "v", "64M", "--mirror", "2"]);
+    let devices = stack.sanvol_json(&["device", "list"]);
+    assert_eq!(devices.as_array().map(|d| d.len()), Some(2), "{devices}");
+    for device in &stack.devices {
+        let image = std::fs::read(device.dir().join("disk.img")).unwrap();
+        assert_eq!(&image[..8], b"SANVOLDV", "labelled through the capability");
+        let plain = NbdClient::connect(&device.uri(), options()).await.unwrap();
+        let e = plain.read(0, 4096).await.unwrap_err();
+        assert_eq!(e.kind, IoErrorKind::PermissionDenied, "{e}");
+    }
+    assert!(!stack.mds_log().contains("capability refused"), "{}", stack.mds_log());
+}

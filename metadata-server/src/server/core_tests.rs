@@ -130,9 +130,8 @@ impl World {
     fn apply(&mut self, input: Input) -> Vec<Effect> {
         let mut effects = self.core.apply(self.now, input);
         while self.auto_zero {
-            let Some(at) = effects
-                .iter()
-                .position(|e| matches!(e, Effect::Job { job: Job::Zero { .. } | Job::Fence { .. }, .. }))
+            let Some(at) =
+                effects.iter().position(|e| matches!(e, Effect::Job { job: Job::Zero { .. } | Job::Fence { .. }, .. }))
             else {
                 break;
             };
