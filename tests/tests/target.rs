@@ -139,13 +139,13 @@ async fn a_fenced_holder_cannot_write_and_the_next_one_can() {
     let probe = NbdClient::connect(&target.uri(String::new()), options()).await.unwrap();
     let description = probe.info().description.clone().unwrap_or_default();
     assert!(announces_fencing(&description), "{description:?}");
-    let e = probe.read(0, 4096).await.err().expect("refused");
+    let e = probe.read(0, 4096).await.expect_err("refused");
     assert_eq!(e.kind, IoErrorKind::PermissionDenied, "{e}");
 
     // The first holder writes inside its range; outside it is refused.
     let first = target.connect(&target.capability(7, 1, range.clone())).await.unwrap();
     first.write(MIB, Bytes::from(vec![0xaa; 4096]), true).await.unwrap();
-    let e = first.write(3 * MIB, Bytes::from(vec![0xee; 4096]), true).await.err().expect("refused");
+    let e = first.write(3 * MIB, Bytes::from(vec![0xee; 4096]), true).await.expect_err("refused");
     assert_eq!(e.kind, IoErrorKind::PermissionDenied, "{e}");
 
     // Fenced: acknowledged with its connection closed.

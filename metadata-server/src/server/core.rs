@@ -1057,6 +1057,7 @@ impl Core {
             match job {
                 AfterJob::Merged { finish: MergeFinish::Recall { excluded, .. }, .. } => ids.extend(excluded),
                 AfterJob::Zeroed { then, .. } => of(then, &mut ids),
+                AfterJob::OpenFenced { open, .. } => ids.extend(open.broken.iter().map(|h| h.id)),
                 _ => {}
             }
         }
