@@ -512,6 +512,13 @@ pub struct Core {
     waiting: Option<Batch>,
     /// A commit failed: the next one (empty if need be) supersedes it.
     supersede_due: bool,
+    /// Failed commits whose entry may have reached some copies, oldest
+    /// first: their requests are answered ("nothing was changed") only once
+    /// a later commit is durable on every copy, which overwrote it. Until
+    /// then the outcome is unknown: a standby taking over could load the
+    /// entry from a copy that took it, so no holder may be told to go on
+    /// with the old state (a snapshot whose pre-images nobody copied).
+    unsettled: Vec<(Batch, String)>,
     /// The pool's metadata servers (active and standing by), for listings.
     pub servers: Vec<ServerInfo>,
     /// A planned handoff in progress: (target, admin's reply, lease handoff asked).
@@ -591,6 +598,7 @@ impl Core {
             checkpoint: None,
             waiting: None,
             supersede_due: false,
+            unsettled: Vec::new(),
             servers: Vec::new(),
             handoff: None,
             not_active: None,
@@ -813,6 +821,11 @@ impl Core {
         match self.journal.commit_written(seq, &written) {
             Ok(()) => {
                 debug!(seq, changes = batch.changes.len(), "metadata committed");
+                // This commit overwrote every refused one on every copy:
+                // their outcome is known now.
+                for (refused, why) in std::mem::take(&mut self.unsettled) {
+                    self.answer_refused(refused, &why);
+                }
                 let clients_changed = batch
                     .changes
                     .iter()
@@ -833,9 +846,10 @@ impl Core {
                 }
             }
             Err(e) => {
-                let why = if failures.is_empty() { e } else { failures.join("; ") };
-                warn!(seq, "metadata commit failed: {why}");
-                self.fail_batch(batch, &why);
+                let why = if failures.is_empty() { e.to_string() } else { failures.join("; ") };
+                warn!(seq, "metadata commit failed: {why}; answered once a later commit supersedes it");
+                let batch = self.revert_batch(batch);
+                self.unsettled.push((batch, why));
                 self.supersede_due = true;
             }
         }
@@ -844,16 +858,30 @@ impl Core {
     /// Takes a batch's changes back (they were applied when prepared) and
     /// fails its requests: nothing of it happened.
     fn fail_batch(&mut self, batch: Batch, why: &str) {
-        let Batch { parts, deferred, .. } = batch;
+        let batch = self.revert_batch(batch);
+        self.answer_refused(batch, why);
+    }
+
+    /// Takes a batch's changes back from the metadata (they were applied
+    /// when prepared); what is left are its answers.
+    fn revert_batch(&mut self, batch: Batch) -> Batch {
+        let Batch { parts, deferred, changes } = batch;
         let meta = Arc::make_mut(&mut self.meta);
-        let mut thens = Vec::with_capacity(parts.len());
+        let mut kept = Vec::with_capacity(parts.len());
         for (undos, then) in parts.into_iter().rev() {
             meta.revert_all(undos);
-            thens.push(then);
+            kept.push((Vec::new(), then));
         }
+        kept.reverse();
         meta.generation = self.journal.acked_seq();
+        Batch { parts: kept, deferred, changes }
+    }
+
+    /// Fails a reverted batch's requests: nothing of it happened.
+    fn answer_refused(&mut self, batch: Batch, why: &str) {
+        let Batch { parts, deferred, .. } = batch;
         let e = ControlError::new(ErrorCode::CommitFailed, format!("{why}; nothing was changed"));
-        for then in thens.into_iter().rev() {
+        for (_, then) in parts {
             self.finish_commit(then, Err(e.clone()));
         }
         for (reply, _) in deferred {

@@ -230,21 +230,46 @@ fn a_failed_commit_changes_nothing_and_undoes_the_reservation() {
     let (open, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
     let (task, _) = commit_of(&effects).unwrap();
     let effects = w.apply(Input::MetaWritten { task, written: vec![false; 3], failures: vec!["device gone".into()] });
+    assert!(w.core.meta.handles.is_empty(), "its record is taken back");
+    // Some copy may hold the refused entry: the answer (and the release of
+    // the reserved handle) waits until the empty commit that supersedes it
+    // is durable. While that is written, another agent's open waits, then
+    // goes through.
+    assert!(reply_of(&effects, open).is_none(), "answered before the refused entry was superseded");
+    assert!(w.core.handles.all().next().is_some(), "the reservation is kept while the outcome is unknown");
+    let (supersede, write) = commit_of(&effects).expect("an empty commit supersedes the refused one");
+    let (open2, effects) = w.request(2, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    assert!(commit_of(&effects).is_none());
+    let effects = w.apply(committed(supersede, write));
     match reply_of(&effects, open) {
         Some(Err(e)) => assert_eq!(e.code, ErrorCode::CommitFailed, "{e}"),
         other => panic!("{other:?}"),
     }
-    assert!(w.core.handles.all().next().is_none(), "the reserved handle is gone");
-    assert!(w.core.meta.handles.is_empty(), "its record is taken back");
-    // The refused commit is superseded at once by an empty one; while that
-    // is written, another agent's open waits, then goes through.
-    let (supersede, write) = commit_of(&effects).expect("an empty commit supersedes the refused one");
-    let (open, effects) = w.request(2, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
-    assert!(commit_of(&effects).is_none());
-    let effects = w.apply(committed(supersede, write));
+    assert!(w.core.handles.all().all(|h| h.holder != "host-1"), "the reserved handle is gone");
     let (task, write) = commit_of(&effects).expect("the open commits after the supersede");
     let effects = w.apply(committed(task, write));
-    assert!(matches!(reply_of(&effects, open), Some(Ok(Response::Opened(_)))));
+    assert!(matches!(reply_of(&effects, open2), Some(Ok(Response::Opened(_)))));
+}
+
+/// A failed supersede keeps the refusal unanswered: the server may still
+/// die and a standby load the refused entry from the copy that took it.
+#[test]
+fn a_refused_commit_is_answered_only_once_a_later_commit_overwrote_it() {
+    let mut w = World::new();
+    let (open, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, write) = commit_of(&effects).unwrap();
+    let effects = w.apply(failed(task, write));
+    let (supersede, write) = commit_of(&effects).expect("an empty commit supersedes the refused one");
+    let effects = w.apply(failed(supersede, write));
+    assert!(reply_of(&effects, open).is_none(), "answered while the refused entry may still be loaded");
+    // The next commit (another empty one) overwrites it on every copy: now
+    // the outcome is known.
+    let effects = commit_all(&mut w, effects);
+    match reply_of(&effects, open) {
+        Some(Err(e)) => assert_eq!(e.code, ErrorCode::CommitFailed, "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(w.core.meta.handles.is_empty());
 }
 
 #[test]
@@ -434,13 +459,20 @@ fn a_failed_recall_commit_publishes_to_the_holders_it_would_have_excluded() {
     let effects = w.apply(Input::Tick);
     let (task, write) = commit_of(&effects).expect("the recall commits, excluding the silent holder");
     // …and the commit fails: nothing changed, the holder keeps its handle,
-    // and it must be told to go on (its gate is recalled).
+    // and it must be told to go on (its gate is recalled) — but only once
+    // the refused entry is overwritten: until then a standby could load the
+    // grow from a copy that took it.
     let effects = w.apply(failed(task, write));
+    let publish = |effects: &[Effect]| {
+        effects.iter().any(
+            |e| matches!(e, Effect::Event { session: 1, event: ServerEvent::Publish { handle: h, .. } } if h.0 == handle),
+        )
+    };
+    assert!(reply_of(&effects, grow).is_none() && !publish(&effects), "{effects:?}");
+    let (supersede, write) = commit_of(&effects).expect("an empty commit supersedes the refused one");
+    let effects = w.apply(committed(supersede, write));
     assert!(matches!(reply_of(&effects, grow), Some(Err(_))));
-    let published = effects.iter().any(
-        |e| matches!(e, Effect::Event { session: 1, event: ServerEvent::Publish { handle: h, .. } } if h.0 == handle),
-    );
-    assert!(published, "{effects:?}");
+    assert!(publish(&effects), "{effects:?}");
 }
 
 /// The fencing timing rules at the core: a silent holder's lease ran out,

@@ -29,8 +29,10 @@
 //!   its ring position, overwriting whatever part of it reached a copy; after
 //!   a failed commit checkpoint, the next commit is a commit checkpoint with a
 //!   higher number. Either way no copy keeps a refused commit that a restart
-//!   would read back (unless the superseding write fails too, and the server
-//!   dies before another succeeds; that is logged).
+//!   would read back, once that next commit is durable on every copy. Until
+//!   then the refused commit's outcome is unknown (the server may die and a
+//!   restart or a standby load it from a copy that took it), so the server
+//!   answers its requests only after a later commit succeeded.
 
 use ed25519_dalek::SigningKey;
 use uuid::Uuid;
