@@ -223,11 +223,14 @@ async fn negotiate_options<S: AsyncRead + AsyncWrite + Unpin>(
     let credential_name;
     let export = match &opts.credential {
         Some(credential) => {
-            let asks = hs
-                .info(export)
-                .await?
-                .and_then(|n| n.description)
-                .is_some_and(|d| d.starts_with(&credential.description_prefix));
+            // A server that refuses the question (some refuse INFO but not
+            // GO) does not ask for a credential either.
+            let info = match hs.info(export).await {
+                Ok(info) => info,
+                Err(ClientError::Refused { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            let asks = info.and_then(|n| n.description).is_some_and(|d| d.starts_with(&credential.description_prefix));
             if asks {
                 credential_name = (credential.export_name)(export);
                 credential_name.as_str()
