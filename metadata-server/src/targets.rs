@@ -91,7 +91,10 @@ pub async fn fences(uri: &NbdUri, timeout: Duration) -> Result<bool, FenceError>
     let device_error = |message: String| FenceError::Device { uri: uri.to_string(), message };
     let opts = ClientOptions { connect_timeout: timeout, ..ClientOptions::default() };
     // A plain connection: a fencing target lets it in (no data) and says so.
-    let client = NbdClient::connect(uri, opts).await.map_err(|e| device_error(e.to_string()))?;
+    let client = tokio::time::timeout(timeout, NbdClient::connect(uri, opts))
+        .await
+        .map_err(|_| device_error(format!("no connection within {} ms", timeout.as_millis())))?
+        .map_err(|e| device_error(e.to_string()))?;
     Ok(client.info().description.as_deref().is_some_and(announces_fencing))
 }
 
@@ -128,20 +131,29 @@ pub async fn fence(
         .map_err(|_| FenceError::Timeout { uri: uri.to_string(), after: FENCE_ACK_TIMEOUT })?
 }
 
-/// Fences `holder` for good on every device of `uris` that fences (plain
-/// devices are skipped: the timing rules cover them); all at once, each
-/// bounded. Returns the devices fenced.
+/// Longest the probe of a device (does it fence?) may take: a device the
+/// server cannot reach is skipped (see [`fence_everywhere`]), and an open
+/// that breaks a handle waits for it.
+pub const FENCE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Devices probed and fenced at once.
+pub const FENCE_PARALLEL_MAX: usize = 16;
+
+/// Fences `holder` for good on every device of `uris` that fences, each
+/// bounded, [`FENCE_PARALLEL_MAX`] at a time. Plain devices are skipped (the
+/// timing rules cover them), and so are devices the server cannot reach
+/// now (the timing rules, which have already run out when a handle is
+/// broken, are what covers them — as for a plain device). A device that
+/// fences and does not acknowledge fails the whole. Returns the devices
+/// fenced.
 pub async fn fence_everywhere(uris: &[String], key: &SigningKey, holder: Holder) -> Result<Vec<String>, String> {
-    let probe_timeout = crate::pool::device::CONNECT_TIMEOUT;
-    let each = uris.iter().map(|uri| async move {
-        let parsed: NbdUri = uri.parse().map_err(|e| format!("device {uri}: bad URI: {e}"))?;
-        if !fences(&parsed, probe_timeout).await.map_err(|e| e.to_string())? {
-            return Ok(None);
-        }
-        fence(&parsed, key, holder, BROKEN).await.map_err(|e| e.to_string())?;
-        Ok::<_, String>(Some(uri.clone()))
+    use futures::stream::{self, StreamExt};
+    // Each future owns what it uses (a stream of borrowing futures is not
+    // `Send` for every lifetime the job's task needs).
+    let each = uris.iter().cloned().map(|uri| {
+        let key = key.clone();
+        fence_one(uri, key, holder)
     });
-    let results = futures::future::join_all(each).await;
+    let results: Vec<_> = stream::iter(each).buffer_unordered(FENCE_PARALLEL_MAX).collect().await;
     let mut fenced = Vec::new();
     for r in results {
         if let Some(uri) = r? {
@@ -149,4 +161,19 @@ pub async fn fence_everywhere(uris: &[String], key: &SigningKey, holder: Holder)
         }
     }
     Ok(fenced)
+}
+
+/// Fences `holder` on one device if it fences (see [`fence_everywhere`]).
+async fn fence_one(uri: String, key: SigningKey, holder: Holder) -> Result<Option<String>, String> {
+    let parsed: NbdUri = uri.parse().map_err(|e| format!("device {uri}: bad URI: {e}"))?;
+    match fences(&parsed, FENCE_PROBE_TIMEOUT).await {
+        Ok(true) => {}
+        Ok(false) => return Ok(None),
+        Err(e) => {
+            tracing::warn!(%holder, device = %uri, error = %e, "cannot tell whether the device fences; the timing rules cover it");
+            return Ok(None);
+        }
+    }
+    fence(&parsed, &key, holder, BROKEN).await.map_err(|e| e.to_string())?;
+    Ok(Some(uri))
 }

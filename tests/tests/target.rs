@@ -302,3 +302,25 @@ async fn a_pool_on_sanvol_targets_is_initialised_and_served() {
     }
     assert!(!stack.mds_log().contains("capability refused"), "{}", stack.mds_log());
 }
+
+/// The metadata server's fence of a broken handle across a pool's devices:
+/// the target is fenced (its holder's connection closed), plain nbdkit and
+/// an unreachable device are skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_fences_a_handle_on_every_device_that_fences() {
+    let target = Target::start(SigningKey::from_bytes(&[9; 32]));
+    let old = target.connect(&target.capability(21, 1, vec![ByteRange::new(MIB, 2 * MIB)])).await.unwrap();
+    let plain = nbdkit(&["memory", "1M"]);
+    let gone = NbdUri::unix(target.dir.path().join("nobody.sock"), "");
+    let uris = [target.uri(String::new()).to_string(), plain.uri().to_string(), gone.to_string()];
+    let holder = Holder::Handle(HandleId(21));
+    let fenced = metadata_server::targets::fence_everywhere(&uris, &target.key, holder).await.unwrap();
+    assert_eq!(fenced, vec![uris[0].clone()]);
+    assert!(old.write(MIB, Bytes::from(vec![1; 4096]), true).await.is_err(), "its connection is closed");
+    let e = target
+        .connect(&target.capability(21, 1_000, vec![ByteRange::new(MIB, 2 * MIB)]))
+        .await
+        .err()
+        .expect("fenced for good");
+    assert!(e.contains("fenced"), "{e}");
+}

@@ -580,7 +580,14 @@ impl Core {
         // every device that fences (the timing rules have run out already).
         let job = Job::Fence {
             key: self.key.clone(),
-            uris: self.meta.devices.iter().map(|d| d.uri.clone()).collect(),
+            // A failed device is not written by anyone (its legs are skipped).
+            uris: self
+                .meta
+                .devices
+                .iter()
+                .filter(|d| !matches!(d.state, volume_format::metadata::DeviceState::Failed { .. }))
+                .map(|d| d.uri.clone())
+                .collect(),
             handles: broken,
         };
         Step::Job { job, busy: None, then: AfterJob::OpenFenced { changes, open: Box::new(open) } }
