@@ -28,10 +28,11 @@ use volume_format::PublicKey;
         fenced are refused with EPERM, and a fence order is acknowledged only once no older \
         connection of that holder is open."
 )]
+#[command(subcommand_negates_reqs = true)]
 struct Args {
     /// The file or block device to serve.
-    #[arg(long, value_name = "PATH")]
-    device: PathBuf,
+    #[arg(long, value_name = "PATH", required = true)]
+    device: Option<PathBuf>,
     /// Listen on this unix socket (nbd+unix:///NAME?socket=PATH).
     #[arg(long, value_name = "PATH", conflicts_with = "tcp")]
     unix: Option<PathBuf>,
@@ -46,8 +47,8 @@ struct Args {
     #[arg(long = "server-key", value_name = "KEY", required = true)]
     server_keys: Vec<String>,
     /// Where the raised generations are kept (they must survive restarts).
-    #[arg(long, value_name = "DIR")]
-    state_dir: PathBuf,
+    #[arg(long, value_name = "DIR", required = true)]
+    state_dir: Option<PathBuf>,
     /// Offer TLS with the certificates in DIR (server-cert.pem,
     /// server-key.pem, ca-cert.pem: nbdkit's layout) and refuse clients
     /// without it.
@@ -56,6 +57,15 @@ struct Args {
     /// Log filter (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, value_name = "FILTER", default_value = "info")]
     log: String,
+    #[command(subcommand)]
+    generate: Option<Generate>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Generate {
+    /// Write man pages or shell completions (for packagers; see docs/operations.md).
+    #[command(subcommand, hide = true)]
+    Generate(ops::docs::Generate),
 }
 
 /// The device UUID of the label at offset 0, if there is a sanvol label.
@@ -85,20 +95,23 @@ async fn shutdown_signal() {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let (Some(device_path), Some(state_dir)) = (args.device.clone(), args.state_dir.clone()) else {
+        bail!("--device PATH and --state-dir DIR are required");
+    };
     let mut trusted = Vec::new();
     for spec in &args.server_keys {
         let (key, _) = control_client::keys::parse_public(spec).with_context(|| format!("--server-key {spec}"))?;
         trusted.push(PublicKey(key.to_bytes()));
     }
-    let device = FileDevice::open(&args.device, false).with_context(|| format!("opening {}", args.device.display()))?;
-    let fencer = Fencer::new(Some(StateFile::new(&args.state_dir))).context("loading the raised generations")?;
+    let device = FileDevice::open(&device_path, false).with_context(|| format!("opening {}", device_path.display()))?;
+    let fencer = Fencer::new(Some(StateFile::new(&state_dir))).context("loading the raised generations")?;
     let exports = TargetExports {
         name: args.name.clone(),
         device: Arc::new(device),
         fencer,
         trusted,
-        device_uuid: label_reader(args.device.clone()),
-        detail: args.device.display().to_string(),
+        device_uuid: label_reader(device_path.clone()),
+        detail: device_path.display().to_string(),
     };
     let mut config = ServerConfig::default();
     if let Some(dir) = &args.tls_dir {
@@ -128,6 +141,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Some(Generate::Generate(what)) = &args.generate {
+        return match ops::docs::generate(<Args as clap::CommandFactory>::command(), what) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sanvol-target: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| args.log.clone());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
