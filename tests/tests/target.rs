@@ -324,3 +324,88 @@ async fn the_server_fences_a_handle_on_every_device_that_fences() {
         .expect("fenced for good");
     assert!(e.contains("fenced"), "{e}");
 }
+
+/// A protocol-level agent on the control channel (the test itself): opens
+/// and never renews.
+async fn raw_agent(stack: &sanvol_tests::system::Stack, name: &str) -> control_client::ControlClient {
+    use sanvol_tests::system::{pub_path, run_ok};
+    let path = stack.dir.path().join(format!("{name}.key"));
+    run_ok(Command::new(bin("sanvol")).arg("keygen").arg(&path));
+    stack.sanvol_ok(&["client", "add", pub_path(&path).to_str().unwrap(), "--role", "agent", "--name", name]);
+    let key = control_client::keys::load_private(&path).unwrap();
+    let addr: control_client::ControlAddr = stack.mds_addr().parse().unwrap();
+    let (server_key, _) = control_client::keys::parse_public(pub_path(&stack.mds_key).to_str().unwrap()).unwrap();
+    let role = volume_format::control::auth::Role::Agent;
+    let (client, mut events) =
+        control_client::ControlClient::connect(&addr, &key, Some(&server_key), role, name, [name.len() as u8; 16])
+            .await
+            .unwrap();
+    tokio::spawn(async move { while events.recv().await.is_some() {} });
+    client
+}
+
+/// The metadata server breaking a handle on a pool of `sanvol-target`
+/// devices: before the next holder's open is answered, the broken handle's
+/// connection to the device (held here under a capability for that handle,
+/// as an agent would hold it) is closed, its writes fail, and its
+/// capability is refused from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_fences_a_broken_handle_on_target_devices_before_the_next_open() {
+    use volume_format::control::messages::{OpenMode, Request, Response};
+    let mut stack = sanvol_tests::system::Stack::new_target_devices(1, 256 * MIB);
+    stack.lease_ms = 2000;
+    stack.durable_ms = Some(2000);
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "v", "16M"]);
+    let a = raw_agent(&stack, "raw-a").await;
+    let Ok(Response::Opened(held)) = a.request(Request::Open { volume: "v".into(), mode: OpenMode::Exclusive }).await
+    else {
+        panic!("the first open")
+    };
+
+    // The old holder's device connection, under its handle's capability
+    // (signed with the server's key, bound to the device's label).
+    let device = &stack.devices[0];
+    let image = device.dir().join("disk.img");
+    let label = DeviceLabel::decode(&std::fs::read(&image).unwrap()[..4096]).unwrap();
+    let key = control_client::keys::load_private(&stack.mds_key).unwrap();
+    let now = now_unix_secs();
+    let capability = SignedCapability::sign(
+        Capability {
+            holder: Holder::Handle(held.handle),
+            generation: 1,
+            device_uuid: Some(label.device_uuid),
+            writable: vec![ByteRange::new(label.layout.data.start, label.layout.data.end)],
+            issued_unix_secs: now,
+            expires_unix_secs: now + 3600,
+        },
+        &key,
+    );
+    let old = NbdClient::connect(&device.uri().with_export(capability.export_name("")), options()).await.unwrap();
+    let at = label.layout.data.start;
+    old.write(at, Bytes::from(vec![0xaa; 4096]), true).await.expect("the holder writes");
+
+    // It stops renewing; another agent opens once lease + durable ran out.
+    let b = raw_agent(&stack, "raw-b").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match b.request(Request::Open { volume: "v".into(), mode: OpenMode::Exclusive }).await {
+            Ok(Response::Opened(_)) => break,
+            other => assert!(Instant::now() < deadline, "never opened: {other:?}\n{}", stack.mds_log()),
+        }
+        // Retrying an open that is refused until a deadline: nothing to await.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(stack.mds_log().contains("handle fenced on its fencing devices"), "{}", stack.mds_log());
+    let e = old.write(at, Bytes::from(vec![0xcc; 4096]), true).await.expect_err("fenced");
+    assert_ne!(e.kind, IoErrorKind::Fenced, "refused by the device, not by a local deadline: {e}");
+    let e = NbdClient::connect(&device.uri().with_export(capability.export_name("")), options())
+        .await
+        .err()
+        .expect("its capability is refused")
+        .to_string();
+    assert!(e.contains("fenced"), "{e}");
+    let data = std::fs::read(&image).unwrap();
+    assert!(data[at as usize..][..4096].iter().all(|&b| b == 0xaa), "only what it wrote before");
+    drop(a);
+}
