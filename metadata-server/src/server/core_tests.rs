@@ -1232,3 +1232,39 @@ fn an_open_that_breaks_a_handle_commits_only_after_the_holder_is_fenced() {
     let effects = w.apply(committed(task, next));
     assert!(matches!(reply_of(&effects, open), Some(Ok(Response::Opened(_)))));
 }
+
+/// A handle released at lease expiry is fenced on the fencing devices
+/// first; while that fails, it is not released (retried at the next tick).
+#[test]
+fn an_expired_handle_is_released_only_after_it_is_fenced() {
+    let mut w = World::new();
+    w.auto_zero = false;
+    let (open, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    let held = match reply_of(&effects, open) {
+        Some(Ok(Response::Opened(o))) => o.handle,
+        other => panic!("{other:?}"),
+    };
+    let fence_job = |effects: &[Effect]| {
+        effects.iter().find_map(|e| match e {
+            Effect::Job { task, job: Job::Fence { handles, .. } } => Some((*task, handles.clone())),
+            _ => None,
+        })
+    };
+    w.advance(LEASE_MS + 1);
+    let effects = w.apply(Input::Tick);
+    let (task, handles) = fence_job(&effects).expect("fenced before it is released");
+    assert_eq!(handles, vec![held]);
+    assert!(commit_of(&effects).is_none());
+    assert!(fence_job(&w.apply(Input::Tick)).is_none(), "one fence at a time");
+    let effects = w.apply(Input::JobDone { task, outcome: JobOutcome::failed("device d0: no acknowledgement") });
+    assert!(commit_of(&effects).is_none(), "not released while it may still write");
+    assert!(w.core.handles.get(held.0).is_some());
+    let effects = w.apply(Input::Tick);
+    let (task, _) = fence_job(&effects).expect("retried at the next tick");
+    let effects = w.apply(Input::JobDone { task, outcome: JobOutcome::done() });
+    let (task, next) = commit_of(&effects).expect("released once fenced");
+    w.apply(committed(task, next));
+    assert!(w.core.handles.get(held.0).is_none());
+}

@@ -244,6 +244,7 @@ impl Core {
             AfterJob::Prezeroed { extents, name, change, reply } => {
                 self.prezeroed(extents, &name, change, reply, outcome)
             }
+            AfterJob::ExpireFenced { expired } => self.expire_fenced(expired, outcome),
             AfterJob::OpenFenced { changes, open } => match outcome.result {
                 Ok(()) => Step::Commit { changes, then: AfterCommit::Open(open) },
                 Err(why) => {
@@ -578,18 +579,7 @@ impl Core {
         }
         // Before anyone else may write: the broken holders are cut off on
         // every device that fences (the timing rules have run out already).
-        let job = Job::Fence {
-            key: self.key.clone(),
-            // A failed device is not written by anyone (its legs are skipped).
-            uris: self
-                .meta
-                .devices
-                .iter()
-                .filter(|d| !matches!(d.state, volume_format::metadata::DeviceState::Failed { .. }))
-                .map(|d| d.uri.clone())
-                .collect(),
-            handles: broken,
-        };
+        let job = Job::Fence { key: self.key.clone(), uris: self.fence_uris(), handles: broken };
         Step::Job { job, busy: None, then: AfterJob::OpenFenced { changes, open: Box::new(open) } }
     }
 
@@ -681,7 +671,44 @@ impl Core {
             self.finish_expire(expired, Ok(()));
             return Step::Done(None);
         }
+        // Released for good: first cut off on every device that fences.
+        let job = Job::Fence {
+            key: self.key.clone(),
+            uris: self.fence_uris(),
+            handles: expired.iter().map(|id| HandleId(*id)).collect(),
+        };
+        Step::Job { job, busy: None, then: AfterJob::ExpireFenced { expired } }
+    }
+
+    /// The expired handles were fenced (or could not be): release them.
+    fn expire_fenced(&mut self, expired: Vec<u64>, outcome: JobOutcome) -> Step {
+        if let Err(why) = outcome.result {
+            warn!("releasing expired handles: {why}; retrying at the next tick");
+            return Step::Done(None);
+        }
+        let changes: Vec<MetaChange> = self
+            .meta
+            .handles
+            .iter()
+            .filter(|h| expired.contains(&h.id.0))
+            .map(|h| MetaChange::HandleRemove { handle: h.id })
+            .collect();
+        if changes.is_empty() {
+            self.finish_expire(expired, Ok(()));
+            return Step::Done(None);
+        }
         Step::Commit { changes, then: AfterCommit::Expire { expired } }
+    }
+
+    /// The devices a fence goes to: every device of the pool not marked
+    /// failed (a failed device is not written by anyone: its legs are skipped).
+    fn fence_uris(&self) -> Vec<String> {
+        self.meta
+            .devices
+            .iter()
+            .filter(|d| !matches!(d.state, volume_format::metadata::DeviceState::Failed { .. }))
+            .map(|d| d.uri.clone())
+            .collect()
     }
 
     fn finish_expire(&mut self, expired: Vec<u64>, result: Result<(), ControlError>) {
