@@ -20,3 +20,4 @@ pub mod handles;
 pub mod pool;
 pub mod resume;
 pub mod server;
+pub mod targets;

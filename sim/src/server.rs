@@ -706,6 +706,9 @@ impl ServerProc {
                 let outcome = JobOutcome::failed("device add is not simulated");
                 return self.apply(Input::JobDone { task, outcome }, env);
             }
+            // Simulated devices are plain NBD servers: none fences, so the
+            // real job would skip every one (the timing rules cover them).
+            Job::Fence { .. } => return self.apply(Input::JobDone { task, outcome: JobOutcome::done() }, env),
         };
         let chunks = match chunks {
             Ok(c) => c,
@@ -921,6 +924,7 @@ fn describe_job(job: &Job) -> String {
         Job::CheckDevice { index, .. } => format!("check device {index}"),
         Job::Resync { copies, .. } => format!("resync {} extents", copies.len()),
         Job::LabelDevice(request) => format!("label device {}", request.uri),
+        Job::Fence { handles, .. } => format!("fence handles {handles:?} on fencing devices (none simulated)"),
         Job::Zero { targets, .. } => {
             format!("zero {} extents", targets.iter().map(|t| t.offsets.len()).sum::<usize>())
         }

@@ -407,6 +407,11 @@ pub enum AfterJob {
     Probed { device: volume_format::DeviceIndex },
     /// A device was labelled for `device add` (`reconfig`).
     Labelled,
+    /// Expired handles were fenced on the fencing devices: release them.
+    ExpireFenced { expired: Vec<u64> },
+    /// The handles an open breaks were fenced on the fencing devices:
+    /// commit the open.
+    OpenFenced { changes: Vec<MetaChange>, open: Box<super::requests::OpenCommit> },
     /// A grow's new extents were zeroed before its holders are recalled.
     Prezeroed {
         extents: Vec<volume_format::metadata::PhysicalExtent>,
@@ -785,7 +790,8 @@ impl Core {
         let in_flight = self
             .in_flight
             .as_ref()
-            .is_some_and(|f| f.batch.parts.iter().any(|(_, then)| matches!(then, AfterCommit::Expire { .. })));
+            .is_some_and(|f| f.batch.parts.iter().any(|(_, then)| matches!(then, AfterCommit::Expire { .. })))
+            || self.jobs.values().any(|then| matches!(then, AfterJob::ExpireFenced { .. }));
         if !expired.is_empty() && !queued && !in_flight {
             self.queue.push_back(Change::Expire);
         }
@@ -1119,6 +1125,8 @@ impl Core {
             match job {
                 AfterJob::Merged { finish: MergeFinish::Recall { excluded, .. }, .. } => ids.extend(excluded),
                 AfterJob::Zeroed { then, .. } => of(then, &mut ids),
+                AfterJob::OpenFenced { open, .. } => ids.extend(open.broken.iter().map(|h| h.id)),
+                AfterJob::ExpireFenced { expired } => ids.extend(expired),
                 _ => {}
             }
         }

@@ -43,6 +43,11 @@ pub enum Job {
     /// Label a device for the pool (`sanvol device add`); the shell hands
     /// its connection to the device task before reporting (`pool::add`).
     LabelDevice(crate::pool::add::LabelRequest),
+    /// Fence `handles` for good on every device of `uris` that fences
+    /// (`sanvol-target`; plain devices are skipped): done only once each
+    /// such device acknowledged that none of their connections is open
+    /// (`crate::targets`).
+    Fence { key: Arc<ed25519_dalek::SigningKey>, uris: Vec<String>, handles: Vec<volume_format::HandleId> },
 }
 
 /// One extent to copy: `to` and `from` name one extent each.
@@ -163,6 +168,17 @@ pub async fn run_data_job(job: Job, devices: &DeviceClients, may_write: impl Fn(
             }
         }
         Job::LabelDevice(_) => JobOutcome::failed("a device is labelled where the pool's connections are"),
+        Job::Fence { key, uris, handles } => {
+            for handle in handles {
+                let holder = volume_format::capability::Holder::Handle(handle);
+                match crate::targets::fence_everywhere(&uris, &key, holder).await {
+                    Ok(fenced) if fenced.is_empty() => {}
+                    Ok(fenced) => info!(%handle, devices = ?fenced, "handle fenced on its fencing devices"),
+                    Err(e) => return JobOutcome::failed(format!("fencing handle {handle}: {e}")),
+                }
+            }
+            JobOutcome::done()
+        }
     }
 }
 
