@@ -22,3 +22,4 @@ pub mod mirror;
 pub mod pool;
 pub mod resume;
 pub mod server;
+pub mod targets;

@@ -722,6 +722,9 @@ impl ServerProc {
                 let outcome = JobOutcome::failed("cache mirrors are not simulated");
                 return self.apply(Input::JobDone { task, outcome }, env);
             }
+            // Simulated devices are plain NBD servers: none fences, so the
+            // real job would skip every one (the timing rules cover them).
+            Job::Fence { .. } => return self.apply(Input::JobDone { task, outcome: JobOutcome::done() }, env),
         };
         let chunks = match chunks {
             Ok(c) => c,
@@ -938,6 +941,7 @@ fn describe_job(job: &Job) -> String {
         Job::Resync { copies, .. } => format!("resync {} extents", copies.len()),
         Job::LabelDevice(request) => format!("label device {}", request.uri),
         Job::MirrorReplay { volume, .. } => format!("replay the cache mirror of volume {volume}"),
+        Job::Fence { handles, .. } => format!("fence handles {handles:?} on fencing devices (none simulated)"),
         Job::Zero { targets, .. } => {
             format!("zero {} extents", targets.iter().map(|t| t.offsets.len()).sum::<usize>())
         }

@@ -152,6 +152,12 @@ pub enum PoolCommand {
         /// Overwrite devices that carry something.
         #[arg(long)]
         force: bool,
+        /// The private key sanvol-mds will run with (the pair of
+        /// --server-key): needed only when devices are served by
+        /// sanvol-target, which lets in only connections with a capability
+        /// signed by it.
+        #[arg(long, value_name = "FILE")]
+        server_signing_key: Option<std::path::PathBuf>,
     },
     /// Pool summary: name, generation, capacity, free space.
     Status {
@@ -405,8 +411,25 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!("{}", control_client::keys::format_public(&public, &comment));
             Ok(())
         }
-        Command::Pool(PoolCommand::Init { devices, admin_key, admin_name, name, extent_size, force }) => {
-            admin::pool_init(&cli.conn, devices, admin_key, admin_name, name, extent_size, force).await
+        Command::Pool(PoolCommand::Init {
+            devices,
+            admin_key,
+            admin_name,
+            name,
+            extent_size,
+            force,
+            server_signing_key,
+        }) => {
+            let options = admin::PoolInitArgs {
+                devices,
+                admin_key,
+                admin_name,
+                name,
+                extent_bytes: extent_size,
+                force,
+                server_signing_key,
+            };
+            admin::pool_init(&cli.conn, options).await
         }
         Command::Demo(args) => demo::run(args).await,
         Command::Generate(what) => ops::docs::generate(<Cli as clap::CommandFactory>::command(), &what),

@@ -414,6 +414,11 @@ pub enum AfterJob {
     Probed { device: volume_format::DeviceIndex },
     /// A device was labelled for `device add` (`reconfig`).
     Labelled,
+    /// Expired handles were fenced on the fencing devices: release them.
+    ExpireFenced { expired: Vec<u64> },
+    /// The handles an open breaks were fenced on the fencing devices:
+    /// commit the open.
+    OpenFenced { changes: Vec<MetaChange>, open: Box<super::requests::OpenCommit> },
     /// A grow's new extents were zeroed before its holders are recalled.
     Prezeroed {
         extents: Vec<volume_format::metadata::PhysicalExtent>,
@@ -804,7 +809,8 @@ impl Core {
         let in_flight = self
             .in_flight
             .as_ref()
-            .is_some_and(|f| f.batch.parts.iter().any(|(_, then)| matches!(then, AfterCommit::Expire { .. })));
+            .is_some_and(|f| f.batch.parts.iter().any(|(_, then)| matches!(then, AfterCommit::Expire { .. })))
+            || self.jobs.values().any(|then| matches!(then, AfterJob::ExpireFenced { .. }));
         if !expired.is_empty() && !queued && !in_flight {
             self.queue.push_back(Change::Expire);
         }
@@ -865,7 +871,10 @@ impl Core {
                 let why = if failures.is_empty() { e.to_string() } else { failures.join("; ") };
                 warn!(seq, "metadata commit failed: {why}; answered once a later commit supersedes it");
                 let batch = self.revert_batch(batch);
-                self.unsettled.push((batch, why));
+                let held = self.answer_plain_refusals(batch, &why);
+                if !held.parts.is_empty() {
+                    self.unsettled.push((held, why));
+                }
                 self.supersede_due = true;
             }
         }
@@ -891,6 +900,40 @@ impl Core {
         kept.reverse();
         meta.generation = self.journal.acked_seq();
         Batch { parts: kept, deferred, changes }
+    }
+
+    /// Answers at once the parts of a failed, reverted batch whose answer
+    /// is only a reply (an admin's change, a registration's refusal): the
+    /// requester is told the outcome is unknown until this server's next
+    /// commit, which voids it. Keeps back the parts whose failure would let
+    /// a holder go on with the old state (recalls, opens, closes,
+    /// releases…): they are answered once a later commit overwrote the
+    /// refused one (`unsettled`). Answers computed from the batch's state
+    /// are refused now.
+    fn answer_plain_refusals(&mut self, batch: Batch, why: &str) -> Batch {
+        let Batch { parts, deferred, changes } = batch;
+        let e = ControlError::new(
+            ErrorCode::CommitFailed,
+            format!(
+                "{why}; the change was not made, unless a metadata copy took it before the failure: this \
+                 server's next commit voids it; if this server stops first, its successor may load it — check \
+                 (e.g. `sanvol volume list`) before retrying"
+            ),
+        );
+        let mut held = Vec::new();
+        for (undos, then) in parts {
+            match then {
+                AfterCommit::Reply { .. } | AfterCommit::Respond { .. } | AfterCommit::Refuse { .. } => {
+                    self.finish_commit(then, Err(e.clone()))
+                }
+                then => held.push((undos, then)),
+            }
+        }
+        for (reply, _) in deferred {
+            let retry = "the metadata commit this answer depended on failed; retry";
+            self.reply(reply, Err(ControlError::new(ErrorCode::Unavailable, retry)));
+        }
+        Batch { parts: held, deferred: Vec::new(), changes }
     }
 
     /// Fails a reverted batch's requests: nothing of it happened.
@@ -1105,6 +1148,8 @@ impl Core {
             match job {
                 AfterJob::Merged { finish: MergeFinish::Recall { excluded, .. }, .. } => ids.extend(excluded),
                 AfterJob::Zeroed { then, .. } => of(then, &mut ids),
+                AfterJob::OpenFenced { open, .. } => ids.extend(open.broken.iter().map(|h| h.id)),
+                AfterJob::ExpireFenced { expired } => ids.extend(expired),
                 _ => {}
             }
         }

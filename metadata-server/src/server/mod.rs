@@ -293,6 +293,9 @@ impl Drop for AbortOnDrop {
 
 /// Opens the pool with its metadata journal (reads only).
 async fn open_pool(config: &Config, key: &Arc<SigningKey>) -> Result<(Pool, volume_format::PoolMetadata), ServerError> {
+    // Every device connection from here on presents the server's
+    // capability to devices that fence.
+    crate::targets::install(key.clone());
     match Pool::open_journaled(&config.devices, key.clone()).await {
         Ok(opened) => Ok(opened),
         Err(PoolError::Invalid(why)) if why.contains("initialized for server key") => {

@@ -18,7 +18,7 @@ use volume_format::{HandleId, PublicKey, VolumeDescription, VolumeId};
 
 use super::core::{AfterCommit, AfterJob, Busy, Core, PendingChange, ReplyId, Step, VolumeChange};
 use super::durable::BROKEN_RECORDS_MAX;
-use super::jobs::JobOutcome;
+use super::jobs::{Job, JobOutcome};
 use crate::handles::{Handle, OpenRefused, RecallState, SessionId};
 
 /// Block size of new volumes (what agents expose).
@@ -247,6 +247,19 @@ impl Core {
                 self.prezeroed(extents, &name, change, reply, outcome)
             }
             AfterJob::MirrorReplayed { volume, next } => self.mirror_replayed(volume, next, outcome),
+            AfterJob::ExpireFenced { expired } => self.expire_fenced(expired, outcome),
+            AfterJob::OpenFenced { changes, open } => match outcome.result {
+                Ok(()) => Step::Commit { changes, then: AfterCommit::Open(open) },
+                Err(why) => {
+                    let msg = format!(
+                        "volume {} could not be taken from its previous holder: {why}; the previous holder keeps \
+                         it — retry, or check the device named",
+                        open.volume_name
+                    );
+                    self.finish_open(*open, Err(err(ErrorCode::Unavailable, msg)));
+                    Step::Done(None)
+                }
+            },
         }
     }
 
@@ -594,7 +607,13 @@ impl Core {
             volume_name: volume.to_string(),
             holder: peer.name,
         };
-        Step::Commit { changes, then: AfterCommit::Open(Box::new(open)) }
+        if broken.is_empty() {
+            return Step::Commit { changes, then: AfterCommit::Open(Box::new(open)) };
+        }
+        // Before anyone else may write: the broken holders are cut off on
+        // every device that fences (the timing rules have run out already).
+        let job = Job::Fence { key: self.key.clone(), uris: self.fence_uris(), handles: broken };
+        Step::Job { job, busy: None, then: AfterJob::OpenFenced { changes, open: Box::new(open) } }
     }
 
     fn finish_open(&mut self, open: OpenCommit, result: Result<(), ControlError>) {
@@ -685,7 +704,44 @@ impl Core {
             self.finish_expire(expired, Ok(()));
             return Step::Done(None);
         }
+        // Released for good: first cut off on every device that fences.
+        let job = Job::Fence {
+            key: self.key.clone(),
+            uris: self.fence_uris(),
+            handles: expired.iter().map(|id| HandleId(*id)).collect(),
+        };
+        Step::Job { job, busy: None, then: AfterJob::ExpireFenced { expired } }
+    }
+
+    /// The expired handles were fenced (or could not be): release them.
+    fn expire_fenced(&mut self, expired: Vec<u64>, outcome: JobOutcome) -> Step {
+        if let Err(why) = outcome.result {
+            warn!("releasing expired handles: {why}; retrying at the next tick");
+            return Step::Done(None);
+        }
+        let changes: Vec<MetaChange> = self
+            .meta
+            .handles
+            .iter()
+            .filter(|h| expired.contains(&h.id.0))
+            .map(|h| MetaChange::HandleRemove { handle: h.id })
+            .collect();
+        if changes.is_empty() {
+            self.finish_expire(expired, Ok(()));
+            return Step::Done(None);
+        }
         Step::Commit { changes, then: AfterCommit::Expire { expired } }
+    }
+
+    /// The devices a fence goes to: every device of the pool not marked
+    /// failed (a failed device is not written by anyone: its legs are skipped).
+    fn fence_uris(&self) -> Vec<String> {
+        self.meta
+            .devices
+            .iter()
+            .filter(|d| !matches!(d.state, volume_format::metadata::DeviceState::Failed { .. }))
+            .map(|d| d.uri.clone())
+            .collect()
     }
 
     fn finish_expire(&mut self, expired: Vec<u64>, result: Result<(), ControlError>) {
