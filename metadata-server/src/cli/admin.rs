@@ -434,6 +434,16 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
                 .with_context(|| format!("growing volume {name}"))?;
             println!("volume {name} is now {}", format_size(size));
         }
+        Command::Volume(VolumeCommand::Cache { name, size, mode }) => {
+            let mode = crate::server::cache::parse_cache_mode(&mode).map_err(anyhow::Error::msg)?;
+            request(client, Request::VolumeCache { name: name.clone(), size_bytes: size, mode })
+                .await
+                .with_context(|| format!("setting the cache of volume {name}"))?;
+            match mode {
+                Some(mode) => println!("volume {name}: {mode} write-back cache of {}", format_size(size)),
+                None => println!("volume {name}: no cache"),
+            }
+        }
         Command::Client(ClientCommand::List { json }) => {
             let Response::Clients(clients) = request(client, Request::ClientList).await? else {
                 bail!("unexpected reply")

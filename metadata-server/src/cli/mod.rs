@@ -300,6 +300,18 @@ pub enum VolumeCommand {
         #[arg(value_parser = size::parse_size)]
         size: u64,
     },
+    /// Give a volume a write-back cache, or turn it off: its holder
+    /// acknowledges a write once it is in its local cache log and in the
+    /// metadata server's mirror of it. Only while the volume is closed.
+    Cache {
+        name: String,
+        /// Size of the holder's cache log and of the server's mirror, e.g. 1G.
+        #[arg(long, value_parser = size::parse_size, default_value = "1G")]
+        size: u64,
+        /// `mirrored` (write-back, mirrored at the metadata server) or `off`.
+        #[arg(long, default_value = "mirrored")]
+        mode: String,
+    },
     /// Add or remove a mirror leg (recall, copy, commit, publish).
     #[command(subcommand)]
     Mirror(MirrorCommand),

@@ -214,6 +214,13 @@ pub enum Effect {
     Stop {
         why: String,
     },
+    /// Pass `op` to `volume`'s cache mirror ([`crate::mirror`]); the mirror
+    /// answers `reply` itself.
+    Mirror {
+        volume: VolumeId,
+        op: crate::mirror::MirrorOp,
+        reply: ReplyId,
+    },
 }
 
 /// A reconfiguration of one volume's layout: committed at a recall point
@@ -419,6 +426,9 @@ pub enum AfterJob {
         change: VolumeChange,
         reply: ReplyId,
     },
+    /// A cached volume's mirror was replayed to its devices: continue the
+    /// request that needed it (`crate::mirror`).
+    MirrorReplayed { volume: VolumeId, next: super::cache::AfterReplay },
 }
 
 /// A server-side copy in flight: who asked, for which chunks.
@@ -531,6 +541,10 @@ pub struct Core {
     lease_lost_in_handoff: Option<String>,
     /// Volumes with a job in flight, and what waits for it.
     pub(super) busy: BTreeMap<VolumeId, Busy>,
+    /// Cached volumes whose mirror was replayed (or found empty) since
+    /// their last holder mirrored: opens need not replay it again
+    /// (`crate::mirror`).
+    pub(super) mirror_replayed: BTreeSet<VolumeId>,
     /// Jobs in flight and how their changes continue.
     jobs: BTreeMap<TaskId, AfterJob>,
     /// Free extents zeroed since they were last allocated (`zeroing`).
@@ -606,6 +620,7 @@ impl Core {
             not_active: None,
             lease_lost_in_handoff: None,
             busy: BTreeMap::new(),
+            mirror_replayed: BTreeSet::new(),
             jobs: BTreeMap::new(),
             zeroed: BTreeSet::new(),
             zeroing: false,
@@ -771,6 +786,10 @@ impl Core {
                 return self.reply(reply, Err(ControlError::new(ErrorCode::Unavailable, msg)));
             }
         }
+        let request = match self.mirror_request(session, request, reply) {
+            Ok(()) => return,
+            Err(request) => request,
+        };
         if let Some(result) = self.read(session, &request) {
             return self.reply(reply, result);
         }
@@ -1061,6 +1080,10 @@ impl Core {
                 self.effects.push(Effect::Job { task, job });
             }
         }
+    }
+
+    pub(super) fn push_effect(&mut self, effect: Effect) {
+        self.effects.push(effect);
     }
 
     fn next_task(&mut self) -> TaskId {

@@ -90,7 +90,8 @@ impl Core {
             Request::VolumeGrow { name, .. }
             | Request::VolumeDelete { name }
             | Request::SnapshotCreate { volume: name, .. }
-            | Request::SnapshotDelete { volume: name, .. } => Some((self.meta.volume_by_name(name)?.id, ANY)),
+            | Request::SnapshotDelete { volume: name, .. }
+            | Request::VolumeCache { name, .. } => Some((self.meta.volume_by_name(name)?.id, ANY)),
             // A volume whose extents on a device come back are being copied
             // without holders: an opener would write while the copy runs.
             Request::Open { volume: name, .. } => Some((self.meta.volume_by_name(name)?.id, &[Busy::Resync])),
@@ -120,7 +121,8 @@ impl Core {
                 return self.prepare_volume_create(name, size_bytes, legs, reply)
             }
             Request::VolumeDelete { name } => return self.prepare_volume_delete(&name, reply),
-            Request::Open { volume, mode } => return self.prepare_open(session, &volume, mode, reply),
+            Request::Open { volume, mode } => return self.prepare_open_with(session, &volume, mode, reply, Vec::new()),
+            request @ Request::VolumeCache { .. } => return self.prepare_volume_cache(session, request, reply),
             Request::Close { handle } => return self.prepare_close(session, handle.0, reply),
             Request::OpenHandover { token } => return self.prepare_open_handover(session, &token, reply),
             Request::Handoff { to } => return self.prepare_handoff(to, reply),
@@ -244,6 +246,7 @@ impl Core {
             AfterJob::Prezeroed { extents, name, change, reply } => {
                 self.prezeroed(extents, &name, change, reply, outcome)
             }
+            AfterJob::MirrorReplayed { volume, next } => self.mirror_replayed(volume, next, outcome),
             AfterJob::ExpireFenced { expired } => self.expire_fenced(expired, outcome),
             AfterJob::OpenFenced { changes, open } => match outcome.result {
                 Ok(()) => Step::Commit { changes, then: AfterCommit::Open(open) },
@@ -377,6 +380,11 @@ impl Core {
             Ok(v) => v.id,
             Err(e) => return done(reply, Err(e)),
         };
+        if let VolumeChange::SnapshotCreate { .. } = change {
+            if let Some(e) = self.snapshot_refused_for_cache(id, name) {
+                return done(reply, Err(e));
+            }
+        }
         // Plan it now so "no space", "shrink" or "no such snapshot" is refused
         // before any agent is disturbed.
         let planned = match self.plan_change(id, &change) {
@@ -522,7 +530,17 @@ impl Core {
         self.reply(pending.reply, result.map(|()| Response::Done));
     }
 
-    fn prepare_open(&mut self, session: SessionId, volume: &str, mode: OpenMode, reply: ReplyId) -> Step {
+    /// Opens `volume`; `carried`: handles an earlier preparation of this
+    /// open broke before it replayed the volume's cache mirror
+    /// ([`super::cache`]).
+    pub(super) fn prepare_open_with(
+        &mut self,
+        session: SessionId,
+        volume: &str,
+        mode: OpenMode,
+        reply: ReplyId,
+        carried: Vec<Handle>,
+    ) -> Step {
         let id = match self.volume_by_name(volume) {
             Ok(v) => v.id,
             Err(e) => return done(reply, Err(e)),
@@ -547,6 +565,21 @@ impl Core {
                 return done(reply, Err(err(ErrorCode::Conflict, msg)));
             }
         };
+        let mut opened = opened;
+        opened.broken.extend(carried);
+        if self.needs_replay(id) {
+            // Nothing of the open stays but the handles it broke (out of
+            // the table, so they cannot resume while the replay writes).
+            self.handles.remove(opened.handle.id);
+            let next = super::cache::AfterReplay::Open {
+                session,
+                name: volume.to_string(),
+                mode,
+                reply,
+                broken: opened.broken,
+            };
+            return self.replay_then(id, next);
+        }
         let handle = opened.handle.clone();
         let broken: Vec<HandleId> = opened.broken.iter().map(|h| HandleId(h.id)).collect();
         let broken_reason =

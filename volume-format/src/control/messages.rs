@@ -232,6 +232,100 @@ pub enum Request {
     },
     /// The reconfiguration running now, if any, with its progress.
     Operations,
+
+    // ---- admin: write-back caches (protocol 6) ----
+    /// Sets the volume's write-back cache (`mode` `None`: turns it off).
+    /// Committed at a recall point: its holders destage their caches first.
+    VolumeCache {
+        name: String,
+        size_bytes: u64,
+        mode: Option<CacheMode>,
+    },
+
+    // ---- agent: the server's mirror of a write-back cache (protocol 6) ----
+    /// Starts mirroring `handle`'s volume afresh: the server drops what its
+    /// mirror of the volume holds (the holder has everything it logged on
+    /// the devices, or replayed its own log). Answered with
+    /// [`Response::MirrorOpened`] and the volume's cache setting. Only the
+    /// holder of a writable handle may mirror.
+    MirrorOpen {
+        handle: HandleId,
+    },
+    /// Cached writes to keep until the holder releases them: the server
+    /// appends them to its mirror of the volume with one write and one
+    /// fdatasync (with any other appends waiting) and answers
+    /// [`Response::Mirrored`] once they are durable. Sequence numbers
+    /// rise across appends.
+    MirrorAppend {
+        handle: HandleId,
+        records: Vec<MirrorRecord>,
+    },
+    /// Every mirrored write with a sequence number up to `upto_seq` is on
+    /// the devices: the server frees its copies.
+    MirrorRelease {
+        handle: HandleId,
+        upto_seq: u64,
+    },
+}
+
+/// How a volume's writes are cached (the pool metadata's type).
+pub use crate::metadata::{CacheMode, VolumeCache};
+
+/// At most the records of one [`Request::MirrorAppend`], and most data bytes
+/// (well inside a control frame, [`super::frame::FRAME_BYTES_MAX`]).
+pub const MIRROR_APPEND_RECORDS_MAX: usize = 256;
+pub const MIRROR_APPEND_BYTES_MAX: usize = 8 << 20;
+
+/// One cached write as the holder sends it to the server's mirror.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorRecord {
+    /// The holder's sequence number: releases name it.
+    pub seq: u64,
+    /// Volume offset of the data.
+    pub offset: u64,
+    #[serde(with = "byte_buf")]
+    pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for MirrorRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MirrorRecord {{ seq: {}, offset: {}, {} bytes }}", self.seq, self.offset, self.data.len())
+    }
+}
+
+/// Data as one byte string (one length and a copy) rather than a sequence
+/// of single bytes.
+mod byte_buf {
+    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(data: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(data)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct Bytes;
+        impl<'de> Visitor<'de> for Bytes {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+                while let Some(b) = seq.next_element()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_byte_buf(Bytes)
+    }
 }
 
 /// The NBD export name of a snapshot on the backup pseudo-device.
@@ -269,7 +363,10 @@ impl Request {
             | Request::Handover { .. }
             | Request::OpenHandover { .. }
             | Request::CowRegister { .. }
-            | Request::CowCopy { .. } => Some(&[Role::Agent]),
+            | Request::CowCopy { .. }
+            | Request::MirrorOpen { .. }
+            | Request::MirrorAppend { .. }
+            | Request::MirrorRelease { .. } => Some(&[Role::Agent]),
             Request::SnapshotList { .. } | Request::BackupChannel => Some(&[Role::Admin, Role::Backup]),
             _ => Some(&[Role::Admin]),
         }
@@ -314,6 +411,14 @@ pub enum Response {
     },
     /// The reconfiguration in progress (at most one), protocol 5.
     Operations(Vec<OperationInfo>),
+    /// Mirroring started afresh; the volume's cache setting (protocol 6).
+    MirrorOpened {
+        cache: Option<VolumeCache>,
+    },
+    /// Every record up to `upto_seq` is durable in the mirror (protocol 6).
+    Mirrored {
+        upto_seq: u64,
+    },
 }
 
 /// A reconfiguration in progress (`sanvol device evacuate`, `volume move`,
