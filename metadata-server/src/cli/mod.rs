@@ -303,6 +303,12 @@ pub enum VolumeCommand {
     /// Give a volume a write-back cache, or turn it off: its holder
     /// acknowledges a write once it is in its local cache log and in the
     /// metadata server's mirror of it. Only while the volume is closed.
+    ///
+    /// Not used by `sanvol-agent attach` yet: the agent attaches a cached
+    /// volume without a cache (every write goes to the devices). What
+    /// exists is the server's mirror (replayed to the devices before the
+    /// next open) and the cache in client-agent's `cache_serve` example;
+    /// see docs/operations.md, "Write-back caches".
     Cache {
         name: String,
         /// Size of the holder's cache log and of the server's mirror, e.g. 1G.
