@@ -10,9 +10,9 @@ cd "$(dirname "$0")/.."
 PREFIX=${PREFIX:-/usr/local}
 SYSTEMD_DIR=${SYSTEMD_DIR-/etc/systemd/system}
 DESTDIR=${DESTDIR:-}
-binaries=(sanvol sanvol-mds sanvol-agent sanvol-backup)
+binaries=(sanvol sanvol-mds sanvol-agent sanvol-backup sanvol-target)
 
-cargo build --release --locked -p metadata-server -p client-agent -p backup
+cargo build --release --locked -p metadata-server -p client-agent -p backup -p target-server
 install -d "$DESTDIR$PREFIX/bin" "$DESTDIR$PREFIX/share/man/man1" \
     "$DESTDIR$PREFIX/share/bash-completion/completions" "$DESTDIR$PREFIX/share/zsh/site-functions" \
     "$DESTDIR$PREFIX/share/fish/vendor_completions.d"

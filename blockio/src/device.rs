@@ -122,6 +122,15 @@ pub trait BlockDevice: Send + Sync + 'static {
         false
     }
 
+    /// A signal that this device, as served to one connection, was taken
+    /// away (a fencing target fenced the connection's holder): when it
+    /// turns true the server stops reading the connection's requests, lets
+    /// the ones being handled finish, and closes the connection without
+    /// waiting to deliver their replies. Default: never.
+    fn revoked(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
+
     /// Names of the metadata contexts this device answers besides
     /// `base:allocation`.
     fn meta_contexts(&self) -> Vec<String> {

@@ -25,6 +25,10 @@
 //! # A failed device's extents are rebuilt on the other devices after this
 //! # long (0: never; the admin replaces it).
 //! device_replace_after_ms = 600000
+//! # Where the server keeps its mirror of agents' write-back caches (one
+//! # file per cached volume, as large as the volume's cache; default: the
+//! # directory `cache-mirror` beside this file).
+//! cache_mirror_dir = "/var/lib/sanvol/cache-mirror"
 //! ```
 //!
 //! Relative paths (the key, `unix:` listen sockets, `socket=` of unix device
@@ -57,6 +61,10 @@ pub const DURABLE_MS_MAX: u64 = 3_600_000;
 /// enough for a device server's restart or a host's reboot, short enough
 /// that a mirror is not left with one leg for long.
 pub const DEVICE_REPLACE_AFTER_MS_DEFAULT: u64 = 600_000;
+
+/// The cache mirror directory when the config names none (relative to the
+/// config file's directory).
+pub const CACHE_MIRROR_DIR_DEFAULT: &str = "cache-mirror";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -99,6 +107,8 @@ struct RawConfig {
     advertise: Option<Vec<String>>,
     #[serde(default)]
     device_replace_after_ms: Option<u64>,
+    #[serde(default)]
+    cache_mirror_dir: Option<PathBuf>,
 }
 
 /// Shortest and longest disk-lease I/O timeout accepted (all lease timing
@@ -182,6 +192,9 @@ pub struct Config {
     /// A device failed for this long has its extents rebuilt on the other
     /// devices; `None` (`device_replace_after_ms = 0`): never.
     pub device_replace_after_ms: Option<u64>,
+    /// Where the mirrors of agents' write-back caches are kept (a local
+    /// directory; one file per cached volume).
+    pub cache_mirror_dir: PathBuf,
 }
 
 impl Config {
@@ -299,6 +312,7 @@ impl Config {
                 0 => None,
                 ms => Some(ms),
             },
+            cache_mirror_dir: resolve(raw.cache_mirror_dir.as_deref().unwrap_or(Path::new(CACHE_MIRROR_DIR_DEFAULT))),
         })
     }
 }

@@ -8,6 +8,7 @@
 //! - [`handles`]: handles and leases as a plain state machine.
 //! - [`resume`]: signed resume keys and handover tokens.
 //! - [`config`]: `sanvol-mds --config FILE`.
+//! - [`mirror`]: the server's mirror of agents' write-back caches.
 //! - [`pool`]: the pool on its devices — open, read the newest metadata,
 //!   commit, and `pool init`.
 //! - [`server`]: the control server (`sanvol-mds`): one owner task for the
@@ -17,6 +18,8 @@
 pub mod cli;
 pub mod config;
 pub mod handles;
+pub mod mirror;
 pub mod pool;
 pub mod resume;
 pub mod server;
+pub mod targets;

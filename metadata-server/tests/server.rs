@@ -150,7 +150,7 @@ async fn a_failed_commit_changes_nothing() {
     let e = admin.request(Request::VolumeDelete { name: "x".into() }).await.unwrap_err();
     let (c, message) = code(e);
     assert_eq!(c, ErrorCode::CommitFailed, "{message}");
-    assert!(message.contains("injected write failure") && message.contains("nothing was changed"), "{message}");
+    assert!(message.contains("injected write failure") && message.contains("next commit voids it"), "{message}");
     // A create does not even get to its commit: its new space cannot be
     // zeroed, and it is refused the same way.
     let e = admin.request(Request::VolumeCreate { name: "y".into(), size_bytes: 4 * MIB, legs: 1 }).await.unwrap_err();

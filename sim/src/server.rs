@@ -472,6 +472,17 @@ impl ServerProc {
                 "no-unasked-availability-change",
                 format!("the core stopped serving ({why}) though nobody asked it to and it never lost its lease"),
             ),
+            // No simulated agent mirrors a cache (no volume has one).
+            Effect::Mirror { reply, .. } => self.perform(
+                Effect::Reply {
+                    reply,
+                    result: Err(volume_format::control::messages::ControlError::new(
+                        volume_format::control::messages::ErrorCode::Unavailable,
+                        "cache mirrors are not simulated",
+                    )),
+                },
+                env,
+            ),
         }
     }
 
@@ -706,6 +717,14 @@ impl ServerProc {
                 let outcome = JobOutcome::failed("device add is not simulated");
                 return self.apply(Input::JobDone { task, outcome }, env);
             }
+            // Nor write-back caches (no volume has one in this world).
+            Job::MirrorReplay { .. } => {
+                let outcome = JobOutcome::failed("cache mirrors are not simulated");
+                return self.apply(Input::JobDone { task, outcome }, env);
+            }
+            // Simulated devices are plain NBD servers: none fences, so the
+            // real job would skip every one (the timing rules cover them).
+            Job::Fence { .. } => return self.apply(Input::JobDone { task, outcome: JobOutcome::done() }, env),
         };
         let chunks = match chunks {
             Ok(c) => c,
@@ -921,6 +940,8 @@ fn describe_job(job: &Job) -> String {
         Job::CheckDevice { index, .. } => format!("check device {index}"),
         Job::Resync { copies, .. } => format!("resync {} extents", copies.len()),
         Job::LabelDevice(request) => format!("label device {}", request.uri),
+        Job::MirrorReplay { volume, .. } => format!("replay the cache mirror of volume {volume}"),
+        Job::Fence { handles, .. } => format!("fence handles {handles:?} on fencing devices (none simulated)"),
         Job::Zero { targets, .. } => {
             format!("zero {} extents", targets.iter().map(|t| t.offsets.len()).sum::<usize>())
         }

@@ -231,6 +231,25 @@ pub fn nbdkit_tcp(args: &[&str]) -> Peer {
     Peer::spawn("nbdkit", dir, cmd, uri, Ready::PidFile(pid))
 }
 
+/// `sanvol-target` over a sparse file of `size_bytes`, on a temp unix
+/// socket, trusting the server key in `server_pub` (a `.pub` file).
+pub fn sanvol_target(size_bytes: u64, server_pub: &Path) -> Peer {
+    let dir = temp_dir("sanvol-target-");
+    let sock = dir.path().join("nbd.sock");
+    let image = sparse_file(dir.path(), size_bytes);
+    let mut cmd = Command::new(crate::system::bin("sanvol-target"));
+    cmd.arg("--device")
+        .arg(&image)
+        .arg("--unix")
+        .arg(&sock)
+        .arg("--server-key")
+        .arg(server_pub)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"));
+    let uri = NbdUri::unix(&sock, "");
+    Peer::spawn("sanvol-target", dir, cmd, uri, Ready::UnixListening(sock))
+}
+
 /// Creates a sparse file of `size_bytes` in the peer's future temp dir.
 pub fn sparse_file(dir: &Path, size_bytes: u64) -> PathBuf {
     let path = dir.join("disk.img");

@@ -244,12 +244,37 @@ impl Stack {
         Stack::init(devices, pki)
     }
 
-    fn init(devices: Vec<Peer>, pki: Option<peers::TestPki>) -> Stack {
+    /// Like [`Stack::new_file_devices`], with the devices served by
+    /// `sanvol-target` (fencing: they let in only connections with a
+    /// capability of the pool's server key).
+    pub fn new_target_devices(count: usize, size_bytes: u64) -> Stack {
+        let (dir, mds_key, admin_key) = Stack::keys();
+        let devices = (0..count).map(|_| peers::sanvol_target(size_bytes, &pub_path(&mds_key))).collect();
+        Stack::init_in(dir, mds_key, admin_key, devices, None, true)
+    }
+
+    fn keys() -> (tempfile::TempDir, PathBuf, PathBuf) {
         let dir = tempfile::Builder::new().prefix("sanvol-stack-").tempdir().expect("temp dir");
         let mds_key = dir.path().join("mds.key");
         let admin_key = dir.path().join("admin.key");
         run_ok(Command::new(bin("sanvol")).arg("keygen").arg(&mds_key));
         run_ok(Command::new(bin("sanvol")).arg("keygen").arg(&admin_key));
+        (dir, mds_key, admin_key)
+    }
+
+    fn init(devices: Vec<Peer>, pki: Option<peers::TestPki>) -> Stack {
+        let (dir, mds_key, admin_key) = Stack::keys();
+        Stack::init_in(dir, mds_key, admin_key, devices, pki, false)
+    }
+
+    fn init_in(
+        dir: tempfile::TempDir,
+        mds_key: PathBuf,
+        admin_key: PathBuf,
+        devices: Vec<Peer>,
+        pki: Option<peers::TestPki>,
+        fencing_devices: bool,
+    ) -> Stack {
         let stack = Stack {
             mds_socket: dir.path().join("mds.sock"),
             dir,
@@ -272,6 +297,9 @@ impl Stack {
             init.arg("--device").arg(uri.to_string());
         }
         init.arg("--server-key").arg(pub_path(&stack.mds_key)).arg("--admin-key").arg(pub_path(&stack.admin_key));
+        if fencing_devices {
+            init.arg("--server-signing-key").arg(&stack.mds_key);
+        }
         run_ok(&mut init);
         stack
     }

@@ -482,7 +482,7 @@ fn strip_annotations(p: &str) -> String {
 
 #[test]
 fn every_commands_help_matches_its_generated_man_page() {
-    for binary in ["sanvol", "sanvol-mds", "sanvol-agent", "sanvol-backup"] {
+    for binary in ["sanvol", "sanvol-mds", "sanvol-agent", "sanvol-backup", "sanvol-target"] {
         let dir = tempfile::tempdir().unwrap();
         let out = Command::new(bin(binary)).arg("generate").arg("man").arg(dir.path()).output().unwrap();
         assert!(out.status.success(), "{binary} generate man: {}", String::from_utf8_lossy(&out.stderr));
@@ -523,7 +523,7 @@ fn every_commands_help_matches_its_generated_man_page() {
 
 #[test]
 fn completions_are_generated_for_every_shell() {
-    for binary in ["sanvol", "sanvol-mds", "sanvol-agent", "sanvol-backup"] {
+    for binary in ["sanvol", "sanvol-mds", "sanvol-agent", "sanvol-backup", "sanvol-target"] {
         for shell in ["bash", "zsh", "fish"] {
             let out = Command::new(bin(binary)).args(["generate", "completions", shell]).output().unwrap();
             let script = String::from_utf8_lossy(&out.stdout);

@@ -31,6 +31,8 @@
 //!   changed-block list between two snapshots, delete with merge).
 //! - [`description`]: the volume description the metadata server hands to
 //!   agents.
+//! - [`capability`]: capabilities and fence orders a fencing device server
+//!   (`sanvol-target`) checks: who may write where, under which generation.
 //! - [`fencing`]: the timing rules that keep an excluded holder's writes off
 //!   plain NBD devices, and the longest device request they rest on.
 //! - [`mapping`]: where a volume's bytes live (extents, legs, leg states,
@@ -38,6 +40,7 @@
 //!   pool metadata (the server): one set of rules for both.
 
 pub mod cache_log;
+pub mod capability;
 pub mod codec;
 pub mod control;
 pub mod description;

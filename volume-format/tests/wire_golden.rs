@@ -25,9 +25,9 @@ use volume_format::control::auth::{
 };
 use volume_format::control::frame::encode_payload;
 use volume_format::control::messages::{
-    ClientInfo, ClientMessage, ControlError, DataChannelGrant, DeviceInfo, ErrorCode, OpenMode, OpenedHandle,
-    OperationInfo, PoolInfo, Request, Response, ServerEvent, ServerInfo, ServerMessage, SnapshotInfo, VolumeDetail,
-    VolumeInfo,
+    CacheMode, ClientInfo, ClientMessage, ControlError, DataChannelGrant, DeviceInfo, ErrorCode, MirrorRecord,
+    OpenMode, OpenedHandle, OperationInfo, PoolInfo, Request, Response, ServerEvent, ServerInfo, ServerMessage,
+    SnapshotInfo, VolumeCache, VolumeDetail, VolumeInfo,
 };
 use volume_format::control::{PROTOCOL_VERSION, PROTOCOL_VERSION_MIN};
 use volume_format::description::{DeviceEndpoint, SnapshotEpoch};
@@ -150,6 +150,13 @@ samples!(requests, Request {
     VolumeMirrorRemove => Request::VolumeMirrorRemove { name: "db".into(), device: Some(DeviceIndex(4)) },
     VolumeMove => Request::VolumeMove { name: "db".into(), from: DeviceIndex(0), to: None },
     Operations => Request::Operations,
+    VolumeCache => Request::VolumeCache { name: "db".into(), size_bytes: 1 << 30, mode: Some(CacheMode::Mirrored) },
+    MirrorOpen => Request::MirrorOpen { handle: HandleId(5) },
+    MirrorAppend => Request::MirrorAppend {
+        handle: HandleId(5),
+        records: vec![MirrorRecord { seq: 3, offset: 4096, data: vec![1, 2, 3] }],
+    },
+    MirrorRelease => Request::MirrorRelease { handle: HandleId(5), upto_seq: 3 },
     IntentRecord => Request::IntentRecord { handle: HandleId(5), mark: vec![3, 4], clear: vec![1] },
     IntentResync => Request::IntentResync { handle: HandleId(5) },
 });
@@ -263,6 +270,10 @@ samples!(responses, Response {
         bytes_total: 9 << 20,
         elapsed_ms: 1234,
     }]),
+    MirrorOpened => Response::MirrorOpened {
+        cache: Some(VolumeCache { volume: VolumeId(7), size_bytes: 1 << 30, mode: CacheMode::Mirrored }),
+    },
+    Mirrored => Response::Mirrored { upto_seq: 3 },
     IntentRecorded => Response::IntentRecorded,
 });
 

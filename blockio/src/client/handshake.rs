@@ -32,6 +32,16 @@ pub(crate) struct Negotiated {
     pub contexts: Vec<(String, u32)>,
 }
 
+/// Export names carrying credentials (a capability, hundreds of hex
+/// digits) are cut in error messages: the start says which export it was.
+fn shorten_export_name(export: &str) -> String {
+    const SHOWN_CHARS: usize = 80;
+    if export.chars().count() <= SHOWN_CHARS {
+        return export.to_string();
+    }
+    format!("{}…", export.chars().take(SHOWN_CHARS).collect::<String>())
+}
+
 /// Most replies accepted for one option (a list of exports or contexts).
 const OPTION_REPLIES_MAX: usize = 100_000;
 
@@ -198,7 +208,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Handshake<'a, S> {
         ClientError::Refused {
             target: self.target.to_string(),
             option: option_name(opt),
-            export: export.to_string(),
+            export: shorten_export_name(export),
             reply: reply_name(reply),
             message: String::from_utf8_lossy(&data[..data.len().min(limits::STRING_BYTES_MAX)]).into_owned(),
         }
@@ -263,6 +273,17 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Handshake<'a, S> {
     /// `NBD_OPT_GO`. `Ok(None)` means the server does not know GO (answer
     /// `ERR_UNSUP`): fall back to [`Self::export_name`].
     pub async fn go(&mut self, export: &str) -> Result<Option<Negotiated>, ClientError> {
+        self.info_or_go(proto::OPT_GO, export).await
+    }
+
+    /// `NBD_OPT_INFO`: what `GO` would say, without entering transmission.
+    /// `Ok(None)` if the server does not know the option.
+    pub async fn info(&mut self, export: &str) -> Result<Option<Negotiated>, ClientError> {
+        self.info_or_go(proto::OPT_INFO, export).await
+    }
+
+    async fn info_or_go(&mut self, option: u32, export: &str) -> Result<Option<Negotiated>, ClientError> {
+        let name = option_name(option);
         let infos = [proto::INFO_BLOCK_SIZE, proto::INFO_NAME, proto::INFO_DESCRIPTION];
         let mut data = Vec::new();
         data.extend_from_slice(&(export.len() as u32).to_be_bytes());
@@ -271,7 +292,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Handshake<'a, S> {
         for i in infos {
             data.extend_from_slice(&i.to_be_bytes());
         }
-        self.send_option(proto::OPT_GO, &data).await?;
+        self.send_option(option, &data).await?;
         let mut n = Negotiated {
             name: export.to_string(),
             description: None,
@@ -283,7 +304,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Handshake<'a, S> {
         };
         let mut have_export = false;
         for _ in 0..OPTION_REPLIES_MAX {
-            let (reply, data) = self.read_reply(proto::OPT_GO).await?;
+            let (reply, data) = self.read_reply(option).await?;
             match reply {
                 proto::REP_INFO => {
                     if data.len() < 2 {
@@ -324,16 +345,16 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> Handshake<'a, S> {
                 }
                 proto::REP_ACK => {
                     if !have_export {
-                        return Err(self.protocol("server accepted NBD_OPT_GO without sending NBD_INFO_EXPORT"));
+                        return Err(self.protocol(format!("server accepted {name} without sending NBD_INFO_EXPORT")));
                     }
                     return Ok(Some(n));
                 }
                 proto::REP_ERR_UNSUP => return Ok(None),
-                r if r & proto::REP_FLAG_ERROR != 0 => return Err(self.refused(proto::OPT_GO, export, r, &data)),
-                r => return Err(self.protocol(format!("unexpected {} to NBD_OPT_GO", reply_name(r)))),
+                r if r & proto::REP_FLAG_ERROR != 0 => return Err(self.refused(option, export, r, &data)),
+                r => return Err(self.protocol(format!("unexpected {} to {name}", reply_name(r)))),
             }
         }
-        Err(self.protocol("too many replies to NBD_OPT_GO"))
+        Err(self.protocol(format!("too many replies to {name}")))
     }
 
     /// `NBD_OPT_EXPORT_NAME`: the old way in; the server has no way to say

@@ -48,6 +48,24 @@ use crate::error::{check_range, IoError};
 use crate::proto::{self, limits};
 use crate::uri::{NbdUri, Transport};
 
+/// A credential a server asks for in the export name (a fencing
+/// `sanvol-target` wants a capability there). Presented only to servers
+/// whose export description (asked with `NBD_OPT_INFO` first) starts with
+/// `description_prefix`; other servers get the plain name.
+#[derive(Clone)]
+pub struct ExportCredential {
+    pub description_prefix: String,
+    /// The export name to ask for instead of the plain one (called per
+    /// connection, so it can be signed fresh).
+    pub export_name: Arc<dyn Fn(&str) -> String + Send + Sync>,
+}
+
+impl std::fmt::Debug for ExportCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportCredential").field("description_prefix", &self.description_prefix).finish()
+    }
+}
+
 /// How to connect.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -68,6 +86,8 @@ pub struct ClientOptions {
     pub structured_replies: bool,
     /// Metadata contexts to select for `block_status`.
     pub meta_contexts: Vec<String>,
+    /// A credential for servers that check one (see [`ExportCredential`]).
+    pub credential: Option<ExportCredential>,
 }
 
 impl Default for ClientOptions {
@@ -79,6 +99,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(30),
             structured_replies: true,
             meta_contexts: vec![MetaContext::BASE_ALLOCATION.to_string()],
+            credential: None,
         }
     }
 }
@@ -199,6 +220,26 @@ async fn negotiate_options<S: AsyncRead + AsyncWrite + Unpin>(
         return hs.export_name(export).await;
     }
     let structured = opts.structured_replies && hs.structured_replies().await?;
+    let credential_name;
+    let export = match &opts.credential {
+        Some(credential) => {
+            // A server that refuses the question (some refuse INFO but not
+            // GO) does not ask for a credential either.
+            let info = match hs.info(export).await {
+                Ok(info) => info,
+                Err(ClientError::Refused { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            let asks = info.and_then(|n| n.description).is_some_and(|d| d.starts_with(&credential.description_prefix));
+            if asks {
+                credential_name = (credential.export_name)(export);
+                credential_name.as_str()
+            } else {
+                export
+            }
+        }
+        None => export,
+    };
     let mut contexts = Vec::new();
     if structured && !opts.meta_contexts.is_empty() {
         contexts = hs.set_meta_contexts(export, &opts.meta_contexts).await?;

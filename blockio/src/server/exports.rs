@@ -51,6 +51,24 @@ pub trait ExportSource: Send + Sync + 'static {
     fn list(&self) -> Vec<(String, String)>;
     /// The export called `name`; `""` asks for the default export.
     fn lookup(&self, name: &str) -> Option<Export>;
+
+    /// What the handshake asks: the export called `name`, or why not. A
+    /// source that checks credentials carried in the name (a fencing
+    /// target's capability) says why it refused; the client gets
+    /// `NBD_REP_ERR_POLICY` with that message. Default: [`Self::lookup`].
+    fn open(&self, name: &str) -> Result<Export, ExportRefusal> {
+        self.lookup(name).ok_or(ExportRefusal::Unknown)
+    }
+}
+
+/// Why [`ExportSource::open`] refused a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExportRefusal {
+    /// No such export (`NBD_REP_ERR_UNKNOWN`).
+    Unknown,
+    /// The export exists but this client may not have it
+    /// (`NBD_REP_ERR_POLICY`), with a message for the operator.
+    Policy(String),
 }
 
 /// A fixed, mutable table of exports.

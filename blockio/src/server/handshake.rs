@@ -10,7 +10,7 @@
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
-use super::exports::{Export, ExportSource};
+use super::exports::{Export, ExportRefusal, ExportSource};
 use super::ServerError;
 use crate::device::MetaContext;
 use crate::proto::{self, limits};
@@ -121,6 +121,15 @@ fn push_error(out: &mut Vec<u8>, option: u32, reply_type: u32, message: &str) {
     push_reply(out, option, reply_type, &[message.as_bytes()]);
 }
 
+fn push_refusal(out: &mut Vec<u8>, option: u32, name: &str, refusal: ExportRefusal) {
+    match refusal {
+        ExportRefusal::Unknown => push_error(out, option, proto::REP_ERR_UNKNOWN, &format!("no export named {name:?}")),
+        ExportRefusal::Policy(message) => {
+            push_error(out, option, proto::REP_ERR_POLICY, truncate(&message, limits::STRING_BYTES_MAX))
+        }
+    }
+}
+
 /// Negotiation state carried between options.
 struct State<'a> {
     exports: &'a dyn ExportSource,
@@ -211,8 +220,10 @@ where
                     Ok(n) if n.len() <= limits::STRING_BYTES_MAX => n,
                     _ => return Err(ServerError::BadExportName),
                 };
-                let Some(export) = exports.lookup(name) else {
-                    return Err(ServerError::UnknownExport { name: name.to_string() });
+                let export = match exports.open(name) {
+                    Ok(export) => export,
+                    Err(ExportRefusal::Unknown) => return Err(ServerError::UnknownExport { name: name.to_string() }),
+                    Err(ExportRefusal::Policy(message)) => return Err(ServerError::ExportRefused { message }),
                 };
                 let negotiated = state.finish(name, export);
                 out.extend_from_slice(&negotiated.export.device.size().to_be_bytes());
@@ -323,9 +334,12 @@ impl State<'_> {
             push_error(out, option, proto::REP_ERR_INVALID, "malformed NBD_OPT_INFO/NBD_OPT_GO data");
             return None;
         };
-        let Some(export) = self.exports.lookup(name) else {
-            push_error(out, option, proto::REP_ERR_UNKNOWN, &format!("no export named {name:?}"));
-            return None;
+        let export = match self.exports.open(name) {
+            Ok(export) => export,
+            Err(refusal) => {
+                push_refusal(out, option, name, refusal);
+                return None;
+            }
         };
         let flags = transmission_flags(&export, self.structured);
         let mut info = Vec::with_capacity(12);
@@ -402,9 +416,9 @@ impl State<'_> {
             push_error(out, option, proto::REP_ERR_INVALID, "trailing bytes after metadata context queries");
             return;
         }
-        let Some(export) = self.exports.lookup(name) else {
-            push_error(out, option, proto::REP_ERR_UNKNOWN, &format!("no export named {name:?}"));
-            return;
+        let export = match self.exports.open(name) {
+            Ok(export) => export,
+            Err(refusal) => return push_refusal(out, option, name, refusal),
         };
         let mut available = vec![MetaContext::BASE_ALLOCATION.to_string()];
         for extra in export.device.meta_contexts() {

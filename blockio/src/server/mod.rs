@@ -36,7 +36,7 @@ mod handshake;
 mod reply;
 mod transmission;
 
-pub use exports::{Export, ExportSource, ExportTable};
+pub use exports::{Export, ExportRefusal, ExportSource, ExportTable};
 
 /// Read buffer per connection: big enough that small requests cost one
 /// `read` syscall per batch, small enough for thousands of connections.
@@ -107,6 +107,10 @@ pub enum ServerError {
     TooManyOptions { max: usize },
     #[error("NBD_OPT_EXPORT_NAME asked for {name:?}, which is not exported (the option cannot carry an error, so the connection is closed)")]
     UnknownExport { name: String },
+    #[error(
+        "NBD_OPT_EXPORT_NAME was refused: {message} (the option cannot carry an error, so the connection is closed)"
+    )]
+    ExportRefused { message: String },
     #[error("NBD_OPT_EXPORT_NAME carried an export name that is not valid UTF-8 or is longer than 4096 bytes")]
     BadExportName,
     #[error("the client asked for an export without TLS, which this server requires (the option cannot carry an error, so the connection is closed)")]

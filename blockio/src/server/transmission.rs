@@ -116,6 +116,8 @@ where
     let mut reading = true;
     let mut error = None;
     let mut stop = stop;
+    let mut revocation = conn.device.revoked();
+    let mut revoked = false;
     loop {
         tokio::select! {
             // Order matters: finish handlers, then read every request already
@@ -142,6 +144,11 @@ where
                 debug!("server shutting down: finishing in-flight requests");
                 reading = false;
             }
+            _ = stopped(&mut revocation), if reading => {
+                debug!("export revoked for this connection: finishing in-flight requests, then closing");
+                reading = false;
+                revoked = true;
+            }
             finished = &mut writer_task => {
                 // The writer only ends early when the socket failed.
                 return Err(match finished {
@@ -156,6 +163,11 @@ where
     }
     drop(handlers);
     drop(tx);
+    if revoked {
+        // Every request it sent has finished at the device; its replies are
+        // not waited for (a stopped client could hold the socket forever).
+        return Ok(());
+    }
     let written = writer_task.await;
     match error {
         Some(e) => Err(e),

@@ -37,9 +37,30 @@
 //!   the open with file and offset, and nothing is replayed), flushes them,
 //!   and starts a fresh log.
 //!
-//! Not here yet (issue 15): the mirror at the metadata server. Until it
-//! exists the log is the only copy of a cached write, so only this agent can
-//! replay it: the cache is not wired into attach.
+//! **Mirrored** ([`CachedDevice::open_mirrored`], issue 15): every batch is
+//! also sent to the metadata server's mirror of the volume's cache
+//! ([`CacheMirror`]), concurrently with the local append, and its writes
+//! are acknowledged once both are durable; if this agent dies, the server
+//! writes what its mirror holds to the devices before anyone opens the
+//! volume again. Destaged records are released at the mirror *before* their
+//! local log space (the local dirty map is then always a superset of the
+//! mirror), and mirrored caches never write around the log: the mirror
+//! holds every write in order, so its replay cannot put an older write over
+//! a newer one. When the mirror fails (the server is down or restarted),
+//! the cache switches to **write-through**: writes are still logged, but
+//! acknowledged only once destaged; a background task starts mirroring
+//! afresh ([`CacheMirror::open`]) every [`MIRROR_RETRY_MS`] until the server
+//! answers, and batches are mirrored again from then on. Known gap: if the
+//! agent dies while the server is down, after write-through writes that
+//! overlap writes still in the server's mirror, the server's replay at the
+//! next open puts the older mirrored data over them (this agent's own log
+//! replay, if it restarts, writes them again).
+//!
+//! Not yet wired into `sanvol-agent attach`: the process that serves a
+//! volume through a mirrored cache is `examples/cache_serve.rs --mds`
+//! (the tests' and `bench/cache.sh`'s peer). The agent's owner would open
+//! the cache when the server answers `MirrorOpen` with a setting, and
+//! destage it before a detach.
 //!
 //! TRIM, WRITE_ZEROES and BLOCK_STATUS first destage everything
 //! acknowledged before them (they must not overtake cached writes, and the
@@ -47,6 +68,7 @@
 
 pub mod dirty;
 mod log_file;
+pub mod mirror;
 #[cfg(test)]
 mod tests;
 
@@ -64,6 +86,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 use volume_format::cache_log::{LogAppender, ScanError};
+use volume_format::control::messages::MirrorRecord;
 use volume_format::VolumeId;
 
 use dirty::DirtyMap;
@@ -76,9 +99,14 @@ pub const LOG_BYTES_MIN: u64 = 8 << 20;
 pub const RECORD_CHUNK_BYTES: usize = 1 << 20;
 /// Writes appended with one write + one fdatasync, at most.
 pub const BATCH_WRITES_MAX: usize = 256;
-/// Bytes appended with one write + one fdatasync, at most (a batch stops
-/// taking writes once it has this much).
+/// Bytes appended with one write + one fdatasync, at most.
 pub const BATCH_BYTES_MAX: usize = 8 << 20;
+// A batch is one mirror append.
+const _: () = assert!(
+    BATCH_BYTES_MAX <= volume_format::control::messages::MIRROR_APPEND_BYTES_MAX
+        && BATCH_WRITES_MAX <= volume_format::control::messages::MIRROR_APPEND_RECORDS_MAX
+        && RECORD_CHUNK_BYTES <= BATCH_BYTES_MAX
+);
 /// Writes waiting to be appended, at most (senders wait for room).
 pub const WRITES_QUEUED_MAX: usize = 1024;
 /// Records written to the devices in one destage round, at most.
@@ -92,6 +120,43 @@ pub const WRITE_AROUND_BYTES_MIN: usize = 512 << 10;
 /// Back-off between attempts to destage a record the devices refused.
 pub const DESTAGE_RETRY_MIN_MS: u64 = 50;
 pub const DESTAGE_RETRY_MAX_MS: u64 = 5_000;
+/// Pause between attempts to start mirroring again after the mirror failed.
+pub const MIRROR_RETRY_MS: u64 = 1_000;
+
+/// The metadata server's mirror of this cache (issue 15), as the cache uses
+/// it: the agent implements it over its control connection.
+#[async_trait]
+pub trait CacheMirror: Send + Sync + 'static {
+    /// Starts mirroring afresh: the mirror drops what it held (everything
+    /// the cache logged before is on the devices, or not yet acknowledged).
+    async fn open(&self) -> Result<(), String>;
+    /// Appends a batch; returns once it is durable in the mirror.
+    async fn append(&self, records: Vec<MirrorRecord>) -> Result<(), String>;
+    /// Every record up to `upto_seq` is on the devices.
+    async fn release(&self, upto_seq: u64) -> Result<(), String>;
+}
+
+/// Whether a cache's writes are mirrored right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MirrorState {
+    /// No mirror (a cache only this agent can replay).
+    Local,
+    Mirrored,
+    /// The mirror failed: writes are acknowledged once on the devices.
+    WriteThrough {
+        why: String,
+    },
+}
+
+impl std::fmt::Display for MirrorState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MirrorState::Local => f.write_str("local"),
+            MirrorState::Mirrored => f.write_str("mirrored"),
+            MirrorState::WriteThrough { why } => write!(f, "write-through ({why})"),
+        }
+    }
+}
 
 /// Where a volume's cache log lives and how big it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,6 +195,15 @@ pub struct CacheStatus {
     pub records: usize,
 }
 
+/// [`CacheStatus`] with the mirror's state and the bytes destaged so far
+/// (a rate is two readings apart).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheReport {
+    pub status: CacheStatus,
+    pub mirror: MirrorState,
+    pub destaged_bytes: u64,
+}
+
 struct WriteReq {
     offset: u64,
     data: Bytes,
@@ -154,10 +228,15 @@ struct State {
     last_destaged_seq: u64,
     /// The log could not be written: later writes fail with this.
     failed: Option<String>,
+    mirror_state: MirrorState,
+    destaged_bytes: u64,
 }
 
 struct Shared {
     inner: Arc<dyn BlockDevice>,
+    mirror: Option<Arc<dyn CacheMirror>>,
+    /// Wakes the task that starts mirroring again.
+    mirror_failed: Notify,
     log: LogFile,
     state: Mutex<State>,
     space_freed: Notify,
@@ -212,6 +291,27 @@ impl CachedDevice {
         volume: VolumeId,
         config: &CacheConfig,
     ) -> Result<CachedDevice, CacheError> {
+        CachedDevice::open_with(inner, volume, config, None).await
+    }
+
+    /// [`CachedDevice::open`], every batch also mirrored at `mirror` (see
+    /// the module doc). Mirroring starts once the old log is replayed; if
+    /// the mirror cannot be reached the cache starts write-through.
+    pub async fn open_mirrored(
+        inner: Arc<dyn BlockDevice>,
+        volume: VolumeId,
+        config: &CacheConfig,
+        mirror: Arc<dyn CacheMirror>,
+    ) -> Result<CachedDevice, CacheError> {
+        CachedDevice::open_with(inner, volume, config, Some(mirror)).await
+    }
+
+    async fn open_with(
+        inner: Arc<dyn BlockDevice>,
+        volume: VolumeId,
+        config: &CacheConfig,
+        mirror: Option<Arc<dyn CacheMirror>>,
+    ) -> Result<CachedDevice, CacheError> {
         let path = config.log_path.display().to_string();
         if config.log_bytes < LOG_BYTES_MIN {
             return Err(CacheError::TooSmall { path, log_bytes: config.log_bytes });
@@ -221,8 +321,20 @@ impl CachedDevice {
         let (log, replayed_records) = if existed { replay(log, &inner, volume).await? } else { (log, 0) };
         let log_bytes = config.log_bytes;
         let (log, appender) = blocking(move || log.create(volume, log_bytes).map(|appender| (log, appender))).await?;
+        let mirror_state = match &mirror {
+            None => MirrorState::Local,
+            Some(m) => match m.open().await {
+                Ok(()) => MirrorState::Mirrored,
+                Err(why) => {
+                    warn!(%why, "cannot start mirroring the cache; write-through until the mirror answers");
+                    MirrorState::WriteThrough { why }
+                }
+            },
+        };
         let shared = Arc::new(Shared {
             inner,
+            mirror,
+            mirror_failed: Notify::new(),
             log,
             state: Mutex::new(State {
                 appender,
@@ -231,6 +343,8 @@ impl CachedDevice {
                 in_flight: None,
                 last_destaged_seq: 0,
                 failed: None,
+                mirror_state,
+                destaged_bytes: 0,
             }),
             space_freed: Notify::new(),
             work: Notify::new(),
@@ -238,7 +352,10 @@ impl CachedDevice {
             inner_unflushed: AtomicBool::new(false),
         });
         let (writes, rx) = mpsc::channel(WRITES_QUEUED_MAX);
-        let tasks = vec![tokio::spawn(append_loop(shared.clone(), rx)), tokio::spawn(destage_loop(shared.clone()))];
+        let mut tasks = vec![tokio::spawn(append_loop(shared.clone(), rx)), tokio::spawn(destage_loop(shared.clone()))];
+        if shared.mirror.is_some() {
+            tasks.push(tokio::spawn(remirror_loop(shared.clone())));
+        }
         Ok(CachedDevice { shared, replayed_records, writes, tasks })
     }
 
@@ -255,6 +372,13 @@ impl CachedDevice {
             log_capacity_bytes: state.appender.ring().capacity_bytes(),
             records: state.queue.len(),
         }
+    }
+
+    /// The status with the mirror's state and the bytes destaged so far.
+    pub fn report(&self) -> CacheReport {
+        let status = self.status();
+        let state = self.shared.lock();
+        CacheReport { status, mirror: state.mirror_state.clone(), destaged_bytes: state.destaged_bytes }
     }
 
     /// Waits until every write acknowledged before the call is on the
@@ -346,7 +470,9 @@ async fn append_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<WriteReq>) {
             let mut taken = 0;
             let mut batch_bytes = 0;
             for write in pending.iter().take(BATCH_WRITES_MAX) {
-                if batch_bytes >= BATCH_BYTES_MAX || !state.appender.push(&mut batch, write.offset, &write.data) {
+                // At most BATCH_BYTES_MAX (what one mirror append may carry).
+                let full = taken > 0 && batch_bytes + write.data.len() > BATCH_BYTES_MAX;
+                if full || !state.appender.push(&mut batch, write.offset, &write.data) {
                     break;
                 }
                 batch_bytes += write.data.len();
@@ -363,8 +489,27 @@ async fn append_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<WriteReq>) {
             continue;
         }
         let taken: Vec<WriteReq> = pending.drain(..taken).collect();
+        let mirror = match (&shared.mirror, &shared.lock().mirror_state) {
+            (Some(mirror), MirrorState::Mirrored) => Some(mirror.clone()),
+            _ => None,
+        };
+        let last_seq = batch.records.last().map_or(0, |r| r.seq);
+        let records: Option<Vec<MirrorRecord>> = mirror.as_ref().map(|_| {
+            batch
+                .records
+                .iter()
+                .zip(&taken)
+                .map(|(r, w)| MirrorRecord { seq: r.seq, offset: w.offset, data: w.data.to_vec() })
+                .collect()
+        });
+        // The local append and the mirror's, concurrently: one round trip.
+        let mirrored = async {
+            let (mirror, records) = (mirror?, records?);
+            Some(mirror.append(records).await)
+        };
         let writer = shared.clone();
-        let written = blocking(move || writer.log.append(&batch).map(|()| batch)).await;
+        let local = blocking(move || writer.log.append(&batch).map(|()| batch));
+        let (written, mirrored) = futures::join!(local, mirrored);
         match written {
             Ok(batch) => {
                 {
@@ -381,8 +526,15 @@ async fn append_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<WriteReq>) {
                     state.in_flight = None;
                 }
                 shared.work.notify_one();
-                for write in taken {
-                    let _ = write.done.send(Ok(()));
+                match mirrored {
+                    // Durable here and in the mirror, or no mirror at all.
+                    Some(Ok(())) => ack(taken),
+                    None if shared.mirror.is_none() => ack(taken),
+                    Some(Err(why)) => {
+                        mirror_failed(&shared, why);
+                        ack_when_destaged(&shared, taken, last_seq);
+                    }
+                    None => ack_when_destaged(&shared, taken, last_seq),
                 }
             }
             Err(e) => {
@@ -397,6 +549,72 @@ async fn append_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<WriteReq>) {
                     let _ = write.done.send(Err(IoError::io(reason.clone())));
                 }
             }
+        }
+    }
+}
+
+fn ack(taken: Vec<WriteReq>) {
+    for write in taken {
+        let _ = write.done.send(Ok(()));
+    }
+}
+
+/// Write-through: acknowledges `taken` once the devices have everything
+/// up to `last_seq` (without holding up the next batch).
+fn ack_when_destaged(shared: &Arc<Shared>, taken: Vec<WriteReq>, last_seq: u64) {
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        wait_destaged(&shared, last_seq).await;
+        ack(taken);
+    });
+}
+
+async fn wait_destaged(shared: &Shared, seq: u64) {
+    loop {
+        let notified = shared.destaged.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if shared.lock().last_destaged_seq >= seq {
+            return;
+        }
+        notified.await;
+    }
+}
+
+/// The mirror failed: write-through until it is started again.
+fn mirror_failed(shared: &Shared, why: String) {
+    let mut state = shared.lock();
+    if state.mirror_state == MirrorState::Mirrored {
+        warn!(%why, "the cache mirror failed; writes are acknowledged once on the devices until it answers again");
+        state.mirror_state = MirrorState::WriteThrough { why };
+        shared.mirror_failed.notify_one();
+    }
+}
+
+/// Starts mirroring again after a failure, every [`MIRROR_RETRY_MS`] until
+/// the mirror answers (see the module doc).
+async fn remirror_loop(shared: Arc<Shared>) {
+    let Some(mirror) = shared.mirror.clone() else { return };
+    loop {
+        let failed = matches!(shared.lock().mirror_state, MirrorState::WriteThrough { .. });
+        if !failed {
+            shared.mirror_failed.notified().await;
+            continue;
+        }
+        tokio::time::sleep(Duration::from_millis(MIRROR_RETRY_MS)).await;
+        // Starting afresh drops the mirror's copies: first every write it
+        // acknowledged must be on the devices (later ones are acknowledged
+        // only once they are).
+        let target = shared.lock().queue.back().map(|q| q.seq);
+        if let Some(target) = target {
+            wait_destaged(&shared, target).await;
+        }
+        match mirror.open().await {
+            Ok(()) => {
+                info!("the cache mirror answers again; writes are mirrored from now on");
+                shared.lock().mirror_state = MirrorState::Mirrored;
+            }
+            Err(why) => shared.lock().mirror_state = MirrorState::WriteThrough { why },
         }
     }
 }
@@ -438,6 +656,17 @@ async fn destage_loop(shared: Arc<Shared>) {
             continue;
         }
         retry_ms = DESTAGE_RETRY_MIN_MS;
+        // The mirror lets go first: what it still holds is always still in
+        // the local log and the dirty map (see the module doc).
+        if let Some(mirror) = &shared.mirror {
+            let mirroring = shared.lock().mirror_state == MirrorState::Mirrored;
+            if mirroring {
+                let upto = round.last().expect("a round is not empty").seq;
+                if let Err(why) = mirror.release(upto).await {
+                    mirror_failed(&shared, why);
+                }
+            }
+        }
         // The round stays in the queue and the dirty map until its log space
         // is released: a record still in the log would be replayed over
         // anything written around it (see `State::logged`).
@@ -468,6 +697,7 @@ async fn destage_loop(shared: Arc<Shared>) {
             }
             state.appender.released(superblock.tail_pos);
             state.last_destaged_seq = round.last().expect("a round is not empty").seq;
+            state.destaged_bytes += round.iter().map(|r| r.data.len() as u64).sum::<u64>();
         }
         shared.space_freed.notify_one();
         shared.destaged.notify_waiters();
@@ -526,7 +756,11 @@ impl BlockDevice for CachedDevice {
         if self.is_read_only() {
             return self.shared.inner.write(offset, data, _fua).await;
         }
-        if data.len() >= WRITE_AROUND_BYTES_MIN && !self.shared.lock().logged(offset, data.len() as u64) {
+        // Never around a mirrored cache: see the module doc.
+        if self.shared.mirror.is_none()
+            && data.len() >= WRITE_AROUND_BYTES_MIN
+            && !self.shared.lock().logged(offset, data.len() as u64)
+        {
             // See WRITE_AROUND_BYTES_MIN. Why only when no record overlaps:
             // an older record destaged (or replayed) after this write would
             // put old bytes over it.

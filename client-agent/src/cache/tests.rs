@@ -11,6 +11,7 @@ use blockio::memory::MemoryDevice;
 use blockio::{BlockDevice, IoError, ZeroFlags};
 use bytes::Bytes;
 use tokio::sync::watch;
+use volume_format::control::messages::MirrorRecord;
 use volume_format::VolumeId;
 
 use super::*;
@@ -340,4 +341,141 @@ async fn random_writes_reads_and_crashes_keep_every_acknowledged_write() {
         let image = s.memory.read(0, SPAN_BYTES as u32).await.unwrap();
         assert!(image[..] == model[..], "seed {seed}: after the final destage");
     }
+}
+
+/// A mirror in memory (the server's worker is tested with the server): it
+/// keeps what it is sent in order, drops released records, and can be made
+/// to hold appends or fail every call.
+#[derive(Default)]
+struct MemoryMirror {
+    held: std::sync::Mutex<Vec<MirrorRecord>>,
+    opens: AtomicU64,
+    down: std::sync::atomic::AtomicBool,
+    hold_appends: std::sync::Mutex<Option<watch::Receiver<bool>>>,
+    /// Told when an append arrives.
+    appending: tokio::sync::Notify,
+}
+
+impl MemoryMirror {
+    fn check(&self) -> Result<(), String> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err("the metadata server is unreachable".into());
+        }
+        Ok(())
+    }
+
+    /// The image the server's replay would write: `base` with every held
+    /// record applied in order.
+    fn replayed(&self, base: &[u8]) -> Vec<u8> {
+        let mut image = base.to_vec();
+        for r in self.held.lock().unwrap().iter() {
+            image[r.offset as usize..r.offset as usize + r.data.len()].copy_from_slice(&r.data);
+        }
+        image
+    }
+}
+
+#[async_trait]
+impl CacheMirror for MemoryMirror {
+    async fn open(&self) -> Result<(), String> {
+        self.check()?;
+        self.opens.fetch_add(1, Ordering::SeqCst);
+        self.held.lock().unwrap().clear();
+        Ok(())
+    }
+    async fn append(&self, records: Vec<MirrorRecord>) -> Result<(), String> {
+        self.appending.notify_one();
+        let hold = self.hold_appends.lock().unwrap().clone();
+        if let Some(mut hold) = hold {
+            let _ = hold.wait_for(|held| !*held).await;
+        }
+        self.check()?;
+        let mut held = self.held.lock().unwrap();
+        assert!(records.windows(2).all(|w| w[0].seq < w[1].seq));
+        assert!(held.last().is_none_or(|last| last.seq < records[0].seq), "records reach the mirror in order");
+        held.extend(records);
+        Ok(())
+    }
+    async fn release(&self, upto_seq: u64) -> Result<(), String> {
+        self.check()?;
+        self.held.lock().unwrap().retain(|r| r.seq > upto_seq);
+        Ok(())
+    }
+}
+
+impl Setup {
+    async fn open_mirrored(&self, mirror: &Arc<MemoryMirror>) -> CachedDevice {
+        CachedDevice::open_mirrored(self.device.clone(), VolumeId(1), &self.config, mirror.clone()).await.unwrap()
+    }
+}
+
+#[tokio::test]
+async fn a_mirrored_write_is_acknowledged_once_the_mirror_has_it_and_released_after_destage() {
+    let s = setup(LOG_BYTES_MIN, true);
+    let mirror = Arc::new(MemoryMirror::default());
+    let (hold_mirror, held) = watch::channel(true);
+    *mirror.hold_appends.lock().unwrap() = Some(held);
+    let cache = Arc::new(s.open_mirrored(&mirror).await);
+    assert_eq!(cache.report().mirror, MirrorState::Mirrored);
+    assert_eq!(mirror.opens.load(Ordering::SeqCst), 1, "mirroring starts afresh at open");
+    let write = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.write(4096, Bytes::from(vec![7u8; 8192]), false).await })
+    };
+    // Sent to the mirror, which holds it: not acknowledged.
+    mirror.appending.notified().await;
+    tokio::task::yield_now().await;
+    assert!(!write.is_finished(), "acknowledged before the mirror had it");
+    hold_mirror.send(false).unwrap();
+    write.await.unwrap().unwrap();
+    // Large writes are logged and mirrored too (never written around).
+    let all = writes(30, 5);
+    for (offset, data) in &all {
+        cache.write(*offset, Bytes::from(data.clone()), false).await.unwrap();
+    }
+    const BIG_AT: u64 = 1 << 20;
+    cache.write(BIG_AT, Bytes::from(vec![9u8; WRITE_AROUND_BYTES_MIN]), false).await.unwrap();
+    assert_eq!(s.device.writes.load(Ordering::SeqCst), 0, "the device is held: everything is in the cache");
+    let mut model_all = vec![0u8; BIG_AT as usize + WRITE_AROUND_BYTES_MIN];
+    model_all[4096..4096 + 8192].fill(7);
+    for (offset, data) in &all {
+        model_all[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+    }
+    model_all[BIG_AT as usize..].fill(9);
+    assert_eq!(mirror.replayed(&vec![0u8; model_all.len()]), model_all, "the mirror alone restores every write");
+    s.hold.send(false).unwrap();
+    cache.destage_all().await;
+    assert!(mirror.held.lock().unwrap().is_empty(), "destaged records are released at the mirror");
+}
+
+#[tokio::test]
+async fn a_failed_mirror_means_write_through_until_it_answers_again() {
+    let s = setup(LOG_BYTES_MIN, true);
+    let mirror = Arc::new(MemoryMirror::default());
+    let cache = Arc::new(s.open_mirrored(&mirror).await);
+    cache.write(0, Bytes::from(vec![1u8; 4096]), false).await.unwrap();
+    mirror.down.store(true, Ordering::SeqCst);
+    let write = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.write(8192, Bytes::from(vec![2u8; 4096]), false).await })
+    };
+    while !matches!(cache.report().mirror, MirrorState::WriteThrough { .. }) {
+        tokio::task::yield_now().await;
+    }
+    assert!(!write.is_finished(), "without the mirror a write waits for the devices");
+    s.hold.send(false).unwrap();
+    write.await.unwrap().unwrap();
+    assert_eq!(s.memory.read(8192, 4096).await.unwrap(), vec![2u8; 4096], "on the device when acknowledged");
+    // The mirror comes back: once everything it acknowledged is on the
+    // devices, mirroring starts afresh.
+    mirror.down.store(false, Ordering::SeqCst);
+    while cache.report().mirror != MirrorState::Mirrored {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(mirror.opens.load(Ordering::SeqCst), 2);
+    s.hold.send(true).unwrap();
+    cache.write(16384, Bytes::from(vec![3u8; 4096]), false).await.unwrap();
+    assert_eq!(mirror.held.lock().unwrap().len(), 1, "mirrored again");
+    s.hold.send(false).unwrap();
+    cache.destage_all().await;
 }

@@ -113,20 +113,32 @@ fn print_json<T: Serialize>(value: &T) -> Result<()> {
     Ok(())
 }
 
-pub async fn pool_init(
-    conn: &ConnArgs,
-    devices: Vec<String>,
-    admin_key: String,
-    admin_name: String,
-    name: String,
-    extent_bytes: u64,
-    force: bool,
-) -> Result<()> {
+/// What `sanvol pool init` was given.
+pub struct PoolInitArgs {
+    pub devices: Vec<String>,
+    pub admin_key: String,
+    pub admin_name: String,
+    pub name: String,
+    pub extent_bytes: u64,
+    pub force: bool,
+    pub server_signing_key: Option<std::path::PathBuf>,
+}
+
+pub async fn pool_init(conn: &ConnArgs, args: PoolInitArgs) -> Result<()> {
+    let PoolInitArgs { devices, admin_key, admin_name, name, extent_bytes, force, server_signing_key } = args;
     let server_key = conn
         .server_key
         .as_deref()
         .ok_or_else(|| anyhow!("pool init needs --server-key PUB: the public key sanvol-mds will run with"))?;
     let (server_key, _) = super::public_key_arg(server_key)?;
+    if let Some(path) = &server_signing_key {
+        let key = control_client::keys::load_private(path)?;
+        if key.verifying_key().to_bytes() != server_key {
+            bail!("{} is not the private key of --server-key; give the pair sanvol-mds will run with", path.display());
+        }
+        // Devices served by sanvol-target let in only the server's capability.
+        crate::targets::install(std::sync::Arc::new(key));
+    }
     let (admin_key, _) = super::public_key_arg(&admin_key)?;
     let uris = devices
         .iter()
@@ -421,6 +433,16 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
                 .await
                 .with_context(|| format!("growing volume {name}"))?;
             println!("volume {name} is now {}", format_size(size));
+        }
+        Command::Volume(VolumeCommand::Cache { name, size, mode }) => {
+            let mode = crate::server::cache::parse_cache_mode(&mode).map_err(anyhow::Error::msg)?;
+            request(client, Request::VolumeCache { name: name.clone(), size_bytes: size, mode })
+                .await
+                .with_context(|| format!("setting the cache of volume {name}"))?;
+            match mode {
+                Some(mode) => println!("volume {name}: {mode} write-back cache of {}", format_size(size)),
+                None => println!("volume {name}: no cache"),
+            }
         }
         Command::Client(ClientCommand::List { json }) => {
             let Response::Clients(clients) = request(client, Request::ClientList).await? else {

@@ -152,6 +152,12 @@ pub enum PoolCommand {
         /// Overwrite devices that carry something.
         #[arg(long)]
         force: bool,
+        /// The private key sanvol-mds will run with (the pair of
+        /// --server-key): needed only when devices are served by
+        /// sanvol-target, which lets in only connections with a capability
+        /// signed by it.
+        #[arg(long, value_name = "FILE")]
+        server_signing_key: Option<std::path::PathBuf>,
     },
     /// Pool summary: name, generation, capacity, free space.
     Status {
@@ -294,6 +300,24 @@ pub enum VolumeCommand {
         #[arg(value_parser = size::parse_size)]
         size: u64,
     },
+    /// Give a volume a write-back cache, or turn it off: its holder
+    /// acknowledges a write once it is in its local cache log and in the
+    /// metadata server's mirror of it. Only while the volume is closed.
+    ///
+    /// Not used by `sanvol-agent attach` yet: the agent attaches a cached
+    /// volume without a cache (every write goes to the devices). What
+    /// exists is the server's mirror (replayed to the devices before the
+    /// next open) and the cache in client-agent's `cache_serve` example;
+    /// see docs/operations.md, "Write-back caches".
+    Cache {
+        name: String,
+        /// Size of the holder's cache log and of the server's mirror, e.g. 1G.
+        #[arg(long, value_parser = size::parse_size, default_value = "1G")]
+        size: u64,
+        /// `mirrored` (write-back, mirrored at the metadata server) or `off`.
+        #[arg(long, default_value = "mirrored")]
+        mode: String,
+    },
     /// Add or remove a mirror leg (recall, copy, commit, publish).
     #[command(subcommand)]
     Mirror(MirrorCommand),
@@ -393,8 +417,25 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!("{}", control_client::keys::format_public(&public, &comment));
             Ok(())
         }
-        Command::Pool(PoolCommand::Init { devices, admin_key, admin_name, name, extent_size, force }) => {
-            admin::pool_init(&cli.conn, devices, admin_key, admin_name, name, extent_size, force).await
+        Command::Pool(PoolCommand::Init {
+            devices,
+            admin_key,
+            admin_name,
+            name,
+            extent_size,
+            force,
+            server_signing_key,
+        }) => {
+            let options = admin::PoolInitArgs {
+                devices,
+                admin_key,
+                admin_name,
+                name,
+                extent_bytes: extent_size,
+                force,
+                server_signing_key,
+            };
+            admin::pool_init(&cli.conn, options).await
         }
         Command::Demo(args) => demo::run(args).await,
         Command::Generate(what) => ops::docs::generate(<Cli as clap::CommandFactory>::command(), &what),

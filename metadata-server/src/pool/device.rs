@@ -39,7 +39,11 @@ pub struct PoolDevice {
 }
 
 pub fn client_options() -> ClientOptions {
-    ClientOptions { connect_timeout: CONNECT_TIMEOUT, request_timeout: Some(REQUEST_TIMEOUT), ..Default::default() }
+    crate::targets::with_server_credential(ClientOptions {
+        connect_timeout: CONNECT_TIMEOUT,
+        request_timeout: Some(REQUEST_TIMEOUT),
+        ..Default::default()
+    })
 }
 
 impl PoolDevice {

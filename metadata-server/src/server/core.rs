@@ -214,6 +214,13 @@ pub enum Effect {
     Stop {
         why: String,
     },
+    /// Pass `op` to `volume`'s cache mirror ([`crate::mirror`]); the mirror
+    /// answers `reply` itself.
+    Mirror {
+        volume: VolumeId,
+        op: crate::mirror::MirrorOp,
+        reply: ReplyId,
+    },
 }
 
 /// A reconfiguration of one volume's layout: committed at a recall point
@@ -407,6 +414,11 @@ pub enum AfterJob {
     Probed { device: volume_format::DeviceIndex },
     /// A device was labelled for `device add` (`reconfig`).
     Labelled,
+    /// Expired handles were fenced on the fencing devices: release them.
+    ExpireFenced { expired: Vec<u64> },
+    /// The handles an open breaks were fenced on the fencing devices:
+    /// commit the open.
+    OpenFenced { changes: Vec<MetaChange>, open: Box<super::requests::OpenCommit> },
     /// A grow's new extents were zeroed before its holders are recalled.
     Prezeroed {
         extents: Vec<volume_format::metadata::PhysicalExtent>,
@@ -414,6 +426,9 @@ pub enum AfterJob {
         change: VolumeChange,
         reply: ReplyId,
     },
+    /// A cached volume's mirror was replayed to its devices: continue the
+    /// request that needed it (`crate::mirror`).
+    MirrorReplayed { volume: VolumeId, next: super::cache::AfterReplay },
     /// The regions a gone holder left dirty were copied: open (`intents`).
     OrphansResynced(super::intents::OrphansResync),
     /// A resumed handle's dirty regions were copied: forget them.
@@ -530,6 +545,10 @@ pub struct Core {
     lease_lost_in_handoff: Option<String>,
     /// Volumes with a job in flight, and what waits for it.
     pub(super) busy: BTreeMap<VolumeId, Busy>,
+    /// Cached volumes whose mirror was replayed (or found empty) since
+    /// their last holder mirrored: opens need not replay it again
+    /// (`crate::mirror`).
+    pub(super) mirror_replayed: BTreeSet<VolumeId>,
     /// Jobs in flight and how their changes continue.
     jobs: BTreeMap<TaskId, AfterJob>,
     /// Free extents zeroed since they were last allocated (`zeroing`).
@@ -605,6 +624,7 @@ impl Core {
             not_active: None,
             lease_lost_in_handoff: None,
             busy: BTreeMap::new(),
+            mirror_replayed: BTreeSet::new(),
             jobs: BTreeMap::new(),
             zeroed: BTreeSet::new(),
             zeroing: false,
@@ -770,6 +790,10 @@ impl Core {
                 return self.reply(reply, Err(ControlError::new(ErrorCode::Unavailable, msg)));
             }
         }
+        let request = match self.mirror_request(session, request, reply) {
+            Ok(()) => return,
+            Err(request) => request,
+        };
         if let Some(result) = self.read(session, &request) {
             return self.reply(reply, result);
         }
@@ -789,7 +813,8 @@ impl Core {
         let in_flight = self
             .in_flight
             .as_ref()
-            .is_some_and(|f| f.batch.parts.iter().any(|(_, then)| matches!(then, AfterCommit::Expire { .. })));
+            .is_some_and(|f| f.batch.parts.iter().any(|(_, then)| matches!(then, AfterCommit::Expire { .. })))
+            || self.jobs.values().any(|then| matches!(then, AfterJob::ExpireFenced { .. }));
         if !expired.is_empty() && !queued && !in_flight {
             self.queue.push_back(Change::Expire);
         }
@@ -850,7 +875,10 @@ impl Core {
                 let why = if failures.is_empty() { e.to_string() } else { failures.join("; ") };
                 warn!(seq, "metadata commit failed: {why}; answered once a later commit supersedes it");
                 let batch = self.revert_batch(batch);
-                self.unsettled.push((batch, why));
+                let held = self.answer_plain_refusals(batch, &why);
+                if !held.parts.is_empty() {
+                    self.unsettled.push((held, why));
+                }
                 self.supersede_due = true;
             }
         }
@@ -876,6 +904,40 @@ impl Core {
         kept.reverse();
         meta.generation = self.journal.acked_seq();
         Batch { parts: kept, deferred, changes }
+    }
+
+    /// Answers at once the parts of a failed, reverted batch whose answer
+    /// is only a reply (an admin's change, a registration's refusal): the
+    /// requester is told the outcome is unknown until this server's next
+    /// commit, which voids it. Keeps back the parts whose failure would let
+    /// a holder go on with the old state (recalls, opens, closes,
+    /// releases…): they are answered once a later commit overwrote the
+    /// refused one (`unsettled`). Answers computed from the batch's state
+    /// are refused now.
+    fn answer_plain_refusals(&mut self, batch: Batch, why: &str) -> Batch {
+        let Batch { parts, deferred, changes } = batch;
+        let e = ControlError::new(
+            ErrorCode::CommitFailed,
+            format!(
+                "{why}; the change was not made, unless a metadata copy took it before the failure: this \
+                 server's next commit voids it; if this server stops first, its successor may load it — check \
+                 (e.g. `sanvol volume list`) before retrying"
+            ),
+        );
+        let mut held = Vec::new();
+        for (undos, then) in parts {
+            match then {
+                AfterCommit::Reply { .. } | AfterCommit::Respond { .. } | AfterCommit::Refuse { .. } => {
+                    self.finish_commit(then, Err(e.clone()))
+                }
+                then => held.push((undos, then)),
+            }
+        }
+        for (reply, _) in deferred {
+            let retry = "the metadata commit this answer depended on failed; retry";
+            self.reply(reply, Err(ControlError::new(ErrorCode::Unavailable, retry)));
+        }
+        Batch { parts: held, deferred: Vec::new(), changes }
     }
 
     /// Fails a reverted batch's requests: nothing of it happened.
@@ -1024,6 +1086,10 @@ impl Core {
         }
     }
 
+    pub(super) fn push_effect(&mut self, effect: Effect) {
+        self.effects.push(effect);
+    }
+
     fn next_task(&mut self) -> TaskId {
         let t = self.next_task;
         self.next_task += 1;
@@ -1086,6 +1152,8 @@ impl Core {
             match job {
                 AfterJob::Merged { finish: MergeFinish::Recall { excluded, .. }, .. } => ids.extend(excluded),
                 AfterJob::Zeroed { then, .. } => of(then, &mut ids),
+                AfterJob::OpenFenced { open, .. } => ids.extend(open.broken.iter().map(|h| h.id)),
+                AfterJob::ExpireFenced { expired } => ids.extend(expired),
                 _ => {}
             }
         }

@@ -130,7 +130,9 @@ impl World {
     fn apply(&mut self, input: Input) -> Vec<Effect> {
         let mut effects = self.core.apply(self.now, input);
         while self.auto_zero {
-            let Some(at) = effects.iter().position(|e| matches!(e, Effect::Job { job: Job::Zero { .. }, .. })) else {
+            let Some(at) =
+                effects.iter().position(|e| matches!(e, Effect::Job { job: Job::Zero { .. } | Job::Fence { .. }, .. }))
+            else {
                 break;
             };
             let Effect::Job { task, .. } = effects.remove(at) else { unreachable!() };
@@ -247,6 +249,25 @@ fn a_failed_commit_changes_nothing_and_undoes_the_reservation() {
     let (task, write) = commit_of(&effects).expect("the open commits after the supersede");
     let effects = w.apply(committed(task, write));
     assert!(matches!(reply_of(&effects, open2), Some(Ok(Response::Opened(_)))));
+}
+
+/// A change whose answer is only a reply (no holder acts on it) is refused
+/// at once, saying the outcome is open until the next commit.
+#[test]
+fn an_admin_change_whose_commit_failed_is_answered_at_once_as_unsettled() {
+    let mut w = World::new();
+    let (delete, effects) = w.request(9, Request::VolumeDelete { name: "v".into() });
+    let (task, write) = commit_of(&effects).expect("the delete commits");
+    let effects = w.apply(failed(task, write));
+    match reply_of(&effects, delete) {
+        Some(Err(e)) => {
+            assert_eq!(e.code, ErrorCode::CommitFailed, "{e}");
+            assert!(e.message.contains("next commit voids it"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(w.core.meta.volume_by_name("v").is_some(), "the delete is taken back");
+    assert!(commit_of(&effects).is_some(), "an empty commit supersedes the refused one");
 }
 
 /// A failed supersede keeps the refusal unanswered: the server may still
@@ -1310,4 +1331,88 @@ fn own_pre_image_copies_are_refused_while_a_volume_has_two_writers() {
     // The server's copy of a chunk registered already: nothing to copy.
     let copy = Request::CowCopy { handle: bh.handle, snapshot, chunks: vec![1] };
     assert!(matches!(committed_request(&mut w, 7, copy), Ok(Response::CowRegistered { new: 0 })));
+}
+
+/// Real fencing at the core (issue 14): an open that breaks a handle first
+/// has the broken holder fenced on the pool's fencing devices (a job), and
+/// commits only once that is done; if it fails, the old holder keeps the
+/// volume and the open is refused saying why.
+#[test]
+fn an_open_that_breaks_a_handle_commits_only_after_the_holder_is_fenced() {
+    let mut w = World::with_durable(2 * LEASE_MS);
+    w.auto_zero = false;
+    let (open, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    let first = match reply_of(&effects, open) {
+        Some(Ok(Response::Opened(o))) => o.handle,
+        other => panic!("{other:?}"),
+    };
+    // The holder goes silent past its lease and durable timeout.
+    w.advance(3 * LEASE_MS + 1);
+    let fence_job = |effects: &[Effect]| {
+        effects.iter().find_map(|e| match e {
+            Effect::Job { task, job: Job::Fence { handles, uris, .. } } => Some((*task, handles.clone(), uris.len())),
+            _ => None,
+        })
+    };
+    let (open, effects) = w.request(2, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, handles, devices) = fence_job(&effects).expect("the broken holder is fenced first");
+    assert_eq!((handles, devices), (vec![first], w.core.meta.devices.len()));
+    assert!(commit_of(&effects).is_none() && reply_of(&effects, open).is_none(), "nothing before the fence");
+
+    // A fence that fails: refused, the old holder keeps its handle.
+    let effects = w.apply(Input::JobDone { task, outcome: JobOutcome::failed("device d0: no acknowledgement") });
+    match reply_of(&effects, open) {
+        Some(Err(e)) => {
+            assert_eq!(e.code, ErrorCode::Unavailable, "{e}");
+            assert!(e.message.contains("no acknowledgement"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(w.core.handles.get(first.0).is_some(), "the old handle is restored");
+
+    // Fenced: the open commits and the new holder gets the volume.
+    let (open, effects) = w.request(2, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, _, _) = fence_job(&effects).expect("fenced again");
+    let effects = w.apply(Input::JobDone { task, outcome: JobOutcome::done() });
+    let (task, next) = commit_of(&effects).expect("the open commits after the fence");
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(reply_of(&effects, open), Some(Ok(Response::Opened(_)))));
+}
+
+/// A handle released at lease expiry is fenced on the fencing devices
+/// first; while that fails, it is not released (retried at the next tick).
+#[test]
+fn an_expired_handle_is_released_only_after_it_is_fenced() {
+    let mut w = World::new();
+    w.auto_zero = false;
+    let (open, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    let held = match reply_of(&effects, open) {
+        Some(Ok(Response::Opened(o))) => o.handle,
+        other => panic!("{other:?}"),
+    };
+    let fence_job = |effects: &[Effect]| {
+        effects.iter().find_map(|e| match e {
+            Effect::Job { task, job: Job::Fence { handles, .. } } => Some((*task, handles.clone())),
+            _ => None,
+        })
+    };
+    w.advance(LEASE_MS + 1);
+    let effects = w.apply(Input::Tick);
+    let (task, handles) = fence_job(&effects).expect("fenced before it is released");
+    assert_eq!(handles, vec![held]);
+    assert!(commit_of(&effects).is_none());
+    assert!(fence_job(&w.apply(Input::Tick)).is_none(), "one fence at a time");
+    let effects = w.apply(Input::JobDone { task, outcome: JobOutcome::failed("device d0: no acknowledgement") });
+    assert!(commit_of(&effects).is_none(), "not released while it may still write");
+    assert!(w.core.handles.get(held.0).is_some());
+    let effects = w.apply(Input::Tick);
+    let (task, _) = fence_job(&effects).expect("retried at the next tick");
+    let effects = w.apply(Input::JobDone { task, outcome: JobOutcome::done() });
+    let (task, next) = commit_of(&effects).expect("released once fenced");
+    w.apply(committed(task, next));
+    assert!(w.core.handles.get(held.0).is_none());
 }

@@ -65,6 +65,8 @@ pub struct OrphansResync {
     pub reply: ReplyId,
     /// The handles whose dirty sets were copied.
     pub handles: Vec<HandleId>,
+    /// Handles the open broke before (a cache replay, `cache`).
+    pub carried: Vec<crate::handles::Handle>,
 }
 
 impl Core {
@@ -256,6 +258,7 @@ impl Core {
         name: &str,
         mode: OpenMode,
         reply: ReplyId,
+        carried: &[crate::handles::Handle],
     ) -> Option<Step> {
         let orphans = self.orphaned_dirty(volume, mode);
         if orphans.is_empty() {
@@ -273,6 +276,7 @@ impl Core {
             mode,
             reply,
             handles,
+            carried: carried.to_vec(),
         });
         if copies.is_empty() {
             // Nothing to copy (one leg online): only forget the sets.
@@ -338,7 +342,7 @@ impl Core {
             );
             return done(r.reply, Err(err(ErrorCode::Unavailable, msg)));
         }
-        self.prepare_open_after_resync(r.session, &r.volume, r.mode, r.reply, &r.handles)
+        self.prepare_open_with(r.session, &r.volume, r.mode, r.reply, r.carried, &r.handles)
     }
 
     /// The changes that forget `handles`' dirty sets of `volume`.

@@ -43,6 +43,14 @@ pub enum Job {
     /// Label a device for the pool (`sanvol device add`); the shell hands
     /// its connection to the device task before reporting (`pool::add`).
     LabelDevice(crate::pool::add::LabelRequest),
+    /// Write every record `volume`'s cache mirror holds to its devices, in
+    /// order, then empty the mirror (its holder is gone; `crate::mirror`).
+    MirrorReplay { meta: Arc<PoolMetadata>, volume: VolumeId },
+    /// Fence `handles` for good on every device of `uris` that fences
+    /// (`sanvol-target`; plain devices are skipped): done only once each
+    /// such device acknowledged that none of their connections is open
+    /// (`crate::targets`).
+    Fence { key: Arc<ed25519_dalek::SigningKey>, uris: Vec<String>, handles: Vec<volume_format::HandleId> },
 }
 
 /// One extent to copy: `to` and `from` name one extent each.
@@ -163,6 +171,18 @@ pub async fn run_data_job(job: Job, devices: &DeviceClients, may_write: impl Fn(
             }
         }
         Job::LabelDevice(_) => JobOutcome::failed("a device is labelled where the pool's connections are"),
+        Job::MirrorReplay { .. } => JobOutcome::failed("a cache mirror is replayed by its mirror's worker"),
+        Job::Fence { key, uris, handles } => {
+            for handle in handles {
+                let holder = volume_format::capability::Holder::Handle(handle);
+                match crate::targets::fence_everywhere(&uris, &key, holder).await {
+                    Ok(fenced) if fenced.is_empty() => {}
+                    Ok(fenced) => info!(%handle, devices = ?fenced, "handle fenced on its fencing devices"),
+                    Err(e) => return JobOutcome::failed(format!("fencing handle {handle}: {e}")),
+                }
+            }
+            JobOutcome::done()
+        }
     }
 }
 

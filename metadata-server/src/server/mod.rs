@@ -35,9 +35,13 @@
 //!   registrations; [`snapshot_io`]: the chunk I/O the server does for them.
 //! - [`backup_export`]: the backup pseudo-device (snapshots as read-only NBD
 //!   exports with a changed-block metadata context).
+//! - [`cache`]: volumes' write-back cache settings, mirror requests and the
+//!   mirror's replay before a cached volume is opened again (the mirror's
+//!   file I/O is [`crate::mirror`]).
 
 pub mod admission;
 pub mod backup_export;
+pub mod cache;
 pub mod commit;
 pub mod core;
 pub mod data_channel;
@@ -290,6 +294,9 @@ impl Drop for AbortOnDrop {
 
 /// Opens the pool with its metadata journal (reads only).
 async fn open_pool(config: &Config, key: &Arc<SigningKey>) -> Result<(Pool, volume_format::PoolMetadata), ServerError> {
+    // Every device connection from here on presents the server's
+    // capability to devices that fence.
+    crate::targets::install(key.clone());
     match Pool::open_journaled(&config.devices, key.clone()).await {
         Ok(opened) => Ok(opened),
         Err(PoolError::Invalid(why)) if why.contains("initialized for server key") => {
@@ -499,6 +506,7 @@ async fn active_term(
             let _ = shutdown.wait_for(|s| *s).await;
         },
         control,
+        config.cache_mirror_dir.clone(),
     )
     .await;
     info!("closing sessions");

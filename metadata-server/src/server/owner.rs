@@ -120,6 +120,8 @@ struct Shell {
     lease_guard: Arc<LeaseGuard>,
     /// Set by [`Effect::Stop`]: the loop ends.
     stopped: Option<String>,
+    /// Volumes' cache mirrors (their workers do the file I/O).
+    mirrors: crate::mirror::Mirrors,
 }
 
 /// Runs the owner until `shutdown` completes or every command sender is
@@ -131,10 +133,12 @@ pub async fn run(
     mut commands: mpsc::Receiver<Command>,
     shutdown: impl Future<Output = ()>,
     lease: LeaseControl,
+    cache_mirror_dir: std::path::PathBuf,
 ) -> Option<String> {
     let LeaseControl { commands: lease_commands, mut servers, ended: mut lease_ended, guard } = lease;
     let (results_tx, mut results) = mpsc::channel(RESULTS_QUEUED_MAX);
     let job_devices = DeviceClients::default().guarded(guard.clone());
+    let job_devices_for_mirrors = job_devices.clone();
     let (devices, device_task) = DeviceTask::start(pool, results_tx.clone(), guard.clone());
     let tick_ms = (core.lease_ms / 4).max(25);
     let mut shell = Shell {
@@ -148,6 +152,7 @@ pub async fn run(
         job_devices,
         published,
         lease_commands,
+        mirrors: crate::mirror::Mirrors::new(cache_mirror_dir, job_devices_for_mirrors),
         lease_guard: guard,
         stopped: None,
     };
@@ -298,6 +303,11 @@ impl Shell {
                     });
                 }
                 Effect::Stop { why } => self.stopped = Some(why),
+                Effect::Mirror { volume, op, reply } => {
+                    if let Some(reply) = self.replies.remove(&reply) {
+                        self.mirrors.send(volume, crate::mirror::MirrorWork { op, reply });
+                    }
+                }
                 Effect::Published { clients } => {
                     self.publish_meta();
                     if let Some(clients) = clients {
@@ -337,6 +347,20 @@ impl Shell {
                             }
                             Err(why) => super::jobs::JobOutcome::failed(why),
                         }
+                    };
+                    let _ = results.send(Input::JobDone { task, outcome }).await;
+                });
+            }
+            Job::MirrorReplay { meta, volume } => {
+                let (reply, answer) = oneshot::channel();
+                self.mirrors
+                    .send(volume, crate::mirror::MirrorWork { op: crate::mirror::MirrorOp::Replay { meta }, reply });
+                let results = self.results.clone();
+                tokio::spawn(async move {
+                    let outcome = match answer.await {
+                        Ok(Ok(_)) => super::jobs::JobOutcome::done(),
+                        Ok(Err(e)) => super::jobs::JobOutcome::failed(e.message),
+                        Err(_) => super::jobs::JobOutcome::failed("the cache mirror stopped; retry"),
                     };
                     let _ = results.send(Input::JobDone { task, outcome }).await;
                 });

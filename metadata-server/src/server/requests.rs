@@ -18,7 +18,7 @@ use volume_format::{HandleId, PublicKey, VolumeDescription, VolumeId};
 
 use super::core::{AfterCommit, AfterJob, Busy, Core, PendingChange, ReplyId, Step, VolumeChange};
 use super::durable::BROKEN_RECORDS_MAX;
-use super::jobs::JobOutcome;
+use super::jobs::{Job, JobOutcome};
 use crate::handles::{Handle, OpenRefused, RecallState, SessionId};
 
 /// Block size of new volumes (what agents expose).
@@ -90,7 +90,8 @@ impl Core {
             Request::VolumeGrow { name, .. }
             | Request::VolumeDelete { name }
             | Request::SnapshotCreate { volume: name, .. }
-            | Request::SnapshotDelete { volume: name, .. } => Some((self.meta.volume_by_name(name)?.id, ANY)),
+            | Request::SnapshotDelete { volume: name, .. }
+            | Request::VolumeCache { name, .. } => Some((self.meta.volume_by_name(name)?.id, ANY)),
             // A volume whose extents on a device come back are being copied
             // without holders: an opener would write while the copy runs.
             Request::Open { volume: name, .. } => Some((self.meta.volume_by_name(name)?.id, &[Busy::Resync])),
@@ -125,7 +126,10 @@ impl Core {
                 return self.prepare_volume_create(name, size_bytes, legs, reply)
             }
             Request::VolumeDelete { name } => return self.prepare_volume_delete(&name, reply),
-            Request::Open { volume, mode } => return self.prepare_open(session, &volume, mode, reply),
+            Request::Open { volume, mode } => {
+                return self.prepare_open_with(session, &volume, mode, reply, Vec::new(), &[])
+            }
+            request @ Request::VolumeCache { .. } => return self.prepare_volume_cache(session, request, reply),
             Request::Close { handle } => return self.prepare_close(session, handle.0, reply),
             Request::OpenHandover { token } => return self.prepare_open_handover(session, &token, reply),
             Request::Handoff { to } => return self.prepare_handoff(to, reply),
@@ -253,6 +257,20 @@ impl Core {
             AfterJob::Prezeroed { extents, name, change, reply } => {
                 self.prezeroed(extents, &name, change, reply, outcome)
             }
+            AfterJob::MirrorReplayed { volume, next } => self.mirror_replayed(volume, next, outcome),
+            AfterJob::ExpireFenced { expired } => self.expire_fenced(expired, outcome),
+            AfterJob::OpenFenced { changes, open } => match outcome.result {
+                Ok(()) => Step::Commit { changes, then: AfterCommit::Open(open) },
+                Err(why) => {
+                    let msg = format!(
+                        "volume {} could not be taken from its previous holder: {why}; the previous holder keeps \
+                         it — retry, or check the device named",
+                        open.volume_name
+                    );
+                    self.finish_open(*open, Err(err(ErrorCode::Unavailable, msg)));
+                    Step::Done(None)
+                }
+            },
             AfterJob::OrphansResynced(r) => self.orphans_resynced(r, outcome),
             AfterJob::HandleResynced { volume, handle, reply } => self.handle_resynced(volume, handle, reply, outcome),
         }
@@ -379,6 +397,11 @@ impl Core {
             Ok(v) => v.id,
             Err(e) => return done(reply, Err(e)),
         };
+        if let VolumeChange::SnapshotCreate { .. } = change {
+            if let Some(e) = self.snapshot_refused_for_cache(id, name) {
+                return done(reply, Err(e));
+            }
+        }
         // Plan it now so "no space", "shrink" or "no such snapshot" is refused
         // before any agent is disturbed.
         let planned = match self.plan_change(id, &change) {
@@ -524,19 +547,18 @@ impl Core {
         self.reply(pending.reply, result.map(|()| Response::Done));
     }
 
-    fn prepare_open(&mut self, session: SessionId, volume: &str, mode: OpenMode, reply: ReplyId) -> Step {
-        self.prepare_open_after_resync(session, volume, mode, reply, &[])
-    }
-
-    /// An open, once the regions the gone holders `resynced` left dirty
-    /// were copied (none: they are looked for first, `intents`); their
+    /// Opens `volume`; `carried`: handles an earlier preparation of this
+    /// open broke before it replayed the volume's cache mirror
+    /// ([`super::cache`]); `resynced`: the gone holders whose dirty regions
+    /// were copied (none: they are looked for first, `intents`) — their
     /// dirty sets go away in the open's commit.
-    pub(super) fn prepare_open_after_resync(
+    pub(super) fn prepare_open_with(
         &mut self,
         session: SessionId,
         volume: &str,
         mode: OpenMode,
         reply: ReplyId,
+        carried: Vec<Handle>,
         resynced: &[HandleId],
     ) -> Step {
         let id = match self.volume_by_name(volume) {
@@ -548,7 +570,7 @@ impl Core {
             return done(reply, Err(err(ErrorCode::Unavailable, msg)));
         }
         if resynced.is_empty() {
-            if let Some(step) = self.resync_orphans_before_open(session, id, volume, mode, reply) {
+            if let Some(step) = self.resync_orphans_before_open(session, id, volume, mode, reply, &carried) {
                 return step;
             }
         }
@@ -568,6 +590,21 @@ impl Core {
                 return done(reply, Err(err(ErrorCode::Conflict, msg)));
             }
         };
+        let mut opened = opened;
+        opened.broken.extend(carried);
+        if self.needs_replay(id) {
+            // Nothing of the open stays but the handles it broke (out of
+            // the table, so they cannot resume while the replay writes).
+            self.handles.remove(opened.handle.id);
+            let next = super::cache::AfterReplay::Open {
+                session,
+                name: volume.to_string(),
+                mode,
+                reply,
+                broken: opened.broken,
+            };
+            return self.replay_then(id, next);
+        }
         let handle = opened.handle.clone();
         let broken: Vec<HandleId> = opened.broken.iter().map(|h| HandleId(h.id)).collect();
         let broken_reason =
@@ -601,7 +638,13 @@ impl Core {
             volume_name: volume.to_string(),
             holder: peer.name,
         };
-        Step::Commit { changes, then: AfterCommit::Open(Box::new(open)) }
+        if broken.is_empty() {
+            return Step::Commit { changes, then: AfterCommit::Open(Box::new(open)) };
+        }
+        // Before anyone else may write: the broken holders are cut off on
+        // every device that fences (the timing rules have run out already).
+        let job = Job::Fence { key: self.key.clone(), uris: self.fence_uris(), handles: broken };
+        Step::Job { job, busy: None, then: AfterJob::OpenFenced { changes, open: Box::new(open) } }
     }
 
     fn finish_open(&mut self, open: OpenCommit, result: Result<(), ControlError>) {
@@ -697,7 +740,44 @@ impl Core {
             self.finish_expire(expired, Ok(()));
             return Step::Done(None);
         }
+        // Released for good: first cut off on every device that fences.
+        let job = Job::Fence {
+            key: self.key.clone(),
+            uris: self.fence_uris(),
+            handles: expired.iter().map(|id| HandleId(*id)).collect(),
+        };
+        Step::Job { job, busy: None, then: AfterJob::ExpireFenced { expired } }
+    }
+
+    /// The expired handles were fenced (or could not be): release them.
+    fn expire_fenced(&mut self, expired: Vec<u64>, outcome: JobOutcome) -> Step {
+        if let Err(why) = outcome.result {
+            warn!("releasing expired handles: {why}; retrying at the next tick");
+            return Step::Done(None);
+        }
+        let changes: Vec<MetaChange> = self
+            .meta
+            .handles
+            .iter()
+            .filter(|h| expired.contains(&h.id.0))
+            .map(|h| MetaChange::HandleRemove { handle: h.id })
+            .collect();
+        if changes.is_empty() {
+            self.finish_expire(expired, Ok(()));
+            return Step::Done(None);
+        }
         Step::Commit { changes, then: AfterCommit::Expire { expired } }
+    }
+
+    /// The devices a fence goes to: every device of the pool not marked
+    /// failed (a failed device is not written by anyone: its legs are skipped).
+    fn fence_uris(&self) -> Vec<String> {
+        self.meta
+            .devices
+            .iter()
+            .filter(|d| !matches!(d.state, volume_format::metadata::DeviceState::Failed { .. }))
+            .map(|d| d.uri.clone())
+            .collect()
     }
 
     fn finish_expire(&mut self, expired: Vec<u64>, result: Result<(), ControlError>) {

@@ -209,4 +209,38 @@ impl DeviceClients {
         }
         Ok(())
     }
+
+    /// Writes `data` at volume offset `offset` (any length; split at
+    /// extent boundaries) on every leg that takes writes, with FUA (a cache
+    /// mirror's replay: each record stable before the next is written).
+    pub async fn write_live(
+        &self,
+        meta: &PoolMetadata,
+        volume: VolumeId,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<(), IoError> {
+        let map = meta.volume_map(volume).map_err(|e| IoError::io(e.to_string()))?;
+        let segments = map.segments(offset, data.len() as u64).map_err(|e| IoError::io(e.to_string()))?;
+        for segment in segments {
+            let start = (segment.logical_offset - offset) as usize;
+            let piece = data.slice(start..start + segment.len_bytes as usize);
+            let legs = segment.write_legs().map_err(|e| IoError::io(e.to_string()))?;
+            for leg in legs {
+                let client = self.get(meta, leg.device).await?;
+                self.may_write()?;
+                if let Err(e) = client.write(leg.device_offset, piece.clone(), true).await {
+                    self.forget(leg.device).await;
+                    return Err(IoError::new(
+                        e.kind,
+                        format!(
+                            "writing volume {volume} at offset {} on device {}: {e}",
+                            segment.logical_offset, leg.device
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }

@@ -184,6 +184,11 @@ pub const EXTENT_BYTES: u64 = MIB;
 impl Pool {
     /// Three 64 MiB devices, 1 MiB extents, agents authorized, server up.
     pub async fn start(lease_ms: u64) -> Pool {
+        Pool::start_with(lease_ms, metadata_server::config::DURABLE_MS_DEFAULT).await
+    }
+
+    /// [`Pool::start`] with handles reserved `durable_ms` past their lease.
+    pub async fn start_with(lease_ms: u64, durable_ms: u64) -> Pool {
         logs();
         let dir = tempfile::tempdir().unwrap();
         let devices = Devices::memory(dir.path(), 3, 64 * MIB).await;
@@ -207,11 +212,11 @@ impl Pool {
             key: server_key.path.clone(),
             devices: devices.uris.iter().map(|u| u.parse().unwrap()).collect(),
             lease_ms,
-            durable_ms: metadata_server::config::DURABLE_MS_DEFAULT,
+            durable_ms,
             // The tests' agents are the tests themselves, with nothing stuck
             // in a device: the shortest margin keeps exclusions prompt.
             device_request_max_ms: volume_format::fencing::DEVICE_REQUEST_MAX_MS_MIN,
-            grace_ms: lease_ms + metadata_server::config::DURABLE_MS_DEFAULT,
+            grace_ms: lease_ms + durable_ms,
             channel_mode_min: control_client::ChannelMode::Integrity,
             log: None,
             log_format: Default::default(),
@@ -221,6 +226,7 @@ impl Pool {
                 ..metadata_server::config::Availability::defaults(&[ControlAddr::Unix(dir.path().join("mds.sock"))])
             },
             device_replace_after_ms: None,
+            cache_mirror_dir: dir.path().join("cache-mirror"),
         };
         let mut pool = Pool { dir, devices, server_key, admin, agent_a, agent_b, config, server: None };
         pool.start_server().await;

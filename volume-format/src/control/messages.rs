@@ -232,7 +232,43 @@ pub enum Request {
     },
     /// The reconfiguration running now, if any, with its progress.
     Operations,
-    /// The write-intent log of a mirrored volume (protocol 6): the agent
+
+    // ---- admin: write-back caches (protocol 6) ----
+    /// Sets the volume's write-back cache (`mode` `None`: turns it off).
+    /// Committed at a recall point: its holders destage their caches first.
+    VolumeCache {
+        name: String,
+        size_bytes: u64,
+        mode: Option<CacheMode>,
+    },
+
+    // ---- agent: the server's mirror of a write-back cache (protocol 6) ----
+    /// Starts mirroring `handle`'s volume afresh: the server drops what its
+    /// mirror of the volume holds (the holder has everything it logged on
+    /// the devices, or replayed its own log). Answered with
+    /// [`Response::MirrorOpened`] and the volume's cache setting. Only the
+    /// holder of a writable handle may mirror.
+    MirrorOpen {
+        handle: HandleId,
+    },
+    /// Cached writes to keep until the holder releases them: the server
+    /// appends them to its mirror of the volume with one write and one
+    /// fdatasync (with any other appends waiting) and answers
+    /// [`Response::Mirrored`] once they are durable. Sequence numbers
+    /// rise across appends.
+    MirrorAppend {
+        handle: HandleId,
+        records: Vec<MirrorRecord>,
+    },
+    /// Every mirrored write with a sequence number up to `upto_seq` is on
+    /// the devices: the server frees its copies.
+    MirrorRelease {
+        handle: HandleId,
+        upto_seq: u64,
+    },
+
+    // ---- agent: the write-intent log of mirrored volumes (protocol 7) ----
+    /// The write-intent log of a mirrored volume (protocol 7): the agent
     /// holding `handle` is about to write the intent regions `mark` for the
     /// first time (the server commits them dirty before answering
     /// [`Response::IntentRecorded`], and only then may the agent write), and
@@ -249,15 +285,75 @@ pub enum Request {
     /// legs (the previous run died with writes in flight). The server copies
     /// them from one leg to the others, forgets them, and answers
     /// [`Response::IntentRecorded`]; the agent does no I/O to the volume
-    /// before that (protocol 6).
+    /// before that (protocol 7).
     IntentResync {
         handle: HandleId,
     },
 }
 
+/// How a volume's writes are cached (the pool metadata's type).
+pub use crate::metadata::{CacheMode, VolumeCache};
+
+/// At most the records of one [`Request::MirrorAppend`], and most data bytes
+/// (well inside a control frame, [`super::frame::FRAME_BYTES_MAX`]).
+pub const MIRROR_APPEND_RECORDS_MAX: usize = 256;
+pub const MIRROR_APPEND_BYTES_MAX: usize = 8 << 20;
+
+/// One cached write as the holder sends it to the server's mirror.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorRecord {
+    /// The holder's sequence number: releases name it.
+    pub seq: u64,
+    /// Volume offset of the data.
+    pub offset: u64,
+    #[serde(with = "byte_buf")]
+    pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for MirrorRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MirrorRecord {{ seq: {}, offset: {}, {} bytes }}", self.seq, self.offset, self.data.len())
+    }
+}
+
+/// Data as one byte string (one length and a copy) rather than a sequence
+/// of single bytes.
+mod byte_buf {
+    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(data: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(data)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct Bytes;
+        impl<'de> Visitor<'de> for Bytes {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+                while let Some(b) = seq.next_element()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_byte_buf(Bytes)
+    }
+}
+
 /// The first protocol version with the write-intent log of mirrored volumes
 /// ([`Request::IntentRecord`], [`Request::IntentResync`]).
-pub const INTENT_PROTOCOL_VERSION: u32 = 6;
+pub const INTENT_PROTOCOL_VERSION: u32 = 7;
 
 /// The NBD export name of a snapshot on the backup pseudo-device.
 pub fn snapshot_export_name(volume: &str, snapshot: &str) -> String {
@@ -295,6 +391,9 @@ impl Request {
             | Request::OpenHandover { .. }
             | Request::CowRegister { .. }
             | Request::CowCopy { .. }
+            | Request::MirrorOpen { .. }
+            | Request::MirrorAppend { .. }
+            | Request::MirrorRelease { .. }
             | Request::IntentRecord { .. }
             | Request::IntentResync { .. } => Some(&[Role::Agent]),
             Request::SnapshotList { .. } | Request::BackupChannel => Some(&[Role::Admin, Role::Backup]),
@@ -341,8 +440,16 @@ pub enum Response {
     },
     /// The reconfiguration in progress (at most one), protocol 5.
     Operations(Vec<OperationInfo>),
+    /// Mirroring started afresh; the volume's cache setting (protocol 6).
+    MirrorOpened {
+        cache: Option<VolumeCache>,
+    },
+    /// Every record up to `upto_seq` is durable in the mirror (protocol 6).
+    Mirrored {
+        upto_seq: u64,
+    },
     /// The write-intent regions of a [`Request::IntentRecord`] are
-    /// committed (protocol 6).
+    /// committed (protocol 7).
     IntentRecorded,
 }
 

@@ -50,11 +50,18 @@ pub mod resume;
 ///   version-4 peer's messages encode the same, so version 4 is still
 ///   accepted (the admin CLI asks for the new requests only from a server
 ///   that negotiated 5).
-/// - 6: the write-intent log of mirrored volumes — `Request::IntentRecord`,
-///   `Request::IntentResync` and `Response::IntentRecorded`, variants added last: version-5 peers'
-///   messages encode the same, so version 5 is still accepted (an agent
-///   keeps no intent log with a server that negotiated less than 6).
-pub const PROTOCOL_VERSION: u32 = 6;
+/// - 6: mirrored write-back caches — `Request::VolumeCache` (admin),
+///   `MirrorOpen`, `MirrorAppend`, `MirrorRelease` (agent),
+///   `Response::MirrorOpened` and `Mirrored`, all variants added last: a
+///   version-5 peer's messages encode the same, so 4 and 5 are still
+///   accepted (agents mirror, and admins set caches, only with a server
+///   that negotiated 6).
+/// - 7: the write-intent log of mirrored volumes — `Request::IntentRecord`,
+///   `Request::IntentResync` and `Response::IntentRecorded`, variants added
+///   last: older peers' messages encode the same, so 4 to 6 are still
+///   accepted (an agent keeps no intent log with a server that negotiated
+///   less than 7).
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// The oldest protocol version this build still accepts: a peer outside
 /// `PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION` is refused at the handshake

@@ -42,7 +42,7 @@ use super::intent::{IntentEntry, IntentKey};
 use super::snapshot::CowMap;
 use super::{
     check_block_bytes, check_name, ClientRecord, ClientScope, DeviceRecord, DeviceState, HandleRecord, HandleState,
-    LogicalExtent, PhysicalExtent, PoolMetadata, SnapshotRecord, VolumeRecord, MIRROR_LEGS_MAX,
+    LogicalExtent, PhysicalExtent, PoolMetadata, SnapshotRecord, VolumeCache, VolumeRecord, MIRROR_LEGS_MAX,
 };
 use crate::ids::{DeviceIndex, HandleId, PublicKey, SnapshotId, VolumeId};
 
@@ -107,7 +107,11 @@ pub enum MetaChange {
     /// other devices, added or removed. Its layout generation goes up by
     /// one. Every new leg was copied and flushed before this was committed.
     VolumeRemap(Remap),
-    /// Sets one of a volume's write-intent sets (format 7, see
+    /// Sets a volume's write-back cache, or removes it with `None` (format
+    /// 7). Committed at a recall point: every holder destaged its cache
+    /// first.
+    VolumeCache { volume: VolumeId, cache: Option<VolumeCache> },
+    /// Sets one of a volume's write-intent sets (format 8, see
     /// [`super::intent`]): a handle's dirty regions, or the regions a failed
     /// device's legs missed. An empty set removes it (a stale set created
     /// empty stays: "tracked, nothing missed").
@@ -251,6 +255,11 @@ enum UndoStep {
         index: usize,
         record: VolumeRecord,
         handles: Vec<(usize, HandleRecord)>,
+        cache: Option<(usize, VolumeCache)>,
+    },
+    /// The caches as they were before a `VolumeCache` change.
+    CachesReplaced {
+        old: Vec<VolumeCache>,
     },
     SnapshotCreated {
         previous_next: SnapshotId,
@@ -355,6 +364,7 @@ impl MetaChange {
             MetaChange::DeviceRemove { .. } => "device remove",
             MetaChange::VolumeRemap(_) => "volume remap",
             MetaChange::IntentSet { .. } => "write-intent set",
+            MetaChange::VolumeCache { .. } => "volume cache",
         }
     }
 
@@ -474,7 +484,9 @@ impl PoolMetadata {
                     }
                 }
                 self.handles = kept;
-                UndoStep::VolumeDeleted { index, record: self.volumes.remove(index), handles }
+                let cache =
+                    index_of(&self.volume_caches, |c| c.volume == *volume).map(|i| (i, self.volume_caches.remove(i)));
+                UndoStep::VolumeDeleted { index, record: self.volumes.remove(index), handles, cache }
             }
             MetaChange::SnapshotCreate(s) => {
                 self.check_new_snapshot(s).map_err(fail)?;
@@ -656,6 +668,31 @@ impl PoolMetadata {
                 let old = self.set_intent(*volume, *key, regions).map_err(fail)?;
                 UndoStep::IntentSet { volume: *volume, key: *key, old }
             }
+            MetaChange::VolumeCache { volume, cache } => {
+                if !self.volumes.iter().any(|v| v.id == *volume) {
+                    return Err(fail(format!("volume {volume} does not exist")));
+                }
+                if let Some(c) = cache {
+                    if c.volume != *volume {
+                        return Err(fail(format!("the cache names volume {}, not {volume}", c.volume)));
+                    }
+                    if !(super::CACHE_BYTES_MIN..=super::CACHE_BYTES_MAX).contains(&c.size_bytes) {
+                        return Err(fail(format!(
+                            "cache size {} is outside {}..={} bytes",
+                            c.size_bytes,
+                            super::CACHE_BYTES_MIN,
+                            super::CACHE_BYTES_MAX
+                        )));
+                    }
+                }
+                let old = self.volume_caches.clone();
+                self.volume_caches.retain(|c| c.volume != *volume);
+                if let Some(c) = cache {
+                    self.volume_caches.push(*c);
+                    self.volume_caches.sort_by_key(|c| c.volume);
+                }
+                UndoStep::CachesReplaced { old }
+            }
         };
         Ok(Undo(step))
     }
@@ -708,8 +745,11 @@ impl PoolMetadata {
                     v.layout_generation -= 1;
                 }
             }
-            UndoStep::VolumeDeleted { index, record, handles } => {
+            UndoStep::VolumeDeleted { index, record, handles, cache } => {
                 self.volumes.insert(index.min(self.volumes.len()), record);
+                if let Some((i, c)) = cache {
+                    self.volume_caches.insert(i.min(self.volume_caches.len()), c);
+                }
                 for (i, h) in handles {
                     self.handles.insert(i.min(self.handles.len()), h);
                 }
@@ -762,6 +802,7 @@ impl PoolMetadata {
                 }
             }
             UndoStep::HandoverTokens { old } => self.handovers = *old,
+            UndoStep::CachesReplaced { old } => self.volume_caches = old,
             UndoStep::LayoutBumped { volume } => {
                 if let Some(v) = self.volumes.iter_mut().find(|v| v.id == volume) {
                     v.layout_generation -= 1;
@@ -1046,6 +1087,43 @@ mod tests {
         assert!(meta.handles.iter().all(|h| h.volume != beta));
         assert_eq!(meta.handles.len(), 2);
         meta.revert(undo);
+        assert_eq!(meta, before);
+    }
+
+    #[test]
+    fn volume_cache_is_set_replaced_removed_and_goes_with_its_volume() {
+        use crate::metadata::{CacheMode, VolumeCache};
+        let mut meta = rich_pool();
+        let beta = meta.volume_by_name("beta").unwrap().id;
+        let cache = |size_bytes| VolumeCache { volume: beta, size_bytes, mode: CacheMode::Mirrored };
+        let before = meta.clone();
+        let set = meta.apply(&MetaChange::VolumeCache { volume: beta, cache: Some(cache(64 << 20)) }).unwrap();
+        assert_eq!(meta.volume_cache(beta), Some(cache(64 << 20)));
+        let bigger = meta.apply(&MetaChange::VolumeCache { volume: beta, cache: Some(cache(128 << 20)) }).unwrap();
+        assert_eq!(meta.volume_caches, vec![cache(128 << 20)], "replaced, not added");
+        meta.revert(bigger);
+        assert_eq!(meta.volume_cache(beta), Some(cache(64 << 20)));
+        for bad in [
+            MetaChange::VolumeCache { volume: VolumeId(99), cache: None },
+            MetaChange::VolumeCache { volume: beta, cache: Some(cache(1 << 20)) },
+            MetaChange::VolumeCache {
+                volume: beta,
+                cache: Some(VolumeCache { volume: VolumeId(1), ..cache(64 << 20) }),
+            },
+        ] {
+            let kept = meta.clone();
+            assert!(meta.apply(&bad).is_err(), "{bad:?}");
+            assert_eq!(meta, kept);
+        }
+        let with_cache = meta.clone();
+        let undo = meta.apply(&MetaChange::VolumeDelete { volume: beta }).unwrap();
+        assert!(meta.volume_caches.is_empty(), "a deleted volume's cache goes with it");
+        meta.revert(undo);
+        assert_eq!(meta, with_cache);
+        let off = meta.apply(&MetaChange::VolumeCache { volume: beta, cache: None }).unwrap();
+        assert_eq!(meta.volume_cache(beta), None);
+        meta.revert(off);
+        meta.revert(set);
         assert_eq!(meta, before);
     }
 

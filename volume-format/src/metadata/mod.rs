@@ -81,15 +81,24 @@ use uuid::Uuid;
 ///   [`MetaChange::DeviceRemove`] and [`MetaChange::VolumeRemap`] (variants
 ///   added last: format-5 payloads and entries decode unchanged, the
 ///   payload schema is format 4's); format-5 readers refuse format 6.
-/// - 7: the write-intent log of mirrored volumes ([`intent`]): the
-///   [`PoolMetadata::intents`] field (last) and [`MetaChange::IntentSet`]
-///   (a variant added last). Payloads of formats 4 to 6 decode without the
-///   field ([`payload::PayloadV6`]); entries decode unchanged; format-6
-///   readers refuse format 7.
-pub const METADATA_FORMAT_VERSION: u32 = 7;
+/// - 7: volume write-back caches ([`VolumeCache`] in
+///   [`PoolMetadata::volume_caches`], the new last field, and
+///   [`MetaChange::VolumeCache`], a variant added last). Format-4 to -6
+///   payloads decode without caches ([`payload::PayloadV6`]); entries of
+///   those formats decode unchanged; format-6 readers refuse format 7.
+/// - 8: the write-intent log of mirrored volumes ([`intent`]): the
+///   [`PoolMetadata::intents`] field (the new last field) and
+///   [`MetaChange::IntentSet`] (a variant added last). Format-7 payloads
+///   decode without it ([`payload::PayloadV7`]); entries of older formats
+///   decode unchanged; format-7 readers refuse format 8.
+pub const METADATA_FORMAT_VERSION: u32 = 8;
 /// The oldest format whose payload is today's [`PoolMetadata`] schema.
-pub const PAYLOAD_SCHEMA_FORMAT_MIN: u32 = 7;
-/// The oldest format whose payload is [`payload::PayloadV6`]'s schema.
+pub const PAYLOAD_SCHEMA_FORMAT_MIN: u32 = 8;
+/// The oldest format whose payload is [`payload::PayloadV7`] (today's schema
+/// without the write-intent sets).
+pub const PAYLOAD_V7_FORMAT_MIN: u32 = 7;
+/// The oldest format whose payload is [`payload::PayloadV6`] (today's
+/// schema without the volume caches).
 pub const PAYLOAD_V6_FORMAT_MIN: u32 = 4;
 /// The first format with the journal (checkpoints in slots 0 and 1, entries
 /// in the ring), the oldest journaled format this build reads; older ones
@@ -135,10 +144,53 @@ pub struct PoolMetadata {
     /// Used handover tokens and the token clock (format 4).
     #[serde(default)]
     pub handovers: HandoverLedger,
-    /// Write-intent sets of mirrored volumes (format 7, [`intent`]). Last
+    /// Volumes with a write-back cache (format 7), sorted by volume id.
+    #[serde(default)]
+    pub volume_caches: Vec<VolumeCache>,
+    /// Write-intent sets of mirrored volumes (format 8, [`intent`]). Last
     /// field.
     #[serde(default)]
     pub intents: Vec<IntentEntry>,
+}
+
+/// A volume's write-back cache setting (`sanvol volume cache`, format 7):
+/// its holder acknowledges writes once they are in its local cache log and
+/// in the metadata server's mirror of it, and writes them to the devices
+/// in the background.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeCache {
+    pub volume: VolumeId,
+    /// Size of the holder's cache log and of the server's mirror of it.
+    pub size_bytes: u64,
+    pub mode: CacheMode,
+}
+
+/// How a volume's writes are cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CacheMode {
+    /// Write-back, every cached write mirrored at the metadata server.
+    Mirrored,
+}
+
+impl fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CacheMode::Mirrored => "mirrored",
+        })
+    }
+}
+
+/// Smallest and largest cache of a volume: the log must hold several of
+/// the largest records, and the server keeps a mirror file of this size per
+/// cached volume.
+pub const CACHE_BYTES_MIN: u64 = 8 << 20;
+pub const CACHE_BYTES_MAX: u64 = 64 << 30;
+
+impl PoolMetadata {
+    /// The volume's cache setting, if it has one.
+    pub fn volume_cache(&self, volume: VolumeId) -> Option<VolumeCache> {
+        self.volume_caches.iter().find(|c| c.volume == volume).copied()
+    }
 }
 
 /// The volumes a backup key may read (their snapshots on the backup
@@ -357,6 +409,7 @@ impl PoolMetadata {
             client_scopes: Vec::new(),
             handovers: HandoverLedger::default(),
             intents: Vec::new(),
+            volume_caches: Vec::new(),
         }
     }
 

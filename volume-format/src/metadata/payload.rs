@@ -5,8 +5,8 @@
 //! before a field existed does not decode as a struct that has it (it ends
 //! early), and `#[serde(default)]` does not help. Formats 1, 2 and 3 share
 //! one schema ([`PayloadV3`]: everything but the volume scopes of backup keys
-//! and the handover ledger); format 4
-//! is [`PoolMetadata`] itself. Format-2 records are also still written (the
+//! and the handover ledger); formats 4 to 6 share [`PayloadV6`] (everything
+//! but the volume caches); format 7 is [`PoolMetadata`] itself. Format-2 records are also still written (the
 //! whole-pool slot commit, [`super::MetadataArea::encode_slot`]), in their
 //! own schema.
 
@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use super::{
     ClientRecord, ClientScope, DeviceRecord, HandleRecord, HandoverLedger, NextIds, PoolMetadata, SnapshotRecord,
-    VolumeRecord, PAYLOAD_SCHEMA_FORMAT_MIN, PAYLOAD_V6_FORMAT_MIN,
+    VolumeRecord, PAYLOAD_SCHEMA_FORMAT_MIN, PAYLOAD_V6_FORMAT_MIN, PAYLOAD_V7_FORMAT_MIN,
 };
 use crate::codec::{self, CodecError};
 use crate::ids::PublicKey;
@@ -59,13 +59,13 @@ impl From<PayloadV3> for PoolMetadata {
             next_ids: p.next_ids,
             client_scopes: Vec::new(),
             handovers: HandoverLedger::default(),
+            volume_caches: Vec::new(),
             intents: Vec::new(),
         }
     }
 }
 
-/// [`PoolMetadata`] as formats 4 to 6 encode it: the same fields, in the
-/// same order, without the write-intent sets.
+/// [`PoolMetadata`] as formats 4 to 6 encode it: without the volume caches.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PayloadV6 {
     pub format_version: u32,
@@ -86,8 +86,8 @@ pub struct PayloadV6 {
 }
 
 impl From<PayloadV6> for PoolMetadata {
-    /// Keeps the payload's `format_version`; no write-intent sets (those
-    /// formats recorded none: a device failed then has its legs copied whole).
+    /// Keeps the payload's `format_version`; no volume caches (those
+    /// formats recorded none).
     fn from(p: PayloadV6) -> PoolMetadata {
         PoolMetadata {
             format_version: p.format_version,
@@ -105,6 +105,54 @@ impl From<PayloadV6> for PoolMetadata {
             next_ids: p.next_ids,
             client_scopes: p.client_scopes,
             handovers: p.handovers,
+            volume_caches: Vec::new(),
+            intents: Vec::new(),
+        }
+    }
+}
+
+/// [`PoolMetadata`] as format 7 encodes it: without the write-intent sets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadV7 {
+    pub format_version: u32,
+    pub pool_uuid: Uuid,
+    pub pool_name: String,
+    pub generation: u64,
+    pub extent_bytes: u64,
+    pub created_at_unix_secs: u64,
+    pub server_public_key: PublicKey,
+    pub devices: Vec<DeviceRecord>,
+    pub volumes: Vec<VolumeRecord>,
+    pub clients: Vec<ClientRecord>,
+    pub handles: Vec<HandleRecord>,
+    pub snapshots: Vec<SnapshotRecord>,
+    pub next_ids: NextIds,
+    pub client_scopes: Vec<ClientScope>,
+    pub handovers: HandoverLedger,
+    pub volume_caches: Vec<super::VolumeCache>,
+}
+
+impl From<PayloadV7> for PoolMetadata {
+    /// Keeps the payload's `format_version`; no write-intent sets (a device
+    /// failed then has its legs copied whole when it comes back).
+    fn from(p: PayloadV7) -> PoolMetadata {
+        PoolMetadata {
+            format_version: p.format_version,
+            pool_uuid: p.pool_uuid,
+            pool_name: p.pool_name,
+            generation: p.generation,
+            extent_bytes: p.extent_bytes,
+            created_at_unix_secs: p.created_at_unix_secs,
+            server_public_key: p.server_public_key,
+            devices: p.devices,
+            volumes: p.volumes,
+            clients: p.clients,
+            handles: p.handles,
+            snapshots: p.snapshots,
+            next_ids: p.next_ids,
+            client_scopes: p.client_scopes,
+            handovers: p.handovers,
+            volume_caches: p.volume_caches,
             intents: Vec::new(),
         }
     }
@@ -115,6 +163,9 @@ impl From<PayloadV6> for PoolMetadata {
 pub fn decode(format: u32, bytes: &[u8]) -> Result<PoolMetadata, CodecError> {
     if format >= PAYLOAD_SCHEMA_FORMAT_MIN {
         return codec::decode(bytes);
+    }
+    if format >= PAYLOAD_V7_FORMAT_MIN {
+        return codec::decode::<PayloadV7>(bytes).map(PoolMetadata::from);
     }
     if format >= PAYLOAD_V6_FORMAT_MIN {
         return codec::decode::<PayloadV6>(bytes).map(PoolMetadata::from);
@@ -133,6 +184,9 @@ pub fn encode_format2(meta: &PoolMetadata) -> Result<Vec<u8>, String> {
     }
     if !meta.intents.is_empty() {
         return Err("format 2 cannot record write-intent sets; commit with the journal".into());
+    }
+    if !meta.volume_caches.is_empty() {
+        return Err("format 2 cannot record volume caches; commit with the journal".into());
     }
     let p = PayloadV3 {
         format_version: super::LEGACY_SLOT_FORMAT_VERSION,
@@ -180,7 +234,7 @@ mod tests {
     }
 
     #[test]
-    fn a_format_6_payload_decodes_without_the_intent_sets() {
+    fn a_format_6_payload_decodes_without_volume_caches() {
         let meta = rich_pool();
         let v6 = PayloadV6 {
             format_version: 6,
@@ -201,5 +255,15 @@ mod tests {
         };
         let decoded = decode(6, &codec::encode(&v6).unwrap()).unwrap();
         assert_eq!(PoolMetadata { format_version: meta.format_version, ..decoded }, meta);
+        let mut cached = meta.clone();
+        let volume = cached.volumes[0].id;
+        cached.volume_caches.push(super::super::VolumeCache {
+            volume,
+            size_bytes: 64 << 20,
+            mode: super::super::CacheMode::Mirrored,
+        });
+        let today = codec::encode(&cached).unwrap();
+        assert_eq!(decode(crate::metadata::METADATA_FORMAT_VERSION, &today).unwrap(), cached);
+        assert!(codec::decode::<PayloadV6>(&today).is_err(), "positional: today's payload has one more field");
     }
 }

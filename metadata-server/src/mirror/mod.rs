@@ -1,0 +1,103 @@
+//! The metadata server's mirror of agents' write-back caches (issue 15).
+//!
+//! An agent holding a volume with a mirrored cache acknowledges a write only
+//! once it is durable in its own cache log *and* here: if the agent dies,
+//! the server writes every mirrored write not yet released to the devices,
+//! in order, before anyone may open the volume again.
+//!
+//! Shape: the owner loop never touches a mirror file. It checks that a
+//! mirror request comes from the session holding the volume's exclusive
+//! handle and passes it on ([`Mirrors::send`], a map lookup and a queue
+//! push); one worker task per volume ([`worker`]) does the file I/O on the
+//! blocking pool and answers the agent directly. Appends that are queued
+//! together are written together: one write and one fdatasync for all of
+//! them (group commit). Requests of one volume are handled in the order
+//! they arrive, so a replay queued after an append sees it.
+//!
+//! - [`store`]: one volume's mirror file (blocking, testable without a
+//!   server).
+//! - [`worker`]: the per-volume task: batching, waiting for space, replay.
+
+pub mod store;
+pub mod worker;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use tokio::sync::{mpsc, oneshot};
+use volume_format::control::messages::{ControlError, ErrorCode, MirrorRecord, Response};
+use volume_format::metadata::{PoolMetadata, VolumeCache};
+use volume_format::VolumeId;
+
+use crate::server::snapshot_io::DeviceClients;
+
+/// Requests queued per volume before the agent is told to retry: an agent
+/// has one append and one release in flight per volume, so only a
+/// misbehaving client gets near it.
+pub const MIRROR_QUEUED_MAX: usize = 64;
+
+/// What the owner asks of a volume's mirror.
+#[derive(Debug)]
+pub enum MirrorOp {
+    /// Start afresh (the file is emptied) with this setting.
+    Open {
+        cache: VolumeCache,
+    },
+    Append {
+        records: Vec<MirrorRecord>,
+    },
+    Release {
+        upto_seq: u64,
+    },
+    /// Write everything the mirror holds to the volume's devices, in order,
+    /// then empty it (the holder is gone). Answered `Done` or with why not.
+    Replay {
+        meta: std::sync::Arc<PoolMetadata>,
+    },
+    /// The volume has no cache any more (or no longer exists): delete the
+    /// file. Only once nothing is held.
+    Remove,
+}
+
+pub type MirrorReply = oneshot::Sender<Result<Response, ControlError>>;
+
+#[derive(Debug)]
+pub struct MirrorWork {
+    pub op: MirrorOp,
+    pub reply: MirrorReply,
+}
+
+/// The per-volume workers, as the owner's shell holds them.
+pub struct Mirrors {
+    dir: PathBuf,
+    /// Where replays write (the owner's job connections, lease-guarded).
+    devices: DeviceClients,
+    workers: HashMap<VolumeId, mpsc::Sender<MirrorWork>>,
+}
+
+impl Mirrors {
+    pub fn new(dir: PathBuf, devices: DeviceClients) -> Mirrors {
+        Mirrors { dir, devices, workers: HashMap::new() }
+    }
+
+    /// Queues `work` for `volume`'s worker (started on first use). Never
+    /// waits: a full queue answers "retry".
+    pub fn send(&mut self, volume: VolumeId, work: MirrorWork) {
+        let (dir, devices) = (self.dir.clone(), self.devices.clone());
+        let worker = self.workers.entry(volume).or_insert_with(|| worker::spawn(dir, devices, volume));
+        match worker.try_send(work) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(work)) => {
+                let msg = format!("the cache mirror of volume {volume} has {MIRROR_QUEUED_MAX} requests queued; retry");
+                let _ = work.reply.send(Err(ControlError::new(ErrorCode::Unavailable, msg)));
+            }
+            Err(mpsc::error::TrySendError::Closed(work)) => {
+                // The worker ended (it only does when its queue is dropped,
+                // or it panicked): start another for the next request.
+                self.workers.remove(&volume);
+                let msg = format!("the cache mirror of volume {volume} stopped; retry");
+                let _ = work.reply.send(Err(ControlError::new(ErrorCode::Unavailable, msg)));
+            }
+        }
+    }
+}

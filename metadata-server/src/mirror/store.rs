@@ -1,0 +1,285 @@
+//! One volume's mirror file: the holder's cached writes, appended in
+//! batches (one write + one fdatasync each) and released once the holder
+//! has them on the devices. Blocking file I/O, run by the mirror's worker
+//! ([`super::worker`]) on tokio's blocking pool — never on the owner loop.
+//!
+//! Why the agent's log format ([`volume_format::cache_log`]): it already
+//! tells a torn last batch (never acknowledged, ignored) from damage in the
+//! middle (reported), and releases space by moving the tail in a
+//! superblock before reusing it. The mirror numbers its records itself; the
+//! holder's sequence numbers (what releases name) are kept beside them in
+//! memory. After a restart they are not needed: the records on disk are
+//! either replayed to the devices (the holder is gone) or dropped by the
+//! holder's next [`MirrorOpen`](volume_format::control::messages::Request::MirrorOpen)
+//! (it destaged everything before mirroring again).
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use volume_format::cache_log::{scan, LogAppender, ScanError, DATA_START_BYTES};
+use volume_format::control::messages::MirrorRecord;
+use volume_format::VolumeId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cache mirror {path}: cannot {what}: {source}")]
+    Io { path: String, what: &'static str, source: std::io::Error },
+    #[error("{0}")]
+    Scan(#[from] ScanError),
+    #[error(
+        "cache mirror {path} holds volume {found}, not {expected}: the mirror directory was edited by hand; move \
+         the file aside"
+    )]
+    OtherVolume { path: String, found: VolumeId, expected: VolumeId },
+    #[error("mirror record {seq} is out of order (the last one mirrored is {last}); start mirroring again")]
+    OutOfOrder { seq: u64, last: u64 },
+    #[error("a mirror record of {length} bytes can never fit the volume's {log_bytes}-byte mirror")]
+    TooLarge { length: usize, log_bytes: u64 },
+}
+
+/// A record the mirror holds, oldest first.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    /// The holder's sequence number.
+    seq: u64,
+    /// Where the mirror's own record starts, and its own sequence number
+    /// (the tail moves to the next held record's).
+    pos: u64,
+    log_seq: u64,
+    bytes: u64,
+}
+
+/// A volume's mirror file being written.
+pub struct VolumeMirror {
+    path: PathBuf,
+    file: File,
+    appender: LogAppender,
+    held: VecDeque<Held>,
+    held_bytes: u64,
+    last_seq: u64,
+}
+
+/// Where volume `volume`'s mirror lives in `dir`.
+pub fn mirror_path(dir: &Path, volume: VolumeId) -> PathBuf {
+    dir.join(format!("volume-{}.mirror", volume.0))
+}
+
+fn io(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> StoreError {
+    let path = path.display().to_string();
+    move |source| StoreError::Io { path, what, source }
+}
+
+impl VolumeMirror {
+    /// Starts an empty mirror of `log_bytes` at `path` (whatever the file
+    /// held is gone): a new log id, both superblocks, synced.
+    pub fn create(path: &Path, volume: VolumeId, log_bytes: u64) -> Result<VolumeMirror, StoreError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io(path, "open"))?;
+        let mut id = [0u8; 8];
+        getrandom::getrandom(&mut id).map_err(|e| StoreError::Io {
+            path: path.display().to_string(),
+            what: "pick a log id",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let appender = LogAppender::create(u64::from_be_bytes(id), volume, log_bytes);
+        // Cut to nothing, then to size: no record of an older log survives
+        // to be mistaken for part of this one (the log id also rules them
+        // out). Sparse: the server keeps one mirror per cached volume.
+        file.set_len(0).map_err(io(path, "truncate"))?;
+        file.set_len(log_bytes).map_err(io(path, "size"))?;
+        for superblock in appender.initial_superblocks() {
+            file.write_all_at(&superblock.encode(), superblock.slot_offset()).map_err(io(path, "write"))?;
+        }
+        file.sync_all().map_err(io(path, "fsync"))?;
+        if let Some(dir) = path.parent().and_then(|d| File::open(d).ok()) {
+            dir.sync_all().map_err(io(path, "fsync its directory"))?;
+        }
+        debug_assert!(log_bytes > DATA_START_BYTES);
+        Ok(VolumeMirror { path: path.to_path_buf(), file, appender, held: VecDeque::new(), held_bytes: 0, last_seq: 0 })
+    }
+
+    pub fn log_bytes(&self) -> u64 {
+        self.appender.ring().capacity_bytes()
+    }
+
+    /// Data bytes held (mirrored, not yet released).
+    pub fn held_bytes(&self) -> u64 {
+        self.held_bytes
+    }
+
+    pub fn held_records(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Appends as many of `records` as fit, in order, with one write per
+    /// region and one fdatasync; returns how many were taken (the rest wait
+    /// for a release). Nothing taken means the mirror is full.
+    pub fn append(&mut self, records: &[MirrorRecord]) -> Result<usize, StoreError> {
+        let mut batch = self.appender.begin_batch();
+        let mut taken = 0;
+        let mut last = self.last_seq;
+        for record in records {
+            if record.seq <= last {
+                return Err(StoreError::OutOfOrder { seq: record.seq, last });
+            }
+            if !self.appender.fits_ever(u32::try_from(record.data.len()).unwrap_or(u32::MAX)) {
+                return Err(StoreError::TooLarge { length: record.data.len(), log_bytes: self.log_bytes() });
+            }
+            if !self.appender.push(&mut batch, record.offset, &record.data) {
+                break;
+            }
+            last = record.seq;
+            taken += 1;
+        }
+        if taken == 0 {
+            return Ok(0);
+        }
+        for region in &batch.regions {
+            self.file.write_all_at(&region.bytes, region.pos).map_err(io(&self.path, "append"))?;
+        }
+        self.file.sync_data().map_err(io(&self.path, "fdatasync"))?;
+        for (appended, record) in batch.records.iter().zip(records) {
+            self.held.push_back(Held {
+                seq: record.seq,
+                pos: appended.pos,
+                log_seq: appended.seq,
+                bytes: record.data.len() as u64,
+            });
+            self.held_bytes += record.data.len() as u64;
+        }
+        self.last_seq = last;
+        Ok(taken)
+    }
+
+    /// Frees every record up to the holder's `upto_seq` (the superblock
+    /// moves the tail, synced, before the space is reused).
+    pub fn release(&mut self, upto_seq: u64) -> Result<(), StoreError> {
+        let count = self.held.iter().take_while(|h| h.seq <= upto_seq).count();
+        if count == 0 {
+            return Ok(());
+        }
+        let (tail_pos, tail_seq) = match self.held.get(count) {
+            Some(next) => (next.pos, next.log_seq),
+            None => (self.appender.ring().head(), self.appender.next_seq()),
+        };
+        let superblock = self.appender.release_superblock(tail_pos, tail_seq);
+        self.file.write_all_at(&superblock.encode(), superblock.slot_offset()).map_err(io(&self.path, "write"))?;
+        self.file.sync_data().map_err(io(&self.path, "fdatasync"))?;
+        for held in self.held.drain(..count) {
+            self.held_bytes -= held.bytes;
+        }
+        self.appender.released(tail_pos);
+        Ok(())
+    }
+}
+
+/// A held write: its volume offset and data.
+pub type HeldWrite = (u64, Vec<u8>);
+
+/// The records a mirror file holds, in order (what a replay writes), or
+/// `None` when there is no file or it holds none.
+pub fn read_held(path: &Path, volume: VolumeId) -> Result<Option<Vec<HeldWrite>>, StoreError> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(path, "open")(e)),
+    };
+    if file.metadata().map_err(io(path, "stat"))?.len() == 0 {
+        return Ok(None);
+    }
+    let name = path.display().to_string();
+    let log = scan(&file, &name)?;
+    if log.superblock.volume != volume {
+        return Err(StoreError::OtherVolume { path: name, found: log.superblock.volume, expected: volume });
+    }
+    if log.records.is_empty() {
+        return Ok(None);
+    }
+    let mut out = Vec::with_capacity(log.records.len());
+    for record in &log.records {
+        let data = volume_format::cache_log::read_record(&file, &name, record)?;
+        out.push((record.header.offset, data));
+    }
+    Ok(Some(out))
+}
+
+/// Removes a volume's mirror file (the volume has no cache any more, or
+/// was deleted); a missing file is fine.
+pub fn remove(path: &Path) -> Result<(), StoreError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(path, "remove")(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOG_BYTES: u64 = 1 << 20;
+
+    fn rec(seq: u64, offset: u64, fill: u8, len: usize) -> MirrorRecord {
+        MirrorRecord { seq, offset, data: vec![fill; len] }
+    }
+
+    #[test]
+    fn appended_records_read_back_in_order_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = mirror_path(dir.path(), VolumeId(3));
+        let mut m = VolumeMirror::create(&path, VolumeId(3), LOG_BYTES).unwrap();
+        assert_eq!(read_held(&path, VolumeId(3)).unwrap(), None, "a fresh mirror holds nothing");
+        assert_eq!(m.append(&[rec(1, 0, 1, 4096), rec(4, 8192, 2, 512)]).unwrap(), 2);
+        assert_eq!(m.append(&[rec(9, 0, 3, 4096)]).unwrap(), 1);
+        assert_eq!(m.held_bytes(), 4096 + 512 + 4096);
+        let held = read_held(&path, VolumeId(3)).unwrap().unwrap();
+        assert_eq!(held, vec![(0, vec![1; 4096]), (8192, vec![2; 512]), (0, vec![3; 4096])]);
+        m.release(4).unwrap();
+        assert_eq!(read_held(&path, VolumeId(3)).unwrap().unwrap(), vec![(0, vec![3; 4096])]);
+        m.release(9).unwrap();
+        assert_eq!(read_held(&path, VolumeId(3)).unwrap(), None);
+        assert_eq!(m.held_bytes(), 0);
+        assert!(matches!(read_held(&path, VolumeId(4)), Err(StoreError::OtherVolume { .. })));
+    }
+
+    #[test]
+    fn a_full_mirror_takes_what_fits_and_the_rest_after_a_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = mirror_path(dir.path(), VolumeId(1));
+        let mut m = VolumeMirror::create(&path, VolumeId(1), LOG_BYTES).unwrap();
+        let big = 300 << 10;
+        let records: Vec<MirrorRecord> = (1..=5).map(|i| rec(i, i * 4096, i as u8, big)).collect();
+        let taken = m.append(&records).unwrap();
+        assert!((1..5).contains(&taken), "{taken} of 5 fit in 1 MiB");
+        assert_eq!(m.append(&records[taken..]).unwrap(), 0, "full: nothing is taken");
+        m.release(taken as u64).unwrap();
+        let more = m.append(&records[taken..]).unwrap();
+        assert!(more > 0);
+        // Wrapped around the ring: still read back in order.
+        let held = read_held(&path, VolumeId(1)).unwrap().unwrap();
+        let expected: Vec<(u64, Vec<u8>)> =
+            records[taken..taken + more].iter().map(|r| (r.offset, r.data.clone())).collect();
+        assert_eq!(held, expected);
+    }
+
+    #[test]
+    fn out_of_order_and_oversized_records_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = mirror_path(dir.path(), VolumeId(1));
+        let mut m = VolumeMirror::create(&path, VolumeId(1), LOG_BYTES).unwrap();
+        m.append(&[rec(5, 0, 1, 512)]).unwrap();
+        assert!(matches!(m.append(&[rec(5, 0, 1, 512)]), Err(StoreError::OutOfOrder { seq: 5, last: 5 })));
+        assert!(matches!(m.append(&[rec(6, 0, 1, 2 << 20)]), Err(StoreError::TooLarge { .. })));
+        // Creating again empties it.
+        let m = VolumeMirror::create(&path, VolumeId(1), LOG_BYTES).unwrap();
+        assert_eq!(m.held_records(), 0);
+        assert_eq!(read_held(&path, VolumeId(1)).unwrap(), None);
+    }
+}

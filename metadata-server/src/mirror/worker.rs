@@ -1,0 +1,251 @@
+//! One volume's mirror worker: takes the owner's requests in order, writes
+//! appends queued together with one write + one fdatasync, holds appends
+//! that do not fit until a release makes room (back-pressure, never an
+//! error), and replays the mirror to the devices when asked.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+use volume_format::control::messages::{
+    ControlError, ErrorCode, MirrorRecord, Response, MIRROR_APPEND_BYTES_MAX, MIRROR_APPEND_RECORDS_MAX,
+};
+use volume_format::VolumeId;
+
+use super::store::{self, StoreError, VolumeMirror};
+use super::{MirrorOp, MirrorReply, MirrorWork, MIRROR_QUEUED_MAX};
+use crate::server::snapshot_io::DeviceClients;
+
+/// Starts `volume`'s worker; it ends when the sender is dropped.
+pub fn spawn(dir: PathBuf, devices: DeviceClients, volume: VolumeId) -> mpsc::Sender<MirrorWork> {
+    let (tx, rx) = mpsc::channel(MIRROR_QUEUED_MAX);
+    tokio::spawn(Worker { dir, devices, volume, mirror: None, waiting: VecDeque::new() }.run(rx));
+    tx
+}
+
+/// An append not yet (wholly) durable: `done` of its records are.
+struct Pending {
+    records: Vec<MirrorRecord>,
+    done: usize,
+    reply: MirrorReply,
+}
+
+struct Worker {
+    dir: PathBuf,
+    devices: DeviceClients,
+    volume: VolumeId,
+    mirror: Option<VolumeMirror>,
+    /// Appends in arrival order; only the first may be partly done.
+    waiting: VecDeque<Pending>,
+}
+
+fn failed(e: impl std::fmt::Display) -> ControlError {
+    ControlError::new(ErrorCode::Internal, format!("{e}"))
+}
+
+impl Worker {
+    async fn run(mut self, mut rx: mpsc::Receiver<MirrorWork>) {
+        while let Some(work) = rx.recv().await {
+            let mut works = vec![work];
+            while let Ok(more) = rx.try_recv() {
+                works.push(more);
+            }
+            for work in works {
+                self.take(work).await;
+            }
+            // Everything that arrived together is queued: write it together.
+            self.write_waiting().await;
+        }
+    }
+
+    async fn take(&mut self, work: MirrorWork) {
+        let MirrorWork { op, reply } = work;
+        match op {
+            MirrorOp::Append { records } => {
+                if self.mirror.is_none() {
+                    let msg = format!(
+                        "volume {} is not being mirrored (the metadata server restarted, or mirroring was never \
+                         started): start mirroring again",
+                        self.volume
+                    );
+                    let _ = reply.send(Err(ControlError::new(ErrorCode::Unavailable, msg)));
+                    return;
+                }
+                self.waiting.push_back(Pending { records, done: 0, reply });
+            }
+            MirrorOp::Release { upto_seq } => {
+                // Appends before it are written first: the release may name them.
+                self.write_waiting().await;
+                let result = match self.mirror.take() {
+                    Some(mut mirror) => {
+                        let (mirror, result) = blocking(move || {
+                            let result = mirror.release(upto_seq);
+                            (Some(mirror), result)
+                        })
+                        .await;
+                        self.mirror = mirror;
+                        result.map(|()| Response::Done).map_err(failed)
+                    }
+                    None => Ok(Response::Done),
+                };
+                let _ = reply.send(result);
+            }
+            MirrorOp::Open { cache } => {
+                self.drop_waiting("mirroring started again");
+                self.mirror = None;
+                let path = store::mirror_path(&self.dir, self.volume);
+                let volume = self.volume;
+                let dir = self.dir.clone();
+                let created = blocking(move || {
+                    let result = std::fs::create_dir_all(&dir)
+                        .map_err(|source| StoreError::Io { path: dir.display().to_string(), what: "create", source })
+                        .and_then(|()| VolumeMirror::create(&path, volume, cache.size_bytes));
+                    (None::<VolumeMirror>, result)
+                })
+                .await;
+                let result = match created.1 {
+                    Ok(mirror) => {
+                        info!(volume = %self.volume, size_bytes = cache.size_bytes, "cache mirror started");
+                        self.mirror = Some(mirror);
+                        Ok(Response::MirrorOpened { cache: Some(cache) })
+                    }
+                    Err(e) => Err(failed(e)),
+                };
+                let _ = reply.send(result);
+            }
+            MirrorOp::Replay { meta } => {
+                // Appends not yet durable were never acknowledged: dropped.
+                self.drop_waiting("the holder is gone; its mirror is being replayed");
+                self.mirror = None;
+                let result = self.replay(&meta).await;
+                let _ = reply.send(result.map(|()| Response::Done));
+            }
+            MirrorOp::Remove => {
+                self.drop_waiting("the volume's cache was removed");
+                self.mirror = None;
+                let path = store::mirror_path(&self.dir, self.volume);
+                let (_, result) = blocking(move || (None::<VolumeMirror>, store::remove(&path))).await;
+                let _ = reply.send(result.map(|()| Response::Done).map_err(failed));
+            }
+        }
+    }
+
+    fn drop_waiting(&mut self, why: &str) {
+        for pending in self.waiting.drain(..) {
+            let msg = format!("not mirrored: {why}");
+            let _ = pending.reply.send(Err(ControlError::new(ErrorCode::Unavailable, msg)));
+        }
+    }
+
+    /// Writes the waiting appends, as many as fit, in batches of bounded
+    /// size; answers each append once all its records are durable.
+    async fn write_waiting(&mut self) {
+        while !self.waiting.is_empty() {
+            let Some(mut mirror) = self.mirror.take() else {
+                return self.drop_waiting("mirroring stopped");
+            };
+            let mut batch: Vec<MirrorRecord> = Vec::new();
+            let mut bytes = 0;
+            'collect: for pending in &self.waiting {
+                for record in &pending.records[pending.done..] {
+                    if batch.len() >= MIRROR_APPEND_RECORDS_MAX || bytes >= MIRROR_APPEND_BYTES_MAX {
+                        break 'collect;
+                    }
+                    bytes += record.data.len();
+                    batch.push(record.clone());
+                }
+            }
+            let (mirror, result) = blocking(move || {
+                let result = mirror.append(&batch);
+                (Some(mirror), result)
+            })
+            .await;
+            self.mirror = mirror;
+            let mut taken = match result {
+                Ok(0) => return, // full: wait for a release
+                Ok(taken) => taken,
+                Err(e) => {
+                    // Mirroring stops: the holder hears so and starts again.
+                    self.mirror = None;
+                    warn!(volume = %self.volume, "cache mirror append failed: {e}");
+                    let e = failed(e);
+                    for pending in self.waiting.drain(..) {
+                        let _ = pending.reply.send(Err(e.clone()));
+                    }
+                    return;
+                }
+            };
+            while taken > 0 {
+                let front = self.waiting.front_mut().expect("taken records came from waiting appends");
+                let n = (front.records.len() - front.done).min(taken);
+                front.done += n;
+                taken -= n;
+                if front.done == front.records.len() {
+                    let pending = self.waiting.pop_front().expect("front");
+                    let upto_seq = pending.records.last().map_or(0, |r| r.seq);
+                    let _ = pending.reply.send(Ok(Response::Mirrored { upto_seq }));
+                }
+            }
+            // Empty appends are answered at once.
+            while self.waiting.front().is_some_and(|p| p.done == p.records.len()) {
+                let pending = self.waiting.pop_front().expect("front");
+                let upto_seq = pending.records.last().map_or(0, |r| r.seq);
+                let _ = pending.reply.send(Ok(Response::Mirrored { upto_seq }));
+            }
+        }
+    }
+
+    async fn replay(&mut self, meta: &volume_format::metadata::PoolMetadata) -> Result<(), ControlError> {
+        let devices = &self.devices;
+        let path = store::mirror_path(&self.dir, self.volume);
+        let volume = self.volume;
+        let read_path = path.clone();
+        let (_, held) = blocking(move || (None::<VolumeMirror>, store::read_held(&read_path, volume))).await;
+        let held = held.map_err(|e| {
+            ControlError::new(
+                ErrorCode::Unavailable,
+                format!("reading the cache mirror of volume {volume} failed: {e}; the volume cannot be opened until it is fixed"),
+            )
+        })?;
+        let Some(records) = held else { return Ok(()) };
+        let count = records.len();
+        for (i, (offset, data)) in records.into_iter().enumerate() {
+            devices.write_live(meta, volume, offset, Bytes::from(data)).await.map_err(|e| {
+                ControlError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "replaying the cache mirror of volume {volume} to its devices failed at record {} of {count} \
+                         ({e}); the mirror is kept and the replay is retried at the next open",
+                        i + 1
+                    ),
+                )
+            })?;
+        }
+        // Everything is on the devices (each write with FUA): the mirror's
+        // copies go.
+        let (_, removed) = blocking(move || (None::<VolumeMirror>, store::remove(&path))).await;
+        removed.map_err(failed)?;
+        info!(volume = %volume, records = count, "cache mirror replayed to the devices");
+        Ok(())
+    }
+}
+
+/// Runs a file operation on the blocking pool; the mirror (if any) comes
+/// back with its result.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> (Option<VolumeMirror>, Result<T, StoreError>) + Send + 'static,
+) -> (Option<VolumeMirror>, Result<T, StoreError>) {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(x) => x,
+        Err(e) => (
+            None,
+            Err(StoreError::Io {
+                path: String::new(),
+                what: "run a file operation",
+                source: std::io::Error::other(e.to_string()),
+            }),
+        ),
+    }
+}

@@ -1,0 +1,179 @@
+//! The metadata server's side of fencing devices (`sanvol-target`, see
+//! `volume_format::capability`): its own capability on every device
+//! connection, and fence orders.
+//!
+//! Why the capability is installed once per process rather than passed
+//! down: every device connection of the server (the metadata copies, the
+//! disk lease, copies and zeroing, snapshot reads, the fallback data path)
+//! is made through [`crate::pool::device::client_options`], and all of
+//! them act for the server with the same key. The client presents the
+//! capability only to devices that announce fencing, so plain NBD devices
+//! see the plain export name as before.
+//!
+//! A fence order raises the minimum generation of a holder on one device
+//! and returns once the target acknowledged it (no older connection of the
+//! holder open, none of its requests running). A broken handle is fenced
+//! for good ([`BROKEN`]): handle ids are never reused.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use blockio::client::{ClientOptions, ExportCredential, NbdClient};
+use blockio::uri::NbdUri;
+use blockio::BlockDevice;
+use ed25519_dalek::SigningKey;
+use volume_format::capability::{
+    announces_fencing, Capability, FenceAck, FenceOrder, Holder, SignedCapability, SignedFenceOrder,
+    CAPABILITY_LIFETIME_DEFAULT_SECS, FENCE_ACK_BYTES, TARGET_DESCRIPTION_PREFIX,
+};
+use volume_format::label::ByteRange;
+
+/// The minimum generation that fences a holder for good.
+pub const BROKEN: u64 = u64::MAX;
+/// The generation of the server's own capability (raised when a server
+/// fences a previous one: the availability issue's part).
+pub const SERVER_GENERATION: u64 = 1;
+/// Longest a fence order may wait for its acknowledgement: the target
+/// waits for the holder's requests in flight, which a device bounds only by
+/// its own timeouts.
+pub const FENCE_ACK_TIMEOUT: Duration = Duration::from_secs(60);
+
+static SERVER_KEY: OnceLock<Arc<SigningKey>> = OnceLock::new();
+
+/// Makes every device connection of this process present the server's
+/// capability (signed with `key`) to fencing devices. The first key wins.
+pub fn install(key: Arc<SigningKey>) {
+    let _ = SERVER_KEY.set(key);
+}
+
+fn now_unix_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The server's capability: every byte of every device of the pool.
+pub fn server_capability(key: &SigningKey) -> SignedCapability {
+    let now = now_unix_secs();
+    SignedCapability::sign(
+        Capability {
+            holder: Holder::Server,
+            generation: SERVER_GENERATION,
+            device_uuid: None,
+            writable: vec![ByteRange::new(0, u64::MAX)],
+            issued_unix_secs: now,
+            expires_unix_secs: now + CAPABILITY_LIFETIME_DEFAULT_SECS,
+        },
+        key,
+    )
+}
+
+/// `opts` with the server's credential, if one is installed.
+pub fn with_server_credential(mut opts: ClientOptions) -> ClientOptions {
+    if let Some(key) = SERVER_KEY.get().cloned() {
+        opts.credential = Some(ExportCredential {
+            description_prefix: TARGET_DESCRIPTION_PREFIX.to_string(),
+            export_name: Arc::new(move |base: &str| server_capability(&key).export_name(base)),
+        });
+    }
+    opts
+}
+
+/// Why a fence order did not come back acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum FenceError {
+    #[error("device {uri}: {message}")]
+    Device { uri: String, message: String },
+    #[error("device {uri}: no acknowledgement within {} s (a request of the fenced holder is still running there)", .after.as_secs())]
+    Timeout { uri: String, after: Duration },
+}
+
+/// Whether the device behind `uri` fences (its description says so).
+pub async fn fences(uri: &NbdUri, timeout: Duration) -> Result<bool, FenceError> {
+    let device_error = |message: String| FenceError::Device { uri: uri.to_string(), message };
+    let opts = ClientOptions { connect_timeout: timeout, ..ClientOptions::default() };
+    // A plain connection: a fencing target lets it in (no data) and says so.
+    let client = tokio::time::timeout(timeout, NbdClient::connect(uri, opts))
+        .await
+        .map_err(|_| device_error(format!("no connection within {} ms", timeout.as_millis())))?
+        .map_err(|e| device_error(e.to_string()))?;
+    Ok(client.info().description.as_deref().is_some_and(announces_fencing))
+}
+
+/// Raises `holder`'s minimum generation on the device behind `uri` and
+/// waits for the acknowledgement.
+pub async fn fence(
+    uri: &NbdUri,
+    key: &SigningKey,
+    holder: Holder,
+    min_generation: u64,
+) -> Result<FenceAck, FenceError> {
+    let device_error = |message: String| FenceError::Device { uri: uri.to_string(), message };
+    let order = FenceOrder { holder, min_generation, device_uuid: None, issued_unix_secs: now_unix_secs() };
+    let name = SignedFenceOrder::sign(order, key).export_name(&uri.export);
+    let opts = ClientOptions {
+        connect_timeout: crate::pool::device::CONNECT_TIMEOUT,
+        request_timeout: Some(FENCE_ACK_TIMEOUT),
+        ..ClientOptions::default()
+    };
+    let waited = async {
+        let client = NbdClient::connect(&uri.with_export(name), opts).await.map_err(|e| device_error(e.to_string()))?;
+        let block = client.read(0, FENCE_ACK_BYTES).await.map_err(|e| device_error(e.to_string()))?;
+        let ack = FenceAck::decode(&block).map_err(|e| device_error(e.to_string()))?;
+        if ack.holder != holder || ack.min_generation < min_generation {
+            return Err(device_error(format!(
+                "acknowledged {} ≥ {}, not the order sent",
+                ack.holder, ack.min_generation
+            )));
+        }
+        Ok(ack)
+    };
+    tokio::time::timeout(FENCE_ACK_TIMEOUT + crate::pool::device::CONNECT_TIMEOUT, waited)
+        .await
+        .map_err(|_| FenceError::Timeout { uri: uri.to_string(), after: FENCE_ACK_TIMEOUT })?
+}
+
+/// Longest the probe of a device (does it fence?) may take: a device the
+/// server cannot reach is skipped (see [`fence_everywhere`]), and an open
+/// that breaks a handle waits for it.
+pub const FENCE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Devices probed and fenced at once.
+pub const FENCE_PARALLEL_MAX: usize = 16;
+
+/// Fences `holder` for good on every device of `uris` that fences, each
+/// bounded, [`FENCE_PARALLEL_MAX`] at a time. Plain devices are skipped (the
+/// timing rules cover them), and so are devices the server cannot reach
+/// now (the timing rules, which have already run out when a handle is
+/// broken, are what covers them — as for a plain device). A device that
+/// fences and does not acknowledge fails the whole. Returns the devices
+/// fenced.
+pub async fn fence_everywhere(uris: &[String], key: &SigningKey, holder: Holder) -> Result<Vec<String>, String> {
+    use futures::stream::{self, StreamExt};
+    // Each future owns what it uses (a stream of borrowing futures is not
+    // `Send` for every lifetime the job's task needs).
+    let each = uris.iter().cloned().map(|uri| {
+        let key = key.clone();
+        fence_one(uri, key, holder)
+    });
+    let results: Vec<_> = stream::iter(each).buffer_unordered(FENCE_PARALLEL_MAX).collect().await;
+    let mut fenced = Vec::new();
+    for r in results {
+        if let Some(uri) = r? {
+            fenced.push(uri);
+        }
+    }
+    Ok(fenced)
+}
+
+/// Fences `holder` on one device if it fences (see [`fence_everywhere`]).
+async fn fence_one(uri: String, key: SigningKey, holder: Holder) -> Result<Option<String>, String> {
+    let parsed: NbdUri = uri.parse().map_err(|e| format!("device {uri}: bad URI: {e}"))?;
+    match fences(&parsed, FENCE_PROBE_TIMEOUT).await {
+        Ok(true) => {}
+        Ok(false) => return Ok(None),
+        Err(e) => {
+            tracing::warn!(%holder, device = %uri, error = %e, "cannot tell whether the device fences; the timing rules cover it");
+            return Ok(None);
+        }
+    }
+    fence(&parsed, &key, holder, BROKEN).await.map_err(|e| e.to_string())?;
+    Ok(Some(uri))
+}

@@ -1,0 +1,183 @@
+//! The metadata server's mirror of a volume's write-back cache (issue 15),
+//! end to end: an embedded `sanvol-mds` over in-process NBD devices,
+//! control clients acting as agents, the devices read back directly.
+
+mod common;
+
+use std::time::Duration;
+
+use blockio::BlockDevice;
+use common::{Pool, MIB};
+use control_client::{ControlClient, ControlClientError};
+use volume_format::control::auth::Role;
+use volume_format::control::messages::{
+    CacheMode, ErrorCode, MirrorRecord, OpenMode, OpenedHandle, Request, Response, VolumeCache,
+};
+use volume_format::{HandleId, VolumeDescription};
+
+const LEASE_MS: u64 = 500;
+const DURABLE_MS: u64 = 500;
+const CACHE_BYTES: u64 = 8 * MIB;
+
+fn code(e: ControlClientError) -> (ErrorCode, String) {
+    match e {
+        ControlClientError::Server(e) => (e.code, e.message),
+        other => panic!("expected a server error, got {other}"),
+    }
+}
+
+async fn open(client: &ControlClient, volume: &str, mode: OpenMode) -> Result<OpenedHandle, ControlClientError> {
+    match client.request(Request::Open { volume: volume.into(), mode }).await? {
+        Response::Opened(h) => Ok(h),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Opens `volume` as soon as the server lets it: a conflict names when the
+/// old holder's reservation ends, and is retried until then.
+async fn open_when_free(client: &ControlClient, volume: &str) -> OpenedHandle {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match open(client, volume, OpenMode::Exclusive).await {
+            Ok(h) => return h,
+            Err(ControlClientError::Server(e)) if e.code == ErrorCode::Conflict => {
+                assert!(tokio::time::Instant::now() < deadline, "still refused: {}", e.message);
+                tokio::time::sleep(Duration::from_millis(LEASE_MS / 5)).await;
+            }
+            Err(e) => panic!("open failed: {e}"),
+        }
+    }
+}
+
+fn record(seq: u64, offset: u64, fill: u8, len: usize) -> MirrorRecord {
+    MirrorRecord { seq, offset, data: vec![fill; len] }
+}
+
+async fn append(
+    client: &ControlClient,
+    handle: HandleId,
+    records: Vec<MirrorRecord>,
+) -> Result<u64, ControlClientError> {
+    match client.request(Request::MirrorAppend { handle, records }).await? {
+        Response::Mirrored { upto_seq } => Ok(upto_seq),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Whether every byte of `data` is `value`.
+fn all(data: &[u8], value: u8) -> bool {
+    data.iter().all(|&b| b == value)
+}
+
+/// Reads `len` bytes at volume offset `offset` (inside the first extent)
+/// from every leg, straight from the devices.
+async fn read_legs(pool: &Pool, description: &VolumeDescription, offset: u64, len: u32) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for leg in &description.extents[0].legs {
+        let device = &pool.devices.devices[leg.device.0 as usize];
+        out.push(device.read(leg.offset + offset, len).await.unwrap().to_vec());
+    }
+    out
+}
+
+/// An agent mirrors writes and dies with some unreleased: the next open of
+/// the volume is answered only after the server wrote every one of them to
+/// every leg, in order; released ones are not written again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_holder_s_mirrored_writes_are_on_the_devices_before_the_next_open() {
+    let pool = Pool::start_with(LEASE_MS, DURABLE_MS).await;
+    let admin = pool.admin().await;
+    admin.request(Request::VolumeCreate { name: "db".into(), size_bytes: 4 * MIB, legs: 2 }).await.unwrap();
+    let (a, _a_events) = pool.connect(&pool.agent_a, Role::Agent, "host-a").await;
+    let h = open(&a, "db", OpenMode::Exclusive).await.unwrap();
+
+    // No cache yet: nothing to mirror to; and the setting waits for a close.
+    let e = a.request(Request::MirrorOpen { handle: h.handle }).await.unwrap_err();
+    assert_eq!(code(e).0, ErrorCode::InvalidArgument);
+    let set = Request::VolumeCache { name: "db".into(), size_bytes: CACHE_BYTES, mode: Some(CacheMode::Mirrored) };
+    let e = admin.request(set.clone()).await.unwrap_err();
+    assert_eq!(code(e).0, ErrorCode::Busy, "the setting changes only while the volume is closed");
+    a.request(Request::Close { handle: h.handle }).await.unwrap();
+    assert_eq!(admin.request(set).await.unwrap(), Response::Done);
+    let e = admin.request(Request::SnapshotCreate { volume: "db".into(), name: "s".into() }).await.unwrap_err();
+    assert_eq!(code(e).0, ErrorCode::InvalidArgument, "no snapshots of a cached volume yet");
+
+    let h = open(&a, "db", OpenMode::Exclusive).await.unwrap();
+    let cache = VolumeCache { volume: h.description.volume, size_bytes: CACHE_BYTES, mode: CacheMode::Mirrored };
+    assert_eq!(
+        a.request(Request::MirrorOpen { handle: h.handle }).await.unwrap(),
+        Response::MirrorOpened { cache: Some(cache) }
+    );
+    // Only the holder's session mirrors.
+    let (b, _b_events) = pool.connect(&pool.agent_b, Role::Agent, "host-b").await;
+    let e = append(&b, h.handle, vec![record(1, 0, 9, 512)]).await.unwrap_err();
+    assert_eq!(code(e).0, ErrorCode::HandleBroken);
+
+    // Released (on the devices already, as far as the server knows):
+    // never written by the replay.
+    assert_eq!(append(&a, h.handle, vec![record(1, MIB / 2, b'r', 4096)]).await.unwrap(), 1);
+    a.request(Request::MirrorRelease { handle: h.handle, upto_seq: 1 }).await.unwrap();
+    // Unreleased: two concurrent appends, the later one overwriting part
+    // of the earlier; replayed in order, the later bytes win.
+    let first = append(&a, h.handle, vec![record(2, 0, b'a', 8192), record(3, 65536, b'b', 512)]);
+    let second = append(&a, h.handle, vec![record(5, 4096, b'c', 4096)]);
+    let (first, second) = tokio::join!(first, second);
+    assert_eq!((first.unwrap(), second.unwrap()), (3, 5));
+    let e = append(&a, h.handle, vec![record(4, 0, 1, 512)]).await.unwrap_err();
+    assert!(code(e).1.contains("out of order"), "sequence numbers only rise");
+
+    // The holder dies (its connection drops, nothing released, no close).
+    a.close().await;
+    let h2 = open_when_free(&b, "db").await;
+    for leg in read_legs(&pool, &h2.description, 0, 8192).await {
+        assert!(all(&leg[..4096], b'a'), "record 2 replayed");
+        assert!(all(&leg[4096..], b'c'), "the later write (record 5) wins");
+    }
+    for leg in read_legs(&pool, &h2.description, 65536, 512).await {
+        assert!(all(&leg, b'b'), "record 3 replayed");
+    }
+    for leg in read_legs(&pool, &h2.description, MIB / 2, 4096).await {
+        assert!(all(&leg, 0), "a released record is not replayed");
+    }
+    let mirror = pool.config.cache_mirror_dir.join(format!("volume-{}.mirror", h2.description.volume.0));
+    assert!(!mirror.exists(), "the replayed mirror is gone");
+
+    // The new holder mirrors afresh.
+    assert!(matches!(
+        b.request(Request::MirrorOpen { handle: h2.handle }).await.unwrap(),
+        Response::MirrorOpened { .. }
+    ));
+    assert_eq!(append(&b, h2.handle, vec![record(1, 0, b'n', 512)]).await.unwrap(), 1);
+}
+
+/// Appends that do not fit the mirror wait for a release (back-pressure),
+/// they never fail; many appends queued together are answered together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_mirror_holds_appends_until_a_release() {
+    let pool = Pool::start_with(LEASE_MS, DURABLE_MS).await;
+    let admin = pool.admin().await;
+    admin.request(Request::VolumeCreate { name: "db".into(), size_bytes: 16 * MIB, legs: 1 }).await.unwrap();
+    let set = Request::VolumeCache { name: "db".into(), size_bytes: CACHE_BYTES, mode: Some(CacheMode::Mirrored) };
+    admin.request(set).await.unwrap();
+    let (a, _events) = pool.connect(&pool.agent_a, Role::Agent, "host-a").await;
+    let h = open(&a, "db", OpenMode::Exclusive).await.unwrap();
+    a.request(Request::MirrorOpen { handle: h.handle }).await.unwrap();
+
+    // 3 MiB each: two fit the 8 MiB mirror, the third must wait.
+    let big = |seq: u64| vec![record(seq, (seq - 1) * 3 * MIB, seq as u8, 3 * MIB as usize)];
+    assert_eq!(append(&a, h.handle, big(1)).await.unwrap(), 1);
+    assert_eq!(append(&a, h.handle, big(2)).await.unwrap(), 2);
+    // Then, sent in this order on the one connection: the third (which must
+    // wait), many small appends queued behind it, and the release that makes
+    // room. The small ones never overtake the third.
+    let third = append(&a, h.handle, big(3));
+    let small = futures::future::join_all(
+        (0..16u64).map(|i| append(&a, h.handle, vec![record(10 + i, 12 * MIB + i * 4096, 7, 4096)])),
+    );
+    let release = a.request(Request::MirrorRelease { handle: h.handle, upto_seq: 2 });
+    let (third, small, released) = tokio::join!(third, small, release);
+    assert_eq!(released.unwrap(), Response::Done);
+    assert_eq!(third.unwrap(), 3);
+    let answered: Vec<u64> = small.into_iter().map(|r| r.unwrap()).collect();
+    assert_eq!(answered, (10..26).collect::<Vec<u64>>());
+}
