@@ -22,6 +22,10 @@ use crate::gate::Phase;
 /// Shortest and longest pause between tries of one registration.
 pub const PAUSE_MIN_MS: u64 = 20;
 pub const PAUSE_MAX_MS: u64 = 1_000;
+/// Failed metadata commits a write-intent request outlasts (the server
+/// marks a dead metadata copy's device failed within a few of them; beyond
+/// that the write fails: the server cannot commit at all).
+pub const INTENT_COMMIT_FAILURES_MAX: u32 = 16;
 
 /// A write-intent request (see `crate::intent`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +46,8 @@ struct Registration {
     /// A write-intent request instead of a copy-on-write registration:
     /// the same retries, another request.
     intent: Option<IntentOp>,
+    /// Failed commits of a write-intent request so far.
+    commit_failures: u32,
     pause_ms: u64,
     /// When to try again; `None` while a request is in flight.
     retry_at_ms: Option<Millis>,
@@ -107,6 +113,7 @@ impl AgentCore {
             chunks,
             server_copies,
             intent: None,
+            commit_failures: 0,
             pause_ms: PAUSE_MIN_MS,
             retry_at_ms: Some(now),
         };
@@ -186,9 +193,27 @@ impl AgentCore {
             Err(RequestError::Server(e)) if e.code == ErrorCode::NotFound || super::answers_later(&e) => {
                 self.registration_later(now, id, &e.message)
             }
+            // A write-intent commit that missed a metadata copy: the server
+            // checks the copy's device (marking it failed if it is gone),
+            // and marking again is harmless, so it is tried again — the
+            // write waits rather than fails while one device dies.
+            Err(RequestError::Server(e)) if e.code == ErrorCode::CommitFailed && self.intent_retry(id) => {
+                self.registration_later(now, id, &e.message)
+            }
             Err(RequestError::Server(e)) => self.registration_done(id, Err(e.message)),
             Err(e) => self.registration_later(now, id, &format!("{:?}", e)),
         }
+    }
+
+    /// Whether registration `id` is a write-intent request that may be
+    /// tried again after a failed commit (counts the try).
+    fn intent_retry(&mut self, id: u64) -> bool {
+        let Some(r) = self.registrations.by_id.get_mut(&id) else { return false };
+        if r.intent.is_none() || r.commit_failures >= INTENT_COMMIT_FAILURES_MAX {
+            return false;
+        }
+        r.commit_failures += 1;
+        true
     }
 
     fn registration_done(&mut self, id: u64, result: Result<(), String>) {

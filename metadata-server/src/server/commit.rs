@@ -49,6 +49,17 @@ pub struct Sealed {
     pub checkpoint_after: Option<(u64, RawWrite)>,
 }
 
+/// A commit that did not reach every metadata copy it was written to.
+#[derive(Debug)]
+pub struct CommitFailed {
+    pub why: String,
+    /// The devices of the copies that did not take it.
+    pub failed_devices: Vec<Uuid>,
+    /// Whether some copy took it (a failure of every copy is the server's
+    /// own: its lease, its network — no device is suspect).
+    pub took_some: bool,
+}
+
 /// Why a batch could not be sealed.
 #[derive(Debug)]
 pub enum SealRefused {
@@ -128,8 +139,12 @@ impl MetaJournal {
     }
 
     /// Which copies took commit `seq`; `Ok` acknowledges it.
-    pub fn commit_written(&mut self, seq: u64, written: &[bool]) -> Result<(), String> {
-        self.writer.commit_written(seq, written).map_err(|e| e.to_string())
+    pub fn commit_written(&mut self, seq: u64, written: &[bool]) -> Result<(), CommitFailed> {
+        self.writer.commit_written(seq, written).map_err(|e| CommitFailed {
+            why: e.to_string(),
+            failed_devices: e.failed_copies.iter().filter_map(|&i| self.copies.get(i).copied()).collect(),
+            took_some: written.iter().any(|&w| w),
+        })
     }
 
     /// Which copies took checkpoint `number`.

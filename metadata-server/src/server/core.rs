@@ -412,6 +412,8 @@ pub enum AfterJob {
     Zeroed { extents: Vec<volume_format::metadata::PhysicalExtent>, changes: Vec<MetaChange>, then: Box<AfterCommit> },
     /// A failed device was probed.
     Probed { device: volume_format::DeviceIndex },
+    /// A device whose metadata copy missed a commit was checked (`recovery`).
+    CopyChecked { device: volume_format::DeviceIndex, why: String },
     /// A device was labelled for `device add` (`reconfig`).
     Labelled,
     /// Expired handles were fenced on the fencing devices: release them.
@@ -558,6 +560,9 @@ pub struct Core {
     /// Probing of failed devices, if on (`recovery`).
     pub(super) device_probe: Option<super::recovery::ProbeBackoff>,
     pub(super) probes: super::recovery::Probes,
+    /// Devices being checked because their metadata copy missed a commit
+    /// (`recovery`).
+    pub(super) copy_checks: BTreeSet<volume_format::DeviceIndex>,
     pub(super) resyncs: super::recovery::Resyncs,
     /// The admin reconfiguration in progress, if any (`reconfig`).
     pub(super) operation: Option<super::reconfig::AdminOp>,
@@ -630,6 +635,7 @@ impl Core {
             zeroing: false,
             device_probe: None,
             probes: Default::default(),
+            copy_checks: BTreeSet::new(),
             resyncs: Default::default(),
             operation: None,
             device_replace_after_ms: None,
@@ -871,11 +877,12 @@ impl Core {
                     self.effects.push(Effect::MetaWrite { task, write });
                 }
             }
-            Err(e) => {
-                let why = if failures.is_empty() { e.to_string() } else { failures.join("; ") };
+            Err(failed) => {
+                let why = if failures.is_empty() { failed.why.clone() } else { failures.join("; ") };
                 warn!(seq, "metadata commit failed: {why}; answered once a later commit supersedes it");
                 let batch = self.revert_batch(batch);
                 let held = self.answer_plain_refusals(batch, &why);
+                self.check_failed_copies(&failed, &why);
                 if !held.parts.is_empty() {
                     self.unsettled.push((held, why));
                 }

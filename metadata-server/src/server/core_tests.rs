@@ -1416,3 +1416,93 @@ fn an_expired_handle_is_released_only_after_it_is_fenced() {
     w.apply(committed(task, next));
     assert!(w.core.handles.get(held.0).is_none());
 }
+
+/// A write-intent mark whose commit misses the metadata copy on a dead
+/// device: the server checks that device, marks it failed (the commit
+/// leaves its copy out) and the mark, asked again, commits to the copies
+/// left — stale for the failed device. No agent had to report it.
+#[test]
+fn a_commit_that_misses_the_copy_on_a_dead_device_marks_it_failed_then_commits_to_the_rest() {
+    use super::recovery::ProbeBackoff;
+    use volume_format::metadata::DeviceState;
+    let mut w = World::new();
+    w.core.set_device_probe(ProbeBackoff { min_ms: 100, max_ms: 400 });
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 2 << 20, legs: 2 });
+    let (task, next) = commit_of(&effects).unwrap();
+    w.apply(committed(task, next));
+    let (open, effects) = w.request(1, Request::Open { volume: "m".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    let Some(Ok(Response::Opened(opened))) = reply_of(&effects, open) else { panic!("{effects:?}") };
+    let device = w.core.meta.volume_by_name("m").unwrap().extents[0].legs[0].device;
+    let uuid = w.core.meta.device(device).unwrap().device_uuid;
+    let check_of = |effects: &[Effect]| {
+        effects.iter().find_map(|e| match e {
+            Effect::Job { task, job: Job::CheckDevice { index, .. } } if *index == device.0 => Some(*task),
+            _ => None,
+        })
+    };
+    let missing = |write: &RawWrite| {
+        let mut written = vec![true; write.copies];
+        let copy = write.targets.iter().find(|t| t.1 == uuid).expect("the device holds a copy").0;
+        written[copy] = false;
+        written
+    };
+    let mark = Request::IntentRecord { handle: opened.handle, mark: vec![0], clear: vec![] };
+    let (first, effects) = w.request(1, mark.clone());
+    let (task, write) = commit_of(&effects).expect("the mark commits");
+    let effects = w.apply(Input::MetaWritten { task, written: missing(&write), failures: vec!["refused".into()] });
+    match reply_of(&effects, first) {
+        Some(Err(e)) => assert_eq!(e.code, ErrorCode::CommitFailed, "{e}"),
+        other => panic!("a failed mark is never acknowledged: {other:?}"),
+    }
+    let check = check_of(&effects).expect("the device of the copy that missed the commit is checked");
+    // The superseding commit misses it too: checked once at a time.
+    let (task, write) = commit_of(&effects).expect("an empty commit supersedes the refused one");
+    let effects = w.apply(Input::MetaWritten { task, written: missing(&write), failures: vec!["refused".into()] });
+    assert!(check_of(&effects).is_none(), "one check at a time");
+    let (supersede, write) = commit_of(&effects).expect("superseded again");
+    // It is gone: marked failed, in a commit that leaves its copy out.
+    let effects = w.apply(Input::JobDone { task: check, outcome: JobOutcome::failed("connection refused") });
+    assert!(commit_of(&effects).is_none(), "one commit in flight");
+    let effects = w.apply(Input::MetaWritten { task: supersede, written: missing(&write), failures: vec!["x".into()] });
+    let (task, write) = commit_of(&effects).expect("the failure commits");
+    assert!(write.targets.iter().all(|t| t.1 != uuid), "the failed device's copy is left out: {:?}", write.targets);
+    w.apply(committed(task, write));
+    assert!(matches!(w.core.meta.device(device).unwrap().state, DeviceState::Failed { .. }));
+    // The agent asks again: durable on the copies left, stale for the device.
+    assert_eq!(committed_request(&mut w, 1, mark), Ok(Response::IntentRecorded));
+    let v = w.core.meta.volume_by_name("m").unwrap().id;
+    let stale: Vec<u64> = w.core.meta.intent(v, volume_format::metadata::IntentKey::Stale(device)).iter().collect();
+    assert_eq!(stale, vec![0]);
+}
+
+/// A commit no copy took is the server's own failure (its lease, its
+/// network): no device is suspected, and a device that answers its check
+/// stays online.
+#[test]
+fn a_commit_no_copy_took_checks_no_device_and_a_reachable_one_stays_online() {
+    use super::recovery::ProbeBackoff;
+    use volume_format::metadata::DeviceState;
+    let mut w = World::new();
+    w.core.set_device_probe(ProbeBackoff { min_ms: 100, max_ms: 400 });
+    let is_check = |e: &Effect| matches!(e, Effect::Job { job: Job::CheckDevice { .. }, .. });
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "a".into(), size_bytes: 1 << 20, legs: 1 });
+    let (task, write) = commit_of(&effects).unwrap();
+    let effects = w.apply(failed(task, write));
+    assert!(!effects.iter().any(is_check), "{effects:?}");
+    let (task, write) = commit_of(&effects).expect("superseded");
+    let mut written = vec![true; write.copies];
+    let (copy, uuid, _) = write.targets[0];
+    written[copy] = false;
+    let effects = w.apply(Input::MetaWritten { task, written, failures: vec!["a timeout".into()] });
+    let check = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Job { task, job: Job::CheckDevice { uuid: u, .. } } if *u == uuid => Some(*task),
+            _ => None,
+        })
+        .expect("checked");
+    w.apply(Input::JobDone { task: check, outcome: JobOutcome::done() });
+    assert!(w.core.meta.devices.iter().all(|d| matches!(d.state, DeviceState::Online)));
+}

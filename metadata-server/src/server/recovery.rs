@@ -35,6 +35,18 @@
 //! extents copied whole, and snapshot copy-on-write extents are always
 //! copied whole (their writes are not in the intent log).
 //!
+//! **A metadata copy that misses a commit.** A commit must reach every
+//! copy on an online device; one on a device that died is refused until the
+//! device is marked failed (its copy then leaves the set written). Agents
+//! only report devices their own I/O finds dead — and a mirrored volume's
+//! first write to a region waits for a commit (its write-intent mark), so
+//! the report may never come. So the server checks the device of every copy
+//! a commit missed while another copy took it (a failure of every copy is
+//! the server's own: its lease, its network), and marks it failed if it
+//! cannot read its label; the refused requests are retried by their
+//! senders and commit to the copies left. Only with probing on: a device
+//! failed this way must be able to come back.
+//!
 //! Known limits (the next steps of issue 12): holders pause I/O while their volume's extents
 //! on the device are copied (as for a snapshot delete's merge) — an online
 //! copy with regions locked against agents' writes would avoid that. A
@@ -49,12 +61,15 @@ use volume_format::control::messages::{ControlError, Response};
 use volume_format::metadata::{intent_region_bytes, DeviceState, IntentKey, LogicalExtent, MetaChange, PoolMetadata};
 use volume_format::{DeviceIndex, VolumeId};
 
+use super::commit::CommitFailed;
 use super::core::{AfterCommit, AfterJob, Change, Core, ReplyId, Step, VolumeChange};
 use super::jobs::{DeviceExtents, ExtentCopy, Job, JobOutcome};
 
 /// First and longest wait between probes of a failed device.
 pub const DEVICE_PROBE_MIN_MS: u64 = 500;
 pub const DEVICE_PROBE_MAX_MS: u64 = 30_000;
+/// Longest reason kept from a commit failure in a device's failed state.
+pub const COPY_FAILURE_REASON_CHARS_MAX: usize = 512;
 /// Tries of one volume's copy before the device is marked failed again.
 pub const RESYNC_VOLUME_ATTEMPTS_MAX: u32 = 5;
 /// Replies at and above this go to the resync driver, not to a caller.
@@ -164,6 +179,42 @@ impl Core {
             .collect();
         for device in due {
             self.queue_resync(device);
+        }
+    }
+
+    /// A commit missed the metadata copies on `failed.failed_devices`:
+    /// checks each of their devices (once at a time), see the module doc.
+    pub(super) fn check_failed_copies(&mut self, failed: &CommitFailed, why: &str) {
+        if self.device_probe.is_none() || !failed.took_some {
+            return;
+        }
+        for uuid in &failed.failed_devices {
+            let Some(d) = self.meta.devices.iter().find(|d| d.device_uuid == *uuid) else { continue };
+            if matches!(d.state, DeviceState::Failed { .. }) || !self.copy_checks.insert(d.index) {
+                continue;
+            }
+            let device = d.index;
+            warn!(%device, "the metadata copy on the device missed a commit: checking the device");
+            let why: String = why.chars().take(COPY_FAILURE_REASON_CHARS_MAX).collect();
+            let job = Job::CheckDevice { index: device.0, uuid: *uuid };
+            self.run_step(Step::Job { job, busy: None, then: AfterJob::CopyChecked { device, why } });
+        }
+    }
+
+    /// The check of a device whose metadata copy missed a commit came back:
+    /// unreachable, it is marked failed (the commit leaves its copy out);
+    /// reachable, the next commit writes its copy again.
+    pub(super) fn copy_checked(&mut self, device: DeviceIndex, why: String, outcome: JobOutcome) -> Step {
+        self.copy_checks.remove(&device);
+        match outcome.result {
+            Ok(()) => {
+                info!(%device, "the server reaches the device: its metadata copy is written again by the next commit");
+                Step::Done(None)
+            }
+            Err(e) => {
+                let reason = format!("its metadata copy missed a commit ({why}) and the server cannot reach it ({e})");
+                self.prepare_device_failed(device.0, reason, None)
+            }
         }
     }
 

@@ -252,6 +252,7 @@ impl Core {
                 self.device_checked(session, device, reason, reply, outcome)
             }
             AfterJob::Probed { device } => self.probed(device, outcome),
+            AfterJob::CopyChecked { device, why } => self.copy_checked(device, why, outcome),
             AfterJob::Labelled => self.labelled(outcome),
             AfterJob::Zeroed { extents, changes, then } => self.zeroing_done(extents, changes, *then, outcome),
             AfterJob::Prezeroed { extents, name, change, reply } => {
