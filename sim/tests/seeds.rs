@@ -78,6 +78,16 @@ const TWO_SERVER_REGRESSION_SEEDS: &[u64] = &[
     254206322287511,
     275968079877262,
     9531541686182,
+    // The old server's zeroing write, stalled in a device, landed after the
+    // new server had acquired the pool lease: the acquirer waited 4T, less
+    // than the longest a device request takes (CI random stage). It now
+    // waits max(4T, D), and a standby watches T longer than that.
+    217702335532761,
+    // After early faults the lease copies stayed split between two
+    // acquirers' records (a copy lost power meanwhile): no majority agreed
+    // and nobody ever wrote again, so no server served the pool. A standby
+    // now acquires when the split copies stay unchanged for an expiry.
+    13872807266413,
 ];
 
 fn report(o: &Outcome) -> String {
