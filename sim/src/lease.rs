@@ -157,7 +157,10 @@ impl ServerHost {
             host,
             inc,
             host_id,
-            machine: LeaseMachine::new(me, LeaseTiming { io_timeout_ms: t }),
+            machine: LeaseMachine::new(
+                me,
+                LeaseTiming { io_timeout_ms: t, device_request_max_ms: env.cfg.device_request_max_ms },
+            ),
             guard: Guard::default(),
             copies,
             round: None,

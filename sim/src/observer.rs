@@ -44,10 +44,11 @@ pub const RECALL_SLACK_MS: u64 = 1_000;
 /// for each and asserts it still reproduces — when the fix lands, that test
 /// fails: delete the entry and the test.
 ///
-/// None today. The last one, `agent-forgets-handle-on-failed-close` (a detach
-/// forgot the handle before its Close was answered, so a failed Close left a
-/// handle the agent's session kept renewing and a recall nobody confirmed),
-/// is fixed in `client_agent::core::closing`; its seed is a regression seed.
+/// None today. The last one, `no-server-acquires` (seed 13872807266413: the
+/// lease copies stayed split between two acquirers' records and no server
+/// ever acquired again), is fixed in `volume_format::lease`; its seed is a
+/// regression seed. Signatures are plain strings: add one as a `const`
+/// here and pass it to `Env::fail_known` where the invariant is checked.
 pub const KNOWN_DEFECTS: &[(&str, &str)] = &[];
 
 /// A snapshot's volume, and each checked block with the values it may read.

@@ -4,7 +4,12 @@
 //! delete it then (and its entry in `sanvol_sim::observer::KNOWN_DEFECTS`,
 //! or the config knob that keeps it out of the random runs).
 //!
-//! None is pinned now. The last one (seed 23170555851917: a snapshot commit
+//! None is pinned now. The last one (seed 13872807266413: after early
+//! faults the lease copies stayed split between two acquirers' records and
+//! no server acquired the pool lease again) was fixed in
+//! `volume_format::lease` (a standby acquires when split copies stay
+//! unchanged for an expiry); its seed is a regression seed. The one before
+//! it (seed 23170555851917: a snapshot commit
 //! refused after a failed flush, answered at once, then revived by the
 //! standby that loaded it from the copy that took it) was fixed by answering
 //! a refused commit only once a later commit superseded it on every copy.
@@ -16,7 +21,3 @@
 //! and server VM pauses, device stalls) are in the random runs since. See
 //! this file's history for the shape of a pinned test and its seed hunt.
 
-#[test]
-fn no_defect_is_pinned_now() {
-    assert!(sanvol_sim::observer::KNOWN_DEFECTS.is_empty());
-}

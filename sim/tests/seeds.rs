@@ -71,6 +71,23 @@ const TWO_SERVER_REGRESSION_SEEDS: &[u64] = &[
     // loaded it from the copy that took it — a snapshot without pre-images.
     // Refusals are now answered only once a later commit overwrote them.
     23170555851917,
+    // An expiry's fence job (sanvol-target) had finished but its result
+    // waited in the queue behind a commit in flight: renewals of the
+    // handles it releases were granted meanwhile, then the handles were
+    // released with their holders' leases running (CI random stage).
+    254206322287511,
+    275968079877262,
+    9531541686182,
+    // The old server's zeroing write, stalled in a device, landed after the
+    // new server had acquired the pool lease: the acquirer waited 4T, less
+    // than the longest a device request takes (CI random stage). It now
+    // waits max(4T, D), and a standby watches T longer than that.
+    217702335532761,
+    // After early faults the lease copies stayed split between two
+    // acquirers' records (a copy lost power meanwhile): no majority agreed
+    // and nobody ever wrote again, so no server served the pool. A standby
+    // now acquires when the split copies stay unchanged for an expiry.
+    13872807266413,
 ];
 
 fn report(o: &Outcome) -> String {

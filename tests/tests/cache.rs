@@ -241,7 +241,11 @@ impl MirrorRig {
         let device_dir = tempfile::Builder::new().prefix("sanvol-cache-mirror-").tempdir().unwrap();
         let image = peers::sparse_file(device_dir.path(), 256 << 20);
         let image_path = image.display().to_string();
-        let device = peers::nbdkit(&["--filter=delay", "file", &image_path, "delay-write=100ms"]);
+        // One thread per connection: nbdkit 1.32 aborts ("Assertion `sock >=
+        // 0' failed") when a client dies while other threads of its
+        // connection still have delayed writes to answer — the kill below
+        // would take the pool's only device with it (seen in CI).
+        let device = peers::nbdkit(&["-t", "1", "--filter=delay", "file", &image_path, "delay-write=100ms"]);
         let mut stack = Stack::with_devices(vec![device]);
         stack.lease_ms = 1000;
         stack.durable_ms = Some(500);

@@ -21,13 +21,18 @@
 //! - It may commit only until `3T` after the start of its last renewal that
 //!   reached a majority; past that it stops committing at once, and when a
 //!   renewal finds another owner it has lost the lease for good.
-//! - A standby takes over a held lease only after watching the owner record
-//!   unchanged for `5T`. To acquire (a lapsed or free lease) it writes its
-//!   own record, waits `4T`, and reads again: the lease is its own only if a
-//!   majority still shows exactly that record. So between the old owner's
-//!   last good renewal and the new owner's first commit lie at least `9T`,
-//!   of which the old owner used at most `3T`, plus `T` for a write it had
-//!   in flight: `5T` to spare for clocks running at different rates.
+//! - To acquire (a lapsed or free lease) a server writes its own record,
+//!   waits `W = max(4T, D)` (`D`: the longest a device request takes), and
+//!   reads again: the lease is its own only if a majority still shows
+//!   exactly that record. A standby takes over a held lease only after
+//!   watching the owner record unchanged for `max(5T, W + T)`: longer than
+//!   an acquirer's wait, or two acquirers would overwrite each other's
+//!   records forever. So between the old owner's last good renewal and the
+//!   new owner's first metadata read lie at least `max(5T, W + T) + W`, of
+//!   which the old owner used at most `3T` to send writes, plus `D` for the
+//!   last of them to land (a commit, a zeroing or copy job, I/O it did for
+//!   an agent): at least `2T` to spare for clocks running at different
+//!   rates.
 //! - A planned handoff: the owner writes its record with `handoff_to` set
 //!   and stops renewing; the named standby acquires at once (the owner is
 //!   known to have stopped).
@@ -189,6 +194,11 @@ pub fn decode_sector(sector: &[u8], pool: Uuid) -> Result<Option<LeaseRecord>, L
 pub struct LeaseTiming {
     /// `T`: every lease read or write must finish within it.
     pub io_timeout_ms: u64,
+    /// `D`: the longest any device request of a server takes (its
+    /// `device_request_max_ms`): a metadata, zeroing or copy write the old
+    /// owner sent just before it stopped may land until `D` after it was
+    /// sent. Every server of a pool uses the same value.
+    pub device_request_max_ms: u64,
 }
 
 impl LeaseTiming {
@@ -202,13 +212,22 @@ impl LeaseTiming {
     pub fn owner_valid_ms(&self) -> u64 {
         3 * self.io_timeout_ms
     }
-    /// How long a standby watches an unchanged owner record before taking over.
+    /// How long a standby watches an unchanged owner record before taking
+    /// over: `5T`, and always `T` more than an acquirer waits before its
+    /// read-back — an acquirer's record does not change while it waits, and
+    /// a standby that took it over meanwhile would make the two servers
+    /// overwrite each other's records forever.
     pub fn expire_ms(&self) -> u64 {
-        5 * self.io_timeout_ms
+        (5 * self.io_timeout_ms).max(self.acquire_wait_ms() + self.io_timeout_ms)
     }
-    /// How long an acquirer waits after writing before reading back.
+    /// How long an acquirer waits after writing before reading back:
+    /// `4T`, or `D` when device requests may take longer. The old owner
+    /// sends its last write at most `3T` after its last good renewal, and
+    /// that write lands at most `D` later; the acquirer's first read of the
+    /// metadata comes at least `5T` (watching) + this wait after that
+    /// renewal, so `2T` are left for clocks running at different rates.
     pub fn acquire_wait_ms(&self) -> u64 {
-        4 * self.io_timeout_ms
+        (4 * self.io_timeout_ms).max(self.device_request_max_ms)
     }
     /// How often a standby reads the owner sector.
     pub fn watch_every_ms(&self) -> u64 {
@@ -301,6 +320,10 @@ pub struct LeaseMachine {
     renew_started_ms: Option<u64>,
     /// Last time the owner sector was read (standby pacing, renew pacing).
     last_read_ms: Option<u64>,
+    /// Standby: the copies last seen agreeing on no owner (two acquirers
+    /// that each reached some copies, a copy lost meanwhile) and since when
+    /// they have not changed.
+    split_seen: Option<(Vec<Option<LeaseRecord>>, u64)>,
 }
 
 impl LeaseMachine {
@@ -313,6 +336,7 @@ impl LeaseMachine {
             phase: LeasePhase::Standby { owner: None },
             renew_started_ms: None,
             last_read_ms: None,
+            split_seen: None,
         }
     }
 
@@ -375,9 +399,34 @@ impl LeaseMachine {
         match std::mem::replace(&mut self.phase, LeasePhase::Standby { owner: None }) {
             LeasePhase::Standby { owner } => {
                 self.phase = LeasePhase::Standby { owner: owner.clone() };
+                if seen.is_ok() {
+                    self.split_seen = None;
+                }
                 match seen {
-                    // No majority agrees: someone is writing; watch on.
-                    Err(_) => {}
+                    // No majority agrees: someone is writing; watch on —
+                    // unless the copies stayed as they are for a whole
+                    // expiry: then nobody is (two acquirers that each
+                    // reached some copies, then a copy lost, leave the
+                    // copies split for good, and waiting for a majority
+                    // would leave the pool with no server forever).
+                    Err(_) => {
+                        if !fresh {
+                            return self.next(now_ms);
+                        }
+                        let copies: Vec<Option<LeaseRecord>> =
+                            records.iter().map(|r| r.as_ref().ok().cloned().flatten()).collect();
+                        match &self.split_seen {
+                            Some((same, since)) if *same == copies => {
+                                let newest = copies.iter().flatten().max_by_key(|r| r.generation).cloned();
+                                let expire = newest.as_ref().map_or(self.timing.expire_ms(), |r| self.expire_ms(r));
+                                if now_ms >= since + expire {
+                                    self.split_seen = None;
+                                    return self.start_acquire(now_ms, newest.as_ref(), self.timing.acquire_wait_ms());
+                                }
+                            }
+                            _ => self.split_seen = Some((copies, now_ms)),
+                        }
+                    }
                     Ok(None) => return self.start_acquire(now_ms, None, self.timing.acquire_wait_ms()),
                     // Handed to us: the owner has stopped, nobody else may
                     // take it for a whole expiry: no wait.
@@ -469,7 +518,8 @@ impl LeaseMachine {
 
     fn expire_ms(&self, owner: &LeaseRecord) -> u64 {
         // The owner's own timing decides how long it may be silent.
-        let t = LeaseTiming { io_timeout_ms: u64::from(owner.io_timeout_ms).max(self.timing.io_timeout_ms) };
+        let t =
+            LeaseTiming { io_timeout_ms: u64::from(owner.io_timeout_ms).max(self.timing.io_timeout_ms), ..self.timing };
         t.expire_ms()
     }
 

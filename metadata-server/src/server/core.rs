@@ -1137,6 +1137,13 @@ impl Core {
         self.waiting.is_some()
     }
 
+    /// The batches whose handles are on their way out: in flight, waiting
+    /// for a checkpoint, or refused but not yet superseded (`unsettled`: a
+    /// successor may still load their release).
+    fn batches_releasing(&self) -> impl Iterator<Item = &Batch> {
+        self.in_flight.iter().map(|f| &f.batch).chain(self.waiting.iter()).chain(self.unsettled.iter().map(|(b, _)| b))
+    }
+
     /// Handles the commits or jobs in flight release: expired, excluded
     /// from a recall, broken by a conflicting open. Until they are done
     /// these are not renewed.
@@ -1151,11 +1158,16 @@ impl Core {
             }
         }
         let mut ids = Vec::new();
-        let batches = self.in_flight.iter().map(|f| &f.batch).chain(self.waiting.iter());
-        for (_, then) in batches.flat_map(|b| b.parts.iter()) {
+        for (_, then) in self.batches_releasing().flat_map(|b| b.parts.iter()) {
             of(then, &mut ids);
         }
-        for job in self.jobs.values() {
+        // A job's result waits in the queue (first in line) while another
+        // commit is in flight: its handles are still on their way out.
+        let queued = self.queue.iter().filter_map(|c| match c {
+            Change::JobDone { then, .. } => Some(then),
+            _ => None,
+        });
+        for job in self.jobs.values().chain(queued) {
             match job {
                 AfterJob::Merged { finish: MergeFinish::Recall { excluded, .. }, .. } => ids.extend(excluded),
                 AfterJob::Zeroed { then, .. } => of(then, &mut ids),
@@ -1173,8 +1185,7 @@ impl Core {
     /// then expires, or a conflicting open breaks it.
     fn tell_removing(&mut self, session: SessionId) -> bool {
         let mut told: Vec<(u64, &str)> = Vec::new();
-        let batches = self.in_flight.iter().map(|f| &f.batch).chain(self.waiting.iter());
-        for (_, then) in batches.flat_map(|b| b.parts.iter()) {
+        for (_, then) in self.batches_releasing().flat_map(|b| b.parts.iter()) {
             if let AfterCommit::Open(open) = then {
                 // Broken handles have left the table already; the open knows them.
                 let mine = open.broken.iter().filter(|h| h.held_by(session));

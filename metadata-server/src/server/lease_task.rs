@@ -189,6 +189,7 @@ impl LeaseTask {
         pool: &Pool,
         holders: &[Uuid],
         me: &Availability,
+        device_request_max_ms: u64,
         instance: [u8; 16],
         guard: Arc<LeaseGuard>,
     ) -> Result<LeaseTask, String> {
@@ -212,7 +213,7 @@ impl LeaseTask {
         if copies.is_empty() {
             return Err("no device holds a metadata copy".into());
         }
-        let timing = LeaseTiming { io_timeout_ms: me.lease_io_timeout_ms };
+        let timing = LeaseTiming { io_timeout_ms: me.lease_io_timeout_ms, device_request_max_ms };
         let record = LeaseRecord {
             pool_uuid: pool.pool_uuid,
             host_id: me.host_id,

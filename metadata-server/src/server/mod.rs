@@ -150,10 +150,16 @@ impl Server {
         let mut instance = [0u8; 16];
         getrandom::getrandom(&mut instance).map_err(|e| ServerError::Key(format!("no randomness: {e}")))?;
         let holders = crate::pool::metadata_holders(&meta);
-        let lease =
-            lease_task::LeaseTask::new(&pool, &holders, &config.availability, instance, lease_task::LeaseGuard::new())
-                .await
-                .map_err(ServerError::Lease)?;
+        let lease = lease_task::LeaseTask::new(
+            &pool,
+            &holders,
+            &config.availability,
+            config.device_request_max_ms,
+            instance,
+            lease_task::LeaseGuard::new(),
+        )
+        .await
+        .map_err(ServerError::Lease)?;
         for d in &pool.devices {
             if let Some(c) = &d.client {
                 c.disconnect().await;

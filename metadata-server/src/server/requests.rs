@@ -730,13 +730,7 @@ impl Core {
         if expired.is_empty() {
             return Step::Done(None);
         }
-        let changes: Vec<MetaChange> = self
-            .meta
-            .handles
-            .iter()
-            .filter(|h| expired.contains(&h.id.0))
-            .map(|h| MetaChange::HandleRemove { handle: h.id })
-            .collect();
+        let changes = self.handle_removals(&expired);
         if changes.is_empty() {
             self.finish_expire(expired, Ok(()));
             return Step::Done(None);
@@ -750,19 +744,19 @@ impl Core {
         Step::Job { job, busy: None, then: AfterJob::ExpireFenced { expired } }
     }
 
+    /// The records of `expired` still in the metadata, as removals.
+    fn handle_removals(&self, expired: &[u64]) -> Vec<MetaChange> {
+        let records = self.meta.handles.iter().filter(|h| expired.contains(&h.id.0));
+        records.map(|h| MetaChange::HandleRemove { handle: h.id }).collect()
+    }
+
     /// The expired handles were fenced (or could not be): release them.
     fn expire_fenced(&mut self, expired: Vec<u64>, outcome: JobOutcome) -> Step {
         if let Err(why) = outcome.result {
             warn!("releasing expired handles: {why}; retrying at the next tick");
             return Step::Done(None);
         }
-        let changes: Vec<MetaChange> = self
-            .meta
-            .handles
-            .iter()
-            .filter(|h| expired.contains(&h.id.0))
-            .map(|h| MetaChange::HandleRemove { handle: h.id })
-            .collect();
+        let changes = self.handle_removals(&expired);
         if changes.is_empty() {
             self.finish_expire(expired, Ok(()));
             return Step::Done(None);

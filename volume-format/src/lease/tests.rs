@@ -65,7 +65,7 @@ fn copies_of_one_holding_at_different_counters_agree_on_the_newest() {
     let other_holding = LeaseRecord { generation: 2, ..at(30) };
     assert!(majority(&[Ok(Some(at(28))), Ok(Some(other_holding)), Err("gone".into())]).is_err());
 
-    let mut m = LeaseMachine::new(me(1), LeaseTiming { io_timeout_ms: T });
+    let mut m = LeaseMachine::new(me(1), LeaseTiming { io_timeout_ms: T, device_request_max_ms: 0 });
     m.reading(0);
     m.read_done(5, &copies);
     for now in (T..=6 * T).step_by(T as usize) {
@@ -80,7 +80,7 @@ fn copies_of_one_holding_at_different_counters_agree_on_the_newest() {
 
 #[test]
 fn a_free_lease_is_acquired_after_the_wait_and_renewed() {
-    let mut m = LeaseMachine::new(me(1), LeaseTiming { io_timeout_ms: T });
+    let mut m = LeaseMachine::new(me(1), LeaseTiming { io_timeout_ms: T, device_request_max_ms: 0 });
     assert_eq!(m.next(0), LeaseAction::Read);
     m.reading(0);
     let LeaseAction::Write(rec) = m.read_done(5, &[Ok(None), Ok(None), Ok(None)]) else { panic!() };
@@ -106,11 +106,31 @@ fn a_free_lease_is_acquired_after_the_wait_and_renewed() {
 }
 
 #[test]
+fn an_acquirer_waits_for_the_old_owners_slowest_device_write() {
+    // D > 4T: a write the old owner sent just before it stopped may land
+    // until D after; the acquirer reads back (and loads the metadata) only
+    // after D, not 4T.
+    let d = 7 * T;
+    let mut m = LeaseMachine::new(me(1), LeaseTiming { io_timeout_ms: T, device_request_max_ms: d });
+    m.reading(0);
+    let LeaseAction::Write(rec) = m.read_done(5, &[Ok(None), Ok(None), Ok(None)]) else { panic!() };
+    assert_eq!(m.write_done(10, &rec, 3, 3), LeaseAction::WaitUntil(5 + d));
+    // A standby watches an acquirer's unchanged record longer than that
+    // wait before it takes it over (else the two overwrite each other).
+    assert_eq!(m.timing.expire_ms(), d + T);
+    // D below 4T changes nothing.
+    let mut m = LeaseMachine::new(me(1), LeaseTiming { io_timeout_ms: T, device_request_max_ms: T });
+    m.reading(0);
+    let LeaseAction::Write(rec) = m.read_done(5, &[Ok(None), Ok(None), Ok(None)]) else { panic!() };
+    assert_eq!(m.write_done(10, &rec, 3, 3), LeaseAction::WaitUntil(5 + 4 * T));
+}
+
+#[test]
 fn a_held_lease_is_taken_only_after_it_stayed_unchanged_for_the_expiry() {
     let mut owner = me(1);
     owner.generation = 4;
     owner.role = ServerRole::Active;
-    let mut m = LeaseMachine::new(me(2), LeaseTiming { io_timeout_ms: T });
+    let mut m = LeaseMachine::new(me(2), LeaseTiming { io_timeout_ms: T, device_request_max_ms: 0 });
     let seen = |r: &LeaseRecord| [Ok(Some(r.clone())), Ok(Some(r.clone())), Ok(Some(r.clone()))];
     m.reading(0);
     assert!(matches!(m.read_done(0, &seen(&owner)), LeaseAction::WaitUntil(_)));
@@ -127,7 +147,7 @@ fn a_held_lease_is_taken_only_after_it_stayed_unchanged_for_the_expiry() {
 
 #[test]
 fn an_owner_that_finds_another_record_has_lost_and_stops() {
-    let mut m = LeaseMachine::new(me(1), LeaseTiming { io_timeout_ms: T });
+    let mut m = LeaseMachine::new(me(1), LeaseTiming { io_timeout_ms: T, device_request_max_ms: 0 });
     m.reading(0);
     let LeaseAction::Write(rec) = m.read_done(0, &[Ok(None), Ok(None), Ok(None)]) else { panic!() };
     m.write_done(1, &rec, 3, 3);
@@ -152,11 +172,11 @@ fn a_handoff_is_taken_at_once_by_the_named_standby_only() {
     owner.generation = 3;
     owner.handoff_to = 2;
     let all = |r: &LeaseRecord| [Ok(Some(r.clone())), Ok(Some(r.clone())), Ok(Some(r.clone()))];
-    let mut named = LeaseMachine::new(me(2), LeaseTiming { io_timeout_ms: T });
+    let mut named = LeaseMachine::new(me(2), LeaseTiming { io_timeout_ms: T, device_request_max_ms: 0 });
     named.reading(0);
     let LeaseAction::Write(rec) = named.read_done(0, &all(&owner)) else { panic!("takes it") };
     assert_eq!(named.write_done(1, &rec, 3, 3), LeaseAction::Read, "no acquire wait after a handoff");
-    let mut other = LeaseMachine::new(me(3), LeaseTiming { io_timeout_ms: T });
+    let mut other = LeaseMachine::new(me(3), LeaseTiming { io_timeout_ms: T, device_request_max_ms: 0 });
     other.reading(0);
     assert!(matches!(other.read_done(0, &all(&owner)), LeaseAction::WaitUntil(_)));
 }
@@ -197,7 +217,7 @@ fn race(seed: u64, servers: usize, copies: usize, steps: u64) -> usize {
     let mut disk: Vec<Vec<u8>> = vec![vec![0; LEASE_SECTOR_BYTES as usize]; copies];
     let mut fleet: Vec<Server> = (0..servers)
         .map(|i| Server {
-            m: LeaseMachine::new(me(i as u32 + 1), LeaseTiming { io_timeout_ms: T }),
+            m: LeaseMachine::new(me(i as u32 + 1), LeaseTiming { io_timeout_ms: T, device_request_max_ms: 0 }),
             op: None,
             wait_until: 0,
             paused_until: 0,
@@ -326,4 +346,31 @@ proptest! {
     fn racing_servers_never_both_commit_any_seed(seed in any::<u64>(), servers in 2usize..5, copies in prop_oneof![Just(1usize), Just(3), Just(5)]) {
         race(seed, servers, copies, 40 * T);
     }
+}
+
+#[test]
+fn copies_split_between_two_acquirers_for_a_whole_expiry_are_taken_over() {
+    // Two servers each reached one copy; the third copy was lost meanwhile
+    // (free now). No majority agrees, and nobody writes any more: after the
+    // copies stayed as they are for an expiry, a standby acquires, one
+    // generation past the newest seen.
+    let a = LeaseRecord { generation: 3, ..me(1) };
+    let b = LeaseRecord { generation: 3, ..me(2) };
+    let split = [Ok(Some(a.clone())), Ok(Some(b.clone())), Ok(None)];
+    let mut m = LeaseMachine::new(me(3), LeaseTiming { io_timeout_ms: T, device_request_max_ms: 0 });
+    m.reading(0);
+    assert!(matches!(m.read_done(1, &split), LeaseAction::WaitUntil(_)));
+    // A copy changes (someone is still writing): the watch starts over.
+    let a2 = LeaseRecord { counter: 1, ..a.clone() };
+    m.reading(3 * T);
+    assert!(matches!(
+        m.read_done(3 * T + 1, &[Ok(Some(a2.clone())), Ok(Some(b.clone())), Ok(None)]),
+        LeaseAction::WaitUntil(_)
+    ));
+    let split2 = [Ok(Some(a2)), Ok(Some(b)), Ok(None)];
+    m.reading(7 * T);
+    assert!(matches!(m.read_done(7 * T + 1, &split2), LeaseAction::WaitUntil(_)), "4T unchanged is not enough");
+    m.reading(8 * T + 2);
+    let LeaseAction::Write(rec) = m.read_done(8 * T + 3, &split2) else { panic!("5T unchanged: acquire") };
+    assert_eq!((rec.host_id, rec.generation), (3, 4));
 }
