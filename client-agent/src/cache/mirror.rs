@@ -2,15 +2,22 @@
 //! (`MirrorOpen`, `MirrorAppend`, `MirrorRelease`) under the handle that
 //! holds the volume exclusively.
 //!
+//! The connection is looked up at every request ([`ClientSource`]): in
+//! `sanvol-agent` it is the owner's current control connection, so after a
+//! reconnect (and the resume of the handle on it) mirroring continues on
+//! the new session; a request on a session that does not hold the handle
+//! fails, which turns the cache write-through until mirroring restarts.
+//!
 //! Every request is bounded by [`MIRROR_REQUEST_TIMEOUT`]: a server that
 //! stops answering (stopped, partitioned) turns the cache write-through
 //! instead of holding writes for the control client's general timeout.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use control_client::ControlClient;
-use volume_format::control::messages::{MirrorRecord, Request, Response};
+use control_client::{ControlClient, ControlClientError};
+use volume_format::control::messages::{ErrorCode, MirrorRecord, Request, Response, VolumeCache};
 use volume_format::HandleId;
 
 use super::CacheMirror;
@@ -19,18 +26,54 @@ use super::CacheMirror;
 /// write-through.
 pub const MIRROR_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The control connection to send a mirror request on, if there is one now.
+pub type ClientSource = Arc<dyn Fn() -> Option<ControlClient> + Send + Sync>;
+
 pub struct ControlMirror {
-    client: ControlClient,
+    client: ClientSource,
     handle: HandleId,
 }
 
 impl ControlMirror {
+    /// Mirrors over one fixed connection.
     pub fn new(client: ControlClient, handle: HandleId) -> ControlMirror {
+        ControlMirror::with_source(Arc::new(move || Some(client.clone())), handle)
+    }
+
+    /// Mirrors over whatever connection `client` returns at each request.
+    pub fn with_source(client: ClientSource, handle: HandleId) -> ControlMirror {
         ControlMirror { client, handle }
     }
 
     async fn call(&self, request: Request) -> Result<Response, String> {
-        self.client.request_with_timeout(request, MIRROR_REQUEST_TIMEOUT).await.map_err(|e| e.to_string())
+        let client = (self.client)().ok_or("not connected to the metadata server")?;
+        client.request_with_timeout(request, MIRROR_REQUEST_TIMEOUT).await.map_err(|e| e.to_string())
+    }
+}
+
+/// Servers before this protocol have no mirror (and no cached volumes).
+pub const MIRROR_PROTOCOL_MIN: u32 = 6;
+
+impl ControlMirror {
+    /// The volume's cache setting, asked with `MirrorOpen` (which also
+    /// empties the server's mirror of it): `None` when the volume has no
+    /// cache. Only for a handle opened afresh: the server replayed the
+    /// mirror before the open, so it holds nothing needed; after a resume
+    /// the agent's own log must be replayed first (see
+    /// [`super::OldLog`]).
+    pub async fn setting(&self) -> Result<Option<VolumeCache>, String> {
+        let client = (self.client)().ok_or("not connected to the metadata server")?;
+        if client.session().version < MIRROR_PROTOCOL_MIN {
+            return Ok(None);
+        }
+        let request = Request::MirrorOpen { handle: self.handle };
+        match client.request_with_timeout(request, MIRROR_REQUEST_TIMEOUT).await {
+            Ok(Response::MirrorOpened { cache }) => Ok(cache),
+            // An exclusive holder hears this only when the volume has no cache.
+            Err(ControlClientError::Server(e)) if e.code == ErrorCode::InvalidArgument => Ok(None),
+            Err(e) => Err(format!("asking the metadata server for the volume's cache setting: {e}")),
+            Ok(other) => Err(format!("the metadata server answered MirrorOpen with {other:?}")),
+        }
     }
 }
 
