@@ -627,7 +627,8 @@ impl Shell {
         let cache = (mode == OpenMode::Exclusive).then(|| {
             let current = self.current.clone();
             let source: crate::cache::mirror::ClientSource = Arc::new(move || {
-                current.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(_, client)| client.clone())
+                let current = current.lock().unwrap_or_else(|p| p.into_inner());
+                current.as_ref().map(|(conn, client)| (conn.0, client.clone()))
             });
             CachePlan {
                 log_path: self.config.cache_log_path(&volume),

@@ -237,6 +237,11 @@ struct MirrorRig {
 
 impl MirrorRig {
     fn new() -> MirrorRig {
+        MirrorRig::with_lease_ms(1000, Some(500))
+    }
+
+    /// With the server's lease and durable time (`None`: its default).
+    fn with_lease_ms(lease_ms: u64, durable_ms: Option<u64>) -> MirrorRig {
         use sanvol_tests::system::Stack;
         let device_dir = tempfile::Builder::new().prefix("sanvol-cache-mirror-").tempdir().unwrap();
         let image = peers::sparse_file(device_dir.path(), 256 << 20);
@@ -247,8 +252,8 @@ impl MirrorRig {
         // would take the pool's only device with it (seen in CI).
         let device = peers::nbdkit(&["-t", "1", "--filter=delay", "file", &image_path, "delay-write=100ms"]);
         let mut stack = Stack::with_devices(vec![device]);
-        stack.lease_ms = 1000;
-        stack.durable_ms = Some(500);
+        stack.lease_ms = lease_ms;
+        stack.durable_ms = durable_ms;
         stack.start_mds();
         stack.sanvol_ok(&["volume", "create", "db", "64M"]);
         stack.sanvol_ok(&["volume", "cache", "db", "--size", "32M"]);
@@ -488,4 +493,49 @@ async fn sanvol_agent_list_shows_the_cache_and_a_detach_destages_it() {
             image[at], model[at]
         );
     }
+}
+
+/// A killed agent restarted with its state directory takes its handle back
+/// (a resume: the server replays nothing) and replays its own cache log to
+/// the devices before it serves the volume again; then mirrors afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_takes_its_handle_back_and_replays_its_own_cache_log() {
+    // A lease long enough that the restart resumes the handle.
+    let rig = MirrorRig::with_lease_ms(10_000, None);
+    let stack = &rig.stack;
+    let (mut a, uri) = attach_cached(stack, "agent-a");
+    let client = Arc::new(NbdClient::connect(&uri, ClientOptions::default()).await.unwrap());
+    let (model, mut acks) = write_rounds(client.clone(), 4).await;
+    let mut acked = Vec::new();
+    while acked.len() < 6 {
+        acked.push(acks.recv().await.expect("the fifth round's writes are acknowledged"));
+    }
+    a.proc.kill();
+    while let Ok(slot) = acks.try_recv() {
+        acked.push(slot);
+    }
+    drop(client);
+    assert!(check_device(&rig.volume_image(), &model, 4, &acked).is_err(), "the test did not exercise the cache");
+
+    let a = stack.restart_agent("agent-a");
+    // Served again only after the log was replayed (the attach opens the
+    // cache before the export).
+    let since = std::time::Instant::now();
+    loop {
+        if let Ok(c) = NbdClient::connect(&uri, ClientOptions::default()).await {
+            c.disconnect().await;
+            break;
+        }
+        assert!(since.elapsed() < std::time::Duration::from_secs(60), "not served again:\n{}", a.proc.log());
+        // Polling a socket the restarted agent has not made yet.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let log = a.proc.log();
+    assert!(log.contains("took back volume db"), "{log}");
+    assert!(log.contains("cache log replayed to the devices"), "{log}");
+    if let Err(e) = check_device(&rig.volume_image(), &model, 4, &acked) {
+        panic!("after the restart: {e}; agent log:\n{log}");
+    }
+    assert!(!stack.mds_log().contains("cache mirror replayed to the devices"), "{}", stack.mds_log());
+    assert_eq!(listed(&a)["cache"]["state"], "mirrored", "{log}");
 }
