@@ -59,7 +59,8 @@ impl ControlMirror {
     /// Sends an open on the current connection, and remembers it.
     async fn open_here(&self) -> Result<Response, ControlClientError> {
         let Some((conn, client)) = (self.client)() else { return Err(ControlClientError::Closed) };
-        let answer = client.request_with_timeout(Request::MirrorOpen { handle: self.handle }, MIRROR_REQUEST_TIMEOUT).await;
+        let answer =
+            client.request_with_timeout(Request::MirrorOpen { handle: self.handle }, MIRROR_REQUEST_TIMEOUT).await;
         *self.opened_on() = answer.is_ok().then_some(conn);
         answer
     }

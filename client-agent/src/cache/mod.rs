@@ -56,11 +56,13 @@
 //! next open puts the older mirrored data over them (this agent's own log
 //! replay, if it restarts, writes them again).
 //!
-//! Not yet wired into `sanvol-agent attach`: the process that serves a
-//! volume through a mirrored cache is `examples/cache_serve.rs --mds`
-//! (the tests' and `bench/cache.sh`'s peer). The agent's owner would open
-//! the cache when the server answers `MirrorOpen` with a setting, and
-//! destage it before a detach.
+//! `sanvol-agent attach` opens the cache of an exclusively held, cached
+//! volume (the owner's attach task, `crate::owner`): after a fresh open
+//! the server already replayed its mirror, so an old local log is dropped
+//! ([`OldLog::Discard`]); after a resume it is replayed ([`OldLog::Replay`]).
+//! A detach destages it first. `examples/cache_serve.rs` serves one volume
+//! through the cache without the agent (the crash tests' and
+//! `bench/cache.sh`'s peer).
 //!
 //! TRIM, WRITE_ZEROES and BLOCK_STATUS first destage everything
 //! acknowledged before them (they must not overtake cached writes, and the
