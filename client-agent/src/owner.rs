@@ -741,7 +741,17 @@ impl CachePlan {
         } else {
             match self.mirror.setting().await? {
                 Some(setting) => (setting.size_bytes, OldLog::Discard),
-                None => return Ok(None),
+                None => {
+                    // A log left from when the volume was cached is stale (the
+                    // server replayed its mirror before this open); a resume
+                    // after a crash must not find and replay it.
+                    if let Some(path) = self.log_path.as_ref().filter(|_| old_log_bytes > 0) {
+                        std::fs::remove_file(path)
+                            .map_err(|e| format!("removing the stale cache log {}: {e}", path.display()))?;
+                        info!(volume, log = %path.display(), "removed the cache log of when the volume was cached");
+                    }
+                    return Ok(None);
+                }
             }
         };
         let Some(log_path) = &self.log_path else {
