@@ -739,7 +739,21 @@ impl CachePlan {
         let (log_bytes, old) = if self.resumed && old_log_bytes > 0 {
             (old_log_bytes, OldLog::Replay)
         } else {
-            match self.mirror.setting().await? {
+            let setting = match self.mirror.setting().await {
+                Ok(setting) => setting,
+                // After a resume the mirror may hold the previous run's
+                // writes: serving without the cache, a later replay of it
+                // would put them over newer ones. Failing closes the handle;
+                // the next open replays the mirror.
+                Err(e) if self.resumed => return Err(e),
+                Err(e) => {
+                    // Safe without the cache: after a fresh open the server's
+                    // mirror holds nothing, and nothing is ever appended to it.
+                    warn!(volume, error = %e, "cannot tell whether the volume has a write-back cache; serving it without one");
+                    return Ok(None);
+                }
+            };
+            match setting {
                 Some(setting) => (setting.size_bytes, OldLog::Discard),
                 None => {
                     // A log left from when the volume was cached is stale (the
