@@ -80,9 +80,9 @@ const TWO_SERVER_REGRESSION_SEEDS: &[u64] = &[
     275968079877262,
     9531541686182,
     // The old server's zeroing write, stalled in a device, landed after the
-    // new server had acquired the pool lease: the acquirer waited 4T, less
-    // than the longest a device request takes (CI random stage). It now
-    // waits max(4T, D), and a standby watches T longer than that.
+    // new server had acquired the pool lease: 5T watching + 4T acquiring
+    // was less than the old owner's 3T window + the longest a device
+    // request takes (CI random stage). A standby now watches max(5T, D + T).
     217702335532761,
     // After early faults the lease copies stayed split between two
     // acquirers' records (a copy lost power meanwhile): no majority agreed
