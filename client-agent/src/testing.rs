@@ -425,6 +425,10 @@ pub mod fake_mds {
             Request::Close { .. } | Request::RecallDone { .. } => Ok(Response::Done),
             // The write-intent log of mirrored volumes: recorded, nothing to copy.
             Request::IntentRecord { .. } | Request::IntentResync { .. } => Ok(Response::IntentRecorded),
+            // As the real server answers for a volume without a cache.
+            Request::MirrorOpen { .. } => {
+                Err(ControlError::new(ErrorCode::InvalidArgument, "the volume has no cache".to_string()))
+            }
             other => Err(ControlError::new(ErrorCode::PermissionDenied, format!("{other:?} is for admins"))),
         }
     }

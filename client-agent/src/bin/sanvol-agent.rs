@@ -174,6 +174,12 @@ struct RunArgs {
     /// instead of waiting for their leases to run out. One agent per directory (it is locked).
     #[arg(long, env = "SANVOL_AGENT_STATE_DIR", default_value = client_agent::state_dir::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
+    /// Directory for the write-back cache logs of cached volumes (`sanvol volume cache`): one file
+    /// per attached cached volume, `VOLUME.cachelog`, as large as the volume's cache and
+    /// preallocated at attach (an attach fails with how much room is missing). Put it on a fast
+    /// local disk. Default: `cache` in the --state-dir.
+    #[arg(long, env = "SANVOL_AGENT_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
     /// How long the shutdown after SIGTERM/SIGINT may take to flush and close every volume; past it
     /// (or on a second signal) the agent exits as after a crash, and a restart with the same
     /// --state-dir resumes the volumes.
@@ -279,6 +285,19 @@ async fn run(args: RunArgs, control_socket: PathBuf, persisted: Arc<Persisted>) 
     let (server_key, _) = control_client::keys::parse_public(&server_key_text).context("--server-key")?;
     // The lock on the state directory makes its instance ours (see client_agent::state_dir).
     let (state_dir, previous) = client_agent::state_dir::StateDir::open(&args.state_dir)?;
+    let state_dir = std::sync::Arc::new(state_dir);
+    if let Some(pid) = state_dir.previous_run_unclean() {
+        // Its writes may still sit in a device server's queue (see client_agent::gate).
+        client_agent::gate::hold_writes_until(
+            blockio::clock::LeaseInstant::now() + Duration::from_millis(args.device_request_max_ms),
+        );
+        tracing::info!(
+            previous_pid = pid,
+            wait_ms = args.device_request_max_ms,
+            "the previous run of this agent did not stop cleanly: writes wait --device-request-max-ms from now \
+             (a write of it may still be queued in a device); reads and resumes go at once"
+        );
+    }
     let instance = previous.instance;
     let from_state: HashSet<String> = previous.handles.iter().map(|h| h.volume.clone()).collect();
     let config = AgentConfig {
@@ -304,7 +323,8 @@ async fn run(args: RunArgs, control_socket: PathBuf, persisted: Arc<Persisted>) 
             ..Default::default()
         },
         host_aliases: args.device_host_alias.clone(),
-        state: Some(std::sync::Arc::new(state_dir)),
+        state: Some(state_dir.clone()),
+        cache_dir: args.cache_dir.clone(),
     };
     let agent = Agent::start(config);
     // The previous run's handles are resumed as soon as the server answers (in the background;
@@ -327,8 +347,8 @@ async fn run(args: RunArgs, control_socket: PathBuf, persisted: Arc<Persisted>) 
         r = agent.wait_ready() => if let Err(e) = r {
             bail!("{e}");
         },
-        _ = sigint.recv() => return bounded_shutdown(&agent, shutdown_max).await,
-        _ = sigterm.recv() => return bounded_shutdown(&agent, shutdown_max).await,
+        _ = sigint.recv() => return bounded_shutdown(&agent, &state_dir, shutdown_max).await,
+        _ = sigterm.recv() => return bounded_shutdown(&agent, &state_dir, shutdown_max).await,
     }
 
     if !client_agent::kernel::driver::loaded() {
@@ -343,8 +363,8 @@ async fn run(args: RunArgs, control_socket: PathBuf, persisted: Arc<Persisted>) 
         let first_tries = persist::attach_all(agent.clone(), persisted.clone(), from_state, restored_rx);
         tokio::select! {
             _ = tokio::time::timeout(persist::READY_WAIT_MAX, first_tries) => {}
-            _ = sigint.recv() => return bounded_shutdown(&agent, shutdown_max).await,
-            _ = sigterm.recv() => return bounded_shutdown(&agent, shutdown_max).await,
+            _ = sigint.recv() => return bounded_shutdown(&agent, &state_dir, shutdown_max).await,
+            _ = sigterm.recv() => return bounded_shutdown(&agent, &state_dir, shutdown_max).await,
         }
     }
     // The control socket appears only now, so its existence means "ready".
@@ -382,7 +402,7 @@ async fn run(args: RunArgs, control_socket: PathBuf, persisted: Arc<Persisted>) 
     // crashed: its handles stay at the server until they expire, and a
     // restart with the same --state-dir resumes them.
     tokio::select! {
-        _ = agent.shutdown() => Ok(()),
+        _ = agent.shutdown() => Ok(state_dir.stopped_cleanly()?),
         _ = tokio::time::sleep(shutdown_max) => bail!(
             "the shutdown did not finish within {} s (devices or metadata servers unreachable): volumes were not \
              all flushed and closed; their handles expire at the server, and restarting the agent with the same \
@@ -395,9 +415,13 @@ async fn run(args: RunArgs, control_socket: PathBuf, persisted: Arc<Persisted>) 
 }
 
 /// A shutdown before the agent was ready, bounded like the one after.
-async fn bounded_shutdown(agent: &client_agent::agent::Agent, max: std::time::Duration) -> Result<()> {
+async fn bounded_shutdown(
+    agent: &client_agent::agent::Agent,
+    state_dir: &client_agent::state_dir::StateDir,
+    max: std::time::Duration,
+) -> Result<()> {
     match tokio::time::timeout(max, agent.shutdown()).await {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(state_dir.stopped_cleanly()?),
         Err(_) => bail!("the shutdown did not finish within {} s (--shutdown-timeout-ms)", max.as_secs_f64()),
     }
 }
@@ -428,6 +452,34 @@ fn print_table(volumes: &[AttachmentInfo]) {
         if let Some(device) = &v.kernel_device {
             println!("  kernel device {device}");
         }
+        if let Some(c) = &v.cache {
+            let state =
+                if c.state_detail.is_empty() { c.state.clone() } else { format!("{} ({})", c.state, c.state_detail) };
+            println!(
+                "  cache {state}: {} dirty, log {} of {} used, destaging {}/s ({})",
+                human_bytes(c.dirty_bytes),
+                human_bytes(c.log_used_bytes),
+                human_bytes(c.log_capacity_bytes),
+                human_bytes(c.destage_bytes_per_sec),
+                c.log_path
+            );
+        }
+    }
+}
+
+/// `1.5 MiB`-style sizes for the listing.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
     }
 }
 
