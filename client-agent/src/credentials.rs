@@ -131,7 +131,7 @@ impl HandleCredentials {
             format!(
                 "handle {} was fenced ({why}): another holder got the volume; nothing more is written for this \
                  handle on any path — reopen the volume",
-                self.handle
+                self.handle.0
             ),
         ))
     }
@@ -165,7 +165,7 @@ impl HandleCredentials {
         let Some(link) = &self.link else {
             return Err(IoError::new(
                 IoErrorKind::PermissionDenied,
-                format!("device {device} fences, and this agent has no link to the metadata server to ask for handle {}'s capability", self.handle),
+                format!("device {device} fences, and this agent has no link to the metadata server to ask for handle {}'s capability", self.handle.0),
             ));
         };
         let answer = link.capabilities(self.handle).await;
@@ -176,7 +176,7 @@ impl HandleCredentials {
             Ok(other) => {
                 return Err(IoError::io(format!(
                     "unexpected answer to a capability request for handle {}: {other:?}",
-                    self.handle
+                    self.handle.0
                 )))
             }
             Err(LinkError::Server(e)) if e.code == ErrorCode::HandleBroken => return Err(self.set_fenced(&e.message)),
@@ -184,7 +184,7 @@ impl HandleCredentials {
                 return Err(IoError::io(format!(
                     "device {device} fences and the metadata server gave no capability for handle {}: {e} \
                      (a metadata server older than protocol 7 issues none: upgrade it)",
-                    self.handle
+                    self.handle.0
                 )))
             }
         };
@@ -194,7 +194,7 @@ impl HandleCredentials {
         c.by_device.get(&device).cloned().ok_or_else(|| {
             IoError::io(format!(
                 "the metadata server gave handle {} no capability for device {device} (layout {got_generation})",
-                self.handle
+                self.handle.0
             ))
         })
     }

@@ -568,7 +568,7 @@ async fn an_agent_leg_of_a_fenced_handle_fails_its_requests_and_writes_nothing()
     let stranger = HandleCredentials::with_capabilities(HandleId(78), 1, []);
     let (other, _) = pool.layout_device(&endpoint, Uuid::from_u128(0x50), 2, Some(stranger), 1).unwrap();
     let e = other.write(MIB, Bytes::from(vec![8; 4096]), true).await.expect_err("no capability, no write");
-    assert!(e.message.contains("h78") && e.message.contains("capability"), "{e}");
+    assert!(e.message.contains("handle 78") && e.message.contains("capability"), "{e}");
 
     let holder = Holder::Handle(HandleId(77));
     metadata_server::targets::fence(&target.uri(String::new()), &target.key, holder, metadata_server::targets::BROKEN)
