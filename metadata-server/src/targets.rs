@@ -234,3 +234,24 @@ async fn fence_one(uri: String, key: SigningKey, holder: Holder) -> Result<Optio
     fence(&parsed, &key, holder, BROKEN).await.map_err(|e| e.to_string())?;
     Ok(Some(uri))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_beyond_the_most_a_capability_names_are_coalesced_across_the_smallest_gaps() {
+        let ranges = [(0, 10), (12, 10), (100, 10), (111, 10), (500, 10)];
+        let r = |s, e| ByteRange::new(s, e);
+        assert_eq!(coalesce_ranges(&ranges, 8), vec![r(0, 10), r(12, 22), r(100, 110), r(111, 121), r(500, 510)]);
+        assert_eq!(coalesce_ranges(&ranges, 3), vec![r(0, 22), r(100, 121), r(500, 510)]);
+        assert_eq!(coalesce_ranges(&ranges, 1), vec![r(0, 510)]);
+        let many: Vec<(u64, u64)> = (0..1000).map(|i| (i * 100, 10)).collect();
+        let merged = coalesce_ranges(&many, CAPABILITY_RANGES_MAX);
+        assert_eq!(merged.len(), CAPABILITY_RANGES_MAX);
+        assert!(
+            many.iter().all(|&(o, l)| merged.iter().any(|m| m.start <= o && o + l <= m.end)),
+            "every range covered"
+        );
+    }
+}
