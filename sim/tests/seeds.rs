@@ -1,6 +1,7 @@
 //! The simulation's entry points for people and CI: fixed seeds in every
-//! `cargo test`, one seed replayed with a trace (`SIM_SEED`), random seeds
-//! for a bounded time (`SIM_SECONDS`), the first failing seed in order
+//! `cargo test`, one seed replayed with a trace (`SIM_SEED`), a fixed range
+//! of seeds (`SIM_RANGE`, the CI stage), random seeds for a bounded time
+//! (`SIM_SECONDS`, exploration), the first failing seed in order
 //! (`SIM_FIRST`).
 //!
 //! A violation that matches a known defect's signature (see
@@ -209,6 +210,41 @@ fn first_failure() {
         }
     }
     eprintln!("seeds 1..={n} passed in {:.1} s", start.elapsed().as_secs_f64());
+}
+
+/// `SIM_RANGE=a..b`: every seed from a to b (b excluded), all of them
+/// whatever fails; fails listing every seed that failed in a way no known
+/// defect explains. Deterministic: the CI stage (`scripts/sim-seeds.sh`
+/// with `SIM_RANGE`), so a red CI replays anywhere, seed for seed.
+#[test]
+fn range() {
+    let Ok(range) = std::env::var("SIM_RANGE") else { return };
+    let parsed = range.split_once("..").and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
+    let Some((a, b)) = parsed else { panic!("SIM_RANGE is a..b (seed numbers), not {range:?}") };
+    let start = Instant::now();
+    let (mut events, mut sim_ms) = (0u64, 0u64);
+    let mut failed = Vec::new();
+    for seed in a..b {
+        let o = run_seed(seed, false);
+        events += o.stats.events;
+        sim_ms += o.end_ms;
+        if unknown_failure(&o) {
+            eprintln!("{}", report(&o));
+            failed.push(seed);
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "seeds {a}..{b}: {} seeds in {secs:.0} s ({:.0} simulated seconds, {:.0} events/s); failing: {failed:?}",
+        b.saturating_sub(a),
+        sim_ms as f64 / 1000.0,
+        events as f64 / secs
+    );
+    assert!(
+        failed.is_empty(),
+        "failing seeds: {failed:?}; replay one with SIM_SEED={} cargo test -p sanvol-sim --test seeds -- replay --nocapture",
+        failed.first().copied().unwrap_or_default()
+    );
 }
 
 /// `SIM_TIME_SEEDS=a..b`: runs seeds and prints how long each took (tuning).
