@@ -581,4 +581,17 @@ async fn an_agent_leg_of_a_fenced_handle_fails_its_requests_and_writes_nothing()
     let e = leg.read(MIB, 4096).await.expect_err("every later request fails at once");
     assert_eq!(e.kind, IoErrorKind::PermissionDenied, "{e}");
     assert_eq!(&target.file()[MIB as usize..][..4096], &[1; 4096][..], "nothing landed after the fence");
+
+    // A request the target refuses with EPERM (here a write outside the
+    // capability, which a layout's own legs never send) ends the handle
+    // too: nothing of it is tried again on any path.
+    let capability =
+        target.capability(79, metadata_server::targets::HANDLE_GENERATION, vec![ByteRange::new(MIB, 2 * MIB)]);
+    let creds = HandleCredentials::with_capabilities(HandleId(79), 1, [(0, capability)]);
+    let (leg, _) = pool.layout_device(&endpoint, Uuid::from_u128(0x50), 3, Some(creds.clone()), 1).unwrap();
+    let e = leg.write(3 * MIB, Bytes::from(vec![3; 4096]), true).await.expect_err("outside its capability");
+    assert_eq!(e.kind, IoErrorKind::PermissionDenied, "{e}");
+    assert!(e.message.contains("handle 79 was fenced"), "{e}");
+    leg.write(MIB, Bytes::from(vec![3; 4096]), true).await.expect_err("and nothing after");
+    assert_eq!(&target.file()[MIB as usize..][..4096], &[1; 4096][..]);
 }
