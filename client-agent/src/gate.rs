@@ -22,6 +22,14 @@
 //!   once the lease has run out, so the gate holds I/O *by itself* — no timer,
 //!   no message needed — until a renewal moves `lease_until` forward.
 //!
+//! - After an unclean stop (a crash, `kill -9`): no data-changing request
+//!   of this process leaves for a device before [`hold_writes_until`]'s
+//!   instant (start + `device_request_max_ms`), reads flow at once. A write
+//!   of the previous run may still be queued inside a device's NBD server
+//!   — it was never acknowledged, so the client above resends it — and
+//!   would land over a newer, acknowledged write of this run. Process-wide,
+//!   because it is a fact about the previous process, not about a volume.
+//!
 //! Cost on the hot path: one uncontended mutex lock and a clock read to
 //! enter, one lock to leave. Nothing is awaited while the lock is held.
 
@@ -33,6 +41,26 @@ use blockio::{IoError, IoErrorKind};
 use tokio::sync::Notify;
 // Leases run on the lease clock (`CLOCK_BOOTTIME`): a VM pause counts.
 use blockio::clock::LeaseInstant as Instant;
+
+/// Until when this process's writes wait (see the module docs); set once.
+static PREVIOUS_RUN_WRITES_LAND_BY: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// Holds every data-changing device request of this process until `until`:
+/// the previous run of this agent stopped uncleanly and its writes may land
+/// until then. Set once at start; a later call changes nothing.
+pub fn hold_writes_until(until: Instant) {
+    let _ = PREVIOUS_RUN_WRITES_LAND_BY.set(until);
+}
+
+/// Waits until the previous run's writes have landed (at once if there was
+/// no unclean stop, or the time has passed).
+pub async fn previous_run_writes_landed() {
+    if let Some(until) = PREVIOUS_RUN_WRITES_LAND_BY.get() {
+        if !until.has_passed() {
+            until.sleep_until().await;
+        }
+    }
+}
 
 /// Why the gate refuses an I/O or an operation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -9,7 +9,9 @@
 //!   `state.json.tmp`, fsync'd, renamed over, and the directory fsync'd, so a
 //!   crash at any point leaves the old file or the new one, never a torn one.
 //! - `agent.lock`: held with `flock(LOCK_EX)` for the agent's whole life;
-//!   holds its pid for the message a second agent gets.
+//!   holds its pid for the message a second agent gets, emptied at a clean
+//!   stop ([`StateDir::stopped_cleanly`]): a pid found there at start means
+//!   the previous run crashed ([`StateDir::previous_run_unclean`]).
 //!
 //! # Why a restarted agent may resume the previous run's handles
 //!
@@ -33,7 +35,10 @@
 //! death leaves (its connections were closed by the kernel; requests the
 //! devices had already received complete or not, none was acknowledged), and
 //! the clients above (the kernel NBD driver, QEMU's NBD client) resend
-//! whatever was not acknowledged.
+//! whatever was not acknowledged. Such a request may still sit in a device
+//! server's queue and land late, over a newer write of this run: so after
+//! an unclean stop this run's writes wait until `device_request_max_ms`
+//! after its start (`crate::gate::hold_writes_until`); reads do not wait.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -98,7 +103,10 @@ pub struct AgentState {
 pub struct StateDir {
     dir: PathBuf,
     instance: [u8; 16],
-    _lock: File,
+    lock: File,
+    /// The pid the previous run left in the lock file (it did not stop
+    /// cleanly), if any.
+    previous_unclean_pid: Option<u32>,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StateError {
@@ -135,8 +143,11 @@ impl StateDir {
             }
             return Err(io(format!("locking {}", lock_path.display()))(e));
         }
+        // A pid left by the previous run: it did not stop cleanly.
+        let previous_unclean_pid = std::fs::read_to_string(&lock_path).ok().and_then(|s| s.trim().parse().ok());
         lock.set_len(0).map_err(io(format!("writing {}", lock_path.display())))?;
         writeln!(lock, "{}", std::process::id()).map_err(io(format!("writing {}", lock_path.display())))?;
+        lock.sync_all().map_err(io(format!("writing {}", lock_path.display())))?;
 
         let path = dir.join(STATE_FILE);
         let state = match read_state(&path)? {
@@ -149,13 +160,27 @@ impl StateDir {
                 AgentState { instance, handles: Vec::new() }
             }
         };
-        let opened = StateDir { dir: dir.to_path_buf(), instance: state.instance, _lock: lock };
+        let opened = StateDir { dir: dir.to_path_buf(), instance: state.instance, lock, previous_unclean_pid };
         opened.save(&state.handles)?;
         Ok((opened, state))
     }
 
     pub fn path(&self) -> PathBuf {
         self.dir.join(STATE_FILE)
+    }
+
+    /// The previous run on this directory stopped without a clean shutdown
+    /// (its pid was still in the lock file): its pid.
+    pub fn previous_run_unclean(&self) -> Option<u32> {
+        self.previous_unclean_pid
+    }
+
+    /// Records a clean stop (every volume flushed and closed, nothing of
+    /// this run left at the devices): the next run need not wait for this
+    /// one's writes. Call last, after the shutdown finished.
+    pub fn stopped_cleanly(&self) -> Result<(), StateError> {
+        self.lock.set_len(0).map_err(io("emptying the state directory's lock file"))?;
+        self.lock.sync_all().map_err(io("emptying the state directory's lock file"))
     }
 
     /// Replaces the state file with `handles`, atomically and durably.
@@ -263,6 +288,20 @@ mod tests {
         std::fs::write(dir.path().join(STATE_FILE), file.to_string()).unwrap();
         let (_, state) = StateDir::open(dir.path()).unwrap();
         assert_eq!(state.handles, vec![HeldHandle { devices: Vec::new(), cow_by_server: false, ..held("a", 1) }]);
+    }
+
+    #[test]
+    fn a_run_that_did_not_stop_cleanly_is_seen_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, _) = StateDir::open(dir.path()).unwrap();
+        assert_eq!(first.previous_run_unclean(), None, "a new directory has no previous run");
+        drop(first); // as after kill -9: the lock goes, the pid stays
+        let (second, _) = StateDir::open(dir.path()).unwrap();
+        assert_eq!(second.previous_run_unclean(), Some(std::process::id()));
+        second.stopped_cleanly().unwrap();
+        drop(second);
+        let (third, _) = StateDir::open(dir.path()).unwrap();
+        assert_eq!(third.previous_run_unclean(), None, "the run before stopped cleanly");
     }
 
     #[test]

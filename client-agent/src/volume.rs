@@ -335,6 +335,8 @@ impl VolumeDevice {
         if let Some(pause) = control_client::fault::hit("agent-before-device-write") {
             blockio::clock::jump(pause);
         }
+        // After an unclean stop, the previous run's writes land first.
+        crate::gate::previous_run_writes_landed().await;
         let mut deadline = lease_until;
         loop {
             let Some(until) = deadline else { return op().await };

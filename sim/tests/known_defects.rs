@@ -20,4 +20,3 @@
 //! the server waiting lease + `device_request_max_ms`; their faults (agent
 //! and server VM pauses, device stalls) are in the random runs since. See
 //! this file's history for the shape of a pinned test and its seed hunt.
-

@@ -80,15 +80,21 @@ const TWO_SERVER_REGRESSION_SEEDS: &[u64] = &[
     275968079877262,
     9531541686182,
     // The old server's zeroing write, stalled in a device, landed after the
-    // new server had acquired the pool lease: the acquirer waited 4T, less
-    // than the longest a device request takes (CI random stage). It now
-    // waits max(4T, D), and a standby watches T longer than that.
+    // new server had acquired the pool lease: 5T watching + 4T acquiring
+    // was less than the old owner's 3T window + the longest a device
+    // request takes (CI random stage). A standby now watches max(5T, D + T).
     217702335532761,
     // After early faults the lease copies stayed split between two
     // acquirers' records (a copy lost power meanwhile): no majority agreed
     // and nobody ever wrote again, so no server served the pool. A standby
     // now acquires when the split copies stay unchanged for an expiry.
     13872807266413,
+    // (One server, drawn by the current world.) An agent killed with a
+    // write stalled in a device restarted and wrote the same block anew;
+    // the stalled write landed after, over the acknowledged one (found by
+    // the fixed range 41..3041). A restarted agent's writes now wait the
+    // longest device request from its start.
+    2917,
 ];
 
 fn report(o: &Outcome) -> String {

@@ -5,6 +5,11 @@
 //! EOF mid-request) and closes new connections as soon as they are accepted
 //! (the client's handshake fails), until [`CuttableProxy::restore`].
 //!
+//! [`CuttableProxy::hold`] keeps what clients send in the proxy (a device
+//! server's queue that stopped moving) until [`CuttableProxy::release`],
+//! which forwards it even if the client has died meanwhile: the request of
+//! a killed process that lands late.
+//!
 //! The device server's side of a cut connection is closed gently: the proxy
 //! sends it EOF and reads (and discards) its replies until it closes, as a
 //! server behind a partitioned network would finish its requests and find
@@ -35,6 +40,10 @@ struct State {
     accepted: AtomicU64,
     /// Connections being forwarded right now.
     open: AtomicU64,
+    /// True while client bytes are held (see [`CuttableProxy::hold`]).
+    hold: watch::Sender<bool>,
+    /// Client bytes held back so far (all connections, not reset).
+    held_bytes: AtomicU64,
 }
 
 pub struct CuttableProxy {
@@ -55,6 +64,8 @@ impl CuttableProxy {
             forwarded_bytes: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             open: AtomicU64::new(0),
+            hold: watch::channel(false).0,
+            held_bytes: AtomicU64::new(0),
         });
         let target = target.to_path_buf();
         let task = tokio::spawn({
@@ -82,6 +93,22 @@ impl CuttableProxy {
 
     pub fn restore(&self) {
         self.state.cut.store(false, Ordering::SeqCst);
+    }
+
+    /// Holds every byte clients send from now on in the proxy (replies still
+    /// flow), until [`CuttableProxy::release`].
+    pub fn hold(&self) {
+        self.state.hold.send_replace(true);
+    }
+
+    /// Forwards what was held, also for clients that have gone since.
+    pub fn release(&self) {
+        self.state.hold.send_replace(false);
+    }
+
+    /// Client bytes held back so far.
+    pub fn held_bytes(&self) -> u64 {
+        self.state.held_bytes.load(Ordering::SeqCst)
     }
 
     /// Bytes forwarded so far in both directions.
@@ -120,7 +147,7 @@ async fn forward_until_cut(client: UnixStream, target: PathBuf, state: &State) {
     let Ok(server) = UnixStream::connect(&target).await else { return };
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
-    let up = copy(&mut cr, &mut sw, state);
+    let up = copy_up(&mut cr, &mut sw, state);
     let down = copy(&mut sr, &mut cw, state);
     let cut = tokio::select! {
         _ = async { tokio::join!(up, down) } => false,
@@ -156,6 +183,45 @@ async fn copy<R: AsyncReadExt + Unpin, W: AsyncWriteExt + Unpin>(r: &mut R, w: &
             break;
         }
         state.forwarded_bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    let _ = w.shutdown().await;
+}
+
+/// The client-to-server direction: like [`copy`], but bytes read while the
+/// proxy holds are queued and forwarded at the release — after the client's
+/// EOF too (the server then gets its EOF after them).
+async fn copy_up<R: AsyncReadExt + Unpin, W: AsyncWriteExt + Unpin>(r: &mut R, w: &mut W, state: &State) {
+    let mut hold = state.hold.subscribe();
+    let mut buf = vec![0u8; COPY_BUFFER_BYTES];
+    let mut queued: Vec<u8> = Vec::new();
+    let mut eof = false;
+    loop {
+        if !queued.is_empty() && !*hold.borrow_and_update() {
+            if state.cut.load(Ordering::SeqCst) || w.write_all(&queued).await.is_err() {
+                break;
+            }
+            state.forwarded_bytes.fetch_add(queued.len() as u64, Ordering::Relaxed);
+            queued.clear();
+        }
+        if eof && queued.is_empty() {
+            break;
+        }
+        tokio::select! {
+            read = r.read(&mut buf), if !eof => match read {
+                Ok(0) | Err(_) => eof = true,
+                Ok(n) => {
+                    if *hold.borrow() {
+                        state.held_bytes.fetch_add(n as u64, Ordering::SeqCst);
+                    }
+                    queued.extend_from_slice(&buf[..n]);
+                }
+            },
+            changed = hold.changed(), if !queued.is_empty() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+        }
     }
     let _ = w.shutdown().await;
 }

@@ -401,6 +401,84 @@ async fn a_write_stuck_in_the_device_server_lands_before_the_next_holder_is_let_
     drop(slow);
 }
 
+/// A write of an agent killed while the write sat in a device server's
+/// queue lands late — here while the restarted agent already runs. The
+/// restarted agent (same --state-dir: it resumes its handle at once) must
+/// not let a newer write of its own reach the device before that: after an
+/// unclean stop its writes wait `--device-request-max-ms` from its start.
+/// The proxy on the first run's device path holds the write (the stuck
+/// queue) and releases it halfway through that time, as a device that
+/// executes each request within the bound would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agents_writes_wait_for_its_previous_runs_stuck_writes() {
+    const DEVICE_MAX_MS: u64 = 5000;
+    let mut stack = Stack::new_file_devices(1, 256 << 20);
+    stack.device_request_max_ms = Some(DEVICE_MAX_MS);
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "v", "16M"]);
+    let proxy = sanvol_tests::proxy::CuttableProxy::start(
+        &stack.dir.path().join("stuck-queue.sock"),
+        &stack.devices[0].dir().join("nbd.sock"),
+    );
+    let via_proxy = NbdUri::unix(&proxy.socket, "").to_string();
+    let device = stack.device_uris()[0].clone();
+    let mut a = stack.start_agent_with("host-a", &["--device-uri".into(), format!("{device}={via_proxy}")]);
+    let uri = a.attach("v", "exclusive");
+    let c = connect(&uri).await;
+    c.write(0, pattern(0xAA), true).await.expect("the first run writes");
+
+    proxy.hold();
+    let stuck = {
+        let c = c.clone();
+        tokio::spawn(async move { c.write(0, pattern(0xA2), true).await })
+    };
+    poll("the first run's write to reach the stuck queue", Duration::from_secs(30), || {
+        (proxy.held_bytes() >= BLOCK).then_some(())
+    });
+    a.proc.kill();
+    let _ = stuck.await;
+
+    // The restart reaches the device directly and resumes the handle.
+    let b = stack.restart_agent("host-a");
+    let uri = poll("the resumed export", Duration::from_secs(30), || {
+        list(&b)
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["volume"] == "v")
+            .and_then(|v| v["export_uri"].as_str().map(str::to_string))
+    });
+    let c = connect(&uri.parse().unwrap()).await;
+    let newer = {
+        let c = c.clone();
+        tokio::spawn(async move { c.write(0, pattern(0xBB), true).await })
+    };
+    // Half the bound: the stuck write is still "within" it; a newer write
+    // that went at once has landed by now, one that waits has not.
+    let went_at_once = tokio::time::timeout(Duration::from_millis(DEVICE_MAX_MS / 2), async {
+        while !newer.is_finished() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .is_ok();
+    proxy.release();
+    poll("the stuck write to be delivered to the device", Duration::from_secs(30), || {
+        (proxy.open_connections() == 0).then_some(())
+    });
+    newer.await.unwrap().expect("the restarted agent's write is acknowledged");
+    assert_eq!(
+        fill_of(&read_first_block_on_device(&stack, "v").await),
+        Some(0xBB),
+        "the previous run's stuck write (0xA2) landed over the restarted agent's acknowledged write \
+         (which went {})",
+        if went_at_once { "at once" } else { "after the wait" }
+    );
+    assert!(!went_at_once, "the restarted agent's write did not wait for the previous run's writes");
+    let log = b.proc.log();
+    assert!(log.contains("did not stop cleanly"), "the agent says why its writes wait; log:\n{log}");
+}
+
 fn stopped(pid: u32) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))

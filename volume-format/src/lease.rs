@@ -22,17 +22,18 @@
 //!   reached a majority; past that it stops committing at once, and when a
 //!   renewal finds another owner it has lost the lease for good.
 //! - To acquire (a lapsed or free lease) a server writes its own record,
-//!   waits `W = max(4T, D)` (`D`: the longest a device request takes), and
-//!   reads again: the lease is its own only if a majority still shows
-//!   exactly that record. A standby takes over a held lease only after
-//!   watching the owner record unchanged for `max(5T, W + T)`: longer than
-//!   an acquirer's wait, or two acquirers would overwrite each other's
-//!   records forever. So between the old owner's last good renewal and the
-//!   new owner's first metadata read lie at least `max(5T, W + T) + W`, of
-//!   which the old owner used at most `3T` to send writes, plus `D` for the
-//!   last of them to land (a commit, a zeroing or copy job, I/O it did for
-//!   an agent): at least `2T` to spare for clocks running at different
-//!   rates.
+//!   waits `4T`, and reads again: the lease is its own only if a majority
+//!   still shows exactly that record. A standby takes over a held lease
+//!   only after watching the owner record unchanged for `max(5T, D + T)`
+//!   (`D`: the longest a device request takes, `device_request_max_ms`;
+//!   always longer than an acquirer's wait, or two acquirers would
+//!   overwrite each other's records forever). So between the old owner's
+//!   last good renewal and the new owner's first metadata read lie at least
+//!   `max(9T, D + 5T)`, of which the old owner used at most `3T` to send
+//!   writes, plus `D` for the last of them to land (a commit, a zeroing or
+//!   copy job, I/O it did for an agent): at least `2T` to spare for clocks
+//!   running at different rates. A free lease (released) is acquired after
+//!   the `4T` wait alone: its owner stopped cleanly.
 //! - A planned handoff: the owner writes its record with `handoff_to` set
 //!   and stops renewing; the named standby acquires at once (the owner is
 //!   known to have stopped).
@@ -213,21 +214,18 @@ impl LeaseTiming {
         3 * self.io_timeout_ms
     }
     /// How long a standby watches an unchanged owner record before taking
-    /// over: `5T`, and always `T` more than an acquirer waits before its
-    /// read-back — an acquirer's record does not change while it waits, and
-    /// a standby that took it over meanwhile would make the two servers
-    /// overwrite each other's records forever.
+    /// over: `5T`, or `D + T` when device requests may take longer than
+    /// `4T` (see the module docs: the old owner's last write lands by then).
+    /// Always longer than an acquirer's wait (`4T`) plus `T`: an acquirer's
+    /// record does not change while it waits, and a standby that took it
+    /// over meanwhile would make the two overwrite each other's records
+    /// forever.
     pub fn expire_ms(&self) -> u64 {
-        (5 * self.io_timeout_ms).max(self.acquire_wait_ms() + self.io_timeout_ms)
+        (5 * self.io_timeout_ms).max(self.device_request_max_ms + self.io_timeout_ms)
     }
-    /// How long an acquirer waits after writing before reading back:
-    /// `4T`, or `D` when device requests may take longer. The old owner
-    /// sends its last write at most `3T` after its last good renewal, and
-    /// that write lands at most `D` later; the acquirer's first read of the
-    /// metadata comes at least `5T` (watching) + this wait after that
-    /// renewal, so `2T` are left for clocks running at different rates.
+    /// How long an acquirer waits after writing before reading back.
     pub fn acquire_wait_ms(&self) -> u64 {
-        (4 * self.io_timeout_ms).max(self.device_request_max_ms)
+        4 * self.io_timeout_ms
     }
     /// How often a standby reads the owner sector.
     pub fn watch_every_ms(&self) -> u64 {

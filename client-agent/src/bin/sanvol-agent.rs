@@ -279,6 +279,19 @@ async fn run(args: RunArgs, control_socket: PathBuf, persisted: Arc<Persisted>) 
     let (server_key, _) = control_client::keys::parse_public(&server_key_text).context("--server-key")?;
     // The lock on the state directory makes its instance ours (see client_agent::state_dir).
     let (state_dir, previous) = client_agent::state_dir::StateDir::open(&args.state_dir)?;
+    let state_dir = std::sync::Arc::new(state_dir);
+    if let Some(pid) = state_dir.previous_run_unclean() {
+        // Its writes may still sit in a device server's queue (see client_agent::gate).
+        client_agent::gate::hold_writes_until(
+            blockio::clock::LeaseInstant::now() + Duration::from_millis(args.device_request_max_ms),
+        );
+        tracing::info!(
+            previous_pid = pid,
+            wait_ms = args.device_request_max_ms,
+            "the previous run of this agent did not stop cleanly: writes wait --device-request-max-ms from now \
+             (a write of it may still be queued in a device); reads and resumes go at once"
+        );
+    }
     let instance = previous.instance;
     let from_state: HashSet<String> = previous.handles.iter().map(|h| h.volume.clone()).collect();
     let config = AgentConfig {
@@ -304,7 +317,7 @@ async fn run(args: RunArgs, control_socket: PathBuf, persisted: Arc<Persisted>) 
             ..Default::default()
         },
         host_aliases: args.device_host_alias.clone(),
-        state: Some(std::sync::Arc::new(state_dir)),
+        state: Some(state_dir.clone()),
     };
     let agent = Agent::start(config);
     // The previous run's handles are resumed as soon as the server answers (in the background;
@@ -327,8 +340,8 @@ async fn run(args: RunArgs, control_socket: PathBuf, persisted: Arc<Persisted>) 
         r = agent.wait_ready() => if let Err(e) = r {
             bail!("{e}");
         },
-        _ = sigint.recv() => return bounded_shutdown(&agent, shutdown_max).await,
-        _ = sigterm.recv() => return bounded_shutdown(&agent, shutdown_max).await,
+        _ = sigint.recv() => return bounded_shutdown(&agent, &state_dir, shutdown_max).await,
+        _ = sigterm.recv() => return bounded_shutdown(&agent, &state_dir, shutdown_max).await,
     }
 
     if !client_agent::kernel::driver::loaded() {
@@ -343,8 +356,8 @@ async fn run(args: RunArgs, control_socket: PathBuf, persisted: Arc<Persisted>) 
         let first_tries = persist::attach_all(agent.clone(), persisted.clone(), from_state, restored_rx);
         tokio::select! {
             _ = tokio::time::timeout(persist::READY_WAIT_MAX, first_tries) => {}
-            _ = sigint.recv() => return bounded_shutdown(&agent, shutdown_max).await,
-            _ = sigterm.recv() => return bounded_shutdown(&agent, shutdown_max).await,
+            _ = sigint.recv() => return bounded_shutdown(&agent, &state_dir, shutdown_max).await,
+            _ = sigterm.recv() => return bounded_shutdown(&agent, &state_dir, shutdown_max).await,
         }
     }
     // The control socket appears only now, so its existence means "ready".
@@ -382,7 +395,7 @@ async fn run(args: RunArgs, control_socket: PathBuf, persisted: Arc<Persisted>) 
     // crashed: its handles stay at the server until they expire, and a
     // restart with the same --state-dir resumes them.
     tokio::select! {
-        _ = agent.shutdown() => Ok(()),
+        _ = agent.shutdown() => Ok(state_dir.stopped_cleanly()?),
         _ = tokio::time::sleep(shutdown_max) => bail!(
             "the shutdown did not finish within {} s (devices or metadata servers unreachable): volumes were not \
              all flushed and closed; their handles expire at the server, and restarting the agent with the same \
@@ -395,9 +408,13 @@ async fn run(args: RunArgs, control_socket: PathBuf, persisted: Arc<Persisted>) 
 }
 
 /// A shutdown before the agent was ready, bounded like the one after.
-async fn bounded_shutdown(agent: &client_agent::agent::Agent, max: std::time::Duration) -> Result<()> {
+async fn bounded_shutdown(
+    agent: &client_agent::agent::Agent,
+    state_dir: &client_agent::state_dir::StateDir,
+    max: std::time::Duration,
+) -> Result<()> {
     match tokio::time::timeout(max, agent.shutdown()).await {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(state_dir.stopped_cleanly()?),
         Err(_) => bail!("the shutdown did not finish within {} s (--shutdown-timeout-ms)", max.as_secs_f64()),
     }
 }

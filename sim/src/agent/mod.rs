@@ -177,6 +177,11 @@ pub struct AgentHost {
     pub app: AppState,
     /// The core's server addresses (`sim://mdsN`: host N).
     addrs: Vec<String>,
+    /// Agent clock before which no write leaves (production's
+    /// `client_agent::gate::hold_writes_until`): a restarted agent's
+    /// previous run may have writes stalled in a device until
+    /// `device_request_max_ms` after it died.
+    writes_from: Millis,
 }
 
 impl AgentHost {
@@ -201,7 +206,12 @@ impl AgentHost {
             wake_at: None,
             app: AppState::default(),
             addrs,
+            writes_from: 0,
         };
+        // Every restart here follows a crash (an unclean stop).
+        if inc > 1 {
+            h.writes_from = h.clock(env) + env.cfg.device_request_max_ms;
+        }
         h.input(Input::Tick, env);
         let at = env.now + env.rng.range(1, env.cfg.app_step_ms);
         env.schedule(at, Ev::AppStep { agent: index, inc });
@@ -598,6 +608,11 @@ impl AgentHost {
         }
         if now >= a.lease_until {
             return a.lease_wait.push(id);
+        }
+        if now < self.writes_from && matches!(io.kind, IoKind::Write { .. }) {
+            a.lease_wait.push(id);
+            let at = env.now + (self.writes_from - now);
+            return env.schedule(at, Ev::AgentWake { agent: self.index, inc: self.inc });
         }
         let handle = a.handle;
         let volume_id = a.volume_id;

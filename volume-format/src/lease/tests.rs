@@ -106,23 +106,28 @@ fn a_free_lease_is_acquired_after_the_wait_and_renewed() {
 }
 
 #[test]
-fn an_acquirer_waits_for_the_old_owners_slowest_device_write() {
+fn a_standby_waits_for_the_old_owners_slowest_device_write() {
     // D > 4T: a write the old owner sent just before it stopped may land
-    // until D after; the acquirer reads back (and loads the metadata) only
-    // after D, not 4T.
+    // until D after; the standby takes the lease over (and loads the
+    // metadata) only after watching it unchanged for D + T, then the 4T
+    // wait: D + 5T after the last renewal.
     let d = 7 * T;
-    let mut m = LeaseMachine::new(me(1), LeaseTiming { io_timeout_ms: T, device_request_max_ms: d });
-    m.reading(0);
-    let LeaseAction::Write(rec) = m.read_done(5, &[Ok(None), Ok(None), Ok(None)]) else { panic!() };
-    assert_eq!(m.write_done(10, &rec, 3, 3), LeaseAction::WaitUntil(5 + d));
-    // A standby watches an acquirer's unchanged record longer than that
-    // wait before it takes it over (else the two overwrite each other).
+    let mut owner = me(1);
+    owner.generation = 4;
+    owner.role = ServerRole::Active;
+    let seen = |r: &LeaseRecord| [Ok(Some(r.clone())), Ok(Some(r.clone())), Ok(Some(r.clone()))];
+    let mut m = LeaseMachine::new(me(2), LeaseTiming { io_timeout_ms: T, device_request_max_ms: d });
     assert_eq!(m.timing.expire_ms(), d + T);
-    // D below 4T changes nothing.
-    let mut m = LeaseMachine::new(me(1), LeaseTiming { io_timeout_ms: T, device_request_max_ms: T });
     m.reading(0);
-    let LeaseAction::Write(rec) = m.read_done(5, &[Ok(None), Ok(None), Ok(None)]) else { panic!() };
-    assert_eq!(m.write_done(10, &rec, 3, 3), LeaseAction::WaitUntil(5 + 4 * T));
+    m.read_done(0, &seen(&owner));
+    m.reading(d);
+    assert!(matches!(m.read_done(d, &seen(&owner)), LeaseAction::WaitUntil(_)), "D unchanged is not enough");
+    m.reading(d + T);
+    let LeaseAction::Write(rec) = m.read_done(d + T, &seen(&owner)) else { panic!("D + T unchanged: take over") };
+    assert_eq!(m.write_done(d + T + 1, &rec, 3, 3), LeaseAction::WaitUntil(d + T + 4 * T));
+    // D below 4T changes nothing: 5T.
+    let m = LeaseMachine::new(me(2), LeaseTiming { io_timeout_ms: T, device_request_max_ms: T });
+    assert_eq!(m.timing.expire_ms(), 5 * T);
 }
 
 #[test]
