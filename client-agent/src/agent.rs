@@ -54,9 +54,20 @@ pub struct AgentConfig {
     /// Where the handles the agent holds are kept for its next run (`None`:
     /// nowhere; a restarted agent then cannot take them back).
     pub state: Option<Arc<StateDir>>,
+    /// Where volumes' write-back cache logs go (`DIR/VOLUME.cachelog`, as
+    /// large as the volume's cache). `None`: `cache` in the state
+    /// directory; with neither, a cached volume attaches without its cache
+    /// (writes go straight to the devices).
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl AgentConfig {
+    /// Where volume `volume`'s cache log goes (see [`AgentConfig::cache_dir`]).
+    pub fn cache_log_path(&self, volume: &str) -> Option<PathBuf> {
+        let dir = self.cache_dir.clone().or_else(|| self.state.as_ref().map(|s| s.dir().join("cache")))?;
+        Some(dir.join(format!("{volume}.cachelog")))
+    }
+
     /// Defaults for everything but who the agent is and where exports go.
     pub fn new(session: SessionConfig, export_dir: PathBuf) -> AgentConfig {
         AgentConfig {
@@ -66,6 +77,7 @@ impl AgentConfig {
             kernel: KernelSettings::default(),
             host_aliases: Vec::new(),
             state: None,
+            cache_dir: None,
         }
     }
 }

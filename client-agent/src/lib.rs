@@ -17,10 +17,9 @@
 //!   (reconfiguration and leases), as a plain state machine.
 //! - [`volume`]: [`volume::VolumeDevice`], the direct data path of one
 //!   attached volume (extent map, mirrors, concurrency) as a `BlockDevice`.
-//! - [`cache`]: the write-back cache (a local log acknowledged on append,
-//!   background destage, replay after a crash) as a `BlockDevice` in front
-//!   of a volume; not yet attached to volumes (the server's mirror is
-//!   missing, issue 15).
+//! - [`cache`]: the write-back cache (a local log acknowledged on append
+//!   and on the server's mirror, background destage, replay after a crash)
+//!   as a `BlockDevice` in front of an exclusively attached cached volume.
 //! - [`cow`]: client-side copy-on-write for snapshots (preserve a chunk
 //!   before its first overwrite; batched registrations).
 //! - [`devices`]: the pool of NBD connections to devices, shared by volumes,

@@ -38,9 +38,11 @@ use blockio::clock::LeaseInstant as Instant;
 use tracing::{info, warn, Instrument};
 use volume_format::control::auth::Role;
 use volume_format::control::messages::{OpenMode, ServerEvent};
-use volume_format::VolumeDescription;
+use volume_format::{HandleId, VolumeDescription};
 
 use crate::agent::{AgentConfig, AgentError};
+use crate::cache::mirror::ControlMirror;
+use crate::cache::{CacheConfig, CachedDevice, MirrorState, OldLog};
 use crate::core::{
     AgentCore, AttachmentId, CallerId, ConnId, DetachFailure, Effect, Input, KernelPlan, Millis, Prepared,
     ProbeOutcome, Reply, RequestError,
@@ -101,6 +103,7 @@ struct AttachPlan {
     export: ExportTarget,
     kernel: Option<KernelPlan>,
     cow_by_server: bool,
+    resumed: bool,
 }
 
 /// What a successful attach task made.
@@ -108,7 +111,13 @@ pub(crate) struct Ready {
     export: ExportHandle,
     kernel: Option<KernelAttachment>,
     kernel_note: Option<String>,
+    cache: Option<Arc<CachedDevice>>,
 }
+
+/// The longest a detach waits for a volume's write-back cache to write
+/// what it holds to the devices before it gives up (the volume then stays
+/// attached, its cache still holding the data).
+pub const DETACH_DESTAGE_MAX: Duration = Duration::from_secs(120);
 
 /// What a failed detach task hands back (the volume stays attached).
 #[derive(Default)]
@@ -130,6 +139,8 @@ struct Runtime {
     device: Arc<VolumeDevice>,
     export: Option<ExportHandle>,
     kernel: Option<KernelAttachment>,
+    /// The volume's write-back cache in front of `device`, if it has one.
+    cache: Option<(Arc<CachedDevice>, String)>,
 }
 
 /// The owner task's state.
@@ -155,6 +166,9 @@ pub(crate) struct Shell {
     link: Arc<ServerLink>,
     builder: LayoutBuilder,
     state: watch::Sender<ConnectState>,
+    /// The newest control connection, for caches' mirror requests (see
+    /// [`crate::cache::mirror`]).
+    current: Arc<std::sync::Mutex<Option<(ConnId, ControlClient)>>>,
 }
 
 impl Shell {
@@ -187,6 +201,14 @@ impl Shell {
             link,
             builder,
             state,
+            current: Arc::new(std::sync::Mutex::new(None)),
+        }
+    }
+
+    fn forget_current(&self, conn: ConnId) {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref().is_some_and(|(c, _)| *c == conn) {
+            *current = None;
         }
     }
 
@@ -244,6 +266,18 @@ impl Shell {
     /// Keeps a message's objects; returns the core's input.
     fn accept(&mut self, message: ToOwner) -> Option<Input> {
         Some(match message {
+            ToOwner::Command { command: crate::core::Command::Handover { volume, .. }, reply }
+                if self.attachments.values().any(|rt| rt.volume == volume && rt.cache.is_some()) =>
+            {
+                // The receiver would open the volume without a replay of
+                // the mirror while this agent's cache still holds writes.
+                let e = AgentError::Session(crate::session::SessionError::Server(format!(
+                    "volume {volume} has a write-back cache: a handover is not supported for cached volumes yet; \
+                     detach it here (its cache is written to the devices) and attach it on the other host"
+                )));
+                let _ = reply.send(Reply::Failed(e));
+                return None;
+            }
             ToOwner::Command { command: crate::core::Command::Handover { volume, to_key }, reply }
                 if self.copies_itself(&volume) =>
             {
@@ -275,6 +309,7 @@ impl Shell {
             ToOwner::Connected { conn, client, mut events } => {
                 let session = client.session();
                 let input = Input::Connected { conn, lease_ms: session.lease_ms, session: session.session };
+                *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((conn, client.clone()));
                 self.conns.insert(conn, client);
                 let inbox = self.inbox_tx.clone();
                 tokio::spawn(
@@ -302,6 +337,10 @@ impl Shell {
                             Some(rt) => {
                                 rt.export = Some(ready.export);
                                 rt.kernel = ready.kernel;
+                                rt.cache = ready.cache.map(|c| {
+                                    let path = self.config.cache_log_path(&rt.volume).unwrap_or_default();
+                                    (c, path.display().to_string())
+                                });
                             }
                             // Cannot happen (the core forgets a preparing attachment only on this
                             // result); dropping stops the export and leaves a kernel device.
@@ -325,6 +364,7 @@ impl Shell {
             ToOwner::Input(input) => {
                 if let Input::ConnectionLost { conn } = &input {
                     self.conns.remove(conn);
+                    self.forget_current(*conn);
                 }
                 input
             }
@@ -345,6 +385,7 @@ impl Shell {
                 }
             }
             Effect::Disconnect { conn } => {
+                self.forget_current(conn);
                 if let Some(client) = self.conns.remove(&conn) {
                     tokio::spawn(async move { client.close().await });
                 }
@@ -382,8 +423,9 @@ impl Shell {
                 export,
                 kernel,
                 cow_by_server,
+                resumed,
             } => {
-                let plan = AttachPlan { mode, lease_until_ms, export, kernel, cow_by_server };
+                let plan = AttachPlan { mode, lease_until_ms, export, kernel, cow_by_server, resumed };
                 self.start_attach(attachment, volume, handle, *description, plan)
             }
             Effect::BeginRecall { attachment, generation } => {
@@ -542,12 +584,13 @@ impl Shell {
         }
     }
 
-    /// The I/O counters only the gate knows.
+    /// The I/O counters only the gate knows, and the cache's state.
     fn fill_counters(&self, info: &mut crate::core::AttachmentInfo) {
         if let Some(rt) = self.attachments.values().find(|rt| rt.volume == info.volume) {
             let status = rt.gate.status();
             info.io_in_flight = status.in_flight;
             info.io_waiting = status.waiting;
+            info.cache = rt.cache.as_ref().map(|(cache, path)| cache_info(cache, path));
         }
     }
 
@@ -561,7 +604,7 @@ impl Shell {
         description: VolumeDescription,
         plan: AttachPlan,
     ) {
-        let AttachPlan { mode, lease_until_ms, export, kernel, cow_by_server } = plan;
+        let AttachPlan { mode, lease_until_ms, export, kernel, cow_by_server, resumed } = plan;
         let generation = description.layout_generation;
         let layout = match (self.builder)(description, handle) {
             Ok(layout) => Arc::new(layout),
@@ -580,8 +623,30 @@ impl Shell {
         );
         self.attachments.insert(
             attachment,
-            Runtime { volume: volume.clone(), handle, gate, device: device.clone(), export: None, kernel: None },
+            Runtime {
+                volume: volume.clone(),
+                handle,
+                gate,
+                device: device.clone(),
+                export: None,
+                kernel: None,
+                cache: None,
+            },
         );
+        // Only an exclusive holder caches writes (the server refuses the
+        // mirror to anyone else).
+        let cache = (mode == OpenMode::Exclusive).then(|| {
+            let current = self.current.clone();
+            let source: crate::cache::mirror::ClientSource = Arc::new(move || {
+                let current = current.lock().unwrap_or_else(|p| p.into_inner());
+                current.as_ref().map(|(conn, client)| (conn.0, client.clone()))
+            });
+            CachePlan {
+                log_path: self.config.cache_log_path(&volume),
+                resumed,
+                mirror: Arc::new(ControlMirror::with_source(source, HandleId(handle))),
+            }
+        });
         let backend =
             crate::kernel::BackendId { pool: layout.description().pool_uuid, mode, handle, volume: volume.clone() };
         let task = AttachTask {
@@ -595,6 +660,7 @@ impl Shell {
             kernel,
             backend: backend.to_string(),
             settings: self.config.kernel,
+            cache,
         };
         let tx = self.tx.clone();
         tokio::spawn(
@@ -618,6 +684,7 @@ impl Shell {
             kernel: rt.kernel.take(),
             flush,
             volume: rt.volume.clone(),
+            cache: rt.cache.as_ref().map(|(c, _)| c.clone()),
         };
         let tx = self.tx.clone();
         tokio::spawn(
@@ -652,6 +719,106 @@ struct AttachTask {
     kernel: Option<KernelPlan>,
     backend: String,
     settings: crate::kernel::KernelSettings,
+    cache: Option<CachePlan>,
+}
+
+/// How an exclusive attach finds out whether the volume is cached, and
+/// opens its cache (see [`CachePlan::open`]).
+struct CachePlan {
+    /// `None`: the agent has no cache directory (no state directory either).
+    log_path: Option<std::path::PathBuf>,
+    resumed: bool,
+    mirror: Arc<ControlMirror>,
+}
+
+impl CachePlan {
+    /// The volume's cache in front of `device`, or `None` when it has none.
+    ///
+    /// After a fresh open the server has replayed the volume's mirror, so
+    /// an old local log is dropped ([`OldLog::Discard`]) and the server is
+    /// asked for the setting. After a resume (a restart took the handle
+    /// back) the server replayed nothing: the old log is written to the
+    /// devices first ([`OldLog::Replay`]), and only then is the mirror
+    /// started afresh (it holds the same writes).
+    async fn open(
+        &self,
+        volume: &str,
+        device: Arc<dyn BlockDevice>,
+        id: volume_format::VolumeId,
+    ) -> Result<Option<Arc<CachedDevice>>, String> {
+        let old_log_bytes = self.log_path.as_ref().and_then(|p| p.metadata().ok()).map_or(0, |m| m.len());
+        let (log_bytes, old) = if self.resumed && old_log_bytes > 0 {
+            (old_log_bytes, OldLog::Replay)
+        } else {
+            let setting = match self.mirror.setting().await {
+                Ok(setting) => setting,
+                // After a resume the mirror may hold the previous run's
+                // writes: serving without the cache, a later replay of it
+                // would put them over newer ones. Failing closes the handle;
+                // the next open replays the mirror.
+                Err(e) if self.resumed => return Err(e),
+                Err(e) => {
+                    // Safe without the cache: after a fresh open the server's
+                    // mirror holds nothing, and nothing is ever appended to it.
+                    warn!(volume, error = %e, "cannot tell whether the volume has a write-back cache; serving it without one");
+                    return Ok(None);
+                }
+            };
+            match setting {
+                Some(setting) => (setting.size_bytes, OldLog::Discard),
+                None => {
+                    // A log left from when the volume was cached is stale (the
+                    // server replayed its mirror before this open); a resume
+                    // after a crash must not find and replay it.
+                    if let Some(path) = self.log_path.as_ref().filter(|_| old_log_bytes > 0) {
+                        std::fs::remove_file(path)
+                            .map_err(|e| format!("removing the stale cache log {}: {e}", path.display()))?;
+                        info!(volume, log = %path.display(), "removed the cache log of when the volume was cached");
+                    }
+                    return Ok(None);
+                }
+            }
+        };
+        let Some(log_path) = &self.log_path else {
+            warn!(volume, "the volume has a write-back cache, but the agent has no --cache-dir (nor --state-dir): its writes go straight to the devices");
+            return Ok(None);
+        };
+        if let Some(dir) = log_path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("cache directory {}: {e}", dir.display()))?;
+        }
+        let config = CacheConfig { log_path: log_path.clone(), log_bytes };
+        let cache = CachedDevice::open_mirrored_with(device, id, &config, self.mirror.clone(), old)
+            .await
+            .map_err(|e| format!("write-back cache: {e}"))?;
+        info!(
+            volume,
+            log = %log_path.display(),
+            log_bytes,
+            replayed = cache.replayed_records(),
+            state = %cache.report().mirror,
+            "write-back cache open"
+        );
+        Ok(Some(Arc::new(cache)))
+    }
+}
+
+/// What `sanvol-agent list` shows of a cache.
+fn cache_info(cache: &CachedDevice, log_path: &str) -> control_client::agent_api::CacheInfo {
+    let report = cache.report();
+    let (state, state_detail) = match &report.mirror {
+        MirrorState::Mirrored => ("mirrored", String::new()),
+        MirrorState::WriteThrough { why } => ("write-through", why.clone()),
+        MirrorState::Local => ("local", String::new()),
+    };
+    control_client::agent_api::CacheInfo {
+        state: state.to_string(),
+        state_detail,
+        dirty_bytes: report.status.dirty_bytes,
+        log_used_bytes: report.status.log_used_bytes,
+        log_capacity_bytes: report.status.log_capacity_bytes,
+        destage_bytes_per_sec: report.destage_bytes_per_sec,
+        log_path: log_path.to_string(),
+    }
 }
 
 impl AttachTask {
@@ -681,13 +848,24 @@ impl AttachTask {
         if let Some(Err(message)) = futures::future::join_all(connects).await.into_iter().find(|r| r.is_err()) {
             return Err(AgentError::Device { volume, message });
         }
+        let cache = match &self.cache {
+            Some(plan) => plan
+                .open(&volume, self.device.clone(), description.volume)
+                .await
+                .map_err(|message| AgentError::Device { volume: volume.clone(), message })?,
+            None => None,
+        };
         let text = format!("sanvol volume {volume} ({}, handle {})", self.mode, self.handle);
-        let device: Arc<dyn BlockDevice> = Arc::new(crate::metrics::Metered::new(&volume, self.device.clone()));
+        let served: Arc<dyn BlockDevice> = match &cache {
+            Some(cache) => cache.clone(),
+            None => self.device.clone(),
+        };
+        let device: Arc<dyn BlockDevice> = Arc::new(crate::metrics::Metered::new(&volume, served));
         let export = serve_volume(&volume, text, device.clone(), &self.export)
             .await
             .map_err(|e| AgentError::Export { volume: volume.clone(), message: e.to_string() })?;
         let kernel = match &self.kernel {
-            None => return Ok(Ready { export, kernel: None, kernel_note: None }),
+            None => return Ok(Ready { export, kernel: None, kernel_note: None, cache }),
             Some(KernelPlan::Connect { index }) => {
                 KernelAttachment::connect(&volume, device, *index, self.backend.clone(), self.settings).await
             }
@@ -696,15 +874,18 @@ impl AttachTask {
             }
         };
         match kernel {
-            Ok(kernel) => Ok(Ready { export, kernel: Some(kernel), kernel_note: None }),
+            Ok(kernel) => Ok(Ready { export, kernel: Some(kernel), kernel_note: None, cache }),
             Err(crate::kernel::KernelError::NotLoaded) => {
                 warn!(volume, "{}; serving {} only", crate::kernel::NOT_LOADED, export.uri());
                 let note = format!("{} ({})", crate::kernel::NOT_LOADED, export.uri());
-                Ok(Ready { export, kernel: None, kernel_note: Some(note) })
+                Ok(Ready { export, kernel: None, kernel_note: Some(note), cache })
             }
             Err(e) => {
                 // Clients may have found the export already: stop it, then flush what they wrote.
                 export.stop().await;
+                if let Some(cache) = &cache {
+                    cache.destage_all().await;
+                }
                 if self.mode != OpenMode::ReadOnly {
                     if let Err(flush) = self.device.flush().await {
                         warn!(volume, error = %flush, "flush after a failed kernel attach failed");
@@ -717,10 +898,11 @@ impl AttachTask {
 }
 
 /// A detach's long steps: flush and disconnect the kernel device (if its
-/// flush fails it stays connected), flush (if that fails the volume stays
-/// attached), stop the export (connected clients finish their in-flight
-/// requests), flush again (writes that raced the first flush), close the gate
-/// and wait for in-flight I/O.
+/// flush fails it stays connected), destage the write-back cache and flush
+/// (if either fails the volume stays attached), stop the export (connected
+/// clients finish their in-flight requests), destage and flush again
+/// (writes that raced the first flush), close the gate and wait for
+/// in-flight I/O.
 struct DetachTask {
     gate: Arc<Gate<Layout>>,
     device: Arc<VolumeDevice>,
@@ -728,6 +910,23 @@ struct DetachTask {
     kernel: Option<KernelAttachment>,
     flush: bool,
     volume: String,
+    cache: Option<Arc<CachedDevice>>,
+}
+
+impl DetachTask {
+    /// Every write the cache acknowledged is on the devices, within
+    /// [`DETACH_DESTAGE_MAX`].
+    async fn destage(&self) -> Result<(), String> {
+        let Some(cache) = &self.cache else { return Ok(()) };
+        tokio::time::timeout(DETACH_DESTAGE_MAX, cache.destage_all()).await.map_err(|_| {
+            format!(
+                "the write-back cache could not write what it holds ({} bytes) to the devices within {} s \
+                 (is a device unreachable?); it keeps it; retry",
+                cache.status().dirty_bytes,
+                DETACH_DESTAGE_MAX.as_secs()
+            )
+        })
+    }
 }
 
 impl DetachTask {
@@ -742,6 +941,9 @@ impl DetachTask {
             self.kernel = None;
         }
         if self.flush {
+            if let Err(e) = self.destage().await {
+                return (Err(DetachFailure::Flush(e)), Leftovers { export: self.export, kernel: None });
+            }
             if let Err(e) = self.device.flush().await {
                 return (Err(DetachFailure::Flush(e.to_string())), Leftovers { export: self.export, kernel: None });
             }
@@ -750,6 +952,9 @@ impl DetachTask {
             export.stop().await;
         }
         if self.flush {
+            if let Err(e) = self.destage().await {
+                warn!(volume = self.volume, error = %e, "destaging the cache after stopping the export failed");
+            }
             if let Err(e) = self.device.flush().await {
                 warn!(volume = self.volume, error = %e, "flush after stopping the export failed");
             }

@@ -165,6 +165,11 @@ impl StateDir {
         Ok((opened, state))
     }
 
+    /// The state directory itself.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn path(&self) -> PathBuf {
         self.dir.join(STATE_FILE)
     }

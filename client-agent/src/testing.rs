@@ -423,6 +423,10 @@ pub mod fake_mds {
                 None => Err(ControlError::new(ErrorCode::NotFound, format!("volume {volume} does not exist"))),
             },
             Request::Close { .. } | Request::RecallDone { .. } => Ok(Response::Done),
+            // As the real server answers for a volume without a cache.
+            Request::MirrorOpen { .. } => {
+                Err(ControlError::new(ErrorCode::InvalidArgument, "the volume has no cache".to_string()))
+            }
             other => Err(ControlError::new(ErrorCode::PermissionDenied, format!("{other:?} is for admins"))),
         }
     }

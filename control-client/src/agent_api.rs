@@ -77,6 +77,26 @@ pub struct AttachmentInfo {
     /// Why a requested kernel attach did not happen (the socket export still serves the volume).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel_note: Option<String>,
+    /// The volume's write-back cache on this agent, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheInfo>,
+}
+
+/// A volume's write-back cache as `sanvol-agent list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheInfo {
+    /// `mirrored`, `write-through` or `local`.
+    pub state: String,
+    /// Why it writes through (the mirror's failure), else empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub state_detail: String,
+    /// Acknowledged bytes not yet on the devices.
+    pub dirty_bytes: u64,
+    pub log_used_bytes: u64,
+    pub log_capacity_bytes: u64,
+    /// Bytes written to the devices per second, over the last 10 s.
+    pub destage_bytes_per_sec: u64,
+    pub log_path: String,
 }
 
 /// What `attach --kernel` asks for.

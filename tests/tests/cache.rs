@@ -237,6 +237,11 @@ struct MirrorRig {
 
 impl MirrorRig {
     fn new() -> MirrorRig {
+        MirrorRig::with_lease_ms(1000, Some(500))
+    }
+
+    /// With the server's lease and durable time (`None`: its default).
+    fn with_lease_ms(lease_ms: u64, durable_ms: Option<u64>) -> MirrorRig {
         use sanvol_tests::system::Stack;
         let device_dir = tempfile::Builder::new().prefix("sanvol-cache-mirror-").tempdir().unwrap();
         let image = peers::sparse_file(device_dir.path(), 256 << 20);
@@ -247,8 +252,8 @@ impl MirrorRig {
         // would take the pool's only device with it (seen in CI).
         let device = peers::nbdkit(&["-t", "1", "--filter=delay", "file", &image_path, "delay-write=100ms"]);
         let mut stack = Stack::with_devices(vec![device]);
-        stack.lease_ms = 1000;
-        stack.durable_ms = Some(500);
+        stack.lease_ms = lease_ms;
+        stack.durable_ms = durable_ms;
         stack.start_mds();
         stack.sanvol_ok(&["volume", "create", "db", "64M"]);
         stack.sanvol_ok(&["volume", "cache", "db", "--size", "32M"]);
@@ -382,4 +387,155 @@ async fn with_the_mirror_gone_writes_go_through_to_the_device() {
             image[at], model[at]
         );
     }
+}
+
+/// `sanvol-agent attach` of `db` on agent `name` (started here); the export.
+fn attach_cached(stack: &sanvol_tests::system::Stack, name: &str) -> (sanvol_tests::system::Agent, NbdUri) {
+    let agent = stack.start_agent(name);
+    let uri = agent.attach("db", "exclusive");
+    assert!(agent.proc.log().contains("write-back cache open"), "{}", agent.proc.log());
+    (agent, uri)
+}
+
+/// `sanvol-agent list --json`: the entry of `db`.
+fn listed(agent: &sanvol_tests::system::Agent) -> serde_json::Value {
+    let out = agent.cli(&["list", "--json"]);
+    assert!(out.status.success(), "list: {}", String::from_utf8_lossy(&out.stderr));
+    let volumes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    volumes.as_array().unwrap().iter().find(|v| v["volume"] == "db").cloned().expect("db is listed")
+}
+
+/// Issue 15 as a user runs it: `sanvol volume cache`, then `sanvol-agent
+/// attach` serves the volume through a cache mirrored at `sanvol-mds`;
+/// the agent is killed with SIGKILL while the 100 ms-per-write device still
+/// lacks acknowledged writes. A second agent's attach is answered only once
+/// the server replayed the mirror, and the device file, read back directly,
+/// holds every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sanvol_agent_attach_caches_and_a_kill_9_loses_no_acknowledged_write() {
+    let rig = MirrorRig::new();
+    let stack = &rig.stack;
+    let (mut a, uri) = attach_cached(stack, "agent-a");
+    let client = Arc::new(NbdClient::connect(&uri, ClientOptions::default()).await.unwrap());
+    let (model, mut acks) = write_rounds(client.clone(), 4).await;
+    let mut acked = Vec::new();
+    while acked.len() < 6 {
+        acked.push(acks.recv().await.expect("the fifth round's writes are acknowledged"));
+    }
+    a.proc.kill();
+    while let Ok(slot) = acks.try_recv() {
+        acked.push(slot);
+    }
+    drop(client);
+    assert!(
+        check_device(&rig.volume_image(), &model, 4, &acked).is_err(),
+        "every acknowledged write reached the 100 ms-per-write device before the kill: the test did not exercise \
+         the cache"
+    );
+
+    // Another agent attaches the volume: refused while the dead agent's
+    // handle lives, answered once the server replayed the mirror.
+    stack.authorize_agent("agent-b");
+    let b = stack.restart_agent("agent-b");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let out = b.cli(&["attach", "db", "--mode", "exclusive"]);
+        if out.status.success() {
+            break;
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(std::time::Instant::now() < deadline, "attach on agent-b: {stderr}\nmds log:\n{}", stack.mds_log());
+        // The refusal names when the old handle runs out; retry soon.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    if let Err(e) = check_device(&rig.volume_image(), &model, 4, &acked) {
+        panic!("after the replay: {e}; mds log:\n{}", stack.mds_log());
+    }
+    assert!(stack.mds_log().contains("cache mirror replayed to the devices"), "{}", stack.mds_log());
+    // The new holder caches too, mirrored.
+    assert_eq!(listed(&b)["cache"]["state"], "mirrored", "{}", b.proc.log());
+}
+
+/// `sanvol-agent list` shows the cache: mirrored, its log, the dirty bytes
+/// right after a burst of writes to the slow device; a detach writes every
+/// acknowledged write to the devices before it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sanvol_agent_list_shows_the_cache_and_a_detach_destages_it() {
+    let rig = MirrorRig::new();
+    let (a, uri) = attach_cached(&rig.stack, "agent-a");
+    let client = Arc::new(NbdClient::connect(&uri, ClientOptions::default()).await.unwrap());
+    let (mut model, mut acks) = write_rounds(client.clone(), 2).await;
+    for _ in 0..SLOTS {
+        acks.recv().await.expect("round 2 is acknowledged");
+    }
+    for slot in 0..SLOTS {
+        apply(&mut model, &round_write(2, slot));
+    }
+    // 72 writes at 100 ms each: most are still only in the cache.
+    let entry = listed(&a);
+    let cache = &entry["cache"];
+    assert_eq!(cache["state"], "mirrored", "{entry}");
+    // The volume's cache size, less the log's superblocks.
+    let capacity = cache["log_capacity_bytes"].as_u64().unwrap();
+    assert!(((31 << 20)..=(32 << 20)).contains(&capacity), "{entry}");
+    assert!(cache["dirty_bytes"].as_u64().unwrap() > 0, "{entry}");
+    assert!(cache["log_path"].as_str().unwrap().ends_with("db.cachelog"), "{entry}");
+    let text = a.cli(&["list"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("cache mirrored:") && text.contains("dirty"), "{text}");
+
+    drop(client);
+    a.detach("db");
+    let image = rig.volume_image();
+    if let Some(at) = image.iter().zip(&model).position(|(a, b)| a != b) {
+        panic!(
+            "after the detach, device byte {at} is {:#04x}, the acknowledged write put {:#04x}",
+            image[at], model[at]
+        );
+    }
+}
+
+/// A killed agent restarted with its state directory takes its handle back
+/// (a resume: the server replays nothing) and replays its own cache log to
+/// the devices before it serves the volume again; then mirrors afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_takes_its_handle_back_and_replays_its_own_cache_log() {
+    // A lease long enough that the restart resumes the handle.
+    let rig = MirrorRig::with_lease_ms(10_000, None);
+    let stack = &rig.stack;
+    let (mut a, uri) = attach_cached(stack, "agent-a");
+    let client = Arc::new(NbdClient::connect(&uri, ClientOptions::default()).await.unwrap());
+    let (model, mut acks) = write_rounds(client.clone(), 4).await;
+    let mut acked = Vec::new();
+    while acked.len() < 6 {
+        acked.push(acks.recv().await.expect("the fifth round's writes are acknowledged"));
+    }
+    a.proc.kill();
+    while let Ok(slot) = acks.try_recv() {
+        acked.push(slot);
+    }
+    drop(client);
+    assert!(check_device(&rig.volume_image(), &model, 4, &acked).is_err(), "the test did not exercise the cache");
+
+    let a = stack.restart_agent("agent-a");
+    // Served again only after the log was replayed (the attach opens the
+    // cache before the export).
+    let since = std::time::Instant::now();
+    loop {
+        if let Ok(c) = NbdClient::connect(&uri, ClientOptions::default()).await {
+            c.disconnect().await;
+            break;
+        }
+        assert!(since.elapsed() < std::time::Duration::from_secs(60), "not served again:\n{}", a.proc.log());
+        // Polling a socket the restarted agent has not made yet.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let log = a.proc.log();
+    assert!(log.contains("took back volume db"), "{log}");
+    assert!(log.contains("cache log replayed to the devices"), "{log}");
+    if let Err(e) = check_device(&rig.volume_image(), &model, 4, &acked) {
+        panic!("after the restart: {e}; agent log:\n{log}");
+    }
+    assert!(!stack.mds_log().contains("cache mirror replayed to the devices"), "{}", stack.mds_log());
+    assert_eq!(listed(&a)["cache"]["state"], "mirrored", "{log}");
 }

@@ -174,6 +174,12 @@ struct RunArgs {
     /// instead of waiting for their leases to run out. One agent per directory (it is locked).
     #[arg(long, env = "SANVOL_AGENT_STATE_DIR", default_value = client_agent::state_dir::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
+    /// Directory for the write-back cache logs of cached volumes (`sanvol volume cache`): one file
+    /// per attached cached volume, `VOLUME.cachelog`, as large as the volume's cache and
+    /// preallocated at attach (an attach fails with how much room is missing). Put it on a fast
+    /// local disk. Default: `cache` in the --state-dir.
+    #[arg(long, env = "SANVOL_AGENT_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
     /// How long the shutdown after SIGTERM/SIGINT may take to flush and close every volume; past it
     /// (or on a second signal) the agent exits as after a crash, and a restart with the same
     /// --state-dir resumes the volumes.
@@ -318,6 +324,7 @@ async fn run(args: RunArgs, control_socket: PathBuf, persisted: Arc<Persisted>) 
         },
         host_aliases: args.device_host_alias.clone(),
         state: Some(state_dir.clone()),
+        cache_dir: args.cache_dir.clone(),
     };
     let agent = Agent::start(config);
     // The previous run's handles are resumed as soon as the server answers (in the background;
@@ -445,6 +452,34 @@ fn print_table(volumes: &[AttachmentInfo]) {
         if let Some(device) = &v.kernel_device {
             println!("  kernel device {device}");
         }
+        if let Some(c) = &v.cache {
+            let state =
+                if c.state_detail.is_empty() { c.state.clone() } else { format!("{} ({})", c.state, c.state_detail) };
+            println!(
+                "  cache {state}: {} dirty, log {} of {} used, destaging {}/s ({})",
+                human_bytes(c.dirty_bytes),
+                human_bytes(c.log_used_bytes),
+                human_bytes(c.log_capacity_bytes),
+                human_bytes(c.destage_bytes_per_sec),
+                c.log_path
+            );
+        }
+    }
+}
+
+/// `1.5 MiB`-style sizes for the listing.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
     }
 }
 

@@ -2,15 +2,26 @@
 //! (`MirrorOpen`, `MirrorAppend`, `MirrorRelease`) under the handle that
 //! holds the volume exclusively.
 //!
+//! The connection is looked up at every request ([`ClientSource`]): in
+//! `sanvol-agent` it is the owner's current control connection, so after a
+//! reconnect (and the resume of the handle on it) mirroring continues on
+//! the new session; a request on a session that does not hold the handle
+//! fails, which turns the cache write-through until mirroring restarts.
+//! Appends and releases go only to the connection mirroring was started
+//! on: on any other (a reconnect, a handoff or takeover to another server,
+//! whose mirror never saw the earlier writes) they fail without being sent,
+//! so the cache writes through, destages, and starts mirroring afresh there.
+//!
 //! Every request is bounded by [`MIRROR_REQUEST_TIMEOUT`]: a server that
 //! stops answering (stopped, partitioned) turns the cache write-through
 //! instead of holding writes for the control client's general timeout.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use control_client::ControlClient;
-use volume_format::control::messages::{MirrorRecord, Request, Response};
+use control_client::{ControlClient, ControlClientError};
+use volume_format::control::messages::{ErrorCode, MirrorRecord, Request, Response, VolumeCache};
 use volume_format::HandleId;
 
 use super::CacheMirror;
@@ -19,25 +30,80 @@ use super::CacheMirror;
 /// write-through.
 pub const MIRROR_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The control connection to send a mirror request on, if there is one now,
+/// with a number that differs for every connection.
+pub type ClientSource = Arc<dyn Fn() -> Option<(u64, ControlClient)> + Send + Sync>;
+
 pub struct ControlMirror {
-    client: ControlClient,
+    client: ClientSource,
     handle: HandleId,
+    /// The connection mirroring was last started on.
+    opened_on: Mutex<Option<u64>>,
 }
 
 impl ControlMirror {
+    /// Mirrors over one fixed connection.
     pub fn new(client: ControlClient, handle: HandleId) -> ControlMirror {
-        ControlMirror { client, handle }
+        ControlMirror::with_source(Arc::new(move || Some((0, client.clone()))), handle)
     }
 
+    /// Mirrors over whatever connection `client` returns at each request.
+    pub fn with_source(client: ClientSource, handle: HandleId) -> ControlMirror {
+        ControlMirror { client, handle, opened_on: Mutex::new(None) }
+    }
+
+    fn opened_on(&self) -> std::sync::MutexGuard<'_, Option<u64>> {
+        self.opened_on.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends an open on the current connection, and remembers it.
+    async fn open_here(&self) -> Result<Response, ControlClientError> {
+        let Some((conn, client)) = (self.client)() else { return Err(ControlClientError::Closed) };
+        let answer =
+            client.request_with_timeout(Request::MirrorOpen { handle: self.handle }, MIRROR_REQUEST_TIMEOUT).await;
+        *self.opened_on() = answer.is_ok().then_some(conn);
+        answer
+    }
+
+    /// Sends an append or release on the connection mirroring started on.
     async fn call(&self, request: Request) -> Result<Response, String> {
-        self.client.request_with_timeout(request, MIRROR_REQUEST_TIMEOUT).await.map_err(|e| e.to_string())
+        let (conn, client) = (self.client)().ok_or("not connected to the metadata server")?;
+        if *self.opened_on() != Some(conn) {
+            return Err("the control connection changed since mirroring started; mirroring starts afresh".into());
+        }
+        client.request_with_timeout(request, MIRROR_REQUEST_TIMEOUT).await.map_err(|e| e.to_string())
+    }
+}
+
+/// Servers before this protocol have no mirror (and no cached volumes).
+pub const MIRROR_PROTOCOL_MIN: u32 = 6;
+
+impl ControlMirror {
+    /// The volume's cache setting, asked with `MirrorOpen` (which also
+    /// empties the server's mirror of it): `None` when the volume has no
+    /// cache. Only for a handle opened afresh: the server replayed the
+    /// mirror before the open, so it holds nothing needed; after a resume
+    /// the agent's own log must be replayed first (see
+    /// [`super::OldLog`]).
+    pub async fn setting(&self) -> Result<Option<VolumeCache>, String> {
+        let (_, client) = (self.client)().ok_or("not connected to the metadata server")?;
+        if client.session().version < MIRROR_PROTOCOL_MIN {
+            return Ok(None);
+        }
+        match self.open_here().await {
+            Ok(Response::MirrorOpened { cache }) => Ok(cache),
+            // An exclusive holder hears this only when the volume has no cache.
+            Err(ControlClientError::Server(e)) if e.code == ErrorCode::InvalidArgument => Ok(None),
+            Err(e) => Err(format!("asking the metadata server for the volume's cache setting: {e}")),
+            Ok(other) => Err(format!("the metadata server answered MirrorOpen with {other:?}")),
+        }
     }
 }
 
 #[async_trait]
 impl CacheMirror for ControlMirror {
     async fn open(&self) -> Result<(), String> {
-        match self.call(Request::MirrorOpen { handle: self.handle }).await? {
+        match self.open_here().await.map_err(|e| e.to_string())? {
             Response::MirrorOpened { cache: Some(_) } => Ok(()),
             Response::MirrorOpened { cache: None } => Err("the volume has no cache at the metadata server".into()),
             other => Err(format!("the metadata server answered MirrorOpen with {other:?}")),

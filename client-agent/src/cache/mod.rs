@@ -56,11 +56,13 @@
 //! next open puts the older mirrored data over them (this agent's own log
 //! replay, if it restarts, writes them again).
 //!
-//! Not yet wired into `sanvol-agent attach`: the process that serves a
-//! volume through a mirrored cache is `examples/cache_serve.rs --mds`
-//! (the tests' and `bench/cache.sh`'s peer). The agent's owner would open
-//! the cache when the server answers `MirrorOpen` with a setting, and
-//! destage it before a detach.
+//! `sanvol-agent attach` opens the cache of an exclusively held, cached
+//! volume (the owner's attach task, `crate::owner`): after a fresh open
+//! the server already replayed its mirror, so an old local log is dropped
+//! ([`OldLog::Discard`]); after a resume it is replayed ([`OldLog::Replay`]).
+//! A detach destages it first. `examples/cache_serve.rs` serves one volume
+//! through the cache without the agent (the crash tests' and
+//! `bench/cache.sh`'s peer).
 //!
 //! TRIM, WRITE_ZEROES and BLOCK_STATUS first destage everything
 //! acknowledged before them (they must not overtake cached writes, and the
@@ -122,6 +124,11 @@ pub const DESTAGE_RETRY_MIN_MS: u64 = 50;
 pub const DESTAGE_RETRY_MAX_MS: u64 = 5_000;
 /// Pause between attempts to start mirroring again after the mirror failed.
 pub const MIRROR_RETRY_MS: u64 = 1_000;
+/// The destage rate a report shows is over this window.
+pub const DESTAGE_RATE_WINDOW_MS: u64 = 10_000;
+/// Destage rounds remembered for the rate, at most (older ones are
+/// dropped first; the rate then shows less than it was).
+pub const DESTAGE_SAMPLES_MAX: usize = 4096;
 
 /// The metadata server's mirror of this cache (issue 15), as the cache uses
 /// it: the agent implements it over its control connection.
@@ -180,6 +187,25 @@ pub enum CacheError {
     TooSmall { path: String, log_bytes: u64 },
     #[error("cache log {path}: replaying record {seq} to the devices failed ({message}); the log is kept: retry")]
     Replay { path: String, seq: u64, message: String },
+    #[error(
+        "cache log {path}: needs {need_bytes} more bytes but its file system has {free_bytes} free; free space \
+         there, or give the agent another --cache-dir (or turn the volume's cache off: `sanvol volume cache VOL \
+         --mode off`)"
+    )]
+    NoRoom { path: String, need_bytes: u64, free_bytes: u64 },
+}
+
+/// What to do with an old log found where a cache opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OldLog {
+    /// Write it to the devices first (this agent may hold the only copy:
+    /// a crash, or a handle taken back after a restart).
+    Replay,
+    /// Drop it: the volume was opened afresh, so the server replayed its
+    /// mirror — which held every write this log acknowledged — before the
+    /// open, and others may have written the volume since (replaying the
+    /// log would put older data over theirs).
+    Discard,
 }
 
 /// What the cache holds, for status displays.
@@ -202,6 +228,8 @@ pub struct CacheReport {
     pub status: CacheStatus,
     pub mirror: MirrorState,
     pub destaged_bytes: u64,
+    /// Bytes destaged per second over the last [`DESTAGE_RATE_WINDOW_MS`].
+    pub destage_bytes_per_sec: u64,
 }
 
 struct WriteReq {
@@ -230,6 +258,20 @@ struct State {
     failed: Option<String>,
     mirror_state: MirrorState,
     destaged_bytes: u64,
+    /// When each recent destage round finished and its bytes.
+    destage_samples: VecDeque<(std::time::Instant, u64)>,
+}
+
+impl State {
+    fn destage_rate(&mut self) -> u64 {
+        let window = Duration::from_millis(DESTAGE_RATE_WINDOW_MS);
+        let now = std::time::Instant::now();
+        while self.destage_samples.front().is_some_and(|(at, _)| now.duration_since(*at) > window) {
+            self.destage_samples.pop_front();
+        }
+        let bytes: u64 = self.destage_samples.iter().map(|(_, b)| b).sum();
+        bytes * 1000 / DESTAGE_RATE_WINDOW_MS
+    }
 }
 
 struct Shared {
@@ -291,7 +333,7 @@ impl CachedDevice {
         volume: VolumeId,
         config: &CacheConfig,
     ) -> Result<CachedDevice, CacheError> {
-        CachedDevice::open_with(inner, volume, config, None).await
+        CachedDevice::open_with(inner, volume, config, None, OldLog::Replay).await
     }
 
     /// [`CachedDevice::open`], every batch also mirrored at `mirror` (see
@@ -303,7 +345,20 @@ impl CachedDevice {
         config: &CacheConfig,
         mirror: Arc<dyn CacheMirror>,
     ) -> Result<CachedDevice, CacheError> {
-        CachedDevice::open_with(inner, volume, config, Some(mirror)).await
+        CachedDevice::open_with(inner, volume, config, Some(mirror), OldLog::Replay).await
+    }
+
+    /// [`CachedDevice::open_mirrored`], with a choice about an old log
+    /// (see [`OldLog`]): `sanvol-agent attach` discards it after a fresh
+    /// open and replays it when it took its handle back after a restart.
+    pub async fn open_mirrored_with(
+        inner: Arc<dyn BlockDevice>,
+        volume: VolumeId,
+        config: &CacheConfig,
+        mirror: Arc<dyn CacheMirror>,
+        old: OldLog,
+    ) -> Result<CachedDevice, CacheError> {
+        CachedDevice::open_with(inner, volume, config, Some(mirror), old).await
     }
 
     async fn open_with(
@@ -311,6 +366,7 @@ impl CachedDevice {
         volume: VolumeId,
         config: &CacheConfig,
         mirror: Option<Arc<dyn CacheMirror>>,
+        old: OldLog,
     ) -> Result<CachedDevice, CacheError> {
         let path = config.log_path.display().to_string();
         if config.log_bytes < LOG_BYTES_MIN {
@@ -318,8 +374,31 @@ impl CachedDevice {
         }
         let log_path = config.log_path.clone();
         let (log, existed) = blocking(move || LogFile::open(&log_path)).await?;
-        let (log, replayed_records) = if existed { replay(log, &inner, volume).await? } else { (log, 0) };
+        let (log, replayed_records) = match (existed, old) {
+            (false, _) => (log, 0),
+            (true, OldLog::Replay) => replay(log, &inner, volume).await?,
+            (true, OldLog::Discard) => {
+                // Another volume's log is never dropped silently.
+                let (log, scanned) = blocking(move || {
+                    let scanned = log.scan(volume);
+                    Ok((log, scanned))
+                })
+                .await?;
+                match scanned {
+                    Err(e @ CacheError::OtherVolume { .. }) => return Err(e),
+                    Err(e) => warn!(log = %path, error = %e, "dropping an old cache log that does not scan"),
+                    Ok(scanned) => info!(
+                        log = %path,
+                        records = scanned.records.len(),
+                        "dropping the old cache log: the server replayed its mirror before this open"
+                    ),
+                }
+                (log, 0)
+            }
+        };
         let log_bytes = config.log_bytes;
+        let room_path = config.log_path.clone();
+        blocking(move || check_room(&room_path, log_bytes)).await?;
         let (log, appender) = blocking(move || log.create(volume, log_bytes).map(|appender| (log, appender))).await?;
         let mirror_state = match &mirror {
             None => MirrorState::Local,
@@ -345,6 +424,7 @@ impl CachedDevice {
                 failed: None,
                 mirror_state,
                 destaged_bytes: 0,
+                destage_samples: VecDeque::new(),
             }),
             space_freed: Notify::new(),
             work: Notify::new(),
@@ -377,8 +457,14 @@ impl CachedDevice {
     /// The status with the mirror's state and the bytes destaged so far.
     pub fn report(&self) -> CacheReport {
         let status = self.status();
-        let state = self.shared.lock();
-        CacheReport { status, mirror: state.mirror_state.clone(), destaged_bytes: state.destaged_bytes }
+        let mut state = self.shared.lock();
+        let destage_bytes_per_sec = state.destage_rate();
+        CacheReport {
+            status,
+            mirror: state.mirror_state.clone(),
+            destaged_bytes: state.destaged_bytes,
+            destage_bytes_per_sec,
+        }
     }
 
     /// Waits until every write acknowledged before the call is on the
@@ -401,6 +487,38 @@ impl CachedDevice {
     pub async fn close(self) {
         self.destage_all().await;
     }
+}
+
+/// Whether the log file at `path` can grow to `log_bytes` (it is
+/// preallocated: a full file system shows at the open, not at a write).
+fn check_room(path: &std::path::Path, log_bytes: u64) -> Result<(), CacheError> {
+    use std::os::unix::ffi::OsStrExt;
+    let have = path.metadata().map(|m| m.len()).unwrap_or(0);
+    let need_bytes = log_bytes.saturating_sub(have);
+    if need_bytes == 0 {
+        return Ok(());
+    }
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| CacheError::Io {
+        path: path.display().to_string(),
+        what: "name".into(),
+        message: e.to_string(),
+    })?;
+    // SAFETY: `c_path` is a valid NUL-terminated string and `stats` a
+    // plain struct statvfs fills in.
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stats) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(CacheError::Io {
+            path: path.display().to_string(),
+            what: "statvfs".into(),
+            message: e.to_string(),
+        });
+    }
+    let free_bytes = (stats.f_bavail as u64).saturating_mul(stats.f_frsize as u64);
+    if free_bytes < need_bytes {
+        return Err(CacheError::NoRoom { path: path.display().to_string(), need_bytes, free_bytes });
+    }
+    Ok(())
 }
 
 async fn blocking<T: Send + 'static>(
@@ -697,7 +815,12 @@ async fn destage_loop(shared: Arc<Shared>) {
             }
             state.appender.released(superblock.tail_pos);
             state.last_destaged_seq = round.last().expect("a round is not empty").seq;
-            state.destaged_bytes += round.iter().map(|r| r.data.len() as u64).sum::<u64>();
+            let round_bytes = round.iter().map(|r| r.data.len() as u64).sum::<u64>();
+            state.destaged_bytes += round_bytes;
+            if state.destage_samples.len() == DESTAGE_SAMPLES_MAX {
+                state.destage_samples.pop_front();
+            }
+            state.destage_samples.push_back((std::time::Instant::now(), round_bytes));
         }
         shared.space_freed.notify_one();
         shared.destaged.notify_waiters();

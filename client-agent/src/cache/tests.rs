@@ -479,3 +479,54 @@ async fn a_failed_mirror_means_write_through_until_it_answers_again() {
     s.hold.send(false).unwrap();
     cache.destage_all().await;
 }
+
+#[tokio::test]
+async fn a_log_larger_than_the_free_space_fails_the_open_with_how_much_is_missing() {
+    // More than any test machine's file system holds.
+    let s = setup(1 << 60, false);
+    match s.open().await {
+        Err(CacheError::NoRoom { need_bytes, free_bytes, .. }) => {
+            assert_eq!(need_bytes, 1 << 60);
+            assert!(free_bytes < need_bytes);
+        }
+        Err(e) => panic!("expected NoRoom, got {e}"),
+        Ok(_) => panic!("a {} byte log was opened", 1u64 << 60),
+    }
+    assert!(device_image(&s.memory).await.iter().all(|&b| b == 0));
+}
+
+/// An old log with acknowledged records (a crash): `OldLog::Replay` writes
+/// them to the devices, `OldLog::Discard` (the server replayed its mirror
+/// before a fresh open) writes nothing; both start an empty log.
+#[tokio::test]
+async fn an_old_log_is_replayed_after_a_resume_and_dropped_after_a_fresh_open() {
+    for old in [OldLog::Replay, OldLog::Discard] {
+        let s = setup(LOG_BYTES_MIN, true);
+        let mirror = Arc::new(MemoryMirror::default());
+        let all = writes(20, 3);
+        {
+            let cache = s.open_mirrored(&mirror).await;
+            for (offset, data) in &all {
+                cache.write(*offset, Bytes::from(data.clone()), false).await.unwrap();
+            }
+            // Dropped with the devices held: the crash.
+        }
+        assert!(device_image(&s.memory).await.iter().all(|&b| b == 0));
+        s.hold.send_replace(false);
+        let cache = CachedDevice::open_mirrored_with(s.device.clone(), VolumeId(1), &s.config, mirror.clone(), old)
+            .await
+            .unwrap();
+        let image = device_image(&s.memory).await;
+        match old {
+            OldLog::Replay => {
+                assert_eq!(cache.replayed_records(), all.len());
+                assert_eq!(image, model(&all));
+            }
+            OldLog::Discard => {
+                assert_eq!(cache.replayed_records(), 0);
+                assert!(image.iter().all(|&b| b == 0), "a discarded log was written to the devices");
+            }
+        }
+        assert_eq!(cache.status().records, 0);
+    }
+}

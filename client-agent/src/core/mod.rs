@@ -351,6 +351,10 @@ pub enum Effect {
         kernel: Option<KernelPlan>,
         /// The server copies the pre-images ([`HeldHandle::cow_by_server`]).
         cow_by_server: bool,
+        /// Taken back after a restart (a resume, not an open): the server
+        /// did not replay the volume's cache mirror, so this agent's own
+        /// cache log must be replayed (see [`crate::cache::OldLog`]).
+        resumed: bool,
     },
     /// Close the gate for `generation` and report `Drained` once in-flight
     /// I/O finished.

@@ -186,6 +186,7 @@ impl AgentCore {
             export: v.export.clone(),
             kernel: v.kernel.clone(),
             cow_by_server,
+            resumed: true,
         });
         if let Some(generation) = recalled {
             info!(

@@ -186,6 +186,7 @@ impl AgentCore {
             export: v.export.clone(),
             kernel: v.kernel.clone(),
             cow_by_server,
+            resumed: false,
         });
         self.renewed(pending.conn, pending.sent_ms, opened.lease_ms);
         self.replay_orphans(handle);
@@ -398,6 +399,7 @@ impl AgentCore {
             io_waiting: 0,
             kernel_device: h.held.kernel_device.map(crate::kernel::device_path),
             kernel_note: None,
+            cache: None,
         }
     }
 

@@ -304,11 +304,13 @@ pub enum VolumeCommand {
     /// acknowledges a write once it is in its local cache log and in the
     /// metadata server's mirror of it. Only while the volume is closed.
     ///
-    /// Not used by `sanvol-agent attach` yet: the agent attaches a cached
-    /// volume without a cache (every write goes to the devices). What
-    /// exists is the server's mirror (replayed to the devices before the
-    /// next open) and the cache in client-agent's `cache_serve` example;
-    /// see docs/operations.md, "Write-back caches".
+    /// `sanvol-agent attach --mode exclusive` then serves the volume through
+    /// a cache log of this size in the agent's --cache-dir (default: `cache`
+    /// in its --state-dir); `sanvol-agent list` shows its state (mirrored or
+    /// write-through, dirty bytes, destage rate). If the holder dies, the
+    /// server writes its mirror to the devices before the next open.
+    /// Cached volumes cannot have snapshots yet; see docs/operations.md,
+    /// "Write-back caches".
     Cache {
         name: String,
         /// Size of the holder's cache log and of the server's mirror, e.g. 1G.
