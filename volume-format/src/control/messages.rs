@@ -266,6 +266,15 @@ pub enum Request {
         handle: HandleId,
         upto_seq: u64,
     },
+
+    // ---- agent: fencing devices (protocol 7) ----
+    /// Capabilities for `handle` on every device its volume has extents on
+    /// (see [`crate::capability`]): what the agent presents on its own
+    /// connections to devices that fence (`sanvol-target`). Answered with
+    /// [`Response::Capabilities`]; only the key holding the handle may ask.
+    Capabilities {
+        handle: HandleId,
+    },
 }
 
 /// How a volume's writes are cached (the pool metadata's type).
@@ -366,7 +375,8 @@ impl Request {
             | Request::CowCopy { .. }
             | Request::MirrorOpen { .. }
             | Request::MirrorAppend { .. }
-            | Request::MirrorRelease { .. } => Some(&[Role::Agent]),
+            | Request::MirrorRelease { .. }
+            | Request::Capabilities { .. } => Some(&[Role::Agent]),
             Request::SnapshotList { .. } | Request::BackupChannel => Some(&[Role::Admin, Role::Backup]),
             _ => Some(&[Role::Admin]),
         }
@@ -419,6 +429,22 @@ pub enum Response {
     Mirrored {
         upto_seq: u64,
     },
+    /// One capability per device of the handle's volume, for the layout
+    /// with `layout_generation` (protocol 7).
+    Capabilities {
+        handle: HandleId,
+        layout_generation: u64,
+        devices: Vec<DeviceCapability>,
+    },
+}
+
+/// A handle's capability on one device (protocol 7): the volume's extents
+/// there (its newest snapshot's copy-on-write area included) writable, for
+/// a read-only handle nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceCapability {
+    pub device: DeviceIndex,
+    pub capability: crate::capability::SignedCapability,
 }
 
 /// A reconfiguration in progress (`sanvol device evacuate`, `volume move`,
