@@ -89,6 +89,11 @@ const TWO_SERVER_REGRESSION_SEEDS: &[u64] = &[
     // and nobody ever wrote again, so no server served the pool. A standby
     // now acquires when the split copies stay unchanged for an expiry.
     13872807266413,
+    // The rule above, first version: a server cut off from the devices
+    // read every copy as unreadable for an expiry and took that for split
+    // copies nobody renews — it acquired over a live owner (exploration
+    // run). Only a majority of readable copies is evidence now.
+    49990569987177,
     // (One server, drawn by the current world.) An agent killed with a
     // write stalled in a device restarted and wrote the same block anew;
     // the stalled write landed after, over the acknowledged one (found by

@@ -411,6 +411,15 @@ impl LeaseMachine {
                         if !fresh {
                             return self.next(now_ms);
                         }
+                        // Only what a majority of readable copies shows is
+                        // evidence: copies this server cannot read (cut off
+                        // from the devices) say nothing about whether the
+                        // owner still renews.
+                        let readable = records.iter().filter(|r| r.is_ok()).count();
+                        if readable <= records.len() / 2 {
+                            self.split_seen = None;
+                            return self.next(now_ms);
+                        }
                         let copies: Vec<Option<LeaseRecord>> =
                             records.iter().map(|r| r.as_ref().ok().cloned().flatten()).collect();
                         match &self.split_seen {

@@ -379,3 +379,23 @@ fn copies_split_between_two_acquirers_for_a_whole_expiry_are_taken_over() {
     let LeaseAction::Write(rec) = m.read_done(8 * T + 3, &split2) else { panic!("5T unchanged: acquire") };
     assert_eq!((rec.host_id, rec.generation), (3, 4));
 }
+
+#[test]
+fn copies_this_server_cannot_read_are_never_taken_over() {
+    // Cut off from the devices: every read fails, for longer than any
+    // expiry. That is no evidence that the owner stopped renewing.
+    let mut m = LeaseMachine::new(me(3), LeaseTiming { io_timeout_ms: T, device_request_max_ms: 0 });
+    let unreadable: [Result<Option<LeaseRecord>, String>; 3] =
+        [Err("cut".into()), Err("cut".into()), Err("cut".into())];
+    for now in (0..=20 * T).step_by(T as usize) {
+        m.reading(now);
+        assert!(matches!(m.read_done(now + 1, &unreadable), LeaseAction::WaitUntil(_)), "took over at {now}");
+    }
+    // A minority readable (one copy shows an owner) is no evidence either.
+    let owner = LeaseRecord { generation: 2, ..me(1) };
+    let mostly_unreadable = [Ok(Some(owner)), Err("cut".into()), Err("cut".into())];
+    for now in (21 * T..=40 * T).step_by(T as usize) {
+        m.reading(now);
+        assert!(matches!(m.read_done(now + 1, &mostly_unreadable), LeaseAction::WaitUntil(_)), "took over at {now}");
+    }
+}
