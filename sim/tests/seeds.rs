@@ -80,10 +80,13 @@ const TWO_SERVER_REGRESSION_SEEDS: &[u64] = &[
     275968079877262,
     9531541686182,
     // The old server's zeroing write, stalled in a device, landed after the
-    // new server had acquired the pool lease: 5T watching + 4T acquiring
-    // was less than the old owner's 3T window + the longest a device
-    // request takes (CI random stage). A standby now watches max(5T, D + T).
+    // new server had acquired the pool lease (CI random stage); and a
+    // journal write of an old owner that renewed just before the new
+    // owner's record went over its own (exploration). The 4T read-back
+    // wait covered the old owner's 3T window, not the device's delay: a
+    // new owner now waits D more before it loads the metadata.
     217702335532761,
+    3485435320083,
     // After early faults the lease copies stayed split between two
     // acquirers' records (a copy lost power meanwhile): no majority agreed
     // and nobody ever wrote again, so no server served the pool. A standby
