@@ -97,6 +97,13 @@ const TWO_SERVER_REGRESSION_SEEDS: &[u64] = &[
     // copies nobody renews — it acquired over a live owner (exploration
     // run). Only a majority of readable copies is evidence now.
     49990569987177,
+    // A recall for a handle whose open was not answered yet came from a
+    // server that then lost the pool; the agent reconnected to the new
+    // one, opened again, got the same handle id at an older generation and
+    // applied the old recall: its gate stayed recalled forever
+    // (exploration). Events kept for unknown handles are dropped at a
+    // reconnect.
+    204625358832636,
     // (One server, drawn by the current world.) An agent killed with a
     // write stalled in a device restarted and wrote the same block anew;
     // the stalled write landed after, over the acknowledged one (found by
