@@ -14,7 +14,7 @@ use blockio::{BlockDevice, IoErrorKind};
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use sanvol_tests::peers::{nbdkit, require_tool};
-use sanvol_tests::system::{bin, Proc};
+use sanvol_tests::system::{bin, poll, Proc};
 use uuid::Uuid;
 use volume_format::capability::{
     announces_fencing, Capability, FenceAck, FenceOrder, Holder, SignedCapability, SignedFenceOrder, FENCE_ACK_BYTES,
@@ -408,19 +408,6 @@ async fn the_server_fences_a_broken_handle_on_target_devices_before_the_next_ope
     let data = std::fs::read(&image).unwrap();
     assert!(data[at as usize..][..4096].iter().all(|&b| b == 0xaa), "only what it wrote before");
     drop(a);
-}
-
-/// Polls `f` every 50 ms until it returns `Some`, at most `limit`.
-fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
-        // Polling other processes' observable state: there is nothing to await.
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn attached(agent: &sanvol_tests::system::Agent, volume: &str) -> Option<serde_json::Value> {
