@@ -16,18 +16,21 @@
 //! that raced the first flush) → close the gate and wait for in-flight I/O →
 //! close the handle at the server.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 use volume_format::control::messages::OpenMode;
+use volume_format::HandleId;
 
 pub use control_client::agent_api::{AgentStatus, AttachRequest, AttachmentInfo};
 
 use crate::core::{
     AgentCore, AttachSpec, Command, CoreConfig, HeldHandle, Input, KernelPlan, OpenWith, Reply, RestoreSpec,
 };
+use crate::credentials::HandleCredentials;
 use crate::devices::{DevicePool, PoolOptions};
 use crate::kernel::reattach::HostAliases;
 use crate::kernel::KernelSettings;
@@ -133,12 +136,31 @@ impl Agent {
         let builder: LayoutBuilder = {
             let pool = pool.clone();
             let aliases = HostAliases::new(config.host_aliases.clone());
-            Arc::new(move |description| {
+            // One set of credentials per handle, shared by its layouts (the
+            // fenced state and the capabilities outlive a publish).
+            let credentials: std::sync::Mutex<HashMap<u64, std::sync::Weak<HandleCredentials>>> = Default::default();
+            let link = link.clone();
+            Arc::new(move |description, handle| {
                 let pool_uuid = description.pool_uuid;
                 let description = aliases.apply(description);
                 let volume = description.volume.0;
-                Layout::with_health(description, |endpoint| pool.layout_device(endpoint, pool_uuid, volume))
-                    .map_err(|e| e.to_string())
+                let generation = description.layout_generation;
+                let creds = {
+                    let mut all = credentials.lock().unwrap_or_else(|e| e.into_inner());
+                    all.retain(|_, c| c.strong_count() > 0);
+                    match all.get(&handle).and_then(std::sync::Weak::upgrade) {
+                        Some(c) => c,
+                        None => {
+                            let c = HandleCredentials::new(HandleId(handle), Some(link.clone()));
+                            all.insert(handle, Arc::downgrade(&c));
+                            c
+                        }
+                    }
+                };
+                Layout::with_health(description, |endpoint| {
+                    pool.layout_device(endpoint, pool_uuid, volume, Some(creds.clone()), generation)
+                })
+                .map_err(|e| e.to_string())
             })
         };
         let core = AgentCore::new(CoreConfig {

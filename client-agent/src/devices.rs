@@ -44,7 +44,11 @@ use uuid::Uuid;
 use volume_format::description::DeviceEndpoint;
 use volume_format::label::{DeviceLabel, LABEL_BYTES};
 
-use crate::fallback::{FallbackDevice, ServerLink};
+use blockio::client::ExportCredential;
+use volume_format::capability::{announces_fencing, TARGET_DESCRIPTION_PREFIX};
+
+use crate::credentials::HandleCredentials;
+use crate::fallback::{is_path_error, FallbackDevice, ServerLink};
 
 /// How the pool connects to devices.
 #[derive(Debug, Clone)]
@@ -141,14 +145,20 @@ impl DevicePool {
 
     /// The device for `endpoint` as a leg of volume `volume`'s layout: with a
     /// server link, wrapped for fallback, together with its "marked failed" flag.
+    ///
+    /// `creds`: the handle the layout is for; its I/O to a device that
+    /// fences goes over that handle's own connections ([`HandleLeg`]).
     pub fn layout_device(
         &self,
         endpoint: &DeviceEndpoint,
         pool_uuid: Uuid,
         volume: u64,
+        creds: Option<Arc<HandleCredentials>>,
+        layout_generation: u64,
     ) -> Result<crate::volume::LayoutDevice, DeviceError> {
         let device = self.device(endpoint, pool_uuid)?;
         let flag = device.path.marked_failed.clone();
+        let device = Arc::new(HandleLeg { device, creds, layout_generation });
         // The layout says what the pool decided: a device that came back
         // (resyncing or online again) is written again.
         flag.store(!endpoint.online && !endpoint.resyncing, Ordering::Release);
@@ -191,6 +201,8 @@ impl DevicePool {
             client: RwLock::new(None),
             connecting: tokio::sync::Mutex::new(()),
             size_bytes: AtomicU64::new(0),
+            fences: AtomicBool::new(false),
+            handle_clients: Mutex::new(HashMap::new()),
         });
         devices.retain(|_, d| d.strong_count() > 0);
         devices.insert(endpoint.uri.clone(), Arc::downgrade(&device));
@@ -265,6 +277,12 @@ pub struct PooledDevice {
     /// device makes one attempt, not one each.
     connecting: tokio::sync::Mutex<()>,
     size_bytes: AtomicU64,
+    /// The device said it fences (`sanvol-target`): I/O goes only through
+    /// per-handle connections ([`HandleLeg`]).
+    fences: AtomicBool,
+    /// Per-handle connections to a fencing device: handle id → (the layout
+    /// generation its capability was asked for, the client).
+    handle_clients: Mutex<HashMap<u64, (u64, NbdClient)>>,
 }
 
 impl std::fmt::Debug for PooledDevice {
@@ -317,8 +335,20 @@ impl PooledDevice {
         self.opts.request_timeout
     }
 
-    /// One probe of the direct path: a fresh connection with the label check.
+    /// One probe of the direct path: a fresh connection with the label check
+    /// (to a fencing device, which reads nothing without a capability: a
+    /// plain connection that reaches its handshake).
     pub async fn probe(&self) -> bool {
+        if self.fences() {
+            let opts = ClientOptions { connect_timeout: self.opts.connect_timeout, ..ClientOptions::default() };
+            return match NbdClient::connect(&self.uri, opts).await {
+                Ok(c) => {
+                    c.disconnect().await;
+                    true
+                }
+                Err(_) => false,
+            };
+        }
         self.client().await.is_ok()
     }
 
@@ -332,14 +362,23 @@ impl PooledDevice {
         self.client.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Connects now if not connected (attach uses this to fail early).
+    /// Connects now if not connected (attach uses this to fail early). A
+    /// device that fences is reachable once it said so: its per-handle
+    /// connections open on the handle's first request.
     pub async fn connect(&self) -> Result<(), IoError> {
-        self.client().await.map(|_| ())
+        match self.client().await {
+            Ok(_) => Ok(()),
+            Err(_) if self.fences() => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     async fn client(&self) -> Result<NbdClient, IoError> {
         if let Some(c) = self.cached() {
             return Ok(c);
+        }
+        if self.fences() {
+            return Err(self.needs_handle());
         }
         let _one_at_a_time = self.connecting.lock().await;
         if let Some(c) = self.cached() {
@@ -358,6 +397,19 @@ impl PooledDevice {
                 self.name
             ))
         })?;
+        if client.info().description.as_deref().is_some_and(announces_fencing) {
+            // A plain connection gets no data from a fencing device: its I/O
+            // goes over per-handle connections under capabilities.
+            client.disconnect().await;
+            self.fences.store(true, Ordering::Release);
+            tracing::info!(device = %self.name, "the device fences: connecting per handle with capabilities");
+            return Err(self.needs_handle());
+        }
+        self.finish_connect(client).await
+    }
+
+    /// Checks the label of a new connection and reports it.
+    async fn finish_connect(&self, client: NbdClient) -> Result<NbdClient, IoError> {
         if let Some((pool, device)) = self.expected {
             if let Err(why) = check_label(&client, pool, device).await {
                 client.disconnect().await;
@@ -366,8 +418,95 @@ impl PooledDevice {
         }
         tracing::info!(device = %self.name, connections = client.connection_count(), "connected to device");
         self.size_bytes.store(client.size(), Ordering::Relaxed);
-        *self.client.write().unwrap_or_else(|e| e.into_inner()) = Some(client.clone());
+        if !self.fences() {
+            *self.client.write().unwrap_or_else(|e| e.into_inner()) = Some(client.clone());
+        }
         Ok(client)
+    }
+
+    /// Whether the device said it fences (known after the first connection).
+    pub fn fences(&self) -> bool {
+        self.fences.load(Ordering::Acquire)
+    }
+
+    fn needs_handle(&self) -> IoError {
+        IoError::new(
+            IoErrorKind::PermissionDenied,
+            format!("device {} fences (sanvol-target): its I/O needs a handle's capability", self.name),
+        )
+    }
+
+    /// The connection of `creds`' handle to this fencing device, opened
+    /// with the handle's capability for `layout_generation` (or a newer
+    /// layout's) if it has none yet or only one for an older layout.
+    /// Returns it and whether it is a new connection.
+    async fn handle_client(
+        &self,
+        creds: &HandleCredentials,
+        layout_generation: u64,
+    ) -> Result<(NbdClient, bool), IoError> {
+        let handle = creds.handle().0;
+        let cached = |me: &Self| {
+            me.handle_clients
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&handle)
+                .filter(|(generation, _)| *generation >= layout_generation)
+                .map(|(_, c)| c.clone())
+        };
+        if let Some(c) = cached(self) {
+            return Ok((c, false));
+        }
+        let _one_at_a_time = self.connecting.lock().await;
+        if let Some(c) = cached(self) {
+            return Ok((c, false));
+        }
+        let capability = creds.capability(self.index, layout_generation).await?;
+        let name = Arc::new(move |base: &str| capability.export_name(base));
+        let opts = ClientOptions {
+            connections: self.opts.connections_per_device,
+            request_timeout: self.opts.request_timeout,
+            timeout_closes_connection: true,
+            connect_timeout: self.opts.connect_timeout,
+            credential: Some(ExportCredential {
+                description_prefix: TARGET_DESCRIPTION_PREFIX.to_string(),
+                export_name: name,
+            }),
+            ..ClientOptions::default()
+        };
+        let client = match NbdClient::connect(&self.uri, opts).await {
+            Ok(client) => client,
+            // The target refuses a fenced holder's capability at the
+            // handshake and says so.
+            Err(e) if e.to_string().contains("fenced") => {
+                return Err(creds.set_fenced(&format!("device {} refused it: {e}", self.name)))
+            }
+            Err(e) => {
+                return Err(IoError::io(format!(
+                    "device {}: cannot connect for handle {handle}: {e}; check that its NBD server runs and is \
+                     reachable from this host",
+                    self.name
+                )))
+            }
+        };
+        let client = self.finish_connect(client).await?;
+        let old = self
+            .handle_clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(handle, (layout_generation, client.clone()));
+        if let Some((_, old)) = old {
+            tokio::spawn(async move { old.disconnect().await });
+        }
+        Ok((client, true))
+    }
+
+    /// Forgets `handle`'s connection (it failed, or the handle is done).
+    pub(crate) fn drop_handle_client(&self, handle: u64) {
+        let old = self.handle_clients.lock().unwrap_or_else(|e| e.into_inner()).remove(&handle);
+        if let (Some((_, old)), Ok(rt)) = (old, tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move { old.disconnect().await });
+        }
     }
 
     /// After a failed request: a connection-level failure (the client is
@@ -378,6 +517,136 @@ impl PooledDevice {
             self.client.write().unwrap_or_else(|e| e.into_inner()).take();
         }
         e
+    }
+}
+
+/// One device as a leg of one handle's layout: the device's shared
+/// connections while it is a plain NBD server, the handle's own connections
+/// under its capability once the device said it fences (see
+/// [`crate::credentials`]). Derefs to the [`PooledDevice`] for its path
+/// state and name.
+pub struct HandleLeg {
+    device: Arc<PooledDevice>,
+    /// `None` outside a handle (tests, tools): a fencing device refuses.
+    creds: Option<Arc<HandleCredentials>>,
+    layout_generation: u64,
+}
+
+impl std::ops::Deref for HandleLeg {
+    type Target = PooledDevice;
+    fn deref(&self) -> &PooledDevice {
+        &self.device
+    }
+}
+
+impl std::fmt::Debug for HandleLeg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandleLeg").field("device", &self.device.name).field("creds", &self.creds).finish()
+    }
+}
+
+impl HandleLeg {
+    /// A leg without a handle (what tests and tools use).
+    pub fn shared(device: Arc<PooledDevice>) -> HandleLeg {
+        HandleLeg { device, creds: None, layout_generation: 0 }
+    }
+
+    /// The error every request fails with once the handle was fenced.
+    pub fn fenced(&self) -> Option<IoError> {
+        self.creds.as_ref().and_then(|c| c.fenced())
+    }
+
+    async fn with_client<T, Fut>(&self, op: impl Fn(NbdClient) -> Fut) -> Result<T, IoError>
+    where
+        Fut: std::future::Future<Output = Result<T, IoError>>,
+    {
+        let Some(creds) = &self.creds else {
+            return op(self.device.client().await?).await.map_err(|e| self.device.failed(e));
+        };
+        if let Some(e) = creds.fenced() {
+            return Err(e);
+        }
+        if !self.device.fences() {
+            match self.device.client().await {
+                Ok(c) => return op(c).await.map_err(|e| self.device.failed(e)),
+                // It said just now that it fences: on to the handle's own.
+                Err(_) if self.device.fences() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let handle = creds.handle().0;
+        let (client, new) = self.device.handle_client(creds, self.layout_generation).await?;
+        if new {
+            creds.remember(&self.device);
+        }
+        match op(client).await {
+            Ok(v) => Ok(v),
+            // A fencing target answers EPERM to a fenced holder's requests
+            // (and to writes outside its capability, which a layout's own
+            // extents never are).
+            Err(e) if e.kind == IoErrorKind::PermissionDenied => {
+                self.device.drop_handle_client(handle);
+                Err(creds.set_fenced(&format!("device {} refused a request: {e}", self.device.name)))
+            }
+            // Closed under the request: by a fence (the target then refuses
+            // the handle's capability, which makes it fenced here), or the
+            // path failed (the error goes up as a path error: fallback).
+            Err(e) if is_path_error(&e) => {
+                self.device.drop_handle_client(handle);
+                match self.device.handle_client(creds, self.layout_generation).await {
+                    Err(fenced) if creds.fenced().is_some() => Err(fenced),
+                    _ => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[async_trait]
+impl BlockDevice for HandleLeg {
+    fn size(&self) -> u64 {
+        self.device.size()
+    }
+
+    fn block_sizes(&self) -> BlockSizes {
+        let handle = self.creds.as_ref().map(|c| c.handle().0);
+        let own = handle.and_then(|h| {
+            self.device.handle_clients.lock().unwrap_or_else(|e| e.into_inner()).get(&h).map(|(_, c)| c.block_sizes())
+        });
+        own.unwrap_or_else(|| self.device.block_sizes())
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+        self.with_client(|c| async move { c.read(offset, len).await }).await
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
+        self.with_client(|c| {
+            let data = data.clone();
+            async move { c.write(offset, data, fua).await }
+        })
+        .await
+    }
+
+    async fn flush(&self) -> Result<(), IoError> {
+        self.with_client(|c| async move { c.flush().await }).await
+    }
+
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
+        self.with_client(|c| async move { c.trim(offset, len, fua).await }).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
+        self.with_client(|c| async move { c.write_zeroes(offset, len, flags).await }).await
+    }
+
+    async fn block_status(&self, context: &MetaContext, offset: u64, len: u32) -> Result<Vec<StatusExtent>, IoError> {
+        self.with_client(|c| async move { c.block_status(context, offset, len).await }).await
+    }
+
+    async fn cache(&self, offset: u64, len: u32) -> Result<(), IoError> {
+        self.with_client(|c| async move { c.cache(offset, len).await }).await
     }
 }
 

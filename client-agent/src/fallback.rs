@@ -70,9 +70,9 @@ use tracing::{info, warn};
 use volume_format::control::auth::Role;
 use volume_format::control::messages::{DataChannelGrant, Request, Response, ServerEvent};
 
-use volume_format::{DeviceIndex, VolumeId};
+use volume_format::{DeviceIndex, HandleId, VolumeId};
 
-use crate::devices::PooledDevice;
+use crate::devices::HandleLeg;
 use crate::session::SessionConfig;
 
 /// First and longest wait between probes of a failed direct path.
@@ -222,6 +222,10 @@ impl ServerLink {
     }
 
     async fn request(&self, request: Request) -> Result<Response, String> {
+        self.request_typed(request).await.map_err(|e| e.to_string())
+    }
+
+    async fn request_typed(&self, request: Request) -> Result<Response, LinkError> {
         let mut control = self.control.lock().await;
         if control.as_ref().is_none_or(|(c, _)| c.is_closed()) {
             let c = &self.config;
@@ -237,11 +241,20 @@ impl ServerLink {
                 }
             }
             if control.is_none() {
-                return Err(format!("cannot reach the metadata server ({})", errors.join("; ")));
+                return Err(LinkError::Other(format!("cannot reach the metadata server ({})", errors.join("; "))));
             }
         }
         let (client, _) = control.as_ref().expect("connected above");
-        client.request_with_timeout(request, REPORT_TIMEOUT).await.map_err(|e| e.to_string())
+        client.request_with_timeout(request, REPORT_TIMEOUT).await.map_err(|e| match e {
+            control_client::ControlClientError::Server(e) => LinkError::Server(e),
+            other => LinkError::Other(other.to_string()),
+        })
+    }
+
+    /// `handle`'s capabilities for the devices of its volume (protocol 7;
+    /// see [`crate::credentials`]).
+    pub async fn capabilities(&self, handle: HandleId) -> Result<Response, LinkError> {
+        self.request_typed(Request::Capabilities { handle }).await
     }
 
     /// Reports that the direct path to `device` failed. Ok(true) if the
@@ -312,6 +325,15 @@ impl ServerLink {
     }
 }
 
+/// A request on the link failed: the server's answer, or no answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LinkError {
+    #[error("{0}")]
+    Server(volume_format::control::messages::ControlError),
+    #[error("{0}")]
+    Other(String),
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ChannelError {
     /// The server cannot serve it (e.g. it cannot reach the device either).
@@ -326,7 +348,7 @@ pub enum ChannelError {
 /// One device of one volume's layout: direct while that works, else through
 /// the server.
 pub struct FallbackDevice {
-    direct: Arc<PooledDevice>,
+    direct: Arc<HandleLeg>,
     link: Arc<ServerLink>,
     volume: u64,
     device: u32,
@@ -353,7 +375,7 @@ impl Drop for FallbackDevice {
 }
 
 impl FallbackDevice {
-    pub fn new(direct: Arc<PooledDevice>, link: Arc<ServerLink>, volume: u64, device: u32) -> FallbackDevice {
+    pub fn new(direct: Arc<HandleLeg>, link: Arc<ServerLink>, volume: u64, device: u32) -> FallbackDevice {
         FallbackDevice {
             direct,
             link,
@@ -461,7 +483,7 @@ impl FallbackDevice {
 macro_rules! with_fallback {
     ($self:ident, $changes_data:expr, |$dev:ident| $op:expr) => {{
         if $self.direct.path().is_direct() {
-            let $dev: &PooledDevice = &$self.direct;
+            let $dev: &HandleLeg = &$self.direct;
             let sent = blockio::clock::LeaseInstant::now();
             match $op.await {
                 Ok(v) => return Ok(v),
@@ -473,6 +495,10 @@ macro_rules! with_fallback {
                     }
                 }
             }
+        }
+        // A fenced handle's requests go nowhere (see `crate::credentials`).
+        if let Some(e) = $self.direct.fenced() {
+            return Err(e);
         }
         let deadline = tokio::time::Instant::now() + FALLBACK_HOLD_MAX;
         let mut io_errors = 0;

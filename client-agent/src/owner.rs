@@ -59,7 +59,9 @@ use crate::volume::{Layout, VolumeDevice};
 
 /// Builds a layout from a description (the agent resolves devices through
 /// its pool). Must not block: the owner calls it in its loop.
-pub type LayoutBuilder = Arc<dyn Fn(VolumeDescription) -> Result<Layout, String> + Send + Sync>;
+/// Gets the handle the layout is for: its I/O to fencing devices goes over
+/// that handle's own connections (`crate::credentials`).
+pub type LayoutBuilder = Arc<dyn Fn(VolumeDescription, u64) -> Result<Layout, String> + Send + Sync>;
 
 /// Messages from outside the owner waiting to be applied, at most.
 pub const INBOX_MAX: usize = 1024;
@@ -139,6 +141,7 @@ enum Waiter {
 /// One attachment's data-path objects.
 struct Runtime {
     volume: String,
+    handle: u64,
     gate: Arc<Gate<Layout>>,
     device: Arc<VolumeDevice>,
     export: Option<ExportHandle>,
@@ -457,7 +460,7 @@ impl Shell {
             Effect::Publish { attachment, description, context } => {
                 let Some(rt) = self.attachments.get(&attachment) else { return };
                 let generation = description.layout_generation;
-                match (self.builder)(*description) {
+                match (self.builder)(*description, rt.handle) {
                     Ok(layout) => {
                         if let Err(e) = rt.gate.publish(Arc::new(layout), generation) {
                             warn!(volume = rt.volume, generation, error = %e, "the gate refused a layout the owner published");
@@ -621,7 +624,7 @@ impl Shell {
     ) {
         let AttachPlan { mode, lease_until_ms, export, kernel, cow_by_server, resumed } = plan;
         let generation = description.layout_generation;
-        let layout = match (self.builder)(description) {
+        let layout = match (self.builder)(description, handle) {
             Ok(layout) => Arc::new(layout),
             Err(reason) => {
                 let e = AgentError::Session(crate::session::SessionError::Layout { volume, reason });
@@ -644,7 +647,15 @@ impl Shell {
         let device = Arc::new(device);
         self.attachments.insert(
             attachment,
-            Runtime { volume: volume.clone(), gate, device: device.clone(), export: None, kernel: None, cache: None },
+            Runtime {
+                volume: volume.clone(),
+                handle,
+                gate,
+                device: device.clone(),
+                export: None,
+                kernel: None,
+                cache: None,
+            },
         );
         // Only an exclusive holder caches writes (the server refuses the
         // mirror to anyone else).

@@ -32,7 +32,7 @@ use crate::secure::{Protection, SecureStream};
 /// How long a client waits for a server to complete the handshake. A
 /// server that is taking the pool lease over (its own previous run's, after
 /// a restart) keeps clients in its listen queue until it serves: about
-/// `max(5T, D + T) + 4T` plus loading the metadata, 10 s at the defaults
+/// `5T + 4T + D` plus loading the metadata, 14 s at the defaults
 /// (`volume_format::lease`); this covers that with room.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest frame either side reads before the peer is authenticated: the

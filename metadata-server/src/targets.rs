@@ -24,15 +24,20 @@ use blockio::BlockDevice;
 use ed25519_dalek::SigningKey;
 use volume_format::capability::{
     announces_fencing, Capability, FenceAck, FenceOrder, Holder, SignedCapability, SignedFenceOrder,
-    CAPABILITY_LIFETIME_DEFAULT_SECS, FENCE_ACK_BYTES, TARGET_DESCRIPTION_PREFIX,
+    CAPABILITY_LIFETIME_DEFAULT_SECS, CAPABILITY_RANGES_MAX, FENCE_ACK_BYTES, TARGET_DESCRIPTION_PREFIX,
 };
 use volume_format::label::ByteRange;
+use volume_format::HandleId;
 
 /// The minimum generation that fences a holder for good.
 pub const BROKEN: u64 = u64::MAX;
 /// The generation of the server's own capability (raised when a server
 /// fences a previous one: the availability issue's part).
 pub const SERVER_GENERATION: u64 = 1;
+/// The generation of a handle's capabilities. A handle is fenced only for
+/// good ([`BROKEN`]) and its id is never reused, so one generation is
+/// enough: its capabilities are refused once it was fenced.
+pub const HANDLE_GENERATION: u64 = 1;
 /// Longest a fence order may wait for its acknowledgement: the target
 /// waits for the holder's requests in flight, which a device bounds only by
 /// its own timeouts.
@@ -64,6 +69,58 @@ pub fn server_capability(key: &SigningKey) -> SignedCapability {
         },
         key,
     )
+}
+
+/// A capability for `handle` on the device `device_uuid`, writable in
+/// `ranges` (`(offset, length)`, sorted and merged; empty for a read-only
+/// handle), valid a day from `now_unix_secs`. More ranges than a capability
+/// names are coalesced across the smallest gaps (see [`coalesce_ranges`]).
+pub fn handle_capability(
+    key: &SigningKey,
+    handle: HandleId,
+    device_uuid: uuid::Uuid,
+    ranges: &[(u64, u64)],
+    now_unix_secs: u64,
+) -> SignedCapability {
+    SignedCapability::sign(
+        Capability {
+            holder: Holder::Handle(handle),
+            generation: HANDLE_GENERATION,
+            device_uuid: Some(device_uuid),
+            writable: coalesce_ranges(ranges, CAPABILITY_RANGES_MAX),
+            issued_unix_secs: now_unix_secs,
+            expires_unix_secs: now_unix_secs + CAPABILITY_LIFETIME_DEFAULT_SECS,
+        },
+        key,
+    )
+}
+
+/// `ranges` (`(offset, length)`, sorted, not overlapping) as at most `max`
+/// byte ranges: when there are more, the smallest gaps between neighbours
+/// are closed. Why not refuse: a volume of many scattered extents must
+/// still be writable; the gaps closed are the least space another volume
+/// can hold, and the timing rules still cover what lies in them.
+pub fn coalesce_ranges(ranges: &[(u64, u64)], max: usize) -> Vec<ByteRange> {
+    let mut out: Vec<ByteRange> = ranges.iter().map(|&(o, l)| ByteRange::new(o, o.saturating_add(l))).collect();
+    if out.len() <= max.max(1) {
+        return out;
+    }
+    // Close the (len - max) smallest gaps, in one pass.
+    let mut gaps: Vec<(u64, usize)> =
+        out.windows(2).enumerate().map(|(i, w)| (w[1].start.saturating_sub(w[0].end), i)).collect();
+    gaps.sort_unstable();
+    let mut close = vec![false; out.len()];
+    for &(_, i) in gaps.iter().take(out.len() - max.max(1)) {
+        close[i] = true;
+    }
+    let mut merged: Vec<ByteRange> = Vec::with_capacity(max);
+    for (i, r) in out.drain(..).enumerate() {
+        match merged.last_mut() {
+            Some(last) if i > 0 && close[i - 1] => last.end = r.end,
+            _ => merged.push(r),
+        }
+    }
+    merged
 }
 
 /// `opts` with the server's credential, if one is installed.
@@ -176,4 +233,25 @@ async fn fence_one(uri: String, key: SigningKey, holder: Holder) -> Result<Optio
     }
     fence(&parsed, &key, holder, BROKEN).await.map_err(|e| e.to_string())?;
     Ok(Some(uri))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_beyond_the_most_a_capability_names_are_coalesced_across_the_smallest_gaps() {
+        let ranges = [(0, 10), (12, 10), (100, 10), (111, 10), (500, 10)];
+        let r = |s, e| ByteRange::new(s, e);
+        assert_eq!(coalesce_ranges(&ranges, 8), vec![r(0, 10), r(12, 22), r(100, 110), r(111, 121), r(500, 510)]);
+        assert_eq!(coalesce_ranges(&ranges, 3), vec![r(0, 22), r(100, 121), r(500, 510)]);
+        assert_eq!(coalesce_ranges(&ranges, 1), vec![r(0, 510)]);
+        let many: Vec<(u64, u64)> = (0..1000).map(|i| (i * 100, 10)).collect();
+        let merged = coalesce_ranges(&many, CAPABILITY_RANGES_MAX);
+        assert_eq!(merged.len(), CAPABILITY_RANGES_MAX);
+        assert!(
+            many.iter().all(|&(o, l)| merged.iter().any(|m| m.start <= o && o + l <= m.end)),
+            "every range covered"
+        );
+    }
 }

@@ -80,15 +80,30 @@ const TWO_SERVER_REGRESSION_SEEDS: &[u64] = &[
     275968079877262,
     9531541686182,
     // The old server's zeroing write, stalled in a device, landed after the
-    // new server had acquired the pool lease: 5T watching + 4T acquiring
-    // was less than the old owner's 3T window + the longest a device
-    // request takes (CI random stage). A standby now watches max(5T, D + T).
+    // new server had acquired the pool lease (CI random stage); and a
+    // journal write of an old owner that renewed just before the new
+    // owner's record went over its own (exploration). The 4T read-back
+    // wait covered the old owner's 3T window, not the device's delay: a
+    // new owner now waits D more before it loads the metadata.
     217702335532761,
+    3485435320083,
     // After early faults the lease copies stayed split between two
     // acquirers' records (a copy lost power meanwhile): no majority agreed
     // and nobody ever wrote again, so no server served the pool. A standby
     // now acquires when the split copies stay unchanged for an expiry.
     13872807266413,
+    // The rule above, first version: a server cut off from the devices
+    // read every copy as unreadable for an expiry and took that for split
+    // copies nobody renews — it acquired over a live owner (exploration
+    // run). Only a majority of readable copies is evidence now.
+    49990569987177,
+    // A recall for a handle whose open was not answered yet came from a
+    // server that then lost the pool; the agent reconnected to the new
+    // one, opened again, got the same handle id at an older generation and
+    // applied the old recall: its gate stayed recalled forever
+    // (exploration). Events kept for unknown handles are dropped at a
+    // reconnect.
+    204625358832636,
     // (One server, drawn by the current world.) An agent killed with a
     // write stalled in a device restarted and wrote the same block anew;
     // the stalled write landed after, over the acknowledged one (found by

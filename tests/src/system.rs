@@ -546,6 +546,20 @@ fn next_log_number() -> u32 {
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Polls `f` every 50 ms until it returns `Some`, at most `limit` (panics
+/// naming `what`).
+pub fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        // Polling other processes' observable state: there is nothing to await.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// `PATH.pub` beside a private key.
 pub fn pub_path(key: &Path) -> PathBuf {
     let mut s = key.as_os_str().to_owned();

@@ -93,6 +93,22 @@ fn apply(model: &mut [u8], (offset, data): &(u64, Vec<u8>)) {
     model[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
 }
 
+/// Four rounds of writes, then a fifth in flight: once six of its writes
+/// are acknowledged, `kill` runs. Returns the model and the fifth round's
+/// acknowledged slots (with those acknowledged as the kill went in).
+async fn kill_in_the_fifth_round(client: Arc<NbdClient>, kill: impl FnOnce()) -> (Vec<u8>, Vec<u64>) {
+    let (model, mut acks) = write_rounds(client.clone(), 4).await;
+    let mut acked = Vec::new();
+    while acked.len() < 6 {
+        acked.push(acks.recv().await.expect("the fifth round's writes are acknowledged"));
+    }
+    kill();
+    while let Ok(slot) = acks.try_recv() {
+        acked.push(slot);
+    }
+    (model, acked)
+}
+
 /// Runs `rounds` full rounds (every write acknowledged), then launches one
 /// more and reports each of its acknowledgements on the returned channel.
 async fn write_rounds(client: Arc<NbdClient>, rounds: u64) -> (Vec<u8>, mpsc::UnboundedReceiver<u64>) {
@@ -150,17 +166,7 @@ async fn kill_9_with_a_dirty_cache_then_restart_replays_every_acknowledged_write
     let slow = rig.device(true);
     let mut server = rig.cache_serve_ready(&slow);
     let client = Arc::new(rig.client().await);
-    let (model, mut acks) = write_rounds(client.clone(), 4).await;
-    // Kill while the fifth round is in flight, after some of it was acknowledged.
-    let mut acked = Vec::new();
-    while acked.len() < 6 {
-        acked.push(acks.recv().await.expect("the fifth round's writes are acknowledged"));
-    }
-    server.kill();
-    while let Ok(slot) = acks.try_recv() {
-        acked.push(slot);
-    }
-    drop(client);
+    let (model, acked) = kill_in_the_fifth_round(client, || server.kill()).await;
     rig.nbdkit = None; // the slow device goes too (its delayed writes with it)
 
     let before = rig.image_bytes();
@@ -300,16 +306,7 @@ async fn kill_9_of_a_mirrored_cache_the_server_replays_before_the_next_open() {
     let rig = MirrorRig::new();
     let (mut server, socket) = rig.cache_serve("cache-a");
     let client = Arc::new(NbdClient::connect(&NbdUri::unix(&socket, ""), ClientOptions::default()).await.unwrap());
-    let (model, mut acks) = write_rounds(client.clone(), 4).await;
-    let mut acked = Vec::new();
-    while acked.len() < 6 {
-        acked.push(acks.recv().await.expect("the fifth round's writes are acknowledged"));
-    }
-    server.kill();
-    while let Ok(slot) = acks.try_recv() {
-        acked.push(slot);
-    }
-    drop(client);
+    let (model, acked) = kill_in_the_fifth_round(client, || server.kill()).await;
     assert!(
         check_device(&rig.volume_image(), &model, 4, &acked).is_err(),
         "every acknowledged write reached the 100 ms-per-write device before the kill: the test did not exercise \
@@ -417,16 +414,7 @@ async fn sanvol_agent_attach_caches_and_a_kill_9_loses_no_acknowledged_write() {
     let stack = &rig.stack;
     let (mut a, uri) = attach_cached(stack, "agent-a");
     let client = Arc::new(NbdClient::connect(&uri, ClientOptions::default()).await.unwrap());
-    let (model, mut acks) = write_rounds(client.clone(), 4).await;
-    let mut acked = Vec::new();
-    while acked.len() < 6 {
-        acked.push(acks.recv().await.expect("the fifth round's writes are acknowledged"));
-    }
-    a.proc.kill();
-    while let Ok(slot) = acks.try_recv() {
-        acked.push(slot);
-    }
-    drop(client);
+    let (model, acked) = kill_in_the_fifth_round(client, || a.proc.kill()).await;
     assert!(
         check_device(&rig.volume_image(), &model, 4, &acked).is_err(),
         "every acknowledged write reached the 100 ms-per-write device before the kill: the test did not exercise \
@@ -505,16 +493,7 @@ async fn a_restarted_agent_takes_its_handle_back_and_replays_its_own_cache_log()
     let stack = &rig.stack;
     let (mut a, uri) = attach_cached(stack, "agent-a");
     let client = Arc::new(NbdClient::connect(&uri, ClientOptions::default()).await.unwrap());
-    let (model, mut acks) = write_rounds(client.clone(), 4).await;
-    let mut acked = Vec::new();
-    while acked.len() < 6 {
-        acked.push(acks.recv().await.expect("the fifth round's writes are acknowledged"));
-    }
-    a.proc.kill();
-    while let Ok(slot) = acks.try_recv() {
-        acked.push(slot);
-    }
-    drop(client);
+    let (model, acked) = kill_in_the_fifth_round(client, || a.proc.kill()).await;
     assert!(check_device(&rig.volume_image(), &model, 4, &acked).is_err(), "the test did not exercise the cache");
 
     let a = stack.restart_agent("agent-a");

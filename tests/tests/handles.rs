@@ -15,24 +15,11 @@ use blockio::BlockDevice;
 use bytes::Bytes;
 use control_client::{ControlAddr, ControlClient, ControlClientError};
 use sanvol_tests::peers::require_tool;
-use sanvol_tests::system::{pub_path, run_ok, Agent, Stack};
+use sanvol_tests::system::{poll, pub_path, run_ok, Agent, Stack};
 use volume_format::control::auth::Role;
 use volume_format::control::messages::{ErrorCode, OpenMode, OpenedHandle, Request, Response};
 
 const BLOCK: u64 = 4096;
-
-/// Polls `f` every 50 ms until it returns `Some`, at most `limit`.
-fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
-        // Polling another process's observable state: there is nothing to await.
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn list(agent: &Agent) -> serde_json::Value {
     let out = agent.cli(&["list", "--json"]);

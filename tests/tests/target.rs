@@ -14,7 +14,7 @@ use blockio::{BlockDevice, IoErrorKind};
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use sanvol_tests::peers::{nbdkit, require_tool};
-use sanvol_tests::system::{bin, Proc};
+use sanvol_tests::system::{bin, poll, Proc};
 use uuid::Uuid;
 use volume_format::capability::{
     announces_fencing, Capability, FenceAck, FenceOrder, Holder, SignedCapability, SignedFenceOrder, FENCE_ACK_BYTES,
@@ -408,4 +408,177 @@ async fn the_server_fences_a_broken_handle_on_target_devices_before_the_next_ope
     let data = std::fs::read(&image).unwrap();
     assert!(data[at as usize..][..4096].iter().all(|&b| b == 0xaa), "only what it wrote before");
     drop(a);
+}
+
+fn attached(agent: &sanvol_tests::system::Agent, volume: &str) -> Option<serde_json::Value> {
+    let out = agent.cli(&["list", "--json"]);
+    assert!(out.status.success(), "list: {}", String::from_utf8_lossy(&out.stderr));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("list --json");
+    list.as_array()?.iter().find(|v| v["volume"] == volume).cloned()
+}
+
+/// Where block 0 of `volume` lives: the image file of its device (read
+/// directly, not through any NBD server) and the offset in it.
+fn first_block_in_image(stack: &sanvol_tests::system::Stack, volume: &str) -> (PathBuf, u64) {
+    let detail = stack.sanvol_json(&["volume", "show", volume]);
+    let leg = &detail["description"]["extents"][0]["legs"][0];
+    let device = leg["device"].as_u64().unwrap() as usize;
+    (stack.devices[device].dir().join("disk.img"), leg["offset"].as_u64().unwrap())
+}
+
+fn image_block(image: &Path, offset: u64) -> Vec<u8> {
+    std::fs::read(image).unwrap()[offset as usize..][..4096].to_vec()
+}
+
+/// A log without its ANSI colour sequences.
+fn without_colours(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn fill_of(block: &[u8]) -> Option<u8> {
+    block.iter().all(|b| *b == block[0]).then(|| block[0])
+}
+
+/// The acceptance test of issue 14 with real processes: agents write to a
+/// pool of `sanvol-target` devices over per-handle connections under their
+/// handles' capabilities. Host-a is stopped (SIGSTOP) while it holds the
+/// volume and has a connection to the device open; host-b's open breaks
+/// host-a's handle once its lease and durable time ran out, after the
+/// server fenced it at the target (which closes host-a's connection);
+/// host-b writes. When host-a goes on, a write queued on its export fails,
+/// with a clear error, and the device image — read directly — holds host-b's
+/// data: nothing of host-a landed after the fence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_write_under_handle_capabilities_and_a_fenced_holder_writes_nothing_more() {
+    let mut stack = sanvol_tests::system::Stack::new_target_devices(1, 256 * MIB);
+    stack.lease_ms = 1000;
+    stack.durable_ms = Some(1000);
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "v", "16M"]);
+    let a = stack.start_agent("host-a");
+    let uri_a = a.attach("v", "exclusive");
+    let b = stack.start_agent("host-b");
+    let handle_a = attached(&a, "v").unwrap()["handle"].as_u64().unwrap();
+    let ca = NbdClient::connect(&uri_a, ClientOptions::default()).await.unwrap();
+    ca.write(0, Bytes::from(vec![0xaa; 4096]), true)
+        .await
+        .unwrap_or_else(|e| panic!("host-a writes to a sanvol-target device: {e}\n{}", a.proc.log()));
+    let (image, offset) = first_block_in_image(&stack, "v");
+    assert_eq!(fill_of(&image_block(&image, offset)), Some(0xaa), "host-a's write is on the device");
+    assert!(a.proc.log().contains("capabilities received"), "{}", a.proc.log());
+
+    // host-a stops with its per-handle connection open; host-b takes over.
+    let a_pid = a.proc.pid() as i32;
+    // SAFETY: signals to a child process this test started.
+    unsafe { libc::kill(a_pid, libc::SIGSTOP) };
+    poll("host-b's open to break host-a's handle", Duration::from_secs(30), || {
+        b.cli(&["attach", "v", "--mode", "exclusive"]).status.success().then_some(())
+    });
+    let fenced = format!("holder=handle {}", HandleId(handle_a));
+    let target_log = without_colours(&stack.devices[0].stderr());
+    let line = target_log
+        .lines()
+        .find(|l| l.contains("fenced: closing older connections") && l.contains(&fenced))
+        .unwrap_or_else(|| panic!("the target fenced {fenced}:\n{target_log}"));
+    assert!(
+        line.contains("connections=") && !line.contains("connections=0"),
+        "host-a's open connections were closed by the fence: {line}"
+    );
+    let uri_b: NbdUri = attached(&b, "v").unwrap()["export_uri"].as_str().unwrap().parse().unwrap();
+    let cb = NbdClient::connect(&uri_b, ClientOptions::default()).await.unwrap();
+    cb.write(0, Bytes::from(vec![0xbb; 4096]), true).await.expect("host-b writes");
+    cb.disconnect().await;
+    assert_eq!(fill_of(&image_block(&image, offset)), Some(0xbb));
+
+    // host-a goes on with a write queued on its export.
+    let late = {
+        let ca = ca.clone();
+        tokio::spawn(async move { ca.write(0, Bytes::from(vec![0xa2; 4096]), true).await })
+    };
+    // SAFETY: as above.
+    unsafe { libc::kill(a_pid, libc::SIGCONT) };
+    let result = tokio::time::timeout(Duration::from_secs(30), late).await.expect("the late write is answered");
+    let e = result.unwrap().expect_err("host-a's write after the fence must fail");
+    assert!(e.to_string().contains("broken"), "{e}");
+    ca.write(4096, Bytes::from(vec![0xa3; 4096]), true).await.expect_err("and so do later ones");
+    assert_eq!(
+        fill_of(&image_block(&image, offset)),
+        Some(0xbb),
+        "host-a wrote after the fence\nhost-a:\n{}",
+        a.proc.log()
+    );
+    assert_ne!(fill_of(&image_block(&image, offset + 4096)), Some(0xa3), "host-a wrote after the fence");
+}
+
+/// The agent's data path against a real target, without the lease checks
+/// in front of it: a leg of handle 77 writes under that handle's
+/// capability; a leg of handle 78 on the same device (no capability) does
+/// not borrow handle 77's connection; once the server fenced handle 77, its
+/// next request fails as fenced — a refusal, not a path error, so nothing
+/// is re-sent through the server — every later one fails at once, and
+/// nothing more lands (the image is read back directly).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_leg_of_a_fenced_handle_fails_its_requests_and_writes_nothing() {
+    use client_agent::credentials::HandleCredentials;
+    use client_agent::devices::{DevicePool, PoolOptions};
+    use volume_format::description::DeviceEndpoint;
+
+    let target = Target::start(SigningKey::from_bytes(&[5; 32]));
+    let endpoint = DeviceEndpoint {
+        index: DeviceIndex(0),
+        device_uuid: DEVICE_UUID,
+        uri: target.uri(String::new()).to_string(),
+        online: true,
+        resyncing: false,
+    };
+    let pool = DevicePool::new(PoolOptions::default());
+    let capability =
+        target.capability(77, metadata_server::targets::HANDLE_GENERATION, vec![ByteRange::new(MIB, 2 * MIB)]);
+    let creds = HandleCredentials::with_capabilities(HandleId(77), 1, [(0, capability)]);
+    let (leg, _) = pool.layout_device(&endpoint, Uuid::from_u128(0x50), 1, Some(creds.clone()), 1).unwrap();
+    leg.write(MIB, Bytes::from(vec![1; 4096]), true).await.expect("handle 77 writes under its capability");
+    assert_eq!(&target.file()[MIB as usize..][..4096], &[1; 4096][..]);
+
+    let stranger = HandleCredentials::with_capabilities(HandleId(78), 1, []);
+    let (other, _) = pool.layout_device(&endpoint, Uuid::from_u128(0x50), 2, Some(stranger), 1).unwrap();
+    let e = other.write(MIB, Bytes::from(vec![8; 4096]), true).await.expect_err("no capability, no write");
+    assert!(e.message.contains("handle 78") && e.message.contains("capability"), "{e}");
+
+    let holder = Holder::Handle(HandleId(77));
+    metadata_server::targets::fence(&target.uri(String::new()), &target.key, holder, metadata_server::targets::BROKEN)
+        .await
+        .unwrap();
+    let e = leg.write(MIB, Bytes::from(vec![2; 4096]), true).await.expect_err("fenced");
+    assert_eq!(e.kind, IoErrorKind::PermissionDenied, "{e}");
+    assert!(e.message.contains("fenced") && e.message.contains("reopen the volume"), "{e}");
+    assert!(creds.fenced().is_some());
+    let e = leg.read(MIB, 4096).await.expect_err("every later request fails at once");
+    assert_eq!(e.kind, IoErrorKind::PermissionDenied, "{e}");
+    assert_eq!(&target.file()[MIB as usize..][..4096], &[1; 4096][..], "nothing landed after the fence");
+
+    // A request the target refuses with EPERM (here a write outside the
+    // capability, which a layout's own legs never send) ends the handle
+    // too: nothing of it is tried again on any path.
+    let capability =
+        target.capability(79, metadata_server::targets::HANDLE_GENERATION, vec![ByteRange::new(MIB, 2 * MIB)]);
+    let creds = HandleCredentials::with_capabilities(HandleId(79), 1, [(0, capability)]);
+    let (leg, _) = pool.layout_device(&endpoint, Uuid::from_u128(0x50), 3, Some(creds.clone()), 1).unwrap();
+    let e = leg.write(3 * MIB, Bytes::from(vec![3; 4096]), true).await.expect_err("outside its capability");
+    assert_eq!(e.kind, IoErrorKind::PermissionDenied, "{e}");
+    assert!(e.message.contains("handle 79 was fenced"), "{e}");
+    leg.write(MIB, Bytes::from(vec![3; 4096]), true).await.expect_err("and nothing after");
+    assert_eq!(&target.file()[MIB as usize..][..4096], &[1; 4096][..]);
 }

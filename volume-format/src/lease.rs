@@ -23,17 +23,19 @@
 //!   renewal finds another owner it has lost the lease for good.
 //! - To acquire (a lapsed or free lease) a server writes its own record,
 //!   waits `4T`, and reads again: the lease is its own only if a majority
-//!   still shows exactly that record. A standby takes over a held lease
-//!   only after watching the owner record unchanged for `max(5T, D + T)`
-//!   (`D`: the longest a device request takes, `device_request_max_ms`;
-//!   always longer than an acquirer's wait, or two acquirers would
-//!   overwrite each other's records forever). So between the old owner's
-//!   last good renewal and the new owner's first metadata read lie at least
-//!   `max(9T, D + 5T)`, of which the old owner used at most `3T` to send
-//!   writes, plus `D` for the last of them to land (a commit, a zeroing or
-//!   copy job, I/O it did for an agent): at least `2T` to spare for clocks
-//!   running at different rates. A free lease (released) is acquired after
-//!   the `4T` wait alone: its owner stopped cleanly.
+//!   still shows exactly that record. It then waits `D` more (the longest
+//!   a device request takes, `device_request_max_ms`) before it loads the
+//!   metadata and commits. A standby takes over a held lease only after
+//!   watching the owner record unchanged for `5T`.
+//! - Why these suffice: the old owner's last good renewal started at some
+//!   `r` and landed by `r + T`; the acquirer's record landed after it (or
+//!   the read-back would have found the renewal instead). The old owner
+//!   sends writes until `r + 3T` at most (its window), and each lands by
+//!   `D` later: by `r + 3T + D`. The acquirer loads the metadata at least
+//!   `4T + D` after its write, so after `r + 4T + D`: `T` to spare for
+//!   clocks running at different rates. (Before `D` was counted, the old
+//!   owner's zeroing write stalled in a device landed after a takeover:
+//!   simulator seeds 217702335532761 and 3485435320083.)
 //! - A planned handoff: the owner writes its record with `handoff_to` set
 //!   and stops renewing; the named standby acquires at once (the owner is
 //!   known to have stopped).
@@ -214,18 +216,26 @@ impl LeaseTiming {
         3 * self.io_timeout_ms
     }
     /// How long a standby watches an unchanged owner record before taking
-    /// over: `5T`, or `D + T` when device requests may take longer than
-    /// `4T` (see the module docs: the old owner's last write lands by then).
-    /// Always longer than an acquirer's wait (`4T`) plus `T`: an acquirer's
-    /// record does not change while it waits, and a standby that took it
-    /// over meanwhile would make the two overwrite each other's records
-    /// forever.
+    /// over. Longer than an acquirer's wait plus `T`: an acquirer's record
+    /// does not change while it waits, and a standby that took it over
+    /// meanwhile would make the two overwrite each other's records forever.
     pub fn expire_ms(&self) -> u64 {
-        (5 * self.io_timeout_ms).max(self.device_request_max_ms + self.io_timeout_ms)
+        5 * self.io_timeout_ms
     }
     /// How long an acquirer waits after writing before reading back.
     pub fn acquire_wait_ms(&self) -> u64 {
         4 * self.io_timeout_ms
+    }
+    /// How long a new owner waits after its read-back before it loads the
+    /// metadata and commits: `D`, the longest a device request takes. The
+    /// old owner may have renewed just before the acquirer's record went
+    /// over its own (a standby's read that saw the older record was still
+    /// in flight), so it may send writes until `3T` after that renewal, and
+    /// each lands up to `D` later; the read-back wait covers `3T` of that
+    /// with `T` to spare, this covers `D`. Not after a handoff (the owner
+    /// had nothing in flight when it wrote the handoff).
+    pub fn quiet_ms(&self) -> u64 {
+        self.device_request_max_ms
     }
     /// How often a standby reads the owner sector.
     pub fn watch_every_ms(&self) -> u64 {
@@ -322,6 +332,8 @@ pub struct LeaseMachine {
     /// that each reached some copies, a copy lost meanwhile) and since when
     /// they have not changed.
     split_seen: Option<(Vec<Option<LeaseRecord>>, u64)>,
+    /// A new owner commits nothing before this ([`LeaseTiming::quiet_ms`]).
+    quiet_until_ms: u64,
 }
 
 impl LeaseMachine {
@@ -335,12 +347,14 @@ impl LeaseMachine {
             renew_started_ms: None,
             last_read_ms: None,
             split_seen: None,
+            quiet_until_ms: 0,
         }
     }
 
     /// Whether the server may commit metadata at `now_ms`.
     pub fn may_commit(&self, now_ms: u64) -> bool {
-        matches!(&self.phase, LeasePhase::Owner { valid_until_ms, .. } if now_ms < *valid_until_ms)
+        now_ms >= self.quiet_until_ms
+            && matches!(&self.phase, LeasePhase::Owner { valid_until_ms, .. } if now_ms < *valid_until_ms)
     }
 
     /// The next action at `now_ms` (call after every report and tick).
@@ -411,6 +425,15 @@ impl LeaseMachine {
                         if !fresh {
                             return self.next(now_ms);
                         }
+                        // Only what a majority of readable copies shows is
+                        // evidence: copies this server cannot read (cut off
+                        // from the devices) say nothing about whether the
+                        // owner still renews.
+                        let readable = records.iter().filter(|r| r.is_ok()).count();
+                        if readable <= records.len() / 2 {
+                            self.split_seen = None;
+                            return self.next(now_ms);
+                        }
                         let copies: Vec<Option<LeaseRecord>> =
                             records.iter().map(|r| r.as_ref().ok().cloned().flatten()).collect();
                         match &self.split_seen {
@@ -441,8 +464,11 @@ impl LeaseMachine {
                     },
                 }
             }
-            LeasePhase::Acquiring { record, written_at_ms, .. } => match seen {
+            LeasePhase::Acquiring { record, written_at_ms, wait_ms } => match seen {
                 Ok(Some(rec)) if rec == record => {
+                    if wait_ms > 0 {
+                        self.quiet_until_ms = now_ms + self.timing.quiet_ms();
+                    }
                     // Ours. The window counted from the acquiring write has
                     // mostly passed during the wait, so renew at once: the
                     // read just done counts as the renewal's read, and

@@ -19,18 +19,20 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use uuid::Uuid;
+use volume_format::capability::{Capability, Holder, SignedCapability};
 use volume_format::control::auth::{
     self, AuthFailure, AuthOutcome, ChannelMode, ClientHello, ClientProof, ConnectionKind, NoiseAnswer, NoiseRequest,
     Role, ServerHello, ServerProof, HELLO_MAGIC,
 };
 use volume_format::control::frame::encode_payload;
 use volume_format::control::messages::{
-    CacheMode, ClientInfo, ClientMessage, ControlError, DataChannelGrant, DeviceInfo, ErrorCode, MirrorRecord,
-    OpenMode, OpenedHandle, OperationInfo, PoolInfo, Request, Response, ServerEvent, ServerInfo, ServerMessage,
-    SnapshotInfo, VolumeCache, VolumeDetail, VolumeInfo,
+    CacheMode, ClientInfo, ClientMessage, ControlError, DataChannelGrant, DeviceCapability, DeviceInfo, ErrorCode,
+    MirrorRecord, OpenMode, OpenedHandle, OperationInfo, PoolInfo, Request, Response, ServerEvent, ServerInfo,
+    ServerMessage, SnapshotInfo, VolumeCache, VolumeDetail, VolumeInfo,
 };
 use volume_format::control::{PROTOCOL_VERSION, PROTOCOL_VERSION_MIN};
 use volume_format::description::{DeviceEndpoint, SnapshotEpoch};
+use volume_format::label::ByteRange;
 use volume_format::metadata::snapshot::CowMap;
 use volume_format::metadata::{DeviceState, LogicalExtent, PhysicalExtent};
 use volume_format::{DeviceIndex, HandleId, SnapshotId, VolumeDescription, VolumeId};
@@ -157,6 +159,7 @@ samples!(requests, Request {
         records: vec![MirrorRecord { seq: 3, offset: 4096, data: vec![1, 2, 3] }],
     },
     MirrorRelease => Request::MirrorRelease { handle: HandleId(5), upto_seq: 3 },
+    Capabilities => Request::Capabilities { handle: HandleId(5) },
     IntentRecord => Request::IntentRecord { handle: HandleId(5), mark: vec![3, 4], clear: vec![1] },
     IntentResync => Request::IntentResync { handle: HandleId(5) },
 });
@@ -274,6 +277,25 @@ samples!(responses, Response {
         cache: Some(VolumeCache { volume: VolumeId(7), size_bytes: 1 << 30, mode: CacheMode::Mirrored }),
     },
     Mirrored => Response::Mirrored { upto_seq: 3 },
+    Capabilities => Response::Capabilities {
+        handle: HandleId(5),
+        layout_generation: 4,
+        devices: vec![DeviceCapability {
+            device: DeviceIndex(1),
+            capability: SignedCapability {
+                capability: Capability {
+                    holder: Holder::Handle(HandleId(5)),
+                    generation: 1,
+                    device_uuid: Some(Uuid::from_u128(0x11)),
+                    writable: vec![ByteRange::new(1 << 20, 2 << 20)],
+                    issued_unix_secs: 1_700_000_000,
+                    expires_unix_secs: 1_700_086_400,
+                },
+                signer: volume_format::PublicKey([7; 32]),
+                signature: vec![9; 64],
+            },
+        }],
+    },
     IntentRecorded => Response::IntentRecorded,
 });
 

@@ -733,6 +733,12 @@ impl AgentCore {
         }
         let epoch = self.link.live().map_or(0, |l| l.epoch);
         tracing::info!(epoch, lease_ms, session, "connected to the metadata server");
+        // Events kept for handles not registered yet came from an earlier
+        // connection — maybe from a server that has lost the pool since: a
+        // recall of a change it never committed would hold a handle the
+        // next server gives out (with the same id) recalled forever. What
+        // a handle needs, the new connection's answers and events carry.
+        self.orphans.clear();
         self.recover(now);
         self.registrations.retry_all_now(now);
     }

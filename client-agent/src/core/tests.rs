@@ -300,6 +300,33 @@ fn events_before_the_open_reply_are_kept_and_replayed_in_order() {
 }
 
 #[test]
+fn events_kept_from_an_earlier_connection_are_dropped_at_a_reconnect() {
+    // Simulator seed 204625358832636: a recall for a handle whose open was
+    // not answered yet came from a server that then lost the pool; the
+    // agent reconnected elsewhere, opened again, got the same handle id at
+    // an older generation — and applied the old recall: the gate stayed
+    // recalled forever.
+    let mut h = Harness::new();
+    let (_, first_open) = h.attach_cmd("vol");
+    let recall = ServerEvent::Recall { handle: HandleId(11), generation: 3 };
+    assert!(h.apply(Input::Event { conn: h.conn, event: recall }).is_empty(), "kept for now");
+    h.lose_connection(500);
+    h.apply(Input::Reply { request: first_open, result: Err(RequestError::Closed) });
+    let effects = h.at(600).apply(Input::Tick);
+    let Some(Effect::Connect { conn: conn2, .. }) = effects.first().cloned() else { panic!("{effects:?}") };
+    let effects = h.at(700).apply(Input::Connected { conn: conn2, lease_ms: LEASE_MS, session: 2 });
+    h.conn = conn2;
+    // The attach goes on: its open is sent again on the new connection (or
+    // was failed; then the application attaches again).
+    let open = match sent(&effects).into_iter().find(|(_, m)| matches!(m, Request::Open { .. })) {
+        Some((open, _)) => open,
+        None => h.attach_cmd("vol").1,
+    };
+    let effects = h.apply(Input::Reply { request: open, result: opened(11, description("vol", 2, 2), b"key") });
+    assert!(!effects.iter().any(|e| matches!(e, Effect::BeginRecall { .. })), "an old recall applied: {effects:?}");
+}
+
+#[test]
 fn stale_events_are_ignored_by_the_gates_own_rules() {
     let mut h = Harness::new();
     let a = h.attach("vol", 11, b"key");

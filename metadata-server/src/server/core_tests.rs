@@ -1506,3 +1506,52 @@ fn a_commit_no_copy_took_checks_no_device_and_a_reachable_one_stays_online() {
     w.apply(Input::JobDone { task: check, outcome: JobOutcome::done() });
     assert!(w.core.meta.devices.iter().all(|d| matches!(d.state, DeviceState::Online)));
 }
+
+/// `Request::Capabilities` (issue 14): the holder of a handle gets one
+/// capability per device of its volume, signed by the server's key, naming
+/// the handle and the device's label UUID, writable exactly in the volume's
+/// extents there; another key, and anyone once the handle is closed, gets
+/// none.
+#[test]
+fn the_holder_of_a_handle_gets_its_capabilities_and_nobody_else_does() {
+    use volume_format::capability::Holder;
+    let mut w = World::new();
+    let (open, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    let Some(Ok(Response::Opened(held))) = reply_of(&effects, open) else { panic!("{effects:?}") };
+    let handle = held.handle;
+    let (asked, effects) = w.request(1, Request::Capabilities { handle });
+    let Some(Ok(Response::Capabilities { handle: named, layout_generation, devices })) = reply_of(&effects, asked)
+    else {
+        panic!("{effects:?}")
+    };
+    assert_eq!((*named, *layout_generation), (handle, held.description.layout_generation));
+    let trusted = [volume_format::PublicKey(SigningKey::from_bytes(&[7; 32]).verifying_key().to_bytes())];
+    assert_eq!(devices.len(), held.description.devices.len());
+    let map = w.core.meta.volume_map(held.description.volume).unwrap();
+    for d in devices {
+        let uuid = w.core.meta.device(d.device).unwrap().device_uuid;
+        let now = 1_700_000_000;
+        let c = d.capability.verify(&trusted, Some(uuid), now.max(d.capability.capability.issued_unix_secs)).unwrap();
+        assert_eq!(c.holder, Holder::Handle(handle));
+        for leg in map.physical_extents().filter(|l| l.device == d.device) {
+            assert!(c.may_write(leg.offset, w.core.meta.extent_bytes), "extent at {} writable", leg.offset);
+        }
+        let end = c.writable.iter().map(|r| r.end).max().unwrap();
+        assert!(!c.may_write(end, 1), "nothing past the volume's extents");
+    }
+    let (stranger, effects) = w.request(2, Request::Capabilities { handle });
+    match reply_of(&effects, stranger) {
+        Some(Err(e)) => assert_eq!(e.code, ErrorCode::HandleBroken, "{e}"),
+        other => panic!("another key's request: {other:?}"),
+    }
+    let (close, effects) = w.request(1, Request::Close { handle });
+    let effects = match commit_of(&effects) {
+        Some((task, next)) => w.apply(committed(task, next)),
+        None => effects,
+    };
+    assert!(matches!(reply_of(&effects, close), Some(Ok(Response::Done))), "{effects:?}");
+    let (late, effects) = w.request(1, Request::Capabilities { handle });
+    assert!(matches!(reply_of(&effects, late), Some(Err(e)) if e.code == ErrorCode::HandleBroken), "{effects:?}");
+}

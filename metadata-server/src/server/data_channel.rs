@@ -40,11 +40,11 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 use volume_format::control::auth::{ConnectionKind, Role};
 use volume_format::control::messages::{
-    ClientMessage, ControlError, DataChannelGrant, ErrorCode, OpenMode, Request, Response, ServerMessage,
-    DATA_CHANNEL_PREAMBLE,
+    ClientMessage, ControlError, DataChannelGrant, DeviceCapability, ErrorCode, OpenMode, Request, Response,
+    ServerMessage, DATA_CHANNEL_PREAMBLE,
 };
 use volume_format::metadata::{DeviceState, HandleState, MetaChange};
-use volume_format::{DeviceIndex, VolumeId};
+use volume_format::{DeviceIndex, HandleId, VolumeId};
 
 use super::admission::PreAuth;
 use super::core::{AfterCommit, AfterJob, Core, ReplyId, Step};
@@ -220,6 +220,52 @@ impl Core {
             read_only: modes.iter().all(|m| *m == OpenMode::ReadOnly),
             ranges,
         }))
+    }
+
+    /// Capabilities for `handle` on every device of its volume
+    /// ([`Request::Capabilities`]): only for the key that holds it, active
+    /// (a broken or closed handle gets none), writable in the volume's
+    /// extents on each device (nothing for a read-only handle). Signed
+    /// here, without I/O: an ed25519 signature per device.
+    pub fn handle_capabilities(&self, session: SessionId, handle: HandleId) -> Result<Response, ControlError> {
+        let peer = self.peer_of(session)?;
+        let record = self
+            .meta
+            .handles
+            .iter()
+            .find(|h| h.id == handle && h.agent_key.0 == peer.key && matches!(h.state, HandleState::Active))
+            .ok_or_else(|| {
+                ControlError::new(
+                    ErrorCode::HandleBroken,
+                    format!(
+                        "handle {handle} is not open by {} (closed, broken by another open, or another client's); \
+                         stop I/O on it and reopen the volume",
+                        peer.name
+                    ),
+                )
+            })?;
+        let v = self.meta.volume(record.volume).ok_or_else(|| {
+            ControlError::new(ErrorCode::NotFound, format!("no volume with id {}; it was deleted", record.volume))
+        })?;
+        let map = self.meta.volume_map(v.id).map_err(|e| ControlError::new(ErrorCode::NotFound, e.to_string()))?;
+        let mut by_device: BTreeMap<DeviceIndex, Vec<(u64, u64)>> = BTreeMap::new();
+        for leg in map.physical_extents() {
+            by_device.entry(leg.device).or_default().push((leg.offset, self.meta.extent_bytes));
+        }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let mut devices = Vec::with_capacity(by_device.len());
+        for (index, mut ranges) in by_device {
+            let Some(device) = self.meta.device(index) else { continue };
+            let ranges = if record.mode == OpenMode::ReadOnly {
+                Vec::new()
+            } else {
+                ranges.sort_unstable();
+                merge_ranges(ranges)
+            };
+            let capability = crate::targets::handle_capability(&self.key, handle, device.device_uuid, &ranges, now);
+            devices.push(DeviceCapability { device: index, capability });
+        }
+        Ok(Response::Capabilities { handle, layout_generation: v.layout_generation, devices })
     }
 
     /// An agent cannot reach `device` directly. The server checks whether it

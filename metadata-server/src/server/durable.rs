@@ -50,6 +50,8 @@ pub fn allowed_in_grace(request: &Request) -> bool {
             | Request::DataChannel { .. }
             | Request::ReportDeviceFailure { .. }
             | Request::ReportDeviceRecovered { .. }
+            // A resumed handle reconnects to its fencing devices with them.
+            | Request::Capabilities { .. }
             // Only a resumed handle can register: its writes are waiting.
             | Request::CowRegister { .. }
             | Request::CowCopy { .. }

@@ -74,6 +74,7 @@ impl Core {
             }
             Request::DataChannel { volume, device } => self.data_channel_grant(session, volume.0, device.0),
             Request::ReportDeviceRecovered { device } => self.report_device_recovered(session, device.0),
+            Request::Capabilities { handle } => self.handle_capabilities(session, *handle),
             Request::BackupChannel => Err(err(
                 ErrorCode::InvalidArgument,
                 "a backup channel is asked for as the first request of a data channel (after the data-channel preamble)",

@@ -267,8 +267,17 @@ pub enum Request {
         upto_seq: u64,
     },
 
-    // ---- agent: the write-intent log of mirrored volumes (protocol 7) ----
-    /// The write-intent log of a mirrored volume (protocol 7): the agent
+    // ---- agent: fencing devices (protocol 7) ----
+    /// Capabilities for `handle` on every device its volume has extents on
+    /// (see [`crate::capability`]): what the agent presents on its own
+    /// connections to devices that fence (`sanvol-target`). Answered with
+    /// [`Response::Capabilities`]; only the key holding the handle may ask.
+    Capabilities {
+        handle: HandleId,
+    },
+
+    // ---- agent: the write-intent log of mirrored volumes (protocol 8) ----
+    /// The write-intent log of a mirrored volume (protocol 8): the agent
     /// holding `handle` is about to write the intent regions `mark` for the
     /// first time (the server commits them dirty before answering
     /// [`Response::IntentRecorded`], and only then may the agent write), and
@@ -285,7 +294,7 @@ pub enum Request {
     /// legs (the previous run died with writes in flight). The server copies
     /// them from one leg to the others, forgets them, and answers
     /// [`Response::IntentRecorded`]; the agent does no I/O to the volume
-    /// before that (protocol 7).
+    /// before that (protocol 8).
     IntentResync {
         handle: HandleId,
     },
@@ -353,7 +362,7 @@ mod byte_buf {
 
 /// The first protocol version with the write-intent log of mirrored volumes
 /// ([`Request::IntentRecord`], [`Request::IntentResync`]).
-pub const INTENT_PROTOCOL_VERSION: u32 = 7;
+pub const INTENT_PROTOCOL_VERSION: u32 = 8;
 
 /// The NBD export name of a snapshot on the backup pseudo-device.
 pub fn snapshot_export_name(volume: &str, snapshot: &str) -> String {
@@ -394,6 +403,7 @@ impl Request {
             | Request::MirrorOpen { .. }
             | Request::MirrorAppend { .. }
             | Request::MirrorRelease { .. }
+            | Request::Capabilities { .. }
             | Request::IntentRecord { .. }
             | Request::IntentResync { .. } => Some(&[Role::Agent]),
             Request::SnapshotList { .. } | Request::BackupChannel => Some(&[Role::Admin, Role::Backup]),
@@ -448,9 +458,25 @@ pub enum Response {
     Mirrored {
         upto_seq: u64,
     },
+    /// One capability per device of the handle's volume, for the layout
+    /// with `layout_generation` (protocol 7).
+    Capabilities {
+        handle: HandleId,
+        layout_generation: u64,
+        devices: Vec<DeviceCapability>,
+    },
     /// The write-intent regions of a [`Request::IntentRecord`] are
-    /// committed (protocol 7).
+    /// committed (protocol 8).
     IntentRecorded,
+}
+
+/// A handle's capability on one device (protocol 7): the volume's extents
+/// there (its newest snapshot's copy-on-write area included) writable, for
+/// a read-only handle nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceCapability {
+    pub device: DeviceIndex,
+    pub capability: crate::capability::SignedCapability,
 }
 
 /// A reconfiguration in progress (`sanvol device evacuate`, `volume move`,

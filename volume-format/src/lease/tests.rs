@@ -106,28 +106,33 @@ fn a_free_lease_is_acquired_after_the_wait_and_renewed() {
 }
 
 #[test]
-fn a_standby_waits_for_the_old_owners_slowest_device_write() {
-    // D > 4T: a write the old owner sent just before it stopped may land
-    // until D after; the standby takes the lease over (and loads the
-    // metadata) only after watching it unchanged for D + T, then the 4T
-    // wait: D + 5T after the last renewal.
+fn a_new_owner_commits_only_after_the_old_owners_slowest_device_write() {
+    // The old owner may have renewed just before the acquirer's record
+    // went over its own, then sent writes for 3T that land up to D later:
+    // after the read-back the new owner waits D before it commits.
     let d = 7 * T;
-    let mut owner = me(1);
-    owner.generation = 4;
-    owner.role = ServerRole::Active;
-    let seen = |r: &LeaseRecord| [Ok(Some(r.clone())), Ok(Some(r.clone())), Ok(Some(r.clone()))];
-    let mut m = LeaseMachine::new(me(2), LeaseTiming { io_timeout_ms: T, device_request_max_ms: d });
-    assert_eq!(m.timing.expire_ms(), d + T);
+    let mut m = LeaseMachine::new(me(1), LeaseTiming { io_timeout_ms: T, device_request_max_ms: d });
     m.reading(0);
-    m.read_done(0, &seen(&owner));
-    m.reading(d);
-    assert!(matches!(m.read_done(d, &seen(&owner)), LeaseAction::WaitUntil(_)), "D unchanged is not enough");
-    m.reading(d + T);
-    let LeaseAction::Write(rec) = m.read_done(d + T, &seen(&owner)) else { panic!("D + T unchanged: take over") };
-    assert_eq!(m.write_done(d + T + 1, &rec, 3, 3), LeaseAction::WaitUntil(d + T + 4 * T));
-    // D below 4T changes nothing: 5T.
-    let m = LeaseMachine::new(me(2), LeaseTiming { io_timeout_ms: T, device_request_max_ms: T });
-    assert_eq!(m.timing.expire_ms(), 5 * T);
+    let LeaseAction::Write(rec) = m.read_done(5, &[Ok(None), Ok(None), Ok(None)]) else { panic!() };
+    assert_eq!(m.write_done(10, &rec, 3, 3), LeaseAction::WaitUntil(5 + 4 * T));
+    let at = 5 + 4 * T;
+    m.reading(at);
+    let done = [Ok(Some(rec.clone())), Ok(Some(rec.clone())), Ok(Some(rec.clone()))];
+    let LeaseAction::Write(renewed) = m.read_done(at + 1, &done) else { panic!("renews at once") };
+    m.write_done(at + 2, &renewed, 3, 3);
+    assert!(!m.may_commit(at + 2), "not within D of the read-back");
+    // Renewals go on meanwhile.
+    let mut last = renewed;
+    let mut now = at + 2;
+    while now < at + 1 + d {
+        now += T;
+        m.reading(now);
+        let seen = [Ok(Some(last.clone())), Ok(Some(last.clone())), Ok(Some(last.clone()))];
+        let LeaseAction::Write(next) = m.read_done(now + 1, &seen) else { panic!("renews") };
+        m.write_done(now + 2, &next, 3, 3);
+        last = next;
+        assert_eq!(m.may_commit(now + 2), now + 2 >= at + 1 + d, "at {}", now + 2);
+    }
 }
 
 #[test]
@@ -378,4 +383,24 @@ fn copies_split_between_two_acquirers_for_a_whole_expiry_are_taken_over() {
     m.reading(8 * T + 2);
     let LeaseAction::Write(rec) = m.read_done(8 * T + 3, &split2) else { panic!("5T unchanged: acquire") };
     assert_eq!((rec.host_id, rec.generation), (3, 4));
+}
+
+#[test]
+fn copies_this_server_cannot_read_are_never_taken_over() {
+    // Cut off from the devices: every read fails, for longer than any
+    // expiry. That is no evidence that the owner stopped renewing.
+    let mut m = LeaseMachine::new(me(3), LeaseTiming { io_timeout_ms: T, device_request_max_ms: 0 });
+    let unreadable: [Result<Option<LeaseRecord>, String>; 3] =
+        [Err("cut".into()), Err("cut".into()), Err("cut".into())];
+    for now in (0..=20 * T).step_by(T as usize) {
+        m.reading(now);
+        assert!(matches!(m.read_done(now + 1, &unreadable), LeaseAction::WaitUntil(_)), "took over at {now}");
+    }
+    // A minority readable (one copy shows an owner) is no evidence either.
+    let owner = LeaseRecord { generation: 2, ..me(1) };
+    let mostly_unreadable = [Ok(Some(owner)), Err("cut".into()), Err("cut".into())];
+    for now in (21 * T..=40 * T).step_by(T as usize) {
+        m.reading(now);
+        assert!(matches!(m.read_done(now + 1, &mostly_unreadable), LeaseAction::WaitUntil(_)), "took over at {now}");
+    }
 }
