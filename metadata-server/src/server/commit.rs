@@ -90,7 +90,7 @@ impl MetaJournal {
         self.writer.acked_seq()
     }
 
-    fn raw(&self, bytes: Vec<u8>, targets: &[Target], clear_after: &[Target], verify: bool) -> RawWrite {
+    fn raw(&self, bytes: Vec<u8>, targets: &[Target], clear_after: &[Target], verify: bool, cow: bool) -> RawWrite {
         let at = |t: &Target| (t.copy, self.copies[t.copy], t.offset);
         RawWrite {
             bytes: Bytes::from(bytes),
@@ -98,11 +98,12 @@ impl MetaJournal {
             clear_after: clear_after.iter().map(at).collect(),
             verify,
             copies: self.copies.len(),
+            registers_cow: cow,
         }
     }
 
-    fn checkpoint(&self, c: SealedCheckpoint) -> (u64, RawWrite) {
-        (c.number, self.raw(c.bytes, &c.targets, &c.clear_after, true))
+    fn checkpoint(&self, c: SealedCheckpoint, cow: bool) -> (u64, RawWrite) {
+        (c.number, self.raw(c.bytes, &c.targets, &c.clear_after, true, cow))
     }
 
     /// Seals `changes` (already applied to `meta`); sets `meta.generation`
@@ -130,11 +131,12 @@ impl MetaJournal {
             Err(SealError::CheckpointInFlight) => return Err(SealRefused::WaitForCheckpoint),
             Err(e) => return Err(SealRefused::Failed(format!("{e}; nothing was changed"))),
         };
+        let cow = changes.iter().any(|c| matches!(c, MetaChange::CowRegister { .. }));
         let write = match sealed.write {
-            SealedWrite::Entry { bytes, targets, .. } => self.raw(bytes, &targets, &[], false),
-            SealedWrite::Checkpoint(c) => self.checkpoint(c).1,
+            SealedWrite::Entry { bytes, targets, .. } => self.raw(bytes, &targets, &[], false, cow),
+            SealedWrite::Checkpoint(c) => self.checkpoint(c, cow).1,
         };
-        let checkpoint_after = sealed.checkpoint_after.map(|c| self.checkpoint(c));
+        let checkpoint_after = sealed.checkpoint_after.map(|c| self.checkpoint(c, false));
         Ok(Sealed { seq: sealed.seq, write, checkpoint_after })
     }
 
