@@ -563,6 +563,10 @@ pub struct Core {
     /// Devices being checked because their metadata copy missed a commit
     /// (`recovery`).
     pub(super) copy_checks: BTreeSet<volume_format::DeviceIndex>,
+    /// Commits in a row whose copy on the device was missed although the
+    /// device answered its check (`recovery`); a commit that succeeds
+    /// clears it.
+    pub(super) copy_misses: BTreeMap<volume_format::DeviceIndex, u32>,
     pub(super) resyncs: super::recovery::Resyncs,
     /// The admin reconfiguration in progress, if any (`reconfig`).
     pub(super) operation: Option<super::reconfig::AdminOp>,
@@ -636,6 +640,7 @@ impl Core {
             device_probe: None,
             probes: Default::default(),
             copy_checks: BTreeSet::new(),
+            copy_misses: BTreeMap::new(),
             resyncs: Default::default(),
             operation: None,
             device_replace_after_ms: None,
@@ -853,6 +858,8 @@ impl Core {
         match self.journal.commit_written(seq, &written) {
             Ok(()) => {
                 debug!(seq, changes = batch.changes.len(), "metadata committed");
+                // Every copy on an online device took it.
+                self.copy_misses.clear();
                 // This commit overwrote every refused one on every copy:
                 // their outcome is known now.
                 for (refused, why) in std::mem::take(&mut self.unsettled) {

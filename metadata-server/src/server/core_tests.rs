@@ -1477,6 +1477,59 @@ fn a_commit_that_misses_the_copy_on_a_dead_device_marks_it_failed_then_commits_t
     assert_eq!(stale, vec![0]);
 }
 
+/// A device whose label reads but whose metadata copy keeps missing
+/// commits (it answers reads, fails writes) would stall every commit: after
+/// `COPY_MISSES_WHILE_REACHABLE_MAX` checks that found it reachable it is
+/// marked failed all the same, and the commit goes on without its copy.
+#[test]
+fn a_device_that_reads_but_keeps_missing_commits_is_marked_failed_after_a_bound() {
+    use super::recovery::{ProbeBackoff, COPY_MISSES_WHILE_REACHABLE_MAX};
+    use volume_format::metadata::DeviceState;
+    let mut w = World::new();
+    w.core.set_device_probe(ProbeBackoff { min_ms: 100, max_ms: 400 });
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 2 << 20, legs: 2 });
+    let (task, next) = commit_of(&effects).unwrap();
+    w.apply(committed(task, next));
+    let device = w.core.meta.volume_by_name("m").unwrap().extents[0].legs[0].device;
+    let uuid = w.core.meta.device(device).unwrap().device_uuid;
+    let check_of = |effects: &[Effect]| {
+        effects.iter().find_map(|e| match e {
+            Effect::Job { task, job: Job::CheckDevice { index, .. } } if *index == device.0 => Some(*task),
+            _ => None,
+        })
+    };
+    let missing = |write: &RawWrite| {
+        let mut written = vec![true; write.copies];
+        let copy = write.targets.iter().find(|t| t.1 == uuid).expect("the device holds a copy").0;
+        written[copy] = false;
+        written
+    };
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "n".into(), size_bytes: 1 << 20, legs: 1 });
+    let (mut task, mut write) = commit_of(&effects).unwrap();
+    for round in 1..=COPY_MISSES_WHILE_REACHABLE_MAX {
+        let effects = w.apply(Input::MetaWritten { task, written: missing(&write), failures: vec!["EIO".into()] });
+        let check = check_of(&effects).unwrap_or_else(|| panic!("round {round}: the device is checked"));
+        (task, write) = commit_of(&effects).expect("an empty commit supersedes the refused one");
+        // Its label reads; the answer is taken once no commit is in flight.
+        let effects = w.apply(Input::JobDone { task: check, outcome: JobOutcome::done() });
+        assert!(commit_of(&effects).is_none(), "one commit in flight");
+        let effects = w.apply(Input::MetaWritten { task, written: missing(&write), failures: vec!["EIO".into()] });
+        assert!(check_of(&effects).is_none(), "round {round}: one check at a time");
+        (task, write) = commit_of(&effects).expect("the next commit");
+        let failed = matches!(w.core.meta.device(device).unwrap().state, DeviceState::Failed { .. });
+        assert_eq!(failed, round == COPY_MISSES_WHILE_REACHABLE_MAX, "round {round}: failed only at the bound");
+        let writes_copy = write.targets.iter().any(|t| t.1 == uuid);
+        assert_eq!(writes_copy, round < COPY_MISSES_WHILE_REACHABLE_MAX, "round {round}: {:?}", write.targets);
+    }
+    // The last check found it reachable too: it is marked failed all the
+    // same, in a commit that leaves its copy out.
+    w.apply(committed(task, write));
+    match &w.core.meta.device(device).unwrap().state {
+        DeviceState::Failed { reason, .. } => assert!(reason.contains("although its label reads"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+}
+
 /// A commit no copy took is the server's own failure (its lease, its
 /// network): no device is suspected, and a device that answers its check
 /// stays online.

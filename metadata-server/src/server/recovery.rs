@@ -44,8 +44,11 @@
 //! a commit missed while another copy took it (a failure of every copy is
 //! the server's own: its lease, its network), and marks it failed if it
 //! cannot read its label; the refused requests are retried by their
-//! senders and commit to the copies left. Only with probing on: a device
-//! failed this way must be able to come back.
+//! senders and commit to the copies left. A device that answers its check
+//! but whose copy keeps missing commits (its label reads, its writes fail)
+//! would stall every commit: after [`COPY_MISSES_WHILE_REACHABLE_MAX`]
+//! misses in a row it is marked failed all the same. Only with probing on:
+//! a device failed this way must be able to come back.
 //!
 //! Known limits (the next steps of issue 12): holders pause I/O while their volume's extents
 //! on the device are copied (as for a snapshot delete's merge) — an online
@@ -70,6 +73,12 @@ pub const DEVICE_PROBE_MIN_MS: u64 = 500;
 pub const DEVICE_PROBE_MAX_MS: u64 = 30_000;
 /// Longest reason kept from a commit failure in a device's failed state.
 pub const COPY_FAILURE_REASON_CHARS_MAX: usize = 512;
+
+/// Commits in a row a device's metadata copy may miss while the device
+/// answers its check (its label reads) before it is marked failed anyway:
+/// a device that reads but does not take writes must not stall every
+/// commit of the pool. A commit that succeeds resets the count.
+pub const COPY_MISSES_WHILE_REACHABLE_MAX: u32 = 3;
 /// Tries of one volume's copy before the device is marked failed again.
 pub const RESYNC_VOLUME_ATTEMPTS_MAX: u32 = 5;
 /// Replies at and above this go to the resync driver, not to a caller.
@@ -208,8 +217,18 @@ impl Core {
         self.copy_checks.remove(&device);
         match outcome.result {
             Ok(()) => {
-                info!(%device, "the server reaches the device: its metadata copy is written again by the next commit");
-                Step::Done(None)
+                let misses = self.copy_misses.entry(device).or_default();
+                *misses += 1;
+                if *misses < COPY_MISSES_WHILE_REACHABLE_MAX {
+                    info!(%device, "the server reaches the device: its metadata copy is written again by the next commit");
+                    return Step::Done(None);
+                }
+                let misses = *misses;
+                self.copy_misses.remove(&device);
+                let reason = format!(
+                    "its metadata copy missed {misses} commits in a row although its label reads (last: {why})"
+                );
+                self.prepare_device_failed(device.0, reason, None)
             }
             Err(e) => {
                 let reason = format!("its metadata copy missed a commit ({why}) and the server cannot reach it ({e})");
