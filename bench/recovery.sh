@@ -15,6 +15,14 @@
 #            regions' bytes, the copy time from the server's log, the open's
 #            wall time, and the copy rate as a ratio of nbdcopy copying the
 #            same number of bytes between the same two devices.
+#   move     a third device is added; `sanvol volume move` copies the other
+#            volume's legs off dev1 onto it while fio (4k random writes
+#            QD8) runs on that volume. Reported: the move's wall time and
+#            rate (as a ratio of nbdcopy of the same bytes), fio's IOPS
+#            before and during the move (ratio), and fio's longest request
+#            during it (agents pause the volume's I/O while its extents are
+#            copied: that pause is the cost, see metadata-server's
+#            server/reconfig.rs).
 #
 # Usage: bench/recovery.sh   (env: BENCH_SECONDS=10 per timed row,
 #        BENCH_VOLUME_MIB=512)
@@ -88,12 +96,40 @@ t1=$(date +%s.%N)
 echo "nbdcopy $bytes $(python3 -c "print(($t1 - $t0) * 1000)")" >>"$results"
 echo "done: resync" >&2
 
+# --- move under load: the copy of a whole volume's legs onto a new device.
+# fio_json URI SECS : "iops max_latency_ms" of a 4k random write QD8 run.
+fio_json() {
+    fio --name=move --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth=8 --size="${VOLUME_MIB}M" \
+        --time_based --runtime="$2" --randrepeat=0 --output-format=json 2>/dev/null |
+        python3 -c 'import json, sys; j = json.load(sys.stdin)["jobs"][0]["write"]; print("%.0f %.1f" % (j["iops"], j["clat_ns"]["max"] / 1e6))'
+}
+start_nbdkit dev2 memory "${DEVICE_MIB}M"
+$BIN/sanvol device add "$(sock_uri dev2)" >/dev/null
+MOVE_SECS=$((SECS > 6 ? SECS : 6))
+before=$(fio_json "${URI[nolog]}" "$MOVE_SECS")
+fio_json "${URI[nolog]}" "$MOVE_SECS" >"$D/during.txt" &
+FIO_PID=$!
+sleep 1
+t0=$(date +%s.%N)
+$BIN/sanvol volume move vnolog --from dev1 --to dev2 >/dev/null
+t1=$(date +%s.%N)
+wait "$FIO_PID"
+moved=$((VOLUME_MIB * 1048576))
+echo "move $moved $(python3 -c "print(($t1 - $t0) * 1000)") $before $(cat "$D/during.txt")" >>"$results"
+t0=$(date +%s.%N)
+nbdcopy --request-size=4194304 --requests=4 --connections=1 \
+    -- [ nbdkit --exit-with-parent --filter=offset nbd socket="$D/dev0.sock" offset="$DATA_OFFSET" range="$moved" ] \
+    [ nbdkit --exit-with-parent --filter=offset nbd socket="$D/dev2.sock" offset="$DATA_OFFSET" range="$moved" ]
+t1=$(date +%s.%N)
+echo "nbdcopy-move $moved $(python3 -c "print(($t1 - $t0) * 1000)")" >>"$results"
+echo "done: move" >&2
+
 mkdir -p bench/results
 out="bench/results/recovery-$(date +%Y%m%d-%H%M%S).md"
 python3 - "$results" "$VOLUME_MIB" "$SECS" >"$out" <<'PY'
 import sys, collections
 w = collections.OrderedDict()
-resync = copy = None
+resync = copy = move = move_copy = None
 for line in open(sys.argv[1]):
     f = line.split()
     if f[0] == "write":
@@ -102,6 +138,10 @@ for line in open(sys.argv[1]):
         resync = (int(f[1] or 0), int(f[2] or 0), float(f[3] or 0), float(f[4]))
     elif f[0] == "nbdcopy":
         copy = (int(f[1]), float(f[2]))
+    elif f[0] == "move":
+        move = (int(f[1]), float(f[2]), float(f[3]), float(f[4]), float(f[5]), float(f[6]))
+    elif f[0] == "nbdcopy-move":
+        move_copy = (int(f[1]), float(f[2]))
 print(f"mirrored volume of {sys.argv[2]} MiB (two legs) on two nbdkit memory devices, unix sockets, {sys.argv[3]} s per row\n")
 print("Writes through the agent, write-intent log vs none (each row starts with clean regions;")
 print("runs in the order no log, log, log, no log; means and each run's IOPS):\n")
@@ -120,6 +160,14 @@ if resync:
     rate = b / 2**20 / max(ms, 1) * 1000
     crate = copy[0] / 2**20 / max(copy[1], 1) * 1000 if copy else float("nan")
     print(f"| {regions} | {b} | {ms:.0f} | {open_s:.2f} | {rate:.1f} | {crate:.1f} | {rate/crate:.2f} |")
+if move:
+    b, ms, iops0, lat0, iops1, lat1 = move
+    rate = b / 2**20 / max(ms, 1) * 1000
+    crate = move_copy[0] / 2**20 / max(move_copy[1], 1) * 1000 if move_copy else float("nan")
+    print("\n`sanvol volume move` of the whole volume onto a new device under fio 4k random writes QD8 (same length before and during):\n")
+    print("| bytes | move wall ms | move MiB/s | nbdcopy same bytes MiB/s | move / nbdcopy | fio IOPS before | during | during / before | longest request before ms | during ms |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| {b} | {ms:.0f} | {rate:.1f} | {crate:.1f} | {rate/crate:.2f} | {iops0:.0f} | {iops1:.0f} | {iops1/max(iops0, 1):.2f} | {lat0:.1f} | {lat1:.1f} |")
 PY
 cat "$out"
 echo "(saved to $out)"
