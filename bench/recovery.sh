@@ -97,11 +97,12 @@ echo "nbdcopy $bytes $(python3 -c "print(($t1 - $t0) * 1000)")" >>"$results"
 echo "done: resync" >&2
 
 # --- move under load: the copy of a whole volume's legs onto a new device.
-# fio_json URI SECS : "iops max_latency_ms" of a 4k random write QD8 run.
+# fio_json URI SECS : "iops max_latency_ms" of a 4k random write QD8 run
+# (fio prints "fio: connected to NBD server" before its JSON).
 fio_json() {
     fio --name=move --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth=8 --size="${VOLUME_MIB}M" \
         --time_based --runtime="$2" --randrepeat=0 --output-format=json 2>/dev/null |
-        python3 -c 'import json, sys; j = json.load(sys.stdin)["jobs"][0]["write"]; print("%.0f %.1f" % (j["iops"], j["clat_ns"]["max"] / 1e6))'
+        python3 -c 'import json, sys; t = sys.stdin.read(); j = json.loads(t[t.index("{"):])["jobs"][0]["write"]; print("%.0f %.1f" % (j["iops"], j["clat_ns"]["max"] / 1e6))'
 }
 start_nbdkit dev2 memory "${DEVICE_MIB}M"
 $BIN/sanvol device add "$(sock_uri dev2)" >/dev/null

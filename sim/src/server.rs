@@ -335,7 +335,10 @@ impl ServerProc {
             name: name.clone(),
             claimed_name: name,
             instance,
-            version: volume_format::control::PROTOCOL_VERSION,
+            // Simulated agents keep no write-intent log (protocol 8): they
+            // say so, and the server treats their mirrored writes as
+            // untracked, as it does a real agent of protocol 7.
+            version: volume_format::control::messages::INTENT_PROTOCOL_VERSION - 1,
             mode: volume_format::control::auth::ChannelMode::Encrypted,
             kind: volume_format::control::auth::ConnectionKind::Control,
         };
