@@ -419,6 +419,9 @@ pub enum AfterJob {
     /// The handles an open breaks were fenced on the fencing devices:
     /// commit the open.
     OpenFenced { changes: Vec<MetaChange>, open: Box<super::requests::OpenCommit> },
+    /// The holders a recall excludes were fenced on the fencing devices:
+    /// (merge,) commit the change.
+    RecallFenced { volume: VolumeId, pending: PendingChange, excluded: Vec<u64> },
     /// A grow's new extents were zeroed before its holders are recalled.
     Prezeroed {
         extents: Vec<volume_format::metadata::PhysicalExtent>,
@@ -1162,6 +1165,7 @@ impl Core {
                 AfterJob::Zeroed { then, .. } => of(then, &mut ids),
                 AfterJob::OpenFenced { open, .. } => ids.extend(open.broken.iter().map(|h| h.id)),
                 AfterJob::ExpireFenced { expired } => ids.extend(expired),
+                AfterJob::RecallFenced { excluded, .. } => ids.extend(excluded),
                 _ => {}
             }
         }

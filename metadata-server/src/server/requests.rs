@@ -249,6 +249,19 @@ impl Core {
             }
             AfterJob::MirrorReplayed { volume, next } => self.mirror_replayed(volume, next, outcome),
             AfterJob::ExpireFenced { expired } => self.expire_fenced(expired, outcome),
+            AfterJob::RecallFenced { volume, pending, excluded } => match outcome.result {
+                Ok(()) => self.recall_merge_or_commit(volume, pending, excluded),
+                Err(why) => {
+                    let msg = format!(
+                        "volume {volume}: the reconfiguration ({}) was not committed: holders that did not confirm \
+                         the recall (handles {excluded:?}) could not be fenced: {why}; nothing was changed — check \
+                         the device named, then retry",
+                        pending.change
+                    );
+                    self.finish_recall(volume, pending, excluded, Err(err(ErrorCode::Unavailable, msg)));
+                    Step::Done(None)
+                }
+            },
             AfterJob::OpenFenced { changes, open } => match outcome.result {
                 Ok(()) => Step::Commit { changes, then: AfterCommit::Open(open) },
                 Err(why) => {
@@ -466,6 +479,23 @@ impl Core {
             self.handles.finish_recall(volume.0);
             return Step::Done(None);
         };
+        if !excluded.is_empty() {
+            // Before the layout changes under them: the holders left out are
+            // cut off on every device that fences (the timing rules have run
+            // out already; plain devices rely on them alone).
+            let job = Job::Fence {
+                key: self.key.clone(),
+                uris: self.fence_uris(),
+                handles: excluded.iter().map(|id| HandleId(*id)).collect(),
+            };
+            return Step::Job { job, busy: None, then: AfterJob::RecallFenced { volume, pending, excluded } };
+        }
+        self.recall_merge_or_commit(volume, pending, excluded)
+    }
+
+    /// A recalled change whose excluded holders (if any) are fenced: merge
+    /// pre-images first if it needs to, then commit.
+    fn recall_merge_or_commit(&mut self, volume: VolumeId, pending: PendingChange, excluded: Vec<u64>) -> Step {
         if let Some(job) = self.merge_job(volume, &pending.change) {
             let change = pending.change.clone();
             let busy = Some((volume, data_job_busy(&change)));
