@@ -285,14 +285,30 @@ fn wait_until(limit: Duration, mut done: impl FnMut() -> bool, log: impl Fn() ->
 
 /// A pool on `sanvol-target` devices: `pool init` (with the server's
 /// signing key) and `sanvol-mds` reach them through the server's
-/// capability; a connection without one reads nothing.
+/// capability; a connection without one reads nothing. `sanvol device
+/// list` shows which devices fence: the targets, and not a plain nbdkit
+/// added to the pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_on_sanvol_targets_is_initialised_and_served() {
     let mut stack = sanvol_tests::system::Stack::new_target_devices(2, 256 * MIB);
     stack.start_mds();
     stack.sanvol_ok(&["volume", "create", "v", "64M", "--mirror", "2"]);
+    let plain = nbdkit(&["memory", "256M"]);
+    stack.sanvol_ok(&["device", "add", &plain.uri().to_string()]);
+    // Learned when the server's device task reports after its next work
+    // (the add's own commit): poll the listing, nothing to await.
+    let fenced = poll("every device's fencing known", Duration::from_secs(30), || {
+        let devices = stack.sanvol_json(&["device", "list"]);
+        let fenced: Vec<serde_json::Value> = devices.as_array()?.iter().map(|d| d["fenced"].clone()).collect();
+        fenced.iter().all(|f| !f.is_null()).then_some(fenced)
+    });
+    assert_eq!(fenced, [true, true, false], "dev0 and dev1 are sanvol-target, dev2 is nbdkit");
+    let table = stack.sanvol_ok(&["device", "list"]);
+    assert!(table.lines().next().is_some_and(|header| header.contains("FENCED")), "{table}");
+    let dev2 = table.lines().find(|l| l.starts_with("dev2")).unwrap_or_else(|| panic!("{table}"));
+    assert!(dev2.split_whitespace().any(|w| w == "no"), "{table}");
     let devices = stack.sanvol_json(&["device", "list"]);
-    assert_eq!(devices.as_array().map(|d| d.len()), Some(2), "{devices}");
+    assert_eq!(devices.as_array().map(|d| d.len()), Some(3), "{devices}");
     for device in &stack.devices {
         let image = std::fs::read(device.dir().join("disk.img")).unwrap();
         assert_eq!(&image[..8], b"SANVOLDV", "labelled through the capability");

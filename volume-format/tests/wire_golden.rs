@@ -26,9 +26,9 @@ use volume_format::control::auth::{
 };
 use volume_format::control::frame::encode_payload;
 use volume_format::control::messages::{
-    CacheMode, ClientInfo, ClientMessage, ControlError, DataChannelGrant, DeviceCapability, DeviceInfo, ErrorCode,
-    MirrorRecord, OpenMode, OpenedHandle, OperationInfo, PoolInfo, Request, Response, ServerEvent, ServerInfo,
-    ServerMessage, SnapshotInfo, VolumeCache, VolumeDetail, VolumeInfo,
+    CacheMode, ClientInfo, ClientMessage, ControlError, DataChannelGrant, DeviceCapability, DeviceFencing, DeviceInfo,
+    ErrorCode, MirrorRecord, OpenMode, OpenedHandle, OperationInfo, PoolInfo, Request, Response, ServerEvent,
+    ServerInfo, ServerMessage, SnapshotInfo, VolumeCache, VolumeDetail, VolumeInfo,
 };
 use volume_format::control::{PROTOCOL_VERSION, PROTOCOL_VERSION_MIN};
 use volume_format::description::{DeviceEndpoint, SnapshotEpoch};
@@ -160,6 +160,7 @@ samples!(requests, Request {
     },
     MirrorRelease => Request::MirrorRelease { handle: HandleId(5), upto_seq: 3 },
     Capabilities => Request::Capabilities { handle: HandleId(5) },
+    DeviceFencing => Request::DeviceFencing,
 });
 
 samples!(responses, Response {
@@ -294,6 +295,11 @@ samples!(responses, Response {
             },
         }],
     },
+    DeviceFencing => Response::DeviceFencing(vec![
+        DeviceFencing { device: DeviceIndex(0), fences: Some(true) },
+        DeviceFencing { device: DeviceIndex(1), fences: Some(false) },
+        DeviceFencing { device: DeviceIndex(2), fences: None },
+    ]),
 });
 
 samples!(events, ServerEvent {

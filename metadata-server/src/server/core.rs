@@ -151,6 +151,9 @@ pub enum Input {
     Reachability {
         device: Uuid,
         reachable: bool,
+        /// Whether it fences, if the server is connected to it (its
+        /// description says so; `sanvol-target`).
+        fences: Option<bool>,
     },
     /// The pool's metadata servers as the lease sectors say (listings).
     Servers {
@@ -512,6 +515,9 @@ pub struct Core {
     pub grants: super::grants::Grants,
     /// Devices the server reaches right now (listings).
     pub reachable: BTreeMap<Uuid, bool>,
+    /// Whether each device fences, as last learned from a connection to it
+    /// (listings; the pool metadata has no field for it).
+    pub fencing: BTreeMap<Uuid, bool>,
     /// The time of the input being applied.
     pub now: Now,
     pub entropy: Box<dyn Entropy>,
@@ -608,6 +614,7 @@ impl Core {
             fallback: Default::default(),
             grants: Default::default(),
             reachable: BTreeMap::new(),
+            fencing: BTreeMap::new(),
             now: Now::default(),
             entropy: config.entropy,
             revoked: BTreeSet::new(),
@@ -696,8 +703,11 @@ impl Core {
             Input::Tick => self.tick(),
             Input::MetaWritten { task, written, failures } => self.meta_written(task, written, failures),
             Input::JobDone { task, outcome } => self.job_done(task, outcome),
-            Input::Reachability { device, reachable } => {
+            Input::Reachability { device, reachable, fences } => {
                 self.reachable.insert(device, reachable);
+                if let Some(fences) = fences {
+                    self.fencing.insert(device, fences);
+                }
             }
             Input::Servers { servers } => self.servers = servers,
             Input::HandedOff { result } => self.handed_off(result),

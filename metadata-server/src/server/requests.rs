@@ -63,6 +63,7 @@ impl Core {
             Request::PoolStatus => Ok(Response::Pool(self.pool_info())),
             Request::Renew => Ok(Response::Lease { lease_ms: self.lease_ms }),
             Request::DeviceList => Ok(Response::Devices(self.device_infos(|_| true))),
+            Request::DeviceFencing => Ok(Response::DeviceFencing(self.device_fencing())),
             Request::ClientList => Ok(Response::Clients(self.client_infos())),
             Request::VolumeList => {
                 Ok(Response::Volumes(self.meta.volumes.iter().map(|v| self.volume_info(v)).collect()))

@@ -275,6 +275,14 @@ pub enum Request {
     Capabilities {
         handle: HandleId,
     },
+
+    // ---- admin: fencing devices (protocol 8) ----
+    /// Whether each device of the pool fences (`sanvol-target`), as the
+    /// server learned it from the device's description when it connected:
+    /// answered with [`Response::DeviceFencing`]. A request of its own, not
+    /// a field of [`DeviceInfo`], so `Response::Devices` encodes as before
+    /// for every older peer.
+    DeviceFencing,
 }
 
 /// How a volume's writes are cached (the pool metadata's type).
@@ -436,6 +444,21 @@ pub enum Response {
         layout_generation: u64,
         devices: Vec<DeviceCapability>,
     },
+    /// Whether each device fences (protocol 8).
+    DeviceFencing(Vec<DeviceFencing>),
+}
+
+/// The protocol version from which a server answers
+/// [`Request::DeviceFencing`].
+pub const DEVICE_FENCING_SINCE_PROTOCOL: u32 = 8;
+
+/// Whether one device fences (protocol 8): learned at run time from the
+/// description a device announces (the pool metadata has no field for it);
+/// `None` while the server has not connected to the device since it started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceFencing {
+    pub device: DeviceIndex,
+    pub fences: Option<bool>,
 }
 
 /// A handle's capability on one device (protocol 7): the volume's extents
