@@ -253,11 +253,13 @@ impl Core {
             AfterJob::RecallFenced { volume, pending, excluded } => match outcome.result {
                 Ok(()) => self.recall_merge_or_commit(volume, pending, excluded),
                 Err(why) => {
+                    let name = self.meta.volume(volume).map_or_else(|| volume.to_string(), |v| v.name.clone());
+                    let handles: Vec<String> = excluded.iter().map(|id| HandleId(*id).to_string()).collect();
                     let msg = format!(
-                        "volume {volume}: the reconfiguration ({}) was not committed: holders that did not confirm \
-                         the recall (handles {excluded:?}) could not be fenced: {why}; nothing was changed — check \
-                         the device named, then retry",
-                        pending.change
+                        "volume {name}: {} was not committed: holders that did not confirm the recall ({}) could \
+                         not be fenced: {why}; nothing was changed — check the device named, then retry",
+                        pending.change,
+                        handles.join(", ")
                     );
                     self.finish_recall(volume, pending, excluded, Err(err(ErrorCode::Unavailable, msg)));
                     Step::Done(None)
