@@ -160,6 +160,8 @@ samples!(requests, Request {
     },
     MirrorRelease => Request::MirrorRelease { handle: HandleId(5), upto_seq: 3 },
     Capabilities => Request::Capabilities { handle: HandleId(5) },
+    IntentRecord => Request::IntentRecord { handle: HandleId(5), mark: vec![3, 4], clear: vec![1] },
+    IntentResync => Request::IntentResync { handle: HandleId(5) },
     DeviceFencing => Request::DeviceFencing,
 });
 
@@ -295,6 +297,7 @@ samples!(responses, Response {
             },
         }],
     },
+    IntentRecorded => Response::IntentRecorded,
     DeviceFencing => Response::DeviceFencing(vec![
         DeviceFencing { device: DeviceIndex(0), fences: Some(true) },
         DeviceFencing { device: DeviceIndex(1), fences: Some(false) },

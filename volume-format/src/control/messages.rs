@@ -276,7 +276,30 @@ pub enum Request {
         handle: HandleId,
     },
 
-    // ---- admin: fencing devices (protocol 8) ----
+    // ---- agent: the write-intent log of mirrored volumes (protocol 8) ----
+    /// The write-intent log of a mirrored volume (protocol 8): the agent
+    /// holding `handle` is about to write the intent regions `mark` for the
+    /// first time (the server commits them dirty before answering
+    /// [`Response::IntentRecorded`], and only then may the agent write), and
+    /// every write it made to the regions `clear` has reached every leg.
+    /// Regions are `intent_region_bytes(extent_bytes)` of the volume's
+    /// logical space (`volume_format::metadata::intent`).
+    IntentRecord {
+        handle: HandleId,
+        mark: Vec<u64>,
+        clear: Vec<u64>,
+    },
+    /// A new run of the agent took `handle` back (a resume after a crash or
+    /// restart): the regions the handle recorded dirty may differ between
+    /// legs (the previous run died with writes in flight). The server copies
+    /// them from one leg to the others, forgets them, and answers
+    /// [`Response::IntentRecorded`]; the agent does no I/O to the volume
+    /// before that (protocol 8).
+    IntentResync {
+        handle: HandleId,
+    },
+
+    // ---- admin: fencing devices (protocol 9) ----
     /// Whether each device of the pool fences (`sanvol-target`), as the
     /// server learned it from the device's description when it connected:
     /// answered with [`Response::DeviceFencing`]. A request of its own, not
@@ -345,6 +368,10 @@ mod byte_buf {
     }
 }
 
+/// The first protocol version with the write-intent log of mirrored volumes
+/// ([`Request::IntentRecord`], [`Request::IntentResync`]).
+pub const INTENT_PROTOCOL_VERSION: u32 = 8;
+
 /// The NBD export name of a snapshot on the backup pseudo-device.
 pub fn snapshot_export_name(volume: &str, snapshot: &str) -> String {
     format!("{volume}@{snapshot}")
@@ -384,7 +411,9 @@ impl Request {
             | Request::MirrorOpen { .. }
             | Request::MirrorAppend { .. }
             | Request::MirrorRelease { .. }
-            | Request::Capabilities { .. } => Some(&[Role::Agent]),
+            | Request::Capabilities { .. }
+            | Request::IntentRecord { .. }
+            | Request::IntentResync { .. } => Some(&[Role::Agent]),
             Request::SnapshotList { .. } | Request::BackupChannel => Some(&[Role::Admin, Role::Backup]),
             _ => Some(&[Role::Admin]),
         }
@@ -444,15 +473,18 @@ pub enum Response {
         layout_generation: u64,
         devices: Vec<DeviceCapability>,
     },
-    /// Whether each device fences (protocol 8).
+    /// The write-intent regions of a [`Request::IntentRecord`] are
+    /// committed (protocol 8).
+    IntentRecorded,
+    /// Whether each device fences (protocol 9).
     DeviceFencing(Vec<DeviceFencing>),
 }
 
 /// The protocol version from which a server answers
 /// [`Request::DeviceFencing`].
-pub const DEVICE_FENCING_SINCE_PROTOCOL: u32 = 8;
+pub const DEVICE_FENCING_SINCE_PROTOCOL: u32 = 9;
 
-/// Whether one device fences (protocol 8): learned at run time from the
+/// Whether one device fences (protocol 9): learned at run time from the
 /// description a device announces (the pool metadata has no field for it);
 /// `None` while the server has not connected to the device since it started.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
