@@ -109,7 +109,7 @@ async fn device_index(client: &ControlClient, spec: &str) -> Result<volume_forma
 }
 
 /// Whether each device fences (`Request::DeviceFencing`), from a server that
-/// negotiated it (protocol 8); nothing from an older one (shown as not known).
+/// negotiated it (`DEVICE_FENCING_SINCE_PROTOCOL`); nothing from an older one (shown as not known).
 async fn device_fencing(client: &ControlClient) -> Result<Vec<volume_format::control::messages::DeviceFencing>> {
     if client.session().version < volume_format::control::messages::DEVICE_FENCING_SINCE_PROTOCOL {
         return Ok(Vec::new());
