@@ -285,14 +285,30 @@ fn wait_until(limit: Duration, mut done: impl FnMut() -> bool, log: impl Fn() ->
 
 /// A pool on `sanvol-target` devices: `pool init` (with the server's
 /// signing key) and `sanvol-mds` reach them through the server's
-/// capability; a connection without one reads nothing.
+/// capability; a connection without one reads nothing. `sanvol device
+/// list` shows which devices fence: the targets, and not a plain nbdkit
+/// added to the pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_on_sanvol_targets_is_initialised_and_served() {
     let mut stack = sanvol_tests::system::Stack::new_target_devices(2, 256 * MIB);
     stack.start_mds();
     stack.sanvol_ok(&["volume", "create", "v", "64M", "--mirror", "2"]);
+    let plain = nbdkit(&["memory", "256M"]);
+    stack.sanvol_ok(&["device", "add", &plain.uri().to_string()]);
+    // Learned when the server's device task reports after its next work
+    // (the add's own commit): poll the listing, nothing to await.
+    let fenced = poll("every device's fencing known", Duration::from_secs(30), || {
+        let devices = stack.sanvol_json(&["device", "list"]);
+        let fenced: Vec<serde_json::Value> = devices.as_array()?.iter().map(|d| d["fenced"].clone()).collect();
+        fenced.iter().all(|f| !f.is_null()).then_some(fenced)
+    });
+    assert_eq!(fenced, [true, true, false], "dev0 and dev1 are sanvol-target, dev2 is nbdkit");
+    let table = stack.sanvol_ok(&["device", "list"]);
+    assert!(table.lines().next().is_some_and(|header| header.contains("FENCED")), "{table}");
+    let dev2 = table.lines().find(|l| l.starts_with("dev2")).unwrap_or_else(|| panic!("{table}"));
+    assert!(dev2.split_whitespace().any(|w| w == "no"), "{table}");
     let devices = stack.sanvol_json(&["device", "list"]);
-    assert_eq!(devices.as_array().map(|d| d.len()), Some(2), "{devices}");
+    assert_eq!(devices.as_array().map(|d| d.len()), Some(3), "{devices}");
     for device in &stack.devices {
         let image = std::fs::read(device.dir().join("disk.img")).unwrap();
         assert_eq!(&image[..8], b"SANVOLDV", "labelled through the capability");
@@ -367,20 +383,7 @@ async fn the_server_fences_a_broken_handle_on_target_devices_before_the_next_ope
     // (signed with the server's key, bound to the device's label).
     let device = &stack.devices[0];
     let image = device.dir().join("disk.img");
-    let label = DeviceLabel::decode(&std::fs::read(&image).unwrap()[..4096]).unwrap();
-    let key = control_client::keys::load_private(&stack.mds_key).unwrap();
-    let now = now_unix_secs();
-    let capability = SignedCapability::sign(
-        Capability {
-            holder: Holder::Handle(held.handle),
-            generation: 1,
-            device_uuid: Some(label.device_uuid),
-            writable: vec![ByteRange::new(label.layout.data.start, label.layout.data.end)],
-            issued_unix_secs: now,
-            expires_unix_secs: now + 3600,
-        },
-        &key,
-    );
+    let (label, capability) = handle_capability_on(&stack, 0, held.handle);
     let old = NbdClient::connect(&device.uri().with_export(capability.export_name("")), options()).await.unwrap();
     let at = label.layout.data.start;
     old.write(at, Bytes::from(vec![0xaa; 4096]), true).await.expect("the holder writes");
@@ -408,6 +411,32 @@ async fn the_server_fences_a_broken_handle_on_target_devices_before_the_next_ope
     let data = std::fs::read(&image).unwrap();
     assert!(data[at as usize..][..4096].iter().all(|&b| b == 0xaa), "only what it wrote before");
     drop(a);
+}
+
+/// Device `index`'s label (read from its image) and a capability for
+/// `handle` on it, over its whole data area, signed with the server's key:
+/// what an agent holding that handle presents.
+fn handle_capability_on(
+    stack: &sanvol_tests::system::Stack,
+    index: usize,
+    handle: HandleId,
+) -> (DeviceLabel, SignedCapability) {
+    let image = stack.devices[index].dir().join("disk.img");
+    let label = DeviceLabel::decode(&std::fs::read(&image).unwrap()[..4096]).unwrap();
+    let key = control_client::keys::load_private(&stack.mds_key).unwrap();
+    let now = now_unix_secs();
+    let capability = SignedCapability::sign(
+        Capability {
+            holder: Holder::Handle(handle),
+            generation: metadata_server::targets::HANDLE_GENERATION,
+            device_uuid: Some(label.device_uuid),
+            writable: vec![ByteRange::new(label.layout.data.start, label.layout.data.end)],
+            issued_unix_secs: now,
+            expires_unix_secs: now + 3600,
+        },
+        &key,
+    );
+    (label, capability)
 }
 
 fn attached(agent: &sanvol_tests::system::Agent, volume: &str) -> Option<serde_json::Value> {
@@ -581,4 +610,97 @@ async fn an_agent_leg_of_a_fenced_handle_fails_its_requests_and_writes_nothing()
     assert!(e.message.contains("handle 79 was fenced"), "{e}");
     leg.write(MIB, Bytes::from(vec![3; 4096]), true).await.expect_err("and nothing after");
     assert_eq!(&target.file()[MIB as usize..][..4096], &[1; 4096][..]);
+}
+
+/// Whether any 4 KiB block of the image file (read directly) is all `byte`.
+fn image_has_block_of(image: &Path, byte: u8) -> bool {
+    use std::io::Read;
+    let mut file = std::fs::File::open(image).unwrap();
+    let mut chunk = vec![0u8; MIB as usize];
+    loop {
+        let n = file.read(&mut chunk).unwrap();
+        if n == 0 {
+            return false;
+        }
+        if chunk[..n].chunks(4096).any(|b| b.len() == 4096 && b.iter().all(|&x| x == byte)) {
+            return true;
+        }
+    }
+}
+
+/// Issue 14, fencing at a recall: host-a holds the volume on a
+/// `sanvol-target` device, writing over its per-handle connection, and is
+/// stopped (SIGSTOP). An admin grow recalls the layout; host-a does not
+/// confirm, so the grow commits without it — but only after the server
+/// fenced host-a's handle at the target (its connection closed, its
+/// capability refused from then on: checked before host-a goes on). When
+/// host-a continues with a write queued on its export, the write fails and
+/// the device image, read directly, holds no byte of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_excluded_from_a_recall_is_fenced_before_the_change_commits() {
+    let mut stack = sanvol_tests::system::Stack::new_target_devices(1, 256 * MIB);
+    stack.lease_ms = 1000;
+    // Long enough that host-a is excluded by the recall, not released at
+    // expiry (which fences too): the fence seen is the recall's.
+    stack.durable_ms = Some(120_000);
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "v", "16M"]);
+    let a = stack.start_agent("host-a");
+    let uri_a = a.attach("v", "exclusive");
+    let handle_a = HandleId(attached(&a, "v").unwrap()["handle"].as_u64().unwrap());
+    let ca = NbdClient::connect(&uri_a, ClientOptions::default()).await.unwrap();
+    ca.write(0, Bytes::from(vec![0xaa; 4096]), true)
+        .await
+        .unwrap_or_else(|e| panic!("host-a writes to a sanvol-target device: {e}\n{}", a.proc.log()));
+    let (image, offset) = first_block_in_image(&stack, "v");
+    assert_eq!(fill_of(&image_block(&image, offset)), Some(0xaa), "host-a's write is on the device");
+
+    // host-a stops with its per-handle connection open; the grow excludes it.
+    let a_pid = a.proc.pid() as i32;
+    // SAFETY: signals to a child process this test started.
+    unsafe { libc::kill(a_pid, libc::SIGSTOP) };
+    let _continue_on_exit = Continue(a_pid as u32);
+    stack.sanvol_ok(&["volume", "grow", "v", "32M"]);
+
+    // The fence came before the commit, and closed host-a's connection.
+    let mds_log = without_colours(&stack.mds_log());
+    let fenced_at = mds_log
+        .lines()
+        .position(|l| l.contains("handle fenced on its fencing devices") && l.contains(&format!("handle={handle_a} ")))
+        .unwrap_or_else(|| panic!("host-a's handle {handle_a} was not fenced:\n{mds_log}"));
+    let committed_at = mds_log
+        .lines()
+        .position(|l| l.contains("volume reconfigured"))
+        .unwrap_or_else(|| panic!("the grow did not commit:\n{mds_log}"));
+    assert!(fenced_at < committed_at, "committed before host-a was fenced:\n{mds_log}");
+    let holder = format!("holder=handle {handle_a}");
+    let target_log = without_colours(&stack.devices[0].stderr());
+    let line = target_log
+        .lines()
+        .find(|l| l.contains("fenced: closing older connections") && l.contains(&holder))
+        .unwrap_or_else(|| panic!("the target fenced {holder}:\n{target_log}"));
+    assert!(!line.contains("connections=0"), "host-a's open connection was closed by the fence: {line}");
+    // The device itself refuses host-a's handle now.
+    let (_, capability) = handle_capability_on(&stack, 0, handle_a);
+    let refused = NbdClient::connect(&stack.devices[0].uri().with_export(capability.export_name("")), options()).await;
+    let e = refused.err().expect("host-a's capability is refused once the grow committed").to_string();
+    assert!(e.contains("fenced"), "{e}");
+
+    // host-a goes on with a write queued on its export: it fails, and no
+    // byte of it is on the device.
+    let late = {
+        let ca = ca.clone();
+        tokio::spawn(async move { ca.write(0, Bytes::from(vec![0xa2; 4096]), true).await })
+    };
+    // SAFETY: as above.
+    unsafe { libc::kill(a_pid, libc::SIGCONT) };
+    let result = tokio::time::timeout(Duration::from_secs(30), late).await.expect("the late write is answered");
+    result.unwrap().expect_err("host-a's write after the fence must fail");
+    ca.write(4096, Bytes::from(vec![0xa3; 4096]), true).await.expect_err("and so do later ones");
+    assert_eq!(fill_of(&image_block(&image, offset)), Some(0xaa), "host-a wrote after the fence\n{}", a.proc.log());
+    for late_byte in [0xa2, 0xa3] {
+        assert!(!image_has_block_of(&image, late_byte), "a block of host-a's late write {late_byte:#x} landed");
+    }
+    let size = stack.sanvol_json(&["volume", "show", "v"]);
+    assert!(size.to_string().contains(&(32 * MIB).to_string()), "grown: {size}");
 }

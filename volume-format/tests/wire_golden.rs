@@ -26,9 +26,9 @@ use volume_format::control::auth::{
 };
 use volume_format::control::frame::encode_payload;
 use volume_format::control::messages::{
-    CacheMode, ClientInfo, ClientMessage, ControlError, DataChannelGrant, DeviceCapability, DeviceInfo, ErrorCode,
-    MirrorRecord, OpenMode, OpenedHandle, OperationInfo, PoolInfo, Request, Response, ServerEvent, ServerInfo,
-    ServerMessage, SnapshotInfo, VolumeCache, VolumeDetail, VolumeInfo,
+    CacheMode, ClientInfo, ClientMessage, ControlError, DataChannelGrant, DeviceCapability, DeviceFencing, DeviceInfo,
+    ErrorCode, MirrorRecord, OpenMode, OpenedHandle, OperationInfo, PoolInfo, Request, Response, ServerEvent,
+    ServerInfo, ServerMessage, SnapshotInfo, VolumeCache, VolumeDetail, VolumeInfo,
 };
 use volume_format::control::{PROTOCOL_VERSION, PROTOCOL_VERSION_MIN};
 use volume_format::description::{DeviceEndpoint, SnapshotEpoch};
@@ -162,6 +162,7 @@ samples!(requests, Request {
     Capabilities => Request::Capabilities { handle: HandleId(5) },
     IntentRecord => Request::IntentRecord { handle: HandleId(5), mark: vec![3, 4], clear: vec![1] },
     IntentResync => Request::IntentResync { handle: HandleId(5) },
+    DeviceFencing => Request::DeviceFencing,
 });
 
 samples!(responses, Response {
@@ -297,6 +298,11 @@ samples!(responses, Response {
         }],
     },
     IntentRecorded => Response::IntentRecorded,
+    DeviceFencing => Response::DeviceFencing(vec![
+        DeviceFencing { device: DeviceIndex(0), fences: Some(true) },
+        DeviceFencing { device: DeviceIndex(1), fences: Some(false) },
+        DeviceFencing { device: DeviceIndex(2), fences: None },
+    ]),
 });
 
 samples!(events, ServerEvent {

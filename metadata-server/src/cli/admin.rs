@@ -108,6 +108,18 @@ async fn device_index(client: &ControlClient, spec: &str) -> Result<volume_forma
     }
 }
 
+/// Whether each device fences (`Request::DeviceFencing`), from a server that
+/// negotiated it (`DEVICE_FENCING_SINCE_PROTOCOL`); nothing from an older one (shown as not known).
+async fn device_fencing(client: &ControlClient) -> Result<Vec<volume_format::control::messages::DeviceFencing>> {
+    if client.session().version < volume_format::control::messages::DEVICE_FENCING_SINCE_PROTOCOL {
+        return Ok(Vec::new());
+    }
+    match request(client, Request::DeviceFencing).await? {
+        Response::DeviceFencing(list) => Ok(list),
+        other => Err(unexpected(other)),
+    }
+}
+
 fn print_json<T: Serialize>(value: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
@@ -227,24 +239,44 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
             let Response::Devices(devices) = request(client, Request::DeviceList).await? else {
                 bail!("unexpected reply")
             };
+            let fencing = device_fencing(client).await?;
+            let fences = |d: &volume_format::control::messages::DeviceInfo| {
+                fencing.iter().find(|f| f.device == d.index).and_then(|f| f.fences)
+            };
             if json {
-                return print_json(&devices);
+                // Each device as before, plus `fenced`: true, false, or
+                // null (not known: the server has not reached it, or is older).
+                let mut listed = Vec::with_capacity(devices.len());
+                for d in &devices {
+                    let mut value = serde_json::to_value(d)?;
+                    if let Some(object) = value.as_object_mut() {
+                        object.insert("fenced".into(), serde_json::json!(fences(d)));
+                    }
+                    listed.push(value);
+                }
+                return print_json(&listed);
             }
             let rows: Vec<Vec<String>> = devices
                 .iter()
                 .map(|d| {
                     vec![
-                        format!("dev{}", d.index),
+                        d.index.to_string(), // "dev0"
                         d.uri.clone(),
                         format_size(d.size_bytes),
                         format!("{}/{}", d.extents_free, d.extents_total),
                         d.state.to_string(),
                         if d.reachable { "yes" } else { "NO" }.into(),
+                        match fences(d) {
+                            Some(true) => "yes",
+                            Some(false) => "no",
+                            None => "?",
+                        }
+                        .into(),
                         if d.recovery.is_empty() { "-".into() } else { d.recovery.clone() },
                     ]
                 })
                 .collect();
-            table::print(&["DEVICE", "URI", "SIZE", "FREE/EXTENTS", "STATE", "REACHABLE", "RECOVERY"], &rows);
+            table::print(&["DEVICE", "URI", "SIZE", "FREE/EXTENTS", "STATE", "REACHABLE", "FENCED", "RECOVERY"], &rows);
         }
         Command::Device(DeviceCommand::Add { uri, force }) => {
             let what = format!("adding device {uri}");

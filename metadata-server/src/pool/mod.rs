@@ -134,6 +134,13 @@ impl Pool {
         self.devices.iter().find(|d| d.expected_uuid == Some(uuid))
     }
 
+    /// Whether the device with `uuid` fences, as its description on the
+    /// server's connection says (`None` without a connection).
+    pub fn fences(&self, uuid: Uuid) -> Option<bool> {
+        let client = self.device(uuid)?.client.as_ref()?;
+        Some(client.info().description.as_deref().is_some_and(volume_format::capability::announces_fencing))
+    }
+
     /// Whether the server currently reaches the device with `uuid`.
     pub fn reachable(&self, uuid: Uuid) -> bool {
         self.device(uuid).is_some_and(|d| d.client.is_some() && d.error.is_none())

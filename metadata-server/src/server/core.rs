@@ -151,6 +151,9 @@ pub enum Input {
     Reachability {
         device: Uuid,
         reachable: bool,
+        /// Whether it fences, if the server is connected to it (its
+        /// description says so; `sanvol-target`).
+        fences: Option<bool>,
     },
     /// The pool's metadata servers as the lease sectors say (listings).
     Servers {
@@ -421,6 +424,9 @@ pub enum AfterJob {
     /// The handles an open breaks were fenced on the fencing devices:
     /// commit the open.
     OpenFenced { changes: Vec<MetaChange>, open: Box<super::requests::OpenCommit> },
+    /// The holders a recall excludes were fenced on the fencing devices:
+    /// (merge,) commit the change.
+    RecallFenced { volume: VolumeId, pending: PendingChange, excluded: Vec<u64> },
     /// A grow's new extents were zeroed before its holders are recalled.
     Prezeroed {
         extents: Vec<volume_format::metadata::PhysicalExtent>,
@@ -515,6 +521,9 @@ pub struct Core {
     pub grants: super::grants::Grants,
     /// Devices the server reaches right now (listings).
     pub reachable: BTreeMap<Uuid, bool>,
+    /// Whether each device fences, as last learned from a connection to it
+    /// (listings; the pool metadata has no field for it).
+    pub fencing: BTreeMap<Uuid, bool>,
     /// The time of the input being applied.
     pub now: Now,
     pub entropy: Box<dyn Entropy>,
@@ -618,6 +627,7 @@ impl Core {
             fallback: Default::default(),
             grants: Default::default(),
             reachable: BTreeMap::new(),
+            fencing: BTreeMap::new(),
             now: Now::default(),
             entropy: config.entropy,
             revoked: BTreeSet::new(),
@@ -708,8 +718,11 @@ impl Core {
             Input::Tick => self.tick(),
             Input::MetaWritten { task, written, failures } => self.meta_written(task, written, failures),
             Input::JobDone { task, outcome } => self.job_done(task, outcome),
-            Input::Reachability { device, reachable } => {
+            Input::Reachability { device, reachable, fences } => {
                 self.reachable.insert(device, reachable);
+                if let Some(fences) = fences {
+                    self.fencing.insert(device, fences);
+                }
             }
             Input::Servers { servers } => self.servers = servers,
             Input::HandedOff { result } => self.handed_off(result),
@@ -1180,6 +1193,7 @@ impl Core {
                 AfterJob::Zeroed { then, .. } => of(then, &mut ids),
                 AfterJob::OpenFenced { open, .. } => ids.extend(open.broken.iter().map(|h| h.id)),
                 AfterJob::ExpireFenced { expired } => ids.extend(expired),
+                AfterJob::RecallFenced { excluded, .. } => ids.extend(excluded),
                 _ => {}
             }
         }

@@ -1608,3 +1608,63 @@ fn the_holder_of_a_handle_gets_its_capabilities_and_nobody_else_does() {
     let (late, effects) = w.request(1, Request::Capabilities { handle });
     assert!(matches!(reply_of(&effects, late), Some(Err(e)) if e.code == ErrorCode::HandleBroken), "{effects:?}");
 }
+
+/// Real fencing at a recall (issue 14): a holder that did not confirm a
+/// recall in time is fenced on the pool's fencing devices before the change
+/// is committed without it; if the fence is not acknowledged, nothing is
+/// committed, the change is refused saying why, and the holder keeps its
+/// handle and is told to go on with the old layout.
+#[test]
+fn a_recall_commits_without_a_silent_holder_only_after_it_is_fenced() {
+    let mut w = World::with_durable(10 * LEASE_MS);
+    w.auto_zero = false;
+    let (open, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    let held = match reply_of(&effects, open) {
+        Some(Ok(Response::Opened(o))) => o.handle,
+        other => panic!("{other:?}"),
+    };
+    let fence_job = |effects: &[Effect]| {
+        effects.iter().find_map(|e| match e {
+            Effect::Job { task, job: Job::Fence { handles, uris, .. } } => Some((*task, handles.clone(), uris.len())),
+            _ => None,
+        })
+    };
+    let generation = w.core.meta.generation;
+    let (snapshot, _) = w.request(3, Request::SnapshotCreate { volume: "v".into(), name: "s1".into() });
+    // The holder is silent past its lease: excluded, but fenced first.
+    w.advance(LEASE_MS + 1);
+    let effects = w.apply(Input::Tick);
+    let (task, handles, devices) = fence_job(&effects).expect("the excluded holder is fenced first");
+    assert_eq!((handles, devices), (vec![held], w.core.meta.devices.len()));
+    assert!(commit_of(&effects).is_none() && reply_of(&effects, snapshot).is_none(), "nothing before the fence");
+    assert!(w.core.removing().contains(&held.0), "not renewed while it is being fenced");
+
+    // Not acknowledged: refused, nothing committed, the holder goes on.
+    let effects = w.apply(Input::JobDone { task, outcome: JobOutcome::failed("device d0: no acknowledgement") });
+    match reply_of(&effects, snapshot) {
+        Some(Err(e)) => {
+            assert_eq!(e.code, ErrorCode::Unavailable, "{e}");
+            assert!(e.message.contains("no acknowledgement") && e.message.contains("not committed"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(commit_of(&effects).is_none(), "{effects:?}");
+    assert_eq!(w.core.meta.generation, generation);
+    assert!(w.core.handles.get(held.0).is_some());
+    let published = effects.iter().any(
+        |e| matches!(e, Effect::Event { session: 1, event: ServerEvent::Publish { handle, .. } } if *handle == held),
+    );
+    assert!(published, "the holder is told to go on: {effects:?}");
+
+    // Acknowledged: the change commits without the holder.
+    // (The holder is still silent past its lease: excluded at once.)
+    let (again, effects) = w.request(3, Request::SnapshotCreate { volume: "v".into(), name: "s1".into() });
+    let (task, _, _) = fence_job(&effects).expect("fenced again");
+    let effects = w.apply(Input::JobDone { task, outcome: JobOutcome::done() });
+    let (task, next) = commit_of(&effects).expect("the change commits once the holder is fenced");
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(reply_of(&effects, again), Some(Ok(Response::Done))), "{effects:?}");
+    assert!(w.core.handles.get(held.0).is_none(), "excluded");
+}

@@ -123,7 +123,11 @@ impl DeviceTask {
     async fn report_reachability(&self) {
         for d in &self.pool.devices {
             let Some(uuid) = d.expected_uuid else { continue };
-            let input = Input::Reachability { device: uuid, reachable: self.pool.reachable(uuid) };
+            let input = Input::Reachability {
+                device: uuid,
+                reachable: self.pool.reachable(uuid),
+                fences: self.pool.fences(uuid),
+            };
             if self.results.send(input).await.is_err() {
                 return;
             }

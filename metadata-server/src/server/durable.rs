@@ -42,6 +42,7 @@ pub fn allowed_in_grace(request: &Request) -> bool {
             | Request::Close { .. }
             | Request::RecallDone { .. }
             | Request::DeviceList
+            | Request::DeviceFencing
             | Request::ClientList
             | Request::VolumeList
             | Request::VolumeShow { .. }

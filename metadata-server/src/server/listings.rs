@@ -4,7 +4,7 @@
 //! immediately, showing the last committed state).
 
 use volume_format::control::messages::{
-    ClientInfo, ControlError, DeviceInfo, ErrorCode, PoolInfo, Response, VolumeDetail, VolumeInfo,
+    ClientInfo, ControlError, DeviceFencing, DeviceInfo, ErrorCode, PoolInfo, Response, VolumeDetail, VolumeInfo,
 };
 use volume_format::metadata::{DeviceRecord, VolumeRecord};
 use volume_format::VolumeDescription;
@@ -56,6 +56,12 @@ impl Core {
                 recovery: join_nonempty(self.device_recovery(d.index), self.device_operation(d.index)),
             })
             .collect()
+    }
+
+    /// Whether each device fences, as last learned from a connection to it.
+    pub(super) fn device_fencing(&self) -> Vec<DeviceFencing> {
+        let fences = |d: &DeviceRecord| self.fencing.get(&d.device_uuid).copied();
+        self.meta.devices.iter().map(|d| DeviceFencing { device: d.index, fences: fences(d) }).collect()
     }
 
     pub(super) fn client_infos(&self) -> Vec<ClientInfo> {

@@ -63,6 +63,7 @@ impl Core {
             Request::PoolStatus => Ok(Response::Pool(self.pool_info())),
             Request::Renew => Ok(Response::Lease { lease_ms: self.lease_ms }),
             Request::DeviceList => Ok(Response::Devices(self.device_infos(|_| true))),
+            Request::DeviceFencing => Ok(Response::DeviceFencing(self.device_fencing())),
             Request::ClientList => Ok(Response::Clients(self.client_infos())),
             Request::VolumeList => {
                 Ok(Response::Volumes(self.meta.volumes.iter().map(|v| self.volume_info(v)).collect()))
@@ -261,6 +262,21 @@ impl Core {
             }
             AfterJob::MirrorReplayed { volume, next } => self.mirror_replayed(volume, next, outcome),
             AfterJob::ExpireFenced { expired } => self.expire_fenced(expired, outcome),
+            AfterJob::RecallFenced { volume, pending, excluded } => match outcome.result {
+                Ok(()) => self.recall_merge_or_commit(volume, pending, excluded),
+                Err(why) => {
+                    let name = self.meta.volume(volume).map_or_else(|| volume.to_string(), |v| v.name.clone());
+                    let handles: Vec<String> = excluded.iter().map(|id| HandleId(*id).to_string()).collect();
+                    let msg = format!(
+                        "volume {name}: {} was not committed: holders that did not confirm the recall ({}) could \
+                         not be fenced: {why}; nothing was changed — check the device named, then retry",
+                        pending.change,
+                        handles.join(", ")
+                    );
+                    self.finish_recall(volume, pending, excluded, Err(err(ErrorCode::Unavailable, msg)));
+                    Step::Done(None)
+                }
+            },
             AfterJob::OpenFenced { changes, open } => match outcome.result {
                 Ok(()) => Step::Commit { changes, then: AfterCommit::Open(open) },
                 Err(why) => {
@@ -484,6 +500,23 @@ impl Core {
             self.handles.finish_recall(volume.0);
             return Step::Done(None);
         };
+        if !excluded.is_empty() {
+            // Before the layout changes under them: the holders left out are
+            // cut off on every device that fences (the timing rules have run
+            // out already; plain devices rely on them alone).
+            let job = Job::Fence {
+                key: self.key.clone(),
+                uris: self.fence_uris(),
+                handles: excluded.iter().map(|id| HandleId(*id)).collect(),
+            };
+            return Step::Job { job, busy: None, then: AfterJob::RecallFenced { volume, pending, excluded } };
+        }
+        self.recall_merge_or_commit(volume, pending, excluded)
+    }
+
+    /// A recalled change whose excluded holders (if any) are fenced: merge
+    /// pre-images first if it needs to, then commit.
+    fn recall_merge_or_commit(&mut self, volume: VolumeId, pending: PendingChange, excluded: Vec<u64>) -> Step {
         if let Some(job) = self.merge_job(volume, &pending.change) {
             let change = pending.change.clone();
             let busy = Some((volume, data_job_busy(&change)));

@@ -298,6 +298,14 @@ pub enum Request {
     IntentResync {
         handle: HandleId,
     },
+
+    // ---- admin: fencing devices (protocol 9) ----
+    /// Whether each device of the pool fences (`sanvol-target`), as the
+    /// server learned it from the device's description when it connected:
+    /// answered with [`Response::DeviceFencing`]. A request of its own, not
+    /// a field of [`DeviceInfo`], so `Response::Devices` encodes as before
+    /// for every older peer.
+    DeviceFencing,
 }
 
 /// How a volume's writes are cached (the pool metadata's type).
@@ -468,6 +476,21 @@ pub enum Response {
     /// The write-intent regions of a [`Request::IntentRecord`] are
     /// committed (protocol 8).
     IntentRecorded,
+    /// Whether each device fences (protocol 9).
+    DeviceFencing(Vec<DeviceFencing>),
+}
+
+/// The protocol version from which a server answers
+/// [`Request::DeviceFencing`].
+pub const DEVICE_FENCING_SINCE_PROTOCOL: u32 = 9;
+
+/// Whether one device fences (protocol 9): learned at run time from the
+/// description a device announces (the pool metadata has no field for it);
+/// `None` while the server has not connected to the device since it started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceFencing {
+    pub device: DeviceIndex,
+    pub fences: Option<bool>,
 }
 
 /// A handle's capability on one device (protocol 7): the volume's extents

@@ -65,7 +65,11 @@ pub mod resume;
 ///   last: older peers' messages encode the same, so 4 to 7 are still
 ///   accepted (an agent keeps no intent log with a server that negotiated
 ///   less than 8).
-pub const PROTOCOL_VERSION: u32 = 8;
+/// - 9: whether devices fence in listings — `Request::DeviceFencing`
+///   (admin) and `Response::DeviceFencing` (`DeviceFencing`), added last:
+///   4 to 8 are still accepted (the admin CLI asks only a server that
+///   negotiated 9).
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// The oldest protocol version this build still accepts: a peer outside
 /// `PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION` is refused at the handshake
