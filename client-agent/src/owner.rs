@@ -430,6 +430,27 @@ impl Shell {
             }
             Effect::BeginRecall { attachment, generation } => {
                 let Some(rt) = self.attachments.get(&attachment) else { return };
+                if let Some((cache, _)) = &rt.cache {
+                    // A cached volume destages first (see `crate::cache`'s
+                    // "Snapshots"): the gate must stay open for that.
+                    let (gate, cache, tx) = (rt.gate.clone(), cache.clone(), self.tx.clone());
+                    tokio::spawn(
+                        async move {
+                            let result = async {
+                                cache.quiesce().await?;
+                                gate.begin_recall(generation).map_err(|e| e.to_string())?;
+                                gate.drained().await.map_err(|e| e.to_string())
+                            }
+                            .await;
+                            if result.is_err() {
+                                cache.resume_writes();
+                            }
+                            let _ = tx.send(ToOwner::Input(Input::Drained { attachment, generation, result }));
+                        }
+                        .in_current_span(),
+                    );
+                    return;
+                }
                 if let Err(e) = rt.gate.begin_recall(generation) {
                     return self.post(Input::Drained { attachment, generation, result: Err(e.to_string()) });
                 }
@@ -447,6 +468,10 @@ impl Shell {
                         if let Err(e) = rt.gate.publish(Arc::new(layout), generation) {
                             warn!(volume = rt.volume, generation, error = %e, "the gate refused a layout the owner published");
                         }
+                        // Writes held at a recall point go on (with the new layout).
+                        if let Some((cache, _)) = &rt.cache {
+                            cache.resume_writes();
+                        }
                     }
                     Err(reason) => self.post(Input::LayoutRejected { attachment, context, reason }),
                 }
@@ -454,6 +479,10 @@ impl Shell {
             Effect::Revoke { attachment, reason } => {
                 if let Some(rt) = self.attachments.get(&attachment) {
                     rt.gate.revoke(reason);
+                    // Held writes now fail at the revoked gate.
+                    if let Some((cache, _)) = &rt.cache {
+                        cache.resume_writes();
+                    }
                 }
             }
             Effect::RenewLease { attachment, until_ms } => {
@@ -743,7 +772,7 @@ impl CachePlan {
     async fn open(
         &self,
         volume: &str,
-        device: Arc<dyn BlockDevice>,
+        device: Arc<VolumeDevice>,
         id: volume_format::VolumeId,
     ) -> Result<Option<Arc<CachedDevice>>, String> {
         let old_log_bytes = self.log_path.as_ref().and_then(|p| p.metadata().ok()).map_or(0, |m| m.len());
@@ -787,9 +816,11 @@ impl CachePlan {
             std::fs::create_dir_all(dir).map_err(|e| format!("cache directory {}: {e}", dir.display()))?;
         }
         let config = CacheConfig { log_path: log_path.clone(), log_bytes };
-        let cache = CachedDevice::open_mirrored_with(device, id, &config, self.mirror.clone(), old)
-            .await
-            .map_err(|e| format!("write-back cache: {e}"))?;
+        let before_logged: Arc<dyn crate::cache::BeforeLogged> = device.clone();
+        let cache =
+            CachedDevice::open_mirrored_with(device, id, &config, self.mirror.clone(), old, Some(before_logged))
+                .await
+                .map_err(|e| format!("write-back cache: {e}"))?;
         info!(
             volume,
             log = %log_path.display(),
