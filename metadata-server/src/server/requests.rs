@@ -381,11 +381,6 @@ impl Core {
             Ok(v) => v.id,
             Err(e) => return done(reply, Err(e)),
         };
-        if let VolumeChange::SnapshotCreate { .. } = change {
-            if let Some(e) = self.snapshot_refused_for_cache(id, name) {
-                return done(reply, Err(e));
-            }
-        }
         // Plan it now so "no space", "shrink" or "no such snapshot" is refused
         // before any agent is disturbed.
         let planned = match self.plan_change(id, &change) {
@@ -399,6 +394,13 @@ impl Core {
         }
         // Holders only need a recall when what they do I/O with changes.
         if self.handles.on_volume(id.0).next().is_none() || !planned.layout_changes {
+            // A snapshot holds what a dead holder's cache acknowledged: its
+            // mirror goes to the devices first (see `super::cache`).
+            if matches!(change, VolumeChange::SnapshotCreate { .. }) && self.needs_replay(id) {
+                let next =
+                    super::cache::AfterReplay::Reconfigure { name: name.to_string(), change, reply, may_prezero };
+                return self.replay_then(id, next);
+            }
             if let Some(job) = self.merge_job(id, &change) {
                 let busy = Some((id, data_job_busy(&change)));
                 let then = AfterJob::Merged { volume: id, change, finish: super::core::MergeFinish::Direct { reply } };
@@ -466,6 +468,18 @@ impl Core {
             self.handles.finish_recall(volume.0);
             return Step::Done(None);
         };
+        // An excluded holder of a cached volume did not destage its cache:
+        // what its mirror holds goes to the devices before the change (a
+        // snapshot must hold every acknowledged write; see `super::cache`).
+        if !excluded.is_empty() && self.needs_replay(volume) {
+            return self.replay_then(volume, super::cache::AfterReplay::Recall { pending, excluded });
+        }
+        self.recall_continue(volume, pending, excluded)
+    }
+
+    /// [`Core::prepare_recall`] once any cache mirror is replayed: the
+    /// merge a snapshot delete needs, then the commit.
+    pub(super) fn recall_continue(&mut self, volume: VolumeId, pending: PendingChange, excluded: Vec<u64>) -> Step {
         if let Some(job) = self.merge_job(volume, &pending.change) {
             let change = pending.change.clone();
             let busy = Some((volume, data_job_busy(&change)));
