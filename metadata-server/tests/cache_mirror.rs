@@ -181,6 +181,43 @@ async fn a_snapshot_of_a_cached_volume_nobody_holds_writes_its_mirror_first() {
     assert!(!mirror.exists(), "the replayed mirror is gone");
 }
 
+/// What `sanvol volume show` shows of a cache (protocol 8): the setting,
+/// the holder, whether the server mirrors it, and what the mirror holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_state_shows_the_holder_mirroring_and_the_dirty_bytes() {
+    let pool = Pool::start_with(LEASE_MS, DURABLE_MS).await;
+    let admin = pool.admin().await;
+    admin.request(Request::VolumeCreate { name: "db".into(), size_bytes: 4 * MIB, legs: 1 }).await.unwrap();
+    let show = || async {
+        match admin.request(Request::VolumeCacheShow { name: "db".into() }).await.unwrap() {
+            Response::VolumeCacheState(state) => state,
+            other => panic!("{other:?}"),
+        }
+    };
+    let state = show().await;
+    assert_eq!(state.cache, None);
+    assert_eq!(state.summary(), "none");
+    let set = Request::VolumeCache { name: "db".into(), size_bytes: CACHE_BYTES, mode: Some(CacheMode::Mirrored) };
+    admin.request(set).await.unwrap();
+    let (a, _a_events) = pool.connect(&pool.agent_a, Role::Agent, "host-a").await;
+    let h = open(&a, "db", OpenMode::Exclusive).await.unwrap();
+    let state = show().await;
+    assert!(state.holder.as_deref().unwrap().starts_with("host-a"), "{state:?}");
+    assert!(!state.mirroring, "not mirroring before MirrorOpen: {state:?}");
+    assert!(state.summary().contains("write-through"), "{}", state.summary());
+
+    a.request(Request::MirrorOpen { handle: h.handle }).await.unwrap();
+    append(&a, h.handle, vec![record(1, 0, b'a', 8192), record(2, 65536, b'b', 512)]).await.unwrap();
+    let state = show().await;
+    assert!(state.mirroring, "{state:?}");
+    assert_eq!((state.held_records, state.held_bytes), (2, 8192 + 512));
+    assert!(state.summary().contains("mirrored, 8704 bytes dirty"), "{}", state.summary());
+    a.request(Request::MirrorRelease { handle: h.handle, upto_seq: 2 }).await.unwrap();
+    assert_eq!(show().await.held_bytes, 0);
+    a.request(Request::Close { handle: h.handle }).await.unwrap();
+    assert_eq!(show().await.holder, None);
+}
+
 /// Appends that do not fit the mirror wait for a release (back-pressure),
 /// they never fail; many appends queued together are answered together.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

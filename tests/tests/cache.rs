@@ -471,9 +471,18 @@ async fn sanvol_agent_list_shows_the_cache_and_a_detach_destages_it() {
     let text = a.cli(&["list"]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("cache mirrored:") && text.contains("dirty"), "{text}");
+    // `sanvol volume show` too: the server's side (its mirror holds what
+    // the holder has not destaged).
+    let show = rig.stack.sanvol_json(&["volume", "show", "db"]);
+    assert_eq!(show["cache"]["mirroring"], true, "{show}");
+    assert!(show["cache"]["held_bytes"].as_u64().unwrap() > 0, "{show}");
+    let text = rig.stack.sanvol_ok(&["volume", "show", "db"]);
+    assert!(text.contains("cache: mirrored of 33554432 bytes; holder ") && text.contains("bytes dirty"), "{text}");
 
     drop(client);
     a.detach("db");
+    let text = rig.stack.sanvol_ok(&["volume", "show", "db"]);
+    assert!(text.contains("cache: mirrored of 33554432 bytes; no holder"), "{text}");
     let image = rig.volume_image();
     if let Some(at) = image.iter().zip(&model).position(|(a, b)| a != b) {
         panic!(

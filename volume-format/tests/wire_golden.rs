@@ -26,9 +26,9 @@ use volume_format::control::auth::{
 };
 use volume_format::control::frame::encode_payload;
 use volume_format::control::messages::{
-    CacheMode, ClientInfo, ClientMessage, ControlError, DataChannelGrant, DeviceCapability, DeviceInfo, ErrorCode,
-    MirrorRecord, OpenMode, OpenedHandle, OperationInfo, PoolInfo, Request, Response, ServerEvent, ServerInfo,
-    ServerMessage, SnapshotInfo, VolumeCache, VolumeDetail, VolumeInfo,
+    CacheMode, CacheStateInfo, ClientInfo, ClientMessage, ControlError, DataChannelGrant, DeviceCapability, DeviceInfo,
+    ErrorCode, MirrorRecord, OpenMode, OpenedHandle, OperationInfo, PoolInfo, Request, Response, ServerEvent,
+    ServerInfo, ServerMessage, SnapshotInfo, VolumeCache, VolumeDetail, VolumeInfo,
 };
 use volume_format::control::{PROTOCOL_VERSION, PROTOCOL_VERSION_MIN};
 use volume_format::description::{DeviceEndpoint, SnapshotEpoch};
@@ -160,6 +160,7 @@ samples!(requests, Request {
     },
     MirrorRelease => Request::MirrorRelease { handle: HandleId(5), upto_seq: 3 },
     Capabilities => Request::Capabilities { handle: HandleId(5) },
+    VolumeCacheShow => Request::VolumeCacheShow { name: "db".into() },
 });
 
 samples!(responses, Response {
@@ -294,6 +295,13 @@ samples!(responses, Response {
             },
         }],
     },
+    VolumeCacheState => Response::VolumeCacheState(CacheStateInfo {
+        cache: Some(VolumeCache { volume: VolumeId(7), size_bytes: 1 << 30, mode: CacheMode::Mirrored }),
+        holder: Some("host-a (handle 5)".into()),
+        mirroring: true,
+        held_records: 3,
+        held_bytes: 12288,
+    }),
 });
 
 samples!(events, ServerEvent {

@@ -24,7 +24,8 @@
 //! while the volume is closed.
 
 use volume_format::control::messages::{
-    ControlError, ErrorCode, OpenMode, Request, Response, MIRROR_APPEND_BYTES_MAX, MIRROR_APPEND_RECORDS_MAX,
+    CacheStateInfo, ControlError, ErrorCode, OpenMode, Request, Response, MIRROR_APPEND_BYTES_MAX,
+    MIRROR_APPEND_RECORDS_MAX,
 };
 use volume_format::metadata::{CacheMode, HandleState, MetaChange, VolumeCache};
 use volume_format::{HandleId, VolumeId};
@@ -58,6 +59,10 @@ impl Core {
         request: Request,
         reply: ReplyId,
     ) -> Result<(), Request> {
+        if let Request::VolumeCacheShow { name } = &request {
+            self.volume_cache_show(name, reply);
+            return Ok(());
+        }
         let handle = match &request {
             Request::MirrorOpen { handle }
             | Request::MirrorAppend { handle, .. }
@@ -96,6 +101,26 @@ impl Core {
         };
         self.push_effect(Effect::Mirror { volume, op, reply });
         Ok(())
+    }
+
+    /// `sanvol volume show`'s cache line: the setting and holder from here,
+    /// the mirror's state from its worker (which answers).
+    fn volume_cache_show(&mut self, name: &str, reply: ReplyId) {
+        let volume = match self.volume_by_name(name) {
+            Ok(v) => v.id,
+            Err(e) => return self.reply(reply, Err(e)),
+        };
+        let cache = self.meta.volume_cache(volume);
+        let holder = self
+            .handles
+            .on_volume(volume.0)
+            .find(|h| h.mode == OpenMode::Exclusive)
+            .map(|h| format!("{} (handle {})", h.holder, h.id));
+        let known = CacheStateInfo { cache, holder, mirroring: false, held_records: 0, held_bytes: 0 };
+        if known.cache.is_none() {
+            return self.reply(reply, Ok(Response::VolumeCacheState(known)));
+        }
+        self.push_effect(Effect::Mirror { volume, op: MirrorOp::Status { known }, reply });
     }
 
     /// The volume and cache setting of `handle`, if `session` holds it

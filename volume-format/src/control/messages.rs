@@ -275,6 +275,14 @@ pub enum Request {
     Capabilities {
         handle: HandleId,
     },
+
+    // ---- admin: write-back caches' state (protocol 8) ----
+    /// What the server knows of volume `name`'s write-back cache: the
+    /// setting, its holder and the server's mirror of it (`sanvol volume
+    /// show`). Answered with [`Response::VolumeCacheState`].
+    VolumeCacheShow {
+        name: String,
+    },
 }
 
 /// How a volume's writes are cached (the pool metadata's type).
@@ -377,6 +385,8 @@ impl Request {
             | Request::MirrorAppend { .. }
             | Request::MirrorRelease { .. }
             | Request::Capabilities { .. } => Some(&[Role::Agent]),
+            // Agents and admins share the read-only status requests.
+            Request::VolumeCacheShow { .. } => Some(&[Role::Admin, Role::Agent]),
             Request::SnapshotList { .. } | Request::BackupChannel => Some(&[Role::Admin, Role::Backup]),
             _ => Some(&[Role::Admin]),
         }
@@ -436,6 +446,46 @@ pub enum Response {
         layout_generation: u64,
         devices: Vec<DeviceCapability>,
     },
+    /// A volume's write-back cache as the server sees it (protocol 8).
+    VolumeCacheState(CacheStateInfo),
+}
+
+/// A volume's write-back cache as the metadata server sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheStateInfo {
+    /// The setting (`None`: the volume has no cache).
+    pub cache: Option<VolumeCache>,
+    /// The exclusive holder serving it through its cache, "CLIENT (handle N)".
+    pub holder: Option<String>,
+    /// Whether the server mirrors the holder's writes now: the holder
+    /// acknowledges a write once it is in its log and here ("mirrored").
+    /// A holder that is not mirroring writes through (acknowledges once on
+    /// the devices): its agent's `sanvol-agent list` says why.
+    pub mirroring: bool,
+    /// Acknowledged writes the mirror holds that the holder has not
+    /// reported on the devices yet (its dirty data; a byte written twice
+    /// counts twice).
+    pub held_records: u64,
+    pub held_bytes: u64,
+}
+
+impl CacheStateInfo {
+    /// One line for `sanvol volume show`: the setting, then the holder's
+    /// state (mirrored / write-through and why / dirty bytes).
+    pub fn summary(&self) -> String {
+        let Some(cache) = &self.cache else { return "none".into() };
+        let setting = format!("{} of {} bytes", cache.mode, cache.size_bytes);
+        match (&self.holder, self.mirroring) {
+            (None, _) => format!("{setting}; no holder"),
+            (Some(holder), true) => format!(
+                "{setting}; holder {holder}: mirrored, {} bytes dirty ({} writes not yet on the devices)",
+                self.held_bytes, self.held_records
+            ),
+            (Some(holder), false) => format!(
+                "{setting}; holder {holder}: write-through (it is not mirroring at this server: the mirror failed,                  or the server changed; `sanvol-agent list` on the holder says why)"
+            ),
+        }
+    }
 }
 
 /// A handle's capability on one device (protocol 7): the volume's extents
