@@ -51,7 +51,7 @@ use crate::cow::{CowRegistrar, Registrations};
 use crate::devices::DevicePool;
 use crate::export::{serve_volume, ExportHandle, ExportTarget};
 use crate::fallback::ServerLink;
-use crate::gate::Gate;
+use crate::gate::{Gate, Phase};
 use crate::kernel::attach::KernelAttachment;
 use crate::session::{ConnectState, SessionConfig};
 use crate::volume::{Layout, VolumeDevice};
@@ -437,7 +437,17 @@ impl Shell {
                     tokio::spawn(
                         async move {
                             let result = async {
-                                cache.quiesce().await?;
+                                // The mirror must be empty before the confirmation; it
+                                // needs the server, as the confirmation does: retried
+                                // until it answers, or the handle goes.
+                                while let Err(why) = cache.quiesce().await {
+                                    if matches!(gate.status().phase, Phase::Revoked { .. } | Phase::Closed) {
+                                        return Err(why);
+                                    }
+                                    warn!(generation, error = %why, retry_ms = crate::cache::MIRROR_RETRY_MS,
+                                        "a recall of a cached volume waits for its mirror; retrying");
+                                    tokio::time::sleep(Duration::from_millis(crate::cache::MIRROR_RETRY_MS)).await;
+                                }
                                 gate.begin_recall(generation).map_err(|e| e.to_string())?;
                                 gate.drained().await.map_err(|e| e.to_string())
                             }
