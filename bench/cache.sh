@@ -86,6 +86,10 @@ mirrored_rows() {
             done
             echo "done: mirrored $name ($dev)" >&2
         done
+        # Detached while the server is up (the EXIT trap stops everything at
+        # once; an agent still holding volumes then waits out its shutdown
+        # timeout for the server).
+        for v in vc vw; do "$BIN/sanvol-agent" detach "$v" --control-socket "$BENCH_DIR/agent-a.sock" >/dev/null; done
     )
 }
 MIRRORED_RESULTS="$BENCH_DIR/mirrored.txt"
