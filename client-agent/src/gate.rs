@@ -55,12 +55,21 @@ pub fn hold_writes_until(until: Instant) {
 /// Waits until the previous run's writes have landed (at once if there was
 /// no unclean stop, or the time has passed).
 pub async fn previous_run_writes_landed() {
+    // Once the hold is over, one relaxed load per write (not a clock read).
+    if HOLD_OVER.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
     if let Some(until) = PREVIOUS_RUN_WRITES_LAND_BY.get() {
         if !until.has_passed() {
             until.sleep_until().await;
         }
     }
+    HOLD_OVER.store(true, std::sync::atomic::Ordering::Relaxed);
 }
+
+/// Set once [`previous_run_writes_landed`] found the hold over: it never
+/// comes back within a run.
+static HOLD_OVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Why the gate refuses an I/O or an operation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

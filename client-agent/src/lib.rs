@@ -20,6 +20,8 @@
 //! - [`cache`]: the write-back cache (a local log acknowledged on append
 //!   and on the server's mirror, background destage, replay after a crash)
 //!   as a `BlockDevice` in front of an exclusively attached cached volume.
+//! - [`intent`]: the write-intent log of mirrored volumes (regions recorded
+//!   dirty before their first write, cleared lazily).
 //! - [`cow`]: client-side copy-on-write for snapshots (preserve a chunk
 //!   before its first overwrite; batched registrations).
 //! - [`devices`]: the pool of NBD connections to devices, shared by volumes,
@@ -60,6 +62,7 @@ pub mod devices;
 pub mod export;
 pub mod fallback;
 pub mod gate;
+pub mod intent;
 pub mod kernel;
 pub mod metrics;
 pub mod owner;

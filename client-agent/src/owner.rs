@@ -52,6 +52,7 @@ use crate::devices::DevicePool;
 use crate::export::{serve_volume, ExportHandle, ExportTarget};
 use crate::fallback::ServerLink;
 use crate::gate::{Gate, Phase};
+use crate::intent::{IntentLog, IntentRecorder};
 use crate::kernel::attach::KernelAttachment;
 use crate::session::{ConnectState, SessionConfig};
 use crate::volume::{Layout, VolumeDevice};
@@ -77,6 +78,12 @@ pub(crate) enum ToOwner {
         snapshot: u64,
         chunks: Vec<u64>,
         server_copies: bool,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// The data path records write-intent regions.
+    Intent {
+        volume: String,
+        op: crate::core::IntentOp,
         reply: oneshot::Sender<Result<(), String>>,
     },
     Connected {
@@ -305,6 +312,17 @@ impl Shell {
             ToOwner::Cow { volume, snapshot, chunks, server_copies, reply } => {
                 let caller = self.caller(Waiter::Cow(reply));
                 Input::CowRegister { caller, volume, snapshot, chunks, server_copies }
+            }
+            ToOwner::Intent { volume, op, reply } => {
+                // A server of an older protocol knows no intent log (nor
+                // stale tracking): nothing to record there.
+                let version = volume_format::control::messages::INTENT_PROTOCOL_VERSION;
+                if self.conns.values().any(|c| c.session().version < version) {
+                    let _ = reply.send(Ok(()));
+                    return None;
+                }
+                let caller = self.caller(Waiter::Cow(reply));
+                Input::IntentRecord { caller, volume, op }
             }
             ToOwner::Connected { conn, client, mut events } => {
                 let session = client.session();
@@ -657,9 +675,15 @@ impl Shell {
         gate.renew_lease(self.instant(lease_until_ms));
         let registrar = Arc::new(OwnerRegistrar { owner: self.inbox_tx.clone(), volume: volume.clone() });
         let registrations = Registrations::new(registrar, mode == OpenMode::SharedWrite || cow_by_server);
-        let device = Arc::new(
-            VolumeDevice::new(volume.clone(), handle, mode == OpenMode::ReadOnly, gate.clone()).with_cow(registrations),
-        );
+        let mut device =
+            VolumeDevice::new(volume.clone(), handle, mode == OpenMode::ReadOnly, gate.clone()).with_cow(registrations);
+        let d = layout.description();
+        if d.mirror_legs > 1 && mode != OpenMode::ReadOnly && !crate::intent::disabled_by_env() {
+            let recorder = Arc::new(OwnerIntents { owner: self.inbox_tx.clone(), volume: volume.clone() });
+            let region_bytes = volume_format::metadata::intent_region_bytes(d.extent_bytes);
+            device = device.with_intent(IntentLog::start(recorder, region_bytes, d.size_bytes));
+        }
+        let device = Arc::new(device);
         self.attachments.insert(
             attachment,
             Runtime {
@@ -1003,6 +1027,34 @@ impl DetachTask {
         self.gate.close();
         let _ = self.gate.drained().await;
         (Ok(()), Leftovers::default())
+    }
+}
+
+/// Records write-intent regions of one volume through the owner.
+struct OwnerIntents {
+    owner: mpsc::Sender<ToOwner>,
+    volume: String,
+}
+
+#[async_trait::async_trait]
+impl IntentRecorder for OwnerIntents {
+    async fn record(&self, mark: Vec<u64>, clear: Vec<u64>) -> Result<(), String> {
+        self.send(crate::core::IntentOp::Record { mark, clear }).await
+    }
+
+    async fn resync(&self) -> Result<(), String> {
+        self.send(crate::core::IntentOp::Resync).await
+    }
+}
+
+impl OwnerIntents {
+    async fn send(&self, op: crate::core::IntentOp) -> Result<(), String> {
+        let (reply, answer) = oneshot::channel();
+        let message = ToOwner::Intent { volume: self.volume.clone(), op, reply };
+        if self.owner.send(message).await.is_err() {
+            return Err("the agent is shutting down".to_string());
+        }
+        answer.await.unwrap_or_else(|_| Err("the agent is shutting down".to_string()))
     }
 }
 

@@ -423,6 +423,8 @@ pub mod fake_mds {
                 None => Err(ControlError::new(ErrorCode::NotFound, format!("volume {volume} does not exist"))),
             },
             Request::Close { .. } | Request::RecallDone { .. } => Ok(Response::Done),
+            // The write-intent log of mirrored volumes: recorded, nothing to copy.
+            Request::IntentRecord { .. } | Request::IntentResync { .. } => Ok(Response::IntentRecorded),
             // As the real server answers for a volume without a cache.
             Request::MirrorOpen { .. } => {
                 Err(ControlError::new(ErrorCode::InvalidArgument, "the volume has no cache".to_string()))

@@ -49,6 +49,7 @@ use volume_format::{DescriptionError, VolumeDescription};
 
 use crate::cow::{copy_all, wait_for, CowState, Registrations};
 use crate::gate::Gate;
+use crate::intent::IntentLog;
 
 /// Largest request the volume accepts, as advertised to NBD clients.
 pub const REQUEST_BYTES_MAX: u32 = 32 * 1024 * 1024;
@@ -160,6 +161,8 @@ pub struct VolumeDevice {
     registrations: Option<Arc<Registrations>>,
     /// Copy-on-write state of the newest snapshot (see [`crate::cow`]).
     cow: std::sync::Mutex<Option<Arc<CowState>>>,
+    /// The write-intent log of a mirrored volume (see [`crate::intent`]).
+    intent: Option<Arc<IntentLog>>,
 }
 
 impl std::fmt::Debug for VolumeDevice {
@@ -203,7 +206,44 @@ impl VolumeDevice {
             next_read: AtomicUsize::new(0),
             registrations: None,
             cow: std::sync::Mutex::new(None),
+            intent: None,
         }
+    }
+
+    /// Records the regions it writes in `intent` first (a mirrored volume).
+    pub fn with_intent(mut self, intent: Arc<IntentLog>) -> VolumeDevice {
+        self.intent = Some(intent);
+        self
+    }
+
+    /// The volume's write-intent log, if it keeps one.
+    pub fn intent(&self) -> Option<&Arc<IntentLog>> {
+        self.intent.as_ref()
+    }
+
+    /// Runs a data-changing request on `[offset, offset + len)` with its
+    /// intent regions recorded dirty first (mirrored layouts, when the
+    /// device keeps a log); the request's outcome ends the regions' hold.
+    async fn with_intent_held<F>(&self, layout: &Layout, offset: u64, len: u64, op: F) -> Result<(), IoError>
+    where
+        F: std::future::Future<Output = Result<(), IoError>>,
+    {
+        let guard = match &self.intent {
+            Some(log) if layout.description.mirror_legs > 1 && len > 0 => {
+                // Out of range: the request fails below, no region recorded.
+                if offset.checked_add(len).is_none_or(|end| end > layout.description.size_bytes) {
+                    None
+                } else {
+                    Some(log.begin(offset, len).await?)
+                }
+            }
+            _ => None,
+        };
+        let result = op.await;
+        if let Some(g) = guard {
+            g.finish(result.is_ok());
+        }
+        result
     }
 
     /// Registers copy-on-write chunks through `registrations` when the
@@ -489,6 +529,9 @@ impl BlockDevice for VolumeDevice {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+        if let Some(log) = &self.intent {
+            log.ready().await?;
+        }
         let layout = self.gate.enter().await?;
         let mut segments = layout.map().segments(offset, u64::from(len)).map_err(map_error)?;
         let start_leg = self.next_read.fetch_add(1, Ordering::Relaxed);
@@ -512,11 +555,11 @@ impl BlockDevice for VolumeDevice {
         let layout = self.gate.enter().await?;
         let len = data.len() as u64;
         self.preserve(&layout, offset, len).await?;
-        self.on_all_legs(&layout, offset, len, "write", |device, device_offset, segment| {
+        let write = self.on_all_legs(&layout, offset, len, "write", |device, device_offset, segment| {
             let start = (segment.logical_offset - offset) as usize;
             device.write(device_offset, data.slice(start..start + segment.len_bytes as usize), fua)
-        })
-        .await
+        });
+        self.with_intent_held(&layout, offset, len, write).await
     }
 
     async fn flush(&self) -> Result<(), IoError> {
@@ -539,20 +582,21 @@ impl BlockDevice for VolumeDevice {
         self.check_writable()?;
         let layout = self.gate.enter().await?;
         self.preserve(&layout, offset, u64::from(len)).await?;
-        self.on_all_legs(&layout, offset, u64::from(len), "trim", |device, device_offset, segment| {
+        let trim = self.on_all_legs(&layout, offset, u64::from(len), "trim", |device, device_offset, segment| {
             device.trim(device_offset, segment.len_bytes as u32, fua)
-        })
-        .await
+        });
+        self.with_intent_held(&layout, offset, u64::from(len), trim).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
         self.check_writable()?;
         let layout = self.gate.enter().await?;
         self.preserve(&layout, offset, u64::from(len)).await?;
-        self.on_all_legs(&layout, offset, u64::from(len), "write zeroes", |device, device_offset, segment| {
-            device.write_zeroes(device_offset, segment.len_bytes as u32, flags)
-        })
-        .await
+        let zero =
+            self.on_all_legs(&layout, offset, u64::from(len), "write zeroes", |device, device_offset, segment| {
+                device.write_zeroes(device_offset, segment.len_bytes as u32, flags)
+            });
+        self.with_intent_held(&layout, offset, u64::from(len), zero).await
     }
 
     async fn block_status(&self, context: &MetaContext, offset: u64, len: u32) -> Result<Vec<StatusExtent>, IoError> {

@@ -181,7 +181,7 @@ async fn a_snapshot_of_a_cached_volume_nobody_holds_writes_its_mirror_first() {
     assert!(!mirror.exists(), "the replayed mirror is gone");
 }
 
-/// What `sanvol volume show` shows of a cache (protocol 8): the setting,
+/// What `sanvol volume show` shows of a cache (protocol 9): the setting,
 /// the holder, whether the server mirrors it, and what the mirror holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cache_state_shows_the_holder_mirroring_and_the_dirty_bytes() {

@@ -496,10 +496,12 @@ async fn assert_pre_images_on_devices(description: &serde_json::Value, chunks: &
 async fn server_crash_under_cow_load(point: &str) {
     let mut stack = stack();
     let (agent, uri, image1) = filled_volume(&stack, &["--mirror", "2"]).await;
-    // The server restarted armed: its journal writes from now on are the
-    // snapshot (1), a first registration (2) and the next (3: the fault fires).
+    // The server restarted armed. The points count only the commits that
+    // register copy-on-write chunks (the agent's write-intent marks and lazy
+    // clears commit too, at times of their own): a first registration (1)
+    // and the next (2: the fault fires).
     stack.kill_mds();
-    stack.mds_env = vec![("SANVOL_FAULT".into(), format!("{point}@3"))];
+    stack.mds_env = vec![("SANVOL_FAULT".into(), format!("{point}@2"))];
     stack.start_mds();
     // Until the agent resumed its handle the server is in its grace period.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -516,9 +518,9 @@ async fn server_crash_under_cow_load(point: &str) {
     let chunks: Vec<u64> = (0..48).map(|i| i * 5 % (VOLUME_BYTES / CHUNK)).collect();
     let c = connect(&uri).await;
     let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    // The first write alone (its registration is journal write 2 and is
-    // acknowledged), then the others at once (the first of their
-    // registrations is write 3, where the server dies).
+    // The first write alone (its registration is the first counted commit
+    // and is acknowledged), then the others at once (the first commit of
+    // their registrations is the second, where the server dies).
     let first = chunks[0] * CHUNK / BLOCK;
     c.write(first * BLOCK, Bytes::from(block_pattern(11, first)), false).await.unwrap();
     acked.lock().unwrap().push(chunks[0]);
@@ -566,12 +568,12 @@ async fn server_crash_under_cow_load(point: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_killed_in_the_middle_of_a_journal_write_under_cow_load() {
-    server_crash_under_cow_load("mds-mid-journal-write").await;
+    server_crash_under_cow_load("mds-mid-cow-metadata-write").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_killed_after_a_journal_write_before_acknowledging_it() {
-    server_crash_under_cow_load("mds-after-metadata-write").await;
+    server_crash_under_cow_load("mds-after-cow-metadata-write").await;
 }
 
 /// Two agents holding the volume shared-write: the server copies the

@@ -160,6 +160,8 @@ samples!(requests, Request {
     },
     MirrorRelease => Request::MirrorRelease { handle: HandleId(5), upto_seq: 3 },
     Capabilities => Request::Capabilities { handle: HandleId(5) },
+    IntentRecord => Request::IntentRecord { handle: HandleId(5), mark: vec![3, 4], clear: vec![1] },
+    IntentResync => Request::IntentResync { handle: HandleId(5) },
     VolumeCacheShow => Request::VolumeCacheShow { name: "db".into() },
 });
 
@@ -295,6 +297,7 @@ samples!(responses, Response {
             },
         }],
     },
+    IntentRecorded => Response::IntentRecorded,
     VolumeCacheState => Response::VolumeCacheState(CacheStateInfo {
         cache: Some(VolumeCache { volume: VolumeId(7), size_bytes: 1 << 30, mode: CacheMode::Mirrored }),
         holder: Some("host-a (handle 5)".into()),

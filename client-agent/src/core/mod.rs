@@ -67,6 +67,7 @@ use volume_format::VolumeDescription;
 
 pub use control_client::agent_api::{AgentStatus, AttachmentInfo};
 pub use recalls::{CONFIRM_PAUSE_MAX_MS, CONFIRM_PAUSE_MIN_MS};
+pub use registrations::IntentOp;
 pub use state::{HeldHandle, PendingRecall, Stage};
 
 use crate::agent::AgentError;
@@ -184,6 +185,13 @@ pub enum Input {
         snapshot: u64,
         chunks: Vec<u64>,
         server_copies: bool,
+    },
+    /// The data path asks to record write-intent regions (`crate::intent`);
+    /// answered like a registration.
+    IntentRecord {
+        caller: CallerId,
+        volume: String,
+        op: registrations::IntentOp,
     },
     /// Connection attempt `conn` succeeded.
     Connected {
@@ -583,6 +591,7 @@ impl AgentCore {
             Input::CowRegister { caller, volume, snapshot, chunks, server_copies } => {
                 self.cow_register(now, caller, volume, snapshot, chunks, server_copies)
             }
+            Input::IntentRecord { caller, volume, op } => self.intent_request(now, caller, volume, op),
             Input::Connected { conn, lease_ms, session } => self.connected(now, conn, lease_ms, session),
             Input::ConnectFailed { conn, error, fatal } => {
                 let addr = match self.link.phase {

@@ -22,6 +22,19 @@ use crate::gate::Phase;
 /// Shortest and longest pause between tries of one registration.
 pub const PAUSE_MIN_MS: u64 = 20;
 pub const PAUSE_MAX_MS: u64 = 1_000;
+/// Failed metadata commits a write-intent request outlasts (the server
+/// marks a dead metadata copy's device failed within a few of them; beyond
+/// that the write fails: the server cannot commit at all).
+pub const INTENT_COMMIT_FAILURES_MAX: u32 = 16;
+
+/// A write-intent request (see `crate::intent`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IntentOp {
+    /// Regions to mark dirty, to clear.
+    Record { mark: Vec<u64>, clear: Vec<u64> },
+    /// A new run took the handle back: resync its dirty regions.
+    Resync,
+}
 
 #[derive(Debug, Clone)]
 struct Registration {
@@ -30,6 +43,11 @@ struct Registration {
     snapshot: u64,
     chunks: Vec<u64>,
     server_copies: bool,
+    /// A write-intent request instead of a copy-on-write registration:
+    /// the same retries, another request.
+    intent: Option<IntentOp>,
+    /// Failed commits of a write-intent request so far.
+    commit_failures: u32,
     pause_ms: u64,
     /// When to try again; `None` while a request is in flight.
     retry_at_ms: Option<Millis>,
@@ -94,10 +112,25 @@ impl AgentCore {
             snapshot,
             chunks,
             server_copies,
+            intent: None,
+            commit_failures: 0,
             pause_ms: PAUSE_MIN_MS,
             retry_at_ms: Some(now),
         };
         r.by_id.insert(r.next, registration);
+    }
+
+    /// Records write-intent regions of `volume` (see `crate::intent`), sent
+    /// and retried like a registration.
+    pub(super) fn intent_request(&mut self, now: Millis, caller: CallerId, volume: String, op: IntentOp) {
+        let before = self.registrations.next;
+        self.cow_register(now, caller, volume, 0, Vec::new(), false);
+        let next = self.registrations.next;
+        if next != before {
+            if let Some(r) = self.registrations.by_id.get_mut(&next) {
+                r.intent = Some(op);
+            }
+        }
     }
 
     /// Sends every registration whose time has come.
@@ -133,7 +166,14 @@ impl AgentCore {
             return self.registration_later(now, id, &why);
         };
         let (snapshot, chunks) = (SnapshotId(r.snapshot), r.chunks.clone());
-        let message = if r.server_copies {
+        let message = if let Some(op) = &r.intent {
+            match op {
+                IntentOp::Record { mark, clear } => {
+                    Request::IntentRecord { handle, mark: mark.clone(), clear: clear.clone() }
+                }
+                IntentOp::Resync => Request::IntentResync { handle },
+            }
+        } else if r.server_copies {
             Request::CowCopy { handle, snapshot, chunks }
         } else {
             Request::CowRegister { handle, snapshot, chunks }
@@ -144,7 +184,7 @@ impl AgentCore {
 
     pub(super) fn cow_answered(&mut self, now: Millis, id: u64, result: Result<Response, RequestError>) {
         match result {
-            Ok(Response::CowRegistered { .. }) => self.registration_done(id, Ok(())),
+            Ok(Response::CowRegistered { .. } | Response::IntentRecorded) => self.registration_done(id, Ok(())),
             Ok(other) => {
                 self.registration_done(id, Err(format!("the metadata server answered a registration with {other:?}")))
             }
@@ -153,9 +193,27 @@ impl AgentCore {
             Err(RequestError::Server(e)) if e.code == ErrorCode::NotFound || super::answers_later(&e) => {
                 self.registration_later(now, id, &e.message)
             }
+            // A write-intent commit that missed a metadata copy: the server
+            // checks the copy's device (marking it failed if it is gone),
+            // and marking again is harmless, so it is tried again — the
+            // write waits rather than fails while one device dies.
+            Err(RequestError::Server(e)) if e.code == ErrorCode::CommitFailed && self.intent_retry(id) => {
+                self.registration_later(now, id, &e.message)
+            }
             Err(RequestError::Server(e)) => self.registration_done(id, Err(e.message)),
             Err(e) => self.registration_later(now, id, &format!("{:?}", e)),
         }
+    }
+
+    /// Whether registration `id` is a write-intent request that may be
+    /// tried again after a failed commit (counts the try).
+    fn intent_retry(&mut self, id: u64) -> bool {
+        let Some(r) = self.registrations.by_id.get_mut(&id) else { return false };
+        if r.intent.is_none() || r.commit_failures >= INTENT_COMMIT_FAILURES_MAX {
+            return false;
+        }
+        r.commit_failures += 1;
+        true
     }
 
     fn registration_done(&mut self, id: u64, result: Result<(), String>) {

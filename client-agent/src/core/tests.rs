@@ -634,6 +634,50 @@ fn registrations_wait_for_the_connection_and_the_resume_then_retry_until_answere
     assert_eq!(reply_to(&effects, CallerId(500)), Reply::Registered(Ok(())));
 }
 
+/// A write-intent mark whose commit failed is asked again (the server
+/// marks a dead metadata copy's device failed meanwhile), a bounded number
+/// of times; a copy-on-write registration's failed commit is not retried.
+#[test]
+fn a_failed_intent_commit_is_retried_a_bounded_number_of_times() {
+    use super::registrations::INTENT_COMMIT_FAILURES_MAX;
+    let mut h = Harness::new();
+    h.attach("vol", 11, b"k");
+    let op = super::IntentOp::Record { mark: vec![0, 1], clear: vec![] };
+    let effects = h.at(100).apply(Input::IntentRecord { caller: CallerId(500), volume: "vol".into(), op });
+    let (mut request, message) = sent_one(&effects);
+    assert!(matches!(message, Request::IntentRecord { handle: HandleId(11), .. }), "{message:?}");
+    let mut now = 100;
+    for _ in 0..INTENT_COMMIT_FAILURES_MAX {
+        let failed = refused(ErrorCode::CommitFailed, "metadata copy 1 missed the commit");
+        let effects = h.apply(Input::Reply { request, result: failed });
+        assert!(effects.iter().all(|e| !matches!(e, Effect::Reply { .. })), "not answered yet: {effects:?}");
+        // Ticks at each deadline (renewals answered) until the mark goes again.
+        request = loop {
+            now = h.core.next_deadline_ms().expect("tried again later");
+            let effects = h.at(now).apply(Input::Tick);
+            h.renewals_answered(&effects);
+            let retried = sent(&effects).into_iter().find(|(_, m)| matches!(m, Request::IntentRecord { .. }));
+            if let Some((request, _)) = retried {
+                break request;
+            }
+        };
+    }
+    let failed = refused(ErrorCode::CommitFailed, "no metadata copy takes commits");
+    let effects = h.at(now).apply(Input::Reply { request, result: failed });
+    assert!(matches!(reply_to(&effects, CallerId(500)), Reply::Registered(Err(_))), "the write fails in the end");
+
+    let effects = h.apply(Input::CowRegister {
+        caller: CallerId(501),
+        volume: "vol".into(),
+        snapshot: 3,
+        chunks: vec![1],
+        server_copies: false,
+    });
+    let (request, _) = sent_one(&effects);
+    let effects = h.apply(Input::Reply { request, result: refused(ErrorCode::CommitFailed, "missed") });
+    assert!(matches!(reply_to(&effects, CallerId(501)), Reply::Registered(Err(_))));
+}
+
 #[test]
 fn shutdown_detaches_everything_leaves_kernel_devices_and_stops() {
     let mut h = Harness::new();

@@ -109,7 +109,7 @@ async fn device_index(client: &ControlClient, spec: &str) -> Result<volume_forma
 }
 
 /// The state of `name`'s write-back cache, from a server that can tell
-/// (protocol 8; `None` from an older one).
+/// (protocol 9; `None` from an older one).
 async fn volume_cache_state(
     client: &ControlClient,
     name: &str,

@@ -28,7 +28,10 @@
 //! Fault points (`SANVOL_FAULT`, see [`control_client::fault`]):
 //! `mds-mid-journal-write` and `mds-mid-checkpoint` (the first copy took the
 //! bytes, the others may not have), `mds-after-metadata-write` (every copy
-//! written, the owner not told).
+//! written, the owner not told); `mds-mid-cow-metadata-write` and
+//! `mds-after-cow-metadata-write` the same, counting only the commits that
+//! register copy-on-write chunks (a test's count of them does not depend on
+//! what else the server commits: lazy write-intent clears, lease renewals).
 //!
 //! The whole-pool path stays as it is for pools not opened with the journal;
 //! the first journaled commit of a format-2 pool upgrades it (a checkpoint in
@@ -75,6 +78,11 @@ pub struct RawWrite {
     pub verify: bool,
     /// Number of copies (the length of the `written` answer).
     pub copies: usize,
+    /// The commit registers copy-on-write chunks: only the crash tests'
+    /// fault points `mds-mid-cow-metadata-write` and
+    /// `mds-after-cow-metadata-write` look at it (they count only such
+    /// commits, whatever else the server commits meanwhile).
+    pub registers_cow: bool,
 }
 
 /// Where one copy of a write goes, with the connection to write through.
@@ -254,8 +262,11 @@ impl Pool {
         };
         let targets: Vec<CopyTarget> = write.targets.iter().map(target).collect();
         let verify = write.verify.then_some("metadata checkpoint");
-        let fault = if write.verify { "mds-mid-checkpoint" } else { "mds-mid-journal-write" };
-        let (mut written, mut failures) = write_everywhere(write.copies, &targets, &write.bytes, verify, fault).await;
+        let mut faults = vec![if write.verify { "mds-mid-checkpoint" } else { "mds-mid-journal-write" }];
+        if write.registers_cow {
+            faults.push("mds-mid-cow-metadata-write");
+        }
+        let (mut written, mut failures) = write_everywhere(write.copies, &targets, &write.bytes, verify, &faults).await;
         let clears: Vec<CopyTarget> =
             write.clear_after.iter().map(target).filter(|t| written.get(t.copy) == Some(&true)).collect();
         if !clears.is_empty() && !may_write() {
@@ -269,13 +280,16 @@ impl Pool {
             );
         } else if !clears.is_empty() {
             let zero = Bytes::from(vec![0u8; BLOCK_BYTES as usize]);
-            let (cleared, f) = write_everywhere(write.copies, &clears, &zero, None, "").await;
+            let (cleared, f) = write_everywhere(write.copies, &clears, &zero, None, &[]).await;
             for t in &clears {
                 written[t.copy] &= cleared[t.copy];
             }
             failures.extend(f);
         }
         control_client::fault::hit("mds-after-metadata-write");
+        if write.registers_cow {
+            control_client::fault::hit("mds-after-cow-metadata-write");
+        }
         (written, failures)
     }
 
@@ -505,7 +519,7 @@ impl CommitJob {
     pub async fn run(self) -> CommitOutcome {
         let (written, failures, was_checkpoint) = match &self.write {
             JobWrite::Entry { bytes, targets } => {
-                let (w, f) = write_everywhere(self.copies, targets, bytes, None, "").await;
+                let (w, f) = write_everywhere(self.copies, targets, bytes, None, &[]).await;
                 (w, f, false)
             }
             JobWrite::Checkpoint(c) => {
@@ -534,11 +548,11 @@ impl CheckpointJob {
 
     async fn write(&self) -> (Vec<bool>, Vec<String>) {
         let (mut written, mut failures) =
-            write_everywhere(self.copies, &self.targets, &self.bytes, Some("metadata checkpoint"), "").await;
+            write_everywhere(self.copies, &self.targets, &self.bytes, Some("metadata checkpoint"), &[]).await;
         let clears: Vec<CopyTarget> = self.clear_after.iter().filter(|t| written[t.copy]).cloned().collect();
         if !clears.is_empty() {
             let zero = Bytes::from(vec![0u8; BLOCK_BYTES as usize]);
-            let (cleared, f) = write_everywhere(self.copies, &clears, &zero, None, "").await;
+            let (cleared, f) = write_everywhere(self.copies, &clears, &zero, None, &[]).await;
             for t in &clears {
                 written[t.copy] &= cleared[t.copy];
             }
@@ -552,20 +566,22 @@ impl CheckpointJob {
 /// copies), durably (FUA, or a flush after the write); with `verify`, reads the bytes
 /// back after the flush (a device that drops writes fails here, not at the
 /// next restart). Returns which copies took it, and why the others did not.
-/// `fault` (if not empty) is a `SANVOL_FAULT` point hit once the first copy
-/// took the bytes (the others may or may not have): a crash in the middle of
-/// a metadata write, for the crash tests.
+/// `faults` are `SANVOL_FAULT` points hit once the first copy took the
+/// bytes (the others may or may not have): a crash in the middle of a
+/// metadata write, for the crash tests.
 async fn write_everywhere(
     copies: usize,
     targets: &[CopyTarget],
     bytes: &Bytes,
     verify: Option<&str>,
-    fault: &str,
+    faults: &[&str],
 ) -> (Vec<bool>, Vec<String>) {
     let results = join_all(targets.iter().map(|t| async move {
         let result = write_copy(t, bytes, verify).await;
-        if t.copy == 0 && !fault.is_empty() {
-            control_client::fault::hit(fault);
+        if t.copy == 0 {
+            for fault in faults {
+                control_client::fault::hit(fault);
+            }
         }
         result
     }))

@@ -167,7 +167,7 @@ impl Core {
         }
         match (next, outcome.result) {
             (AfterReplay::Open { session, name, mode, reply, broken }, Ok(())) => {
-                self.prepare_open_with(session, &name, mode, reply, broken)
+                self.prepare_open_with(session, &name, mode, reply, broken, &[])
             }
             (AfterReplay::Open { reply, broken, name, .. }, Err(why)) => {
                 for h in broken {

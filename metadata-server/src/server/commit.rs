@@ -49,6 +49,17 @@ pub struct Sealed {
     pub checkpoint_after: Option<(u64, RawWrite)>,
 }
 
+/// A commit that did not reach every metadata copy it was written to.
+#[derive(Debug)]
+pub struct CommitFailed {
+    pub why: String,
+    /// The devices of the copies that did not take it.
+    pub failed_devices: Vec<Uuid>,
+    /// Whether some copy took it (a failure of every copy is the server's
+    /// own: its lease, its network — no device is suspect).
+    pub took_some: bool,
+}
+
 /// Why a batch could not be sealed.
 #[derive(Debug)]
 pub enum SealRefused {
@@ -79,7 +90,7 @@ impl MetaJournal {
         self.writer.acked_seq()
     }
 
-    fn raw(&self, bytes: Vec<u8>, targets: &[Target], clear_after: &[Target], verify: bool) -> RawWrite {
+    fn raw(&self, bytes: Vec<u8>, targets: &[Target], clear_after: &[Target], verify: bool, cow: bool) -> RawWrite {
         let at = |t: &Target| (t.copy, self.copies[t.copy], t.offset);
         RawWrite {
             bytes: Bytes::from(bytes),
@@ -87,11 +98,12 @@ impl MetaJournal {
             clear_after: clear_after.iter().map(at).collect(),
             verify,
             copies: self.copies.len(),
+            registers_cow: cow,
         }
     }
 
-    fn checkpoint(&self, c: SealedCheckpoint) -> (u64, RawWrite) {
-        (c.number, self.raw(c.bytes, &c.targets, &c.clear_after, true))
+    fn checkpoint(&self, c: SealedCheckpoint, cow: bool) -> (u64, RawWrite) {
+        (c.number, self.raw(c.bytes, &c.targets, &c.clear_after, true, cow))
     }
 
     /// Seals `changes` (already applied to `meta`); sets `meta.generation`
@@ -119,17 +131,22 @@ impl MetaJournal {
             Err(SealError::CheckpointInFlight) => return Err(SealRefused::WaitForCheckpoint),
             Err(e) => return Err(SealRefused::Failed(format!("{e}; nothing was changed"))),
         };
+        let cow = changes.iter().any(|c| matches!(c, MetaChange::CowRegister { .. }));
         let write = match sealed.write {
-            SealedWrite::Entry { bytes, targets, .. } => self.raw(bytes, &targets, &[], false),
-            SealedWrite::Checkpoint(c) => self.checkpoint(c).1,
+            SealedWrite::Entry { bytes, targets, .. } => self.raw(bytes, &targets, &[], false, cow),
+            SealedWrite::Checkpoint(c) => self.checkpoint(c, cow).1,
         };
-        let checkpoint_after = sealed.checkpoint_after.map(|c| self.checkpoint(c));
+        let checkpoint_after = sealed.checkpoint_after.map(|c| self.checkpoint(c, false));
         Ok(Sealed { seq: sealed.seq, write, checkpoint_after })
     }
 
     /// Which copies took commit `seq`; `Ok` acknowledges it.
-    pub fn commit_written(&mut self, seq: u64, written: &[bool]) -> Result<(), String> {
-        self.writer.commit_written(seq, written).map_err(|e| e.to_string())
+    pub fn commit_written(&mut self, seq: u64, written: &[bool]) -> Result<(), CommitFailed> {
+        self.writer.commit_written(seq, written).map_err(|e| CommitFailed {
+            why: e.to_string(),
+            failed_devices: e.failed_copies.iter().filter_map(|&i| self.copies.get(i).copied()).collect(),
+            took_some: written.iter().any(|&w| w),
+        })
     }
 
     /// Which copies took checkpoint `number`.

@@ -412,6 +412,8 @@ pub enum AfterJob {
     Zeroed { extents: Vec<volume_format::metadata::PhysicalExtent>, changes: Vec<MetaChange>, then: Box<AfterCommit> },
     /// A failed device was probed.
     Probed { device: volume_format::DeviceIndex },
+    /// A device whose metadata copy missed a commit was checked (`recovery`).
+    CopyChecked { device: volume_format::DeviceIndex, why: String },
     /// A device was labelled for `device add` (`reconfig`).
     Labelled,
     /// Expired handles were fenced on the fencing devices: release them.
@@ -429,6 +431,10 @@ pub enum AfterJob {
     /// A cached volume's mirror was replayed to its devices: continue the
     /// request that needed it (`crate::mirror`).
     MirrorReplayed { volume: VolumeId, next: super::cache::AfterReplay },
+    /// The regions a gone holder left dirty were copied: open (`intents`).
+    OrphansResynced(super::intents::OrphansResync),
+    /// A resumed handle's dirty regions were copied: forget them.
+    HandleResynced { volume: VolumeId, handle: volume_format::HandleId, reply: ReplyId },
 }
 
 /// A server-side copy in flight: who asked, for which chunks.
@@ -554,6 +560,13 @@ pub struct Core {
     /// Probing of failed devices, if on (`recovery`).
     pub(super) device_probe: Option<super::recovery::ProbeBackoff>,
     pub(super) probes: super::recovery::Probes,
+    /// Devices being checked because their metadata copy missed a commit
+    /// (`recovery`).
+    pub(super) copy_checks: BTreeSet<volume_format::DeviceIndex>,
+    /// Commits in a row whose copy on the device was missed although the
+    /// device answered its check (`recovery`); a commit that succeeds
+    /// clears it.
+    pub(super) copy_misses: BTreeMap<volume_format::DeviceIndex, u32>,
     pub(super) resyncs: super::recovery::Resyncs,
     /// The admin reconfiguration in progress, if any (`reconfig`).
     pub(super) operation: Option<super::reconfig::AdminOp>,
@@ -626,6 +639,8 @@ impl Core {
             zeroing: false,
             device_probe: None,
             probes: Default::default(),
+            copy_checks: BTreeSet::new(),
+            copy_misses: BTreeMap::new(),
             resyncs: Default::default(),
             operation: None,
             device_replace_after_ms: None,
@@ -843,6 +858,8 @@ impl Core {
         match self.journal.commit_written(seq, &written) {
             Ok(()) => {
                 debug!(seq, changes = batch.changes.len(), "metadata committed");
+                // Every copy on an online device took it.
+                self.copy_misses.clear();
                 // This commit overwrote every refused one on every copy:
                 // their outcome is known now.
                 for (refused, why) in std::mem::take(&mut self.unsettled) {
@@ -867,11 +884,12 @@ impl Core {
                     self.effects.push(Effect::MetaWrite { task, write });
                 }
             }
-            Err(e) => {
-                let why = if failures.is_empty() { e.to_string() } else { failures.join("; ") };
+            Err(failed) => {
+                let why = if failures.is_empty() { failed.why.clone() } else { failures.join("; ") };
                 warn!(seq, "metadata commit failed: {why}; answered once a later commit supersedes it");
                 let batch = self.revert_batch(batch);
                 let held = self.answer_plain_refusals(batch, &why);
+                self.check_failed_copies(&failed, &why);
                 if !held.parts.is_empty() {
                     self.unsettled.push((held, why));
                 }

@@ -847,12 +847,27 @@ fn a_failed_device_that_answers_its_probe_is_resynced_at_a_recall_point_then_onl
     let effects = w.apply(committed(task, next));
     let Some(Ok(Response::Opened(opened))) = reply_of(&effects, open) else { panic!("{effects:?}") };
     let device = w.core.meta.volume_by_name("m").unwrap().extents[0].legs[0].device;
-    // The device is marked failed (as a report would).
+    // The holder writes region 0 (one extent here): marked dirty first.
+    let mark = Request::IntentRecord { handle: opened.handle, mark: vec![0], clear: vec![] };
+    assert_eq!(committed_request(&mut w, 1, mark), Ok(Response::IntentRecorded));
+    // The device is marked failed (as a report would): what is dirty is
+    // stale for it, in the same commit.
     w.core.queue.push_back(super::core::Change::DeviceFailed { device, reason: "gone".into() });
     let effects = w.apply(Input::Tick);
     let (task, next) = commit_of(&effects).expect("the failure commits");
     w.apply(committed(task, next));
     assert!(matches!(w.core.meta.device(device).unwrap().state, DeviceState::Failed { .. }));
+    let stale = |w: &World| -> Vec<u64> {
+        let v = w.core.meta.volume_by_name("m").unwrap().id;
+        w.core.meta.intent(v, volume_format::metadata::IntentKey::Stale(device)).iter().collect()
+    };
+    assert_eq!(stale(&w), vec![0]);
+    // Region 0 cleared, and region 1 written while the device is away:
+    // stale only if extent 1 has a leg on the device.
+    let mark = Request::IntentRecord { handle: opened.handle, mark: vec![1], clear: vec![0] };
+    assert_eq!(committed_request(&mut w, 1, mark), Ok(Response::IntentRecorded));
+    let extent1_on_device = w.core.meta.volume_by_name("m").unwrap().extents[1].legs.iter().any(|l| l.device == device);
+    assert_eq!(stale(&w), if extent1_on_device { vec![0, 1] } else { vec![0] }, "clearing leaves stale regions");
     let probe_of = |effects: &[Effect]| {
         effects.iter().find_map(|e| match e {
             Effect::Job { task, job: Job::CheckDevice { index, .. } } if *index == device.0 => Some(*task),
@@ -901,7 +916,8 @@ fn a_failed_device_that_answers_its_probe_is_resynced_at_a_recall_point_then_onl
         .iter()
         .filter(|e| e.legs.iter().any(|l| l.device == device))
         .count();
-    assert_eq!(copies.len(), on_device, "every extent of m with a leg on the device");
+    assert_eq!(copies.len(), on_device, "only the stale regions (one extent each here) of m on the device");
+    assert_eq!(copies.len(), stale(&w).len());
     assert!(copies.iter().all(|c| c.to.device == device && c.from.iter().all(|f| f.device != device)));
     // Opens of the volume wait meanwhile; the layout bump commits after it.
     let effects = w.apply(Input::JobDone { task: copy, outcome: JobOutcome::done() });
@@ -916,6 +932,7 @@ fn a_failed_device_that_answers_its_probe_is_resynced_at_a_recall_point_then_onl
     let (task, next) = commit_of(&effects).expect("online commits");
     let effects = w.apply(committed(task, next));
     assert_eq!(w.core.meta.device(device).unwrap().state, DeviceState::Online);
+    assert!(stale(&w).is_empty(), "nothing is stale once the device is online");
     assert!(effects
         .iter()
         .any(|e| matches!(e, Effect::Event { session: 1, event: ServerEvent::Publish { description, .. } }
@@ -975,6 +992,13 @@ fn a_resync_that_keeps_failing_marks_the_device_failed_again_and_probing_starts_
     w.core.queue.push_back(super::core::Change::DeviceFailed { device, reason: "gone".into() });
     let (task, next) = commit_of(&w.apply(Input::Tick)).unwrap();
     w.apply(committed(task, next));
+    // A write while it was away (as a holder's mark would record it).
+    let v = w.core.meta.volume_by_name("m").unwrap().id;
+    let key = volume_format::metadata::IntentKey::Stale(device);
+    let regions = volume_format::metadata::ChunkRuns::from_chunks([0]);
+    Arc::make_mut(&mut w.core.meta)
+        .apply(&volume_format::metadata::MetaChange::IntentSet { volume: v, key, regions })
+        .unwrap();
     w.apply(Input::Tick);
     w.advance(100);
     let probe = w
@@ -1018,6 +1042,111 @@ fn a_resync_that_keeps_failing_marks_the_device_failed_again_and_probing_starts_
 }
 
 /// Runs commits until none is asked for; the effects of the last.
+#[test]
+fn regions_a_gone_holder_left_dirty_are_copied_before_the_next_open_is_granted() {
+    let mut w = World::new();
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 2 << 20, legs: 2 });
+    let (task, next) = commit_of(&effects).unwrap();
+    w.apply(committed(task, next));
+    let opened = match committed_request(&mut w, 1, Request::Open { volume: "m".into(), mode: OpenMode::Exclusive }) {
+        Ok(Response::Opened(o)) => o,
+        other => panic!("{other:?}"),
+    };
+    let mark = Request::IntentRecord { handle: opened.handle, mark: vec![1], clear: vec![] };
+    assert_eq!(committed_request(&mut w, 1, mark), Ok(Response::IntentRecorded));
+    // Out of range, or too many: refused.
+    let bad = Request::IntentRecord { handle: opened.handle, mark: vec![2], clear: vec![] };
+    assert_eq!(committed_request(&mut w, 1, bad), Err(ErrorCode::InvalidArgument));
+    // The holder dies: silent past its lease.
+    w.apply(Input::Disconnected { session: 1 });
+    w.advance(LEASE_MS + 1);
+    let (open, effects) = w.request(2, Request::Open { volume: "m".into(), mode: OpenMode::Exclusive });
+    assert!(reply_of(&effects, open).is_none() && commit_of(&effects).is_none(), "not granted before the copy");
+    let (copy, copies) = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Job { task, job: Job::Resync { copies, .. } } => Some((*task, copies.clone())),
+            _ => None,
+        })
+        .expect("the dirty region is copied first");
+    let extent = &w.core.meta.volume_by_name("m").unwrap().extents[1];
+    assert_eq!(copies.len(), 1, "region 1 only, from one leg onto the other");
+    assert_eq!(copies[0].from[0].device, extent.legs[0].device, "from the first online leg");
+    assert_eq!(copies[0].to.device, extent.legs[1].device);
+    assert_eq!(copies[0].to.offsets, vec![extent.legs[1].offset]);
+    // Copied: the open commits, forgetting the dead holder's dirty set.
+    let effects = w.apply(Input::JobDone { task: copy, outcome: JobOutcome::done() });
+    let (task, next) = commit_of(&effects).expect("the open commits after the copy");
+    let effects = w.apply(committed(task, next));
+    assert!(matches!(reply_of(&effects, open), Some(Ok(Response::Opened(_)))), "{effects:?}");
+    assert!(w.core.meta.intents.iter().all(|e| e.key != volume_format::metadata::IntentKey::Dirty(opened.handle)));
+}
+
+#[test]
+fn a_writer_without_the_intent_log_leaves_a_failed_device_s_legs_untracked_so_they_are_copied_whole() {
+    use volume_format::metadata::IntentKey;
+    let mut w = World::new();
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 2 << 20, legs: 2 });
+    let (task, next) = commit_of(&effects).unwrap();
+    w.apply(committed(task, next));
+    // An agent of protocol 5 (no intent log) writes the volume.
+    let old = Peer { version: super::intents::INTENT_PROTOCOL_VERSION - 1, ..peer(9, Role::Agent) };
+    w.apply(Input::Connected { session: 9, peer: old, addr: "test".into() });
+    assert!(matches!(
+        committed_request(&mut w, 9, Request::Open { volume: "m".into(), mode: OpenMode::Exclusive }),
+        Ok(Response::Opened(_))
+    ));
+    let v = w.core.meta.volume_by_name("m").unwrap().id;
+    let device = w.core.meta.volume_by_name("m").unwrap().extents[0].legs[0].device;
+    w.core.queue.push_back(super::core::Change::DeviceFailed { device, reason: "gone".into() });
+    let (task, next) = commit_of(&w.apply(Input::Tick)).expect("the failure commits");
+    w.apply(committed(task, next));
+    assert!(!w.core.meta.tracks_stale(v, device), "nothing says which regions it missed");
+    assert!(w.core.meta.intents_of(v).all(|e| !matches!(e.key, IntentKey::Stale(_))));
+    let Some(Job::Resync { copies, .. }) = w.core.resync_job(v, device) else { panic!("a copy") };
+    let extent_bytes = w.core.meta.extent_bytes;
+    let region_bytes = volume_format::metadata::intent_region_bytes(extent_bytes);
+    let on_device =
+        w.core.meta.volume(v).unwrap().extents.iter().filter(|e| e.legs.iter().any(|l| l.device == device)).count();
+    assert_eq!(copies.len() as u64, on_device as u64 * (extent_bytes / region_bytes), "its legs are copied whole");
+}
+
+#[test]
+fn a_failed_copy_of_a_gone_holder_s_regions_refuses_the_open_and_the_next_open_copies_again() {
+    let mut w = World::new();
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 2 << 20, legs: 2 });
+    let (task, next) = commit_of(&effects).unwrap();
+    w.apply(committed(task, next));
+    let Ok(Response::Opened(opened)) =
+        committed_request(&mut w, 1, Request::Open { volume: "m".into(), mode: OpenMode::Exclusive })
+    else {
+        panic!()
+    };
+    let mark = Request::IntentRecord { handle: opened.handle, mark: vec![0], clear: vec![] };
+    assert_eq!(committed_request(&mut w, 1, mark), Ok(Response::IntentRecorded));
+    w.apply(Input::Disconnected { session: 1 });
+    w.advance(LEASE_MS + 1);
+    for attempt in 0..2 {
+        let (open, effects) = w.request(2, Request::Open { volume: "m".into(), mode: OpenMode::Exclusive });
+        let copy = effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Job { task, job: Job::Resync { .. } } => Some(*task),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("attempt {attempt} copies: {effects:?}"));
+        if attempt == 0 {
+            let effects = w.apply(Input::JobDone { task: copy, outcome: JobOutcome::failed("device gone") });
+            assert!(matches!(reply_of(&effects, open), Some(Err(e)) if e.code == ErrorCode::Unavailable));
+        } else {
+            let effects = w.apply(Input::JobDone { task: copy, outcome: JobOutcome::done() });
+            let (task, next) = commit_of(&effects).unwrap();
+            let effects = w.apply(committed(task, next));
+            assert!(matches!(reply_of(&effects, open), Some(Ok(Response::Opened(_)))));
+        }
+    }
+}
+
 fn commit_all(w: &mut World, mut effects: Vec<Effect>) -> Vec<Effect> {
     let mut all = Vec::new();
     while let Some((task, next)) = commit_of(&effects) {
@@ -1286,6 +1415,149 @@ fn an_expired_handle_is_released_only_after_it_is_fenced() {
     let (task, next) = commit_of(&effects).expect("released once fenced");
     w.apply(committed(task, next));
     assert!(w.core.handles.get(held.0).is_none());
+}
+
+/// A write-intent mark whose commit misses the metadata copy on a dead
+/// device: the server checks that device, marks it failed (the commit
+/// leaves its copy out) and the mark, asked again, commits to the copies
+/// left — stale for the failed device. No agent had to report it.
+#[test]
+fn a_commit_that_misses_the_copy_on_a_dead_device_marks_it_failed_then_commits_to_the_rest() {
+    use super::recovery::ProbeBackoff;
+    use volume_format::metadata::DeviceState;
+    let mut w = World::new();
+    w.core.set_device_probe(ProbeBackoff { min_ms: 100, max_ms: 400 });
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 2 << 20, legs: 2 });
+    let (task, next) = commit_of(&effects).unwrap();
+    w.apply(committed(task, next));
+    let (open, effects) = w.request(1, Request::Open { volume: "m".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    let Some(Ok(Response::Opened(opened))) = reply_of(&effects, open) else { panic!("{effects:?}") };
+    let device = w.core.meta.volume_by_name("m").unwrap().extents[0].legs[0].device;
+    let uuid = w.core.meta.device(device).unwrap().device_uuid;
+    let check_of = |effects: &[Effect]| {
+        effects.iter().find_map(|e| match e {
+            Effect::Job { task, job: Job::CheckDevice { index, .. } } if *index == device.0 => Some(*task),
+            _ => None,
+        })
+    };
+    let missing = |write: &RawWrite| {
+        let mut written = vec![true; write.copies];
+        let copy = write.targets.iter().find(|t| t.1 == uuid).expect("the device holds a copy").0;
+        written[copy] = false;
+        written
+    };
+    let mark = Request::IntentRecord { handle: opened.handle, mark: vec![0], clear: vec![] };
+    let (first, effects) = w.request(1, mark.clone());
+    let (task, write) = commit_of(&effects).expect("the mark commits");
+    let effects = w.apply(Input::MetaWritten { task, written: missing(&write), failures: vec!["refused".into()] });
+    match reply_of(&effects, first) {
+        Some(Err(e)) => assert_eq!(e.code, ErrorCode::CommitFailed, "{e}"),
+        other => panic!("a failed mark is never acknowledged: {other:?}"),
+    }
+    let check = check_of(&effects).expect("the device of the copy that missed the commit is checked");
+    // The superseding commit misses it too: checked once at a time.
+    let (task, write) = commit_of(&effects).expect("an empty commit supersedes the refused one");
+    let effects = w.apply(Input::MetaWritten { task, written: missing(&write), failures: vec!["refused".into()] });
+    assert!(check_of(&effects).is_none(), "one check at a time");
+    let (supersede, write) = commit_of(&effects).expect("superseded again");
+    // It is gone: marked failed, in a commit that leaves its copy out.
+    let effects = w.apply(Input::JobDone { task: check, outcome: JobOutcome::failed("connection refused") });
+    assert!(commit_of(&effects).is_none(), "one commit in flight");
+    let effects = w.apply(Input::MetaWritten { task: supersede, written: missing(&write), failures: vec!["x".into()] });
+    let (task, write) = commit_of(&effects).expect("the failure commits");
+    assert!(write.targets.iter().all(|t| t.1 != uuid), "the failed device's copy is left out: {:?}", write.targets);
+    w.apply(committed(task, write));
+    assert!(matches!(w.core.meta.device(device).unwrap().state, DeviceState::Failed { .. }));
+    // The agent asks again: durable on the copies left, stale for the device.
+    assert_eq!(committed_request(&mut w, 1, mark), Ok(Response::IntentRecorded));
+    let v = w.core.meta.volume_by_name("m").unwrap().id;
+    let stale: Vec<u64> = w.core.meta.intent(v, volume_format::metadata::IntentKey::Stale(device)).iter().collect();
+    assert_eq!(stale, vec![0]);
+}
+
+/// A device whose label reads but whose metadata copy keeps missing
+/// commits (it answers reads, fails writes) would stall every commit: after
+/// `COPY_MISSES_WHILE_REACHABLE_MAX` checks that found it reachable it is
+/// marked failed all the same, and the commit goes on without its copy.
+#[test]
+fn a_device_that_reads_but_keeps_missing_commits_is_marked_failed_after_a_bound() {
+    use super::recovery::{ProbeBackoff, COPY_MISSES_WHILE_REACHABLE_MAX};
+    use volume_format::metadata::DeviceState;
+    let mut w = World::new();
+    w.core.set_device_probe(ProbeBackoff { min_ms: 100, max_ms: 400 });
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 2 << 20, legs: 2 });
+    let (task, next) = commit_of(&effects).unwrap();
+    w.apply(committed(task, next));
+    let device = w.core.meta.volume_by_name("m").unwrap().extents[0].legs[0].device;
+    let uuid = w.core.meta.device(device).unwrap().device_uuid;
+    let check_of = |effects: &[Effect]| {
+        effects.iter().find_map(|e| match e {
+            Effect::Job { task, job: Job::CheckDevice { index, .. } } if *index == device.0 => Some(*task),
+            _ => None,
+        })
+    };
+    let missing = |write: &RawWrite| {
+        let mut written = vec![true; write.copies];
+        let copy = write.targets.iter().find(|t| t.1 == uuid).expect("the device holds a copy").0;
+        written[copy] = false;
+        written
+    };
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "n".into(), size_bytes: 1 << 20, legs: 1 });
+    let (mut task, mut write) = commit_of(&effects).unwrap();
+    for round in 1..=COPY_MISSES_WHILE_REACHABLE_MAX {
+        let effects = w.apply(Input::MetaWritten { task, written: missing(&write), failures: vec!["EIO".into()] });
+        let check = check_of(&effects).unwrap_or_else(|| panic!("round {round}: the device is checked"));
+        (task, write) = commit_of(&effects).expect("an empty commit supersedes the refused one");
+        // Its label reads; the answer is taken once no commit is in flight.
+        let effects = w.apply(Input::JobDone { task: check, outcome: JobOutcome::done() });
+        assert!(commit_of(&effects).is_none(), "one commit in flight");
+        let effects = w.apply(Input::MetaWritten { task, written: missing(&write), failures: vec!["EIO".into()] });
+        assert!(check_of(&effects).is_none(), "round {round}: one check at a time");
+        (task, write) = commit_of(&effects).expect("the next commit");
+        let failed = matches!(w.core.meta.device(device).unwrap().state, DeviceState::Failed { .. });
+        assert_eq!(failed, round == COPY_MISSES_WHILE_REACHABLE_MAX, "round {round}: failed only at the bound");
+        let writes_copy = write.targets.iter().any(|t| t.1 == uuid);
+        assert_eq!(writes_copy, round < COPY_MISSES_WHILE_REACHABLE_MAX, "round {round}: {:?}", write.targets);
+    }
+    // The last check found it reachable too: it is marked failed all the
+    // same, in a commit that leaves its copy out.
+    w.apply(committed(task, write));
+    match &w.core.meta.device(device).unwrap().state {
+        DeviceState::Failed { reason, .. } => assert!(reason.contains("although its label reads"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A commit no copy took is the server's own failure (its lease, its
+/// network): no device is suspected, and a device that answers its check
+/// stays online.
+#[test]
+fn a_commit_no_copy_took_checks_no_device_and_a_reachable_one_stays_online() {
+    use super::recovery::ProbeBackoff;
+    use volume_format::metadata::DeviceState;
+    let mut w = World::new();
+    w.core.set_device_probe(ProbeBackoff { min_ms: 100, max_ms: 400 });
+    let is_check = |e: &Effect| matches!(e, Effect::Job { job: Job::CheckDevice { .. }, .. });
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "a".into(), size_bytes: 1 << 20, legs: 1 });
+    let (task, write) = commit_of(&effects).unwrap();
+    let effects = w.apply(failed(task, write));
+    assert!(!effects.iter().any(is_check), "{effects:?}");
+    let (task, write) = commit_of(&effects).expect("superseded");
+    let mut written = vec![true; write.copies];
+    let (copy, uuid, _) = write.targets[0];
+    written[copy] = false;
+    let effects = w.apply(Input::MetaWritten { task, written, failures: vec!["a timeout".into()] });
+    let check = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Job { task, job: Job::CheckDevice { uuid: u, .. } } if *u == uuid => Some(*task),
+            _ => None,
+        })
+        .expect("checked");
+    w.apply(Input::JobDone { task: check, outcome: JobOutcome::done() });
+    assert!(w.core.meta.devices.iter().all(|d| matches!(d.state, DeviceState::Online)));
 }
 
 /// `Request::Capabilities` (issue 14): the holder of a handle gets one

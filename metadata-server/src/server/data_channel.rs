@@ -335,7 +335,11 @@ impl Core {
             return Step::Done(reply.map(|r| (r, Ok(Response::Devices(devices)))));
         }
         let state = DeviceState::Failed { reason: reason.clone(), since_unix_secs: self.now.unix_secs() };
-        let changes = vec![MetaChange::DeviceState { device: DeviceIndex(device), state }];
+        // Every region dirty now may have missed the device (a write in
+        // flight): stale for it, in this very commit — before any agent
+        // acknowledges a write that skipped the device (`intent`).
+        let mut changes = self.device_failed_intents(DeviceIndex(device));
+        changes.push(MetaChange::DeviceState { device: DeviceIndex(device), state });
         Step::Commit { changes, then: AfterCommit::DeviceFailed { device, reason, reply } }
     }
 

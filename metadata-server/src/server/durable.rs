@@ -56,6 +56,8 @@ pub fn allowed_in_grace(request: &Request) -> bool {
             // Only a resumed handle can register: its writes are waiting.
             | Request::CowRegister { .. }
             | Request::CowCopy { .. }
+            | Request::IntentRecord { .. }
+            | Request::IntentResync { .. }
     )
 }
 

@@ -48,6 +48,7 @@ pub mod data_channel;
 pub mod device_task;
 pub mod durable;
 pub mod grants;
+pub mod intents;
 pub mod jobs;
 pub mod lease_task;
 pub mod listings;

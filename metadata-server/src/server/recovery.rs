@@ -29,9 +29,28 @@
 //! 4. **Online.** Once every volume is done the device is committed online
 //!    and the holders are told: reads use its legs again.
 //!
-//! Known limits (the next steps of issue 12): whole extents on the device
-//! are copied, not only the regions written while it was away (no stale
-//! region tracking yet), and holders pause I/O while their volume's extents
+//! Only the regions written while the device was away are copied (its
+//! stale set in the write-intent log, `volume_format::metadata::intent`);
+//! a device that failed before the pool recorded stale sets has its live
+//! extents copied whole, and snapshot copy-on-write extents are always
+//! copied whole (their writes are not in the intent log).
+//!
+//! **A metadata copy that misses a commit.** A commit must reach every
+//! copy on an online device; one on a device that died is refused until the
+//! device is marked failed (its copy then leaves the set written). Agents
+//! only report devices their own I/O finds dead — and a mirrored volume's
+//! first write to a region waits for a commit (its write-intent mark), so
+//! the report may never come. So the server checks the device of every copy
+//! a commit missed while another copy took it (a failure of every copy is
+//! the server's own: its lease, its network), and marks it failed if it
+//! cannot read its label; the refused requests are retried by their
+//! senders and commit to the copies left. A device that answers its check
+//! but whose copy keeps missing commits (its label reads, its writes fail)
+//! would stall every commit: after [`COPY_MISSES_WHILE_REACHABLE_MAX`]
+//! misses in a row it is marked failed all the same. Only with probing on:
+//! a device failed this way must be able to come back.
+//!
+//! Known limits (the next steps of issue 12): holders pause I/O while their volume's extents
 //! on the device are copied (as for a snapshot delete's merge) — an online
 //! copy with regions locked against agents' writes would avoid that. A
 //! resync that fails marks the device failed again (probing starts over).
@@ -42,15 +61,24 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use tracing::{info, warn};
 use volume_format::control::messages::{ControlError, Response};
-use volume_format::metadata::{DeviceState, LogicalExtent, MetaChange, PoolMetadata};
+use volume_format::metadata::{intent_region_bytes, DeviceState, IntentKey, LogicalExtent, MetaChange, PoolMetadata};
 use volume_format::{DeviceIndex, VolumeId};
 
+use super::commit::CommitFailed;
 use super::core::{AfterCommit, AfterJob, Change, Core, ReplyId, Step, VolumeChange};
 use super::jobs::{DeviceExtents, ExtentCopy, Job, JobOutcome};
 
 /// First and longest wait between probes of a failed device.
 pub const DEVICE_PROBE_MIN_MS: u64 = 500;
 pub const DEVICE_PROBE_MAX_MS: u64 = 30_000;
+/// Longest reason kept from a commit failure in a device's failed state.
+pub const COPY_FAILURE_REASON_CHARS_MAX: usize = 512;
+
+/// Commits in a row a device's metadata copy may miss while the device
+/// answers its check (its label reads) before it is marked failed anyway:
+/// a device that reads but does not take writes must not stall every
+/// commit of the pool. A commit that succeeds resets the count.
+pub const COPY_MISSES_WHILE_REACHABLE_MAX: u32 = 3;
 /// Tries of one volume's copy before the device is marked failed again.
 pub const RESYNC_VOLUME_ATTEMPTS_MAX: u32 = 5;
 /// Replies at and above this go to the resync driver, not to a caller.
@@ -163,6 +191,52 @@ impl Core {
         }
     }
 
+    /// A commit missed the metadata copies on `failed.failed_devices`:
+    /// checks each of their devices (once at a time), see the module doc.
+    pub(super) fn check_failed_copies(&mut self, failed: &CommitFailed, why: &str) {
+        if self.device_probe.is_none() || !failed.took_some {
+            return;
+        }
+        for uuid in &failed.failed_devices {
+            let Some(d) = self.meta.devices.iter().find(|d| d.device_uuid == *uuid) else { continue };
+            if matches!(d.state, DeviceState::Failed { .. }) || !self.copy_checks.insert(d.index) {
+                continue;
+            }
+            let device = d.index;
+            warn!(%device, "the metadata copy on the device missed a commit: checking the device");
+            let why: String = why.chars().take(COPY_FAILURE_REASON_CHARS_MAX).collect();
+            let job = Job::CheckDevice { index: device.0, uuid: *uuid };
+            self.run_step(Step::Job { job, busy: None, then: AfterJob::CopyChecked { device, why } });
+        }
+    }
+
+    /// The check of a device whose metadata copy missed a commit came back:
+    /// unreachable, it is marked failed (the commit leaves its copy out);
+    /// reachable, the next commit writes its copy again.
+    pub(super) fn copy_checked(&mut self, device: DeviceIndex, why: String, outcome: JobOutcome) -> Step {
+        self.copy_checks.remove(&device);
+        match outcome.result {
+            Ok(()) => {
+                let misses = self.copy_misses.entry(device).or_default();
+                *misses += 1;
+                if *misses < COPY_MISSES_WHILE_REACHABLE_MAX {
+                    info!(%device, "the server reaches the device: its metadata copy is written again by the next commit");
+                    return Step::Done(None);
+                }
+                let misses = *misses;
+                self.copy_misses.remove(&device);
+                let reason = format!(
+                    "its metadata copy missed {misses} commits in a row although its label reads (last: {why})"
+                );
+                self.prepare_device_failed(device.0, reason, None)
+            }
+            Err(e) => {
+                let reason = format!("its metadata copy missed a commit ({why}) and the server cannot reach it ({e})");
+                self.prepare_device_failed(device.0, reason, None)
+            }
+        }
+    }
+
     /// A probe came back: a device that answered with its label starts
     /// resyncing; one that did not is probed again later.
     pub(super) fn probed(&mut self, device: DeviceIndex, outcome: JobOutcome) -> Step {
@@ -259,7 +333,9 @@ impl Core {
                 self.resyncs.remove(&device);
                 return Step::Done(None);
             }
-            let changes = vec![MetaChange::DeviceState { device, state: DeviceState::Online }];
+            // Its stale regions are copied: nothing is stale any more.
+            let mut changes = self.meta.plan_forget_stale(device);
+            changes.push(MetaChange::DeviceState { device, state: DeviceState::Online });
             return Step::Commit { changes, then: AfterCommit::DeviceOnline { device } };
         };
         r.current = Some(volume);
@@ -268,27 +344,56 @@ impl Core {
         self.prepare_reconfigure_with(&name, VolumeChange::Resync { device }, reply, false)
     }
 
-    /// The job that copies every extent of `volume` on `device` from a leg
-    /// on an online device; `None` if there is nothing to copy.
+    /// The job that copies `volume`'s data on `device` from a leg on an
+    /// online device: of its live extents only the regions written while
+    /// the device was away (its stale set, `intent`), or all of them where
+    /// the pool recorded none (the device failed before the intent log);
+    /// snapshot copy-on-write extents whole. `None` if there is nothing to
+    /// copy.
     pub(super) fn resync_job(&self, volume: VolumeId, device: DeviceIndex) -> Option<Job> {
+        let extent_bytes = self.meta.extent_bytes;
+        let region_bytes = intent_region_bytes(extent_bytes);
+        let regions_per_extent = extent_bytes / region_bytes;
+        let stale: Option<BTreeSet<u64>> = self
+            .meta
+            .tracks_stale(volume, device)
+            .then(|| self.meta.intent(volume, IntentKey::Stale(device)).iter().collect());
         let target = |d: DeviceIndex, offset: u64| -> Option<DeviceExtents> {
             let uri = self.meta.device(d)?.uri.clone();
             Some(DeviceExtents { device: d, uri, offsets: vec![offset] })
         };
-        let copies: Vec<ExtentCopy> = extents_on(&self.meta, volume, device)
-            .into_iter()
-            .filter_map(|e| {
-                let to = e.legs.iter().find(|l| l.device == device)?;
-                let from: Vec<DeviceExtents> = e
-                    .legs
-                    .iter()
-                    .filter(|l| self.meta.device(l.device).is_some_and(|d| d.state.is_online()))
-                    .filter_map(|l| target(l.device, l.offset))
-                    .collect();
-                (!from.is_empty()).then_some(ExtentCopy { to: target(to.device, to.offset)?, from })
-            })
-            .collect();
-        (!copies.is_empty()).then_some(Job::Resync { extent_bytes: self.meta.extent_bytes, copies, progress: None })
+        // One copy of `region_bytes` at `at` within extent `e`.
+        let copy = |e: &LogicalExtent, at: u64| -> Option<ExtentCopy> {
+            let to = e.legs.iter().find(|l| l.device == device)?;
+            let from: Vec<DeviceExtents> = e
+                .legs
+                .iter()
+                .filter(|l| self.meta.device(l.device).is_some_and(|d| d.state.is_online()))
+                .filter_map(|l| target(l.device, l.offset + at))
+                .collect();
+            (!from.is_empty()).then_some(ExtentCopy { to: target(to.device, to.offset + at)?, from })
+        };
+        let mut copies = Vec::new();
+        let live = self.meta.volume(volume).into_iter().flat_map(|v| v.extents.iter().enumerate());
+        for (i, e) in live.filter(|(_, e)| e.legs.iter().any(|l| l.device == device)) {
+            for r in 0..regions_per_extent {
+                let region = i as u64 * regions_per_extent + r;
+                if stale.as_ref().is_none_or(|s| s.contains(&region)) {
+                    copies.extend(copy(e, r * region_bytes));
+                }
+            }
+        }
+        let cow = self.meta.snapshots.iter().filter(|s| s.volume == volume).flat_map(|s| s.cow_extents.iter());
+        for e in cow.filter(|e| e.legs.iter().any(|l| l.device == device)) {
+            copies.extend((0..regions_per_extent).filter_map(|r| copy(e, r * region_bytes)));
+        }
+        if let Some(s) = &stale {
+            info!(
+                %device, %volume, stale_regions = s.len(), copies = copies.len(),
+                "resync copies only the regions written while the device was away"
+            );
+        }
+        (!copies.is_empty()).then_some(Job::Resync { extent_bytes: region_bytes, copies, progress: None })
     }
 
     /// Whether `reply` is the resync driver's; if so it is handled here.

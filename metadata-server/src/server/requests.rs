@@ -52,7 +52,7 @@ pub struct OpenCommit {
     pub holder: String,
 }
 
-fn done(reply: ReplyId, result: Result<Response, ControlError>) -> Step {
+pub(super) fn done(reply: ReplyId, result: Result<Response, ControlError>) -> Step {
     Step::Done(Some((reply, result)))
 }
 
@@ -104,6 +104,11 @@ impl Core {
             Request::CowRegister { handle, .. } | Request::CowCopy { handle, .. } => {
                 Some((VolumeId(self.handles.get(handle.0)?.volume), ANY))
             }
+            // Marks wait for a resync copy of the volume (which runs with
+            // its holders drained, or before an open).
+            Request::IntentRecord { handle, .. } => {
+                Some((VolumeId(self.handles.get(handle.0)?.volume), &[Busy::Resync]))
+            }
             _ => None,
         }
     }
@@ -122,7 +127,9 @@ impl Core {
                 return self.prepare_volume_create(name, size_bytes, legs, reply)
             }
             Request::VolumeDelete { name } => return self.prepare_volume_delete(&name, reply),
-            Request::Open { volume, mode } => return self.prepare_open_with(session, &volume, mode, reply, Vec::new()),
+            Request::Open { volume, mode } => {
+                return self.prepare_open_with(session, &volume, mode, reply, Vec::new(), &[])
+            }
             request @ Request::VolumeCache { .. } => return self.prepare_volume_cache(session, request, reply),
             Request::Close { handle } => return self.prepare_close(session, handle.0, reply),
             Request::OpenHandover { token } => return self.prepare_open_handover(session, &token, reply),
@@ -153,6 +160,10 @@ impl Core {
             Request::CowCopy { handle, snapshot, chunks } => {
                 return self.prepare_cow(session, handle.0, snapshot.0, chunks, true, reply)
             }
+            Request::IntentRecord { handle, mark, clear } => {
+                return self.prepare_intent_record(session, handle.0, mark, clear, reply)
+            }
+            Request::IntentResync { handle } => return self.prepare_intent_resync(session, handle.0, reply),
             Request::RecallDone { handle, generation } => self.recall_done(session, handle.0, generation),
             Request::Resume { key } => {
                 // The answer first, then where the volume's layout stands
@@ -242,6 +253,7 @@ impl Core {
                 self.device_checked(session, device, reason, reply, outcome)
             }
             AfterJob::Probed { device } => self.probed(device, outcome),
+            AfterJob::CopyChecked { device, why } => self.copy_checked(device, why, outcome),
             AfterJob::Labelled => self.labelled(outcome),
             AfterJob::Zeroed { extents, changes, then } => self.zeroing_done(extents, changes, *then, outcome),
             AfterJob::Prezeroed { extents, name, change, reply } => {
@@ -261,6 +273,8 @@ impl Core {
                     Step::Done(None)
                 }
             },
+            AfterJob::OrphansResynced(r) => self.orphans_resynced(r, outcome),
+            AfterJob::HandleResynced { volume, handle, reply } => self.handle_resynced(volume, handle, reply, outcome),
         }
     }
 
@@ -353,10 +367,14 @@ impl Core {
             Ok(c) => c,
             Err(e) => return done(reply, Err(alloc_error(e))),
         };
-        Step::Commit {
-            changes: vec![change],
-            then: AfterCommit::Reply { reply, what: format!("volume {name} deleted") },
-        }
+        // Its write-intent sets go with it (their regions mean nothing now).
+        let mut changes: Vec<MetaChange> = self
+            .meta
+            .intents_of(id)
+            .map(|e| MetaChange::IntentSet { volume: id, key: e.key, regions: Default::default() })
+            .collect();
+        changes.push(change);
+        Step::Commit { changes, then: AfterCommit::Reply { reply, what: format!("volume {name} deleted") } }
     }
 
     /// Applies `change` to `name`. Without holders (or when the layout the
@@ -547,7 +565,9 @@ impl Core {
 
     /// Opens `volume`; `carried`: handles an earlier preparation of this
     /// open broke before it replayed the volume's cache mirror
-    /// ([`super::cache`]).
+    /// ([`super::cache`]); `resynced`: the gone holders whose dirty regions
+    /// were copied (none: they are looked for first, `intents`) — their
+    /// dirty sets go away in the open's commit.
     pub(super) fn prepare_open_with(
         &mut self,
         session: SessionId,
@@ -555,6 +575,7 @@ impl Core {
         mode: OpenMode,
         reply: ReplyId,
         carried: Vec<Handle>,
+        resynced: &[HandleId],
     ) -> Step {
         let id = match self.volume_by_name(volume) {
             Ok(v) => v.id,
@@ -563,6 +584,11 @@ impl Core {
         if self.handles.recall_of(id.0).is_some() {
             let msg = format!("volume {volume} is being reconfigured; retry in a moment");
             return done(reply, Err(err(ErrorCode::Unavailable, msg)));
+        }
+        if resynced.is_empty() {
+            if let Some(step) = self.resync_orphans_before_open(session, id, volume, mode, reply, &carried) {
+                return step;
+            }
         }
         let Some(peer) = self.sessions.get(&session).cloned() else {
             return done(reply, Err(err(ErrorCode::Unavailable, "session is closing")));
@@ -601,6 +627,12 @@ impl Core {
             format!("{} opened volume {volume} {mode} at {}", peer.name, super::durable::hms(self.now.unix_secs()));
         let now_secs = self.now.unix_secs();
         let mut changes = self.meta.plan_break_handles(&broken, &broken_reason, now_secs, BROKEN_RECORDS_MAX);
+        changes.extend(self.forget_dirty(id, resynced));
+        // An agent that writes without the intent log: what a failed device
+        // misses from now on is not known (copied whole when it is back).
+        if mode != OpenMode::ReadOnly && peer.version < super::intents::INTENT_PROTOCOL_VERSION {
+            changes.extend(self.untrack_stale(id));
+        }
         changes.push(MetaChange::HandleOpen(HandleRecord {
             id: HandleId(handle.id),
             volume: id,
@@ -668,11 +700,16 @@ impl Core {
                 return done(reply, Err(err(ErrorCode::NotFound, msg)));
             }
         }
-        let changes = if self.meta.handles.iter().any(|h| h.id.0 == handle) {
+        let mut changes = if self.meta.handles.iter().any(|h| h.id.0 == handle) {
             vec![MetaChange::HandleRemove { handle: HandleId(handle) }]
         } else {
             Vec::new()
         };
+        // A close comes after the agent drained its I/O: every write reached
+        // every leg, so its dirty regions need no copy (`intents`).
+        if let Some(volume) = self.handles.get(handle).map(|h| VolumeId(h.volume)) {
+            changes.extend(self.forget_dirty(volume, &[HandleId(handle)]));
+        }
         Step::Commit { changes, then: AfterCommit::Close { session, handle, reply } }
     }
 

@@ -276,7 +276,30 @@ pub enum Request {
         handle: HandleId,
     },
 
-    // ---- admin: write-back caches' state (protocol 8) ----
+    // ---- agent: the write-intent log of mirrored volumes (protocol 8) ----
+    /// The write-intent log of a mirrored volume (protocol 8): the agent
+    /// holding `handle` is about to write the intent regions `mark` for the
+    /// first time (the server commits them dirty before answering
+    /// [`Response::IntentRecorded`], and only then may the agent write), and
+    /// every write it made to the regions `clear` has reached every leg.
+    /// Regions are `intent_region_bytes(extent_bytes)` of the volume's
+    /// logical space (`volume_format::metadata::intent`).
+    IntentRecord {
+        handle: HandleId,
+        mark: Vec<u64>,
+        clear: Vec<u64>,
+    },
+    /// A new run of the agent took `handle` back (a resume after a crash or
+    /// restart): the regions the handle recorded dirty may differ between
+    /// legs (the previous run died with writes in flight). The server copies
+    /// them from one leg to the others, forgets them, and answers
+    /// [`Response::IntentRecorded`]; the agent does no I/O to the volume
+    /// before that (protocol 8).
+    IntentResync {
+        handle: HandleId,
+    },
+
+    // ---- admin: write-back caches' state (protocol 9) ----
     /// What the server knows of volume `name`'s write-back cache: the
     /// setting, its holder and the server's mirror of it (`sanvol volume
     /// show`). Answered with [`Response::VolumeCacheState`].
@@ -345,6 +368,10 @@ mod byte_buf {
     }
 }
 
+/// The first protocol version with the write-intent log of mirrored volumes
+/// ([`Request::IntentRecord`], [`Request::IntentResync`]).
+pub const INTENT_PROTOCOL_VERSION: u32 = 8;
+
 /// The NBD export name of a snapshot on the backup pseudo-device.
 pub fn snapshot_export_name(volume: &str, snapshot: &str) -> String {
     format!("{volume}@{snapshot}")
@@ -384,7 +411,9 @@ impl Request {
             | Request::MirrorOpen { .. }
             | Request::MirrorAppend { .. }
             | Request::MirrorRelease { .. }
-            | Request::Capabilities { .. } => Some(&[Role::Agent]),
+            | Request::Capabilities { .. }
+            | Request::IntentRecord { .. }
+            | Request::IntentResync { .. } => Some(&[Role::Agent]),
             // Agents and admins share the read-only status requests.
             Request::VolumeCacheShow { .. } => Some(&[Role::Admin, Role::Agent]),
             Request::SnapshotList { .. } | Request::BackupChannel => Some(&[Role::Admin, Role::Backup]),
@@ -446,7 +475,10 @@ pub enum Response {
         layout_generation: u64,
         devices: Vec<DeviceCapability>,
     },
-    /// A volume's write-back cache as the server sees it (protocol 8).
+    /// The write-intent regions of a [`Request::IntentRecord`] are
+    /// committed (protocol 8).
+    IntentRecorded,
+    /// A volume's write-back cache as the server sees it (protocol 9).
     VolumeCacheState(CacheStateInfo),
 }
 
@@ -482,7 +514,8 @@ impl CacheStateInfo {
                 self.held_bytes, self.held_records
             ),
             (Some(holder), false) => format!(
-                "{setting}; holder {holder}: write-through (it is not mirroring at this server: the mirror failed,                  or the server changed; `sanvol-agent list` on the holder says why)"
+                "{setting}; holder {holder}: write-through (it is not mirroring at this server: the mirror failed, \
+                 or the server changed; `sanvol-agent list` on the holder says why)"
             ),
         }
     }

@@ -60,13 +60,18 @@ pub mod resume;
 ///   (agent) and `Response::Capabilities` (`DeviceCapability`), added last:
 ///   4 to 6 are still accepted (an agent asks only a server that
 ///   negotiated 7, and only when a device of its volume fences).
-/// - 8: the state of write-back caches — `Request::VolumeCacheShow` (admin)
-///   and `Response::VolumeCacheState` (`CacheStateInfo`), added last: 4 to 7
+/// - 8: the write-intent log of mirrored volumes — `Request::IntentRecord`,
+///   `Request::IntentResync` and `Response::IntentRecorded`, variants added
+///   last: older peers' messages encode the same, so 4 to 7 are still
+///   accepted (an agent keeps no intent log with a server that negotiated
+///   less than 8).
+/// - 9: the state of write-back caches — `Request::VolumeCacheShow` (admin)
+///   and `Response::VolumeCacheState` (`CacheStateInfo`), added last: 4 to 8
 ///   are still accepted (`sanvol volume show` asks only a server that
-///   negotiated 8).
-pub const PROTOCOL_VERSION: u32 = 8;
+///   negotiated 9).
+pub const PROTOCOL_VERSION: u32 = 9;
 /// The first protocol version with [`messages::Request::VolumeCacheShow`].
-pub const CACHE_STATE_PROTOCOL_MIN: u32 = 8;
+pub const CACHE_STATE_PROTOCOL_MIN: u32 = 9;
 
 /// The oldest protocol version this build still accepts: a peer outside
 /// `PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION` is refused at the handshake

@@ -38,6 +38,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::handover::{HandoverLedger, UsedToken};
+use super::intent::{IntentEntry, IntentKey};
 use super::snapshot::CowMap;
 use super::{
     check_block_bytes, check_name, ClientRecord, ClientScope, DeviceRecord, DeviceState, HandleRecord, HandleState,
@@ -110,6 +111,11 @@ pub enum MetaChange {
     /// 7). Committed at a recall point: every holder destaged its cache
     /// first.
     VolumeCache { volume: VolumeId, cache: Option<VolumeCache> },
+    /// Sets one of a volume's write-intent sets (format 8, see
+    /// [`super::intent`]): a handle's dirty regions, or the regions a failed
+    /// device's legs missed. An empty set removes it (a stale set created
+    /// empty stays: "tracked, nothing missed").
+    IntentSet { volume: VolumeId, key: IntentKey, regions: ChunkRuns },
 }
 
 /// A volume's new map, as [`MetaChange::VolumeRemap`] records it (planned by
@@ -191,7 +197,7 @@ impl ChunkRuns {
 
     /// Whether every chunk is below `chunks`, runs ascend without touching,
     /// and none is empty (a decoded set is checked before use).
-    fn check_within(&self, chunks: u64) -> Result<(), String> {
+    pub(crate) fn check_within(&self, chunks: u64) -> Result<(), String> {
         let mut next_free = 0u64;
         for (i, r) in self.runs.iter().enumerate() {
             let Some(end) = r.first.checked_add(r.count) else {
@@ -309,6 +315,11 @@ enum UndoStep {
         extents: Vec<LogicalExtent>,
         snapshots: Vec<(SnapshotId, Vec<LogicalExtent>)>,
     },
+    IntentSet {
+        volume: VolumeId,
+        key: IntentKey,
+        old: Option<IntentEntry>,
+    },
 }
 
 impl Undo {
@@ -352,6 +363,7 @@ impl MetaChange {
             MetaChange::DeviceAdd(_) => "device add",
             MetaChange::DeviceRemove { .. } => "device remove",
             MetaChange::VolumeRemap(_) => "volume remap",
+            MetaChange::IntentSet { .. } => "write-intent set",
             MetaChange::VolumeCache { .. } => "volume cache",
         }
     }
@@ -652,6 +664,10 @@ impl PoolMetadata {
                 }
                 UndoStep::Remapped { volume: remap.volume, mirror_legs, extents, snapshots }
             }
+            MetaChange::IntentSet { volume, key, regions } => {
+                let old = self.set_intent(*volume, *key, regions).map_err(fail)?;
+                UndoStep::IntentSet { volume: *volume, key: *key, old }
+            }
             MetaChange::VolumeCache { volume, cache } => {
                 if !self.volumes.iter().any(|v| v.id == *volume) {
                     return Err(fail(format!("volume {volume} does not exist")));
@@ -809,6 +825,7 @@ impl PoolMetadata {
                     }
                 }
             }
+            UndoStep::IntentSet { volume, key, old } => self.unset_intent(volume, key, old),
         }
     }
 

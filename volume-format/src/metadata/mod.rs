@@ -29,6 +29,7 @@
 pub mod alloc;
 pub mod change;
 pub mod handover;
+pub mod intent;
 pub mod journal;
 pub mod payload;
 pub mod remap;
@@ -40,6 +41,7 @@ pub(crate) mod testing;
 pub use alloc::{allocate, AllocError, FreeExtents};
 pub use change::{ApplyError, ChunkRun, ChunkRuns, MetaChange, NewSnapshot, Remap, Undo};
 pub use handover::{HandoverLedger, UsedToken, HANDOVER_USED_MAX};
+pub use intent::{intent_region_bytes, IntentEntry, IntentKey, INTENT_REGION_BYTES_MAX};
 pub use remap::{LegCopy, RemapKind, RemapPlan};
 pub use slots::{MetadataArea, MetadataError, NewestSlot, SlotError, SlotHeader, SLOT_HEADER_BYTES, SLOT_MAGIC};
 pub use snapshot::{ChunkSource, CowMap, DeletePlan, COW_CHUNK_BYTES};
@@ -84,9 +86,17 @@ use uuid::Uuid;
 ///   [`MetaChange::VolumeCache`], a variant added last). Format-4 to -6
 ///   payloads decode without caches ([`payload::PayloadV6`]); entries of
 ///   those formats decode unchanged; format-6 readers refuse format 7.
-pub const METADATA_FORMAT_VERSION: u32 = 7;
+/// - 8: the write-intent log of mirrored volumes ([`intent`]): the
+///   [`PoolMetadata::intents`] field (the new last field) and
+///   [`MetaChange::IntentSet`] (a variant added last). Format-7 payloads
+///   decode without it ([`payload::PayloadV7`]); entries of older formats
+///   decode unchanged; format-7 readers refuse format 8.
+pub const METADATA_FORMAT_VERSION: u32 = 8;
 /// The oldest format whose payload is today's [`PoolMetadata`] schema.
-pub const PAYLOAD_SCHEMA_FORMAT_MIN: u32 = 7;
+pub const PAYLOAD_SCHEMA_FORMAT_MIN: u32 = 8;
+/// The oldest format whose payload is [`payload::PayloadV7`] (today's schema
+/// without the write-intent sets).
+pub const PAYLOAD_V7_FORMAT_MIN: u32 = 7;
 /// The oldest format whose payload is [`payload::PayloadV6`] (today's
 /// schema without the volume caches).
 pub const PAYLOAD_V6_FORMAT_MIN: u32 = 4;
@@ -135,9 +145,12 @@ pub struct PoolMetadata {
     #[serde(default)]
     pub handovers: HandoverLedger,
     /// Volumes with a write-back cache (format 7), sorted by volume id.
-    /// Last field.
     #[serde(default)]
     pub volume_caches: Vec<VolumeCache>,
+    /// Write-intent sets of mirrored volumes (format 8, [`intent`]). Last
+    /// field.
+    #[serde(default)]
+    pub intents: Vec<IntentEntry>,
 }
 
 /// A volume's write-back cache setting (`sanvol volume cache`, format 7):
@@ -395,6 +408,7 @@ impl PoolMetadata {
             next_ids: NextIds::default(),
             client_scopes: Vec::new(),
             handovers: HandoverLedger::default(),
+            intents: Vec::new(),
             volume_caches: Vec::new(),
         }
     }

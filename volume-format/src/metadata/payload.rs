@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use super::{
     ClientRecord, ClientScope, DeviceRecord, HandleRecord, HandoverLedger, NextIds, PoolMetadata, SnapshotRecord,
-    VolumeRecord, PAYLOAD_SCHEMA_FORMAT_MIN, PAYLOAD_V6_FORMAT_MIN,
+    VolumeRecord, PAYLOAD_SCHEMA_FORMAT_MIN, PAYLOAD_V6_FORMAT_MIN, PAYLOAD_V7_FORMAT_MIN,
 };
 use crate::codec::{self, CodecError};
 use crate::ids::PublicKey;
@@ -60,6 +60,7 @@ impl From<PayloadV3> for PoolMetadata {
             client_scopes: Vec::new(),
             handovers: HandoverLedger::default(),
             volume_caches: Vec::new(),
+            intents: Vec::new(),
         }
     }
 }
@@ -105,6 +106,54 @@ impl From<PayloadV6> for PoolMetadata {
             client_scopes: p.client_scopes,
             handovers: p.handovers,
             volume_caches: Vec::new(),
+            intents: Vec::new(),
+        }
+    }
+}
+
+/// [`PoolMetadata`] as format 7 encodes it: without the write-intent sets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadV7 {
+    pub format_version: u32,
+    pub pool_uuid: Uuid,
+    pub pool_name: String,
+    pub generation: u64,
+    pub extent_bytes: u64,
+    pub created_at_unix_secs: u64,
+    pub server_public_key: PublicKey,
+    pub devices: Vec<DeviceRecord>,
+    pub volumes: Vec<VolumeRecord>,
+    pub clients: Vec<ClientRecord>,
+    pub handles: Vec<HandleRecord>,
+    pub snapshots: Vec<SnapshotRecord>,
+    pub next_ids: NextIds,
+    pub client_scopes: Vec<ClientScope>,
+    pub handovers: HandoverLedger,
+    pub volume_caches: Vec<super::VolumeCache>,
+}
+
+impl From<PayloadV7> for PoolMetadata {
+    /// Keeps the payload's `format_version`; no write-intent sets (a device
+    /// failed then has its legs copied whole when it comes back).
+    fn from(p: PayloadV7) -> PoolMetadata {
+        PoolMetadata {
+            format_version: p.format_version,
+            pool_uuid: p.pool_uuid,
+            pool_name: p.pool_name,
+            generation: p.generation,
+            extent_bytes: p.extent_bytes,
+            created_at_unix_secs: p.created_at_unix_secs,
+            server_public_key: p.server_public_key,
+            devices: p.devices,
+            volumes: p.volumes,
+            clients: p.clients,
+            handles: p.handles,
+            snapshots: p.snapshots,
+            next_ids: p.next_ids,
+            client_scopes: p.client_scopes,
+            handovers: p.handovers,
+            volume_caches: p.volume_caches,
+            intents: Vec::new(),
         }
     }
 }
@@ -114,6 +163,9 @@ impl From<PayloadV6> for PoolMetadata {
 pub fn decode(format: u32, bytes: &[u8]) -> Result<PoolMetadata, CodecError> {
     if format >= PAYLOAD_SCHEMA_FORMAT_MIN {
         return codec::decode(bytes);
+    }
+    if format >= PAYLOAD_V7_FORMAT_MIN {
+        return codec::decode::<PayloadV7>(bytes).map(PoolMetadata::from);
     }
     if format >= PAYLOAD_V6_FORMAT_MIN {
         return codec::decode::<PayloadV6>(bytes).map(PoolMetadata::from);
@@ -129,6 +181,9 @@ pub fn encode_format2(meta: &PoolMetadata) -> Result<Vec<u8>, String> {
     }
     if !meta.client_scopes.is_empty() {
         return Err("format 2 cannot record volume scopes of backup keys; commit with the journal".into());
+    }
+    if !meta.intents.is_empty() {
+        return Err("format 2 cannot record write-intent sets; commit with the journal".into());
     }
     if !meta.volume_caches.is_empty() {
         return Err("format 2 cannot record volume caches; commit with the journal".into());

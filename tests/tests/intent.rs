@@ -1,0 +1,267 @@
+//! Issue 12, the write-intent log, with real processes: nbdkit devices,
+//! `sanvol-mds`, and a `sanvol-agent` whose path to one leg's device runs
+//! through nbdkit's `delay` filter (5 s per write). Mirrored writes are in
+//! flight — on the fast leg, not yet on the slow one — when the agent and
+//! its slow path die (kill -9, as a host crash takes both). Another agent
+//! then opens the volume. Read from the devices directly, both legs must be
+//! identical over the whole volume, and reads through the new agent (which
+//! rotate between legs) must return the same data every time.
+//!
+//! Run with `SANVOL_INTENT_LOG=off` in the environment (the agents inherit
+//! it) and this test fails: without the log nothing resynchronizes the
+//! regions the crash left different.
+
+use std::time::{Duration, Instant};
+
+use blockio::client::{ClientOptions, NbdClient};
+use blockio::uri::NbdUri;
+use blockio::BlockDevice;
+use bytes::Bytes;
+use sanvol_tests::peers;
+use sanvol_tests::system::Stack;
+use sanvol_tests::volumes::{block_pattern, connect, BLOCK};
+
+/// Blocks written in flight, one per intent region (spread over the volume).
+const WRITES: u64 = 16;
+/// Reads of each written block through the new agent.
+const READS_PER_BLOCK: usize = 6;
+const WAIT: Duration = Duration::from_secs(60);
+
+/// (device index, device offset) of each leg of each extent of `volume`.
+fn legs(stack: &Stack, volume: &str) -> (u64, Vec<Vec<(u64, u64)>>) {
+    let show = stack.sanvol_json(&["volume", "show", volume]);
+    let desc = &show["description"];
+    let extents = desc["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            e["legs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| (l["device"].as_u64().unwrap(), l["offset"].as_u64().unwrap()))
+                .collect()
+        })
+        .collect();
+    (desc["extent_bytes"].as_u64().unwrap(), extents)
+}
+
+/// Reads `len` bytes at volume offset `offset` from leg `leg`, directly on
+/// its device.
+async fn read_leg(
+    devices: &[(u64, NbdClient)],
+    map: &(u64, Vec<Vec<(u64, u64)>>),
+    leg: usize,
+    offset: u64,
+    len: u32,
+) -> Bytes {
+    let (extent_bytes, extents) = map;
+    let (device, at) = extents[(offset / extent_bytes) as usize][leg];
+    let client = &devices.iter().find(|(d, _)| *d == device).expect("a client per device").1;
+    client.read(at + offset % extent_bytes, len).await.expect("read a leg directly")
+}
+
+/// What a crash left: the pool, the volume's map, direct clients of its
+/// devices, the blocks written in flight and the dead agent's export.
+struct Crashed {
+    stack: Stack,
+    size: u64,
+    map: (u64, Vec<Vec<(u64, u64)>>),
+    devices: Vec<(u64, NbdClient)>,
+    blocks: Vec<u64>,
+    export: NbdUri,
+}
+
+/// A mirrored volume on a pool whose handles are kept `durable_ms` past
+/// their lease; agent host-a writes [`WRITES`] blocks of it while its path
+/// to leg 1's device is delayed, and dies (kill -9) once they reached leg 0
+/// only.
+async fn crash_with_writes_in_flight(durable_ms: u64) -> Crashed {
+    let mut stack = Stack::new(2, "1G");
+    stack.durable_ms = Some(durable_ms);
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "m", "256M", "--mirror", "2"]);
+    let show = stack.sanvol_json(&["volume", "show", "m"]);
+    let size = show["description"]["size_bytes"].as_u64().unwrap();
+    let map = legs(&stack, "m");
+    // Leg 1's device is slow for the first agent only.
+    let slow_index = map.1[0][1].0;
+    let slow_uri = show["description"]["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["index"].as_u64() == Some(slow_index))
+        .unwrap()["uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let peer = stack.devices.iter().position(|d| d.uri().to_string() == slow_uri).expect("the device's nbdkit");
+    let socket = stack.devices[peer].dir().join("nbd.sock");
+    let mut slow = peers::nbdkit(&[
+        "--filter=delay",
+        "nbd",
+        &format!("socket={}", socket.display()),
+        "delay-write=5000ms",
+        "delay-zero=5000ms",
+        "delay-trim=5000ms",
+    ]);
+    let mut agent = stack.start_agent_with("host-a", &["--device-uri".into(), format!("{slow_uri}={}", slow.uri())]);
+    let export = agent.attach("m", "exclusive");
+
+    let mut devices = Vec::new();
+    for d in show["description"]["devices"].as_array().unwrap() {
+        let uri: NbdUri = d["uri"].as_str().unwrap().parse().unwrap();
+        devices.push((d["index"].as_u64().unwrap(), connect(&uri).await));
+    }
+    let blocks: Vec<u64> = (0..WRITES).map(|i| i * (size / BLOCK / WRITES) + 1).collect();
+
+    // The writes, all at once; they complete on leg 0 at once, on leg 1
+    // after the delay — too late.
+    let writer = connect(&export).await;
+    let in_flight = tokio::spawn({
+        let writer = writer.clone();
+        let blocks = blocks.clone();
+        async move {
+            let writes = blocks.iter().map(|&b| writer.write(b * BLOCK, Bytes::from(block_pattern(7, b)), false));
+            futures::future::join_all(writes).await
+        }
+    });
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut landed = 0;
+        for &b in &blocks {
+            if read_leg(&devices, &map, 0, b * BLOCK, BLOCK as u32).await[..] == block_pattern(7, b)[..] {
+                landed += 1;
+            }
+        }
+        if landed == blocks.len() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the writes never reached the fast leg\n{}", stack.all_logs(40));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The host dies: the agent and its slow path with it.
+    agent.proc.kill();
+    slow.kill();
+    in_flight.abort();
+    // The precondition: the crash left the legs different.
+    for &b in &blocks {
+        let on_slow = read_leg(&devices, &map, 1, b * BLOCK, BLOCK as u32).await;
+        assert!(on_slow.iter().all(|&x| x == 0), "block {b} reached the slow leg before the crash");
+    }
+
+    Crashed { stack, size, map, devices, blocks, export }
+}
+
+/// A connection to `export` once the agent serves it (a restarted agent
+/// takes its volumes back in the background: another process's state,
+/// polled).
+async fn connect_when_served(export: &NbdUri) -> NbdClient {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match NbdClient::connect(export, ClientOptions::default()).await {
+            Ok(c) => return c,
+            Err(e) => assert!(Instant::now() < deadline, "{export} not served within {WAIT:?}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Both legs identical over the volume (read from the devices directly),
+/// reads of every written block through `export` never flip, and a write
+/// through it lands on both legs.
+async fn assert_consistent_through(c: &Crashed, export: &NbdUri) {
+    let Crashed { stack, size, map, devices, blocks, .. } = c;
+    let size = *size;
+    // Reads through the agent rotate between legs and never flip: the
+    // first I/O is also what makes a restarted agent's copy happen.
+    let reader = connect_when_served(export).await;
+    let mut first_reads = Vec::new();
+    for &b in blocks {
+        let mut seen = Vec::new();
+        for _ in 0..READS_PER_BLOCK {
+            seen.push(reader.read(b * BLOCK, BLOCK as u32).await.expect("read through the agent"));
+        }
+        assert!(seen.windows(2).all(|w| w[0] == w[1]), "block {b} read differently through the agent");
+        first_reads.push(seen.swap_remove(0));
+    }
+    // Both legs, read from the devices directly, are identical everywhere.
+    let extent_bytes = map.0;
+    let step = 4u64 << 20;
+    let mut offset = 0;
+    while offset < size {
+        let len = step.min(size - offset).min(extent_bytes - offset % extent_bytes) as u32;
+        let a = read_leg(devices, map, 0, offset, len).await;
+        let b = read_leg(devices, map, 1, offset, len).await;
+        if a != b {
+            let first = a.iter().zip(b.iter()).position(|(x, y)| x != y).unwrap() as u64;
+            panic!(
+                "the legs differ at volume offset {} after the reopen (a crashed holder's dirty regions were not \
+                 resynchronized)\n{}",
+                offset + first,
+                stack.all_logs(40)
+            );
+        }
+        offset += u64::from(len);
+    }
+    // What the agent read is what both legs hold.
+    for (&b, read) in blocks.iter().zip(&first_reads) {
+        let on_device = read_leg(devices, map, 0, b * BLOCK, BLOCK as u32).await;
+        assert_eq!(*read, on_device, "block {b} through the agent vs its legs");
+    }
+    // And the new holder writes (its own marks are not held up by the copy).
+    let b = blocks[0];
+    reader.write(b * BLOCK, Bytes::from(block_pattern(9, b)), false).await.expect("write through the new agent");
+    reader.flush().await.expect("flush through the new agent");
+    for leg in 0..2 {
+        let on_leg = read_leg(devices, map, leg, b * BLOCK, BLOCK as u32).await;
+        assert_eq!(on_leg[..], block_pattern(9, b)[..], "leg {leg} after the new holder's write");
+    }
+    reader.disconnect().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_with_mirrored_writes_in_flight_leaves_identical_legs_once_another_agent_opens_the_volume() {
+    let c = crash_with_writes_in_flight(1000).await;
+    let stack = &c.stack;
+    // Another agent opens the volume once the dead holder's lease ran out.
+    let other = stack.start_agent("host-b");
+    let deadline = Instant::now() + WAIT;
+    let export = loop {
+        let out = other.cli(&["attach", "m", "--mode", "exclusive"]);
+        if out.status.success() {
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            let line = stdout.lines().find(|l| l.starts_with("nbd")).expect("attach prints the export").to_string();
+            break line.trim().parse::<NbdUri>().unwrap();
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            Instant::now() < deadline && stderr.contains("open"),
+            "attach of m by host-b failed: {stderr}\n{}",
+            stack.all_logs(40)
+        );
+        // The old holder's lease is another process's state: poll.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    assert_consistent_through(&c, &export).await;
+    let log = stack.mds_log();
+    assert!(log.contains("copying the regions a gone holder left dirty"), "the server says what it copied:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_that_takes_its_handle_back_resyncs_before_its_first_io() {
+    // Handles outlive their lease long enough for the restart to resume.
+    let c = crash_with_writes_in_flight(60_000).await;
+    // The same agent again (its state directory kept the resume key), its
+    // path to the slow device direct now: it takes its handle back and
+    // serves the same export.
+    let _agent = c.stack.restart_agent("host-a");
+    assert_consistent_through(&c, &c.export).await;
+    let log = c.stack.mds_log();
+    assert!(
+        log.contains("copying the regions a resumed handle's previous run left dirty"),
+        "the server says what it copied:\n{log}"
+    );
+}
