@@ -51,7 +51,7 @@ use crate::cow::{CowRegistrar, Registrations};
 use crate::devices::DevicePool;
 use crate::export::{serve_volume, ExportHandle, ExportTarget};
 use crate::fallback::ServerLink;
-use crate::gate::{Gate, Phase};
+use crate::gate::Gate;
 use crate::intent::{IntentLog, IntentRecorder};
 use crate::kernel::attach::KernelAttachment;
 use crate::session::{ConnectState, SessionConfig};
@@ -99,6 +99,13 @@ pub(crate) enum ToOwner {
         attachment: AttachmentId,
         result: Result<(), DetachFailure>,
         leftovers: Leftovers,
+    },
+    /// A cached volume's cache destaged for a recall (`Effect::BeginRecall`).
+    Quiesced {
+        attachment: AttachmentId,
+        generation: u64,
+        hold: crate::cache::WriteHold,
+        result: Result<(), String>,
     },
     Input(Input),
 }
@@ -379,6 +386,30 @@ impl Shell {
                 }
                 Input::Detached { attachment, result }
             }
+            ToOwner::Quiesced { attachment, generation, hold, result } => {
+                let rt = self.attachments.get(&attachment)?;
+                let cache = rt.cache.as_ref().map(|(cache, _)| cache.clone())?;
+                // Checked here, in order with `Effect::Publish`: a layout
+                // published while the cache destaged ended the recall.
+                let closed = result.and_then(|()| {
+                    if !cache.hold_is_current(hold) {
+                        return Err("a new layout came (or the handle went) while the cache destaged".to_string());
+                    }
+                    rt.gate.begin_recall(generation).map_err(|e| e.to_string())
+                });
+                if let Err(e) = closed {
+                    if cache.hold_is_current(hold) {
+                        cache.resume_writes();
+                    }
+                    return Some(Input::Drained { attachment, generation, result: Err(e) });
+                }
+                let (gate, tx) = (rt.gate.clone(), self.tx.clone());
+                tokio::spawn(async move {
+                    let result = gate.drained().await.map_err(|e| e.to_string());
+                    let _ = tx.send(ToOwner::Input(Input::Drained { attachment, generation, result }));
+                });
+                return None;
+            }
             ToOwner::Input(input) => {
                 if let Input::ConnectionLost { conn } = &input {
                     self.conns.remove(conn);
@@ -450,30 +481,28 @@ impl Shell {
                 let Some(rt) = self.attachments.get(&attachment) else { return };
                 if let Some((cache, _)) = &rt.cache {
                     // A cached volume destages first (see `crate::cache`'s
-                    // "Snapshots"): the gate must stay open for that.
-                    let (gate, cache, tx) = (rt.gate.clone(), cache.clone(), self.tx.clone());
+                    // "Snapshots"): the gate stays open for that, and closes
+                    // in the owner loop (`ToOwner::Quiesced`), where a layout
+                    // published meanwhile shows.
+                    let hold = cache.hold_writes();
+                    let (cache, tx) = (cache.clone(), self.tx.clone());
                     tokio::spawn(
                         async move {
-                            let result = async {
-                                // The mirror must be empty before the confirmation; it
-                                // needs the server, as the confirmation does: retried
-                                // until it answers, or the handle goes.
-                                while let Err(why) = cache.quiesce().await {
-                                    if matches!(gate.status().phase, Phase::Revoked { .. } | Phase::Closed) {
-                                        return Err(why);
+                            // The mirror must be empty before the confirmation; that
+                            // needs the server, as the confirmation does: retried until
+                            // it answers, or the hold ends (a new layout, a revocation).
+                            let result = loop {
+                                match cache.quiesce().await {
+                                    Ok(()) => break Ok(()),
+                                    Err(why) if !cache.hold_is_current(hold) => break Err(why),
+                                    Err(why) => {
+                                        warn!(generation, error = %why, retry_ms = crate::cache::MIRROR_RETRY_MS,
+                                            "a recall of a cached volume waits for its mirror; retrying");
+                                        tokio::time::sleep(Duration::from_millis(crate::cache::MIRROR_RETRY_MS)).await;
                                     }
-                                    warn!(generation, error = %why, retry_ms = crate::cache::MIRROR_RETRY_MS,
-                                        "a recall of a cached volume waits for its mirror; retrying");
-                                    tokio::time::sleep(Duration::from_millis(crate::cache::MIRROR_RETRY_MS)).await;
                                 }
-                                gate.begin_recall(generation).map_err(|e| e.to_string())?;
-                                gate.drained().await.map_err(|e| e.to_string())
-                            }
-                            .await;
-                            if result.is_err() {
-                                cache.resume_writes();
-                            }
-                            let _ = tx.send(ToOwner::Input(Input::Drained { attachment, generation, result }));
+                            };
+                            let _ = tx.send(ToOwner::Quiesced { attachment, generation, hold, result });
                         }
                         .in_current_span(),
                     );

@@ -166,6 +166,11 @@ pub trait BeforeLogged: Send + Sync + 'static {
     async fn before_logged(&self, ranges: &[(u64, u64)]) -> Result<(), IoError>;
 }
 
+/// One recall point's hold on a cache's new writes
+/// ([`CachedDevice::hold_writes`]): tells whether it was ended meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteHold(u64);
+
 /// Whether a cache's writes are mirrored right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MirrorState {
@@ -283,8 +288,10 @@ struct State {
     destaged_bytes: u64,
     /// When each recent destage round finished and its bytes.
     destage_samples: VecDeque<(std::time::Instant, u64)>,
-    /// A recall point holds new batches ([`CachedDevice::quiesce`]).
+    /// A recall point holds new batches ([`CachedDevice::hold_writes`]).
     held: bool,
+    /// Holds ended so far ([`WriteHold`]).
+    resumes: u64,
     /// The append loop is past its hold check with a batch (preserving,
     /// logging or mirroring it).
     appending: bool,
@@ -464,6 +471,7 @@ impl CachedDevice {
                 destaged_bytes: 0,
                 destage_samples: VecDeque::new(),
                 held: false,
+                resumes: 0,
                 appending: false,
             }),
             space_freed: Notify::new(),
@@ -523,15 +531,27 @@ impl CachedDevice {
         }
     }
 
-    /// A recall point (a snapshot or another reconfiguration): holds new
-    /// writes (they wait, unacknowledged, until [`CachedDevice::resume_writes`]),
-    /// waits for the batch being logged, destages everything acknowledged,
-    /// and makes sure the mirror holds nothing (see "Snapshots" in the module
-    /// doc). Returns once the devices hold every acknowledged write; an
-    /// error says the mirror could not be emptied (the hold stays: the
-    /// caller resumes writes).
+    /// A recall point (a snapshot or another reconfiguration) starts: new
+    /// writes wait, unacknowledged, until [`CachedDevice::resume_writes`].
+    /// Then [`CachedDevice::quiesce`].
+    pub fn hold_writes(&self) -> WriteHold {
+        let mut state = self.shared.lock();
+        state.held = true;
+        WriteHold(state.resumes)
+    }
+
+    /// Whether `hold` has not been ended by [`CachedDevice::resume_writes`]
+    /// (a new layout, a revocation) since it was taken.
+    pub fn hold_is_current(&self, hold: WriteHold) -> bool {
+        self.shared.lock().resumes == hold.0
+    }
+
+    /// After [`CachedDevice::hold_writes`]: waits for the batch being
+    /// logged, destages everything acknowledged, and makes sure the mirror
+    /// holds nothing (see "Snapshots" in the module doc). Returns once the
+    /// devices hold every acknowledged write; an error says the mirror could
+    /// not be emptied (retry; the hold stays until writes are resumed).
     pub async fn quiesce(&self) -> Result<(), String> {
-        self.shared.lock().held = true;
         loop {
             let notified = self.shared.hold_changed.notified();
             tokio::pin!(notified);
@@ -559,10 +579,12 @@ impl CachedDevice {
     /// Ends a [`CachedDevice::quiesce`]'s hold: held writes are logged (and
     /// acknowledged) from now on.
     pub fn resume_writes(&self) {
-        let was_held = std::mem::replace(&mut self.shared.lock().held, false);
-        if was_held {
-            self.shared.hold_changed.notify_waiters();
+        {
+            let mut state = self.shared.lock();
+            state.held = false;
+            state.resumes += 1;
         }
+        self.shared.hold_changed.notify_waiters();
     }
 
     /// Destages everything, then stops.

@@ -543,7 +543,11 @@ async fn quiesce_destages_everything_empties_the_mirror_and_holds_new_writes_unt
     }
     let quiesce = {
         let cache = cache.clone();
-        tokio::spawn(async move { cache.quiesce().await })
+        let hold = cache.hold_writes();
+        tokio::spawn(async move {
+            let quiesced = cache.quiesce().await;
+            (quiesced, cache.hold_is_current(hold))
+        })
     };
     // A write arriving during the recall point waits, unacknowledged.
     let late = {
@@ -553,7 +557,9 @@ async fn quiesce_destages_everything_empties_the_mirror_and_holds_new_writes_unt
     tokio::task::yield_now().await;
     assert!(!quiesce.is_finished(), "quiesced while the device still lacked acknowledged writes");
     s.hold.send(false).unwrap();
-    quiesce.await.unwrap().unwrap();
+    let (quiesced, current) = quiesce.await.unwrap();
+    quiesced.unwrap();
+    assert!(current, "nothing ended the hold");
     let mut model = vec![0u8; DEVICE_BYTES as usize];
     for (offset, data) in &all {
         model[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
@@ -566,7 +572,9 @@ async fn quiesce_destages_everything_empties_the_mirror_and_holds_new_writes_unt
     }
     assert!(!late.is_finished(), "a write was acknowledged during the recall point");
     assert_eq!(s.memory.read(0, 4096).await.unwrap(), model[..4096], "a held write reached the device");
+    let hold = cache.hold_writes();
     cache.resume_writes();
+    assert!(!cache.hold_is_current(hold), "a resume ends the hold");
     late.await.unwrap().unwrap();
     assert_eq!(cache.read(0, 4096).await.unwrap(), vec![0xee; 4096]);
 }
