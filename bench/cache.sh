@@ -8,6 +8,13 @@
 # device through the cache (log file on this host's disk, fdatasync'ed) and
 # with --write-through. fio's nbd engine drives all four over unix sockets.
 #
+# Mirrored (the product path): per device (delayed, then not), a pool on one
+# nbdkit memory device, `sanvol-mds` (holding the caches' mirrors, on this
+# host's disk) and `sanvol-agent` serving two volumes of the pool: `vc` with a
+# mirrored cache (`sanvol volume cache`; log in the agent's --cache-dir) and
+# `vw` without one (writes go straight to the device: the write-through
+# peer). Each pool runs in a subshell with its own processes and directory.
+#
 # Usage: bench/cache.sh   (env: BENCH_SECONDS=10 per row, BENCH_LOG_MIB=256,
 #                          BENCH_WORK_MIB=256, BENCH_ROWS="NAME ...", BENCH_KEEP=1)
 # Goals (delay rows): >= 5x at 4k randwrite QD1, >= 2x at QD32, >= 1x at 1 MiB.
@@ -19,6 +26,7 @@ WORK_MIB=${BENCH_WORK_MIB:-256}
 DEVICE_MIB=$((WORK_MIB * 2))
 
 scripts/install-deps.sh >/dev/null
+cargo build --release -q --bins
 cargo build --release -q -p client-agent --example cache_serve
 source bench/lib.sh
 SERVE=target/release/examples/cache_serve
@@ -53,9 +61,44 @@ for row in "${ROWS[@]}"; do
     echo "done: $name" >&2
 done
 
+# mirrored_rows DEVICE NBDKIT-ARGS... : the mirrored rows of one device.
+mirrored_rows() {
+    local dev=$1; shift
+    (
+        source bench/lib.sh # its own directory, processes and EXIT trap
+        BIN=target/release
+        # The pool holds both volumes, its metadata and the caches' mirrors.
+        start_nbdkit dev0 "$@"
+        start_pool dev0
+        start_agent a --cache-dir "$BENCH_DIR/cache"
+        for v in vc vw; do "$BIN/sanvol" volume create "$v" "${WORK_MIB}M" >/dev/null; done
+        "$BIN/sanvol" volume cache vc --size "${LOG_MIB}M" >/dev/null
+        declare -A URI
+        URI[mirrored]=$("$BIN/sanvol-agent" attach vc --mode exclusive --control-socket "$BENCH_DIR/agent-a.sock")
+        URI[through]=$("$BIN/sanvol-agent" attach vw --mode exclusive --control-socket "$BENCH_DIR/agent-a.sock")
+        state=$("$BIN/sanvol-agent" list --json --control-socket "$BENCH_DIR/agent-a.sock" |
+            python3 -c 'import json, sys; print(next(v for v in json.load(sys.stdin) if v["volume"] == "vc")["cache"]["state"])')
+        [ "$state" = mirrored ] || { echo "vc's cache is $state, not mirrored" >&2; exit 1; }
+        for row in "${ROWS[@]}"; do
+            read -r name rw bs depth <<<"$row"
+            for mode in mirrored through; do
+                echo "$name $dev $mode $(fio_nbd "${URI[$mode]}" "$rw" "$bs" "$depth" "$WORK_MIB" "$SECS")" >>"$MIRRORED_RESULTS"
+            done
+            echo "done: mirrored $name ($dev)" >&2
+        done
+        # Detached while the server is up (the EXIT trap stops everything at
+        # once; an agent still holding volumes then waits out its shutdown
+        # timeout for the server).
+        for v in vc vw; do "$BIN/sanvol-agent" detach "$v" --control-socket "$BENCH_DIR/agent-a.sock" >/dev/null; done
+    )
+}
+MIRRORED_RESULTS="$BENCH_DIR/mirrored.txt"
+mirrored_rows slow --filter=delay memory "$((DEVICE_MIB + 512))M" delay-write=1ms
+mirrored_rows fast memory "$((DEVICE_MIB + 512))M"
+
 mkdir -p bench/results
 out="bench/results/cache-$(date +%Y%m%d-%H%M%S).md"
-python3 - "$results" "$SECS" "$LOG_MIB" >"$out" <<'PY'
+python3 - "$results" "$SECS" "$LOG_MIB" "$MIRRORED_RESULTS" >"$out" <<'PY'
 import sys, collections
 rows = collections.OrderedDict()
 for line in open(sys.argv[1]):
@@ -68,6 +111,19 @@ print("|---|---|---:|---:|---:|---:|---:|")
 for (name, dev), r in rows.items():
     label = "delay-write=1ms" if dev == "slow" else "no delay"
     c, d = r["cache"], r["direct"]
+    print(f"| {name} | {label} | {c[0]:.0f} | {d[0]:.0f} | {c[1]:.1f} | {d[1]:.1f} | {c[0]/max(d[0],1):.2f} |")
+rows = collections.OrderedDict()
+for line in open(sys.argv[4]):
+    name, dev, mode, iops, mib = line.split()
+    rows.setdefault((name, dev), {})[mode] = (float(iops), float(mib))
+print(f"\nMirrored: fio nbd engine -> sanvol-agent export of a volume with a mirrored cache ({sys.argv[3]} MiB log, mirror "
+      f"at sanvol-mds) vs of a volume without one (write-through), same agent, same pool, one nbdkit memory device, "
+      f"{sys.argv[2]} s per row\n")
+print("| row | device | mirrored IOPS | write-through IOPS | mirrored MiB/s | write-through MiB/s | ratio |")
+print("|---|---|---:|---:|---:|---:|---:|")
+for (name, dev), r in rows.items():
+    label = "delay-write=1ms" if dev == "slow" else "no delay"
+    c, d = r["mirrored"], r["through"]
     print(f"| {name} | {label} | {c[0]:.0f} | {d[0]:.0f} | {c[1]:.1f} | {d[1]:.1f} | {c[0]/max(d[0],1):.2f} |")
 PY
 cat "$out"

@@ -100,6 +100,13 @@ pub(crate) enum ToOwner {
         result: Result<(), DetachFailure>,
         leftovers: Leftovers,
     },
+    /// A cached volume's cache destaged for a recall (`Effect::BeginRecall`).
+    Quiesced {
+        attachment: AttachmentId,
+        generation: u64,
+        hold: crate::cache::WriteHold,
+        result: Result<(), String>,
+    },
     Input(Input),
 }
 
@@ -379,6 +386,30 @@ impl Shell {
                 }
                 Input::Detached { attachment, result }
             }
+            ToOwner::Quiesced { attachment, generation, hold, result } => {
+                let rt = self.attachments.get(&attachment)?;
+                let cache = rt.cache.as_ref().map(|(cache, _)| cache.clone())?;
+                // Checked here, in order with `Effect::Publish`: a layout
+                // published while the cache destaged ended the recall.
+                let closed = result.and_then(|()| {
+                    if !cache.hold_is_current(hold) {
+                        return Err("a new layout came (or the handle went) while the cache destaged".to_string());
+                    }
+                    rt.gate.begin_recall(generation).map_err(|e| e.to_string())
+                });
+                if let Err(e) = closed {
+                    if cache.hold_is_current(hold) {
+                        cache.resume_writes();
+                    }
+                    return Some(Input::Drained { attachment, generation, result: Err(e) });
+                }
+                let (gate, tx) = (rt.gate.clone(), self.tx.clone());
+                tokio::spawn(async move {
+                    let result = gate.drained().await.map_err(|e| e.to_string());
+                    let _ = tx.send(ToOwner::Input(Input::Drained { attachment, generation, result }));
+                });
+                return None;
+            }
             ToOwner::Input(input) => {
                 if let Input::ConnectionLost { conn } = &input {
                     self.conns.remove(conn);
@@ -448,6 +479,35 @@ impl Shell {
             }
             Effect::BeginRecall { attachment, generation } => {
                 let Some(rt) = self.attachments.get(&attachment) else { return };
+                if let Some((cache, _)) = &rt.cache {
+                    // A cached volume destages first (see `crate::cache`'s
+                    // "Snapshots"): the gate stays open for that, and closes
+                    // in the owner loop (`ToOwner::Quiesced`), where a layout
+                    // published meanwhile shows.
+                    let hold = cache.hold_writes();
+                    let (cache, tx) = (cache.clone(), self.tx.clone());
+                    tokio::spawn(
+                        async move {
+                            // The mirror must be empty before the confirmation; that
+                            // needs the server, as the confirmation does: retried until
+                            // it answers, or the hold ends (a new layout, a revocation).
+                            let result = loop {
+                                match cache.quiesce().await {
+                                    Ok(()) => break Ok(()),
+                                    Err(why) if !cache.hold_is_current(hold) => break Err(why),
+                                    Err(why) => {
+                                        warn!(generation, error = %why, retry_ms = crate::cache::MIRROR_RETRY_MS,
+                                            "a recall of a cached volume waits for its mirror; retrying");
+                                        tokio::time::sleep(Duration::from_millis(crate::cache::MIRROR_RETRY_MS)).await;
+                                    }
+                                }
+                            };
+                            let _ = tx.send(ToOwner::Quiesced { attachment, generation, hold, result });
+                        }
+                        .in_current_span(),
+                    );
+                    return;
+                }
                 if let Err(e) = rt.gate.begin_recall(generation) {
                     return self.post(Input::Drained { attachment, generation, result: Err(e.to_string()) });
                 }
@@ -465,6 +525,10 @@ impl Shell {
                         if let Err(e) = rt.gate.publish(Arc::new(layout), generation) {
                             warn!(volume = rt.volume, generation, error = %e, "the gate refused a layout the owner published");
                         }
+                        // Writes held at a recall point go on (with the new layout).
+                        if let Some((cache, _)) = &rt.cache {
+                            cache.resume_writes();
+                        }
                     }
                     Err(reason) => self.post(Input::LayoutRejected { attachment, context, reason }),
                 }
@@ -472,6 +536,10 @@ impl Shell {
             Effect::Revoke { attachment, reason } => {
                 if let Some(rt) = self.attachments.get(&attachment) {
                     rt.gate.revoke(reason);
+                    // Held writes now fail at the revoked gate.
+                    if let Some((cache, _)) = &rt.cache {
+                        cache.resume_writes();
+                    }
                 }
             }
             Effect::RenewLease { attachment, until_ms } => {
@@ -767,7 +835,7 @@ impl CachePlan {
     async fn open(
         &self,
         volume: &str,
-        device: Arc<dyn BlockDevice>,
+        device: Arc<VolumeDevice>,
         id: volume_format::VolumeId,
     ) -> Result<Option<Arc<CachedDevice>>, String> {
         let old_log_bytes = self.log_path.as_ref().and_then(|p| p.metadata().ok()).map_or(0, |m| m.len());
@@ -811,9 +879,11 @@ impl CachePlan {
             std::fs::create_dir_all(dir).map_err(|e| format!("cache directory {}: {e}", dir.display()))?;
         }
         let config = CacheConfig { log_path: log_path.clone(), log_bytes };
-        let cache = CachedDevice::open_mirrored_with(device, id, &config, self.mirror.clone(), old)
-            .await
-            .map_err(|e| format!("write-back cache: {e}"))?;
+        let before_logged: Arc<dyn crate::cache::BeforeLogged> = device.clone();
+        let cache =
+            CachedDevice::open_mirrored_with(device, id, &config, self.mirror.clone(), old, Some(before_logged))
+                .await
+                .map_err(|e| format!("write-back cache: {e}"))?;
         info!(
             volume,
             log = %log_path.display(),

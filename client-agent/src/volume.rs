@@ -328,6 +328,20 @@ impl VolumeDevice {
         wait_for(claim.others).await
     }
 
+    /// Preserves the chunks of every range (offset, length) the newest
+    /// snapshot still needs, under the current layout: what a write-back
+    /// cache does before it logs a batch (see [`crate::cache`]'s
+    /// "Snapshots"). Concurrent ranges' registrations are merged.
+    pub async fn preserve_ranges(&self, ranges: &[(u64, u64)]) -> Result<(), IoError> {
+        self.check_writable()?;
+        let layout = self.gate.enter().await?;
+        if layout.description.snapshot.is_none() {
+            return Ok(());
+        }
+        let layout: &Layout = &layout;
+        first_error(join_all(ranges.iter().map(|&(offset, len)| self.preserve(layout, offset, len))).await)
+    }
+
     /// Copies chunks `first..first + count` (within one extent) of the live
     /// volume into the snapshot's COW area (every online leg, FUA): one read
     /// and one write per leg, since both places are laid out alike.
@@ -486,6 +500,13 @@ impl VolumeDevice {
             }
             r => r.map_err(|e| at_device(e, &self.name, what, endpoint)),
         }))
+    }
+}
+
+#[async_trait]
+impl crate::cache::BeforeLogged for VolumeDevice {
+    async fn before_logged(&self, ranges: &[(u64, u64)]) -> Result<(), IoError> {
+        self.preserve_ranges(ranges).await
     }
 }
 

@@ -471,9 +471,18 @@ async fn sanvol_agent_list_shows_the_cache_and_a_detach_destages_it() {
     let text = a.cli(&["list"]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("cache mirrored:") && text.contains("dirty"), "{text}");
+    // `sanvol volume show` too: the server's side (its mirror holds what
+    // the holder has not destaged).
+    let show = rig.stack.sanvol_json(&["volume", "show", "db"]);
+    assert_eq!(show["cache"]["mirroring"], true, "{show}");
+    assert!(show["cache"]["held_bytes"].as_u64().unwrap() > 0, "{show}");
+    let text = rig.stack.sanvol_ok(&["volume", "show", "db"]);
+    assert!(text.contains("cache: mirrored of 33554432 bytes; holder ") && text.contains("bytes dirty"), "{text}");
 
     drop(client);
     a.detach("db");
+    let text = rig.stack.sanvol_ok(&["volume", "show", "db"]);
+    assert!(text.contains("cache: mirrored of 33554432 bytes; no holder"), "{text}");
     let image = rig.volume_image();
     if let Some(at) = image.iter().zip(&model).position(|(a, b)| a != b) {
         panic!(
@@ -517,4 +526,207 @@ async fn a_restarted_agent_takes_its_handle_back_and_replays_its_own_cache_log()
     }
     assert!(!stack.mds_log().contains("cache mirror replayed to the devices"), "{}", stack.mds_log());
     assert_eq!(listed(&a)["cache"]["state"], "mirrored", "{log}");
+}
+
+/// Writes every slot of `round` and waits for all the acknowledgements.
+async fn write_round(client: &Arc<NbdClient>, model: &mut [u8], round: u64) {
+    let writes = (0..SLOTS).map(|slot| {
+        let client = client.clone();
+        let write = round_write(round, slot);
+        async move { client.write(write.0, Bytes::from(write.1), false).await }
+    });
+    for result in futures::future::join_all(writes).await {
+        result.expect("a cached write is acknowledged");
+    }
+    for slot in 0..SLOTS {
+        apply(model, &round_write(round, slot));
+    }
+}
+
+/// Whether `chunk` is set in a snapshot's COW map as `volume show --json` prints it.
+fn cow_has(cow: &serde_json::Value, chunk: u64) -> bool {
+    let words = cow["words"].as_array().unwrap();
+    words[(chunk / 64) as usize].as_u64().unwrap() & (1 << (chunk % 64)) != 0
+}
+
+/// The newest snapshot of `db` over the first slots, read from the device
+/// file directly: a chunk registered in its COW map from the COW area, any
+/// other from the live volume (what the snapshot's readers do).
+fn snapshot_image(rig: &MirrorRig) -> Vec<u8> {
+    let show = rig.stack.sanvol_json(&["volume", "show", "db"]);
+    let description = &show["description"];
+    let snapshot = &description["snapshot"];
+    let chunk_bytes = snapshot["chunk_bytes"].as_u64().expect("db has a snapshot");
+    let extent_bytes = description["extent_bytes"].as_u64().unwrap();
+    let file = std::fs::read(&rig.image).unwrap();
+    let mut out = Vec::with_capacity((SLOTS * SLOT_BYTES) as usize);
+    for chunk in 0..SLOTS * SLOT_BYTES / chunk_bytes {
+        let at = chunk * chunk_bytes;
+        let extents = if cow_has(&snapshot["cow"], chunk) { &snapshot["cow_extents"] } else { &description["extents"] };
+        let leg = &extents[(at / extent_bytes) as usize]["legs"][0];
+        let on_device = (leg["offset"].as_u64().unwrap() + at % extent_bytes) as usize;
+        out.extend_from_slice(&file[on_device..on_device + chunk_bytes as usize]);
+    }
+    out
+}
+
+/// The first slots of snapshot `db@NAME` through the server's backup
+/// pseudo-device (as `sanvol-backup` reads it).
+async fn snapshot_through_the_pseudo_device(stack: &sanvol_tests::system::Stack, name: &str) -> Vec<u8> {
+    use sanvol_tests::system::pub_path;
+    use volume_format::control::auth::Role;
+    let key = control_client::keys::load_private(&stack.admin_key).unwrap();
+    let (pinned, _) = control_client::keys::parse_public(pub_path(&stack.mds_key).to_str().unwrap()).unwrap();
+    let addr: control_client::ControlAddr = stack.mds_addr().parse().unwrap();
+    let stream = control_client::channel::open_backup(&addr, &key, Some(&pinned), Role::Admin, "test").await.unwrap();
+    let export = volume_format::control::messages::snapshot_export_name("db", name);
+    let c = NbdClient::connect_stream(stream, &export, ClientOptions::default()).await.unwrap();
+    let mut out = Vec::new();
+    for at in (0..SLOTS * SLOT_BYTES).step_by(1 << 20) {
+        let len = (SLOTS * SLOT_BYTES - at).min(1 << 20);
+        out.extend_from_slice(&c.read(at, len as u32).await.expect("read the snapshot"));
+    }
+    c.disconnect().await;
+    out
+}
+
+/// Where `got` first differs from `want`, as a message.
+fn differs(what: &str, got: &[u8], want: &[u8]) -> Option<String> {
+    let at = got.iter().zip(want).position(|(a, b)| a != b)?;
+    Some(format!("{what}: byte {at} is {:#04x}, expected {:#04x}", got[at], want[at]))
+}
+
+/// Issue 15's recall point: `sanvol snapshot create` of a cached volume
+/// while its cache holds acknowledged writes the 100 ms-per-write device
+/// does not have yet, and while more writes are in flight. The snapshot,
+/// read from the device file directly and through the backup
+/// pseudo-device, holds every write acknowledged before the command
+/// started, and each write in flight during it wholly or not at all.
+/// Then new cached writes, and `kill -9` of the agent: the server's replay
+/// of its mirror (before the next attach) puts them on the live volume and
+/// leaves the snapshot as it was (the agent preserved the chunks before it
+/// mirrored those writes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_a_cached_volume_holds_every_acknowledged_write_and_a_replay_keeps_it() {
+    let rig = MirrorRig::new();
+    let stack = &rig.stack;
+    let (mut a, uri) = attach_cached(stack, "agent-a");
+    let client = Arc::new(NbdClient::connect(&uri, ClientOptions::default()).await.unwrap());
+    // Rounds 0-3 acknowledged; round 4 in flight as the snapshot starts.
+    let (before, mut acks) = write_rounds(client.clone(), 4).await;
+    let dirty_bytes = listed(&a)["cache"]["dirty_bytes"].as_u64().unwrap();
+    assert!(dirty_bytes > 0, "the cache held nothing at the snapshot: the test would not exercise its destage");
+    let create = stack.sanvol_command(&["snapshot", "create", "db", "s1"]);
+    let created = tokio::task::spawn_blocking(move || {
+        let mut create = create;
+        create.output().expect("run sanvol")
+    })
+    .await
+    .unwrap();
+    assert!(
+        created.status.success(),
+        "snapshot create: {}\nmds log:\n{}\nagent log:\n{}",
+        String::from_utf8_lossy(&created.stderr),
+        stack.mds_log(),
+        a.proc.log()
+    );
+    for _ in 0..SLOTS {
+        acks.recv().await.expect("round 4 is acknowledged");
+    }
+    let mut model = before.clone();
+    for slot in 0..SLOTS {
+        apply(&mut model, &round_write(4, slot));
+    }
+
+    let snapshot = snapshot_image(&rig);
+    // Outside round 4's writes: the state before; each of round 4's writes
+    // wholly in or wholly out.
+    let mut expected = before.clone();
+    for slot in 0..SLOTS {
+        let (offset, data) = round_write(4, slot);
+        let range = offset as usize..offset as usize + data.len();
+        if snapshot[range.clone()] == data[..] {
+            expected[range].copy_from_slice(&data);
+        }
+    }
+    if let Some(e) = differs("the snapshot, read from the device file", &snapshot, &expected) {
+        panic!("{e} (an acknowledged write is missing or torn)\nagent log:\n{}", a.proc.log());
+    }
+    let through_pseudo_device = snapshot_through_the_pseudo_device(stack, "s1").await;
+    if let Some(e) = differs("the snapshot through the pseudo-device", &through_pseudo_device, &snapshot) {
+        panic!("{e}");
+    }
+
+    // After the snapshot: cached writes, then kill -9 with them only in
+    // the cache (and the server's mirror).
+    write_round(&client, &mut model, 5).await;
+    a.proc.kill();
+    drop(client);
+    assert!(
+        rig.volume_image() != model,
+        "every acknowledged write reached the 100 ms-per-write device before the kill: the test did not exercise \
+         the mirror"
+    );
+    stack.authorize_agent("agent-b");
+    let b = stack.restart_agent("agent-b");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let out = b.cli(&["attach", "db", "--mode", "exclusive"]);
+        if out.status.success() {
+            break;
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(std::time::Instant::now() < deadline, "attach on agent-b: {stderr}\nmds log:\n{}", stack.mds_log());
+        // The refusal names when the old handle runs out; retry soon.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(stack.mds_log().contains("cache mirror replayed to the devices"), "{}", stack.mds_log());
+    if let Some(e) = differs("after the replay, the live volume", &rig.volume_image(), &model) {
+        panic!("{e}\nmds log:\n{}", stack.mds_log());
+    }
+    if let Some(e) = differs("after the replay, the snapshot", &snapshot_image(&rig), &snapshot) {
+        panic!("{e} (the replay wrote over a chunk the snapshot needed)\nmds log:\n{}", stack.mds_log());
+    }
+    let through_pseudo_device = snapshot_through_the_pseudo_device(stack, "s1").await;
+    if let Some(e) =
+        differs("after the replay, the snapshot through the pseudo-device", &through_pseudo_device, &snapshot)
+    {
+        panic!("{e}");
+    }
+}
+
+/// A holder that dies with a dirty cache never destages for the recall: the
+/// snapshot taken right after `kill -9` (committed once the dead holder's
+/// lease excluded it) must still hold every write it acknowledged — the
+/// server replays its mirror before it commits the snapshot. The snapshot
+/// is read from the device file directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_after_kill_9_of_the_cached_holder_holds_what_its_mirror_held() {
+    let rig = MirrorRig::new();
+    let stack = &rig.stack;
+    let (mut a, uri) = attach_cached(stack, "agent-a");
+    let client = Arc::new(NbdClient::connect(&uri, ClientOptions::default()).await.unwrap());
+    let (model, acked) = kill_in_the_fifth_round(client, || a.proc.kill()).await;
+    assert!(
+        check_device(&rig.volume_image(), &model, 4, &acked).is_err(),
+        "every acknowledged write reached the 100 ms-per-write device before the kill: the test did not exercise \
+         the mirror"
+    );
+    let create = stack.sanvol_command(&["snapshot", "create", "db", "s1"]);
+    let created = tokio::task::spawn_blocking(move || {
+        let mut create = create;
+        create.output().expect("run sanvol")
+    })
+    .await
+    .unwrap();
+    assert!(
+        created.status.success(),
+        "snapshot create: {}\nmds log:\n{}",
+        String::from_utf8_lossy(&created.stderr),
+        stack.mds_log()
+    );
+    if let Err(e) = check_device(&snapshot_image(&rig), &model, 4, &acked) {
+        panic!("the snapshot, read from the device file: {e}\nmds log:\n{}", stack.mds_log());
+    }
+    assert!(stack.mds_log().contains("cache mirror replayed to the devices"), "{}", stack.mds_log());
 }

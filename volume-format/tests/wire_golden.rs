@@ -26,7 +26,8 @@ use volume_format::control::auth::{
 };
 use volume_format::control::frame::encode_payload;
 use volume_format::control::messages::{
-    CacheMode, ClientInfo, ClientMessage, ControlError, DataChannelGrant, DeviceCapability, DeviceFencing, DeviceInfo,
+    CacheMode, CacheStateInfo, ClientInfo, ClientMessage, ControlError, DataChannelGrant, DeviceCapability, DeviceFencing,
+    DeviceInfo,
     ErrorCode, MirrorRecord, OpenMode, OpenedHandle, OperationInfo, PoolInfo, Request, Response, ServerEvent,
     ServerInfo, ServerMessage, SnapshotInfo, VolumeCache, VolumeDetail, VolumeInfo,
 };
@@ -163,6 +164,7 @@ samples!(requests, Request {
     IntentRecord => Request::IntentRecord { handle: HandleId(5), mark: vec![3, 4], clear: vec![1] },
     IntentResync => Request::IntentResync { handle: HandleId(5) },
     DeviceFencing => Request::DeviceFencing,
+    VolumeCacheShow => Request::VolumeCacheShow { name: "db".into() },
 });
 
 samples!(responses, Response {
@@ -303,6 +305,13 @@ samples!(responses, Response {
         DeviceFencing { device: DeviceIndex(1), fences: Some(false) },
         DeviceFencing { device: DeviceIndex(2), fences: None },
     ]),
+    VolumeCacheState => Response::VolumeCacheState(CacheStateInfo {
+        cache: Some(VolumeCache { volume: VolumeId(7), size_bytes: 1 << 30, mode: CacheMode::Mirrored }),
+        holder: Some("host-a (handle 5)".into()),
+        mirroring: true,
+        held_records: 3,
+        held_bytes: 12288,
+    }),
 });
 
 samples!(events, ServerEvent {

@@ -64,6 +64,21 @@
 //! through the cache without the agent (the crash tests' and
 //! `bench/cache.sh`'s peer).
 //!
+//! **Snapshots** (recall points): before the agent confirms a recall it
+//! quiesces the cache ([`CachedDevice::quiesce`]): new batches are held
+//! (their writes wait unacknowledged, as writes to an uncached volume wait
+//! at its recalled gate), the batch being logged finishes, and everything
+//! acknowledged is destaged — so the snapshot holds every acknowledged
+//! write, and the mirror holds nothing (mirrored: each destaged record was
+//! released there first; write-through: the mirror is started afresh,
+//! which empties it). Held writes are logged once the new layout is
+//! published ([`CachedDevice::resume_writes`]). After the snapshot, every
+//! batch is preceded by [`BeforeLogged`]: the volume device preserves
+//! (copies and registers) the chunks the batch touches *before* it is
+//! logged and mirrored, so a mirror record is never over a chunk the
+//! snapshot still needs, and the server's replay of a dead agent's mirror
+//! (which writes the live volume directly) cannot change a snapshot.
+//!
 //! TRIM, WRITE_ZEROES and BLOCK_STATUS first destage everything
 //! acknowledged before them (they must not overtake cached writes, and the
 //! devices' allocation answer must include them), then go to the devices.
@@ -142,6 +157,19 @@ pub trait CacheMirror: Send + Sync + 'static {
     /// Every record up to `upto_seq` is on the devices.
     async fn release(&self, upto_seq: u64) -> Result<(), String>;
 }
+
+/// Runs before a batch is logged, on the ranges it writes: the agent's
+/// volume device preserves the chunks a snapshot still needs there (see
+/// "Snapshots" in the module doc).
+#[async_trait]
+pub trait BeforeLogged: Send + Sync + 'static {
+    async fn before_logged(&self, ranges: &[(u64, u64)]) -> Result<(), IoError>;
+}
+
+/// One recall point's hold on a cache's new writes
+/// ([`CachedDevice::hold_writes`]): tells whether it was ended meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteHold(u64);
 
 /// Whether a cache's writes are mirrored right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -260,6 +288,13 @@ struct State {
     destaged_bytes: u64,
     /// When each recent destage round finished and its bytes.
     destage_samples: VecDeque<(std::time::Instant, u64)>,
+    /// A recall point holds new batches ([`CachedDevice::hold_writes`]).
+    held: bool,
+    /// Holds ended so far ([`WriteHold`]).
+    resumes: u64,
+    /// The append loop is past its hold check with a batch (preserving,
+    /// logging or mirroring it).
+    appending: bool,
 }
 
 impl State {
@@ -277,6 +312,10 @@ impl State {
 struct Shared {
     inner: Arc<dyn BlockDevice>,
     mirror: Option<Arc<dyn CacheMirror>>,
+    before_logged: Option<Arc<dyn BeforeLogged>>,
+    /// Wakes the append loop when a hold ends, and a quiesce when the
+    /// append loop is idle.
+    hold_changed: Notify,
     /// Wakes the task that starts mirroring again.
     mirror_failed: Notify,
     log: LogFile,
@@ -333,7 +372,7 @@ impl CachedDevice {
         volume: VolumeId,
         config: &CacheConfig,
     ) -> Result<CachedDevice, CacheError> {
-        CachedDevice::open_with(inner, volume, config, None, OldLog::Replay).await
+        CachedDevice::open_with(inner, volume, config, None, OldLog::Replay, None).await
     }
 
     /// [`CachedDevice::open`], every batch also mirrored at `mirror` (see
@@ -345,20 +384,23 @@ impl CachedDevice {
         config: &CacheConfig,
         mirror: Arc<dyn CacheMirror>,
     ) -> Result<CachedDevice, CacheError> {
-        CachedDevice::open_with(inner, volume, config, Some(mirror), OldLog::Replay).await
+        CachedDevice::open_with(inner, volume, config, Some(mirror), OldLog::Replay, None).await
     }
 
     /// [`CachedDevice::open_mirrored`], with a choice about an old log
     /// (see [`OldLog`]): `sanvol-agent attach` discards it after a fresh
     /// open and replays it when it took its handle back after a restart.
+    /// `before_logged` runs before every batch is logged (the agent's volume
+    /// device: snapshots' copy-on-write, see the module doc).
     pub async fn open_mirrored_with(
         inner: Arc<dyn BlockDevice>,
         volume: VolumeId,
         config: &CacheConfig,
         mirror: Arc<dyn CacheMirror>,
         old: OldLog,
+        before_logged: Option<Arc<dyn BeforeLogged>>,
     ) -> Result<CachedDevice, CacheError> {
-        CachedDevice::open_with(inner, volume, config, Some(mirror), old).await
+        CachedDevice::open_with(inner, volume, config, Some(mirror), old, before_logged).await
     }
 
     async fn open_with(
@@ -367,6 +409,7 @@ impl CachedDevice {
         config: &CacheConfig,
         mirror: Option<Arc<dyn CacheMirror>>,
         old: OldLog,
+        before_logged: Option<Arc<dyn BeforeLogged>>,
     ) -> Result<CachedDevice, CacheError> {
         let path = config.log_path.display().to_string();
         if config.log_bytes < LOG_BYTES_MIN {
@@ -413,6 +456,8 @@ impl CachedDevice {
         let shared = Arc::new(Shared {
             inner,
             mirror,
+            before_logged,
+            hold_changed: Notify::new(),
             mirror_failed: Notify::new(),
             log,
             state: Mutex::new(State {
@@ -425,6 +470,9 @@ impl CachedDevice {
                 mirror_state,
                 destaged_bytes: 0,
                 destage_samples: VecDeque::new(),
+                held: false,
+                resumes: 0,
+                appending: false,
             }),
             space_freed: Notify::new(),
             work: Notify::new(),
@@ -481,6 +529,62 @@ impl CachedDevice {
             }
             notified.await;
         }
+    }
+
+    /// A recall point (a snapshot or another reconfiguration) starts: new
+    /// writes wait, unacknowledged, until [`CachedDevice::resume_writes`].
+    /// Then [`CachedDevice::quiesce`].
+    pub fn hold_writes(&self) -> WriteHold {
+        let mut state = self.shared.lock();
+        state.held = true;
+        WriteHold(state.resumes)
+    }
+
+    /// Whether `hold` has not been ended by [`CachedDevice::resume_writes`]
+    /// (a new layout, a revocation) since it was taken.
+    pub fn hold_is_current(&self, hold: WriteHold) -> bool {
+        self.shared.lock().resumes == hold.0
+    }
+
+    /// After [`CachedDevice::hold_writes`]: waits for the batch being
+    /// logged, destages everything acknowledged, and makes sure the mirror
+    /// holds nothing (see "Snapshots" in the module doc). Returns once the
+    /// devices hold every acknowledged write; an error says the mirror could
+    /// not be emptied (retry; the hold stays until writes are resumed).
+    pub async fn quiesce(&self) -> Result<(), String> {
+        loop {
+            let notified = self.shared.hold_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.shared.lock().appending {
+                break;
+            }
+            notified.await;
+        }
+        self.destage_all().await;
+        let Some(mirror) = &self.shared.mirror else { return Ok(()) };
+        // Mirrored: every destaged record was released at the mirror before
+        // the destage counted it. Write-through: the mirror may still hold
+        // records from before it failed (all on the devices now): start it
+        // afresh, which empties it.
+        if self.shared.lock().mirror_state == MirrorState::Mirrored {
+            return Ok(());
+        }
+        mirror.open().await.map_err(|why| format!("the cache mirror cannot be emptied for the recall: {why}"))?;
+        info!("the cache mirror answers again (emptied at a recall point); writes are mirrored from now on");
+        self.shared.lock().mirror_state = MirrorState::Mirrored;
+        Ok(())
+    }
+
+    /// Ends a [`CachedDevice::quiesce`]'s hold: held writes are logged (and
+    /// acknowledged) from now on.
+    pub fn resume_writes(&self) {
+        {
+            let mut state = self.shared.lock();
+            state.held = false;
+            state.resumes += 1;
+        }
+        self.shared.hold_changed.notify_waiters();
     }
 
     /// Destages everything, then stops.
@@ -574,101 +678,156 @@ async fn append_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<WriteReq>) {
                 Err(_) => break,
             }
         }
-        let (batch, taken) = {
-            let mut state = shared.lock();
-            if let Some(reason) = &state.failed {
-                let reason = reason.clone();
-                drop(state);
-                for write in pending.drain(..) {
-                    let _ = write.done.send(Err(IoError::io(reason.clone())));
-                }
+        // A recall point holds batches: wait (see `CachedDevice::quiesce`).
+        {
+            let notified = shared.hold_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let held = {
+                let mut state = shared.lock();
+                state.appending = !state.held;
+                state.held
+            };
+            if held {
+                notified.await;
                 continue;
             }
-            let mut batch = state.appender.begin_batch();
-            let mut taken = 0;
-            let mut batch_bytes = 0;
-            for write in pending.iter().take(BATCH_WRITES_MAX) {
-                // At most BATCH_BYTES_MAX (what one mirror append may carry).
-                let full = taken > 0 && batch_bytes + write.data.len() > BATCH_BYTES_MAX;
-                if full || !state.appender.push(&mut batch, write.offset, &write.data) {
-                    break;
-                }
-                batch_bytes += write.data.len();
-                taken += 1;
-            }
-            if taken > 0 {
-                state.in_flight = Some((batch.regions[0].pos, batch.first_seq));
-            }
-            (batch, taken)
-        };
+        }
+        let taken = append_batch(&shared, &mut pending).await;
+        shared.lock().appending = false;
+        shared.hold_changed.notify_waiters();
         if taken == 0 {
             // The log is full: wait for the destager to release space.
             shared.space_freed.notified().await;
-            continue;
         }
-        let taken: Vec<WriteReq> = pending.drain(..taken).collect();
-        let mirror = match (&shared.mirror, &shared.lock().mirror_state) {
-            (Some(mirror), MirrorState::Mirrored) => Some(mirror.clone()),
-            _ => None,
-        };
-        let last_seq = batch.records.last().map_or(0, |r| r.seq);
-        let records: Option<Vec<MirrorRecord>> = mirror.as_ref().map(|_| {
-            batch
-                .records
-                .iter()
-                .zip(&taken)
-                .map(|(r, w)| MirrorRecord { seq: r.seq, offset: w.offset, data: w.data.to_vec() })
-                .collect()
-        });
-        // The local append and the mirror's, concurrently: one round trip.
-        let mirrored = async {
-            let (mirror, records) = (mirror?, records?);
-            Some(mirror.append(records).await)
-        };
-        let writer = shared.clone();
-        let local = blocking(move || writer.log.append(&batch).map(|()| batch));
-        let (written, mirrored) = futures::join!(local, mirrored);
-        match written {
-            Ok(batch) => {
-                {
-                    let mut state = shared.lock();
-                    for (record, write) in batch.records.iter().zip(&taken) {
-                        state.dirty.insert(write.offset, write.data.clone(), record.seq);
-                        state.queue.push_back(Queued {
-                            seq: record.seq,
-                            pos: record.pos,
-                            offset: write.offset,
-                            data: write.data.clone(),
-                        });
-                    }
-                    state.in_flight = None;
-                }
-                shared.work.notify_one();
-                match mirrored {
-                    // Durable here and in the mirror, or no mirror at all.
-                    Some(Ok(())) => ack(taken),
-                    None if shared.mirror.is_none() => ack(taken),
-                    Some(Err(why)) => {
-                        mirror_failed(&shared, why);
-                        ack_when_destaged(&shared, taken, last_seq);
-                    }
-                    None => ack_when_destaged(&shared, taken, last_seq),
-                }
+    }
+}
+
+/// The writes of the next batch, at most: what one batch may carry.
+fn batch_candidates(pending: &VecDeque<WriteReq>) -> usize {
+    let mut bytes = 0;
+    let mut count = 0;
+    for write in pending.iter().take(BATCH_WRITES_MAX) {
+        if count > 0 && bytes + write.data.len() > BATCH_BYTES_MAX {
+            break;
+        }
+        bytes += write.data.len();
+        count += 1;
+    }
+    count
+}
+
+/// Logs (and mirrors) one batch from the front of `pending`, after
+/// [`BeforeLogged`]; returns how many writes it took (0: the log is full).
+async fn append_batch(shared: &Arc<Shared>, pending: &mut VecDeque<WriteReq>) -> usize {
+    let candidates = batch_candidates(pending);
+    if let Some(before) = &shared.before_logged {
+        let ranges: Vec<(u64, u64)> =
+            pending.iter().take(candidates).map(|w| (w.offset, w.data.len() as u64)).collect();
+        if let Err(e) = before.before_logged(&ranges).await {
+            // Not logged, not acknowledged: these writes fail (as the same
+            // write straight to the volume would).
+            for write in pending.drain(..candidates) {
+                let _ = write.done.send(Err(e.clone()));
             }
-            Err(e) => {
-                let reason = format!("{e}; the volume's cache cannot take writes: detach the volume and fix the log");
-                warn!(%reason, "cache log append failed");
-                {
-                    let mut state = shared.lock();
-                    state.failed = Some(reason.clone());
-                    state.in_flight = None;
+            return candidates;
+        }
+    }
+    let (batch, taken) = {
+        let mut state = shared.lock();
+        if let Some(reason) = &state.failed {
+            let reason = reason.clone();
+            drop(state);
+            let failed = pending.len();
+            for write in pending.drain(..) {
+                let _ = write.done.send(Err(IoError::io(reason.clone())));
+            }
+            return failed;
+        }
+        let mut batch = state.appender.begin_batch();
+        let mut taken = 0;
+        let mut batch_bytes = 0;
+        for write in pending.iter().take(candidates) {
+            // At most BATCH_BYTES_MAX (what one mirror append may carry).
+            let full = taken > 0 && batch_bytes + write.data.len() > BATCH_BYTES_MAX;
+            if full || !state.appender.push(&mut batch, write.offset, &write.data) {
+                break;
+            }
+            batch_bytes += write.data.len();
+            taken += 1;
+        }
+        if taken > 0 {
+            state.in_flight = Some((batch.regions[0].pos, batch.first_seq));
+        }
+        (batch, taken)
+    };
+    if taken == 0 {
+        return 0;
+    }
+    let count = taken;
+    let taken: Vec<WriteReq> = pending.drain(..taken).collect();
+    let mirror = match (&shared.mirror, &shared.lock().mirror_state) {
+        (Some(mirror), MirrorState::Mirrored) => Some(mirror.clone()),
+        _ => None,
+    };
+    let last_seq = batch.records.last().map_or(0, |r| r.seq);
+    let records: Option<Vec<MirrorRecord>> = mirror.as_ref().map(|_| {
+        batch
+            .records
+            .iter()
+            .zip(&taken)
+            .map(|(r, w)| MirrorRecord { seq: r.seq, offset: w.offset, data: w.data.to_vec() })
+            .collect()
+    });
+    // The local append and the mirror's, concurrently: one round trip.
+    let mirrored = async {
+        let (mirror, records) = (mirror?, records?);
+        Some(mirror.append(records).await)
+    };
+    let writer = shared.clone();
+    let local = blocking(move || writer.log.append(&batch).map(|()| batch));
+    let (written, mirrored) = futures::join!(local, mirrored);
+    match written {
+        Ok(batch) => {
+            {
+                let mut state = shared.lock();
+                for (record, write) in batch.records.iter().zip(&taken) {
+                    state.dirty.insert(write.offset, write.data.clone(), record.seq);
+                    state.queue.push_back(Queued {
+                        seq: record.seq,
+                        pos: record.pos,
+                        offset: write.offset,
+                        data: write.data.clone(),
+                    });
                 }
-                for write in taken {
-                    let _ = write.done.send(Err(IoError::io(reason.clone())));
+                state.in_flight = None;
+            }
+            shared.work.notify_one();
+            match mirrored {
+                // Durable here and in the mirror, or no mirror at all.
+                Some(Ok(())) => ack(taken),
+                None if shared.mirror.is_none() => ack(taken),
+                Some(Err(why)) => {
+                    mirror_failed(shared, why);
+                    ack_when_destaged(shared, taken, last_seq);
                 }
+                None => ack_when_destaged(shared, taken, last_seq),
+            }
+        }
+        Err(e) => {
+            let reason = format!("{e}; the volume's cache cannot take writes: detach the volume and fix the log");
+            warn!(%reason, "cache log append failed");
+            {
+                let mut state = shared.lock();
+                state.failed = Some(reason.clone());
+                state.in_flight = None;
+            }
+            for write in taken {
+                let _ = write.done.send(Err(IoError::io(reason.clone())));
             }
         }
     }
+    count
 }
 
 fn ack(taken: Vec<WriteReq>) {

@@ -513,9 +513,10 @@ async fn an_old_log_is_replayed_after_a_resume_and_dropped_after_a_fresh_open() 
         }
         assert!(device_image(&s.memory).await.iter().all(|&b| b == 0));
         s.hold.send_replace(false);
-        let cache = CachedDevice::open_mirrored_with(s.device.clone(), VolumeId(1), &s.config, mirror.clone(), old)
-            .await
-            .unwrap();
+        let cache =
+            CachedDevice::open_mirrored_with(s.device.clone(), VolumeId(1), &s.config, mirror.clone(), old, None)
+                .await
+                .unwrap();
         let image = device_image(&s.memory).await;
         match old {
             OldLog::Replay => {
@@ -529,4 +530,102 @@ async fn an_old_log_is_replayed_after_a_resume_and_dropped_after_a_fresh_open() 
         }
         assert_eq!(cache.status().records, 0);
     }
+}
+
+#[tokio::test]
+async fn quiesce_destages_everything_empties_the_mirror_and_holds_new_writes_until_resumed() {
+    let s = setup(LOG_BYTES_MIN, true);
+    let mirror = Arc::new(MemoryMirror::default());
+    let cache = Arc::new(s.open_mirrored(&mirror).await);
+    let all = writes(20, 11);
+    for (offset, data) in &all {
+        cache.write(*offset, Bytes::from(data.clone()), false).await.unwrap();
+    }
+    let quiesce = {
+        let cache = cache.clone();
+        let hold = cache.hold_writes();
+        tokio::spawn(async move {
+            let quiesced = cache.quiesce().await;
+            (quiesced, cache.hold_is_current(hold))
+        })
+    };
+    // A write arriving during the recall point waits, unacknowledged.
+    let late = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.write(0, Bytes::from(vec![0xee; 4096]), false).await })
+    };
+    tokio::task::yield_now().await;
+    assert!(!quiesce.is_finished(), "quiesced while the device still lacked acknowledged writes");
+    s.hold.send(false).unwrap();
+    let (quiesced, current) = quiesce.await.unwrap();
+    quiesced.unwrap();
+    assert!(current, "nothing ended the hold");
+    let mut model = vec![0u8; DEVICE_BYTES as usize];
+    for (offset, data) in &all {
+        model[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+    }
+    assert_eq!(s.memory.read(0, DEVICE_BYTES as u32).await.unwrap(), model, "every acknowledged write is destaged");
+    assert!(mirror.held.lock().unwrap().is_empty(), "the mirror holds nothing after a quiesce");
+    assert_eq!(cache.status().records, 0);
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!late.is_finished(), "a write was acknowledged during the recall point");
+    assert_eq!(s.memory.read(0, 4096).await.unwrap(), model[..4096], "a held write reached the device");
+    let hold = cache.hold_writes();
+    cache.resume_writes();
+    assert!(!cache.hold_is_current(hold), "a resume ends the hold");
+    late.await.unwrap().unwrap();
+    assert_eq!(cache.read(0, 4096).await.unwrap(), vec![0xee; 4096]);
+}
+
+/// Records the ranges [`BeforeLogged`] saw, and what the mirror held then;
+/// fails while `fail` is set.
+#[derive(Default)]
+struct Preserving {
+    mirror: Arc<MemoryMirror>,
+    seen: std::sync::Mutex<Vec<(u64, u64)>>,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl BeforeLogged for Preserving {
+    async fn before_logged(&self, ranges: &[(u64, u64)]) -> Result<(), IoError> {
+        for &(offset, len) in ranges {
+            let mirrored =
+                self.mirror.held.lock().unwrap().iter().any(|r| r.offset == offset && r.data.len() as u64 == len);
+            assert!(!mirrored, "a write was mirrored before its chunks were preserved");
+        }
+        self.seen.lock().unwrap().extend_from_slice(ranges);
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(IoError::io("preserving failed"));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn every_batch_is_preserved_before_it_is_logged_and_a_failed_preserve_fails_its_writes() {
+    let s = setup(LOG_BYTES_MIN, true);
+    let mirror = Arc::new(MemoryMirror::default());
+    let preserving = Arc::new(Preserving { mirror: mirror.clone(), ..Preserving::default() });
+    let before: Arc<dyn BeforeLogged> = preserving.clone();
+    let cache = CachedDevice::open_mirrored_with(
+        s.device.clone(),
+        VolumeId(1),
+        &s.config,
+        mirror.clone(),
+        OldLog::Replay,
+        Some(before),
+    )
+    .await
+    .unwrap();
+    cache.write(8192, Bytes::from(vec![3u8; 4096]), false).await.unwrap();
+    assert_eq!(*preserving.seen.lock().unwrap(), vec![(8192, 4096)]);
+    assert_eq!(mirror.held.lock().unwrap().len(), 1);
+    preserving.fail.store(true, Ordering::SeqCst);
+    let e = cache.write(65536, Bytes::from(vec![4u8; 4096]), false).await.unwrap_err();
+    assert!(e.message.contains("preserving failed"), "{e}");
+    assert_eq!(mirror.held.lock().unwrap().len(), 1, "a write that was not preserved is neither logged nor mirrored");
+    assert_eq!(cache.status().records, 1);
 }

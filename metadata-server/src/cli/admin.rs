@@ -120,6 +120,24 @@ async fn device_fencing(client: &ControlClient) -> Result<Vec<volume_format::con
     }
 }
 
+/// The state of `name`'s write-back cache, from a server that can tell
+/// (protocol 9; `None` from an older one).
+async fn volume_cache_state(
+    client: &ControlClient,
+    name: &str,
+) -> Result<Option<volume_format::control::messages::CacheStateInfo>> {
+    if client.session().version < volume_format::control::CACHE_STATE_PROTOCOL_MIN {
+        return Ok(None);
+    }
+    let r = request(client, Request::VolumeCacheShow { name: name.to_string() })
+        .await
+        .with_context(|| format!("showing volume {name}'s cache"))?;
+    match r {
+        Response::VolumeCacheState(state) => Ok(Some(state)),
+        other => Err(unexpected(other)),
+    }
+}
+
 fn print_json<T: Serialize>(value: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
@@ -390,8 +408,13 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
                 .await
                 .with_context(|| format!("showing volume {name}"))?;
             let Response::Volume(detail) = r else { return Err(unexpected(r)) };
+            let cache = volume_cache_state(client, &name).await?;
             if json {
-                return print_json(&detail);
+                let mut value = serde_json::to_value(&detail)?;
+                if let (Some(cache), Some(object)) = (&cache, value.as_object_mut()) {
+                    object.insert("cache".into(), serde_json::to_value(cache)?);
+                }
+                return print_json(&value);
             }
             let v = &detail.info;
             let d = &detail.description;
@@ -413,6 +436,9 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
             }
             if !v.health.is_empty() {
                 println!("health: {}", v.health);
+            }
+            if let Some(cache) = &cache {
+                println!("cache: {}", cache.summary());
             }
             let mut headers = vec!["EXTENT".to_string(), "LOGICAL RANGE".to_string()];
             for i in 0..d.mirror_legs {

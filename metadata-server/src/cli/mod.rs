@@ -308,8 +308,8 @@ pub enum VolumeCommand {
     /// a cache log of this size in the agent's --cache-dir (default: `cache`
     /// in its --state-dir); `sanvol-agent list` shows its state (mirrored or
     /// write-through, dirty bytes, destage rate). If the holder dies, the
-    /// server writes its mirror to the devices before the next open.
-    /// Cached volumes cannot have snapshots yet; see docs/operations.md,
+    /// server writes its mirror to the devices before the next open. A
+    /// snapshot first destages the holder's cache; see docs/operations.md,
     /// "Write-back caches".
     Cache {
         name: String,

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use tokio::sync::{mpsc, oneshot};
-use volume_format::control::messages::{ControlError, ErrorCode, MirrorRecord, Response};
+use volume_format::control::messages::{CacheStateInfo, ControlError, ErrorCode, MirrorRecord, Response};
 use volume_format::metadata::{PoolMetadata, VolumeCache};
 use volume_format::VolumeId;
 
@@ -57,6 +57,12 @@ pub enum MirrorOp {
     /// The volume has no cache any more (or no longer exists): delete the
     /// file. Only once nothing is held.
     Remove,
+    /// What `sanvol volume show` shows: `known` (what the owner knows)
+    /// completed with the mirror's own state, answered
+    /// [`Response::VolumeCacheState`].
+    Status {
+        known: CacheStateInfo,
+    },
 }
 
 pub type MirrorReply = oneshot::Sender<Result<Response, ControlError>>;

@@ -122,6 +122,16 @@ impl Worker {
                 let result = self.replay(&meta).await;
                 let _ = reply.send(result.map(|()| Response::Done));
             }
+            MirrorOp::Status { mut known } => {
+                // Appends queued before it are counted once written.
+                self.write_waiting().await;
+                known.mirroring = self.mirror.is_some();
+                if let Some(mirror) = &self.mirror {
+                    known.held_records = mirror.held_records() as u64;
+                    known.held_bytes = mirror.held_bytes();
+                }
+                let _ = reply.send(Ok(Response::VolumeCacheState(known)));
+            }
             MirrorOp::Remove => {
                 self.drop_waiting("the volume's cache was removed");
                 self.mirror = None;

@@ -13,16 +13,24 @@
 //! once the replay is done. A volume replayed once is not replayed again
 //! until a holder mirrors it again.
 //!
-//! For now a cached volume has no snapshots (a replay would have to copy
-//! pre-images first), and its setting changes only while it is closed.
+//! Snapshots of cached volumes: the holder destages its cache before it
+//! confirms the recall, which leaves the mirror empty, and preserves the
+//! chunks a snapshot needs before it logs (and mirrors) a write after it —
+//! so a replay, which writes the live volume directly, never changes a
+//! snapshot (`client_agent::cache`'s "Snapshots"). A holder that did not
+//! confirm (excluded by its lease: dead or cut off) destaged nothing, so
+//! the mirror is replayed before the change is committed; a snapshot of a
+//! volume nobody holds replays it first too. The setting changes only
+//! while the volume is closed.
 
 use volume_format::control::messages::{
-    ControlError, ErrorCode, OpenMode, Request, Response, MIRROR_APPEND_BYTES_MAX, MIRROR_APPEND_RECORDS_MAX,
+    CacheStateInfo, ControlError, ErrorCode, OpenMode, Request, Response, MIRROR_APPEND_BYTES_MAX,
+    MIRROR_APPEND_RECORDS_MAX,
 };
 use volume_format::metadata::{CacheMode, HandleState, MetaChange, VolumeCache};
 use volume_format::{HandleId, VolumeId};
 
-use super::core::{AfterCommit, AfterJob, Busy, Core, Effect, ReplyId, Step};
+use super::core::{AfterCommit, AfterJob, Busy, Core, Effect, PendingChange, ReplyId, Step, VolumeChange};
 use super::jobs::{Job, JobOutcome};
 use super::requests::err;
 use crate::handles::{Handle, SessionId};
@@ -35,6 +43,10 @@ pub enum AfterReplay {
     Open { session: SessionId, name: String, mode: OpenMode, reply: ReplyId, broken: Vec<Handle> },
     /// A change of the cache setting.
     Setting { session: SessionId, request: Request, reply: ReplyId },
+    /// A snapshot of a volume nobody holds.
+    Reconfigure { name: String, change: VolumeChange, reply: ReplyId, may_prezero: bool },
+    /// The commit of a recalled change whose cached holder was excluded.
+    Recall { pending: PendingChange, excluded: Vec<u64> },
 }
 
 impl Core {
@@ -47,6 +59,10 @@ impl Core {
         request: Request,
         reply: ReplyId,
     ) -> Result<(), Request> {
+        if let Request::VolumeCacheShow { name } = &request {
+            self.volume_cache_show(name, reply);
+            return Ok(());
+        }
         let handle = match &request {
             Request::MirrorOpen { handle }
             | Request::MirrorAppend { handle, .. }
@@ -85,6 +101,26 @@ impl Core {
         };
         self.push_effect(Effect::Mirror { volume, op, reply });
         Ok(())
+    }
+
+    /// `sanvol volume show`'s cache line: the setting and holder from here,
+    /// the mirror's state from its worker (which answers).
+    fn volume_cache_show(&mut self, name: &str, reply: ReplyId) {
+        let volume = match self.volume_by_name(name) {
+            Ok(v) => v.id,
+            Err(e) => return self.reply(reply, Err(e)),
+        };
+        let cache = self.meta.volume_cache(volume);
+        let holder = self
+            .handles
+            .on_volume(volume.0)
+            .find(|h| h.mode == OpenMode::Exclusive)
+            .map(|h| format!("{} (handle {})", h.holder, h.id));
+        let known = CacheStateInfo { cache, holder, mirroring: false, held_records: 0, held_bytes: 0 };
+        if known.cache.is_none() {
+            return self.reply(reply, Ok(Response::VolumeCacheState(known)));
+        }
+        self.push_effect(Effect::Mirror { volume, op: MirrorOp::Status { known }, reply });
     }
 
     /// The volume and cache setting of `handle`, if `session` holds it
@@ -148,6 +184,23 @@ impl Core {
                 let msg = format!("replaying the volume's cache mirror failed: {why}; nothing was changed; retry");
                 Step::Done(Some((reply, Err(err(ErrorCode::Unavailable, msg)))))
             }
+            (AfterReplay::Reconfigure { name, change, reply, may_prezero }, Ok(())) => {
+                self.prepare_reconfigure_with(&name, change, reply, may_prezero)
+            }
+            (AfterReplay::Reconfigure { name, reply, .. }, Err(why)) => {
+                let msg = format!(
+                    "volume {name}: its cache mirror (writes its last holder acknowledged) must be on the devices                      before a snapshot, and replaying it failed: {why}; nothing was changed; retry"
+                );
+                Step::Done(Some((reply, Err(err(ErrorCode::Unavailable, msg)))))
+            }
+            (AfterReplay::Recall { pending, excluded }, Ok(())) => self.recall_continue(volume, pending, excluded),
+            (AfterReplay::Recall { pending, excluded }, Err(why)) => {
+                let msg = format!(
+                    "the volume's cache mirror (writes its excluded holder acknowledged) must be on the devices                      before the change, and replaying it failed: {why}; nothing was changed; retry"
+                );
+                self.finish_recall(volume, pending, excluded, Err(err(ErrorCode::Unavailable, msg)));
+                Step::Done(None)
+            }
         }
     }
 
@@ -169,11 +222,6 @@ impl Core {
             );
             return Step::Done(Some((reply, Err(err(ErrorCode::Busy, msg)))));
         }
-        if mode.is_some() && self.meta.snapshots.iter().any(|s| s.volume == volume) {
-            let msg =
-                format!("volume {name} has snapshots: a cached volume cannot have snapshots yet; delete them first");
-            return Step::Done(Some((reply, Err(err(ErrorCode::InvalidArgument, msg)))));
-        }
         let cache = mode.map(|mode| VolumeCache { volume, size_bytes: *size_bytes, mode });
         if self.meta.volume_cache(volume) == cache {
             return Step::Done(Some((reply, Ok(Response::Done))));
@@ -189,17 +237,6 @@ impl Core {
             changes: vec![MetaChange::VolumeCache { volume, cache }],
             then: AfterCommit::Reply { reply, what },
         }
-    }
-
-    /// Refuses a snapshot of a cached volume (see the module doc).
-    pub(super) fn snapshot_refused_for_cache(&self, volume: VolumeId, name: &str) -> Option<ControlError> {
-        let cache = self.meta.volume_cache(volume)?;
-        let msg = format!(
-            "volume {name} has a {} write-back cache: snapshots of cached volumes are not supported yet; turn the \
-             cache off first (`sanvol volume cache {name} --mode off`)",
-            cache.mode
-        );
-        Some(err(ErrorCode::InvalidArgument, msg))
     }
 }
 

@@ -46,6 +46,7 @@ pub fn allowed_in_grace(request: &Request) -> bool {
             | Request::ClientList
             | Request::VolumeList
             | Request::VolumeShow { .. }
+            | Request::VolumeCacheShow { .. }
             | Request::Operations
             | Request::SnapshotList { .. }
             | Request::DataChannel { .. }

@@ -263,7 +263,7 @@ impl Core {
             AfterJob::MirrorReplayed { volume, next } => self.mirror_replayed(volume, next, outcome),
             AfterJob::ExpireFenced { expired } => self.expire_fenced(expired, outcome),
             AfterJob::RecallFenced { volume, pending, excluded } => match outcome.result {
-                Ok(()) => self.recall_merge_or_commit(volume, pending, excluded),
+                Ok(()) => self.recall_fenced(volume, pending, excluded),
                 Err(why) => {
                     let name = self.meta.volume(volume).map_or_else(|| volume.to_string(), |v| v.name.clone());
                     let handles: Vec<String> = excluded.iter().map(|id| HandleId(*id).to_string()).collect();
@@ -415,11 +415,6 @@ impl Core {
             Ok(v) => v.id,
             Err(e) => return done(reply, Err(e)),
         };
-        if let VolumeChange::SnapshotCreate { .. } = change {
-            if let Some(e) = self.snapshot_refused_for_cache(id, name) {
-                return done(reply, Err(e));
-            }
-        }
         // Plan it now so "no space", "shrink" or "no such snapshot" is refused
         // before any agent is disturbed.
         let planned = match self.plan_change(id, &change) {
@@ -433,6 +428,13 @@ impl Core {
         }
         // Holders only need a recall when what they do I/O with changes.
         if self.handles.on_volume(id.0).next().is_none() || !planned.layout_changes {
+            // A snapshot holds what a dead holder's cache acknowledged: its
+            // mirror goes to the devices first (see `super::cache`).
+            if matches!(change, VolumeChange::SnapshotCreate { .. }) && self.needs_replay(id) {
+                let next =
+                    super::cache::AfterReplay::Reconfigure { name: name.to_string(), change, reply, may_prezero };
+                return self.replay_then(id, next);
+            }
             if let Some(job) = self.merge_job(id, &change) {
                 let busy = Some((id, data_job_busy(&change)));
                 let then = AfterJob::Merged { volume: id, change, finish: super::core::MergeFinish::Direct { reply } };
@@ -511,12 +513,25 @@ impl Core {
             };
             return Step::Job { job, busy: None, then: AfterJob::RecallFenced { volume, pending, excluded } };
         }
-        self.recall_merge_or_commit(volume, pending, excluded)
+        self.recall_continue(volume, pending, excluded)
     }
 
-    /// A recalled change whose excluded holders (if any) are fenced: merge
-    /// pre-images first if it needs to, then commit.
-    fn recall_merge_or_commit(&mut self, volume: VolumeId, pending: PendingChange, excluded: Vec<u64>) -> Step {
+    /// A recalled change whose excluded holders are fenced: an excluded
+    /// holder of a cached volume did not destage its cache, so what its
+    /// mirror holds goes to the devices before the change (a snapshot must
+    /// hold every acknowledged write; see `super::cache`) — after the fence,
+    /// so the holder cannot write over the replay. Then merge and commit.
+    fn recall_fenced(&mut self, volume: VolumeId, pending: PendingChange, excluded: Vec<u64>) -> Step {
+        if !excluded.is_empty() && self.needs_replay(volume) {
+            return self.replay_then(volume, super::cache::AfterReplay::Recall { pending, excluded });
+        }
+        self.recall_continue(volume, pending, excluded)
+    }
+
+    /// [`Core::prepare_recall`] once the excluded holders are fenced and any
+    /// cache mirror is replayed: the merge a snapshot delete needs, then the
+    /// commit.
+    pub(super) fn recall_continue(&mut self, volume: VolumeId, pending: PendingChange, excluded: Vec<u64>) -> Step {
         if let Some(job) = self.merge_job(volume, &pending.change) {
             let change = pending.change.clone();
             let busy = Some((volume, data_job_busy(&change)));

@@ -306,6 +306,14 @@ pub enum Request {
     /// a field of [`DeviceInfo`], so `Response::Devices` encodes as before
     /// for every older peer.
     DeviceFencing,
+
+    // ---- admin: write-back caches' state (protocol 10) ----
+    /// What the server knows of volume `name`'s write-back cache: the
+    /// setting, its holder and the server's mirror of it (`sanvol volume
+    /// show`). Answered with [`Response::VolumeCacheState`].
+    VolumeCacheShow {
+        name: String,
+    },
 }
 
 /// How a volume's writes are cached (the pool metadata's type).
@@ -414,6 +422,8 @@ impl Request {
             | Request::Capabilities { .. }
             | Request::IntentRecord { .. }
             | Request::IntentResync { .. } => Some(&[Role::Agent]),
+            // Agents and admins share the read-only status requests.
+            Request::VolumeCacheShow { .. } => Some(&[Role::Admin, Role::Agent]),
             Request::SnapshotList { .. } | Request::BackupChannel => Some(&[Role::Admin, Role::Backup]),
             _ => Some(&[Role::Admin]),
         }
@@ -478,6 +488,8 @@ pub enum Response {
     IntentRecorded,
     /// Whether each device fences (protocol 9).
     DeviceFencing(Vec<DeviceFencing>),
+    /// A volume's write-back cache as the server sees it (protocol 10).
+    VolumeCacheState(CacheStateInfo),
 }
 
 /// The protocol version from which a server answers
@@ -491,6 +503,45 @@ pub const DEVICE_FENCING_SINCE_PROTOCOL: u32 = 9;
 pub struct DeviceFencing {
     pub device: DeviceIndex,
     pub fences: Option<bool>,
+}
+
+/// A volume's write-back cache as the metadata server sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheStateInfo {
+    /// The setting (`None`: the volume has no cache).
+    pub cache: Option<VolumeCache>,
+    /// The exclusive holder serving it through its cache, "CLIENT (handle N)".
+    pub holder: Option<String>,
+    /// Whether the server mirrors the holder's writes now: the holder
+    /// acknowledges a write once it is in its log and here ("mirrored").
+    /// A holder that is not mirroring writes through (acknowledges once on
+    /// the devices): its agent's `sanvol-agent list` says why.
+    pub mirroring: bool,
+    /// Acknowledged writes the mirror holds that the holder has not
+    /// reported on the devices yet (its dirty data; a byte written twice
+    /// counts twice).
+    pub held_records: u64,
+    pub held_bytes: u64,
+}
+
+impl CacheStateInfo {
+    /// One line for `sanvol volume show`: the setting, then the holder's
+    /// state (mirrored / write-through and why / dirty bytes).
+    pub fn summary(&self) -> String {
+        let Some(cache) = &self.cache else { return "none".into() };
+        let setting = format!("{} of {} bytes", cache.mode, cache.size_bytes);
+        match (&self.holder, self.mirroring) {
+            (None, _) => format!("{setting}; no holder"),
+            (Some(holder), true) => format!(
+                "{setting}; holder {holder}: mirrored, {} bytes dirty ({} writes not yet on the devices)",
+                self.held_bytes, self.held_records
+            ),
+            (Some(holder), false) => format!(
+                "{setting}; holder {holder}: write-through (it is not mirroring at this server: the mirror failed, \
+                 or the server changed; `sanvol-agent list` on the holder says why)"
+            ),
+        }
+    }
 }
 
 /// A handle's capability on one device (protocol 7): the volume's extents

@@ -69,7 +69,13 @@ pub mod resume;
 ///   (admin) and `Response::DeviceFencing` (`DeviceFencing`), added last:
 ///   4 to 8 are still accepted (the admin CLI asks only a server that
 ///   negotiated 9).
-pub const PROTOCOL_VERSION: u32 = 9;
+/// - 10: the state of write-back caches — `Request::VolumeCacheShow` (admin)
+///   and `Response::VolumeCacheState` (`CacheStateInfo`), added last: 4 to 9
+///   are still accepted (`sanvol volume show` asks only a server that
+///   negotiated 10).
+pub const PROTOCOL_VERSION: u32 = 10;
+/// The first protocol version with [`messages::Request::VolumeCacheShow`].
+pub const CACHE_STATE_PROTOCOL_MIN: u32 = 10;
 
 /// The oldest protocol version this build still accepts: a peer outside
 /// `PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION` is refused at the handshake
