@@ -26,10 +26,9 @@ use volume_format::control::auth::{
 };
 use volume_format::control::frame::encode_payload;
 use volume_format::control::messages::{
-    CacheMode, CacheStateInfo, ClientInfo, ClientMessage, ControlError, DataChannelGrant, DeviceCapability, DeviceFencing,
-    DeviceInfo,
-    ErrorCode, MirrorRecord, OpenMode, OpenedHandle, OperationInfo, PoolInfo, Request, Response, ServerEvent,
-    ServerInfo, ServerMessage, SnapshotInfo, VolumeCache, VolumeDetail, VolumeInfo,
+    CacheMode, CacheStateInfo, ClientInfo, ClientMessage, ControlError, DataChannelGrant, DeviceCapability,
+    DeviceFencing, DeviceInfo, ErrorCode, MirrorRecord, OpenMode, OpenedHandle, OperationInfo, PoolInfo, Request,
+    Response, ServerEvent, ServerInfo, ServerMessage, SnapshotInfo, VolumeCache, VolumeDetail, VolumeInfo,
 };
 use volume_format::control::{PROTOCOL_VERSION, PROTOCOL_VERSION_MIN};
 use volume_format::description::{DeviceEndpoint, SnapshotEpoch};
