@@ -100,6 +100,13 @@ pub(crate) enum ToOwner {
         result: Result<(), DetachFailure>,
         leftovers: Leftovers,
     },
+    /// An attach task opened the volume's cache and waits for `ack` before
+    /// it serves the export: from then on a recall sees the cache.
+    CacheOpened {
+        attachment: AttachmentId,
+        cache: Arc<CachedDevice>,
+        ack: oneshot::Sender<()>,
+    },
     /// A cached volume's cache destaged for a recall (`Effect::BeginRecall`).
     Quiesced {
         attachment: AttachmentId,
@@ -385,6 +392,22 @@ impl Shell {
                     rt.kernel = leftovers.kernel.or(rt.kernel.take());
                 }
                 Input::Detached { attachment, result }
+            }
+            ToOwner::CacheOpened { attachment, cache, ack } => {
+                if let Some(rt) = self.attachments.get_mut(&attachment) {
+                    // Known before the export serves a write: every recall
+                    // from now on destages the cache first. One that began
+                    // before (the uncached path: its confirmation may be out)
+                    // holds the cache's writes until the layout that ends it,
+                    // so nothing is acknowledged that its change misses.
+                    if matches!(rt.gate.status().phase, crate::gate::Phase::Recalled { .. }) {
+                        cache.hold_writes();
+                    }
+                    let path = self.config.cache_log_path(&rt.volume).unwrap_or_default();
+                    rt.cache = Some((cache, path.display().to_string()));
+                }
+                let _ = ack.send(());
+                return None;
             }
             ToOwner::Quiesced { attachment, generation, hold, result } => {
                 let rt = self.attachments.get(&attachment)?;
@@ -742,6 +765,8 @@ impl Shell {
         let backend =
             crate::kernel::BackendId { pool: layout.description().pool_uuid, mode, handle, volume: volume.clone() };
         let task = AttachTask {
+            attachment,
+            owner: self.tx.clone(),
             pool: self.pool.clone(),
             layout,
             device,
@@ -801,6 +826,10 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// serve the export, attach the kernel device. Undoes its own steps on
 /// failure; the owner then closes the gate and the handle.
 struct AttachTask {
+    attachment: AttachmentId,
+    /// The owner, told of the cache before the export serves
+    /// ([`ToOwner::CacheOpened`]).
+    owner: mpsc::UnboundedSender<ToOwner>,
     pool: Arc<DevicePool>,
     layout: Arc<Layout>,
     device: Arc<VolumeDevice>,
@@ -949,6 +978,15 @@ impl AttachTask {
                 .map_err(|message| AgentError::Device { volume: volume.clone(), message })?,
             None => None,
         };
+        if let Some(cache) = &cache {
+            // The owner must know of the cache before a write reaches it: a
+            // recall then destages it (see `ToOwner::CacheOpened`).
+            let (ack, acked) = oneshot::channel();
+            let _ = self.owner.send(ToOwner::CacheOpened { attachment: self.attachment, cache: cache.clone(), ack });
+            if acked.await.is_err() {
+                return Err(AgentError::Export { volume, message: "the agent is stopping".into() });
+            }
+        }
         let text = format!("sanvol volume {volume} ({}, handle {})", self.mode, self.handle);
         let served: Arc<dyn BlockDevice> = match &cache {
             Some(cache) => cache.clone(),
@@ -958,6 +996,11 @@ impl AttachTask {
         let export = serve_volume(&volume, text, device.clone(), &self.export)
             .await
             .map_err(|e| AgentError::Export { volume: volume.clone(), message: e.to_string() })?;
+        // Crash tests: the export serves before the owner hears of it
+        // (`agent-attach-serving:sleep=MS` widens that window).
+        if let Some(wait) = control_client::fault::hit("agent-attach-serving") {
+            tokio::time::sleep(wait).await;
+        }
         let kernel = match &self.kernel {
             None => return Ok(Ready { export, kernel: None, kernel_note: None, cache }),
             Some(KernelPlan::Connect { index }) => {

@@ -13,7 +13,10 @@
 //! go on (SIGCONT). `POINT:jump=MS` (or `POINT:jump=MS@N`) neither kills nor
 //! stops: [`hit`] returns that duration and the caller moves its lease clock
 //! on by it (`blockio::clock::jump`), standing for a VM pause of that length
-//! right there. Unset (the normal case) costs one load of a cached value.
+//! right there. `POINT:sleep=MS` (or `POINT:sleep=MS@N`) returns that
+//! duration too, for the points whose callers wait it out there (a slow step
+//! widened, so a test can act in the window it leaves). Unset (the normal
+//! case) costs one load of a cached value.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -25,6 +28,8 @@ struct Armed {
     stop: bool,
     /// A clock jump instead of a kill or a stop.
     jump_ms: Option<u64>,
+    /// A wait instead of a kill or a stop.
+    sleep_ms: Option<u64>,
     on_hit: u64,
     hits: AtomicU64,
 }
@@ -54,7 +59,11 @@ fn parse(spec: &str) -> Option<Armed> {
         Some((point, ms)) => (point, Some(ms.parse().ok()?)),
         None => (point, None),
     };
-    Some(Armed { point: point.to_string(), stop, jump_ms, on_hit, hits: AtomicU64::new(0) })
+    let (point, sleep_ms) = match point.split_once(":sleep=") {
+        Some((point, ms)) => (point, Some(ms.parse().ok()?)),
+        None => (point, None),
+    };
+    Some(Armed { point: point.to_string(), stop, jump_ms, sleep_ms, on_hit, hits: AtomicU64::new(0) })
 }
 
 /// Kills this process with SIGKILL (or stops it with SIGSTOP) if `point` is
@@ -64,6 +73,10 @@ pub fn hit(point: &str) -> Option<std::time::Duration> {
     let a = armed().iter().find(|a| a.point == point)?;
     if a.hits.fetch_add(1, Ordering::SeqCst) + 1 != a.on_hit {
         return None;
+    }
+    if let Some(ms) = a.sleep_ms {
+        eprintln!("SANVOL_FAULT: reached {point}; waiting {ms} ms there");
+        return Some(std::time::Duration::from_millis(ms));
     }
     if let Some(ms) = a.jump_ms {
         eprintln!("SANVOL_FAULT: reached {point}; the lease clock jumps {ms} ms (a VM pause)");
@@ -98,5 +111,7 @@ mod tests {
         assert_eq!((a.point.as_str(), a.stop, a.on_hit), ("agent-before-recall-done", true, 1));
         assert!(parse("x:stop@2").is_some_and(|a| a.stop && a.on_hit == 2));
         assert!(parse("x@0").is_none() && parse("x@y").is_none() && parse("").is_none());
+        let a = parse("agent-cache-serving:sleep=3000").unwrap();
+        assert_eq!((a.point.as_str(), a.sleep_ms, a.jump_ms), ("agent-cache-serving", Some(3000), None));
     }
 }

@@ -730,3 +730,50 @@ async fn a_snapshot_after_kill_9_of_the_cached_holder_holds_what_its_mirror_held
     }
     assert!(stack.mds_log().contains("cache mirror replayed to the devices"), "{}", stack.mds_log());
 }
+
+/// A recall that reaches the agent while the attach of a cached volume is
+/// being completed: the export already serves through the cache
+/// (`agent-attach-serving:sleep=6000` holds the attach there, as a slow
+/// owner loop would), writes are acknowledged into the cache, and `sanvol
+/// snapshot create` recalls the holder. The snapshot, read from the device
+/// file directly, holds every write acknowledged before the command — the
+/// owner knew of the cache before the export served, so the recall destaged
+/// it (without that, it drained only the device I/O in flight).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_while_a_cached_attach_completes_holds_every_acknowledged_write() {
+    let rig = MirrorRig::new();
+    let stack = &rig.stack;
+    stack.authorize_agent("agent-a");
+    let a = stack.restart_agent_env("agent-a", &[], &[("SANVOL_FAULT", "agent-attach-serving:sleep=6000")]);
+    let mut attach = Command::new(sanvol_tests::system::bin("sanvol-agent"));
+    attach.args(["attach", "db", "--mode", "exclusive", "--control-socket"]).arg(&a.socket);
+    let attach = tokio::task::spawn_blocking(move || attach.output().expect("run sanvol-agent attach"));
+    let socket = a.export_dir.join("db.sock");
+    sanvol_tests::system::poll("the export's socket", std::time::Duration::from_secs(30), || {
+        socket.exists().then_some(())
+    });
+    let uri: NbdUri = format!("nbd+unix:///db?socket={}", socket.display()).parse().unwrap();
+    let client = Arc::new(NbdClient::connect(&uri, ClientOptions::default()).await.unwrap());
+    let mut model = rig.volume_image();
+    // More records than one destage batch (`DESTAGE_RECORDS_MAX`): a recall
+    // that only drains the device I/O in flight misses some.
+    for round in 0..5 {
+        write_round(&client, &mut model, round).await;
+    }
+    assert!(rig.volume_image() != model, "every write reached the device at once: the cache held nothing");
+    assert!(!attach.is_finished(), "the attach finished before the snapshot: the test missed its window");
+    let create = stack.sanvol_command(&["snapshot", "create", "db", "s1"]);
+    let created = tokio::task::spawn_blocking(move || {
+        let mut create = create;
+        create.output().expect("run sanvol")
+    })
+    .await
+    .unwrap();
+    assert!(created.status.success(), "snapshot create: {}", String::from_utf8_lossy(&created.stderr));
+    let attached = attach.await.unwrap();
+    assert!(attached.status.success(), "attach: {}\n{}", String::from_utf8_lossy(&attached.stderr), a.proc.log());
+    if let Some(e) = differs("the snapshot, read from the device file", &snapshot_image(&rig), &model) {
+        panic!("{e} (a write acknowledged into the cache is missing)\nagent log:\n{}", a.proc.log());
+    }
+    drop(client);
+}
