@@ -99,6 +99,7 @@ impl Harness {
             socket: None,
             tcp: None,
             kernel: None,
+            locks: Vec::new(),
         };
         let (caller, effects) = self.command(Command::Attach(spec));
         let (request, message) = sent_one(&effects);
@@ -507,6 +508,7 @@ fn a_detach_during_a_recall_waits_for_its_task_and_the_recall_still_completes() 
         socket: None,
         tcp: None,
         kernel: None,
+        locks: Vec::new(),
     };
     let (caller, effects) = h.command(Command::Attach(spec));
     assert_eq!(reply_to(&effects, caller), Reply::Failed(AgentError::Detaching("vol".into())));
@@ -775,6 +777,7 @@ fn attach_refusals_need_no_server() {
             socket: None,
             tcp: None,
             kernel: None,
+            locks: Vec::new(),
         };
         let (caller, effects) = h.command(Command::Attach(spec));
         assert_eq!(reply_to(&effects, caller), Reply::Failed(e));
@@ -786,6 +789,7 @@ fn attach_refusals_need_no_server() {
         socket: None,
         tcp: None,
         kernel: None,
+        locks: Vec::new(),
     };
     let (caller, effects) = h.command(Command::Attach(spec.clone()));
     assert_eq!(reply_to(&effects, caller), Reply::Failed(AgentError::AlreadyAttached("vol".into())));
@@ -1130,6 +1134,7 @@ fn both_sides_of_a_handover_copy_pre_images_through_the_server() {
         socket: None,
         tcp: None,
         kernel: None,
+        locks: Vec::new(),
     };
     let (_, effects) = t.command(Command::Attach(spec));
     let (open, message) = sent_one(&effects);
