@@ -96,7 +96,7 @@ async fn disjoint_locked_ranges_verify_and_conflicts_and_foreign_writes_are_refu
     stack.lease_ms = 1500;
     stack.start_mds();
     stack.sanvol_ok(&["volume", "create", "shared", "32M"]);
-    let a = stack.start_agent("host-a");
+    let mut a = stack.start_agent("host-a");
     let b = stack.start_agent("host-b");
     let c = stack.start_agent("host-c");
     let uri_a = uri_of(&attach_locked(&a, "shared", &format!("0+{}M", RANGE / MIB)), &a);
@@ -154,4 +154,18 @@ async fn disjoint_locked_ranges_verify_and_conflicts_and_foreign_writes_are_refu
     assert!(err.contains("host-b"), "{err}");
     // A range nobody holds is granted to C.
     uri_of(&attach_locked(&c, "shared", &format!("{}M+1M", 2 * RANGE / MIB)), &c);
+
+    // (5) A new run of agent A (kill -9, restart) takes its handle back and
+    // is told the table with it: it refuses B's range at once.
+    a.proc.kill();
+    let a = stack.restart_agent("host-a");
+    poll("agent A to take the volume back with the lock table", Duration::from_secs(30), || {
+        let l = list(&a);
+        let back = l.as_array().unwrap().iter().any(|v| v["volume"] == "shared" && v["state"] == "open");
+        (back && locks_shown(&a, "shared").iter().any(|l| l.contains("host-b"))).then_some(())
+    });
+    let client = connect(&uri_a).await;
+    assert!(client.write(RANGE, Bytes::from(vec![0xEF; 4096]), true).await.is_err(), "the new run wrote into B's lock");
+    client.disconnect().await;
+    assert_eq!(read_direct(&stack, "shared", RANGE, 4096).await, before, "B's range changed");
 }

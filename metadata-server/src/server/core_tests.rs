@@ -1712,7 +1712,14 @@ fn range_locks_conflict_naming_the_holder_survive_a_restart_and_end_with_the_han
     w.restart(0);
     let resumed =
         |w: &mut World, session, key: &Vec<u8>| committed_request(w, session, Request::Resume { key: key.clone() });
-    assert!(matches!(resumed(&mut w, 1, &a.resume_key), Ok(Response::Opened(_))));
+    let (resume, effects) = w.request(1, Request::Resume { key: a.resume_key.clone() });
+    let effects = commit_all(&mut w, effects);
+    assert!(matches!(reply_of(&effects, resume), Some(Ok(Response::Opened(_)))), "{effects:?}");
+    assert!(
+        effects.iter().any(|e| matches!(e, Effect::Event { session: 1, event: ServerEvent::Locks { locks, .. } }
+            if locks.holders.len() == 2)),
+        "a resumed holder is told the table: {effects:?}"
+    );
     assert!(matches!(resumed(&mut w, 2, &b.resume_key), Ok(Response::Opened(_))));
     assert_eq!(
         committed_request(&mut w, 2, lock(b.handle, 4096, 4096)),

@@ -68,6 +68,16 @@ impl Core {
         Step::Commit { changes, then: AfterCommit::Respond { reply, response: Box::new(Response::Locked(table)) } }
     }
 
+    /// After a resume (an agent restarted, or reconnected to a restarted
+    /// server): tells the holder its volume's lock table, if it has one, so
+    /// a new run of the agent enforces the others' locks at once.
+    pub(super) fn tell_lock_table(&mut self, session: SessionId, handle: HandleId, volume: VolumeId) {
+        let locks = self.meta.lock_table(volume);
+        if !locks.holders.is_empty() {
+            self.send_event(session, ServerEvent::Locks { handle, locks });
+        }
+    }
+
     /// After a commit: tells every holder of a volume whose lock table
     /// changed (a lock taken or released, a locking handle closed, broken
     /// or removed) the new table.

@@ -176,8 +176,9 @@ impl Core {
                     _ => None,
                 };
                 self.reply(reply, result);
-                if let Some((handle, _)) = resumed {
+                if let Some((handle, volume)) = resumed {
                     self.after_resume(session, handle);
+                    self.tell_lock_table(session, handle, volume);
                 }
                 return Step::Done(None);
             }
