@@ -165,6 +165,10 @@ pub fn run_ok(cmd: &mut Command) -> String {
 }
 
 /// A pool on nbdkit memory devices with its metadata server.
+/// How long [`Stack::sanvol_ok`] retries a refusal the server calls
+/// transient.
+pub const TRANSIENT_RETRY_SECS: u64 = 20;
+
 pub struct Stack {
     pub dir: tempfile::TempDir,
     pub devices: Vec<Peer>,
@@ -184,6 +188,10 @@ pub struct Stack {
     pub mds_env: Vec<(String, String)>,
     /// Extra lines for the server config of the next `start_mds`.
     pub mds_config_extra: Vec<String>,
+    /// The pool lease's I/O timeout `T` of the servers started from now
+    /// (500 ms; a stack whose devices delay every write wants more: a lease
+    /// write queued behind them must not time out).
+    pub lease_io_timeout_ms: u64,
     /// With [`Stack::new_tls`]: the certificates the devices use.
     pub pki: Option<peers::TestPki>,
     /// Addresses of further metadata servers (standbys started with
@@ -288,6 +296,7 @@ impl Stack {
             device_request_max_ms: None,
             mds_env: Vec::new(),
             mds_config_extra: Vec::new(),
+            lease_io_timeout_ms: 500,
             pki,
             more_mds: Vec::new(),
         };
@@ -326,12 +335,13 @@ impl Stack {
         std::fs::write(
             &config,
             format!(
-                "listen = [{:?}]\nkey = {:?}\ndevices = [{}]\nlease_ms = {}\nlease_io_timeout_ms = 500\n\
+                "listen = [{:?}]\nkey = {:?}\ndevices = [{}]\nlease_ms = {}\nlease_io_timeout_ms = {}\n\
                  host_id = {host_id}\nname = \"mds-{host_id}\"\n",
                 format!("unix:{}", socket.display()),
                 self.mds_key.display().to_string(),
                 devices.join(", "),
-                self.lease_ms
+                self.lease_ms,
+                self.lease_io_timeout_ms
             ) + &self.durable_ms.map(|ms| format!("durable_ms = {ms}\n")).unwrap_or_default()
                 + &self.grace_ms.map(|ms| format!("grace_ms = {ms}\n")).unwrap_or_default()
                 + &self.device_request_max_ms.map(|ms| format!("device_request_max_ms = {ms}\n")).unwrap_or_default()
@@ -448,9 +458,21 @@ impl Stack {
         cmd
     }
 
-    /// `sanvol ARGS` that must succeed; returns stdout.
+    /// `sanvol ARGS` that must succeed; returns stdout. A refusal the
+    /// server calls transient ("retry shortly": it is renewing its pool
+    /// lease on a loaded host) is retried for up to
+    /// [`TRANSIENT_RETRY_SECS`], as an operator would; it changed nothing.
     pub fn sanvol_ok(&self, args: &[&str]) -> String {
-        let out = self.sanvol(args);
+        let deadline = Instant::now() + Duration::from_secs(TRANSIENT_RETRY_SECS);
+        let mut out = self.sanvol(args);
+        while !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("retry shortly")
+            && Instant::now() < deadline
+        {
+            // The server names no moment to wait for: poll it.
+            std::thread::sleep(Duration::from_millis(200));
+            out = self.sanvol(args);
+        }
         assert!(
             out.status.success(),
             "sanvol {args:?} failed:\nstdout: {}\nstderr: {}\nmds log:\n{}",

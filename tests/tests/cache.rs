@@ -258,6 +258,9 @@ impl MirrorRig {
         // would take the pool's only device with it (seen in CI).
         let device = peers::nbdkit(&["-t", "1", "--filter=delay", "file", &image_path, "delay-write=100ms"]);
         let mut stack = Stack::with_devices(vec![device]);
+        // The pool lease's writes queue behind the 100 ms data writes on
+        // the one device: T = 1 s (the server's default) rather than 0.5 s.
+        stack.lease_io_timeout_ms = 1000;
         stack.lease_ms = lease_ms;
         stack.durable_ms = durable_ms;
         stack.start_mds();
