@@ -74,6 +74,9 @@ impl Core {
     pub(super) fn tell_lock_table(&mut self, session: SessionId, handle: HandleId, volume: VolumeId) {
         let locks = self.meta.lock_table(volume);
         if !locks.holders.is_empty() {
+            // Later changes are compared with what was told (a restarted
+            // server starts with nothing told).
+            self.lock_tables_told.insert(volume, locks.clone());
             self.send_event(session, ServerEvent::Locks { handle, locks });
         }
     }
