@@ -266,6 +266,7 @@ async fn attach_volume(agent_socket: &Path, volume: &str) -> Result<NbdUri> {
         mode: volume_format::control::messages::OpenMode::Exclusive,
         socket: None,
         tcp: None,
+        locks: Vec::new(),
     });
     let reply = control_client::agent_api::call(agent_socket, &request).await.map_err(|e| anyhow!(e))?;
     let attached = match reply {

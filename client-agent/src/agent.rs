@@ -242,7 +242,14 @@ impl Agent {
             Some(token) => OpenWith::Handover(token),
             None => OpenWith::Mode(request.mode),
         };
-        let spec = AttachSpec { volume: request.volume, open, socket: request.socket, tcp: request.tcp, kernel: None };
+        let spec = AttachSpec {
+            volume: request.volume,
+            open,
+            socket: request.socket,
+            tcp: request.tcp,
+            kernel: None,
+            locks: request.locks,
+        };
         self.attach_spec(spec).await
     }
 
@@ -355,6 +362,7 @@ impl Agent {
             socket: None,
             tcp: None,
             kernel: Some(KernelPlan::Connect { index }),
+            locks: Vec::new(),
         };
         self.attach_spec(spec).await
     }
@@ -375,6 +383,7 @@ impl Agent {
             socket: None,
             tcp: None,
             kernel: Some(KernelPlan::Reconnect { index, backend, pool }),
+            locks: Vec::new(),
         };
         self.attach_spec(spec).await
     }
@@ -475,7 +484,13 @@ mod tests {
 
         // Attach and do I/O through the export.
         let info = agent
-            .attach(AttachRequest { volume: "vol".into(), mode: OpenMode::Exclusive, socket: None, tcp: None })
+            .attach(AttachRequest {
+                volume: "vol".into(),
+                mode: OpenMode::Exclusive,
+                socket: None,
+                tcp: None,
+                locks: Vec::new(),
+            })
             .await
             .unwrap();
         assert!(info.export_uri.starts_with("nbd+unix:///vol?socket="), "{}", info.export_uri);
@@ -494,9 +509,21 @@ mod tests {
         }
 
         // A second attach of the same volume, and a conflicting open elsewhere.
-        let again = AttachRequest { volume: "vol".into(), mode: OpenMode::Exclusive, socket: None, tcp: None };
+        let again = AttachRequest {
+            volume: "vol".into(),
+            mode: OpenMode::Exclusive,
+            socket: None,
+            tcp: None,
+            locks: Vec::new(),
+        };
         assert!(matches!(agent.attach(again).await, Err(AgentError::AlreadyAttached(_))));
-        let busy = AttachRequest { volume: "busy".into(), mode: OpenMode::Exclusive, socket: None, tcp: None };
+        let busy = AttachRequest {
+            volume: "busy".into(),
+            mode: OpenMode::Exclusive,
+            socket: None,
+            tcp: None,
+            locks: Vec::new(),
+        };
         let e = agent.attach(busy).await.unwrap_err().to_string();
         assert_eq!(e, "volume busy is open exclusive by host-b (handle 9); it can be opened once host-b closes it");
 
@@ -530,6 +557,7 @@ mod tests {
             mode: OpenMode::ReadOnly,
             socket: None,
             tcp: Some("127.0.0.1:0".parse().unwrap()),
+            locks: Vec::new(),
         };
         let ro_info = agent.attach(ro).await.unwrap();
         let ro_client =
@@ -565,7 +593,13 @@ mod tests {
         let mut mds = FakeMds::start(pool.dir.path(), vec![volume_on(&pool, "vol", 1, 1, 1)], 300);
         let agent = agent_for(&mds, &pool);
         agent.wait_ready().await.unwrap();
-        let req = AttachRequest { volume: "vol".into(), mode: OpenMode::SharedWrite, socket: None, tcp: None };
+        let req = AttachRequest {
+            volume: "vol".into(),
+            mode: OpenMode::SharedWrite,
+            socket: None,
+            tcp: None,
+            locks: Vec::new(),
+        };
         let info = agent.attach(req).await.unwrap();
         for _ in 0..3 {
             mds.expect(|r| matches!(r, Request::Renew)).await;
@@ -592,7 +626,13 @@ mod tests {
         let mut mds = FakeMds::start(pool.dir.path(), vec![d], 10_000);
         let agent = agent_for(&mds, &pool);
         agent.wait_ready().await.unwrap();
-        let req = AttachRequest { volume: "vol".into(), mode: OpenMode::Exclusive, socket: None, tcp: None };
+        let req = AttachRequest {
+            volume: "vol".into(),
+            mode: OpenMode::Exclusive,
+            socket: None,
+            tcp: None,
+            locks: Vec::new(),
+        };
         let e = agent.attach(req).await.unwrap_err().to_string();
         assert!(e.contains("dev0") && e.contains("gone.sock"), "{e}");
         assert_eq!(mds.expect(|r| matches!(r, Request::Close { .. })).await, Request::Close { handle: HandleId(11) });
@@ -635,7 +675,7 @@ mod tests {
     }
 
     fn attach_request(volume: &str) -> AttachRequest {
-        AttachRequest { volume: volume.into(), mode: OpenMode::Exclusive, socket: None, tcp: None }
+        AttachRequest { volume: volume.into(), mode: OpenMode::Exclusive, socket: None, tcp: None, locks: Vec::new() }
     }
 
     /// Bounds a call that must answer at once; on failure it names what waited.

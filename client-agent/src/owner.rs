@@ -463,6 +463,20 @@ impl Shell {
                 }
             }
             Effect::Send { conn, request, message, timeout_ms } => match self.conns.get(&conn) {
+                Some(client)
+                    if matches!(message, volume_format::control::messages::Request::Lock { .. })
+                        && client.session().version < volume_format::control::LOCKS_PROTOCOL_MIN =>
+                {
+                    let e = volume_format::control::messages::ControlError::new(
+                        volume_format::control::messages::ErrorCode::InvalidArgument,
+                        format!(
+                            "the metadata server speaks control protocol {}; byte-range locks need {}: upgrade sanvol-mds",
+                            client.session().version,
+                            volume_format::control::LOCKS_PROTOCOL_MIN
+                        ),
+                    );
+                    self.post(Input::Reply { request, result: Err(RequestError::Server(e)) });
+                }
                 Some(client) if !client.is_closed() => {
                     if matches!(message, volume_format::control::messages::Request::RecallDone { .. }) {
                         // Tests freeze the agent here (`:stop`) and cut its connection.
@@ -563,6 +577,11 @@ impl Shell {
                     if let Some((cache, _)) = &rt.cache {
                         cache.resume_writes();
                     }
+                }
+            }
+            Effect::Locks { attachment, table } => {
+                if let Some(rt) = self.attachments.get(&attachment) {
+                    rt.device.set_range_locks(table);
                 }
             }
             Effect::RenewLease { attachment, until_ms } => {

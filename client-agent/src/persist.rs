@@ -89,7 +89,10 @@ impl Persisted {
             Some(name) => Some(crate::kernel::parse_device(name).map_err(|e| e.to_string())?),
             None => None,
         };
-        let AttachRequest { volume, mode, socket, tcp } = request.attach;
+        let AttachRequest { volume, mode, socket, tcp, locks } = request.attach;
+        if !locks.is_empty() {
+            return Err("--persist does not record --lock yet: attach with locks without --persist".into());
+        }
         let target = match (request.kernel || device.is_some(), socket, tcp) {
             (true, None, None) => PersistedTarget::Kernel(device),
             (true, _, _) => return Err("a kernel attach is served without --socket or --tcp".into()),
@@ -168,12 +171,19 @@ pub async fn attach_entry(agent: &Agent, entry: &PersistedVolume) -> Result<Atta
                     mode: entry.mode,
                     socket: socket.clone(),
                     tcp: None,
+                    locks: Vec::new(),
                 })
                 .await
         }
         PersistedTarget::Tcp(tcp) => {
             agent
-                .attach(AttachRequest { volume: entry.name.clone(), mode: entry.mode, socket: None, tcp: Some(*tcp) })
+                .attach(AttachRequest {
+                    volume: entry.name.clone(),
+                    mode: entry.mode,
+                    socket: None,
+                    tcp: Some(*tcp),
+                    locks: Vec::new(),
+                })
                 .await
         }
         PersistedTarget::Kernel(index) => {
@@ -194,6 +204,7 @@ pub async fn attach_entry(agent: &Agent, entry: &PersistedVolume) -> Result<Atta
                 socket: None,
                 tcp: None,
                 kernel: Some(plan),
+                locks: Vec::new(),
             };
             agent.attach_spec(spec).await
         }

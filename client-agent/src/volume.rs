@@ -44,8 +44,9 @@ use blockio::{BlockDevice, BlockSizes, IoError, IoErrorKind, MetaContext, Status
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
 use volume_format::description::{DeviceEndpoint, SnapshotEpoch};
+use volume_format::locks::LockTable;
 use volume_format::mapping::{DeviceTable, Leg, LegState, MapError, Segment, VolumeMap};
-use volume_format::{DescriptionError, VolumeDescription};
+use volume_format::{DescriptionError, HandleId, VolumeDescription};
 
 use crate::cow::{copy_all, wait_for, CowState, Registrations};
 use crate::gate::Gate;
@@ -163,6 +164,10 @@ pub struct VolumeDevice {
     cow: std::sync::Mutex<Option<Arc<CowState>>>,
     /// The write-intent log of a mirrored volume (see [`crate::intent`]).
     intent: Option<Arc<IntentLog>>,
+    /// The volume's byte-range locks as the server last told them: a write
+    /// overlapping another handle's lock is refused here (locks are
+    /// advisory between sanvol agents; plain devices do not enforce them).
+    range_locks: std::sync::RwLock<LockTable>,
 }
 
 impl std::fmt::Debug for VolumeDevice {
@@ -207,7 +212,19 @@ impl VolumeDevice {
             registrations: None,
             cow: std::sync::Mutex::new(None),
             intent: None,
+            range_locks: std::sync::RwLock::new(LockTable::default()),
         }
+    }
+
+    /// Installs the volume's lock table (every handle's byte-range locks):
+    /// later writes into another handle's locked bytes are refused.
+    pub fn set_range_locks(&self, table: LockTable) {
+        *self.range_locks.write().unwrap_or_else(|e| e.into_inner()) = table;
+    }
+
+    /// The volume's lock table as this device enforces it.
+    pub fn range_locks(&self) -> LockTable {
+        self.range_locks.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Records the regions it writes in `intent` first (a mirrored volume).
@@ -333,7 +350,9 @@ impl VolumeDevice {
     /// cache does before it logs a batch (see [`crate::cache`]'s
     /// "Snapshots"). Concurrent ranges' registrations are merged.
     pub async fn preserve_ranges(&self, ranges: &[(u64, u64)]) -> Result<(), IoError> {
-        self.check_writable()?;
+        for &(offset, len) in ranges {
+            self.check_writable(offset, len)?;
+        }
         let layout = self.gate.enter().await?;
         if layout.description.snapshot.is_none() {
             return Ok(());
@@ -418,12 +437,18 @@ impl VolumeDevice {
         &self.gate
     }
 
-    fn check_writable(&self) -> Result<(), IoError> {
+    fn check_writable(&self, offset: u64, len_bytes: u64) -> Result<(), IoError> {
         if self.read_only {
             return Err(IoError::new(
                 IoErrorKind::PermissionDenied,
                 format!("volume {} is attached read-only; attach it shared or exclusive to write", self.name),
             ));
+        }
+        let locks = self.range_locks.read().unwrap_or_else(|e| e.into_inner());
+        if let Err(refused) = locks.check_write(HandleId(self.handle), offset, len_bytes) {
+            let message = format!("volume {}: {refused}", self.name);
+            tracing::warn!("{message}");
+            return Err(IoError::new(IoErrorKind::PermissionDenied, message));
         }
         Ok(())
     }
@@ -551,7 +576,7 @@ impl BlockDevice for VolumeDevice {
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
-        self.check_writable()?;
+        self.check_writable(offset, data.len() as u64)?;
         let layout = self.gate.enter().await?;
         let len = data.len() as u64;
         self.preserve(&layout, offset, len).await?;
@@ -579,7 +604,7 @@ impl BlockDevice for VolumeDevice {
     }
 
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
-        self.check_writable()?;
+        self.check_writable(offset, u64::from(len))?;
         let layout = self.gate.enter().await?;
         self.preserve(&layout, offset, u64::from(len)).await?;
         let trim = self.on_all_legs(&layout, offset, u64::from(len), "trim", |device, device_offset, segment| {
@@ -589,7 +614,7 @@ impl BlockDevice for VolumeDevice {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
-        self.check_writable()?;
+        self.check_writable(offset, u64::from(len))?;
         let layout = self.gate.enter().await?;
         self.preserve(&layout, offset, u64::from(len)).await?;
         let zero =
@@ -860,6 +885,30 @@ mod tests {
         assert_eq!(zero.kind, IoErrorKind::PermissionDenied);
         assert_eq!(devs.iter().map(|d| d.writes_started.load(Ordering::SeqCst)).sum::<u64>(), 0);
         vol.read(0, 512).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn writes_into_another_handle_s_lock_are_refused_with_eperm() {
+        use volume_format::locks::LockRange;
+        let (vol, devs) = testing::volume(2, 1, 2, false);
+        let mut table = LockTable::default();
+        table.set(HandleId(vol.handle), "me", vec![LockRange { start: 0, len_bytes: 8192 }]);
+        table.set(HandleId(vol.handle + 1), "host-b", vec![LockRange { start: 8192, len_bytes: 8192 }]);
+        vol.set_range_locks(table);
+        vol.write(0, pattern(1, 4096), false).await.unwrap();
+        vol.write(EXTENT, pattern(2, 4096), false).await.unwrap();
+        let writes_before = devs.iter().map(|d| d.writes_started.load(Ordering::SeqCst)).sum::<u64>();
+        let e = vol.write(4096, pattern(3, 8192), false).await.unwrap_err();
+        assert_eq!(e.kind.nbd_code(), blockio::proto::errno::EPERM);
+        assert!(e.to_string().contains("host-b"), "{e}");
+        assert_eq!(vol.trim(12288, 512, false).await.unwrap_err().kind, IoErrorKind::PermissionDenied);
+        let zero = vol.write_zeroes(8192, 512, ZeroFlags::default()).await.unwrap_err();
+        assert_eq!(zero.kind, IoErrorKind::PermissionDenied);
+        let writes_after = devs.iter().map(|d| d.writes_started.load(Ordering::SeqCst)).sum::<u64>();
+        assert_eq!(writes_after, writes_before, "a refused write reaches no device");
+        vol.read(8192, 512).await.unwrap();
+        vol.set_range_locks(LockTable::default());
+        vol.write(8192, pattern(4, 512), false).await.unwrap();
     }
 
     #[tokio::test]

@@ -52,6 +52,9 @@ pub struct AttachRequest {
     /// Serve on TCP (loopback only) instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp: Option<std::net::SocketAddr>,
+    /// Byte-range locks to take on the shared handle (`--lock`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub locks: Vec<volume_format::locks::LockRange>,
 }
 
 /// One attached volume, as `list` shows it. Field names are part of the CLI's
@@ -80,6 +83,10 @@ pub struct AttachmentInfo {
     /// The volume's write-back cache on this agent, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheInfo>,
+    /// The volume's byte-range locks (every holder's), one line each:
+    /// `bytes START..END by HOLDER (handle hN)`, this handle's marked `(this handle)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub locks: Vec<String>,
 }
 
 /// A volume's write-back cache as `sanvol-agent list` shows it.
@@ -225,6 +232,7 @@ mod tests {
             mode: OpenMode::Exclusive,
             socket: None,
             tcp: None,
+            locks: Vec::new(),
         });
         assert_eq!(serde_json::to_string(&attach).unwrap(), r#"{"op":"attach","volume":"db","mode":"Exclusive"}"#);
         assert_eq!(serde_json::to_string(&ControlRequest::List).unwrap(), r#"{"op":"list"}"#);

@@ -179,8 +179,14 @@ impl AgentHost {
     fn attach(&mut self, name: &str, open: OpenWith, env: &mut Env) {
         self.app.vols.insert(name.to_string(), AppVol { state: VolState::Attaching, stripe: None });
         let caller = self.new_caller(AppCall::Attach { volume: name.to_string() });
-        let command =
-            Command::Attach(AttachSpec { volume: name.to_string(), open, socket: None, tcp: None, kernel: None });
+        let command = Command::Attach(AttachSpec {
+            volume: name.to_string(),
+            open,
+            socket: None,
+            tcp: None,
+            kernel: None,
+            locks: Vec::new(),
+        });
         self.input(Input::Command { caller, command }, env);
     }
 

@@ -149,5 +149,6 @@ pub fn describe_event(e: &ServerEvent) -> String {
         ),
         ServerEvent::Revoked { handle, reason } => format!("Revoked handle {}: {reason}", handle.0),
         ServerEvent::Redirect { addrs, reason } => format!("Redirect to {addrs:?}: {reason}"),
+        ServerEvent::Locks { handle, locks } => format!("Locks handle {}: {} holders", handle.0, locks.holders.len()),
     }
 }

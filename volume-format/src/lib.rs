@@ -29,6 +29,8 @@
 //!   and volume create/grow/delete; snapshots and their copy-on-write maps
 //!   ([`metadata::snapshot`]: where a snapshot's chunk reads from, the
 //!   changed-block list between two snapshots, delete with merge).
+//! - [`locks`]: byte-range locks on shared volumes: conflicts between
+//!   handles and which writes an agent admits.
 //! - [`description`]: the volume description the metadata server hands to
 //!   agents.
 //! - [`capability`]: capabilities and fence orders a fencing device server
@@ -48,6 +50,7 @@ pub mod fencing;
 pub mod ids;
 pub mod label;
 pub mod lease;
+pub mod locks;
 pub mod mapping;
 pub mod metadata;
 

@@ -33,6 +33,7 @@ use volume_format::control::messages::{
 use volume_format::control::{PROTOCOL_VERSION, PROTOCOL_VERSION_MIN};
 use volume_format::description::{DeviceEndpoint, SnapshotEpoch};
 use volume_format::label::ByteRange;
+use volume_format::locks::{HandleLocks, LockRange, LockTable};
 use volume_format::metadata::snapshot::CowMap;
 use volume_format::metadata::{DeviceState, LogicalExtent, PhysicalExtent};
 use volume_format::{DeviceIndex, HandleId, SnapshotId, VolumeDescription, VolumeId};
@@ -164,6 +165,7 @@ samples!(requests, Request {
     IntentResync => Request::IntentResync { handle: HandleId(5) },
     DeviceFencing => Request::DeviceFencing,
     VolumeCacheShow => Request::VolumeCacheShow { name: "db".into() },
+    Lock => Request::Lock { handle: HandleId(5), ranges: vec![LockRange { start: 0, len_bytes: 1 << 20 }] },
 });
 
 samples!(responses, Response {
@@ -311,6 +313,7 @@ samples!(responses, Response {
         held_records: 3,
         held_bytes: 12288,
     }),
+    Locked => Response::Locked(lock_table()),
 });
 
 samples!(events, ServerEvent {
@@ -318,7 +321,18 @@ samples!(events, ServerEvent {
     Publish => ServerEvent::Publish { handle: HandleId(5), description: Box::new(description()) },
     Revoked => ServerEvent::Revoked { handle: HandleId(5), reason: "broken by host-b".into() },
     Redirect => ServerEvent::Redirect { addrs: vec!["unix:/run/mds-b.sock".into()], reason: "handoff".into() },
+    Locks => ServerEvent::Locks { handle: HandleId(5), locks: lock_table() },
 });
+
+fn lock_table() -> LockTable {
+    LockTable {
+        holders: vec![HandleLocks {
+            handle: HandleId(5),
+            holder: "host-a".into(),
+            ranges: vec![LockRange { start: 4096, len_bytes: 8192 }],
+        }],
+    }
+}
 
 samples!(error_codes, ErrorCode {
     NotFound => ErrorCode::NotFound,

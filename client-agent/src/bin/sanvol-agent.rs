@@ -18,6 +18,7 @@ use client_agent::persist::{self, PersistRequest, Persisted};
 use client_agent::session::SessionConfig;
 use control_client::ControlAddr;
 use volume_format::control::messages::OpenMode;
+use volume_format::locks::LockRange;
 
 use control_client::agent_api::DEFAULT_CONTROL_SOCKET;
 const DEFAULT_EXPORT_DIR: &str = "/run/sanvol/exports";
@@ -89,6 +90,13 @@ enum Command {
         /// entry; `detach --persist` removes it.
         #[arg(long, conflicts_with = "handover_token")]
         persist: bool,
+        /// With --mode shared: take exclusive byte-range locks START+LEN[,START+LEN…] (bytes, or with
+        /// K, M, G, T) on the volume. Another agent's overlapping lock refuses the attach, naming its
+        /// holder; every agent holding the volume refuses writes into another handle's locked bytes.
+        /// Locks end when the volume is detached (or its handle is broken). Advisory between sanvol
+        /// agents: plain NBD devices do not enforce them.
+        #[arg(long, value_parser = parse_locks, conflicts_with_all = ["kernel", "persist", "handover_token"])]
+        lock: Option<LockList>,
     },
     /// Print a single-use handover token that lets the agent with key KEY.pub attach VOLUME while this
     /// agent still holds it (live migration); valid for two minutes.
@@ -435,6 +443,14 @@ async fn call(socket: &std::path::Path, request: ControlRequest) -> Result<Contr
     Ok(reply)
 }
 
+/// The ranges of one `--lock START+LEN[,…]`.
+#[derive(Debug, Clone)]
+struct LockList(Vec<LockRange>);
+
+fn parse_locks(s: &str) -> Result<LockList, String> {
+    volume_format::locks::parse_lock_spec(s).map(LockList)
+}
+
 fn print_table(volumes: &[AttachmentInfo]) {
     if volumes.is_empty() {
         println!("no volumes attached");
@@ -451,6 +467,9 @@ fn print_table(volumes: &[AttachmentInfo]) {
         }
         if let Some(device) = &v.kernel_device {
             println!("  kernel device {device}");
+        }
+        for lock in &v.locks {
+            println!("  lock {lock}");
         }
         if let Some(c) = &v.cache {
             let state =
@@ -553,7 +572,7 @@ async fn main_async(cli: Cli, persisted: Option<Arc<Persisted>>) -> Result<()> {
         Command::Attach {
             volume, mode, socket: export_socket, tcp, json, kernel, nbd_device, persist: true, ..
         } => {
-            let attach = AttachRequest { volume, mode: mode.into(), socket: export_socket, tcp };
+            let attach = AttachRequest { volume, mode: mode.into(), socket: export_socket, tcp, locks: Vec::new() };
             let request = PersistRequest { attach, kernel, nbd_device };
             let reply = call(&socket, ControlRequest::AttachPersist(request)).await?;
             let info = reply.attached.context("the agent's reply lacks the attachment")?;
@@ -592,8 +611,12 @@ async fn main_async(cli: Cli, persisted: Option<Arc<Persisted>>) -> Result<()> {
             }
             Ok(())
         }
-        Command::Attach { volume, mode, socket: export_socket, tcp, json, handover_token, .. } => {
-            let request = AttachRequest { volume, mode: mode.into(), socket: export_socket, tcp };
+        Command::Attach { volume, mode, socket: export_socket, tcp, json, handover_token, lock, .. } => {
+            let locks = lock.map(|l| l.0).unwrap_or_default();
+            if !locks.is_empty() && !matches!(mode, Mode::Shared) {
+                bail!("--lock takes byte-range locks on a shared volume: attach with --mode shared");
+            }
+            let request = AttachRequest { volume, mode: mode.into(), socket: export_socket, tcp, locks };
             let request = match handover_token {
                 Some(t) => {
                     let token = if std::path::Path::new(&t).is_file() {

@@ -149,6 +149,9 @@ pub struct AttachSpec {
     /// Loopback TCP instead.
     pub tcp: Option<SocketAddr>,
     pub kernel: Option<KernelPlan>,
+    /// Byte-range locks to take on the shared handle before the export
+    /// serves (`attach --lock`); a refusal fails the attach.
+    pub locks: Vec<volume_format::locks::LockRange>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -381,6 +384,12 @@ pub enum Effect {
         attachment: AttachmentId,
         reason: String,
     },
+    /// Install the volume's lock table in its device: writes into another
+    /// handle's locked bytes are refused from now on.
+    Locks {
+        attachment: AttachmentId,
+        table: volume_format::locks::LockTable,
+    },
     RenewLease {
         attachment: AttachmentId,
         until_ms: Millis,
@@ -452,6 +461,10 @@ pub enum Reply {
 enum Purpose {
     Renew,
     Open {
+        attachment: AttachmentId,
+    },
+    /// The locks an attach takes after its open.
+    Lock {
         attachment: AttachmentId,
     },
     /// Close of a handle already forgotten locally; then `outcome`.
@@ -772,6 +785,7 @@ impl AgentCore {
                 }
             }
             Purpose::Open { attachment } => self.opened(now, &pending, attachment, result),
+            Purpose::Lock { attachment } => self.locked(now, attachment, result),
             Purpose::Close { caller, volume, handle, outcome } => {
                 let closed = match &result {
                     Ok(_) => true,
@@ -850,7 +864,8 @@ fn event_handle(event: &ServerEvent) -> u64 {
     match event {
         ServerEvent::Recall { handle, .. }
         | ServerEvent::Publish { handle, .. }
-        | ServerEvent::Revoked { handle, .. } => handle.0,
+        | ServerEvent::Revoked { handle, .. }
+        | ServerEvent::Locks { handle, .. } => handle.0,
         ServerEvent::Redirect { .. } => 0,
     }
 }

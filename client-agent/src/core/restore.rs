@@ -76,6 +76,9 @@ impl AgentCore {
                 handle: None,
                 caller: Some(caller),
                 export_uri: None,
+                locks: Vec::new(),
+                lock_table: Default::default(),
+                locking: None,
             },
         );
         self.send_restores(now);

@@ -185,6 +185,13 @@ pub struct Volume {
     /// Who waits for the attach or detach in progress.
     pub caller: Option<CallerId>,
     pub export_uri: Option<String>,
+    /// Byte-range locks to take right after the open (`attach --lock`).
+    pub locks: Vec<volume_format::locks::LockRange>,
+    /// The volume's lock table as the server last told it.
+    pub lock_table: volume_format::locks::LockTable,
+    /// An open waiting for its locks: the answer and when/where its `Open`
+    /// was sent (the lease counts from then).
+    pub locking: Option<Box<(volume_format::control::messages::OpenedHandle, super::Millis, super::ConnId)>>,
 }
 
 impl Volume {

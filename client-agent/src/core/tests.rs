@@ -99,6 +99,7 @@ impl Harness {
             socket: None,
             tcp: None,
             kernel: None,
+            locks: Vec::new(),
         };
         let (caller, effects) = self.command(Command::Attach(spec));
         let (request, message) = sent_one(&effects);
@@ -507,6 +508,7 @@ fn a_detach_during_a_recall_waits_for_its_task_and_the_recall_still_completes() 
         socket: None,
         tcp: None,
         kernel: None,
+        locks: Vec::new(),
     };
     let (caller, effects) = h.command(Command::Attach(spec));
     assert_eq!(reply_to(&effects, caller), Reply::Failed(AgentError::Detaching("vol".into())));
@@ -775,6 +777,7 @@ fn attach_refusals_need_no_server() {
             socket: None,
             tcp: None,
             kernel: None,
+            locks: Vec::new(),
         };
         let (caller, effects) = h.command(Command::Attach(spec));
         assert_eq!(reply_to(&effects, caller), Reply::Failed(e));
@@ -786,6 +789,7 @@ fn attach_refusals_need_no_server() {
         socket: None,
         tcp: None,
         kernel: None,
+        locks: Vec::new(),
     };
     let (caller, effects) = h.command(Command::Attach(spec.clone()));
     assert_eq!(reply_to(&effects, caller), Reply::Failed(AgentError::AlreadyAttached("vol".into())));
@@ -1130,6 +1134,7 @@ fn both_sides_of_a_handover_copy_pre_images_through_the_server() {
         socket: None,
         tcp: None,
         kernel: None,
+        locks: Vec::new(),
     };
     let (_, effects) = t.command(Command::Attach(spec));
     let (open, message) = sent_one(&effects);
@@ -1144,4 +1149,61 @@ fn both_sides_of_a_handover_copy_pre_images_through_the_server() {
     let (resume, _) = sent_one(&effects);
     let effects = r.apply(Input::Reply { request: resume, result: opened(12, description("vol", 1, 2), b"t") });
     assert!(effects.iter().any(|e| matches!(e, Effect::StartAttach { cow_by_server: true, .. })), "{effects:?}");
+}
+
+/// `attach --lock`: the locks are asked for right after the open and
+/// before the attach task starts; granted, the table goes to the device
+/// with the attach and `list` shows it; refused, the handle is closed and
+/// the caller gets the server's message. A later `Locks` event replaces
+/// the table.
+#[test]
+fn an_attach_with_locks_takes_them_before_serving_and_a_refusal_closes_the_handle() {
+    use volume_format::locks::{LockRange, LockTable};
+    let range = LockRange { start: 0, len_bytes: 8192 };
+    let shared = |handle, name: &str| match opened(handle, description(name, 1, 1), b"k") {
+        Ok(Response::Opened(o)) => Ok(Response::Opened(OpenedHandle { mode: OpenMode::SharedWrite, ..o })),
+        other => other,
+    };
+    let mut h = Harness::new();
+    let spec = AttachSpec {
+        volume: "vol".into(),
+        open: OpenWith::Mode(OpenMode::SharedWrite),
+        socket: None,
+        tcp: None,
+        kernel: None,
+        locks: vec![range],
+    };
+    let (caller, effects) = h.command(Command::Attach(spec.clone()));
+    let (open, _) = sent_one(&effects);
+    let effects = h.apply(Input::Reply { request: open, result: shared(11, "vol") });
+    assert!(!effects.iter().any(|e| matches!(e, Effect::StartAttach { .. })), "not before the locks: {effects:?}");
+    let (lock, message) = sent_one(&effects);
+    assert_eq!(message, Request::Lock { handle: HandleId(11), ranges: vec![range] });
+    let mut table = LockTable::default();
+    table.set(HandleId(11), "me", vec![range]);
+    let effects = h.apply(Input::Reply { request: lock, result: Ok(Response::Locked(table.clone())) });
+    let attachment = started_attach(&effects);
+    assert!(effects.contains(&Effect::Locks { attachment, table: table.clone() }), "{effects:?}");
+    let effects = h.apply(Input::Prepared { attachment, result: Ok(prepared("vol")) });
+    match reply_to(&effects, caller) {
+        Reply::Attached(info) => assert_eq!(info.locks, vec!["bytes 0..8192 by me (handle h11) (this handle)"]),
+        other => panic!("{other:?}"),
+    }
+    table.set(HandleId(12), "host-b", vec![LockRange { start: 8192, len_bytes: 4096 }]);
+    let effects = h
+        .apply(Input::Event { conn: h.conn, event: ServerEvent::Locks { handle: HandleId(11), locks: table.clone() } });
+    assert_eq!(effects, vec![Effect::Locks { attachment, table }]);
+    assert_eq!(h.list()[0].locks.len(), 2);
+
+    let (caller, effects) = h.command(Command::Attach(AttachSpec { volume: "other".into(), ..spec }));
+    let (open, _) = sent_one(&effects);
+    let effects = h.apply(Input::Reply { request: open, result: shared(13, "other") });
+    let (lock, _) = sent_one(&effects);
+    let why = "bytes 0..8192 of volume vol1 overlaps bytes 0..8192 locked by agent host-b (handle h12)";
+    let effects = h.apply(Input::Reply { request: lock, result: refused(ErrorCode::Conflict, why) });
+    assert!(!effects.iter().any(|e| matches!(e, Effect::StartAttach { .. })));
+    let (close, message) = sent_one(&effects);
+    assert_eq!(message, Request::Close { handle: HandleId(13) });
+    let effects = h.apply(Input::Reply { request: close, result: Ok(Response::Done) });
+    assert_eq!(reply_to(&effects, caller), Reply::Failed(AgentError::Session(SessionError::Server(why.into()))));
 }

@@ -99,6 +99,9 @@ impl AgentCore {
                 handle: None,
                 caller: Some(caller),
                 export_uri: None,
+                locks: spec.locks,
+                lock_table: Default::default(),
+                locking: None,
             },
         );
     }
@@ -143,18 +146,81 @@ impl AgentCore {
         } else {
             None
         };
+        let wants_locks = !self.volumes[&name].locks.is_empty();
+        let undo = undo.or_else(|| {
+            (wants_locks && opened.mode != OpenMode::SharedWrite).then(|| {
+                AgentError::Session(SessionError::Server(format!(
+                    "volume {name} is open {}: byte-range locks need --mode shared",
+                    opened.mode
+                )))
+            })
+        });
         if let Some(e) = undo {
             self.volumes.remove(&name);
             return self.send_close(now, caller, &name, handle, CloseOutcome::Undone(e));
         }
         let v = self.volumes.get_mut(&name).expect("found above");
         v.caller = caller;
+        if wants_locks {
+            let message = Request::Lock { handle: opened.handle, ranges: v.locks.clone() };
+            self.requests.send(&mut self.out, pending.conn, now, message, None, Purpose::Lock { attachment: id });
+            self.renewed(pending.conn, pending.sent_ms, opened.lease_ms);
+            let v = self.volumes.get_mut(&name).expect("found above");
+            v.locking = Some(Box::new((opened, pending.sent_ms, pending.conn)));
+            return;
+        }
+        self.start_opened(id, &name, opened, pending.sent_ms, pending.conn);
+    }
+
+    /// The answer to the `Lock` an attach sends after its open: on success
+    /// the attach goes on with the lock table installed; a refusal closes
+    /// the handle and fails the attach with the server's message.
+    pub(super) fn locked(&mut self, now: Millis, id: AttachmentId, result: Result<Response, RequestError>) {
+        let Some(v) = find(&mut self.volumes, id) else { return };
+        let name = v.name.clone();
+        let Some(stash) = v.locking.take() else { return };
+        let (opened, sent_ms, conn) = *stash;
+        let handle = opened.handle.0;
+        let table = match result {
+            Ok(Response::Locked(table)) => table,
+            Ok(other) => {
+                let caller = self.volumes.remove(&name).and_then(|v| v.caller);
+                let e = SessionError::Unexpected { request: "Lock", response: format!("{other:?}") };
+                return self.send_close(now, caller, &name, handle, CloseOutcome::Undone(AgentError::Session(e)));
+            }
+            Err(e) => {
+                let caller = self.volumes.remove(&name).and_then(|v| v.caller);
+                warn!(volume = name, handle, error = ?e, "range locks refused; closing the handle");
+                let e = AgentError::Session(e.to_session_error());
+                return self.send_close(now, caller, &name, handle, CloseOutcome::Undone(e));
+            }
+        };
+        self.start_opened(id, &name, opened, sent_ms, conn);
+        if let Some(v) = self.volumes.get_mut(&name) {
+            v.lock_table = table.clone();
+        }
+        self.out.push(Effect::Locks { attachment: id, table });
+    }
+
+    /// The open of attachment `id` succeeded (and its locks, if it asked
+    /// for any): records the handle and starts the attach task.
+    fn start_opened(
+        &mut self,
+        id: AttachmentId,
+        name: &str,
+        opened: volume_format::control::messages::OpenedHandle,
+        sent_ms: Millis,
+        conn: ConnId,
+    ) {
+        let name = name.to_string();
+        let handle = opened.handle.0;
+        let v = self.volumes.get_mut(&name).expect("the caller found it");
         // A handover's target writes next to its source until the source
         // lets go: the server copies the pre-images (see `crate::cow`).
         let cow_by_server = matches!(v.open, OpenWith::Handover(_));
         let description = opened.description;
         let generation = description.layout_generation;
-        let lease_until_ms = pending.sent_ms + opened.lease_ms;
+        let lease_until_ms = sent_ms + opened.lease_ms;
         v.handle = Some(Handle {
             held: HeldHandle {
                 volume: name.clone(),
@@ -169,7 +235,7 @@ impl AgentCore {
                 cow_by_server,
             },
             gate: GateMirror { phase: Phase::Open, generation, size_bytes: description.size_bytes },
-            conn: pending.conn,
+            conn,
             lease_until_ms,
             recovery: Recovery::Idle,
             confirm: Confirm::default(),
@@ -188,7 +254,7 @@ impl AgentCore {
             cow_by_server,
             resumed: false,
         });
-        self.renewed(pending.conn, pending.sent_ms, opened.lease_ms);
+        self.renewed(conn, sent_ms, opened.lease_ms);
         self.replay_orphans(handle);
     }
 
@@ -400,6 +466,15 @@ impl AgentCore {
             kernel_device: h.held.kernel_device.map(crate::kernel::device_path),
             kernel_note: None,
             cache: None,
+            locks: v
+                .lock_table
+                .holders
+                .iter()
+                .flat_map(|l| {
+                    let mine = if l.handle.0 == h.held.handle { " (this handle)" } else { "" };
+                    l.ranges.iter().map(move |r| format!("{r} by {} (handle {}){mine}", l.holder, l.handle))
+                })
+                .collect(),
         }
     }
 
@@ -526,6 +601,11 @@ impl AgentCore {
             ServerEvent::Revoked { reason, .. } => {
                 warn!(volume = name, handle, %reason, "handle revoked by the metadata server");
                 self.revoke(id, reason);
+            }
+            ServerEvent::Locks { locks, .. } => {
+                info!(volume = name, handle, holders = locks.holders.len(), "the volume's range locks changed");
+                v.lock_table = locks.clone();
+                self.out.push(Effect::Locks { attachment: id, table: locks });
             }
             // Handled by the core before events reach volumes.
             ServerEvent::Redirect { .. } => {}

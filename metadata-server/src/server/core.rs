@@ -530,6 +530,9 @@ pub struct Core {
     /// Handles whose holder was told they are revoked while a release was
     /// in flight: never renewed again (see `tell_removing`).
     pub(super) revoked: BTreeSet<u64>,
+    /// Each volume's lock table as its holders were last told it
+    /// (`locks`): a commit that changes one tells them again.
+    pub(super) lock_tables_told: BTreeMap<VolumeId, volume_format::locks::LockTable>,
     pub(super) queue: VecDeque<Change>,
     journal: MetaJournal,
     in_flight: Option<InFlight>,
@@ -631,6 +634,7 @@ impl Core {
             now: Now::default(),
             entropy: config.entropy,
             revoked: BTreeSet::new(),
+            lock_tables_told: BTreeMap::new(),
             queue: VecDeque::new(),
             journal,
             in_flight: None,
@@ -888,6 +892,7 @@ impl Core {
                 for (_, then) in batch.parts {
                     self.finish_commit(then, Ok(()));
                 }
+                self.tell_lock_tables(&batch.changes);
                 for (reply, result) in batch.deferred {
                     self.reply(reply, result);
                 }

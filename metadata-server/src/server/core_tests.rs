@@ -1668,3 +1668,79 @@ fn a_recall_commits_without_a_silent_holder_only_after_it_is_fenced() {
     assert!(matches!(reply_of(&effects, again), Some(Ok(Response::Done))), "{effects:?}");
     assert!(w.core.handles.get(held.0).is_none(), "excluded");
 }
+
+/// Range locks (issue 14): a shared holder's locks are committed and its
+/// volume's other holders told the table; an overlapping request of another
+/// handle is refused naming the holder, also after a restart (the locks are
+/// in the pool metadata); closing the handle ends its locks and tells the
+/// others; an exclusive handle cannot lock.
+#[test]
+fn range_locks_conflict_naming_the_holder_survive_a_restart_and_end_with_the_handle() {
+    use volume_format::locks::LockRange;
+    let mut w = World::new();
+    let open = |w: &mut World, session| match committed_request(
+        w,
+        session,
+        Request::Open { volume: "v".into(), mode: OpenMode::SharedWrite },
+    ) {
+        Ok(Response::Opened(o)) => o,
+        other => panic!("{other:?}"),
+    };
+    let a = open(&mut w, 1);
+    let b = open(&mut w, 2);
+    let lock = |handle, start, len_bytes| Request::Lock { handle, ranges: vec![LockRange { start, len_bytes }] };
+    let (asked, effects) = w.request(1, lock(a.handle, 0, 1 << 20));
+    let (task, next) = commit_of(&effects).expect("a lock is committed");
+    let effects = w.apply(committed(task, next));
+    let Some(Ok(Response::Locked(table))) = reply_of(&effects, asked) else { panic!("{effects:?}") };
+    assert_eq!(table.of(a.handle), &[LockRange { start: 0, len_bytes: 1 << 20 }]);
+    assert!(
+        effects.iter().any(|e| matches!(e, Effect::Event { session: 2, event: ServerEvent::Locks { handle, locks } }
+            if *handle == b.handle && locks.check_write(b.handle, 4096, 1).is_err())),
+        "the other holder is told: {effects:?}"
+    );
+    let (refused, effects) = w.request(2, lock(b.handle, (1 << 20) - 4096, 8192));
+    match reply_of(&effects, refused) {
+        Some(Err(e)) => {
+            assert_eq!(e.code, ErrorCode::Conflict);
+            assert!(e.message.contains("host-1") && e.message.contains(&a.handle.to_string()), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(committed_request(&mut w, 2, lock(b.handle, 1 << 20, 1 << 20)).map(|_| ()), Ok(()));
+
+    w.restart(0);
+    let resumed =
+        |w: &mut World, session, key: &Vec<u8>| committed_request(w, session, Request::Resume { key: key.clone() });
+    let (resume, effects) = w.request(1, Request::Resume { key: a.resume_key.clone() });
+    let effects = commit_all(&mut w, effects);
+    assert!(matches!(reply_of(&effects, resume), Some(Ok(Response::Opened(_)))), "{effects:?}");
+    assert!(
+        effects.iter().any(|e| matches!(e, Effect::Event { session: 1, event: ServerEvent::Locks { locks, .. } }
+            if locks.holders.len() == 2)),
+        "a resumed holder is told the table: {effects:?}"
+    );
+    assert!(matches!(resumed(&mut w, 2, &b.resume_key), Ok(Response::Opened(_))));
+    assert_eq!(
+        committed_request(&mut w, 2, lock(b.handle, 4096, 4096)),
+        Err(ErrorCode::Conflict),
+        "kept across a restart"
+    );
+
+    let (close, effects) = w.request(1, Request::Close { handle: a.handle });
+    let effects = commit_all(&mut w, effects);
+    assert!(matches!(reply_of(&effects, close), Some(Ok(Response::Done))), "{effects:?}");
+    assert!(
+        effects.iter().any(|e| matches!(e, Effect::Event { session: 2, event: ServerEvent::Locks { locks, .. } }
+            if locks.of(a.handle).is_empty() && !locks.of(b.handle).is_empty())),
+        "closing ends the locks and tells the others: {effects:?}"
+    );
+    assert!(w.core.meta.lock_table(a.description.volume).of(a.handle).is_empty());
+    assert_eq!(committed_request(&mut w, 2, lock(b.handle, 0, 4096)).map(|_| ()), Ok(()));
+
+    let c = match committed_request(&mut w, 1, Request::Open { volume: "w".into(), mode: OpenMode::Exclusive }) {
+        Ok(Response::Opened(o)) => o,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(committed_request(&mut w, 1, lock(c.handle, 0, 4096)), Err(ErrorCode::InvalidArgument));
+}

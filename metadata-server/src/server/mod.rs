@@ -52,6 +52,7 @@ pub mod intents;
 pub mod jobs;
 pub mod lease_task;
 pub mod listings;
+pub mod locks;
 pub mod metrics;
 pub mod owner;
 pub mod reconfig;

@@ -165,6 +165,7 @@ impl Core {
                 return self.prepare_intent_record(session, handle.0, mark, clear, reply)
             }
             Request::IntentResync { handle } => return self.prepare_intent_resync(session, handle.0, reply),
+            Request::Lock { handle, ranges } => return self.prepare_lock(session, handle.0, ranges, reply),
             Request::RecallDone { handle, generation } => self.recall_done(session, handle.0, generation),
             Request::Resume { key } => {
                 // The answer first, then where the volume's layout stands
@@ -175,8 +176,9 @@ impl Core {
                     _ => None,
                 };
                 self.reply(reply, result);
-                if let Some((handle, _)) = resumed {
+                if let Some((handle, volume)) = resumed {
                     self.after_resume(session, handle);
+                    self.tell_lock_table(session, handle, volume);
                 }
                 return Step::Done(None);
             }

@@ -422,6 +422,8 @@ impl AgentHost {
                 a.drain_for = None;
                 self.release_held(attachment, env);
             }
+            // The simulated agents take no range locks.
+            Effect::Locks { .. } => {}
             Effect::Revoke { attachment, reason } => {
                 let Some(a) = self.atts.get_mut(&attachment) else { return };
                 env.trace(me, format_args!("{}: handle {} revoked: {reason}", a.volume, a.handle));

@@ -314,6 +314,17 @@ pub enum Request {
     VolumeCacheShow {
         name: String,
     },
+
+    // ---- agent: byte-range locks on shared volumes (protocol 11) ----
+    /// Sets the byte-range locks of the shared-write `handle` to `ranges`
+    /// (an empty list releases them): refused with [`ErrorCode::Conflict`]
+    /// naming the holder when another handle of the volume holds any of
+    /// those bytes. Answered with [`Response::Locked`] (the volume's lock
+    /// table); the volume's other holders get [`ServerEvent::Locks`].
+    Lock {
+        handle: HandleId,
+        ranges: Vec<crate::locks::LockRange>,
+    },
 }
 
 /// How a volume's writes are cached (the pool metadata's type).
@@ -421,7 +432,8 @@ impl Request {
             | Request::MirrorRelease { .. }
             | Request::Capabilities { .. }
             | Request::IntentRecord { .. }
-            | Request::IntentResync { .. } => Some(&[Role::Agent]),
+            | Request::IntentResync { .. }
+            | Request::Lock { .. } => Some(&[Role::Agent]),
             // Agents and admins share the read-only status requests.
             Request::VolumeCacheShow { .. } => Some(&[Role::Admin, Role::Agent]),
             Request::SnapshotList { .. } | Request::BackupChannel => Some(&[Role::Admin, Role::Backup]),
@@ -490,6 +502,8 @@ pub enum Response {
     DeviceFencing(Vec<DeviceFencing>),
     /// A volume's write-back cache as the server sees it (protocol 10).
     VolumeCacheState(CacheStateInfo),
+    /// The volume's lock table after a [`Request::Lock`] (protocol 11).
+    Locked(crate::locks::LockTable),
 }
 
 /// The protocol version from which a server answers
@@ -631,6 +645,9 @@ pub enum ServerEvent {
     /// This server no longer serves the pool (a handoff): reconnect to one
     /// of `addrs` (and resume every handle there).
     Redirect { addrs: Vec<String>, reason: String },
+    /// The lock table of `handle`'s volume changed (protocol 11): writes
+    /// into another handle's locked bytes are refused from now on.
+    Locks { handle: HandleId, locks: crate::locks::LockTable },
 }
 
 /// A failed request: a stable code for programs and a sentence for people.

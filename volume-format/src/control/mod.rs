@@ -73,7 +73,13 @@ pub mod resume;
 ///   and `Response::VolumeCacheState` (`CacheStateInfo`), added last: 4 to 9
 ///   are still accepted (`sanvol volume show` asks only a server that
 ///   negotiated 10).
-pub const PROTOCOL_VERSION: u32 = 10;
+/// - 11: byte-range locks on shared volumes — `Request::Lock` (agent),
+///   `Response::Locked` and `ServerEvent::Locks` (`LockTable`), added last:
+///   4 to 10 are still accepted (an agent asks only a server that
+///   negotiated 11, and only when it was told to lock).
+pub const PROTOCOL_VERSION: u32 = 11;
+/// The first protocol version with [`messages::Request::Lock`].
+pub const LOCKS_PROTOCOL_MIN: u32 = 11;
 /// The first protocol version with [`messages::Request::VolumeCacheShow`].
 pub const CACHE_STATE_PROTOCOL_MIN: u32 = 10;
 

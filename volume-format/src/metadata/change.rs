@@ -39,12 +39,14 @@ use serde::{Deserialize, Serialize};
 
 use super::handover::{HandoverLedger, UsedToken};
 use super::intent::{IntentEntry, IntentKey};
+use super::range_locks::RangeLockEntry;
 use super::snapshot::CowMap;
 use super::{
     check_block_bytes, check_name, ClientRecord, ClientScope, DeviceRecord, DeviceState, HandleRecord, HandleState,
     LogicalExtent, PhysicalExtent, PoolMetadata, SnapshotRecord, VolumeCache, VolumeRecord, MIRROR_LEGS_MAX,
 };
 use crate::ids::{DeviceIndex, HandleId, PublicKey, SnapshotId, VolumeId};
+use crate::locks::LockRange;
 
 /// One change of the pool metadata. See the module docs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +118,10 @@ pub enum MetaChange {
     /// device's legs missed. An empty set removes it (a stale set created
     /// empty stays: "tracked, nothing missed").
     IntentSet { volume: VolumeId, key: IntentKey, regions: ChunkRuns },
+    /// Sets a shared-write handle's byte-range locks (format 9, see
+    /// [`super::range_locks`]); an empty list releases them. Refused when
+    /// another handle of the volume holds any of those bytes.
+    RangeLocks { handle: HandleId, ranges: Vec<LockRange> },
 }
 
 /// A volume's new map, as [`MetaChange::VolumeRemap`] records it (planned by
@@ -286,10 +292,16 @@ enum UndoStep {
     HandleBroken {
         handle: HandleId,
         old: HandleState,
+        locks: Option<(usize, RangeLockEntry)>,
     },
     HandleRemoved {
         index: usize,
         record: HandleRecord,
+        locks: Option<(usize, RangeLockEntry)>,
+    },
+    RangeLocksSet {
+        handle: HandleId,
+        old: Option<(usize, RangeLockEntry)>,
     },
     DeviceStateSet {
         device: DeviceIndex,
@@ -364,6 +376,7 @@ impl MetaChange {
             MetaChange::DeviceRemove { .. } => "device remove",
             MetaChange::VolumeRemap(_) => "volume remap",
             MetaChange::IntentSet { .. } => "write-intent set",
+            MetaChange::RangeLocks { .. } => "range locks",
             MetaChange::VolumeCache { .. } => "volume cache",
         }
     }
@@ -589,12 +602,18 @@ impl PoolMetadata {
             MetaChange::HandleBreak { handle, reason, since_unix_secs } => {
                 let h = self.handle_mut(*handle).ok_or_else(|| fail(format!("handle {handle} does not exist")))?;
                 let state = HandleState::Broken { reason: reason.clone(), since_unix_secs: *since_unix_secs };
-                UndoStep::HandleBroken { handle: *handle, old: std::mem::replace(&mut h.state, state) }
+                let old = std::mem::replace(&mut h.state, state);
+                UndoStep::HandleBroken { handle: *handle, old, locks: self.take_range_locks(*handle) }
             }
             MetaChange::HandleRemove { handle } => {
                 let index = index_of(&self.handles, |h| h.id == *handle)
                     .ok_or_else(|| fail(format!("handle {handle} does not exist")))?;
-                UndoStep::HandleRemoved { index, record: self.handles.remove(index) }
+                let record = self.handles.remove(index);
+                UndoStep::HandleRemoved { index, record, locks: self.take_range_locks(*handle) }
+            }
+            MetaChange::RangeLocks { handle, ranges } => {
+                let old = self.set_range_locks(*handle, ranges).map_err(fail)?;
+                UndoStep::RangeLocksSet { handle: *handle, old }
             }
             MetaChange::DeviceState { device, state } => {
                 let d = self
@@ -790,12 +809,18 @@ impl PoolMetadata {
                     h.lease_expires_at_unix_ms = old;
                 }
             }
-            UndoStep::HandleBroken { handle, old } => {
+            UndoStep::HandleBroken { handle, old, locks } => {
                 if let Some(h) = self.handle_mut(handle) {
                     h.state = old;
                 }
+                self.restore_range_locks(handle, locks);
             }
-            UndoStep::HandleRemoved { index, record } => self.handles.insert(index.min(self.handles.len()), record),
+            UndoStep::HandleRemoved { index, record, locks } => {
+                let handle = record.id;
+                self.handles.insert(index.min(self.handles.len()), record);
+                self.restore_range_locks(handle, locks);
+            }
+            UndoStep::RangeLocksSet { handle, old } => self.restore_range_locks(handle, old),
             UndoStep::DeviceStateSet { device, old } => {
                 if let Some(d) = self.devices.iter_mut().find(|d| d.index == device) {
                     d.state = old;

@@ -25,6 +25,7 @@
 //! - [`handover`]: used handover tokens and the pool's token clock.
 //! - [`remap`]: new maps for a volume (legs moved, added, removed).
 //! - [`payload`]: the payload schemas of older formats, decoded into today's.
+//! - [`range_locks`]: the byte-range locks of shared-write handles.
 
 pub mod alloc;
 pub mod change;
@@ -32,6 +33,7 @@ pub mod handover;
 pub mod intent;
 pub mod journal;
 pub mod payload;
+pub mod range_locks;
 pub mod remap;
 pub mod slots;
 pub mod snapshot;
@@ -42,6 +44,7 @@ pub use alloc::{allocate, AllocError, FreeExtents};
 pub use change::{ApplyError, ChunkRun, ChunkRuns, MetaChange, NewSnapshot, Remap, Undo};
 pub use handover::{HandoverLedger, UsedToken, HANDOVER_USED_MAX};
 pub use intent::{intent_region_bytes, IntentEntry, IntentKey, INTENT_REGION_BYTES_MAX};
+pub use range_locks::RangeLockEntry;
 pub use remap::{LegCopy, RemapKind, RemapPlan};
 pub use slots::{MetadataArea, MetadataError, NewestSlot, SlotError, SlotHeader, SLOT_HEADER_BYTES, SLOT_MAGIC};
 pub use snapshot::{ChunkSource, CowMap, DeletePlan, COW_CHUNK_BYTES};
@@ -91,9 +94,17 @@ use uuid::Uuid;
 ///   [`MetaChange::IntentSet`] (a variant added last). Format-7 payloads
 ///   decode without it ([`payload::PayloadV7`]); entries of older formats
 ///   decode unchanged; format-7 readers refuse format 8.
-pub const METADATA_FORMAT_VERSION: u32 = 8;
+/// - 9: byte-range locks of shared-write handles ([`range_locks`]): the
+///   [`PoolMetadata::range_locks`] field (the new last field) and
+///   [`MetaChange::RangeLocks`] (a variant added last). Format-8 payloads
+///   decode without it ([`payload::PayloadV8`]); entries of older formats
+///   decode unchanged; format-8 readers refuse format 9.
+pub const METADATA_FORMAT_VERSION: u32 = 9;
 /// The oldest format whose payload is today's [`PoolMetadata`] schema.
-pub const PAYLOAD_SCHEMA_FORMAT_MIN: u32 = 8;
+pub const PAYLOAD_SCHEMA_FORMAT_MIN: u32 = 9;
+/// The oldest format whose payload is [`payload::PayloadV8`] (today's schema
+/// without the range locks).
+pub const PAYLOAD_V8_FORMAT_MIN: u32 = 8;
 /// The oldest format whose payload is [`payload::PayloadV7`] (today's schema
 /// without the write-intent sets).
 pub const PAYLOAD_V7_FORMAT_MIN: u32 = 7;
@@ -147,10 +158,13 @@ pub struct PoolMetadata {
     /// Volumes with a write-back cache (format 7), sorted by volume id.
     #[serde(default)]
     pub volume_caches: Vec<VolumeCache>,
-    /// Write-intent sets of mirrored volumes (format 8, [`intent`]). Last
-    /// field.
+    /// Write-intent sets of mirrored volumes (format 8, [`intent`]).
     #[serde(default)]
     pub intents: Vec<IntentEntry>,
+    /// Byte-range locks of shared-write handles (format 9, [`range_locks`]),
+    /// sorted by handle. Last field.
+    #[serde(default)]
+    pub range_locks: Vec<RangeLockEntry>,
 }
 
 /// A volume's write-back cache setting (`sanvol volume cache`, format 7):
@@ -410,6 +424,7 @@ impl PoolMetadata {
             handovers: HandoverLedger::default(),
             intents: Vec::new(),
             volume_caches: Vec::new(),
+            range_locks: Vec::new(),
         }
     }
 
@@ -574,6 +589,7 @@ impl PoolMetadata {
                 return Err(format!("client key {} appears twice", c.public_key));
             }
         }
+        self.check_range_locks()?;
         self.handovers.check()
     }
 }

@@ -6,7 +6,9 @@
 //! early), and `#[serde(default)]` does not help. Formats 1, 2 and 3 share
 //! one schema ([`PayloadV3`]: everything but the volume scopes of backup keys
 //! and the handover ledger); formats 4 to 6 share [`PayloadV6`] (everything
-//! but the volume caches); format 7 is [`PoolMetadata`] itself. Format-2 records are also still written (the
+//! but the volume caches); format 7 is [`PayloadV7`] (no write-intent
+//! sets), format 8 [`PayloadV8`] (no range locks); format 9 is
+//! [`PoolMetadata`] itself. Format-2 records are also still written (the
 //! whole-pool slot commit, [`super::MetadataArea::encode_slot`]), in their
 //! own schema.
 
@@ -15,7 +17,7 @@ use uuid::Uuid;
 
 use super::{
     ClientRecord, ClientScope, DeviceRecord, HandleRecord, HandoverLedger, NextIds, PoolMetadata, SnapshotRecord,
-    VolumeRecord, PAYLOAD_SCHEMA_FORMAT_MIN, PAYLOAD_V6_FORMAT_MIN, PAYLOAD_V7_FORMAT_MIN,
+    VolumeRecord, PAYLOAD_SCHEMA_FORMAT_MIN, PAYLOAD_V6_FORMAT_MIN, PAYLOAD_V7_FORMAT_MIN, PAYLOAD_V8_FORMAT_MIN,
 };
 use crate::codec::{self, CodecError};
 use crate::ids::PublicKey;
@@ -61,6 +63,7 @@ impl From<PayloadV3> for PoolMetadata {
             handovers: HandoverLedger::default(),
             volume_caches: Vec::new(),
             intents: Vec::new(),
+            range_locks: Vec::new(),
         }
     }
 }
@@ -107,6 +110,7 @@ impl From<PayloadV6> for PoolMetadata {
             handovers: p.handovers,
             volume_caches: Vec::new(),
             intents: Vec::new(),
+            range_locks: Vec::new(),
         }
     }
 }
@@ -154,6 +158,56 @@ impl From<PayloadV7> for PoolMetadata {
             handovers: p.handovers,
             volume_caches: p.volume_caches,
             intents: Vec::new(),
+            range_locks: Vec::new(),
+        }
+    }
+}
+
+/// [`PoolMetadata`] as format 8 encodes it: without the range locks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadV8 {
+    pub format_version: u32,
+    pub pool_uuid: Uuid,
+    pub pool_name: String,
+    pub generation: u64,
+    pub extent_bytes: u64,
+    pub created_at_unix_secs: u64,
+    pub server_public_key: PublicKey,
+    pub devices: Vec<DeviceRecord>,
+    pub volumes: Vec<VolumeRecord>,
+    pub clients: Vec<ClientRecord>,
+    pub handles: Vec<HandleRecord>,
+    pub snapshots: Vec<SnapshotRecord>,
+    pub next_ids: NextIds,
+    pub client_scopes: Vec<ClientScope>,
+    pub handovers: HandoverLedger,
+    pub volume_caches: Vec<super::VolumeCache>,
+    pub intents: Vec<super::IntentEntry>,
+}
+
+impl From<PayloadV8> for PoolMetadata {
+    /// Keeps the payload's `format_version`; no range locks (that format
+    /// had none).
+    fn from(p: PayloadV8) -> PoolMetadata {
+        PoolMetadata {
+            format_version: p.format_version,
+            pool_uuid: p.pool_uuid,
+            pool_name: p.pool_name,
+            generation: p.generation,
+            extent_bytes: p.extent_bytes,
+            created_at_unix_secs: p.created_at_unix_secs,
+            server_public_key: p.server_public_key,
+            devices: p.devices,
+            volumes: p.volumes,
+            clients: p.clients,
+            handles: p.handles,
+            snapshots: p.snapshots,
+            next_ids: p.next_ids,
+            client_scopes: p.client_scopes,
+            handovers: p.handovers,
+            volume_caches: p.volume_caches,
+            intents: p.intents,
+            range_locks: Vec::new(),
         }
     }
 }
@@ -163,6 +217,9 @@ impl From<PayloadV7> for PoolMetadata {
 pub fn decode(format: u32, bytes: &[u8]) -> Result<PoolMetadata, CodecError> {
     if format >= PAYLOAD_SCHEMA_FORMAT_MIN {
         return codec::decode(bytes);
+    }
+    if format >= PAYLOAD_V8_FORMAT_MIN {
+        return codec::decode::<PayloadV8>(bytes).map(PoolMetadata::from);
     }
     if format >= PAYLOAD_V7_FORMAT_MIN {
         return codec::decode::<PayloadV7>(bytes).map(PoolMetadata::from);
@@ -187,6 +244,9 @@ pub fn encode_format2(meta: &PoolMetadata) -> Result<Vec<u8>, String> {
     }
     if !meta.volume_caches.is_empty() {
         return Err("format 2 cannot record volume caches; commit with the journal".into());
+    }
+    if !meta.range_locks.is_empty() {
+        return Err("format 2 cannot record range locks; commit with the journal".into());
     }
     let p = PayloadV3 {
         format_version: super::LEGACY_SLOT_FORMAT_VERSION,
@@ -265,5 +325,40 @@ mod tests {
         let today = codec::encode(&cached).unwrap();
         assert_eq!(decode(crate::metadata::METADATA_FORMAT_VERSION, &today).unwrap(), cached);
         assert!(codec::decode::<PayloadV6>(&today).is_err(), "positional: today's payload has one more field");
+    }
+
+    #[test]
+    fn a_format_8_payload_decodes_without_range_locks() {
+        let meta = rich_pool();
+        let v8 = PayloadV8 {
+            format_version: 8,
+            pool_uuid: meta.pool_uuid,
+            pool_name: meta.pool_name.clone(),
+            generation: meta.generation,
+            extent_bytes: meta.extent_bytes,
+            created_at_unix_secs: meta.created_at_unix_secs,
+            server_public_key: meta.server_public_key,
+            devices: meta.devices.clone(),
+            volumes: meta.volumes.clone(),
+            clients: meta.clients.clone(),
+            handles: meta.handles.clone(),
+            snapshots: meta.snapshots.clone(),
+            next_ids: meta.next_ids,
+            client_scopes: meta.client_scopes.clone(),
+            handovers: meta.handovers.clone(),
+            volume_caches: meta.volume_caches.clone(),
+            intents: meta.intents.clone(),
+        };
+        let decoded = decode(8, &codec::encode(&v8).unwrap()).unwrap();
+        assert_eq!(decoded.format_version, 8);
+        assert_eq!(PoolMetadata { format_version: meta.format_version, ..decoded }, meta);
+        let mut locked = meta.clone();
+        locked.range_locks.push(super::super::RangeLockEntry {
+            handle: crate::ids::HandleId(1),
+            ranges: vec![crate::locks::LockRange { start: 0, len_bytes: 4096 }],
+        });
+        let today = codec::encode(&locked).unwrap();
+        assert_eq!(decode(crate::metadata::METADATA_FORMAT_VERSION, &today).unwrap(), locked);
+        assert!(codec::decode::<PayloadV8>(&today).is_err(), "positional: today's payload has one more field");
     }
 }
