@@ -20,9 +20,12 @@
 #            QD8) runs on that volume. Reported: the move's wall time and
 #            rate (as a ratio of nbdcopy of the same bytes), fio's IOPS
 #            before and during the move (ratio), and fio's longest request
-#            during it (agents pause the volume's I/O while its extents are
-#            copied: that pause is the cost, see metadata-server's
-#            server/reconfig.rs).
+#            during it: the pause at the recall point, where the regions
+#            written during the online copy are copied again (see
+#            metadata-server's server/precopy.rs).
+#   move-hot the same move back (dev2 → dev1) with fio writing only the
+#            first eighth of the volume: what a pause costs when writes
+#            have locality (the regions copied again are only those).
 #
 # Usage: bench/recovery.sh   (env: BENCH_SECONDS=10 per timed row,
 #        BENCH_VOLUME_MIB=512)
@@ -100,7 +103,7 @@ echo "done: resync" >&2
 # fio_json URI SECS : "iops max_latency_ms" of a 4k random write QD8 run
 # (fio prints "fio: connected to NBD server" before its JSON).
 fio_json() {
-    fio --name=move --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth=8 --size="${VOLUME_MIB}M" \
+    fio --name=move --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth=8 --size="${3:-$VOLUME_MIB}M" \
         --time_based --runtime="$2" --randrepeat=0 --output-format=json 2>/dev/null |
         python3 -c 'import json, sys; t = sys.stdin.read(); j = json.loads(t[t.index("{"):])["jobs"][0]["write"]; print("%.0f %.1f" % (j["iops"], j["clat_ns"]["max"] / 1e6))'
 }
@@ -124,13 +127,25 @@ nbdcopy --request-size=4194304 --requests=4 --connections=1 \
 t1=$(date +%s.%N)
 echo "nbdcopy-move $moved $(python3 -c "print(($t1 - $t0) * 1000)")" >>"$results"
 echo "done: move" >&2
+# The same move back, with writes to the first eighth of the volume only.
+HOT_MIB=$((VOLUME_MIB / 8))
+before=$(fio_json "${URI[nolog]}" "$MOVE_SECS" "$HOT_MIB")
+fio_json "${URI[nolog]}" "$MOVE_SECS" "$HOT_MIB" >"$D/during.txt" &
+FIO_PID=$!
+sleep 1
+t0=$(date +%s.%N)
+$BIN/sanvol volume move vnolog --from dev2 --to dev1 >/dev/null
+t1=$(date +%s.%N)
+wait "$FIO_PID"
+echo "move-hot $moved $(python3 -c "print(($t1 - $t0) * 1000)") $before $(cat "$D/during.txt") $HOT_MIB" >>"$results"
+echo "done: move-hot" >&2
 
 mkdir -p bench/results
 out="bench/results/recovery-$(date +%Y%m%d-%H%M%S).md"
 python3 - "$results" "$VOLUME_MIB" "$SECS" >"$out" <<'PY'
 import sys, collections
 w = collections.OrderedDict()
-resync = copy = move = move_copy = None
+resync = copy = move = move_copy = move_hot = None
 for line in open(sys.argv[1]):
     f = line.split()
     if f[0] == "write":
@@ -141,6 +156,8 @@ for line in open(sys.argv[1]):
         copy = (int(f[1]), float(f[2]))
     elif f[0] == "move":
         move = (int(f[1]), float(f[2]), float(f[3]), float(f[4]), float(f[5]), float(f[6]))
+    elif f[0] == "move-hot":
+        move_hot = (int(f[1]), float(f[2]), float(f[3]), float(f[4]), float(f[5]), float(f[6]), int(f[7]))
     elif f[0] == "nbdcopy-move":
         move_copy = (int(f[1]), float(f[2]))
 print(f"mirrored volume of {sys.argv[2]} MiB (two legs) on two nbdkit memory devices, unix sockets, {sys.argv[3]} s per row\n")
@@ -169,6 +186,12 @@ if move:
     print("| bytes | move wall ms | move MiB/s | nbdcopy same bytes MiB/s | move / nbdcopy | fio IOPS before | during | during / before | longest request before ms | during ms |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| {b} | {ms:.0f} | {rate:.1f} | {crate:.1f} | {rate/crate:.2f} | {iops0:.0f} | {iops1:.0f} | {iops1/max(iops0, 1):.2f} | {lat0:.1f} | {lat1:.1f} |")
+if move_hot:
+    b, ms, iops0, lat0, iops1, lat1, hot = move_hot
+    print(f"\nThe same move back with fio writing only the first {hot} MiB (locality: only those regions are copied again at the recall point):\n")
+    print("| bytes | move wall ms | fio IOPS before | during | during / before | longest request before ms | during ms |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| {b} | {ms:.0f} | {iops0:.0f} | {iops1:.0f} | {iops1/max(iops0, 1):.2f} | {lat0:.1f} | {lat1:.1f} |")
 PY
 cat "$out"
 echo "(saved to $out)"

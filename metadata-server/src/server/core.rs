@@ -439,6 +439,8 @@ pub enum AfterJob {
     MirrorReplayed { volume: VolumeId, next: super::cache::AfterReplay },
     /// The regions a gone holder left dirty were copied: open (`intents`).
     OrphansResynced(super::intents::OrphansResync),
+    /// The online pass of a volume's copy step is done (`precopy`).
+    Precopied { volume: VolumeId, next: super::precopy::PrecopyNext },
     /// A resumed handle's dirty regions were copied: forget them.
     HandleResynced { volume: VolumeId, handle: volume_format::HandleId, reply: ReplyId },
 }
@@ -477,6 +479,10 @@ pub enum Busy {
     /// A device's extents of the volume being copied (`recovery`): what
     /// waits for `Layout` waits, and so do opens.
     Resync,
+    /// The online pass of a copy (`precopy`): the holders go on writing
+    /// (marks and registrations go on); layout and snapshot changes, opens
+    /// and server-side pre-image copies wait.
+    Precopy,
 }
 
 /// Changes applied to the metadata and committed together.
@@ -580,6 +586,9 @@ pub struct Core {
     /// clears it.
     pub(super) copy_misses: BTreeMap<volume_format::DeviceIndex, u32>,
     pub(super) resyncs: super::recovery::Resyncs,
+    /// Online passes of copy steps and what was written meanwhile
+    /// (`precopy`).
+    pub(super) precopies: BTreeMap<VolumeId, super::precopy::Precopy>,
     /// The admin reconfiguration in progress, if any (`reconfig`).
     pub(super) operation: Option<super::reconfig::AdminOp>,
     /// Failed devices are replaced after this long (`reconfig`; `None`: never).
@@ -656,6 +665,7 @@ impl Core {
             copy_checks: BTreeSet::new(),
             copy_misses: BTreeMap::new(),
             resyncs: Default::default(),
+            precopies: BTreeMap::new(),
             operation: None,
             device_replace_after_ms: None,
             auto_replace_next_ms: BTreeMap::new(),

@@ -833,7 +833,7 @@ fn a_grow_with_holders_zeroes_before_recalling_them() {
 }
 
 #[test]
-fn a_failed_device_that_answers_its_probe_is_resynced_at_a_recall_point_then_online() {
+fn a_failed_device_that_answers_its_probe_is_copied_online_then_what_was_written_meanwhile_at_a_recall_point() {
     use super::recovery::ProbeBackoff;
     use volume_format::metadata::DeviceState;
     let mut w = World::new();
@@ -889,24 +889,15 @@ fn a_failed_device_that_answers_its_probe_is_resynced_at_a_recall_point_then_onl
     let (task, next) = commit_of(&effects).expect("resyncing commits");
     assert!(matches!(w.core.meta.device(device).unwrap().state, DeviceState::Resyncing { .. }));
     let effects = w.apply(committed(task, next));
-    // The holder is recalled before anything is copied…
-    let generation = effects
-        .iter()
-        .find_map(|e| match e {
-            Effect::Event { session: 1, event: ServerEvent::Recall { generation, .. } } => Some(*generation),
-            _ => None,
-        })
-        .expect("the holder is recalled");
-    assert!(!effects.iter().any(|e| matches!(e, Effect::Job { job: Job::Resync { .. }, .. })));
-    // …and the copy runs once it drained, from the online leg to the device.
-    let (_, effects) = w.request(1, Request::RecallDone { handle: opened.handle, generation });
-    let (copy, copies) = effects
+    // The copy starts online, while the holder writes: no recall yet.
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Event { event: ServerEvent::Recall { .. }, .. })));
+    let (online, online_copies) = effects
         .iter()
         .find_map(|e| match e {
             Effect::Job { task, job: Job::Resync { copies, .. } } => Some((*task, copies.clone())),
             _ => None,
         })
-        .expect("the copy starts at the recall point");
+        .expect("the online copy starts at once");
     let on_device = w
         .core
         .meta
@@ -916,9 +907,43 @@ fn a_failed_device_that_answers_its_probe_is_resynced_at_a_recall_point_then_onl
         .iter()
         .filter(|e| e.legs.iter().any(|l| l.device == device))
         .count();
-    assert_eq!(copies.len(), on_device, "only the stale regions (one extent each here) of m on the device");
-    assert_eq!(copies.len(), stale(&w).len());
-    assert!(copies.iter().all(|c| c.to.device == device && c.from.iter().all(|f| f.device != device)));
+    assert_eq!(online_copies.len(), on_device, "only the stale regions (one extent each here) of m on the device");
+    assert_eq!(online_copies.len(), stale(&w).len());
+    assert!(online_copies.iter().all(|c| c.to.device == device && c.from.iter().all(|f| f.device != device)));
+    let listed = w.core.device_infos(|d| d.index == device);
+    assert!(listed[0].recovery.contains("online"), "{:?}", listed[0].recovery);
+    // The holder goes on: it clears region 1 and marks region 0 again
+    // while the copy runs — its marks are not held up by the copy.
+    let mark = Request::IntentRecord { handle: opened.handle, mark: vec![], clear: vec![1] };
+    assert_eq!(committed_request(&mut w, 1, mark), Ok(Response::IntentRecorded));
+    let mark = Request::IntentRecord { handle: opened.handle, mark: vec![0], clear: vec![] };
+    assert_eq!(committed_request(&mut w, 1, mark), Ok(Response::IntentRecorded));
+    // An open of the volume waits for the online copy.
+    let (open2, effects) = w.request(2, Request::Open { volume: "m".into(), mode: OpenMode::SharedWrite });
+    assert!(reply_of(&effects, open2).is_none() && commit_of(&effects).is_none(), "{effects:?}");
+    // The online copy done, the holder is recalled…
+    let effects = w.apply(Input::JobDone { task: online, outcome: JobOutcome::done() });
+    let generation = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Event { session: 1, event: ServerEvent::Recall { generation, .. } } => Some(*generation),
+            _ => None,
+        })
+        .expect("the holder is recalled");
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Job { job: Job::Resync { .. }, .. })));
+    // …and once it drained, only what was written during the online copy
+    // (region 1 was dirty when it started, region 0 marked meanwhile),
+    // of the regions on the device, is copied again.
+    let (_, effects) = w.request(1, Request::RecallDone { handle: opened.handle, generation });
+    let (copy, copies) = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Job { task, job: Job::Resync { copies, .. } } => Some((*task, copies.clone())),
+            _ => None,
+        })
+        .expect("the copy of the touched regions starts at the recall point");
+    assert_eq!(copies.len(), online_copies.len(), "regions 0 and 1 were both touched");
+    assert!(copies.iter().all(|c| online_copies.contains(c)));
     // Opens of the volume wait meanwhile; the layout bump commits after it.
     let effects = w.apply(Input::JobDone { task: copy, outcome: JobOutcome::done() });
     let (task, next) = commit_of(&effects).expect("the layout bump commits");
@@ -1158,9 +1183,11 @@ fn commit_all(w: &mut World, mut effects: Vec<Effect>) -> Vec<Effect> {
 }
 
 #[test]
-fn a_move_copies_at_the_recall_point_and_commits_the_new_map_only_after_the_copy() {
+fn a_plain_volumes_move_copies_at_the_recall_point_and_commits_the_new_map_only_after_the_copy() {
+    // A volume of one leg keeps no intent log: its copy runs with the
+    // holders drained (`precopy` is for mirrored volumes).
     let mut w = World::new();
-    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 3 << 20, legs: 2 });
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 3 << 20, legs: 1 });
     commit_all(&mut w, effects);
     let (open, effects) = w.request(1, Request::Open { volume: "m".into(), mode: OpenMode::Exclusive });
     let effects = commit_all(&mut w, effects);
@@ -1230,6 +1257,62 @@ fn a_move_copies_at_the_recall_point_and_commits_the_new_map_only_after_the_copy
         .iter()
         .any(|e| matches!(e, Effect::Event { session: 1, event: ServerEvent::Publish { description, .. } }
         if description.layout_generation == after.layout_generation)));
+}
+
+#[test]
+fn a_mirrored_volumes_move_copies_online_then_only_the_regions_written_meanwhile_at_the_recall_point() {
+    let mut w = World::new();
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 6 << 20, legs: 2 });
+    commit_all(&mut w, effects);
+    let opened = match committed_request(&mut w, 1, Request::Open { volume: "m".into(), mode: OpenMode::Exclusive }) {
+        Ok(Response::Opened(o)) => o,
+        other => panic!("{other:?}"),
+    };
+    let before = w.core.meta.volume_by_name("m").unwrap().clone();
+    let from = before.extents[0].legs[0].device;
+    let (mv, effects) = w.request(3, Request::VolumeMove { name: "m".into(), from, to: None });
+    // No recall: the whole copy runs while the holder writes.
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Event { event: ServerEvent::Recall { .. }, .. })));
+    let (online, online_copies) = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Job { task, job: Job::Resync { copies, .. } } => Some((*task, copies.clone())),
+            _ => None,
+        })
+        .expect("the online copy starts at once");
+    let on_from = before.extents.iter().filter(|e| e.legs.iter().any(|l| l.device == from)).count();
+    assert_eq!(online_copies.len(), on_from);
+    assert!(on_from > 1, "the test needs more than one extent on the device");
+    // The holder writes region 0 (extent 0) meanwhile: its mark commits.
+    let mark = Request::IntentRecord { handle: opened.handle, mark: vec![0], clear: vec![] };
+    assert_eq!(committed_request(&mut w, 1, mark), Ok(Response::IntentRecorded));
+    // Nothing committed yet; then the recall, and only extent 0's region
+    // is copied again once the holder drained.
+    assert_eq!(w.core.meta.volume_by_name("m").unwrap().extents, before.extents);
+    let effects = w.apply(Input::JobDone { task: online, outcome: JobOutcome::done() });
+    let generation = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Event { session: 1, event: ServerEvent::Recall { generation, .. } } => Some(*generation),
+            _ => None,
+        })
+        .expect("the holder is recalled after the online copy");
+    let (_, effects) = w.request(1, Request::RecallDone { handle: opened.handle, generation });
+    let (copy, copies) = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Job { task, job: Job::Resync { copies, .. } } => Some((*task, copies.clone())),
+            _ => None,
+        })
+        .expect("the touched region is copied at the recall point");
+    assert_eq!(copies.len(), 1, "only the region written meanwhile: {copies:?}");
+    let leg0 = before.extents[0].legs.iter().find(|l| l.device == from).unwrap();
+    assert!(copies[0].from.iter().any(|f| f.device == from && f.offsets == vec![leg0.offset]), "{copies:?}");
+    let effects = w.apply(Input::JobDone { task: copy, outcome: JobOutcome::done() });
+    let effects = commit_all(&mut w, effects);
+    assert!(matches!(reply_of(&effects, mv), Some(Ok(Response::Done))), "{effects:?}");
+    let after = w.core.meta.volume_by_name("m").unwrap();
+    assert!(after.extents.iter().all(|e| e.legs.iter().all(|l| l.device != from)));
 }
 
 #[test]

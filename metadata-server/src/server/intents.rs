@@ -109,6 +109,8 @@ impl Core {
             let msg = format!("intent region {bad} is beyond volume {volume} ({count} regions)");
             return done(reply, Err(err(ErrorCode::InvalidArgument, msg)));
         }
+        // Marked while an online copy of the volume runs: copied again.
+        self.precopy_marked(volume, mark.iter().copied());
         let mark = ChunkRuns::from_chunks(mark);
         let clear = ChunkRuns::from_chunks(clear);
         let changes = self.meta.plan_intent_record(volume, HandleId(handle), &mark, &clear);
