@@ -481,7 +481,9 @@ pub enum Busy {
     Resync,
     /// The online pass of a copy (`precopy`): the holders go on writing
     /// (marks and registrations go on); layout and snapshot changes, opens
-    /// and server-side pre-image copies wait.
+    /// and server-side pre-image copies wait. Kept apart from the other
+    /// kinds (`Core::precopies`), so another job on the volume meanwhile (a
+    /// resumed handle's resync) neither hides nor ends it.
     Precopy,
 }
 
@@ -1097,10 +1099,13 @@ impl Core {
                 false
             }
             Change::Request { request, session, .. } => match self.volume_of(*session, request) {
-                Some((volume, waits_for)) => self.busy.get(&volume).is_none_or(|busy| !waits_for.contains(busy)),
+                Some((volume, waits_for)) => {
+                    self.busy.get(&volume).is_none_or(|busy| !waits_for.contains(busy))
+                        && !(waits_for.contains(&Busy::Precopy) && self.precopy_running(volume))
+                }
                 None => true,
             },
-            Change::RecallReady { volume } => !self.busy.contains_key(volume),
+            Change::RecallReady { volume } => !self.busy.contains_key(volume) && !self.precopy_running(*volume),
             Change::Resync { .. } | Change::DeviceFailed { .. } => true,
             Change::Admin => !self.zeroing,
         }

@@ -1316,6 +1316,70 @@ fn a_mirrored_volumes_move_copies_online_then_only_the_regions_written_meanwhile
 }
 
 #[test]
+fn a_registration_during_an_online_copy_has_the_snapshot_areas_copied_again_at_the_recall_point() {
+    let mut w = World::new();
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 4 << 20, legs: 2 });
+    commit_all(&mut w, effects);
+    // A snapshot taken while nobody holds the volume (no recall needed).
+    assert_eq!(
+        committed_request(&mut w, 3, Request::SnapshotCreate { volume: "m".into(), name: "s".into() }),
+        Ok(Response::Done)
+    );
+    let opened = match committed_request(&mut w, 1, Request::Open { volume: "m".into(), mode: OpenMode::Exclusive }) {
+        Ok(Response::Opened(o)) => o,
+        other => panic!("{other:?}"),
+    };
+    let snap = w.core.meta.snapshots.iter().find(|s| s.name == "s").unwrap().clone();
+    let from = snap.cow_extents[0].legs[0].device;
+    let cow_legs: Vec<u64> =
+        snap.cow_extents.iter().flat_map(|e| e.legs.iter()).filter(|l| l.device == from).map(|l| l.offset).collect();
+    let (mv, effects) = w.request(3, Request::VolumeMove { name: "m".into(), from, to: None });
+    let online = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Job { task, job: Job::Resync { .. } } => Some(*task),
+            _ => None,
+        })
+        .expect("the online copy starts at once");
+    // The holder copies a pre-image and registers it during the online
+    // copy: the registration is not held up by it.
+    let register = Request::CowRegister { handle: opened.handle, snapshot: snap.id, chunks: vec![0] };
+    assert!(matches!(committed_request(&mut w, 1, register), Ok(Response::CowRegistered { new: 1 })));
+    let effects = w.apply(Input::JobDone { task: online, outcome: JobOutcome::done() });
+    let generation = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Event { session: 1, event: ServerEvent::Recall { generation, .. } } => Some(*generation),
+            _ => None,
+        })
+        .expect("recalled after the online copy");
+    let (_, effects) = w.request(1, Request::RecallDone { handle: opened.handle, generation });
+    let (copy, copies) = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Job { task, job: Job::Resync { copies, .. } } => Some((*task, copies.clone())),
+            _ => None,
+        })
+        .expect("the snapshot areas are copied again at the recall point");
+    // Every piece of the snapshot area on the device, and no live region
+    // (none was marked).
+    let extent_bytes = w.core.meta.extent_bytes;
+    for offset in &cow_legs {
+        assert!(
+            copies.iter().any(|c| c.from.iter().any(|f| f.device == from && f.offsets == vec![*offset])),
+            "the snapshot area at {offset} on device {from} is copied again: {copies:?}"
+        );
+    }
+    assert!(copies.iter().all(|c| c
+        .from
+        .iter()
+        .any(|f| f.device == from && cow_legs.iter().any(|o| (*o..*o + extent_bytes).contains(&f.offsets[0])))));
+    let effects = w.apply(Input::JobDone { task: copy, outcome: JobOutcome::done() });
+    let effects = commit_all(&mut w, effects);
+    assert!(matches!(reply_of(&effects, mv), Some(Ok(Response::Done))), "{effects:?}");
+}
+
+#[test]
 fn device_add_labels_then_commits_and_remove_is_refused_for_data_and_metadata_copies() {
     use volume_format::DeviceIndex;
     let mut w = World::new();

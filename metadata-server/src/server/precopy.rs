@@ -12,7 +12,7 @@
 //! How (as md's resync and DRBD's, but with the intent log as the witness
 //! instead of a lock per region):
 //! 1. **Online pass.** The whole copy of the step runs as a job while the
-//!    holders go on writing. The volume is [`Busy::Precopy`]: layout and
+//!    holders go on writing. The volume is [`super::core::Busy::Precopy`]: layout and
 //!    snapshot changes, opens and server-side pre-image copies wait;
 //!    intent marks and copy-on-write registrations do not (writes need
 //!    them).
@@ -48,12 +48,22 @@ use volume_format::control::messages::{ControlError, ErrorCode};
 use volume_format::metadata::{intent_region_bytes, IntentKey, PhysicalExtent};
 use volume_format::VolumeId;
 
-use super::core::{AfterJob, Busy, Core, Step};
+use super::core::{AfterJob, Core, Step};
 use super::jobs::{DeviceExtents, ExtentCopy, Job, JobOutcome};
 
+/// Which copy step an online pass belongs to: a volume may be the subject
+/// of a resync and of an admin remap one after the other, and what one
+/// pass copied says nothing of the other's targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrecopyFor {
+    Resync(volume_format::DeviceIndex),
+    Remap,
+}
+
 /// The online pass of one volume's copy step and what was written meanwhile.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Precopy {
+    pub step: PrecopyFor,
     /// Regions (intent regions of the volume's live extents) dirty when the
     /// pass started or marked since.
     pub touched: BTreeSet<u64>,
@@ -82,6 +92,15 @@ fn copy_size(job: &Job) -> (usize, u64) {
     }
 }
 
+impl PrecopyNext {
+    fn step(&self) -> PrecopyFor {
+        match self {
+            PrecopyNext::Resync { device, .. } => PrecopyFor::Resync(*device),
+            PrecopyNext::Remap { .. } => PrecopyFor::Remap,
+        }
+    }
+}
+
 impl Core {
     /// Whether `volume`'s copy steps may run an online pass first (see the
     /// module docs).
@@ -94,14 +113,20 @@ impl Core {
             && !self.has_legacy_writer(volume)
     }
 
-    /// Whether `volume`'s online pass is done (its recall-point copy is then
-    /// limited to the touched regions).
-    pub(super) fn precopied(&self, volume: VolumeId) -> bool {
-        self.precopies.get(&volume).is_some_and(|p| p.done)
+    /// Whether `volume`'s online pass is running: what waits for
+    /// [`super::core::Busy::Precopy`] waits.
+    pub(super) fn precopy_running(&self, volume: VolumeId) -> bool {
+        self.precopies.get(&volume).is_some_and(|p| !p.done)
+    }
+
+    /// Whether `volume`'s online pass for `step` is done (its recall-point
+    /// copy is then limited to the touched regions).
+    pub(super) fn precopied(&self, volume: VolumeId, step: PrecopyFor) -> bool {
+        self.precopies.get(&volume).is_some_and(|p| p.done && p.step == step)
     }
 
     /// Starts the online pass of `job` for `volume`: records what is dirty
-    /// now, and runs the copy with the volume [`Busy::Precopy`].
+    /// now, and runs the copy with the volume [`super::core::Busy::Precopy`].
     pub(super) fn start_precopy(&mut self, volume: VolumeId, job: Job, next: PrecopyNext) -> Step {
         let mut touched = BTreeSet::new();
         for e in self.meta.intents_of(volume) {
@@ -111,14 +136,17 @@ impl Core {
         }
         let (copies, bytes) = copy_size(&job);
         info!(%volume, copies, bytes, dirty_regions = touched.len(), "copying online while the holders write");
-        self.precopies.insert(volume, Precopy { touched, ..Precopy::default() });
-        Step::Job { job, busy: Some((volume, Busy::Precopy)), then: AfterJob::Precopied { volume, next } }
+        self.precopies.insert(volume, Precopy { step: next.step(), touched, cow_touched: false, done: false });
+        // One step per volume at a time: a resync and an admin step never
+        // both start one (each checks `precopies` first).
+        // Not in `busy` (see [`super::core::Busy::Precopy`]): `runnable` asks
+        // `precopy_running`.
+        Step::Job { job, busy: None, then: AfterJob::Precopied { volume, next } }
     }
 
     /// The online pass of `volume` reported back: the step goes on to its
     /// recall point (limited to the touched regions if the pass succeeded).
     pub(super) fn precopy_done(&mut self, volume: VolumeId, next: PrecopyNext, outcome: JobOutcome) -> Step {
-        self.release(volume);
         if let Err(why) = outcome.result {
             // As a failed copy at the recall point: the step failed (and is
             // retried, or the operation ends), nothing was committed.
@@ -171,10 +199,13 @@ impl Core {
     pub(super) fn limit_to_touched(
         &self,
         volume: VolumeId,
+        step: PrecopyFor,
         unit_bytes: u64,
         copies: Vec<ExtentCopy>,
     ) -> (u64, Vec<ExtentCopy>) {
-        let Some(p) = self.precopies.get(&volume).filter(|p| p.done) else { return (unit_bytes, copies) };
+        let Some(p) = self.precopies.get(&volume).filter(|p| p.done && p.step == step) else {
+            return (unit_bytes, copies);
+        };
         let extent_bytes = self.meta.extent_bytes.max(1);
         let region_bytes = intent_region_bytes(extent_bytes);
         if !unit_bytes.is_multiple_of(region_bytes) {
@@ -220,8 +251,11 @@ impl Core {
         (region_bytes, kept)
     }
 
-    /// Forgets `volume`'s online pass (its step ended, either way).
-    pub(super) fn precopy_end(&mut self, volume: VolumeId) {
-        self.precopies.remove(&volume);
+    /// Forgets `volume`'s online pass for `step` (the step ended, either
+    /// way).
+    pub(super) fn precopy_end(&mut self, volume: VolumeId, step: PrecopyFor) {
+        if self.precopies.get(&volume).is_some_and(|p| p.step == step) {
+            self.precopies.remove(&volume);
+        }
     }
 }

@@ -54,6 +54,7 @@ use volume_format::{DeviceIndex, VolumeId};
 
 use super::core::{AfterCommit, AfterJob, Change, Core, ReplyId, Step, VolumeChange};
 use super::jobs::{DeviceExtents, ExtentCopy, Job, JobOutcome};
+use super::precopy::PrecopyFor;
 use super::requests::{alloc_error, err};
 
 /// Replies to an operation's steps go to the driver, not to a caller.
@@ -657,7 +658,7 @@ impl Core {
         }
         let Some(op) = self.operation.as_mut() else { return true };
         let Some(step) = op.current.take() else { return true };
-        self.precopy_end(step.volume);
+        self.precopy_end(step.volume, PrecopyFor::Remap);
         let Some(op) = self.operation.as_mut() else { return true };
         match result {
             Ok(_) => {
@@ -699,8 +700,9 @@ impl Core {
         let progress = self.operation.as_ref().and_then(|o| o.current.as_ref()).map(|c| c.copied.clone());
         // After an online pass, only what was written meanwhile (the bytes
         // done already count it all).
-        if self.precopied(volume) {
-            let (unit, copies) = self.limit_to_touched(volume, self.meta.extent_bytes, copies.collect());
+        if self.precopied(volume, PrecopyFor::Remap) {
+            let (unit, copies) =
+                self.limit_to_touched(volume, PrecopyFor::Remap, self.meta.extent_bytes, copies.collect());
             return (!copies.is_empty()).then_some(Job::Resync { extent_bytes: unit, copies, progress: None });
         }
         Some(Job::Resync { extent_bytes: self.meta.extent_bytes, copies: copies.collect(), progress })
@@ -730,7 +732,7 @@ impl Core {
             (_, Some(c), Some(name)) if self.precopies.get(&c.volume).is_some_and(|p| !p.done) => {
                 format!("copying volume {name} online (its holders write on)")
             }
-            (_, Some(c), Some(name)) if self.precopied(c.volume) => {
+            (_, Some(c), Some(name)) if self.precopied(c.volume, PrecopyFor::Remap) => {
                 format!("copying what was written to volume {name} meanwhile (its I/O held)")
             }
             (_, Some(_), Some(name)) => format!("copying volume {name}"),

@@ -72,7 +72,7 @@ use volume_format::{DeviceIndex, VolumeId};
 use super::commit::CommitFailed;
 use super::core::{AfterCommit, AfterJob, Change, Core, ReplyId, Step, VolumeChange};
 use super::jobs::{DeviceExtents, ExtentCopy, Job, JobOutcome};
-use super::precopy::PrecopyNext;
+use super::precopy::{PrecopyFor, PrecopyNext};
 
 /// First and longest wait between probes of a failed device.
 pub const DEVICE_PROBE_MIN_MS: u64 = 500;
@@ -418,7 +418,7 @@ impl Core {
             );
         }
         // After an online pass, only what was written meanwhile.
-        let (region_bytes, copies) = self.limit_to_touched(volume, region_bytes, copies);
+        let (region_bytes, copies) = self.limit_to_touched(volume, PrecopyFor::Resync(device), region_bytes, copies);
         let progress = self.resyncs.get(&device).map(|r| r.copied.clone());
         (!copies.is_empty()).then_some(Job::Resync { extent_bytes: region_bytes, copies, progress })
     }
@@ -434,7 +434,7 @@ impl Core {
         let now_ms = self.now.mono_ms;
         if self.resyncs.get(&device).is_some_and(|r| r.current == Some(volume)) {
             // Its step ended, either way: a retry starts with an online pass.
-            self.precopy_end(volume);
+            self.precopy_end(volume, PrecopyFor::Resync(device));
         }
         let Some(r) = self.resyncs.get_mut(&device) else { return true };
         if r.current != Some(volume) {
@@ -490,7 +490,7 @@ impl Core {
     pub(super) fn device_recovery(&self, device: DeviceIndex) -> String {
         if let Some(r) = self.resyncs.get(&device) {
             let now = r.current.and_then(|v| self.meta.volume(v).map(|m| (v, m))).map(|(v, m)| {
-                match self.precopies.get(&v) {
+                match self.precopies.get(&v).filter(|p| p.step == PrecopyFor::Resync(device)) {
                     Some(p) if !p.done => format!(
                         ", copying volume {} online ({} of {} MiB; its holders write on)",
                         m.name,
@@ -540,7 +540,11 @@ impl Core {
                 Some(DeviceState::Resyncing { .. }) => {
                     let state = match self.resyncs.get(&d) {
                         Some(r)
-                            if r.current == Some(volume) && self.precopies.get(&volume).is_some_and(|p| !p.done) =>
+                            if r.current == Some(volume)
+                                && self
+                                    .precopies
+                                    .get(&volume)
+                                    .is_some_and(|p| !p.done && p.step == PrecopyFor::Resync(d)) =>
                         {
                             "copying now, online"
                         }
