@@ -303,6 +303,10 @@ async fn a_move_copies_online_and_what_the_holder_writes_meanwhile_reaches_the_n
     stack.sanvol_ok(&["volume", "create", "m", "64M", "--mirror", "2"]);
     let agent = stack.start_agent("host-a");
     let uri = agent.attach("m", "exclusive");
+    // The volume in use: the agent's first I/O shows the server it keeps
+    // the write-intent log (it asks for its resync first).
+    let c = connect(&uri).await;
+    c.read(0, 4096).await.expect("a first read");
     let before = legs_of(&stack, "m");
     let from = before[0][0].0;
     let mut mv = stack
@@ -321,7 +325,6 @@ async fn a_move_copies_online_and_what_the_holder_writes_meanwhile_reaches_the_n
     // The holder writes every extent now, after its regions were copied:
     // the writes complete while the move is still in its online pass.
     let extent_bytes = stack.sanvol_json(&["volume", "show", "m"])["description"]["extent_bytes"].as_u64().unwrap();
-    let c = connect(&uri).await;
     for e in 0..before.len() as u64 {
         let data = bytes::Bytes::from(vec![0x40 + e as u8; 256 << 10]);
         c.write(e * extent_bytes + 4096, data, false).await.expect("a write during the online copy");

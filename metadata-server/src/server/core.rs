@@ -599,6 +599,9 @@ pub struct Core {
     /// Online passes of copy steps and what was written meanwhile
     /// (`precopy`).
     pub(super) precopies: BTreeMap<VolumeId, super::precopy::Precopy>,
+    /// Handles whose agent showed, in this server's lifetime, that it keeps
+    /// the write-intent log (`precopy`).
+    pub(super) intent_handles: BTreeSet<u64>,
     /// The admin reconfiguration in progress, if any (`reconfig`).
     pub(super) operation: Option<super::reconfig::AdminOp>,
     /// Failed devices are replaced after this long (`reconfig`; `None`: never).
@@ -676,6 +679,7 @@ impl Core {
             copy_misses: BTreeMap::new(),
             resyncs: Default::default(),
             precopies: BTreeMap::new(),
+            intent_handles: BTreeSet::new(),
             operation: None,
             device_replace_after_ms: None,
             auto_replace_next_ms: BTreeMap::new(),

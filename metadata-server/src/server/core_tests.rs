@@ -846,6 +846,9 @@ fn a_failed_device_that_answers_its_probe_is_copied_online_then_what_was_written
     let (task, next) = commit_of(&effects).unwrap();
     let effects = w.apply(committed(task, next));
     let Some(Ok(Response::Opened(opened))) = reply_of(&effects, open) else { panic!("{effects:?}") };
+    // The agent keeps the write-intent log: it asks for its resync first.
+    let resync = Request::IntentResync { handle: opened.handle };
+    assert_eq!(committed_request(&mut w, 1, resync), Ok(Response::IntentRecorded));
     let device = w.core.meta.volume_by_name("m").unwrap().extents[0].legs[0].device;
     // The holder writes region 0 (one extent here): marked dirty first.
     let mark = Request::IntentRecord { handle: opened.handle, mark: vec![0], clear: vec![] };
@@ -1268,6 +1271,14 @@ fn a_mirrored_volumes_move_copies_online_then_only_the_regions_written_meanwhile
         Ok(Response::Opened(o)) => o,
         other => panic!("{other:?}"),
     };
+    // Until its agent shows it keeps the write-intent log (it asks for
+    // its resync before its first I/O), the volume is copied at the
+    // recall point only: an agent without the log writes without marks.
+    let v = w.core.meta.volume_by_name("m").unwrap().id;
+    assert!(!w.core.precopy_allowed(v));
+    let resync = Request::IntentResync { handle: opened.handle };
+    assert_eq!(committed_request(&mut w, 1, resync), Ok(Response::IntentRecorded));
+    assert!(w.core.precopy_allowed(v));
     let before = w.core.meta.volume_by_name("m").unwrap().clone();
     let from = before.extents[0].legs[0].device;
     let (mv, effects) = w.request(3, Request::VolumeMove { name: "m".into(), from, to: None });
@@ -1329,6 +1340,8 @@ fn a_registration_during_an_online_copy_has_the_snapshot_areas_copied_again_at_t
         Ok(Response::Opened(o)) => o,
         other => panic!("{other:?}"),
     };
+    let resync = Request::IntentResync { handle: opened.handle };
+    assert_eq!(committed_request(&mut w, 1, resync), Ok(Response::IntentRecorded));
     let snap = w.core.meta.snapshots.iter().find(|s| s.name == "s").unwrap().clone();
     let from = snap.cow_extents[0].legs[0].device;
     let cow_legs: Vec<u64> =

@@ -111,6 +111,7 @@ impl Core {
         }
         // Marked while an online copy of the volume runs: copied again.
         self.precopy_marked(volume, mark.iter().copied());
+        self.keeps_intent_log(handle);
         let mark = ChunkRuns::from_chunks(mark);
         let clear = ChunkRuns::from_chunks(clear);
         let changes = self.meta.plan_intent_record(volume, HandleId(handle), &mark, &clear);
@@ -134,6 +135,8 @@ impl Core {
             }
         };
         let volume = VolumeId(h.volume);
+        // Its agent keeps the log (one without never asks).
+        self.keeps_intent_log(handle);
         let dirty = self.meta.intent(volume, IntentKey::Dirty(HandleId(handle)));
         if dirty.is_empty() {
             return done(reply, Ok(Response::IntentRecorded));

@@ -37,14 +37,17 @@
 //! before. A failed online pass fails its step as a failed copy at the
 //! recall point does (retried, or the operation ends; nothing committed).
 //!
-//! An agent run with `SANVOL_INTENT_LOG=off` writes without marks while it
-//! claims the protocol: as for stale tracking, that switch is for
-//! benchmarks and tests only, never for a pool with devices that fail.
+//! Who keeps the log: an agent of the intent protocol run with
+//! `SANVOL_INTENT_LOG=off` writes without marks while it speaks the
+//! protocol. It is told apart by what it does not send: an agent that
+//! keeps the log asks `IntentResync` before its first I/O of every
+//! attachment and records marks, so only volumes whose every writing
+//! handle did either are copied online.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use tracing::{info, warn};
-use volume_format::control::messages::{ControlError, ErrorCode};
+use volume_format::control::messages::{ControlError, ErrorCode, OpenMode};
 use volume_format::metadata::{intent_region_bytes, IntentKey, PhysicalExtent};
 use volume_format::VolumeId;
 
@@ -111,6 +114,29 @@ impl Core {
             && self.meta.volume(volume).is_some_and(|v| v.mirror_legs > 1)
             && self.meta.volume_cache(volume).is_none()
             && !self.has_legacy_writer(volume)
+            && self.writers_keep_the_log(volume)
+    }
+
+    /// Whether the agent of every writable handle of `volume` showed, in
+    /// this server's lifetime, that it keeps the write-intent log: it asked
+    /// `IntentResync` (before its first I/O of every attachment) or
+    /// recorded a mark. One without the log (`SANVOL_INTENT_LOG=off`, which
+    /// still speaks the protocol) never does either. A handle restored
+    /// after a server restart shows it at its next mark; until then its
+    /// volume's copies run whole at the recall point.
+    fn writers_keep_the_log(&self, volume: VolumeId) -> bool {
+        self.handles
+            .on_volume(volume.0)
+            .filter(|h| h.mode != OpenMode::ReadOnly)
+            .all(|h| self.intent_handles.contains(&h.id))
+    }
+
+    /// `handle`'s agent keeps the write-intent log (it asked a resync or
+    /// recorded a mark). Handles gone are forgotten here too (a bound).
+    pub(super) fn keeps_intent_log(&mut self, handle: u64) {
+        let handles = &self.handles;
+        self.intent_handles.retain(|h| handles.get(*h).is_some());
+        self.intent_handles.insert(handle);
     }
 
     /// Whether `volume`'s online pass is running: what waits for
