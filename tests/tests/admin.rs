@@ -322,6 +322,13 @@ async fn a_move_copies_online_and_what_the_holder_writes_meanwhile_reaches_the_n
     assert!(health.contains("moving") && health.contains("online"), "volume show says it copies online: {health:?}");
     let status = stack.sanvol_ok(&["pool", "status"]);
     assert!(status.contains("copying volume m online"), "pool status shows the online copy: {status}");
+    // The holder was told too (`sanvol-agent list`): pushed by the server
+    // when the copy started and every second while it runs.
+    let listed = String::from_utf8_lossy(&agent.cli(&["list"]).stdout).to_string();
+    assert!(
+        listed.contains("recovery volume m: move its extents off device") && listed.contains("copying online"),
+        "the agent shows the server's copy: {listed}"
+    );
     // The holder writes every extent now, after its regions were copied:
     // the writes complete while the move is still in its online pass.
     let extent_bytes = stack.sanvol_json(&["volume", "show", "m"])["description"]["extent_bytes"].as_u64().unwrap();
@@ -343,6 +350,11 @@ async fn a_move_copies_online_and_what_the_holder_writes_meanwhile_reaches_the_n
     );
     let after = legs_of(&stack, "m");
     assert!(!devices_of(&after).contains(&from), "no leg left on device {from}: {after:?}");
+    // The news that the copy is over reaches the agent on its own
+    // connection, not with the CLI's answer: polled.
+    sanvol_tests::system::poll("the agent to be told the copy is over", STATE_TIMEOUT, || {
+        (!String::from_utf8_lossy(&agent.cli(&["list"]).stdout).contains("recovery")).then_some(())
+    });
     for e in 0..before.len() as u64 {
         let got = c.read(e * extent_bytes + 4096, 256 << 10).await.unwrap();
         assert!(got.iter().all(|b| *b == 0x40 + e as u8), "extent {e} reads back what was written through the agent");

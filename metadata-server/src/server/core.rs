@@ -878,6 +878,7 @@ impl Core {
         self.probe_failed_devices();
         self.admin_tick();
         self.replace_failed_devices();
+        self.push_precopy_progress();
     }
 
     fn meta_written(&mut self, task: TaskId, written: Vec<bool>, failures: Vec<String>) {

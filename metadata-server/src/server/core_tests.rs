@@ -1284,6 +1284,14 @@ fn a_mirrored_volumes_move_copies_online_then_only_the_regions_written_meanwhile
     let (mv, effects) = w.request(3, Request::VolumeMove { name: "m".into(), from, to: None });
     // No recall: the whole copy runs while the holder writes.
     assert!(!effects.iter().any(|e| matches!(e, Effect::Event { event: ServerEvent::Recall { .. }, .. })));
+    // The holder is told (protocol 12): copying online.
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::Event { session: 1, event: ServerEvent::Recovery { status: Some(s), .. } }
+            if s.online && s.what.contains("move"))),
+        "{effects:?}"
+    );
     let (online, online_copies) = effects
         .iter()
         .find_map(|e| match e {
@@ -1322,6 +1330,12 @@ fn a_mirrored_volumes_move_copies_online_then_only_the_regions_written_meanwhile
     let effects = w.apply(Input::JobDone { task: copy, outcome: JobOutcome::done() });
     let effects = commit_all(&mut w, effects);
     assert!(matches!(reply_of(&effects, mv), Some(Ok(Response::Done))), "{effects:?}");
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::Event { session: 1, event: ServerEvent::Recovery { status: None, .. } })),
+        "the holder is told the copy is over: {effects:?}"
+    );
     let after = w.core.meta.volume_by_name("m").unwrap();
     assert!(after.extents.iter().all(|e| e.legs.iter().all(|l| l.device != from)));
 }

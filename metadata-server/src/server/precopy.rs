@@ -29,6 +29,13 @@
 //!    touched regions are copied again, then the change is committed and
 //!    published as before.
 //!
+//! **The holders are told** (`ServerEvent::Recovery`, protocol 12): what
+//! is copied and how far, at the start, every [`RECOVERY_PUSH_EVERY_MS`]
+//! while it runs online, at the second pass, and when it is over. They
+//! need not act on it — their writes stay as they are during the online
+//! pass, and the second pass comes as a recall — but an operator on the
+//! host sees in `sanvol-agent list` why the volume's I/O may pause.
+//!
 //! When it is used: mirrored volumes (only they keep an intent log) whose
 //! writers all speak the intent protocol, and that have no write-back
 //! cache (a cache mirror's replay writes to the devices without marks),
@@ -46,8 +53,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use std::sync::atomic::Ordering;
 use tracing::{info, warn};
-use volume_format::control::messages::{ControlError, ErrorCode, OpenMode};
+
+use volume_format::control::messages::{ControlError, ErrorCode, OpenMode, RecoveryStatus, ServerEvent};
+use volume_format::control::RECOVERY_PROTOCOL_MIN;
+use volume_format::HandleId;
+
+use crate::handles::SessionId;
 use volume_format::metadata::{intent_region_bytes, IntentKey, PhysicalExtent};
 use volume_format::VolumeId;
 
@@ -76,7 +89,12 @@ pub struct Precopy {
     /// The online pass finished: the step's copy at the recall point is
     /// limited to what was touched.
     pub done: bool,
+    /// When its holders were last told the progress (monotonic ms).
+    pub told_ms: u64,
 }
+
+/// How often holders are told an online copy's progress.
+pub const RECOVERY_PUSH_EVERY_MS: u64 = 1_000;
 
 /// How a volume's step goes on once its online pass is done.
 #[derive(Debug)]
@@ -162,7 +180,10 @@ impl Core {
         }
         let (copies, bytes) = copy_size(&job);
         info!(%volume, copies, bytes, dirty_regions = touched.len(), "copying online while the holders write");
-        self.precopies.insert(volume, Precopy { step: next.step(), touched, cow_touched: false, done: false });
+        let told_ms = self.now.mono_ms;
+        self.precopies.insert(volume, Precopy { step: next.step(), touched, cow_touched: false, done: false, told_ms });
+        let status = self.precopy_status(volume);
+        self.push_recovery(volume, status);
         // One step per volume at a time: a resync and an admin step never
         // both start one (each checks `precopies` first).
         // Not in `busy` (see [`super::core::Busy::Precopy`]): `runnable` asks
@@ -178,6 +199,7 @@ impl Core {
             // retried, or the operation ends), nothing was committed.
             warn!(%volume, "the online copy failed: {why}");
             self.precopies.remove(&volume);
+            self.push_recovery(volume, None);
             let reply = match next {
                 PrecopyNext::Resync { reply, .. } => reply,
                 PrecopyNext::Remap { .. } => super::reconfig::ADMIN_REPLY,
@@ -190,6 +212,8 @@ impl Core {
             info!(%volume, touched_regions = p.touched.len(), snapshot_areas_touched = p.cow_touched,
                 "online copy done; the regions written meanwhile are copied at the recall point");
         }
+        let status = self.precopy_status(volume);
+        self.push_recovery(volume, status);
         let name = self.meta.volume(volume).map(|v| v.name.clone()).unwrap_or_default();
         match next {
             PrecopyNext::Resync { device, reply } => {
@@ -282,6 +306,57 @@ impl Core {
     pub(super) fn precopy_end(&mut self, volume: VolumeId, step: PrecopyFor) {
         if self.precopies.get(&volume).is_some_and(|p| p.step == step) {
             self.precopies.remove(&volume);
+            self.push_recovery(volume, None);
+        }
+    }
+
+    /// Where `volume`'s copy step stands, for its holders.
+    fn precopy_status(&self, volume: VolumeId) -> Option<RecoveryStatus> {
+        let p = self.precopies.get(&volume)?;
+        let (what, done, total) = match p.step {
+            PrecopyFor::Resync(device) => {
+                let r = self.resyncs.get(&device)?;
+                (format!("resync of device {device}"), r.copied.load(Ordering::Relaxed), r.copy_bytes)
+            }
+            PrecopyFor::Remap => {
+                let op = self.operation.as_ref()?;
+                let c = op.current.as_ref()?;
+                (op.what.clone(), c.copied.load(Ordering::Relaxed), c.bytes_total)
+            }
+        };
+        Some(RecoveryStatus { what, online: !p.done, bytes_done: done.min(total), bytes_total: total })
+    }
+
+    /// Tells `volume`'s holders (those that speak protocol 12) where its
+    /// copy stands (`None`: it is over).
+    fn push_recovery(&mut self, volume: VolumeId, status: Option<RecoveryStatus>) {
+        let told: Vec<(SessionId, u64)> = self
+            .handles
+            .on_volume(volume.0)
+            .flat_map(|h| h.sessions().map(move |s| (s, h.id)))
+            .filter(|(s, _)| self.sessions.get(s).is_some_and(|peer| peer.version >= RECOVERY_PROTOCOL_MIN))
+            .collect();
+        for (session, handle) in told {
+            self.send_event(session, ServerEvent::Recovery { handle: HandleId(handle), status: status.clone() });
+        }
+    }
+
+    /// At every tick: holders of volumes copied online hear the progress
+    /// every [`RECOVERY_PUSH_EVERY_MS`].
+    pub(super) fn push_precopy_progress(&mut self) {
+        let now_ms = self.now.mono_ms;
+        let due: Vec<VolumeId> = self
+            .precopies
+            .iter()
+            .filter(|(_, p)| !p.done && now_ms.saturating_sub(p.told_ms) >= RECOVERY_PUSH_EVERY_MS)
+            .map(|(v, _)| *v)
+            .collect();
+        for volume in due {
+            if let Some(p) = self.precopies.get_mut(&volume) {
+                p.told_ms = now_ms;
+            }
+            let status = self.precopy_status(volume);
+            self.push_recovery(volume, status);
         }
     }
 }
