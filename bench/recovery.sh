@@ -35,7 +35,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${BENCH_SECONDS:-10}
 VOLUME_MIB=${BENCH_VOLUME_MIB:-512}
-DEVICE_MIB=$((VOLUME_MIB * 3))
+DEVICE_MIB=$((VOLUME_MIB * 6))
 # The agent clears a region 5 s after its last write (INTENT_CLEAR_AFTER_MS)
 # and sweeps every second: wait this long between rows.
 CLEAR_WAIT_SECS=7
