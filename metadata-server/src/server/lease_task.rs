@@ -243,6 +243,24 @@ impl LeaseTask {
         self.machine.timing
     }
 
+    /// The pool-lease generation this server holds (`None` unless it is
+    /// the owner): the generation of its capability on fencing devices.
+    pub fn generation(&self) -> Option<u64> {
+        match &self.machine.phase {
+            LeasePhase::Owner { record, .. } => Some(record.generation),
+            _ => None,
+        }
+    }
+
+    /// The lease areas this task reads and writes (what a standby's
+    /// capability lets it write, [`crate::targets::ServerTerm::Standby`]).
+    pub fn lease_areas(&self) -> Vec<ByteRange> {
+        let mut areas: Vec<ByteRange> = self.copies.iter().map(|c| c.area).collect();
+        areas.sort_by_key(|a| a.start);
+        areas.dedup();
+        areas
+    }
+
     /// The guard of the current (or coming) term.
     pub fn guard(&self) -> Arc<LeaseGuard> {
         self.guard.clone()
@@ -410,7 +428,13 @@ impl LeaseTask {
             return;
         }
         self.guard.end();
-        let mut free = self.machine.me.clone();
+        // The free record keeps this term's generation: the next acquirer
+        // goes on from it (server capabilities on fencing devices need
+        // generations that only go up).
+        let mut free = match &self.machine.phase {
+            LeasePhase::Owner { record, .. } => record.clone(),
+            _ => self.machine.me.clone(),
+        };
         free.host_id = 0;
         free.role = ServerRole::Stopped;
         let ok = self.write_sector(0, &free).await;
