@@ -2,8 +2,10 @@
 //! started at once (exactly one becomes active), a standby taking over after
 //! `kill -9` of the active one under fio, a stopped (SIGSTOP) server that
 //! comes back after losing its lease and commits nothing, and planned
-//! handoffs under fio. The metadata is read back from the devices directly
-//! (`Pool::open_journaled`), not only through the servers.
+//! handoffs under fio; on `sanvol-target` devices, a server paused with a
+//! commit in flight, fenced by the server that takes over. The metadata is
+//! read back from the devices directly (`Pool::open_journaled`), not only
+//! through the servers.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -56,6 +58,8 @@ fn signal(pid: u32, sig: i32) {
 /// The pool metadata as the devices hold it, read directly.
 async fn metadata_on_devices(stack: &Stack) -> volume_format::PoolMetadata {
     let key = std::sync::Arc::new(control_client::keys::load_private(&stack.mds_key).unwrap());
+    // Fencing devices let in only the server's capability (read-only here).
+    metadata_server::targets::install(key.clone());
     let (pool, meta) = metadata_server::pool::Pool::open_journaled(&stack.device_uris(), key).await.unwrap();
     for d in &pool.devices {
         if let Some(c) = &d.client {
@@ -298,4 +302,77 @@ async fn planned_handoffs_under_fio_move_the_pool_and_every_agent() {
     pauses_ms.sort_by(f64::total_cmp);
     println!("longest write gap per handoff (ms, sorted): {pauses_ms:.1?}");
     agent.detach("v");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_paused_with_a_commit_in_flight_is_fenced_on_fencing_devices_by_the_server_taking_over() {
+    let mut stack = Stack::new_target_devices(3, 256 << 20);
+    // A first run commits what it learns at its start (that the devices
+    // fence), then stops and releases the lease: the next run has nothing
+    // to commit until asked.
+    stack.start_mds();
+    poll(&stack, "the first run to serve", Duration::from_secs(30), || status_at(&stack, &stack.mds_addr()).ok());
+    stack.sanvol_ok(&["volume", "create", "v1", "16M"]);
+    stack.mds.take().unwrap().terminate();
+    // The next run stops itself (SIGSTOP) at its first metadata write, past
+    // its lease check, before the write leaves: paused with a commit in
+    // flight.
+    stack.mds_env.push(("SANVOL_FAULT".into(), "mds-before-metadata-write:stop".into()));
+    let standby = active_and_standby(&mut stack);
+    let old = stack.mds.as_ref().unwrap().pid();
+    let late = {
+        let mds = stack.mds_addr();
+        let (key, server_key) = (stack.admin_key.clone(), pub_path(&stack.mds_key));
+        std::thread::spawn(move || {
+            std::process::Command::new(sanvol_tests::system::bin("sanvol"))
+                .env("SANVOL_MDS", mds)
+                .env("SANVOL_KEY", key)
+                .env("SANVOL_SERVER_KEY", server_key)
+                .args(["volume", "create", "from-the-old-server", "16M"])
+                .output()
+                .unwrap()
+        })
+    };
+    poll(&stack, "the first server to stop in its commit", Duration::from_secs(20), || {
+        stack.mds_log().contains("SANVOL_FAULT: reached mds-before-metadata-write").then_some(())
+    });
+    // The standby takes over (its lease, then the fence) and commits.
+    poll(&stack, "the standby to become active", Duration::from_secs(30), || status_at(&stack, &standby.addr()).ok());
+    let out = stack.sanvol_at(&standby.addr(), &["volume", "create", "v2", "16M"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let generation = status_at(&stack, &standby.addr()).unwrap()["generation"].as_u64().unwrap();
+    assert!(
+        standby.proc.log().contains("fenced the previous metadata servers on the pool's fencing devices"),
+        "{}",
+        standby.proc.log()
+    );
+    // The first server goes on with its write: the targets refuse it.
+    signal(old, libc::SIGCONT);
+    let out = late.join().unwrap();
+    assert!(
+        !out.status.success(),
+        "the old server must not commit: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        stack.all_logs(60)
+    );
+    poll(&stack, "the old server to stand by", Duration::from_secs(30), || {
+        status_at(&stack, &stack.mds_addr()).err().filter(|e| e.contains("standing by") && e.contains("mds-2"))
+    });
+    // The targets closed its connections when the new server fenced it, so
+    // its write found them gone.
+    for (i, device) in stack.devices.iter().enumerate() {
+        let said = device.stderr();
+        assert!(said.contains("fenced: closing older connections"), "device {i} did not fence the old server:\n{said}");
+    }
+    let log = stack.mds_log();
+    assert!(log.contains("metadata commit failed: device"), "the old server's write must fail:\n{log}");
+    // On the devices: what the new server committed, and nothing of the old one.
+    let meta = metadata_on_devices(&stack).await;
+    assert!(meta.volume_by_name("v1").is_some() && meta.volume_by_name("v2").is_some(), "the commits before and after");
+    assert!(
+        meta.volume_by_name("from-the-old-server").is_none(),
+        "the old server's write landed after the takeover:\n{}",
+        stack.all_logs(60)
+    );
+    assert_eq!(meta.generation, generation, "nothing was committed after the new server's last change");
 }
