@@ -28,7 +28,9 @@
 //! [`OUTSIDE_TERM_GENERATION`], above every lease generation, so a standby
 //! can still read the pool and keep its lease sectors; which is why a
 //! standby's capability names only the lease areas as writable: a task of
-//! an ended term that reconnects under it can write nothing else.
+//! an ended term that reconnects under it can write nothing else. The lease
+//! task always connects that way ([`with_lease_credential`]), so a fenced
+//! server still reads the owner sector and learns that it lost the lease.
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -178,12 +180,31 @@ pub fn coalesce_ranges(ranges: &[(u64, u64)], max: usize) -> Vec<ByteRange> {
     merged
 }
 
-/// `opts` with the server's credential, if one is installed.
+/// `opts` with the server's credential, if one is installed: the
+/// capability of the term the process is in when each connection is made.
 pub fn with_server_credential(mut opts: ClientOptions) -> ClientOptions {
     if let Some(key) = SERVER_KEY.get().cloned() {
         opts.credential = Some(ExportCredential {
             description_prefix: TARGET_DESCRIPTION_PREFIX.to_string(),
             export_name: Arc::new(move |base: &str| server_capability(&key).export_name(base)),
+        });
+    }
+    opts
+}
+
+/// `opts` with the server's credential for the lease areas only
+/// ([`ServerTerm::Standby`]), whatever term the process is in: the lease
+/// task's connections. Why not the term's: a server fenced by a newer one
+/// must still read the owner sector to learn that it lost the lease and
+/// stand by; the lease areas are kept by the lease's own rules.
+pub fn with_lease_credential(mut opts: ClientOptions, lease_areas: Vec<ByteRange>) -> ClientOptions {
+    if let Some(key) = SERVER_KEY.get().cloned() {
+        let term = ServerTerm::Standby { lease_areas };
+        opts.credential = Some(ExportCredential {
+            description_prefix: TARGET_DESCRIPTION_PREFIX.to_string(),
+            export_name: Arc::new(move |base: &str| {
+                SignedCapability::sign(term.capability(now_unix_secs()), &key).export_name(base)
+            }),
         });
     }
     opts

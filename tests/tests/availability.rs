@@ -4,8 +4,8 @@
 //! comes back after losing its lease and commits nothing, and planned
 //! handoffs under fio; on `sanvol-target` devices, a server paused with a
 //! commit in flight, fenced by the server that takes over. The metadata is
-//! read back from the devices directly (`Pool::open_journaled`), not only
-//! through the servers.
+//! read back from the devices directly (`Pool::open_journaled`, or the
+//! device image files), not only through the servers.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -58,8 +58,6 @@ fn signal(pid: u32, sig: i32) {
 /// The pool metadata as the devices hold it, read directly.
 async fn metadata_on_devices(stack: &Stack) -> volume_format::PoolMetadata {
     let key = std::sync::Arc::new(control_client::keys::load_private(&stack.mds_key).unwrap());
-    // Fencing devices let in only the server's capability (read-only here).
-    metadata_server::targets::install(key.clone());
     let (pool, meta) = metadata_server::pool::Pool::open_journaled(&stack.device_uris(), key).await.unwrap();
     for d in &pool.devices {
         if let Some(c) = &d.client {
@@ -304,6 +302,43 @@ async fn planned_handoffs_under_fio_move_the_pool_and_every_agent() {
     agent.detach("v");
 }
 
+/// The pool metadata as the image files of `stack`'s `sanvol-target`
+/// devices hold it (label, checkpoint slots and journal ring of every copy,
+/// read from the files, loaded like the server loads them).
+fn metadata_in_target_files(stack: &Stack) -> volume_format::PoolMetadata {
+    use std::os::unix::fs::FileExt;
+    use volume_format::metadata::journal::{load, CopyImage, LoadOptions};
+    let read = |file: &std::fs::File, offset: u64, len: u64| {
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, offset).expect("read the device image");
+        buf
+    };
+    let mut copies = Vec::new();
+    for d in &stack.devices {
+        let file = std::fs::File::open(d.dir().join("disk.img")).expect("the device image");
+        let label = volume_format::DeviceLabel::decode(&read(&file, 0, 4096)).expect("the device has its label");
+        let area = volume_format::metadata::MetadataArea::from_label(&label);
+        let slots =
+            [read(&file, area.slot_offset(0), area.slot_bytes), read(&file, area.slot_offset(1), area.slot_bytes)];
+        let ring = area.ring();
+        copies.push((label.pool_uuid, area, slots, read(&file, ring.start, ring.len_bytes())));
+    }
+    let (key, _) = control_client::keys::parse_public(pub_path(&stack.mds_key).to_str().unwrap()).unwrap();
+    let images: Vec<CopyImage> = copies
+        .iter()
+        .enumerate()
+        .map(|(i, (_, area, slots, ring))| CopyImage {
+            device: format!("device {i}"),
+            area: *area,
+            checkpoint_slots: [Ok(&slots[0][..]), Ok(&slots[1][..])],
+            ring: Ok(&ring[..]),
+        })
+        .collect();
+    let loaded = load(copies[0].0, &volume_format::PublicKey(key.to_bytes()), &images, LoadOptions::default())
+        .unwrap_or_else(|e| panic!("the metadata in the device images does not load: {e}"));
+    loaded.metadata
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_paused_with_a_commit_in_flight_is_fenced_on_fencing_devices_by_the_server_taking_over() {
     let mut stack = Stack::new_target_devices(3, 256 << 20);
@@ -367,7 +402,7 @@ async fn a_server_paused_with_a_commit_in_flight_is_fenced_on_fencing_devices_by
     let log = stack.mds_log();
     assert!(log.contains("metadata commit failed: device"), "the old server's write must fail:\n{log}");
     // On the devices: what the new server committed, and nothing of the old one.
-    let meta = metadata_on_devices(&stack).await;
+    let meta = metadata_in_target_files(&stack);
     assert!(meta.volume_by_name("v1").is_some() && meta.volume_by_name("v2").is_some(), "the commits before and after");
     assert!(
         meta.volume_by_name("from-the-old-server").is_none(),

@@ -479,9 +479,12 @@ impl LeaseTask {
             return Err(format!("device {}: bad URI", self.copies[i].uri));
         };
         let t = Duration::from_millis(self.machine.timing.io_timeout_ms);
-        let mut opts = crate::pool::device::client_options();
-        opts.connect_timeout = t;
-        opts.request_timeout = Some(t);
+        let base = blockio::client::ClientOptions {
+            connect_timeout: t,
+            request_timeout: Some(t),
+            ..blockio::client::ClientOptions::default()
+        };
+        let opts = crate::targets::with_lease_credential(base, self.lease_areas());
         let c = tokio::time::timeout(t, NbdClient::connect(&uri, opts))
             .await
             .map_err(|_| format!("device {}: no connection within {} ms", self.copies[i].uri, t.as_millis()))?
