@@ -411,3 +411,37 @@ async fn a_server_paused_with_a_commit_in_flight_is_fenced_on_fencing_devices_by
     );
     assert_eq!(meta.generation, generation, "nothing was committed after the new server's last change");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_waits_for_a_fencing_device_it_cannot_reach() {
+    // Devices 0-2 hold the metadata and the pool lease, device 3 data only.
+    let mut stack = Stack::new_target_devices(4, 256 << 20);
+    let standby = active_and_standby(&mut stack);
+    // The first commit records that the devices fence.
+    stack.sanvol_ok(&["volume", "create", "v1", "16M"]);
+    let old = stack.mds.as_ref().unwrap().pid();
+    signal(old, libc::SIGSTOP);
+    // A fencing data device stalls: the previous server cannot be fenced
+    // there, so the standby must not serve, though it gets the lease.
+    let stalled = stack.devices[3].pid();
+    signal(stalled, libc::SIGSTOP);
+    // It tries, stands by again, and tries again (a new lease generation).
+    poll(&stack, "the standby to find twice that it cannot fence", Duration::from_secs(90), || {
+        let log = standby.proc.log();
+        (log.matches("fences but cannot be reached to fence the previous metadata server").count() >= 2).then_some(())
+    });
+    let refused = status_at(&stack, &standby.addr());
+    signal(stalled, libc::SIGCONT);
+    assert!(refused.is_err(), "the standby served without fencing the previous server: {refused:?}");
+    // Once the device answers, the next attempt fences and serves.
+    poll(&stack, "the standby to take over", Duration::from_secs(60), || status_at(&stack, &standby.addr()).ok());
+    assert!(standby.proc.log().contains("fenced the previous metadata servers"), "{}", standby.proc.log());
+    let out = stack.sanvol_at(&standby.addr(), &["volume", "create", "v2", "16M"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    signal(old, libc::SIGCONT);
+    poll(&stack, "the old server to stand by", Duration::from_secs(30), || {
+        status_at(&stack, &stack.mds_addr()).err().filter(|e| e.contains("standing by") && e.contains("mds-2"))
+    });
+    let meta = metadata_in_target_files(&stack);
+    assert!(meta.volume_by_name("v1").is_some() && meta.volume_by_name("v2").is_some());
+}
