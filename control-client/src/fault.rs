@@ -84,9 +84,15 @@ pub fn hit(point: &str) -> Option<std::time::Duration> {
     }
     if a.stop {
         eprintln!("SANVOL_FAULT: reached {point}; stopping this process (SIGSTOP) until SIGCONT");
-        // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+        // To this thread, not the process: a process-directed SIGSTOP is
+        // taken by whichever thread the kernel picks (the main one), and
+        // this thread ran on past the point until that one was scheduled —
+        // long enough to send the very write the point stands before (seen
+        // with `mds-before-metadata-write`). Sent to itself, this thread
+        // stops on its way out of the call, and the whole process with it.
+        // SAFETY: raise(3) has no memory-safety preconditions.
         unsafe {
-            libc::kill(libc::getpid(), libc::SIGSTOP);
+            libc::raise(libc::SIGSTOP);
         }
     } else {
         eprintln!("SANVOL_FAULT: reached {point}; killing this process (SIGKILL)");

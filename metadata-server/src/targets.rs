@@ -14,8 +14,25 @@
 //! and returns once the target acknowledged it (no older connection of the
 //! holder open, none of its requests running). A broken handle is fenced
 //! for good ([`BROKEN`]): handle ids are never reused.
+//!
+//! Servers fence each other the same way, by their pool-lease generation
+//! ([`ServerTerm`]): while active, a server's capability carries the
+//! generation of the pool lease it holds (one more at every acquisition),
+//! and a server taking the pool over raises [`Holder::Server`]'s minimum to
+//! its own generation on every fencing device before it reads the metadata
+//! ([`fence_previous_servers`]). A previous server that is merely paused
+//! then finds its connections closed (whatever it had in flight finished
+//! before the acknowledgement) and every new one refused: it presents its
+//! old generation until it learns it lost the lease. Outside an active term
+//! (standing by, starting, `pool init`) a capability carries
+//! [`OUTSIDE_TERM_GENERATION`], above every lease generation, so a standby
+//! can still read the pool and keep its lease sectors; which is why a
+//! standby's capability names only the lease areas as writable: a task of
+//! an ended term that reconnects under it can write nothing else. The lease
+//! task always connects that way ([`with_lease_credential`]), so a fenced
+//! server still reads the owner sector and learns that it lost the lease.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use blockio::client::{ClientOptions, ExportCredential, NbdClient};
@@ -31,9 +48,9 @@ use volume_format::HandleId;
 
 /// The minimum generation that fences a holder for good.
 pub const BROKEN: u64 = u64::MAX;
-/// The generation of the server's own capability (raised when a server
-/// fences a previous one: the availability issue's part).
-pub const SERVER_GENERATION: u64 = 1;
+/// The generation of a server capability made outside an active term (see
+/// [`ServerTerm`]): above every pool-lease generation, below [`BROKEN`].
+pub const OUTSIDE_TERM_GENERATION: u64 = u64::MAX - 1;
 /// The generation of a handle's capabilities. A handle is fenced only for
 /// good ([`BROKEN`]) and its id is never reused, so one generation is
 /// enough: its capabilities are refused once it was fenced.
@@ -44,6 +61,47 @@ pub const HANDLE_GENERATION: u64 = 1;
 pub const FENCE_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 
 static SERVER_KEY: OnceLock<Arc<SigningKey>> = OnceLock::new();
+static SERVER_TERM: Mutex<ServerTerm> = Mutex::new(ServerTerm::Standby { lease_areas: Vec::new() });
+
+/// What this process's server capability says, by where the process is in
+/// its pool-lease terms. Read at every device connection, so a connection
+/// made after a change carries the new term.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerTerm {
+    /// Starting or standing by: [`OUTSIDE_TERM_GENERATION`], writable only
+    /// in the lease areas (its host sector, the owner sector when it
+    /// acquires); nothing at all before they are known.
+    Standby { lease_areas: Vec<ByteRange> },
+    /// Serving the pool under the pool lease of `generation`: the whole
+    /// device, until a newer server fences it.
+    Active { generation: u64 },
+    /// `sanvol pool init` (no server serves the pool yet): the whole device,
+    /// [`OUTSIDE_TERM_GENERATION`].
+    Init,
+}
+
+impl ServerTerm {
+    /// The capability this term gives, issued at `now_unix_secs`.
+    pub fn capability(&self, now_unix_secs: u64) -> Capability {
+        let whole = || vec![ByteRange::new(0, u64::MAX)];
+        let (generation, writable) = match self {
+            ServerTerm::Standby { lease_areas } => {
+                let areas: Vec<(u64, u64)> = lease_areas.iter().map(|r| (r.start, r.len_bytes())).collect();
+                (OUTSIDE_TERM_GENERATION, coalesce_ranges(&areas, CAPABILITY_RANGES_MAX))
+            }
+            ServerTerm::Active { generation } => (*generation, whole()),
+            ServerTerm::Init => (OUTSIDE_TERM_GENERATION, whole()),
+        };
+        Capability {
+            holder: Holder::Server,
+            generation,
+            device_uuid: None,
+            writable,
+            issued_unix_secs: now_unix_secs,
+            expires_unix_secs: now_unix_secs + CAPABILITY_LIFETIME_DEFAULT_SECS,
+        }
+    }
+}
 
 /// Makes every device connection of this process present the server's
 /// capability (signed with `key`) to fencing devices. The first key wins.
@@ -51,24 +109,23 @@ pub fn install(key: Arc<SigningKey>) {
     let _ = SERVER_KEY.set(key);
 }
 
+/// Sets what the server capability of connections made from now on says.
+pub fn set_term(term: ServerTerm) {
+    *SERVER_TERM.lock().unwrap_or_else(|e| e.into_inner()) = term;
+}
+
+/// What the server capability says now.
+pub fn term() -> ServerTerm {
+    SERVER_TERM.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
 fn now_unix_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// The server's capability: every byte of every device of the pool.
+/// The server's capability in its current term ([`term`]).
 pub fn server_capability(key: &SigningKey) -> SignedCapability {
-    let now = now_unix_secs();
-    SignedCapability::sign(
-        Capability {
-            holder: Holder::Server,
-            generation: SERVER_GENERATION,
-            device_uuid: None,
-            writable: vec![ByteRange::new(0, u64::MAX)],
-            issued_unix_secs: now,
-            expires_unix_secs: now + CAPABILITY_LIFETIME_DEFAULT_SECS,
-        },
-        key,
-    )
+    SignedCapability::sign(term().capability(now_unix_secs()), key)
 }
 
 /// A capability for `handle` on the device `device_uuid`, writable in
@@ -123,12 +180,31 @@ pub fn coalesce_ranges(ranges: &[(u64, u64)], max: usize) -> Vec<ByteRange> {
     merged
 }
 
-/// `opts` with the server's credential, if one is installed.
+/// `opts` with the server's credential, if one is installed: the
+/// capability of the term the process is in when each connection is made.
 pub fn with_server_credential(mut opts: ClientOptions) -> ClientOptions {
     if let Some(key) = SERVER_KEY.get().cloned() {
         opts.credential = Some(ExportCredential {
             description_prefix: TARGET_DESCRIPTION_PREFIX.to_string(),
             export_name: Arc::new(move |base: &str| server_capability(&key).export_name(base)),
+        });
+    }
+    opts
+}
+
+/// `opts` with the server's credential for the lease areas only
+/// ([`ServerTerm::Standby`]), whatever term the process is in: the lease
+/// task's connections. Why not the term's: a server fenced by a newer one
+/// must still read the owner sector to learn that it lost the lease and
+/// stand by; the lease areas are kept by the lease's own rules.
+pub fn with_lease_credential(mut opts: ClientOptions, lease_areas: Vec<ByteRange>) -> ClientOptions {
+    if let Some(key) = SERVER_KEY.get().cloned() {
+        let term = ServerTerm::Standby { lease_areas };
+        opts.credential = Some(ExportCredential {
+            description_prefix: TARGET_DESCRIPTION_PREFIX.to_string(),
+            export_name: Arc::new(move |base: &str| {
+                SignedCapability::sign(term.capability(now_unix_secs()), &key).export_name(base)
+            }),
         });
     }
     opts
@@ -235,6 +311,116 @@ async fn fence_one(uri: String, key: SigningKey, holder: Holder) -> Result<Optio
     Ok(Some(uri))
 }
 
+/// One device of the pool as a server taking the pool over sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TakeoverDevice {
+    pub uri: String,
+    /// Whether it fences, as the pool metadata records it (`None`: not
+    /// recorded, e.g. a pool of format 9).
+    pub recorded_fencing: Option<bool>,
+    /// Whether the pool uses it now (online or resyncing), rather than
+    /// counting it failed.
+    pub in_use: bool,
+}
+
+/// What a takeover does about one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TakeoverStep {
+    /// Fence the previous servers there (the device fences).
+    Fence,
+    /// Nothing to fence: the lease's wait for the longest device request
+    /// (timing rules) covers it. Says why, for the log.
+    TimingRules(String),
+    /// The takeover cannot go on: the device is one the pool counts on
+    /// to fence and it cannot be reached.
+    Block(String),
+}
+
+/// The step for `device`, given what probing it found (`Ok(fences)`, or why
+/// it could not be asked). A device recorded as plain is not probed.
+pub fn takeover_step(device: &TakeoverDevice, probed: Result<bool, String>) -> TakeoverStep {
+    match (probed, device.recorded_fencing) {
+        (Ok(true), _) => TakeoverStep::Fence,
+        (Ok(false), Some(true)) => TakeoverStep::TimingRules(
+            "recorded as fencing but now answers as a plain NBD server; only the timing rules cover it".into(),
+        ),
+        (Ok(false), _) => TakeoverStep::TimingRules("a plain NBD server".into()),
+        (Err(e), Some(true)) if device.in_use => TakeoverStep::Block(format!(
+            "device {} fences but cannot be reached to fence the previous metadata server ({e}); this server takes \
+             the pool over once it can (bring the device back, or remove it from the pool from a server that serves it)",
+            device.uri
+        )),
+        (Err(e), Some(true)) => {
+            TakeoverStep::TimingRules(format!("a failed device that cannot be reached now ({e}); the timing rules cover it"))
+        }
+        (Err(e), _) => TakeoverStep::TimingRules(format!(
+            "cannot tell whether it fences ({e}; not recorded); the timing rules cover it"
+        )),
+    }
+}
+
+/// Fences every previous metadata server of the pool (every server
+/// capability below `generation`, this server's pool-lease generation) on
+/// each device of `devices` that fences, [`FENCE_PARALLEL_MAX`] at a time,
+/// and returns the devices fenced once each acknowledged: nothing a previous
+/// server sent there is still in flight, and nothing more of it gets in.
+/// Fails if a device the pool counts on to fence cannot be reached or does
+/// not acknowledge ([`takeover_step`]): the server must not read or commit
+/// the metadata then.
+pub async fn fence_previous_servers(
+    devices: &[TakeoverDevice],
+    key: &SigningKey,
+    generation: u64,
+) -> Result<Vec<String>, String> {
+    use futures::stream::{self, StreamExt};
+    let each = devices.iter().cloned().map(|device| {
+        let key = key.clone();
+        async move {
+            let probed = match device.recorded_fencing {
+                Some(false) => Ok(false),
+                _ => match device.uri.parse::<NbdUri>() {
+                    Ok(uri) => fences(&uri, FENCE_PROBE_TIMEOUT).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("bad URI: {e}")),
+                },
+            };
+            match takeover_step(&device, probed) {
+                TakeoverStep::Fence => {
+                    let uri: NbdUri = device.uri.parse().map_err(|e| format!("device {}: bad URI: {e}", device.uri))?;
+                    fence(&uri, &key, Holder::Server, generation).await.map_err(|e| {
+                        format!(
+                            "fencing the previous metadata server on {}: {e}; this server retries the takeover",
+                            device.uri
+                        )
+                    })?;
+                    Ok(Some(device.uri))
+                }
+                TakeoverStep::TimingRules(why) => {
+                    tracing::debug!(device = %device.uri, "not fenced at takeover: {why}");
+                    Ok(None)
+                }
+                TakeoverStep::Block(why) => Err(why),
+            }
+        }
+    });
+    let results: Vec<Result<Option<String>, String>> =
+        stream::iter(each).buffer_unordered(FENCE_PARALLEL_MAX).collect().await;
+    let mut fenced = Vec::new();
+    let mut failed = Vec::new();
+    for r in results {
+        match r {
+            Ok(Some(uri)) => fenced.push(uri),
+            Ok(None) => {}
+            Err(e) => failed.push(e),
+        }
+    }
+    if failed.is_empty() {
+        fenced.sort();
+        Ok(fenced)
+    } else {
+        Err(failed.join("; "))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,5 +439,44 @@ mod tests {
             many.iter().all(|&(o, l)| merged.iter().any(|m| m.start <= o && o + l <= m.end)),
             "every range covered"
         );
+    }
+
+    #[test]
+    fn an_active_term_writes_everywhere_and_a_standby_only_in_the_lease_areas_above_every_term() {
+        let active = ServerTerm::Active { generation: 7 }.capability(100);
+        assert_eq!((active.holder, active.generation), (Holder::Server, 7));
+        assert_eq!(active.writable, vec![ByteRange::new(0, u64::MAX)]);
+        assert_eq!(active.expires_unix_secs, 100 + CAPABILITY_LIFETIME_DEFAULT_SECS);
+        let areas = vec![ByteRange::new(1 << 20, (1 << 20) + 65536), ByteRange::new(3 << 20, (3 << 20) + 65536)];
+        let standby = ServerTerm::Standby { lease_areas: areas.clone() }.capability(100);
+        assert_eq!(standby.writable, areas, "a task of an ended term writes nothing but lease sectors");
+        assert!(standby.generation > 1 << 40 && standby.generation < BROKEN, "never below a fence of an active term");
+        let starting = ServerTerm::Standby { lease_areas: Vec::new() }.capability(100);
+        assert!(starting.writable.is_empty(), "before the lease areas are known: read only");
+        let init = ServerTerm::Init.capability(100);
+        assert_eq!((init.generation, init.writable), (OUTSIDE_TERM_GENERATION, vec![ByteRange::new(0, u64::MAX)]));
+    }
+
+    #[test]
+    fn a_takeover_fences_what_fences_and_waits_for_a_fencing_device_it_cannot_reach() {
+        let device = |recorded_fencing, in_use| TakeoverDevice { uri: "nbd://d".into(), recorded_fencing, in_use };
+        let down = || Err("connection refused".to_string());
+        assert_eq!(takeover_step(&device(Some(true), true), Ok(true)), TakeoverStep::Fence);
+        assert_eq!(takeover_step(&device(None, true), Ok(true)), TakeoverStep::Fence, "learned by the probe");
+        let blocked = takeover_step(&device(Some(true), true), down());
+        assert!(
+            matches!(&blocked, TakeoverStep::Block(why) if why.contains("nbd://d") && why.contains("connection refused")),
+            "{blocked:?}"
+        );
+        for (recorded, in_use, probed) in [
+            (Some(true), false, down()),
+            (None, true, down()),
+            (None, true, Ok(false)),
+            (Some(false), true, Ok(false)),
+            (Some(true), true, Ok(false)),
+        ] {
+            let step = takeover_step(&device(recorded, in_use), probed);
+            assert!(matches!(step, TakeoverStep::TimingRules(_)), "{recorded:?} {in_use}: {step:?}");
+        }
     }
 }

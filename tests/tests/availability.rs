@@ -2,8 +2,10 @@
 //! started at once (exactly one becomes active), a standby taking over after
 //! `kill -9` of the active one under fio, a stopped (SIGSTOP) server that
 //! comes back after losing its lease and commits nothing, and planned
-//! handoffs under fio. The metadata is read back from the devices directly
-//! (`Pool::open_journaled`), not only through the servers.
+//! handoffs under fio; on `sanvol-target` devices, a server paused with a
+//! commit in flight, fenced by the server that takes over. The metadata is
+//! read back from the devices directly (`Pool::open_journaled`, or the
+//! device image files), not only through the servers.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -298,4 +300,148 @@ async fn planned_handoffs_under_fio_move_the_pool_and_every_agent() {
     pauses_ms.sort_by(f64::total_cmp);
     println!("longest write gap per handoff (ms, sorted): {pauses_ms:.1?}");
     agent.detach("v");
+}
+
+/// The pool metadata as the image files of `stack`'s `sanvol-target`
+/// devices hold it (label, checkpoint slots and journal ring of every copy,
+/// read from the files, loaded like the server loads them).
+fn metadata_in_target_files(stack: &Stack) -> volume_format::PoolMetadata {
+    use std::os::unix::fs::FileExt;
+    use volume_format::metadata::journal::{load, CopyImage, LoadOptions};
+    let read = |file: &std::fs::File, offset: u64, len: u64| {
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, offset).expect("read the device image");
+        buf
+    };
+    let mut copies = Vec::new();
+    for d in &stack.devices {
+        let file = std::fs::File::open(d.dir().join("disk.img")).expect("the device image");
+        let label = volume_format::DeviceLabel::decode(&read(&file, 0, 4096)).expect("the device has its label");
+        let area = volume_format::metadata::MetadataArea::from_label(&label);
+        let slots =
+            [read(&file, area.slot_offset(0), area.slot_bytes), read(&file, area.slot_offset(1), area.slot_bytes)];
+        let ring = area.ring();
+        copies.push((label.pool_uuid, area, slots, read(&file, ring.start, ring.len_bytes())));
+    }
+    let (key, _) = control_client::keys::parse_public(pub_path(&stack.mds_key).to_str().unwrap()).unwrap();
+    let images: Vec<CopyImage> = copies
+        .iter()
+        .enumerate()
+        .map(|(i, (_, area, slots, ring))| CopyImage {
+            device: format!("device {i}"),
+            area: *area,
+            checkpoint_slots: [Ok(&slots[0][..]), Ok(&slots[1][..])],
+            ring: Ok(&ring[..]),
+        })
+        .collect();
+    let loaded = load(copies[0].0, &volume_format::PublicKey(key.to_bytes()), &images, LoadOptions::default())
+        .unwrap_or_else(|e| panic!("the metadata in the device images does not load: {e}"));
+    loaded.metadata
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_paused_with_a_commit_in_flight_is_fenced_on_fencing_devices_by_the_server_taking_over() {
+    let mut stack = Stack::new_target_devices(3, 256 << 20);
+    // A first run commits what it learns at its start (that the devices
+    // fence), then stops and releases the lease: the next run has nothing
+    // to commit until asked.
+    stack.start_mds();
+    poll(&stack, "the first run to serve", Duration::from_secs(30), || status_at(&stack, &stack.mds_addr()).ok());
+    stack.sanvol_ok(&["volume", "create", "v1", "16M"]);
+    stack.mds.take().unwrap().terminate();
+    // The next run stops itself (SIGSTOP) at its first metadata write, past
+    // its lease check, before the write leaves: paused with a commit in
+    // flight.
+    stack.mds_env.push(("SANVOL_FAULT".into(), "mds-before-metadata-write:stop".into()));
+    let standby = active_and_standby(&mut stack);
+    let old = stack.mds.as_ref().unwrap().pid();
+    let late = {
+        let mds = stack.mds_addr();
+        let (key, server_key) = (stack.admin_key.clone(), pub_path(&stack.mds_key));
+        std::thread::spawn(move || {
+            std::process::Command::new(sanvol_tests::system::bin("sanvol"))
+                .env("SANVOL_MDS", mds)
+                .env("SANVOL_KEY", key)
+                .env("SANVOL_SERVER_KEY", server_key)
+                .args(["volume", "create", "from-the-old-server", "16M"])
+                .output()
+                .unwrap()
+        })
+    };
+    poll(&stack, "the first server to stop in its commit", Duration::from_secs(20), || {
+        stack.mds_log().contains("SANVOL_FAULT: reached mds-before-metadata-write").then_some(())
+    });
+    // The standby takes over (its lease, then the fence) and commits.
+    poll(&stack, "the standby to become active", Duration::from_secs(30), || status_at(&stack, &standby.addr()).ok());
+    let out = stack.sanvol_at(&standby.addr(), &["volume", "create", "v2", "16M"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let generation = status_at(&stack, &standby.addr()).unwrap()["generation"].as_u64().unwrap();
+    assert!(
+        standby.proc.log().contains("fenced the previous metadata servers on the pool's fencing devices"),
+        "{}",
+        standby.proc.log()
+    );
+    // The first server goes on with its write: the targets refuse it.
+    signal(old, libc::SIGCONT);
+    let out = late.join().unwrap();
+    assert!(
+        !out.status.success(),
+        "the old server must not commit: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        stack.all_logs(60)
+    );
+    poll(&stack, "the old server to stand by", Duration::from_secs(30), || {
+        status_at(&stack, &stack.mds_addr()).err().filter(|e| e.contains("standing by") && e.contains("mds-2"))
+    });
+    // The targets closed its connections when the new server fenced it, so
+    // its write found them gone.
+    for (i, device) in stack.devices.iter().enumerate() {
+        let said = device.stderr();
+        assert!(said.contains("fenced: closing older connections"), "device {i} did not fence the old server:\n{said}");
+    }
+    let log = stack.mds_log();
+    assert!(log.contains("metadata commit failed: device"), "the old server's write must fail:\n{log}");
+    // On the devices: what the new server committed, and nothing of the old one.
+    let meta = metadata_in_target_files(&stack);
+    assert!(meta.volume_by_name("v1").is_some() && meta.volume_by_name("v2").is_some(), "the commits before and after");
+    assert!(
+        meta.volume_by_name("from-the-old-server").is_none(),
+        "the old server's write landed after the takeover:\n{}",
+        stack.all_logs(60)
+    );
+    assert_eq!(meta.generation, generation, "nothing was committed after the new server's last change");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_waits_for_a_fencing_device_it_cannot_reach() {
+    // Devices 0-2 hold the metadata and the pool lease, device 3 data only.
+    let mut stack = Stack::new_target_devices(4, 256 << 20);
+    let standby = active_and_standby(&mut stack);
+    // The first commit records that the devices fence.
+    stack.sanvol_ok(&["volume", "create", "v1", "16M"]);
+    let old = stack.mds.as_ref().unwrap().pid();
+    signal(old, libc::SIGSTOP);
+    // A fencing data device stalls: the previous server cannot be fenced
+    // there, so the standby must not serve, though it gets the lease.
+    let stalled = stack.devices[3].pid();
+    signal(stalled, libc::SIGSTOP);
+    // It tries, stands by again, and tries again (a new lease generation).
+    poll(&stack, "the standby to find twice that it cannot fence", Duration::from_secs(90), || {
+        let log = standby.proc.log();
+        (log.matches("fences but cannot be reached to fence the previous metadata server").count() >= 2).then_some(())
+    });
+    let refused = status_at(&stack, &standby.addr());
+    signal(stalled, libc::SIGCONT);
+    assert!(refused.is_err(), "the standby served without fencing the previous server: {refused:?}");
+    // Once the device answers, the next attempt fences and serves.
+    poll(&stack, "the standby to take over", Duration::from_secs(60), || status_at(&stack, &standby.addr()).ok());
+    assert!(standby.proc.log().contains("fenced the previous metadata servers"), "{}", standby.proc.log());
+    let out = stack.sanvol_at(&standby.addr(), &["volume", "create", "v2", "16M"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    signal(old, libc::SIGCONT);
+    poll(&stack, "the old server to stand by", Duration::from_secs(30), || {
+        status_at(&stack, &stack.mds_addr()).err().filter(|e| e.contains("standing by") && e.contains("mds-2"))
+    });
+    let meta = metadata_in_target_files(&stack);
+    assert!(meta.volume_by_name("v1").is_some() && meta.volume_by_name("v2").is_some());
 }

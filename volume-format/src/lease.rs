@@ -289,6 +289,12 @@ pub fn majority(records: &[Result<Option<LeaseRecord>, String>]) -> Result<Optio
     })
 }
 
+/// The record of the highest generation among the readable copies (free or
+/// held), if any.
+fn newest_generation(records: &[Result<Option<LeaseRecord>, String>]) -> Option<LeaseRecord> {
+    records.iter().filter_map(|r| r.as_ref().ok().cloned().flatten()).max_by_key(|r| r.generation)
+}
+
 /// Where a server stands with the lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeasePhase {
@@ -448,7 +454,15 @@ impl LeaseMachine {
                             _ => self.split_seen = Some((copies, now_ms)),
                         }
                     }
-                    Ok(None) => return self.start_acquire(now_ms, None, self.timing.acquire_wait_ms()),
+                    // A free lease goes on from the newest generation any
+                    // copy shows (a release keeps its term's): generations
+                    // only ever go up, as fencing devices require of the
+                    // server generation (they refuse one below the newest
+                    // they were fenced to).
+                    Ok(None) => {
+                        let newest = newest_generation(records);
+                        return self.start_acquire(now_ms, newest.as_ref(), self.timing.acquire_wait_ms());
+                    }
                     // Handed to us: the owner has stopped, nobody else may
                     // take it for a whole expiry: no wait.
                     Ok(Some(rec)) if rec.handoff_to == self.me.host_id && self.me.host_id != 0 => {

@@ -168,6 +168,7 @@ pub async fn pool_init(conn: &ConnArgs, args: PoolInitArgs) -> Result<()> {
         }
         // Devices served by sanvol-target let in only the server's capability.
         crate::targets::install(std::sync::Arc::new(key));
+        crate::targets::set_term(crate::targets::ServerTerm::Init);
     }
     let (admin_key, _) = super::public_key_arg(&admin_key)?;
     let uris = devices

@@ -89,6 +89,10 @@ impl DeviceTask {
                     Input::MetaWritten { task, written: vec![false; write.copies], failures: vec![why] }
                 }
                 DeviceWork::Write { task, write } => {
+                    // `mds-before-metadata-write`: past the lease check,
+                    // before anything is sent (with `:stop`, a server paused
+                    // there with a commit in flight, for the takeover tests).
+                    control_client::fault::hit("mds-before-metadata-write");
                     let started = std::time::Instant::now();
                     let guard = self.guard.clone();
                     let (written, failures) = self.pool.write_raw(&write, || guard.may_commit()).await;

@@ -243,6 +243,24 @@ impl LeaseTask {
         self.machine.timing
     }
 
+    /// The pool-lease generation this server holds (`None` unless it is
+    /// the owner): the generation of its capability on fencing devices.
+    pub fn generation(&self) -> Option<u64> {
+        match &self.machine.phase {
+            LeasePhase::Owner { record, .. } => Some(record.generation),
+            _ => None,
+        }
+    }
+
+    /// The lease areas this task reads and writes (what a standby's
+    /// capability lets it write, [`crate::targets::ServerTerm::Standby`]).
+    pub fn lease_areas(&self) -> Vec<ByteRange> {
+        let mut areas: Vec<ByteRange> = self.copies.iter().map(|c| c.area).collect();
+        areas.sort_by_key(|a| a.start);
+        areas.dedup();
+        areas
+    }
+
     /// The guard of the current (or coming) term.
     pub fn guard(&self) -> Arc<LeaseGuard> {
         self.guard.clone()
@@ -410,7 +428,13 @@ impl LeaseTask {
             return;
         }
         self.guard.end();
-        let mut free = self.machine.me.clone();
+        // The free record keeps this term's generation: the next acquirer
+        // goes on from it (server capabilities on fencing devices need
+        // generations that only go up).
+        let mut free = match &self.machine.phase {
+            LeasePhase::Owner { record, .. } => record.clone(),
+            _ => self.machine.me.clone(),
+        };
         free.host_id = 0;
         free.role = ServerRole::Stopped;
         let ok = self.write_sector(0, &free).await;
@@ -455,9 +479,12 @@ impl LeaseTask {
             return Err(format!("device {}: bad URI", self.copies[i].uri));
         };
         let t = Duration::from_millis(self.machine.timing.io_timeout_ms);
-        let mut opts = crate::pool::device::client_options();
-        opts.connect_timeout = t;
-        opts.request_timeout = Some(t);
+        let base = blockio::client::ClientOptions {
+            connect_timeout: t,
+            request_timeout: Some(t),
+            ..blockio::client::ClientOptions::default()
+        };
+        let opts = crate::targets::with_lease_credential(base, self.lease_areas());
         let c = tokio::time::timeout(t, NbdClient::connect(&uri, opts))
             .await
             .map_err(|_| format!("device {}: no connection within {} ms", self.copies[i].uri, t.as_millis()))?

@@ -108,6 +108,8 @@ pub enum ServerError {
     Bind { addr: String, reason: String },
     #[error("pool lease: {0}")]
     Lease(String),
+    #[error("taking the pool over: {0}")]
+    Fence(String),
 }
 
 enum Listener {
@@ -162,6 +164,8 @@ impl Server {
         )
         .await
         .map_err(ServerError::Lease)?;
+        // Until it holds the lease, this server writes nothing but lease sectors.
+        crate::targets::set_term(crate::targets::ServerTerm::Standby { lease_areas: lease.lease_areas() });
         for d in &pool.devices {
             if let Some(c) = &d.client {
                 c.disconnect().await;
@@ -262,6 +266,9 @@ impl Server {
             info!("this server holds the pool lease: loading the metadata and serving");
             let (returned, term) = active_term(&listeners, &config, &key, lease, &pool_meta, stop_rx.clone()).await;
             lease = returned;
+            // Connections made from now on (a task of the ended term that
+            // reconnects) may write lease sectors only.
+            crate::targets::set_term(crate::targets::ServerTerm::Standby { lease_areas: lease.lease_areas() });
             match term {
                 Ok(TermEnd::Shutdown) => break,
                 Ok(TermEnd::NotActive(why)) => {
@@ -421,9 +428,44 @@ impl StandbyTerm {
     }
 }
 
-/// Serves the pool while this server holds the lease: loads the metadata
-/// afresh (the previous owner may have committed until it stopped), runs
-/// the owner, the device task and the lease renewals.
+/// Fences every previous metadata server of the pool on the pool's fencing
+/// devices ([`crate::targets::fence_previous_servers`]) once this server
+/// holds the pool lease of `generation`, before it reads the metadata it
+/// serves: a previous server that is only paused (SIGSTOP, a VM pause) has
+/// nothing in flight there any more and can write nothing more. The pool's
+/// devices and their fencing record come from a read of the metadata just
+/// for that (it is read again after the fence).
+async fn fence_previous_servers(config: &Config, key: &Arc<SigningKey>, generation: u64) -> Result<(), ServerError> {
+    let (pool, meta) = open_pool(config, key).await?;
+    for d in &pool.devices {
+        if let Some(c) = &d.client {
+            c.disconnect().await;
+        }
+    }
+    let recorded = |index| meta.device_fencing.iter().find(|f| f.device == index).map(|f| f.fenced);
+    let devices: Vec<crate::targets::TakeoverDevice> = meta
+        .devices
+        .iter()
+        .map(|d| crate::targets::TakeoverDevice {
+            uri: d.uri.clone(),
+            recorded_fencing: recorded(d.index),
+            in_use: matches!(
+                d.state,
+                volume_format::metadata::DeviceState::Online | volume_format::metadata::DeviceState::Resyncing { .. }
+            ),
+        })
+        .collect();
+    let fenced = crate::targets::fence_previous_servers(&devices, key, generation).await.map_err(ServerError::Fence)?;
+    if !fenced.is_empty() {
+        info!(generation, devices = ?fenced, "fenced the previous metadata servers on the pool's fencing devices");
+    }
+    Ok(())
+}
+
+/// Serves the pool while this server holds the lease: fences the previous
+/// servers, loads the metadata afresh (the previous owner may have
+/// committed until it stopped), runs the owner, the device task and the
+/// lease renewals.
 async fn active_term(
     listeners: &[Arc<Listener>],
     config: &Config,
@@ -432,6 +474,14 @@ async fn active_term(
     pool_meta: &(uuid::Uuid, String, u64, volume_format::PublicKey),
     stop: watch::Receiver<bool>,
 ) -> (lease_task::LeaseTask, Result<TermEnd, ServerError>) {
+    let Some(generation) = lease.generation() else {
+        return (lease, Err(ServerError::Lease("the term started without the pool lease".into())));
+    };
+    // Every device connection from here on carries this term's generation.
+    crate::targets::set_term(crate::targets::ServerTerm::Active { generation });
+    if let Err(e) = fence_previous_servers(config, key, generation).await {
+        return (lease, Err(e));
+    }
     let (mut pool, meta) = match open_pool(config, key).await {
         Ok(x) => x,
         Err(e) => return (lease, Err(e)),

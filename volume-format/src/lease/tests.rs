@@ -106,6 +106,19 @@ fn a_free_lease_is_acquired_after_the_wait_and_renewed() {
 }
 
 #[test]
+fn a_released_lease_is_acquired_with_the_next_generation_not_from_one_again() {
+    // Fencing devices refuse server capabilities below the newest generation
+    // they were fenced to: the generation must go up across a release too.
+    let mut released = me(2);
+    (released.host_id, released.generation, released.role) = (0, 7, ServerRole::Stopped);
+    let mut m = LeaseMachine::new(me(1), LeaseTiming { io_timeout_ms: T, device_request_max_ms: 0 });
+    m.reading(0);
+    let copies = [Ok(Some(released.clone())), Ok(None), Ok(Some(released))];
+    let LeaseAction::Write(rec) = m.read_done(5, &copies) else { panic!("a free lease is acquired") };
+    assert_eq!(rec.generation, 8);
+}
+
+#[test]
 fn a_new_owner_commits_only_after_the_old_owners_slowest_device_write() {
     // The old owner may have renewed just before the acquirer's record
     // went over its own, then sent writes for 3T that land up to D later:
