@@ -317,6 +317,23 @@ async fn a_pool_on_sanvol_targets_is_initialised_and_served() {
         assert_eq!(e.kind, IoErrorKind::PermissionDenied, "{e}");
     }
     assert!(!stack.mds_log().contains("capability refused"), "{}", stack.mds_log());
+
+    // Recorded in the pool metadata (format 10): dev2 with its `device
+    // add`, the targets once the server learned it from its connections
+    // (the pool came from `pool init` without the record). A restarted
+    // server lists dev2 as plain though it cannot reach it any more.
+    poll("the targets' fencing recorded", Duration::from_secs(30), || {
+        stack.mds_log().contains("recorded in the pool metadata whether devices fence").then_some(())
+    });
+    stack.kill_mds();
+    drop(plain);
+    stack.start_mds();
+    let devices = stack.sanvol_json(&["device", "list"]);
+    let dev2 = devices.as_array().and_then(|d| d.iter().find(|d| d["index"] == 2)).cloned();
+    let dev2 = dev2.unwrap_or_else(|| panic!("{devices}"));
+    assert_eq!((dev2["reachable"].clone(), dev2["fenced"].clone()), (false.into(), false.into()), "{devices}");
+    let fenced: Vec<serde_json::Value> = devices.as_array().unwrap().iter().map(|d| d["fenced"].clone()).collect();
+    assert_eq!(fenced, [true, true, false], "{devices}");
 }
 
 /// The metadata server's fence of a broken handle across a pool's devices:

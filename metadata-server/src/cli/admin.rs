@@ -193,17 +193,24 @@ pub async fn pool_init(conn: &ConnArgs, args: PoolInitArgs) -> Result<()> {
     let rows: Vec<Vec<String>> = m
         .devices
         .iter()
-        .map(|d| {
+        .zip(report.fencing.iter().copied().chain(std::iter::repeat(None)))
+        .map(|(d, fenced)| {
             vec![
                 d.index.to_string(),
                 d.uri.clone(),
                 format_size(d.device_bytes),
                 d.extent_count(m.extent_bytes).to_string(),
                 if d.holds_metadata { "yes" } else { "no" }.into(),
+                match fenced {
+                    Some(true) => "yes",
+                    Some(false) => "no",
+                    None => "?",
+                }
+                .into(),
             ]
         })
         .collect();
-    table::print(&["DEVICE", "URI", "SIZE", "EXTENTS", "METADATA"], &rows);
+    table::print(&["DEVICE", "URI", "SIZE", "EXTENTS", "METADATA", "FENCED"], &rows);
     println!("next: list these devices in sanvol-mds's config (`devices = [...]`) and start it");
     Ok(())
 }

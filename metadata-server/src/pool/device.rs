@@ -59,6 +59,13 @@ impl PoolDevice {
         }
     }
 
+    /// Whether the device fences, as its export description on this
+    /// connection says (`None` without a connection).
+    pub fn fences(&self) -> Option<bool> {
+        let client = self.client.as_ref()?;
+        Some(client.info().description.as_deref().is_some_and(volume_format::capability::announces_fencing))
+    }
+
     /// Connects and reads the label. Never fails: an unusable device is
     /// returned with `error` set, so the caller can report every device.
     pub async fn connect(uri: String, nbd_uri: &NbdUri) -> PoolDevice {

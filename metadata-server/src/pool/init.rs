@@ -40,6 +40,11 @@ pub struct InitReport {
     pub metadata: PoolMetadata,
     /// Per overwritten device: what was on it (only with `force`).
     pub overwritten: Vec<(String, String)>,
+    /// Per device (in metadata order): whether it fences, as its export
+    /// description said when it was labelled. The first commit of `init`
+    /// is a format-2 record, which cannot hold it: the server records it
+    /// (format 10) at its first commit, from its own connections.
+    pub fencing: Vec<Option<bool>>,
 }
 
 /// Metadata area for a device: 1/16 of it, between 1 MiB and the default
@@ -131,6 +136,7 @@ pub async fn init(opts: InitOptions) -> Result<InitReport, PoolError> {
     });
 
     let mut devices = Vec::new();
+    let mut fencing = Vec::new();
     for ((uri, client), label) in uris.iter().zip(clients).zip(labels) {
         let io = |what: &str| {
             let uri = uri.clone();
@@ -145,6 +151,7 @@ pub async fn init(opts: InitOptions) -> Result<InitReport, PoolError> {
             return Err(PoolError::Invalid(format!("device {uri}: label does not read back: {e}")));
         }
         let mut d = d;
+        fencing.push(d.fences());
         d.expected_uuid = Some(label.device_uuid);
         devices.push(d);
     }
@@ -155,5 +162,5 @@ pub async fn init(opts: InitOptions) -> Result<InitReport, PoolError> {
             c.disconnect().await;
         }
     }
-    Ok(InitReport { metadata, overwritten })
+    Ok(InitReport { metadata, overwritten, fencing })
 }

@@ -137,8 +137,7 @@ impl Pool {
     /// Whether the device with `uuid` fences, as its description on the
     /// server's connection says (`None` without a connection).
     pub fn fences(&self, uuid: Uuid) -> Option<bool> {
-        let client = self.device(uuid)?.client.as_ref()?;
-        Some(client.info().description.as_deref().is_some_and(volume_format::capability::announces_fencing))
+        self.device(uuid)?.fences()
     }
 
     /// Whether the server currently reaches the device with `uuid`.

@@ -305,6 +305,9 @@ pub enum Change {
     DeviceFailed { device: volume_format::DeviceIndex, reason: String },
     /// The next step of the admin reconfiguration in progress (`reconfig`).
     Admin,
+    /// Record in the pool metadata whether devices fence, where a
+    /// connection told otherwise than the metadata records (`listings`).
+    RecordFencing,
 }
 
 /// What preparing a change decided.
@@ -394,6 +397,11 @@ pub enum AfterCommit {
     /// A replaced device was removed: the replace is done (`reconfig`).
     AdminRemoved {
         device: volume_format::DeviceIndex,
+    },
+    /// Whether devices fence was recorded (logged only: a failure is
+    /// retried at the next connection's report).
+    FencingRecorded {
+        devices: usize,
     },
     /// The change of a job: `volume` stops being busy, then `then`.
     Released {
@@ -522,7 +530,7 @@ pub struct Core {
     /// Devices the server reaches right now (listings).
     pub reachable: BTreeMap<Uuid, bool>,
     /// Whether each device fences, as last learned from a connection to it
-    /// (listings; the pool metadata has no field for it).
+    /// (listings; recorded in the pool metadata by `Change::RecordFencing`).
     pub fencing: BTreeMap<Uuid, bool>,
     /// The time of the input being applied.
     pub now: Now,
@@ -726,6 +734,10 @@ impl Core {
                 self.reachable.insert(device, reachable);
                 if let Some(fences) = fences {
                     self.fencing.insert(device, fences);
+                    let queued = self.queue.iter().any(|c| matches!(c, Change::RecordFencing));
+                    if !queued && !self.fencing_to_record().is_empty() {
+                        self.queue.push_back(Change::RecordFencing);
+                    }
                 }
             }
             Input::Servers { servers } => self.servers = servers,
@@ -1093,6 +1105,7 @@ impl Core {
             Change::RecallReady { volume } => !self.busy.contains_key(volume),
             Change::Resync { .. } | Change::DeviceFailed { .. } => true,
             Change::Admin => !self.zeroing,
+            Change::RecordFencing => true,
         }
     }
 
@@ -1137,6 +1150,7 @@ impl Core {
             Change::Resync { device } => self.prepare_resync(device),
             Change::DeviceFailed { device, reason } => self.prepare_device_failed(device.0, reason, None),
             Change::Admin => self.prepare_admin(),
+            Change::RecordFencing => self.prepare_record_fencing(),
         }
     }
 

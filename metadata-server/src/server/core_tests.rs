@@ -1272,11 +1272,13 @@ fn device_add_labels_then_commits_and_remove_is_refused_for_data_and_metadata_co
         layout,
         created_at_unix_secs: 0,
     };
-    let effects = w.apply(Input::JobDone { task, outcome: JobOutcome { result: Ok(()), label: Some(label) } });
+    let outcome = JobOutcome { result: Ok(()), label: Some(label), fences: Some(true) };
+    let effects = w.apply(Input::JobDone { task, outcome });
     let effects = commit_all(&mut w, effects);
     assert!(matches!(reply_of(&effects, add), Some(Ok(Response::Done))), "{effects:?}");
     let added = w.core.meta.device(DeviceIndex(3)).expect("committed");
     assert_eq!((added.uri.as_str(), added.holds_metadata), ("nbd://new/e", false));
+    assert_eq!(w.core.meta.device_fenced(DeviceIndex(3)), Some(true), "decided at the labelling, committed with it");
     // Remove: refused for a metadata copy and for data, done for the empty one.
     let refused = |w: &mut World, device: u32| {
         let (r, effects) = w.request(3, Request::DeviceRemove { device: DeviceIndex(device) });
@@ -1297,6 +1299,44 @@ fn device_add_labels_then_commits_and_remove_is_refused_for_data_and_metadata_co
         Ok(Response::Done)
     ));
     assert!(w.core.meta.device(DeviceIndex(3)).is_none());
+    assert_eq!(w.core.meta.device_fenced(DeviceIndex(3)), None, "its fencing record went with it");
+}
+
+#[test]
+fn whether_a_device_fences_is_recorded_once_a_connection_tells_and_listed_before_any() {
+    let mut w = World::new();
+    let devices: Vec<_> = w.core.meta.devices.iter().map(|d| (d.index, d.device_uuid)).collect();
+    assert!(w.core.meta.device_fencing.is_empty(), "unknown, as in a format-9 pool");
+    let (index, uuid) = devices[0];
+    let effects = w.apply(Input::Reachability { device: uuid, reachable: true, fences: Some(true) });
+    let (task, write) = commit_of(&effects).expect("what a connection told is recorded");
+    // Told again while the commit is in flight: nothing more is queued.
+    let again = w.apply(Input::Reachability { device: uuid, reachable: true, fences: Some(true) });
+    assert!(commit_of(&again).is_none());
+    let effects = w.apply(committed(task, write));
+    assert!(commit_of(&effects).is_none());
+    assert_eq!(w.core.meta.device_fenced(index), Some(true));
+    // A device that stopped fencing (its server replaced by a plain one) is recorded again.
+    let effects = w.apply(Input::Reachability { device: uuid, reachable: true, fences: Some(false) });
+    let effects = commit_all(&mut w, effects);
+    assert!(commit_of(&effects).is_none());
+    assert_eq!(w.core.meta.device_fenced(index), Some(false));
+    // A restarted server lists the recorded value before it reached the device.
+    let meta = (*w.core.meta).clone();
+    let config = CoreConfig {
+        lease_ms: LEASE_MS,
+        durable_ms: 0,
+        device_request_max_ms: 0,
+        grace_ms: 0,
+        key: Arc::new(SigningKey::from_bytes(&[7; 32])),
+        entropy: Box::new(Zeros),
+    };
+    w.core = Core::new(meta.clone(), journal_after(&meta), config);
+    w.apply(Input::Connected { session: 3, peer: peer(3, Role::Admin), addr: "test".into() });
+    let (list, effects) = w.request(3, Request::DeviceFencing);
+    let Some(Ok(Response::DeviceFencing(listed))) = reply_of(&effects, list) else { panic!("{effects:?}") };
+    assert_eq!(listed.iter().find(|f| f.device == index).and_then(|f| f.fences), Some(false));
+    assert_eq!(listed.iter().find(|f| f.device == devices[1].0).and_then(|f| f.fences), None, "never told");
 }
 
 /// While a volume has two writable handles (a handover), an agent's own

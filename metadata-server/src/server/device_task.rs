@@ -105,7 +105,7 @@ impl DeviceTask {
                     if let Err(e) = &result {
                         tracing::warn!(device = index, "the metadata server cannot reach the device: {e}");
                     }
-                    Input::JobDone { task, outcome: JobOutcome { result, label: None } }
+                    Input::JobDone { task, outcome: JobOutcome { result, label: None, fences: None } }
                 }
             };
             if self.results.send(input).await.is_err() {

@@ -87,15 +87,18 @@ pub struct JobOutcome {
     pub result: Result<(), String>,
     /// The label a [`Job::LabelDevice`] wrote.
     pub label: Option<volume_format::DeviceLabel>,
+    /// Whether the device a [`Job::LabelDevice`] labelled fences, as its
+    /// export description said (`None`: it said nothing, or another job).
+    pub fences: Option<bool>,
 }
 
 impl JobOutcome {
     pub fn done() -> JobOutcome {
-        JobOutcome { result: Ok(()), label: None }
+        JobOutcome { result: Ok(()), label: None, fences: None }
     }
 
     pub fn failed(why: impl Into<String>) -> JobOutcome {
-        JobOutcome { result: Err(why.into()), label: None }
+        JobOutcome { result: Err(why.into()), label: None, fences: None }
     }
 }
 

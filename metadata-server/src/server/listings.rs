@@ -6,10 +6,10 @@
 use volume_format::control::messages::{
     ClientInfo, ControlError, DeviceFencing, DeviceInfo, ErrorCode, PoolInfo, Response, VolumeDetail, VolumeInfo,
 };
-use volume_format::metadata::{DeviceRecord, VolumeRecord};
+use volume_format::metadata::{DeviceRecord, MetaChange, VolumeRecord};
 use volume_format::VolumeDescription;
 
-use super::core::Core;
+use super::core::{AfterCommit, Core, Step};
 use super::requests::err;
 
 impl Core {
@@ -58,10 +58,38 @@ impl Core {
             .collect()
     }
 
-    /// Whether each device fences, as last learned from a connection to it.
+    /// Whether each device fences: as last learned from a connection to
+    /// it, else as the pool metadata records it (format 10), so a restarted
+    /// server knows before it reached the device.
     pub(super) fn device_fencing(&self) -> Vec<DeviceFencing> {
-        let fences = |d: &DeviceRecord| self.fencing.get(&d.device_uuid).copied();
+        let fences =
+            |d: &DeviceRecord| self.fencing.get(&d.device_uuid).copied().or_else(|| self.meta.device_fenced(d.index));
         self.meta.devices.iter().map(|d| DeviceFencing { device: d.index, fences: fences(d) }).collect()
+    }
+
+    /// What connections told about devices' fencing that the pool metadata
+    /// does not record (yet): a pool of an older format, a device that was
+    /// unreachable when it was labelled, or one whose server was replaced.
+    pub(super) fn fencing_to_record(&self) -> Vec<MetaChange> {
+        self.meta
+            .devices
+            .iter()
+            .filter_map(|d| {
+                let learned = *self.fencing.get(&d.device_uuid)?;
+                (self.meta.device_fenced(d.index) != Some(learned))
+                    .then_some(MetaChange::DeviceFencing { device: d.index, fenced: learned })
+            })
+            .collect()
+    }
+
+    /// `Change::RecordFencing`: commit what [`Core::fencing_to_record`] finds.
+    pub(super) fn prepare_record_fencing(&mut self) -> Step {
+        let changes = self.fencing_to_record();
+        if changes.is_empty() {
+            return Step::Done(None);
+        }
+        let devices = changes.len();
+        Step::Commit { changes, then: AfterCommit::FencingRecorded { devices } }
     }
 
     pub(super) fn client_infos(&self) -> Vec<ClientInfo> {

@@ -339,9 +339,10 @@ impl Shell {
                     } else {
                         match crate::pool::add::label_device(&request).await {
                             Ok((label, device)) => {
+                                let fences = device.fences();
                                 let adopted = devices.send(DeviceWork::Adopt { device: Box::new(device) }).await;
                                 match adopted {
-                                    Ok(()) => super::jobs::JobOutcome { result: Ok(()), label: Some(label) },
+                                    Ok(()) => super::jobs::JobOutcome { result: Ok(()), label: Some(label), fences },
                                     Err(_) => super::jobs::JobOutcome::failed("the server is shutting down"),
                                 }
                             }

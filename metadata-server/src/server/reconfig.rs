@@ -285,8 +285,11 @@ impl Core {
             holds_metadata: false,
         };
         let area = MetadataArea::from_label(&label);
+        // Decided at the labelling, from the device's own export
+        // description: does it speak sanvol-target's fencing handshake?
+        let fencing = outcome.fences.map(|fenced| MetaChange::DeviceFencing { device: record.index, fenced });
         Step::Commit {
-            changes: vec![MetaChange::DeviceAdd(record)],
+            changes: std::iter::once(MetaChange::DeviceAdd(record)).chain(fencing).collect(),
             then: AfterCommit::DeviceAdded { uuid: label.device_uuid, index: label.device_index, area },
         }
     }

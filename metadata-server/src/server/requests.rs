@@ -232,6 +232,10 @@ impl Core {
             AfterCommit::DeviceOnline { device } => self.device_online(device, result),
             AfterCommit::DeviceAdded { uuid, index, area } => self.device_added(uuid, index, area, result),
             AfterCommit::AdminRemoved { device } => self.admin_removed(device, result),
+            AfterCommit::FencingRecorded { devices } => match result {
+                Ok(()) => info!(devices, "recorded in the pool metadata whether devices fence"),
+                Err(e) => warn!(devices, "recording whether devices fence failed (retried): {e}"),
+            },
             AfterCommit::CowRegistered { reply, new, volume } => {
                 if let Err(e) = &result {
                     warn!(%volume, "registering copy-on-write chunks: {e}");

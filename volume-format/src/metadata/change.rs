@@ -122,6 +122,10 @@ pub enum MetaChange {
     /// [`super::range_locks`]); an empty list releases them. Refused when
     /// another handle of the volume holds any of those bytes.
     RangeLocks { handle: HandleId, ranges: Vec<LockRange> },
+    /// Records whether a device fences (format 10, see
+    /// [`super::DeviceFencing`]): at `device add`, or when the server learns
+    /// it from a connection.
+    DeviceFencing { device: DeviceIndex, fenced: bool },
 }
 
 /// A volume's new map, as [`MetaChange::VolumeRemap`] records it (planned by
@@ -320,6 +324,11 @@ enum UndoStep {
     DeviceRemoved {
         index: usize,
         record: DeviceRecord,
+        fencing: Option<(usize, super::DeviceFencing)>,
+    },
+    DeviceFencingSet {
+        device: DeviceIndex,
+        old: Option<bool>,
     },
     Remapped {
         volume: VolumeId,
@@ -378,6 +387,7 @@ impl MetaChange {
             MetaChange::IntentSet { .. } => "write-intent set",
             MetaChange::RangeLocks { .. } => "range locks",
             MetaChange::VolumeCache { .. } => "volume cache",
+            MetaChange::DeviceFencing { .. } => "device fencing",
         }
     }
 
@@ -611,6 +621,13 @@ impl PoolMetadata {
                 let record = self.handles.remove(index);
                 UndoStep::HandleRemoved { index, record, locks: self.take_range_locks(*handle) }
             }
+            MetaChange::DeviceFencing { device, fenced } => {
+                if self.device(*device).is_none() {
+                    return Err(fail(format!("device {device} does not exist")));
+                }
+                let old = self.set_device_fenced(*device, Some(*fenced));
+                UndoStep::DeviceFencingSet { device: *device, old }
+            }
             MetaChange::RangeLocks { handle, ranges } => {
                 let old = self.set_range_locks(*handle, ranges).map_err(fail)?;
                 UndoStep::RangeLocksSet { handle: *handle, old }
@@ -668,7 +685,9 @@ impl PoolMetadata {
                 if let Some(what) = self.extents_on(*device).next() {
                     return Err(fail(format!("device {device} still holds an extent of {what}")));
                 }
-                UndoStep::DeviceRemoved { index, record: self.devices.remove(index) }
+                let fencing =
+                    index_of(&self.device_fencing, |f| f.device == *device).map(|i| (i, self.device_fencing.remove(i)));
+                UndoStep::DeviceRemoved { index, record: self.devices.remove(index), fencing }
             }
             MetaChange::VolumeRemap(remap) => {
                 self.check_remap(remap).map_err(fail)?;
@@ -837,7 +856,15 @@ impl PoolMetadata {
                 self.devices.pop();
                 self.next_ids.device = previous_next;
             }
-            UndoStep::DeviceRemoved { index, record } => self.devices.insert(index.min(self.devices.len()), record),
+            UndoStep::DeviceRemoved { index, record, fencing } => {
+                self.devices.insert(index.min(self.devices.len()), record);
+                if let Some((i, f)) = fencing {
+                    self.device_fencing.insert(i.min(self.device_fencing.len()), f);
+                }
+            }
+            UndoStep::DeviceFencingSet { device, old } => {
+                self.set_device_fenced(device, old);
+            }
             UndoStep::Remapped { volume, mirror_legs, extents, snapshots } => {
                 if let Some(v) = self.volumes.iter_mut().find(|v| v.id == volume) {
                     v.mirror_legs = mirror_legs;
@@ -898,6 +925,21 @@ impl PoolMetadata {
             self.check_legs(e, v.mirror_legs).map_err(|e| format!("extent {i}: {e}"))?;
         }
         Ok(())
+    }
+
+    /// Sets (or with `None` forgets) whether `device` fences, keeping the
+    /// records sorted; returns what was recorded before.
+    fn set_device_fenced(&mut self, device: DeviceIndex, fenced: Option<bool>) -> Option<bool> {
+        let at = self.device_fencing.binary_search_by_key(&device, |f| f.device);
+        match (at, fenced) {
+            (Ok(i), Some(fenced)) => Some(std::mem::replace(&mut self.device_fencing[i].fenced, fenced)),
+            (Ok(i), None) => Some(self.device_fencing.remove(i).fenced),
+            (Err(i), Some(fenced)) => {
+                self.device_fencing.insert(i, super::DeviceFencing { device, fenced });
+                None
+            }
+            (Err(_), None) => None,
+        }
     }
 
     fn check_new_device(&self, d: &DeviceRecord) -> Result<(), String> {

@@ -99,9 +99,19 @@ use uuid::Uuid;
 ///   [`MetaChange::RangeLocks`] (a variant added last). Format-8 payloads
 ///   decode without it ([`payload::PayloadV8`]); entries of older formats
 ///   decode unchanged; format-8 readers refuse format 9.
-pub const METADATA_FORMAT_VERSION: u32 = 9;
+/// - 10: whether each device fences (a `sanvol-target`, see
+///   [`crate::capability`]): the [`PoolMetadata::device_fencing`] field (the
+///   new last field) and [`MetaChange::DeviceFencing`] (a variant added
+///   last). Format-9 payloads decode without it ([`payload::PayloadV9`]):
+///   every device "unknown" until the server learns it from a connection
+///   and records it; entries of older formats decode unchanged; format-9
+///   readers refuse format 10.
+pub const METADATA_FORMAT_VERSION: u32 = 10;
 /// The oldest format whose payload is today's [`PoolMetadata`] schema.
-pub const PAYLOAD_SCHEMA_FORMAT_MIN: u32 = 9;
+pub const PAYLOAD_SCHEMA_FORMAT_MIN: u32 = 10;
+/// The oldest format whose payload is [`payload::PayloadV9`] (today's schema
+/// without the devices' fencing).
+pub const PAYLOAD_V9_FORMAT_MIN: u32 = 9;
 /// The oldest format whose payload is [`payload::PayloadV8`] (today's schema
 /// without the range locks).
 pub const PAYLOAD_V8_FORMAT_MIN: u32 = 8;
@@ -162,9 +172,32 @@ pub struct PoolMetadata {
     #[serde(default)]
     pub intents: Vec<IntentEntry>,
     /// Byte-range locks of shared-write handles (format 9, [`range_locks`]),
-    /// sorted by handle. Last field.
+    /// sorted by handle.
     #[serde(default)]
     pub range_locks: Vec<RangeLockEntry>,
+    /// Whether each device fences (format 10), sorted by device index; a
+    /// device without an entry is "unknown" (a pool of an older format, or
+    /// a device not reached since): the server learns it from a connection
+    /// and records it. Last field.
+    ///
+    /// Why not a field of [`DeviceRecord`]: that record is inside
+    /// [`MetaChange::DeviceAdd`] of journal entries of formats 6 to 9, which
+    /// decode positionally whatever their format; a new field there would
+    /// make those journals unreadable.
+    #[serde(default)]
+    pub device_fencing: Vec<DeviceFencing>,
+}
+
+/// Whether one device fences (format 10): decided when the device is
+/// labelled (`pool init`, `device add`) from its NBD export description,
+/// and corrected by the server whenever a connection says otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceFencing {
+    pub device: DeviceIndex,
+    /// `true`: a `sanvol-target` (capabilities, fence orders: an excluded
+    /// holder's writes are refused at the device). `false`: a plain NBD
+    /// server (only the timing rules of [`crate::fencing`] keep them off).
+    pub fenced: bool,
 }
 
 /// A volume's write-back cache setting (`sanvol volume cache`, format 7):
@@ -425,7 +458,13 @@ impl PoolMetadata {
             intents: Vec::new(),
             volume_caches: Vec::new(),
             range_locks: Vec::new(),
+            device_fencing: Vec::new(),
         }
+    }
+
+    /// Whether device `index` fences, as recorded (`None`: unknown).
+    pub fn device_fenced(&self, index: DeviceIndex) -> Option<bool> {
+        self.device_fencing.iter().find(|f| f.device == index).map(|f| f.fenced)
     }
 
     /// The volume scope of `key`, if it has one.
@@ -491,6 +530,15 @@ impl PoolMetadata {
                     "device {} data area {} is not whole extents within its {} bytes",
                     d.index, d.data, d.device_bytes
                 ));
+            }
+        }
+
+        for (i, f) in self.device_fencing.iter().enumerate() {
+            if self.device(f.device).is_none() {
+                return Err(format!("the fencing of unknown device {} is recorded", f.device));
+            }
+            if i > 0 && self.device_fencing[i - 1].device >= f.device {
+                return Err(format!("the fencing records are not sorted by device (at device {})", f.device));
             }
         }
 

@@ -7,10 +7,10 @@
 //! one schema ([`PayloadV3`]: everything but the volume scopes of backup keys
 //! and the handover ledger); formats 4 to 6 share [`PayloadV6`] (everything
 //! but the volume caches); format 7 is [`PayloadV7`] (no write-intent
-//! sets), format 8 [`PayloadV8`] (no range locks); format 9 is
-//! [`PoolMetadata`] itself. Format-2 records are also still written (the
-//! whole-pool slot commit, [`super::MetadataArea::encode_slot`]), in their
-//! own schema.
+//! sets), format 8 [`PayloadV8`] (no range locks), format 9 [`PayloadV9`]
+//! (no device fencing); format 10 is [`PoolMetadata`] itself. Format-2
+//! records are also still written (the whole-pool slot commit,
+//! [`super::MetadataArea::encode_slot`]), in their own schema.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -18,6 +18,7 @@ use uuid::Uuid;
 use super::{
     ClientRecord, ClientScope, DeviceRecord, HandleRecord, HandoverLedger, NextIds, PoolMetadata, SnapshotRecord,
     VolumeRecord, PAYLOAD_SCHEMA_FORMAT_MIN, PAYLOAD_V6_FORMAT_MIN, PAYLOAD_V7_FORMAT_MIN, PAYLOAD_V8_FORMAT_MIN,
+    PAYLOAD_V9_FORMAT_MIN,
 };
 use crate::codec::{self, CodecError};
 use crate::ids::PublicKey;
@@ -64,6 +65,7 @@ impl From<PayloadV3> for PoolMetadata {
             volume_caches: Vec::new(),
             intents: Vec::new(),
             range_locks: Vec::new(),
+            device_fencing: Vec::new(),
         }
     }
 }
@@ -111,6 +113,7 @@ impl From<PayloadV6> for PoolMetadata {
             volume_caches: Vec::new(),
             intents: Vec::new(),
             range_locks: Vec::new(),
+            device_fencing: Vec::new(),
         }
     }
 }
@@ -159,6 +162,7 @@ impl From<PayloadV7> for PoolMetadata {
             volume_caches: p.volume_caches,
             intents: Vec::new(),
             range_locks: Vec::new(),
+            device_fencing: Vec::new(),
         }
     }
 }
@@ -208,6 +212,58 @@ impl From<PayloadV8> for PoolMetadata {
             volume_caches: p.volume_caches,
             intents: p.intents,
             range_locks: Vec::new(),
+            device_fencing: Vec::new(),
+        }
+    }
+}
+
+/// [`PoolMetadata`] as format 9 encodes it: without the devices' fencing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadV9 {
+    pub format_version: u32,
+    pub pool_uuid: Uuid,
+    pub pool_name: String,
+    pub generation: u64,
+    pub extent_bytes: u64,
+    pub created_at_unix_secs: u64,
+    pub server_public_key: PublicKey,
+    pub devices: Vec<DeviceRecord>,
+    pub volumes: Vec<VolumeRecord>,
+    pub clients: Vec<ClientRecord>,
+    pub handles: Vec<HandleRecord>,
+    pub snapshots: Vec<SnapshotRecord>,
+    pub next_ids: NextIds,
+    pub client_scopes: Vec<ClientScope>,
+    pub handovers: HandoverLedger,
+    pub volume_caches: Vec<super::VolumeCache>,
+    pub intents: Vec<super::IntentEntry>,
+    pub range_locks: Vec<super::RangeLockEntry>,
+}
+
+impl From<PayloadV9> for PoolMetadata {
+    /// Keeps the payload's `format_version`; every device's fencing unknown
+    /// (the server learns it from its connections and records it).
+    fn from(p: PayloadV9) -> PoolMetadata {
+        PoolMetadata {
+            format_version: p.format_version,
+            pool_uuid: p.pool_uuid,
+            pool_name: p.pool_name,
+            generation: p.generation,
+            extent_bytes: p.extent_bytes,
+            created_at_unix_secs: p.created_at_unix_secs,
+            server_public_key: p.server_public_key,
+            devices: p.devices,
+            volumes: p.volumes,
+            clients: p.clients,
+            handles: p.handles,
+            snapshots: p.snapshots,
+            next_ids: p.next_ids,
+            client_scopes: p.client_scopes,
+            handovers: p.handovers,
+            volume_caches: p.volume_caches,
+            intents: p.intents,
+            range_locks: p.range_locks,
+            device_fencing: Vec::new(),
         }
     }
 }
@@ -217,6 +273,9 @@ impl From<PayloadV8> for PoolMetadata {
 pub fn decode(format: u32, bytes: &[u8]) -> Result<PoolMetadata, CodecError> {
     if format >= PAYLOAD_SCHEMA_FORMAT_MIN {
         return codec::decode(bytes);
+    }
+    if format >= PAYLOAD_V9_FORMAT_MIN {
+        return codec::decode::<PayloadV9>(bytes).map(PoolMetadata::from);
     }
     if format >= PAYLOAD_V8_FORMAT_MIN {
         return codec::decode::<PayloadV8>(bytes).map(PoolMetadata::from);
@@ -247,6 +306,9 @@ pub fn encode_format2(meta: &PoolMetadata) -> Result<Vec<u8>, String> {
     }
     if !meta.range_locks.is_empty() {
         return Err("format 2 cannot record range locks; commit with the journal".into());
+    }
+    if !meta.device_fencing.is_empty() {
+        return Err("format 2 cannot record whether devices fence; commit with the journal".into());
     }
     let p = PayloadV3 {
         format_version: super::LEGACY_SLOT_FORMAT_VERSION,
@@ -360,5 +422,43 @@ mod tests {
         let today = codec::encode(&locked).unwrap();
         assert_eq!(decode(crate::metadata::METADATA_FORMAT_VERSION, &today).unwrap(), locked);
         assert!(codec::decode::<PayloadV8>(&today).is_err(), "positional: today's payload has one more field");
+    }
+
+    #[test]
+    fn a_format_9_payload_decodes_with_every_device_s_fencing_unknown() {
+        let meta = rich_pool();
+        let v9 = PayloadV9 {
+            format_version: 9,
+            pool_uuid: meta.pool_uuid,
+            pool_name: meta.pool_name.clone(),
+            generation: meta.generation,
+            extent_bytes: meta.extent_bytes,
+            created_at_unix_secs: meta.created_at_unix_secs,
+            server_public_key: meta.server_public_key,
+            devices: meta.devices.clone(),
+            volumes: meta.volumes.clone(),
+            clients: meta.clients.clone(),
+            handles: meta.handles.clone(),
+            snapshots: meta.snapshots.clone(),
+            next_ids: meta.next_ids,
+            client_scopes: meta.client_scopes.clone(),
+            handovers: meta.handovers.clone(),
+            volume_caches: meta.volume_caches.clone(),
+            intents: meta.intents.clone(),
+            range_locks: meta.range_locks.clone(),
+        };
+        let decoded = decode(9, &codec::encode(&v9).unwrap()).unwrap();
+        assert_eq!(decoded.format_version, 9);
+        assert!(decoded.device_fencing.is_empty());
+        assert_eq!(decoded.device_fenced(meta.devices[0].index), None, "unknown");
+        assert_eq!(PoolMetadata { format_version: meta.format_version, ..decoded }, meta);
+        let mut recorded = meta.clone();
+        let device = recorded.devices[0].index;
+        recorded.apply(&crate::metadata::MetaChange::DeviceFencing { device, fenced: true }).unwrap();
+        assert_eq!(recorded.device_fenced(device), Some(true));
+        let today = codec::encode(&recorded).unwrap();
+        assert_eq!(decode(crate::metadata::METADATA_FORMAT_VERSION, &today).unwrap(), recorded);
+        assert!(codec::decode::<PayloadV9>(&today).is_err(), "positional: today's payload has one more field");
+        assert!(encode_format2(&recorded).unwrap_err().contains("fence"));
     }
 }

@@ -376,4 +376,43 @@ mod tests {
             crate::codec::decode(&crate::codec::encode(&MetaChange::DeviceAdd(record.clone())).unwrap()).unwrap();
         assert_eq!(decoded, MetaChange::DeviceAdd(record));
     }
+
+    #[test]
+    fn a_device_s_fencing_is_recorded_reverted_and_goes_with_the_device() {
+        let mut meta = pool(&[4, 4]);
+        let (a, b) = (meta.devices[0].index, meta.devices[1].index);
+        assert_eq!(meta.device_fenced(a), None, "unknown until recorded");
+        let before = meta.clone();
+        let first = meta.apply(&MetaChange::DeviceFencing { device: b, fenced: false }).unwrap();
+        let second = meta.apply(&MetaChange::DeviceFencing { device: a, fenced: true }).unwrap();
+        meta.check().unwrap();
+        assert_eq!((meta.device_fenced(a), meta.device_fenced(b)), (Some(true), Some(false)));
+        assert_eq!(meta.device_fencing.iter().map(|f| f.device).collect::<Vec<_>>(), vec![a, b], "sorted");
+        let learned = meta.apply(&MetaChange::DeviceFencing { device: b, fenced: true }).unwrap();
+        assert_eq!(meta.device_fenced(b), Some(true));
+        meta.revert(learned);
+        assert_eq!(meta.device_fenced(b), Some(false));
+        meta.revert(second);
+        meta.revert(first);
+        assert_eq!(meta, before);
+        let unknown = DeviceIndex(99);
+        assert!(meta.apply(&MetaChange::DeviceFencing { device: unknown, fenced: true }).is_err());
+
+        // A removed device takes its record with it (and gets it back on a revert).
+        let mut record = meta.devices[0].clone();
+        record.index = meta.next_ids.device;
+        record.device_uuid = uuid::Uuid::from_u128(556);
+        record.uri = "nbd://new/f".into();
+        record.holds_metadata = false;
+        meta.apply(&MetaChange::DeviceAdd(record.clone())).unwrap();
+        meta.apply(&MetaChange::DeviceFencing { device: record.index, fenced: true }).unwrap();
+        let before = meta.clone();
+        let undo = meta.apply(&MetaChange::DeviceRemove { device: record.index }).unwrap();
+        meta.check().unwrap();
+        assert_eq!(meta.device_fenced(record.index), None);
+        meta.revert(undo);
+        assert_eq!(meta, before);
+        let change = MetaChange::DeviceFencing { device: a, fenced: true };
+        assert_eq!(crate::codec::decode::<MetaChange>(&crate::codec::encode(&change).unwrap()).unwrap(), change);
+    }
 }

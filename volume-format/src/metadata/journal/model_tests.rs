@@ -808,3 +808,72 @@ fn a_crash_anywhere_in_the_format3_upgrade_loses_nothing() {
         }
     }
 }
+
+// ---- upgrade of a pool written by the release before format 10
+
+/// `tests/fixtures/format9/`: the format-3 fixture upgraded and committed
+/// to five more times by the format-9 code (see its README).
+const FORMAT9_IMAGES: [&[u8]; 2] = [
+    include_bytes!("../../../tests/fixtures/format9/dev0.img"),
+    include_bytes!("../../../tests/fixtures/format9/dev1.img"),
+];
+const FORMAT9_STATE: &str = include_str!("../../../tests/fixtures/format9/expected.json");
+
+#[test]
+fn a_format9_pool_is_read_with_fencing_unknown_and_upgraded_by_a_checkpoint_at_its_next_commit() {
+    let (mut m, loaded) = Model::from_images(FORMAT9_IMAGES, Vec::new(), 1);
+    let mut expected: PoolMetadata = serde_json::from_str(FORMAT9_STATE).unwrap();
+    assert_eq!((expected.format_version, expected.generation), (9, 19));
+    expected.format_version = METADATA_FORMAT_VERSION;
+    assert_eq!(loaded.metadata, expected, "the checkpoint and the four entries after it, replayed");
+    assert!(loaded.metadata.range_locks.iter().any(|l| l.handle == crate::ids::HandleId(3)), "format 9's locks kept");
+    assert!(loaded.metadata.device_fencing.is_empty());
+    let devices: Vec<_> = loaded.metadata.devices.iter().map(|d| d.index).collect();
+    assert!(devices.iter().all(|d| loaded.metadata.device_fenced(*d).is_none()), "unknown: learned at runtime");
+    assert!(
+        m.writer.checkpoint_pending().is_some_and(|why| why.contains("format-9")),
+        "{:?}",
+        m.writer.checkpoint_pending()
+    );
+
+    // The first commit records what a connection told: the upgrade, a format-10 checkpoint.
+    let changes: Vec<MetaChange> =
+        devices.iter().enumerate().map(|(i, d)| MetaChange::DeviceFencing { device: *d, fenced: i == 0 }).collect();
+    for change in &changes {
+        m.meta.apply(change).unwrap();
+    }
+    let sealed = m.writer.seal_commit(&mut m.meta, &changes, &m.key).unwrap();
+    let SealedWrite::Checkpoint(cp) = &sealed.write else { panic!("the upgrade is a checkpoint") };
+    assert_eq!(crate::metadata::SlotHeader::decode(&cp.bytes).unwrap().format_version, METADATA_FORMAT_VERSION);
+    let written = m.write_commit(&sealed).unwrap();
+    m.writer.commit_written(sealed.seq, &written).unwrap();
+    m.acked = m.meta.clone();
+    assert_eq!(m.meta.generation, 20);
+    m.reload();
+    assert_eq!(m.meta, m.acked);
+    assert_eq!(m.meta.device_fenced(devices[0]), Some(true), "recorded across the reload");
+    assert_eq!(m.meta.device_fenced(devices[1]), Some(false));
+    assert!(m.writer.checkpoint_pending().is_none());
+
+    // Later commits are journal entries.
+    m.run(&fixed_history()[..30]);
+    assert!(m.reloads >= 2);
+}
+
+/// Crash at every write boundary of the format-9 upgrade and the commits
+/// after it: the pool reloads as format 9 (generation 19) or upgraded.
+#[test]
+fn a_crash_anywhere_in_the_format9_upgrade_loses_nothing() {
+    let history = fixed_history()[..24].to_vec();
+    let ops = {
+        let (mut m, _) = Model::from_images(FORMAT9_IMAGES, Vec::new(), 1);
+        m.run(&history);
+        m.ops
+    };
+    for crash in 0..ops {
+        for seed in 1..=2 {
+            let (mut m, _) = Model::from_images(FORMAT9_IMAGES, vec![crash], seed * 31 + crash as u64);
+            m.run(&history);
+        }
+    }
+}
