@@ -105,7 +105,7 @@ impl DurableFile {
         let Some(direct) = self.direct.as_ref().filter(|_| self.direct_ok.load(Ordering::Relaxed)) else {
             return Ok(false);
         };
-        if pos % 512 != 0 || bytes.len() % 512 != 0 {
+        if !pos.is_multiple_of(512) || !bytes.len().is_multiple_of(512) {
             return Ok(false);
         }
         let aligned;
@@ -172,7 +172,7 @@ mod tests {
         let f = DurableFile::open(&dir.path().join("log")).unwrap();
         f.preallocate(1 << 20).unwrap();
         let a = vec![7u8; 4096];
-        let odd = vec![9u8; 100]; // not a multiple of 512: buffered + fdatasync
+        let odd = [9u8; 100]; // not a multiple of 512: buffered + fdatasync
         f.write_durable([(8192u64, &a[..]), (512, &a[..512])].into_iter()).unwrap();
         f.write_durable(std::iter::once((20_000u64, &odd[..]))).unwrap();
         let mut back = vec![0u8; 1 << 20];
