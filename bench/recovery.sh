@@ -15,14 +15,19 @@
 #            regions' bytes, the copy time from the server's log, the open's
 #            wall time, and the copy rate as a ratio of nbdcopy copying the
 #            same number of bytes between the same two devices.
-#   move     a third device is added; `sanvol volume move` copies the other
+#   move     a third device is added; `sanvol volume move` copies a
 #            volume's legs off dev1 onto it while fio (4k random writes
-#            QD8) runs on that volume. Reported: the move's wall time and
+#            QD8) runs on that volume: move-paused for the volume of the
+#            agent without the log (copied whole, its I/O paused),
+#            move-online for a volume of an agent keeping it. Reported: the move's wall time and
 #            rate (as a ratio of nbdcopy of the same bytes), fio's IOPS
 #            before and during the move (ratio), and fio's longest request
-#            during it (agents pause the volume's I/O while its extents are
-#            copied: that pause is the cost, see metadata-server's
-#            server/reconfig.rs).
+#            during it: the pause at the recall point, where the regions
+#            written during the online copy are copied again (see
+#            metadata-server's server/precopy.rs).
+#   move-online-hot  the same volume's legs off dev0, with fio writing
+#            only its first eighth: the regions copied again at the
+#            recall point are only those.
 #
 # Usage: bench/recovery.sh   (env: BENCH_SECONDS=10 per timed row,
 #        BENCH_VOLUME_MIB=512)
@@ -30,7 +35,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${BENCH_SECONDS:-10}
 VOLUME_MIB=${BENCH_VOLUME_MIB:-512}
-DEVICE_MIB=$((VOLUME_MIB * 3))
+DEVICE_MIB=$((VOLUME_MIB * 6))
 # The agent clears a region 5 s after its last write (INTENT_CLEAR_AFTER_MS)
 # and sweeps every second: wait this long between rows.
 CLEAR_WAIT_SECS=7
@@ -96,41 +101,65 @@ t1=$(date +%s.%N)
 echo "nbdcopy $bytes $(python3 -c "print(($t1 - $t0) * 1000)")" >>"$results"
 echo "done: resync" >&2
 
-# --- move under load: the copy of a whole volume's legs onto a new device.
-# fio_json URI SECS : "iops max_latency_ms" of a 4k random write QD8 run
-# (fio prints "fio: connected to NBD server" before its JSON).
+# --- moves under load: the copy of a whole volume's legs onto a new device.
+# fio_json URI SECS [MIB] : "iops max_latency_ms" of a 4k random write QD8
+# run over the first MIB of the volume (default: all of it; fio prints
+# "fio: connected to NBD server" before its JSON).
 fio_json() {
-    fio --name=move --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth=8 --size="${VOLUME_MIB}M" \
+    fio --name=move --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth=8 --size="${3:-$VOLUME_MIB}M" \
         --time_based --runtime="$2" --randrepeat=0 --output-format=json 2>/dev/null |
         python3 -c 'import json, sys; t = sys.stdin.read(); j = json.loads(t[t.index("{"):])["jobs"][0]["write"]; print("%.0f %.1f" % (j["iops"], j["clat_ns"]["max"] / 1e6))'
 }
-start_nbdkit dev2 memory "${DEVICE_MIB}M"
+# move_row LABEL URI VOLUME FROM [MIB]: fio before (same length), then
+# during `sanvol volume move VOLUME --from FROM` (to wherever has room).
+move_row() {
+    local before bytes
+    bytes=$($BIN/sanvol volume show "$3" --json | python3 -c '
+import json, sys
+d = json.load(sys.stdin)["description"]
+on = sum(1 for e in d["extents"] for l in e["legs"] if "dev%d" % l["device"] == sys.argv[1])
+print(on * d["extent_bytes"])' "$4")
+    before=$(fio_json "$2" "$MOVE_SECS" "${5:-}")
+    fio_json "$2" "$MOVE_SECS" "${5:-}" >"$D/during.txt" &
+    FIO_PID=$!
+    sleep 1
+    t0=$(date +%s.%N)
+    $BIN/sanvol volume move "$3" --from "$4" >/dev/null
+    t1=$(date +%s.%N)
+    wait "$FIO_PID"
+    echo "$1 $bytes $(python3 -c "print(($t1 - $t0) * 1000)") $before $(cat "$D/during.txt") ${5:-$VOLUME_MIB}" >>"$results"
+    echo "done: $1" >&2
+}
+start_nbdkit dev2 memory "$((DEVICE_MIB * 2))M"
 $BIN/sanvol device add "$(sock_uri dev2)" >/dev/null
 MOVE_SECS=$((SECS > 6 ? SECS : 6))
-before=$(fio_json "${URI[nolog]}" "$MOVE_SECS")
-fio_json "${URI[nolog]}" "$MOVE_SECS" >"$D/during.txt" &
-FIO_PID=$!
-sleep 1
-t0=$(date +%s.%N)
-$BIN/sanvol volume move vnolog --from dev1 --to dev2 >/dev/null
-t1=$(date +%s.%N)
-wait "$FIO_PID"
 moved=$((VOLUME_MIB * 1048576))
-echo "move $moved $(python3 -c "print(($t1 - $t0) * 1000)") $before $(cat "$D/during.txt")" >>"$results"
+# The agent without the write-intent log: its volume is copied whole with
+# its I/O paused (the server cannot tell which regions it wrote meanwhile).
+move_row move-paused "${URI[nolog]}" vnolog dev1
 t0=$(date +%s.%N)
 nbdcopy --request-size=4194304 --requests=4 --connections=1 \
     -- [ nbdkit --exit-with-parent --filter=offset nbd socket="$D/dev0.sock" offset="$DATA_OFFSET" range="$moved" ] \
     [ nbdkit --exit-with-parent --filter=offset nbd socket="$D/dev2.sock" offset="$DATA_OFFSET" range="$moved" ]
 t1=$(date +%s.%N)
 echo "nbdcopy-move $moved $(python3 -c "print(($t1 - $t0) * 1000)")" >>"$results"
-echo "done: move" >&2
+# An agent keeping the log (a fresh one: the first was killed above) on a
+# volume of its own: copied online, then again where fio wrote meanwhile —
+# everywhere, with random writes over the whole volume; an eighth of it,
+# with writes over its first eighth.
+start_agent log2
+$BIN/sanvol volume create vmove "${VOLUME_MIB}M" --mirror 2 >/dev/null
+URI[log2]=$($BIN/sanvol-agent attach vmove --control-socket "$D/agent-log2.sock")
+move_row move-online "${URI[log2]}" vmove dev1
+move_row move-online-hot "${URI[log2]}" vmove dev0 "$((VOLUME_MIB / 8))"
 
 mkdir -p bench/results
 out="bench/results/recovery-$(date +%Y%m%d-%H%M%S).md"
 python3 - "$results" "$VOLUME_MIB" "$SECS" >"$out" <<'PY'
 import sys, collections
 w = collections.OrderedDict()
-resync = copy = move = move_copy = None
+resync = copy = move_copy = None
+moves = []
 for line in open(sys.argv[1]):
     f = line.split()
     if f[0] == "write":
@@ -139,8 +168,8 @@ for line in open(sys.argv[1]):
         resync = (int(f[1] or 0), int(f[2] or 0), float(f[3] or 0), float(f[4]))
     elif f[0] == "nbdcopy":
         copy = (int(f[1]), float(f[2]))
-    elif f[0] == "move":
-        move = (int(f[1]), float(f[2]), float(f[3]), float(f[4]), float(f[5]), float(f[6]))
+    elif f[0].startswith("move"):
+        moves.append((f[0], int(f[1]), float(f[2]), float(f[3]), float(f[4]), float(f[5]), float(f[6]), int(f[7])))
     elif f[0] == "nbdcopy-move":
         move_copy = (int(f[1]), float(f[2]))
 print(f"mirrored volume of {sys.argv[2]} MiB (two legs) on two nbdkit memory devices, unix sockets, {sys.argv[3]} s per row\n")
@@ -161,14 +190,14 @@ if resync:
     rate = b / 2**20 / max(ms, 1) * 1000
     crate = copy[0] / 2**20 / max(copy[1], 1) * 1000 if copy else float("nan")
     print(f"| {regions} | {b} | {ms:.0f} | {open_s:.2f} | {rate:.1f} | {crate:.1f} | {rate/crate:.2f} |")
-if move:
-    b, ms, iops0, lat0, iops1, lat1 = move
-    rate = b / 2**20 / max(ms, 1) * 1000
+if moves:
     crate = move_copy[0] / 2**20 / max(move_copy[1], 1) * 1000 if move_copy else float("nan")
-    print("\n`sanvol volume move` of the whole volume onto a new device under fio 4k random writes QD8 (same length before and during):\n")
-    print("| bytes | move wall ms | move MiB/s | nbdcopy same bytes MiB/s | move / nbdcopy | fio IOPS before | during | during / before | longest request before ms | during ms |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| {b} | {ms:.0f} | {rate:.1f} | {crate:.1f} | {rate/crate:.2f} | {iops0:.0f} | {iops1:.0f} | {iops1/max(iops0, 1):.2f} | {lat0:.1f} | {lat1:.1f} |")
+    print("\n`sanvol volume move` of a whole volume onto another device under fio 4k random writes QD8 over the first MiB named (same length before and during). move-paused: the agent keeps no write-intent log, the copy runs with its I/O paused; move-online: the agent keeps it, the copy runs online and again where fio wrote meanwhile, paused. nbdcopy of the same bytes between the same kind of devices: %.1f MiB/s.\n" % crate)
+    print("| row | fio MiB | bytes | move wall ms | move MiB/s | move / nbdcopy | fio IOPS before | during | during / before | longest request before ms | during ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, b, ms, iops0, lat0, iops1, lat1, mib in moves:
+        rate = b / 2**20 / max(ms, 1) * 1000
+        print(f"| {name} | {mib} | {b} | {ms:.0f} | {rate:.1f} | {rate/crate:.2f} | {iops0:.0f} | {iops1:.0f} | {iops1/max(iops0, 1):.2f} | {lat0:.1f} | {lat1:.1f} |")
 PY
 cat "$out"
 echo "(saved to $out)"

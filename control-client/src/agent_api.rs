@@ -87,6 +87,11 @@ pub struct AttachmentInfo {
     /// `bytes START..END by HOLDER (handle hN)`, this handle's marked `(this handle)`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub locks: Vec<String>,
+    /// The server's copy of the volume's extents in progress (a resync,
+    /// a move), as it last told: "move its extents off device 1: copying
+    /// online, 40% of 512 MiB (writes go on)"; empty when none runs.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub recovery: String,
 }
 
 /// A volume's write-back cache as `sanvol-agent list` shows it.

@@ -150,5 +150,9 @@ pub fn describe_event(e: &ServerEvent) -> String {
         ServerEvent::Revoked { handle, reason } => format!("Revoked handle {}: {reason}", handle.0),
         ServerEvent::Redirect { addrs, reason } => format!("Redirect to {addrs:?}: {reason}"),
         ServerEvent::Locks { handle, locks } => format!("Locks handle {}: {} holders", handle.0, locks.holders.len()),
+        ServerEvent::Recovery { handle, status } => match status {
+            Some(s) => format!("Recovery handle {}: {s}", handle.0),
+            None => format!("Recovery handle {}: over", handle.0),
+        },
     }
 }

@@ -288,6 +288,85 @@ async fn every_admin_command_under_fio_leaves_the_map_as_asked_and_the_data_inta
     agent.detach("m");
 }
 
+/// A mirrored volume's move copies online: its holder's writes go on while
+/// the extents are copied, and what it writes to a region after that region
+/// was copied reaches the new legs too (copied again at the recall point,
+/// the server's `precopy`). The online copy, once it has copied everything,
+/// waits (fault point `mds-after-copy-job:sleep`) before it reports: the
+/// test writes in that window, so without the second pass the new legs
+/// would miss those writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_copies_online_and_what_the_holder_writes_meanwhile_reaches_the_new_legs() {
+    let mut stack = Stack::new(3, "1G");
+    stack.mds_env.push(("SANVOL_FAULT".into(), "mds-after-copy-job:sleep=8000@1".into()));
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "m", "64M", "--mirror", "2"]);
+    let agent = stack.start_agent("host-a");
+    let uri = agent.attach("m", "exclusive");
+    // The volume in use: the agent's first I/O shows the server it keeps
+    // the write-intent log (it asks for its resync first).
+    let c = connect(&uri).await;
+    c.read(0, 4096).await.expect("a first read");
+    let before = legs_of(&stack, "m");
+    let from = before[0][0].0;
+    let mut mv = stack
+        .sanvol_command(&["volume", "move", "m", "--from", &format!("dev{from}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sanvol volume move");
+    sanvol_tests::system::poll("the online copy to have copied everything", STATE_TIMEOUT, || {
+        stack.mds_log().contains("SANVOL_FAULT: reached mds-after-copy-job").then_some(())
+    });
+    let health = stack.sanvol_json(&["volume", "show", "m"])["info"]["health"].as_str().unwrap_or("").to_string();
+    assert!(health.contains("moving") && health.contains("online"), "volume show says it copies online: {health:?}");
+    let status = stack.sanvol_ok(&["pool", "status"]);
+    assert!(status.contains("copying volume m online"), "pool status shows the online copy: {status}");
+    // The holder was told too (`sanvol-agent list`): pushed by the server
+    // when the copy started and every second while it runs.
+    let listed = String::from_utf8_lossy(&agent.cli(&["list"]).stdout).to_string();
+    assert!(
+        listed.contains("recovery volume m: move its extents off device") && listed.contains("copying online"),
+        "the agent shows the server's copy: {listed}"
+    );
+    // The holder writes every extent now, after its regions were copied:
+    // the writes complete while the move is still in its online pass.
+    let extent_bytes = stack.sanvol_json(&["volume", "show", "m"])["description"]["extent_bytes"].as_u64().unwrap();
+    for e in 0..before.len() as u64 {
+        let data = bytes::Bytes::from(vec![0x40 + e as u8; 256 << 10]);
+        c.write(e * extent_bytes + 4096, data, false).await.expect("a write during the online copy");
+    }
+    c.flush().await.expect("flush");
+    assert!(
+        mv.try_wait().unwrap().is_none(),
+        "the move ended before the writes did: the holder's I/O was not shown to go on during the copy"
+    );
+    let out = mv.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the move failed: {}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        stack.mds_log()
+    );
+    let after = legs_of(&stack, "m");
+    assert!(!devices_of(&after).contains(&from), "no leg left on device {from}: {after:?}");
+    // The news that the copy is over reaches the agent on its own
+    // connection, not with the CLI's answer: polled.
+    sanvol_tests::system::poll("the agent to be told the copy is over", STATE_TIMEOUT, || {
+        (!String::from_utf8_lossy(&agent.cli(&["list"]).stdout).contains("recovery")).then_some(())
+    });
+    for e in 0..before.len() as u64 {
+        let got = c.read(e * extent_bytes + 4096, 256 << 10).await.unwrap();
+        assert!(got.iter().all(|b| *b == 0x40 + e as u8), "extent {e} reads back what was written through the agent");
+    }
+    c.disconnect().await;
+    // Every leg, read from its device directly, holds what the volume reads.
+    legs_hold_the_volume(&stack, &uri, "m").await;
+    let log = stack.mds_log();
+    assert!(log.contains("copying online while the holders write"), "the server says it copied online");
+    agent.detach("m");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_killed_in_the_middle_of_a_move_leaves_the_old_map_in_force() {
     // One nbdkit thread per device: nbdkit 1.32 aborts ("raw_send_socket:

@@ -123,6 +123,11 @@ async fn a_device_restarted_under_fio_comes_back_resynchronized() {
     for line in stack.mds_log().lines().filter(|l| l.contains("extents resynchronized")) {
         eprintln!("{line}");
     }
+    // The copy ran online first (the holder wrote on), then again where
+    // fio wrote meanwhile, at the recall point.
+    let log = stack.mds_log();
+    assert!(log.contains("copying online while the holders write"), "the resync copies online first");
+    assert!(log.contains("copying at the recall point what was written during the online copy"));
     let finished_early = fio.try_wait().unwrap().is_some();
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let status = fio.wait().unwrap();

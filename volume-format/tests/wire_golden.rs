@@ -27,8 +27,9 @@ use volume_format::control::auth::{
 use volume_format::control::frame::encode_payload;
 use volume_format::control::messages::{
     CacheMode, CacheStateInfo, ClientInfo, ClientMessage, ControlError, DataChannelGrant, DeviceCapability,
-    DeviceFencing, DeviceInfo, ErrorCode, MirrorRecord, OpenMode, OpenedHandle, OperationInfo, PoolInfo, Request,
-    Response, ServerEvent, ServerInfo, ServerMessage, SnapshotInfo, VolumeCache, VolumeDetail, VolumeInfo,
+    DeviceFencing, DeviceInfo, ErrorCode, MirrorRecord, OpenMode, OpenedHandle, OperationInfo, PoolInfo,
+    RecoveryStatus, Request, Response, ServerEvent, ServerInfo, ServerMessage, SnapshotInfo, VolumeCache, VolumeDetail,
+    VolumeInfo,
 };
 use volume_format::control::{PROTOCOL_VERSION, PROTOCOL_VERSION_MIN};
 use volume_format::description::{DeviceEndpoint, SnapshotEpoch};
@@ -322,6 +323,10 @@ samples!(events, ServerEvent {
     Revoked => ServerEvent::Revoked { handle: HandleId(5), reason: "broken by host-b".into() },
     Redirect => ServerEvent::Redirect { addrs: vec!["unix:/run/mds-b.sock".into()], reason: "handoff".into() },
     Locks => ServerEvent::Locks { handle: HandleId(5), locks: lock_table() },
+    Recovery => ServerEvent::Recovery {
+        handle: HandleId(5),
+        status: Some(RecoveryStatus { what: "resync of device 2".into(), online: true, bytes_done: 1 << 20, bytes_total: 64 << 20 }),
+    },
 });
 
 fn lock_table() -> LockTable {

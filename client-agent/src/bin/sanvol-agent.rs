@@ -471,6 +471,9 @@ fn print_table(volumes: &[AttachmentInfo]) {
         for lock in &v.locks {
             println!("  lock {lock}");
         }
+        if !v.recovery.is_empty() {
+            println!("  recovery {}", v.recovery);
+        }
         if let Some(c) = &v.cache {
             let state =
                 if c.state_detail.is_empty() { c.state.clone() } else { format!("{} ({})", c.state, c.state_detail) };

@@ -865,7 +865,8 @@ fn event_handle(event: &ServerEvent) -> u64 {
         ServerEvent::Recall { handle, .. }
         | ServerEvent::Publish { handle, .. }
         | ServerEvent::Revoked { handle, .. }
-        | ServerEvent::Locks { handle, .. } => handle.0,
+        | ServerEvent::Locks { handle, .. }
+        | ServerEvent::Recovery { handle, .. } => handle.0,
         ServerEvent::Redirect { .. } => 0,
     }
 }

@@ -78,6 +78,7 @@ impl AgentCore {
                 export_uri: None,
                 locks: Vec::new(),
                 lock_table: Default::default(),
+                recovery: None,
                 locking: None,
             },
         );

@@ -189,6 +189,8 @@ pub struct Volume {
     pub locks: Vec<volume_format::locks::LockRange>,
     /// The volume's lock table as the server last told it.
     pub lock_table: volume_format::locks::LockTable,
+    /// The server's copy of the volume in progress, as it last told.
+    pub recovery: Option<volume_format::control::messages::RecoveryStatus>,
     /// An open waiting for its locks: the answer and when/where its `Open`
     /// was sent (the lease counts from then).
     pub locking: Option<Box<(volume_format::control::messages::OpenedHandle, super::Millis, super::ConnId)>>,

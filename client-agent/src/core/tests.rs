@@ -1207,3 +1207,23 @@ fn an_attach_with_locks_takes_them_before_serving_and_a_refusal_closes_the_handl
     let effects = h.apply(Input::Reply { request: close, result: Ok(Response::Done) });
     assert_eq!(reply_to(&effects, caller), Reply::Failed(AgentError::Session(SessionError::Server(why.into()))));
 }
+
+/// The server's news of a copy of the volume (protocol 12) shows in `list`
+/// until it says the copy is over; it changes nothing of the I/O.
+#[test]
+fn a_copy_of_the_volume_the_server_reports_shows_in_list_until_it_is_over() {
+    use volume_format::control::messages::RecoveryStatus;
+    let mut h = Harness::new();
+    h.attach("vol", 11, b"key");
+    assert_eq!(h.list()[0].recovery, "");
+    let status =
+        RecoveryStatus { what: "resync of device 2".into(), online: true, bytes_done: 16 << 20, bytes_total: 64 << 20 };
+    let effects = h.apply(Input::Event {
+        conn: h.conn,
+        event: ServerEvent::Recovery { handle: HandleId(11), status: Some(status) },
+    });
+    assert!(effects.is_empty(), "nothing to do for the I/O: {effects:?}");
+    assert_eq!(h.list()[0].recovery, "resync of device 2: copying online, 25% of 64 MiB (writes go on)");
+    h.apply(Input::Event { conn: h.conn, event: ServerEvent::Recovery { handle: HandleId(11), status: None } });
+    assert_eq!(h.list()[0].recovery, "");
+}

@@ -101,6 +101,7 @@ impl AgentCore {
                 export_uri: None,
                 locks: spec.locks,
                 lock_table: Default::default(),
+                recovery: None,
                 locking: None,
             },
         );
@@ -475,6 +476,7 @@ impl AgentCore {
                     l.ranges.iter().map(move |r| format!("{r} by {} (handle {}){mine}", l.holder, l.handle))
                 })
                 .collect(),
+            recovery: v.recovery.as_ref().map(|r| r.to_string()).unwrap_or_default(),
         }
     }
 
@@ -606,6 +608,13 @@ impl AgentCore {
                 info!(volume = name, handle, holders = locks.holders.len(), "the volume's range locks changed");
                 v.lock_table = locks.clone();
                 self.out.push(Effect::Locks { attachment: id, table: locks });
+            }
+            ServerEvent::Recovery { status, .. } => {
+                match &status {
+                    Some(s) => info!(volume = name, handle, "the server copies the volume: {s}"),
+                    None => info!(volume = name, handle, "the server's copy of the volume is over"),
+                }
+                v.recovery = status;
             }
             // Handled by the core before events reach volumes.
             ServerEvent::Redirect { .. } => {}

@@ -447,6 +447,8 @@ pub enum AfterJob {
     MirrorReplayed { volume: VolumeId, next: super::cache::AfterReplay },
     /// The regions a gone holder left dirty were copied: open (`intents`).
     OrphansResynced(super::intents::OrphansResync),
+    /// The online pass of a volume's copy step is done (`precopy`).
+    Precopied { volume: VolumeId, next: super::precopy::PrecopyNext },
     /// A resumed handle's dirty regions were copied: forget them.
     HandleResynced { volume: VolumeId, handle: volume_format::HandleId, reply: ReplyId },
 }
@@ -485,6 +487,12 @@ pub enum Busy {
     /// A device's extents of the volume being copied (`recovery`): what
     /// waits for `Layout` waits, and so do opens.
     Resync,
+    /// The online pass of a copy (`precopy`): the holders go on writing
+    /// (marks and registrations go on); layout and snapshot changes, opens
+    /// and server-side pre-image copies wait. Kept apart from the other
+    /// kinds (`Core::precopies`), so another job on the volume meanwhile (a
+    /// resumed handle's resync) neither hides nor ends it.
+    Precopy,
 }
 
 /// Changes applied to the metadata and committed together.
@@ -588,6 +596,12 @@ pub struct Core {
     /// clears it.
     pub(super) copy_misses: BTreeMap<volume_format::DeviceIndex, u32>,
     pub(super) resyncs: super::recovery::Resyncs,
+    /// Online passes of copy steps and what was written meanwhile
+    /// (`precopy`).
+    pub(super) precopies: BTreeMap<VolumeId, super::precopy::Precopy>,
+    /// Handles whose agent showed, in this server's lifetime, that it keeps
+    /// the write-intent log (`precopy`).
+    pub(super) intent_handles: BTreeSet<u64>,
     /// The admin reconfiguration in progress, if any (`reconfig`).
     pub(super) operation: Option<super::reconfig::AdminOp>,
     /// Failed devices are replaced after this long (`reconfig`; `None`: never).
@@ -664,6 +678,8 @@ impl Core {
             copy_checks: BTreeSet::new(),
             copy_misses: BTreeMap::new(),
             resyncs: Default::default(),
+            precopies: BTreeMap::new(),
+            intent_handles: BTreeSet::new(),
             operation: None,
             device_replace_after_ms: None,
             auto_replace_next_ms: BTreeMap::new(),
@@ -862,6 +878,7 @@ impl Core {
         self.probe_failed_devices();
         self.admin_tick();
         self.replace_failed_devices();
+        self.push_precopy_progress();
     }
 
     fn meta_written(&mut self, task: TaskId, written: Vec<bool>, failures: Vec<String>) {
@@ -1099,10 +1116,13 @@ impl Core {
                 false
             }
             Change::Request { request, session, .. } => match self.volume_of(*session, request) {
-                Some((volume, waits_for)) => self.busy.get(&volume).is_none_or(|busy| !waits_for.contains(busy)),
+                Some((volume, waits_for)) => {
+                    self.busy.get(&volume).is_none_or(|busy| !waits_for.contains(busy))
+                        && !(waits_for.contains(&Busy::Precopy) && self.precopy_running(volume))
+                }
                 None => true,
             },
-            Change::RecallReady { volume } => !self.busy.contains_key(volume),
+            Change::RecallReady { volume } => !self.busy.contains_key(volume) && !self.precopy_running(*volume),
             Change::Resync { .. } | Change::DeviceFailed { .. } => true,
             Change::Admin => !self.zeroing,
             Change::RecordFencing => true,

@@ -833,7 +833,7 @@ fn a_grow_with_holders_zeroes_before_recalling_them() {
 }
 
 #[test]
-fn a_failed_device_that_answers_its_probe_is_resynced_at_a_recall_point_then_online() {
+fn a_failed_device_that_answers_its_probe_is_copied_online_then_what_was_written_meanwhile_at_a_recall_point() {
     use super::recovery::ProbeBackoff;
     use volume_format::metadata::DeviceState;
     let mut w = World::new();
@@ -846,6 +846,9 @@ fn a_failed_device_that_answers_its_probe_is_resynced_at_a_recall_point_then_onl
     let (task, next) = commit_of(&effects).unwrap();
     let effects = w.apply(committed(task, next));
     let Some(Ok(Response::Opened(opened))) = reply_of(&effects, open) else { panic!("{effects:?}") };
+    // The agent keeps the write-intent log: it asks for its resync first.
+    let resync = Request::IntentResync { handle: opened.handle };
+    assert_eq!(committed_request(&mut w, 1, resync), Ok(Response::IntentRecorded));
     let device = w.core.meta.volume_by_name("m").unwrap().extents[0].legs[0].device;
     // The holder writes region 0 (one extent here): marked dirty first.
     let mark = Request::IntentRecord { handle: opened.handle, mark: vec![0], clear: vec![] };
@@ -889,24 +892,15 @@ fn a_failed_device_that_answers_its_probe_is_resynced_at_a_recall_point_then_onl
     let (task, next) = commit_of(&effects).expect("resyncing commits");
     assert!(matches!(w.core.meta.device(device).unwrap().state, DeviceState::Resyncing { .. }));
     let effects = w.apply(committed(task, next));
-    // The holder is recalled before anything is copied…
-    let generation = effects
-        .iter()
-        .find_map(|e| match e {
-            Effect::Event { session: 1, event: ServerEvent::Recall { generation, .. } } => Some(*generation),
-            _ => None,
-        })
-        .expect("the holder is recalled");
-    assert!(!effects.iter().any(|e| matches!(e, Effect::Job { job: Job::Resync { .. }, .. })));
-    // …and the copy runs once it drained, from the online leg to the device.
-    let (_, effects) = w.request(1, Request::RecallDone { handle: opened.handle, generation });
-    let (copy, copies) = effects
+    // The copy starts online, while the holder writes: no recall yet.
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Event { event: ServerEvent::Recall { .. }, .. })));
+    let (online, online_copies) = effects
         .iter()
         .find_map(|e| match e {
             Effect::Job { task, job: Job::Resync { copies, .. } } => Some((*task, copies.clone())),
             _ => None,
         })
-        .expect("the copy starts at the recall point");
+        .expect("the online copy starts at once");
     let on_device = w
         .core
         .meta
@@ -916,9 +910,43 @@ fn a_failed_device_that_answers_its_probe_is_resynced_at_a_recall_point_then_onl
         .iter()
         .filter(|e| e.legs.iter().any(|l| l.device == device))
         .count();
-    assert_eq!(copies.len(), on_device, "only the stale regions (one extent each here) of m on the device");
-    assert_eq!(copies.len(), stale(&w).len());
-    assert!(copies.iter().all(|c| c.to.device == device && c.from.iter().all(|f| f.device != device)));
+    assert_eq!(online_copies.len(), on_device, "only the stale regions (one extent each here) of m on the device");
+    assert_eq!(online_copies.len(), stale(&w).len());
+    assert!(online_copies.iter().all(|c| c.to.device == device && c.from.iter().all(|f| f.device != device)));
+    let listed = w.core.device_infos(|d| d.index == device);
+    assert!(listed[0].recovery.contains("online"), "{:?}", listed[0].recovery);
+    // The holder goes on: it clears region 1 and marks region 0 again
+    // while the copy runs — its marks are not held up by the copy.
+    let mark = Request::IntentRecord { handle: opened.handle, mark: vec![], clear: vec![1] };
+    assert_eq!(committed_request(&mut w, 1, mark), Ok(Response::IntentRecorded));
+    let mark = Request::IntentRecord { handle: opened.handle, mark: vec![0], clear: vec![] };
+    assert_eq!(committed_request(&mut w, 1, mark), Ok(Response::IntentRecorded));
+    // An open of the volume waits for the online copy.
+    let (open2, effects) = w.request(2, Request::Open { volume: "m".into(), mode: OpenMode::SharedWrite });
+    assert!(reply_of(&effects, open2).is_none() && commit_of(&effects).is_none(), "{effects:?}");
+    // The online copy done, the holder is recalled…
+    let effects = w.apply(Input::JobDone { task: online, outcome: JobOutcome::done() });
+    let generation = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Event { session: 1, event: ServerEvent::Recall { generation, .. } } => Some(*generation),
+            _ => None,
+        })
+        .expect("the holder is recalled");
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Job { job: Job::Resync { .. }, .. })));
+    // …and once it drained, only what was written during the online copy
+    // (region 1 was dirty when it started, region 0 marked meanwhile),
+    // of the regions on the device, is copied again.
+    let (_, effects) = w.request(1, Request::RecallDone { handle: opened.handle, generation });
+    let (copy, copies) = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Job { task, job: Job::Resync { copies, .. } } => Some((*task, copies.clone())),
+            _ => None,
+        })
+        .expect("the copy of the touched regions starts at the recall point");
+    assert_eq!(copies.len(), online_copies.len(), "regions 0 and 1 were both touched");
+    assert!(copies.iter().all(|c| online_copies.contains(c)));
     // Opens of the volume wait meanwhile; the layout bump commits after it.
     let effects = w.apply(Input::JobDone { task: copy, outcome: JobOutcome::done() });
     let (task, next) = commit_of(&effects).expect("the layout bump commits");
@@ -1158,9 +1186,11 @@ fn commit_all(w: &mut World, mut effects: Vec<Effect>) -> Vec<Effect> {
 }
 
 #[test]
-fn a_move_copies_at_the_recall_point_and_commits_the_new_map_only_after_the_copy() {
+fn a_plain_volumes_move_copies_at_the_recall_point_and_commits_the_new_map_only_after_the_copy() {
+    // A volume of one leg keeps no intent log: its copy runs with the
+    // holders drained (`precopy` is for mirrored volumes).
     let mut w = World::new();
-    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 3 << 20, legs: 2 });
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 3 << 20, legs: 1 });
     commit_all(&mut w, effects);
     let (open, effects) = w.request(1, Request::Open { volume: "m".into(), mode: OpenMode::Exclusive });
     let effects = commit_all(&mut w, effects);
@@ -1230,6 +1260,150 @@ fn a_move_copies_at_the_recall_point_and_commits_the_new_map_only_after_the_copy
         .iter()
         .any(|e| matches!(e, Effect::Event { session: 1, event: ServerEvent::Publish { description, .. } }
         if description.layout_generation == after.layout_generation)));
+}
+
+#[test]
+fn a_mirrored_volumes_move_copies_online_then_only_the_regions_written_meanwhile_at_the_recall_point() {
+    let mut w = World::new();
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 6 << 20, legs: 2 });
+    commit_all(&mut w, effects);
+    let opened = match committed_request(&mut w, 1, Request::Open { volume: "m".into(), mode: OpenMode::Exclusive }) {
+        Ok(Response::Opened(o)) => o,
+        other => panic!("{other:?}"),
+    };
+    // Until its agent shows it keeps the write-intent log (it asks for
+    // its resync before its first I/O), the volume is copied at the
+    // recall point only: an agent without the log writes without marks.
+    let v = w.core.meta.volume_by_name("m").unwrap().id;
+    assert!(!w.core.precopy_allowed(v));
+    let resync = Request::IntentResync { handle: opened.handle };
+    assert_eq!(committed_request(&mut w, 1, resync), Ok(Response::IntentRecorded));
+    assert!(w.core.precopy_allowed(v));
+    let before = w.core.meta.volume_by_name("m").unwrap().clone();
+    let from = before.extents[0].legs[0].device;
+    let (mv, effects) = w.request(3, Request::VolumeMove { name: "m".into(), from, to: None });
+    // No recall: the whole copy runs while the holder writes.
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Event { event: ServerEvent::Recall { .. }, .. })));
+    // The holder is told (protocol 12): copying online.
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::Event { session: 1, event: ServerEvent::Recovery { status: Some(s), .. } }
+            if s.online && s.what.contains("move"))),
+        "{effects:?}"
+    );
+    let (online, online_copies) = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Job { task, job: Job::Resync { copies, .. } } => Some((*task, copies.clone())),
+            _ => None,
+        })
+        .expect("the online copy starts at once");
+    let on_from = before.extents.iter().filter(|e| e.legs.iter().any(|l| l.device == from)).count();
+    assert_eq!(online_copies.len(), on_from);
+    assert!(on_from > 1, "the test needs more than one extent on the device");
+    // The holder writes region 0 (extent 0) meanwhile: its mark commits.
+    let mark = Request::IntentRecord { handle: opened.handle, mark: vec![0], clear: vec![] };
+    assert_eq!(committed_request(&mut w, 1, mark), Ok(Response::IntentRecorded));
+    // Nothing committed yet; then the recall, and only extent 0's region
+    // is copied again once the holder drained.
+    assert_eq!(w.core.meta.volume_by_name("m").unwrap().extents, before.extents);
+    let effects = w.apply(Input::JobDone { task: online, outcome: JobOutcome::done() });
+    let generation = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Event { session: 1, event: ServerEvent::Recall { generation, .. } } => Some(*generation),
+            _ => None,
+        })
+        .expect("the holder is recalled after the online copy");
+    let (_, effects) = w.request(1, Request::RecallDone { handle: opened.handle, generation });
+    let (copy, copies) = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Job { task, job: Job::Resync { copies, .. } } => Some((*task, copies.clone())),
+            _ => None,
+        })
+        .expect("the touched region is copied at the recall point");
+    assert_eq!(copies.len(), 1, "only the region written meanwhile: {copies:?}");
+    let leg0 = before.extents[0].legs.iter().find(|l| l.device == from).unwrap();
+    assert!(copies[0].from.iter().any(|f| f.device == from && f.offsets == vec![leg0.offset]), "{copies:?}");
+    let effects = w.apply(Input::JobDone { task: copy, outcome: JobOutcome::done() });
+    let effects = commit_all(&mut w, effects);
+    assert!(matches!(reply_of(&effects, mv), Some(Ok(Response::Done))), "{effects:?}");
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::Event { session: 1, event: ServerEvent::Recovery { status: None, .. } })),
+        "the holder is told the copy is over: {effects:?}"
+    );
+    let after = w.core.meta.volume_by_name("m").unwrap();
+    assert!(after.extents.iter().all(|e| e.legs.iter().all(|l| l.device != from)));
+}
+
+#[test]
+fn a_registration_during_an_online_copy_has_the_snapshot_areas_copied_again_at_the_recall_point() {
+    let mut w = World::new();
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 4 << 20, legs: 2 });
+    commit_all(&mut w, effects);
+    // A snapshot taken while nobody holds the volume (no recall needed).
+    assert_eq!(
+        committed_request(&mut w, 3, Request::SnapshotCreate { volume: "m".into(), name: "s".into() }),
+        Ok(Response::Done)
+    );
+    let opened = match committed_request(&mut w, 1, Request::Open { volume: "m".into(), mode: OpenMode::Exclusive }) {
+        Ok(Response::Opened(o)) => o,
+        other => panic!("{other:?}"),
+    };
+    let resync = Request::IntentResync { handle: opened.handle };
+    assert_eq!(committed_request(&mut w, 1, resync), Ok(Response::IntentRecorded));
+    let snap = w.core.meta.snapshots.iter().find(|s| s.name == "s").unwrap().clone();
+    let from = snap.cow_extents[0].legs[0].device;
+    let cow_legs: Vec<u64> =
+        snap.cow_extents.iter().flat_map(|e| e.legs.iter()).filter(|l| l.device == from).map(|l| l.offset).collect();
+    let (mv, effects) = w.request(3, Request::VolumeMove { name: "m".into(), from, to: None });
+    let online = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Job { task, job: Job::Resync { .. } } => Some(*task),
+            _ => None,
+        })
+        .expect("the online copy starts at once");
+    // The holder copies a pre-image and registers it during the online
+    // copy: the registration is not held up by it.
+    let register = Request::CowRegister { handle: opened.handle, snapshot: snap.id, chunks: vec![0] };
+    assert!(matches!(committed_request(&mut w, 1, register), Ok(Response::CowRegistered { new: 1 })));
+    let effects = w.apply(Input::JobDone { task: online, outcome: JobOutcome::done() });
+    let generation = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Event { session: 1, event: ServerEvent::Recall { generation, .. } } => Some(*generation),
+            _ => None,
+        })
+        .expect("recalled after the online copy");
+    let (_, effects) = w.request(1, Request::RecallDone { handle: opened.handle, generation });
+    let (copy, copies) = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Job { task, job: Job::Resync { copies, .. } } => Some((*task, copies.clone())),
+            _ => None,
+        })
+        .expect("the snapshot areas are copied again at the recall point");
+    // Every piece of the snapshot area on the device, and no live region
+    // (none was marked).
+    let extent_bytes = w.core.meta.extent_bytes;
+    for offset in &cow_legs {
+        assert!(
+            copies.iter().any(|c| c.from.iter().any(|f| f.device == from && f.offsets == vec![*offset])),
+            "the snapshot area at {offset} on device {from} is copied again: {copies:?}"
+        );
+    }
+    assert!(copies.iter().all(|c| c
+        .from
+        .iter()
+        .any(|f| f.device == from && cow_legs.iter().any(|o| (*o..*o + extent_bytes).contains(&f.offsets[0])))));
+    let effects = w.apply(Input::JobDone { task: copy, outcome: JobOutcome::done() });
+    let effects = commit_all(&mut w, effects);
+    assert!(matches!(reply_of(&effects, mv), Some(Ok(Response::Done))), "{effects:?}");
 }
 
 #[test]

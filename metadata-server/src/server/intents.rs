@@ -109,6 +109,9 @@ impl Core {
             let msg = format!("intent region {bad} is beyond volume {volume} ({count} regions)");
             return done(reply, Err(err(ErrorCode::InvalidArgument, msg)));
         }
+        // Marked while an online copy of the volume runs: copied again.
+        self.precopy_marked(volume, mark.iter().copied());
+        self.keeps_intent_log(handle);
         let mark = ChunkRuns::from_chunks(mark);
         let clear = ChunkRuns::from_chunks(clear);
         let changes = self.meta.plan_intent_record(volume, HandleId(handle), &mark, &clear);
@@ -132,6 +135,8 @@ impl Core {
             }
         };
         let volume = VolumeId(h.volume);
+        // Its agent keeps the log (one without never asks).
+        self.keeps_intent_log(handle);
         let dirty = self.meta.intent(volume, IntentKey::Dirty(HandleId(handle)));
         if dirty.is_empty() {
             return done(reply, Ok(Response::IntentRecorded));

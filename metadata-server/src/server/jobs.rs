@@ -169,7 +169,15 @@ pub async fn run_data_job(job: Job, devices: &DeviceClients, may_write: impl Fn(
         },
         Job::Resync { extent_bytes, copies, progress } => {
             match copy_extents(extent_bytes, &copies, devices, progress.as_deref()).await {
-                Ok(()) => JobOutcome::done(),
+                Ok(()) => {
+                    // Fault point (tests): a copy done but not reported yet
+                    // (`:sleep=MS` widens the window an online copy's
+                    // holders write in after it copied their regions).
+                    if let Some(wait) = control_client::fault::hit("mds-after-copy-job") {
+                        tokio::time::sleep(wait).await;
+                    }
+                    JobOutcome::done()
+                }
                 Err(e) => JobOutcome::failed(e),
             }
         }

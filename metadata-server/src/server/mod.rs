@@ -55,6 +55,7 @@ pub mod listings;
 pub mod locks;
 pub mod metrics;
 pub mod owner;
+pub mod precopy;
 pub mod reconfig;
 pub mod recovery;
 pub mod requests;

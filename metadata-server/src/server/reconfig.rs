@@ -9,12 +9,17 @@
 //! it; the holders resume on the new map. A volume without holders is
 //! copied with its opens waiting.
 //!
-//! Why copy while the holders are drained, rather than with the agents
-//! writing both old and new legs during the copy: it needs nothing new of
-//! the agents (the recall–commit–publish cycle they already follow), and a
-//! write can neither be lost nor overtaken by the copy, because there are no
-//! writes while it runs. The price is a pause of the volume's I/O for as
-//! long as its extents on the device take to copy (one volume at a time).
+//! A mirrored volume's new legs are first copied **online**, while its
+//! holders write on (`precopy`): at the recall point only the regions
+//! written during that copy are copied again, so the pause is as long as
+//! copying those takes, not the whole volume. Why the final copy still
+//! happens with the holders drained, rather than with the agents writing
+//! old and new legs: it needs nothing new of the agents (the
+//! recall–commit–publish cycle they already follow), and a write can
+//! neither be lost nor overtaken by the copy, because there are no writes
+//! while it runs. A volume of one leg keeps no intent log (nothing says
+//! which regions were written meanwhile): its I/O pauses for the whole copy
+//! of its extents on the device (one volume at a time).
 //! Crash safety comes from the order: the new legs are free extents no
 //! committed metadata names until the copy is complete and flushed, so a
 //! server that dies mid-copy leaves the old map valid and the copies
@@ -49,6 +54,7 @@ use volume_format::{DeviceIndex, VolumeId};
 
 use super::core::{AfterCommit, AfterJob, Change, Core, ReplyId, Step, VolumeChange};
 use super::jobs::{DeviceExtents, ExtentCopy, Job, JobOutcome};
+use super::precopy::PrecopyFor;
 use super::requests::{alloc_error, err};
 
 /// Replies to an operation's steps go to the driver, not to a caller.
@@ -565,6 +571,15 @@ impl Core {
         op.current = Some(CurrentStep { volume, copies, bytes_total: copies * self.meta.extent_bytes, copied });
         info!(volume = %name, %remap, copies, "moving the volume's legs");
         let change = VolumeChange::Remap { plan: Box::new(plan), kind: remap };
+        // First online, while the holders write (`precopy`); then, at the
+        // recall point, what they wrote meanwhile.
+        if self.precopy_allowed(volume) && !self.precopies.contains_key(&volume) {
+            if let VolumeChange::Remap { plan, .. } = &change {
+                if let Some(job) = self.remap_job(volume, plan) {
+                    return self.start_precopy(volume, job, super::precopy::PrecopyNext::Remap { change });
+                }
+            }
+        }
         self.prepare_reconfigure_with(&name, change, ADMIN_REPLY, false)
     }
 
@@ -646,6 +661,8 @@ impl Core {
         }
         let Some(op) = self.operation.as_mut() else { return true };
         let Some(step) = op.current.take() else { return true };
+        self.precopy_end(step.volume, PrecopyFor::Remap);
+        let Some(op) = self.operation.as_mut() else { return true };
         match result {
             Ok(_) => {
                 op.remaining.pop_front();
@@ -672,7 +689,7 @@ impl Core {
     }
 
     /// The copy job of a remap: every new leg from its sources.
-    pub(super) fn remap_job(&self, plan: &RemapPlan) -> Option<Job> {
+    pub(super) fn remap_job(&self, volume: VolumeId, plan: &RemapPlan) -> Option<Job> {
         if plan.copies.is_empty() {
             return None;
         }
@@ -684,6 +701,13 @@ impl Core {
         let copies =
             plan.copies.iter().map(|c| ExtentCopy { to: at(c.to), from: c.from.iter().copied().map(at).collect() });
         let progress = self.operation.as_ref().and_then(|o| o.current.as_ref()).map(|c| c.copied.clone());
+        // After an online pass, only what was written meanwhile (the bytes
+        // done already count it all).
+        if self.precopied(volume, PrecopyFor::Remap) {
+            let (unit, copies) =
+                self.limit_to_touched(volume, PrecopyFor::Remap, self.meta.extent_bytes, copies.collect());
+            return (!copies.is_empty()).then_some(Job::Resync { extent_bytes: unit, copies, progress: None });
+        }
         Some(Job::Resync { extent_bytes: self.meta.extent_bytes, copies: copies.collect(), progress })
     }
 
@@ -707,6 +731,12 @@ impl Core {
             (OpKind::Add { uri, .. }, _, _) if op.busy => format!("labelling {uri}"),
             (_, Some(c), Some(name)) if self.pending_changes.contains_key(&c.volume) => {
                 format!("waiting for the holders of volume {name} to pause")
+            }
+            (_, Some(c), Some(name)) if self.precopies.get(&c.volume).is_some_and(|p| !p.done) => {
+                format!("copying volume {name} online (its holders write on)")
+            }
+            (_, Some(c), Some(name)) if self.precopied(c.volume, PrecopyFor::Remap) => {
+                format!("copying what was written to volume {name} meanwhile (its I/O held)")
             }
             (_, Some(_), Some(name)) => format!("copying volume {name}"),
             _ if op.retry_at_ms.is_some() => format!("waiting to retry a busy volume ({} tries)", op.attempts),
@@ -754,7 +784,8 @@ impl Core {
             Some(c) if c.volume == volume => {
                 let copied = c.copied.load(Ordering::Relaxed).min(c.bytes_total);
                 let pct = (copied * 100).checked_div(c.bytes_total).unwrap_or(100);
-                format!("moving ({}): {pct}% of {} extent(s) copied", op.what, c.copies)
+                let online = if self.precopies.get(&volume).is_some_and(|p| !p.done) { ", online" } else { "" };
+                format!("moving ({}): {pct}% of {} extent(s) copied{online}", op.what, c.copies)
             }
             _ if op.remaining.contains(&volume) => format!("waiting to be moved ({})", op.what),
             _ => String::new(),

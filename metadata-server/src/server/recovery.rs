@@ -15,17 +15,20 @@
 //!    read them (but for plain volumes' extents, their only copy); the
 //!    metadata copy on it rejoins (a checkpoint brings it current in that
 //!    very commit).
-//! 3. **Copy, per volume, at a recall point.** For each mirrored volume
-//!    with a leg on it, the holders are recalled (drained, I/O complete) and
-//!    every extent of the volume on the device (live and snapshot
-//!    copy-on-write areas) is copied from a leg on an online device, as a
-//!    job; then a [`MetaChange::LayoutBump`] is committed and the holders
-//!    resume with the resyncing layout — writing both legs. Copying while
-//!    drained is what keeps a write from being lost under the copy: a
-//!    holder that still had the layout without the device wrote only the
-//!    other legs, and everything it wrote is copied after it drained; after
-//!    the recall it writes every leg itself. A volume without holders is
-//!    copied with its opens waiting.
+//! 3. **Copy, per volume: online, then at a recall point.** For each
+//!    mirrored volume with a leg on it, every extent of the volume on the
+//!    device (live and snapshot copy-on-write areas) is copied from a leg on
+//!    an online device, as a job, **while the holders write** (`precopy`).
+//!    Then the holders are recalled (drained, I/O complete), the regions
+//!    written during that copy — the intent log says which — are copied
+//!    again, a [`MetaChange::LayoutBump`] is committed and the holders
+//!    resume with the resyncing layout, writing both legs. The second copy,
+//!    while drained, is what keeps a write from being lost under the copy:
+//!    a holder that still had the layout without the device wrote only the
+//!    other legs, or wrote a region after the copy read it; after the
+//!    recall it writes every leg itself. A volume without holders (or with
+//!    a writer of an older protocol, or a write-back cache) is copied whole
+//!    at the recall point, with its opens waiting.
 //! 4. **Online.** Once every volume is done the device is committed online
 //!    and the holders are told: reads use its legs again.
 //!
@@ -50,14 +53,16 @@
 //! misses in a row it is marked failed all the same. Only with probing on:
 //! a device failed this way must be able to come back.
 //!
-//! Known limits (the next steps of issue 12): holders pause I/O while their volume's extents
-//! on the device are copied (as for a snapshot delete's merge) — an online
-//! copy with regions locked against agents' writes would avoid that. A
+//! Known limits: holders pause I/O for the second copy (what they wrote
+//! during the online one): short for a volume written here and there,
+//! as long as a whole copy for one rewritten everywhere meanwhile. A
 //! resync that fails marks the device failed again (probing starts over).
 //! Progress is kept in memory: after a server restart a resyncing device is
 //! resynchronized again from the start.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use tracing::{info, warn};
 use volume_format::control::messages::{ControlError, Response};
@@ -67,6 +72,7 @@ use volume_format::{DeviceIndex, VolumeId};
 use super::commit::CommitFailed;
 use super::core::{AfterCommit, AfterJob, Change, Core, ReplyId, Step, VolumeChange};
 use super::jobs::{DeviceExtents, ExtentCopy, Job, JobOutcome};
+use super::precopy::{PrecopyFor, PrecopyNext};
 
 /// First and longest wait between probes of a failed device.
 pub const DEVICE_PROBE_MIN_MS: u64 = 500;
@@ -125,6 +131,9 @@ pub struct Resync {
     pub queued: bool,
     /// When it started (monotonic), for the estimate.
     pub started_ms: u64,
+    /// Bytes the current volume's copy job has copied, and its total.
+    pub copied: Arc<AtomicU64>,
+    pub copy_bytes: u64,
 }
 
 /// The extents of `volume` (live, then each snapshot's copy-on-write area)
@@ -341,6 +350,21 @@ impl Core {
         r.current = Some(volume);
         let name = self.meta.volume(volume).map(|v| v.name.clone()).unwrap_or_default();
         let reply = RESYNC_REPLY_BASE + ((device.0 as u64) << 32) + volume.0;
+        // First online, while the holders write (`precopy`); then, at the
+        // recall point, what they wrote meanwhile.
+        if self.precopy_allowed(volume)
+            && !self.precopies.contains_key(&volume)
+            && !self.busy.contains_key(&volume)
+            && !self.pending_changes.contains_key(&volume)
+        {
+            if let Some(job) = self.resync_job(volume, device) {
+                if let (Some(r), Job::Resync { copies, extent_bytes, .. }) = (self.resyncs.get_mut(&device), &job) {
+                    r.copied.store(0, Ordering::Relaxed);
+                    r.copy_bytes = copies.len() as u64 * extent_bytes;
+                }
+                return self.start_precopy(volume, job, PrecopyNext::Resync { device, reply });
+            }
+        }
         self.prepare_reconfigure_with(&name, VolumeChange::Resync { device }, reply, false)
     }
 
@@ -393,7 +417,10 @@ impl Core {
                 "resync copies only the regions written while the device was away"
             );
         }
-        (!copies.is_empty()).then_some(Job::Resync { extent_bytes: region_bytes, copies, progress: None })
+        // After an online pass, only what was written meanwhile.
+        let (region_bytes, copies) = self.limit_to_touched(volume, PrecopyFor::Resync(device), region_bytes, copies);
+        let progress = self.resyncs.get(&device).map(|r| r.copied.clone());
+        (!copies.is_empty()).then_some(Job::Resync { extent_bytes: region_bytes, copies, progress })
     }
 
     /// Whether `reply` is the resync driver's; if so it is handled here.
@@ -405,6 +432,10 @@ impl Core {
         let volume = VolumeId((reply - RESYNC_REPLY_BASE) & 0xffff_ffff);
         let extents = extents_on(&self.meta, volume, device).len() as u64;
         let now_ms = self.now.mono_ms;
+        if self.resyncs.get(&device).is_some_and(|r| r.current == Some(volume)) {
+            // Its step ended, either way: a retry starts with an online pass.
+            self.precopy_end(volume, PrecopyFor::Resync(device));
+        }
         let Some(r) = self.resyncs.get_mut(&device) else { return true };
         if r.current != Some(volume) {
             return true;
@@ -458,7 +489,18 @@ impl Core {
     /// For listings: what recovery says about `device` ("" if nothing).
     pub(super) fn device_recovery(&self, device: DeviceIndex) -> String {
         if let Some(r) = self.resyncs.get(&device) {
-            let now = r.current.and_then(|v| self.meta.volume(v)).map(|v| format!(", copying volume {}", v.name));
+            let now = r.current.and_then(|v| self.meta.volume(v).map(|m| (v, m))).map(|(v, m)| {
+                match self.precopies.get(&v).filter(|p| p.step == PrecopyFor::Resync(device)) {
+                    Some(p) if !p.done => format!(
+                        ", copying volume {} online ({} of {} MiB; its holders write on)",
+                        m.name,
+                        r.copied.load(Ordering::Relaxed).min(r.copy_bytes) >> 20,
+                        r.copy_bytes >> 20
+                    ),
+                    Some(_) => format!(", copying volume {} again where it was written meanwhile (I/O held)", m.name),
+                    None => format!(", copying volume {}", m.name),
+                }
+            });
             // At the rate so far (whole volumes at a time: coarse).
             let elapsed_ms = self.now.mono_ms.saturating_sub(r.started_ms);
             let estimate = (r.extents_done > 0).then(|| {
@@ -497,6 +539,15 @@ impl Core {
                 Some(DeviceState::Failed { .. }) => parts.push(format!("degraded: device {d} failed")),
                 Some(DeviceState::Resyncing { .. }) => {
                     let state = match self.resyncs.get(&d) {
+                        Some(r)
+                            if r.current == Some(volume)
+                                && self
+                                    .precopies
+                                    .get(&volume)
+                                    .is_some_and(|p| !p.done && p.step == PrecopyFor::Resync(d)) =>
+                        {
+                            "copying now, online"
+                        }
                         Some(r) if r.current == Some(volume) => "copying now",
                         Some(r) if r.remaining.contains(&volume) => "waiting",
                         _ => "copied, the device finishes with other volumes",

@@ -87,7 +87,7 @@ impl Core {
     /// The volume a queued request changes, and which jobs on that volume it
     /// must wait for; `None` for requests no job blocks.
     pub(super) fn volume_of(&self, _session: SessionId, request: &Request) -> Option<(VolumeId, &'static [Busy])> {
-        const ANY: &[Busy] = &[Busy::Cow, Busy::Layout, Busy::Resync];
+        const ANY: &[Busy] = &[Busy::Cow, Busy::Layout, Busy::Resync, Busy::Precopy];
         match request {
             Request::VolumeGrow { name, .. }
             | Request::VolumeDelete { name }
@@ -96,15 +96,23 @@ impl Core {
             | Request::VolumeCache { name, .. } => Some((self.meta.volume_by_name(name)?.id, ANY)),
             // A volume whose extents on a device come back are being copied
             // without holders: an opener would write while the copy runs.
-            Request::Open { volume: name, .. } => Some((self.meta.volume_by_name(name)?.id, &[Busy::Resync])),
+            // Nor while an online copy runs (an open may need a copy of its
+            // own, of orphaned regions: one job per volume at a time).
+            Request::Open { volume: name, .. } => {
+                Some((self.meta.volume_by_name(name)?.id, &[Busy::Resync, Busy::Precopy]))
+            }
             // Registrations wait for pre-images moving between the volume's
             // snapshots too: a chunk registered into a snapshot while its
             // merge runs was committed into the merged snapshot without its
             // data having moved (the simulator's seed 279744025116075: a
             // snapshot read another chunk's stale pre-image).
-            Request::CowRegister { handle, .. } | Request::CowCopy { handle, .. } => {
-                Some((VolumeId(self.handles.get(handle.0)?.volume), ANY))
+            // Agents' registrations go on during an online copy (their
+            // writes wait for them; `precopy` copies the snapshot areas
+            // again); a server-side copy, a job of its own, waits.
+            Request::CowRegister { handle, .. } => {
+                Some((VolumeId(self.handles.get(handle.0)?.volume), &[Busy::Cow, Busy::Layout, Busy::Resync]))
             }
+            Request::CowCopy { handle, .. } => Some((VolumeId(self.handles.get(handle.0)?.volume), ANY)),
             // Marks wait for a resync copy of the volume (which runs with
             // its holders drained, or before an open).
             Request::IntentRecord { handle, .. } => {
@@ -262,6 +270,7 @@ impl Core {
             AfterJob::Probed { device } => self.probed(device, outcome),
             AfterJob::CopyChecked { device, why } => self.copy_checked(device, why, outcome),
             AfterJob::Labelled => self.labelled(outcome),
+            AfterJob::Precopied { volume, next } => self.precopy_done(volume, next, outcome),
             AfterJob::Zeroed { extents, changes, then } => self.zeroing_done(extents, changes, *then, outcome),
             AfterJob::Prezeroed { extents, name, change, reply } => {
                 self.prezeroed(extents, &name, change, reply, outcome)

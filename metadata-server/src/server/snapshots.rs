@@ -95,7 +95,7 @@ impl Core {
             return self.resync_job(volume, *device);
         }
         if let VolumeChange::Remap { plan, .. } = change {
-            return self.remap_job(plan);
+            return self.remap_job(volume, plan);
         }
         let VolumeChange::SnapshotDelete { name } = change else { return None };
         let id = self.snapshot_id(&self.meta, volume, name).ok()?;
@@ -302,6 +302,7 @@ impl Core {
         control_client::fault::hit("mds-before-cow-commit");
         match self.meta.plan_register_cow(SnapshotId(snapshot), fresh) {
             Ok(Some(change)) => {
+                self.precopy_cow_registered(volume);
                 let new = match &change {
                     MetaChange::CowRegister { chunks, .. } => chunks.len(),
                     _ => 0,

@@ -648,6 +648,35 @@ pub enum ServerEvent {
     /// The lock table of `handle`'s volume changed (protocol 11): writes
     /// into another handle's locked bytes are refused from now on.
     Locks { handle: HandleId, locks: crate::locks::LockTable },
+    /// The server copies `handle`'s volume (a resync or a remap; protocol
+    /// 12): where it stands, or `None` once the copy is over. News for the
+    /// holder's operators (`sanvol-agent list`): nothing the agent must do
+    /// — an online copy needs no change of its writes, and the pause at
+    /// the end comes as a recall.
+    Recovery { handle: HandleId, status: Option<RecoveryStatus> },
+}
+
+/// A copy of a volume's extents in progress, as its holders are told.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryStatus {
+    /// What runs: "resync of device 2", "move its extents off device 1".
+    pub what: String,
+    /// Copying while the holders write (`true`), or the second pass over
+    /// what they wrote meanwhile, with their I/O held (`false`).
+    pub online: bool,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+impl std::fmt::Display for RecoveryStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.online {
+            let pct = (self.bytes_done.min(self.bytes_total) * 100).checked_div(self.bytes_total).unwrap_or(100);
+            write!(f, "{}: copying online, {pct}% of {} MiB (writes go on)", self.what, self.bytes_total >> 20)
+        } else {
+            write!(f, "{}: copying again what was written during the online copy (I/O held)", self.what)
+        }
+    }
 }
 
 /// A failed request: a stable code for programs and a sentence for people.

@@ -77,7 +77,12 @@ pub mod resume;
 ///   `Response::Locked` and `ServerEvent::Locks` (`LockTable`), added last:
 ///   4 to 10 are still accepted (an agent asks only a server that
 ///   negotiated 11, and only when it was told to lock).
-pub const PROTOCOL_VERSION: u32 = 11;
+/// - 12: recovery status pushed to holders — `ServerEvent::Recovery`
+///   (`RecoveryStatus`), added last: 4 to 11 are still accepted (the
+///   server tells only holders that negotiated 12).
+pub const PROTOCOL_VERSION: u32 = 12;
+/// The first protocol version with [`messages::ServerEvent::Recovery`].
+pub const RECOVERY_PROTOCOL_MIN: u32 = 12;
 /// The first protocol version with [`messages::Request::Lock`].
 pub const LOCKS_PROTOCOL_MIN: u32 = 11;
 /// The first protocol version with [`messages::Request::VolumeCacheShow`].
