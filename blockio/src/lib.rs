@@ -10,6 +10,8 @@
 //! - [`error`]: [`IoError`], an NBD-errno-shaped error every device returns.
 //! - [`buffer_pool`]: reused buffers for large payloads (no page faults per
 //!   megabyte moved).
+//! - [`durable_file`]: a preallocated file appended to with synchronous
+//!   direct writes (the write-back cache's log and its mirror).
 //! - [`memory`], [`file`]: in-process backends (tests, demos, the server's
 //!   own stores).
 //! - [`proto`]: NBD wire constants and fixed-size header codecs shared by the
@@ -23,6 +25,7 @@
 pub mod buffer_pool;
 pub mod clock;
 pub mod device;
+pub mod durable_file;
 pub mod error;
 pub mod file;
 pub mod memory;

@@ -14,11 +14,12 @@
 //! (it destaged everything before mirroring again).
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use volume_format::cache_log::{scan, LogAppender, ScanError, DATA_START_BYTES};
+use blockio::durable_file::{DurableError, DurableFile};
+
+use volume_format::cache_log::{scan, LogAppender, ScanError, DATA_START_BYTES, SUPERBLOCK_SLOT_BYTES};
 use volume_format::control::messages::MirrorRecord;
 use volume_format::VolumeId;
 
@@ -26,6 +27,8 @@ use volume_format::VolumeId;
 pub enum StoreError {
     #[error("cache mirror {path}: cannot {what}: {source}")]
     Io { path: String, what: &'static str, source: std::io::Error },
+    #[error("cache mirror {}: cannot {}: {}", .0.path, .0.what, .0.source)]
+    File(#[from] DurableError),
     #[error("{0}")]
     Scan(#[from] ScanError),
     #[error(
@@ -53,8 +56,9 @@ struct Held {
 
 /// A volume's mirror file being written.
 pub struct VolumeMirror {
-    path: PathBuf,
-    file: File,
+    /// Preallocated and written with synchronous direct writes (see
+    /// [`blockio::durable_file`]): an append costs one write to the disk.
+    file: DurableFile,
     appender: LogAppender,
     held: VecDeque<Held>,
     held_bytes: u64,
@@ -73,15 +77,15 @@ fn io(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> StoreEr
 
 impl VolumeMirror {
     /// Starts an empty mirror of `log_bytes` at `path` (whatever the file
-    /// held is gone): a new log id, both superblocks, synced.
+    /// held is gone): a new log id, both superblocks, durable. The file is
+    /// preallocated, every byte written, the first time (a mirror as large
+    /// as the volume's cache on the server's disk): appends into a written
+    /// file do not commit file-system metadata. A file of the right size
+    /// from an earlier open is reused as it is: its old records belong to
+    /// another log id, which no scan of the new log accepts.
     pub fn create(path: &Path, volume: VolumeId, log_bytes: u64) -> Result<VolumeMirror, StoreError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(io(path, "open"))?;
+        let existed = path.exists();
+        let file = DurableFile::open(path)?;
         let mut id = [0u8; 8];
         getrandom::getrandom(&mut id).map_err(|e| StoreError::Io {
             path: path.display().to_string(),
@@ -89,20 +93,21 @@ impl VolumeMirror {
             source: std::io::Error::other(e.to_string()),
         })?;
         let appender = LogAppender::create(u64::from_be_bytes(id), volume, log_bytes);
-        // Cut to nothing, then to size: no record of an older log survives
-        // to be mistaken for part of this one (the log id also rules them
-        // out). Sparse: the server keeps one mirror per cached volume.
-        file.set_len(0).map_err(io(path, "truncate"))?;
-        file.set_len(log_bytes).map_err(io(path, "size"))?;
-        for superblock in appender.initial_superblocks() {
-            file.write_all_at(&superblock.encode(), superblock.slot_offset()).map_err(io(path, "write"))?;
-        }
-        file.sync_all().map_err(io(path, "fsync"))?;
-        if let Some(dir) = path.parent().and_then(|d| File::open(d).ok()) {
-            dir.sync_all().map_err(io(path, "fsync its directory"))?;
+        file.preallocate(log_bytes)?;
+        // The old superblocks go first, durably: a crash while the new ones
+        // are written must not leave an old one (of a higher generation)
+        // to win over a new one.
+        let cleared = [0u8; 2 * SUPERBLOCK_SLOT_BYTES as usize];
+        file.write_durable(std::iter::once((0, &cleared[..])))?;
+        let superblocks = appender.initial_superblocks().map(|s| (s.slot_offset(), s.encode()));
+        file.write_durable(superblocks.iter().map(|(pos, bytes)| (*pos, &bytes[..])))?;
+        if !existed {
+            if let Some(dir) = path.parent().and_then(|d| File::open(d).ok()) {
+                dir.sync_all().map_err(io(path, "fsync its directory"))?;
+            }
         }
         debug_assert!(log_bytes > DATA_START_BYTES);
-        Ok(VolumeMirror { path: path.to_path_buf(), file, appender, held: VecDeque::new(), held_bytes: 0, last_seq: 0 })
+        Ok(VolumeMirror { file, appender, held: VecDeque::new(), held_bytes: 0, last_seq: 0 })
     }
 
     pub fn log_bytes(&self) -> u64 {
@@ -121,11 +126,16 @@ impl VolumeMirror {
     /// Appends as many of `records` as fit, in order, with one write per
     /// region and one fdatasync; returns how many were taken (the rest wait
     /// for a release). Nothing taken means the mirror is full.
-    pub fn append(&mut self, records: &[MirrorRecord]) -> Result<usize, StoreError> {
+    pub fn append<'a, I>(&mut self, records: I) -> Result<usize, StoreError>
+    where
+        I: IntoIterator<Item = &'a MirrorRecord>,
+        I::IntoIter: Clone,
+    {
+        let records = records.into_iter();
         let mut batch = self.appender.begin_batch();
         let mut taken = 0;
         let mut last = self.last_seq;
-        for record in records {
+        for record in records.clone() {
             if record.seq <= last {
                 return Err(StoreError::OutOfOrder { seq: record.seq, last });
             }
@@ -141,10 +151,7 @@ impl VolumeMirror {
         if taken == 0 {
             return Ok(0);
         }
-        for region in &batch.regions {
-            self.file.write_all_at(&region.bytes, region.pos).map_err(io(&self.path, "append"))?;
-        }
-        self.file.sync_data().map_err(io(&self.path, "fdatasync"))?;
+        self.file.write_durable(batch.regions.iter().map(|r| (r.pos, r.bytes.as_slice())))?;
         for (appended, record) in batch.records.iter().zip(records) {
             self.held.push_back(Held {
                 seq: record.seq,
@@ -170,8 +177,7 @@ impl VolumeMirror {
             None => (self.appender.ring().head(), self.appender.next_seq()),
         };
         let superblock = self.appender.release_superblock(tail_pos, tail_seq);
-        self.file.write_all_at(&superblock.encode(), superblock.slot_offset()).map_err(io(&self.path, "write"))?;
-        self.file.sync_data().map_err(io(&self.path, "fdatasync"))?;
+        self.file.write_durable(std::iter::once((superblock.slot_offset(), &superblock.encode()[..])))?;
         for held in self.held.drain(..count) {
             self.held_bytes -= held.bytes;
         }

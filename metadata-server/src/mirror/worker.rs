@@ -78,6 +78,7 @@ impl Worker {
             MirrorOp::Release { upto_seq } => {
                 // Appends before it are written first: the release may name them.
                 self.write_waiting().await;
+                let started = std::time::Instant::now();
                 let result = match self.mirror.take() {
                     Some(mut mirror) => {
                         let (mirror, result) = blocking(move || {
@@ -90,6 +91,7 @@ impl Worker {
                     }
                     None => Ok(Response::Done),
                 };
+                tracing::debug!(release_us = started.elapsed().as_micros() as u64, "mirror release");
                 let _ = reply.send(result);
             }
             MirrorOp::Open { cache } => {
@@ -156,23 +158,38 @@ impl Worker {
             let Some(mut mirror) = self.mirror.take() else {
                 return self.drop_waiting("mirroring stopped");
             };
-            let mut batch: Vec<MirrorRecord> = Vec::new();
-            let mut bytes = 0;
-            'collect: for pending in &self.waiting {
-                for record in &pending.records[pending.done..] {
-                    if batch.len() >= MIRROR_APPEND_RECORDS_MAX || bytes >= MIRROR_APPEND_BYTES_MAX {
-                        break 'collect;
-                    }
-                    bytes += record.data.len();
-                    batch.push(record.clone());
-                }
-            }
-            let (mirror, result) = blocking(move || {
-                let result = mirror.append(&batch);
-                (Some(mirror), result)
+            // The waiting appends go to the blocking pool and come back:
+            // their records are written from where they are, not copied.
+            let waiting = std::mem::take(&mut self.waiting);
+            let started = std::time::Instant::now();
+            let joined = tokio::task::spawn_blocking(move || {
+                let records = || waiting.iter().flat_map(|p| &p.records[p.done..]);
+                let mut bytes = 0;
+                let count = records()
+                    .take(MIRROR_APPEND_RECORDS_MAX)
+                    .take_while(|record| {
+                        let fits = bytes < MIRROR_APPEND_BYTES_MAX;
+                        bytes += record.data.len();
+                        fits
+                    })
+                    .count();
+                let batch = records().take(count);
+                let result = mirror.append(batch);
+                (mirror, waiting, result)
             })
             .await;
-            self.mirror = mirror;
+            let result = match joined {
+                Ok((mirror, waiting, result)) => {
+                    self.mirror = Some(mirror);
+                    self.waiting = waiting;
+                    result
+                }
+                // A panic in the file code: the appends' replies are gone
+                // with it (their holders hear the request failed) and
+                // mirroring stops.
+                Err(e) => return warn!(volume = %self.volume, "cache mirror append failed: {e}"),
+            };
+            tracing::debug!(append_us = started.elapsed().as_micros() as u64, "mirror append");
             let mut taken = match result {
                 Ok(0) => return, // full: wait for a release
                 Ok(taken) => taken,
