@@ -24,10 +24,7 @@
 //!   then flushes the devices, then releases their log space (the superblock
 //!   moves the tail, synced, before the space is reused), and only then
 //!   drops them from the dirty map. A failed device write or release is
-//!   retried (with a bounded back-off), never dropped. While mirrored and
-//!   more records wait, releases are deferred over several rounds (within
-//!   [`RELEASE_DEFER_RECORDS_MAX`] records and an eighth of the log): each
-//!   costs a synced write here and at the mirror, where it holds up appends.
+//!   retried (with a bounded back-off), never dropped.
 //! - **Back-pressure**: a write that does not fit waits for log space; it
 //!   never fails for lack of it.
 //! - **Write-around**: a write of [`WRITE_AROUND_BYTES_MIN`] or more whose
@@ -137,14 +134,6 @@ pub const DESTAGE_RECORDS_MAX: usize = 64;
 /// its bandwidth twice. They are then as durable as any device write:
 /// FLUSH flushes the devices after them.
 pub const WRITE_AROUND_BYTES_MIN: usize = 512 << 10;
-/// Records on the devices whose release (at the mirror, then in the log)
-/// may wait for later rounds while more records wait to be destaged, at
-/// most; and at most this fraction of the log. Why: a release costs a
-/// synced superblock write here and at the mirror (where it holds up the
-/// appends queued behind it); under a steady load, one release for many
-/// rounds.
-pub const RELEASE_DEFER_RECORDS_MAX: usize = 256;
-pub const RELEASE_DEFER_LOG_FRACTION: u64 = 8;
 /// Back-off between attempts to destage a record the devices refused.
 pub const DESTAGE_RETRY_MIN_MS: u64 = 50;
 pub const DESTAGE_RETRY_MAX_MS: u64 = 5_000;
@@ -796,22 +785,8 @@ async fn append_batch(shared: &Arc<Shared>, pending: &mut VecDeque<WriteReq>) ->
         Some(mirror.append(records).await)
     };
     let writer = shared.clone();
-    let started = std::time::Instant::now();
-    let local = async move {
-        let r = blocking(move || writer.log.append(&batch).map(|()| batch)).await;
-        (r, started.elapsed())
-    };
-    let mirrored = async move {
-        let r = mirrored.await;
-        (r, started.elapsed())
-    };
-    let ((written, local_us), (mirrored, mirror_us)) = futures::join!(local, mirrored);
-    tracing::debug!(
-        writes = count,
-        local_us = local_us.as_micros() as u64,
-        mirror_us = mirror_us.as_micros() as u64,
-        "cache batch"
-    );
+    let local = blocking(move || writer.log.append(&batch).map(|()| batch));
+    let (written, mirrored) = futures::join!(local, mirrored);
     match written {
         Ok(batch) => {
             {
@@ -921,13 +896,12 @@ async fn remirror_loop(shared: Arc<Shared>) {
     }
 }
 
-/// The records of the next destage round: consecutive from the oldest not
-/// yet on the devices (the first `skip` of the queue are), none
-/// overlapping another (so they may be written concurrently without
+/// The records of the next destage round: consecutive from the oldest,
+/// none overlapping another (so they may be written concurrently without
 /// reordering writes to the same bytes).
-fn next_round(queue: &VecDeque<Queued>, skip: usize) -> Vec<Queued> {
+fn next_round(queue: &VecDeque<Queued>) -> Vec<Queued> {
     let mut round: Vec<Queued> = Vec::new();
-    for record in queue.iter().skip(skip).take(DESTAGE_RECORDS_MAX) {
+    for record in queue.iter().take(DESTAGE_RECORDS_MAX) {
         let end = record.offset + record.data.len() as u64;
         if round.iter().any(|r| r.offset < end && record.offset < r.offset + r.data.len() as u64) {
             break;
@@ -937,73 +911,45 @@ fn next_round(queue: &VecDeque<Queued>, skip: usize) -> Vec<Queued> {
     round
 }
 
-/// Records on the devices but not yet released, at the front of the queue.
-#[derive(Default)]
-struct Unreleased {
-    records: usize,
-    bytes: u64,
-}
-
-/// Whether the release of `unreleased` may wait for the next round: only
-/// while mirrored (write-through acknowledgements wait for releases), more
-/// records wait to be destaged (an idle cache releases at once, so
-/// [`CachedDevice::destage_all`] and a snapshot's quiesce end), and within
-/// [`RELEASE_DEFER_RECORDS_MAX`] and an eighth of the log.
-fn may_defer_release(shared: &Shared, unreleased: &Unreleased) -> bool {
-    let state = shared.lock();
-    state.mirror_state == MirrorState::Mirrored
-        && state.queue.len() > unreleased.records
-        && unreleased.records < RELEASE_DEFER_RECORDS_MAX
-        && unreleased.bytes < state.appender.ring().capacity_bytes() / RELEASE_DEFER_LOG_FRACTION
-}
-
 /// Writes acknowledged records to the devices in order, then releases
 /// their log space (see the module doc).
 async fn destage_loop(shared: Arc<Shared>) {
     let mut retry_ms = DESTAGE_RETRY_MIN_MS;
-    let mut unreleased = Unreleased::default();
     loop {
-        let round = next_round(&shared.lock().queue, unreleased.records);
-        if round.is_empty() && unreleased.records == 0 {
+        let round = next_round(&shared.lock().queue);
+        if round.is_empty() {
             shared.work.notified().await;
             continue;
         }
-        if !round.is_empty() {
-            let results = join_all(round.iter().map(|r| shared.inner.write(r.offset, r.data.clone(), false))).await;
-            let failure = match results.into_iter().find_map(Result::err) {
-                Some(e) => Some(e),
-                None => shared.inner.flush().await.err(),
-            };
-            if let Some(e) = failure {
-                warn!(error = %e, retry_ms, "destaging cached writes failed; retrying (they stay in the cache log)");
-                tokio::time::sleep(Duration::from_millis(retry_ms)).await;
-                retry_ms = (retry_ms * 2).min(DESTAGE_RETRY_MAX_MS);
-                continue;
-            }
-            retry_ms = DESTAGE_RETRY_MIN_MS;
-            unreleased.records += round.len();
-            unreleased.bytes += round.iter().map(|r| r.data.len() as u64).sum::<u64>();
-            if may_defer_release(&shared, &unreleased) {
-                continue;
-            }
+        let results = join_all(round.iter().map(|r| shared.inner.write(r.offset, r.data.clone(), false))).await;
+        let failure = match results.into_iter().find_map(Result::err) {
+            Some(e) => Some(e),
+            None => shared.inner.flush().await.err(),
+        };
+        if let Some(e) = failure {
+            warn!(error = %e, retry_ms, "destaging cached writes failed; retrying (they stay in the cache log)");
+            tokio::time::sleep(Duration::from_millis(retry_ms)).await;
+            retry_ms = (retry_ms * 2).min(DESTAGE_RETRY_MAX_MS);
+            continue;
         }
-        let upto = shared.lock().queue[unreleased.records - 1].seq;
+        retry_ms = DESTAGE_RETRY_MIN_MS;
         // The mirror lets go first: what it still holds is always still in
         // the local log and the dirty map (see the module doc).
         if let Some(mirror) = &shared.mirror {
             let mirroring = shared.lock().mirror_state == MirrorState::Mirrored;
             if mirroring {
+                let upto = round.last().expect("a round is not empty").seq;
                 if let Err(why) = mirror.release(upto).await {
                     mirror_failed(&shared, why);
                 }
             }
         }
-        // The records stay in the queue and the dirty map until their log
-        // space is released: a record still in the log would be replayed
-        // over anything written around it (see `State::logged`).
+        // The round stays in the queue and the dirty map until its log space
+        // is released: a record still in the log would be replayed over
+        // anything written around it (see `State::logged`).
         let superblock = {
             let mut state = shared.lock();
-            let (tail_pos, tail_seq) = match (state.queue.get(unreleased.records), state.in_flight) {
+            let (tail_pos, tail_seq) = match (state.queue.get(round.len()), state.in_flight) {
                 (Some(next), _) => (next.pos, next.seq),
                 (None, Some(in_flight)) => in_flight,
                 (None, None) => (state.appender.ring().head(), state.appender.next_seq()),
@@ -1012,7 +958,8 @@ async fn destage_loop(shared: Arc<Shared>) {
         };
         let writer = shared.clone();
         if let Err(e) = blocking(move || writer.log.write_superblock(&superblock)).await {
-            // The records are on the devices; the release is retried.
+            // The records are on the devices; the next round writes them
+            // again and retries the release.
             warn!(error = %e, retry_ms, "cannot release cache log space; retrying");
             tokio::time::sleep(Duration::from_millis(retry_ms)).await;
             retry_ms = (retry_ms * 2).min(DESTAGE_RETRY_MAX_MS);
@@ -1020,20 +967,20 @@ async fn destage_loop(shared: Arc<Shared>) {
         }
         {
             let mut state = shared.lock();
-            for _ in 0..unreleased.records {
-                let record = state.queue.pop_front().expect("released records came from the queue");
+            for record in &round {
+                let front = state.queue.pop_front().expect("the round came from the queue");
+                debug_assert_eq!(front.seq, record.seq);
                 state.dirty.destaged(record.offset, record.data.len() as u64, record.seq);
             }
-            debug_assert!(state.queue.front().is_none_or(|next| next.seq > upto));
             state.appender.released(superblock.tail_pos);
-            state.last_destaged_seq = upto;
-            state.destaged_bytes += unreleased.bytes;
+            state.last_destaged_seq = round.last().expect("a round is not empty").seq;
+            let round_bytes = round.iter().map(|r| r.data.len() as u64).sum::<u64>();
+            state.destaged_bytes += round_bytes;
             if state.destage_samples.len() == DESTAGE_SAMPLES_MAX {
                 state.destage_samples.pop_front();
             }
-            state.destage_samples.push_back((std::time::Instant::now(), unreleased.bytes));
+            state.destage_samples.push_back((std::time::Instant::now(), round_bytes));
         }
-        unreleased = Unreleased::default();
         shared.space_freed.notify_one();
         shared.destaged.notify_waiters();
     }
