@@ -337,13 +337,7 @@ fn a_resumed_handle_is_asked_again_for_the_recall_it_owes() {
     // A grow recalls the layout; the connection breaks before the agent
     // confirms (the event may even have been lost with it).
     let (grow, effects) = w.request(3, Request::VolumeGrow { name: "v".into(), size_bytes: 8 << 20 });
-    let generation = effects
-        .iter()
-        .find_map(|e| match e {
-            Effect::Event { session: 1, event: ServerEvent::Recall { generation, .. } } => Some(*generation),
-            _ => None,
-        })
-        .expect("the holder is recalled");
+    let generation = recall_of(&effects, 1).expect("the holder is recalled");
     w.apply(Input::Disconnected { session: 1 });
     // The agent comes back on a new connection and resumes: the answer, then
     // the recall again.
@@ -894,13 +888,7 @@ fn a_failed_device_that_answers_its_probe_is_copied_online_then_what_was_written
     let effects = w.apply(committed(task, next));
     // The copy starts online, while the holder writes: no recall yet.
     assert!(!effects.iter().any(|e| matches!(e, Effect::Event { event: ServerEvent::Recall { .. }, .. })));
-    let (online, online_copies) = effects
-        .iter()
-        .find_map(|e| match e {
-            Effect::Job { task, job: Job::Resync { copies, .. } } => Some((*task, copies.clone())),
-            _ => None,
-        })
-        .expect("the online copy starts at once");
+    let (online, online_copies) = copy_job_of(&effects).expect("the online copy starts at once");
     let on_device = w
         .core
         .meta
@@ -926,25 +914,13 @@ fn a_failed_device_that_answers_its_probe_is_copied_online_then_what_was_written
     assert!(reply_of(&effects, open2).is_none() && commit_of(&effects).is_none(), "{effects:?}");
     // The online copy done, the holder is recalled…
     let effects = w.apply(Input::JobDone { task: online, outcome: JobOutcome::done() });
-    let generation = effects
-        .iter()
-        .find_map(|e| match e {
-            Effect::Event { session: 1, event: ServerEvent::Recall { generation, .. } } => Some(*generation),
-            _ => None,
-        })
-        .expect("the holder is recalled");
+    let generation = recall_of(&effects, 1).expect("the holder is recalled");
     assert!(!effects.iter().any(|e| matches!(e, Effect::Job { job: Job::Resync { .. }, .. })));
     // …and once it drained, only what was written during the online copy
     // (region 1 was dirty when it started, region 0 marked meanwhile),
     // of the regions on the device, is copied again.
     let (_, effects) = w.request(1, Request::RecallDone { handle: opened.handle, generation });
-    let (copy, copies) = effects
-        .iter()
-        .find_map(|e| match e {
-            Effect::Job { task, job: Job::Resync { copies, .. } } => Some((*task, copies.clone())),
-            _ => None,
-        })
-        .expect("the copy of the touched regions starts at the recall point");
+    let (copy, copies) = copy_job_of(&effects).expect("the copy of the touched regions starts at the recall point");
     assert_eq!(copies.len(), online_copies.len(), "regions 0 and 1 were both touched");
     assert!(copies.iter().all(|c| online_copies.contains(c)));
     // Opens of the volume wait meanwhile; the layout bump commits after it.
@@ -1090,13 +1066,7 @@ fn regions_a_gone_holder_left_dirty_are_copied_before_the_next_open_is_granted()
     w.advance(LEASE_MS + 1);
     let (open, effects) = w.request(2, Request::Open { volume: "m".into(), mode: OpenMode::Exclusive });
     assert!(reply_of(&effects, open).is_none() && commit_of(&effects).is_none(), "not granted before the copy");
-    let (copy, copies) = effects
-        .iter()
-        .find_map(|e| match e {
-            Effect::Job { task, job: Job::Resync { copies, .. } } => Some((*task, copies.clone())),
-            _ => None,
-        })
-        .expect("the dirty region is copied first");
+    let (copy, copies) = copy_job_of(&effects).expect("the dirty region is copied first");
     let extent = &w.core.meta.volume_by_name("m").unwrap().extents[1];
     assert_eq!(copies.len(), 1, "region 1 only, from one leg onto the other");
     assert_eq!(copies[0].from[0].device, extent.legs[0].device, "from the first online leg");
@@ -1175,6 +1145,24 @@ fn a_failed_copy_of_a_gone_holder_s_regions_refuses_the_open_and_the_next_open_c
     }
 }
 
+/// The generation of the recall `effects` send to `session`, if any.
+fn recall_of(effects: &[Effect], session: crate::handles::SessionId) -> Option<u64> {
+    effects.iter().find_map(|e| match e {
+        Effect::Event { session: s, event: ServerEvent::Recall { generation, .. } } if *s == session => {
+            Some(*generation)
+        }
+        _ => None,
+    })
+}
+
+/// The copy job `effects` start, if any: its task and copies.
+fn copy_job_of(effects: &[Effect]) -> Option<(TaskId, Vec<super::jobs::ExtentCopy>)> {
+    effects.iter().find_map(|e| match e {
+        Effect::Job { task, job: Job::Resync { copies, .. } } => Some((*task, copies.clone())),
+        _ => None,
+    })
+}
+
 fn commit_all(w: &mut World, mut effects: Vec<Effect>) -> Vec<Effect> {
     let mut all = Vec::new();
     while let Some((task, next)) = commit_of(&effects) {
@@ -1199,25 +1187,13 @@ fn a_plain_volumes_move_copies_at_the_recall_point_and_commits_the_new_map_only_
     let from = before.extents[0].legs[0].device;
     let (mv, effects) = w.request(3, Request::VolumeMove { name: "m".into(), from, to: None });
     // The holder is recalled; nothing is copied before it drained.
-    let generation = effects
-        .iter()
-        .find_map(|e| match e {
-            Effect::Event { session: 1, event: ServerEvent::Recall { generation, .. } } => Some(*generation),
-            _ => None,
-        })
-        .expect("the holder is recalled");
+    let generation = recall_of(&effects, 1).expect("the holder is recalled");
     assert!(!effects.iter().any(|e| matches!(e, Effect::Job { .. })));
     let listed = w.core.operation_infos();
     assert_eq!(listed.len(), 1);
     assert!(listed[0].state.contains("waiting for the holders"), "{:?}", listed[0].state);
     let (_, effects) = w.request(1, Request::RecallDone { handle: opened.handle, generation });
-    let (copy, copies) = effects
-        .iter()
-        .find_map(|e| match e {
-            Effect::Job { task, job: Job::Resync { copies, .. } } => Some((*task, copies.clone())),
-            _ => None,
-        })
-        .expect("the copy starts at the recall point");
+    let (copy, copies) = copy_job_of(&effects).expect("the copy starts at the recall point");
     assert!(copies.iter().all(|c| c.to.device != from && c.from.iter().any(|f| f.device == from)));
     // A create waits while the copy runs (its space could be the copy's target).
     let (create, effects) = w.request(3, Request::VolumeCreate { name: "x".into(), size_bytes: 1 << 20, legs: 1 });
@@ -1234,13 +1210,7 @@ fn a_plain_volumes_move_copies_at_the_recall_point_and_commits_the_new_map_only_
     assert!(w.core.operation_infos().is_empty());
     // Again, to the end: the new map is committed after the copy, published.
     let (mv, effects) = w.request(3, Request::VolumeMove { name: "m".into(), from, to: None });
-    let generation = effects
-        .iter()
-        .find_map(|e| match e {
-            Effect::Event { session: 1, event: ServerEvent::Recall { generation, .. } } => Some(*generation),
-            _ => None,
-        })
-        .expect("recalled again");
+    let generation = recall_of(&effects, 1).expect("recalled again");
     let (_, effects) = w.request(1, Request::RecallDone { handle: opened.handle, generation });
     let copy = effects
         .iter()
@@ -1292,13 +1262,7 @@ fn a_mirrored_volumes_move_copies_online_then_only_the_regions_written_meanwhile
             if s.online && s.what.contains("move"))),
         "{effects:?}"
     );
-    let (online, online_copies) = effects
-        .iter()
-        .find_map(|e| match e {
-            Effect::Job { task, job: Job::Resync { copies, .. } } => Some((*task, copies.clone())),
-            _ => None,
-        })
-        .expect("the online copy starts at once");
+    let (online, online_copies) = copy_job_of(&effects).expect("the online copy starts at once");
     let on_from = before.extents.iter().filter(|e| e.legs.iter().any(|l| l.device == from)).count();
     assert_eq!(online_copies.len(), on_from);
     assert!(on_from > 1, "the test needs more than one extent on the device");
@@ -1309,21 +1273,9 @@ fn a_mirrored_volumes_move_copies_online_then_only_the_regions_written_meanwhile
     // is copied again once the holder drained.
     assert_eq!(w.core.meta.volume_by_name("m").unwrap().extents, before.extents);
     let effects = w.apply(Input::JobDone { task: online, outcome: JobOutcome::done() });
-    let generation = effects
-        .iter()
-        .find_map(|e| match e {
-            Effect::Event { session: 1, event: ServerEvent::Recall { generation, .. } } => Some(*generation),
-            _ => None,
-        })
-        .expect("the holder is recalled after the online copy");
+    let generation = recall_of(&effects, 1).expect("the holder is recalled after the online copy");
     let (_, effects) = w.request(1, Request::RecallDone { handle: opened.handle, generation });
-    let (copy, copies) = effects
-        .iter()
-        .find_map(|e| match e {
-            Effect::Job { task, job: Job::Resync { copies, .. } } => Some((*task, copies.clone())),
-            _ => None,
-        })
-        .expect("the touched region is copied at the recall point");
+    let (copy, copies) = copy_job_of(&effects).expect("the touched region is copied at the recall point");
     assert_eq!(copies.len(), 1, "only the region written meanwhile: {copies:?}");
     let leg0 = before.extents[0].legs.iter().find(|l| l.device == from).unwrap();
     assert!(copies[0].from.iter().any(|f| f.device == from && f.offsets == vec![leg0.offset]), "{copies:?}");
@@ -1373,21 +1325,9 @@ fn a_registration_during_an_online_copy_has_the_snapshot_areas_copied_again_at_t
     let register = Request::CowRegister { handle: opened.handle, snapshot: snap.id, chunks: vec![0] };
     assert!(matches!(committed_request(&mut w, 1, register), Ok(Response::CowRegistered { new: 1 })));
     let effects = w.apply(Input::JobDone { task: online, outcome: JobOutcome::done() });
-    let generation = effects
-        .iter()
-        .find_map(|e| match e {
-            Effect::Event { session: 1, event: ServerEvent::Recall { generation, .. } } => Some(*generation),
-            _ => None,
-        })
-        .expect("recalled after the online copy");
+    let generation = recall_of(&effects, 1).expect("recalled after the online copy");
     let (_, effects) = w.request(1, Request::RecallDone { handle: opened.handle, generation });
-    let (copy, copies) = effects
-        .iter()
-        .find_map(|e| match e {
-            Effect::Job { task, job: Job::Resync { copies, .. } } => Some((*task, copies.clone())),
-            _ => None,
-        })
-        .expect("the snapshot areas are copied again at the recall point");
+    let (copy, copies) = copy_job_of(&effects).expect("the snapshot areas are copied again at the recall point");
     // Every piece of the snapshot area on the device, and no live region
     // (none was marked).
     let extent_bytes = w.core.meta.extent_bytes;
