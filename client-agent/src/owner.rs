@@ -959,6 +959,7 @@ fn cache_info(cache: &CachedDevice, log_path: &str) -> control_client::agent_api
         log_used_bytes: report.status.log_used_bytes,
         log_capacity_bytes: report.status.log_capacity_bytes,
         destage_bytes_per_sec: report.destage_bytes_per_sec,
+        written_around_bytes: report.written_around_bytes,
         log_path: log_path.to_string(),
     }
 }

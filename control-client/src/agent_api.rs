@@ -108,6 +108,10 @@ pub struct CacheInfo {
     pub log_capacity_bytes: u64,
     /// Bytes written to the devices per second, over the last 10 s.
     pub destage_bytes_per_sec: u64,
+    /// Bytes of large writes sent straight to the devices since the cache
+    /// opened (write-around: no logged record touched their range).
+    #[serde(default)]
+    pub written_around_bytes: u64,
     pub log_path: String,
 }
 

@@ -277,6 +277,27 @@ impl MirrorRig {
         bytes[self.leg_offset as usize..(self.leg_offset + SLOTS * SLOT_BYTES) as usize].to_vec()
     }
 
+    /// `len` bytes of the volume at `offset`, read from the device file
+    /// directly (through the extent map `sanvol volume show` prints).
+    fn device_bytes(&self, offset: u64, len: usize) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let show = self.stack.sanvol_json(&["volume", "show", "db"]);
+        let extent_bytes = show["description"]["extent_bytes"].as_u64().unwrap();
+        let extents = show["description"]["extents"].as_array().unwrap();
+        let file = std::fs::File::open(&self.image).unwrap();
+        let mut out = vec![0u8; len];
+        let mut done = 0;
+        while done < len {
+            let at = offset + done as u64;
+            let (extent, within) = (at / extent_bytes, at % extent_bytes);
+            let leg = extents[extent as usize]["legs"][0]["offset"].as_u64().unwrap();
+            let n = (len - done).min((extent_bytes - within) as usize);
+            file.read_exact_at(&mut out[done..done + n], leg + within).unwrap();
+            done += n;
+        }
+        out
+    }
+
     /// `cache_serve --mds` as agent `name`, holding `db`, ready.
     fn cache_serve(&self, name: &str) -> (Proc, PathBuf) {
         use sanvol_tests::system::pub_path;
@@ -424,27 +445,84 @@ async fn sanvol_agent_attach_caches_and_a_kill_9_loses_no_acknowledged_write() {
          the cache"
     );
 
-    // Another agent attaches the volume: refused while the dead agent's
-    // handle lives, answered once the server replayed the mirror.
-    stack.authorize_agent("agent-b");
-    let b = stack.restart_agent("agent-b");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let out = b.cli(&["attach", "db", "--mode", "exclusive"]);
-        if out.status.success() {
-            break;
-        }
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(std::time::Instant::now() < deadline, "attach on agent-b: {stderr}\nmds log:\n{}", stack.mds_log());
-        // The refusal names when the old handle runs out; retry soon.
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    let b = attach_after_replay(stack, "agent-b").await;
     if let Err(e) = check_device(&rig.volume_image(), &model, 4, &acked) {
         panic!("after the replay: {e}; mds log:\n{}", stack.mds_log());
     }
     assert!(stack.mds_log().contains("cache mirror replayed to the devices"), "{}", stack.mds_log());
     // The new holder caches too, mirrored.
     assert_eq!(listed(&b)["cache"]["state"], "mirrored", "{}", b.proc.log());
+}
+
+/// Another agent attaches `db`: refused while the dead holder's handle
+/// lives, answered once the server replayed the holder's cache mirror.
+async fn attach_after_replay(stack: &sanvol_tests::system::Stack, name: &str) -> sanvol_tests::system::Agent {
+    stack.authorize_agent(name);
+    let agent = stack.restart_agent(name);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let out = agent.cli(&["attach", "db", "--mode", "exclusive"]);
+        if out.status.success() {
+            return agent;
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(std::time::Instant::now() < deadline, "attach on {name}: {stderr}\nmds log:\n{}", stack.mds_log());
+        // The refusal names when the old handle runs out; retry soon.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Large writes go around a mirrored cache only where its mirror holds
+/// nothing (issue 15, the 1 MiB row). Through `sanvol-agent`: small writes
+/// (logged and mirrored; the 100 ms-per-write device keeps them dirty),
+/// then a 1 MiB write over them — which must be logged, or the server's
+/// replay of the small ones would land over it — then a 1 MiB write over a
+/// fresh range (written around: on the device file when acknowledged),
+/// then small writes over that one. The agent is killed with SIGKILL; once
+/// the server replayed the mirror, the device file holds every write in
+/// order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_writes_go_around_a_mirrored_cache_only_where_the_mirror_holds_nothing() {
+    const BIG: usize = 1 << 20;
+    const LOGGED_AT: u64 = 4 << 20;
+    const AROUND_AT: u64 = 6 << 20;
+    let rig = MirrorRig::new();
+    let stack = &rig.stack;
+    let (mut a, uri) = attach_cached(stack, "agent-a");
+    let client = NbdClient::connect(&uri, ClientOptions::default()).await.unwrap();
+    let mut model = vec![0u8; (AROUND_AT + BIG as u64 - LOGGED_AT) as usize];
+    let mut write = |offset: u64, data: Vec<u8>| {
+        let at = (offset - LOGGED_AT) as usize;
+        model[at..at + data.len()].copy_from_slice(&data);
+        client.write(offset, Bytes::from(data), false)
+    };
+    for i in 0..8u64 {
+        write(LOGGED_AT + i * (128 << 10) + 4096, vec![0x10 + i as u8; 8192]).await.unwrap();
+    }
+    write(LOGGED_AT, vec![0xb1; BIG]).await.unwrap();
+    write(AROUND_AT, vec![0xb2; BIG]).await.unwrap();
+    let on_device = rig.device_bytes(AROUND_AT, BIG);
+    assert!(on_device.iter().all(|&b| b == 0xb2), "a write around the cache was acknowledged before the device had it");
+    for i in 0..4u64 {
+        write(AROUND_AT + i * (256 << 10), vec![0xc0 + i as u8; 4096]).await.unwrap();
+    }
+    let cache = &listed(&a)["cache"];
+    assert_eq!(cache["state"], "mirrored", "{}", a.proc.log());
+    assert_eq!(cache["written_around_bytes"], BIG as u64, "only the write over a fresh range goes around: {cache}");
+    a.proc.kill();
+
+    let _b = attach_after_replay(stack, "agent-b").await;
+    let image = rig.device_bytes(LOGGED_AT, model.len());
+    if let Some(at) = image.iter().zip(&model).position(|(got, want)| got != want) {
+        panic!(
+            "after the replay, volume byte {} is {:#04x}, the last acknowledged write there put {:#04x}; mds log:\n{}",
+            LOGGED_AT + at as u64,
+            image[at],
+            model[at],
+            stack.mds_log()
+        );
+    }
+    assert!(stack.mds_log().contains("cache mirror replayed to the devices"), "{}", stack.mds_log());
 }
 
 /// `sanvol-agent list` shows the cache: mirrored, its log, the dirty bytes

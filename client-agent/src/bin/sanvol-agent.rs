@@ -478,11 +478,12 @@ fn print_table(volumes: &[AttachmentInfo]) {
             let state =
                 if c.state_detail.is_empty() { c.state.clone() } else { format!("{} ({})", c.state, c.state_detail) };
             println!(
-                "  cache {state}: {} dirty, log {} of {} used, destaging {}/s ({})",
+                "  cache {state}: {} dirty, log {} of {} used, destaging {}/s, {} written around ({})",
                 human_bytes(c.dirty_bytes),
                 human_bytes(c.log_used_bytes),
                 human_bytes(c.log_capacity_bytes),
                 human_bytes(c.destage_bytes_per_sec),
+                human_bytes(c.written_around_bytes),
                 c.log_path
             );
         }

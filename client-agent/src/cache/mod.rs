@@ -30,7 +30,8 @@
 //! - **Write-around**: a write of [`WRITE_AROUND_BYTES_MIN`] or more whose
 //!   range no logged record touches goes straight to the devices (a FLUSH
 //!   then flushes them); large writes gain little from the log and would
-//!   cost its bandwidth twice.
+//!   cost its bandwidth twice (and, mirrored, the mirror's too: see
+//!   "Mirrored"). Acknowledged once the devices have it, as without a cache.
 //! - **Crash**: opening the cache reads the old log back, writes every
 //!   acknowledged record to the devices in order (a torn last batch was
 //!   never acknowledged and is ignored; a damaged record in the middle fails
@@ -43,10 +44,15 @@
 //! are acknowledged once both are durable; if this agent dies, the server
 //! writes what its mirror holds to the devices before anyone opens the
 //! volume again. Destaged records are released at the mirror *before* their
-//! local log space (the local dirty map is then always a superset of the
-//! mirror), and mirrored caches never write around the log: the mirror
-//! holds every write in order, so its replay cannot put an older write over
-//! a newer one. When the mirror fails (the server is down or restarted),
+//! local log space, so the mirror holds a subset of the dirty map (plus,
+//! while a batch is being logged, that batch's not yet acknowledged
+//! writes). That is what makes write-around safe on a mirrored cache too:
+//! a large write no dirty record touches has no record under it in the
+//! mirror either, so the mirror's replay cannot put an older write over it
+//! (a record of the batch in flight is concurrent with it, and lands after
+//! it both when destaged and when replayed). While the cache writes through
+//! the mirror may hold records released here, so nothing goes around then.
+//! When the mirror fails (the server is down or restarted),
 //! the cache switches to **write-through**: writes are still logged, but
 //! acknowledged only once destaged; a background task starts mirroring
 //! afresh ([`CacheMirror::open`]) every [`MIRROR_RETRY_MS`] until the server
@@ -258,6 +264,8 @@ pub struct CacheReport {
     pub destaged_bytes: u64,
     /// Bytes destaged per second over the last [`DESTAGE_RATE_WINDOW_MS`].
     pub destage_bytes_per_sec: u64,
+    /// Bytes written around the log so far (see "Write-around").
+    pub written_around_bytes: u64,
 }
 
 struct WriteReq {
@@ -286,6 +294,8 @@ struct State {
     failed: Option<String>,
     mirror_state: MirrorState,
     destaged_bytes: u64,
+    /// Bytes of writes sent around the log (see "Write-around").
+    written_around_bytes: u64,
     /// When each recent destage round finished and its bytes.
     destage_samples: VecDeque<(std::time::Instant, u64)>,
     /// A recall point holds new batches ([`CachedDevice::hold_writes`]).
@@ -334,6 +344,18 @@ impl State {
     /// are released in order).
     fn logged(&self, offset: u64, len: u64) -> bool {
         !self.dirty.overlay(offset, len).is_empty()
+    }
+
+    /// Whether a large write to `[offset, offset + len)` may go straight to
+    /// the devices: no record in the log touches the range (an older record
+    /// destaged or replayed after it would put old bytes over it), and no
+    /// mirror can hold one there either — with no mirror, or while
+    /// mirroring (the mirror then holds a subset of the dirty map, or of
+    /// the batch being logged, whose writes are not yet acknowledged and so
+    /// concurrent with this one). Not while write-through: the mirror may
+    /// still hold records released here (see "Known gap").
+    fn may_write_around(&self, offset: u64, len: u64) -> bool {
+        matches!(self.mirror_state, MirrorState::Local | MirrorState::Mirrored) && !self.logged(offset, len)
     }
 }
 
@@ -469,6 +491,7 @@ impl CachedDevice {
                 failed: None,
                 mirror_state,
                 destaged_bytes: 0,
+                written_around_bytes: 0,
                 destage_samples: VecDeque::new(),
                 held: false,
                 resumes: 0,
@@ -512,6 +535,7 @@ impl CachedDevice {
             mirror: state.mirror_state.clone(),
             destaged_bytes: state.destaged_bytes,
             destage_bytes_per_sec,
+            written_around_bytes: state.written_around_bytes,
         }
     }
 
@@ -1038,16 +1062,13 @@ impl BlockDevice for CachedDevice {
         if self.is_read_only() {
             return self.shared.inner.write(offset, data, _fua).await;
         }
-        // Never around a mirrored cache: see the module doc.
-        if self.shared.mirror.is_none()
-            && data.len() >= WRITE_AROUND_BYTES_MIN
-            && !self.shared.lock().logged(offset, data.len() as u64)
-        {
-            // See WRITE_AROUND_BYTES_MIN. Why only when no record overlaps:
-            // an older record destaged (or replayed) after this write would
-            // put old bytes over it.
+        if data.len() >= WRITE_AROUND_BYTES_MIN && self.shared.lock().may_write_around(offset, data.len() as u64) {
+            // See WRITE_AROUND_BYTES_MIN and "Write-around" in the module doc.
+            tracing::debug!(offset, len = data.len(), "write goes around the cache, straight to the devices");
+            let len = data.len() as u64;
             self.shared.inner.write(offset, data, _fua).await?;
             self.shared.inner_unflushed.store(true, Ordering::SeqCst);
+            self.shared.lock().written_around_bytes += len;
             return Ok(());
         }
         let mut acks = Vec::new();

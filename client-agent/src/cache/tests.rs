@@ -22,6 +22,8 @@ const DEVICE_BYTES: u64 = 4 << 20;
 struct HeldDevice {
     inner: Arc<MemoryDevice>,
     held: watch::Receiver<bool>,
+    /// Offsets of the writes that reached the device (held or not).
+    arrived: std::sync::Mutex<Vec<u64>>,
     writes: AtomicU64,
 }
 
@@ -34,6 +36,7 @@ impl BlockDevice for HeldDevice {
         self.inner.read(offset, len).await
     }
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
+        self.arrived.lock().unwrap().push(offset);
         let mut held = self.held.clone();
         let _ = held.wait_for(|held| !*held).await;
         self.writes.fetch_add(1, Ordering::SeqCst);
@@ -63,7 +66,12 @@ fn setup(log_bytes: u64, held: bool) -> Setup {
     let config = CacheConfig { log_path: dir.path().join("vol.cachelog"), log_bytes };
     let memory = Arc::new(MemoryDevice::new(DEVICE_BYTES));
     let (hold, rx) = watch::channel(held);
-    let device = Arc::new(HeldDevice { inner: memory.clone(), held: rx, writes: AtomicU64::new(0) });
+    let device = Arc::new(HeldDevice {
+        inner: memory.clone(),
+        held: rx,
+        arrived: Default::default(),
+        writes: AtomicU64::new(0),
+    });
     Setup { _dir: dir, config, memory, hold, device }
 }
 
@@ -428,12 +436,12 @@ async fn a_mirrored_write_is_acknowledged_once_the_mirror_has_it_and_released_af
     assert!(!write.is_finished(), "acknowledged before the mirror had it");
     hold_mirror.send(false).unwrap();
     write.await.unwrap().unwrap();
-    // Large writes are logged and mirrored too (never written around).
+    // A large write over logged records is logged and mirrored too.
     let all = writes(30, 5);
     for (offset, data) in &all {
         cache.write(*offset, Bytes::from(data.clone()), false).await.unwrap();
     }
-    const BIG_AT: u64 = 1 << 20;
+    const BIG_AT: u64 = 0;
     cache.write(BIG_AT, Bytes::from(vec![9u8; WRITE_AROUND_BYTES_MIN]), false).await.unwrap();
     assert_eq!(s.device.writes.load(Ordering::SeqCst), 0, "the device is held: everything is in the cache");
     let mut model_all = vec![0u8; BIG_AT as usize + WRITE_AROUND_BYTES_MIN];
@@ -446,6 +454,70 @@ async fn a_mirrored_write_is_acknowledged_once_the_mirror_has_it_and_released_af
     s.hold.send(false).unwrap();
     cache.destage_all().await;
     assert!(mirror.held.lock().unwrap().is_empty(), "destaged records are released at the mirror");
+}
+
+/// Awaits `write`, which must be acknowledged without the (held) device.
+async fn logged(write: impl std::future::Future<Output = Result<(), IoError>>, what: &str) {
+    match tokio::time::timeout(Duration::from_secs(10), write).await {
+        Ok(result) => result.unwrap(),
+        Err(_) => panic!("{what}: not acknowledged while the device is held, so it was not logged"),
+    }
+}
+
+#[tokio::test]
+async fn a_mirrored_cache_writes_large_writes_around_only_where_the_mirror_holds_nothing() {
+    const A: u64 = 1 << 20;
+    const B: u64 = 2 << 20;
+    const BIG: usize = WRITE_AROUND_BYTES_MIN;
+    let s = setup(LOG_BYTES_MIN, true);
+    let mirror = Arc::new(MemoryMirror::default());
+    let cache = Arc::new(s.open_mirrored(&mirror).await);
+    // Over a logged (and mirrored) record: logged, so the mirror's replay
+    // writes both in order.
+    logged(cache.write(A + 4096, Bytes::from(vec![1u8; 8192]), false), "a small write").await;
+    logged(cache.write(A, Bytes::from(vec![2u8; BIG]), false), "a large write over a logged record").await;
+    assert_eq!(cache.report().written_around_bytes, 0);
+    let replayed = mirror.replayed(&vec![0u8; DEVICE_BYTES as usize]);
+    assert_eq!(&replayed[A as usize..A as usize + BIG], &vec![2u8; BIG][..]);
+    // Where nothing is logged: straight to the (held) device, not mirrored.
+    let around = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.write(B, Bytes::from(vec![3u8; BIG]), false).await })
+    };
+    while !s.device.arrived.lock().unwrap().contains(&B) && !around.is_finished() {
+        tokio::task::yield_now().await;
+    }
+    assert!(!around.is_finished(), "a write around the cache was acknowledged before the device had it");
+    s.hold.send(false).unwrap();
+    around.await.unwrap().unwrap();
+    assert_eq!(s.memory.read(B, BIG as u32).await.unwrap(), vec![3u8; BIG]);
+    assert!(mirror.held.lock().unwrap().iter().all(|r| r.offset != B), "written around, yet mirrored");
+    assert_eq!(cache.report().written_around_bytes, BIG as u64);
+    // Once destaged (and released at the mirror), the first range is free
+    // to be written around too.
+    cache.destage_all().await;
+    cache.write(A, Bytes::from(vec![4u8; BIG]), false).await.unwrap();
+    assert_eq!(cache.report().written_around_bytes, 2 * BIG as u64);
+    // A newer small write over a written-around range is mirrored, and the
+    // replay of what the mirror holds (if this agent died now) keeps every
+    // acknowledged write in order.
+    s.hold.send(true).unwrap();
+    logged(cache.write(B + 4096, Bytes::from(vec![5u8; 4096]), false), "a small write").await;
+    let mut want = vec![0u8; DEVICE_BYTES as usize];
+    want[A as usize..A as usize + BIG].fill(4);
+    want[B as usize..B as usize + BIG].fill(3);
+    want[B as usize + 4096..B as usize + 8192].fill(5);
+    let device = s.memory.read(0, DEVICE_BYTES as u32).await.unwrap();
+    assert!(mirror.replayed(&device) == want, "the mirror's replay over the device differs from the writes");
+    // Writing through (the mirror is down): the mirror may hold records
+    // released here, so nothing goes around.
+    s.hold.send(false).unwrap();
+    mirror.down.store(true, Ordering::SeqCst);
+    cache.write(0, Bytes::from(vec![6u8; 4096]), false).await.unwrap();
+    assert!(matches!(cache.report().mirror, MirrorState::WriteThrough { .. }));
+    cache.write(3 << 20, Bytes::from(vec![7u8; BIG]), false).await.unwrap();
+    assert_eq!(cache.report().written_around_bytes, 2 * BIG as u64, "written around while writing through");
+    cache.destage_all().await;
 }
 
 #[tokio::test]
