@@ -425,10 +425,11 @@ async fn a_takeover_waits_for_a_fencing_device_it_cannot_reach() {
     // there, so the standby must not serve, though it gets the lease.
     let stalled = stack.devices[3].pid();
     signal(stalled, libc::SIGSTOP);
-    // It tries, stands by again, and tries again (a new lease generation).
-    poll(&stack, "the standby to find twice that it cannot fence", Duration::from_secs(90), || {
+    // It tries and stands by again; the takeover below, once the device
+    // answers, is a later attempt (a new lease generation).
+    poll(&stack, "the standby to find that it cannot fence", Duration::from_secs(90), || {
         let log = standby.proc.log();
-        (log.matches("fences but cannot be reached to fence the previous metadata server").count() >= 2).then_some(())
+        log.contains("fences but cannot be reached to fence the previous metadata server").then_some(())
     });
     let refused = status_at(&stack, &standby.addr());
     signal(stalled, libc::SIGCONT);
