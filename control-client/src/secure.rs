@@ -334,24 +334,38 @@ impl<S: AsyncRead + Unpin> SecureStream<S> {
     }
 }
 
+/// Fills the caller's buffer with as many records' plaintext as are there
+/// without waiting (not one record per call): a reader with a large buffer
+/// — `sanvol-backup serve` copying a 1 MiB reply — then makes one write per
+/// buffer rather than one per record, and wakes its own reader that much
+/// less. What it got before an error or the end is returned first; the
+/// error comes with the next call.
 impl<S: AsyncRead + Unpin> AsyncRead for SecureStream<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        let mut gave = false;
         loop {
             if let Some(e) = this.failed_error() {
-                return Poll::Ready(Err(e));
+                return Poll::Ready(if gave { Ok(()) } else { Err(e) });
             }
             if this.plain_pos < this.plain.len() {
                 let n = (this.plain.len() - this.plain_pos).min(buf.remaining());
                 buf.put_slice(&this.plain[this.plain_pos..this.plain_pos + n]);
                 this.plain_pos += n;
-                return Poll::Ready(Ok(()));
+                gave = true;
+                if buf.remaining() == 0 {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
             }
             if this.read_closed {
                 return Poll::Ready(Ok(()));
             }
-            if this.open_buffered()? {
-                continue;
+            match this.open_buffered() {
+                Ok(true) => continue,
+                Ok(false) => {}
+                // Kept in `failed`: the next call returns it.
+                Err(e) => return Poll::Ready(if gave { Ok(()) } else { Err(e) }),
             }
             // Need more bytes: make room for a whole record, then read.
             if this.rstart > 0 && this.rbuf.len() - this.rend < RECORD_HEADER_BYTES + RECORD_BODY_BYTES_MAX {
@@ -360,8 +374,21 @@ impl<S: AsyncRead + Unpin> AsyncRead for SecureStream<S> {
                 this.rstart = 0;
             }
             let mut rb = ReadBuf::new(&mut this.rbuf[this.rend..]);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
+            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                Poll::Pending if gave => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) if gave => {
+                    this.fail(e.kind(), format!("{}: {e}", this.label));
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
             let n = rb.filled().len();
+            if n == 0 && gave {
+                // The end (or the cut) is reported by the next call.
+                return Poll::Ready(Ok(()));
+            }
             if n == 0 {
                 let message = if this.rstart == this.rend {
                     format!("{}: the connection ended without the peer's close (cut off)", this.label)
@@ -424,6 +451,14 @@ impl<S: AsyncWrite + Unpin> SecureStream<S> {
         }
         if let Err(e) = self.protection.seal(&take, &mut self.wbuf) {
             return Poll::Ready(Err(self.fail(io::ErrorKind::Other, format!("{}: {e}", self.label))));
+        }
+        // A full record: the caller is in the middle of a large write, and
+        // will write on or flush (as every writer of an `AsyncWrite` must
+        // before it waits for an answer) — send it with the next ones, up
+        // to WRITE_BUFFERED_BYTES_MAX at once: a 1 MiB reply leaves in four
+        // writes, not sixteen, and wakes the peer four times.
+        if n == RECORD_PLAINTEXT_BYTES_MAX && self.wbuf.len() - self.wpos < WRITE_BUFFERED_BYTES_MAX {
+            return Poll::Ready(Ok(n));
         }
         // Start sending now; what the socket does not take goes with the
         // next write or flush.
@@ -615,6 +650,50 @@ mod tests {
             assert_eq!(&got[5..], &big[..]);
             let a = writer.await.unwrap();
             assert!(a.protection().sequence_numbers().0 >= 6, "300 kB went as several bounded records");
+        }
+    }
+
+    /// Counts the writes that reach the socket.
+    struct Counted {
+        inner: tokio::io::DuplexStream,
+        writes: usize,
+    }
+
+    impl AsyncWrite for Counted {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, buf))?;
+            self.writes += 1;
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_large_write_leaves_in_few_socket_writes_and_is_read_in_large_pieces() {
+        for mode in MODES {
+            let (a, b) = tokio::io::duplex(8 << 20);
+            let (pa, pb) = protection_pair(mode);
+            let mut a = SecureStream::new(Counted { inner: a, writes: 0 }, pa);
+            let mut b = SecureStream::new(b, pb);
+            let big: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 253) as u8).collect();
+            a.write_all(b"head").await.unwrap();
+            a.write_all(&big).await.unwrap();
+            a.flush().await.unwrap();
+            let records = big.len().div_ceil(RECORD_PLAINTEXT_BYTES_MAX);
+            let writes = a.get_ref().writes;
+            assert!(writes <= 1 + records.div_ceil(4), "{mode}: {records} records went in {writes} socket writes");
+            // Everything is on the wire: one read takes several records.
+            let mut got = vec![0u8; 4 + big.len()];
+            let n = b.read(&mut got).await.unwrap();
+            assert!(n > 2 * RECORD_PLAINTEXT_BYTES_MAX, "{mode}: one read returned {n} bytes");
+            b.read_exact(&mut got[n..]).await.unwrap();
+            assert_eq!(&got[..4], b"head");
+            assert!(got[4..] == big[..], "{mode}: the bytes differ");
         }
     }
 
