@@ -238,7 +238,10 @@ struct MirrorRig {
     stack: sanvol_tests::system::Stack,
     _device_dir: tempfile::TempDir,
     image: PathBuf,
-    leg_offset: u64,
+    /// The volume's extent map as created: each extent's offset on the
+    /// device, and the extent size.
+    extent_offsets: Vec<u64>,
+    extent_bytes: u64,
 }
 
 impl MirrorRig {
@@ -267,31 +270,33 @@ impl MirrorRig {
         stack.sanvol_ok(&["volume", "create", "db", "64M"]);
         stack.sanvol_ok(&["volume", "cache", "db", "--size", "32M"]);
         let show = stack.sanvol_json(&["volume", "show", "db"]);
-        let leg_offset = show["description"]["extents"][0]["legs"][0]["offset"].as_u64().unwrap();
-        MirrorRig { stack, _device_dir: device_dir, image, leg_offset }
+        let extent_bytes = show["description"]["extent_bytes"].as_u64().unwrap();
+        let extent_offsets = show["description"]["extents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["legs"][0]["offset"].as_u64().unwrap())
+            .collect();
+        MirrorRig { stack, _device_dir: device_dir, image, extent_offsets, extent_bytes }
     }
 
     /// The first slots of the volume, read from the device file directly.
     fn volume_image(&self) -> Vec<u8> {
-        let bytes = std::fs::read(&self.image).unwrap();
-        bytes[self.leg_offset as usize..(self.leg_offset + SLOTS * SLOT_BYTES) as usize].to_vec()
+        self.device_bytes(0, (SLOTS * SLOT_BYTES) as usize)
     }
 
     /// `len` bytes of the volume at `offset`, read from the device file
-    /// directly (through the extent map `sanvol volume show` prints).
+    /// directly (through the extent map, which these tests never change).
     fn device_bytes(&self, offset: u64, len: usize) -> Vec<u8> {
         use std::os::unix::fs::FileExt;
-        let show = self.stack.sanvol_json(&["volume", "show", "db"]);
-        let extent_bytes = show["description"]["extent_bytes"].as_u64().unwrap();
-        let extents = show["description"]["extents"].as_array().unwrap();
         let file = std::fs::File::open(&self.image).unwrap();
         let mut out = vec![0u8; len];
         let mut done = 0;
         while done < len {
             let at = offset + done as u64;
-            let (extent, within) = (at / extent_bytes, at % extent_bytes);
-            let leg = extents[extent as usize]["legs"][0]["offset"].as_u64().unwrap();
-            let n = (len - done).min((extent_bytes - within) as usize);
+            let (extent, within) = (at / self.extent_bytes, at % self.extent_bytes);
+            let leg = self.extent_offsets[extent as usize];
+            let n = (len - done).min((self.extent_bytes - within) as usize);
             file.read_exact_at(&mut out[done..done + n], leg + within).unwrap();
             done += n;
         }
