@@ -65,6 +65,31 @@ pub struct ControlClient {
     shared: Arc<Shared>,
 }
 
+/// A request written to the connection, its reply still to come
+/// ([`ControlClient::send_request`]).
+pub struct SentRequest {
+    client: ControlClient,
+    id: u64,
+    rx: oneshot::Receiver<Result<Response, ControlError>>,
+    /// How long the reply may take, counted from when it is awaited.
+    timeout: Duration,
+}
+
+impl SentRequest {
+    /// Waits for the reply (at most the timeout given when it was sent).
+    pub async fn answer(self) -> Result<Response, ControlClientError> {
+        match tokio::time::timeout(self.timeout, self.rx).await {
+            Ok(Ok(Ok(response))) => Ok(response),
+            Ok(Ok(Err(e))) => Err(ControlClientError::Server(e)),
+            Ok(Err(_)) => Err(ControlClientError::Closed),
+            Err(_) => {
+                self.client.forget(self.id);
+                Err(ControlClientError::Timeout(self.timeout))
+            }
+        }
+    }
+}
+
 impl ControlClient {
     /// Connects, authenticates and starts the reader. Returns the client and
     /// the stream of server events. The connection is protected in the mode
@@ -135,6 +160,16 @@ impl ControlClient {
         request: Request,
         timeout: Duration,
     ) -> Result<Response, ControlClientError> {
+        self.send_request(request, timeout).await?.answer().await
+    }
+
+    /// Sends a request and returns once it is written to the connection;
+    /// the reply comes with [`SentRequest::answer`]. Requests sent one after
+    /// the other reach the server in that order (the server takes the
+    /// requests of one connection in order), so a caller may keep several in
+    /// flight and still rely on their order — the cache mirror's pipelined
+    /// appends do.
+    pub async fn send_request(&self, request: Request, timeout: Duration) -> Result<SentRequest, ControlClientError> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let payload = frame::encode_payload(&ClientMessage { id, request }).map_err(FramedError::from)?;
         let (tx, rx) = oneshot::channel();
@@ -151,15 +186,7 @@ impl ControlClient {
             shutdown(&self.shared);
             return Err(e.into());
         }
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(Ok(response))) => Ok(response),
-            Ok(Ok(Err(e))) => Err(ControlClientError::Server(e)),
-            Ok(Err(_)) => Err(ControlClientError::Closed),
-            Err(_) => {
-                self.forget(id);
-                Err(ControlClientError::Timeout(timeout))
-            }
-        }
+        Ok(SentRequest { client: self.clone(), id, rx, timeout })
     }
 
     fn forget(&self, id: u64) {

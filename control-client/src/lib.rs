@@ -34,6 +34,6 @@ pub mod secure;
 
 pub use addr::{ControlAddr, ControlStream};
 pub use channel::{ChannelError, ChannelIdentity};
-pub use client::{ControlClient, ControlClientError};
+pub use client::{ControlClient, ControlClientError, SentRequest};
 pub use secure::SecureStream;
 pub use volume_format::control::auth::ChannelMode;

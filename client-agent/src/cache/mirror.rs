@@ -24,7 +24,7 @@ use control_client::{ControlClient, ControlClientError};
 use volume_format::control::messages::{ErrorCode, MirrorRecord, Request, Response, VolumeCache};
 use volume_format::HandleId;
 
-use super::CacheMirror;
+use super::{CacheMirror, MirrorAck};
 
 /// The longest a mirror request may take before the cache goes
 /// write-through.
@@ -65,12 +65,18 @@ impl ControlMirror {
         answer
     }
 
-    /// Sends an append or release on the connection mirroring started on.
-    async fn call(&self, request: Request) -> Result<Response, String> {
+    /// The connection mirroring started on, or why there is none.
+    fn mirroring_client(&self) -> Result<ControlClient, String> {
         let (conn, client) = (self.client)().ok_or("not connected to the metadata server")?;
         if *self.opened_on() != Some(conn) {
             return Err("the control connection changed since mirroring started; mirroring starts afresh".into());
         }
+        Ok(client)
+    }
+
+    /// Sends an append or release on the connection mirroring started on.
+    async fn call(&self, request: Request) -> Result<Response, String> {
+        let client = self.mirroring_client()?;
         client.request_with_timeout(request, MIRROR_REQUEST_TIMEOUT).await.map_err(|e| e.to_string())
     }
 }
@@ -110,12 +116,19 @@ impl CacheMirror for ControlMirror {
         }
     }
 
-    async fn append(&self, records: Vec<MirrorRecord>) -> Result<(), String> {
+    async fn append(&self, records: Vec<MirrorRecord>) -> Result<MirrorAck, String> {
         let last = records.last().map_or(0, |r| r.seq);
-        match self.call(Request::MirrorAppend { handle: self.handle, records }).await? {
-            Response::Mirrored { upto_seq } if upto_seq == last => Ok(()),
-            other => Err(format!("the metadata server answered MirrorAppend with {other:?}")),
-        }
+        let client = self.mirroring_client()?;
+        let sent = client
+            .send_request(Request::MirrorAppend { handle: self.handle, records }, MIRROR_REQUEST_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Box::pin(async move {
+            match sent.answer().await.map_err(|e| e.to_string())? {
+                Response::Mirrored { upto_seq } if upto_seq == last => Ok(()),
+                other => Err(format!("the metadata server answered MirrorAppend with {other:?}")),
+            }
+        }))
     }
 
     async fn release(&self, upto_seq: u64) -> Result<(), String> {

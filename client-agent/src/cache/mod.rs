@@ -52,6 +52,18 @@
 //! (a record of the batch in flight is concurrent with it, and lands after
 //! it both when destaged and when replayed). While the cache writes through
 //! the mirror may hold records released here, so nothing goes around then.
+//! **Pipelined mirror appends**: the next batch is logged and sent to the
+//! mirror while earlier batches still wait for the mirror's answer (at
+//! most [`MIRROR_APPENDS_IN_FLIGHT_MAX`]); the server takes the appends of
+//! one connection in order and writes those queued together with one sync,
+//! so at high queue depth a write waits for one local append and about one
+//! mirror round trip, not for the batch before it too. Local appends stay
+//! one at a time (see "Durable before acknowledged"). A batch's writes are
+//! acknowledged by its answer only if mirroring has not failed (or started
+//! afresh, which empties the mirror) since it was sent; otherwise once on
+//! the devices, like any write-through write — so an answer that arrives
+//! after an earlier append failed never acknowledges a write the mirror may
+//! hold without the writes before it.
 //! When the mirror fails (the server is down or restarted),
 //! the cache switches to **write-through**: writes are still logged, but
 //! acknowledged only once destaged; a background task starts mirroring
@@ -105,7 +117,7 @@ use async_trait::async_trait;
 use blockio::{BlockDevice, BlockSizes, IoError, MetaContext, StatusExtent, ZeroFlags};
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 use volume_format::cache_log::{LogAppender, ScanError};
@@ -134,6 +146,9 @@ const _: () = assert!(
 pub const WRITES_QUEUED_MAX: usize = 1024;
 /// Records written to the devices in one destage round, at most.
 pub const DESTAGE_RECORDS_MAX: usize = 64;
+/// Mirror appends sent and not yet answered, at most (see "Pipelined
+/// mirror appends" in the module doc).
+pub const MIRROR_APPENDS_IN_FLIGHT_MAX: usize = 4;
 /// Writes of at least this many bytes go straight to the devices when no
 /// record in the log touches their range (write-around, as bcache's
 /// sequential cutoff): large writes gain little from the log and would cost
@@ -158,11 +173,16 @@ pub trait CacheMirror: Send + Sync + 'static {
     /// Starts mirroring afresh: the mirror drops what it held (everything
     /// the cache logged before is on the devices, or not yet acknowledged).
     async fn open(&self) -> Result<(), String>;
-    /// Appends a batch; returns once it is durable in the mirror.
-    async fn append(&self, records: Vec<MirrorRecord>) -> Result<(), String>;
+    /// Sends a batch; returns once it is on its way (appends reach the
+    /// mirror in the order this returns), with the mirror's answer to come:
+    /// `Ok` once the batch is durable there.
+    async fn append(&self, records: Vec<MirrorRecord>) -> Result<MirrorAck, String>;
     /// Every record up to `upto_seq` is on the devices.
     async fn release(&self, upto_seq: u64) -> Result<(), String>;
 }
+
+/// The mirror's answer to an append already sent ([`CacheMirror::append`]).
+pub type MirrorAck = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
 
 /// Runs before a batch is logged, on the ranges it writes: the agent's
 /// volume device preserves the chunks a snapshot still needs there (see
@@ -293,6 +313,10 @@ struct State {
     /// The log could not be written: later writes fail with this.
     failed: Option<String>,
     mirror_state: MirrorState,
+    /// Counts the starts of mirroring: an append's answer counts only if
+    /// mirroring did not fail (and start afresh, emptying the mirror) since
+    /// it was sent.
+    mirror_epoch: u64,
     destaged_bytes: u64,
     /// Bytes of writes sent around the log (see "Write-around").
     written_around_bytes: u64,
@@ -334,6 +358,9 @@ struct Shared {
     work: Notify,
     destaged: Notify,
     inner_unflushed: AtomicBool,
+    /// One permit per mirror append that may be unanswered
+    /// ([`MIRROR_APPENDS_IN_FLIGHT_MAX`]).
+    mirror_slots: Arc<Semaphore>,
 }
 
 impl State {
@@ -356,6 +383,13 @@ impl State {
     /// still hold records released here (see "Known gap").
     fn may_write_around(&self, offset: u64, len: u64) -> bool {
         matches!(self.mirror_state, MirrorState::Local | MirrorState::Mirrored) && !self.logged(offset, len)
+    }
+
+    /// The mirror was started afresh (it holds nothing): batches are
+    /// mirrored again, and answers to appends sent before do not count.
+    fn mirroring_again(&mut self) {
+        self.mirror_state = MirrorState::Mirrored;
+        self.mirror_epoch += 1;
     }
 }
 
@@ -490,6 +524,7 @@ impl CachedDevice {
                 last_destaged_seq: 0,
                 failed: None,
                 mirror_state,
+                mirror_epoch: 0,
                 destaged_bytes: 0,
                 written_around_bytes: 0,
                 destage_samples: VecDeque::new(),
@@ -501,9 +536,15 @@ impl CachedDevice {
             work: Notify::new(),
             destaged: Notify::new(),
             inner_unflushed: AtomicBool::new(false),
+            mirror_slots: Arc::new(Semaphore::new(MIRROR_APPENDS_IN_FLIGHT_MAX)),
         });
         let (writes, rx) = mpsc::channel(WRITES_QUEUED_MAX);
-        let mut tasks = vec![tokio::spawn(append_loop(shared.clone(), rx)), tokio::spawn(destage_loop(shared.clone()))];
+        let (acks, acks_rx) = mpsc::unbounded_channel();
+        let mut tasks = vec![
+            tokio::spawn(append_loop(shared.clone(), rx, acks)),
+            tokio::spawn(ack_loop(shared.clone(), acks_rx)),
+            tokio::spawn(destage_loop(shared.clone())),
+        ];
         if shared.mirror.is_some() {
             tasks.push(tokio::spawn(remirror_loop(shared.clone())));
         }
@@ -596,7 +637,7 @@ impl CachedDevice {
         }
         mirror.open().await.map_err(|why| format!("the cache mirror cannot be emptied for the recall: {why}"))?;
         info!("the cache mirror answers again (emptied at a recall point); writes are mirrored from now on");
-        self.shared.lock().mirror_state = MirrorState::Mirrored;
+        self.shared.lock().mirroring_again();
         Ok(())
     }
 
@@ -683,7 +724,7 @@ async fn replay(log: LogFile, inner: &Arc<dyn BlockDevice>, volume: VolumeId) ->
 
 /// Takes queued writes in batches: place them in the log, write + sync
 /// once, then make them visible to reads and the destager, and acknowledge.
-async fn append_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<WriteReq>) {
+async fn append_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<WriteReq>, acks: mpsc::UnboundedSender<Mirroring>) {
     let mut pending: VecDeque<WriteReq> = VecDeque::new();
     loop {
         if pending.is_empty() {
@@ -717,7 +758,7 @@ async fn append_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<WriteReq>) {
                 continue;
             }
         }
-        let taken = append_batch(&shared, &mut pending).await;
+        let taken = append_batch(&shared, &mut pending, &acks).await;
         shared.lock().appending = false;
         shared.hold_changed.notify_waiters();
         if taken == 0 {
@@ -741,9 +782,32 @@ fn batch_candidates(pending: &VecDeque<WriteReq>) -> usize {
     count
 }
 
+/// A logged batch whose mirror append is on its way: its writes are
+/// acknowledged once the mirror answers ([`ack_loop`]).
+struct Mirroring {
+    taken: Vec<WriteReq>,
+    last_seq: u64,
+    /// [`State::mirror_epoch`] when it was sent.
+    epoch: u64,
+    answer: MirrorAck,
+    _slot: OwnedSemaphorePermit,
+}
+
 /// Logs (and mirrors) one batch from the front of `pending`, after
 /// [`BeforeLogged`]; returns how many writes it took (0: the log is full).
-async fn append_batch(shared: &Arc<Shared>, pending: &mut VecDeque<WriteReq>) -> usize {
+/// A mirrored batch's writes are acknowledged by [`ack_loop`], once the
+/// mirror answers: the next batch is logged (and sent) meanwhile.
+async fn append_batch(
+    shared: &Arc<Shared>,
+    pending: &mut VecDeque<WriteReq>,
+    acks: &mpsc::UnboundedSender<Mirroring>,
+) -> usize {
+    // A slot for the mirror append first: at most
+    // MIRROR_APPENDS_IN_FLIGHT_MAX wait for the mirror's answer.
+    let slot = match &shared.mirror {
+        Some(_) => Some(shared.mirror_slots.clone().acquire_owned().await.expect("the semaphore is never closed")),
+        None => None,
+    };
     let candidates = batch_candidates(pending);
     if let Some(before) = &shared.before_logged {
         let ranges: Vec<(u64, u64)> =
@@ -790,9 +854,12 @@ async fn append_batch(shared: &Arc<Shared>, pending: &mut VecDeque<WriteReq>) ->
     }
     let count = taken;
     let taken: Vec<WriteReq> = pending.drain(..taken).collect();
-    let mirror = match (&shared.mirror, &shared.lock().mirror_state) {
-        (Some(mirror), MirrorState::Mirrored) => Some(mirror.clone()),
-        _ => None,
+    let (mirror, epoch) = {
+        let state = shared.lock();
+        match (&shared.mirror, &state.mirror_state) {
+            (Some(mirror), MirrorState::Mirrored) => (Some(mirror.clone()), state.mirror_epoch),
+            _ => (None, state.mirror_epoch),
+        }
     };
     let last_seq = batch.records.last().map_or(0, |r| r.seq);
     let records: Option<Vec<MirrorRecord>> = mirror.as_ref().map(|_| {
@@ -804,13 +871,15 @@ async fn append_batch(shared: &Arc<Shared>, pending: &mut VecDeque<WriteReq>) ->
             .collect()
     });
     // The local append and the mirror's, concurrently: one round trip.
-    let mirrored = async {
+    // Only the sending is waited for here (appends reach the mirror in the
+    // order they are sent); the answer, by `ack_loop`.
+    let sent = async {
         let (mirror, records) = (mirror?, records?);
         Some(mirror.append(records).await)
     };
     let writer = shared.clone();
     let local = blocking(move || writer.log.append(&batch).map(|()| batch));
-    let (written, mirrored) = futures::join!(local, mirrored);
+    let (written, sent) = futures::join!(local, sent);
     match written {
         Ok(batch) => {
             {
@@ -827,12 +896,19 @@ async fn append_batch(shared: &Arc<Shared>, pending: &mut VecDeque<WriteReq>) ->
                 state.in_flight = None;
             }
             shared.work.notify_one();
-            match mirrored {
-                // Durable here and in the mirror, or no mirror at all.
-                Some(Ok(())) => ack(taken),
+            match sent {
+                Some(Ok(answer)) => {
+                    let slot = slot.expect("a mirrored cache takes a slot for every batch");
+                    let mirroring = Mirroring { taken, last_seq, epoch, answer, _slot: slot };
+                    if let Err(mpsc::error::SendError(m)) = acks.send(mirroring) {
+                        // The cache is being dropped: as a crash would.
+                        drop(m.taken);
+                    }
+                }
+                // No mirror at all: durable here is enough.
                 None if shared.mirror.is_none() => ack(taken),
                 Some(Err(why)) => {
-                    mirror_failed(shared, why);
+                    mirror_failed(shared, epoch, why);
                     ack_when_destaged(shared, taken, last_seq);
                 }
                 None => ack_when_destaged(shared, taken, last_seq),
@@ -852,6 +928,28 @@ async fn append_batch(shared: &Arc<Shared>, pending: &mut VecDeque<WriteReq>) ->
         }
     }
     count
+}
+
+/// Acknowledges mirrored batches as the mirror answers, in the order they
+/// were sent: once durable here and there, or — if mirroring failed or
+/// started afresh since the batch was sent — once on the devices.
+async fn ack_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Mirroring>) {
+    while let Some(m) = rx.recv().await {
+        let Mirroring { taken, last_seq, epoch, answer, _slot } = m;
+        let answer = answer.await;
+        let current = {
+            let state = shared.lock();
+            state.mirror_epoch == epoch && state.mirror_state == MirrorState::Mirrored
+        };
+        match answer {
+            Ok(()) if current => ack(taken),
+            Ok(()) => ack_when_destaged(&shared, taken, last_seq),
+            Err(why) => {
+                mirror_failed(&shared, epoch, why);
+                ack_when_destaged(&shared, taken, last_seq);
+            }
+        }
+    }
 }
 
 fn ack(taken: Vec<WriteReq>) {
@@ -882,10 +980,12 @@ async fn wait_destaged(shared: &Shared, seq: u64) {
     }
 }
 
-/// The mirror failed: write-through until it is started again.
-fn mirror_failed(shared: &Shared, why: String) {
+/// The mirror failed (a request sent while mirroring was in `epoch`):
+/// write-through until it is started again. A failure from before the
+/// mirror was last started afresh changes nothing.
+fn mirror_failed(shared: &Shared, epoch: u64, why: String) {
     let mut state = shared.lock();
-    if state.mirror_state == MirrorState::Mirrored {
+    if state.mirror_state == MirrorState::Mirrored && state.mirror_epoch == epoch {
         warn!(%why, "the cache mirror failed; writes are acknowledged once on the devices until it answers again");
         state.mirror_state = MirrorState::WriteThrough { why };
         shared.mirror_failed.notify_one();
@@ -913,7 +1013,7 @@ async fn remirror_loop(shared: Arc<Shared>) {
         match mirror.open().await {
             Ok(()) => {
                 info!("the cache mirror answers again; writes are mirrored from now on");
-                shared.lock().mirror_state = MirrorState::Mirrored;
+                shared.lock().mirroring_again();
             }
             Err(why) => shared.lock().mirror_state = MirrorState::WriteThrough { why },
         }
@@ -960,11 +1060,14 @@ async fn destage_loop(shared: Arc<Shared>) {
         // The mirror lets go first: what it still holds is always still in
         // the local log and the dirty map (see the module doc).
         if let Some(mirror) = &shared.mirror {
-            let mirroring = shared.lock().mirror_state == MirrorState::Mirrored;
+            let (mirroring, epoch) = {
+                let state = shared.lock();
+                (state.mirror_state == MirrorState::Mirrored, state.mirror_epoch)
+            };
             if mirroring {
                 let upto = round.last().expect("a round is not empty").seq;
                 if let Err(why) = mirror.release(upto).await {
-                    mirror_failed(&shared, why);
+                    mirror_failed(&shared, epoch, why);
                 }
             }
         }

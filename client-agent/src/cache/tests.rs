@@ -358,10 +358,13 @@ async fn random_writes_reads_and_crashes_keep_every_acknowledged_write() {
 struct MemoryMirror {
     held: std::sync::Mutex<Vec<MirrorRecord>>,
     opens: AtomicU64,
-    down: std::sync::atomic::AtomicBool,
+    down: Arc<std::sync::atomic::AtomicBool>,
     hold_appends: std::sync::Mutex<Option<watch::Receiver<bool>>>,
     /// Told when an append arrives.
     appending: tokio::sync::Notify,
+    /// Answers of the next appends, in order: `true` fails it (as an answer
+    /// lost with the connection); none left: answered by `down`.
+    failed_answers: std::sync::Mutex<std::collections::VecDeque<bool>>,
 }
 
 impl MemoryMirror {
@@ -391,18 +394,29 @@ impl CacheMirror for MemoryMirror {
         self.held.lock().unwrap().clear();
         Ok(())
     }
-    async fn append(&self, records: Vec<MirrorRecord>) -> Result<(), String> {
+    async fn append(&self, records: Vec<MirrorRecord>) -> Result<MirrorAck, String> {
+        // Received when sent, as the server's queue takes it; answered once
+        // `hold_appends` lets it through.
+        self.check()?;
+        {
+            let mut held = self.held.lock().unwrap();
+            assert!(records.windows(2).all(|w| w[0].seq < w[1].seq));
+            assert!(held.last().is_none_or(|last| last.seq < records[0].seq), "records reach the mirror in order");
+            held.extend(records);
+        }
         self.appending.notify_one();
         let hold = self.hold_appends.lock().unwrap().clone();
-        if let Some(mut hold) = hold {
-            let _ = hold.wait_for(|held| !*held).await;
-        }
-        self.check()?;
-        let mut held = self.held.lock().unwrap();
-        assert!(records.windows(2).all(|w| w[0].seq < w[1].seq));
-        assert!(held.last().is_none_or(|last| last.seq < records[0].seq), "records reach the mirror in order");
-        held.extend(records);
-        Ok(())
+        let down = self.down.clone();
+        let fails = self.failed_answers.lock().unwrap().pop_front();
+        Ok(Box::pin(async move {
+            if let Some(mut hold) = hold {
+                let _ = hold.wait_for(|held| !*held).await;
+            }
+            match fails.unwrap_or_else(|| down.load(Ordering::SeqCst)) {
+                true => Err("the metadata server is unreachable".to_string()),
+                false => Ok(()),
+            }
+        }))
     }
     async fn release(&self, upto_seq: u64) -> Result<(), String> {
         self.check()?;
@@ -454,6 +468,80 @@ async fn a_mirrored_write_is_acknowledged_once_the_mirror_has_it_and_released_af
     s.hold.send(false).unwrap();
     cache.destage_all().await;
     assert!(mirror.held.lock().unwrap().is_empty(), "destaged records are released at the mirror");
+}
+
+/// Spawns a 4 KiB write of `fill` at `offset`.
+fn spawn_write(cache: &Arc<CachedDevice>, offset: u64, fill: u8) -> tokio::task::JoinHandle<Result<(), IoError>> {
+    let cache = cache.clone();
+    tokio::spawn(async move { cache.write(offset, Bytes::from(vec![fill; 4096]), false).await })
+}
+
+/// Yields to the cache's tasks a while (for checks that something did not
+/// happen: a wrong implementation would have done it by then).
+async fn settle() {
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn mirror_appends_are_pipelined_and_each_write_waits_for_its_answer() {
+    let s = setup(LOG_BYTES_MIN, true);
+    let mirror = Arc::new(MemoryMirror::default());
+    let (answer, held) = watch::channel(true);
+    *mirror.hold_appends.lock().unwrap() = Some(held);
+    let cache = Arc::new(s.open_mirrored(&mirror).await);
+    // One write after another, each sent to the mirror while the earlier
+    // ones' answers are still to come.
+    let mut writes = Vec::new();
+    for i in 0..MIRROR_APPENDS_IN_FLIGHT_MAX as u64 {
+        writes.push(spawn_write(&cache, i * 8192, i as u8 + 1));
+        tokio::time::timeout(Duration::from_secs(10), mirror.appending.notified())
+            .await
+            .expect("a batch is sent to the mirror while an earlier one waits for its answer");
+    }
+    // No more than that many wait for an answer: the next one is logged but
+    // not sent yet.
+    let last = spawn_write(&cache, 1 << 20, 0xee);
+    settle().await;
+    assert_eq!(mirror.held.lock().unwrap().len(), MIRROR_APPENDS_IN_FLIGHT_MAX, "more appends than allowed in flight");
+    assert!(writes.iter().chain([&last]).all(|w| !w.is_finished()), "acknowledged before the mirror answered");
+    answer.send(false).unwrap();
+    for w in writes {
+        w.await.unwrap().unwrap();
+    }
+    last.await.unwrap().unwrap();
+    assert_eq!(mirror.held.lock().unwrap().len(), MIRROR_APPENDS_IN_FLIGHT_MAX + 1);
+    assert_eq!(cache.report().mirror, MirrorState::Mirrored);
+    assert_eq!(s.device.writes.load(Ordering::SeqCst), 0, "acknowledged from the log and the mirror, not the device");
+}
+
+#[tokio::test]
+async fn after_a_failed_answer_later_answers_do_not_acknowledge_until_the_devices_have_the_writes() {
+    let s = setup(LOG_BYTES_MIN, true);
+    let mirror = Arc::new(MemoryMirror::default());
+    let (answer, held) = watch::channel(true);
+    *mirror.hold_appends.lock().unwrap() = Some(held);
+    // The first append's answer is lost; the second's says "mirrored".
+    mirror.failed_answers.lock().unwrap().extend([true, false]);
+    let cache = Arc::new(s.open_mirrored(&mirror).await);
+    let first = spawn_write(&cache, 0, 1);
+    mirror.appending.notified().await;
+    let second = spawn_write(&cache, 8192, 2);
+    mirror.appending.notified().await;
+    answer.send(false).unwrap();
+    while !matches!(cache.report().mirror, MirrorState::WriteThrough { .. }) {
+        tokio::task::yield_now().await;
+    }
+    settle().await;
+    // The mirror may hold the second without the first: only the devices
+    // make either durable now.
+    assert!(!first.is_finished() && !second.is_finished(), "acknowledged by a mirror that failed meanwhile");
+    s.hold.send(false).unwrap();
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    assert_eq!(s.memory.read(0, 4096).await.unwrap(), vec![1u8; 4096]);
+    assert_eq!(s.memory.read(8192, 4096).await.unwrap(), vec![2u8; 4096]);
 }
 
 /// Awaits `write`, which must be acknowledged without the (held) device.
