@@ -841,7 +841,8 @@ async fn a_snapshot_while_a_cached_attach_completes_holds_every_acknowledged_wri
     let uri: NbdUri = format!("nbd+unix:///db?socket={}", socket.display()).parse().unwrap();
     let client = Arc::new(NbdClient::connect(&uri, ClientOptions::default()).await.unwrap());
     let mut model = rig.volume_image();
-    // More records than one destage batch (`DESTAGE_RECORDS_MAX`): a recall
+    // More records than one destage round takes (records logged while a
+    // round is on its way to the 100 ms device wait for the next): a recall
     // that only drains the device I/O in flight misses some.
     for round in 0..5 {
         write_round(&client, &mut model, round).await;

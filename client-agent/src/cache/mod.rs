@@ -19,12 +19,20 @@
 //!   ([`dirty::DirtyMap`]) on what the devices return; the overlay is taken
 //!   *before* the device read, and a record leaves it only once the devices
 //!   have it, so a read never misses an acknowledged write.
-//! - **Ordered destage**: records go to the devices in log order; one round
-//!   writes consecutive records that do not overlap each other concurrently,
-//!   then flushes the devices, then releases their log space (the superblock
-//!   moves the tail, synced, before the space is reused), and only then
-//!   drops them from the dirty map. A failed device write or release is
-//!   retried (with a bounded back-off), never dropped.
+//! - **Ordered, coalesced destage**: a round takes the oldest records (up
+//!   to [`DESTAGE_ROUND_BYTES_MAX`], and half the log), writes the ranges
+//!   they cover — sorted, adjacent ones merged, with the newest cached bytes
+//!   there ([`plan_round`]) — then flushes the devices, then releases their
+//!   log space (the superblock moves the tail, synced, before the space is
+//!   reused), and only then drops them from the dirty map. A byte written
+//!   twice is written once, and many small random writes become fewer,
+//!   larger device writes (what a write-back cache must do to destage
+//!   faster than the device takes the same writes one by one). Writing the
+//!   newest bytes, possibly of records after the round, never puts an
+//!   older write over a newer one: the newer record stays in the log (and
+//!   the mirror) until its own round, and a replay writes every record in
+//!   log order. A failed device write or release is retried (with a bounded
+//!   back-off), never dropped.
 //! - **Back-pressure**: a write that does not fit waits for log space; it
 //!   never fails for lack of it.
 //! - **Write-around**: a write of [`WRITE_AROUND_BYTES_MIN`] or more whose
@@ -116,7 +124,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use blockio::{BlockDevice, BlockSizes, IoError, MetaContext, StatusExtent, ZeroFlags};
 use bytes::{Bytes, BytesMut};
-use futures::future::join_all;
+use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -144,8 +152,13 @@ const _: () = assert!(
 );
 /// Writes waiting to be appended, at most (senders wait for room).
 pub const WRITES_QUEUED_MAX: usize = 1024;
-/// Records written to the devices in one destage round, at most.
-pub const DESTAGE_RECORDS_MAX: usize = 64;
+/// Bytes of records one destage round takes, at most (at least one record,
+/// and at most half the log, so writes fill the other half meanwhile).
+pub const DESTAGE_ROUND_BYTES_MAX: u64 = 128 << 20;
+/// Bytes of one device write of a destage round, at most.
+pub const DESTAGE_WRITE_BYTES_MAX: u64 = 1 << 20;
+/// Device writes of a destage round in flight at once, at most.
+pub const DESTAGE_WRITES_IN_FLIGHT_MAX: usize = 64;
 /// Mirror appends sent and not yet answered, at most (see "Pipelined
 /// mirror appends" in the module doc).
 pub const MIRROR_APPENDS_IN_FLIGHT_MAX: usize = 4;
@@ -1020,19 +1033,103 @@ async fn remirror_loop(shared: Arc<Shared>) {
     }
 }
 
-/// The records of the next destage round: consecutive from the oldest,
-/// none overlapping another (so they may be written concurrently without
-/// reordering writes to the same bytes).
-fn next_round(queue: &VecDeque<Queued>) -> Vec<Queued> {
+/// The records of the next destage round: consecutive from the oldest, at
+/// most `max_bytes` of them (and at least one).
+fn next_round(queue: &VecDeque<Queued>, max_bytes: u64) -> Vec<Queued> {
     let mut round: Vec<Queued> = Vec::new();
-    for record in queue.iter().take(DESTAGE_RECORDS_MAX) {
-        let end = record.offset + record.data.len() as u64;
-        if round.iter().any(|r| r.offset < end && record.offset < r.offset + r.data.len() as u64) {
+    let mut bytes = 0u64;
+    for record in queue.iter() {
+        if !round.is_empty() && bytes + record.data.len() as u64 > max_bytes {
             break;
         }
+        bytes += record.data.len() as u64;
         round.push(record.clone());
     }
     round
+}
+
+/// The device writes of a round: the union of its records' ranges, sorted,
+/// adjacent and overlapping ranges merged, cut into writes of at most
+/// [`DESTAGE_WRITE_BYTES_MAX`], each carrying the newest cached bytes
+/// there (pieces of the dirty map, not yet joined: see [`join_pieces`]).
+/// Every byte of a round's record is in the dirty map — its own or a newer
+/// record's — until the round is released; `None` if not (a bug: the
+/// caller then writes the records one by one, in order).
+fn plan_round(round: &[Queued], dirty: &DirtyMap) -> Option<Vec<(u64, Vec<(u64, Bytes)>)>> {
+    let mut ranges: Vec<(u64, u64)> = round.iter().map(|r| (r.offset, r.offset + r.data.len() as u64)).collect();
+    ranges.sort_unstable();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (start, end) in ranges {
+        match runs.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => runs.push((start, end)),
+        }
+    }
+    let mut writes = Vec::new();
+    for (start, end) in runs {
+        let mut at = start;
+        while at < end {
+            let len = (end - at).min(DESTAGE_WRITE_BYTES_MAX);
+            let pieces = dirty.overlay(at, len);
+            let mut next = at;
+            for (offset, data) in &pieces {
+                if *offset != next {
+                    return None;
+                }
+                next += data.len() as u64;
+            }
+            if next != at + len {
+                return None;
+            }
+            writes.push((at, pieces));
+            at += len;
+        }
+    }
+    Some(writes)
+}
+
+/// One buffer of consecutive pieces (no copy for a single piece).
+fn join_pieces(pieces: Vec<(u64, Bytes)>) -> Bytes {
+    if pieces.len() == 1 {
+        return pieces.into_iter().next().expect("one piece").1;
+    }
+    let len = pieces.iter().map(|(_, data)| data.len()).sum();
+    let mut out = BytesMut::with_capacity(len);
+    for (_, data) in pieces {
+        out.extend_from_slice(&data);
+    }
+    out.freeze()
+}
+
+/// Writes a round to the devices (see "Ordered, coalesced destage").
+async fn write_round(shared: &Shared, round: &[Queued]) -> Result<(), IoError> {
+    let planned = plan_round(round, &shared.lock().dirty);
+    match planned {
+        Some(writes) => {
+            // The writes cover disjoint ranges, so their order does not
+            // matter; every one is waited for, even after a failure (the
+            // retry must not race a write still on its way).
+            let mut results = futures::stream::iter(writes)
+                .map(|(offset, pieces)| shared.inner.write(offset, join_pieces(pieces), false))
+                .buffer_unordered(DESTAGE_WRITES_IN_FLIGHT_MAX);
+            let mut failed = None;
+            while let Some(result) = results.next().await {
+                if let Err(e) = result {
+                    failed.get_or_insert(e);
+                }
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
+        }
+        None => {
+            warn!("a destage round's bytes are not all in the dirty map; writing its records one by one, in order");
+            for r in round {
+                shared.inner.write(r.offset, r.data.clone(), false).await?;
+            }
+        }
+    }
+    shared.inner.flush().await
 }
 
 /// Writes acknowledged records to the devices in order, then releases
@@ -1040,17 +1137,16 @@ fn next_round(queue: &VecDeque<Queued>) -> Vec<Queued> {
 async fn destage_loop(shared: Arc<Shared>) {
     let mut retry_ms = DESTAGE_RETRY_MIN_MS;
     loop {
-        let round = next_round(&shared.lock().queue);
+        let round = {
+            let state = shared.lock();
+            let max_bytes = DESTAGE_ROUND_BYTES_MAX.min(state.appender.ring().capacity_bytes() / 2);
+            next_round(&state.queue, max_bytes)
+        };
         if round.is_empty() {
             shared.work.notified().await;
             continue;
         }
-        let results = join_all(round.iter().map(|r| shared.inner.write(r.offset, r.data.clone(), false))).await;
-        let failure = match results.into_iter().find_map(Result::err) {
-            Some(e) => Some(e),
-            None => shared.inner.flush().await.err(),
-        };
-        if let Some(e) = failure {
+        if let Err(e) = write_round(&shared, &round).await {
             warn!(error = %e, retry_ms, "destaging cached writes failed; retrying (they stay in the cache log)");
             tokio::time::sleep(Duration::from_millis(retry_ms)).await;
             retry_ms = (retry_ms * 2).min(DESTAGE_RETRY_MAX_MS);
