@@ -1055,7 +1055,7 @@ fn next_round(queue: &VecDeque<Queued>, max_bytes: u64) -> Vec<Queued> {
 /// Every byte of a round's record is in the dirty map — its own or a newer
 /// record's — until the round is released; `None` if not (a bug: the
 /// caller then writes the records one by one, in order).
-fn plan_round(round: &[Queued], dirty: &DirtyMap) -> Option<Vec<(u64, Vec<(u64, Bytes)>)>> {
+fn plan_round(round: &[Queued], dirty: &DirtyMap) -> Option<Vec<PlannedWrite>> {
     let mut ranges: Vec<(u64, u64)> = round.iter().map(|r| (r.offset, r.offset + r.data.len() as u64)).collect();
     ranges.sort_unstable();
     let mut runs: Vec<(u64, u64)> = Vec::new();
@@ -1087,6 +1087,10 @@ fn plan_round(round: &[Queued], dirty: &DirtyMap) -> Option<Vec<(u64, Vec<(u64, 
     }
     Some(writes)
 }
+
+/// One device write of a destage round: where, and the dirty map's pieces
+/// that fill it, in order.
+type PlannedWrite = (u64, Vec<(u64, Bytes)>);
 
 /// One buffer of consecutive pieces (no copy for a single piece).
 fn join_pieces(pieces: Vec<(u64, Bytes)>) -> Bytes {
