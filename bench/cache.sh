@@ -16,7 +16,9 @@
 # peer). Each pool runs in a subshell with its own processes and directory.
 #
 # Usage: bench/cache.sh   (env: BENCH_SECONDS=10 per row, BENCH_LOG_MIB=256,
-#                          BENCH_WORK_MIB=256, BENCH_ROWS="NAME ...", BENCH_KEEP=1)
+#                          BENCH_WORK_MIB=256, BENCH_ROWS="NAME ...", BENCH_KEEP=1,
+#                          BENCH_BIN=DIR: another build's release binaries and
+#                          examples, e.g. an older commit's, for an A/B)
 # Goals (delay rows): >= 5x at 4k randwrite QD1, >= 2x at QD32, >= 1x at 1 MiB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +31,7 @@ scripts/install-deps.sh >/dev/null
 cargo build --release -q --bins
 cargo build --release -q -p client-agent --example cache_serve
 source bench/lib.sh
-SERVE=target/release/examples/cache_serve
+SERVE=${BENCH_BIN:-target/release}/examples/cache_serve
 
 start_nbdkit slow --filter=delay memory "${DEVICE_MIB}M" delay-write=1ms
 start_nbdkit fast memory "${DEVICE_MIB}M"
@@ -66,7 +68,7 @@ mirrored_rows() {
     local dev=$1; shift
     (
         source bench/lib.sh # its own directory, processes and EXIT trap
-        BIN=target/release
+        BIN=${BENCH_BIN:-target/release}
         # The pool holds both volumes, its metadata and the caches' mirrors.
         start_nbdkit dev0 "$@"
         start_pool dev0
