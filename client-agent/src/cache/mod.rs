@@ -947,15 +947,22 @@ async fn append_batch(
 /// were sent: once durable here and there, or — if mirroring failed or
 /// started afresh since the batch was sent — once on the devices.
 async fn ack_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Mirroring>) {
+    let current = |epoch: u64| {
+        let state = shared.lock();
+        state.mirror_epoch == epoch && state.mirror_state == MirrorState::Mirrored
+    };
     while let Some(m) = rx.recv().await {
         let Mirroring { taken, last_seq, epoch, answer, _slot } = m;
+        if !current(epoch) {
+            // Mirroring failed since it was sent: its answer cannot count,
+            // so do not wait for it (a stopped server answers nothing until
+            // each request's timeout).
+            ack_when_destaged(&shared, taken, last_seq);
+            continue;
+        }
         let answer = answer.await;
-        let current = {
-            let state = shared.lock();
-            state.mirror_epoch == epoch && state.mirror_state == MirrorState::Mirrored
-        };
         match answer {
-            Ok(()) if current => ack(taken),
+            Ok(()) if current(epoch) => ack(taken),
             Ok(()) => ack_when_destaged(&shared, taken, last_seq),
             Err(why) => {
                 mirror_failed(&shared, epoch, why);

@@ -365,6 +365,9 @@ struct MemoryMirror {
     /// Answers of the next appends, in order: `true` fails it (as an answer
     /// lost with the connection); none left: answered by `down`.
     failed_answers: std::sync::Mutex<std::collections::VecDeque<bool>>,
+    /// If set, an answer `failed_answers` fails waits for this instead of
+    /// `hold_appends`.
+    failure_gate: std::sync::Mutex<Option<watch::Receiver<bool>>>,
 }
 
 impl MemoryMirror {
@@ -408,6 +411,8 @@ impl CacheMirror for MemoryMirror {
         let hold = self.hold_appends.lock().unwrap().clone();
         let down = self.down.clone();
         let fails = self.failed_answers.lock().unwrap().pop_front();
+        let gate = self.failure_gate.lock().unwrap().clone().filter(|_| fails == Some(true));
+        let hold = gate.or(hold);
         Ok(Box::pin(async move {
             if let Some(mut hold) = hold {
                 let _ = hold.wait_for(|held| !*held).await;
@@ -604,6 +609,40 @@ async fn after_a_failed_answer_later_answers_do_not_acknowledge_until_the_device
     second.await.unwrap().unwrap();
     assert_eq!(s.memory.read(0, 4096).await.unwrap(), vec![1u8; 4096]);
     assert_eq!(s.memory.read(8192, 4096).await.unwrap(), vec![2u8; 4096]);
+}
+
+#[tokio::test]
+async fn after_a_failed_answer_writes_still_in_flight_do_not_wait_for_their_answers() {
+    let s = setup(LOG_BYTES_MIN, true);
+    let mirror = Arc::new(MemoryMirror::default());
+    // Answers never come, except the first one's failure, when let go.
+    let (_never, held) = watch::channel(true);
+    *mirror.hold_appends.lock().unwrap() = Some(held);
+    let (fail_first, gate) = watch::channel(true);
+    *mirror.failure_gate.lock().unwrap() = Some(gate);
+    mirror.failed_answers.lock().unwrap().push_back(true);
+    let cache = Arc::new(s.open_mirrored(&mirror).await);
+    // Three batches, each sent while the ones before wait for an answer.
+    let mut writes = Vec::new();
+    for i in 0..3u64 {
+        writes.push((spawn_write(&cache, i * 8192, i as u8 + 1), i));
+        tokio::time::timeout(Duration::from_secs(10), mirror.appending.notified())
+            .await
+            .expect("a batch is sent to the mirror while an earlier one waits for its answer");
+    }
+    fail_first.send(false).unwrap();
+    s.hold.send(false).unwrap();
+    // Written through: acknowledged once on the device, not after the
+    // answers (which never come) time out.
+    for (w, i) in writes {
+        tokio::time::timeout(Duration::from_secs(10), w)
+            .await
+            .unwrap_or_else(|_| panic!("write {i} waits for the answer of a mirror that failed"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.memory.read(i * 8192, 4096).await.unwrap(), vec![i as u8 + 1; 4096]);
+    }
+    assert!(matches!(cache.report().mirror, MirrorState::WriteThrough { .. }));
 }
 
 /// Awaits `write`, which must be acknowledged without the (held) device.
