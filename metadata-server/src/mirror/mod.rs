@@ -32,8 +32,9 @@ use volume_format::VolumeId;
 use crate::server::snapshot_io::DeviceClients;
 
 /// Requests queued per volume before the agent is told to retry: an agent
-/// has one append and one release in flight per volume, so only a
-/// misbehaving client gets near it.
+/// has at most four appends (pipelined, client-agent's
+/// `MIRROR_APPENDS_IN_FLIGHT_MAX`) and one release in flight per volume, so
+/// only a misbehaving client gets near it.
 pub const MIRROR_QUEUED_MAX: usize = 64;
 
 /// What the owner asks of a volume's mirror.
