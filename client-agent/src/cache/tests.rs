@@ -430,6 +430,23 @@ impl CacheMirror for MemoryMirror {
     }
 }
 
+impl MemoryMirror {
+    /// A mirror whose answers wait until the returned sender says `false`.
+    fn answering_later() -> (Arc<MemoryMirror>, watch::Sender<bool>) {
+        let mirror = Arc::new(MemoryMirror::default());
+        let (answer, held) = watch::channel(true);
+        *mirror.hold_appends.lock().unwrap() = Some(held);
+        (mirror, answer)
+    }
+
+    /// Waits until the next batch reaches the mirror.
+    async fn sent(&self) {
+        tokio::time::timeout(Duration::from_secs(10), self.appending.notified())
+            .await
+            .expect("a batch is sent to the mirror while an earlier one waits for its answer");
+    }
+}
+
 impl Setup {
     async fn open_mirrored(&self, mirror: &Arc<MemoryMirror>) -> CachedDevice {
         CachedDevice::open_mirrored(self.device.clone(), VolumeId(1), &self.config, mirror.clone()).await.unwrap()
@@ -439,9 +456,7 @@ impl Setup {
 #[tokio::test]
 async fn a_mirrored_write_is_acknowledged_once_the_mirror_has_it_and_released_after_destage() {
     let s = setup(LOG_BYTES_MIN, true);
-    let mirror = Arc::new(MemoryMirror::default());
-    let (hold_mirror, held) = watch::channel(true);
-    *mirror.hold_appends.lock().unwrap() = Some(held);
+    let (mirror, hold_mirror) = MemoryMirror::answering_later();
     let cache = Arc::new(s.open_mirrored(&mirror).await);
     assert_eq!(cache.report().mirror, MirrorState::Mirrored);
     assert_eq!(mirror.opens.load(Ordering::SeqCst), 1, "mirroring starts afresh at open");
@@ -554,18 +569,14 @@ async fn settle() {
 #[tokio::test]
 async fn mirror_appends_are_pipelined_and_each_write_waits_for_its_answer() {
     let s = setup(LOG_BYTES_MIN, true);
-    let mirror = Arc::new(MemoryMirror::default());
-    let (answer, held) = watch::channel(true);
-    *mirror.hold_appends.lock().unwrap() = Some(held);
+    let (mirror, answer) = MemoryMirror::answering_later();
     let cache = Arc::new(s.open_mirrored(&mirror).await);
     // One write after another, each sent to the mirror while the earlier
     // ones' answers are still to come.
     let mut writes = Vec::new();
     for i in 0..MIRROR_APPENDS_IN_FLIGHT_MAX as u64 {
         writes.push(spawn_write(&cache, i * 8192, i as u8 + 1));
-        tokio::time::timeout(Duration::from_secs(10), mirror.appending.notified())
-            .await
-            .expect("a batch is sent to the mirror while an earlier one waits for its answer");
+        mirror.sent().await;
     }
     // No more than that many wait for an answer: the next one is logged but
     // not sent yet.
@@ -586,16 +597,14 @@ async fn mirror_appends_are_pipelined_and_each_write_waits_for_its_answer() {
 #[tokio::test]
 async fn after_a_failed_answer_later_answers_do_not_acknowledge_until_the_devices_have_the_writes() {
     let s = setup(LOG_BYTES_MIN, true);
-    let mirror = Arc::new(MemoryMirror::default());
-    let (answer, held) = watch::channel(true);
-    *mirror.hold_appends.lock().unwrap() = Some(held);
+    let (mirror, answer) = MemoryMirror::answering_later();
     // The first append's answer is lost; the second's says "mirrored".
     mirror.failed_answers.lock().unwrap().extend([true, false]);
     let cache = Arc::new(s.open_mirrored(&mirror).await);
     let first = spawn_write(&cache, 0, 1);
-    mirror.appending.notified().await;
+    mirror.sent().await;
     let second = spawn_write(&cache, 8192, 2);
-    mirror.appending.notified().await;
+    mirror.sent().await;
     answer.send(false).unwrap();
     while !matches!(cache.report().mirror, MirrorState::WriteThrough { .. }) {
         tokio::task::yield_now().await;
@@ -614,10 +623,8 @@ async fn after_a_failed_answer_later_answers_do_not_acknowledge_until_the_device
 #[tokio::test]
 async fn after_a_failed_answer_writes_still_in_flight_do_not_wait_for_their_answers() {
     let s = setup(LOG_BYTES_MIN, true);
-    let mirror = Arc::new(MemoryMirror::default());
     // Answers never come, except the first one's failure, when let go.
-    let (_never, held) = watch::channel(true);
-    *mirror.hold_appends.lock().unwrap() = Some(held);
+    let (mirror, _never) = MemoryMirror::answering_later();
     let (fail_first, gate) = watch::channel(true);
     *mirror.failure_gate.lock().unwrap() = Some(gate);
     mirror.failed_answers.lock().unwrap().push_back(true);
@@ -626,9 +633,7 @@ async fn after_a_failed_answer_writes_still_in_flight_do_not_wait_for_their_answ
     let mut writes = Vec::new();
     for i in 0..3u64 {
         writes.push((spawn_write(&cache, i * 8192, i as u8 + 1), i));
-        tokio::time::timeout(Duration::from_secs(10), mirror.appending.notified())
-            .await
-            .expect("a batch is sent to the mirror while an earlier one waits for its answer");
+        mirror.sent().await;
     }
     fail_first.send(false).unwrap();
     s.hold.send(false).unwrap();
