@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 #[derive(Debug, Clone)]
 struct Piece {
@@ -94,6 +94,24 @@ impl DirtyMap {
         found.reverse();
         found
     }
+}
+
+/// Whether `pieces`, an [`DirtyMap::overlay`] of `len` bytes, hold every
+/// byte of it (pieces never overlap, so their lengths then add up to `len`).
+pub fn covers(pieces: &[(u64, Bytes)], len: u64) -> bool {
+    pieces.iter().map(|(_, data)| data.len() as u64).sum::<u64>() == len
+}
+
+/// The bytes of consecutive pieces as one buffer (no copy for one piece).
+pub fn join(pieces: Vec<(u64, Bytes)>) -> Bytes {
+    if pieces.len() == 1 {
+        return pieces.into_iter().next().expect("one piece").1;
+    }
+    let mut out = BytesMut::with_capacity(pieces.iter().map(|(_, data)| data.len()).sum());
+    for (_, data) in pieces {
+        out.extend_from_slice(&data);
+    }
+    out.freeze()
 }
 
 #[cfg(test)]

@@ -1058,7 +1058,7 @@ fn next_round(queue: &VecDeque<Queued>, max_bytes: u64) -> Vec<Queued> {
 /// The device writes of a round: the union of its records' ranges, sorted,
 /// adjacent and overlapping ranges merged, cut into writes of at most
 /// [`DESTAGE_WRITE_BYTES_MAX`], each carrying the newest cached bytes
-/// there (pieces of the dirty map, not yet joined: see [`join_pieces`]).
+/// there (pieces of the dirty map, joined only when written: [`dirty::join`]).
 /// Every byte of a round's record is in the dirty map — its own or a newer
 /// record's — until the round is released; `None` if not (a bug: the
 /// caller then writes the records one by one, in order).
@@ -1078,14 +1078,7 @@ fn plan_round(round: &[Queued], dirty: &DirtyMap) -> Option<Vec<PlannedWrite>> {
         while at < end {
             let len = (end - at).min(DESTAGE_WRITE_BYTES_MAX);
             let pieces = dirty.overlay(at, len);
-            let mut next = at;
-            for (offset, data) in &pieces {
-                if *offset != next {
-                    return None;
-                }
-                next += data.len() as u64;
-            }
-            if next != at + len {
+            if !dirty::covers(&pieces, len) {
                 return None;
             }
             writes.push((at, pieces));
@@ -1099,19 +1092,6 @@ fn plan_round(round: &[Queued], dirty: &DirtyMap) -> Option<Vec<PlannedWrite>> {
 /// that fill it, in order.
 type PlannedWrite = (u64, Vec<(u64, Bytes)>);
 
-/// One buffer of consecutive pieces (no copy for a single piece).
-fn join_pieces(pieces: Vec<(u64, Bytes)>) -> Bytes {
-    if pieces.len() == 1 {
-        return pieces.into_iter().next().expect("one piece").1;
-    }
-    let len = pieces.iter().map(|(_, data)| data.len()).sum();
-    let mut out = BytesMut::with_capacity(len);
-    for (_, data) in pieces {
-        out.extend_from_slice(&data);
-    }
-    out.freeze()
-}
-
 /// Writes a round to the devices (see "Ordered, coalesced destage").
 async fn write_round(shared: &Shared, round: &[Queued]) -> Result<(), IoError> {
     let planned = plan_round(round, &shared.lock().dirty);
@@ -1121,7 +1101,7 @@ async fn write_round(shared: &Shared, round: &[Queued]) -> Result<(), IoError> {
             // matter; every one is waited for, even after a failure (the
             // retry must not race a write still on its way).
             let mut results = futures::stream::iter(writes)
-                .map(|(offset, pieces)| shared.inner.write(offset, join_pieces(pieces), false))
+                .map(|(offset, pieces)| shared.inner.write(offset, dirty::join(pieces), false))
                 .buffer_unordered(DESTAGE_WRITES_IN_FLIGHT_MAX);
             let mut failed = None;
             while let Some(result) = results.next().await {
@@ -1254,12 +1234,10 @@ impl BlockDevice for CachedDevice {
         blockio::error::check_range(offset, len as u64, self.size())?;
         // Taken before the device read: see the module doc.
         let overlay = self.shared.lock().dirty.overlay(offset, len as u64);
-        let covered: u64 = overlay.iter().map(|(_, data)| data.len() as u64).sum();
-        let mut out = if covered == len as u64 {
-            BytesMut::zeroed(len as usize)
-        } else {
-            BytesMut::from(&self.shared.inner.read(offset, len).await?[..])
-        };
+        if dirty::covers(&overlay, len as u64) {
+            return Ok(dirty::join(overlay));
+        }
+        let mut out = BytesMut::from(&self.shared.inner.read(offset, len).await?[..]);
         for (at, data) in overlay {
             let start = (at - offset) as usize;
             out[start..start + data.len()].copy_from_slice(&data);

@@ -507,7 +507,7 @@ fn a_round_writes_the_union_of_its_records_merged_with_the_newest_bytes() {
     }
     // `c` is newer than the round: its bytes go with it (it stays queued).
     let planned = plan_round(&[a, b, far, long], &dirty).unwrap();
-    let writes: Vec<(u64, Bytes)> = planned.into_iter().map(|(at, pieces)| (at, join_pieces(pieces))).collect();
+    let writes: Vec<(u64, Bytes)> = planned.into_iter().map(|(at, pieces)| (at, dirty::join(pieces))).collect();
     let mut first = vec![3u8; 4096];
     first.extend(vec![2u8; 8192]);
     assert_eq!(writes[0], (0, Bytes::from(first)), "overlapping records: one write, newest bytes");
