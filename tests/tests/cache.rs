@@ -328,10 +328,6 @@ impl MirrorRig {
 /// acknowledged write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_mirrored_cache_the_server_replays_before_the_next_open() {
-    use sanvol_tests::system::pub_path;
-    use volume_format::control::auth::Role;
-    use volume_format::control::messages::{ErrorCode, OpenMode, Request, Response};
-
     let rig = MirrorRig::new();
     let (mut server, socket) = rig.cache_serve("cache-a");
     let client = Arc::new(NbdClient::connect(&NbdUri::unix(&socket, ""), ClientOptions::default()).await.unwrap());
@@ -346,43 +342,71 @@ async fn kill_9_of_a_mirrored_cache_the_server_replays_before_the_next_open() {
     // ran out and the server replayed the mirror.
     let stack = &rig.stack;
     stack.authorize_agent("cache-b");
-    let key = control_client::keys::load_private(&stack.dir.path().join("cache-b.key")).unwrap();
-    let (server_key, _) =
-        control_client::keys::parse_public(std::fs::read_to_string(pub_path(&stack.mds_key)).unwrap().trim()).unwrap();
-    let addr = stack.mds_addr().parse().unwrap();
-    let (b, _events) =
-        control_client::ControlClient::connect(&addr, &key, Some(&server_key), Role::Agent, "cache-b", [3; 16])
-            .await
-            .unwrap();
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        match b.request(Request::Open { volume: "db".into(), mode: OpenMode::Exclusive }).await {
-            Ok(Response::Opened(_)) => break,
-            Err(control_client::ControlClientError::Server(e)) if e.code == ErrorCode::Conflict => {
-                assert!(tokio::time::Instant::now() < deadline, "{}", e.message);
-                // The refusal names when the old handle runs out; retry soon.
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            }
-            other => panic!("open: {other:?}; mds log:\n{}", stack.mds_log()),
-        }
-    }
+    open_once_the_holder_is_gone(stack, "cache-b").await;
     if let Err(e) = check_device(&rig.volume_image(), &model, 4, &acked) {
         panic!("after the replay: {e}; mds log:\n{}", stack.mds_log());
     }
     assert!(stack.mds_log().contains("cache mirror replayed to the devices"), "{}", stack.mds_log());
 }
 
-/// The mirror fails (`sanvol-mds` killed): writes keep being acknowledged,
-/// now only once they are on the device (write-through). Proven by killing
-/// the cache too right after the last acknowledgement, with no server to
-/// replay anything: the device file holds every acknowledged write.
+/// Opens `db` as agent `name` (authorized already; a control connection
+/// of its own): answered once the holder's handle ran out and the server
+/// replayed its mirror.
+async fn open_once_the_holder_is_gone(stack: &sanvol_tests::system::Stack, name: &str) {
+    use sanvol_tests::system::pub_path;
+    use volume_format::control::auth::Role;
+    use volume_format::control::messages::{ErrorCode, OpenMode, Request, Response};
+
+    let key = control_client::keys::load_private(&stack.dir.path().join(format!("{name}.key"))).unwrap();
+    let (server_key, _) =
+        control_client::keys::parse_public(std::fs::read_to_string(pub_path(&stack.mds_key)).unwrap().trim()).unwrap();
+    let addr = stack.mds_addr().parse().unwrap();
+    let (b, _events) =
+        control_client::ControlClient::connect(&addr, &key, Some(&server_key), Role::Agent, name, [3; 16])
+            .await
+            .unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match b.request(Request::Open { volume: "db".into(), mode: OpenMode::Exclusive }).await {
+            Ok(Response::Opened(_)) => break,
+            // Held by the old handle, or a restarted server's grace period:
+            // the refusal names when it ends; retry soon.
+            Err(control_client::ControlClientError::Server(e))
+                if e.code == ErrorCode::Conflict || e.code == ErrorCode::Unavailable =>
+            {
+                assert!(tokio::time::Instant::now() < deadline, "{}", e.message);
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            other => panic!("open: {other:?}; mds log:\n{}", stack.mds_log()),
+        }
+    }
+}
+
+/// Where a write-through write of round `round` (3 or 4) goes in `slot`:
+/// after the slots, where no `round_write` reaches.
+fn fresh_write(round: u64, slot: u64) -> (u64, Vec<u8>) {
+    let offset = SLOTS * SLOT_BYTES + ((round - 3) * SLOTS + slot) * 8192;
+    let data = (0..8192u64).map(|i| (round * 59 + slot * 17 + i / 512) as u8 ^ 0xa5).collect();
+    (offset, data)
+}
+
+/// The mirror fails (`sanvol-mds` killed) while it holds records. Writes
+/// elsewhere keep being acknowledged, once on the device (write-through).
+/// A write over a record the dead server's mirror holds is not
+/// acknowledged: a replay of that mirror would put the older record back
+/// over it. Then the cache is killed too, the server restarted, and the
+/// next open makes it replay its stale mirror. The device file, read
+/// directly, holds every acknowledged write — before and after the replay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_the_mirror_gone_writes_go_through_to_the_device() {
+async fn with_the_mirror_gone_writes_go_through_and_a_replay_of_the_stale_mirror_undoes_none() {
     let mut rig = MirrorRig::new();
     let (mut server, socket) = rig.cache_serve("cache-a");
+    // The agent that opens the volume after the server's restart.
+    rig.stack.authorize_agent("cache-b");
     let client = Arc::new(NbdClient::connect(&NbdUri::unix(&socket, ""), ClientOptions::default()).await.unwrap());
     let (mut model, mut acks) = write_rounds(client.clone(), 2).await;
-    // Let round 2 finish, then the server goes.
+    // Let round 2 finish, then the server goes: the 100 ms-per-write device
+    // still lacks most of round 2, so the mirror holds it.
     for _ in 0..SLOTS {
         acks.recv().await.expect("round 2 is acknowledged");
     }
@@ -390,29 +414,85 @@ async fn with_the_mirror_gone_writes_go_through_to_the_device() {
         apply(&mut model, &round_write(2, slot));
     }
     rig.stack.kill_mds();
+    // The model also covers the fresh writes (`fresh_write`).
+    let image_bytes = (SLOTS * SLOT_BYTES + 2 * SLOTS * 8192) as usize;
+    model.resize(image_bytes, 0);
+
+    // Over round 2's write in slot 0.
+    let over = (round_write(2, 0).0, vec![0xeeu8; round_write(2, 0).1.len()]);
+    let over_acked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let over_write = {
+        let (client, over, acked) = (client.clone(), over.clone(), over_acked.clone());
+        tokio::spawn(async move {
+            if client.write(over.0, Bytes::from(over.1), false).await.is_ok() {
+                acked.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while rig.device_bytes(over.0, over.1.len()) != over.1 {
+        assert!(std::time::Instant::now() < deadline, "the write over the mirrored record never reached the device");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Writes elsewhere: acknowledged without the mirror.
     for round in 3..5 {
         let writes = (0..SLOTS).map(|slot| {
             let client = client.clone();
-            let write = round_write(round, slot);
+            let write = fresh_write(round, slot);
             async move { client.write(write.0, Bytes::from(write.1), false).await }
         });
-        for result in futures::future::join_all(writes).await {
+        let results = tokio::time::timeout(std::time::Duration::from_secs(60), futures::future::join_all(writes))
+            .await
+            .expect("writes beside the mirrored records are acknowledged without the mirror, once on the device");
+        for result in results {
             result.expect("writes are acknowledged without the mirror");
         }
         for slot in 0..SLOTS {
-            apply(&mut model, &round_write(round, slot));
+            apply(&mut model, &fresh_write(round, slot));
         }
     }
     server.kill();
     drop(client);
-    let log = server.log();
-    let image = rig.volume_image();
-    if let Some(at) = image.iter().zip(&model).position(|(a, b)| a != b) {
-        panic!(
-            "device byte {at} is {:#04x}, the acknowledged write put {:#04x}; cache_serve log:\n{log}",
-            image[at], model[at]
-        );
+    let _ = over_write.await;
+    let over_was_acked = over_acked.load(std::sync::atomic::Ordering::SeqCst);
+    if over_was_acked {
+        apply(&mut model, &over);
     }
+    let log = server.log();
+    // The write over the record is on the device but was not acknowledged:
+    // there, either its bytes or round 2's are right.
+    let check = |when: &str, image: Vec<u8>, mds_log: String| {
+        let mut image = image;
+        if !over_was_acked {
+            let (at, len) = (over.0 as usize, over.1.len());
+            if image[at..at + len] == over.1[..] {
+                image[at..at + len].copy_from_slice(&model[at..at + len]);
+            }
+        }
+        if let Some(at) = image.iter().zip(&model).position(|(a, b)| a != b) {
+            panic!(
+                "{when}: device byte {at} is {:#04x}, the acknowledged write put {:#04x} (the write over the \
+                 mirrored record was acknowledged: {over_was_acked}); cache_serve log:\n{log}\nmds log:\n{mds_log}",
+                image[at], model[at],
+            );
+        }
+    };
+    check("with the cache and the server dead", rig.device_bytes(0, image_bytes), String::new());
+
+    // The server comes back; the holder's handle runs out and the next open
+    // replays the (stale) mirror.
+    rig.stack.start_mds();
+    open_once_the_holder_is_gone(&rig.stack, "cache-b").await;
+    let mds_log = rig.stack.mds_log();
+    let replayed: usize = mds_log
+        .lines()
+        .find(|l| l.contains("cache mirror replayed to the devices"))
+        .and_then(|l| l.split("records=").nth(1))
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the restarted server replayed no mirror; mds log:\n{mds_log}"));
+    assert!(replayed > 0, "the stale mirror held nothing: the test proves nothing; mds log:\n{mds_log}");
+    check("after the server replayed its stale mirror", rig.device_bytes(0, image_bytes), mds_log);
 }
 
 /// `sanvol-agent attach` of `db` on agent `name` (started here); the export.

@@ -76,11 +76,15 @@
 //! the cache switches to **write-through**: writes are still logged, but
 //! acknowledged only once destaged; a background task starts mirroring
 //! afresh ([`CacheMirror::open`]) every [`MIRROR_RETRY_MS`] until the server
-//! answers, and batches are mirrored again from then on. Known gap: if the
-//! agent dies while the server is down, after write-through writes that
-//! overlap writes still in the server's mirror, the server's replay at the
-//! next open puts the older mirrored data over them (this agent's own log
-//! replay, if it restarts, writes them again).
+//! answers, and batches are mirrored again from then on.
+//! **Stale mirror**: the failed mirror may still hold records (the server
+//! is down, not gone: restarted, it would replay them if this agent died).
+//! A write-through write over the range of an older such record would be
+//! put back under that record's bytes by the replay — so it is acknowledged
+//! only once the mirror has been started afresh, which empties it
+//! ([`stale::StaleRanges`]); write-through writes elsewhere are
+//! acknowledged once on the devices. Such writes wait for the server (as
+//! every write of an agent whose lease runs out does), never fail.
 //!
 //! `sanvol-agent attach` opens the cache of an exclusively held, cached
 //! volume (the owner's attach task, `crate::owner`): after a fresh open
@@ -112,6 +116,7 @@
 pub mod dirty;
 mod log_file;
 pub mod mirror;
+mod stale;
 #[cfg(test)]
 mod tests;
 
@@ -134,6 +139,7 @@ use volume_format::VolumeId;
 
 use dirty::DirtyMap;
 use log_file::LogFile;
+use stale::StaleRanges;
 
 /// Smallest log file the cache accepts (the ring must hold several of the
 /// largest records so a write never waits for space it cannot get).
@@ -304,6 +310,8 @@ pub struct CacheReport {
 struct WriteReq {
     offset: u64,
     data: Bytes,
+    /// Its record's sequence number, once it is in a batch.
+    seq: u64,
     done: oneshot::Sender<Result<(), IoError>>,
 }
 
@@ -330,6 +338,9 @@ struct State {
     /// mirroring did not fail (and start afresh, emptying the mirror) since
     /// it was sent.
     mirror_epoch: u64,
+    /// What a failed mirror may still hold (see "Stale mirror" in the
+    /// module doc); empty while mirroring.
+    stale_mirror: StaleRanges,
     destaged_bytes: u64,
     /// Bytes of writes sent around the log (see "Write-around").
     written_around_bytes: u64,
@@ -365,6 +376,9 @@ struct Shared {
     hold_changed: Notify,
     /// Wakes the task that starts mirroring again.
     mirror_failed: Notify,
+    /// Wakes writes waiting for a failed mirror to be emptied
+    /// ([`wait_not_threatened`]).
+    mirror_emptied: Notify,
     log: LogFile,
     state: Mutex<State>,
     space_freed: Notify,
@@ -393,16 +407,18 @@ impl State {
     /// mirroring (the mirror then holds a subset of the dirty map, or of
     /// the batch being logged, whose writes are not yet acknowledged and so
     /// concurrent with this one). Not while write-through: the mirror may
-    /// still hold records released here (see "Known gap").
+    /// still hold records released here (see "Stale mirror").
     fn may_write_around(&self, offset: u64, len: u64) -> bool {
         matches!(self.mirror_state, MirrorState::Local | MirrorState::Mirrored) && !self.logged(offset, len)
     }
 
     /// The mirror was started afresh (it holds nothing): batches are
     /// mirrored again, and answers to appends sent before do not count.
+    /// Wake [`Shared::mirror_emptied`] after.
     fn mirroring_again(&mut self) {
         self.mirror_state = MirrorState::Mirrored;
         self.mirror_epoch += 1;
+        self.stale_mirror.clear();
     }
 }
 
@@ -486,8 +502,8 @@ impl CachedDevice {
         }
         let log_path = config.log_path.clone();
         let (log, existed) = blocking(move || LogFile::open(&log_path)).await?;
-        let (log, replayed_records) = match (existed, old) {
-            (false, _) => (log, 0),
+        let (log, replayed) = match (existed, old) {
+            (false, _) => (log, Vec::new()),
             (true, OldLog::Replay) => replay(log, &inner, volume).await?,
             (true, OldLog::Discard) => {
                 // Another volume's log is never dropped silently.
@@ -505,9 +521,10 @@ impl CachedDevice {
                         "dropping the old cache log: the server replayed its mirror before this open"
                     ),
                 }
-                (log, 0)
+                (log, Vec::new())
             }
         };
+        let replayed_records = replayed.len();
         let log_bytes = config.log_bytes;
         let room_path = config.log_path.clone();
         blocking(move || check_room(&room_path, log_bytes)).await?;
@@ -522,12 +539,22 @@ impl CachedDevice {
                 }
             },
         };
+        // A replayed log (a resume) was mirrored by the previous incarnation,
+        // and the mirror could not be emptied: its records may still be
+        // there, older than every new write (sequence 0).
+        let mut stale_mirror = StaleRanges::default();
+        if matches!(mirror_state, MirrorState::WriteThrough { .. }) {
+            for (offset, len) in &replayed {
+                stale_mirror.add(*offset, *len, 0);
+            }
+        }
         let shared = Arc::new(Shared {
             inner,
             mirror,
             before_logged,
             hold_changed: Notify::new(),
             mirror_failed: Notify::new(),
+            mirror_emptied: Notify::new(),
             log,
             state: Mutex::new(State {
                 appender,
@@ -538,6 +565,7 @@ impl CachedDevice {
                 failed: None,
                 mirror_state,
                 mirror_epoch: 0,
+                stale_mirror,
                 destaged_bytes: 0,
                 written_around_bytes: 0,
                 destage_samples: VecDeque::new(),
@@ -651,6 +679,7 @@ impl CachedDevice {
         mirror.open().await.map_err(|why| format!("the cache mirror cannot be emptied for the recall: {why}"))?;
         info!("the cache mirror answers again (emptied at a recall point); writes are mirrored from now on");
         self.shared.lock().mirroring_again();
+        self.shared.mirror_emptied.notify_waiters();
         Ok(())
     }
 
@@ -713,7 +742,13 @@ async fn blocking<T: Send + 'static>(
 
 /// Writes every acknowledged record of the old log to `inner`, in order,
 /// and flushes it. Nothing is written when the scan finds damage.
-async fn replay(log: LogFile, inner: &Arc<dyn BlockDevice>, volume: VolumeId) -> Result<(LogFile, usize), CacheError> {
+/// Writes an old log's records to `inner`, in order; returns the log and
+/// the range of each record replayed.
+async fn replay(
+    log: LogFile,
+    inner: &Arc<dyn BlockDevice>,
+    volume: VolumeId,
+) -> Result<(LogFile, Vec<(u64, u64)>), CacheError> {
     let (log, scanned) = blocking(move || log.scan(volume).map(|scanned| (log, scanned))).await?;
     let path = log.path.display().to_string();
     let log = Arc::new(log);
@@ -732,7 +767,8 @@ async fn replay(log: LogFile, inner: &Arc<dyn BlockDevice>, volume: VolumeId) ->
         })?;
         info!(log = %path, records = scanned.records.len(), "cache log replayed to the devices");
     }
-    Ok((Arc::into_inner(log).expect("the replay's readers are done"), scanned.records.len()))
+    let ranges = scanned.records.iter().map(|r| (r.header.offset, u64::from(r.header.length))).collect();
+    Ok((Arc::into_inner(log).expect("the replay's readers are done"), ranges))
 }
 
 /// Takes queued writes in batches: place them in the log, write + sync
@@ -866,7 +902,11 @@ async fn append_batch(
         return 0;
     }
     let count = taken;
-    let taken: Vec<WriteReq> = pending.drain(..taken).collect();
+    let taken: Vec<WriteReq> = pending
+        .drain(..taken)
+        .zip(&batch.records)
+        .map(|(write, record)| WriteReq { seq: record.seq, ..write })
+        .collect();
     let (mirror, epoch) = {
         let state = shared.lock();
         match (&shared.mirror, &state.mirror_state) {
@@ -897,6 +937,15 @@ async fn append_batch(
         Ok(batch) => {
             {
                 let mut state = shared.lock();
+                // Sent to a mirror that failed since (or may have failed on
+                // it): the mirror may hold it; a failure from now on finds
+                // it in the queue.
+                let current = state.mirror_epoch == epoch && state.mirror_state == MirrorState::Mirrored;
+                if sent.is_some() && !current {
+                    for write in &taken {
+                        state.stale_mirror.add(write.offset, write.data.len() as u64, write.seq);
+                    }
+                }
                 for (record, write) in batch.records.iter().zip(&taken) {
                     state.dirty.insert(write.offset, write.data.clone(), record.seq);
                     state.queue.push_back(Queued {
@@ -979,13 +1028,50 @@ fn ack(taken: Vec<WriteReq>) {
 }
 
 /// Write-through: acknowledges `taken` once the devices have everything
-/// up to `last_seq` (without holding up the next batch).
+/// up to `last_seq` (without holding up the next batch) — and, for a write
+/// an older record of a failed mirror touches, once that mirror has been
+/// emptied (see "Stale mirror" in the module doc).
 fn ack_when_destaged(shared: &Arc<Shared>, taken: Vec<WriteReq>, last_seq: u64) {
     let shared = shared.clone();
     tokio::spawn(async move {
         wait_destaged(&shared, last_seq).await;
-        ack(taken);
+        // The others first: one threatened write holds up no other.
+        let threatened: Vec<WriteReq> = {
+            let state = shared.lock();
+            let (threatened, safe): (Vec<_>, Vec<_>) =
+                taken.into_iter().partition(|w| state.stale_mirror.threatens(w.offset, w.data.len() as u64, w.seq));
+            drop(state);
+            ack(safe);
+            threatened
+        };
+        for write in threatened {
+            wait_not_threatened(&shared, &write).await;
+            let _ = write.done.send(Ok(()));
+        }
     });
+}
+
+/// Returns once no record of a failed mirror older than `write` touches
+/// its range (the mirror was emptied, or never held one there).
+async fn wait_not_threatened(shared: &Shared, write: &WriteReq) {
+    let mut logged = false;
+    loop {
+        let notified = shared.mirror_emptied.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if !shared.lock().stale_mirror.threatens(write.offset, write.data.len() as u64, write.seq) {
+            return;
+        }
+        if !logged {
+            logged = true;
+            tracing::debug!(
+                offset = write.offset,
+                len = write.data.len(),
+                "a write-through write over records the failed mirror may hold waits for the mirror to be emptied"
+            );
+        }
+        notified.await;
+    }
 }
 
 async fn wait_destaged(shared: &Shared, seq: u64) {
@@ -1008,6 +1094,13 @@ fn mirror_failed(shared: &Shared, epoch: u64, why: String) {
     if state.mirror_state == MirrorState::Mirrored && state.mirror_epoch == epoch {
         warn!(%why, "the cache mirror failed; writes are acknowledged once on the devices until it answers again");
         state.mirror_state = MirrorState::WriteThrough { why };
+        // The mirror holds a subset of the queue (released records leave
+        // it first), plus batches still being logged, which find the
+        // failure when they are queued.
+        let State { queue, stale_mirror, .. } = &mut *state;
+        for q in queue.iter() {
+            stale_mirror.add(q.offset, q.data.len() as u64, q.seq);
+        }
         shared.mirror_failed.notify_one();
     }
 }
@@ -1034,6 +1127,7 @@ async fn remirror_loop(shared: Arc<Shared>) {
             Ok(()) => {
                 info!("the cache mirror answers again; writes are mirrored from now on");
                 shared.lock().mirroring_again();
+                shared.mirror_emptied.notify_waiters();
             }
             Err(why) => shared.lock().mirror_state = MirrorState::WriteThrough { why },
         }
@@ -1264,7 +1358,7 @@ impl BlockDevice for CachedDevice {
         while at < data.len() {
             let chunk = data.slice(at..data.len().min(at + RECORD_CHUNK_BYTES));
             let (done, ack) = oneshot::channel();
-            let write = WriteReq { offset: offset + at as u64, data: chunk, done };
+            let write = WriteReq { offset: offset + at as u64, data: chunk, seq: 0, done };
             at += write.data.len();
             self.writes.send(write).await.map_err(|_| IoError::io("the volume's cache has stopped"))?;
             acks.push(ack);
