@@ -960,6 +960,7 @@ fn cache_info(cache: &CachedDevice, log_path: &str) -> control_client::agent_api
         log_capacity_bytes: report.status.log_capacity_bytes,
         destage_bytes_per_sec: report.destage_bytes_per_sec,
         written_around_bytes: report.written_around_bytes,
+        writes_waiting_for_mirror: report.writes_waiting_for_mirror,
         log_path: log_path.to_string(),
     }
 }

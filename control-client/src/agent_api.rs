@@ -112,6 +112,11 @@ pub struct CacheInfo {
     /// opened (write-around: no logged record touched their range).
     #[serde(default)]
     pub written_around_bytes: u64,
+    /// Write-through writes already on the devices, not yet acknowledged:
+    /// the failed mirror may hold older writes under them, and they wait
+    /// until it has been emptied (mirroring started again).
+    #[serde(default)]
+    pub writes_waiting_for_mirror: u64,
     pub log_path: String,
 }
 

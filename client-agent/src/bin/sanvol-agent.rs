@@ -486,6 +486,13 @@ fn print_table(volumes: &[AttachmentInfo]) {
                 human_bytes(c.written_around_bytes),
                 c.log_path
             );
+            if c.writes_waiting_for_mirror > 0 {
+                println!(
+                    "  cache: {} writes on the devices wait for the mirror to be emptied before they are acknowledged \
+                     (the failed mirror may hold older writes under them)",
+                    c.writes_waiting_for_mirror
+                );
+            }
         }
     }
 }

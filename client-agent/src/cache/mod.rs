@@ -122,7 +122,7 @@ mod tests;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -305,6 +305,9 @@ pub struct CacheReport {
     pub destage_bytes_per_sec: u64,
     /// Bytes written around the log so far (see "Write-around").
     pub written_around_bytes: u64,
+    /// Write-through writes on the devices that wait for a failed mirror
+    /// to be emptied before they are acknowledged (see "Stale mirror").
+    pub writes_waiting_for_mirror: u64,
 }
 
 struct WriteReq {
@@ -379,6 +382,8 @@ struct Shared {
     /// Wakes writes waiting for a failed mirror to be emptied
     /// ([`wait_not_threatened`]).
     mirror_emptied: Notify,
+    /// How many wait so (for the report).
+    writes_waiting_for_mirror: AtomicU64,
     log: LogFile,
     state: Mutex<State>,
     space_freed: Notify,
@@ -555,6 +560,7 @@ impl CachedDevice {
             hold_changed: Notify::new(),
             mirror_failed: Notify::new(),
             mirror_emptied: Notify::new(),
+            writes_waiting_for_mirror: AtomicU64::new(0),
             log,
             state: Mutex::new(State {
                 appender,
@@ -618,6 +624,7 @@ impl CachedDevice {
             destaged_bytes: state.destaged_bytes,
             destage_bytes_per_sec,
             written_around_bytes: state.written_around_bytes,
+            writes_waiting_for_mirror: self.shared.writes_waiting_for_mirror.load(Ordering::SeqCst),
         }
     }
 
@@ -1044,8 +1051,10 @@ fn ack_when_destaged(shared: &Arc<Shared>, taken: Vec<WriteReq>, last_seq: u64) 
             ack(safe);
             threatened
         };
+        shared.writes_waiting_for_mirror.fetch_add(threatened.len() as u64, Ordering::SeqCst);
         for write in threatened {
             wait_not_threatened(&shared, &write).await;
+            shared.writes_waiting_for_mirror.fetch_sub(1, Ordering::SeqCst);
             let _ = write.done.send(Ok(()));
         }
     });

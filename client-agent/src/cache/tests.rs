@@ -782,6 +782,7 @@ async fn a_write_through_write_over_a_record_the_failed_mirror_holds_waits_until
         tokio::task::yield_now().await;
     }
     assert!(!over.is_finished(), "a write the failed mirror's replay would undo was acknowledged");
+    assert_eq!(cache.report().writes_waiting_for_mirror, 1, "the report shows the write waiting");
     // The mirror answers again: started afresh (emptied), the write is
     // acknowledged.
     mirror.down.store(false, Ordering::SeqCst);
@@ -791,6 +792,7 @@ async fn a_write_through_write_over_a_record_the_failed_mirror_holds_waits_until
         .unwrap()
         .unwrap();
     assert_eq!(cache.report().mirror, MirrorState::Mirrored);
+    assert_eq!(cache.report().writes_waiting_for_mirror, 0);
     assert!(mirror.held.lock().unwrap().is_empty(), "emptied when mirroring started again");
 }
 
