@@ -20,6 +20,13 @@
 #                          BENCH_BIN=DIR: another build's release binaries and
 #                          examples, e.g. an older commit's, for an A/B)
 # Goals (delay rows): >= 5x at 4k randwrite QD1, >= 2x at QD32, >= 1x at 1 MiB.
+#
+# The floor (printed first): a cache acknowledges a QD1 write only once it is
+# durable, so no cache on this host beats one synchronous 4k append to a
+# preallocated file on this disk (fio, O_DIRECT|O_DSYNC, as the cache log is
+# written) at QD1. Mirrored on one host, the agent's log and the server's
+# mirror are both on this disk: the floor is two such appends at once. Both
+# are measured in the same run and divided by the write-through QD1 row.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${BENCH_SECONDS:-10}
@@ -50,6 +57,29 @@ ROWS=(
 )
 if [ -n "${BENCH_ROWS:-}" ]; then
     mapfile -t ROWS < <(for r in "${ROWS[@]}"; do [[ " $BENCH_ROWS " == *" ${r%% *} "* ]] && echo "$r"; done)
+fi
+
+# sync_append_floor JOBS : "iops-per-job mean-latency-us" of JOBS concurrent
+# sequential 4k O_DIRECT|O_DSYNC writers, each to its own preallocated file in
+# the benchmark's directory (the disk the cache logs and mirrors are on).
+sync_append_floor() {
+    local jobs=$1 dir="$BENCH_DIR/floor-$1"
+    mkdir -p "$dir"
+    for j in $(seq 0 $((jobs - 1))); do
+        dd if=/dev/zero of="$dir/floor.$j.0" bs=1M count=64 conv=fsync status=none
+    done
+    fio --name=floor --directory="$dir" --size=64M --rw=write --bs=4k --direct=1 --sync=dsync --ioengine=psync \
+        --numjobs="$jobs" --time_based --runtime="$SECS" --ramp_time=1 --group_reporting --output-format=json 2>/dev/null |
+        python3 -c 'import json, sys
+job = json.load(sys.stdin)["jobs"][0]["write"]
+print("%.0f %.0f" % (job["iops"] / int(sys.argv[1]), job["lat_ns"]["mean"] / 1000))' "$jobs"
+    rm -rf "$dir"
+}
+FLOOR="$BENCH_DIR/floor.txt"
+if [ -z "${BENCH_ROWS:-}" ] || [[ " $BENCH_ROWS " == *" 4k-randwrite-qd1 "* ]]; then
+    echo "one $(sync_append_floor 1)" >"$FLOOR"
+    echo "two $(sync_append_floor 2)" >>"$FLOOR"
+    echo "done: floor" >&2
 fi
 
 results="$BENCH_DIR/results.txt"
@@ -100,8 +130,8 @@ mirrored_rows fast memory "$((DEVICE_MIB + 512))M"
 
 mkdir -p bench/results
 out="bench/results/cache-$(date +%Y%m%d-%H%M%S).md"
-python3 - "$results" "$SECS" "$LOG_MIB" "$MIRRORED_RESULTS" >"$out" <<'PY'
-import sys, collections
+python3 - "$results" "$SECS" "$LOG_MIB" "$MIRRORED_RESULTS" "$FLOOR" >"$out" <<'PY'
+import sys, collections, os
 rows = collections.OrderedDict()
 for line in open(sys.argv[1]):
     name, dev, mode, iops, mib = line.split()
@@ -127,6 +157,17 @@ for (name, dev), r in rows.items():
     label = "delay-write=1ms" if dev == "slow" else "no delay"
     c, d = r["mirrored"], r["through"]
     print(f"| {name} | {label} | {c[0]:.0f} | {d[0]:.0f} | {c[1]:.1f} | {d[1]:.1f} | {c[0]/max(d[0],1):.2f} |")
+if os.path.exists(sys.argv[5]):
+    floor = {l.split()[0]: (float(l.split()[1]), float(l.split()[2])) for l in open(sys.argv[5])}
+    through = rows.get(("4k-randwrite-qd1", "slow"), {}).get("through")
+    print("\nFloor at QD1: synchronous 4k appends (fio, O_DIRECT|O_DSYNC, sequential, preallocated file on the "
+          "disk of the logs and mirrors) against the mirrored table's write-through 4k QD1 row (delay-write=1ms)\n")
+    print("| floor | IOPS (per writer) | mean latency µs | floor / write-through QD1 |")
+    print("|---|---:|---:|---:|")
+    for key, label in (("one", "one append (unmirrored cache)"), ("two", "two appends at once (log + mirror, one host)")):
+        iops, lat = floor[key]
+        ratio = f"{iops / through[0]:.2f}" if through else "n/a"
+        print(f"| {label} | {iops:.0f} | {lat:.0f} | {ratio} |")
 PY
 cat "$out"
 echo "(saved to $out)"
