@@ -167,6 +167,7 @@ samples!(requests, Request {
     DeviceFencing => Request::DeviceFencing,
     VolumeCacheShow => Request::VolumeCacheShow { name: "db".into() },
     Lock => Request::Lock { handle: HandleId(5), ranges: vec![LockRange { start: 0, len_bytes: 1 << 20 }] },
+    MirrorForget => Request::MirrorForget { name: "db".into() },
 });
 
 samples!(responses, Response {

@@ -325,6 +325,16 @@ pub enum Request {
         handle: HandleId,
         ranges: Vec<crate::locks::LockRange>,
     },
+
+    // ---- admin: a lost cache mirror (protocol 13) ----
+    /// Gives up the writes volume `name`'s cache mirror may hold: records
+    /// "nothing pending" for it, so the next open goes on without
+    /// replaying it. For when the server holding the mirror and the last
+    /// holder's own log are both lost for good (an open is refused naming
+    /// them until then). Only while the volume is closed.
+    MirrorForget {
+        name: String,
+    },
 }
 
 /// How a volume's writes are cached (the pool metadata's type).

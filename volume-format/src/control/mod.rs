@@ -80,7 +80,12 @@ pub mod resume;
 /// - 12: recovery status pushed to holders — `ServerEvent::Recovery`
 ///   (`RecoveryStatus`), added last: 4 to 11 are still accepted (the
 ///   server tells only holders that negotiated 12).
-pub const PROTOCOL_VERSION: u32 = 12;
+/// - 13: giving up a lost cache mirror — `Request::MirrorForget` (admin),
+///   added last: 4 to 12 are still accepted (the admin CLI asks only a
+///   server that negotiated 13).
+pub const PROTOCOL_VERSION: u32 = 13;
+/// The first protocol version with [`messages::Request::MirrorForget`].
+pub const MIRROR_FORGET_PROTOCOL_MIN: u32 = 13;
 /// The first protocol version with [`messages::ServerEvent::Recovery`].
 pub const RECOVERY_PROTOCOL_MIN: u32 = 12;
 /// The first protocol version with [`messages::Request::Lock`].

@@ -42,8 +42,9 @@ use super::intent::{IntentEntry, IntentKey};
 use super::range_locks::RangeLockEntry;
 use super::snapshot::CowMap;
 use super::{
-    check_block_bytes, check_name, ClientRecord, ClientScope, DeviceRecord, DeviceState, HandleRecord, HandleState,
-    LogicalExtent, PhysicalExtent, PoolMetadata, SnapshotRecord, VolumeCache, VolumeRecord, MIRROR_LEGS_MAX,
+    check_block_bytes, check_name, CacheMirrorRecord, ClientRecord, ClientScope, DeviceRecord, DeviceState,
+    HandleRecord, HandleState, LogicalExtent, PhysicalExtent, PoolMetadata, SnapshotRecord, VolumeCache, VolumeRecord,
+    MIRROR_LEGS_MAX,
 };
 use crate::ids::{DeviceIndex, HandleId, PublicKey, SnapshotId, VolumeId};
 use crate::locks::LockRange;
@@ -126,6 +127,11 @@ pub enum MetaChange {
     /// [`super::DeviceFencing`]): at `device add`, or when the server learns
     /// it from a connection.
     DeviceFencing { device: DeviceIndex, fenced: bool },
+    /// Records where a cached volume is mirrored now, or that its mirror
+    /// holds nothing the devices lack (format 11, see
+    /// [`super::CacheMirrorRecord`]). A generation never goes down, and
+    /// rises only with `pending` set (mirroring started afresh).
+    CacheMirror(CacheMirrorRecord),
 }
 
 /// A volume's new map, as [`MetaChange::VolumeRemap`] records it (planned by
@@ -266,6 +272,11 @@ enum UndoStep {
         record: VolumeRecord,
         handles: Vec<(usize, HandleRecord)>,
         cache: Option<(usize, VolumeCache)>,
+        mirror: Option<(usize, CacheMirrorRecord)>,
+    },
+    /// The cache mirror records as they were before a `CacheMirror` change.
+    MirrorsReplaced {
+        old: Vec<CacheMirrorRecord>,
     },
     /// The caches as they were before a `VolumeCache` change.
     CachesReplaced {
@@ -388,6 +399,7 @@ impl MetaChange {
             MetaChange::RangeLocks { .. } => "range locks",
             MetaChange::VolumeCache { .. } => "volume cache",
             MetaChange::DeviceFencing { .. } => "device fencing",
+            MetaChange::CacheMirror(_) => "cache mirror",
         }
     }
 
@@ -509,7 +521,9 @@ impl PoolMetadata {
                 self.handles = kept;
                 let cache =
                     index_of(&self.volume_caches, |c| c.volume == *volume).map(|i| (i, self.volume_caches.remove(i)));
-                UndoStep::VolumeDeleted { index, record: self.volumes.remove(index), handles, cache }
+                let mirror =
+                    index_of(&self.cache_mirrors, |m| m.volume == *volume).map(|i| (i, self.cache_mirrors.remove(i)));
+                UndoStep::VolumeDeleted { index, record: self.volumes.remove(index), handles, cache, mirror }
             }
             MetaChange::SnapshotCreate(s) => {
                 self.check_new_snapshot(s).map_err(fail)?;
@@ -731,6 +745,29 @@ impl PoolMetadata {
                 }
                 UndoStep::CachesReplaced { old }
             }
+            MetaChange::CacheMirror(record) => {
+                if !self.volumes.iter().any(|v| v.id == record.volume) {
+                    return Err(fail(format!("volume {} does not exist", record.volume)));
+                }
+                if record.server.len() > 255 {
+                    return Err(fail("the cache mirror's server name is over 255 bytes".into()));
+                }
+                if let Some(now) = self.cache_mirror(record.volume) {
+                    let rises = record.generation > now.generation && record.pending;
+                    if !(rises || record.generation == now.generation) {
+                        return Err(fail(format!(
+                            "the cache mirror of volume {} is at generation {}: {} is not the same, nor a new \
+                             (higher, pending) one",
+                            record.volume, now.generation, record.generation
+                        )));
+                    }
+                }
+                let old = self.cache_mirrors.clone();
+                self.cache_mirrors.retain(|m| m.volume != record.volume);
+                self.cache_mirrors.push(record.clone());
+                self.cache_mirrors.sort_by_key(|m| m.volume);
+                UndoStep::MirrorsReplaced { old }
+            }
         };
         Ok(Undo(step))
     }
@@ -783,10 +820,13 @@ impl PoolMetadata {
                     v.layout_generation -= 1;
                 }
             }
-            UndoStep::VolumeDeleted { index, record, handles, cache } => {
+            UndoStep::VolumeDeleted { index, record, handles, cache, mirror } => {
                 self.volumes.insert(index.min(self.volumes.len()), record);
                 if let Some((i, c)) = cache {
                     self.volume_caches.insert(i.min(self.volume_caches.len()), c);
+                }
+                if let Some((i, m)) = mirror {
+                    self.cache_mirrors.insert(i.min(self.cache_mirrors.len()), m);
                 }
                 for (i, h) in handles {
                     self.handles.insert(i.min(self.handles.len()), h);
@@ -847,6 +887,7 @@ impl PoolMetadata {
             }
             UndoStep::HandoverTokens { old } => self.handovers = *old,
             UndoStep::CachesReplaced { old } => self.volume_caches = old,
+            UndoStep::MirrorsReplaced { old } => self.cache_mirrors = old,
             UndoStep::LayoutBumped { volume } => {
                 if let Some(v) = self.volumes.iter_mut().find(|v| v.id == volume) {
                     v.layout_generation -= 1;
@@ -1191,6 +1232,39 @@ mod tests {
         assert_eq!(meta.volume_cache(beta), None);
         meta.revert(off);
         meta.revert(set);
+        assert_eq!(meta, before);
+    }
+
+    #[test]
+    fn a_cache_mirror_generation_only_rises_when_mirroring_starts_and_goes_with_its_volume() {
+        let mut meta = rich_pool();
+        let beta = meta.volume_by_name("beta").unwrap().id;
+        let at = |generation, pending| CacheMirrorRecord { volume: beta, generation, server: "mds-a".into(), pending };
+        let before = meta.clone();
+        let first = meta.apply(&MetaChange::CacheMirror(at(1, true))).unwrap();
+        let cleared = meta.apply(&MetaChange::CacheMirror(at(1, false))).unwrap();
+        assert_eq!(meta.cache_mirror(beta), Some(&at(1, false)));
+        for bad in [
+            at(0, true),  // lower
+            at(2, false), // higher without starting afresh
+            CacheMirrorRecord { volume: VolumeId(99), ..at(2, true) },
+            CacheMirrorRecord { server: "x".repeat(256), ..at(2, true) },
+        ] {
+            let kept = meta.clone();
+            assert!(meta.apply(&MetaChange::CacheMirror(bad.clone())).is_err(), "{bad:?}");
+            assert_eq!(meta, kept);
+        }
+        let second = meta.apply(&MetaChange::CacheMirror(at(2, true))).unwrap();
+        assert_eq!(meta.cache_mirrors, vec![at(2, true)], "replaced, not added");
+        meta.check().unwrap();
+        let with_mirror = meta.clone();
+        let undo = meta.apply(&MetaChange::VolumeDelete { volume: beta }).unwrap();
+        assert!(meta.cache_mirrors.is_empty(), "a deleted volume's mirror record goes with it");
+        meta.revert(undo);
+        assert_eq!(meta, with_mirror);
+        for undo in [second, cleared, first] {
+            meta.revert(undo);
+        }
         assert_eq!(meta, before);
     }
 

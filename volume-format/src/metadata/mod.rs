@@ -106,9 +106,19 @@ use uuid::Uuid;
 ///   every device "unknown" until the server learns it from a connection
 ///   and records it; entries of older formats decode unchanged; format-9
 ///   readers refuse format 10.
-pub const METADATA_FORMAT_VERSION: u32 = 10;
+/// - 11: where each cached volume is mirrored ([`CacheMirrorRecord`]): the
+///   [`PoolMetadata::cache_mirrors`] field (the new last field) and
+///   [`MetaChange::CacheMirror`] (a variant added last). Format-10 payloads
+///   decode without it ([`payload::PayloadV10`]): no mirror recorded, so
+///   the first open of a cached volume replays whatever mirror file the
+///   server has, as format 10 did; entries of older formats decode
+///   unchanged; format-10 readers refuse format 11.
+pub const METADATA_FORMAT_VERSION: u32 = 11;
 /// The oldest format whose payload is today's [`PoolMetadata`] schema.
-pub const PAYLOAD_SCHEMA_FORMAT_MIN: u32 = 10;
+pub const PAYLOAD_SCHEMA_FORMAT_MIN: u32 = 11;
+/// The oldest format whose payload is [`payload::PayloadV10`] (today's
+/// schema without the cache mirrors).
+pub const PAYLOAD_V10_FORMAT_MIN: u32 = 10;
 /// The oldest format whose payload is [`payload::PayloadV9`] (today's schema
 /// without the devices' fencing).
 pub const PAYLOAD_V9_FORMAT_MIN: u32 = 9;
@@ -186,6 +196,37 @@ pub struct PoolMetadata {
     /// make those journals unreadable.
     #[serde(default)]
     pub device_fencing: Vec<DeviceFencing>,
+    /// Where each cached volume's writes are mirrored (format 11), sorted
+    /// by volume. Last field.
+    #[serde(default)]
+    pub cache_mirrors: Vec<CacheMirrorRecord>,
+}
+
+/// Where a cached volume's writes are mirrored (format 11), committed each
+/// time its holder starts mirroring afresh (`MirrorOpen`).
+///
+/// Why in the pool metadata: a mirror is a file on one metadata server's
+/// local disk, and the pool moves between servers (handoff, takeover). A
+/// holder starts mirroring afresh only once every write an earlier mirror
+/// acknowledged is on the devices, so only the file of the newest
+/// generation can hold writes the devices lack; an older file anywhere is
+/// stale and replaying it would put old data over newer writes. The file
+/// carries its generation, and a replay writes it only when it matches
+/// this record ("a stale mirror is never replayed"); when the record names
+/// a generation this server's file does not hold, the open is refused with
+/// the server that holds it, rather than opened without its writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheMirrorRecord {
+    pub volume: VolumeId,
+    /// Rises by one at each `MirrorOpen` of the volume.
+    pub generation: u64,
+    /// The metadata server holding that generation's file (its name, as
+    /// `mds.toml` sets it), for messages.
+    pub server: String,
+    /// Whether the file may hold writes the devices lack: set when
+    /// mirroring starts, cleared once the file was replayed or the holder
+    /// closed the volume (having written everything to the devices).
+    pub pending: bool,
 }
 
 /// Whether one device fences (format 10): decided when the device is
@@ -459,7 +500,13 @@ impl PoolMetadata {
             volume_caches: Vec::new(),
             range_locks: Vec::new(),
             device_fencing: Vec::new(),
+            cache_mirrors: Vec::new(),
         }
+    }
+
+    /// Where the volume is mirrored, if it ever was (format 11).
+    pub fn cache_mirror(&self, volume: VolumeId) -> Option<&CacheMirrorRecord> {
+        self.cache_mirrors.iter().find(|m| m.volume == volume)
     }
 
     /// Whether device `index` fences, as recorded (`None`: unknown).
@@ -539,6 +586,18 @@ impl PoolMetadata {
             }
             if i > 0 && self.device_fencing[i - 1].device >= f.device {
                 return Err(format!("the fencing records are not sorted by device (at device {})", f.device));
+            }
+        }
+
+        for (i, m) in self.cache_mirrors.iter().enumerate() {
+            if self.volume(m.volume).is_none() {
+                return Err(format!("the cache mirror of unknown volume {} is recorded", m.volume));
+            }
+            if i > 0 && self.cache_mirrors[i - 1].volume >= m.volume {
+                return Err(format!("the cache mirror records are not sorted by volume (at volume {})", m.volume));
+            }
+            if m.server.len() > 255 {
+                return Err(format!("the cache mirror record of volume {} names an oversized server", m.volume));
             }
         }
 

@@ -8,7 +8,8 @@
 //! and the handover ledger); formats 4 to 6 share [`PayloadV6`] (everything
 //! but the volume caches); format 7 is [`PayloadV7`] (no write-intent
 //! sets), format 8 [`PayloadV8`] (no range locks), format 9 [`PayloadV9`]
-//! (no device fencing); format 10 is [`PoolMetadata`] itself. Format-2
+//! (no device fencing), format 10 [`PayloadV10`] (no cache mirrors);
+//! format 11 is [`PoolMetadata`] itself. Format-2
 //! records are also still written (the whole-pool slot commit,
 //! [`super::MetadataArea::encode_slot`]), in their own schema.
 
@@ -17,8 +18,8 @@ use uuid::Uuid;
 
 use super::{
     ClientRecord, ClientScope, DeviceRecord, HandleRecord, HandoverLedger, NextIds, PoolMetadata, SnapshotRecord,
-    VolumeRecord, PAYLOAD_SCHEMA_FORMAT_MIN, PAYLOAD_V6_FORMAT_MIN, PAYLOAD_V7_FORMAT_MIN, PAYLOAD_V8_FORMAT_MIN,
-    PAYLOAD_V9_FORMAT_MIN,
+    VolumeRecord, PAYLOAD_SCHEMA_FORMAT_MIN, PAYLOAD_V10_FORMAT_MIN, PAYLOAD_V6_FORMAT_MIN, PAYLOAD_V7_FORMAT_MIN,
+    PAYLOAD_V8_FORMAT_MIN, PAYLOAD_V9_FORMAT_MIN,
 };
 use crate::codec::{self, CodecError};
 use crate::ids::PublicKey;
@@ -66,6 +67,7 @@ impl From<PayloadV3> for PoolMetadata {
             intents: Vec::new(),
             range_locks: Vec::new(),
             device_fencing: Vec::new(),
+            cache_mirrors: Vec::new(),
         }
     }
 }
@@ -114,6 +116,7 @@ impl From<PayloadV6> for PoolMetadata {
             intents: Vec::new(),
             range_locks: Vec::new(),
             device_fencing: Vec::new(),
+            cache_mirrors: Vec::new(),
         }
     }
 }
@@ -163,6 +166,7 @@ impl From<PayloadV7> for PoolMetadata {
             intents: Vec::new(),
             range_locks: Vec::new(),
             device_fencing: Vec::new(),
+            cache_mirrors: Vec::new(),
         }
     }
 }
@@ -213,6 +217,7 @@ impl From<PayloadV8> for PoolMetadata {
             intents: p.intents,
             range_locks: Vec::new(),
             device_fencing: Vec::new(),
+            cache_mirrors: Vec::new(),
         }
     }
 }
@@ -264,6 +269,61 @@ impl From<PayloadV9> for PoolMetadata {
             intents: p.intents,
             range_locks: p.range_locks,
             device_fencing: Vec::new(),
+            cache_mirrors: Vec::new(),
+        }
+    }
+}
+
+/// [`PoolMetadata`] as format 10 encodes it: without the cache mirrors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadV10 {
+    pub format_version: u32,
+    pub pool_uuid: Uuid,
+    pub pool_name: String,
+    pub generation: u64,
+    pub extent_bytes: u64,
+    pub created_at_unix_secs: u64,
+    pub server_public_key: PublicKey,
+    pub devices: Vec<DeviceRecord>,
+    pub volumes: Vec<VolumeRecord>,
+    pub clients: Vec<ClientRecord>,
+    pub handles: Vec<HandleRecord>,
+    pub snapshots: Vec<SnapshotRecord>,
+    pub next_ids: NextIds,
+    pub client_scopes: Vec<ClientScope>,
+    pub handovers: HandoverLedger,
+    pub volume_caches: Vec<super::VolumeCache>,
+    pub intents: Vec<super::IntentEntry>,
+    pub range_locks: Vec<super::RangeLockEntry>,
+    pub device_fencing: Vec<super::DeviceFencing>,
+}
+
+impl From<PayloadV10> for PoolMetadata {
+    /// Keeps the payload's `format_version`; no cache mirror recorded (the
+    /// first open of a cached volume replays the server's file, as format
+    /// 10 did).
+    fn from(p: PayloadV10) -> PoolMetadata {
+        PoolMetadata {
+            format_version: p.format_version,
+            pool_uuid: p.pool_uuid,
+            pool_name: p.pool_name,
+            generation: p.generation,
+            extent_bytes: p.extent_bytes,
+            created_at_unix_secs: p.created_at_unix_secs,
+            server_public_key: p.server_public_key,
+            devices: p.devices,
+            volumes: p.volumes,
+            clients: p.clients,
+            handles: p.handles,
+            snapshots: p.snapshots,
+            next_ids: p.next_ids,
+            client_scopes: p.client_scopes,
+            handovers: p.handovers,
+            volume_caches: p.volume_caches,
+            intents: p.intents,
+            range_locks: p.range_locks,
+            device_fencing: p.device_fencing,
+            cache_mirrors: Vec::new(),
         }
     }
 }
@@ -273,6 +333,9 @@ impl From<PayloadV9> for PoolMetadata {
 pub fn decode(format: u32, bytes: &[u8]) -> Result<PoolMetadata, CodecError> {
     if format >= PAYLOAD_SCHEMA_FORMAT_MIN {
         return codec::decode(bytes);
+    }
+    if format >= PAYLOAD_V10_FORMAT_MIN {
+        return codec::decode::<PayloadV10>(bytes).map(PoolMetadata::from);
     }
     if format >= PAYLOAD_V9_FORMAT_MIN {
         return codec::decode::<PayloadV9>(bytes).map(PoolMetadata::from);
@@ -309,6 +372,9 @@ pub fn encode_format2(meta: &PoolMetadata) -> Result<Vec<u8>, String> {
     }
     if !meta.device_fencing.is_empty() {
         return Err("format 2 cannot record whether devices fence; commit with the journal".into());
+    }
+    if !meta.cache_mirrors.is_empty() {
+        return Err("format 2 cannot record cache mirrors; commit with the journal".into());
     }
     let p = PayloadV3 {
         format_version: super::LEGACY_SLOT_FORMAT_VERSION,
@@ -460,5 +526,44 @@ mod tests {
         assert_eq!(decode(crate::metadata::METADATA_FORMAT_VERSION, &today).unwrap(), recorded);
         assert!(codec::decode::<PayloadV9>(&today).is_err(), "positional: today's payload has one more field");
         assert!(encode_format2(&recorded).unwrap_err().contains("fence"));
+    }
+
+    #[test]
+    fn a_format_10_payload_decodes_without_cache_mirrors() {
+        let meta = rich_pool();
+        let v10 = PayloadV10 {
+            format_version: 10,
+            pool_uuid: meta.pool_uuid,
+            pool_name: meta.pool_name.clone(),
+            generation: meta.generation,
+            extent_bytes: meta.extent_bytes,
+            created_at_unix_secs: meta.created_at_unix_secs,
+            server_public_key: meta.server_public_key,
+            devices: meta.devices.clone(),
+            volumes: meta.volumes.clone(),
+            clients: meta.clients.clone(),
+            handles: meta.handles.clone(),
+            snapshots: meta.snapshots.clone(),
+            next_ids: meta.next_ids,
+            client_scopes: meta.client_scopes.clone(),
+            handovers: meta.handovers.clone(),
+            volume_caches: meta.volume_caches.clone(),
+            intents: meta.intents.clone(),
+            range_locks: meta.range_locks.clone(),
+            device_fencing: meta.device_fencing.clone(),
+        };
+        let decoded = decode(10, &codec::encode(&v10).unwrap()).unwrap();
+        assert_eq!(decoded.format_version, 10);
+        assert!(decoded.cache_mirrors.is_empty());
+        assert_eq!(PoolMetadata { format_version: meta.format_version, ..decoded }, meta);
+        let mut recorded = meta.clone();
+        let volume = recorded.volumes[0].id;
+        let mirror = super::super::CacheMirrorRecord { volume, generation: 1, server: "mds-a".into(), pending: true };
+        recorded.apply(&crate::metadata::MetaChange::CacheMirror(mirror.clone())).unwrap();
+        assert_eq!(recorded.cache_mirror(volume), Some(&mirror));
+        let today = codec::encode(&recorded).unwrap();
+        assert_eq!(decode(crate::metadata::METADATA_FORMAT_VERSION, &today).unwrap(), recorded);
+        assert!(codec::decode::<PayloadV10>(&today).is_err(), "positional: today's payload has one more field");
+        assert!(encode_format2(&recorded).unwrap_err().contains("cache mirrors"));
     }
 }

@@ -577,11 +577,11 @@ mod tests {
     #[test]
     fn newer_format_refused_clearly() {
         let meta = rich_pool();
-        let record = with_version(&AREA.encode_slot(POOL, meta.generation, &meta).unwrap(), 11);
+        let record = with_version(&AREA.encode_slot(POOL, meta.generation, &meta).unwrap(), 12);
         let err = AREA.decode_slot(Some(POOL), &record).unwrap_err();
-        assert_eq!(err, SlotError::NewerFormat { found: 11, supported: 10, generation: meta.generation });
+        assert_eq!(err, SlotError::NewerFormat { found: 12, supported: 11, generation: meta.generation });
         assert!(
-            err.to_string().contains("written by a newer sanvol (format 11); this build supports up to 10"),
+            err.to_string().contains("written by a newer sanvol (format 12); this build supports up to 11"),
             "{err}"
         );
 
@@ -591,8 +591,8 @@ mod tests {
         older.generation -= 1;
         let older = AREA.decode_slot(Some(POOL), &AREA.encode_slot(POOL, older.generation, &older).unwrap());
         let err = MetadataArea::choose_newest([older.clone(), Err(err)]).unwrap_err();
-        assert_eq!(err, MetadataError::NewerFormat { found: 11, supported: 10 });
-        assert!(err.to_string().contains("written by a newer sanvol (format 11); this build supports up to 10"));
+        assert_eq!(err, MetadataError::NewerFormat { found: 12, supported: 11 });
+        assert!(err.to_string().contains("written by a newer sanvol (format 12); this build supports up to 11"));
 
         // A journaled pool (any journaled format) is refused by the
         // whole-pool reader, never rolled back.

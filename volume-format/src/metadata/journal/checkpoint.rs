@@ -290,11 +290,11 @@ mod tests {
         let meta = signed_pool();
         let record = encode_checkpoint(&AREA, POOL, 9, &anchor(&meta), &meta, &key()).unwrap();
         assert_eq!(&record[..8], b"SANVOLMD");
-        assert_eq!(&record[12..16], &[0, 0, 0, 10]);
+        assert_eq!(&record[12..16], &[0, 0, 0, 11]);
         assert_eq!(&record[32..40], &9u64.to_be_bytes(), "the checkpoint number");
         match read(&record, 0) {
             SlotRead::Checkpoint { number, anchor: a, meta: m, format } => {
-                assert_eq!((number, a, m, format), (9, anchor(&meta), meta.clone(), 10));
+                assert_eq!((number, a, m, format), (9, anchor(&meta), meta.clone(), 11));
             }
             other => panic!("{other:?}"),
         }

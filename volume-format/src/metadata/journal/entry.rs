@@ -270,7 +270,7 @@ mod tests {
         let e = sample(42, 8192);
         assert_eq!(e.bytes.len() as u64, BLOCK_BYTES, "a small entry is one block");
         assert_eq!(&e.bytes[..8], b"SANVOLJE");
-        assert_eq!(&e.bytes[12..16], &[0, 0, 0, 10]);
+        assert_eq!(&e.bytes[12..16], &[0, 0, 0, 11]);
         assert_eq!(&e.bytes[32..40], &42u64.to_be_bytes());
         assert_eq!(&e.bytes[48..56], &8192u64.to_be_bytes());
         assert_eq!(&e.bytes[56..64], &1u64.to_be_bytes(), "links to an entry");

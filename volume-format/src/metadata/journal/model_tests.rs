@@ -877,3 +877,70 @@ fn a_crash_anywhere_in_the_format9_upgrade_loses_nothing() {
         }
     }
 }
+
+// ---- upgrade of a pool written by the release before format 11
+
+/// `tests/fixtures/format10/`: the format-9 fixture upgraded and committed
+/// to four more times by the format-10 code (see its README).
+const FORMAT10_IMAGES: [&[u8]; 2] = [
+    include_bytes!("../../../tests/fixtures/format10/dev0.img"),
+    include_bytes!("../../../tests/fixtures/format10/dev1.img"),
+];
+const FORMAT10_STATE: &str = include_str!("../../../tests/fixtures/format10/expected.json");
+
+#[test]
+fn a_format10_pool_is_read_without_cache_mirrors_and_upgraded_by_a_checkpoint_at_its_next_commit() {
+    let (mut m, loaded) = Model::from_images(FORMAT10_IMAGES, Vec::new(), 1);
+    let mut expected: PoolMetadata = serde_json::from_str(FORMAT10_STATE).unwrap();
+    assert_eq!((expected.format_version, expected.generation), (10, 23));
+    expected.format_version = METADATA_FORMAT_VERSION;
+    assert_eq!(loaded.metadata, expected, "the checkpoint and the three entries after it, replayed");
+    let volume = loaded.metadata.volumes[0].id;
+    assert_eq!(loaded.metadata.volume_cache(volume).map(|c| c.size_bytes), Some(128 << 20), "format 10's cache kept");
+    assert!(loaded.metadata.device_fencing.len() == 2, "format 10's fencing kept");
+    assert!(loaded.metadata.cache_mirrors.is_empty() && loaded.metadata.cache_mirror(volume).is_none());
+    assert!(
+        m.writer.checkpoint_pending().is_some_and(|why| why.contains("format-10")),
+        "{:?}",
+        m.writer.checkpoint_pending()
+    );
+
+    // The first commit records the cached volume's replayed mirror: the
+    // upgrade, a format-11 checkpoint.
+    let record = crate::metadata::CacheMirrorRecord { volume, generation: 0, server: "mds-a".into(), pending: false };
+    let changes = vec![MetaChange::CacheMirror(record.clone())];
+    m.meta.apply(&changes[0]).unwrap();
+    let sealed = m.writer.seal_commit(&mut m.meta, &changes, &m.key).unwrap();
+    let SealedWrite::Checkpoint(cp) = &sealed.write else { panic!("the upgrade is a checkpoint") };
+    assert_eq!(crate::metadata::SlotHeader::decode(&cp.bytes).unwrap().format_version, METADATA_FORMAT_VERSION);
+    let written = m.write_commit(&sealed).unwrap();
+    m.writer.commit_written(sealed.seq, &written).unwrap();
+    m.acked = m.meta.clone();
+    assert_eq!(m.meta.generation, 24);
+    m.reload();
+    assert_eq!(m.meta, m.acked);
+    assert_eq!(m.meta.cache_mirror(volume), Some(&record), "recorded across the reload");
+    assert!(m.writer.checkpoint_pending().is_none());
+
+    // Later commits are journal entries.
+    m.run(&fixed_history()[..30]);
+    assert!(m.reloads >= 2);
+}
+
+/// Crash at every write boundary of the format-10 upgrade and the commits
+/// after it: the pool reloads as format 10 (generation 23) or upgraded.
+#[test]
+fn a_crash_anywhere_in_the_format10_upgrade_loses_nothing() {
+    let history = fixed_history()[..24].to_vec();
+    let ops = {
+        let (mut m, _) = Model::from_images(FORMAT10_IMAGES, Vec::new(), 1);
+        m.run(&history);
+        m.ops
+    };
+    for crash in 0..ops {
+        for seed in 1..=2 {
+            let (mut m, _) = Model::from_images(FORMAT10_IMAGES, vec![crash], seed * 31 + crash as u64);
+            m.run(&history);
+        }
+    }
+}
