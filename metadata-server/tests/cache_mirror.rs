@@ -148,10 +148,10 @@ async fn a_dead_holder_s_mirrored_writes_are_on_the_devices_before_the_next_open
     assert_eq!(append(&b, h2.handle, vec![record(1, 0, b'n', 512)]).await.unwrap(), 1);
 }
 
-/// A snapshot of a cached volume nobody holds, whose mirror still holds
-/// writes its last holder acknowledged (it closed without destaging, as a
-/// holder that dies does not destage), is committed only after the server
-/// wrote the mirror to the devices: the snapshot holds those writes.
+/// A snapshot of a cached volume whose holder died (no close: a close
+/// says the holder destaged everything), and whose mirror still holds
+/// writes it acknowledged, is committed only after the server wrote the
+/// mirror to the devices: the snapshot holds those writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_of_a_cached_volume_nobody_holds_writes_its_mirror_first() {
     let pool = Pool::start_with(LEASE_MS, DURABLE_MS).await;
@@ -163,7 +163,7 @@ async fn a_snapshot_of_a_cached_volume_nobody_holds_writes_its_mirror_first() {
     let h = open(&a, "db", OpenMode::Exclusive).await.unwrap();
     a.request(Request::MirrorOpen { handle: h.handle }).await.unwrap();
     append(&a, h.handle, vec![record(1, 0, b'a', 8192), record(2, 65536, b'b', 512)]).await.unwrap();
-    a.request(Request::Close { handle: h.handle }).await.unwrap();
+    a.close().await;
     for leg in read_legs(&pool, &h.description, 0, 8192).await {
         assert!(all(&leg, 0), "only the mirror holds the writes before the snapshot");
     }
@@ -248,4 +248,105 @@ async fn a_full_mirror_holds_appends_until_a_release() {
     assert_eq!(third.unwrap(), 3);
     let answered: Vec<u64> = small.into_iter().map(|r| r.unwrap()).collect();
     assert_eq!(answered, (10..26).collect::<Vec<u64>>());
+}
+
+/// Which mirror file a replay may write (format 11): only the newest
+/// generation's. A file of an older generation — what a server that was
+/// active before a handoff keeps — is never replayed over newer writes
+/// (the mirror was started afresh since, which the holder does only with
+/// everything before on the devices). When the newest generation's file is
+/// not on this server (it is at the server the holder mirrored at), the
+/// open is refused, naming the generation; once the file is back the
+/// replay writes it; `MirrorForget` gives it up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_newest_mirror_generation_is_replayed_and_a_missing_one_refuses_the_open() {
+    let pool = Pool::start_with(LEASE_MS, DURABLE_MS).await;
+    let admin = pool.admin().await;
+    admin.request(Request::VolumeCreate { name: "db".into(), size_bytes: 4 * MIB, legs: 2 }).await.unwrap();
+    let set = Request::VolumeCache { name: "db".into(), size_bytes: CACHE_BYTES, mode: Some(CacheMode::Mirrored) };
+    admin.request(set).await.unwrap();
+    let (a, _a_events) = pool.connect(&pool.agent_a, Role::Agent, "host-a").await;
+    let h = open(&a, "db", OpenMode::Exclusive).await.unwrap();
+    let file = pool.config.cache_mirror_dir.join(format!("volume-{}.mirror", h.description.volume.0));
+    let aside = pool.config.cache_mirror_dir.join("aside.mirror");
+
+    // Generation 1 holds an old write; its file is kept aside (a server
+    // that stopped being active keeps it so).
+    a.request(Request::MirrorOpen { handle: h.handle }).await.unwrap();
+    append(&a, h.handle, vec![record(1, 0, b'o', 8192)]).await.unwrap();
+    std::fs::copy(&file, &aside).unwrap();
+    // The holder mirrors afresh (generation 2), releases everything and
+    // closes cleanly: nothing pending.
+    a.request(Request::MirrorOpen { handle: h.handle }).await.unwrap();
+    append(&a, h.handle, vec![record(1, 4096, b'n', 4096)]).await.unwrap();
+    a.request(Request::MirrorRelease { handle: h.handle, upto_seq: 1 }).await.unwrap();
+    a.request(Request::Close { handle: h.handle }).await.unwrap();
+
+    // The stale file comes back: the next open does not replay it.
+    std::fs::copy(&aside, &file).unwrap();
+    let (b, _b_events) = pool.connect(&pool.agent_b, Role::Agent, "host-b").await;
+    let h = open(&b, "db", OpenMode::Exclusive).await.unwrap();
+    for leg in read_legs(&pool, &h.description, 0, 8192).await {
+        assert!(all(&leg, 0), "the stale mirror (an older generation) was replayed over the volume");
+    }
+
+    // Generation 3 holds an acknowledged write and its holder dies; this
+    // server's file is not that generation's (the stale one is back).
+    b.request(Request::MirrorOpen { handle: h.handle }).await.unwrap();
+    append(&b, h.handle, vec![record(1, 65536, b'z', 512)]).await.unwrap();
+    let newest = pool.config.cache_mirror_dir.join("newest.mirror");
+    std::fs::copy(&file, &newest).unwrap();
+    std::fs::copy(&aside, &file).unwrap();
+    b.close().await;
+    let (c, _c_events) = pool.connect(&pool.agent_a, Role::Agent, "host-a").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        match open(&c, "db", OpenMode::Exclusive).await {
+            Err(ControlClientError::Server(e)) if e.code == ErrorCode::Conflict => {
+                assert!(tokio::time::Instant::now() < deadline, "still reserved: {}", e.message);
+                tokio::time::sleep(Duration::from_millis(LEASE_MS / 5)).await;
+            }
+            Err(ControlClientError::Server(e)) => break e,
+            Ok(h) => panic!("opened without generation 3's writes: {h:?}"),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(refused.code, ErrorCode::Unavailable, "{}", refused.message);
+    assert!(refused.message.contains("generation 3"), "{}", refused.message);
+    assert!(refused.message.contains("--forget-mirror"), "{}", refused.message);
+    for leg in read_legs(&pool, &h.description, 0, 8192).await {
+        assert!(all(&leg, 0), "the stale mirror was replayed");
+    }
+
+    // The newest file is back (its server is active again): replayed.
+    std::fs::copy(&newest, &file).unwrap();
+    let h = open(&c, "db", OpenMode::Exclusive).await.unwrap();
+    for leg in read_legs(&pool, &h.description, 65536, 512).await {
+        assert!(all(&leg, b'z'), "generation 3's write replayed");
+    }
+    assert!(!file.exists(), "the replayed mirror is gone once recorded");
+
+    // Generation 4, holder dies, its file is lost for good: given up.
+    c.request(Request::MirrorOpen { handle: h.handle }).await.unwrap();
+    append(&c, h.handle, vec![record(1, 131072, b'l', 512)]).await.unwrap();
+    std::fs::remove_file(&file).unwrap();
+    c.close().await;
+    let forget = Request::MirrorForget { name: "db".into() };
+    loop {
+        match admin.request(forget.clone()).await {
+            Ok(r) => break assert_eq!(r, Response::Done),
+            // The dead holder's handle is active until its lease and
+            // durable time are out.
+            Err(ControlClientError::Server(e)) if e.code == ErrorCode::Busy => {
+                assert!(tokio::time::Instant::now() < deadline, "still busy: {}", e.message);
+                tokio::time::sleep(Duration::from_millis(LEASE_MS / 5)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let (d, _d_events) = pool.connect(&pool.agent_b, Role::Agent, "host-b").await;
+    let h = open_when_free(&d, "db").await;
+    for leg in read_legs(&pool, &h.description, 131072, 512).await {
+        assert!(all(&leg, 0), "a forgotten mirror is not replayed");
+    }
 }

@@ -476,7 +476,8 @@ impl ServerProc {
                 format!("the core stopped serving ({why}) though nobody asked it to and it never lost its lease"),
             ),
             // No simulated agent mirrors a cache (no volume has one).
-            Effect::Mirror { reply, .. } => self.perform(
+            Effect::Mirror { reply: None, .. } => {}
+            Effect::Mirror { reply: Some(reply), .. } => self.perform(
                 Effect::Reply {
                     reply,
                     result: Err(volume_format::control::messages::ControlError::new(

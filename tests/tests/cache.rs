@@ -251,6 +251,15 @@ impl MirrorRig {
 
     /// With the server's lease and durable time (`None`: its default).
     fn with_lease_ms(lease_ms: u64, durable_ms: Option<u64>) -> MirrorRig {
+        MirrorRig::build(lease_ms, durable_ms, |_| {})
+    }
+
+    /// `configure` adjusts the stack before its first server starts.
+    fn build(
+        lease_ms: u64,
+        durable_ms: Option<u64>,
+        configure: impl FnOnce(&mut sanvol_tests::system::Stack),
+    ) -> MirrorRig {
         use sanvol_tests::system::Stack;
         let device_dir = tempfile::Builder::new().prefix("sanvol-cache-mirror-").tempdir().unwrap();
         let image = peers::sparse_file(device_dir.path(), 256 << 20);
@@ -266,6 +275,7 @@ impl MirrorRig {
         stack.lease_io_timeout_ms = 1000;
         stack.lease_ms = lease_ms;
         stack.durable_ms = durable_ms;
+        configure(&mut stack);
         stack.start_mds();
         stack.sanvol_ok(&["volume", "create", "db", "64M"]);
         stack.sanvol_ok(&["volume", "cache", "db", "--size", "32M"]);
@@ -943,4 +953,142 @@ async fn a_snapshot_while_a_cached_attach_completes_holds_every_acknowledged_wri
         panic!("{e} (a write acknowledged into the cache is missing)\nagent log:\n{}", a.proc.log());
     }
     drop(client);
+}
+
+/// `sanvol mds handoff --to TO` through every server, once `to` stands by
+/// (a server that just handed the pool off is listed as standing by again
+/// within a lease I/O timeout; until then the handoff is refused, naming
+/// the servers).
+async fn handoff(stack: &sanvol_tests::system::Stack, to: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let out = stack.sanvol_at(&stack.all_mds_addrs(), &["mds", "handoff", "--to", to]);
+        if out.status.success() {
+            return;
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("is standing by") && std::time::Instant::now() < deadline,
+            "handoff to {to}: {stderr}\n{}",
+            stack.all_logs(200)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// `sanvol-agent attach db` on `agent`, retried while the agent reconnects
+/// after a handoff (or while a refusal names when an old handle ends);
+/// the export's URI.
+async fn attach_when_connected(agent: &sanvol_tests::system::Agent, stack: &sanvol_tests::system::Stack) -> NbdUri {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let out = agent.cli(&["attach", "db", "--mode", "exclusive"]);
+        if out.status.success() {
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let line = stdout.lines().find(|l| l.starts_with("nbd")).expect("attach prints the URI");
+            return line.trim().parse().expect("an NBD URI");
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(std::time::Instant::now() < deadline, "attach: {stderr}\n{}", stack.all_logs(300));
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until `agent`'s cache of `db` is mirrored (again).
+async fn mirrored_again(agent: &sanvol_tests::system::Agent, stack: &sanvol_tests::system::Stack) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while listed(agent)["cache"]["state"] != "mirrored" {
+        assert!(std::time::Instant::now() < deadline, "not mirrored again:\n{}", stack.all_logs(200));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// The volume image (the slots) read from the device file equals `model`.
+fn device_is(rig: &MirrorRig, model: &[u8], when: &str) {
+    let image = rig.volume_image();
+    if let Some(at) = image.iter().zip(model).position(|(a, b)| a != b) {
+        panic!(
+            "{when}: device byte {at} is {:#04x}, the acknowledged write put {:#04x}\n{}",
+            image[at],
+            model[at],
+            rig.stack.all_logs(300)
+        );
+    }
+}
+
+/// Mirrors follow the pool across metadata servers (metadata format 11),
+/// with two `sanvol-mds` of one pool, each with its own mirror directory,
+/// and the pool handed between them (`sanvol mds handoff`).
+///
+/// 1. Round 1 is mirrored at mds-1; the pool moves to mds-2 while mds-1's
+///    file still holds it (the 100 ms-per-write device lags): the agent
+///    destages and mirrors afresh at mds-2. Round 2 overwrites round 1;
+///    a clean detach. The pool moves back to mds-1 and the volume is
+///    attached again: mds-1 must not replay its stale file (round 1 over
+///    round 2) — the device file, read directly, holds round 2.
+/// 2. Round 3 is mirrored at mds-1, the agent is killed (kill -9) and the
+///    pool moves to mds-2, which lacks that mirror: another agent's attach
+///    is refused, naming mds-1. The pool moves back to mds-1: the attach
+///    goes through once mds-1 replayed round 3, and the device file holds
+///    every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_follow_the_pool_across_servers_a_stale_one_is_never_replayed_a_missing_one_refuses_the_open() {
+    let rig = MirrorRig::build(1000, Some(500), |stack| {
+        stack.mds_config_extra = vec!["cache_mirror_dir = \"mirror-1\"".into()];
+    });
+    let mut stack = rig.stack;
+    stack.mds_config_extra = vec!["cache_mirror_dir = \"mirror-2\"".into()];
+    let mds2 = stack.start_server(2);
+    stack.more_mds.push(mds2.addr());
+    let rig = MirrorRig { stack, ..rig };
+    let stack = &rig.stack;
+    let model_len = (SLOTS * SLOT_BYTES) as usize;
+    let mut model = vec![0u8; model_len];
+
+    // The agent that attaches once the first one is killed (part 2),
+    // started while the server that authorized it is active.
+    stack.authorize_agent("agent-b");
+    let b = stack.restart_agent("agent-b");
+
+    // 1. A stale mirror on a formerly active server.
+    let (a, uri) = attach_cached(stack, "agent-a");
+    let client = Arc::new(NbdClient::connect(&uri, ClientOptions::default()).await.unwrap());
+    write_round(&client, &mut model, 1).await;
+    assert!(rig.volume_image() != model, "round 1 reached the device before the handoff: the test proves nothing");
+    handoff(stack, "mds-2").await;
+    mirrored_again(&a, stack).await;
+    write_round(&client, &mut model, 2).await;
+    drop(client);
+    a.detach("db");
+    device_is(&rig, &model, "after a clean detach");
+    handoff(stack, "mds-1").await;
+    let uri = attach_when_connected(&a, stack).await;
+    device_is(&rig, &model, "after mds-1, active again, opened the volume (its stale mirror holds round 1)");
+
+    // 2. The newest mirror on a server that is not active.
+    mirrored_again(&a, stack).await;
+    let client = Arc::new(NbdClient::connect(&uri, ClientOptions::default()).await.unwrap());
+    write_round(&client, &mut model, 3).await;
+    assert!(rig.volume_image() != model, "round 3 reached the device before the kill: the test proves nothing");
+    let mut a = a;
+    a.proc.kill();
+    drop(client);
+    handoff(stack, "mds-2").await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let refusal = loop {
+        let out = b.cli(&["attach", "db", "--mode", "exclusive"]);
+        assert!(!out.status.success(), "attached at mds-2 without round 3's mirror\n{}", stack.all_logs(300));
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        if stderr.contains("mirrored at generation") {
+            break stderr;
+        }
+        // The dead holder's handle first (the refusal names when it ends).
+        assert!(std::time::Instant::now() < deadline, "attach: {stderr}\n{}", stack.all_logs(300));
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert!(refusal.contains("by mds-1"), "{refusal}");
+    handoff(stack, "mds-1").await;
+    attach_when_connected(&b, stack).await;
+    device_is(&rig, &model, "after mds-1 replayed round 3's mirror");
+    drop(mds2);
 }

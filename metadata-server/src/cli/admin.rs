@@ -500,7 +500,20 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
                 .with_context(|| format!("growing volume {name}"))?;
             println!("volume {name} is now {}", format_size(size));
         }
-        Command::Volume(VolumeCommand::Cache { name, size, mode }) => {
+        Command::Volume(VolumeCommand::Cache { name, forget_mirror: true, .. }) => {
+            if client.session().version < volume_format::control::MIRROR_FORGET_PROTOCOL_MIN {
+                bail!(
+                    "the metadata server is too old to forget a cache mirror (protocol {} < {}); upgrade it first",
+                    client.session().version,
+                    volume_format::control::MIRROR_FORGET_PROTOCOL_MIN
+                );
+            }
+            request(client, Request::MirrorForget { name: name.clone() })
+                .await
+                .with_context(|| format!("forgetting the cache mirror of volume {name}"))?;
+            println!("volume {name}: its cache mirror's writes are given up; it opens with what its devices hold");
+        }
+        Command::Volume(VolumeCommand::Cache { name, size, mode, .. }) => {
             let mode = crate::server::cache::parse_cache_mode(&mode).map_err(anyhow::Error::msg)?;
             request(client, Request::VolumeCache { name: name.clone(), size_bytes: size, mode })
                 .await

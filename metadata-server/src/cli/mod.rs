@@ -319,6 +319,13 @@ pub enum VolumeCommand {
         /// `mirrored` (write-back, mirrored at the metadata server) or `off`.
         #[arg(long, default_value = "mirrored")]
         mode: String,
+        /// Instead of a setting: give up the writes the volume's cache
+        /// mirror may still hold, when an open is refused because they are
+        /// mirrored by a metadata server that is lost for good and the last
+        /// holder's own cache log is lost too. Those writes are gone; the
+        /// volume opens with what its devices hold. Only while it is closed.
+        #[arg(long, conflicts_with_all = ["size", "mode"])]
+        forget_mirror: bool,
     },
     /// Add or remove a mirror leg (recall, copy, commit, publish).
     #[command(subcommand)]

@@ -26,7 +26,7 @@ use std::path::PathBuf;
 
 use tokio::sync::{mpsc, oneshot};
 use volume_format::control::messages::{CacheStateInfo, ControlError, ErrorCode, MirrorRecord, Response};
-use volume_format::metadata::{PoolMetadata, VolumeCache};
+use volume_format::metadata::{CacheMirrorRecord, PoolMetadata, VolumeCache};
 use volume_format::VolumeId;
 
 use crate::server::snapshot_io::DeviceClients;
@@ -40,9 +40,11 @@ pub const MIRROR_QUEUED_MAX: usize = 64;
 /// What the owner asks of a volume's mirror.
 #[derive(Debug)]
 pub enum MirrorOp {
-    /// Start afresh (the file is emptied) with this setting.
+    /// Start afresh (the file is emptied) with this setting, as
+    /// `generation` (committed to the pool metadata before).
     Open {
         cache: VolumeCache,
+        generation: u64,
     },
     Append {
         records: Vec<MirrorRecord>,
@@ -50,10 +52,13 @@ pub enum MirrorOp {
     Release {
         upto_seq: u64,
     },
-    /// Write everything the mirror holds to the volume's devices, in order,
-    /// then empty it (the holder is gone). Answered `Done` or with why not.
+    /// Write everything the mirror holds to the volume's devices, in order
+    /// (the holder is gone), if the file is of the `expected` generation
+    /// (`None`: a pool that recorded none). Answered `Done` or with why not
+    /// (another server holds that generation).
     Replay {
         meta: std::sync::Arc<PoolMetadata>,
+        expected: Option<CacheMirrorRecord>,
     },
     /// The volume has no cache any more (or no longer exists): delete the
     /// file. Only once nothing is held.

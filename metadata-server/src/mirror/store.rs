@@ -12,6 +12,12 @@
 //! either replayed to the devices (the holder is gone) or dropped by the
 //! holder's next [`MirrorOpen`](volume_format::control::messages::Request::MirrorOpen)
 //! (it destaged everything before mirroring again).
+//!
+//! The file also carries the mirror's generation ([`GenerationHeader`],
+//! in the unused bytes between the superblocks and the ring): the pool
+//! metadata records the newest generation of each cached volume
+//! (`volume_format::metadata::CacheMirrorRecord`), and a file of another
+//! generation is stale — never replayed.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -40,6 +46,42 @@ pub enum StoreError {
     OutOfOrder { seq: u64, last: u64 },
     #[error("a mirror record of {length} bytes can never fit the volume's {log_bytes}-byte mirror")]
     TooLarge { length: usize, log_bytes: u64 },
+}
+
+/// Where the generation header lives: after both superblock copies, before
+/// the ring (which starts at [`DATA_START_BYTES`]).
+const GENERATION_HEADER_POS: u64 = 2 * SUPERBLOCK_SLOT_BYTES;
+const GENERATION_HEADER_BYTES: usize = 512;
+const GENERATION_MAGIC: &[u8; 8] = b"SVMIRGEN";
+
+/// A mirror file's generation: magic, volume, generation, and a crc32c of
+/// the three (a torn or foreign header reads as "no generation").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GenerationHeader {
+    pub volume: VolumeId,
+    pub generation: u64,
+}
+
+impl GenerationHeader {
+    fn encode(&self) -> [u8; GENERATION_HEADER_BYTES] {
+        let mut bytes = [0u8; GENERATION_HEADER_BYTES];
+        bytes[..8].copy_from_slice(GENERATION_MAGIC);
+        bytes[8..16].copy_from_slice(&self.volume.0.to_be_bytes());
+        bytes[16..24].copy_from_slice(&self.generation.to_be_bytes());
+        let crc = crc32c::crc32c(&bytes[..24]);
+        bytes[24..28].copy_from_slice(&crc.to_be_bytes());
+        bytes
+    }
+
+    fn decode(bytes: &[u8]) -> Option<GenerationHeader> {
+        let bytes = bytes.get(..28)?;
+        if &bytes[..8] != GENERATION_MAGIC || crc32c::crc32c(&bytes[..24]).to_be_bytes() != bytes[24..28] {
+            return None;
+        }
+        let volume = VolumeId(u64::from_be_bytes(bytes[8..16].try_into().ok()?));
+        let generation = u64::from_be_bytes(bytes[16..24].try_into().ok()?);
+        Some(GenerationHeader { volume, generation })
+    }
 }
 
 /// A record the mirror holds, oldest first.
@@ -82,8 +124,10 @@ impl VolumeMirror {
     /// as the volume's cache on the server's disk): appends into a written
     /// file do not commit file-system metadata. A file of the right size
     /// from an earlier open is reused as it is: its old records belong to
-    /// another log id, which no scan of the new log accepts.
-    pub fn create(path: &Path, volume: VolumeId, log_bytes: u64) -> Result<VolumeMirror, StoreError> {
+    /// another log id, which no scan of the new log accepts. `generation`:
+    /// the pool metadata's record of this mirror (written with the cleared
+    /// superblocks, so a file with records always has its generation).
+    pub fn create(path: &Path, volume: VolumeId, log_bytes: u64, generation: u64) -> Result<VolumeMirror, StoreError> {
         let existed = path.exists();
         let file = DurableFile::open(path)?;
         let mut id = [0u8; 8];
@@ -98,7 +142,8 @@ impl VolumeMirror {
         // are written must not leave an old one (of a higher generation)
         // to win over a new one.
         let cleared = [0u8; 2 * SUPERBLOCK_SLOT_BYTES as usize];
-        file.write_durable(std::iter::once((0, &cleared[..])))?;
+        let header = GenerationHeader { volume, generation }.encode();
+        file.write_durable([(0, &cleared[..]), (GENERATION_HEADER_POS, &header[..])].into_iter())?;
         let superblocks = appender.initial_superblocks().map(|s| (s.slot_offset(), s.encode()));
         file.write_durable(superblocks.iter().map(|(pos, bytes)| (*pos, &bytes[..])))?;
         if !existed {
@@ -189,31 +234,46 @@ impl VolumeMirror {
 /// A held write: its volume offset and data.
 pub type HeldWrite = (u64, Vec<u8>);
 
-/// The records a mirror file holds, in order (what a replay writes), or
-/// `None` when there is no file or it holds none.
-pub fn read_held(path: &Path, volume: VolumeId) -> Result<Option<Vec<HeldWrite>>, StoreError> {
+/// What a mirror file holds: its generation (`None`: a file of a release
+/// before generations, or never finished) and its records in order (what
+/// a replay writes; empty when there is no file or it holds none).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct HeldMirror {
+    pub generation: Option<u64>,
+    pub records: Vec<HeldWrite>,
+}
+
+/// Reads what `volume`'s mirror file at `path` holds (nothing when there is
+/// no file).
+pub fn read_held(path: &Path, volume: VolumeId) -> Result<HeldMirror, StoreError> {
     let file = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HeldMirror::default()),
         Err(e) => return Err(io(path, "open")(e)),
     };
     if file.metadata().map_err(io(path, "stat"))?.len() == 0 {
-        return Ok(None);
+        return Ok(HeldMirror::default());
     }
     let name = path.display().to_string();
+    let mut header = [0u8; GENERATION_HEADER_BYTES];
+    let generation = match std::os::unix::fs::FileExt::read_exact_at(&file, &mut header, GENERATION_HEADER_POS) {
+        Ok(()) => GenerationHeader::decode(&header).filter(|h| h.volume == volume).map(|h| h.generation),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => None,
+        Err(e) => return Err(io(path, "read")(e)),
+    };
     let log = scan(&file, &name)?;
     if log.superblock.volume != volume {
         return Err(StoreError::OtherVolume { path: name, found: log.superblock.volume, expected: volume });
     }
     if log.records.is_empty() {
-        return Ok(None);
+        return Ok(HeldMirror { generation, records: Vec::new() });
     }
     let mut out = Vec::with_capacity(log.records.len());
     for record in &log.records {
         let data = volume_format::cache_log::read_record(&file, &name, record)?;
         out.push((record.header.offset, data));
     }
-    Ok(Some(out))
+    Ok(HeldMirror { generation, records: out })
 }
 
 /// Removes a volume's mirror file (the volume has no cache any more, or
@@ -236,21 +296,47 @@ mod tests {
         MirrorRecord { seq, offset, data: vec![fill; len] }
     }
 
+    /// What a file of generation 7 holding `records` reads as.
+    fn held(records: &[HeldWrite]) -> HeldMirror {
+        HeldMirror { generation: Some(7), records: records.to_vec() }
+    }
+
+    #[test]
+    fn the_file_carries_its_generation_and_a_new_one_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = mirror_path(dir.path(), VolumeId(2));
+        assert_eq!(read_held(&path, VolumeId(2)).unwrap(), HeldMirror::default(), "no file: nothing, no generation");
+        let mut m = VolumeMirror::create(&path, VolumeId(2), LOG_BYTES, 7).unwrap();
+        m.append(&[rec(1, 0, 1, 4096)]).unwrap();
+        assert_eq!(read_held(&path, VolumeId(2)).unwrap(), held(&[(0, vec![1; 4096])]));
+        let m = VolumeMirror::create(&path, VolumeId(2), LOG_BYTES, 8).unwrap();
+        assert_eq!(m.held_records(), 0);
+        assert_eq!(read_held(&path, VolumeId(2)).unwrap(), HeldMirror { generation: Some(8), records: Vec::new() });
+        // A damaged header reads as "no generation" (never as another one).
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &[0xff], GENERATION_HEADER_POS + 20).unwrap();
+        assert_eq!(read_held(&path, VolumeId(2)).unwrap().generation, None);
+        assert_eq!(
+            GenerationHeader::decode(&GenerationHeader { volume: VolumeId(2), generation: 9 }.encode()),
+            Some(GenerationHeader { volume: VolumeId(2), generation: 9 })
+        );
+    }
+
     #[test]
     fn appended_records_read_back_in_order_until_released() {
         let dir = tempfile::tempdir().unwrap();
         let path = mirror_path(dir.path(), VolumeId(3));
-        let mut m = VolumeMirror::create(&path, VolumeId(3), LOG_BYTES).unwrap();
-        assert_eq!(read_held(&path, VolumeId(3)).unwrap(), None, "a fresh mirror holds nothing");
+        let mut m = VolumeMirror::create(&path, VolumeId(3), LOG_BYTES, 7).unwrap();
+        assert_eq!(read_held(&path, VolumeId(3)).unwrap(), held(&[]), "a fresh mirror holds nothing");
         assert_eq!(m.append(&[rec(1, 0, 1, 4096), rec(4, 8192, 2, 512)]).unwrap(), 2);
         assert_eq!(m.append(&[rec(9, 0, 3, 4096)]).unwrap(), 1);
         assert_eq!(m.held_bytes(), 4096 + 512 + 4096);
-        let held = read_held(&path, VolumeId(3)).unwrap().unwrap();
-        assert_eq!(held, vec![(0, vec![1; 4096]), (8192, vec![2; 512]), (0, vec![3; 4096])]);
+        let records = read_held(&path, VolumeId(3)).unwrap().records;
+        assert_eq!(records, vec![(0, vec![1; 4096]), (8192, vec![2; 512]), (0, vec![3; 4096])]);
         m.release(4).unwrap();
-        assert_eq!(read_held(&path, VolumeId(3)).unwrap().unwrap(), vec![(0, vec![3; 4096])]);
+        assert_eq!(read_held(&path, VolumeId(3)).unwrap(), held(&[(0, vec![3; 4096])]));
         m.release(9).unwrap();
-        assert_eq!(read_held(&path, VolumeId(3)).unwrap(), None);
+        assert_eq!(read_held(&path, VolumeId(3)).unwrap(), held(&[]));
         assert_eq!(m.held_bytes(), 0);
         assert!(matches!(read_held(&path, VolumeId(4)), Err(StoreError::OtherVolume { .. })));
     }
@@ -259,7 +345,7 @@ mod tests {
     fn a_full_mirror_takes_what_fits_and_the_rest_after_a_release() {
         let dir = tempfile::tempdir().unwrap();
         let path = mirror_path(dir.path(), VolumeId(1));
-        let mut m = VolumeMirror::create(&path, VolumeId(1), LOG_BYTES).unwrap();
+        let mut m = VolumeMirror::create(&path, VolumeId(1), LOG_BYTES, 7).unwrap();
         let big = 300 << 10;
         let records: Vec<MirrorRecord> = (1..=5).map(|i| rec(i, i * 4096, i as u8, big)).collect();
         let taken = m.append(&records).unwrap();
@@ -269,23 +355,23 @@ mod tests {
         let more = m.append(&records[taken..]).unwrap();
         assert!(more > 0);
         // Wrapped around the ring: still read back in order.
-        let held = read_held(&path, VolumeId(1)).unwrap().unwrap();
+        let read = read_held(&path, VolumeId(1)).unwrap().records;
         let expected: Vec<(u64, Vec<u8>)> =
             records[taken..taken + more].iter().map(|r| (r.offset, r.data.clone())).collect();
-        assert_eq!(held, expected);
+        assert_eq!(read, expected);
     }
 
     #[test]
     fn out_of_order_and_oversized_records_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = mirror_path(dir.path(), VolumeId(1));
-        let mut m = VolumeMirror::create(&path, VolumeId(1), LOG_BYTES).unwrap();
+        let mut m = VolumeMirror::create(&path, VolumeId(1), LOG_BYTES, 7).unwrap();
         m.append(&[rec(5, 0, 1, 512)]).unwrap();
         assert!(matches!(m.append(&[rec(5, 0, 1, 512)]), Err(StoreError::OutOfOrder { seq: 5, last: 5 })));
         assert!(matches!(m.append(&[rec(6, 0, 1, 2 << 20)]), Err(StoreError::TooLarge { .. })));
         // Creating again empties it.
-        let m = VolumeMirror::create(&path, VolumeId(1), LOG_BYTES).unwrap();
+        let m = VolumeMirror::create(&path, VolumeId(1), LOG_BYTES, 7).unwrap();
         assert_eq!(m.held_records(), 0);
-        assert_eq!(read_held(&path, VolumeId(1)).unwrap(), None);
+        assert_eq!(read_held(&path, VolumeId(1)).unwrap(), held(&[]));
     }
 }

@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use volume_format::control::messages::{
     ControlError, ErrorCode, MirrorRecord, Response, MIRROR_APPEND_BYTES_MAX, MIRROR_APPEND_RECORDS_MAX,
 };
+use volume_format::metadata::CacheMirrorRecord;
 use volume_format::VolumeId;
 
 use super::store::{self, StoreError, VolumeMirror};
@@ -94,7 +95,7 @@ impl Worker {
                 tracing::debug!(release_us = started.elapsed().as_micros() as u64, "mirror release");
                 let _ = reply.send(result);
             }
-            MirrorOp::Open { cache } => {
+            MirrorOp::Open { cache, generation } => {
                 self.drop_waiting("mirroring started again");
                 self.mirror = None;
                 let path = store::mirror_path(&self.dir, self.volume);
@@ -103,13 +104,13 @@ impl Worker {
                 let created = blocking(move || {
                     let result = std::fs::create_dir_all(&dir)
                         .map_err(|source| StoreError::Io { path: dir.display().to_string(), what: "create", source })
-                        .and_then(|()| VolumeMirror::create(&path, volume, cache.size_bytes));
+                        .and_then(|()| VolumeMirror::create(&path, volume, cache.size_bytes, generation));
                     (None::<VolumeMirror>, result)
                 })
                 .await;
                 let result = match created.1 {
                     Ok(mirror) => {
-                        info!(volume = %self.volume, size_bytes = cache.size_bytes, "cache mirror started");
+                        info!(volume = %self.volume, size_bytes = cache.size_bytes, generation, "cache mirror started");
                         self.mirror = Some(mirror);
                         Ok(Response::MirrorOpened { cache: Some(cache) })
                     }
@@ -117,11 +118,11 @@ impl Worker {
                 };
                 let _ = reply.send(result);
             }
-            MirrorOp::Replay { meta } => {
+            MirrorOp::Replay { meta, expected } => {
                 // Appends not yet durable were never acknowledged: dropped.
                 self.drop_waiting("the holder is gone; its mirror is being replayed");
                 self.mirror = None;
-                let result = self.replay(&meta).await;
+                let result = self.replay(&meta, expected.as_ref()).await;
                 let _ = reply.send(result.map(|()| Response::Done));
             }
             MirrorOp::Status { mut known } => {
@@ -224,7 +225,17 @@ impl Worker {
         }
     }
 
-    async fn replay(&mut self, meta: &volume_format::metadata::PoolMetadata) -> Result<(), ControlError> {
+    /// Writes the file's records to the devices, in order, when its
+    /// generation is `expected`'s (or, with `None`, a pool that never
+    /// recorded one: whatever the file holds). The file stays: the owner
+    /// records "nothing pending" next, and a file of an older generation is
+    /// never replayed again (a crash before that record replays it again,
+    /// harmlessly: nobody wrote the volume since).
+    async fn replay(
+        &mut self,
+        meta: &volume_format::metadata::PoolMetadata,
+        expected: Option<&CacheMirrorRecord>,
+    ) -> Result<(), ControlError> {
         let devices = &self.devices;
         let path = store::mirror_path(&self.dir, self.volume);
         let volume = self.volume;
@@ -236,7 +247,27 @@ impl Worker {
                 format!("reading the cache mirror of volume {volume} failed: {e}; the volume cannot be opened until it is fixed"),
             )
         })?;
-        let Some(records) = held else { return Ok(()) };
+        if let Some(expected) = expected {
+            if held.generation != Some(expected.generation) {
+                let here = match held.generation {
+                    Some(g) => format!("this server's mirror file {} is of generation {g}", path.display()),
+                    None => format!("this server has no mirror file of it ({})", path.display()),
+                };
+                let server = if expected.server.is_empty() { "another metadata server" } else { &expected.server };
+                return Err(ControlError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "the writes its last holder acknowledged are mirrored at generation {} by {server}, and {here}; \
+                         make {server} the active server again (it replays them), or start the last holder's agent \
+                         again (resuming its handle, it writes its own log to the devices); if both are lost for \
+                         good, `sanvol volume cache {volume_name} --forget-mirror` gives up those writes",
+                        expected.generation,
+                        volume_name = meta.volume(volume).map_or_else(|| volume.to_string(), |v| v.name.clone()),
+                    ),
+                ));
+            }
+        }
+        let records = held.records;
         let count = records.len();
         for (i, (offset, data)) in records.into_iter().enumerate() {
             devices.write_live(meta, volume, offset, Bytes::from(data)).await.map_err(|e| {
@@ -250,11 +281,10 @@ impl Worker {
                 )
             })?;
         }
-        // Everything is on the devices (each write with FUA): the mirror's
-        // copies go.
-        let (_, removed) = blocking(move || (None::<VolumeMirror>, store::remove(&path))).await;
-        removed.map_err(failed)?;
-        info!(volume = %volume, records = count, "cache mirror replayed to the devices");
+        // Everything is on the devices (each write with FUA).
+        if count > 0 {
+            info!(volume = %volume, records = count, generation = ?held.generation, "cache mirror replayed to the devices");
+        }
         Ok(())
     }
 }

@@ -10,8 +10,27 @@
 //! request time ran out, so nothing it sent can still land). The open's
 //! reservation is undone while the replay runs, and the handles it broke
 //! stay out of the table (they cannot resume); the open is prepared again
-//! once the replay is done. A volume replayed once is not replayed again
-//! until a holder mirrors it again.
+//! once the replay is done.
+//!
+//! Which mirror is replayed, and when (format 11): each `MirrorOpen` first
+//! commits a new generation of the volume's mirror to the pool metadata
+//! ([`CacheMirrorRecord`], `pending`), naming this server; the file is
+//! created with it. A holder starts mirroring afresh only once everything
+//! an earlier mirror acknowledged is on the devices, so only the newest
+//! generation's file can hold writes the devices lack. An open replays only
+//! while the record is pending, and only a file of the recorded
+//! generation; once replayed, "not pending" is committed before the open
+//! goes on (a crash in between replays again: nobody wrote since). A clean
+//! close commits "not pending" with the handle's removal (the holder
+//! destaged everything first). So a stale file — left on a server that was
+//! active before a handoff or takeover — is never replayed over newer
+//! writes, and a record naming another server's file refuses the open
+//! with that server's name instead of opening without its writes
+//! (`sanvol volume cache --forget-mirror` gives them up when both copies
+//! are lost for good). Setting a cache records generation 0, "not
+//! pending". A volume cached under format 10 has no record yet: its first
+//! open replays whatever file this server has, as format 10 did, and
+//! records "not pending".
 //!
 //! Snapshots of cached volumes: the holder destages its cache before it
 //! confirms the recall, which leaves the mirror empty, and preserves the
@@ -27,7 +46,7 @@ use volume_format::control::messages::{
     CacheStateInfo, ControlError, ErrorCode, OpenMode, Request, Response, MIRROR_APPEND_BYTES_MAX,
     MIRROR_APPEND_RECORDS_MAX,
 };
-use volume_format::metadata::{CacheMode, HandleState, MetaChange, VolumeCache};
+use volume_format::metadata::{CacheMirrorRecord, CacheMode, HandleState, MetaChange, VolumeCache};
 use volume_format::{HandleId, VolumeId};
 
 use super::core::{AfterCommit, AfterJob, Busy, Core, Effect, PendingChange, ReplyId, Step, VolumeChange};
@@ -63,14 +82,13 @@ impl Core {
             self.volume_cache_show(name, reply);
             return Ok(());
         }
+        // An open commits the mirror's new generation first: queued.
         let handle = match &request {
-            Request::MirrorOpen { handle }
-            | Request::MirrorAppend { handle, .. }
-            | Request::MirrorRelease { handle, .. } => *handle,
+            Request::MirrorAppend { handle, .. } | Request::MirrorRelease { handle, .. } => *handle,
             _ => return Err(request),
         };
         let checked = self.mirror_holder(session, handle);
-        let (volume, cache) = match checked {
+        let (volume, _) = match checked {
             Ok(x) => x,
             Err(e) => {
                 self.reply(reply, Err(e));
@@ -78,11 +96,6 @@ impl Core {
             }
         };
         let op = match request {
-            Request::MirrorOpen { .. } => {
-                // Its holder mirrors again: the next open replays.
-                self.mirror_replayed.remove(&volume);
-                MirrorOp::Open { cache }
-            }
             Request::MirrorAppend { records, .. } => {
                 let bytes: usize = records.iter().map(|r| r.data.len()).sum();
                 if records.len() > MIRROR_APPEND_RECORDS_MAX || bytes > MIRROR_APPEND_BYTES_MAX {
@@ -99,7 +112,7 @@ impl Core {
             Request::MirrorRelease { upto_seq, .. } => MirrorOp::Release { upto_seq },
             _ => unreachable!("matched above"),
         };
-        self.push_effect(Effect::Mirror { volume, op, reply });
+        self.push_effect(Effect::Mirror { volume, op, reply: Some(reply) });
         Ok(())
     }
 
@@ -120,7 +133,7 @@ impl Core {
         if known.cache.is_none() {
             return self.reply(reply, Ok(Response::VolumeCacheState(known)));
         }
-        self.push_effect(Effect::Mirror { volume, op: MirrorOp::Status { known }, reply });
+        self.push_effect(Effect::Mirror { volume, op: MirrorOp::Status { known }, reply: Some(reply) });
     }
 
     /// The volume and cache setting of `handle`, if `session` holds it
@@ -145,25 +158,106 @@ impl Core {
         Ok((volume, cache))
     }
 
+    /// `MirrorOpen` of the holder of `handle`: commits the volume's next
+    /// mirror generation (pending, at this server), then the worker starts
+    /// the file afresh with it.
+    pub(super) fn prepare_mirror_open(&mut self, session: SessionId, handle: HandleId, reply: ReplyId) -> Step {
+        let (volume, cache) = match self.mirror_holder(session, handle) {
+            Ok(x) => x,
+            Err(e) => return Step::Done(Some((reply, Err(e)))),
+        };
+        let generation = self.meta.cache_mirror(volume).map_or(1, |m| m.generation + 1);
+        let record = CacheMirrorRecord { volume, generation, server: self.own_name(), pending: true };
+        Step::Commit {
+            changes: vec![MetaChange::CacheMirror(record)],
+            then: AfterCommit::MirrorOpened { volume, cache, generation, reply },
+        }
+    }
+
+    /// The commit of a new mirror generation is durable: the worker starts
+    /// the file (and answers the holder).
+    pub(super) fn finish_mirror_open(
+        &mut self,
+        volume: VolumeId,
+        cache: VolumeCache,
+        generation: u64,
+        reply: ReplyId,
+        result: Result<(), ControlError>,
+    ) {
+        match result {
+            Ok(()) => self.push_effect(Effect::Mirror {
+                volume,
+                op: MirrorOp::Open { cache, generation },
+                reply: Some(reply),
+            }),
+            Err(e) => self.reply(reply, Err(e)),
+        }
+    }
+
+    /// This server's name, as the pool's server listing has it (for the
+    /// mirror records; empty when it has none).
+    fn own_name(&self) -> String {
+        self.servers.iter().find(|s| s.role == "active").map(|s| s.name.clone()).unwrap_or_default()
+    }
+
+    /// The change that records "`volume`'s mirror holds nothing the
+    /// devices lack", when that is not recorded yet.
+    pub(super) fn mirror_clear(&self, volume: VolumeId) -> Option<MetaChange> {
+        match self.meta.cache_mirror(volume) {
+            Some(m) if !m.pending => None,
+            Some(m) => Some(MetaChange::CacheMirror(CacheMirrorRecord { pending: false, ..m.clone() })),
+            // A pool of format 10: recorded once its file was replayed.
+            None if self.meta.volume_cache(volume).is_some() => Some(MetaChange::CacheMirror(CacheMirrorRecord {
+                volume,
+                generation: 0,
+                server: self.own_name(),
+                pending: false,
+            })),
+            None => None,
+        }
+    }
+
     /// Whether an open (or setting change) of `volume` must replay its
-    /// mirror first.
+    /// mirror first: it is cached, and its mirror record is pending (or, in
+    /// a pool of format 10, absent).
     pub(super) fn needs_replay(&self, volume: VolumeId) -> bool {
-        self.meta.volume_cache(volume).is_some() && !self.mirror_replayed.contains(&volume)
+        self.meta.volume_cache(volume).is_some() && self.meta.cache_mirror(volume).is_none_or(|m| m.pending)
     }
 
     /// Runs the replay of `volume`'s mirror, then `next`.
     pub(super) fn replay_then(&mut self, volume: VolumeId, next: AfterReplay) -> Step {
+        let expected = self.meta.cache_mirror(volume).cloned();
         Step::Job {
-            job: Job::MirrorReplay { meta: self.meta.clone(), volume },
+            job: Job::MirrorReplay { meta: self.meta.clone(), volume, expected },
             busy: Some((volume, Busy::Resync)),
-            then: AfterJob::MirrorReplayed { volume, next },
+            then: AfterJob::MirrorReplayed { volume, next, cleared: false },
         }
     }
 
-    pub(super) fn mirror_replayed(&mut self, volume: VolumeId, next: AfterReplay, outcome: JobOutcome) -> Step {
-        self.release(volume);
-        if outcome.result.is_ok() {
-            self.mirror_replayed.insert(volume);
+    /// The replay job reported (`cleared: false`), or the commit of "not
+    /// pending" after it did (`cleared: true`): that commit comes first,
+    /// then `next` goes on.
+    pub(super) fn mirror_replayed(
+        &mut self,
+        volume: VolumeId,
+        next: AfterReplay,
+        cleared: bool,
+        outcome: JobOutcome,
+    ) -> Step {
+        if !cleared {
+            self.release(volume);
+        } else if outcome.result.is_ok() {
+            // Recorded: the replayed file goes (it is as large as the cache).
+            // Queued before any later `MirrorOpen` of the volume can be.
+            self.push_effect(Effect::Mirror { volume, op: MirrorOp::Remove, reply: None });
+        }
+        if outcome.result.is_ok() && !cleared {
+            if let Some(clear) = self.mirror_clear(volume) {
+                return Step::Commit {
+                    changes: vec![clear],
+                    then: AfterCommit::MirrorCleared { volume, next: Box::new(next) },
+                };
+            }
         }
         match (next, outcome.result) {
             (AfterReplay::Open { session, name, mode, reply, broken }, Ok(())) => {
@@ -204,6 +298,46 @@ impl Core {
         }
     }
 
+    /// `sanvol volume cache NAME --forget-mirror`: records "nothing
+    /// pending" for the volume's mirror without replaying it (the writes it
+    /// held are given up). Only while the volume is closed.
+    pub(super) fn prepare_mirror_forget(&mut self, name: &str, reply: ReplyId) -> Step {
+        let volume = match self.volume_by_name(name) {
+            Ok(v) => v.id,
+            Err(e) => return Step::Done(Some((reply, Err(e)))),
+        };
+        // A holder that may still write or resume (an open could not break
+        // its handle yet) keeps its mirror; a dead one's handle goes with
+        // the next open, as ever.
+        let (now, max) = (self.now.mono_ms, self.handles.device_request_max_ms);
+        if let Some(h) = self.handles.on_volume(volume.0).find(|h| now < h.breakable_at_ms(max)) {
+            let msg = format!(
+                "volume {name} is held by {} (handle {}), alive or within its lease and durable time: a holder \
+                 keeps its cache mirror; forgetting it is only for a volume whose holder and mirror are lost; retry \
+                 in {} ms if the holder is gone",
+                h.holder,
+                h.id,
+                h.breakable_at_ms(max) - now
+            );
+            return Step::Done(Some((reply, Err(err(ErrorCode::Busy, msg)))));
+        }
+        match self.mirror_clear(volume) {
+            None => Step::Done(Some((reply, Ok(Response::Done)))),
+            Some(change) => {
+                let what = match self.meta.cache_mirror(volume) {
+                    Some(m) => format!(
+                        "volume {name}: the writes its cache mirror (generation {} at {}) may hold are given up",
+                        m.generation,
+                        if m.server.is_empty() { "an unnamed server" } else { &m.server }
+                    ),
+                    None => format!("volume {name}: the writes its cache mirror may hold are given up"),
+                };
+                tracing::warn!("{what}");
+                Step::Commit { changes: vec![change], then: AfterCommit::Reply { reply, what } }
+            }
+        }
+    }
+
     /// `sanvol volume cache NAME --size --mode`: only while the volume is
     /// closed, after its mirror (if any) was replayed.
     pub(super) fn prepare_volume_cache(&mut self, session: SessionId, request: Request, reply: ReplyId) -> Step {
@@ -233,10 +367,14 @@ impl Core {
             Some(c) => format!("volume {name}: cache {} of {} bytes", c.mode, c.size_bytes),
             None => format!("volume {name}: cache off"),
         };
-        Step::Commit {
-            changes: vec![MetaChange::VolumeCache { volume, cache }],
-            then: AfterCommit::Reply { reply, what },
+        let mut changes = vec![MetaChange::VolumeCache { volume, cache }];
+        if cache.is_some() && self.meta.cache_mirror(volume).is_none() {
+            // Nothing mirrored yet: recorded, so the first open need not
+            // look for a file.
+            let record = CacheMirrorRecord { volume, generation: 0, server: self.own_name(), pending: false };
+            changes.push(MetaChange::CacheMirror(record));
         }
+        Step::Commit { changes, then: AfterCommit::Reply { reply, what } }
     }
 }
 

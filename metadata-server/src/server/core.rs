@@ -218,11 +218,11 @@ pub enum Effect {
         why: String,
     },
     /// Pass `op` to `volume`'s cache mirror ([`crate::mirror`]); the mirror
-    /// answers `reply` itself.
+    /// answers `reply` itself (`None`: nobody waits for the answer).
     Mirror {
         volume: VolumeId,
         op: crate::mirror::MirrorOp,
-        reply: ReplyId,
+        reply: Option<ReplyId>,
     },
 }
 
@@ -388,6 +388,20 @@ pub enum AfterCommit {
     DeviceOnline {
         device: volume_format::DeviceIndex,
     },
+    /// A cached volume's new mirror generation is recorded: start the file
+    /// (`cache`).
+    MirrorOpened {
+        volume: VolumeId,
+        cache: volume_format::metadata::VolumeCache,
+        generation: u64,
+        reply: ReplyId,
+    },
+    /// "Nothing pending" is recorded for a replayed mirror: `next` goes on
+    /// (`cache`).
+    MirrorCleared {
+        volume: VolumeId,
+        next: Box<super::cache::AfterReplay>,
+    },
     /// A device labelled by `device add` is in the pool (`reconfig`).
     DeviceAdded {
         uuid: Uuid,
@@ -444,7 +458,7 @@ pub enum AfterJob {
     },
     /// A cached volume's mirror was replayed to its devices: continue the
     /// request that needed it (`crate::mirror`).
-    MirrorReplayed { volume: VolumeId, next: super::cache::AfterReplay },
+    MirrorReplayed { volume: VolumeId, next: super::cache::AfterReplay, cleared: bool },
     /// The regions a gone holder left dirty were copied: open (`intents`).
     OrphansResynced(super::intents::OrphansResync),
     /// The online pass of a volume's copy step is done (`precopy`).
@@ -575,10 +589,6 @@ pub struct Core {
     lease_lost_in_handoff: Option<String>,
     /// Volumes with a job in flight, and what waits for it.
     pub(super) busy: BTreeMap<VolumeId, Busy>,
-    /// Cached volumes whose mirror was replayed (or found empty) since
-    /// their last holder mirrored: opens need not replay it again
-    /// (`crate::mirror`).
-    pub(super) mirror_replayed: BTreeSet<VolumeId>,
     /// Jobs in flight and how their changes continue.
     jobs: BTreeMap<TaskId, AfterJob>,
     /// Free extents zeroed since they were last allocated (`zeroing`).
@@ -669,7 +679,6 @@ impl Core {
             not_active: None,
             lease_lost_in_handoff: None,
             busy: BTreeMap::new(),
-            mirror_replayed: BTreeSet::new(),
             jobs: BTreeMap::new(),
             zeroed: BTreeSet::new(),
             zeroing: false,

@@ -44,8 +44,13 @@ pub enum Job {
     /// its connection to the device task before reporting (`pool::add`).
     LabelDevice(crate::pool::add::LabelRequest),
     /// Write every record `volume`'s cache mirror holds to its devices, in
-    /// order, then empty the mirror (its holder is gone; `crate::mirror`).
-    MirrorReplay { meta: Arc<PoolMetadata>, volume: VolumeId },
+    /// order, if its file is of the `expected` generation (its holder is
+    /// gone; `crate::mirror`).
+    MirrorReplay {
+        meta: Arc<PoolMetadata>,
+        volume: VolumeId,
+        expected: Option<volume_format::metadata::CacheMirrorRecord>,
+    },
     /// Fence `handles` for good on every device of `uris` that fences
     /// (`sanvol-target`; plain devices are skipped): done only once each
     /// such device acknowledged that none of their connections is open

@@ -304,7 +304,11 @@ impl Shell {
                 }
                 Effect::Stop { why } => self.stopped = Some(why),
                 Effect::Mirror { volume, op, reply } => {
-                    if let Some(reply) = self.replies.remove(&reply) {
+                    let reply = match reply {
+                        Some(reply) => self.replies.remove(&reply),
+                        None => Some(oneshot::channel().0),
+                    };
+                    if let Some(reply) = reply {
                         self.mirrors.send(volume, crate::mirror::MirrorWork { op, reply });
                     }
                 }
@@ -352,10 +356,10 @@ impl Shell {
                     let _ = results.send(Input::JobDone { task, outcome }).await;
                 });
             }
-            Job::MirrorReplay { meta, volume } => {
+            Job::MirrorReplay { meta, volume, expected } => {
                 let (reply, answer) = oneshot::channel();
-                self.mirrors
-                    .send(volume, crate::mirror::MirrorWork { op: crate::mirror::MirrorOp::Replay { meta }, reply });
+                let op = crate::mirror::MirrorOp::Replay { meta, expected };
+                self.mirrors.send(volume, crate::mirror::MirrorWork { op, reply });
                 let results = self.results.clone();
                 tokio::spawn(async move {
                     let outcome = match answer.await {

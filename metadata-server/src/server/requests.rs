@@ -16,7 +16,7 @@ use volume_format::control::messages::{
 use volume_format::metadata::{AllocError, ClientRecord, HandleRecord, HandleState, MetaChange, MIRROR_LEGS_MAX};
 use volume_format::{HandleId, PublicKey, VolumeDescription, VolumeId};
 
-use super::core::{AfterCommit, AfterJob, Busy, Core, PendingChange, ReplyId, Step, VolumeChange};
+use super::core::{AfterCommit, AfterJob, Busy, Change, Core, PendingChange, ReplyId, Step, VolumeChange};
 use super::durable::BROKEN_RECORDS_MAX;
 use super::jobs::{Job, JobOutcome};
 use crate::handles::{Handle, OpenRefused, RecallState, SessionId};
@@ -93,7 +93,8 @@ impl Core {
             | Request::VolumeDelete { name }
             | Request::SnapshotCreate { volume: name, .. }
             | Request::SnapshotDelete { volume: name, .. }
-            | Request::VolumeCache { name, .. } => Some((self.meta.volume_by_name(name)?.id, ANY)),
+            | Request::VolumeCache { name, .. }
+            | Request::MirrorForget { name } => Some((self.meta.volume_by_name(name)?.id, ANY)),
             // A volume whose extents on a device come back are being copied
             // without holders: an opener would write while the copy runs.
             // Nor while an online copy runs (an open may need a copy of its
@@ -140,6 +141,8 @@ impl Core {
                 return self.prepare_open_with(session, &volume, mode, reply, Vec::new(), &[])
             }
             request @ Request::VolumeCache { .. } => return self.prepare_volume_cache(session, request, reply),
+            Request::MirrorOpen { handle } => return self.prepare_mirror_open(session, handle, reply),
+            Request::MirrorForget { name } => return self.prepare_mirror_forget(&name, reply),
             Request::Close { handle } => return self.prepare_close(session, handle.0, reply),
             Request::OpenHandover { token } => return self.prepare_open_handover(session, &token, reply),
             Request::Handoff { to } => return self.prepare_handoff(to, reply),
@@ -256,6 +259,17 @@ impl Core {
                 self.release(volume);
                 self.finish_commit(*then, result);
             }
+            AfterCommit::MirrorOpened { volume, cache, generation, reply } => {
+                self.finish_mirror_open(volume, cache, generation, reply, result)
+            }
+            AfterCommit::MirrorCleared { volume, next } => {
+                let outcome = match result {
+                    Ok(()) => JobOutcome::done(),
+                    Err(e) => JobOutcome::failed(format!("recording that it was replayed failed: {}", e.message)),
+                };
+                let then = AfterJob::MirrorReplayed { volume, next: *next, cleared: true };
+                self.queue.push_front(Change::JobDone { outcome, then });
+            }
         }
     }
 
@@ -275,7 +289,7 @@ impl Core {
             AfterJob::Prezeroed { extents, name, change, reply } => {
                 self.prezeroed(extents, &name, change, reply, outcome)
             }
-            AfterJob::MirrorReplayed { volume, next } => self.mirror_replayed(volume, next, outcome),
+            AfterJob::MirrorReplayed { volume, next, cleared } => self.mirror_replayed(volume, next, cleared, outcome),
             AfterJob::ExpireFenced { expired } => self.expire_fenced(expired, outcome),
             AfterJob::RecallFenced { volume, pending, excluded } => match outcome.result {
                 Ok(()) => self.recall_fenced(volume, pending, excluded),
@@ -756,7 +770,13 @@ impl Core {
         };
         // A close comes after the agent drained its I/O: every write reached
         // every leg, so its dirty regions need no copy (`intents`).
-        if let Some(volume) = self.handles.get(handle).map(|h| VolumeId(h.volume)) {
+        if let Some(h) = self.handles.get(handle) {
+            let volume = VolumeId(h.volume);
+            // Nor anything in its write-back cache: its mirror holds nothing
+            // the devices lack (`super::cache`).
+            if h.mode == OpenMode::Exclusive {
+                changes.extend(self.mirror_clear(volume));
+            }
             changes.extend(self.forget_dirty(volume, &[HandleId(handle)]));
         }
         Step::Commit { changes, then: AfterCommit::Close { session, handle, reply } }
