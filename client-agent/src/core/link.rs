@@ -82,6 +82,10 @@ pub struct Link {
     backoff_ms: u64,
     backoff_max_ms: u64,
     ever_connected: bool,
+    /// Handshake refusals in a row before the first connection: fatal only
+    /// once every address refused (a standby that has not read a newly
+    /// authorized key yet refuses it while the active server would not).
+    refusals_in_a_row: usize,
     epochs: u64,
     next_conn: u64,
     pub last_error: Option<String>,
@@ -97,6 +101,7 @@ impl Link {
             backoff_ms: RECONNECT_BACKOFF_MIN_MS,
             backoff_max_ms: RECONNECT_BACKOFF_MAX_MS,
             ever_connected: false,
+            refusals_in_a_row: 0,
             epochs: 0,
             next_conn: 0,
             last_error: None,
@@ -183,8 +188,13 @@ impl Link {
             return false;
         }
         if fatal && !self.ever_connected {
-            self.phase = LinkPhase::Fatal(error);
-            return true;
+            self.refusals_in_a_row += 1;
+            if self.refusals_in_a_row >= self.addrs {
+                self.phase = LinkPhase::Fatal(error);
+                return true;
+            }
+        } else {
+            self.refusals_in_a_row = 0;
         }
         self.last_error = Some(error);
         self.next_addr += 1;
@@ -352,6 +362,23 @@ mod tests {
         l.connect_failed(conn, 0, "wrong key".into(), true);
         assert_eq!(l.state(), ConnectState::Fatal("wrong key".into()));
         assert_eq!(l.deadline(), None);
+
+        // With several addresses, only once every one refused in a row: a
+        // standby may not know a key the active server has just authorized.
+        let mut l = Link::new(2);
+        let (conn, addr) = l.start_attempt(0).unwrap();
+        assert_eq!(addr, 0);
+        l.connect_failed(conn, 0, "unknown key (standby)".into(), true);
+        let (conn, addr) = l.start_attempt(0).expect("the next address at once");
+        assert_eq!(addr, 1);
+        l.connect_failed(conn, 0, "unreachable".into(), false);
+        let at = l.deadline().unwrap();
+        let (conn, _) = l.start_attempt(at).unwrap();
+        l.connect_failed(conn, at, "unknown key".into(), true);
+        assert!(matches!(l.phase, LinkPhase::Waiting { .. }), "one refusal after a failure: {:?}", l.phase);
+        let (conn, _) = l.start_attempt(at).unwrap();
+        l.connect_failed(conn, at, "unknown key".into(), true);
+        assert_eq!(l.state(), ConnectState::Fatal("unknown key".into()), "both refused in a row");
 
         let mut l = Link::new(1);
         let (conn, _) = l.start_attempt(0).unwrap();
