@@ -791,22 +791,29 @@ fn a_format3_pool_is_read_and_upgraded_by_a_checkpoint_at_its_next_commit() {
     assert!(m.reloads >= 2);
 }
 
-/// Crash at every write boundary of the format-3 upgrade and the commits
-/// after it: the pool reloads as format 3 (generation 14) or upgraded.
-#[test]
-fn a_crash_anywhere_in_the_format3_upgrade_loses_nothing() {
+/// Crashes at every write boundary of the upgrade of the pool in `images`
+/// (an older format) and of the commits after it: each reload is the last
+/// acknowledged state, in the old format or upgraded.
+fn crash_anywhere_in_the_upgrade(images: [&[u8]; 2]) {
     let history = fixed_history()[..24].to_vec();
     let ops = {
-        let (mut m, _) = Model::from_images(FORMAT3_IMAGES, Vec::new(), 1);
+        let (mut m, _) = Model::from_images(images, Vec::new(), 1);
         m.run(&history);
         m.ops
     };
     for crash in 0..ops {
         for seed in 1..=2 {
-            let (mut m, _) = Model::from_images(FORMAT3_IMAGES, vec![crash], seed * 31 + crash as u64);
+            let (mut m, _) = Model::from_images(images, vec![crash], seed * 31 + crash as u64);
             m.run(&history);
         }
     }
+}
+
+/// Crash at every write boundary of the format-3 upgrade and the commits
+/// after it: the pool reloads as format 3 (generation 14) or upgraded.
+#[test]
+fn a_crash_anywhere_in_the_format3_upgrade_loses_nothing() {
+    crash_anywhere_in_the_upgrade(FORMAT3_IMAGES);
 }
 
 // ---- upgrade of a pool written by the release before format 10
@@ -864,18 +871,7 @@ fn a_format9_pool_is_read_with_fencing_unknown_and_upgraded_by_a_checkpoint_at_i
 /// after it: the pool reloads as format 9 (generation 19) or upgraded.
 #[test]
 fn a_crash_anywhere_in_the_format9_upgrade_loses_nothing() {
-    let history = fixed_history()[..24].to_vec();
-    let ops = {
-        let (mut m, _) = Model::from_images(FORMAT9_IMAGES, Vec::new(), 1);
-        m.run(&history);
-        m.ops
-    };
-    for crash in 0..ops {
-        for seed in 1..=2 {
-            let (mut m, _) = Model::from_images(FORMAT9_IMAGES, vec![crash], seed * 31 + crash as u64);
-            m.run(&history);
-        }
-    }
+    crash_anywhere_in_the_upgrade(FORMAT9_IMAGES);
 }
 
 // ---- upgrade of a pool written by the release before format 11
@@ -931,16 +927,5 @@ fn a_format10_pool_is_read_without_cache_mirrors_and_upgraded_by_a_checkpoint_at
 /// after it: the pool reloads as format 10 (generation 23) or upgraded.
 #[test]
 fn a_crash_anywhere_in_the_format10_upgrade_loses_nothing() {
-    let history = fixed_history()[..24].to_vec();
-    let ops = {
-        let (mut m, _) = Model::from_images(FORMAT10_IMAGES, Vec::new(), 1);
-        m.run(&history);
-        m.ops
-    };
-    for crash in 0..ops {
-        for seed in 1..=2 {
-            let (mut m, _) = Model::from_images(FORMAT10_IMAGES, vec![crash], seed * 31 + crash as u64);
-            m.run(&history);
-        }
-    }
+    crash_anywhere_in_the_upgrade(FORMAT10_IMAGES);
 }
