@@ -1305,7 +1305,7 @@ mod tests {
 
     /// Changes a random walk over a pool tries: some refused, most not.
     fn arb_step() -> impl Strategy<Value = (u8, u64, u64)> {
-        (0u8..13, any::<u64>(), any::<u64>())
+        (0u8..15, any::<u64>(), any::<u64>())
     }
 
     proptest! {

@@ -147,6 +147,18 @@ pub(crate) fn plan_step(meta: &PoolMetadata, k: u8, a: u64, b: u64) -> Option<Me
             });
             meta.plan_handover_tokens(clock, used).ok()
         }
+        13 => {
+            // A cached volume's mirror started afresh (a new generation), or
+            // recorded replayed (the same one, not pending).
+            let volume = pick_volume()?;
+            let (generation, pending) = match meta.cache_mirror(volume) {
+                Some(m) if b % 2 == 1 => (m.generation, false),
+                Some(m) => (m.generation + 1, true),
+                None => (b % 3, true),
+            };
+            let server = format!("mds-{}", a % 3);
+            Some(MetaChange::CacheMirror(super::CacheMirrorRecord { volume, generation, server, pending }))
+        }
         _ => {
             let d = meta.devices.get((a % meta.devices.len() as u64) as usize)?;
             let state = if b % 2 == 0 {

@@ -373,7 +373,7 @@ impl Model {
 
 fn arb_step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        6 => (0u8..13, any::<u64>(), any::<u64>()).prop_map(|(k, a, b)| Step::Change(k, a, b)),
+        6 => (0u8..15, any::<u64>(), any::<u64>()).prop_map(|(k, a, b)| Step::Change(k, a, b)),
         3 => Just(Step::Commit),
         1 => (0usize..3, any::<bool>()).prop_map(|(c, p)| Step::Fail(c, p)),
     ]
