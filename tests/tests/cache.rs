@@ -1087,6 +1087,12 @@ async fn mirrors_follow_the_pool_across_servers_a_stale_one_is_never_replayed_a_
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     };
     assert!(refusal.contains("by mds-1"), "{refusal}");
+    // mds-2 said so when it took the pool.
+    let log = mds2.proc.log();
+    assert!(
+        log.lines().any(|l| l.contains("a cached volume's mirror may hold writes") && l.contains("server=mds-1")),
+        "{log}"
+    );
     handoff(stack, "mds-1").await;
     attach_when_connected(&b, stack).await;
     device_is(&rig, &model, "after mds-1 replayed round 3's mirror");

@@ -718,6 +718,19 @@ impl Core {
                 durable_ms: h.durable_timeout_ms,
             });
         }
+        // Where each cached volume's writes are mirrored: after a handoff or
+        // a takeover, a file another server holds (see `cache`).
+        for m in self.meta.cache_mirrors.iter().filter(|m| m.pending) {
+            let volume = self.meta.volume(m.volume).map_or("?", |v| v.name.as_str());
+            info!(
+                volume,
+                generation = m.generation,
+                server = %m.server,
+                "a cached volume's mirror may hold writes not on the devices yet: its holder mirrors afresh here, \
+                 or the next open replays that generation's file if this server has it, and is refused naming its \
+                 server if not"
+            );
+        }
         let restored: Vec<u64> = self.handles.all().map(|h| h.id).collect();
         if !restored.is_empty() && self.grace_ms > 0 {
             self.grace = Some(Grace::new(restored.clone(), now.mono_ms, self.grace_ms));
