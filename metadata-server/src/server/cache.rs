@@ -283,14 +283,14 @@ impl Core {
             }
             (AfterReplay::Reconfigure { name, reply, .. }, Err(why)) => {
                 let msg = format!(
-                    "volume {name}: its cache mirror (writes its last holder acknowledged) must be on the devices                      before a snapshot, and replaying it failed: {why}; nothing was changed; retry"
+                    "volume {name}: its cache mirror (writes its last holder acknowledged) must be on the devices before a snapshot, and replaying it failed: {why}; nothing was changed; retry"
                 );
                 Step::Done(Some((reply, Err(err(ErrorCode::Unavailable, msg)))))
             }
             (AfterReplay::Recall { pending, excluded }, Ok(())) => self.recall_continue(volume, pending, excluded),
             (AfterReplay::Recall { pending, excluded }, Err(why)) => {
                 let msg = format!(
-                    "the volume's cache mirror (writes its excluded holder acknowledged) must be on the devices                      before the change, and replaying it failed: {why}; nothing was changed; retry"
+                    "the volume's cache mirror (writes its excluded holder acknowledged) must be on the devices before the change, and replaying it failed: {why}; nothing was changed; retry"
                 );
                 self.finish_recall(volume, pending, excluded, Err(err(ErrorCode::Unavailable, msg)));
                 Step::Done(None)
