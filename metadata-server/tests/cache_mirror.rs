@@ -64,6 +64,13 @@ async fn append(
     }
 }
 
+/// Creates volume `db` (two legs) with a mirrored cache.
+async fn create_cached_db(admin: &ControlClient) {
+    admin.request(Request::VolumeCreate { name: "db".into(), size_bytes: 4 * MIB, legs: 2 }).await.unwrap();
+    let set = Request::VolumeCache { name: "db".into(), size_bytes: CACHE_BYTES, mode: Some(CacheMode::Mirrored) };
+    admin.request(set).await.unwrap();
+}
+
 /// Whether every byte of `data` is `value`.
 fn all(data: &[u8], value: u8) -> bool {
     data.iter().all(|&b| b == value)
@@ -156,9 +163,7 @@ async fn a_dead_holder_s_mirrored_writes_are_on_the_devices_before_the_next_open
 async fn a_snapshot_of_a_cached_volume_nobody_holds_writes_its_mirror_first() {
     let pool = Pool::start_with(LEASE_MS, DURABLE_MS).await;
     let admin = pool.admin().await;
-    admin.request(Request::VolumeCreate { name: "db".into(), size_bytes: 4 * MIB, legs: 2 }).await.unwrap();
-    let set = Request::VolumeCache { name: "db".into(), size_bytes: CACHE_BYTES, mode: Some(CacheMode::Mirrored) };
-    admin.request(set).await.unwrap();
+    create_cached_db(&admin).await;
     let (a, _a_events) = pool.connect(&pool.agent_a, Role::Agent, "host-a").await;
     let h = open(&a, "db", OpenMode::Exclusive).await.unwrap();
     a.request(Request::MirrorOpen { handle: h.handle }).await.unwrap();
@@ -262,9 +267,7 @@ async fn a_full_mirror_holds_appends_until_a_release() {
 async fn only_the_newest_mirror_generation_is_replayed_and_a_missing_one_refuses_the_open() {
     let pool = Pool::start_with(LEASE_MS, DURABLE_MS).await;
     let admin = pool.admin().await;
-    admin.request(Request::VolumeCreate { name: "db".into(), size_bytes: 4 * MIB, legs: 2 }).await.unwrap();
-    let set = Request::VolumeCache { name: "db".into(), size_bytes: CACHE_BYTES, mode: Some(CacheMode::Mirrored) };
-    admin.request(set).await.unwrap();
+    create_cached_db(&admin).await;
     let (a, _a_events) = pool.connect(&pool.agent_a, Role::Agent, "host-a").await;
     let h = open(&a, "db", OpenMode::Exclusive).await.unwrap();
     let file = pool.config.cache_mirror_dir.join(format!("volume-{}.mirror", h.description.volume.0));

@@ -554,17 +554,8 @@ async fn sanvol_agent_attach_caches_and_a_kill_9_loses_no_acknowledged_write() {
 async fn attach_after_replay(stack: &sanvol_tests::system::Stack, name: &str) -> sanvol_tests::system::Agent {
     stack.authorize_agent(name);
     let agent = stack.restart_agent(name);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let out = agent.cli(&["attach", "db", "--mode", "exclusive"]);
-        if out.status.success() {
-            return agent;
-        }
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(std::time::Instant::now() < deadline, "attach on {name}: {stderr}\nmds log:\n{}", stack.mds_log());
-        // The refusal names when the old handle runs out; retry soon.
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    attach_when_connected(&agent, stack).await;
+    agent
 }
 
 /// Large writes go around a mirrored cache only where its mirror holds

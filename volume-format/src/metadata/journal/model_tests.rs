@@ -341,6 +341,23 @@ impl Model {
         self.fail_next = vec![None; self.copies.len()];
     }
 
+    /// The first commit after loading an older format: applies `changes`,
+    /// checks the commit is a checkpoint of today's format, writes it,
+    /// reloads (the reload equals what was acknowledged); its generation.
+    fn commit_upgrade(&mut self, changes: &[MetaChange]) -> u64 {
+        self.meta.apply_all(changes).unwrap();
+        let sealed = self.writer.seal_commit(&mut self.meta, changes, &self.key).unwrap();
+        let SealedWrite::Checkpoint(cp) = &sealed.write else { panic!("the upgrade is a checkpoint") };
+        assert_eq!(crate::metadata::SlotHeader::decode(&cp.bytes).unwrap().format_version, METADATA_FORMAT_VERSION);
+        let written = self.write_commit(&sealed).unwrap();
+        self.writer.commit_written(sealed.seq, &written).unwrap();
+        self.acked = self.meta.clone();
+        let generation = self.meta.generation;
+        self.reload();
+        assert_eq!(self.meta, self.acked);
+        generation
+    }
+
     fn run(&mut self, steps: &[Step]) {
         for step in steps {
             let result = match step {
@@ -771,18 +788,7 @@ fn a_format3_pool_is_read_and_upgraded_by_a_checkpoint_at_its_next_commit() {
     // The first commit (a used handover token) is the upgrade: a format-4 checkpoint.
     let used = crate::metadata::UsedToken { nonce: [0x77; 16], expires_at_unix_ms: 1_700_000_900_000 };
     let change = m.meta.plan_handover_tokens(1_700_000_800_000, Some(used)).unwrap();
-    let undo = m.meta.apply(&change).unwrap();
-    m.batch.push((change, undo));
-    let (changes, _): (Vec<MetaChange>, Vec<Undo>) = m.batch.drain(..).unzip();
-    let sealed = m.writer.seal_commit(&mut m.meta, &changes, &m.key).unwrap();
-    let SealedWrite::Checkpoint(cp) = &sealed.write else { panic!("the upgrade is a checkpoint") };
-    assert_eq!(crate::metadata::SlotHeader::decode(&cp.bytes).unwrap().format_version, METADATA_FORMAT_VERSION);
-    let written = m.write_commit(&sealed).unwrap();
-    m.writer.commit_written(sealed.seq, &written).unwrap();
-    m.acked = m.meta.clone();
-    assert_eq!(m.meta.generation, 15);
-    m.reload();
-    assert_eq!(m.meta, m.acked);
+    assert_eq!(m.commit_upgrade(&[change]), 15);
     assert!(m.meta.handovers.is_used(&[0x77; 16]), "the ledger survives the reload");
     assert!(m.writer.checkpoint_pending().is_none());
 
@@ -846,18 +852,7 @@ fn a_format9_pool_is_read_with_fencing_unknown_and_upgraded_by_a_checkpoint_at_i
     // The first commit records what a connection told: the upgrade, a format-10 checkpoint.
     let changes: Vec<MetaChange> =
         devices.iter().enumerate().map(|(i, d)| MetaChange::DeviceFencing { device: *d, fenced: i == 0 }).collect();
-    for change in &changes {
-        m.meta.apply(change).unwrap();
-    }
-    let sealed = m.writer.seal_commit(&mut m.meta, &changes, &m.key).unwrap();
-    let SealedWrite::Checkpoint(cp) = &sealed.write else { panic!("the upgrade is a checkpoint") };
-    assert_eq!(crate::metadata::SlotHeader::decode(&cp.bytes).unwrap().format_version, METADATA_FORMAT_VERSION);
-    let written = m.write_commit(&sealed).unwrap();
-    m.writer.commit_written(sealed.seq, &written).unwrap();
-    m.acked = m.meta.clone();
-    assert_eq!(m.meta.generation, 20);
-    m.reload();
-    assert_eq!(m.meta, m.acked);
+    assert_eq!(m.commit_upgrade(&changes), 20);
     assert_eq!(m.meta.device_fenced(devices[0]), Some(true), "recorded across the reload");
     assert_eq!(m.meta.device_fenced(devices[1]), Some(false));
     assert!(m.writer.checkpoint_pending().is_none());
@@ -904,17 +899,7 @@ fn a_format10_pool_is_read_without_cache_mirrors_and_upgraded_by_a_checkpoint_at
     // The first commit records the cached volume's replayed mirror: the
     // upgrade, a format-11 checkpoint.
     let record = crate::metadata::CacheMirrorRecord { volume, generation: 0, server: "mds-a".into(), pending: false };
-    let changes = vec![MetaChange::CacheMirror(record.clone())];
-    m.meta.apply(&changes[0]).unwrap();
-    let sealed = m.writer.seal_commit(&mut m.meta, &changes, &m.key).unwrap();
-    let SealedWrite::Checkpoint(cp) = &sealed.write else { panic!("the upgrade is a checkpoint") };
-    assert_eq!(crate::metadata::SlotHeader::decode(&cp.bytes).unwrap().format_version, METADATA_FORMAT_VERSION);
-    let written = m.write_commit(&sealed).unwrap();
-    m.writer.commit_written(sealed.seq, &written).unwrap();
-    m.acked = m.meta.clone();
-    assert_eq!(m.meta.generation, 24);
-    m.reload();
-    assert_eq!(m.meta, m.acked);
+    assert_eq!(m.commit_upgrade(&[MetaChange::CacheMirror(record.clone())]), 24);
     assert_eq!(m.meta.cache_mirror(volume), Some(&record), "recorded across the reload");
     assert!(m.writer.checkpoint_pending().is_none());
 
