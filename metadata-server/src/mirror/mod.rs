@@ -14,18 +14,28 @@
 //! them (group commit). Requests of one volume are handled in the order
 //! they arrive, so a replay queued after an append sees it.
 //!
+//! A holder's appends and releases take a shorter way: from its session's
+//! reader straight to the worker, checked there against what the owner
+//! published ([`lane`]).
+//!
 //! - [`store`]: one volume's mirror file (blocking, testable without a
 //!   server).
 //! - [`worker`]: the per-volume task: batching, waiting for space, replay.
+//! - [`lane`]: the holders' way to their worker, and why it is as safe as
+//!   the owner's.
 
+pub mod lane;
 pub mod store;
 pub mod worker;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
-use volume_format::control::messages::{CacheStateInfo, ControlError, ErrorCode, MirrorRecord, Response};
+use volume_format::control::messages::{
+    CacheStateInfo, ControlError, ErrorCode, MirrorRecord, Response, MIRROR_APPEND_BYTES_MAX,
+    MIRROR_APPEND_RECORDS_MAX,
+};
 use volume_format::metadata::{CacheMirrorRecord, PoolMetadata, VolumeCache};
 use volume_format::VolumeId;
 
@@ -71,7 +81,37 @@ pub enum MirrorOp {
     },
 }
 
-pub type MirrorReply = oneshot::Sender<Result<Response, ControlError>>;
+/// Where a mirror request's answer goes: to the owner's path (a oneshot
+/// the session or the owner waits on), or, for a lane request, straight to
+/// the session's writer ([`lane::LaneReply`], which also says whose it is).
+#[derive(Debug)]
+pub enum MirrorReply {
+    Owner(oneshot::Sender<Result<Response, ControlError>>),
+    Lane(lane::LaneReply),
+}
+
+impl MirrorReply {
+    pub fn send(self, result: Result<Response, ControlError>) {
+        match self {
+            MirrorReply::Owner(tx) => {
+                let _ = tx.send(result);
+            }
+            MirrorReply::Lane(lane) => lane.send(result),
+        }
+    }
+}
+
+/// Why an append is refused for its size (`None`: within the limits).
+pub fn append_size_error(records: &[MirrorRecord]) -> Option<String> {
+    let bytes: usize = records.iter().map(|r| r.data.len()).sum();
+    (records.len() > MIRROR_APPEND_RECORDS_MAX || bytes > MIRROR_APPEND_BYTES_MAX).then(|| {
+        format!(
+            "a mirror append carries at most {MIRROR_APPEND_RECORDS_MAX} records and {MIRROR_APPEND_BYTES_MAX} bytes \
+             (this one: {} records, {bytes} bytes)",
+            records.len()
+        )
+    })
+}
 
 #[derive(Debug)]
 pub struct MirrorWork {
@@ -84,32 +124,49 @@ pub struct Mirrors {
     dir: PathBuf,
     /// Where replays write (the owner's job connections, lease-guarded).
     devices: DeviceClients,
-    workers: HashMap<VolumeId, mpsc::Sender<MirrorWork>>,
+    /// The workers and the published holders, shared with the sessions.
+    lanes: Arc<lane::Lanes>,
 }
 
 impl Mirrors {
-    pub fn new(dir: PathBuf, devices: DeviceClients) -> Mirrors {
-        Mirrors { dir, devices, workers: HashMap::new() }
+    pub fn new(dir: PathBuf, devices: DeviceClients, lanes: Arc<lane::Lanes>) -> Mirrors {
+        Mirrors { dir, devices, lanes }
     }
 
     /// Queues `work` for `volume`'s worker (started on first use). Never
     /// waits: a full queue answers "retry".
     pub fn send(&mut self, volume: VolumeId, work: MirrorWork) {
-        let (dir, devices) = (self.dir.clone(), self.devices.clone());
-        let worker = self.workers.entry(volume).or_insert_with(|| worker::spawn(dir, devices, volume));
+        let mut workers = self.lanes.workers.lock().unwrap_or_else(|e| e.into_inner());
+        let worker = workers
+            .entry(volume)
+            .or_insert_with(|| worker::spawn(self.dir.clone(), self.devices.clone(), volume, self.lanes.clone()));
         match worker.try_send(work) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(work)) => {
                 let msg = format!("the cache mirror of volume {volume} has {MIRROR_QUEUED_MAX} requests queued; retry");
-                let _ = work.reply.send(Err(ControlError::new(ErrorCode::Unavailable, msg)));
+                work.reply.send(Err(ControlError::new(ErrorCode::Unavailable, msg)));
             }
             Err(mpsc::error::TrySendError::Closed(work)) => {
                 // The worker ended (it only does when its queue is dropped,
                 // or it panicked): start another for the next request.
-                self.workers.remove(&volume);
+                workers.remove(&volume);
                 let msg = format!("the cache mirror of volume {volume} stopped; retry");
-                let _ = work.reply.send(Err(ControlError::new(ErrorCode::Unavailable, msg)));
+                work.reply.send(Err(ControlError::new(ErrorCode::Unavailable, msg)));
             }
         }
+    }
+
+    /// What the owner publishes after every input: who may use the lane.
+    pub fn publish(&self, holders: lane::Holders) {
+        self.lanes.publish(holders);
+    }
+}
+
+impl Drop for Mirrors {
+    /// The owner stopped: nobody may use the lane, and the workers end
+    /// once their queues are empty (their senders are dropped here).
+    fn drop(&mut self) {
+        self.lanes.publish(lane::Holders::new());
+        self.lanes.workers.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }

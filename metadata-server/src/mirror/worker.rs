@@ -5,6 +5,7 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -15,14 +16,15 @@ use volume_format::control::messages::{
 use volume_format::metadata::CacheMirrorRecord;
 use volume_format::VolumeId;
 
+use super::lane::Lanes;
 use super::store::{self, StoreError, VolumeMirror};
 use super::{MirrorOp, MirrorReply, MirrorWork, MIRROR_QUEUED_MAX};
 use crate::server::snapshot_io::DeviceClients;
 
 /// Starts `volume`'s worker; it ends when the sender is dropped.
-pub fn spawn(dir: PathBuf, devices: DeviceClients, volume: VolumeId) -> mpsc::Sender<MirrorWork> {
+pub fn spawn(dir: PathBuf, devices: DeviceClients, volume: VolumeId, lanes: Arc<Lanes>) -> mpsc::Sender<MirrorWork> {
     let (tx, rx) = mpsc::channel(MIRROR_QUEUED_MAX);
-    tokio::spawn(Worker { dir, devices, volume, mirror: None, waiting: VecDeque::new() }.run(rx));
+    tokio::spawn(Worker { dir, devices, volume, lanes, mirror: None, waiting: VecDeque::new() }.run(rx));
     tx
 }
 
@@ -37,6 +39,8 @@ struct Worker {
     dir: PathBuf,
     devices: DeviceClients,
     volume: VolumeId,
+    /// What the owner published: checked for every lane request.
+    lanes: Arc<Lanes>,
     mirror: Option<VolumeMirror>,
     /// Appends in arrival order; only the first may be partly done.
     waiting: VecDeque<Pending>,
@@ -63,6 +67,13 @@ impl Worker {
 
     async fn take(&mut self, work: MirrorWork) {
         let MirrorWork { op, reply } = work;
+        if let MirrorReply::Lane(lane) = &reply {
+            // Checked now, not when the reader routed it (`super::lane`).
+            if self.lanes.holder(lane.session, lane.handle.0) != Some(self.volume) {
+                let msg = format!("handle {} is not held on this session", lane.handle);
+                return reply.send(Err(ControlError::new(ErrorCode::HandleBroken, msg)));
+            }
+        }
         match op {
             MirrorOp::Append { records } => {
                 if self.mirror.is_none() {
@@ -71,7 +82,7 @@ impl Worker {
                          started): start mirroring again",
                         self.volume
                     );
-                    let _ = reply.send(Err(ControlError::new(ErrorCode::Unavailable, msg)));
+                    reply.send(Err(ControlError::new(ErrorCode::Unavailable, msg)));
                     return;
                 }
                 self.waiting.push_back(Pending { records, done: 0, reply });
@@ -93,7 +104,7 @@ impl Worker {
                     None => Ok(Response::Done),
                 };
                 tracing::debug!(release_us = started.elapsed().as_micros() as u64, "mirror release");
-                let _ = reply.send(result);
+                reply.send(result);
             }
             MirrorOp::Open { cache, generation } => {
                 self.drop_waiting("mirroring started again");
@@ -116,14 +127,14 @@ impl Worker {
                     }
                     Err(e) => Err(failed(e)),
                 };
-                let _ = reply.send(result);
+                reply.send(result);
             }
             MirrorOp::Replay { meta, expected } => {
                 // Appends not yet durable were never acknowledged: dropped.
                 self.drop_waiting("the holder is gone; its mirror is being replayed");
                 self.mirror = None;
                 let result = self.replay(&meta, expected.as_ref()).await;
-                let _ = reply.send(result.map(|()| Response::Done));
+                reply.send(result.map(|()| Response::Done));
             }
             MirrorOp::Status { mut known } => {
                 // Appends queued before it are counted once written.
@@ -133,14 +144,14 @@ impl Worker {
                     known.held_records = mirror.held_records() as u64;
                     known.held_bytes = mirror.held_bytes();
                 }
-                let _ = reply.send(Ok(Response::VolumeCacheState(known)));
+                reply.send(Ok(Response::VolumeCacheState(known)));
             }
             MirrorOp::Remove => {
                 self.drop_waiting("the volume's cache was removed");
                 self.mirror = None;
                 let path = store::mirror_path(&self.dir, self.volume);
                 let (_, result) = blocking(move || (None::<VolumeMirror>, store::remove(&path))).await;
-                let _ = reply.send(result.map(|()| Response::Done).map_err(failed));
+                reply.send(result.map(|()| Response::Done).map_err(failed));
             }
         }
     }
@@ -148,7 +159,7 @@ impl Worker {
     fn drop_waiting(&mut self, why: &str) {
         for pending in self.waiting.drain(..) {
             let msg = format!("not mirrored: {why}");
-            let _ = pending.reply.send(Err(ControlError::new(ErrorCode::Unavailable, msg)));
+            pending.reply.send(Err(ControlError::new(ErrorCode::Unavailable, msg)));
         }
     }
 
@@ -200,7 +211,7 @@ impl Worker {
                     warn!(volume = %self.volume, "cache mirror append failed: {e}");
                     let e = failed(e);
                     for pending in self.waiting.drain(..) {
-                        let _ = pending.reply.send(Err(e.clone()));
+                        pending.reply.send(Err(e.clone()));
                     }
                     return;
                 }
@@ -213,14 +224,14 @@ impl Worker {
                 if front.done == front.records.len() {
                     let pending = self.waiting.pop_front().expect("front");
                     let upto_seq = pending.records.last().map_or(0, |r| r.seq);
-                    let _ = pending.reply.send(Ok(Response::Mirrored { upto_seq }));
+                    pending.reply.send(Ok(Response::Mirrored { upto_seq }));
                 }
             }
             // Empty appends are answered at once.
             while self.waiting.front().is_some_and(|p| p.done == p.records.len()) {
                 let pending = self.waiting.pop_front().expect("front");
                 let upto_seq = pending.records.last().map_or(0, |r| r.seq);
-                let _ = pending.reply.send(Ok(Response::Mirrored { upto_seq }));
+                pending.reply.send(Ok(Response::Mirrored { upto_seq }));
             }
         }
     }

@@ -42,10 +42,7 @@
 //! volume nobody holds replays it first too. The setting changes only
 //! while the volume is closed.
 
-use volume_format::control::messages::{
-    CacheStateInfo, ControlError, ErrorCode, OpenMode, Request, Response, MIRROR_APPEND_BYTES_MAX,
-    MIRROR_APPEND_RECORDS_MAX,
-};
+use volume_format::control::messages::{CacheStateInfo, ControlError, ErrorCode, OpenMode, Request, Response};
 use volume_format::metadata::{CacheMirrorRecord, CacheMode, HandleState, MetaChange, VolumeCache};
 use volume_format::{HandleId, VolumeId};
 
@@ -97,13 +94,7 @@ impl Core {
         };
         let op = match request {
             Request::MirrorAppend { records, .. } => {
-                let bytes: usize = records.iter().map(|r| r.data.len()).sum();
-                if records.len() > MIRROR_APPEND_RECORDS_MAX || bytes > MIRROR_APPEND_BYTES_MAX {
-                    let msg = format!(
-                        "a mirror append carries at most {MIRROR_APPEND_RECORDS_MAX} records and \
-                         {MIRROR_APPEND_BYTES_MAX} bytes (this one: {} records, {bytes} bytes)",
-                        records.len()
-                    );
+                if let Some(msg) = crate::mirror::append_size_error(&records) {
                     self.reply(reply, Err(err(ErrorCode::InvalidArgument, msg)));
                     return Ok(());
                 }
@@ -114,6 +105,30 @@ impl Core {
         };
         self.push_effect(Effect::Mirror { volume, op, reply: Some(reply) });
         Ok(())
+    }
+
+    /// Who may send appends and releases by the lane
+    /// ([`crate::mirror::lane`]): every session holding a handle that
+    /// [`Core::mirror_holder`] accepts; nobody while this server is not
+    /// active or in its grace period (the owner's path refuses then).
+    pub fn mirror_holders(&mut self) -> crate::mirror::lane::Holders {
+        let mut holders = crate::mirror::lane::Holders::new();
+        if self.not_active.is_some() || self.grace_left_ms().is_some() {
+            return holders;
+        }
+        let cached = |h: &&Handle| h.mode == OpenMode::Exclusive && self.meta.volume_cache(VolumeId(h.volume)).is_some();
+        let mut held = self.handles.all().filter(cached).peekable();
+        if held.peek().is_none() {
+            return holders;
+        }
+        let mut out: Vec<u64> = self.removing();
+        out.extend(self.revoked.iter().copied());
+        for h in held.filter(|h| !out.contains(&h.id)) {
+            for session in h.sessions() {
+                holders.insert((session, h.id), VolumeId(h.volume));
+            }
+        }
+        holders
     }
 
     /// `sanvol volume show`'s cache line: the setting and holder from here,

@@ -584,7 +584,7 @@ pub struct Core {
     /// A planned handoff in progress: (target, admin's reply, lease handoff asked).
     handoff: Option<(ServerInfo, ReplyId, bool)>,
     /// Set once this server no longer serves the pool: why, and where to go.
-    not_active: Option<String>,
+    pub(super) not_active: Option<String>,
     /// The lease task ended while a handoff was asked of it (see `apply`).
     lease_lost_in_handoff: Option<String>,
     /// Volumes with a job in flight, and what waits for it.

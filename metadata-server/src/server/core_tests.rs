@@ -1898,3 +1898,28 @@ fn range_locks_conflict_naming_the_holder_survive_a_restart_and_end_with_the_han
     };
     assert_eq!(committed_request(&mut w, 1, lock(c.handle, 0, 4096)), Err(ErrorCode::InvalidArgument));
 }
+
+/// What the owner publishes for the mirror lane (crate::mirror::lane):
+/// the exclusive holders of cached volumes, and a holder no longer from
+/// the moment its release starts (the owner's path refuses it then too).
+#[test]
+fn the_mirror_lane_is_open_to_exclusive_holders_of_cached_volumes_until_their_release_starts() {
+    use crate::mirror::lane::Holders;
+    use volume_format::metadata::CacheMode;
+    let mut w = World::new();
+    let cache = Request::VolumeCache { name: "v".into(), size_bytes: 8 << 20, mode: Some(CacheMode::Mirrored) };
+    committed_request(&mut w, 3, cache).unwrap();
+    let open = |volume: &str| Request::Open { volume: volume.into(), mode: OpenMode::Exclusive };
+    let Ok(Response::Opened(v)) = committed_request(&mut w, 1, open("v")) else { panic!("v not opened") };
+    let Ok(Response::Opened(_)) = committed_request(&mut w, 2, open("w")) else { panic!("w not opened") };
+    let volume = w.core.handles.get(v.handle.0).unwrap().volume;
+    assert_eq!(w.core.mirror_holders(), Holders::from([((1, v.handle.0), volume_format::VolumeId(volume))]));
+    // Silent past its lease: the release is being committed.
+    w.advance(2 * LEASE_MS);
+    let effects = w.apply(Input::Tick);
+    let (task, next) = commit_of(&effects).expect("the expired handles are released");
+    assert!(w.core.handles.get(v.handle.0).is_some(), "still in the table while its release commits");
+    assert_eq!(w.core.mirror_holders(), Holders::new());
+    w.apply(committed(task, next));
+    assert_eq!(w.core.mirror_holders(), Holders::new());
+}

@@ -413,6 +413,7 @@ impl StandbyTerm {
             channel_mode_min: config.channel_mode_min,
             gate: Arc::new(admission::Gate::default()),
             standby: Some((owner, me)),
+            lanes: None,
         });
         let mut loops = JoinSet::new();
         for l in listeners {
@@ -515,6 +516,7 @@ async fn active_term(
     let (meta_tx, meta_rx) = watch::channel(placeholder.clone());
     let (clients_tx, clients_rx) = watch::channel(Arc::new(core::client_table(&core.meta)));
     let published = owner::Published { meta: meta_tx, readers: readers.clone(), placeholder, clients: clients_tx };
+    let lanes = crate::mirror::lane::Lanes::new(Some(lease.guard()));
     let ctx = Arc::new(session::SessionContext {
         key: key.clone(),
         lease_ms: config.lease_ms,
@@ -527,6 +529,7 @@ async fn active_term(
         channel_mode_min: config.channel_mode_min,
         gate: Arc::new(admission::Gate::default()),
         standby: None,
+        lanes: Some(lanes.clone()),
     });
     let mut accept_loops = JoinSet::new();
     for l in listeners {
@@ -565,6 +568,7 @@ async fn active_term(
         },
         control,
         config.cache_mirror_dir.clone(),
+        lanes,
     )
     .await;
     info!("closing sessions");

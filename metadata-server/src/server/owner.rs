@@ -134,6 +134,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     lease: LeaseControl,
     cache_mirror_dir: std::path::PathBuf,
+    lanes: Arc<crate::mirror::lane::Lanes>,
 ) -> Option<String> {
     let LeaseControl { commands: lease_commands, mut servers, ended: mut lease_ended, guard } = lease;
     let (results_tx, mut results) = mpsc::channel(RESULTS_QUEUED_MAX);
@@ -152,7 +153,7 @@ pub async fn run(
         job_devices,
         published,
         lease_commands,
-        mirrors: crate::mirror::Mirrors::new(cache_mirror_dir, job_devices_for_mirrors),
+        mirrors: crate::mirror::Mirrors::new(cache_mirror_dir, job_devices_for_mirrors, lanes),
         lease_guard: guard,
         stopped: None,
     };
@@ -188,6 +189,10 @@ pub async fn run(
             let now = shell.clock.now();
             let effects = shell.core.apply(now, input);
             super::metrics::observe(&shell.core);
+            // Before the effects: a mirror worker checks a holder's lane
+            // requests against what was published before any request the
+            // owner queues to it (crate::mirror::lane).
+            shell.mirrors.publish(shell.core.mirror_holders());
             shell.perform(effects);
         }
         if shell.stopped.is_some() {
@@ -309,6 +314,7 @@ impl Shell {
                         None => Some(oneshot::channel().0),
                     };
                     if let Some(reply) = reply {
+                        let reply = crate::mirror::MirrorReply::Owner(reply);
                         self.mirrors.send(volume, crate::mirror::MirrorWork { op, reply });
                     }
                 }
@@ -358,6 +364,7 @@ impl Shell {
             }
             Job::MirrorReplay { meta, volume, expected } => {
                 let (reply, answer) = oneshot::channel();
+                let reply = crate::mirror::MirrorReply::Owner(reply);
                 let op = crate::mirror::MirrorOp::Replay { meta, expected };
                 self.mirrors.send(volume, crate::mirror::MirrorWork { op, reply });
                 let results = self.results.clone();

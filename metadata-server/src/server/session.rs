@@ -16,7 +16,8 @@ use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tracing::{debug, info, warn, Instrument};
-use volume_format::control::messages::{ClientMessage, ControlError, ErrorCode, ServerMessage};
+use volume_format::control::messages::{ClientMessage, ControlError, ErrorCode, Request, ServerMessage};
+use volume_format::HandleId;
 
 use super::admission::{Gate, PreAuth, HANDSHAKE_DEADLINE};
 use super::core::ClientTable;
@@ -52,6 +53,8 @@ pub struct SessionContext {
     /// On a standby: the active server's lease record as last seen, and this
     /// server's name (channels are refused naming the active server).
     pub standby: Option<(watch::Receiver<Option<volume_format::lease::LeaseRecord>>, Arc<str>)>,
+    /// The cache holders' way to their mirror workers (`None` on a standby).
+    pub lanes: Option<Arc<crate::mirror::lane::Lanes>>,
 }
 
 /// Counts a reader of the committed metadata while it lives.
@@ -164,9 +167,24 @@ async fn run_inner(
         .in_current_span(),
     );
     let (in_tx, mut in_rx) = mpsc::channel::<Result<ClientMessage, FramedError>>(REQUESTS_IN_FLIGHT_MAX);
+    // An agent's cache mirror appends and releases go from here to the
+    // volume's mirror worker, answered straight to the writer
+    // (crate::mirror::lane); everything else goes through this session's loop.
+    let lane = ctx.lanes.clone().filter(|_| {
+        Request::MirrorAppend { handle: HandleId(0), records: Vec::new() }
+            .allowed_roles()
+            .is_none_or(|roles| roles.contains(&who.role))
+    });
+    let lane_out = out_tx.clone();
     let reader_task = tokio::spawn(async move {
         loop {
-            let msg = framed::read_message::<ClientMessage, _>(&mut reader).await;
+            let msg = match (&lane, framed::read_message::<ClientMessage, _>(&mut reader).await) {
+                (Some(lanes), Ok(ClientMessage { id, request })) => match lanes.route(session, id, request, &lane_out) {
+                    Ok(()) => continue,
+                    Err(request) => Ok(ClientMessage { id, request }),
+                },
+                (_, msg) => msg,
+            };
             let end = msg.is_err();
             if in_tx.send(msg).await.is_err() || end {
                 break;
