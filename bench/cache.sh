@@ -18,7 +18,10 @@
 # Usage: bench/cache.sh   (env: BENCH_SECONDS=10 per row, BENCH_LOG_MIB=256,
 #                          BENCH_WORK_MIB=256, BENCH_ROWS="NAME ...", BENCH_KEEP=1,
 #                          BENCH_BIN=DIR: another build's release binaries and
-#                          examples, e.g. an older commit's, for an A/B)
+#                          examples, e.g. an older commit's, for an A/B;
+#                          TMPDIR=/dev/shm puts the logs and mirrors on tmpfs,
+#                          taking the disk out of the path: what is left is
+#                          the software's share of a write)
 # Goals (delay rows): >= 5x at 4k randwrite QD1, >= 2x at QD32, >= 1x at 1 MiB.
 #
 # The floor (printed first): a cache acknowledges a QD1 write only once it is

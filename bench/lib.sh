@@ -5,7 +5,7 @@
 
 BENCH_PIDS=()
 declare -A PID_OF=()  # name -> PID of what start_ready/start_nbdkit/start_agent started
-BENCH_DIR=$(mktemp -d /tmp/sanvol-bench.XXXXXX)
+BENCH_DIR=$(mktemp -d "${TMPDIR:-/tmp}/sanvol-bench.XXXXXX")
 
 bench_cleanup() {
     for pid in "${BENCH_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
