@@ -159,7 +159,10 @@ mod tests {
     const HANDLE: u64 = 5;
 
     fn append(seq: u64, len: usize) -> Request {
-        Request::MirrorAppend { handle: HandleId(HANDLE), records: vec![MirrorRecord { seq, offset: 0, data: vec![7; len] }] }
+        Request::MirrorAppend {
+            handle: HandleId(HANDLE),
+            records: vec![MirrorRecord { seq, offset: 0, data: vec![7; len] }],
+        }
     }
 
     /// A worker of `VOLUME` with its mirror started, reachable by the lane.
@@ -238,7 +241,8 @@ mod tests {
         lanes.publish(Holders::from([((SESSION, HANDLE), VOLUME)]));
         let worker = lanes.workers.lock().unwrap().get(&VOLUME).cloned().unwrap();
         // Routed, as far as the reader goes, but not taken yet.
-        let reply = MirrorReply::Lane(LaneReply { session: SESSION, handle: HandleId(HANDLE), id: 9, out: out.downgrade() });
+        let reply =
+            MirrorReply::Lane(LaneReply { session: SESSION, handle: HandleId(HANDLE), id: 9, out: out.downgrade() });
         let Request::MirrorAppend { records, .. } = append(1, 4096) else { unreachable!() };
         let work = MirrorWork { op: MirrorOp::Append { records }, reply };
         lanes.publish(Holders::new());

@@ -33,8 +33,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 use volume_format::control::messages::{
-    CacheStateInfo, ControlError, ErrorCode, MirrorRecord, Response, MIRROR_APPEND_BYTES_MAX,
-    MIRROR_APPEND_RECORDS_MAX,
+    CacheStateInfo, ControlError, ErrorCode, MirrorRecord, Response, MIRROR_APPEND_BYTES_MAX, MIRROR_APPEND_RECORDS_MAX,
 };
 use volume_format::metadata::{CacheMirrorRecord, PoolMetadata, VolumeCache};
 use volume_format::VolumeId;

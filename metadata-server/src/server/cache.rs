@@ -116,16 +116,12 @@ impl Core {
         if self.not_active.is_some() || self.grace_left_ms().is_some() {
             return holders;
         }
-        let cached = |h: &&Handle| h.mode == OpenMode::Exclusive && self.meta.volume_cache(VolumeId(h.volume)).is_some();
-        let mut held = self.handles.all().filter(cached).peekable();
-        if held.peek().is_none() {
-            return holders;
-        }
-        let mut out: Vec<u64> = self.removing();
-        out.extend(self.revoked.iter().copied());
-        for h in held.filter(|h| !out.contains(&h.id)) {
+        // The owner's rule, asked of the handles of cached volumes only.
+        for h in self.handles.all().filter(|h| self.meta.volume_cache(VolumeId(h.volume)).is_some()) {
             for session in h.sessions() {
-                holders.insert((session, h.id), VolumeId(h.volume));
+                if let Ok((volume, _)) = self.mirror_holder(session, HandleId(h.id)) {
+                    holders.insert((session, h.id), volume);
+                }
             }
         }
         holders

@@ -179,10 +179,12 @@ async fn run_inner(
     let reader_task = tokio::spawn(async move {
         loop {
             let msg = match (&lane, framed::read_message::<ClientMessage, _>(&mut reader).await) {
-                (Some(lanes), Ok(ClientMessage { id, request })) => match lanes.route(session, id, request, &lane_out) {
-                    Ok(()) => continue,
-                    Err(request) => Ok(ClientMessage { id, request }),
-                },
+                (Some(lanes), Ok(ClientMessage { id, request })) => {
+                    match lanes.route(session, id, request, &lane_out) {
+                        Ok(()) => continue,
+                        Err(request) => Ok(ClientMessage { id, request }),
+                    }
+                }
                 (_, msg) => msg,
             };
             let end = msg.is_err();
