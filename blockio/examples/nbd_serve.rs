@@ -30,8 +30,8 @@ fn parse_size(s: &str) -> Option<u64> {
     num.parse::<u64>().ok()?.checked_mul(mult)
 }
 
-const USAGE: &str =
-    "usage: nbd_serve (--unix PATH | --tcp ADDR) (--memory SIZE | --file PATH) [--name EXPORT] [--threads N]";
+const USAGE: &str = "usage: nbd_serve (--unix PATH | --tcp ADDR) (--memory SIZE | --file PATH) [--name EXPORT] \
+                     [--threads N] [--connection-threads N]";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -56,7 +56,12 @@ async fn serve(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
         (None, Some(path)) => Arc::new(FileDevice::open(path, false)?),
         _ => return Err(USAGE.into()),
     };
-    let server = NbdServer::new(Arc::new(ExportTable::single(name, device)), ServerConfig::default());
+    let connection_threads = match get("--connection-threads") {
+        Some(n) => n.parse().map_err(|_| USAGE)?,
+        None => ServerConfig::default().connection_threads,
+    };
+    let config = ServerConfig { connection_threads, ..ServerConfig::default() };
+    let server = NbdServer::new(Arc::new(ExportTable::single(name, device)), config);
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -3,7 +3,8 @@
 //! Why positioned I/O on one shared descriptor: `pread`/`pwrite` carry their
 //! own offset, so any number of requests run at once on the blocking pool
 //! without a seek lock. Every syscall runs in `spawn_blocking` because file
-//! I/O blocks whatever tokio thinks of it.
+//! I/O blocks whatever tokio thinks of it (in place on the server's
+//! connection threads, which may block: [`crate::blocking`]).
 //!
 //! Zeroing and trimming use `fallocate` (punch a hole, or zero a range) so
 //! sparse files stay sparse and zeroing is fast; where the filesystem refuses,
@@ -128,11 +129,16 @@ impl FileDevice {
         }
     }
 
-    /// Runs blocking file work on tokio's blocking pool.
+    /// Runs blocking file work on tokio's blocking pool, or in place on a
+    /// thread that may block (the server's connection threads,
+    /// [`crate::blocking`]).
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Inner) -> Result<T, IoError> + Send + 'static,
     ) -> Result<T, IoError> {
+        if crate::blocking::inline_allowed() {
+            return f(&self.inner);
+        }
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || f(&inner))
             .await

@@ -22,6 +22,7 @@
 //! - [`client`]: the pipelined, multi-connection NBD client.
 //! - [`server`]: the NBD server that serves any [`BlockDevice`].
 
+pub mod blocking;
 pub mod buffer_pool;
 pub mod clock;
 pub mod device;

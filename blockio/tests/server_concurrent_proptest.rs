@@ -27,10 +27,10 @@ use blockio::client::{ClientOptions, NbdClient};
 use blockio::file::FileDevice;
 use blockio::memory::MemoryDevice;
 use blockio::proto;
-use blockio::server::ExportTable;
+use blockio::server::{ExportTable, NbdServer, ServerConfig};
 use blockio::BlockDevice;
 use proptest::prelude::*;
-use server_common::{connect, server};
+use server_common::{connect, server, RawClient};
 
 /// Several 64 KiB memory chunks and several pooled-size payloads wide.
 const DEVICE_BYTES: u64 = 768 * 1024;
@@ -158,10 +158,44 @@ fn check_status(batch: &[Op], model: &[u8], offset: u64, len: u32, req_one: bool
     }
 }
 
+/// How the test reaches the server.
+#[derive(Debug, Clone, Copy)]
+enum Transport {
+    /// An in-process pipe: the async transmission path.
+    Pipe,
+    /// A unix socket to a server with this many connection threads
+    /// (`ServerConfig::connection_threads`): the blocking path.
+    Threads(usize),
+}
+
 async fn run_batches(backend: Backend, structured: bool, batches: Vec<Vec<Op>>) {
+    run_batches_over(Transport::Pipe, backend, structured, batches).await
+}
+
+async fn run_batches_over(transport: Transport, backend: Backend, structured: bool, batches: Vec<Vec<Op>>) {
     let dir = tempfile::tempdir().unwrap();
-    let srv = server(Arc::new(ExportTable::single("d", device(backend, &dir).await)));
-    let (mut c, task) = connect(&srv);
+    let exports = Arc::new(ExportTable::single("d", device(backend, &dir).await));
+    let (mut c, served) = match transport {
+        Transport::Pipe => {
+            let (c, task) = connect(&server(exports));
+            (c, Served::Pipe(task))
+        }
+        Transport::Threads(n) => {
+            let config = ServerConfig { connection_threads: n, ..ServerConfig::default() };
+            let socket = dir.path().join("nbd.sock");
+            let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+            let srv = NbdServer::new(exports, config);
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(async move {
+                srv.serve_unix(listener, async move {
+                    let _ = stopped.await;
+                })
+                .await
+            });
+            let stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+            (RawClient::new(Box::new(stream)), Served::Listener(stop, task))
+        }
+    };
     let contexts: &[&str] = if structured { &["base:allocation"] } else { &[] };
     let (size, flags) = c.handshake(structured, contexts).await;
     assert_eq!(size, DEVICE_BYTES);
@@ -240,7 +274,19 @@ async fn run_batches(backend: Backend, structured: bool, batches: Vec<Vec<Op>>) 
         model = after.data;
     }
     c.disconnect().await;
-    task.await.unwrap().unwrap();
+    match served {
+        Served::Pipe(task) => task.await.unwrap().unwrap(),
+        Served::Listener(stop, task) => {
+            // The listener returns once its connection has ended.
+            let _ = stop.send(());
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+enum Served {
+    Pipe(tokio::task::JoinHandle<Result<(), blockio::server::ServerError>>),
+    Listener(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<std::io::Result<()>>),
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -262,6 +308,16 @@ proptest! {
     #[test]
     fn concurrent_requests_on_a_file_match_the_model(structured in any::<bool>(), b in batches(8, 4)) {
         runtime().block_on(run_batches(Backend::File, structured, b));
+    }
+
+    #[test]
+    fn concurrent_requests_on_connection_threads_match_the_model(structured in any::<bool>(), b in batches(12, 6), threads in 1usize..4) {
+        runtime().block_on(run_batches_over(Transport::Threads(threads), Backend::Memory, structured, b));
+    }
+
+    #[test]
+    fn concurrent_requests_on_a_file_on_connection_threads_match_the_model(structured in any::<bool>(), b in batches(8, 4)) {
+        runtime().block_on(run_batches_over(Transport::Threads(2), Backend::File, structured, b));
     }
 
     #[test]

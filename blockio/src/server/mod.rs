@@ -20,6 +20,8 @@
 //! - [`handshake`]: fixed-newstyle option haggling.
 //! - [`transmission`]: request decoding, validation and dispatch.
 //! - [`reply`]: reply framing and the batching writer.
+//! - [`threads`]: the transmission phase on blocking connection threads
+//!   (`ServerConfig::connection_threads`).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,13 +36,14 @@ use tracing::{debug, info, warn, Instrument};
 pub mod exports;
 mod handshake;
 mod reply;
+mod threads;
 mod transmission;
 
 pub use exports::{Export, ExportRefusal, ExportSource, ExportTable};
 
 /// Read buffer per connection: big enough that small requests cost one
 /// `read` syscall per batch, small enough for thousands of connections.
-const READ_BUFFER_BYTES: usize = 128 * 1024;
+pub(super) const READ_BUFFER_BYTES: usize = 128 * 1024;
 
 /// Tunables of the server. Every limit is named and has a bound.
 #[derive(Debug, Clone)]
@@ -57,6 +60,15 @@ pub struct ServerConfig {
     pub connections_max: usize,
     /// TLS (`NBD_OPT_STARTTLS`): offered when set, and optionally required.
     pub tls: Option<ServerTls>,
+    /// 0 (the default): each connection is one async task, its requests run
+    /// concurrently (up to `requests_in_flight_max`) and its replies are
+    /// written in batches. N > 0: each plain unix or TCP connection of
+    /// `serve_unix`/`serve_tcp` is served by N OS threads taking turns at
+    /// the socket with blocking reads and writes ([`threads`]): lower
+    /// latency at low queue depth for devices that answer on the calling
+    /// thread (memory, files), at most N requests in flight per connection.
+    /// TLS connections and `serve_connection` streams stay async.
+    pub connection_threads: usize,
 }
 
 /// A server's TLS setup (see [`crate::tls::server_from_dir`]).
@@ -82,6 +94,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(30),
             connections_max: 1024,
             tls: None,
+            connection_threads: 0,
         }
     }
 }
@@ -159,7 +172,7 @@ impl NbdServer {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (r, w) = tokio::io::split(stream);
-        self.serve_halves(r, w, None, "stream".to_string()).await
+        self.serve_halves(r, w, None, "stream".to_string(), None).await
     }
 
     /// Accepts connections on a unix socket until `shutdown` completes, then
@@ -214,7 +227,7 @@ impl NbdServer {
                     let stop = stop_rx.clone();
                     tasks.spawn(async move {
                         let _slot = slot;
-                        if let Err(e) = server.serve_halves(r, w, Some(stop), peer).await {
+                        if let Err(e) = server.serve_halves(r, w, Some(stop), peer, Some(L::into_blocking)).await {
                             debug!(error = %e, "NBD connection ended with an error");
                         }
                     });
@@ -232,6 +245,7 @@ impl NbdServer {
         mut w: W,
         stop: Option<watch::Receiver<bool>>,
         peer: String,
+        blocking: Option<ToBlocking<R, W>>,
     ) -> Result<(), ServerError>
     where
         R: AsyncRead + Unpin + Send + 'static,
@@ -292,9 +306,9 @@ impl NbdServer {
                         .await
                         .map_err(|_| timed_out())
                         .and_then(|r| r);
-                return self.transmit(reader, w, outcome, stop, true).await;
+                return self.transmit(reader, w, outcome, stop, true, None).await;
             }
-            self.transmit(reader, w, Ok(outcome), stop, false).await
+            self.transmit(reader, w, Ok(outcome), stop, false, blocking).await
         }
         .instrument(span)
         .await
@@ -308,6 +322,7 @@ impl NbdServer {
         outcome: Result<handshake::Outcome, ServerError>,
         stop: Option<watch::Receiver<bool>>,
         tls: bool,
+        blocking: Option<ToBlocking<R, W>>,
     ) -> Result<(), ServerError>
     where
         R: AsyncRead + Unpin + Send + 'static,
@@ -339,7 +354,14 @@ impl NbdServer {
                 tls,
                 "NBD transmission started"
             );
-            let result = transmission::run(reader, w, negotiated, &self.inner.config, stop).await;
+            let threads = self.inner.config.connection_threads;
+            let result = match blocking.filter(|_| threads > 0) {
+                Some(to_blocking) => match to_blocking(reader, w) {
+                    Ok((socket, buffered)) => threads::run(socket, buffered, negotiated, threads, stop).await,
+                    Err(e) => Err(ServerError::io("handing the connection to its threads")(e)),
+                },
+                None => transmission::run(reader, w, negotiated, &self.inner.config, stop).await,
+            };
             match &result {
                 Ok(()) => debug!("NBD connection closed"),
                 Err(e) => info!(error = %e, "NBD connection closed with an error"),
@@ -349,11 +371,16 @@ impl NbdServer {
     }
 }
 
+/// Turns a connection's halves back into one blocking socket, with the bytes
+/// its reader had already buffered ([`threads`]).
+type ToBlocking<R, W> = fn(BufReader<R>, W) -> std::io::Result<(threads::Socket, Vec<u8>)>;
+
 /// A listener whose connections split into owned halves without locks.
 trait Listener {
     type Read: AsyncRead + Unpin + Send + 'static;
     type Write: AsyncWrite + Unpin + Send + 'static;
     fn accept_split(&self) -> impl Future<Output = std::io::Result<(Self::Read, Self::Write, String)>> + Send;
+    fn into_blocking(reader: BufReader<Self::Read>, w: Self::Write) -> std::io::Result<(threads::Socket, Vec<u8>)>;
 }
 
 impl Listener for tokio::net::UnixListener {
@@ -365,6 +392,13 @@ impl Listener for tokio::net::UnixListener {
         let (r, w) = stream.into_split();
         Ok((r, w, "unix".to_string()))
     }
+
+    fn into_blocking(reader: BufReader<Self::Read>, w: Self::Write) -> std::io::Result<(threads::Socket, Vec<u8>)> {
+        let buffered = reader.buffer().to_vec();
+        let stream = reader.into_inner().reunite(w).map_err(std::io::Error::other)?.into_std()?;
+        stream.set_nonblocking(false)?;
+        Ok((threads::Socket::Unix(stream), buffered))
+    }
 }
 
 impl Listener for tokio::net::TcpListener {
@@ -375,5 +409,12 @@ impl Listener for tokio::net::TcpListener {
         stream.set_nodelay(true)?;
         let (r, w) = stream.into_split();
         Ok((r, w, peer.to_string()))
+    }
+
+    fn into_blocking(reader: BufReader<Self::Read>, w: Self::Write) -> std::io::Result<(threads::Socket, Vec<u8>)> {
+        let buffered = reader.buffer().to_vec();
+        let stream = reader.into_inner().reunite(w).map_err(std::io::Error::other)?.into_std()?;
+        stream.set_nonblocking(false)?;
+        Ok((threads::Socket::Tcp(stream), buffered))
     }
 }

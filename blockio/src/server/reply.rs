@@ -132,16 +132,7 @@ where
 
 async fn write_vectored_all<W: AsyncWrite + Unpin>(w: &mut W, batch: &[Frame]) -> Result<(), ServerError> {
     let mut storage = [IoSlice::new(&[]); 2 * BATCH_FRAMES_MAX];
-    let mut n = 0;
-    for f in batch {
-        storage[n] = IoSlice::new(&f.head[..f.head_len as usize]);
-        n += 1;
-        if !f.data.is_empty() {
-            storage[n] = IoSlice::new(&f.data);
-            n += 1;
-        }
-    }
-    let mut slices = &mut storage[..n];
+    let mut slices = frame_slices(batch, &mut storage);
     while !slices.is_empty() {
         let written = w.write_vectored(slices).await.map_err(ServerError::io("sending replies"))?;
         if written == 0 {
@@ -151,6 +142,42 @@ async fn write_vectored_all<W: AsyncWrite + Unpin>(w: &mut W, batch: &[Frame]) -
             });
         }
         IoSlice::advance_slices(&mut slices, written);
+    }
+    Ok(())
+}
+
+/// The slices of at most [`BATCH_FRAMES_MAX`] frames: each header, and its
+/// data if any.
+fn frame_slices<'a, 's>(batch: &'a [Frame], storage: &'s mut [IoSlice<'a>]) -> &'s mut [IoSlice<'a>] {
+    let mut n = 0;
+    for f in batch {
+        storage[n] = IoSlice::new(&f.head[..f.head_len as usize]);
+        n += 1;
+        if !f.data.is_empty() {
+            storage[n] = IoSlice::new(&f.data);
+            n += 1;
+        }
+    }
+    &mut storage[..n]
+}
+
+/// Writes `frames` to a blocking socket with vectored writes (the
+/// connection-thread path, [`super::threads`]): one system call for a
+/// reply and its data unless the socket takes less.
+pub(super) fn write_frames_blocking<W: std::io::Write>(w: &mut W, frames: &[Frame]) -> std::io::Result<()> {
+    for batch in frames.chunks(BATCH_FRAMES_MAX) {
+        let mut storage = [IoSlice::new(&[]); 2 * BATCH_FRAMES_MAX];
+        let mut slices = frame_slices(batch, &mut storage);
+        while !slices.is_empty() {
+            match w.write_vectored(slices) {
+                Ok(0) => {
+                    return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "the socket accepted no bytes"))
+                }
+                Ok(written) => IoSlice::advance_slices(&mut slices, written),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
     Ok(())
 }

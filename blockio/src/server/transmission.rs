@@ -39,7 +39,7 @@ const SPAWN_BYTES_MIN: u32 = 256 * 1024;
 const STATUS_EXTENTS_MAX: usize = 1 << 20;
 
 /// What a connection serves and agreed on, shared by its handlers.
-struct Conn {
+pub(super) struct Conn {
     device: Arc<dyn BlockDevice>,
     size: u64,
     read_only: bool,
@@ -81,17 +81,7 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let export = &negotiated.export;
-    let conn = Arc::new(Conn {
-        device: export.device.clone(),
-        size: export.device.size(),
-        read_only: export.is_read_only(),
-        structured: negotiated.structured,
-        contexts: negotiated.contexts,
-        flags: negotiated.flags,
-        minimum: export.device.block_sizes().minimum.max(1) as u64,
-        payload_bytes_max: payload_bytes_max(export),
-    });
+    let conn = Arc::new(Conn::new(negotiated));
     let (tx, rx) = mpsc::unbounded_channel();
     // Polled by this task, not spawned: no cross-thread hop per reply.
     let writer_task = write_replies(writer, rx);
@@ -176,7 +166,7 @@ where
 }
 
 /// Resolves when the server asks connections to stop; never without a signal.
-async fn stopped(stop: &mut Option<watch::Receiver<bool>>) {
+pub(super) async fn stopped(stop: &mut Option<watch::Receiver<bool>>) {
     if let Some(rx) = stop {
         loop {
             if *rx.borrow_and_update() {
@@ -199,20 +189,9 @@ async fn next_request<R: AsyncRead + Unpin>(st: &mut ReadState<R>) -> Result<Inc
         return Ok(Incoming::Done);
     }
     st.reader.read_exact(&mut raw[first..]).await.map_err(ServerError::io("reading a request header"))?;
-    let header = RequestHeader::decode(&raw).map_err(|magic| ServerError::BadRequestMagic { magic })?;
-    trace!(?header, command = proto::command_name(header.command), "request");
-    if header.command == proto::CMD_DISC {
-        debug!("client sent NBD_CMD_DISC");
+    let Some((header, payload_len)) = decode_header(&raw)? else {
         return Ok(Incoming::Done);
-    }
-    let payload_len = if header.command == proto::CMD_WRITE { header.length } else { 0 };
-    if payload_len > limits::PAYLOAD_BYTES_MAX {
-        return Err(ServerError::PayloadTooLarge {
-            command: proto::command_name(header.command),
-            length: payload_len,
-            max: limits::PAYLOAD_BYTES_MAX,
-        });
-    }
+    };
     // Budget: write payloads now, read data until its reply is written.
     let cost = match header.command {
         proto::CMD_WRITE => payload_len,
@@ -255,11 +234,50 @@ async fn next_request<R: AsyncRead + Unpin>(st: &mut ReadState<R>) -> Result<Inc
     }))
 }
 
+/// Decodes a request header: `None` for `NBD_CMD_DISC`, else the header and
+/// the length of the payload that follows it (refused above the maximum).
+pub(super) fn decode_header(raw: &[u8; REQUEST_HEADER_BYTES]) -> Result<Option<(RequestHeader, u32)>, ServerError> {
+    let header = RequestHeader::decode(raw).map_err(|magic| ServerError::BadRequestMagic { magic })?;
+    trace!(?header, command = proto::command_name(header.command), "request");
+    if header.command == proto::CMD_DISC {
+        debug!("client sent NBD_CMD_DISC");
+        return Ok(None);
+    }
+    let payload_len = if header.command == proto::CMD_WRITE { header.length } else { 0 };
+    if payload_len > limits::PAYLOAD_BYTES_MAX {
+        return Err(ServerError::PayloadTooLarge {
+            command: proto::command_name(header.command),
+            length: payload_len,
+            max: limits::PAYLOAD_BYTES_MAX,
+        });
+    }
+    Ok(Some((header, payload_len)))
+}
+
 fn err(code: u32, message: impl Into<String>) -> (u32, String) {
     (code, message.into())
 }
 
 impl Conn {
+    pub(super) fn new(negotiated: Negotiated) -> Conn {
+        let export = &negotiated.export;
+        Conn {
+            device: export.device.clone(),
+            size: export.device.size(),
+            read_only: export.is_read_only(),
+            structured: negotiated.structured,
+            contexts: negotiated.contexts,
+            flags: negotiated.flags,
+            minimum: export.device.block_sizes().minimum.max(1) as u64,
+            payload_bytes_max: payload_bytes_max(&negotiated.export),
+        }
+    }
+
+    /// The device's revocation signal, if it has one.
+    pub(super) fn revoked(&self) -> Option<watch::Receiver<bool>> {
+        self.device.revoked()
+    }
+
     /// Checks a request against the spec and the negotiated features.
     /// Returns the NBD errno and a message for the client.
     fn validate(&self, h: &RequestHeader) -> Result<(), (u32, String)> {
@@ -332,21 +350,24 @@ impl Conn {
 
 /// Runs one request and queues its reply.
 async fn handle(conn: Arc<Conn>, req: Request, tx: mpsc::UnboundedSender<Frame>) {
-    let h = req.header;
-    let conn = &*conn;
-    let mut frames = match conn.validate(&h) {
-        Ok(()) => execute(conn, &h, req.payload).await,
-        Err((code, message)) => {
-            debug!(command = proto::command_name(h.command), code, %message, "refusing request");
-            vec_one(conn.error_frame(h.cookie, code, &message))
-        }
-    };
+    let mut frames = respond(&conn, &req.header, req.payload).await;
     if let Some(last) = frames.last_mut() {
         last.permit = Some(req.permit);
     }
     for f in frames {
         // Fails only if the writer is gone, which the connection loop sees.
         let _ = tx.send(f);
+    }
+}
+
+/// Validates and runs one request; returns its reply frames.
+pub(super) async fn respond(conn: &Conn, h: &RequestHeader, payload: Bytes) -> Vec<Frame> {
+    match conn.validate(h) {
+        Ok(()) => execute(conn, h, payload).await,
+        Err((code, message)) => {
+            debug!(command = proto::command_name(h.command), code, %message, "refusing request");
+            vec_one(conn.error_frame(h.cookie, code, &message))
+        }
     }
 }
 

@@ -1,0 +1,285 @@
+//! The transmission phase on connection threads: blocking reads and writes,
+//! a few OS threads per connection taking turns at the socket
+//! (`ServerConfig::connection_threads`).
+//!
+//! Why: at queue depth 1 a request's latency is mostly wake-ups. The async
+//! path ([`super::transmission`]) answers and then sleeps in `epoll_wait`,
+//! to be woken through the event loop when the next request arrives. Here,
+//! as in nbdkit's thread model, the thread that has read a request hands
+//! the socket to the next thread (which blocks in `recv` for the following
+//! request) before it runs the device call and writes the reply, so the
+//! next request finds a reader already waiting. Measured on this project's
+//! 2-core VM against a memory device (bench/README.md, "Connection
+//! threads"): about 1.7× the async path's 4 KiB QD1 IOPS. Devices that
+//! block in the kernel ([`crate::file::FileDevice`]) run their calls in
+//! place on these threads ([`crate::blocking`]).
+//!
+//! What stays the same as the async path: validation and the device call
+//! ([`super::transmission::respond`]), framing ([`super::reply`]), the
+//! errors a malformed request gets, and the end of a connection: on the
+//! server's stop the socket's read side is shut (requests being run finish
+//! and are answered); on the device's revocation both sides are shut
+//! (requests being run finish at the device, their replies are not waited
+//! for). Requests in flight per connection are bounded by the thread
+//! count, each with at most one maximum payload.
+//!
+//! Only plain unix and TCP connections use it: TLS streams and
+//! caller-provided streams stay on the async path.
+
+use std::io::{BufReader, Chain, Cursor, Read, Write};
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use tracing::debug;
+
+use super::handshake::Negotiated;
+use super::reply::write_frames_blocking;
+use super::transmission::{decode_header, respond, stopped, Conn};
+use super::{ServerError, READ_BUFFER_BYTES};
+use crate::buffer_pool::BufferPool;
+use crate::proto::{RequestHeader, REQUEST_HEADER_BYTES};
+
+/// A connection's socket, switched to blocking mode.
+pub(super) enum Socket {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+impl Socket {
+    fn shutdown(&self, how: Shutdown) {
+        // Fails only if the peer is already gone, which is what we want.
+        let _ = match self {
+            Socket::Unix(s) => s.shutdown(how),
+            Socket::Tcp(s) => s.shutdown(how),
+        };
+    }
+
+    fn read_some(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Socket::Unix(s) => (&*s).read(buf),
+            Socket::Tcp(s) => (&*s).read(buf),
+        }
+    }
+}
+
+impl Write for &Socket {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match *self {
+            Socket::Unix(s) => (&*s).write(buf),
+            Socket::Tcp(s) => (&*s).write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        match *self {
+            Socket::Unix(s) => (&*s).write_vectored(bufs),
+            Socket::Tcp(s) => (&*s).write_vectored(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The read side, shared by the threads through the reader lock.
+struct SocketReader(Arc<Socket>);
+
+impl Read for SocketReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read_some(buf)
+    }
+}
+
+/// Bytes the handshake's reader had already taken in, then the socket.
+type Requests = BufReader<Chain<Cursor<Vec<u8>>, SocketReader>>;
+
+struct Shared {
+    conn: Conn,
+    socket: Arc<Socket>,
+    /// Held while a thread reads one request (header and payload).
+    reader: Mutex<Requests>,
+    /// Held while a thread writes one reply.
+    writer: Mutex<()>,
+    /// No thread reads another request once set.
+    done: AtomicBool,
+    /// The first error that ended the connection.
+    error: Mutex<Option<ServerError>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A thread that panicked mid-request leaves nothing half-done that the
+    // others could trip on: the reader is then at a request boundary or the
+    // connection is failed anyway.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    /// Ends the connection with `error` (the first one is kept).
+    fn fail(&self, error: ServerError, shutdown: Option<Shutdown>) {
+        self.done.store(true, Ordering::SeqCst);
+        let mut first = lock(&self.error);
+        if first.is_none() {
+            *first = Some(error);
+        }
+        drop(first);
+        if let Some(how) = shutdown {
+            self.socket.shutdown(how);
+        }
+    }
+}
+
+/// Serves the connection's requests on `threads` OS threads until the
+/// client disconnects, the server stops or the device is revoked.
+pub(super) async fn run(
+    socket: Socket,
+    buffered: Vec<u8>,
+    negotiated: Negotiated,
+    threads: usize,
+    stop: Option<watch::Receiver<bool>>,
+) -> Result<(), ServerError> {
+    let socket = Arc::new(socket);
+    let conn = Conn::new(negotiated);
+    let mut revocation = conn.revoked();
+    let requests = Cursor::new(buffered).chain(SocketReader(socket.clone()));
+    let shared = Arc::new(Shared {
+        conn,
+        socket: socket.clone(),
+        reader: Mutex::new(BufReader::with_capacity(READ_BUFFER_BYTES, requests)),
+        writer: Mutex::new(()),
+        done: AtomicBool::new(false),
+        error: Mutex::new(None),
+    });
+    let runtime = tokio::runtime::Handle::current();
+    let span = tracing::Span::current();
+    // Every thread holds a sender; the channel closes when the last one ends.
+    let (running, mut all_ended) = mpsc::channel::<()>(1);
+    for _ in 0..threads.max(1) {
+        let (mine, runtime, span, running) = (shared.clone(), runtime.clone(), span.clone(), running.clone());
+        let spawned = std::thread::Builder::new().name("nbd-conn".into()).spawn(move || {
+            let _running = running;
+            let _span = span.enter();
+            // Device calls may use the runtime (spawn, timers, sockets).
+            let _runtime = runtime.enter();
+            crate::blocking::allow_inline_on_this_thread();
+            serve_requests(&mine, &runtime);
+        });
+        if let Err(e) = spawned {
+            shared.fail(ServerError::io("starting a connection thread")(e), Some(Shutdown::Both));
+            break;
+        }
+    }
+    drop(running);
+
+    let mut stop = stop;
+    let (mut stopping, mut revoked) = (false, false);
+    loop {
+        tokio::select! {
+            _ = all_ended.recv() => break,
+            _ = stopped(&mut stop), if !stopping && !revoked => {
+                debug!("server shutting down: finishing in-flight requests");
+                stopping = true;
+                shared.done.store(true, Ordering::SeqCst);
+                socket.shutdown(Shutdown::Read);
+            }
+            _ = stopped(&mut revocation), if !revoked => {
+                debug!("export revoked for this connection: finishing in-flight requests, then closing");
+                revoked = true;
+                shared.done.store(true, Ordering::SeqCst);
+                socket.shutdown(Shutdown::Both);
+            }
+        }
+    }
+    // Every thread has ended: no request is running at the device.
+    socket.shutdown(Shutdown::Write);
+    if revoked {
+        return Ok(());
+    }
+    let error = lock(&shared.error).take();
+    match error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// One thread's loop: take the reader, read a request, give the reader to
+/// the next thread, run the request, write its reply.
+fn serve_requests(shared: &Shared, runtime: &tokio::runtime::Handle) {
+    loop {
+        let (header, payload) = {
+            let mut reader = lock(&shared.reader);
+            if shared.done.load(Ordering::SeqCst) {
+                return;
+            }
+            match read_request(&mut reader) {
+                Ok(Some(request)) => request,
+                Ok(None) => {
+                    shared.done.store(true, Ordering::SeqCst);
+                    return;
+                }
+                Err(e) => {
+                    // Requests already read still finish and are answered.
+                    shared.fail(e, None);
+                    return;
+                }
+            }
+        };
+        let frames = run_here(runtime, respond(&shared.conn, &header, payload));
+        let written = {
+            let _writer = lock(&shared.writer);
+            write_frames_blocking(&mut &*shared.socket, &frames)
+        };
+        if let Err(e) = written {
+            shared.fail(ServerError::io("sending replies")(e), Some(Shutdown::Both));
+            return;
+        }
+    }
+}
+
+/// Runs `request` on this thread. Most device calls here finish on their
+/// first poll (memory; files, which block in place); those polls skip
+/// `block_on`'s set-up. A call that is not done then (it waits for I/O or a
+/// lock) is driven to the end by `block_on`, which polls it again with a
+/// waker that wakes this thread.
+fn run_here<F: std::future::Future>(runtime: &tokio::runtime::Handle, request: F) -> F::Output {
+    let mut request = std::pin::pin!(request);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if let std::task::Poll::Ready(out) = request.as_mut().poll(&mut cx) {
+        return out;
+    }
+    runtime.block_on(request)
+}
+
+/// Reads one request: `None` at `NBD_CMD_DISC` or a clean close between
+/// requests.
+fn read_request(r: &mut Requests) -> Result<Option<(RequestHeader, Bytes)>, ServerError> {
+    let mut raw = [0u8; REQUEST_HEADER_BYTES];
+    let first = loop {
+        match r.read(&mut raw) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ServerError::io("reading a request header")(e)),
+        }
+    };
+    if first == 0 {
+        debug!("client closed the connection without NBD_CMD_DISC");
+        return Ok(None);
+    }
+    r.read_exact(&mut raw[first..]).map_err(ServerError::io("reading a request header"))?;
+    let Some((header, payload_len)) = decode_header(&raw)? else {
+        return Ok(None);
+    };
+    let payload = if payload_len > 0 {
+        let pool = BufferPool::global();
+        let mut buf = pool.take(payload_len as usize);
+        buf.resize(payload_len as usize, 0);
+        r.read_exact(&mut buf).map_err(ServerError::io("reading a write payload"))?;
+        pool.freeze(buf)
+    } else {
+        Bytes::new()
+    };
+    Ok(Some((header, payload)))
+}
