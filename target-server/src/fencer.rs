@@ -8,6 +8,8 @@
 //! connection's registration, so even if the connection is torn down
 //! meanwhile, the connection counts as open until that request's write has
 //! returned from the kernel — the acknowledgement can never overtake it.
+//! (On the server's connection threads it runs in place: a thread always
+//! finishes its request.)
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -224,7 +226,10 @@ impl FencedDevice {
     }
 
     /// Runs an admitted request on its own task: it finishes (and keeps the
-    /// connection open for the table) even if the connection goes away.
+    /// connection open for the table) even if the connection goes away. On
+    /// the server's connection threads (`blockio::blocking`) it runs in
+    /// place: a thread is never cancelled mid-request, so the request
+    /// finishes there before `running` is dropped, without two hops.
     async fn run<T, F>(&self, op: Op, call: impl FnOnce(Arc<dyn BlockDevice>) -> F) -> Result<T, IoError>
     where
         T: Send + 'static,
@@ -232,6 +237,11 @@ impl FencedDevice {
     {
         let running = self.admit(op)?;
         let fut = call(self.inner.clone());
+        if blockio::blocking::inline_allowed() {
+            let result = fut.await;
+            drop(running);
+            return result;
+        }
         let task = tokio::spawn(async move {
             let result = fut.await;
             drop(running);

@@ -63,6 +63,44 @@ impl Socket {
             Socket::Tcp(s) => (&*s).read(buf),
         }
     }
+
+    fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            Socket::Unix(s) => s.as_raw_fd(),
+            Socket::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+
+    /// Appends exactly `len` bytes from the socket to `buf`, received
+    /// straight into its spare capacity with `MSG_WAITALL`: a large payload
+    /// costs one system call and no zero-filling, where reads through a
+    /// buffer cost one call (and one wake-up) per piece that arrived.
+    fn recv_exact(&self, buf: &mut Vec<u8>, len: usize) -> std::io::Result<()> {
+        buf.reserve(len);
+        let end = buf.len() + len;
+        while buf.len() < end {
+            let want = end - buf.len();
+            let spare = &mut buf.spare_capacity_mut()[..want];
+            // SAFETY: `spare` is writable memory of `buf` of the length
+            // given; the kernel writes at most that many bytes into it.
+            let n = unsafe {
+                libc::recv(self.fd(), spare.as_mut_ptr() as *mut libc::c_void, spare.len(), libc::MSG_WAITALL)
+            };
+            match n {
+                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                n if n < 0 => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+                // SAFETY: the kernel initialised the next `n` bytes.
+                n => unsafe { buf.set_len(buf.len() + n as usize) },
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Write for &Socket {
@@ -166,6 +204,9 @@ pub(super) async fn run(
             let _runtime = runtime.enter();
             crate::blocking::allow_inline_on_this_thread();
             serve_requests(&mine, &runtime);
+            // The connection (and its device) is let go before this thread
+            // counts as ended.
+            drop(mine);
         });
         if let Err(e) = spawned {
             shared.fail(ServerError::io("starting a connection thread")(e), Some(Shutdown::Both));
@@ -239,6 +280,24 @@ fn serve_requests(shared: &Shared, runtime: &tokio::runtime::Handle) {
     }
 }
 
+/// Reads a write's payload: what the reader holds already, then the rest
+/// straight from the socket (once the handshake's leftover bytes are used up).
+fn read_payload(r: &mut Requests, buf: &mut Vec<u8>, len: usize) -> std::io::Result<()> {
+    use std::io::BufRead;
+    let held = r.buffer().len().min(len);
+    buf.extend_from_slice(&r.buffer()[..held]);
+    r.consume(held);
+    let (leftover, socket) = r.get_ref().get_ref();
+    if buf.len() < len && leftover.position() == leftover.get_ref().len() as u64 {
+        let socket = socket.0.clone();
+        return socket.recv_exact(buf, len - buf.len());
+    }
+    // Rare: the handshake's leftover bytes hold part of it.
+    let start = buf.len();
+    buf.resize(len, 0);
+    r.read_exact(&mut buf[start..])
+}
+
 /// Runs `request` on this thread. Most device calls here finish on their
 /// first poll (memory; files, which block in place); those polls skip
 /// `block_on`'s set-up. A call that is not done then (it waits for I/O or a
@@ -275,8 +334,7 @@ fn read_request(r: &mut Requests) -> Result<Option<(RequestHeader, Bytes)>, Serv
     let payload = if payload_len > 0 {
         let pool = BufferPool::global();
         let mut buf = pool.take(payload_len as usize);
-        buf.resize(payload_len as usize, 0);
-        r.read_exact(&mut buf).map_err(ServerError::io("reading a write payload"))?;
+        read_payload(r, &mut buf, payload_len as usize).map_err(ServerError::io("reading a write payload"))?;
         pool.freeze(buf)
     } else {
         Bytes::new()

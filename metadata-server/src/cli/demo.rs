@@ -42,6 +42,8 @@ pub struct DemoArgs {
 }
 
 const DEVICES: usize = 3;
+/// Threads per connection of the demo's device servers (`ServerConfig::connection_threads`).
+const DEVICE_CONNECTION_THREADS: usize = 4;
 const VOLUMES: [(&str, &str, &[&str]); 2] = [("mirrored", "256M", &["--mirror", "2"]), ("plain", "128M", &[])];
 
 /// A child process killed when dropped (tokio's kill_on_drop), with its log.
@@ -143,7 +145,10 @@ async fn serve_devices(dir: &Path, size: u64, shutdown: &tokio::sync::watch::Rec
         let image = dir.join(format!("device{i}.img"));
         let socket = dir.join(format!("device{i}.sock"));
         let device = FileDevice::create(&image, size).with_context(|| format!("creating {}", image.display()))?;
-        let server = NbdServer::new(Arc::new(ExportTable::single("", Arc::new(device))), ServerConfig::default());
+        // Local files: served on connection threads (blocking `pread`/`pwrite`
+        // in place), as sanvol-target serves its device.
+        let config = ServerConfig { connection_threads: DEVICE_CONNECTION_THREADS, ..ServerConfig::default() };
+        let server = NbdServer::new(Arc::new(ExportTable::single("", Arc::new(device))), config);
         let _ = std::fs::remove_file(&socket);
         let listener =
             tokio::net::UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;

@@ -54,6 +54,13 @@ struct Args {
     /// without it.
     #[arg(long, value_name = "DIR")]
     tls_dir: Option<PathBuf>,
+    /// Threads per client connection, taking turns at the socket with
+    /// blocking reads and writes; the device's calls run on them. At most
+    /// this many requests of one connection are in flight at once. 0 serves
+    /// each connection as one async task (its requests run on the blocking
+    /// pool); TLS connections always are.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    connection_threads: usize,
     /// Log filter (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, value_name = "FILTER", default_value = "info")]
     log: String,
@@ -113,7 +120,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         device_uuid: label_reader(device_path.clone()),
         detail: device_path.display().to_string(),
     };
-    let mut config = ServerConfig::default();
+    let mut config = ServerConfig { connection_threads: args.connection_threads, ..ServerConfig::default() };
     if let Some(dir) = &args.tls_dir {
         let tls =
             blockio::tls::server_from_dir(dir, false).with_context(|| format!("TLS setup from {}", dir.display()))?;
