@@ -13,7 +13,8 @@
 # `target-server`'s `examples/mint_capability`), at the offset where the
 # volume's data starts, so the same device addresses are reached.
 #
-# Usage: bench/target.sh   (env: BENCH_SECONDS=5 per row, BENCH_SIZE_MIB=1024 per device, BENCH_ROWS=all)
+# Usage: bench/target.sh   (env: BENCH_SECONDS=5 per row, BENCH_SIZE_MIB=1024 per device, BENCH_ROWS=all,
+#                           BENCH_TARGET_ARGS="--connection-threads 0": more sanvol-target options)
 # Prints a markdown table with the ratios; also saved under bench/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,7 +61,9 @@ for p in target nbdkit; do
     for k in mds admin; do "$BIN/sanvol" keygen "$D/$p/$k.key" >/dev/null; done
     truncate -s "${SIZE_MIB}M" "$D/$p/disk.img"
 done
-start_ready dev-target "$BIN/sanvol-target" --device "$D/target/disk.img" --unix "$D/dev-target.sock" \
+# BENCH_TARGET_ARGS: more sanvol-target options, e.g. "--connection-threads 0" (its async path).
+# shellcheck disable=SC2086
+start_ready dev-target "$BIN/sanvol-target" ${BENCH_TARGET_ARGS:-} --device "$D/target/disk.img" --unix "$D/dev-target.sock" \
     --server-key "$D/target/mds.key.pub" --state-dir "$D/target/target-state" --log warn
 start_nbdkit dev-nbdkit file "$D/nbdkit/disk.img"
 start_bench_pool target "$(sock_uri dev-target)" --server-signing-key "$D/target/mds.key"

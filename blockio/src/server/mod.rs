@@ -7,6 +7,11 @@
 //!   their handlers concurrently, and a writer future owns the socket's
 //!   write half and sends replies in batches with vectored writes. Replies go
 //!   out in completion order, not request order, as the spec allows.
+//! - Or, for devices that answer on the calling thread (memory, files:
+//!   sanvol-target, the demo's devices), the transmission phase on a few
+//!   blocking threads per connection ([`threads`],
+//!   `ServerConfig::connection_threads`): a request then never waits for an
+//!   event loop to wake up, which is most of a small request's latency.
 //! - Everything is bounded: option sizes, option counts, payload sizes, and
 //!   the requests and bytes in flight per connection. While a connection is
 //!   over its bound the server stops reading from it (backpressure), so a
