@@ -220,7 +220,7 @@ async fn connection_threads_against_fio_verify_and_qemu_io() {
         assert!(!run.stdout().contains("failed"), "{}\n{}", run.stdout(), run.stderr());
     }
     // The bytes are in the file itself.
-    assert_eq!(file.read(40 * MIB as u64, 4).await.unwrap(), vec![0x5a; 4]);
+    assert_eq!(file.read(40 * MIB, 4).await.unwrap(), vec![0x5a; 4]);
     let bad = run_tool("qemu-io", &["-f", "raw", &srv.uri("disk"), "-c", "read -P 0x11 40M 4k"]).await;
     assert!(bad.stdout().contains("Pattern verification failed"), "{}\n{}", bad.stdout(), bad.stderr());
     srv.stop().await;

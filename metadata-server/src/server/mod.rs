@@ -567,8 +567,7 @@ async fn active_term(
             let _ = shutdown.wait_for(|s| *s).await;
         },
         control,
-        config.cache_mirror_dir.clone(),
-        lanes,
+        owner::MirrorSetup { dir: config.cache_mirror_dir.clone(), lanes },
     )
     .await;
     info!("closing sessions");

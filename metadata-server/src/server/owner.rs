@@ -124,6 +124,13 @@ struct Shell {
     mirrors: crate::mirror::Mirrors,
 }
 
+/// Where the owner keeps the volumes' cache mirrors, and the lanes their
+/// holders' appends take to the mirror workers.
+pub struct MirrorSetup {
+    pub dir: std::path::PathBuf,
+    pub lanes: Arc<crate::mirror::lane::Lanes>,
+}
+
 /// Runs the owner until `shutdown` completes or every command sender is
 /// gone, then fails waiting callers, closes sessions and the devices.
 pub async fn run(
@@ -133,9 +140,9 @@ pub async fn run(
     mut commands: mpsc::Receiver<Command>,
     shutdown: impl Future<Output = ()>,
     lease: LeaseControl,
-    cache_mirror_dir: std::path::PathBuf,
-    lanes: Arc<crate::mirror::lane::Lanes>,
+    mirrors: MirrorSetup,
 ) -> Option<String> {
+    let MirrorSetup { dir: cache_mirror_dir, lanes } = mirrors;
     let LeaseControl { commands: lease_commands, mut servers, ended: mut lease_ended, guard } = lease;
     let (results_tx, mut results) = mpsc::channel(RESULTS_QUEUED_MAX);
     let job_devices = DeviceClients::default().guarded(guard.clone());
