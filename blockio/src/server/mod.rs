@@ -399,10 +399,9 @@ impl Listener for tokio::net::UnixListener {
     }
 
     fn into_blocking(reader: BufReader<Self::Read>, w: Self::Write) -> std::io::Result<(threads::Socket, Vec<u8>)> {
-        let buffered = reader.buffer().to_vec();
-        let stream = reader.into_inner().reunite(w).map_err(std::io::Error::other)?.into_std()?;
-        stream.set_nonblocking(false)?;
-        Ok((threads::Socket::Unix(stream), buffered))
+        threads::hand_over(reader, |r| {
+            Ok(threads::Socket::Unix(r.reunite(w).map_err(std::io::Error::other)?.into_std()?))
+        })
     }
 }
 
@@ -417,9 +416,8 @@ impl Listener for tokio::net::TcpListener {
     }
 
     fn into_blocking(reader: BufReader<Self::Read>, w: Self::Write) -> std::io::Result<(threads::Socket, Vec<u8>)> {
-        let buffered = reader.buffer().to_vec();
-        let stream = reader.into_inner().reunite(w).map_err(std::io::Error::other)?.into_std()?;
-        stream.set_nonblocking(false)?;
-        Ok((threads::Socket::Tcp(stream), buffered))
+        threads::hand_over(reader, |r| {
+            Ok(threads::Socket::Tcp(r.reunite(w).map_err(std::io::Error::other)?.into_std()?))
+        })
     }
 }

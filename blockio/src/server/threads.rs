@@ -48,6 +48,22 @@ pub(super) enum Socket {
     Tcp(std::net::TcpStream),
 }
 
+/// Takes a connection out of the async world after its handshake: the bytes
+/// its reader had already buffered, and its socket (from `into_std`) in
+/// blocking mode.
+pub(super) fn hand_over<R: tokio::io::AsyncRead>(
+    reader: tokio::io::BufReader<R>,
+    into_std: impl FnOnce(R) -> std::io::Result<Socket>,
+) -> std::io::Result<(Socket, Vec<u8>)> {
+    let buffered = reader.buffer().to_vec();
+    let socket = into_std(reader.into_inner())?;
+    match &socket {
+        Socket::Unix(s) => s.set_nonblocking(false)?,
+        Socket::Tcp(s) => s.set_nonblocking(false)?,
+    }
+    Ok((socket, buffered))
+}
+
 impl Socket {
     fn shutdown(&self, how: Shutdown) {
         // Fails only if the peer is already gone, which is what we want.
@@ -289,8 +305,7 @@ fn read_payload(r: &mut Requests, buf: &mut Vec<u8>, len: usize) -> std::io::Res
     r.consume(held);
     let (leftover, socket) = r.get_ref().get_ref();
     if buf.len() < len && leftover.position() == leftover.get_ref().len() as u64 {
-        let socket = socket.0.clone();
-        return socket.recv_exact(buf, len - buf.len());
+        return socket.0.recv_exact(buf, len - buf.len());
     }
     // Rare: the handshake's leftover bytes hold part of it.
     let start = buf.len();
