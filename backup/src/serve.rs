@@ -86,6 +86,8 @@ pub async fn serve(
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((local, _)) => {
+                    // Replies to the local reader leave in one write each.
+                    blockio::socket::tune_unix(&local);
                     let source = source.clone();
                     conns.spawn(bridge(local, source, metered));
                 }
@@ -135,7 +137,7 @@ async fn bridge(mut local: UnixStream, source: Arc<Source>, metered: bool) {
 /// Bytes copied per read from either side of a metered connection.
 const TAP_BUFFER_BYTES: usize = 256 * 1024;
 /// Bytes copied per read from either side of a connection that is not metered.
-const BRIDGE_BUFFER_BYTES: usize = 256 * 1024;
+const BRIDGE_BUFFER_BYTES: usize = 1024 * 1024;
 
 /// Copies both ways like `copy_bidirectional` (an end's EOF shuts down the
 /// other side's writing half), showing every chunk to the connection's tap

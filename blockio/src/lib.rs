@@ -32,7 +32,7 @@ pub mod file;
 pub mod memory;
 pub mod proto;
 pub mod server;
-mod socket;
+pub mod socket;
 
 pub use device::{BlockDevice, BlockSizes, MetaContext, StatusExtent, ZeroFlags};
 pub use error::{IoError, IoErrorKind};

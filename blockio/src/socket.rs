@@ -10,6 +10,12 @@
 //!
 //! Only unix sockets are tuned: on TCP, setting `SO_SNDBUF` turns off the
 //! kernel's buffer auto-tuning, which knows the path better than we do.
+//!
+//! Public for the other unix sockets that carry large replies: the
+//! metadata server's accepted channels (the fallback path's and the backup
+//! pseudo-device's replies) and `sanvol-backup serve`'s local side. A
+//! send buffer is a cap on bytes queued, not memory set aside: an idle
+//! control connection costs nothing more.
 
 use std::os::fd::AsRawFd;
 
@@ -19,7 +25,7 @@ pub const UNIX_SEND_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 
 /// Best effort: a socket that refuses keeps the default buffer and works
 /// the same, only with more system calls per large payload.
-pub(crate) fn tune_unix(socket: &impl AsRawFd) {
+pub fn tune_unix(socket: &impl AsRawFd) {
     let value = UNIX_SEND_BUFFER_BYTES as libc::c_int;
     // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a valid
     // pointer to a live c_int, on a descriptor the caller owns.

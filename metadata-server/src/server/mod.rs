@@ -632,6 +632,8 @@ async fn accept(
         }
         Listener::Unix(l, path) => {
             let (s, _) = l.accept().await?;
+            // Data and backup channels send whole 1 MiB replies.
+            blockio::socket::tune_unix(&s);
             // SO_PEERCRED: the connecting process's uid is the peer.
             let id = s.peer_cred().map_or(admission::PeerId::Unknown, |c| admission::PeerId::Uid(c.uid()));
             Ok((Box::new(s), format!("unix:{}", path.display()), id))
