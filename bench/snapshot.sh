@@ -12,7 +12,8 @@
 #              full backup's time.
 #   read       fio reading the snapshot through the backup pseudo-device
 #              (sanvol-backup serve) vs reading the live volume through the
-#              agent; reported as a ratio.
+#              agent; reported as a ratio, with the CPU per request of the
+#              agent, the bridge (sanvol-backup serve) and sanvol-mds.
 #
 # Usage: bench/snapshot.sh   (env: BENCH_SECONDS=10 per timed row,
 #        BENCH_VOLUME_MIB=1024)
@@ -88,10 +89,22 @@ echo "done: backups" >&2
 # --- reads: the snapshot through the pseudo-device vs the live volume
 start_ready bridge $BIN/sanvol-backup serve --socket "$D/snapshots.sock"
 SNAP_URI="nbd+unix:///vol@b10?socket=$D/snapshots.sock"
+# us_per_io IOPS TICKS : CPU microseconds per request of a process that
+# spent TICKS clock ticks during a fio_nbd run of SECS (+1 ramp second).
+us_per_io() {
+    python3 -c 'import sys; iops, t, hz, secs = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+print("%.1f" % (t * 1e6 / hz / max(iops * (secs + 1), 1)))' "$1" "$2" "$(getconf CLK_TCK)" "$SECS"
+}
 for row in "1m-read-qd8 read 1m 8" "4k-randread-qd32 randread 4k 32"; do
     read -r name rw bs depth <<<"$row"
-    echo "read $name live $(fio_nbd "$URI" "$rw" "$bs" "$depth" "$REGION_MIB" "$SECS")" >>"$results"
-    echo "read $name snapshot $(fio_nbd "$SNAP_URI" "$rw" "$bs" "$depth" "$REGION_MIB" "$SECS")" >>"$results"
+    a0=$(cpu_ticks "${PID_OF[agent-agent]}")
+    r=$(fio_nbd "$URI" "$rw" "$bs" "$depth" "$REGION_MIB" "$SECS")
+    a1=$(cpu_ticks "${PID_OF[agent-agent]}")
+    echo "read $name live $r $(us_per_io "${r%% *}" $((a1 - a0)))" >>"$results"
+    b0=$(cpu_ticks "${PID_OF[bridge]}"); m0=$(cpu_ticks "${PID_OF[mds]}")
+    r=$(fio_nbd "$SNAP_URI" "$rw" "$bs" "$depth" "$REGION_MIB" "$SECS")
+    b1=$(cpu_ticks "${PID_OF[bridge]}"); m1=$(cpu_ticks "${PID_OF[mds]}")
+    echo "read $name snapshot $r $(us_per_io "${r%% *}" $((b1 - b0))) $(us_per_io "${r%% *}" $((m1 - m0)))" >>"$results"
 done
 echo "done: reads" >&2
 $BIN/sanvol-agent detach vol --control-socket "$D/agent-agent.sock"
@@ -108,7 +121,7 @@ for line in open(sys.argv[1]):
     elif f[0] == "backup":
         b[(f[1], int(f[2]))] = float(f[3])
     else:
-        r.setdefault(f[1], {})[f[2]] = (float(f[3]), float(f[4]))
+        r.setdefault(f[1], {})[f[2]] = [float(x) for x in f[3:]]
 print(f"volume {sys.argv[2]} MiB on two nbdkit memory devices, one agent, unix sockets\n")
 print("Writes through the agent (one pass over a fresh range per phase):\n")
 print("| row | no snapshot IOPS | first writes IOPS | re-writes IOPS | first / none | re-write / none |")
@@ -125,11 +138,12 @@ for pct in (1, 10):
     t = b[("incremental", pct)]
     print(f"| incremental, {pct}% of chunks changed | {t:.2f} | {t/full:.3f} |")
 print(f"\nReads ({sys.argv[3]} s per row):\n")
-print("| row | live volume (agent) MiB/s | snapshot (pseudo-device) MiB/s | snapshot / live |")
-print("|---|---:|---:|---:|")
+print("| row | live volume (agent) MiB/s | snapshot (pseudo-device) MiB/s | snapshot / live | CPU µs/request: agent (live) / bridge / server (snapshot) |")
+print("|---|---:|---:|---:|---:|")
 for name, x in r.items():
     l, s = x["live"][1], x["snapshot"][1]
-    print(f"| {name} | {l:.1f} | {s:.1f} | {s/l:.2f} |")
+    cpu = f"{x['live'][2]:.1f} / {x['snapshot'][2]:.1f} / {x['snapshot'][3]:.1f}"
+    print(f"| {name} | {l:.1f} | {s:.1f} | {s/l:.2f} | {cpu} |")
 PY
 cat "$out"
 echo "(saved to $out)"
