@@ -530,10 +530,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SecureStream<S> {
     }
 }
 
-/// A connected pair of [`Protection`]s (a Noise NN handshake in memory),
-/// for tests and benchmarks of the record layer.
+/// Two finished Noise NN handshakes (initiator, responder) in memory, for
+/// tests and benchmarks of the record layer.
 #[doc(hidden)]
-pub fn protection_pair(mode: ChannelMode) -> (Protection, Protection) {
+pub fn noise_pair() -> (snow::HandshakeState, snow::HandshakeState) {
     let mut i = crate::handshake::plain_noise_builder().build_initiator().expect("initiator");
     let mut r = crate::handshake::plain_noise_builder().build_responder().expect("responder");
     let (mut msg, mut payload) = (vec![0u8; 256], vec![0u8; 256]);
@@ -541,6 +541,14 @@ pub fn protection_pair(mode: ChannelMode) -> (Protection, Protection) {
     r.read_message(&msg[..n], &mut payload).expect("msg 1");
     let n = r.write_message(&[], &mut msg).expect("msg 2");
     i.read_message(&msg[..n], &mut payload).expect("msg 2");
+    (i, r)
+}
+
+/// A connected pair of [`Protection`]s (a Noise NN handshake in memory),
+/// for tests and benchmarks of the record layer.
+#[doc(hidden)]
+pub fn protection_pair(mode: ChannelMode) -> (Protection, Protection) {
+    let (i, r) = noise_pair();
     (
         Protection::from_handshake(i, true, mode).expect("initiator transport"),
         Protection::from_handshake(r, false, mode).expect("responder transport"),
@@ -571,24 +579,12 @@ mod tests {
         Ok(body)
     }
 
-    /// Two finished Noise NN handshake states (initiator, responder).
-    fn handshakes() -> (snow::HandshakeState, snow::HandshakeState) {
-        let mut i = crate::handshake::plain_noise_builder().build_initiator().unwrap();
-        let mut r = crate::handshake::plain_noise_builder().build_responder().unwrap();
-        let (mut msg, mut payload) = (vec![0u8; 256], vec![0u8; 256]);
-        let n = i.write_message(&[], &mut msg).unwrap();
-        r.read_message(&msg[..n], &mut payload).unwrap();
-        let n = r.write_message(&[], &mut msg).unwrap();
-        i.read_message(&msg[..n], &mut payload).unwrap();
-        (i, r)
-    }
-
     /// Encrypted records are Noise transport messages: what snow's own
     /// transport seals, a Protection opens, and the other way round (same
     /// keys, nonces and tag), record after record.
     #[test]
     fn encrypted_records_are_noise_transport_messages() {
-        let (i, r) = handshakes();
+        let (i, r) = noise_pair();
         let mut ours = Protection::from_handshake(i, true, ChannelMode::Encrypted).unwrap();
         let snow_side = r.into_stateless_transport_mode().unwrap();
         for seq in 0..3u64 {
