@@ -6,8 +6,10 @@
 # sockets, same matrix, same run. blockio runs twice: with connection
 # threads (`--connection-threads`, BENCH_CONNECTION_THREADS=2: blocking
 # threads taking turns at the socket, the mode for local devices; the
-# "blockio" column and the ratio) and on its async path (the default of
-# `ServerConfig`, what the agent's exports use; the "async" column).
+# "blockio" column and the ratio), the same with polling before each
+# blocking read (`--poll-us`, BENCH_POLL_US=200: `ServerConfig::poll_before_block`,
+# the "polling" column) and on its async path (the default of `ServerConfig`,
+# what the agent's exports use; the "async" column).
 # Client: blockio's client against fio's libnbd engine, both driving the same
 # `nbdkit memory` export.
 #
@@ -26,6 +28,8 @@ source bench/lib.sh
 
 start_ready ours target/release/examples/nbd_serve --unix "$BENCH_DIR/ours.sock" --memory "${SIZE_MIB}M" \
     --connection-threads "${BENCH_CONNECTION_THREADS:-2}"
+start_ready poll target/release/examples/nbd_serve --unix "$BENCH_DIR/poll.sock" --memory "${SIZE_MIB}M" \
+    --connection-threads "${BENCH_CONNECTION_THREADS:-2}" --poll-us "${BENCH_POLL_US:-200}"
 start_ready async target/release/examples/nbd_serve --unix "$BENCH_DIR/async.sock" --memory "${SIZE_MIB}M"
 start_ready nbdcrate target/release/examples/nbd_crate_server "$BENCH_DIR/nbdcrate.sock" "$SIZE_MIB"
 start_nbdkit nbdkit memory "${SIZE_MIB}M"
@@ -45,14 +49,14 @@ if [ -n "${BENCH_ROWS:-}" ]; then
 fi
 
 # Fill the working set once on every server so reads move real data.
-for s in ours async nbdcrate nbdkit; do
+for s in ours poll async nbdcrate nbdkit; do
     fio_nbd "$(sock_uri $s)" write 1m 8 "$WORK_MIB" 1 >/dev/null
 done
 
 results="$BENCH_DIR/results.txt"
 for row in "${ROWS[@]}"; do
     read -r name rw bs depth <<<"$row"
-    for s in ours async nbdkit nbdcrate; do
+    for s in ours poll async nbdkit nbdcrate; do
         echo "server $name $s $(fio_nbd_cpu "${PID_OF[$s]}" "$(sock_uri $s)" "$rw" "$bs" "$depth" "$WORK_MIB" "$SECS")" >>"$results"
     done
     # Client side: fio (libnbd) vs blockio's client, both on nbdkit.
@@ -74,13 +78,13 @@ for line in open(sys.argv[1]):
     rows.setdefault((side, name), {})[who] = (float(iops), float(mib), cpu)
 print(f"fio nbd engine, unix socket, memory backends, {sys.argv[2]} s per row\n")
 print("### Server: fio -> server\n")
-print("| row | blockio IOPS | blockio async IOPS | nbdkit IOPS | nbd crate IOPS | blockio MiB/s | ratio vs faster peer | async / faster peer | CPU µs/request: blockio / async / nbdkit / nbd crate |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("| row | blockio IOPS | blockio polling IOPS | blockio async IOPS | nbdkit IOPS | nbd crate IOPS | blockio MiB/s | ratio vs faster peer | polling / faster peer | async / faster peer | CPU µs/request: blockio / polling / async / nbdkit / nbd crate |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for (side, name), r in rows.items():
     if side != "server": continue
     best = max(r["nbdkit"][0], r["nbdcrate"][0])
-    cpu = " / ".join(r[w][2] for w in ("ours", "async", "nbdkit", "nbdcrate"))
-    print(f"| {name} | {r['ours'][0]:.0f} | {r['async'][0]:.0f} | {r['nbdkit'][0]:.0f} | {r['nbdcrate'][0]:.0f} | {r['ours'][1]:.1f} | {r['ours'][0]/best:.2f} | {r['async'][0]/best:.2f} | {cpu} |")
+    cpu = " / ".join(r[w][2] for w in ("ours", "poll", "async", "nbdkit", "nbdcrate"))
+    print(f"| {name} | {r['ours'][0]:.0f} | {r['poll'][0]:.0f} | {r['async'][0]:.0f} | {r['nbdkit'][0]:.0f} | {r['nbdcrate'][0]:.0f} | {r['ours'][1]:.1f} | {r['ours'][0]/best:.2f} | {r['poll'][0]/best:.2f} | {r['async'][0]/best:.2f} | {cpu} |")
 print("\n### Client: client -> nbdkit memory\n")
 print("| row | blockio client IOPS | fio/libnbd IOPS | blockio MiB/s | fio MiB/s | ratio |")
 print("|---|---:|---:|---:|---:|---:|")

@@ -11,6 +11,10 @@
 //! `--threads N` (default 1) sets the runtime's worker threads. One thread
 //! is how the agent serves its exports (`sanvol-agent run --io-threads 1`):
 //! no request crosses a thread, so none pays a cross-thread wake-up.
+//!
+//! `--connection-threads N` serves each connection on N blocking threads;
+//! `--poll-us U` makes those threads poll the socket for up to U µs before
+//! they sleep (`ServerConfig::poll_before_block`).
 
 use std::io::Write;
 use std::sync::Arc;
@@ -31,7 +35,7 @@ fn parse_size(s: &str) -> Option<u64> {
 }
 
 const USAGE: &str = "usage: nbd_serve (--unix PATH | --tcp ADDR) (--memory SIZE | --file PATH) [--name EXPORT] \
-                     [--threads N] [--connection-threads N]";
+                     [--threads N] [--connection-threads N] [--poll-us U]";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -60,7 +64,11 @@ async fn serve(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
         Some(n) => n.parse().map_err(|_| USAGE)?,
         None => ServerConfig::default().connection_threads,
     };
-    let config = ServerConfig { connection_threads, ..ServerConfig::default() };
+    let poll_before_block = match get("--poll-us") {
+        Some(us) => std::time::Duration::from_micros(us.parse().map_err(|_| USAGE)?),
+        None => ServerConfig::default().poll_before_block,
+    };
+    let config = ServerConfig { connection_threads, poll_before_block, ..ServerConfig::default() };
     let server = NbdServer::new(Arc::new(ExportTable::single(name, device)), config);
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;

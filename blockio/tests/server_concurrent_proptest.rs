@@ -164,8 +164,10 @@ enum Transport {
     /// An in-process pipe: the async transmission path.
     Pipe,
     /// A unix socket to a server with this many connection threads
-    /// (`ServerConfig::connection_threads`): the blocking path.
-    Threads(usize),
+    /// (`ServerConfig::connection_threads`): the blocking path; polling
+    /// before each blocking read when the flag is set
+    /// (`ServerConfig::poll_before_block`).
+    Threads(usize, bool),
 }
 
 async fn run_batches(backend: Backend, structured: bool, batches: Vec<Vec<Op>>) {
@@ -180,8 +182,9 @@ async fn run_batches_over(transport: Transport, backend: Backend, structured: bo
             let (c, task) = connect(&server(exports));
             (c, Served::Pipe(task))
         }
-        Transport::Threads(n) => {
-            let config = ServerConfig { connection_threads: n, ..ServerConfig::default() };
+        Transport::Threads(n, poll) => {
+            let poll_before_block = if poll { std::time::Duration::from_micros(200) } else { Default::default() };
+            let config = ServerConfig { connection_threads: n, poll_before_block, ..ServerConfig::default() };
             let socket = dir.path().join("nbd.sock");
             let listener = tokio::net::UnixListener::bind(&socket).unwrap();
             let srv = NbdServer::new(exports, config);
@@ -311,13 +314,13 @@ proptest! {
     }
 
     #[test]
-    fn concurrent_requests_on_connection_threads_match_the_model(structured in any::<bool>(), b in batches(12, 6), threads in 1usize..4) {
-        runtime().block_on(run_batches_over(Transport::Threads(threads), Backend::Memory, structured, b));
+    fn concurrent_requests_on_connection_threads_match_the_model(structured in any::<bool>(), b in batches(12, 6), threads in 1usize..4, poll in any::<bool>()) {
+        runtime().block_on(run_batches_over(Transport::Threads(threads, poll), Backend::Memory, structured, b));
     }
 
     #[test]
     fn concurrent_requests_on_a_file_on_connection_threads_match_the_model(structured in any::<bool>(), b in batches(8, 4)) {
-        runtime().block_on(run_batches_over(Transport::Threads(2), Backend::File, structured, b));
+        runtime().block_on(run_batches_over(Transport::Threads(2, false), Backend::File, structured, b));
     }
 
     #[test]

@@ -31,9 +31,14 @@ struct Threaded {
 
 impl Threaded {
     fn start(device: Arc<dyn BlockDevice>, threads: usize) -> Threaded {
+        Threaded::start_polling(device, threads, Duration::ZERO)
+    }
+
+    /// With `ServerConfig::poll_before_block` = `poll`.
+    fn start_polling(device: Arc<dyn BlockDevice>, threads: usize, poll: Duration) -> Threaded {
         let dir = tempfile::tempdir().unwrap();
         let listener = tokio::net::UnixListener::bind(dir.path().join("nbd.sock")).unwrap();
-        let config = ServerConfig { connection_threads: threads, ..ServerConfig::default() };
+        let config = ServerConfig { connection_threads: threads, poll_before_block: poll, ..ServerConfig::default() };
         let server = NbdServer::new(Arc::new(ExportTable::single("disk", device)), config);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -156,12 +161,15 @@ async fn a_request_sent_right_behind_the_handshake_is_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_servers_stop_ends_idle_connections() {
     // Both threads wait (one in `recv`, one for the reader): the stop must
-    // wake them, not wait for the client.
-    let served = Threaded::start(memory(), 2);
-    let mut c = served.client(false).await;
-    assert_eq!(c.write(0, b"before the stop", false).await.error, 0);
-    served.stop().await;
-    tokio::time::timeout(PATIENCE, c.expect_closed()).await.expect("closed by the stop");
+    // wake them, not wait for the client. Polling or not, and stopped
+    // while the reader may still be polling (a long window).
+    for poll in [Duration::ZERO, Duration::from_secs(3600)] {
+        let served = Threaded::start_polling(memory(), 2, poll);
+        let mut c = served.client(false).await;
+        assert_eq!(c.write(0, b"before the stop", false).await.error, 0);
+        served.stop().await;
+        tokio::time::timeout(PATIENCE, c.expect_closed()).await.expect("closed by the stop");
+    }
 }
 
 /// A memory device whose export can be revoked (as sanvol-target's fenced

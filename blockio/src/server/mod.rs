@@ -74,6 +74,16 @@ pub struct ServerConfig {
     /// thread (memory, files), at most N requests in flight per connection.
     /// TLS connections and `serve_connection` streams stay async.
     pub connection_threads: usize,
+    /// Connection threads only (zero, the default: off). A thread waiting
+    /// for the next request first asks the socket without blocking for up
+    /// to this long, yielding the CPU between tries, before it sleeps in
+    /// `recv`. At low queue depth the next request then usually arrives
+    /// while the thread is still awake: no sleep, no wake-up, no idle CPU
+    /// to bring back (on a virtual machine whose idle vCPUs halt, that
+    /// wake-up is most of a 4 KiB request's latency). The price is CPU:
+    /// a connection that is waiting keeps a core busy (yielding to any
+    /// other runnable task) for up to this long after each request.
+    pub poll_before_block: Duration,
 }
 
 /// A server's TLS setup (see [`crate::tls::server_from_dir`]).
@@ -100,6 +110,7 @@ impl Default for ServerConfig {
             connections_max: 1024,
             tls: None,
             connection_threads: 0,
+            poll_before_block: Duration::ZERO,
         }
     }
 }
@@ -362,7 +373,10 @@ impl NbdServer {
             let threads = self.inner.config.connection_threads;
             let result = match blocking.filter(|_| threads > 0) {
                 Some(to_blocking) => match to_blocking(reader, w) {
-                    Ok((socket, buffered)) => threads::run(socket, buffered, negotiated, threads, stop).await,
+                    Ok((socket, buffered)) => {
+                        let poll = self.inner.config.poll_before_block;
+                        threads::run(socket, buffered, negotiated, threads, poll, stop).await
+                    }
                     Err(e) => Err(ServerError::io("handing the connection to its threads")(e)),
                 },
                 None => transmission::run(reader, w, negotiated, &self.inner.config, stop).await,

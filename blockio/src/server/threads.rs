@@ -30,6 +30,7 @@ use std::io::{BufReader, Chain, Cursor, Read, Write};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
@@ -77,6 +78,33 @@ impl Socket {
         match self {
             Socket::Unix(s) => (&*s).read(buf),
             Socket::Tcp(s) => (&*s).read(buf),
+        }
+    }
+
+    /// Like [`Socket::read_some`], but first asks the socket without
+    /// blocking for up to `window`, yielding the CPU between tries, so a
+    /// request that arrives within it is taken without this thread being
+    /// put to sleep and woken (see `ServerConfig::poll_before_block`).
+    fn read_polling(&self, buf: &mut [u8], window: Duration) -> std::io::Result<usize> {
+        let start = Instant::now();
+        loop {
+            // SAFETY: `buf` is writable memory of the length given; the
+            // kernel writes at most that many bytes into it.
+            let n =
+                unsafe { libc::recv(self.fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), libc::MSG_DONTWAIT) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                std::io::ErrorKind::WouldBlock => {}
+                std::io::ErrorKind::Interrupted => continue,
+                _ => return Err(e),
+            }
+            if start.elapsed() >= window {
+                return self.read_some(buf);
+            }
+            std::thread::yield_now();
         }
     }
 
@@ -140,11 +168,19 @@ impl Write for &Socket {
 }
 
 /// The read side, shared by the threads through the reader lock.
-struct SocketReader(Arc<Socket>);
+struct SocketReader {
+    socket: Arc<Socket>,
+    /// `ServerConfig::poll_before_block`.
+    poll: Duration,
+}
 
 impl Read for SocketReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read_some(buf)
+        if self.poll.is_zero() {
+            self.socket.read_some(buf)
+        } else {
+            self.socket.read_polling(buf, self.poll)
+        }
     }
 }
 
@@ -193,12 +229,13 @@ pub(super) async fn run(
     buffered: Vec<u8>,
     negotiated: Negotiated,
     threads: usize,
+    poll: Duration,
     stop: Option<watch::Receiver<bool>>,
 ) -> Result<(), ServerError> {
     let socket = Arc::new(socket);
     let conn = Conn::new(negotiated);
     let mut revocation = conn.revoked();
-    let requests = Cursor::new(buffered).chain(SocketReader(socket.clone()));
+    let requests = Cursor::new(buffered).chain(SocketReader { socket: socket.clone(), poll });
     let shared = Arc::new(Shared {
         conn,
         socket: socket.clone(),
@@ -305,7 +342,7 @@ fn read_payload(r: &mut Requests, buf: &mut Vec<u8>, len: usize) -> std::io::Res
     r.consume(held);
     let (leftover, socket) = r.get_ref().get_ref();
     if buf.len() < len && leftover.position() == leftover.get_ref().len() as u64 {
-        return socket.0.recv_exact(buf, len - buf.len());
+        return socket.socket.recv_exact(buf, len - buf.len());
     }
     // Rare: the handshake's leftover bytes hold part of it.
     let start = buf.len();
