@@ -195,3 +195,36 @@ async fn one_thread_of_the_process_polls_at_a_time() {
     b.disconnect().await;
     served.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_polls_only_after_requests_that_came_alone() {
+    use tokio::io::AsyncWriteExt;
+    let _serial = SERIAL.lock().await;
+    let served = Served::start(Arc::new(MemoryDevice::new(1 << 20)), 2, Duration::from_secs(3600));
+    let mut c = served.client().await;
+    // Two requests in one write: one read from the socket brings both.
+    let mut two = Vec::new();
+    for cookie in [1u64, 2] {
+        let h = blockio::proto::RequestHeader {
+            flags: 0,
+            command: blockio::proto::CMD_FLUSH,
+            cookie,
+            offset: 0,
+            length: 0,
+        };
+        two.extend_from_slice(&h.encode());
+    }
+    c.io.write_all(&two).await.unwrap();
+    let replies = c.replies(2).await.unwrap();
+    assert_eq!((replies[&1].error, replies[&2].error), (0, 0));
+    // The client had two in flight: the reader sleeps, hour-long window or not.
+    until_states("a reader polled after a batch of two", |s| s.len() == 2 && s.iter().all(|s| *s == 'S')).await;
+    // One request alone: now the reader polls for the next.
+    assert_eq!(c.write(0, b"alone", false).await.error, 0);
+    until_states("no reader polled after a request that came alone", |s| {
+        s.len() == 2 && s.iter().filter(|s| **s == 'R').count() == 1
+    })
+    .await;
+    c.disconnect().await;
+    served.stop().await;
+}

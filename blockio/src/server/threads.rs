@@ -211,6 +211,8 @@ struct SocketReader {
     poll: Duration,
     /// Requests of the connection being run (read, not yet answered).
     running: Arc<AtomicUsize>,
+    /// Requests taken from what the last read from the socket brought.
+    batch: usize,
 }
 
 /// Requests running at once from which a waiting reader stops polling:
@@ -222,7 +224,12 @@ const RUNNING_POLL_MAX: usize = 1;
 
 impl Read for SocketReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.poll.is_zero() {
+        // Called once the buffer is used up. A read that brought several
+        // requests means the client keeps more than one in flight: the next
+        // ones come without the CPU going idle, so no polling for them.
+        let alone = self.batch <= 1;
+        self.batch = 0;
+        if self.poll.is_zero() || !alone {
             self.socket.read_some(buf)
         } else {
             let running = &self.running;
@@ -285,7 +292,7 @@ pub(super) async fn run(
     let conn = Conn::new(negotiated);
     let mut revocation = conn.revoked();
     let requests_running = Arc::new(AtomicUsize::new(0));
-    let reader = SocketReader { socket: socket.clone(), poll, running: requests_running.clone() };
+    let reader = SocketReader { socket: socket.clone(), poll, running: requests_running.clone(), batch: 0 };
     let requests = Cursor::new(buffered).chain(reader);
     let shared = Arc::new(Shared {
         conn,
@@ -363,6 +370,7 @@ fn serve_requests(shared: &Shared, runtime: &tokio::runtime::Handle) {
             match read_request(&mut reader) {
                 Ok(Some(request)) => {
                     shared.running.fetch_add(1, Ordering::Relaxed);
+                    reader.get_mut().get_mut().1.batch += 1;
                     request
                 }
                 Ok(None) => {
