@@ -180,7 +180,8 @@ impl Write for &Socket {
 /// burn the same idle time twice, and many connections each at a low queue
 /// depth (an agent spreads its requests over several) would take the CPU
 /// from the requests themselves (measured: sanvol-target at 4 KiB QD32
-/// through the agent fell to 0.76 of nbdkit with every reader polling).
+/// through the agent fell from 1.06 of nbdkit to 0.68 with every reader
+/// polling; bench/README.md, "Polling before blocking").
 const POLLERS_MAX: usize = 1;
 static POLLERS: AtomicUsize = AtomicUsize::new(0);
 
@@ -218,8 +219,7 @@ struct SocketReader {
 /// Requests running at once from which a waiting reader stops polling:
 /// with two or more, the connection is busy (queue depth above 1), the
 /// next request will come without the CPU going idle, and polling would
-/// take CPU from the threads running them (measured with sanvol-target's
-/// file device at 4 KiB QD32: 0.68 of not polling).
+/// take CPU from the threads running them.
 const RUNNING_POLL_MAX: usize = 1;
 
 impl Read for SocketReader {
