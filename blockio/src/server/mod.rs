@@ -82,7 +82,10 @@ pub struct ServerConfig {
     /// to bring back (on a virtual machine whose idle vCPUs halt, that
     /// wake-up is most of a 4 KiB request's latency). The price is CPU:
     /// a connection that is waiting keeps a core busy (yielding to any
-    /// other runnable task) for up to this long after each request.
+    /// other runnable task) for up to this long after each request, so a
+    /// reader polls only when its client seems to wait for it: the last
+    /// read brought one request, fewer than two of the connection's
+    /// requests run, and no other thread of the process polls.
     pub poll_before_block: Duration,
 }
 

@@ -25,6 +25,16 @@
 //!
 //! Only plain unix and TCP connections use it: TLS streams and
 //! caller-provided streams stay on the async path.
+//!
+//! **Polling** (`ServerConfig::poll_before_block`, off by default): the
+//! thread about to block for the next request first asks the socket
+//! without blocking, yielding the CPU between tries, for up to the window
+//! — on a VM whose idle vCPUs halt, waking a sleeping thread on the other
+//! vCPU is most of a 4 KiB QD1 request's latency. Polling takes CPU the
+//! client may need, so a reader polls only when the client looks like it
+//! is waiting for this server: the last read brought one request, fewer
+//! than two of the connection's requests run, and no other thread of the
+//! process polls ([`SocketReader`], [`PollSlot`]).
 
 use std::io::{BufReader, Chain, Cursor, Read, Write};
 use std::net::Shutdown;
