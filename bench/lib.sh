@@ -53,6 +53,19 @@ start_nbdkit() {
     done
 }
 
+# host_facts : one line of what the figures depend on besides the code —
+# CPUs, load, and how idle vCPUs wait: in a KVM guest whose idle vCPUs halt
+# at once (guest_halt_poll_ns 0), every wake-up across vCPUs costs a halt
+# exit, several times a QD1 request's own work (bench/README.md, "Idle
+# vCPUs"). Printed under each script's tables.
+host_facts() {
+    local idle="" driver=/sys/devices/system/cpu/cpuidle/current_driver
+    local poll=/sys/module/haltpoll/parameters/guest_halt_poll_ns
+    [ -r "$driver" ] && idle=", cpuidle driver $(cat "$driver")"
+    [ -r "$poll" ] && idle="$idle, guest_halt_poll_ns $(cat "$poll")"
+    echo "host: $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg)$idle, $(date -u +%FT%TZ)"
+}
+
 sock_uri() { echo "nbd+unix:///?socket=$BENCH_DIR/$1.sock"; }
 
 # fio_nbd URI RW BS DEPTH SIZE_MIB SECONDS : prints "iops mib_per_s"

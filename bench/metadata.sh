@@ -127,3 +127,4 @@ for r in rows:
     if r[0] == "load":
         print(f"server start to listening with {r[1]} volumes: {float(r[2]):.3f} s")
 PY
+echo; host_facts

@@ -43,3 +43,4 @@ for rw in randwrite randread; do
         echo "$line |"
     done
 done
+echo; host_facts
