@@ -267,6 +267,7 @@ fn hostname() -> String {
 }
 
 async fn run(args: RunArgs, control_socket: PathBuf, persisted: Arc<Persisted>) -> Result<()> {
+    ops::host::log_idle_vcpu_note();
     let config_path = persisted.path().display().to_string();
     let missing = |what: &str, env: &str, key: &str| {
         let flag = key.replace('_', "-");

@@ -90,6 +90,7 @@ async fn main() -> std::process::ExitCode {
         .or_else(|| config.log.clone())
         .unwrap_or_else(|| "info".into());
     ops::logging::init(&filter, "info", args.log_format.unwrap_or(config.log_format));
+    ops::host::log_idle_vcpu_note();
     let result = async {
         if let Some(addr) = args.metrics_addr.or(config.metrics_addr) {
             metadata_server::server::metrics::init();
