@@ -77,7 +77,5 @@ for name, r in rows.items():
     a, p, d = r["agent"], r["proxy"], r["direct"]
     print(f"| {name} | {a[0]:.0f} | {p[0]:.0f} | {d[0]:.0f} | {a[1]:.1f} | {a[0]/p[0]:.2f} | {a[0]/d[0]:.2f} | {a[2]} / {p[2]} / {d[2]} |")
 PY
-{ echo; host_facts; } >>"$out"
-cat "$out"
-echo "(saved to $out)"
+show_results "$out"
 $BIN/sanvol-agent detach vol --control-socket "$D/agent-agent.sock" || echo "warning: detaching the volume failed" >&2

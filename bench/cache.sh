@@ -172,6 +172,4 @@ if os.path.exists(sys.argv[5]):
         ratio = f"{iops / through[0]:.2f}" if through else "n/a"
         print(f"| {label} | {iops:.0f} | {lat:.0f} | {ratio} |")
 PY
-{ echo; host_facts; } >>"$out"
-cat "$out"
-echo "(saved to $out)"
+show_results "$out"

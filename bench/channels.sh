@@ -129,6 +129,4 @@ for name, r in rows.items():
     print(f"| {name} ({unit}) | {p[col]:.0f} | {i[col]:.0f} | {e[col]:.0f} | {i[col]/p[col]:.2f} | {e[col]/p[col]:.2f} "
           f"| {p[2]:.1f} / {i[2]:.1f} / {e[2]:.1f} |")
 PY
-{ echo; host_facts; } >>"$out"
-cat "$out"
-echo "(saved to $out)"
+show_results "$out"

@@ -179,6 +179,4 @@ for line in open(sys.argv[1]):
     print(f"| {name} | {len(pauses)} | {statistics.median(pauses):.1f} | {max(pauses):.1f} | {p50:.3f} | "
           f"{statistics.median(resumes):.0f} | {goals[name]} |")
 PY
-{ echo; host_facts; } >>"$out"
-cat "$out"
-echo "(saved to $out)"
+show_results "$out"

@@ -78,6 +78,4 @@ for name, r in rows.items():
     d, f = r["direct"], r["fallback"]
     print(f"| {name} | {d[0]:.0f} | {f[0]:.0f} | {d[1]:.1f} | {f[1]:.1f} | {f[0]/d[0]:.2f} |")
 PY
-{ echo; host_facts; } >>"$out"
-cat "$out"
-echo "(saved to $out)"
+show_results "$out"

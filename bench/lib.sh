@@ -66,6 +66,14 @@ host_facts() {
     echo "host: $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg)$idle, $(date -u +%FT%TZ)"
 }
 
+# show_results OUT : appends host_facts to the results file OUT, prints it
+# and where it was saved (the end of every script that saves a table).
+show_results() {
+    { echo; host_facts; } >>"$1"
+    cat "$1"
+    echo "(saved to $1)"
+}
+
 sock_uri() { echo "nbd+unix:///?socket=$BENCH_DIR/$1.sock"; }
 
 # fio_nbd URI RW BS DEPTH SIZE_MIB SECONDS : prints "iops mib_per_s"

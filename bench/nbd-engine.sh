@@ -92,6 +92,4 @@ for (side, name), r in rows.items():
     if side != "client": continue
     print(f"| {name} | {r['ours'][0]:.0f} | {r['fio'][0]:.0f} | {r['ours'][1]:.1f} | {r['fio'][1]:.1f} | {r['ours'][0]/r['fio'][0]:.2f} |")
 PY
-{ echo; host_facts; } >>"$out"
-cat "$out"
-echo "(saved to $out)"
+show_results "$out"

@@ -199,6 +199,4 @@ if moves:
         rate = b / 2**20 / max(ms, 1) * 1000
         print(f"| {name} | {mib} | {b} | {ms:.0f} | {rate:.1f} | {rate/crate:.2f} | {iops0:.0f} | {iops1:.0f} | {iops1/max(iops0, 1):.2f} | {lat0:.1f} | {lat1:.1f} |")
 PY
-{ echo; host_facts; } >>"$out"
-cat "$out"
-echo "(saved to $out)"
+show_results "$out"

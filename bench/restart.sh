@@ -279,6 +279,4 @@ if "agent" in rows and "agent-nostate" in rows and "nbdkit" in rows:
     print(f"\nagent restart, state file vs none: served {n[0] / max(a[0], 1):.0f}x sooner, pause {n[1] / max(a[1], 1):.1f}x shorter;"
           f" pause vs the nbdkit peer behind the same QEMU client: {a[1] / max(k[1], 1):.2f}x")
 PY
-{ echo; host_facts; } >>"$out"
-cat "$out"
-echo "(saved to $out)"
+show_results "$out"

@@ -145,6 +145,4 @@ for name, x in r.items():
     cpu = f"{x['live'][2]:.1f} / {x['snapshot'][2]:.1f} / {x['snapshot'][3]:.1f}"
     print(f"| {name} | {l:.1f} | {s:.1f} | {s/l:.2f} | {cpu} |")
 PY
-{ echo; host_facts; } >>"$out"
-cat "$out"
-echo "(saved to $out)"
+show_results "$out"

@@ -134,9 +134,7 @@ for name, r in rows.items():
     print(f"| {name} | {at[0]:.0f} | {an[0]:.0f} | {at[0]/an[0]:.2f} | {at[1]:.1f} / {an[1]:.1f} "
           f"| {dt[0]:.0f} / {dn[0]:.0f} | {dt[0]/dn[0]:.2f} | {at[2]} / {an[2]} | {dt[2]} / {dn[2]} |")
 PY
-{ echo; host_facts; } >>"$out"
-cat "$out"
-echo "(saved to $out)"
+show_results "$out"
 for p in target nbdkit; do
     "$BIN/sanvol-agent" detach vol --control-socket "$D/$p/agent.sock" || echo "warning: detaching on $p failed" >&2
 done

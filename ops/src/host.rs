@@ -13,9 +13,9 @@
 use std::path::Path;
 
 /// Where the kernel exposes the idle driver and the guest's halt polling.
-pub const SYSFS: &str = "/sys";
+const SYSFS: &str = "/sys";
 
-/// A note for the start-up log when `sysfs` (normally [`SYSFS`]) shows
+/// A note for the start-up log when `sysfs` (normally `/sys`) shows
 /// idle vCPUs that halt without polling first; `None` on hosts without the
 /// `haltpoll` idle driver (bare metal, other hypervisors) or with a
 /// polling window, and when the files cannot be read.
