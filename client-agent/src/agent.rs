@@ -59,6 +59,10 @@ pub struct AgentConfig {
     /// directory; with neither, a cached volume attaches without its cache
     /// (writes go straight to the devices).
     pub cache_dir: Option<PathBuf>,
+    /// How many bytes of writes to chunks a snapshot still needs may be
+    /// acknowledged before they land, per volume (0: none; see
+    /// [`crate::cow_behind`]).
+    pub cow_write_behind_bytes: u64,
 }
 
 impl AgentConfig {
@@ -78,6 +82,7 @@ impl AgentConfig {
             host_aliases: Vec::new(),
             state: None,
             cache_dir: None,
+            cow_write_behind_bytes: crate::cow_behind::DEFAULT_BUDGET_BYTES,
         }
     }
 }

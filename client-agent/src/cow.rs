@@ -111,6 +111,12 @@ impl CowState {
         lock(&self.inner).done.count()
     }
 
+    /// Whether every chunk of `wanted` is registered.
+    pub fn all_preserved(&self, mut wanted: impl Iterator<Item = u64>) -> bool {
+        let inner = lock(&self.inner);
+        wanted.all(|chunk| inner.done.contains(chunk))
+    }
+
     /// Claims the chunks of `wanted` nobody has preserved or is preserving.
     pub fn claim(&self, wanted: impl Iterator<Item = u64>) -> Claim {
         let mut inner = lock(&self.inner);

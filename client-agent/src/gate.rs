@@ -235,16 +235,51 @@ impl<L> Deref for GateGuard<'_, L> {
 
 impl<L> Drop for GateGuard<'_, L> {
     fn drop(&mut self) {
-        let mut s = self.gate.lock();
-        s.in_flight -= 1;
-        if s.in_flight == 0 && s.phase != Phase::Open {
-            drop(s);
-            self.gate.drained.notify_waiters();
-        }
+        self.gate.leave();
+    }
+}
+
+impl<L> GateGuard<'_, L> {
+    /// A second admission of this I/O that owns its gate, for the part of
+    /// it that outlives the request (a write acknowledged before it landed,
+    /// [`crate::cow_behind`]): the gate counts it in flight until it drops.
+    pub fn to_owned(&self, gate: Arc<Gate<L>>) -> OwnedGateGuard<L> {
+        assert!(std::ptr::eq(self.gate, &*gate), "an admission is owned by its own gate");
+        gate.lock().in_flight += 1;
+        OwnedGateGuard { gate, layout: self.layout.clone() }
+    }
+}
+
+/// An admitted I/O that owns its gate (see [`GateGuard::to_owned`]).
+pub struct OwnedGateGuard<L> {
+    gate: Arc<Gate<L>>,
+    layout: Arc<L>,
+}
+
+impl<L> Deref for OwnedGateGuard<L> {
+    type Target = L;
+    fn deref(&self) -> &L {
+        &self.layout
+    }
+}
+
+impl<L> Drop for OwnedGateGuard<L> {
+    fn drop(&mut self) {
+        self.gate.leave();
     }
 }
 
 impl<L> Gate<L> {
+    /// One admitted I/O left.
+    fn leave(&self) {
+        let mut s = self.lock();
+        s.in_flight -= 1;
+        if s.in_flight == 0 && s.phase != Phase::Open {
+            drop(s);
+            self.drained.notify_waiters();
+        }
+    }
+
     /// An open gate with `layout` at `generation`, and no lease yet (see
     /// [`Gate::renew_lease`]).
     pub fn new(layout: Arc<L>, generation: u64) -> Gate<L> {

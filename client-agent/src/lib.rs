@@ -57,6 +57,7 @@ pub mod config_file;
 pub mod control;
 pub mod core;
 pub mod cow;
+pub mod cow_behind;
 pub mod credentials;
 pub mod devices;
 pub mod export;

@@ -719,6 +719,7 @@ impl Shell {
             info.io_in_flight = status.in_flight;
             info.io_waiting = status.waiting;
             info.cache = rt.cache.as_ref().map(|(cache, path)| cache_info(cache, path));
+            info.writes_behind = rt.device.writes_behind() as u64;
         }
     }
 
@@ -746,15 +747,16 @@ impl Shell {
         gate.renew_lease(self.instant(lease_until_ms));
         let registrar = Arc::new(OwnerRegistrar { owner: self.inbox_tx.clone(), volume: volume.clone() });
         let registrations = Registrations::new(registrar, mode == OpenMode::SharedWrite || cow_by_server);
-        let mut device =
-            VolumeDevice::new(volume.clone(), handle, mode == OpenMode::ReadOnly, gate.clone()).with_cow(registrations);
+        let mut device = VolumeDevice::new(volume.clone(), handle, mode == OpenMode::ReadOnly, gate.clone())
+            .with_cow(registrations)
+            .with_write_behind(self.config.cow_write_behind_bytes);
         let d = layout.description();
         if d.mirror_legs > 1 && mode != OpenMode::ReadOnly && !crate::intent::disabled_by_env() {
             let recorder = Arc::new(OwnerIntents { owner: self.inbox_tx.clone(), volume: volume.clone() });
             let region_bytes = volume_format::metadata::intent_region_bytes(d.extent_bytes);
             device = device.with_intent(IntentLog::start(recorder, region_bytes, d.size_bytes));
         }
-        let device = Arc::new(device);
+        let device = device.into_arc();
         self.attachments.insert(
             attachment,
             Runtime {

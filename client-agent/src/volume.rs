@@ -37,7 +37,7 @@
 //! would have done anyway.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use async_trait::async_trait;
 use blockio::{BlockDevice, BlockSizes, IoError, IoErrorKind, MetaContext, StatusExtent, ZeroFlags};
@@ -49,7 +49,8 @@ use volume_format::mapping::{DeviceTable, Leg, LegState, MapError, Segment, Volu
 use volume_format::{DescriptionError, HandleId, VolumeDescription};
 
 use crate::cow::{copy_all, wait_for, CowState, Registrations};
-use crate::gate::Gate;
+use crate::cow_behind::{Ticket, WriteBehind};
+use crate::gate::{Gate, OwnedGateGuard};
 use crate::intent::IntentLog;
 
 /// Largest request the volume accepts, as advertised to NBD clients.
@@ -168,6 +169,15 @@ pub struct VolumeDevice {
     /// overlapping another handle's lock is refused here (locks are
     /// advisory between sanvol agents; plain devices do not enforce them).
     range_locks: std::sync::RwLock<LockTable>,
+    /// Writes acknowledged before their chunk was preserved (see
+    /// [`crate::cow_behind`]); `None`: every write goes in line.
+    behind: Option<WriteBehind>,
+    /// Set once a handover to another writer begins: no write goes behind
+    /// any more.
+    handing_over: AtomicBool,
+    /// This device, for the tasks that land writes behind (set by
+    /// [`VolumeDevice::into_arc`]).
+    this: Weak<VolumeDevice>,
 }
 
 impl std::fmt::Debug for VolumeDevice {
@@ -213,7 +223,32 @@ impl VolumeDevice {
             cow: std::sync::Mutex::new(None),
             intent: None,
             range_locks: std::sync::RwLock::new(LockTable::default()),
+            behind: None,
+            handing_over: AtomicBool::new(false),
+            this: Weak::new(),
         }
+    }
+
+    /// Acknowledges writes to chunks the newest snapshot still needs
+    /// before they land, up to `budget_bytes` outstanding (0: never; see
+    /// [`crate::cow_behind`]). Takes effect once in an `Arc` through
+    /// [`VolumeDevice::into_arc`].
+    pub fn with_write_behind(mut self, budget_bytes: u64) -> VolumeDevice {
+        self.behind = WriteBehind::new(budget_bytes);
+        self
+    }
+
+    /// The device in an `Arc` that its write-behind tasks can hold.
+    pub fn into_arc(mut self) -> Arc<VolumeDevice> {
+        Arc::new_cyclic(|this| {
+            self.this = this.clone();
+            self
+        })
+    }
+
+    /// Writes acknowledged and not yet landed.
+    pub fn writes_behind(&self) -> usize {
+        self.behind.as_ref().map_or(0, WriteBehind::outstanding)
     }
 
     /// Installs the volume's lock table (every handle's byte-range locks):
@@ -279,6 +314,12 @@ impl VolumeDevice {
     /// From now on the server copies this volume's pre-images; returns once
     /// no copy of this agent's own is in flight (see [`crate::cow`]).
     pub async fn use_server_copies(&self) {
+        // No write lands after the other writer starts: the writes
+        // acknowledged behind land first (their copies are this agent's).
+        self.handing_over.store(true, Ordering::SeqCst);
+        if let Some(behind) = &self.behind {
+            behind.landed().await;
+        }
         if let Some(r) = &self.registrations {
             r.use_server_copies().await;
         }
@@ -482,6 +523,63 @@ impl VolumeDevice {
 
     /// Runs `op` on every online leg of every segment of `[offset, offset+len)`,
     /// concurrently; succeeds when all succeed.
+    /// A write as it goes to the devices: its chunks preserved first when the
+    /// newest snapshot needs them, then every online leg.
+    async fn write_in_line(&self, layout: &Layout, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
+        let len = data.len() as u64;
+        self.preserve(layout, offset, len).await?;
+        let write = self.on_all_legs(layout, offset, len, "write", |device, device_offset, segment| {
+            let start = (segment.logical_offset - offset) as usize;
+            device.write(device_offset, data.slice(start..start + segment.len_bytes as usize), fua)
+        });
+        self.with_intent_held(layout, offset, len, write).await
+    }
+
+    /// Whether a write to `[offset, offset + len)` under `layout` may be
+    /// acknowledged before it lands: it is in range, this holder copies its
+    /// own pre-images, and a chunk it touches is not preserved yet.
+    fn needs_preserving(&self, layout: &Layout, offset: u64, len: u64) -> bool {
+        let Some(epoch) = &layout.description.snapshot else { return false };
+        if self.handing_over.load(Ordering::SeqCst)
+            || self.registrations.as_ref().is_none_or(|r| r.server_copies_now())
+            || layout.map().segments(offset, len).is_err()
+        {
+            return false;
+        }
+        let Some(touched) = epoch.chunk_layout().chunks_touched(offset, len) else { return false };
+        !self.cow_state(epoch).all_preserved(touched)
+    }
+
+    /// The rest of a write acknowledged before it landed (see
+    /// [`crate::cow_behind`]), under the admission it was acknowledged in.
+    async fn land_behind(
+        self: Arc<Self>,
+        layout: OwnedGateGuard<Layout>,
+        mut ticket: Ticket,
+        offset: u64,
+        data: Bytes,
+    ) {
+        ticket.wait_for_earlier().await;
+        let len = data.len();
+        let result = self.write_in_line(&layout, offset, data, false).await;
+        if let Err(e) = &result {
+            tracing::error!(volume = %self.name, handle = self.handle, offset, len, error = %e,
+                "a write acknowledged before its chunk was preserved failed; the next FLUSH fails");
+        }
+        if let Some(behind) = &self.behind {
+            behind.finish(ticket, result.map_err(|e| e.message));
+        }
+        drop(layout);
+    }
+
+    /// Waits for the writes acknowledged behind that `[offset, offset +
+    /// len)` overlaps, so a request after them sees (or follows) them.
+    async fn after_writes_behind(&self, offset: u64, len: u64) {
+        if let Some(behind) = &self.behind {
+            behind.wait_overlapping(offset, len).await;
+        }
+    }
+
     async fn on_all_legs<'a, F>(
         &self,
         layout: &'a Layout,
@@ -557,6 +655,7 @@ impl BlockDevice for VolumeDevice {
         if let Some(log) = &self.intent {
             log.ready().await?;
         }
+        self.after_writes_behind(offset, u64::from(len)).await;
         let layout = self.gate.enter().await?;
         let mut segments = layout.map().segments(offset, u64::from(len)).map_err(map_error)?;
         let start_leg = self.next_read.fetch_add(1, Ordering::Relaxed);
@@ -579,15 +678,29 @@ impl BlockDevice for VolumeDevice {
         self.check_writable(offset, data.len() as u64)?;
         let layout = self.gate.enter().await?;
         let len = data.len() as u64;
-        self.preserve(&layout, offset, len).await?;
-        let write = self.on_all_legs(&layout, offset, len, "write", |device, device_offset, segment| {
-            let start = (segment.logical_offset - offset) as usize;
-            device.write(device_offset, data.slice(start..start + segment.len_bytes as usize), fua)
-        });
-        self.with_intent_held(&layout, offset, len, write).await
+        if let Some(behind) = &self.behind {
+            if let Some(this) = self.this.upgrade().filter(|_| !fua && self.needs_preserving(&layout, offset, len)) {
+                if let Some(ticket) = behind.admit(offset, len).await {
+                    // A handover may have begun while the write waited for room.
+                    if !self.handing_over.load(Ordering::SeqCst) {
+                        let admitted = layout.to_owned(self.gate.clone());
+                        tokio::spawn(this.land_behind(admitted, ticket, offset, data));
+                        return Ok(());
+                    }
+                    behind.finish(ticket, Ok(()));
+                }
+            }
+            behind.wait_overlapping(offset, len).await;
+        }
+        self.write_in_line(&layout, offset, data, fua).await
     }
 
     async fn flush(&self) -> Result<(), IoError> {
+        if let Some(behind) = &self.behind {
+            behind.drain().await.map_err(|e| {
+                IoError::io(format!("volume {}: a write acknowledged before it landed failed: {e}", self.name))
+            })?;
+        }
         let layout = self.gate.enter().await?;
         let d = &layout.description;
         let flushes = d
@@ -605,6 +718,7 @@ impl BlockDevice for VolumeDevice {
 
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
         self.check_writable(offset, u64::from(len))?;
+        self.after_writes_behind(offset, u64::from(len)).await;
         let layout = self.gate.enter().await?;
         self.preserve(&layout, offset, u64::from(len)).await?;
         let trim = self.on_all_legs(&layout, offset, u64::from(len), "trim", |device, device_offset, segment| {
@@ -615,6 +729,7 @@ impl BlockDevice for VolumeDevice {
 
     async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
         self.check_writable(offset, u64::from(len))?;
+        self.after_writes_behind(offset, u64::from(len)).await;
         let layout = self.gate.enter().await?;
         self.preserve(&layout, offset, u64::from(len)).await?;
         let zero =
@@ -628,6 +743,7 @@ impl BlockDevice for VolumeDevice {
         if let MetaContext::Custom(name) = context {
             return Err(IoError::not_supported(format!("metadata context {name} is not offered by sanvol volumes")));
         }
+        self.after_writes_behind(offset, u64::from(len)).await;
         let layout = self.gate.enter().await?;
         let segments = layout.map().segments(offset, u64::from(len)).map_err(map_error)?;
         let queries = segments.map(|segment| {
@@ -1219,6 +1335,135 @@ mod tests {
             let e = vol.write(4 * EXTENT - 512, pattern(27, 1024), false).await.unwrap_err();
             assert_eq!(e.kind, IoErrorKind::Overflow);
             assert!(checking.seen.lock().unwrap().is_empty());
+        }
+
+        /// A registrar that holds every registration until the test lets
+        /// it go, then checks it as [`Checking`] does.
+        struct Held {
+            checking: Arc<Checking>,
+            hold: Arc<Semaphore>,
+        }
+
+        #[async_trait]
+        impl CowRegistrar for Held {
+            async fn register(&self, snapshot: u64, chunks: Vec<u64>, copy: bool) -> Result<(), String> {
+                self.hold.acquire().await.unwrap().forget();
+                self.checking.register(snapshot, chunks, copy).await
+            }
+        }
+
+        /// [`snapshotted`], writing behind, with registrations held.
+        async fn behind(fail: bool) -> (Arc<VolumeDevice>, Arc<Checking>, Arc<Semaphore>) {
+            let (vol, checking, devs) = snapshotted(fail, false).await;
+            let hold = Arc::new(Semaphore::new(0));
+            let held = Arc::new(Held { checking: checking.clone(), hold: hold.clone() });
+            let d = with_snapshot(description(4, 2, 3, 2), CHUNK);
+            drop(vol);
+            let gate = Arc::new(Gate::new(testing::layout(d, &devs), 2));
+            let vol = VolumeDevice::new("vol", 1, false, gate)
+                .with_cow(Registrations::new(held, false))
+                .with_write_behind(1 << 20)
+                .into_arc();
+            (vol, checking, hold)
+        }
+
+        async fn settle() {
+            for _ in 0..20 {
+                tokio::task::yield_now().await;
+            }
+        }
+
+        #[tokio::test]
+        async fn a_first_write_is_acknowledged_before_its_chunk_is_preserved_and_lands_after() {
+            let (vol, checking, hold) = behind(false).await;
+            let data = pattern(30, 4096);
+            vol.write(CHUNK + 4096, data.clone(), false).await.unwrap();
+            assert_eq!(vol.writes_behind(), 1);
+            assert_eq!(vol.gate().status().in_flight, 1, "a recall waits for it");
+            // A read of it and a FLUSH wait for it; a read elsewhere does not.
+            let read = tokio::spawn({
+                let vol = vol.clone();
+                async move { vol.read(CHUNK, 3 * 4096).await }
+            });
+            let flush = tokio::spawn({
+                let vol = vol.clone();
+                async move { vol.flush().await }
+            });
+            assert_eq!(
+                vol.read(3 * CHUNK, 4096).await.unwrap(),
+                checking.before.slice(3 * CHUNK as usize..).slice(..4096)
+            );
+            settle().await;
+            assert!(!read.is_finished() && !flush.is_finished());
+            // Checking asserts at the registration that the live chunk is
+            // untouched and the COW area holds its pre-image.
+            hold.add_permits(1);
+            let got = read.await.unwrap().unwrap();
+            assert_eq!(got.slice(4096..8192), data);
+            assert_eq!(got.slice(..4096), checking.before.slice(CHUNK as usize..).slice(..4096));
+            flush.await.unwrap().unwrap();
+            assert_eq!(checking.seen.lock().unwrap().clone(), vec![(vec![1], false)]);
+            assert_eq!((vol.writes_behind(), vol.gate().status().in_flight), (0, 0));
+        }
+
+        #[tokio::test]
+        async fn overlapping_writes_behind_land_in_the_order_acknowledged() {
+            let (vol, _checking, hold) = behind(false).await;
+            vol.write(2 * CHUNK, pattern(31, 8192), false).await.unwrap();
+            vol.write(2 * CHUNK + 4096, pattern(32, 8192), false).await.unwrap();
+            assert_eq!(vol.writes_behind(), 2);
+            hold.add_permits(4);
+            vol.flush().await.unwrap();
+            let got = vol.read(2 * CHUNK, 3 * 4096).await.unwrap();
+            assert_eq!(got.slice(..4096), pattern(31, 8192).slice(..4096));
+            assert_eq!(got.slice(4096..), pattern(32, 8192));
+        }
+
+        #[tokio::test]
+        async fn a_failed_write_behind_fails_the_next_flush_once_and_leaves_the_volume_alone() {
+            let (vol, checking, hold) = behind(true).await;
+            vol.write(0, pattern(33, 4096), false).await.unwrap();
+            hold.add_permits(1);
+            let e = vol.flush().await.unwrap_err();
+            assert!(
+                e.message.contains("acknowledged before it landed") && e.message.contains("refused by the test"),
+                "{e}"
+            );
+            vol.flush().await.unwrap();
+            assert_eq!(vol.read(0, 4096).await.unwrap(), checking.before.slice(0..4096));
+        }
+
+        #[tokio::test]
+        async fn fua_writes_and_writes_after_a_handover_go_in_line() {
+            let (vol, _checking, hold) = behind(false).await;
+            let fua = tokio::spawn({
+                let vol = vol.clone();
+                async move { vol.write(5 * CHUNK, pattern(34, 4096), true).await }
+            });
+            settle().await;
+            assert!(!fua.is_finished(), "a FUA write waits for its chunk");
+            assert_eq!(vol.writes_behind(), 0);
+            hold.add_permits(1);
+            fua.await.unwrap().unwrap();
+            // An outstanding write lands before the handover completes.
+            vol.write(6 * CHUNK, pattern(35, 4096), false).await.unwrap();
+            let handover = tokio::spawn({
+                let vol = vol.clone();
+                async move { vol.use_server_copies().await }
+            });
+            settle().await;
+            assert!(!handover.is_finished(), "the handover waits for the write behind");
+            hold.add_permits(1);
+            handover.await.unwrap();
+            assert_eq!(vol.writes_behind(), 0);
+            let later = tokio::spawn({
+                let vol = vol.clone();
+                async move { vol.write(7 * CHUNK, pattern(36, 4096), false).await }
+            });
+            settle().await;
+            assert!(!later.is_finished(), "after a handover a first write waits for its chunk");
+            hold.add_permits(1);
+            later.await.unwrap().unwrap();
         }
     }
 }

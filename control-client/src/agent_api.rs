@@ -92,6 +92,15 @@ pub struct AttachmentInfo {
     /// online, 40% of 512 MiB (writes go on)"; empty when none runs.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub recovery: String,
+    /// Writes acknowledged before the snapshot's copy of their chunk was
+    /// made (`--cow-write-behind-kib`), not yet on the devices; a FLUSH
+    /// waits for them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub writes_behind: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A volume's write-back cache as `sanvol-agent list` shows it.

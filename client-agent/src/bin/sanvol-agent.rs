@@ -188,6 +188,14 @@ struct RunArgs {
     /// local disk. Default: `cache` in the --state-dir.
     #[arg(long, env = "SANVOL_AGENT_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// After a snapshot, the first write to each 64 KiB chunk must first copy the chunk's old
+    /// bytes for the snapshot. Up to this many KiB of such writes per volume are acknowledged at
+    /// once and completed in the background (a FLUSH waits for them; FUA writes never wait
+    /// behind; reads and overlapping requests see them), as a disk's volatile write cache does.
+    /// 0: every such write waits for its copy.
+    #[arg(long, env = "SANVOL_AGENT_COW_WRITE_BEHIND_KIB", default_value_t = client_agent::cow_behind::DEFAULT_BUDGET_BYTES / 1024,
+          value_parser = clap::value_parser!(u64).range(0..=1 << 30))]
+    cow_write_behind_kib: u64,
     /// How long the shutdown after SIGTERM/SIGINT may take to flush and close every volume; past it
     /// (or on a second signal) the agent exits as after a crash, and a restart with the same
     /// --state-dir resumes the volumes.
@@ -334,6 +342,7 @@ async fn run(args: RunArgs, control_socket: PathBuf, persisted: Arc<Persisted>) 
         host_aliases: args.device_host_alias.clone(),
         state: Some(state_dir.clone()),
         cache_dir: args.cache_dir.clone(),
+        cow_write_behind_bytes: args.cow_write_behind_kib * 1024,
     };
     let agent = Agent::start(config);
     // The previous run's handles are resumed as soon as the server answers (in the background;
@@ -474,6 +483,12 @@ fn print_table(volumes: &[AttachmentInfo]) {
         }
         if !v.recovery.is_empty() {
             println!("  recovery {}", v.recovery);
+        }
+        if v.writes_behind > 0 {
+            println!(
+                "  {} writes acknowledged before the snapshot's copy of their chunk, landing now (a FLUSH waits for them)",
+                v.writes_behind
+            );
         }
         if let Some(c) = &v.cache {
             let state =

@@ -477,6 +477,7 @@ impl AgentCore {
                 })
                 .collect(),
             recovery: v.recovery.as_ref().map(|r| r.to_string()).unwrap_or_default(),
+            writes_behind: 0,
         }
     }
 
