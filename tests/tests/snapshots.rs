@@ -344,17 +344,29 @@ async fn older_snapshots_fall_through_and_survive_deletes() {
 
 /// `kill -9` of the agent at a point of the copy-on-write protocol: the
 /// snapshot still reads its image; a new agent finishes the write.
-async fn agent_crash_at(point: &str) {
+/// `behind`: the write is acknowledged before its chunk is preserved (the
+/// default, `client_agent::cow_behind`), so the FLUSH after it is what
+/// fails; otherwise (`--cow-write-behind-kib 0`) the write itself.
+async fn agent_crash_at(point: &str, behind: bool) {
     let stack = stack();
     let (agent, _, image1) = filled_volume(&stack, &["--mirror", "2"]).await;
     agent.detach("v");
     drop(agent);
-    let agent = stack.restart_agent_env("host-a", &[], &[("SANVOL_FAULT", point)]);
+    let mut env = vec![("SANVOL_FAULT", point)];
+    if !behind {
+        env.push(("SANVOL_AGENT_COW_WRITE_BEHIND_KIB", "0"));
+    }
+    let agent = stack.restart_agent_env("host-a", &[], &env);
     let uri = attach(&agent, "v");
     stack.sanvol_ok(&["snapshot", "create", "v", "s1"]);
     let c = connect(&uri).await;
     let write = c.write(3 * CHUNK, Bytes::from(block_pattern(9, 3 * CHUNK / BLOCK)), false).await;
-    assert!(write.is_err(), "the agent died during the write");
+    if behind {
+        write.expect("acknowledged before its chunk is preserved");
+        assert!(c.flush().await.is_err(), "the agent died before the write landed");
+    } else {
+        assert!(write.is_err(), "the agent died during the write");
+    }
     let mut agent = agent;
     agent.proc.wait_exit_within(std::time::Duration::from_secs(60));
     assert!(agent.proc.log().contains(&format!("reached {point}")), "{}", agent.proc.log());
@@ -390,12 +402,74 @@ async fn served_again(agent: &Agent, volume: &str) -> NbdUri {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_killed_after_copying_a_pre_image_before_registering_it() {
-    agent_crash_at("agent-after-cow-copy").await;
+    agent_crash_at("agent-after-cow-copy", false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_killed_after_registering_before_overwriting() {
-    agent_crash_at("agent-after-cow-register").await;
+    agent_crash_at("agent-after-cow-register", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_after_copying_a_pre_image_for_a_write_acknowledged_behind() {
+    agent_crash_at("agent-after-cow-copy", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_after_registering_for_a_write_acknowledged_behind() {
+    agent_crash_at("agent-after-cow-register", true).await;
+}
+
+/// `kill -9` of the agent while first writes after a snapshot are
+/// acknowledged behind (many outstanding at once): every write a FLUSH
+/// covered is on every leg, its chunk registered and its pre-image in the
+/// COW area (read from the devices directly); a write no FLUSH covered is
+/// either there or not, never half; and the snapshot reads its image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_with_writes_behind_loses_only_unflushed_ones() {
+    let stack = stack();
+    let (mut agent, uri, image1) = filled_volume(&stack, &["--mirror", "2"]).await;
+    stack.sanvol_ok(&["snapshot", "create", "v", "s1"]);
+    let c = connect(&uri).await;
+    let block_of = |chunk: u64| chunk * CHUNK / BLOCK + chunk % (CHUNK / BLOCK);
+    let flushed: Vec<u64> = (0..40).map(|i| i * 7 % (VOLUME_BYTES / CHUNK)).collect();
+    let unflushed: Vec<u64> = (0..(VOLUME_BYTES / CHUNK)).filter(|c| !flushed.contains(c)).take(120).collect();
+    for &chunk in &flushed {
+        c.write(block_of(chunk) * BLOCK, Bytes::from(block_pattern(12, block_of(chunk))), false).await.unwrap();
+    }
+    c.flush().await.expect("flush");
+    for &chunk in &unflushed {
+        c.write(block_of(chunk) * BLOCK, Bytes::from(block_pattern(13, block_of(chunk))), false).await.unwrap();
+    }
+    agent.proc.kill();
+    drop(c);
+
+    let shown = stack.sanvol_json(&["volume", "show", "v"]);
+    let description = &shown["description"];
+    assert_pre_images_on_devices(description, &flushed, &image1).await;
+    for &chunk in &flushed {
+        let at = block_of(chunk) * BLOCK;
+        for (device, offset) in legs_at(description, &description["extents"], at) {
+            let got = read_device(&device, offset, BLOCK).await;
+            assert!(got == block_pattern(12, at / BLOCK), "chunk {chunk}: a flushed write is not on {device}");
+        }
+    }
+    let mut landed = 0;
+    for &chunk in &unflushed {
+        let at = block_of(chunk) * BLOCK;
+        let old = &image1[at as usize..(at + BLOCK) as usize];
+        for (device, offset) in legs_at(description, &description["extents"], at) {
+            let got = read_device(&device, offset, BLOCK).await;
+            if got == block_pattern(13, at / BLOCK) {
+                landed += 1;
+                assert!(cow_has(&description["snapshot"]["cow"], chunk), "chunk {chunk} overwritten unregistered");
+            } else {
+                assert!(got == old, "chunk {chunk}: an unflushed write left neither the old nor the new block");
+            }
+        }
+    }
+    eprintln!("{landed} of {} unflushed legs had landed at the kill", 2 * unflushed.len());
+    assert_same("v@s1 after the agent died with writes behind", &read_snapshot(&stack, "v@s1").await, &image1);
 }
 
 /// `kill -9` of the server at a point of a registration: the agent's write
@@ -411,13 +485,17 @@ async fn server_crash_at(point: &str) {
     stack.start_mds();
     let c = connect(&uri).await;
     let blocks = [7 * CHUNK / BLOCK];
+    // Acknowledged before its chunk is preserved; the FLUSH waits for it.
     let write = tokio::spawn({
         let c = c.clone();
-        async move { c.write(blocks[0] * BLOCK, Bytes::from(block_pattern(9, blocks[0])), false).await }
+        async move {
+            c.write(blocks[0] * BLOCK, Bytes::from(block_pattern(9, blocks[0])), false).await?;
+            c.flush().await
+        }
     });
     stack.mds.as_mut().unwrap().wait_exit_within(std::time::Duration::from_secs(60));
     assert!(stack.mds_log().contains(&format!("reached {point}")), "{}", stack.mds_log());
-    assert!(!write.is_finished(), "the write waits for its registration");
+    assert!(!write.is_finished(), "the write's FLUSH waits for its registration");
     stack.mds_env.clear();
     stack.start_mds();
     write.await.unwrap().expect("the write completes after the server restarted");
@@ -520,9 +598,12 @@ async fn server_crash_under_cow_load(point: &str) {
     let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     // The first write alone (its registration is the first counted commit
     // and is acknowledged), then the others at once (the first commit of
-    // their registrations is the second, where the server dies).
+    // their registrations is the second, where the server dies). A write
+    // counts as acknowledged once a FLUSH after it completed: before, it
+    // may be acknowledged ahead of its registration (`cow_behind`).
     let first = chunks[0] * CHUNK / BLOCK;
     c.write(first * BLOCK, Bytes::from(block_pattern(11, first)), false).await.unwrap();
+    c.flush().await.unwrap();
     acked.lock().unwrap().push(chunks[0]);
     let writes: Vec<_> = chunks[1..]
         .iter()
@@ -531,6 +612,7 @@ async fn server_crash_under_cow_load(point: &str) {
             tokio::spawn(async move {
                 let block = chunk * CHUNK / BLOCK;
                 c.write(block * BLOCK, Bytes::from(block_pattern(11, block)), false).await?;
+                c.flush().await?;
                 acked.lock().unwrap().push(chunk);
                 Ok::<_, blockio::IoError>(())
             })
