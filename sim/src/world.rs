@@ -229,6 +229,8 @@ pub struct Stats {
     pub events: u64,
     pub commits: u64,
     pub writes_acked: u64,
+    /// Writes acknowledged before their chunk was preserved.
+    pub writes_behind: u64,
     pub reads_checked: u64,
     pub snapshots: u64,
     pub recalls: u64,

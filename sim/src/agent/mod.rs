@@ -27,6 +27,13 @@
 //!   snapshot's area (every leg, FUA) and registers it; a shared writer asks
 //!   the server to copy (`CowCopy`). Only after the registration is answered
 //!   does the write go out.
+//! - **Writes behind** (`client_agent::cow_behind`): such a first write of
+//!   an exclusive holder that copies itself is acknowledged to the
+//!   application at once, up to [`WRITES_BEHIND_MAX`] outstanding; it stays
+//!   admitted (a recall's drain waits for it) and reaches the oracle as
+//!   acknowledged only when its legs answered. A read or write of its block
+//!   waits for it, a FLUSH waits for every write behind acknowledged before
+//!   it and fails if one of them failed.
 //! - Mirrored volumes: writes go to every leg and are acknowledged when all
 //!   legs answered; reads go to the first leg.
 //!
@@ -53,6 +60,10 @@ use crate::world::{DevOrigin, Env, Ev};
 /// How long a request waits for its answer unless the core says otherwise
 /// (`control_client::client::REQUEST_TIMEOUT`).
 pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
+
+/// Writes acknowledged before their chunk is preserved, per attachment (a
+/// few, so that the sim's small volumes see them overlap and wait).
+pub const WRITES_BEHIND_MAX: usize = 4;
 
 /// A device request of an I/O: (sim device, request, the (block, tag) a
 /// write puts there).
@@ -126,6 +137,12 @@ pub struct Att {
     /// The server copies the pre-images (a handover's target, or a source
     /// that asked for a token), as production's `Registrations` decide.
     cow_by_server: bool,
+    /// I/O ids of writes acknowledged behind, not yet landed.
+    behind: BTreeSet<u64>,
+    /// The first failure of a write behind since the last FLUSH asked.
+    behind_failed: Option<String>,
+    /// Admitted I/O waiting for writes behind (their block, or a FLUSH).
+    after_behind: Vec<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -143,6 +160,11 @@ struct Io {
     error: Option<String>,
     /// When the flush was sent, in the oracle's order.
     flush_seq: u64,
+    /// Acknowledged to the application already (a write behind), at this
+    /// point of the oracle's order.
+    behind: Option<u64>,
+    /// A FLUSH: when the application sent it, in the oracle's order.
+    submitted: u64,
 }
 
 enum DevPurpose {
@@ -379,6 +401,9 @@ impl AgentHost {
                     preserved: (snapshot, BTreeSet::new()),
                     preserving: BTreeMap::new(),
                     cow_by_server: cow_by_server || mode == OpenMode::SharedWrite,
+                    behind: BTreeSet::new(),
+                    behind_failed: None,
+                    after_behind: Vec::new(),
                 };
                 self.atts.insert(attachment, att);
                 self.note_lease(attachment, env);
@@ -542,7 +567,9 @@ impl AgentHost {
     pub fn submit(&mut self, att: AttachmentId, kind: IoKind, env: &mut Env) -> u64 {
         let id = self.next_io;
         self.next_io += 1;
-        self.ios.insert(id, Io { att, kind, desc: None, remaining: 0, error: None, flush_seq: 0 });
+        let submitted = if matches!(kind, IoKind::Flush) { env.oracle.flush_sent() } else { 0 };
+        self.ios
+            .insert(id, Io { att, kind, desc: None, remaining: 0, error: None, flush_seq: 0, behind: None, submitted });
         self.admit(id, env);
         id
     }
@@ -571,10 +598,31 @@ impl AgentHost {
         self.proceed(id, env);
     }
 
-    /// An admitted I/O: preserve its chunk if needed, then send it.
+    /// An admitted I/O: wait for the writes behind it must follow, preserve
+    /// its chunk if needed, then send it.
     fn proceed(&mut self, id: u64, env: &mut Env) {
+        let me = self.me();
         let Some(io) = self.ios.get(&id) else { return };
         let desc = io.desc.clone().expect("admitted");
+        let Some(a) = self.atts.get_mut(&io.att) else { return };
+        let waits = match io.kind {
+            IoKind::Flush => a.behind.range(..id).next().is_some(),
+            IoKind::Write { block, .. } | IoKind::Read { block } => a.behind.iter().any(|other| {
+                *other != id
+                    && self.ios.get(other).is_some_and(
+                        |o| matches!(o.kind, IoKind::Write { block: b, .. } | IoKind::Read { block: b } if b == block),
+                    )
+            }),
+        };
+        if waits {
+            env.trace(me, format_args!("io{id} waits for writes behind"));
+            return a.after_behind.push(id);
+        }
+        if matches!(io.kind, IoKind::Flush) {
+            if let Some(e) = a.behind_failed.take() {
+                return self.finish_io(id, Err(format!("a write acknowledged before it landed failed: {e}")), env);
+            }
+        }
         if let IoKind::Write { block, .. } = io.kind {
             if let Some(epoch) = &desc.snapshot {
                 let chunk = block * BLOCK_BYTES / epoch.chunk_bytes;
@@ -583,12 +631,23 @@ impl AgentHost {
                     epoch.cow.contains(chunk) || (a.preserved.0 == epoch.id.0 && a.preserved.1.contains(&chunk));
                 if chunk < epoch.chunk_count() && !known {
                     let att = io.att;
+                    let behind = !a.cow_by_server && a.behind.len() < WRITES_BEHIND_MAX;
                     match a.preserving.get_mut(&chunk) {
                         Some(p) => p.waiters.push(id),
                         None => {
                             let p = Preserve { snapshot: epoch.id.0, waiters: vec![id], step: PreserveStep::Reading };
                             a.preserving.insert(chunk, p);
                             self.start_preserve(att, chunk, env);
+                        }
+                    }
+                    if behind {
+                        if let (Some(a), Some(io)) = (self.atts.get_mut(&att), self.ios.get_mut(&id)) {
+                            a.behind.insert(id);
+                            io.behind = Some(env.oracle.flush_sent());
+                            let kind = io.kind.clone();
+                            env.stats.writes_behind += 1;
+                            env.trace(self.me(), format_args!("io{id} acknowledged behind"));
+                            self.app_io_done(id, kind, Ok(()), env);
                         }
                     }
                     return;
@@ -728,6 +787,26 @@ impl AgentHost {
             env.stats.writes_acked += 1;
         }
         if let (IoKind::Flush, Ok(_)) = (&io.kind, &result) {
+            // What a FLUSH promises: every write acknowledged before the
+            // application sent it has landed.
+            let early = self.atts.get(&io.att).and_then(|a| {
+                a.behind.iter().find(|w| self.ios.get(w).and_then(|w| w.behind).is_some_and(|at| at < io.submitted))
+            });
+            if let Some(w) = early {
+                env.fail("flush-covers-writes-behind", format!("io{id} (a FLUSH) completed before write behind io{w}"));
+            }
+        }
+        let mut after_behind = Vec::new();
+        if io.behind.is_some() {
+            if let Some(a) = self.atts.get_mut(&io.att) {
+                a.behind.remove(&id);
+                if let Err(e) = &result {
+                    a.behind_failed.get_or_insert_with(|| e.clone());
+                }
+                after_behind = std::mem::take(&mut a.after_behind);
+            }
+        }
+        if let (IoKind::Flush, Ok(_)) = (&io.kind, &result) {
             if let Some(a) = self.atts.get(&io.att) {
                 env.oracle.flushed(a.volume_id, io.flush_seq);
             }
@@ -742,7 +821,13 @@ impl AgentHost {
                 self.input(input, env);
             }
         }
-        self.app_io_done(id, io.kind, result.map(|_| ()), env);
+        // Those that waited for it look again (in the order they came).
+        for waiting in after_behind {
+            self.proceed(waiting, env);
+        }
+        if io.behind.is_none() {
+            self.app_io_done(id, io.kind, result.map(|_| ()), env);
+        }
     }
 
     fn check_drain(&mut self, att: AttachmentId, queue: &mut VecDeque<Input>, _env: &mut Env) {
