@@ -26,6 +26,11 @@ pub fn bin(name: &str) -> PathBuf {
 
 pub fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    stdout_of_success(cmd, out)
+}
+
+/// The stdout of `out` (from `cmd`), which must have succeeded.
+fn stdout_of_success(cmd: &Command, out: std::process::Output) -> String {
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
@@ -147,15 +152,30 @@ impl Pool {
         std::fs::read_to_string(self.dir.join("mds.log")).unwrap_or_default()
     }
 
-    /// `sanvol ARGS` as the admin; must succeed.
+    /// `sanvol ARGS` as the admin; must succeed. A refusal the server calls
+    /// transient ("retry shortly": it is renewing its pool lease, on a host
+    /// busy with the guest) is retried for up to 20 s, as an operator would;
+    /// it changed nothing.
     pub fn sanvol(&self, args: &[&str]) -> String {
-        run_ok(
-            Command::new(bin("sanvol"))
-                .env("SANVOL_MDS", format!("127.0.0.1:{}", self.mds_port))
+        let command = || {
+            let mut cmd = Command::new(bin("sanvol"));
+            cmd.env("SANVOL_MDS", format!("127.0.0.1:{}", self.mds_port))
                 .env("SANVOL_KEY", &self.admin_key)
                 .env("SANVOL_SERVER_KEY", pub_path(&self.mds_key))
-                .args(args),
-        )
+                .args(args);
+            cmd
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut out = command().output().expect("run sanvol");
+        while !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("retry shortly")
+            && Instant::now() < deadline
+        {
+            // The server names no moment to wait for: poll it.
+            std::thread::sleep(Duration::from_millis(200));
+            out = command().output().expect("run sanvol");
+        }
+        stdout_of_success(&command(), out)
     }
 
     /// A scenario with the agent binary, its key, the server's public key and the environment the
