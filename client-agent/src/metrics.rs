@@ -20,6 +20,8 @@
 //! | `sanvol_agent_lease_renewal_misses_total` | reason | renewals that failed or were still unanswered when the next was due |
 //! | `sanvol_agent_cow_registrations_total` | volume | copy-on-write registrations sent to the server |
 //! | `sanvol_agent_cow_chunks_registered_total` | volume | chunks they registered |
+//! | `sanvol_agent_cow_writes_behind` | volume | writes acknowledged before the snapshot's copy of their chunk, not landed yet |
+//! | `sanvol_agent_cow_writes_behind_failed_total` | volume | of those, failed after their acknowledgement (the next FLUSH failed) |
 //! | `sanvol_agent_volumes_attached` | — | volumes attached now |
 //! | `sanvol_agent_writes_fenced_total` | volume | device writes held back because the lease ran out before they could leave (sent again after the renewal) |
 
@@ -95,6 +97,20 @@ static WRITES_FENCED: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["volume"],
     )
 });
+static WRITES_BEHIND: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    let opts = Opts::new(
+        "sanvol_agent_cow_writes_behind",
+        "Writes acknowledged before the snapshot's copy of their chunk, not landed yet",
+    );
+    register(IntGaugeVec::new(opts, &["volume"]).expect("valid metric declaration"))
+});
+static WRITES_BEHIND_FAILED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "sanvol_agent_cow_writes_behind_failed_total",
+        "Writes acknowledged before the snapshot's copy of their chunk that then failed (the next FLUSH failed)",
+        &["volume"],
+    )
+});
 static VOLUMES_ATTACHED: LazyLock<IntGauge> = LazyLock::new(|| {
     register(IntGauge::new("sanvol_agent_volumes_attached", "Volumes attached now").expect("valid metric declaration"))
 });
@@ -115,6 +131,21 @@ pub fn init() {
     LazyLock::force(&COW_CHUNKS);
     LazyLock::force(&VOLUMES_ATTACHED);
     LazyLock::force(&WRITES_FENCED);
+    LazyLock::force(&WRITES_BEHIND);
+    LazyLock::force(&WRITES_BEHIND_FAILED);
+}
+
+/// A write of `volume` was acknowledged before its chunk was preserved.
+pub fn write_behind_started(volume: &str) {
+    WRITES_BEHIND.with_label_values(&[volume]).inc();
+}
+
+/// A write acknowledged behind landed (`ok`) or failed.
+pub fn write_behind_ended(volume: &str, ok: bool) {
+    WRITES_BEHIND.with_label_values(&[volume]).dec();
+    if !ok {
+        WRITES_BEHIND_FAILED.with_label_values(&[volume]).inc();
+    }
 }
 
 /// A device write of `volume` found the lease run out before it could leave.

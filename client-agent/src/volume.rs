@@ -521,8 +521,6 @@ impl VolumeDevice {
         Err(last_error.expect("at least one leg was tried"))
     }
 
-    /// Runs `op` on every online leg of every segment of `[offset, offset+len)`,
-    /// concurrently; succeeds when all succeed.
     /// A write as it goes to the devices: its chunks preserved first when the
     /// newest snapshot needs them, then every online leg.
     async fn write_in_line(&self, layout: &Layout, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
@@ -566,6 +564,7 @@ impl VolumeDevice {
             tracing::error!(volume = %self.name, handle = self.handle, offset, len, error = %e,
                 "a write acknowledged before its chunk was preserved failed; the next FLUSH fails");
         }
+        crate::metrics::write_behind_ended(&self.name, result.is_ok());
         if let Some(behind) = &self.behind {
             behind.finish(ticket, result.map_err(|e| e.message));
         }
@@ -580,6 +579,8 @@ impl VolumeDevice {
         }
     }
 
+    /// Runs `op` on every online leg of every segment of `[offset, offset+len)`,
+    /// concurrently; succeeds when all succeed.
     async fn on_all_legs<'a, F>(
         &self,
         layout: &'a Layout,
@@ -684,6 +685,7 @@ impl BlockDevice for VolumeDevice {
                     // A handover may have begun while the write waited for room.
                     if !self.handing_over.load(Ordering::SeqCst) {
                         let admitted = layout.to_owned(self.gate.clone());
+                        crate::metrics::write_behind_started(&self.name);
                         tokio::spawn(this.land_behind(admitted, ticket, offset, data));
                         return Ok(());
                     }

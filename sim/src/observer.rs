@@ -15,6 +15,7 @@
 //! | `no-unasked-availability-change` | the server core emits `HandOff` or `Stop` | one-server world: a server that nobody asked to hand off and that never lost the pool lease keeps serving (that world runs one server at a time and never takes its lease) |
 //! | `one-lease-holder-writes` | a device executes a write of a server (not to the lease area) | two-server world: no metadata or pre-image write of a server's term lands after another server's term started (it acquired the lease and loaded the metadata) |
 //! | `settled-one-active-server` | the end | two-server world: once settled, one server serves the pool and the other stands by |
+//! | `flush-covers-writes-behind` | a workload FLUSH completes | every write its agent acknowledged before the FLUSH was sent, ahead of the snapshot's copy of its chunk (`client_agent::cow_behind`), has landed (checked in the agent shell, [`crate::agent`]) |
 //! | `settled-*` | the end | once faults stop: no recall pending at the server, no agent gate stuck recalled, every planned holder attached |
 //!
 //! Data sweeps read the devices directly through the last committed
