@@ -12,9 +12,11 @@
 #            (`--cow-write-behind-kib`, client-agent/src/cow_behind.rs), so
 #            every row ends with a FLUSH and counts its time: IOPS = writes /
 #            (fio's runtime + the FLUSH), nothing left outstanding is
-#            counted free. One more row, "in line": first writes on the
-#            1 GiB volume (after a second snapshot) through a second agent
-#            with write-behind off, each write waiting for its copy.
+#            counted free. Each cell is the median of BENCH_REPS rounds (the
+#            sizes alternate; each round's snapshot is deleted after it).
+#            One more row, "in line": first writes on the 1 GiB volume
+#            (after a new snapshot) through a second agent with
+#            write-behind off, each write waiting for its copy.
 #   create   `volume create` latency (requests over one admin connection,
 #            median and p99 of 100) with 10 and with 10,000 volumes in the
 #            pool, and the CLI's wall time for one create at each size.
@@ -27,10 +29,11 @@
 #            that leaves for the agent's first writes (its plain write time
 #            from the no-snapshot row plus the copy).
 #
-# Usage: bench/metadata.sh   (env: BENCH_SECONDS=4, BENCH_VOLUMES=10000)
+# Usage: bench/metadata.sh   (env: BENCH_SECONDS=4, BENCH_REPS=3, BENCH_VOLUMES=10000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${BENCH_SECONDS:-4}
+REPS=${BENCH_REPS:-3}
 VOLUMES=${BENCH_VOLUMES:-10000}
 
 scripts/install-deps.sh >/dev/null
@@ -75,19 +78,26 @@ print("flush after the row: %.1f ms (fio alone: %.0f IOPS)" % (flush_s * 1000, w
 ' "$flush_s" <<<"$json"
 }
 
-for size in 1G 1T; do
-    vol="v$size"
-    $BIN/sanvol volume create "$vol" "$size" >/dev/null
-    uri=$($BIN/sanvol-agent attach "$vol" --control-socket "$D/agent-agent.sock")
-    echo "cow $size none $(fio_run "$uri" "$SECS")" >>"$results"
-    $BIN/sanvol snapshot create "$vol" s1 >/dev/null
-    echo "cow $size first $(fio_run "$uri" "$SECS")" >>"$results"
-    echo "cow $size again $(fio_run "$uri" "$SECS")" >>"$results"
-    $BIN/sanvol-agent detach "$vol" --control-socket "$D/agent-agent.sock" >/dev/null
-    echo "done: cow $size" >&2
+# BENCH_REPS rounds, the two sizes alternating in each: a QD1 row on this
+# 2-vCPU VM swings by tens of percent from one 4 s run to the next, so each
+# cell is the median of its rounds. Each round's snapshot is deleted at its
+# end, so the next round's first row has no snapshot again.
+for size in 1G 1T; do $BIN/sanvol volume create "v$size" "$size" >/dev/null; done
+for round in $(seq "$REPS"); do
+    for size in 1G 1T; do
+        vol="v$size"
+        uri=$($BIN/sanvol-agent attach "$vol" --control-socket "$D/agent-agent.sock")
+        echo "cow $size none $(fio_run "$uri" "$SECS")" >>"$results"
+        $BIN/sanvol snapshot create "$vol" "s$round" >/dev/null
+        echo "cow $size first $(fio_run "$uri" "$SECS")" >>"$results"
+        echo "cow $size again $(fio_run "$uri" "$SECS")" >>"$results"
+        $BIN/sanvol-agent detach "$vol" --control-socket "$D/agent-agent.sock" >/dev/null
+        $BIN/sanvol snapshot delete "$vol" "s$round" >/dev/null
+        echo "done: cow $size, round $round" >&2
+    done
 done
 start_agent inline --cow-write-behind-kib 0
-$BIN/sanvol snapshot create v1G s2 >/dev/null
+$BIN/sanvol snapshot create v1G inline >/dev/null
 uri=$($BIN/sanvol-agent attach v1G --control-socket "$D/agent-inline.sock")
 echo "cow 1G inline $(fio_run "$uri" "$SECS")" >>"$results"
 $BIN/sanvol-agent detach v1G --control-socket "$D/agent-inline.sock" >/dev/null
@@ -124,19 +134,27 @@ restart_mds $((VOLUMES + 100))
 python3 - "$results" "$SECS" <<'PY'
 import re, sys
 rows = [l.split() for l in open(sys.argv[1])]
-cow = {(r[1], r[2]): float(r[3]) for r in rows if r[0] == "cow"}
-print(f"fio randwrite 4k QD1 over the first GiB, {sys.argv[2]} s each (IOPS; ratio to no snapshot):")
+import statistics
+runs = {}
+for r in rows:
+    if r[0] == "cow":
+        runs.setdefault((r[1], r[2]), []).append(float(r[3]))
+cow = {k: statistics.median(v) for k, v in runs.items()}
+print(f"fio randwrite 4k QD1 over the first GiB, {sys.argv[2]} s each, median of {len(runs[('1G', 'none')])} rounds "
+      f"(IOPS; ratio to no snapshot):")
 print(f"{'volume':>8} {'no snapshot':>12} {'first writes':>14} {'again':>14}")
 for size in ("1G", "1T"):
     none, first, again = cow[(size, "none")], cow[(size, "first")], cow[(size, "again")]
     print(f"{size:>8} {none:>12.0f} {first:>8.0f} ({first/none:.2f}) {again:>8.0f} ({again/none:.2f})")
+for (size, row), values in sorted(runs.items()):
+    print(f"  rounds, {size} {row}: " + ", ".join(f"{v:.0f}" for v in values))
 print(f"1 TiB / 1 GiB: no snapshot {cow[('1T','none')]/cow[('1G','none')]:.2f}, "
       f"first writes {cow[('1T','first')]/cow[('1G','first')]:.2f}, again {cow[('1T','again')]/cow[('1G','again')]:.2f}")
 r1t, r1g = cow[("1T", "first")] / cow[("1T", "none")], cow[("1G", "first")] / cow[("1G", "none")]
 print(f"first writes / no snapshot, 1 TiB against 1 GiB (each against its own volume's no-snapshot row): {r1t / r1g:.2f}")
 if ("1G", "inline") in cow:
     inline = cow[("1G", "inline")]
-    print(f"1 GiB first writes in line (--cow-write-behind-kib 0, after a second snapshot): {inline:.0f} "
+    print(f"1 GiB first writes in line (--cow-write-behind-kib 0, after a new snapshot): {inline:.0f} "
           f"({inline / cow[('1G', 'none')]:.2f} of no snapshot)")
 floor = next((dict(x.split("=") for x in r[1:]) for r in rows if r[0] == "floor"), None)
 if floor:
