@@ -189,12 +189,12 @@ struct RunArgs {
     #[arg(long, env = "SANVOL_AGENT_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
     /// After a snapshot, the first write to each 64 KiB chunk must first copy the chunk's old
-    /// bytes for the snapshot. Up to this many KiB of such writes per volume are acknowledged at
-    /// once and completed in the background (a FLUSH waits for them; FUA writes never wait
-    /// behind; reads and overlapping requests see them), as a disk's volatile write cache does.
-    /// 0: every such write waits for its copy.
+    /// bytes for the snapshot. Up to this many KiB of such writes per volume (exclusive holders)
+    /// are acknowledged at once and completed in the background, as a disk's volatile write
+    /// cache does: a FLUSH waits for them and fails if one failed, reads and overlapping requests
+    /// see them, FUA writes go in line. 0: every such write waits for its copy. At most 4 GiB.
     #[arg(long, env = "SANVOL_AGENT_COW_WRITE_BEHIND_KIB", default_value_t = client_agent::cow_behind::DEFAULT_BUDGET_BYTES / 1024,
-          value_parser = clap::value_parser!(u64).range(0..=1 << 30))]
+          value_parser = clap::value_parser!(u64).range(0..=4 << 20))]
     cow_write_behind_kib: u64,
     /// How long the shutdown after SIGTERM/SIGINT may take to flush and close every volume; past it
     /// (or on a second signal) the agent exits as after a crash, and a restart with the same

@@ -643,6 +643,7 @@ impl AgentHost {
                     if behind {
                         if let (Some(a), Some(io)) = (self.atts.get_mut(&att), self.ios.get_mut(&id)) {
                             a.behind.insert(id);
+                            // A point in the oracle's order (flushes sent later must cover it).
                             io.behind = Some(env.oracle.flush_sent());
                             let kind = io.kind.clone();
                             env.stats.writes_behind += 1;
