@@ -538,9 +538,11 @@ impl VolumeDevice {
     /// own pre-images, and a chunk it touches is not preserved yet.
     fn needs_preserving(&self, layout: &Layout, offset: u64, len: u64) -> bool {
         let Some(epoch) = &layout.description.snapshot else { return false };
-        if self.handing_over.load(Ordering::SeqCst)
+        // Out of range: the write goes in line, to fail there.
+        let in_range = offset.checked_add(len).is_some_and(|end| end <= layout.description.size_bytes);
+        if !in_range
+            || self.handing_over.load(Ordering::SeqCst)
             || self.registrations.as_ref().is_none_or(|r| r.server_copies_now())
-            || layout.map().segments(offset, len).is_err()
         {
             return false;
         }

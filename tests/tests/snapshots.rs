@@ -449,8 +449,7 @@ async fn agent_killed_with_writes_behind_loses_only_unflushed_ones() {
     assert_pre_images_on_devices(description, &flushed, &image1).await;
     for &chunk in &flushed {
         let at = block_of(chunk) * BLOCK;
-        for (device, offset) in legs_at(description, &description["extents"], at) {
-            let got = read_device(&device, offset, BLOCK).await;
+        for (device, got) in volume_block_on_legs(description, at).await {
             assert!(got == block_pattern(12, at / BLOCK), "chunk {chunk}: a flushed write is not on {device}");
         }
     }
@@ -458,8 +457,7 @@ async fn agent_killed_with_writes_behind_loses_only_unflushed_ones() {
     for &chunk in &unflushed {
         let at = block_of(chunk) * BLOCK;
         let old = &image1[at as usize..(at + BLOCK) as usize];
-        for (device, offset) in legs_at(description, &description["extents"], at) {
-            let got = read_device(&device, offset, BLOCK).await;
+        for (_, got) in volume_block_on_legs(description, at).await {
             if got == block_pattern(13, at / BLOCK) {
                 landed += 1;
                 assert!(cow_has(&description["snapshot"]["cow"], chunk), "chunk {chunk} overwritten unregistered");
@@ -540,6 +538,17 @@ fn legs_at(description: &serde_json::Value, extents: &serde_json::Value, at: u64
             (device["uri"].as_str().unwrap().to_string(), leg["offset"].as_u64().unwrap() + at % extent_bytes)
         })
         .collect()
+}
+
+/// The block of the volume at byte `at` as each of its legs holds it, read
+/// from the devices directly: (device URI, bytes).
+async fn volume_block_on_legs(description: &serde_json::Value, at: u64) -> Vec<(String, Vec<u8>)> {
+    let mut blocks = Vec::new();
+    for (device, offset) in legs_at(description, &description["extents"], at) {
+        let got = read_device(&device, offset, BLOCK).await;
+        blocks.push((device, got));
+    }
+    blocks
 }
 
 /// Whether `chunk` is set in a snapshot's COW map as `volume show --json` prints it.
@@ -639,8 +648,7 @@ async fn server_crash_under_cow_load(point: &str) {
     assert_pre_images_on_devices(description, &chunks, &image1).await;
     for &chunk in &chunks {
         let at = chunk * CHUNK;
-        for (device, offset) in legs_at(description, &description["extents"], at) {
-            let got = read_device(&device, offset, BLOCK).await;
+        for (device, got) in volume_block_on_legs(description, at).await {
             assert!(got == block_pattern(11, at / BLOCK), "chunk {chunk}: the new block is not on {device}");
         }
     }
