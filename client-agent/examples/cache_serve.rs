@@ -47,7 +47,7 @@ async fn main() -> anyhow::Result<()> {
         None
     } else {
         let (Some(log), Some(log_mib)) = (get("--log"), get("--log-mib")) else { anyhow::bail!(USAGE) };
-        let config = CacheConfig { log_path: PathBuf::from(log), log_bytes: log_mib.parse::<u64>()? << 20 };
+        let config = CacheConfig::new(PathBuf::from(log), log_mib.parse::<u64>()? << 20);
         let cache = CachedDevice::open(client.clone(), volume, &config).await?;
         eprintln!("cache log {}: {} records replayed", config.log_path.display(), cache.replayed_records());
         Some(Arc::new(cache))
@@ -135,7 +135,7 @@ async fn mirrored(args: &[String]) -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("volume layout: {e:?}"))?;
     let gate = Arc::new(Gate::new(Arc::new(layout), description.layout_generation));
     let volume_device: Arc<dyn BlockDevice> = Arc::new(VolumeDevice::new(&name, opened.handle.0, false, gate));
-    let config = CacheConfig { log_path: PathBuf::from(log), log_bytes: setting.size_bytes };
+    let config = CacheConfig::new(PathBuf::from(log), setting.size_bytes);
     let mirror = Arc::new(ControlMirror::new(client.clone(), opened.handle));
     let cache = Arc::new(CachedDevice::open_mirrored(volume_device, description.volume, &config, mirror).await?);
     eprintln!(

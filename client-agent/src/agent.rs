@@ -63,6 +63,9 @@ pub struct AgentConfig {
     /// acknowledged before they land, per volume (0: none; see
     /// [`crate::cow_behind`]).
     pub cow_write_behind_bytes: u64,
+    /// Memory for clean blocks read from the devices, per cached volume
+    /// (0: none; see [`crate::cache::clean`]).
+    pub cache_read_bytes: u64,
 }
 
 impl AgentConfig {
@@ -83,6 +86,7 @@ impl AgentConfig {
             state: None,
             cache_dir: None,
             cow_write_behind_bytes: crate::cow_behind::DEFAULT_BUDGET_BYTES,
+            cache_read_bytes: crate::cache::READ_CACHE_BYTES_DEFAULT,
         }
     }
 }

@@ -779,6 +779,7 @@ impl Shell {
             });
             CachePlan {
                 log_path: self.config.cache_log_path(&volume),
+                read_cache_bytes: self.config.cache_read_bytes,
                 resumed,
                 mirror: Arc::new(ControlMirror::with_source(source, HandleId(handle))),
             }
@@ -869,6 +870,8 @@ struct AttachTask {
 struct CachePlan {
     /// `None`: the agent has no cache directory (no state directory either).
     log_path: Option<std::path::PathBuf>,
+    /// Memory for the cache's clean blocks ([`crate::cache::clean`]).
+    read_cache_bytes: u64,
     resumed: bool,
     mirror: Arc<ControlMirror>,
 }
@@ -928,7 +931,7 @@ impl CachePlan {
         if let Some(dir) = log_path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| format!("cache directory {}: {e}", dir.display()))?;
         }
-        let config = CacheConfig { log_path: log_path.clone(), log_bytes };
+        let config = CacheConfig { log_path: log_path.clone(), log_bytes, read_cache_bytes: self.read_cache_bytes };
         let before_logged: Arc<dyn crate::cache::BeforeLogged> = device.clone();
         let cache =
             CachedDevice::open_mirrored_with(device, id, &config, self.mirror.clone(), old, Some(before_logged))
@@ -963,6 +966,10 @@ fn cache_info(cache: &CachedDevice, log_path: &str) -> control_client::agent_api
         destage_bytes_per_sec: report.destage_bytes_per_sec,
         written_around_bytes: report.written_around_bytes,
         writes_waiting_for_mirror: report.writes_waiting_for_mirror,
+        read_cache_bytes: report.read_cache.bytes,
+        read_cache_capacity_bytes: report.read_cache.capacity_bytes,
+        read_hits: report.read_cache.hits,
+        read_misses: report.read_cache.misses,
         log_path: log_path.to_string(),
     }
 }

@@ -126,6 +126,17 @@ pub struct CacheInfo {
     /// until it has been emptied (mirroring started again).
     #[serde(default)]
     pub writes_waiting_for_mirror: u64,
+    /// Clean blocks kept in memory for reads, of how many at most (bytes),
+    /// and reads they answered (hits) or not (misses) since the cache
+    /// opened.
+    #[serde(default)]
+    pub read_cache_bytes: u64,
+    #[serde(default)]
+    pub read_cache_capacity_bytes: u64,
+    #[serde(default)]
+    pub read_hits: u64,
+    #[serde(default)]
+    pub read_misses: u64,
     pub log_path: String,
 }
 

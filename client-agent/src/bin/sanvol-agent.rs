@@ -188,6 +188,13 @@ struct RunArgs {
     /// local disk. Default: `cache` in the --state-dir.
     #[arg(long, env = "SANVOL_AGENT_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// Memory per cached volume for clean blocks read from its devices (least recently used go
+    /// first), so that re-reads of a slow or distant device come from memory. Kept only from
+    /// reads of up to 256 KiB; dropped where the devices change. 0: reads always go to the
+    /// devices (and to the write-back cache's own unwritten data).
+    #[arg(long, env = "SANVOL_AGENT_CACHE_READ_MIB", default_value_t = client_agent::cache::READ_CACHE_BYTES_DEFAULT >> 20,
+          value_parser = clap::value_parser!(u64).range(0..=64 << 10))]
+    cache_read_mib: u64,
     /// After a snapshot, the first write to each 64 KiB chunk must first copy the chunk's old
     /// bytes for the snapshot. Up to this many KiB of such writes per volume (exclusive holders)
     /// are acknowledged at once and completed in the background, as a disk's volatile write
@@ -343,6 +350,7 @@ async fn run(args: RunArgs, control_socket: PathBuf, persisted: Arc<Persisted>) 
         state: Some(state_dir.clone()),
         cache_dir: args.cache_dir.clone(),
         cow_write_behind_bytes: args.cow_write_behind_kib * 1024,
+        cache_read_bytes: args.cache_read_mib << 20,
     };
     let agent = Agent::start(config);
     // The previous run's handles are resumed as soon as the server answers (in the background;
@@ -507,6 +515,15 @@ fn print_table(volumes: &[AttachmentInfo]) {
                     "  cache: {} writes on the devices wait for the mirror to be emptied before they are acknowledged \
                      (the failed mirror may hold older writes under them)",
                     c.writes_waiting_for_mirror
+                );
+            }
+            if c.read_cache_capacity_bytes > 0 {
+                println!(
+                    "  read cache: {} of {} clean blocks, {} reads from memory, {} from the devices",
+                    human_bytes(c.read_cache_bytes),
+                    human_bytes(c.read_cache_capacity_bytes),
+                    c.read_hits,
+                    c.read_misses
                 );
             }
         }

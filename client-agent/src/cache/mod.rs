@@ -113,6 +113,7 @@
 //! acknowledged before them (they must not overtake cached writes, and the
 //! devices' allocation answer must include them), then go to the devices.
 
+pub mod clean;
 pub mod dirty;
 mod log_file;
 pub mod mirror;
@@ -137,6 +138,7 @@ use volume_format::cache_log::{LogAppender, ScanError};
 use volume_format::control::messages::MirrorRecord;
 use volume_format::VolumeId;
 
+use clean::{CleanBlocks, CleanStats, Lookup};
 use dirty::DirtyMap;
 use log_file::LogFile;
 use stale::StaleRanges;
@@ -177,6 +179,8 @@ pub const WRITE_AROUND_BYTES_MIN: usize = 512 << 10;
 /// Back-off between attempts to destage a record the devices refused.
 pub const DESTAGE_RETRY_MIN_MS: u64 = 50;
 pub const DESTAGE_RETRY_MAX_MS: u64 = 5_000;
+/// Memory for clean blocks per cached volume, unless configured.
+pub const READ_CACHE_BYTES_DEFAULT: u64 = 64 << 20;
 /// Pause between attempts to start mirroring again after the mirror failed.
 pub const MIRROR_RETRY_MS: u64 = 1_000;
 /// The destage rate a report shows is over this window.
@@ -243,6 +247,15 @@ impl std::fmt::Display for MirrorState {
 pub struct CacheConfig {
     pub log_path: PathBuf,
     pub log_bytes: u64,
+    /// Memory for clean blocks read from the devices ([`clean`]); 0: none.
+    pub read_cache_bytes: u64,
+}
+
+impl CacheConfig {
+    /// A log of `log_bytes` at `log_path`, with the default read cache.
+    pub fn new(log_path: PathBuf, log_bytes: u64) -> CacheConfig {
+        CacheConfig { log_path, log_bytes, read_cache_bytes: READ_CACHE_BYTES_DEFAULT }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -308,6 +321,9 @@ pub struct CacheReport {
     /// Write-through writes on the devices that wait for a failed mirror
     /// to be emptied before they are acknowledged (see "Stale mirror").
     pub writes_waiting_for_mirror: u64,
+    /// The clean blocks kept for reads (all zero when there is no room
+    /// for them).
+    pub read_cache: CleanStats,
 }
 
 struct WriteReq {
@@ -393,6 +409,9 @@ struct Shared {
     /// One permit per mirror append that may be unanswered
     /// ([`MIRROR_APPENDS_IN_FLIGHT_MAX`]).
     mirror_slots: Arc<Semaphore>,
+    /// Clean blocks for reads ([`clean`]). Locked after `state` when both
+    /// are (a destage round's invalidation), never the other way round.
+    clean: Option<Mutex<CleanBlocks>>,
 }
 
 impl State {
@@ -432,6 +451,40 @@ impl Shared {
         // A panic while holding the lock is a bug; the state is still the
         // best record of what is cached, so keep using it.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn clean(&self) -> Option<std::sync::MutexGuard<'_, CleanBlocks>> {
+        self.clean.as_ref().map(|c| c.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+
+    /// The devices' bytes of the range changed (or may have): see
+    /// [`clean`].
+    fn devices_changed(&self, offset: u64, len: u64) {
+        if let Some(mut clean) = self.clean() {
+            clean.invalidate(offset, len);
+        }
+    }
+
+    /// Reads the devices, through the clean blocks.
+    async fn read_devices(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+        let ticket = match self.clean().map(|mut c| c.lookup_or_begin(offset, len as u64)) {
+            None => return self.inner.read(offset, len).await,
+            Some(Lookup::Hit(bytes)) => return Ok(bytes),
+            Some(Lookup::Miss(ticket)) => ticket,
+        };
+        // Ends the ticket also when this read is abandoned.
+        struct Reading<'a>(&'a Shared, u64, Option<Bytes>);
+        impl Drop for Reading<'_> {
+            fn drop(&mut self) {
+                if let Some(mut clean) = self.0.clean() {
+                    clean.finish(self.1, self.2.as_ref());
+                }
+            }
+        }
+        let mut reading = Reading(self, ticket, None);
+        let data = self.inner.read(offset, len).await?;
+        reading.2 = Some(data.clone());
+        Ok(data)
     }
 }
 
@@ -584,6 +637,7 @@ impl CachedDevice {
             destaged: Notify::new(),
             inner_unflushed: AtomicBool::new(false),
             mirror_slots: Arc::new(Semaphore::new(MIRROR_APPENDS_IN_FLIGHT_MAX)),
+            clean: CleanBlocks::new(config.read_cache_bytes).map(Mutex::new),
         });
         let (writes, rx) = mpsc::channel(WRITES_QUEUED_MAX);
         let (acks, acks_rx) = mpsc::unbounded_channel();
@@ -625,6 +679,7 @@ impl CachedDevice {
             destage_bytes_per_sec,
             written_around_bytes: state.written_around_bytes,
             writes_waiting_for_mirror: self.shared.writes_waiting_for_mirror.load(Ordering::SeqCst),
+            read_cache: self.shared.clean().map(|c| c.stats()).unwrap_or_default(),
         }
     }
 
@@ -1287,6 +1342,13 @@ async fn destage_loop(shared: Arc<Shared>) {
         }
         {
             let mut state = shared.lock();
+            // Before the records leave the dirty map, whose overlay hides
+            // what the clean blocks hold under them (see `clean`).
+            if let Some(mut clean) = shared.clean() {
+                for record in &round {
+                    clean.invalidate(record.offset, record.data.len() as u64);
+                }
+            }
             for record in &round {
                 let front = state.queue.pop_front().expect("the round came from the queue");
                 debug_assert_eq!(front.seq, record.seq);
@@ -1343,7 +1405,11 @@ impl BlockDevice for CachedDevice {
         if dirty::covers(&overlay, len as u64) {
             return Ok(dirty::join(overlay));
         }
-        let mut out = BytesMut::from(&self.shared.inner.read(offset, len).await?[..]);
+        let read = self.shared.read_devices(offset, len).await?;
+        if overlay.is_empty() {
+            return Ok(read);
+        }
+        let mut out = BytesMut::from(&read[..]);
         for (at, data) in overlay {
             let start = (at - offset) as usize;
             out[start..start + data.len()].copy_from_slice(&data);
@@ -1360,7 +1426,9 @@ impl BlockDevice for CachedDevice {
             // See WRITE_AROUND_BYTES_MIN and "Write-around" in the module doc.
             tracing::debug!(offset, len = data.len(), "write goes around the cache, straight to the devices");
             let len = data.len() as u64;
-            self.shared.inner.write(offset, data, _fua).await?;
+            let written = self.shared.inner.write(offset, data, _fua).await;
+            self.shared.devices_changed(offset, len);
+            written?;
             self.shared.inner_unflushed.store(true, Ordering::SeqCst);
             self.shared.lock().written_around_bytes += len;
             return Ok(());
@@ -1395,7 +1463,9 @@ impl BlockDevice for CachedDevice {
 
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
         self.destage_all().await;
-        self.shared.inner.trim(offset, len, fua).await?;
+        let trimmed = self.shared.inner.trim(offset, len, fua).await;
+        self.shared.devices_changed(offset, len as u64);
+        trimmed?;
         // Set after completion: a FLUSH that cleared it earlier did not
         // cover this request.
         self.shared.inner_unflushed.store(true, Ordering::SeqCst);
@@ -1404,7 +1474,9 @@ impl BlockDevice for CachedDevice {
 
     async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
         self.destage_all().await;
-        self.shared.inner.write_zeroes(offset, len, flags).await?;
+        let zeroed = self.shared.inner.write_zeroes(offset, len, flags).await;
+        self.shared.devices_changed(offset, len as u64);
+        zeroed?;
         self.shared.inner_unflushed.store(true, Ordering::SeqCst);
         Ok(())
     }
@@ -1415,6 +1487,20 @@ impl BlockDevice for CachedDevice {
     }
 
     async fn cache(&self, offset: u64, len: u32) -> Result<(), IoError> {
-        self.shared.inner.cache(offset, len).await
+        // A prefetch: into the clean blocks when there are any.
+        if self.shared.clean.is_none() {
+            return self.shared.inner.cache(offset, len).await;
+        }
+        blockio::error::check_range(offset, len as u64, self.size())?;
+        // In reads the clean blocks keep, and no more than they hold.
+        let room = self.shared.clean().map_or(0, |c| c.stats().capacity_bytes);
+        let end = offset + (len as u64).min(room);
+        let mut at = offset;
+        while at < end {
+            let piece = (end - at).min(clean::INSERT_BYTES_MAX);
+            self.shared.read_devices(at, piece as u32).await?;
+            at += piece;
+        }
+        Ok(())
     }
 }

@@ -18,10 +18,14 @@ use super::*;
 
 const DEVICE_BYTES: u64 = 4 << 20;
 
-/// A memory device whose writes wait while `held` is true.
+/// A memory device whose writes wait while `held` is true, and whose reads
+/// return (what they read at once) only when `reads_held` is false.
 struct HeldDevice {
     inner: Arc<MemoryDevice>,
     held: watch::Receiver<bool>,
+    reads_held: watch::Receiver<bool>,
+    /// Reads that reached the device.
+    reads: AtomicU64,
     /// Offsets of the writes that reached the device (held or not).
     arrived: std::sync::Mutex<Vec<u64>>,
     writes: AtomicU64,
@@ -33,7 +37,10 @@ impl BlockDevice for HeldDevice {
         self.inner.size()
     }
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
-        self.inner.read(offset, len).await
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        let data = self.inner.read(offset, len).await?;
+        let _ = self.reads_held.clone().wait_for(|held| !*held).await;
+        Ok(data)
     }
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
         self.arrived.lock().unwrap().push(offset);
@@ -58,21 +65,25 @@ struct Setup {
     config: CacheConfig,
     memory: Arc<MemoryDevice>,
     hold: watch::Sender<bool>,
+    hold_reads: watch::Sender<bool>,
     device: Arc<HeldDevice>,
 }
 
 fn setup(log_bytes: u64, held: bool) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let config = CacheConfig { log_path: dir.path().join("vol.cachelog"), log_bytes };
+    let config = CacheConfig::new(dir.path().join("vol.cachelog"), log_bytes);
     let memory = Arc::new(MemoryDevice::new(DEVICE_BYTES));
     let (hold, rx) = watch::channel(held);
+    let (hold_reads, reads_held) = watch::channel(false);
     let device = Arc::new(HeldDevice {
         inner: memory.clone(),
         held: rx,
+        reads_held,
+        reads: AtomicU64::new(0),
         arrived: Default::default(),
         writes: AtomicU64::new(0),
     });
-    Setup { _dir: dir, config, memory, hold, device }
+    Setup { _dir: dir, config, memory, hold, hold_reads, device }
 }
 
 impl Setup {
@@ -944,4 +955,92 @@ async fn every_batch_is_preserved_before_it_is_logged_and_a_failed_preserve_fail
     assert!(e.message.contains("preserving failed"), "{e}");
     assert_eq!(mirror.held.lock().unwrap().len(), 1, "a write that was not preserved is neither logged nor mirrored");
     assert_eq!(cache.status().records, 1);
+}
+
+// The clean blocks kept for reads (`clean`): never older than the devices
+// where no dirty record lies over them.
+
+const BLOCK: u64 = clean::BLOCK_BYTES;
+
+fn filled(fill: u8, len: u64) -> Bytes {
+    Bytes::from(vec![fill; len as usize])
+}
+
+#[tokio::test]
+async fn re_reads_come_from_memory_until_the_devices_change() {
+    let s = setup(LOG_BYTES_MIN, false);
+    s.memory.write(0, filled(1, 4 * BLOCK), false).await.unwrap();
+    let cache = s.open().await.unwrap();
+    assert_eq!(cache.read(0, 4 * BLOCK as u32).await.unwrap(), filled(1, 4 * BLOCK));
+    let device_reads = s.device.reads.load(Ordering::SeqCst);
+    for _ in 0..3 {
+        assert_eq!(cache.read(BLOCK, BLOCK as u32).await.unwrap(), filled(1, BLOCK));
+        assert_eq!(cache.read(10, 3 * BLOCK as u32).await.unwrap(), filled(1, 3 * BLOCK));
+    }
+    assert_eq!(s.device.reads.load(Ordering::SeqCst), device_reads, "re-reads stay in memory");
+    let stats = cache.report().read_cache;
+    assert_eq!((stats.bytes, stats.hits, stats.misses), (4 * BLOCK, 6, 1));
+
+    // A cached write, destaged: the block is read from the devices again.
+    cache.write(BLOCK, filled(2, BLOCK), false).await.unwrap();
+    assert_eq!(cache.read(BLOCK, BLOCK as u32).await.unwrap(), filled(2, BLOCK));
+    cache.destage_all().await;
+    assert_eq!(cache.read(BLOCK, BLOCK as u32).await.unwrap(), filled(2, BLOCK), "after its destage");
+
+    // A write around the log, TRIM and WRITE_ZEROES.
+    let big = WRITE_AROUND_BYTES_MIN as u64;
+    cache.write(4 << 20 >> 1, filled(3, big), false).await.unwrap();
+    cache.read(4 << 20 >> 1, BLOCK as u32).await.unwrap();
+    cache.write(4 << 20 >> 1, filled(4, big), false).await.unwrap();
+    assert_eq!(cache.report().written_around_bytes, 2 * big);
+    assert_eq!(cache.read(4 << 20 >> 1, BLOCK as u32).await.unwrap(), filled(4, BLOCK), "after a write-around");
+    cache.trim(2 * BLOCK, BLOCK as u32, false).await.unwrap();
+    assert_eq!(cache.read(2 * BLOCK, BLOCK as u32).await.unwrap(), filled(0, BLOCK), "after a TRIM");
+    cache.write_zeroes(3 * BLOCK, BLOCK as u32, ZeroFlags::default()).await.unwrap();
+    assert_eq!(cache.read(3 * BLOCK, BLOCK as u32).await.unwrap(), filled(0, BLOCK), "after WRITE_ZEROES");
+    assert_eq!(cache.read(0, BLOCK as u32).await.unwrap(), filled(1, BLOCK), "an untouched block is still kept");
+}
+
+#[tokio::test]
+async fn a_device_read_that_overlaps_a_destage_is_returned_but_not_kept() {
+    let s = setup(LOG_BYTES_MIN, true);
+    let cache = Arc::new(s.open().await.unwrap());
+    cache.write(0, filled(5, BLOCK), false).await.unwrap();
+    // A read over the dirty block and the next one reads the devices (old
+    // bytes), and is held there while the write is destaged.
+    s.hold_reads.send(true).unwrap();
+    let reader = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.read(0, 2 * BLOCK as u32).await })
+    };
+    while s.device.reads.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    s.hold.send(false).unwrap();
+    cache.destage_all().await;
+    s.hold_reads.send(false).unwrap();
+    let read = reader.await.unwrap().unwrap();
+    assert_eq!(&read[..BLOCK as usize], &filled(5, BLOCK)[..], "the overlay taken first covers the write");
+    // Had it been kept, block 0 would now read the old bytes.
+    assert_eq!(cache.read(0, BLOCK as u32).await.unwrap(), filled(5, BLOCK));
+    assert_eq!(s.memory.read(0, BLOCK as u32).await.unwrap(), filled(5, BLOCK));
+}
+
+#[tokio::test]
+async fn nbd_cache_prefetches_into_memory_and_no_room_means_no_clean_blocks() {
+    let s = setup(LOG_BYTES_MIN, false);
+    let cache = s.open().await.unwrap();
+    cache.cache(0, 64 * BLOCK as u32).await.unwrap();
+    let device_reads = s.device.reads.load(Ordering::SeqCst);
+    cache.read(5 * BLOCK, 7 * BLOCK as u32).await.unwrap();
+    assert_eq!(s.device.reads.load(Ordering::SeqCst), device_reads, "prefetched");
+    drop(cache);
+
+    let mut s = setup(LOG_BYTES_MIN, false);
+    s.config.read_cache_bytes = 0;
+    let cache = s.open().await.unwrap();
+    cache.read(0, BLOCK as u32).await.unwrap();
+    cache.read(0, BLOCK as u32).await.unwrap();
+    assert_eq!(s.device.reads.load(Ordering::SeqCst), 2);
+    assert_eq!(cache.report().read_cache, clean::CleanStats::default());
 }
