@@ -2,8 +2,8 @@
 # Write-back cache benchmark (issue 15): the agent's cache in front of a
 # device vs straight through to it, same device, same run.
 #
-# Devices: `nbdkit memory` behind the `delay` filter (delay-write=1ms,
-# standing for a remote array) and without it (a fast device, so the cache's
+# Devices: `nbdkit memory` behind the `delay` filter (delay-write=1ms and
+# delay-read=1ms, standing for a remote array) and without it (a fast device, so the cache's
 # cost is visible). Peers: client-agent's `cache_serve` example serving each
 # device through the cache (log file on this host's disk, fdatasync'ed) and
 # with --write-through. fio's nbd engine drives all four over unix sockets.
@@ -24,6 +24,11 @@
 #                          the software's share of a write)
 # Goals (delay rows): >= 5x at 4k randwrite QD1, >= 2x at QD32, >= 1x at 1 MiB.
 #
+# Read rows (the cache's clean blocks, 64 MiB per volume by default): 4k
+# random reads at QD1 over a hot set of 16 MiB that fits (after one
+# sequential 256 KiB pass over it), and at QD32 over the whole working set,
+# four times the clean blocks' room (where it cannot pay off: its cost).
+#
 # The floor (printed first): a cache acknowledges a QD1 write only once it is
 # durable, so no cache on this host beats one synchronous 4k append to a
 # preallocated file on this disk (fio, O_DIRECT|O_DSYNC, as the cache log is
@@ -43,7 +48,7 @@ cargo build --release -q -p client-agent --example cache_serve
 source bench/lib.sh
 SERVE=${BENCH_BIN:-target/release}/examples/cache_serve
 
-start_nbdkit slow --filter=delay memory "${DEVICE_MIB}M" delay-write=1ms
+start_nbdkit slow --filter=delay memory "${DEVICE_MIB}M" delay-write=1ms delay-read=1ms
 start_nbdkit fast memory "${DEVICE_MIB}M"
 for dev in slow fast; do
     start_ready "$dev-cache" "$SERVE" --unix "$BENCH_DIR/$dev-cache.sock" --device "$(sock_uri "$dev")" \
@@ -52,12 +57,21 @@ for dev in slow fast; do
         --write-through
 done
 
-# The matrix: name rw block-size depth
+# The matrix: name rw block-size depth [working-set-MiB]
 ROWS=(
     "4k-randwrite-qd1 randwrite 4k 1"
     "4k-randwrite-qd32 randwrite 4k 32"
     "1m-write-qd4 write 1m 4"
+    "4k-randread-qd1-hot randread 4k 1 16"
+    "4k-randread-qd32 randread 4k 32"
 )
+# row_fio URI NAME RW BS DEPTH [SIZE] : "iops mib" of one row; a read row
+# first reads its working set once, sequentially in 256 KiB requests.
+row_fio() {
+    local uri=$1 name=$2 rw=$3 bs=$4 depth=$5 size=${6:-$WORK_MIB}
+    if [ "$rw" = randread ]; then fio_nbd "$uri" read 256k 1 "$size" 1 >/dev/null; fi
+    fio_nbd "$uri" "$rw" "$bs" "$depth" "$size" "$SECS"
+}
 if [ -n "${BENCH_ROWS:-}" ]; then
     mapfile -t ROWS < <(for r in "${ROWS[@]}"; do [[ " $BENCH_ROWS " == *" ${r%% *} "* ]] && echo "$r"; done)
 fi
@@ -87,10 +101,10 @@ fi
 
 results="$BENCH_DIR/results.txt"
 for row in "${ROWS[@]}"; do
-    read -r name rw bs depth <<<"$row"
+    read -r name rw bs depth size <<<"$row"
     for dev in slow fast; do
         for mode in cache direct; do
-            echo "$name $dev $mode $(fio_nbd "$(sock_uri "$dev-$mode")" "$rw" "$bs" "$depth" "$WORK_MIB" "$SECS")" >>"$results"
+            echo "$name $dev $mode $(row_fio "$(sock_uri "$dev-$mode")" $row)" >>"$results"
         done
     done
     echo "done: $name" >&2
@@ -115,9 +129,9 @@ mirrored_rows() {
             python3 -c 'import json, sys; print(next(v for v in json.load(sys.stdin) if v["volume"] == "vc")["cache"]["state"])')
         [ "$state" = mirrored ] || { echo "vc's cache is $state, not mirrored" >&2; exit 1; }
         for row in "${ROWS[@]}"; do
-            read -r name rw bs depth <<<"$row"
+            read -r name rw bs depth size <<<"$row"
             for mode in mirrored through; do
-                echo "$name $dev $mode $(fio_nbd "${URI[$mode]}" "$rw" "$bs" "$depth" "$WORK_MIB" "$SECS")" >>"$MIRRORED_RESULTS"
+                echo "$name $dev $mode $(row_fio "${URI[$mode]}" $row)" >>"$MIRRORED_RESULTS"
             done
             echo "done: mirrored $name ($dev)" >&2
         done
@@ -128,7 +142,7 @@ mirrored_rows() {
     )
 }
 MIRRORED_RESULTS="$BENCH_DIR/mirrored.txt"
-mirrored_rows slow --filter=delay memory "$((DEVICE_MIB + 512))M" delay-write=1ms
+mirrored_rows slow --filter=delay memory "$((DEVICE_MIB + 512))M" delay-write=1ms delay-read=1ms
 mirrored_rows fast memory "$((DEVICE_MIB + 512))M"
 
 mkdir -p bench/results
@@ -144,7 +158,7 @@ print(f"fio nbd engine -> cache_serve (write-back cache, {sys.argv[3]} MiB log, 
 print("| row | device | cache IOPS | write-through IOPS | cache MiB/s | write-through MiB/s | ratio |")
 print("|---|---|---:|---:|---:|---:|---:|")
 for (name, dev), r in rows.items():
-    label = "delay-write=1ms" if dev == "slow" else "no delay"
+    label = ("delay-read=1ms" if "read" in name else "delay-write=1ms") if dev == "slow" else "no delay"
     c, d = r["cache"], r["direct"]
     print(f"| {name} | {label} | {c[0]:.0f} | {d[0]:.0f} | {c[1]:.1f} | {d[1]:.1f} | {c[0]/max(d[0],1):.2f} |")
 rows = collections.OrderedDict()
@@ -157,7 +171,7 @@ print(f"\nMirrored: fio nbd engine -> sanvol-agent export of a volume with a mir
 print("| row | device | mirrored IOPS | write-through IOPS | mirrored MiB/s | write-through MiB/s | ratio |")
 print("|---|---|---:|---:|---:|---:|---:|")
 for (name, dev), r in rows.items():
-    label = "delay-write=1ms" if dev == "slow" else "no delay"
+    label = ("delay-read=1ms" if "read" in name else "delay-write=1ms") if dev == "slow" else "no delay"
     c, d = r["mirrored"], r["through"]
     print(f"| {name} | {label} | {c[0]:.0f} | {d[0]:.0f} | {c[1]:.1f} | {d[1]:.1f} | {c[0]/max(d[0],1):.2f} |")
 if os.path.exists(sys.argv[5]):
