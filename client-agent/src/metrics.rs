@@ -24,15 +24,29 @@
 //! | `sanvol_agent_cow_writes_behind_failed_total` | volume | of those, failed after their acknowledgement (the next FLUSH failed) |
 //! | `sanvol_agent_volumes_attached` | — | volumes attached now |
 //! | `sanvol_agent_writes_fenced_total` | volume | device writes held back because the lease ran out before they could leave (sent again after the renewal) |
+//! | `sanvol_agent_cache_mirrored` | volume | 1 while a cached volume's writes are mirrored, 0 while its cache writes through |
+//! | `sanvol_agent_cache_dirty_bytes` | volume | acknowledged bytes not yet on the devices |
+//! | `sanvol_agent_cache_log_used_bytes` | volume | cache log in use |
+//! | `sanvol_agent_cache_log_bytes` | volume | cache log capacity |
+//! | `sanvol_agent_cache_destaged_bytes_total` | volume | bytes written to the devices since the cache opened |
+//! | `sanvol_agent_cache_read_hits_total` | volume | reads answered from the clean blocks kept in memory |
+//! | `sanvol_agent_cache_read_misses_total` | volume | reads of the devices the clean blocks could not answer |
+//!
+//! The cache metrics are read from each attached cache at the scrape
+//! ([`cache_opened`]), not counted on the data path.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Instant;
 
 use async_trait::async_trait;
 use blockio::{BlockDevice, BlockSizes, IoError, MetaContext, StatusExtent, ZeroFlags};
 use bytes::Bytes;
 use ops::metrics::register;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
+
+use crate::cache::{CachedDevice, MirrorState};
 
 /// Latency buckets for block requests: 50 µs .. 10 s.
 const REQUEST_SECONDS_BUCKETS: &[f64] =
@@ -115,9 +129,102 @@ static VOLUMES_ATTACHED: LazyLock<IntGauge> = LazyLock::new(|| {
     register(IntGauge::new("sanvol_agent_volumes_attached", "Volumes attached now").expect("valid metric declaration"))
 });
 
+/// Attached volumes' caches, by volume name.
+type OpenCaches = Mutex<Vec<(String, Weak<CachedDevice>)>>;
+
+/// The caches of attached volumes, read at each scrape.
+#[derive(Clone)]
+struct CacheCollector {
+    caches: Arc<OpenCaches>,
+    mirrored: IntGaugeVec,
+    dirty: IntGaugeVec,
+    log_used: IntGaugeVec,
+    log_size: IntGaugeVec,
+    destaged: IntCounterVec,
+    hits: IntCounterVec,
+    misses: IntCounterVec,
+}
+
+impl CacheCollector {
+    fn new() -> CacheCollector {
+        let gauge = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["volume"]).expect("valid");
+        let counter = |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &["volume"]).expect("valid");
+        CacheCollector {
+            caches: Arc::default(),
+            mirrored: gauge(
+                "sanvol_agent_cache_mirrored",
+                "1 while a cached volume's writes are mirrored, 0 while its cache writes through",
+            ),
+            dirty: gauge(
+                "sanvol_agent_cache_dirty_bytes",
+                "Acknowledged bytes of a cached volume not yet on the devices",
+            ),
+            log_used: gauge("sanvol_agent_cache_log_used_bytes", "Bytes of a cached volume's log in use"),
+            log_size: gauge("sanvol_agent_cache_log_bytes", "Bytes a cached volume's log can hold"),
+            destaged: counter(
+                "sanvol_agent_cache_destaged_bytes_total",
+                "Bytes of a cached volume written to the devices since its cache opened",
+            ),
+            hits: counter("sanvol_agent_cache_read_hits_total", "Reads answered from the clean blocks kept in memory"),
+            misses: counter(
+                "sanvol_agent_cache_read_misses_total",
+                "Reads of the devices the clean blocks kept in memory could not answer",
+            ),
+        }
+    }
+}
+
+impl Collector for CacheCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        [self.mirrored.desc(), self.dirty.desc(), self.log_used.desc(), self.log_size.desc()]
+            .into_iter()
+            .chain([self.destaged.desc(), self.hits.desc(), self.misses.desc()])
+            .flatten()
+            .collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        // One scrape at a time: each resets the vectors and fills them.
+        let mut caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
+        caches.retain(|(_, cache)| cache.strong_count() > 0);
+        for gauge in [&self.mirrored, &self.dirty, &self.log_used, &self.log_size] {
+            gauge.reset();
+        }
+        for counter in [&self.destaged, &self.hits, &self.misses] {
+            counter.reset();
+        }
+        for (volume, cache) in caches.iter() {
+            let Some(cache) = cache.upgrade() else { continue };
+            let report = cache.report();
+            let labels = [volume.as_str()];
+            let mirrored = matches!(report.mirror, MirrorState::Mirrored);
+            self.mirrored.with_label_values(&labels).set(mirrored as i64);
+            self.dirty.with_label_values(&labels).set(report.status.dirty_bytes as i64);
+            self.log_used.with_label_values(&labels).set(report.status.log_used_bytes as i64);
+            self.log_size.with_label_values(&labels).set(report.status.log_capacity_bytes as i64);
+            self.destaged.with_label_values(&labels).inc_by(report.destaged_bytes);
+            self.hits.with_label_values(&labels).inc_by(report.read_cache.hits);
+            self.misses.with_label_values(&labels).inc_by(report.read_cache.misses);
+        }
+        [self.mirrored.collect(), self.dirty.collect(), self.log_used.collect(), self.log_size.collect()]
+            .into_iter()
+            .chain([self.destaged.collect(), self.hits.collect(), self.misses.collect()])
+            .flatten()
+            .collect()
+    }
+}
+
+static CACHES: LazyLock<CacheCollector> = LazyLock::new(|| register(CacheCollector::new()));
+
+/// `volume`'s cache opened: the scrapes report it while it lives.
+pub fn cache_opened(volume: &str, cache: &Arc<CachedDevice>) {
+    CACHES.caches.lock().unwrap_or_else(|p| p.into_inner()).push((volume.to_string(), Arc::downgrade(cache)));
+}
+
 /// Registers every agent metric, so a scrape shows them (at zero) before
 /// the first event.
 pub fn init() {
+    LazyLock::force(&CACHES);
     LazyLock::force(&REQUESTS);
     LazyLock::force(&REQUEST_ERRORS);
     LazyLock::force(&BYTES);
@@ -325,6 +432,40 @@ mod tests {
             })
             .map(|m| m.get_counter().get_value() as u64)
             .sum()
+    }
+
+    /// The value of `name` for `volume` (a gauge or a counter: the other reads 0), if scraped.
+    fn volume_value(name: &str, volume: &str) -> Option<f64> {
+        prometheus::gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric().iter())
+            .find(|m| m.get_label().iter().any(|l| l.name() == "volume" && l.value() == volume))
+            .map(|m| m.get_gauge().get_value() + m.get_counter().get_value())
+    }
+
+    #[tokio::test]
+    async fn a_cache_is_scraped_while_it_lives() {
+        use crate::cache::{CacheConfig, CachedDevice};
+        init();
+        let dir = tempfile::tempdir().unwrap();
+        let inner: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(4 << 20));
+        let config = CacheConfig::new(dir.path().join("v.cachelog"), crate::cache::LOG_BYTES_MIN);
+        let cache = Arc::new(CachedDevice::open(inner, volume_format::VolumeId(7), &config).await.unwrap());
+        cache_opened("metrics-cache-test", &cache);
+        cache.write(0, Bytes::from(vec![1u8; 8192]), false).await.unwrap();
+        cache.destage_all().await;
+        for _ in 0..3 {
+            cache.read(1 << 20, 4096).await.unwrap();
+        }
+        let value = |name: &str| volume_value(name, "metrics-cache-test");
+        assert_eq!(value("sanvol_agent_cache_read_hits_total"), Some(2.0));
+        assert_eq!(value("sanvol_agent_cache_read_misses_total"), Some(1.0));
+        assert_eq!(value("sanvol_agent_cache_destaged_bytes_total"), Some(8192.0));
+        assert_eq!(value("sanvol_agent_cache_dirty_bytes"), Some(0.0));
+        assert_eq!(value("sanvol_agent_cache_mirrored"), Some(0.0), "a cache without a mirror");
+        drop(cache);
+        assert_eq!(value("sanvol_agent_cache_dirty_bytes"), None, "a closed cache is no longer reported");
     }
 
     #[tokio::test]

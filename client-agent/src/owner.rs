@@ -945,7 +945,9 @@ impl CachePlan {
             state = %cache.report().mirror,
             "write-back cache open"
         );
-        Ok(Some(Arc::new(cache)))
+        let cache = Arc::new(cache);
+        crate::metrics::cache_opened(volume, &cache);
+        Ok(Some(cache))
     }
 }
 

@@ -14,6 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use blockio::client::{ClientOptions, NbdClient};
+use blockio::BlockDevice;
 use prometheus_parse::{Scrape, Value};
 use sanvol_tests::peers::require_tool;
 use sanvol_tests::system::{bin, Proc, Stack};
@@ -142,6 +143,30 @@ fn metrics_endpoints_count_fio_writes_and_show_server_state() {
         assert!(std::time::Instant::now() < deadline, "no lease renewal timed within 30 s");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // A cached volume: its cache is reported while attached, read at the
+    // scrape (mirrored, the log's size, a re-read answered from memory).
+    stack.sanvol_ok(&["volume", "create", "c", "16M"]);
+    stack.sanvol_ok(&["volume", "cache", "c", "--size", "16M"]);
+    let cached = agent.attach("c", "exclusive");
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+        let client = NbdClient::connect(&cached, ClientOptions::default()).await.unwrap();
+        client.write(0, bytes::Bytes::from(vec![3u8; 8192]), false).await.unwrap();
+        for _ in 0..2 {
+            assert_eq!(client.read(1 << 20, 4096).await.unwrap(), vec![0u8; 4096]);
+        }
+    });
+    let c = scrape(&agent_metrics);
+    let labels = &[("volume", "c")];
+    assert_eq!(must(&c, "sanvol_agent_cache_mirrored", labels), 1.0, "{}", agent.proc.log());
+    assert!(must(&c, "sanvol_agent_cache_log_bytes", labels) >= (8 << 20) as f64);
+    assert!(must(&c, "sanvol_agent_cache_read_hits_total", labels) >= 1.0, "the re-read came from memory");
+    assert!(must(&c, "sanvol_agent_cache_read_misses_total", labels) >= 1.0);
+    must(&c, "sanvol_agent_cache_dirty_bytes", labels);
+    must(&c, "sanvol_agent_cache_destaged_bytes_total", labels);
+    assert_eq!(value(&c, "sanvol_agent_cache_mirrored", &[("volume", "m")]), None, "m has no cache");
+    agent.detach("c");
+    assert_eq!(value(&scrape(&agent_metrics), "sanvol_agent_cache_mirrored", labels), None, "detached");
+
     agent.detach("m");
     let detached = scrape(&mds_metrics);
     assert_eq!(must(&detached, "sanvol_mds_handles", &[("state", "held")]), 0.0, "the detach closed the handle");
