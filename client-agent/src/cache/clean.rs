@@ -151,7 +151,7 @@ impl CleanBlocks {
     /// changed): drops the blocks there and spoils the reads in flight over
     /// it.
     pub fn invalidate(&mut self, offset: u64, len: u64) {
-        if len == 0 {
+        if len == 0 || (self.blocks.is_empty() && self.reading.is_empty()) {
             return;
         }
         let end = offset.saturating_add(len);

@@ -409,8 +409,7 @@ struct Shared {
     /// One permit per mirror append that may be unanswered
     /// ([`MIRROR_APPENDS_IN_FLIGHT_MAX`]).
     mirror_slots: Arc<Semaphore>,
-    /// Clean blocks for reads ([`clean`]). Locked after `state` when both
-    /// are (a destage round's invalidation), never the other way round.
+    /// Clean blocks for reads ([`clean`]). Never locked while `state` is.
     clean: Option<Mutex<CleanBlocks>>,
 }
 
@@ -1340,15 +1339,15 @@ async fn destage_loop(shared: Arc<Shared>) {
             retry_ms = (retry_ms * 2).min(DESTAGE_RETRY_MAX_MS);
             continue;
         }
+        // Before the records leave the dirty map, whose overlay hides what
+        // the clean blocks hold under them (see `clean`).
+        if let Some(mut clean) = shared.clean() {
+            for record in &round {
+                clean.invalidate(record.offset, record.data.len() as u64);
+            }
+        }
         {
             let mut state = shared.lock();
-            // Before the records leave the dirty map, whose overlay hides
-            // what the clean blocks hold under them (see `clean`).
-            if let Some(mut clean) = shared.clean() {
-                for record in &round {
-                    clean.invalidate(record.offset, record.data.len() as u64);
-                }
-            }
             for record in &round {
                 let front = state.queue.pop_front().expect("the round came from the queue");
                 debug_assert_eq!(front.seq, record.seq);
