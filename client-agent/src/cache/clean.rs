@@ -12,7 +12,7 @@
 //! How that holds: every change of the devices' bytes [`CleanBlocks::invalidate`]s
 //! its range — before a destaged record leaves the dirty map (until then the
 //! record's overlay hides what lies under it), after a write-around, TRIM or
-//! WRITE_ZEROES completes (ok or not). An invalidation drops the blocks and
+//! WRITE_ZEROES ends (done, failed or abandoned). An invalidation drops the blocks and
 //! *spoils* every device read in flight over the range: a read registers
 //! before it goes to the devices ([`CleanBlocks::lookup_or_begin`]), and what
 //! a spoiled read brings back is returned but not kept — it may predate the

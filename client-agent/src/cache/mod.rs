@@ -464,6 +464,19 @@ impl Shared {
         }
     }
 
+    /// A request that changes the devices' bytes of the range is under way:
+    /// the clean blocks there are dropped when the returned guard is —
+    /// after the request, whether it succeeded, failed or was abandoned.
+    fn changing(&self, offset: u64, len: u64) -> impl Drop + '_ {
+        struct Changing<'a>(&'a Shared, u64, u64);
+        impl Drop for Changing<'_> {
+            fn drop(&mut self) {
+                self.0.devices_changed(self.1, self.2);
+            }
+        }
+        Changing(self, offset, len)
+    }
+
     /// Reads the devices, through the clean blocks.
     async fn read_devices(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
         let ticket = match self.clean().map(|mut c| c.lookup_or_begin(offset, len as u64)) {
@@ -1425,8 +1438,9 @@ impl BlockDevice for CachedDevice {
             // See WRITE_AROUND_BYTES_MIN and "Write-around" in the module doc.
             tracing::debug!(offset, len = data.len(), "write goes around the cache, straight to the devices");
             let len = data.len() as u64;
+            let changing = self.shared.changing(offset, len);
             let written = self.shared.inner.write(offset, data, _fua).await;
-            self.shared.devices_changed(offset, len);
+            drop(changing);
             written?;
             self.shared.inner_unflushed.store(true, Ordering::SeqCst);
             self.shared.lock().written_around_bytes += len;
@@ -1462,8 +1476,9 @@ impl BlockDevice for CachedDevice {
 
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
         self.destage_all().await;
+        let changing = self.shared.changing(offset, len as u64);
         let trimmed = self.shared.inner.trim(offset, len, fua).await;
-        self.shared.devices_changed(offset, len as u64);
+        drop(changing);
         trimmed?;
         // Set after completion: a FLUSH that cleared it earlier did not
         // cover this request.
@@ -1473,8 +1488,9 @@ impl BlockDevice for CachedDevice {
 
     async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
         self.destage_all().await;
+        let changing = self.shared.changing(offset, len as u64);
         let zeroed = self.shared.inner.write_zeroes(offset, len, flags).await;
-        self.shared.devices_changed(offset, len as u64);
+        drop(changing);
         zeroed?;
         self.shared.inner_unflushed.store(true, Ordering::SeqCst);
         Ok(())
