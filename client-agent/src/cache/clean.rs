@@ -4,22 +4,25 @@
 //!
 //! Why it may hold device bytes at all: a cached volume has one exclusive
 //! holder, and while it holds the volume its devices change only through
-//! this cache (destage, write-around, TRIM and WRITE_ZEROES) — reconfiguration
+//! this cache (destage, write-around, TRIM and WRITE_ZEROES): reconfiguration
 //! copies and snapshots keep the bytes, and the server writes the volume
-//! only after the holder is gone. So the rule is: a block here is never
+//! (a mirror's replay) only after the holder is gone. So the rule is: a block here is never
 //! older than the devices, wherever no dirty record lies over it.
 //!
-//! How that holds: every change of the devices' bytes [`CleanBlocks::invalidate`]s
-//! its range — before a destaged record leaves the dirty map (until then the
-//! record's overlay hides what lies under it), after a write-around, TRIM or
-//! WRITE_ZEROES ends (done, failed or abandoned). An invalidation drops the blocks and
-//! *spoils* every device read in flight over the range: a read registers
-//! before it goes to the devices ([`CleanBlocks::lookup_or_begin`]), and what
-//! a spoiled read brings back is returned but not kept — it may predate the
-//! change. Reads of more than [`INSERT_BYTES_MAX`] are not kept either (a
-//! sequential scan would only push out the hot blocks, as bcache's
-//! sequential cutoff), and a block is copied out of a larger read so that a
-//! kept 4 KiB never pins the whole read's buffer.
+//! How that holds: every change of the devices' bytes drops its range
+//! ([`CleanBlocks::invalidate`]) — before a destaged record leaves the dirty
+//! map (until then the record's overlay hides what lies under it), and when
+//! a write-around, TRIM or WRITE_ZEROES ends (done, failed or abandoned by
+//! its caller). A drop removes the blocks and *spoils* every device read in
+//! flight over the range: a read registers before it goes to the devices
+//! ([`CleanBlocks::lookup_or_begin`]), and what a spoiled read brings back
+//! is returned but not kept — it may predate the change. (A request its
+//! caller abandoned may still reach the devices after its drop: it was
+//! never acknowledged, and a read may return the older bytes until the
+//! block is dropped or pushed out.) Reads of more than [`INSERT_BYTES_MAX`]
+//! are not kept (a sequential scan would only push out the hot blocks, as
+//! bcache's sequential cutoff), and a block is copied out of a larger read
+//! so that a kept 4 KiB never pins the whole read's buffer.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
