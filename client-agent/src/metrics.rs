@@ -218,7 +218,10 @@ static CACHES: LazyLock<CacheCollector> = LazyLock::new(|| register(CacheCollect
 
 /// `volume`'s cache opened: the scrapes report it while it lives.
 pub fn cache_opened(volume: &str, cache: &Arc<CachedDevice>) {
-    CACHES.caches.lock().unwrap_or_else(|p| p.into_inner()).push((volume.to_string(), Arc::downgrade(cache)));
+    let mut caches = CACHES.caches.lock().unwrap_or_else(|p| p.into_inner());
+    // Closed ones go here too, in case nobody scrapes.
+    caches.retain(|(_, cache)| cache.strong_count() > 0);
+    caches.push((volume.to_string(), Arc::downgrade(cache)));
 }
 
 /// Registers every agent metric, so a scrape shows them (at zero) before

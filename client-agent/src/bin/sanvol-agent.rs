@@ -190,8 +190,8 @@ struct RunArgs {
     cache_dir: Option<PathBuf>,
     /// Memory per cached volume for clean blocks read from its devices (least recently used go
     /// first), so that re-reads of a slow or distant device come from memory. Kept only from
-    /// reads of up to 256 KiB; dropped where the devices change. 0: reads always go to the
-    /// devices (and to the write-back cache's own unwritten data).
+    /// reads of up to 256 KiB; dropped where the devices change. 0: every read the cache's own
+    /// not yet destaged writes do not cover goes to the devices.
     #[arg(long, env = "SANVOL_AGENT_CACHE_READ_MIB", default_value_t = client_agent::cache::READ_CACHE_BYTES_DEFAULT >> 20,
           value_parser = clap::value_parser!(u64).range(0..=64 << 10))]
     cache_read_mib: u64,
