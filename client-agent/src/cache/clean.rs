@@ -110,11 +110,14 @@ impl CleanBlocks {
         }
         let first = offset / BLOCK_BYTES;
         let last = (offset + len - 1) / BLOCK_BYTES;
+        if first == last {
+            // One block (the common read): one lookup.
+            let data = self.blocks.get(&first)?;
+            let from = (offset - first * BLOCK_BYTES) as usize;
+            return Some(if len == BLOCK_BYTES { data.clone() } else { data.slice(from..from + len as usize) });
+        }
         if (first..=last).any(|b| !self.blocks.contains(&b)) {
             return None;
-        }
-        if first == last && offset.is_multiple_of(BLOCK_BYTES) && len == BLOCK_BYTES {
-            return self.blocks.get(&first).cloned();
         }
         let mut out = BytesMut::with_capacity(len as usize);
         for block in first..=last {

@@ -19,9 +19,13 @@ use super::*;
 const DEVICE_BYTES: u64 = 4 << 20;
 
 /// A memory device whose writes wait while `held` is true, and whose reads
-/// return (what they read at once) only when `reads_held` is false.
+/// return (what they read at once) only when `reads_held` is false. With
+/// `jitter`, every request also yields to the runtime a random number of
+/// times before and after it touches the memory: a read returns bytes it
+/// took some time ago, as a device read in flight does.
 struct HeldDevice {
     inner: Arc<MemoryDevice>,
+    jitter: Option<AtomicU64>,
     held: watch::Receiver<bool>,
     reads_held: watch::Receiver<bool>,
     /// Reads that reached the device.
@@ -31,6 +35,18 @@ struct HeldDevice {
     writes: AtomicU64,
 }
 
+impl HeldDevice {
+    async fn jitter(&self) {
+        let Some(seed) = &self.jitter else { return };
+        let mut x = seed.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed) | 1;
+        x ^= x << 13;
+        x ^= x >> 7;
+        for _ in 0..x % 6 {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
 #[async_trait]
 impl BlockDevice for HeldDevice {
     fn size(&self) -> u64 {
@@ -38,7 +54,9 @@ impl BlockDevice for HeldDevice {
     }
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
         self.reads.fetch_add(1, Ordering::SeqCst);
+        self.jitter().await;
         let data = self.inner.read(offset, len).await?;
+        self.jitter().await;
         let _ = self.reads_held.clone().wait_for(|held| !*held).await;
         Ok(data)
     }
@@ -47,7 +65,10 @@ impl BlockDevice for HeldDevice {
         let mut held = self.held.clone();
         let _ = held.wait_for(|held| !*held).await;
         self.writes.fetch_add(1, Ordering::SeqCst);
-        self.inner.write(offset, data, fua).await
+        self.jitter().await;
+        self.inner.write(offset, data, fua).await?;
+        self.jitter().await;
+        Ok(())
     }
     async fn flush(&self) -> Result<(), IoError> {
         self.inner.flush().await
@@ -70,6 +91,11 @@ struct Setup {
 }
 
 fn setup(log_bytes: u64, held: bool) -> Setup {
+    setup_with(log_bytes, held, None)
+}
+
+/// [`setup`], the device's requests taking varying time when `jitter_seed`.
+fn setup_with(log_bytes: u64, held: bool, jitter_seed: Option<u64>) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let config = CacheConfig::new(dir.path().join("vol.cachelog"), log_bytes);
     let memory = Arc::new(MemoryDevice::new(DEVICE_BYTES));
@@ -77,6 +103,7 @@ fn setup(log_bytes: u64, held: bool) -> Setup {
     let (hold_reads, reads_held) = watch::channel(false);
     let device = Arc::new(HeldDevice {
         inner: memory.clone(),
+        jitter: jitter_seed.map(AtomicU64::new),
         held: rx,
         reads_held,
         reads: AtomicU64::new(0),
@@ -1045,53 +1072,6 @@ async fn nbd_cache_prefetches_into_memory_and_no_room_means_no_clean_blocks() {
     assert_eq!(cache.report().read_cache, clean::CleanStats::default());
 }
 
-/// A memory device whose requests yield to the runtime a random number of
-/// times before and after they touch the memory: a read returns bytes it
-/// took some time ago, as a device read in flight does.
-struct JitterDevice {
-    inner: MemoryDevice,
-    seed: AtomicU64,
-}
-
-impl JitterDevice {
-    async fn jitter(&self) {
-        let mut x = self.seed.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed) | 1;
-        x ^= x << 13;
-        x ^= x >> 7;
-        for _ in 0..x % 6 {
-            tokio::task::yield_now().await;
-        }
-    }
-}
-
-#[async_trait]
-impl BlockDevice for JitterDevice {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
-        self.jitter().await;
-        let data = self.inner.read(offset, len).await?;
-        self.jitter().await;
-        Ok(data)
-    }
-    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
-        self.jitter().await;
-        self.inner.write(offset, data, fua).await?;
-        self.jitter().await;
-        Ok(())
-    }
-    async fn flush(&self) -> Result<(), IoError> {
-        self.inner.flush().await
-    }
-    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
-        self.inner.trim(offset, len, fua).await
-    }
-    async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
-        self.inner.write_zeroes(offset, len, flags).await
-    }
-}
-
 /// Concurrent writers (each owns its blocks and writes them with rising
 /// versions; one owns a region it writes in large writes, around the log)
 /// and readers of random ranges, over a device whose requests take varying
@@ -1107,11 +1087,9 @@ async fn concurrent_reads_never_see_a_block_older_than_its_last_acknowledged_wri
     // Blocks 384..576 belong to the large writer (writes of 512 KiB).
     const LARGE_FIRST: u64 = 384;
     for seed in 1..=3u64 {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = CacheConfig::new(dir.path().join("vol.cachelog"), LOG_BYTES_MIN);
-        config.read_cache_bytes = 256 * BLOCK; // half the blocks: evictions too
-        let device = Arc::new(JitterDevice { inner: MemoryDevice::new(4 << 20), seed: AtomicU64::new(seed) });
-        let cache = Arc::new(CachedDevice::open(device, VolumeId(1), &config).await.unwrap());
+        let mut s = setup_with(LOG_BYTES_MIN, false, Some(seed));
+        s.config.read_cache_bytes = 256 * BLOCK; // half the blocks: evictions too
+        let cache = Arc::new(s.open().await.unwrap());
         let started: Arc<Vec<AtomicU64>> = Arc::new((0..BLOCKS).map(|_| AtomicU64::new(0)).collect());
         let acked: Arc<Vec<AtomicU64>> = Arc::new((0..BLOCKS).map(|_| AtomicU64::new(0)).collect());
         let version_block = |version: u64| Bytes::from(version.to_le_bytes().repeat(BLOCK as usize / 8));
