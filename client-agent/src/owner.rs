@@ -42,7 +42,7 @@ use volume_format::{HandleId, VolumeDescription};
 
 use crate::agent::{AgentConfig, AgentError};
 use crate::cache::mirror::ControlMirror;
-use crate::cache::{CacheConfig, CachedDevice, MirrorState, OldLog};
+use crate::cache::{CacheConfig, CachedDevice, OldLog};
 use crate::core::{
     AgentCore, AttachmentId, CallerId, ConnId, DetachFailure, Effect, Input, KernelPlan, Millis, Prepared,
     ProbeOutcome, Reply, RequestError,
@@ -947,6 +947,12 @@ impl CachePlan {
         );
         let cache = Arc::new(cache);
         crate::metrics::cache_opened(volume, &cache);
+        let mirror = self.mirror.clone();
+        let send = move |report| {
+            let mirror = mirror.clone();
+            async move { mirror.report(report).await }
+        };
+        crate::cache::report::spawn(Arc::downgrade(&cache), send, volume.to_string());
         Ok(Some(cache))
     }
 }
@@ -954,11 +960,7 @@ impl CachePlan {
 /// What `sanvol-agent list` shows of a cache.
 fn cache_info(cache: &CachedDevice, log_path: &str) -> control_client::agent_api::CacheInfo {
     let report = cache.report();
-    let (state, state_detail) = match &report.mirror {
-        MirrorState::Mirrored => ("mirrored", String::new()),
-        MirrorState::WriteThrough { why } => ("write-through", why.clone()),
-        MirrorState::Local => ("local", String::new()),
-    };
+    let (state, state_detail) = crate::cache::report::state_names(&report.mirror);
     control_client::agent_api::CacheInfo {
         state: state.to_string(),
         state_detail,

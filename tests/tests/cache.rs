@@ -645,11 +645,30 @@ async fn sanvol_agent_list_shows_the_cache_and_a_detach_destages_it() {
     assert!(show["cache"]["held_bytes"].as_u64().unwrap() > 0, "{show}");
     let text = rig.stack.sanvol_ok(&["volume", "show", "db"]);
     assert!(text.contains("cache: mirrored of 33554432 bytes; holder ") && text.contains("bytes dirty"), "{text}");
+    // And the holder's own view, which it reports to the server at once
+    // and every two seconds: its state, log and destage rate.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let report = loop {
+        let show = rig.stack.sanvol_json(&["volume", "show", "db"]);
+        let report = show["cache"]["holder_report"].clone();
+        if !report.is_null() {
+            break report;
+        }
+        assert!(std::time::Instant::now() < deadline, "the holder never reported its cache: {show}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(report["report"]["state"], "mirrored", "{report}");
+    assert_eq!(report["report"]["why"], "", "{report}");
+    assert_eq!(report["report"]["log_capacity_bytes"].as_u64(), Some(capacity), "{report}");
+    assert!(report["holder"].as_str().unwrap().contains("(handle "), "{report}");
+    let text = rig.stack.sanvol_ok(&["volume", "show", "db"]);
+    assert!(text.contains("cache at its holder: mirrored; ") && text.contains("destaging "), "{text}");
 
     drop(client);
     a.detach("db");
     let text = rig.stack.sanvol_ok(&["volume", "show", "db"]);
     assert!(text.contains("cache: mirrored of 33554432 bytes; no holder"), "{text}");
+    assert!(!text.contains("cache at its holder"), "a report shown after the holder detached: {text}");
     let image = rig.volume_image();
     if let Some(at) = image.iter().zip(&model).position(|(a, b)| a != b) {
         panic!(

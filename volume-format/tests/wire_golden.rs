@@ -27,9 +27,9 @@ use volume_format::control::auth::{
 use volume_format::control::frame::encode_payload;
 use volume_format::control::messages::{
     CacheMode, CacheStateInfo, ClientInfo, ClientMessage, ControlError, DataChannelGrant, DeviceCapability,
-    DeviceFencing, DeviceInfo, ErrorCode, MirrorRecord, OpenMode, OpenedHandle, OperationInfo, PoolInfo,
-    RecoveryStatus, Request, Response, ServerEvent, ServerInfo, ServerMessage, SnapshotInfo, VolumeCache, VolumeDetail,
-    VolumeInfo,
+    DeviceFencing, DeviceInfo, ErrorCode, HolderCacheReport, MirrorRecord, OpenMode, OpenedHandle, OperationInfo,
+    PoolInfo, RecoveryStatus, ReportedCache, Request, Response, ServerEvent, ServerInfo, ServerMessage, SnapshotInfo,
+    VolumeCache, VolumeDetail, VolumeInfo,
 };
 use volume_format::control::{PROTOCOL_VERSION, PROTOCOL_VERSION_MIN};
 use volume_format::description::{DeviceEndpoint, SnapshotEpoch};
@@ -38,6 +38,18 @@ use volume_format::locks::{HandleLocks, LockRange, LockTable};
 use volume_format::metadata::snapshot::CowMap;
 use volume_format::metadata::{DeviceState, LogicalExtent, PhysicalExtent};
 use volume_format::{DeviceIndex, HandleId, SnapshotId, VolumeDescription, VolumeId};
+
+fn holder_cache_report() -> HolderCacheReport {
+    HolderCacheReport {
+        state: "write-through".into(),
+        why: "the mirror did not answer".into(),
+        dirty_bytes: 1 << 20,
+        log_used_bytes: 2 << 20,
+        log_capacity_bytes: 32 << 20,
+        destage_bytes_per_sec: 4 << 20,
+        destaged_bytes: 64 << 20,
+    }
+}
 
 /// One sample per variant, named `Type::Variant`. The inner `name` function
 /// matches every variant without a wildcard: adding a variant to the enum
@@ -168,6 +180,8 @@ samples!(requests, Request {
     VolumeCacheShow => Request::VolumeCacheShow { name: "db".into() },
     Lock => Request::Lock { handle: HandleId(5), ranges: vec![LockRange { start: 0, len_bytes: 1 << 20 }] },
     MirrorForget => Request::MirrorForget { name: "db".into() },
+    CacheReport => Request::CacheReport { handle: HandleId(5), report: holder_cache_report() },
+    VolumeCacheReport => Request::VolumeCacheReport { name: "db".into() },
 });
 
 samples!(responses, Response {
@@ -316,6 +330,11 @@ samples!(responses, Response {
         held_bytes: 12288,
     }),
     Locked => Response::Locked(lock_table()),
+    CacheReported => Response::CacheReported(Some(ReportedCache {
+        holder: "host-a (handle 3)".into(),
+        report: holder_cache_report(),
+        age_ms: 1500,
+    })),
 });
 
 samples!(events, ServerEvent {

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use control_client::{ControlClient, ControlClientError};
-use volume_format::control::messages::{ErrorCode, MirrorRecord, Request, Response, VolumeCache};
+use volume_format::control::messages::{ErrorCode, HolderCacheReport, MirrorRecord, Request, Response, VolumeCache};
 use volume_format::HandleId;
 
 use super::{CacheMirror, MirrorAck};
@@ -85,6 +85,24 @@ impl ControlMirror {
 pub const MIRROR_PROTOCOL_MIN: u32 = 6;
 
 impl ControlMirror {
+    /// Tells the server how the cache stands ([`super::report`]), on the
+    /// current connection (mirroring or not). Nothing is sent to a server
+    /// older than protocol 14, or while there is no connection.
+    pub async fn report(&self, report: HolderCacheReport) -> Result<(), String> {
+        let Some((_, client)) = (self.client)() else { return Ok(()) };
+        if client.session().version < volume_format::control::CACHE_REPORT_PROTOCOL_MIN {
+            return Ok(());
+        }
+        match client
+            .request_with_timeout(Request::CacheReport { handle: self.handle, report }, MIRROR_REQUEST_TIMEOUT)
+            .await
+        {
+            Ok(Response::Done) => Ok(()),
+            Ok(other) => Err(format!("the metadata server answered CacheReport with {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// The volume's cache setting, asked with `MirrorOpen` (which also
     /// empties the server's mirror of it): `None` when the volume has no
     /// cache. Only for a handle opened afresh: the server replayed the

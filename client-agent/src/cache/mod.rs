@@ -117,6 +117,7 @@ pub mod clean;
 pub mod dirty;
 mod log_file;
 pub mod mirror;
+pub mod report;
 mod stale;
 #[cfg(test)]
 mod tests;

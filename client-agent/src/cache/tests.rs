@@ -1179,3 +1179,44 @@ async fn concurrent_reads_never_see_a_block_older_than_its_last_acknowledged_wri
         );
     }
 }
+
+/// The next report, within 20 s (`None`: the reporter ended).
+async fn next_report(
+    reports: &mut tokio::sync::mpsc::UnboundedReceiver<volume_format::control::messages::HolderCacheReport>,
+) -> Option<volume_format::control::messages::HolderCacheReport> {
+    tokio::time::timeout(Duration::from_secs(20), reports.recv()).await.expect("a report within 20 s")
+}
+
+/// The holder's reports to the server (`report`): the state at once, each
+/// change of it with the reason, and none once the cache is gone.
+#[tokio::test]
+async fn the_cache_reports_its_state_and_each_change_until_it_is_gone() {
+    let s = setup(LOG_BYTES_MIN, false);
+    let mirror = Arc::new(MemoryMirror::default());
+    let cache = Arc::new(s.open_mirrored(&mirror).await);
+    let (tx, mut reports) = tokio::sync::mpsc::unbounded_channel();
+    let send = move |r| {
+        let tx = tx.clone();
+        async move { tx.send(r).map_err(|e| e.to_string()) }
+    };
+    super::report::spawn(Arc::downgrade(&cache), send, "v".into());
+    let first = next_report(&mut reports).await.unwrap();
+    assert_eq!((first.state.as_str(), first.why.as_str()), ("mirrored", ""));
+    assert_eq!(first.log_capacity_bytes, cache.report().status.log_capacity_bytes);
+
+    cache.write(0, Bytes::from(vec![1u8; 4096]), false).await.unwrap();
+    mirror.down.store(true, Ordering::SeqCst);
+    cache.write(8192, Bytes::from(vec![2u8; 4096]), false).await.unwrap();
+    loop {
+        let r = next_report(&mut reports).await.unwrap();
+        if r.state == "write-through" {
+            assert!(r.why.contains("unreachable"), "{r:?}");
+            break;
+        }
+        assert_eq!(r.state, "mirrored", "{r:?}");
+    }
+    drop(cache);
+    while let Some(r) = next_report(&mut reports).await {
+        assert_eq!(r.state, "write-through", "a report sent while the cache was dropped");
+    }
+}

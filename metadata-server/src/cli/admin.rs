@@ -138,6 +138,27 @@ async fn volume_cache_state(
     }
 }
 
+/// The last report of `name`'s cache by its holder (why it writes through,
+/// its destage rate), from a server that can tell (protocol 14; `None`
+/// from an older one, or when nobody holds the cache).
+async fn volume_cache_reported(
+    client: &ControlClient,
+    name: &str,
+    state: Option<&volume_format::control::messages::CacheStateInfo>,
+) -> Result<Option<volume_format::control::messages::ReportedCache>> {
+    let held = state.is_some_and(|s| s.cache.is_some() && s.holder.is_some());
+    if !held || client.session().version < volume_format::control::CACHE_REPORT_PROTOCOL_MIN {
+        return Ok(None);
+    }
+    let r = request(client, Request::VolumeCacheReport { name: name.to_string() })
+        .await
+        .with_context(|| format!("showing the holder's report of volume {name}'s cache"))?;
+    match r {
+        Response::CacheReported(reported) => Ok(reported),
+        other => Err(unexpected(other)),
+    }
+}
+
 fn print_json<T: Serialize>(value: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
@@ -417,10 +438,15 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
                 .with_context(|| format!("showing volume {name}"))?;
             let Response::Volume(detail) = r else { return Err(unexpected(r)) };
             let cache = volume_cache_state(client, &name).await?;
+            let reported = volume_cache_reported(client, &name, cache.as_ref()).await?;
             if json {
                 let mut value = serde_json::to_value(&detail)?;
                 if let (Some(cache), Some(object)) = (&cache, value.as_object_mut()) {
-                    object.insert("cache".into(), serde_json::to_value(cache)?);
+                    let mut cache = serde_json::to_value(cache)?;
+                    if let Some(object) = cache.as_object_mut() {
+                        object.insert("holder_report".into(), serde_json::to_value(&reported)?);
+                    }
+                    object.insert("cache".into(), cache);
                 }
                 return print_json(&value);
             }
@@ -447,6 +473,9 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
             }
             if let Some(cache) = &cache {
                 println!("cache: {}", cache.summary());
+            }
+            if let Some(reported) = &reported {
+                println!("cache at its holder: {}", reported.summary());
             }
             let mut headers = vec!["EXTENT".to_string(), "LOGICAL RANGE".to_string()];
             for i in 0..d.mirror_legs {

@@ -284,7 +284,10 @@ pub enum VolumeCommand {
         #[arg(long)]
         json: bool,
     },
-    /// One volume's extent map: which device and offset holds each extent.
+    /// One volume's extent map: which device and offset holds each extent;
+    /// who holds it, its health, and its write-back cache as the server and
+    /// its holder see it (mirrored or write-through and why, dirty bytes,
+    /// destage rate).
     Show {
         name: String,
         #[arg(long)]

@@ -42,7 +42,9 @@
 //! volume nobody holds replays it first too. The setting changes only
 //! while the volume is closed.
 
-use volume_format::control::messages::{CacheStateInfo, ControlError, ErrorCode, OpenMode, Request, Response};
+use volume_format::control::messages::{
+    CacheStateInfo, ControlError, ErrorCode, HolderCacheReport, OpenMode, ReportedCache, Request, Response,
+};
 use volume_format::metadata::{CacheMirrorRecord, CacheMode, HandleState, MetaChange, VolumeCache};
 use volume_format::{HandleId, VolumeId};
 
@@ -145,6 +147,50 @@ impl Core {
             return self.reply(reply, Ok(Response::VolumeCacheState(known)));
         }
         self.push_effect(Effect::Mirror { volume, op: MirrorOp::Status { known }, reply: Some(reply) });
+    }
+
+    /// `CacheReport`: keeps the holder's view of its cache (why it writes
+    /// through, its destage rate: what only the holder knows) for `sanvol
+    /// volume show`. Only from the session holding `handle` exclusively on
+    /// a cached volume; kept in memory only — after a restart or takeover
+    /// the holder's next report (every few seconds) fills it again. A
+    /// report of a handle no longer in the table is dropped with the next
+    /// report of any holder, and never shown (the show asks by the
+    /// volume's holder now).
+    pub(super) fn cache_report(
+        &mut self,
+        session: SessionId,
+        handle: HandleId,
+        report: &HolderCacheReport,
+    ) -> Result<Response, ControlError> {
+        let h = self
+            .handles
+            .get(handle.0)
+            .filter(|h| h.held_by(session))
+            .ok_or_else(|| err(ErrorCode::HandleBroken, format!("handle {handle} is not held on this session")))?;
+        if h.mode != OpenMode::Exclusive || self.meta.volume_cache(VolumeId(h.volume)).is_none() {
+            let msg = format!("handle {handle} is not the exclusive holder of a cached volume");
+            return Err(err(ErrorCode::InvalidArgument, msg));
+        }
+        let handles = &self.handles;
+        self.cache_reports.retain(|id, _| handles.get(*id).is_some());
+        self.cache_reports.insert(handle.0, (report.clone(), self.now.mono_ms));
+        Ok(Response::Done)
+    }
+
+    /// `VolumeCacheReport`: the last report of volume `name`'s exclusive
+    /// holder, if it sent one.
+    pub(super) fn volume_cache_report(&self, name: &str) -> Result<Response, ControlError> {
+        let volume = self.volume_by_name(name)?.id;
+        let reported = self.handles.on_volume(volume.0).find(|h| h.mode == OpenMode::Exclusive).and_then(|h| {
+            let (report, at_ms) = self.cache_reports.get(&h.id)?;
+            Some(ReportedCache {
+                holder: format!("{} (handle {})", h.holder, h.id),
+                report: report.clone(),
+                age_ms: self.now.mono_ms.saturating_sub(*at_ms),
+            })
+        });
+        Ok(Response::CacheReported(reported))
     }
 
     /// The volume and cache setting of `handle`, if `session` holds it

@@ -563,6 +563,10 @@ pub struct Core {
     /// Each volume's lock table as its holders were last told it
     /// (`locks`): a commit that changes one tells them again.
     pub(super) lock_tables_told: BTreeMap<VolumeId, volume_format::locks::LockTable>,
+    /// The last cache report of each cached volume's holder, by handle,
+    /// with when it came (monotonic ms): volatile, see
+    /// [`super::cache::Core::cache_report`].
+    pub(super) cache_reports: BTreeMap<u64, (volume_format::control::messages::HolderCacheReport, u64)>,
     pub(super) queue: VecDeque<Change>,
     journal: MetaJournal,
     in_flight: Option<InFlight>,
@@ -667,6 +671,7 @@ impl Core {
             entropy: config.entropy,
             revoked: BTreeSet::new(),
             lock_tables_told: BTreeMap::new(),
+            cache_reports: BTreeMap::new(),
             queue: VecDeque::new(),
             journal,
             in_flight: None,

@@ -1923,3 +1923,71 @@ fn the_mirror_lane_is_open_to_exclusive_holders_of_cached_volumes_until_their_re
     w.apply(committed(task, next));
     assert_eq!(w.core.mirror_holders(), Holders::new());
 }
+
+/// `CacheReport` (protocol 14): the server keeps the last report of a
+/// cached volume's exclusive holder, in memory, and shows it with its age
+/// while that handle holds the volume — from nobody else, and not after
+/// the holder closed it.
+#[test]
+fn the_holder_of_a_cached_volume_reports_its_cache_and_the_server_shows_the_last_report() {
+    use volume_format::control::messages::HolderCacheReport;
+    use volume_format::metadata::CacheMode;
+    let mut w = World::new();
+    let cache = Request::VolumeCache { name: "v".into(), size_bytes: 8 << 20, mode: Some(CacheMode::Mirrored) };
+    committed_request(&mut w, 3, cache).unwrap();
+    let open = |volume: &str| Request::Open { volume: volume.into(), mode: OpenMode::Exclusive };
+    let Ok(Response::Opened(v)) = committed_request(&mut w, 1, open("v")) else { panic!("v not opened") };
+    let Ok(Response::Opened(u)) = committed_request(&mut w, 2, open("w")) else { panic!("w not opened") };
+    let show = || Request::VolumeCacheReport { name: "v".into() };
+    assert_eq!(committed_request(&mut w, 3, show()), Ok(Response::CacheReported(None)), "nothing reported yet");
+
+    let report = |state: &str, why: &str, dirty_bytes| HolderCacheReport {
+        state: state.into(),
+        why: why.into(),
+        dirty_bytes,
+        log_used_bytes: 2 * dirty_bytes,
+        log_capacity_bytes: 8 << 20,
+        destage_bytes_per_sec: 1 << 20,
+        destaged_bytes: 5 << 20,
+    };
+    let from = |handle, r| Request::CacheReport { handle, report: r };
+    assert_eq!(committed_request(&mut w, 1, from(v.handle, report("mirrored", "", 4096))), Ok(Response::Done));
+    w.advance(1500);
+    let why = "the mirror did not answer within 5 s";
+    let through = report("write-through", why, 8192);
+    assert_eq!(committed_request(&mut w, 1, from(v.handle, through.clone())), Ok(Response::Done));
+    w.advance(700);
+    match committed_request(&mut w, 3, show()) {
+        Ok(Response::CacheReported(Some(r))) => {
+            assert_eq!(r.report, through, "the last report is shown");
+            assert_eq!(r.age_ms, 700);
+            assert_eq!(r.holder, format!("host-1 (handle {})", v.handle.0));
+            let line = r.summary();
+            assert!(line.starts_with(&format!("write-through ({why}); 8192 bytes dirty")), "{line}");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Only the session holding the handle, of a cached volume, reports.
+    assert_eq!(committed_request(&mut w, 2, from(v.handle, report("mirrored", "", 0))), Err(ErrorCode::HandleBroken));
+    assert_eq!(
+        committed_request(&mut w, 2, from(u.handle, report("mirrored", "", 0))),
+        Err(ErrorCode::InvalidArgument),
+        "w has no cache"
+    );
+    let Ok(Response::CacheReported(Some(r))) = committed_request(&mut w, 3, show()) else { panic!() };
+    assert_eq!(r.report, through, "refused reports change nothing");
+
+    // Closed: the report is not shown (and is dropped with the next report).
+    let (close, effects) = w.request(1, Request::Close { handle: v.handle });
+    let mut effects = effects;
+    while let Some((task, next)) = commit_of(&effects) {
+        effects = w.apply(committed(task, next));
+    }
+    assert_eq!(reply_of(&effects, close), Some(&Ok(Response::Done)));
+    assert_eq!(committed_request(&mut w, 3, show()), Ok(Response::CacheReported(None)));
+    assert_eq!(
+        committed_request(&mut w, 3, Request::VolumeCacheReport { name: "nope".into() }),
+        Err(ErrorCode::NotFound)
+    );
+}

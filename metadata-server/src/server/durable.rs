@@ -47,6 +47,9 @@ pub fn allowed_in_grace(request: &Request) -> bool {
             | Request::VolumeList
             | Request::VolumeShow { .. }
             | Request::VolumeCacheShow { .. }
+            | Request::VolumeCacheReport { .. }
+            // Volatile, and only from a holder (resumed, in the grace period).
+            | Request::CacheReport { .. }
             | Request::Operations
             | Request::SnapshotList { .. }
             | Request::DataChannel { .. }

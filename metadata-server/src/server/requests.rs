@@ -76,6 +76,8 @@ impl Core {
             Request::DataChannel { volume, device } => self.data_channel_grant(session, volume.0, device.0),
             Request::ReportDeviceRecovered { device } => self.report_device_recovered(session, device.0),
             Request::Capabilities { handle } => self.handle_capabilities(session, *handle),
+            Request::CacheReport { handle, report } => self.cache_report(session, *handle, report),
+            Request::VolumeCacheReport { name } => self.volume_cache_report(name),
             Request::BackupChannel => Err(err(
                 ErrorCode::InvalidArgument,
                 "a backup channel is asked for as the first request of a data channel (after the data-channel preamble)",

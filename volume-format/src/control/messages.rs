@@ -335,6 +335,72 @@ pub enum Request {
     MirrorForget {
         name: String,
     },
+
+    // ---- the holder's view of a write-back cache (protocol 14) ----
+    /// The exclusive holder of a cached volume tells the server how its
+    /// cache stands ([`HolderCacheReport`]): what only the holder knows —
+    /// why it writes through, how fast it destages. Sent every few seconds
+    /// and at each change of state; kept in memory only (the newest per
+    /// volume) and shown by `sanvol volume show`. Answered with
+    /// [`Response::Done`].
+    CacheReport {
+        handle: HandleId,
+        report: HolderCacheReport,
+    },
+    /// The holder's last [`Request::CacheReport`] of volume `name`'s cache:
+    /// answered with [`Response::CacheReported`].
+    VolumeCacheReport {
+        name: String,
+    },
+}
+
+/// A cached volume's cache as its exclusive holder sees it (protocol 14).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HolderCacheReport {
+    /// "mirrored" (a write is acknowledged once in the holder's log and the
+    /// server's mirror) or "write-through" (once on the devices).
+    pub state: String,
+    /// Why the cache writes through; empty when it mirrors.
+    pub why: String,
+    /// Acknowledged bytes not yet on the devices (overlapping writes count
+    /// once).
+    pub dirty_bytes: u64,
+    pub log_used_bytes: u64,
+    pub log_capacity_bytes: u64,
+    /// Bytes destaged per second over the holder's last ten seconds.
+    pub destage_bytes_per_sec: u64,
+    /// Bytes destaged since the cache opened.
+    pub destaged_bytes: u64,
+}
+
+/// The last [`HolderCacheReport`] of a volume's holder, as the server keeps
+/// it (protocol 14).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedCache {
+    /// The holder, "CLIENT (handle N)".
+    pub holder: String,
+    pub report: HolderCacheReport,
+    /// How long ago the server received it: a holder reports every few
+    /// seconds, so an old report means it stopped (dead, cut off).
+    pub age_ms: u64,
+}
+
+impl ReportedCache {
+    /// One line for `sanvol volume show`.
+    pub fn summary(&self) -> String {
+        let r = &self.report;
+        let state = if r.why.is_empty() { r.state.clone() } else { format!("{} ({})", r.state, r.why) };
+        format!(
+            "{state}; {} bytes dirty, log {} of {} bytes used, destaging {} bytes/s, {} bytes destaged (reported by {} {:.1} s ago)",
+            r.dirty_bytes,
+            r.log_used_bytes,
+            r.log_capacity_bytes,
+            r.destage_bytes_per_sec,
+            r.destaged_bytes,
+            self.holder,
+            self.age_ms as f64 / 1000.0
+        )
+    }
 }
 
 /// How a volume's writes are cached (the pool metadata's type).
@@ -443,9 +509,10 @@ impl Request {
             | Request::Capabilities { .. }
             | Request::IntentRecord { .. }
             | Request::IntentResync { .. }
-            | Request::Lock { .. } => Some(&[Role::Agent]),
+            | Request::Lock { .. }
+            | Request::CacheReport { .. } => Some(&[Role::Agent]),
             // Agents and admins share the read-only status requests.
-            Request::VolumeCacheShow { .. } => Some(&[Role::Admin, Role::Agent]),
+            Request::VolumeCacheShow { .. } | Request::VolumeCacheReport { .. } => Some(&[Role::Admin, Role::Agent]),
             Request::SnapshotList { .. } | Request::BackupChannel => Some(&[Role::Admin, Role::Backup]),
             _ => Some(&[Role::Admin]),
         }
@@ -514,6 +581,9 @@ pub enum Response {
     VolumeCacheState(CacheStateInfo),
     /// The volume's lock table after a [`Request::Lock`] (protocol 11).
     Locked(crate::locks::LockTable),
+    /// The holder's last report of a volume's cache, if it has one
+    /// (protocol 14).
+    CacheReported(Option<ReportedCache>),
 }
 
 /// The protocol version from which a server answers
@@ -562,7 +632,7 @@ impl CacheStateInfo {
             ),
             (Some(holder), false) => format!(
                 "{setting}; holder {holder}: write-through (it is not mirroring at this server: the mirror failed, \
-                 or the server changed; `sanvol-agent list` on the holder says why)"
+                 or the server changed; the holder's report, or `sanvol-agent list` on the holder, says why)"
             ),
         }
     }

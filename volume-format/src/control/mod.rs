@@ -83,7 +83,14 @@ pub mod resume;
 /// - 13: giving up a lost cache mirror — `Request::MirrorForget` (admin),
 ///   added last: 4 to 12 are still accepted (the admin CLI asks only a
 ///   server that negotiated 13).
-pub const PROTOCOL_VERSION: u32 = 13;
+/// - 14: the holder's view of a write-back cache — `Request::CacheReport`
+///   (agent), `Request::VolumeCacheReport` (admin) and
+///   `Response::CacheReported` (`ReportedCache`), added last: 4 to 13 are
+///   still accepted (an agent reports, and the admin CLI asks, only a
+///   server that negotiated 14).
+pub const PROTOCOL_VERSION: u32 = 14;
+/// The first protocol version with [`messages::Request::CacheReport`].
+pub const CACHE_REPORT_PROTOCOL_MIN: u32 = 14;
 /// The first protocol version with [`messages::Request::MirrorForget`].
 pub const MIRROR_FORGET_PROTOCOL_MIN: u32 = 13;
 /// The first protocol version with [`messages::ServerEvent::Recovery`].
