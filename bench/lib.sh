@@ -115,7 +115,8 @@ print("%.0f %.1f" % (side["iops"], side["bw"] / 1024))
 PY
 
 # start_pool DEVICE... : a pool on the named nbdkit devices (started with
-# start_nbdkit), with keys, sanvol-mds on a unix socket, and the admin
+# start_nbdkit), with keys, sanvol-mds on a unix socket (plus the lines of
+# $MDS_EXTRA in its mds.toml), and the admin
 # environment (SANVOL_MDS, SANVOL_KEY, SANVOL_SERVER_KEY) exported.
 # Needs BIN (the directory holding the release binaries).
 start_pool() {
@@ -129,6 +130,8 @@ start_pool() {
     # a benchmark on the 2-core host, and the server then refused commits.
     printf 'listen = ["unix:%s/mds.sock"]\nkey = "%s/mds.key"\ndevices = [%s]\nlease_io_timeout_ms = %s\n' \
         "$d" "$d" "${uris[*]}" "${BENCH_LEASE_IO_TIMEOUT_MS:-1000}" >"$d/mds.toml"
+    # More config lines from the caller (MDS_EXTRA, one per line).
+    [ -z "${MDS_EXTRA:-}" ] || printf '%s\n' "$MDS_EXTRA" >>"$d/mds.toml"
     unset IFS
     start_ready mds "$BIN/sanvol-mds" --config "$d/mds.toml"
     export SANVOL_MDS="unix:$d/mds.sock" SANVOL_KEY="$d/admin.key" SANVOL_SERVER_KEY="$d/mds.key.pub"

@@ -10,10 +10,13 @@
 #   backup     sanvol-backup full of a snapshot, then incrementals after
 #              rewriting 1% and 10% of the chunks; reported as ratios of the
 #              full backup's time.
-#   read       fio reading the snapshot through the backup pseudo-device
-#              (sanvol-backup serve) vs reading the live volume through the
-#              agent; reported as a ratio, with the CPU per request of the
-#              agent, the bridge (sanvol-backup serve) and sanvol-mds.
+#   read       fio reading the snapshot from the backup pseudo-device,
+#              through the bridge (sanvol-backup serve: a protected backup
+#              channel, what a backup host elsewhere uses) and from the
+#              server's own backup socket (plain NBD, one hop, for tools on
+#              the server's host), vs reading the live volume through the
+#              agent; reported as ratios, with the CPU per request of the
+#              agent, the bridge and sanvol-mds.
 #
 # Usage: bench/snapshot.sh   (env: BENCH_SECONDS=10 per timed row,
 #        BENCH_VOLUME_MIB=1024)
@@ -32,6 +35,7 @@ D=$BENCH_DIR
 
 start_nbdkit dev0 memory "${DEVICE_MIB}M"
 start_nbdkit dev1 memory "${DEVICE_MIB}M"
+MDS_EXTRA="backup_socket = \"$D/backup.sock\""
 start_pool dev0 dev1
 start_agent agent
 $BIN/sanvol volume create vol "${VOLUME_MIB}M" >/dev/null
@@ -89,6 +93,7 @@ echo "done: backups" >&2
 # --- reads: the snapshot through the pseudo-device vs the live volume
 start_ready bridge $BIN/sanvol-backup serve --socket "$D/snapshots.sock"
 SNAP_URI="nbd+unix:///vol@b10?socket=$D/snapshots.sock"
+LOCAL_URI="nbd+unix:///vol@b10?socket=$D/backup.sock"
 # us_per_io IOPS TICKS : CPU microseconds per request of a process that
 # spent TICKS clock ticks during a fio_nbd run of SECS (+1 ramp second).
 us_per_io() {
@@ -105,6 +110,10 @@ for row in "1m-read-qd8 read 1m 8" "4k-randread-qd32 randread 4k 32"; do
     r=$(fio_nbd "$SNAP_URI" "$rw" "$bs" "$depth" "$REGION_MIB" "$SECS")
     b1=$(cpu_ticks "${PID_OF[bridge]}"); m1=$(cpu_ticks "${PID_OF[mds]}")
     echo "read $name snapshot $r $(us_per_io "${r%% *}" $((b1 - b0))) $(us_per_io "${r%% *}" $((m1 - m0)))" >>"$results"
+    m0=$(cpu_ticks "${PID_OF[mds]}")
+    r=$(fio_nbd "$LOCAL_URI" "$rw" "$bs" "$depth" "$REGION_MIB" "$SECS")
+    m1=$(cpu_ticks "${PID_OF[mds]}")
+    echo "read $name local $r $(us_per_io "${r%% *}" $((m1 - m0)))" >>"$results"
 done
 echo "done: reads" >&2
 $BIN/sanvol-agent detach vol --control-socket "$D/agent-agent.sock"
@@ -138,11 +147,11 @@ for pct in (1, 10):
     t = b[("incremental", pct)]
     print(f"| incremental, {pct}% of chunks changed | {t:.2f} | {t/full:.3f} |")
 print(f"\nReads ({sys.argv[3]} s per row):\n")
-print("| row | live volume (agent) MiB/s | snapshot (pseudo-device) MiB/s | snapshot / live | CPU µs/request: agent (live) / bridge / server (snapshot) |")
-print("|---|---:|---:|---:|---:|")
+print("| row | live volume (agent) MiB/s | snapshot via bridge MiB/s | snapshot via backup socket MiB/s | bridge / live | backup socket / live | CPU µs/request: agent (live) / bridge + server (bridge) / server (backup socket) |")
+print("|---|---:|---:|---:|---:|---:|---:|")
 for name, x in r.items():
-    l, s = x["live"][1], x["snapshot"][1]
-    cpu = f"{x['live'][2]:.1f} / {x['snapshot'][2]:.1f} / {x['snapshot'][3]:.1f}"
-    print(f"| {name} | {l:.1f} | {s:.1f} | {s/l:.2f} | {cpu} |")
+    l, s, o = x["live"][1], x["snapshot"][1], x["local"][1]
+    cpu = f"{x['live'][2]:.1f} / {x['snapshot'][2]:.1f} + {x['snapshot'][3]:.1f} / {x['local'][2]:.1f}"
+    print(f"| {name} | {l:.1f} | {s:.1f} | {o:.1f} | {s/l:.2f} | {o/l:.2f} | {cpu} |")
 PY
 show_results "$out"

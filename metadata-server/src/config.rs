@@ -29,6 +29,9 @@
 //! # file per cached volume, as large as the volume's cache; default: the
 //! # directory `cache-mirror` beside this file).
 //! cache_mirror_dir = "/var/lib/sanvol/cache-mirror"
+//! # Snapshots as plain NBD exports VOLUME@SNAPSHOT for backup tools on
+//! # this host (mode 0600; only while this server is the active one).
+//! backup_socket = "/run/sanvol/backup.sock"
 //! ```
 //!
 //! Relative paths (the key, `unix:` listen sockets, `socket=` of unix device
@@ -109,6 +112,8 @@ struct RawConfig {
     device_replace_after_ms: Option<u64>,
     #[serde(default)]
     cache_mirror_dir: Option<PathBuf>,
+    #[serde(default)]
+    backup_socket: Option<PathBuf>,
 }
 
 /// Shortest and longest disk-lease I/O timeout accepted (all lease timing
@@ -195,6 +200,9 @@ pub struct Config {
     /// Where the mirrors of agents' write-back caches are kept (a local
     /// directory; one file per cached volume).
     pub cache_mirror_dir: PathBuf,
+    /// Where the active server serves the backup pseudo-device as plain NBD
+    /// to local backup tools (`server::backup_socket`); `None`: nowhere.
+    pub backup_socket: Option<PathBuf>,
 }
 
 impl Config {
@@ -313,6 +321,7 @@ impl Config {
                 ms => Some(ms),
             },
             cache_mirror_dir: resolve(raw.cache_mirror_dir.as_deref().unwrap_or(Path::new(CACHE_MIRROR_DIR_DEFAULT))),
+            backup_socket: raw.backup_socket.as_deref().map(resolve),
         })
     }
 }
@@ -320,6 +329,17 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_backup_socket_is_read_and_resolved() {
+        let text = |path: &str| {
+            format!("listen = [\"h:1\"]\nkey = \"k\"\ndevices = [\"nbd://h:1/x\"]\nbackup_socket = {path:?}")
+        };
+        let c = Config::parse(&text("backup.sock"), Path::new("/etc/sanvol")).unwrap();
+        assert_eq!(c.backup_socket, Some(PathBuf::from("/etc/sanvol/backup.sock")));
+        let c = Config::parse(&text("/run/sanvol/backup.sock"), Path::new("/etc/sanvol")).unwrap();
+        assert_eq!(c.backup_socket, Some(PathBuf::from("/run/sanvol/backup.sock")));
+    }
 
     #[test]
     fn relative_paths_resolve_against_the_config_dir() {
@@ -339,6 +359,7 @@ mod tests {
         assert_eq!(c.durable_ms, DURABLE_MS_DEFAULT);
         assert_eq!(c.grace_ms, LEASE_MS_DEFAULT + DURABLE_MS_DEFAULT);
         assert_eq!(c.channel_mode_min, ChannelMode::Integrity, "by default clients choose");
+        assert_eq!(c.backup_socket, None, "no backup socket unless asked");
     }
 
     #[test]

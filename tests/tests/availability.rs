@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use blockio::BlockDevice;
 use bytes::Bytes;
+use sanvol_tests::peers::require_tool;
 use sanvol_tests::system::{pub_path, ServerProc, Stack};
 use sanvol_tests::volumes::{connect, fio_verify, BLOCK};
 
@@ -224,8 +225,13 @@ async fn a_server_stopped_past_its_lease_commits_nothing_after_the_takeover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planned_handoffs_under_fio_move_the_pool_and_every_agent() {
     let mut stack = Stack::new(3, "512M");
+    // Both servers are told one backup socket: only the active one serves
+    // it, and each handoff passes it on.
+    let backup_socket = stack.dir.path().join("backup.sock");
+    stack.mds_config_extra.push(format!("backup_socket = {:?}", backup_socket.display().to_string()));
     let standby = active_and_standby(&mut stack);
     stack.sanvol_ok(&["volume", "create", "v", "64M"]);
+    stack.sanvol_ok(&["snapshot", "create", "v", "s"]);
     let agent = stack.start_agent("host-a");
     let uri = agent.attach("v", "exclusive");
     let fio = fio_verify(&uri, "32M", &["--time_based", "--runtime=600", "--verify_backlog=64"])
@@ -272,6 +278,14 @@ async fn planned_handoffs_under_fio_move_the_pool_and_every_agent() {
         assert!(out.status.success(), "handoff {i}: {}\n{}", String::from_utf8_lossy(&out.stderr), stack.all_logs(400));
         wait_roles(&stack, to, from, to_name);
         windows.push((started, Instant::now()));
+        poll(&stack, "the new active server's backup socket", Duration::from_secs(30), || {
+            let list = std::process::Command::new(require_tool("nbdinfo"))
+                .arg("--list")
+                .arg(format!("nbd+unix:///?socket={}", backup_socket.display()))
+                .output()
+                .ok()?;
+            String::from_utf8_lossy(&list.stdout).contains("v@s").then_some(())
+        });
         // The agent follows: its handle is active at the new server.
         poll(&stack, "the agent's handle at the new server", Duration::from_secs(30), || {
             let shown = stack.sanvol_at(to, &["volume", "show", "v", "--json"]);

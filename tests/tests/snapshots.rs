@@ -7,7 +7,7 @@
 //! run (fio, or our own writes at known blocks) and every check reads the
 //! snapshot back and compares bytes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use blockio::client::{ClientOptions, NbdClient};
@@ -29,8 +29,14 @@ fn stack() -> Stack {
     let mut stack = Stack::new(3, "1G");
     stack.lease_ms = 1000;
     stack.durable_ms = Some(1000);
+    stack.mds_config_extra.push(format!("backup_socket = {:?}", backup_socket(&stack).display().to_string()));
     stack.start_mds();
     stack
+}
+
+/// Where the server serves the pseudo-device as plain NBD to local tools.
+fn backup_socket(stack: &Stack) -> PathBuf {
+    stack.dir.path().join("backup.sock")
 }
 
 async fn read_all(c: &NbdClient) -> Vec<u8> {
@@ -242,8 +248,13 @@ async fn a_snapshot_keeps_its_image_while_fio_writes_and_backups_restore_it() {
     assert_same("restore into a new volume", &read_uri(&restored).await, &image3);
     agent.detach("restored");
 
-    // Standard tools through the local bridge read the same bytes.
+    // Standard tools read the same bytes through the local bridge, and
+    // from the server's own backup socket (owner-only, one hop).
     standard_tools_read_the_snapshot(&stack, &image1, &blocks).await;
+    let socket = backup_socket(&stack);
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the backup socket is for its owner only");
+    standard_tools_read_the_snapshot_at(&socket, &image1, &blocks);
 
     agent.detach("v");
 }
@@ -266,7 +277,14 @@ async fn standard_tools_read_the_snapshot(stack: &Stack, image1: &[u8], blocks: 
     let first = lines.next().expect("a line").expect("read");
     assert!(first.contains("serving snapshots"), "{first}");
     let guard = KillOnDrop(bridge);
+    standard_tools_read_the_snapshot_at(&socket, image1, blocks);
+    drop(guard);
+    let _ = std::fs::remove_file(Path::new(&socket));
+}
 
+/// nbdinfo lists the snapshots at `socket` and maps v@s3's changes since s2
+/// (`blocks`); nbdcopy copies v@s1, which must be `image1`.
+fn standard_tools_read_the_snapshot_at(socket: &Path, image1: &[u8], blocks: &[u64]) {
     let list = run_ok(
         Command::new(require_tool("nbdinfo")).arg("--list").arg(format!("nbd+unix:///?socket={}", socket.display())),
     );
@@ -290,13 +308,12 @@ async fn standard_tools_read_the_snapshot(stack: &Stack, image1: &[u8], blocks: 
     }
     assert_eq!(listed, chunks_of(blocks), "nbdinfo --map:\n{map}");
 
-    let copy = stack.dir.path().join("s1.img");
+    let copy = socket.with_extension("s1.img");
     run_ok(
         Command::new(require_tool("nbdcopy")).arg(format!("nbd+unix:///v@s1?socket={}", socket.display())).arg(&copy),
     );
-    assert_same("nbdcopy of v@s1", &std::fs::read(&copy).unwrap(), image1);
-    drop(guard);
-    let _ = std::fs::remove_file(Path::new(&socket));
+    assert_same(&format!("nbdcopy of v@s1 at {}", socket.display()), &std::fs::read(&copy).unwrap(), image1);
+    let _ = std::fs::remove_file(&copy);
 }
 
 struct KillOnDrop(std::process::Child);

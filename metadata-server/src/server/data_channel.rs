@@ -78,6 +78,12 @@ pub const FALLBACK_RECORDS_MAX: usize = 4096;
 
 static CHANNEL_SLOTS: LazyLock<Arc<Semaphore>> = LazyLock::new(|| Arc::new(Semaphore::new(DATA_CHANNELS_MAX)));
 
+/// A slot for one more data or backup connection (the backup socket's
+/// included), if fewer than [`DATA_CHANNELS_MAX`] are open.
+pub(super) fn channel_slot() -> Option<tokio::sync::OwnedSemaphorePermit> {
+    CHANNEL_SLOTS.clone().try_acquire_owned().ok()
+}
+
 /// Which agents do which device's I/O through the server, and why.
 #[derive(Debug, Default)]
 pub struct FallbackTable {
@@ -592,7 +598,7 @@ async fn serve_channel(
         let _ = framed::write_message(&mut stream, &msg).await;
         return;
     }
-    let Ok(_slot) = CHANNEL_SLOTS.clone().try_acquire_owned() else {
+    let Some(_slot) = channel_slot() else {
         let msg =
             refuse(ErrorCode::Unavailable, format!("the server serves {DATA_CHANNELS_MAX} data channels already"));
         let _ = framed::write_message(&mut stream, &msg).await;

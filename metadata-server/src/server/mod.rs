@@ -41,6 +41,7 @@
 
 pub mod admission;
 pub mod backup_export;
+pub mod backup_socket;
 pub mod cache;
 pub mod commit;
 pub mod core;
@@ -534,6 +535,9 @@ async fn active_term(
     let mut accept_loops = JoinSet::new();
     for l in listeners {
         accept_loops.spawn(accept_loop(l.clone(), ctx.clone(), term_stop_rx.clone()));
+    }
+    if let Some(path) = &config.backup_socket {
+        accept_loops.spawn(backup_socket::serve(path.clone(), ctx.clone(), term_stop_rx.clone()));
     }
     drop(ctx);
     let guard = lease.guard();

@@ -227,6 +227,7 @@ impl Pool {
             },
             device_replace_after_ms: None,
             cache_mirror_dir: dir.path().join("cache-mirror"),
+            backup_socket: None,
         };
         let mut pool = Pool { dir, devices, server_key, admin, agent_a, agent_b, config, server: None };
         pool.start_server().await;
