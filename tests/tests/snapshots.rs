@@ -255,6 +255,15 @@ async fn a_snapshot_keeps_its_image_while_fio_writes_and_backups_restore_it() {
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600, "the backup socket is for its owner only");
     standard_tools_read_the_snapshot_at(&socket, &image1, &blocks);
+    // sanvol-backup reads from it too (`--source`): full s1, incremental s3.
+    let local = format!("nbd+unix:///?socket={}", socket.display());
+    let repo = stack.dir.path().join("backups-local");
+    let repo_s = repo.to_str().unwrap();
+    backup(&stack, &["full", "v@s1", "--to", repo_s, "--source", &local]);
+    backup(&stack, &["incremental", "v@s3", "--since", "s1", "--to", repo_s, "--source", &local]);
+    let target = peers::nbdkit(&["memory", "32M"]);
+    backup(&stack, &["restore", repo_s, "--to", &target.uri().to_string()]);
+    assert_same("restore of backups read from the backup socket", &read_uri(&target.uri()).await, &image3);
 
     agent.detach("v");
 }

@@ -1,7 +1,7 @@
 //! The backup pseudo-device on a local unix socket (`backup_socket` in
 //! mds.toml): plain NBD with every snapshot as export `VOLUME@SNAPSHOT`,
 //! for backup tools on the server's own host (`qemu-img`, `nbdcopy`, fio,
-//! or `sanvol-backup --backup-socket`).
+//! or `sanvol-backup --source nbd+unix:///?socket=PATH`).
 //!
 //! Why: a backup host elsewhere reads snapshots over an authenticated,
 //! protected backup channel (`sanvol-backup serve` bridges one to a local
