@@ -31,7 +31,7 @@
 //! cache_mirror_dir = "/var/lib/sanvol/cache-mirror"
 //! # Snapshots as plain NBD exports VOLUME@SNAPSHOT for backup tools on
 //! # this host (mode 0600; only while this server is the active one).
-//! backup_socket = "/run/sanvol/backup.sock"
+//! backup_socket = "/run/sanvol-mds/backup.sock"
 //! ```
 //!
 //! Relative paths (the key, `unix:` listen sockets, `socket=` of unix device
@@ -337,8 +337,8 @@ mod tests {
         };
         let c = Config::parse(&text("backup.sock"), Path::new("/etc/sanvol")).unwrap();
         assert_eq!(c.backup_socket, Some(PathBuf::from("/etc/sanvol/backup.sock")));
-        let c = Config::parse(&text("/run/sanvol/backup.sock"), Path::new("/etc/sanvol")).unwrap();
-        assert_eq!(c.backup_socket, Some(PathBuf::from("/run/sanvol/backup.sock")));
+        let c = Config::parse(&text("/run/sanvol-mds/backup.sock"), Path::new("/etc/sanvol")).unwrap();
+        assert_eq!(c.backup_socket, Some(PathBuf::from("/run/sanvol-mds/backup.sock")));
     }
 
     #[test]

@@ -104,6 +104,19 @@ async fn of_two_servers_started_together_exactly_one_becomes_active() {
 
 /// Starts host 1 (via the stack) and host 2 as its standby; agents and the
 /// CLI know both addresses.
+/// Waits until `nbdinfo --list` at the backup socket `socket` shows export
+/// `name` (the active server serves it).
+fn snapshots_listed_at(stack: &Stack, socket: &std::path::Path, name: &str) {
+    poll(stack, "the active server's backup socket", Duration::from_secs(30), || {
+        let list = std::process::Command::new(require_tool("nbdinfo"))
+            .arg("--list")
+            .arg(format!("nbd+unix:///?socket={}", socket.display()))
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&list.stdout).contains(name).then_some(())
+    });
+}
+
 fn active_and_standby(stack: &mut Stack) -> ServerProc {
     stack.start_mds();
     // A server listens before it acquires the lease: started within the
@@ -121,8 +134,13 @@ fn active_and_standby(stack: &mut Stack) -> ServerProc {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_over_after_kill_9_of_the_active_server_under_fio() {
     let mut stack = Stack::new(3, "512M");
+    // One backup socket path for both: the killed server leaves its socket
+    // behind, and the new active one replaces it.
+    let backup_socket = stack.dir.path().join("backup.sock");
+    stack.mds_config_extra.push(format!("backup_socket = {:?}", backup_socket.display().to_string()));
     let standby = active_and_standby(&mut stack);
     stack.sanvol_ok(&["volume", "create", "plain", "64M"]);
+    stack.sanvol_ok(&["snapshot", "create", "plain", "s"]);
     stack.sanvol_ok(&["volume", "create", "mirrored", "64M", "--mirror", "2"]);
     let a = stack.start_agent("host-a");
     let b = stack.start_agent("host-b");
@@ -155,6 +173,7 @@ async fn a_standby_takes_over_after_kill_9_of_the_active_server_under_fio() {
         assert!(open_by.len() == 1 && open_by[0].as_str().unwrap().contains(agent), "{volume}: {open_by:?}");
         assert!(open_by[0].as_str().unwrap().contains("active"), "{volume}: {open_by:?}");
     }
+    snapshots_listed_at(&stack, &backup_socket, "plain@s");
     // The devices hold what the new server serves.
     let on_devices = metadata_on_devices(&stack).await;
     let served = status_at(&stack, &standby.addr()).unwrap();
@@ -278,14 +297,7 @@ async fn planned_handoffs_under_fio_move_the_pool_and_every_agent() {
         assert!(out.status.success(), "handoff {i}: {}\n{}", String::from_utf8_lossy(&out.stderr), stack.all_logs(400));
         wait_roles(&stack, to, from, to_name);
         windows.push((started, Instant::now()));
-        poll(&stack, "the new active server's backup socket", Duration::from_secs(30), || {
-            let list = std::process::Command::new(require_tool("nbdinfo"))
-                .arg("--list")
-                .arg(format!("nbd+unix:///?socket={}", backup_socket.display()))
-                .output()
-                .ok()?;
-            String::from_utf8_lossy(&list.stdout).contains("v@s").then_some(())
-        });
+        snapshots_listed_at(&stack, &backup_socket, "v@s");
         // The agent follows: its handle is active at the new server.
         poll(&stack, "the agent's handle at the new server", Duration::from_secs(30), || {
             let shown = stack.sanvol_at(to, &["volume", "show", "v", "--json"]);

@@ -83,9 +83,9 @@ pub async fn serve(path: PathBuf, ctx: Arc<SessionContext>, mut stop: watch::Rec
     }
 }
 
-/// Binds `path` (mode 0600), replacing a stale socket a server that did not
-/// clean up left there; refuses a path another process serves, or that is
-/// not a socket. Returns the listener and the socket file's (device, inode).
+/// Binds `path` (mode 0600; its directory is created if missing),
+/// replacing a stale socket a server that did not clean up left there;
+/// refuses a path another process serves, or that is not a socket. Returns the listener and the socket file's (device, inode).
 async fn bind(path: &Path) -> std::io::Result<(UnixListener, (u64, u64))> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
@@ -95,6 +95,9 @@ async fn bind(path: &Path) -> std::io::Result<(UnixListener, (u64, u64))> {
             return Err(std::io::Error::other("another process is serving there"));
         }
         std::fs::remove_file(path)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
     }
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
