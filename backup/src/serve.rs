@@ -13,7 +13,7 @@
 
 use std::future::Future;
 use std::io::Write;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,20 +40,18 @@ impl Drop for SocketGuard {
 
 /// Refuses a path that is in use or is not a socket; removes a stale socket.
 fn prepare_path(socket: &Path) -> Result<()> {
-    match std::fs::symlink_metadata(socket) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("checking {}", socket.display())),
-        Ok(md) if md.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-                bail!(
-                    "{} is in use: another process is serving on it (stop it, or pick another --socket)",
-                    socket.display()
-                );
-            }
-            std::fs::remove_file(socket).with_context(|| format!("removing the stale socket {}", socket.display()))
-        }
-        Ok(_) => {
+    use blockio::socket::SocketPathError;
+    match blockio::socket::clear_stale_unix_socket(socket) {
+        Ok(()) => Ok(()),
+        Err(SocketPathError::InUse) => bail!(
+            "{} is in use: another process is serving on it (stop it, or pick another --socket)",
+            socket.display()
+        ),
+        Err(SocketPathError::NotASocket) => {
             bail!("{} exists and is not a socket; refusing to replace it (pick another --socket)", socket.display())
+        }
+        Err(SocketPathError::Io(e)) => {
+            Err(e).with_context(|| format!("clearing the stale socket {}", socket.display()))
         }
     }
 }

@@ -77,3 +77,33 @@ mod tests {
         assert_eq!(send_buffer(&a), expected.max(before), "before: {before}, wmem_max: {wmem_max}");
     }
 }
+
+/// Why a unix socket path cannot be bound ([`clear_stale_unix_socket`]).
+#[derive(Debug, thiserror::Error)]
+pub enum SocketPathError {
+    #[error("another process is serving on it")]
+    InUse,
+    #[error("it exists and is not a socket")]
+    NotASocket,
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Makes `path` free to bind a listening unix socket on: nothing there is
+/// fine; a socket nobody serves (left by a process that did not clean up)
+/// is removed; a socket something still serves, or anything that is not
+/// a socket, is refused and left as it is.
+pub fn clear_stale_unix_socket(path: &std::path::Path) -> Result<(), SocketPathError> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
+        Ok(md) if md.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(SocketPathError::InUse);
+            }
+            Ok(std::fs::remove_file(path)?)
+        }
+        Ok(_) => Err(SocketPathError::NotASocket),
+    }
+}

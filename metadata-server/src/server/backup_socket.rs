@@ -20,11 +20,11 @@
 //! exist — a standby's metadata lags the active server's, and the
 //! pseudo-device's check needs the committed metadata.
 
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
@@ -34,7 +34,7 @@ use super::{backup_export, data_channel, stopped};
 
 /// Serves the socket at `path` until `stop`, then removes it.
 pub async fn serve(path: PathBuf, ctx: Arc<SessionContext>, mut stop: watch::Receiver<bool>) {
-    let (listener, bound) = match bind(&path).await {
+    let (listener, bound) = match bind(&path) {
         Ok(l) => l,
         Err(e) => return error!(socket = %path.display(), "cannot serve snapshots on the backup socket: {e}"),
     };
@@ -85,17 +85,11 @@ pub async fn serve(path: PathBuf, ctx: Arc<SessionContext>, mut stop: watch::Rec
 
 /// Binds `path` (mode 0600; its directory is created if missing),
 /// replacing a stale socket a server that did not clean up left there;
-/// refuses a path another process serves, or that is not a socket. Returns the listener and the socket file's (device, inode).
-async fn bind(path: &Path) -> std::io::Result<(UnixListener, (u64, u64))> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(std::io::Error::other("the path exists and is not a socket"));
-        }
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(std::io::Error::other("another process is serving there"));
-        }
-        std::fs::remove_file(path)?;
-    }
+/// refuses a path another process serves, or that is not a socket
+/// ([`blockio::socket::clear_stale_unix_socket`]). Returns the listener
+/// and the socket file's (device, inode).
+fn bind(path: &Path) -> std::io::Result<(UnixListener, (u64, u64))> {
+    blockio::socket::clear_stale_unix_socket(path).map_err(std::io::Error::other)?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }

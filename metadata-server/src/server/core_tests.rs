@@ -1899,19 +1899,27 @@ fn range_locks_conflict_naming_the_holder_survive_a_restart_and_end_with_the_han
     assert_eq!(committed_request(&mut w, 1, lock(c.handle, 0, 4096)), Err(ErrorCode::InvalidArgument));
 }
 
-/// What the owner publishes for the mirror lane (crate::mirror::lane):
-/// the exclusive holders of cached volumes, and a holder no longer from
-/// the moment its release starts (the owner's path refuses it then too).
-#[test]
-fn the_mirror_lane_is_open_to_exclusive_holders_of_cached_volumes_until_their_release_starts() {
-    use crate::mirror::lane::Holders;
+/// v with a mirrored cache opened exclusively on session 1, w (no cache)
+/// on session 2.
+fn cached_v_and_plain_w(
+) -> (World, volume_format::control::messages::OpenedHandle, volume_format::control::messages::OpenedHandle) {
     use volume_format::metadata::CacheMode;
     let mut w = World::new();
     let cache = Request::VolumeCache { name: "v".into(), size_bytes: 8 << 20, mode: Some(CacheMode::Mirrored) };
     committed_request(&mut w, 3, cache).unwrap();
     let open = |volume: &str| Request::Open { volume: volume.into(), mode: OpenMode::Exclusive };
     let Ok(Response::Opened(v)) = committed_request(&mut w, 1, open("v")) else { panic!("v not opened") };
-    let Ok(Response::Opened(_)) = committed_request(&mut w, 2, open("w")) else { panic!("w not opened") };
+    let Ok(Response::Opened(u)) = committed_request(&mut w, 2, open("w")) else { panic!("w not opened") };
+    (w, v, u)
+}
+
+/// What the owner publishes for the mirror lane (crate::mirror::lane):
+/// the exclusive holders of cached volumes, and a holder no longer from
+/// the moment its release starts (the owner's path refuses it then too).
+#[test]
+fn the_mirror_lane_is_open_to_exclusive_holders_of_cached_volumes_until_their_release_starts() {
+    use crate::mirror::lane::Holders;
+    let (mut w, v, _) = cached_v_and_plain_w();
     let volume = w.core.handles.get(v.handle.0).unwrap().volume;
     assert_eq!(w.core.mirror_holders(), Holders::from([((1, v.handle.0), volume_format::VolumeId(volume))]));
     // Silent past its lease: the release is being committed.
@@ -1931,13 +1939,7 @@ fn the_mirror_lane_is_open_to_exclusive_holders_of_cached_volumes_until_their_re
 #[test]
 fn the_holder_of_a_cached_volume_reports_its_cache_and_the_server_shows_the_last_report() {
     use volume_format::control::messages::HolderCacheReport;
-    use volume_format::metadata::CacheMode;
-    let mut w = World::new();
-    let cache = Request::VolumeCache { name: "v".into(), size_bytes: 8 << 20, mode: Some(CacheMode::Mirrored) };
-    committed_request(&mut w, 3, cache).unwrap();
-    let open = |volume: &str| Request::Open { volume: volume.into(), mode: OpenMode::Exclusive };
-    let Ok(Response::Opened(v)) = committed_request(&mut w, 1, open("v")) else { panic!("v not opened") };
-    let Ok(Response::Opened(u)) = committed_request(&mut w, 2, open("w")) else { panic!("w not opened") };
+    let (mut w, v, u) = cached_v_and_plain_w();
     let show = || Request::VolumeCacheReport { name: "v".into() };
     assert_eq!(committed_request(&mut w, 3, show()), Ok(Response::CacheReported(None)), "nothing reported yet");
 
