@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::error::IoError;
+use crate::splice::Payload;
 
 /// Block-size constraints, as advertised by `NBD_INFO_BLOCK_SIZE`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +140,14 @@ pub trait BlockDevice: Send + Sync + 'static {
 
     /// Reads `len` bytes at `offset`.
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError>;
+
+    /// Reads `len` bytes at `offset` for a caller that only passes them on
+    /// (the NBD server's reply): a device that forwards to a socket may
+    /// return them still in pipes ([`crate::splice`]), never copied into
+    /// memory. Default: [`Self::read`].
+    async fn read_payload(&self, offset: u64, len: u32) -> Result<Payload, IoError> {
+        self.read(offset, len).await.map(Payload::Bytes)
+    }
 
     /// Writes `data` at `offset`; with `fua` it is durable on return.
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError>;

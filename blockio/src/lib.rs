@@ -33,9 +33,11 @@ pub mod memory;
 pub mod proto;
 pub mod server;
 pub mod socket;
+pub mod splice;
 
 pub use device::{BlockDevice, BlockSizes, MetaContext, StatusExtent, ZeroFlags};
 pub use error::{IoError, IoErrorKind};
+pub use splice::Payload;
 pub mod client;
 pub mod tls;
 pub mod uri;

@@ -621,6 +621,10 @@ impl BlockDevice for HandleLeg {
         self.with_client(|c| async move { c.read(offset, len).await }).await
     }
 
+    async fn read_payload(&self, offset: u64, len: u32) -> Result<blockio::Payload, IoError> {
+        self.with_client(|c| async move { c.read_payload(offset, len).await }).await
+    }
+
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
         self.with_client(|c| {
             let data = data.clone();
@@ -675,6 +679,10 @@ impl BlockDevice for PooledDevice {
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
         self.client().await?.read(offset, len).await.map_err(|e| self.failed(e))
+    }
+
+    async fn read_payload(&self, offset: u64, len: u32) -> Result<blockio::Payload, IoError> {
+        self.client().await?.read_payload(offset, len).await.map_err(|e| self.failed(e))
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {

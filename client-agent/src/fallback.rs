@@ -539,6 +539,10 @@ impl BlockDevice for FallbackDevice {
         with_fallback!(self, false, |d| d.read(offset, len))
     }
 
+    async fn read_payload(&self, offset: u64, len: u32) -> Result<blockio::Payload, IoError> {
+        with_fallback!(self, false, |d| d.read_payload(offset, len))
+    }
+
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
         with_fallback!(self, true, |d| d.write(offset, data.clone(), fua))
     }

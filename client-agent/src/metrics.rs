@@ -389,6 +389,12 @@ impl BlockDevice for Metered {
         self.read.record(started, len as u64, &result);
         result
     }
+    async fn read_payload(&self, offset: u64, len: u32) -> Result<blockio::Payload, IoError> {
+        let started = self.read.start();
+        let result = self.inner.read_payload(offset, len).await;
+        self.read.record(started, len as u64, &result);
+        result
+    }
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
         let (started, len) = (self.write.start(), data.len() as u64);
         let result = self.inner.write(offset, data, fua).await;

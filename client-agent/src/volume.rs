@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use async_trait::async_trait;
-use blockio::{BlockDevice, BlockSizes, IoError, IoErrorKind, MetaContext, StatusExtent, ZeroFlags};
+use blockio::{BlockDevice, BlockSizes, IoError, IoErrorKind, MetaContext, Payload, StatusExtent, ZeroFlags};
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
 use volume_format::description::{DeviceEndpoint, SnapshotEpoch};
@@ -410,7 +410,7 @@ impl VolumeDevice {
         let cow = map.newest.ok_or_else(|| IoError::io(format!("volume {} has no snapshot", self.name)))?;
         let (start, len) = cow.chunks.chunks_range(first, count);
         let live = map.live.segment(start, len).map_err(map_error)?;
-        let data = self.read_segment(layout, live, first as usize).await?;
+        let data = copied(self.read_segment(layout, live, first as usize, false).await?)?;
         let legs = cow.pre_image(start, len).and_then(|s| s.write_legs()).map_err(map_error)?;
         let lease_until = self.gate.lease_until();
         let writes = legs.into_iter().map(|leg| {
@@ -494,14 +494,27 @@ impl VolumeDevice {
         Ok(())
     }
 
-    /// Reads one segment from one leg, trying the other online legs if it fails.
-    async fn read_segment(&self, layout: &Layout, segment: Segment<'_>, start_leg: usize) -> Result<Bytes, IoError> {
+    /// Reads one segment from one leg, trying the other online legs if it
+    /// fails; `passed_on`: the caller only sends the bytes on, so they may
+    /// come in pipes ([`BlockDevice::read_payload`]).
+    async fn read_segment(
+        &self,
+        layout: &Layout,
+        segment: Segment<'_>,
+        start_leg: usize,
+        passed_on: bool,
+    ) -> Result<Payload, IoError> {
         let legs = segment.read_legs(start_leg).map_err(map_error)?;
         let len = segment.len_bytes as u32;
         let mut last_error = None;
         for (attempt, leg) in legs.iter().enumerate() {
             let (endpoint, device) = layout.device(leg);
-            match device.read(leg.device_offset, len).await {
+            let read = if passed_on {
+                device.read_payload(leg.device_offset, len).await
+            } else {
+                device.read(leg.device_offset, len).await.map(Payload::Bytes)
+            };
+            match read {
                 Ok(data) if data.len() == len as usize => return Ok(data),
                 Ok(data) => {
                     last_error = Some(at_device(
@@ -519,6 +532,31 @@ impl VolumeDevice {
             }
         }
         Err(last_error.expect("at least one leg was tried"))
+    }
+
+    /// A read; within one extent, a payload that is only passed on may come
+    /// in pipes from the device's socket.
+    async fn read_as(&self, offset: u64, len: u32, passed_on: bool) -> Result<Payload, IoError> {
+        if let Some(log) = &self.intent {
+            log.ready().await?;
+        }
+        self.after_writes_behind(offset, u64::from(len)).await;
+        let layout = self.gate.enter().await?;
+        let mut segments = layout.map().segments(offset, u64::from(len)).map_err(map_error)?;
+        let start_leg = self.next_read.fetch_add(1, Ordering::Relaxed);
+        match segments.len() {
+            0 => Ok(Payload::Bytes(Bytes::new())),
+            1 => self.read_segment(&layout, segments.next().unwrap(), start_leg, passed_on).await,
+            _ => {
+                let reads = segments.map(|s| self.read_segment(&layout, s, start_leg + s.extent_index as usize, false));
+                let pieces = join_all(reads).await;
+                let mut out = BytesMut::with_capacity(len as usize);
+                for piece in pieces {
+                    out.extend_from_slice(&copied(piece?)?);
+                }
+                Ok(Payload::Bytes(out.freeze()))
+            }
+        }
     }
 
     /// A write as it goes to the devices: its chunks preserved first when the
@@ -636,6 +674,15 @@ impl crate::cache::BeforeLogged for VolumeDevice {
     }
 }
 
+/// The bytes of a read asked for in memory (`passed_on` false): a device
+/// returns pipes only to `read_payload`.
+fn copied(payload: Payload) -> Result<Bytes, IoError> {
+    match payload {
+        Payload::Bytes(data) => Ok(data),
+        Payload::Pipe(_) => Err(IoError::io("internal: a read asked for in memory came back in pipes")),
+    }
+}
+
 #[async_trait]
 impl BlockDevice for VolumeDevice {
     fn size(&self) -> u64 {
@@ -655,26 +702,11 @@ impl BlockDevice for VolumeDevice {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
-        if let Some(log) = &self.intent {
-            log.ready().await?;
-        }
-        self.after_writes_behind(offset, u64::from(len)).await;
-        let layout = self.gate.enter().await?;
-        let mut segments = layout.map().segments(offset, u64::from(len)).map_err(map_error)?;
-        let start_leg = self.next_read.fetch_add(1, Ordering::Relaxed);
-        match segments.len() {
-            0 => Ok(Bytes::new()),
-            1 => self.read_segment(&layout, segments.next().unwrap(), start_leg).await,
-            _ => {
-                let reads = segments.map(|s| self.read_segment(&layout, s, start_leg + s.extent_index as usize));
-                let pieces = join_all(reads).await;
-                let mut out = BytesMut::with_capacity(len as usize);
-                for piece in pieces {
-                    out.extend_from_slice(&piece?);
-                }
-                Ok(out.freeze())
-            }
-        }
+        copied(self.read_as(offset, len, false).await?)
+    }
+
+    async fn read_payload(&self, offset: u64, len: u32) -> Result<Payload, IoError> {
+        self.read_as(offset, len, true).await
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {

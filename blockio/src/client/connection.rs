@@ -67,6 +67,8 @@ pub(crate) struct Outgoing {
 pub(crate) enum Reply {
     Done,
     Data(Bytes),
+    /// A read's payload moved from the socket into pipes ([`crate::splice`]).
+    Pipe(crate::splice::PipeChain),
     Status(Vec<StatusExtent>),
 }
 
@@ -84,6 +86,9 @@ pub(crate) struct ReadAssembly {
     /// reply has more than one chunk (the common single-chunk reply
     /// allocates nothing here).
     pub ranges: std::collections::BTreeMap<u64, u64>,
+    /// The caller takes the payload in pipes if the reply is one whole data
+    /// chunk; `buf` is then empty until the reply is copied after all.
+    pub splice: bool,
 }
 
 /// Per-command reply state.
@@ -104,6 +109,9 @@ pub(crate) struct Pending {
     pub error: Option<IoError>,
     /// Whether a structured chunk has been seen for it.
     pub chunks_seen: bool,
+    /// A read whose caller takes its payload in pipes if the reply allows
+    /// (its buffer is then allocated only if the reply is copied after all).
+    pub splice: bool,
     pub tx: oneshot::Sender<Result<Reply, IoError>>,
 }
 
@@ -152,6 +160,11 @@ pub(crate) struct ConnShared {
     pub structured_replies: bool,
     /// Selected metadata contexts of this connection: (name, id).
     pub contexts: Vec<(String, u32)>,
+    /// Reads waiting for a reply that may be spliced: while there are
+    /// any, the reader looks at each reply header before buffering.
+    pub splice_reads: AtomicUsize,
+    /// Wakes a reader waiting for bytes when such a read is sent.
+    pub splice_submitted: Notify,
     /// For the reader to send `NBD_CMD_DISC` after an ESHUTDOWN without
     /// keeping the writer alive on its own.
     writer_tx: Mutex<Option<mpsc::WeakUnboundedSender<Outgoing>>>,
@@ -261,6 +274,8 @@ impl Drop for OutstandingGuard<'_> {
 /// One connection of a client.
 pub(crate) struct Connection {
     pub shared: Arc<ConnShared>,
+    /// Whether the reader can splice payloads out of the socket.
+    pub can_splice: bool,
     tx: mpsc::UnboundedSender<Outgoing>,
     slots: Semaphore,
     reader: Mutex<Option<JoinHandle<()>>>,
@@ -275,6 +290,7 @@ impl Connection {
         target: String,
         structured_replies: bool,
         contexts: Vec<(String, u32)>,
+        splice: Option<crate::splice::SpliceSocket>,
     ) -> Connection
     where
         R: AsyncRead + Unpin + Send + 'static,
@@ -289,12 +305,21 @@ impl Connection {
             target,
             structured_replies,
             contexts,
+            splice_reads: AtomicUsize::new(0),
+            splice_submitted: Notify::new(),
             writer_tx: Mutex::new(Some(tx.downgrade())),
         });
         let writer = tokio::spawn(writer_loop(wr, rx, shared.clone()));
-        let reader = tokio::spawn(reader::reader_loop(rd, shared.clone()));
+        let can_splice = splice.is_some();
+        let reader = tokio::spawn(reader::reader_loop(rd, shared.clone(), splice));
         shared.tasks.lock().unwrap().extend([writer.abort_handle(), reader.abort_handle()]);
-        Connection { shared, tx, slots: Semaphore::new(INFLIGHT_REQUESTS_MAX), reader: Mutex::new(Some(reader)) }
+        Connection {
+            shared,
+            can_splice,
+            tx,
+            slots: Semaphore::new(INFLIGHT_REQUESTS_MAX),
+            reader: Mutex::new(Some(reader)),
+        }
     }
 
     /// Whether new requests may be sent here.
@@ -337,6 +362,13 @@ impl Connection {
         // Checked by the writer, right before sending (see `fence.rs`).
         let not_after = super::fence::deadline_for(command);
         let (tx, rx) = oneshot::channel();
+        let splice = matches!(&state, PendingState::Read(asm) if asm.splice);
+        // Counted before the request can be sent, so its reply is looked at.
+        let _splicing = splice.then(|| {
+            self.shared.splice_reads.fetch_add(1, Ordering::Relaxed);
+            self.shared.splice_submitted.notify_one();
+            OutstandingGuard(&self.shared.splice_reads)
+        });
         let cookie = {
             let mut g = self.shared.inflight.lock().unwrap();
             if let Some(e) = &g.dead {
@@ -347,8 +379,10 @@ impl Connection {
             }
             let cookie = g.next_cookie;
             g.next_cookie = g.next_cookie.wrapping_add(1).max(1);
-            g.map
-                .insert(cookie, Pending { command, offset, length, flags, state, error: None, chunks_seen: false, tx });
+            g.map.insert(
+                cookie,
+                Pending { command, offset, length, flags, state, error: None, chunks_seen: false, splice, tx },
+            );
             cookie
         };
         let header = RequestHeader { flags, command, cookie, offset, length }.encode();

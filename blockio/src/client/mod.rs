@@ -46,6 +46,7 @@ use crate::buffer_pool::BufferPool;
 use crate::device::{BlockDevice, BlockSizes, MetaContext, StatusExtent, ZeroFlags};
 use crate::error::{check_range, IoError};
 use crate::proto::{self, limits};
+use crate::splice::{Payload, SpliceSocket, SPLICE_BYTES_MIN};
 use crate::uri::{NbdUri, Transport};
 
 /// A credential a server asks for in the export name (a fencing
@@ -296,7 +297,15 @@ async fn open_tls<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     let n = negotiate_options(hs, export, opts, target).await?;
     tracing::debug!(target: "blockio::client", server = target, "NBD connection is TLS-protected");
     let (r, w) = tokio::io::split(stream);
-    Ok((Connection::start(r, w, target.to_string(), n.structured_replies, n.contexts.clone()), n))
+    Ok((Connection::start(r, w, target.to_string(), n.structured_replies, n.contexts.clone(), None), n))
+}
+
+/// A second registration of a plain socket, for taking read payloads into
+/// pipes ([`crate::splice`]); without one, payloads are copied.
+fn splice_socket(socket: &impl std::os::fd::AsFd, target: &str) -> Option<SpliceSocket> {
+    SpliceSocket::dup(socket)
+        .inspect_err(|e| tracing::debug!(target: "blockio::client", server = target, error = %e, "read payloads will be copied: no descriptor for splicing"))
+        .ok()
 }
 
 /// Opens one socket, handshakes and starts its tasks.
@@ -313,13 +322,15 @@ async fn open_connection(
             (Socket::Unix(s), Some(tls)) => open_tls(s, tls, &uri.export, opts, target).await,
             (Socket::Tcp(mut s), None) => {
                 let n = negotiate(&mut s, &uri.export, opts, target).await?;
+                let splice = splice_socket(&s, target);
                 let (r, w) = s.into_split();
-                Ok((Connection::start(r, w, target.to_string(), n.structured_replies, n.contexts.clone()), n))
+                Ok((Connection::start(r, w, target.to_string(), n.structured_replies, n.contexts.clone(), splice), n))
             }
             (Socket::Unix(mut s), None) => {
                 let n = negotiate(&mut s, &uri.export, opts, target).await?;
+                let splice = splice_socket(&s, target);
                 let (r, w) = s.into_split();
-                Ok((Connection::start(r, w, target.to_string(), n.structured_replies, n.contexts.clone()), n))
+                Ok((Connection::start(r, w, target.to_string(), n.structured_replies, n.contexts.clone(), splice), n))
             }
         }
     })
@@ -381,7 +392,7 @@ impl NbdClient {
         }
         let n = with_timeout(opts.connect_timeout, &target, negotiate(&mut stream, export, &opts, &target)).await?;
         let (r, w) = tokio::io::split(stream);
-        let conn = Connection::start(r, w, target.clone(), n.structured_replies, n.contexts.clone());
+        let conn = Connection::start(r, w, target.clone(), n.structured_replies, n.contexts.clone(), None);
         Ok(NbdClient::from_parts(n, target, vec![conn], &opts))
     }
 
@@ -501,7 +512,7 @@ impl NbdClient {
 
     async fn read_one(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
         let buf = BufferPool::global().take(len as usize);
-        let asm = ReadAssembly { buf, covered_bytes: 0, ranges: Default::default() };
+        let asm = ReadAssembly { buf, covered_bytes: 0, ranges: Default::default(), splice: false };
         match self.request(proto::CMD_READ, 0, offset, len, Bytes::new(), PendingState::Read(asm)).await? {
             Reply::Data(b) => Ok(b),
             other => Err(IoError::io(format!("internal: READ completed with {other:?}"))),
@@ -578,6 +589,24 @@ impl BlockDevice for NbdClient {
             out.extend_from_slice(&p);
         }
         Ok(out.freeze())
+    }
+
+    /// One request whose payload stays in pipes when the connection can
+    /// splice and the server answers with the whole payload at once; bytes
+    /// otherwise.
+    async fn read_payload(&self, offset: u64, len: u32) -> Result<Payload, IoError> {
+        let conn = self.pick()?;
+        if len < SPLICE_BYTES_MIN || len > self.inner.payload_bytes_max || !conn.can_splice {
+            return self.read(offset, len).await.map(Payload::Bytes);
+        }
+        self.check_io(offset, len as u64, false)?;
+        let asm = ReadAssembly { buf: Vec::new(), covered_bytes: 0, ranges: Default::default(), splice: true };
+        let state = PendingState::Read(asm);
+        match conn.submit(proto::CMD_READ, 0, offset, len, Bytes::new(), state, self.inner.request_timeout).await? {
+            Reply::Pipe(chain) => Ok(Payload::Pipe(chain)),
+            Reply::Data(bytes) => Ok(Payload::Bytes(bytes)),
+            other => Err(IoError::io(format!("internal: READ completed with {other:?}"))),
+        }
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {

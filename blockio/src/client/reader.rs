@@ -14,13 +14,16 @@ use std::io;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
+use std::sync::atomic::Ordering;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 
 use super::connection::{ConnShared, Pending, PendingState, ReadAssembly, Reply};
 use crate::buffer_pool::BufferPool;
 use crate::device::StatusExtent;
 use crate::error::{IoError, IoErrorKind};
 use crate::proto::{self, limits, ReplyHeader};
+use crate::splice::SpliceSocket;
 
 /// Receive buffer: replies to a deep queue of small reads arrive in one
 /// syscall; large payloads bypass it.
@@ -46,9 +49,16 @@ fn violation<T>(msg: impl Into<String>) -> Result<T, Fault> {
     Err(Fault::Protocol(msg.into()))
 }
 
-pub(crate) async fn reader_loop<R: AsyncRead + Unpin>(rd: R, shared: Arc<ConnShared>) {
+pub(crate) async fn reader_loop<R: AsyncRead + Unpin>(rd: R, shared: Arc<ConnShared>, splice: Option<SpliceSocket>) {
     let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
     let fault = loop {
+        if let Some(socket) = &splice {
+            match next_spliced(&mut rd, &shared, socket).await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(f) => break f,
+            }
+        }
         if let Err(f) = read_one(&mut rd, &shared).await {
             break f;
         }
@@ -104,6 +114,105 @@ fn complete(shared: &Arc<ConnShared>, p: Pending, result: Result<Reply, IoError>
     shared.after_completion();
 }
 
+/// On a connection that can splice: waits until the next reply starts to
+/// arrive or a read that may be spliced is sent, whichever is first. While
+/// such a read waits and nothing is buffered, the next reply's header is
+/// looked at on the socket, before the buffered reader could swallow part
+/// of its payload. Returns whether a reply was handled here.
+async fn next_spliced<R: AsyncRead + Unpin>(
+    rd: &mut BufReader<R>,
+    shared: &Arc<ConnShared>,
+    socket: &SpliceSocket,
+) -> Result<bool, Fault> {
+    loop {
+        if !rd.buffer().is_empty() {
+            return Ok(false);
+        }
+        if shared.splice_reads.load(Ordering::Relaxed) > 0 {
+            return spliced_reply(socket, shared).await;
+        }
+        let submitted = shared.splice_submitted.notified();
+        tokio::select! {
+            biased;
+            filled = rd.fill_buf() => {
+                // Bytes (or the end of the stream) for the buffered path.
+                filled?;
+                return Ok(false);
+            }
+            () = submitted => {}
+        }
+    }
+}
+
+/// If the reply whose header waits on the socket answers a read that may
+/// be spliced with its whole payload at once, consumes the header, moves
+/// the payload into pipes and completes the read. Otherwise consumes
+/// nothing and returns false: the buffered path reads the reply (and
+/// checks it).
+async fn spliced_reply(socket: &SpliceSocket, shared: &Arc<ConnShared>) -> Result<bool, Fault> {
+    const HEAD: usize = proto::STRUCTURED_REPLY_HEADER_BYTES + 8;
+    let mut h = [0u8; HEAD];
+    let seen = socket.peek(&mut h).await?;
+    if seen < proto::SIMPLE_REPLY_HEADER_BYTES {
+        return Ok(false);
+    }
+    let magic = u32::from_be_bytes(h[0..4].try_into().unwrap());
+    // (cookie, header bytes, the data chunk's offset and length if structured)
+    let (cookie, head_bytes, chunk) = match magic {
+        proto::SIMPLE_REPLY_MAGIC if !shared.structured_replies => {
+            let hdr = ReplyHeader::decode_simple(h[..proto::SIMPLE_REPLY_HEADER_BYTES].try_into().unwrap());
+            if hdr.error != 0 {
+                return Ok(false);
+            }
+            (hdr.cookie, proto::SIMPLE_REPLY_HEADER_BYTES, None)
+        }
+        proto::STRUCTURED_REPLY_MAGIC if shared.structured_replies && seen == HEAD => {
+            let hdr = ReplyHeader::decode_structured(h[..proto::STRUCTURED_REPLY_HEADER_BYTES].try_into().unwrap());
+            if hdr.reply_type != proto::REPLY_TYPE_OFFSET_DATA || hdr.flags & proto::REPLY_FLAG_DONE == 0 {
+                return Ok(false);
+            }
+            let offset = u64::from_be_bytes(h[proto::STRUCTURED_REPLY_HEADER_BYTES..].try_into().unwrap());
+            (hdr.cookie, HEAD, Some((offset, hdr.length as u64)))
+        }
+        _ => return Ok(false),
+    };
+    let p = {
+        let mut g = shared.inflight.lock().unwrap();
+        let whole = |p: &Pending| {
+            p.splice
+                && !p.chunks_seen
+                && p.command == proto::CMD_READ
+                && chunk.is_none_or(|(offset, len)| offset == p.offset && len == 8 + p.length as u64)
+        };
+        match g.map.get(&cookie) {
+            Some(p) if whole(p) => g.map.remove(&cookie).expect("just looked up"),
+            _ => return Ok(false),
+        }
+    };
+    let moved = async {
+        socket.recv_exact(&mut h[..head_bytes]).await?;
+        socket.splice_in(p.length as usize).await
+    };
+    match moved.await {
+        Ok(chain) => {
+            complete(shared, p, Ok(Reply::Pipe(chain)));
+            Ok(true)
+        }
+        Err(e) => {
+            let err = IoError::shutdown(format!("reading from {} failed: {e}", shared.target));
+            complete(shared, p, Err(err));
+            Err(Fault::Io(e))
+        }
+    }
+}
+
+/// A read that was to be spliced but is copied after all gets its buffer.
+fn ensure_buffer(asm: &mut ReadAssembly, length: u32) {
+    if asm.buf.capacity() < length as usize {
+        asm.buf = BufferPool::global().take(length as usize);
+    }
+}
+
 /// Reads and dispatches one reply message (a simple reply or one chunk).
 async fn read_one<R: AsyncRead + Unpin>(rd: &mut BufReader<R>, shared: &Arc<ConnShared>) -> Result<(), Fault> {
     let mut h = [0u8; proto::STRUCTURED_REPLY_HEADER_BYTES];
@@ -132,6 +241,7 @@ async fn read_one<R: AsyncRead + Unpin>(rd: &mut BufReader<R>, shared: &Arc<Conn
                         return violation("internal: read without a buffer");
                     };
                     let n = p.length as usize;
+                    ensure_buffer(asm, p.length);
                     read_into(rd, asm, 0, n).await?;
                     asm.covered_bytes = n as u64;
                     let data = finish_read(asm, p.length);
@@ -320,6 +430,7 @@ async fn chunk<R: AsyncRead + Unpin>(
                 return violation("internal: read without a buffer");
             };
             claim(asm, rel, n, total)?;
+            ensure_buffer(asm, total as u32);
             read_into(rd, asm, rel as usize, n as usize).await?;
         }
         proto::REPLY_TYPE_OFFSET_HOLE => {

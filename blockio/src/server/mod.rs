@@ -38,6 +38,8 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::splice::SpliceSocket;
+
 pub mod exports;
 mod handshake;
 mod reply;
@@ -246,7 +248,7 @@ impl NbdServer {
                     let stop = stop_rx.clone();
                     tasks.spawn(async move {
                         let _slot = slot;
-                        if let Err(e) = server.serve_halves(r, w, Some(stop), peer, Some(L::into_blocking)).await {
+                        if let Err(e) = server.serve_halves(r, w, Some(stop), peer, Some(L::native())).await {
                             debug!(error = %e, "NBD connection ended with an error");
                         }
                     });
@@ -264,7 +266,7 @@ impl NbdServer {
         mut w: W,
         stop: Option<watch::Receiver<bool>>,
         peer: String,
-        blocking: Option<ToBlocking<R, W>>,
+        native: Option<Native<R, W>>,
     ) -> Result<(), ServerError>
     where
         R: AsyncRead + Unpin + Send + 'static,
@@ -327,7 +329,7 @@ impl NbdServer {
                         .and_then(|r| r);
                 return self.transmit(reader, w, outcome, stop, true, None).await;
             }
-            self.transmit(reader, w, Ok(outcome), stop, false, blocking).await
+            self.transmit(reader, w, Ok(outcome), stop, false, native).await
         }
         .instrument(span)
         .await
@@ -341,7 +343,7 @@ impl NbdServer {
         outcome: Result<handshake::Outcome, ServerError>,
         stop: Option<watch::Receiver<bool>>,
         tls: bool,
-        blocking: Option<ToBlocking<R, W>>,
+        native: Option<Native<R, W>>,
     ) -> Result<(), ServerError>
     where
         R: AsyncRead + Unpin + Send + 'static,
@@ -374,15 +376,18 @@ impl NbdServer {
                 "NBD transmission started"
             );
             let threads = self.inner.config.connection_threads;
-            let result = match blocking.filter(|_| threads > 0) {
-                Some(to_blocking) => match to_blocking(reader, w) {
+            let result = match native {
+                Some(native) if threads > 0 => match (native.into_blocking)(reader, w) {
                     Ok((socket, buffered)) => {
                         let poll = self.inner.config.poll_before_block;
                         threads::run(socket, buffered, negotiated, threads, poll, stop).await
                     }
                     Err(e) => Err(ServerError::io("handing the connection to its threads")(e)),
                 },
-                None => transmission::run(reader, w, negotiated, &self.inner.config, stop).await,
+                native => {
+                    let splice = native.and_then(|n| (n.splice_socket)(&w));
+                    transmission::run(reader, w, negotiated, &self.inner.config, stop, splice).await
+                }
             };
             match &result {
                 Ok(()) => debug!("NBD connection closed"),
@@ -397,12 +402,33 @@ impl NbdServer {
 /// its reader had already buffered ([`threads`]).
 type ToBlocking<R, W> = fn(BufReader<R>, W) -> std::io::Result<(threads::Socket, Vec<u8>)>;
 
+/// What a listener's own sockets can do beyond byte streams: become
+/// blocking sockets for connection threads, or lend their descriptor for
+/// splicing read payloads into ([`crate::splice`]).
+struct Native<R, W> {
+    into_blocking: ToBlocking<R, W>,
+    splice_socket: fn(&W) -> Option<SpliceSocket>,
+}
+
 /// A listener whose connections split into owned halves without locks.
 trait Listener {
     type Read: AsyncRead + Unpin + Send + 'static;
     type Write: AsyncWrite + Unpin + Send + 'static;
     fn accept_split(&self) -> impl Future<Output = std::io::Result<(Self::Read, Self::Write, String)>> + Send;
     fn into_blocking(reader: BufReader<Self::Read>, w: Self::Write) -> std::io::Result<(threads::Socket, Vec<u8>)>;
+    fn splice_socket(w: &Self::Write) -> Option<SpliceSocket>;
+
+    fn native() -> Native<Self::Read, Self::Write> {
+        Native { into_blocking: Self::into_blocking, splice_socket: Self::splice_socket }
+    }
+}
+
+/// A second registration of an accepted socket, for splicing; without one
+/// every reply is written from memory.
+fn splice_socket(socket: &impl std::os::fd::AsFd) -> Option<SpliceSocket> {
+    SpliceSocket::dup(socket)
+        .inspect_err(|e| debug!(error = %e, "read payloads will be copied: no descriptor for splicing"))
+        .ok()
 }
 
 impl Listener for tokio::net::UnixListener {
@@ -420,6 +446,10 @@ impl Listener for tokio::net::UnixListener {
             Ok(threads::Socket::Unix(r.reunite(w).map_err(std::io::Error::other)?.into_std()?))
         })
     }
+
+    fn splice_socket(w: &Self::Write) -> Option<SpliceSocket> {
+        splice_socket(w.as_ref())
+    }
 }
 
 impl Listener for tokio::net::TcpListener {
@@ -436,5 +466,9 @@ impl Listener for tokio::net::TcpListener {
         threads::hand_over(reader, |r| {
             Ok(threads::Socket::Tcp(r.reunite(w).map_err(std::io::Error::other)?.into_std()?))
         })
+    }
+
+    fn splice_socket(w: &Self::Write) -> Option<SpliceSocket> {
+        splice_socket(w.as_ref())
     }
 }

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use super::ServerError;
 use crate::proto::{self, SimpleReplyHeader, StructuredReplyHeader};
+use crate::splice::{Payload, PipeChain, SpliceSocket};
 
 /// Largest fixed header we build: a structured header plus the fixed part of
 /// its payload (20 + at most 12).
@@ -41,6 +42,9 @@ pub(super) struct Frame {
     head: [u8; HEAD_BYTES_MAX],
     head_len: u8,
     data: Bytes,
+    /// A read payload still in pipes, sent after the head (then `data` is
+    /// empty).
+    pipe: Option<PipeChain>,
     pub permit: Option<InFlight>,
 }
 
@@ -52,16 +56,25 @@ impl Frame {
             head[len..len + p.len()].copy_from_slice(p);
             len += p.len();
         }
-        Frame { head, head_len: len as u8, data, permit: None }
+        Frame { head, head_len: len as u8, data, pipe: None, permit: None }
     }
 
-    fn bytes(&self) -> usize {
-        self.head_len as usize + self.data.len()
+    /// The frame with `payload` after its head.
+    fn carrying(parts: &[&[u8]], payload: Payload) -> Frame {
+        match payload {
+            Payload::Bytes(data) => Frame::new(parts, data),
+            Payload::Pipe(chain) => Frame { pipe: Some(chain), ..Frame::new(parts, Bytes::new()) },
+        }
     }
 
     /// A simple reply; `data` only for a successful read.
     pub fn simple(cookie: u64, error: u32, data: Bytes) -> Frame {
         Frame::new(&[&SimpleReplyHeader { error, cookie }.encode()], data)
+    }
+
+    /// A successful read's simple reply.
+    pub fn simple_data(cookie: u64, data: Payload) -> Frame {
+        Frame::carrying(&[&SimpleReplyHeader { error: 0, cookie }.encode()], data)
     }
 
     fn structured_header(cookie: u64, reply_type: u16, done: bool, length: usize) -> [u8; 20] {
@@ -76,9 +89,9 @@ impl Frame {
 
     /// `NBD_REPLY_TYPE_OFFSET_DATA`; `data` must be non-empty and at most
     /// the maximum payload (so the length fits the header).
-    pub fn offset_data(cookie: u64, offset: u64, data: Bytes, done: bool) -> Frame {
+    pub fn offset_data(cookie: u64, offset: u64, data: Payload, done: bool) -> Frame {
         let head = Frame::structured_header(cookie, proto::REPLY_TYPE_OFFSET_DATA, done, 8 + data.len());
-        Frame::new(&[&head, &offset.to_be_bytes()], data)
+        Frame::carrying(&[&head, &offset.to_be_bytes()], data)
     }
 
     /// `NBD_REPLY_TYPE_ERROR` with a human-readable message (always final).
@@ -103,7 +116,13 @@ impl Frame {
 }
 
 /// Writes frames until every sender is gone, then closes the write half.
-pub(super) async fn write_replies<W>(mut w: W, mut rx: mpsc::UnboundedReceiver<Frame>) -> Result<(), ServerError>
+/// `splice` is the socket's descriptor for payloads in pipes; without it
+/// they are read out and written from memory.
+pub(super) async fn write_replies<W>(
+    mut w: W,
+    mut rx: mpsc::UnboundedReceiver<Frame>,
+    splice: Option<SpliceSocket>,
+) -> Result<(), ServerError>
 where
     W: AsyncWrite + Unpin,
 {
@@ -111,23 +130,50 @@ where
     let mut batch: Vec<Frame> = Vec::with_capacity(BATCH_FRAMES_MAX);
     let mut coalesced = BytesMut::new();
     while rx.recv_many(&mut batch, BATCH_FRAMES_MAX).await > 0 {
-        let total: usize = batch.iter().map(Frame::bytes).sum();
-        if vectored || total > COALESCE_BYTES_MAX {
-            write_vectored_all(&mut w, &batch).await?;
-        } else {
-            coalesced.clear();
-            for f in &batch {
-                coalesced.extend_from_slice(&f.head[..f.head_len as usize]);
-                coalesced.extend_from_slice(&f.data);
+        // Runs of frames in memory, each ending at a frame whose payload is
+        // in pipes (sent right after its head) or at the end of the batch.
+        let mut start = 0;
+        while start < batch.len() {
+            let end = batch[start..].iter().position(|f| f.pipe.is_some()).map_or(batch.len(), |i| start + i + 1);
+            let run = &mut batch[start..end];
+            let total: usize = run.iter().map(|f| f.head_len as usize + f.data.len()).sum();
+            if vectored || total > COALESCE_BYTES_MAX {
+                write_vectored_all(&mut w, run).await?;
+            } else {
+                coalesced.clear();
+                for f in run.iter() {
+                    coalesced.extend_from_slice(&f.head[..f.head_len as usize]);
+                    coalesced.extend_from_slice(&f.data);
+                }
+                w.write_all(&coalesced).await.map_err(ServerError::io("sending replies"))?;
             }
-            w.write_all(&coalesced).await.map_err(ServerError::io("sending replies"))?;
+            w.flush().await.map_err(ServerError::io("sending replies"))?;
+            if let Some(chain) = run.last_mut().and_then(|f| f.pipe.as_mut()) {
+                send_pipe(&mut w, splice.as_ref(), chain).await?;
+            }
+            start = end;
         }
-        w.flush().await.map_err(ServerError::io("sending replies"))?;
         // Releases the in-flight budget of every reply just written.
         batch.clear();
     }
     let _ = w.shutdown().await;
     Ok(())
+}
+
+/// Sends a payload held in pipes, after everything written before it.
+async fn send_pipe<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    splice: Option<&SpliceSocket>,
+    chain: &mut PipeChain,
+) -> Result<(), ServerError> {
+    match splice {
+        Some(socket) => socket.splice_out(chain).await.map_err(ServerError::io("sending replies")),
+        None => {
+            let data = std::mem::take(chain).into_bytes().map_err(ServerError::io("sending replies"))?;
+            w.write_all(&data).await.map_err(ServerError::io("sending replies"))?;
+            w.flush().await.map_err(ServerError::io("sending replies"))
+        }
+    }
 }
 
 async fn write_vectored_all<W: AsyncWrite + Unpin>(w: &mut W, batch: &[Frame]) -> Result<(), ServerError> {

@@ -29,11 +29,16 @@ use crate::buffer_pool::BufferPool;
 use crate::device::{BlockDevice, MetaContext, ZeroFlags};
 use crate::error::IoError;
 use crate::proto::{self, errno, limits, RequestHeader, REQUEST_HEADER_BYTES};
+use crate::splice::{Payload, SpliceSocket, SPLICE_BYTES_MIN};
 
 /// Requests at least this long run on their own task, so several large
 /// copies proceed on several threads; smaller ones run inline, where a
 /// spawn would cost more than it saves.
 const SPAWN_BYTES_MIN: u32 = 256 * 1024;
+
+/// After a write payload at least this long, the next request header is
+/// read on its own (see `ReadState::exact_header`).
+const EXACT_HEADER_PAYLOAD_MIN: u32 = 128 * 1024;
 
 /// Spec: servers SHOULD NOT send more than 2^20 extents in one chunk.
 const STATUS_EXTENTS_MAX: usize = 1 << 20;
@@ -48,6 +53,9 @@ pub(super) struct Conn {
     flags: u16,
     minimum: u64,
     payload_bytes_max: u32,
+    /// Large read payloads may come back in pipes: the reply writer can
+    /// splice them into the socket.
+    splice_out: bool,
 }
 
 /// A decoded request with its payload and budget.
@@ -65,6 +73,10 @@ enum Incoming {
 
 struct ReadState<R> {
     reader: BufReader<R>,
+    /// The last request carried a large payload: read the next header
+    /// alone, so the buffer does not swallow (and make us copy) the start
+    /// of the next payload too.
+    exact_header: bool,
     requests: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
     bytes_max: usize,
@@ -76,20 +88,24 @@ pub(super) async fn run<R, W>(
     negotiated: Negotiated,
     config: &ServerConfig,
     stop: Option<watch::Receiver<bool>>,
+    splice: Option<SpliceSocket>,
 ) -> Result<(), ServerError>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = Arc::new(Conn::new(negotiated));
+    let mut conn = Conn::new(negotiated);
+    conn.splice_out = splice.is_some();
+    let conn = Arc::new(conn);
     let (tx, rx) = mpsc::unbounded_channel();
     // Polled by this task, not spawned: no cross-thread hop per reply.
-    let writer_task = write_replies(writer, rx);
+    let writer_task = write_replies(writer, rx, splice);
     tokio::pin!(writer_task);
 
     let bytes_max = config.in_flight_bytes_max.clamp(1, u32::MAX as usize);
     let state = ReadState {
         reader,
+        exact_header: false,
         requests: Arc::new(Semaphore::new(config.requests_in_flight_max.max(1))),
         bytes: Arc::new(Semaphore::new(bytes_max)),
         bytes_max,
@@ -183,7 +199,12 @@ pub(super) async fn stopped(stop: &mut Option<watch::Receiver<bool>>) {
 async fn next_request<R: AsyncRead + Unpin>(st: &mut ReadState<R>) -> Result<Incoming, ServerError> {
     let mut raw = [0u8; REQUEST_HEADER_BYTES];
     // A clean EOF between requests is a (rude but harmless) disconnect.
-    let first = st.reader.read(&mut raw).await.map_err(ServerError::io("reading a request header"))?;
+    let first = if st.exact_header && st.reader.buffer().is_empty() {
+        st.reader.get_mut().read(&mut raw).await
+    } else {
+        st.reader.read(&mut raw).await
+    }
+    .map_err(ServerError::io("reading a request header"))?;
     if first == 0 {
         debug!("client closed the connection without NBD_CMD_DISC");
         return Ok(Incoming::Done);
@@ -211,11 +232,14 @@ async fn next_request<R: AsyncRead + Unpin>(st: &mut ReadState<R>) -> Result<Inc
         let mut buf = pool.take(payload_len as usize);
         while buf.len() < payload_len as usize {
             let want = (payload_len as usize - buf.len()) as u64;
-            let n = (&mut st.reader)
-                .take(want)
-                .read_buf(&mut buf)
-                .await
-                .map_err(ServerError::io("reading a write payload"))?;
+            // Bytes already buffered first; the rest straight from the
+            // socket into the payload, never through the buffer.
+            let n = if st.reader.buffer().is_empty() {
+                st.reader.get_mut().take(want).read_buf(&mut buf).await
+            } else {
+                (&mut st.reader).take(want).read_buf(&mut buf).await
+            }
+            .map_err(ServerError::io("reading a write payload"))?;
             if n == 0 {
                 return Err(ServerError::Io {
                     context: "reading a write payload",
@@ -227,6 +251,7 @@ async fn next_request<R: AsyncRead + Unpin>(st: &mut ReadState<R>) -> Result<Inc
     } else {
         Bytes::new()
     };
+    st.exact_header = payload_len >= EXACT_HEADER_PAYLOAD_MIN;
     Ok(Incoming::Request(Request {
         header,
         payload,
@@ -270,6 +295,7 @@ impl Conn {
             flags: negotiated.flags,
             minimum: export.device.block_sizes().minimum.max(1) as u64,
             payload_bytes_max: payload_bytes_max(&negotiated.export),
+            splice_out: false,
         }
     }
 
@@ -396,11 +422,16 @@ async fn execute(conn: &Conn, h: &RequestHeader, payload: Bytes) -> Vec<Frame> {
                     Frame::simple(h.cookie, 0, Bytes::new())
                 });
             }
-            match dev.read(h.offset, h.length).await {
+            let read = if conn.splice_out && h.length >= SPLICE_BYTES_MIN {
+                dev.read_payload(h.offset, h.length).await
+            } else {
+                dev.read(h.offset, h.length).await.map(Payload::Bytes)
+            };
+            match read {
                 Ok(data) if data.len() == h.length as usize => vec_one(if conn.structured {
                     Frame::offset_data(h.cookie, h.offset, data, true)
                 } else {
-                    Frame::simple(h.cookie, 0, data)
+                    Frame::simple_data(h.cookie, data)
                 }),
                 Ok(data) => {
                     let msg = format!("device returned {} bytes for a {}-byte read", data.len(), h.length);
