@@ -12,6 +12,7 @@
 //! requests (backpressure).
 
 use std::io::IoSlice;
+use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -121,7 +122,7 @@ impl Frame {
 pub(super) async fn write_replies<W>(
     mut w: W,
     mut rx: mpsc::UnboundedReceiver<Frame>,
-    splice: Option<SpliceSocket>,
+    splice: Option<Arc<SpliceSocket>>,
 ) -> Result<(), ServerError>
 where
     W: AsyncWrite + Unpin,
@@ -149,7 +150,7 @@ where
             }
             w.flush().await.map_err(ServerError::io("sending replies"))?;
             if let Some(chain) = run.last_mut().and_then(|f| f.pipe.as_mut()) {
-                send_pipe(&mut w, splice.as_ref(), chain).await?;
+                send_pipe(&mut w, splice.as_deref(), chain).await?;
             }
             start = end;
         }
