@@ -132,14 +132,6 @@ pub trait BlockDevice: Send + Sync + 'static {
         None
     }
 
-    /// Whether [`Self::write_payload`] passes a payload held in pipes on
-    /// without reading it (a device that forwards to a socket): only then
-    /// does the NBD server take large write payloads into pipes. Default:
-    /// no (a payload in pipes would be copied out of them anyway).
-    fn forwards_payloads(&self) -> bool {
-        false
-    }
-
     /// Names of the metadata contexts this device answers besides
     /// `base:allocation`.
     fn meta_contexts(&self) -> Vec<String> {
@@ -159,16 +151,6 @@ pub trait BlockDevice: Send + Sync + 'static {
 
     /// Writes `data` at `offset`; with `fua` it is durable on return.
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError>;
-
-    /// Writes `data` at `offset` for a caller that only passes it on (the
-    /// NBD server's write request): a device that forwards to a socket may
-    /// send a payload held in pipes ([`crate::splice`]) without copying it.
-    /// Default: [`Self::write`] with the bytes read out of the pipes.
-    async fn write_payload(&self, offset: u64, data: Payload, fua: bool) -> Result<(), IoError> {
-        let data =
-            data.into_bytes().map_err(|e| IoError::io(format!("reading a write payload out of its pipes: {e}")))?;
-        self.write(offset, data, fua).await
-    }
 
     /// Makes every completed write durable.
     async fn flush(&self) -> Result<(), IoError>;

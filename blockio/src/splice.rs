@@ -184,32 +184,6 @@ impl PipeChain {
         Ok(())
     }
 
-    /// A second chain holding the same bytes, sharing their pages (`tee(2)`:
-    /// nothing copied, nothing consumed), to send again should the first
-    /// be lost; `None` if a pipe could not be duplicated whole (the caller
-    /// then copies, as before pipes).
-    pub fn tee(&self) -> io::Result<Option<PipeChain>> {
-        let mut copy = PipeChain::default();
-        for pipe in &self.pipes {
-            if pipe.held == 0 {
-                continue;
-            }
-            let twin = Pipe::take()?;
-            // SAFETY: tee between two pipe descriptors we hold; no user memory.
-            let n =
-                unsafe { libc::tee(pipe.read.as_raw_fd(), twin.write.as_raw_fd(), pipe.held, libc::SPLICE_F_NONBLOCK) };
-            // tee always starts at the front of the pipe: a partial copy
-            // cannot be continued in another pipe.
-            let whole = n >= 0 && n as usize == pipe.held;
-            copy.pipes.push(Pipe { held: n.max(0) as usize, ..twin });
-            if !whole {
-                return Ok(None);
-            }
-            copy.len += pipe.held;
-        }
-        Ok(Some(copy))
-    }
-
     /// Reads the whole payload out of the pipes.
     pub fn into_bytes(mut self) -> io::Result<Bytes> {
         let mut out = BytesMut::with_capacity(self.len);
@@ -295,22 +269,12 @@ impl SpliceSocket {
 
     /// Moves the next `n` bytes of the stream into a new pipe chain.
     pub async fn splice_in(&self, n: usize) -> io::Result<PipeChain> {
-        self.splice_in_after(&[], n).await
+        self.splice_in_with(n, Pipe::take).await
     }
 
-    /// A chain of `buffered` (bytes a reader had already taken off the
-    /// socket, copied) followed by the next `n - buffered.len()` bytes of
-    /// the stream (moved).
-    pub async fn splice_in_after(&self, buffered: &[u8], n: usize) -> io::Result<PipeChain> {
-        let mut chain = PipeChain::from_slice(buffered)?;
-        self.splice_into(&mut chain, n, Pipe::take).await?;
-        Ok(chain)
-    }
-
-    async fn splice_into(&self, chain: &mut PipeChain, n: usize, new_pipe: fn() -> io::Result<Pipe>) -> io::Result<()> {
-        if chain.pipes.is_empty() {
-            chain.pipes.push(new_pipe()?);
-        }
+    async fn splice_in_with(&self, n: usize, new_pipe: fn() -> io::Result<Pipe>) -> io::Result<PipeChain> {
+        let mut chain = PipeChain::default();
+        chain.pipes.push(new_pipe()?);
         while chain.len < n {
             let want = n - chain.len;
             let pipe_w = chain.pipes.last().expect("the chain has a pipe").write.as_raw_fd();
@@ -335,7 +299,7 @@ impl SpliceSocket {
                 _ => return Err(e),
             }
         }
-        Ok(())
+        Ok(chain)
     }
 
     /// Sends every byte of `chain`, in order.
@@ -436,8 +400,7 @@ mod tests {
             source
         });
         let inbound = SpliceSocket::dup(&source_peer).unwrap();
-        let mut chain = PipeChain::default();
-        inbound.splice_into(&mut chain, data.len(), || Pipe::create(4096)).await.unwrap();
+        let mut chain = inbound.splice_in_with(data.len(), || Pipe::create(4096)).await.unwrap();
         assert_eq!(chain.len(), data.len());
         assert!(chain.pipes.len() > 1, "3 MiB fit one page-sized pipe: the chain never grew");
         let outbound = SpliceSocket::dup(&sink_peer).unwrap();
@@ -469,25 +432,6 @@ mod tests {
         drop(a);
         assert_eq!(s.peek(&mut head).await.unwrap(), 0, "end of stream reads as 0");
         assert_eq!(s.splice_in(1).await.err().map(|e| e.kind()), Some(io::ErrorKind::UnexpectedEof));
-    }
-
-    #[test]
-    fn a_tee_holds_the_same_bytes_and_leaves_the_original_whole() {
-        let data = pattern(1_500_000);
-        let chain = PipeChain::from_slice(&data).unwrap();
-        let twin = chain.tee().unwrap().expect("pipes of the same size duplicate whole");
-        assert_eq!(twin.len(), data.len());
-        assert_eq!(&twin.into_bytes().unwrap()[..], &data[..]);
-        assert_eq!(&chain.into_bytes().unwrap()[..], &data[..]);
-    }
-
-    #[tokio::test]
-    async fn bytes_already_buffered_come_first() {
-        let (mut a, b) = tokio::net::UnixStream::pair().unwrap();
-        a.write_all(b"-world").await.unwrap();
-        let s = SpliceSocket::dup(&b).unwrap();
-        let chain = s.splice_in_after(b"hello", 11).await.unwrap();
-        assert_eq!(&chain.into_bytes().unwrap()[..], b"hello-world");
     }
 
     #[test]

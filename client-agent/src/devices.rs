@@ -605,12 +605,6 @@ impl HandleLeg {
 
 #[async_trait]
 impl BlockDevice for HandleLeg {
-    /// Its devices are NBD connections: payloads in pipes go on unread
-    /// (or are read out once where a connection cannot splice).
-    fn forwards_payloads(&self) -> bool {
-        true
-    }
-
     fn size(&self) -> u64 {
         self.device.size()
     }
@@ -629,22 +623,6 @@ impl BlockDevice for HandleLeg {
 
     async fn read_payload(&self, offset: u64, len: u32) -> Result<blockio::Payload, IoError> {
         self.with_client(|c| async move { c.read_payload(offset, len).await }).await
-    }
-
-    async fn write_payload(&self, offset: u64, data: blockio::Payload, fua: bool) -> Result<(), IoError> {
-        // `with_client` calls its operation once; a payload in pipes can
-        // only be sent once.
-        let data = std::sync::Mutex::new(Some(data));
-        self.with_client(|c| {
-            let data = data.lock().unwrap_or_else(|e| e.into_inner()).take();
-            async move {
-                match data {
-                    Some(data) => c.write_payload(offset, data, fua).await,
-                    None => Err(IoError::io("internal: a write payload in pipes was to be sent twice")),
-                }
-            }
-        })
-        .await
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
@@ -690,12 +668,6 @@ async fn check_label(client: &NbdClient, pool: Uuid, device: Uuid) -> Result<(),
 
 #[async_trait]
 impl BlockDevice for PooledDevice {
-    /// Its devices are NBD connections: payloads in pipes go on unread
-    /// (or are read out once where a connection cannot splice).
-    fn forwards_payloads(&self) -> bool {
-        true
-    }
-
     /// The device's size once connected, 0 before (volumes do not use it).
     fn size(&self) -> u64 {
         self.size_bytes.load(Ordering::Relaxed)
@@ -711,10 +683,6 @@ impl BlockDevice for PooledDevice {
 
     async fn read_payload(&self, offset: u64, len: u32) -> Result<blockio::Payload, IoError> {
         self.client().await?.read_payload(offset, len).await.map_err(|e| self.failed(e))
-    }
-
-    async fn write_payload(&self, offset: u64, data: blockio::Payload, fua: bool) -> Result<(), IoError> {
-        self.client().await?.write_payload(offset, data, fua).await.map_err(|e| self.failed(e))
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {

@@ -527,12 +527,6 @@ macro_rules! with_fallback {
 
 #[async_trait]
 impl BlockDevice for FallbackDevice {
-    /// Its devices are NBD connections: payloads in pipes go on unread
-    /// (or are read out once where a connection cannot splice).
-    fn forwards_payloads(&self) -> bool {
-        true
-    }
-
     fn size(&self) -> u64 {
         self.direct.size()
     }
@@ -547,26 +541,6 @@ impl BlockDevice for FallbackDevice {
 
     async fn read_payload(&self, offset: u64, len: u32) -> Result<blockio::Payload, IoError> {
         with_fallback!(self, false, |d| d.read_payload(offset, len))
-    }
-
-    /// A payload in pipes can be sent only once, so it goes only the direct
-    /// way: a path error marks the direct path failed, as in `write`, and
-    /// comes back for the caller to send its copy again as bytes (which
-    /// then takes the server's path). Anything else is written as bytes.
-    async fn write_payload(&self, offset: u64, data: blockio::Payload, fua: bool) -> Result<(), IoError> {
-        if !matches!(data, blockio::Payload::Pipe(_)) || !self.direct.path().is_direct() {
-            let data = data.into_bytes().map_err(|e| IoError::io(format!("reading a write payload: {e}")))?;
-            return self.write(offset, data, fua).await;
-        }
-        let sent = blockio::clock::LeaseInstant::now();
-        match self.direct.write_payload(offset, data, fua).await {
-            Err(e) if is_path_error(&e) => {
-                self.direct.direct_failed(&e.message);
-                self.wait_out_direct_copy(sent).await;
-                Err(e)
-            }
-            result => result,
-        }
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {

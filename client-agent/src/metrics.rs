@@ -383,9 +383,6 @@ impl BlockDevice for Metered {
     fn meta_contexts(&self) -> Vec<String> {
         self.inner.meta_contexts()
     }
-    fn forwards_payloads(&self) -> bool {
-        self.inner.forwards_payloads()
-    }
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
         let started = self.read.start();
         let result = self.inner.read(offset, len).await;
@@ -401,12 +398,6 @@ impl BlockDevice for Metered {
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
         let (started, len) = (self.write.start(), data.len() as u64);
         let result = self.inner.write(offset, data, fua).await;
-        self.write.record(started, len, &result);
-        result
-    }
-    async fn write_payload(&self, offset: u64, data: blockio::Payload, fua: bool) -> Result<(), IoError> {
-        let (started, len) = (self.write.start(), data.len() as u64);
-        let result = self.inner.write_payload(offset, data, fua).await;
         self.write.record(started, len, &result);
         result
     }

@@ -28,11 +28,6 @@ pub struct TestDevice {
     pub writes: AtomicU64,
     pub flushes: AtomicU64,
     pub fail_reads: AtomicBool,
-    /// Writes that arrived as payloads in pipes.
-    pub piped_writes: AtomicU64,
-    /// Fail (and lose) every payload in pipes, as a connection that broke
-    /// while sending one would.
-    pub fail_piped_writes: AtomicBool,
     /// When set, each write takes a permit first (tests add permits to release).
     pub write_gate: Option<Arc<Semaphore>>,
     /// Writes that reached the device (before waiting on `write_gate`).
@@ -55,8 +50,6 @@ impl TestDevice {
             writes: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             fail_reads: AtomicBool::new(false),
-            piped_writes: AtomicU64::new(0),
-            fail_piped_writes: AtomicBool::new(false),
             write_gate,
             writes_started: AtomicU64::new(0),
         }
@@ -90,16 +83,6 @@ impl BlockDevice for TestDevice {
         }
         self.writes.fetch_add(1, Ordering::SeqCst);
         self.mem.write(offset, data, fua).await
-    }
-    async fn write_payload(&self, offset: u64, data: blockio::Payload, fua: bool) -> Result<(), IoError> {
-        if matches!(data, blockio::Payload::Pipe(_)) {
-            self.piped_writes.fetch_add(1, Ordering::SeqCst);
-            if self.fail_piped_writes.load(Ordering::SeqCst) {
-                drop(data);
-                return Err(IoError::shutdown("injected: the connection closed while the payload was sent"));
-            }
-        }
-        self.write(offset, data.into_bytes().unwrap(), fua).await
     }
     async fn flush(&self) -> Result<(), IoError> {
         self.flushes.fetch_add(1, Ordering::SeqCst);

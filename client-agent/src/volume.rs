@@ -534,10 +534,6 @@ impl VolumeDevice {
         Err(last_error.expect("at least one leg was tried"))
     }
 
-    fn bytes_of(&self, chain: blockio::splice::PipeChain) -> Result<Bytes, IoError> {
-        chain.into_bytes().map_err(|e| IoError::io(format!("volume {}: reading a write payload: {e}", self.name)))
-    }
-
     /// A read; within one extent, a payload that is only passed on may come
     /// in pipes from the device's socket.
     async fn read_as(&self, offset: u64, len: u32, passed_on: bool) -> Result<Payload, IoError> {
@@ -689,12 +685,6 @@ fn copied(payload: Payload) -> Result<Bytes, IoError> {
 
 #[async_trait]
 impl BlockDevice for VolumeDevice {
-    /// Its devices are NBD connections: payloads in pipes go on unread
-    /// (or are read out once where a connection cannot splice).
-    fn forwards_payloads(&self) -> bool {
-        true
-    }
-
     fn size(&self) -> u64 {
         self.gate.layout().description.size_bytes
     }
@@ -717,64 +707,6 @@ impl BlockDevice for VolumeDevice {
 
     async fn read_payload(&self, offset: u64, len: u32) -> Result<Payload, IoError> {
         self.read_as(offset, len, true).await
-    }
-
-    /// A payload in pipes goes down unread when it lands on one leg of one
-    /// extent in line; a copy of it (its pages shared, `tee`) is kept, and
-    /// if the piped send fails the write is made again from that copy in
-    /// memory, with every fallback and retry of [`Self::write`]. Anything
-    /// else is read out of the pipes and written as bytes.
-    async fn write_payload(&self, offset: u64, data: Payload, fua: bool) -> Result<(), IoError> {
-        let chain = match data {
-            Payload::Bytes(data) => return self.write(offset, data, fua).await,
-            Payload::Pipe(chain) => chain,
-        };
-        let len = chain.len() as u64;
-        self.check_writable(offset, len)?;
-        let layout = self.gate.enter().await?;
-        let one_leg =
-            layout.description.mirror_legs == 1 && layout.map().segments(offset, len).is_ok_and(|s| s.len() == 1);
-        let acknowledged_behind = self.behind.is_some() && !fua && self.needs_preserving(&layout, offset, len);
-        let copy = if one_leg && !acknowledged_behind { chain.tee().ok().flatten() } else { None };
-        let Some(copy) = copy else {
-            drop(layout);
-            return self.write(offset, self.bytes_of(chain)?, fua).await;
-        };
-        if let Some(behind) = &self.behind {
-            behind.wait_overlapping(offset, len).await;
-        }
-        let sent = async {
-            self.preserve(&layout, offset, len).await?;
-            let segment = layout.map().segments(offset, len).map_err(map_error)?.next();
-            let leg = match segment.map(|s| s.write_legs()) {
-                Some(Ok(legs)) if legs.len() == 1 => legs.into_iter().next().expect("one leg"),
-                _ => return Err(IoError::io("the write no longer lands on one leg")),
-            };
-            let (endpoint, device) = layout.device(&leg);
-            let chain = std::sync::Mutex::new(Some(chain));
-            let once = || {
-                let chain = chain.lock().unwrap_or_else(|e| e.into_inner()).take();
-                async move {
-                    match chain {
-                        Some(chain) => device.write_payload(leg.device_offset, Payload::Pipe(chain), fua).await,
-                        None => Err(IoError::io("a write payload in pipes can be sent only once")),
-                    }
-                }
-            };
-            self.under_lease(self.gate.lease_until(), once)
-                .await
-                .map_err(|e| at_device(e, &self.name, "write", endpoint))
-        }
-        .await;
-        drop(layout);
-        match sent {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                tracing::info!(volume = %self.name, handle = self.handle, error = %e,
-                    "a write sent from pipes failed; writing it again from memory");
-                self.write(offset, self.bytes_of(copy)?, fua).await
-            }
-        }
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
@@ -987,53 +919,6 @@ mod tests {
         devs[1].fail_reads.store(true, Ordering::SeqCst);
         let err = vol.read(0, 8192).await.unwrap_err();
         assert!(err.message.contains("injected read failure") && err.message.contains("dev"), "{err}");
-    }
-
-    fn piped(data: &Bytes) -> Payload {
-        Payload::Pipe(blockio::splice::PipeChain::from_slice(data).unwrap())
-    }
-
-    /// One leg of one extent: the payload goes down in its pipes, unread.
-    #[tokio::test]
-    async fn a_write_in_pipes_lands_on_its_one_leg_as_it_came() {
-        let (vol, devs) = testing::volume(2, 1, 1, false);
-        let data = pattern(7, 32 * 1024);
-        vol.write_payload(4096, piped(&data), false).await.unwrap();
-        assert_eq!(devs[0].piped_writes.load(Ordering::SeqCst), 1);
-        assert_eq!(vol.read(4096, data.len() as u32).await.unwrap(), data);
-    }
-
-    /// The piped send fails and takes its payload with it: the volume's
-    /// copy is written again from memory, and the write succeeds.
-    #[tokio::test]
-    async fn a_write_whose_pipes_were_lost_is_written_again_from_its_copy() {
-        let (vol, devs) = testing::volume(2, 1, 1, false);
-        devs[0].fail_piped_writes.store(true, Ordering::SeqCst);
-        let data = pattern(8, 48 * 1024);
-        vol.write_payload(0, piped(&data), true).await.unwrap();
-        assert_eq!(devs[0].piped_writes.load(Ordering::SeqCst), 1, "the pipes were tried first");
-        assert_eq!(devs[0].writes.load(Ordering::SeqCst), 1, "then the copy, once");
-        let (slot, at) = placement(&description(2, 1, 1, 1), 0, 0);
-        assert_eq!(devs[slot].contents(at, data.len() as u32).await, data, "the device holds the payload");
-    }
-
-    /// Two legs, or two extents: the payload is read out of its pipes and
-    /// written as bytes wherever it goes.
-    #[tokio::test]
-    async fn a_write_in_pipes_to_two_legs_or_extents_goes_as_bytes() {
-        let (mirrored, devs) = testing::volume(1, 2, 2, false);
-        let data = pattern(9, 16 * 1024);
-        mirrored.write_payload(0, piped(&data), false).await.unwrap();
-        for dev in &devs {
-            assert_eq!(dev.piped_writes.load(Ordering::SeqCst), 0);
-            assert_eq!(dev.writes.load(Ordering::SeqCst), 1);
-        }
-        assert_eq!(mirrored.read(0, data.len() as u32).await.unwrap(), data);
-        let (spanning, devs) = testing::volume(2, 1, 2, false);
-        let across = pattern(10, 8192);
-        spanning.write_payload(EXTENT - 4096, piped(&across), false).await.unwrap();
-        assert_eq!(devs.iter().map(|d| d.piped_writes.load(Ordering::SeqCst)).sum::<u64>(), 0);
-        assert_eq!(spanning.read(EXTENT - 4096, 8192).await.unwrap(), across);
     }
 
     #[tokio::test]

@@ -135,48 +135,6 @@ async fn cut_path_falls_back_through_the_server_and_returns_then_a_dead_device_i
     p_client.disconnect().await;
 }
 
-/// Large writes go from the client's socket to the device's in pipes,
-/// unread (`blockio::splice`); a payload in flight when the path is cut is
-/// lost with its connection, and the agent must write it again from its
-/// copy through the server. fio verify (1 MiB, QD8) on one volume and a
-/// sequential 1 MiB fill of another run across the cut; then the filled
-/// volume is read back from the device directly.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn large_writes_in_flight_when_the_path_is_cut_are_written_again_from_memory() {
-    let mut stack = Stack::new(1, "1G");
-    stack.start_mds();
-    stack.sanvol_ok(&["volume", "create", "p", "128M"]);
-    stack.sanvol_ok(&["volume", "create", "q", "128M"]);
-    let desc = stack.sanvol_json(&["volume", "show", "p"]);
-    let cut_uri = desc["description"]["devices"][0]["uri"].as_str().unwrap().to_string();
-    let peer = stack.devices.iter().position(|d| d.uri().to_string() == cut_uri).expect("the device's nbdkit");
-    let proxy = CuttableProxy::start(&stack.dir.path().join("proxy.sock"), &stack.devices[peer].dir().join("nbd.sock"));
-    let via_proxy = NbdUri::unix(&proxy.socket, "").to_string();
-    let agent = stack.start_agent_with("host-a", &["--device-uri".into(), format!("{cut_uri}={via_proxy}")]);
-    let p = agent.attach("p", "exclusive");
-    let q = agent.attach("q", "exclusive");
-
-    let fio = tokio::task::spawn_blocking(move || {
-        fio_verify(&q, "128M", &["--bs=1m", "--iodepth=8"]).output().expect("run fio")
-    });
-    let filling = tokio::spawn({
-        let p = p.clone();
-        async move { fill(&p, 7).await }
-    });
-    let before = proxy.forwarded_bytes();
-    until("1 MiB writes through the proxy", || proxy.forwarded_bytes() > before + (16 << 20)).await;
-    proxy.cut();
-    let fio = fio.await.unwrap();
-    let text = String::from_utf8_lossy(&fio.stdout);
-    assert!(fio.status.success() && text.contains("err= 0"), "fio failed:\n{text}\n{}", stack.all_logs(60));
-    filling.await.unwrap();
-    assert_eq!(fallback_of(&stack, "host-a").len(), 1, "the cut sent the agent through the server");
-    proxy.restore();
-    until("host-a is back on its direct path", || fallback_of(&stack, "host-a").is_empty()).await;
-    // Every block of the fill, read from the device itself.
-    check_placement(&stack, "p", 7, None).await;
-}
-
 /// Opens a data channel with `key` (any role): one `DataChannel` request.
 /// Returns the stream (ready for NBD) or the refusal.
 async fn raw_channel(

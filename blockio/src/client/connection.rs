@@ -34,7 +34,6 @@ use super::reader;
 use crate::device::StatusExtent;
 use crate::error::{IoError, IoErrorKind};
 use crate::proto::{self, RequestHeader};
-use crate::splice::{Payload, PipeChain, SpliceSocket};
 
 /// Most requests in flight on one connection; more wait for a slot.
 pub(crate) const INFLIGHT_REQUESTS_MAX: usize = 512;
@@ -56,21 +55,11 @@ pub(crate) struct RequestTimeout {
 pub(crate) struct Outgoing {
     header: [u8; proto::REQUEST_HEADER_BYTES],
     payload: Bytes,
-    /// A write payload held in pipes, spliced after the header (then
-    /// `payload` is empty).
-    pipe: Option<PipeChain>,
     cookie: u64,
     /// Not to be sent at or after this instant (see `fence.rs`).
     not_after: Option<crate::clock::LeaseInstant>,
     /// `NBD_CMD_DISC`: the writer shuts the socket's send side after it.
     disconnect: bool,
-}
-
-impl Outgoing {
-    /// Payload bytes it carries.
-    fn len(&self) -> usize {
-        self.payload.len() + self.pipe.as_ref().map_or(0, PipeChain::len)
-    }
 }
 
 /// What a successful request returns.
@@ -269,7 +258,7 @@ impl ConnShared {
 
 fn disc_request() -> Outgoing {
     let header = RequestHeader { flags: 0, command: proto::CMD_DISC, cookie: 0, offset: 0, length: 0 }.encode();
-    Outgoing { header, payload: Bytes::new(), pipe: None, cookie: 0, not_after: None, disconnect: true }
+    Outgoing { header, payload: Bytes::new(), cookie: 0, not_after: None, disconnect: true }
 }
 
 /// Decrements the outstanding count however the caller's future ends
@@ -320,10 +309,9 @@ impl Connection {
             splice_submitted: Notify::new(),
             writer_tx: Mutex::new(Some(tx.downgrade())),
         });
+        let writer = tokio::spawn(writer_loop(wr, rx, shared.clone()));
         let can_splice = splice.is_some();
-        let splice = splice.map(Arc::new);
-        let writer = tokio::spawn(writer_loop(wr, rx, shared.clone(), splice.clone()));
-        let reader = tokio::spawn(reader::reader_loop(rd, shared.clone(), splice.clone()));
+        let reader = tokio::spawn(reader::reader_loop(rd, shared.clone(), splice));
         shared.tasks.lock().unwrap().extend([writer.abort_handle(), reader.abort_handle()]);
         Connection {
             shared,
@@ -362,7 +350,7 @@ impl Connection {
         flags: u16,
         offset: u64,
         length: u32,
-        payload: Payload,
+        payload: Bytes,
         state: PendingState,
         timeout: Option<RequestTimeout>,
     ) -> Result<Reply, IoError> {
@@ -398,11 +386,7 @@ impl Connection {
             cookie
         };
         let header = RequestHeader { flags, command, cookie, offset, length }.encode();
-        let (payload, pipe) = match payload {
-            Payload::Bytes(data) => (data, None),
-            Payload::Pipe(chain) => (Bytes::new(), Some(chain)),
-        };
-        if self.tx.send(Outgoing { header, payload, pipe, cookie, not_after, disconnect: false }).is_err() {
+        if self.tx.send(Outgoing { header, payload, cookie, not_after, disconnect: false }).is_err() {
             // The writer is gone: the connection is dead or dying.
             let reason = self.shared.inflight.lock().unwrap().dead.clone();
             let err =
@@ -472,7 +456,6 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     shared: Arc<ConnShared>,
-    splice: Option<Arc<SpliceSocket>>,
 ) {
     let mut batch: Vec<Outgoing> = Vec::with_capacity(BATCH_REQUESTS_MAX);
     loop {
@@ -486,13 +469,13 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
                 return;
             }
         };
-        let mut bytes = first.len();
+        let mut bytes = first.payload.len();
         let mut stop = first.disconnect;
         batch.push(first);
         while !stop && batch.len() < BATCH_REQUESTS_MAX && bytes < BATCH_BYTES_MAX {
             match rx.try_recv() {
                 Ok(o) => {
-                    bytes += o.len();
+                    bytes += o.payload.len();
                     stop = o.disconnect;
                     batch.push(o);
                 }
@@ -505,7 +488,7 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
                 continue;
             }
         }
-        if let Err(e) = write_batch(&mut wr, &mut batch, splice.as_deref()).await {
+        if let Err(e) = write_batch(&mut wr, &batch).await {
             shared.fail(IoError::shutdown(format!("sending to {} failed: {e}", shared.target)));
             return;
         }
@@ -554,32 +537,7 @@ fn fenced(target: &str, command: u16, offset: u64, length: u32) -> IoError {
 
 /// Writes every header and payload of `batch` with as few syscalls as the
 /// kernel allows.
-async fn write_batch<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    batch: &mut [Outgoing],
-    splice: Option<&SpliceSocket>,
-) -> std::io::Result<()> {
-    // Runs of requests in memory, each ending at one whose payload is in
-    // pipes (spliced right after its header) or at the end of the batch.
-    let mut start = 0;
-    while start < batch.len() {
-        let end = batch[start..].iter().position(|o| o.pipe.is_some()).map_or(batch.len(), |i| start + i + 1);
-        write_run(wr, &batch[start..end]).await?;
-        if let Some(chain) = batch[end - 1].pipe.as_mut() {
-            match splice {
-                Some(socket) => socket.splice_out(chain).await?,
-                None => {
-                    wr.write_all(&std::mem::take(chain).into_bytes()?).await?;
-                    wr.flush().await?;
-                }
-            }
-        }
-        start = end;
-    }
-    Ok(())
-}
-
-async fn write_run<W: AsyncWrite + Unpin>(wr: &mut W, batch: &[Outgoing]) -> std::io::Result<()> {
+async fn write_batch<W: AsyncWrite + Unpin>(wr: &mut W, batch: &[Outgoing]) -> std::io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
     for o in batch {
         slices.push(IoSlice::new(&o.header));

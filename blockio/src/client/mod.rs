@@ -491,7 +491,6 @@ impl NbdClient {
         payload: Bytes,
         state: PendingState,
     ) -> Result<Reply, IoError> {
-        let payload = Payload::Bytes(payload);
         self.pick()?.submit(command, flags, offset, length, payload, state, self.inner.request_timeout).await
     }
 
@@ -571,10 +570,6 @@ impl BlockDevice for NbdClient {
         self.inner.info.has(proto::TFLAG_SEND_WRITE_ZEROES) && self.inner.info.has(proto::TFLAG_SEND_FAST_ZERO)
     }
 
-    fn forwards_payloads(&self) -> bool {
-        self.inner.conns.iter().any(|c| c.can_splice)
-    }
-
     fn meta_contexts(&self) -> Vec<String> {
         self.inner.contexts.iter().filter(|c| c.as_str() != MetaContext::BASE_ALLOCATION).cloned().collect()
     }
@@ -607,45 +602,11 @@ impl BlockDevice for NbdClient {
         self.check_io(offset, len as u64, false)?;
         let asm = ReadAssembly { buf: Vec::new(), covered_bytes: 0, ranges: Default::default(), splice: true };
         let state = PendingState::Read(asm);
-        let no_payload = Payload::Bytes(Bytes::new());
-        match conn.submit(proto::CMD_READ, 0, offset, len, no_payload, state, self.inner.request_timeout).await? {
+        match conn.submit(proto::CMD_READ, 0, offset, len, Bytes::new(), state, self.inner.request_timeout).await? {
             Reply::Pipe(chain) => Ok(Payload::Pipe(chain)),
             Reply::Data(bytes) => Ok(Payload::Bytes(bytes)),
             other => Err(IoError::io(format!("internal: READ completed with {other:?}"))),
         }
-    }
-
-    /// A payload in pipes goes from them into the socket in one request
-    /// when the connection can splice and the server takes FUA itself;
-    /// otherwise it is read out and written as bytes.
-    async fn write_payload(&self, offset: u64, data: Payload, fua: bool) -> Result<(), IoError> {
-        let chain = match data {
-            Payload::Bytes(data) => return self.write(offset, data, fua).await,
-            Payload::Pipe(chain) => chain,
-        };
-        let len = chain.len();
-        let conn = self.pick()?;
-        let native_fua = !fua || self.inner.info.has(proto::TFLAG_SEND_FUA);
-        if len == 0 || len > self.inner.payload_bytes_max as usize || !conn.can_splice || !native_fua {
-            let data = chain
-                .into_bytes()
-                .map_err(|e| IoError::io(format!("reading a write payload out of its pipes: {e}")))?;
-            return self.write(offset, data, fua).await;
-        }
-        self.check_io(offset, len as u64, true)?;
-        let flags = if fua { proto::CMD_FLAG_FUA } else { 0 };
-        let payload = Payload::Pipe(chain);
-        conn.submit(
-            proto::CMD_WRITE,
-            flags,
-            offset,
-            len as u32,
-            payload,
-            PendingState::Plain,
-            self.inner.request_timeout,
-        )
-        .await
-        .map(|_| ())
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
@@ -750,15 +711,7 @@ impl BlockDevice for NbdClient {
         };
         let state = PendingState::Status { context_id, extents: None };
         match conn
-            .submit(
-                proto::CMD_BLOCK_STATUS,
-                0,
-                offset,
-                len,
-                Payload::Bytes(Bytes::new()),
-                state,
-                self.inner.request_timeout,
-            )
+            .submit(proto::CMD_BLOCK_STATUS, 0, offset, len, Bytes::new(), state, self.inner.request_timeout)
             .await?
         {
             Reply::Status(v) => Ok(v),

@@ -49,11 +49,7 @@ fn violation<T>(msg: impl Into<String>) -> Result<T, Fault> {
     Err(Fault::Protocol(msg.into()))
 }
 
-pub(crate) async fn reader_loop<R: AsyncRead + Unpin>(
-    rd: R,
-    shared: Arc<ConnShared>,
-    splice: Option<Arc<SpliceSocket>>,
-) {
+pub(crate) async fn reader_loop<R: AsyncRead + Unpin>(rd: R, shared: Arc<ConnShared>, splice: Option<SpliceSocket>) {
     let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
     let fault = loop {
         if let Some(socket) = &splice {

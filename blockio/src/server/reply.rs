@@ -12,7 +12,6 @@
 //! requests (backpressure).
 
 use std::io::IoSlice;
-use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -122,7 +121,7 @@ impl Frame {
 pub(super) async fn write_replies<W>(
     mut w: W,
     mut rx: mpsc::UnboundedReceiver<Frame>,
-    splice: Option<Arc<SpliceSocket>>,
+    splice: Option<SpliceSocket>,
 ) -> Result<(), ServerError>
 where
     W: AsyncWrite + Unpin,
@@ -150,7 +149,7 @@ where
             }
             w.flush().await.map_err(ServerError::io("sending replies"))?;
             if let Some(chain) = run.last_mut().and_then(|f| f.pipe.as_mut()) {
-                send_pipe(&mut w, splice.as_deref(), chain).await?;
+                send_pipe(&mut w, splice.as_ref(), chain).await?;
             }
             start = end;
         }

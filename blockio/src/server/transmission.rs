@@ -18,7 +18,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::future::{Either, FutureExt};
 use futures::stream::{self, FuturesUnordered, StreamExt};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, trace, warn};
 
@@ -61,7 +61,7 @@ pub(super) struct Conn {
 /// A decoded request with its payload and budget.
 struct Request {
     header: RequestHeader,
-    payload: Payload,
+    payload: Bytes,
     permit: InFlight,
 }
 
@@ -73,9 +73,6 @@ enum Incoming {
 
 struct ReadState<R> {
     reader: BufReader<R>,
-    /// The socket's descriptor for taking large write payloads into pipes,
-    /// if the device passes them on unread.
-    splice: Option<Arc<SpliceSocket>>,
     /// The last request carried a large payload: read the next header
     /// alone, so the buffer does not swallow (and make us copy) the start
     /// of the next payload too.
@@ -99,18 +96,15 @@ where
 {
     let mut conn = Conn::new(negotiated);
     conn.splice_out = splice.is_some();
-    let splice_in = splice.is_some() && conn.device.forwards_payloads();
     let conn = Arc::new(conn);
-    let splice = splice.map(Arc::new);
     let (tx, rx) = mpsc::unbounded_channel();
     // Polled by this task, not spawned: no cross-thread hop per reply.
-    let writer_task = write_replies(writer, rx, splice.clone());
+    let writer_task = write_replies(writer, rx, splice);
     tokio::pin!(writer_task);
 
     let bytes_max = config.in_flight_bytes_max.clamp(1, u32::MAX as usize);
     let state = ReadState {
         reader,
-        splice: splice.filter(|_| splice_in),
         exact_header: false,
         requests: Arc::new(Semaphore::new(config.requests_in_flight_max.max(1))),
         bytes: Arc::new(Semaphore::new(bytes_max)),
@@ -233,18 +227,7 @@ async fn next_request<R: AsyncRead + Unpin>(st: &mut ReadState<R>) -> Result<Inc
     } else {
         None
     };
-    let splice_to = st.splice.as_ref().filter(|_| payload_len >= SPLICE_BYTES_MIN);
-    let payload = if let Some(socket) = splice_to {
-        // Straight into pipes, after whatever the reader already buffered.
-        let buffered = st.reader.buffer();
-        let taken = buffered.len().min(payload_len as usize);
-        let chain = socket
-            .splice_in_after(&buffered[..taken], payload_len as usize)
-            .await
-            .map_err(ServerError::io("reading a write payload"))?;
-        st.reader.consume(taken);
-        Payload::Pipe(chain)
-    } else if payload_len > 0 {
+    let payload = if payload_len > 0 {
         let pool = BufferPool::global();
         let mut buf = pool.take(payload_len as usize);
         while buf.len() < payload_len as usize {
@@ -264,9 +247,9 @@ async fn next_request<R: AsyncRead + Unpin>(st: &mut ReadState<R>) -> Result<Inc
                 });
             }
         }
-        Payload::Bytes(pool.freeze(buf))
+        pool.freeze(buf)
     } else {
-        Payload::Bytes(Bytes::new())
+        Bytes::new()
     };
     st.exact_header = payload_len >= EXACT_HEADER_PAYLOAD_MIN;
     Ok(Incoming::Request(Request {
@@ -404,7 +387,7 @@ async fn handle(conn: Arc<Conn>, req: Request, tx: mpsc::UnboundedSender<Frame>)
 }
 
 /// Validates and runs one request; returns its reply frames.
-pub(super) async fn respond(conn: &Conn, h: &RequestHeader, payload: Payload) -> Vec<Frame> {
+pub(super) async fn respond(conn: &Conn, h: &RequestHeader, payload: Bytes) -> Vec<Frame> {
     match conn.validate(h) {
         Ok(()) => execute(conn, h, payload).await,
         Err((code, message)) => {
@@ -423,7 +406,7 @@ fn io_error_frames(conn: &Conn, cookie: u64, command: u16, e: IoError) -> Vec<Fr
     vec_one(conn.error_frame(cookie, e.kind.nbd_code(), &e.message))
 }
 
-async fn execute(conn: &Conn, h: &RequestHeader, payload: Payload) -> Vec<Frame> {
+async fn execute(conn: &Conn, h: &RequestHeader, payload: Bytes) -> Vec<Frame> {
     let dev = &conn.device;
     let fua = h.flags & proto::CMD_FLAG_FUA != 0;
     let done = |r: Result<(), IoError>| match r {
@@ -461,10 +444,7 @@ async fn execute(conn: &Conn, h: &RequestHeader, payload: Payload) -> Vec<Frame>
             if h.length == 0 {
                 return done(Ok(()));
             }
-            done(match payload {
-                Payload::Bytes(data) => dev.write(h.offset, data, fua).await,
-                piped => dev.write_payload(h.offset, piped, fua).await,
-            })
+            done(dev.write(h.offset, payload, fua).await)
         }
         proto::CMD_FLUSH => done(dev.flush().await),
         proto::CMD_TRIM => {
