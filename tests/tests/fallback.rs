@@ -10,7 +10,7 @@ use blockio::uri::NbdUri;
 use blockio::BlockDevice;
 use bytes::Bytes;
 use sanvol_tests::proxy::CuttableProxy;
-use sanvol_tests::system::Stack;
+use sanvol_tests::system::{Agent, Stack};
 use sanvol_tests::volumes::{assert_fio_ok, check_placement, connect, fill, fio_verify};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -35,6 +35,18 @@ fn fallback_of(stack: &Stack, client: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Agent host-a, whose direct path to the first device of the volume
+/// described by `desc` runs through a proxy the test can cut; returns the
+/// proxy, that device's place in the stack, and the agent.
+fn agent_through_proxy(stack: &Stack, desc: &serde_json::Value) -> (CuttableProxy, usize, Agent) {
+    let cut_uri = desc["description"]["devices"][0]["uri"].as_str().unwrap().to_string();
+    let peer = stack.devices.iter().position(|d| d.uri().to_string() == cut_uri).expect("the device's nbdkit");
+    let proxy = CuttableProxy::start(&stack.dir.path().join("proxy.sock"), &stack.devices[peer].dir().join("nbd.sock"));
+    let via_proxy = NbdUri::unix(&proxy.socket, "").to_string();
+    let agent = stack.start_agent_with("host-a", &["--device-uri".into(), format!("{cut_uri}={via_proxy}")]);
+    (proxy, peer, agent)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_path_falls_back_through_the_server_and_returns_then_a_dead_device_is_marked_failed() {
     let mut stack = Stack::new(3, "1G");
@@ -45,11 +57,7 @@ async fn cut_path_falls_back_through_the_server_and_returns_then_a_dead_device_i
     // The device to cut: one the plain volume uses.
     let p_desc = stack.sanvol_json(&["volume", "show", "p"]);
     let cut_index = p_desc["description"]["devices"][0]["index"].as_u64().unwrap();
-    let cut_uri = p_desc["description"]["devices"][0]["uri"].as_str().unwrap().to_string();
-    let peer = stack.devices.iter().position(|d| d.uri().to_string() == cut_uri).expect("the device's nbdkit");
-    let proxy = CuttableProxy::start(&stack.dir.path().join("proxy.sock"), &stack.devices[peer].dir().join("nbd.sock"));
-    let via_proxy = NbdUri::unix(&proxy.socket, "").to_string();
-    let agent = stack.start_agent_with("host-a", &["--device-uri".into(), format!("{cut_uri}={via_proxy}")]);
+    let (proxy, peer, agent) = agent_through_proxy(&stack, &p_desc);
     let m = agent.attach("m", "exclusive");
     let p = agent.attach("p", "exclusive");
     assert!(proxy.forwarded_bytes() > 0, "the agent's direct path to device {cut_index} runs through the proxy");
@@ -133,6 +141,41 @@ async fn cut_path_falls_back_through_the_server_and_returns_then_a_dead_device_i
     let agent_log = agent.proc.log();
     assert!(agent_log.contains("marked failed"), "agent log:\n{agent_log}");
     p_client.disconnect().await;
+}
+
+/// Large writes in flight on the direct path when it is cut are written
+/// again through the server, whole. fio verify (1 MiB, QD8) on one volume and a
+/// sequential 1 MiB fill of another run across the cut; then the filled
+/// volume is read back from the device directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_writes_in_flight_when_the_path_is_cut_are_written_again_through_the_server() {
+    let mut stack = Stack::new(1, "1G");
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "p", "128M"]);
+    stack.sanvol_ok(&["volume", "create", "q", "128M"]);
+    let (proxy, _, agent) = agent_through_proxy(&stack, &stack.sanvol_json(&["volume", "show", "p"]));
+    let p = agent.attach("p", "exclusive");
+    let q = agent.attach("q", "exclusive");
+
+    let fio = tokio::task::spawn_blocking(move || {
+        fio_verify(&q, "128M", &["--bs=1m", "--iodepth=8"]).output().expect("run fio")
+    });
+    let filling = tokio::spawn({
+        let p = p.clone();
+        async move { fill(&p, 7).await }
+    });
+    let before = proxy.forwarded_bytes();
+    until("1 MiB writes through the proxy", || proxy.forwarded_bytes() > before + (16 << 20)).await;
+    proxy.cut();
+    let fio = fio.await.unwrap();
+    let text = String::from_utf8_lossy(&fio.stdout);
+    assert!(fio.status.success() && text.contains("err= 0"), "fio failed:\n{text}\n{}", stack.all_logs(60));
+    filling.await.unwrap();
+    assert_eq!(fallback_of(&stack, "host-a").len(), 1, "the cut sent the agent through the server");
+    proxy.restore();
+    until("host-a is back on its direct path", || fallback_of(&stack, "host-a").is_empty()).await;
+    // Every block of the fill, read from the device itself.
+    check_placement(&stack, "p", 7, None).await;
 }
 
 /// Opens a data channel with `key` (any role): one `DataChannel` request.
