@@ -13,6 +13,7 @@
 //! | `sanvol_agent_requests_total` | volume, op | NBD requests served (read, write, flush, trim, zero) |
 //! | `sanvol_agent_request_errors_total` | volume, op | of those, failed |
 //! | `sanvol_agent_bytes_total` | volume, op | bytes read or written |
+//! | `sanvol_agent_read_bytes_spliced_total` | volume | of the bytes read, those passed from a device's socket to the client's in pipes, never copied through the agent (`blockio::splice`) |
 //! | `sanvol_agent_request_seconds` | volume, op | request latency (read, write, flush) |
 //! | `sanvol_agent_device_path_fallback` | device | 1 while the device's I/O goes through the metadata server |
 //! | `sanvol_agent_fallbacks_total` | device | switches from the direct path to fallback |
@@ -72,6 +73,13 @@ static REQUEST_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 });
 static BYTES: LazyLock<IntCounterVec> =
     LazyLock::new(|| counter_vec("sanvol_agent_bytes_total", "Bytes read or written, by volume", &["volume", "op"]));
+static READ_BYTES_SPLICED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "sanvol_agent_read_bytes_spliced_total",
+        "Bytes read that went from a device's socket to the client's in pipes, not copied through the agent",
+        &["volume"],
+    )
+});
 static REQUEST_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
     let opts = HistogramOpts::new("sanvol_agent_request_seconds", "Latency of NBD requests, by volume and operation")
         .buckets(REQUEST_SECONDS_BUCKETS.to_vec());
@@ -334,6 +342,7 @@ impl OpMetrics {
 pub struct Metered {
     inner: Arc<dyn BlockDevice>,
     read: OpMetrics,
+    read_spliced: IntCounter,
     write: OpMetrics,
     flush: OpMetrics,
     trim: OpMetrics,
@@ -346,6 +355,7 @@ impl Metered {
         Metered {
             inner,
             read: OpMetrics::new(volume, "read", true),
+            read_spliced: READ_BYTES_SPLICED.with_label_values(&[volume]),
             write: OpMetrics::new(volume, "write", true),
             flush: OpMetrics::new(volume, "flush", true),
             trim: OpMetrics::new(volume, "trim", false),
@@ -393,6 +403,9 @@ impl BlockDevice for Metered {
         let started = self.read.start();
         let result = self.inner.read_payload(offset, len).await;
         self.read.record(started, len as u64, &result);
+        if let Ok(blockio::Payload::Pipe(chain)) = &result {
+            self.read_spliced.inc_by(chain.len() as u64);
+        }
         result
     }
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {

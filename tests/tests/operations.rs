@@ -121,6 +121,22 @@ fn metrics_endpoints_count_fio_writes_and_show_server_state() {
     assert!(must(&after, "sanvol_agent_lease_renewal_misses_total", &[("reason", "failed")]) == 0.0);
     assert!(value(&after, "sanvol_agent_device_path_fallback", &[]).unwrap_or(0.0) == 0.0, "no device fell back");
 
+    // 1 MiB reads go from the device's socket to fio's in pipes, unread.
+    let read = Command::new(require_tool("fio"))
+        .args(["--name=spliced", "--ioengine=nbd", &format!("--uri={uri}"), "--rw=read", "--bs=1m", "--iodepth=4"])
+        .args(["--size=48M", "--output-format=json"])
+        .arg(format!("--output={}", report_path.display()))
+        .output()
+        .expect("run fio");
+    assert!(read.status.success(), "fio failed: {}", String::from_utf8_lossy(&read.stderr));
+    let report = std::fs::read_to_string(&report_path).expect("fio's report");
+    let report: serde_json::Value =
+        serde_json::from_str(&report).unwrap_or_else(|e| panic!("fio's JSON report ({e}):\n{report}"));
+    let read_bytes = report["jobs"][0]["read"]["io_bytes"].as_f64().expect("fio's read bytes");
+    assert_eq!(read_bytes, 48.0 * 1024.0 * 1024.0);
+    let spliced = must(&scrape(&agent_metrics), "sanvol_agent_read_bytes_spliced_total", &[("volume", "m")]);
+    assert_eq!(spliced, read_bytes, "every 1 MiB read went through pipes");
+
     let mds = scrape(&mds_metrics);
     assert_eq!(must(&mds, "sanvol_mds_lease_role", &[("role", "active")]), 1.0);
     assert_eq!(must(&mds, "sanvol_mds_lease_role", &[("role", "standby")]), 0.0);
