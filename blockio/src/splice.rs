@@ -223,12 +223,13 @@ pub struct SpliceSocket {
 impl SpliceSocket {
     /// Duplicates `socket`'s descriptor (already non-blocking: the duplicate
     /// shares its file status flags) and registers it with the current
-    /// runtime.
-    pub fn dup(socket: &impl AsFd) -> io::Result<SpliceSocket> {
+    /// runtime for the one direction it splices (a side that only reads
+    /// must not be woken by every write event, nor the other way round).
+    pub fn dup(socket: &impl AsFd, interest: Interest) -> io::Result<SpliceSocket> {
         let fd = socket.as_fd().try_clone_to_owned()?;
         // SAFETY: the OwnedFd stays open, and is the same descriptor, for
         // as long as the AsyncFd owns it.
-        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE)? };
+        let fd = unsafe { AsyncFd::register_with_interest(fd, interest)? };
         Ok(SpliceSocket { fd })
     }
 
@@ -399,11 +400,11 @@ mod tests {
             }
             source
         });
-        let inbound = SpliceSocket::dup(&source_peer).unwrap();
+        let inbound = SpliceSocket::dup(&source_peer, Interest::READABLE).unwrap();
         let mut chain = inbound.splice_in_with(data.len(), || Pipe::create(4096)).await.unwrap();
         assert_eq!(chain.len(), data.len());
         assert!(chain.pipes.len() > 1, "3 MiB fit one page-sized pipe: the chain never grew");
-        let outbound = SpliceSocket::dup(&sink_peer).unwrap();
+        let outbound = SpliceSocket::dup(&sink_peer, Interest::WRITABLE).unwrap();
         let expected = data.len();
         let receiver = tokio::spawn(async move {
             let mut got = vec![0u8; expected];
@@ -420,7 +421,7 @@ mod tests {
     async fn peek_leaves_the_bytes_and_recv_exact_takes_them() {
         let (mut a, b) = tokio::net::UnixStream::pair().unwrap();
         a.write_all(b"headerpayload").await.unwrap();
-        let s = SpliceSocket::dup(&b).unwrap();
+        let s = SpliceSocket::dup(&b, Interest::READABLE).unwrap();
         let mut head = [0u8; 6];
         assert_eq!(s.peek(&mut head).await.unwrap(), 6);
         assert_eq!(&head, b"header");

@@ -303,7 +303,7 @@ async fn open_tls<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
 /// A second registration of a plain socket, for taking read payloads into
 /// pipes ([`crate::splice`]); without one, payloads are copied.
 fn splice_socket(socket: &impl std::os::fd::AsFd, target: &str) -> Option<SpliceSocket> {
-    SpliceSocket::dup(socket)
+    SpliceSocket::dup(socket, tokio::io::Interest::READABLE)
         .inspect_err(|e| tracing::debug!(target: "blockio::client", server = target, error = %e, "read payloads will be copied: no descriptor for splicing"))
         .ok()
 }

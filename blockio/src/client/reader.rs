@@ -11,11 +11,10 @@
 //! request on it gets the error. Nothing the server sends can panic us.
 
 use std::io;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use std::sync::atomic::Ordering;
-
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 
 use super::connection::{ConnShared, Pending, PendingState, ReadAssembly, Reply};

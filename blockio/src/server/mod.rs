@@ -426,7 +426,7 @@ trait Listener {
 /// A second registration of an accepted socket, for splicing; without one
 /// every reply is written from memory.
 fn splice_socket(socket: &impl std::os::fd::AsFd) -> Option<SpliceSocket> {
-    SpliceSocket::dup(socket)
+    SpliceSocket::dup(socket, tokio::io::Interest::WRITABLE)
         .inspect_err(|e| debug!(error = %e, "read payloads will be copied: no descriptor for splicing"))
         .ok()
 }
