@@ -196,6 +196,15 @@ impl NbdServer {
         self.serve_halves(r, w, None, "stream".to_string(), None).await
     }
 
+    /// Serves one connection the caller accepted on a unix socket (after
+    /// checking its peer, say) as [`NbdServer::serve_unix`] serves its own:
+    /// large read payloads may be spliced into it ([`crate::splice`]),
+    /// which a plain byte stream ([`NbdServer::serve_connection`]) never is.
+    pub async fn serve_unix_stream(&self, stream: tokio::net::UnixStream, peer: String) -> Result<(), ServerError> {
+        let (r, w) = stream.into_split();
+        self.serve_halves(r, w, None, peer, Some(<tokio::net::UnixListener as Listener>::native())).await
+    }
+
     /// Accepts connections on a unix socket until `shutdown` completes, then
     /// lets every connection finish its in-flight requests and returns.
     pub async fn serve_unix(

@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use blockio::server::{Export, ExportTable, NbdServer, ServerConfig};
-use blockio::{BlockDevice, BlockSizes, IoError, IoErrorKind, MetaContext, StatusExtent, ZeroFlags};
+use blockio::{BlockDevice, BlockSizes, IoError, IoErrorKind, MetaContext, Payload, StatusExtent, ZeroFlags};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 use tracing::{debug, info};
@@ -246,6 +246,39 @@ impl BlockDevice for SnapshotDevice {
         Err(IoError::io(format!("snapshot {}: the sources of the chunks kept changing during the read", self.name)))
     }
 
+    /// A read the server only passes on (its reply): when it is one run of
+    /// chunks with one source, on one extent, and large enough to splice,
+    /// the bytes may stay in pipes from the device's socket to the client's
+    /// ([`blockio::splice`]), as an agent passes on a live volume's reads.
+    /// The re-check of the module doc is made once the pipes hold the bytes,
+    /// before any is sent: if a chunk's source changed meanwhile, the pipes
+    /// are dropped and the read is made again, in memory ([`Self::read`]).
+    async fn read_payload(&self, offset: u64, len: u32) -> Result<Payload, IoError> {
+        let in_range = blockio::error::check_range(offset, u64::from(len), self.chunks.size_bytes).is_ok();
+        if !in_range || !(blockio::splice::SPLICE_BYTES_MIN..=SNAPSHOT_REQUEST_BYTES_MAX).contains(&len) {
+            return self.read(offset, len).await.map(Payload::Bytes);
+        }
+        let pieces = self.pieces(offset, u64::from(len));
+        let meta = self.meta.borrow().clone();
+        let sources = pieces.iter().map(|p| self.source(&meta, p.chunk)).collect::<Result<Vec<_>, _>>()?;
+        let one_run = sources.iter().all(|s| *s == sources[0])
+            && pieces.windows(2).all(|pair| self.continues(&pair[0], &pair[1]));
+        if !one_run {
+            return self.read(offset, len).await.map(Payload::Bytes);
+        }
+        let start = self.chunks.offset_of(&pieces[0]);
+        let payload = self.devices.read_source_payload(&meta, self.volume, sources[0], start, len).await?;
+        let now = self.meta.borrow().clone();
+        for (p, used) in pieces.iter().zip(&sources) {
+            let source = self.source(&now, p.chunk)?;
+            if source != *used {
+                debug!(export = %self.name, chunk = p.chunk, ?source, "chunk registered while it was read; reading again");
+                return self.read(offset, len).await.map(Payload::Bytes);
+            }
+        }
+        Ok(payload)
+    }
+
     async fn write(&self, _offset: u64, _data: Bytes, _fua: bool) -> Result<(), IoError> {
         Err(read_only())
     }
@@ -325,14 +358,35 @@ pub async fn serve<S>(stream: S, meta: watch::Receiver<Arc<PoolMetadata>>, clien
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let devices = DeviceClients::default();
-    let table = snapshot_exports(&meta, &devices, scope.as_deref());
-    info!(client, scope = ?scope, "backup channel open");
-    let server = NbdServer::new(Arc::new(table), ServerConfig::default());
+    let (server, devices) = backup_server(&meta, client, scope);
     if let Err(e) = server.serve_connection(stream).await {
         debug!(client, "backup channel NBD connection ended: {e}");
     }
     devices.disconnect_all().await;
+}
+
+/// [`serve`] on a local unix socket connection (the server's backup
+/// socket): large reads may be spliced from the devices' sockets into it
+/// ([`SnapshotDevice::read_payload`]).
+pub async fn serve_unix(stream: tokio::net::UnixStream, meta: watch::Receiver<Arc<PoolMetadata>>, client: &str) {
+    let (server, devices) = backup_server(&meta, client, None);
+    if let Err(e) = server.serve_unix_stream(stream, client.to_string()).await {
+        debug!(client, "backup socket NBD connection ended: {e}");
+    }
+    devices.disconnect_all().await;
+}
+
+/// An NBD server of the snapshots in `scope` (every one: `None`) over its
+/// own device connections.
+fn backup_server(
+    meta: &watch::Receiver<Arc<PoolMetadata>>,
+    client: &str,
+    scope: Option<Vec<String>>,
+) -> (NbdServer, DeviceClients) {
+    let devices = DeviceClients::default();
+    let table = snapshot_exports(meta, &devices, scope.as_deref());
+    info!(client, scope = ?scope, "backup channel open");
+    (NbdServer::new(Arc::new(table), ServerConfig::default()), devices)
 }
 
 #[cfg(test)]
@@ -394,6 +448,18 @@ mod tests {
 
     #[tokio::test]
     async fn a_read_racing_a_registration_and_overwrite_returns_the_pre_image() {
+        race(false).await;
+    }
+
+    /// The same race for a read the server only passes on: the re-check
+    /// comes after the device's bytes are in hand (in pipes, when spliced),
+    /// before any is sent.
+    #[tokio::test]
+    async fn a_passed_on_read_racing_a_registration_and_overwrite_returns_the_pre_image() {
+        race(true).await;
+    }
+
+    async fn race(passed_on: bool) {
         let mut meta = PoolMetadata::new(uuid::Uuid::from_u128(1), "p", EXTENT, PublicKey([1; 32]), 0);
         for i in 0..2u32 {
             let layout = DeviceLayout::plan_with_slots(9 * EXTENT, EXTENT, 64 << 10, 2).unwrap();
@@ -436,7 +502,16 @@ mod tests {
         assert_eq!(snapshot.export_name(), "v@s");
         // The live read returns the new bytes; the re-check finds the chunk
         // registered and reads the COW area instead.
-        let got = snapshot.read(0, chunk_bytes as u32 * 2).await.unwrap();
+        let len = chunk_bytes as u32 * 2;
+        assert!(len >= blockio::splice::SPLICE_BYTES_MIN, "large enough to be passed on in pipes");
+        let got = if passed_on {
+            match snapshot.read_payload(0, len).await.unwrap() {
+                Payload::Bytes(data) => data,
+                Payload::Pipe(pipes) => pipes.into_bytes().unwrap(),
+            }
+        } else {
+            snapshot.read(0, len).await.unwrap()
+        };
         assert_eq!(&got[..chunk_bytes as usize], &pre[..], "the read raced the overwrite and must show the pre-image");
         let live_now = mems[live.device.0 as usize].read(live.offset, 16).await.unwrap();
         assert_eq!(&live_now[..], &new[..16], "the live volume was overwritten meanwhile");
@@ -471,5 +546,63 @@ mod tests {
         assert_eq!(at0[1].flags & hole, hole, "never-written space is a hole: {at0:?}");
         assert_eq!(at0.iter().map(|e| e.length).sum::<u64>(), 2 * chunk, "one run: chunks 0 and 1");
         assert_eq!(status(2 * chunk).await, vec![StatusExtent { length: chunk, flags: 0 }], "a pre-image is data");
+    }
+
+    /// Over real unix sockets a large read of one run comes back in pipes,
+    /// holding the device's bytes; a read across two extents (two runs)
+    /// and a small one come back in memory.
+    #[tokio::test]
+    async fn a_large_read_of_one_run_is_passed_on_in_pipes_from_the_devices_socket() {
+        let mut meta = PoolMetadata::new(uuid::Uuid::from_u128(1), "p", EXTENT, PublicKey([1; 32]), 0);
+        let layout = DeviceLayout::plan_with_slots(9 * EXTENT, EXTENT, 64 << 10, 2).unwrap();
+        meta.add_device(uuid::Uuid::from_u128(10), "nbd://h/e", &layout).unwrap();
+        let v = meta.create_volume("v", 2 * EXTENT, 4096, 1, 0).unwrap();
+        let s = meta.create_snapshot(v, "s", 0).unwrap();
+        let extents = meta.volume(v).unwrap().extents.clone();
+        let mem = Arc::new(MemoryDevice::new(9 * EXTENT));
+        let mut image = Vec::new();
+        for (i, extent) in extents.iter().enumerate() {
+            let data: Vec<u8> = (0..EXTENT).map(|b| (b as usize * 7 + i * 13) as u8).collect();
+            mem.write(extent.legs[0].offset, Bytes::from(data.clone()), false).await.unwrap();
+            image.extend_from_slice(&data);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let server = NbdServer::new(Arc::new(ExportTable::single("", mem.clone())), ServerConfig::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(async move {
+            server
+                .serve_unix(listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        let uri: blockio::uri::NbdUri = format!("nbd+unix:///?socket={}", path.display()).parse().unwrap();
+        let client = NbdClient::connect(&uri, ClientOptions::default()).await.unwrap();
+        let (_tx, rx) = watch::channel(Arc::new(meta));
+        let snapshot = SnapshotDevice::new(rx, s, DeviceClients::with([(DeviceIndex(0), client.clone())])).unwrap();
+
+        match snapshot.read_payload(4096, EXTENT as u32 - 4096).await.unwrap() {
+            Payload::Pipe(pipes) => {
+                let got = pipes.into_bytes().unwrap();
+                assert!(got[..] == image[4096..EXTENT as usize], "the piped bytes are the device's");
+            }
+            Payload::Bytes(_) => panic!("a large read of one run should come in pipes"),
+        }
+        let across = (EXTENT - 65536, 131072u32);
+        match snapshot.read_payload(across.0, across.1).await.unwrap() {
+            Payload::Bytes(got) => {
+                assert!(got[..] == image[across.0 as usize..(across.0 + u64::from(across.1)) as usize])
+            }
+            Payload::Pipe(_) => panic!("two extents are two runs: read in memory"),
+        }
+        match snapshot.read_payload(8192, 4096).await.unwrap() {
+            Payload::Bytes(got) => assert!(got[..] == image[8192..12288]),
+            Payload::Pipe(_) => panic!("a small read is read in memory"),
+        }
+        client.disconnect().await;
+        let _ = stop.send(());
+        serving.await.unwrap().unwrap();
     }
 }

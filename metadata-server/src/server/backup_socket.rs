@@ -10,7 +10,8 @@
 //! neither: this socket serves the same exports (the same
 //! [`SnapshotDevice`](super::backup_export::SnapshotDevice)s, with the same
 //! check against agents' overwrites) in one hop, as an agent serves a live
-//! volume.
+//! volume — and, like an agent, passes large reads on in pipes from the
+//! devices' sockets ([`SnapshotDevice::read_payload`](super::backup_export::SnapshotDevice)).
 //!
 //! Who may read: whoever may open the socket. It is created mode 0600
 //! (the user running sanvol-mds only), like the agent's control socket; no
@@ -69,7 +70,7 @@ pub async fn serve(path: PathBuf, ctx: Arc<SessionContext>, mut stop: watch::Rec
             // The committed metadata is published while this reader reads it.
             let _reader = ctx.read_meta().await;
             tokio::select! {
-                _ = backup_export::serve(stream, ctx.meta.clone(), &who, None) => {}
+                _ = backup_export::serve_unix(stream, ctx.meta.clone(), &who) => {}
                 _ = stopped(&mut stop) => {}
             }
         });

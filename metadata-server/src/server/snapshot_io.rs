@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use blockio::client::NbdClient;
 use blockio::uri::NbdUri;
-use blockio::{BlockDevice, IoError};
+use blockio::{BlockDevice, IoError, Payload};
 use bytes::Bytes;
 use volume_format::mapping::{MapError, Segment};
 use volume_format::metadata::{ChunkSource, PoolMetadata};
@@ -101,6 +101,21 @@ impl DeviceClients {
         meta: &PoolMetadata,
         segment: Result<Segment<'_>, MapError>,
     ) -> Result<Bytes, IoError> {
+        match self.read_segment_as(meta, segment, false).await? {
+            Payload::Bytes(data) => Ok(data),
+            Payload::Pipe(_) => Err(IoError::io("internal: a read asked for in memory came back in pipes")),
+        }
+    }
+
+    /// Reads one segment from the first leg that answers; `passed_on`: the
+    /// caller only sends the bytes on, so they may come in pipes
+    /// ([`BlockDevice::read_payload`]).
+    async fn read_segment_as(
+        &self,
+        meta: &PoolMetadata,
+        segment: Result<Segment<'_>, MapError>,
+        passed_on: bool,
+    ) -> Result<Payload, IoError> {
         let segment = segment.map_err(|e| IoError::io(format!("reading for a snapshot: {e}")))?;
         let what = format!("reading {} at offset {}", segment.area(), segment.logical_offset);
         let legs = segment.read_legs(0).map_err(|e| IoError::io(format!("{what}: {e}")))?;
@@ -108,7 +123,8 @@ impl DeviceClients {
         let mut errors = Vec::new();
         for leg in legs {
             let result = match self.get(meta, leg.device).await {
-                Ok(c) => c.read(leg.device_offset, len).await,
+                Ok(c) if passed_on => c.read_payload(leg.device_offset, len).await,
+                Ok(c) => c.read(leg.device_offset, len).await.map(Payload::Bytes),
                 Err(e) => Err(e),
             };
             match result {
@@ -145,6 +161,19 @@ impl DeviceClients {
         len: u32,
     ) -> Result<Bytes, IoError> {
         self.read_segment(meta, meta.source_segment(volume, source, offset, len.into())).await
+    }
+
+    /// [`DeviceClients::read_source`] for a caller that only passes the
+    /// bytes on: they may come in pipes from the device's socket.
+    pub async fn read_source_payload(
+        &self,
+        meta: &PoolMetadata,
+        volume: VolumeId,
+        source: ChunkSource,
+        offset: u64,
+        len: u32,
+    ) -> Result<Payload, IoError> {
+        self.read_segment_as(meta, meta.source_segment(volume, source, offset, len.into()), true).await
     }
 
     /// `base:allocation` of `len` bytes at volume offset `offset` (within one
