@@ -90,6 +90,11 @@ impl SnapshotDevice {
         self.chunks.pieces(offset, len).collect()
     }
 
+    /// Where each piece's chunk is read from, per `meta`.
+    fn sources(&self, meta: &PoolMetadata, pieces: &[ChunkPiece]) -> Result<Vec<ChunkSource>, IoError> {
+        pieces.iter().map(|p| self.source(meta, p.chunk)).collect()
+    }
+
     fn source(&self, meta: &PoolMetadata, chunk: u64) -> Result<ChunkSource, IoError> {
         meta.snapshot_source(self.snapshot, chunk)
             .ok_or_else(|| IoError::io(format!("snapshot {} was deleted while it was being read", self.name)))
@@ -197,7 +202,7 @@ impl BlockDevice for SnapshotDevice {
         }
         let pieces = self.pieces(offset, u64::from(len));
         let meta = self.meta.borrow().clone();
-        let sources = pieces.iter().map(|p| self.source(&meta, p.chunk)).collect::<Result<Vec<_>, _>>()?;
+        let sources = self.sources(&meta, &pieces)?;
         // Read runs of pieces with the same source.
         let mut data: Vec<Bytes> = Vec::with_capacity(pieces.len());
         let mut runs: Vec<Bytes> = Vec::new();
@@ -260,21 +265,17 @@ impl BlockDevice for SnapshotDevice {
         }
         let pieces = self.pieces(offset, u64::from(len));
         let meta = self.meta.borrow().clone();
-        let sources = pieces.iter().map(|p| self.source(&meta, p.chunk)).collect::<Result<Vec<_>, _>>()?;
+        let sources = self.sources(&meta, &pieces)?;
         let one_run = sources.iter().all(|s| *s == sources[0])
             && pieces.windows(2).all(|pair| self.continues(&pair[0], &pair[1]));
         if !one_run {
             return self.read(offset, len).await.map(Payload::Bytes);
         }
-        let start = self.chunks.offset_of(&pieces[0]);
-        let payload = self.devices.read_source_payload(&meta, self.volume, sources[0], start, len).await?;
-        let now = self.meta.borrow().clone();
-        for (p, used) in pieces.iter().zip(&sources) {
-            let source = self.source(&now, p.chunk)?;
-            if source != *used {
-                debug!(export = %self.name, chunk = p.chunk, ?source, "chunk registered while it was read; reading again");
-                return self.read(offset, len).await.map(Payload::Bytes);
-            }
+        let segment = meta.source_segment(self.volume, sources[0], self.chunks.offset_of(&pieces[0]), len.into());
+        let payload = self.devices.read_segment_as(&meta, segment, true).await?;
+        if self.sources(&self.meta.borrow().clone(), &pieces)? != sources {
+            debug!(export = %self.name, "a chunk was registered while it was read; reading again");
+            return self.read(offset, len).await.map(Payload::Bytes);
         }
         Ok(payload)
     }

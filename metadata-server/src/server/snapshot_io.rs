@@ -110,7 +110,7 @@ impl DeviceClients {
     /// Reads one segment from the first leg that answers; `passed_on`: the
     /// caller only sends the bytes on, so they may come in pipes
     /// ([`BlockDevice::read_payload`]).
-    async fn read_segment_as(
+    pub async fn read_segment_as(
         &self,
         meta: &PoolMetadata,
         segment: Result<Segment<'_>, MapError>,
@@ -161,19 +161,6 @@ impl DeviceClients {
         len: u32,
     ) -> Result<Bytes, IoError> {
         self.read_segment(meta, meta.source_segment(volume, source, offset, len.into())).await
-    }
-
-    /// [`DeviceClients::read_source`] for a caller that only passes the
-    /// bytes on: they may come in pipes from the device's socket.
-    pub async fn read_source_payload(
-        &self,
-        meta: &PoolMetadata,
-        volume: VolumeId,
-        source: ChunkSource,
-        offset: u64,
-        len: u32,
-    ) -> Result<Payload, IoError> {
-        self.read_segment_as(meta, meta.source_segment(volume, source, offset, len.into()), true).await
     }
 
     /// `base:allocation` of `len` bytes at volume offset `offset` (within one
