@@ -22,9 +22,9 @@
 //! - **Ordered, coalesced destage**: a round takes the oldest records (up
 //!   to [`DESTAGE_ROUND_BYTES_MAX`], and half the log), writes the ranges
 //!   they cover — sorted, adjacent ones merged, with the newest cached bytes
-//!   there ([`plan_round`]) — then flushes the devices, then releases their
-//!   log space (the superblock moves the tail, synced, before the space is
-//!   reused), and only then drops them from the dirty map. A byte written
+//!   there ([`plan_round`]) — then flushes the devices; their log space is
+//!   released later (the superblock moves the tail, synced, before the space
+//!   is reused), and only then are they dropped from the dirty map. A byte written
 //!   twice is written once, and many small random writes become fewer,
 //!   larger device writes (what a write-back cache must do to destage
 //!   faster than the device takes the same writes one by one). Writing the
@@ -33,6 +33,22 @@
 //!   the mirror) until its own round, and a replay writes every record in
 //!   log order. A failed device write or release is retried (with a bounded
 //!   back-off), never dropped.
+//! - **Lazy release**: a release costs a synchronous superblock write here
+//!   and a mirror request with a synchronous write there, on the same disks
+//!   the next appends wait for. So records on the devices keep their log
+//!   space while the destager writes the next rounds, and are released
+//!   together when a release is due: someone waits for it (a recall point,
+//!   a detach, a write-through acknowledgement), the log needs the space,
+//!   they hold a [`RELEASE_LAG_LOG_DIVISOR`]th of the log, or the destager
+//!   had nothing to write for [`RELEASE_IDLE_MS`]. Until then they are
+//!   still in the log, the mirror and the dirty map, exactly as in the
+//!   moment between a round's device writes and its release before: a
+//!   replay writes them again, in order, under every newer record, and no
+//!   write goes around the log over them. If the mirror fails meanwhile
+//!   they are among what it may still hold (see "Stale mirror"), so a
+//!   write-through write over them is acknowledged only once the mirror has
+//!   been emptied: its replay can never put them back over that write (the
+//!   window that had an earlier deferral reverted, bench/README.md).
 //! - **Back-pressure**: a write that does not fit waits for log space; it
 //!   never fails for lack of it.
 //! - **Write-around**: a write of [`WRITE_AROUND_BYTES_MIN`] or more whose
@@ -177,6 +193,13 @@ pub const MIRROR_APPENDS_IN_FLIGHT_MAX: usize = 4;
 /// its bandwidth twice. They are then as durable as any device write:
 /// FLUSH flushes the devices after them.
 pub const WRITE_AROUND_BYTES_MIN: usize = 512 << 10;
+/// Log bytes of records on the devices whose space is not yet released, at
+/// most this share of the log (see "Lazy release" in the module doc): a
+/// release is then made after the next round even while more records wait.
+pub const RELEASE_LAG_LOG_DIVISOR: u64 = 4;
+/// A destager with nothing left to write releases what it wrote after this
+/// long without new work (at once when someone waits for it).
+pub const RELEASE_IDLE_MS: u64 = 5;
 /// Back-off between attempts to destage a record the devices refused.
 pub const DESTAGE_RETRY_MIN_MS: u64 = 50;
 pub const DESTAGE_RETRY_MAX_MS: u64 = 5_000;
@@ -348,8 +371,20 @@ struct State {
     appender: LogAppender,
     dirty: DirtyMap,
     queue: VecDeque<Queued>,
+    /// The first records of `queue` that are on the devices (written and
+    /// flushed) but whose log space is not yet released ("Lazy release").
+    written: usize,
+    /// Their data bytes.
+    written_bytes: u64,
+    /// Tasks waiting for records to be released ([`wait_destaged`],
+    /// [`CachedDevice::destage_all`]): the destager releases after every
+    /// round while there are any.
+    release_waiters: usize,
+    /// The append loop waits for log space: release what is written.
+    space_wanted: bool,
     /// First position and sequence number of the batch being written.
     in_flight: Option<(u64, u64)>,
+    /// Every record up to it is on the devices and released.
     last_destaged_seq: u64,
     /// The log could not be written: later writes fail with this.
     failed: Option<String>,
@@ -632,6 +667,10 @@ impl CachedDevice {
                 appender,
                 dirty: DirtyMap::default(),
                 queue: VecDeque::new(),
+                written: 0,
+                written_bytes: 0,
+                release_waiters: 0,
+                space_wanted: false,
                 in_flight: None,
                 last_destaged_seq: 0,
                 failed: None,
@@ -672,11 +711,16 @@ impl CachedDevice {
 
     pub fn status(&self) -> CacheStatus {
         let state = self.shared.lock();
+        // Records on the devices whose space is not yet released are not
+        // dirty (a byte of theirs a newer record overwrote counts once, in
+        // the dirty map, so the sum of the others caps it).
+        let waiting = state.queue.range(state.written..);
+        let waiting_bytes: u64 = waiting.map(|q| q.data.len() as u64).sum();
         CacheStatus {
-            dirty_bytes: state.dirty.bytes(),
+            dirty_bytes: state.dirty.bytes().min(waiting_bytes),
             log_used_bytes: state.appender.ring().used_bytes(),
             log_capacity_bytes: state.appender.ring().capacity_bytes(),
-            records: state.queue.len(),
+            records: state.queue.len() - state.written,
         }
     }
 
@@ -701,15 +745,7 @@ impl CachedDevice {
     pub async fn destage_all(&self) {
         let target = self.shared.lock().queue.back().map(|q| q.seq);
         let Some(target) = target else { return };
-        loop {
-            let notified = self.shared.destaged.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.shared.lock().last_destaged_seq >= target {
-                return;
-            }
-            notified.await;
-        }
+        wait_destaged(&self.shared, target).await;
     }
 
     /// A recall point (a snapshot or another reconfiguration) starts: new
@@ -886,8 +922,14 @@ async fn append_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<WriteReq>, acks
         shared.lock().appending = false;
         shared.hold_changed.notify_waiters();
         if taken == 0 {
-            // The log is full: wait for the destager to release space.
-            shared.space_freed.notified().await;
+            // The log is full: wait for the destager to release space
+            // (asked to release what it wrote at once).
+            let freed = shared.space_freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            shared.lock().space_wanted = true;
+            shared.work.notify_one();
+            freed.await;
         }
     }
 }
@@ -1154,7 +1196,25 @@ async fn wait_not_threatened(shared: &Shared, write: &WriteReq) {
     }
 }
 
+/// Returns once every record up to `seq` is on the devices and released
+/// (from the log, and from the mirror while mirroring). Counted among the
+/// [`State::release_waiters`] meanwhile, so the destager releases at once.
 async fn wait_destaged(shared: &Shared, seq: u64) {
+    struct Waiting<'a>(&'a Shared);
+    impl Drop for Waiting<'_> {
+        fn drop(&mut self) {
+            self.0.lock().release_waiters -= 1;
+        }
+    }
+    let _waiting = {
+        let mut state = shared.lock();
+        if state.last_destaged_seq >= seq {
+            return;
+        }
+        state.release_waiters += 1;
+        Waiting(shared)
+    };
+    shared.work.notify_one();
     loop {
         let notified = shared.destaged.notified();
         tokio::pin!(notified);
@@ -1216,10 +1276,10 @@ async fn remirror_loop(shared: Arc<Shared>) {
 
 /// The records of the next destage round: consecutive from the oldest, at
 /// most `max_bytes` of them (and at least one).
-fn next_round(queue: &VecDeque<Queued>, max_bytes: u64) -> Vec<Queued> {
+fn next_round<'a>(queue: impl Iterator<Item = &'a Queued>, max_bytes: u64) -> Vec<Queued> {
     let mut round: Vec<Queued> = Vec::new();
     let mut bytes = 0u64;
-    for record in queue.iter() {
+    for record in queue {
         if !round.is_empty() && bytes + record.data.len() as u64 > max_bytes {
             break;
         }
@@ -1297,88 +1357,130 @@ async fn write_round(shared: &Shared, round: &[Queued]) -> Result<(), IoError> {
     shared.inner.flush().await
 }
 
-/// Writes acknowledged records to the devices in order, then releases
-/// their log space (see the module doc).
+/// Writes acknowledged records to the devices in order, round by round,
+/// and releases their log space when a release is due (see "Lazy release"
+/// in the module doc).
 async fn destage_loop(shared: Arc<Shared>) {
     let mut retry_ms = DESTAGE_RETRY_MIN_MS;
     loop {
-        let round = {
+        let (round, written) = {
             let state = shared.lock();
             let max_bytes = DESTAGE_ROUND_BYTES_MAX.min(state.appender.ring().capacity_bytes() / 2);
-            next_round(&state.queue, max_bytes)
+            (next_round(state.queue.range(state.written..), max_bytes), state.written)
         };
-        if round.is_empty() {
+        if !round.is_empty() {
+            if let Err(e) = write_round(&shared, &round).await {
+                warn!(error = %e, retry_ms, "destaging cached writes failed; retrying (they stay in the cache log)");
+                tokio::time::sleep(Duration::from_millis(retry_ms)).await;
+                retry_ms = (retry_ms * 2).min(DESTAGE_RETRY_MAX_MS);
+                continue;
+            }
+            retry_ms = DESTAGE_RETRY_MIN_MS;
+            {
+                let mut state = shared.lock();
+                let round_bytes = round.iter().map(|r| r.data.len() as u64).sum::<u64>();
+                state.written += round.len();
+                state.written_bytes += round_bytes;
+                state.destaged_bytes += round_bytes;
+                if state.destage_samples.len() == DESTAGE_SAMPLES_MAX {
+                    state.destage_samples.pop_front();
+                }
+                state.destage_samples.push_back((std::time::Instant::now(), round_bytes));
+            }
+            if !release_due(&shared) {
+                continue;
+            }
+        } else if written == 0 {
             shared.work.notified().await;
             continue;
-        }
-        if let Err(e) = write_round(&shared, &round).await {
-            warn!(error = %e, retry_ms, "destaging cached writes failed; retrying (they stay in the cache log)");
-            tokio::time::sleep(Duration::from_millis(retry_ms)).await;
-            retry_ms = (retry_ms * 2).min(DESTAGE_RETRY_MAX_MS);
-            continue;
-        }
-        retry_ms = DESTAGE_RETRY_MIN_MS;
-        // The mirror lets go first: what it still holds is always still in
-        // the local log and the dirty map (see the module doc).
-        if let Some(mirror) = &shared.mirror {
-            let (mirroring, epoch) = {
-                let state = shared.lock();
-                (state.mirror_state == MirrorState::Mirrored, state.mirror_epoch)
-            };
-            if mirroring {
-                let upto = round.last().expect("a round is not empty").seq;
-                if let Err(why) = mirror.release(upto).await {
-                    mirror_failed(&shared, epoch, why);
-                }
+        } else if !release_due(&shared) {
+            // Nothing left to write: release once no new work comes for a
+            // while (new records are written first, then released together).
+            let idle = Duration::from_millis(RELEASE_IDLE_MS);
+            if tokio::time::timeout(idle, shared.work.notified()).await.is_ok() {
+                continue;
             }
         }
-        // The round stays in the queue and the dirty map until its log space
-        // is released: a record still in the log would be replayed over
-        // anything written around it (see `State::logged`).
-        let superblock = {
-            let mut state = shared.lock();
-            let (tail_pos, tail_seq) = match (state.queue.get(round.len()), state.in_flight) {
-                (Some(next), _) => (next.pos, next.seq),
-                (None, Some(in_flight)) => in_flight,
-                (None, None) => (state.appender.ring().head(), state.appender.next_seq()),
-            };
-            state.appender.release_superblock(tail_pos, tail_seq)
-        };
-        let writer = shared.clone();
-        if let Err(e) = blocking(move || writer.log.write_superblock(&superblock)).await {
-            // The records are on the devices; the next round writes them
-            // again and retries the release.
+        if let Err(e) = release_written(&shared).await {
+            // The records are on the devices and stay in the log; the
+            // release is tried again.
             warn!(error = %e, retry_ms, "cannot release cache log space; retrying");
             tokio::time::sleep(Duration::from_millis(retry_ms)).await;
             retry_ms = (retry_ms * 2).min(DESTAGE_RETRY_MAX_MS);
             continue;
         }
-        // Before the records leave the dirty map, whose overlay hides what
-        // the clean blocks hold under them (see `clean`).
-        if let Some(mut clean) = shared.clean() {
-            for record in &round {
-                clean.invalidate(record.offset, record.data.len() as u64);
-            }
-        }
-        {
-            let mut state = shared.lock();
-            for record in &round {
-                let front = state.queue.pop_front().expect("the round came from the queue");
-                debug_assert_eq!(front.seq, record.seq);
-                state.dirty.destaged(record.offset, record.data.len() as u64, record.seq);
-            }
-            state.appender.released(superblock.tail_pos);
-            state.last_destaged_seq = round.last().expect("a round is not empty").seq;
-            let round_bytes = round.iter().map(|r| r.data.len() as u64).sum::<u64>();
-            state.destaged_bytes += round_bytes;
-            if state.destage_samples.len() == DESTAGE_SAMPLES_MAX {
-                state.destage_samples.pop_front();
-            }
-            state.destage_samples.push_back((std::time::Instant::now(), round_bytes));
-        }
-        shared.space_freed.notify_one();
-        shared.destaged.notify_waiters();
+        retry_ms = DESTAGE_RETRY_MIN_MS;
     }
+}
+
+/// Whether the records on the devices should be released now rather than
+/// after the next round: someone waits for it, the log needs the space, or
+/// they hold more than a [`RELEASE_LAG_LOG_DIVISOR`]th of the log.
+fn release_due(shared: &Shared) -> bool {
+    let state = shared.lock();
+    state.written > 0
+        && (state.release_waiters > 0
+            || state.space_wanted
+            || state.written_bytes >= state.appender.ring().capacity_bytes() / RELEASE_LAG_LOG_DIVISOR)
+}
+
+/// Releases the records on the devices ([`State::written`]): at the mirror
+/// first (what it still holds is always still in the local log and the
+/// dirty map: see the module doc), then in the log (the superblock moves
+/// the tail), and only then are they dropped from the queue and the dirty
+/// map (a record still in the log would be replayed over anything written
+/// around it: see `State::logged`).
+async fn release_written(shared: &Arc<Shared>) -> Result<(), CacheError> {
+    let (count, upto) = {
+        let state = shared.lock();
+        (state.written, state.queue[state.written - 1].seq)
+    };
+    if let Some(mirror) = &shared.mirror {
+        let (mirroring, epoch) = {
+            let state = shared.lock();
+            (state.mirror_state == MirrorState::Mirrored, state.mirror_epoch)
+        };
+        if mirroring {
+            if let Err(why) = mirror.release(upto).await {
+                mirror_failed(shared, epoch, why);
+            }
+        }
+    }
+    let superblock = {
+        let mut state = shared.lock();
+        let (tail_pos, tail_seq) = match (state.queue.get(count), state.in_flight) {
+            (Some(next), _) => (next.pos, next.seq),
+            (None, Some(in_flight)) => in_flight,
+            (None, None) => (state.appender.ring().head(), state.appender.next_seq()),
+        };
+        state.appender.release_superblock(tail_pos, tail_seq)
+    };
+    let writer = shared.clone();
+    blocking(move || writer.log.write_superblock(&superblock)).await?;
+    // Before the records leave the dirty map, whose overlay hides what the
+    // clean blocks hold under them (see `clean`).
+    let released: Vec<Queued> = shared.lock().queue.iter().take(count).cloned().collect();
+    if let Some(mut clean) = shared.clean() {
+        for record in &released {
+            clean.invalidate(record.offset, record.data.len() as u64);
+        }
+    }
+    {
+        let mut state = shared.lock();
+        for record in &released {
+            let front = state.queue.pop_front().expect("released records came from the queue");
+            debug_assert_eq!(front.seq, record.seq);
+            state.dirty.destaged(record.offset, record.data.len() as u64, record.seq);
+        }
+        state.written = 0;
+        state.written_bytes = 0;
+        state.space_wanted = false;
+        state.appender.released(superblock.tail_pos);
+        state.last_destaged_seq = upto;
+    }
+    shared.space_freed.notify_one();
+    shared.destaged.notify_waiters();
+    Ok(())
 }
 
 #[async_trait]

@@ -32,6 +32,8 @@ struct HeldDevice {
     reads: AtomicU64,
     /// Offsets of the writes that reached the device (held or not).
     arrived: std::sync::Mutex<Vec<u64>>,
+    /// Told when a write reaches the device.
+    arrival: tokio::sync::Notify,
     writes: AtomicU64,
 }
 
@@ -62,6 +64,7 @@ impl BlockDevice for HeldDevice {
     }
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
         self.arrived.lock().unwrap().push(offset);
+        self.arrival.notify_one();
         let mut held = self.held.clone();
         let _ = held.wait_for(|held| !*held).await;
         self.writes.fetch_add(1, Ordering::SeqCst);
@@ -108,6 +111,7 @@ fn setup_with(log_bytes: u64, held: bool, jitter_seed: Option<u64>) -> Setup {
         reads_held,
         reads: AtomicU64::new(0),
         arrived: Default::default(),
+        arrival: Default::default(),
         writes: AtomicU64::new(0),
     });
     Setup { _dir: dir, config, memory, hold, hold_reads, device }
@@ -406,6 +410,10 @@ struct MemoryMirror {
     /// If set, an answer `failed_answers` fails waits for this instead of
     /// `hold_appends`.
     failure_gate: std::sync::Mutex<Option<watch::Receiver<bool>>>,
+    /// The `upto_seq` of every release, in order.
+    releases: std::sync::Mutex<Vec<u64>>,
+    /// Told at every release.
+    released: tokio::sync::Notify,
 }
 
 impl MemoryMirror {
@@ -464,6 +472,8 @@ impl CacheMirror for MemoryMirror {
     async fn release(&self, upto_seq: u64) -> Result<(), String> {
         self.check()?;
         self.held.lock().unwrap().retain(|r| r.seq > upto_seq);
+        self.releases.lock().unwrap().push(upto_seq);
+        self.released.notify_one();
         Ok(())
     }
 }
@@ -602,6 +612,35 @@ async fn settle() {
     for _ in 0..100 {
         tokio::task::yield_now().await;
     }
+}
+
+#[tokio::test]
+async fn records_on_the_devices_are_released_together_once_the_destager_has_nothing_left_to_write() {
+    let s = setup(LOG_BYTES_MIN, true);
+    let mirror = Arc::new(MemoryMirror::default());
+    let cache = Arc::new(s.open_mirrored(&mirror).await);
+    // A's round reaches the (held) device; B is logged and mirrored
+    // meanwhile, so the destager has B to write right after A.
+    spawn_write(&cache, 0, 1).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), s.device.arrival.notified()).await.expect("A's round is written");
+    spawn_write(&cache, 1 << 20, 2).await.unwrap().unwrap();
+    let last_seq = mirror.held.lock().unwrap().last().unwrap().seq;
+    s.hold.send(false).unwrap();
+    // No one waits and the log has room: A's space is not released between
+    // the two rounds (a release costs a synchronous write on each side),
+    // but with B's, once the destager is idle.
+    tokio::time::timeout(Duration::from_secs(10), mirror.released.notified()).await.expect("released once idle");
+    assert_eq!(*mirror.releases.lock().unwrap(), vec![last_seq], "one release for both rounds");
+    assert_eq!(s.device.writes.load(Ordering::SeqCst), 2);
+    assert!(mirror.held.lock().unwrap().is_empty());
+    let status = cache.status();
+    assert_eq!((status.records, status.dirty_bytes), (0, 0), "{status:?}");
+    // Waiting for the destage (as a recall or a write-through
+    // acknowledgement does) is answered once it is released.
+    spawn_write(&cache, 2 << 20, 3).await.unwrap().unwrap();
+    cache.destage_all().await;
+    assert_eq!(mirror.releases.lock().unwrap().len(), 2);
+    assert_eq!(s.memory.read(2 << 20, 4096).await.unwrap(), vec![3u8; 4096]);
 }
 
 #[tokio::test]
