@@ -224,7 +224,7 @@ async fn the_cache_state_shows_the_holder_mirroring_and_the_dirty_bytes() {
     let state = show().await;
     assert!(state.mirroring, "{state:?}");
     assert_eq!((state.held_records, state.held_bytes), (2, 8192 + 512));
-    assert!(state.summary().contains("mirrored, 8704 bytes dirty"), "{}", state.summary());
+    assert!(state.summary().contains("mirrored, 8704 bytes held (2 writes"), "{}", state.summary());
     a.request(Request::MirrorRelease { handle: h.handle, upto_seq: 2 }).await.unwrap();
     assert_eq!(show().await.held_bytes, 0);
     a.request(Request::Close { handle: h.handle }).await.unwrap();

@@ -644,7 +644,7 @@ async fn sanvol_agent_list_shows_the_cache_and_a_detach_destages_it() {
     assert_eq!(show["cache"]["mirroring"], true, "{show}");
     assert!(show["cache"]["held_bytes"].as_u64().unwrap() > 0, "{show}");
     let text = rig.stack.sanvol_ok(&["volume", "show", "db"]);
-    assert!(text.contains("cache: mirrored of 33554432 bytes; holder ") && text.contains("bytes dirty"), "{text}");
+    assert!(text.contains("cache: mirrored of 33554432 bytes; holder ") && text.contains("bytes held ("), "{text}");
     // And the holder's own view, which it reports to the server at once
     // and every two seconds: its state, log and destage rate.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

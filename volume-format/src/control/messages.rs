@@ -627,7 +627,7 @@ impl CacheStateInfo {
         match (&self.holder, self.mirroring) {
             (None, _) => format!("{setting}; no holder"),
             (Some(holder), true) => format!(
-                "{setting}; holder {holder}: mirrored, {} bytes dirty ({} writes not yet on the devices)",
+                "{setting}; holder {holder}: mirrored, {} bytes held ({} writes the holder has not released yet)",
                 self.held_bytes, self.held_records
             ),
             (Some(holder), false) => format!(
