@@ -431,7 +431,9 @@ async fn a_server_paused_with_a_commit_in_flight_is_fenced_on_fencing_devices_by
         assert!(said.contains("fenced: closing older connections"), "device {i} did not fence the old server:\n{said}");
     }
     let log = stack.mds_log();
-    assert!(log.contains("metadata commit failed: device"), "the old server's write must fail:\n{log}");
+    // Said by its device task: whether its core still answers the commit
+    // races the lease task that finds the takeover once it runs again.
+    assert!(log.contains("metadata write failed on the devices: device"), "the old server's write must fail:\n{log}");
     // On the devices: what the new server committed, and nothing of the old one.
     let meta = metadata_in_target_files(&stack);
     assert!(meta.volume_by_name("v1").is_some() && meta.volume_by_name("v2").is_some(), "the commits before and after");

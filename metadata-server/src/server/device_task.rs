@@ -98,6 +98,9 @@ impl DeviceTask {
                     let (written, failures) = self.pool.write_raw(&write, || guard.may_commit()).await;
                     super::metrics::committed(started.elapsed(), failures.is_empty());
                     if !failures.is_empty() {
+                        // Said here too: a server that lost its lease
+                        // meanwhile may end before its core hears of it.
+                        tracing::warn!("metadata write failed on the devices: {}", failures.join("; "));
                         // The next commit (which supersedes this one) goes
                         // over fresh connections where these failed.
                         self.pool.reconnect_failed().await;
