@@ -1431,19 +1431,14 @@ fn release_due(shared: &Shared) -> bool {
 /// map (a record still in the log would be replayed over anything written
 /// around it: see `State::logged`).
 async fn release_written(shared: &Arc<Shared>) -> Result<(), CacheError> {
-    let (count, upto) = {
+    let (count, upto, mirroring, epoch) = {
         let state = shared.lock();
-        (state.written, state.queue[state.written - 1].seq)
+        let mirroring = state.mirror_state == MirrorState::Mirrored;
+        (state.written, state.queue[state.written - 1].seq, mirroring, state.mirror_epoch)
     };
-    if let Some(mirror) = &shared.mirror {
-        let (mirroring, epoch) = {
-            let state = shared.lock();
-            (state.mirror_state == MirrorState::Mirrored, state.mirror_epoch)
-        };
-        if mirroring {
-            if let Err(why) = mirror.release(upto).await {
-                mirror_failed(shared, epoch, why);
-            }
+    if let Some(mirror) = shared.mirror.as_ref().filter(|_| mirroring) {
+        if let Err(why) = mirror.release(upto).await {
+            mirror_failed(shared, epoch, why);
         }
     }
     let superblock = {
