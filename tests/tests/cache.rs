@@ -549,6 +549,52 @@ async fn sanvol_agent_attach_caches_and_a_kill_9_loses_no_acknowledged_write() {
     assert_eq!(listed(&b)["cache"]["state"], "mirrored", "{}", b.proc.log());
 }
 
+/// Issue 15's "kill both": the cached holder (`sanvol-agent`) is killed
+/// with SIGKILL while the 100 ms-per-write device lacks acknowledged
+/// writes, then `sanvol-mds` is killed with SIGKILL too, before anyone
+/// opened the volume — so before any replay (a replay runs at the next
+/// open). The device file, read directly, still lacks those writes. The
+/// server is started again: another agent's attach is answered only once
+/// the restarted server replayed the mirror from its file, and the device
+/// file then holds every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_holder_then_of_the_server_before_its_replay_the_restarted_server_replays_first() {
+    let mut rig = MirrorRig::new();
+    // The agent that attaches after the restart, authorized now (the
+    // restarted server serves only resumes in its grace period).
+    rig.stack.authorize_agent("agent-b");
+    let (mut a, uri) = attach_cached(&rig.stack, "agent-a");
+    let client = Arc::new(NbdClient::connect(&uri, ClientOptions::default()).await.unwrap());
+    let (model, acked) = kill_in_the_fifth_round(client, || a.proc.kill()).await;
+    let first_log = rig.stack.mds_log();
+    rig.stack.kill_mds();
+    assert!(
+        !first_log.contains("cache mirror replayed"),
+        "the first server replayed before it was killed: the test proves nothing\n{first_log}"
+    );
+    assert!(
+        check_device(&rig.volume_image(), &model, 4, &acked).is_err(),
+        "every acknowledged write reached the 100 ms-per-write device with the holder and the server dead: the test \
+         did not exercise the mirror"
+    );
+
+    rig.stack.start_mds();
+    let b = rig.stack.restart_agent("agent-b");
+    attach_when_connected(&b, &rig.stack).await;
+    let mds_log = rig.stack.mds_log();
+    if let Err(e) = check_device(&rig.volume_image(), &model, 4, &acked) {
+        panic!("once the volume was opened again: {e}; mds log:\n{mds_log}");
+    }
+    let replayed: usize = mds_log
+        .lines()
+        .find(|l| l.contains("cache mirror replayed to the devices"))
+        .and_then(|l| l.split("records=").nth(1))
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the restarted server replayed no mirror before the open; mds log:\n{mds_log}"));
+    assert!(replayed > 0, "the mirror held nothing: the test proves nothing; mds log:\n{mds_log}");
+}
+
 /// Another agent attaches `db`: refused while the dead holder's handle
 /// lives, answered once the server replayed the holder's cache mirror.
 async fn attach_after_replay(stack: &sanvol_tests::system::Stack, name: &str) -> sanvol_tests::system::Agent {
