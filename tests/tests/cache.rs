@@ -595,6 +595,163 @@ async fn kill_9_of_the_holder_then_of_the_server_before_its_replay_the_restarted
     assert!(replayed > 0, "the mirror held nothing: the test proves nothing; mds log:\n{mds_log}");
 }
 
+/// fio's random 64 KiB writes over the whole of `db` (64 MiB), crc32c
+/// in every block, a fixed seed, each block written once: `--verify_only`
+/// with the same arguments regenerates the same blocks. The verify state
+/// (what was written) is saved in, and loaded from, the working directory.
+fn fio_job(uri: &str, dir: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(peers::require_tool("fio"));
+    cmd.current_dir(dir).args([
+        "--name=fill",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--bs=64k",
+        "--iodepth=16",
+        "--size=64M",
+        "--verify=crc32c",
+        "--randseed=1515",
+    ]);
+    cmd.args(extra);
+    cmd
+}
+
+/// Every `offset=N` (or `offset N`) of the lines of `text` that contain
+/// `what`.
+fn offsets_in(text: &str, what: &str) -> std::collections::BTreeSet<u64> {
+    text.lines()
+        .filter(|l| l.contains(what))
+        .filter_map(|l| {
+            let rest = l.split("offset").nth(1)?;
+            let digits: String =
+                rest.trim_start_matches(['=', ' ']).chars().take_while(|c| c.is_ascii_digit()).collect();
+            digits.parse().ok()
+        })
+        .collect()
+}
+
+/// `fio --verify_only` of the fill job against `uri`: the blocks that
+/// failed, and how many blocks were read.
+fn fio_verify_only(uri: &str, dir: &Path) -> (std::collections::BTreeSet<u64>, u64, String) {
+    let out = fio_job(uri, dir, &["--verify_only", "--verify_state_load=1", "--verify_fatal=0"]).output().unwrap();
+    let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let bad = offsets_in(&text, "verify");
+    let read = issued(&text, 0).unwrap_or_else(|| panic!("fio printed no issued reads:\n{text}"));
+    (bad, read, text)
+}
+
+/// fio's `issued rwts: total=R,W,...`: field `index` (0 reads, 1 writes).
+fn issued(text: &str, index: usize) -> Option<u64> {
+    let line = text.lines().find(|l| l.contains("issued rwts: total="))?;
+    line.split("total=").nth(1)?.split(',').nth(index)?.trim().parse().ok()
+}
+
+/// Issue 15's first acceptance, with fio as the workload: fio's verify
+/// writes through `sanvol-agent` fill the mirrored cache (the 100
+/// ms-per-write device destages slowly; the 32 MiB log is full and the
+/// writes wait for room) and the agent is killed with SIGKILL. Before
+/// anyone opens the volume, `fio --verify_only` reading the device file
+/// directly (nbdkit's `offset` filter over the volume's extents) finds
+/// acknowledged blocks missing: they are in the log and the mirror only.
+/// Another agent's attach is answered once the server replayed the
+/// mirror; then fio's verify, on the device file directly and through the
+/// new holder, fails on no block whose write fio saw acknowledged (its
+/// completion log; the writes in flight at the kill may or may not have
+/// landed, and `--verify_only` also reads a few blocks past the last write
+/// fio issued, which were never written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fio_verify_writes_fill_the_cache_kill_9_and_read_back_clean_after_the_replay() {
+    let rig = MirrorRig::new();
+    let stack = &rig.stack;
+    let volume_bytes = 64u64 << 20;
+    let first = rig.extent_offsets[0];
+    let contiguous = rig.extent_offsets.iter().enumerate().all(|(i, o)| *o == first + i as u64 * rig.extent_bytes);
+    assert!(
+        contiguous && rig.extent_offsets.len() as u64 * rig.extent_bytes >= volume_bytes,
+        "{:?}",
+        rig.extent_offsets
+    );
+    // The volume as the device file holds it, read by nbdkit (not by sanvol).
+    let image = rig.image.display().to_string();
+    let direct = peers::nbdkit(&[
+        "-r",
+        "--filter=offset",
+        "file",
+        &image,
+        &format!("offset={first}"),
+        &format!("range={volume_bytes}"),
+    ]);
+    let direct_uri = direct.uri().to_string();
+    let fio_dir = tempfile::Builder::new().prefix("sanvol-cache-fio-").tempdir().unwrap();
+    stack.authorize_agent("agent-b");
+
+    let (mut a, uri) = attach_cached(stack, "agent-a");
+    // Each completed write's offset goes to fio's completion-latency log
+    // (`acked_clat.1.log`): what the agent acknowledged.
+    let fio_args = ["--do_verify=0", "--verify_state_save=1", "--write_lat_log=acked", "--log_offset=1"];
+    let fio = fio_job(&uri.to_string(), fio_dir.path(), &fio_args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Full: the log holds all but the room of a few writes.
+    let full = sanvol_tests::system::poll("the cache log to fill", std::time::Duration::from_secs(60), || {
+        let cache = listed(&a)["cache"].clone();
+        let (used, capacity) = (cache["log_used_bytes"].as_u64()?, cache["log_capacity_bytes"].as_u64()?);
+        (used + (4 << 20) >= capacity).then_some(cache)
+    });
+    a.proc.kill();
+    let killed_at = std::time::Instant::now();
+    let out = fio.wait_with_output().unwrap();
+    let first_run = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "fio finished before the kill: the test proves nothing\n{first_run}");
+    let failed = offsets_in(&first_run, "io_u error");
+    let written = issued(&first_run, 1).unwrap_or_else(|| panic!("fio printed no issued writes:\n{first_run}"));
+    let acked: std::collections::BTreeSet<u64> = std::fs::read_to_string(fio_dir.path().join("acked_clat.1.log"))
+        .unwrap_or_else(|e| panic!("fio's completion log: {e}\n{first_run}"))
+        .lines()
+        .filter_map(|l| l.split(',').nth(4)?.trim().parse().ok())
+        .filter(|offset| !failed.contains(offset))
+        .collect();
+    assert!(!acked.is_empty() && written >= acked.len() as u64, "{} acknowledged\n{first_run}", acked.len());
+
+    let (bad, _, _) = fio_verify_only(&direct_uri, fio_dir.path());
+    assert!(
+        bad.intersection(&acked).count() > 0,
+        "with the holder dead and nobody opened the volume, the device held every acknowledged block: the test did \
+         not exercise the cache (cache at the kill: {full})"
+    );
+
+    let b = stack.restart_agent("agent-b");
+    let b_uri = attach_when_connected(&b, stack).await;
+    // How long the volume stayed closed (seen with --nocapture).
+    let closed = killed_at.elapsed();
+    for (what, uri) in [("the device file, read by nbdkit", direct_uri), ("the new holder", b_uri.to_string())] {
+        let (bad, read, text) = fio_verify_only(&uri, fio_dir.path());
+        let lost: Vec<_> = bad.intersection(&acked).collect();
+        assert!(
+            lost.is_empty(),
+            "after the replay, {what}: blocks at {lost:?} fail fio's verify, and their writes were acknowledged \
+             (failed at the kill: {failed:?})\n{text}\nfio's writes:\n{first_run}\nmds log:\n{}",
+            stack.mds_log()
+        );
+        assert!(
+            read >= acked.len() as u64,
+            "{what}: fio verified {read} blocks, {} were acknowledged\n{text}",
+            acked.len()
+        );
+    }
+    let mds_log = stack.mds_log();
+    let replayed = mds_log.lines().find(|l| l.contains("cache mirror replayed to the devices"));
+    assert!(replayed.is_some(), "{mds_log}");
+    println!(
+        "{} writes acknowledged, {} failed at the kill; attached again {closed:?} after the kill: {}",
+        acked.len(),
+        failed.len(),
+        replayed.unwrap_or_default()
+    );
+}
+
 /// Another agent attaches `db`: refused while the dead holder's handle
 /// lives, answered once the server replayed the holder's cache mirror.
 async fn attach_after_replay(stack: &sanvol_tests::system::Stack, name: &str) -> sanvol_tests::system::Agent {

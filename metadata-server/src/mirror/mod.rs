@@ -21,10 +21,13 @@
 //! - [`store`]: one volume's mirror file (blocking, testable without a
 //!   server).
 //! - [`worker`]: the per-volume task: batching, waiting for space, replay.
+//! - [`replay`]: what a replay writes — the records' final bytes as large,
+//!   disjoint writes sent together, not one record after another.
 //! - [`lane`]: the holders' way to their worker, and why it is as safe as
 //!   the owner's.
 
 pub mod lane;
+pub mod replay;
 pub mod store;
 pub mod worker;
 

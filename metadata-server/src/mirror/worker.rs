@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 use volume_format::control::messages::{
@@ -17,6 +18,7 @@ use volume_format::metadata::CacheMirrorRecord;
 use volume_format::VolumeId;
 
 use super::lane::Lanes;
+use super::replay;
 use super::store::{self, StoreError, VolumeMirror};
 use super::{MirrorOp, MirrorReply, MirrorWork, MIRROR_QUEUED_MAX};
 use crate::server::snapshot_io::DeviceClients;
@@ -278,23 +280,29 @@ impl Worker {
                 ));
             }
         }
-        let records = held.records;
-        let count = records.len();
-        for (i, (offset, data)) in records.into_iter().enumerate() {
-            devices.write_live(meta, volume, offset, Bytes::from(data)).await.map_err(|e| {
+        let count = held.records.len();
+        let records = held.records.into_iter().map(|(offset, data)| (offset, Bytes::from(data)));
+        let writes = replay::final_writes(records, replay::REPLAY_WRITE_BYTES_MAX);
+        let total = writes.len();
+        let mut sent = futures::stream::iter(writes)
+            .map(|(offset, data)| devices.write_live(meta, volume, offset, data))
+            .buffer_unordered(replay::REPLAY_WRITES_IN_FLIGHT);
+        let mut done = 0;
+        while let Some(result) = sent.next().await {
+            result.map_err(|e| {
                 ControlError::new(
                     ErrorCode::Unavailable,
                     format!(
-                        "replaying the cache mirror of volume {volume} to its devices failed at record {} of {count} \
-                         ({e}); the mirror is kept and the replay is retried at the next open",
-                        i + 1
+                        "replaying the cache mirror of volume {volume} to its devices failed after {done} of {total} \
+                         writes ({count} records; {e}); the mirror is kept and the replay is retried at the next open"
                     ),
                 )
             })?;
+            done += 1;
         }
         // Everything is on the devices (each write with FUA).
         if count > 0 {
-            info!(volume = %volume, records = count, generation = ?held.generation, "cache mirror replayed to the devices");
+            info!(volume = %volume, records = count, writes = total, generation = ?held.generation, "cache mirror replayed to the devices");
         }
         Ok(())
     }
