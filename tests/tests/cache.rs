@@ -400,6 +400,17 @@ fn fresh_write(round: u64, slot: u64) -> (u64, Vec<u8>) {
     (offset, data)
 }
 
+/// The records of the server's "cache mirror replayed to the devices"
+/// line in `mds_log`, if it logged one.
+fn replayed_records(mds_log: &str) -> Option<usize> {
+    mds_log
+        .lines()
+        .find(|l| l.contains("cache mirror replayed to the devices"))
+        .and_then(|l| l.split("records=").nth(1))
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+}
+
 /// The mirror fails (`sanvol-mds` killed) while it holds records. Writes
 /// elsewhere keep being acknowledged, once on the device (write-through).
 /// A write over a record the dead server's mirror holds is not
@@ -494,12 +505,7 @@ async fn with_the_mirror_gone_writes_go_through_and_a_replay_of_the_stale_mirror
     rig.stack.start_mds();
     open_once_the_holder_is_gone(&rig.stack, "cache-b").await;
     let mds_log = rig.stack.mds_log();
-    let replayed: usize = mds_log
-        .lines()
-        .find(|l| l.contains("cache mirror replayed to the devices"))
-        .and_then(|l| l.split("records=").nth(1))
-        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
+    let replayed: usize = replayed_records(&mds_log)
         .unwrap_or_else(|| panic!("the restarted server replayed no mirror; mds log:\n{mds_log}"));
     assert!(replayed > 0, "the stale mirror held nothing: the test proves nothing; mds log:\n{mds_log}");
     check("after the server replayed its stale mirror", rig.device_bytes(0, image_bytes), mds_log);
@@ -585,12 +591,7 @@ async fn kill_9_of_the_holder_then_of_the_server_before_its_replay_the_restarted
     if let Err(e) = check_device(&rig.volume_image(), &model, 4, &acked) {
         panic!("once the volume was opened again: {e}; mds log:\n{mds_log}");
     }
-    let replayed: usize = mds_log
-        .lines()
-        .find(|l| l.contains("cache mirror replayed to the devices"))
-        .and_then(|l| l.split("records=").nth(1))
-        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
+    let replayed: usize = replayed_records(&mds_log)
         .unwrap_or_else(|| panic!("the restarted server replayed no mirror before the open; mds log:\n{mds_log}"));
     assert!(replayed > 0, "the mirror held nothing: the test proves nothing; mds log:\n{mds_log}");
 }
@@ -634,10 +635,15 @@ fn offsets_in(text: &str, what: &str) -> std::collections::BTreeSet<u64> {
 /// failed, and how many blocks were read.
 fn fio_verify_only(uri: &str, dir: &Path) -> (std::collections::BTreeSet<u64>, u64, String) {
     let out = fio_job(uri, dir, &["--verify_only", "--verify_state_load=1", "--verify_fatal=0"]).output().unwrap();
-    let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = output_text(&out);
     let bad = offsets_in(&text, "verify");
     let read = issued(&text, 0).unwrap_or_else(|| panic!("fio printed no issued reads:\n{text}"));
     (bad, read, text)
+}
+
+/// A finished process's stdout, then its stderr.
+fn output_text(out: &std::process::Output) -> String {
+    format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 /// fio's `issued rwts: total=R,W,...`: field `index` (0 reads, 1 writes).
@@ -703,7 +709,7 @@ async fn fio_verify_writes_fill_the_cache_kill_9_and_read_back_clean_after_the_r
     a.proc.kill();
     let killed_at = std::time::Instant::now();
     let out = fio.wait_with_output().unwrap();
-    let first_run = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let first_run = output_text(&out);
     assert!(!out.status.success(), "fio finished before the kill: the test proves nothing\n{first_run}");
     let failed = offsets_in(&first_run, "io_u error");
     let written = issued(&first_run, 1).unwrap_or_else(|| panic!("fio printed no issued writes:\n{first_run}"));

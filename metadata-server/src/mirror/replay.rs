@@ -109,7 +109,8 @@ mod tests {
         (at, Bytes::from(vec![fill; len]))
     }
 
-    /// The records applied one by one, in order, to a zeroed image.
+    /// The records (or writes) applied one by one, in order, to a zeroed
+    /// image.
     fn in_order(records: &[(u64, Bytes)], size: usize) -> Vec<u8> {
         let mut image = vec![0u8; size];
         for (at, data) in records {
@@ -118,15 +119,11 @@ mod tests {
         image
     }
 
-    fn applied(writes: &[(u64, Bytes)], size: usize) -> Vec<u8> {
-        in_order(writes, size)
-    }
-
     #[test]
     fn a_later_record_wins_where_records_overlap_and_the_rest_of_each_stays() {
         let records = vec![record(0, 100, 1), record(50, 100, 2), record(20, 10, 3), record(140, 20, 4)];
         let writes = final_writes(records.clone(), 1 << 20);
-        assert_eq!(applied(&writes, 200), in_order(&records, 200));
+        assert_eq!(in_order(&writes, 200), in_order(&records, 200));
         // One run from 0 to 160: joined into one write.
         assert_eq!(writes.len(), 1);
         assert_eq!((writes[0].0, writes[0].1.len()), (0, 160));
@@ -138,7 +135,7 @@ mod tests {
         let writes = final_writes(records.clone(), 30);
         let shape: Vec<_> = writes.iter().map(|(at, d)| (*at, d.len())).collect();
         assert_eq!(shape, vec![(0, 30), (30, 30), (60, 30), (90, 10), (200, 5)]);
-        assert_eq!(applied(&writes, 300), in_order(&records, 300));
+        assert_eq!(in_order(&writes, 300), in_order(&records, 300));
     }
 
     #[test]
@@ -172,7 +169,7 @@ mod tests {
                 .collect();
             let max = 1 + next(900) as usize;
             let writes = final_writes(records.clone(), max);
-            assert_eq!(applied(&writes, SIZE), in_order(&records, SIZE), "round {round}: {records:?}");
+            assert_eq!(in_order(&writes, SIZE), in_order(&records, SIZE), "round {round}: {records:?}");
             for pair in writes.windows(2) {
                 assert!(pair[0].0 + pair[0].1.len() as u64 <= pair[1].0, "round {round}: overlapping writes");
             }
