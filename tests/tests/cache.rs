@@ -596,6 +596,69 @@ async fn kill_9_of_the_holder_then_of_the_server_before_its_replay_the_restarted
     assert!(replayed > 0, "the mirror held nothing: the test proves nothing; mds log:\n{mds_log}");
 }
 
+/// A replay longer than the control client's 30 s request timeout: the
+/// cached holder acknowledged 400 writes of 4 KiB, 64 KiB apart (the replay
+/// cannot join them), and is killed with SIGKILL; each write costs the
+/// 100 ms-per-write device 0.1 s, one at a time, so the server's replay
+/// takes about 40 s. Another agent's attach must be answered by one
+/// attempt once the replay is done — before, the agent gave up on its
+/// `Open` at 30 s while the server opened the handle a little later, and
+/// that orphaned handle refused the retries until it ran out. The device
+/// file, read directly, then holds every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attach_waits_for_a_replay_longer_than_the_request_timeout() {
+    use futures::StreamExt;
+    const WRITES: u64 = 400;
+    const STRIDE: u64 = 64 << 10;
+    let block = |i: u64| vec![(i % 251) as u8 + 1; 4096];
+    let rig = MirrorRig::new();
+    rig.stack.authorize_agent("agent-b");
+    let (mut a, uri) = attach_cached(&rig.stack, "agent-a");
+    let client = Arc::new(NbdClient::connect(&uri, ClientOptions::default()).await.unwrap());
+    let writes = futures::stream::iter(0..WRITES).map(|i| {
+        let client = client.clone();
+        async move { client.write(i * STRIDE, Bytes::from(block(i)), false).await }
+    });
+    for result in writes.buffer_unordered(16).collect::<Vec<_>>().await {
+        result.expect("a cached write is acknowledged");
+    }
+    a.proc.kill();
+    let missing = (0..WRITES).filter(|&i| rig.device_bytes(i * STRIDE, 4096) != block(i)).count();
+    assert!(missing > 300, "only {missing} acknowledged writes were missing on the device: the replay is too short");
+
+    let b = rig.stack.restart_agent("agent-b");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let answered = loop {
+        let started = std::time::Instant::now();
+        let out = b.cli(&["attach", "db", "--mode", "exclusive"]);
+        let took = started.elapsed();
+        if out.status.success() {
+            break took;
+        }
+        // Refused while the dead holder's lease and durable time run: fine.
+        // Any other failure (a timeout above all) is not.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("open exclusive by") && took < std::time::Duration::from_secs(5),
+            "attach failed after {took:?}: {stderr}\nmds log:\n{}\nagent log:\n{}",
+            rig.stack.mds_log(),
+            b.proc.log()
+        );
+        assert!(std::time::Instant::now() < deadline, "{stderr}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let mds_log = rig.stack.mds_log();
+    assert!(
+        answered > control_client::client::REQUEST_TIMEOUT,
+        "the attach was answered in {answered:?}: the replay did not outlast the request timeout, the test proves \
+         nothing\n{mds_log}"
+    );
+    let replayed = replayed_records(&mds_log).unwrap_or_else(|| panic!("no replay before the open:\n{mds_log}"));
+    let lost: Vec<u64> = (0..WRITES).filter(|&i| rig.device_bytes(i * STRIDE, 4096) != block(i)).collect();
+    assert!(lost.is_empty(), "acknowledged writes missing on the device after the replay: {lost:?}\n{mds_log}");
+    println!("attach answered after {answered:?}; {replayed} records replayed, {missing} were missing at the kill");
+}
+
 /// fio's random 64 KiB writes over the whole of `db` (64 MiB), crc32c
 /// in every block, a fixed seed, each block written once: `--verify_only`
 /// with the same arguments regenerates the same blocks. The verify state

@@ -36,6 +36,8 @@
 //!   renewals, the lease.
 //! - `volumes`: attach, detach, list, server events, resuming handles after
 //!   a reconnect.
+//! - `open_wait`: how long an attach waits for its `Open` (a live server
+//!   replaying a cache mirror is waited for; a stopped one is not).
 //! - `restore`: handles a previous run of the agent held (its state file),
 //!   resumed and served again after a restart.
 //! - `recalls`: draining and confirming recalls, confirmations retried until
@@ -46,6 +48,7 @@
 
 mod closing;
 pub mod link;
+mod open_wait;
 mod paths;
 mod recalls;
 mod registrations;
@@ -657,6 +660,7 @@ impl AgentCore {
             paths::deadline(&self.paths),
             self.confirm_deadline(),
             self.close_deadline(),
+            self.open_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -852,6 +856,7 @@ impl AgentCore {
                 self.recover(now);
             }
         }
+        self.opens_due(now);
         self.registrations_due(now);
         self.probes_due(now);
         self.confirm_recalls(now);

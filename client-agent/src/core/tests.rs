@@ -1227,3 +1227,62 @@ fn a_copy_of_the_volume_the_server_reports_shows_in_list_until_it_is_over() {
     h.apply(Input::Event { conn: h.conn, event: ServerEvent::Recovery { handle: HandleId(11), status: None } });
     assert_eq!(h.list()[0].recovery, "");
 }
+
+/// A server that renews the lease while it replays a cached volume's mirror
+/// is waited for past the request timeout: the attach goes on when the open
+/// is answered, a minute later.
+#[test]
+fn an_open_a_live_server_answers_late_is_waited_for() {
+    let mut h = Harness::new();
+    let (caller, open) = h.attach_cmd("vol");
+    let timeout = h.log.iter().find_map(|e| match e {
+        Effect::Send { request, timeout_ms, .. } if *request == open => Some(*timeout_ms),
+        _ => None,
+    });
+    assert!(matches!(timeout, Some(Some(t)) if t > 60_000), "the shell would give up first: {timeout:?}");
+    let mut t = 0;
+    while t < 60_000 {
+        t += LEASE_MS / 3;
+        let effects = h.at(t).apply(Input::Tick);
+        assert!(!effects.iter().any(|e| matches!(e, Effect::Reply { .. })), "at {t} ms: {effects:?}");
+        h.renewals_answered(&effects);
+    }
+    let effects = h.apply(Input::Reply { request: open, result: opened(7, description("vol", 1, 2), b"k") });
+    let attachment = started_attach(&effects);
+    let effects = h.apply(Input::Prepared { attachment, result: Ok(prepared("vol")) });
+    assert!(matches!(reply_to(&effects, caller), Reply::Attached(info) if info.handle == 7));
+}
+
+/// A server that stops answering (renewals too) fails the attach once the
+/// request timeout passed and the lease ran out; a handle it opens after
+/// all is closed at once, and the volume can be attached again.
+#[test]
+fn an_open_a_stopped_server_answers_after_the_attach_gave_up_is_closed() {
+    let mut h = Harness::new();
+    let (caller, open) = h.attach_cmd("vol");
+    let patience = super::open_wait::OPEN_PATIENCE_MS;
+    let deadline = h.core.next_deadline_ms().unwrap();
+    assert!(deadline <= LEASE_MS, "the renewals still tick: {deadline}");
+    let effects = h.at(patience - 1).apply(Input::Tick);
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Reply { .. })), "{effects:?}");
+    let effects = h.at(patience).apply(Input::Tick);
+    match reply_to(&effects, caller) {
+        Reply::Failed(e) => {
+            let msg = e.to_string();
+            assert!(msg.contains("did not answer the open of vol within 30s"), "{msg}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(h.list().is_empty(), "the attach is gone");
+    // The late answer: its handle is closed, nothing attached.
+    let effects =
+        h.at(patience + 5000).apply(Input::Reply { request: open, result: opened(7, description("vol", 1, 2), b"k") });
+    assert!(!effects.iter().any(|e| matches!(e, Effect::StartAttach { .. })), "{effects:?}");
+    assert!(
+        sent(&effects).iter().any(|(_, m)| matches!(m, Request::Close { handle, .. } if handle.0 == 7)),
+        "the late handle is closed: {effects:?}"
+    );
+    // A new attach of the same volume is sent (not refused as attaching).
+    let (_, again) = h.attach_cmd("vol");
+    assert_ne!(again, open);
+}

@@ -86,7 +86,8 @@ impl AgentCore {
             OpenWith::Handover(token) => Request::OpenHandover { token: token.clone() },
             OpenWith::Restore(_) => unreachable!("handled above"),
         };
-        self.requests.send(&mut self.out, conn, now, message, None, Purpose::Open { attachment: id });
+        let timeout = Some(super::open_wait::OPEN_TIMEOUT_MS);
+        self.requests.send(&mut self.out, conn, now, message, timeout, Purpose::Open { attachment: id });
         self.volumes.insert(
             name.clone(),
             Volume {
@@ -116,7 +117,8 @@ impl AgentCore {
         result: Result<Response, RequestError>,
     ) {
         let Some(v) = find(&mut self.volumes, id) else {
-            // Cannot happen: an opening attachment is only removed here.
+            // The attach gave up waiting (`open_wait`): a handle opened
+            // after all is closed at once, so none is left behind.
             if let Ok(Response::Opened(o)) = result {
                 self.close_quietly(now, o.handle.0);
             }
