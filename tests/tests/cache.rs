@@ -596,36 +596,52 @@ async fn kill_9_of_the_holder_then_of_the_server_before_its_replay_the_restarted
     assert!(replayed > 0, "the mirror held nothing: the test proves nothing; mds log:\n{mds_log}");
 }
 
-/// A replay longer than the control client's 30 s request timeout: the
-/// cached holder acknowledged 400 writes of 4 KiB, 64 KiB apart (the replay
-/// cannot join them), and is killed with SIGKILL; each write costs the
-/// 100 ms-per-write device 0.1 s, one at a time, so the server's replay
-/// takes about 40 s. Another agent's attach must be answered by one
-/// attempt once the replay is done — before, the agent gave up on its
-/// `Open` at 30 s while the server opened the handle a little later, and
-/// that orphaned handle refused the retries until it ran out. The device
-/// file, read directly, then holds every acknowledged write.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_attach_waits_for_a_replay_longer_than_the_request_timeout() {
+/// Writes for a replay longer than the control client's 30 s request
+/// timeout: 4 KiB each, 64 KiB apart (the replay cannot join them); each
+/// costs the 100 ms-per-write device 0.1 s, one at a time.
+const LONG_REPLAY_WRITES: u64 = 400;
+const LONG_REPLAY_STRIDE: u64 = 64 << 10;
+
+fn long_replay_block(i: u64) -> Vec<u8> {
+    vec![(i % 251) as u8 + 1; 4096]
+}
+
+/// The cached holder acknowledges the [`LONG_REPLAY_WRITES`] and is killed
+/// with SIGKILL; returns how many of them the device file lacked then.
+async fn kill_9_before_a_long_replay(rig: &MirrorRig) -> usize {
     use futures::StreamExt;
-    const WRITES: u64 = 400;
-    const STRIDE: u64 = 64 << 10;
-    let block = |i: u64| vec![(i % 251) as u8 + 1; 4096];
-    let rig = MirrorRig::new();
-    rig.stack.authorize_agent("agent-b");
     let (mut a, uri) = attach_cached(&rig.stack, "agent-a");
     let client = Arc::new(NbdClient::connect(&uri, ClientOptions::default()).await.unwrap());
-    let writes = futures::stream::iter(0..WRITES).map(|i| {
+    let writes = futures::stream::iter(0..LONG_REPLAY_WRITES).map(|i| {
         let client = client.clone();
-        async move { client.write(i * STRIDE, Bytes::from(block(i)), false).await }
+        async move { client.write(i * LONG_REPLAY_STRIDE, Bytes::from(long_replay_block(i)), false).await }
     });
     for result in writes.buffer_unordered(16).collect::<Vec<_>>().await {
         result.expect("a cached write is acknowledged");
     }
     a.proc.kill();
-    let missing = (0..WRITES).filter(|&i| rig.device_bytes(i * STRIDE, 4096) != block(i)).count();
+    let missing = long_replay_lost(|at| rig.device_bytes(at, 4096)).len();
     assert!(missing > 300, "only {missing} acknowledged writes were missing on the device: the replay is too short");
+    missing
+}
 
+/// The long-replay writes that `read(offset)` does not return.
+fn long_replay_lost(read: impl Fn(u64) -> Vec<u8>) -> Vec<u64> {
+    (0..LONG_REPLAY_WRITES).filter(|&i| read(i * LONG_REPLAY_STRIDE) != long_replay_block(i)).collect()
+}
+
+/// A replay longer than the request timeout, then an attach: after
+/// [`kill_9_before_a_long_replay`], another agent's attach must be
+/// answered by one attempt once the replay is done — before, the agent
+/// gave up on its `Open` at 30 s while the server opened the handle a
+/// little later, and that orphaned handle refused the retries until it ran
+/// out. The device file, read directly, then holds every acknowledged
+/// write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attach_waits_for_a_replay_longer_than_the_request_timeout() {
+    let rig = MirrorRig::new();
+    rig.stack.authorize_agent("agent-b");
+    let missing = kill_9_before_a_long_replay(&rig).await;
     let b = rig.stack.restart_agent("agent-b");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     let answered = loop {
@@ -654,9 +670,45 @@ async fn an_attach_waits_for_a_replay_longer_than_the_request_timeout() {
          nothing\n{mds_log}"
     );
     let replayed = replayed_records(&mds_log).unwrap_or_else(|| panic!("no replay before the open:\n{mds_log}"));
-    let lost: Vec<u64> = (0..WRITES).filter(|&i| rig.device_bytes(i * STRIDE, 4096) != block(i)).collect();
+    let lost = long_replay_lost(|at| rig.device_bytes(at, 4096));
     assert!(lost.is_empty(), "acknowledged writes missing on the device after the replay: {lost:?}\n{mds_log}");
     println!("attach answered after {answered:?}; {replayed} records replayed, {missing} were missing at the kill");
+}
+
+/// A replay longer than the request timeout, then `sanvol snapshot
+/// create`: the server replays the dead holder's mirror before it commits
+/// the snapshot, and the CLI must wait for it (before, it failed at 30 s
+/// with "did not answer" while the server went on and made the snapshot).
+/// The snapshot, read from the device file directly, holds every
+/// acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_create_waits_for_a_replay_longer_than_the_request_timeout() {
+    let rig = MirrorRig::new();
+    let stack = &rig.stack;
+    kill_9_before_a_long_replay(&rig).await;
+    let create = stack.sanvol_command(&["snapshot", "create", "db", "s1"]);
+    let started = std::time::Instant::now();
+    let created = tokio::task::spawn_blocking(move || {
+        let mut create = create;
+        create.output().expect("run sanvol")
+    })
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    assert!(
+        created.status.success(),
+        "snapshot create after {took:?}: {}\nmds log:\n{}",
+        String::from_utf8_lossy(&created.stderr),
+        stack.mds_log()
+    );
+    assert!(
+        took > control_client::client::REQUEST_TIMEOUT,
+        "answered in {took:?}: the replay did not outlast the request timeout, the test proves nothing"
+    );
+    let image = snapshot_image_of(&rig, LONG_REPLAY_WRITES * LONG_REPLAY_STRIDE);
+    let lost = long_replay_lost(|at| image[at as usize..at as usize + 4096].to_vec());
+    assert!(lost.is_empty(), "acknowledged writes missing in the snapshot: {lost:?}\n{}", stack.mds_log());
+    println!("snapshot create answered after {took:?}");
 }
 
 /// fio's random 64 KiB writes over the whole of `db` (64 MiB), crc32c
@@ -1011,14 +1063,20 @@ fn cow_has(cow: &serde_json::Value, chunk: u64) -> bool {
 /// file directly: a chunk registered in its COW map from the COW area, any
 /// other from the live volume (what the snapshot's readers do).
 fn snapshot_image(rig: &MirrorRig) -> Vec<u8> {
+    snapshot_image_of(rig, SLOTS * SLOT_BYTES)
+}
+
+/// The first `len` bytes of the newest snapshot of `db`, read as
+/// [`snapshot_image`] reads them.
+fn snapshot_image_of(rig: &MirrorRig, len: u64) -> Vec<u8> {
     let show = rig.stack.sanvol_json(&["volume", "show", "db"]);
     let description = &show["description"];
     let snapshot = &description["snapshot"];
     let chunk_bytes = snapshot["chunk_bytes"].as_u64().expect("db has a snapshot");
     let extent_bytes = description["extent_bytes"].as_u64().unwrap();
     let file = std::fs::read(&rig.image).unwrap();
-    let mut out = Vec::with_capacity((SLOTS * SLOT_BYTES) as usize);
-    for chunk in 0..SLOTS * SLOT_BYTES / chunk_bytes {
+    let mut out = Vec::with_capacity(len as usize);
+    for chunk in 0..len.div_ceil(chunk_bytes) {
         let at = chunk * chunk_bytes;
         let extents = if cow_has(&snapshot["cow"], chunk) { &snapshot["cow_extents"] } else { &description["extents"] };
         let leg = &extents[(at / extent_bytes) as usize]["legs"][0];

@@ -8,7 +8,7 @@ use volume_format::control::messages::{snapshot_export_name, Request, Response};
 
 use super::size::format_size;
 use super::{
-    progress, table, ClientCommand, Command, ConnArgs, DeviceCommand, MdsCommand, MirrorCommand, PoolCommand,
+    progress, table, wait, ClientCommand, Command, ConnArgs, DeviceCommand, MdsCommand, MirrorCommand, PoolCommand,
     SnapshotCommand, VolumeCommand,
 };
 use crate::pool::init::{init, InitOptions};
@@ -374,9 +374,9 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
             println!("volume {name} created: {} with {mirror} leg(s)", format_size(size));
         }
         Command::Snapshot(SnapshotCommand::Create { volume, name }) => {
-            request(client, Request::SnapshotCreate { volume: volume.clone(), name: name.clone() })
-                .await
-                .with_context(|| format!("taking snapshot {name} of volume {volume}"))?;
+            let what = format!("taking snapshot {name} of volume {volume}");
+            let request = Request::SnapshotCreate { volume: volume.clone(), name: name.clone() };
+            wait::request_while_alive(client, request, &what).await.context(what)?;
             println!("snapshot {name} of volume {volume} created; export {}", snapshot_export_name(&volume, &name));
         }
         Command::Snapshot(SnapshotCommand::Delete { volume, name }) => {
@@ -544,9 +544,9 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
         }
         Command::Volume(VolumeCommand::Cache { name, size, mode, .. }) => {
             let mode = crate::server::cache::parse_cache_mode(&mode).map_err(anyhow::Error::msg)?;
-            request(client, Request::VolumeCache { name: name.clone(), size_bytes: size, mode })
-                .await
-                .with_context(|| format!("setting the cache of volume {name}"))?;
+            let what = format!("setting the cache of volume {name}");
+            let request = Request::VolumeCache { name: name.clone(), size_bytes: size, mode };
+            wait::request_while_alive(client, request, &what).await.context(what)?;
             match mode {
                 Some(mode) => println!("volume {name}: {mode} write-back cache of {}", format_size(size)),
                 None => println!("volume {name}: no cache"),

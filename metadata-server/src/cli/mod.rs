@@ -11,6 +11,8 @@
 //! - [`admin`]: the subcommands that talk to the server.
 //! - [`demo`]: `sanvol demo` (a local pool end to end).
 //! - [`progress`]: long reconfigurations waited for, with progress.
+//! - [`wait`]: recall points of cached volumes, waited for while the
+//!   server is alive.
 //! - [`size`], [`table`]: sizes and aligned tables.
 
 pub mod admin;
@@ -18,6 +20,7 @@ pub mod demo;
 pub mod progress;
 pub mod size;
 pub mod table;
+pub mod wait;
 
 use std::path::PathBuf;
 
