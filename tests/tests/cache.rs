@@ -711,6 +711,42 @@ async fn snapshot_create_waits_for_a_replay_longer_than_the_request_timeout() {
     println!("snapshot create answered after {took:?}");
 }
 
+/// A server that stops answering (SIGSTOP) while `sanvol snapshot create`
+/// waits for its replay: the CLI does not wait for ever — it fails within
+/// the request timeout after its last status request, saying that the
+/// snapshot may or may not have been made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_create_fails_clearly_when_the_server_stops_answering_during_the_replay() {
+    let rig = MirrorRig::new();
+    let stack = &rig.stack;
+    kill_9_before_a_long_replay(&rig).await;
+    let mut create = stack.sanvol_command(&["snapshot", "create", "db", "s1"]);
+    create.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let create = create.spawn().expect("run sanvol");
+    sanvol_tests::system::poll("the replay to start", std::time::Duration::from_secs(60), || {
+        stack.mds_log().contains("replaying the cache mirror to the devices").then_some(())
+    });
+    let mds = stack.mds.as_ref().unwrap().pid() as i32;
+    // SAFETY: a signal to the server this test started.
+    unsafe { libc::kill(mds, libc::SIGSTOP) };
+    let stopped = std::time::Instant::now();
+    let bound = control_client::client::REQUEST_TIMEOUT + std::time::Duration::from_secs(10);
+    let cli = create.id() as i32;
+    let waited = tokio::time::timeout(bound, tokio::task::spawn_blocking(move || create.wait_with_output())).await;
+    let took = stopped.elapsed();
+    // SAFETY: signals to the server and the CLI this test started.
+    unsafe { libc::kill(mds, libc::SIGCONT) };
+    let Ok(out) = waited else {
+        unsafe { libc::kill(cli, libc::SIGKILL) };
+        panic!("the CLI still waited {took:?} after the server stopped");
+    };
+    let out = out.unwrap().expect("sanvol");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "snapshot create succeeded with the server stopped: {stderr}");
+    assert!(stderr.contains("stopped answering") && stderr.contains("may or may not have been made"), "{stderr}");
+    println!("snapshot create failed {took:?} after the server stopped: {stderr}");
+}
+
 /// fio's random 64 KiB writes over the whole of `db` (64 MiB), crc32c
 /// in every block, a fixed seed, each block written once: `--verify_only`
 /// with the same arguments regenerates the same blocks. The verify state

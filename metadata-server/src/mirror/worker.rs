@@ -284,6 +284,10 @@ impl Worker {
         let records = held.records.into_iter().map(|(offset, data)| (offset, Bytes::from(data)));
         let writes = replay::final_writes(records, replay::REPLAY_WRITE_BYTES_MAX);
         let total = writes.len();
+        if count > 0 {
+            // Opens (and snapshots) of the volume wait for it: say so.
+            info!(volume = %volume, records = count, writes = total, "replaying the cache mirror to the devices");
+        }
         let mut sent = futures::stream::iter(writes)
             .map(|(offset, data)| devices.write_live(meta, volume, offset, data))
             .buffer_unordered(replay::REPLAY_WRITES_IN_FLIGHT);
