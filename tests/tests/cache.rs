@@ -747,6 +747,89 @@ async fn snapshot_create_fails_clearly_when_the_server_stops_answering_during_th
     println!("snapshot create failed {took:?} after the server stopped: {stderr}");
 }
 
+/// A server that stops answering (SIGSTOP) while an agent's attach waits
+/// for its replay: the attach fails once the request timeout passed and the
+/// agent's lease ran out, saying why. Resumed (SIGCONT), the server either
+/// fails that replay (its device writes timed out during the stop: what the
+/// runs so far showed, logged as a warning) or finishes it and opens the
+/// handle for the given-up attach, which the agent then closes at once
+/// (that path is covered by the owner loop's unit test). Either way the
+/// server opens no second handle for agent-b unless the agent closed the
+/// first, the next attach gets the volume, and the device file holds every
+/// acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attach_given_up_on_a_stopped_server_leaves_no_handle_behind() {
+    let rig = MirrorRig::new();
+    let stack = &rig.stack;
+    stack.authorize_agent("agent-b");
+    kill_9_before_a_long_replay(&rig).await;
+    let b = Arc::new(stack.restart_agent("agent-b"));
+    // Attaches until one is not refused by the dead holder's handle.
+    let attach = {
+        let b = b.clone();
+        std::thread::spawn(move || loop {
+            let started = std::time::Instant::now();
+            let out = b.cli(&["attach", "db", "--mode", "exclusive"]);
+            if out.status.success() || !String::from_utf8_lossy(&out.stderr).contains("open exclusive by") {
+                return (out, started.elapsed());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        })
+    };
+    sanvol_tests::system::poll("the replay to start", std::time::Duration::from_secs(60), || {
+        stack.mds_log().contains("replaying the cache mirror to the devices").then_some(())
+    });
+    let mds = stack.mds.as_ref().unwrap().pid() as i32;
+    // SAFETY: signals to the server this test started.
+    unsafe { libc::kill(mds, libc::SIGSTOP) };
+    let (out, took) = tokio::task::spawn_blocking(move || attach.join().unwrap()).await.unwrap();
+    unsafe { libc::kill(mds, libc::SIGCONT) };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "attached with the server stopped");
+    assert!(stderr.contains("did not answer the open of db") && stderr.contains("stopped renewing"), "{stderr}");
+    assert!(took >= control_client::client::REQUEST_TIMEOUT, "gave up after {took:?}: {stderr}");
+
+    // Resumed, the server either finishes the replay and opens the handle
+    // for the given-up attach (the agent closes it at once), or fails that
+    // open (its device requests timed out during the stop). Either way the
+    // next attach gets the volume; a refusal that names a holder is retried
+    // (the late handle's close may be on its way) but must not last.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    let mut refusals = Vec::new();
+    let uri = loop {
+        let out = b.cli(&["attach", "db", "--mode", "exclusive"]);
+        if out.status.success() {
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let line = stdout.lines().find(|l| l.starts_with("nbd")).expect("attach prints the URI");
+            break line.trim().parse::<NbdUri>().expect("an NBD URI");
+        }
+        refusals.push(String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or_default().to_string());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no attach after the server resumed: {refusals:#?}\n{}",
+            stack.all_logs(80)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let opened_for_b = stack.mds_log().lines().filter(|l| l.contains("volume opened") && l.contains("agent-b")).count();
+    let closed_late = b.proc.log().contains("the open was answered after the attach gave up");
+    assert!(
+        opened_for_b == 1 || closed_late,
+        "the server opened db for agent-b {opened_for_b} times and the agent closed no late handle:\n{}",
+        stack.all_logs(80)
+    );
+    let replays: Vec<String> = stack.mds_log().lines().filter(|l| l.contains("replay")).map(String::from).collect();
+    println!(
+        "resumed: opened for agent-b {opened_for_b} time(s), late handle closed: {closed_late}; refusals before the \
+         attach: {refusals:#?}; the server's replays: {replays:#?}"
+    );
+    let lost = long_replay_lost(|at| rig.device_bytes(at, 4096));
+    assert!(lost.is_empty(), "acknowledged writes missing on the device after the replay: {lost:?}");
+    let client = NbdClient::connect(&uri, ClientOptions::default()).await.unwrap();
+    assert_eq!(client.read(0, 4096).await.unwrap(), long_replay_block(0), "read through the new holder");
+    client.disconnect().await;
+}
+
 /// fio's random 64 KiB writes over the whole of `db` (64 MiB), crc32c
 /// in every block, a fixed seed, each block written once: `--verify_only`
 /// with the same arguments regenerates the same blocks. The verify state

@@ -14,7 +14,7 @@
 //! up only once the connection's lease has run out (renewals unanswered: a
 //! stopped or unreachable server), with the same message as before. An
 //! answer that arrives after the attach gave up is closed at once
-//! ([`AgentCore::opened`] finds no attachment for it), so a late open never
+//! (`AgentCore::opened` finds no attachment for it), so a late open never
 //! leaves a handle behind.
 
 use super::{AgentCore, AttachmentId, Millis, Purpose, Reply, Stage};

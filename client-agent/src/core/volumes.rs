@@ -120,7 +120,10 @@ impl AgentCore {
             // The attach gave up waiting (`open_wait`): a handle opened
             // after all is closed at once, so none is left behind.
             if let Ok(Response::Opened(o)) = result {
-                self.close_quietly(now, o.handle.0);
+                let (volume, handle) = (o.description.name, o.handle.0);
+                info!(volume, handle, "the open was answered after the attach gave up: closing the handle");
+                self.track_close(now, &volume, handle);
+                self.send_close_now(now, handle, None, CloseOutcome::Detached);
             }
             return;
         };
@@ -402,11 +405,6 @@ impl AgentCore {
                 self.shutdown_progress();
             }
         }
-    }
-
-    fn close_quietly(&mut self, now: Millis, handle: u64) {
-        self.track_close(now, "", handle);
-        self.send_close_now(now, handle, None, CloseOutcome::Detached);
     }
 
     pub(super) fn closed(

@@ -301,6 +301,10 @@ impl Core {
         cleared: bool,
         outcome: JobOutcome,
     ) -> Step {
+        if let Err(why) = &outcome.result {
+            // The caller hears it too, but it may have stopped waiting.
+            tracing::warn!(volume = %volume, "the cache mirror's replay failed: {why}");
+        }
         if !cleared {
             self.release(volume);
         } else if outcome.result.is_ok() {
