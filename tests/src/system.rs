@@ -118,6 +118,14 @@ impl Proc {
         }
     }
 
+    /// Sends `sig` (SIGSTOP, SIGCONT, ...) to the process while it runs.
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on a process this harness started and has not reaped.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
     /// `kill -9` and reap.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

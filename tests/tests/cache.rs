@@ -711,6 +711,14 @@ async fn snapshot_create_waits_for_a_replay_longer_than_the_request_timeout() {
     println!("snapshot create answered after {took:?}");
 }
 
+/// Stops `sanvol-mds` (SIGSTOP) once it logged the start of a replay.
+fn stop_the_server_in_its_replay(stack: &sanvol_tests::system::Stack) {
+    sanvol_tests::system::poll("the replay to start", std::time::Duration::from_secs(60), || {
+        stack.mds_log().contains("replaying the cache mirror to the devices").then_some(())
+    });
+    stack.mds.as_ref().unwrap().signal(libc::SIGSTOP);
+}
+
 /// A server that stops answering (SIGSTOP) while `sanvol snapshot create`
 /// waits for its replay: the CLI does not wait for ever — it fails within
 /// the request timeout after its last status request, saying that the
@@ -723,20 +731,15 @@ async fn snapshot_create_fails_clearly_when_the_server_stops_answering_during_th
     let mut create = stack.sanvol_command(&["snapshot", "create", "db", "s1"]);
     create.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
     let create = create.spawn().expect("run sanvol");
-    sanvol_tests::system::poll("the replay to start", std::time::Duration::from_secs(60), || {
-        stack.mds_log().contains("replaying the cache mirror to the devices").then_some(())
-    });
-    let mds = stack.mds.as_ref().unwrap().pid() as i32;
-    // SAFETY: a signal to the server this test started.
-    unsafe { libc::kill(mds, libc::SIGSTOP) };
+    stop_the_server_in_its_replay(stack);
     let stopped = std::time::Instant::now();
     let bound = control_client::client::REQUEST_TIMEOUT + std::time::Duration::from_secs(10);
     let cli = create.id() as i32;
     let waited = tokio::time::timeout(bound, tokio::task::spawn_blocking(move || create.wait_with_output())).await;
     let took = stopped.elapsed();
-    // SAFETY: signals to the server and the CLI this test started.
-    unsafe { libc::kill(mds, libc::SIGCONT) };
+    stack.mds.as_ref().unwrap().signal(libc::SIGCONT);
     let Ok(out) = waited else {
+        // SAFETY: kill(2) on the CLI this test started.
         unsafe { libc::kill(cli, libc::SIGKILL) };
         panic!("the CLI still waited {took:?} after the server stopped");
     };
@@ -776,14 +779,9 @@ async fn an_attach_given_up_on_a_stopped_server_leaves_no_handle_behind() {
             std::thread::sleep(std::time::Duration::from_millis(200));
         })
     };
-    sanvol_tests::system::poll("the replay to start", std::time::Duration::from_secs(60), || {
-        stack.mds_log().contains("replaying the cache mirror to the devices").then_some(())
-    });
-    let mds = stack.mds.as_ref().unwrap().pid() as i32;
-    // SAFETY: signals to the server this test started.
-    unsafe { libc::kill(mds, libc::SIGSTOP) };
+    stop_the_server_in_its_replay(stack);
     let (out, took) = tokio::task::spawn_blocking(move || attach.join().unwrap()).await.unwrap();
-    unsafe { libc::kill(mds, libc::SIGCONT) };
+    stack.mds.as_ref().unwrap().signal(libc::SIGCONT);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "attached with the server stopped");
     assert!(stderr.contains("did not answer the open of db") && stderr.contains("stopped renewing"), "{stderr}");

@@ -58,7 +58,7 @@ impl AgentCore {
             .map(|(id, sent, _)| (id, sent))
             .collect();
         for (id, sent) in overdue {
-            let Some(name) = self.volumes.values().find(|v| v.id == id).map(|v| v.name.clone()) else { continue };
+            let Some(name) = super::volumes::find(&mut self.volumes, id).map(|v| v.name.clone()) else { continue };
             let caller = self.volumes.remove(&name).and_then(|v| v.caller);
             let waited = (now - sent) / 1000;
             let e = SessionError::Control(format!(

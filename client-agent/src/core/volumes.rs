@@ -44,7 +44,7 @@ pub(super) fn valid_name(volume: &str) -> bool {
     !volume.is_empty() && !volume.contains('/') && !volume.contains('\0') && volume.len() <= 200
 }
 
-fn find(volumes: &mut std::collections::BTreeMap<String, Volume>, id: AttachmentId) -> Option<&mut Volume> {
+pub(super) fn find(volumes: &mut std::collections::BTreeMap<String, Volume>, id: AttachmentId) -> Option<&mut Volume> {
     volumes.values_mut().find(|v| v.id == id)
 }
 
