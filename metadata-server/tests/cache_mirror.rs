@@ -361,3 +361,76 @@ async fn only_the_newest_mirror_generation_is_replayed_and_a_missing_one_refuses
         assert!(all(&leg, 0), "a forgotten mirror is not replayed");
     }
 }
+
+/// A replay writes a two-leg volume's legs at once (one device's write
+/// time, not the sum): while the first leg's device holds its writes, the
+/// second leg gets the replayed bytes; the open is answered only once both
+/// legs have them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_writes_both_legs_at_once_and_answers_the_open_once_both_have_it() {
+    use std::sync::atomic::Ordering;
+    let pool = Pool::start_with(LEASE_MS, DURABLE_MS).await;
+    let admin = pool.admin().await;
+    create_cached_db(&admin).await;
+    let (a, _a_events) = pool.connect(&pool.agent_a, Role::Agent, "host-a").await;
+    let h = open(&a, "db", OpenMode::Exclusive).await.unwrap();
+    assert!(matches!(
+        a.request(Request::MirrorOpen { handle: h.handle }).await.unwrap(),
+        Response::MirrorOpened { cache: Some(_) }
+    ));
+    assert_eq!(append(&a, h.handle, vec![record(1, 0, b'x', 8192)]).await.unwrap(), 1);
+    let legs = &h.description.extents[0].legs;
+    assert_eq!(legs.len(), 2);
+    let (first, second) = (&legs[0], &legs[1]);
+    assert_ne!(first.device, second.device);
+    let held = pool.devices.devices[first.device.0 as usize].clone();
+    let other = pool.devices.devices[second.device.0 as usize].clone();
+    held.hold_writes_from(first.offset);
+
+    // The holder dies; another agent's open waits for the replay.
+    a.close().await;
+    let (b, _b_events) = pool.connect(&pool.agent_b, Role::Agent, "host-b").await;
+    let opening = open_when_free(&b, "db");
+    tokio::pin!(opening);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    // The replay's write reaches the first leg's device and is held there.
+    loop {
+        let started = held.write_held.notified();
+        tokio::pin!(started);
+        started.as_mut().enable();
+        if held.writes_held.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::select! {
+            _ = started => {}
+            h = &mut opening => panic!("the open was answered with the first leg's write held: {h:?}"),
+            _ = tokio::time::sleep_until(deadline) => panic!("the replay never wrote the first leg"),
+        }
+    }
+    // Meanwhile the second leg gets its copy.
+    loop {
+        let on_second = other.read(second.offset, 8192).await.unwrap();
+        if all(&on_second, b'x') {
+            break;
+        }
+        tokio::select! {
+            h = &mut opening => panic!("the open was answered with the first leg's write held: {h:?}"),
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the second leg was not written while the first leg's write was held: the legs are written one after \
+             the other"
+        );
+    }
+    // Still held: not answered yet.
+    tokio::select! {
+        h = &mut opening => panic!("the open was answered with the first leg's write held: {h:?}"),
+        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+    }
+    held.hold_writes_from(u64::MAX);
+    let h2 = tokio::time::timeout(Duration::from_secs(20), opening).await.expect("the open is answered");
+    for leg in read_legs(&pool, &h2.description, 0, 8192).await {
+        assert!(all(&leg, b'x'), "both legs hold the replayed record");
+    }
+}

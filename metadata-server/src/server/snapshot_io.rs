@@ -15,7 +15,7 @@ use blockio::client::NbdClient;
 use blockio::uri::NbdUri;
 use blockio::{BlockDevice, IoError, Payload};
 use bytes::Bytes;
-use volume_format::mapping::{MapError, Segment};
+use volume_format::mapping::{Legs, MapError, Segment};
 use volume_format::metadata::{ChunkSource, PoolMetadata};
 use volume_format::{DeviceIndex, SnapshotId, VolumeId};
 
@@ -211,24 +211,41 @@ impl DeviceClients {
         let area = meta.cow_area(id).map_err(|e| IoError::io(e.to_string()))?;
         let legs = area.chunk(chunk, 0, data.len() as u64).and_then(|s| s.write_legs());
         let legs = legs.map_err(|e| IoError::io(format!("writing chunk {chunk} to snapshot {}: {e}", area.name)))?;
-        for leg in legs {
+        self.write_legs(meta, legs, &data, |device, e| {
+            format!("writing chunk {chunk} to snapshot {}'s area on device {device}: {e}", area.name)
+        })
+        .await
+    }
+
+    /// Writes `data` with FUA on every leg of `legs` at once — a mirrored
+    /// extent's legs are on different devices, so the write takes one
+    /// device's time, not the sum — and returns once all have it, or with
+    /// the first failure (`what` describes it; the failed device's client
+    /// is dropped so the next use reconnects).
+    async fn write_legs(
+        &self,
+        meta: &PoolMetadata,
+        legs: Legs,
+        data: &Bytes,
+        what: impl Fn(DeviceIndex, &IoError) -> String,
+    ) -> Result<(), IoError> {
+        let what = &what;
+        let writes = legs.into_iter().map(|leg| async move {
             let client = self.get(meta, leg.device).await?;
             self.may_write()?;
             if let Err(e) = client.write(leg.device_offset, data.clone(), true).await {
                 // Reconnect next time (the device may have come back since).
                 self.forget(leg.device).await;
-                return Err(IoError::new(
-                    e.kind,
-                    format!("writing chunk {chunk} to snapshot {}'s area on device {}: {e}", area.name, leg.device),
-                ));
+                return Err(IoError::new(e.kind, what(leg.device, &e)));
             }
-        }
-        Ok(())
+            Ok(())
+        });
+        futures::future::try_join_all(writes).await.map(|_| ())
     }
 
     /// Writes `data` at volume offset `offset` (any length; split at
     /// extent boundaries) on every leg that takes writes, with FUA (a cache
-    /// mirror's replay: each record stable before the next is written).
+    /// mirror's replay: every write is stable when the replay is done).
     pub async fn write_live(
         &self,
         meta: &PoolMetadata,
@@ -242,20 +259,10 @@ impl DeviceClients {
             let start = (segment.logical_offset - offset) as usize;
             let piece = data.slice(start..start + segment.len_bytes as usize);
             let legs = segment.write_legs().map_err(|e| IoError::io(e.to_string()))?;
-            for leg in legs {
-                let client = self.get(meta, leg.device).await?;
-                self.may_write()?;
-                if let Err(e) = client.write(leg.device_offset, piece.clone(), true).await {
-                    self.forget(leg.device).await;
-                    return Err(IoError::new(
-                        e.kind,
-                        format!(
-                            "writing volume {volume} at offset {} on device {}: {e}",
-                            segment.logical_offset, leg.device
-                        ),
-                    ));
-                }
-            }
+            self.write_legs(meta, legs, &piece, |device, e| {
+                format!("writing volume {volume} at offset {} on device {device}: {e}", segment.logical_offset)
+            })
+            .await?;
         }
         Ok(())
     }

@@ -40,6 +40,11 @@ pub struct FaultyDevice {
     /// Reads waiting right now, and a signal when one starts waiting.
     pub reads_held: std::sync::atomic::AtomicU64,
     pub read_held: Notify,
+    /// Writes at offsets >= this wait until it changes (`u64::MAX`: none held).
+    hold_writes_from: tokio::sync::watch::Sender<u64>,
+    /// Writes waiting right now, and a signal when one starts waiting.
+    pub writes_held: std::sync::atomic::AtomicU64,
+    pub write_held: Notify,
 }
 
 impl FaultyDevice {
@@ -50,7 +55,15 @@ impl FaultyDevice {
             hold_reads_from: tokio::sync::watch::channel(u64::MAX).0,
             reads_held: Default::default(),
             read_held: Notify::new(),
+            hold_writes_from: tokio::sync::watch::channel(u64::MAX).0,
+            writes_held: Default::default(),
+            write_held: Notify::new(),
         }
+    }
+
+    /// Holds every write at or beyond `offset` (`u64::MAX` releases them).
+    pub fn hold_writes_from(&self, offset: u64) {
+        self.hold_writes_from.send_replace(offset);
     }
 
     /// Holds every read at or beyond `offset` (`u64::MAX` releases them).
@@ -66,6 +79,27 @@ impl FaultyDevice {
     }
 }
 
+/// Waits while `offset` is at or beyond what `hold` says, counted in
+/// `count` and announced on `started`.
+async fn held(
+    hold: &tokio::sync::watch::Sender<u64>,
+    count: &std::sync::atomic::AtomicU64,
+    started: &Notify,
+    offset: u64,
+) {
+    let mut hold = hold.subscribe();
+    if offset >= *hold.borrow_and_update() {
+        count.fetch_add(1, Ordering::SeqCst);
+        started.notify_waiters();
+        while offset >= *hold.borrow_and_update() {
+            if hold.changed().await.is_err() {
+                break;
+            }
+        }
+        count.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 #[async_trait]
 impl BlockDevice for FaultyDevice {
     fn size(&self) -> u64 {
@@ -75,20 +109,11 @@ impl BlockDevice for FaultyDevice {
         self.inner.block_sizes()
     }
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
-        let mut hold = self.hold_reads_from.subscribe();
-        if offset >= *hold.borrow_and_update() {
-            self.reads_held.fetch_add(1, Ordering::SeqCst);
-            self.read_held.notify_waiters();
-            while offset >= *hold.borrow_and_update() {
-                if hold.changed().await.is_err() {
-                    break;
-                }
-            }
-            self.reads_held.fetch_sub(1, Ordering::SeqCst);
-        }
+        held(&self.hold_reads_from, &self.reads_held, &self.read_held, offset).await;
         self.inner.read(offset, len).await
     }
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
+        held(&self.hold_writes_from, &self.writes_held, &self.write_held, offset).await;
         self.check()?;
         self.inner.write(offset, data, fua).await
     }
