@@ -2,6 +2,7 @@
 //! nbd-server, the project's binaries) on temporary sockets and stop them
 //! when the test ends, even on failure.
 
+pub mod metrics;
 pub mod peers;
 pub mod proxy;
 pub mod system;

@@ -636,33 +636,31 @@ fn long_replay_lost(read: impl Fn(u64) -> Vec<u8>) -> Vec<u64> {
 /// gave up on its `Open` at 30 s while the server opened the handle a
 /// little later, and that orphaned handle refused the retries until it ran
 /// out. The device file, read directly, then holds every acknowledged
-/// write.
+/// write. The server's metrics show the replay while it runs and count it
+/// once done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attach_waits_for_a_replay_longer_than_the_request_timeout() {
-    let rig = MirrorRig::new();
+    use sanvol_tests::metrics::{metrics_addr, must, scrape};
+    let rig = MirrorRig::build(1000, Some(500), |stack| {
+        stack.mds_config_extra.push("metrics_addr = \"127.0.0.1:0\"".into());
+    });
     rig.stack.authorize_agent("agent-b");
+    let metrics = metrics_addr(rig.stack.mds.as_ref().unwrap());
     let missing = kill_9_before_a_long_replay(&rig).await;
-    let b = rig.stack.restart_agent("agent-b");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    let answered = loop {
-        let started = std::time::Instant::now();
-        let out = b.cli(&["attach", "db", "--mode", "exclusive"]);
-        let took = started.elapsed();
-        if out.status.success() {
-            break took;
-        }
-        // Refused while the dead holder's lease and durable time run: fine.
-        // Any other failure (a timeout above all) is not.
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            stderr.contains("open exclusive by") && took < std::time::Duration::from_secs(5),
-            "attach failed after {took:?}: {stderr}\nmds log:\n{}\nagent log:\n{}",
-            rig.stack.mds_log(),
-            b.proc.log()
-        );
-        assert!(std::time::Instant::now() < deadline, "{stderr}");
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    };
+    let b = Arc::new(rig.stack.restart_agent("agent-b"));
+    let (attach, _) = attach_past_the_dead_holder(&b);
+    wait_for_the_replay_to_start(&rig.stack);
+    let during = scrape(&metrics);
+    assert_eq!(must(&during, "sanvol_mds_cache_replays_running", &[]), 1.0, "the replay is shown while it runs");
+    assert_eq!(must(&during, "sanvol_mds_cache_replays_total", &[("result", "ok")]), 0.0);
+    let (out, answered) = tokio::task::spawn_blocking(move || attach.join().unwrap()).await.unwrap();
+    assert!(
+        out.status.success(),
+        "attach failed after {answered:?}: {}\nmds log:\n{}\nagent log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        rig.stack.mds_log(),
+        b.proc.log()
+    );
     let mds_log = rig.stack.mds_log();
     assert!(
         answered > control_client::client::REQUEST_TIMEOUT,
@@ -672,6 +670,13 @@ async fn an_attach_waits_for_a_replay_longer_than_the_request_timeout() {
     let replayed = replayed_records(&mds_log).unwrap_or_else(|| panic!("no replay before the open:\n{mds_log}"));
     let lost = long_replay_lost(|at| rig.device_bytes(at, 4096));
     assert!(lost.is_empty(), "acknowledged writes missing on the device after the replay: {lost:?}\n{mds_log}");
+    let after = scrape(&metrics);
+    assert_eq!(must(&after, "sanvol_mds_cache_replays_running", &[]), 0.0);
+    assert_eq!(must(&after, "sanvol_mds_cache_replays_total", &[("result", "ok")]), 1.0);
+    assert_eq!(must(&after, "sanvol_mds_cache_replays_total", &[("result", "failed")]), 0.0);
+    assert_eq!(must(&after, "sanvol_mds_cache_replay_seconds", &[]), 1.0, "the replay is timed");
+    // The records are 4 KiB each, 64 KiB apart: written as they are.
+    assert_eq!(must(&after, "sanvol_mds_cache_replayed_bytes_total", &[]), (replayed * 4096) as f64);
     println!("attach answered after {answered:?}; {replayed} records replayed, {missing} were missing at the kill");
 }
 
@@ -711,11 +716,16 @@ async fn snapshot_create_waits_for_a_replay_longer_than_the_request_timeout() {
     println!("snapshot create answered after {took:?}");
 }
 
-/// Stops `sanvol-mds` (SIGSTOP) once it logged the start of a replay.
-fn stop_the_server_in_its_replay(stack: &sanvol_tests::system::Stack) {
+/// Waits until `sanvol-mds` logged the start of a replay.
+fn wait_for_the_replay_to_start(stack: &sanvol_tests::system::Stack) {
     sanvol_tests::system::poll("the replay to start", std::time::Duration::from_secs(60), || {
         stack.mds_log().contains("replaying the cache mirror to the devices").then_some(())
     });
+}
+
+/// Stops `sanvol-mds` (SIGSTOP) once it logged the start of a replay.
+fn stop_the_server_in_its_replay(stack: &sanvol_tests::system::Stack) {
+    wait_for_the_replay_to_start(stack);
     stack.mds.as_ref().unwrap().signal(libc::SIGSTOP);
 }
 
@@ -750,13 +760,58 @@ async fn snapshot_create_fails_clearly_when_the_server_stops_answering_during_th
     println!("snapshot create failed {took:?} after the server stopped: {stderr}");
 }
 
+/// An attach's last attempt: its output, how long it took.
+type Attempt = (std::process::Output, std::time::Duration);
+
+/// Attaches `db` on `b` in a thread until an attempt is not refused by the
+/// dead holder's handle; with the start of the latest attempt.
+fn attach_past_the_dead_holder(
+    b: &Arc<sanvol_tests::system::Agent>,
+) -> (std::thread::JoinHandle<Attempt>, Arc<std::sync::Mutex<std::time::Instant>>) {
+    let latest = Arc::new(std::sync::Mutex::new(std::time::Instant::now()));
+    let (b, started) = (b.clone(), latest.clone());
+    let attach = std::thread::spawn(move || loop {
+        let now = std::time::Instant::now();
+        *started.lock().unwrap() = now;
+        let out = b.cli(&["attach", "db", "--mode", "exclusive"]);
+        if out.status.success() || !String::from_utf8_lossy(&out.stderr).contains("open exclusive by") {
+            return (out, now.elapsed());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    });
+    (attach, latest)
+}
+
+/// The attach of `db` on `b`, retried while a holder refuses it (a closing
+/// handle); panics after `limit`, with the refusals.
+async fn attach_once_free(
+    stack: &sanvol_tests::system::Stack,
+    b: &sanvol_tests::system::Agent,
+    limit: std::time::Duration,
+) -> (NbdUri, Vec<String>) {
+    let deadline = std::time::Instant::now() + limit;
+    let mut refusals = Vec::new();
+    loop {
+        let out = b.cli(&["attach", "db", "--mode", "exclusive"]);
+        if out.status.success() {
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let line = stdout.lines().find(|l| l.starts_with("nbd")).expect("attach prints the URI");
+            return (line.trim().parse::<NbdUri>().expect("an NBD URI"), refusals);
+        }
+        refusals.push(String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or_default().to_string());
+        assert!(std::time::Instant::now() < deadline, "no attach: {refusals:#?}\n{}", stack.all_logs(80));
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 /// A server that stops answering (SIGSTOP) while an agent's attach waits
 /// for its replay: the attach fails once the request timeout passed and the
 /// agent's lease ran out, saying why. Resumed (SIGCONT), the server either
 /// fails that replay (its device writes timed out during the stop: what the
 /// runs so far showed, logged as a warning) or finishes it and opens the
 /// handle for the given-up attach, which the agent then closes at once
-/// (that path is covered by the owner loop's unit test). Either way the
+/// (that path, with a shorter stop:
+/// `a_handle_opened_after_the_attach_gave_up_is_closed_by_the_agent`). Either way the
 /// server opens no second handle for agent-b unless the agent closed the
 /// first, the next attach gets the volume, and the device file holds every
 /// acknowledged write.
@@ -767,18 +822,7 @@ async fn an_attach_given_up_on_a_stopped_server_leaves_no_handle_behind() {
     stack.authorize_agent("agent-b");
     kill_9_before_a_long_replay(&rig).await;
     let b = Arc::new(stack.restart_agent("agent-b"));
-    // Attaches until one is not refused by the dead holder's handle.
-    let attach = {
-        let b = b.clone();
-        std::thread::spawn(move || loop {
-            let started = std::time::Instant::now();
-            let out = b.cli(&["attach", "db", "--mode", "exclusive"]);
-            if out.status.success() || !String::from_utf8_lossy(&out.stderr).contains("open exclusive by") {
-                return (out, started.elapsed());
-            }
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        })
-    };
+    let (attach, _) = attach_past_the_dead_holder(&b);
     stop_the_server_in_its_replay(stack);
     let (out, took) = tokio::task::spawn_blocking(move || attach.join().unwrap()).await.unwrap();
     stack.mds.as_ref().unwrap().signal(libc::SIGCONT);
@@ -792,23 +836,7 @@ async fn an_attach_given_up_on_a_stopped_server_leaves_no_handle_behind() {
     // open (its device requests timed out during the stop). Either way the
     // next attach gets the volume; a refusal that names a holder is retried
     // (the late handle's close may be on its way) but must not last.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
-    let mut refusals = Vec::new();
-    let uri = loop {
-        let out = b.cli(&["attach", "db", "--mode", "exclusive"]);
-        if out.status.success() {
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let line = stdout.lines().find(|l| l.starts_with("nbd")).expect("attach prints the URI");
-            break line.trim().parse::<NbdUri>().expect("an NBD URI");
-        }
-        refusals.push(String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or_default().to_string());
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no attach after the server resumed: {refusals:#?}\n{}",
-            stack.all_logs(80)
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    };
+    let (uri, refusals) = attach_once_free(stack, &b, std::time::Duration::from_secs(180)).await;
     let opened_for_b = stack.mds_log().lines().filter(|l| l.contains("volume opened") && l.contains("agent-b")).count();
     let closed_late = b.proc.log().contains("the open was answered after the attach gave up");
     assert!(
@@ -826,6 +854,69 @@ async fn an_attach_given_up_on_a_stopped_server_leaves_no_handle_behind() {
     let client = NbdClient::connect(&uri, ClientOptions::default()).await.unwrap();
     assert_eq!(client.read(0, 4096).await.unwrap(), long_replay_block(0), "read through the new holder");
     client.disconnect().await;
+}
+
+/// The late open, with real processes: the server is stopped (SIGSTOP)
+/// only briefly, once the attach has waited past the request timeout and
+/// before the replay ends. The agent's lease runs out, so the attach fails
+/// ("stopped renewing"); resumed at once (SIGCONT), the server finishes the
+/// replay and opens the handle the attach gave up on. The agent must close
+/// that handle at once (its log says so), the next attach must get the
+/// volume, and the device file must hold every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handle_opened_after_the_attach_gave_up_is_closed_by_the_agent() {
+    let rig = MirrorRig::new();
+    let stack = &rig.stack;
+    stack.authorize_agent("agent-b");
+    kill_9_before_a_long_replay(&rig).await;
+    let b = Arc::new(stack.restart_agent("agent-b"));
+    let (attach, latest) = attach_past_the_dead_holder(&b);
+    wait_for_the_replay_to_start(stack);
+    // The replay takes LONG_REPLAY_WRITES × 0.1 s = 40 s; the open was sent
+    // after the latest attempt started. Stop the server once the attach's
+    // patience is over: from then on it gives up as soon as the lease runs
+    // out, with about 8 s of the replay left.
+    let patience_over = *latest.lock().unwrap() + control_client::client::REQUEST_TIMEOUT;
+    tokio::time::sleep_until((patience_over + std::time::Duration::from_millis(1500)).into()).await;
+    assert!(
+        !stack.mds_log().contains("cache mirror replayed to the devices"),
+        "the replay ended before the server was stopped: the test proves nothing"
+    );
+    let mds = stack.mds.as_ref().unwrap();
+    mds.signal(libc::SIGSTOP);
+    let stopped = std::time::Instant::now();
+    let given_up = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        tokio::task::spawn_blocking(move || attach.join().unwrap()),
+    )
+    .await;
+    let stopped_for = stopped.elapsed();
+    mds.signal(libc::SIGCONT);
+    let (out, took) = given_up.expect("the attach still waited 20 s after the server stopped").unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "attached with the server stopped");
+    assert!(stderr.contains("did not answer the open of db") && stderr.contains("stopped renewing"), "{stderr}");
+
+    // The server finishes the replay and answers the given-up open; the
+    // agent closes that handle.
+    sanvol_tests::system::poll("the agent to close the late handle", std::time::Duration::from_secs(60), || {
+        b.proc.log().contains("the open was answered after the attach gave up").then_some(())
+    });
+    let (uri, refusals) = attach_once_free(stack, &b, std::time::Duration::from_secs(30)).await;
+    let mds_log = stack.mds_log();
+    let opened_for_b = mds_log.lines().filter(|l| l.contains("volume opened") && l.contains("agent-b")).count();
+    assert_eq!(opened_for_b, 2, "the late handle, then the new attach's:\n{mds_log}");
+    let replays = mds_log.lines().filter(|l| l.contains("cache mirror replayed to the devices")).count();
+    assert_eq!(replays, 1, "the one replay, finished after the stop:\n{mds_log}");
+    let lost = long_replay_lost(|at| rig.device_bytes(at, 4096));
+    assert!(lost.is_empty(), "acknowledged writes missing on the device after the replay: {lost:?}");
+    let client = NbdClient::connect(&uri, ClientOptions::default()).await.unwrap();
+    assert_eq!(client.read(0, 4096).await.unwrap(), long_replay_block(0), "read through the new holder");
+    client.disconnect().await;
+    println!(
+        "attach gave up after {took:?} ({stopped_for:?} after the stop); late handle closed; refusals before the \
+         next attach: {refusals:#?}"
+    );
 }
 
 /// fio's random 64 KiB writes over the whole of `db` (64 MiB), crc32c

@@ -21,6 +21,7 @@ use super::lane::Lanes;
 use super::replay;
 use super::store::{self, StoreError, VolumeMirror};
 use super::{MirrorOp, MirrorReply, MirrorWork, MIRROR_QUEUED_MAX};
+use crate::server::metrics;
 use crate::server::snapshot_io::DeviceClients;
 
 /// Starts `volume`'s worker; it ends when the sender is dropped.
@@ -255,6 +256,7 @@ impl Worker {
         let read_path = path.clone();
         let (_, held) = blocking(move || (None::<VolumeMirror>, store::read_held(&read_path, volume))).await;
         let held = held.map_err(|e| {
+            metrics::replay_unreadable();
             ControlError::new(
                 ErrorCode::Unavailable,
                 format!("reading the cache mirror of volume {volume} failed: {e}; the volume cannot be opened until it is fixed"),
@@ -284,30 +286,39 @@ impl Worker {
         let records = held.records.into_iter().map(|(offset, data)| (offset, Bytes::from(data)));
         let writes = replay::final_writes(records, replay::REPLAY_WRITE_BYTES_MAX);
         let total = writes.len();
-        if count > 0 {
-            // Opens (and snapshots) of the volume wait for it: say so.
-            info!(volume = %volume, records = count, writes = total, "replaying the cache mirror to the devices");
+        if count == 0 {
+            return Ok(());
         }
+        // Opens (and snapshots) of the volume wait for it: say so.
+        info!(volume = %volume, records = count, writes = total, "replaying the cache mirror to the devices");
+        let counted = metrics::Replay::start();
         let mut sent = futures::stream::iter(writes)
-            .map(|(offset, data)| devices.write_live(meta, volume, offset, data))
+            .map(|(offset, data)| {
+                let len = data.len() as u64;
+                async move { devices.write_live(meta, volume, offset, data).await.map(|()| len) }
+            })
             .buffer_unordered(replay::REPLAY_WRITES_IN_FLIGHT);
-        let mut done = 0;
+        let (mut done, mut bytes) = (0, 0);
         while let Some(result) = sent.next().await {
-            result.map_err(|e| {
-                ControlError::new(
-                    ErrorCode::Unavailable,
-                    format!(
-                        "replaying the cache mirror of volume {volume} to its devices failed after {done} of {total} \
-                         writes ({count} records; {e}); the mirror is kept and the replay is retried at the next open"
-                    ),
-                )
-            })?;
+            match result {
+                Ok(len) => bytes += len,
+                Err(e) => {
+                    counted.done(bytes, false);
+                    return Err(ControlError::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "replaying the cache mirror of volume {volume} to its devices failed after {done} of \
+                             {total} writes ({count} records; {e}); the mirror is kept and the replay is retried at \
+                             the next open"
+                        ),
+                    ));
+                }
+            }
             done += 1;
         }
         // Everything is on the devices (each write with FUA).
-        if count > 0 {
-            info!(volume = %volume, records = count, writes = total, generation = ?held.generation, "cache mirror replayed to the devices");
-        }
+        counted.done(bytes, true);
+        info!(volume = %volume, records = count, writes = total, generation = ?held.generation, "cache mirror replayed to the devices");
         Ok(())
     }
 }

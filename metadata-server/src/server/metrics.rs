@@ -17,12 +17,19 @@
 //! | `sanvol_mds_devices` | state | pool devices `online` or `failed` (as committed) |
 //! | `sanvol_mds_devices_unreachable` | — | devices this server cannot reach now |
 //! | `sanvol_mds_lease_role` | role | 1 for this server's role: `active`, `standby` or `stopped` |
+//! | `sanvol_mds_cache_replays_running` | — | cache mirrors being written to the devices now (each keeps its volume closed) |
+//! | `sanvol_mds_cache_replays_total` | result | replays of a mirror that held writes: `ok`, or `failed` (the mirror could not be read or a device write failed; retried at the next open) |
+//! | `sanvol_mds_cache_replay_seconds` | — | how long a replay that wrote something took |
+//! | `sanvol_mds_cache_replayed_bytes_total` | — | bytes replays wrote to the devices |
+//!
+//! The replay metrics are counted on the volume's mirror worker
+//! ([`crate::mirror::worker`]), around the replay itself.
 
 use std::sync::LazyLock;
 use std::time::Duration;
 
 use ops::metrics::register;
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 
 use super::core::Core;
 
@@ -60,6 +67,70 @@ static UNREACHABLE: LazyLock<IntGauge> =
 static ROLE: LazyLock<IntGaugeVec> =
     LazyLock::new(|| gauge_vec("sanvol_mds_lease_role", "1 for this server's role in the pool lease", "role"));
 
+/// Replay time buckets: 10 ms .. 30 min (behind slow devices a full
+/// cache's replay takes minutes).
+const REPLAY_SECONDS_BUCKETS: &[f64] = &[0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0];
+
+static REPLAYS_RUNNING: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "sanvol_mds_cache_replays_running",
+        "Cache mirrors being written to the devices now (their volumes stay closed)",
+    )
+});
+static REPLAYS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let opts = Opts::new(
+        "sanvol_mds_cache_replays_total",
+        "Replays of cache mirrors that held writes, by result (ok, failed)",
+    );
+    register(IntCounterVec::new(opts, &["result"]).expect("valid metric declaration"))
+});
+static REPLAY_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    let opts = HistogramOpts::new("sanvol_mds_cache_replay_seconds", "Time to write a cache mirror to the devices")
+        .buckets(REPLAY_SECONDS_BUCKETS.to_vec());
+    register(Histogram::with_opts(opts).expect("valid metric declaration"))
+});
+static REPLAYED_BYTES: LazyLock<IntCounter> = LazyLock::new(|| {
+    let counter =
+        IntCounter::new("sanvol_mds_cache_replayed_bytes_total", "Bytes cache mirror replays wrote to the devices");
+    register(counter.expect("valid metric declaration"))
+});
+
+/// One replay of a cache mirror that holds writes, counted while it runs
+/// ([`REPLAYS_RUNNING`]); [`Replay::done`] counts its result. Dropped
+/// without it (the worker ended mid-replay), it counts as failed.
+pub struct Replay {
+    started: std::time::Instant,
+    result: Option<bool>,
+}
+
+impl Replay {
+    pub fn start() -> Replay {
+        REPLAYS_RUNNING.inc();
+        Replay { started: std::time::Instant::now(), result: None }
+    }
+
+    /// The replay wrote `bytes` and ended (`ok`: every write is on the devices).
+    pub fn done(mut self, bytes: u64, ok: bool) {
+        REPLAYED_BYTES.inc_by(bytes);
+        if ok {
+            REPLAY_SECONDS.observe(self.started.elapsed().as_secs_f64());
+        }
+        self.result = Some(ok);
+    }
+}
+
+impl Drop for Replay {
+    fn drop(&mut self) {
+        REPLAYS_RUNNING.dec();
+        REPLAYS.with_label_values(&[if self.result == Some(true) { "ok" } else { "failed" }]).inc();
+    }
+}
+
+/// A replay could not read its mirror file: failed before it began.
+pub fn replay_unreadable() {
+    REPLAYS.with_label_values(&["failed"]).inc();
+}
+
 /// Registers every metric so a scrape shows them before the first event.
 pub fn init() {
     LazyLock::force(&SESSIONS);
@@ -75,6 +146,12 @@ pub fn init() {
         DEVICES.with_label_values(&[state]);
     }
     LazyLock::force(&UNREACHABLE);
+    LazyLock::force(&REPLAYS_RUNNING);
+    for result in ["ok", "failed"] {
+        REPLAYS.with_label_values(&[result]);
+    }
+    LazyLock::force(&REPLAY_SECONDS);
+    LazyLock::force(&REPLAYED_BYTES);
     set_role("standby");
 }
 
