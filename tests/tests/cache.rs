@@ -254,6 +254,19 @@ impl MirrorRig {
         MirrorRig::build(lease_ms, durable_ms, |_| {})
     }
 
+    /// With a second server (`mds-2`, standing by): each server keeps its
+    /// mirrors in a directory of its own; agents and the CLI know both.
+    fn with_standby() -> (MirrorRig, sanvol_tests::system::ServerProc) {
+        let rig = MirrorRig::build(1000, Some(500), |stack| {
+            stack.mds_config_extra = vec!["cache_mirror_dir = \"mirror-1\"".into()];
+        });
+        let mut stack = rig.stack;
+        stack.mds_config_extra = vec!["cache_mirror_dir = \"mirror-2\"".into()];
+        let standby = stack.start_server(2);
+        stack.more_mds.push(standby.addr());
+        (MirrorRig { stack, ..rig }, standby)
+    }
+
     /// `configure` adjusts the stack before its first server starts.
     fn build(
         lease_ms: u64,
@@ -975,6 +988,84 @@ fn issued(text: &str, index: usize) -> Option<u64> {
     line.split("total=").nth(1)?.split(',').nth(index)?.trim().parse().ok()
 }
 
+/// The volume `db` as the device file holds it, read by nbdkit (not by
+/// sanvol): its extents must be contiguous on the device. The server and
+/// its URI.
+fn direct_view(rig: &MirrorRig) -> (Peer, String) {
+    let volume_bytes = 64u64 << 20;
+    let first = rig.extent_offsets[0];
+    let contiguous = rig.extent_offsets.iter().enumerate().all(|(i, o)| *o == first + i as u64 * rig.extent_bytes);
+    assert!(
+        contiguous && rig.extent_offsets.len() as u64 * rig.extent_bytes >= volume_bytes,
+        "{:?}",
+        rig.extent_offsets
+    );
+    let image = rig.image.display().to_string();
+    let direct = peers::nbdkit(&[
+        "-r",
+        "--filter=offset",
+        "file",
+        &image,
+        &format!("offset={first}"),
+        &format!("range={volume_bytes}"),
+    ]);
+    let uri = direct.uri().to_string();
+    (direct, uri)
+}
+
+/// fio's arguments for the fill job run as the workload: each completed
+/// write's offset goes to its completion-latency log (`acked_clat.1.log`),
+/// what the agent acknowledged; the verify state is saved.
+const FIO_WORKLOAD: [&str; 4] = ["--do_verify=0", "--verify_state_save=1", "--write_lat_log=acked", "--log_offset=1"];
+
+/// Waits for the fio workload, which the holder's kill must have failed:
+/// the offsets whose writes fio saw acknowledged, those that failed at the
+/// kill, and fio's output.
+fn acknowledged_until_the_kill(
+    fio: std::process::Child,
+    dir: &Path,
+) -> (std::collections::BTreeSet<u64>, std::collections::BTreeSet<u64>, String) {
+    let out = fio.wait_with_output().unwrap();
+    let text = output_text(&out);
+    assert!(!out.status.success(), "fio finished before the kill: the test proves nothing\n{text}");
+    let failed = offsets_in(&text, "io_u error");
+    let written = issued(&text, 1).unwrap_or_else(|| panic!("fio printed no issued writes:\n{text}"));
+    let acked: std::collections::BTreeSet<u64> = std::fs::read_to_string(dir.join("acked_clat.1.log"))
+        .unwrap_or_else(|e| panic!("fio's completion log: {e}\n{text}"))
+        .lines()
+        .filter_map(|l| l.split(',').nth(4)?.trim().parse().ok())
+        .filter(|offset| !failed.contains(offset))
+        .collect();
+    assert!(!acked.is_empty() && written >= acked.len() as u64, "{} acknowledged\n{text}", acked.len());
+    (acked, failed, text)
+}
+
+/// `fio --verify_only` through each `(what, uri)`: no block whose write
+/// was acknowledged fails, and at least as many blocks were verified.
+fn verify_acknowledged(
+    views: &[(&str, String)],
+    dir: &Path,
+    acked: &std::collections::BTreeSet<u64>,
+    failed: &std::collections::BTreeSet<u64>,
+    fio_run: &str,
+    server_log: &str,
+) {
+    for (what, uri) in views {
+        let (bad, read, text) = fio_verify_only(uri, dir);
+        let lost: Vec<_> = bad.intersection(acked).collect();
+        assert!(
+            lost.is_empty(),
+            "after the replay, {what}: blocks at {lost:?} fail fio's verify, and their writes were acknowledged \
+             (failed at the kill: {failed:?})\n{text}\nfio's writes:\n{fio_run}\nserver log:\n{server_log}"
+        );
+        assert!(
+            read >= acked.len() as u64,
+            "{what}: fio verified {read} blocks, {} were acknowledged\n{text}",
+            acked.len()
+        );
+    }
+}
+
 /// Issue 15's first acceptance, with fio as the workload: fio's verify
 /// writes through `sanvol-agent` fill the mirrored cache (the 100
 /// ms-per-write device destages slowly; the 32 MiB log is full and the
@@ -992,33 +1083,12 @@ fn issued(text: &str, index: usize) -> Option<u64> {
 async fn fio_verify_writes_fill_the_cache_kill_9_and_read_back_clean_after_the_replay() {
     let rig = MirrorRig::new();
     let stack = &rig.stack;
-    let volume_bytes = 64u64 << 20;
-    let first = rig.extent_offsets[0];
-    let contiguous = rig.extent_offsets.iter().enumerate().all(|(i, o)| *o == first + i as u64 * rig.extent_bytes);
-    assert!(
-        contiguous && rig.extent_offsets.len() as u64 * rig.extent_bytes >= volume_bytes,
-        "{:?}",
-        rig.extent_offsets
-    );
-    // The volume as the device file holds it, read by nbdkit (not by sanvol).
-    let image = rig.image.display().to_string();
-    let direct = peers::nbdkit(&[
-        "-r",
-        "--filter=offset",
-        "file",
-        &image,
-        &format!("offset={first}"),
-        &format!("range={volume_bytes}"),
-    ]);
-    let direct_uri = direct.uri().to_string();
+    let (_direct, direct_uri) = direct_view(&rig);
     let fio_dir = tempfile::Builder::new().prefix("sanvol-cache-fio-").tempdir().unwrap();
     stack.authorize_agent("agent-b");
 
     let (mut a, uri) = attach_cached(stack, "agent-a");
-    // Each completed write's offset goes to fio's completion-latency log
-    // (`acked_clat.1.log`): what the agent acknowledged.
-    let fio_args = ["--do_verify=0", "--verify_state_save=1", "--write_lat_log=acked", "--log_offset=1"];
-    let fio = fio_job(&uri.to_string(), fio_dir.path(), &fio_args)
+    let fio = fio_job(&uri.to_string(), fio_dir.path(), &FIO_WORKLOAD)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -1031,19 +1101,7 @@ async fn fio_verify_writes_fill_the_cache_kill_9_and_read_back_clean_after_the_r
     });
     a.proc.kill();
     let killed_at = std::time::Instant::now();
-    let out = fio.wait_with_output().unwrap();
-    let first_run = output_text(&out);
-    assert!(!out.status.success(), "fio finished before the kill: the test proves nothing\n{first_run}");
-    let failed = offsets_in(&first_run, "io_u error");
-    let written = issued(&first_run, 1).unwrap_or_else(|| panic!("fio printed no issued writes:\n{first_run}"));
-    let acked: std::collections::BTreeSet<u64> = std::fs::read_to_string(fio_dir.path().join("acked_clat.1.log"))
-        .unwrap_or_else(|e| panic!("fio's completion log: {e}\n{first_run}"))
-        .lines()
-        .filter_map(|l| l.split(',').nth(4)?.trim().parse().ok())
-        .filter(|offset| !failed.contains(offset))
-        .collect();
-    assert!(!acked.is_empty() && written >= acked.len() as u64, "{} acknowledged\n{first_run}", acked.len());
-
+    let (acked, failed, first_run) = acknowledged_until_the_kill(fio, fio_dir.path());
     let (bad, _, _) = fio_verify_only(&direct_uri, fio_dir.path());
     assert!(
         bad.intersection(&acked).count() > 0,
@@ -1055,21 +1113,14 @@ async fn fio_verify_writes_fill_the_cache_kill_9_and_read_back_clean_after_the_r
     let b_uri = attach_when_connected(&b, stack).await;
     // How long the volume stayed closed (seen with --nocapture).
     let closed = killed_at.elapsed();
-    for (what, uri) in [("the device file, read by nbdkit", direct_uri), ("the new holder", b_uri.to_string())] {
-        let (bad, read, text) = fio_verify_only(&uri, fio_dir.path());
-        let lost: Vec<_> = bad.intersection(&acked).collect();
-        assert!(
-            lost.is_empty(),
-            "after the replay, {what}: blocks at {lost:?} fail fio's verify, and their writes were acknowledged \
-             (failed at the kill: {failed:?})\n{text}\nfio's writes:\n{first_run}\nmds log:\n{}",
-            stack.mds_log()
-        );
-        assert!(
-            read >= acked.len() as u64,
-            "{what}: fio verified {read} blocks, {} were acknowledged\n{text}",
-            acked.len()
-        );
-    }
+    verify_acknowledged(
+        &[("the device file, read by nbdkit", direct_uri), ("the new holder", b_uri.to_string())],
+        fio_dir.path(),
+        &acked,
+        &failed,
+        &first_run,
+        &stack.mds_log(),
+    );
     let mds_log = stack.mds_log();
     let replayed = mds_log.lines().find(|l| l.contains("cache mirror replayed to the devices"));
     assert!(replayed.is_some(), "{mds_log}");
@@ -1078,6 +1129,87 @@ async fn fio_verify_writes_fill_the_cache_kill_9_and_read_back_clean_after_the_r
         acked.len(),
         failed.len(),
         replayed.unwrap_or_default()
+    );
+}
+
+/// Issue 15's second acceptance, on the product path, then a holder kill
+/// at the standby:
+///
+/// 1. fio's verify writes (64 KiB, the volume's upper half, paced to last)
+///    go through `sanvol-agent`'s mirrored cache; `sanvol-mds` is killed
+///    (SIGKILL) and a standby (with a mirror directory of its own) takes
+///    the pool over. The agent goes write-through, destages and mirrors
+///    afresh at the standby; fio, which stops at its first error, finishes
+///    without one and its read-back verify is clean.
+/// 2. Rounds of writes are mirrored at the standby and the agent is killed
+///    (SIGKILL) while the device file lacks acknowledged ones: another
+///    agent's attach is answered once the standby replayed them.
+///
+/// Then the device file, read directly, holds every acknowledged write of
+/// both: the rounds (against the model) and fio's blocks (`fio
+/// --verify_only` through nbdkit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_server_under_fio_mirroring_resumes_at_the_standby_which_replays_the_next_holder_kill() {
+    use sanvol_tests::system::poll;
+    let (mut rig, standby) = MirrorRig::with_standby();
+    rig.stack.authorize_agent("agent-b");
+    let (_direct, direct_uri) = direct_view(&rig);
+    let fio_dir = tempfile::Builder::new().prefix("sanvol-cache-fio-").tempdir().unwrap();
+    let (mut a, uri) = attach_cached(&rig.stack, "agent-a");
+
+    // 1. Paced (40 writes a second, 512 in all): faster than the device
+    // destages them, slow enough to go on through the takeover.
+    let upper_half = ["--offset=32M", "--size=32M"];
+    let mut fio = fio_job(&uri.to_string(), fio_dir.path(), &[&upper_half[..], &["--rate_iops=,40"]].concat())
+        .stdout(std::fs::File::create(fio_dir.path().join("fio.out")).unwrap())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let cache = |a: &sanvol_tests::system::Agent| listed(a)["cache"].clone();
+    let limit = std::time::Duration::from_secs(60);
+    poll("writes mirrored at mds-1 that the device lacks", limit, || {
+        let c = cache(&a);
+        (c["state"] == "mirrored" && c["dirty_bytes"].as_u64()? >= 1 << 20).then_some(())
+    });
+    assert!(fio.try_wait().unwrap().is_none(), "fio ended before the server's kill: the test proves nothing");
+    rig.stack.kill_mds();
+    let why = poll("the cache to write through", limit, || {
+        let c = cache(&a);
+        (c["state"] == "write-through").then(|| c["state_detail"].to_string())
+    });
+    poll("mirroring at the standby", std::time::Duration::from_secs(120), || {
+        (cache(&a)["state"] == "mirrored").then_some(())
+    });
+    let fio_run = fio.wait_with_output().unwrap();
+    let fio_text = std::fs::read_to_string(fio_dir.path().join("fio.out")).unwrap_or_default() + &output_text(&fio_run);
+    assert!(
+        fio_run.status.success() && fio_text.contains("err= 0"),
+        "fio failed while the server was down or after the standby took over:\n{fio_text}\n{}",
+        a.proc.log()
+    );
+
+    // 2. The holder dies with writes mirrored only at the standby.
+    let client = Arc::new(NbdClient::connect(&uri, ClientOptions::default()).await.unwrap());
+    let (model, acked) = kill_in_the_fifth_round(client, || a.proc.kill()).await;
+    let lacking = check_device(&rig.volume_image(), &model, 4, &acked);
+    assert!(lacking.is_err(), "the device held every acknowledged round at the holder's kill: the test proves nothing");
+    let b = rig.stack.restart_agent("agent-b");
+    attach_when_connected(&b, &rig.stack).await;
+    let standby_log = standby.proc.log();
+    let replayed = replayed_records(&standby_log)
+        .unwrap_or_else(|| panic!("the standby replayed no mirror before the attach:\n{standby_log}"));
+    if let Err(e) = check_device(&rig.volume_image(), &model, 4, &acked) {
+        panic!("after the standby's replay: {e}\nstandby log:\n{standby_log}");
+    }
+    let verify =
+        fio_job(&direct_uri, fio_dir.path(), &[&upper_half[..], &["--verify_only"]].concat()).output().unwrap();
+    let verify_text = output_text(&verify);
+    assert!(
+        verify.status.success() && !verify_text.contains("verify:") && issued(&verify_text, 0) == Some(512),
+        "fio's blocks, read from the device file: {verify_text}"
+    );
+    println!(
+        "write-through after the server's kill ({why}); {replayed} records replayed by the standby; fio's 512 blocks verified on the device file"
     );
 }
 
@@ -1581,14 +1713,7 @@ fn device_is(rig: &MirrorRig, model: &[u8], when: &str) {
 ///    every acknowledged write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirrors_follow_the_pool_across_servers_a_stale_one_is_never_replayed_a_missing_one_refuses_the_open() {
-    let rig = MirrorRig::build(1000, Some(500), |stack| {
-        stack.mds_config_extra = vec!["cache_mirror_dir = \"mirror-1\"".into()];
-    });
-    let mut stack = rig.stack;
-    stack.mds_config_extra = vec!["cache_mirror_dir = \"mirror-2\"".into()];
-    let mds2 = stack.start_server(2);
-    stack.more_mds.push(mds2.addr());
-    let rig = MirrorRig { stack, ..rig };
+    let (rig, mds2) = MirrorRig::with_standby();
     let stack = &rig.stack;
     let model_len = (SLOTS * SLOT_BYTES) as usize;
     let mut model = vec![0u8; model_len];
