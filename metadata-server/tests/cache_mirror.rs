@@ -362,13 +362,9 @@ async fn only_the_newest_mirror_generation_is_replayed_and_a_missing_one_refuses
     }
 }
 
-/// A replay writes a two-leg volume's legs at once (one device's write
-/// time, not the sum): while the first leg's device holds its writes, the
-/// second leg gets the replayed bytes; the open is answered only once both
-/// legs have them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replay_writes_both_legs_at_once_and_answers_the_open_once_both_have_it() {
-    use std::sync::atomic::Ordering;
+/// A pool with `db` (two legs, a mirrored cache), held by agent host-a,
+/// which has started mirroring.
+async fn holder_mirroring_db() -> (Pool, ControlClient, OpenedHandle) {
     let pool = Pool::start_with(LEASE_MS, DURABLE_MS).await;
     let admin = pool.admin().await;
     create_cached_db(&admin).await;
@@ -378,6 +374,17 @@ async fn a_replay_writes_both_legs_at_once_and_answers_the_open_once_both_have_i
         a.request(Request::MirrorOpen { handle: h.handle }).await.unwrap(),
         Response::MirrorOpened { cache: Some(_) }
     ));
+    (pool, a, h)
+}
+
+/// A replay writes a two-leg volume's legs at once (one device's write
+/// time, not the sum): while the first leg's device holds its writes, the
+/// second leg gets the replayed bytes; the open is answered only once both
+/// legs have them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_writes_both_legs_at_once_and_answers_the_open_once_both_have_it() {
+    use std::sync::atomic::Ordering;
+    let (pool, a, h) = holder_mirroring_db().await;
     assert_eq!(append(&a, h.handle, vec![record(1, 0, b'x', 8192)]).await.unwrap(), 1);
     let legs = &h.description.extents[0].legs;
     assert_eq!(legs.len(), 2);
@@ -432,5 +439,48 @@ async fn a_replay_writes_both_legs_at_once_and_answers_the_open_once_both_have_i
     let h2 = tokio::time::timeout(Duration::from_secs(20), opening).await.expect("the open is answered");
     for leg in read_legs(&pool, &h2.description, 0, 8192).await {
         assert!(all(&leg, b'x'), "both legs hold the replayed record");
+    }
+}
+
+/// A damaged record in a dead holder's mirror file (one flipped bit) is
+/// found by its checksum when the server replays: the open is refused,
+/// naming the file, and nothing of the mirror — not even its good records
+/// — reaches the devices (the replay reads the file as it writes; the
+/// scan before it checks every record).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_mirror_record_refuses_the_open_and_nothing_is_replayed() {
+    use std::os::unix::fs::FileExt;
+    let (pool, a, h) = holder_mirroring_db().await;
+    // One append at a time: each its own batch, so the damaged first
+    // record has later batches after it (damage, not a torn tail).
+    for i in 0..4u64 {
+        assert_eq!(append(&a, h.handle, vec![record(i + 1, i * 65536, b'd', 8192)]).await.unwrap(), i + 1);
+    }
+    a.close().await;
+    let path = pool.config.cache_mirror_dir.join(format!("volume-{}.mirror", h.description.volume.0));
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    let scanned = volume_format::cache_log::scan(&file, "mirror").expect("the mirror is intact before the flip");
+    assert_eq!(scanned.records.len(), 4);
+    let at = scanned.records[0].pos + volume_format::cache_log::RECORD_HEADER_BYTES as u64 + 100;
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, at).unwrap();
+    file.write_all_at(&[byte[0] ^ 0x10], at).unwrap();
+
+    let (b, _b_events) = pool.connect(&pool.agent_b, Role::Agent, "host-b").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let refusal = loop {
+        match open(&b, "db", OpenMode::Exclusive).await {
+            Ok(h) => panic!("opened over a damaged mirror: {h:?}"),
+            Err(ControlClientError::Server(e)) if e.code == ErrorCode::Conflict => {
+                assert!(tokio::time::Instant::now() < deadline, "still refused: {}", e.message);
+                tokio::time::sleep(Duration::from_millis(LEASE_MS / 5)).await;
+            }
+            Err(e) => break code(e),
+        }
+    };
+    assert_eq!(refusal.0, ErrorCode::Unavailable, "{}", refusal.1);
+    assert!(refusal.1.contains(&path.display().to_string()), "the refusal names the file: {}", refusal.1);
+    for leg in read_legs(&pool, &h.description, 0, 4 * 65536).await {
+        assert!(all(&leg, 0), "a record of the damaged mirror reached the devices");
     }
 }

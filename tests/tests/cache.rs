@@ -273,9 +273,20 @@ impl MirrorRig {
         durable_ms: Option<u64>,
         configure: impl FnOnce(&mut sanvol_tests::system::Stack),
     ) -> MirrorRig {
+        MirrorRig::build_sized(lease_ms, durable_ms, (256 << 20, "64M", "32M"), configure)
+    }
+
+    /// [`MirrorRig::build`] with the device's size, and `db`'s and its
+    /// cache's (as `sanvol` takes them).
+    fn build_sized(
+        lease_ms: u64,
+        durable_ms: Option<u64>,
+        (device_bytes, volume_size, cache_size): (u64, &str, &str),
+        configure: impl FnOnce(&mut sanvol_tests::system::Stack),
+    ) -> MirrorRig {
         use sanvol_tests::system::Stack;
         let device_dir = tempfile::Builder::new().prefix("sanvol-cache-mirror-").tempdir().unwrap();
-        let image = peers::sparse_file(device_dir.path(), 256 << 20);
+        let image = peers::sparse_file(device_dir.path(), device_bytes);
         let image_path = image.display().to_string();
         // One thread per connection: nbdkit 1.32 aborts ("Assertion `sock >=
         // 0' failed") when a client dies while other threads of its
@@ -290,8 +301,8 @@ impl MirrorRig {
         stack.durable_ms = durable_ms;
         configure(&mut stack);
         stack.start_mds();
-        stack.sanvol_ok(&["volume", "create", "db", "64M"]);
-        stack.sanvol_ok(&["volume", "cache", "db", "--size", "32M"]);
+        stack.sanvol_ok(&["volume", "create", "db", volume_size]);
+        stack.sanvol_ok(&["volume", "cache", "db", "--size", cache_size]);
         let show = stack.sanvol_json(&["volume", "show", "db"]);
         let extent_bytes = show["description"]["extent_bytes"].as_u64().unwrap();
         let extent_offsets = show["description"]["extents"]
@@ -691,6 +702,57 @@ async fn an_attach_waits_for_a_replay_longer_than_the_request_timeout() {
     // The records are 4 KiB each, 64 KiB apart: written as they are.
     assert_eq!(must(&after, "sanvol_mds_cache_replayed_bytes_total", &[]), (replayed * 4096) as f64);
     println!("attach answered after {answered:?}; {replayed} records replayed, {missing} were missing at the kill");
+}
+
+/// `KEY:` of `/proc/PID/status`, in bytes.
+fn proc_status_bytes(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("no {key} in {status}"));
+    let kib: u64 = line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("a size in kB");
+    kib << 10
+}
+
+/// A replay holds little of a large mirror in memory: it reads each
+/// write's bytes from the mirror file as it sends it. A dead holder leaves
+/// over 96 MiB of mirrored 256 KiB writes (the 100 ms-per-write device
+/// destages slowly); the server's peak resident memory from just before
+/// the kill to the end of the replay (`VmHWM`, reset through `clear_refs`)
+/// must grow by less than half of what the mirror held — reading the whole
+/// file first, as the replay did, grows it by all of it. The device file
+/// then holds every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_of_a_large_mirror_holds_little_of_it_in_memory() {
+    use futures::StreamExt;
+    const WRITE: u64 = 256 << 10;
+    const WRITES: u64 = 768;
+    let rig = MirrorRig::build_sized(1000, Some(500), (640 << 20, "384M", "256M"), |_| {});
+    rig.stack.authorize_agent("agent-b");
+    let (mut a, uri) = attach_cached(&rig.stack, "agent-a");
+    let client = Arc::new(NbdClient::connect(&uri, ClientOptions::default()).await.unwrap());
+    let block = |i: u64| vec![(i % 251) as u8 + 1; WRITE as usize];
+    let writes = futures::stream::iter(0..WRITES).map(|i| {
+        let client = client.clone();
+        async move { client.write(i * WRITE, Bytes::from(block(i)), false).await }
+    });
+    for result in writes.buffer_unordered(16).collect::<Vec<_>>().await {
+        result.expect("a cached write is acknowledged");
+    }
+    let held = listed(&a)["cache"]["dirty_bytes"].as_u64().unwrap();
+    assert!(held >= 96 << 20, "only {held} bytes were not on the device: the test proves nothing");
+    let mds = rig.stack.mds.as_ref().unwrap().pid();
+    std::fs::write(format!("/proc/{mds}/clear_refs"), "5").expect("reset the server's peak memory");
+    let before = proc_status_bytes(mds, "VmRSS");
+    a.proc.kill();
+    drop(client);
+    let _b = attach_after_replay(&rig.stack, "agent-b").await;
+    let peak = proc_status_bytes(mds, "VmHWM");
+    let mds_log = rig.stack.mds_log();
+    let replayed = replayed_records(&mds_log).unwrap_or_else(|| panic!("no replay before the open:\n{mds_log}"));
+    let grown = peak.saturating_sub(before);
+    println!("the mirror held {held} bytes in {replayed} records; the server's peak memory grew by {grown} bytes");
+    assert!(grown < held / 2, "the server's peak memory grew by {grown} bytes replaying {held}");
+    let lost: Vec<u64> = (0..WRITES).filter(|&i| rig.device_bytes(i * WRITE, WRITE as usize) != block(i)).collect();
+    assert!(lost.is_empty(), "acknowledged writes missing on the device after the replay: {lost:?}");
 }
 
 /// A replay longer than the request timeout, then `sanvol snapshot

@@ -15,6 +15,14 @@
 //! of them at a time (`super::worker`). The writes are disjoint, so the
 //! order in which they land changes nothing.
 //!
+//! Memory: the plan is made of [`Span`]s (where the bytes are in the
+//! mirror file), and each write's bytes are read from the file as it is
+//! sent, so a replay holds the records' index and at most
+//! [`REPLAY_WRITES_IN_FLIGHT`] × [`REPLAY_WRITE_BYTES_MAX`] (32 MiB) of
+//! data, whatever the size of the mirror (before, the whole file: a server
+//! replaying the 1 GiB mirrors of ten volumes of a dead host at once held
+//! 10 GiB).
+//!
 //! Why that is as safe as the ordered replay: nobody reads or writes the
 //! volume until the replay has finished (the open waits for it, and "not
 //! pending" is committed only after it); a replay that fails or is cut by a
@@ -30,13 +38,54 @@ pub const REPLAY_WRITE_BYTES_MAX: usize = 1 << 20;
 /// Replay writes sent before the first answer is awaited.
 pub const REPLAY_WRITES_IN_FLIGHT: usize = 32;
 
-/// The bytes `records` (volume offset, data; oldest first) leave on the
-/// volume, where a later record wins over an earlier one: disjoint writes
-/// in offset order, neighbours joined, none longer than `max_bytes`.
-pub fn final_writes(records: impl IntoIterator<Item = (u64, Bytes)>, max_bytes: usize) -> Vec<(u64, Bytes)> {
+/// Bytes a replay handles: the bytes themselves ([`Bytes`]), or where they
+/// are in a mirror file ([`Span`]). A piece can be cut.
+pub trait Piece: Sized {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Bytes `range` of it.
+    fn slice(&self, range: std::ops::Range<usize>) -> Self;
+}
+
+impl Piece for Bytes {
+    fn len(&self) -> usize {
+        Bytes::len(self)
+    }
+    fn slice(&self, range: std::ops::Range<usize>) -> Bytes {
+        Bytes::slice(self, range)
+    }
+}
+
+/// `len` bytes from `skip` into record `record` (its index in the
+/// mirror's [`super::store::HeldIndex`]): what the replay plans with, so a
+/// mirror of any size costs its index in memory, and each write's bytes
+/// are read from the file when it is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub record: usize,
+    pub skip: usize,
+    pub len: usize,
+}
+
+impl Piece for Span {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn slice(&self, range: std::ops::Range<usize>) -> Span {
+        Span { record: self.record, skip: self.skip + range.start, len: range.end - range.start }
+    }
+}
+
+/// What `records` (volume offset, piece; oldest first) leave on the volume,
+/// where a later record wins over an earlier one: disjoint writes in offset
+/// order, each the pieces to join (neighbours joined, none longer than
+/// `max_bytes` in all).
+pub fn final_pieces<P: Piece>(records: impl IntoIterator<Item = (u64, P)>, max_bytes: usize) -> Vec<(u64, Vec<P>)> {
     let max_bytes = max_bytes.max(1);
     // Disjoint pieces by start offset: what the records so far leave.
-    let mut pieces: BTreeMap<u64, Bytes> = BTreeMap::new();
+    let mut pieces: BTreeMap<u64, P> = BTreeMap::new();
     for (start, data) in records {
         if data.is_empty() {
             continue;
@@ -53,10 +102,10 @@ pub fn final_writes(records: impl IntoIterator<Item = (u64, Bytes)>, max_bytes: 
             let Some(piece) = pieces.remove(&at) else { continue };
             let piece_end = at + piece.len() as u64;
             if at < start {
-                pieces.insert(at, piece.slice(..(start - at) as usize));
+                pieces.insert(at, piece.slice(0..(start - at) as usize));
             }
             if piece_end > end {
-                pieces.insert(end, piece.slice((end - at) as usize..));
+                pieces.insert(end, piece.slice((end - at) as usize..piece.len()));
             }
         }
         pieces.insert(start, data);
@@ -64,14 +113,11 @@ pub fn final_writes(records: impl IntoIterator<Item = (u64, Bytes)>, max_bytes: 
     join_neighbours(pieces, max_bytes)
 }
 
-/// Joins pieces that meet into writes of at most `max_bytes`; a piece
-/// longer than that is cut.
-fn join_neighbours(pieces: BTreeMap<u64, Bytes>, max_bytes: usize) -> Vec<(u64, Bytes)> {
-    let mut writes = Vec::new();
-    // The write being built: its start and its parts.
-    let mut run: Option<(u64, Vec<Bytes>, usize)> = None;
-    let flush = |run: &mut Option<(u64, Vec<Bytes>, usize)>, writes: &mut Vec<(u64, Bytes)>| {
-        if let Some((at, parts, _)) = run.take() {
+/// [`final_pieces`] of bytes in memory, each write's pieces joined.
+pub fn final_writes(records: impl IntoIterator<Item = (u64, Bytes)>, max_bytes: usize) -> Vec<(u64, Bytes)> {
+    final_pieces(records, max_bytes)
+        .into_iter()
+        .map(|(at, parts)| {
             let data = if parts.len() == 1 {
                 parts.into_iter().next().unwrap_or_default()
             } else {
@@ -79,25 +125,37 @@ fn join_neighbours(pieces: BTreeMap<u64, Bytes>, max_bytes: usize) -> Vec<(u64, 
                 parts.iter().for_each(|p| joined.extend_from_slice(p));
                 joined.freeze()
             };
-            writes.push((at, data));
-        }
-    };
+            (at, data)
+        })
+        .collect()
+}
+
+/// Groups pieces that meet into writes of at most `max_bytes`; a piece
+/// longer than that is cut.
+fn join_neighbours<P: Piece>(pieces: BTreeMap<u64, P>, max_bytes: usize) -> Vec<(u64, Vec<P>)> {
+    let mut writes = Vec::new();
+    // The write being built: its start, its parts and their length.
+    let mut run: Option<(u64, Vec<P>, usize)> = None;
     for (mut at, mut piece) in pieces {
         while !piece.is_empty() {
             let meets = matches!(&run, Some((start, _, len)) if start + *len as u64 == at && *len < max_bytes);
             if !meets {
-                flush(&mut run, &mut writes);
+                if let Some((start, parts, _)) = run.take() {
+                    writes.push((start, parts));
+                }
                 run = Some((at, Vec::new(), 0));
             }
             let Some((_, parts, len)) = run.as_mut() else { break };
             let take = piece.len().min(max_bytes - *len);
-            parts.push(piece.slice(..take));
+            parts.push(piece.slice(0..take));
             *len += take;
-            piece = piece.slice(take..);
+            piece = piece.slice(take..piece.len());
             at += take as u64;
         }
     }
-    flush(&mut run, &mut writes);
+    if let Some((start, parts, _)) = run {
+        writes.push((start, parts));
+    }
     writes
 }
 
@@ -143,6 +201,24 @@ mod tests {
         let writes = final_writes(vec![record(7, 25, 5)], 10);
         let shape: Vec<_> = writes.iter().map(|(at, d)| (*at, d.len())).collect();
         assert_eq!(shape, vec![(7, 10), (17, 10), (27, 5)]);
+    }
+
+    /// Planned as spans of the records, then read: the same writes as
+    /// planned with the bytes in memory (what the replay sends from a
+    /// mirror file it never holds whole).
+    #[test]
+    fn spans_of_the_records_plan_the_same_writes_as_their_bytes() {
+        let records =
+            vec![record(0, 100, 1), record(50, 100, 2), record(20, 10, 3), record(140, 20, 4), record(400, 70, 5)];
+        let spans = records.iter().enumerate().map(|(i, (at, d))| (*at, Span { record: i, skip: 0, len: d.len() }));
+        let read = |s: &Span| records[s.record].1.slice(s.skip..s.skip + s.len);
+        for max in [1, 7, 30, 64, 1 << 20] {
+            let planned: Vec<(u64, Bytes)> = final_pieces(spans.clone(), max)
+                .into_iter()
+                .map(|(at, parts)| (at, parts.iter().flat_map(|s| read(s).to_vec()).collect::<Vec<u8>>().into()))
+                .collect();
+            assert_eq!(planned, final_writes(records.clone(), max), "max {max}");
+        }
     }
 
     /// Against the ordered replay, on random records (a small xorshift: no

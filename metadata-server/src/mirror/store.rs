@@ -243,16 +243,35 @@ pub struct HeldMirror {
     pub records: Vec<HeldWrite>,
 }
 
-/// Reads what `volume`'s mirror file at `path` holds (nothing when there is
-/// no file).
-pub fn read_held(path: &Path, volume: VolumeId) -> Result<HeldMirror, StoreError> {
+/// What a mirror file holds, by position: its generation and where each
+/// live record is, in order — not the data. A replay holds only this in
+/// memory and reads each write's bytes as it sends it
+/// ([`HeldIndex::read`]): a full 1 GiB mirror (or ten of them, replayed at
+/// once after a host with ten cached volumes died) would otherwise be read
+/// into the server's memory whole.
+#[derive(Debug, Default)]
+pub struct HeldIndex {
+    pub generation: Option<u64>,
+    /// Volume offset and length of each record, oldest first.
+    pub records: Vec<(u64, usize)>,
+    /// Where each record's data starts in the file.
+    data_pos: Vec<u64>,
+    file: Option<File>,
+    name: String,
+}
+
+/// Reads `volume`'s mirror file at `path` (nothing when there is no file),
+/// keeping only where the records are. The scan checks every record's data
+/// against its checksum: a damaged record fails the whole replay before
+/// anything is written, as it always has.
+pub fn read_index(path: &Path, volume: VolumeId) -> Result<HeldIndex, StoreError> {
     let file = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HeldMirror::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HeldIndex::default()),
         Err(e) => return Err(io(path, "open")(e)),
     };
     if file.metadata().map_err(io(path, "stat"))?.len() == 0 {
-        return Ok(HeldMirror::default());
+        return Ok(HeldIndex::default());
     }
     let name = path.display().to_string();
     let mut header = [0u8; GENERATION_HEADER_BYTES];
@@ -265,15 +284,63 @@ pub fn read_held(path: &Path, volume: VolumeId) -> Result<HeldMirror, StoreError
     if log.superblock.volume != volume {
         return Err(StoreError::OtherVolume { path: name, found: log.superblock.volume, expected: volume });
     }
-    if log.records.is_empty() {
-        return Ok(HeldMirror { generation, records: Vec::new() });
-    }
-    let mut out = Vec::with_capacity(log.records.len());
+    let mut index = HeldIndex { generation, name, ..HeldIndex::default() };
     for record in &log.records {
-        let data = volume_format::cache_log::read_record(&file, &name, record)?;
-        out.push((record.header.offset, data));
+        index.records.push((record.header.offset, record.header.length as usize));
+        index.data_pos.push(record.pos + volume_format::cache_log::RECORD_HEADER_BYTES as u64);
     }
-    Ok(HeldMirror { generation, records: out })
+    index.file = Some(file);
+    Ok(index)
+}
+
+impl HeldIndex {
+    /// The bytes of `spans` (parts of this index's records), one after the
+    /// other. Blocking.
+    pub fn read(&self, spans: &[super::replay::Span]) -> Result<Vec<u8>, StoreError> {
+        use volume_format::cache_log::LogSource;
+        let file = self.file.as_ref().ok_or_else(|| StoreError::Io {
+            path: self.name.clone(),
+            what: "read",
+            source: std::io::Error::other("the mirror holds no records"),
+        })?;
+        let mut out = vec![0u8; spans.iter().map(|s| s.len).sum()];
+        let mut at = 0;
+        for span in spans {
+            let (Some(pos), Some(&(_, len))) = (self.data_pos.get(span.record), self.records.get(span.record)) else {
+                return Err(StoreError::Io {
+                    path: self.name.clone(),
+                    what: "read",
+                    source: std::io::Error::other(format!("no record {} in the index", span.record)),
+                });
+            };
+            if span.skip + span.len > len {
+                return Err(StoreError::Io {
+                    path: self.name.clone(),
+                    what: "read",
+                    source: std::io::Error::other(format!(
+                        "bytes {}+{} past record {}",
+                        span.skip, span.len, span.record
+                    )),
+                });
+            }
+            LogSource::read_at(file, pos + span.skip as u64, &mut out[at..at + span.len])
+                .map_err(|source| StoreError::Io { path: self.name.clone(), what: "read", source })?;
+            at += span.len;
+        }
+        Ok(out)
+    }
+}
+
+/// Reads what `volume`'s mirror file at `path` holds, data and all (nothing
+/// when there is no file): for tests and small mirrors; a replay reads
+/// [`read_index`].
+pub fn read_held(path: &Path, volume: VolumeId) -> Result<HeldMirror, StoreError> {
+    let index = read_index(path, volume)?;
+    let mut records = Vec::with_capacity(index.records.len());
+    for (i, &(offset, len)) in index.records.iter().enumerate() {
+        records.push((offset, index.read(&[super::replay::Span { record: i, skip: 0, len }])?));
+    }
+    Ok(HeldMirror { generation: index.generation, records })
 }
 
 /// Removes a volume's mirror file (the volume has no cache any more, or

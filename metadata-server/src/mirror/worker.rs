@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use blockio::IoError;
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -18,7 +19,7 @@ use volume_format::metadata::CacheMirrorRecord;
 use volume_format::VolumeId;
 
 use super::lane::Lanes;
-use super::replay;
+use super::replay::{self, Span};
 use super::store::{self, StoreError, VolumeMirror};
 use super::{MirrorOp, MirrorReply, MirrorWork, MIRROR_QUEUED_MAX};
 use crate::server::metrics;
@@ -254,7 +255,7 @@ impl Worker {
         let path = store::mirror_path(&self.dir, self.volume);
         let volume = self.volume;
         let read_path = path.clone();
-        let (_, held) = blocking(move || (None::<VolumeMirror>, store::read_held(&read_path, volume))).await;
+        let (_, held) = blocking(move || (None::<VolumeMirror>, store::read_index(&read_path, volume))).await;
         let held = held.map_err(|e| {
             metrics::replay_unreadable();
             ControlError::new(
@@ -283,9 +284,12 @@ impl Worker {
             }
         }
         let count = held.records.len();
-        let records = held.records.into_iter().map(|(offset, data)| (offset, Bytes::from(data)));
-        let writes = replay::final_writes(records, replay::REPLAY_WRITE_BYTES_MAX);
+        let spans =
+            held.records.iter().enumerate().map(|(record, &(offset, len))| (offset, Span { record, skip: 0, len }));
+        let writes = replay::final_pieces(spans, replay::REPLAY_WRITE_BYTES_MAX);
         let total = writes.len();
+        let generation = held.generation;
+        let held = Arc::new(held);
         if count == 0 {
             return Ok(());
         }
@@ -293,9 +297,18 @@ impl Worker {
         info!(volume = %volume, records = count, writes = total, "replaying the cache mirror to the devices");
         let counted = metrics::Replay::start();
         let mut sent = futures::stream::iter(writes)
-            .map(|(offset, data)| {
-                let len = data.len() as u64;
-                async move { devices.write_live(meta, volume, offset, data).await.map(|()| len) }
+            .map(|(offset, parts)| {
+                let held = held.clone();
+                async move {
+                    // Read from the file as it is sent: at most the writes
+                    // in flight are in memory.
+                    let data = tokio::task::spawn_blocking(move || held.read(&parts))
+                        .await
+                        .map_err(|e| IoError::io(format!("reading the mirror file: {e}")))?
+                        .map_err(|e| IoError::io(e.to_string()))?;
+                    let len = data.len() as u64;
+                    devices.write_live(meta, volume, offset, Bytes::from(data)).await.map(|()| len)
+                }
             })
             .buffer_unordered(replay::REPLAY_WRITES_IN_FLIGHT);
         let (mut done, mut bytes) = (0, 0);
@@ -318,7 +331,7 @@ impl Worker {
         }
         // Everything is on the devices (each write with FUA).
         counted.done(bytes, true);
-        info!(volume = %volume, records = count, writes = total, generation = ?held.generation, "cache mirror replayed to the devices");
+        info!(volume = %volume, records = count, writes = total, generation = ?generation, "cache mirror replayed to the devices");
         Ok(())
     }
 }
