@@ -677,6 +677,18 @@ async fn an_attach_waits_for_a_replay_longer_than_the_request_timeout() {
     let during = scrape(&metrics);
     assert_eq!(must(&during, "sanvol_mds_cache_replays_running", &[]), 1.0, "the replay is shown while it runs");
     assert_eq!(must(&during, "sanvol_mds_cache_replays_total", &[("result", "ok")]), 0.0);
+    // `sanvol volume show` answers at once meanwhile (it used to wait for
+    // the replay and fail after the request timeout), with what the
+    // replay writes.
+    let asked = std::time::Instant::now();
+    let shown = rig.stack.sanvol_json(&["volume", "show", "db"]);
+    let took = asked.elapsed();
+    assert!(took < std::time::Duration::from_secs(5), "volume show took {took:?} during the replay");
+    assert_eq!(shown["cache"]["mirroring"], false, "{shown}");
+    let held = shown["cache"]["held_records"].as_u64().unwrap_or_default();
+    assert!(held as usize >= missing, "volume show during the replay: {held} records held, {missing} missing: {shown}");
+    let text = rig.stack.sanvol_ok(&["volume", "show", "db"]);
+    assert!(text.contains("the server is writing them there now"), "{text}");
     let (out, answered) = tokio::task::spawn_blocking(move || attach.join().unwrap()).await.unwrap();
     assert!(
         out.status.success(),

@@ -168,7 +168,13 @@ mod tests {
     /// A worker of `VOLUME` with its mirror started, reachable by the lane.
     async fn started(dir: &std::path::Path) -> Arc<Lanes> {
         let lanes = Lanes::new(None);
-        let worker = super::super::worker::spawn(dir.to_path_buf(), DeviceClients::default(), VOLUME, lanes.clone());
+        let worker = super::super::worker::spawn(
+            dir.to_path_buf(),
+            DeviceClients::default(),
+            VOLUME,
+            lanes.clone(),
+            Default::default(),
+        );
         let (tx, rx) = oneshot::channel();
         let cache = VolumeCache { volume: VOLUME, size_bytes: 1 << 20, mode: CacheMode::Mirrored };
         let op = MirrorOp::Open { cache, generation: 1 };

@@ -121,6 +121,44 @@ pub struct MirrorWork {
     pub reply: MirrorReply,
 }
 
+/// A volume's replay as it runs, shared by its worker (which writes it)
+/// and [`Mirrors`] (which reads it): a worker busy replaying answers
+/// nothing else until it is done — possibly many minutes behind slow
+/// devices — and `sanvol volume show` must not wait for that.
+#[derive(Debug, Default)]
+pub struct ReplayProgress {
+    running: std::sync::atomic::AtomicBool,
+    records: std::sync::atomic::AtomicU64,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl ReplayProgress {
+    /// A replay of `records` records of `bytes` in all started.
+    pub fn started(&self, records: u64, bytes: u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.records.store(records, SeqCst);
+        self.bytes.store(bytes, SeqCst);
+        self.running.store(true, SeqCst);
+    }
+
+    pub fn ended(&self) {
+        self.running.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// `known` as a replay shows it: not mirroring, holding what it
+    /// writes; `None` when no replay runs.
+    fn status(&self, mut known: CacheStateInfo) -> Option<CacheStateInfo> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if !self.running.load(SeqCst) {
+            return None;
+        }
+        known.mirroring = false;
+        known.held_records = self.records.load(SeqCst);
+        known.held_bytes = self.bytes.load(SeqCst);
+        Some(known)
+    }
+}
+
 /// The per-volume workers, as the owner's shell holds them.
 pub struct Mirrors {
     dir: PathBuf,
@@ -128,20 +166,31 @@ pub struct Mirrors {
     devices: DeviceClients,
     /// The workers and the published holders, shared with the sessions.
     lanes: Arc<lane::Lanes>,
+    /// Each worker's replay, as it runs.
+    replays: std::collections::HashMap<VolumeId, Arc<ReplayProgress>>,
 }
 
 impl Mirrors {
     pub fn new(dir: PathBuf, devices: DeviceClients, lanes: Arc<lane::Lanes>) -> Mirrors {
-        Mirrors { dir, devices, lanes }
+        Mirrors { dir, devices, lanes, replays: Default::default() }
     }
 
     /// Queues `work` for `volume`'s worker (started on first use). Never
-    /// waits: a full queue answers "retry".
+    /// waits: a full queue answers "retry". A status asked while the worker
+    /// replays is answered here, at once ([`ReplayProgress`]).
     pub fn send(&mut self, volume: VolumeId, work: MirrorWork) {
+        let progress = self.replays.entry(volume).or_default().clone();
+        let work = match work.op {
+            MirrorOp::Status { known } => match progress.status(known.clone()) {
+                Some(replaying) => return work.reply.send(Ok(Response::VolumeCacheState(replaying))),
+                None => MirrorWork { op: MirrorOp::Status { known }, reply: work.reply },
+            },
+            _ => work,
+        };
         let mut workers = self.lanes.workers.lock().unwrap_or_else(|e| e.into_inner());
-        let worker = workers
-            .entry(volume)
-            .or_insert_with(|| worker::spawn(self.dir.clone(), self.devices.clone(), volume, self.lanes.clone()));
+        let worker = workers.entry(volume).or_insert_with(|| {
+            worker::spawn(self.dir.clone(), self.devices.clone(), volume, self.lanes.clone(), progress)
+        });
         match worker.try_send(work) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(work)) => {

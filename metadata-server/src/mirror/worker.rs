@@ -21,14 +21,20 @@ use volume_format::VolumeId;
 use super::lane::Lanes;
 use super::replay::{self, Span};
 use super::store::{self, StoreError, VolumeMirror};
-use super::{MirrorOp, MirrorReply, MirrorWork, MIRROR_QUEUED_MAX};
+use super::{MirrorOp, MirrorReply, MirrorWork, ReplayProgress, MIRROR_QUEUED_MAX};
 use crate::server::metrics;
 use crate::server::snapshot_io::DeviceClients;
 
 /// Starts `volume`'s worker; it ends when the sender is dropped.
-pub fn spawn(dir: PathBuf, devices: DeviceClients, volume: VolumeId, lanes: Arc<Lanes>) -> mpsc::Sender<MirrorWork> {
+pub fn spawn(
+    dir: PathBuf,
+    devices: DeviceClients,
+    volume: VolumeId,
+    lanes: Arc<Lanes>,
+    progress: Arc<ReplayProgress>,
+) -> mpsc::Sender<MirrorWork> {
     let (tx, rx) = mpsc::channel(MIRROR_QUEUED_MAX);
-    tokio::spawn(Worker { dir, devices, volume, lanes, mirror: None, waiting: VecDeque::new() }.run(rx));
+    tokio::spawn(Worker { dir, devices, volume, lanes, progress, mirror: None, waiting: VecDeque::new() }.run(rx));
     tx
 }
 
@@ -45,6 +51,8 @@ struct Worker {
     volume: VolumeId,
     /// What the owner published: checked for every lane request.
     lanes: Arc<Lanes>,
+    /// This worker's replay, for status requests while it runs.
+    progress: Arc<ReplayProgress>,
     mirror: Option<VolumeMirror>,
     /// Appends in arrival order; only the first may be partly done.
     waiting: VecDeque<Pending>,
@@ -296,6 +304,10 @@ impl Worker {
         // Opens (and snapshots) of the volume wait for it: say so.
         info!(volume = %volume, records = count, writes = total, "replaying the cache mirror to the devices");
         let counted = metrics::Replay::start();
+        let record_bytes = held.records.iter().map(|&(_, len)| len as u64).sum();
+        self.progress.started(count as u64, record_bytes);
+        let _shown = Shown(&self.progress);
+        let mut said = tokio::time::Instant::now();
         let mut sent = futures::stream::iter(writes)
             .map(|(offset, parts)| {
                 let held = held.clone();
@@ -328,11 +340,27 @@ impl Worker {
                 }
             }
             done += 1;
+            if said.elapsed() >= REPLAY_PROGRESS_EVERY {
+                said = tokio::time::Instant::now();
+                info!(volume = %volume, done, writes = total, "replaying the cache mirror to the devices");
+            }
         }
         // Everything is on the devices (each write with FUA).
         counted.done(bytes, true);
         info!(volume = %volume, records = count, writes = total, generation = ?generation, "cache mirror replayed to the devices");
         Ok(())
+    }
+}
+
+/// How often a long replay logs how far it got.
+const REPLAY_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Marks the replay ended when dropped (done, failed or cut short).
+struct Shown<'a>(&'a ReplayProgress);
+
+impl Drop for Shown<'_> {
+    fn drop(&mut self) {
+        self.0.ended();
     }
 }
 

@@ -625,6 +625,17 @@ impl CacheStateInfo {
         let Some(cache) = &self.cache else { return "none".into() };
         let setting = format!("{} of {} bytes", cache.mode, cache.size_bytes);
         match (&self.holder, self.mirroring) {
+            (None, _) if self.held_records > 0 => format!(
+                "{setting}; no holder; {} bytes ({} writes) its last holder acknowledged are in the mirror, not yet \
+                 on the devices: {}",
+                self.held_bytes,
+                self.held_records,
+                if self.mirroring {
+                    "the next open or snapshot of the volume writes them there first"
+                } else {
+                    "the server is writing them there now (opens and snapshots of the volume wait for it)"
+                }
+            ),
             (None, _) => format!("{setting}; no holder"),
             (Some(holder), true) => format!(
                 "{setting}; holder {holder}: mirrored, {} bytes held ({} writes the holder has not released yet)",
@@ -939,5 +950,29 @@ mod state_text {
             None if text == "resyncing" => Ok(DeviceState::Resyncing { since_unix_secs: 0 }),
             None => Err(serde::de::Error::custom(format!("unknown device state {text:?}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `sanvol volume show`'s cache line with no holder: nothing held, held
+    /// and waiting for the next open, held and being replayed.
+    #[test]
+    fn a_cache_with_no_holder_says_what_its_mirror_still_holds() {
+        let cache = VolumeCache { volume: VolumeId(1), size_bytes: 1 << 20, mode: CacheMode::Mirrored };
+        let state = |mirroring, held_records, held_bytes| CacheStateInfo {
+            cache: Some(cache),
+            holder: None,
+            mirroring,
+            held_records,
+            held_bytes,
+        };
+        assert_eq!(state(true, 0, 0).summary(), "mirrored of 1048576 bytes; no holder");
+        let waiting = state(true, 3, 12288).summary();
+        assert!(waiting.contains("12288 bytes (3 writes)") && waiting.contains("the next open"), "{waiting}");
+        let replaying = state(false, 3, 12288).summary();
+        assert!(replaying.contains("writing them there now"), "{replaying}");
     }
 }
