@@ -306,7 +306,7 @@ impl Worker {
         let counted = metrics::Replay::start();
         let record_bytes = held.records.iter().map(|&(_, len)| len as u64).sum();
         self.progress.started(count as u64, record_bytes);
-        let _shown = Shown(&self.progress);
+        let _running = ReplayRunning(&self.progress);
         let mut said = tokio::time::Instant::now();
         let mut sent = futures::stream::iter(writes)
             .map(|(offset, parts)| {
@@ -342,7 +342,7 @@ impl Worker {
             done += 1;
             if said.elapsed() >= REPLAY_PROGRESS_EVERY {
                 said = tokio::time::Instant::now();
-                info!(volume = %volume, done, writes = total, "replaying the cache mirror to the devices");
+                info!(volume = %volume, done, writes = total, "cache mirror replay in progress");
             }
         }
         // Everything is on the devices (each write with FUA).
@@ -356,9 +356,9 @@ impl Worker {
 const REPLAY_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Marks the replay ended when dropped (done, failed or cut short).
-struct Shown<'a>(&'a ReplayProgress);
+struct ReplayRunning<'a>(&'a ReplayProgress);
 
-impl Drop for Shown<'_> {
+impl Drop for ReplayRunning<'_> {
     fn drop(&mut self) {
         self.0.ended();
     }
