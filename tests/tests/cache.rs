@@ -668,11 +668,8 @@ async fn an_attach_waits_for_a_replay_longer_than_the_request_timeout() {
     let rig = MirrorRig::build(1000, Some(500), |stack| {
         stack.mds_config_extra.push("metrics_addr = \"127.0.0.1:0\"".into());
     });
-    rig.stack.authorize_agent("agent-b");
     let metrics = metrics_addr(rig.stack.mds.as_ref().unwrap());
-    let missing = kill_9_before_a_long_replay(&rig).await;
-    let b = Arc::new(rig.stack.restart_agent("agent-b"));
-    let (attach, _) = attach_past_the_dead_holder(&b);
+    let (b, attach, _, missing) = attach_after_a_long_replay_kill(&rig).await;
     wait_for_the_replay_to_start(&rig.stack);
     let during = scrape(&metrics);
     assert_eq!(must(&during, "sanvol_mds_cache_replays_running", &[]), 1.0, "the replay is shown while it runs");
@@ -869,6 +866,25 @@ fn attach_past_the_dead_holder(
     (attach, latest)
 }
 
+/// The long-replay set-up: agent-b authorized, the cached holder killed
+/// ([`kill_9_before_a_long_replay`]: how many writes the device lacked),
+/// agent-b started, and its attach of `db` running in the background
+/// ([`attach_past_the_dead_holder`]).
+async fn attach_after_a_long_replay_kill(
+    rig: &MirrorRig,
+) -> (
+    Arc<sanvol_tests::system::Agent>,
+    std::thread::JoinHandle<Attempt>,
+    Arc<std::sync::Mutex<std::time::Instant>>,
+    usize,
+) {
+    rig.stack.authorize_agent("agent-b");
+    let missing = kill_9_before_a_long_replay(rig).await;
+    let b = Arc::new(rig.stack.restart_agent("agent-b"));
+    let (attach, latest) = attach_past_the_dead_holder(&b);
+    (b, attach, latest, missing)
+}
+
 /// The attach of `db` on `b`, retried while a holder refuses it (a closing
 /// handle); panics after `limit`, with the refusals.
 async fn attach_once_free(
@@ -906,10 +922,7 @@ async fn attach_once_free(
 async fn an_attach_given_up_on_a_stopped_server_leaves_no_handle_behind() {
     let rig = MirrorRig::new();
     let stack = &rig.stack;
-    stack.authorize_agent("agent-b");
-    kill_9_before_a_long_replay(&rig).await;
-    let b = Arc::new(stack.restart_agent("agent-b"));
-    let (attach, _) = attach_past_the_dead_holder(&b);
+    let (b, attach, _, _) = attach_after_a_long_replay_kill(&rig).await;
     stop_the_server_in_its_replay(stack);
     let (out, took) = tokio::task::spawn_blocking(move || attach.join().unwrap()).await.unwrap();
     stack.mds.as_ref().unwrap().signal(libc::SIGCONT);
@@ -954,10 +967,7 @@ async fn an_attach_given_up_on_a_stopped_server_leaves_no_handle_behind() {
 async fn a_handle_opened_after_the_attach_gave_up_is_closed_by_the_agent() {
     let rig = MirrorRig::new();
     let stack = &rig.stack;
-    stack.authorize_agent("agent-b");
-    kill_9_before_a_long_replay(&rig).await;
-    let b = Arc::new(stack.restart_agent("agent-b"));
-    let (attach, latest) = attach_past_the_dead_holder(&b);
+    let (b, attach, latest, _) = attach_after_a_long_replay_kill(&rig).await;
     wait_for_the_replay_to_start(stack);
     // The replay takes LONG_REPLAY_WRITES × 0.1 s = 40 s; the open was sent
     // after the latest attempt started. Stop the server once the attach's

@@ -10,7 +10,7 @@
 //! 4 KiB writes behind a 1 ms array would take over four minutes. Order
 //! matters only where records overlap, and there the later one wins; so the
 //! replay computes what the records leave, byte for byte, with the later
-//! record on top ([`final_writes`]), joins neighbours into writes of up to
+//! record on top ([`final_pieces`]), joins neighbours into writes of up to
 //! [`REPLAY_WRITE_BYTES_MAX`], and sends up to [`REPLAY_WRITES_IN_FLIGHT`]
 //! of them at a time (`super::worker`). The writes are disjoint, so the
 //! order in which they land changes nothing.
@@ -31,15 +31,13 @@
 
 use std::collections::BTreeMap;
 
-use bytes::{Bytes, BytesMut};
-
 /// Largest write a replay sends (neighbouring records are joined up to it).
 pub const REPLAY_WRITE_BYTES_MAX: usize = 1 << 20;
 /// Replay writes sent before the first answer is awaited.
 pub const REPLAY_WRITES_IN_FLIGHT: usize = 32;
 
-/// Bytes a replay handles: the bytes themselves ([`Bytes`]), or where they
-/// are in a mirror file ([`Span`]). A piece can be cut.
+/// Bytes a replay plans with: where they are in a mirror file ([`Span`]);
+/// the tests plan with the bytes themselves. A piece can be cut.
 pub trait Piece: Sized {
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
@@ -47,15 +45,6 @@ pub trait Piece: Sized {
     }
     /// Bytes `range` of it.
     fn slice(&self, range: std::ops::Range<usize>) -> Self;
-}
-
-impl Piece for Bytes {
-    fn len(&self) -> usize {
-        Bytes::len(self)
-    }
-    fn slice(&self, range: std::ops::Range<usize>) -> Bytes {
-        Bytes::slice(self, range)
-    }
 }
 
 /// `len` bytes from `skip` into record `record` (its index in the
@@ -113,23 +102,6 @@ pub fn final_pieces<P: Piece>(records: impl IntoIterator<Item = (u64, P)>, max_b
     join_neighbours(pieces, max_bytes)
 }
 
-/// [`final_pieces`] of bytes in memory, each write's pieces joined.
-pub fn final_writes(records: impl IntoIterator<Item = (u64, Bytes)>, max_bytes: usize) -> Vec<(u64, Bytes)> {
-    final_pieces(records, max_bytes)
-        .into_iter()
-        .map(|(at, parts)| {
-            let data = if parts.len() == 1 {
-                parts.into_iter().next().unwrap_or_default()
-            } else {
-                let mut joined = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
-                parts.iter().for_each(|p| joined.extend_from_slice(p));
-                joined.freeze()
-            };
-            (at, data)
-        })
-        .collect()
-}
-
 /// Groups pieces that meet into writes of at most `max_bytes`; a piece
 /// longer than that is cut.
 fn join_neighbours<P: Piece>(pieces: BTreeMap<u64, P>, max_bytes: usize) -> Vec<(u64, Vec<P>)> {
@@ -162,6 +134,33 @@ fn join_neighbours<P: Piece>(pieces: BTreeMap<u64, P>, max_bytes: usize) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+
+    impl Piece for Bytes {
+        fn len(&self) -> usize {
+            Bytes::len(self)
+        }
+        fn slice(&self, range: std::ops::Range<usize>) -> Bytes {
+            Bytes::slice(self, range)
+        }
+    }
+
+    /// [`final_pieces`] of bytes in memory, each write's pieces joined.
+    fn final_writes(records: impl IntoIterator<Item = (u64, Bytes)>, max_bytes: usize) -> Vec<(u64, Bytes)> {
+        final_pieces(records, max_bytes)
+            .into_iter()
+            .map(|(at, parts)| {
+                let data = if parts.len() == 1 {
+                    parts.into_iter().next().unwrap_or_default()
+                } else {
+                    let mut joined = bytes::BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
+                    parts.iter().for_each(|p| joined.extend_from_slice(p));
+                    joined.freeze()
+                };
+                (at, data)
+            })
+            .collect()
+    }
 
     fn record(at: u64, len: usize, fill: u8) -> (u64, Bytes) {
         (at, Bytes::from(vec![fill; len]))

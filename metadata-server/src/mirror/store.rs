@@ -231,18 +231,6 @@ impl VolumeMirror {
     }
 }
 
-/// A held write: its volume offset and data.
-pub type HeldWrite = (u64, Vec<u8>);
-
-/// What a mirror file holds: its generation (`None`: a file of a release
-/// before generations, or never finished) and its records in order (what
-/// a replay writes; empty when there is no file or it holds none).
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct HeldMirror {
-    pub generation: Option<u64>,
-    pub records: Vec<HeldWrite>,
-}
-
 /// What a mirror file holds, by position: its generation and where each
 /// live record is, in order — not the data. A replay holds only this in
 /// memory and reads each write's bytes as it sends it
@@ -331,18 +319,6 @@ impl HeldIndex {
     }
 }
 
-/// Reads what `volume`'s mirror file at `path` holds, data and all (nothing
-/// when there is no file): for tests and small mirrors; a replay reads
-/// [`read_index`].
-pub fn read_held(path: &Path, volume: VolumeId) -> Result<HeldMirror, StoreError> {
-    let index = read_index(path, volume)?;
-    let mut records = Vec::with_capacity(index.records.len());
-    for (i, &(offset, len)) in index.records.iter().enumerate() {
-        records.push((offset, index.read(&[super::replay::Span { record: i, skip: 0, len }])?));
-    }
-    Ok(HeldMirror { generation: index.generation, records })
-}
-
 /// Removes a volume's mirror file (the volume has no cache any more, or
 /// was deleted); a missing file is fine.
 pub fn remove(path: &Path) -> Result<(), StoreError> {
@@ -356,6 +332,29 @@ pub fn remove(path: &Path) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A held write: its volume offset and data.
+    type HeldWrite = (u64, Vec<u8>);
+
+    /// What a mirror file holds: its generation (`None`: a file of a release
+    /// before generations, or never finished) and its records in order (what
+    /// a replay writes; empty when there is no file or it holds none).
+    #[derive(Debug, Default, PartialEq, Eq)]
+    struct HeldMirror {
+        generation: Option<u64>,
+        records: Vec<HeldWrite>,
+    }
+
+    /// Reads what `volume`'s mirror file at `path` holds, data and all (nothing
+    /// when there is no file), through [`read_index`] as a replay does.
+    fn read_held(path: &Path, volume: VolumeId) -> Result<HeldMirror, StoreError> {
+        let index = read_index(path, volume)?;
+        let mut records = Vec::with_capacity(index.records.len());
+        for (i, &(offset, len)) in index.records.iter().enumerate() {
+            records.push((offset, index.read(&[super::super::replay::Span { record: i, skip: 0, len }])?));
+        }
+        Ok(HeldMirror { generation: index.generation, records })
+    }
 
     const LOG_BYTES: u64 = 1 << 20;
 

@@ -45,16 +45,18 @@ fn gauge_vec(name: &str, help: &str, label: &str) -> IntGaugeVec {
     register(IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric declaration"))
 }
 
+fn counter_vec(name: &str, help: &str, label: &str) -> IntCounterVec {
+    register(IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric declaration"))
+}
+
 static SESSIONS: LazyLock<IntGauge> = LazyLock::new(|| gauge("sanvol_mds_sessions", "Authenticated control sessions"));
 static HANDLES: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     gauge_vec("sanvol_mds_handles", "Open handles: held by a session, or detached (waiting for a resume)", "state")
 });
 static GRACE: LazyLock<IntGauge> =
     LazyLock::new(|| gauge("sanvol_mds_grace_period_active", "1 while only resumes are served after a restart"));
-static COMMITS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    let opts = Opts::new("sanvol_mds_commits_total", "Metadata commits, by result (ok, failed)");
-    register(IntCounterVec::new(opts, &["result"]).expect("valid metric declaration"))
-});
+static COMMITS: LazyLock<IntCounterVec> =
+    LazyLock::new(|| counter_vec("sanvol_mds_commits_total", "Metadata commits, by result (ok, failed)", "result"));
 static COMMIT_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     let opts = HistogramOpts::new("sanvol_mds_commit_seconds", "Time to write a commit to every metadata copy")
         .buckets(COMMIT_SECONDS_BUCKETS.to_vec());
@@ -78,11 +80,11 @@ static REPLAYS_RUNNING: LazyLock<IntGauge> = LazyLock::new(|| {
     )
 });
 static REPLAYS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    let opts = Opts::new(
+    counter_vec(
         "sanvol_mds_cache_replays_total",
         "Replays of cache mirrors that held writes, by result (ok, failed)",
-    );
-    register(IntCounterVec::new(opts, &["result"]).expect("valid metric declaration"))
+        "result",
+    )
 });
 static REPLAY_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     let opts = HistogramOpts::new("sanvol_mds_cache_replay_seconds", "Time to write a cache mirror to the devices")
