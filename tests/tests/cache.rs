@@ -257,7 +257,13 @@ impl MirrorRig {
     /// With a second server (`mds-2`, standing by): each server keeps its
     /// mirrors in a directory of its own; agents and the CLI know both.
     fn with_standby() -> (MirrorRig, sanvol_tests::system::ServerProc) {
-        let rig = MirrorRig::build(1000, Some(500), |stack| {
+        MirrorRig::with_standby_durable(Some(500))
+    }
+
+    /// [`MirrorRig::with_standby`] with the servers' durable time (`None`:
+    /// their default, 30 s).
+    fn with_standby_durable(durable_ms: Option<u64>) -> (MirrorRig, sanvol_tests::system::ServerProc) {
+        let rig = MirrorRig::build(1000, durable_ms, |stack| {
             stack.mds_config_extra = vec!["cache_mirror_dir = \"mirror-1\"".into()];
         });
         let mut stack = rig.stack;
@@ -545,10 +551,16 @@ fn attach_cached(stack: &sanvol_tests::system::Stack, name: &str) -> (sanvol_tes
 
 /// `sanvol-agent list --json`: the entry of `db`.
 fn listed(agent: &sanvol_tests::system::Agent) -> serde_json::Value {
+    listed_if(agent).expect("db is listed")
+}
+
+/// [`listed`], `None` while `db` is not listed (a restarted agent that has
+/// not taken it back yet).
+fn listed_if(agent: &sanvol_tests::system::Agent) -> Option<serde_json::Value> {
     let out = agent.cli(&["list", "--json"]);
     assert!(out.status.success(), "list: {}", String::from_utf8_lossy(&out.stderr));
     let volumes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    volumes.as_array().unwrap().iter().find(|v| v["volume"] == "db").cloned().expect("db is listed")
+    volumes.as_array().unwrap().iter().find(|v| v["volume"] == "db").cloned()
 }
 
 /// Issue 15 as a user runs it: `sanvol volume cache`, then `sanvol-agent
@@ -1460,6 +1472,60 @@ async fn a_restarted_agent_takes_its_handle_back_and_replays_its_own_cache_log()
     }
     assert!(!stack.mds_log().contains("cache mirror replayed to the devices"), "{}", stack.mds_log());
     assert_eq!(listed(&a)["cache"]["state"], "mirrored", "{log}");
+}
+
+/// The active server and the holder both die (SIGKILL, the server first)
+/// while the server's mirror holds acknowledged writes the device lacks;
+/// the standby, which has no copy of that mirror, takes the pool over. The
+/// holder's own log is the other copy: restarted with its state, the agent
+/// takes its handle back at the standby, writes its log to the devices
+/// before it serves the volume, and mirrors afresh there. Then the device
+/// file, read directly, holds every acknowledged write; the standby
+/// replayed nothing; and after a clean detach another agent opens the
+/// volume with no refusal naming the dead server's mirror.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_holder_killed_with_the_active_server_takes_its_handle_back_at_the_standby_and_replays_its_own_log() {
+    let (mut rig, standby) = MirrorRig::with_standby_durable(None);
+    let (mut a, uri) = attach_cached(&rig.stack, "agent-a");
+    let client = Arc::new(NbdClient::connect(&uri, ClientOptions::default()).await.unwrap());
+    let (model, acked) = kill_in_the_fifth_round(client, || {
+        rig.stack.kill_mds();
+        a.proc.kill();
+    })
+    .await;
+    let lacking = check_device(&rig.volume_image(), &model, 4, &acked);
+    assert!(lacking.is_err(), "the device held every acknowledged round at the kills: the test proves nothing");
+
+    let a = rig.stack.restart_agent("agent-a");
+    let since = std::time::Instant::now();
+    while listed_if(&a).is_none_or(|db| db["cache"]["state"] != "mirrored") {
+        assert!(
+            since.elapsed() < std::time::Duration::from_secs(90),
+            "not mirrored at the standby:\n{}\n{}",
+            a.proc.log(),
+            standby.proc.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let log = a.proc.log();
+    assert!(log.contains("took back volume db"), "{log}");
+    assert!(log.contains("cache log replayed to the devices"), "{log}");
+    if let Err(e) = check_device(&rig.volume_image(), &model, 4, &acked) {
+        panic!("after the restarted holder replayed its log: {e}\nagent log:\n{log}");
+    }
+    let standby_log = standby.proc.log();
+    assert!(!standby_log.contains("cache mirror replayed to the devices"), "{standby_log}");
+    println!(
+        "the restarted holder mirrored again at the standby {:.1} s after its restart",
+        since.elapsed().as_secs_f64()
+    );
+
+    a.detach("db");
+    let b = attach_after_replay(&rig.stack, "agent-b").await;
+    assert!(listed(&b)["cache"]["state"] == "mirrored", "{}", b.proc.log());
+    if let Err(e) = check_device(&rig.volume_image(), &model, 4, &acked) {
+        panic!("after another agent opened the volume: {e}\n{}", rig.stack.all_logs(300));
+    }
 }
 
 /// Writes every slot of `round` and waits for all the acknowledgements.
