@@ -484,3 +484,89 @@ async fn a_damaged_mirror_record_refuses_the_open_and_nothing_is_replayed() {
         assert!(all(&leg, 0), "a record of the damaged mirror reached the devices");
     }
 }
+
+async fn stage(
+    client: &ControlClient,
+    handle: HandleId,
+    copy: u64,
+    records: Vec<MirrorRecord>,
+) -> Result<u64, ControlClientError> {
+    match client.request(Request::MirrorStage { handle, copy, records }).await? {
+        Response::Mirrored { upto_seq } => Ok(upto_seq),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Mirroring restarted with the holder's records (protocol 15). Records
+/// staged for the next generation are no replay's until a start adopts
+/// them; a start naming another attempt, or a count the staged file does
+/// not hold, is refused and changes nothing (the current generation stays
+/// the one a replay writes). Once adopted, the staged file is the
+/// generation's: the holder dies, and the next open writes exactly the
+/// staged records and the appends after them, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staged_records_become_the_mirror_only_when_mirroring_starts_with_them() {
+    let (pool, a, h) = holder_mirroring_db().await;
+    let admin = pool.admin().await;
+    let volume = h.description.volume;
+    // Generation 1 holds record 1.
+    assert_eq!(append(&a, h.handle, vec![record(1, 0, b'a', 4096)]).await.unwrap(), 1);
+    // Only the holder stages.
+    let (b, _b_events) = pool.connect(&pool.agent_b, Role::Agent, "host-b").await;
+    let e = stage(&b, h.handle, 7, vec![record(1, 0, b'x', 512)]).await.unwrap_err();
+    assert_eq!(code(e).0, ErrorCode::HandleBroken);
+    // Attempt 7: record 1 and a later one, in two requests.
+    assert_eq!(stage(&a, h.handle, 7, vec![record(1, 0, b'a', 4096)]).await.unwrap(), 1);
+    assert_eq!(stage(&a, h.handle, 7, vec![record(2, 8192, b'b', 4096)]).await.unwrap(), 2);
+    let show = |admin: &ControlClient| {
+        let admin = admin.clone();
+        async move {
+            match admin.request(Request::VolumeCacheShow { name: "db".into() }).await.unwrap() {
+                Response::VolumeCacheState(s) => s,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let before = show(&admin).await;
+    for (copy, records) in [(8, 2), (7, 3)] {
+        let e = a.request(Request::MirrorOpenStaged { handle: h.handle, copy, records }).await.unwrap_err();
+        let (code, message) = code(e);
+        assert_eq!(code, ErrorCode::Unavailable, "{message}");
+        assert!(message.contains("no whole staged copy"), "{message}");
+    }
+    let after = show(&admin).await;
+    assert_eq!((after.mirroring, after.held_records), (true, 1), "a refused start changed the mirror: {after:?}");
+    assert_eq!(before.held_records, 1);
+    // The refused starts committed no generation: appends still go on.
+    assert_eq!(append(&a, h.handle, vec![record(3, 16384, b'c', 4096)]).await.unwrap(), 3);
+    // Attempt 9 replaces attempt 7 (the records as the log now holds them).
+    assert_eq!(stage(&a, h.handle, 9, vec![record(1, 0, b'a', 4096)]).await.unwrap(), 1);
+    assert_eq!(
+        stage(&a, h.handle, 9, vec![record(2, 8192, b'b', 4096), record(3, 16384, b'c', 4096)]).await.unwrap(),
+        3
+    );
+    assert!(matches!(
+        a.request(Request::MirrorOpenStaged { handle: h.handle, copy: 9, records: 3 }).await.unwrap(),
+        Response::MirrorOpened { cache: Some(_) }
+    ));
+    let adopted = show(&admin).await;
+    assert_eq!((adopted.mirroring, adopted.held_records), (true, 3), "{adopted:?}");
+    assert!(!pool.config.cache_mirror_dir.join(format!("volume-{}.mirror.staged", volume.0)).exists());
+    // Appends go on after the staged records; a release frees the first.
+    assert_eq!(append(&a, h.handle, vec![record(4, 0, b'd', 512)]).await.unwrap(), 4);
+    a.request(Request::MirrorRelease { handle: h.handle, upto_seq: 2 }).await.unwrap();
+
+    // The holder dies: the next open writes records 3 and 4, not 1 or 2.
+    a.close().await;
+    let h2 = open_when_free(&b, "db").await;
+    for leg in read_legs(&pool, &h2.description, 0, 4096).await {
+        assert!(all(&leg[..512], b'd'), "record 4 replayed");
+        assert!(all(&leg[512..], 0), "record 1 was released: not replayed");
+    }
+    for leg in read_legs(&pool, &h2.description, 8192, 4096).await {
+        assert!(all(&leg, 0), "record 2 was released: not replayed");
+    }
+    for leg in read_legs(&pool, &h2.description, 16384, 4096).await {
+        assert!(all(&leg, b'c'), "record 3, staged, replayed");
+    }
+}

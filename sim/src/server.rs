@@ -722,7 +722,7 @@ impl ServerProc {
                 return self.apply(Input::JobDone { task, outcome }, env);
             }
             // Nor write-back caches (no volume has one in this world).
-            Job::MirrorReplay { .. } => {
+            Job::MirrorReplay { .. } | Job::MirrorStagedCheck { .. } => {
                 let outcome = JobOutcome::failed("cache mirrors are not simulated");
                 return self.apply(Input::JobDone { task, outcome }, env);
             }
@@ -945,6 +945,7 @@ fn describe_job(job: &Job) -> String {
         Job::Resync { copies, .. } => format!("resync {} extents", copies.len()),
         Job::LabelDevice(request) => format!("label device {}", request.uri),
         Job::MirrorReplay { volume, .. } => format!("replay the cache mirror of volume {volume}"),
+        Job::MirrorStagedCheck { volume, .. } => format!("check the staged cache mirror of volume {volume}"),
         Job::Fence { handles, .. } => format!("fence handles {handles:?} on fencing devices (none simulated)"),
         Job::Zero { targets, .. } => {
             format!("zero {} extents", targets.iter().map(|t| t.offsets.len()).sum::<usize>())

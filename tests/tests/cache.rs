@@ -645,9 +645,19 @@ fn long_replay_block(i: u64) -> Vec<u8> {
 /// The cached holder acknowledges the [`LONG_REPLAY_WRITES`] and is killed
 /// with SIGKILL; returns how many of them the device file lacked then.
 async fn kill_9_before_a_long_replay(rig: &MirrorRig) -> usize {
-    use futures::StreamExt;
     let (mut a, uri) = attach_cached(&rig.stack, "agent-a");
-    let client = Arc::new(NbdClient::connect(&uri, ClientOptions::default()).await.unwrap());
+    write_long_replay_blocks(&uri).await;
+    a.proc.kill();
+    let missing = long_replay_lost(|at| rig.device_bytes(at, 4096)).len();
+    assert!(missing > 300, "only {missing} acknowledged writes were missing on the device: the replay is too short");
+    missing
+}
+
+/// Writes the [`LONG_REPLAY_WRITES`] through the export at `uri`, 16 at a
+/// time, and waits until every one is acknowledged.
+async fn write_long_replay_blocks(uri: &NbdUri) {
+    use futures::StreamExt;
+    let client = Arc::new(NbdClient::connect(uri, ClientOptions::default()).await.unwrap());
     let writes = futures::stream::iter(0..LONG_REPLAY_WRITES).map(|i| {
         let client = client.clone();
         async move { client.write(i * LONG_REPLAY_STRIDE, Bytes::from(long_replay_block(i)), false).await }
@@ -655,10 +665,6 @@ async fn kill_9_before_a_long_replay(rig: &MirrorRig) -> usize {
     for result in writes.buffer_unordered(16).collect::<Vec<_>>().await {
         result.expect("a cached write is acknowledged");
     }
-    a.proc.kill();
-    let missing = long_replay_lost(|at| rig.device_bytes(at, 4096)).len();
-    assert!(missing > 300, "only {missing} acknowledged writes were missing on the device: the replay is too short");
-    missing
 }
 
 /// The long-replay writes that `read(offset)` does not return.
@@ -1526,6 +1532,55 @@ async fn the_holder_killed_with_the_active_server_takes_its_handle_back_at_the_s
     if let Err(e) = check_device(&rig.volume_image(), &model, 4, &acked) {
         panic!("after another agent opened the volume: {e}\n{}", rig.stack.all_logs(300));
     }
+}
+
+/// Mirroring restarts with what the holder's log holds (protocol 15): the
+/// active server is killed (SIGKILL) while the mirror holds
+/// [`LONG_REPLAY_WRITES`] unjoinable writes the 100 ms-per-write device
+/// lacks (about 40 s of destaging). The holder goes write-through, then
+/// mirrors again at the standby as soon as it takes over, with the records
+/// its log still holds: the device file must still lack some of them at
+/// that point (before, the holder destaged everything first). Then the
+/// holder is killed too: the standby's replay must put every acknowledged
+/// write on the device file, read directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_takeover_the_holder_mirrors_its_log_at_the_standby_at_once_and_the_standby_replays_it() {
+    use sanvol_tests::system::poll;
+    let (mut rig, standby) = MirrorRig::with_standby();
+    rig.stack.authorize_agent("agent-b");
+    let (mut a, uri) = attach_cached(&rig.stack, "agent-a");
+    write_long_replay_blocks(&uri).await;
+    rig.stack.kill_mds();
+    let killed = std::time::Instant::now();
+    let cache = |a: &sanvol_tests::system::Agent| listed(a)["cache"].clone();
+    let limit = std::time::Duration::from_secs(60);
+    poll("the cache to write through", limit, || (cache(&a)["state"] == "write-through").then_some(()));
+    poll("mirroring at the standby", limit, || (cache(&a)["state"] == "mirrored").then_some(()));
+    let mirrored_after = killed.elapsed();
+    let lacking = long_replay_lost(|at| rig.device_bytes(at, 4096)).len();
+    assert!(
+        lacking > 0,
+        "the device held every write when the holder mirrored again: it destaged everything first\n{}",
+        a.proc.log()
+    );
+    let standby_log = standby.proc.log();
+    assert!(standby_log.contains("cache mirror started with the holder's staged records"), "{standby_log}");
+
+    a.proc.kill();
+    let lacking_at_kill = long_replay_lost(|at| rig.device_bytes(at, 4096)).len();
+    assert!(lacking_at_kill > 0, "the device held every write at the holder's kill: the test proves nothing");
+    let b = rig.stack.restart_agent("agent-b");
+    attach_when_connected(&b, &rig.stack).await;
+    let standby_log = standby.proc.log();
+    let replayed = replayed_records(&standby_log)
+        .unwrap_or_else(|| panic!("the standby replayed no mirror before the attach:\n{standby_log}"));
+    let lost = long_replay_lost(|at| rig.device_bytes(at, 4096));
+    assert!(lost.is_empty(), "after the standby's replay the device file lacks writes {lost:?}\n{standby_log}");
+    println!(
+        "mirrored again at the standby {:.1} s after the server's kill, with {lacking} of {LONG_REPLAY_WRITES} writes \
+         not yet on the device; {lacking_at_kill} lacking at the holder's kill; the standby replayed {replayed} records",
+        mirrored_after.as_secs_f64()
+    );
 }
 
 /// Writes every slot of `round` and waits for all the acknowledgements.

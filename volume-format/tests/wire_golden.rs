@@ -182,6 +182,12 @@ samples!(requests, Request {
     MirrorForget => Request::MirrorForget { name: "db".into() },
     CacheReport => Request::CacheReport { handle: HandleId(5), report: holder_cache_report() },
     VolumeCacheReport => Request::VolumeCacheReport { name: "db".into() },
+    MirrorStage => Request::MirrorStage {
+        handle: HandleId(5),
+        copy: 0x0123_4567_89ab_cdef,
+        records: vec![MirrorRecord { seq: 3, offset: 4096, data: vec![1, 2, 3] }],
+    },
+    MirrorOpenStaged => Request::MirrorOpenStaged { handle: HandleId(5), copy: 0x0123_4567_89ab_cdef, records: 1 },
 });
 
 samples!(responses, Response {

@@ -10,7 +10,10 @@
 //! Appends and releases go only to the connection mirroring was started
 //! on: on any other (a reconnect, a handoff or takeover to another server,
 //! whose mirror never saw the earlier writes) they fail without being sent,
-//! so the cache writes through, destages, and starts mirroring afresh there.
+//! so the cache writes through and starts mirroring again there: with a
+//! server of protocol 15, with the log's records staged first
+//! (`MirrorStage`, then `MirrorOpenStaged` on the same connection);
+//! with an older one, empty, once it has destaged everything.
 //!
 //! Every request is bounded by [`MIRROR_REQUEST_TIMEOUT`]: a server that
 //! stops answering (stopped, partitioned) turns the cache write-through
@@ -39,6 +42,9 @@ pub struct ControlMirror {
     handle: HandleId,
     /// The connection mirroring was last started on.
     opened_on: Mutex<Option<u64>>,
+    /// The connection the records of a start with the log's records were
+    /// staged on, and the attempt: the start must go to the same one.
+    staged_on: Mutex<Option<(u64, u64)>>,
 }
 
 impl ControlMirror {
@@ -49,11 +55,15 @@ impl ControlMirror {
 
     /// Mirrors over whatever connection `client` returns at each request.
     pub fn with_source(client: ClientSource, handle: HandleId) -> ControlMirror {
-        ControlMirror { client, handle, opened_on: Mutex::new(None) }
+        ControlMirror { client, handle, opened_on: Mutex::new(None), staged_on: Mutex::new(None) }
     }
 
     fn opened_on(&self) -> std::sync::MutexGuard<'_, Option<u64>> {
         self.opened_on.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn staged_on(&self) -> std::sync::MutexGuard<'_, Option<(u64, u64)>> {
+        self.staged_on.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Sends an open on the current connection, and remembers it.
@@ -153,6 +163,50 @@ impl CacheMirror for ControlMirror {
         match self.call(Request::MirrorRelease { handle: self.handle, upto_seq }).await? {
             Response::Done => Ok(()),
             other => Err(format!("the metadata server answered MirrorRelease with {other:?}")),
+        }
+    }
+
+    fn still_mirroring(&self) -> Result<(), String> {
+        self.mirroring_client().map(|_| ())
+    }
+
+    /// With a server of protocol 15 or later on the current connection.
+    fn stages(&self) -> Option<bool> {
+        (self.client)().map(|(_, c)| c.session().version >= volume_format::control::MIRROR_STAGE_PROTOCOL_MIN)
+    }
+
+    async fn stage(&self, copy: u64, records: Vec<MirrorRecord>) -> Result<(), String> {
+        let (conn, client) = (self.client)().ok_or("not connected to the metadata server")?;
+        let last = records.last().map_or(0, |r| r.seq);
+        let staged_here = *self.staged_on() == Some((conn, copy));
+        if !staged_here {
+            // A new attempt, or the connection changed under this one: the
+            // server starts this attempt's staged file afresh.
+            *self.staged_on() = None;
+        }
+        let request = Request::MirrorStage { handle: self.handle, copy, records };
+        match client.request_with_timeout(request, MIRROR_REQUEST_TIMEOUT).await.map_err(|e| e.to_string())? {
+            Response::Mirrored { upto_seq } if upto_seq == last => {
+                *self.staged_on() = Some((conn, copy));
+                Ok(())
+            }
+            other => Err(format!("the metadata server answered MirrorStage with {other:?}")),
+        }
+    }
+
+    async fn open_staged(&self, copy: u64, records: u64) -> Result<(), String> {
+        let (conn, client) = (self.client)().ok_or("not connected to the metadata server")?;
+        if *self.staged_on() != Some((conn, copy)) {
+            return Err("the control connection changed while the cache's records were staged; staging again".into());
+        }
+        let request = Request::MirrorOpenStaged { handle: self.handle, copy, records };
+        let answer = client.request_with_timeout(request, MIRROR_REQUEST_TIMEOUT).await;
+        *self.staged_on() = None;
+        *self.opened_on() = answer.is_ok().then_some(conn);
+        match answer.map_err(|e| e.to_string())? {
+            Response::MirrorOpened { cache: Some(_) } => Ok(()),
+            Response::MirrorOpened { cache: None } => Err("the volume has no cache at the metadata server".into()),
+            other => Err(format!("the metadata server answered MirrorOpenStaged with {other:?}")),
         }
     }
 }

@@ -88,11 +88,30 @@
 //! the devices, like any write-through write — so an answer that arrives
 //! after an earlier append failed never acknowledges a write the mirror may
 //! hold without the writes before it.
-//! When the mirror fails (the server is down or restarted),
+//! When the mirror fails (the server is down or restarted, or the
+//! connection mirroring started on is gone: checked every
+//! [`MIRROR_RETRY_MS`] even with no writes),
 //! the cache switches to **write-through**: writes are still logged, but
 //! acknowledged only once destaged; a background task starts mirroring
-//! afresh ([`CacheMirror::open`]) every [`MIRROR_RETRY_MS`] until the server
-//! answers, and batches are mirrored again from then on.
+//! again every [`MIRROR_RETRY_MS`] until the server answers, and batches
+//! are mirrored again from then on.
+//! **Mirroring again with the log's records** (a server of protocol 15):
+//! the task stages every record still in the log at the mirror
+//! ([`CacheMirror::stage`], a copy no replay reads) and then starts the
+//! mirror with them ([`CacheMirror::open_staged`]: the server commits the
+//! new generation only once it holds the whole copy). No release runs
+//! meanwhile ([`Shared::releases`]), so the mirror starts holding exactly
+//! the log's records, every one still in the dirty map: it holds a subset
+//! of the dirty map again, as write-around needs. Batches logged while the
+//! copy was made are not in it: written through, each is acknowledged once
+//! destaged and released, and releases from then on go to the new mirror
+//! first, so no older copied record can be replayed over it. A write the
+//! failed mirror threatened waits as before (see "Stale mirror"), until the
+//! new mirror started. So the cache is mirrored again as soon as the server
+//! answers, however much the devices still lack — not only after
+//! everything was destaged (minutes behind slow devices), as with an older
+//! server, where the task first waits for the destage and then starts the
+//! mirror empty ([`CacheMirror::open`]).
 //! **Stale mirror**: the failed mirror may still hold records (the server
 //! is down, not gone: restarted, it would replay them if this agent died).
 //! A write-through write over the range of an older such record would be
@@ -152,7 +171,7 @@ use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 use volume_format::cache_log::{LogAppender, ScanError};
-use volume_format::control::messages::MirrorRecord;
+use volume_format::control::messages::{MirrorRecord, MIRROR_APPEND_BYTES_MAX, MIRROR_APPEND_RECORDS_MAX};
 use volume_format::VolumeId;
 
 use clean::{CleanBlocks, CleanStats, Lookup};
@@ -226,6 +245,32 @@ pub trait CacheMirror: Send + Sync + 'static {
     async fn append(&self, records: Vec<MirrorRecord>) -> Result<MirrorAck, String>;
     /// Every record up to `upto_seq` is on the devices.
     async fn release(&self, upto_seq: u64) -> Result<(), String>;
+    /// Whether the mirror started last can still be reached the way it
+    /// was started (`false`: the connection it was started on is gone). A
+    /// mirror that cannot is failed at once, not at the next request, so
+    /// mirroring starts again as soon as it can: see [`remirror_loop`].
+    fn still_mirroring(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Whether mirroring can start again with the log's records
+    /// ([`CacheMirror::stage`], [`CacheMirror::open_staged`]) rather than
+    /// empty: see "Mirroring again with the log's records". `None` while
+    /// that cannot be told (the mirror cannot be reached now).
+    fn stages(&self) -> Option<bool> {
+        Some(false)
+    }
+    /// Records for the next start of mirroring, attempt `copy` (another
+    /// `copy` starts the staged records afresh): durable at the mirror when
+    /// this returns, and held by no replay until
+    /// [`CacheMirror::open_staged`].
+    async fn stage(&self, _copy: u64, _records: Vec<MirrorRecord>) -> Result<(), String> {
+        Err("this mirror cannot stage records".into())
+    }
+    /// Starts mirroring afresh holding attempt `copy`'s `records` staged
+    /// records (refused unless the mirror has exactly those).
+    async fn open_staged(&self, _copy: u64, _records: u64) -> Result<(), String> {
+        Err("this mirror cannot stage records".into())
+    }
 }
 
 /// The mirror's answer to an append already sent ([`CacheMirror::append`]).
@@ -442,6 +487,11 @@ struct Shared {
     work: Notify,
     destaged: Notify,
     inner_unflushed: AtomicBool,
+    /// Held by a release ([`release_written`]) and by a start of mirroring
+    /// with the log's records ([`restart_with_records`]): what the latter
+    /// copies stays in the log until the mirror holds it (see "Mirroring
+    /// again with the log's records").
+    releases: tokio::sync::Mutex<()>,
     /// One permit per mirror append that may be unanswered
     /// ([`MIRROR_APPENDS_IN_FLIGHT_MAX`]).
     mirror_slots: Arc<Semaphore>,
@@ -662,6 +712,7 @@ impl CachedDevice {
             mirror_failed: Notify::new(),
             mirror_emptied: Notify::new(),
             writes_waiting_for_mirror: AtomicU64::new(0),
+            releases: tokio::sync::Mutex::new(()),
             log,
             state: Mutex::new(State {
                 appender,
@@ -1252,10 +1303,36 @@ async fn remirror_loop(shared: Arc<Shared>) {
     loop {
         let failed = matches!(shared.lock().mirror_state, MirrorState::WriteThrough { .. });
         if !failed {
-            shared.mirror_failed.notified().await;
+            // Until a request fails, or the way to the mirror is gone (a
+            // lost control connection: with no writes and a long destage
+            // round, no request would tell for a long time).
+            let wait = Duration::from_millis(MIRROR_RETRY_MS);
+            if tokio::time::timeout(wait, shared.mirror_failed.notified()).await.is_err() {
+                if let Err(why) = mirror.still_mirroring() {
+                    let epoch = shared.lock().mirror_epoch;
+                    mirror_failed(&shared, epoch, why);
+                }
+            }
             continue;
         }
         tokio::time::sleep(Duration::from_millis(MIRROR_RETRY_MS)).await;
+        let Some(stages) = mirror.stages() else { continue };
+        if stages {
+            match restart_with_records(&shared, &*mirror).await {
+                Ok(records) => info!(
+                    records,
+                    "the cache mirror answers again, holding the records not yet released here; writes are mirrored \
+                     from now on"
+                ),
+                Err(why) => {
+                    let mut state = shared.lock();
+                    if state.mirror_state != MirrorState::Mirrored {
+                        state.mirror_state = MirrorState::WriteThrough { why };
+                    }
+                }
+            }
+            continue;
+        }
         // Starting afresh drops the mirror's copies: first every write it
         // acknowledged must be on the devices (later ones are acknowledged
         // only once they are).
@@ -1272,6 +1349,46 @@ async fn remirror_loop(shared: Arc<Shared>) {
             Err(why) => shared.lock().mirror_state = MirrorState::WriteThrough { why },
         }
     }
+}
+
+/// Starts mirroring again holding every record still in the log (see
+/// "Mirroring again with the log's records"): stages them at the mirror in
+/// log order, then opens it with them. No release runs meanwhile, so what
+/// the mirror gets is still in the log and the dirty map when mirroring
+/// starts. Returns how many records the mirror got.
+async fn restart_with_records(shared: &Arc<Shared>, mirror: &dyn CacheMirror) -> Result<usize, String> {
+    let _no_release = shared.releases.lock().await;
+    let records: Vec<Queued> = shared.lock().queue.iter().cloned().collect();
+    if records.is_empty() {
+        mirror.open().await?;
+    } else {
+        let copy = {
+            let mut bytes = [0u8; 8];
+            getrandom::getrandom(&mut bytes).map_err(|e| format!("picking a staging id: {e}"))?;
+            u64::from_be_bytes(bytes)
+        };
+        let mut rest = records.as_slice();
+        while !rest.is_empty() {
+            let mut bytes = 0;
+            let count = rest
+                .iter()
+                .take(MIRROR_APPEND_RECORDS_MAX)
+                .take_while(|r| {
+                    bytes += r.data.len();
+                    bytes <= MIRROR_APPEND_BYTES_MAX
+                })
+                .count()
+                .max(1);
+            let (chunk, later) = rest.split_at(count);
+            let chunk = chunk.iter().map(|q| MirrorRecord { seq: q.seq, offset: q.offset, data: q.data.to_vec() });
+            mirror.stage(copy, chunk.collect()).await?;
+            rest = later;
+        }
+        mirror.open_staged(copy, records.len() as u64).await?;
+    }
+    shared.lock().mirroring_again();
+    shared.mirror_emptied.notify_waiters();
+    Ok(records.len())
 }
 
 /// The records of the next destage round: consecutive from the oldest, at
@@ -1431,6 +1548,7 @@ fn release_due(shared: &Shared) -> bool {
 /// map (a record still in the log would be replayed over anything written
 /// around it: see `State::logged`).
 async fn release_written(shared: &Arc<Shared>) -> Result<(), CacheError> {
+    let _releasing = shared.releases.lock().await;
     let (count, upto, mirroring, epoch) = {
         let state = shared.lock();
         let mirroring = state.mirror_state == MirrorState::Mirrored;

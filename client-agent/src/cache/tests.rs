@@ -414,6 +414,10 @@ struct MemoryMirror {
     releases: std::sync::Mutex<Vec<u64>>,
     /// Told at every release.
     released: tokio::sync::Notify,
+    /// Whether it takes staged records ([`CacheMirror::stages`]).
+    stages: std::sync::atomic::AtomicBool,
+    /// The attempt being staged and its records.
+    staged: std::sync::Mutex<Option<(u64, Vec<MirrorRecord>)>>,
 }
 
 impl MemoryMirror {
@@ -475,6 +479,31 @@ impl CacheMirror for MemoryMirror {
         self.releases.lock().unwrap().push(upto_seq);
         self.released.notify_one();
         Ok(())
+    }
+    fn stages(&self) -> Option<bool> {
+        Some(self.stages.load(Ordering::SeqCst))
+    }
+    async fn stage(&self, copy: u64, records: Vec<MirrorRecord>) -> Result<(), String> {
+        self.check()?;
+        let mut staged = self.staged.lock().unwrap();
+        if staged.as_ref().is_none_or(|(c, _)| *c != copy) {
+            *staged = Some((copy, Vec::new()));
+        }
+        let (_, held) = staged.as_mut().expect("set above");
+        assert!(held.iter().chain(&records).collect::<Vec<_>>().windows(2).all(|w| w[0].seq < w[1].seq));
+        held.extend(records);
+        Ok(())
+    }
+    async fn open_staged(&self, copy: u64, records: u64) -> Result<(), String> {
+        self.check()?;
+        match self.staged.lock().unwrap().take() {
+            Some((c, staged)) if c == copy && staged.len() as u64 == records => {
+                self.opens.fetch_add(1, Ordering::SeqCst);
+                *self.held.lock().unwrap() = staged;
+                Ok(())
+            }
+            _ => Err(format!("no whole staged copy of attempt {copy}")),
+        }
     }
 }
 
@@ -821,6 +850,58 @@ async fn a_failed_mirror_means_write_through_until_it_answers_again() {
     assert_eq!(mirror.held.lock().unwrap().len(), 1, "mirrored again");
     s.hold.send(false).unwrap();
     cache.destage_all().await;
+}
+
+/// Mirroring again with the log's records: a mirror that answers again
+/// (a server of protocol 15) is started holding every record the log still
+/// holds — without waiting for the devices, which are held here the whole
+/// time — and the writes after it are acknowledged once mirrored, as
+/// before the failure. At every point the mirror alone restores every
+/// acknowledged write.
+#[tokio::test]
+async fn a_mirror_that_answers_again_starts_with_the_records_the_log_holds_without_waiting_for_the_devices() {
+    let s = setup(LOG_BYTES_MIN, true);
+    let mirror = Arc::new(MemoryMirror::default());
+    mirror.stages.store(true, Ordering::SeqCst);
+    let cache = Arc::new(s.open_mirrored(&mirror).await);
+    let mut model = vec![0u8; 64 << 10];
+    cache.write(0, Bytes::from(vec![1u8; 4096]), false).await.unwrap();
+    model[..4096].fill(1);
+    mirror.down.store(true, Ordering::SeqCst);
+    let through = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.write(8192, Bytes::from(vec![2u8; 4096]), false).await })
+    };
+    while !matches!(cache.report().mirror, MirrorState::WriteThrough { .. }) {
+        tokio::task::yield_now().await;
+    }
+    mirror.down.store(false, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while cache.report().mirror != MirrorState::Mirrored {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("mirrored again while the devices still lack the cached writes");
+    assert_eq!(s.device.writes.load(Ordering::SeqCst), 0, "nothing reached the held device");
+    assert_eq!(mirror.opens.load(Ordering::SeqCst), 2);
+    // The write made while the mirror was down is in the mirror now; it
+    // is acknowledged once on the devices (it was written through).
+    model[8192..12288].fill(2);
+    assert_eq!(mirror.replayed(&vec![0u8; model.len()]), model, "the mirror holds both records");
+    assert!(!through.is_finished(), "a write-through write was acknowledged before the devices had it");
+    // Mirrored again: acknowledged once the mirror has it.
+    tokio::time::timeout(Duration::from_secs(10), cache.write(16384, Bytes::from(vec![3u8; 4096]), false))
+        .await
+        .expect("a write after mirroring started again waited for the devices")
+        .unwrap();
+    model[16384..20480].fill(3);
+    assert_eq!(mirror.replayed(&vec![0u8; model.len()]), model, "the mirror alone restores every write");
+    s.hold.send(false).unwrap();
+    through.await.unwrap().unwrap();
+    cache.destage_all().await;
+    assert_eq!(device_image(&s.memory).await[..model.len()], model[..]);
+    assert!(mirror.held.lock().unwrap().is_empty(), "released at the mirror once on the devices");
 }
 
 /// The known-gap scenario of issue 15: the mirror fails while it holds a

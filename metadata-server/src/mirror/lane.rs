@@ -177,7 +177,7 @@ mod tests {
         );
         let (tx, rx) = oneshot::channel();
         let cache = VolumeCache { volume: VOLUME, size_bytes: 1 << 20, mode: CacheMode::Mirrored };
-        let op = MirrorOp::Open { cache, generation: 1 };
+        let op = MirrorOp::Open { cache, generation: 1, staged: None };
         worker.send(MirrorWork { op, reply: MirrorReply::Owner(tx) }).await.unwrap();
         assert!(matches!(rx.await.unwrap(), Ok(Response::MirrorOpened { .. })));
         lanes.workers.lock().unwrap().insert(VOLUME, worker);

@@ -53,10 +53,27 @@ pub const MIRROR_QUEUED_MAX: usize = 64;
 #[derive(Debug)]
 pub enum MirrorOp {
     /// Start afresh (the file is emptied) with this setting, as
-    /// `generation` (committed to the pool metadata before).
+    /// `generation` (committed to the pool metadata before) — or, with
+    /// `staged` (an attempt and its record count), make the staged file of
+    /// that attempt the generation's file ([`MirrorOp::Stage`]).
     Open {
         cache: VolumeCache,
         generation: u64,
+        staged: Option<(u64, u64)>,
+    },
+    /// Answers `Done` if the staged file is attempt `copy`'s with
+    /// `records` records, and says why not otherwise.
+    CheckStaged {
+        copy: u64,
+        records: u64,
+    },
+    /// Records for the next generation, into a staged file no replay reads
+    /// (`Request::MirrorStage`): a `copy` other than the staged file's
+    /// starts it afresh, `size_bytes` large.
+    Stage {
+        copy: u64,
+        size_bytes: u64,
+        records: Vec<MirrorRecord>,
     },
     Append {
         records: Vec<MirrorRecord>,

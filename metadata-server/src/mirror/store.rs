@@ -11,7 +11,8 @@
 //! memory. After a restart they are not needed: the records on disk are
 //! either replayed to the devices (the holder is gone) or dropped by the
 //! holder's next [`MirrorOpen`](volume_format::control::messages::Request::MirrorOpen)
-//! (it destaged everything before mirroring again).
+//! (it destaged everything before mirroring again), or replaced by the
+//! file it staged ([`staged_path`], [`VolumeMirror::adopt`]).
 //!
 //! The file also carries the mirror's generation ([`GenerationHeader`],
 //! in the unused bytes between the superblocks and the ring): the pool
@@ -112,6 +113,13 @@ pub fn mirror_path(dir: &Path, volume: VolumeId) -> PathBuf {
     dir.join(format!("volume-{}.mirror", volume.0))
 }
 
+/// Where the records for volume `volume`'s next mirror generation are
+/// staged (`Request::MirrorStage`): never read by a replay; renamed to
+/// [`mirror_path`] when that generation starts ([`VolumeMirror::adopt`]).
+pub fn staged_path(dir: &Path, volume: VolumeId) -> PathBuf {
+    dir.join(format!("volume-{}.mirror.staged", volume.0))
+}
+
 fn io(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> StoreError {
     let path = path.display().to_string();
     move |source| StoreError::Io { path, what, source }
@@ -153,6 +161,20 @@ impl VolumeMirror {
         }
         debug_assert!(log_bytes > DATA_START_BYTES);
         Ok(VolumeMirror { file, appender, held: VecDeque::new(), held_bytes: 0, last_seq: 0 })
+    }
+
+    /// Makes this staged file (at `from`) the mirror of `generation` at
+    /// `to`: the generation header first, durably, then the rename, then
+    /// the directory synced — so the file at `to` is either the previous
+    /// one or this one with its records and generation, never a mix.
+    pub fn adopt(&mut self, from: &Path, to: &Path, volume: VolumeId, generation: u64) -> Result<(), StoreError> {
+        let header = GenerationHeader { volume, generation }.encode();
+        self.file.write_durable(std::iter::once((GENERATION_HEADER_POS, &header[..])))?;
+        std::fs::rename(from, to).map_err(io(to, "take the staged mirror file as"))?;
+        if let Some(dir) = to.parent().and_then(|d| File::open(d).ok()) {
+            dir.sync_all().map_err(io(to, "fsync its directory"))?;
+        }
+        Ok(())
     }
 
     pub fn log_bytes(&self) -> u64 {

@@ -34,8 +34,17 @@ pub fn spawn(
     progress: Arc<ReplayProgress>,
 ) -> mpsc::Sender<MirrorWork> {
     let (tx, rx) = mpsc::channel(MIRROR_QUEUED_MAX);
-    tokio::spawn(Worker { dir, devices, volume, lanes, progress, mirror: None, waiting: VecDeque::new() }.run(rx));
+    let worker = Worker { dir, devices, volume, lanes, progress, mirror: None, staged: None, waiting: VecDeque::new() };
+    tokio::spawn(worker.run(rx));
     tx
+}
+
+/// The records staged for the next generation (`MirrorOp::Stage`): one
+/// attempt's, all durable in the staged file.
+struct Staged {
+    copy: u64,
+    mirror: VolumeMirror,
+    records: u64,
 }
 
 /// An append not yet (wholly) durable: `done` of its records are.
@@ -54,6 +63,9 @@ struct Worker {
     /// This worker's replay, for status requests while it runs.
     progress: Arc<ReplayProgress>,
     mirror: Option<VolumeMirror>,
+    /// What the holder staged for the next generation (in memory only: a
+    /// restarted server has none, and the holder stages again).
+    staged: Option<Staged>,
     /// Appends in arrival order; only the first may be partly done.
     waiting: VecDeque<Pending>,
 }
@@ -118,7 +130,23 @@ impl Worker {
                 tracing::debug!(release_us = started.elapsed().as_micros() as u64, "mirror release");
                 reply.send(result);
             }
-            MirrorOp::Open { cache, generation } => {
+            MirrorOp::Open { cache, generation, staged: Some((copy, records)) } => {
+                self.drop_waiting("mirroring started again");
+                self.mirror = None;
+                let result = self.adopt_staged(copy, records, generation).await;
+                if result.is_ok() {
+                    info!(volume = %self.volume, records, generation, "cache mirror started with the holder's staged records");
+                }
+                reply.send(result.map(|()| Response::MirrorOpened { cache: Some(cache) }));
+            }
+            MirrorOp::CheckStaged { copy, records } => {
+                reply.send(self.staged_check(copy, records).map(|()| Response::Done));
+            }
+            MirrorOp::Stage { copy, size_bytes, records } => {
+                let result = self.stage(copy, size_bytes, records).await;
+                reply.send(result);
+            }
+            MirrorOp::Open { cache, generation, staged: None } => {
                 self.drop_waiting("mirroring started again");
                 self.mirror = None;
                 let path = store::mirror_path(&self.dir, self.volume);
@@ -145,6 +173,7 @@ impl Worker {
                 // Appends not yet durable were never acknowledged: dropped.
                 self.drop_waiting("the holder is gone; its mirror is being replayed");
                 self.mirror = None;
+                self.staged = None;
                 let result = self.replay(&meta, expected.as_ref()).await;
                 reply.send(result.map(|()| Response::Done));
             }
@@ -161,9 +190,108 @@ impl Worker {
             MirrorOp::Remove => {
                 self.drop_waiting("the volume's cache was removed");
                 self.mirror = None;
+                self.staged = None;
                 let path = store::mirror_path(&self.dir, self.volume);
-                let (_, result) = blocking(move || (None::<VolumeMirror>, store::remove(&path))).await;
+                let staged = store::staged_path(&self.dir, self.volume);
+                let (_, result) = blocking(move || {
+                    (None::<VolumeMirror>, store::remove(&staged).and_then(|()| store::remove(&path)))
+                })
+                .await;
                 reply.send(result.map(|()| Response::Done).map_err(failed));
+            }
+        }
+    }
+
+    /// Appends `records` to the staged file of attempt `copy` (started
+    /// afresh, `size_bytes` large, for a new attempt), durably; answered
+    /// `Mirrored` with the last record's sequence number. Every record must
+    /// fit: the holder stages only what its log of the same size holds.
+    async fn stage(
+        &mut self,
+        copy: u64,
+        size_bytes: u64,
+        records: Vec<MirrorRecord>,
+    ) -> Result<Response, ControlError> {
+        let (volume, dir) = (self.volume, self.dir.clone());
+        let staged = self.staged.take().filter(|s| s.copy == copy);
+        let last = records.last().map_or(0, |r| r.seq);
+        let joined = tokio::task::spawn_blocking(move || -> Result<Staged, StoreError> {
+            let mut staged = match staged {
+                Some(staged) => staged,
+                None => {
+                    std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
+                        path: dir.display().to_string(),
+                        what: "create",
+                        source,
+                    })?;
+                    let path = store::staged_path(&dir, volume);
+                    Staged { copy, mirror: VolumeMirror::create(&path, volume, size_bytes, 0)?, records: 0 }
+                }
+            };
+            let taken = staged.mirror.append(records.iter())?;
+            if taken < records.len() {
+                return Err(StoreError::Io {
+                    path: store::staged_path(&dir, volume).display().to_string(),
+                    what: "stage the holder's records",
+                    source: std::io::Error::other(format!(
+                        "{} of {} records do not fit the volume's {size_bytes}-byte mirror",
+                        records.len() - taken,
+                        records.len()
+                    )),
+                });
+            }
+            staged.records += taken as u64;
+            Ok(staged)
+        })
+        .await;
+        match joined {
+            Ok(Ok(staged)) => {
+                self.staged = Some(staged);
+                Ok(Response::Mirrored { upto_seq: last })
+            }
+            Ok(Err(e)) => Err(failed(e)),
+            Err(e) => Err(failed(format!("staging the holder's records: {e}"))),
+        }
+    }
+
+    /// Makes the staged file of attempt `copy`, holding `records` records,
+    /// the mirror of `generation` (see [`VolumeMirror::adopt`]).
+    async fn adopt_staged(&mut self, copy: u64, records: u64, generation: u64) -> Result<(), ControlError> {
+        self.staged_check(copy, records)?;
+        let staged = self.staged.take().expect("checked above");
+        let (volume, dir) = (self.volume, self.dir.clone());
+        let joined = tokio::task::spawn_blocking(move || -> Result<VolumeMirror, StoreError> {
+            let mut mirror = staged.mirror;
+            mirror.adopt(&store::staged_path(&dir, volume), &store::mirror_path(&dir, volume), volume, generation)?;
+            Ok(mirror)
+        })
+        .await;
+        match joined {
+            Ok(Ok(mirror)) => {
+                self.mirror = Some(mirror);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(failed(e)),
+            Err(e) => Err(failed(format!("adopting the staged mirror file: {e}"))),
+        }
+    }
+
+    /// Whether the staged file is the whole copy of attempt `copy`.
+    fn staged_check(&self, copy: u64, records: u64) -> Result<(), ControlError> {
+        match &self.staged {
+            Some(s) if s.copy == copy && s.records == records => Ok(()),
+            other => {
+                let had = other
+                    .as_ref()
+                    .map_or("none".into(), |s| format!("attempt {:x} with {} records", s.copy, s.records));
+                Err(ControlError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "volume {}: no whole staged copy of attempt {copy:x} ({records} records) here (staged: \
+                         {had}); stage the records again",
+                        self.volume
+                    ),
+                ))
             }
         }
     }

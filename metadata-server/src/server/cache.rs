@@ -16,8 +16,13 @@
 //! commits a new generation of the volume's mirror to the pool metadata
 //! ([`CacheMirrorRecord`], `pending`), naming this server; the file is
 //! created with it. A holder starts mirroring afresh only once everything
-//! an earlier mirror acknowledged is on the devices, so only the newest
-//! generation's file can hold writes the devices lack. An open replays only
+//! an earlier mirror acknowledged is on the devices — or (protocol 15,
+//! `MirrorOpenStaged`) with every record its log still holds, staged here
+//! first (`MirrorStage`, a file no replay reads): the generation is
+//! committed only after the worker said the staged copy is whole
+//! ([`Core::check_staged_then_open`]), and the worker then makes that
+//! file the generation's. Either way only the newest generation's file can
+//! hold writes the devices lack. An open replays only
 //! while the record is pending, and only a file of the recorded
 //! generation; once replayed, "not pending" is committed before the open
 //! goes on (a crash in between replays again: nobody wrote since). A clean
@@ -83,11 +88,13 @@ impl Core {
         }
         // An open commits the mirror's new generation first: queued.
         let handle = match &request {
-            Request::MirrorAppend { handle, .. } | Request::MirrorRelease { handle, .. } => *handle,
+            Request::MirrorAppend { handle, .. }
+            | Request::MirrorRelease { handle, .. }
+            | Request::MirrorStage { handle, .. } => *handle,
             _ => return Err(request),
         };
         let checked = self.mirror_holder(session, handle);
-        let (volume, _) = match checked {
+        let (volume, cache) = match checked {
             Ok(x) => x,
             Err(e) => {
                 self.reply(reply, Err(e));
@@ -103,6 +110,13 @@ impl Core {
                 MirrorOp::Append { records }
             }
             Request::MirrorRelease { upto_seq, .. } => MirrorOp::Release { upto_seq },
+            Request::MirrorStage { copy, records, .. } => {
+                if let Some(msg) = crate::mirror::append_size_error(&records) {
+                    self.reply(reply, Err(err(ErrorCode::InvalidArgument, msg)));
+                    return Ok(());
+                }
+                MirrorOp::Stage { copy, size_bytes: cache.size_bytes, records }
+            }
             _ => unreachable!("matched above"),
         };
         self.push_effect(Effect::Mirror { volume, op, reply: Some(reply) });
@@ -215,10 +229,42 @@ impl Core {
         Ok((volume, cache))
     }
 
+    /// `MirrorOpenStaged` of the holder of `handle`: first asks the
+    /// volume's mirror whether it holds attempt `copy`'s whole staged copy,
+    /// and only then commits the generation that adopts it — so a start
+    /// that cannot adopt it leaves the generation (and the file) that may
+    /// hold what the devices lack as they were.
+    pub(super) fn check_staged_then_open(
+        &mut self,
+        session: SessionId,
+        handle: HandleId,
+        copy: u64,
+        records: u64,
+        reply: ReplyId,
+    ) -> Step {
+        let volume = match self.mirror_holder(session, handle) {
+            Ok((volume, _)) => volume,
+            Err(e) => return Step::Done(Some((reply, Err(e)))),
+        };
+        Step::Job {
+            job: Job::MirrorStagedCheck { volume, copy, records },
+            busy: None,
+            then: AfterJob::MirrorStagedChecked { session, handle, copy, records, reply },
+        }
+    }
+
     /// `MirrorOpen` of the holder of `handle`: commits the volume's next
     /// mirror generation (pending, at this server), then the worker starts
-    /// the file afresh with it.
-    pub(super) fn prepare_mirror_open(&mut self, session: SessionId, handle: HandleId, reply: ReplyId) -> Step {
+    /// the file afresh with it — or, with `staged` (`MirrorOpenStaged`:
+    /// the attempt and its record count), makes the staged file that
+    /// generation's file.
+    pub(super) fn prepare_mirror_open(
+        &mut self,
+        session: SessionId,
+        handle: HandleId,
+        staged: Option<(u64, u64)>,
+        reply: ReplyId,
+    ) -> Step {
         let (volume, cache) = match self.mirror_holder(session, handle) {
             Ok(x) => x,
             Err(e) => return Step::Done(Some((reply, Err(e)))),
@@ -227,7 +273,7 @@ impl Core {
         let record = CacheMirrorRecord { volume, generation, server: self.own_name(), pending: true };
         Step::Commit {
             changes: vec![MetaChange::CacheMirror(record)],
-            then: AfterCommit::MirrorOpened { volume, cache, generation, reply },
+            then: AfterCommit::MirrorOpened { volume, cache, generation, staged, reply },
         }
     }
 
@@ -238,13 +284,14 @@ impl Core {
         volume: VolumeId,
         cache: VolumeCache,
         generation: u64,
+        staged: Option<(u64, u64)>,
         reply: ReplyId,
         result: Result<(), ControlError>,
     ) {
         match result {
             Ok(()) => self.push_effect(Effect::Mirror {
                 volume,
-                op: MirrorOp::Open { cache, generation },
+                op: MirrorOp::Open { cache, generation, staged },
                 reply: Some(reply),
             }),
             Err(e) => self.reply(reply, Err(e)),

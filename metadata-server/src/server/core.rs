@@ -394,6 +394,8 @@ pub enum AfterCommit {
         volume: VolumeId,
         cache: volume_format::metadata::VolumeCache,
         generation: u64,
+        /// The staged file to adopt (`MirrorOpenStaged`): attempt, records.
+        staged: Option<(u64, u64)>,
         reply: ReplyId,
     },
     /// "Nothing pending" is recorded for a replayed mirror: `next` goes on
@@ -456,6 +458,9 @@ pub enum AfterJob {
         change: VolumeChange,
         reply: ReplyId,
     },
+    /// The holder's staged copy is whole at the mirror (or why not): commit
+    /// the generation that adopts it (`cache`).
+    MirrorStagedChecked { session: SessionId, handle: volume_format::HandleId, copy: u64, records: u64, reply: ReplyId },
     /// A cached volume's mirror was replayed to its devices: continue the
     /// request that needed it (`crate::mirror`).
     MirrorReplayed { volume: VolumeId, next: super::cache::AfterReplay, cleared: bool },

@@ -51,6 +51,10 @@ pub enum Job {
         volume: VolumeId,
         expected: Option<volume_format::metadata::CacheMirrorRecord>,
     },
+    /// Whether `volume`'s mirror worker holds the whole staged copy of
+    /// attempt `copy` (`records` records), before the generation that
+    /// adopts it is committed (`Request::MirrorOpenStaged`).
+    MirrorStagedCheck { volume: VolumeId, copy: u64, records: u64 },
     /// Fence `handles` for good on every device of `uris` that fences
     /// (`sanvol-target`; plain devices are skipped): done only once each
     /// such device acknowledged that none of their connections is open
@@ -188,6 +192,7 @@ pub async fn run_data_job(job: Job, devices: &DeviceClients, may_write: impl Fn(
         }
         Job::LabelDevice(_) => JobOutcome::failed("a device is labelled where the pool's connections are"),
         Job::MirrorReplay { .. } => JobOutcome::failed("a cache mirror is replayed by its mirror's worker"),
+        Job::MirrorStagedCheck { .. } => JobOutcome::failed("a staged copy is checked by its mirror's worker"),
         Job::Fence { key, uris, handles } => {
             for handle in handles {
                 let holder = volume_format::capability::Holder::Handle(handle);

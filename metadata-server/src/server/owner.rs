@@ -369,10 +369,18 @@ impl Shell {
                     let _ = results.send(Input::JobDone { task, outcome }).await;
                 });
             }
-            Job::MirrorReplay { meta, volume, expected } => {
+            job @ (Job::MirrorReplay { .. } | Job::MirrorStagedCheck { .. }) => {
                 let (reply, answer) = oneshot::channel();
                 let reply = crate::mirror::MirrorReply::Owner(reply);
-                let op = crate::mirror::MirrorOp::Replay { meta, expected };
+                let (volume, op) = match job {
+                    Job::MirrorReplay { meta, volume, expected } => {
+                        (volume, crate::mirror::MirrorOp::Replay { meta, expected })
+                    }
+                    Job::MirrorStagedCheck { volume, copy, records } => {
+                        (volume, crate::mirror::MirrorOp::CheckStaged { copy, records })
+                    }
+                    _ => unreachable!("matched above"),
+                };
                 self.mirrors.send(volume, crate::mirror::MirrorWork { op, reply });
                 let results = self.results.clone();
                 tokio::spawn(async move {

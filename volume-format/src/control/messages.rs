@@ -352,6 +352,30 @@ pub enum Request {
     VolumeCacheReport {
         name: String,
     },
+
+    // ---- agent: mirroring restarted with the holder's state (protocol 15) ----
+    /// Records for the next generation of `handle`'s volume mirror, before
+    /// it starts: the server appends them (durably) to a staged file of the
+    /// volume that no replay reads, and answers [`Response::Mirrored`].
+    /// `copy` names one attempt (the holder picks it at random): a request
+    /// with another `copy` starts the staged file afresh. See
+    /// [`Request::MirrorOpenStaged`].
+    MirrorStage {
+        handle: HandleId,
+        copy: u64,
+        records: Vec<MirrorRecord>,
+    },
+    /// [`Request::MirrorOpen`], with the staged file of attempt `copy`
+    /// (holding exactly `records` records) as the new generation's file
+    /// instead of an empty one: the holder restarts mirroring with the
+    /// records its log still holds, so it need not write them all to the
+    /// devices first. Refused when the server's staged file is not that
+    /// attempt's, or not whole (the holder then tries again).
+    MirrorOpenStaged {
+        handle: HandleId,
+        copy: u64,
+        records: u64,
+    },
 }
 
 /// A cached volume's cache as its exclusive holder sees it (protocol 14).
@@ -506,6 +530,8 @@ impl Request {
             | Request::MirrorOpen { .. }
             | Request::MirrorAppend { .. }
             | Request::MirrorRelease { .. }
+            | Request::MirrorStage { .. }
+            | Request::MirrorOpenStaged { .. }
             | Request::Capabilities { .. }
             | Request::IntentRecord { .. }
             | Request::IntentResync { .. }

@@ -88,7 +88,14 @@ pub mod resume;
 ///   `Response::CacheReported` (`ReportedCache`), added last: 4 to 13 are
 ///   still accepted (an agent reports, and the admin CLI asks, only a
 ///   server that negotiated 14).
-pub const PROTOCOL_VERSION: u32 = 14;
+/// - 15: mirroring restarted with the holder's state —
+///   `Request::MirrorStage` and `Request::MirrorOpenStaged` (agent), added
+///   last: 4 to 14 are still accepted (an agent stages only with a server
+///   that negotiated 15; with an older one it destages everything before it
+///   mirrors afresh, as before).
+pub const PROTOCOL_VERSION: u32 = 15;
+/// The first protocol version with [`messages::Request::MirrorStage`].
+pub const MIRROR_STAGE_PROTOCOL_MIN: u32 = 15;
 /// The first protocol version with [`messages::Request::CacheReport`].
 pub const CACHE_REPORT_PROTOCOL_MIN: u32 = 14;
 /// The first protocol version with [`messages::Request::MirrorForget`].
