@@ -246,9 +246,10 @@ pub trait CacheMirror: Send + Sync + 'static {
     /// Every record up to `upto_seq` is on the devices.
     async fn release(&self, upto_seq: u64) -> Result<(), String>;
     /// Whether the mirror started last can still be reached the way it
-    /// was started (`false`: the connection it was started on is gone). A
-    /// mirror that cannot is failed at once, not at the next request, so
-    /// mirroring starts again as soon as it can: see [`remirror_loop`].
+    /// was started (`Err`: why not, e.g. the connection it was started on
+    /// is gone). A mirror that cannot is failed at once, not at the next
+    /// request, so mirroring starts again as soon as it can: see
+    /// [`remirror_loop`].
     fn still_mirroring(&self) -> Result<(), String> {
         Ok(())
     }
