@@ -178,12 +178,6 @@ impl CacheMirror for ControlMirror {
     async fn stage(&self, copy: u64, records: Vec<MirrorRecord>) -> Result<(), String> {
         let (conn, client) = (self.client)().ok_or("not connected to the metadata server")?;
         let last = records.last().map_or(0, |r| r.seq);
-        let staged_here = *self.staged_on() == Some((conn, copy));
-        if !staged_here {
-            // A new attempt, or the connection changed under this one: the
-            // server starts this attempt's staged file afresh.
-            *self.staged_on() = None;
-        }
         let request = Request::MirrorStage { handle: self.handle, copy, records };
         match client.request_with_timeout(request, MIRROR_REQUEST_TIMEOUT).await.map_err(|e| e.to_string())? {
             Response::Mirrored { upto_seq } if upto_seq == last => {
