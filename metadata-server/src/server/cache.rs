@@ -9,8 +9,10 @@
 //! previous holder's handle is broken or gone (its lease and device
 //! request time ran out, so nothing it sent can still land). The open's
 //! reservation is undone while the replay runs, and the handles it broke
-//! stay out of the table (they cannot resume); the open is prepared again
-//! once the replay is done.
+//! stay out of the table and are committed as broken before the replay
+//! writes (a server that dies mid-replay must not come back with them
+//! active: their holders would resume over a half-done replay — found by
+//! the simulator); the open is prepared again once the replay is done.
 //!
 //! Which mirror is replayed, and when (format 11): each `MirrorOpen` first
 //! commits a new generation of the volume's mirror to the pool metadata
@@ -372,8 +374,12 @@ impl Core {
                 self.prepare_open_with(session, &name, mode, reply, broken, &[])
             }
             (AfterReplay::Open { reply, broken, name, .. }, Err(why)) => {
+                // Recorded as broken before the replay: they stay broken.
                 for h in broken {
-                    self.handles.restore(h);
+                    self.released(
+                        &h,
+                        format!("volume {name} was opened by another host after this handle's lease ran out"),
+                    );
                 }
                 let msg = format!(
                     "volume {name} cannot be opened yet: its cache mirror (writes its last holder acknowledged) \
@@ -402,6 +408,28 @@ impl Core {
                 );
                 self.finish_recall(volume, pending, excluded, Err(err(ErrorCode::Unavailable, msg)));
                 Step::Done(None)
+            }
+        }
+    }
+
+    /// The handles an open broke are on record as broken (or their commit
+    /// failed): replay the mirror, or give the open up and put them back.
+    pub(super) fn broken_recorded(&mut self, volume: VolumeId, next: AfterReplay, outcome: JobOutcome) -> Step {
+        match (next, outcome.result) {
+            (next, Ok(())) => self.replay_then(volume, next),
+            (AfterReplay::Open { reply, broken, name, .. }, Err(why)) => {
+                for h in broken {
+                    self.handles.restore(h);
+                }
+                let msg = format!(
+                    "volume {name} cannot be opened yet: recording the handles it breaks (before its cache mirror \
+                     is replayed) failed: {why}; retry"
+                );
+                Step::Done(Some((reply, Err(err(ErrorCode::Unavailable, msg)))))
+            }
+            (next, Err(why)) => {
+                tracing::warn!(volume = %volume, "recording broken handles before a replay failed: {why}");
+                self.replay_then(volume, next)
             }
         }
     }

@@ -404,6 +404,12 @@ pub enum AfterCommit {
         volume: VolumeId,
         next: Box<super::cache::AfterReplay>,
     },
+    /// The handles an open broke are recorded as broken: the replay of the
+    /// volume's mirror runs next (`cache`).
+    BrokenBeforeReplay {
+        volume: VolumeId,
+        next: Box<super::cache::AfterReplay>,
+    },
     /// A device labelled by `device add` is in the pool (`reconfig`).
     DeviceAdded {
         uuid: Uuid,
@@ -464,6 +470,9 @@ pub enum AfterJob {
     /// A cached volume's mirror was replayed to its devices: continue the
     /// request that needed it (`crate::mirror`).
     MirrorReplayed { volume: VolumeId, next: super::cache::AfterReplay, cleared: bool },
+    /// The commit of the handles an open broke before a replay reported
+    /// (`cache`): replay, or give up the open.
+    BrokenRecorded { volume: VolumeId, next: super::cache::AfterReplay },
     /// The regions a gone holder left dirty were copied: open (`intents`).
     OrphansResynced(super::intents::OrphansResync),
     /// The online pass of a volume's copy step is done (`precopy`).
@@ -1236,21 +1245,52 @@ impl Core {
     }
 
     /// Handles the commits or jobs in flight release: expired, excluded
-    /// from a recall, broken by a conflicting open. Until they are done
-    /// these are not renewed.
+    /// from a recall, broken by a conflicting open (also while a cache
+    /// mirror is replayed on the way). Until they are done these are not
+    /// renewed.
     pub fn removing(&self) -> Vec<u64> {
-        fn of(then: &AfterCommit, ids: &mut Vec<u64>) {
+        let mut ids = Vec::new();
+        self.for_each_leaving(|excluded, broken| {
+            ids.extend(excluded);
+            ids.extend(broken.iter().map(|h| h.id));
+        });
+        ids
+    }
+
+    /// The handles an open in flight broke: they have left the table
+    /// already (the open knows them).
+    fn broken_by_opens(&self) -> Vec<Handle> {
+        let mut broken = Vec::new();
+        self.for_each_leaving(|_, b| broken.extend(b.iter().cloned()));
+        broken
+    }
+
+    /// Calls `f` with the handles each commit or job in flight releases:
+    /// ids still in the table (expired, excluded), and handles an open
+    /// broke (out of the table).
+    fn for_each_leaving(&self, mut f: impl FnMut(&[u64], &[Handle])) {
+        use super::cache::AfterReplay;
+        fn replay(next: &AfterReplay, f: &mut impl FnMut(&[u64], &[Handle])) {
+            match next {
+                AfterReplay::Recall { excluded, .. } => f(excluded, &[]),
+                AfterReplay::Open { broken, .. } => f(&[], broken),
+                AfterReplay::Setting { .. } | AfterReplay::Reconfigure { .. } => {}
+            }
+        }
+        fn of(then: &AfterCommit, f: &mut impl FnMut(&[u64], &[Handle])) {
             match then {
-                AfterCommit::Expire { expired } => ids.extend(expired),
-                AfterCommit::Recall { excluded, .. } => ids.extend(excluded),
-                AfterCommit::Open(open) => ids.extend(open.broken.iter().map(|h| h.id)),
-                AfterCommit::Released { then, .. } => of(then, ids),
+                AfterCommit::Expire { expired } => f(expired, &[]),
+                AfterCommit::Recall { excluded, .. } => f(excluded, &[]),
+                AfterCommit::Open(open) => f(&[], &open.broken),
+                AfterCommit::Released { then, .. } => of(then, f),
+                AfterCommit::MirrorCleared { next, .. } | AfterCommit::BrokenBeforeReplay { next, .. } => {
+                    replay(next, f)
+                }
                 _ => {}
             }
         }
-        let mut ids = Vec::new();
         for (_, then) in self.batches_releasing().flat_map(|b| b.parts.iter()) {
-            of(then, &mut ids);
+            of(then, &mut f);
         }
         // A job's result waits in the queue (first in line) while another
         // commit is in flight: its handles are still on their way out.
@@ -1260,15 +1300,15 @@ impl Core {
         });
         for job in self.jobs.values().chain(queued) {
             match job {
-                AfterJob::Merged { finish: MergeFinish::Recall { excluded, .. }, .. } => ids.extend(excluded),
-                AfterJob::Zeroed { then, .. } => of(then, &mut ids),
-                AfterJob::OpenFenced { open, .. } => ids.extend(open.broken.iter().map(|h| h.id)),
-                AfterJob::ExpireFenced { expired } => ids.extend(expired),
-                AfterJob::RecallFenced { excluded, .. } => ids.extend(excluded),
+                AfterJob::Merged { finish: MergeFinish::Recall { excluded, .. }, .. } => f(excluded, &[]),
+                AfterJob::Zeroed { then, .. } => of(then, &mut f),
+                AfterJob::OpenFenced { open, .. } => f(&[], &open.broken),
+                AfterJob::ExpireFenced { expired } => f(expired, &[]),
+                AfterJob::RecallFenced { excluded, .. } => f(excluded, &[]),
+                AfterJob::MirrorReplayed { next, .. } | AfterJob::BrokenRecorded { next, .. } => replay(next, &mut f),
                 _ => {}
             }
         }
-        ids
     }
 
     /// Tells `session` about the handles it holds that are being released
@@ -1277,12 +1317,8 @@ impl Core {
     /// then expires, or a conflicting open breaks it.
     fn tell_removing(&mut self, session: SessionId) -> bool {
         let mut told: Vec<(u64, &str)> = Vec::new();
-        for (_, then) in self.batches_releasing().flat_map(|b| b.parts.iter()) {
-            if let AfterCommit::Open(open) = then {
-                // Broken handles have left the table already; the open knows them.
-                let mine = open.broken.iter().filter(|h| h.held_by(session));
-                told.extend(mine.map(|h| (h.id, "broken by a conflicting open after its lease ran out")));
-            }
+        for h in self.broken_by_opens().iter().filter(|h| h.held_by(session)) {
+            told.push((h.id, "broken by a conflicting open after its lease ran out"));
         }
         for id in self.removing() {
             if self.handles.get(id).is_some_and(|h| h.held_by(session)) {

@@ -275,6 +275,14 @@ impl Core {
                 let then = AfterJob::MirrorReplayed { volume, next: *next, cleared: true };
                 self.queue.push_front(Change::JobDone { outcome, then });
             }
+            AfterCommit::BrokenBeforeReplay { volume, next } => {
+                let outcome = match result {
+                    Ok(()) => JobOutcome::done(),
+                    Err(e) => JobOutcome::failed(e.message),
+                };
+                let then = AfterJob::BrokenRecorded { volume, next: *next };
+                self.queue.push_front(Change::JobDone { outcome, then });
+            }
         }
     }
 
@@ -295,6 +303,7 @@ impl Core {
                 self.prezeroed(extents, &name, change, reply, outcome)
             }
             AfterJob::MirrorReplayed { volume, next, cleared } => self.mirror_replayed(volume, next, cleared, outcome),
+            AfterJob::BrokenRecorded { volume, next } => self.broken_recorded(volume, next, outcome),
             AfterJob::MirrorStagedChecked { session, handle, copy, records, reply } => match outcome.result {
                 Ok(()) => self.prepare_mirror_open(session, handle, Some((copy, records)), reply),
                 Err(why) => Step::Done(Some((reply, Err(err(ErrorCode::Unavailable, why))))),
@@ -680,9 +689,15 @@ impl Core {
         };
         let mut opened = opened;
         opened.broken.extend(carried);
+        let broken: Vec<HandleId> = opened.broken.iter().map(|h| HandleId(h.id)).collect();
+        let broken_reason =
+            format!("{} opened volume {volume} {mode} at {}", peer.name, super::durable::hms(self.now.unix_secs()));
+        let now_secs = self.now.unix_secs();
         if self.needs_replay(id) {
-            // Nothing of the open stays but the handles it broke (out of
-            // the table, so they cannot resume while the replay writes).
+            // Nothing of the open stays but the handles it broke: out of the
+            // table, and recorded as broken before the replay writes — a
+            // server that dies mid-replay must not come back with them
+            // active (their holders would resume over a half-done replay).
             self.handles.remove(opened.handle.id);
             let next = super::cache::AfterReplay::Open {
                 session,
@@ -691,13 +706,16 @@ impl Core {
                 reply,
                 broken: opened.broken,
             };
-            return self.replay_then(id, next);
+            if broken.is_empty() {
+                return self.replay_then(id, next);
+            }
+            let changes = self.meta.plan_break_handles(&broken, &broken_reason, now_secs, BROKEN_RECORDS_MAX);
+            return Step::Commit {
+                changes,
+                then: AfterCommit::BrokenBeforeReplay { volume: id, next: Box::new(next) },
+            };
         }
         let handle = opened.handle.clone();
-        let broken: Vec<HandleId> = opened.broken.iter().map(|h| HandleId(h.id)).collect();
-        let broken_reason =
-            format!("{} opened volume {volume} {mode} at {}", peer.name, super::durable::hms(self.now.unix_secs()));
-        let now_secs = self.now.unix_secs();
         let mut changes = self.meta.plan_break_handles(&broken, &broken_reason, now_secs, BROKEN_RECORDS_MAX);
         changes.extend(self.forget_dirty(id, resynced));
         // An agent that writes without the intent log: what a failed device
