@@ -271,6 +271,17 @@ impl AgentHost {
     }
 
     fn ask_token(&mut self, name: &str, to: usize, env: &mut Env) {
+        if self.caches(name) {
+            // As production's owner: a cached volume is not handed over.
+            env.trace(self.me(), format_args!("app: {name} has a write-back cache: no handover"));
+            if let Some(p) = env.plan.vols.get_mut(name) {
+                p.handover = None;
+            }
+            if let Some(v) = self.app.vols.get_mut(name) {
+                v.state = VolState::Ready;
+            }
+            return;
+        }
         let caller = self.new_caller(AppCall::Handover { volume: name.to_string(), to });
         let to_key = env.agent_keys[to];
         self.use_server_copies(name);
@@ -432,6 +443,44 @@ pub fn settle(env: &mut Env) {
 
 // ---- the admin ----
 
+/// Two-server world: a volume whose cache mirror (with writes the devices
+/// may lack) is on the server standing by cannot be opened again at the
+/// active one (its holder may be alive and mirror here soon, or dead) — the operator makes that server active again, as the
+/// refusal says (also while the world settles).
+fn stranded_mirror(env: &mut Env) -> Option<Request> {
+    if !env.cfg.two_servers() || env.cfg.cache_mask == 0 {
+        return None;
+    }
+    let active = env.obs.terms.last()?.0;
+    let meta = &env.obs.meta;
+    let elsewhere = |m: &volume_format::metadata::CacheMirrorRecord| {
+        let has = |host: usize| {
+            env.mirrors.get(host).and_then(|h| h.file(m.volume)).is_some_and(|f| f.generation == Some(m.generation))
+        };
+        !has(active) && (0..env.cfg.server_hosts).any(has)
+    };
+    meta.cache_mirrors.iter().find(|m| m.pending && elsewhere(m))?;
+    // Mirrors stranded on both servers: what this one can replay (for a
+    // volume someone is to open) goes first — handing off at once would
+    // strand it in turn, and the two would take turns forever.
+    let here = |m: &volume_format::metadata::CacheMirrorRecord| {
+        env.mirrors.get(active).and_then(|h| h.file(m.volume)).is_some_and(|f| f.generation == Some(m.generation))
+    };
+    // (Not a live mirror: a volume held has a pending generation.)
+    let wanted = |m: &volume_format::metadata::CacheMirrorRecord| {
+        let held = meta
+            .handles
+            .iter()
+            .any(|h| h.volume == m.volume && matches!(h.state, volume_format::metadata::HandleState::Active));
+        !held && env.plan.vols.values().any(|p| p.id == m.volume.0 && !p.retired && !p.holders.is_empty())
+    };
+    if meta.cache_mirrors.iter().any(|m| m.pending && here(m) && wanted(m)) {
+        return None;
+    }
+    // While settling, at once: the world must come back within its bound.
+    (env.settling || env.rng.chance(0.5)).then_some(Request::Handoff { to: None })
+}
+
 pub struct Admin {
     inc: u64,
     conn: Option<ConnId>,
@@ -464,10 +513,11 @@ impl Admin {
             }
             return;
         }
-        if self.connecting || self.pending.is_some() || env.settling {
+        if self.connecting || self.pending.is_some() {
             return;
         }
-        if let Some(request) = self.choose(env) {
+        let request = if env.settling { stranded_mirror(env) } else { self.choose(env) };
+        if let Some(request) = request {
             let id = self.next_id;
             self.next_id += 1;
             env.trace(Proc::Admin, format_args!("-> #{id} {}", crate::describe_request(&request)));
@@ -480,6 +530,14 @@ impl Admin {
     fn choose(&mut self, env: &mut Env) -> Option<Request> {
         if std::mem::take(&mut env.handoff_wanted) {
             return Some(Request::Handoff { to: None });
+        }
+        if let Some(r) = stranded_mirror(env) {
+            return Some(r);
+        }
+        if let Some(name) = env.to_cache.first() {
+            let mode = Some(volume_format::metadata::CacheMode::Mirrored);
+            let size_bytes = volume_format::metadata::CACHE_BYTES_MIN;
+            return Some(Request::VolumeCache { name: name.clone(), size_bytes, mode });
         }
         let meta = env.obs.meta.clone();
         let extent = env.cfg.extent_bytes;
@@ -565,12 +623,29 @@ impl Admin {
                         return;
                     }
                 }
-                if let (Request::VolumeCreate { name, .. }, Ok(Response::Done)) = (&request, &result) {
-                    if let Some(v) = env.obs.meta.volume_by_name(name) {
+                let planned = match (&request, &result) {
+                    (Request::VolumeCreate { name, .. }, Ok(Response::Done)) => {
+                        if env.cfg.cache_mask & 1 << 63 != 0 && env.rng.chance(0.5) {
+                            env.to_cache.push(name.clone());
+                            None
+                        } else {
+                            Some(name.clone())
+                        }
+                    }
+                    // Set (or refused: then the volume goes uncached, or
+                    // cached if the refusal came after the commit).
+                    (Request::VolumeCache { name, .. }, _) => {
+                        env.to_cache.retain(|n| n != name);
+                        Some(name.clone())
+                    }
+                    _ => None,
+                };
+                if let Some(name) = planned {
+                    if let Some(v) = env.obs.meta.volume_by_name(&name) {
                         let id = v.id.0;
                         let agents = env.cfg.agents;
                         let mut rng = env.rng.fork();
-                        env.plan.add_volume(name, id, agents, &mut rng);
+                        env.plan.add_volume(&name, id, agents, &mut rng);
                     }
                 }
             }

@@ -73,6 +73,12 @@ pub struct Config {
     /// The pool lease's I/O timeout `T` (`lease_io_timeout_ms`); two-server
     /// world only.
     pub lease_io_timeout_ms: u64,
+    /// Which volumes have a mirrored write-back cache (issue 15): bit `v`
+    /// for the initial volume `v`, bit 63 for volumes the admin creates
+    /// later (each then by a draw of its own). 0: none, and the agents never
+    /// ask a server for a mirror, so the world is exactly the one drawn
+    /// before caches were simulated.
+    pub cache_mask: u64,
     pub agents: usize,
     pub devices: usize,
     pub lease_ms: u64,
@@ -169,6 +175,7 @@ impl Config {
             },
             servers: 1,
             lease_io_timeout_ms: 0,
+            cache_mask: 0,
         };
         // Drawn after everything else, so a seed's one-server world is the
         // one it drew before two servers existed (old seeds replay as they
@@ -192,6 +199,11 @@ impl Config {
         }
         c.device_request_max_ms = c.device_latency_ms.1 + c.device_stall.1 + 1;
         c.settle_ms += 2 * c.device_request_max_ms;
+        // Drawn last, so every earlier draw is as it was; half the worlds
+        // have cached volumes (not the worlds old one-server seeds replay).
+        if two_servers_drawn && r.chance(0.5) {
+            c.cache_mask = r.u64() | 1 << 63;
+        }
         c
     }
 

@@ -388,6 +388,10 @@ impl ServerHost {
     /// A device answered a lease request (or a request of the term).
     pub fn on_device_done(&mut self, token: u64, result: DevResult, env: &mut Env) {
         if token < LEASE_TOKEN_BASE {
+            if self.term.is_none() && crate::mirror::is_token(token) {
+                // The host's mirror file I/O goes on without a term.
+                return crate::server::mirror_io_without_term(self.host, self.inc, token, env);
+            }
             self.with_term(env, |t, env| t.on_device_done(token, result, env));
             return;
         }

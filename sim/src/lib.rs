@@ -82,6 +82,8 @@ pub mod app;
 pub mod config;
 pub mod device;
 pub mod lease;
+/// The cache mirrors a server host keeps on its disk (issue 15).
+pub mod mirror;
 pub mod net;
 pub mod observer;
 pub mod oracle;

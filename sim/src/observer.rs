@@ -427,9 +427,17 @@ pub fn after_tick(env: &mut Env, core: &Core, (host, term): (usize, u64)) {
 
 /// Reads every checked block of every volume and snapshot from the devices
 /// and compares it with the oracle.
+///
+/// Blocks live write-back caches hold are not checked on the devices
+/// ([`Env::cache_dirty`]), nor volumes whose cache died holding writes,
+/// until the server replayed that mirror ([`Env::cache_orphans`]).
 pub fn sweep(env: &mut Env) {
     env.stats.sweeps += 1;
     let meta = env.obs.meta.clone();
+    env.cache_orphans.retain(|volume, generation| {
+        meta.cache_mirrors.iter().any(|m| m.volume.0 == *volume && m.generation == *generation && m.pending)
+    });
+    let cached: std::collections::BTreeSet<(u64, u64)> = env.cache_dirty.iter().map(|(_, v, b)| (*v, *b)).collect();
     let eb = meta.extent_bytes;
     let device_of = |env: &Env, index: volume_format::DeviceIndex| -> Option<usize> {
         let d = meta.device(index)?;
@@ -457,7 +465,13 @@ pub fn sweep(env: &mut Env) {
                 }
             }
         }
+        if env.cache_orphans.contains_key(&v.id.0) {
+            continue;
+        }
         for (block, allowed) in env.oracle.checked_blocks(v.id.0) {
+            if cached.contains(&(v.id.0, block)) {
+                continue;
+            }
             let off = block * BLOCK_BYTES;
             let Some(extent) = v.extents.get((off / eb) as usize) else { continue };
             for leg in &extent.legs {

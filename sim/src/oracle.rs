@@ -92,6 +92,21 @@ impl Oracle {
         }
     }
 
+    /// Write `tag`, acknowledged, is durable by itself: a mirrored
+    /// write-back cache acknowledged it once its log and the server's mirror
+    /// held it (issue 15), so no FLUSH is needed to make it the floor — and
+    /// it must stay readable through the holder's death (the server's
+    /// replay puts it on the devices before anyone opens the volume again).
+    pub fn durable(&mut self, tag: u64) {
+        let Some(&(v, b, i)) = self.tags.get(&tag) else { return };
+        let Some(h) = self.volumes.get_mut(&v).and_then(|x| x.get_mut(&b)) else { return };
+        let e = &mut h.entries[i];
+        if e.acked_at.is_some() && !e.lost {
+            e.durable = true;
+            h.floor = h.floor.max(i + 1);
+        }
+    }
+
     /// A flush is sent now: what it covers is what was acknowledged before.
     pub fn flush_sent(&mut self) -> u64 {
         self.seq += 1;

@@ -15,14 +15,25 @@
 //! - jobs: pre-image copies and merges read and write the simulated devices
 //!   as `snapshot_io` does (first online leg for reads, every online leg
 //!   with FUA for writes);
+//! - cache mirrors (issue 15): what `mirror::worker` does with a
+//!   [`Effect::Mirror`] and the `MirrorReplay`/`MirrorStagedCheck` jobs, on
+//!   the host's mirror files ([`crate::mirror`], kept in `Env::mirrors`:
+//!   they outlive the server's incarnations). Each request's file I/O takes
+//!   a latency drawn as a device's (an [`Ev::Notify`] with a mirror token),
+//!   in the volume's order; its answer goes straight to the session (or
+//!   becomes the job's outcome), and is lost if the incarnation died. A
+//!   replay writes the records' final blocks as `write_live` does (every
+//!   leg that takes writes, FUA, the pool lease asked first, up to
+//!   `REPLAY_WRITES_IN_FLIGHT` writes at once); it leaves the file (the
+//!   core removes it once "nothing pending" is committed);
 //! - ticks: every `lease_ms / 4` (as the owner loop) and at the core's next
 //!   deadline;
 //! - boot: the real journal loader over every reachable device (the newest
 //!   checkpoint plus the entries after it), as `Pool::open_journaled` reads
 //!   the pool, then a new `Core` (handles restored, grace period).
 //!
-//! What a commit costs in time is the devices' latency; nothing else here
-//! takes simulated time.
+//! What a commit costs in time is the devices' latency; a mirror request,
+//! its host disk's; nothing else here takes simulated time.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -103,6 +114,38 @@ enum Purpose {
     /// A step of the metadata write in progress (the token of the target).
     Meta,
     Job(TaskId),
+    /// A leg of write `write` of the cache mirror replay of request `op`.
+    Replay {
+        op: u64,
+        write: usize,
+    },
+}
+
+/// Who waits for a cache mirror request's answer
+/// (production: the oneshot the session or the job's task awaits).
+enum MirrorWaiter {
+    Reply(ReplyId),
+    Job(TaskId),
+}
+
+/// One write of a replay: its blocks, and (sim device, byte offset) of
+/// every leg.
+type ReplayWrite = (Vec<Content>, Vec<(usize, u64)>);
+
+/// A cache mirror replay writing to the devices (`mirror::worker`'s
+/// `replay`: up to `REPLAY_WRITES_IN_FLIGHT` writes at once, each on every
+/// leg with FUA).
+struct ReplayRun {
+    volume: VolumeId,
+    /// Writes not sent yet.
+    queue: VecDeque<ReplayWrite>,
+    /// Legs still in flight per write sent.
+    legs_left: BTreeMap<usize, usize>,
+    next_write: usize,
+    total: usize,
+    done: usize,
+    records: usize,
+    failure: Option<String>,
 }
 
 pub struct ServerProc {
@@ -136,6 +179,10 @@ pub struct ServerProc {
     writing: Option<WriteRun>,
     checking: Option<TaskId>,
     jobs: BTreeMap<TaskId, JobRun>,
+    /// Cache mirror requests of this term awaiting their answer, by id.
+    mirror_waiters: BTreeMap<u64, MirrorWaiter>,
+    /// Cache mirror replays writing, by request id.
+    replays: BTreeMap<u64, ReplayRun>,
     tokens: BTreeMap<u64, Purpose>,
     next_token: u64,
     tick_ms: u64,
@@ -259,6 +306,8 @@ impl ServerProc {
             writing: None,
             checking: None,
             jobs: BTreeMap::new(),
+            mirror_waiters: BTreeMap::new(),
+            replays: BTreeMap::new(),
             tokens: BTreeMap::new(),
             next_token: (term << 40) + 1,
             tick_ms,
@@ -475,18 +524,9 @@ impl ServerProc {
                 "no-unasked-availability-change",
                 format!("the core stopped serving ({why}) though nobody asked it to and it never lost its lease"),
             ),
-            // No simulated agent mirrors a cache (no volume has one).
-            Effect::Mirror { reply: None, .. } => {}
-            Effect::Mirror { reply: Some(reply), .. } => self.perform(
-                Effect::Reply {
-                    reply,
-                    result: Err(volume_format::control::messages::ControlError::new(
-                        volume_format::control::messages::ErrorCode::Unavailable,
-                        "cache mirrors are not simulated",
-                    )),
-                },
-                env,
-            ),
+            // The host's mirror worker answers the session itself (a
+            // request without a reply is done all the same).
+            Effect::Mirror { volume, op, reply } => self.mirror_submit(volume, op, reply.map(MirrorWaiter::Reply), env),
         }
     }
 
@@ -674,6 +714,9 @@ impl ServerProc {
     }
 
     pub fn on_device_done(&mut self, token: u64, result: DevResult, env: &mut Env) {
+        if crate::mirror::is_token(token) {
+            return self.on_mirror_io(token - crate::mirror::MIRROR_TOKEN_BASE, env);
+        }
         match self.tokens.remove(&token) {
             Some(Purpose::Meta) => self.meta_step_done(token, result, env),
             Some(Purpose::Job(task)) if self.checking == Some(task) => {
@@ -686,6 +729,7 @@ impl ServerProc {
                 self.next_work(env);
             }
             Some(Purpose::Job(task)) => self.job_step_done(task, result, env),
+            Some(Purpose::Replay { op, write }) => self.replay_step_done(op, write, result, env),
             None => {}
         }
     }
@@ -721,10 +765,15 @@ impl ServerProc {
                 let outcome = JobOutcome::failed("device add is not simulated");
                 return self.apply(Input::JobDone { task, outcome }, env);
             }
-            // Nor write-back caches (no volume has one in this world).
-            Job::MirrorReplay { .. } | Job::MirrorStagedCheck { .. } => {
-                let outcome = JobOutcome::failed("cache mirrors are not simulated");
-                return self.apply(Input::JobDone { task, outcome }, env);
+            // The volume's mirror worker runs them, in its order
+            // (`owner::start_job`); the answer is the job's outcome.
+            Job::MirrorReplay { meta, volume, expected } => {
+                let op = metadata_server::mirror::MirrorOp::Replay { meta, expected };
+                return self.mirror_submit(volume, op, Some(MirrorWaiter::Job(task)), env);
+            }
+            Job::MirrorStagedCheck { volume, copy, records } => {
+                let op = metadata_server::mirror::MirrorOp::CheckStaged { copy, records };
+                return self.mirror_submit(volume, op, Some(MirrorWaiter::Job(task)), env);
             }
             // Simulated devices are plain NBD servers: none fences, so the
             // real job would skip every one (the timing rules cover them).
@@ -838,6 +887,209 @@ impl ServerProc {
         }
         self.device_op(dev, op, Purpose::Job(task), env);
     }
+}
+
+impl ServerProc {
+    // ---- cache mirrors ----
+
+    fn owner(&self) -> crate::mirror::Owner {
+        (self.inc, self.term)
+    }
+
+    /// Queues `op` for `volume`'s mirror worker on this host
+    /// (`Mirrors::send`); its file I/O takes a latency of the host's disk
+    /// (drawn as a device's), then [`ServerProc::on_mirror_io`].
+    fn mirror_submit(
+        &mut self,
+        volume: VolumeId,
+        op: metadata_server::mirror::MirrorOp,
+        waiter: Option<MirrorWaiter>,
+        env: &mut Env,
+    ) {
+        let host = self.host;
+        env.mirrors[host].forget_dead(self.inc, &mut env.rng);
+        let id = env.mirrors[host].submit(volume, self.owner(), op);
+        if let Some(waiter) = waiter {
+            self.mirror_waiters.insert(id, waiter);
+        }
+        let (lo, hi) = env.cfg.device_latency_ms;
+        let at = env.now + env.rng.range(lo, hi);
+        let token = crate::mirror::MIRROR_TOKEN_BASE + id;
+        env.schedule(at, Ev::Notify { proc: self.me(), inc: self.inc, token, result: DevResult::Done });
+    }
+
+    /// Mirror request `id`'s file I/O is done (durable): the worker takes
+    /// what is due.
+    fn on_mirror_io(&mut self, id: u64, env: &mut Env) {
+        let host = self.host;
+        env.mirrors[host].forget_dead(self.inc, &mut env.rng);
+        let dones = env.mirrors[host].complete(id, Some(self.owner()));
+        self.mirror_dones(dones, env);
+    }
+
+    fn mirror_dones(&mut self, dones: Vec<crate::mirror::Done>, env: &mut Env) {
+        for done in dones {
+            match done {
+                crate::mirror::Done::Answer { id, result } => match self.mirror_waiters.remove(&id) {
+                    Some(MirrorWaiter::Reply(reply)) => self.perform(Effect::Reply { reply, result }, env),
+                    Some(MirrorWaiter::Job(task)) => {
+                        let outcome = match result {
+                            Ok(_) => JobOutcome::done(),
+                            Err(e) => JobOutcome::failed(e.message),
+                        };
+                        self.apply(Input::JobDone { task, outcome }, env);
+                    }
+                    None => {}
+                },
+                crate::mirror::Done::Replay(r) => {
+                    let crate::mirror::Replay { id, volume, meta, writes, records } = *r;
+                    self.start_replay(id, volume, &meta, writes, records, env)
+                }
+            }
+        }
+    }
+
+    /// Writes the final blocks of a mirror's records to the volume's
+    /// devices, as `DeviceClients::write_live` does: split at extents, every
+    /// leg that takes writes, with FUA, the pool lease asked before each.
+    fn start_replay(
+        &mut self,
+        id: u64,
+        volume: VolumeId,
+        meta: &PoolMetadata,
+        writes: Vec<(u64, Vec<Content>)>,
+        records: usize,
+        env: &mut Env,
+    ) {
+        let total = writes.len();
+        env.trace(
+            self.me(),
+            format_args!("replays the cache mirror of volume {volume}: {records} records, {total} writes"),
+        );
+        let mut queue = VecDeque::new();
+        let mut failure = None;
+        for (offset, blocks) in writes {
+            match replay_targets(env, meta, volume, offset, &blocks) {
+                Ok(pieces) => queue.extend(pieces),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        let run =
+            ReplayRun { volume, queue, legs_left: BTreeMap::new(), next_write: 0, total, done: 0, records, failure };
+        self.replays.insert(id, run);
+        self.replay_pump(id, env);
+    }
+
+    /// Sends writes up to the limit in flight; finishes when all are done
+    /// (or one failed and the others are back).
+    fn replay_pump(&mut self, id: u64, env: &mut Env) {
+        let lease_gone = self.guard.is_some_and(|g| !g.may_commit(crate::lease::mono_ms(env, self.host)));
+        loop {
+            let Some(run) = self.replays.get_mut(&id) else { return };
+            if run.failure.is_some()
+                || run.queue.is_empty()
+                || run.legs_left.len() >= metadata_server::mirror::replay::REPLAY_WRITES_IN_FLIGHT
+            {
+                break;
+            }
+            if lease_gone {
+                // `DeviceClients::may_write`.
+                let why = "this metadata server does not hold the pool lease now; no more data was written";
+                run.failure = Some(why.into());
+                break;
+            }
+            let (data, legs) = run.queue.pop_front().expect("checked");
+            let write = run.next_write;
+            run.next_write += 1;
+            if legs.is_empty() {
+                run.done += 1;
+                continue;
+            }
+            run.legs_left.insert(write, legs.len());
+            for (dev, offset) in legs {
+                let op = DevOp::Write { block: offset / BLOCK_BYTES, data: data.clone(), fua: true };
+                self.device_op(dev, op, Purpose::Replay { op: id, write }, env);
+            }
+        }
+        let Some(run) = self.replays.get(&id) else { return };
+        if !run.legs_left.is_empty() || (run.failure.is_none() && !run.queue.is_empty()) {
+            return;
+        }
+        let run = self.replays.remove(&id).expect("checked");
+        let volume = run.volume;
+        let result = match run.failure {
+            None => {
+                env.trace(self.me(), format_args!("cache mirror of volume {volume} replayed to the devices"));
+                Ok(Response::Done)
+            }
+            Some(e) => {
+                let msg = format!(
+                    "replaying the cache mirror of volume {volume} to its devices failed after {} of {} writes ({}                      records; {e}); the mirror is kept and the replay is retried at the next open",
+                    run.done, run.total, run.records
+                );
+                env.trace(self.me(), format_args!("{msg}"));
+                Err(ControlError::new(ErrorCode::Unavailable, msg))
+            }
+        };
+        let mut dones = vec![crate::mirror::Done::Answer { id, result }];
+        dones.extend(env.mirrors[self.host].replay_finished(volume, Some(self.owner())));
+        self.mirror_dones(dones, env);
+    }
+
+    fn replay_step_done(&mut self, id: u64, write: usize, result: DevResult, env: &mut Env) {
+        let Some(run) = self.replays.get_mut(&id) else { return };
+        if let DevResult::Failed(e) = result {
+            run.failure.get_or_insert(e);
+        }
+        let Some(left) = run.legs_left.get_mut(&write) else { return };
+        *left -= 1;
+        if *left == 0 {
+            run.legs_left.remove(&write);
+            if run.failure.is_none() {
+                run.done += 1;
+            }
+        }
+        self.replay_pump(id, env);
+    }
+}
+
+/// A standing-by server's mirror request `token` is done (its term ended
+/// meanwhile): the worker goes on; nobody hears the answers.
+pub fn mirror_io_without_term(host: usize, inc: u64, token: u64, env: &mut Env) {
+    env.mirrors[host].forget_dead(inc, &mut env.rng);
+    let _ = env.mirrors[host].complete(token - crate::mirror::MIRROR_TOKEN_BASE, None);
+}
+
+/// The writes of `blocks` at volume byte `offset`: per extent, the blocks
+/// and (sim device, byte offset) of every leg that takes writes.
+fn replay_targets(
+    env: &Env,
+    meta: &PoolMetadata,
+    volume: VolumeId,
+    offset: u64,
+    blocks: &[Content],
+) -> Result<Vec<ReplayWrite>, String> {
+    let len = blocks.len() as u64 * BLOCK_BYTES;
+    let map = meta.volume_map(volume).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for segment in map.segments(offset, len).map_err(|e| e.to_string())? {
+        let first = ((segment.logical_offset - offset) / BLOCK_BYTES) as usize;
+        let count = (segment.len_bytes / BLOCK_BYTES) as usize;
+        let legs = segment.write_legs().map_err(|e| e.to_string())?;
+        let mut targets = Vec::new();
+        for leg in legs.iter() {
+            let device = meta.device(leg.device).ok_or_else(|| format!("device {} is not in the pool", leg.device))?;
+            let dev = env
+                .device_by_uuid(device.device_uuid)
+                .ok_or_else(|| format!("device {} is not in the world", leg.device))?;
+            targets.push((dev, leg.device_offset));
+        }
+        out.push((blocks[first..first + count].to_vec(), targets));
+    }
+    Ok(out)
 }
 
 fn blocks_to_bytes(blocks: &[Content]) -> Vec<u8> {

@@ -13,7 +13,7 @@
 //! so a handler borrows its process and the environment at once.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::sync::Arc;
 
 use ed25519_dalek::SigningKey;
@@ -242,6 +242,10 @@ pub struct Stats {
     pub terms: u64,
     pub handoffs: u64,
     pub sweeps: u64,
+    /// Writes a write-back cache acknowledged once mirrored.
+    pub writes_mirrored: u64,
+    /// Writes a write-back cache acknowledged once destaged (writing through).
+    pub writes_through: u64,
 }
 
 pub struct Env {
@@ -276,9 +280,37 @@ pub struct Env {
     pub device_cut: Vec<u64>,
     /// Two-server world: the admin asks for a handoff at its next chance.
     pub handoff_wanted: bool,
+    /// Cached volumes whose holder died (or lost its handle) with writes the
+    /// devices lack, and the mirror generation that holds them: the devices
+    /// are not checked against those writes until the server replayed that
+    /// generation (its record is no longer pending) or a newer one started.
+    pub cache_orphans: BTreeMap<u64, u64>,
+    /// Volumes the admin is to give a cache before the plan has them.
+    pub to_cache: Vec<String>,
+    /// One-server world: the host the server last ran on.
+    pub last_server_host: usize,
+    /// (agent, volume, block): blocks live caches hold that the devices may
+    /// still lack (the cache answers their reads); not checked on the
+    /// devices.
+    pub cache_dirty: BTreeSet<(usize, u64, u64)>,
+    /// Each server host's cache mirrors: on its disk, they outlive its
+    /// server's incarnations ([`crate::mirror`]).
+    pub mirrors: Vec<crate::mirror::HostMirrors>,
 }
 
 impl Env {
+    /// A cache died holding writes of `volume` the devices lack (see
+    /// [`Env::cache_orphans`]).
+    pub fn cache_orphaned(&mut self, volume: u64) {
+        let mirror = self.obs.meta.cache_mirrors.iter().find(|m| m.volume.0 == volume);
+        let generation = mirror.map_or(0, |m| m.generation);
+        self.trace(
+            "world",
+            format_args!("volume {volume}: a cache holding writes is gone; mirror generation {generation} holds them"),
+        );
+        self.cache_orphans.insert(volume, generation);
+    }
+
     pub fn schedule(&mut self, at_ms: u64, ev: Ev) {
         self.seq += 1;
         self.queue.push(Reverse((at_ms.max(self.now), self.seq)));
@@ -484,12 +516,19 @@ impl World {
             role: Role::Admin,
         });
         let mut plan = Plan::default();
+        let mut to_cache = Vec::new();
         for v in 0..cfg.volumes {
             let name = format!("v{v}");
             let legs = if rng.chance(0.3) { 2 } else { 1 };
             let extents = rng.range(cfg.volume_extents.0, cfg.volume_extents.1);
             let id = meta.create_volume(&name, extents * cfg.extent_bytes, 4096, legs, 0).expect("room for volumes");
-            plan.add_volume(&name, id.0, cfg.agents, &mut rng);
+            if v < 63 && cfg.cache_mask & (1 << v) != 0 {
+                // Cached by the admin (`sanvol volume cache`) before the
+                // plan gives it to anyone.
+                to_cache.push(name);
+            } else {
+                plan.add_volume(&name, id.0, cfg.agents, &mut rng);
+            }
         }
         meta.generation = 1;
         for d in devices.iter_mut().take(3) {
@@ -550,6 +589,11 @@ impl World {
             listening: vec![false; cfg.server_hosts],
             device_cut: vec![0; cfg.server_hosts],
             handoff_wanted: false,
+            cache_orphans: BTreeMap::new(),
+            to_cache,
+            last_server_host: 0,
+            cache_dirty: BTreeSet::new(),
+            mirrors: (0..cfg.server_hosts).map(|_| crate::mirror::HostMirrors::default()).collect(),
             cfg,
         };
         let mut w = World { env, server: None, hosts: Vec::new(), agents: Vec::new(), admin: None };
@@ -1169,6 +1213,11 @@ impl World {
             s.up = false;
             s.paused_until = 0;
         }
+        let orphans = self.agents[a].as_ref().map(|h| h.cached_volumes_holding_writes()).unwrap_or_default();
+        for volume in orphans {
+            self.env.cache_orphaned(volume);
+        }
+        self.env.cache_dirty.retain(|(agent, _, _)| *agent != a);
         self.agents[a] = None;
         let conns: Vec<ConnId> =
             self.env.net.conns.values().filter(|c| c.open && c.client == Proc::Agent(a)).map(|c| c.id).collect();
@@ -1228,7 +1277,16 @@ impl World {
                 if self.env.server_host.is_some() {
                     return;
                 }
-                let host = self.env.rng.index(self.env.cfg.server_hosts);
+                // With write-back caches the server comes back where it ran:
+                // its cache mirrors are files on that host's disk (elsewhere
+                // it would refuse to open their volumes, rightly, until the
+                // operator brought it back there).
+                let host = if self.env.cfg.cache_mask != 0 {
+                    self.env.last_server_host
+                } else {
+                    self.env.rng.index(self.env.cfg.server_hosts)
+                };
+                self.env.last_server_host = host;
                 let s = self.env.procs.get_mut(&Proc::Server(host)).expect("a server host");
                 s.inc += 1;
                 s.up = true;

@@ -84,6 +84,9 @@ pub enum Delivery {
 
 pub use crate::config::LeaseClock;
 
+mod cache;
+pub use cache::MirrorState;
+
 /// Most I/O the application keeps in flight per agent.
 pub const APP_IO_MAX: usize = 8;
 
@@ -143,6 +146,8 @@ pub struct Att {
     behind_failed: Option<String>,
     /// Admitted I/O waiting for writes behind (their block, or a FLUSH).
     after_behind: Vec<u64>,
+    /// The write-back cache of an exclusive holder ([`cache`]).
+    cache: Option<cache::Cache>,
 }
 
 #[derive(Debug, Clone)]
@@ -169,8 +174,13 @@ struct Io {
 
 enum DevPurpose {
     Io(u64),
-    Preserve { att: AttachmentId, chunk: u64 },
+    Preserve {
+        att: AttachmentId,
+        chunk: u64,
+    },
     DetachFlush(AttachmentId),
+    /// A write or flush of the cache's destage round.
+    Destage(AttachmentId),
 }
 
 enum CallerPurpose {
@@ -204,6 +214,9 @@ pub struct AgentHost {
     /// previous run may have writes stalled in a device until
     /// `device_request_max_ms` after it died.
     writes_from: Millis,
+    /// The caches' own requests to the server ([`cache`]).
+    cache_reqs: BTreeMap<u64, cache::Pending>,
+    next_cache_req: u64,
 }
 
 impl AgentHost {
@@ -229,6 +242,8 @@ impl AgentHost {
             app: AppState::default(),
             addrs,
             writes_from: 0,
+            cache_reqs: BTreeMap::new(),
+            next_cache_req: 0,
         };
         // Every restart here follows a crash (an unclean stop).
         if inc > 1 {
@@ -282,6 +297,7 @@ impl AgentHost {
         }
         self.input(Input::Tick, env);
         self.release_lease_waiters(env);
+        self.cache_tick(env);
     }
 
     fn deliver(&mut self, delivery: Delivery, env: &mut Env) {
@@ -404,9 +420,11 @@ impl AgentHost {
                     behind: BTreeSet::new(),
                     behind_failed: None,
                     after_behind: Vec::new(),
+                    cache: None,
                 };
                 self.atts.insert(attachment, att);
                 self.note_lease(attachment, env);
+                self.cache_attached(attachment, env);
                 let prepared = Prepared {
                     export_uri: format!("sim://agent{}/{attachment:?}", self.index),
                     kernel_device: None,
@@ -415,6 +433,9 @@ impl AgentHost {
                 queue.push_back(Input::Prepared { attachment, result: Ok(prepared) });
             }
             Effect::BeginRecall { attachment, generation } => {
+                // The cache is destaged first (a snapshot holds every
+                // acknowledged write): the drain waits for it.
+                let cache_idle = self.cache_idle(attachment);
                 let Some(a) = self.atts.get_mut(&attachment) else { return };
                 env.trace(
                     me,
@@ -422,7 +443,7 @@ impl AgentHost {
                 );
                 a.phase = Phase::Recalled { generation };
                 a.drain_for = Some(generation);
-                if a.in_flight == 0 {
+                if a.in_flight == 0 && cache_idle {
                     a.drain_for = None;
                     queue.push_back(Input::Drained { attachment, generation, result: Ok(()) });
                 }
@@ -454,6 +475,7 @@ impl AgentHost {
                 env.trace(me, format_args!("{}: handle {} revoked: {reason}", a.volume, a.handle));
                 a.phase = Phase::Revoked(reason);
                 env.obs.drop_lease(a.handle);
+                self.cache_revoked(attachment, env);
                 self.fail_waiting(attachment, env);
                 self.check_drain(attachment, queue, env);
             }
@@ -463,6 +485,7 @@ impl AgentHost {
                     self.note_lease(attachment, env);
                     self.release_held(attachment, env);
                     self.release_lease_waiters(env);
+                    self.cache_kick(attachment, env);
                 }
             }
             Effect::StartDetach { attachment, flush } => {
@@ -485,6 +508,11 @@ impl AgentHost {
             Effect::Forget { attachment } => {
                 if let Some(a) = self.atts.remove(&attachment) {
                     env.trace(me, format_args!("{}: handle {} forgotten", a.volume, a.handle));
+                    if a.cache.as_ref().is_some_and(|c| c.holds_writes()) {
+                        env.cache_orphaned(a.volume_id);
+                    }
+                    let index = self.index;
+                    env.cache_dirty.retain(|(agent, v, _)| !(*agent == index && *v == a.volume_id));
                     env.obs.drop_lease(a.handle);
                     let ids: Vec<u64> =
                         self.ios.iter().filter(|(_, io)| io.att == attachment).map(|(id, _)| *id).collect();
@@ -534,6 +562,7 @@ impl AgentHost {
     pub fn on_conn_lost(&mut self, net: NetConn, env: &mut Env) {
         let Some(&conn) = self.net_conns.get(&net) else { return };
         env.trace(self.me(), format_args!("lost connection {net}"));
+        self.cache_conn_lost(net, env);
         let lost: Vec<RequestId> = self.pending.iter().filter(|(_, c)| **c == conn).map(|(r, _)| *r).collect();
         for request in lost {
             self.pending.remove(&request);
@@ -545,6 +574,9 @@ impl AgentHost {
     pub fn on_message(&mut self, net: NetConn, msg: ServerMessage, env: &mut Env) {
         let Some(&conn) = self.net_conns.get(&net) else { return };
         match msg {
+            ServerMessage::Reply { id, result } if id >= cache::CACHE_REQUEST_BASE => {
+                self.on_cache_message(id, result.map_err(cache::error_text), env);
+            }
             ServerMessage::Reply { id, result } => {
                 let request = RequestId(id);
                 if self.pending.remove(&request).is_none() {
@@ -577,6 +609,7 @@ impl AgentHost {
     fn admit(&mut self, id: u64, env: &mut Env) {
         let now = self.clock(env);
         let Some(io) = self.ios.get(&id) else { return };
+        let probing = self.cache_probing(io.att);
         let Some(a) = self.atts.get_mut(&io.att) else {
             return self.finish_io(id, Err("the volume is detached".into()), env);
         };
@@ -588,7 +621,7 @@ impl AgentHost {
             Phase::Closed => return self.finish_io(id, Err("the volume is detached".into()), env),
             Phase::Recalled { .. } => return a.held.push_back(id),
             Phase::Open if a.detaching => return self.finish_io(id, Err("the volume is detaching".into()), env),
-            Phase::Open if now >= a.lease_until => return a.held.push_back(id),
+            Phase::Open if now >= a.lease_until || probing => return a.held.push_back(id),
             Phase::Open => {}
         }
         a.in_flight += 1;
@@ -676,6 +709,16 @@ impl AgentHost {
             let at = env.now + (self.writes_from - now);
             return env.schedule(at, Ev::AgentWake { agent: self.index, inc: self.inc });
         }
+        let cached = match io.kind.clone() {
+            IoKind::Write { block, tag } => self.cache_write(id, block, tag, env),
+            IoKind::Read { block } => self.cache_read(id, block, env),
+            IoKind::Flush => false,
+        };
+        if cached {
+            return;
+        }
+        let Some(io) = self.ios.get(&id) else { return };
+        let Some(a) = self.atts.get(&att) else { return };
         let handle = a.handle;
         let volume_id = a.volume_id;
         let volume = a.volume.clone();
@@ -755,6 +798,7 @@ impl AgentHost {
                 }
             }
             Some(DevPurpose::Preserve { att, chunk }) => self.preserve_step(att, chunk, result, env),
+            Some(DevPurpose::Destage(att)) => self.round_step(att, Some(result), env),
             Some(DevPurpose::DetachFlush(att)) => {
                 if let Some(a) = self.atts.get_mut(&att) {
                     if let Some(n) = a.detach_flush.as_mut() {
@@ -832,8 +876,9 @@ impl AgentHost {
     }
 
     fn check_drain(&mut self, att: AttachmentId, queue: &mut VecDeque<Input>, _env: &mut Env) {
+        let cache_idle = self.cache_idle(att);
         let Some(a) = self.atts.get_mut(&att) else { return };
-        if a.in_flight == 0 {
+        if a.in_flight == 0 && cache_idle {
             if let Some(generation) = a.drain_for.take() {
                 queue.push_back(Input::Drained { attachment: att, generation, result: Ok(()) });
             }
@@ -842,8 +887,9 @@ impl AgentHost {
     }
 
     fn check_detached(&mut self, att: AttachmentId, queue: &mut VecDeque<Input>) {
+        let cache_idle = self.cache_idle(att);
         let Some(a) = self.atts.get_mut(&att) else { return };
-        if a.detaching && a.detach_flush == Some(0) && a.in_flight == 0 {
+        if a.detaching && a.detach_flush == Some(0) && a.in_flight == 0 && cache_idle {
             a.detach_flush = None;
             a.phase = Phase::Closed;
             queue.push_back(Input::Detached { attachment: att, result: Ok(()) });
