@@ -155,6 +155,15 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Makes every completed write durable.
     async fn flush(&self) -> Result<(), IoError>;
 
+    /// Changes whenever a connection this device writes through was
+    /// replaced (0: never, or no connections). A flush vouches only for the
+    /// writes completed while it stayed the same: a server that restarted
+    /// may have lost what its old connection completed, and a flush on the
+    /// new one says nothing about that. Wrappers pass their device's on.
+    fn connection_epoch(&self) -> u64 {
+        0
+    }
+
     /// Hints that `[offset, offset+len)` is no longer needed. Reads of a
     /// trimmed range return unspecified data (zeroes for our backends).
     async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError>;

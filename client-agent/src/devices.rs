@@ -609,6 +609,18 @@ impl BlockDevice for HandleLeg {
         self.device.size()
     }
 
+    /// The handle's own connection's on a device that fences, the shared
+    /// one's otherwise.
+    fn connection_epoch(&self) -> u64 {
+        match (&self.creds, self.device.fences()) {
+            (Some(creds), true) => {
+                let clients = self.device.handle_clients.lock().unwrap_or_else(|e| e.into_inner());
+                clients.get(&creds.handle().0).map_or(0, |(_, c)| c.connection_epoch())
+            }
+            _ => self.device.connection_epoch(),
+        }
+    }
+
     fn block_sizes(&self) -> BlockSizes {
         let handle = self.creds.as_ref().map(|c| c.handle().0);
         let own = handle.and_then(|h| {
@@ -671,6 +683,11 @@ impl BlockDevice for PooledDevice {
     /// The device's size once connected, 0 before (volumes do not use it).
     fn size(&self) -> u64 {
         self.size_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The shared connection's (0 while there is none).
+    fn connection_epoch(&self) -> u64 {
+        self.cached().map_or(0, |c| c.connection_epoch())
     }
 
     fn block_sizes(&self) -> BlockSizes {
@@ -782,6 +799,40 @@ mod tests {
         let unlabelled = serve(Arc::new(blockio::memory::MemoryDevice::new(1 << 20)), dir.path(), "blank");
         let dev = pool.device(&endpoint(&d, 0, &unlabelled.uri), d.pool_uuid).unwrap();
         assert!(dev.connect().await.unwrap_err().message.contains("not a sanvol device"));
+    }
+
+    /// What a destage round checks (`crate::cache`): a restarted device
+    /// server is answered on a new connection, and the epoch says so.
+    #[tokio::test]
+    async fn the_connection_epoch_changes_when_the_device_server_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = description(1, 1, 1, 1);
+        let memory = labelled_device(d.pool_uuid, d.devices[0].device_uuid, 0);
+        let served = serve(memory.clone(), dir.path(), "dev0");
+        let pool = DevicePool::new(PoolOptions::default());
+        let dev = pool.device(&endpoint(&d, 0, &served.uri), d.pool_uuid).unwrap();
+        assert_eq!(dev.connection_epoch(), 0, "not connected yet");
+        dev.write(EXTENT, pattern(3, 4096), false).await.unwrap();
+        let first = dev.connection_epoch();
+        assert_ne!(first, 0);
+        dev.flush().await.unwrap();
+        assert_eq!(dev.connection_epoch(), first, "same connection");
+
+        // The server goes away and comes back at the same address.
+        drop(served);
+        std::fs::remove_file(dir.path().join("dev0.sock")).unwrap();
+        let _again = serve(memory, dir.path(), "dev0");
+        // The first request finds the old connection dead; the next one
+        // connects anew.
+        let mut flushed = dev.flush().await;
+        for _ in 0..3 {
+            if flushed.is_ok() {
+                break;
+            }
+            flushed = dev.flush().await;
+        }
+        flushed.unwrap();
+        assert_ne!(dev.connection_epoch(), first, "a new connection, a new epoch");
     }
 
     #[test]

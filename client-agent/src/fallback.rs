@@ -531,6 +531,16 @@ impl BlockDevice for FallbackDevice {
         self.direct.size()
     }
 
+    /// The direct connection's, or (on fallback) the data channels'
+    /// count, marked apart: switching paths changes it too.
+    fn connection_epoch(&self) -> u64 {
+        if self.direct.path().is_direct() {
+            self.direct.connection_epoch()
+        } else {
+            1 << 63 | self.channels_opened.load(Ordering::Acquire)
+        }
+    }
+
     fn block_sizes(&self) -> BlockSizes {
         self.direct.block_sizes()
     }

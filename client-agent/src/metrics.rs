@@ -375,6 +375,9 @@ impl BlockDevice for Metered {
     fn size(&self) -> u64 {
         self.inner.size()
     }
+    fn connection_epoch(&self) -> u64 {
+        self.inner.connection_epoch()
+    }
     fn block_sizes(&self) -> BlockSizes {
         self.inner.block_sizes()
     }

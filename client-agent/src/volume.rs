@@ -689,6 +689,12 @@ impl BlockDevice for VolumeDevice {
         self.gate.layout().description.size_bytes
     }
 
+    /// Over the current layout's devices: changes when any of their
+    /// connections was replaced.
+    fn connection_epoch(&self) -> u64 {
+        self.gate.layout().devices.iter().fold(0, |acc, d| acc.rotate_left(13) ^ d.connection_epoch())
+    }
+
     fn block_sizes(&self) -> BlockSizes {
         let block = self.gate.layout().description.block_bytes;
         // Any byte granularity works on this path (extent boundaries are

@@ -30,7 +30,7 @@ mod handshake;
 mod reader;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -144,7 +144,12 @@ struct Inner {
     /// Largest READ/WRITE we send in one request: the server's maximum,
     /// capped at 32 MiB and rounded down to its minimum block size.
     payload_bytes_max: u32,
+    /// Unique among this process's clients ([`NbdClient::connection_epoch`]).
+    id: u64,
 }
+
+/// Numbers the clients a process connects (never 0).
+static CLIENTS_CONNECTED: AtomicU64 = AtomicU64::new(1);
 
 /// Source of zero payloads for emulating WRITE_ZEROES on servers without it.
 static ZEROES: [u8; ZEROES_BYTES] = [0; ZEROES_BYTES];
@@ -418,6 +423,7 @@ impl NbdClient {
                     .request_timeout
                     .map(|after| RequestTimeout { after, closes_connection: opts.timeout_closes_connection }),
                 payload_bytes_max,
+                id: CLIENTS_CONNECTED.fetch_add(1, Ordering::Relaxed),
             }),
         }
     }
@@ -568,6 +574,11 @@ impl BlockDevice for NbdClient {
 
     fn can_fast_zero(&self) -> bool {
         self.inner.info.has(proto::TFLAG_SEND_WRITE_ZEROES) && self.inner.info.has(proto::TFLAG_SEND_FAST_ZERO)
+    }
+
+    /// This client's number: a new connection is a new client.
+    fn connection_epoch(&self) -> u64 {
+        self.inner.id
     }
 
     fn meta_contexts(&self) -> Vec<String> {

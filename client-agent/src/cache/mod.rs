@@ -1446,6 +1446,11 @@ type PlannedWrite = (u64, Vec<(u64, Bytes)>);
 
 /// Writes a round to the devices (see "Ordered, coalesced destage").
 async fn write_round(shared: &Shared, round: &[Queued]) -> Result<(), IoError> {
+    // A device connection replaced between the writes and the flush (the
+    // device server restarted, say) may have lost what the old one
+    // completed: the flush on the new one does not vouch for it, so the
+    // round is written again (found by the simulator).
+    let epoch = shared.inner.connection_epoch();
     let planned = plan_round(round, &shared.lock().dirty);
     match planned {
         Some(writes) => {
@@ -1472,7 +1477,14 @@ async fn write_round(shared: &Shared, round: &[Queued]) -> Result<(), IoError> {
             }
         }
     }
-    shared.inner.flush().await
+    shared.inner.flush().await?;
+    if shared.inner.connection_epoch() != epoch {
+        return Err(IoError::io(
+            "a device connection was replaced between the round's writes and its flush, which cannot vouch for \
+             what the old connection completed",
+        ));
+    }
+    Ok(())
 }
 
 /// Writes acknowledged records to the devices in order, round by round,
@@ -1601,6 +1613,10 @@ async fn release_written(shared: &Arc<Shared>) -> Result<(), CacheError> {
 impl BlockDevice for CachedDevice {
     fn size(&self) -> u64 {
         self.shared.inner.size()
+    }
+
+    fn connection_epoch(&self) -> u64 {
+        self.shared.inner.connection_epoch()
     }
 
     fn block_sizes(&self) -> BlockSizes {

@@ -1340,3 +1340,87 @@ async fn the_cache_reports_its_state_and_each_change_until_it_is_gone() {
         assert_eq!(r.state, "write-through", "a report sent while the cache was dropped");
     }
 }
+
+/// A device whose completed writes are durable only once flushed, and that
+/// can restart at its next flush: it forgets what was not flushed yet and
+/// answers on a new connection (a new [`BlockDevice::connection_epoch`]),
+/// as an NBD server that crashed and came back does to a client that
+/// reconnects.
+struct Forgetful {
+    durable: MemoryDevice,
+    unflushed: std::sync::Mutex<Vec<(u64, Bytes)>>,
+    restart_at_next_flush: std::sync::atomic::AtomicBool,
+    epoch: AtomicU64,
+    flushes: AtomicU64,
+}
+
+#[async_trait]
+impl BlockDevice for Forgetful {
+    fn size(&self) -> u64 {
+        self.durable.size()
+    }
+    fn connection_epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+        let mut data = self.durable.read(offset, len).await?.to_vec();
+        for (at, bytes) in self.unflushed.lock().unwrap().iter() {
+            let (start, end) = ((*at).max(offset), (at + bytes.len() as u64).min(offset + u64::from(len)));
+            if start < end {
+                let src = &bytes[(start - at) as usize..(end - at) as usize];
+                data[(start - offset) as usize..(end - offset) as usize].copy_from_slice(src);
+            }
+        }
+        Ok(Bytes::from(data))
+    }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
+        if fua {
+            return self.durable.write(offset, data, true).await;
+        }
+        self.unflushed.lock().unwrap().push((offset, data));
+        Ok(())
+    }
+    async fn flush(&self) -> Result<(), IoError> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        let pending = std::mem::take(&mut *self.unflushed.lock().unwrap());
+        if self.restart_at_next_flush.swap(false, Ordering::SeqCst) {
+            // Restarted: the old connection's unflushed writes are gone; the
+            // flush is answered on the new connection, truthfully.
+            self.epoch.fetch_add(1, Ordering::SeqCst);
+            return Ok(());
+        }
+        for (offset, data) in pending {
+            self.durable.write(offset, data, false).await?;
+        }
+        Ok(())
+    }
+    async fn trim(&self, _: u64, _: u32, _: bool) -> Result<(), IoError> {
+        Ok(())
+    }
+    async fn write_zeroes(&self, offset: u64, len: u32, _: ZeroFlags) -> Result<(), IoError> {
+        self.write(offset, Bytes::from(vec![0u8; len as usize]), false).await
+    }
+}
+
+/// Found by the simulator: a destage round whose device restarted between
+/// its writes and its flush (the flush then ran on a new connection) is
+/// written again, so the log never releases a write the device lost.
+#[tokio::test]
+async fn a_round_whose_device_connection_was_replaced_before_its_flush_is_written_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = CacheConfig::new(dir.path().join("vol.cachelog"), LOG_BYTES_MIN);
+    let device = Arc::new(Forgetful {
+        durable: MemoryDevice::new(DEVICE_BYTES),
+        unflushed: Default::default(),
+        restart_at_next_flush: true.into(),
+        epoch: AtomicU64::new(1),
+        flushes: AtomicU64::new(0),
+    });
+    let cache = CachedDevice::open(device.clone(), VolumeId(1), &config).await.unwrap();
+    let data = Bytes::from(vec![0x5a; 8192]);
+    cache.write(4096, data.clone(), false).await.unwrap();
+    cache.destage_all().await;
+    assert!(device.flushes.load(Ordering::SeqCst) >= 2, "the round was flushed again after the restart");
+    assert_eq!(device.durable.read(4096, 8192).await.unwrap(), data, "the device holds the write durably");
+    assert_eq!(cache.status().dirty_bytes, 0);
+}
