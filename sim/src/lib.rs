@@ -62,6 +62,11 @@
 //!   (`client_agent::core::AgentCore`) in a shell that does what the
 //!   agent's owner does, and a data path with the gate, lease and
 //!   copy-on-write rules.
+//! - **Write-back cache mirrors** (issue 15; [`mirror`], `agent::cache`):
+//!   exclusive holders of cached volumes log writes, mirror them at the
+//!   server and acknowledge once mirrored; destage rounds flush before they
+//!   release; a dead holder's mirror is replayed by the real core before
+//!   the volume opens again (`sim/README.md`, "Write-back cache mirrors").
 //! - **Workload** ([`app`]), **data model** ([`oracle`]), **invariants**
 //!   ([`observer`]).
 //!

@@ -87,6 +87,16 @@ const TWO_SERVER_REGRESSION_SEEDS: &[u64] = &[
     // new owner now waits D more before it loads the metadata.
     217702335532761,
     3485435320083,
+    // Write-back cache mirrors (issue 15), found by the CI range once the
+    // simulator modelled them: an open that replays a mirror had not
+    // committed the handles it broke; the server died mid-replay and came
+    // back with the old holder active, which resumed and acknowledged a
+    // write the half-done replay had overwritten (1121). Holders excluded
+    // by a recall were renewed while the mirror they left was replayed
+    // (1626, 1410).
+    1121,
+    1626,
+    1410,
     // After early faults the lease copies stayed split between two
     // acquirers' records (a copy lost power meanwhile): no majority agreed
     // and nobody ever wrote again, so no server served the pool. A standby
