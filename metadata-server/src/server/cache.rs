@@ -12,7 +12,9 @@
 //! stay out of the table and are committed as broken before the replay
 //! writes (a server that dies mid-replay must not come back with them
 //! active: their holders would resume over a half-done replay — found by
-//! the simulator); the open is prepared again once the replay is done.
+//! the simulator); the open is prepared again once the replay is done. A
+//! recall that replays for an excluded holder records it as broken first
+//! too.
 //!
 //! Which mirror is replayed, and when (format 11): each `MirrorOpen` first
 //! commits a new generation of the volume's mirror to the pool metadata
@@ -406,7 +408,14 @@ impl Core {
                 let msg = format!(
                     "the volume's cache mirror (writes its excluded holder acknowledged) must be on the devices before the change, and replaying it failed: {why}; nothing was changed; retry"
                 );
-                self.finish_recall(volume, pending, excluded, Err(err(ErrorCode::Unavailable, msg)));
+                // Recorded as broken before the replay: they go now (the
+                // others resume with the old layout).
+                for id in &excluded {
+                    if let Some(h) = self.handles.remove(*id) {
+                        self.released(&h, format!("excluded from a reconfiguration that then failed: {why}"));
+                    }
+                }
+                self.finish_recall(volume, pending, Vec::new(), Err(err(ErrorCode::Unavailable, msg)));
                 Step::Done(None)
             }
         }
@@ -426,6 +435,14 @@ impl Core {
                      is replayed) failed: {why}; retry"
                 );
                 Step::Done(Some((reply, Err(err(ErrorCode::Unavailable, msg)))))
+            }
+            (AfterReplay::Recall { pending, excluded }, Err(why)) => {
+                let msg = format!(
+                    "recording the holders the change excludes (before the volume's cache mirror is replayed) \
+                     failed: {why}; nothing was changed; retry"
+                );
+                self.finish_recall(volume, pending, excluded, Err(err(ErrorCode::Unavailable, msg)));
+                Step::Done(None)
             }
             (next, Err(why)) => {
                 tracing::warn!(volume = %volume, "recording broken handles before a replay failed: {why}");

@@ -2059,3 +2059,30 @@ fn a_holder_excluded_from_a_recall_is_not_renewed_while_its_mirror_is_replayed()
         "the holder is told: {effects:?}"
     );
 }
+
+/// The recall's side of the rule above: a holder a recall excludes (silent
+/// past its lease) is recorded as broken before its cache mirror is
+/// replayed for the change; a server that dies mid-replay does not come
+/// back with it active.
+#[test]
+fn a_recall_records_its_excluded_cached_holder_as_broken_before_the_replay_writes() {
+    let (mut w, v, _) = cached_v_and_plain_w();
+    let (_, effects) = w.request(1, Request::MirrorOpen { handle: v.handle });
+    commit_all(&mut w, effects);
+    w.advance(2 * LEASE_MS);
+    let (_, effects) = w.request(3, Request::SnapshotCreate { volume: "v".into(), name: "s".into() });
+    assert!(
+        !effects.iter().any(|e| matches!(e, Effect::Job { job: Job::MirrorReplay { .. }, .. })),
+        "the replay waits for the excluded handle's record: {effects:?}"
+    );
+    let effects = commit_all(&mut w, effects);
+    assert!(
+        effects.iter().any(|e| matches!(e, Effect::Job { job: Job::MirrorReplay { .. }, .. })),
+        "then the replay runs: {effects:?}"
+    );
+    w.restart(0);
+    assert_eq!(
+        committed_request(&mut w, 1, Request::Resume { key: v.resume_key.clone() }),
+        Err(ErrorCode::HandleBroken)
+    );
+}

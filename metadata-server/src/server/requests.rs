@@ -568,9 +568,20 @@ impl Core {
     /// mirror holds goes to the devices before the change (a snapshot must
     /// hold every acknowledged write; see `super::cache`) — after the fence,
     /// so the holder cannot write over the replay. Then merge and commit.
+    ///
+    /// The excluded holders are recorded as broken before the replay
+    /// writes: a server that dies mid-replay must not come back with them
+    /// active (they would resume over a half-done replay).
     fn recall_fenced(&mut self, volume: VolumeId, pending: PendingChange, excluded: Vec<u64>) -> Step {
         if !excluded.is_empty() && self.needs_replay(volume) {
-            return self.replay_then(volume, super::cache::AfterReplay::Recall { pending, excluded });
+            let ids: Vec<HandleId> = excluded.iter().map(|id| HandleId(*id)).collect();
+            let reason = format!(
+                "excluded from the reconfiguration of layout generation {}: no confirmation within the lease",
+                pending.generation
+            );
+            let changes = self.meta.plan_break_handles(&ids, &reason, self.now.unix_secs(), BROKEN_RECORDS_MAX);
+            let next = Box::new(super::cache::AfterReplay::Recall { pending, excluded });
+            return Step::Commit { changes, then: AfterCommit::BrokenBeforeReplay { volume, next } };
         }
         self.recall_continue(volume, pending, excluded)
     }
