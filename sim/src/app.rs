@@ -443,38 +443,48 @@ pub fn settle(env: &mut Env) {
 
 // ---- the admin ----
 
-/// Two-server world: a volume whose cache mirror (with writes the devices
-/// may lack) is on the server standing by cannot be opened again at the
-/// active one (its holder may be alive and mirror here soon, or dead) — the operator makes that server active again, as the
-/// refusal says (also while the world settles).
+/// What an operator does about a cache mirror no server can replay (also
+/// while the world settles), as the open's refusal tells them:
+/// - a generation committed whose file no server ever created (its server
+///   died between the commit and the file): nothing was acknowledged
+///   under it, but no server can replay it either — `MirrorForget` gives
+///   it up (a defect of issue 15, not fixed: after such a crash the volume
+///   needs the operator);
+/// - two-server world: a mirror (with writes the devices may lack) on the
+///   server standing by — that server is made active again (`Handoff`),
+///   unless the active one still has a mirror of its own to replay for a
+///   volume someone is to open (else the two would take turns forever).
 fn stranded_mirror(env: &mut Env) -> Option<Request> {
-    if !env.cfg.two_servers() || env.cfg.cache_mask == 0 {
+    use volume_format::metadata::{CacheMirrorRecord, HandleState};
+    if env.cfg.cache_mask == 0 {
+        return None;
+    }
+    let meta = &env.obs.meta;
+    let has = |host: usize, m: &CacheMirrorRecord| {
+        env.mirrors.get(host).and_then(|h| h.file(m.volume)).is_some_and(|f| f.generation == Some(m.generation))
+    };
+    // (A volume held has a pending generation: a live mirror.)
+    let held = |m: &CacheMirrorRecord| {
+        meta.handles.iter().any(|h| h.volume == m.volume && matches!(h.state, HandleState::Active))
+    };
+    let nowhere = |m: &CacheMirrorRecord| !(0..env.cfg.server_hosts).any(|host| has(host, m));
+    if let Some(m) = meta.cache_mirrors.iter().find(|m| m.pending && nowhere(m) && !held(m)) {
+        if let Some(v) = meta.volume(m.volume) {
+            if env.settling || env.rng.chance(0.5) {
+                return Some(Request::MirrorForget { name: v.name.clone() });
+            }
+        }
+    }
+    if !env.cfg.two_servers() {
         return None;
     }
     let active = env.obs.terms.last()?.0;
-    let meta = &env.obs.meta;
-    let elsewhere = |m: &volume_format::metadata::CacheMirrorRecord| {
-        let has = |host: usize| {
-            env.mirrors.get(host).and_then(|h| h.file(m.volume)).is_some_and(|f| f.generation == Some(m.generation))
-        };
-        !has(active) && (0..env.cfg.server_hosts).any(has)
-    };
+    let elsewhere = |m: &CacheMirrorRecord| !has(active, m) && (0..env.cfg.server_hosts).any(|host| has(host, m));
     meta.cache_mirrors.iter().find(|m| m.pending && elsewhere(m))?;
-    // Mirrors stranded on both servers: what this one can replay (for a
-    // volume someone is to open) goes first — handing off at once would
-    // strand it in turn, and the two would take turns forever.
-    let here = |m: &volume_format::metadata::CacheMirrorRecord| {
-        env.mirrors.get(active).and_then(|h| h.file(m.volume)).is_some_and(|f| f.generation == Some(m.generation))
+    let wanted = |m: &CacheMirrorRecord| {
+        !held(m) && env.plan.vols.values().any(|p| p.id == m.volume.0 && !p.retired && !p.holders.is_empty())
     };
-    // (Not a live mirror: a volume held has a pending generation.)
-    let wanted = |m: &volume_format::metadata::CacheMirrorRecord| {
-        let held = meta
-            .handles
-            .iter()
-            .any(|h| h.volume == m.volume && matches!(h.state, volume_format::metadata::HandleState::Active));
-        !held && env.plan.vols.values().any(|p| p.id == m.volume.0 && !p.retired && !p.holders.is_empty())
-    };
-    if meta.cache_mirrors.iter().any(|m| m.pending && here(m) && wanted(m)) {
+    if meta.cache_mirrors.iter().any(|m| m.pending && has(active, m) && wanted(m)) {
         return None;
     }
     // While settling, at once: the world must come back within its bound.
@@ -499,7 +509,10 @@ impl Admin {
     }
 
     pub fn on_wake(&mut self, env: &mut Env) {
-        let next = env.now + env.rng.range(1, 2 * env.cfg.admin_step_ms);
+        // While settling, an operator watching for what is left (a
+        // stranded mirror) comes back sooner.
+        let step = if env.settling && env.cfg.cache_mask != 0 { 100 } else { env.cfg.admin_step_ms };
+        let next = env.now + env.rng.range(1, 2 * step);
         env.schedule(next, Ev::AdminWake { inc: self.inc });
         crate::app::manager(env);
         if self.conn.is_none() {

@@ -97,6 +97,17 @@ const TWO_SERVER_REGRESSION_SEEDS: &[u64] = &[
     1121,
     1626,
     1410,
+    // The cache model itself (exploration): a recall waited for a holder
+    // destaging hundreds of records four at a time (rounds are larger
+    // while recalled now); mirrors no server could replay stayed stuck
+    // with nobody acting as the operator the refusal addresses (the admin
+    // now gives up a generation whose file was never created, and hands
+    // the pool back to the server holding a stranded mirror promptly).
+    47880184804949,
+    277335766878492,
+    128124716596664,
+    67050149240177,
+    123708996430583,
     // After early faults the lease copies stayed split between two
     // acquirers' records (a copy lost power meanwhile): no majority agreed
     // and nobody ever wrote again, so no server served the pool. A standby

@@ -43,8 +43,12 @@ use volume_format::metadata::CacheMode;
 pub const CACHE_REQUEST_TIMEOUT_MS: u64 = 5_000;
 /// Between two attempts to start mirroring again.
 pub const MIRROR_RETRY_MS: u64 = 500;
-/// Records per destage round.
+/// Records per destage round (small, for more interleavings), and while
+/// the volume is recalled (the confirmation waits for the destage:
+/// production's rounds are up to megabytes, so it does not take the
+/// recall's whole bound).
 const ROUND_RECORDS: usize = 4;
+const ROUND_RECORDS_RECALLED: usize = 64;
 /// How [`AgentHost::on_cache_message`] marks a refusal for a volume
 /// without a cache (`InvalidArgument` to `MirrorOpen`).
 const NO_CACHE: &str = "no cache: ";
@@ -397,12 +401,13 @@ impl AgentHost {
         let usable = matches!(a.phase, Phase::Open | Phase::Recalled { .. }) && now < a.lease_until;
         let (handle, desc, volume) = (a.handle, a.desc.clone(), a.volume.clone());
         let in_flight = a.in_flight;
+        let per_round = if matches!(a.phase, Phase::Recalled { .. }) { ROUND_RECORDS_RECALLED } else { ROUND_RECORDS };
         let Some(c) = a.cache.as_mut() else { return };
         if !usable {
             return;
         }
         if c.round.is_none() && !c.releasing && !c.log.is_empty() && now >= writes_from {
-            let seqs: Vec<u64> = c.log.keys().take(ROUND_RECORDS).copied().collect();
+            let seqs: Vec<u64> = c.log.keys().take(per_round).copied().collect();
             let upto = *seqs.last().expect("not empty");
             let blocks: BTreeSet<u64> = seqs.iter().map(|s| c.log[s].block).collect();
             let mut sends = Vec::new();
