@@ -451,7 +451,8 @@ pub fn settle(env: &mut Env) {
 ///   it up (a defect of issue 15, not fixed: after such a crash the volume
 ///   needs the operator);
 /// - two-server world: a mirror (with writes the devices may lack) on the
-///   server standing by — that server is made active again (`Handoff`),
+///   server standing by, of a volume nobody holds — that server is made
+///   active again (`Handoff`),
 ///   unless the active one still has a mirror of its own to replay for a
 ///   volume someone is to open (else the two would take turns forever).
 fn stranded_mirror(env: &mut Env) -> Option<Request> {
@@ -480,7 +481,8 @@ fn stranded_mirror(env: &mut Env) -> Option<Request> {
     }
     let active = env.obs.terms.last()?.0;
     let elsewhere = |m: &CacheMirrorRecord| !has(active, m) && (0..env.cfg.server_hosts).any(|host| has(host, m));
-    meta.cache_mirrors.iter().find(|m| m.pending && elsewhere(m))?;
+    // (A held volume's holder mirrors here afresh once it resumed.)
+    meta.cache_mirrors.iter().find(|m| m.pending && elsewhere(m) && !held(m))?;
     let wanted = |m: &CacheMirrorRecord| {
         !held(m) && env.plan.vols.values().any(|p| p.id == m.volume.0 && !p.retired && !p.holders.is_empty())
     };

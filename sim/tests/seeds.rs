@@ -108,6 +108,10 @@ const TWO_SERVER_REGRESSION_SEEDS: &[u64] = &[
     128124716596664,
     67050149240177,
     123708996430583,
+    // The admin handed the pool back and forth for volumes still held (a
+    // held volume's holder mirrors at the new server once it resumed).
+    254902238156697,
+    245970157047549,
     // After early faults the lease copies stayed split between two
     // acquirers' records (a copy lost power meanwhile): no majority agreed
     // and nobody ever wrote again, so no server served the pool. A standby
