@@ -1257,14 +1257,6 @@ impl Core {
         ids
     }
 
-    /// The handles an open in flight broke: they have left the table
-    /// already (the open knows them).
-    fn broken_by_opens(&self) -> Vec<Handle> {
-        let mut broken = Vec::new();
-        self.for_each_leaving(|_, b| broken.extend(b.iter().cloned()));
-        broken
-    }
-
     /// Calls `f` with the handles each commit or job in flight releases:
     /// ids still in the table (expired, excluded), and handles an open
     /// broke (out of the table).
@@ -1317,14 +1309,17 @@ impl Core {
     /// then expires, or a conflicting open breaks it.
     fn tell_removing(&mut self, session: SessionId) -> bool {
         let mut told: Vec<(u64, &str)> = Vec::new();
-        for h in self.broken_by_opens().iter().filter(|h| h.held_by(session)) {
-            told.push((h.id, "broken by a conflicting open after its lease ran out"));
-        }
-        for id in self.removing() {
-            if self.handles.get(id).is_some_and(|h| h.held_by(session)) {
-                told.push((id, "its lease ran out; it is being released"));
+        self.for_each_leaving(|ids, broken| {
+            // Broken handles have left the table already; the open knows them.
+            for h in broken.iter().filter(|h| h.held_by(session)) {
+                told.push((h.id, "broken by a conflicting open after its lease ran out"));
             }
-        }
+            for &id in ids {
+                if self.handles.get(id).is_some_and(|h| h.held_by(session)) {
+                    told.push((id, "its lease ran out; it is being released"));
+                }
+            }
+        });
         let told: Vec<(u64, String)> = told.into_iter().map(|(id, why)| (id, format!("handle {id}: {why}"))).collect();
         let any = !told.is_empty();
         for (id, reason) in told {

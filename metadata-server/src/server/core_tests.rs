@@ -1994,6 +1994,21 @@ fn the_holder_of_a_cached_volume_reports_its_cache_and_the_server_shows_the_last
     );
 }
 
+/// v as [`cached_v_and_plain_w`] has it, its holder mirroring (a generation
+/// pending), then silent past its lease.
+fn mirrored_v_silent_past_its_lease() -> (World, volume_format::control::messages::OpenedHandle) {
+    let (mut w, v, _) = cached_v_and_plain_w();
+    let (_, effects) = w.request(1, Request::MirrorOpen { handle: v.handle });
+    commit_all(&mut w, effects);
+    w.advance(2 * LEASE_MS);
+    (w, v)
+}
+
+/// Whether `effects` start a replay of a cache mirror.
+fn replays(effects: &[Effect]) -> bool {
+    effects.iter().any(|e| matches!(e, Effect::Job { job: Job::MirrorReplay { .. }, .. }))
+}
+
 /// Found by the simulator (seed 1121): an open that must replay a cached
 /// volume's mirror breaks the previous holder's handle on record before the
 /// replay writes. Had it only taken the handle out of its table, a server
@@ -2002,25 +2017,16 @@ fn the_holder_of_a_cached_volume_reports_its_cache_and_the_server_shows_the_last
 /// partial replay had overwritten on the devices.
 #[test]
 fn an_open_that_replays_a_mirror_records_the_broken_holder_before_the_replay_writes() {
-    let (mut w, v, _) = cached_v_and_plain_w();
-    let (_, effects) = w.request(1, Request::MirrorOpen { handle: v.handle });
-    commit_all(&mut w, effects);
+    let (mut w, v) = mirrored_v_silent_past_its_lease();
     assert!(w.core.meta.cache_mirror(v.description.volume).is_some_and(|m| m.pending), "a generation is pending");
 
-    // The holder goes silent past its lease; another host opens the volume.
-    w.advance(2 * LEASE_MS);
+    // Another host opens the volume.
     let (open, effects) = w.request(2, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
-    assert!(
-        !effects.iter().any(|e| matches!(e, Effect::Job { job: Job::MirrorReplay { .. }, .. })),
-        "the replay waits for the broken handle's record: {effects:?}"
-    );
+    assert!(!replays(&effects), "the replay waits for the broken handle's record: {effects:?}");
     let (task, write) = commit_of(&effects).expect("the broken handle is committed first");
     assert!(reply_of(&effects, open).is_none());
     let effects = w.apply(committed(task, write));
-    assert!(
-        effects.iter().any(|e| matches!(e, Effect::Job { job: Job::MirrorReplay { .. }, .. })),
-        "then the replay runs: {effects:?}"
-    );
+    assert!(replays(&effects), "then the replay runs: {effects:?}");
 
     // The server dies mid-replay: the restarted one knows the handle broken.
     w.restart(0);
@@ -2037,16 +2043,10 @@ fn an_open_that_replays_a_mirror_records_the_broken_holder_before_the_replay_wri
 /// its lease, to the agent, over the replay and the new layout.
 #[test]
 fn a_holder_excluded_from_a_recall_is_not_renewed_while_its_mirror_is_replayed() {
-    let (mut w, v, _) = cached_v_and_plain_w();
-    let (_, effects) = w.request(1, Request::MirrorOpen { handle: v.handle });
-    commit_all(&mut w, effects);
-    w.advance(2 * LEASE_MS);
+    let (mut w, v) = mirrored_v_silent_past_its_lease();
     let (snap, effects) = w.request(3, Request::SnapshotCreate { volume: "v".into(), name: "s".into() });
     let effects = commit_all(&mut w, effects);
-    assert!(
-        effects.iter().any(|e| matches!(e, Effect::Job { job: Job::MirrorReplay { .. }, .. })),
-        "the silent holder is excluded and its mirror replayed first: {effects:?}"
-    );
+    assert!(replays(&effects), "the silent holder is excluded and its mirror replayed first: {effects:?}");
     assert!(reply_of(&effects, snap).is_none());
     let (renew, effects) = w.request(1, Request::Renew);
     match reply_of(&effects, renew) {
@@ -2066,20 +2066,11 @@ fn a_holder_excluded_from_a_recall_is_not_renewed_while_its_mirror_is_replayed()
 /// back with it active.
 #[test]
 fn a_recall_records_its_excluded_cached_holder_as_broken_before_the_replay_writes() {
-    let (mut w, v, _) = cached_v_and_plain_w();
-    let (_, effects) = w.request(1, Request::MirrorOpen { handle: v.handle });
-    commit_all(&mut w, effects);
-    w.advance(2 * LEASE_MS);
+    let (mut w, v) = mirrored_v_silent_past_its_lease();
     let (_, effects) = w.request(3, Request::SnapshotCreate { volume: "v".into(), name: "s".into() });
-    assert!(
-        !effects.iter().any(|e| matches!(e, Effect::Job { job: Job::MirrorReplay { .. }, .. })),
-        "the replay waits for the excluded handle's record: {effects:?}"
-    );
+    assert!(!replays(&effects), "the replay waits for the excluded handle's record: {effects:?}");
     let effects = commit_all(&mut w, effects);
-    assert!(
-        effects.iter().any(|e| matches!(e, Effect::Job { job: Job::MirrorReplay { .. }, .. })),
-        "then the replay runs: {effects:?}"
-    );
+    assert!(replays(&effects), "then the replay runs: {effects:?}");
     w.restart(0);
     assert_eq!(
         committed_request(&mut w, 1, Request::Resume { key: v.resume_key.clone() }),

@@ -426,16 +426,7 @@ impl AgentHost {
                 let op = DevOp::Write { block: offset / BLOCK_BYTES, data: vec![Content::Tag(tag)], fua: false };
                 self.dev_send(dev, op, DevPurpose::Destage(att), Some(handle), None, env);
             }
-            if self
-                .atts
-                .get(&att)
-                .and_then(|a| a.cache.as_ref())
-                .and_then(|c| c.round.as_ref())
-                .is_some_and(|r| r.left == 0)
-            {
-                self.round_step(att, None, env);
-            }
-            return;
+            return self.round_sent(att, env);
         }
         match c.state {
             MirrorState::Through { opening: false } if c.idle() && env.now >= c.retry_at => {
@@ -447,6 +438,15 @@ impl AgentHost {
                 self.send_open(att, env);
             }
             _ => {}
+        }
+    }
+
+    /// The requests of a round step are sent: with nothing to wait for (no
+    /// device to write or flush), the step is done at once.
+    fn round_sent(&mut self, att: AttachmentId, env: &mut Env) {
+        let round = self.atts.get(&att).and_then(|a| a.cache.as_ref()).and_then(|c| c.round.as_ref());
+        if round.is_some_and(|r| r.left == 0) {
+            self.round_step(att, None, env);
         }
     }
 
@@ -482,16 +482,7 @@ impl AgentHost {
             for dev in devices {
                 self.dev_send(dev, DevOp::Flush, DevPurpose::Destage(att), Some(handle), None, env);
             }
-            if self
-                .atts
-                .get(&att)
-                .and_then(|a| a.cache.as_ref())
-                .and_then(|c| c.round.as_ref())
-                .is_some_and(|r| r.left == 0)
-            {
-                self.round_step(att, None, env);
-            }
-            return;
+            return self.round_sent(att, env);
         }
         let c = a.cache.as_mut().expect("has a round");
         let upto = c.round.take().expect("present").upto;
