@@ -238,3 +238,75 @@ async fn a_format2_pool_is_upgraded_at_its_next_commit() {
         Ok(_) => panic!("the whole-pool reader read an upgraded pool"),
     }
 }
+
+/// A server stopped between writing the upgrade checkpoint and flushing it
+/// leaves the checkpoint in the devices' volatile caches. The next server
+/// flushes every device before it reads the metadata, so what it builds on
+/// is durable: a power loss of one device right after that open loses
+/// nothing, and every device, read back on its own after a power loss of
+/// all of them, holds the whole journal. (Before the flush, that device kept
+/// the next server's signed entries without the checkpoint they chain to,
+/// and every later open refused the pool as rolled back: simulator seed
+/// 6429577280763.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_left_unflushed_by_a_stopped_server_is_made_durable_before_it_is_built_upon() {
+    use common::VolatileDevice;
+    use std::sync::atomic::Ordering;
+
+    let dir = tempfile::tempdir().unwrap();
+    let volatile: Vec<Arc<VolatileDevice>> = (0..3).map(|_| Arc::new(VolatileDevice::new(64 * MIB))).collect();
+    let devices =
+        Devices::serve(dir.path(), volatile.iter().map(|d| d.clone() as Arc<dyn BlockDevice>).collect()).await;
+    let uris: Vec<blockio::uri::NbdUri> = devices.uris.iter().map(|u| u.parse().unwrap()).collect();
+    let server = key(dir.path(), "mds");
+    let admin = key(dir.path(), "admin");
+    init(InitOptions {
+        devices: uris.clone(),
+        name: "volatile".into(),
+        extent_bytes: MIB,
+        server_key: PublicKey(server.public.to_bytes()),
+        admin_key: PublicKey(admin.public.to_bytes()),
+        admin_name: "admin".into(),
+        force: false,
+    })
+    .await
+    .unwrap();
+    let key = Arc::new(server.signing);
+    for d in &volatile {
+        d.flush().await.unwrap();
+    }
+
+    // Server A: the pool's first journaled commit (the upgrade checkpoint)
+    // reaches every device's cache; no flush gets through, and A is gone.
+    let (mut a, mut a_meta) = Pool::open_journaled(&uris, key.clone()).await.unwrap();
+    a_meta.apply_all(&[client(1)]).unwrap();
+    let job = a.seal_commit(&mut a_meta, &[client(1)]).unwrap();
+    for d in &volatile {
+        d.fail_flushes.store(true, Ordering::SeqCst);
+    }
+    let _refused = job.run().await;
+    drop(a);
+    for d in &volatile {
+        assert!(d.cached_bytes() > 0, "the checkpoint waits in every cache");
+        d.fail_flushes.store(false, Ordering::SeqCst);
+    }
+
+    // Server B opens, device 0 loses power, B commits (a journal entry).
+    let (mut b, mut b_meta) = Pool::open_journaled(&uris, key.clone()).await.unwrap();
+    assert!(b_meta.clients.iter().any(|c| c.name == "host-1"), "B builds on the checkpoint A left");
+    volatile[0].power_loss();
+    let receipt = b.commit_changes(&mut b_meta, &[client(2)]).await.unwrap();
+    assert!(!receipt.checkpoint, "B continues A's journal with an entry");
+
+    // Every device loses power; each one, read back alone, holds B's commit.
+    for d in &volatile {
+        d.power_loss();
+    }
+    let (_, reloaded) = Pool::open_journaled(&uris, key.clone()).await.unwrap();
+    assert_eq!(reloaded, b_meta);
+    for (i, uri) in uris.iter().enumerate() {
+        let alone = Pool::open_journaled(std::slice::from_ref(uri), key.clone()).await;
+        let (_, meta) = alone.unwrap_or_else(|e| panic!("device {i} read back alone: {e}"));
+        assert_eq!(meta, b_meta, "device {i} read back alone");
+    }
+}

@@ -155,6 +155,14 @@ impl Device {
         })
     }
 
+    /// A flush that completes at once: the flush a server sends every
+    /// device before it reads the metadata (`Pool::open_journaled`), in
+    /// the simulator's one-step load.
+    pub fn flush_now(&mut self) {
+        let cached = std::mem::take(&mut self.volatile);
+        self.durable.extend(cached);
+    }
+
     /// What a read of `block` returns now.
     pub fn peek(&self, block: u64) -> Content {
         self.volatile.get(&block).or_else(|| self.durable.get(&block)).cloned().unwrap_or(Content::Zero)

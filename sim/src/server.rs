@@ -261,6 +261,11 @@ impl ServerProc {
     ) -> Result<ServerProc, String> {
         let guard = guard.into();
         let me = Proc::Server(host);
+        // `Pool::open_journaled` flushes every device before reading it:
+        // what it loads is durable (seed 6429577280763).
+        for d in env.devices.iter_mut().filter(|d| d.up) {
+            d.flush_now();
+        }
         let loaded = load_pool(env)?;
         let meta = loaded.metadata;
         let holders = metadata_holders(&meta);

@@ -651,7 +651,17 @@ impl RawCopy {
 }
 
 /// Reads a labelled device's checkpoint slots (each as far as its header
-/// says) and its whole ring.
+/// says) and its whole ring, after a flush of the device.
+///
+/// Why the flush: a read returns what the device holds in its volatile
+/// cache too. A server that lost the pool lease (stopped, or cut off)
+/// between writing a checkpoint and flushing it leaves the checkpoint
+/// there, readable but not durable. Built upon without the flush, a power
+/// loss of that device drops the checkpoint while the entries this server
+/// chains to it survive: a copy with signed entries and no checkpoint,
+/// which every later load refuses as a rollback (simulator seed
+/// 6429577280763). Flushed first, everything read is durable. A copy whose
+/// flush fails is unreadable: what it shows may not survive.
 async fn read_copy(d: &PoolDevice) -> RawCopy {
     let label = d.label.expect("only labelled devices are read");
     let area = MetadataArea::from_label(&label);
@@ -666,6 +676,16 @@ async fn read_copy(d: &PoolDevice) -> RawCopy {
             ring: Err(why),
         };
     };
+    if let Err(e) = client.flush().await {
+        let why = format!("device {}: flushing before reading the metadata: {e}", d.uri);
+        return RawCopy {
+            device: label.device_uuid,
+            uri: d.uri.clone(),
+            area,
+            slots: unreadable(why.clone()),
+            ring: Err(why),
+        };
+    }
     let mut slots = [Err(String::new()), Err(String::new())];
     for (i, slot) in slots.iter_mut().enumerate() {
         let offset = area.slot_offset(i as u32);

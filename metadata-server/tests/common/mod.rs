@@ -134,6 +134,95 @@ impl BlockDevice for FaultyDevice {
     }
 }
 
+/// A device with a volatile write cache, as a disk or an array has: a
+/// write (without FUA) is readable at once but survives a power loss only
+/// once a flush (or a later FUA write) made it durable. Flushes can be made
+/// to fail, for a server that wrote and never flushed.
+pub struct VolatileDevice {
+    durable: MemoryDevice,
+    /// Unflushed writes, in order: (offset, bytes).
+    cached: Mutex<Vec<(u64, Bytes)>>,
+    pub fail_flushes: AtomicBool,
+}
+
+impl VolatileDevice {
+    pub fn new(size: u64) -> VolatileDevice {
+        VolatileDevice {
+            durable: MemoryDevice::new(size),
+            cached: Mutex::new(Vec::new()),
+            fail_flushes: AtomicBool::new(false),
+        }
+    }
+
+    /// Bytes written and not yet flushed.
+    pub fn cached_bytes(&self) -> usize {
+        self.cached.lock().unwrap().iter().map(|(_, b)| b.len()).sum()
+    }
+
+    /// Power loss: the unflushed writes are gone.
+    pub fn power_loss(&self) {
+        self.cached.lock().unwrap().clear();
+    }
+
+    /// What the device holds durably, read past the cache.
+    pub async fn read_durable(&self, offset: u64, len: u32) -> Bytes {
+        self.durable.read(offset, len).await.unwrap()
+    }
+
+    async fn persist(&self) -> Result<(), IoError> {
+        let cached = std::mem::take(&mut *self.cached.lock().unwrap());
+        for (offset, bytes) in cached {
+            self.durable.write(offset, bytes, false).await?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BlockDevice for VolatileDevice {
+    fn size(&self) -> u64 {
+        self.durable.size()
+    }
+    fn block_sizes(&self) -> BlockSizes {
+        self.durable.block_sizes()
+    }
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+        let mut out = self.durable.read(offset, len).await?.to_vec();
+        for (at, bytes) in self.cached.lock().unwrap().iter() {
+            let (start, end) = ((*at).max(offset), (at + bytes.len() as u64).min(offset + len as u64));
+            if start < end {
+                out[(start - offset) as usize..(end - offset) as usize]
+                    .copy_from_slice(&bytes[(start - at) as usize..(end - at) as usize]);
+            }
+        }
+        Ok(Bytes::from(out))
+    }
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
+        self.cached.lock().unwrap().push((offset, data));
+        if fua {
+            return self.flush().await;
+        }
+        Ok(())
+    }
+    async fn flush(&self) -> Result<(), IoError> {
+        if self.fail_flushes.load(Ordering::SeqCst) {
+            return Err(IoError::io("injected flush failure"));
+        }
+        self.persist().await
+    }
+    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
+        self.write(offset, Bytes::from(vec![0u8; len as usize]), fua).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
+        self.write(offset, Bytes::from(vec![0u8; len as usize]), flags.fua).await
+    }
+    async fn block_status(&self, _: &MetaContext, _: u64, len: u32) -> Result<Vec<StatusExtent>, IoError> {
+        // Everything reads as data: the cache may hold what the durable
+        // part does not.
+        Ok(vec![StatusExtent { length: len as u64, flags: 0 }])
+    }
+}
+
 /// NBD exports served in-process on unix sockets; stopped on drop.
 pub struct Devices {
     pub uris: Vec<String>,
