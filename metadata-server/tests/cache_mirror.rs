@@ -34,13 +34,16 @@ async fn open(client: &ControlClient, volume: &str, mode: OpenMode) -> Result<Op
 }
 
 /// Opens `volume` as soon as the server lets it: a conflict names when the
-/// old holder's reservation ends, and is retried until then.
+/// old holder's reservation ends, and is retried until then (so is a
+/// restarted server's grace period).
 async fn open_when_free(client: &ControlClient, volume: &str) -> OpenedHandle {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         match open(client, volume, OpenMode::Exclusive).await {
             Ok(h) => return h,
-            Err(ControlClientError::Server(e)) if e.code == ErrorCode::Conflict => {
+            Err(ControlClientError::Server(e))
+                if e.code == ErrorCode::Conflict || e.message.contains("in its grace period") =>
+            {
                 assert!(tokio::time::Instant::now() < deadline, "still refused: {}", e.message);
                 tokio::time::sleep(Duration::from_millis(LEASE_MS / 5)).await;
             }
@@ -471,7 +474,9 @@ async fn a_damaged_mirror_record_refuses_the_open_and_nothing_is_replayed() {
     let refusal = loop {
         match open(&b, "db", OpenMode::Exclusive).await {
             Ok(h) => panic!("opened over a damaged mirror: {h:?}"),
-            Err(ControlClientError::Server(e)) if e.code == ErrorCode::Conflict => {
+            Err(ControlClientError::Server(e))
+                if e.code == ErrorCode::Conflict || e.message.contains("in its grace period") =>
+            {
                 assert!(tokio::time::Instant::now() < deadline, "still refused: {}", e.message);
                 tokio::time::sleep(Duration::from_millis(LEASE_MS / 5)).await;
             }
@@ -568,5 +573,71 @@ async fn staged_records_become_the_mirror_only_when_mirroring_starts_with_them()
     }
     for leg in read_legs(&pool, &h2.description, 16384, 4096).await {
         assert!(all(&leg, b'c'), "record 3, staged, replayed");
+    }
+}
+
+/// The file of a new mirror generation is prepared before that generation
+/// is committed (`mirror::MirrorOp::Prepare`), so a committed generation
+/// always has its file. Here the other order's gap is closed from the
+/// other side: the holder restarts mirroring with its staged records, the
+/// file of generation 2 is prepared from them, and the commit of
+/// generation 2 fails on every copy (the server never records it). The
+/// server restarts, the holder is gone: the record still says generation
+/// 1, pending, at this server, and this server's file is generation 2's —
+/// the next open replays it (it holds everything generation 1 held that
+/// the devices lack) instead of refusing the volume for a file "of another
+/// generation". Devices read back directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_prepared_but_never_committed_is_replayed_at_the_next_open() {
+    use std::sync::atomic::Ordering;
+    let (mut pool, a, h) = holder_mirroring_db().await;
+    // Generation 1 holds record 1; the holder stages it and a later one.
+    assert_eq!(append(&a, h.handle, vec![record(1, 0, b'a', 4096)]).await.unwrap(), 1);
+    assert_eq!(stage(&a, h.handle, 7, vec![record(1, 0, b'a', 4096), record(2, 8192, b'b', 4096)]).await.unwrap(), 2);
+
+    // Every metadata copy holds the commit of generation 2 back (writes to
+    // the metadata area, not the pool lease after it), then fails it.
+    for d in &pool.devices.devices {
+        let label = volume_format::label::DeviceLabel::decode(&d.read(0, 4096).await.unwrap()).unwrap();
+        d.hold_writes_in(label.layout.metadata.start..label.layout.metadata.end);
+    }
+    let start = {
+        let a = a.clone();
+        tokio::spawn(
+            async move { a.request(Request::MirrorOpenStaged { handle: h.handle, copy: 7, records: 2 }).await },
+        )
+    };
+    for d in &pool.devices.devices {
+        while d.writes_held.load(Ordering::SeqCst) == 0 {
+            let started = d.write_held.notified();
+            if d.writes_held.load(Ordering::SeqCst) > 0 {
+                break;
+            }
+            tokio::time::timeout(Duration::from_secs(10), started).await.expect("the commit reaches every copy");
+        }
+    }
+    assert!(
+        !pool.config.cache_mirror_dir.join(format!("volume-{}.mirror.staged", h.description.volume.0)).exists(),
+        "the staged file became generation 2's before the commit"
+    );
+    pool.devices.fail_writes(true);
+    for d in &pool.devices.devices {
+        d.hold_writes_in(0..0);
+    }
+    // The holder dies with the server (which never recorded generation 2:
+    // the devices fail every write until it stopped).
+    a.close().await;
+    start.abort();
+    pool.stop_server().await;
+    pool.devices.fail_writes(false);
+    pool.start_server().await;
+
+    let (b, _b_events) = pool.connect(&pool.agent_b, Role::Agent, "host-b").await;
+    let h2 = open_when_free(&b, "db").await;
+    for leg in read_legs(&pool, &h2.description, 0, 4096).await {
+        assert!(all(&leg, b'a'), "record 1 replayed");
+    }
+    for leg in read_legs(&pool, &h2.description, 8192, 4096).await {
+        assert!(all(&leg, b'b'), "record 2, staged into the prepared file, replayed");
     }
 }

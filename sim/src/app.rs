@@ -443,39 +443,36 @@ pub fn settle(env: &mut Env) {
 
 // ---- the admin ----
 
-/// What an operator does about a cache mirror no server can replay (also
-/// while the world settles), as the open's refusal tells them:
-/// - a generation committed whose file no server ever created (its server
-///   died between the commit and the file): nothing was acknowledged
-///   under it, but no server can replay it either — `MirrorForget` gives
-///   it up (a defect of issue 15, not fixed: after such a crash the volume
-///   needs the operator);
-/// - two-server world: a mirror (with writes the devices may lack) on the
-///   server standing by, of a volume nobody holds — that server is made
-///   active again (`Handoff`),
-///   unless the active one still has a mirror of its own to replay for a
-///   volume someone is to open (else the two would take turns forever).
+/// What an operator does about a cache mirror the active server cannot
+/// replay (also while the world settles), as the open's refusal tells
+/// them. Two-server world: a mirror (with writes the devices may lack) on
+/// the server standing by, of a volume nobody holds — that server is made
+/// active again (`Handoff`), unless the active one still has a mirror of
+/// its own to replay for a volume someone is to open (else the two would
+/// take turns forever). (The admin never gives a mirror up: a committed
+/// generation always has its file since files are prepared before the
+/// commit — seeds 128124716596664 and 123708996430583 needed
+/// `MirrorForget` before.)
 fn stranded_mirror(env: &mut Env) -> Option<Request> {
     use volume_format::metadata::{CacheMirrorRecord, HandleState};
     if env.cfg.cache_mask == 0 {
         return None;
     }
     let meta = &env.obs.meta;
+    // Whether `host`'s server would replay its file for record `m`
+    // (`mirror::replayable`: the generation's file, or the next one's
+    // prepared there and never committed). The file of a committed
+    // generation always exists (it is prepared before the commit), so no
+    // record is without one: the operator never has to give one up.
     let has = |host: usize, m: &CacheMirrorRecord| {
-        env.mirrors.get(host).and_then(|h| h.file(m.volume)).is_some_and(|f| f.generation == Some(m.generation))
+        let next_here = m.server == format!("mds{host}");
+        let file = env.mirrors.get(host).and_then(|h| h.file(m.volume));
+        file.is_some_and(|f| metadata_server::mirror::replayable(f.generation, m.generation, next_here))
     };
     // (A volume held has a pending generation: a live mirror.)
     let held = |m: &CacheMirrorRecord| {
         meta.handles.iter().any(|h| h.volume == m.volume && matches!(h.state, HandleState::Active))
     };
-    let nowhere = |m: &CacheMirrorRecord| !(0..env.cfg.server_hosts).any(|host| has(host, m));
-    if let Some(m) = meta.cache_mirrors.iter().find(|m| m.pending && nowhere(m) && !held(m)) {
-        if let Some(v) = meta.volume(m.volume) {
-            if env.settling || env.rng.chance(0.5) {
-                return Some(Request::MirrorForget { name: v.name.clone() });
-            }
-        }
-    }
     if !env.cfg.two_servers() {
         return None;
     }

@@ -545,6 +545,10 @@ impl ServerHost {
                 env.obs.term_started(self.host, self.inc, term, env.now);
                 self.term = Some(s);
                 self.owner_seen = None;
+                // `LeaseTask::list_self_active`, read by the owner at its start.
+                let servers = lease_task::active_servers_listing(&self.machine.me, self.servers.clone());
+                let list = servers.iter().map(metadata_server::server::owner::server_info).collect();
+                self.with_term(env, |t, env| t.input(Input::Servers { servers: list }, env));
             }
             Err(e) => {
                 // Production: the term fails and the server stands by.

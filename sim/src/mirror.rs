@@ -191,6 +191,8 @@ struct Worker {
     /// `Some`: the file is open for appends (`Worker::mirror`).
     open: Option<Ring>,
     staged: Option<Staged>,
+    /// The file prepared for a generation being committed.
+    prepared: Option<(u64, Ring)>,
     waiting: VecDeque<Pending>,
 }
 
@@ -379,7 +381,7 @@ fn apply(volume: VolumeId, v: &mut VolumeState, q: Queued) -> Vec<Done> {
     let mut out = Vec::new();
     if v.worker.as_ref().is_none_or(|w| w.owner != q.owner) {
         // A new owner's `Mirrors` starts new workers: nothing open.
-        v.worker = Some(Worker { owner: q.owner, open: None, staged: None, waiting: VecDeque::new() });
+        v.worker = Some(Worker { owner: q.owner, open: None, staged: None, prepared: None, waiting: VecDeque::new() });
     }
     let w = v.worker.as_mut().expect("just set");
     let id = q.id;
@@ -403,19 +405,44 @@ fn apply(volume: VolumeId, v: &mut VolumeState, q: Queued) -> Vec<Done> {
             }
             out.push(Done::Answer { id, result: Ok(Response::Done) });
         }
-        MirrorOp::Open { cache, generation, staged: Some((copy, records)) } => {
+        MirrorOp::Prepare { cache, generation, staged } => {
+            // A start naming no whole staged copy changes nothing.
+            let checked = staged.map_or(Ok(()), |(copy, records)| staged_check(volume, w, copy, records));
+            if let Err(e) = checked {
+                answer(Err(e));
+            } else {
+                drop_waiting(w, "mirroring started again", &mut out);
+                w.open = None;
+                let (ring, records) = match staged {
+                    Some(_) => {
+                        let staged = w.staged.take().expect("checked");
+                        (staged.ring, staged.file.records)
+                    }
+                    None => (Ring::new(volume, cache.size_bytes), VecDeque::new()),
+                };
+                v.file = Some(MirrorFile { generation: Some(generation), records });
+                w.prepared = Some((generation, ring));
+                out.push(Done::Answer { id, result: Ok(Response::Done) });
+            }
+        }
+        MirrorOp::Open { cache, generation } => {
             drop_waiting(w, "mirroring started again", &mut out);
             w.open = None;
-            let result = staged_check(volume, w, copy, records).map(|()| {
-                let staged = w.staged.take().expect("checked");
-                v.file = Some(MirrorFile { generation: Some(generation), records: staged.file.records });
-                w.open = Some(staged.ring);
-                Response::MirrorOpened { cache: Some(cache) }
-            });
+            let result = match w.prepared.take() {
+                Some((g, ring)) if g == generation => {
+                    w.open = Some(ring);
+                    Ok(Response::MirrorOpened { cache: Some(cache) })
+                }
+                other => Err(ControlError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "volume {volume}: the file of mirror generation {generation} is not prepared here (prepared: \
+                         {}); start mirroring again",
+                        other.map_or("none".into(), |(g, _)| format!("generation {g}"))
+                    ),
+                )),
+            };
             out.push(Done::Answer { id, result });
-        }
-        MirrorOp::CheckStaged { copy, records } => {
-            answer(staged_check(volume, w, copy, records).map(|()| Response::Done));
         }
         MirrorOp::Stage { copy, size_bytes, records } => {
             let staged = w.staged.take().filter(|s| s.copy == copy);
@@ -443,17 +470,12 @@ fn apply(volume: VolumeId, v: &mut VolumeState, q: Queued) -> Vec<Done> {
             };
             answer(result);
         }
-        MirrorOp::Open { cache, generation, staged: None } => {
-            drop_waiting(w, "mirroring started again", &mut out);
-            v.file = Some(MirrorFile { generation: Some(generation), records: VecDeque::new() });
-            w.open = Some(Ring::new(volume, cache.size_bytes));
-            out.push(Done::Answer { id, result: Ok(Response::MirrorOpened { cache: Some(cache) }) });
-        }
-        MirrorOp::Replay { meta, expected } => {
+        MirrorOp::Replay { meta, expected, next_here } => {
             drop_waiting(w, "the holder is gone; its mirror is being replayed", &mut out);
             w.open = None;
             w.staged = None;
-            match replay_plan(volume, v.file.as_ref(), &meta, expected.as_ref()) {
+            w.prepared = None;
+            match replay_plan(volume, v.file.as_ref(), &meta, expected.as_ref(), next_here) {
                 Ok(writes) if writes.is_empty() => out.push(Done::Answer { id, result: Ok(Response::Done) }),
                 Ok(writes) => {
                     let records = v.file.as_ref().map_or(0, |f| f.records.len());
@@ -466,6 +488,7 @@ fn apply(volume: VolumeId, v: &mut VolumeState, q: Queued) -> Vec<Done> {
             drop_waiting(w, "the volume's cache was removed", &mut out);
             w.open = None;
             w.staged = None;
+            w.prepared = None;
             v.file = None;
             out.push(Done::Answer { id, result: Ok(Response::Done) });
         }
@@ -558,19 +581,21 @@ fn write_waiting(w: &mut Worker, file: &mut Option<MirrorFile>, out: &mut Vec<Do
     }
 }
 
-/// `Worker::replay`'s checks and plan: the file must be of the `expected`
-/// generation (with `None`: whatever it holds); the writes are the final
-/// bytes of its records (`replay::final_pieces`), as whole blocks.
+/// `Worker::replay`'s checks and plan: the file must be replayable for the
+/// `expected` generation (`mirror::replayable`; with `None`: whatever it
+/// holds); the writes are the final bytes of its records
+/// (`replay::final_pieces`), as whole blocks.
 pub fn replay_plan(
     volume: VolumeId,
     file: Option<&MirrorFile>,
     meta: &PoolMetadata,
     expected: Option<&CacheMirrorRecord>,
+    next_here: bool,
 ) -> Result<Vec<(u64, Vec<Content>)>, ControlError> {
     let path = format!("volume-{}.mirror", volume.0);
     let generation = file.and_then(|f| f.generation);
     if let Some(expected) = expected {
-        if generation != Some(expected.generation) {
+        if !metadata_server::mirror::replayable(generation, expected.generation, next_here) {
             let here = match generation {
                 Some(g) => format!("this server's mirror file {path} is of generation {g}"),
                 None => format!("this server has no mirror file of it ({path})"),
@@ -644,7 +669,9 @@ mod tests {
     }
 
     fn open(m: &mut HostMirrors, owner: Owner, generation: u64) {
-        let done = run(m, owner, MirrorOp::Open { cache: cache(), generation, staged: None });
+        let done = run(m, owner, MirrorOp::Prepare { cache: cache(), generation, staged: None });
+        assert!(matches!(answer(&done), Ok(Response::Done)), "{done:?}");
+        let done = run(m, owner, MirrorOp::Open { cache: cache(), generation });
         assert!(matches!(answer(&done), Ok(Response::MirrorOpened { .. })), "{done:?}");
     }
 
@@ -772,20 +799,20 @@ mod tests {
     #[test]
     fn a_replay_checks_the_generation_and_writes_the_newest_record_of_each_block() {
         let mut m = HostMirrors::default();
-        let done = run(&mut m, A, MirrorOp::Replay { meta: meta(), expected: None });
+        let done = run(&mut m, A, MirrorOp::Replay { meta: meta(), expected: None, next_here: false });
         assert!(matches!(answer(&done), Ok(Response::Done)), "no file, nothing expected: {done:?}");
-        let done = run(&mut m, A, MirrorOp::Replay { meta: meta(), expected: expected(2, "mds0") });
+        let done = run(&mut m, A, MirrorOp::Replay { meta: meta(), expected: expected(2, "mds0"), next_here: false });
         assert!(matches!(answer(&done), Err(e) if e.message.contains("has no mirror file")), "{done:?}");
         open(&mut m, A, 2);
         let records = vec![rec(1, 5, 1), rec(2, 6, 2), rec(3, 5, 3), rec(4, 9, 4)];
         run(&mut m, A, MirrorOp::Append { records });
-        let done = run(&mut m, A, MirrorOp::Replay { meta: meta(), expected: expected(1, "mds1") });
+        let done = run(&mut m, A, MirrorOp::Replay { meta: meta(), expected: expected(1, "mds1"), next_here: false });
         assert!(
             matches!(answer(&done), Err(e) if e.message.contains("generation 1 by mds1") && e.message.contains("of generation 2")),
             "{done:?}"
         );
         assert_eq!(tags(&m).len(), 4, "a refused replay keeps the file");
-        let id = m.submit(V, A, MirrorOp::Replay { meta: meta(), expected: expected(2, "mds0") });
+        let id = m.submit(V, A, MirrorOp::Replay { meta: meta(), expected: expected(2, "mds0"), next_here: false });
         let status = CacheStateInfo { cache: None, holder: None, mirroring: true, held_records: 0, held_bytes: 0 };
         let after = m.submit(V, A, MirrorOp::Status { known: status.clone() });
         let remove = m.submit(V, A, MirrorOp::Remove);
@@ -816,12 +843,22 @@ mod tests {
         let stage = |copy, records| MirrorOp::Stage { copy, size_bytes: cache().size_bytes, records };
         let done = run(&mut m, A, stage(7, vec![rec(1, 0, 1), rec(2, 1, 2)]));
         assert!(matches!(answer(&done), Ok(Response::Mirrored { upto_seq: 2 })));
-        let done = run(&mut m, A, MirrorOp::CheckStaged { copy: 7, records: 3 });
+        let prepare =
+            |copy, records| MirrorOp::Prepare { cache: cache(), generation: 5, staged: Some((copy, records)) };
+        let done = run(&mut m, A, prepare(7, 3));
         assert!(matches!(answer(&done), Err(e) if e.message.contains("attempt 7 with 2 records")), "{done:?}");
+        assert!(m.file(V).is_none(), "a refused start changes nothing");
         run(&mut m, A, stage(7, vec![rec(3, 2, 3)]));
-        let done = run(&mut m, A, MirrorOp::CheckStaged { copy: 7, records: 3 });
+        let done = run(&mut m, A, prepare(7, 3));
         assert!(matches!(answer(&done), Ok(Response::Done)));
-        let done = run(&mut m, A, MirrorOp::Open { cache: cache(), generation: 5, staged: Some((7, 3)) });
+        // Prepared before the commit: a replay of the generation before it,
+        // recorded at this server, writes it.
+        assert_eq!(m.file(V).unwrap().generation, Some(5));
+        let plan = replay_plan(V, m.file(V), &meta(), expected(4, "mds0").as_ref(), true).unwrap();
+        assert_eq!(plan.len(), 1, "blocks 0..3, joined: {plan:?}");
+        assert!(replay_plan(V, m.file(V), &meta(), expected(4, "mds1").as_ref(), false).is_err(), "not at another's");
+        assert!(replay_plan(V, m.file(V), &meta(), expected(3, "mds0").as_ref(), true).is_err(), "only the next one");
+        let done = run(&mut m, A, MirrorOp::Open { cache: cache(), generation: 5 });
         assert!(matches!(answer(&done), Ok(Response::MirrorOpened { .. })));
         assert_eq!(m.file(V).unwrap().generation, Some(5));
         assert_eq!(tags(&m), vec![1, 2, 3]);
@@ -829,7 +866,7 @@ mod tests {
         assert!(matches!(answer(&done), Ok(Response::Mirrored { upto_seq: 4 })), "open after adopting: {done:?}");
         // Another attempt starts afresh; a new owner knows none.
         run(&mut m, A, stage(8, vec![rec(1, 0, 9)]));
-        let done = run(&mut m, (1, 1), MirrorOp::CheckStaged { copy: 8, records: 1 });
+        let done = run(&mut m, (1, 1), MirrorOp::Prepare { cache: cache(), generation: 6, staged: Some((8, 1)) });
         assert!(matches!(answer(&done), Err(e) if e.message.contains("staged: none")), "{done:?}");
     }
 }

@@ -16,7 +16,7 @@
 //!   as `snapshot_io` does (first online leg for reads, every online leg
 //!   with FUA for writes);
 //! - cache mirrors (issue 15): what `mirror::worker` does with a
-//!   [`Effect::Mirror`] and the `MirrorReplay`/`MirrorStagedCheck` jobs, on
+//!   [`Effect::Mirror`] and the `MirrorReplay`/`MirrorPrepare` jobs, on
 //!   the host's mirror files ([`crate::mirror`], kept in `Env::mirrors`:
 //!   they outlive the server's incarnations). Each request's file I/O takes
 //!   a latency drawn as a device's (an [`Ev::Notify`] with a mirror token),
@@ -772,12 +772,12 @@ impl ServerProc {
             }
             // The volume's mirror worker runs them, in its order
             // (`owner::start_job`); the answer is the job's outcome.
-            Job::MirrorReplay { meta, volume, expected } => {
-                let op = metadata_server::mirror::MirrorOp::Replay { meta, expected };
+            Job::MirrorReplay { meta, volume, expected, next_here } => {
+                let op = metadata_server::mirror::MirrorOp::Replay { meta, expected, next_here };
                 return self.mirror_submit(volume, op, Some(MirrorWaiter::Job(task)), env);
             }
-            Job::MirrorStagedCheck { volume, copy, records } => {
-                let op = metadata_server::mirror::MirrorOp::CheckStaged { copy, records };
+            Job::MirrorPrepare { volume, cache, generation, staged } => {
+                let op = metadata_server::mirror::MirrorOp::Prepare { cache, generation, staged };
                 return self.mirror_submit(volume, op, Some(MirrorWaiter::Job(task)), env);
             }
             // Simulated devices are plain NBD servers: none fences, so the
@@ -1202,7 +1202,9 @@ fn describe_job(job: &Job) -> String {
         Job::Resync { copies, .. } => format!("resync {} extents", copies.len()),
         Job::LabelDevice(request) => format!("label device {}", request.uri),
         Job::MirrorReplay { volume, .. } => format!("replay the cache mirror of volume {volume}"),
-        Job::MirrorStagedCheck { volume, .. } => format!("check the staged cache mirror of volume {volume}"),
+        Job::MirrorPrepare { volume, generation, .. } => {
+            format!("prepare the file of generation {generation} of the cache mirror of volume {volume}")
+        }
         Job::Fence { handles, .. } => format!("fence handles {handles:?} on fencing devices (none simulated)"),
         Job::Zero { targets, .. } => {
             format!("zero {} extents", targets.iter().map(|t| t.offsets.len()).sum::<usize>())

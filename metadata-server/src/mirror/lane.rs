@@ -175,9 +175,13 @@ mod tests {
             lanes.clone(),
             Default::default(),
         );
-        let (tx, rx) = oneshot::channel();
         let cache = VolumeCache { volume: VOLUME, size_bytes: 1 << 20, mode: CacheMode::Mirrored };
-        let op = MirrorOp::Open { cache, generation: 1, staged: None };
+        let (tx, rx) = oneshot::channel();
+        let op = MirrorOp::Prepare { cache, generation: 1, staged: None };
+        worker.send(MirrorWork { op, reply: MirrorReply::Owner(tx) }).await.unwrap();
+        assert!(matches!(rx.await.unwrap(), Ok(Response::Done)));
+        let (tx, rx) = oneshot::channel();
+        let op = MirrorOp::Open { cache, generation: 1 };
         worker.send(MirrorWork { op, reply: MirrorReply::Owner(tx) }).await.unwrap();
         assert!(matches!(rx.await.unwrap(), Ok(Response::MirrorOpened { .. })));
         lanes.workers.lock().unwrap().insert(VOLUME, worker);

@@ -52,20 +52,28 @@ pub const MIRROR_QUEUED_MAX: usize = 64;
 /// What the owner asks of a volume's mirror.
 #[derive(Debug)]
 pub enum MirrorOp {
-    /// Start afresh (the file is emptied) with this setting, as
-    /// `generation` (committed to the pool metadata before) — or, with
-    /// `staged` (an attempt and its record count), make the staged file of
-    /// that attempt the generation's file ([`MirrorOp::Stage`]).
-    Open {
+    /// Make the file of `generation` *before* the owner commits that
+    /// generation to the pool metadata: started afresh (empty) — or, with
+    /// `staged` (an attempt and its record count), the staged file of that
+    /// attempt ([`MirrorOp::Stage`]) if it is whole. Answered `Done`; the
+    /// file is not written to until [`MirrorOp::Open`]. So a committed
+    /// generation always has its file: a missing one was lost, never "not
+    /// created yet" (a server that died between the commit and the file's
+    /// creation left a volume nobody could open — simulator seeds
+    /// 128124716596664, 123708996430583). Safe to do before the commit:
+    /// the holder asks only once what the previous generation's file holds
+    /// is on the devices (a fresh start) or staged (a staged start), and a
+    /// replay that finds the next generation's file prepared here replays
+    /// it instead ([`MirrorOp::Replay`]).
+    Prepare {
         cache: VolumeCache,
         generation: u64,
         staged: Option<(u64, u64)>,
     },
-    /// Answers `Done` if the staged file is attempt `copy`'s with
-    /// `records` records, and says why not otherwise.
-    CheckStaged {
-        copy: u64,
-        records: u64,
+    /// `generation` is committed: mirror into the file prepared for it.
+    Open {
+        cache: VolumeCache,
+        generation: u64,
     },
     /// Records for the next generation, into a staged file no replay reads
     /// (`Request::MirrorStage`): a `copy` other than the staged file's
@@ -83,11 +91,15 @@ pub enum MirrorOp {
     },
     /// Write everything the mirror holds to the volume's devices, in order
     /// (the holder is gone), if the file is of the `expected` generation
-    /// (`None`: a pool that recorded none). Answered `Done` or with why not
-    /// (another server holds that generation).
+    /// (`None`: a pool that recorded none) — or, with `next_here` (the
+    /// record names this server), of the generation after it: prepared
+    /// here and never committed ([`MirrorOp::Prepare`]), it holds what the
+    /// expected one held and the devices lack. Answered `Done` or with why
+    /// not (another server holds that generation).
     Replay {
         meta: std::sync::Arc<PoolMetadata>,
         expected: Option<CacheMirrorRecord>,
+        next_here: bool,
     },
     /// The volume has no cache any more (or no longer exists): delete the
     /// file. Only once nothing is held.
@@ -118,6 +130,15 @@ impl MirrorReply {
             MirrorReply::Lane(lane) => lane.send(result),
         }
     }
+}
+
+/// Whether a mirror file of generation `held` may be replayed for a record
+/// of generation `expected`: the same generation, or (`next_here`: the
+/// record names this server) the next one, prepared for a commit that did
+/// not happen ([`MirrorOp::Prepare`]). Any other file is stale, or not this
+/// generation's.
+pub fn replayable(held: Option<u64>, expected: u64, next_here: bool) -> bool {
+    held == Some(expected) || (next_here && held == expected.checked_add(1))
 }
 
 /// Why an append is refused for its size (`None`: within the limits).

@@ -34,7 +34,17 @@ pub fn spawn(
     progress: Arc<ReplayProgress>,
 ) -> mpsc::Sender<MirrorWork> {
     let (tx, rx) = mpsc::channel(MIRROR_QUEUED_MAX);
-    let worker = Worker { dir, devices, volume, lanes, progress, mirror: None, staged: None, waiting: VecDeque::new() };
+    let worker = Worker {
+        dir,
+        devices,
+        volume,
+        lanes,
+        progress,
+        mirror: None,
+        staged: None,
+        prepared: None,
+        waiting: VecDeque::new(),
+    };
     tokio::spawn(worker.run(rx));
     tx
 }
@@ -66,6 +76,9 @@ struct Worker {
     /// What the holder staged for the next generation (in memory only: a
     /// restarted server has none, and the holder stages again).
     staged: Option<Staged>,
+    /// The file prepared for a generation being committed
+    /// ([`MirrorOp::Prepare`]), until [`MirrorOp::Open`] mirrors into it.
+    prepared: Option<(u64, VolumeMirror)>,
     /// Appends in arrival order; only the first may be partly done.
     waiting: VecDeque<Pending>,
 }
@@ -130,51 +143,57 @@ impl Worker {
                 tracing::debug!(release_us = started.elapsed().as_micros() as u64, "mirror release");
                 reply.send(result);
             }
-            MirrorOp::Open { cache, generation, staged: Some((copy, records)) } => {
+            MirrorOp::Prepare { cache, generation, staged } => {
+                // A start that names no whole staged copy changes nothing:
+                // the current generation goes on.
+                if let Some((copy, records)) = staged {
+                    if let Err(e) = self.staged_check(copy, records) {
+                        return reply.send(Err(e));
+                    }
+                }
                 self.drop_waiting("mirroring started again");
                 self.mirror = None;
-                let result = self.adopt_staged(copy, records, generation).await;
-                if result.is_ok() {
-                    info!(volume = %self.volume, records, generation, "cache mirror started with the holder's staged records");
-                }
-                reply.send(result.map(|()| Response::MirrorOpened { cache: Some(cache) }));
-            }
-            MirrorOp::CheckStaged { copy, records } => {
-                reply.send(self.staged_check(copy, records).map(|()| Response::Done));
+                self.prepared = None;
+                let result = match staged {
+                    Some((copy, records)) => self.adopt_staged(copy, records, generation).await,
+                    None => self.create(cache, generation).await,
+                };
+                reply.send(result.map(|()| Response::Done));
             }
             MirrorOp::Stage { copy, size_bytes, records } => {
                 let result = self.stage(copy, size_bytes, records).await;
                 reply.send(result);
             }
-            MirrorOp::Open { cache, generation, staged: None } => {
+            MirrorOp::Open { cache, generation } => {
                 self.drop_waiting("mirroring started again");
                 self.mirror = None;
-                let path = store::mirror_path(&self.dir, self.volume);
-                let volume = self.volume;
-                let dir = self.dir.clone();
-                let created = blocking(move || {
-                    let result = std::fs::create_dir_all(&dir)
-                        .map_err(|source| StoreError::Io { path: dir.display().to_string(), what: "create", source })
-                        .and_then(|()| VolumeMirror::create(&path, volume, cache.size_bytes, generation));
-                    (None::<VolumeMirror>, result)
-                })
-                .await;
-                let result = match created.1 {
-                    Ok(mirror) => {
-                        info!(volume = %self.volume, size_bytes = cache.size_bytes, generation, "cache mirror started");
+                let result = match self.prepared.take() {
+                    Some((g, mirror)) if g == generation => {
+                        info!(volume = %self.volume, size_bytes = cache.size_bytes, generation, held_records = mirror.held_records(), "cache mirror started");
                         self.mirror = Some(mirror);
                         Ok(Response::MirrorOpened { cache: Some(cache) })
                     }
-                    Err(e) => Err(failed(e)),
+                    other => {
+                        let had = other.map_or("none".into(), |(g, _)| format!("generation {g}"));
+                        Err(ControlError::new(
+                            ErrorCode::Unavailable,
+                            format!(
+                                "volume {}: the file of mirror generation {generation} is not prepared here (prepared: \
+                                 {had}); start mirroring again",
+                                self.volume
+                            ),
+                        ))
+                    }
                 };
                 reply.send(result);
             }
-            MirrorOp::Replay { meta, expected } => {
+            MirrorOp::Replay { meta, expected, next_here } => {
                 // Appends not yet durable were never acknowledged: dropped.
                 self.drop_waiting("the holder is gone; its mirror is being replayed");
                 self.mirror = None;
                 self.staged = None;
-                let result = self.replay(&meta, expected.as_ref()).await;
+                self.prepared = None;
+                let result = self.replay(&meta, expected.as_ref(), next_here).await;
                 reply.send(result.map(|()| Response::Done));
             }
             MirrorOp::Status { mut known } => {
@@ -191,6 +210,7 @@ impl Worker {
                 self.drop_waiting("the volume's cache was removed");
                 self.mirror = None;
                 self.staged = None;
+                self.prepared = None;
                 let path = store::mirror_path(&self.dir, self.volume);
                 let staged = store::staged_path(&self.dir, self.volume);
                 let (_, result) = blocking(move || {
@@ -254,8 +274,32 @@ impl Worker {
         }
     }
 
+    /// Starts the file of `generation` afresh (empty), prepared for it.
+    async fn create(
+        &mut self,
+        cache: volume_format::metadata::VolumeCache,
+        generation: u64,
+    ) -> Result<(), ControlError> {
+        let path = store::mirror_path(&self.dir, self.volume);
+        let (volume, dir) = (self.volume, self.dir.clone());
+        let created = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)
+                .map_err(|source| StoreError::Io { path: dir.display().to_string(), what: "create", source })
+                .and_then(|()| VolumeMirror::create(&path, volume, cache.size_bytes, generation))
+        })
+        .await;
+        match created {
+            Ok(Ok(mirror)) => {
+                self.prepared = Some((generation, mirror));
+                Ok(())
+            }
+            Ok(Err(e)) => Err(failed(e)),
+            Err(e) => Err(failed(format!("creating the mirror file: {e}"))),
+        }
+    }
+
     /// Makes the staged file of attempt `copy`, holding `records` records,
-    /// the mirror of `generation` (see [`VolumeMirror::adopt`]).
+    /// the file of `generation`, prepared for it (see [`VolumeMirror::adopt`]).
     async fn adopt_staged(&mut self, copy: u64, records: u64, generation: u64) -> Result<(), ControlError> {
         self.staged_check(copy, records)?;
         let staged = self.staged.take().expect("checked above");
@@ -268,7 +312,8 @@ impl Worker {
         .await;
         match joined {
             Ok(Ok(mirror)) => {
-                self.mirror = Some(mirror);
+                info!(volume = %self.volume, records, generation, "cache mirror file prepared with the holder's staged records");
+                self.prepared = Some((generation, mirror));
                 Ok(())
             }
             Ok(Err(e)) => Err(failed(e)),
@@ -378,7 +423,9 @@ impl Worker {
 
     /// Writes the file's records to the devices, in order, when its
     /// generation is `expected`'s (or, with `None`, a pool that never
-    /// recorded one: whatever the file holds). The file stays: the owner
+    /// recorded one: whatever the file holds), or, with `next_here`, the
+    /// one after it (prepared here, never committed: see
+    /// [`MirrorOp::Prepare`]). The file stays: the owner
     /// records "nothing pending" next, and a file of an older generation is
     /// never replayed again (a crash before that record replays it again,
     /// harmlessly: nobody wrote the volume since).
@@ -386,6 +433,7 @@ impl Worker {
         &mut self,
         meta: &volume_format::metadata::PoolMetadata,
         expected: Option<&CacheMirrorRecord>,
+        next_here: bool,
     ) -> Result<(), ControlError> {
         let devices = &self.devices;
         let path = store::mirror_path(&self.dir, self.volume);
@@ -400,7 +448,7 @@ impl Worker {
             )
         })?;
         if let Some(expected) = expected {
-            if held.generation != Some(expected.generation) {
+            if !super::replayable(held.generation, expected.generation, next_here) {
                 let here = match held.generation {
                     Some(g) => format!("this server's mirror file {} is of generation {g}", path.display()),
                     None => format!("this server has no mirror file of it ({})", path.display()),

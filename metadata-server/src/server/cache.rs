@@ -16,20 +16,25 @@
 //! recall that replays for an excluded holder records it as broken first
 //! too.
 //!
-//! Which mirror is replayed, and when (format 11): each `MirrorOpen` first
+//! Which mirror is replayed, and when (format 11): each `MirrorOpen`
 //! commits a new generation of the volume's mirror to the pool metadata
-//! ([`CacheMirrorRecord`], `pending`), naming this server; the file is
-//! created with it. A holder starts mirroring afresh only once everything
-//! an earlier mirror acknowledged is on the devices — or (protocol 15,
-//! `MirrorOpenStaged`) with every record its log still holds, staged here
-//! first (`MirrorStage`, a file no replay reads): the generation is
-//! committed only after the worker said the staged copy is whole
-//! ([`Core::check_staged_then_open`]), and the worker then makes that
-//! file the generation's. Either way only the newest generation's file can
-//! hold writes the devices lack. An open replays only
-//! while the record is pending, and only a file of the recorded
-//! generation; once replayed, "not pending" is committed before the open
-//! goes on (a crash in between replays again: nobody wrote since). A clean
+//! ([`CacheMirrorRecord`], `pending`), naming this server — after the
+//! worker prepared that generation's file ([`Core::prepare_mirror_open`],
+//! `crate::mirror::MirrorOp::Prepare`), so a committed generation always
+//! has its file and a missing one was lost (with the file created after
+//! the commit, a server that died in between left the volume unopenable:
+//! simulator seeds 128124716596664, 123708996430583). A holder starts
+//! mirroring afresh only once everything an earlier mirror acknowledged is
+//! on the devices — or (protocol 15, `MirrorOpenStaged`) with every record
+//! its log still holds, staged here first (`MirrorStage`, a file no replay
+//! reads): the preparation makes the staged copy the generation's file,
+//! if it is whole. Either way only the newest generation's file can hold
+//! writes the devices lack — or the next one's, prepared here for a commit
+//! that did not happen, which then holds them. An open replays only while
+//! the record is pending, and only a file of the recorded generation (or
+//! of the next, prepared here); once replayed, "not pending" is committed
+//! before the open goes on (a crash in between replays again: nobody
+//! wrote since). A clean
 //! close commits "not pending" with the handle's removal (the holder
 //! destaged everything first). So a stale file — left on a server that was
 //! active before a handoff or takeover — is never replayed over newer
@@ -233,35 +238,12 @@ impl Core {
         Ok((volume, cache))
     }
 
-    /// `MirrorOpenStaged` of the holder of `handle`: first asks the
-    /// volume's mirror whether it holds attempt `copy`'s whole staged copy,
-    /// and only then commits the generation that adopts it — so a start
-    /// that cannot adopt it leaves the generation (and the file) that may
-    /// hold what the devices lack as they were.
-    pub(super) fn check_staged_then_open(
-        &mut self,
-        session: SessionId,
-        handle: HandleId,
-        copy: u64,
-        records: u64,
-        reply: ReplyId,
-    ) -> Step {
-        let volume = match self.mirror_holder(session, handle) {
-            Ok((volume, _)) => volume,
-            Err(e) => return Step::Done(Some((reply, Err(e)))),
-        };
-        Step::Job {
-            job: Job::MirrorStagedCheck { volume, copy, records },
-            busy: None,
-            then: AfterJob::MirrorStagedChecked { session, handle, copy, records, reply },
-        }
-    }
-
-    /// `MirrorOpen` of the holder of `handle`: commits the volume's next
-    /// mirror generation (pending, at this server), then the worker starts
-    /// the file afresh with it — or, with `staged` (`MirrorOpenStaged`:
-    /// the attempt and its record count), makes the staged file that
-    /// generation's file.
+    /// `MirrorOpen` (or, with `staged`, `MirrorOpenStaged`: the attempt
+    /// and its record count) of the holder of `handle`: the worker first
+    /// prepares the file of the volume's next mirror generation — empty,
+    /// or the staged copy if it is whole — and only then is the generation
+    /// committed (pending, at this server), so a committed generation
+    /// always has its file ([`crate::mirror::MirrorOp::Prepare`]).
     pub(super) fn prepare_mirror_open(
         &mut self,
         session: SessionId,
@@ -274,28 +256,62 @@ impl Core {
             Err(e) => return Step::Done(Some((reply, Err(e)))),
         };
         let generation = self.meta.cache_mirror(volume).map_or(1, |m| m.generation + 1);
-        let record = CacheMirrorRecord { volume, generation, server: self.own_name(), pending: true };
-        Step::Commit {
-            changes: vec![MetaChange::CacheMirror(record)],
-            then: AfterCommit::MirrorOpened { volume, cache, generation, staged, reply },
+        Step::Job {
+            job: Job::MirrorPrepare { volume, cache, generation, staged },
+            busy: None,
+            then: AfterJob::MirrorPrepared { session, handle, volume, generation, reply },
         }
     }
 
-    /// The commit of a new mirror generation is durable: the worker starts
-    /// the file (and answers the holder).
+    /// The file of `volume`'s mirror `generation` is prepared (or why
+    /// not): commits the generation, if the holder and the record are
+    /// still as they were when it was prepared.
+    pub(super) fn mirror_prepared(
+        &mut self,
+        session: SessionId,
+        handle: HandleId,
+        volume: VolumeId,
+        generation: u64,
+        reply: ReplyId,
+        outcome: JobOutcome,
+    ) -> Step {
+        if let Err(why) = outcome.result {
+            return Step::Done(Some((reply, Err(err(ErrorCode::Unavailable, why)))));
+        }
+        let cache = match self.mirror_holder(session, handle) {
+            Ok((v, cache)) if v == volume => cache,
+            Ok(_) => unreachable!("a handle's volume does not change"),
+            Err(e) => return Step::Done(Some((reply, Err(e)))),
+        };
+        let now = self.meta.cache_mirror(volume).map_or(1, |m| m.generation + 1);
+        if now != generation {
+            let msg = format!(
+                "volume {volume}: its mirror record changed while generation {generation} was prepared (the next is \
+                 {now} now); start mirroring again"
+            );
+            return Step::Done(Some((reply, Err(err(ErrorCode::Unavailable, msg)))));
+        }
+        let record = CacheMirrorRecord { volume, generation, server: self.own_name(), pending: true };
+        Step::Commit {
+            changes: vec![MetaChange::CacheMirror(record)],
+            then: AfterCommit::MirrorOpened { volume, cache, generation, reply },
+        }
+    }
+
+    /// The commit of a new mirror generation is durable: the worker
+    /// mirrors into the file prepared for it (and answers the holder).
     pub(super) fn finish_mirror_open(
         &mut self,
         volume: VolumeId,
         cache: VolumeCache,
         generation: u64,
-        staged: Option<(u64, u64)>,
         reply: ReplyId,
         result: Result<(), ControlError>,
     ) {
         match result {
             Ok(()) => self.push_effect(Effect::Mirror {
                 volume,
-                op: MirrorOp::Open { cache, generation, staged },
+                op: MirrorOp::Open { cache, generation },
                 reply: Some(reply),
             }),
             Err(e) => self.reply(reply, Err(e)),
@@ -335,8 +351,9 @@ impl Core {
     /// Runs the replay of `volume`'s mirror, then `next`.
     pub(super) fn replay_then(&mut self, volume: VolumeId, next: AfterReplay) -> Step {
         let expected = self.meta.cache_mirror(volume).cloned();
+        let next_here = expected.as_ref().is_some_and(|m| m.server == self.own_name());
         Step::Job {
-            job: Job::MirrorReplay { meta: self.meta.clone(), volume, expected },
+            job: Job::MirrorReplay { meta: self.meta.clone(), volume, expected, next_here },
             busy: Some((volume, Busy::Resync)),
             then: AfterJob::MirrorReplayed { volume, next, cleared: false },
         }

@@ -388,14 +388,12 @@ pub enum AfterCommit {
     DeviceOnline {
         device: volume_format::DeviceIndex,
     },
-    /// A cached volume's new mirror generation is recorded: start the file
-    /// (`cache`).
+    /// A cached volume's new mirror generation is recorded: mirror into
+    /// the file prepared for it (`cache`).
     MirrorOpened {
         volume: VolumeId,
         cache: volume_format::metadata::VolumeCache,
         generation: u64,
-        /// The staged file to adopt (`MirrorOpenStaged`): attempt, records.
-        staged: Option<(u64, u64)>,
         reply: ReplyId,
     },
     /// "Nothing pending" is recorded for a replayed mirror: `next` goes on
@@ -464,9 +462,15 @@ pub enum AfterJob {
         change: VolumeChange,
         reply: ReplyId,
     },
-    /// The holder's staged copy is whole at the mirror (or why not): commit
-    /// the generation that adopts it (`cache`).
-    MirrorStagedChecked { session: SessionId, handle: volume_format::HandleId, copy: u64, records: u64, reply: ReplyId },
+    /// The file of a new mirror generation is prepared (or why not): commit
+    /// the generation (`cache`).
+    MirrorPrepared {
+        session: SessionId,
+        handle: volume_format::HandleId,
+        volume: VolumeId,
+        generation: u64,
+        reply: ReplyId,
+    },
     /// A cached volume's mirror was replayed to its devices: continue the
     /// request that needed it (`crate::mirror`).
     MirrorReplayed { volume: VolumeId, next: super::cache::AfterReplay, cleared: bool },

@@ -1999,9 +1999,59 @@ fn the_holder_of_a_cached_volume_reports_its_cache_and_the_server_shows_the_last
 fn mirrored_v_silent_past_its_lease() -> (World, volume_format::control::messages::OpenedHandle) {
     let (mut w, v, _) = cached_v_and_plain_w();
     let (_, effects) = w.request(1, Request::MirrorOpen { handle: v.handle });
+    let prepare = prepare_job(&effects).expect("the file is prepared first");
+    let effects = w.apply(Input::JobDone { task: prepare, outcome: JobOutcome::done() });
     commit_all(&mut w, effects);
     w.advance(2 * LEASE_MS);
     (w, v)
+}
+
+/// The task of the mirror file's preparation `effects` start, if any.
+fn prepare_job(effects: &[Effect]) -> Option<TaskId> {
+    effects.iter().find_map(|e| match e {
+        Effect::Job { task, job: Job::MirrorPrepare { .. }, .. } => Some(*task),
+        _ => None,
+    })
+}
+
+/// Found by the simulator (seeds 128124716596664, 123708996430583): a
+/// server that died between committing a new mirror generation and creating
+/// its file left the volume unopenable — the record named a file the server
+/// could not tell from a lost one. The file is prepared first now; the
+/// generation is committed only once it exists, and mirroring starts into
+/// it after the commit. A failed preparation commits nothing.
+#[test]
+fn a_mirror_generation_is_committed_only_after_its_file_is_prepared() {
+    let (mut w, v, _) = cached_v_and_plain_w();
+    let volume = v.description.volume;
+    let before = w.core.meta.cache_mirror(volume).cloned().expect("recorded with the setting");
+
+    let (open, effects) = w.request(1, Request::MirrorOpen { handle: v.handle });
+    assert!(commit_of(&effects).is_none(), "nothing is committed before the file exists: {effects:?}");
+    let prepare = prepare_job(&effects).expect("the file is prepared first");
+    let Some(Effect::Job { job: Job::MirrorPrepare { generation, staged, .. }, .. }) =
+        effects.iter().find(|e| matches!(e, Effect::Job { job: Job::MirrorPrepare { .. }, .. }))
+    else {
+        unreachable!("found above")
+    };
+    assert_eq!((*generation, *staged), (before.generation + 1, None));
+    let effects = w.apply(Input::JobDone { task: prepare, outcome: JobOutcome::failed("disk full") });
+    assert!(commit_of(&effects).is_none(), "a failed preparation commits nothing");
+    assert!(matches!(reply_of(&effects, open), Some(Err(e)) if e.message.contains("disk full")), "{effects:?}");
+    assert_eq!(w.core.meta.cache_mirror(volume), Some(&before));
+
+    let (open, effects) = w.request(1, Request::MirrorOpen { handle: v.handle });
+    let prepare = prepare_job(&effects).expect("prepared again");
+    let effects = w.apply(Input::JobDone { task: prepare, outcome: JobOutcome::done() });
+    let (task, write) = commit_of(&effects).expect("then the generation is committed");
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Mirror { .. })), "mirroring waits for the commit");
+    let effects = w.apply(committed(task, write));
+    let record = w.core.meta.cache_mirror(volume).unwrap();
+    assert_eq!((record.generation, record.pending), (before.generation + 1, true));
+    assert!(
+        effects.iter().any(|e| matches!(e, Effect::Mirror { op: crate::mirror::MirrorOp::Open { generation, .. }, reply: Some(r), .. } if *generation == record.generation && *r == open)),
+        "{effects:?}"
+    );
 }
 
 /// Whether `effects` start a replay of a cache mirror.

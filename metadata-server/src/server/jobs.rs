@@ -44,17 +44,24 @@ pub enum Job {
     /// its connection to the device task before reporting (`pool::add`).
     LabelDevice(crate::pool::add::LabelRequest),
     /// Write every record `volume`'s cache mirror holds to its devices, in
-    /// order, if its file is of the `expected` generation (its holder is
-    /// gone; `crate::mirror`).
+    /// order, if its file is of the `expected` generation — or, with
+    /// `next_here`, the next one, prepared here and never committed (its
+    /// holder is gone; `crate::mirror`).
     MirrorReplay {
         meta: Arc<PoolMetadata>,
         volume: VolumeId,
         expected: Option<volume_format::metadata::CacheMirrorRecord>,
+        next_here: bool,
     },
-    /// Whether `volume`'s mirror worker holds the whole staged copy of
-    /// attempt `copy` (`records` records), before the generation that
-    /// adopts it is committed (`Request::MirrorOpenStaged`).
-    MirrorStagedCheck { volume: VolumeId, copy: u64, records: u64 },
+    /// Prepare the file of `volume`'s mirror `generation` before that
+    /// generation is committed: empty, or the staged copy of attempt and
+    /// record count `staged` if it is whole (`crate::mirror::MirrorOp::Prepare`).
+    MirrorPrepare {
+        volume: VolumeId,
+        cache: volume_format::metadata::VolumeCache,
+        generation: u64,
+        staged: Option<(u64, u64)>,
+    },
     /// Fence `handles` for good on every device of `uris` that fences
     /// (`sanvol-target`; plain devices are skipped): done only once each
     /// such device acknowledged that none of their connections is open
@@ -192,7 +199,7 @@ pub async fn run_data_job(job: Job, devices: &DeviceClients, may_write: impl Fn(
         }
         Job::LabelDevice(_) => JobOutcome::failed("a device is labelled where the pool's connections are"),
         Job::MirrorReplay { .. } => JobOutcome::failed("a cache mirror is replayed by its mirror's worker"),
-        Job::MirrorStagedCheck { .. } => JobOutcome::failed("a staged copy is checked by its mirror's worker"),
+        Job::MirrorPrepare { .. } => JobOutcome::failed("a mirror file is prepared by its mirror's worker"),
         Job::Fence { key, uris, handles } => {
             for handle in handles {
                 let holder = volume_format::capability::Holder::Handle(handle);

@@ -261,6 +261,15 @@ impl LeaseTask {
         areas
     }
 
+    /// A term starts: the listing names this server active at once, not
+    /// only after the first read of the host sectors — the owner records
+    /// its own name (in cache mirror records) from its first request on,
+    /// and a replay after a restart compares it with its name then.
+    pub fn list_self_active(&self) {
+        let current = self.servers.borrow().clone();
+        self.servers.send_replace(active_servers_listing(&self.machine.me, current));
+    }
+
     /// The guard of the current (or coming) term.
     pub fn guard(&self) -> Arc<LeaseGuard> {
         self.guard.clone()

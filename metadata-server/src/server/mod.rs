@@ -542,6 +542,7 @@ async fn active_term(
     drop(ctx);
     let guard = lease.guard();
     let (lease_cmd_tx, lease_cmd_rx) = mpsc::channel(4);
+    lease.list_self_active();
     let servers = lease.servers.subscribe();
     let (lease_stop_tx, lease_stop_rx) = watch::channel(false);
     // The lease task runs beside the owner and comes back when it ends.

@@ -164,6 +164,12 @@ pub async fn run(
         lease_guard: guard,
         stopped: None,
     };
+    // The listing as it is now (`changed` reports only later ones): the
+    // cache mirror records name this server from the first request on, as
+    // a replay after a restart compares them with this server's name.
+    let list = servers.borrow_and_update().iter().map(server_info).collect();
+    let effects = shell.core.apply(shell.clock.now(), Input::Servers { servers: list });
+    shell.perform(effects);
     let mut lease_gone = false;
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(Duration::from_millis(tick_ms));
@@ -369,15 +375,15 @@ impl Shell {
                     let _ = results.send(Input::JobDone { task, outcome }).await;
                 });
             }
-            job @ (Job::MirrorReplay { .. } | Job::MirrorStagedCheck { .. }) => {
+            job @ (Job::MirrorReplay { .. } | Job::MirrorPrepare { .. }) => {
                 let (reply, answer) = oneshot::channel();
                 let reply = crate::mirror::MirrorReply::Owner(reply);
                 let (volume, op) = match job {
-                    Job::MirrorReplay { meta, volume, expected } => {
-                        (volume, crate::mirror::MirrorOp::Replay { meta, expected })
+                    Job::MirrorReplay { meta, volume, expected, next_here } => {
+                        (volume, crate::mirror::MirrorOp::Replay { meta, expected, next_here })
                     }
-                    Job::MirrorStagedCheck { volume, copy, records } => {
-                        (volume, crate::mirror::MirrorOp::CheckStaged { copy, records })
+                    Job::MirrorPrepare { volume, cache, generation, staged } => {
+                        (volume, crate::mirror::MirrorOp::Prepare { cache, generation, staged })
                     }
                     _ => unreachable!("matched above"),
                 };

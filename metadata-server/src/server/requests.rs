@@ -145,7 +145,7 @@ impl Core {
             request @ Request::VolumeCache { .. } => return self.prepare_volume_cache(session, request, reply),
             Request::MirrorOpen { handle } => return self.prepare_mirror_open(session, handle, None, reply),
             Request::MirrorOpenStaged { handle, copy, records } => {
-                return self.check_staged_then_open(session, handle, copy, records, reply)
+                return self.prepare_mirror_open(session, handle, Some((copy, records)), reply)
             }
             Request::MirrorForget { name } => return self.prepare_mirror_forget(&name, reply),
             Request::Close { handle } => return self.prepare_close(session, handle.0, reply),
@@ -264,8 +264,8 @@ impl Core {
                 self.release(volume);
                 self.finish_commit(*then, result);
             }
-            AfterCommit::MirrorOpened { volume, cache, generation, staged, reply } => {
-                self.finish_mirror_open(volume, cache, generation, staged, reply, result)
+            AfterCommit::MirrorOpened { volume, cache, generation, reply } => {
+                self.finish_mirror_open(volume, cache, generation, reply, result)
             }
             AfterCommit::MirrorCleared { volume, next } => {
                 let outcome = match result {
@@ -304,10 +304,9 @@ impl Core {
             }
             AfterJob::MirrorReplayed { volume, next, cleared } => self.mirror_replayed(volume, next, cleared, outcome),
             AfterJob::BrokenRecorded { volume, next } => self.broken_recorded(volume, next, outcome),
-            AfterJob::MirrorStagedChecked { session, handle, copy, records, reply } => match outcome.result {
-                Ok(()) => self.prepare_mirror_open(session, handle, Some((copy, records)), reply),
-                Err(why) => Step::Done(Some((reply, Err(err(ErrorCode::Unavailable, why))))),
-            },
+            AfterJob::MirrorPrepared { session, handle, volume, generation, reply } => {
+                self.mirror_prepared(session, handle, volume, generation, reply, outcome)
+            }
             AfterJob::ExpireFenced { expired } => self.expire_fenced(expired, outcome),
             AfterJob::RecallFenced { volume, pending, excluded } => match outcome.result {
                 Ok(()) => self.recall_fenced(volume, pending, excluded),

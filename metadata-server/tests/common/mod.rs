@@ -40,8 +40,8 @@ pub struct FaultyDevice {
     /// Reads waiting right now, and a signal when one starts waiting.
     pub reads_held: std::sync::atomic::AtomicU64,
     pub read_held: Notify,
-    /// Writes at offsets >= this wait until it changes (`u64::MAX`: none held).
-    hold_writes_from: tokio::sync::watch::Sender<u64>,
+    /// Writes at offsets in this range wait until it changes (empty: none held).
+    hold_writes: tokio::sync::watch::Sender<std::ops::Range<u64>>,
     /// Writes waiting right now, and a signal when one starts waiting.
     pub writes_held: std::sync::atomic::AtomicU64,
     pub write_held: Notify,
@@ -55,7 +55,7 @@ impl FaultyDevice {
             hold_reads_from: tokio::sync::watch::channel(u64::MAX).0,
             reads_held: Default::default(),
             read_held: Notify::new(),
-            hold_writes_from: tokio::sync::watch::channel(u64::MAX).0,
+            hold_writes: tokio::sync::watch::channel(0..0).0,
             writes_held: Default::default(),
             write_held: Notify::new(),
         }
@@ -63,7 +63,12 @@ impl FaultyDevice {
 
     /// Holds every write at or beyond `offset` (`u64::MAX` releases them).
     pub fn hold_writes_from(&self, offset: u64) {
-        self.hold_writes_from.send_replace(offset);
+        self.hold_writes.send_replace(offset..u64::MAX);
+    }
+
+    /// Holds every write starting in `range` (an empty range releases them).
+    pub fn hold_writes_in(&self, range: std::ops::Range<u64>) {
+        self.hold_writes.send_replace(range);
     }
 
     /// Holds every read at or beyond `offset` (`u64::MAX` releases them).
@@ -113,7 +118,17 @@ impl BlockDevice for FaultyDevice {
         self.inner.read(offset, len).await
     }
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
-        held(&self.hold_writes_from, &self.writes_held, &self.write_held, offset).await;
+        let mut hold = self.hold_writes.subscribe();
+        if hold.borrow_and_update().contains(&offset) {
+            self.writes_held.fetch_add(1, Ordering::SeqCst);
+            self.write_held.notify_waiters();
+            while hold.borrow_and_update().contains(&offset) {
+                if hold.changed().await.is_err() {
+                    break;
+                }
+            }
+            self.writes_held.fetch_sub(1, Ordering::SeqCst);
+        }
         self.check()?;
         self.inner.write(offset, data, fua).await
     }
