@@ -2,6 +2,10 @@
 //! appends queued together with one write + one fdatasync, holds appends
 //! that do not fit until a release makes room (back-pressure, never an
 //! error), and replays the mirror to the devices when asked.
+//!
+//! Fault point (`SANVOL_FAULT`, see `control_client::fault`):
+//! `mds-after-mirror-prepare` — a new generation's file is prepared, its
+//! commit not started (the owner hears of the preparation after it).
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -158,6 +162,9 @@ impl Worker {
                     Some((copy, records)) => self.adopt_staged(copy, records, generation).await,
                     None => self.create(cache, generation).await,
                 };
+                if result.is_ok() {
+                    control_client::fault::hit("mds-after-mirror-prepare");
+                }
                 reply.send(result.map(|()| Response::Done));
             }
             MirrorOp::Stage { copy, size_bytes, records } => {

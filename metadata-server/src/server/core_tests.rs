@@ -2006,6 +2006,31 @@ fn mirrored_v_silent_past_its_lease() -> (World, volume_format::control::message
     (w, v)
 }
 
+/// Found by the simulator (seed 2192): a cached holder silent past its
+/// lease comes back while a recall that excluded it is replaying its
+/// mirror; told its handle is being released, it closes it.
+/// That close must not record the mirror as holding nothing the devices
+/// lack — the holder never destaged, and the replay is still writing: a
+/// server that died then would come back without replaying the rest.
+#[test]
+fn a_close_of_a_handle_being_released_keeps_its_mirror_pending() {
+    let (mut w, v) = mirrored_v_silent_past_its_lease();
+    let volume = v.description.volume;
+    // A snapshot recalls the holder, which does not answer: excluded, its
+    // mirror is replayed before the change.
+    let (_, effects) = w.request(3, Request::SnapshotCreate { volume: "v".into(), name: "s".into() });
+    let effects = commit_all(&mut w, effects);
+    assert!(replays(&effects), "the recall replays the mirror: {effects:?}");
+    // The old holder comes back and closes its handle meanwhile.
+    let (_, effects) = w.request(1, Request::Close { handle: v.handle });
+    commit_all(&mut w, effects);
+    assert!(
+        w.core.meta.cache_mirror(volume).is_some_and(|m| m.pending),
+        "the mirror was recorded as replayed while its replay was still writing: {:?}",
+        w.core.meta.cache_mirror(volume)
+    );
+}
+
 /// The task of the mirror file's preparation `effects` start, if any.
 fn prepare_job(effects: &[Effect]) -> Option<TaskId> {
     effects.iter().find_map(|e| match e {

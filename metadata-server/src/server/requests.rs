@@ -806,11 +806,17 @@ impl Core {
             Vec::new()
         };
         // A close comes after the agent drained its I/O: every write reached
-        // every leg, so its dirty regions need no copy (`intents`).
-        if let Some(h) = self.handles.get(handle) {
+        // every leg, so its dirty regions need no copy (`intents`). Not so
+        // for a handle being released (its lease ran out, or a recall
+        // excluded it): its holder lost the right to write before it could
+        // drain or destage, and closes what it was told is gone.
+        let leaving = self.removing().contains(&handle) || self.revoked.contains(&handle);
+        if let Some(h) = self.handles.get(handle).filter(|_| !leaving) {
             let volume = VolumeId(h.volume);
             // Nor anything in its write-back cache: its mirror holds nothing
-            // the devices lack (`super::cache`).
+            // the devices lack (`super::cache`). (A holder that closed
+            // after its handle was released had not destaged: clearing its
+            // mirror here lost acknowledged writes — simulator seed 2192.)
             if h.mode == OpenMode::Exclusive {
                 changes.extend(self.mirror_clear(volume));
             }
