@@ -176,7 +176,12 @@ impl Worker {
                 self.mirror = None;
                 let result = match self.prepared.take() {
                     Some((g, mirror)) if g == generation => {
-                        info!(volume = %self.volume, size_bytes = cache.size_bytes, generation, held_records = mirror.held_records(), "cache mirror started");
+                        let (volume, records) = (self.volume, mirror.held_records());
+                        if records > 0 {
+                            info!(%volume, records, generation, "cache mirror started with the holder's staged records");
+                        } else {
+                            info!(%volume, size_bytes = cache.size_bytes, generation, "cache mirror started");
+                        }
                         self.mirror = Some(mirror);
                         Ok(Response::MirrorOpened { cache: Some(cache) })
                     }
