@@ -306,7 +306,13 @@ impl ServerHost {
                 env.trace(self.me(), format_args!("lease task: {why}"));
                 self.with_term(env, |t, env| t.input(Input::LeaseLost { why }, env));
             }
-            LeasePhase::HandedOff { .. } | LeasePhase::Lost { .. } => self.guard.ended = true,
+            // `LeaseTask::acquire`: won and lost before serving — standing
+            // by again (seed 268100476750943: it stayed "stopped" for good).
+            LeasePhase::Lost { why } => {
+                env.trace(self.me(), format_args!("lost the pool lease before serving ({why}); standing by"));
+                self.stand_by(env);
+            }
+            LeasePhase::HandedOff { .. } => self.guard.ended = true,
             LeasePhase::Standby { owner: Some((rec, _)) } if self.owner_seen.as_ref() != Some(rec) => {
                 if self.owner_seen.as_ref().is_none_or(|o| !o.same_holding(rec)) {
                     env.trace(

@@ -143,6 +143,11 @@ const TWO_SERVER_REGRESSION_SEEDS: &[u64] = &[
     // (exploration). A server flushes every device before it reads the
     // metadata now.
     6429577280763,
+    // A server won the pool lease and lost it (cut off from the devices)
+    // before the renewal that lets it serve; a lost lease waits for
+    // nothing, so it stayed "stopped" for good, and a cache mirror only it
+    // held was never replayed (exploration). It stands by again now.
+    268100476750943,
 ];
 
 fn report(o: &Outcome) -> String {

@@ -479,3 +479,41 @@ async fn a_takeover_waits_for_a_fencing_device_it_cannot_reach() {
     let meta = metadata_in_target_files(&stack);
     assert!(meta.volume_by_name("v1").is_some() && meta.volume_by_name("v2").is_some());
 }
+
+/// A server that wins the pool lease and loses it before it serves (stopped
+/// or cut off from the devices between winning and the renewal that opens
+/// its window) stands by again. Found by the simulator (exploration seed
+/// 268100476750943): a lost lease waits for nothing, so the server stayed
+/// "stopped" for good — listed so, no standby to hand over to, and a cache
+/// mirror only it held could never be replayed. Here mds-1 stops itself
+/// (SIGSTOP) right after winning; mds-2 takes the pool over; mds-1 runs
+/// again, finds the lease lost, and must stand by: listed as standing by,
+/// and the pool can be handed back to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_loses_the_lease_before_it_serves_stands_by_again() {
+    let mut stack = Stack::new(3, "256M");
+    stack.mds_env.push(("SANVOL_FAULT".into(), "mds-lease-won-before-serving:stop".into()));
+    stack.start_mds();
+    poll(&stack, "mds-1 to stop once it won the lease", Duration::from_secs(30), || {
+        stack.mds_log().contains("SANVOL_FAULT: reached mds-lease-won-before-serving").then_some(())
+    });
+    let first = stack.mds.as_ref().unwrap().pid();
+    let second = stack.start_server(2);
+    stack.more_mds.push(second.addr());
+    poll(&stack, "mds-2 to take the pool over", Duration::from_secs(60), || status_at(&stack, &second.addr()).ok());
+    stack.sanvol_ok(&["volume", "create", "v1", "16M"]);
+
+    signal(first, libc::SIGCONT);
+    // As an operator would: hand the pool to mds-1 once it is listed as
+    // standing by (before, it stayed "stopped" and every handoff was
+    // refused for want of a standby).
+    poll(&stack, "a handoff to mds-1", Duration::from_secs(30), || {
+        let status = status_at(&stack, &second.addr()).ok()?;
+        let servers = status["servers"].as_array()?.clone();
+        servers.iter().any(|s| s["name"] == "mds-1" && s["role"] == "standing by").then_some(())?;
+        stack.sanvol_at(&stack.all_mds_addrs(), &["mds", "handoff"]).status.success().then_some(())
+    });
+    wait_roles(&stack, &stack.mds_addr(), &second.addr(), "mds-1");
+    let shown = stack.sanvol_at(&stack.mds_addr(), &["volume", "show", "v1"]);
+    assert!(shown.status.success(), "{}", String::from_utf8_lossy(&shown.stderr));
+}

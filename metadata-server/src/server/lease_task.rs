@@ -8,6 +8,10 @@
 //! commit right now?), read by the device task before every metadata write,
 //! and through watches: the owner record a standby sees (for redirect
 //! messages) and the servers of the pool (for listings).
+//!
+//! Fault point (`SANVOL_FAULT`, see `control_client::fault`):
+//! `mds-lease-won-before-serving` — this server won the pool lease; the
+//! renewal that opens its window (and lets it serve) has not happened yet.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -288,6 +292,7 @@ impl LeaseTask {
     /// `false`). Logs who is active, once per owner.
     pub async fn acquire(&mut self, mut stop: watch::Receiver<bool>) -> bool {
         let mut announced: Option<(u32, u64)> = None;
+        let mut stopped_at_won = false;
         loop {
             if let LeasePhase::Owner { record, .. } = &self.machine.phase {
                 // Serving starts once the first renewal opened the window.
@@ -295,6 +300,22 @@ impl LeaseTask {
                     info!(generation = record.generation, "acquired the pool lease");
                     return true;
                 }
+                if !stopped_at_won {
+                    stopped_at_won = true;
+                    control_client::fault::hit("mds-lease-won-before-serving");
+                }
+            }
+            // Won, then lost before the window opened (stopped, or cut off
+            // from the devices, right after winning): a lost lease waits
+            // for nothing (`LeasePhase::Lost`), and this server stayed
+            // "stopped" for good — no standby to hand over to, and a
+            // cache mirror only it holds never replayed (simulator
+            // exploration seed 268100476750943). It stands by again.
+            if let LeasePhase::Lost { why } = &self.machine.phase {
+                warn!("lost the pool lease before serving ({why}); standing by");
+                stopped_at_won = false;
+                self.stand_by();
+                continue;
             }
             if let LeasePhase::Standby { owner: Some((rec, _)) } = &self.machine.phase {
                 if announced != Some((rec.host_id, rec.generation)) {
