@@ -25,9 +25,9 @@
 //! scan, so each request is all or nothing). No random number is drawn when
 //! nothing was in flight.
 //!
-//! The ring's accounting is the real one (`volume_format::cache_log`'s
-//! `LogAppender`, as `store::VolumeMirror` uses it): an append that does
-//! not fit waits for a release, never an error. Replays plan their writes
+//! The ring's accounting is production's own (`store::MirrorLedger`, which
+//! `store::VolumeMirror` writes to its file): an append that does not fit
+//! waits for a release, never an error. Replays plan their writes
 //! with production's `mirror::replay::final_pieces`.
 //!
 //! Data: a simulated agent mirrors whole blocks, the workload tag as the
@@ -38,6 +38,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use metadata_server::mirror::replay::{final_pieces, Span, REPLAY_WRITE_BYTES_MAX};
+use metadata_server::mirror::store::MirrorLedger;
 use metadata_server::mirror::MirrorOp;
 use volume_format::cache_log::LogAppender;
 use volume_format::control::messages::{
@@ -98,75 +99,35 @@ pub struct MirrorFile {
     pub records: VecDeque<MirrorRecord>,
 }
 
-/// The ring of an open mirror: the real log accounting, without the bytes.
+/// The ring of an open mirror: production's accounting
+/// (`store::MirrorLedger`), without the bytes — the file's records are kept
+/// beside it.
 struct Ring {
-    appender: LogAppender,
-    /// Per held record: holder's seq, position, the log's own seq, bytes.
-    held: VecDeque<(u64, u64, u64, u64)>,
-    held_bytes: u64,
-    last_seq: u64,
+    ledger: MirrorLedger,
 }
 
 impl Ring {
     fn new(volume: VolumeId, log_bytes: u64) -> Ring {
-        Ring { appender: LogAppender::create(0, volume, log_bytes), held: VecDeque::new(), held_bytes: 0, last_seq: 0 }
+        Ring { ledger: MirrorLedger::new(LogAppender::create(0, volume, log_bytes)) }
     }
 
     /// `store::VolumeMirror::append`: as many as fit, in order; an error
     /// takes none.
     fn append(&mut self, records: &[&MirrorRecord], file: &mut MirrorFile) -> Result<usize, String> {
-        let mut batch = self.appender.begin_batch();
-        let mut last = self.last_seq;
-        let mut taken = 0;
-        for record in records {
-            if record.seq <= last {
-                return Err(format!(
-                    "mirror record {} is out of order (the last one mirrored is {last}); start mirroring again",
-                    record.seq
-                ));
-            }
-            if !self.appender.fits_ever(u32::try_from(record.data.len()).unwrap_or(u32::MAX)) {
-                return Err(format!(
-                    "a mirror record of {} bytes can never fit the volume's {}-byte mirror",
-                    record.data.len(),
-                    self.appender.ring().capacity_bytes()
-                ));
-            }
-            if !self.appender.push(&mut batch, record.offset, &record.data) {
-                break;
-            }
-            last = record.seq;
-            taken += 1;
-        }
-        if taken == 0 {
-            return Ok(0);
-        }
-        for (appended, record) in batch.records.iter().zip(records) {
-            self.held.push_back((record.seq, appended.pos, appended.seq, record.data.len() as u64));
-            self.held_bytes += record.data.len() as u64;
-            file.records.push_back((*record).clone());
-        }
-        self.last_seq = last;
+        let plan = self.ledger.plan_append(records.iter().copied()).map_err(|e| e.to_string())?;
+        let Some(plan) = plan else { return Ok(0) };
+        let taken = plan.taken;
+        self.ledger.appended(plan, records.iter().copied());
+        file.records.extend(records[..taken].iter().map(|r| (*r).clone()));
         Ok(taken)
     }
 
     /// `store::VolumeMirror::release`.
     fn release(&mut self, upto_seq: u64, file: &mut MirrorFile) {
-        let count = self.held.iter().take_while(|h| h.0 <= upto_seq).count();
-        if count == 0 {
-            return;
+        if let Some(plan) = self.ledger.plan_release(upto_seq) {
+            let released = self.ledger.released(plan).min(file.records.len());
+            file.records.drain(..released);
         }
-        let (tail_pos, tail_seq) = match self.held.get(count) {
-            Some(next) => (next.1, next.2),
-            None => (self.appender.ring().head(), self.appender.next_seq()),
-        };
-        let _superblock = self.appender.release_superblock(tail_pos, tail_seq);
-        for held in self.held.drain(..count) {
-            self.held_bytes -= held.3;
-        }
-        let released = count.min(file.records.len());
-        file.records.drain(..released);
-        self.appender.released(tail_pos);
     }
 }
 
@@ -496,8 +457,8 @@ fn apply(volume: VolumeId, v: &mut VolumeState, q: Queued) -> Vec<Done> {
             write_waiting(w, &mut v.file, &mut out);
             known.mirroring = w.open.is_some();
             if let Some(ring) = &w.open {
-                known.held_records = ring.held.len() as u64;
-                known.held_bytes = ring.held_bytes;
+                known.held_records = ring.ledger.held_records() as u64;
+                known.held_bytes = ring.ledger.held_bytes();
             }
             out.push(Done::Answer { id, result: Ok(Response::VolumeCacheState(known)) });
         }

@@ -97,15 +97,134 @@ struct Held {
     bytes: u64,
 }
 
+/// A mirror's accounting, without its bytes or its file: which records it
+/// holds, where, and what an append or a release writes. [`VolumeMirror`]
+/// writes what it says to its file; the simulator (`sanvol-sim`) keeps the
+/// same accounting in its model of the worker, so both follow one set of
+/// rules.
+pub struct MirrorLedger {
+    appender: LogAppender,
+    held: VecDeque<Held>,
+    held_bytes: u64,
+    last_seq: u64,
+}
+
+/// An append [`MirrorLedger::plan_append`] accepted: the regions to write
+/// (one write and one sync), then [`MirrorLedger::appended`].
+pub struct PlannedAppend {
+    batch: volume_format::cache_log::Batch,
+    /// Records taken: a prefix of those offered.
+    pub taken: usize,
+    last: u64,
+}
+
+impl PlannedAppend {
+    /// (file position, bytes) of each region to write.
+    pub fn regions(&self) -> impl Iterator<Item = (u64, &[u8])> + Clone {
+        self.batch.regions.iter().map(|r| (r.pos, r.bytes.as_slice()))
+    }
+}
+
+/// A release [`MirrorLedger::plan_release`] found: the superblock to write
+/// (synced), then [`MirrorLedger::released`].
+pub struct PlannedRelease {
+    count: usize,
+    tail_pos: u64,
+    /// The superblock that moves the tail: (file position, bytes).
+    pub superblock: (u64, Vec<u8>),
+}
+
+impl MirrorLedger {
+    pub fn new(appender: LogAppender) -> MirrorLedger {
+        MirrorLedger { appender, held: VecDeque::new(), held_bytes: 0, last_seq: 0 }
+    }
+
+    /// As many of `records` as fit, in order (`Ok(None)`: none, the mirror
+    /// is full); an out-of-order record, or one that can never fit, takes
+    /// none.
+    pub fn plan_append<'a>(
+        &mut self,
+        records: impl Iterator<Item = &'a MirrorRecord>,
+    ) -> Result<Option<PlannedAppend>, StoreError> {
+        let mut batch = self.appender.begin_batch();
+        let mut taken = 0;
+        let mut last = self.last_seq;
+        for record in records {
+            if record.seq <= last {
+                return Err(StoreError::OutOfOrder { seq: record.seq, last });
+            }
+            if !self.appender.fits_ever(u32::try_from(record.data.len()).unwrap_or(u32::MAX)) {
+                return Err(StoreError::TooLarge { length: record.data.len(), log_bytes: self.log_bytes() });
+            }
+            if !self.appender.push(&mut batch, record.offset, &record.data) {
+                break;
+            }
+            last = record.seq;
+            taken += 1;
+        }
+        Ok((taken > 0).then_some(PlannedAppend { batch, taken, last }))
+    }
+
+    /// `plan`'s regions are durable: its records (the first `plan.taken`
+    /// of `records`, as offered to [`MirrorLedger::plan_append`]) are held.
+    pub fn appended<'a>(&mut self, plan: PlannedAppend, records: impl Iterator<Item = &'a MirrorRecord>) {
+        for (appended, record) in plan.batch.records.iter().zip(records) {
+            self.held.push_back(Held {
+                seq: record.seq,
+                pos: appended.pos,
+                log_seq: appended.seq,
+                bytes: record.data.len() as u64,
+            });
+            self.held_bytes += record.data.len() as u64;
+        }
+        self.last_seq = plan.last;
+    }
+
+    /// What freeing every record up to the holder's `upto_seq` writes
+    /// (`None`: nothing is held up to it).
+    pub fn plan_release(&mut self, upto_seq: u64) -> Option<PlannedRelease> {
+        let count = self.held.iter().take_while(|h| h.seq <= upto_seq).count();
+        if count == 0 {
+            return None;
+        }
+        let (tail_pos, tail_seq) = match self.held.get(count) {
+            Some(next) => (next.pos, next.log_seq),
+            None => (self.appender.ring().head(), self.appender.next_seq()),
+        };
+        let superblock = self.appender.release_superblock(tail_pos, tail_seq);
+        Some(PlannedRelease { count, tail_pos, superblock: (superblock.slot_offset(), superblock.encode().to_vec()) })
+    }
+
+    /// `plan`'s superblock is durable: the space may be reused. Returns how
+    /// many records were released.
+    pub fn released(&mut self, plan: PlannedRelease) -> usize {
+        for held in self.held.drain(..plan.count) {
+            self.held_bytes -= held.bytes;
+        }
+        self.appender.released(plan.tail_pos);
+        plan.count
+    }
+
+    pub fn log_bytes(&self) -> u64 {
+        self.appender.ring().capacity_bytes()
+    }
+
+    /// Data bytes held (mirrored, not yet released).
+    pub fn held_bytes(&self) -> u64 {
+        self.held_bytes
+    }
+
+    pub fn held_records(&self) -> usize {
+        self.held.len()
+    }
+}
+
 /// A volume's mirror file being written.
 pub struct VolumeMirror {
     /// Preallocated and written with synchronous direct writes (see
     /// [`blockio::durable_file`]): an append costs one write to the disk.
     file: DurableFile,
-    appender: LogAppender,
-    held: VecDeque<Held>,
-    held_bytes: u64,
-    last_seq: u64,
+    ledger: MirrorLedger,
 }
 
 /// Where volume `volume`'s mirror lives in `dir`.
@@ -160,7 +279,7 @@ impl VolumeMirror {
             }
         }
         debug_assert!(log_bytes > DATA_START_BYTES);
-        Ok(VolumeMirror { file, appender, held: VecDeque::new(), held_bytes: 0, last_seq: 0 })
+        Ok(VolumeMirror { file, ledger: MirrorLedger::new(appender) })
     }
 
     /// Makes this staged file (at `from`) the mirror of `generation` at
@@ -178,16 +297,16 @@ impl VolumeMirror {
     }
 
     pub fn log_bytes(&self) -> u64 {
-        self.appender.ring().capacity_bytes()
+        self.ledger.log_bytes()
     }
 
     /// Data bytes held (mirrored, not yet released).
     pub fn held_bytes(&self) -> u64 {
-        self.held_bytes
+        self.ledger.held_bytes()
     }
 
     pub fn held_records(&self) -> usize {
-        self.held.len()
+        self.ledger.held_records()
     }
 
     /// Appends as many of `records` as fit, in order, with one write per
@@ -199,56 +318,19 @@ impl VolumeMirror {
         I::IntoIter: Clone,
     {
         let records = records.into_iter();
-        let mut batch = self.appender.begin_batch();
-        let mut taken = 0;
-        let mut last = self.last_seq;
-        for record in records.clone() {
-            if record.seq <= last {
-                return Err(StoreError::OutOfOrder { seq: record.seq, last });
-            }
-            if !self.appender.fits_ever(u32::try_from(record.data.len()).unwrap_or(u32::MAX)) {
-                return Err(StoreError::TooLarge { length: record.data.len(), log_bytes: self.log_bytes() });
-            }
-            if !self.appender.push(&mut batch, record.offset, &record.data) {
-                break;
-            }
-            last = record.seq;
-            taken += 1;
-        }
-        if taken == 0 {
-            return Ok(0);
-        }
-        self.file.write_durable(batch.regions.iter().map(|r| (r.pos, r.bytes.as_slice())))?;
-        for (appended, record) in batch.records.iter().zip(records) {
-            self.held.push_back(Held {
-                seq: record.seq,
-                pos: appended.pos,
-                log_seq: appended.seq,
-                bytes: record.data.len() as u64,
-            });
-            self.held_bytes += record.data.len() as u64;
-        }
-        self.last_seq = last;
+        let Some(plan) = self.ledger.plan_append(records.clone())? else { return Ok(0) };
+        self.file.write_durable(plan.regions())?;
+        let taken = plan.taken;
+        self.ledger.appended(plan, records);
         Ok(taken)
     }
 
     /// Frees every record up to the holder's `upto_seq` (the superblock
     /// moves the tail, synced, before the space is reused).
     pub fn release(&mut self, upto_seq: u64) -> Result<(), StoreError> {
-        let count = self.held.iter().take_while(|h| h.seq <= upto_seq).count();
-        if count == 0 {
-            return Ok(());
-        }
-        let (tail_pos, tail_seq) = match self.held.get(count) {
-            Some(next) => (next.pos, next.log_seq),
-            None => (self.appender.ring().head(), self.appender.next_seq()),
-        };
-        let superblock = self.appender.release_superblock(tail_pos, tail_seq);
-        self.file.write_durable(std::iter::once((superblock.slot_offset(), &superblock.encode()[..])))?;
-        for held in self.held.drain(..count) {
-            self.held_bytes -= held.bytes;
-        }
-        self.appender.released(tail_pos);
+        let Some(plan) = self.ledger.plan_release(upto_seq) else { return Ok(()) };
+        self.file.write_durable(std::iter::once((plan.superblock.0, &plan.superblock.1[..])))?;
+        self.ledger.released(plan);
         Ok(())
     }
 }
