@@ -33,6 +33,11 @@ struct Fixture {
 async fn pool_on_memory(n: usize, size: u64, extent_bytes: u64) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let devices = Devices::memory(dir.path(), n, size).await;
+    pool_on(dir, devices, extent_bytes).await
+}
+
+/// A pool initialized (format 2) on `devices`, served from `dir`.
+async fn pool_on(dir: tempfile::TempDir, devices: Devices, extent_bytes: u64) -> Fixture {
     let server = key(dir.path(), "mds");
     let admin = key(dir.path(), "admin");
     let uris: Vec<blockio::uri::NbdUri> = devices.uris.iter().map(|u| u.parse().unwrap()).collect();
@@ -257,21 +262,8 @@ async fn a_checkpoint_left_unflushed_by_a_stopped_server_is_made_durable_before_
     let volatile: Vec<Arc<VolatileDevice>> = (0..3).map(|_| Arc::new(VolatileDevice::new(64 * MIB))).collect();
     let devices =
         Devices::serve(dir.path(), volatile.iter().map(|d| d.clone() as Arc<dyn BlockDevice>).collect()).await;
-    let uris: Vec<blockio::uri::NbdUri> = devices.uris.iter().map(|u| u.parse().unwrap()).collect();
-    let server = key(dir.path(), "mds");
-    let admin = key(dir.path(), "admin");
-    init(InitOptions {
-        devices: uris.clone(),
-        name: "volatile".into(),
-        extent_bytes: MIB,
-        server_key: PublicKey(server.public.to_bytes()),
-        admin_key: PublicKey(admin.public.to_bytes()),
-        admin_name: "admin".into(),
-        force: false,
-    })
-    .await
-    .unwrap();
-    let key = Arc::new(server.signing);
+    let f = pool_on(dir, devices, MIB).await;
+    let (uris, key) = (f.uris.clone(), f.key.clone());
     for d in &volatile {
         d.flush().await.unwrap();
     }

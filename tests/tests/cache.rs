@@ -656,9 +656,14 @@ async fn kill_9_before_a_long_replay(rig: &MirrorRig) -> usize {
 /// Writes the [`LONG_REPLAY_WRITES`] through the export at `uri`, 16 at a
 /// time, and waits until every one is acknowledged.
 async fn write_long_replay_blocks(uri: &NbdUri) {
+    write_first_long_replay_blocks(uri, LONG_REPLAY_WRITES).await
+}
+
+/// [`write_long_replay_blocks`], the first `count` of them.
+async fn write_first_long_replay_blocks(uri: &NbdUri, count: u64) {
     use futures::StreamExt;
     let client = Arc::new(NbdClient::connect(uri, ClientOptions::default()).await.unwrap());
-    let writes = futures::stream::iter(0..LONG_REPLAY_WRITES).map(|i| {
+    let writes = futures::stream::iter(0..count).map(|i| {
         let client = client.clone();
         async move { client.write(i * LONG_REPLAY_STRIDE, Bytes::from(long_replay_block(i)), false).await }
     });
@@ -669,7 +674,12 @@ async fn write_long_replay_blocks(uri: &NbdUri) {
 
 /// The long-replay writes that `read(offset)` does not return.
 fn long_replay_lost(read: impl Fn(u64) -> Vec<u8>) -> Vec<u64> {
-    (0..LONG_REPLAY_WRITES).filter(|&i| read(i * LONG_REPLAY_STRIDE) != long_replay_block(i)).collect()
+    first_long_replay_lost(LONG_REPLAY_WRITES, read)
+}
+
+/// [`long_replay_lost`] among the first `count` writes.
+fn first_long_replay_lost(count: u64, read: impl Fn(u64) -> Vec<u8>) -> Vec<u64> {
+    (0..count).filter(|&i| read(i * LONG_REPLAY_STRIDE) != long_replay_block(i)).collect()
 }
 
 /// A replay longer than the request timeout, then an attach: after
@@ -2040,23 +2050,11 @@ const PREPARE_KILL_WRITES: u64 = 150;
 /// holds every acknowledged write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_server_between_preparing_a_mirror_generation_and_committing_it_loses_no_acknowledged_write() {
-    use futures::StreamExt;
     let mut rig = MirrorRig::new();
     rig.stack.authorize_agent("agent-b");
     let (mut a, uri) = attach_cached(&rig.stack, "agent-a");
-    let client = Arc::new(NbdClient::connect(&uri, ClientOptions::default()).await.unwrap());
-    let writes = futures::stream::iter(0..PREPARE_KILL_WRITES).map(|i| {
-        let client = client.clone();
-        async move { client.write(i * LONG_REPLAY_STRIDE, Bytes::from(long_replay_block(i)), false).await }
-    });
-    for result in writes.buffer_unordered(16).collect::<Vec<_>>().await {
-        result.expect("a cached write is acknowledged");
-    }
-    let lost = |rig: &MirrorRig| {
-        (0..PREPARE_KILL_WRITES)
-            .filter(|&i| rig.device_bytes(i * LONG_REPLAY_STRIDE, 4096) != long_replay_block(i))
-            .collect::<Vec<u64>>()
-    };
+    write_first_long_replay_blocks(&uri, PREPARE_KILL_WRITES).await;
+    let lost = |rig: &MirrorRig| first_long_replay_lost(PREPARE_KILL_WRITES, |at| rig.device_bytes(at, 4096));
 
     rig.stack.kill_mds();
     rig.stack.mds_env.push(("SANVOL_FAULT".into(), "mds-after-mirror-prepare".into()));
@@ -2070,7 +2068,6 @@ async fn kill_9_of_the_server_between_preparing_a_mirror_generation_and_committi
     );
     assert!(killed_log.contains("prepared with the holder's staged records"), "{killed_log}");
     a.proc.kill();
-    drop(client);
     let missing = lost(&rig).len();
     assert!(
         missing > 0,

@@ -665,26 +665,18 @@ impl RawCopy {
 async fn read_copy(d: &PoolDevice) -> RawCopy {
     let label = d.label.expect("only labelled devices are read");
     let area = MetadataArea::from_label(&label);
-    let unreadable = |e: String| [Err(e.clone()), Err(e)];
+    let unreadable = |why: String| RawCopy {
+        device: label.device_uuid,
+        uri: d.uri.clone(),
+        area,
+        slots: [Err(why.clone()), Err(why.clone())],
+        ring: Err(why),
+    };
     let Some(client) = d.client.clone() else {
-        let why = d.error.clone().unwrap_or_else(|| "not connected".into());
-        return RawCopy {
-            device: label.device_uuid,
-            uri: d.uri.clone(),
-            area,
-            slots: unreadable(why.clone()),
-            ring: Err(why),
-        };
+        return unreadable(d.error.clone().unwrap_or_else(|| "not connected".into()));
     };
     if let Err(e) = client.flush().await {
-        let why = format!("device {}: flushing before reading the metadata: {e}", d.uri);
-        return RawCopy {
-            device: label.device_uuid,
-            uri: d.uri.clone(),
-            area,
-            slots: unreadable(why.clone()),
-            ring: Err(why),
-        };
+        return unreadable(format!("device {}: flushing before reading the metadata: {e}", d.uri));
     }
     let mut slots = [Err(String::new()), Err(String::new())];
     for (i, slot) in slots.iter_mut().enumerate() {
