@@ -9,7 +9,9 @@
 //! acknowledged write. So such a write is acknowledged only once the mirror
 //! has been started afresh (which empties it, [`super::CacheMirror::open`]);
 //! writes elsewhere are acknowledged as soon as they are on the devices.
-//! The set is filled when mirroring fails and emptied when it starts again.
+//! The set is filled when mirroring fails and when the log's records are
+//! staged for a new start (an attempt that fails may have left them as the
+//! mirror's file), and emptied when mirroring starts again.
 //!
 //! Each record is kept with its sequence number: a write whose own batch
 //! went to the failed mirror is at risk only from *older* records there (a

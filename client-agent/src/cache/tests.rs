@@ -418,6 +418,11 @@ struct MemoryMirror {
     stages: std::sync::atomic::AtomicBool,
     /// The attempt being staged and its records.
     staged: std::sync::Mutex<Option<(u64, Vec<MirrorRecord>)>>,
+    /// The next `open_staged` starts the mirror with the staged records
+    /// but its answer is lost, and the mirror is unreachable from then on
+    /// (`down`): the server committed the new generation, then the
+    /// connection broke.
+    lose_open_staged_answer: std::sync::atomic::AtomicBool,
 }
 
 impl MemoryMirror {
@@ -498,8 +503,12 @@ impl CacheMirror for MemoryMirror {
         self.check()?;
         match self.staged.lock().unwrap().take() {
             Some((c, staged)) if c == copy && staged.len() as u64 == records => {
-                self.opens.fetch_add(1, Ordering::SeqCst);
                 *self.held.lock().unwrap() = staged;
+                self.opens.fetch_add(1, Ordering::SeqCst);
+                if self.lose_open_staged_answer.swap(false, Ordering::SeqCst) {
+                    self.down.store(true, Ordering::SeqCst);
+                    return Err("the metadata server is unreachable".into());
+                }
                 Ok(())
             }
             _ => Err(format!("no whole staged copy of attempt {copy}")),
@@ -952,6 +961,82 @@ async fn a_write_through_write_over_a_record_the_failed_mirror_holds_waits_until
     assert_eq!(cache.report().mirror, MirrorState::Mirrored);
     assert_eq!(cache.report().writes_waiting_for_mirror, 0);
     assert!(mirror.held.lock().unwrap().is_empty(), "emptied when mirroring started again");
+}
+
+/// A staging attempt that fails may still have become the mirror: the
+/// server committed the generation holding the staged records and the
+/// answer was lost (or it prepared the generation and died before the
+/// commit, and its replay takes the prepared file). A record logged after
+/// the mirror failed (written through, not among what the failed mirror
+/// held) is staged; a later write-through write over its range would be put
+/// back under the staged record's older bytes by that replay — so it waits
+/// for the mirror to start again, as a write over a record of the failed
+/// mirror does (before, it was acknowledged once on the devices).
+#[tokio::test]
+async fn a_write_through_write_over_a_record_staged_by_a_failed_attempt_waits_until_the_mirror_starts_again() {
+    let s = setup(LOG_BYTES_MIN, true);
+    let mirror = Arc::new(MemoryMirror::default());
+    mirror.stages.store(true, Ordering::SeqCst);
+    let cache = Arc::new(s.open_mirrored(&mirror).await);
+    mirror.down.store(true, Ordering::SeqCst);
+    let spawn_write = |offset: u64, byte: u8| {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.write(offset, Bytes::from(vec![byte; 4096]), false).await })
+    };
+    // A write elsewhere finds the mirror failed.
+    let first = spawn_write(0, 9);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !matches!(cache.report().mirror, MirrorState::WriteThrough { .. }) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the failed mirror is noticed");
+    // Logged once mirroring failed: the failed mirror never had it.
+    let older = spawn_write(8192, 1);
+    // The mirror answers again: the log's record is staged, the mirror
+    // started with it, and the answer lost.
+    mirror.lose_open_staged_answer.store(true, Ordering::SeqCst);
+    mirror.down.store(false, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while mirror.opens.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the staged records are started as the mirror");
+    assert!(matches!(cache.report().mirror, MirrorState::WriteThrough { .. }), "the attempt failed here");
+    let newer = spawn_write(8192, 2);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while cache.read(8192, 4096).await.unwrap()[..] != [2u8; 4096][..] {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the newer write is logged");
+    s.hold.send(false).unwrap();
+    first.await.unwrap().unwrap();
+    older.await.unwrap().unwrap();
+    cache.destage_all().await;
+    let image = device_image(&s.memory).await;
+    assert!(image[8192..12288].iter().all(|b| *b == 2), "the newer write is on the device");
+    // What a replay of the mirror the failed attempt left would do now.
+    let replayed = mirror.replayed(&image);
+    assert!(replayed[8192..12288].iter().all(|b| *b == 1), "the staged copy holds the older record");
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!newer.is_finished(), "a write the staged copy's replay would undo was acknowledged");
+    assert_eq!(cache.report().writes_waiting_for_mirror, 1, "the report shows the write waiting");
+    // The mirror answers again and starts afresh: the write is acknowledged.
+    mirror.down.store(false, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(10), newer)
+        .await
+        .expect("acknowledged once mirroring started again")
+        .unwrap()
+        .unwrap();
+    assert_eq!(cache.report().mirror, MirrorState::Mirrored);
+    assert_eq!(cache.report().writes_waiting_for_mirror, 0);
 }
 
 #[tokio::test]
