@@ -246,6 +246,9 @@ pub struct Stats {
     pub writes_mirrored: u64,
     /// Writes a write-back cache acknowledged once destaged (writing through).
     pub writes_through: u64,
+    /// Times a write-back cache started mirroring again with its log's
+    /// records (staged at the server first).
+    pub mirror_staged_starts: u64,
 }
 
 pub struct Env {

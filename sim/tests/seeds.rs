@@ -207,7 +207,7 @@ fn random() {
     let start = Instant::now();
     let mut x = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
         ^ (u64::from(std::process::id()) << 32);
-    let (mut runs, mut events, mut sim_ms) = (0u64, 0u64, 0u64);
+    let (mut runs, mut events, mut sim_ms, mut staged) = (0u64, 0u64, 0u64, 0u64);
     let mut failed = Vec::new();
     let mut known: std::collections::BTreeMap<&'static str, Vec<u64>> = Default::default();
     while start.elapsed() < budget {
@@ -217,6 +217,7 @@ fn random() {
         let o = run_seed(seed, false);
         runs += 1;
         events += o.stats.events;
+        staged += o.stats.mirror_staged_starts;
         sim_ms += o.end_ms;
         if let Some(v) = &o.violation {
             match v.known {
@@ -235,7 +236,8 @@ fn random() {
     }
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
-        "{runs} random seeds in {secs:.0} s ({:.1} seeds/s, {:.0} simulated seconds, {:.0} events/s); failing: {failed:?}",
+        "{runs} random seeds in {secs:.0} s ({:.1} seeds/s, {:.0} simulated seconds, {:.0} events/s, {staged} cache \
+         mirrors started again with staged records); failing: {failed:?}",
         runs as f64 / secs,
         sim_ms as f64 / 1000.0,
         events as f64 / secs
@@ -281,11 +283,12 @@ fn range() {
     let parsed = range.split_once("..").and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
     let Some((a, b)) = parsed else { panic!("SIM_RANGE is a..b (seed numbers), not {range:?}") };
     let start = Instant::now();
-    let (mut events, mut sim_ms) = (0u64, 0u64);
+    let (mut events, mut sim_ms, mut staged) = (0u64, 0u64, 0u64);
     let mut failed = Vec::new();
     for seed in a..b {
         let o = run_seed(seed, false);
         events += o.stats.events;
+        staged += o.stats.mirror_staged_starts;
         sim_ms += o.end_ms;
         if unknown_failure(&o) {
             eprintln!("{}", report(&o));
@@ -294,7 +297,8 @@ fn range() {
     }
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
-        "seeds {a}..{b}: {} seeds in {secs:.0} s ({:.0} simulated seconds, {:.0} events/s); failing: {failed:?}",
+        "seeds {a}..{b}: {} seeds in {secs:.0} s ({:.0} simulated seconds, {:.0} events/s, {staged} cache mirrors \
+         started again with staged records); failing: {failed:?}",
         b.saturating_sub(a),
         sim_ms as f64 / 1000.0,
         events as f64 / secs

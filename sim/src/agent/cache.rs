@@ -22,9 +22,22 @@
 //!   writes through: writes are still logged, and acknowledged once a round
 //!   destaged them. The failed mirror may still hold records (its server
 //!   replays them if this agent dies), so a write-through write to a block
-//!   one of them covers ("stale") is acknowledged only once mirroring
-//!   started afresh, which empties it. Mirroring starts afresh once the log
-//!   is empty (`MirrorOpen`, retried every [`MIRROR_RETRY_MS`]).
+//!   an older one of them covers ("stale") is acknowledged only once
+//!   mirroring started afresh, which empties it. Mirroring starts again every
+//!   [`MIRROR_RETRY_MS`] until it answers: with an empty log afresh
+//!   (`MirrorOpen`); otherwise (protocol 15, production's
+//!   `restart_with_records`) **with the log's records**: every record in the
+//!   log is staged at the server (`MirrorStage`, a few per request, attempt
+//!   `copy`), then the mirror is started holding them (`MirrorOpenStaged`).
+//!   Destage rounds go on meanwhile, but no release: a round done while
+//!   staging keeps its records (production's release waits for the staging
+//!   to end), so the new mirror holds exactly records still in the log.
+//!   Writes logged while staging are not in the copy: written through,
+//!   each is acknowledged once destaged and released — at the new mirror
+//!   first when it started. The staged records are stale from the start of
+//!   the attempt: one that fails may still have left its copy as the
+//!   mirror's file (committed, the answer lost; or prepared by a server
+//!   that died before the commit, whose replay takes the prepared file).
 //! - **Recall points and detach** wait for an empty log and no release in
 //!   flight: a snapshot holds every acknowledged write, and a clean close
 //!   leaves the mirror nothing the devices lack.
@@ -43,6 +56,8 @@ use volume_format::metadata::CacheMode;
 pub const CACHE_REQUEST_TIMEOUT_MS: u64 = 5_000;
 /// Between two attempts to start mirroring again.
 pub const MIRROR_RETRY_MS: u64 = 500;
+/// Records per `MirrorStage` request (small, for more interleavings).
+const STAGE_RECORDS: usize = 3;
 /// Records per destage round (small, for more interleavings), and while
 /// the volume is recalled (the confirmation waits for the destage:
 /// production's rounds are up to megabytes, so it does not take the
@@ -55,6 +70,14 @@ const NO_CACHE: &str = "no cache: ";
 
 /// Message ids of the cache's own requests, apart from the core's.
 pub const CACHE_REQUEST_BASE: u64 = 1 << 40;
+
+/// Records `(block, seq)` as possibly held by a mirror that failed.
+fn add_stale(stale: &mut BTreeMap<u64, u64>, records: Vec<(u64, u64)>) {
+    for (block, seq) in records {
+        let oldest = stale.entry(block).or_insert(seq);
+        *oldest = (*oldest).min(seq);
+    }
+}
 
 /// A server's refusal as the cache sees it.
 pub(super) fn error_text(e: volume_format::control::messages::ControlError) -> String {
@@ -101,6 +124,17 @@ struct Round {
     devices: Vec<(usize, u64)>,
 }
 
+/// Starting the mirror again with the log's records (see the module doc).
+#[derive(Debug)]
+struct Staging {
+    /// The attempt's id at the server.
+    copy: u64,
+    /// The log's records when the attempt began, in order.
+    records: Vec<MirrorRecord>,
+    /// Records sent in `MirrorStage` requests so far.
+    sent: usize,
+}
+
 #[derive(Debug)]
 pub struct Cache {
     pub state: MirrorState,
@@ -112,13 +146,24 @@ pub struct Cache {
     /// Block → newest logged record.
     dirty: BTreeMap<u64, u64>,
     /// Blocks a failed mirror may still hold records of.
-    stale: BTreeSet<u64>,
+    /// Block → the oldest record there a failed mirror (or a failed
+    /// staging attempt) may hold: a write-through write of a later record
+    /// there waits for mirroring to start again (production's
+    /// `StaleRanges`).
+    stale: BTreeMap<u64, u64>,
     /// Write-through writes destaged over stale blocks, acknowledged once
     /// mirroring starts afresh.
-    stale_waiters: Vec<u64>,
+    stale_waiters: Vec<(u64, u64)>,
     round: Option<Round>,
     releasing: bool,
     retry_at: u64,
+    /// Mirroring is being started again with the log's records.
+    staging: Option<Staging>,
+    /// Records up to here are on the devices, and their release waits for
+    /// the staging to end.
+    held_release: Option<u64>,
+    /// Staging attempts so far (their ids).
+    attempts: u64,
 }
 
 impl Cache {
@@ -129,17 +174,20 @@ impl Cache {
             next_seq: 1,
             log: BTreeMap::new(),
             dirty: BTreeMap::new(),
-            stale: BTreeSet::new(),
+            stale: BTreeMap::new(),
             stale_waiters: Vec::new(),
             round: None,
             releasing: false,
             retry_at: 0,
+            staging: None,
+            held_release: None,
+            attempts: 0,
         }
     }
 
     /// Nothing logged, destaged or released right now.
     pub fn idle(&self) -> bool {
-        self.log.is_empty() && self.round.is_none() && !self.releasing
+        self.log.is_empty() && self.round.is_none() && !self.releasing && self.held_release.is_none()
     }
 
     /// Whether the devices may lack what this cache acknowledged.
@@ -152,11 +200,24 @@ impl Cache {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub enum CacheReq {
     Open,
-    Append { epoch: u64, io: u64, seq: u64 },
-    Release { epoch: u64, upto: u64 },
+    /// A `MirrorStage` (`last`: its last record's seq) or, `last` `None`,
+    /// the `MirrorOpenStaged` of attempt `copy`.
+    Stage {
+        copy: u64,
+        last: Option<u64>,
+    },
+    Append {
+        epoch: u64,
+        io: u64,
+        seq: u64,
+    },
+    Release {
+        epoch: u64,
+        upto: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -249,14 +310,7 @@ impl AgentHost {
                 let probing = c.state == MirrorState::Probing;
                 match result {
                     Ok(Response::MirrorOpened { cache: Some(s) }) if s.mode == CacheMode::Mirrored => {
-                        env.trace(me, format_args!("{}: cache mirrored (epoch {})", a.volume, c.epoch + 1));
-                        c.state = MirrorState::Mirrored;
-                        c.epoch += 1;
-                        c.stale.clear();
-                        let waiters = std::mem::take(&mut c.stale_waiters);
-                        for io in waiters {
-                            self.finish_cached_write(io, false, env);
-                        }
+                        self.mirroring_started(att, env);
                     }
                     Ok(Response::MirrorOpened { .. }) => {
                         env.trace(me, format_args!("{}: no cache", a.volume));
@@ -287,11 +341,45 @@ impl AgentHost {
                     self.release_held(att, env);
                 }
             }
+            CacheReq::Stage { copy, last } => {
+                let Some(a) = self.atts.get_mut(&att) else { return };
+                let volume = a.volume.clone();
+                let Some(c) = a.cache.as_mut() else { return };
+                if c.staging.as_ref().is_none_or(|s| s.copy != copy) {
+                    return;
+                }
+                let why = match (result, last) {
+                    (Ok(Response::Mirrored { upto_seq }), Some(last)) if upto_seq == last => None,
+                    (Ok(Response::MirrorOpened { cache: Some(_) }), None) => None,
+                    (Err(e), _) => Some(e),
+                    (Ok(r), _) => Some(format!("unexpected answer {r:?}")),
+                };
+                match (why, last) {
+                    (Some(why), _) => {
+                        env.trace(
+                            me,
+                            format_args!("{volume}: starting the mirror with the log's records failed: {why}"),
+                        );
+                        c.staging = None;
+                        c.state = MirrorState::Through { opening: false };
+                        c.retry_at = env.now + MIRROR_RETRY_MS;
+                        env.schedule(c.retry_at, Ev::AgentWake { agent: self.index, inc: self.inc });
+                        self.release_after_staging(att, env);
+                    }
+                    (None, Some(_)) => self.stage_next(att, env),
+                    (None, None) => {
+                        c.staging = None;
+                        env.stats.mirror_staged_starts += 1;
+                        self.mirroring_started(att, env);
+                        self.release_after_staging(att, env);
+                    }
+                }
+            }
             CacheReq::Append { epoch, io, seq } => {
                 let Some(c) = self.atts.get_mut(&att).and_then(|a| a.cache.as_mut()) else { return };
                 let current = epoch == c.epoch && c.state == MirrorState::Mirrored;
                 match result {
-                    Ok(Response::Mirrored { .. }) if current => self.finish_cached_write(io, true, env),
+                    Ok(Response::Mirrored { .. }) if current => self.finish_cached_write(io, seq, true, env),
                     other => {
                         if current {
                             let why = match other {
@@ -306,7 +394,7 @@ impl AgentHost {
                             Some(r) => r.io = Some(io),
                             // Destaged already (and released: its append
                             // reached the server before the release).
-                            None => self.finish_cached_write(io, false, env),
+                            None => self.finish_cached_write(io, seq, false, env),
                         }
                     }
                 }
@@ -329,11 +417,88 @@ impl AgentHost {
         self.cache_settled(att, env);
     }
 
-    /// A logged write is acknowledged, unless its block is stale and the
-    /// mirror has not started afresh.
+    /// The mirror answered a start: writes are mirrored from now on, and it
+    /// holds nothing a stale block was waiting for.
+    fn mirroring_started(&mut self, att: AttachmentId, env: &mut Env) {
+        let me = self.me();
+        let Some(a) = self.atts.get_mut(&att) else { return };
+        let Some(c) = a.cache.as_mut() else { return };
+        env.trace(me, format_args!("{}: cache mirrored (epoch {})", a.volume, c.epoch + 1));
+        c.state = MirrorState::Mirrored;
+        c.epoch += 1;
+        c.stale.clear();
+        let waiters = std::mem::take(&mut c.stale_waiters);
+        for (io, seq) in waiters {
+            self.finish_cached_write(io, seq, false, env);
+        }
+    }
+
+    /// Starts mirroring again with the log's records (see the module doc):
+    /// the first `MirrorStage` of a new attempt.
+    fn start_staging(&mut self, att: AttachmentId, env: &mut Env) {
+        let (index, inc) = (self.index as u64, self.inc);
+        let me = self.me();
+        let Some(a) = self.atts.get_mut(&att) else { return };
+        let Some(c) = a.cache.as_mut() else { return };
+        c.attempts += 1;
+        let copy = index << 48 | (inc & 0xffff) << 32 | c.attempts;
+        let records: Vec<MirrorRecord> = c
+            .log
+            .iter()
+            .map(|(seq, r)| MirrorRecord { seq: *seq, offset: r.block * BLOCK_BYTES, data: encode_tag(r.tag) })
+            .collect();
+        // Stale from now on: see the module doc.
+        add_stale(&mut c.stale, c.log.iter().map(|(seq, r)| (r.block, *seq)).collect());
+        env.trace(me, format_args!("{}: staging the log's {} records (attempt {copy:x})", a.volume, records.len()));
+        c.staging = Some(Staging { copy, records, sent: 0 });
+        c.state = MirrorState::Through { opening: true };
+        self.stage_next(att, env);
+    }
+
+    /// The staging's next request: more records, or the start with them.
+    fn stage_next(&mut self, att: AttachmentId, env: &mut Env) {
+        let Some(a) = self.atts.get_mut(&att) else { return };
+        let handle = volume_format::HandleId(a.handle);
+        let Some(s) = a.cache.as_mut().and_then(|c| c.staging.as_mut()) else { return };
+        let copy = s.copy;
+        let (req, request) = if s.sent < s.records.len() {
+            let records: Vec<MirrorRecord> = s.records[s.sent..].iter().take(STAGE_RECORDS).cloned().collect();
+            s.sent += records.len();
+            let last = records.last().map(|r| r.seq);
+            (CacheReq::Stage { copy, last }, Request::MirrorStage { handle, copy, records })
+        } else {
+            let records = s.records.len() as u64;
+            (CacheReq::Stage { copy, last: None }, Request::MirrorOpenStaged { handle, copy, records })
+        };
+        if !self.cache_send(att, req, request, env) {
+            self.cache_reply(att, req, Err("not connected".into()), env);
+        }
+    }
+
+    /// The staging ended: the round done meanwhile is released — at the
+    /// mirror first if it started.
+    fn release_after_staging(&mut self, att: AttachmentId, env: &mut Env) {
+        let Some(a) = self.atts.get_mut(&att) else { return };
+        let handle = a.handle;
+        let Some(c) = a.cache.as_mut() else { return };
+        let Some(upto) = c.held_release.take() else { return };
+        if c.state != MirrorState::Mirrored {
+            return self.drop_upto(att, upto, env);
+        }
+        c.releasing = true;
+        let release = CacheReq::Release { epoch: c.epoch, upto };
+        let request = Request::MirrorRelease { handle: volume_format::HandleId(handle), upto_seq: upto };
+        if !self.cache_send(att, release, request, env) {
+            self.cache_reply(att, release, Err("not connected".into()), env);
+        }
+    }
+
+    /// A logged write (record `seq`) is acknowledged, unless an older
+    /// record a failed mirror may hold covers its block and the mirror has
+    /// not started again.
     ///
     /// Durable once acknowledged: mirrored, or destaged and flushed.
-    fn finish_cached_write(&mut self, io: u64, mirrored: bool, env: &mut Env) {
+    fn finish_cached_write(&mut self, io: u64, seq: u64, mirrored: bool, env: &mut Env) {
         let Some(i) = self.ios.get(&io) else { return };
         let (att, block, tag) = match i.kind {
             IoKind::Write { block, tag } => (i.att, block, tag),
@@ -341,9 +506,9 @@ impl AgentHost {
         };
         let me = self.me();
         if let Some(c) = self.atts.get_mut(&att).and_then(|a| a.cache.as_mut()) {
-            if c.state != MirrorState::Mirrored && c.stale.contains(&block) {
+            if c.state != MirrorState::Mirrored && c.stale.get(&block).is_some_and(|oldest| *oldest < seq) {
                 env.trace(me, format_args!("io{io} waits for the mirror to start afresh (stale block)"));
-                return c.stale_waiters.push(io);
+                return c.stale_waiters.push((io, seq));
             }
         }
         if mirrored {
@@ -365,8 +530,8 @@ impl AgentHost {
         env.trace(me, format_args!("{}: the mirror failed ({why}): writing through", a.volume));
         c.state = MirrorState::Through { opening: false };
         c.epoch += 1;
-        let blocks: Vec<u64> = c.log.values().map(|r| r.block).collect();
-        c.stale.extend(blocks);
+        let records: Vec<(u64, u64)> = c.log.iter().map(|(seq, r)| (r.block, *seq)).collect();
+        add_stale(&mut c.stale, records);
     }
 
     /// Records up to `upto` are on the devices (and released where needed).
@@ -384,11 +549,11 @@ impl AgentHost {
                 env.cache_dirty.remove(&(index, volume_id, r.block));
             }
             if let Some(io) = r.io {
-                acks.push(io);
+                acks.push((io, seq));
             }
         }
-        for io in acks {
-            self.finish_cached_write(io, false, env);
+        for (io, seq) in acks {
+            self.finish_cached_write(io, seq, false, env);
         }
     }
 
@@ -406,7 +571,7 @@ impl AgentHost {
         if !usable {
             return;
         }
-        if c.round.is_none() && !c.releasing && !c.log.is_empty() && now >= writes_from {
+        if c.round.is_none() && !c.releasing && c.held_release.is_none() && !c.log.is_empty() && now >= writes_from {
             let seqs: Vec<u64> = c.log.keys().take(per_round).copied().collect();
             let upto = *seqs.last().expect("not empty");
             let blocks: BTreeSet<u64> = seqs.iter().map(|s| c.log[s].block).collect();
@@ -432,6 +597,12 @@ impl AgentHost {
             MirrorState::Through { opening: false } if c.idle() && env.now >= c.retry_at => {
                 c.state = MirrorState::Through { opening: true };
                 self.send_open(att, env);
+            }
+            // No release may run while staging (a round may).
+            MirrorState::Through { opening: false }
+                if !c.releasing && c.held_release.is_none() && env.now >= c.retry_at =>
+            {
+                self.start_staging(att, env);
             }
             MirrorState::Off { known: false } if in_flight == 0 && env.now >= c.retry_at => {
                 c.state = MirrorState::Probing;
@@ -486,6 +657,12 @@ impl AgentHost {
         }
         let c = a.cache.as_mut().expect("has a round");
         let upto = c.round.take().expect("present").upto;
+        if c.staging.is_some() {
+            let me = Proc::Agent(self.index);
+            env.trace(me, format_args!("records up to {upto} destaged: released once the staging ended"));
+            c.held_release = Some(upto);
+            return;
+        }
         let (epoch, state) = epoch_state.expect("has a cache");
         if state == MirrorState::Mirrored {
             c.releasing = true;
@@ -586,7 +763,7 @@ impl AgentHost {
             }
             let c = self.atts.get_mut(&att).and_then(|a| a.cache.as_mut()).expect("present");
             fail.extend(c.log.values().filter_map(|r| r.io));
-            fail.append(&mut c.stale_waiters);
+            fail.extend(c.stale_waiters.drain(..).map(|(io, _)| io));
             let index = self.index;
             let volume_id = self.atts[&att].volume_id;
             env.cache_dirty.retain(|(a, v, _)| !(*a == index && *v == volume_id));
@@ -595,6 +772,8 @@ impl AgentHost {
             c.dirty.clear();
             c.round = None;
             c.releasing = false;
+            c.staging = None;
+            c.held_release = None;
             c.state = MirrorState::Off { known: true };
         }
         for io in fail {
