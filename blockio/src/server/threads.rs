@@ -48,7 +48,7 @@ use tracing::debug;
 
 use super::handshake::Negotiated;
 use super::reply::write_frames_blocking;
-use super::transmission::{decode_header, respond, stopped, Conn};
+use super::transmission::{decode_header, respond, stopped, Conn, EXACT_HEADER_PAYLOAD_MIN};
 use super::{ServerError, READ_BUFFER_BYTES};
 use crate::buffer_pool::BufferPool;
 use crate::proto::{RequestHeader, REQUEST_HEADER_BYTES};
@@ -224,6 +224,11 @@ struct SocketReader {
     running: Arc<AtomicUsize>,
     /// Requests taken from what the last read from the socket brought.
     batch: usize,
+    /// The last request carried a large payload: the next header is read
+    /// alone, so the buffer does not take in (and make us copy) the start
+    /// of the next payload too — as the async path does
+    /// (`transmission::EXACT_HEADER_PAYLOAD_MIN`).
+    exact_header: bool,
 }
 
 /// Requests running at once from which a waiting reader stops polling:
@@ -302,7 +307,8 @@ pub(super) async fn run(
     let conn = Conn::new(negotiated);
     let mut revocation = conn.revoked();
     let requests_running = Arc::new(AtomicUsize::new(0));
-    let reader = SocketReader { socket: socket.clone(), poll, running: requests_running.clone(), batch: 0 };
+    let reader =
+        SocketReader { socket: socket.clone(), poll, running: requests_running.clone(), batch: 0, exact_header: false };
     let requests = Cursor::new(buffered).chain(reader);
     let shared = Arc::new(Shared {
         conn,
@@ -442,8 +448,10 @@ fn run_here<F: std::future::Future>(runtime: &tokio::runtime::Handle, request: F
 /// requests.
 fn read_request(r: &mut Requests) -> Result<Option<(RequestHeader, Bytes)>, ServerError> {
     let mut raw = [0u8; REQUEST_HEADER_BYTES];
+    let exact = r.get_ref().get_ref().1.exact_header && r.buffer().is_empty();
     let first = loop {
-        match r.read(&mut raw) {
+        let read = if exact { r.get_mut().read(&mut raw) } else { r.read(&mut raw) };
+        match read {
             Ok(n) => break n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(ServerError::io("reading a request header")(e)),
@@ -457,6 +465,7 @@ fn read_request(r: &mut Requests) -> Result<Option<(RequestHeader, Bytes)>, Serv
     let Some((header, payload_len)) = decode_header(&raw)? else {
         return Ok(None);
     };
+    r.get_mut().get_mut().1.exact_header = payload_len >= EXACT_HEADER_PAYLOAD_MIN;
     let payload = if payload_len > 0 {
         let pool = BufferPool::global();
         let mut buf = pool.take(payload_len as usize);

@@ -38,7 +38,7 @@ const SPAWN_BYTES_MIN: u32 = 256 * 1024;
 
 /// After a write payload at least this long, the next request header is
 /// read on its own (see `ReadState::exact_header`).
-const EXACT_HEADER_PAYLOAD_MIN: u32 = 128 * 1024;
+pub(super) const EXACT_HEADER_PAYLOAD_MIN: u32 = 128 * 1024;
 
 /// Spec: servers SHOULD NOT send more than 2^20 extents in one chunk.
 const STATUS_EXTENTS_MAX: usize = 1 << 20;
