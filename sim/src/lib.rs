@@ -65,8 +65,10 @@
 //! - **Write-back cache mirrors** (issue 15; [`mirror`], `agent::cache`):
 //!   exclusive holders of cached volumes log writes, mirror them at the
 //!   server and acknowledge once mirrored; destage rounds flush before they
-//!   release; a dead holder's mirror is replayed by the real core before
-//!   the volume opens again (`sim/README.md`, "Write-back cache mirrors").
+//!   release; a failed mirror is started again with the log's records
+//!   staged at the server first (protocol 15); a dead holder's mirror is
+//!   replayed by the real core before the volume opens again
+//!   (`sim/README.md`, "Write-back cache mirrors").
 //! - **Workload** ([`app`]), **data model** ([`oracle`]), **invariants**
 //!   ([`observer`]).
 //!
