@@ -109,7 +109,8 @@
 //! failed mirror threatened waits as before (see "Stale mirror"), until the
 //! new mirror started — and so does one over a staged record: an attempt
 //! that fails may still have left its copy as the mirror's file (committed,
-//! the answer lost; or prepared by a server that died before the commit). So the cache is mirrored again as soon as the server
+//! the answer lost; or prepared by a server that died before the commit).
+//! So the cache is mirrored again as soon as the server
 //! answers, however much the devices still lack — not only after
 //! everything was destaged (minutes behind slow devices), as with an older
 //! server, where the task first waits for the destage and then starts the

@@ -71,14 +71,6 @@ const NO_CACHE: &str = "no cache: ";
 /// Message ids of the cache's own requests, apart from the core's.
 pub const CACHE_REQUEST_BASE: u64 = 1 << 40;
 
-/// Records `(block, seq)` as possibly held by a mirror that failed.
-fn add_stale(stale: &mut BTreeMap<u64, u64>, records: Vec<(u64, u64)>) {
-    for (block, seq) in records {
-        let oldest = stale.entry(block).or_insert(seq);
-        *oldest = (*oldest).min(seq);
-    }
-}
-
 /// A server's refusal as the cache sees it.
 pub(super) fn error_text(e: volume_format::control::messages::ControlError) -> String {
     match e.code {
@@ -145,7 +137,6 @@ pub struct Cache {
     log: BTreeMap<u64, Rec>,
     /// Block → newest logged record.
     dirty: BTreeMap<u64, u64>,
-    /// Blocks a failed mirror may still hold records of.
     /// Block → the oldest record there a failed mirror (or a failed
     /// staging attempt) may hold: a write-through write of a later record
     /// there waits for mirroring to start again (production's
@@ -188,6 +179,15 @@ impl Cache {
     /// Nothing logged, destaged or released right now.
     pub fn idle(&self) -> bool {
         self.log.is_empty() && self.round.is_none() && !self.releasing && self.held_release.is_none()
+    }
+
+    /// Every record in the log may be held by a mirror that failed (or by
+    /// a staging attempt's copy).
+    fn log_stale(&mut self) {
+        for (seq, r) in &self.log {
+            let oldest = self.stale.entry(r.block).or_insert(*seq);
+            *oldest = (*oldest).min(*seq);
+        }
     }
 
     /// Whether the devices may lack what this cache acknowledged.
@@ -448,7 +448,7 @@ impl AgentHost {
             .map(|(seq, r)| MirrorRecord { seq: *seq, offset: r.block * BLOCK_BYTES, data: encode_tag(r.tag) })
             .collect();
         // Stale from now on: see the module doc.
-        add_stale(&mut c.stale, c.log.iter().map(|(seq, r)| (r.block, *seq)).collect());
+        c.log_stale();
         env.trace(me, format_args!("{}: staging the log's {} records (attempt {copy:x})", a.volume, records.len()));
         c.staging = Some(Staging { copy, records, sent: 0 });
         c.state = MirrorState::Through { opening: true };
@@ -485,8 +485,17 @@ impl AgentHost {
         if c.state != MirrorState::Mirrored {
             return self.drop_upto(att, upto, env);
         }
-        c.releasing = true;
-        let release = CacheReq::Release { epoch: c.epoch, upto };
+        let epoch = c.epoch;
+        self.send_release(att, handle, epoch, upto, env);
+    }
+
+    /// Releases records up to `upto` at the mirror (started in `epoch`);
+    /// they leave the log once it answered.
+    fn send_release(&mut self, att: AttachmentId, handle: u64, epoch: u64, upto: u64, env: &mut Env) {
+        if let Some(c) = self.atts.get_mut(&att).and_then(|a| a.cache.as_mut()) {
+            c.releasing = true;
+        }
+        let release = CacheReq::Release { epoch, upto };
         let request = Request::MirrorRelease { handle: volume_format::HandleId(handle), upto_seq: upto };
         if !self.cache_send(att, release, request, env) {
             self.cache_reply(att, release, Err("not connected".into()), env);
@@ -530,8 +539,7 @@ impl AgentHost {
         env.trace(me, format_args!("{}: the mirror failed ({why}): writing through", a.volume));
         c.state = MirrorState::Through { opening: false };
         c.epoch += 1;
-        let records: Vec<(u64, u64)> = c.log.iter().map(|(seq, r)| (r.block, *seq)).collect();
-        add_stale(&mut c.stale, records);
+        c.log_stale();
     }
 
     /// Records up to `upto` are on the devices (and released where needed).
@@ -665,12 +673,7 @@ impl AgentHost {
         }
         let (epoch, state) = epoch_state.expect("has a cache");
         if state == MirrorState::Mirrored {
-            c.releasing = true;
-            let request = Request::MirrorRelease { handle: volume_format::HandleId(handle), upto_seq: upto };
-            if !self.cache_send(att, CacheReq::Release { epoch, upto }, request, env) {
-                self.cache_reply(att, CacheReq::Release { epoch, upto }, Err("not connected".into()), env);
-            }
-            return;
+            return self.send_release(att, handle, epoch, upto, env);
         }
         self.drop_upto(att, upto, env);
         self.cache_kick(att, env);
