@@ -6,7 +6,12 @@
 #   agent   fio -> sanvol-agent export -> (direct) nbdkit device
 #   proxy   fio -> nbdkit nbd plugin   -> nbdkit device   (one extra hop, a real peer)
 #   direct  fio -> nbdkit device                           (no hop)
-# and the agent's figures are reported as ratios to both.
+#   splice  fio -> byte hop (splice through a pipe) -> nbdkit device
+#   copy    fio -> byte hop (read/write a buffer)   -> nbdkit device
+# and the agent's figures are reported as ratios to them. The two byte hops
+# (tests/examples/byte_hop.rs) parse nothing: they are the floor of any
+# userspace hop on this machine, so "agent / floor" (the faster hop of the
+# row) says how close the agent is to what a hop can do here at all.
 #
 # Usage: bench/agent.sh   (env: BENCH_SECONDS=10 per row, BENCH_SIZE_MIB=2048, BENCH_ROWS=all)
 set -euo pipefail
@@ -18,26 +23,31 @@ WORK_MIB=$((VOLUME_MIB / 2))
 
 scripts/install-deps.sh >/dev/null
 cargo build --release -q --bins
+cargo build --release -q -p sanvol-tests --example byte_hop
 source bench/lib.sh
 BIN=target/release
 D=$BENCH_DIR
 
 start_nbdkit dev0 memory "${SIZE_MIB}M"
 start_nbdkit proxy nbd socket="$D/dev0.sock"
+start_ready splice $BIN/examples/byte_hop "$D/splice.sock" "$D/dev0.sock" splice
+start_ready copy $BIN/examples/byte_hop "$D/copy.sock" "$D/dev0.sock" copy
 start_pool dev0
 start_agent agent
 $BIN/sanvol volume create vol "${VOLUME_MIB}M" >/dev/null
 AGENT_URI=$($BIN/sanvol-agent attach vol --control-socket "$D/agent-agent.sock")
 
-declare -A URI=([agent]="$AGENT_URI" [proxy]="$(sock_uri proxy)" [direct]="$(sock_uri dev0)")
+declare -A URI=([agent]="$AGENT_URI" [proxy]="$(sock_uri proxy)" [direct]="$(sock_uri dev0)"
+    [splice]="$(sock_uri splice)" [copy]="$(sock_uri copy)")
 # The proxy and direct runs go to the device where the volume's data starts:
 # the same device addresses the agent's run reaches, and never the pool's
 # label, metadata or lease areas at the device's start (writing over those
 # made the server lose its pool lease).
 DATA_OFFSET=$($BIN/sanvol volume show vol --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["description"]["extents"][0]["legs"][0]["offset"])')
-declare -A OFFSET=([agent]=0 [proxy]="$DATA_OFFSET" [direct]="$DATA_OFFSET")
+declare -A OFFSET=([agent]=0 [proxy]="$DATA_OFFSET" [direct]="$DATA_OFFSET" [splice]="$DATA_OFFSET" [copy]="$DATA_OFFSET")
 # Whose CPU per request is counted: the hop's (the device's for direct).
-declare -A HOP=([agent]="${PID_OF[agent-agent]}" [proxy]="${PID_OF[proxy]}" [direct]="${PID_OF[dev0]}")
+declare -A HOP=([agent]="${PID_OF[agent-agent]}" [proxy]="${PID_OF[proxy]}" [direct]="${PID_OF[dev0]}"
+    [splice]="${PID_OF[splice]}" [copy]="${PID_OF[copy]}")
 ROWS=(
     "4k-randread-qd1 randread 4k 1"
     "4k-randread-qd32 randread 4k 32"
@@ -56,7 +66,7 @@ FIO_OFFSET_BYTES=$DATA_OFFSET fio_nbd "${URI[direct]}" write 1m 8 "$WORK_MIB" 1 
 results="$D/results.txt"
 for row in "${ROWS[@]}"; do
     read -r name rw bs depth <<<"$row"
-    for path in agent proxy direct; do
+    for path in agent proxy direct splice copy; do
         r=$(FIO_OFFSET_BYTES=${OFFSET[$path]} fio_nbd_cpu "${HOP[$path]}" "${URI[$path]}" "$rw" "$bs" "$depth" "$WORK_MIB" "$SECS")
         echo "$name $path $r" >>"$results"
     done
@@ -76,6 +86,13 @@ print("|---|---:|---:|---:|---:|---:|---:|---:|")
 for name, r in rows.items():
     a, p, d = r["agent"], r["proxy"], r["direct"]
     print(f"| {name} | {a[0]:.0f} | {p[0]:.0f} | {d[0]:.0f} | {a[1]:.1f} | {a[0]/p[0]:.2f} | {a[0]/d[0]:.2f} | {a[2]} / {p[2]} / {d[2]} |")
+print("\nThe floor of one userspace hop, same run (byte hops that parse nothing; the floor is the faster of the two):\n")
+print("| row | splice hop IOPS | copy hop IOPS | splice / direct | copy / direct | agent / floor | CPU µs/request: splice / copy |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+for name, r in rows.items():
+    a, d, s, c = r["agent"], r["direct"], r["splice"], r["copy"]
+    floor = max(s[0], c[0])
+    print(f"| {name} | {s[0]:.0f} | {c[0]:.0f} | {s[0]/d[0]:.2f} | {c[0]/d[0]:.2f} | {a[0]/floor:.2f} | {s[2]} / {c[2]} |")
 PY
 show_results "$out"
 $BIN/sanvol-agent detach vol --control-socket "$D/agent-agent.sock" || echo "warning: detaching the volume failed" >&2

@@ -152,6 +152,24 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Writes `data` at `offset`; with `fua` it is durable on return.
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError>;
 
+    /// Whether a write of `len` bytes at `offset` would be passed on to a
+    /// socket as it is: the NBD server then takes its payload from the
+    /// client's socket into pipes ([`crate::splice`]) and hands it to
+    /// [`Self::write_payload`], so the bytes never enter memory. Asked per
+    /// request, so it must be cheap; a wrong `true` costs a copy out of the
+    /// pipes, never correctness. Default: no.
+    fn wants_write_pipe(&self, _offset: u64, _len: u32) -> bool {
+        false
+    }
+
+    /// Writes a payload that may be in pipes. Default: read it out of the
+    /// pipes and [`Self::write`] it.
+    async fn write_payload(&self, offset: u64, data: Payload, fua: bool) -> Result<(), IoError> {
+        let data =
+            data.into_bytes().map_err(|e| IoError::io(format!("reading a write payload out of its pipes: {e}")))?;
+        self.write(offset, data, fua).await
+    }
+
     /// Makes every completed write durable.
     async fn flush(&self) -> Result<(), IoError>;
 

@@ -645,6 +645,27 @@ impl BlockDevice for HandleLeg {
         .await
     }
 
+    fn wants_write_pipe(&self, _offset: u64, len: u32) -> bool {
+        len >= blockio::splice::SPLICE_BYTES_MIN
+    }
+
+    /// The payload goes to the first client `with_client` hands out; a
+    /// second try (none today) would find it gone and fail, and the
+    /// fallback above keeps its own copy ([`crate::fallback`]).
+    async fn write_payload(&self, offset: u64, data: blockio::Payload, fua: bool) -> Result<(), IoError> {
+        let payload = std::sync::Mutex::new(Some(data));
+        self.with_client(|c| {
+            let data = payload.lock().unwrap_or_else(|e| e.into_inner()).take();
+            async move {
+                match data {
+                    Some(data) => c.write_payload(offset, data, fua).await,
+                    None => Err(IoError::io("internal: a write payload in pipes was sent twice")),
+                }
+            }
+        })
+        .await
+    }
+
     async fn flush(&self) -> Result<(), IoError> {
         self.with_client(|c| async move { c.flush().await }).await
     }

@@ -557,6 +557,43 @@ impl BlockDevice for FallbackDevice {
         with_fallback!(self, true, |d| d.write(offset, data.clone(), fua))
     }
 
+    /// Only while the direct path works: the data channels copy.
+    fn wants_write_pipe(&self, offset: u64, len: u32) -> bool {
+        self.direct.path().is_direct() && self.direct.wants_write_pipe(offset, len)
+    }
+
+    /// A payload in pipes goes down the direct path with a `tee(2)` of it
+    /// kept (shared pages, no copy): if the direct path fails, the kept
+    /// copy is read out and the write goes through [`Self::write`], which
+    /// tries the direct path again and falls back as any write does.
+    async fn write_payload(&self, offset: u64, data: blockio::Payload, fua: bool) -> Result<(), IoError> {
+        let chain = match data {
+            blockio::Payload::Bytes(data) => return self.write(offset, data, fua).await,
+            blockio::Payload::Pipe(chain) => chain,
+        };
+        let kept = match chain.tee() {
+            Ok(kept) if self.direct.path().is_direct() => kept,
+            _ => {
+                let data = chain
+                    .into_bytes()
+                    .map_err(|e| IoError::io(format!("reading a write payload out of its pipes: {e}")))?;
+                return self.write(offset, data, fua).await;
+            }
+        };
+        match self.direct.write_payload(offset, blockio::Payload::Pipe(chain), fua).await {
+            Ok(()) => Ok(()),
+            Err(e) if !is_path_error(&e) => Err(e),
+            Err(e) => {
+                warn!(device = %self.direct.name(), volume = self.volume, error = %e,
+                    "a write whose payload was in pipes failed on the direct path; sending it again from memory");
+                let data = kept
+                    .into_bytes()
+                    .map_err(|e| IoError::io(format!("reading a write payload out of its pipes: {e}")))?;
+                self.write(offset, data, fua).await
+            }
+        }
+    }
+
     async fn flush(&self) -> Result<(), IoError> {
         with_fallback!(self, false, |d| d.flush())
     }

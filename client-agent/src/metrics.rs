@@ -14,6 +14,7 @@
 //! | `sanvol_agent_request_errors_total` | volume, op | of those, failed |
 //! | `sanvol_agent_bytes_total` | volume, op | bytes read or written |
 //! | `sanvol_agent_read_bytes_spliced_total` | volume | of the bytes read, those passed from a device's socket to the client's in pipes, never copied through the agent (`blockio::splice`) |
+//! | `sanvol_agent_write_bytes_spliced_total` | volume | of the bytes written, those taken from the client's socket into pipes, to go to a device's socket without being copied through the agent |
 //! | `sanvol_agent_request_seconds` | volume, op | request latency (read, write, flush) |
 //! | `sanvol_agent_device_path_fallback` | device | 1 while the device's I/O goes through the metadata server |
 //! | `sanvol_agent_fallbacks_total` | device | switches from the direct path to fallback |
@@ -77,6 +78,13 @@ static READ_BYTES_SPLICED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "sanvol_agent_read_bytes_spliced_total",
         "Bytes read that went from a device's socket to the client's in pipes, not copied through the agent",
+        &["volume"],
+    )
+});
+static WRITE_BYTES_SPLICED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "sanvol_agent_write_bytes_spliced_total",
+        "Bytes written that were taken from the client's socket into pipes, to go to a device's socket uncopied",
         &["volume"],
     )
 });
@@ -343,6 +351,7 @@ pub struct Metered {
     inner: Arc<dyn BlockDevice>,
     read: OpMetrics,
     read_spliced: IntCounter,
+    write_spliced: IntCounter,
     write: OpMetrics,
     flush: OpMetrics,
     trim: OpMetrics,
@@ -356,6 +365,7 @@ impl Metered {
             inner,
             read: OpMetrics::new(volume, "read", true),
             read_spliced: READ_BYTES_SPLICED.with_label_values(&[volume]),
+            write_spliced: WRITE_BYTES_SPLICED.with_label_values(&[volume]),
             write: OpMetrics::new(volume, "write", true),
             flush: OpMetrics::new(volume, "flush", true),
             trim: OpMetrics::new(volume, "trim", false),
@@ -414,6 +424,18 @@ impl BlockDevice for Metered {
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
         let (started, len) = (self.write.start(), data.len() as u64);
         let result = self.inner.write(offset, data, fua).await;
+        self.write.record(started, len, &result);
+        result
+    }
+    fn wants_write_pipe(&self, offset: u64, len: u32) -> bool {
+        self.inner.wants_write_pipe(offset, len)
+    }
+    async fn write_payload(&self, offset: u64, data: blockio::Payload, fua: bool) -> Result<(), IoError> {
+        let (started, len) = (self.write.start(), data.len() as u64);
+        if matches!(data, blockio::Payload::Pipe(_)) {
+            self.write_spliced.inc_by(len);
+        }
+        let result = self.inner.write_payload(offset, data, fua).await;
         self.write.record(started, len, &result);
         result
     }

@@ -40,6 +40,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use async_trait::async_trait;
+use blockio::splice::PipeChain;
 use blockio::{BlockDevice, BlockSizes, IoError, IoErrorKind, MetaContext, Payload, StatusExtent, ZeroFlags};
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
@@ -571,6 +572,26 @@ impl VolumeDevice {
         self.with_intent_held(layout, offset, len, write).await
     }
 
+    /// The one device a write to `[offset, offset + len)` goes to as it is,
+    /// if it goes to one: within one extent of one online leg, with no
+    /// snapshot whose chunks it might have to preserve first. Only such a
+    /// write takes its payload in pipes ([`BlockDevice::write_payload`]);
+    /// every other is split, copied or preceded by other I/O.
+    fn single_leg<'l>(&self, layout: &'l Layout, offset: u64, len: u64) -> Option<&'l Arc<dyn BlockDevice>> {
+        if self.read_only || layout.description.snapshot.is_some() {
+            return None;
+        }
+        let mut segments = layout.map().segments(offset, len).ok()?;
+        let legs = match (segments.next(), segments.next()) {
+            (Some(segment), None) => segment.write_legs().ok()?,
+            _ => return None,
+        };
+        match &legs[..] {
+            [leg] => Some(layout.device(leg).1),
+            _ => None,
+        }
+    }
+
     /// Whether a write to `[offset, offset + len)` under `layout` may be
     /// acknowledged before it lands: it is in range, this holder copies its
     /// own pre-images, and a chunk it touches is not preserved yet.
@@ -674,6 +695,46 @@ impl crate::cache::BeforeLogged for VolumeDevice {
     }
 }
 
+/// A write payload in pipes for an op that may run more than once (one
+/// sent past the lease goes again once the lease is renewed,
+/// `VolumeDevice::under_lease`): the first run takes the pipes, a later
+/// one the bytes of a `tee(2)` of them made up front (shared pages, no
+/// copy unless it is needed).
+struct PipedOnce {
+    /// (the pipes, their kept tee, the tee read out once a retry needed it)
+    parts: std::sync::Mutex<(Option<PipeChain>, Option<PipeChain>, Option<Bytes>)>,
+}
+
+impl PipedOnce {
+    /// `Err` gives the chain back when it cannot be kept (then copy it).
+    fn new(chain: PipeChain) -> Result<PipedOnce, PipeChain> {
+        match chain.tee() {
+            Ok(kept) => Ok(PipedOnce { parts: std::sync::Mutex::new((Some(chain), Some(kept), None)) }),
+            Err(e) => {
+                tracing::debug!(error = %e, "a write payload in pipes could not be kept; copying it");
+                Err(chain)
+            }
+        }
+    }
+
+    fn next(&self) -> Result<Payload, IoError> {
+        let mut parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(chain) = parts.0.take() {
+            return Ok(Payload::Pipe(chain));
+        }
+        if parts.2.is_none() {
+            let kept = parts.1.take().ok_or_else(|| IoError::io("internal: a kept write payload is gone"))?;
+            parts.2 = Some(piped_bytes(kept)?);
+        }
+        Ok(Payload::Bytes(parts.2.clone().expect("read out just above")))
+    }
+}
+
+/// A payload's bytes, read out of its pipes.
+fn piped_bytes(chain: PipeChain) -> Result<Bytes, IoError> {
+    chain.into_bytes().map_err(|e| IoError::io(format!("reading a write payload out of its pipes: {e}")))
+}
+
 /// The bytes of a read asked for in memory (`passed_on` false): a device
 /// returns pipes only to `read_payload`.
 fn copied(payload: Payload) -> Result<Bytes, IoError> {
@@ -735,6 +796,43 @@ impl BlockDevice for VolumeDevice {
             behind.wait_overlapping(offset, len).await;
         }
         self.write_in_line(&layout, offset, data, fua).await
+    }
+
+    fn wants_write_pipe(&self, offset: u64, len: u32) -> bool {
+        let layout = self.gate.layout();
+        self.single_leg(&layout, offset, u64::from(len)).is_some_and(|device| device.wants_write_pipe(offset, len))
+    }
+
+    /// A payload in pipes goes to its one leg as it is; a write that
+    /// turned out to need more (a second leg, a snapshot, two extents) is
+    /// read out of the pipes and written as any other.
+    async fn write_payload(&self, offset: u64, data: Payload, fua: bool) -> Result<(), IoError> {
+        let chain = match data {
+            Payload::Bytes(data) => return self.write(offset, data, fua).await,
+            Payload::Pipe(chain) => chain,
+        };
+        let len = chain.len() as u64;
+        self.check_writable(offset, len)?;
+        let layout = self.gate.enter().await?;
+        if let Some(behind) = &self.behind {
+            behind.wait_overlapping(offset, len).await;
+        }
+        let chain = match self.single_leg(&layout, offset, len) {
+            Some(_) => PipedOnce::new(chain),
+            None => Err(chain),
+        };
+        let payload = match chain {
+            Ok(payload) => payload,
+            Err(chain) => {
+                drop(layout);
+                return self.write(offset, piped_bytes(chain)?, fua).await;
+            }
+        };
+        let write = self.on_all_legs(&layout, offset, len, "write", |device, device_offset, _| {
+            let data = payload.next();
+            Box::pin(async move { device.write_payload(device_offset, data?, fua).await })
+        });
+        self.with_intent_held(&layout, offset, len, write).await
     }
 
     async fn flush(&self) -> Result<(), IoError> {
@@ -1212,6 +1310,14 @@ mod tests {
     /// the gate, the device, the write's task and its device offset.
     async fn write_held_past_the_lease(
     ) -> (Arc<Gate<Layout>>, Arc<TestDevice>, tokio::task::JoinHandle<Result<(), IoError>>, u64) {
+        write_held_past_the_lease_as(false).await
+    }
+
+    /// `piped`: the write's payload comes in pipes, as a large write's
+    /// from the agent's export does (`BlockDevice::write_payload`).
+    async fn write_held_past_the_lease_as(
+        piped: bool,
+    ) -> (Arc<Gate<Layout>>, Arc<TestDevice>, tokio::task::JoinHandle<Result<(), IoError>>, u64) {
         let hold = Arc::new(tokio::sync::Semaphore::new(0));
         let dev = TestDevice::holding_writes(hold.clone());
         let d = testing::description(2, 1, 1, 1);
@@ -1219,7 +1325,14 @@ mod tests {
         let gate = Arc::new(Gate::new(testing::layout(d, std::slice::from_ref(&dev)), 1));
         let vol = Arc::new(VolumeDevice::new("vol", 1, false, gate.clone()));
         gate.renew_lease(Instant::now() + Duration::from_secs(3));
-        let write = tokio::spawn(async move { vol.write(0, pattern(1, 512), false).await });
+        let write = tokio::spawn(async move {
+            if piped {
+                let chain = PipeChain::from_slice(&pattern(1, 512)).unwrap();
+                vol.write_payload(0, Payload::Pipe(chain), false).await
+            } else {
+                vol.write(0, pattern(1, 512), false).await
+            }
+        });
         until(|| dev.writes_started.load(Ordering::SeqCst) == 1).await;
         tokio::time::advance(Duration::from_secs(5)).await;
         // One permit for this try, one for the try after a renewal.
@@ -1238,6 +1351,22 @@ mod tests {
         assert_eq!(dev.writes.load(Ordering::SeqCst), 0, "nothing reached the device after the lease ran out");
         assert_eq!(dev.contents(offset, 512).await, Bytes::from(vec![0u8; 512]));
         assert_eq!(gate.status().in_flight, 1, "still admitted: a recall's drain waits for it");
+        gate.renew_lease(Instant::now() + Duration::from_secs(3));
+        write.await.unwrap().unwrap();
+        assert_eq!(dev.writes.load(Ordering::SeqCst), 1, "sent once, after the renewal");
+        assert_eq!(dev.contents(offset, 512).await, pattern(1, 512));
+    }
+
+    /// The first try took the pipes; the try after the renewal sends the
+    /// bytes of the copy kept for it.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_in_pipes_held_past_its_lease_goes_from_its_kept_copy_after_the_renewal() {
+        let (gate, dev, write, offset) = write_held_past_the_lease_as(true).await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!write.is_finished(), "the write waits for a renewal");
+        assert_eq!(dev.writes.load(Ordering::SeqCst), 0, "nothing reached the device after the lease ran out");
         gate.renew_lease(Instant::now() + Duration::from_secs(3));
         write.await.unwrap().unwrap();
         assert_eq!(dev.writes.load(Ordering::SeqCst), 1, "sent once, after the renewal");

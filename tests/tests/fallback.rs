@@ -9,6 +9,7 @@ use blockio::client::{ClientOptions, NbdClient};
 use blockio::uri::NbdUri;
 use blockio::BlockDevice;
 use bytes::Bytes;
+use sanvol_tests::metrics::{metrics_addr, scrape, value};
 use sanvol_tests::proxy::CuttableProxy;
 use sanvol_tests::system::{Agent, Stack};
 use sanvol_tests::volumes::{assert_fio_ok, check_placement, connect, fill, fio_verify};
@@ -43,7 +44,8 @@ fn agent_through_proxy(stack: &Stack, desc: &serde_json::Value) -> (CuttableProx
     let peer = stack.devices.iter().position(|d| d.uri().to_string() == cut_uri).expect("the device's nbdkit");
     let proxy = CuttableProxy::start(&stack.dir.path().join("proxy.sock"), &stack.devices[peer].dir().join("nbd.sock"));
     let via_proxy = NbdUri::unix(&proxy.socket, "").to_string();
-    let agent = stack.start_agent_with("host-a", &["--device-uri".into(), format!("{cut_uri}={via_proxy}")]);
+    let args = ["--device-uri".into(), format!("{cut_uri}={via_proxy}"), "--metrics-addr".into(), "127.0.0.1:0".into()];
+    let agent = stack.start_agent_with("host-a", &args);
     (proxy, peer, agent)
 }
 
@@ -176,6 +178,14 @@ async fn large_writes_in_flight_when_the_path_is_cut_are_written_again_through_t
     until("host-a is back on its direct path", || fallback_of(&stack, "host-a").is_empty()).await;
     // Every block of the fill, read from the device itself.
     check_placement(&stack, "p", 7, None).await;
+    // The writes before the cut went to the device in pipes: the path whose
+    // payloads the agent keeps a `tee` of, to send again through the server.
+    let metrics = scrape(&metrics_addr(&agent.proc));
+    let spliced: f64 = ["p", "q"]
+        .iter()
+        .map(|v| value(&metrics, "sanvol_agent_write_bytes_spliced_total", &[("volume", v)]).unwrap_or(0.0))
+        .sum();
+    assert!(spliced >= (8 << 20) as f64, "only {spliced} bytes of the 1 MiB writes went through pipes");
 }
 
 /// Opens a data channel with `key` (any role): one `DataChannel` request.

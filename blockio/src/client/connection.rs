@@ -34,6 +34,7 @@ use super::reader;
 use crate::device::StatusExtent;
 use crate::error::{IoError, IoErrorKind};
 use crate::proto::{self, RequestHeader};
+use crate::splice::{Payload, SpliceSocket};
 
 /// Most requests in flight on one connection; more wait for a slot.
 pub(crate) const INFLIGHT_REQUESTS_MAX: usize = 512;
@@ -55,6 +56,9 @@ pub(crate) struct RequestTimeout {
 pub(crate) struct Outgoing {
     header: [u8; proto::REQUEST_HEADER_BYTES],
     payload: Bytes,
+    /// A write payload in pipes, spliced into the socket right after the
+    /// header (then `payload` is empty).
+    pipe: Option<crate::splice::PipeChain>,
     cookie: u64,
     /// Not to be sent at or after this instant (see `fence.rs`).
     not_after: Option<crate::clock::LeaseInstant>,
@@ -258,7 +262,7 @@ impl ConnShared {
 
 fn disc_request() -> Outgoing {
     let header = RequestHeader { flags: 0, command: proto::CMD_DISC, cookie: 0, offset: 0, length: 0 }.encode();
-    Outgoing { header, payload: Bytes::new(), cookie: 0, not_after: None, disconnect: true }
+    Outgoing { header, payload: Bytes::new(), pipe: None, cookie: 0, not_after: None, disconnect: true }
 }
 
 /// Decrements the outstanding count however the caller's future ends
@@ -276,6 +280,8 @@ pub(crate) struct Connection {
     pub shared: Arc<ConnShared>,
     /// Whether the reader can splice payloads out of the socket.
     pub can_splice: bool,
+    /// Write payloads in pipes are spliced into the socket.
+    pub can_splice_out: bool,
     tx: mpsc::UnboundedSender<Outgoing>,
     slots: Semaphore,
     reader: Mutex<Option<JoinHandle<()>>>,
@@ -291,6 +297,7 @@ impl Connection {
         structured_replies: bool,
         contexts: Vec<(String, u32)>,
         splice: Option<crate::splice::SpliceSocket>,
+        splice_out: Option<crate::splice::SpliceSocket>,
     ) -> Connection
     where
         R: AsyncRead + Unpin + Send + 'static,
@@ -309,13 +316,15 @@ impl Connection {
             splice_submitted: Notify::new(),
             writer_tx: Mutex::new(Some(tx.downgrade())),
         });
-        let writer = tokio::spawn(writer_loop(wr, rx, shared.clone()));
         let can_splice = splice.is_some();
+        let can_splice_out = splice_out.is_some();
+        let writer = tokio::spawn(writer_loop(wr, rx, shared.clone(), splice_out));
         let reader = tokio::spawn(reader::reader_loop(rd, shared.clone(), splice));
         shared.tasks.lock().unwrap().extend([writer.abort_handle(), reader.abort_handle()]);
         Connection {
             shared,
             can_splice,
+            can_splice_out,
             tx,
             slots: Semaphore::new(INFLIGHT_REQUESTS_MAX),
             reader: Mutex::new(Some(reader)),
@@ -350,7 +359,7 @@ impl Connection {
         flags: u16,
         offset: u64,
         length: u32,
-        payload: Bytes,
+        payload: Payload,
         state: PendingState,
         timeout: Option<RequestTimeout>,
     ) -> Result<Reply, IoError> {
@@ -386,7 +395,11 @@ impl Connection {
             cookie
         };
         let header = RequestHeader { flags, command, cookie, offset, length }.encode();
-        if self.tx.send(Outgoing { header, payload, cookie, not_after, disconnect: false }).is_err() {
+        let (payload, pipe) = match payload {
+            Payload::Bytes(b) => (b, None),
+            Payload::Pipe(chain) => (Bytes::new(), Some(chain)),
+        };
+        if self.tx.send(Outgoing { header, payload, pipe, cookie, not_after, disconnect: false }).is_err() {
             // The writer is gone: the connection is dead or dying.
             let reason = self.shared.inflight.lock().unwrap().dead.clone();
             let err =
@@ -456,6 +469,7 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     shared: Arc<ConnShared>,
+    splice_out: Option<SpliceSocket>,
 ) {
     let mut batch: Vec<Outgoing> = Vec::with_capacity(BATCH_REQUESTS_MAX);
     loop {
@@ -469,13 +483,13 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
                 return;
             }
         };
-        let mut bytes = first.payload.len();
+        let mut bytes = first.len();
         let mut stop = first.disconnect;
         batch.push(first);
         while !stop && batch.len() < BATCH_REQUESTS_MAX && bytes < BATCH_BYTES_MAX {
             match rx.try_recv() {
                 Ok(o) => {
-                    bytes += o.payload.len();
+                    bytes += o.len();
                     stop = o.disconnect;
                     batch.push(o);
                 }
@@ -488,7 +502,7 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
                 continue;
             }
         }
-        if let Err(e) = write_batch(&mut wr, &batch).await {
+        if let Err(e) = write_batch(&mut wr, &mut batch, splice_out.as_ref()).await {
             shared.fail(IoError::shutdown(format!("sending to {} failed: {e}", shared.target)));
             return;
         }
@@ -535,11 +549,48 @@ fn fenced(target: &str, command: u16, offset: u64, length: u32) -> IoError {
     )
 }
 
+impl Outgoing {
+    /// Payload bytes, in memory or in pipes.
+    fn len(&self) -> usize {
+        self.payload.len() + self.pipe.as_ref().map_or(0, |p| p.len())
+    }
+}
+
 /// Writes every header and payload of `batch` with as few syscalls as the
-/// kernel allows.
-async fn write_batch<W: AsyncWrite + Unpin>(wr: &mut W, batch: &[Outgoing]) -> std::io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
-    for o in batch {
+/// kernel allows: runs of requests in memory in one vectored write each, a
+/// payload in pipes spliced in right after its header.
+async fn write_batch<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    batch: &mut [Outgoing],
+    splice_out: Option<&SpliceSocket>,
+) -> std::io::Result<()> {
+    let mut start = 0;
+    while start < batch.len() {
+        // A run ends after a request whose payload is in pipes, or at the end.
+        let end = batch[start..].iter().position(|o| o.pipe.is_some()).map_or(batch.len(), |i| start + i + 1);
+        let run = &mut batch[start..end];
+        write_run(wr, run).await?;
+        if let Some(chain) = run.last_mut().and_then(|o| o.pipe.as_mut()) {
+            match splice_out {
+                Some(socket) => socket.splice_out(chain).await?,
+                None => {
+                    // Not sent here by `submit`; written from memory all the same.
+                    let data = std::mem::take(chain).into_bytes()?;
+                    wr.write_all(&data).await?;
+                    wr.flush().await?;
+                }
+            }
+        }
+        start = end;
+    }
+    Ok(())
+}
+
+/// One vectored write (or as few as the socket takes) of every header and
+/// in-memory payload of `run`.
+async fn write_run<W: AsyncWrite + Unpin>(wr: &mut W, run: &[Outgoing]) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(run.len() * 2);
+    for o in run {
         slices.push(IoSlice::new(&o.header));
         if !o.payload.is_empty() {
             slices.push(IoSlice::new(&o.payload));

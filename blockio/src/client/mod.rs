@@ -10,6 +10,8 @@
 //! - several connections per export when the server says that is safe
 //!   (`NBD_FLAG_CAN_MULTI_CONN`), each request going to the connection with
 //!   the fewest outstanding requests;
+//! - large write payloads that arrive in pipes go into the socket with
+//!   `splice(2)` ([`crate::splice`]), never through memory;
 //! - requests larger than the server's maximum payload split transparently;
 //! - per-request timeouts, and a dead peer failing every request at once.
 //!
@@ -302,15 +304,19 @@ async fn open_tls<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     let n = negotiate_options(hs, export, opts, target).await?;
     tracing::debug!(target: "blockio::client", server = target, "NBD connection is TLS-protected");
     let (r, w) = tokio::io::split(stream);
-    Ok((Connection::start(r, w, target.to_string(), n.structured_replies, n.contexts.clone(), None), n))
+    Ok((Connection::start(r, w, target.to_string(), n.structured_replies, n.contexts.clone(), None, None), n))
 }
 
-/// A second registration of a plain socket, for taking read payloads into
-/// pipes ([`crate::splice`]); without one, payloads are copied.
-fn splice_socket(socket: &impl std::os::fd::AsFd, target: &str) -> Option<SpliceSocket> {
-    SpliceSocket::dup(socket, tokio::io::Interest::READABLE)
-        .inspect_err(|e| tracing::debug!(target: "blockio::client", server = target, error = %e, "read payloads will be copied: no descriptor for splicing"))
-        .ok()
+/// Two more registrations of a plain socket, one for taking read payloads
+/// into pipes and one for splicing write payloads out of pipes
+/// ([`crate::splice`]); without them, payloads are copied.
+fn splice_sockets(socket: &impl std::os::fd::AsFd, target: &str) -> (Option<SpliceSocket>, Option<SpliceSocket>) {
+    let dup = |interest| {
+        SpliceSocket::dup(socket, interest)
+            .inspect_err(|e| tracing::debug!(target: "blockio::client", server = target, error = %e, "payloads will be copied: no descriptor for splicing"))
+            .ok()
+    };
+    (dup(tokio::io::Interest::READABLE), dup(tokio::io::Interest::WRITABLE))
 }
 
 /// Opens one socket, handshakes and starts its tasks.
@@ -327,15 +333,17 @@ async fn open_connection(
             (Socket::Unix(s), Some(tls)) => open_tls(s, tls, &uri.export, opts, target).await,
             (Socket::Tcp(mut s), None) => {
                 let n = negotiate(&mut s, &uri.export, opts, target).await?;
-                let splice = splice_socket(&s, target);
+                let (splice, splice_out) = splice_sockets(&s, target);
                 let (r, w) = s.into_split();
-                Ok((Connection::start(r, w, target.to_string(), n.structured_replies, n.contexts.clone(), splice), n))
+                let contexts = n.contexts.clone();
+                Ok((Connection::start(r, w, target.to_string(), n.structured_replies, contexts, splice, splice_out), n))
             }
             (Socket::Unix(mut s), None) => {
                 let n = negotiate(&mut s, &uri.export, opts, target).await?;
-                let splice = splice_socket(&s, target);
+                let (splice, splice_out) = splice_sockets(&s, target);
                 let (r, w) = s.into_split();
-                Ok((Connection::start(r, w, target.to_string(), n.structured_replies, n.contexts.clone(), splice), n))
+                let contexts = n.contexts.clone();
+                Ok((Connection::start(r, w, target.to_string(), n.structured_replies, contexts, splice, splice_out), n))
             }
         }
     })
@@ -397,7 +405,7 @@ impl NbdClient {
         }
         let n = with_timeout(opts.connect_timeout, &target, negotiate(&mut stream, export, &opts, &target)).await?;
         let (r, w) = tokio::io::split(stream);
-        let conn = Connection::start(r, w, target.clone(), n.structured_replies, n.contexts.clone(), None);
+        let conn = Connection::start(r, w, target.clone(), n.structured_replies, n.contexts.clone(), None, None);
         Ok(NbdClient::from_parts(n, target, vec![conn], &opts))
     }
 
@@ -497,6 +505,7 @@ impl NbdClient {
         payload: Bytes,
         state: PendingState,
     ) -> Result<Reply, IoError> {
+        let payload = Payload::Bytes(payload);
         self.pick()?.submit(command, flags, offset, length, payload, state, self.inner.request_timeout).await
     }
 
@@ -613,7 +622,8 @@ impl BlockDevice for NbdClient {
         self.check_io(offset, len as u64, false)?;
         let asm = ReadAssembly { buf: Vec::new(), covered_bytes: 0, ranges: Default::default(), splice: true };
         let state = PendingState::Read(asm);
-        match conn.submit(proto::CMD_READ, 0, offset, len, Bytes::new(), state, self.inner.request_timeout).await? {
+        let none = Payload::Bytes(Bytes::new());
+        match conn.submit(proto::CMD_READ, 0, offset, len, none, state, self.inner.request_timeout).await? {
             Reply::Pipe(chain) => Ok(Payload::Pipe(chain)),
             Reply::Data(bytes) => Ok(Payload::Bytes(bytes)),
             other => Err(IoError::io(format!("internal: READ completed with {other:?}"))),
@@ -641,6 +651,36 @@ impl BlockDevice for NbdClient {
             self.flush().await?;
         }
         Ok(())
+    }
+
+    /// A payload in pipes goes to the socket with `splice(2)` when it fits
+    /// one request and the connection can splice; otherwise it is copied.
+    async fn write_payload(&self, offset: u64, data: Payload, fua: bool) -> Result<(), IoError> {
+        let chain = match data {
+            Payload::Bytes(data) => return self.write(offset, data, fua).await,
+            Payload::Pipe(chain) => chain,
+        };
+        let conn = self.pick()?;
+        let len = chain.len();
+        if len == 0 || len > self.inner.payload_bytes_max as usize || !conn.can_splice_out {
+            let data = chain
+                .into_bytes()
+                .map_err(|e| IoError::io(format!("reading a write payload out of its pipes: {e}")))?;
+            return self.write(offset, data, fua).await;
+        }
+        self.check_io(offset, len as u64, true)?;
+        let native_fua = fua && self.inner.info.has(proto::TFLAG_SEND_FUA);
+        let flags = if native_fua { proto::CMD_FLAG_FUA } else { 0 };
+        let (state, timeout) = (PendingState::Plain, self.inner.request_timeout);
+        conn.submit(proto::CMD_WRITE, flags, offset, len as u32, Payload::Pipe(chain), state, timeout).await?;
+        if fua && !native_fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    fn wants_write_pipe(&self, _offset: u64, len: u32) -> bool {
+        len >= SPLICE_BYTES_MIN && len <= self.inner.payload_bytes_max
     }
 
     async fn flush(&self) -> Result<(), IoError> {
@@ -722,7 +762,15 @@ impl BlockDevice for NbdClient {
         };
         let state = PendingState::Status { context_id, extents: None };
         match conn
-            .submit(proto::CMD_BLOCK_STATUS, 0, offset, len, Bytes::new(), state, self.inner.request_timeout)
+            .submit(
+                proto::CMD_BLOCK_STATUS,
+                0,
+                offset,
+                len,
+                Payload::Bytes(Bytes::new()),
+                state,
+                self.inner.request_timeout,
+            )
             .await?
         {
             Reply::Status(v) => Ok(v),

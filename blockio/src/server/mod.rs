@@ -394,8 +394,9 @@ impl NbdServer {
                     Err(e) => Err(ServerError::io("handing the connection to its threads")(e)),
                 },
                 native => {
-                    let splice = native.and_then(|n| (n.splice_socket)(&w));
-                    transmission::run(reader, w, negotiated, &self.inner.config, stop, splice).await
+                    let splice = native.as_ref().and_then(|n| (n.splice_socket)(&w));
+                    let splice_in = native.map(|n| n.splice_in_socket);
+                    transmission::run(reader, w, negotiated, &self.inner.config, stop, splice, splice_in).await
                 }
             };
             match &result {
@@ -417,6 +418,7 @@ type ToBlocking<R, W> = fn(BufReader<R>, W) -> std::io::Result<(threads::Socket,
 struct Native<R, W> {
     into_blocking: ToBlocking<R, W>,
     splice_socket: fn(&W) -> Option<SpliceSocket>,
+    splice_in_socket: fn(&R) -> Option<SpliceSocket>,
 }
 
 /// A listener whose connections split into owned halves without locks.
@@ -426,17 +428,30 @@ trait Listener {
     fn accept_split(&self) -> impl Future<Output = std::io::Result<(Self::Read, Self::Write, String)>> + Send;
     fn into_blocking(reader: BufReader<Self::Read>, w: Self::Write) -> std::io::Result<(threads::Socket, Vec<u8>)>;
     fn splice_socket(w: &Self::Write) -> Option<SpliceSocket>;
+    fn splice_in_socket(r: &Self::Read) -> Option<SpliceSocket>;
 
     fn native() -> Native<Self::Read, Self::Write> {
-        Native { into_blocking: Self::into_blocking, splice_socket: Self::splice_socket }
+        Native {
+            into_blocking: Self::into_blocking,
+            splice_socket: Self::splice_socket,
+            splice_in_socket: Self::splice_in_socket,
+        }
     }
 }
 
-/// A second registration of an accepted socket, for splicing; without one
-/// every reply is written from memory.
+/// A second registration of an accepted socket, for splicing read payloads
+/// into; without one every reply is written from memory.
 fn splice_socket(socket: &impl std::os::fd::AsFd) -> Option<SpliceSocket> {
     SpliceSocket::dup(socket, tokio::io::Interest::WRITABLE)
         .inspect_err(|e| debug!(error = %e, "read payloads will be copied: no descriptor for splicing"))
+        .ok()
+}
+
+/// A third registration, for taking write payloads into pipes; without one
+/// every write payload is read into memory.
+fn splice_in_socket(socket: &impl std::os::fd::AsFd) -> Option<SpliceSocket> {
+    SpliceSocket::dup(socket, tokio::io::Interest::READABLE)
+        .inspect_err(|e| debug!(error = %e, "write payloads will be copied: no descriptor for splicing"))
         .ok()
 }
 
@@ -459,6 +474,10 @@ impl Listener for tokio::net::UnixListener {
     fn splice_socket(w: &Self::Write) -> Option<SpliceSocket> {
         splice_socket(w.as_ref())
     }
+
+    fn splice_in_socket(r: &Self::Read) -> Option<SpliceSocket> {
+        splice_in_socket(r.as_ref())
+    }
 }
 
 impl Listener for tokio::net::TcpListener {
@@ -479,5 +498,9 @@ impl Listener for tokio::net::TcpListener {
 
     fn splice_socket(w: &Self::Write) -> Option<SpliceSocket> {
         splice_socket(w.as_ref())
+    }
+
+    fn splice_in_socket(r: &Self::Read) -> Option<SpliceSocket> {
+        splice_in_socket(r.as_ref())
     }
 }

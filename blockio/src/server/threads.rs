@@ -400,7 +400,7 @@ fn serve_requests(shared: &Shared, runtime: &tokio::runtime::Handle) {
                 }
             }
         };
-        let frames = run_here(runtime, respond(&shared.conn, &header, payload));
+        let frames = run_here(runtime, respond(&shared.conn, &header, crate::splice::Payload::Bytes(payload)));
         let written = {
             let _writer = lock(&shared.writer);
             write_frames_blocking(&mut &*shared.socket, &frames)

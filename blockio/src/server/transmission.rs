@@ -40,6 +40,11 @@ const SPAWN_BYTES_MIN: u32 = 256 * 1024;
 /// read on its own (see `ReadState::exact_header`).
 pub(super) const EXACT_HEADER_PAYLOAD_MIN: u32 = 128 * 1024;
 
+/// A write payload goes into pipes only while the process has fewer pipes
+/// in payloads than this (each is two descriptors; an agent run by systemd
+/// may have 1024): above it, payloads are read into memory.
+const WRITE_PIPES_IN_USE_MAX: usize = 128;
+
 /// Spec: servers SHOULD NOT send more than 2^20 extents in one chunk.
 const STATUS_EXTENTS_MAX: usize = 1 << 20;
 
@@ -61,7 +66,7 @@ pub(super) struct Conn {
 /// A decoded request with its payload and budget.
 struct Request {
     header: RequestHeader,
-    payload: Bytes,
+    payload: Payload,
     permit: InFlight,
 }
 
@@ -71,12 +76,40 @@ enum Incoming {
     Done,
 }
 
+/// Where write payloads go into pipes: a further registration of the
+/// connection's socket, made at the first payload the device wants in pipes
+/// (one made for every connection would see every request's readiness
+/// event for nothing).
+struct SpliceIn<R> {
+    register: Option<fn(&R) -> Option<SpliceSocket>>,
+    socket: Option<SpliceSocket>,
+    device: Arc<dyn BlockDevice>,
+}
+
+impl<R> SpliceIn<R> {
+    /// Whether the socket can be (or already is) registered for splicing.
+    fn available(&self) -> bool {
+        self.socket.is_some() || self.register.is_some()
+    }
+
+    fn socket(&mut self, reader: &R) -> Option<&SpliceSocket> {
+        if self.socket.is_none() {
+            // A failed registration is not tried again: payloads are copied.
+            self.socket = self.register.take().and_then(|register| register(reader));
+        }
+        self.socket.as_ref()
+    }
+}
+
 struct ReadState<R> {
     reader: BufReader<R>,
     /// The last request carried a large payload: read the next header
     /// alone, so the buffer does not swallow (and make us copy) the start
     /// of the next payload too.
     exact_header: bool,
+    /// Write payloads the device only passes on are taken from the socket
+    /// into pipes ([`BlockDevice::wants_write_pipe`]).
+    splice_in: SpliceIn<R>,
     requests: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
     bytes_max: usize,
@@ -89,6 +122,7 @@ pub(super) async fn run<R, W>(
     config: &ServerConfig,
     stop: Option<watch::Receiver<bool>>,
     splice: Option<SpliceSocket>,
+    splice_in: Option<fn(&R) -> Option<SpliceSocket>>,
 ) -> Result<(), ServerError>
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -106,6 +140,7 @@ where
     let state = ReadState {
         reader,
         exact_header: false,
+        splice_in: SpliceIn { register: splice_in, socket: None, device: conn.device.clone() },
         requests: Arc::new(Semaphore::new(config.requests_in_flight_max.max(1))),
         bytes: Arc::new(Semaphore::new(bytes_max)),
         bytes_max,
@@ -227,7 +262,14 @@ async fn next_request<R: AsyncRead + Unpin>(st: &mut ReadState<R>) -> Result<Inc
     } else {
         None
     };
-    let payload = if payload_len > 0 {
+    let piped = payload_len >= SPLICE_BYTES_MIN
+        && st.reader.buffer().is_empty()
+        && st.splice_in.available()
+        && crate::splice::pipes_in_use() < WRITE_PIPES_IN_USE_MAX
+        && st.splice_in.device.wants_write_pipe(header.offset, payload_len);
+    let payload = if let Some(socket) = piped.then(|| st.splice_in.socket(st.reader.get_ref())).flatten() {
+        Payload::Pipe(socket.splice_in(payload_len as usize).await.map_err(ServerError::io("reading a write payload"))?)
+    } else if payload_len > 0 {
         let pool = BufferPool::global();
         let mut buf = pool.take(payload_len as usize);
         while buf.len() < payload_len as usize {
@@ -247,9 +289,9 @@ async fn next_request<R: AsyncRead + Unpin>(st: &mut ReadState<R>) -> Result<Inc
                 });
             }
         }
-        pool.freeze(buf)
+        Payload::Bytes(pool.freeze(buf))
     } else {
-        Bytes::new()
+        Payload::Bytes(Bytes::new())
     };
     st.exact_header = payload_len >= EXACT_HEADER_PAYLOAD_MIN;
     Ok(Incoming::Request(Request {
@@ -387,7 +429,7 @@ async fn handle(conn: Arc<Conn>, req: Request, tx: mpsc::UnboundedSender<Frame>)
 }
 
 /// Validates and runs one request; returns its reply frames.
-pub(super) async fn respond(conn: &Conn, h: &RequestHeader, payload: Bytes) -> Vec<Frame> {
+pub(super) async fn respond(conn: &Conn, h: &RequestHeader, payload: Payload) -> Vec<Frame> {
     match conn.validate(h) {
         Ok(()) => execute(conn, h, payload).await,
         Err((code, message)) => {
@@ -406,7 +448,7 @@ fn io_error_frames(conn: &Conn, cookie: u64, command: u16, e: IoError) -> Vec<Fr
     vec_one(conn.error_frame(cookie, e.kind.nbd_code(), &e.message))
 }
 
-async fn execute(conn: &Conn, h: &RequestHeader, payload: Bytes) -> Vec<Frame> {
+async fn execute(conn: &Conn, h: &RequestHeader, payload: Payload) -> Vec<Frame> {
     let dev = &conn.device;
     let fua = h.flags & proto::CMD_FLAG_FUA != 0;
     let done = |r: Result<(), IoError>| match r {
@@ -444,7 +486,10 @@ async fn execute(conn: &Conn, h: &RequestHeader, payload: Bytes) -> Vec<Frame> {
             if h.length == 0 {
                 return done(Ok(()));
             }
-            done(dev.write(h.offset, payload, fua).await)
+            done(match payload {
+                Payload::Bytes(data) => dev.write(h.offset, data, fua).await,
+                piped => dev.write_payload(h.offset, piped, fua).await,
+            })
         }
         proto::CMD_FLUSH => done(dev.flush().await),
         proto::CMD_TRIM => {
