@@ -1357,6 +1357,36 @@ mod tests {
         assert_eq!(dev.contents(offset, 512).await, pattern(1, 512));
     }
 
+    /// Only a write to one extent of one leg, with no snapshot, on a
+    /// writable handle, takes its payload in pipes; anything the network
+    /// may send (out of range, an offset that overflows) is just refused.
+    #[test]
+    fn only_a_write_to_one_leg_of_one_extent_takes_its_payload_in_pipes() {
+        let dev = |_| TestDevice::new();
+        let plain: Vec<_> = (0..1).map(dev).collect();
+        let gate = Gate::new(testing::layout(testing::description(2, 1, 1, 1), &plain), 1);
+        let vol = VolumeDevice::new("vol", 1, false, Arc::new(gate));
+        let layout = vol.gate.layout();
+        assert!(vol.single_leg(&layout, 0, EXTENT).is_some(), "one extent, one leg");
+        assert!(vol.single_leg(&layout, EXTENT / 2, EXTENT).is_none(), "two extents");
+        assert!(vol.single_leg(&layout, 2 * EXTENT - 4096, 8192).is_none(), "past the end");
+        assert!(vol.single_leg(&layout, u64::MAX - 4095, 1 << 20).is_none(), "an offset that overflows");
+
+        let mirrored: Vec<_> = (0..2).map(dev).collect();
+        let gate = Gate::new(testing::layout(testing::description(2, 2, 2, 1), &mirrored), 1);
+        let vol = VolumeDevice::new("vol", 1, false, Arc::new(gate));
+        assert!(vol.single_leg(&vol.gate.layout(), 0, EXTENT).is_none(), "two legs");
+
+        let snapshot = testing::with_snapshot(testing::description(2, 1, 1, 1), 16 * 1024);
+        let gate = Gate::new(testing::layout(snapshot, &plain), 1);
+        let vol = VolumeDevice::new("vol", 1, false, Arc::new(gate));
+        assert!(vol.single_leg(&vol.gate.layout(), 0, EXTENT).is_none(), "a snapshot's chunks may need copying first");
+
+        let gate = Gate::new(testing::layout(testing::description(2, 1, 1, 1), &plain), 1);
+        let vol = VolumeDevice::new("vol", 1, true, Arc::new(gate));
+        assert!(vol.single_leg(&vol.gate.layout(), 0, EXTENT).is_none(), "read-only");
+    }
+
     /// The first try took the pipes; the try after the renewal sends the
     /// bytes of the copy kept for it.
     #[tokio::test(start_paused = true)]
