@@ -46,7 +46,7 @@ use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
 use volume_format::description::{DeviceEndpoint, SnapshotEpoch};
 use volume_format::locks::LockTable;
-use volume_format::mapping::{DeviceTable, Leg, LegState, MapError, Segment, VolumeMap};
+use volume_format::mapping::{DeviceTable, Leg, LegState, Legs, MapError, Segment, VolumeMap};
 use volume_format::{DescriptionError, HandleId, VolumeDescription};
 
 use crate::cow::{copy_all, wait_for, CowState, Registrations};
@@ -572,22 +572,18 @@ impl VolumeDevice {
         self.with_intent_held(layout, offset, len, write).await
     }
 
-    /// The one device a write to `[offset, offset + len)` goes to as it is,
-    /// if it goes to one: within one extent of one online leg, with no
-    /// snapshot whose chunks it might have to preserve first. Only such a
-    /// write takes its payload in pipes ([`BlockDevice::write_payload`]);
-    /// every other is split, copied or preceded by other I/O.
-    fn single_leg<'l>(&self, layout: &'l Layout, offset: u64, len: u64) -> Option<&'l Arc<dyn BlockDevice>> {
+    /// The legs a write to `[offset, offset + len)` goes to as it is, if
+    /// it goes to them as it is: within one extent, with no snapshot whose
+    /// chunks it might have to preserve first. Only such a write takes its
+    /// payload in pipes ([`BlockDevice::write_payload`]), one `tee(2)` of
+    /// it per leg; every other is split, copied or preceded by other I/O.
+    fn pipe_legs(&self, layout: &Layout, offset: u64, len: u64) -> Option<Legs> {
         if self.read_only || layout.description.snapshot.is_some() {
             return None;
         }
         let mut segments = layout.map().segments(offset, len).ok()?;
-        let legs = match (segments.next(), segments.next()) {
-            (Some(segment), None) => segment.write_legs().ok()?,
-            _ => return None,
-        };
-        match &legs[..] {
-            [leg] => Some(layout.device(leg).1),
+        match (segments.next(), segments.next()) {
+            (Some(segment), None) => segment.write_legs().ok().filter(|legs| !legs.is_empty()),
             _ => None,
         }
     }
@@ -695,23 +691,31 @@ impl crate::cache::BeforeLogged for VolumeDevice {
     }
 }
 
-/// A write payload in pipes for an op that may run more than once (one
-/// sent past the lease goes again once the lease is renewed,
-/// `VolumeDevice::under_lease`): the first run takes the pipes, a later
-/// one the bytes of a `tee(2)` of them made up front (shared pages, no
-/// copy unless it is needed).
+/// A write payload in pipes for the ops that send it: one per leg, each
+/// of which may run more than once (one sent past the lease goes again
+/// once the lease is renewed, `VolumeDevice::under_lease`). The first run
+/// of each takes a chain of its own (`tee(2)`s of the payload: shared
+/// pages, no copy); a later run takes the bytes of one more tee kept for
+/// it, read out only when needed.
 struct PipedOnce {
-    /// (the pipes, their kept tee, the tee read out once a retry needed it)
-    parts: std::sync::Mutex<(Option<PipeChain>, Option<PipeChain>, Option<Bytes>)>,
+    /// (a chain per leg not sent yet, the kept tee, the tee read out once a
+    /// retry needed it)
+    parts: std::sync::Mutex<(Vec<PipeChain>, Option<PipeChain>, Option<Bytes>)>,
 }
 
 impl PipedOnce {
-    /// `Err` gives the chain back when it cannot be kept (then copy it).
-    fn new(chain: PipeChain) -> Result<PipedOnce, PipeChain> {
-        match chain.tee() {
-            Ok(kept) => Ok(PipedOnce { parts: std::sync::Mutex::new((Some(chain), Some(kept), None)) }),
+    /// A chain for each of `legs` legs and one kept; `Err` gives the chain
+    /// back when the tees cannot be made (then copy it).
+    fn new(chain: PipeChain, legs: usize) -> Result<PipedOnce, PipeChain> {
+        let copies: Result<Vec<PipeChain>, _> = (0..legs).map(|_| chain.tee()).collect();
+        match copies {
+            Ok(mut chains) => {
+                let kept = chains.pop();
+                chains.push(chain);
+                Ok(PipedOnce { parts: std::sync::Mutex::new((chains, kept, None)) })
+            }
             Err(e) => {
-                tracing::debug!(error = %e, "a write payload in pipes could not be kept; copying it");
+                tracing::debug!(error = %e, "a write payload in pipes could not be copied for its legs; copying it");
                 Err(chain)
             }
         }
@@ -719,7 +723,7 @@ impl PipedOnce {
 
     fn next(&self) -> Result<Payload, IoError> {
         let mut parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(chain) = parts.0.take() {
+        if let Some(chain) = parts.0.pop() {
             return Ok(Payload::Pipe(chain));
         }
         if parts.2.is_none() {
@@ -800,12 +804,13 @@ impl BlockDevice for VolumeDevice {
 
     fn wants_write_pipe(&self, offset: u64, len: u32) -> bool {
         let layout = self.gate.layout();
-        self.single_leg(&layout, offset, u64::from(len)).is_some_and(|device| device.wants_write_pipe(offset, len))
+        self.pipe_legs(&layout, offset, u64::from(len))
+            .is_some_and(|legs| legs.iter().all(|leg| layout.device(leg).1.wants_write_pipe(leg.device_offset, len)))
     }
 
-    /// A payload in pipes goes to its one leg as it is; a write that
-    /// turned out to need more (a second leg, a snapshot, two extents) is
-    /// read out of the pipes and written as any other.
+    /// A payload in pipes goes to each leg as it is (a `tee(2)` of it per
+    /// leg); a write that turned out to need more (a snapshot, two
+    /// extents) is read out of the pipes and written as any other.
     async fn write_payload(&self, offset: u64, data: Payload, fua: bool) -> Result<(), IoError> {
         let chain = match data {
             Payload::Bytes(data) => return self.write(offset, data, fua).await,
@@ -817,8 +822,8 @@ impl BlockDevice for VolumeDevice {
         if let Some(behind) = &self.behind {
             behind.wait_overlapping(offset, len).await;
         }
-        let chain = match self.single_leg(&layout, offset, len) {
-            Some(_) => PipedOnce::new(chain),
+        let chain = match self.pipe_legs(&layout, offset, len) {
+            Some(legs) => PipedOnce::new(chain, legs.len()),
             None => Err(chain),
         };
         let payload = match chain {
@@ -1357,34 +1362,35 @@ mod tests {
         assert_eq!(dev.contents(offset, 512).await, pattern(1, 512));
     }
 
-    /// Only a write to one extent of one leg, with no snapshot, on a
-    /// writable handle, takes its payload in pipes; anything the network
+    /// Only a write to one extent, with no snapshot, on a writable handle,
+    /// takes its payload in pipes (a chain per leg); anything the network
     /// may send (out of range, an offset that overflows) is just refused.
     #[test]
-    fn only_a_write_to_one_leg_of_one_extent_takes_its_payload_in_pipes() {
+    fn only_a_write_to_one_extent_takes_its_payload_in_pipes() {
         let dev = |_| TestDevice::new();
         let plain: Vec<_> = (0..1).map(dev).collect();
         let gate = Gate::new(testing::layout(testing::description(2, 1, 1, 1), &plain), 1);
         let vol = VolumeDevice::new("vol", 1, false, Arc::new(gate));
         let layout = vol.gate.layout();
-        assert!(vol.single_leg(&layout, 0, EXTENT).is_some(), "one extent, one leg");
-        assert!(vol.single_leg(&layout, EXTENT / 2, EXTENT).is_none(), "two extents");
-        assert!(vol.single_leg(&layout, 2 * EXTENT - 4096, 8192).is_none(), "past the end");
-        assert!(vol.single_leg(&layout, u64::MAX - 4095, 1 << 20).is_none(), "an offset that overflows");
+        assert_eq!(vol.pipe_legs(&layout, 0, EXTENT).map(|legs| legs.len()), Some(1), "one extent, one leg");
+        assert!(vol.pipe_legs(&layout, EXTENT / 2, EXTENT).is_none(), "two extents");
+        assert!(vol.pipe_legs(&layout, 2 * EXTENT - 4096, 8192).is_none(), "past the end");
+        assert!(vol.pipe_legs(&layout, u64::MAX - 4095, 1 << 20).is_none(), "an offset that overflows");
 
         let mirrored: Vec<_> = (0..2).map(dev).collect();
         let gate = Gate::new(testing::layout(testing::description(2, 2, 2, 1), &mirrored), 1);
         let vol = VolumeDevice::new("vol", 1, false, Arc::new(gate));
-        assert!(vol.single_leg(&vol.gate.layout(), 0, EXTENT).is_none(), "two legs");
+        let legs = vol.pipe_legs(&vol.gate.layout(), 0, EXTENT).map(|legs| legs.len());
+        assert_eq!(legs, Some(2), "one extent, two legs: a chain for each");
 
         let snapshot = testing::with_snapshot(testing::description(2, 1, 1, 1), 16 * 1024);
         let gate = Gate::new(testing::layout(snapshot, &plain), 1);
         let vol = VolumeDevice::new("vol", 1, false, Arc::new(gate));
-        assert!(vol.single_leg(&vol.gate.layout(), 0, EXTENT).is_none(), "a snapshot's chunks may need copying first");
+        assert!(vol.pipe_legs(&vol.gate.layout(), 0, EXTENT).is_none(), "a snapshot's chunks may need copying first");
 
         let gate = Gate::new(testing::layout(testing::description(2, 1, 1, 1), &plain), 1);
         let vol = VolumeDevice::new("vol", 1, true, Arc::new(gate));
-        assert!(vol.single_leg(&vol.gate.layout(), 0, EXTENT).is_none(), "read-only");
+        assert!(vol.pipe_legs(&vol.gate.layout(), 0, EXTENT).is_none(), "read-only");
     }
 
     /// The first try took the pipes; the try after the renewal sends the
