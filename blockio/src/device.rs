@@ -165,8 +165,10 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Writes a payload that may be in pipes. Default: read it out of the
     /// pipes and [`Self::write`] it.
     async fn write_payload(&self, offset: u64, data: Payload, fua: bool) -> Result<(), IoError> {
-        let data =
-            data.into_bytes().map_err(|e| IoError::io(format!("reading a write payload out of its pipes: {e}")))?;
+        let data = match data {
+            Payload::Bytes(data) => data,
+            Payload::Pipe(chain) => chain.into_write_data()?,
+        };
         self.write(offset, data, fua).await
     }
 

@@ -244,6 +244,12 @@ impl PipeChain {
         Ok(copy)
     }
 
+    /// Reads the whole payload out of the pipes, for a write that must be
+    /// sent from memory after all; the error says so.
+    pub fn into_write_data(self) -> Result<Bytes, crate::IoError> {
+        self.into_bytes().map_err(|e| crate::IoError::io(format!("reading a write payload out of its pipes: {e}")))
+    }
+
     /// Reads the whole payload out of the pipes.
     pub fn into_bytes(mut self) -> io::Result<Bytes> {
         let mut out = BytesMut::with_capacity(self.len);

@@ -556,7 +556,7 @@ impl HandleLeg {
         self.creds.as_ref().and_then(|c| c.fenced())
     }
 
-    async fn with_client<T, Fut>(&self, op: impl Fn(NbdClient) -> Fut) -> Result<T, IoError>
+    async fn with_client<T, Fut>(&self, op: impl FnOnce(NbdClient) -> Fut) -> Result<T, IoError>
     where
         Fut: std::future::Future<Output = Result<T, IoError>>,
     {
@@ -638,32 +638,17 @@ impl BlockDevice for HandleLeg {
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
-        self.with_client(|c| {
-            let data = data.clone();
-            async move { c.write(offset, data, fua).await }
-        })
-        .await
+        self.with_client(|c| async move { c.write(offset, data, fua).await }).await
     }
 
     fn wants_write_pipe(&self, _offset: u64, len: u32) -> bool {
         len >= blockio::splice::SPLICE_BYTES_MIN
     }
 
-    /// The payload goes to the first client `with_client` hands out; a
-    /// second try (none today) would find it gone and fail, and the
-    /// fallback above keeps its own copy ([`crate::fallback`]).
+    /// Sent once, as every request here (the fallback above keeps its own
+    /// copy to send again, [`crate::fallback`]).
     async fn write_payload(&self, offset: u64, data: blockio::Payload, fua: bool) -> Result<(), IoError> {
-        let payload = std::sync::Mutex::new(Some(data));
-        self.with_client(|c| {
-            let data = payload.lock().unwrap_or_else(|e| e.into_inner()).take();
-            async move {
-                match data {
-                    Some(data) => c.write_payload(offset, data, fua).await,
-                    None => Err(IoError::io("internal: a write payload in pipes was sent twice")),
-                }
-            }
-        })
-        .await
+        self.with_client(|c| async move { c.write_payload(offset, data, fua).await }).await
     }
 
     async fn flush(&self) -> Result<(), IoError> {

@@ -571,14 +571,9 @@ impl BlockDevice for FallbackDevice {
             blockio::Payload::Bytes(data) => return self.write(offset, data, fua).await,
             blockio::Payload::Pipe(chain) => chain,
         };
-        let kept = match chain.tee() {
-            Ok(kept) if self.direct.path().is_direct() => kept,
-            _ => {
-                let data = chain
-                    .into_bytes()
-                    .map_err(|e| IoError::io(format!("reading a write payload out of its pipes: {e}")))?;
-                return self.write(offset, data, fua).await;
-            }
+        let kept = match self.direct.path().is_direct().then(|| chain.tee()) {
+            Some(Ok(kept)) => kept,
+            _ => return self.write(offset, chain.into_write_data()?, fua).await,
         };
         match self.direct.write_payload(offset, blockio::Payload::Pipe(chain), fua).await {
             Ok(()) => Ok(()),
@@ -586,10 +581,7 @@ impl BlockDevice for FallbackDevice {
             Err(e) => {
                 warn!(device = %self.direct.name(), volume = self.volume, error = %e,
                     "a write whose payload was in pipes failed on the direct path; sending it again from memory");
-                let data = kept
-                    .into_bytes()
-                    .map_err(|e| IoError::io(format!("reading a write payload out of its pipes: {e}")))?;
-                self.write(offset, data, fua).await
+                self.write(offset, kept.into_write_data()?, fua).await
             }
         }
     }

@@ -728,15 +728,10 @@ impl PipedOnce {
         }
         if parts.2.is_none() {
             let kept = parts.1.take().ok_or_else(|| IoError::io("internal: a kept write payload is gone"))?;
-            parts.2 = Some(piped_bytes(kept)?);
+            parts.2 = Some(kept.into_write_data()?);
         }
         Ok(Payload::Bytes(parts.2.clone().expect("read out just above")))
     }
-}
-
-/// A payload's bytes, read out of its pipes.
-fn piped_bytes(chain: PipeChain) -> Result<Bytes, IoError> {
-    chain.into_bytes().map_err(|e| IoError::io(format!("reading a write payload out of its pipes: {e}")))
 }
 
 /// The bytes of a read asked for in memory (`passed_on` false): a device
@@ -830,7 +825,7 @@ impl BlockDevice for VolumeDevice {
             Ok(payload) => payload,
             Err(chain) => {
                 drop(layout);
-                return self.write(offset, piped_bytes(chain)?, fua).await;
+                return self.write(offset, chain.into_write_data()?, fua).await;
             }
         };
         let write = self.on_all_legs(&layout, offset, len, "write", |device, device_offset, _| {

@@ -19,6 +19,19 @@ use sanvol_tests::metrics::{metrics_addr, must, scrape, value};
 use sanvol_tests::peers::require_tool;
 use sanvol_tests::system::{bin, Stack};
 
+/// fio with `args` over 48 MiB, to completion; its JSON report.
+fn fio_report(args: &[&str], report_path: &std::path::Path) -> serde_json::Value {
+    let out = Command::new(require_tool("fio"))
+        .args(args)
+        .args(["--size=48M", "--output-format=json"])
+        .arg(format!("--output={}", report_path.display()))
+        .output()
+        .expect("run fio");
+    assert!(out.status.success(), "fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    let report = std::fs::read_to_string(report_path).expect("fio's report");
+    serde_json::from_str(&report).unwrap_or_else(|e| panic!("fio's JSON report ({e}):\n{report}"))
+}
+
 #[test]
 fn metrics_endpoints_count_fio_writes_and_show_server_state() {
     let mut stack = Stack::new(3, "512M");
@@ -78,16 +91,10 @@ fn metrics_endpoints_count_fio_writes_and_show_server_state() {
     assert!(value(&after, "sanvol_agent_device_path_fallback", &[]).unwrap_or(0.0) == 0.0, "no device fell back");
 
     // 1 MiB reads go from the device's socket to fio's in pipes, unread.
-    let read = Command::new(require_tool("fio"))
-        .args(["--name=spliced", "--ioengine=nbd", &format!("--uri={uri}"), "--rw=read", "--bs=1m", "--iodepth=4"])
-        .args(["--size=48M", "--output-format=json"])
-        .arg(format!("--output={}", report_path.display()))
-        .output()
-        .expect("run fio");
-    assert!(read.status.success(), "fio failed: {}", String::from_utf8_lossy(&read.stderr));
-    let report = std::fs::read_to_string(&report_path).expect("fio's report");
-    let report: serde_json::Value =
-        serde_json::from_str(&report).unwrap_or_else(|e| panic!("fio's JSON report ({e}):\n{report}"));
+    let report = fio_report(
+        &["--name=spliced", "--ioengine=nbd", &format!("--uri={uri}"), "--rw=read", "--bs=1m", "--iodepth=4"],
+        &report_path,
+    );
     let read_bytes = report["jobs"][0]["read"]["io_bytes"].as_f64().expect("fio's read bytes");
     assert_eq!(read_bytes, 48.0 * 1024.0 * 1024.0);
     let spliced = must(&scrape(&agent_metrics), "sanvol_agent_read_bytes_spliced_total", &[("volume", "m")]);
@@ -102,17 +109,14 @@ fn metrics_endpoints_count_fio_writes_and_show_server_state() {
     stack.sanvol_ok(&["volume", "create", "s", "64M"]);
     let plain = agent.attach("s", "exclusive");
     for (volume, uri) in [("s", &plain), ("m", &uri)] {
-        let write = Command::new(require_tool("fio"))
-            .args(["--name=spliced-writes", "--ioengine=nbd", &format!("--uri={uri}"), "--rw=write", "--bs=1m"])
-            .args(["--iodepth=4", "--size=48M", "--verify=crc32c", "--do_verify=1", "--verify_state_save=0"])
-            .arg("--output-format=json")
-            .arg(format!("--output={}", report_path.display()))
-            .output()
-            .expect("run fio");
-        assert!(write.status.success(), "fio failed: {}", String::from_utf8_lossy(&write.stderr));
-        let report = std::fs::read_to_string(&report_path).expect("fio's report");
-        let report: serde_json::Value =
-            serde_json::from_str(&report).unwrap_or_else(|e| panic!("fio's JSON report ({e}):\n{report}"));
+        let uri = format!("--uri={uri}");
+        let report = fio_report(
+            &["--name=spliced-writes", "--ioengine=nbd", &uri, "--rw=write", "--bs=1m", "--iodepth=4"]
+                .into_iter()
+                .chain(["--verify=crc32c", "--do_verify=1", "--verify_state_save=0"])
+                .collect::<Vec<_>>(),
+            &report_path,
+        );
         assert_eq!(report["jobs"][0]["error"], 0, "{volume}: fio reported an error (a verify failure among them)");
         let written = report["jobs"][0]["write"]["io_bytes"].as_f64().expect("fio's written bytes");
         assert_eq!(written, 48.0 * 1024.0 * 1024.0);

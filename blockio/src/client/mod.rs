@@ -540,6 +540,14 @@ impl NbdClient {
         self.request(proto::CMD_WRITE, flags, offset, len, data, PendingState::Plain).await.map(|_| ())
     }
 
+    /// FUA for a server without it: a flush after the write (said once).
+    async fn emulate_fua(&self) -> Result<(), IoError> {
+        if FUA_EMULATION_LOGGED.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::info!(target: "blockio::client", server = %self.inner.target, "server lacks FUA; emulating it with a flush");
+        }
+        self.flush().await
+    }
+
     /// Splits `[offset, offset+len)` into pieces of at most the payload limit.
     fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u32)> {
         let step = self.inner.payload_bytes_max as u64;
@@ -645,10 +653,7 @@ impl BlockDevice for NbdClient {
             .await?;
         }
         if fua && !native_fua {
-            if FUA_EMULATION_LOGGED.fetch_add(1, Ordering::Relaxed) == 0 {
-                tracing::info!(target: "blockio::client", server = %self.inner.target, "server lacks FUA; emulating it with a flush");
-            }
-            self.flush().await?;
+            self.emulate_fua().await?;
         }
         Ok(())
     }
@@ -663,10 +668,7 @@ impl BlockDevice for NbdClient {
         let conn = self.pick()?;
         let len = chain.len();
         if len == 0 || len > self.inner.payload_bytes_max as usize || !conn.can_splice_out {
-            let data = chain
-                .into_bytes()
-                .map_err(|e| IoError::io(format!("reading a write payload out of its pipes: {e}")))?;
-            return self.write(offset, data, fua).await;
+            return self.write(offset, chain.into_write_data()?, fua).await;
         }
         self.check_io(offset, len as u64, true)?;
         let native_fua = fua && self.inner.info.has(proto::TFLAG_SEND_FUA);
@@ -674,7 +676,7 @@ impl BlockDevice for NbdClient {
         let (state, timeout) = (PendingState::Plain, self.inner.request_timeout);
         conn.submit(proto::CMD_WRITE, flags, offset, len as u32, Payload::Pipe(chain), state, timeout).await?;
         if fua && !native_fua {
-            self.flush().await?;
+            self.emulate_fua().await?;
         }
         Ok(())
     }
