@@ -3,7 +3,8 @@
 //! `kill -9` of the active one under fio, a stopped (SIGSTOP) server that
 //! comes back after losing its lease and commits nothing, and planned
 //! handoffs under fio; on `sanvol-target` devices, a server paused with a
-//! commit in flight, fenced by the server that takes over. The metadata is
+//! commit in flight, fenced by the server that takes over; damaged server
+//! sectors in the lease area, reported once. The metadata is
 //! read back from the devices directly (`Pool::open_journaled`, or the
 //! device image files), not only through the servers.
 
@@ -516,4 +517,42 @@ async fn a_server_that_loses_the_lease_before_it_serves_stands_by_again() {
     wait_roles(&stack, &stack.mds_addr(), &second.addr(), "mds-1");
     let shown = stack.sanvol_at(&stack.mds_addr(), &["volume", "show", "v1"]);
     assert!(shown.status.success(), "{}", String::from_utf8_lossy(&shown.stderr));
+}
+
+/// Damaged server sectors in the lease area (someone wrote over them) cost
+/// the active server nothing but one warning: it keeps its pool lease and
+/// commits, says once how many sectors it cannot read and why, and does not
+/// say it again every time it reads them (every 2 T) — where it used to log
+/// a line per sector per read and reconnect to the device for each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_server_sectors_are_reported_once_and_the_server_keeps_serving() {
+    let mut stack = Stack::new(1, "256M");
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "before", "16M"]);
+
+    // Sectors 3..=15 (not the owner's, not the servers 1 and 2 a stack
+    // starts) overwritten with bytes that are no lease record.
+    let c = connect(&stack.device_uris()[0]).await;
+    let label = volume_format::DeviceLabel::decode(&c.read(0, 4096).await.unwrap()).expect("the device has its label");
+    let area = label.layout.lease_area().expect("the device has a lease area");
+    let sector = volume_format::lease::LEASE_SECTOR_BYTES;
+    let damaged = 3..=volume_format::lease::HOST_ID_MAX as u64;
+    for s in damaged.clone() {
+        c.write(area.start + s * sector, Bytes::from(vec![0xa5; sector as usize]), true).await.unwrap();
+    }
+    c.disconnect().await;
+
+    let expected = format!("lease read failed for {} of the servers' sectors", damaged.count());
+    poll(&stack, "the server's warning about the damaged sectors", Duration::from_secs(30), || {
+        stack.mds_log().contains(&expected).then_some(())
+    });
+    // Still the active server, committing.
+    stack.sanvol_ok(&["volume", "create", "after", "16M"]);
+    // The server reads the sectors every 2 T (T = 500 ms here): watch a few
+    // more reads. Nothing to await — the absence of lines is what is checked.
+    std::thread::sleep(Duration::from_millis(4 * stack.lease_io_timeout_ms));
+    let log = stack.mds_log();
+    assert_eq!(log.matches(&expected).count(), 1, "the warning repeated:\n{log}");
+    assert!(!log.contains("lease read failed: "), "a line per sector came back:\n{log}");
+    assert!(status_at(&stack, &stack.mds_addr()).is_ok(), "the server stopped serving:\n{}", stack.all_logs(40));
 }

@@ -183,6 +183,8 @@ pub struct LeaseTask {
     pub servers: watch::Sender<Servers>,
     last_presence_ms: Option<u64>,
     last_servers_read_ms: Option<u64>,
+    /// The last warning about unreadable server sectors ([`LeaseTask::read_hosts`]).
+    host_read_warning: RepeatedWarning,
 }
 
 impl LeaseTask {
@@ -240,6 +242,7 @@ impl LeaseTask {
             servers: watch::channel(Vec::new()).0,
             last_presence_ms: None,
             last_servers_read_ms: None,
+            host_read_warning: RepeatedWarning::default(),
         })
     }
 
@@ -523,7 +526,10 @@ impl LeaseTask {
         Ok(c)
     }
 
-    /// Reads sector `sector` of every copy, each bounded by `T`.
+    /// Reads sector `sector` of every copy, each bounded by `T`. A copy's
+    /// connection is dropped (the next request reconnects) only when its
+    /// read failed; a sector that was read but does not decode says nothing
+    /// about the connection.
     async fn read_sector(&mut self, sector: u64) -> Vec<Result<Option<LeaseRecord>, String>> {
         let t = Duration::from_millis(self.machine.timing.io_timeout_ms);
         let mut clients = Vec::new();
@@ -532,39 +538,59 @@ impl LeaseTask {
         }
         let pool = self.pool;
         let reads = clients.into_iter().zip(&self.copies).map(|(c, copy)| async move {
-            let c = c?;
+            let c = c.map_err(SectorReadError::Io)?;
             let at = copy.area.start + sector * LEASE_SECTOR_BYTES;
             let bytes = tokio::time::timeout(t, c.read(at, LEASE_SECTOR_BYTES as u32))
                 .await
-                .map_err(|_| format!("device {}: lease read took over {} ms", copy.uri, t.as_millis()))?
-                .map_err(|e| format!("device {}: {e}", copy.uri))?;
-            decode_sector(&bytes, pool).map_err(|e| format!("device {}: {e}", copy.uri))
+                .map_err(|_| {
+                    SectorReadError::Io(format!("device {}: lease read took over {} ms", copy.uri, t.as_millis()))
+                })?
+                .map_err(|e| SectorReadError::Io(format!("device {}: {e}", copy.uri)))?;
+            decode_sector(&bytes, pool).map_err(|e| SectorReadError::Content(format!("device {}: {e}", copy.uri)))
         });
         let results = join_all(reads).await;
+        for (copy, r) in self.copies.iter_mut().zip(&results) {
+            if matches!(r, Err(SectorReadError::Io(_))) {
+                copy.client = None;
+            }
+        }
+        results.into_iter().map(|r| r.map_err(SectorReadError::into_message)).collect()
+    }
+
+    async fn read_owner(&mut self) -> Vec<Result<Option<LeaseRecord>, String>> {
+        let results = self.read_sector(0).await;
         for r in results.iter().filter_map(|r| r.as_ref().err()) {
             // A renewal whose read fails does not count: say why, or the
             // server stops committing with no word in its log.
             warn!("lease read failed: {r}");
         }
-        self.forget_failed(&results);
         results
     }
 
-    async fn read_owner(&mut self) -> Vec<Result<Option<LeaseRecord>, String>> {
-        self.read_sector(0).await
-    }
-
     /// Every server's sector, the newest (highest counter) copy of each.
+    /// Sectors that cannot be read are reported in one line, again only when
+    /// what fails changes or a minute later (the active server reads them
+    /// all every 2 T: a damaged lease area would otherwise log a line per
+    /// sector and copy every few seconds).
     async fn read_hosts(&mut self) -> Servers {
         let mut servers: Servers = Vec::new();
+        let mut failed = Vec::new();
         for h in 1..=volume_format::lease::HOST_ID_MAX as u64 {
-            let newest = self
-                .read_sector(h)
-                .await
-                .into_iter()
-                .filter_map(|r| r.ok().flatten())
-                .max_by_key(|r| (r.since_unix_ms, r.counter));
+            let mut newest: Option<LeaseRecord> = None;
+            for r in self.read_sector(h).await {
+                match r {
+                    Ok(record) => {
+                        newest = newest.into_iter().chain(record).max_by_key(|r| (r.since_unix_ms, r.counter))
+                    }
+                    Err(e) => failed.push((h, e)),
+                }
+            }
             servers.extend(newest);
+        }
+        match self.host_read_warning.next(host_read_failures(&failed), self.guard.now_ms()) {
+            Some(Notice::Warn(line)) => warn!("{line}"),
+            Some(Notice::Cleared) => info!("the servers' lease sectors read correctly again"),
+            None => {}
         }
         servers
     }
@@ -614,6 +640,71 @@ impl LeaseTask {
     }
 }
 
+/// Why one copy of a lease sector could not be used.
+enum SectorReadError {
+    /// No connection, a failed or late read: the connection is dropped.
+    Io(String),
+    /// Read, but not a lease record of this pool (damaged, or overwritten).
+    Content(String),
+}
+
+impl SectorReadError {
+    fn into_message(self) -> String {
+        match self {
+            SectorReadError::Io(m) | SectorReadError::Content(m) => m,
+        }
+    }
+}
+
+/// One line for the server sectors that could not be read (sector, why), or
+/// `None` when all could.
+fn host_read_failures(failed: &[(u64, String)]) -> Option<String> {
+    let ((first_sector, first), rest) = failed.split_first()?;
+    let sectors: std::collections::BTreeSet<u64> = failed.iter().map(|(s, _)| *s).collect();
+    let others = match rest.len() {
+        0 => String::new(),
+        1 => " (and 1 more failure)".to_string(),
+        n => format!(" (and {n} more failures)"),
+    };
+    Some(format!(
+        "lease read failed for {} of the servers' sectors (the pool's server list may be incomplete): sector {first_sector}: {first}{others}",
+        sectors.len()
+    ))
+}
+
+/// A warning that repeats itself only when it changes, or once a minute.
+#[derive(Debug, Default)]
+struct RepeatedWarning {
+    /// The warning in force and when it was last logged.
+    last: Option<(String, u64)>,
+}
+
+/// What [`RepeatedWarning::next`] says to log.
+#[derive(Debug, PartialEq, Eq)]
+enum Notice {
+    Warn(String),
+    /// The warning in force no longer holds.
+    Cleared,
+}
+
+impl RepeatedWarning {
+    const REPEAT_MS: u64 = 60_000;
+
+    /// What to log now, given the current warning (`None`: all is well).
+    fn next(&mut self, current: Option<String>, now_ms: u64) -> Option<Notice> {
+        let Some(line) = current else {
+            return self.last.take().map(|_| Notice::Cleared);
+        };
+        if let Some((last, at)) = &self.last {
+            if *last == line && now_ms < at + Self::REPEAT_MS {
+                return None;
+            }
+        }
+        self.last = Some((line.clone(), now_ms));
+        Some(Notice::Warn(line))
+    }
+}
+
 /// What this server writes in its host sector: its record, with the role
 /// its lease phase gives it.
 pub fn presence_record(machine: &LeaseMachine) -> LeaseRecord {
@@ -647,4 +738,39 @@ pub fn active_servers_listing(me: &LeaseRecord, mut servers: Servers) -> Servers
 
 fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreadable_server_sectors_make_one_line_naming_how_many() {
+        assert_eq!(host_read_failures(&[]), None);
+        let one = host_read_failures(&[(3, "device d: bad magic".into())]).unwrap();
+        assert!(
+            one.contains("for 1 of the servers' sectors") && one.contains("sector 3: device d: bad magic"),
+            "{one}"
+        );
+        assert!(!one.contains("more"), "{one}");
+        // Two copies of sector 1 and one of sector 2: two sectors, three failures.
+        let failed = [(1, "device d: x".into()), (1, "device e: y".into()), (2, "device d: z".into())];
+        let many = host_read_failures(&failed).unwrap();
+        assert!(many.contains("for 2 of the servers' sectors") && many.contains("sector 1: device d: x"), "{many}");
+        assert!(many.ends_with("(and 2 more failures)"), "{many}");
+    }
+
+    #[test]
+    fn a_repeated_warning_is_logged_again_only_when_it_changes_or_a_minute_later() {
+        let mut w = RepeatedWarning::default();
+        assert_eq!(w.next(None, 0), None, "nothing wrong, nothing said");
+        assert_eq!(w.next(Some("a".into()), 1_000), Some(Notice::Warn("a".into())));
+        assert_eq!(w.next(Some("a".into()), 3_000), None, "the same, within the minute");
+        assert_eq!(w.next(Some("b".into()), 5_000), Some(Notice::Warn("b".into())), "changed");
+        assert_eq!(w.next(Some("b".into()), 64_999), None);
+        assert_eq!(w.next(Some("b".into()), 65_000), Some(Notice::Warn("b".into())), "a minute after it was logged");
+        assert_eq!(w.next(None, 66_000), Some(Notice::Cleared));
+        assert_eq!(w.next(None, 67_000), None, "cleared once");
+        assert_eq!(w.next(Some("b".into()), 68_000), Some(Notice::Warn("b".into())), "back: said again at once");
+    }
 }
