@@ -34,14 +34,7 @@ else
 fi
 start_pool dev0
 start_agent a --cache-dir "$BENCH_DIR/cache"
-for v in vc vw; do "$BIN/sanvol" volume create "$v" 256M >/dev/null; done
-"$BIN/sanvol" volume cache vc --size "${LOG_MIB}M" >/dev/null
-declare -A URI
-URI[mirrored]=$("$BIN/sanvol-agent" attach vc --mode exclusive --control-socket "$BENCH_DIR/agent-a.sock")
-URI[through]=$("$BIN/sanvol-agent" attach vw --mode exclusive --control-socket "$BENCH_DIR/agent-a.sock")
-state=$("$BIN/sanvol-agent" list --json --control-socket "$BENCH_DIR/agent-a.sock" |
-    python3 -c 'import json, sys; print(next(v for v in json.load(sys.stdin) if v["volume"] == "vc")["cache"]["state"])')
-[ "$state" = mirrored ] || { echo "vc's cache is $state, not mirrored" >&2; exit 1; }
+start_cached_pair 256 "$LOG_MIB"
 PIDS=("${PID_OF[agent-a]}" "${PID_OF[mds]}" "${PID_OF[dev0]}")
 
 # appends_per_sec PID : pwrite64 calls per second of PID over 4 s (perf stat).

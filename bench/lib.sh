@@ -153,3 +153,20 @@ start_agent() {
     PID_OF[agent-$name]=$!
     "$BIN/sanvol-agent" wait-ready --control-socket "$d/agent-$name.sock"
 }
+
+# start_cached_pair WORK_MIB LOG_MIB : on the pool of start_pool, through agent
+# a (started with --cache-dir), volume `vc` with a mirrored cache of LOG_MIB
+# and `vw` without one (the write-through peer), WORK_MIB each, both attached
+# exclusively; sets URI[mirrored] and URI[through]. Fails unless vc's cache
+# is mirrored. Needs BIN.
+start_cached_pair() {
+    local work=$1 log=$2 state v
+    for v in vc vw; do "$BIN/sanvol" volume create "$v" "${work}M" >/dev/null; done
+    "$BIN/sanvol" volume cache vc --size "${log}M" >/dev/null
+    declare -gA URI
+    URI[mirrored]=$("$BIN/sanvol-agent" attach vc --mode exclusive --control-socket "$BENCH_DIR/agent-a.sock")
+    URI[through]=$("$BIN/sanvol-agent" attach vw --mode exclusive --control-socket "$BENCH_DIR/agent-a.sock")
+    state=$("$BIN/sanvol-agent" list --json --control-socket "$BENCH_DIR/agent-a.sock" |
+        python3 -c 'import json, sys; print(next(v for v in json.load(sys.stdin) if v["volume"] == "vc")["cache"]["state"])')
+    [ "$state" = mirrored ] || { echo "vc's cache is $state, not mirrored" >&2; exit 1; }
+}

@@ -549,11 +549,7 @@ impl LeaseTask {
             decode_sector(&bytes, pool).map_err(|e| SectorReadError::Content(format!("device {}: {e}", copy.uri)))
         });
         let results = join_all(reads).await;
-        for (copy, r) in self.copies.iter_mut().zip(&results) {
-            if matches!(r, Err(SectorReadError::Io(_))) {
-                copy.client = None;
-            }
-        }
+        self.forget_failed(results.iter().map(|r| matches!(r, Err(SectorReadError::Io(_)))));
         results.into_iter().map(|r| r.map_err(SectorReadError::into_message)).collect()
     }
 
@@ -576,15 +572,9 @@ impl LeaseTask {
         let mut servers: Servers = Vec::new();
         let mut failed = Vec::new();
         for h in 1..=volume_format::lease::HOST_ID_MAX as u64 {
-            let mut newest: Option<LeaseRecord> = None;
-            for r in self.read_sector(h).await {
-                match r {
-                    Ok(record) => {
-                        newest = newest.into_iter().chain(record).max_by_key(|r| (r.since_unix_ms, r.counter))
-                    }
-                    Err(e) => failed.push((h, e)),
-                }
-            }
+            let (read, unread): (Vec<_>, Vec<_>) = self.read_sector(h).await.into_iter().partition(Result::is_ok);
+            failed.extend(unread.into_iter().filter_map(Result::err).map(|e| (h, e)));
+            let newest = read.into_iter().filter_map(|r| r.ok().flatten()).max_by_key(|r| (r.since_unix_ms, r.counter));
             servers.extend(newest);
         }
         match self.host_read_warning.next(host_read_failures(&failed), self.guard.now_ms()) {
@@ -625,15 +615,15 @@ impl LeaseTask {
         for r in results.iter().filter_map(|r| r.as_ref().err()) {
             warn!("lease write failed: {r}");
         }
-        self.forget_failed(&results);
+        self.forget_failed(results.iter().map(Result::is_err));
         results.iter().filter(|r| r.is_ok()).count()
     }
 
-    /// Drops the connection of each copy whose request failed (the next
-    /// request reconnects).
-    fn forget_failed<T>(&mut self, results: &[Result<T, String>]) {
-        for (copy, r) in self.copies.iter_mut().zip(results) {
-            if r.is_err() {
+    /// Drops the connection of each copy whose request failed (`true`, in
+    /// the copies' order; the next request reconnects).
+    fn forget_failed(&mut self, failed: impl IntoIterator<Item = bool>) {
+        for (copy, failed) in self.copies.iter_mut().zip(failed) {
+            if failed {
                 copy.client = None;
             }
         }
