@@ -74,8 +74,30 @@ impl DurableFile {
     /// Makes the file exactly `len` bytes, every one of them written (zeroes
     /// where the file was shorter, or had holes), and synced. A file that is
     /// already that long and fully allocated is left as it is: reopening a
-    /// log costs nothing.
+    /// log costs nothing. Either way the file's pages leave the page cache
+    /// ([`DurableFile::drop_cached_pages`]).
     pub fn preallocate(&self, len: u64) -> Result<(), DurableError> {
+        self.fill(len)?;
+        self.drop_cached_pages();
+        Ok(())
+    }
+
+    /// Drops the file's pages from the page cache. The buffered fill left
+    /// the whole file there (254 of 256 MiB for each of a 256 MiB cache's
+    /// log and mirror, `fincore`, bench/README.md 2026-12-06): memory held
+    /// for data no one reads, which every direct write over it then has to
+    /// invalidate. Advice only: a refusal costs memory, never data.
+    pub fn drop_cached_pages(&self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: posix_fadvise reads no memory of ours; the descriptor is
+        // open for as long as `self.file` is.
+        let e = unsafe { libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        if e != 0 {
+            tracing::debug!(file = %self.path.display(), errno = e, "posix_fadvise(DONTNEED) refused");
+        }
+    }
+
+    fn fill(&self, len: u64) -> Result<(), DurableError> {
         let meta = self.file.metadata().map_err(self.err("stat"))?;
         let allocated = meta.blocks().saturating_mul(512);
         let mut from = meta.len().min(len);
@@ -205,5 +227,49 @@ mod tests {
         // Shorter: cut.
         f.preallocate(2 << 20).unwrap();
         assert_eq!(f.file().metadata().unwrap().len(), 2 << 20);
+    }
+
+    /// Pages of the first `len` bytes of `file` in the page cache.
+    fn resident_pages(file: &File, len: usize) -> usize {
+        use std::os::fd::AsRawFd;
+        let page = 4096;
+        // SAFETY: a fresh read-only shared mapping of an open file, unmapped
+        // below; mincore writes one byte per page into `vec`, which has one
+        // per page of the mapping. Mapping touches no page.
+        unsafe {
+            let at = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0);
+            assert_ne!(at, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+            let mut vec = vec![0u8; len.div_ceil(page)];
+            let rc = libc::mincore(at, len, vec.as_mut_ptr());
+            libc::munmap(at, len);
+            assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+            vec.iter().filter(|&&b| b & 1 == 1).count()
+        }
+    }
+
+    #[test]
+    fn a_preallocated_file_leaves_no_pages_in_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        // On tmpfs the pages are the file: nothing to drop, nothing to check.
+        let mut fs = std::mem::MaybeUninit::<libc::statfs>::uninit();
+        let path = std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: statfs fills the struct it is given on success.
+        let tmpfs = unsafe {
+            libc::statfs(path.as_ptr(), fs.as_mut_ptr()) == 0 && fs.assume_init().f_type == libc::TMPFS_MAGIC
+        };
+        let f = DurableFile::open(&dir.path().join("log")).unwrap();
+        f.preallocate(4 << 20).unwrap();
+        if !tmpfs {
+            assert_eq!(resident_pages(f.file(), 4 << 20), 0, "the zeroes written stay out of the page cache");
+        }
+        // A buffered read of the file (a replay's scan) brings pages back;
+        // preallocating the file again (a fresh log over the old) drops them.
+        let mut back = vec![0u8; 1 << 20];
+        f.file().read_exact_at(&mut back, 0).unwrap();
+        assert!(resident_pages(f.file(), 4 << 20) > 0);
+        f.preallocate(4 << 20).unwrap();
+        if !tmpfs {
+            assert_eq!(resident_pages(f.file(), 4 << 20), 0);
+        }
     }
 }
