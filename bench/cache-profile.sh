@@ -11,7 +11,12 @@
 # run the agent's local log appends and the server's mirror appends per second
 # (`perf stat` on their pwrite64 calls; skipped without perf): writes / appends
 # is the mean batch, and 1 / (appends per second) the time one batch holds the
-# log, since the agent appends one batch at a time.
+# log, since the agent appends one batch at a time. It also prints how many
+# device writes the destager made per write it destaged during the mirrored
+# run (`sanvol-agent list --json`: rewrites of a block absorbed and
+# neighbouring blocks merged make it less than one; see the agent's
+# --cache-destage-hold-ms, which this script passes on from
+# SANVOL_AGENT_CACHE_DESTAGE_HOLD_MS).
 #
 # Usage: bench/cache-profile.sh   (env: BENCH_SECONDS=8, BENCH_DELAY=1,
 #                                  BENCH_LOG_MIB=256; TMPDIR=/dev/shm puts the
@@ -43,6 +48,14 @@ appends_per_sec() {
         awk -F, '/pwrite64/ {printf "%.0f", $1 / 4}'
 }
 
+# destage_counts : "destaged_bytes destage_writes" of the mirrored volume now.
+destage_counts() {
+    "$BIN/sanvol-agent" list --json --control-socket "$BENCH_DIR/agent-a.sock" | python3 -c '
+import json, sys
+c = next(v for v in json.load(sys.stdin) if v["volume"] == "vc")["cache"]
+print(c.get("destaged_bytes", 0), c.get("destage_writes", 0))'
+}
+
 out="$BENCH_DIR/profile.txt"
 count_appends=""
 command -v perf >/dev/null && [ "$SECS" -ge 7 ] && count_appends=1
@@ -53,8 +66,10 @@ for mode in mirrored through; do
         (sleep 3; appends_per_sec "${PID_OF[agent-a]}" >"$BENCH_DIR/agent-appends.txt") &
         (sleep 3; appends_per_sec "${PID_OF[mds]}" >"$BENCH_DIR/mds-appends.txt") &
     fi
+    if [ "$mode" = mirrored ]; then destage_before=$(destage_counts); fi
     r=$(fio_nbd "${URI[$mode]}" randwrite 4k 32 256 "$SECS")
     after=$(for p in "${PIDS[@]}"; do cpu_ticks "$p"; done)
+    if [ "$mode" = mirrored ]; then destage_after=$(destage_counts); fi
     echo "$mode $r $(echo $before) $(echo $after)" >>"$out"
 done
 agent_appends="" server_appends=""
@@ -67,12 +82,13 @@ for v in vc vw; do "$BIN/sanvol-agent" detach "$v" --control-socket "$BENCH_DIR/
 
 mkdir -p bench/results
 result="bench/results/cache-profile-$(date +%Y%m%d-%H%M%S).md"
-python3 - "$out" "$SECS" "$(getconf CLK_TCK)" "$device" "${TMPDIR:-/tmp}" "$agent_appends" "$server_appends" >"$result" <<'PY'
+python3 - "$out" "$SECS" "$(getconf CLK_TCK)" "$device" "${TMPDIR:-/tmp}" "$agent_appends" "$server_appends" \
+    "$destage_before" "$destage_after" "${SANVOL_AGENT_CACHE_DESTAGE_HOLD_MS:-default}" >"$result" <<'PY'
 import sys
-out, secs, hz, device, tmp, agent_appends, server_appends = sys.argv[1:8]
+out, secs, hz, device, tmp, agent_appends, server_appends, destage_before, destage_after, hold = sys.argv[1:11]
 secs, hz = int(secs), int(hz)
 print(f"fio nbd engine, 4k random writes QD32, {secs} s, one nbdkit memory device ({device}); "
-      f"the mirrored cache's log and mirror under {tmp}\n")
+      f"the mirrored cache's log and mirror under {tmp}; the agent's destage hold: {hold} ms\n")
 print("| volume | IOPS | CPU µs per write: sanvol-agent | sanvol-mds | nbdkit | the three |")
 print("|---|---:|---:|---:|---:|---:|")
 rows = {}
@@ -90,5 +106,10 @@ if agent_appends and server_appends:
     a, s = int(agent_appends), int(server_appends)
     print(f"\nmirrored run, seconds 3-7: the agent's log appends {a}/s ({rows['mirrored'] / max(a, 1):.1f} writes "
           f"per batch, {1e6 / max(a, 1):.0f} µs per batch), the server's mirror appends {s}/s")
+(b0, w0), (b1, w1) = (map(int, destage_before.split()), map(int, destage_after.split()))
+destaged = (b1 - b0) // 4096
+if destaged:
+    print(f"\nmirrored run: {destaged} writes destaged in {w1 - w0} device writes "
+          f"({(w1 - w0) / destaged:.2f} device writes per write)")
 PY
 show_results "$result"

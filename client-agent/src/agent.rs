@@ -66,6 +66,9 @@ pub struct AgentConfig {
     /// Memory for clean blocks read from the devices, per cached volume
     /// (0: none; see [`crate::cache::clean`]).
     pub cache_read_bytes: u64,
+    /// How long acknowledged writes may wait in a cache before they are
+    /// destaged (see "Destage hold" in [`crate::cache`]).
+    pub cache_destage_hold: std::time::Duration,
 }
 
 impl AgentConfig {
@@ -87,6 +90,7 @@ impl AgentConfig {
             cache_dir: None,
             cow_write_behind_bytes: crate::cow_behind::DEFAULT_BUDGET_BYTES,
             cache_read_bytes: crate::cache::READ_CACHE_BYTES_DEFAULT,
+            cache_destage_hold: std::time::Duration::from_millis(crate::cache::DESTAGE_HOLD_MS_DEFAULT),
         }
     }
 }

@@ -31,6 +31,7 @@
 //! | `sanvol_agent_cache_log_used_bytes` | volume | cache log in use |
 //! | `sanvol_agent_cache_log_bytes` | volume | cache log capacity |
 //! | `sanvol_agent_cache_destaged_bytes_total` | volume | bytes written to the devices since the cache opened |
+//! | `sanvol_agent_cache_destage_writes_total` | volume | device writes that took (fewer where rewrites were absorbed and neighbours merged) |
 //! | `sanvol_agent_cache_read_hits_total` | volume | reads answered from the clean blocks kept in memory |
 //! | `sanvol_agent_cache_read_misses_total` | volume | reads of the devices the clean blocks could not answer |
 //!
@@ -157,6 +158,7 @@ struct CacheCollector {
     log_used: IntGaugeVec,
     log_size: IntGaugeVec,
     destaged: IntCounterVec,
+    destage_writes: IntCounterVec,
     hits: IntCounterVec,
     misses: IntCounterVec,
 }
@@ -181,6 +183,10 @@ impl CacheCollector {
                 "sanvol_agent_cache_destaged_bytes_total",
                 "Bytes of a cached volume written to the devices since its cache opened",
             ),
+            destage_writes: counter(
+                "sanvol_agent_cache_destage_writes_total",
+                "Device writes a cached volume's destager made since its cache opened",
+            ),
             hits: counter("sanvol_agent_cache_read_hits_total", "Reads answered from the clean blocks kept in memory"),
             misses: counter(
                 "sanvol_agent_cache_read_misses_total",
@@ -194,7 +200,7 @@ impl Collector for CacheCollector {
     fn desc(&self) -> Vec<&Desc> {
         [self.mirrored.desc(), self.dirty.desc(), self.log_used.desc(), self.log_size.desc()]
             .into_iter()
-            .chain([self.destaged.desc(), self.hits.desc(), self.misses.desc()])
+            .chain([self.destaged.desc(), self.destage_writes.desc(), self.hits.desc(), self.misses.desc()])
             .flatten()
             .collect()
     }
@@ -206,7 +212,7 @@ impl Collector for CacheCollector {
         for gauge in [&self.mirrored, &self.dirty, &self.log_used, &self.log_size] {
             gauge.reset();
         }
-        for counter in [&self.destaged, &self.hits, &self.misses] {
+        for counter in [&self.destaged, &self.destage_writes, &self.hits, &self.misses] {
             counter.reset();
         }
         for (volume, cache) in caches.iter() {
@@ -219,12 +225,13 @@ impl Collector for CacheCollector {
             self.log_used.with_label_values(&labels).set(report.status.log_used_bytes as i64);
             self.log_size.with_label_values(&labels).set(report.status.log_capacity_bytes as i64);
             self.destaged.with_label_values(&labels).inc_by(report.destaged_bytes);
+            self.destage_writes.with_label_values(&labels).inc_by(report.destage_writes);
             self.hits.with_label_values(&labels).inc_by(report.read_cache.hits);
             self.misses.with_label_values(&labels).inc_by(report.read_cache.misses);
         }
         [self.mirrored.collect(), self.dirty.collect(), self.log_used.collect(), self.log_size.collect()]
             .into_iter()
-            .chain([self.destaged.collect(), self.hits.collect(), self.misses.collect()])
+            .chain([self.destaged.collect(), self.destage_writes.collect(), self.hits.collect(), self.misses.collect()])
             .flatten()
             .collect()
     }
@@ -509,6 +516,7 @@ mod tests {
         assert_eq!(value("sanvol_agent_cache_read_hits_total"), Some(2.0));
         assert_eq!(value("sanvol_agent_cache_read_misses_total"), Some(1.0));
         assert_eq!(value("sanvol_agent_cache_destaged_bytes_total"), Some(8192.0));
+        assert_eq!(value("sanvol_agent_cache_destage_writes_total"), Some(1.0));
         assert_eq!(value("sanvol_agent_cache_dirty_bytes"), Some(0.0));
         assert_eq!(value("sanvol_agent_cache_mirrored"), Some(0.0), "a cache without a mirror");
         drop(cache);

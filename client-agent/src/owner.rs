@@ -780,6 +780,7 @@ impl Shell {
             CachePlan {
                 log_path: self.config.cache_log_path(&volume),
                 read_cache_bytes: self.config.cache_read_bytes,
+                destage_hold: self.config.cache_destage_hold,
                 resumed,
                 mirror: Arc::new(ControlMirror::with_source(source, HandleId(handle))),
             }
@@ -872,6 +873,8 @@ struct CachePlan {
     log_path: Option<std::path::PathBuf>,
     /// Memory for the cache's clean blocks ([`crate::cache::clean`]).
     read_cache_bytes: u64,
+    /// [`crate::cache::CacheConfig::destage_hold`].
+    destage_hold: std::time::Duration,
     resumed: bool,
     mirror: Arc<ControlMirror>,
 }
@@ -931,7 +934,12 @@ impl CachePlan {
         if let Some(dir) = log_path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| format!("cache directory {}: {e}", dir.display()))?;
         }
-        let config = CacheConfig { log_path: log_path.clone(), log_bytes, read_cache_bytes: self.read_cache_bytes };
+        let config = CacheConfig {
+            log_path: log_path.clone(),
+            log_bytes,
+            read_cache_bytes: self.read_cache_bytes,
+            destage_hold: self.destage_hold,
+        };
         let before_logged: Arc<dyn crate::cache::BeforeLogged> = device.clone();
         let cache =
             CachedDevice::open_mirrored_with(device, id, &config, self.mirror.clone(), old, Some(before_logged))
@@ -968,6 +976,8 @@ fn cache_info(cache: &CachedDevice, log_path: &str) -> control_client::agent_api
         log_used_bytes: report.status.log_used_bytes,
         log_capacity_bytes: report.status.log_capacity_bytes,
         destage_bytes_per_sec: report.destage_bytes_per_sec,
+        destaged_bytes: report.destaged_bytes,
+        destage_writes: report.destage_writes,
         written_around_bytes: report.written_around_bytes,
         writes_waiting_for_mirror: report.writes_waiting_for_mirror,
         read_cache_bytes: report.read_cache.bytes,

@@ -117,6 +117,13 @@ pub struct CacheInfo {
     pub log_capacity_bytes: u64,
     /// Bytes written to the devices per second, over the last 10 s.
     pub destage_bytes_per_sec: u64,
+    /// Bytes of acknowledged writes written to the devices since the cache
+    /// opened, and the device writes that took (fewer where rewrites of a
+    /// block were absorbed and neighbouring blocks merged).
+    #[serde(default)]
+    pub destaged_bytes: u64,
+    #[serde(default)]
+    pub destage_writes: u64,
     /// Bytes of large writes sent straight to the devices since the cache
     /// opened (write-around: no logged record touched their range).
     #[serde(default)]

@@ -195,6 +195,14 @@ struct RunArgs {
     #[arg(long, env = "SANVOL_AGENT_CACHE_READ_MIB", default_value_t = client_agent::cache::READ_CACHE_BYTES_DEFAULT >> 20,
           value_parser = clap::value_parser!(u64).range(0..=64 << 10))]
     cache_read_mib: u64,
+    /// How long a cached volume's acknowledged writes may stay in its cache before they are
+    /// written to the devices, in milliseconds, while nobody waits for them and less than a quarter
+    /// of the cache is waiting: a block written again meanwhile is written to the devices once,
+    /// and neighbouring blocks go in one device write. The writes are durable in the cache log
+    /// (and its mirror) all the while. 0: write them to the devices at once. At most 60000.
+    #[arg(long, env = "SANVOL_AGENT_CACHE_DESTAGE_HOLD_MS", default_value_t = client_agent::cache::DESTAGE_HOLD_MS_DEFAULT,
+          value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    cache_destage_hold_ms: u64,
     /// After a snapshot, the first write to each 64 KiB chunk must first copy the chunk's old
     /// bytes for the snapshot. Up to this many KiB of such writes per volume (exclusive holders)
     /// are acknowledged at once and completed in the background, as a disk's volatile write
@@ -351,6 +359,7 @@ async fn run(args: RunArgs, control_socket: PathBuf, persisted: Arc<Persisted>) 
         cache_dir: args.cache_dir.clone(),
         cow_write_behind_bytes: args.cow_write_behind_kib * 1024,
         cache_read_bytes: args.cache_read_mib << 20,
+        cache_destage_hold: std::time::Duration::from_millis(args.cache_destage_hold_ms),
     };
     let agent = Agent::start(config);
     // The previous run's handles are resumed as soon as the server answers (in the background;
@@ -502,11 +511,13 @@ fn print_table(volumes: &[AttachmentInfo]) {
             let state =
                 if c.state_detail.is_empty() { c.state.clone() } else { format!("{} ({})", c.state, c.state_detail) };
             println!(
-                "  cache {state}: {} dirty, log {} of {} used, destaging {}/s, {} written around ({})",
+                "  cache {state}: {} dirty, log {} of {} used, destaging {}/s ({} in {} device writes so far), {} written around ({})",
                 human_bytes(c.dirty_bytes),
                 human_bytes(c.log_used_bytes),
                 human_bytes(c.log_capacity_bytes),
                 human_bytes(c.destage_bytes_per_sec),
+                human_bytes(c.destaged_bytes),
+                c.destage_writes,
                 human_bytes(c.written_around_bytes),
                 c.log_path
             );

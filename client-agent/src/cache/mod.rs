@@ -33,6 +33,19 @@
 //!   the mirror) until its own round, and a replay writes every record in
 //!   log order. A failed device write or release is retried (with a bounded
 //!   back-off), never dropped.
+//! - **Destage hold**: the destager waits before it writes acknowledged
+//!   records, up to [`CacheConfig::destage_hold`] after the oldest of them
+//!   was logged (agent option `--cache-destage-hold-ms`, default
+//!   [`DESTAGE_HOLD_MS_DEFAULT`]), so a block written again meanwhile
+//!   reaches the devices once and neighbouring blocks merge into one
+//!   device write — what bcache's `writeback_delay` and dm-writecache's
+//!   watermarks are for. It writes at once when someone waits for the
+//!   destage (a recall point, a detach, a write-through acknowledgement),
+//!   when the log needs space, when the mirror failed, and once the
+//!   records not yet written hold a [`DESTAGE_HOLD_LOG_DIVISOR`]th of the
+//!   log. Held records are as durable as any acknowledged record: in the
+//!   log and, mirrored, in the mirror; a hold only lengthens what a replay
+//!   has to write after a failure (at most that share of the log).
 //! - **Lazy release**: a release costs a synchronous superblock write here
 //!   and a mirror request with a synchronous write there, on the same disks
 //!   the next appends wait for. So records on the devices keep their log
@@ -172,6 +185,7 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tracing::{info, warn};
 use volume_format::cache_log::{LogAppender, ScanError};
 use volume_format::control::messages::{MirrorRecord, MIRROR_APPEND_BYTES_MAX, MIRROR_APPEND_RECORDS_MAX};
@@ -222,6 +236,12 @@ pub const RELEASE_LAG_LOG_DIVISOR: u64 = 4;
 /// A destager with nothing left to write releases what it wrote after this
 /// long without new work (at once when someone waits for it).
 pub const RELEASE_IDLE_MS: u64 = 5;
+/// How long acknowledged writes may wait in the cache before the destager
+/// writes them, unless configured (see "Destage hold" in the module doc).
+pub const DESTAGE_HOLD_MS_DEFAULT: u64 = 1_000;
+/// Bytes of writes not yet destaged past which the destager no longer
+/// holds: this share of the log.
+pub const DESTAGE_HOLD_LOG_DIVISOR: u64 = 4;
 /// Back-off between attempts to destage a record the devices refused.
 pub const DESTAGE_RETRY_MIN_MS: u64 = 50;
 pub const DESTAGE_RETRY_MAX_MS: u64 = 5_000;
@@ -322,12 +342,21 @@ pub struct CacheConfig {
     pub log_bytes: u64,
     /// Memory for clean blocks read from the devices ([`clean`]); 0: none.
     pub read_cache_bytes: u64,
+    /// How long acknowledged writes may wait in the cache before the
+    /// destager writes them (see "Destage hold"); zero: at once.
+    pub destage_hold: Duration,
 }
 
 impl CacheConfig {
-    /// A log of `log_bytes` at `log_path`, with the default read cache.
+    /// A log of `log_bytes` at `log_path`, with the default read cache and
+    /// destage hold.
     pub fn new(log_path: PathBuf, log_bytes: u64) -> CacheConfig {
-        CacheConfig { log_path, log_bytes, read_cache_bytes: READ_CACHE_BYTES_DEFAULT }
+        CacheConfig {
+            log_path,
+            log_bytes,
+            read_cache_bytes: READ_CACHE_BYTES_DEFAULT,
+            destage_hold: Duration::from_millis(DESTAGE_HOLD_MS_DEFAULT),
+        }
     }
 }
 
@@ -387,6 +416,9 @@ pub struct CacheReport {
     pub status: CacheStatus,
     pub mirror: MirrorState,
     pub destaged_bytes: u64,
+    /// Device writes the destager made for them (fewer than the writes
+    /// destaged where rewrites were absorbed and neighbours merged).
+    pub destage_writes: u64,
     /// Bytes destaged per second over the last [`DESTAGE_RATE_WINDOW_MS`].
     pub destage_bytes_per_sec: u64,
     /// Bytes written around the log so far (see "Write-around").
@@ -414,6 +446,8 @@ struct Queued {
     pos: u64,
     offset: u64,
     data: Bytes,
+    /// When its batch was logged (see "Destage hold").
+    logged_at: Instant,
 }
 
 struct State {
@@ -425,6 +459,8 @@ struct State {
     written: usize,
     /// Their data bytes.
     written_bytes: u64,
+    /// Data bytes of the records of `queue` after them: not yet written.
+    unwritten_bytes: u64,
     /// Tasks waiting for records to be released ([`wait_destaged`],
     /// [`CachedDevice::destage_all`]): the destager releases after every
     /// round while there are any.
@@ -446,6 +482,8 @@ struct State {
     /// module doc); empty while mirroring.
     stale_mirror: StaleRanges,
     destaged_bytes: u64,
+    /// [`CacheReport::destage_writes`].
+    destage_writes: u64,
     /// Bytes of writes sent around the log (see "Write-around").
     written_around_bytes: u64,
     /// When each recent destage round finished and its bytes.
@@ -501,6 +539,8 @@ struct Shared {
     mirror_slots: Arc<Semaphore>,
     /// Clean blocks for reads ([`clean`]). Never locked while `state` is.
     clean: Option<Mutex<CleanBlocks>>,
+    /// [`CacheConfig::destage_hold`].
+    destage_hold: Duration,
 }
 
 impl State {
@@ -724,6 +764,7 @@ impl CachedDevice {
                 queue: VecDeque::new(),
                 written: 0,
                 written_bytes: 0,
+                unwritten_bytes: 0,
                 release_waiters: 0,
                 space_wanted: false,
                 in_flight: None,
@@ -733,6 +774,7 @@ impl CachedDevice {
                 mirror_epoch: 0,
                 stale_mirror,
                 destaged_bytes: 0,
+                destage_writes: 0,
                 written_around_bytes: 0,
                 destage_samples: VecDeque::new(),
                 held: false,
@@ -745,6 +787,7 @@ impl CachedDevice {
             inner_unflushed: AtomicBool::new(false),
             mirror_slots: Arc::new(Semaphore::new(MIRROR_APPENDS_IN_FLIGHT_MAX)),
             clean: CleanBlocks::new(config.read_cache_bytes).map(Mutex::new),
+            destage_hold: config.destage_hold,
         });
         let (writes, rx) = mpsc::channel(WRITES_QUEUED_MAX);
         let (acks, acks_rx) = mpsc::unbounded_channel();
@@ -788,6 +831,7 @@ impl CachedDevice {
             status,
             mirror: state.mirror_state.clone(),
             destaged_bytes: state.destaged_bytes,
+            destage_writes: state.destage_writes,
             destage_bytes_per_sec,
             written_around_bytes: state.written_around_bytes,
             writes_waiting_for_mirror: self.shared.writes_waiting_for_mirror.load(Ordering::SeqCst),
@@ -1121,13 +1165,16 @@ async fn append_batch(
                         state.stale_mirror.add(write.offset, write.data.len() as u64, write.seq);
                     }
                 }
+                let logged_at = Instant::now();
                 for (record, write) in batch.records.iter().zip(&taken) {
                     state.dirty.insert(write.offset, write.data.clone(), record.seq);
+                    state.unwritten_bytes += write.data.len() as u64;
                     state.queue.push_back(Queued {
                         seq: record.seq,
                         pos: record.pos,
                         offset: write.offset,
                         data: write.data.clone(),
+                        logged_at,
                     });
                 }
                 state.in_flight = None;
@@ -1463,14 +1510,16 @@ fn plan_round(round: &[Queued], dirty: &DirtyMap) -> Option<Vec<PlannedWrite>> {
 /// that fill it, in order.
 type PlannedWrite = (u64, Vec<(u64, Bytes)>);
 
-/// Writes a round to the devices (see "Ordered, coalesced destage").
-async fn write_round(shared: &Shared, round: &[Queued]) -> Result<(), IoError> {
+/// Writes a round to the devices (see "Ordered, coalesced destage");
+/// returns how many device writes it took.
+async fn write_round(shared: &Shared, round: &[Queued]) -> Result<u64, IoError> {
     // A device connection replaced between the writes and the flush (the
     // device server restarted, say) may have lost what the old one
     // completed: the flush on the new one does not vouch for it, so the
     // round is written again (found by the simulator).
     let epoch = shared.inner.connection_epoch();
     let planned = plan_round(round, &shared.lock().dirty);
+    let device_writes = planned.as_ref().map_or(round.len(), Vec::len) as u64;
     match planned {
         Some(writes) => {
             // The writes cover disjoint ranges, so their order does not
@@ -1503,7 +1552,7 @@ async fn write_round(shared: &Shared, round: &[Queued]) -> Result<(), IoError> {
              what the old connection completed",
         ));
     }
-    Ok(())
+    Ok(device_writes)
 }
 
 /// Writes acknowledged records to the devices in order, round by round,
@@ -1512,24 +1561,43 @@ async fn write_round(shared: &Shared, round: &[Queued]) -> Result<(), IoError> {
 async fn destage_loop(shared: Arc<Shared>) {
     let mut retry_ms = DESTAGE_RETRY_MIN_MS;
     loop {
-        let (round, written) = {
+        let (round, written, hold) = {
             let state = shared.lock();
-            let max_bytes = DESTAGE_ROUND_BYTES_MAX.min(state.appender.ring().capacity_bytes() / 2);
-            (next_round(state.queue.range(state.written..), max_bytes), state.written)
+            let log_bytes = state.appender.ring().capacity_bytes();
+            let hold = hold_left(&state, shared.destage_hold, log_bytes, Instant::now());
+            let round = match hold {
+                Some(_) => Vec::new(),
+                None => next_round(state.queue.range(state.written..), DESTAGE_ROUND_BYTES_MAX.min(log_bytes / 2)),
+            };
+            (round, state.written, hold)
         };
-        if !round.is_empty() {
-            if let Err(e) = write_round(&shared, &round).await {
-                warn!(error = %e, retry_ms, "destaging cached writes failed; retrying (they stay in the cache log)");
-                tokio::time::sleep(Duration::from_millis(retry_ms)).await;
-                retry_ms = (retry_ms * 2).min(DESTAGE_RETRY_MAX_MS);
+        if let (Some(left), true) = (hold, written == 0 || !release_due(&shared)) {
+            // Holding the records not yet written: look again when new work
+            // comes or the hold ends; release what is written if nothing
+            // came for a while (as below).
+            let idle = Duration::from_millis(RELEASE_IDLE_MS);
+            let wait = if written == 0 { left } else { left.min(idle) };
+            if tokio::time::timeout(wait, shared.work.notified()).await.is_ok() || written == 0 || wait == left {
                 continue;
             }
+        } else if !round.is_empty() {
+            let device_writes = match write_round(&shared, &round).await {
+                Ok(device_writes) => device_writes,
+                Err(e) => {
+                    warn!(error = %e, retry_ms, "destaging cached writes failed; retrying (they stay in the cache log)");
+                    tokio::time::sleep(Duration::from_millis(retry_ms)).await;
+                    retry_ms = (retry_ms * 2).min(DESTAGE_RETRY_MAX_MS);
+                    continue;
+                }
+            };
             retry_ms = DESTAGE_RETRY_MIN_MS;
             {
                 let mut state = shared.lock();
+                state.destage_writes += device_writes;
                 let round_bytes = round.iter().map(|r| r.data.len() as u64).sum::<u64>();
                 state.written += round.len();
                 state.written_bytes += round_bytes;
+                state.unwritten_bytes -= round_bytes;
                 state.destaged_bytes += round_bytes;
                 if state.destage_samples.len() == DESTAGE_SAMPLES_MAX {
                     state.destage_samples.pop_front();
@@ -1560,6 +1628,23 @@ async fn destage_loop(shared: Arc<Shared>) {
         }
         retry_ms = DESTAGE_RETRY_MIN_MS;
     }
+}
+
+/// How much longer the destager holds the records not yet written (see
+/// "Destage hold" in the module doc); `None`: write them now — nobody waits
+/// for them, the log has room, the mirror answers, and the oldest of them
+/// was logged less than `hold` ago.
+fn hold_left(state: &State, hold: Duration, log_bytes: u64, now: Instant) -> Option<Duration> {
+    if hold.is_zero()
+        || state.release_waiters > 0
+        || state.space_wanted
+        || matches!(state.mirror_state, MirrorState::WriteThrough { .. })
+        || state.unwritten_bytes >= log_bytes / DESTAGE_HOLD_LOG_DIVISOR
+    {
+        return None;
+    }
+    let oldest = state.queue.get(state.written)?.logged_at;
+    hold.checked_sub(now.saturating_duration_since(oldest)).filter(|left| !left.is_zero())
 }
 
 /// Whether the records on the devices should be released now rather than

@@ -100,7 +100,11 @@ fn setup(log_bytes: u64, held: bool) -> Setup {
 /// [`setup`], the device's requests taking varying time when `jitter_seed`.
 fn setup_with(log_bytes: u64, held: bool, jitter_seed: Option<u64>) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let config = CacheConfig::new(dir.path().join("vol.cachelog"), log_bytes);
+    // Destaged at once unless a test says otherwise: the tests below hold
+    // the device themselves to order what they check; the destage hold has
+    // tests of its own (`held_writes_*`).
+    let config =
+        CacheConfig { destage_hold: Duration::ZERO, ..CacheConfig::new(dir.path().join("vol.cachelog"), log_bytes) };
     let memory = Arc::new(MemoryDevice::new(DEVICE_BYTES));
     let (hold, rx) = watch::channel(held);
     let (hold_reads, reads_held) = watch::channel(false);
@@ -583,6 +587,7 @@ fn a_round_writes_the_union_of_its_records_merged_with_the_newest_bytes() {
         pos: 0,
         offset,
         data: Bytes::from(vec![fill; len]),
+        logged_at: tokio::time::Instant::now(),
     };
     let (a, b, c) = (queued(1, 0, 8192, 1), queued(2, 4096, 8192, 2), queued(3, 0, 4096, 3));
     let far = queued(4, 4 << 20, 4096, 4);
@@ -1507,5 +1512,71 @@ async fn a_round_whose_device_connection_was_replaced_before_its_flush_is_writte
     cache.destage_all().await;
     assert!(device.flushes.load(Ordering::SeqCst) >= 2, "the round was flushed again after the restart");
     assert_eq!(device.durable.read(4096, 8192).await.unwrap(), data, "the device holds the write durably");
+    assert_eq!(cache.status().dirty_bytes, 0);
+}
+
+/// [`setup`] with a destage hold of `hold` and a device that is not held.
+fn setup_holding(log_bytes: u64, hold: Duration) -> Setup {
+    let mut s = setup(log_bytes, false);
+    s.config.destage_hold = hold;
+    s
+}
+
+#[tokio::test]
+async fn held_writes_reach_the_devices_once_however_often_they_were_rewritten() {
+    let s = setup_holding(LOG_BYTES_MIN, Duration::from_secs(600));
+    let mirror = Arc::new(MemoryMirror::default());
+    let cache = Arc::new(s.open_mirrored(&mirror).await);
+    let mut model = vec![0u8; 64 << 10];
+    // Sixteen neighbouring blocks, each written four times, one write at a
+    // time: without the hold each would reach the devices on its own.
+    for pass in 0..4u8 {
+        for block in 0..16usize {
+            let fill = pass * 16 + block as u8 + 1;
+            spawn_write(&cache, block as u64 * 4096, fill).await.unwrap().unwrap();
+            model[block * 4096..(block + 1) * 4096].fill(fill);
+        }
+    }
+    settle().await;
+    assert_eq!(s.device.writes.load(Ordering::SeqCst), 0, "nothing is destaged while the hold lasts");
+    assert_eq!(cache.status().dirty_bytes, 64 << 10);
+    // Someone waits (a recall point, a detach): the hold ends at once.
+    cache.destage_all().await;
+    assert_eq!(s.memory.read(0, model.len() as u32).await.unwrap(), model);
+    assert_eq!(s.device.writes.load(Ordering::SeqCst), 1, "64 writes of 16 blocks: one device write");
+    assert!(mirror.held.lock().unwrap().is_empty(), "released at the mirror");
+}
+
+#[tokio::test]
+async fn held_writes_are_destaged_once_the_oldest_is_as_old_as_the_hold() {
+    let hold = Duration::from_millis(300);
+    let s = setup_holding(LOG_BYTES_MIN, hold);
+    let cache = Arc::new(s.open().await.unwrap());
+    let arrival = s.device.arrival.notified();
+    tokio::pin!(arrival);
+    arrival.as_mut().enable();
+    let logged = tokio::time::Instant::now();
+    spawn_write(&cache, 0, 7).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), arrival).await.expect("destaged once the hold ended");
+    let waited = logged.elapsed();
+    assert!(waited >= hold, "destaged after {waited:?}, before the {hold:?} hold ended");
+    cache.destage_all().await;
+    assert_eq!(s.memory.read(0, 4096).await.unwrap(), Bytes::from(vec![7u8; 4096]));
+}
+
+#[tokio::test]
+async fn held_writes_are_destaged_once_they_fill_a_quarter_of_the_log() {
+    let s = setup_holding(LOG_BYTES_MIN, Duration::from_secs(600));
+    let cache = Arc::new(s.open().await.unwrap());
+    let arrival = s.device.arrival.notified();
+    tokio::pin!(arrival);
+    arrival.as_mut().enable();
+    // A quarter of the log in 64 KiB writes, nobody waiting for them.
+    let quarter = LOG_BYTES_MIN / DESTAGE_HOLD_LOG_DIVISOR;
+    for i in 0..quarter / (64 << 10) {
+        cache.write(i * (64 << 10), Bytes::from(vec![i as u8; 64 << 10]), false).await.unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(10), arrival).await.expect("destaged without waiting for the hold");
+    cache.destage_all().await;
     assert_eq!(cache.status().dirty_bytes, 0);
 }
