@@ -75,7 +75,7 @@ impl DurableFile {
     /// where the file was shorter, or had holes), and synced. A file that is
     /// already that long and fully allocated is left as it is: reopening a
     /// log costs nothing. Either way the file's pages leave the page cache
-    /// ([`DurableFile::drop_cached_pages`]).
+    /// (see `drop_cached_pages`).
     pub fn preallocate(&self, len: u64) -> Result<(), DurableError> {
         self.fill(len)?;
         self.drop_cached_pages();
@@ -87,7 +87,7 @@ impl DurableFile {
     /// log and mirror, `fincore`, bench/README.md 2026-12-06): memory held
     /// for data no one reads, which every direct write over it then has to
     /// invalidate. Advice only: a refusal costs memory, never data.
-    pub fn drop_cached_pages(&self) {
+    fn drop_cached_pages(&self) {
         use std::os::fd::AsRawFd;
         // SAFETY: posix_fadvise reads no memory of ours; the descriptor is
         // open for as long as `self.file` is.

@@ -1564,23 +1564,14 @@ async fn destage_loop(shared: Arc<Shared>) {
         let (round, written, hold) = {
             let state = shared.lock();
             let log_bytes = state.appender.ring().capacity_bytes();
-            let hold = hold_left(&state, shared.destage_hold, log_bytes, Instant::now());
+            let hold = hold_left(&state, shared.destage_hold, Instant::now());
             let round = match hold {
                 Some(_) => Vec::new(),
                 None => next_round(state.queue.range(state.written..), DESTAGE_ROUND_BYTES_MAX.min(log_bytes / 2)),
             };
             (round, state.written, hold)
         };
-        if let (Some(left), true) = (hold, written == 0 || !release_due(&shared)) {
-            // Holding the records not yet written: look again when new work
-            // comes or the hold ends; release what is written if nothing
-            // came for a while (as below).
-            let idle = Duration::from_millis(RELEASE_IDLE_MS);
-            let wait = if written == 0 { left } else { left.min(idle) };
-            if tokio::time::timeout(wait, shared.work.notified()).await.is_ok() || written == 0 || wait == left {
-                continue;
-            }
-        } else if !round.is_empty() {
+        if !round.is_empty() {
             let device_writes = match write_round(&shared, &round).await {
                 Ok(device_writes) => device_writes,
                 Err(e) => {
@@ -1608,14 +1599,28 @@ async fn destage_loop(shared: Arc<Shared>) {
                 continue;
             }
         } else if written == 0 {
-            shared.work.notified().await;
+            // Nothing to write, or held: look again when new work comes or
+            // the hold ends.
+            match hold {
+                Some(left) => _ = tokio::time::timeout(left, shared.work.notified()).await,
+                None => shared.work.notified().await,
+            }
             continue;
         } else if !release_due(&shared) {
-            // Nothing left to write: release once no new work comes for a
-            // while (new records are written first, then released together).
+            // Nothing to write now (or held): release once no new work comes
+            // for a while (new records are written first, then released
+            // together) — unless the hold ends first.
             let idle = Duration::from_millis(RELEASE_IDLE_MS);
-            if tokio::time::timeout(idle, shared.work.notified()).await.is_ok() {
-                continue;
+            match hold {
+                Some(left) if left <= idle => {
+                    _ = tokio::time::timeout(left, shared.work.notified()).await;
+                    continue;
+                }
+                _ => {
+                    if tokio::time::timeout(idle, shared.work.notified()).await.is_ok() {
+                        continue;
+                    }
+                }
             }
         }
         if let Err(e) = release_written(&shared).await {
@@ -1634,7 +1639,8 @@ async fn destage_loop(shared: Arc<Shared>) {
 /// "Destage hold" in the module doc); `None`: write them now — nobody waits
 /// for them, the log has room, the mirror answers, and the oldest of them
 /// was logged less than `hold` ago.
-fn hold_left(state: &State, hold: Duration, log_bytes: u64, now: Instant) -> Option<Duration> {
+fn hold_left(state: &State, hold: Duration, now: Instant) -> Option<Duration> {
+    let log_bytes = state.appender.ring().capacity_bytes();
     if hold.is_zero()
         || state.release_waiters > 0
         || state.space_wanted
