@@ -4,6 +4,7 @@
 #   nbdkit, qemu-utils (qemu-nbd, qemu-img, qemu-io), nbd-server, libnbd-bin
 #   (nbdinfo, nbdcopy): real NBD peers for the interop tests and benchmarks
 #   fio: workload generator with an NBD engine and crc32c verification
+#   jq: scripts/test-lanes.sh reads cargo's list of test binaries with it
 #   libblkid-dev, libclang-dev, pkg-config: the blkid crate's bindings
 #   busybox-static, nbd-client, e2fsprogs, xz-utils: the VM tests' guest userland
 #   openssl: test certificates for NBD over TLS (nbdkit, qemu-nbd, our own)
@@ -12,7 +13,7 @@
 #   qemu-system-x86 (with a matching qemu-utils): the VM tests, via
 #   vm-tests/install-deps.sh, which explains why it needs its own command
 set -euo pipefail
-packages=(nbdkit qemu-utils nbd-server libnbd-bin fio libblkid-dev libclang-dev pkg-config busybox-static nbd-client e2fsprogs xz-utils openssl systemd man-db)
+packages=(nbdkit qemu-utils nbd-server libnbd-bin fio jq libblkid-dev libclang-dev pkg-config busybox-static nbd-client e2fsprogs xz-utils openssl systemd man-db)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Installs what the tests need, runs every test in the workspace and, beside
+# Installs what the tests need, runs every test in the workspace (several
+# test binaries at a time: scripts/test-lanes.sh; with arguments, plain
+# `cargo test --workspace ARGS`) and, beside
 # them, a fixed range of the simulation's seeds (SIM_RANGE, default
 # 41..3041: seeds 1..40 already run with the workspace's tests). The range
 # is fixed so that a red run replays anywhere; random exploration is
@@ -31,7 +33,13 @@ if [ "${SIM:-1}" != 0 ]; then
 fi
 
 tests_rc=0
-cargo test --workspace "$@" || tests_rc=$?
+if [ $# -eq 0 ]; then
+    # Every test of `cargo test --workspace`, several binaries at a time.
+    scripts/test-lanes.sh || tests_rc=$?
+else
+    # Arguments (a package, a filter, libtest flags) go to cargo as before.
+    cargo test --workspace "$@" || tests_rc=$?
+fi
 
 sim_rc=0
 if [ -n "$sim_pid" ]; then
