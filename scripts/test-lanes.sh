@@ -6,7 +6,7 @@
 # servers (lease expiry, fio runs, VM boots), one binary after the other.
 # Run by `cargo test --workspace` they took 26 of CI's 30 minutes on a
 # 2-core host while the CPU sat half idle; in three lanes they take 9-10
-# (560 s on 2026-12-06, every binary within 10% of its time alone; the
+# (560 s on 2026-12-06, each binary at most a fifth slower than alone; the
 # whole fresh-clone CI 16m53s). Each binary still runs its own
 # tests with libtest's default threads, exactly as cargo would run it: from
 # its package's directory, with CARGO_MANIFEST_DIR set. Tests never share
