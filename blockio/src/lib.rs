@@ -30,6 +30,7 @@ pub mod durable_file;
 pub mod error;
 pub mod file;
 pub mod memory;
+pub mod park_poll;
 pub mod proto;
 pub mod server;
 pub mod socket;

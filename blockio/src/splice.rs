@@ -298,6 +298,11 @@ pub struct SpliceSocket {
 }
 
 impl SpliceSocket {
+    /// The duplicate's descriptor (the same socket as the original's).
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.fd.get_ref().as_raw_fd()
+    }
+
     /// Duplicates `socket`'s descriptor (already non-blocking: the duplicate
     /// shares its file status flags) and registers it with the current
     /// runtime for the one direction it splices (a side that only reads

@@ -411,6 +411,7 @@ impl Connection {
         // server cannot have been sent yet.
         self.shared.outstanding.fetch_add(1, Ordering::Relaxed);
         let _guard = OutstandingGuard(&self.shared.outstanding);
+        let _sent = crate::park_poll::Sent::start();
         let closed = || {
             self.shared.inflight.lock().unwrap().dead.clone().unwrap_or_else(|| {
                 IoError::shutdown(format!("connection to {} closed before the reply arrived", self.shared.target))
@@ -506,6 +507,8 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
             shared.fail(IoError::shutdown(format!("sending to {} failed: {e}", shared.target)));
             return;
         }
+        // The replies come on this socket.
+        crate::park_poll::expect(splice_out.as_ref().map(SpliceSocket::raw_fd));
         batch.clear();
         if stop {
             let _ = wr.shutdown().await;

@@ -153,6 +153,8 @@ where
             }
             start = end;
         }
+        // The client's next requests come on this socket.
+        crate::park_poll::expect(splice.as_ref().map(SpliceSocket::raw_fd));
         // Releases the in-flight budget of every reply just written.
         batch.clear();
     }

@@ -167,12 +167,13 @@ where
             Some(()) = handlers.next(), if !handlers.is_empty() => {}
             item = requests.next(), if reading => match item {
                 Some(Ok(Incoming::Request(req))) => {
+                    let served = crate::park_poll::Served::start();
                     if req.header.length >= SPAWN_BYTES_MIN {
                         // Big copies run on other worker threads in parallel.
                         let task = tokio::spawn(handle(conn.clone(), req, tx.clone()));
-                        handlers.push(Either::Right(task.map(|_| ())));
+                        handlers.push(Either::Right(task.map(move |_| drop(served))));
                     } else {
-                        handlers.push(Either::Left(handle(conn.clone(), req, tx.clone())));
+                        handlers.push(Either::Left(handle(conn.clone(), req, tx.clone()).map(move |()| drop(served))));
                     }
                 }
                 Some(Ok(Incoming::Done)) | None => reading = false,
