@@ -23,7 +23,7 @@
 //! The sockets: the NBD client notes a device connection's socket after
 //! sending requests on it ([`expect`]), the NBD server an export
 //! connection's after writing replies on it; the counts of requests in
-//! flight are kept by both ([`Served`], [`Sent`]).
+//! flight are kept by both ([`InFlight`]).
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
@@ -42,11 +42,6 @@ static SENT: AtomicUsize = AtomicUsize::new(0);
 /// Sets how long a thread about to park may poll (zero: never).
 pub fn set_window(window: Duration) {
     WINDOW_NS.store(u64::try_from(window.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
-}
-
-/// The window set, if any.
-pub fn window() -> Duration {
-    Duration::from_nanos(WINDOW_NS.load(Ordering::Relaxed))
 }
 
 /// Requests in flight in this process: (read by its NBD servers and not
@@ -69,36 +64,29 @@ pub(crate) fn expect(fd: Option<RawFd>) {
     }
 }
 
-/// Counts a request a server read, until dropped (its handler ended).
-pub(crate) struct Served(());
+/// Counts a request in flight until dropped: one a server read (until its
+/// handler ended), or one a client queued (until its reply was taken or its
+/// caller gave up).
+pub(crate) struct InFlight(&'static AtomicUsize);
 
-impl Served {
-    pub(crate) fn start() -> Served {
-        SERVED.fetch_add(1, Ordering::Relaxed);
-        Served(())
+impl InFlight {
+    pub(crate) fn served() -> InFlight {
+        InFlight::start(&SERVED)
+    }
+
+    pub(crate) fn sent() -> InFlight {
+        InFlight::start(&SENT)
+    }
+
+    fn start(count: &'static AtomicUsize) -> InFlight {
+        count.fetch_add(1, Ordering::Relaxed);
+        InFlight(count)
     }
 }
 
-impl Drop for Served {
+impl Drop for InFlight {
     fn drop(&mut self) {
-        SERVED.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Counts a request a client queued, until dropped (its reply was taken,
-/// or its caller gave up).
-pub(crate) struct Sent(());
-
-impl Sent {
-    pub(crate) fn start() -> Sent {
-        SENT.fetch_add(1, Ordering::Relaxed);
-        Sent(())
-    }
-}
-
-impl Drop for Sent {
-    fn drop(&mut self) {
-        SENT.fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -6,60 +6,21 @@
 //!
 //! Its own test binary: the counts are process-wide.
 
+mod server_common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use blockio::client::{ClientOptions, NbdClient};
-use blockio::memory::MemoryDevice;
 use blockio::park_poll;
 use blockio::server::{ExportTable, NbdServer, ServerConfig};
-use blockio::{BlockDevice, IoError, ZeroFlags};
-use bytes::Bytes;
-use tokio::sync::{watch, Semaphore};
-
-/// Holds reads at offset 0 until the test releases them.
-struct GatedDevice {
-    inner: MemoryDevice,
-    gate: Semaphore,
-    waiting: watch::Sender<usize>,
-}
-
-#[async_trait]
-impl BlockDevice for GatedDevice {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
-        if offset == 0 {
-            self.waiting.send_modify(|n| *n += 1);
-            self.gate.acquire().await.unwrap().forget();
-            self.waiting.send_modify(|n| *n -= 1);
-        }
-        self.inner.read(offset, len).await
-    }
-    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
-        self.inner.write(offset, data, fua).await
-    }
-    async fn flush(&self) -> Result<(), IoError> {
-        self.inner.flush().await
-    }
-    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
-        self.inner.trim(offset, len, fua).await
-    }
-    async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
-        self.inner.write_zeroes(offset, len, flags).await
-    }
-}
+use blockio::BlockDevice;
+use server_common::gated::GatedDevice;
 
 #[tokio::test]
 async fn a_server_and_a_client_count_their_requests_and_note_the_socket_to_poll() {
     park_poll::set_window(Duration::from_millis(1));
-    let device = Arc::new(GatedDevice {
-        inner: MemoryDevice::new(1 << 20),
-        gate: Semaphore::new(0),
-        waiting: watch::channel(0).0,
-    });
+    let device = GatedDevice::new();
     let server = NbdServer::new(Arc::new(ExportTable::single("g", device.clone())), ServerConfig::default());
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("g.sock");
@@ -67,19 +28,13 @@ async fn a_server_and_a_client_count_their_requests_and_note_the_socket_to_poll(
     tokio::spawn(async move { server.serve_unix(listener, std::future::pending()).await });
     let uri = format!("nbd+unix:///g?socket={}", socket.display()).parse().unwrap();
     let client = Arc::new(NbdClient::connect(&uri, ClientOptions::default()).await.unwrap());
-    let held = |n: usize| {
-        let mut rx = device.waiting.subscribe();
-        async move {
-            rx.wait_for(|w| *w >= n).await.unwrap();
-        }
-    };
 
     assert_eq!(park_poll::in_flight(), (0, 0));
     let first = tokio::spawn({
         let client = client.clone();
         async move { client.read(0, 4096).await }
     });
-    held(1).await;
+    device.wait_active(1).await;
     assert_eq!(park_poll::in_flight(), (1, 1), "one read held: one request each way");
     let more: Vec<_> = (0..2)
         .map(|_| {
@@ -87,7 +42,7 @@ async fn a_server_and_a_client_count_their_requests_and_note_the_socket_to_poll(
             tokio::spawn(async move { client.read(0, 4096).await })
         })
         .collect();
-    held(3).await;
+    device.wait_active(3).await;
     assert_eq!(park_poll::in_flight(), (3, 3), "three reads held: a deeper queue, which never polls");
     device.gate.add_permits(3);
     first.await.unwrap().unwrap();

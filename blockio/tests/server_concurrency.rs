@@ -9,66 +9,11 @@ mod server_common;
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use blockio::memory::MemoryDevice;
 use blockio::proto;
 use blockio::server::{ExportTable, NbdServer, ServerConfig};
-use blockio::{BlockDevice, IoError, ZeroFlags};
-use bytes::Bytes;
 use server_common::connect;
-use tokio::sync::{watch, Semaphore};
-
-struct GatedDevice {
-    inner: MemoryDevice,
-    gate: Semaphore,
-    /// Reads currently waiting at the gate, and the most ever seen.
-    active: watch::Sender<(usize, usize)>,
-}
-
-impl GatedDevice {
-    fn new() -> Arc<GatedDevice> {
-        Arc::new(GatedDevice {
-            inner: MemoryDevice::new(1 << 20),
-            gate: Semaphore::new(0),
-            active: watch::channel((0, 0)).0,
-        })
-    }
-
-    async fn wait_active(&self, n: usize) {
-        let mut rx = self.active.subscribe();
-        rx.wait_for(|(a, _)| *a >= n).await.unwrap();
-    }
-}
-
-#[async_trait]
-impl BlockDevice for GatedDevice {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
-        if offset == 0 {
-            self.active.send_modify(|(a, m)| {
-                *a += 1;
-                *m = (*m).max(*a);
-            });
-            self.gate.acquire().await.unwrap().forget();
-            self.active.send_modify(|(a, _)| *a -= 1);
-        }
-        self.inner.read(offset, len).await
-    }
-    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
-        self.inner.write(offset, data, fua).await
-    }
-    async fn flush(&self) -> Result<(), IoError> {
-        self.inner.flush().await
-    }
-    async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), IoError> {
-        self.inner.trim(offset, len, fua).await
-    }
-    async fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), IoError> {
-        self.inner.write_zeroes(offset, len, flags).await
-    }
-}
+use server_common::gated::GatedDevice;
 
 fn serve(device: Arc<GatedDevice>, config: ServerConfig) -> NbdServer {
     NbdServer::new(Arc::new(ExportTable::single("g", device)), config)

@@ -411,7 +411,7 @@ impl Connection {
         // server cannot have been sent yet.
         self.shared.outstanding.fetch_add(1, Ordering::Relaxed);
         let _guard = OutstandingGuard(&self.shared.outstanding);
-        let _sent = crate::park_poll::Sent::start();
+        let _sent = crate::park_poll::InFlight::sent();
         let closed = || {
             self.shared.inflight.lock().unwrap().dead.clone().unwrap_or_else(|| {
                 IoError::shutdown(format!("connection to {} closed before the reply arrived", self.shared.target))

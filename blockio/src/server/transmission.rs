@@ -167,7 +167,7 @@ where
             Some(()) = handlers.next(), if !handlers.is_empty() => {}
             item = requests.next(), if reading => match item {
                 Some(Ok(Incoming::Request(req))) => {
-                    let served = crate::park_poll::Served::start();
+                    let served = crate::park_poll::InFlight::served();
                     if req.header.length >= SPAWN_BYTES_MIN {
                         // Big copies run on other worker threads in parallel.
                         let task = tokio::spawn(handle(conn.clone(), req, tx.clone()));

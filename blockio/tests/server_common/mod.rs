@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod gated;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
