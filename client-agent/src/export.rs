@@ -232,6 +232,11 @@ pub async fn serve_volume_with(
 /// The kernel-attach seam: a connected unix socket whose far end serves
 /// `device` as export `name` (handshake not yet done). The serving task ends
 /// when the socket is closed.
+///
+/// Served as a unix socket, not as a plain byte stream, so that the kernel's
+/// `/dev/nbdX` gets what a socket export gets: large read payloads spliced
+/// from the device's socket ([`blockio::splice`]) and the agent's polling
+/// before it parks ([`blockio::park_poll`]) at queue depth 1.
 pub fn socket_for_kernel(name: &str, device: Arc<dyn BlockDevice>) -> std::io::Result<std::os::unix::net::UnixStream> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
     ours.set_nonblocking(true)?;
@@ -240,7 +245,7 @@ pub fn socket_for_kernel(name: &str, device: Arc<dyn BlockDevice>) -> std::io::R
     let span = tracing::info_span!("kernel-export", volume = name);
     tokio::spawn(
         async move {
-            if let Err(e) = server.serve_connection(ours).await {
+            if let Err(e) = server.serve_unix_stream(ours, "kernel".to_string()).await {
                 tracing::warn!(error = %e, "kernel NBD connection ended");
             }
         }
@@ -339,11 +344,17 @@ mod tests {
 
     #[tokio::test]
     async fn kernel_seam_socket_speaks_nbd() {
-        let (vol, _devs) = testing::volume(1, 1, 1, false);
+        let (vol, _devs) = testing::volume(8, 1, 2, false);
         let sock = socket_for_kernel("v", vol).unwrap();
         sock.set_nonblocking(true).unwrap();
         let stream = tokio::net::UnixStream::from_std(sock).unwrap();
         let client = NbdClient::connect_stream(stream, "v", ClientOptions::default()).await.unwrap();
-        assert_eq!(client.size(), EXTENT);
+        assert_eq!(client.size(), 8 * EXTENT);
+        // Large requests, which a socket export may splice, come back whole,
+        // across extents too.
+        let data = pattern(7, (5 * EXTENT) as usize);
+        client.write(EXTENT / 4, data.clone(), false).await.unwrap();
+        client.flush().await.unwrap();
+        assert_eq!(client.read(EXTENT / 4, data.len() as u32).await.unwrap(), data);
     }
 }
