@@ -8,6 +8,12 @@ use clap::Parser;
 use metadata_server::config::Config;
 use tracing::info;
 
+/// Mirrored writes, fallback I/O and the backup pseudo-device allocate per
+/// request; mimalloc costs less per allocation than glibc's malloc there
+/// (bench/README.md, "The agent's allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "sanvol-mds",
