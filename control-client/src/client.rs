@@ -171,7 +171,7 @@ impl ControlClient {
     /// appends do.
     pub async fn send_request(&self, request: Request, timeout: Duration) -> Result<SentRequest, ControlClientError> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let payload = frame::encode_payload(&ClientMessage { id, request }).map_err(FramedError::from)?;
+        let frame = frame::encode_frame(&ClientMessage { id, request }).map_err(FramedError::from)?;
         let (tx, rx) = oneshot::channel();
         match self.shared.pending.lock().unwrap().as_mut() {
             Some(pending) => pending.insert(id, tx),
@@ -179,7 +179,7 @@ impl ControlClient {
         };
         let sent = {
             let mut w = self.shared.writer.lock().await;
-            framed::write_payload(&mut *w, &payload).await
+            framed::write_frame(&mut *w, &frame).await
         };
         if let Err(e) = sent {
             self.forget(id);

@@ -66,8 +66,15 @@ pub async fn write_payload<W: AsyncWrite + Unpin>(w: &mut W, payload: &[u8]) -> 
     Ok(())
 }
 
+/// Writes a whole frame made by [`frame::encode_frame`] (length prefix
+/// included), without copying it.
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &[u8]) -> Result<(), FramedError> {
+    w.write_all(frame).await?;
+    w.flush().await?;
+    Ok(())
+}
+
 /// Encodes and writes one message.
 pub async fn write_message<T: Serialize, W: AsyncWrite + Unpin>(w: &mut W, msg: &T) -> Result<(), FramedError> {
-    let payload = frame::encode_payload(msg)?;
-    write_payload(w, &payload).await
+    write_frame(w, &frame::encode_frame(msg)?).await
 }

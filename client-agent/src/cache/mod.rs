@@ -1097,7 +1097,12 @@ async fn append_batch(
             }
             return failed;
         }
-        let mut batch = state.appender.begin_batch();
+        let mut data_bytes = 0;
+        let lengths = pending.iter().take(candidates).map(|w| w.data.len()).take_while(|&n| {
+            data_bytes += n;
+            data_bytes <= BATCH_BYTES_MAX || data_bytes == n
+        });
+        let mut batch = state.appender.begin_batch_for(lengths);
         let mut taken = 0;
         let mut batch_bytes = 0;
         for write in pending.iter().take(candidates) {

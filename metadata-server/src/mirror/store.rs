@@ -144,9 +144,9 @@ impl MirrorLedger {
     /// none.
     pub fn plan_append<'a>(
         &mut self,
-        records: impl Iterator<Item = &'a MirrorRecord>,
+        records: impl Iterator<Item = &'a MirrorRecord> + Clone,
     ) -> Result<Option<PlannedAppend>, StoreError> {
-        let mut batch = self.appender.begin_batch();
+        let mut batch = self.appender.begin_batch_for(records.clone().map(|r| r.data.len()));
         let mut taken = 0;
         let mut last = self.last_seq;
         for record in records {

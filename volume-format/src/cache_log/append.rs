@@ -23,6 +23,10 @@ pub struct LogAppender {
     superblock_generation: u64,
 }
 
+/// The most a batch allocates up front (what the length hints of
+/// [`LogAppender::begin_batch_for`] may ask; a control frame's limit).
+pub const BATCH_EXPECTED_BYTES_MAX: usize = 16 * 1024 * 1024;
+
 /// Bytes to write at one file offset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Region {
@@ -46,6 +50,9 @@ pub struct Batch {
     pub first_seq: u64,
     pub regions: Vec<Region>,
     pub records: Vec<AppendedRecord>,
+    /// Ring bytes the batch is expected to take ([`LogAppender::begin_batch_for`]):
+    /// its regions are allocated at that size rather than grown.
+    expected_bytes: usize,
 }
 
 impl Batch {
@@ -56,7 +63,9 @@ impl Batch {
     fn put(&mut self, pos: u64, header: RecordHeader, data: &[u8]) {
         let continues = self.regions.last().is_some_and(|last| last.pos + last.bytes.len() as u64 == pos);
         if !continues {
-            self.regions.push(Region { pos, bytes: Vec::new() });
+            let placed: usize = self.regions.iter().map(|r| r.bytes.len()).sum();
+            let capacity = self.expected_bytes.saturating_sub(placed);
+            self.regions.push(Region { pos, bytes: Vec::with_capacity(capacity) });
         }
         header.encode(data, &mut self.regions.last_mut().expect("just pushed").bytes);
     }
@@ -121,7 +130,22 @@ impl LogAppender {
     }
 
     pub fn begin_batch(&self) -> Batch {
-        Batch { first_seq: self.next_seq, regions: Vec::new(), records: Vec::new() }
+        self.begin_batch_for(std::iter::empty())
+    }
+
+    /// A batch for writes of these data lengths (in the order they will be
+    /// pushed; a hint, at most [`BATCH_EXPECTED_BYTES_MAX`]): its bytes are
+    /// allocated once, not grown a copy at a time as records are pushed.
+    pub fn begin_batch_for(&self, lengths: impl Iterator<Item = usize>) -> Batch {
+        let mut expected_bytes = 0usize;
+        for length in lengths {
+            let span = Self::span_bytes(u32::try_from(length).unwrap_or(u32::MAX)) as usize;
+            if expected_bytes + span > BATCH_EXPECTED_BYTES_MAX {
+                break;
+            }
+            expected_bytes += span;
+        }
+        Batch { first_seq: self.next_seq, regions: Vec::new(), records: Vec::new(), expected_bytes }
     }
 
     /// Adds a write to `batch`, or returns false when the log is too full for

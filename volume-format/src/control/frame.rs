@@ -32,20 +32,32 @@ fn config() -> impl bincode::config::Config {
 
 /// Encodes one message as a payload (no length prefix).
 pub fn encode_payload<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
-    let payload = bincode::serde::encode_to_vec(msg, config()).map_err(|e| FrameError::Malformed(e.to_string()))?;
-    if payload.len() as u64 > FRAME_BYTES_MAX as u64 {
-        return Err(FrameError::TooLarge(payload.len() as u64));
-    }
-    Ok(payload)
+    encode(msg, false)
 }
 
 /// Encodes one message as a whole frame (length prefix + payload).
 pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
-    let payload = encode_payload(msg)?;
-    let mut frame = Vec::with_capacity(FRAME_HEADER_BYTES + payload.len());
-    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&payload);
-    Ok(frame)
+    encode(msg, true)
+}
+
+/// Counts the payload's bytes first (checked against [`FRAME_BYTES_MAX`]),
+/// then encodes it into one allocation of its exact size: a mirror append
+/// carries up to a megabyte of cached writes, and a vector grown to fit it
+/// copied that data about twice more.
+fn encode<T: Serialize>(msg: &T, with_length: bool) -> Result<Vec<u8>, FrameError> {
+    let malformed = |e: bincode::error::EncodeError| FrameError::Malformed(e.to_string());
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(msg, &mut size, config()).map_err(malformed)?;
+    let len = size.bytes_written;
+    if len as u64 > FRAME_BYTES_MAX as u64 {
+        return Err(FrameError::TooLarge(len as u64));
+    }
+    let mut out = Vec::with_capacity(if with_length { FRAME_HEADER_BYTES } else { 0 } + len);
+    if with_length {
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+    }
+    bincode::serde::encode_into_std_write(msg, &mut out, config()).map_err(malformed)?;
+    Ok(out)
 }
 
 /// Validates a frame's length prefix; returns the payload length to read.
@@ -84,6 +96,36 @@ mod tests {
         assert_eq!(len, frame.len() - 4);
         let back: ClientMessage = decode_payload(&frame[4..]).unwrap();
         assert_eq!(back, msg);
+    }
+
+    /// A mirror append of a megabyte round-trips, in one allocation of its
+    /// exact size; one past the frame limit is refused before encoding.
+    #[test]
+    fn large_messages_encode_at_their_exact_size_and_oversized_ones_are_refused() {
+        use crate::control::messages::MirrorRecord;
+        use crate::HandleId;
+        let append = |bytes: usize| ClientMessage {
+            id: 3,
+            request: Request::MirrorAppend {
+                handle: HandleId(7),
+                records: vec![
+                    MirrorRecord { seq: 1, offset: 0, data: vec![0xa5; bytes / 2] },
+                    MirrorRecord { seq: 2, offset: 1 << 20, data: vec![0x5a; bytes / 2] },
+                ],
+            },
+        };
+        let msg = append(1 << 20);
+        let frame = encode_frame(&msg).unwrap();
+        assert_eq!(frame.capacity(), frame.len(), "one allocation of the frame's size");
+        let len = check_frame_header(frame[..4].try_into().unwrap()).unwrap();
+        assert_eq!(len, frame.len() - 4);
+        assert_eq!(decode_payload::<ClientMessage>(&frame[4..]).unwrap(), msg);
+        assert_eq!(encode_payload(&msg).unwrap(), frame[4..]);
+
+        match encode_frame(&append(FRAME_BYTES_MAX as usize)) {
+            Err(FrameError::TooLarge(n)) => assert!(n > FRAME_BYTES_MAX as u64),
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
     }
 
     #[test]
