@@ -154,7 +154,6 @@ mod tests {
         assert!(!at_queue_depth_one(1, 2), "a write to two legs");
         assert!(!at_queue_depth_one(0, 1), "a background write (destage, resync) alone");
         assert!(!at_queue_depth_one(2, 1));
-        assert!(!at_queue_depth_one(1, 2));
         assert!(!at_queue_depth_one(32, 32));
     }
 

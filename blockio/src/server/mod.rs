@@ -201,6 +201,7 @@ impl NbdServer {
     /// large read payloads may be spliced into it ([`crate::splice`]),
     /// which a plain byte stream ([`NbdServer::serve_connection`]) never is.
     pub async fn serve_unix_stream(&self, stream: tokio::net::UnixStream, peer: String) -> Result<(), ServerError> {
+        crate::socket::tune_unix(&stream);
         let (r, w) = stream.into_split();
         self.serve_halves(r, w, None, peer, Some(<tokio::net::UnixListener as Listener>::native())).await
     }

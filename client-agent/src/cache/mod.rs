@@ -1097,21 +1097,25 @@ async fn append_batch(
             }
             return failed;
         }
-        let mut data_bytes = 0;
-        let lengths = pending.iter().take(candidates).map(|w| w.data.len()).take_while(|&n| {
-            data_bytes += n;
-            data_bytes <= BATCH_BYTES_MAX || data_bytes == n
-        });
-        let mut batch = state.appender.begin_batch_for(lengths);
+        // At most BATCH_BYTES_MAX (what one mirror append may carry), and
+        // always the first write.
+        let mut bytes = 0;
+        let within = pending
+            .iter()
+            .take(candidates)
+            .enumerate()
+            .take_while(|(i, w)| {
+                bytes += w.data.len();
+                *i == 0 || bytes <= BATCH_BYTES_MAX
+            })
+            .count();
+        let writes = || pending.iter().take(within);
+        let mut batch = state.appender.begin_batch_for(writes().map(|w| w.data.len()));
         let mut taken = 0;
-        let mut batch_bytes = 0;
-        for write in pending.iter().take(candidates) {
-            // At most BATCH_BYTES_MAX (what one mirror append may carry).
-            let full = taken > 0 && batch_bytes + write.data.len() > BATCH_BYTES_MAX;
-            if full || !state.appender.push(&mut batch, write.offset, &write.data) {
+        for write in writes() {
+            if !state.appender.push(&mut batch, write.offset, &write.data) {
                 break;
             }
-            batch_bytes += write.data.len();
             taken += 1;
         }
         if taken > 0 {

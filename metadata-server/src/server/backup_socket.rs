@@ -59,7 +59,6 @@ pub async fn serve(path: PathBuf, ctx: Arc<SessionContext>, mut stop: watch::Rec
             warn!(max = data_channel::DATA_CHANNELS_MAX, "too many data channels; closing a backup socket connection");
             continue;
         };
-        blockio::socket::tune_unix(&stream);
         let who = match stream.peer_cred() {
             Ok(c) => format!("backup socket (uid {})", c.uid()),
             Err(_) => "backup socket".to_string(),

@@ -12,6 +12,7 @@ use super::record::{RecordHeader, RecordKind, RECORD_HEADER_BYTES};
 use super::ring::LogRing;
 use super::superblock::{Superblock, DATA_START_BYTES};
 use super::{align_up, RECORD_DATA_BYTES_MAX};
+use crate::control::frame::FRAME_BYTES_MAX;
 use crate::VolumeId;
 
 pub struct LogAppender {
@@ -22,10 +23,6 @@ pub struct LogAppender {
     next_seq: u64,
     superblock_generation: u64,
 }
-
-/// The most a batch allocates up front (what the length hints of
-/// [`LogAppender::begin_batch_for`] may ask; a control frame's limit).
-pub const BATCH_EXPECTED_BYTES_MAX: usize = 16 * 1024 * 1024;
 
 /// Bytes to write at one file offset.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,13 +131,14 @@ impl LogAppender {
     }
 
     /// A batch for writes of these data lengths (in the order they will be
-    /// pushed; a hint, at most [`BATCH_EXPECTED_BYTES_MAX`]): its bytes are
+    /// pushed; a hint, at most a control frame's limit, [`FRAME_BYTES_MAX`],
+    /// since a batch is mirrored in one frame): its bytes are
     /// allocated once, not grown a copy at a time as records are pushed.
     pub fn begin_batch_for(&self, lengths: impl Iterator<Item = usize>) -> Batch {
         let mut expected_bytes = 0usize;
         for length in lengths {
             let span = Self::span_bytes(u32::try_from(length).unwrap_or(u32::MAX)) as usize;
-            if expected_bytes + span > BATCH_EXPECTED_BYTES_MAX {
+            if expected_bytes + span > FRAME_BYTES_MAX as usize {
                 break;
             }
             expected_bytes += span;
