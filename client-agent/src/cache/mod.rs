@@ -68,7 +68,9 @@
 //!   range no logged record touches goes straight to the devices (a FLUSH
 //!   then flushes them); large writes gain little from the log and would
 //!   cost its bandwidth twice (and, mirrored, the mirror's too: see
-//!   "Mirrored"). Acknowledged once the devices have it, as without a cache.
+//!   "Mirrored"). Acknowledged once the devices have it, as without a cache;
+//!   its payload stays in the pipes the export spliced it into, as on a
+//!   volume without a cache ([`BlockDevice::wants_write_pipe`]).
 //! - **Crash**: opening the cache reads the old log back, writes every
 //!   acknowledged record to the devices in order (a torn last batch was
 //!   never acknowledged and is ignored; a damaged record in the middle fails
@@ -180,7 +182,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use blockio::{BlockDevice, BlockSizes, IoError, MetaContext, StatusExtent, ZeroFlags};
+use blockio::{BlockDevice, BlockSizes, IoError, MetaContext, Payload, StatusExtent, ZeroFlags};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
@@ -649,6 +651,26 @@ impl Drop for CachedDevice {
 }
 
 impl CachedDevice {
+    /// Whether a write of `len` bytes at `offset` goes straight to the
+    /// devices: see [`WRITE_AROUND_BYTES_MIN`] and "Write-around" in the
+    /// module doc.
+    fn goes_around(&self, offset: u64, len: usize) -> bool {
+        len >= WRITE_AROUND_BYTES_MIN && self.shared.lock().may_write_around(offset, len as u64)
+    }
+
+    /// Writes `data` straight to the devices ([`Self::goes_around`]).
+    async fn write_around(&self, offset: u64, data: Payload, fua: bool) -> Result<(), IoError> {
+        let len = data.len() as u64;
+        tracing::debug!(offset, len, "write goes around the cache, straight to the devices");
+        let changing = self.shared.changing(offset, len);
+        let written = self.shared.inner.write_payload(offset, data, fua).await;
+        drop(changing);
+        written?;
+        self.shared.inner_unflushed.store(true, Ordering::SeqCst);
+        self.shared.lock().written_around_bytes += len;
+        Ok(())
+    }
+
     /// Opens the cache of `volume` over `inner`: replays an old log at
     /// `config.log_path` to `inner` (see the module doc), then starts a
     /// fresh log there.
@@ -1781,22 +1803,28 @@ impl BlockDevice for CachedDevice {
         Ok(out.freeze())
     }
 
+    /// A read larger than the clean blocks keep ([`clean::INSERT_BYTES_MAX`])
+    /// that no cached write touches is passed on as the devices return it
+    /// — in pipes, when they forward to a socket — as on a volume without a
+    /// cache: its bytes never enter the agent's memory.
+    async fn read_payload(&self, offset: u64, len: u32) -> Result<Payload, IoError> {
+        if u64::from(len) > clean::INSERT_BYTES_MAX {
+            blockio::error::check_range(offset, len as u64, self.size())?;
+            // Taken before the device read: see the module doc.
+            if self.shared.lock().dirty.overlay(offset, u64::from(len)).is_empty() {
+                return self.shared.inner.read_payload(offset, len).await;
+            }
+        }
+        self.read(offset, len).await.map(Payload::Bytes)
+    }
+
     async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> Result<(), IoError> {
         blockio::error::check_range(offset, data.len() as u64, self.size())?;
         if self.is_read_only() {
             return self.shared.inner.write(offset, data, _fua).await;
         }
-        if data.len() >= WRITE_AROUND_BYTES_MIN && self.shared.lock().may_write_around(offset, data.len() as u64) {
-            // See WRITE_AROUND_BYTES_MIN and "Write-around" in the module doc.
-            tracing::debug!(offset, len = data.len(), "write goes around the cache, straight to the devices");
-            let len = data.len() as u64;
-            let changing = self.shared.changing(offset, len);
-            let written = self.shared.inner.write(offset, data, _fua).await;
-            drop(changing);
-            written?;
-            self.shared.inner_unflushed.store(true, Ordering::SeqCst);
-            self.shared.lock().written_around_bytes += len;
-            return Ok(());
+        if self.goes_around(offset, data.len()) {
+            return self.write_around(offset, Payload::Bytes(data), _fua).await;
         }
         let mut acks = Vec::new();
         let mut at = 0;
@@ -1812,6 +1840,33 @@ impl BlockDevice for CachedDevice {
             ack.await.map_err(|_| IoError::io("the volume's cache stopped before the write was logged"))??;
         }
         Ok(())
+    }
+
+    /// A write that will go around the log may stay in pipes as the
+    /// client's socket delivered it, when the devices take it so: its
+    /// bytes then never enter the agent's memory, as on a volume without a
+    /// cache.
+    fn wants_write_pipe(&self, offset: u64, len: u32) -> bool {
+        !self.is_read_only()
+            && self.goes_around(offset, len as usize)
+            && self.shared.inner.wants_write_pipe(offset, len)
+    }
+
+    async fn write_payload(&self, offset: u64, data: Payload, fua: bool) -> Result<(), IoError> {
+        let chain = match data {
+            Payload::Bytes(data) => return self.write(offset, data, fua).await,
+            Payload::Pipe(chain) => chain,
+        };
+        blockio::error::check_range(offset, chain.len() as u64, self.size())?;
+        if self.is_read_only() {
+            return self.shared.inner.write_payload(offset, Payload::Pipe(chain), fua).await;
+        }
+        if self.goes_around(offset, chain.len()) {
+            return self.write_around(offset, Payload::Pipe(chain), fua).await;
+        }
+        // A record came to lie under it since the server asked
+        // `wants_write_pipe`: it is logged, out of its pipes.
+        self.write(offset, chain.into_write_data()?, fua).await
     }
 
     async fn flush(&self) -> Result<(), IoError> {

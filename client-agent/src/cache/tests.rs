@@ -35,6 +35,11 @@ struct HeldDevice {
     /// Told when a write reaches the device.
     arrival: tokio::sync::Notify,
     writes: AtomicU64,
+    /// Whether it asks for write payloads in pipes.
+    wants_pipes: std::sync::atomic::AtomicBool,
+    /// Write payloads that reached it still in pipes, and read payloads it
+    /// returned in pipes.
+    piped: AtomicU64,
 }
 
 impl HeldDevice {
@@ -72,6 +77,23 @@ impl BlockDevice for HeldDevice {
         self.inner.write(offset, data, fua).await?;
         self.jitter().await;
         Ok(())
+    }
+    async fn read_payload(&self, offset: u64, len: u32) -> Result<Payload, IoError> {
+        let data = self.read(offset, len).await?;
+        if !self.wants_pipes.load(Ordering::SeqCst) {
+            return Ok(Payload::Bytes(data));
+        }
+        self.piped.fetch_add(1, Ordering::SeqCst);
+        Ok(Payload::Pipe(blockio::splice::PipeChain::from_slice(&data).map_err(|e| IoError::io(e.to_string()))?))
+    }
+    fn wants_write_pipe(&self, _offset: u64, _len: u32) -> bool {
+        self.wants_pipes.load(Ordering::SeqCst)
+    }
+    async fn write_payload(&self, offset: u64, data: Payload, fua: bool) -> Result<(), IoError> {
+        if let Payload::Pipe(_) = data {
+            self.piped.fetch_add(1, Ordering::SeqCst);
+        }
+        self.write(offset, data.into_bytes().map_err(|e| IoError::io(e.to_string()))?, fua).await
     }
     async fn flush(&self) -> Result<(), IoError> {
         self.inner.flush().await
@@ -117,6 +139,8 @@ fn setup_with(log_bytes: u64, held: bool, jitter_seed: Option<u64>) -> Setup {
         arrived: Default::default(),
         arrival: Default::default(),
         writes: AtomicU64::new(0),
+        wants_pipes: Default::default(),
+        piped: AtomicU64::new(0),
     });
     Setup { _dir: dir, config, memory, hold, hold_reads, device }
 }
@@ -331,6 +355,78 @@ async fn a_large_write_goes_around_the_log_unless_a_logged_record_overlaps_it() 
     cache.destage_all().await;
     let image = s.memory.read(1 << 20, WRITE_AROUND_BYTES_MIN as u32).await.unwrap();
     assert!(image.iter().all(|&b| b == 5), "the newest write is on the device");
+}
+
+/// A large write's payload that the export received into pipes reaches
+/// the devices still in them when it goes around the log; asked for while
+/// the range was free but handed over once a record lies under it, it is
+/// read out of its pipes and logged instead, never put over that record.
+#[tokio::test]
+async fn a_large_write_in_pipes_goes_around_the_log_in_them_unless_a_logged_record_overlaps_it() {
+    use blockio::splice::PipeChain;
+    const AT: u64 = 1 << 20;
+    const BIG: u32 = WRITE_AROUND_BYTES_MIN as u32;
+    let s = setup(LOG_BYTES_MIN, false);
+    let cache = s.open().await.unwrap();
+    assert!(!cache.wants_write_pipe(AT, BIG), "the device does not take pipes");
+    s.device.wants_pipes.store(true, Ordering::SeqCst);
+    assert!(cache.wants_write_pipe(AT, BIG));
+    assert!(!cache.wants_write_pipe(AT, BIG - 4096), "a smaller write is logged: its bytes are needed");
+
+    let piped = |byte: u8, len: u32| Payload::Pipe(PipeChain::from_slice(&vec![byte; len as usize]).unwrap());
+    cache.write_payload(AT, piped(3, BIG), false).await.unwrap();
+    assert_eq!(s.device.piped.load(Ordering::SeqCst), 1, "the payload reached the device in its pipes");
+    assert_eq!(cache.status().records, 0, "written around the log");
+    assert!(s.memory.read(AT, BIG).await.unwrap().iter().all(|&b| b == 3));
+
+    // A small write to the range held in the log: the next large write
+    // there must not go around it, even handed over in pipes.
+    s.hold.send(true).unwrap();
+    cache.write(AT, Bytes::from(vec![4u8; 4096]), false).await.unwrap();
+    assert!(!cache.wants_write_pipe(AT, BIG));
+    let big = tokio::time::timeout(Duration::from_secs(10), cache.write_payload(AT, piped(5, BIG), false))
+        .await
+        .expect("the large write was logged, not sent to the held device");
+    big.unwrap();
+    assert_eq!(s.device.piped.load(Ordering::SeqCst), 1, "the second payload was read out of its pipes");
+    assert!(cache.status().records >= 2, "both writes are in the log");
+    let read = cache.read(AT, BIG).await.unwrap();
+    assert!(read.iter().all(|&b| b == 5), "reads see the logged large write");
+    s.hold.send(false).unwrap();
+    cache.destage_all().await;
+    let image = s.memory.read(AT, BIG).await.unwrap();
+    assert!(image.iter().all(|&b| b == 5), "the newest write is on the device");
+}
+
+/// A large read that no cached write touches is passed on in the pipes
+/// the devices returned; one over a cached write is read into memory with
+/// the cached bytes laid over the devices' (read-your-writes), and a small
+/// read is always in memory.
+#[tokio::test]
+async fn a_large_read_stays_in_pipes_unless_a_cached_write_lies_in_it() {
+    const AT: u64 = 1 << 20;
+    const BIG: u32 = 512 << 10;
+    let s = setup(LOG_BYTES_MIN, false);
+    s.memory.write(AT, Bytes::from(vec![1u8; BIG as usize]), false).await.unwrap();
+    s.device.wants_pipes.store(true, Ordering::SeqCst);
+    let cache = s.open().await.unwrap();
+
+    let payload = cache.read_payload(AT, BIG).await.unwrap();
+    assert!(matches!(payload, Payload::Pipe(_)), "{payload:?}");
+    assert!(payload.into_bytes().unwrap().iter().all(|&b| b == 1));
+    let small = cache.read_payload(AT, 4096).await.unwrap();
+    assert!(matches!(small, Payload::Bytes(_)), "{small:?}");
+
+    s.hold.send(true).unwrap();
+    cache.write(AT + 8192, Bytes::from(vec![2u8; 4096]), false).await.unwrap();
+    let piped = s.device.piped.load(Ordering::SeqCst);
+    let payload = cache.read_payload(AT, BIG).await.unwrap();
+    assert!(matches!(payload, Payload::Bytes(_)), "{payload:?}");
+    assert_eq!(s.device.piped.load(Ordering::SeqCst), piped, "the devices were read into memory");
+    let data = payload.into_bytes().unwrap();
+    assert!(data[..8192].iter().all(|&b| b == 1) && data[12288..].iter().all(|&b| b == 1));
+    assert!(data[8192..12288].iter().all(|&b| b == 2), "the cached write lies over the devices' bytes");
+    s.hold.send(false).unwrap();
 }
 
 /// Random writes (small ones logged, large ones written around when they
