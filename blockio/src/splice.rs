@@ -172,21 +172,11 @@ impl Pipe {
             return false;
         };
         while self.held > 0 {
-            // SAFETY: splice between two descriptors we hold; no user memory.
-            let n = unsafe {
-                libc::splice(
-                    self.read.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    null.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    self.held,
-                    libc::SPLICE_F_NONBLOCK,
-                )
-            };
+            let n = splice_fds(self.read.as_raw_fd(), null.as_raw_fd(), self.held, libc::SPLICE_F_NONBLOCK);
             if n <= 0 {
                 return false;
             }
-            self.held -= (n as usize).min(self.held);
+            self.held -= n as usize;
         }
         true
     }
@@ -394,10 +384,7 @@ impl SpliceSocket {
             let want = n - chain.len;
             let pipe_w = chain.pipes.last().expect("the chain has a pipe").write.as_raw_fd();
             let mut guard = self.fd.readable().await?;
-            // SAFETY: splice between two descriptors we hold; no user memory.
-            let moved = unsafe {
-                libc::splice(self.raw(), std::ptr::null_mut(), pipe_w, std::ptr::null_mut(), want, SPLICE_FLAGS)
-            };
+            let moved = splice_fds(self.raw(), pipe_w, want, SPLICE_FLAGS);
             if moved > 0 {
                 chain.pipes.last_mut().expect("the chain has a pipe").held += moved as usize;
                 chain.len += moved as usize;
@@ -424,17 +411,7 @@ impl SpliceSocket {
             let more = if i + 1 < count { libc::SPLICE_F_MORE } else { 0 };
             while pipe.held > 0 {
                 let mut guard = self.fd.writable().await?;
-                // SAFETY: splice between two descriptors we hold; no user memory.
-                let moved = unsafe {
-                    libc::splice(
-                        pipe.read.as_raw_fd(),
-                        std::ptr::null_mut(),
-                        self.raw(),
-                        std::ptr::null_mut(),
-                        pipe.held,
-                        SPLICE_FLAGS | more,
-                    )
-                };
+                let moved = splice_fds(pipe.read.as_raw_fd(), self.raw(), pipe.held, SPLICE_FLAGS | more);
                 if moved > 0 {
                     pipe.held -= moved as usize;
                     chain.len -= moved as usize;
@@ -478,6 +455,14 @@ impl SpliceSocket {
 }
 
 const SPLICE_FLAGS: libc::c_uint = libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE;
+
+/// `splice(2)` of up to `len` bytes from `from` to `to` (one of them a
+/// pipe), at their current positions: what it returns.
+fn splice_fds(from: RawFd, to: RawFd, len: usize, flags: libc::c_uint) -> isize {
+    // SAFETY: splice between two descriptors; no user memory is touched,
+    // and a descriptor that is not open only makes the call fail.
+    unsafe { libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, flags) }
+}
 
 fn ok_or_errno(n: isize) -> io::Result<usize> {
     if n < 0 {

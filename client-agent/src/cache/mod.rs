@@ -658,6 +658,25 @@ impl CachedDevice {
         len >= WRITE_AROUND_BYTES_MIN && self.shared.lock().may_write_around(offset, len as u64)
     }
 
+    /// Reads `[offset, offset + len)`: the devices' bytes (through the
+    /// clean blocks) with `overlay`, the cached bytes there taken before,
+    /// laid over them.
+    async fn read_under(&self, offset: u64, len: u32, overlay: Vec<(u64, Bytes)>) -> Result<Bytes, IoError> {
+        if dirty::covers(&overlay, len as u64) {
+            return Ok(dirty::join(overlay));
+        }
+        let read = self.shared.read_devices(offset, len).await?;
+        if overlay.is_empty() {
+            return Ok(read);
+        }
+        let mut out = BytesMut::from(&read[..]);
+        for (at, data) in overlay {
+            let start = (at - offset) as usize;
+            out[start..start + data.len()].copy_from_slice(&data);
+        }
+        Ok(out.freeze())
+    }
+
     /// Writes `data` straight to the devices ([`Self::goes_around`]).
     async fn write_around(&self, offset: u64, data: Payload, fua: bool) -> Result<(), IoError> {
         let len = data.len() as u64;
@@ -1788,19 +1807,7 @@ impl BlockDevice for CachedDevice {
         blockio::error::check_range(offset, len as u64, self.size())?;
         // Taken before the device read: see the module doc.
         let overlay = self.shared.lock().dirty.overlay(offset, len as u64);
-        if dirty::covers(&overlay, len as u64) {
-            return Ok(dirty::join(overlay));
-        }
-        let read = self.shared.read_devices(offset, len).await?;
-        if overlay.is_empty() {
-            return Ok(read);
-        }
-        let mut out = BytesMut::from(&read[..]);
-        for (at, data) in overlay {
-            let start = (at - offset) as usize;
-            out[start..start + data.len()].copy_from_slice(&data);
-        }
-        Ok(out.freeze())
+        self.read_under(offset, len, overlay).await
     }
 
     /// A read larger than the clean blocks keep ([`clean::INSERT_BYTES_MAX`])
@@ -1808,14 +1815,13 @@ impl BlockDevice for CachedDevice {
     /// — in pipes, when they forward to a socket — as on a volume without a
     /// cache: its bytes never enter the agent's memory.
     async fn read_payload(&self, offset: u64, len: u32) -> Result<Payload, IoError> {
-        if u64::from(len) > clean::INSERT_BYTES_MAX {
-            blockio::error::check_range(offset, len as u64, self.size())?;
-            // Taken before the device read: see the module doc.
-            if self.shared.lock().dirty.overlay(offset, u64::from(len)).is_empty() {
-                return self.shared.inner.read_payload(offset, len).await;
-            }
+        blockio::error::check_range(offset, len as u64, self.size())?;
+        // Taken before the device read: see the module doc.
+        let overlay = self.shared.lock().dirty.overlay(offset, len as u64);
+        if overlay.is_empty() && u64::from(len) > clean::INSERT_BYTES_MAX {
+            return self.shared.inner.read_payload(offset, len).await;
         }
-        self.read(offset, len).await.map(Payload::Bytes)
+        self.read_under(offset, len, overlay).await.map(Payload::Bytes)
     }
 
     async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> Result<(), IoError> {
