@@ -283,21 +283,41 @@ fn range() {
     let parsed = range.split_once("..").and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
     let Some((a, b)) = parsed else { panic!("SIM_RANGE is a..b (seed numbers), not {range:?}") };
     let start = Instant::now();
-    let (mut events, mut sim_ms, mut staged) = (0u64, 0u64, 0u64);
-    let mut failed = Vec::new();
-    for seed in a..b {
-        let o = run_seed(seed, false);
-        events += o.stats.events;
-        staged += o.stats.mirror_staged_starts;
-        sim_ms += o.end_ms;
-        if unknown_failure(&o) {
-            eprintln!("{}", report(&o));
-            failed.push(seed);
+    // Seeds are independent runs (each one thread, its own world): spread
+    // them over the machine's cores, each worker taking the next seed.
+    let workers = std::env::var("SIM_THREADS")
+        .ok()
+        .and_then(|t| t.parse::<usize>().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let next = std::sync::atomic::AtomicU64::new(a);
+    let totals = std::sync::Mutex::new((0u64, 0u64, 0u64, Vec::new()));
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let seed = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if seed >= b {
+                    break;
+                }
+                let o = run_seed(seed, false);
+                if unknown_failure(&o) {
+                    eprintln!("{}", report(&o));
+                }
+                let mut t = totals.lock().unwrap_or_else(|e| e.into_inner());
+                t.0 += o.stats.events;
+                t.1 += o.stats.mirror_staged_starts;
+                t.2 += o.end_ms;
+                if unknown_failure(&o) {
+                    t.3.push(seed);
+                }
+            });
         }
-    }
+    });
+    let (events, staged, sim_ms, mut failed) = totals.into_inner().unwrap_or_else(|e| e.into_inner());
+    failed.sort_unstable();
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
-        "seeds {a}..{b}: {} seeds in {secs:.0} s ({:.0} simulated seconds, {:.0} events/s, {staged} cache mirrors \
+        "seeds {a}..{b}: {} seeds in {secs:.0} s on {workers} threads ({:.0} simulated seconds, {:.0} events/s, {staged} cache mirrors \
          started again with staged records); failing: {failed:?}",
         b.saturating_sub(a),
         sim_ms as f64 / 1000.0,
