@@ -21,7 +21,9 @@
 //! and are answered); on the device's revocation both sides are shut
 //! (requests being run finish at the device, their replies are not waited
 //! for). Requests in flight per connection are bounded by the thread
-//! count, each with at most one maximum payload.
+//! count times the requests a thread takes in a turn ([`serve_requests`]);
+//! a thread's payloads are at most one maximum payload plus what the
+//! reader's buffer held.
 //!
 //! Only plain unix and TCP connections use it: TLS streams and
 //! caller-provided streams stay on the async path.
@@ -331,7 +333,7 @@ pub(super) async fn run(
             // Device calls may use the runtime (spawn, timers, sockets).
             let _runtime = runtime.enter();
             crate::blocking::allow_inline_on_this_thread();
-            serve_requests(&mine, &runtime);
+            serve_requests(&mine, &runtime, threads);
             // The connection (and its device) is let go before this thread
             // counts as ended.
             drop(mine);
@@ -374,21 +376,30 @@ pub(super) async fn run(
     }
 }
 
-/// One thread's loop: take the reader, read a request, give the reader to
-/// the next thread, run the request, write its reply.
-fn serve_requests(shared: &Shared, runtime: &tokio::runtime::Handle) {
+/// One thread's loop: take the reader, read a request (and this thread's
+/// share of the requests already whole in the reader's buffer), give the
+/// reader to the next thread, run them, write their replies in one go.
+///
+/// Why a share: under load one read from the socket brings many requests.
+/// Taken one per turn, each costs a hand-off of the reader and a reply
+/// write of its own; taken together, a turn's replies share one vectored
+/// write. Only a share (the buffered requests split over the threads), so
+/// that at a low queue depth every thread still has a request to run and
+/// slow device calls still overlap.
+fn serve_requests(shared: &Shared, runtime: &tokio::runtime::Handle, threads: usize) {
+    let mut batch: Vec<(RequestHeader, Bytes)> = Vec::with_capacity(TURN_REQUESTS_MAX);
+    let mut frames = Vec::new();
     loop {
-        let (header, payload) = {
+        // Set when this turn's requests are the thread's last (the client
+        // is gone or sent garbage): they are still run and answered.
+        let mut last = false;
+        {
             let mut reader = lock(&shared.reader);
             if shared.done.load(Ordering::SeqCst) {
                 return;
             }
             match read_request(&mut reader) {
-                Ok(Some(request)) => {
-                    shared.running.fetch_add(1, Ordering::Relaxed);
-                    reader.get_mut().get_mut().1.batch += 1;
-                    request
-                }
+                Ok(Some(request)) => batch.push(request),
                 Ok(None) => {
                     shared.done.store(true, Ordering::SeqCst);
                     return;
@@ -399,18 +410,68 @@ fn serve_requests(shared: &Shared, runtime: &tokio::runtime::Handle) {
                     return;
                 }
             }
-        };
-        let frames = run_here(runtime, respond(&shared.conn, &header, crate::splice::Payload::Bytes(payload)));
+            // This thread's share of the request just read and those whole
+            // behind it.
+            let turn = (1 + whole_requests(reader.buffer(), TURN_REQUESTS_MAX - 1)).div_ceil(threads.max(1));
+            while batch.len() < turn && !last {
+                match read_request(&mut reader) {
+                    Ok(Some(request)) => batch.push(request),
+                    Ok(None) => {
+                        shared.done.store(true, Ordering::SeqCst);
+                        last = true;
+                    }
+                    Err(e) => {
+                        shared.fail(e, None);
+                        last = true;
+                    }
+                }
+            }
+            shared.running.fetch_add(batch.len(), Ordering::Relaxed);
+            reader.get_mut().get_mut().1.batch += batch.len();
+        }
+        let taken = batch.len();
+        for (header, payload) in batch.drain(..) {
+            frames.extend(run_here(runtime, respond(&shared.conn, &header, crate::splice::Payload::Bytes(payload))));
+        }
         let written = {
             let _writer = lock(&shared.writer);
             write_frames_blocking(&mut &*shared.socket, &frames)
         };
-        shared.running.fetch_sub(1, Ordering::Relaxed);
+        frames.clear();
+        shared.running.fetch_sub(taken, Ordering::Relaxed);
         if let Err(e) = written {
             shared.fail(ServerError::io("sending replies")(e), Some(Shutdown::Both));
             return;
         }
+        if last {
+            return;
+        }
     }
+}
+
+/// Most requests one thread takes in a turn (see [`serve_requests`]).
+const TURN_REQUESTS_MAX: usize = 16;
+
+/// How many whole requests (header and payload, up to `max`) `buf` holds
+/// from its start: those can be taken without reading the socket. Stops at
+/// the first header that does not decode; reading it reports the error.
+fn whole_requests(buf: &[u8], max: usize) -> usize {
+    let (mut n, mut at) = (0, 0);
+    while n < max {
+        let Some(raw) =
+            buf.get(at..at + REQUEST_HEADER_BYTES).and_then(|r| <&[u8; REQUEST_HEADER_BYTES]>::try_from(r).ok())
+        else {
+            break;
+        };
+        let Ok(header) = RequestHeader::decode(raw) else { break };
+        let payload = if header.command == crate::proto::CMD_WRITE { header.length as usize } else { 0 };
+        at += REQUEST_HEADER_BYTES + payload;
+        if at > buf.len() {
+            break;
+        }
+        n += 1;
+    }
+    n
 }
 
 /// Reads a write's payload: what the reader holds already, then the rest
@@ -475,4 +536,32 @@ fn read_request(r: &mut Requests) -> Result<Option<(RequestHeader, Bytes)>, Serv
         Bytes::new()
     };
     Ok(Some((header, payload)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{CMD_READ, CMD_WRITE};
+
+    fn request(command: u16, length: u32) -> Vec<u8> {
+        let mut b = RequestHeader { flags: 0, command, cookie: 7, offset: 0, length }.encode().to_vec();
+        if command == CMD_WRITE {
+            b.resize(b.len() + length as usize, 0xab);
+        }
+        b
+    }
+
+    #[test]
+    fn whole_requests_counts_headers_with_their_payloads_and_stops_at_a_partial_or_bad_one() {
+        let mut buf = [request(CMD_READ, 4096), request(CMD_WRITE, 512), request(CMD_READ, 1 << 20)].concat();
+        assert_eq!(whole_requests(&buf, 16), 3, "a read's length is not a payload");
+        assert_eq!(whole_requests(&buf, 2), 2, "at most the maximum");
+        buf.extend_from_slice(&request(CMD_WRITE, 4096)[..REQUEST_HEADER_BYTES + 100]);
+        assert_eq!(whole_requests(&buf, 16), 3, "a write whose payload is not all here is not whole");
+        let mut bad = request(CMD_READ, 4096);
+        bad[0] ^= 0xff;
+        let buf = [request(CMD_READ, 4096), bad, request(CMD_READ, 4096)].concat();
+        assert_eq!(whole_requests(&buf, 16), 1, "stops at a header that does not decode");
+        assert_eq!(whole_requests(&buf[..REQUEST_HEADER_BYTES - 1], 16), 0);
+    }
 }
