@@ -10,7 +10,7 @@
 #
 # Why beside: the workspace's process tests spend most of their time
 # waiting on real servers (leases, fio), while the seed range is a release
-# build and a few minutes of one core. Run one after the other they took
+# build and a couple of minutes of every core. Run one after the other they took
 # 30+ minutes; the seed range (its build included) runs at idle CPU and I/O
 # priority (SCHED_IDLE, ionice idle), in its own target directory so the
 # two cargo runs never wait on each other's lock, and takes only the time
