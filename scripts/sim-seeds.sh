@@ -6,6 +6,8 @@
 #                    anywhere, seed for seed)
 #   SIM_SECONDS=S    random seeds for S seconds (exploration: new schedules
 #                    every run; default 180 when SIM_RANGE is unset; 0 skips)
+# Both spread the seeds over every core (SIM_THREADS=N to change; each seed
+# is one thread and one world, so it replays the same on any count).
 # Prints every failing seed with the command that replays it, and fails if
 # any seed failed in a way no known defect explains.
 set -euo pipefail

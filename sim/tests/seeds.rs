@@ -198,6 +198,17 @@ fn replay() {
     assert!(o.violation.is_none(), "seed {seed} failed");
 }
 
+/// Threads the seed runs use (`SIM_THREADS`, else one per core). Seeds
+/// are independent runs, each one thread and its own world, so they spread
+/// over the cores with each worker taking the next seed.
+fn workers() -> usize {
+    std::env::var("SIM_THREADS")
+        .ok()
+        .and_then(|t| t.parse::<usize>().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1)
+}
+
 /// `SIM_SECONDS=S`: random seeds for S seconds; fails with every seed that
 /// failed in a way no known defect explains.
 #[test]
@@ -205,38 +216,61 @@ fn random() {
     let Ok(secs) = std::env::var("SIM_SECONDS") else { return };
     let budget = Duration::from_secs(secs.parse().expect("SIM_SECONDS is a number of seconds"));
     let start = Instant::now();
-    let mut x = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+    let x = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
         ^ (u64::from(std::process::id()) << 32);
-    let (mut runs, mut events, mut sim_ms, mut staged) = (0u64, 0u64, 0u64, 0u64);
-    let mut failed = Vec::new();
-    let mut known: std::collections::BTreeMap<&'static str, Vec<u64>> = Default::default();
-    while start.elapsed() < budget {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let seed = x >> 16;
-        let t = Instant::now();
-        let o = run_seed(seed, false);
-        runs += 1;
-        events += o.stats.events;
-        staged += o.stats.mirror_staged_starts;
-        sim_ms += o.end_ms;
-        if let Some(v) = &o.violation {
-            match v.known {
-                Some(k) => known.entry(k).or_default().push(seed),
-                None => {
-                    eprintln!(
-                        "{}\n(found after {:.1} s, {runs} seeds; this seed ran {:.2} s)",
-                        report(&o),
-                        start.elapsed().as_secs_f64(),
-                        t.elapsed().as_secs_f64()
-                    );
-                    failed.push(seed);
-                }
-            }
-        }
+    let workers = workers();
+    #[derive(Default)]
+    struct Found {
+        runs: u64,
+        events: u64,
+        sim_ms: u64,
+        staged: u64,
+        failed: Vec<u64>,
+        known: std::collections::BTreeMap<&'static str, Vec<u64>>,
     }
+    // The seed generator, and what the workers found.
+    let state = std::sync::Mutex::new((x, Found::default()));
+    let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                while start.elapsed() < budget {
+                    let seed = {
+                        let mut st = lock();
+                        st.0 = st.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        st.0 >> 16
+                    };
+                    let t = Instant::now();
+                    let o = run_seed(seed, false);
+                    let mut st = lock();
+                    let found = &mut st.1;
+                    found.runs += 1;
+                    found.events += o.stats.events;
+                    found.staged += o.stats.mirror_staged_starts;
+                    found.sim_ms += o.end_ms;
+                    if let Some(v) = &o.violation {
+                        match v.known {
+                            Some(k) => found.known.entry(k).or_default().push(seed),
+                            None => {
+                                eprintln!(
+                                    "{}\n(found after {:.1} s, {} seeds; this seed ran {:.2} s)",
+                                    report(&o),
+                                    start.elapsed().as_secs_f64(),
+                                    found.runs,
+                                    t.elapsed().as_secs_f64()
+                                );
+                                found.failed.push(seed);
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let Found { runs, events, sim_ms, staged, failed, known } = state.into_inner().unwrap_or_else(|e| e.into_inner()).1;
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
-        "{runs} random seeds in {secs:.0} s ({:.1} seeds/s, {:.0} simulated seconds, {:.0} events/s, {staged} cache \
+        "{runs} random seeds in {secs:.0} s on {workers} threads ({:.1} seeds/s, {:.0} simulated seconds, {:.0} events/s, {staged} cache \
          mirrors started again with staged records); failing: {failed:?}",
         runs as f64 / secs,
         sim_ms as f64 / 1000.0,
@@ -283,13 +317,7 @@ fn range() {
     let parsed = range.split_once("..").and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
     let Some((a, b)) = parsed else { panic!("SIM_RANGE is a..b (seed numbers), not {range:?}") };
     let start = Instant::now();
-    // Seeds are independent runs (each one thread, its own world): spread
-    // them over the machine's cores, each worker taking the next seed.
-    let workers = std::env::var("SIM_THREADS")
-        .ok()
-        .and_then(|t| t.parse::<usize>().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .max(1);
+    let workers = workers();
     let next = std::sync::atomic::AtomicU64::new(a);
     let totals = std::sync::Mutex::new((0u64, 0u64, 0u64, Vec::new()));
     std::thread::scope(|scope| {
