@@ -198,15 +198,61 @@ fn replay() {
     assert!(o.violation.is_none(), "seed {seed} failed");
 }
 
-/// Threads the seed runs use (`SIM_THREADS`, else one per core). Seeds
-/// are independent runs, each one thread and its own world, so they spread
-/// over the cores with each worker taking the next seed.
+/// Threads the seed runs use (`SIM_THREADS`, else one per core).
 fn workers() -> usize {
     std::env::var("SIM_THREADS")
         .ok()
         .and_then(|t| t.parse::<usize>().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1)
+}
+
+/// What a run of many seeds found.
+#[derive(Default)]
+struct Tally {
+    runs: u64,
+    events: u64,
+    sim_ms: u64,
+    staged: u64,
+    /// Seeds that failed in a way no known defect explains, in order.
+    failed: Vec<u64>,
+    /// Seeds that failed as a known defect, by defect.
+    known: std::collections::BTreeMap<&'static str, Vec<u64>>,
+}
+
+/// Runs the seeds `next` gives until it gives none, on [`workers`] threads
+/// (seeds are independent runs, each one thread and its own world, so they
+/// spread over the cores with each worker taking the next seed). An
+/// unknown failure is printed at once, followed by `found(tally, this
+/// seed's run time)`.
+fn spread(next: impl Fn() -> Option<u64> + Sync, found: impl Fn(&Tally, Duration) -> String + Sync) -> Tally {
+    let tally = std::sync::Mutex::new(Tally::default());
+    std::thread::scope(|scope| {
+        for _ in 0..workers() {
+            scope.spawn(|| {
+                while let Some(seed) = next() {
+                    let t = Instant::now();
+                    let o = run_seed(seed, false);
+                    let mut tally = tally.lock().unwrap_or_else(|e| e.into_inner());
+                    tally.runs += 1;
+                    tally.events += o.stats.events;
+                    tally.staged += o.stats.mirror_staged_starts;
+                    tally.sim_ms += o.end_ms;
+                    match o.violation.as_ref().map(|v| v.known) {
+                        None => {}
+                        Some(Some(k)) => tally.known.entry(k).or_default().push(seed),
+                        Some(None) => {
+                            eprintln!("{}{}", report(&o), found(&tally, t.elapsed()));
+                            tally.failed.push(seed);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let mut tally = tally.into_inner().unwrap_or_else(|e| e.into_inner());
+    tally.failed.sort_unstable();
+    tally
 }
 
 /// `SIM_SECONDS=S`: random seeds for S seconds; fails with every seed that
@@ -218,60 +264,27 @@ fn random() {
     let start = Instant::now();
     let x = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
         ^ (u64::from(std::process::id()) << 32);
-    let workers = workers();
-    #[derive(Default)]
-    struct Found {
-        runs: u64,
-        events: u64,
-        sim_ms: u64,
-        staged: u64,
-        failed: Vec<u64>,
-        known: std::collections::BTreeMap<&'static str, Vec<u64>>,
-    }
-    // The seed generator, and what the workers found.
-    let state = std::sync::Mutex::new((x, Found::default()));
-    let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
-    std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| {
-                while start.elapsed() < budget {
-                    let seed = {
-                        let mut st = lock();
-                        st.0 = st.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                        st.0 >> 16
-                    };
-                    let t = Instant::now();
-                    let o = run_seed(seed, false);
-                    let mut st = lock();
-                    let found = &mut st.1;
-                    found.runs += 1;
-                    found.events += o.stats.events;
-                    found.staged += o.stats.mirror_staged_starts;
-                    found.sim_ms += o.end_ms;
-                    if let Some(v) = &o.violation {
-                        match v.known {
-                            Some(k) => found.known.entry(k).or_default().push(seed),
-                            None => {
-                                eprintln!(
-                                    "{}\n(found after {:.1} s, {} seeds; this seed ran {:.2} s)",
-                                    report(&o),
-                                    start.elapsed().as_secs_f64(),
-                                    found.runs,
-                                    t.elapsed().as_secs_f64()
-                                );
-                                found.failed.push(seed);
-                            }
-                        }
-                    }
-                }
-            });
-        }
+    let x = std::sync::Mutex::new(x);
+    let next = || {
+        (start.elapsed() < budget).then(|| {
+            let mut x = x.lock().unwrap_or_else(|e| e.into_inner());
+            *x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            *x >> 16
+        })
+    };
+    let Tally { runs, events, sim_ms, staged, failed, known } = spread(next, |tally, ran| {
+        format!(
+            "\n(found after {:.1} s, {} seeds; this seed ran {:.2} s)",
+            start.elapsed().as_secs_f64(),
+            tally.runs,
+            ran.as_secs_f64()
+        )
     });
-    let Found { runs, events, sim_ms, staged, failed, known } = state.into_inner().unwrap_or_else(|e| e.into_inner()).1;
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
-        "{runs} random seeds in {secs:.0} s on {workers} threads ({:.1} seeds/s, {:.0} simulated seconds, {:.0} events/s, {staged} cache \
+        "{runs} random seeds in {secs:.0} s on {} threads ({:.1} seeds/s, {:.0} simulated seconds, {:.0} events/s, {staged} cache \
          mirrors started again with staged records); failing: {failed:?}",
+        workers(),
         runs as f64 / secs,
         sim_ms as f64 / 1000.0,
         events as f64 / secs
@@ -317,37 +330,15 @@ fn range() {
     let parsed = range.split_once("..").and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
     let Some((a, b)) = parsed else { panic!("SIM_RANGE is a..b (seed numbers), not {range:?}") };
     let start = Instant::now();
-    let workers = workers();
     let next = std::sync::atomic::AtomicU64::new(a);
-    let totals = std::sync::Mutex::new((0u64, 0u64, 0u64, Vec::new()));
-    std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| loop {
-                let seed = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if seed >= b {
-                    break;
-                }
-                let o = run_seed(seed, false);
-                if unknown_failure(&o) {
-                    eprintln!("{}", report(&o));
-                }
-                let mut t = totals.lock().unwrap_or_else(|e| e.into_inner());
-                t.0 += o.stats.events;
-                t.1 += o.stats.mirror_staged_starts;
-                t.2 += o.end_ms;
-                if unknown_failure(&o) {
-                    t.3.push(seed);
-                }
-            });
-        }
-    });
-    let (events, staged, sim_ms, mut failed) = totals.into_inner().unwrap_or_else(|e| e.into_inner());
-    failed.sort_unstable();
+    let next = || Some(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)).filter(|seed| *seed < b);
+    let Tally { events, sim_ms, staged, failed, .. } = spread(next, |_, _| String::new());
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
-        "seeds {a}..{b}: {} seeds in {secs:.0} s on {workers} threads ({:.0} simulated seconds, {:.0} events/s, {staged} cache mirrors \
+        "seeds {a}..{b}: {} seeds in {secs:.0} s on {} threads ({:.0} simulated seconds, {:.0} events/s, {staged} cache mirrors \
          started again with staged records); failing: {failed:?}",
         b.saturating_sub(a),
+        workers(),
         sim_ms as f64 / 1000.0,
         events as f64 / secs
     );

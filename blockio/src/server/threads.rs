@@ -391,40 +391,37 @@ fn serve_requests(shared: &Shared, runtime: &tokio::runtime::Handle, threads: us
     let mut frames = Vec::new();
     loop {
         // Set when this turn's requests are the thread's last (the client
-        // is gone or sent garbage): they are still run and answered.
+        // is gone or sent garbage): those read are still run and answered.
         let mut last = false;
         {
             let mut reader = lock(&shared.reader);
             if shared.done.load(Ordering::SeqCst) {
                 return;
             }
-            match read_request(&mut reader) {
-                Ok(Some(request)) => batch.push(request),
-                Ok(None) => {
-                    shared.done.store(true, Ordering::SeqCst);
-                    return;
-                }
-                Err(e) => {
-                    // Requests already read still finish and are answered.
-                    shared.fail(e, None);
-                    return;
-                }
-            }
-            // This thread's share of the request just read and those whole
-            // behind it.
-            let turn = (1 + whole_requests(reader.buffer(), TURN_REQUESTS_MAX - 1)).div_ceil(threads.max(1));
-            while batch.len() < turn && !last {
+            // One request, then this thread's share of it and those whole
+            // behind it in the buffer.
+            let mut turn = 1;
+            while batch.len() < turn {
                 match read_request(&mut reader) {
                     Ok(Some(request)) => batch.push(request),
                     Ok(None) => {
                         shared.done.store(true, Ordering::SeqCst);
                         last = true;
+                        break;
                     }
                     Err(e) => {
+                        // Requests already read still finish and are answered.
                         shared.fail(e, None);
                         last = true;
+                        break;
                     }
                 }
+                if batch.len() == 1 {
+                    turn = (1 + whole_requests(reader.buffer(), TURN_REQUESTS_MAX - 1)).div_ceil(threads.max(1));
+                }
+            }
+            if batch.is_empty() {
+                return;
             }
             shared.running.fetch_add(batch.len(), Ordering::Relaxed);
             reader.get_mut().get_mut().1.batch += batch.len();
