@@ -13,7 +13,9 @@
 # userspace hop on this machine, so "agent / floor" (the faster hop of the
 # row) says how close the agent is to what a hop can do here at all.
 #
-# Usage: bench/agent.sh   (env: BENCH_SECONDS=10 per row, BENCH_SIZE_MIB=2048, BENCH_ROWS=all)
+# Usage: bench/agent.sh   (env: BENCH_SECONDS=10 per row, BENCH_SIZE_MIB=2048, BENCH_ROWS=all,
+#                          BENCH_ROUNDS=1: the whole matrix again, rounds interleaved; the
+#                          tables then give medians and every round's ratios)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${BENCH_SECONDS:-10}
@@ -64,35 +66,54 @@ fio_nbd "${URI[agent]}" write 1m 8 "$WORK_MIB" 1 >/dev/null   # fill the volume'
 FIO_OFFSET_BYTES=$DATA_OFFSET fio_nbd "${URI[direct]}" write 1m 8 "$WORK_MIB" 1 >/dev/null  # the same device range
 
 results="$D/results.txt"
-for row in "${ROWS[@]}"; do
-    read -r name rw bs depth <<<"$row"
-    for path in agent proxy direct splice copy; do
-        r=$(FIO_OFFSET_BYTES=${OFFSET[$path]} fio_nbd_cpu "${HOP[$path]}" "${URI[$path]}" "$rw" "$bs" "$depth" "$WORK_MIB" "$SECS")
-        echo "$name $path $r" >>"$results"
+ROUNDS=${BENCH_ROUNDS:-1}
+for round in $(seq "$ROUNDS"); do
+    for row in "${ROWS[@]}"; do
+        read -r name rw bs depth <<<"$row"
+        for path in agent proxy direct splice copy; do
+            r=$(FIO_OFFSET_BYTES=${OFFSET[$path]} fio_nbd_cpu "${HOP[$path]}" "${URI[$path]}" "$rw" "$bs" "$depth" "$WORK_MIB" "$SECS")
+            echo "$round $name $path $r" >>"$results"
+        done
+        echo "done: $name (round $round of $ROUNDS)" >&2
     done
-    echo "done: $name" >&2
 done
 mkdir -p bench/results
 out="bench/results/agent-$(date +%Y%m%d-%H%M%S).md"
 python3 - "$results" "$SECS" >"$out" <<'PY'
-import sys, collections
+import sys, collections, statistics
+# name -> path -> round -> (iops, MiB/s, CPU µs per request)
 rows = collections.OrderedDict()
 for line in open(sys.argv[1]):
-    name, who, iops, mib, cpu = line.split()
-    rows.setdefault(name, {})[who] = (float(iops), float(mib), cpu)
-print(f"fio nbd engine, unix sockets, one nbdkit memory device, {sys.argv[2]} s per row\n")
+    rnd, name, who, iops, mib, cpu = line.split()
+    rows.setdefault(name, {}).setdefault(who, {})[int(rnd)] = (float(iops), float(mib), float(cpu))
+rounds = sorted({rnd for r in rows.values() for w in r.values() for rnd in w})
+med = statistics.median
+def iops(r, who): return med(s[0] for s in r[who].values())
+def field(r, who, k): return "%.1f" % med(s[k] for s in r[who].values())
+def floor(r, rnd): return max(r["splice"][rnd][0], r["copy"][rnd][0])
+def ratios(r, num, den):
+    """The ratio of each round (both sides measured in that round)."""
+    return [r[num][rnd][0] / (den(r, rnd) if callable(den) else r[den][rnd][0]) for rnd in rounds]
+many = len(rounds) > 1
+head = f"medians of {len(rounds)} interleaved rounds; each ratio is the median of the rounds' ratios" if many else "one round"
+print(f"fio nbd engine, unix sockets, one nbdkit memory device, {sys.argv[2]} s per row, {head}\n")
 print("| row | agent IOPS | nbdkit proxy IOPS | direct IOPS | agent MiB/s | agent / proxy | agent / direct | CPU µs/request: agent / proxy / device (direct) |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|")
 for name, r in rows.items():
-    a, p, d = r["agent"], r["proxy"], r["direct"]
-    print(f"| {name} | {a[0]:.0f} | {p[0]:.0f} | {d[0]:.0f} | {a[1]:.1f} | {a[0]/p[0]:.2f} | {a[0]/d[0]:.2f} | {a[2]} / {p[2]} / {d[2]} |")
+    cpu = " / ".join(field(r, w, 2) for w in ("agent", "proxy", "direct"))
+    print(f"| {name} | {iops(r, 'agent'):.0f} | {iops(r, 'proxy'):.0f} | {iops(r, 'direct'):.0f} | {field(r, 'agent', 1)} | {med(ratios(r, 'agent', 'proxy')):.2f} | {med(ratios(r, 'agent', 'direct')):.2f} | {cpu} |")
 print("\nThe floor of one userspace hop, same run (byte hops that parse nothing; the floor is the faster of the two):\n")
 print("| row | splice hop IOPS | copy hop IOPS | splice / direct | copy / direct | agent / floor | CPU µs/request: splice / copy |")
 print("|---|---:|---:|---:|---:|---:|---:|")
 for name, r in rows.items():
-    a, d, s, c = r["agent"], r["direct"], r["splice"], r["copy"]
-    floor = max(s[0], c[0])
-    print(f"| {name} | {s[0]:.0f} | {c[0]:.0f} | {s[0]/d[0]:.2f} | {c[0]/d[0]:.2f} | {a[0]/floor:.2f} | {s[2]} / {c[2]} |")
+    print(f"| {name} | {iops(r, 'splice'):.0f} | {iops(r, 'copy'):.0f} | {med(ratios(r, 'splice', 'direct')):.2f} | {med(ratios(r, 'copy', 'direct')):.2f} | {med(ratios(r, 'agent', floor)):.2f} | {field(r, 'splice', 2)} / {field(r, 'copy', 2)} |")
+if many:
+    print("\nEvery round's ratios, in the order run:\n")
+    print("| row | agent / proxy | agent / direct | agent / floor |")
+    print("|---|---|---|---|")
+    for name, r in rows.items():
+        cells = (", ".join("%.2f" % x for x in ratios(r, "agent", den)) for den in ("proxy", "direct", floor))
+        print(f"| {name} | " + " | ".join(cells) + " |")
 PY
 show_results "$out"
 $BIN/sanvol-agent detach vol --control-socket "$D/agent-agent.sock" || echo "warning: detaching the volume failed" >&2

@@ -13,7 +13,9 @@
 # Client: blockio's client against fio's libnbd engine, both driving the same
 # `nbdkit memory` export.
 #
-# Usage: bench/nbd-engine.sh   (env: BENCH_SECONDS=10 per row, BENCH_SIZE_MIB=1024, BENCH_ROWS=all)
+# Usage: bench/nbd-engine.sh   (env: BENCH_SECONDS=10 per row, BENCH_SIZE_MIB=1024, BENCH_ROWS=all,
+#                              BENCH_ROUNDS=1: the whole matrix again, rounds interleaved; the
+#                              tables then give medians and every round's ratios)
 # Prints a markdown table with the ratios; also saved under bench/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,42 +56,67 @@ for s in ours poll async nbdcrate nbdkit; do
 done
 
 results="$BENCH_DIR/results.txt"
-for row in "${ROWS[@]}"; do
-    read -r name rw bs depth <<<"$row"
-    for s in ours poll async nbdkit nbdcrate; do
-        echo "server $name $s $(fio_nbd_cpu "${PID_OF[$s]}" "$(sock_uri $s)" "$rw" "$bs" "$depth" "$WORK_MIB" "$SECS")" >>"$results"
+ROUNDS=${BENCH_ROUNDS:-1}
+for round in $(seq "$ROUNDS"); do
+    for row in "${ROWS[@]}"; do
+        read -r name rw bs depth <<<"$row"
+        for s in ours poll async nbdkit nbdcrate; do
+            echo "$round server $name $s $(fio_nbd_cpu "${PID_OF[$s]}" "$(sock_uri $s)" "$rw" "$bs" "$depth" "$WORK_MIB" "$SECS")" >>"$results"
+        done
+        # Client side: fio (libnbd) vs blockio's client, both on nbdkit.
+        echo "$round client $name fio $(fio_nbd "$(sock_uri nbdkit)" "$rw" "$bs" "$depth" "$WORK_MIB" "$SECS") -" >>"$results"
+        case $bs in 4k) bytes=4096 ;; 1m) bytes=1048576 ;; esac
+        ours=$(target/release/examples/nbd_client_bench "$(sock_uri nbdkit)" "$rw" "$bytes" "$depth" "$SECS" --json |
+            python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.0f %.1f -" % (r["iops"], r["mib_per_s"]))')
+        echo "$round client $name ours $ours" >>"$results"
+        echo "done: $name (round $round of $ROUNDS)" >&2
     done
-    # Client side: fio (libnbd) vs blockio's client, both on nbdkit.
-    echo "client $name fio $(fio_nbd "$(sock_uri nbdkit)" "$rw" "$bs" "$depth" "$WORK_MIB" "$SECS") -" >>"$results"
-    case $bs in 4k) bytes=4096 ;; 1m) bytes=1048576 ;; esac
-    ours=$(target/release/examples/nbd_client_bench "$(sock_uri nbdkit)" "$rw" "$bytes" "$depth" "$SECS" --json |
-        python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.0f %.1f -" % (r["iops"], r["mib_per_s"]))')
-    echo "client $name ours $ours" >>"$results"
-    echo "done: $name" >&2
 done
 
 mkdir -p bench/results
 out="bench/results/nbd-engine-$(date +%Y%m%d-%H%M%S).md"
 python3 - "$results" "$SECS" >"$out" <<'PY'
-import sys, collections
+import sys, collections, statistics
+# (side, name) -> who -> round -> (iops, MiB/s, CPU µs per request or "-")
 rows = collections.OrderedDict()
 for line in open(sys.argv[1]):
-    side, name, who, iops, mib, cpu = line.split()
-    rows.setdefault((side, name), {})[who] = (float(iops), float(mib), cpu)
-print(f"fio nbd engine, unix socket, memory backends, {sys.argv[2]} s per row\n")
+    rnd, side, name, who, iops, mib, cpu = line.split()
+    rows.setdefault((side, name), {}).setdefault(who, {})[int(rnd)] = (float(iops), float(mib), cpu)
+rounds = sorted({rnd for r in rows.values() for w in r.values() for rnd in w})
+med = statistics.median
+def iops(r, who): return med(s[0] for s in r[who].values())
+def mib(r, who): return med(s[1] for s in r[who].values())
+def cpu(r, who): return "%.1f" % med(float(s[2]) for s in r[who].values())
+def best(r, rnd): return max(r["nbdkit"][rnd][0], r["nbdcrate"][rnd][0])
+def ratios(r, num, den):
+    """The ratio of each round (both sides measured in that round)."""
+    return [r[num][rnd][0] / (den(r, rnd) if callable(den) else r[den][rnd][0]) for rnd in rounds]
+many = len(rounds) > 1
+head = f"medians of {len(rounds)} interleaved rounds; each ratio is the median of the rounds' ratios" if many else "one round"
+print(f"fio nbd engine, unix socket, memory backends, {sys.argv[2]} s per row, {head}\n")
 print("### Server: fio -> server\n")
 print("| row | blockio IOPS | blockio polling IOPS | blockio async IOPS | nbdkit IOPS | nbd crate IOPS | blockio MiB/s | ratio vs faster peer | polling / faster peer | async / faster peer | CPU µs/request: blockio / polling / async / nbdkit / nbd crate |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for (side, name), r in rows.items():
     if side != "server": continue
-    best = max(r["nbdkit"][0], r["nbdcrate"][0])
-    cpu = " / ".join(r[w][2] for w in ("ours", "poll", "async", "nbdkit", "nbdcrate"))
-    print(f"| {name} | {r['ours'][0]:.0f} | {r['poll'][0]:.0f} | {r['async'][0]:.0f} | {r['nbdkit'][0]:.0f} | {r['nbdcrate'][0]:.0f} | {r['ours'][1]:.1f} | {r['ours'][0]/best:.2f} | {r['poll'][0]/best:.2f} | {r['async'][0]/best:.2f} | {cpu} |")
+    cpus = " / ".join(cpu(r, w) for w in ("ours", "poll", "async", "nbdkit", "nbdcrate"))
+    cols = " | ".join("%.0f" % iops(r, w) for w in ("ours", "poll", "async", "nbdkit", "nbdcrate"))
+    rats = " | ".join("%.2f" % med(ratios(r, w, best)) for w in ("ours", "poll", "async"))
+    print(f"| {name} | {cols} | {mib(r, 'ours'):.1f} | {rats} | {cpus} |")
 print("\n### Client: client -> nbdkit memory\n")
 print("| row | blockio client IOPS | fio/libnbd IOPS | blockio MiB/s | fio MiB/s | ratio |")
 print("|---|---:|---:|---:|---:|---:|")
 for (side, name), r in rows.items():
     if side != "client": continue
-    print(f"| {name} | {r['ours'][0]:.0f} | {r['fio'][0]:.0f} | {r['ours'][1]:.1f} | {r['fio'][1]:.1f} | {r['ours'][0]/r['fio'][0]:.2f} |")
+    print(f"| {name} | {iops(r, 'ours'):.0f} | {iops(r, 'fio'):.0f} | {mib(r, 'ours'):.1f} | {mib(r, 'fio'):.1f} | {med(ratios(r, 'ours', 'fio')):.2f} |")
+if many:
+    print("\nEvery round's ratios, in the order run:\n")
+    print("| row | blockio / faster peer | polling / faster peer | async / faster peer | client / fio |")
+    print("|---|---|---|---|---|")
+    for name in dict.fromkeys(n for _, n in rows):
+        r, c = rows[("server", name)], rows[("client", name)]
+        cells = [", ".join("%.2f" % x for x in ratios(r, w, best)) for w in ("ours", "poll", "async")]
+        cells.append(", ".join("%.2f" % x for x in ratios(c, "ours", "fio")))
+        print(f"| {name} | " + " | ".join(cells) + " |")
 PY
 show_results "$out"
