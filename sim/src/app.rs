@@ -460,14 +460,15 @@ fn stranded_mirror(env: &mut Env) -> Option<Request> {
     }
     let meta = &env.obs.meta;
     // Whether `host`'s server would replay its file for record `m`
-    // (`mirror::replayable`: the generation's file, or the next one's
-    // prepared there and never committed). The file of a committed
-    // generation always exists (it is prepared before the commit), so no
-    // record is without one: the operator never has to give one up.
+    // (`mirror::replayable`: only the named server's file of the
+    // generation, or of the next one prepared there and never committed).
+    // The file of a committed generation always exists (it is prepared
+    // before the commit), so no record is without one: the operator never
+    // has to give one up.
     let has = |host: usize, m: &CacheMirrorRecord| {
-        let next_here = m.server == format!("mds{host}");
+        let named_here = m.server == format!("mds{host}");
         let file = env.mirrors.get(host).and_then(|h| h.file(m.volume));
-        file.is_some_and(|f| metadata_server::mirror::replayable(f.generation, m.generation, next_here))
+        file.is_some_and(|f| metadata_server::mirror::replayable(f.generation, m.generation, named_here))
     };
     // (A volume held has a pending generation: a live mirror.)
     let held = |m: &CacheMirrorRecord| {

@@ -431,12 +431,12 @@ fn apply(volume: VolumeId, v: &mut VolumeState, q: Queued) -> Vec<Done> {
             };
             answer(result);
         }
-        MirrorOp::Replay { meta, expected, next_here } => {
+        MirrorOp::Replay { meta, expected, named_here } => {
             drop_waiting(w, "the holder is gone; its mirror is being replayed", &mut out);
             w.open = None;
             w.staged = None;
             w.prepared = None;
-            match replay_plan(volume, v.file.as_ref(), &meta, expected.as_ref(), next_here) {
+            match replay_plan(volume, v.file.as_ref(), &meta, expected.as_ref(), named_here) {
                 Ok(writes) if writes.is_empty() => out.push(Done::Answer { id, result: Ok(Response::Done) }),
                 Ok(writes) => {
                     let records = v.file.as_ref().map_or(0, |f| f.records.len());
@@ -551,17 +551,19 @@ pub fn replay_plan(
     file: Option<&MirrorFile>,
     meta: &PoolMetadata,
     expected: Option<&CacheMirrorRecord>,
-    next_here: bool,
+    named_here: bool,
 ) -> Result<Vec<(u64, Vec<Content>)>, ControlError> {
     let path = format!("volume-{}.mirror", volume.0);
     let generation = file.and_then(|f| f.generation);
     if let Some(expected) = expected {
-        if !metadata_server::mirror::replayable(generation, expected.generation, next_here) {
-            let here = match generation {
-                Some(g) => format!("this server's mirror file {path} is of generation {g}"),
-                None => format!("this server has no mirror file of it ({path})"),
-            };
+        if !metadata_server::mirror::replayable(generation, expected.generation, named_here) {
             let server = if expected.server.is_empty() { "another metadata server" } else { &expected.server };
+            let here = metadata_server::mirror::not_replayable_here(
+                generation,
+                expected.generation,
+                server,
+                std::path::Path::new(&path),
+            );
             return Err(ControlError::new(
                 ErrorCode::Unavailable,
                 format!(
@@ -760,20 +762,30 @@ mod tests {
     #[test]
     fn a_replay_checks_the_generation_and_writes_the_newest_record_of_each_block() {
         let mut m = HostMirrors::default();
-        let done = run(&mut m, A, MirrorOp::Replay { meta: meta(), expected: None, next_here: false });
+        let done = run(&mut m, A, MirrorOp::Replay { meta: meta(), expected: None, named_here: false });
         assert!(matches!(answer(&done), Ok(Response::Done)), "no file, nothing expected: {done:?}");
-        let done = run(&mut m, A, MirrorOp::Replay { meta: meta(), expected: expected(2, "mds0"), next_here: false });
+        let done = run(&mut m, A, MirrorOp::Replay { meta: meta(), expected: expected(2, "mds0"), named_here: false });
         assert!(matches!(answer(&done), Err(e) if e.message.contains("has no mirror file")), "{done:?}");
         open(&mut m, A, 2);
         let records = vec![rec(1, 5, 1), rec(2, 6, 2), rec(3, 5, 3), rec(4, 9, 4)];
         run(&mut m, A, MirrorOp::Append { records });
-        let done = run(&mut m, A, MirrorOp::Replay { meta: meta(), expected: expected(1, "mds1"), next_here: false });
+        let done = run(&mut m, A, MirrorOp::Replay { meta: meta(), expected: expected(1, "mds1"), named_here: false });
         assert!(
             matches!(answer(&done), Err(e) if e.message.contains("generation 1 by mds1") && e.message.contains("of generation 2")),
             "{done:?}"
         );
         assert_eq!(tags(&m).len(), 4, "a refused replay keeps the file");
-        let id = m.submit(V, A, MirrorOp::Replay { meta: meta(), expected: expected(2, "mds0"), next_here: false });
+        // The same generation, but the record names another server: this
+        // file was prepared for a commit that did not happen (seed
+        // 260647906676046 replayed it and lost the named server's writes).
+        let done = run(&mut m, A, MirrorOp::Replay { meta: meta(), expected: expected(2, "mds1"), named_here: false });
+        assert!(
+            matches!(answer(&done), Err(e) if e.message.contains("generation 2 by mds1")
+                && e.message.contains("prepared here for a commit that did not happen")),
+            "{done:?}"
+        );
+        assert_eq!(tags(&m).len(), 4, "a refused replay keeps the file");
+        let id = m.submit(V, A, MirrorOp::Replay { meta: meta(), expected: expected(2, "mds0"), named_here: true });
         let status = CacheStateInfo { cache: None, holder: None, mirroring: true, held_records: 0, held_bytes: 0 };
         let after = m.submit(V, A, MirrorOp::Status { known: status.clone() });
         let remove = m.submit(V, A, MirrorOp::Remove);

@@ -772,8 +772,8 @@ impl ServerProc {
             }
             // The volume's mirror worker runs them, in its order
             // (`owner::start_job`); the answer is the job's outcome.
-            Job::MirrorReplay { meta, volume, expected, next_here } => {
-                let op = metadata_server::mirror::MirrorOp::Replay { meta, expected, next_here };
+            Job::MirrorReplay { meta, volume, expected, named_here } => {
+                let op = metadata_server::mirror::MirrorOp::Replay { meta, expected, named_here };
                 return self.mirror_submit(volume, op, Some(MirrorWaiter::Job(task)), env);
             }
             Job::MirrorPrepare { volume, cache, generation, staged } => {

@@ -108,6 +108,13 @@ const TWO_SERVER_REGRESSION_SEEDS: &[u64] = &[
     128124716596664,
     67050149240177,
     123708996430583,
+    // A server prepared mirror generation 2 and lost the pool before
+    // committing it; the next server prepared and committed its own
+    // generation 2, which took the holder's writes. When the first server
+    // was active again and the holder gone, it replayed its own uncommitted
+    // "generation 2" and recorded the mirror as replayed without them
+    // (exploration). Only the recorded server's file is replayed now.
+    260647906676046,
     // The admin handed the pool back and forth for volumes still held (a
     // held volume's holder mirrors at the new server once it resumed).
     254902238156697,

@@ -90,16 +90,17 @@ pub enum MirrorOp {
         upto_seq: u64,
     },
     /// Write everything the mirror holds to the volume's devices, in order
-    /// (the holder is gone), if the file is of the `expected` generation
-    /// (`None`: a pool that recorded none) — or, with `next_here` (the
-    /// record names this server), of the generation after it: prepared
-    /// here and never committed ([`MirrorOp::Prepare`]), it holds what the
-    /// expected one held and the devices lack. Answered `Done` or with why
-    /// not (another server holds that generation).
+    /// (the holder is gone), if the `expected` record names this server
+    /// (`named_here`) and the file is of its generation (`None`: a pool that
+    /// recorded none: whatever the file holds) — or of the generation after
+    /// it: prepared here and never committed ([`MirrorOp::Prepare`]), it
+    /// holds what the expected one held and the devices lack
+    /// ([`replayable`]). Answered `Done` or with why not (another server
+    /// holds that generation).
     Replay {
         meta: std::sync::Arc<PoolMetadata>,
         expected: Option<CacheMirrorRecord>,
-        next_here: bool,
+        named_here: bool,
     },
     /// The volume has no cache any more (or no longer exists): delete the
     /// file. Only once nothing is held.
@@ -133,12 +134,37 @@ impl MirrorReply {
 }
 
 /// Whether a mirror file of generation `held` may be replayed for a record
-/// of generation `expected`: the same generation, or (`next_here`: the
-/// record names this server) the next one, prepared for a commit that did
-/// not happen ([`MirrorOp::Prepare`]). Any other file is stale, or not this
+/// of generation `expected`, which names this server (`named_here`) or
+/// another: only a file of the named server — of that generation, or of the
+/// next one, prepared there for a commit that did not happen
+/// ([`MirrorOp::Prepare`]). Any other file is stale, or not this
 /// generation's.
-pub fn replayable(held: Option<u64>, expected: u64, next_here: bool) -> bool {
-    held == Some(expected) || (next_here && held == expected.checked_add(1))
+///
+/// A file of the same generation on a server the record does not name is
+/// stale too: generations are numbered by the pool's record, so a server
+/// that prepared generation 2 and lost the lease before committing it left
+/// a file of "generation 2", and the next active server prepared and
+/// committed its own generation 2, which took the holder's writes. Replaying
+/// the first file recorded the volume as replayed without them (simulator
+/// seed 260647906676046).
+pub fn replayable(held: Option<u64>, expected: u64, named_here: bool) -> bool {
+    named_here && (held == Some(expected) || held == expected.checked_add(1))
+}
+
+/// What this server's file is, in the refusal of a replay that
+/// [`replayable`] rejected: `held` is the file's generation, `expected` and
+/// `server` the record's.
+pub fn not_replayable_here(held: Option<u64>, expected: u64, server: &str, path: &std::path::Path) -> String {
+    match held {
+        Some(g) if g == expected => format!(
+            "this server's mirror file {} is of generation {g} too, but it was prepared here for a commit that did \
+             not happen and holds none of the writes {server} mirrored (if {server} is this server under an earlier \
+             name, set that `name` in mds.toml again)",
+            path.display()
+        ),
+        Some(g) => format!("this server's mirror file {} is of generation {g}", path.display()),
+        None => format!("this server has no mirror file of it ({})", path.display()),
+    }
 }
 
 /// Why an append is refused for its size (`None`: within the limits).
@@ -257,5 +283,39 @@ impl Drop for Mirrors {
     fn drop(&mut self) {
         self.lanes.publish(lane::Holders::new());
         self.lanes.workers.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_named_servers_file_of_the_generation_or_the_next_is_replayable() {
+        // The named server: its file of the generation, or of the next one
+        // (prepared for a commit that did not happen).
+        assert!(replayable(Some(2), 2, true));
+        assert!(replayable(Some(3), 2, true));
+        assert!(!replayable(Some(1), 2, true), "an older file is stale");
+        assert!(!replayable(Some(4), 2, true));
+        assert!(!replayable(None, 2, true));
+        assert!(!replayable(Some(u64::MAX), u64::MAX - 1, false));
+        // Any other server: never, not even a file of the same generation
+        // (simulator seed 260647906676046).
+        assert!(!replayable(Some(2), 2, false));
+        assert!(!replayable(Some(3), 2, false));
+    }
+
+    #[test]
+    fn a_refusal_says_what_the_file_here_is() {
+        let path = std::path::Path::new("/m/volume-7.mirror");
+        let same = not_replayable_here(Some(2), 2, "mds-b", path);
+        assert!(same.contains("of generation 2 too") && same.contains("commit that did not happen"), "{same}");
+        assert!(same.contains("writes mds-b mirrored"), "{same}");
+        assert_eq!(
+            not_replayable_here(Some(1), 2, "mds-b", path),
+            "this server's mirror file /m/volume-7.mirror is of generation 1"
+        );
+        assert!(not_replayable_here(None, 2, "mds-b", path).starts_with("this server has no mirror file of it"));
     }
 }

@@ -199,13 +199,13 @@ impl Worker {
                 };
                 reply.send(result);
             }
-            MirrorOp::Replay { meta, expected, next_here } => {
+            MirrorOp::Replay { meta, expected, named_here } => {
                 // Appends not yet durable were never acknowledged: dropped.
                 self.drop_waiting("the holder is gone; its mirror is being replayed");
                 self.mirror = None;
                 self.staged = None;
                 self.prepared = None;
-                let result = self.replay(&meta, expected.as_ref(), next_here).await;
+                let result = self.replay(&meta, expected.as_ref(), named_here).await;
                 reply.send(result.map(|()| Response::Done));
             }
             MirrorOp::Status { mut known } => {
@@ -433,11 +433,11 @@ impl Worker {
         }
     }
 
-    /// Writes the file's records to the devices, in order, when its
-    /// generation is `expected`'s (or, with `None`, a pool that never
-    /// recorded one: whatever the file holds), or, with `next_here`, the
-    /// one after it (prepared here, never committed: see
-    /// [`MirrorOp::Prepare`]). The file stays: the owner
+    /// Writes the file's records to the devices, in order, when `expected`
+    /// names this server (`named_here`) and the file is of its generation
+    /// or the one after it (prepared here, never committed: see
+    /// [`MirrorOp::Prepare`]) — or, with `None`, a pool that never
+    /// recorded one: whatever the file holds. The file stays: the owner
     /// records "nothing pending" next, and a file of an older generation is
     /// never replayed again (a crash before that record replays it again,
     /// harmlessly: nobody wrote the volume since).
@@ -445,7 +445,7 @@ impl Worker {
         &mut self,
         meta: &volume_format::metadata::PoolMetadata,
         expected: Option<&CacheMirrorRecord>,
-        next_here: bool,
+        named_here: bool,
     ) -> Result<(), ControlError> {
         let devices = &self.devices;
         let path = store::mirror_path(&self.dir, self.volume);
@@ -460,12 +460,9 @@ impl Worker {
             )
         })?;
         if let Some(expected) = expected {
-            if !super::replayable(held.generation, expected.generation, next_here) {
-                let here = match held.generation {
-                    Some(g) => format!("this server's mirror file {} is of generation {g}", path.display()),
-                    None => format!("this server has no mirror file of it ({})", path.display()),
-                };
+            if !super::replayable(held.generation, expected.generation, named_here) {
                 let server = if expected.server.is_empty() { "another metadata server" } else { &expected.server };
+                let here = super::not_replayable_here(held.generation, expected.generation, server, &path);
                 return Err(ControlError::new(
                     ErrorCode::Unavailable,
                     format!(

@@ -350,9 +350,9 @@ impl Core {
     /// Runs the replay of `volume`'s mirror, then `next`.
     pub(super) fn replay_then(&mut self, volume: VolumeId, next: AfterReplay) -> Step {
         let expected = self.meta.cache_mirror(volume).cloned();
-        let next_here = expected.as_ref().is_some_and(|m| m.server == self.own_name());
+        let named_here = expected.as_ref().is_some_and(|m| m.server == self.own_name());
         Step::Job {
-            job: Job::MirrorReplay { meta: self.meta.clone(), volume, expected, next_here },
+            job: Job::MirrorReplay { meta: self.meta.clone(), volume, expected, named_here },
             busy: Some((volume, Busy::Resync)),
             then: AfterJob::MirrorReplayed { volume, next, cleared: false },
         }

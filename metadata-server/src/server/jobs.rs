@@ -44,14 +44,14 @@ pub enum Job {
     /// its connection to the device task before reporting (`pool::add`).
     LabelDevice(crate::pool::add::LabelRequest),
     /// Write every record `volume`'s cache mirror holds to its devices, in
-    /// order, if its file is of the `expected` generation — or, with
-    /// `next_here`, the next one, prepared here and never committed (its
-    /// holder is gone; `crate::mirror`).
+    /// order, if the `expected` record names this server (`named_here`)
+    /// and its file is of that generation — or the next one, prepared here
+    /// and never committed (its holder is gone; `crate::mirror::replayable`).
     MirrorReplay {
         meta: Arc<PoolMetadata>,
         volume: VolumeId,
         expected: Option<volume_format::metadata::CacheMirrorRecord>,
-        next_here: bool,
+        named_here: bool,
     },
     /// Prepare the file of `volume`'s mirror `generation` before that
     /// generation is committed: empty, or the staged copy of attempt and
