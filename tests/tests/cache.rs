@@ -1325,6 +1325,68 @@ async fn kill_9_of_the_server_under_fio_mirroring_resumes_at_the_standby_which_r
     );
 }
 
+/// A server that prepared a mirror generation and lost the pool before it
+/// committed it keeps a file with that generation's number, which holds
+/// none of the writes the server that did commit it mirrored (simulator
+/// seed 260647906676046). That state is made here by copying `mds-1`'s
+/// freshly prepared file into `mds-2`'s mirror directory. The holder is
+/// killed (SIGKILL) with acknowledged writes the device lacks, then `mds-1`
+/// too: `mds-2` takes over and must refuse the next open, naming `mds-1`,
+/// rather than replay its own file and open the volume without them. Once
+/// `mds-1` is back and handed the pool, it replays; the device file, read
+/// directly, holds every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_of_the_recorded_generation_at_another_server_is_never_replayed() {
+    let (mut rig, _standby) = MirrorRig::with_standby();
+    rig.stack.authorize_agent("agent-b");
+    let (mut a, uri) = attach_cached(&rig.stack, "agent-a");
+    let mirrors = |n: u32| rig.stack.dir.path().join(format!("mirror-{n}"));
+    let prepared: Vec<PathBuf> = std::fs::read_dir(mirrors(1))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().ends_with(".mirror"))
+        .collect();
+    let [prepared] = &prepared[..] else { panic!("one mirror file at mds-1: {prepared:?}") };
+    std::fs::create_dir_all(mirrors(2)).unwrap();
+    std::fs::copy(prepared, mirrors(2).join(prepared.file_name().unwrap())).unwrap();
+
+    let client = Arc::new(NbdClient::connect(&uri, ClientOptions::default()).await.unwrap());
+    let (model, acked) = kill_in_the_fifth_round(client, || a.proc.kill()).await;
+    let lacking = check_device(&rig.volume_image(), &model, 4, &acked);
+    assert!(lacking.is_err(), "the device held every acknowledged round at the holder's kill: the test proves nothing");
+    rig.stack.kill_mds();
+
+    let b = rig.stack.restart_agent("agent-b");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let refusal = loop {
+        let out = b.cli(&["attach", "db", "--mode", "exclusive"]);
+        assert!(
+            !out.status.success(),
+            "db opened at mds-2 without the writes mirrored at mds-1 (device: {:?})\n{}",
+            check_device(&rig.volume_image(), &model, 4, &acked),
+            rig.stack.all_logs(200)
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        if stderr.contains("prepared here for a commit that did not happen") {
+            break stderr;
+        }
+        assert!(std::time::Instant::now() < deadline, "attach: {stderr}\n{}", rig.stack.all_logs(200));
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert!(refusal.contains("by mds-1"), "the refusal names the server holding the mirror: {refusal}");
+    assert!(check_device(&rig.volume_image(), &model, 4, &acked).is_err(), "nothing replayed the writes yet");
+
+    rig.stack.mds_config_extra = vec!["cache_mirror_dir = \"mirror-1\"".into()];
+    rig.stack.start_mds();
+    handoff(&rig.stack, "mds-1").await;
+    attach_when_connected(&b, &rig.stack).await;
+    let log = rig.stack.mds_log();
+    assert!(replayed_records(&log).is_some(), "mds-1 replayed no mirror before the attach:\n{log}");
+    if let Err(e) = check_device(&rig.volume_image(), &model, 4, &acked) {
+        panic!("after mds-1's replay: {e}\n{}", rig.stack.all_logs(200));
+    }
+}
+
 /// Another agent attaches `db`: refused while the dead holder's handle
 /// lives, answered once the server replayed the holder's cache mirror.
 async fn attach_after_replay(stack: &sanvol_tests::system::Stack, name: &str) -> sanvol_tests::system::Agent {
