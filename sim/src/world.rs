@@ -286,7 +286,7 @@ pub struct Env {
     /// Cached volumes whose holder died (or lost its handle) with writes the
     /// devices lack, and the mirror generation that holds them: the devices
     /// are not checked against those writes until the server replayed that
-    /// generation (its record is no longer pending) or a newer one started.
+    /// generation or a later one (the record is no longer pending).
     pub cache_orphans: BTreeMap<u64, u64>,
     /// Volumes the admin is to give a cache before the plan has them.
     pub to_cache: Vec<String>,

@@ -115,6 +115,11 @@ const TWO_SERVER_REGRESSION_SEEDS: &[u64] = &[
     // "generation 2" and recorded the mirror as replayed without them
     // (exploration). Only the recorded server's file is replayed now.
     260647906676046,
+    // The model's destage rounds while recalled (64 records) took a recall
+    // past its bound when the holder was paused and reconnected in the
+    // middle of some 250 records (exploration); recalled rounds are now
+    // production's size, half the log.
+    51837511537883,
     // The admin handed the pool back and forth for volumes still held (a
     // held volume's holder mirrors at the new server once it resumed).
     254902238156697,

@@ -59,11 +59,15 @@ pub const MIRROR_RETRY_MS: u64 = 500;
 /// Records per `MirrorStage` request (small, for more interleavings).
 const STAGE_RECORDS: usize = 3;
 /// Records per destage round (small, for more interleavings), and while
-/// the volume is recalled (the confirmation waits for the destage:
-/// production's rounds are up to megabytes, so it does not take the
-/// recall's whole bound).
+/// the volume is recalled (the confirmation waits for the destage).
+/// Recalled, a round is what production's is: up to half the log
+/// (`client_agent::cache`: `DESTAGE_ROUND_BYTES_MAX` or half the log,
+/// whichever is less), 1024 records of the 8 MiB caches the worlds draw.
+/// Rounds of 64 took a recall past its bound when the holder was paused
+/// and reconnected in the middle (seed 51837511537883: some 250 records
+/// in four rounds).
 const ROUND_RECORDS: usize = 4;
-const ROUND_RECORDS_RECALLED: usize = 64;
+const ROUND_RECORDS_RECALLED: usize = 1024;
 /// How [`AgentHost::on_cache_message`] marks a refusal for a volume
 /// without a cache (`InvalidArgument` to `MirrorOpen`).
 const NO_CACHE: &str = "no cache: ";
