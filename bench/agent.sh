@@ -80,39 +80,28 @@ done
 mkdir -p bench/results
 out="bench/results/agent-$(date +%Y%m%d-%H%M%S).md"
 python3 - "$results" "$SECS" >"$out" <<'PY'
-import sys, collections, statistics
-# name -> path -> round -> (iops, MiB/s, CPU µs per request)
-rows = collections.OrderedDict()
-for line in open(sys.argv[1]):
-    rnd, name, who, iops, mib, cpu = line.split()
-    rows.setdefault(name, {}).setdefault(who, {})[int(rnd)] = (float(iops), float(mib), float(cpu))
-rounds = sorted({rnd for r in rows.values() for w in r.values() for rnd in w})
-med = statistics.median
-def iops(r, who): return med(s[0] for s in r[who].values())
-def field(r, who, k): return "%.1f" % med(s[k] for s in r[who].values())
+import sys
+sys.path.insert(0, "bench")
+from rounds import load, med, iops, mib, cpu, ratios, heading
+rows, rounds = load(sys.argv[1])
 def floor(r, rnd): return max(r["splice"][rnd][0], r["copy"][rnd][0])
-def ratios(r, num, den):
-    """The ratio of each round (both sides measured in that round)."""
-    return [r[num][rnd][0] / (den(r, rnd) if callable(den) else r[den][rnd][0]) for rnd in rounds]
-many = len(rounds) > 1
-head = f"medians of {len(rounds)} interleaved rounds; each ratio is the median of the rounds' ratios" if many else "one round"
-print(f"fio nbd engine, unix sockets, one nbdkit memory device, {sys.argv[2]} s per row, {head}\n")
+print(f"fio nbd engine, unix sockets, one nbdkit memory device, {sys.argv[2]} s per row, {heading(rounds)}\n")
 print("| row | agent IOPS | nbdkit proxy IOPS | direct IOPS | agent MiB/s | agent / proxy | agent / direct | CPU µs/request: agent / proxy / device (direct) |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|")
-for name, r in rows.items():
-    cpu = " / ".join(field(r, w, 2) for w in ("agent", "proxy", "direct"))
-    print(f"| {name} | {iops(r, 'agent'):.0f} | {iops(r, 'proxy'):.0f} | {iops(r, 'direct'):.0f} | {field(r, 'agent', 1)} | {med(ratios(r, 'agent', 'proxy')):.2f} | {med(ratios(r, 'agent', 'direct')):.2f} | {cpu} |")
+for (name,), r in rows.items():
+    cpus = " / ".join(cpu(r, w) for w in ("agent", "proxy", "direct"))
+    print(f"| {name} | {iops(r, 'agent'):.0f} | {iops(r, 'proxy'):.0f} | {iops(r, 'direct'):.0f} | {mib(r, 'agent'):.1f} | {med(ratios(r, 'agent', 'proxy', rounds)):.2f} | {med(ratios(r, 'agent', 'direct', rounds)):.2f} | {cpus} |")
 print("\nThe floor of one userspace hop, same run (byte hops that parse nothing; the floor is the faster of the two):\n")
 print("| row | splice hop IOPS | copy hop IOPS | splice / direct | copy / direct | agent / floor | CPU µs/request: splice / copy |")
 print("|---|---:|---:|---:|---:|---:|---:|")
-for name, r in rows.items():
-    print(f"| {name} | {iops(r, 'splice'):.0f} | {iops(r, 'copy'):.0f} | {med(ratios(r, 'splice', 'direct')):.2f} | {med(ratios(r, 'copy', 'direct')):.2f} | {med(ratios(r, 'agent', floor)):.2f} | {field(r, 'splice', 2)} / {field(r, 'copy', 2)} |")
-if many:
+for (name,), r in rows.items():
+    print(f"| {name} | {iops(r, 'splice'):.0f} | {iops(r, 'copy'):.0f} | {med(ratios(r, 'splice', 'direct', rounds)):.2f} | {med(ratios(r, 'copy', 'direct', rounds)):.2f} | {med(ratios(r, 'agent', floor, rounds)):.2f} | {cpu(r, 'splice')} / {cpu(r, 'copy')} |")
+if len(rounds) > 1:
     print("\nEvery round's ratios, in the order run:\n")
     print("| row | agent / proxy | agent / direct | agent / floor |")
     print("|---|---|---|---|")
-    for name, r in rows.items():
-        cells = (", ".join("%.2f" % x for x in ratios(r, "agent", den)) for den in ("proxy", "direct", floor))
+    for (name,), r in rows.items():
+        cells = (", ".join("%.2f" % x for x in ratios(r, "agent", den, rounds)) for den in ("proxy", "direct", floor))
         print(f"| {name} | " + " | ".join(cells) + " |")
 PY
 show_results "$out"

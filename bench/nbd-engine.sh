@@ -76,24 +76,12 @@ done
 mkdir -p bench/results
 out="bench/results/nbd-engine-$(date +%Y%m%d-%H%M%S).md"
 python3 - "$results" "$SECS" >"$out" <<'PY'
-import sys, collections, statistics
-# (side, name) -> who -> round -> (iops, MiB/s, CPU µs per request or "-")
-rows = collections.OrderedDict()
-for line in open(sys.argv[1]):
-    rnd, side, name, who, iops, mib, cpu = line.split()
-    rows.setdefault((side, name), {}).setdefault(who, {})[int(rnd)] = (float(iops), float(mib), cpu)
-rounds = sorted({rnd for r in rows.values() for w in r.values() for rnd in w})
-med = statistics.median
-def iops(r, who): return med(s[0] for s in r[who].values())
-def mib(r, who): return med(s[1] for s in r[who].values())
-def cpu(r, who): return "%.1f" % med(float(s[2]) for s in r[who].values())
+import sys
+sys.path.insert(0, "bench")
+from rounds import load, med, iops, mib, cpu, ratios, heading
+rows, rounds = load(sys.argv[1])
 def best(r, rnd): return max(r["nbdkit"][rnd][0], r["nbdcrate"][rnd][0])
-def ratios(r, num, den):
-    """The ratio of each round (both sides measured in that round)."""
-    return [r[num][rnd][0] / (den(r, rnd) if callable(den) else r[den][rnd][0]) for rnd in rounds]
-many = len(rounds) > 1
-head = f"medians of {len(rounds)} interleaved rounds; each ratio is the median of the rounds' ratios" if many else "one round"
-print(f"fio nbd engine, unix socket, memory backends, {sys.argv[2]} s per row, {head}\n")
+print(f"fio nbd engine, unix socket, memory backends, {sys.argv[2]} s per row, {heading(rounds)}\n")
 print("### Server: fio -> server\n")
 print("| row | blockio IOPS | blockio polling IOPS | blockio async IOPS | nbdkit IOPS | nbd crate IOPS | blockio MiB/s | ratio vs faster peer | polling / faster peer | async / faster peer | CPU µs/request: blockio / polling / async / nbdkit / nbd crate |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -101,22 +89,22 @@ for (side, name), r in rows.items():
     if side != "server": continue
     cpus = " / ".join(cpu(r, w) for w in ("ours", "poll", "async", "nbdkit", "nbdcrate"))
     cols = " | ".join("%.0f" % iops(r, w) for w in ("ours", "poll", "async", "nbdkit", "nbdcrate"))
-    rats = " | ".join("%.2f" % med(ratios(r, w, best)) for w in ("ours", "poll", "async"))
+    rats = " | ".join("%.2f" % med(ratios(r, w, best, rounds)) for w in ("ours", "poll", "async"))
     print(f"| {name} | {cols} | {mib(r, 'ours'):.1f} | {rats} | {cpus} |")
 print("\n### Client: client -> nbdkit memory\n")
 print("| row | blockio client IOPS | fio/libnbd IOPS | blockio MiB/s | fio MiB/s | ratio |")
 print("|---|---:|---:|---:|---:|---:|")
 for (side, name), r in rows.items():
     if side != "client": continue
-    print(f"| {name} | {iops(r, 'ours'):.0f} | {iops(r, 'fio'):.0f} | {mib(r, 'ours'):.1f} | {mib(r, 'fio'):.1f} | {med(ratios(r, 'ours', 'fio')):.2f} |")
-if many:
+    print(f"| {name} | {iops(r, 'ours'):.0f} | {iops(r, 'fio'):.0f} | {mib(r, 'ours'):.1f} | {mib(r, 'fio'):.1f} | {med(ratios(r, 'ours', 'fio', rounds)):.2f} |")
+if len(rounds) > 1:
     print("\nEvery round's ratios, in the order run:\n")
     print("| row | blockio / faster peer | polling / faster peer | async / faster peer | client / fio |")
     print("|---|---|---|---|---|")
     for name in dict.fromkeys(n for _, n in rows):
         r, c = rows[("server", name)], rows[("client", name)]
-        cells = [", ".join("%.2f" % x for x in ratios(r, w, best)) for w in ("ours", "poll", "async")]
-        cells.append(", ".join("%.2f" % x for x in ratios(c, "ours", "fio")))
+        cells = [", ".join("%.2f" % x for x in ratios(r, w, best, rounds)) for w in ("ours", "poll", "async")]
+        cells.append(", ".join("%.2f" % x for x in ratios(c, "ours", "fio", rounds)))
         print(f"| {name} | " + " | ".join(cells) + " |")
 PY
 show_results "$out"
