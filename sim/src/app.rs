@@ -478,7 +478,11 @@ fn stranded_mirror(env: &mut Env) -> Option<Request> {
         return None;
     }
     let active = env.obs.terms.last()?.0;
-    let elsewhere = |m: &CacheMirrorRecord| !has(active, m) && (0..env.cfg.server_hosts).any(|host| has(host, m));
+    // (A file at a server standing by is fetched by the active server at
+    // the next open: `mirror::fetch`. Stranded only where nobody answers.)
+    let elsewhere = |m: &CacheMirrorRecord| {
+        !has(active, m) && (0..env.cfg.server_hosts).any(|host| has(host, m) && !crate::server::fetchable(host, env))
+    };
     // (A held volume's holder mirrors here afresh once it resumed.)
     meta.cache_mirrors.iter().find(|m| m.pending && elsewhere(m) && !held(m))?;
     let wanted = |m: &CacheMirrorRecord| {

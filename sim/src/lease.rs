@@ -199,6 +199,7 @@ impl ServerHost {
     fn set_listening(&self, env: &mut Env) {
         let seen_other = self.owner_seen.as_ref().is_some_and(|o| o.host_id != self.host_id);
         env.listening[self.host] = self.term.is_some() || seen_other;
+        env.serving[self.host] = self.term.is_some();
     }
 
     // ---- the lease task ----

@@ -176,6 +176,9 @@ struct VolumeState {
     worker: Option<Worker>,
     queue: VecDeque<Queued>,
     replaying: Option<Replaying>,
+    /// Copies of another server's file fetched for a queued replay, by the
+    /// replay's id ([`HostMirrors::submit_fetched`]).
+    fetched: BTreeMap<u64, MirrorFile>,
 }
 
 /// What the shell does next for a request.
@@ -219,10 +222,22 @@ impl HostMirrors {
     /// Queues `op` for `volume`'s worker on behalf of `owner`; returns its
     /// id. Nothing happens to it before [`HostMirrors::complete`] of it.
     pub fn submit(&mut self, volume: VolumeId, owner: Owner, op: MirrorOp) -> u64 {
+        self.submit_fetched(volume, owner, op, None)
+    }
+
+    /// [`HostMirrors::submit`] of a replay with the copy of the file
+    /// fetched from the server its record names (`mirror::fetch`; the
+    /// shell fetched it: see `server.rs`, `fetch_mirror`). The replay reads
+    /// that copy instead of this host's file.
+    pub fn submit_fetched(&mut self, volume: VolumeId, owner: Owner, op: MirrorOp, fetched: Option<MirrorFile>) -> u64 {
         self.next_id += 1;
         let id = self.next_id;
         self.ids.insert(id, volume);
-        self.volumes.entry(volume).or_default().queue.push_back(Queued { id, owner, op, due: false });
+        let v = self.volumes.entry(volume).or_default();
+        v.queue.push_back(Queued { id, owner, op, due: false });
+        if let Some(file) = fetched {
+            v.fetched.insert(id, file);
+        }
         id
     }
 
@@ -270,6 +285,8 @@ impl HostMirrors {
             if v.worker.as_ref().is_some_and(|w| w.owner.0 != inc) {
                 v.worker = None;
             }
+            let queue = &v.queue;
+            v.fetched.retain(|id, _| queue.iter().any(|q| q.id == *id));
         }
         let volumes = &self.volumes;
         self.ids.retain(|id, vol| volumes.get(vol).is_some_and(|v| v.queue.iter().any(|q| q.id == *id)));
@@ -431,15 +448,23 @@ fn apply(volume: VolumeId, v: &mut VolumeState, q: Queued) -> Vec<Done> {
             };
             answer(result);
         }
-        MirrorOp::Replay { meta, expected, named_here } => {
+        MirrorOp::Replay { meta, expected, named_here, source } => {
             drop_waiting(w, "the holder is gone; its mirror is being replayed", &mut out);
             w.open = None;
             w.staged = None;
             w.prepared = None;
-            match replay_plan(volume, v.file.as_ref(), &meta, expected.as_ref(), named_here) {
+            // A copy fetched from the named server is that server's file
+            // (`Worker::replay`); without one (none asked, or the fetch
+            // failed) this host's file is checked as before.
+            let fetched = v.fetched.remove(&id).filter(|_| source.is_some());
+            let (file, named_here) = match &fetched {
+                Some(copy) => (Some(copy), true),
+                None => (v.file.as_ref(), named_here),
+            };
+            match replay_plan(volume, file, &meta, expected.as_ref(), named_here) {
                 Ok(writes) if writes.is_empty() => out.push(Done::Answer { id, result: Ok(Response::Done) }),
                 Ok(writes) => {
-                    let records = v.file.as_ref().map_or(0, |f| f.records.len());
+                    let records = file.map_or(0, |f| f.records.len());
                     out.push(Done::Replay(Box::new(Replay { id, volume, meta, writes, records })));
                 }
                 Err(e) => out.push(Done::Answer { id, result: Err(e) }),
@@ -762,14 +787,22 @@ mod tests {
     #[test]
     fn a_replay_checks_the_generation_and_writes_the_newest_record_of_each_block() {
         let mut m = HostMirrors::default();
-        let done = run(&mut m, A, MirrorOp::Replay { meta: meta(), expected: None, named_here: false });
+        let done = run(&mut m, A, MirrorOp::Replay { meta: meta(), expected: None, named_here: false, source: None });
         assert!(matches!(answer(&done), Ok(Response::Done)), "no file, nothing expected: {done:?}");
-        let done = run(&mut m, A, MirrorOp::Replay { meta: meta(), expected: expected(2, "mds0"), named_here: false });
+        let done = run(
+            &mut m,
+            A,
+            MirrorOp::Replay { meta: meta(), expected: expected(2, "mds0"), named_here: false, source: None },
+        );
         assert!(matches!(answer(&done), Err(e) if e.message.contains("has no mirror file")), "{done:?}");
         open(&mut m, A, 2);
         let records = vec![rec(1, 5, 1), rec(2, 6, 2), rec(3, 5, 3), rec(4, 9, 4)];
         run(&mut m, A, MirrorOp::Append { records });
-        let done = run(&mut m, A, MirrorOp::Replay { meta: meta(), expected: expected(1, "mds1"), named_here: false });
+        let done = run(
+            &mut m,
+            A,
+            MirrorOp::Replay { meta: meta(), expected: expected(1, "mds1"), named_here: false, source: None },
+        );
         assert!(
             matches!(answer(&done), Err(e) if e.message.contains("generation 1 by mds1") && e.message.contains("of generation 2")),
             "{done:?}"
@@ -778,14 +811,22 @@ mod tests {
         // The same generation, but the record names another server: this
         // file was prepared for a commit that did not happen (seed
         // 260647906676046 replayed it and lost the named server's writes).
-        let done = run(&mut m, A, MirrorOp::Replay { meta: meta(), expected: expected(2, "mds1"), named_here: false });
+        let done = run(
+            &mut m,
+            A,
+            MirrorOp::Replay { meta: meta(), expected: expected(2, "mds1"), named_here: false, source: None },
+        );
         assert!(
             matches!(answer(&done), Err(e) if e.message.contains("generation 2 by mds1")
                 && e.message.contains("prepared here for a commit that did not happen")),
             "{done:?}"
         );
         assert_eq!(tags(&m).len(), 4, "a refused replay keeps the file");
-        let id = m.submit(V, A, MirrorOp::Replay { meta: meta(), expected: expected(2, "mds0"), named_here: true });
+        let id = m.submit(
+            V,
+            A,
+            MirrorOp::Replay { meta: meta(), expected: expected(2, "mds0"), named_here: true, source: None },
+        );
         let status = CacheStateInfo { cache: None, holder: None, mirroring: true, held_records: 0, held_bytes: 0 };
         let after = m.submit(V, A, MirrorOp::Status { known: status.clone() });
         let remove = m.submit(V, A, MirrorOp::Remove);

@@ -772,9 +772,22 @@ impl ServerProc {
             }
             // The volume's mirror worker runs them, in its order
             // (`owner::start_job`); the answer is the job's outcome.
-            Job::MirrorReplay { meta, volume, expected, named_here } => {
-                let op = metadata_server::mirror::MirrorOp::Replay { meta, expected, named_here };
-                return self.mirror_submit(volume, op, Some(MirrorWaiter::Job(task)), env);
+            Job::MirrorReplay { meta, volume, expected, named_here, source } => {
+                let fetched = match (&source, &expected) {
+                    (Some(source), Some(expected)) => {
+                        let fetched = fetch_mirror(self.host, source, volume, expected, env);
+                        let got = fetched.as_ref().map(|f| (f.generation, f.records.len()));
+                        env.stats.mirror_fetches += u64::from(fetched.is_some());
+                        env.trace(
+                            "mirror",
+                            format_args!("{} fetches {volume}'s mirror from {}: {got:?}", self.me(), source.server),
+                        );
+                        fetched
+                    }
+                    _ => None,
+                };
+                let op = metadata_server::mirror::MirrorOp::Replay { meta, expected, named_here, source };
+                return self.mirror_submit_fetched(volume, op, fetched, Some(MirrorWaiter::Job(task)), env);
             }
             Job::MirrorPrepare { volume, cache, generation, staged } => {
                 let op = metadata_server::mirror::MirrorOp::Prepare { cache, generation, staged };
@@ -911,9 +924,22 @@ impl ServerProc {
         waiter: Option<MirrorWaiter>,
         env: &mut Env,
     ) {
+        self.mirror_submit_fetched(volume, op, None, waiter, env)
+    }
+
+    /// [`Self::mirror_submit`], with a copy of another server's file for a
+    /// replay ([`fetch_mirror`]).
+    fn mirror_submit_fetched(
+        &mut self,
+        volume: VolumeId,
+        op: metadata_server::mirror::MirrorOp,
+        fetched: Option<crate::mirror::MirrorFile>,
+        waiter: Option<MirrorWaiter>,
+        env: &mut Env,
+    ) {
         let host = self.host;
         env.mirrors[host].forget_dead(self.inc, &mut env.rng);
-        let id = env.mirrors[host].submit(volume, self.owner(), op);
+        let id = env.mirrors[host].submit_fetched(volume, self.owner(), op, fetched);
         if let Some(waiter) = waiter {
             self.mirror_waiters.insert(id, waiter);
         }
@@ -1210,4 +1236,37 @@ fn describe_job(job: &Job) -> String {
             format!("zero {} extents", targets.iter().map(|t| t.offsets.len()).sum::<usize>())
         }
     }
+}
+
+/// The model of `mirror::fetch`: the copy of `volume`'s mirror file at the
+/// server `source` names, as the active server on `host` fetches it — when
+/// that server's process is up and not paused (production: a stopped one
+/// does not answer, and the fetch gives up after its timeouts), accepts
+/// connections, stands by (the active server refuses: its files are in
+/// use), and holds a file of the recorded generation or the next one (its
+/// answer's rule, `standby::mirror_chunk`). Taken at once: a server
+/// standing by writes nothing to its mirror files. `None`: the fetch fails
+/// and the replay is refused, naming that server.
+pub fn fetch_mirror(
+    host: usize,
+    source: &metadata_server::mirror::fetch::MirrorSource,
+    volume: VolumeId,
+    expected: &volume_format::metadata::CacheMirrorRecord,
+    env: &Env,
+) -> Option<crate::mirror::MirrorFile> {
+    let other = source.addrs.iter().find_map(|a| a.strip_prefix("sim://mds")?.parse::<usize>().ok())?;
+    if other == host || !fetchable(other, env) {
+        return None;
+    }
+    let file = env.mirrors.get(other)?.file(volume)?;
+    metadata_server::mirror::replayable(file.generation, expected.generation, true).then(|| file.clone())
+}
+
+/// Whether the server on `host` would answer a fetch: up, not paused,
+/// accepting connections, and standing by (not in an active term, even one
+/// it lost without knowing yet: its core refuses, its files are in use).
+pub fn fetchable(host: usize, env: &Env) -> bool {
+    let up = env.procs.get(&Proc::Server(host)).is_some_and(|p| p.up && p.paused_until <= env.now);
+    let serving = env.serving.get(host).copied().unwrap_or(false);
+    up && env.listening.get(host).copied().unwrap_or(false) && !serving
 }

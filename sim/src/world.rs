@@ -249,6 +249,9 @@ pub struct Stats {
     /// Times a write-back cache started mirroring again with its log's
     /// records (staged at the server first).
     pub mirror_staged_starts: u64,
+    /// Replays of a mirror fetched from the server standing by that holds
+    /// it (`mirror::fetch`).
+    pub mirror_fetches: u64,
 }
 
 pub struct Env {
@@ -279,6 +282,9 @@ pub struct Env {
     pub server_host: Option<usize>,
     /// Two-server world: whether each host's server accepts connections.
     pub listening: Vec<bool>,
+    /// Two-server world: whether each host's server is in an active term
+    /// (as it sees itself: a deposed one may not know yet).
+    pub serving: Vec<bool>,
     /// Two-server world: each host is cut off from the devices until then.
     pub device_cut: Vec<u64>,
     /// Two-server world: the admin asks for a handoff at its next chance.
@@ -590,6 +596,7 @@ impl World {
             settling: false,
             server_host: if two { None } else { Some(0) },
             listening: vec![false; cfg.server_hosts],
+            serving: vec![false; cfg.server_hosts],
             device_cut: vec![0; cfg.server_hosts],
             handoff_wanted: false,
             cache_orphans: BTreeMap::new(),
@@ -1200,6 +1207,7 @@ impl World {
         }
         let was_active = self.hosts[host].take().is_some_and(|h| h.is_active());
         self.env.listening[host] = false;
+        self.env.serving[host] = false;
         let conns: Vec<ConnId> =
             self.env.net.conns.values().filter(|c| c.open && c.server_host == host).map(|c| c.id).collect();
         for conn in conns {

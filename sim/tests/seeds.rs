@@ -226,6 +226,7 @@ struct Tally {
     events: u64,
     sim_ms: u64,
     staged: u64,
+    fetched: u64,
     /// Seeds that failed in a way no known defect explains, in order.
     failed: Vec<u64>,
     /// Seeds that failed as a known defect, by defect.
@@ -249,6 +250,7 @@ fn spread(next: impl Fn() -> Option<u64> + Sync, found: impl Fn(&Tally, Duration
                     tally.runs += 1;
                     tally.events += o.stats.events;
                     tally.staged += o.stats.mirror_staged_starts;
+                    tally.fetched += o.stats.mirror_fetches;
                     tally.sim_ms += o.end_ms;
                     match o.violation.as_ref().map(|v| v.known) {
                         None => {}
@@ -284,7 +286,7 @@ fn random() {
             *x >> 16
         })
     };
-    let Tally { runs, events, sim_ms, staged, failed, known } = spread(next, |tally, ran| {
+    let Tally { runs, events, sim_ms, staged, fetched, failed, known } = spread(next, |tally, ran| {
         format!(
             "\n(found after {:.1} s, {} seeds; this seed ran {:.2} s)",
             start.elapsed().as_secs_f64(),
@@ -295,7 +297,7 @@ fn random() {
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
         "{runs} random seeds in {secs:.0} s on {} threads ({:.1} seeds/s, {:.0} simulated seconds, {:.0} events/s, {staged} cache \
-         mirrors started again with staged records); failing: {failed:?}",
+         mirrors started again with staged records, {fetched} fetched from another server); failing: {failed:?}",
         workers(),
         runs as f64 / secs,
         sim_ms as f64 / 1000.0,
@@ -344,11 +346,11 @@ fn range() {
     let start = Instant::now();
     let next = std::sync::atomic::AtomicU64::new(a);
     let next = || Some(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)).filter(|seed| *seed < b);
-    let Tally { events, sim_ms, staged, failed, .. } = spread(next, |_, _| String::new());
+    let Tally { events, sim_ms, staged, fetched, failed, .. } = spread(next, |_, _| String::new());
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
         "seeds {a}..{b}: {} seeds in {secs:.0} s on {} threads ({:.0} simulated seconds, {:.0} events/s, {staged} cache mirrors \
-         started again with staged records); failing: {failed:?}",
+         started again with staged records, {fetched} fetched from another server); failing: {failed:?}",
         b.saturating_sub(a),
         workers(),
         sim_ms as f64 / 1000.0,

@@ -188,6 +188,7 @@ samples!(requests, Request {
         records: vec![MirrorRecord { seq: 3, offset: 4096, data: vec![1, 2, 3] }],
     },
     MirrorOpenStaged => Request::MirrorOpenStaged { handle: HandleId(5), copy: 0x0123_4567_89ab_cdef, records: 1 },
+    MirrorFetch => Request::MirrorFetch { volume: VolumeId(4), generation: 3, offset: 4 << 20 },
 });
 
 samples!(responses, Response {
@@ -341,6 +342,7 @@ samples!(responses, Response {
         report: holder_cache_report(),
         age_ms: 1500,
     })),
+    MirrorChunk => Response::MirrorChunk { generation: 3, total_bytes: 8 << 20, data: vec![0xa5; 8] },
 });
 
 samples!(events, ServerEvent {

@@ -25,7 +25,10 @@
 //!   disjoint writes sent together, not one record after another.
 //! - [`lane`]: the holders' way to their worker, and why it is as safe as
 //!   the owner's.
+//! - [`fetch`]: a copy of a mirror recorded at another server, fetched from
+//!   it when it stands by (a holder that died right after a handoff).
 
+pub mod fetch;
 pub mod lane;
 pub mod replay;
 pub mod store;
@@ -97,10 +100,14 @@ pub enum MirrorOp {
     /// holds what the expected one held and the devices lack
     /// ([`replayable`]). Answered `Done` or with why not (another server
     /// holds that generation).
+    /// `source`: where the record's server can be reached when it is not
+    /// this one — the file is then fetched from it ([`fetch`]) and the copy
+    /// replayed.
     Replay {
         meta: std::sync::Arc<PoolMetadata>,
         expected: Option<CacheMirrorRecord>,
         named_here: bool,
+        source: Option<fetch::MirrorSource>,
     },
     /// The volume has no cache any more (or no longer exists): delete the
     /// file. Only once nothing is held.

@@ -239,6 +239,50 @@ pub fn staged_path(dir: &Path, volume: VolumeId) -> PathBuf {
     dir.join(format!("volume-{}.mirror.staged", volume.0))
 }
 
+/// Where a copy of volume `volume`'s mirror fetched from another server is
+/// kept while it is replayed ([`super::fetch`]).
+pub fn fetched_path(dir: &Path, volume: VolumeId) -> PathBuf {
+    dir.join(format!("volume-{}.mirror.fetched", volume.0))
+}
+
+/// A piece of a mirror file as another server fetches it
+/// (`Request::MirrorFetch`, [`read_chunk`]).
+#[derive(Debug)]
+pub struct Chunk {
+    /// The file's generation, as [`read_index`] reads it.
+    pub generation: Option<u64>,
+    /// The file's length.
+    pub total_bytes: u64,
+    pub data: Vec<u8>,
+}
+
+/// Up to `max` bytes of `volume`'s mirror file at `path` from `offset`,
+/// with the file's generation and length. `None`: no such file. Blocking.
+pub fn read_chunk(path: &Path, volume: VolumeId, offset: u64, max: usize) -> Result<Option<Chunk>, StoreError> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(path, "open")(e)),
+    };
+    let total = file.metadata().map_err(io(path, "stat"))?.len();
+    let generation = read_generation(&file, path, volume)?;
+    let len = total.saturating_sub(offset).min(max as u64) as usize;
+    let mut data = vec![0u8; len];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut data, offset).map_err(io(path, "read"))?;
+    Ok(Some(Chunk { generation, total_bytes: total, data }))
+}
+
+/// The generation in the header of `volume`'s mirror `file` (`None`: a
+/// file too short for one, torn, or of another volume).
+fn read_generation(file: &File, path: &Path, volume: VolumeId) -> Result<Option<u64>, StoreError> {
+    let mut header = [0u8; GENERATION_HEADER_BYTES];
+    match std::os::unix::fs::FileExt::read_exact_at(file, &mut header, GENERATION_HEADER_POS) {
+        Ok(()) => Ok(GenerationHeader::decode(&header).filter(|h| h.volume == volume).map(|h| h.generation)),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(io(path, "read")(e)),
+    }
+}
+
 fn io(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> StoreError {
     let path = path.display().to_string();
     move |source| StoreError::Io { path, what, source }
@@ -366,12 +410,7 @@ pub fn read_index(path: &Path, volume: VolumeId) -> Result<HeldIndex, StoreError
         return Ok(HeldIndex::default());
     }
     let name = path.display().to_string();
-    let mut header = [0u8; GENERATION_HEADER_BYTES];
-    let generation = match std::os::unix::fs::FileExt::read_exact_at(&file, &mut header, GENERATION_HEADER_POS) {
-        Ok(()) => GenerationHeader::decode(&header).filter(|h| h.volume == volume).map(|h| h.generation),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => None,
-        Err(e) => return Err(io(path, "read")(e)),
-    };
+    let generation = read_generation(&file, path, volume)?;
     let log = scan(&file, &name)?;
     if log.superblock.volume != volume {
         return Err(StoreError::OtherVolume { path: name, found: log.superblock.volume, expected: volume });

@@ -199,13 +199,13 @@ impl Worker {
                 };
                 reply.send(result);
             }
-            MirrorOp::Replay { meta, expected, named_here } => {
+            MirrorOp::Replay { meta, expected, named_here, source } => {
                 // Appends not yet durable were never acknowledged: dropped.
                 self.drop_waiting("the holder is gone; its mirror is being replayed");
                 self.mirror = None;
                 self.staged = None;
                 self.prepared = None;
-                let result = self.replay(&meta, expected.as_ref(), named_here).await;
+                let result = self.replay(&meta, expected.as_ref(), named_here, source.as_ref()).await;
                 reply.send(result.map(|()| Response::Done));
             }
             MirrorOp::Status { mut known } => {
@@ -441,16 +441,54 @@ impl Worker {
     /// records "nothing pending" next, and a file of an older generation is
     /// never replayed again (a crash before that record replays it again,
     /// harmlessly: nobody wrote the volume since).
+    /// Recorded at another server that can be reached (`source`), the file
+    /// is fetched from it and the copy replayed instead ([`super::fetch`]).
     async fn replay(
         &mut self,
         meta: &volume_format::metadata::PoolMetadata,
         expected: Option<&CacheMirrorRecord>,
         named_here: bool,
+        source: Option<&super::fetch::MirrorSource>,
+    ) -> Result<(), ControlError> {
+        let volume = self.volume;
+        let mut path = store::mirror_path(&self.dir, volume);
+        let (mut from_named, mut fetch_failed) = (named_here, None);
+        if let (false, Some(expected), Some(source)) = (named_here, expected, source) {
+            let dest = store::fetched_path(&self.dir, volume);
+            match super::fetch::fetch(source, volume, expected.generation, &dest).await {
+                Ok(bytes) => {
+                    info!(volume = %volume, from = %source.server, bytes, generation = expected.generation, "fetched the cache mirror recorded at another server");
+                    path = dest;
+                    from_named = true;
+                }
+                Err(e) => {
+                    warn!(volume = %volume, "{e}");
+                    let _ = std::fs::remove_file(&dest);
+                    fetch_failed = Some(e);
+                }
+            }
+        }
+        let result = self.replay_file(meta, expected, from_named, fetch_failed, &path).await;
+        if from_named && !named_here {
+            // The copy served its purpose (or is fetched again next time).
+            let _ = std::fs::remove_file(&path);
+        }
+        result
+    }
+
+    /// [`Worker::replay`] of the file at `path`, of the named server's
+    /// (`named_here`: here, or fetched from it).
+    async fn replay_file(
+        &mut self,
+        meta: &volume_format::metadata::PoolMetadata,
+        expected: Option<&CacheMirrorRecord>,
+        named_here: bool,
+        fetch_failed: Option<String>,
+        path: &std::path::Path,
     ) -> Result<(), ControlError> {
         let devices = &self.devices;
-        let path = store::mirror_path(&self.dir, self.volume);
         let volume = self.volume;
-        let read_path = path.clone();
+        let read_path = path.to_path_buf();
         let (_, held) = blocking(move || (None::<VolumeMirror>, store::read_index(&read_path, volume))).await;
         let held = held.map_err(|e| {
             metrics::replay_unreadable();
@@ -462,11 +500,15 @@ impl Worker {
         if let Some(expected) = expected {
             if !super::replayable(held.generation, expected.generation, named_here) {
                 let server = if expected.server.is_empty() { "another metadata server" } else { &expected.server };
-                let here = super::not_replayable_here(held.generation, expected.generation, server, &path);
+                let here = super::not_replayable_here(held.generation, expected.generation, server, path);
+                let fetch = match fetch_failed {
+                    Some(e) => format!("; {e}"),
+                    None => String::new(),
+                };
                 return Err(ControlError::new(
                     ErrorCode::Unavailable,
                     format!(
-                        "the writes its last holder acknowledged are mirrored at generation {} by {server}, and {here}; \
+                        "the writes its last holder acknowledged are mirrored at generation {} by {server}, and {here}{fetch}; \
                          make {server} the active server again (it replays them), or start the last holder's agent \
                          again (resuming its handle, it writes its own log to the devices); if both are lost for \
                          good, `sanvol volume cache {volume_name} --forget-mirror` gives up those writes",

@@ -350,9 +350,20 @@ impl Core {
     /// Runs the replay of `volume`'s mirror, then `next`.
     pub(super) fn replay_then(&mut self, volume: VolumeId, next: AfterReplay) -> Step {
         let expected = self.meta.cache_mirror(volume).cloned();
-        let named_here = expected.as_ref().is_some_and(|m| m.server == self.own_name());
+        let me = self.own_name();
+        let named_here = expected.as_ref().is_some_and(|m| m.server == me);
+        // Recorded at another server that stands by: its file is fetched.
+        let source = expected.as_ref().filter(|_| !named_here).and_then(|m| {
+            let other = self.servers.iter().find(|s| s.name == m.server && s.role != "active")?;
+            Some(crate::mirror::fetch::MirrorSource {
+                server: format!("{} (host id {})", other.name, other.host_id),
+                addrs: other.addrs.clone(),
+                key: self.key.clone(),
+                me: me.clone(),
+            })
+        });
         Step::Job {
-            job: Job::MirrorReplay { meta: self.meta.clone(), volume, expected, named_here },
+            job: Job::MirrorReplay { meta: self.meta.clone(), volume, expected, named_here, source },
             busy: Some((volume, Busy::Resync)),
             then: AfterJob::MirrorReplayed { volume, next, cleared: false },
         }

@@ -2152,3 +2152,17 @@ fn a_recall_records_its_excluded_cached_holder_as_broken_before_the_replay_write
         Err(ErrorCode::HandleBroken)
     );
 }
+
+/// The `server` role is the pool's server key's alone (protocol 16): no
+/// client is authorized with it, and the active server hands out none of
+/// its mirror files (they are in use; only a server standing by does).
+#[test]
+fn no_client_gets_the_server_role_and_the_active_server_hands_out_no_mirror() {
+    let mut w = World::new();
+    let key = SigningKey::from_bytes(&[9; 32]).verifying_key().to_bytes();
+    let authorize = Request::ClientAuthorize { key, name: "impostor".into(), role: Role::Server, volumes: Vec::new() };
+    assert_eq!(committed_request(&mut w, 3, authorize), Err(ErrorCode::InvalidArgument));
+    assert!(w.core.meta.clients.iter().all(|c| c.public_key.0 != key), "nothing was recorded");
+    let fetch = Request::MirrorFetch { volume: volume_format::VolumeId(1), generation: 1, offset: 0 };
+    assert_eq!(committed_request(&mut w, 3, fetch), Err(ErrorCode::NotActive));
+}

@@ -52,6 +52,7 @@ pub enum Job {
         volume: VolumeId,
         expected: Option<volume_format::metadata::CacheMirrorRecord>,
         named_here: bool,
+        source: Option<crate::mirror::fetch::MirrorSource>,
     },
     /// Prepare the file of `volume`'s mirror `generation` before that
     /// generation is committed: empty, or the staged copy of attempt and

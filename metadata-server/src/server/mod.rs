@@ -394,7 +394,7 @@ impl StandbyTerm {
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMANDS_QUEUED_MAX);
         let (stop, stop_rx) = watch::channel(false);
         let me: Arc<str> = Arc::from(format!("{}, host id {}", config.availability.name, config.availability.host_id));
-        let responder = tokio::spawn(standby::run(cmd_rx, owner.clone(), me.clone()));
+        let responder = tokio::spawn(standby::run(cmd_rx, owner.clone(), me.clone(), config.cache_mirror_dir.clone()));
         let ctx = Arc::new(session::SessionContext {
             key: key.clone(),
             lease_ms: config.lease_ms,

@@ -379,8 +379,8 @@ impl Shell {
                 let (reply, answer) = oneshot::channel();
                 let reply = crate::mirror::MirrorReply::Owner(reply);
                 let (volume, op) = match job {
-                    Job::MirrorReplay { meta, volume, expected, named_here } => {
-                        (volume, crate::mirror::MirrorOp::Replay { meta, expected, named_here })
+                    Job::MirrorReplay { meta, volume, expected, named_here, source } => {
+                        (volume, crate::mirror::MirrorOp::Replay { meta, expected, named_here, source })
                     }
                     Job::MirrorPrepare { volume, cache, generation, staged } => {
                         (volume, crate::mirror::MirrorOp::Prepare { cache, generation, staged })

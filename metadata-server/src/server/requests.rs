@@ -199,6 +199,15 @@ impl Core {
                 return Step::Done(None);
             }
             Request::Handover { handle, to_key } => self.handover(session, handle.0, to_key),
+            // Only a server standing by hands its mirror files out
+            // (`standby::run`): here they are in use.
+            Request::MirrorFetch { volume, .. } => Err(err(
+                ErrorCode::NotActive,
+                format!(
+                    "this metadata server is active: the cache mirror of volume {volume} here is in use, and it \
+                     replays its own files"
+                ),
+            )),
             other => match self.read(session, &other) {
                 Some(result) => result,
                 None => Err(err(ErrorCode::Internal, format!("no handler for {other:?}"))),
@@ -350,6 +359,10 @@ impl Core {
     ) -> Step {
         if ed25519_dalek::VerifyingKey::from_bytes(&key).is_err() {
             return done(reply, Err(err(ErrorCode::InvalidArgument, "that is not a valid ed25519 public key")));
+        }
+        if role == volume_format::control::auth::Role::Server {
+            let msg = "the server role is the pool's server key's alone; authorize a client as agent, admin or backup";
+            return done(reply, Err(err(ErrorCode::InvalidArgument, msg)));
         }
         if let Err(e) = super::grants::check_scope(role, &volumes) {
             return done(reply, Err(e));

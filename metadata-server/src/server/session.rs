@@ -96,7 +96,15 @@ impl SessionContext {
     ) -> Result<(SecureStream<Box<dyn ControlStream>>, handshake::Peer), handshake::HandshakeError> {
         let evicted = preauth.take_eviction();
         let clients = self.clients.borrow().clone();
-        let authorize = |key: &[u8; 32]| clients.get(key).map(|(role, name)| (vec![*role], name.clone()));
+        // The pool's server key is another server of the pool (all of them
+        // hold it): the `server` role, for what one server asks of another.
+        let server_key = self.key.verifying_key().to_bytes();
+        let authorize = |key: &[u8; 32]| {
+            if *key == server_key {
+                return Some((vec![volume_format::control::auth::Role::Server], "metadata server".to_string()));
+            }
+            clients.get(key).map(|(role, name)| (vec![*role], name.clone()))
+        };
         let on_hello = |hello: &volume_format::control::auth::ClientHello| {
             if clients.contains_key(&hello.client_key) {
                 preauth.known_key(hello.client_key);

@@ -58,6 +58,7 @@ impl std::fmt::Display for Role {
             Role::Agent => "agent",
             Role::Admin => "admin",
             Role::Backup => "backup",
+            Role::Server => "server",
         })
     }
 }

@@ -376,6 +376,18 @@ pub enum Request {
         copy: u64,
         records: u64,
     },
+    /// Bytes of this server's file of volume `volume`'s cache mirror,
+    /// from `offset` (protocol 16; [`Role::Server`] only: another server
+    /// of the pool, which must replay a mirror recorded at this one).
+    /// Answered by a server standing by, with [`Response::MirrorChunk`],
+    /// when its file is of `generation` or the one after it (prepared here,
+    /// never committed: it holds what `generation` held); an active server
+    /// refuses, its files are in use.
+    MirrorFetch {
+        volume: VolumeId,
+        generation: u64,
+        offset: u64,
+    },
 }
 
 /// A cached volume's cache as its exclusive holder sees it (protocol 14).
@@ -434,6 +446,8 @@ pub use crate::metadata::{CacheMode, VolumeCache};
 /// (well inside a control frame, [`super::frame::FRAME_BYTES_MAX`]).
 pub const MIRROR_APPEND_RECORDS_MAX: usize = 256;
 pub const MIRROR_APPEND_BYTES_MAX: usize = 8 << 20;
+/// Most bytes of one [`Response::MirrorChunk`] (well inside a control frame).
+pub const MIRROR_CHUNK_BYTES_MAX: usize = 4 << 20;
 
 /// One cached write as the holder sends it to the server's mirror.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -537,6 +551,7 @@ impl Request {
             | Request::IntentResync { .. }
             | Request::Lock { .. }
             | Request::CacheReport { .. } => Some(&[Role::Agent]),
+            Request::MirrorFetch { .. } => Some(&[Role::Server]),
             // Agents and admins share the read-only status requests.
             Request::VolumeCacheShow { .. } | Request::VolumeCacheReport { .. } => Some(&[Role::Admin, Role::Agent]),
             Request::SnapshotList { .. } | Request::BackupChannel => Some(&[Role::Admin, Role::Backup]),
@@ -610,6 +625,14 @@ pub enum Response {
     /// The holder's last report of a volume's cache, if it has one
     /// (protocol 14).
     CacheReported(Option<ReportedCache>),
+    /// Bytes of a mirror file from the offset asked (protocol 16;
+    /// [`Request::MirrorFetch`]): the file's generation and whole length
+    /// as read for this chunk; empty `data` only at or past the end.
+    MirrorChunk {
+        generation: u64,
+        total_bytes: u64,
+        data: Vec<u8>,
+    },
 }
 
 /// The protocol version from which a server answers

@@ -93,7 +93,14 @@ pub mod resume;
 ///   last: 4 to 14 are still accepted (an agent stages only with a server
 ///   that negotiated 15; with an older one it destages everything before it
 ///   mirrors afresh, as before).
-pub const PROTOCOL_VERSION: u32 = 15;
+/// - 16: one server fetches a cache mirror from another —
+///   `Request::MirrorFetch`, `Response::MirrorChunk` and the `server` role
+///   (`ClientRole::Server`: the pool's server key, never stored as a
+///   client), added last: 4 to 15 are still accepted (a server fetches only
+///   from a server that negotiated 16).
+pub const PROTOCOL_VERSION: u32 = 16;
+/// The first protocol version with [`messages::Request::MirrorFetch`].
+pub const MIRROR_FETCH_PROTOCOL_MIN: u32 = 16;
 /// The first protocol version with [`messages::Request::MirrorStage`].
 pub const MIRROR_STAGE_PROTOCOL_MIN: u32 = 15;
 /// The first protocol version with [`messages::Request::CacheReport`].

@@ -413,6 +413,11 @@ pub enum ClientRole {
     Agent,
     Admin,
     Backup,
+    /// Another metadata server of the pool, authenticated with the pool's
+    /// server key (protocol 16): never stored as a client, granted to that
+    /// key alone, for the requests one server makes of another
+    /// (`Request::MirrorFetch`).
+    Server,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
