@@ -199,3 +199,39 @@ async fn every_authentication_failure_is_clear_logged_and_harmless() {
     let (agent, _) = pool.connect(&pool.agent_a, Role::Agent, "host-a").await;
     assert!(matches!(agent.request(Request::Renew).await.unwrap(), Response::Lease { .. }));
 }
+
+/// The `server` role (protocol 16, a server fetching a cache mirror from
+/// another) is the pool's server key's alone: a client key cannot claim it,
+/// the server key is nothing else, and a mirror fetch from any other role
+/// is refused before it reaches the server's state. The active server
+/// hands out none of its mirror files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_pools_server_key_is_a_server_and_only_a_server_may_fetch_a_mirror() {
+    let pool = Pool::start(10_000).await;
+    let fetch = Request::MirrorFetch { volume: volume_format::VolumeId(1), generation: 1, offset: 0 };
+
+    let addr = pool.addr();
+    let pinned = pool.server_key.public;
+    let claims = |key: SigningKey, role: Role| {
+        let addr = addr.clone();
+        async move { ControlClient::connect(&addr, &key, Some(&pinned), role, "x", [0; 16]).await }
+    };
+    let e = claims(pool.admin.signing.clone(), Role::Server).await.err().expect("an admin key is not a server");
+    let HandshakeError::Refused { failure, reason } = handshake_error(e) else { panic!() };
+    assert_eq!(failure, AuthFailure::WrongRole);
+    assert!(reason.contains("authorized as admin, not as server"), "{reason}");
+    let e = claims(pool.server_key.signing.clone(), Role::Admin).await.err().expect("the server key is no admin");
+    let HandshakeError::Refused { failure, .. } = handshake_error(e) else { panic!() };
+    assert_eq!(failure, AuthFailure::WrongRole);
+
+    let admin = pool.admin().await;
+    let e = admin.request(fetch.clone()).await.expect_err("an admin may not fetch a mirror");
+    assert!(e.to_string().contains("needs the server role"), "{e}");
+    admin.close().await;
+
+    let (server, _) = claims(pool.server_key.signing.clone(), Role::Server).await.expect("the server key is a server");
+    let e = server.request(fetch).await.expect_err("the active server hands out no mirror");
+    assert!(e.to_string().contains("this metadata server is active"), "{e}");
+    server.close().await;
+    still_serving(&pool).await;
+}

@@ -1374,6 +1374,7 @@ async fn a_file_of_the_recorded_generation_at_another_server_is_never_replayed()
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     };
     assert!(refusal.contains("by mds-1"), "the refusal names the server holding the mirror: {refusal}");
+    assert!(refusal.contains("fetching the file from mds-1"), "and that it could not fetch it from there: {refusal}");
     assert!(check_device(&rig.volume_image(), &model, 4, &acked).is_err(), "nothing replayed the writes yet");
 
     rig.stack.mds_config_extra = vec!["cache_mirror_dir = \"mirror-1\"".into()];

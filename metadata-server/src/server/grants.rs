@@ -7,7 +7,8 @@
 //! - the key is still authorized, with the same role — a revoked key or a
 //!   role change closes every session, data channel and backup channel of
 //!   that key at once (the check also catches a handshake that was still in
-//!   progress when the change committed);
+//!   progress when the change committed); the pool's server key in the
+//!   `server` role (another server of the pool) is no client and stays;
 //! - a backup key's volume scope is unchanged — a narrowed (or widened)
 //!   scope closes its backup channels, which reopen with the new scope;
 //! - a data channel's grant still rests on a live handle — a data channel is
@@ -121,7 +122,11 @@ impl Core {
             let peer = &self.sessions[&session];
             let scope = self.meta.scope_of(&PublicKey(peer.key)).map(<[String]>::to_vec);
             let scope_changed = self.grants.scopes.entry(session).or_insert_with(|| scope.clone()) != &scope;
+            // Another server of the pool (the `server` role): the pool's
+            // server key, never a client record.
+            let server = peer.role == Role::Server && peer.key == self.key.verifying_key().to_bytes();
             let why = match self.meta.clients.iter().find(|c| c.public_key.0 == peer.key) {
+                None if server => None,
                 None => Some("its key was revoked".to_string()),
                 Some(c) if c.role != peer.role => {
                     Some(format!("its key's role changed from {} to {}", peer.role, c.role))
