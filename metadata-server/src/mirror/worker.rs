@@ -441,8 +441,11 @@ impl Worker {
     /// records "nothing pending" next, and a file of an older generation is
     /// never replayed again (a crash before that record replays it again,
     /// harmlessly: nobody wrote the volume since).
+    ///
     /// Recorded at another server that can be reached (`source`), the file
-    /// is fetched from it and the copy replayed instead ([`super::fetch`]).
+    /// is fetched from it and the copy replayed instead ([`super::fetch`]);
+    /// the copy is deleted afterwards, replayed or not (a failed replay
+    /// fetches it again).
     async fn replay(
         &mut self,
         meta: &volume_format::metadata::PoolMetadata,
@@ -463,15 +466,14 @@ impl Worker {
                 }
                 Err(e) => {
                     warn!(volume = %volume, "{e}");
-                    let _ = std::fs::remove_file(&dest);
+                    let _ = tokio::fs::remove_file(&dest).await;
                     fetch_failed = Some(e);
                 }
             }
         }
         let result = self.replay_file(meta, expected, from_named, fetch_failed, &path).await;
         if from_named && !named_here {
-            // The copy served its purpose (or is fetched again next time).
-            let _ = std::fs::remove_file(&path);
+            let _ = tokio::fs::remove_file(&path).await;
         }
         result
     }
