@@ -115,6 +115,12 @@ const TWO_SERVER_REGRESSION_SEEDS: &[u64] = &[
     // "generation 2" and recorded the mirror as replayed without them
     // (exploration). Only the recorded server's file is replayed now.
     260647906676046,
+    // A snapshot's recall excluded a cached holder (its VM paused), recorded
+    // it broken and replayed its mirror; then the snapshot's commit failed,
+    // and the holder was published the old layout like one that was only
+    // slow: back from the pause it wrote again as a broken handle
+    // (exploration). Holders recorded broken no longer resume.
+    120380633692710,
     // The model's destage rounds while recalled (64 records) took a recall
     // past its bound when the holder was paused and reconnected in the
     // middle of some 250 records (exploration); recalled rounds are now

@@ -2166,3 +2166,46 @@ fn no_client_gets_the_server_role_and_the_active_server_hands_out_no_mirror() {
     let fetch = Request::MirrorFetch { volume: volume_format::VolumeId(1), generation: 1, offset: 0 };
     assert_eq!(committed_request(&mut w, 3, fetch), Err(ErrorCode::NotActive));
 }
+
+/// Found by the simulator (seed 120380633692710): a recall excludes a
+/// cached holder silent past its lease, records it as broken and replays
+/// its mirror; then the change's own commit fails. The holder must not be
+/// given the old layout back like a holder that was only slow: the pool
+/// has it broken and the replay wrote over what it cached. (It resumed,
+/// back from a VM pause, and wrote again as an excluded handle.)
+#[test]
+fn a_holder_recorded_broken_before_a_replay_does_not_resume_when_the_change_then_fails() {
+    let (mut w, v) = mirrored_v_silent_past_its_lease();
+    let (snap, effects) = w.request(3, Request::SnapshotCreate { volume: "v".into(), name: "s".into() });
+    let effects = commit_all(&mut w, effects);
+    let replay = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Job { task, job: Job::MirrorReplay { .. }, .. } => Some(*task),
+            _ => None,
+        })
+        .expect("the excluded holder's mirror is replayed first");
+    let effects = w.apply(Input::JobDone { task: replay, outcome: JobOutcome::done() });
+    let (task, write) = commit_of(&effects).expect("the mirror is recorded as replayed");
+    let effects = w.apply(committed(task, write));
+    let (task, write) = commit_of(&effects).expect("then the snapshot is committed");
+    // A failed commit is answered once a later one settles what it wrote.
+    let effects = w.apply(failed(task, write));
+    let effects = commit_all(&mut w, effects);
+    let events: Vec<&Effect> = effects.iter().filter(|e| matches!(e, Effect::Event { .. })).collect();
+    assert!(matches!(reply_of(&effects, snap), Some(Err(_))), "the snapshot failed: {events:?}");
+    assert!(
+        !events.iter().any(|e| matches!(e, Effect::Event { event: ServerEvent::Publish { handle, .. }, .. }
+            if *handle == v.handle)),
+        "the broken holder was given the old layout back: {events:?}"
+    );
+    assert!(
+        events.iter().any(|e| matches!(e, Effect::Event { session: 1, event: ServerEvent::Revoked { handle, .. } }
+            if *handle == v.handle)),
+        "the holder is told: {events:?}"
+    );
+    assert_eq!(
+        committed_request(&mut w, 1, Request::Resume { key: v.resume_key.clone() }),
+        Err(ErrorCode::HandleBroken)
+    );
+}

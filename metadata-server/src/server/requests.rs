@@ -639,25 +639,32 @@ impl Core {
         excluded: Vec<u64>,
         result: Result<(), ControlError>,
     ) {
-        if result.is_ok() {
-            for id in &excluded {
-                if let Some(h) = self.handles.remove(*id) {
-                    warn!(handle = id, holder = %h.holder, "excluded from the reconfiguration: it did not confirm the recall within its lease");
-                    let reason = format!(
-                        "excluded from the reconfiguration of layout generation {}: no confirmation within the lease",
-                        pending.generation
-                    );
-                    self.released(&h, reason);
-                }
+        // The excluded holders go if the change committed — and, if it
+        // failed, those already recorded as broken: an excluded holder of a
+        // cached volume is, before its mirror is replayed (`recall_fenced`),
+        // and the replay wrote over what it cached; resumed with the old
+        // layout, it wrote on as a handle the pool has broken (simulator
+        // seed 120380633692710: the snapshot's commit failed after the
+        // replay, and the holder, back from a VM pause, wrote again).
+        let broken = |id: &u64| self.meta.handles.iter().any(|h| h.id.0 == *id && h.state != HandleState::Active);
+        let gone: Vec<u64> =
+            if result.is_ok() { excluded.clone() } else { excluded.iter().copied().filter(broken).collect() };
+        for id in &gone {
+            if let Some(h) = self.handles.remove(*id) {
+                warn!(handle = id, holder = %h.holder, "excluded from the reconfiguration: it did not confirm the recall within its lease");
+                let reason = format!(
+                    "excluded from the reconfiguration of layout generation {}: no confirmation within the lease",
+                    pending.generation
+                );
+                self.released(&h, reason);
             }
         }
-        // Holders resume either way: with the new layout, or the old one if
-        // the change failed — then those it would have excluded too: they
+        // The others resume either way: with the new layout, or the old one
+        // if the change failed — then those it would have excluded too: they
         // were not removed, and a holder that was only slow (paused, cut
         // off) would otherwise wait for a layout forever.
         self.handles.finish_recall(volume.0);
-        let skip: &[u64] = if result.is_ok() { &excluded } else { &[] };
-        self.publish_volume(volume, skip);
+        self.publish_volume(volume, &gone);
         match &result {
             Ok(()) => {
                 info!(%volume, change = %pending.change, generation = self.meta.generation, "volume reconfigured")
