@@ -119,8 +119,9 @@ const TWO_SERVER_REGRESSION_SEEDS: &[u64] = &[
     // it broken and replayed its mirror; then the snapshot's commit failed,
     // and the holder was published the old layout like one that was only
     // slow: back from the pause it wrote again as a broken handle
-    // (exploration). Holders recorded broken no longer resume.
+    // (exploration, twice). Holders recorded broken no longer resume.
     120380633692710,
+    171942496630862,
     // The model's destage rounds while recalled (64 records) took a recall
     // past its bound when the holder was paused and reconnected in the
     // middle of some 250 records (exploration); recalled rounds are now
