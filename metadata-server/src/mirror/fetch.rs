@@ -118,7 +118,7 @@ async fn copy(client: &ControlClient, volume: VolumeId, generation: u64, dest: &
             return Err(format!("unexpected answer {answer:?}"));
         };
         match seen {
-            None if held != generation && Some(held) != generation.checked_add(1) => {
+            None if !super::replayable(Some(held), generation, true) => {
                 return Err(format!("it holds generation {held}, not {generation}"));
             }
             None => seen = Some((held, total_bytes)),

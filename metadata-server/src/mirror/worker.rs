@@ -443,9 +443,7 @@ impl Worker {
     /// harmlessly: nobody wrote the volume since).
     ///
     /// Recorded at another server that can be reached (`source`), the file
-    /// is fetched from it and the copy replayed instead ([`super::fetch`]);
-    /// the copy is deleted afterwards, replayed or not (a failed replay
-    /// fetches it again).
+    /// is fetched from it and the copy replayed instead ([`super::fetch`]).
     async fn replay(
         &mut self,
         meta: &volume_format::metadata::PoolMetadata,
@@ -454,27 +452,24 @@ impl Worker {
         source: Option<&super::fetch::MirrorSource>,
     ) -> Result<(), ControlError> {
         let volume = self.volume;
-        let mut path = store::mirror_path(&self.dir, volume);
-        let (mut from_named, mut fetch_failed) = (named_here, None);
-        if let (false, Some(expected), Some(source)) = (named_here, expected, source) {
-            let dest = store::fetched_path(&self.dir, volume);
-            match super::fetch::fetch(source, volume, expected.generation, &dest).await {
-                Ok(bytes) => {
-                    info!(volume = %volume, from = %source.server, bytes, generation = expected.generation, "fetched the cache mirror recorded at another server");
-                    path = dest;
-                    from_named = true;
-                }
-                Err(e) => {
-                    warn!(volume = %volume, "{e}");
-                    let _ = tokio::fs::remove_file(&dest).await;
-                    fetch_failed = Some(e);
-                }
+        let here = store::mirror_path(&self.dir, volume);
+        let (Some(recorded), Some(source), false) = (expected, source, named_here) else {
+            return self.replay_file(meta, expected, named_here, None, &here).await;
+        };
+        let copy = store::fetched_path(&self.dir, volume);
+        let generation = recorded.generation;
+        let result = match super::fetch::fetch(source, volume, generation, &copy).await {
+            Ok(bytes) => {
+                info!(volume = %volume, from = %source.server, bytes, generation, "fetched the cache mirror recorded at another server");
+                self.replay_file(meta, expected, true, None, &copy).await
             }
-        }
-        let result = self.replay_file(meta, expected, from_named, fetch_failed, &path).await;
-        if from_named && !named_here {
-            let _ = tokio::fs::remove_file(&path).await;
-        }
+            Err(e) => {
+                warn!(volume = %volume, "{e}");
+                self.replay_file(meta, expected, false, Some(e), &here).await
+            }
+        };
+        // Replayed or not, the copy goes (a failed replay fetches it again).
+        let _ = tokio::fs::remove_file(&copy).await;
         result
     }
 

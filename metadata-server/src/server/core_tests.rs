@@ -2079,9 +2079,17 @@ fn a_mirror_generation_is_committed_only_after_its_file_is_prepared() {
     );
 }
 
+/// The task of the cache mirror replay `effects` start, if any.
+fn replay_job(effects: &[Effect]) -> Option<TaskId> {
+    effects.iter().find_map(|e| match e {
+        Effect::Job { task, job: Job::MirrorReplay { .. }, .. } => Some(*task),
+        _ => None,
+    })
+}
+
 /// Whether `effects` start a replay of a cache mirror.
 fn replays(effects: &[Effect]) -> bool {
-    effects.iter().any(|e| matches!(e, Effect::Job { job: Job::MirrorReplay { .. }, .. }))
+    replay_job(effects).is_some()
 }
 
 /// Found by the simulator (seed 1121): an open that must replay a cached
@@ -2178,13 +2186,7 @@ fn a_holder_recorded_broken_before_a_replay_does_not_resume_when_the_change_then
     let (mut w, v) = mirrored_v_silent_past_its_lease();
     let (snap, effects) = w.request(3, Request::SnapshotCreate { volume: "v".into(), name: "s".into() });
     let effects = commit_all(&mut w, effects);
-    let replay = effects
-        .iter()
-        .find_map(|e| match e {
-            Effect::Job { task, job: Job::MirrorReplay { .. }, .. } => Some(*task),
-            _ => None,
-        })
-        .expect("the excluded holder's mirror is replayed first");
+    let replay = replay_job(&effects).expect("the excluded holder's mirror is replayed first");
     let effects = w.apply(Input::JobDone { task: replay, outcome: JobOutcome::done() });
     let (task, write) = commit_of(&effects).expect("the mirror is recorded as replayed");
     let effects = w.apply(committed(task, write));
