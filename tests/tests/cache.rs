@@ -993,7 +993,12 @@ async fn an_attach_given_up_on_a_stopped_server_leaves_no_handle_behind() {
 /// volume, and the device file must hold every acknowledged write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handle_opened_after_the_attach_gave_up_is_closed_by_the_agent() {
-    let rig = MirrorRig::new();
+    // The stop must end before the server's own pool lease does (3 T after
+    // its last renewal): a server resumed past it refuses to write, and the
+    // replay fails instead of opening the late handle (seen in CI with
+    // T = 1 s, where the stop lasted about 1.3 s here but longer on a loaded
+    // machine). T = 3 s leaves the stop up to 6 s.
+    let rig = MirrorRig::build(1000, Some(500), |stack| stack.lease_io_timeout_ms = 3000);
     let stack = &rig.stack;
     let (b, attach, latest, _) = attach_after_a_long_replay_kill(&rig).await;
     wait_for_the_replay_to_start(stack);
@@ -1024,9 +1029,17 @@ async fn a_handle_opened_after_the_attach_gave_up_is_closed_by_the_agent() {
 
     // The server finishes the replay and answers the given-up open; the
     // agent closes that handle.
-    sanvol_tests::system::poll("the agent to close the late handle", std::time::Duration::from_secs(60), || {
-        b.proc.log().contains("the open was answered after the attach gave up").then_some(())
-    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !b.proc.log().contains("the open was answered after the attach gave up") {
+        let lost_lease = stack.mds_log().contains("does not hold the pool lease");
+        assert!(
+            !lost_lease && std::time::Instant::now() < deadline,
+            "the agent closed no late handle (the server stopped for {stopped_for:?}; it lost its pool lease: \
+             {lost_lease}):\n{}",
+            stack.all_logs(150)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let (uri, refusals) = attach_once_free(stack, &b, std::time::Duration::from_secs(30)).await;
     let mds_log = stack.mds_log();
     let opened_for_b = mds_log.lines().filter(|l| l.contains("volume opened") && l.contains("agent-b")).count();
@@ -1042,6 +1055,9 @@ async fn a_handle_opened_after_the_attach_gave_up_is_closed_by_the_agent() {
         "attach gave up after {took:?} ({stopped_for:?} after the stop); late handle closed; refusals before the \
          next attach: {refusals:#?}"
     );
+    if std::env::var("DUMP_LOGS").is_ok() {
+        println!("{}", stack.all_logs(400));
+    }
 }
 
 /// fio's random 64 KiB writes over the whole of `db` (64 MiB), crc32c
