@@ -267,7 +267,9 @@ impl MirrorRig {
             stack.mds_config_extra = vec!["cache_mirror_dir = \"mirror-1\"".into()];
         });
         let mut stack = rig.stack;
-        stack.mds_config_extra = vec!["cache_mirror_dir = \"mirror-2\"".into()];
+        // mds-2 serves metrics too: the fetch test reads its counters.
+        stack.mds_config_extra =
+            vec!["cache_mirror_dir = \"mirror-2\"".into(), "metrics_addr = \"127.0.0.1:0\"".into()];
         let standby = stack.start_server(2);
         stack.more_mds.push(standby.addr());
         (MirrorRig { stack, ..rig }, standby)
@@ -2056,6 +2058,14 @@ async fn mirrors_follow_the_pool_across_servers_a_stale_one_is_never_replayed_a_
         "{log}"
     );
     assert!(replayed_records(&log).is_some_and(|n| n > 0), "mds-2 replayed no records:\n{log}");
+    // Its metrics count the one fetch, and the bytes it copied.
+    {
+        use sanvol_tests::metrics::{metrics_addr, must, scrape};
+        let scraped = scrape(&metrics_addr(&mds2.proc));
+        assert_eq!(must(&scraped, "sanvol_mds_cache_mirror_fetches_total", &[("result", "ok")]), 1.0);
+        assert_eq!(must(&scraped, "sanvol_mds_cache_mirror_fetches_total", &[("result", "failed")]), 0.0);
+        assert!(must(&scraped, "sanvol_mds_cache_mirror_fetched_bytes_total", &[]) > 0.0);
+    }
     let log = stack.mds_log();
     assert!(log.contains("handing this server's cache mirror to the active server"), "{log}");
     drop(mds2);

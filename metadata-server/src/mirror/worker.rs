@@ -458,7 +458,9 @@ impl Worker {
         };
         let copy = store::fetched_path(&self.dir, volume);
         let generation = recorded.generation;
-        let result = match super::fetch::fetch(source, volume, generation, &copy).await {
+        let fetched = super::fetch::fetch(source, volume, generation, &copy).await;
+        metrics::mirror_fetched(fetched.as_ref().ok().copied());
+        let result = match fetched {
             Ok(bytes) => {
                 info!(volume = %volume, from = %source.server, bytes, generation, "fetched the cache mirror recorded at another server");
                 self.replay_file(meta, expected, true, None, &copy).await

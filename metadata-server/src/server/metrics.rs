@@ -21,8 +21,10 @@
 //! | `sanvol_mds_cache_replays_total` | result | replays of a mirror that held writes: `ok`, or `failed` (the mirror could not be read or a device write failed; retried at the next open) |
 //! | `sanvol_mds_cache_replay_seconds` | — | how long a replay that wrote something took |
 //! | `sanvol_mds_cache_replayed_bytes_total` | — | bytes replays wrote to the devices |
+//! | `sanvol_mds_cache_mirror_fetches_total` | result | mirror files fetched from the server standing by that the pool records as holding them, before a replay: `ok`, or `failed` (unreachable, refused, changed while copied; the replay is then refused) |
+//! | `sanvol_mds_cache_mirror_fetched_bytes_total` | — | bytes of mirror files fetched |
 //!
-//! The replay metrics are counted on the volume's mirror worker
+//! The replay and fetch metrics are counted on the volume's mirror worker
 //! ([`crate::mirror::worker`]), around the replay itself.
 
 use std::sync::LazyLock;
@@ -97,6 +99,25 @@ static REPLAYED_BYTES: LazyLock<IntCounter> = LazyLock::new(|| {
     register(counter.expect("valid metric declaration"))
 });
 
+static FETCHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "sanvol_mds_cache_mirror_fetches_total",
+        "Cache mirror files fetched from the server recorded as holding them, by result (ok, failed)",
+        "result",
+    )
+});
+static FETCHED_BYTES: LazyLock<IntCounter> = LazyLock::new(|| {
+    let counter = IntCounter::new("sanvol_mds_cache_mirror_fetched_bytes_total", "Bytes of cache mirror files fetched");
+    register(counter.expect("valid metric declaration"))
+});
+
+/// A fetch of a mirror file from another server ended: `Some(bytes)`
+/// copied, or `None` (failed).
+pub fn mirror_fetched(bytes: Option<u64>) {
+    FETCHES.with_label_values(&[if bytes.is_some() { "ok" } else { "failed" }]).inc();
+    FETCHED_BYTES.inc_by(bytes.unwrap_or(0));
+}
+
 /// One replay of a cache mirror that holds writes, counted while it runs
 /// ([`REPLAYS_RUNNING`]); [`Replay::done`] counts its result. Dropped
 /// without it (the worker ended mid-replay), it counts as failed.
@@ -151,9 +172,11 @@ pub fn init() {
     LazyLock::force(&REPLAYS_RUNNING);
     for result in ["ok", "failed"] {
         REPLAYS.with_label_values(&[result]);
+        FETCHES.with_label_values(&[result]);
     }
     LazyLock::force(&REPLAY_SECONDS);
     LazyLock::force(&REPLAYED_BYTES);
+    LazyLock::force(&FETCHED_BYTES);
     set_role("standby");
 }
 
