@@ -2043,9 +2043,24 @@ async fn mirrors_follow_the_pool_across_servers_a_stale_one_is_never_replayed_a_
     let mut a = a;
     a.proc.kill();
     drop(client);
+    // `sanvol volume show` says where the replay will read from.
+    let recorded = |stack: &sanvol_tests::system::Stack| {
+        stack.sanvol_json(&["volume", "show", "db"])["cache"]["mirror_recorded"].clone()
+    };
+    let at_mds1 = recorded(stack);
+    assert_eq!((at_mds1["server"].as_str(), at_mds1["pending"].as_bool()), (Some("mds-1"), Some(true)), "{at_mds1}");
+    let shown = stack.sanvol_ok(&["volume", "show", "db"]);
+    let generation = at_mds1["generation"].as_u64().unwrap();
+    assert!(
+        shown.contains(&format!("cache mirror: generation {generation} at mds-1; may hold acknowledged writes")),
+        "{shown}"
+    );
     handoff(stack, "mds-2").await;
     attach_when_connected(&b, stack).await;
     device_is(&rig, &model, "after mds-2 replayed round 3's mirror, fetched from mds-1");
+    let at_mds2 = recorded(stack);
+    assert_eq!(at_mds2["server"].as_str(), Some("mds-2"), "agent-b mirrors at mds-2 now: {at_mds2}");
+    assert!(at_mds2["generation"].as_u64().unwrap() > generation, "{at_mds2}");
     // mds-2 said so when it took the pool, and then fetched the file; mds-1
     // handed it out.
     let log = mds2.proc.log();

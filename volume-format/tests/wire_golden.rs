@@ -28,8 +28,8 @@ use volume_format::control::frame::encode_payload;
 use volume_format::control::messages::{
     CacheMode, CacheStateInfo, ClientInfo, ClientMessage, ControlError, DataChannelGrant, DeviceCapability,
     DeviceFencing, DeviceInfo, ErrorCode, HolderCacheReport, MirrorRecord, OpenMode, OpenedHandle, OperationInfo,
-    PoolInfo, RecoveryStatus, ReportedCache, Request, Response, ServerEvent, ServerInfo, ServerMessage, SnapshotInfo,
-    VolumeCache, VolumeDetail, VolumeInfo,
+    PoolInfo, RecordedMirror, RecoveryStatus, ReportedCache, Request, Response, ServerEvent, ServerInfo, ServerMessage,
+    SnapshotInfo, VolumeCache, VolumeDetail, VolumeInfo,
 };
 use volume_format::control::{PROTOCOL_VERSION, PROTOCOL_VERSION_MIN};
 use volume_format::description::{DeviceEndpoint, SnapshotEpoch};
@@ -189,6 +189,7 @@ samples!(requests, Request {
     },
     MirrorOpenStaged => Request::MirrorOpenStaged { handle: HandleId(5), copy: 0x0123_4567_89ab_cdef, records: 1 },
     MirrorFetch => Request::MirrorFetch { volume: VolumeId(4), generation: 3, offset: 4 << 20 },
+    VolumeCacheMirror => Request::VolumeCacheMirror { name: "db".into() },
 });
 
 samples!(responses, Response {
@@ -343,6 +344,11 @@ samples!(responses, Response {
         age_ms: 1500,
     })),
     MirrorChunk => Response::MirrorChunk { generation: 3, total_bytes: 8 << 20, data: vec![0xa5; 8] },
+    CacheMirrorRecorded => Response::CacheMirrorRecorded(Some(RecordedMirror {
+        server: "mds-1".into(),
+        generation: 5,
+        pending: true,
+    })),
 });
 
 samples!(events, ServerEvent {

@@ -138,6 +138,28 @@ async fn volume_cache_state(
     }
 }
 
+/// The pool's record of `name`'s cache mirror (which server holds it, of
+/// which generation, whether it may hold writes the devices lack), from a
+/// server that can tell (protocol 17; `None` from an older one, for a
+/// volume without a cache, or one never mirrored).
+async fn volume_cache_mirror(
+    client: &ControlClient,
+    name: &str,
+    state: Option<&volume_format::control::messages::CacheStateInfo>,
+) -> Result<Option<volume_format::control::messages::RecordedMirror>> {
+    let cached = state.is_some_and(|s| s.cache.is_some());
+    if !cached || client.session().version < volume_format::control::CACHE_MIRROR_SHOW_PROTOCOL_MIN {
+        return Ok(None);
+    }
+    let r = request(client, Request::VolumeCacheMirror { name: name.to_string() })
+        .await
+        .with_context(|| format!("showing where volume {name}'s cache mirror is recorded"))?;
+    match r {
+        Response::CacheMirrorRecorded(recorded) => Ok(recorded),
+        other => Err(unexpected(other)),
+    }
+}
+
 /// The last report of `name`'s cache by its holder (why it writes through,
 /// its destage rate), from a server that can tell (protocol 14; `None`
 /// from an older one, or when nobody holds the cache).
@@ -439,12 +461,14 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
             let Response::Volume(detail) = r else { return Err(unexpected(r)) };
             let cache = volume_cache_state(client, &name).await?;
             let reported = volume_cache_reported(client, &name, cache.as_ref()).await?;
+            let recorded = volume_cache_mirror(client, &name, cache.as_ref()).await?;
             if json {
                 let mut value = serde_json::to_value(&detail)?;
                 if let (Some(cache), Some(object)) = (&cache, value.as_object_mut()) {
                     let mut cache = serde_json::to_value(cache)?;
                     if let Some(object) = cache.as_object_mut() {
                         object.insert("holder_report".into(), serde_json::to_value(&reported)?);
+                        object.insert("mirror_recorded".into(), serde_json::to_value(&recorded)?);
                     }
                     object.insert("cache".into(), cache);
                 }
@@ -476,6 +500,9 @@ pub async fn run(client: &ControlClient, command: Command) -> Result<()> {
             }
             if let Some(reported) = &reported {
                 println!("cache at its holder: {}", reported.summary());
+            }
+            if let Some(recorded) = &recorded {
+                println!("cache mirror: {}", recorded.summary());
             }
             let mut headers = vec!["EXTENT".to_string(), "LOGICAL RANGE".to_string()];
             for i in 0..d.mirror_legs {

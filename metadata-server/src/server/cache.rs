@@ -57,7 +57,8 @@
 //! while the volume is closed.
 
 use volume_format::control::messages::{
-    CacheStateInfo, ControlError, ErrorCode, HolderCacheReport, OpenMode, ReportedCache, Request, Response,
+    CacheStateInfo, ControlError, ErrorCode, HolderCacheReport, OpenMode, RecordedMirror, ReportedCache, Request,
+    Response,
 };
 use volume_format::metadata::{CacheMirrorRecord, CacheMode, HandleState, MetaChange, VolumeCache};
 use volume_format::{HandleId, VolumeId};
@@ -199,6 +200,19 @@ impl Core {
         self.cache_reports.retain(|id, _| handles.get(*id).is_some());
         self.cache_reports.insert(handle.0, (report.clone(), self.now.mono_ms));
         Ok(Response::Done)
+    }
+
+    /// `VolumeCacheMirror`: the pool's record of volume `name`'s cache
+    /// mirror (where a replay after its holder's death reads it from).
+    pub(super) fn volume_cache_mirror(&self, name: &str) -> Result<Response, ControlError> {
+        let volume = self.volume_by_name(name)?.id;
+        // Generation 0 is what setting a cache records: never mirrored.
+        let recorded = self.meta.cache_mirror(volume).filter(|m| m.generation > 0).map(|m| RecordedMirror {
+            server: m.server.clone(),
+            generation: m.generation,
+            pending: m.pending,
+        });
+        Ok(Response::CacheMirrorRecorded(recorded))
     }
 
     /// `VolumeCacheReport`: the last report of volume `name`'s exclusive

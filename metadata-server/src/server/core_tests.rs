@@ -1994,6 +1994,32 @@ fn the_holder_of_a_cached_volume_reports_its_cache_and_the_server_shows_the_last
     );
 }
 
+/// `VolumeCacheMirror` (protocol 17): nothing recorded before the holder
+/// mirrors; then this server, the generation, pending — what `sanvol volume
+/// show` prints so an operator sees where a replay reads from.
+#[test]
+fn the_recorded_mirror_of_a_cached_volume_names_its_server_and_generation() {
+    let (mut w, v, _) = cached_v_and_plain_w();
+    let ask = |name: &str| Request::VolumeCacheMirror { name: name.into() };
+    assert_eq!(committed_request(&mut w, 3, ask("v")), Ok(Response::CacheMirrorRecorded(None)), "never mirrored");
+    assert_eq!(committed_request(&mut w, 3, ask("w")), Ok(Response::CacheMirrorRecorded(None)), "w has no cache");
+    assert_eq!(committed_request(&mut w, 3, ask("nope")), Err(ErrorCode::NotFound));
+    let (_, effects) = w.request(1, Request::MirrorOpen { handle: v.handle });
+    let prepare = prepare_job(&effects).expect("the file is prepared first");
+    let effects = w.apply(Input::JobDone { task: prepare, outcome: JobOutcome::done() });
+    commit_all(&mut w, effects);
+    let volume = v.description.volume;
+    let record = w.core.meta.cache_mirror(volume).cloned().expect("recorded once mirroring starts");
+    match committed_request(&mut w, 3, ask("v")) {
+        Ok(Response::CacheMirrorRecorded(Some(r))) => {
+            assert_eq!((r.server.as_str(), r.generation, r.pending), (record.server.as_str(), record.generation, true));
+            let line = r.summary();
+            assert!(line.starts_with(&format!("generation {} at {}; may hold", r.generation, r.server)), "{line}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 /// v as [`cached_v_and_plain_w`] has it, its holder mirroring (a generation
 /// pending), then silent past its lease.
 fn mirrored_v_silent_past_its_lease() -> (World, volume_format::control::messages::OpenedHandle) {

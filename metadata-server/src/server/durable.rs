@@ -48,6 +48,7 @@ pub fn allowed_in_grace(request: &Request) -> bool {
             | Request::VolumeShow { .. }
             | Request::VolumeCacheShow { .. }
             | Request::VolumeCacheReport { .. }
+            | Request::VolumeCacheMirror { .. }
             // Volatile, and only from a holder (resumed, in the grace period).
             | Request::CacheReport { .. }
             | Request::Operations

@@ -78,6 +78,7 @@ impl Core {
             Request::Capabilities { handle } => self.handle_capabilities(session, *handle),
             Request::CacheReport { handle, report } => self.cache_report(session, *handle, report),
             Request::VolumeCacheReport { name } => self.volume_cache_report(name),
+            Request::VolumeCacheMirror { name } => self.volume_cache_mirror(name),
             Request::BackupChannel => Err(err(
                 ErrorCode::InvalidArgument,
                 "a backup channel is asked for as the first request of a data channel (after the data-channel preamble)",

@@ -388,6 +388,14 @@ pub enum Request {
         generation: u64,
         offset: u64,
     },
+
+    // ---- admin: where a cache mirror is recorded (protocol 17) ----
+    /// Which server the pool records as holding volume `name`'s cache
+    /// mirror, of which generation, and whether it may hold writes the
+    /// devices lack: answered with [`Response::CacheMirrorRecorded`].
+    VolumeCacheMirror {
+        name: String,
+    },
 }
 
 /// A cached volume's cache as its exclusive holder sees it (protocol 14).
@@ -553,7 +561,9 @@ impl Request {
             | Request::CacheReport { .. } => Some(&[Role::Agent]),
             Request::MirrorFetch { .. } => Some(&[Role::Server]),
             // Agents and admins share the read-only status requests.
-            Request::VolumeCacheShow { .. } | Request::VolumeCacheReport { .. } => Some(&[Role::Admin, Role::Agent]),
+            Request::VolumeCacheShow { .. } | Request::VolumeCacheReport { .. } | Request::VolumeCacheMirror { .. } => {
+                Some(&[Role::Admin, Role::Agent])
+            }
             Request::SnapshotList { .. } | Request::BackupChannel => Some(&[Role::Admin, Role::Backup]),
             _ => Some(&[Role::Admin]),
         }
@@ -633,6 +643,35 @@ pub enum Response {
         total_bytes: u64,
         data: Vec<u8>,
     },
+    /// The pool's record of a volume's cache mirror (protocol 17;
+    /// [`Request::VolumeCacheMirror`]); `None`: none recorded (no cache,
+    /// or never mirrored).
+    CacheMirrorRecorded(Option<RecordedMirror>),
+}
+
+/// Where the pool records a volume's cache mirror (protocol 17): what a
+/// replay after its holder's death reads, and from where.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedMirror {
+    /// The metadata server holding the file (its name, as `mds.toml` sets it).
+    pub server: String,
+    /// The mirror's generation (rises by one each time mirroring starts).
+    pub generation: u64,
+    /// Whether the file may hold acknowledged writes the devices lack: a
+    /// holder mirrors there now, or died before its writes were replayed.
+    pub pending: bool,
+}
+
+impl RecordedMirror {
+    /// One line for `sanvol volume show`.
+    pub fn summary(&self) -> String {
+        let what = if self.pending {
+            "may hold acknowledged writes the devices lack (replayed before the next open)"
+        } else {
+            "holds nothing the devices lack"
+        };
+        format!("generation {} at {}; {what}", self.generation, self.server)
+    }
 }
 
 /// The protocol version from which a server answers

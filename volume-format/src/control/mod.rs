@@ -98,7 +98,13 @@ pub mod resume;
 ///   (`ClientRole::Server`: the pool's server key, never stored as a
 ///   client), added last: 4 to 15 are still accepted (a server fetches only
 ///   from a server that negotiated 16).
-pub const PROTOCOL_VERSION: u32 = 16;
+/// - 17: where a cache mirror is recorded — `Request::VolumeCacheMirror`
+///   (admin) and `Response::CacheMirrorRecorded` (`RecordedMirror`), added
+///   last: 4 to 16 are still accepted (`sanvol volume show` asks only a
+///   server that negotiated 17).
+pub const PROTOCOL_VERSION: u32 = 17;
+/// The first protocol version with [`messages::Request::VolumeCacheMirror`].
+pub const CACHE_MIRROR_SHOW_PROTOCOL_MIN: u32 = 17;
 /// The first protocol version with [`messages::Request::MirrorFetch`].
 pub const MIRROR_FETCH_PROTOCOL_MIN: u32 = 16;
 /// The first protocol version with [`messages::Request::MirrorStage`].
