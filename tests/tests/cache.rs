@@ -1057,9 +1057,6 @@ async fn a_handle_opened_after_the_attach_gave_up_is_closed_by_the_agent() {
         "attach gave up after {took:?} ({stopped_for:?} after the stop); late handle closed; refusals before the \
          next attach: {refusals:#?}"
     );
-    if std::env::var("DUMP_LOGS").is_ok() {
-        println!("{}", stack.all_logs(400));
-    }
 }
 
 /// fio's random 64 KiB writes over the whole of `db` (64 MiB), crc32c
