@@ -167,6 +167,13 @@ const TWO_SERVER_REGRESSION_SEEDS: &[u64] = &[
     // nothing, so it stayed "stopped" for good, and a cache mirror only it
     // held was never replayed (exploration). It stands by again now.
     268100476750943,
+    // A conflicting open took an expired holder's handle aside to break
+    // it while the expiry committed the handle's removal; the open's
+    // commit then failed ("does not apply"), and it put the handle back in
+    // the table: nobody told the holder, whose next renewal let it write
+    // after the pool had fenced and released it (exploration). A handle
+    // whose record went meanwhile stays released, and its holder is told.
+    48276156797555,
 ];
 
 fn report(o: &Outcome) -> String {

@@ -469,7 +469,7 @@ impl Core {
             (next, Ok(())) => self.replay_then(volume, next),
             (AfterReplay::Open { reply, broken, name, .. }, Err(why)) => {
                 for h in broken {
-                    self.handles.restore(h);
+                    self.restore_broken(h, "an open that would have broken it failed");
                 }
                 let msg = format!(
                     "volume {name} cannot be opened yet: recording the handles it breaks (before its cache mirror \

@@ -1571,6 +1571,62 @@ fn an_expired_handle_is_released_only_after_it_is_fenced() {
     assert!(w.core.handles.get(held.0).is_none());
 }
 
+/// Found by the simulator (seed 48276156797555): an expired holder's
+/// handle is fenced for release while a conflicting open takes it aside to
+/// break it; the expiry commits the handle's removal first, so the open's
+/// commit cannot apply and the open fails. The handle must not come back
+/// into the table — its holder's next renewal would let it write after the
+/// pool fenced and released it — and the holder is told and cut off.
+#[test]
+fn a_handle_released_while_a_failed_open_held_it_aside_stays_released() {
+    let mut w = World::new();
+    w.auto_zero = false;
+    let fence_job = |effects: &[Effect]| {
+        effects.iter().find_map(|e| match e {
+            Effect::Job { task, job: Job::Fence { handles, .. } } => Some((*task, handles.clone())),
+            _ => None,
+        })
+    };
+    let (open, effects) = w.request(1, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (task, next) = commit_of(&effects).unwrap();
+    let effects = w.apply(committed(task, next));
+    let Some(Ok(Response::Opened(first))) = reply_of(&effects, open) else { panic!("{effects:?}") };
+    let held = first.handle;
+    w.advance(LEASE_MS + 1);
+    let (expiry_fence, handles) = fence_job(&w.apply(Input::Tick)).expect("the expiry fences first");
+    assert_eq!(handles, vec![held]);
+    // The conflicting open breaks the same handle and fences it too.
+    let (open, effects) = w.request(2, Request::Open { volume: "v".into(), mode: OpenMode::Exclusive });
+    let (open_fence, handles) = fence_job(&effects).expect("the open fences the broken holder");
+    assert_eq!(handles, vec![held]);
+    // The expiry's release commits first.
+    let effects = w.apply(Input::JobDone { task: expiry_fence, outcome: JobOutcome::done() });
+    let (task, next) = commit_of(&effects).expect("the release commits");
+    w.apply(committed(task, next));
+    assert!(!w.core.meta.handles.iter().any(|h| h.id == held), "released in the pool metadata");
+    // Then the open's fence ends; its break no longer applies, so it fails.
+    let told = |effects: &[Effect]| {
+        effects.iter().any(|e| match e {
+            Effect::Event { session: 1, event: ServerEvent::Revoked { handle, .. } } => handle.0 == held.0,
+            _ => false,
+        })
+    };
+    let kicked = |effects: &[Effect]| effects.iter().any(|e| matches!(e, Effect::Kick { session: 1 }));
+    let mut effects = w.apply(Input::JobDone { task: open_fence, outcome: JobOutcome::done() });
+    let (mut answered, mut was_told, mut was_kicked) =
+        (reply_of(&effects, open).is_some(), told(&effects), kicked(&effects));
+    while let Some((task, next)) = commit_of(&effects) {
+        effects = w.apply(committed(task, next));
+        answered |= reply_of(&effects, open).is_some();
+        was_told |= told(&effects);
+        was_kicked |= kicked(&effects);
+    }
+    assert!(answered, "the open is answered");
+    assert!(w.core.handles.get(held.0).is_none(), "a released handle was put back into the table");
+    assert!(was_told, "the holder was not told its handle is released");
+    assert!(was_kicked, "the holder's session stays open");
+}
+
 /// A write-intent mark whose commit misses the metadata copy on a dead
 /// device: the server checks that device, marks it failed (the commit
 /// leaves its copy out) and the mark, asked again, commits to the copies

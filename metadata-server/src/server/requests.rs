@@ -789,7 +789,7 @@ impl Core {
         if let Err(e) = result {
             self.handles.remove(handle.id);
             for h in broken {
-                self.handles.restore(h);
+                self.restore_broken(h, "an open that would have broken it failed");
             }
             return self.reply(reply, Err(e));
         }
