@@ -468,9 +468,7 @@ impl Core {
         match (next, outcome.result) {
             (next, Ok(())) => self.replay_then(volume, next),
             (AfterReplay::Open { reply, broken, name, .. }, Err(why)) => {
-                for h in broken {
-                    self.restore_broken(h, "an open that would have broken it failed");
-                }
+                self.restore_broken(broken);
                 let msg = format!(
                     "volume {name} cannot be opened yet: recording the handles it breaks (before its cache mirror \
                      is replayed) failed: {why}; retry"

@@ -1348,20 +1348,24 @@ impl Core {
         }
     }
 
-    /// Puts back a handle an open took out of the table to break it, when
-    /// the open gave up — if its record is still in the pool metadata. A
-    /// handle whose record went meanwhile was released by another path (its
-    /// lease ran out and the expiry committed its removal while the open
-    /// held it aside, so the expiry could not tell its holder): it is
-    /// released now — its holder told, its session closed — never put back.
-    /// Put back, the holder's next renewal let it write again after the pool
-    /// had fenced and released it (simulator seed 48276156797555).
-    pub fn restore_broken(&mut self, handle: Handle, why: &str) {
-        if self.meta.handles.iter().any(|r| r.id.0 == handle.id) {
-            self.handles.restore(handle);
-        } else {
-            warn!(handle = handle.id, holder = %handle.holder, "{why}; the handle was released meanwhile: it stays released");
-            self.released(&handle, format!("released while {why}"));
+    /// Puts back the handles an open took out of the table to break them,
+    /// when the open gave up — each while its record is still in the pool
+    /// metadata. A handle whose record went meanwhile was released by
+    /// another path (its lease ran out and the expiry committed its removal
+    /// while the open held it aside, so the expiry could not tell its
+    /// holder): it is released now — its holder told, its session closed —
+    /// never put back. Put back, the holder's next renewal let it write
+    /// again after the pool had fenced and released it (simulator seed
+    /// 48276156797555).
+    pub fn restore_broken(&mut self, broken: Vec<Handle>) {
+        for handle in broken {
+            if self.meta.handles.iter().any(|r| r.id.0 == handle.id) {
+                self.handles.restore(handle);
+            } else {
+                let why = "an open that would have broken it failed";
+                warn!(handle = handle.id, holder = %handle.holder, "{why}; the handle was released meanwhile: it stays released");
+                self.released(&handle, format!("released while {why}"));
+            }
         }
     }
 

@@ -788,9 +788,7 @@ impl Core {
         let OpenCommit { reply, handle, broken, volume, volume_name, holder, .. } = open;
         if let Err(e) = result {
             self.handles.remove(handle.id);
-            for h in broken {
-                self.restore_broken(h, "an open that would have broken it failed");
-            }
+            self.restore_broken(broken);
             return self.reply(reply, Err(e));
         }
         let mode = handle.mode;
