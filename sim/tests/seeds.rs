@@ -174,6 +174,11 @@ const TWO_SERVER_REGRESSION_SEEDS: &[u64] = &[
     // after the pool had fenced and released it (exploration). A handle
     // whose record went meanwhile stays released, and its holder is told.
     48276156797555,
+    // A recall waited past its bound for a holder draining behind its
+    // server-side copy-on-write registrations, which the server ran one
+    // job and one slow commit at a time (exploration). The copies queued
+    // on a volume are now one job and one commit.
+    114450128283725,
 ];
 
 fn report(o: &Outcome) -> String {

@@ -315,6 +315,9 @@ pub enum Change {
 pub enum Step {
     /// Done without writing metadata; the answer, if someone waits.
     Done(Option<(ReplyId, Result<Response, ControlError>)>),
+    /// Done without writing metadata, with an answer for each of several
+    /// callers (registrations served together, see `snapshots`).
+    Answers(Vec<(ReplyId, Result<Response, ControlError>)>),
     /// Commit `changes`; `then` finishes the change with the commit's result.
     Commit { changes: Vec<MetaChange>, then: AfterCommit },
     /// Run `job` off the loop, with `volume` busy (as `busy` says) until
@@ -375,10 +378,11 @@ pub enum AfterCommit {
         reason: String,
         reply: Option<ReplyId>,
     },
+    /// Copy-on-write registrations committed together: each caller's
+    /// count of chunks it newly registered, or why its own part was refused.
     CowRegistered {
-        reply: ReplyId,
-        new: u64,
         volume: VolumeId,
+        answers: Vec<(ReplyId, Result<u64, ControlError>)>,
     },
     /// A failed device answered its probe and is resyncing now.
     DeviceBack {
@@ -485,13 +489,20 @@ pub enum AfterJob {
     HandleResynced { volume: VolumeId, handle: volume_format::HandleId, reply: ReplyId },
 }
 
-/// A server-side copy in flight: who asked, for which chunks.
+/// A server-side copy in flight: the registrations it serves (one job and
+/// one commit for all of them), on one volume's newest snapshot.
 #[derive(Debug)]
 pub struct CowCopied {
-    pub session: SessionId,
-    pub handle: u64,
     pub volume: VolumeId,
     pub snapshot: u64,
+    pub asks: Vec<CowAsk>,
+}
+
+/// One caller's registration of copy-on-write chunks.
+#[derive(Debug)]
+pub struct CowAsk {
+    pub session: SessionId,
+    pub handle: u64,
     pub chunks: Vec<u64>,
     pub reply: ReplyId,
 }
@@ -1130,6 +1141,7 @@ impl Core {
                         }
                     },
                     Step::Done(Some(answer)) if !batch.parts.is_empty() => batch.deferred.push(answer),
+                    Step::Answers(answers) if !batch.parts.is_empty() => batch.deferred.extend(answers),
                     step => self.run_step(step),
                 }
             }
@@ -1178,6 +1190,11 @@ impl Core {
         match step {
             Step::Done(Some((reply, result))) => self.reply(reply, result),
             Step::Done(None) | Step::Parked => {}
+            Step::Answers(answers) => {
+                for (reply, result) in answers {
+                    self.reply(reply, result);
+                }
+            }
             Step::Commit { changes, then } => {
                 // Only `pump` commits (in batches); a commit step anywhere
                 // else is a bug, answered as such rather than lost.

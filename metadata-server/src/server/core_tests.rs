@@ -2293,3 +2293,83 @@ fn a_holder_recorded_broken_before_a_replay_does_not_resume_when_the_change_then
         Err(ErrorCode::HandleBroken)
     );
 }
+
+/// The server-side copy jobs `effects` start: task, volume and chunks.
+fn cow_jobs_of(effects: &[Effect]) -> Vec<(TaskId, volume_format::VolumeId, Vec<u64>)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Job { task, job: Job::CowCopy { volume, chunks, .. } } => Some((*task, *volume, chunks.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Server-side copies queued on one volume behind a copy in flight are
+/// served by one job and one commit, not one each (the simulator's seed
+/// 114450128283725: a holder draining for a recall waited on them one
+/// slow commit at a time). A registration refused on its own is refused
+/// alone; another volume's copy queued in between is not held back.
+#[test]
+fn server_side_copies_queued_on_a_volume_are_served_by_one_job_and_one_commit() {
+    let mut w = World::new();
+    let open = |w: &mut World, session, name: &str| {
+        let Ok(Response::Opened(o)) =
+            committed_request(w, session, Request::Open { volume: name.into(), mode: OpenMode::Exclusive })
+        else {
+            panic!()
+        };
+        let volume = w.core.meta.volume_by_name(name).unwrap().id;
+        let change = w.core.meta.plan_create_snapshot(volume, "s1", 0).unwrap();
+        std::sync::Arc::make_mut(&mut w.core.meta).apply(&change).unwrap();
+        (o.handle, w.core.meta.newest_snapshot(volume).unwrap().id, volume)
+    };
+    let (a, v_snap, v) = open(&mut w, 1, "v");
+    let (b, w_snap, w_volume) = open(&mut w, 2, "w");
+    let copy = |handle, snapshot, chunks: &[u64]| Request::CowCopy { handle, snapshot, chunks: chunks.to_vec() };
+
+    // A copy of v's chunk 1 runs: v is busy.
+    let (r1, effects) = w.request(1, copy(a, v_snap, &[1]));
+    let [(t1, job_volume, chunks)] = &cow_jobs_of(&effects)[..] else { panic!("{effects:?}") };
+    assert_eq!((*job_volume, chunks.as_slice()), (v, &[1][..]));
+    let t1 = *t1;
+    let (r2, _) = w.request(1, copy(a, v_snap, &[2]));
+    // A commit on w in flight: everything after it queues.
+    let (r3, effects) = w.request(2, Request::CowRegister { handle: b, snapshot: w_snap, chunks: vec![1] });
+    let (c3, write3) = commit_of(&effects).unwrap();
+    let (r4, _) = w.request(2, copy(b, w_snap, &[2]));
+    let (r5, _) = w.request(1, copy(a, v_snap, &[3]));
+    let (r6, _) = w.request(2, copy(a, v_snap, &[5])); // not session 2's handle
+    let (r7, _) = w.request(1, copy(a, v_snap, &[2, 4]));
+    let mut effects = w.apply(Input::JobDone { task: t1, outcome: JobOutcome::done() });
+    effects.extend(w.apply(committed(c3, write3)));
+    assert!(matches!(reply_of(&effects, r3), Some(Ok(Response::CowRegistered { new: 1 }))), "{effects:?}");
+    let (c1, write1) = commit_of(&effects).expect("the first copy's registration is committed");
+    let effects = w.apply(committed(c1, write1));
+    assert!(matches!(reply_of(&effects, r1), Some(Ok(Response::CowRegistered { new: 1 }))), "{effects:?}");
+
+    // v's four queued copies: one job; w's copy: a job of its own.
+    let jobs = cow_jobs_of(&effects);
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    let (tv, _, chunks) = jobs.iter().find(|(_, vol, _)| *vol == v).unwrap();
+    assert_eq!(chunks, &[2, 3, 4], "one copy of every chunk the queued registrations asked for");
+    let (tw, _, w_chunks) = jobs.iter().find(|(_, vol, _)| *vol == w_volume).unwrap();
+    assert_eq!(w_chunks, &[2]);
+    let effects = w.apply(Input::JobDone { task: *tv, outcome: JobOutcome::done() });
+    let (cv, write) = commit_of(&effects).expect("one commit for the four");
+    for r in [r2, r5, r6, r7] {
+        assert!(reply_of(&effects, r).is_none(), "nothing answered before the commit: {effects:?}");
+    }
+    let effects = w.apply(committed(cv, write));
+    assert!(commit_of(&effects).is_none(), "no second commit: {effects:?}");
+    for (r, new) in [(r2, 1), (r5, 1), (r7, 1)] {
+        assert_eq!(reply_of(&effects, r), Some(&Ok(Response::CowRegistered { new })), "reply {r}: {effects:?}");
+    }
+    let Some(Err(refused)) = reply_of(&effects, r6) else { panic!("{effects:?}") };
+    assert_eq!(refused.code, ErrorCode::NotFound, "{refused:?}");
+    let registered: Vec<u64> = w.core.meta.newest_snapshot(v).unwrap().cow.iter().collect();
+    assert_eq!(registered, vec![1, 2, 3, 4]);
+    let effects = w.apply(Input::JobDone { task: *tw, outcome: JobOutcome::done() });
+    let effects = commit_all(&mut w, effects);
+    assert_eq!(reply_of(&effects, r4), Some(&Ok(Response::CowRegistered { new: 1 })), "{effects:?}");
+}

@@ -262,13 +262,16 @@ impl Core {
                 Ok(()) => info!(devices, "recorded in the pool metadata whether devices fence"),
                 Err(e) => warn!(devices, "recording whether devices fence failed (retried): {e}"),
             },
-            AfterCommit::CowRegistered { reply, new, volume } => {
+            AfterCommit::CowRegistered { volume, answers } => {
                 if let Err(e) = &result {
                     warn!(%volume, "registering copy-on-write chunks: {e}");
                 } else {
                     control_client::fault::hit("mds-after-cow-commit");
                 }
-                self.reply(reply, result.map(|()| Response::CowRegistered { new }));
+                for (reply, answer) in answers {
+                    let answer = answer.and_then(|new| result.clone().map(|()| Response::CowRegistered { new }));
+                    self.reply(reply, answer);
+                }
             }
             AfterCommit::Released { volume, then } => {
                 self.release(volume);

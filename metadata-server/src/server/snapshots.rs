@@ -22,14 +22,16 @@
 //! `mds-before-cow-commit` (pre-images copied, registration not committed)
 //! and `mds-after-cow-commit` (committed, agent not answered).
 
-use tracing::warn;
+use tracing::{debug, warn};
 use volume_format::control::messages::{
-    snapshot_export_name, ControlError, ErrorCode, OpenMode, Response, SnapshotInfo,
+    snapshot_export_name, ControlError, ErrorCode, OpenMode, Request, Response, SnapshotInfo,
 };
 use volume_format::metadata::{MetaChange, PoolMetadata};
 use volume_format::{SnapshotId, VolumeId};
 
-use super::core::{AfterCommit, AfterJob, Busy, Core, CowCopied, MergeFinish, ReplyId, Step, VolumeChange};
+use super::core::{
+    AfterCommit, AfterJob, Busy, Change, Core, CowAsk, CowCopied, MergeFinish, ReplyId, Step, VolumeChange,
+};
 use super::jobs::{Job, JobOutcome};
 use super::requests::{alloc_error, err};
 use crate::handles::SessionId;
@@ -47,6 +49,14 @@ pub const COW_CHUNKS_PER_REQUEST_MAX: usize = 1 << 16;
 
 fn done(reply: ReplyId, result: Result<Response, ControlError>) -> Step {
     Step::Done(Some((reply, result)))
+}
+
+/// The chunks the accepted registrations of `checked` ask for, each once.
+fn fresh_of(checked: &[(ReplyId, Result<Vec<u64>, ControlError>)]) -> Vec<u64> {
+    let mut fresh: Vec<u64> = checked.iter().filter_map(|(_, c)| c.as_ref().ok()).flatten().copied().collect();
+    fresh.sort_unstable();
+    fresh.dedup();
+    fresh
 }
 
 impl Core {
@@ -228,7 +238,10 @@ impl Core {
     /// volume; with `copy`, the server first copies their pre-images itself
     /// (a job: nobody overwrites an unregistered chunk, so the live volume
     /// still holds every pre-image, and registrations on the volume wait
-    /// until it is done).
+    /// until it is done). The server-side copies queued behind this one on
+    /// the same volume and snapshot join it: one job and one commit for
+    /// all of them, not one each (a holder draining for a recall may wait
+    /// on many; the simulator's seed 114450128283725).
     pub(super) fn prepare_cow(
         &mut self,
         session: SessionId,
@@ -246,17 +259,63 @@ impl Core {
             if let Err(e) = self.check_own_copies(volume, handle, snapshot, &chunks, &fresh) {
                 return done(reply, Err(e));
             }
+            return self.register_step(volume, snapshot, vec![(reply, Ok(fresh))]);
         }
-        if fresh.is_empty() {
-            return done(reply, Ok(Response::CowRegistered { new: 0 }));
+        let room = COW_CHUNKS_PER_REQUEST_MAX - chunks.len();
+        let mut asks = vec![CowAsk { session, handle, chunks, reply }];
+        asks.extend(self.take_queued_copies(volume, snapshot, room));
+        let checked = self.check_asks(&asks, snapshot);
+        let to_copy = fresh_of(&checked);
+        if to_copy.is_empty() {
+            return self.register_step(volume, snapshot, checked);
         }
-        if copy {
-            let job =
-                Job::CowCopy { meta: self.meta.clone(), volume, snapshot: SnapshotId(snapshot), chunks: fresh.clone() };
-            let then = AfterJob::CowCopied(CowCopied { session, handle, volume, snapshot, chunks: fresh, reply });
-            return Step::Job { job, busy: Some((volume, Busy::Cow)), then };
+        if asks.len() > 1 {
+            debug!(%volume, registrations = asks.len(), chunks = to_copy.len(), "one server-side copy for several registrations");
         }
-        self.register_step(volume, snapshot, &fresh, reply)
+        let job = Job::CowCopy { meta: self.meta.clone(), volume, snapshot: SnapshotId(snapshot), chunks: to_copy };
+        let then = AfterJob::CowCopied(CowCopied { volume, snapshot, asks });
+        Step::Job { job, busy: Some((volume, Busy::Cow)), then }
+    }
+
+    /// Takes the server-side copies queued on `volume`'s `snapshot` out of
+    /// the queue, up to `room` chunks in all, to join the copy being
+    /// prepared. Only changes they may overtake are passed: other volumes'
+    /// requests, and the volume's own registrations (idempotent, and in no
+    /// order among themselves); anything else on the volume or the pool
+    /// (a recall, an expiry, a job's result, a close...) stops the search.
+    fn take_queued_copies(&mut self, volume: VolumeId, snapshot: u64, mut room: usize) -> Vec<CowAsk> {
+        let mut taken = Vec::new();
+        let mut i = 0;
+        while i < self.queue.len() {
+            let Change::Request { session, request, .. } = &self.queue[i] else { break };
+            let Some((v, _)) = self.volume_of(*session, request) else { break };
+            let take = match request {
+                _ if v != volume => false,
+                Request::CowCopy { snapshot: s, chunks, .. } if s.0 == snapshot && chunks.len() <= room => true,
+                Request::CowRegister { snapshot: s, .. } if s.0 == snapshot => false,
+                _ => break,
+            };
+            if !take {
+                i += 1;
+                continue;
+            }
+            let Some(Change::Request { session, request: Request::CowCopy { handle, chunks, .. }, reply }) =
+                self.queue.remove(i)
+            else {
+                unreachable!("the change at {i} is a server-side copy");
+            };
+            room -= chunks.len();
+            taken.push(CowAsk { session, handle: handle.0, chunks, reply });
+        }
+        taken
+    }
+
+    /// Each registration checked: its chunks not registered yet, or why it
+    /// is refused.
+    fn check_asks(&self, asks: &[CowAsk], snapshot: u64) -> Vec<(ReplyId, Result<Vec<u64>, ControlError>)> {
+        asks.iter()
+            .map(|a| (a.reply, self.check_cow(a.session, a.handle, snapshot, &a.chunks).map(|(_, fresh)| fresh)))
+            .collect()
     }
 
     /// An agent's own copies are refused while the volume has more than
@@ -297,40 +356,63 @@ impl Core {
         ))
     }
 
-    /// The commit that registers `fresh` chunks.
-    fn register_step(&mut self, volume: VolumeId, snapshot: u64, fresh: &[u64], reply: ReplyId) -> Step {
-        control_client::fault::hit("mds-before-cow-commit");
-        match self.meta.plan_register_cow(SnapshotId(snapshot), fresh) {
+    /// The commit that registers the chunks of `checked` registrations
+    /// (each: its chunks not registered yet, or why it is refused); each
+    /// caller is answered once it is durable.
+    fn register_step(
+        &mut self,
+        volume: VolumeId,
+        snapshot: u64,
+        checked: Vec<(ReplyId, Result<Vec<u64>, ControlError>)>,
+    ) -> Step {
+        let fresh = fresh_of(&checked);
+        let planned = if fresh.is_empty() {
+            Ok(None)
+        } else {
+            control_client::fault::hit("mds-before-cow-commit");
+            self.meta.plan_register_cow(SnapshotId(snapshot), &fresh)
+        };
+        match planned {
             Ok(Some(change)) => {
                 self.precopy_cow_registered(volume);
-                let new = match &change {
-                    MetaChange::CowRegister { chunks, .. } => chunks.len(),
-                    _ => 0,
+                // Each chunk counts as new for the first caller that asked.
+                let mut new_chunks: std::collections::BTreeSet<u64> = match &change {
+                    MetaChange::CowRegister { chunks, .. } => chunks.iter().collect(),
+                    _ => Default::default(),
                 };
-                Step::Commit { changes: vec![change], then: AfterCommit::CowRegistered { reply, new, volume } }
+                let answers = checked
+                    .into_iter()
+                    .map(|(reply, c)| {
+                        (reply, c.map(|chunks| chunks.iter().filter(|c| new_chunks.remove(c)).count() as u64))
+                    })
+                    .collect();
+                Step::Commit { changes: vec![change], then: AfterCommit::CowRegistered { volume, answers } }
             }
-            Ok(None) => done(reply, Ok(Response::CowRegistered { new: 0 })),
-            Err(e) => done(reply, Err(err(ErrorCode::InvalidArgument, e))),
+            Ok(None) => Step::Answers(
+                checked.into_iter().map(|(reply, c)| (reply, c.map(|_| Response::CowRegistered { new: 0 }))).collect(),
+            ),
+            Err(e) => Step::Answers(
+                checked
+                    .into_iter()
+                    .map(|(reply, c)| (reply, c.and_then(|_| Err(err(ErrorCode::InvalidArgument, e.clone())))))
+                    .collect(),
+            ),
         }
     }
 
     /// The server copied pre-images: register them (the ones still
     /// unregistered; the volume was busy, so none should have changed).
     pub(super) fn cow_copied(&mut self, copied: CowCopied, outcome: JobOutcome) -> Step {
-        let CowCopied { session, handle, volume, snapshot, chunks, reply } = copied;
+        let CowCopied { volume, snapshot, asks } = copied;
         if let Err(why) = outcome.result {
-            warn!(handle, snapshot, "server-side copy-on-write failed: {why}");
+            warn!(%volume, snapshot, registrations = asks.len(), "server-side copy-on-write failed: {why}");
             self.release(volume);
-            return done(reply, Err(err(ErrorCode::Internal, why)));
+            return Step::Answers(
+                asks.into_iter().map(|a| (a.reply, Err(err(ErrorCode::Internal, why.clone())))).collect(),
+            );
         }
-        let fresh = match self.check_cow(session, handle, snapshot, &chunks) {
-            Ok((_, fresh)) => fresh,
-            Err(e) => {
-                self.release(volume);
-                return done(reply, Err(e));
-            }
-        };
-        match self.register_step(volume, snapshot, &fresh, reply) {
+        let checked = self.check_asks(&asks, snapshot);
+        match self.register_step(volume, snapshot, checked) {
             Step::Commit { changes, then } => {
                 Step::Commit { changes, then: AfterCommit::Released { volume, then: Box::new(then) } }
             }
