@@ -32,8 +32,15 @@ const USAGE: &str = "usage: cache_serve --unix SOCK --device NBD_URI (--log PATH
                      [--volume ID]\n   or: cache_serve --unix SOCK --mds ADDR --key KEY --server-key PUB \
                      --volume-name NAME --log PATH";
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// The agent's I/O runtime at its defaults (one thread, polling before it
+/// sleeps on a host with CPUs to spare): the cache measured as the agent
+/// runs it.
+fn main() -> anyhow::Result<()> {
+    let runtime = client_agent::io_runtime::build(1, client_agent::io_runtime::poll_window(None))?;
+    runtime.block_on(serve())
+}
+
+async fn serve() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let get = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
     if get("--mds").is_some() {

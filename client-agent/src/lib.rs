@@ -46,6 +46,8 @@
 //! - [`persist`]: attaching the config file's volumes at start (retried with
 //!   a bounded backoff) and `attach/detach --persist`.
 //! - [`control`]: the local control socket (JSON lines) and its client.
+//! - [`io_runtime`]: the runtime the agent's I/O runs on (threads, polling
+//!   before sleeping), shared with the `cache_serve` example.
 //! - [`metrics`]: the agent's Prometheus metrics (a counting wrapper around
 //!   each attached volume; control-plane events).
 //! - [`kernel`]: kernel attach — a volume as `/dev/nbdX` through the NBD driver's netlink
@@ -64,6 +66,7 @@ pub mod export;
 pub mod fallback;
 pub mod gate;
 pub mod intent;
+pub mod io_runtime;
 pub mod kernel;
 pub mod metrics;
 pub mod owner;

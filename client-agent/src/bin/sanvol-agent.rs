@@ -625,32 +625,14 @@ fn main() -> Result<()> {
         Command::Run(args) => args.io_threads,
         _ => 1,
     };
-    if let Command::Run(args) = &cli.command {
-        blockio::park_poll::set_window(poll_window(args.poll_us));
-    }
-    let runtime = if io_threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .on_thread_park(blockio::park_poll::before_park)
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(io_threads as usize)
-            .enable_all()
-            .on_thread_park(blockio::park_poll::before_park)
-            .build()
-    }
-    .context("starting the async runtime")?;
+    // Polling is for `run` (the data path); the other commands are one-shot.
+    let poll = match &cli.command {
+        Command::Run(args) => client_agent::io_runtime::poll_window(args.poll_us),
+        _ => std::time::Duration::ZERO,
+    };
+    let runtime =
+        client_agent::io_runtime::build(usize::from(io_threads), poll).context("starting the async runtime")?;
     runtime.block_on(main_async(cli, persisted))
-}
-
-/// How long an idle I/O thread polls before it sleeps (`--poll-us`):
-/// as given, or 50 µs with more than one CPU and none with one.
-fn poll_window(poll_us: Option<u64>) -> std::time::Duration {
-    const POLL_US_DEFAULT: u64 = 50;
-    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    let us = poll_us.unwrap_or(if cpus > 1 { POLL_US_DEFAULT } else { 0 });
-    std::time::Duration::from_micros(us)
 }
 
 async fn main_async(cli: Cli, persisted: Option<Arc<Persisted>>) -> Result<()> {
