@@ -7,7 +7,7 @@
 //! Why one thread by default: each request then crosses no thread boundary,
 //! which measured ~2× the IOPS of a multi-threaded runtime at 4k QD32 on a
 //! 2-core host shared with the workload (bench/agent.sh); and an
-//! unmirrored cached 4k QD1 write 1.1-1.3× (bench/README.md, "cache_serve
+//! unmirrored cached 4k QD1 write 1.18-1.22× (bench/README.md, "cache_serve
 //! on the agent's runtime").
 
 use std::time::Duration;
