@@ -101,9 +101,14 @@ impl Core {
             // A volume whose extents on a device come back are being copied
             // without holders: an opener would write while the copy runs.
             // Nor while an online copy runs (an open may need a copy of its
-            // own, of orphaned regions: one job per volume at a time).
+            // own, of orphaned regions: one job per volume at a time). Nor
+            // while pre-images move for a change committed without a recall
+            // (no holders when it started): the opener would get the layout
+            // from before the change and never be recalled, and write
+            // pre-images into a deleted snapshot's freed COW area, given to
+            // another volume meanwhile (the simulator's seed 182565496196980).
             Request::Open { volume: name, .. } => {
-                Some((self.meta.volume_by_name(name)?.id, &[Busy::Resync, Busy::Precopy]))
+                Some((self.meta.volume_by_name(name)?.id, &[Busy::Layout, Busy::Resync, Busy::Precopy]))
             }
             // Registrations wait for pre-images moving between the volume's
             // snapshots too: a chunk registered into a snapshot while its
