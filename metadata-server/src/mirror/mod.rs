@@ -8,8 +8,9 @@
 //! Shape: the owner loop never touches a mirror file. It checks that a
 //! mirror request comes from the session holding the volume's exclusive
 //! handle and passes it on ([`Mirrors::send`], a map lookup and a queue
-//! push); one worker task per volume ([`worker`]) does the file I/O on the
-//! blocking pool and answers the agent directly. Appends that are queued
+//! push); one worker task per volume ([`worker`]) does the file I/O (an
+//! append on its own runtime thread while the disk is fast: [`inline`]) and
+//! answers the agent directly. Appends that are queued
 //! together are written together: one write and one fdatasync for all of
 //! them (group commit). Requests of one volume are handled in the order
 //! they arrive, so a replay queued after an append sees it.
@@ -21,6 +22,8 @@
 //! - [`store`]: one volume's mirror file (blocking, testable without a
 //!   server).
 //! - [`worker`]: the per-volume task: batching, waiting for space, replay.
+//! - [`inline`]: where an append's synchronous write runs, and when it
+//!   stops running inline (a slow disk, a one-thread runtime).
 //! - [`replay`]: what a replay writes — the records' final bytes as large,
 //!   disjoint writes sent together, not one record after another.
 //! - [`lane`]: the holders' way to their worker, and why it is as safe as
@@ -29,6 +32,7 @@
 //!   it when it stands by (a holder that died right after a handoff).
 
 pub mod fetch;
+pub mod inline;
 pub mod lane;
 pub mod replay;
 pub mod store;

@@ -22,6 +22,7 @@ use volume_format::control::messages::{
 use volume_format::metadata::CacheMirrorRecord;
 use volume_format::VolumeId;
 
+use super::inline::{self, InlineSync};
 use super::lane::Lanes;
 use super::replay::{self, Span};
 use super::store::{self, StoreError, VolumeMirror};
@@ -48,6 +49,7 @@ pub fn spawn(
         staged: None,
         prepared: None,
         waiting: VecDeque::new(),
+        inline: InlineSync::default(),
     };
     tokio::spawn(worker.run(rx));
     tx
@@ -85,6 +87,8 @@ struct Worker {
     prepared: Option<(u64, VolumeMirror)>,
     /// Appends in arrival order; only the first may be partly done.
     waiting: VecDeque<Pending>,
+    /// Whether the next append runs on this worker's thread.
+    inline: InlineSync,
 }
 
 fn failed(e: impl std::fmt::Display) -> ControlError {
@@ -371,7 +375,8 @@ impl Worker {
             // their records are written from where they are, not copied.
             let waiting = std::mem::take(&mut self.waiting);
             let started = std::time::Instant::now();
-            let joined = synced_here(move || {
+            let inline = self.inline.allows(inline::runtime_threads(), started);
+            let joined = inline::synced(inline, move || {
                 let records = || waiting.iter().flat_map(|p| &p.records[p.done..]);
                 let mut bytes = 0;
                 let count = records()
@@ -398,7 +403,16 @@ impl Worker {
                 // mirroring stops.
                 Err(e) => return warn!(volume = %self.volume, "cache mirror append failed: {e}"),
             };
-            tracing::debug!(append_us = started.elapsed().as_micros() as u64, "mirror append");
+            let took = started.elapsed();
+            tracing::debug!(append_us = took.as_micros() as u64, inline, "mirror append");
+            if inline && self.inline.ran_inline(took, std::time::Instant::now()) {
+                info!(
+                    volume = %self.volume,
+                    took_ms = took.as_millis() as u64,
+                    "a mirror append on the worker's thread was slow: the next ones are handed off for {} s",
+                    inline::INLINE_PAUSE.as_secs()
+                );
+            }
             let mut taken = match result {
                 Ok(0) => return, // full: wait for a release
                 Ok(taken) => taken,
@@ -605,23 +619,5 @@ async fn blocking<T: Send + 'static>(
                 source: std::io::Error::other(e.to_string()),
             }),
         ),
-    }
-}
-
-/// Runs a synchronous file write (with its fdatasync) for an append or a
-/// release. On a multi-threaded runtime it runs on this worker's thread
-/// (`block_in_place`: the runtime moves its other tasks to another thread
-/// meanwhile), so the answer goes out as soon as the data is durable,
-/// without two thread hand-offs (to the blocking pool and back), which
-/// cost about 60 µs of a QD1 mirrored write on a 2-core host
-/// (bench/README.md). Elsewhere (a current-thread runtime, as in some
-/// tests) it goes to the blocking pool. A panic comes back as an error.
-async fn synced_here<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    if Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread {
-        tokio::task::block_in_place(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)))
-            .map_err(|_| "the file code panicked".to_string())
-    } else {
-        tokio::task::spawn_blocking(f).await.map_err(|e| e.to_string())
     }
 }
