@@ -371,12 +371,12 @@ impl Worker {
             let Some(mut mirror) = self.mirror.take() else {
                 return self.drop_waiting("mirroring stopped");
             };
-            // The waiting appends go to the blocking pool and come back:
+            // The waiting appends go to the writing thread and come back:
             // their records are written from where they are, not copied.
             let waiting = std::mem::take(&mut self.waiting);
             let started = std::time::Instant::now();
-            let inline = self.inline.allows(inline::runtime_threads(), started);
-            let joined = inline::synced(inline, move || {
+            let allowed = self.inline.allows(inline::runtime_threads(), started);
+            let joined = inline::synced(&inline::PROCESS_SLOT, allowed, move || {
                 let records = || waiting.iter().flat_map(|p| &p.records[p.done..]);
                 let mut bytes = 0;
                 let count = records()
@@ -392,11 +392,11 @@ impl Worker {
                 (mirror, waiting, result)
             })
             .await;
-            let result = match joined {
-                Ok((mirror, waiting, result)) => {
+            let (result, inline) = match joined {
+                Ok(((mirror, waiting, result), inline)) => {
                     self.mirror = Some(mirror);
                     self.waiting = waiting;
-                    result
+                    (result, inline)
                 }
                 // A panic in the file code: the appends' replies are gone
                 // with it (their holders hear the request failed) and
