@@ -1,6 +1,6 @@
-//! Where a mirror worker runs its synchronous append (one positional write
-//! with `O_DSYNC`): on its own runtime thread, while the disk answers fast;
-//! through `block_in_place` once it does not.
+//! Where a mirror worker runs its synchronous append (a durable write,
+//! [`blockio::durable_file`]): on its own runtime thread, while the disk
+//! answers fast; through `block_in_place` once it does not.
 //!
 //! Why inline: on the QD1 path of a mirrored write the append sits between
 //! the session's reader (which routed the request to the worker, waking it
