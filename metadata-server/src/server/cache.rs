@@ -52,8 +52,9 @@
 //! so a replay, which writes the live volume directly, never changes a
 //! snapshot (`client_agent::cache`'s "Snapshots"). A holder that did not
 //! confirm (excluded by its lease: dead or cut off) destaged nothing, so
-//! the mirror is replayed before the change is committed; a snapshot of a
-//! volume nobody holds replays it first too. The setting changes only
+//! the mirror is replayed before the change is committed — also when its
+//! expiry released it while the recall waited, leaving the recall nobody
+//! to exclude; a snapshot of a volume nobody holds replays it first too. The setting changes only
 //! while the volume is closed.
 
 use volume_format::control::messages::{
