@@ -10,9 +10,8 @@
 //! handle and passes it on ([`Mirrors::send`], a map lookup and a queue
 //! push); one worker task per volume ([`worker`]) does the file I/O (an
 //! append on its own runtime thread while the disk is fast: [`inline`]) and
-//! answers the agent directly. Appends that are queued
-//! together are written together: one write and one fdatasync for all of
-//! them (group commit). Requests of one volume are handled in the order
+//! answers the agent directly. Appends that are queued together are written
+//! together: one write and one fdatasync for all of them (group commit). Requests of one volume are handled in the order
 //! they arrive, so a replay queued after an append sees it.
 //!
 //! A holder's appends and releases take a shorter way: from its session's

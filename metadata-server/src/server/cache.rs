@@ -54,8 +54,8 @@
 //! confirm (excluded by its lease: dead or cut off) destaged nothing, so
 //! the mirror is replayed before the change is committed — also when its
 //! expiry released it while the recall waited, leaving the recall nobody
-//! to exclude; a snapshot of a volume nobody holds replays it first too. The setting changes only
-//! while the volume is closed.
+//! to exclude; a snapshot of a volume nobody holds replays it first too.
+//! The setting changes only while the volume is closed.
 
 use volume_format::control::messages::{
     CacheStateInfo, ControlError, ErrorCode, HolderCacheReport, OpenMode, RecordedMirror, ReportedCache, Request,

@@ -601,8 +601,8 @@ impl Core {
     /// seed 117556401225247: a snapshot of a cached volume whose holder's
     /// VM was paused committed without the writes its mirror held).
     fn recall_fenced(&mut self, volume: VolumeId, pending: PendingChange, excluded: Vec<u64>) -> Step {
-        let holders_left = self.handles.on_volume(volume.0).any(|h| !excluded.contains(&h.id));
-        if excluded.is_empty() && !holders_left && self.needs_replay(volume) {
+        let nobody_left = excluded.is_empty() && self.handles.on_volume(volume.0).next().is_none();
+        if nobody_left && self.needs_replay(volume) {
             let next = super::cache::AfterReplay::Recall { pending, excluded };
             return self.replay_then(volume, next);
         }
