@@ -603,7 +603,8 @@ impl ServerHost {
     /// `LeaseTask::stand_by`: watch for the lease again with a fresh window.
     fn stand_by(&mut self, env: &mut Env) {
         self.guard = Guard::default();
-        self.machine.phase = LeasePhase::Standby { owner: None };
+        let now = self.now(env);
+        self.machine.stand_by(now);
         self.last_servers_read_ms = None;
         self.owner_seen = None;
         self.handoff_asked = None;

@@ -191,6 +191,23 @@ const TWO_SERVER_REGRESSION_SEEDS: &[u64] = &[
     // writes the holder's mirror held (exploration). A recall that finds
     // nobody left replays a pending mirror before the change now.
     117556401225247,
+    // The model's, not production's: a holder whose writes, logged while
+    // its mirror was down, waited for their destage still had 200 records
+    // to destage when the settling world ended, in rounds of 4 records
+    // that a device's stall held up one time in three (exploration). While
+    // the world settles the model destages whole rounds, as production
+    // always does. (Found twice in one exploration.)
+    20003807887391,
+    251369808672284,
+    // A server handed the lease, then beaten by stale copies of its
+    // predecessor's renewal and handoff records that landed late, read
+    // the same stale handoff record naming it and took the lease again at
+    // once, with the same generation: a journal write of its previous
+    // term landed after the new term had loaded the metadata
+    // (exploration). A server whose last term ended other than by its own
+    // handoff commits nothing before the longest device request after
+    // that, and acquires above every generation it has seen.
+    139267659683386,
 ];
 
 fn report(o: &Outcome) -> String {

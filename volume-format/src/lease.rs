@@ -338,8 +338,13 @@ pub struct LeaseMachine {
     /// that each reached some copies, a copy lost meanwhile) and since when
     /// they have not changed.
     split_seen: Option<(Vec<Option<LeaseRecord>>, u64)>,
-    /// A new owner commits nothing before this ([`LeaseTiming::quiet_ms`]).
+    /// A new owner commits nothing before this ([`LeaseTiming::quiet_ms`]),
+    /// nor does a server whose own last term ended less than `D` ago
+    /// ([`LeaseMachine::stand_by`]).
     quiet_until_ms: u64,
+    /// The highest generation any copy showed this server, or that it
+    /// held: the next one it acquires is above it.
+    newest_generation_seen: u64,
 }
 
 impl LeaseMachine {
@@ -354,7 +359,27 @@ impl LeaseMachine {
             last_read_ms: None,
             split_seen: None,
             quiet_until_ms: 0,
+            newest_generation_seen: 0,
         }
+    }
+
+    /// This server's term ended at `now_ms` (lost, failed, or handed off):
+    /// watch for the lease again. A term that did not end with a handoff
+    /// (which writes only once nothing is in flight) may have sent a write
+    /// just before it ended that lands until `D` later, so the next term
+    /// this server holds commits nothing before then — even one handed to
+    /// it, which waits for nothing else (the handing owner had nothing in
+    /// flight, but this server may). Without it, a server that lost the
+    /// lease to stale copies of its predecessor's lease record and was
+    /// handed it again by the same stale handoff record served at once,
+    /// and a journal write of its previous term landed after the new term
+    /// had loaded the metadata (simulator exploration seed
+    /// 139267659683386).
+    pub fn stand_by(&mut self, now_ms: u64) {
+        if !matches!(self.phase, LeasePhase::HandedOff { .. }) {
+            self.quiet_until_ms = self.quiet_until_ms.max(now_ms.saturating_add(self.timing.quiet_ms()));
+        }
+        self.phase = LeasePhase::Standby { owner: None };
     }
 
     /// Whether the server may commit metadata at `now_ms`.
@@ -412,6 +437,9 @@ impl LeaseMachine {
         // write a renewal (or take ownership) on what the sectors said
         // before another server took the lease, and overwrite it.
         let fresh = self.last_read_ms.is_some_and(|t| now_ms.saturating_sub(t) <= self.timing.io_timeout_ms);
+        if let Some(newest) = newest_generation(records) {
+            self.newest_generation_seen = self.newest_generation_seen.max(newest.generation);
+        }
         let seen =
             if fresh { majority(records) } else { Err("the read finished more than T after it started".to_string()) };
         match std::mem::replace(&mut self.phase, LeasePhase::Standby { owner: None }) {
@@ -481,7 +509,7 @@ impl LeaseMachine {
             LeasePhase::Acquiring { record, written_at_ms, wait_ms } => match seen {
                 Ok(Some(rec)) if rec == record => {
                     if wait_ms > 0 {
-                        self.quiet_until_ms = now_ms + self.timing.quiet_ms();
+                        self.quiet_until_ms = self.quiet_until_ms.max(now_ms + self.timing.quiet_ms());
                     }
                     // Ours. The window counted from the acquiring write has
                     // mostly passed during the wait, so renew at once: the
@@ -561,9 +589,16 @@ impl LeaseMachine {
         t.expire_ms()
     }
 
+    /// Acquires above `previous` (the record that let it) and above every
+    /// generation seen: stale copies of an older owner's record can make a
+    /// majority over a newer one (its writes landing late), and a term
+    /// that reused the newer one's generation would share it with the
+    /// term before — fencing devices, which refuse only generations below
+    /// the newest, could not tell the two apart.
     fn start_acquire(&mut self, now_ms: u64, previous: Option<&LeaseRecord>, wait_ms: u64) -> LeaseAction {
         let mut record = self.me.clone();
-        record.generation = previous.map_or(0, |p| p.generation) + 1;
+        record.generation = previous.map_or(0, |p| p.generation).max(self.newest_generation_seen) + 1;
+        self.newest_generation_seen = record.generation;
         record.counter = 0;
         record.handoff_to = 0;
         record.role = ServerRole::Active;

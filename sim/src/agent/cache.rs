@@ -59,15 +59,19 @@ pub const MIRROR_RETRY_MS: u64 = 500;
 /// Records per `MirrorStage` request (small, for more interleavings).
 const STAGE_RECORDS: usize = 3;
 /// Records per destage round (small, for more interleavings), and while
-/// the volume is recalled (the confirmation waits for the destage).
-/// Recalled, a round is what production's is: up to half the log
-/// (`client_agent::cache`: `DESTAGE_ROUND_BYTES_MAX` or half the log,
-/// whichever is less), 1024 records of the 8 MiB caches the worlds draw.
-/// Rounds of 64 took a recall past its bound when the holder was paused
-/// and reconnected in the middle (seed 51837511537883: some 250 records
-/// in four rounds).
+/// the volume is recalled (the confirmation waits for the destage) or the
+/// world settles (it must come back within its bound). Then a round is
+/// what production's is: up to half the log (`client_agent::cache`:
+/// `DESTAGE_ROUND_BYTES_MAX` or half the log, whichever is less), 1024
+/// records of the 8 MiB caches the worlds draw. Rounds of 64 took a recall
+/// past its bound when the holder was paused and reconnected in the middle
+/// (seed 51837511537883: some 250 records in four rounds); rounds of 4
+/// took a settling world past its end with 200 records left, each round
+/// a device write, a flush and a release, one in three delayed by a
+/// device's stall (seed 20003807887391: writes logged while the mirror was
+/// down wait for their destage, so their holder never looked settled).
 const ROUND_RECORDS: usize = 4;
-const ROUND_RECORDS_RECALLED: usize = 1024;
+const ROUND_RECORDS_WHOLE: usize = 1024;
 /// How [`AgentHost::on_cache_message`] marks a refusal for a volume
 /// without a cache (`InvalidArgument` to `MirrorOpen`).
 const NO_CACHE: &str = "no cache: ";
@@ -578,7 +582,8 @@ impl AgentHost {
         let usable = matches!(a.phase, Phase::Open | Phase::Recalled { .. }) && now < a.lease_until;
         let (handle, desc, volume) = (a.handle, a.desc.clone(), a.volume.clone());
         let in_flight = a.in_flight;
-        let per_round = if matches!(a.phase, Phase::Recalled { .. }) { ROUND_RECORDS_RECALLED } else { ROUND_RECORDS };
+        let whole = matches!(a.phase, Phase::Recalled { .. }) || env.settling;
+        let per_round = if whole { ROUND_RECORDS_WHOLE } else { ROUND_RECORDS };
         let Some(c) = a.cache.as_mut() else { return };
         if !usable {
             return;

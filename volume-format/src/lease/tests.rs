@@ -204,6 +204,78 @@ fn a_handoff_is_taken_at_once_by_the_named_standby_only() {
     assert!(matches!(other.read_done(0, &all(&owner)), LeaseAction::WaitUntil(_)));
 }
 
+/// Simulator exploration seed 139267659683386: server 1 was handed the
+/// lease (generation 3), then stale copies of the old owner's renewal and
+/// handoff records landed over two of its copies; it read a majority for
+/// the old holding and lost the lease, and read the same stale handoff
+/// record naming it again. Taken at once, with generation 3 again, it
+/// served while a journal write of its previous term was still in flight.
+/// Now it acquires above every generation it saw, and commits nothing
+/// before `D` after its last term ended.
+#[test]
+fn a_server_handed_the_lease_again_waits_for_its_own_last_terms_writes() {
+    let d = 7 * T;
+    let timing = LeaseTiming { io_timeout_ms: T, device_request_max_ms: d };
+    let mut old = me(2);
+    old.generation = 2;
+    old.counter = 34;
+    old.handoff_to = 1;
+    let mut m = LeaseMachine::new(me(1), timing);
+    let all = |r: &LeaseRecord| [Ok(Some(r.clone())), Ok(Some(r.clone())), Ok(Some(r.clone()))];
+    m.reading(0);
+    let LeaseAction::Write(first) = m.read_done(1, &all(&old)) else { panic!("takes the handoff") };
+    assert_eq!(first.generation, 3);
+    m.write_done(2, &first, 3, 3);
+    m.reading(3);
+    let LeaseAction::Write(renewed) = m.read_done(4, &all(&first)) else { panic!("renews") };
+    m.write_done(5, &renewed, 3, 3);
+    assert!(m.may_commit(6), "a handed lease is served at once");
+    // Stale writes of the old owner land over two copies: lost.
+    let stale = [
+        Ok(Some(old.clone())),
+        Ok(Some(LeaseRecord { counter: 32, handoff_to: 0, ..old.clone() })),
+        Ok(Some(renewed.clone())),
+    ];
+    m.reading(T);
+    m.read_done(T + 1, &stale);
+    assert!(matches!(m.phase, LeasePhase::Lost { .. }), "{:?}", m.phase);
+    let ended = T + 10;
+    m.stand_by(ended);
+    // The same stale handoff record names it again.
+    m.reading(ended + 1);
+    let LeaseAction::Write(again) = m.read_done(ended + 2, &stale) else { panic!("takes the handoff again") };
+    assert_eq!(again.generation, 4, "above the generation it held, which one copy still shows");
+    m.write_done(ended + 3, &again, 3, 3);
+    let mut last = again;
+    let mut now = ended + 3;
+    let mut served = false;
+    while now < ended + d + 3 * T {
+        m.reading(now);
+        let LeaseAction::Write(next) = m.read_done(now + 1, &all(&last)) else { panic!("renews") };
+        m.write_done(now + 2, &next, 3, 3);
+        last = next;
+        assert_eq!(m.may_commit(now + 2), now + 2 >= ended + d, "at {}", now + 2);
+        served |= m.may_commit(now + 2);
+        now += T;
+    }
+    assert!(served, "serves once D has passed since its last term ended");
+
+    // A term that ended with a handoff had nothing in flight: the lease
+    // handed back is served at once.
+    let LeaseAction::Write(handed) = m.hand_off(2).map(LeaseAction::Write).unwrap() else { unreachable!() };
+    let back_at = now + T;
+    m.stand_by(back_at);
+    let back =
+        LeaseRecord { host_id: 2, instance: [2; 16], generation: handed.generation + 1, handoff_to: 1, ..handed };
+    m.reading(back_at + 1);
+    let LeaseAction::Write(taken) = m.read_done(back_at + 2, &all(&back)) else { panic!("takes the handoff") };
+    m.write_done(back_at + 3, &taken, 3, 3);
+    m.reading(back_at + 4);
+    let LeaseAction::Write(renewed) = m.read_done(back_at + 5, &all(&taken)) else { panic!("renews") };
+    m.write_done(back_at + 6, &renewed, 3, 3);
+    assert!(m.may_commit(back_at + 6), "no wait after its own handoff");
+}
+
 // ---- the race model ----
 
 #[derive(Debug, Clone)]
