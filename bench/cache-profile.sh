@@ -16,7 +16,10 @@
 # run (`sanvol-agent list --json`: rewrites of a block absorbed and
 # neighbouring blocks merged make it less than one; see the agent's
 # --cache-destage-hold-ms, which this script passes on from
-# SANVOL_AGENT_CACHE_DESTAGE_HOLD_MS).
+# SANVOL_AGENT_CACHE_DESTAGE_HOLD_MS). Last, the whole host's CPU time per
+# mirrored write (/proc/stat: fio, every process and the kernel's threads),
+# how idle the host was, and the IOPS that cost allows with every CPU busy:
+# the ceiling of the mirrored row on this host, whatever the code's latency.
 #
 # Usage: bench/cache-profile.sh   (env: BENCH_SECONDS=8, BENCH_DELAY=1,
 #                                  BENCH_LOG_MIB=256; TMPDIR=/dev/shm puts the
@@ -56,11 +59,19 @@ c = next(v for v in json.load(sys.stdin) if v["volume"] == "vc")["cache"]
 print(c.get("destaged_bytes", 0), c.get("destage_writes", 0))'
 }
 
+# host_ticks : "busy idle" clock ticks of the whole host so far (/proc/stat:
+# user, nice, system, irq, softirq, steal; idle, iowait): every process and
+# the kernel's own threads (the disk's, the network's), fio included.
+host_ticks() {
+    awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6}' /proc/stat
+}
+
 out="$BENCH_DIR/profile.txt"
 count_appends=""
 command -v perf >/dev/null && [ "$SECS" -ge 7 ] && count_appends=1
 for mode in mirrored through; do
     before=$(for p in "${PIDS[@]}"; do cpu_ticks "$p"; done)
+    host_before=$(host_ticks)
     if [ "$mode" = mirrored ] && [ -n "$count_appends" ]; then
         # From the third second of the run, for four seconds.
         (sleep 3; appends_per_sec "${PID_OF[agent-a]}" >"$BENCH_DIR/agent-appends.txt") &
@@ -69,8 +80,9 @@ for mode in mirrored through; do
     if [ "$mode" = mirrored ]; then destage_before=$(destage_counts); fi
     r=$(fio_nbd "${URI[$mode]}" randwrite 4k 32 256 "$SECS")
     after=$(for p in "${PIDS[@]}"; do cpu_ticks "$p"; done)
+    host_after=$(host_ticks)
     if [ "$mode" = mirrored ]; then destage_after=$(destage_counts); fi
-    echo "$mode $r $(echo $before) $(echo $after)" >>"$out"
+    echo "$mode $r $(echo $before) $(echo $after) $host_before $host_after" >>"$out"
 done
 agent_appends="" server_appends=""
 if [ -n "$count_appends" ]; then
@@ -83,25 +95,37 @@ for v in vc vw; do "$BIN/sanvol-agent" detach "$v" --control-socket "$BENCH_DIR/
 mkdir -p bench/results
 result="bench/results/cache-profile-$(date +%Y%m%d-%H%M%S).md"
 python3 - "$out" "$SECS" "$(getconf CLK_TCK)" "$device" "${TMPDIR:-/tmp}" "$agent_appends" "$server_appends" \
-    "$destage_before" "$destage_after" "${SANVOL_AGENT_CACHE_DESTAGE_HOLD_MS:-default}" >"$result" <<'PY'
+    "$destage_before" "$destage_after" "${SANVOL_AGENT_CACHE_DESTAGE_HOLD_MS:-default}" "$(nproc)" >"$result" <<'PY'
 import sys
-out, secs, hz, device, tmp, agent_appends, server_appends, destage_before, destage_after, hold = sys.argv[1:11]
-secs, hz = int(secs), int(hz)
+out, secs, hz, device, tmp, agent_appends, server_appends, destage_before, destage_after, hold, cpus = sys.argv[1:12]
+secs, hz, cpus = int(secs), int(hz), int(cpus)
 print(f"fio nbd engine, 4k random writes QD32, {secs} s, one nbdkit memory device ({device}); "
       f"the mirrored cache's log and mirror under {tmp}; the agent's destage hold: {hold} ms\n")
 print("| volume | IOPS | CPU µs per write: sanvol-agent | sanvol-mds | nbdkit | the three |")
 print("|---|---:|---:|---:|---:|---:|")
-rows = {}
+rows, host = {}, {}
 for line in open(out):
     f = line.split()
     mode, iops = f[0], float(f[1])
     before, after = list(map(int, f[3:6])), list(map(int, f[6:9]))
+    busy0, idle0, busy1, idle1 = map(int, f[9:13])
     writes = max(iops * (secs + 1), 1)  # fio's ramp second included, as fio_nbd_cpu
     us = [(a - b) * 1e6 / hz / writes for a, b in zip(after, before)]
     rows[mode] = iops
+    host[mode] = ((busy1 - busy0) * 1e6 / hz / writes, (idle1 - idle0) / max(busy1 - busy0 + idle1 - idle0, 1))
     print(f"| {'mirrored cache' if mode == 'mirrored' else 'write-through'} | {iops:.0f} | "
           f"{us[0]:.1f} | {us[1]:.1f} | {us[2]:.1f} | {sum(us):.1f} |")
 print(f"\nmirrored / write-through: {rows['mirrored'] / max(rows['through'], 1):.2f}")
+# The whole host's CPU per write (fio and the kernel included) bounds the
+# mirrored row: with every CPU busy at that cost, IOPS could not pass
+# cpus / cost, nor the ratio that over this run's write-through IOPS.
+us, idle = host["mirrored"]
+ceiling = cpus * 1e6 / max(us, 1e-9)
+print(f"\nthe whole host during the mirrored run: {us:.1f} µs of CPU per write (all processes and the kernel), "
+      f"{idle * 100:.0f} % idle; at that cost {cpus} CPUs all busy would serve at most {ceiling:.0f} IOPS, "
+      f"{ceiling / max(rows['through'], 1):.2f}× this run's write-through row")
+us, idle = host["through"]
+print(f"the whole host during the write-through run: {us:.1f} µs of CPU per write, {idle * 100:.0f} % idle")
 if agent_appends and server_appends:
     a, s = int(agent_appends), int(server_appends)
     print(f"\nmirrored run, seconds 3-7: the agent's log appends {a}/s ({rows['mirrored'] / max(a, 1):.1f} writes "
