@@ -289,10 +289,10 @@ pub fn majority(records: &[Result<Option<LeaseRecord>, String>]) -> Result<Optio
     })
 }
 
-/// The record of the highest generation among the readable copies (free or
-/// held), if any.
-fn newest_generation(records: &[Result<Option<LeaseRecord>, String>]) -> Option<LeaseRecord> {
-    records.iter().filter_map(|r| r.as_ref().ok().cloned().flatten()).max_by_key(|r| r.generation)
+/// The highest generation among the readable copies (free or held); 0 if
+/// none shows one.
+fn newest_generation(records: &[Result<Option<LeaseRecord>, String>]) -> u64 {
+    records.iter().filter_map(|r| r.as_ref().ok()?.as_ref().map(|r| r.generation)).max().unwrap_or(0)
 }
 
 /// Where a server stands with the lease.
@@ -437,9 +437,7 @@ impl LeaseMachine {
         // write a renewal (or take ownership) on what the sectors said
         // before another server took the lease, and overwrite it.
         let fresh = self.last_read_ms.is_some_and(|t| now_ms.saturating_sub(t) <= self.timing.io_timeout_ms);
-        if let Some(newest) = newest_generation(records) {
-            self.newest_generation_seen = self.newest_generation_seen.max(newest.generation);
-        }
+        self.newest_generation_seen = self.newest_generation_seen.max(newest_generation(records));
         let seen =
             if fresh { majority(records) } else { Err("the read finished more than T after it started".to_string()) };
         match std::mem::replace(&mut self.phase, LeasePhase::Standby { owner: None }) {
@@ -483,14 +481,12 @@ impl LeaseMachine {
                         }
                     }
                     // A free lease goes on from the newest generation any
-                    // copy shows (a release keeps its term's): generations
+                    // copy shows (a release keeps its term's; this read is
+                    // among those `start_acquire` goes above): generations
                     // only ever go up, as fencing devices require of the
                     // server generation (they refuse one below the newest
                     // they were fenced to).
-                    Ok(None) => {
-                        let newest = newest_generation(records);
-                        return self.start_acquire(now_ms, newest.as_ref(), self.timing.acquire_wait_ms());
-                    }
+                    Ok(None) => return self.start_acquire(now_ms, None, self.timing.acquire_wait_ms()),
                     // Handed to us: the owner has stopped, nobody else may
                     // take it for a whole expiry: no wait.
                     Ok(Some(rec)) if rec.handoff_to == self.me.host_id && self.me.host_id != 0 => {

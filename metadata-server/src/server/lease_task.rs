@@ -285,7 +285,6 @@ impl LeaseTask {
     /// After a term ended (lost or handed off): watch for the lease again,
     /// with a fresh guard for the next term (on the same clock).
     pub fn stand_by(&mut self) {
-        // Before the successor: the ended term's clock (the same clock).
         self.machine.stand_by(self.guard.now_ms());
         self.guard = self.guard.successor();
         self.last_servers_read_ms = None;

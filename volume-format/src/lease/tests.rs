@@ -262,7 +262,7 @@ fn a_server_handed_the_lease_again_waits_for_its_own_last_terms_writes() {
 
     // A term that ended with a handoff had nothing in flight: the lease
     // handed back is served at once.
-    let LeaseAction::Write(handed) = m.hand_off(2).map(LeaseAction::Write).unwrap() else { unreachable!() };
+    let handed = m.hand_off(2).expect("the owner hands off");
     let back_at = now + T;
     m.stand_by(back_at);
     let back =
