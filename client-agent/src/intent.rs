@@ -198,6 +198,20 @@ impl IntentState {
         }
     }
 
+    /// Regions where a write failed (or was abandoned): their legs may
+    /// differ, so they are never cleared — and the handle must not be
+    /// closed before the server copied them (see [`IntentLog::resync_before_close`]).
+    pub fn failed(&self) -> Vec<u64> {
+        let mut f: Vec<u64> = self
+            .regions
+            .iter()
+            .filter(|(_, s)| matches!(s, Region::Dirty { failed: true, .. }))
+            .map(|(r, _)| *r)
+            .collect();
+        f.sort_unstable();
+        f
+    }
+
     /// Regions recorded dirty (or being recorded), ascending.
     pub fn dirty(&self) -> Vec<u64> {
         let mut d: Vec<u64> = self.regions.iter().filter(|(_, s)| **s != Region::Clearing).map(|(r, _)| *r).collect();
@@ -283,6 +297,25 @@ impl IntentLog {
             })
             .await
             .map(|_| ())
+    }
+
+    /// Before the handle is closed, with no write in flight any more (the
+    /// volume's gate drained): if a write failed in some region, its legs
+    /// may differ there, and a close makes the server forget the handle's
+    /// dirty regions (a clean close means every write reached every leg).
+    /// So the server is asked to copy them first. An error means they
+    /// could not be copied: the handle must then not be closed, but left to
+    /// run out at the server, which copies the regions of a gone handle
+    /// before the volume opens again.
+    pub async fn resync_before_close(&self) -> Result<(), String> {
+        let failed = self.lock().failed();
+        if failed.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(regions = ?failed, "writes failed in these regions: resynchronizing them before the handle is closed");
+        self.recorder.resync().await.map_err(|e| {
+            format!("the regions {failed:?}, where a write failed, could not be resynchronized before the close ({e})")
+        })
     }
 
     fn now_ms(&self) -> u64 {
@@ -391,6 +424,7 @@ mod tests {
         s.end(&[1], false, 100);
         assert!(s.sweep(105, 10, 100).is_empty(), "not idle yet");
         assert_eq!(s.sweep(200, 10, 100), vec![0], "1 had a failed write");
+        assert_eq!(s.failed(), vec![1]);
         // A write to a region being cleared waits for the clear.
         assert_eq!(s.begin(&[0]), Begin::Wait);
         s.cleared(&[0]);
@@ -409,6 +443,46 @@ mod tests {
         s.marked(&[5, 7], &mark, false, 1);
         assert_eq!(s.dirty(), vec![5, 6]);
         assert_eq!(s.sweep(10_000, 10, 100), vec![5, 6], "no write is left counted in 5");
+    }
+
+    /// Counts the resyncs asked; fails them when told to.
+    #[derive(Default)]
+    struct Recorder {
+        resyncs: Mutex<u32>,
+        fail_resync: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait]
+    impl IntentRecorder for Recorder {
+        async fn record(&self, _mark: Vec<u64>, _clear: Vec<u64>) -> Result<(), String> {
+            Ok(())
+        }
+
+        async fn resync(&self) -> Result<(), String> {
+            *self.resyncs.lock().unwrap() += 1;
+            if self.fail_resync.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err("device 1: EIO".into());
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_handle_whose_write_failed_is_resynchronized_before_its_close() {
+        let recorder = Arc::new(Recorder::default());
+        let log = IntentLog::start(recorder.clone(), 4096, 10 * 4096);
+        log.begin(0, 4096).await.unwrap().finish(true);
+        assert_eq!(*recorder.resyncs.lock().unwrap(), 1, "the attachment's first I/O asks once");
+        log.resync_before_close().await.unwrap();
+        assert_eq!(*recorder.resyncs.lock().unwrap(), 1, "every write succeeded: nothing to copy before a close");
+
+        log.begin(8 * 4096, 4096).await.unwrap().finish(false);
+        log.resync_before_close().await.unwrap();
+        assert_eq!(*recorder.resyncs.lock().unwrap(), 2, "a failed write: its regions are copied first");
+
+        recorder.fail_resync.store(true, std::sync::atomic::Ordering::Relaxed);
+        let e = log.resync_before_close().await.unwrap_err();
+        assert!(e.contains("[8]") && e.contains("EIO"), "{e}");
     }
 
     #[derive(Debug, Clone)]

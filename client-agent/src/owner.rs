@@ -1142,6 +1142,13 @@ impl DetachTask {
         }
         self.gate.close();
         let _ = self.gate.drained().await;
+        // Nothing is in flight now: regions where a write failed are copied
+        // before the close makes the server forget them (`crate::intent`).
+        if let Some(log) = self.device.intent() {
+            if let Err(e) = log.resync_before_close().await {
+                return (Err(DetachFailure::LeaveHandle(e)), Leftovers::default());
+            }
+        }
         (Ok(()), Leftovers::default())
     }
 }

@@ -79,6 +79,12 @@ pub struct Config {
     /// ask a server for a mirror, so the world is exactly the one drawn
     /// before caches were simulated.
     pub cache_mask: u64,
+    /// Whether the agents keep the write-intent log of mirrored volumes
+    /// (protocol 8, `client_agent::intent`): they record a region dirty
+    /// before writing it and the server copies what a gone holder left
+    /// dirty before the volume opens again. Otherwise they speak protocol 7
+    /// and the server treats their mirrored writes as untracked.
+    pub intent_log: bool,
     pub agents: usize,
     pub devices: usize,
     pub lease_ms: u64,
@@ -176,6 +182,7 @@ impl Config {
             servers: 1,
             lease_io_timeout_ms: 0,
             cache_mask: 0,
+            intent_log: false,
         };
         // Drawn after everything else, so a seed's one-server world is the
         // one it drew before two servers existed (old seeds replay as they
@@ -203,6 +210,10 @@ impl Config {
         // have cached volumes (not the worlds old one-server seeds replay).
         if two_servers_drawn && r.chance(0.5) {
             c.cache_mask = r.u64() | 1 << 63;
+        }
+        // Drawn after the caches, so every earlier draw is as it was.
+        if two_servers_drawn && r.chance(0.5) {
+            c.intent_log = true;
         }
         c
     }

@@ -6,6 +6,7 @@
 //! | `no-write-after-exclusion` | a device executes a write | no write of a handle lands after a commit excluded that handle (broken, expired, excluded from a recall, closed) |
 //! | `excluded-only-after-lease` | a commit excludes a handle | its holder, if still running, no longer believes it may write (its lease, on its own clock, ran out) — unless it closed the handle itself |
 //! | `acknowledged-flushed-writes-readable` | a workload read executes; every sweep | a block reads back its newest durable write or something written after it ([`crate::oracle`]) |
+//! | `mirror-legs-agree` | every sweep | worlds whose agents keep the write-intent log: the legs of a mirrored volume (without a cache) hold the same block wherever no handle's dirty set in the committed metadata covers its region — unless a device dropped the block's newest write from its cache and nothing was acknowledged since |
 //! | `new-space-reads-zeros` | every sweep | every leg of a volume block nothing was ever written to holds zeros (a deleted volume's data never shows in a new or grown one) |
 //! | `snapshot-reads-recall-point` | every sweep | a snapshot's block reads back one of the values the block could hold when the snapshot was committed |
 //! | `resume-unchanged-only-if-nobody-else` | the server answers a resume | a handle is resumed "unchanged" only if no conflicting open of its volume was committed since it was opened (handovers aside) |
@@ -493,6 +494,11 @@ pub fn sweep(env: &mut Env) {
             }
         }
     }
+    if env.cfg.intent_log {
+        if let Some((name, detail)) = legs_disagree(env, &meta) {
+            return env.fail(name, detail);
+        }
+    }
     let snapshots: Vec<(u64, SnapshotCheck)> = env.obs.snapshots.iter().map(|(k, v)| (*k, v.clone())).collect();
     for (sid, (_, blocks)) in snapshots {
         let Some(s) = meta.snapshot(volume_format::SnapshotId(sid)) else { continue };
@@ -575,4 +581,51 @@ pub fn final_liveness(w: &mut World) {
             }
         }
     }
+}
+
+/// `mirror-legs-agree`: a block whose legs differ is one a reader rotating
+/// between legs would see flip. The write-intent log exists so that this
+/// only happens where the committed metadata says so: a region some handle
+/// recorded dirty (a live writer's writes in flight, or a gone holder's
+/// regions the next open copies first). Volumes with a cache are not
+/// checked (the cache's model writes around the log, [`crate::agent`]).
+fn legs_disagree(env: &Env, meta: &PoolMetadata) -> Option<(&'static str, String)> {
+    let eb = meta.extent_bytes;
+    let region_bytes = volume_format::metadata::intent_region_bytes(eb);
+    for v in &meta.volumes {
+        if meta.volume_cache(v.id).is_some() || env.cache_orphans.contains_key(&v.id.0) {
+            continue;
+        }
+        let dirty: BTreeSet<u64> = meta.intents_of(v.id).flat_map(|e| e.regions.iter()).collect();
+        for block in env.oracle.written_blocks(v.id.0) {
+            let off = block * BLOCK_BYTES;
+            let Some(extent) = v.extents.get((off / eb) as usize) else { continue };
+            if extent.legs.len() < 2 || dirty.contains(&(off / region_bytes)) {
+                continue;
+            }
+            let mut seen: Vec<(usize, crate::device::Content)> = Vec::new();
+            for leg in &extent.legs {
+                let Some(dev) = meta.device(leg.device).and_then(|d| env.device_by_uuid(d.device_uuid)) else {
+                    continue;
+                };
+                if !env.devices[dev].up {
+                    continue;
+                }
+                seen.push((dev, env.devices[dev].peek((leg.offset + off % eb) / BLOCK_BYTES)));
+            }
+            if seen.windows(2).all(|w| w[0].1 == w[1].1) || env.oracle.lost_since_last_ack(v.id.0, block) {
+                continue;
+            }
+            let legs: Vec<String> = seen.iter().map(|(d, c)| format!("device {d}: {c}")).collect();
+            let detail = format!(
+                "volume {} block {block} (region {}, not recorded dirty): the legs differ ({}); {}",
+                v.name,
+                off / region_bytes,
+                legs.join(", "),
+                env.oracle.history(v.id.0, block)
+            );
+            return Some(("mirror-legs-agree", detail));
+        }
+    }
+    None
 }

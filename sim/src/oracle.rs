@@ -160,6 +160,26 @@ impl Oracle {
             .unwrap_or_default()
     }
 
+    /// Blocks of `volume` something was sent to.
+    pub fn written_blocks(&self, volume: u64) -> Vec<u64> {
+        self.volumes
+            .get(&volume)
+            .map(|v| v.iter().filter(|(_, h)| !h.entries.is_empty()).map(|(b, _)| *b).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether a device may have dropped a write of `block` from its cache
+    /// (a power loss, [`Oracle::lost`]) with no write acknowledged since:
+    /// then the legs of a mirror may differ there without any write in
+    /// flight (one lost what the other kept), until the next write.
+    pub fn lost_since_last_ack(&self, volume: u64, block: u64) -> bool {
+        let Some(h) = self.volumes.get(&volume).and_then(|v| v.get(&block)) else { return false };
+        match h.entries.iter().rposition(|e| e.lost) {
+            None => false,
+            Some(i) => !h.entries[i + 1..].iter().any(|e| e.acked_at.is_some()),
+        }
+    }
+
     /// Whether the oracle follows `volume` and nothing was ever sent to its
     /// `block`: then it must read as zeros (new space reads as zeros).
     pub fn never_written(&self, volume: u64, block: u64) -> bool {

@@ -43,7 +43,7 @@ use metadata_server::pool::journal::{PoolJournal, RawWrite};
 use metadata_server::pool::metadata_holders;
 use metadata_server::server::commit::MetaJournal;
 use metadata_server::server::core::{Core, CoreConfig, Effect, Entropy, Input, Now, ReplyId, TaskId};
-use metadata_server::server::jobs::{DeviceExtents, Job, JobOutcome};
+use metadata_server::server::jobs::{DeviceExtents, ExtentCopy, Job, JobOutcome};
 use volume_format::control::auth::Role;
 use volume_format::control::messages::{ClientMessage, ControlError, ErrorCode, Request, Response, ServerMessage};
 use volume_format::metadata::journal::{self, CopyImage, LoadOptions};
@@ -389,10 +389,14 @@ impl ServerProc {
             name: name.clone(),
             claimed_name: name,
             instance,
-            // Simulated agents keep no write-intent log (protocol 8): they
+            // Agents of a world without the write-intent log (protocol 8)
             // say so, and the server treats their mirrored writes as
             // untracked, as it does a real agent of protocol 7.
-            version: volume_format::control::messages::INTENT_PROTOCOL_VERSION - 1,
+            version: if env.cfg.intent_log && role == Role::Agent {
+                volume_format::control::messages::INTENT_PROTOCOL_VERSION
+            } else {
+                volume_format::control::messages::INTENT_PROTOCOL_VERSION - 1
+            },
             mode: volume_format::control::auth::ChannelMode::Encrypted,
             kind: volume_format::control::auth::ConnectionKind::Control,
         };
@@ -759,11 +763,17 @@ impl ServerProc {
                 (meta, plan, cb)
             }
             Job::Zero { extent_bytes, targets } => return self.start_zeroing(task, extent_bytes, &targets, env),
-            // The simulated server does not probe failed devices (the core's
-            // probing is off), so no resync is ever started.
-            Job::Resync { .. } => {
-                let outcome = JobOutcome::failed("resync is not simulated");
-                return self.apply(Input::JobDone { task, outcome }, env);
+            // The regions a gone holder of a mirrored volume left dirty
+            // (`intents`): each copied from the first of its sources that
+            // answers onto its target, the lease asked before every write
+            // (`copy_chunk`). The simulated server does not probe failed
+            // devices (the core's probing is off), so no recovery resync of
+            // whole extents onto a device that came back is ever started.
+            Job::Resync { extent_bytes, copies, .. } => {
+                env.stats.intent_copies += 1;
+                let plan = resync_plan(env, &self.core.meta, &copies);
+                let meta = self.core.meta.clone();
+                (meta, plan, extent_bytes / BLOCK_BYTES)
             }
             // Nor does the simulator run admin reconfigurations.
             Job::LabelDevice(_) => {
@@ -876,7 +886,7 @@ impl ServerProc {
             }
             (JobState::Writing { .. }, DevResult::Failed(e)) => {
                 self.jobs.remove(&task);
-                let outcome = JobOutcome::failed(format!("writing a pre-image: {e}"));
+                let outcome = JobOutcome::failed(format!("writing a copy: {e}"));
                 self.apply(Input::JobDone { task, outcome }, env);
             }
             (JobState::Writing { written, .. }, _) => {
@@ -1193,6 +1203,30 @@ fn cow_copy_plan(
                 .ok_or_else(|| format!("chunk {chunk} is beyond the volume"))?;
             let sources = online_legs(env, meta, &extent.legs, start % meta.extent_bytes);
             Ok((chunk, sources, cow_targets(env, meta, s, chunk)?))
+        })
+        .collect()
+}
+
+/// The chunks of a resync job: each copy's region, read from its sources
+/// in order, written to its target.
+fn resync_plan(env: &Env, meta: &PoolMetadata, copies: &[ExtentCopy]) -> Result<ChunkPlan, String> {
+    let sim_device = |index: volume_format::DeviceIndex| -> Result<usize, String> {
+        meta.device(index)
+            .and_then(|d| env.device_by_uuid(d.device_uuid))
+            .ok_or_else(|| format!("device {index} is not in the world"))
+    };
+    copies
+        .iter()
+        .enumerate()
+        .map(|(n, copy)| {
+            let &to = copy.to.offsets.first().ok_or("a copy without a target")?;
+            let mut sources = Vec::new();
+            for from in &copy.from {
+                if let Some(&at) = from.offsets.first() {
+                    sources.push((sim_device(from.device)?, at));
+                }
+            }
+            Ok((n as u64, sources, vec![(sim_device(copy.to.device)?, to)]))
         })
         .collect()
 }

@@ -252,6 +252,12 @@ pub struct Stats {
     /// Replays of a mirror fetched from the server standing by that holds
     /// it (`mirror::fetch`).
     pub mirror_fetches: u64,
+    /// Copies of write-intent regions a server ran (`Job::Resync`: a gone
+    /// holder's regions before an open, a resumed or closing handle's).
+    pub intent_copies: u64,
+    /// Closes that asked for the regions where a write failed to be copied
+    /// first (`IntentLog::resync_before_close`).
+    pub intent_close_resyncs: u64,
 }
 
 pub struct Env {

@@ -261,7 +261,94 @@ async fn a_restarted_agent_that_takes_its_handle_back_resyncs_before_its_first_i
     assert_consistent_through(&c, &c.export).await;
     let log = c.stack.mds_log();
     assert!(
-        log.contains("copying the regions a resumed handle's previous run left dirty"),
+        log.contains("copying the regions the handle recorded dirty (its previous run died"),
         "the server says what it copied:\n{log}"
     );
+}
+
+/// A mirrored write that failed on one leg and landed on the other, then a
+/// clean detach. The agent's log keeps that region dirty (a failed write is
+/// never cleared), but a close makes the server forget the handle's dirty
+/// regions: unless the region is copied first, the legs stay different for
+/// good, and reads that rotate between legs see the block flip. Read from
+/// the devices directly, the legs must be identical after the detach.
+/// (Found by the simulator's `mirror-legs-agree`, seed 131.)
+///
+/// The failure: the agent's direct path to one leg's device is cut (its
+/// proxy killed), and the device answers EIO to the server's fallback
+/// writes while a trigger file exists (nbdkit's error filter), so the write
+/// fails after landing on the healthy leg.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_failed_on_one_leg_is_resynchronized_before_the_handle_closes() {
+    let trigger_dir = tempfile::tempdir().expect("a temp dir");
+    let trigger = trigger_dir.path().join("fail-writes");
+    // The first three devices hold the pool's metadata and lease copies;
+    // the fourth, the largest, holds none (its write errors touch no
+    // metadata) and has the most free space, so a mirrored volume takes a
+    // leg on it.
+    let mut devices: Vec<_> = (0..3).map(|_| peers::nbdkit(&["memory", "1G"])).collect();
+    devices.push(peers::nbdkit(&[
+        "--filter=error",
+        "memory",
+        "2G",
+        "error-pwrite=EIO",
+        "error-pwrite-rate=100%",
+        &format!("error-pwrite-file={}", trigger.display()),
+    ]));
+    let faulty_uri = devices[3].uri().to_string();
+    let faulty_socket = devices[3].dir().join("nbd.sock");
+    let mut stack = Stack::with_devices(devices);
+    stack.start_mds();
+    stack.sanvol_ok(&["volume", "create", "m", "256M", "--mirror", "2"]);
+    let show = stack.sanvol_json(&["volume", "show", "m"]);
+    let map = legs(&stack, "m");
+    let mut clients = Vec::new();
+    let mut faulty = None;
+    for d in show["description"]["devices"].as_array().unwrap() {
+        let uri: NbdUri = d["uri"].as_str().unwrap().parse().unwrap();
+        let index = d["index"].as_u64().unwrap();
+        if d["uri"].as_str() == Some(faulty_uri.as_str()) {
+            faulty = Some(index);
+        }
+        clients.push((index, connect(&uri).await));
+    }
+    let faulty_leg = map.1[0].iter().position(|(d, _)| Some(*d) == faulty).expect("a leg on the faulty device");
+    let healthy_leg = 1 - faulty_leg;
+
+    // The agent reaches the faulty device through a proxy of its own.
+    let mut proxy = peers::nbdkit(&["nbd", &format!("socket={}", faulty_socket.display())]);
+    let agent = stack.start_agent_with("host-a", &["--device-uri".into(), format!("{faulty_uri}={}", proxy.uri())]);
+    let export = agent.attach("m", "exclusive");
+    let writer = connect(&export).await;
+    let b = 3;
+    writer.write(b * BLOCK, Bytes::from(block_pattern(1, b)), false).await.expect("the first write");
+    writer.flush().await.expect("flush");
+    std::fs::write(&trigger, b"").unwrap();
+    proxy.kill();
+    let refused = writer.write(b * BLOCK, Bytes::from(block_pattern(2, b)), false).await;
+    std::fs::remove_file(&trigger).unwrap();
+    assert!(
+        refused.is_err(),
+        "the write must fail: its direct path is cut and the device refused it\n{}",
+        agent.proc.log()
+    );
+    // The precondition: the legs differ now.
+    let on_healthy = read_leg(&clients, &map, healthy_leg, b * BLOCK, BLOCK as u32).await;
+    let on_faulty = read_leg(&clients, &map, faulty_leg, b * BLOCK, BLOCK as u32).await;
+    assert_eq!(on_healthy[..], block_pattern(2, b)[..], "the healthy leg took the failed write");
+    assert_eq!(on_faulty[..], block_pattern(1, b)[..], "the faulty leg kept the block's older data");
+    writer.disconnect().await;
+
+    agent.detach("m");
+    let on_healthy = read_leg(&clients, &map, healthy_leg, b * BLOCK, BLOCK as u32).await;
+    let on_faulty = read_leg(&clients, &map, faulty_leg, b * BLOCK, BLOCK as u32).await;
+    assert!(
+        on_healthy == on_faulty,
+        "the legs still differ after the detach: the region where the write failed was not resynchronized\n{}",
+        stack.all_logs(40)
+    );
+    let log = agent.proc.log();
+    assert!(log.contains("resynchronizing them before the handle is closed"), "the agent says what it did:\n{log}");
+    let log = stack.mds_log();
+    assert!(log.contains("copying the regions the handle recorded dirty"), "and the server:\n{log}");
 }

@@ -273,13 +273,21 @@ pub struct Prepared {
     pub kernel_note: Option<String>,
 }
 
-/// Why a detach task stopped; the volume stays attached.
+/// Why a detach task stopped; the volume stays attached, except after
+/// [`DetachFailure::LeaveHandle`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DetachFailure {
     /// Flushing or disconnecting the kernel device failed; it stays connected.
     Kernel(String),
     /// Flushing the volume failed (a kernel device was already disconnected).
     Flush(String),
+    /// Everything is stopped and drained, but the handle must not be closed:
+    /// a write failed in a region of a mirrored volume and the server could
+    /// not copy that region before the close (`crate::intent`). A close
+    /// would make the server forget it; a handle left to run out is gone
+    /// uncleanly, and the server copies its regions before the volume opens
+    /// again. The volume is detached here all the same.
+    LeaveHandle(String),
 }
 
 /// Why a request got no response.

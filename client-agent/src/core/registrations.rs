@@ -40,6 +40,13 @@ pub enum IntentOp {
 struct Registration {
     caller: CallerId,
     volume: String,
+    /// The handle the volume was held by when the registration was asked
+    /// (`None`: none then). Sent only under that handle: a registration
+    /// still waiting when its attachment went away and the volume was
+    /// attached again must not act for the new handle — a write-intent
+    /// clear of the old attachment would clear regions the new one marked
+    /// and writes in (simulator seed 290).
+    handle: Option<u64>,
     snapshot: u64,
     chunks: Vec<u64>,
     server_copies: bool,
@@ -104,11 +111,13 @@ impl AgentCore {
             let reply = Reply::Registered(Err("the agent is shutting down".to_string()));
             return self.out.push(Effect::Reply { caller, reply });
         }
+        let handle = self.volumes.get(&volume).and_then(|v| v.handle.as_ref()).map(|h| h.held.handle);
         let r = &mut self.registrations;
         r.next += 1;
         let registration = Registration {
             caller,
             volume,
+            handle,
             snapshot,
             chunks,
             server_copies,
@@ -155,6 +164,12 @@ impl AgentCore {
             Some(h) if matches!(h.gate.phase, Phase::Revoked { .. } | Phase::Closed) => {
                 Some(format!("volume {}'s handle was {}", r.volume, h.gate.phase.word(false)))
             }
+            Some(h) if r.handle.is_some_and(|asked| asked != h.held.handle) => Some(format!(
+                "volume {}'s handle {} is gone (the volume was attached again since, as handle {})",
+                r.volume,
+                r.handle.unwrap_or_default(),
+                h.held.handle
+            )),
             Some(_) => None,
         };
         if let Some(why) = refusal {

@@ -543,6 +543,19 @@ fn a_failed_flush_leaves_the_volume_attached() {
 }
 
 #[test]
+fn a_handle_whose_failed_regions_could_not_be_copied_is_left_to_run_out() {
+    let mut h = Harness::new();
+    let a = h.attach("vol", 11, b"k");
+    let (caller, _) = h.command(Command::Detach { volume: "vol".into() });
+    let failure = DetachFailure::LeaveHandle("the regions [3] could not be resynchronized".into());
+    let effects = h.apply(Input::Detached { attachment: a, result: Err(failure) });
+    assert_eq!(reply_to(&effects, caller), Reply::Done, "detached here");
+    assert!(effects.contains(&Effect::Forget { attachment: a }));
+    assert!(sent(&effects).is_empty(), "no Close: the server must see the handle gone uncleanly");
+    assert!(h.core.held_handles().is_empty(), "nor renewed any more");
+}
+
+#[test]
 fn a_failed_attach_closes_the_handle_before_the_caller_hears() {
     let mut h = Harness::new();
     let (caller, open) = h.attach_cmd("vol");
@@ -634,6 +647,43 @@ fn registrations_wait_for_the_connection_and_the_resume_then_retry_until_answere
     assert!(matches!(message, Request::CowRegister { .. }));
     let effects = h.apply(Input::Reply { request: again, result: Ok(Response::CowRegistered { new: 2 }) });
     assert_eq!(reply_to(&effects, CallerId(500)), Reply::Registered(Ok(())));
+}
+
+/// A registration still waiting when its attachment went away is never
+/// sent under the handle of a later attachment of the same volume: an
+/// intent clear of the old one would clear regions the new one writes in
+/// (simulator seed 290).
+#[test]
+fn a_waiting_registration_does_not_act_for_a_later_handle_of_its_volume() {
+    let mut h = Harness::new();
+    let a = h.attach("vol", 11, b"k");
+    let op = super::IntentOp::Record { mark: vec![], clear: vec![0, 1, 2] };
+    let effects = h.at(100).apply(Input::IntentRecord { caller: CallerId(500), volume: "vol".into(), op });
+    let (request, _) = sent_one(&effects);
+    let effects = h.apply(Input::Reply { request, result: Err(RequestError::Transport("timed out".into())) });
+    assert!(effects.iter().all(|e| !matches!(e, Effect::Reply { .. })), "tried again later: {effects:?}");
+    // Detached and attached again before the retry.
+    let (detacher, _) = h.command(Command::Detach { volume: "vol".into() });
+    let (close, _) = sent_one(&h.apply(Input::Detached { attachment: a, result: Ok(()) }));
+    let effects = h.apply(Input::Reply { request: close, result: Ok(Response::Done) });
+    assert_eq!(reply_to(&effects, detacher), Reply::Done);
+    h.attach("vol", 12, b"k");
+    let answer = loop {
+        let now = h.core.next_deadline_ms().expect("the registration is still due");
+        let effects = h.at(now).apply(Input::Tick);
+        h.renewals_answered(&effects);
+        let stale = sent(&effects).into_iter().find(|(_, m)| matches!(m, Request::IntentRecord { .. }));
+        assert!(stale.is_none(), "sent for the new handle: {stale:?}");
+        if let Some(Effect::Reply { reply, .. }) =
+            effects.iter().find(|e| matches!(e, Effect::Reply { caller: CallerId(500), .. }))
+        {
+            break reply.clone();
+        }
+    };
+    match answer {
+        Reply::Registered(Err(e)) => assert!(e.contains("handle 11 is gone"), "{e}"),
+        other => panic!("{other:?}"),
+    }
 }
 
 /// A write-intent mark whose commit failed is asked again (the server

@@ -357,6 +357,20 @@ impl AgentCore {
                 }
                 Some(AgentError::FlushFailed { volume: name.clone(), message })
             }
+            Err(super::DetachFailure::LeaveHandle(message)) => {
+                let handle = v.handle.as_ref().map(|h| h.held.handle);
+                warn!(
+                    volume = name,
+                    ?handle,
+                    error = %message,
+                    "detached without closing the handle: it runs out at the metadata server, which copies those \
+                     regions before the volume is opened again"
+                );
+                self.volumes.remove(&name);
+                self.out.push(Effect::Forget { attachment: id });
+                self.reply_to(caller, Reply::Done);
+                return self.shutdown_progress();
+            }
         };
         if let Some(e) = failure {
             if self.stopping.is_some() {

@@ -1080,6 +1080,48 @@ fn regions_a_gone_holder_left_dirty_are_copied_before_the_next_open_is_granted()
     assert!(w.core.meta.intents.iter().all(|e| e.key != volume_format::metadata::IntentKey::Dirty(opened.handle)));
 }
 
+/// A close forgets the closing handle's dirty regions only when no other
+/// writer holds the volume: its agent had the regions where a write failed
+/// copied before the close (`IntentResync`), which the server does not do
+/// while another writer writes — so with one, they stay for the first open
+/// that finds no live writer.
+#[test]
+fn a_close_keeps_its_dirty_regions_while_another_writer_holds_the_volume() {
+    let mut w = World::new();
+    let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 2 << 20, legs: 2 });
+    let (task, next) = commit_of(&effects).unwrap();
+    w.apply(committed(task, next));
+    let open = |w: &mut World, session| match committed_request(
+        w,
+        session,
+        Request::Open { volume: "m".into(), mode: OpenMode::SharedWrite },
+    ) {
+        Ok(Response::Opened(o)) => o,
+        other => panic!("{other:?}"),
+    };
+    let a = open(&mut w, 1);
+    let b = open(&mut w, 2);
+    let dirty = |w: &World, h: HandleId| {
+        w.core.meta.intent(w.core.meta.volume_by_name("m").unwrap().id, volume_format::metadata::IntentKey::Dirty(h))
+    };
+    for (session, h) in [(1, a.handle), (2, b.handle)] {
+        let mark = Request::IntentRecord { handle: h, mark: vec![1], clear: vec![] };
+        assert_eq!(committed_request(&mut w, session, mark), Ok(Response::IntentRecorded));
+    }
+    // The resync a closing agent asks is not made while the other writes.
+    assert_eq!(committed_request(&mut w, 1, Request::IntentResync { handle: a.handle }), Ok(Response::IntentRecorded));
+    assert!(!dirty(&w, a.handle).is_empty());
+    assert_eq!(committed_request(&mut w, 1, Request::Close { handle: a.handle }), Ok(Response::Done));
+    assert_eq!(dirty(&w, a.handle).iter().collect::<Vec<_>>(), vec![1], "kept: its holder is gone, the set orphaned");
+    // The last writer's close forgets its own set.
+    assert_eq!(committed_request(&mut w, 2, Request::Close { handle: b.handle }), Ok(Response::Done));
+    assert!(dirty(&w, b.handle).is_empty());
+    // The next open copies the orphaned region first.
+    let (_, effects) = w.request(1, Request::Open { volume: "m".into(), mode: OpenMode::Exclusive });
+    let (_, copies) = copy_job_of(&effects).expect("the orphaned region is copied before the open");
+    assert_eq!(copies.len(), 1);
+}
+
 #[test]
 fn a_writer_without_the_intent_log_leaves_a_failed_device_s_legs_untracked_so_they_are_copied_whole() {
     use volume_format::metadata::IntentKey;

@@ -150,7 +150,7 @@ impl Core {
         }
         let copies = self.region_copies(volume, &dirty);
         info!(%volume, handle, regions = dirty.len(), copies = copies.len(),
-            "copying the regions a resumed handle's previous run left dirty");
+            "copying the regions the handle recorded dirty (its previous run died with writes in flight, or a write failed before its close)");
         let then = AfterJob::HandleResynced { volume, handle: HandleId(handle), reply };
         if copies.is_empty() {
             return self.continue_job(then, JobOutcome::done());

@@ -844,11 +844,16 @@ impl Core {
         } else {
             Vec::new()
         };
-        // A close comes after the agent drained its I/O: every write reached
-        // every leg, so its dirty regions need no copy (`intents`). Not so
-        // for a handle being released (its lease ran out, or a recall
-        // excluded it): its holder lost the right to write before it could
-        // drain or destage, and closes what it was told is gone.
+        // A close comes after the agent drained its I/O, and after it had
+        // the regions where a write failed copied (`IntentResync`; an agent
+        // that could not have them copied leaves its handle to run out
+        // instead): its dirty regions need no copy (`intents`). Unless
+        // another writer holds the volume: the copy was then not made (it
+        // would race that writer), so the regions stay, copied at the first
+        // open that finds no live writer. Nor for a handle being released
+        // (its lease ran out, or a recall excluded it): its holder lost the
+        // right to write before it could drain or destage, and closes what
+        // it was told is gone.
         let leaving = self.removing().contains(&handle) || self.revoked.contains(&handle);
         if let Some(h) = self.handles.get(handle).filter(|_| !leaving) {
             let volume = VolumeId(h.volume);
@@ -859,7 +864,10 @@ impl Core {
             if h.mode == OpenMode::Exclusive {
                 changes.extend(self.mirror_clear(volume));
             }
-            changes.extend(self.forget_dirty(volume, &[HandleId(handle)]));
+            let other_writer = self.handles.on_volume(volume.0).any(|o| o.id != handle && o.mode != OpenMode::ReadOnly);
+            if !other_writer {
+                changes.extend(self.forget_dirty(volume, &[HandleId(handle)]));
+            }
         }
         Step::Commit { changes, then: AfterCommit::Close { session, handle, reply } }
     }

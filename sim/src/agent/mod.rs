@@ -85,6 +85,7 @@ pub enum Delivery {
 pub use crate::config::LeaseClock;
 
 mod cache;
+mod intent;
 pub use cache::MirrorState;
 
 /// Most I/O the application keeps in flight per agent.
@@ -148,6 +149,8 @@ pub struct Att {
     after_behind: Vec<u64>,
     /// The write-back cache of an exclusive holder ([`cache`]).
     cache: Option<cache::Cache>,
+    /// The write-intent log of a writer of a mirrored volume ([`intent`]).
+    intents: Option<intent::Intents>,
 }
 
 #[derive(Debug, Clone)]
@@ -186,6 +189,7 @@ enum DevPurpose {
 enum CallerPurpose {
     App(crate::app::AppCall),
     Cow { att: AttachmentId, chunk: u64 },
+    Intent { att: AttachmentId, call: intent::IntentCall },
 }
 
 pub struct AgentHost {
@@ -217,6 +221,8 @@ pub struct AgentHost {
     /// The caches' own requests to the server ([`cache`]).
     cache_reqs: BTreeMap<u64, cache::Pending>,
     next_cache_req: u64,
+    /// When the intent sweeper wakes next ([`intent`]).
+    intent_sweep_at: Option<u64>,
 }
 
 impl AgentHost {
@@ -243,6 +249,7 @@ impl AgentHost {
             addrs,
             writes_from: 0,
             cache_reqs: BTreeMap::new(),
+            intent_sweep_at: None,
             next_cache_req: 0,
         };
         // Every restart here follows a crash (an unclean stop).
@@ -298,6 +305,7 @@ impl AgentHost {
         self.input(Input::Tick, env);
         self.release_lease_waiters(env);
         self.cache_tick(env);
+        self.intent_tick(env);
     }
 
     fn deliver(&mut self, delivery: Delivery, env: &mut Env) {
@@ -380,6 +388,7 @@ impl AgentHost {
             Effect::Reply { caller, reply } => match self.callers.remove(&caller) {
                 Some(CallerPurpose::App(call)) => self.app_reply(call, reply, env),
                 Some(CallerPurpose::Cow { att, chunk }) => self.registered(att, chunk, reply, env),
+                Some(CallerPurpose::Intent { att, call }) => self.intent_answered(att, call, reply, env),
                 None => {}
             },
             Effect::StartAttach {
@@ -421,10 +430,12 @@ impl AgentHost {
                     behind_failed: None,
                     after_behind: Vec::new(),
                     cache: None,
+                    intents: None,
                 };
                 self.atts.insert(attachment, att);
                 self.note_lease(attachment, env);
                 self.cache_attached(attachment, env);
+                self.intent_attached(attachment, env);
                 let prepared = Prepared {
                     export_uri: format!("sim://agent{}/{attachment:?}", self.index),
                     kernel_device: None,
@@ -497,7 +508,7 @@ impl AgentHost {
                 let devices: Vec<usize> = layout_devices(&a.desc, env);
                 if devices.is_empty() || !flush {
                     a.detach_flush = Some(0);
-                    self.check_detached(attachment, queue);
+                    self.check_detached(attachment, queue, env);
                 } else {
                     a.detach_flush = Some(devices.len());
                     for dev in devices {
@@ -714,7 +725,7 @@ impl AgentHost {
             IoKind::Read { block } => self.cache_read(id, block, env),
             IoKind::Flush => false,
         };
-        if cached {
+        if cached || self.intent_wait(id, env) {
             return;
         }
         let Some(io) = self.ios.get(&id) else { return };
@@ -805,7 +816,7 @@ impl AgentHost {
                         *n = n.saturating_sub(1);
                     }
                     let mut queue = VecDeque::new();
-                    self.check_detached(att, &mut queue);
+                    self.check_detached(att, &mut queue, env);
                     for input in queue {
                         self.input(input, env);
                     }
@@ -819,6 +830,7 @@ impl AgentHost {
     fn finish_io(&mut self, id: u64, result: Result<DevResult, String>, env: &mut Env) {
         let Some(io) = self.ios.remove(&id) else { return };
         let admitted = io.desc.is_some();
+        self.intent_end(io.att, id, result.is_ok(), env);
         match &result {
             Ok(DevResult::Read(b)) => {
                 let got = b.first().map_or("nothing".to_string(), |c| c.to_string());
@@ -875,7 +887,7 @@ impl AgentHost {
         }
     }
 
-    fn check_drain(&mut self, att: AttachmentId, queue: &mut VecDeque<Input>, _env: &mut Env) {
+    fn check_drain(&mut self, att: AttachmentId, queue: &mut VecDeque<Input>, env: &mut Env) {
         let cache_idle = self.cache_idle(att);
         let Some(a) = self.atts.get_mut(&att) else { return };
         if a.in_flight == 0 && cache_idle {
@@ -883,16 +895,19 @@ impl AgentHost {
                 queue.push_back(Input::Drained { attachment: att, generation, result: Ok(()) });
             }
         }
-        self.check_detached(att, queue);
+        self.check_detached(att, queue, env);
     }
 
-    fn check_detached(&mut self, att: AttachmentId, queue: &mut VecDeque<Input>) {
+    fn check_detached(&mut self, att: AttachmentId, queue: &mut VecDeque<Input>, env: &mut Env) {
         let cache_idle = self.cache_idle(att);
-        let Some(a) = self.atts.get_mut(&att) else { return };
+        let Some(a) = self.atts.get(&att) else { return };
         if a.detaching && a.detach_flush == Some(0) && a.in_flight == 0 && cache_idle {
+            let Some(result) = self.intent_before_close(att, queue, env) else { return };
+            let Some(a) = self.atts.get_mut(&att) else { return };
             a.detach_flush = None;
             a.phase = Phase::Closed;
-            queue.push_back(Input::Detached { attachment: att, result: Ok(()) });
+            let result = result.map_err(client_agent::core::DetachFailure::LeaveHandle);
+            queue.push_back(Input::Detached { attachment: att, result });
         }
     }
 
