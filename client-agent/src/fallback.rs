@@ -48,6 +48,15 @@
 //! nothing then; writes that failed early with it (their connection closed
 //! under them) wait the rest. Later requests go through the server at once.
 
+//! Why a data-changing request that failed on the direct path leaves the
+//! next ones on the server's path until one is answered there
+//! (`FallbackDevice::write_owed`): a device can answer reads — the probe
+//! that brings the direct path back — and refuse writes. A write re-sent
+//! after its direct copy's wait may find the lease it was sent under
+//! passed and be tried again after the renewal; down the direct path
+//! again, it would loop for ever instead of failing with the server's
+//! answer (`tests/tests/intent.rs`).
+
 //! When the server cannot reach the device either, it marks the device failed
 //! in the pool metadata (committed before it answers) and publishes the
 //! layout with the device offline. The device's [`FallbackDevice::marked_failed`]
@@ -356,6 +365,15 @@ pub struct FallbackDevice {
     /// opened on first use on fallback.
     channel: tokio::sync::Mutex<Option<(u64, NbdClient)>>,
     channels_opened: AtomicU64,
+    /// A data-changing request failed on the direct path and has not been
+    /// answered through the server yet: until one is, data-changing
+    /// requests skip the direct path even if a probe found it working. A
+    /// device that answers reads (the probe) but fails writes would
+    /// otherwise send a write down the direct path again on every try —
+    /// the wait for its direct copy outlasts the lease the try was sent
+    /// under, so the try through the server never happens and the write
+    /// loops for ever instead of failing with the server's answer.
+    write_owed: AtomicBool,
 }
 
 impl std::fmt::Debug for FallbackDevice {
@@ -383,6 +401,7 @@ impl FallbackDevice {
             device,
             channel: tokio::sync::Mutex::new(None),
             channels_opened: AtomicU64::new(0),
+            write_owed: AtomicBool::new(false),
         }
     }
 
@@ -482,7 +501,8 @@ impl FallbackDevice {
 
 macro_rules! with_fallback {
     ($self:ident, $changes_data:expr, |$dev:ident| $op:expr) => {{
-        if $self.direct.path().is_direct() {
+        let owed = $changes_data && $self.write_owed.load(Ordering::Acquire);
+        if $self.direct.path().is_direct() && !owed {
             let $dev: &HandleLeg = &$self.direct;
             let sent = blockio::clock::LeaseInstant::now();
             match $op.await {
@@ -491,6 +511,7 @@ macro_rules! with_fallback {
                 Err(e) => {
                     $self.direct.direct_failed(&e.message);
                     if $changes_data {
+                        $self.write_owed.store(true, Ordering::Release);
                         $self.wait_out_direct_copy(sent).await;
                     }
                 }
@@ -502,12 +523,15 @@ macro_rules! with_fallback {
         }
         let deadline = tokio::time::Instant::now() + FALLBACK_HOLD_MAX;
         let mut io_errors = 0;
-        loop {
-            let (number, client) = $self.channel(deadline).await?;
+        let result = loop {
+            let (number, client) = match $self.channel(deadline).await {
+                Ok(channel) => channel,
+                Err(e) => break Err(e),
+            };
             let $dev: &NbdClient = &client;
             match $op.await {
-                Ok(v) => return Ok(v),
-                Err(e) if !is_path_error(&e) => return Err(e),
+                Ok(v) => break Ok(v),
+                Err(e) if !is_path_error(&e) => break Err(e),
                 Err(e) => {
                     warn!(device = %$self.direct.name(), volume = $self.volume, error = %e, "request on the data channel failed; reopening it");
                     $self.drop_channel(number).await;
@@ -517,11 +541,17 @@ macro_rules! with_fallback {
                         io_errors += 1;
                     }
                     if io_errors >= CHANNEL_IO_ATTEMPTS_MAX || tokio::time::Instant::now() >= deadline {
-                        return Err(e);
+                        break Err(e);
                     }
                 }
             }
+        };
+        // Settled through the server, either way — unless it was not sent
+        // at all (its lease had passed): it goes again, through the server.
+        if $changes_data && !matches!(&result, Err(e) if e.kind == IoErrorKind::Fenced) {
+            $self.write_owed.store(false, Ordering::Release);
         }
+        result
     }};
 }
 

@@ -274,12 +274,12 @@ async fn a_restarted_agent_that_takes_its_handle_back_resyncs_before_its_first_i
 /// the devices directly, the legs must be identical after the detach.
 /// (Found by the simulator's `mirror-legs-agree`, seed 131.)
 ///
-/// The failure: the agent's direct path to one leg's device is cut (its
-/// proxy killed), and the device answers EIO to the server's fallback
-/// writes while a trigger file exists (nbdkit's error filter), so the write
-/// fails after landing on the healthy leg.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_that_failed_on_one_leg_is_resynchronized_before_the_handle_closes() {
+/// The failure: one leg's device answers EIO to every write while a
+/// trigger file exists (nbdkit's error filter), to the agent and to the
+/// server's fallback path alike; with `cut_path`, the agent's direct path
+/// to it (a proxy of its own) is also killed, so the write goes through
+/// the server at once.
+async fn a_failed_write_then_a_detach(cut_path: bool) {
     let trigger_dir = tempfile::tempdir().expect("a temp dir");
     let trigger = trigger_dir.path().join("fail-writes");
     // The first three devices hold the pool's metadata and lease copies;
@@ -324,14 +324,15 @@ async fn a_write_that_failed_on_one_leg_is_resynchronized_before_the_handle_clos
     writer.write(b * BLOCK, Bytes::from(block_pattern(1, b)), false).await.expect("the first write");
     writer.flush().await.expect("flush");
     std::fs::write(&trigger, b"").unwrap();
-    proxy.kill();
-    let refused = writer.write(b * BLOCK, Bytes::from(block_pattern(2, b)), false).await;
+    if cut_path {
+        proxy.kill();
+    }
+    let refused = tokio::time::timeout(WAIT, writer.write(b * BLOCK, Bytes::from(block_pattern(2, b)), false)).await;
     std::fs::remove_file(&trigger).unwrap();
-    assert!(
-        refused.is_err(),
-        "the write must fail: its direct path is cut and the device refused it\n{}",
-        agent.proc.log()
-    );
+    let Ok(refused) = refused else {
+        panic!("the write was not answered within {WAIT:?}\n{}", agent.proc.log());
+    };
+    assert!(refused.is_err(), "the write must fail: one leg's device refused it\n{}", agent.proc.log());
     // The precondition: the legs differ now.
     let on_healthy = read_leg(&clients, &map, healthy_leg, b * BLOCK, BLOCK as u32).await;
     let on_faulty = read_leg(&clients, &map, faulty_leg, b * BLOCK, BLOCK as u32).await;
@@ -351,4 +352,20 @@ async fn a_write_that_failed_on_one_leg_is_resynchronized_before_the_handle_clos
     assert!(log.contains("resynchronizing them before the handle is closed"), "the agent says what it did:\n{log}");
     let log = stack.mds_log();
     assert!(log.contains("copying the regions the handle recorded dirty"), "and the server:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_failed_on_one_leg_is_resynchronized_before_the_handle_closes() {
+    a_failed_write_then_a_detach(true).await;
+}
+
+/// The same, the agent's direct path intact: the device answers its reads
+/// (so a probe finds the path working) and refuses its writes. The write
+/// must fail with the server's answer — not go down the direct path again
+/// on every try, for ever (before, its wait for the direct copy outlasted
+/// the lease it was sent under, and the try after the renewal went direct
+/// again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_a_device_refuses_fails_instead_of_looping_on_its_direct_path() {
+    a_failed_write_then_a_detach(false).await;
 }
