@@ -6,7 +6,7 @@
 //! | `no-write-after-exclusion` | a device executes a write | no write of a handle lands after a commit excluded that handle (broken, expired, excluded from a recall, closed) |
 //! | `excluded-only-after-lease` | a commit excludes a handle | its holder, if still running, no longer believes it may write (its lease, on its own clock, ran out) — unless it closed the handle itself |
 //! | `acknowledged-flushed-writes-readable` | a workload read executes; every sweep | a block reads back its newest durable write or something written after it ([`crate::oracle`]) |
-//! | `mirror-legs-agree` | every sweep | worlds whose agents keep the write-intent log: the legs of a mirrored volume (without a cache) hold the same block wherever no handle's dirty set in the committed metadata covers its region — unless a device dropped the block's newest write from its cache and nothing was acknowledged since |
+//! | `mirror-legs-agree` | every sweep | worlds whose agents keep the write-intent log: the legs of a mirrored volume hold the same block wherever no handle's dirty set in the committed metadata covers its region — unless a device dropped the block's newest write from its cache and nothing was acknowledged since |
 //! | `new-space-reads-zeros` | every sweep | every leg of a volume block nothing was ever written to holds zeros (a deleted volume's data never shows in a new or grown one) |
 //! | `snapshot-reads-recall-point` | every sweep | a snapshot's block reads back one of the values the block could hold when the snapshot was committed |
 //! | `resume-unchanged-only-if-nobody-else` | the server answers a resume | a handle is resumed "unchanged" only if no conflicting open of its volume was committed since it was opened (handovers aside) |
@@ -587,13 +587,14 @@ pub fn final_liveness(w: &mut World) {
 /// between legs would see flip. The write-intent log exists so that this
 /// only happens where the committed metadata says so: a region some handle
 /// recorded dirty (a live writer's writes in flight, or a gone holder's
-/// regions the next open copies first). Volumes with a cache are not
-/// checked (the cache's model writes around the log, [`crate::agent`]).
+/// regions the next open copies first). A volume whose dead cached
+/// holder's mirror awaits its replay is checked once replayed (the replay
+/// writes every leg; one cut short leaves them different until the next).
 fn legs_disagree(env: &Env, meta: &PoolMetadata) -> Option<(&'static str, String)> {
     let eb = meta.extent_bytes;
     let region_bytes = volume_format::metadata::intent_region_bytes(eb);
     for v in &meta.volumes {
-        if meta.volume_cache(v.id).is_some() || env.cache_orphans.contains_key(&v.id.0) {
+        if env.cache_orphans.contains_key(&v.id.0) {
             continue;
         }
         let dirty: BTreeSet<u64> = meta.intents_of(v.id).flat_map(|e| e.regions.iter()).collect();

@@ -40,13 +40,14 @@ pub enum IntentOp {
 struct Registration {
     caller: CallerId,
     volume: String,
-    /// The handle the volume was held by when the registration was asked
-    /// (`None`: none then). Sent only under that handle: a registration
+    /// The attachment of the volume the registration was asked for
+    /// (`None`: none then). Sent only for that attachment (under its
+    /// handle, which a re-open after reconnecting may have renewed): one
     /// still waiting when its attachment went away and the volume was
-    /// attached again must not act for the new handle — a write-intent
-    /// clear of the old attachment would clear regions the new one marked
-    /// and writes in (simulator seed 290).
-    handle: Option<u64>,
+    /// attached again must not act for the new attachment — a write-intent
+    /// clear of the old one would clear regions the new one marked and
+    /// writes in (simulator seed 290).
+    attachment: Option<super::AttachmentId>,
     snapshot: u64,
     chunks: Vec<u64>,
     server_copies: bool,
@@ -111,13 +112,13 @@ impl AgentCore {
             let reply = Reply::Registered(Err("the agent is shutting down".to_string()));
             return self.out.push(Effect::Reply { caller, reply });
         }
-        let handle = self.volumes.get(&volume).and_then(|v| v.handle.as_ref()).map(|h| h.held.handle);
+        let attachment = self.volumes.get(&volume).map(|v| v.id);
         let r = &mut self.registrations;
         r.next += 1;
         let registration = Registration {
             caller,
             volume,
-            handle,
+            attachment,
             snapshot,
             chunks,
             server_copies,
@@ -158,17 +159,17 @@ impl AgentCore {
 
     fn try_registration(&mut self, now: Millis, id: u64) {
         let r = &self.registrations.by_id[&id];
-        let v = self.volumes.get(&r.volume).filter(|v| v.has_gate()).and_then(|v| v.handle.as_ref());
+        let attached = self.volumes.get(&r.volume).filter(|v| v.has_gate());
+        let attachment = attached.map(|v| v.id);
+        let v = attached.and_then(|v| v.handle.as_ref());
         let refusal = match v {
             None => Some(format!("volume {} is no longer attached", r.volume)),
             Some(h) if matches!(h.gate.phase, Phase::Revoked { .. } | Phase::Closed) => {
                 Some(format!("volume {}'s handle was {}", r.volume, h.gate.phase.word(false)))
             }
-            Some(h) if r.handle.is_some_and(|asked| asked != h.held.handle) => Some(format!(
-                "volume {}'s handle {} is gone (the volume was attached again since, as handle {})",
-                r.volume,
-                r.handle.unwrap_or_default(),
-                h.held.handle
+            Some(h) if r.attachment.is_some_and(|asked| Some(asked) != attachment) => Some(format!(
+                "volume {} was detached and attached again (now as handle {}) since this was asked",
+                r.volume, h.held.handle
             )),
             Some(_) => None,
         };

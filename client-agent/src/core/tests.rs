@@ -650,7 +650,7 @@ fn registrations_wait_for_the_connection_and_the_resume_then_retry_until_answere
 }
 
 /// A registration still waiting when its attachment went away is never
-/// sent under the handle of a later attachment of the same volume: an
+/// sent for a later attachment of the same volume: an
 /// intent clear of the old one would clear regions the new one writes in
 /// (simulator seed 290).
 #[test]
@@ -681,7 +681,7 @@ fn a_waiting_registration_does_not_act_for_a_later_handle_of_its_volume() {
         }
     };
     match answer {
-        Reply::Registered(Err(e)) => assert!(e.contains("handle 11 is gone"), "{e}"),
+        Reply::Registered(Err(e)) => assert!(e.contains("detached and attached again"), "{e}"),
         other => panic!("{other:?}"),
     }
 }

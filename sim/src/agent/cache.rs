@@ -592,6 +592,13 @@ impl AgentHost {
             let seqs: Vec<u64> = c.log.keys().take(per_round).copied().collect();
             let upto = *seqs.last().expect("not empty");
             let blocks: BTreeSet<u64> = seqs.iter().map(|s| c.log[s].block).collect();
+            // As production's destage writes through the volume's intent
+            // log: the round's regions are recorded dirty first.
+            let listed: Vec<u64> = blocks.iter().copied().collect();
+            if !self.intent_round_begin(att, &listed, env) {
+                return;
+            }
+            let Some(c) = self.atts.get_mut(&att).and_then(|a| a.cache.as_mut()) else { return };
             let mut sends = Vec::new();
             for block in blocks {
                 let tag = c.log[&c.dirty[&block]].tag;
@@ -652,6 +659,13 @@ impl AgentHost {
         if r.left > 0 {
             return;
         }
+        if !r.flushing {
+            // The round's writes ended: their regions are let go.
+            let ok = !r.failed;
+            self.intent_round_end(att, ok, env);
+        }
+        let Some(a) = self.atts.get_mut(&att) else { return };
+        let Some(r) = a.cache.as_mut().and_then(|c| c.round.as_mut()) else { return };
         if r.flushing && r.devices.iter().any(|(d, crashes)| env.devices[*d].crashes != *crashes) {
             env.trace(Proc::Agent(self.index), format_args!("a device lost power during the destage round: again"));
             r.failed = true;

@@ -15,12 +15,13 @@
 //! - a sweeper every `INTENT_SWEEP_MS` clears regions idle for
 //!   `INTENT_CLEAR_AFTER_MS`.
 //!
-//! Fidelity: only writes that reach the devices through this path are
-//! recorded; the write-back cache's model (`super::cache`) writes its
-//! destage rounds and write-through writes directly, where production's
-//! cache writes through the volume device and its intent log. The observer
-//! therefore checks the legs of volumes without a cache only
-//! (`observer::sweep`, `mirror-legs-agree`).
+//! - the write-back cache's destage rounds (`super::cache`) hold the
+//!   regions of their blocks the same way, from before their writes until
+//!   the writes ended (production's cache writes through the volume device
+//!   and its log, one write at a time; a round here is one hold).
+//!
+//! The observer checks the outcome: `mirror-legs-agree`
+//! (`observer::sweep`).
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -52,6 +53,16 @@ pub struct Intents {
     /// The resync before the close of a handle whose write failed
     /// (`IntentLog::resync_before_close`).
     close: CloseStep,
+    /// The regions the write-back cache's destage round holds (or is
+    /// having marked), as production's cache writes through the volume's
+    /// log: each destage write holds its regions until it ended.
+    round: Option<RoundHold>,
+}
+
+#[derive(Debug, Clone)]
+enum RoundHold {
+    Marking,
+    Held(Vec<u64>),
 }
 
 #[derive(Debug, Clone)]
@@ -67,6 +78,11 @@ pub enum IntentCall {
     Resync,
     /// The resync asked before the close.
     CloseResync,
+    /// The regions of a destage round of the cache.
+    RoundMark {
+        regions: Vec<u64>,
+        mark: Vec<u64>,
+    },
     Mark {
         io: u64,
         regions: Vec<u64>,
@@ -92,6 +108,7 @@ impl AgentHost {
             waiting: Vec::new(),
             holding: BTreeMap::new(),
             close: CloseStep::NotAsked,
+            round: None,
         });
     }
 
@@ -139,6 +156,67 @@ impl AgentHost {
                 self.intent_call(att, IntentCall::Mark { io: id, regions, mark }, op, env);
                 true
             }
+        }
+    }
+
+    /// Before a destage round of the cache writes `blocks`: whether it may
+    /// go now (its regions held until [`AgentHost::intent_round_end`]); if
+    /// not, the cache is kicked again once what it waits for is answered.
+    pub(super) fn intent_round_begin(&mut self, att: AttachmentId, blocks: &[u64], env: &mut Env) -> bool {
+        let Some(it) = self.atts.get_mut(&att).and_then(|a| a.intents.as_mut()) else { return true };
+        match it.ready {
+            Ready::Done => {}
+            Ready::Asking => return false,
+            Ready::Unasked => {
+                it.ready = Ready::Asking;
+                self.intent_call(att, IntentCall::Resync, IntentOp::Resync, env);
+                return false;
+            }
+        }
+        let mut regions: Vec<u64> = blocks.iter().map(|b| b / it.region_blocks).collect();
+        regions.sort_unstable();
+        regions.dedup();
+        match it.round.take() {
+            Some(RoundHold::Marking) => {
+                it.round = Some(RoundHold::Marking);
+                return false;
+            }
+            Some(RoundHold::Held(held)) if regions.iter().all(|r| held.contains(r)) => {
+                it.round = Some(RoundHold::Held(held));
+                return true;
+            }
+            // Marked for a round whose records changed since: let go, begin anew.
+            Some(RoundHold::Held(held)) => {
+                let now = self.clock(env);
+                let it = self.atts.get_mut(&att).and_then(|a| a.intents.as_mut()).expect("checked above");
+                it.state.end(&held, true, now);
+            }
+            None => {}
+        }
+        let it = self.atts.get_mut(&att).and_then(|a| a.intents.as_mut()).expect("checked above");
+        match it.state.begin(&regions) {
+            Begin::Wait => false,
+            Begin::Go { mark } if mark.is_empty() => {
+                it.round = Some(RoundHold::Held(regions));
+                true
+            }
+            Begin::Go { mark } => {
+                it.round = Some(RoundHold::Marking);
+                env.trace(self.me(), format_args!("a destage round marks regions {mark:?} dirty first"));
+                let op = IntentOp::Record { mark: mark.clone(), clear: Vec::new() };
+                self.intent_call(att, IntentCall::RoundMark { regions, mark }, op, env);
+                false
+            }
+        }
+    }
+
+    /// The destage round's writes ended (`ok`: every one succeeded).
+    pub(super) fn intent_round_end(&mut self, att: AttachmentId, ok: bool, env: &mut Env) {
+        let now = self.clock(env);
+        let Some(it) = self.atts.get_mut(&att).and_then(|a| a.intents.as_mut()) else { return };
+        if let Some(RoundHold::Held(regions)) = it.round.take() {
+            it.state.end(&regions, ok, now);
+            self.intent_sweep_later(env);
         }
     }
 
@@ -193,6 +271,14 @@ impl AgentHost {
 
     /// The core answered an intent request.
     pub(super) fn intent_answered(&mut self, att: AttachmentId, call: IntentCall, reply: Reply, env: &mut Env) {
+        self.intent_answer(att, call, reply, env);
+        // A destage round may wait for what was answered.
+        if self.atts.get(&att).is_some_and(|a| a.cache.is_some()) {
+            self.cache_kick(att, env);
+        }
+    }
+
+    fn intent_answer(&mut self, att: AttachmentId, call: IntentCall, reply: Reply, env: &mut Env) {
         let now = self.clock(env);
         let error = match reply {
             Reply::Registered(Ok(())) => None,
@@ -202,6 +288,14 @@ impl AgentHost {
         let Some(it) = self.atts.get_mut(&att).and_then(|a| a.intents.as_mut()) else { return };
         let waiting = std::mem::take(&mut it.waiting);
         match call {
+            IntentCall::RoundMark { regions, mark } => {
+                it.state.marked(&regions, &mark, error.is_none(), now);
+                it.round = error.is_none().then_some(RoundHold::Held(regions));
+                for w in waiting {
+                    self.send_io(w, env);
+                }
+                self.intent_sweep_later(env);
+            }
             IntentCall::CloseResync => {
                 it.close = CloseStep::Answered(match error {
                     None => Ok(()),
