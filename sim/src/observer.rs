@@ -235,9 +235,14 @@ pub fn loaded(env: &mut Env, meta: &PoolMetadata) {
         return env.fail("generations-only-grow", detail);
     }
     if meta.generation == acked.generation && *meta != *acked {
+        let (a, b) = (format!("{acked:#?}"), format!("{meta:#?}"));
+        let first = a.lines().zip(b.lines()).enumerate().find(|(_, (x, y))| x != y);
+        let at = first.map_or(String::new(), |(n, (x, y))| {
+            format!(" (debug form line {n}: acknowledged `{}`, loaded `{}`)", x.trim(), y.trim())
+        });
         return env.fail(
             "generations-only-grow",
-            format!("generation {} loaded differs from the one acknowledged", meta.generation),
+            format!("generation {} loaded differs from the one acknowledged{at}", meta.generation),
         );
     }
     for s in &acked.snapshots {

@@ -1070,6 +1070,7 @@ fn regions_a_gone_holder_left_dirty_are_copied_before_the_next_open_is_granted()
     let extent = &w.core.meta.volume_by_name("m").unwrap().extents[1];
     assert_eq!(copies.len(), 1, "region 1 only, from one leg onto the other");
     assert_eq!(copies[0].from[0].device, extent.legs[0].device, "from the first online leg");
+    assert_eq!(copies[0].from.len(), 1, "and from it only: never from the target itself");
     assert_eq!(copies[0].to.device, extent.legs[1].device);
     assert_eq!(copies[0].to.offsets, vec![extent.legs[1].offset]);
     // Copied: the open commits, forgetting the dead holder's dirty set.

@@ -292,9 +292,16 @@ impl Core {
     }
 
     /// Copies of `regions` of `volume`: from its first leg on an online
-    /// device (then the next, if that one fails to answer) onto every other
-    /// leg that takes writes (online or resyncing; a failed device's legs
-    /// are in its stale set instead).
+    /// device onto every other leg that takes writes (online or resyncing;
+    /// a failed device's legs are in its stale set instead). One source per
+    /// region, with no fallback to another leg: the next leg may be the
+    /// target itself (a copy onto itself "succeeds" and leaves the legs
+    /// different — simulator seed 26961687257383, a server cut off from the
+    /// first leg's device), and with three legs two copies falling back
+    /// differently could swap their contents. A source that does not
+    /// answer fails the copy (the open is refused and tried again); a
+    /// device that is gone is marked failed, and the next leg becomes the
+    /// first.
     fn region_copies(&self, volume: VolumeId, regions: &ChunkRuns) -> Vec<ExtentCopy> {
         let Some(v) = self.meta.volume(volume) else { return Vec::new() };
         let extent_bytes = self.meta.extent_bytes;
@@ -309,13 +316,13 @@ impl Core {
             let Some(e) = v.extents.get((logical / extent_bytes) as usize) else { continue };
             let at = logical % extent_bytes;
             let state = |d| self.meta.device(d).map(|r| r.state.clone());
-            let from: Vec<DeviceExtents> = e
+            let first = e
                 .legs
                 .iter()
                 .filter(|l| state(l.device).is_some_and(|s| s.is_online()))
-                .filter_map(|l| endpoint(l.device, l.offset + at))
-                .collect();
-            let Some(first) = from.first() else { continue };
+                .find_map(|l| endpoint(l.device, l.offset + at));
+            let Some(first) = first else { continue };
+            let from = vec![first.clone()];
             for leg in e.legs.iter().filter(|l| l.device != first.device) {
                 let takes_writes = matches!(
                     state(leg.device),

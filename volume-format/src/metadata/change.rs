@@ -350,7 +350,7 @@ enum UndoStep {
     IntentSet {
         volume: VolumeId,
         key: IntentKey,
-        old: Option<IntentEntry>,
+        old: Option<(usize, IntentEntry)>,
     },
 }
 

@@ -185,14 +185,14 @@ impl PoolMetadata {
         volume: VolumeId,
         key: IntentKey,
         regions: &ChunkRuns,
-    ) -> Result<Option<IntentEntry>, String> {
+    ) -> Result<Option<(usize, IntentEntry)>, String> {
         let index = self.intents.iter().position(|e| e.volume == volume && e.key == key);
         match self.intent_regions(volume) {
             Some(count) => regions.check_within(count)?,
             None if regions.is_empty() => {}
             None => return Err(format!("volume {volume} does not exist")),
         }
-        let old = index.map(|i| self.intents.remove(i));
+        let old = index.map(|i| (i, self.intents.remove(i)));
         let keep_empty = matches!(key, IntentKey::Stale(_)) && self.volume(volume).is_some() && old.is_none();
         if !regions.is_empty() || keep_empty {
             self.intents.push(IntentEntry { volume, key, regions: regions.clone() });
@@ -200,11 +200,15 @@ impl PoolMetadata {
         Ok(old)
     }
 
-    /// Takes back a [`PoolMetadata::set_intent`] that returned `old`.
-    pub(crate) fn unset_intent(&mut self, volume: VolumeId, key: IntentKey, old: Option<IntentEntry>) {
+    /// Takes back a [`PoolMetadata::set_intent`] that returned `old` (the
+    /// entry it replaced, and where it was): the entries end up exactly as
+    /// before, in the same order — a server that took back a failed commit
+    /// must hold what one that never saw it loads (simulator seed
+    /// 209121354547448: the order differed after an undo).
+    pub(crate) fn unset_intent(&mut self, volume: VolumeId, key: IntentKey, old: Option<(usize, IntentEntry)>) {
         self.intents.retain(|e| !(e.volume == volume && e.key == key));
-        if let Some(old) = old {
-            self.intents.push(old);
+        if let Some((index, old)) = old {
+            self.intents.insert(index.min(self.intents.len()), old);
         }
     }
 }
@@ -244,6 +248,25 @@ mod tests {
         again.revert_all(undo2);
         assert_eq!(again, before);
         drop(undo);
+    }
+
+    /// A change taken back restores the entries in their order too: a
+    /// server that took back a failed commit holds exactly what a server
+    /// that never saw it loads (simulator seed 209121354547448).
+    #[test]
+    fn taking_a_change_back_restores_the_order_of_the_entries() {
+        let mut meta = rich_pool();
+        let v = meta.volumes.iter().find(|v| v.mirror_legs > 1).expect("a mirrored volume").id;
+        for h in [3, 10, 2] {
+            meta.apply_all(&meta.plan_intent_record(v, HandleId(h), &runs(&[0]), &ChunkRuns::default())).unwrap();
+        }
+        let before = meta.clone();
+        // Changing the first entry moves it (a set is replaced, not edited).
+        let change = meta.plan_intent_record(v, HandleId(3), &runs(&[1]), &ChunkRuns::default());
+        let undo = meta.apply_all(&change).unwrap();
+        assert_ne!(meta.intents, before.intents);
+        meta.revert_all(undo);
+        assert_eq!(meta, before, "the same entries, in the same order");
     }
 
     #[test]
