@@ -78,10 +78,15 @@ struct Crashed {
 /// to leg 1's device is delayed, and dies (kill -9) once they reached leg 0
 /// only.
 async fn crash_with_writes_in_flight(durable_ms: u64) -> Crashed {
-    let mut stack = Stack::new(2, "1G");
+    crash_with_writes_in_flight_on(Stack::new(2, "1G"), durable_ms, "256M").await
+}
+
+/// [`crash_with_writes_in_flight`] on `stack`'s devices, with a volume of
+/// `size` (one extent, so one pair of devices, on a pool of more than two).
+async fn crash_with_writes_in_flight_on(mut stack: Stack, durable_ms: u64, size: &str) -> Crashed {
     stack.durable_ms = Some(durable_ms);
     stack.start_mds();
-    stack.sanvol_ok(&["volume", "create", "m", "256M", "--mirror", "2"]);
+    stack.sanvol_ok(&["volume", "create", "m", size, "--mirror", "2"]);
     let show = stack.sanvol_json(&["volume", "show", "m"]);
     let size = show["description"]["size_bytes"].as_u64().unwrap();
     let map = legs(&stack, "m");
@@ -264,6 +269,98 @@ async fn a_restarted_agent_that_takes_its_handle_back_resyncs_before_its_first_i
         log.contains("copying the regions the handle recorded dirty (its previous run died"),
         "the server says what it copied:\n{log}"
     );
+}
+
+/// The copy of a gone holder's dirty regions reads one source, the first
+/// leg: when that leg's device does not answer, the copy fails — it never
+/// reads the next leg, which is the copy's own target, and "copies" it onto
+/// itself (before, the open was then granted, the regions forgotten, and
+/// the legs stayed different). Here the crash leaves the new data on leg 0
+/// only, and leg 0's device server is stopped (its data kept) before
+/// another agent opens the volume; once it is back, both legs must end up
+/// identical, read from the devices directly. (Simulator seed
+/// 26961687257383.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gone_holder_s_regions_are_copied_from_the_first_leg_never_from_their_target() {
+    // Devices 0-2 hold the pool's metadata and lease copies; the volume's
+    // legs go to 3 and 4 (the largest: the most free space), which hold
+    // none, so nothing else notices leg 0's device is gone.
+    let mut devices: Vec<_> = (0..3).map(|_| peers::nbdkit_file(1 << 30)).collect();
+    devices.extend((0..2).map(|_| peers::nbdkit_file(2 << 30)));
+    let mut c = crash_with_writes_in_flight_on(Stack::with_devices(devices), 1000, "64M").await;
+    let first = c.map.1[0][0].0;
+    assert!(first >= 3, "the volume's first leg is on device {first}, one holding metadata");
+    let show = c.stack.sanvol_json(&["volume", "show", "m"]);
+    let first_uri =
+        show["description"]["devices"].as_array().unwrap().iter().find(|d| d["index"].as_u64() == Some(first)).unwrap()
+            ["uri"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    let peer = c.stack.devices.iter().position(|d| d.uri().to_string() == first_uri).expect("leg 0's nbdkit");
+    // Another agent (authorized while every metadata copy answers) opens
+    // the volume once leg 0's device is gone: the copy cannot read leg 0.
+    let other = c.stack.start_agent("host-b");
+    c.stack.devices[peer].kill();
+    // The server answers the open: refused (the copy's source does not
+    // answer), or granted — then host-b's attach fails on connecting to
+    // the dead device (before, the copy onto its target "succeeded" here
+    // and the regions were forgotten).
+    let deadline = Instant::now() + WAIT;
+    let refused = loop {
+        let out = other.cli(&["attach", "m", "--mode", "exclusive"]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if stderr.contains("copying the regions its previous holder was writing")
+            || stderr.contains("cannot connect")
+            || out.status.success()
+        {
+            break !out.status.success();
+        }
+        assert!(Instant::now() < deadline, "attach of m by host-b: {stderr}\n{}", c.stack.all_logs(40));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Once leg 0's device is back, both legs must end up identical.
+    c.stack.devices[peer].restart();
+    if refused {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let out = other.cli(&["attach", "m", "--mode", "exclusive"]);
+            if out.status.success() {
+                break;
+            }
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(Instant::now() < deadline, "attach of m by host-b: {stderr}\n{}", c.stack.all_logs(40));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let mut devices = Vec::new();
+    for d in show["description"]["devices"].as_array().unwrap() {
+        let uri: NbdUri = d["uri"].as_str().unwrap().parse().unwrap();
+        devices.push((d["index"].as_u64().unwrap(), connect(&uri).await));
+    }
+    c.devices = devices;
+    // The legs of every written block agree (the server's copies after the
+    // device came back are another process's work: polled).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut differ = Vec::new();
+        for &b in &c.blocks {
+            let l0 = read_leg(&c.devices, &c.map, 0, b * BLOCK, BLOCK as u32).await;
+            let l1 = read_leg(&c.devices, &c.map, 1, b * BLOCK, BLOCK as u32).await;
+            if l0 != l1 {
+                differ.push(b);
+            }
+        }
+        if differ.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "blocks {differ:?} still differ between the legs (refused: {refused})\n{}",
+            c.stack.all_logs(60)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// A mirrored write that failed on one leg and landed on the other, then a
