@@ -140,6 +140,12 @@ pub(crate) struct Ready {
 /// attached, its cache still holding the data).
 pub const DETACH_DESTAGE_MAX: Duration = Duration::from_secs(120);
 
+/// How long a detach waits for the server to copy the regions where a write
+/// failed (`IntentLog::resync_before_close`) before it leaves the handle to
+/// run out instead: a server that is down must not hold a detach — or the
+/// agent's shutdown, which detaches every volume — for ever.
+pub const DETACH_RESYNC_MAX: Duration = Duration::from_secs(30);
+
 /// What a failed detach task hands back (the volume stays attached).
 #[derive(Default)]
 pub(crate) struct Leftovers {
@@ -1145,7 +1151,14 @@ impl DetachTask {
         // Nothing is in flight now: regions where a write failed are copied
         // before the close makes the server forget them (`crate::intent`).
         if let Some(log) = self.device.intent() {
-            if let Err(e) = log.resync_before_close().await {
+            let resync = tokio::time::timeout(DETACH_RESYNC_MAX, log.resync_before_close()).await;
+            let resync = resync.unwrap_or_else(|_| {
+                Err(format!(
+                    "the metadata server did not copy the regions where a write failed within {} s",
+                    DETACH_RESYNC_MAX.as_secs()
+                ))
+            });
+            if let Err(e) = resync {
                 return (Err(DetachFailure::LeaveHandle(e)), Leftovers::default());
             }
         }
