@@ -33,6 +33,12 @@
 //! write failed (or was abandoned) is never cleared: its legs may differ,
 //! and the server copies it if this handle goes away uncleanly.
 //!
+//! **Before a close.** A clean close makes the server forget the handle's
+//! dirty regions, so a detach first has the regions where a write failed
+//! copied ([`IntentLog::resync_before_close`]); if that copy cannot be
+//! made, the handle is left to run out instead of closed, and the server
+//! copies its regions before the volume opens again (simulator seed 131).
+//!
 //! `SANVOL_INTENT_LOG=off` in the agent's environment turns the log off
 //! (for benchmarks that measure its cost, and for the test that proves a
 //! crash without it leaves the legs different); never in production.
