@@ -13,12 +13,16 @@
 //!   every leg; it ends with its outcome (a failed write's region is never
 //!   cleared);
 //! - a sweeper every `INTENT_SWEEP_MS` clears regions idle for
-//!   `INTENT_CLEAR_AFTER_MS`.
-//!
+//!   `INTENT_CLEAR_AFTER_MS`;
 //! - the write-back cache's destage rounds (`super::cache`) hold the
 //!   regions of their blocks the same way, from before their writes until
 //!   the writes ended (production's cache writes through the volume device
-//!   and its log, one write at a time; a round here is one hold).
+//!   and its log, one write at a time; a round here is one hold);
+//! - a detach whose writes failed somewhere has those regions copied
+//!   before the close, or leaves the handle to run out
+//!   (`IntentLog::resync_before_close`; production also gives up after
+//!   `DETACH_RESYNC_MAX`, which the simulated server, always back in the
+//!   end, never needs).
 //!
 //! The observer checks the outcome: `mirror-legs-agree`
 //! (`observer::sweep`).
