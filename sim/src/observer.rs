@@ -450,11 +450,7 @@ pub fn sweep(env: &mut Env) {
     });
     let cached: std::collections::BTreeSet<(u64, u64)> = env.cache_dirty.iter().map(|(_, v, b)| (*v, *b)).collect();
     let eb = meta.extent_bytes;
-    let device_of = |env: &Env, index: volume_format::DeviceIndex| -> Option<usize> {
-        let d = meta.device(index)?;
-        let dev = env.device_by_uuid(d.device_uuid)?;
-        env.devices[dev].up.then_some(dev)
-    };
+    let device_of = |env: &Env, index| up_device(env, &meta, index);
     for v in &meta.volumes {
         for block in 0..v.size_bytes / BLOCK_BYTES {
             if !env.oracle.never_written(v.id.0, block) {
@@ -611,12 +607,7 @@ fn legs_disagree(env: &Env, meta: &PoolMetadata) -> Option<(&'static str, String
             }
             let mut seen: Vec<(usize, crate::device::Content)> = Vec::new();
             for leg in &extent.legs {
-                let Some(dev) = meta.device(leg.device).and_then(|d| env.device_by_uuid(d.device_uuid)) else {
-                    continue;
-                };
-                if !env.devices[dev].up {
-                    continue;
-                }
+                let Some(dev) = up_device(env, meta, leg.device) else { continue };
                 seen.push((dev, env.devices[dev].peek((leg.offset + off % eb) / BLOCK_BYTES)));
             }
             if seen.windows(2).all(|w| w[0].1 == w[1].1) || env.oracle.lost_since_last_ack(v.id.0, block) {
@@ -634,4 +625,11 @@ fn legs_disagree(env: &Env, meta: &PoolMetadata) -> Option<(&'static str, String
         }
     }
     None
+}
+
+/// The sim device of pool device `index`, if it is up (a down device is
+/// not read by the sweeps).
+fn up_device(env: &Env, meta: &PoolMetadata, index: volume_format::DeviceIndex) -> Option<usize> {
+    let dev = env.device_by_uuid(meta.device(index)?.device_uuid)?;
+    env.devices[dev].up.then_some(dev)
 }

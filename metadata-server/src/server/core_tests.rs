@@ -626,6 +626,14 @@ fn committed_request(w: &mut World, session: u64, request: Request) -> Result<Re
     }
 }
 
+/// Opens `volume` shared-write on `session`, committed.
+fn open_shared(w: &mut World, session: u64, volume: &str) -> volume_format::control::messages::OpenedHandle {
+    match committed_request(w, session, Request::Open { volume: volume.into(), mode: OpenMode::SharedWrite }) {
+        Ok(Response::Opened(o)) => o,
+        other => panic!("{other:?}"),
+    }
+}
+
 /// A handover's two sides: agent host-b (a real key, authorized; connected
 /// as session 7) and v opened exclusively on session 1.
 fn handover_pair(w: &mut World) -> (Peer, volume_format::control::messages::OpenedHandle) {
@@ -1092,16 +1100,8 @@ fn a_close_keeps_its_dirty_regions_while_another_writer_holds_the_volume() {
     let (_, effects) = w.request(3, Request::VolumeCreate { name: "m".into(), size_bytes: 2 << 20, legs: 2 });
     let (task, next) = commit_of(&effects).unwrap();
     w.apply(committed(task, next));
-    let open = |w: &mut World, session| match committed_request(
-        w,
-        session,
-        Request::Open { volume: "m".into(), mode: OpenMode::SharedWrite },
-    ) {
-        Ok(Response::Opened(o)) => o,
-        other => panic!("{other:?}"),
-    };
-    let a = open(&mut w, 1);
-    let b = open(&mut w, 2);
+    let a = open_shared(&mut w, 1, "m");
+    let b = open_shared(&mut w, 2, "m");
     let dirty = |w: &World, h: HandleId| {
         w.core.meta.intent(w.core.meta.volume_by_name("m").unwrap().id, volume_format::metadata::IntentKey::Dirty(h))
     };
@@ -1931,16 +1931,8 @@ fn a_recall_commits_without_a_silent_holder_only_after_it_is_fenced() {
 fn range_locks_conflict_naming_the_holder_survive_a_restart_and_end_with_the_handle() {
     use volume_format::locks::LockRange;
     let mut w = World::new();
-    let open = |w: &mut World, session| match committed_request(
-        w,
-        session,
-        Request::Open { volume: "v".into(), mode: OpenMode::SharedWrite },
-    ) {
-        Ok(Response::Opened(o)) => o,
-        other => panic!("{other:?}"),
-    };
-    let a = open(&mut w, 1);
-    let b = open(&mut w, 2);
+    let a = open_shared(&mut w, 1, "v");
+    let b = open_shared(&mut w, 2, "v");
     let lock = |handle, start, len_bytes| Request::Lock { handle, ranges: vec![LockRange { start, len_bytes }] };
     let (asked, effects) = w.request(1, lock(a.handle, 0, 1 << 20));
     let (task, next) = commit_of(&effects).expect("a lock is committed");

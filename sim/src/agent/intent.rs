@@ -122,25 +122,14 @@ impl AgentHost {
         let Some(io) = self.ios.get(&id) else { return false };
         let att = io.att;
         let kind = io.kind.clone();
-        let Some(it) = self.atts.get_mut(&att).and_then(|a| a.intents.as_mut()) else { return false };
-        if matches!(kind, IoKind::Flush) {
+        if matches!(kind, IoKind::Flush) || self.atts.get(&att).is_none_or(|a| a.intents.is_none()) {
             return false;
         }
-        match it.ready {
-            Ready::Done => {}
-            Ready::Asking => {
-                it.waiting.push(id);
-                return true;
-            }
-            Ready::Unasked => {
-                it.ready = Ready::Asking;
-                it.waiting.push(id);
-                env.trace(self.me(), format_args!("io{id} waits for the resync of the handle's dirty regions"));
-                self.intent_call(att, IntentCall::Resync, IntentOp::Resync, env);
-                return true;
-            }
+        if !self.intent_ready(att, Some(id), env) {
+            return true;
         }
         let IoKind::Write { block, .. } = kind else { return false };
+        let Some(it) = self.atts.get_mut(&att).and_then(|a| a.intents.as_mut()) else { return false };
         if it.holding.contains_key(&id) {
             return false;
         }
@@ -167,16 +156,13 @@ impl AgentHost {
     /// go now (its regions held until [`AgentHost::intent_round_end`]); if
     /// not, the cache is kicked again once what it waits for is answered.
     pub(super) fn intent_round_begin(&mut self, att: AttachmentId, blocks: &[u64], env: &mut Env) -> bool {
-        let Some(it) = self.atts.get_mut(&att).and_then(|a| a.intents.as_mut()) else { return true };
-        match it.ready {
-            Ready::Done => {}
-            Ready::Asking => return false,
-            Ready::Unasked => {
-                it.ready = Ready::Asking;
-                self.intent_call(att, IntentCall::Resync, IntentOp::Resync, env);
-                return false;
-            }
+        if self.atts.get(&att).is_none_or(|a| a.intents.is_none()) {
+            return true;
         }
+        if !self.intent_ready(att, None, env) {
+            return false;
+        }
+        let it = self.atts.get_mut(&att).and_then(|a| a.intents.as_mut()).expect("checked above");
         let mut regions: Vec<u64> = blocks.iter().map(|b| b / it.region_blocks).collect();
         regions.sort_unstable();
         regions.dedup();
@@ -212,6 +198,23 @@ impl AgentHost {
                 false
             }
         }
+    }
+
+    /// Whether the handle's dirty regions of before this attachment were
+    /// resynchronized (`IntentLog::ready`): if not, asks for it (once) and
+    /// lets I/O `waiter` wait for the answer.
+    fn intent_ready(&mut self, att: AttachmentId, waiter: Option<u64>, env: &mut Env) -> bool {
+        let Some(it) = self.atts.get_mut(&att).and_then(|a| a.intents.as_mut()) else { return true };
+        if it.ready == Ready::Done {
+            return true;
+        }
+        it.waiting.extend(waiter);
+        if it.ready == Ready::Unasked {
+            it.ready = Ready::Asking;
+            env.trace(self.me(), format_args!("resync of the handle's dirty regions asked before its first I/O"));
+            self.intent_call(att, IntentCall::Resync, IntentOp::Resync, env);
+        }
+        false
     }
 
     /// The destage round's writes ended (`ok`: every one succeeded).
@@ -258,19 +261,25 @@ impl AgentHost {
         }
         env.stats.intent_close_resyncs += 1;
         env.trace(self.me(), format_args!("{volume}: writes failed in regions {failed:?}: resync before the close"));
-        let caller = CallerId(self.next_caller);
-        self.next_caller += 1;
-        self.callers.insert(caller, CallerPurpose::Intent { att, call: IntentCall::CloseResync });
-        queue.push_back(Input::IntentRecord { caller, volume, op: IntentOp::Resync });
+        queue.extend(self.intent_input(att, IntentCall::CloseResync, IntentOp::Resync));
         None
     }
 
+    /// Sends an intent request through the core now.
     fn intent_call(&mut self, att: AttachmentId, call: IntentCall, op: IntentOp, env: &mut Env) {
-        let Some(volume) = self.atts.get(&att).map(|a| a.volume.clone()) else { return };
+        if let Some(input) = self.intent_input(att, call, op) {
+            self.input(input, env);
+        }
+    }
+
+    /// The core's input for an intent request of `att`, its answer routed
+    /// back to [`AgentHost::intent_answered`] with `call`.
+    fn intent_input(&mut self, att: AttachmentId, call: IntentCall, op: IntentOp) -> Option<Input> {
+        let volume = self.atts.get(&att)?.volume.clone();
         let caller = CallerId(self.next_caller);
         self.next_caller += 1;
         self.callers.insert(caller, CallerPurpose::Intent { att, call });
-        self.input(Input::IntentRecord { caller, volume, op }, env);
+        Some(Input::IntentRecord { caller, volume, op })
     }
 
     /// The core answered an intent request.
